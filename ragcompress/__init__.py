@@ -1,0 +1,1 @@
+"""ragcompress: answer RAG questions from precomputed, compressed passage KV caches."""

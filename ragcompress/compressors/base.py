@@ -1,0 +1,44 @@
+"""The compressor interface: query-agnostic, offline reduction of one passage's cache.
+
+A compressor sees the passage's full cache (keys un-rotated) and the encoder that produced it, so
+scorers that need more than the cache (attention of the passage's own queries, a reconstruction
+pass as in KVzip) can run the model again. It returns a :class:`PassageKV` that keeps a subset of
+tokens per layer and head, recording their original positions. Quantization is not a
+compressor: it is applied by the store to whatever a compressor keeps (see ``quant.py``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ragcompress.kv import PassageKV
+
+if TYPE_CHECKING:
+    from ragcompress.encoder import PassageEncoder
+
+
+@dataclass(frozen=True)
+class CompressionContext:
+    """What a compressor may use besides the cache itself."""
+
+    encoder: "PassageEncoder"
+    token_ids: list[int]
+
+
+@dataclass(frozen=True)
+class Compressor(ABC):
+    """Base class; subclasses are frozen dataclasses registered under ``name``."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def compress(self, kv: PassageKV, context: CompressionContext) -> PassageKV:
+        """Return the cache to store for one passage."""
+
+    def config(self) -> dict[str, Any]:
+        """What a store manifest records to tell compressors apart (name + parameters)."""
+        from dataclasses import asdict
+
+        return {"method": self.name, **asdict(self)}

@@ -1,0 +1,88 @@
+"""Offline encoding: the prefix once, then every passage as a continuation of it.
+
+Each passage is run through the model with the shared prefix cache in front of it, at positions
+``len(prefix) …``, exactly as it would sit directly after the prefix in a full prompt. Passages
+are batched with right padding: causal attention means real tokens never see the padding that
+follows them, so a batch computes the same caches as one passage at a time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from ragcompress.kv import PassageKV
+from ragcompress.models import LoadedModel
+from ragcompress.prompt import PromptTemplate, PromptTokens
+from ragcompress.rope import Rotary
+
+
+def cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``[(keys, values)]`` per layer of a transformers cache, each ``[batch, kv_heads, seq, d]``."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def build_dynamic_cache(config: Any, keys: list[torch.Tensor], values: list[torch.Tensor]) -> DynamicCache:
+    """A ``DynamicCache`` holding the given per-layer ``[batch, kv_heads, seq, d]`` tensors."""
+    cache = DynamicCache(config=config)
+    for layer_idx, (k, v) in enumerate(zip(keys, values)):
+        cache.update(k, v, layer_idx)
+    return cache
+
+
+class PassageEncoder:
+    """Computes the prefix cache once and passage caches after it (keys un-rotated)."""
+
+    def __init__(self, lm: LoadedModel, template: PromptTemplate) -> None:
+        self.lm = lm
+        self.tokens = PromptTokens(template, lm.tokenizer)
+        self.rotary = Rotary(lm.model)
+        self.prefix_ids = self.tokens.prefix()
+        with torch.inference_mode():
+            out = lm.model(torch.tensor([self.prefix_ids]), use_cache=True)
+        self._prefix_rotated = cache_layers(out.cache if hasattr(out, "cache") else out.past_key_values)
+        self.prefix_kv = self._unrotate_full(self._prefix_rotated, start=0, batch_index=0,
+                                             length=len(self.prefix_ids))
+
+    @property
+    def prefix_len(self) -> int:
+        return len(self.prefix_ids)
+
+    def _unrotate_full(self, layers: list[tuple[torch.Tensor, torch.Tensor]], start: int,
+                       batch_index: int, length: int) -> PassageKV:
+        keys, values = [], []
+        positions = torch.arange(start, start + length)
+        for layer_idx, (k, v) in enumerate(layers):
+            k = k[batch_index, :, start : start + length]
+            keys.append(self.rotary.unrotate(k, positions.expand(k.shape[0], -1), layer_idx))
+            values.append(v[batch_index, :, start : start + length])
+        return PassageKV.full(torch.stack(keys).contiguous(), torch.stack(values).contiguous())
+
+    @torch.inference_mode()
+    def encode(self, passages: list[list[int]]) -> list[PassageKV]:
+        """Full caches of a batch of tokenized passages, each as if right after the prefix."""
+        if not passages:
+            return []
+        batch, n_max, p = len(passages), max(len(ids) for ids in passages), self.prefix_len
+        pad_id = self.lm.tokenizer.pad_token_id or 0
+        input_ids = torch.full((batch, n_max), pad_id, dtype=torch.long)
+        attention = torch.zeros((batch, p + n_max), dtype=torch.long)
+        attention[:, :p] = 1
+        for row, ids in enumerate(passages):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            attention[row, p : p + len(ids)] = 1
+        cache = build_dynamic_cache(
+            self.lm.config,
+            [k.expand(batch, -1, -1, -1).contiguous() for k, _ in self._prefix_rotated],
+            [v.expand(batch, -1, -1, -1).contiguous() for _, v in self._prefix_rotated],
+        )
+        position_ids = torch.arange(p, p + n_max).unsqueeze(0).expand(batch, -1)
+        self.lm.model.model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids,
+                            cache=cache, use_cache=True)
+        layers = cache_layers(cache)
+        return [
+            self._unrotate_full(layers, start=p, batch_index=row, length=len(ids))
+            for row, ids in enumerate(passages)
+        ]

@@ -1,0 +1,25 @@
+"""Exceptions that carry a one-line, actionable message for the CLI to print."""
+
+
+class RagCompressError(Exception):
+    """Base class: the message names the problem and what to do about it."""
+
+
+class InputError(RagCompressError):
+    """The user's input (a JSONL file, a folder, a question) cannot be used as given."""
+
+
+class StoreError(RagCompressError):
+    """A KV-cache store is missing, incomplete, corrupt, locked or built for something else."""
+
+
+class StoreMismatchError(StoreError):
+    """A store was built with another model, tokenizer, template or format version."""
+
+
+class CorruptSegmentError(StoreError):
+    """A stored passage cache failed its checksum or shape check; it is never used."""
+
+
+class ModelError(RagCompressError):
+    """A model cannot be found, assembled, verified or used with ragcompress."""

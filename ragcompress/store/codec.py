@@ -1,0 +1,133 @@
+"""Serialisation of one :class:`PassageKV` to a self-contained safetensors blob and back.
+
+Only real (kept) rows are written, flattened in (layer, head, row) order, so per-head budgets
+cost exactly what they keep. Tensors in a blob:
+
+``lengths``      ``[L, H]`` int32: kept tokens per layer and head
+``positions``    ``[T]`` int16/int32: offset of each kept row (absent when nothing was evicted)
+``k`` / ``v``    ``[T, d]`` for ``none`` / ``fp16``
+``k_codes``      ``[T, d*bits/8]`` uint8, ``k_scale``/``k_min`` ``[Gk, d]`` fp16 (per channel, token groups)
+``v_codes``      ``[T, d*bits/8]`` uint8, ``v_scale``/``v_min`` ``[T, d/g]`` fp16 (per token)
+
+``T = lengths.sum()``, ``Gk = sum(ceil(lengths / group_size))``. The safetensors metadata holds
+``num_tokens``, ``n_max``, ``head_dim``, ``scheme`` and ``group_size``. The format never uses
+pickle: loading a blob cannot execute code.
+"""
+
+from __future__ import annotations
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from ragcompress.errors import CorruptSegmentError
+from ragcompress.kv import PassageKV
+from ragcompress.quant import (
+    QuantConfig,
+    dequantize_keys_per_channel,
+    dequantize_values_per_token,
+    pack,
+    quantize_keys_per_channel,
+    quantize_values_per_token,
+    unpack,
+)
+
+
+def _group_mask(lengths: torch.Tensor, n_groups: int, group_size: int) -> torch.Tensor:
+    used = -(-lengths // group_size)  # ceil
+    return torch.arange(n_groups) < used.unsqueeze(-1)
+
+
+def encode(kv: PassageKV, quant: QuantConfig) -> bytes:
+    """Serialise ``kv`` (keys un-rotated) with ``quant``; returns the blob's bytes."""
+    layers, heads, n_max, d = kv.keys.shape
+    mask = kv.valid_mask()
+    tensors: dict[str, torch.Tensor] = {"lengths": kv.lengths.to(torch.int32)}
+    if not kv.is_uniform:
+        pos_dtype = torch.int16 if kv.num_tokens <= torch.iinfo(torch.int16).max else torch.int32
+        tensors["positions"] = kv.positions[mask].to(pos_dtype)
+    bits = quant.bits
+    if bits is None:
+        dtype = torch.float16 if quant.scheme == "fp16" else kv.keys.dtype
+        tensors["k"] = kv.keys[mask].to(dtype)
+        tensors["v"] = kv.values[mask].to(dtype)
+    else:
+        if d % (8 // bits):
+            raise ValueError(f"head_dim {d} cannot be packed at {bits} bits")
+        k_codes, k_scale, k_min = quantize_keys_per_channel(kv.keys, kv.lengths, bits, quant.group_size)
+        groups = _group_mask(kv.lengths, k_scale.shape[2], quant.group_size)
+        v_codes, v_scale, v_min = quantize_values_per_token(kv.values[mask], bits, quant.group_size)
+        tensors["k_codes"] = pack(k_codes[mask], bits)
+        tensors["k_scale"] = k_scale[groups]
+        tensors["k_min"] = k_min[groups]
+        tensors["v_codes"] = pack(v_codes, bits)
+        tensors["v_scale"] = v_scale
+        tensors["v_min"] = v_min
+    metadata = {
+        "num_tokens": str(kv.num_tokens),
+        "n_max": str(n_max),
+        "head_dim": str(d),
+        "scheme": quant.scheme,
+        "group_size": str(quant.group_size),
+    }
+    return st_save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+
+
+def _metadata(blob: bytes) -> dict[str, str]:
+    import json
+    import struct
+
+    (header_len,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8 : 8 + header_len])
+    return header.get("__metadata__", {})
+
+
+def decode(blob: bytes, dtype: torch.dtype = torch.float32) -> PassageKV:
+    """Inverse of :func:`encode`; keys come back un-rotated, as ``dtype``.
+
+    Shapes are checked against each other before use; an inconsistent blob raises
+    :class:`CorruptSegmentError` instead of producing a wrong cache.
+    """
+    try:
+        meta = _metadata(blob)
+        tensors = st_load(blob)
+        num_tokens, n_max, d = int(meta["num_tokens"]), int(meta["n_max"]), int(meta["head_dim"])
+        scheme, group_size = meta["scheme"], int(meta["group_size"])
+        quant = QuantConfig(scheme, group_size)
+        lengths = tensors["lengths"].long()
+    except Exception as exc:  # malformed header, missing key, bad value
+        raise CorruptSegmentError(f"unreadable segment blob ({exc})") from exc
+    layers, heads = lengths.shape
+    if (lengths < 0).any() or (lengths > n_max).any() or n_max > num_tokens:
+        raise CorruptSegmentError("segment lengths are out of range")
+    mask = torch.arange(n_max) < lengths.unsqueeze(-1)
+    total = int(lengths.sum())
+    shape = (layers, heads, n_max, d)
+    positions = torch.arange(n_max).expand(layers, heads, n_max).clone()
+    if "positions" in tensors:
+        flat = tensors["positions"].long()
+        if flat.shape != (total,) or (flat < 0).any() or (flat >= num_tokens).any():
+            raise CorruptSegmentError("segment positions are inconsistent with its lengths")
+        positions[mask] = flat
+    keys = torch.zeros(shape, dtype=dtype)
+    values = torch.zeros(shape, dtype=dtype)
+    try:
+        if quant.bits is None:
+            keys[mask] = tensors["k"].to(dtype)
+            values[mask] = tensors["v"].to(dtype)
+        else:
+            bits = quant.bits
+            k_codes = torch.zeros(shape, dtype=torch.uint8)
+            k_codes[mask] = unpack(tensors["k_codes"], bits)
+            n_groups = -(-n_max // group_size)
+            groups = _group_mask(lengths, n_groups, group_size)
+            k_scale = torch.zeros((layers, heads, n_groups, d), dtype=torch.float16)
+            k_min = torch.zeros_like(k_scale)
+            k_scale[groups] = tensors["k_scale"]
+            k_min[groups] = tensors["k_min"]
+            keys[mask] = dequantize_keys_per_channel(k_codes, k_scale, k_min, group_size)[mask].to(dtype)
+            v = dequantize_values_per_token(unpack(tensors["v_codes"], bits), tensors["v_scale"], tensors["v_min"])
+            values[mask] = v.to(dtype)
+    except (KeyError, RuntimeError, IndexError) as exc:
+        raise CorruptSegmentError(f"segment tensors do not match their declared shape ({exc})") from exc
+    return PassageKV(keys, values, positions, lengths, num_tokens)
