@@ -247,13 +247,15 @@ def load_model(ref: str | None = None, *, dtype: Any = None) -> LoadedModel:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from ragcompress.runtime.attention import ATTENTION_NAME
+
     ref = ref or DEFAULT_MODEL
     model_dir = resolve_model_dir(ref)
     config = AutoConfig.from_pretrained(model_dir)
     check_supported(config)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=dtype or torch.float32, attn_implementation="sdpa"
+        model_dir, dtype=dtype or torch.float32, attn_implementation=ATTENTION_NAME
     )
     model.eval()
     fingerprint_src = json.dumps(canonical_config(model.config), sort_keys=True, default=str)

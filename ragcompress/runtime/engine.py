@@ -21,6 +21,7 @@ from ragcompress.prompt import PromptTemplate, PromptTokens
 from ragcompress.retrieval import Embedder
 from ragcompress.rope import Rotary
 from ragcompress.runtime.assemble import assemble
+from ragcompress.runtime.attention import KV_MASK_KWARG
 from ragcompress.runtime.generate import Generation, greedy_decode, stop_token_ids
 from ragcompress.store import KVStore
 from ragcompress.store.catalogue import Entry
@@ -110,11 +111,9 @@ class Engine:
         t0 = time.perf_counter()
         segments = [self.store.load_kv(entry, self.dtype) for entry in entries]
         built = assemble(self.lm.config, self.rotary, self.prefix_keys, self.prefix, segments, self.dtype)
-        if built.kv_mask is not None:
-            raise StoreError("this store keeps different tokens per head, which needs the ragged "
-                             "attention path of issue #3")
+        extra = {} if built.kv_mask is None else {KV_MASK_KWARG: built.kv_mask}
         generation = greedy_decode(self.lm.model, suffix, built.cache, built.next_position,
-                                   self.max_new_tokens, self.stop_ids, t0)
+                                   self.max_new_tokens, self.stop_ids, t0, **extra)
         return self._answer(generation, entries)
 
     def full_prompt_ids(self, question: str, entries: list[Entry]) -> list[int]:

@@ -1,0 +1,50 @@
+"""Attention over caches whose heads keep different tokens (per-head eviction).
+
+Registered with transformers' ``AttentionInterface`` as ``"ragcompress"`` and used by every model
+ragcompress loads. Without the ``ragcompress_kv_mask`` keyword it *is* transformers' SDPA path,
+bit for bit; with it, the padding rows of each layer's cache are masked per KV head. The mask
+is per layer (``module.layer_idx``) because a per-head budget differs between layers, which a
+single 4-D ``attention_mask`` shared by all layers cannot express.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+ATTENTION_NAME = "ragcompress"
+KV_MASK_KWARG = "ragcompress_kv_mask"
+
+
+def allowed_keys(kv_mask: torch.Tensor, q_heads: int, q_len: int, total: int) -> torch.Tensor:
+    """Boolean ``[1, q_heads, q_len, total]``: per-head cache rows, then causal new tokens.
+
+    kv_mask: ``[kv_heads, past]`` True on real rows of the assembled cache.
+    """
+    kv_heads, past = kv_mask.shape
+    new = total - past
+    allowed = torch.empty((q_heads, q_len, total), dtype=torch.bool, device=kv_mask.device)
+    allowed[:, :, :past] = kv_mask.repeat_interleave(q_heads // kv_heads, dim=0).unsqueeze(1)
+    allowed[:, :, past:] = torch.ones(q_len, new, dtype=torch.bool, device=kv_mask.device).tril(new - q_len)
+    return allowed.unsqueeze(0)
+
+
+def ragged_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """query ``[B, Hq, q, d]``, key/value ``[B, Hkv, total, d]``; see the module docstring."""
+    kv_mask = kwargs.pop(KV_MASK_KWARG, None)
+    if kv_mask is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    allowed = allowed_keys(kv_mask[module.layer_idx], query.shape[1], query.shape[2], key.shape[2])
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        allowed = allowed & attention_mask[..., : key.shape[2]]
+    kwargs["is_causal"] = False
+    return sdpa_attention_forward(module, query, key, value, allowed, **kwargs)
+
+
+AttentionInterface.register(ATTENTION_NAME, ragged_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, sdpa_mask)

@@ -1,0 +1,46 @@
+"""Tiny randomly initialised models for tests: any supported architecture, no downloads.
+
+The tokenizer (and its chat template) is the embedded SmolLM2's, so prompts split exactly as
+they would for a real model; the weights are random, so outputs are meaningless but deterministic.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+TINY_ARCHS = ("llama", "qwen2", "mistral", "gemma")
+
+
+def make_tiny_model(arch: str, directory: str | Path, *, seed: int = 0, head_dim: int = 16,
+                    layers: int = 2, heads: int = 4, kv_heads: int = 2) -> Path:
+    """Save a random ``arch`` causal LM with the SmolLM2 tokenizer to ``directory``."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from ragcompress.models import DEFAULT_MODEL, resolve_model_dir
+
+    directory = Path(directory)
+    if (directory / "config.json").is_file():
+        return directory
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(DEFAULT_MODEL))
+    config = AutoConfig.for_model(
+        arch,
+        vocab_size=len(tokenizer),
+        hidden_size=heads * head_dim,
+        intermediate_size=2 * heads * head_dim,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+        initializer_range=0.2,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
