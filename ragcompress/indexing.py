@@ -25,8 +25,8 @@ from ragcompress.prompt import PromptTemplate
 from ragcompress.quant import QuantConfig
 from ragcompress.retrieval import DEFAULT_EMBEDDER, Embedder
 from ragcompress.encoder import PassageEncoder
-from ragcompress.store import Manifest, StoreWriter, create_store
-from ragcompress.store.catalogue import Catalogue
+from ragcompress.store import KVStore, Manifest, StoreWriter, create_store
+from ragcompress.store.kvstore import StoreLock, replace_store
 from ragcompress.store.codec import encode
 
 
@@ -89,22 +89,6 @@ def _batches(items: Iterator[PassageInput], size: int) -> Iterator[list[PassageI
         yield batch
 
 
-def _check_changed(store: Path, path: Path) -> None:
-    """Refuse before writing when an id already stored now carries another text."""
-    catalogue = Catalogue(store, readonly=True)
-    try:
-        known = catalogue.text_shas()
-    finally:
-        catalogue.close()
-    for passage in iter_passages(path):
-        sha = known.get(passage.id)
-        if sha is not None and sha != passage.text_sha:
-            raise InputError(
-                f"passage {passage.id!r} is already in {store} with different text; "
-                "give it a new id or rebuild with --overwrite"
-            )
-
-
 def index(
     input_path: str | Path,
     store_path: str | Path,
@@ -120,7 +104,14 @@ def index(
     """Index ``input_path`` (JSONL or folder) into the store at ``store_path``."""
     start = time.perf_counter()
     input_path, store_path = Path(input_path), Path(store_path)
-    total = validate(input_path)
+    exists = (store_path / "manifest.json").is_file()
+    if exists and not overwrite:  # one streaming pass also refuses ids stored with another text
+        with KVStore.open(store_path) as stored:
+            total = validate(input_path, stored.catalogue.shas_of, str(store_path))
+    else:
+        total = validate(input_path)
+    if overwrite and not exists and store_path.exists() and (not store_path.is_dir() or any(store_path.iterdir())):
+        raise StoreError(f"{store_path} is not a ragcompress store; refusing to overwrite it")
     lm = lm or load_model(model)
     embedder = embedder or Embedder(DEFAULT_EMBEDDER)
     template = PromptTemplate.from_tokenizer(lm.tokenizer)
@@ -129,15 +120,17 @@ def index(
     quant = QuantConfig(config.quant, config.group_size)
 
     target = store_path
-    exists = (store_path / "manifest.json").is_file()
     if exists and not overwrite:
         Manifest.read(store_path).check_same_build(manifest)
-        _check_changed(store_path, input_path)
     elif store_path.exists() and not exists and not overwrite and any(store_path.iterdir()):
         raise StoreError(f"{store_path} exists and is not a ragcompress store; choose an empty or new --store")
-    if overwrite and store_path.exists():
+    old_lock = None
+    if overwrite and exists:  # hold the old store's writer lock until the new one replaces it
+        old_lock = StoreLock(store_path)
         target = store_path.with_name(f".{store_path.name}.overwrite-{os.getpid()}")
         shutil.rmtree(target, ignore_errors=True)
+    elif overwrite and store_path.exists():
+        store_path.rmdir()  # an empty directory (checked above)
 
     encoder = PassageEncoder(lm, template)
     if not (target / "manifest.json").is_file():
@@ -151,8 +144,8 @@ def index(
 
         bar = tqdm(total=total, unit="passage", desc="indexing")
     with StoreWriter(target) as writer:
-        known = writer.known()
         for batch in _batches(iter_passages(input_path), batch_size):
+            known = writer.known_of([p.id for p in batch])
             todo = [p for p in batch if p.id not in known]
             skipped += len(batch) - len(todo)
             if todo:
@@ -180,8 +173,7 @@ def index(
         bar.close()
 
     if target != store_path:
-        old = store_path.with_name(f".{store_path.name}.old-{os.getpid()}")
-        os.replace(store_path, old)
-        os.replace(target, store_path)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_store(target, store_path)
+    if old_lock is not None:
+        old_lock.release()
     return IndexReport(total, indexed, skipped, time.perf_counter() - start, str(store_path))

@@ -1,22 +1,27 @@
 """Reading passages to index: a JSONL file of ``{"id", "text", ...}`` or a folder of documents.
 
 Input is streamed (never read whole) and validated before a store is touched: a malformed line,
-an empty text or a duplicate id fails the run with the line and the id named, and an existing
-store stays as it was.
+an empty text, invalid Unicode or a duplicate id fails the run with the line and the id named, and
+an existing store stays as it was. Validation keeps memory bounded on any input size: seen ids go
+to a temporary SQLite table (on disk, beyond a small page cache), not a Python set.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import sqlite3
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from ragcompress.errors import InputError
 
 DOCUMENT_SUFFIXES = (".txt", ".md")
 MAX_ID_CHARS = 512
+MAX_LINE_BYTES = 64 << 20
+_VALIDATE_BATCH = 512
 
 
 @dataclass(frozen=True)
@@ -34,36 +39,60 @@ class PassageInput:
 def _check_id(value: Any, where: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise InputError(f"{where}: \"id\" must be a non-empty string")
-    if len(value) > MAX_ID_CHARS or any(ord(c) < 32 for c in value):
+    if len(value) > MAX_ID_CHARS or any(ord(c) < 32 or ord(c) == 127 for c in value):
         raise InputError(f"{where}: \"id\" must be at most {MAX_ID_CHARS} printable characters")
     return value
 
 
-def iter_jsonl(path: Path) -> Iterator[PassageInput]:
+def _check_unicode(record: dict[str, Any], where: str) -> None:
+    """JSON may escape unpaired surrogates (``"\\ud800"``), which no UTF-8 store can hold."""
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except RecursionError:
+        raise InputError(f"{where}: JSON is nested too deeply") from None
+    except UnicodeEncodeError as exc:
+        raise InputError(f"{where}: holds an unpaired UTF-16 surrogate ({exc.object[exc.start:exc.end]!a}); "
+                         "fix the encoding of this record") from None
+
+
+def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """``(line number, raw bytes)``; a line longer than ``MAX_LINE_BYTES`` is refused unread."""
     with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            where = f"{path}:{number}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise InputError(f"{where}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as exc:
-                raise InputError(f"{where}: malformed JSON ({exc})") from None
-            if not isinstance(record, dict):
-                raise InputError(f"{where}: expected a JSON object with \"id\" and \"text\"")
-            passage_id = _check_id(record.get("id"), where)
-            text = record.get("text")
-            if not isinstance(text, str):
-                raise InputError(f"{where}: passage {passage_id!r} has no \"text\" string")
-            if not text.strip():
-                raise InputError(f"{where}: passage {passage_id!r} has empty text")
-            title = record.get("title") if isinstance(record.get("title"), str) else ""
-            meta = {k: v for k, v in record.items() if k not in ("id", "text", "title")}
-            yield PassageInput(passage_id, text, title, meta)
+        number = 0
+        while raw := handle.readline(MAX_LINE_BYTES + 1):
+            number += 1
+            if len(raw) > MAX_LINE_BYTES:
+                raise InputError(f"{path}:{number}: line is longer than {MAX_LINE_BYTES >> 20} MiB; split the passage")
+            yield number, raw
+
+
+def iter_jsonl(path: Path) -> Iterator[PassageInput]:
+    for number, raw in _lines(path):
+        where = f"{path}:{number}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{where}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+        if number == 1:
+            line = line.removeprefix("\ufeff")  # a UTF-8 byte order mark
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError) as exc:
+            raise InputError(f"{where}: malformed JSON ({exc})") from None
+        if not isinstance(record, dict):
+            raise InputError(f"{where}: expected a JSON object with \"id\" and \"text\"")
+        _check_unicode(record, where)
+        passage_id = _check_id(record.get("id"), where)
+        text = record.get("text")
+        if not isinstance(text, str):
+            raise InputError(f"{where}: passage {passage_id!r} has no \"text\" string")
+        if not text.strip():
+            raise InputError(f"{where}: passage {passage_id!r} has empty text")
+        title = record.get("title") if isinstance(record.get("title"), str) else ""
+        meta = {k: v for k, v in record.items() if k not in ("id", "text", "title")}
+        yield PassageInput(passage_id, text, title, meta)
 
 
 def chunk_text(text: str, max_words: int) -> list[str]:
@@ -113,14 +142,59 @@ def iter_passages(path: str | Path) -> Iterator[PassageInput]:
         yield from iter_jsonl(path)
 
 
-def validate(path: str | Path) -> int:
-    """One streaming pass: every record well-formed, ids unique. Returns the passage count."""
-    seen: set[str] = set()
-    for passage in iter_passages(path):
-        if passage.id in seen:
-            raise InputError(f"{path}: duplicate passage id {passage.id!r}")
-        seen.add(passage.id)
-    if not seen:
+class _SeenIds:
+    """A set of ids in a private temporary SQLite database (spills to disk, bounded memory)."""
+
+    def __init__(self) -> None:
+        self.db = sqlite3.connect("")  # "" = temporary on-disk database, deleted on close
+        self.db.execute("CREATE TABLE ids (id TEXT PRIMARY KEY) WITHOUT ROWID")
+
+    def first_duplicate(self, ids: list[str]) -> str | None:
+        """Add ``ids``; return the first one seen before (in this batch or earlier), if any."""
+        batch: set[str] = set()
+        for passage_id in ids:
+            if passage_id in batch:
+                return passage_id
+            batch.add(passage_id)
+        marks = ",".join("?" * len(ids))
+        earlier = {row[0] for row in self.db.execute(f"SELECT id FROM ids WHERE id IN ({marks})", ids)}
+        if earlier:
+            return next(i for i in ids if i in earlier)
+        self.db.executemany("INSERT INTO ids VALUES (?)", ((i,) for i in ids))
+        return None
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def validate(path: str | Path, stored: Callable[[list[str]], dict[str, str]] | None = None,
+             store_name: str = "the store") -> int:
+    """One streaming pass: every record well-formed, ids unique. Returns the passage count.
+
+    ``stored`` (ids -> ``{id: text_sha}`` of those already in a store) makes the same pass refuse
+    an id that is stored with another text. Memory stays bounded whatever the input's size.
+    """
+    count = 0
+    seen = _SeenIds()
+    try:
+        passages = iter_passages(path)
+        while batch := list(islice(passages, _VALIDATE_BATCH)):
+            ids = [p.id for p in batch]
+            duplicate = seen.first_duplicate(ids)
+            if duplicate is not None:
+                raise InputError(f"{path}: duplicate passage id {duplicate!r}")
+            known = stored(ids) if stored is not None else {}
+            for passage in batch:
+                sha = known.get(passage.id)
+                if sha is not None and sha != passage.text_sha:
+                    raise InputError(
+                        f"passage {passage.id!r} is already in {store_name} with different text; "
+                        "give it a new id or rebuild with --overwrite"
+                    )
+            count += len(batch)
+    finally:
+        seen.close()
+    if not count:
         kind = "folder has no .txt or .md documents" if Path(path).is_dir() else "file holds no passages"
         raise InputError(f"input {path}: {kind}")
-    return len(seen)
+    return count

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
+
+from ragcompress.errors import StoreError
 
 CATALOGUE = "catalogue.sqlite"
 
@@ -58,61 +61,112 @@ _COLUMNS = "row, id, title, text, meta, text_sha, shard, offset, length, checksu
 
 def _entry(values: tuple) -> Entry:
     row = list(values)
-    row[4] = json.loads(row[4])
+    try:
+        row[4] = json.loads(row[4])
+    except (TypeError, ValueError):
+        raise StoreError(f"catalogue row for passage {row[1]!r} has unreadable metadata") from None
     return Entry(*row)
 
 
+# Query parameters per statement, well under SQLite's default limit of 32766.
+_CHUNK = 900
+
+
 class Catalogue:
+    """The catalogue database. Any SQLite failure surfaces as a :class:`StoreError` naming it."""
+
     def __init__(self, root: Path, *, readonly: bool) -> None:
-        path = root / CATALOGUE
-        if readonly:
-            self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
-        else:
-            self.db = sqlite3.connect(path, check_same_thread=False)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")
-            self.db.executescript(_SCHEMA)
-            self.db.commit()
+        self.path = root / CATALOGUE
+        with self._guard():
+            if readonly:
+                uri = f"{self.path.resolve().as_uri()}?mode=ro"
+                self.db = sqlite3.connect(uri, uri=True, check_same_thread=False)
+                self.db.execute("SELECT 1 FROM passages LIMIT 1").fetchall()
+            else:
+                self.db = sqlite3.connect(self.path, check_same_thread=False)
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=FULL")
+                self.db.executescript(_SCHEMA)
+                self.db.commit()
+
+    @contextmanager
+    def _guard(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"catalogue {self.path} cannot be read ({exc}); "
+                             f"run `ragcompress verify` or rebuild the store") from None
 
     def close(self) -> None:
-        self.db.close()
+        if hasattr(self, "db"):
+            self.db.close()
 
     def get(self, passage_id: str) -> Entry | None:
-        cur = self.db.execute(f"SELECT {_COLUMNS} FROM passages WHERE id = ?", (passage_id,))
-        found = cur.fetchone()
+        with self._guard():
+            cur = self.db.execute(f"SELECT {_COLUMNS} FROM passages WHERE id = ?", (passage_id,))
+            found = cur.fetchone()
         return _entry(found) if found else None
 
     def by_rows(self, rows: list[int]) -> dict[int, Entry]:
         marks = ",".join("?" * len(rows))
-        cur = self.db.execute(f"SELECT {_COLUMNS} FROM passages WHERE row IN ({marks})", rows)
-        return {e.row: e for e in map(_entry, cur.fetchall())}
+        with self._guard():
+            cur = self.db.execute(f"SELECT {_COLUMNS} FROM passages WHERE row IN ({marks})", rows)
+            found = cur.fetchall()
+        return {e.row: e for e in map(_entry, found)}
 
     def entries(self) -> Iterator[Entry]:
-        yield from map(_entry, self.db.execute(f"SELECT {_COLUMNS} FROM passages ORDER BY row"))
+        with self._guard():
+            for values in self.db.execute(f"SELECT {_COLUMNS} FROM passages ORDER BY row"):
+                yield _entry(values)
 
     def text_shas(self) -> dict[str, str]:
-        return dict(self.db.execute("SELECT id, text_sha FROM passages"))
+        """Every id and its text hash (memory grows with the store; prefer :meth:`shas_of`)."""
+        with self._guard():
+            return dict(self.db.execute("SELECT id, text_sha FROM passages"))
+
+    def shas_of(self, ids: Iterable[str]) -> dict[str, str]:
+        """``{id: text_sha}`` for those of ``ids`` that are stored (bounded memory per call)."""
+        ids = list(ids)
+        found: dict[str, str] = {}
+        with self._guard():
+            for start in range(0, len(ids), _CHUNK):
+                chunk = ids[start : start + _CHUNK]
+                marks = ",".join("?" * len(chunk))
+                found.update(self.db.execute(f"SELECT id, text_sha FROM passages WHERE id IN ({marks})", chunk))
+        return found
 
     def count(self) -> int:
-        return self.db.execute("SELECT COUNT(*) FROM passages").fetchone()[0]
+        with self._guard():
+            return self.db.execute("SELECT COUNT(*) FROM passages").fetchone()[0]
+
+    def embedding_chunks(self, size: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(rows [n] int64, vectors [n, dim] float32)`` chunks in row order, streamed."""
+        with self._guard():
+            cur = self.db.execute("SELECT row, embedding FROM passages ORDER BY row")
+            while chunk := cur.fetchmany(size):
+                rows = np.fromiter((r for r, _ in chunk), dtype=np.int64, count=len(chunk))
+                sizes = {len(b) for _, b in chunk}
+                if len(sizes) != 1 or next(iter(sizes)) % 4:
+                    raise StoreError(f"catalogue {self.path}: embeddings of rows {rows[0]}..{rows[-1]} "
+                                     "have inconsistent sizes; rebuild the store")
+                vectors = np.frombuffer(b"".join(b for _, b in chunk), dtype=np.float32)
+                yield rows, vectors.reshape(len(chunk), -1)
 
     def embeddings(self) -> tuple[np.ndarray, np.ndarray]:
         """``(rows [N] int64, vectors [N, dim] float32)`` in row order."""
-        rows, vectors = [], []
-        for row, blob in self.db.execute("SELECT row, embedding FROM passages ORDER BY row"):
-            rows.append(row)
-            vectors.append(np.frombuffer(blob, dtype=np.float32))
-        if not rows:
+        chunks = list(self.embedding_chunks())
+        if not chunks:
             return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
-        return np.asarray(rows, dtype=np.int64), np.stack(vectors)
+        return np.concatenate([r for r, _ in chunks]), np.concatenate([v for _, v in chunks])
 
     def committed_ends(self) -> dict[str, int]:
         """End of the last committed blob in each shard."""
-        return dict(self.db.execute("SELECT shard, MAX(offset + length) FROM passages GROUP BY shard"))
+        with self._guard():
+            return dict(self.db.execute("SELECT shard, MAX(offset + length) FROM passages GROUP BY shard"))
 
     def add(self, rows: list[dict[str, Any]]) -> None:
         """Insert rows in one transaction: all of a batch becomes visible at once, or none."""
-        with self.db:
+        with self._guard(), self.db:
             self.db.executemany(
                 "INSERT INTO passages (id, title, text, meta, text_sha, shard, offset, length, "
                 "checksum, num_tokens, kept, embedding) VALUES (:id, :title, :text, :meta, "

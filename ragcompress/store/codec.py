@@ -16,6 +16,9 @@ pickle: loading a blob cannot execute code.
 
 from __future__ import annotations
 
+import json
+import struct
+
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
@@ -73,20 +76,26 @@ def encode(kv: PassageKV, quant: QuantConfig) -> bytes:
     return st_save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
 
 
-def _metadata(blob: bytes) -> dict[str, str]:
-    import json
-    import struct
+# Upper bound on a decoded cache's padded size, checked before anything is allocated.
+MAX_DECODED_ELEMENTS = 1 << 28
 
+
+def _metadata(blob: bytes) -> dict[str, str]:
     (header_len,) = struct.unpack("<Q", blob[:8])
     header = json.loads(blob[8 : 8 + header_len])
-    return header.get("__metadata__", {})
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict):
+        raise ValueError("metadata is not an object")
+    return meta
 
 
-def decode(blob: bytes, dtype: torch.dtype = torch.float32) -> PassageKV:
+def decode(blob: bytes, dtype: torch.dtype = torch.float32,
+           shape: tuple[int, int, int] | None = None) -> PassageKV:
     """Inverse of :func:`encode`; keys come back un-rotated, as ``dtype``.
 
-    Shapes are checked against each other before use; an inconsistent blob raises
-    :class:`CorruptSegmentError` instead of producing a wrong cache.
+    ``shape`` is the expected ``(layers, kv_heads, head_dim)`` (a store passes its manifest's).
+    Shapes are checked against each other, and sizes bounded, before anything is allocated; an
+    inconsistent blob raises :class:`CorruptSegmentError` instead of producing a wrong cache.
     """
     try:
         meta = _metadata(blob)
@@ -97,27 +106,35 @@ def decode(blob: bytes, dtype: torch.dtype = torch.float32) -> PassageKV:
         lengths = tensors["lengths"].long()
     except Exception as exc:  # malformed header, missing key, bad value
         raise CorruptSegmentError(f"unreadable segment blob ({exc})") from exc
+    if lengths.dim() != 2:
+        raise CorruptSegmentError(f"segment lengths have shape {tuple(lengths.shape)}, expected [layers, heads]")
     layers, heads = lengths.shape
+    if shape is not None and (layers, heads, d) != tuple(shape):
+        raise CorruptSegmentError(
+            f"segment has (layers, kv_heads, head_dim) = {(layers, heads, d)}, the store's model has {tuple(shape)}"
+        )
+    if min(num_tokens, n_max, d) < 0 or layers * heads * max(n_max, 1) * max(d, 1) > MAX_DECODED_ELEMENTS:
+        raise CorruptSegmentError(f"segment declares an impossible size ({layers}x{heads}x{n_max}x{d})")
     if (lengths < 0).any() or (lengths > n_max).any() or n_max > num_tokens:
         raise CorruptSegmentError("segment lengths are out of range")
     mask = torch.arange(n_max) < lengths.unsqueeze(-1)
     total = int(lengths.sum())
-    shape = (layers, heads, n_max, d)
+    shape4 = (layers, heads, n_max, d)
     positions = torch.arange(n_max).expand(layers, heads, n_max).clone()
     if "positions" in tensors:
         flat = tensors["positions"].long()
         if flat.shape != (total,) or (flat < 0).any() or (flat >= num_tokens).any():
             raise CorruptSegmentError("segment positions are inconsistent with its lengths")
         positions[mask] = flat
-    keys = torch.zeros(shape, dtype=dtype)
-    values = torch.zeros(shape, dtype=dtype)
+    keys = torch.zeros(shape4, dtype=dtype)
+    values = torch.zeros(shape4, dtype=dtype)
     try:
         if quant.bits is None:
             keys[mask] = tensors["k"].to(dtype)
             values[mask] = tensors["v"].to(dtype)
         else:
             bits = quant.bits
-            k_codes = torch.zeros(shape, dtype=torch.uint8)
+            k_codes = torch.zeros(shape4, dtype=torch.uint8)
             k_codes[mask] = unpack(tensors["k_codes"], bits)
             n_groups = -(-n_max // group_size)
             groups = _group_mask(lengths, n_groups, group_size)
@@ -128,6 +145,6 @@ def decode(blob: bytes, dtype: torch.dtype = torch.float32) -> PassageKV:
             keys[mask] = dequantize_keys_per_channel(k_codes, k_scale, k_min, group_size)[mask].to(dtype)
             v = dequantize_values_per_token(unpack(tensors["v_codes"], bits), tensors["v_scale"], tensors["v_min"])
             values[mask] = v.to(dtype)
-    except (KeyError, RuntimeError, IndexError) as exc:
+        return PassageKV(keys, values, positions, lengths, num_tokens)
+    except (KeyError, RuntimeError, IndexError, ValueError, TypeError) as exc:
         raise CorruptSegmentError(f"segment tensors do not match their declared shape ({exc})") from exc
-    return PassageKV(keys, values, positions, lengths, num_tokens)

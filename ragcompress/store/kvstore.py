@@ -7,14 +7,20 @@ Layout (DESIGN §2)::
     DIR/catalogue.sqlite     passage id -> text, embedding, shard, offset, length, checksum
     DIR/shards/NNNNN.kvs     passage blobs (safetensors documents) back to back
     DIR/index.faiss          FAISS index over catalogue rows (derived; rebuilt when stale)
+    DIR/index.json           sha256 and row count of index.faiss, written after it
     DIR/lock                 held by the one writer
 
 One writer at a time (an exclusive ``flock``); any number of readers, which see only committed
-passages. Nothing in a store is ever unpickled.
+passages. Nothing in a store is ever unpickled: blobs and the prefix are safetensors, the
+manifest and index.json are JSON, the catalogue is SQLite, and index.faiss (FAISS's own binary
+format, which cannot run code) is read only when its sha256 matches index.json, otherwise the
+index is rebuilt from the catalogue's embeddings.
 """
 
 from __future__ import annotations
 
+import ctypes
+import dataclasses
 import fcntl
 import json
 import os
@@ -26,17 +32,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from ragcompress.errors import StoreError
+from ragcompress.errors import CorruptSegmentError, StoreError
 from ragcompress.kv import PassageKV
 from ragcompress.quant import QuantConfig
 from ragcompress.retrieval import VectorIndex
 from ragcompress.store import codec
 from ragcompress.store.catalogue import CATALOGUE, Catalogue, Entry
 from ragcompress.store.manifest import MANIFEST, Manifest
-from ragcompress.store.shards import ShardWriter, checksum, read_blob
+from ragcompress.store.shards import ShardWriter, checksum, fsync_dir, read_blob
 
 PREFIX = "prefix.safetensors"
 INDEX = "index.faiss"
+INDEX_META = "index.json"
 LOCK = "lock"
 
 
@@ -47,6 +54,76 @@ def _write_atomic(path: Path, data: bytes) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def build_index(catalogue: Catalogue) -> VectorIndex:
+    """FAISS index over every committed row, streamed from the catalogue chunk by chunk."""
+    import faiss
+
+    index = None
+    count = 0
+    for rows, vectors in catalogue.embedding_chunks():
+        if index is None:
+            index = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
+        elif vectors.shape[1] != index.d:
+            raise StoreError(f"catalogue {catalogue.path}: embeddings change dimension at row {rows[0]}")
+        index.add_with_ids(np.ascontiguousarray(vectors), rows)
+        count += len(rows)
+    if index is None:
+        return VectorIndex(np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32))
+    built = VectorIndex.__new__(VectorIndex)
+    built.index, built.count = index, count
+    return built
+
+
+def read_index_meta(path: Path) -> dict[str, Any] | None:
+    """``index.json`` as ``{"sha256": str, "count": int}``, or None when absent or malformed."""
+    try:
+        meta = json.loads((path / INDEX_META).read_bytes())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str) or type(meta.get("count")) is not int:
+        return None
+    return meta
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    result = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return result == 0
+
+
+def replace_store(built: Path, path: Path) -> None:
+    """Put the complete store ``built`` in place of the store at ``path`` and delete the old one.
+
+    The swap is one atomic ``renameat2`` exchange where the OS supports it, so a kill at any
+    moment leaves either the old or the new store at ``path``, never neither.
+    """
+    if _exchange(built, path):
+        fsync_dir(path.parent)
+        shutil.rmtree(built, ignore_errors=True)  # now holds the old store
+        return
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    os.replace(path, old)
+    os.replace(built, path)
+    fsync_dir(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def create_store(path: Path, manifest: Manifest, prefix_kv: PassageKV) -> None:
@@ -65,8 +142,13 @@ def create_store(path: Path, manifest: Manifest, prefix_kv: PassageKV) -> None:
         blob = codec.encode(prefix_kv, QuantConfig("none"))
         _write_atomic(tmp / PREFIX, blob)
         Catalogue(tmp, readonly=False).close()
-        manifest.write(tmp)
-        os.replace(tmp, path)
+        dataclasses.replace(manifest, prefix_sha256=checksum(blob)).write(tmp)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            raise StoreError(f"store {path} was created by another process meanwhile; "
+                             "one writer at a time, retry when it has finished") from None
+        fsync_dir(path.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -109,9 +191,26 @@ class KVStore:
         comp = self.manifest.compression
         return QuantConfig(comp.get("quant", "none"), int(comp.get("group_size", 32)))
 
+    @property
+    def model_shape(self) -> tuple[int, int, int]:
+        """``(layers, kv_heads, head_dim)`` every stored cache must have (validated manifest)."""
+        shape = self.manifest.model_shape
+        return shape["layers"], shape["kv_heads"], shape["head_dim"]
+
     def prefix_kv(self, dtype: torch.dtype = torch.float32) -> PassageKV:
+        """The shared prefix cache, checked against the manifest's sha256 and model shape."""
         if self._prefix is None:
-            self._prefix = codec.decode((self.path / PREFIX).read_bytes(), dtype)
+            try:
+                blob = (self.path / PREFIX).read_bytes()
+            except OSError as exc:
+                raise CorruptSegmentError(f"prefix cache {self.path / PREFIX} cannot be read ({exc})") from None
+            expected = self.manifest.prefix_sha256
+            if expected and checksum(blob) != expected:
+                raise CorruptSegmentError(f"prefix cache {self.path / PREFIX}: checksum mismatch; rebuild the store")
+            try:
+                self._prefix = codec.decode(blob, dtype, self.model_shape)
+            except CorruptSegmentError as exc:
+                raise CorruptSegmentError(f"prefix cache {self.path / PREFIX}: {exc}") from None
         return self._prefix
 
     def entry(self, passage_id: str) -> Entry:
@@ -123,19 +222,36 @@ class KVStore:
     def load_kv(self, entry: Entry, dtype: torch.dtype = torch.float32) -> PassageKV:
         """Read, verify (sha256) and decode one passage's cache; errors name the passage."""
         blob = read_blob(self.path, entry.shard, entry.offset, entry.length, entry.checksum, entry.id)
-        kv = codec.decode(blob, dtype)
+        try:
+            kv = codec.decode(blob, dtype, self.model_shape)
+        except CorruptSegmentError as exc:
+            raise CorruptSegmentError(f"passage {entry.id!r} (shard {entry.shard}): {exc}") from None
         if kv.num_tokens != entry.num_tokens or kv.kept_tokens != entry.kept:
-            raise StoreError(f"passage {entry.id!r}: blob does not match its catalogue row")
+            raise CorruptSegmentError(
+                f"passage {entry.id!r} (shard {entry.shard}): blob holds {kv.num_tokens} tokens / "
+                f"{kv.kept_tokens} kept, its catalogue row says {entry.num_tokens} / {entry.kept}"
+            )
         return kv
 
     def index(self) -> VectorIndex:
-        """The FAISS index; rebuilt in memory from catalogue embeddings when missing or stale."""
-        if self._index is None:
-            count = len(self)
+        """The FAISS index over committed rows.
+
+        ``index.faiss`` is used only when its sha256 matches ``index.json`` and it covers exactly
+        the committed rows; otherwise (missing, stale, damaged) it is rebuilt from the catalogue.
+        A reader opened during a write rebuilds the index if rows were committed since.
+        """
+        count = len(self)
+        if self._index is None or self._index.count != count:
             path = self.path / INDEX
-            loaded = VectorIndex.load(path) if path.is_file() else None
+            meta = read_index_meta(self.path)
+            loaded = None
+            if meta is not None and meta["count"] == count and path.is_file() and sha256_file(path) == meta["sha256"]:
+                try:
+                    loaded = VectorIndex.load(path)
+                except RuntimeError:
+                    loaded = None
             if loaded is None or loaded.count != count:
-                loaded = VectorIndex(*self.catalogue.embeddings())
+                loaded = build_index(self.catalogue)
             self._index = loaded
         return self._index
 
@@ -148,27 +264,67 @@ class KVStore:
         return sum(e.length for e in entries)
 
 
-class StoreWriter:
-    """The single writer of a store: holds the lock, appends blobs, commits catalogue rows."""
+class StoreLock:
+    """The exclusive writer lock of a store (``flock`` on ``DIR/lock``, released on close or exit).
+
+    The kernel drops the lock when its holder dies, even by SIGKILL, so a killed writer never
+    blocks the next one.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._lock = open(path / LOCK, "a+")
+        self._handle = open(path / LOCK, "a+")
         try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            self._lock.seek(0)
-            holder = self._lock.read().strip() or "another process"
-            self._lock.close()
+            self._handle.seek(0)
+            holder = self._handle.read().strip() or "another process"
+            self._handle.close()
             raise StoreError(
                 f"store {path} is being written by {holder}; wait for it to finish (one writer at a time)"
             ) from None
-        self._lock.seek(0)
-        self._lock.truncate()
-        self._lock.write(f"pid {os.getpid()}")
-        self._lock.flush()
-        self.catalogue = Catalogue(path, readonly=False)
-        self.shards = ShardWriter(path, self.catalogue.committed_ends())
+        self._handle.seek(0)
+        self._handle.truncate()
+        self._handle.write(f"pid {os.getpid()}")
+        self._handle.flush()
+
+    def release(self) -> None:
+        if not self._handle.closed:
+            fcntl.flock(self._handle, fcntl.LOCK_UN)
+            self._handle.close()
+
+    def __enter__(self) -> "StoreLock":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def _remove_temporaries(path: Path) -> None:
+    """Delete temp files a killed writer left (``.NAME.PID.tmp``); only called under the lock."""
+    for tmp in path.glob(".*.tmp"):
+        if tmp.is_file():
+            tmp.unlink()
+
+
+class StoreWriter:
+    """The single writer of a store: holds the lock, appends blobs, commits catalogue rows.
+
+    Opening repairs what a killed writer left behind (uncommitted shard tails, temp files).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = StoreLock(path)
+        try:
+            _remove_temporaries(path)
+            self.catalogue = Catalogue(path, readonly=False)
+            self.shards = ShardWriter(path, self.catalogue.committed_ends())
+        except BaseException:
+            if hasattr(self, "catalogue"):
+                self.catalogue.close()
+            self._lock.release()
+            raise
 
     def __enter__(self) -> "StoreWriter":
         return self
@@ -177,8 +333,12 @@ class StoreWriter:
         self.close()
 
     def known(self) -> dict[str, str]:
-        """Committed passage ids and the sha256 of their text."""
+        """Committed passage ids and the sha256 of their text (memory grows with the store)."""
         return self.catalogue.text_shas()
+
+    def known_of(self, ids: list[str]) -> dict[str, str]:
+        """Those of ``ids`` already committed, with their text sha256 (bounded memory)."""
+        return self.catalogue.shas_of(ids)
 
     def add(self, items: list[dict[str, Any]]) -> None:
         """Store a batch: blobs appended and fsynced, then their rows committed together.
@@ -200,11 +360,13 @@ class StoreWriter:
         self.catalogue.add(rows)
 
     def write_index(self) -> None:
-        VectorIndex(*self.catalogue.embeddings()).save(self.path / INDEX)
+        """Build the FAISS index (streamed from the catalogue), save it, then record its sha256."""
+        built = build_index(self.catalogue)
+        built.save(self.path / INDEX)
+        meta = {"sha256": sha256_file(self.path / INDEX), "count": built.count}
+        _write_atomic(self.path / INDEX_META, json.dumps(meta).encode())
 
     def close(self) -> None:
         self.shards.close()
         self.catalogue.close()
-        if not self._lock.closed:
-            fcntl.flock(self._lock, fcntl.LOCK_UN)
-            self._lock.close()
+        self._lock.release()

@@ -4,14 +4,48 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ragcompress.errors import StoreError, StoreMismatchError
+from ragcompress.quant import QuantConfig
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+MAX_MANIFEST_BYTES = 1 << 20
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_SHAPE_KEYS = ("layers", "kv_heads", "head_dim")
+
+
+def _check_values(data: dict[str, Any], where: Path) -> None:
+    """Validate the values code later relies on (shapes, template, quantization, checksums)."""
+
+    def bad(key: str, why: str) -> StoreError:
+        return StoreError(f"{where}: field {key!r} {why}; the store is corrupt, rebuild it")
+
+    for key in ("model_ref", "model_fingerprint", "tokenizer_hash", "embedder"):
+        if not data[key] or "\x00" in data[key]:
+            raise bad(key, "is empty or holds a NUL character")
+    shape = data["model_shape"]
+    for key in _SHAPE_KEYS:
+        value = shape.get(key)
+        if type(value) is not int or not 0 < value < 1 << 16:
+            raise bad("model_shape", f"needs {key!r} as a positive integer, got {value!r}")
+    template = data["template"]
+    for key, marker in (("prefix", None), ("passage_format", "{text}"), ("suffix_format", "{question}")):
+        value = template.get(key)
+        if not isinstance(value, str) or (marker and marker not in value):
+            raise bad("template", f"needs {key!r} as a string" + (f" containing {marker}" if marker else ""))
+    comp = data["compression"]
+    try:
+        QuantConfig(comp.get("quant", "none"), comp.get("group_size", 32))
+    except (TypeError, ValueError) as exc:
+        raise bad("compression", f"is invalid ({exc})") from None
+    prefix_sha = data.get("prefix_sha256", "")
+    if not isinstance(prefix_sha, str) or (prefix_sha and not _SHA256.match(prefix_sha)):
+        raise bad("prefix_sha256", "is not a sha256 hex digest")
 
 
 @dataclass(frozen=True)
@@ -21,7 +55,9 @@ class Manifest:
     ``model_ref`` finds the model again (embedded name or directory); ``model_fingerprint`` hashes
     its config and weights; ``tokenizer_hash`` its vocabulary and chat template; ``template`` the
     split prompt (prefix / passage / suffix); ``compression`` the method and quantization;
-    ``embedder`` the retrieval model.
+    ``embedder`` the retrieval model; ``model_shape`` the cache shape every segment must have;
+    ``prefix_sha256`` the checksum of ``prefix.safetensors`` (set by ``create_store``).
+    Every value is validated when a manifest is read, before anything uses it.
     """
 
     model_ref: str
@@ -33,6 +69,7 @@ class Manifest:
     model_shape: dict[str, int]
     format_version: int = FORMAT_VERSION
     created: str = field(default="", compare=False)
+    prefix_sha256: str = field(default="", compare=False)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -46,7 +83,7 @@ class Manifest:
         if not isinstance(data, dict):
             raise StoreError(f"{where} does not hold a JSON object; rebuild the store")
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
+        if type(version) is not int or version != FORMAT_VERSION:
             raise StoreMismatchError(
                 f"store format version {version!r} in {where}, this ragcompress reads version "
                 f"{FORMAT_VERSION}; rebuild the store with `ragcompress index --overwrite`"
@@ -58,18 +95,25 @@ class Manifest:
         for key, kind in expected.items():
             if not isinstance(data.get(key), kind):
                 raise StoreError(f"{where}: field {key!r} is missing or not a {kind.__name__}")
-        if set(data) - set(expected) - {"format_version"}:
-            raise StoreError(f"{where}: unknown fields {sorted(set(data) - set(expected))}")
+        optional = {"format_version", "prefix_sha256"}
+        if set(data) - set(expected) - optional:
+            raise StoreError(f"{where}: unknown fields {sorted(set(data) - set(expected) - optional)}")
+        _check_values(data, where)
         return cls(**data)
 
     def write(self, directory: Path) -> None:
         """Atomic: write a temp file, fsync, rename over the old manifest."""
         tmp = directory / f".{MANIFEST}.{os.getpid()}.tmp"
-        with open(tmp, "w") as handle:
+        with open(tmp, "w", encoding="utf-8") as handle:
             handle.write(self.to_json())
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, directory / MANIFEST)
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     @classmethod
     def read(cls, directory: Path) -> "Manifest":
@@ -79,7 +123,15 @@ class Manifest:
                 f"{directory} is not a ragcompress store (no {MANIFEST}); "
                 "create one with `ragcompress index --input FILE --store DIR`"
             )
-        return cls.from_json(path.read_text(), path)
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_MANIFEST_BYTES + 1)
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise StoreError(f"{path} is larger than {MAX_MANIFEST_BYTES} bytes; the store is corrupt, rebuild it")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise StoreError(f"{path} is not UTF-8 text; the store is corrupt, rebuild it") from None
+        return cls.from_json(text, path)
 
     def check_same_build(self, other: "Manifest") -> None:
         """Raise naming both sides when ``other`` was built differently from this store."""

@@ -2,8 +2,10 @@
 
 A blob is written and fsynced *before* the catalogue row that points at it is committed, so a
 committed row never points at bytes that may be missing. Bytes written after the last commit
-(a killed run) are unreferenced; the next writer truncates the shard back to its committed end.
-Shard names are generated here, never derived from passage ids.
+(a killed run) are unreferenced; the next writer truncates every shard back to its committed end
+and deletes shards nothing committed points into, so a resumed run appends exactly where an
+uninterrupted run would have (same shard, same offset). Shard names are generated here, never
+derived from passage ids, and a name read back from the catalogue is checked before it is used.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import os
 import re
 from pathlib import Path
 
-from ragcompress.errors import CorruptSegmentError
+from ragcompress.errors import CorruptSegmentError, StoreError
 
 SHARD_DIR = "shards"
 MAX_SHARD_BYTES = 256 << 20
@@ -24,45 +26,91 @@ def checksum(blob: bytes) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a created or renamed file) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def is_shard_name(name: str) -> bool:
+    return bool(_NAME.match(name))
+
+
 def shard_path(root: Path, name: str) -> Path:
     """Path of a shard; refuses names that are not ours (a tampered catalogue cannot escape)."""
-    if not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.match(name):
         raise CorruptSegmentError(f"catalogue names shard {name!r}, which is not a valid shard name")
     return root / SHARD_DIR / name
 
 
 def read_blob(root: Path, name: str, offset: int, length: int, expected: str, passage_id: str) -> bytes:
     """Read one blob and verify its sha256; any mismatch names the passage and the shard."""
+    where = f"passage {passage_id!r}"
+    if not isinstance(name, str) or not is_shard_name(name):
+        raise CorruptSegmentError(f"{where}: catalogue names shard {name!r}, which is not a valid shard name")
+    if not isinstance(offset, int) or not isinstance(length, int) or offset < 0 or length <= 0:
+        raise CorruptSegmentError(f"{where}: catalogue row has an invalid location "
+                                  f"(shard {name}, offset {offset!r}, length {length!r})")
     path = shard_path(root, name)
     try:
         with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
             handle.seek(offset)
             blob = handle.read(length)
     except FileNotFoundError:
-        raise CorruptSegmentError(f"passage {passage_id!r}: shard {name} is missing") from None
+        raise CorruptSegmentError(f"{where}: shard {name} is missing") from None
+    except OSError as exc:
+        raise CorruptSegmentError(f"{where}: shard {name} cannot be read ({exc.strerror or exc})") from None
+    if offset >= size:
+        raise CorruptSegmentError(
+            f"{where}: catalogue row points past the end of shard {name} (offset {offset}, shard has {size} bytes)"
+        )
     if len(blob) != length:
         raise CorruptSegmentError(
-            f"passage {passage_id!r}: shard {name} is truncated ({len(blob)} of {length} bytes at {offset})"
+            f"{where}: shard {name} is truncated ({len(blob)} of {length} bytes at offset {offset})"
         )
     if checksum(blob) != expected:
-        raise CorruptSegmentError(f"passage {passage_id!r}: checksum mismatch in shard {name} at {offset}")
+        raise CorruptSegmentError(f"{where}: checksum mismatch in shard {name} at offset {offset}")
     return blob
 
 
 class ShardWriter:
-    """Appends blobs to the newest shard, rolling over at ``max_bytes``."""
+    """Appends blobs to the newest committed shard, rolling over at ``max_bytes``.
+
+    ``committed_ends`` maps each shard to the end of its last committed blob (from the catalogue).
+    Opening repairs what a killed writer left: bytes past a committed end are truncated and shards
+    with no committed blob are removed. A shard *shorter* than its committed end has lost data a
+    committed row points at; that is damage, not an interrupted write, and opening refuses.
+    """
 
     def __init__(self, root: Path, committed_ends: dict[str, int], max_bytes: int = MAX_SHARD_BYTES) -> None:
         self.root = root
         self.max_bytes = max_bytes
-        (root / SHARD_DIR).mkdir(exist_ok=True)
-        existing = sorted(p.name for p in (root / SHARD_DIR).iterdir() if _NAME.match(p.name))
-        self.name = existing[-1] if existing else "00000.kvs"
-        path = shard_path(root, self.name)
-        # Drop bytes a killed run appended after its last commit.
-        with open(path, "ab") as handle:
-            handle.truncate(committed_ends.get(self.name, 0))
-        self._handle = open(path, "ab")
+        directory = root / SHARD_DIR
+        directory.mkdir(exist_ok=True)
+        for name in committed_ends:
+            shard_path(root, name)  # validates every name the catalogue holds
+        self.name = max(committed_ends) if committed_ends else "00000.kvs"
+        for path in sorted(p for p in directory.iterdir() if _NAME.match(p.name)):
+            end = committed_ends.get(path.name)
+            if end is None:
+                path.unlink()  # no committed row points here: only a killed run's blobs
+                continue
+            size = path.stat().st_size
+            if size < end:
+                raise StoreError(
+                    f"shard {path.name} in {root} has {size} bytes but committed passages end at "
+                    f"{end}; the store is damaged (run `ragcompress verify --store {root}`)"
+                )
+            if size > end:
+                with open(path, "r+b") as handle:
+                    handle.truncate(end)
+                    os.fsync(handle.fileno())
+        self._handle = open(shard_path(root, self.name), "ab")
+        fsync_dir(directory)
 
     def append(self, blob: bytes) -> tuple[str, int]:
         """Write ``blob``; returns ``(shard, offset)``. Not durable until :meth:`sync`."""
@@ -72,13 +120,15 @@ class ShardWriter:
             self._handle.close()
             self.name = f"{int(self.name[:5]) + 1:05d}.kvs"
             self._handle = open(shard_path(self.root, self.name), "ab")
-            offset = 0
+            offset = self._handle.tell()
         self._handle.write(blob)
         return self.name, offset
 
     def sync(self) -> None:
+        """Flush and fsync the open shard and the shard directory (a new shard's entry)."""
         self._handle.flush()
         os.fsync(self._handle.fileno())
+        fsync_dir(self.root / SHARD_DIR)
 
     def close(self) -> None:
         if not self._handle.closed:
