@@ -1,0 +1,23 @@
+"""Triton kernels of ragcompress (import name ``ragcompress_kernels``), each with a PyTorch reference."""
+
+from .packed_attention import (
+    BACKENDS,
+    HAS_TRITON,
+    QuantizedSegments,
+    attention_over_dense_ref,
+    dequantize_segments_ref,
+    packed_attention,
+    packed_attention_ref,
+    plan_splits,
+)
+
+__all__ = [
+    "BACKENDS",
+    "HAS_TRITON",
+    "QuantizedSegments",
+    "attention_over_dense_ref",
+    "dequantize_segments_ref",
+    "packed_attention",
+    "packed_attention_ref",
+    "plan_splits",
+]

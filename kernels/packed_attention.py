@@ -1,0 +1,461 @@
+"""Fused attention of query tokens over packed, quantized passage caches (Triton + PyTorch ref).
+
+One pass per layer computes ``softmax(q K^T * scale) V`` where the keys/values are
+
+1. **quantized segments** (passages loaded from the store): KIVI codes (Liu et al., 2024, "KIVI")
+   with keys quantized per channel over groups of ``group_size`` rows and values per token over
+   groups of ``v_group`` channels, stored *un-rotated*; the kernel dequantizes them and applies
+   RoPE at each kept token's assigned position (``cos``/``sin`` tables from the model's own
+   rotary embedding), so the dequantized cache is never materialised in memory;
+2. **fp keys/values** (the uncompressed prefix followed by the freshly computed tokens, as the
+   transformers cache holds them, already rotated), with bottom-right causal masking for the
+   query block.
+
+Softmax is online (Dao et al., 2022, "FlashAttention"); q heads sharing a KV head (GQA) are
+packed into one tile so each K/V tile is loaded once per group; for decode the work is split over
+segments (split-K, "Flash-Decoding", Dao et al., 2023) and a second kernel reduces the partial
+results. :func:`packed_attention_ref` is the PyTorch reference (fp32) and the CPU path.
+
+The layout the kernel reads is :class:`QuantizedSegments`; ``docs/kernels.md`` states how it is
+derived from the store's blobs (``ragcompress/store/codec.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the PyTorch path needs no Triton
+    triton = None
+
+HAS_TRITON = triton is not None
+BACKENDS = ("auto", "triton", "torch")
+
+
+@dataclass(frozen=True)
+class QuantizedSegments:
+    """Quantized passage segments of one layer, laid out for :func:`packed_attention`.
+
+    Segments sit one after another along the row axis; segment ``s`` owns rows
+    ``seg_start[s] : seg_start[s+1]`` (a multiple of ``group_size`` rows, so key group ``g`` of the
+    layer is rows ``g*group_size …``), of which head ``h`` keeps the first ``seg_len[h, s]``.
+    ``H`` = kv heads, ``N`` = total rows, ``S`` = segments, ``d`` = head_dim, ``pb = 8 // bits``.
+
+    k_codes:   ``[H, N, d // pb]`` uint8, ``pb`` codes per byte, lowest bits first
+    k_scale:   ``[H, N // group_size, d]`` fp16 (per channel, per group of rows); ``k_min`` alike
+    v_codes:   ``[H, N, d // pb]`` uint8
+    v_scale:   ``[H, N, d // v_group]`` fp16 (per row, per group of channels); ``v_min`` alike
+    positions: ``[H, N]`` int32 RoPE position of each row in the prompt (padding rows: 0)
+    seg_start: ``[S + 1]`` int32 row offsets, ``seg_start[-1] == N``; ``seg_start_host`` the same
+    seg_len:   ``[H, S]`` int32 kept rows per head and segment
+    cos, sin:  ``[P, d]`` fp32 rotary tables (``P`` > every position), attention scaling included
+    """
+
+    k_codes: torch.Tensor
+    k_scale: torch.Tensor
+    k_min: torch.Tensor
+    v_codes: torch.Tensor
+    v_scale: torch.Tensor
+    v_min: torch.Tensor
+    positions: torch.Tensor
+    seg_start: torch.Tensor
+    seg_len: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    bits: int
+    group_size: int
+    v_group: int
+    seg_start_host: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        heads, rows, packed = self.k_codes.shape
+        d = self.cos.shape[-1]
+        if self.bits not in (2, 4, 8):
+            raise ValueError(f"bits must be 2, 4 or 8, got {self.bits}")
+        pb = 8 // self.bits
+        segs = len(self.seg_start_host) - 1
+        expected = {
+            "k_codes": ((heads, rows, d // pb), torch.uint8),
+            "v_codes": ((heads, rows, d // pb), torch.uint8),
+            "k_scale": ((heads, rows // self.group_size, d), torch.float16),
+            "k_min": ((heads, rows // self.group_size, d), torch.float16),
+            "v_scale": ((heads, rows, d // self.v_group), torch.float16),
+            "v_min": ((heads, rows, d // self.v_group), torch.float16),
+            "positions": ((heads, rows), torch.int32),
+            "seg_start": ((segs + 1,), torch.int32),
+            "seg_len": ((heads, segs), torch.int32),
+            "sin": ((self.cos.shape[0], d), torch.float32),
+            "cos": ((self.cos.shape[0], d), torch.float32),
+        }
+        for name, (shape, dtype) in expected.items():
+            tensor = getattr(self, name)
+            if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+                raise ValueError(f"{name}: expected {shape} {dtype}, got {tuple(tensor.shape)} {tensor.dtype}")
+            if tensor.device != self.k_codes.device:
+                raise ValueError(f"{name} is on {tensor.device}, k_codes on {self.k_codes.device}")
+        if rows % self.group_size or any(s % self.group_size for s in self.seg_start_host):
+            raise ValueError(f"segment rows must be multiples of group_size {self.group_size}")
+        if self.seg_start_host[-1] != rows or d % self.v_group or d % 2:
+            raise ValueError("seg_start must end at N and head_dim must be even and a multiple of v_group")
+
+    @property
+    def num_heads(self) -> int:
+        return self.k_codes.shape[0]
+
+    @property
+    def head_dim(self) -> int:
+        return self.cos.shape[-1]
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.seg_start_host) - 1
+
+
+# --------------------------------------------------------------------------- PyTorch reference
+
+
+def _unpack_ref(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """``[..., d // pb]`` uint8 -> ``[..., d]`` fp32 codes (lowest bits first)."""
+    pb = 8 // bits
+    shifts = torch.arange(pb, device=packed.device, dtype=torch.int32) * bits
+    codes = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * pb).float()
+
+
+def dequantize_segments_ref(seg: QuantizedSegments) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dequantize and rotate every row: keys ``[H, N, d]`` (RoPE applied), values ``[H, N, d]``
+    fp32, and ``valid [H, N]`` bool (False on padding rows)."""
+    heads, rows, _ = seg.k_codes.shape
+    d = seg.head_dim
+    keys = _unpack_ref(seg.k_codes, seg.bits).view(heads, rows // seg.group_size, seg.group_size, d)
+    keys = (keys * seg.k_scale.float().unsqueeze(2) + seg.k_min.float().unsqueeze(2)).view(heads, rows, d)
+    values = _unpack_ref(seg.v_codes, seg.bits).view(heads, rows, d // seg.v_group, seg.v_group)
+    values = (values * seg.v_scale.float().unsqueeze(-1) + seg.v_min.float().unsqueeze(-1)).view(heads, rows, d)
+    pos = seg.positions.long()
+    cos, sin = seg.cos[pos], seg.sin[pos]
+    half = d // 2
+    rotated = torch.cat((-keys[..., half:], keys[..., :half]), dim=-1)
+    keys = keys * cos + rotated * sin
+    local = torch.arange(rows, device=seg.k_codes.device)
+    owner = torch.bucketize(local, seg.seg_start[1:].long(), right=True)  # segment of each row
+    offset = local - seg.seg_start.long()[owner]
+    valid = offset < seg.seg_len.long()[:, owner]
+    return keys, values, valid
+
+
+def attention_over_dense_ref(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             seg_keys: torch.Tensor, seg_values: torch.Tensor, seg_valid: torch.Tensor,
+                             scale: float) -> torch.Tensor:
+    """SDPA of ``query [B, Hq, q, d]`` over dequantized segment rows (``seg_* [H, N, ·]``) and the
+    fp ``key/value [B, H, T, d]`` (bottom-right causal). Returns ``[B, q, Hq, d]`` in query's dtype.
+    """
+    batch, q_heads, q_len, d = query.shape
+    kv_heads, total = key.shape[1], key.shape[2]
+    dtype = query.dtype
+    keys = torch.cat((seg_keys.to(dtype).unsqueeze(0).expand(batch, -1, -1, -1), key), dim=2)
+    values = torch.cat((seg_values.to(dtype).unsqueeze(0).expand(batch, -1, -1, -1), value), dim=2)
+    rows = seg_valid.shape[1]
+    allowed = torch.empty((kv_heads, q_len, rows + total), dtype=torch.bool, device=query.device)
+    allowed[:, :, :rows] = seg_valid.unsqueeze(1)
+    allowed[:, :, rows:] = torch.ones(q_len, total, dtype=torch.bool, device=query.device).tril(total - q_len)
+    group = q_heads // kv_heads
+    if group > 1:
+        allowed = allowed.repeat_interleave(group, dim=0)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, keys, values, attn_mask=allowed.unsqueeze(0), scale=scale, enable_gqa=group > 1)
+    return out.transpose(1, 2)
+
+
+def packed_attention_ref(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         seg: QuantizedSegments, scale: float | None = None) -> torch.Tensor:
+    """fp32 reference of :func:`packed_attention`: ``[B, q, Hq, d]`` in query's dtype."""
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    seg_keys, seg_values, valid = dequantize_segments_ref(seg)
+    out = attention_over_dense_ref(query.float(), key.float(), value.float(), seg_keys, seg_values, valid, scale)
+    return out.to(query.dtype)
+
+
+# --------------------------------------------------------------------------- Triton kernels
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _packed_attn_fwd(
+        Q, K, V, KC, KS, KM, VC, VS, VM, POS, COS, SIN, SEG_START, SEG_LEN, SPLIT_SEG,
+        OUT, M_PART, L_PART, ACC_PART,
+        qk_scale, Q_LEN, T_FP, N_ROWS, NUM_SEGS, H_KV, H_Q, BATCH,
+        stride_qb, stride_qh, stride_qm,
+        stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn,
+        stride_ob, stride_oh, stride_om,
+        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BITS: tl.constexpr,
+        GROUP_SIZE: tl.constexpr, V_GROUP: tl.constexpr, SPLIT: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """Grid ``(cdiv(GROUP * Q_LEN, BLOCK_M), BATCH * H_KV, n_splits)``; tile rows are
+        ``(q head in group, query token)`` pairs. Split ``s`` covers segments
+        ``SPLIT_SEG[s] : SPLIT_SEG[s+1]``; the last split also covers the fp rows."""
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        pid_s = tl.program_id(2)
+        n_splits = tl.num_programs(2)
+        b = pid_bh // H_KV
+        kvh = pid_bh % H_KV
+        PB: tl.constexpr = 8 // BITS
+        CODE_MASK: tl.constexpr = (1 << BITS) - 1
+        HALF: tl.constexpr = HEAD_DIM // 2
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_valid = offs_m < GROUP * Q_LEN
+        qh = kvh * GROUP + offs_m // Q_LEN
+        qi = offs_m % Q_LEN
+        cols = tl.arange(0, HEAD_DIM)
+        q = tl.load(Q + b * stride_qb + qh[:, None] * stride_qh + qi[:, None] * stride_qm + cols[None, :],
+                    mask=m_valid[:, None], other=0.0)
+
+        # channel c of a rotated key mixes channels c and c +- d/2 (rotate_half)
+        partner = (cols + HALF) % HEAD_DIM
+        sign = tl.where(cols < HALF, -1.0, 1.0)
+        k_byte, k_shift = cols // PB, (cols % PB) * BITS
+        p_byte, p_shift = partner // PB, (partner % PB) * BITS
+        v_grp = cols // V_GROUP
+        ROW_BYTES: tl.constexpr = HEAD_DIM // PB
+        V_GROUPS: tl.constexpr = HEAD_DIM // V_GROUP
+        kc_head = KC + kvh * N_ROWS * ROW_BYTES
+        vc_head = VC + kvh * N_ROWS * ROW_BYTES
+        ks_head = KS + kvh * (N_ROWS // GROUP_SIZE) * HEAD_DIM
+        km_head = KM + kvh * (N_ROWS // GROUP_SIZE) * HEAD_DIM
+        vs_head = VS + kvh * N_ROWS * V_GROUPS
+        vm_head = VM + kvh * N_ROWS * V_GROUPS
+
+        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+        seg_lo = tl.load(SPLIT_SEG + pid_s)
+        seg_hi = tl.load(SPLIT_SEG + pid_s + 1)
+        for seg in range(seg_lo, seg_hi):
+            start = tl.load(SEG_START + seg)
+            n = tl.load(SEG_LEN + kvh * NUM_SEGS + seg)
+            for off in range(0, n, BLOCK_N):
+                r = off + tl.arange(0, BLOCK_N)
+                r_valid = r < n
+                rows = start + r
+                rmask = r_valid[:, None]
+                grp = (rows // GROUP_SIZE)[:, None] * HEAD_DIM
+                # keys: dequantize channel c and its rotate_half partner, then RoPE
+                kc = tl.load(kc_head + rows[:, None] * ROW_BYTES + k_byte[None, :], mask=rmask, other=0)
+                kp = tl.load(kc_head + rows[:, None] * ROW_BYTES + p_byte[None, :], mask=rmask, other=0)
+                kc = ((kc.to(tl.int32) >> k_shift[None, :]) & CODE_MASK).to(tl.float32)
+                kp = ((kp.to(tl.int32) >> p_shift[None, :]) & CODE_MASK).to(tl.float32)
+                k_s = tl.load(ks_head + grp + cols[None, :], mask=rmask, other=0.0).to(tl.float32)
+                k_m = tl.load(km_head + grp + cols[None, :], mask=rmask, other=0.0).to(tl.float32)
+                p_s = tl.load(ks_head + grp + partner[None, :], mask=rmask, other=0.0).to(tl.float32)
+                p_m = tl.load(km_head + grp + partner[None, :], mask=rmask, other=0.0).to(tl.float32)
+                pos = tl.load(POS + kvh * N_ROWS + rows, mask=r_valid, other=0)
+                cos = tl.load(COS + pos[:, None] * HEAD_DIM + cols[None, :], mask=rmask, other=0.0)
+                sin = tl.load(SIN + pos[:, None] * HEAD_DIM + cols[None, :], mask=rmask, other=0.0)
+                k = (kc * k_s + k_m) * cos + sign[None, :] * (kp * p_s + p_m) * sin
+                qk = tl.dot(q, tl.trans(k.to(q.dtype))) * qk_scale
+                qk = tl.where(r_valid[None, :], qk, float("-inf"))
+                # values: per-token groups of V_GROUP channels
+                vc = tl.load(vc_head + rows[:, None] * ROW_BYTES + k_byte[None, :], mask=rmask, other=0)
+                vc = ((vc.to(tl.int32) >> k_shift[None, :]) & CODE_MASK).to(tl.float32)
+                v_s = tl.load(vs_head + rows[:, None] * V_GROUPS + v_grp[None, :], mask=rmask, other=0.0)
+                v_m = tl.load(vm_head + rows[:, None] * V_GROUPS + v_grp[None, :], mask=rmask, other=0.0)
+                v = vc * v_s.to(tl.float32) + v_m.to(tl.float32)
+                m_new = tl.maximum(m_i, tl.max(qk, 1))
+                p = tl.math.exp2(qk - m_new[:, None])
+                alpha = tl.math.exp2(m_i - m_new)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+                m_i = m_new
+
+        if pid_s == n_splits - 1:  # fp rows: prefix and new tokens, bottom-right causal
+            last = T_FP - Q_LEN + qi  # last fp row each query token may see
+            for off in range(0, T_FP, BLOCK_N):
+                rows = off + tl.arange(0, BLOCK_N)
+                r_valid = rows < T_FP
+                k = tl.load(K + b * stride_kb + kvh * stride_kh + rows[:, None] * stride_kn + cols[None, :],
+                            mask=r_valid[:, None], other=0.0)
+                qk = tl.dot(q, tl.trans(k.to(q.dtype))) * qk_scale
+                allowed = r_valid[None, :] & (rows[None, :] <= last[:, None])
+                qk = tl.where(allowed, qk, float("-inf"))
+                v = tl.load(V + b * stride_vb + kvh * stride_vh + rows[:, None] * stride_vn + cols[None, :],
+                            mask=r_valid[:, None], other=0.0)
+                m_new = tl.maximum(m_i, tl.max(qk, 1))
+                p = tl.math.exp2(qk - m_new[:, None])
+                alpha = tl.math.exp2(m_i - m_new)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+                m_i = m_new
+
+        if SPLIT:
+            part = (pid_s * BATCH + b) * H_Q * Q_LEN + qh * Q_LEN + qi  # [BLOCK_M] row of the partials
+            tl.store(M_PART + part, m_i, mask=m_valid)
+            tl.store(L_PART + part, l_i, mask=m_valid)
+            tl.store(ACC_PART + part[:, None] * HEAD_DIM + cols[None, :], acc, mask=m_valid[:, None])
+        else:
+            out = acc / l_i[:, None]
+            tl.store(OUT + b * stride_ob + qh[:, None] * stride_oh + qi[:, None] * stride_om + cols[None, :],
+                     out.to(OUT.dtype.element_ty), mask=m_valid[:, None])
+
+    @triton.jit
+    def _split_reduce(
+        M_PART, L_PART, ACC_PART, OUT, N_SPLITS, ROWS, H_Q, Q_LEN,
+        stride_ob, stride_oh, stride_om,
+        HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
+    ):
+        """Grid ``(BATCH * H_Q * Q_LEN,)``: combine the per-split ``(m, l, acc)`` of one query row."""
+        row = tl.program_id(0)
+        s = tl.arange(0, BLOCK_S)
+        s_valid = s < N_SPLITS
+        cols = tl.arange(0, HEAD_DIM)
+        m = tl.load(M_PART + s * ROWS + row, mask=s_valid, other=float("-inf"))
+        l_s = tl.load(L_PART + s * ROWS + row, mask=s_valid, other=0.0)
+        m_max = tl.max(m, 0)
+        w = tl.where(s_valid, tl.math.exp2(m - m_max), 0.0)
+        acc = tl.load(ACC_PART + (s * ROWS + row)[:, None] * HEAD_DIM + cols[None, :],
+                      mask=s_valid[:, None], other=0.0)
+        out = tl.sum(acc * w[:, None], 0) / tl.sum(l_s * w, 0)
+        b = row // (H_Q * Q_LEN)
+        h = (row // Q_LEN) % H_Q
+        i = row % Q_LEN
+        tl.store(OUT + b * stride_ob + h * stride_oh + i * stride_om + cols, out.to(OUT.dtype.element_ty))
+
+    def _hopper_configs() -> list:
+        """Hopper-class search space: key-tile sizes, warps and pipeline stages."""
+        return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+                for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)]
+
+    _packed_attn_fwd_tuned = triton.autotune(
+        configs=_hopper_configs(), key=["GROUP", "HEAD_DIM", "BITS", "BLOCK_M", "SPLIT"])(_packed_attn_fwd)
+
+
+def _interpreted() -> bool:
+    """True when Triton was imported with ``TRITON_INTERPRET=1`` (kernels run on CPU tensors)."""
+    if not HAS_TRITON:
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_packed_attn_fwd, InterpretedFunction)
+
+
+def plan_splits(seg_start: tuple[int, ...], fp_rows: int, target: int) -> list[int]:
+    """Cut segments into at most ``target`` splits of similar row counts (the last split also
+    takes the ``fp_rows``); returns split boundaries in segments, ``[0, …, S]``."""
+    segs = len(seg_start) - 1
+    sizes = [seg_start[i + 1] - seg_start[i] for i in range(segs)]
+    total = sum(sizes) + fp_rows
+    per_split = max(1, math.ceil(total / max(1, target)))
+    bounds, acc = [0], 0
+    for i, size in enumerate(sizes):
+        acc += size
+        if acc >= per_split and i + 1 < segs:
+            bounds.append(i + 1)
+            acc = 0
+    bounds.append(segs)
+    return bounds
+
+
+def _check(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, seg: QuantizedSegments) -> None:
+    if query.dim() != 4 or key.dim() != 4 or value.shape != key.shape:
+        raise ValueError(f"query [B, Hq, q, d] and key/value [B, H, T, d] expected, got "
+                         f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
+    batch, q_heads, q_len, d = query.shape
+    if key.shape[0] != batch or key.shape[3] != d or d != seg.head_dim:
+        raise ValueError(f"batch/head_dim mismatch: query {tuple(query.shape)}, key {tuple(key.shape)}, "
+                         f"segments head_dim {seg.head_dim}")
+    if key.shape[1] != seg.num_heads or q_heads % seg.num_heads:
+        raise ValueError(f"{q_heads} query heads over {key.shape[1]} kv heads, segments have {seg.num_heads}")
+    if key.shape[2] < q_len:
+        raise ValueError(f"key holds {key.shape[2]} rows, fewer than the {q_len} query tokens")
+    if key.dtype != query.dtype or value.dtype != query.dtype:
+        raise ValueError(f"dtypes differ: query {query.dtype}, key {key.dtype}, value {value.dtype}")
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.device != seg.k_codes.device:
+            raise ValueError(f"{name} is on {t.device}, segments on {seg.k_codes.device}")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in head_dim (stride {t.stride(-1)})")
+
+
+def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, seg: QuantizedSegments,
+                     scale: float | None = None, *, backend: str = "auto",
+                     num_splits: int | None = None) -> torch.Tensor:
+    """Attention of ``query`` over the quantized segments ``seg`` and the fp ``key``/``value``.
+
+    query:     ``[B, Hq, q, d]`` rotated queries (fp16/bf16/fp32), ``Hq`` a multiple of ``H``
+    key/value: ``[B, H, T, d]`` fp rows (prefix + new tokens, rotated); the last ``q`` rows are
+               the query tokens themselves, so query ``i`` sees fp rows ``<= T - q + i``
+    seg:       :class:`QuantizedSegments` (shared by the batch), fully visible to every query
+    returns    ``[B, q, Hq, d]`` in query's dtype (transformers' attention-output layout)
+
+    ``backend``: ``"triton"`` (GPU, or CPU under ``TRITON_INTERPRET=1``), ``"torch"``
+    (:func:`packed_attention_ref`), ``"auto"`` (Triton on CUDA, else torch). ``num_splits``
+    overrides the split-K plan (default: splits only for ``q <= 16``, about two waves of programs).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} is not one of: {', '.join(BACKENDS)}")
+    _check(query, key, value, seg)
+    scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
+    on_cuda = query.device.type == "cuda"
+    if backend == "auto":
+        backend = "triton" if HAS_TRITON and on_cuda else "torch"
+    if backend == "torch":
+        return packed_attention_ref(query, key, value, seg, scale)
+    if not HAS_TRITON:
+        raise RuntimeError("backend='triton' needs the triton package: pip install 'ragcompress[triton]'")
+    interpret = not on_cuda
+    if interpret and not _interpreted():
+        raise RuntimeError("the Triton kernel runs on CPU tensors only when TRITON_INTERPRET=1 was set "
+                           "before triton was first imported")
+    return _launch(query, key, value, seg, scale, num_splits, interpret)
+
+
+def _launch(query, key, value, seg: QuantizedSegments, scale: float, num_splits: int | None,
+            interpret: bool) -> torch.Tensor:
+    batch, q_heads, q_len, d = query.shape
+    kv_heads, t_fp = key.shape[1], key.shape[2]
+    group = q_heads // kv_heads
+    block_m = max(16, min(64, triton.next_power_of_2(group * q_len)))
+    m_blocks = triton.cdiv(group * q_len, block_m)
+    if num_splits is None:
+        num_splits = 1
+        if q_len <= 16:
+            sms = torch.cuda.get_device_properties(query.device).multi_processor_count if not interpret else 16
+            num_splits = max(1, (2 * sms) // (batch * kv_heads * m_blocks))
+    bounds = plan_splits(seg.seg_start_host, t_fp, num_splits)
+    n_splits = len(bounds) - 1
+    split_seg = torch.tensor(bounds, dtype=torch.int32, device=query.device)
+    out = torch.empty((batch, q_len, q_heads, d), dtype=query.dtype, device=query.device)
+    split = n_splits > 1
+    if split:
+        m_part = torch.empty((n_splits, batch, q_heads, q_len), dtype=torch.float32, device=query.device)
+        l_part = torch.empty_like(m_part)
+        acc_part = torch.empty((n_splits, batch, q_heads, q_len, d), dtype=torch.float32, device=query.device)
+    else:
+        m_part = l_part = acc_part = out  # unused
+    args = (query, key, value, seg.k_codes, seg.k_scale, seg.k_min, seg.v_codes, seg.v_scale, seg.v_min,
+            seg.positions, seg.cos, seg.sin, seg.seg_start, seg.seg_len, split_seg,
+            out, m_part, l_part, acc_part,
+            scale * 1.4426950408889634, q_len, t_fp, seg.k_codes.shape[1], seg.num_segments, kv_heads, q_heads,
+            batch, *query.stride()[:3], *key.stride()[:3], *value.stride()[:3],
+            out.stride(0), out.stride(2), out.stride(1))
+    consts = dict(GROUP=group, HEAD_DIM=d, BITS=seg.bits, GROUP_SIZE=seg.group_size, V_GROUP=seg.v_group,
+                  SPLIT=split, BLOCK_M=block_m)
+    grid = (m_blocks, batch * kv_heads, n_splits)
+    if interpret:  # the interpreter runs every autotune config: use one
+        _packed_attn_fwd[grid](*args, **consts, BLOCK_N=32)
+    else:
+        _packed_attn_fwd_tuned[grid](*args, **consts)
+    if split:
+        rows = batch * q_heads * q_len
+        _split_reduce[(rows,)](m_part, l_part, acc_part, out, n_splits, rows, q_heads, q_len,
+                        out.stride(0), out.stride(2), out.stride(1),
+                        HEAD_DIM=d, BLOCK_S=max(2, triton.next_power_of_2(n_splits)))
+    return out

@@ -1,0 +1,226 @@
+"""Quantized passage blobs packed for fused attention, and answering through them.
+
+Instead of dequantizing every segment and building a full-size cache (``assemble.py``), the
+blobs' codes and scales are laid side by side per layer (:class:`QuantizedSegments`, the layout
+``ragcompress_kernels`` reads); the transformers cache then holds only the fp prefix and the new
+tokens, and the attention function registered as ``"ragcompress"`` receives the packed segments
+through the ``ragcompress_packed`` keyword. On CUDA the fused Triton kernel attends over them
+without materialising the dequantized cache; on CPU the PyTorch reference dequantizes and rotates
+each layer once per request (memoized) and runs SDPA, the same math as the assembled path.
+
+Segment ``j`` starts at RoPE position ``prefix_len + sum(num_tokens of segments before j)``,
+exactly as in ``assemble.py``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+
+from ragcompress.encoder import build_dynamic_cache
+from ragcompress.errors import CorruptSegmentError
+from ragcompress.quant import QuantConfig
+from ragcompress.rope import Rotary
+from ragcompress.store.codec import _metadata
+from ragcompress.store.shards import read_blob
+from ragcompress_kernels import (
+    BACKENDS,
+    HAS_TRITON,
+    QuantizedSegments,
+    attention_over_dense_ref,
+    dequantize_segments_ref,
+    packed_attention,
+)
+
+PACKED_KWARG = "ragcompress_packed"
+
+
+@dataclass(frozen=True)
+class QuantizedBlob:
+    """One blob's tensors padded per head to ``n_pad`` rows (a multiple of ``group_size``).
+
+    k_codes/v_codes ``[L, H, n_pad, d // pb]`` uint8, k_scale/k_min ``[L, H, n_pad // gs, d]``,
+    v_scale/v_min ``[L, H, n_pad, d // v_group]`` fp16, offsets ``[L, H, n_pad]`` int32 (offset
+    inside the passage of each kept row), lengths ``[L, H]`` int32.
+    """
+
+    k_codes: torch.Tensor
+    k_scale: torch.Tensor
+    k_min: torch.Tensor
+    v_codes: torch.Tensor
+    v_scale: torch.Tensor
+    v_min: torch.Tensor
+    offsets: torch.Tensor
+    lengths: torch.Tensor
+    num_tokens: int
+    quant: QuantConfig
+    v_group: int
+
+
+def read_quantized(blob: bytes) -> QuantizedBlob:
+    """Parse a store blob (``ragcompress/store/codec.py``) without dequantizing it."""
+    try:
+        meta = _metadata(blob)
+        tensors = st_load(blob)
+        quant = QuantConfig(meta["scheme"], int(meta["group_size"]))
+        num_tokens, n_max, d = int(meta["num_tokens"]), int(meta["n_max"]), int(meta["head_dim"])
+        lengths = tensors["lengths"].long()
+    except Exception as exc:
+        raise CorruptSegmentError(f"unreadable segment blob ({exc})") from exc
+    bits = quant.bits
+    if bits is None:
+        raise ValueError(f"packed attention needs a quantized store (int8/int4/int2), not {quant.scheme!r}")
+    if lengths.dim() != 2 or (lengths < 0).any() or (lengths > n_max).any() or n_max > num_tokens:
+        raise CorruptSegmentError("segment lengths are out of range")
+    layers, heads = lengths.shape
+    gs = quant.group_size
+    n_pad = -(-max(n_max, 1) // gs) * gs
+    v_group = min(gs, d)
+    rows = torch.arange(n_pad) < lengths.unsqueeze(-1)  # [L, H, n_pad]
+    groups = torch.arange(n_pad // gs) < (-(-lengths // gs)).unsqueeze(-1)
+    pb = 8 // bits
+
+    def scatter(flat: torch.Tensor, mask: torch.Tensor, tail: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        out = torch.zeros((*mask.shape, *tail), dtype=dtype)
+        if tuple(flat.shape) != (int(mask.sum()), *tail) or flat.dtype != dtype:
+            raise CorruptSegmentError(f"segment tensor {tuple(flat.shape)} {flat.dtype} does not match its lengths")
+        out[mask] = flat
+        return out
+
+    try:
+        offsets = torch.arange(n_pad).expand(layers, heads, n_pad).clone()
+        if "positions" in tensors:
+            offsets = scatter(tensors["positions"].long(), rows, (), torch.long)
+            if (offsets[rows] >= num_tokens).any() or (offsets < 0).any():
+                raise CorruptSegmentError("segment positions are out of range")
+        offsets = torch.where(rows, offsets, 0).to(torch.int32)
+        return QuantizedBlob(
+            k_codes=scatter(tensors["k_codes"], rows, (d // pb,), torch.uint8),
+            k_scale=scatter(tensors["k_scale"], groups, (d,), torch.float16),
+            k_min=scatter(tensors["k_min"], groups, (d,), torch.float16),
+            v_codes=scatter(tensors["v_codes"], rows, (d // pb,), torch.uint8),
+            v_scale=scatter(tensors["v_scale"], rows, (d // v_group,), torch.float16),
+            v_min=scatter(tensors["v_min"], rows, (d // v_group,), torch.float16),
+            offsets=offsets, lengths=lengths.to(torch.int32), num_tokens=num_tokens, quant=quant, v_group=v_group,
+        )
+    except KeyError as exc:
+        raise CorruptSegmentError(f"segment blob lacks tensor {exc}") from exc
+
+
+def rope_tables(rotary: Rotary, layers: int, positions: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer fp32 ``(cos, sin)`` of shape ``[positions, head_dim]`` from the model's rotary
+    embedding (shared between layers of the same ``layer_type``)."""
+    types = getattr(rotary, "_layer_types", None) or [None] * layers
+    cache: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
+    out = []
+    for layer in range(layers):
+        if types[layer] not in cache:
+            cos, sin = rotary.cos_sin(torch.arange(positions), layer)
+            cache[types[layer]] = (cos.float().contiguous(), sin.float().contiguous())
+        out.append(cache[types[layer]])
+    return out
+
+
+@dataclass
+class PackedSegments:
+    """Every layer's :class:`QuantizedSegments` for one request, and the backend to run them.
+
+    ``attend`` is called by the registered attention function for each layer and step; on the
+    torch backend each layer's dequantized, rotated rows are computed once and kept (``_dense``).
+    """
+
+    layers: list[QuantizedSegments]
+    next_position: int
+    backend: str = "auto"
+    _dense: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend {self.backend!r} is not one of: {', '.join(BACKENDS)}")
+
+    @classmethod
+    def from_blobs(cls, blobs: list[QuantizedBlob], start: int, rotary: Rotary,
+                   device: torch.device | str = "cpu", backend: str = "auto") -> "PackedSegments":
+        """Lay ``blobs`` side by side after a prefix of ``start`` tokens."""
+        if not blobs:
+            raise ValueError("no segments to pack")
+        first = blobs[0]
+        for blob in blobs:
+            if blob.quant != first.quant or blob.k_codes.shape[:2] != first.k_codes.shape[:2]:
+                raise ValueError("segments were stored with different quantization or model shapes")
+        starts, position = [], start
+        for blob in blobs:
+            starts.append(position)
+            position += blob.num_tokens
+        seg_start = [0]
+        for blob in blobs:
+            seg_start.append(seg_start[-1] + blob.k_codes.shape[2])
+
+        def cat(name: str) -> torch.Tensor:
+            return torch.cat([getattr(b, name) for b in blobs], dim=2).to(device).contiguous()
+
+        positions = torch.cat([b.offsets + s for b, s in zip(blobs, starts)], dim=2)
+        positions = torch.where(positions >= 0, positions, 0)
+        lengths = torch.stack([b.lengths for b in blobs], dim=-1).to(device).contiguous()  # [L, H, S]
+        tensors = {name: cat(name) for name in ("k_codes", "k_scale", "k_min", "v_codes", "v_scale", "v_min")}
+        positions = positions.to(torch.int32).to(device).contiguous()
+        seg_start_t = torch.tensor(seg_start, dtype=torch.int32, device=device)
+        layers = first.k_codes.shape[0]
+        tables = rope_tables(rotary, layers, position)
+        packed = [
+            QuantizedSegments(
+                **{name: t[layer] for name, t in tensors.items()}, positions=positions[layer],
+                seg_start=seg_start_t, seg_len=lengths[layer],
+                cos=tables[layer][0].to(device), sin=tables[layer][1].to(device),
+                bits=first.quant.bits, group_size=first.quant.group_size, v_group=first.v_group,
+                seg_start_host=tuple(seg_start),
+            )
+            for layer in range(layers)
+        ]
+        return cls(packed, position, backend)
+
+    def attend(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               scale: float) -> torch.Tensor:
+        """query ``[B, Hq, q, d]``, key/value ``[B, H, T, d]`` (prefix + new) -> ``[B, q, Hq, d]``."""
+        seg = self.layers[layer_idx]
+        backend = self.backend
+        if backend == "auto":
+            backend = "triton" if HAS_TRITON and query.device.type == "cuda" else "torch"
+        if backend == "triton":
+            return packed_attention(query, key, value, seg, scale, backend="triton")
+        dense = self._dense.get(layer_idx)
+        if dense is None:
+            keys, values, valid = dequantize_segments_ref(seg)
+            dense = (keys.to(query.dtype), values.to(query.dtype), valid)
+            self._dense[layer_idx] = dense
+        return attention_over_dense_ref(query, key, value, *dense, scale)
+
+
+def answer_packed(engine: Any, question: str, entries: list, backend: str = "auto") -> Any:
+    """``Engine.answer_cached`` through packed segments: same prompt, positions and decoding."""
+    from ragcompress.runtime.generate import greedy_decode
+
+    suffix = engine._suffix(question, entries)
+    t0 = time.perf_counter()
+    store = engine.store
+    blobs = []
+    for entry in entries:
+        blob = read_quantized(read_blob(store.path, entry.shard, entry.offset, entry.length, entry.checksum, entry.id))
+        if blob.num_tokens != entry.num_tokens or int(blob.lengths.sum()) != entry.kept:
+            raise CorruptSegmentError(f"passage {entry.id!r}: blob does not match its catalogue row")
+        blobs.append(blob)
+    device = engine.lm.model.device
+    packed = PackedSegments.from_blobs(blobs, engine.prefix.num_tokens, engine.rotary, device, backend)
+    layers = engine.prefix_keys.shape[0]
+    cache = build_dynamic_cache(
+        engine.lm.config,
+        [engine.prefix_keys[layer].unsqueeze(0).to(device, engine.dtype) for layer in range(layers)],
+        [engine.prefix.values[layer].unsqueeze(0).to(device, engine.dtype) for layer in range(layers)],
+    )
+    generation = greedy_decode(engine.lm.model, suffix, cache, packed.next_position, engine.max_new_tokens,
+                               engine.stop_ids, t0, **{PACKED_KWARG: packed})
+    return engine._answer(generation, entries)
