@@ -1,0 +1,100 @@
+"""The local model as a LlamaIndex ``CustomLLM``: a plain full prefill of whatever prompt
+LlamaIndex builds, decoded greedily. This is the baseline the cached synthesizer is compared
+with (LlamaIndex's default synthesizer on the same weights), and what :class:`KVCacheSynthesizer`
+hands to ``BaseSynthesizer`` so no hosted LLM is ever needed.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from llama_index.core.base.llms.types import CompletionResponse, CompletionResponseGen, LLMMetadata
+from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.llms.callbacks import llm_completion_callback
+from llama_index.core.llms.custom import CustomLLM
+from llama_index.postprocessor.ragcompress._generation import stream_greedy
+from llama_index.postprocessor.ragcompress._shared import shared_model
+
+
+class LocalLLM(CustomLLM):
+    """A ragcompress-loadable causal LM (default SmolLM2-135M-Instruct), full prefill, greedy.
+
+    ``last_timings`` holds ``ttft_s`` / ``total_s`` / ``prompt_tokens`` of the latest call (also
+    returned in ``CompletionResponse.additional_kwargs``).
+    """
+
+    model: str | None = Field(
+        default=None,
+        description="Embedded model name or local HF directory; None for the default SmolLM2-135M-Instruct.",
+    )
+    max_new_tokens: int = Field(default=32, gt=0, description="Greedy decoding stops after this many tokens.")
+    context_window: int = Field(
+        default=8192, gt=0, description="Context window reported to LlamaIndex's prompt helper."
+    )
+    chat_template: bool = Field(
+        default=True, description="Wrap the prompt as one user turn with the model's chat template."
+    )
+
+    _last: dict = PrivateAttr(default_factory=dict)
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "RagcompressLocalLLM"
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        return LLMMetadata(
+            context_window=self.context_window,
+            num_output=self.max_new_tokens,
+            is_chat_model=False,
+            model_name=self.model or "smollm2-135m",
+        )
+
+    @property
+    def last_timings(self) -> dict[str, float]:
+        return dict(self._last)
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        tokenizer = shared_model(self.model).tokenizer
+        if self.chat_template and tokenizer.chat_template:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+        else:
+            text = prompt
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _stream(self, prompt: str) -> Any:
+        from transformers import DynamicCache
+
+        from ragcompress.runtime.generate import stop_token_ids
+
+        lm = shared_model(self.model)
+        ids = self.prompt_ids(prompt)
+        self._last = {"prompt_tokens": len(ids)}
+        t0 = time.perf_counter()
+        cache = DynamicCache(config=lm.config)
+        return stream_greedy(
+            lm.model,
+            lm.tokenizer,
+            ids,
+            cache,
+            0,
+            self.max_new_tokens,
+            stop_token_ids(lm.tokenizer, lm.model),
+            t0,
+            self._last,
+        )
+
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        text = "".join(self._stream(prompt))
+        return CompletionResponse(text=text, additional_kwargs=dict(self._last))
+
+    @llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
+        text = ""
+        for delta in self._stream(prompt):
+            text += delta
+            yield CompletionResponse(text=text, delta=delta, additional_kwargs=dict(self._last))

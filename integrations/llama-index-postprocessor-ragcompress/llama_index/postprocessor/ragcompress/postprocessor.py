@@ -1,0 +1,82 @@
+"""A node postprocessor that links retrieved nodes to their stored KV caches."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import llama_index.core.instrumentation as instrument
+from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.callbacks.schema import CBEventType, EventPayload
+from llama_index.core.postprocessor.types import BaseNodePostprocessor
+from llama_index.core.schema import NodeWithScore, QueryBundle
+from llama_index.postprocessor.ragcompress._shared import require_ragcompress, shared_model, store_path
+from llama_index.postprocessor.ragcompress.cache import CacheResolver, check_model
+from llama_index.postprocessor.ragcompress.events import KVCacheAttachedEvent
+
+dispatcher = instrument.get_dispatcher(__name__)
+
+
+class KVCacheNodePostprocessor(BaseNodePostprocessor):
+    """Orders nodes by score, drops those below ``similarity_cutoff`` or beyond ``top_n``, and
+    attaches each remaining node's cache handle (``ragcompress_store``, ``ragcompress_passage_id``
+    in its metadata, hidden from LLM and embedding text). A node whose cache is not in the store
+    has one computed with the store's model and settings and committed (``compute_missing``).
+
+    Returned nodes are copies: the input nodes are not modified, and every metadata key, the
+    relationships and the score are kept.
+    """
+
+    store_path: str = Field(description="Directory of the ragcompress store holding the caches.")
+    top_n: int | None = Field(
+        default=None, gt=0, description="Keep at most this many nodes, best first; None keeps all."
+    )
+    similarity_cutoff: float | None = Field(
+        default=None, description="Drop nodes scoring below this; nodes without a score are dropped too when set."
+    )
+    compute_missing: bool = Field(
+        default=True, description="Compute and store caches the store lacks (else raise StoreError)."
+    )
+    model: str | None = Field(
+        default=None,
+        description="Model that will read the caches; checked against the store when given. None: the store's own model.",
+    )
+
+    _store: Any = PrivateAttr()
+    _resolver: Any = PrivateAttr()
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        require_ragcompress()
+        from ragcompress.store import KVStore
+
+        self._store = KVStore.open(self.store_path)  # StoreError when missing or incomplete
+        lm = None
+        if self.model is not None:
+            lm = shared_model(self.model)
+            check_model(self._store.manifest, lm, self.store_path)
+        self._resolver = CacheResolver(self._store, lm, self.compute_missing)
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "KVCacheNodePostprocessor"
+
+    def _select(self, nodes: list[NodeWithScore]) -> list[NodeWithScore]:
+        if self.similarity_cutoff is not None:
+            nodes = [n for n in nodes if n.score is not None and n.score >= self.similarity_cutoff]
+        scored = sorted((n for n in nodes if n.score is not None), key=lambda n: -n.score)  # stable
+        ordered = scored + [n for n in nodes if n.score is None]
+        return ordered[: self.top_n] if self.top_n is not None else ordered
+
+    def _postprocess_nodes(
+        self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None
+    ) -> list[NodeWithScore]:
+        chosen = [NodeWithScore(node=n.node.model_copy(deep=True), score=n.score) for n in self._select(nodes)]
+        with self.callback_manager.event(CBEventType.RERANKING, payload={EventPayload.NODES: nodes}) as event:
+            entries, computed = self._resolver.resolve([n.node for n in chosen])
+            event.on_end(payload={EventPayload.NODES: chosen})
+        dispatcher.event(
+            KVCacheAttachedEvent(
+                store=store_path(self.store_path), passage_ids=[e.id for e in entries], computed=computed
+            )
+        )
+        return chosen

@@ -1,0 +1,86 @@
+"""A retriever over a store's FAISS index, so a ragcompress store serves as a LlamaIndex index.
+
+The question is embedded with the store's own embedder (recorded in its manifest) and searched
+in the store's inner-product FAISS index (``KVStore.search``); each hit comes back as a
+``TextNode`` with the passage's id, text and metadata and its cache handle attached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from llama_index.core.base.base_retriever import BaseRetriever
+from llama_index.core.callbacks import CallbackManager
+from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
+from llama_index.postprocessor.ragcompress._shared import require_ragcompress, set_handle, shared_embedder, store_path
+
+
+class KVStoreRetriever(BaseRetriever):
+    """Top-``similarity_top_k`` passages of a store by cosine similarity to the query."""
+
+    def __init__(
+        self,
+        store_path: str,
+        similarity_top_k: int = 3,
+        callback_manager: CallbackManager | None = None,
+        verbose: bool = False,
+    ) -> None:
+        require_ragcompress()
+        from ragcompress.store import KVStore
+
+        if similarity_top_k < 1:
+            raise ValueError(f"similarity_top_k must be at least 1, got {similarity_top_k}")
+        self.store_path = store_path
+        self.similarity_top_k = similarity_top_k
+        self._store = KVStore.open(store_path)  # StoreError when missing or incomplete
+        super().__init__(callback_manager=callback_manager, verbose=verbose)
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "KVStoreRetriever"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "class_name": self.class_name(),
+            "store_path": self.store_path,
+            "similarity_top_k": self.similarity_top_k,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], **kwargs: Any) -> KVStoreRetriever:
+        data = {k: v for k, v in {**data, **kwargs}.items() if k != "class_name"}
+        return cls(data.pop("store_path"), **data)
+
+    @property
+    def store(self) -> Any:
+        return self._store
+
+    def _retrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
+        store = self._store
+        index = store._index
+        if index is not None and index.count != len(store):  # passages were added since: rebuild
+            store._index = None
+        vector = shared_embedder(store.manifest.embedder).embed([query_bundle.query_str])[0]
+        path = store_path(store.path)
+        results = []
+        for entry, score in store.search(vector, self.similarity_top_k):
+            node = TextNode(id_=entry.id, text=entry.text, metadata=dict(entry.meta))
+            set_handle(node, path, entry.id)
+            results.append(NodeWithScore(node=node, score=score))
+        return results
+
+    async def _aretrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
+        return await asyncio.to_thread(self._retrieve, query_bundle)
+
+    def as_query_engine(self, **synthesizer_kwargs: Any) -> Any:
+        """A ``RetrieverQueryEngine`` over this store answering with a :class:`KVCacheSynthesizer`."""
+        from llama_index.core.query_engine import RetrieverQueryEngine
+        from llama_index.postprocessor.ragcompress.synthesizer import KVCacheSynthesizer
+
+        return RetrieverQueryEngine(
+            self, response_synthesizer=KVCacheSynthesizer(self.store_path, **synthesizer_kwargs)
+        )
+
+    def close(self) -> None:
+        self._store.close()

@@ -1,0 +1,243 @@
+"""A response synthesizer that answers from the stored caches of the retrieved nodes.
+
+Instead of formatting the nodes' text into a prompt, it loads each node's compressed cache from
+the store, places the caches after the shared prefix at consecutive positions, prefills only the
+question and decodes with the store's own model
+(:meth:`ragcompress.runtime.engine.Engine.answer_cached`). Nodes without a stored cache get one
+computed and stored on the fly (``compute_missing``), so it works behind any retriever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncGenerator, Generator, Sequence
+from typing import Any
+
+import llama_index.core.instrumentation as instrument
+from llama_index.core.base.response.schema import (
+    RESPONSE_TYPE,
+    AsyncStreamingResponse,
+    Response,
+    StreamingResponse,
+)
+from llama_index.core.callbacks import CallbackManager
+from llama_index.core.callbacks.schema import CBEventType, EventPayload
+from llama_index.core.instrumentation.events.synthesis import SynthesizeEndEvent, SynthesizeStartEvent
+from llama_index.core.llms import LLM
+from llama_index.core.prompts.mixin import PromptDictType
+from llama_index.core.response_synthesizers.base import BaseSynthesizer, QueryTextType
+from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
+from llama_index.postprocessor.ragcompress._generation import stream_greedy
+from llama_index.postprocessor.ragcompress._shared import (
+    require_ragcompress,
+    shared_embedder,
+    shared_model,
+    store_path,
+    text_sha,
+)
+from llama_index.postprocessor.ragcompress.cache import CacheResolver, check_model
+from llama_index.postprocessor.ragcompress.events import KVCacheAnswerEvent, KVCacheAttachedEvent
+from llama_index.postprocessor.ragcompress.llm import LocalLLM
+
+dispatcher = instrument.get_dispatcher(__name__)
+
+
+class KVCacheSynthesizer(BaseSynthesizer):
+    """Answers from stored KV caches with the store's local model.
+
+    Args:
+        store_path: directory of a ragcompress store (built by ``KVCacheTransform`` or
+            ``ragcompress index``); a missing store is a ``StoreError`` here.
+        model: model to answer with; None loads the one recorded in the store's manifest.
+            Another model than the store was built with is a ``StoreMismatchError``.
+        max_new_tokens: greedy decoding budget.
+        streaming: return a ``StreamingResponse`` whose text arrives token by token.
+        compute_missing: compute and store caches for nodes the store does not hold yet.
+        llm: the LLM ``BaseSynthesizer`` keeps for prompt sizing; defaults to a
+            :class:`LocalLLM` on the same weights (never a hosted model).
+
+    Responses carry ``metadata["ragcompress"] = {"ttft_s", "total_s", "passage_ids", "computed"}``.
+    """
+
+    def __init__(
+        self,
+        store_path: str,
+        *,
+        model: str | None = None,
+        max_new_tokens: int = 32,
+        streaming: bool = False,
+        compute_missing: bool = True,
+        llm: LLM | None = None,
+        callback_manager: CallbackManager | None = None,
+    ) -> None:
+        require_ragcompress()
+        from ragcompress.runtime.engine import Engine
+        from ragcompress.store import KVStore
+
+        store = KVStore.open(store_path)  # StoreError when missing or incomplete
+        try:
+            lm = shared_model(model or store.manifest.model_ref)
+            check_model(store.manifest, lm, store_path)
+            self._engine = Engine(store, lm, shared_embedder(store.manifest.embedder), max_new_tokens)
+        except BaseException:
+            store.close()
+            raise
+        self.store_path = store_path
+        self.model = model
+        self.max_new_tokens = max_new_tokens
+        self.compute_missing = compute_missing
+        self._resolver = CacheResolver(store, lm, compute_missing)
+        super().__init__(
+            llm=llm or LocalLLM(model=lm.ref, max_new_tokens=max_new_tokens),
+            callback_manager=callback_manager,
+            streaming=streaming,
+        )
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "KVCacheSynthesizer"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Configuration only (no model, no store handle); ``from_dict`` reopens the store."""
+        return {
+            "class_name": self.class_name(),
+            "store_path": self.store_path,
+            "model": self.model,
+            "max_new_tokens": self.max_new_tokens,
+            "streaming": self._streaming,
+            "compute_missing": self.compute_missing,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], **kwargs: Any) -> KVCacheSynthesizer:
+        data = {k: v for k, v in {**data, **kwargs}.items() if k != "class_name"}
+        return cls(data.pop("store_path"), **data)
+
+    @property
+    def engine(self) -> Any:
+        """The ragcompress ``Engine`` (store, model, embedder) this synthesizer answers with."""
+        return self._engine
+
+    def _get_prompts(self) -> PromptDictType:
+        return {}
+
+    def _update_prompts(self, prompts: PromptDictType) -> None:
+        """The prompt is the store's (its prefix cache is part of it): nothing to update."""
+
+    # -- answering -----------------------------------------------------------------------------
+
+    def _entries(self, nodes: Sequence[NodeWithScore]) -> tuple[list[Any], list[str]]:
+        entries, computed = self._resolver.resolve([n.node for n in nodes])
+        dispatcher.event(
+            KVCacheAttachedEvent(store=self._resolver.path, passage_ids=[e.id for e in entries], computed=computed)
+        )
+        return entries, computed
+
+    def _stream(self, question: str, entries: list[Any], info: dict[str, Any]) -> Generator[str, None, None]:
+        from ragcompress.runtime.assemble import assemble
+        from ragcompress.runtime.attention import KV_MASK_KWARG
+
+        engine = self._engine
+        suffix = engine._suffix(question, entries)  # checks the prompt fits the model
+        t0 = time.perf_counter()
+        segments = [engine.store.load_kv(entry, engine.dtype) for entry in entries]
+        built = assemble(engine.lm.config, engine.rotary, engine.prefix_keys, engine.prefix, segments, engine.dtype)
+        extra = {} if built.kv_mask is None else {KV_MASK_KWARG: built.kv_mask}
+        yield from stream_greedy(
+            engine.lm.model,
+            engine.lm.tokenizer,
+            suffix,
+            built.cache,
+            built.next_position,
+            engine.max_new_tokens,
+            engine.stop_ids,
+            t0,
+            info,
+            **extra,
+        )
+        dispatcher.event(
+            KVCacheAnswerEvent(store=self._resolver.path, passage_ids=info["passage_ids"], ttft_s=info.get("ttft_s"))
+        )
+
+    def _respond(
+        self, query: QueryBundle, nodes: list[NodeWithScore], additional: Sequence[NodeWithScore]
+    ) -> RESPONSE_TYPE:
+        entries, computed = self._entries(nodes)
+        source_nodes = list(nodes) + list(additional)
+        metadata = self._get_metadata_for_response([n.node for n in source_nodes]) or {}
+        info: dict[str, Any] = {"passage_ids": [e.id for e in entries], "computed": computed}
+        metadata["ragcompress"] = info
+        if self._streaming:
+            return StreamingResponse(
+                self._stream(query.query_str, entries, info), source_nodes=source_nodes, metadata=metadata
+            )
+        answer = self._engine.answer_cached(query.query_str, entries)
+        info.update(ttft_s=answer.ttft_s, total_s=answer.total_s)
+        dispatcher.event(
+            KVCacheAnswerEvent(store=self._resolver.path, passage_ids=answer.passage_ids, ttft_s=answer.ttft_s)
+        )
+        return Response(answer.answer, source_nodes=source_nodes, metadata=metadata)
+
+    @dispatcher.span
+    def synthesize(
+        self,
+        query: QueryTextType,
+        nodes: list[NodeWithScore],
+        additional_source_nodes: Sequence[NodeWithScore] | None = None,
+        **response_kwargs: Any,
+    ) -> RESPONSE_TYPE:
+        dispatcher.event(SynthesizeStartEvent(query=query))
+        if isinstance(query, str):
+            query = QueryBundle(query_str=query)
+        if not nodes:
+            response: RESPONSE_TYPE = (
+                StreamingResponse(response_gen=self._empty_response_generator())
+                if self._streaming
+                else Response(self._empty_response)
+            )
+        else:
+            with self._callback_manager.event(
+                CBEventType.SYNTHESIZE, payload={EventPayload.QUERY_STR: query.query_str}
+            ) as event:
+                response = self._respond(query, list(nodes), additional_source_nodes or [])
+                event.on_end(payload={EventPayload.RESPONSE: response})
+        dispatcher.event(SynthesizeEndEvent(query=query, response=response))
+        return response
+
+    @dispatcher.span
+    async def asynthesize(
+        self,
+        query: QueryTextType,
+        nodes: list[NodeWithScore],
+        additional_source_nodes: Sequence[NodeWithScore] | None = None,
+        **response_kwargs: Any,
+    ) -> RESPONSE_TYPE:
+        response = await asyncio.to_thread(self.synthesize, query, nodes, additional_source_nodes)
+        if isinstance(response, StreamingResponse):
+            sync_gen = response.response_gen
+
+            async def agen() -> AsyncGenerator[str, None]:
+                for delta in sync_gen:
+                    yield delta
+
+            return AsyncStreamingResponse(agen(), source_nodes=response.source_nodes, metadata=response.metadata)
+        return response
+
+    def _chunk_nodes(self, text_chunks: Sequence[str]) -> list[NodeWithScore]:
+        # Bare text chunks get content-addressed ids so each is cached once.
+        return [NodeWithScore(node=TextNode(id_=f"chunk-{text_sha(t)[:16]}", text=t)) for t in text_chunks]
+
+    def get_response(self, query_str: str, text_chunks: Sequence[str], **response_kwargs: Any) -> Any:
+        """Answer from the caches of bare text chunks (cached in the store under content ids)."""
+        response = self._respond(QueryBundle(query_str), self._chunk_nodes(text_chunks), [])
+        return response.response_gen if isinstance(response, StreamingResponse) else response.response
+
+    async def aget_response(self, query_str: str, text_chunks: Sequence[str], **response_kwargs: Any) -> Any:
+        return await asyncio.to_thread(self.get_response, query_str, text_chunks)
+
+    def close(self) -> None:
+        self._engine.close()
+
+    def __repr__(self) -> str:
+        return f"KVCacheSynthesizer(store_path={store_path(self.store_path)!r}, model={self._engine.lm.ref!r})"

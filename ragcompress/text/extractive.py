@@ -1,0 +1,58 @@
+"""Sentence-level extraction by similarity to the question (RECOMP extractive).
+
+RECOMP (Xu, Shi and Choi, ICLR 2024) compresses retrieved documents by keeping the sentences a
+dual encoder scores as most useful for the question. This is that scheme with the store's
+sentence embedder (all-MiniLM-L6-v2) used as is, without RECOMP's task-specific fine-tuning:
+sentences are ranked by cosine similarity to the question and kept, in their original order,
+while they fit the passage's token budget (the best sentence is always kept).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ragcompress.text.base import TextCompressor
+
+# A sentence ends at . ! or ? (optionally followed by a closing quote or bracket) before
+# whitespace and an upper-case letter, digit or opening quote; or at a blank line.
+_BOUNDARY = re.compile(r"([.!?][\"')\]]?)\s+(?=[\"'(\[]?[A-Z0-9])|\n\s*\n")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of ``text`` with surrounding whitespace stripped; empty pieces dropped."""
+    pieces, start = [], 0
+    for match in _BOUNDARY.finditer(text):
+        end = match.end(1) if match.group(1) else match.start()
+        pieces.append(text[start:end])
+        start = match.end()
+    pieces.append(text[start:])
+    return [p.strip() for p in pieces if p.strip()]
+
+
+class SentenceExtractor(TextCompressor):
+    """Keeps the sentences closest to the question; ``embedder`` is a ragcompress Embedder."""
+
+    name: ClassVar[str] = "extractive"
+
+    def __init__(self, tokenizer: Any, embedder: Any) -> None:
+        super().__init__(tokenizer)
+        self.embedder = embedder
+
+    def _compress_one(self, text: str, query: str | None, budget: int) -> str:
+        if not query or not query.strip():
+            raise ValueError("sentence extraction ranks sentences by the question; give a non-empty query")
+        sentences = split_sentences(text)
+        if len(sentences) <= 1:
+            return text
+        vectors = self.embedder.embed([query, *sentences])  # [1 + s, dim], unit norm
+        similarity = vectors[1:] @ vectors[0]  # [s]
+        costs = [self.count_tokens(s) for s in sentences]
+        kept, used = [], 0
+        for i in np.argsort(-similarity, kind="stable").tolist():
+            if not kept or used + costs[i] <= budget:
+                kept.append(i)
+                used += costs[i]
+        return " ".join(sentences[i] for i in sorted(kept))
