@@ -51,6 +51,16 @@ class Rotary:
         x = keys.float()
         return (x * cos + rotate_half(x) * sin).to(keys.dtype)
 
+    def rotate_layers(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotate every layer at once: keys ``[layers, heads, n, d]``, positions ``[layers, heads, n]``.
+
+        Models whose layers share one RoPE (all but Gemma-3's local/global mix) need a single
+        cos/sin lookup for the whole segment instead of one per layer.
+        """
+        if self._takes_layer_type:
+            return torch.stack([self.rotate(keys[i], positions[i], i) for i in range(keys.shape[0])])
+        return self.rotate(keys, positions, 0)
+
     def unrotate(self, keys: torch.Tensor, positions: torch.Tensor, layer_idx: int) -> torch.Tensor:
         """Invert :meth:`rotate` (``cos``/``sin`` carry the scaling ``s``, so divide by ``s**2``)."""
         cos, sin = self.cos_sin(positions, layer_idx)

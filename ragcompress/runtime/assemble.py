@@ -36,9 +36,7 @@ class AssembledCache:
 
 def rotate_segment(rotary: Rotary, kv: PassageKV, start: int, dtype: torch.dtype) -> torch.Tensor:
     """Keys of ``kv`` rotated to ``start + positions``: ``[layers, kv_heads, n_max, head_dim]``."""
-    positions = kv.positions + start
-    rotated = [rotary.rotate(kv.keys[layer], positions[layer], layer) for layer in range(kv.keys.shape[0])]
-    return torch.stack(rotated).to(dtype)
+    return rotary.rotate_layers(kv.keys, kv.positions + start).to(dtype)
 
 
 def assemble(config, rotary: Rotary, prefix_keys: torch.Tensor, prefix: PassageKV,

@@ -63,12 +63,15 @@ class Engine:
         if len(self.prefix_ids) != self.prefix.num_tokens:
             raise StoreError(f"store {store.path}: prefix cache has {self.prefix.num_tokens} tokens, "
                              f"the template gives {len(self.prefix_ids)}; rebuild the store")
-        positions = self.prefix.positions
-        self.prefix_keys = torch.stack([
-            self.rotary.rotate(self.prefix.keys[layer], positions[layer], layer)
-            for layer in range(self.prefix.keys.shape[0])
-        ])
+        self.prefix_keys = self.rotary.rotate_layers(self.prefix.keys, self.prefix.positions)
         self.max_positions = int(getattr(lm.config, "max_position_embeddings", 1 << 30))
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One short forward so the first timed request does not pay one-time initialisation
+        (thread pools, allocator growth, lazy kernels) that later requests never see."""
+        with torch.inference_mode():
+            self.lm.model(input_ids=torch.tensor([self.prefix_ids[:8]]), logits_to_keep=1)
 
     @classmethod
     def open(cls, store_path: str | Path, *, model: str | None = None, max_new_tokens: int = 32) -> "Engine":

@@ -1,0 +1,184 @@
+"""The ``ragcompress`` command line (DESIGN §3): index, ask, eval, bench.
+
+Every command prints human-readable output (progress bars only on a terminal); ``--json`` prints
+exactly one JSON object on stdout. Errors exit non-zero with one line on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from ragcompress.errors import RagCompressError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Answer RAG questions from precomputed, compressed passage KV caches.")
+
+
+def _quiet_libraries() -> None:
+    """Keep library chatter off stdout/stderr so --json output stays one object."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _emit(data: dict[str, Any], as_json: bool, human: str) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(data) + "\n")
+    else:
+        typer.echo(human)
+
+
+def _show_progress(as_json: bool) -> bool:
+    return not as_json and sys.stderr.isatty()
+
+
+@app.command()
+def index(
+    input: Path = typer.Option(..., "--input", help="JSONL of {id, text, ...} or a folder of .txt/.md documents"),
+    store: Path = typer.Option(..., "--store", help="store directory (created if missing)"),
+    model: Optional[str] = typer.Option(None, "--model", help="embedded model name or local HF directory"),
+    method: str = typer.Option("none", "--method", help="compression method"),
+    ratio: Optional[float] = typer.Option(None, "--ratio", help="fraction of tokens kept, in (0, 1]"),
+    quant: str = typer.Option("none", "--quant", help="none | fp16 | int8 | int4 | int2"),
+    group_size: int = typer.Option(32, "--group-size", help="quantization group size"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="rebuild an existing store (swapped in when complete)"),
+    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Index passages into a KV-cache store (resumes: finished passages are skipped)."""
+    _quiet_libraries()
+    from ragcompress.indexing import IndexConfig
+    from ragcompress.indexing import index as run_index
+    from ragcompress.store import KVStore
+
+    try:
+        config = IndexConfig(method=method, ratio=ratio, quant=quant, group_size=group_size)
+        config.compressor()
+    except (ValueError, TypeError) as exc:
+        raise RagCompressError(str(exc)) from None
+    report = run_index(input, store, model=model, config=config, overwrite=overwrite,
+                       batch_size=batch_size, progress=_show_progress(as_json))
+    with KVStore.open(store) as opened:
+        sizes = store_sizes(opened)
+    data = {**report.to_json(), **sizes}
+    _emit(data, as_json,
+          f"indexed {report.indexed} passages, skipped {report.skipped} already stored, "
+          f"in {report.seconds:.1f} s -> {store}\n"
+          f"KV bytes per token: {sizes['kv_bytes_per_token']['stored']:.0f} stored vs "
+          f"{sizes['kv_bytes_per_token']['fp16']:.0f} fp16 ({sizes['compression']:.2f}x smaller)")
+
+
+def store_sizes(store: Any) -> dict[str, Any]:
+    """Stored bytes per passage token (blobs as written, scales and positions included) vs fp16."""
+    shape = store.manifest.model_shape
+    fp16 = 2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"] * 2
+    tokens = stored = 0
+    for entry in store.catalogue.entries():
+        tokens += entry.num_tokens
+        stored += entry.length
+    per_token = stored / tokens if tokens else 0.0
+    return {"kv_bytes_per_token": {"fp16": float(fp16), "stored": per_token},
+            "compression": fp16 / per_token if per_token else 0.0}
+
+
+@app.command()
+def ask(
+    store: Path = typer.Option(..., "--store"),
+    question: str = typer.Option(..., "--question"),
+    top_k: int = typer.Option(3, "--top-k", min=1),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
+    compare_full: bool = typer.Option(False, "--compare-full", help="also answer by full-text prefill and time it"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Answer a question from the stored caches of the retrieved passages."""
+    _quiet_libraries()
+    from ragcompress.runtime.engine import Engine
+
+    engine = Engine.open(store, max_new_tokens=max_new_tokens)
+    try:
+        entries = engine.retrieve(question, top_k)
+        answer = engine.answer_cached(question, entries)
+        data = answer.to_json()
+        lines = [f"answer: {answer.answer}", "passages: " + ", ".join(answer.passage_ids),
+                 f"TTFT from cache: {answer.ttft_s * 1000:.0f} ms"]
+        if compare_full:
+            full = engine.answer_full(question, entries)
+            data["full"] = full.to_json()
+            data["ttft_speedup"] = full.ttft_s / answer.ttft_s
+            lines += [f"TTFT of full prefill: {full.ttft_s * 1000:.0f} ms "
+                      f"({data['ttft_speedup']:.1f}x slower); full-prefill answer: {full.answer}"]
+    finally:
+        engine.close()
+    _emit(data, as_json, "\n".join(lines))
+
+
+@app.command(name="eval")
+def evaluate(
+    store: Path = typer.Option(..., "--store"),
+    questions: Path = typer.Option(..., "--questions", help="JSONL of {id, question, answers, passage_id?}"),
+    top_k: int = typer.Option(3, "--top-k", min=1),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Answer questions from caches and by full prefill; report quality, agreement and speedup."""
+    _quiet_libraries()
+    from ragcompress.evaluation import iter_eval, read_questions, summarize
+    from ragcompress.runtime.engine import Engine
+
+    items = read_questions(questions, limit)
+    engine = Engine.open(store, max_new_tokens=max_new_tokens)
+    try:
+        results = iter_eval(engine, items, top_k)
+        if _show_progress(as_json):
+            from tqdm import tqdm
+
+            results = tqdm(results, total=len(items), unit="question", desc="evaluating")
+        summary = summarize(engine, list(results))
+    finally:
+        engine.close()
+    human = (
+        f"questions: {summary['n']}  recall@{top_k}: {summary['recall_at_k']}\n"
+        f"full prefill : sub-EM {summary['full']['sub_em']:.3f}  F1 {summary['full']['f1']:.3f}  "
+        f"TTFT {summary['full']['ttft_s_median'] * 1000:.0f} ms\n"
+        f"from cache   : sub-EM {summary['compressed']['sub_em']:.3f}  F1 {summary['compressed']['f1']:.3f}  "
+        f"TTFT {summary['compressed']['ttft_s_median'] * 1000:.0f} ms\n"
+        f"agreement {summary['agreement']:.3f}  TTFT speedup {summary['ttft_speedup']:.1f}x  "
+        f"compression {summary['compression']:.2f}x vs fp16"
+    )
+    _emit(summary, as_json, human)
+
+
+def main() -> None:
+    """Entry point: one-line errors, non-zero exit."""
+    try:
+        app(standalone_mode=False)
+    except RagCompressError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except (typer.Exit, SystemExit) as exc:
+        code = getattr(exc, "exit_code", getattr(exc, "code", 0))
+        sys.exit(code)
+    except Exception as exc:  # click usage errors carry their own message
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            typer.echo(f"error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            typer.echo("error: aborted", err=True)
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()

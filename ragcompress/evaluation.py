@@ -1,0 +1,133 @@
+"""Quality measurement against the full-prefill baseline (DESIGN §4).
+
+For each question the same retrieved passages are answered twice in one process — from the
+stored caches and by a plain full-text prefill of the same prompt — so every metric compares
+like with like. Metrics follow SQuAD's answer normalisation.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import string
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from ragcompress.errors import InputError
+from ragcompress.indexing import fp16_bytes_per_token
+from ragcompress.runtime.engine import Answer, Engine
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = set(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD normalisation: lower case, drop punctuation and articles, squeeze spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCT)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def sub_em(prediction: str, golds: list[str]) -> float:
+    """1.0 when a normalised gold answer occurs in the normalised prediction."""
+    pred = f" {normalize_answer(prediction)} "
+    return float(any(f" {normalize_answer(g)} " in pred for g in golds if normalize_answer(g)))
+
+
+def f1(prediction: str, golds: list[str]) -> float:
+    """Best token-overlap F1 against any gold answer (SQuAD)."""
+    pred_tokens = normalize_answer(prediction).split()
+    best = 0.0
+    for gold in golds:
+        gold_tokens = normalize_answer(gold).split()
+        common = sum((Counter(pred_tokens) & Counter(gold_tokens)).values())
+        if common:
+            precision, recall = common / len(pred_tokens), common / len(gold_tokens)
+            best = max(best, 2 * precision * recall / (precision + recall))
+    return best
+
+
+@dataclass(frozen=True)
+class Question:
+    id: str
+    question: str
+    answers: list[str]
+    passage_id: str | None = None
+
+
+def read_questions(path: str | Path, limit: int | None = None) -> list[Question]:
+    """JSONL of ``{"id", "question", "answers": [str], "passage_id"?}``; errors name the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"questions file {path} does not exist")
+    questions: list[Question] = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                item = Question(str(record["id"]), record["question"], list(record["answers"]),
+                                record.get("passage_id"))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise InputError(f"{path}:{number}: expected {{\"id\", \"question\", \"answers\": [...]}} ({exc})") from None
+            if not isinstance(item.question, str) or not item.question.strip():
+                raise InputError(f"{path}:{number}: empty question")
+            questions.append(item)
+            if limit is not None and len(questions) >= limit:
+                break
+    if not questions:
+        raise InputError(f"questions file {path} holds no questions")
+    return questions
+
+
+@dataclass(frozen=True)
+class QuestionResult:
+    question: Question
+    retrieved: list[str]
+    cached: Answer
+    full: Answer
+
+
+def iter_eval(engine: Engine, questions: list[Question], top_k: int,
+              answer_cached: Callable[[str, list], Answer] | None = None) -> Iterator[QuestionResult]:
+    """Answer every question both ways over the same retrieved passages."""
+    cached_fn = answer_cached or engine.answer_cached
+    for item in questions:
+        entries = engine.retrieve(item.question, top_k)
+        full = engine.answer_full(item.question, entries)
+        cached = cached_fn(item.question, entries)
+        yield QuestionResult(item, [e.id for e in entries], cached, full)
+
+
+def summarize(engine: Engine, results: list[QuestionResult]) -> dict[str, Any]:
+    """The DESIGN §3 ``eval`` JSON for a list of results."""
+    n = len(results)
+
+    def side(pick: Callable[[QuestionResult], Answer]) -> dict[str, float]:
+        return {
+            "sub_em": sum(sub_em(pick(r).answer, r.question.answers) for r in results) / n,
+            "f1": sum(f1(pick(r).answer, r.question.answers) for r in results) / n,
+            "ttft_s_median": statistics.median(pick(r).ttft_s for r in results),
+        }
+
+    full, compressed = side(lambda r: r.full), side(lambda r: r.cached)
+    with_gold = [r for r in results if r.question.passage_id is not None]
+    recall = (sum(r.question.passage_id in r.retrieved for r in with_gold) / len(with_gold)) if with_gold else None
+    used = {pid for r in results for pid in r.retrieved}
+    entries = [engine.store.entry(pid) for pid in sorted(used)]
+    tokens = sum(e.num_tokens for e in entries)
+    stored = sum(e.length for e in entries) / tokens
+    fp16 = float(fp16_bytes_per_token(engine.lm.config))
+    return {
+        "n": n,
+        "recall_at_k": recall,
+        "full": full,
+        "compressed": compressed,
+        "agreement": sum(r.cached.answer == r.full.answer for r in results) / n,
+        "ttft_speedup": full["ttft_s_median"] / compressed["ttft_s_median"],
+        "kv_bytes_per_token": {"fp16": fp16, "stored": stored},
+        "compression": fp16 / stored,
+    }

@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny random models (no downloads) and small passage files."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SQUAD = SHARED_DATA / "squad-dev"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """Factory: path of a tiny random model of the given architecture (built once per session)."""
+    from ragcompress.testing import make_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny-models")
+
+    def make(arch: str = "llama", **kwargs) -> Path:
+        name = arch + "".join(f"-{k}{v}" for k, v in sorted(kwargs.items()))
+        return make_tiny_model(arch, root / name, **kwargs)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tiny_model_dir):
+    from ragcompress.models import load_model
+
+    return load_model(str(tiny_model_dir("llama")))
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    from ragcompress.retrieval import Embedder
+
+    return Embedder()
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture
+def passages_file(tmp_path) -> Path:
+    """Eight real passages from the bundled sample."""
+    from ragcompress.data import SAMPLE_PASSAGES
+
+    lines = SAMPLE_PASSAGES.read_text().splitlines()[:8]
+    path = tmp_path / "passages.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def squad_available() -> bool:
+    return (SQUAD / "passages.jsonl").is_file()

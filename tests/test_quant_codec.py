@@ -1,0 +1,99 @@
+"""Quantization and the blob codec: exact where promised, bounded error where not."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ragcompress.kv import PassageKV
+from ragcompress.quant import QuantConfig, pack, unpack
+from ragcompress.store import codec
+
+
+def random_kv(layers=3, heads=2, n=37, d=16, seed=0) -> PassageKV:
+    gen = torch.Generator().manual_seed(seed)
+    keys = torch.randn(layers, heads, n, d, generator=gen)
+    keys[..., 3] *= 20  # an outlier channel, as real keys have
+    values = torch.randn(layers, heads, n, d, generator=gen)
+    return PassageKV.full(keys, values)
+
+
+def ragged_kv(seed=0) -> PassageKV:
+    full = random_kv(seed=seed)
+    layers, heads, n, d = full.keys.shape
+    lengths = torch.tensor([[5, 30], [37, 1], [12, 12]])
+    gen = torch.Generator().manual_seed(seed)
+    positions = torch.zeros(layers, heads, n, dtype=torch.long)
+    for layer in range(layers):
+        for head in range(heads):
+            keep = torch.randperm(n, generator=gen)[: lengths[layer, head]].sort().values
+            positions[layer, head, : len(keep)] = keep
+    index = positions.unsqueeze(-1).expand(-1, -1, -1, d)
+    mask = (torch.arange(n) < lengths.unsqueeze(-1)).unsqueeze(-1)
+    keys = torch.gather(full.keys, 2, index) * mask
+    values = torch.gather(full.values, 2, index) * mask
+    return PassageKV(keys, values, positions, lengths, n)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_pack_unpack_round_trip(bits):
+    codes = torch.randint(0, 1 << bits, (5, 64), dtype=torch.uint8)
+    packed = pack(codes, bits)
+    assert packed.shape == (5, 64 * bits // 8)
+    assert torch.equal(unpack(packed, bits), codes)
+
+
+@pytest.mark.parametrize("make", [random_kv, ragged_kv])
+def test_none_is_bit_exact(make):
+    kv = make()
+    back = codec.decode(codec.encode(kv, QuantConfig("none")))
+    mask = kv.valid_mask()
+    assert torch.equal(back.lengths, kv.lengths)
+    assert torch.equal(back.positions[mask], kv.positions[mask])
+    assert torch.equal(back.keys[mask], kv.keys[mask])
+    assert torch.equal(back.values[mask], kv.values[mask])
+    assert back.num_tokens == kv.num_tokens
+
+
+@pytest.mark.parametrize("make", [random_kv, ragged_kv])
+@pytest.mark.parametrize("scheme,bound", [("fp16", 1e-3), ("int8", 0.02), ("int4", 0.15)])
+def test_quantized_error_is_bounded(make, scheme, bound):
+    kv = make()
+    back = codec.decode(codec.encode(kv, QuantConfig(scheme)))
+    mask = kv.valid_mask()
+    for name in ("keys", "values"):
+        ref, got = getattr(kv, name)[mask], getattr(back, name)[mask]
+        rel = (got - ref).norm() / ref.norm()
+        assert rel < bound, f"{scheme} {name}: relative error {rel:.4f} >= {bound}"
+    assert torch.equal(back.positions[mask], kv.positions[mask])
+
+
+def test_int4_bytes_per_token_within_target():
+    """int4 with scales must be <= 0.32x fp16 (issue #2), measured on the serialised blob."""
+    kv = random_kv(layers=4, heads=2, n=160, d=64)
+    fp16 = codec.encode(kv, QuantConfig("fp16"))
+    int4 = codec.encode(kv, QuantConfig("int4"))
+    assert len(int4) / len(fp16) <= 0.32
+
+
+def test_only_kept_rows_are_stored():
+    kv = ragged_kv()
+    full_bytes = len(codec.encode(random_kv(), QuantConfig("fp16")))
+    ragged_bytes = len(codec.encode(kv, QuantConfig("fp16")))
+    kept_fraction = kv.kept_tokens / (3 * 2 * 37)
+    assert ragged_bytes < full_bytes * (kept_fraction + 0.1)
+
+
+def test_corrupt_blob_is_rejected():
+    from ragcompress.errors import CorruptSegmentError
+
+    blob = bytearray(codec.encode(random_kv(), QuantConfig("int8")))
+    with pytest.raises(CorruptSegmentError):
+        codec.decode(bytes(blob[:100]))
+
+
+def test_quant_config_validation():
+    with pytest.raises(ValueError, match="int4"):
+        QuantConfig("int3")
+    with pytest.raises(ValueError, match="power of two"):
+        QuantConfig("int8", group_size=24)
