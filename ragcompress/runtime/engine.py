@@ -23,6 +23,7 @@ from ragcompress.rope import Rotary
 from ragcompress.runtime.assemble import assemble
 from ragcompress.runtime.attention import KV_MASK_KWARG
 from ragcompress.runtime.generate import Generation, greedy_decode, stop_token_ids
+from ragcompress.runtime.recompute import RecomputeConfig, repair
 from ragcompress.store import KVStore
 from ragcompress.store.catalogue import Entry
 
@@ -45,6 +46,8 @@ class Answer:
 
 class Engine:
     """A store, the model it was built with, and the embedder; see :meth:`open`."""
+
+    recompute: RecomputeConfig | float | None = None  # default of answer_cached(recompute=)
 
     def __init__(self, store: KVStore, lm: LoadedModel, embedder: Embedder, max_new_tokens: int = 32) -> None:
         store.manifest.check_model(lm.fingerprint, lm.ref)
@@ -108,12 +111,18 @@ class Engine:
         text = self.lm.tokenizer.decode(generation.token_ids, skip_special_tokens=True).strip()
         return Answer(text, [e.id for e in entries], generation.ttft_s, generation.total_s, generation.token_ids)
 
-    def answer_cached(self, question: str, entries: list[Entry]) -> Answer:
-        """Answer from stored caches: only the question's tokens are prefilled."""
+    def answer_cached(self, question: str, entries: list[Entry],
+                      recompute: RecomputeConfig | float | None = None) -> Answer:
+        """Answer from stored caches: only the question's tokens are prefilled.
+
+        ``recompute`` (a ratio or a :class:`RecomputeConfig`; default :attr:`recompute`) repairs
+        the cross-passage attention first (CacheBlend/APE, :mod:`ragcompress.runtime.recompute`).
+        """
         suffix = self._suffix(question, entries)
         t0 = time.perf_counter()
         segments = [self.store.load_kv(entry, self.dtype) for entry in entries]
         built = assemble(self.lm.config, self.rotary, self.prefix_keys, self.prefix, segments, self.dtype)
+        repair(self, built, segments, entries, self.recompute if recompute is None else recompute)
         extra = {} if built.kv_mask is None else {KV_MASK_KWARG: built.kv_mask}
         generation = greedy_decode(self.lm.model, suffix, built.cache, built.next_position,
                                    self.max_new_tokens, self.stop_ids, t0, **extra)

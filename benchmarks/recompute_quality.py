@@ -1,0 +1,173 @@
+"""Quality and TTFT of selective recompute / attention calibration against full prefill.
+
+For every question the same retrieved passages are answered by a plain full prefill (the
+baseline) and by every setting, interleaved in one process, greedy. Per setting: sub-EM, F1,
+agreement with the full-prefill answer, teacher-forced KL(full || setting) of the next-token
+distributions along the full-prefill answer (its tokens plus the stop), and the TTFT speed-up
+(median full TTFT / median setting TTFT, both measured here).
+
+Settings are written ``reuse`` (plain reuse), ``r0.1`` (recompute 10 %), ``s4`` (first 4 tokens
+of every passage), ``t0.9`` (APE temperature), ``c2`` (check layer), joined with ``+``:
+``r0.15+s4+t0.9``.
+
+    .venv/bin/python benchmarks/recompute_quality.py --store /tmp/rc4/store-qwen \\
+        --questions ../shared/data/squad-dev/questions.jsonl --limit 40 --top-k 3 5 \\
+        --settings reuse r0.05 r0.1 r0.15 r0.25 t0.9 r0.15+s4 --out docs/results/recompute_qwen.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+from ragcompress.evaluation import f1, read_questions, sub_em
+from ragcompress.runtime.assemble import assemble
+from ragcompress.runtime.attention import KV_MASK_KWARG
+from ragcompress.runtime.engine import Engine
+from ragcompress.runtime.generate import greedy_decode
+from ragcompress.runtime.recompute import RecomputeConfig, repair
+
+KEYS = {"r": ("ratio", float), "s": ("sink_tokens", int), "t": ("temperature", float), "c": ("check_layer", int)}
+
+
+def parse_setting(text: str) -> RecomputeConfig:
+    if text == "reuse":
+        return RecomputeConfig()
+    fields = {}
+    for part in text.split("+"):
+        name, cast = KEYS[part[0]]
+        fields[name] = cast(part[1:])
+    return RecomputeConfig(**fields)
+
+
+def crop(cache, length: int) -> None:
+    for layer in cache.layers:
+        layer.keys = layer.keys[:, :, :length]
+        layer.values = layer.values[:, :, :length]
+
+
+@torch.inference_mode()
+def run_full(engine: Engine, question: str, entries):
+    """Engine.answer_full's steps, then teacher-forced log-probs along its own answer."""
+    ids = engine.full_prompt_ids(question, entries)
+    t0 = time.perf_counter()
+    cache = DynamicCache(config=engine.lm.config)
+    gen = greedy_decode(engine.lm.model, ids, cache, 0, engine.max_new_tokens, engine.stop_ids, t0)
+    crop(cache, len(ids) - 1)
+    forced = [ids[-1]] + gen.token_ids
+    positions = torch.arange(len(ids) - 1, len(ids) - 1 + len(forced)).unsqueeze(0)
+    out = engine.lm.model(input_ids=torch.tensor([forced]), position_ids=positions, cache=cache, use_cache=True)
+    return gen, out.logits[0].float().log_softmax(-1)
+
+
+@torch.inference_mode()
+def run_cached(engine: Engine, question: str, entries, config: RecomputeConfig, answer: list[int]):
+    """Engine.answer_cached's steps, then teacher-forced log-probs along the full answer."""
+    suffix = engine._suffix(question, entries)
+    t0 = time.perf_counter()
+    segments = [engine.store.load_kv(entry, engine.dtype) for entry in entries]
+    built = assemble(engine.lm.config, engine.rotary, engine.prefix_keys, engine.prefix, segments, engine.dtype)
+    repair(engine, built, segments, entries, config)
+    extra = {} if built.kv_mask is None else {KV_MASK_KWARG: built.kv_mask}
+    gen = greedy_decode(engine.lm.model, suffix, built.cache, built.next_position, engine.max_new_tokens,
+                        engine.stop_ids, t0, **extra)
+    length = built.kv_mask.shape[-1] if built.kv_mask is not None else built.next_position
+    crop(built.cache, length)
+    forced = suffix + answer
+    positions = torch.arange(built.next_position, built.next_position + len(forced)).unsqueeze(0)
+    out = engine.lm.model(input_ids=torch.tensor([forced]), position_ids=positions, cache=built.cache,
+                          use_cache=True, logits_to_keep=len(answer) + 1, **extra)
+    return gen, out.logits[0].float().log_softmax(-1)
+
+
+def kl(full_logp: torch.Tensor, logp: torch.Tensor) -> float:
+    """Mean over positions of KL(full || setting), nats."""
+    return float((full_logp.exp() * (full_logp - logp)).sum(-1).mean())
+
+
+def evaluate(engine: Engine, questions, top_k: int, settings: list[str], progress: bool) -> dict:
+    rows = {name: {"sub_em": [], "f1": [], "agree": [], "kl": [], "ttft": []} for name in ["full"] + settings}
+    configs = {name: parse_setting(name) for name in settings}
+    decode = engine.lm.tokenizer.decode
+    warm = engine.retrieve(questions[0].question, top_k)
+    run_full(engine, questions[0].question, warm)
+    for name in settings:
+        run_cached(engine, questions[0].question, warm, configs[name], [])
+    for number, item in enumerate(questions, start=1):
+        entries = engine.retrieve(item.question, top_k)
+        full_gen, full_logp = run_full(engine, item.question, entries)
+        full_text = decode(full_gen.token_ids, skip_special_tokens=True).strip()
+        row = rows["full"]
+        row["sub_em"].append(sub_em(full_text, item.answers))
+        row["f1"].append(f1(full_text, item.answers))
+        row["agree"].append(1.0)
+        row["kl"].append(0.0)
+        row["ttft"].append(full_gen.ttft_s)
+        for name in settings:
+            gen, logp = run_cached(engine, item.question, entries, configs[name], full_gen.token_ids)
+            text = decode(gen.token_ids, skip_special_tokens=True).strip()
+            row = rows[name]
+            row["sub_em"].append(sub_em(text, item.answers))
+            row["f1"].append(f1(text, item.answers))
+            row["agree"].append(float(text == full_text))
+            row["kl"].append(kl(full_logp, logp))
+            row["ttft"].append(gen.ttft_s)
+        if progress:
+            print(f"[top-{top_k}] {number}/{len(questions)} " + " ".join(
+                f"{n}:{statistics.fmean(r['sub_em']):.2f}/{statistics.fmean(r['agree']):.2f}"
+                for n, r in rows.items()), file=sys.stderr, flush=True)
+    full_ttft = statistics.median(rows["full"]["ttft"])
+    table = {}
+    for name, r in rows.items():
+        ttft = statistics.median(r["ttft"])
+        table[name] = {"sub_em": statistics.fmean(r["sub_em"]), "f1": statistics.fmean(r["f1"]),
+                       "agreement": statistics.fmean(r["agree"]), "kl": statistics.fmean(r["kl"]),
+                       "ttft_s_median": ttft, "ttft_speedup": full_ttft / ttft}
+    return table
+
+
+def markdown(model: str, n: int, top_k: int, table: dict) -> str:
+    full = table["full"]["sub_em"]
+    lines = [f"**{model}, top-{top_k}, {n} questions**", "",
+             "| setting | sub-EM | % of full | F1 | agreement | KL to full | TTFT (s) | TTFT speed-up |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in table.items():
+        share = f"{100 * r['sub_em'] / full:.0f}%" if full else "-"
+        lines.append(f"| {name} | {r['sub_em']:.3f} | {share} | {r['f1']:.3f} | {r['agreement']:.3f} | "
+                     f"{r['kl']:.4f} | {r['ttft_s_median']:.3f} | {r['ttft_speedup']:.2f}x |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--store", required=True)
+    parser.add_argument("--questions", required=True)
+    parser.add_argument("--limit", type=int, default=40)
+    parser.add_argument("--top-k", type=int, nargs="+", default=[3])
+    parser.add_argument("--settings", nargs="+", default=["reuse", "r0.05", "r0.1", "r0.15", "r0.25", "t0.9"])
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    engine = Engine.open(args.store)
+    questions = read_questions(args.questions, args.limit)
+    result = {"store": args.store, "model": engine.lm.ref, "n": len(questions), "tables": {}}
+    for top_k in args.top_k:
+        table = evaluate(engine, questions, top_k, args.settings, not args.quiet)
+        result["tables"][f"top{top_k}"] = table
+        print(markdown(engine.lm.ref, len(questions), top_k, table), flush=True)
+        print(flush=True)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

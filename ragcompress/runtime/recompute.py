@@ -1,0 +1,309 @@
+"""Selective recompute of cached passage tokens at query time (CacheBlend, EPIC).
+
+Passages cached one by one never attended to each other: the KV of a token in passage 2 was
+computed as if passage 1 did not exist. :func:`blend` repairs the assembled cache in place by
+recomputing the KV of a few passage tokens with full attention over everything before them:
+
+1. *Check* (CacheBlend, Yao et al. 2024, §4.2): every candidate passage token is run through
+   layers ``0 … check_layer-1`` with full attention, and its values at ``check_layer`` are
+   compared with the stored ones. The ``ratio × passage tokens`` tokens whose values deviate
+   most are selected (stable order, so the choice is deterministic), plus the first
+   ``sink_tokens`` of every passage (per-passage attention sinks, EPIC, Hu et al. 2024).
+2. *Recompute*: only the selected tokens' hidden states are carried through the remaining
+   layers. At each layer they attend over the assembled cache, where unselected tokens keep
+   their stored KV and selected tokens hold the KV just computed (CacheBlend's approximation),
+   under a causal mask by *position*; their fresh KV overwrite their rows of the cache.
+
+Layer 0's KV depend only on the token and its position, so they equal the stored ones (up to
+quantization); the deviation first shows at layer 1, the default check layer. The first passage
+directly follows the shared prefix, so on a lossless store (no quantization, no eviction) its
+cache is already exact and only later passages are candidates.
+
+``ratio=0`` with no sinks leaves the cache untouched (plain reuse, bit for bit); ``ratio=1``
+recomputes every candidate through every layer, which is a full prefill of the passages (with
+eviction: of the kept rows). The recompute works on whatever the store holds: quantized values
+are replaced by fresh full-precision ones, and with per-head eviction a selected token's fresh
+KV go only to the heads that kept it (masks are then built per layer and head).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ragcompress.kv import PassageKV
+from ragcompress.rope import Rotary
+from ragcompress.runtime.assemble import AssembledCache
+from ragcompress.runtime.calibration import scale_context_keys
+
+
+@dataclass(frozen=True)
+class RecomputeConfig:
+    """How much of the cached passages to recompute at query time.
+
+    ratio:       fraction of the prompt's passage tokens recomputed through every layer, in [0, 1]
+    sink_tokens: first tokens of every passage always recomputed (EPIC's per-passage sinks)
+    check_layer: layer whose value deviation ranks tokens (layers below it are refreshed for all
+                 candidates); 1 is CacheBlend's choice
+    temperature: APE attention temperature on the passage keys, applied after the recompute
+                 (:mod:`ragcompress.runtime.calibration`); 1 leaves the logits unchanged
+    """
+
+    ratio: float = 0.0
+    sink_tokens: int = 0
+    check_layer: int = 1
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ratio <= 1.0:
+            raise ValueError(f"recompute ratio must be in [0, 1], got {self.ratio}")
+        if self.sink_tokens < 0:
+            raise ValueError(f"sink_tokens must be >= 0, got {self.sink_tokens}")
+        if self.check_layer < 1:
+            raise ValueError(f"check_layer must be >= 1, got {self.check_layer}")
+        if self.temperature <= 0.0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+    @classmethod
+    def coerce(cls, value: "RecomputeConfig | float | None") -> "RecomputeConfig":
+        """Accept a config, a bare ratio, or ``None`` (no recompute)."""
+        if value is None:
+            return cls()
+        if isinstance(value, RecomputeConfig):
+            return value
+        return cls(ratio=float(value))
+
+    @property
+    def recomputes(self) -> bool:
+        return self.ratio > 0.0 or self.sink_tokens > 0
+
+    @property
+    def active(self) -> bool:
+        return self.recomputes or self.temperature != 1.0
+
+
+@dataclass(frozen=True)
+class BlendReport:
+    """What :func:`blend` did: the selected tokens as indices into the concatenated passage
+    tokens (sorted), and how many tokens were candidates."""
+
+    selected: torch.Tensor
+    candidates: int
+    passage_tokens: int
+
+
+class _Layout:
+    """Where every passage token sits in the assembled cache.
+
+    row_pos:  ``[layers, kv_heads, T]`` absolute RoPE position of each cache row
+    valid:    ``[layers, kv_heads, T]`` True on real rows
+    token_pos: ``[N]`` absolute position of every passage token (all passages concatenated)
+    uniform:  every segment keeps every token on every head (row of token ``i`` is ``P + i``)
+    """
+
+    def __init__(self, prefix: PassageKV, segments: list[PassageKV]) -> None:
+        layers, heads = prefix.lengths.shape
+        self.prefix_rows = prefix.keys.shape[2]
+        self.uniform = prefix.is_uniform and all(seg.is_uniform for seg in segments)
+        row_pos, valid, token_pos, self.segment_starts = [prefix.positions], [prefix.valid_mask()], [], []
+        self._row_offsets = []
+        position, row = prefix.num_tokens, self.prefix_rows
+        for seg in segments:
+            row_pos.append(seg.positions + position)
+            valid.append(seg.valid_mask())
+            token_pos.append(torch.arange(position, position + seg.num_tokens))
+            self.segment_starts.append(sum(t.numel() for t in token_pos[:-1]))
+            self._row_offsets.append(row)
+            position += seg.num_tokens
+            row += seg.keys.shape[2]
+        self.row_pos = torch.cat(row_pos, dim=2)
+        self.valid = torch.cat(valid, dim=2)
+        self.token_pos = torch.cat(token_pos) if token_pos else torch.zeros(0, dtype=torch.long)
+        self.shape = (layers, heads)
+        self._segments = segments
+
+    def rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Cache rows of passage tokens ``[S]``: ``[S]`` if uniform, else ``[layers, kv_heads, S]``
+        with ``-1`` where a head evicted the token."""
+        if self.uniform:
+            return self.prefix_rows + tokens
+        layers, heads = self.shape
+        inverse = []
+        for seg, offset in zip(self._segments, self._row_offsets):
+            inv = torch.full((layers, heads, seg.num_tokens), -1, dtype=torch.long)
+            rows = torch.arange(seg.keys.shape[2]).expand(layers, heads, -1) + offset
+            keep = seg.valid_mask()
+            inv[keep.nonzero(as_tuple=True)[:2] + (seg.positions[keep],)] = rows[keep]
+            inverse.append(inv)
+        return torch.cat(inverse, dim=2)[:, :, tokens]
+
+    def masks(self, tokens: torch.Tensor, q_heads: int) -> list[torch.Tensor]:
+        """Per layer bool ``[1, q_heads or 1, S, T]``: real rows at positions <= the query's."""
+        qpos = self.token_pos[tokens]
+        if self.uniform:
+            mask = (self.row_pos[0, :1] <= qpos[:, None]).unsqueeze(0)  # [1, S, T]
+            return [mask.unsqueeze(0)] * self.shape[0]
+        groups = q_heads // self.shape[1]
+        out = []
+        for layer in range(self.shape[0]):
+            allowed = self.valid[layer][:, None, :] & (self.row_pos[layer][:, None, :] <= qpos[None, :, None])
+            out.append(allowed.repeat_interleave(groups, dim=0).unsqueeze(0))
+        return out
+
+
+class _BlendCache:
+    """Stands in for the transformers cache while selected tokens pass through the layers.
+
+    ``update`` (called by every attention module after computing its keys and values) writes the
+    fresh ``[1, kv_heads, S, d]`` KV into the selected tokens' rows of the assembled cache, in
+    place, and returns the whole layer ``[1, kv_heads, T, d]`` to attend over.
+    """
+
+    def __init__(self, cache: Any, rows: torch.Tensor, uniform: bool) -> None:
+        self.layers = cache.layers
+        self.rows = rows
+        self.uniform = uniform
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+               *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        layer = self.layers[layer_idx]
+        keys, values = layer.keys, layer.values
+        if self.uniform:
+            keys[0, :, self.rows] = key_states[0].to(keys.dtype)
+            values[0, :, self.rows] = value_states[0].to(values.dtype)
+        else:
+            rows = self.rows[layer_idx]  # [kv_heads, S]
+            head, slot = (rows >= 0).nonzero(as_tuple=True)
+            keys[0, head, rows[head, slot]] = key_states[0, head, slot].to(keys.dtype)
+            values[0, head, rows[head, slot]] = value_states[0, head, slot].to(values.dtype)
+        return keys, values
+
+
+def _run_layers(model: Any, rotary: Rotary, layout: _Layout, cache: Any, tokens: torch.Tensor,
+                hidden: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Carry ``hidden [1, S, D]`` of passage ``tokens [S]`` through layers ``start … stop-1``."""
+    layers = model.model.layers
+    config = model.config
+    positions = layout.token_pos[tokens].unsqueeze(0)  # [1, S]
+    masks = layout.masks(tokens, config.num_attention_heads)
+    blend_cache = _BlendCache(cache, layout.rows(tokens), layout.uniform)
+    layer_types = getattr(config, "layer_types", None)
+    rope: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
+    for index in range(start, stop):
+        kind = layer_types[index] if layer_types else None
+        if kind not in rope:
+            cos, sin = rotary.cos_sin(positions, index)
+            rope[kind] = (cos.to(hidden.dtype), sin.to(hidden.dtype))
+        out = layers[index](hidden, attention_mask=masks[index], position_ids=positions,
+                            cache=blend_cache, use_cache=True, position_embeddings=rope[kind])
+        hidden = out[0] if isinstance(out, tuple) else out
+    return hidden
+
+
+def _deviation(model: Any, layout: _Layout, cache: Any, tokens: torch.Tensor, hidden: torch.Tensor,
+               layer_idx: int) -> torch.Tensor:
+    """``[S]`` squared distance between the fresh and the stored values at ``layer_idx``,
+    averaged over the KV heads that keep the token."""
+    layer = model.model.layers[layer_idx]
+    attn = layer.self_attn
+    fresh = attn.v_proj(layer.input_layernorm(hidden))  # [1, S, kv_heads * d]
+    heads = layout.shape[1]
+    fresh = fresh.view(hidden.shape[1], heads, -1).transpose(0, 1).float()  # [H, S, d]
+    stored_all = cache.layers[layer_idx].values[0]  # [H, T, d]
+    rows = layout.rows(tokens)
+    if layout.uniform:
+        stored = stored_all[:, rows].float()
+        return (fresh - stored).pow(2).sum(-1).mean(0)
+    rows = rows[layer_idx]  # [H, S]
+    kept = rows >= 0
+    stored = torch.gather(stored_all.float(), 1, rows.clamp(min=0).unsqueeze(-1).expand(-1, -1, fresh.shape[-1]))
+    diff = (fresh - stored).pow(2).sum(-1) * kept
+    return diff.sum(0) / kept.sum(0).clamp(min=1)
+
+
+def select_tokens(deviation: torch.Tensor, candidates: torch.Tensor, sinks: torch.Tensor,
+                  budget: int) -> torch.Tensor:
+    """Sinks plus the ``budget - len(sinks)`` candidates of largest ``deviation`` (``[len(candidates)]``).
+
+    Ties are broken by position (stable sort), so the selection is deterministic. Returns sorted
+    passage-token indices.
+    """
+    is_sink = torch.isin(candidates, sinks)
+    rest = max(0, min(budget, candidates.numel()) - int(is_sink.sum()))
+    scores = deviation.float().masked_fill(is_sink, float("-inf"))
+    order = torch.sort(scores, descending=True, stable=True).indices[:rest]
+    picked = torch.cat([candidates[is_sink], candidates[order]])
+    return torch.sort(picked).values
+
+
+@torch.inference_mode()
+def blend(model: Any, rotary: Rotary, built: AssembledCache, prefix: PassageKV,
+          segments: list[PassageKV], token_ids: list[list[int]], config: RecomputeConfig,
+          *, first_exact: bool = False) -> BlendReport:
+    """Recompute selected passage tokens of ``built`` in place (see the module docstring).
+
+    token_ids:   the token ids of every segment's passage (``len == seg.num_tokens``)
+    first_exact: the store is unquantized; then a uniform first segment is already exact and
+                 its tokens are not candidates
+    """
+    for seg, ids in zip(segments, token_ids, strict=True):
+        if len(ids) != seg.num_tokens:
+            raise ValueError(f"a segment has {seg.num_tokens} tokens but its text gives {len(ids)}")
+    layout = _Layout(prefix, segments)
+    total = layout.token_pos.numel()
+    empty = torch.zeros(0, dtype=torch.long)
+    if not config.recomputes or total == 0:
+        return BlendReport(empty, 0, total)
+    skip = segments[0].num_tokens if first_exact and segments[0].is_uniform else 0
+    candidates = torch.arange(skip, total)
+    starts = torch.tensor(layout.segment_starts, dtype=torch.long)
+    sinks = (starts[:, None] + torch.arange(config.sink_tokens)).flatten()
+    lengths = torch.tensor([seg.num_tokens for seg in segments])
+    sinks = sinks[(torch.arange(config.sink_tokens)[None, :] < lengths[:, None]).flatten()]
+    sinks = sinks[sinks >= skip]
+    budget = max(int(round(config.ratio * total)), int(sinks.numel()))
+    if candidates.numel() == 0 or budget == 0:
+        return BlendReport(empty, int(candidates.numel()), total)
+
+    ids = torch.tensor([t for seq in token_ids for t in seq], dtype=torch.long)
+    embed = model.model.embed_tokens
+    layers = len(model.model.layers)
+    check = min(config.check_layer, layers)
+    if config.ratio > 0.0 and budget < candidates.numel():
+        hidden = embed(ids[candidates].unsqueeze(0))
+        hidden = _run_layers(model, rotary, layout, built.cache, candidates, hidden, 0, check)
+        if check < layers:
+            deviation = _deviation(model, layout, built.cache, candidates, hidden, check)
+        else:
+            deviation = torch.zeros(candidates.numel())
+        selected = select_tokens(deviation, candidates, sinks, budget)
+        keep = torch.searchsorted(candidates, selected)
+        hidden = hidden[:, keep]
+        start = check
+    else:
+        selected = candidates if budget >= candidates.numel() else sinks
+        hidden = embed(ids[selected].unsqueeze(0))
+        start = 0
+    _run_layers(model, rotary, layout, built.cache, selected, hidden, start, layers)
+    return BlendReport(selected, int(candidates.numel()), total)
+
+
+def repair(engine: Any, built: AssembledCache, segments: list[PassageKV], entries: list[Any],
+           recompute: "RecomputeConfig | float | None") -> BlendReport | None:
+    """What :meth:`Engine.answer_cached` runs between assembling the cache and the question's
+    prefill: the selective recompute, then the APE temperature on the passage rows.
+    ``None`` or ``0`` leaves ``built`` untouched (plain reuse)."""
+    config = RecomputeConfig.coerce(recompute)
+    if not config.active:
+        return None
+    report = None
+    if config.recomputes:
+        token_ids = [engine.tokens.passage(entry.text) for entry in entries]
+        report = blend(engine.lm.model, engine.rotary, built, engine.prefix, segments, token_ids, config,
+                       first_exact=engine.store.quant.scheme == "none")
+    prefix_rows = engine.prefix.keys.shape[2]
+    stop = prefix_rows + sum(seg.keys.shape[2] for seg in segments)
+    scale_context_keys(built.cache, prefix_rows, stop, config.temperature)
+    return report

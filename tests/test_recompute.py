@@ -1,0 +1,244 @@
+"""Selective recompute (CacheBlend/EPIC) and APE calibration of the assembled cache.
+
+Exact anchors: recompute at 100 % *is* a full prefill of the passages; at 0 % it leaves the cache
+untouched (plain reuse, bit for bit); the selection is a deterministic function of the inputs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from ragcompress.indexing import IndexConfig, index
+from ragcompress.kv import PassageKV
+from ragcompress.runtime.assemble import assemble
+from ragcompress.runtime.attention import KV_MASK_KWARG
+from ragcompress.runtime.calibration import scale_context_keys
+from ragcompress.runtime.engine import Engine
+from ragcompress.runtime.generate import forward_step
+from ragcompress.runtime.recompute import RecomputeConfig, blend, repair, select_tokens
+
+QUESTION = "What city is the sporting capital of Australia?"
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory, tiny_model_dir, embedder):
+    """Factory: a store of the first 8 sample passages for (arch, quant), built once."""
+    from ragcompress.data import SAMPLE_PASSAGES
+
+    root = tmp_path_factory.mktemp("recompute")
+    passages = root / "passages.jsonl"
+    passages.write_text("\n".join(SAMPLE_PASSAGES.read_text().splitlines()[:8]) + "\n")
+    built: dict[tuple[str, str], Engine] = {}
+
+    def make(arch: str = "qwen2", quant: str = "none") -> Engine:
+        if (arch, quant) not in built:
+            store = root / f"{arch}-{quant}"
+            index(passages, store, model=str(tiny_model_dir(arch)), config=IndexConfig(quant=quant),
+                  embedder=embedder)
+            built[arch, quant] = Engine.open(store)
+        return built[arch, quant]
+
+    return make
+
+
+def cached_logits(engine: Engine, entries, recompute, segments=None) -> tuple[torch.Tensor, object]:
+    """First-token logits of the cached path after ``repair`` (optionally on given segments)."""
+    suffix = engine.tokens.suffix(QUESTION)
+    segments = segments or [engine.store.load_kv(e) for e in entries]
+    built = assemble(engine.lm.config, engine.rotary, engine.prefix_keys, engine.prefix, segments, engine.dtype)
+    report = repair(engine, built, segments, entries, recompute)
+    extra = {} if built.kv_mask is None else {KV_MASK_KWARG: built.kv_mask}
+    with torch.inference_mode():
+        logits = forward_step(engine.lm.model, torch.tensor([suffix]), built.cache, built.next_position, **extra)
+    return logits, report
+
+
+def full_logits(engine: Engine, entries) -> torch.Tensor:
+    ids = engine.full_prompt_ids(QUESTION, entries)
+    with torch.inference_mode():
+        return forward_step(engine.lm.model, torch.tensor([ids]), DynamicCache(config=engine.lm.config), 0)
+
+
+def padded(kv: PassageKV) -> PassageKV:
+    """The same cache with one padding row: takes the per-head (non-uniform) code path."""
+    layers, heads, _, dim = kv.keys.shape
+    zeros = torch.zeros(layers, heads, 1, dim)
+    return PassageKV(torch.cat([kv.keys, zeros], 2), torch.cat([kv.values, zeros], 2),
+                     torch.cat([kv.positions, torch.zeros(layers, heads, 1, dtype=torch.long)], 2),
+                     kv.lengths.clone(), kv.num_tokens)
+
+
+def evicted(kv: PassageKV, seed: int) -> PassageKV:
+    """Each (layer, head) keeps a different random ~2/3 of the tokens, in position order."""
+    generator = torch.Generator().manual_seed(seed)
+    layers, heads, n, _ = kv.keys.shape
+    keys, values = torch.zeros_like(kv.keys), torch.zeros_like(kv.values)
+    positions, lengths = torch.zeros_like(kv.positions), torch.zeros(layers, heads, dtype=torch.long)
+    for layer in range(layers):
+        for head in range(heads):
+            keep = torch.sort(torch.randperm(n, generator=generator)[: max(1, 2 * n // 3 - head)]).values
+            count = keep.numel()
+            keys[layer, head, :count] = kv.keys[layer, head, keep]
+            values[layer, head, :count] = kv.values[layer, head, keep]
+            positions[layer, head, :count] = keep
+            lengths[layer, head] = count
+    return PassageKV(keys, values, positions, lengths, n)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma"])
+def test_full_recompute_reproduces_full_prefill(arch, stores):
+    engine = stores(arch)
+    entries = engine.retrieve(QUESTION, 3)
+    reused, _ = cached_logits(engine, entries, 0.0)
+    full = full_logits(engine, entries)
+    assert (reused - full).abs().max() > 1e-2  # there is a gap to close
+    recomputed, report = cached_logits(engine, entries, 1.0)
+    torch.testing.assert_close(recomputed, full, atol=1e-4, rtol=1e-4)
+    first = entries[0].num_tokens
+    assert report.selected.tolist() == list(range(first, sum(e.num_tokens for e in entries)))
+    assert engine.answer_cached(QUESTION, entries, recompute=1.0).token_ids == \
+        engine.answer_full(QUESTION, entries).token_ids
+
+
+def test_zero_recompute_is_plain_reuse_bit_for_bit(stores):
+    engine = stores("llama")
+    entries = engine.retrieve(QUESTION, 3)
+    plain, _ = cached_logits(engine, entries, None)
+    zero, report = cached_logits(engine, entries, 0.0)
+    assert report is None
+    assert torch.equal(plain, zero)
+    assert torch.equal(cached_logits(engine, entries, RecomputeConfig(ratio=0.0, temperature=1.0))[0], plain)
+    assert engine.answer_cached(QUESTION, entries, recompute=0.0).token_ids == \
+        engine.answer_cached(QUESTION, entries).token_ids
+
+
+def test_selection_is_deterministic_and_sized(stores):
+    engine = stores("qwen2")
+    entries = engine.retrieve(QUESTION, 3)
+    total = sum(e.num_tokens for e in entries)
+    config = RecomputeConfig(ratio=0.2, sink_tokens=3)
+    runs = [cached_logits(engine, entries, config) for _ in range(3)]
+    assert all(torch.equal(r[1].selected, runs[0][1].selected) for r in runs)
+    assert all(torch.equal(r[0], runs[0][0]) for r in runs)
+    selected = runs[0][1].selected
+    assert selected.numel() == round(0.2 * total)
+    assert torch.equal(selected, torch.sort(selected).values)
+    first, second = entries[0].num_tokens, entries[0].num_tokens + entries[1].num_tokens
+    assert bool((selected >= first).all())  # the first passage is exact on a lossless store
+    for start in (first, second):  # every later passage's sinks are in
+        assert set(range(start, start + 3)) <= set(selected.tolist())
+
+
+def test_select_tokens_ranks_by_deviation_and_breaks_ties_by_position():
+    candidates = torch.arange(10, 20)
+    deviation = torch.tensor([0.0, 5.0, 1.0, 5.0, 0.0, 3.0, 5.0, 0.0, 0.0, 2.0])
+    sinks = torch.tensor([10, 15])
+    picked = select_tokens(deviation, candidates, sinks, budget=5)
+    assert picked.tolist() == [10, 11, 13, 15, 16]
+    assert select_tokens(deviation, candidates, torch.zeros(0, dtype=torch.long), 2).tolist() == [11, 13]
+
+
+def test_epic_sinks_only(stores):
+    engine = stores("llama")
+    entries = engine.retrieve(QUESTION, 3)
+    _, report = cached_logits(engine, entries, RecomputeConfig(ratio=0.0, sink_tokens=2))
+    first, second = entries[0].num_tokens, entries[0].num_tokens + entries[1].num_tokens
+    assert report.selected.tolist() == [first, first + 1, second, second + 1]
+
+
+def test_per_head_path_reproduces_full_prefill(stores):
+    """A padded layout goes through the per-layer, per-head masks and row maps."""
+    engine = stores("qwen2")
+    entries = engine.retrieve(QUESTION, 3)
+    segments = [padded(engine.store.load_kv(e)) for e in entries]
+    recomputed, report = cached_logits(engine, entries, 1.0, segments)
+    torch.testing.assert_close(recomputed, full_logits(engine, entries), atol=1e-4, rtol=1e-4)
+    assert report.candidates == sum(e.num_tokens for e in entries)  # padded: first not assumed exact
+    uniform, _ = cached_logits(engine, entries, 0.3)
+    per_head, _ = cached_logits(engine, entries, 0.3, segments)
+    assert (uniform - per_head).abs().max() < 1.0
+
+
+def test_recompute_on_evicted_caches_only_writes_kept_rows(stores):
+    engine = stores("llama")
+    entries = engine.retrieve(QUESTION, 3)
+    segments = [evicted(engine.store.load_kv(e), i) for i, e in enumerate(entries)]
+    plain, _ = cached_logits(engine, entries, 0.0, segments)
+    built = assemble(engine.lm.config, engine.rotary, engine.prefix_keys, engine.prefix, segments, engine.dtype)
+    before = [layer.keys.clone() for layer in built.cache.layers]
+    report = repair(engine, built, segments, entries, RecomputeConfig(ratio=1.0))
+    assert report.selected.numel() == sum(e.num_tokens for e in entries)
+    for layer, old in zip(built.cache.layers, before):
+        assert layer.keys.shape == old.shape
+        changed = (layer.keys != old).any(-1)[0]  # [kv_heads, T]
+        assert not bool(changed[:, : engine.prefix.num_tokens].any())  # prefix untouched
+    padding = ~built.kv_mask
+    for layer_idx, layer in enumerate(built.cache.layers):
+        assert bool((layer.keys[0][padding[layer_idx]] == 0).all())  # padding rows stay padding
+    recomputed, _ = cached_logits(engine, entries, 1.0, segments)
+    assert not torch.equal(recomputed, plain)
+
+
+def test_quantized_store_recomputes_the_first_passage_too(stores):
+    engine = stores("llama", "int4")
+    entries = engine.retrieve(QUESTION, 2)
+    _, report = cached_logits(engine, entries, 1.0)
+    assert report.candidates == sum(e.num_tokens for e in entries)
+    reused, _ = cached_logits(engine, entries, 0.0)
+    recomputed, _ = cached_logits(engine, entries, 1.0)
+    full = full_logits(engine, entries)
+    torch.testing.assert_close(recomputed, full, atol=1e-4, rtol=1e-4)
+    assert (reused - full).abs().max() > 1e-3
+
+
+def test_temperature_scales_only_passage_keys(stores):
+    engine = stores("llama")
+    entries = engine.retrieve(QUESTION, 2)
+    segments = [engine.store.load_kv(e) for e in entries]
+    built = assemble(engine.lm.config, engine.rotary, engine.prefix_keys, engine.prefix, segments, engine.dtype)
+    before = [layer.keys.clone() for layer in built.cache.layers]
+    repair(engine, built, segments, entries, RecomputeConfig(temperature=0.5))
+    p = engine.prefix.num_tokens
+    for layer, old in zip(built.cache.layers, before):
+        assert torch.equal(layer.keys[:, :, :p], old[:, :, :p])
+        torch.testing.assert_close(layer.keys[:, :, p:], 2.0 * old[:, :, p:])
+    with pytest.raises(ValueError, match="temperature"):
+        scale_context_keys(built.cache, 0, 1, 0.0)
+
+
+@pytest.mark.parametrize("fields", [{"ratio": -0.1}, {"ratio": 1.5}, {"sink_tokens": -1},
+                                    {"check_layer": 0}, {"temperature": 0.0}])
+def test_config_rejects_bad_values(fields):
+    with pytest.raises(ValueError, match=next(iter(fields))):
+        RecomputeConfig(**fields)
+
+
+def test_blend_rejects_token_ids_of_the_wrong_length(stores):
+    engine = stores("llama")
+    entries = engine.retrieve(QUESTION, 2)
+    segments = [engine.store.load_kv(e) for e in entries]
+    built = assemble(engine.lm.config, engine.rotary, engine.prefix_keys, engine.prefix, segments, engine.dtype)
+    ids = [engine.tokens.passage(e.text) for e in entries]
+    ids[1] = ids[1][:-1]
+    with pytest.raises(ValueError, match="tokens"):
+        blend(engine.lm.model, engine.rotary, built, engine.prefix, segments, ids, RecomputeConfig(0.5))
+
+
+@pytest.mark.slow
+def test_full_recompute_agrees_with_full_prefill_on_real_questions(tmp_path, embedder):
+    """SmolLM2 on the bundled SQuAD sample, top-3: recompute 100 % answers like full prefill."""
+    import json
+
+    from ragcompress.data import SAMPLE_PASSAGES, SAMPLE_QUESTIONS
+
+    index(SAMPLE_PASSAGES, tmp_path / "store", embedder=embedder)
+    engine = Engine.open(tmp_path / "store")
+    questions = [json.loads(line)["question"] for line in SAMPLE_QUESTIONS.read_text().splitlines()[:8]]
+    agree = []
+    for question in questions:
+        entries = engine.retrieve(question, 3)
+        full = engine.answer_full(question, entries)
+        agree.append(engine.answer_cached(question, entries, recompute=1.0).answer == full.answer)
+    assert sum(agree) / len(agree) >= 0.98
