@@ -73,7 +73,21 @@ def encode(kv: PassageKV, quant: QuantConfig) -> bytes:
         "scheme": quant.scheme,
         "group_size": str(quant.group_size),
     }
-    return st_save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+    return _canonical(st_save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
+
+
+def _canonical(blob: bytes) -> bytes:
+    """Rewrite a safetensors header with sorted keys, so equal caches give equal bytes.
+
+    ``safetensors`` serialises metadata from a hash map whose order changes between calls;
+    sha256-addressed blobs and crash-resume byte comparisons need one canonical encoding.
+    The header stays 8-byte aligned (padded with spaces, as safetensors itself does).
+    """
+    (header_len,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8 : 8 + header_len])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + blob[8 + header_len :]
 
 
 # Upper bound on a decoded cache's padded size, checked before anything is allocated.

@@ -86,9 +86,9 @@ class ShardWriter:
     committed row points at; that is damage, not an interrupted write, and opening refuses.
     """
 
-    def __init__(self, root: Path, committed_ends: dict[str, int], max_bytes: int = MAX_SHARD_BYTES) -> None:
+    def __init__(self, root: Path, committed_ends: dict[str, int], max_bytes: int | None = None) -> None:
         self.root = root
-        self.max_bytes = max_bytes
+        self.max_bytes = max_bytes or MAX_SHARD_BYTES
         directory = root / SHARD_DIR
         directory.mkdir(exist_ok=True)
         for name in committed_ends:

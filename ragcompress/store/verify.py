@@ -1,0 +1,214 @@
+"""Offline check of a whole store: ``verify_store(path) -> VerifyReport`` (``ragcompress verify``).
+
+Checks, in order, each problem named with its passage id and shard where there is one:
+
+1. the manifest parses and every value is valid (:meth:`Manifest.read`);
+2. the prefix cache matches the manifest's sha256, decodes, and has the manifest's model shape;
+3. the catalogue passes SQLite's ``integrity_check`` and every row is readable;
+4. every passage: shard name valid, blob inside its shard, sha256 matches, blob decodes, cache
+   shape matches the manifest's ``model_shape``, token counts match the row, text matches its
+   ``text_sha``, embedding has the store's dimension, blobs in a shard do not overlap;
+5. the FAISS index, when a reader would use it (its sha256 matches ``index.json``), holds exactly
+   the catalogue's rows with the catalogue's vectors.
+
+*Problems* are states in which a reader could fail or serve wrong data; ``ok`` is true only when
+there are none. *Notes* are states a killed writer leaves and readers handle safely (bytes past
+the last commit, a missing or stale index that readers rebuild, temp files); the next writer
+repairs them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ragcompress.errors import StoreError
+from ragcompress.store import codec
+from ragcompress.store.catalogue import CATALOGUE, Catalogue
+from ragcompress.store.kvstore import INDEX, PREFIX, read_index_meta, sha256_file
+from ragcompress.store.manifest import Manifest
+from ragcompress.store.shards import SHARD_DIR, checksum, is_shard_name, read_blob
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One failed check. ``kind`` is one of manifest, prefix, catalogue, segment, index."""
+
+    kind: str
+    message: str
+    passage_id: str | None = None
+    shard: str | None = None
+
+    def __str__(self) -> str:
+        where = "".join([f" passage {self.passage_id!r}" if self.passage_id is not None else "",
+                         f" shard {self.shard}" if self.shard else ""])
+        return f"[{self.kind}]{where}: {self.message}"
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    store: str
+    passages: int = 0
+    shards: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ok": self.ok, "store": self.store, "passages": self.passages, "shards": self.shards,
+                "problems": [asdict(p) for p in self.problems], "notes": list(self.notes)}
+
+
+def _check_prefix(root: Path, manifest: Manifest, shape: tuple[int, int, int], problems: list[Problem]) -> None:
+    path = root / PREFIX
+    if not path.is_file():
+        problems.append(Problem("prefix", f"{PREFIX} is missing"))
+        return
+    blob = path.read_bytes()
+    if not manifest.prefix_sha256:
+        problems.append(Problem("prefix", "the manifest records no prefix checksum; rebuild the store"))
+    elif checksum(blob) != manifest.prefix_sha256:
+        problems.append(Problem("prefix", "checksum mismatch with the manifest"))
+        return
+    try:
+        codec.decode(blob, shape=shape)
+    except StoreError as exc:
+        problems.append(Problem("prefix", str(exc)))
+
+
+def _check_segments(root: Path, catalogue: Catalogue, shape: tuple[int, int, int],
+                    problems: list[Problem]) -> tuple[int, dict[str, int], int | None]:
+    """Every catalogue row against its blob; returns (rows, committed end per shard, embedding dim)."""
+    ends: dict[str, int] = {}
+    dim: int | None = None
+    count = 0
+    cursor = catalogue.db.execute(
+        "SELECT id, text, text_sha, shard, offset, length, checksum, num_tokens, kept, "
+        "length(embedding) FROM passages ORDER BY row")
+    for pid, text, text_sha, shard, offset, length, digest, num_tokens, kept, emb_bytes in cursor:
+        count += 1
+
+        def fail(message: str, kind: str = "segment") -> None:
+            problems.append(Problem(kind, message, pid, shard if isinstance(shard, str) else None))
+
+        if not isinstance(shard, str) or not is_shard_name(shard):
+            fail(f"catalogue names shard {shard!r}, which is not a valid shard name")
+            continue
+        if isinstance(offset, int) and offset < ends.get(shard, 0):
+            fail(f"blob at offset {offset} overlaps the previous blob in this shard (ends at {ends[shard]})")
+        if isinstance(offset, int) and isinstance(length, int):
+            ends[shard] = max(ends.get(shard, 0), offset + length)
+        if not isinstance(text, str) or hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest() != text_sha:
+            fail("passage text does not match its text_sha", "catalogue")
+        if emb_bytes is None or emb_bytes % 4 or not emb_bytes:
+            fail(f"embedding has {emb_bytes} bytes, not a float32 vector", "catalogue")
+        elif dim is None:
+            dim = emb_bytes // 4
+        elif emb_bytes // 4 != dim:
+            fail(f"embedding has dimension {emb_bytes // 4}, the store's others have {dim}", "catalogue")
+        try:
+            blob = read_blob(root, shard, offset, length, digest, pid)
+            kv = codec.decode(blob, shape=shape)
+        except StoreError as exc:
+            fail(str(exc))
+            continue
+        if kv.num_tokens != num_tokens or kv.kept_tokens != kept:
+            fail(f"blob holds {kv.num_tokens} tokens / {kv.kept_tokens} kept, "
+                 f"its catalogue row says {num_tokens} / {kept}")
+    return count, ends, dim
+
+
+def _check_shard_files(root: Path, ends: dict[str, int], notes: list[str]) -> None:
+    directory = root / SHARD_DIR
+    present = {p.name: p.stat().st_size for p in directory.iterdir() if is_shard_name(p.name)} if directory.is_dir() else {}
+    for name, size in sorted(present.items()):
+        end = ends.get(name)
+        if end is None:
+            notes.append(f"shard {name} holds {size} uncommitted bytes (a killed write); the next writer removes it")
+        elif size > end:
+            notes.append(f"shard {name} has {size - end} bytes past its last committed blob (a killed write); "
+                         "the next writer truncates them")
+
+
+def _check_index(root: Path, catalogue: Catalogue, count: int, problems: list[Problem], notes: list[str]) -> None:
+    path = root / INDEX
+    meta = read_index_meta(root)
+    if not path.is_file() or meta is None:
+        notes.append(f"{INDEX} or its index.json is missing; readers rebuild the index from the catalogue")
+        return
+    if sha256_file(path) != meta["sha256"]:
+        notes.append(f"{INDEX} does not match the sha256 in index.json; readers ignore it and rebuild")
+        return
+    if meta["count"] != count:
+        notes.append(f"{INDEX} covers {meta['count']} passages, the catalogue {count}; readers rebuild it")
+        return
+    from ragcompress.retrieval import VectorIndex
+
+    try:
+        index = VectorIndex.load(path).index
+    except RuntimeError as exc:
+        problems.append(Problem("index", f"{INDEX} matches its checksum but FAISS cannot read it ({exc})"))
+        return
+    if index.ntotal != count:
+        problems.append(Problem("index", f"{INDEX} holds {index.ntotal} vectors, the catalogue {count} passages"))
+        return
+    import faiss
+
+    id_map = faiss.vector_to_array(index.id_map) if hasattr(index, "id_map") else None
+    if id_map is None:
+        problems.append(Problem("index", f"{INDEX} is not an id-mapped index"))
+        return
+    position = {int(row): i for i, row in enumerate(id_map)}
+    flat = faiss.downcast_index(index.index)
+    stored = faiss.rev_swig_ptr(flat.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
+    ids = {row: pid for row, pid in catalogue.db.execute("SELECT row, id FROM passages")}
+    for rows, vectors in catalogue.embedding_chunks():
+        for row, vector in zip(rows.tolist(), vectors):
+            i = position.get(row)
+            if i is None:
+                problems.append(Problem("index", f"catalogue row {row} is missing from {INDEX}", ids.get(row)))
+            elif vector.shape[0] != index.d or not np.array_equal(stored[i], vector):
+                problems.append(Problem("index", f"{INDEX} holds another vector than the catalogue", ids.get(row)))
+
+
+def verify_store(path: str | Path) -> VerifyReport:
+    """Check everything in the store at ``path``; never raises for a damaged store."""
+    root = Path(path)
+    problems: list[Problem] = []
+    notes: list[str] = []
+    try:
+        manifest = Manifest.read(root)
+    except StoreError as exc:
+        return VerifyReport(str(root), problems=[Problem("manifest", str(exc))])
+    shape = (manifest.model_shape["layers"], manifest.model_shape["kv_heads"], manifest.model_shape["head_dim"])
+    _check_prefix(root, manifest, shape, problems)
+    if not (root / CATALOGUE).is_file():
+        problems.append(Problem("catalogue", f"{CATALOGUE} is missing"))
+        return VerifyReport(str(root), problems=problems, notes=notes)
+    try:
+        catalogue = Catalogue(root, readonly=True)
+    except StoreError as exc:
+        problems.append(Problem("catalogue", str(exc)))
+        return VerifyReport(str(root), problems=problems, notes=notes)
+    count, ends = 0, {}
+    try:
+        verdict = [r[0] for r in catalogue.db.execute("PRAGMA integrity_check")]
+        if verdict != ["ok"]:
+            problems.append(Problem("catalogue", "SQLite integrity_check: " + "; ".join(verdict[:5])))
+        count, ends, _ = _check_segments(root, catalogue, shape, problems)
+        _check_shard_files(root, ends, notes)
+        _check_index(root, catalogue, count, problems, notes)
+    except (sqlite3.DatabaseError, StoreError) as exc:
+        problems.append(Problem("catalogue", f"cannot be read ({exc})"))
+    finally:
+        catalogue.close()
+    notes.extend(f"temporary file {p.name} left by a killed writer" for p in root.glob(".*.tmp"))
+    return VerifyReport(str(root), count, len(ends), problems, notes)

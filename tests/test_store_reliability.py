@@ -1,0 +1,526 @@
+"""Store guarantees (docs/guarantees.md): crash safety, one writer, committed-only reads,
+corruption detected and named, safe loading, no path traversal, bounded validation memory.
+
+Kill tests run ``tests/store_worker.py`` in a subprocess that SIGKILLs itself at a chosen point,
+then resume in this process and compare with an uninterrupted run byte for byte.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ragcompress.errors import CorruptSegmentError, InputError, StoreError
+from ragcompress.indexing import IndexConfig, index
+from ragcompress.inputs import validate
+from ragcompress.kv import PassageKV
+from ragcompress.quant import QuantConfig
+from ragcompress.store import KVStore, Manifest, StoreWriter
+from ragcompress.store import codec
+from ragcompress.store.kvstore import INDEX, INDEX_META, PREFIX
+from ragcompress.store.shards import checksum
+from ragcompress.store.verify import verify_store
+
+sys.path.insert(0, str(Path(__file__).parent))
+import store_worker  # noqa: E402
+
+WORKER = Path(__file__).parent / "store_worker.py"
+REPO = Path(__file__).resolve().parents[1]
+N_PASSAGES = 24
+BATCH = 4
+CONFIG = IndexConfig(quant="int8")
+
+
+def _texts(n: int) -> list[dict]:
+    topics = ["rivers", "castles", "comets", "violins", "glaciers", "bridges"]
+    return [{"id": f"doc-{i:03d}", "text": f"Passage {i} is about {topics[i % 6]}. " * (1 + i % 5),
+             "title": f"T{i}"} for i in range(n)]
+
+
+def _write(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def small_shards(monkeypatch):
+    """Shards roll over every few blobs here and in the worker, so kills hit shard boundaries."""
+    from ragcompress.store import shards
+
+    monkeypatch.setattr(shards, "MAX_SHARD_BYTES", store_worker.SHARD_BYTES)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return _write(tmp_path_factory.mktemp("corpus") / "passages.jsonl", _texts(N_PASSAGES))
+
+
+def _index(lm, corpus: Path, store: Path, **kwargs):
+    return index(corpus, store, lm=lm, embedder=store_worker.HashEmbedder(), config=CONFIG,
+                 batch_size=BATCH, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def clean_store(tmp_path_factory, tiny_lm, corpus) -> Path:
+    from ragcompress.store import shards
+
+    saved = shards.MAX_SHARD_BYTES
+    shards.MAX_SHARD_BYTES = store_worker.SHARD_BYTES
+    try:
+        store = tmp_path_factory.mktemp("clean") / "store"
+        _index(tiny_lm, corpus, store)
+    finally:
+        shards.MAX_SHARD_BYTES = saved
+    return store
+
+
+@pytest.fixture
+def store_copy(clean_store, tmp_path) -> Path:
+    copy = tmp_path / "store"
+    shutil.copytree(clean_store, copy)
+    return copy
+
+
+def _rows(store: Path) -> list[tuple]:
+    db = sqlite3.connect(f"file:{store / 'catalogue.sqlite'}?mode=ro", uri=True)
+    try:
+        return db.execute("SELECT * FROM passages ORDER BY row").fetchall()
+    finally:
+        db.close()
+
+
+def _shard_bytes(store: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((store / "shards").iterdir())}
+
+
+def _same_content(store: Path, reference: Path) -> None:
+    """Same catalogue rows (every column), same shard files byte for byte, same prefix and index."""
+    assert _rows(store) == _rows(reference)
+    assert _shard_bytes(store) == _shard_bytes(reference)
+    assert (store / PREFIX).read_bytes() == (reference / PREFIX).read_bytes()
+    assert (store / INDEX).read_bytes() == (reference / INDEX).read_bytes()
+    assert Manifest.read(store) == Manifest.read(reference)  # ``created`` is not compared
+
+
+def _run_worker(model_dir: Path, corpus: Path, store: Path, kill: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(WORKER), str(model_dir), str(corpus), str(store), str(BATCH), kill],
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def _assert_readable(store: Path) -> int:
+    """The store opens, verifies, and every committed passage loads."""
+    report = verify_store(store)
+    assert report.ok, [str(p) for p in report.problems]
+    with KVStore.open(store) as kv:
+        for entry in kv.catalogue.entries():
+            kv.load_kv(entry)
+        return len(kv)
+
+
+# --- crash safety -------------------------------------------------------------------------------
+
+KILL_POINTS = ["create", "append:1", "append:7", "commit:3", "after:2", "append:18", "index"]
+
+
+@pytest.mark.parametrize("kill", KILL_POINTS)
+def test_sigkill_then_resume_equals_clean_run(kill, tiny_model_dir, tiny_lm, corpus, clean_store, tmp_path):
+    store = tmp_path / "store"
+    done = _run_worker(tiny_model_dir("llama"), corpus, store, kill)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    if kill == "create":
+        assert not store.exists()  # the half-built store is a hidden temp dir, never at the path
+    else:
+        committed = _assert_readable(store)
+        assert committed % BATCH == 0  # batches commit atomically
+    report = _index(tiny_lm, corpus, store)
+    assert report.indexed + report.skipped == N_PASSAGES
+    _assert_readable(store)
+    _same_content(store, clean_store)
+    assert not verify_store(store).notes
+
+
+def test_external_sigkill_mid_run_then_resume(tiny_model_dir, tiny_lm, corpus, clean_store, tmp_path):
+    """A kill from outside at an arbitrary moment (not a hook): same guarantees."""
+    store = tmp_path / "store"
+    proc = subprocess.Popen([sys.executable, str(WORKER), str(tiny_model_dir("llama")), str(corpus), str(store),
+                             str(BATCH), "slow"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if (store / "manifest.json").is_file() and KVStore.open(store).catalogue.count() >= 2 * BATCH:
+                break
+            time.sleep(0.05)
+        time.sleep(0.13)  # land somewhere inside the next batch
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert 0 < _assert_readable(store) < N_PASSAGES
+    _index(tiny_lm, corpus, store)
+    _same_content(store, clean_store)
+
+
+def test_writer_repairs_uncommitted_tail_in_rolled_over_shards(store_copy, clean_store):
+    shards = sorted((store_copy / "shards").iterdir())
+    with open(shards[0], "ab") as handle:
+        handle.write(b"garbage from a killed run")
+    (store_copy / "shards" / "99999.kvs").write_bytes(b"uncommitted shard")
+    report = verify_store(store_copy)
+    assert report.ok and len(report.notes) == 2
+    StoreWriter(store_copy).close()
+    assert _shard_bytes(store_copy) == _shard_bytes(clean_store)
+
+
+# --- concurrency --------------------------------------------------------------------------------
+
+def test_second_writer_fails_with_clear_message(tiny_model_dir, tiny_lm, corpus, store_copy):
+    proc = subprocess.Popen([sys.executable, str(WORKER), str(tiny_model_dir("llama")), str(corpus), str(store_copy),
+                             str(BATCH), "hold"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(StoreError, match=rf"being written by pid {proc.pid}; wait for it to finish"):
+            _index(tiny_lm, corpus, store_copy)
+        with pytest.raises(StoreError, match="one writer at a time"):
+            StoreWriter(store_copy)
+    finally:
+        proc.kill()
+        proc.wait()
+    StoreWriter(store_copy).close()  # the dead holder's lock is gone
+
+
+def test_reader_during_write_sees_only_committed_passages(tiny_model_dir, corpus, clean_store, tmp_path):
+    store = tmp_path / "store"
+    proc = subprocess.Popen([sys.executable, str(WORKER), str(tiny_model_dir("llama")), str(corpus), str(store),
+                             str(BATCH), "slow"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    seen: list[int] = []
+    reference = {row[1]: row for row in _rows(clean_store)}
+    try:
+        while not (store / "manifest.json").is_file():
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.02)
+        with KVStore.open(store) as reader:
+            while proc.poll() is None or not seen or seen[-1] < N_PASSAGES:
+                entries = list(reader.catalogue.entries())
+                for entry in entries:  # every visible row points at complete, verified bytes
+                    reader.load_kv(entry)
+                    assert checksum(reader.catalogue.db.execute(
+                        "SELECT embedding FROM passages WHERE id = ?", (entry.id,)).fetchone()[0]) == \
+                        checksum(reference[entry.id][12])
+                seen.append(len(entries))
+                if entries:
+                    hits = reader.search(store_worker.HashEmbedder().embed([entries[-1].text])[0], 1)
+                    assert hits[0][0].id == entries[-1].id  # the index follows the catalogue
+                if proc.poll() is not None and seen[-1] < N_PASSAGES:
+                    break
+    finally:
+        proc.wait(120)
+    assert proc.returncode == 0, proc.stderr[-2000:] if isinstance(proc.stderr, str) else proc.stderr.read()[-2000:]
+    assert seen == sorted(seen) and seen[-1] == N_PASSAGES
+    assert all(n % BATCH == 0 for n in seen)  # never half a batch
+    assert len(set(seen)) > 2  # the reader really watched the write progress
+
+
+# --- corruption ---------------------------------------------------------------------------------
+
+def _entry(store: Path, passage_id: str):
+    with KVStore.open(store) as kv:
+        return kv.entry(passage_id)
+
+
+def _load(store: Path, passage_id: str):
+    with KVStore.open(store) as kv:
+        return kv.load_kv(kv.entry(passage_id))
+
+
+def _problem_ids(store: Path) -> set[str | None]:
+    report = verify_store(store)
+    assert not report.ok
+    return {p.passage_id for p in report.problems}
+
+
+def test_flipped_byte_is_detected_and_named(store_copy):
+    victim = _entry(store_copy, "doc-005")
+    path = store_copy / "shards" / victim.shard
+    data = bytearray(path.read_bytes())
+    data[victim.offset + victim.length // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptSegmentError, match=rf"passage 'doc-005'.*checksum mismatch in shard {victim.shard}"):
+        _load(store_copy, "doc-005")
+    _load(store_copy, "doc-004")  # neighbours are intact and still load
+    assert _problem_ids(store_copy) == {"doc-005"}
+
+
+def test_truncated_shard_is_detected_and_named(store_copy):
+    last = _entry(store_copy, f"doc-{N_PASSAGES - 1:03d}")
+    path = store_copy / "shards" / last.shard
+    with open(path, "r+b") as handle:
+        handle.truncate(last.offset + last.length - 10)
+    with pytest.raises(CorruptSegmentError, match=rf"passage '{last.id}': shard {last.shard} is truncated"):
+        _load(store_copy, last.id)
+    assert _problem_ids(store_copy) == {last.id}
+    with pytest.raises(StoreError, match="the store is damaged"):
+        StoreWriter(store_copy)  # a writer never appends after lost committed bytes
+
+
+def test_missing_shard_is_detected_and_named(store_copy):
+    victim = _entry(store_copy, "doc-000")
+    (store_copy / "shards" / victim.shard).unlink()
+    with pytest.raises(CorruptSegmentError, match=rf"passage 'doc-000': shard {victim.shard} is missing"):
+        _load(store_copy, "doc-000")
+    report = verify_store(store_copy)
+    assert "doc-000" in {p.passage_id for p in report.problems}
+    assert all(p.shard == victim.shard for p in report.problems)
+
+
+@pytest.mark.parametrize("update, message", [
+    ("offset = 1000000000", "points past the end of shard"),
+    ("shard = '../../etc/passwd'", "not a valid shard name"),
+    ("length = -5", "invalid location"),
+    ("checksum = 'deadbeef'", "checksum mismatch"),
+])
+def test_catalogue_row_pointing_nowhere_is_named(store_copy, update, message):
+    with sqlite3.connect(store_copy / "catalogue.sqlite") as db:
+        db.execute(f"UPDATE passages SET {update} WHERE id = 'doc-007'")
+    with pytest.raises(CorruptSegmentError, match=rf"passage 'doc-007'.*{message}"):
+        _load(store_copy, "doc-007")
+    assert _problem_ids(store_copy) == {"doc-007"}
+
+
+def test_blob_with_wrong_model_shape_is_refused(store_copy):
+    """A blob with a valid checksum but another model's shape never reaches the runtime."""
+    foreign = PassageKV.full(torch.randn(3, 2, 5, 16), torch.randn(3, 2, 5, 16))
+    blob = codec.encode(foreign, QuantConfig("int8"))
+    victim = _entry(store_copy, "doc-002")
+    path = store_copy / "shards" / victim.shard
+    offset = path.stat().st_size
+    with open(path, "ab") as handle:
+        handle.write(blob)
+    with sqlite3.connect(store_copy / "catalogue.sqlite") as db:
+        db.execute("UPDATE passages SET offset = ?, length = ?, checksum = ? WHERE id = 'doc-002'",
+                   (offset, len(blob), checksum(blob)))
+    with pytest.raises(CorruptSegmentError, match=r"passage 'doc-002'.*\(3, 2, 16\), the store's model has \(2, 2, 16\)"):
+        _load(store_copy, "doc-002")
+    assert "doc-002" in _problem_ids(store_copy)
+
+
+def test_corrupt_prefix_is_refused(store_copy):
+    data = bytearray((store_copy / PREFIX).read_bytes())
+    data[-3] ^= 0xFF
+    (store_copy / PREFIX).write_bytes(bytes(data))
+    with KVStore.open(store_copy) as kv, pytest.raises(CorruptSegmentError, match="prefix cache.*checksum mismatch"):
+        kv.prefix_kv()
+    assert [p.kind for p in verify_store(store_copy).problems] == ["prefix"]
+
+
+def test_ask_on_corrupt_passage_fails_clearly(store_copy, tiny_lm):
+    from ragcompress.runtime.engine import Engine
+
+    victim = _entry(store_copy, "doc-003")
+    path = store_copy / "shards" / victim.shard
+    data = bytearray(path.read_bytes())
+    data[victim.offset + 100] ^= 0x10
+    path.write_bytes(bytes(data))
+    engine = Engine(KVStore.open(store_copy), tiny_lm, store_worker.HashEmbedder(), max_new_tokens=4)
+    try:
+        with pytest.raises(CorruptSegmentError, match="passage 'doc-003'"):
+            engine.answer_cached("What is it about?", [victim])
+        healthy = engine.answer_cached("What is it about?", [_entry(store_copy, "doc-004")])
+        assert healthy.passage_ids == ["doc-004"]
+    finally:
+        engine.close()
+
+
+def test_damaged_faiss_index_is_ignored_and_rebuilt(store_copy):
+    path = store_copy / INDEX
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    report = verify_store(store_copy)
+    assert report.ok and any("sha256" in note for note in report.notes)
+    with KVStore.open(store_copy) as kv:
+        entry = kv.entry("doc-009")
+        hit = kv.search(store_worker.HashEmbedder().embed([entry.text])[0], 1)[0][0]
+        assert hit.id == "doc-009"
+
+
+def test_faiss_index_disagreeing_with_catalogue_is_a_problem(store_copy):
+    import faiss
+
+    with KVStore.open(store_copy) as kv:
+        rows, vectors = kv.catalogue.embeddings()
+    index = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
+    index.add_with_ids(np.ascontiguousarray(vectors[::-1]), rows)  # right ids, wrong vectors
+    faiss.write_index(index, str(store_copy / INDEX))
+    meta = {"sha256": checksum((store_copy / INDEX).read_bytes()), "count": len(rows)}
+    (store_copy / INDEX_META).write_text(json.dumps(meta))
+    report = verify_store(store_copy)
+    assert {p.kind for p in report.problems} == {"index"} and len(report.problems) == len(rows)
+
+
+def test_damaged_catalogue_is_a_store_error(store_copy):
+    (store_copy / "catalogue.sqlite").write_bytes(b"not a database" * 100)
+    for name in ("catalogue.sqlite-wal", "catalogue.sqlite-shm"):
+        (store_copy / name).unlink(missing_ok=True)
+    with pytest.raises(StoreError, match="catalogue .* cannot be read"):
+        KVStore.open(store_copy)
+    assert [p.kind for p in verify_store(store_copy).problems] == ["catalogue"]
+
+
+# --- safe loading -------------------------------------------------------------------------------
+
+UNSAFE_MODULES = {"pickle", "cPickle", "dill", "joblib", "shelve", "marshal", "cloudpickle"}
+
+
+def _unsafe_uses(source: str) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.split(".")[0] in UNSAFE_MODULES]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in UNSAFE_MODULES:
+            found.append(node.module)
+        elif isinstance(node, ast.Attribute) and node.attr == "load" and isinstance(node.value, ast.Name) \
+                and node.value.id in {"torch", "np", "numpy", "pickle"}:
+            found.append(f"{node.value.id}.load")
+        elif isinstance(node, ast.keyword) and node.arg in {"allow_pickle", "weights_only"}:
+            found.append(node.arg)
+    return found
+
+
+def test_unsafe_loader_detector_catches_them():
+    source = "import pickle\nfrom joblib import load\ntorch.load(f)\nnp.load(f, allow_pickle=True)\n"
+    assert sorted(_unsafe_uses(source)) == ["allow_pickle", "joblib", "np.load", "pickle", "torch.load"]
+    assert _unsafe_uses("from safetensors.torch import load\njson.load(f)\n") == []
+
+
+def test_no_pickle_or_torch_load_anywhere_in_the_package():
+    roots = [REPO / "ragcompress"] + [REPO / d for d in ("kernels", "integrations") if (REPO / d).is_dir()]
+    offenders = {}
+    for root in roots:
+        for path in root.rglob("*.py"):
+            uses = _unsafe_uses(path.read_text())
+            if uses:
+                offenders[str(path.relative_to(REPO))] = uses
+    assert offenders == {}
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("model_shape", {"layers": 2, "kv_heads": 2, "head_dim": "16"}, "model_shape"),
+    ("model_shape", {"layers": 0, "kv_heads": 2, "head_dim": 16}, "model_shape"),
+    ("template", {"prefix": "x", "passage_format": "no marker", "suffix_format": "{question}"}, "template"),
+    ("compression", {"method": "none", "quant": "int3", "group_size": 32}, "compression"),
+    ("prefix_sha256", "../../etc/passwd", "prefix_sha256"),
+    ("format_version", True, "format version"),
+    ("model_ref", "", "model_ref"),
+])
+def test_manifest_values_are_validated_before_use(store_copy, field, value, message):
+    data = json.loads((store_copy / "manifest.json").read_text())
+    data[field] = value
+    (store_copy / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(StoreError, match=message):
+        KVStore.open(store_copy)
+    assert [p.kind for p in verify_store(store_copy).problems] == ["manifest"]
+
+
+def test_manifest_that_is_not_utf8_or_json_is_a_store_error(store_copy):
+    (store_copy / "manifest.json").write_bytes(b"\xff\xfe{")
+    with pytest.raises(StoreError, match="not UTF-8"):
+        KVStore.open(store_copy)
+    (store_copy / "manifest.json").write_text("[1, 2")
+    with pytest.raises(StoreError, match="not valid JSON"):
+        KVStore.open(store_copy)
+
+
+TRAVERSAL_IDS = ["../../etc/passwd", "/etc/passwd", "..\\..\\windows\\win.ini", "shards/00000.kvs",
+                 "catalogue.sqlite", "%2e%2e%2f%2e%2e%2fx", "a/../../../b", "~/.ssh/id_rsa", "lock"]
+
+
+def test_path_traversal_ids_are_only_data(tiny_lm, tmp_path):
+    corpus = _write(tmp_path / "in.jsonl", [{"id": pid, "text": f"text number {i}"} for i, pid in enumerate(TRAVERSAL_IDS)])
+    store = tmp_path / "store"
+    before = {p for p in tmp_path.rglob("*")}
+    _index(tiny_lm, corpus, store)
+    created = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p not in before}
+    allowed = {"store", "store/shards", "store/catalogue.sqlite", "store/manifest.json",
+               "store/prefix.safetensors", "store/index.faiss", "store/index.json", "store/lock",
+               "store/catalogue.sqlite-wal", "store/catalogue.sqlite-shm"}
+    unexpected = {p for p in created - allowed if not re.fullmatch(r"store/shards/\d{5}\.kvs", p)}
+    assert unexpected == set()
+    with KVStore.open(store) as kv:
+        assert sorted(e.id for e in kv.catalogue.entries()) == sorted(TRAVERSAL_IDS)
+        for pid in TRAVERSAL_IDS:
+            assert kv.load_kv(kv.entry(pid)).num_tokens > 0
+    assert verify_store(store).ok
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_store(tiny_lm, corpus, tmp_path):
+    folder = tmp_path / "precious"
+    folder.mkdir()
+    (folder / "thesis.txt").write_text("do not delete")
+    with pytest.raises(StoreError, match="not a ragcompress store"):
+        _index(tiny_lm, corpus, folder, overwrite=True)
+    assert (folder / "thesis.txt").read_text() == "do not delete"
+
+
+def test_overwrite_replaces_store_atomically(tiny_lm, corpus, store_copy, tmp_path):
+    _index(tiny_lm, corpus, store_copy, overwrite=True)
+    assert verify_store(store_copy).ok
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+# --- input validation memory --------------------------------------------------------------------
+
+def test_validate_memory_does_not_grow_with_ids(tmp_path):
+    """Seen ids live in a temporary SQLite table, not a Python set: Python heap stays small."""
+
+    def peak(n: int) -> int:
+        path = tmp_path / f"ids{n}.jsonl"
+        with open(path, "w") as handle:
+            for i in range(n):
+                handle.write(f'{{"id": "passage-with-a-long-identifier-{i:08d}", "text": "t"}}\n')
+        tracemalloc.start()
+        try:
+            assert validate(path) == n
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    small, large = peak(2_000), peak(60_000)
+    assert large < 2 * small + (1 << 20), (small, large)
+
+
+def test_validate_refuses_duplicates_across_batches(tmp_path):
+    records = [{"id": f"p{i}", "text": "x"} for i in range(1500)] + [{"id": "p3", "text": "again"}]
+    with pytest.raises(InputError, match=r"duplicate passage id 'p3'"):
+        validate(_write(tmp_path / "dup.jsonl", records))
+
+
+def test_changed_text_under_a_stored_id_is_refused_before_writing(tiny_lm, corpus, store_copy, tmp_path):
+    records = _texts(N_PASSAGES)
+    records[17]["text"] = "a different text"
+    rows = _rows(store_copy)
+    with pytest.raises(InputError, match="'doc-017' is already in .* with different text"):
+        _index(tiny_lm, _write(tmp_path / "changed.jsonl", records), store_copy)
+    assert _rows(store_copy) == rows
+
+
+@pytest.mark.parametrize("scheme", ["none", "fp16", "int8", "int4"])
+def test_blob_encoding_is_canonical(scheme):
+    """Equal caches give equal bytes (safetensors alone orders its metadata at random)."""
+    torch.manual_seed(0)
+    kv = PassageKV.full(torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16))
+    assert len({codec.encode(kv, QuantConfig(scheme)) for _ in range(16)}) == 1
