@@ -38,14 +38,20 @@ class IndexConfig:
     ratio: float | None = None
     quant: str = "none"
     group_size: int = 32
+    budget: int | None = None  # tokens kept per head; replaces ratio
 
     def __post_init__(self) -> None:
         QuantConfig(self.quant, self.group_size)  # validates quant and group_size
         if self.ratio is not None and not 0.0 < self.ratio <= 1.0:
             raise ValueError(f"ratio must be in (0, 1], got {self.ratio}")
+        if self.ratio is not None and self.budget is not None:
+            raise ValueError("give either ratio (fraction kept) or budget (tokens kept), not both")
+        self.compressor()  # validates method and its parameters, listing the allowed values
 
     def compressor(self):
         params = {} if self.ratio is None else {"ratio": self.ratio}
+        if self.budget is not None:
+            params["budget"] = self.budget
         return make_compressor(self.method, **params)
 
 

@@ -1,0 +1,62 @@
+"""``adaptive:<scorer>``: per-head budget allocation (Feng et al., 2024, "Ada-KV: Optimizing KV
+Cache Eviction by Adaptive Budget Allocation"; the DuoAttention observation that some heads
+attend broadly and others locally).
+
+Wraps any :class:`ScorerCompressor`: the layer's total budget stays ``kv_heads x budget`` (the
+same bytes as the uniform method), but it is spent on the layer's highest scores across *all*
+its heads, so a head whose attention is spread keeps more tokens and a local head fewer. Every
+head is guaranteed ``floor x budget`` tokens (Ada-KV's safeguard against starving a head) and the
+inner method's protected tokens. Heads really store different counts: the result is a ragged
+:class:`PassageKV` (``lengths`` per head), which the codec writes without padding and the
+runtime's masked attention reads. Scores must be comparable across heads, which holds for
+attention-based scorers (probabilities) and key norms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ragcompress.compressors.base import CompressionContext, Compressor
+from ragcompress.compressors.scorer import ScorerCompressor, gather_kept, top_per_head
+from ragcompress.kv import PassageKV
+
+
+@dataclass(frozen=True)
+class AdaptiveBudget(Compressor):
+    """inner: the scorer whose scores and budget are reallocated; floor: guaranteed share."""
+
+    name = "adaptive"
+    inner: ScorerCompressor
+    floor: float = 0.2
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.inner, ScorerCompressor):
+            raise ValueError(f"adaptive: inner must be a scoring method, got {type(self.inner).__name__}")
+        if not 0.0 <= self.floor <= 1.0:
+            raise ValueError(f"adaptive: floor must be in [0, 1], got {self.floor!r}")
+
+    def config(self) -> dict[str, Any]:
+        inner = self.inner.config()
+        return {**inner, "method": f"{self.name}:{inner['method']}", "floor": self.floor}
+
+    def compress(self, kv: PassageKV, context: CompressionContext) -> PassageKV:
+        budget = self.inner.budget_for(kv)
+        if budget >= kv.num_tokens:
+            return kv
+        valid = kv.valid_mask()
+        scores = self.inner.score(kv, context).float().masked_fill(~valid, float("-inf"))
+        protected = self.inner.protected(kv, budget)
+        guaranteed = max(int(self.floor * budget), int(protected.sum(-1).max()))
+        keep = top_per_head(scores.masked_fill(protected, float("inf")), valid, guaranteed)
+        layers, heads, n = scores.shape
+        spare = heads * budget - keep.sum(-1).sum(-1)  # [L] tokens left per layer
+        rest = scores.masked_fill(keep, float("-inf")).reshape(layers, heads * n)
+        order = rest.argsort(dim=-1, descending=True)
+        take = torch.arange(heads * n) < spare.unsqueeze(-1)  # first `spare` of each layer
+        extra = torch.zeros_like(take)
+        extra.scatter_(-1, order, take)
+        keep = keep | extra.reshape(layers, heads, n)
+        return gather_kept(kv, keep & valid)

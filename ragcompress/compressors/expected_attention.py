@@ -1,0 +1,82 @@
+"""``expected-attention``: the attention future queries are expected to pay each token
+(Devoto et al., 2025, "Expected Attention: KV Cache Compression by Estimating Attention from
+Future Queries Distribution"; kvpress ``ExpectedAttentionPress``).
+
+Queries are modelled as Gaussian, ``q ~ N(mu, Sigma)``, estimated from the pre-RoPE queries of
+the passage's last ``window`` tokens (re-run by :func:`run_probe`). Future queries sit
+``n .. n + future`` positions after the passage start, so RoPE is averaged over those positions:
+``R = mean_p R(p)`` (``diag(mean cos) + diag(mean sin) . rotate_half``), ``mu' = R mu``,
+``Sigma' = R Sigma R^T``. For a key ``k`` (rotated at its passage offset; RoPE is relative, so
+only offsets matter) ``E[exp(s q.k)] = exp(s mu'.k + s^2 k^T Sigma' k / 2)``; a softmax over the
+passage's keys of that logit gives the expected attention, averaged over the query heads of the
+KV group and weighted by ``(a + eps) * ||v||`` because a token's effect on the output scales with
+its value's norm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ragcompress.compressors.base import CompressionContext
+from ragcompress.compressors.probe import run_probe
+from ragcompress.compressors.scorer import ScorerCompressor
+from ragcompress.kv import PassageKV
+from ragcompress.rope import rotate_half
+
+
+def mean_rotation(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``[d, d]`` matrix of the RoPE rotation averaged over positions; cos/sin ``[F, d]``."""
+    c, s = cos.mean(0), sin.mean(0)
+    d = c.shape[0]
+    half = rotate_half(torch.eye(d)).T  # rotate_half(x) == half @ x
+    return torch.diag(c) + torch.diag(s) @ half
+
+
+@dataclass(frozen=True)
+class ExpectedAttentionCompressor(ScorerCompressor):
+    """window: tokens whose queries give the statistics; future: future positions averaged;
+    covariance: include the ``Sigma`` term; vnorm: weight by value norm with ``epsilon``."""
+
+    name = "expected-attention"
+    window: int = 64
+    future: int = 512
+    covariance: bool = True
+    vnorm: bool = True
+    epsilon: float = 0.02
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for field in ("window", "future"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"expected-attention: {field} must be a positive int, got {value!r}")
+
+    def score(self, kv: PassageKV, context: CompressionContext) -> torch.Tensor:
+        encoder, n = context.encoder, kv.num_tokens
+        window = min(self.window, n)
+        probe = run_probe(encoder, kv, context.token_ids[n - window :], context_len=n - window,
+                          score_len=n, attention=False, capture_queries=True)
+        layers, kv_heads = kv.keys.shape[:2]
+        future = torch.arange(n, n + self.future)
+        scores = torch.empty((layers, kv_heads, n))
+        for layer in range(layers):
+            q = probe.queries[layer]  # [Hq, w, d] pre-RoPE
+            mu = q.mean(1)
+            centred = q - mu.unsqueeze(1)
+            rot = mean_rotation(*encoder.rotary.cos_sin(future, layer))
+            mu = mu @ rot.T  # [Hq, d]
+            keys = encoder.rotary.rotate(kv.keys[layer], kv.positions[layer], layer).float()  # [Hkv, n, d]
+            keys = keys.repeat_interleave(q.shape[0] // kv_heads, dim=0)  # [Hq, n, d]
+            s = probe.scaling[layer]
+            logits = torch.einsum("hd,hnd->hn", mu, keys) * s
+            if self.covariance and window > 1:
+                cov = centred.transpose(1, 2) @ centred / (window - 1)  # [Hq, d, d]
+                cov = rot @ cov @ rot.T
+                logits = logits + 0.5 * s * s * torch.einsum("hnd,hde,hne->hn", keys, cov, keys)
+            attn = logits.softmax(-1).view(kv_heads, -1, n).mean(1)
+            if self.vnorm:
+                attn = (attn + self.epsilon) * kv.values[layer].float().norm(dim=-1)
+            scores[layer] = attn
+        return scores

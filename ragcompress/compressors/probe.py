@@ -1,0 +1,129 @@
+"""Run probe tokens after a passage's cache and observe the queries and attention they produce.
+
+Attention-based scorers (SnapKV's observation window, KVzip's reconstruction, the query
+statistics of Expected Attention) need the *queries* of some tokens that follow the cached
+passage. The encoder only returns keys and values, so :func:`run_probe` rebuilds the rotated
+cache ``prefix + passage[:context_len]`` and feeds ``probe_ids`` through the model's decoder
+(no LM head) at the positions that follow, with a forward hook on every attention module. The
+hook recomputes the layer's queries from the hidden states the module received (``q_proj``,
+``q_norm`` when the architecture has one, then RoPE with the ``position_embeddings`` the model
+passed in), so it stays correct for every architecture the library loads without touching the
+attention function. Probes run in chunks of ``chunk`` tokens: the attention matrix held at once
+is ``[q_heads, chunk, total]``, which bounds memory for long passages (KVzip's chunked scoring).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from ragcompress.encoder import PassageEncoder, build_dynamic_cache
+from ragcompress.kv import PassageKV
+from ragcompress.rope import rotate_half
+
+Reduce = Literal["mean", "max"]
+
+
+@dataclass
+class ProbeResult:
+    """attention: ``[layers, kv_heads, score_len]`` attention received by passage tokens,
+    reduced over probe queries and over the query heads of each KV group (``None`` if not asked).
+    queries: per layer ``[q_heads, len(probe_ids), head_dim]`` queries *before* RoPE (if asked).
+    scaling: per layer softmax scale the model uses (``module.scaling``)."""
+
+    attention: torch.Tensor | None
+    queries: list[torch.Tensor] | None
+    scaling: list[float]
+
+
+def rotated_context(encoder: PassageEncoder, kv: PassageKV, context_len: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer ``(keys, values)`` ``[1, kv_heads, P + context_len, d]``, keys rotated as the model
+    caches them (prefix at ``0..P-1``, passage token ``o`` at ``P + o``)."""
+    if not kv.is_uniform:
+        raise ValueError("probing needs the passage's full cache (no eviction yet)")
+    prefix, rotary, p = encoder.prefix_kv, encoder.rotary, encoder.prefix_len
+    out = []
+    for layer in range(kv.keys.shape[0]):
+        pk = rotary.rotate(prefix.keys[layer], prefix.positions[layer], layer)
+        ck = rotary.rotate(kv.keys[layer, :, :context_len], kv.positions[layer, :, :context_len] + p, layer)
+        keys = torch.cat([pk, ck], dim=1).unsqueeze(0)
+        values = torch.cat([prefix.values[layer], kv.values[layer, :, :context_len]], dim=1).unsqueeze(0)
+        out.append((keys.to(kv.keys.dtype), values))
+    return out
+
+
+def layer_queries(module: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """Pre-RoPE queries ``[batch, q_heads, m, head_dim]`` of attention ``module`` for ``hidden``."""
+    batch, m, _ = hidden.shape
+    q = module.q_proj(hidden).view(batch, m, -1, module.head_dim).transpose(1, 2)
+    norm = getattr(module, "q_norm", None)
+    return norm(q) if norm is not None else q
+
+
+def _reduce(x: torch.Tensor, how: Reduce, dim: int) -> torch.Tensor:
+    """Max, or sum (``"mean"`` divides by the count once at the end)."""
+    return x.amax(dim=dim) if how == "max" else x.sum(dim=dim)
+
+
+@torch.inference_mode()
+def run_probe(encoder: PassageEncoder, kv: PassageKV, probe_ids: list[int], *, context_len: int,
+              score_len: int, query_reduce: Reduce = "mean", group_reduce: Reduce = "mean",
+              attention: bool = True, capture_queries: bool = False, chunk: int = 256) -> ProbeResult:
+    """Feed ``probe_ids`` after ``prefix + passage[:context_len]`` and observe every layer.
+
+    ``attention`` reduces, for each KV head, the softmax weights that the probe's queries put on
+    the keys at passage offsets ``0..score_len-1`` (``score_len`` may exceed ``context_len``
+    when the probe re-runs the passage's own tail, as SnapKV's window does); a query's weights on
+    keys it cannot see (causality) count as zero. ``"mean"`` averages over the probe's queries.
+    """
+    model = encoder.lm.model
+    p, m = encoder.prefix_len, len(probe_ids)
+    layers = rotated_context(encoder, kv, context_len)
+    cache = build_dynamic_cache(model.config, [k for k, _ in layers], [v for _, v in layers])
+    n_layers, kv_heads = kv.keys.shape[:2]
+    acc = torch.zeros((n_layers, kv_heads, score_len)) if attention else None
+    queries: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
+    scaling = [0.0] * n_layers
+
+    def hook(module: Any, args: Any, kwargs: dict[str, Any], output: Any) -> None:
+        layer = module.layer_idx
+        scaling[layer] = float(module.scaling)
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        q = layer_queries(module, hidden)  # [1, Hq, c, d]
+        if capture_queries:
+            queries[layer].append(q[0].float())
+        if acc is None:
+            return
+        cos, sin = kwargs["position_embeddings"]
+        q = (q * cos.unsqueeze(1) + rotate_half(q) * sin.unsqueeze(1))[0].float()
+        keys = cache.layers[layer].keys[0].float()  # [Hkv, T, d], this chunk already appended
+        c, total = q.shape[1], keys.shape[1]
+        q = q.view(kv_heads, -1, c, q.shape[-1])  # [Hkv, g, c, d]
+        logits = torch.einsum("hgcd,htd->hgct", q, keys) * module.scaling
+        first = total - c  # cache index of this chunk's first query
+        visible = torch.arange(total) <= (first + torch.arange(c)).unsqueeze(-1)  # [c, T]
+        weights = logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)[..., p : p + score_len]
+        if weights.shape[-1] < score_len:  # keys of later probe chunks do not exist yet
+            weights = torch.nn.functional.pad(weights, (0, score_len - weights.shape[-1]))
+        reduced = _reduce(_reduce(weights, query_reduce, 2), group_reduce, 1)  # [Hkv, score_len]
+        acc[layer] = torch.maximum(acc[layer], reduced) if query_reduce == "max" else acc[layer] + reduced
+
+    handles = [layer.self_attn.register_forward_hook(hook, with_kwargs=True) for layer in model.model.layers]
+    try:
+        start = p + context_len
+        for offset in range(0, m, chunk):
+            ids = probe_ids[offset : offset + chunk]
+            positions = torch.arange(start + offset, start + offset + len(ids)).unsqueeze(0)
+            model.model(input_ids=torch.tensor([ids]), position_ids=positions, cache=cache, use_cache=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if acc is not None:
+        groups = model.config.num_attention_heads // kv_heads
+        if query_reduce == "mean":
+            acc /= m
+        if group_reduce == "mean":
+            acc /= groups
+    return ProbeResult(acc, [torch.cat(q, dim=1) for q in queries] if capture_queries else None, scaling)
