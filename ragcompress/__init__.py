@@ -1,1 +1,14 @@
-"""ragcompress: answer RAG questions from precomputed, compressed passage KV caches."""
+"""ragcompress: answer RAG questions from precomputed, compressed passage KV caches.
+
+Offline, :func:`index` runs each passage once through the LLM after a shared prompt prefix,
+compresses its KV cache and writes it to a :class:`KVStore`. At query time, :class:`Engine`
+retrieves passages, places their stored caches at new positions and prefills only the question.
+"""
+
+from ragcompress.errors import RagCompressError
+from ragcompress.indexing import IndexConfig, index
+from ragcompress.models import load_model
+from ragcompress.runtime.engine import Answer, Engine
+from ragcompress.store import KVStore
+
+__all__ = ["Answer", "Engine", "IndexConfig", "KVStore", "RagCompressError", "index", "load_model"]

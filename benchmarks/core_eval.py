@@ -1,0 +1,61 @@
+"""Issue #2 quality/speed table: cached answering vs full prefill on squad-dev.
+
+Builds one store per quantization (none / int8 / int4) over all squad-dev passages, then runs
+`eval` (same retrieved passages both ways, greedy, one process) at top-1 and top-3. Prints a
+markdown table and writes the raw JSON next to it.
+
+    python benchmarks/core_eval.py --model smollm2-135m --limit 60 --out docs/results/core_smollm2.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ragcompress import Engine, IndexConfig, KVStore, index, load_model
+from ragcompress.evaluation import iter_eval, read_questions, summarize
+from ragcompress.retrieval import Embedder
+
+SQUAD = Path(__file__).resolve().parents[2] / "shared" / "data" / "squad-dev"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--limit", type=int, default=60)
+    parser.add_argument("--runs", type=Path, default=Path("runs/core_eval"))
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--rows", default="none:1,none:3,int8:3,int4:3", help="quant:top_k,...")
+    args = parser.parse_args()
+
+    lm = load_model(args.model)
+    embedder = Embedder()
+    questions = read_questions(SQUAD / "questions.jsonl", args.limit)
+    rows = []
+    for spec in args.rows.split(","):
+        quant, top_k = spec.split(":")
+        store = args.runs / f"{args.model.replace('/', '_')}-{quant}"
+        index(SQUAD / "passages.jsonl", store, lm=lm, embedder=embedder, config=IndexConfig(quant=quant))
+        engine = Engine(KVStore.open(store), lm, embedder)
+        summary = summarize(engine, list(iter_eval(engine, questions, int(top_k))))
+        summary.update({"quant": quant, "top_k": int(top_k), "model": args.model})
+        rows.append(summary)
+        print(json.dumps(summary), flush=True)
+        engine.close()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(rows, indent=1))
+    print(f"\n| model | quant | top-k | n | sub-EM full | sub-EM cached | F1 full | F1 cached | agreement | "
+          f"TTFT full (ms) | TTFT cached (ms) | speedup | bytes/token (fp16) | compression |")
+    print("|" + "---|" * 14)
+    for r in rows:
+        print(f"| {r['model']} | {r['quant']} | {r['top_k']} | {r['n']} | {r['full']['sub_em']:.3f} | "
+              f"{r['compressed']['sub_em']:.3f} | {r['full']['f1']:.3f} | {r['compressed']['f1']:.3f} | "
+              f"{r['agreement']:.3f} | {r['full']['ttft_s_median'] * 1000:.0f} | "
+              f"{r['compressed']['ttft_s_median'] * 1000:.0f} | {r['ttft_speedup']:.1f}x | "
+              f"{r['kv_bytes_per_token']['stored']:.0f} ({r['kv_bytes_per_token']['fp16']:.0f}) | "
+              f"{r['compression']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

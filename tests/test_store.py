@@ -1,0 +1,124 @@
+"""The store: round trip, resume, and refusal of stores built for something else."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from ragcompress.encoder import PassageEncoder
+from ragcompress.errors import InputError, StoreError, StoreMismatchError
+from ragcompress.indexing import IndexConfig, index
+from ragcompress.prompt import PromptTemplate
+from ragcompress.quant import QuantConfig
+from ragcompress.store import KVStore
+from ragcompress.store.codec import decode, encode
+
+
+def checksums(store_path) -> dict[str, str]:
+    with KVStore.open(store_path) as store:
+        return {e.id: e.checksum for e in store.catalogue.entries()}
+
+
+def test_round_trip_is_bit_exact_for_none(tiny_lm, passages_file, tmp_path, embedder):
+    store_path = tmp_path / "store"
+    index(passages_file, store_path, lm=tiny_lm, embedder=embedder)
+    encoder = PassageEncoder(tiny_lm, PromptTemplate.from_tokenizer(tiny_lm.tokenizer))
+    records = [json.loads(line) for line in passages_file.read_text().splitlines()]
+    first = records[0]
+    # index() encodes in batches of 8: the same batch must give the same bits.
+    expected = encoder.encode([encoder.tokens.passage(r["text"]) for r in records])[0]
+    with KVStore.open(store_path) as store:
+        got = store.load_kv(store.entry(first["id"]))
+        assert torch.equal(got.keys, expected.keys)
+        assert torch.equal(got.values, expected.values)
+        assert got.num_tokens == expected.num_tokens == len(encoder.tokens.passage(first["text"]))
+        assert len(store) == 8
+
+
+def test_batched_encoding_equals_one_at_a_time(tiny_lm, passages_file):
+    encoder = PassageEncoder(tiny_lm, PromptTemplate.from_tokenizer(tiny_lm.tokenizer))
+    texts = [json.loads(line)["text"] for line in passages_file.read_text().splitlines()[:3]]
+    ids = [encoder.tokens.passage(t) for t in texts]
+    batched = encoder.encode(ids)
+    for one_ids, kv in zip(ids, batched):
+        single = encoder.encode([one_ids])[0]
+        torch.testing.assert_close(kv.keys, single.keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(kv.values, single.values, atol=1e-5, rtol=1e-5)
+
+
+def test_resume_skips_finished_passages_and_matches_clean_run(tiny_lm, passages_file, tmp_path, embedder):
+    half = tmp_path / "half.jsonl"
+    half.write_text("\n".join(passages_file.read_text().splitlines()[:3]) + "\n")
+    resumed = tmp_path / "resumed"
+    index(half, resumed, lm=tiny_lm, embedder=embedder, config=IndexConfig(quant="int4"))
+    report = index(passages_file, resumed, lm=tiny_lm, embedder=embedder, config=IndexConfig(quant="int4"))
+    assert (report.indexed, report.skipped) == (5, 3)
+    clean = tmp_path / "clean"
+    index(passages_file, clean, lm=tiny_lm, embedder=embedder, config=IndexConfig(quant="int4"))
+    assert checksums(resumed) == checksums(clean)
+    again = index(passages_file, resumed, lm=tiny_lm, embedder=embedder, config=IndexConfig(quant="int4"))
+    assert (again.indexed, again.skipped) == (0, 8)
+
+
+def test_other_compression_on_existing_store_is_refused(tiny_lm, passages_file, tmp_path, embedder):
+    store = tmp_path / "store"
+    index(passages_file, store, lm=tiny_lm, embedder=embedder)
+    before = checksums(store)
+    with pytest.raises(StoreMismatchError, match="compression"):
+        index(passages_file, store, lm=tiny_lm, embedder=embedder, config=IndexConfig(quant="int8"))
+    assert checksums(store) == before
+
+
+def test_other_model_is_refused_naming_both(tiny_model_dir, passages_file, tmp_path, embedder):
+    from ragcompress.models import load_model
+    from ragcompress.runtime.engine import Engine
+
+    store = tmp_path / "store"
+    index(passages_file, store, model=str(tiny_model_dir("llama")), embedder=embedder)
+    other = load_model(str(tiny_model_dir("llama", seed=1)))
+    with pytest.raises(StoreMismatchError) as info:
+        index(passages_file, store, lm=other, embedder=embedder)
+    assert "llama" in str(info.value) and "seed1" in str(info.value)
+    with pytest.raises(StoreMismatchError, match="fingerprint"):
+        Engine(KVStore.open(store), other, embedder)
+
+
+def test_format_version_mismatch_is_refused(tiny_lm, passages_file, tmp_path, embedder):
+    store = tmp_path / "store"
+    index(passages_file, store, lm=tiny_lm, embedder=embedder)
+    manifest = json.loads((store / "manifest.json").read_text())
+    manifest["format_version"] = 999
+    (store / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreMismatchError, match="999"):
+        KVStore.open(store)
+
+
+def test_changed_text_under_same_id_is_refused(tiny_lm, passages_file, tmp_path, embedder):
+    store = tmp_path / "store"
+    index(passages_file, store, lm=tiny_lm, embedder=embedder)
+    lines = passages_file.read_text().splitlines()
+    record = json.loads(lines[0])
+    record["text"] += " Changed."
+    changed = tmp_path / "changed.jsonl"
+    changed.write_text(json.dumps(record) + "\n")
+    with pytest.raises(InputError, match=re.escape(record["id"])):
+        index(changed, store, lm=tiny_lm, embedder=embedder)
+
+
+def test_missing_store_is_a_clear_error(tmp_path):
+    with pytest.raises(StoreError, match="does not exist"):
+        KVStore.open(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(StoreError, match="not a ragcompress store"):
+        KVStore.open(tmp_path / "empty")
+
+
+def test_codec_keeps_model_dtype_for_none():
+    from ragcompress.kv import PassageKV
+
+    kv = PassageKV.full(torch.randn(1, 1, 4, 8, dtype=torch.float64), torch.randn(1, 1, 4, 8, dtype=torch.float64))
+    back = decode(encode(kv, QuantConfig("none")), torch.float64)
+    assert torch.equal(back.keys, kv.keys)
