@@ -1,0 +1,228 @@
+"""Text compression side by side on squad-dev (top-3 retrieval), answered by SmolLM2 full prefill.
+
+Methods, each applied to the same three retrieved passages per question:
+
+* ``uncompressed``: the passages as retrieved (the baseline every ratio is against);
+* ``selfinfo``: ragcompress's ``TextCompressionPostprocessor(method="selfinfo")`` (word units,
+  self-information under SmolLM2) at rates 0.5 and 0.33;
+* ``extractive``: ``TextCompressionPostprocessor(method="extractive")`` (RECOMP-style sentences
+  by MiniLM similarity to the question) at rates 0.5 and 0.33;
+* ``sentence-optimizer``: LlamaIndex core's ``SentenceEmbeddingOptimizer`` with the same MiniLM
+  embedder, ``percentile_cutoff`` 0.5 and 0.33;
+* ``llmlingua``: Microsoft's ``llmlingua.PromptCompressor`` with SmolLM2 as its scorer, one call
+  per passage, ``rate`` 0.5 and 0.33 (needs ``TIKTOKEN_CACHE_DIR``: it counts GPT tokens with
+  tiktoken, whose ``cl100k_base`` file LlamaIndex core ships; set here automatically).
+
+Every compressed context is placed in ragcompress's RAG prompt (the store prompt: prefix,
+passages, question) and answered by greedy decoding with a plain full prefill, so only the
+passage text differs between methods. Reported: sub-EM (SQuAD normalisation), passage tokens
+sent to the reader (SmolLM2 tokenizer) and their ratio to uncompressed, agreement with the
+uncompressed answer, and compression latency per question (median). Query-agnostic methods
+(selfinfo, llmlingua) compress each passage once; their latency per question is the sum of the
+measured times of its three passages, i.e. what compressing at query time would cost.
+
+    .venv/bin/python benchmarks/text_compression.py --limit 40 --out docs/results/text_compression.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "squad-dev"
+RATES = (0.5, 0.33)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with passages.jsonl, questions.jsonl")
+    parser.add_argument("--limit", type=int, default=40, help="number of questions (first N)")
+    parser.add_argument("--top-k", type=int, default=3)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
+    parser.add_argument("--no-llmlingua", action="store_true", help="skip llmlingua even if installed")
+    parser.add_argument("--out", type=Path, default=None, help="write the summary JSON here")
+    parser.add_argument("--log", type=Path, default=None, help="append one JSON line per question and method here")
+    parser.add_argument("--from-log", type=Path, default=None, help="only summarize an existing --log file")
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    if args.from_log:
+        rows: dict[str, list[dict]] = {}
+        for line in args.from_log.read_text().splitlines():
+            row = json.loads(line)
+            rows.setdefault(row["method"], []).append(row)
+        summarize(rows, args, "smollm2-135m", "")
+        return 0
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from llama_index.core.postprocessor import SentenceEmbeddingOptimizer
+    from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
+    from llama_index.embeddings.huggingface import HuggingFaceEmbedding
+    from llama_index.postprocessor.ragcompress import TextCompressionPostprocessor
+    from llama_index.postprocessor.ragcompress._shared import shared_embedder, shared_model
+    from transformers import DynamicCache
+
+    from ragcompress.evaluation import read_questions, sub_em
+    from ragcompress.inputs import iter_passages
+    from ragcompress.prompt import PromptTemplate, PromptTokens
+    from ragcompress.retrieval import DEFAULT_EMBEDDER, VectorIndex, _embedder_path
+    from ragcompress.runtime.generate import greedy_decode, stop_token_ids
+
+    lm = shared_model(None)
+    tokens = PromptTokens(PromptTemplate.from_tokenizer(lm.tokenizer), lm.tokenizer)
+    stops = stop_token_ids(lm.tokenizer, lm.model)
+    embedder = shared_embedder(DEFAULT_EMBEDDER)
+    passages = list(iter_passages(args.data / "passages.jsonl"))
+    questions = read_questions(args.data / "questions.jsonl", args.limit)
+    vectors = embedder.embed([p.text for p in passages])
+    index = VectorIndex(__import__("numpy").arange(len(passages), dtype="int64"), vectors)
+
+    methods: dict[str, object] = {"uncompressed": None}
+    for rate in RATES:
+        methods[f"selfinfo@{rate}"] = TextCompressionPostprocessor(method="selfinfo", rate=rate)
+        methods[f"extractive@{rate}"] = TextCompressionPostprocessor(method="extractive", rate=rate)
+    hf_embed = HuggingFaceEmbedding(model_name=_embedder_path(DEFAULT_EMBEDDER), device="cpu")
+    for rate in RATES:
+        # context_before/after=0: only the selected sentences (the default 1 adds both neighbours
+        # of every selected sentence, which can return more text than it was given).
+        methods[f"sentence-optimizer@{rate}"] = SentenceEmbeddingOptimizer(
+            embed_model=hf_embed, percentile_cutoff=rate, context_before=0, context_after=0
+        )
+    llmlingua_note = ""
+    lingua = None
+    if not args.no_llmlingua:
+        os.environ.setdefault(
+            "TIKTOKEN_CACHE_DIR",
+            str(Path(__import__("llama_index.core").core.__file__).parent / "_static" / "tiktoken_cache"),
+        )
+        try:
+            from llmlingua import PromptCompressor
+
+            from ragcompress.models import resolve_model_dir
+
+            lingua = PromptCompressor(model_name=str(resolve_model_dir("smollm2-135m")), device_map="cpu")
+            for rate in RATES:
+                methods[f"llmlingua@{rate}"] = ("llmlingua", rate)
+        except Exception as exc:  # report why it cannot run, keep the rest of the table
+            llmlingua_note = f"llmlingua not run: {type(exc).__name__}: {exc}"
+            print(llmlingua_note, file=sys.stderr)
+    agnostic_cache: dict[tuple[str, str], tuple[str, float]] = {}
+
+    def compress(name: str, method: object, hits: list, question: str) -> tuple[list[str], float]:
+        """Compressed passage texts and the compression latency for this question."""
+        if method is None:
+            return [p.text for p in hits], 0.0
+        if isinstance(method, tuple) or name.startswith("selfinfo"):
+            texts, seconds = [], 0.0
+            for p in hits:
+                key = (name, p.id)
+                if key not in agnostic_cache:
+                    start = time.perf_counter()
+                    if isinstance(method, tuple):
+                        out = lingua.compress_prompt([p.text], rate=method[1])["compressed_prompt"]
+                    else:
+                        out = method.postprocess_nodes([NodeWithScore(node=TextNode(text=p.text))])[0].node.text
+                    agnostic_cache[key] = (out, time.perf_counter() - start)
+                texts.append(agnostic_cache[key][0])
+                seconds += agnostic_cache[key][1]
+            return texts, seconds
+        nodes = [NodeWithScore(node=TextNode(id_=p.id, text=p.text), score=1.0) for p in hits]
+        start = time.perf_counter()
+        out = method.postprocess_nodes(nodes, query_bundle=QueryBundle(question))
+        seconds = time.perf_counter() - start
+        by_id = {n.node.node_id: n.node.get_content() for n in out}
+        return [by_id.get(p.id, "") for p in hits], seconds
+
+    def answer(texts: list[str], question: str) -> tuple[str, int, float]:
+        context = [t for text in texts if text.strip() for t in tokens.passage(text)]
+        ids = tokens.prefix() + context + tokens.suffix(question)
+        t0 = time.perf_counter()
+        gen = greedy_decode(lm.model, ids, DynamicCache(config=lm.config), 0, args.max_new_tokens, stops, t0)
+        return lm.tokenizer.decode(gen.token_ids, skip_special_tokens=True).strip(), len(context), gen.ttft_s
+
+    rows = {name: [] for name in methods}
+    log = open(args.log, "a") if args.log else None
+    for number, q in enumerate(questions, start=1):
+        hits = [passages[row] for row, _ in index.search(embedder.embed([q.question])[0], args.top_k)]
+        base_answer = None
+        for name, method in methods.items():
+            texts, seconds = compress(name, method, hits, q.question)
+            text, sent, ttft = answer(texts, q.question)
+            if name == "uncompressed":
+                base_answer = text
+            row = {
+                "question": q.id,
+                "method": name,
+                "answer": text,
+                "sub_em": sub_em(text, q.answers),
+                "tokens": sent,
+                "compress_s": seconds,
+                "ttft_s": ttft,
+                "agree": text == base_answer,
+            }
+            rows[name].append(row)
+            if log:
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+        print(
+            f"[{number}/{len(questions)}] "
+            + " ".join(f"{n}={statistics.fmean(r['sub_em'] for r in rs):.2f}" for n, rs in rows.items()),
+            file=sys.stderr,
+        )
+
+    summarize(rows, args, lm.ref, llmlingua_note)
+    return 0
+
+
+def summarize(rows: dict[str, list[dict]], args: argparse.Namespace, reader: str, llmlingua_note: str) -> None:
+    n = min(len(rs) for rs in rows.values())
+    rows = {name: rs[:n] for name, rs in rows.items()}
+    base_tokens = sum(r["tokens"] for r in rows["uncompressed"])
+    summary = {
+        "n": n,
+        "top_k": args.top_k,
+        "data": str(args.data),
+        "reader": reader,
+        "threads": args.threads,
+        "llmlingua": llmlingua_note or "run",
+        "methods": {},
+    }
+    print(f"\nsquad-dev, first {n} questions, top-{args.top_k}, reader {reader} (full prefill)\n")
+    print(
+        "| method | sub-EM | agreement w/ uncompressed | passage tokens / question | tokens vs uncompressed "
+        "| compression latency (median s / question) |"
+    )
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, rs in rows.items():
+        tokens_sent = sum(r["tokens"] for r in rs)
+        item = {
+            "sub_em": statistics.fmean(r["sub_em"] for r in rs),
+            "agreement": statistics.fmean(r["agree"] for r in rs),
+            "tokens_per_question": tokens_sent / len(rs),
+            "token_ratio": tokens_sent / base_tokens,
+            "compress_s_median": statistics.median(r["compress_s"] for r in rs),
+        }
+        summary["methods"][name] = item
+        print(
+            f"| {name} | {item['sub_em']:.3f} | {item['agreement']:.3f} | {item['tokens_per_question']:.0f} "
+            f"| {item['token_ratio']:.3f} | {item['compress_s_median']:.3f} |"
+        )
+    if llmlingua_note:
+        print(f"\n{llmlingua_note}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""The LlamaIndex integration with real LlamaIndex objects (ingestion pipeline, query engines,
+vector index) on a tiny random model and the bundled SQuAD sample."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("llama_index.core")
+
+from llama_index.core import Document, VectorStoreIndex  # noqa: E402
+from llama_index.core.ingestion import IngestionCache, IngestionPipeline  # noqa: E402
+from llama_index.core.query_engine import RetrieverQueryEngine  # noqa: E402
+from llama_index.core.schema import MetadataMode, NodeRelationship, NodeWithScore, RelatedNodeInfo, TextNode  # noqa: E402
+from llama_index.postprocessor.ragcompress import (  # noqa: E402
+    KVCacheNodePostprocessor,
+    KVCacheSynthesizer,
+    KVCacheTransform,
+    KVStoreRetriever,
+    LocalLLM,
+    TextCompressionPostprocessor,
+)
+from llama_index.postprocessor.ragcompress._shared import PASSAGE_KEY, STORE_KEY  # noqa: E402
+
+from ragcompress.data import SAMPLE_PASSAGES  # noqa: E402
+from ragcompress.errors import StoreError, StoreMismatchError  # noqa: E402
+from ragcompress.store import KVStore  # noqa: E402
+
+QUESTION = "What city in Victoria is called the sporting capital of Australia?"
+
+
+def sample_documents(n: int = 6) -> list[Document]:
+    rows = [json.loads(line) for line in SAMPLE_PASSAGES.read_text().splitlines()[:n]]
+    return [
+        Document(id_=r["id"], text=r["text"], metadata={"title": r["title"], "position": i, "tags": ["squad", "dev"]})
+        for i, r in enumerate(rows)
+    ]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir) -> str:
+    return str(tiny_model_dir("llama"))
+
+
+@pytest.fixture(scope="module")
+def built(tiny, tmp_path_factory):
+    """A store built by the ingestion transform; returns (store path, nodes)."""
+    store = tmp_path_factory.mktemp("li") / "store"
+    pipeline = IngestionPipeline(transformations=[KVCacheTransform(store_path=str(store), model=tiny)])
+    nodes = pipeline.run(documents=sample_documents())
+    return str(store), nodes
+
+
+@pytest.fixture
+def store_copy(built, tmp_path) -> str:
+    """A private copy of the built store for tests that add passages."""
+    target = tmp_path / "store"
+    shutil.copytree(built[0], target)
+    return str(target)
+
+
+def test_transform_stores_every_node_and_attaches_hidden_handles(built):
+    store, nodes = built
+    documents = sample_documents()
+    assert [n.node_id for n in nodes] == [d.doc_id for d in documents]
+    with KVStore.open(store) as kv:
+        assert len(kv) == 6
+        for node, doc in zip(nodes, documents, strict=True):
+            assert node.metadata[STORE_KEY] == str(Path(store).resolve())
+            assert node.metadata[PASSAGE_KEY] == doc.doc_id
+            assert {k: node.metadata[k] for k in doc.metadata} == doc.metadata
+            entry = kv.entry(doc.doc_id)
+            assert entry.text == doc.text
+            assert entry.meta == doc.metadata
+            assert STORE_KEY not in node.get_content(metadata_mode=MetadataMode.LLM)
+            assert PASSAGE_KEY not in node.get_content(metadata_mode=MetadataMode.EMBED)
+
+
+def test_transform_skips_stored_nodes_and_aliases_edited_ones(tiny, store_copy):
+    transform = KVCacheTransform(store_path=store_copy, model=tiny)
+    again = transform(sample_documents())
+    with KVStore.open(store_copy) as kv:
+        assert len(kv) == 6
+    edited = Document(id_=again[0].node_id, text=again[0].text + " Edited.", metadata={"title": "x"})
+    transform([edited])
+    with KVStore.open(store_copy) as kv:
+        assert len(kv) == 7
+        alias = edited.metadata[PASSAGE_KEY]
+        assert alias.startswith(edited.node_id + "~") and len(alias) == len(edited.node_id) + 17
+        assert kv.entry(alias).text == edited.text
+        assert kv.entry(edited.node_id).text == again[0].text
+
+
+def test_transform_to_dict_is_deterministic_and_ingestion_cache_hits(tiny, tmp_path):
+    store = str(tmp_path / "store")
+    first = KVCacheTransform(store_path=store, model=tiny, quant="int8")
+    second = KVCacheTransform(store_path=store, model=tiny, quant="int8")
+    assert first.to_dict() == second.to_dict()
+    assert json.loads(first.to_json()) == first.to_dict()
+    cache = IngestionCache()
+    IngestionPipeline(transformations=[first], cache=cache).run(documents=sample_documents(2))
+    assert first._writer is not None
+    nodes = IngestionPipeline(transformations=[second], cache=cache).run(documents=sample_documents(2))
+    assert second._writer is None  # served from the ingestion cache: nothing encoded
+    assert [n.metadata[PASSAGE_KEY] for n in nodes] == [d.doc_id for d in sample_documents(2)]
+
+
+def test_retriever_returns_store_passages_with_metadata_and_handles(built):
+    store, _ = built
+    retriever = KVStoreRetriever(store, similarity_top_k=3)
+    hits = retriever.retrieve(QUESTION)
+    assert len(hits) == 3
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    docs = {d.doc_id: d for d in sample_documents()}
+    from llama_index.postprocessor.ragcompress._shared import shared_embedder
+
+    vectors = shared_embedder("all-MiniLM-L6-v2").embed([QUESTION] + [d.text for d in docs.values()])
+    brute = sorted(zip(vectors[1:] @ vectors[0], docs, strict=True), key=lambda x: -x[0])[:3]
+    assert [h.node.node_id for h in hits] == [doc_id for _, doc_id in brute]
+    assert [h.score for h in hits] == pytest.approx([float(score) for score, _ in brute], abs=1e-5)
+    for hit in hits:
+        doc = docs[hit.node.node_id]
+        assert hit.node.text == doc.text
+        assert {k: hit.node.metadata[k] for k in doc.metadata} == doc.metadata
+        assert hit.node.metadata[PASSAGE_KEY] == hit.node.node_id
+
+
+def test_query_engine_round_trip_matches_engine_answer(built):
+    store, _ = built
+    retriever = KVStoreRetriever(store, similarity_top_k=3)
+    synthesizer = KVCacheSynthesizer(store, max_new_tokens=8)
+    response = RetrieverQueryEngine(retriever, response_synthesizer=synthesizer).query(QUESTION)
+    engine = synthesizer.engine
+    entries = engine.retrieve(QUESTION, 3)
+    expected = engine.answer_cached(QUESTION, entries)
+    assert response.response == expected.answer
+    assert [n.node.node_id for n in response.source_nodes] == [e.id for e in entries]
+    info = response.metadata["ragcompress"]
+    assert info["passage_ids"] == [e.id for e in entries] and info["computed"] == []
+    assert info["ttft_s"] > 0
+
+
+def test_streaming_response_equals_non_streaming(built):
+    store, _ = built
+    retriever = KVStoreRetriever(store, similarity_top_k=2)
+    plain = RetrieverQueryEngine(retriever, response_synthesizer=KVCacheSynthesizer(store, max_new_tokens=12))
+    streaming = RetrieverQueryEngine(
+        retriever, response_synthesizer=KVCacheSynthesizer(store, max_new_tokens=12, streaming=True)
+    )
+    expected = plain.query(QUESTION).response
+    chunks = list(streaming.query(QUESTION).response_gen)
+    assert len(chunks) >= 1
+    assert "".join(chunks) == expected
+
+
+def test_async_query_engine(built):
+    store, _ = built
+    engine = RetrieverQueryEngine(KVStoreRetriever(store, similarity_top_k=2),
+                                  response_synthesizer=KVCacheSynthesizer(store, max_new_tokens=6))
+    assert asyncio.run(engine.aquery(QUESTION)).response == engine.query(QUESTION).response
+
+
+def test_vector_store_index_as_query_engine_computes_missing_caches(tiny, store_copy):
+    huggingface = pytest.importorskip("llama_index.embeddings.huggingface")
+    from ragcompress.retrieval import DEFAULT_EMBEDDER, _embedder_path
+
+    embed = huggingface.HuggingFaceEmbedding(model_name=_embedder_path(DEFAULT_EMBEDDER), device="cpu")
+    fresh = [TextNode(id_=f"new-{i}", text=d.text, metadata=dict(d.metadata)) for i, d in enumerate(sample_documents(3))]
+    index = VectorStoreIndex(fresh, embed_model=embed)
+    synthesizer = KVCacheSynthesizer(store_copy, max_new_tokens=6)
+    query_engine = index.as_query_engine(llm=synthesizer._llm, response_synthesizer=synthesizer, similarity_top_k=2)
+    response = query_engine.query(QUESTION)
+    ids = [n.node.node_id for n in response.source_nodes]
+    assert response.metadata["ragcompress"]["computed"] == ids  # not in the store before
+    entries = [synthesizer.engine.store.entry(i) for i in ids]
+    assert response.response == synthesizer.engine.answer_cached(QUESTION, entries).answer
+    assert synthesizer.engine.store.catalogue.count() == 8
+
+
+def test_postprocessor_orders_drops_attaches_and_keeps_metadata(store_copy):
+    docs = sample_documents(3)
+    parent = RelatedNodeInfo(node_id="doc-parent")
+    new = TextNode(id_="brand-new", text="Melbourne hosts the Australian Open every January.",
+                   metadata={"source": "test", "page": 3}, relationships={NodeRelationship.SOURCE: parent})
+    nodes = [
+        NodeWithScore(node=TextNode(id_=docs[0].doc_id, text=docs[0].text, metadata=dict(docs[0].metadata)), score=0.2),
+        NodeWithScore(node=new, score=0.9),
+        NodeWithScore(node=TextNode(id_=docs[1].doc_id, text=docs[1].text, metadata=dict(docs[1].metadata)), score=0.5),
+        NodeWithScore(node=TextNode(id_=docs[2].doc_id, text=docs[2].text), score=0.05),
+    ]
+    post = KVCacheNodePostprocessor(store_path=store_copy, similarity_cutoff=0.1, top_n=2)
+    out = asyncio.run(post.apostprocess_nodes(nodes, query_str=QUESTION))
+    assert [n.node.node_id for n in out] == ["brand-new", docs[1].doc_id]
+    assert [n.score for n in out] == [0.9, 0.5]
+    assert {k: out[0].node.metadata[k] for k in ("source", "page")} == {"source": "test", "page": 3}
+    assert out[0].node.relationships[NodeRelationship.SOURCE].node_id == "doc-parent"
+    assert out[1].node.metadata["title"] == docs[1].metadata["title"]
+    assert [n.node.metadata[PASSAGE_KEY] for n in out] == ["brand-new", docs[1].doc_id]
+    assert STORE_KEY not in new.metadata  # inputs are not modified
+    with KVStore.open(store_copy) as kv:
+        assert kv.entry("brand-new").text == new.text
+        assert kv.entry("brand-new").meta == {"source": "test", "page": 3}
+
+
+def test_postprocessor_without_compute_missing_names_the_node(built):
+    post = KVCacheNodePostprocessor(store_path=built[0], compute_missing=False)
+    with pytest.raises(StoreError, match="'not-stored' has no cache"):
+        post.postprocess_nodes([NodeWithScore(node=TextNode(id_="not-stored", text="Some text."), score=1.0)])
+
+
+def test_serialisation_round_trips(built, tiny):
+    store, _ = built
+    components = [
+        KVCacheTransform(store_path=store, model=tiny, method="none", quant="int4", group_size=16),
+        KVCacheNodePostprocessor(store_path=store, top_n=2, similarity_cutoff=0.3),
+        TextCompressionPostprocessor(method="extractive", target_tokens=100, model=tiny),
+        LocalLLM(model=tiny, max_new_tokens=7),
+    ]
+    for component in components:
+        data = component.to_dict()
+        again = type(component).from_dict(data)
+        assert again.to_dict() == data
+        assert type(component).from_json(component.to_json()).to_dict() == data
+    for component in (KVCacheSynthesizer(store, max_new_tokens=5, streaming=True, compute_missing=False),
+                      KVStoreRetriever(store, similarity_top_k=4)):
+        data = component.to_dict()
+        assert data["store_path"] == store and data["class_name"] == component.class_name()
+        assert type(component).from_dict(json.loads(json.dumps(data))).to_dict() == data
+
+
+def test_missing_store_is_a_clear_error(tmp_path):
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(StoreError, match="does not exist"):
+        KVCacheSynthesizer(missing)
+    with pytest.raises(StoreError, match="does not exist"):
+        KVStoreRetriever(missing)
+    with pytest.raises(StoreError, match="does not exist"):
+        KVCacheNodePostprocessor(store_path=missing)
+
+
+def test_store_built_for_another_model_is_refused(built, tiny_model_dir):
+    store, _ = built
+    other = str(tiny_model_dir("qwen2"))
+    with pytest.raises(StoreMismatchError, match="rebuild the store for this model"):
+        KVCacheSynthesizer(store, model=other)
+    with pytest.raises(StoreMismatchError):
+        KVCacheNodePostprocessor(store_path=store, model=other)
+    with pytest.raises(StoreMismatchError, match="store was built with model"):
+        KVCacheTransform(store_path=store, model=other)(sample_documents(1))
+
+
+def test_local_llm_is_a_plain_full_prefill(tiny):
+    from llama_index.postprocessor.ragcompress._shared import shared_model
+    from transformers import DynamicCache
+
+    from ragcompress.runtime.generate import greedy_decode, stop_token_ids
+
+    llm = LocalLLM(model=tiny, max_new_tokens=6)
+    out = llm.complete("Say something.")
+    lm = shared_model(tiny)
+    ids = llm.prompt_ids("Say something.")
+    gen = greedy_decode(lm.model, ids, DynamicCache(config=lm.config), 0, 6, stop_token_ids(lm.tokenizer, lm.model), 0.0)
+    assert out.text == lm.tokenizer.decode(gen.token_ids, skip_special_tokens=True).strip()
+    assert out.additional_kwargs["prompt_tokens"] == len(ids)
+    assert "".join(r.delta for r in llm.stream_complete("Say something.")) == out.text
