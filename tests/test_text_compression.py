@@ -1,0 +1,172 @@
+"""ragcompress.text (self-information pruning, sentence extraction) and its LlamaIndex wrapper."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ragcompress.text import Budget, SelfInformationCompressor, SentenceExtractor, make_text_compressor, split_sentences
+
+TEXT = (
+    "The Apollo program was the third United States human spaceflight program. "
+    "It landed the first humans on the Moon in 1969. "
+    "Melbourne is described as the sporting capital of Australia. "
+    "The program was named after Apollo, the Greek god of light."
+)
+
+
+def test_budget_rate_and_total():
+    assert Budget(rate=0.5).split([10, 7, 0, 1]) == [5, 4, 0, 1]
+    assert Budget(rate=1.0).split([3]) == [3]
+    shares = Budget(target_tokens=10).split([30, 10, 10])
+    assert shares == [6, 2, 2] and sum(shares) == 10
+    assert Budget(target_tokens=100).split([30, 10]) == [30, 10]  # under budget: unchanged
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [({}, "exactly one"), ({"rate": 0.5, "target_tokens": 3}, "exactly one"), ({"rate": 0.0}, "rate"),
+     ({"rate": 1.5}, "rate"), ({"target_tokens": 0}, "target_tokens")],
+)
+def test_budget_validation_names_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        Budget(**kwargs)
+
+
+def test_split_sentences():
+    assert split_sentences('One. "Two?" Three 3! 4 four.\n\nFive e.g. six') == [
+        "One.", '"Two?"', "Three 3!", "4 four.", "Five e.g. six"
+    ]
+    assert split_sentences("  ") == []
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_dir(tiny_model_dir):
+    return str(tiny_model_dir("llama"))
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_lm_dir):
+    from ragcompress.models import load_model
+
+    return load_model(tiny_lm_dir)
+
+
+def test_surprisal_matches_log_softmax_per_window(lm):
+    compressor = SelfInformationCompressor(lm, unit="token", window=5)
+    ids = lm.tokenizer(TEXT, add_special_tokens=False)["input_ids"][:12]
+    scores = compressor.surprisal(ids)
+    start = lm.tokenizer.bos_token_id if lm.tokenizer.bos_token_id is not None else lm.tokenizer.eos_token_id
+    expected = []
+    for begin in range(0, len(ids), 5):
+        window = torch.tensor([[start, *ids[begin : begin + 5]]])
+        with torch.inference_mode():
+            logp = torch.log_softmax(lm.model(input_ids=window).logits[0, :-1].float(), -1)
+        expected += [-float(logp[i, t]) for i, t in enumerate(window[0, 1:].tolist())]
+    assert scores.tolist() == pytest.approx(expected, rel=1e-5, abs=1e-5)
+
+
+def test_token_pruning_keeps_the_most_surprising_tokens_in_order(lm):
+    compressor = SelfInformationCompressor(lm, unit="token")
+    ids = lm.tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    (out,) = compressor.compress([TEXT], rate=0.4)
+    budget = math.ceil(0.4 * len(ids))
+    keep = sorted(torch.topk(compressor.surprisal(ids), budget).indices.tolist())
+    assert out.text == lm.tokenizer.decode([ids[i] for i in keep]).strip()
+    assert out.original_tokens == len(ids)
+    assert out.kept_tokens == compressor.count_tokens(out.text)
+
+
+def test_word_pruning_keeps_whole_words_in_order_within_budget(lm):
+    compressor = SelfInformationCompressor(lm, unit="word")
+    (out,) = compressor.compress([TEXT], rate=0.5)
+    words = TEXT.split()
+    kept = out.text.split()
+    position = 0
+    for word in kept:  # an in-order subsequence of the original words
+        position = words.index(word, position) + 1
+    assert 0 < len(kept) < len(words)
+    budget = math.ceil(0.5 * out.original_tokens)
+    assert sum(len(lm.tokenizer(" " + w, add_special_tokens=False)["input_ids"]) for w in kept) <= budget + 1
+
+
+def test_rate_one_returns_text_unchanged(lm):
+    (out,) = SelfInformationCompressor(lm).compress([TEXT], rate=1.0)
+    assert out.text == TEXT and out.ratio == 1.0
+
+
+def test_invalid_selfinfo_options(lm):
+    with pytest.raises(ValueError, match="unit"):
+        SelfInformationCompressor(lm, unit="sentence")
+    with pytest.raises(ValueError, match="unknown text compression method"):
+        make_text_compressor("lingua", lm=lm)
+
+
+def test_extraction_keeps_the_sentence_about_the_question(lm, embedder):
+    extractor = SentenceExtractor(lm.tokenizer, embedder)
+    (out,) = extractor.compress([TEXT], "Which city is the sporting capital of Australia?", rate=0.3)
+    assert out.text == "Melbourne is described as the sporting capital of Australia."
+    (wider,) = extractor.compress([TEXT], "When did humans land on the Moon?", rate=0.6)
+    sentences = split_sentences(TEXT)
+    assert sentences[1] in wider.text
+    assert wider.text == " ".join(s for s in sentences if s in wider.text)  # original order
+    with pytest.raises(ValueError, match="query"):
+        extractor.compress([TEXT], None, rate=0.5)
+
+
+# -- the LlamaIndex wrapper ------------------------------------------------------------------------
+
+def _nodes():
+    pytest.importorskip("llama_index.core")
+    from llama_index.core.schema import NodeRelationship, NodeWithScore, RelatedNodeInfo, TextNode
+
+    first = TextNode(id_="a", text=TEXT, metadata={"title": "Apollo", "page": 1},
+                     relationships={NodeRelationship.SOURCE: RelatedNodeInfo(node_id="doc-1")})
+    second = TextNode(id_="b", text=TEXT.upper(), metadata={"title": "Shout"})
+    return [NodeWithScore(node=first, score=0.75), NodeWithScore(node=second, score=0.25)]
+
+
+@pytest.mark.parametrize("method", ["selfinfo", "extractive"])
+def test_postprocessor_keeps_one_node_per_input_with_metadata_and_score(method, tiny_lm_dir):
+    from llama_index.core.schema import MetadataMode, NodeRelationship
+    from llama_index.postprocessor.ragcompress import TextCompressionPostprocessor
+
+    post = TextCompressionPostprocessor(method=method, rate=0.5, model=tiny_lm_dir)
+    nodes = _nodes()
+    out = post.postprocess_nodes(nodes, query_str="Which city is the sporting capital of Australia?")
+    assert [n.node.node_id for n in out] == ["a", "b"]
+    assert [n.score for n in out] == [0.75, 0.25]
+    assert {k: out[0].node.metadata[k] for k in ("title", "page")} == {"title": "Apollo", "page": 1}
+    assert out[0].node.relationships[NodeRelationship.SOURCE].node_id == "doc-1"
+    assert nodes[0].node.text == TEXT  # inputs untouched
+    original = sum(n.node.metadata["ragcompress_original_tokens"] for n in out)
+    kept = sum(n.node.metadata["ragcompress_kept_tokens"] for n in out)
+    assert post.last_ratio == kept / original < 0.75
+    for n in out:
+        assert n.node.metadata["ragcompress_kept_tokens"] == post.compressor.count_tokens(n.node.text)
+        assert "ragcompress_kept_tokens" not in n.node.get_content(metadata_mode=MetadataMode.LLM)
+
+
+def test_postprocessor_token_budget_and_async(tiny_lm_dir):
+    import asyncio
+
+    from llama_index.postprocessor.ragcompress import TextCompressionPostprocessor
+
+    post = TextCompressionPostprocessor(method="selfinfo", unit="token", target_tokens=20, model=tiny_lm_dir)
+    out = asyncio.run(post.apostprocess_nodes(_nodes()))
+    assert len(out) == 2
+    assert post.last_stats["original_tokens"] > 20
+
+
+def test_postprocessor_validation(tiny_lm_dir):
+    from llama_index.postprocessor.ragcompress import TextCompressionPostprocessor
+
+    assert TextCompressionPostprocessor(model=tiny_lm_dir).rate == 0.5
+    with pytest.raises(ValueError, match="rate"):
+        TextCompressionPostprocessor(rate=2.0)
+    with pytest.raises(ValueError, match="exactly one"):
+        TextCompressionPostprocessor(rate=0.5, target_tokens=10)
+    with pytest.raises(ValueError, match="query"):
+        TextCompressionPostprocessor(method="extractive", model=tiny_lm_dir).postprocess_nodes(_nodes())
