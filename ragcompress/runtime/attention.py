@@ -4,7 +4,9 @@ Registered with transformers' ``AttentionInterface`` as ``"ragcompress"`` and us
 ragcompress loads. Without the ``ragcompress_kv_mask`` keyword it *is* transformers' SDPA path,
 bit for bit; with it, the padding rows of each layer's cache are masked per KV head. The mask
 is per layer (``module.layer_idx``) because a per-head budget differs between layers, which a
-single 4-D ``attention_mask`` shared by all layers cannot express.
+single 4-D ``attention_mask`` shared by all layers cannot express. With ``ragcompress_packed``
+(a ``runtime.packed.PackedSegments``) it attends over quantized segments kept beside the cache
+(fused Triton kernel on CUDA, PyTorch reference on CPU).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 ATTENTION_NAME = "ragcompress"
 KV_MASK_KWARG = "ragcompress_kv_mask"
+PACKED_KWARG = "ragcompress_packed"
 
 
 def allowed_keys(kv_mask: torch.Tensor, q_heads: int, q_len: int, total: int) -> torch.Tensor:
@@ -36,6 +39,12 @@ def allowed_keys(kv_mask: torch.Tensor, q_heads: int, q_len: int, total: int) ->
 def ragged_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """query ``[B, Hq, q, d]``, key/value ``[B, Hkv, total, d]``; see the module docstring."""
+    packed = kwargs.pop(PACKED_KWARG, None)
+    if packed is not None:  # quantized segments beside a cache of prefix + new tokens (runtime/packed.py)
+        if kwargs.get("softcap") is not None or kwargs.get("sliding_window") is not None:
+            raise NotImplementedError("packed attention supports neither logit softcapping nor sliding windows")
+        scale = kwargs.get("scaling") or module.scaling
+        return packed.attend(module.layer_idx, query, key, value, scale), None
     kv_mask = kwargs.pop(KV_MASK_KWARG, None)
     if kv_mask is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)

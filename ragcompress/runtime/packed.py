@@ -25,6 +25,7 @@ from ragcompress.encoder import build_dynamic_cache
 from ragcompress.errors import CorruptSegmentError
 from ragcompress.quant import QuantConfig
 from ragcompress.rope import Rotary
+from ragcompress.runtime.attention import PACKED_KWARG
 from ragcompress.store.codec import _metadata
 from ragcompress.store.shards import read_blob
 from ragcompress_kernels import (
@@ -35,8 +36,6 @@ from ragcompress_kernels import (
     dequantize_segments_ref,
     packed_attention,
 )
-
-PACKED_KWARG = "ragcompress_packed"
 
 
 @dataclass(frozen=True)

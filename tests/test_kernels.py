@@ -1,0 +1,345 @@
+"""Fused packed attention (ragcompress_kernels): kernel vs fp32 reference, layout contract, runtime.
+
+Kernel tests run in one worker process started with ``TRITON_INTERPRET=1`` (Triton decides at
+import whether kernels are interpreted, so the variable must be set before the worker imports
+it); this process and the rest of the suite never run under the interpreter. The worker runs
+the case functions below and returns errors / token ids, which are asserted here.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from ragcompress.kv import PassageKV
+from ragcompress.quant import QuantConfig
+from ragcompress.rope import rotate_half
+from ragcompress.store import codec
+
+TOL = {torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+
+
+class PlainRotary:
+    """Standard RoPE tables from ``inv_freq`` (what a Llama's rotary_emb computes)."""
+
+    def __init__(self, head_dim: int, base: float = 10000.0) -> None:
+        self.inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim)
+
+    def cos_sin(self, positions: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float().unsqueeze(-1) * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+
+def make_blobs(lengths: list[int], heads: int, head_dim: int, scheme: str, seed: int,
+               group_size: int = 32) -> list[bytes]:
+    """Random passages through the store codec; every other head evicts a ragged subset."""
+    gen = torch.Generator().manual_seed(seed)
+    blobs = []
+    for n in lengths:
+        keys = torch.randn(1, heads, n, head_dim, generator=gen) * 2
+        values = torch.randn(1, heads, n, head_dim, generator=gen)
+        kv = PassageKV.full(keys.clone(), values.clone())
+        for head in range(1, heads, 2):
+            keep = max(1, n - 1 - head * n // (2 * heads))
+            idx = torch.randperm(n, generator=gen)[:keep].sort().values
+            kv.lengths[0, head] = keep
+            kv.positions[0, head, :keep] = idx
+            kv.keys[0, head, :keep] = keys[0, head, idx]
+            kv.values[0, head, :keep] = values[0, head, idx]
+        blobs.append(codec.encode(PassageKV(kv.keys, kv.values, kv.positions, kv.lengths, n),
+                                  QuantConfig(scheme, group_size)))
+    return blobs
+
+
+def independent_reference(blobs: list[bytes], rotary: PlainRotary, start: int, query: torch.Tensor,
+                          key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """fp32 attention built from ``codec.decode`` (the store's own dequantization): ``[B, q, Hq, d]``."""
+    keys, values, masks = [], [], []
+    position = start
+    for blob in blobs:
+        kv = codec.decode(blob)
+        cos, sin = rotary.cos_sin(kv.positions[0] + position, 0)
+        keys.append(kv.keys[0] * cos + rotate_half(kv.keys[0]) * sin)
+        values.append(kv.values[0])
+        masks.append(kv.valid_mask()[0])
+        position += kv.num_tokens
+    batch, q_heads, q_len, d = query.shape
+    heads, total = key.shape[1], key.shape[2]
+    group = q_heads // heads
+    all_k = torch.cat([torch.cat(keys, 1).expand(batch, -1, -1, -1), key.float()], 2).repeat_interleave(group, 1)
+    all_v = torch.cat([torch.cat(values, 1).expand(batch, -1, -1, -1), value.float()], 2).repeat_interleave(group, 1)
+    causal = torch.ones(q_len, total, dtype=torch.bool).tril(total - q_len)
+    allowed = torch.cat([torch.cat(masks, 1).unsqueeze(1).expand(-1, q_len, -1),
+                         causal.expand(heads, -1, -1)], -1).repeat_interleave(group, 0)
+    scores = (query.float() @ all_k.transpose(-1, -2)) * d**-0.5
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+    return (probs @ all_v).transpose(1, 2)
+
+
+def build_case(case: dict):
+    from ragcompress.runtime.packed import PackedSegments, read_quantized
+
+    torch.manual_seed(case["seed"])
+    heads, d, group, q_len = case["heads"], case["head_dim"], case["group"], case["q_len"]
+    dtype = case.get("dtype", torch.float32)
+    blobs = make_blobs(case["lengths"], heads, d, case["scheme"], case["seed"])
+    rotary = PlainRotary(d)
+    prefix = case.get("prefix", 9)
+    packed = PackedSegments.from_blobs([read_quantized(b) for b in blobs], prefix, rotary)
+    total = prefix + q_len
+    batch = case.get("batch", 1)
+    query = torch.randn(batch, heads * group, q_len, d).to(dtype)
+    key = torch.randn(batch, heads, total, d).to(dtype)
+    value = torch.randn(batch, heads, total, d).to(dtype)
+    expected = independent_reference(blobs, rotary, prefix, query, key, value)
+    return packed.layers[0], query, key, value, expected
+
+
+def run_kernel_case(case: dict) -> dict:
+    """Worker: max |kernel - fp32 reference| and |ref - reference| for one case and split plans."""
+    from ragcompress_kernels import packed_attention, packed_attention_ref
+
+    seg, query, key, value, expected = build_case(case)
+    out = {"ref": (packed_attention_ref(query, key, value, seg).float() - expected).abs().max().item()}
+    for splits in case.get("splits", [None]):
+        got = packed_attention(query, key, value, seg, backend="triton", num_splits=splits)
+        assert got.dtype == query.dtype and got.shape == expected.shape
+        out[str(splits)] = (got.float() - expected).abs().max().item()
+    return out
+
+
+def answer_both_backends(model_ref: str, store: str, questions: list[str], top_k: int, max_new: int) -> dict:
+    """Worker: token ids of each question through the kernel (interpreted) and the torch reference,
+    plus the assembled (dequantize-then-SDPA) path."""
+    from ragcompress.models import load_model
+    from ragcompress.runtime.engine import Engine
+    from ragcompress.runtime.packed import answer_packed
+    from ragcompress.store import KVStore
+
+    from store_worker import HashEmbedder
+
+    lm = load_model(model_ref)
+    engine = Engine(KVStore.open(store), lm, HashEmbedder(), max_new_tokens=max_new)
+    out: dict[str, list] = {"triton": [], "torch": [], "assembled": [], "passages": []}
+    for question in questions:
+        entries = engine.retrieve(question, top_k)
+        out["passages"].append([e.num_tokens for e in entries])
+        out["triton"].append(answer_packed(engine, question, entries, backend="triton").token_ids)
+        out["torch"].append(answer_packed(engine, question, entries, backend="torch").token_ids)
+        out["assembled"].append(engine.answer_cached(question, entries).token_ids)
+    engine.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def interpreter():
+    """A worker process whose Triton was imported with ``TRITON_INTERPRET=1``."""
+    pytest.importorskip("triton")
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        pool = multiprocessing.get_context("spawn").Pool(1)
+    finally:
+        if saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+    yield pool
+    pool.terminate()
+    pool.join()
+
+
+CASES = {
+    # name: ragged / non-power-of-two lengths, head_dim, GQA group, bits, prefill or decode
+    "prefill-d64-g1-int8": dict(lengths=[37, 64, 5], heads=2, head_dim=64, group=1, q_len=7, scheme="int8"),
+    "prefill-d128-g3-int4": dict(lengths=[50, 33], heads=2, head_dim=128, group=3, q_len=11, scheme="int4"),
+    "prefill-d64-g4-int4-batch2": dict(lengths=[70, 1, 29], heads=1, head_dim=64, group=4, q_len=5,
+                                       scheme="int4", batch=2),
+    "prefill-d128-g1-int8-long-q": dict(lengths=[45], heads=2, head_dim=128, group=1, q_len=40,
+                                        scheme="int8", prefix=3),
+    "decode-d64-g3-int4": dict(lengths=[37, 100, 64, 3, 21], heads=2, head_dim=64, group=3, q_len=1,
+                               scheme="int4", splits=[None, 1, 2, 4]),
+    "decode-d128-g4-int8": dict(lengths=[90, 17, 33], heads=2, head_dim=128, group=4, q_len=1,
+                                scheme="int8", splits=[None, 1, 3]),
+    "decode-d64-g1-int2": dict(lengths=[40, 26], heads=3, head_dim=64, group=1, q_len=1, scheme="int2",
+                               splits=[None, 2]),
+    "decode-d64-g3-int4-fp16": dict(lengths=[60, 31], heads=2, head_dim=64, group=3, q_len=1, scheme="int4",
+                                    dtype=torch.float16, splits=[None, 1]),
+    "prefill-d64-g4-int8-fp16": dict(lengths=[23, 41], heads=1, head_dim=64, group=4, q_len=6, scheme="int8",
+                                     dtype=torch.float16),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_kernel_matches_fp32_reference(interpreter, name):
+    case = dict(CASES[name], seed=len(name))
+    errors = interpreter.apply(run_kernel_case, (case,))
+    tol = TOL[case.get("dtype", torch.float32)]
+    assert errors["ref"] < tol, errors
+    for plan, err in errors.items():
+        assert err < tol, (plan, errors)
+
+
+@pytest.mark.parametrize("name", ["prefill-d64-g1-int8", "decode-d64-g3-int4", "prefill-d128-g3-int4"])
+def test_reference_path_matches_codec_dequantization(name):
+    from ragcompress_kernels import packed_attention
+
+    seg, query, key, value, expected = build_case(dict(CASES[name], seed=1))
+    got = packed_attention(query, key, value, seg, backend="auto")  # CPU: the PyTorch reference
+    assert (got - expected).abs().max().item() < 2e-5
+
+
+def test_packed_layout_round_trips_codec():
+    """Un-rotated (cos=1, sin=0) dequantized rows equal ``codec.decode`` row for row, per head."""
+    from ragcompress.runtime.packed import PackedSegments, read_quantized
+    from ragcompress_kernels import dequantize_segments_ref
+
+    blobs = make_blobs([37, 64, 5], heads=3, head_dim=64, scheme="int4", seed=3)
+
+    class Identity:
+        def cos_sin(self, positions, layer_idx):
+            shape = (*positions.shape, 64)
+            return torch.ones(shape), torch.zeros(shape)
+
+    seg = PackedSegments.from_blobs([read_quantized(b) for b in blobs], 5, Identity()).layers[0]
+    keys, values, valid = dequantize_segments_ref(seg)
+    assert seg.seg_start_host == (0, 64, 128, 160)
+    position = 5
+    for s, blob in enumerate(blobs):
+        kv = codec.decode(blob)
+        rows = slice(seg.seg_start_host[s], seg.seg_start_host[s + 1])
+        for head in range(3):
+            n = int(kv.lengths[0, head])
+            assert int(seg.seg_len[head, s]) == n == int(valid[head, rows].sum())
+            assert torch.equal(keys[head, rows][:n], kv.keys[0, head, :n])
+            assert torch.equal(values[head, rows][:n], kv.values[0, head, :n])
+            assert torch.equal(seg.positions[head, rows][:n].long(), kv.positions[0, head, :n] + position)
+        position += kv.num_tokens
+
+
+def test_launcher_rejects_bad_inputs():
+    from ragcompress_kernels import packed_attention
+
+    seg, query, key, value, _ = build_case(dict(CASES["decode-d64-g3-int4"], seed=0))
+    with pytest.raises(ValueError, match="dtypes differ"):
+        packed_attention(query, key.half(), value, seg)
+    with pytest.raises(ValueError, match="query heads"):
+        packed_attention(query[:, :5], key, value, seg)
+    with pytest.raises(ValueError, match="head_dim"):
+        packed_attention(query[..., :32], key[..., :32], value[..., :32], seg)
+    with pytest.raises(ValueError, match="contiguous"):
+        packed_attention(query, key.transpose(2, 3).contiguous().transpose(2, 3), value, seg)
+    with pytest.raises(ValueError, match="backend"):
+        packed_attention(query, key, value, seg, backend="cuda")
+    with pytest.raises(ValueError, match="k_scale"):
+        type(seg)(**{**seg.__dict__, "k_scale": seg.k_scale.float()})
+
+
+def test_triton_backend_on_cpu_needs_the_interpreter():
+    from ragcompress_kernels import HAS_TRITON, packed_attention
+    from ragcompress_kernels.packed_attention import _interpreted
+
+    if not HAS_TRITON or _interpreted():
+        pytest.skip("needs triton imported without TRITON_INTERPRET")
+    seg, query, key, value, _ = build_case(dict(CASES["decode-d64-g3-int4"], seed=0))
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        packed_attention(query, key, value, seg, backend="triton")
+
+
+def test_plan_splits_balances_rows_and_covers_every_segment():
+    from ragcompress_kernels import plan_splits
+
+    assert plan_splits((0, 64, 128, 160), 10, 1) == [0, 3]
+    assert plan_splits((0, 64, 128, 192, 256), 0, 4) == [0, 1, 2, 3, 4]
+    assert plan_splits((0, 64, 128, 192, 256), 0, 2) == [0, 2, 4]
+    assert plan_splits((0, 32), 500, 8) == [0, 1]
+
+
+@pytest.fixture(scope="module")
+def tiny_int4_store(tiny_model_dir, tmp_path_factory):
+    """A tiny llama (head_dim 16, GQA 2) and an int4 store of eight passages."""
+    from ragcompress.data import SAMPLE_PASSAGES
+    from ragcompress.indexing import IndexConfig, index
+    from ragcompress.models import load_model
+
+    from store_worker import HashEmbedder
+
+    root = tmp_path_factory.mktemp("packed")
+    model_dir = tiny_model_dir("llama")
+    passages = root / "passages.jsonl"
+    passages.write_text("\n".join(SAMPLE_PASSAGES.read_text().splitlines()[:8]) + "\n")
+    store = root / "store"
+    index(passages, store, lm=load_model(str(model_dir)), embedder=HashEmbedder(),
+          config=IndexConfig(quant="int4", group_size=16))
+    return str(model_dir), str(store)
+
+
+QUESTIONS = ["Where was the treaty signed?", "Who founded the city?", "What is the main export?"]
+
+
+def test_packed_torch_path_answers_like_the_assembled_path(tiny_int4_store):
+    from ragcompress.models import load_model
+    from ragcompress.runtime.engine import Engine
+    from ragcompress.runtime.packed import answer_packed
+    from ragcompress.store import KVStore
+
+    from store_worker import HashEmbedder
+
+    model_dir, store = tiny_int4_store
+    engine = Engine(KVStore.open(store), load_model(model_dir), HashEmbedder(), max_new_tokens=12)
+    for question in QUESTIONS:
+        entries = engine.retrieve(question, 3)
+        packed = answer_packed(engine, question, entries, backend="torch")
+        assembled = engine.answer_cached(question, entries)
+        assert len(packed.token_ids) > 0
+        assert packed.token_ids == assembled.token_ids
+    engine.close()
+
+
+def test_kernel_decodes_the_same_tokens_as_the_reference(interpreter, tiny_int4_store):
+    model_dir, store = tiny_int4_store
+    tests_dir = str(Path(__file__).parent)
+    out = interpreter.apply(_with_path, (tests_dir, answer_both_backends, model_dir, store, QUESTIONS, 3, 8))
+    assert all(len(t) > 0 for t in out["torch"])
+    assert out["triton"] == out["torch"] == out["assembled"]
+
+
+def _with_path(path: str, fn, *args):
+    import sys
+
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    return fn(*args)
+
+
+@pytest.mark.slow
+def test_kernel_and_reference_agree_on_real_questions_with_smollm2(interpreter, tmp_path):
+    """SmolLM2-135M (GQA 3, head_dim 64), int4 store of SQuAD passages, greedy answers."""
+    import json
+
+    from conftest import SQUAD, squad_available
+
+    if not squad_available():
+        pytest.skip("SQuAD dev subset not available")
+    from ragcompress.indexing import IndexConfig, index
+    from ragcompress.models import DEFAULT_MODEL, load_model
+
+    from store_worker import HashEmbedder
+
+    passages = (SQUAD / "passages.jsonl").read_text().splitlines()[:3]
+    ids = {json.loads(line)["id"] for line in passages}
+    questions = [q["question"] for q in map(json.loads, (SQUAD / "questions.jsonl").read_text().splitlines())
+                 if q["passage_id"] in ids][:3]
+    source = tmp_path / "passages.jsonl"
+    source.write_text("\n".join(passages) + "\n")
+    lm = load_model()
+    index(source, tmp_path / "store", lm=lm, embedder=HashEmbedder(), config=IndexConfig(quant="int4"))
+    out = interpreter.apply(_with_path, (str(Path(__file__).parent), answer_both_backends, DEFAULT_MODEL,
+                                         str(tmp_path / "store"), questions, 2, 10))
+    assert all(len(t) > 0 for t in out["torch"])
+    assert out["triton"] == out["torch"]
