@@ -1,0 +1,126 @@
+"""The CLI contract (DESIGN §3): JSON shapes, one-line errors, non-zero exits, stores left intact."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ragcompress.cli import main
+
+
+def run_cli(args: list[str], monkeypatch, capfd) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["ragcompress", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code or 0
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def cli_store(tmp_path_factory, tiny_model_dir):
+    """A store built through the CLI from the first 8 bundled passages, int8."""
+    from ragcompress.data import SAMPLE_PASSAGES
+
+    root = tmp_path_factory.mktemp("cli")
+    passages = root / "passages.jsonl"
+    passages.write_text("\n".join(SAMPLE_PASSAGES.read_text().splitlines()[:8]) + "\n")
+    store = root / "store"
+    result = subprocess.run(
+        [sys.executable, "-m", "ragcompress.cli", "index", "--input", str(passages), "--store", str(store),
+         "--model", str(tiny_model_dir("llama")), "--quant", "int8", "--json"],
+        capture_output=True, text=True, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return store, json.loads(result.stdout), passages
+
+
+def test_index_json_shape(cli_store):
+    _, data, _ = cli_store
+    assert data["indexed"] == 8 and data["skipped"] == 0 and data["passages"] == 8
+    assert set(data["kv_bytes_per_token"]) == {"fp16", "stored"}
+    # int8 with head_dim 16: 1 byte per value + fp16 scale/min per 16 values (values) or 32 tokens
+    # (keys) + blob header, against 2 bytes: between 1.5x and 2x.
+    assert 1.5 < data["compression"] < 2.0
+
+
+def test_ask_json_shape(cli_store, monkeypatch, capfd):
+    store, _, _ = cli_store
+    code, out, err = run_cli(["ask", "--store", str(store), "--question", "Who won?", "--top-k", "2",
+                              "--max-new-tokens", "4", "--json"], monkeypatch, capfd)
+    assert code == 0, err
+    data = json.loads(out)
+    assert set(data) == {"answer", "passage_ids", "ttft_s", "total_s"}
+    assert len(data["passage_ids"]) == 2 and data["ttft_s"] > 0 and data["total_s"] >= data["ttft_s"]
+    assert out.count("\n") == 1
+
+
+def test_eval_json_shape(cli_store, monkeypatch, capfd):
+    from ragcompress.data import SAMPLE_QUESTIONS
+
+    store, _, _ = cli_store
+    code, out, err = run_cli(["eval", "--store", str(store), "--questions", str(SAMPLE_QUESTIONS),
+                              "--top-k", "1", "--limit", "3", "--max-new-tokens", "4", "--json"], monkeypatch, capfd)
+    assert code == 0, err
+    data = json.loads(out)
+    assert set(data) == {"n", "recall_at_k", "full", "compressed", "agreement", "ttft_speedup",
+                         "kv_bytes_per_token", "compression"}
+    assert data["n"] == 3
+    for side in ("full", "compressed"):
+        assert set(data[side]) == {"sub_em", "f1", "ttft_s_median"}
+    assert 0.0 <= data["agreement"] <= 1.0
+
+
+def bad_inputs(tmp_path):
+    ok = json.dumps({"id": "a", "text": "Some text."})
+    return {
+        "missing": (tmp_path / "missing.jsonl", "does not exist"),
+        "empty": (tmp_path / "empty.jsonl", "holds no passages"),
+        "malformed": (tmp_path / "malformed.jsonl", ":2: malformed JSON"),
+        "empty_text": (tmp_path / "empty_text.jsonl", "'b' has empty text"),
+        "duplicate": (tmp_path / "duplicate.jsonl", "duplicate passage id 'a'"),
+    }, {
+        "empty": "",
+        "malformed": ok + "\n{not json\n",
+        "empty_text": ok + "\n" + json.dumps({"id": "b", "text": "   "}) + "\n",
+        "duplicate": ok + "\n" + ok + "\n",
+    }
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "malformed", "empty_text", "duplicate"])
+def test_bad_input_is_one_line_error_and_store_untouched(case, cli_store, tmp_path, tiny_model_dir, monkeypatch, capfd):
+    store, _, _ = cli_store
+    before = sorted((p.name, p.stat().st_size) for p in (store / "shards").iterdir())
+    cases, contents = bad_inputs(tmp_path)
+    path, message = cases[case]
+    if case in contents:
+        path.write_text(contents[case])
+    code, out, err = run_cli(["index", "--input", str(path), "--store", str(store),
+                              "--model", str(tiny_model_dir("llama")), "--quant", "int8"], monkeypatch, capfd)
+    assert code == 1
+    assert out == ""
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert sorted((p.name, p.stat().st_size) for p in (store / "shards").iterdir()) == before
+
+
+def test_unknown_store_and_long_question(cli_store, tmp_path, monkeypatch, capfd):
+    code, _, err = run_cli(["ask", "--store", str(tmp_path / "nope"), "--question", "x"], monkeypatch, capfd)
+    assert code == 1 and "does not exist" in err and err.count("\n") == 1
+    store, _, _ = cli_store
+    code, _, err = run_cli(["ask", "--store", str(store), "--question", "word " * 5000], monkeypatch, capfd)
+    assert code == 1 and "positions" in err and "handles 4096" in err, err
+
+
+def test_bad_option_values_list_allowed_values(cli_store, monkeypatch, capfd):
+    store, _, passages = cli_store
+    code, _, err = run_cli(["index", "--input", str(passages), "--store", str(store), "--quant", "int3"],
+                           monkeypatch, capfd)
+    assert code == 1 and "none, fp16, int8, int4, int2" in err
+    code, _, err = run_cli(["index", "--input", str(passages), "--store", str(store), "--method", "magic"],
+                           monkeypatch, capfd)
+    assert code == 1 and "unknown method 'magic'" in err and "none" in err
