@@ -140,25 +140,32 @@ def decode(blob: bytes, dtype: torch.dtype = torch.float32,
         if flat.shape != (total,) or (flat < 0).any() or (flat >= num_tokens).any():
             raise CorruptSegmentError("segment positions are inconsistent with its lengths")
         positions[mask] = flat
-    keys = torch.zeros(shape4, dtype=dtype)
-    values = torch.zeros(shape4, dtype=dtype)
+    dense = bool(mask.all())  # nothing evicted: rows are already in (layer, head, row) order
+
+    def rows_to_grid(flat: torch.Tensor, grid_mask: torch.Tensor, fill_dtype: torch.dtype) -> torch.Tensor:
+        grid_shape = tuple(grid_mask.shape) + tuple(flat.shape[1:])
+        if bool(grid_mask.all()):
+            return flat.to(fill_dtype).reshape(grid_shape)
+        grid = torch.zeros(grid_shape, dtype=fill_dtype)
+        grid[grid_mask] = flat.to(fill_dtype)
+        return grid
+
     try:
         if quant.bits is None:
-            keys[mask] = tensors["k"].to(dtype)
-            values[mask] = tensors["v"].to(dtype)
+            keys = rows_to_grid(tensors["k"], mask, dtype)
+            values = rows_to_grid(tensors["v"], mask, dtype)
         else:
             bits = quant.bits
-            k_codes = torch.zeros(shape4, dtype=torch.uint8)
-            k_codes[mask] = unpack(tensors["k_codes"], bits)
+            k_codes = rows_to_grid(unpack(tensors["k_codes"], bits), mask, torch.uint8)
             n_groups = -(-n_max // group_size)
             groups = _group_mask(lengths, n_groups, group_size)
-            k_scale = torch.zeros((layers, heads, n_groups, d), dtype=torch.float16)
-            k_min = torch.zeros_like(k_scale)
-            k_scale[groups] = tensors["k_scale"]
-            k_min[groups] = tensors["k_min"]
-            keys[mask] = dequantize_keys_per_channel(k_codes, k_scale, k_min, group_size)[mask].to(dtype)
+            k_scale = rows_to_grid(tensors["k_scale"], groups, torch.float16)
+            k_min = rows_to_grid(tensors["k_min"], groups, torch.float16)
+            keys = dequantize_keys_per_channel(k_codes, k_scale, k_min, group_size).to(dtype)
             v = dequantize_values_per_token(unpack(tensors["v_codes"], bits), tensors["v_scale"], tensors["v_min"])
-            values[mask] = v.to(dtype)
+            values = rows_to_grid(v, mask, dtype)
+            if not dense:
+                keys = keys * mask.unsqueeze(-1)  # padding rows are zero, as for unquantized blobs
         return PassageKV(keys, values, positions, lengths, num_tokens)
     except (KeyError, RuntimeError, IndexError, ValueError, TypeError) as exc:
         raise CorruptSegmentError(f"segment tensors do not match their declared shape ({exc})") from exc
