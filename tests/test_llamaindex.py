@@ -267,3 +267,44 @@ def test_local_llm_is_a_plain_full_prefill(tiny):
     assert out.text == lm.tokenizer.decode(gen.token_ids, skip_special_tokens=True).strip()
     assert out.additional_kwargs["prompt_tokens"] == len(ids)
     assert "".join(r.delta for r in llm.stream_complete("Say something.")) == out.text
+
+
+# -- the example notebook ----------------------------------------------------------------------------
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "examples" / "llamaindex_kvcache.ipynb"
+
+
+def run_notebook(model: str, questions: int, store: Path, monkeypatch) -> dict:
+    """Execute the example notebook in a kernel; returns its summary cell's JSON."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("llama_index.embeddings.huggingface")
+    monkeypatch.setenv("NB_MODEL", model)
+    monkeypatch.setenv("NB_QUESTIONS", str(questions))
+    monkeypatch.setenv("NB_STORE", str(store))
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    nbclient.NotebookClient(notebook, timeout=1800, kernel_name="python3",
+                            resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+    outputs = ["".join(o.get("text", "") for o in cell.get("outputs", []) if o.get("name") == "stdout")
+               for cell in notebook.cells if cell.cell_type == "code"]
+    summary = next(json.loads(text) for text in outputs if text.lstrip().startswith("{"))
+    assert any("in 1 pieces" in t or " pieces from " in t for t in outputs)
+    assert any(t.startswith("selfinfo: kept") and "extractive: kept" in t for t in outputs)
+    return summary
+
+
+def test_example_notebook_runs_on_a_tiny_model(tiny, tmp_path, monkeypatch):
+    summary = run_notebook(tiny, 2, tmp_path / "store", monkeypatch)
+    assert summary["n"] == 2
+    assert set(summary["ttft_median_ms"]) == {"cached", "default", "full"}
+    with KVStore.open(tmp_path / "store") as kv:
+        assert len(kv) == len(SAMPLE_PASSAGES.read_text().splitlines())
+
+
+@pytest.mark.slow
+def test_example_notebook_on_smollm2(tmp_path, monkeypatch):
+    summary = run_notebook("", 4, tmp_path / "store", monkeypatch)
+    assert summary["n"] == 4
+    # the cached path prefills ~20 question tokens instead of ~500: it must answer first
+    assert summary["ttft_speedup_vs_same_prompt_full"] > 1.0
+    assert summary["ttft_speedup_vs_default"] > 1.0
