@@ -46,8 +46,10 @@ def index(
     input: Path = typer.Option(..., "--input", help="JSONL of {id, text, ...} or a folder of .txt/.md documents"),
     store: Path = typer.Option(..., "--store", help="store directory (created if missing)"),
     model: Optional[str] = typer.Option(None, "--model", help="embedded model name or local HF directory"),
-    method: str = typer.Option("none", "--method", help="compression method"),
+    method: str = typer.Option("none", "--method", help="compression method: none, streaming, knorm, snapkv, "
+                               "expected-attention, kvzip, or adaptive:<scorer> (per-head budgets)"),
     ratio: Optional[float] = typer.Option(None, "--ratio", help="fraction of tokens kept, in (0, 1]"),
+    budget: Optional[int] = typer.Option(None, "--budget", help="tokens kept per head (instead of --ratio)"),
     quant: str = typer.Option("none", "--quant", help="none | fp16 | int8 | int4 | int2"),
     group_size: int = typer.Option(32, "--group-size", help="quantization group size"),
     overwrite: bool = typer.Option(False, "--overwrite", help="rebuild an existing store (swapped in when complete)"),
@@ -61,7 +63,7 @@ def index(
     from ragcompress.store import KVStore
 
     try:
-        config = IndexConfig(method=method, ratio=ratio, quant=quant, group_size=group_size)
+        config = IndexConfig(method=method, ratio=ratio, quant=quant, group_size=group_size, budget=budget)
         config.compressor()
     except (ValueError, TypeError) as exc:
         raise RagCompressError(str(exc)) from None
@@ -156,6 +158,39 @@ def evaluate(
         f"compression {summary['compression']:.2f}x vs fp16"
     )
     _emit(summary, as_json, human)
+
+
+@app.command()
+def bench(
+    store: Path = typer.Option(..., "--store"),
+    questions: Optional[Path] = typer.Option(None, "--questions", help="JSONL of questions (default: bundled sample)"),
+    top_k: str = typer.Option("1,2,4", "--top-k", help="comma-separated context sizes (passages)"),
+    limit: int = typer.Option(5, "--limit", min=1, help="questions per context size"),
+    repeats: int = typer.Option(3, "--repeats", min=1, help="timed runs per question and path (median)"),
+    plot_path: Optional[Path] = typer.Option(None, "--plot", help="write a PNG of TTFT against context size"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """TTFT and KV bytes of cached answering vs full prefill across context sizes, in one run."""
+    _quiet_libraries()
+    from ragcompress.bench import bench as run_bench
+    from ragcompress.bench import plot, table, to_json
+    from ragcompress.data import SAMPLE_QUESTIONS
+    from ragcompress.evaluation import read_questions
+    from ragcompress.runtime.engine import Engine
+
+    try:
+        top_ks = [int(k) for k in top_k.split(",")]
+    except ValueError:
+        raise RagCompressError(f"--top-k takes comma-separated integers, got {top_k!r}") from None
+    items = read_questions(questions or SAMPLE_QUESTIONS, limit)
+    engine = Engine.open(store)
+    try:
+        rows = run_bench(engine, items, top_ks, repeats)
+    finally:
+        engine.close()
+    if plot_path is not None:
+        plot(rows, plot_path)
+    _emit(to_json(rows), as_json, table(rows))
 
 
 def main() -> None:

@@ -240,3 +240,23 @@ def test_index_and_answer_end_to_end(method, none_store, tmp_path, embedder):
             assert (kv_mask is not None) == (method.startswith("adaptive:") and method != "adaptive:streaming")
             assert torch.isfinite(logits).all() and len(answer.token_ids) >= 1
         engine.close()
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--method", "bogus", "--ratio", "0.5"], "choose one of: none, streaming, knorm, snapkv, expected-attention, kvzip, adaptive:<"),
+    (["--method", "knorm", "--ratio", "1.5"], "ratio must be in (0, 1]"),
+    (["--method", "none", "--ratio", "0.5"], "method 'none' takes no parameter ratio"),
+    (["--method", "knorm", "--ratio", "0.5", "--budget", "8"], "not both"),
+])
+def test_cli_rejects_bad_method_and_ratio(args, expected, tmp_path, monkeypatch, capfd):
+    from ragcompress.cli import main
+
+    passages = tmp_path / "p.jsonl"
+    passages.write_text('{"id": "a", "text": "hello"}\n')
+    monkeypatch.setattr("sys.argv", ["ragcompress", "index", "--input", str(passages), "--store",
+                                     str(tmp_path / "store"), *args])
+    with pytest.raises(SystemExit) as info:
+        main()
+    err = capfd.readouterr().err
+    assert info.value.code != 0 and expected in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "store").exists()

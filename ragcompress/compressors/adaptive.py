@@ -43,11 +43,17 @@ class AdaptiveBudget(Compressor):
         return {**inner, "method": f"{self.name}:{inner['method']}", "floor": self.floor}
 
     def compress(self, kv: PassageKV, context: CompressionContext) -> PassageKV:
+        if self.inner.budget_for(kv) >= kv.num_tokens:
+            return kv
+        return self.select(kv, self.inner.score(kv, context))
+
+    def select(self, kv: PassageKV, scores: torch.Tensor) -> PassageKV:
+        """Allocate the layer budgets given the inner method's ``scores [L, H, n_max]``."""
         budget = self.inner.budget_for(kv)
         if budget >= kv.num_tokens:
             return kv
         valid = kv.valid_mask()
-        scores = self.inner.score(kv, context).float().masked_fill(~valid, float("-inf"))
+        scores = scores.float().masked_fill(~valid, float("-inf"))
         protected = self.inner.protected(kv, budget)
         guaranteed = max(int(self.floor * budget), int(protected.sum(-1).max()))
         keep = top_per_head(scores.masked_fill(protected, float("inf")), valid, guaranteed)

@@ -121,9 +121,15 @@ class ScorerCompressor(Compressor):
         return protected_mask(kv, self.keep_first, self.keep_last, budget)
 
     def compress(self, kv: PassageKV, context: CompressionContext) -> PassageKV:
+        if self.budget_for(kv) >= kv.num_tokens:
+            return kv
+        return self.select(kv, self.score(kv, context))
+
+    def select(self, kv: PassageKV, scores: torch.Tensor) -> PassageKV:
+        """Keep this compressor's budget given precomputed ``scores [L, H, n_max]`` (lets one
+        scoring pass serve several budgets)."""
         budget = self.budget_for(kv)
         if budget >= kv.num_tokens:
             return kv
-        scores = self.score(kv, context).float()
-        scores = scores.masked_fill(self.protected(kv, budget), float("inf"))
+        scores = scores.float().masked_fill(self.protected(kv, budget), float("inf"))
         return gather_kept(kv, top_per_head(scores, kv.valid_mask(), budget))
