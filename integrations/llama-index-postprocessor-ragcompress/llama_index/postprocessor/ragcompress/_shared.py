@@ -32,10 +32,19 @@ def require_ragcompress() -> Any:
     return ragcompress
 
 
-@functools.lru_cache(maxsize=4)
 def shared_model(ref: str | None) -> Any:
-    """The ragcompress ``LoadedModel`` for ``ref`` (None: the embedded default), loaded once."""
+    """The ragcompress ``LoadedModel`` for ``ref`` (None: the embedded default), loaded once per
+    process whatever spelling of the same model is used (None, its name, a relative path)."""
     require_ragcompress()
+    from ragcompress.models import DEFAULT_MODEL
+
+    ref = ref or DEFAULT_MODEL
+    path = Path(ref).expanduser()
+    return _load_model(str(path.resolve()) if path.is_dir() else ref)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_model(ref: str) -> Any:
     from ragcompress.models import load_model
 
     return load_model(ref)
