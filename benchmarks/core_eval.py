@@ -13,11 +13,31 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from ragcompress import Engine, IndexConfig, KVStore, index, load_model
 from ragcompress.evaluation import iter_eval, read_questions, summarize
 from ragcompress.retrieval import Embedder
 
 SQUAD = Path(__file__).resolve().parents[2] / "shared" / "data" / "squad-dev"
+
+
+def needed_passages(embedder: Embedder, questions, top_k: int, out: Path) -> Path:
+    """The passages the questions retrieve (top-k over the *whole* corpus), as a JSONL file.
+
+    Retrieval over this subset returns exactly what it returns over the whole corpus (each
+    question's top-k are all in it), so the table is unchanged while indexing costs less.
+    """
+    records = [json.loads(line) for line in (SQUAD / "passages.jsonl").read_text().splitlines()]
+    vectors = embedder.embed([r["text"] for r in records])
+    queries = embedder.embed([q.question for q in questions])
+    keep = set()
+    for row in np.argsort(-(queries @ vectors.T), axis=1)[:, :top_k]:
+        keep.update(int(i) for i in row)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(records[i]) + "\n" for i in sorted(keep)))
+    return out
 
 
 def main() -> None:
@@ -26,17 +46,21 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=60)
     parser.add_argument("--runs", type=Path, default=Path("runs/core_eval"))
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--rows", default="none:1,none:3,int8:3,int4:3", help="quant:top_k,...")
     args = parser.parse_args()
 
+    torch.set_num_threads(args.threads)
     lm = load_model(args.model)
     embedder = Embedder()
     questions = read_questions(SQUAD / "questions.jsonl", args.limit)
+    passages = needed_passages(embedder, questions, max(int(r.split(":")[1]) for r in args.rows.split(",")),
+                               args.runs / "passages-needed.jsonl")
     rows = []
     for spec in args.rows.split(","):
         quant, top_k = spec.split(":")
         store = args.runs / f"{args.model.replace('/', '_')}-{quant}"
-        index(SQUAD / "passages.jsonl", store, lm=lm, embedder=embedder, config=IndexConfig(quant=quant))
+        index(passages, store, lm=lm, embedder=embedder, config=IndexConfig(quant=quant))
         engine = Engine(KVStore.open(store), lm, embedder)
         summary = summarize(engine, list(iter_eval(engine, questions, int(top_k))))
         summary.update({"quant": quant, "top_k": int(top_k), "model": args.model})

@@ -98,6 +98,8 @@ def ask(
     question: str = typer.Option(..., "--question"),
     top_k: int = typer.Option(3, "--top-k", min=1),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
+    recompute: float = typer.Option(0.0, "--recompute", min=0.0, max=1.0,
+                                    help="fraction of passage tokens recomputed at query time (CacheBlend; docs/recompute.md)"),
     compare_full: bool = typer.Option(False, "--compare-full", help="also answer by full-text prefill and time it"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -106,6 +108,7 @@ def ask(
     from ragcompress.runtime.engine import Engine
 
     engine = Engine.open(store, max_new_tokens=max_new_tokens)
+    engine.recompute = recompute
     try:
         entries = engine.retrieve(question, top_k)
         answer = engine.answer_cached(question, entries)
@@ -130,6 +133,8 @@ def evaluate(
     top_k: int = typer.Option(3, "--top-k", min=1),
     limit: Optional[int] = typer.Option(None, "--limit", min=1),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
+    recompute: float = typer.Option(0.0, "--recompute", min=0.0, max=1.0,
+                                    help="fraction of passage tokens recomputed at query time (CacheBlend; docs/recompute.md)"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Answer questions from caches and by full prefill; report quality, agreement and speedup."""
@@ -139,6 +144,7 @@ def evaluate(
 
     items = read_questions(questions, limit)
     engine = Engine.open(store, max_new_tokens=max_new_tokens)
+    engine.recompute = recompute
     try:
         results = iter_eval(engine, items, top_k)
         if _show_progress(as_json):

@@ -124,3 +124,18 @@ def test_bad_option_values_list_allowed_values(cli_store, monkeypatch, capfd):
     code, _, err = run_cli(["index", "--input", str(passages), "--store", str(store), "--method", "magic"],
                            monkeypatch, capfd)
     assert code == 1 and "unknown method 'magic'" in err and "none" in err
+
+
+def test_bench_reports_both_paths_per_context_size(cli_store, monkeypatch, capfd, tmp_path):
+    store, _, _ = cli_store
+    plot = tmp_path / "bench.png"
+    code, out, err = run_cli(["bench", "--store", str(store), "--top-k", "1,2", "--limit", "1", "--repeats", "1",
+                              "--plot", str(plot), "--json"], monkeypatch, capfd)
+    assert code == 0, err
+    rows = json.loads(out)["rows"]
+    assert [r["top_k"] for r in rows] == [1, 2]
+    assert rows[1]["context_tokens"] > rows[0]["context_tokens"]
+    for r in rows:
+        assert r["speedup"] == pytest.approx(r["ttft_full_ms"] / r["ttft_cached_ms"])
+        assert r["kv_bytes_stored"] < r["kv_bytes_fp16"]
+    assert plot.stat().st_size > 0
