@@ -242,3 +242,21 @@ def test_full_recompute_agrees_with_full_prefill_on_real_questions(tmp_path, emb
         full = engine.answer_full(question, entries)
         agree.append(engine.answer_cached(question, entries, recompute=1.0).answer == full.answer)
     assert sum(agree) / len(agree) >= 0.98
+
+
+def test_cli_recompute_one_answers_like_full_prefill(stores, monkeypatch, capfd):
+    import json
+    import sys
+
+    from ragcompress.cli import main
+
+    engine = stores("qwen2")
+    monkeypatch.setattr(sys, "argv", ["ragcompress", "ask", "--store", str(engine.store.path), "--question",
+                                      QUESTION, "--top-k", "3", "--max-new-tokens", "6", "--recompute", "1",
+                                      "--compare-full", "--json"])
+    try:
+        main()
+    except SystemExit as exc:
+        assert not exc.code
+    data = json.loads(capfd.readouterr().out)
+    assert data["answer"] == data["full"]["answer"]
