@@ -8,7 +8,6 @@ which the process sends itself SIGKILL (no cleanup, no ``finally``, no flush), o
 ``commit:N``     the N-th batch's blobs are fsynced, its catalogue rows not committed
 ``after:N``      right after the N-th batch committed
 ``index``        index.faiss replaced, index.json not yet written
-``hold``         take the writer lock, print "locked", sleep (a second writer must fail)
 ``slow``         commit normally but sleep 0.3 s after every batch (readers watch)
 
 Shards roll over every ``SHARD_BYTES`` so kills also land around shard boundaries.
@@ -21,7 +20,6 @@ import os
 import signal
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -49,7 +47,8 @@ def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _install(kill: str) -> None:
+def install(kill: str) -> None:
+    """Patch the store modules so this process SIGKILLs itself at ``kill`` (see module doc)."""
     from ragcompress.store import catalogue, kvstore, manifest, shards
 
     point, _, arg = kill.partition(":")
@@ -96,14 +95,7 @@ def _install(kill: str) -> None:
 def main() -> None:
     model_dir, input_path, store, batch, kill = sys.argv[1:6]
     configure_shards()
-    if kill == "hold":
-        from ragcompress.store import StoreWriter
-
-        with StoreWriter(Path(store)):
-            print("locked", flush=True)
-            time.sleep(60)
-        return
-    _install(kill)
+    install(kill)
     from ragcompress.indexing import IndexConfig, index
     from ragcompress.models import load_model
 

@@ -38,7 +38,7 @@ from ragcompress.quant import QuantConfig
 from ragcompress.retrieval import VectorIndex
 from ragcompress.store import codec
 from ragcompress.store.catalogue import CATALOGUE, Catalogue, Entry
-from ragcompress.store.manifest import MANIFEST, Manifest
+from ragcompress.store.manifest import Manifest
 from ragcompress.store.shards import ShardWriter, checksum, fsync_dir, read_blob
 
 PREFIX = "prefix.safetensors"
@@ -164,7 +164,7 @@ class KVStore:
         self._index: VectorIndex | None = None
 
     @classmethod
-    def open(cls, path: str | Path) -> "KVStore":
+    def open(cls, path: str | Path) -> KVStore:
         path = Path(path)
         if not path.exists():
             raise StoreError(f"store {path} does not exist; build it with `ragcompress index --store {path}`")
@@ -174,7 +174,7 @@ class KVStore:
                 raise StoreError(f"store {path} is incomplete: {name} is missing; rebuild it")
         return cls(path, manifest)
 
-    def __enter__(self) -> "KVStore":
+    def __enter__(self) -> KVStore:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -293,7 +293,7 @@ class StoreLock:
             fcntl.flock(self._handle, fcntl.LOCK_UN)
             self._handle.close()
 
-    def __enter__(self) -> "StoreLock":
+    def __enter__(self) -> StoreLock:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -326,7 +326,7 @@ class StoreWriter:
             self._lock.release()
             raise
 
-    def __enter__(self) -> "StoreWriter":
+    def __enter__(self) -> StoreWriter:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -75,7 +75,7 @@ class Manifest:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str, where: Path) -> "Manifest":
+    def from_json(cls, text: str, where: Path) -> Manifest:
         try:
             data = json.loads(text)
         except ValueError as exc:
@@ -116,7 +116,7 @@ class Manifest:
             os.close(fd)
 
     @classmethod
-    def read(cls, directory: Path) -> "Manifest":
+    def read(cls, directory: Path) -> Manifest:
         path = directory / MANIFEST
         if not path.is_file():
             raise StoreError(
@@ -133,7 +133,7 @@ class Manifest:
             raise StoreError(f"{path} is not UTF-8 text; the store is corrupt, rebuild it") from None
         return cls.from_json(text, path)
 
-    def check_same_build(self, other: "Manifest") -> None:
+    def check_same_build(self, other: Manifest) -> None:
         """Raise naming both sides when ``other`` was built differently from this store."""
         pairs = [
             ("model", self.model_fingerprint, other.model_fingerprint, self.model_ref, other.model_ref),

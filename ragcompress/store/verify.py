@@ -96,7 +96,7 @@ def _check_segments(root: Path, catalogue: Catalogue, shape: tuple[int, int, int
     for pid, text, text_sha, shard, offset, length, digest, num_tokens, kept, emb_bytes in cursor:
         count += 1
 
-        def fail(message: str, kind: str = "segment") -> None:
+        def fail(message: str, kind: str = "segment", pid: str = pid, shard: Any = shard) -> None:
             problems.append(Problem(kind, message, pid, shard if isinstance(shard, str) else None))
 
         if not isinstance(shard, str) or not is_shard_name(shard):
@@ -171,7 +171,7 @@ def _check_index(root: Path, catalogue: Catalogue, count: int, problems: list[Pr
     stored = faiss.rev_swig_ptr(flat.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
     ids = {row: pid for row, pid in catalogue.db.execute("SELECT row, id FROM passages")}
     for rows, vectors in catalogue.embedding_chunks():
-        for row, vector in zip(rows.tolist(), vectors):
+        for row, vector in zip(rows.tolist(), vectors, strict=True):
             i = position.get(row)
             if i is None:
                 problems.append(Problem("index", f"catalogue row {row} is missing from {INDEX}", ids.get(row)))
