@@ -144,12 +144,16 @@ def test_query_engine_round_trip_matches_engine_answer(built):
     assert info["ttft_s"] > 0
 
 
-def test_streaming_response_equals_non_streaming(built):
+@pytest.mark.parametrize("recompute", [None, 0.25])
+def test_streaming_response_equals_non_streaming(built, recompute):
     store, _ = built
     retriever = KVStoreRetriever(store, similarity_top_k=2)
-    plain = RetrieverQueryEngine(retriever, response_synthesizer=KVCacheSynthesizer(store, max_new_tokens=12))
+    plain = RetrieverQueryEngine(
+        retriever, response_synthesizer=KVCacheSynthesizer(store, max_new_tokens=12, recompute=recompute)
+    )
     streaming = RetrieverQueryEngine(
-        retriever, response_synthesizer=KVCacheSynthesizer(store, max_new_tokens=12, streaming=True)
+        retriever,
+        response_synthesizer=KVCacheSynthesizer(store, max_new_tokens=12, streaming=True, recompute=recompute),
     )
     expected = plain.query(QUESTION).response
     chunks = list(streaming.query(QUESTION).response_gen)

@@ -57,10 +57,7 @@ class KVStoreRetriever(BaseRetriever):
         return self._store
 
     def _retrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
-        store = self._store
-        index = store._index
-        if index is not None and index.count != len(store):  # passages were added since: rebuild
-            store._index = None
+        store = self._store  # KVStore.index() rebuilds when passages were added since
         vector = shared_embedder(store.manifest.embedder).embed([query_bundle.query_str])[0]
         path = store_path(store.path)
         results = []

@@ -54,6 +54,9 @@ class KVCacheSynthesizer(BaseSynthesizer):
         max_new_tokens: greedy decoding budget.
         streaming: return a ``StreamingResponse`` whose text arrives token by token.
         compute_missing: compute and store caches for nodes the store does not hold yet.
+        recompute: fraction of passage tokens whose cache is recomputed at query time to repair
+            cross-passage attention (CacheBlend/APE, ``ragcompress.runtime.recompute``); None
+            keeps the engine's default.
         llm: the LLM ``BaseSynthesizer`` keeps for prompt sizing; defaults to a
             :class:`LocalLLM` on the same weights (never a hosted model).
 
@@ -68,6 +71,7 @@ class KVCacheSynthesizer(BaseSynthesizer):
         max_new_tokens: int = 32,
         streaming: bool = False,
         compute_missing: bool = True,
+        recompute: float | None = None,
         llm: LLM | None = None,
         callback_manager: CallbackManager | None = None,
     ) -> None:
@@ -87,6 +91,9 @@ class KVCacheSynthesizer(BaseSynthesizer):
         self.model = model
         self.max_new_tokens = max_new_tokens
         self.compute_missing = compute_missing
+        self.recompute = recompute
+        if recompute is not None:
+            self._engine.recompute = recompute
         self._resolver = CacheResolver(store, lm, compute_missing)
         super().__init__(
             llm=llm or LocalLLM(model=lm.ref, max_new_tokens=max_new_tokens),
@@ -107,6 +114,7 @@ class KVCacheSynthesizer(BaseSynthesizer):
             "max_new_tokens": self.max_new_tokens,
             "streaming": self._streaming,
             "compute_missing": self.compute_missing,
+            "recompute": self.recompute,
         }
 
     @classmethod
@@ -137,12 +145,14 @@ class KVCacheSynthesizer(BaseSynthesizer):
     def _stream(self, question: str, entries: list[Any], info: dict[str, Any]) -> Generator[str, None, None]:
         from ragcompress.runtime.assemble import assemble
         from ragcompress.runtime.attention import KV_MASK_KWARG
+        from ragcompress.runtime.recompute import repair
 
         engine = self._engine
         suffix = engine._suffix(question, entries)  # checks the prompt fits the model
         t0 = time.perf_counter()
         segments = [engine.store.load_kv(entry, engine.dtype) for entry in entries]
         built = assemble(engine.lm.config, engine.rotary, engine.prefix_keys, engine.prefix, segments, engine.dtype)
+        repair(engine, built, segments, entries, engine.recompute)  # as Engine.answer_cached does
         extra = {} if built.kv_mask is None else {KV_MASK_KWARG: built.kv_mask}
         yield from stream_greedy(
             engine.lm.model,
