@@ -1,4 +1,4 @@
-"""The ``ragcompress`` command line (DESIGN §3): index, ask, eval, bench.
+"""The ``ragcompress`` command line (DESIGN §3): index, ask, eval, bench, verify.
 
 Every command prints human-readable output (progress bars only on a terminal); ``--json`` prints
 exactly one JSON object on stdout. Errors exit non-zero with one line on stderr.
@@ -197,6 +197,26 @@ def bench(
     if plot_path is not None:
         plot(rows, plot_path)
     _emit(to_json(rows), as_json, table(rows))
+
+
+@app.command()
+def verify(
+    store: Path = typer.Option(..., "--store"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Check manifest, prefix, catalogue, every segment (checksum, decoding, shape) and the FAISS
+    index; exit 0 only if all hold. Each problem names its passage id and shard."""
+    from ragcompress.store.verify import verify_store
+
+    report = verify_store(store)
+    lines = [f"{'OK' if report.ok else 'FAILED'}: {store}: {report.passages} passages in {report.shards} shards, "
+             f"{len(report.problems)} problems"]
+    lines += [f"  {problem}" for problem in report.problems] + [f"  note: {note}" for note in report.notes]
+    _emit(report.to_json(), as_json, "\n".join(lines))
+    if not report.ok:
+        first = report.problems[0]
+        typer.echo(f"error: store {store} failed verification: {len(report.problems)} problems, first: {first}", err=True)
+        raise SystemExit(1)
 
 
 def main() -> None:

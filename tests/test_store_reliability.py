@@ -554,3 +554,29 @@ def test_blob_encoding_is_canonical(scheme):
     torch.manual_seed(0)
     kv = PassageKV.full(torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16))
     assert len({codec.encode(kv, QuantConfig(scheme)) for _ in range(16)}) == 1
+
+
+def test_cli_verify_exit_codes_and_json(store_copy):
+    """``ragcompress verify``: exit 0 on a sound store; exit 1, one stderr line, JSON naming the
+    passage and shard after a flipped byte."""
+    from typer.testing import CliRunner
+
+    from ragcompress.cli import app
+
+    command = ["verify", "--store", str(store_copy), "--json"]
+    sound = CliRunner().invoke(app, command)
+    assert sound.exit_code == 0, sound.stderr
+    assert json.loads(sound.stdout) == {"ok": True, "store": str(store_copy), "passages": N_PASSAGES,
+                                        "shards": len(list((store_copy / "shards").iterdir())),
+                                        "problems": [], "notes": []}
+    victim = _entry(store_copy, "doc-011")
+    path = store_copy / "shards" / victim.shard
+    data = bytearray(path.read_bytes())
+    data[victim.offset + 7] ^= 0x40
+    path.write_bytes(bytes(data))
+    broken = CliRunner().invoke(app, command)
+    assert broken.exit_code == 1
+    report = json.loads(broken.stdout)
+    assert report["ok"] is False
+    assert [(p["passage_id"], p["shard"], p["kind"]) for p in report["problems"]] == [("doc-011", victim.shard, "segment")]
+    assert len(broken.stderr.strip().splitlines()) == 1 and "doc-011" in broken.stderr

@@ -45,9 +45,12 @@ class Problem:
     shard: str | None = None
 
     def __str__(self) -> str:
-        where = "".join([f" passage {self.passage_id!r}" if self.passage_id is not None else "",
-                         f" shard {self.shard}" if self.shard else ""])
-        return f"[{self.kind}]{where}: {self.message}"
+        where = []
+        if self.passage_id is not None and repr(self.passage_id) not in self.message:
+            where.append(f"passage {self.passage_id!r}")
+        if self.shard and self.shard not in self.message:
+            where.append(f"shard {self.shard}")
+        return f"[{self.kind}] " + (f"{', '.join(where)}: " if where else "") + self.message
 
 
 @dataclass(frozen=True)
