@@ -1,0 +1,223 @@
+"""Property-based fuzzing of indexing input: every JSONL file and every passage text is either
+indexed correctly or rejected with a clear :class:`InputError`; nothing else escapes, and a
+rejected input never damages an existing store (docs/guarantees.md)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from ragcompress import inputs
+from ragcompress.errors import InputError
+from ragcompress.indexing import IndexConfig, index
+from ragcompress.inputs import iter_passages, validate
+from ragcompress.store import KVStore
+from ragcompress.store.verify import verify_store
+
+sys.path.insert(0, str(Path(__file__).parent))
+import store_worker  # noqa: E402
+
+FUZZ = settings(deadline=None, max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ_INDEX = settings(deadline=None, max_examples=30, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
+json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=3)
+                           | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=10)
+LONE_SURROGATE = "\\ud800"  # what a JSON writer emits for half of a UTF-16 pair
+
+
+def _consume(path: Path) -> list:
+    """Read and validate ``path`` the way ``index`` does; only InputError may escape."""
+    try:
+        count = validate(path)
+    except InputError as exc:
+        assert str(exc) and "\n" not in str(exc)
+        return []
+    passages = list(iter_passages(path))
+    assert count == len(passages) == len({p.id for p in passages})
+    for passage in passages:  # everything that passed can be stored as UTF-8
+        assert len(passage.text_sha) == 64
+        passage.id.encode("utf-8")
+        json.dumps(passage.meta, ensure_ascii=False).encode("utf-8")
+        assert passage.text.strip()
+    return passages
+
+
+@FUZZ
+@given(st.lists(st.binary(max_size=120), max_size=8))
+def test_arbitrary_bytes_never_escape_as_other_errors(tmp_path, lines):
+    path = tmp_path / "fuzz.jsonl"
+    path.write_bytes(b"\n".join(lines))
+    _consume(path)
+
+
+@FUZZ
+@given(st.lists(st.dictionaries(st.sampled_from(["id", "text", "title", "meta", "x"]), json_values, max_size=5)
+                | json_values, max_size=6))
+def test_arbitrary_json_records(tmp_path, records):
+    path = tmp_path / "fuzz.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records))
+    _consume(path)
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.text(max_size=12), st.text(max_size=40), st.booleans()), min_size=1, max_size=6))
+def test_wellformed_records_round_trip_or_are_refused_by_rule(tmp_path, rows):
+    """Valid records come back exactly; a refusal is always one of the documented rules."""
+    records = [{"id": pid, "text": text + (LONE_SURROGATE if broken else "")} for pid, text, broken in rows]
+    path = tmp_path / "fuzz.jsonl"
+    path.write_text("\n".join(json.dumps(r).replace("\\\\ud800", "\\ud800") for r in records))
+    ids = [r["id"] for r in records]
+    expect_error = (any(broken for _, _, broken in rows) or len(set(ids)) != len(ids)
+                    or any(not pid.strip() or any(ord(c) < 32 or ord(c) == 127 for c in pid) for pid in ids)
+                    or any(not text.strip() for _, text, _ in rows))
+    if expect_error:
+        with pytest.raises(InputError):
+            validate(path)
+    else:
+        passages = _consume(path)
+        assert [(p.id, p.text) for p in passages] == [(pid, text) for pid, text, _ in rows]
+
+
+def test_lone_surrogate_is_named(tmp_path):
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"id": "a", "text": "fine"}\n{"id": "b", "text": "half \\ud83d pair"}\n')
+    with pytest.raises(InputError, match=r"s.jsonl:2: holds an unpaired UTF-16 surrogate"):
+        validate(path)
+
+
+def test_non_utf8_is_named_with_line(tmp_path):
+    path = tmp_path / "b.jsonl"
+    path.write_bytes(b'{"id": "a", "text": "ok"}\n{"id": "b", "text": "caf\xe9"}\n')
+    with pytest.raises(InputError, match=r"b.jsonl:2: not valid UTF-8"):
+        validate(path)
+
+
+def test_byte_order_mark_is_accepted(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"id": "a", "text": "with a BOM"}\n')
+    assert [p.id for p in iter_passages(path)] == ["a"]
+
+
+def test_overlong_line_is_refused_without_reading_it_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr(inputs, "MAX_LINE_BYTES", 1000)
+    path = tmp_path / "long.jsonl"
+    path.write_text('{"id": "a", "text": "short"}\n' + json.dumps({"id": "b", "text": "x" * 5000}) + "\n")
+    with pytest.raises(InputError, match=r"long.jsonl:2: line is longer than"):
+        validate(path)
+
+
+def test_deeply_nested_json_is_an_input_error(tmp_path):
+    path = tmp_path / "deep.jsonl"
+    path.write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(InputError, match="deep.jsonl:1"):
+        validate(path)
+
+
+# --- passage texts through the whole indexing path ---------------------------------------------
+
+SPECIAL_TEXTS = [
+    "", " ", "\t\n  \r\n", "\u200b", "\x00", "a\x00b", "\x1b[31mred\x1b[0m", "\x7f\x08\x0c",
+    "مرحبا بالعالم، هذا نص عربي", "שלום עולם זה טקסט בעברית", "abc \u202e\u2066 reversed \u2069",
+    "e\u0301\u0301\u0301", "🦀🚀👩‍👩‍👧‍👦", "{text} {question}", "\ufeffbom inside", "tab\tand\nnewline",
+]
+texts = st.sampled_from(SPECIAL_TEXTS) | st.text(min_size=1, max_size=200) | st.text(
+    st.characters(codec="utf-8", categories=["Cc", "Cf", "Zs", "Mn", "Lo"]), min_size=1, max_size=60)
+
+
+@pytest.fixture(scope="module")
+def fuzz_store(tmp_path_factory, tiny_lm):
+    root = tmp_path_factory.mktemp("fuzz-store")
+    seed = root / "seed.jsonl"
+    seed.write_text(json.dumps({"id": "seed", "text": "a passage that must survive every fuzzed run"}) + "\n")
+    store = root / "store"
+    _index(tiny_lm, seed, store)
+    return store
+
+
+def _index(lm, path: Path, store: Path):
+    return index(path, store, lm=lm, embedder=store_worker.HashEmbedder(), config=IndexConfig(quant="int4"),
+                 batch_size=4)
+
+
+def _snapshot(store: Path) -> list[tuple]:
+    with KVStore.open(store) as kv:
+        return [(e.id, e.text, e.checksum) for e in kv.catalogue.entries()]
+
+
+@FUZZ_INDEX
+@given(text=texts, raw_suffix=st.sampled_from([None, None, None, b"\xff", b"\xc3", LONE_SURROGATE.encode()]))
+def test_fuzzed_passage_text_is_indexed_exactly_or_rejected(fuzz_store, tiny_lm, tmp_path_factory, text, raw_suffix):
+    number = len(_snapshot(fuzz_store))
+    pid = f"fuzz-{number}"
+    line = json.dumps({"id": pid, "text": text}).encode()
+    if raw_suffix is not None:  # splice raw bytes (or an escaped lone surrogate) into the string
+        line = line[:-2] + raw_suffix + line[-2:]
+    path = tmp_path_factory.mktemp("fuzz-input") / "in.jsonl"
+    path.write_bytes(line + b"\n")
+    before = _snapshot(fuzz_store)
+    try:
+        _index(tiny_lm, path, fuzz_store)
+    except InputError as exc:
+        assert str(exc) and "\n" not in str(exc)
+        assert raw_suffix is not None or not text.strip()
+        assert _snapshot(fuzz_store) == before  # a refused input changes nothing
+        event("rejected")
+        return
+    assert raw_suffix is None and text.strip()
+    event("indexed")
+    after = _snapshot(fuzz_store)
+    assert after[:-1] == before and after[-1][:2] == (pid, text)  # stored exactly, nothing else touched
+    with KVStore.open(fuzz_store) as kv:
+        entry = kv.entry(pid)
+        kv_cache = kv.load_kv(entry)
+    from ragcompress.prompt import PromptTemplate, PromptTokens
+
+    tokens = PromptTokens(PromptTemplate.from_tokenizer(tiny_lm.tokenizer), tiny_lm.tokenizer)
+    assert kv_cache.num_tokens == entry.num_tokens == len(tokens.passage(text))
+
+
+def test_too_long_passage_is_rejected_and_store_intact(fuzz_store, tiny_lm, tmp_path):
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps({"id": "very-long", "text": "word " * 6000}) + "\n")
+    before = _snapshot(fuzz_store)
+    with pytest.raises(InputError, match=r"'very-long' has \d+ tokens, more than .* can attend to"):
+        _index(tiny_lm, path, fuzz_store)
+    assert _snapshot(fuzz_store) == before
+
+
+def test_fuzzed_store_still_verifies(fuzz_store):
+    """Runs after the fuzzing above (file order): nothing any fuzzed input did damaged the store."""
+    report = verify_store(fuzz_store)
+    assert report.ok, [str(p) for p in report.problems]
+    with KVStore.open(fuzz_store) as kv:
+        assert kv.entry("seed").text == "a passage that must survive every fuzzed run"
+        for entry in kv.catalogue.entries():
+            kv.load_kv(entry)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"id": "a", "text": "caf\xe9"}\n', "not valid UTF-8"),
+    (b'{"id": "a", "text": "x \\udc00"}\n', "unpaired UTF-16 surrogate"),
+    (b'{"id": "a", "text": "  "}\n', "empty text"),
+    (b'{"id": "a", "text": "x"}\n{"id": "a", "text": "y"}\n', "duplicate passage id"),
+    (b'{"id": "a\\u0000b", "text": "x"}\n', "printable characters"),
+    (b'not json\n', "malformed JSON"),
+])
+def test_cli_rejects_bad_input_with_one_line_and_no_traceback(tmp_path, monkeypatch, capsys, content, message):
+    from ragcompress.cli import main
+
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(content)
+    monkeypatch.setattr(sys, "argv", ["ragcompress", "index", "--input", str(path), "--store", str(tmp_path / "s")])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    err = capsys.readouterr().err
+    assert exited.value.code == 1
+    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "s").exists()
