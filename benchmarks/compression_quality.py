@@ -1,0 +1,329 @@
+"""Quality of every compression method at several ratios, with and without int4, on SQuAD-dev.
+
+For a bounded, evenly spaced sample of questions, the top-k passages are retrieved once with
+the store's embedder, so every row answers from the *same* passages. Only those passages are
+encoded, once; each method scores each passage once and keeps every ratio from those scores
+(``select``), and every (method, ratio, quant) gets its own real store (manifest, shards,
+catalogue, FAISS index) that is answered through ``Engine.answer_cached`` (the ragged path when
+heads keep different counts). The baseline is ``Engine.answer_full``: a plain prefill of the
+same token ids, greedy, in the same process.
+
+Indexing time is measured separately, side by side in one process: for a few passages and
+repeats, ``encode + compress + serialise`` of each method against ``encode + serialise`` of
+``none`` (median per passage, reported as a ratio). Embedding and disk writes are the same for
+every method and are left out, which makes the ratio conservative.
+
+    python benchmarks/compression_quality.py --model smollm2-135m --questions 40
+    python benchmarks/compression_quality.py --model qwen2.5-coder-0.5b --questions 24
+
+Writes ``<workdir>/results.json`` (resumable: finished rows are kept), prints a Markdown table
+and saves a plot of sub-EM against compression.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ragcompress.compressors import CompressionContext, make_compressor
+from ragcompress.encoder import PassageEncoder
+from ragcompress.evaluation import Question, f1, read_questions, sub_em
+from ragcompress.indexing import IndexConfig, build_manifest, fp16_bytes_per_token
+from ragcompress.inputs import PassageInput, iter_passages
+from ragcompress.kv import PassageKV
+from ragcompress.models import LoadedModel, load_model
+from ragcompress.prompt import PromptTemplate
+from ragcompress.quant import QuantConfig
+from ragcompress.retrieval import Embedder
+from ragcompress.runtime.engine import Engine
+from ragcompress.store import KVStore, StoreWriter, create_store
+from ragcompress.store.codec import encode
+
+SQUAD = Path(__file__).resolve().parents[2] / "shared" / "data" / "squad-dev"
+METHODS = ["kvzip", "adaptive:kvzip", "snapkv", "expected-attention", "knorm", "streaming"]
+
+
+@dataclass
+class Bench:
+    """Everything shared by all rows: model, encoder, questions and their retrieved passages."""
+
+    lm: LoadedModel
+    template: PromptTemplate
+    encoder: PassageEncoder
+    embedder: Embedder
+    questions: list[Question]
+    retrieved: list[list[str]]  # per question, top-k passage ids in rank order
+    passages: dict[str, PassageInput]
+    vectors: dict[str, np.ndarray]
+    token_ids: dict[str, list[int]]
+    full: dict[str, PassageKV]
+    workdir: Path
+
+
+def pick_questions(path: Path, n: int) -> list[Question]:
+    """``n`` evenly spaced questions (the file is grouped by article)."""
+    all_questions = read_questions(path)
+    step = len(all_questions) / n
+    return [all_questions[int(i * step)] for i in range(min(n, len(all_questions)))]
+
+
+def setup(model: str | None, n_questions: int, top_k: int, workdir: Path, data: Path = SQUAD) -> Bench:
+    lm = load_model(model)
+    template = PromptTemplate.from_tokenizer(lm.tokenizer)
+    encoder = PassageEncoder(lm, template)
+    embedder = Embedder()
+    passages = {p.id: p for p in iter_passages(data / "passages.jsonl")}
+    questions = pick_questions(data / "questions.jsonl", n_questions)
+    ids = list(passages)
+    pvec = embedder.embed([passages[i].text for i in ids])
+    qvec = embedder.embed([q.question for q in questions])
+    top = np.argsort(-(qvec @ pvec.T), axis=1, kind="stable")[:, :top_k]
+    retrieved = [[ids[j] for j in row] for row in top]
+    needed = list(dict.fromkeys(pid for row in retrieved for pid in row))
+    token_ids = {pid: encoder.tokens.passage(passages[pid].text) for pid in needed}
+    full: dict[str, PassageKV] = {}
+    for start in range(0, len(needed), 4):
+        batch = needed[start : start + 4]
+        for pid, kv in zip(batch, encoder.encode([token_ids[pid] for pid in batch])):
+            full[pid] = kv
+    vectors = {ids[j]: pvec[j] for j in range(len(ids)) if ids[j] in token_ids}
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(f"{lm.ref}: {len(questions)} questions, {len(needed)} passages "
+          f"({sum(len(token_ids[p]) for p in needed)} tokens) encoded", flush=True)
+    return Bench(lm, template, encoder, embedder, questions, retrieved, {p: passages[p] for p in needed},
+                 vectors, token_ids, full, workdir)
+
+
+def row_name(method: str, ratio: float | None, quant: str) -> str:
+    return f"{method.replace(':', '-')}_{ratio if ratio is not None else 1.0}_{quant}"
+
+
+def build_store(bench: Bench, path: Path, config: IndexConfig, kept: dict[str, PassageKV]) -> None:
+    """A real store holding ``kept`` caches (already compressed) for the needed passages."""
+    if path.exists():
+        shutil.rmtree(path)
+    create_store(path, build_manifest(bench.lm, bench.template, config, bench.embedder.name), bench.encoder.prefix_kv)
+    quant = QuantConfig(config.quant, config.group_size)
+    items = []
+    for pid, kv in kept.items():
+        p = bench.passages[pid]
+        items.append({"id": p.id, "title": p.title, "text": p.text, "meta": p.meta, "text_sha": p.text_sha,
+                      "blob": encode(kv, quant), "num_tokens": kv.num_tokens, "kept": kv.kept_tokens,
+                      "embedding": bench.vectors[pid]})
+    with StoreWriter(path) as writer:
+        writer.add(items)
+        writer.write_index()
+
+
+def compressed_caches(bench: Bench, method: str, ratios: list[float]) -> dict[float, dict[str, PassageKV]]:
+    """Each passage scored once by ``method``; every ratio kept from those scores."""
+    out: dict[float, dict[str, PassageKV]] = {r: {} for r in ratios}
+    if method == "none":
+        return {r: dict(bench.full) for r in ratios}
+    scorer = make_compressor(method.split(":")[-1], ratio=ratios[0])
+    for pid, kv in bench.full.items():
+        scores = scorer.score(kv, CompressionContext(bench.encoder, bench.token_ids[pid]))
+        for r in ratios:
+            out[r][pid] = make_compressor(method, ratio=r).select(kv, scores)
+    return out
+
+
+def answer_rows(bench: Bench, path: Path, max_new_tokens: int) -> tuple[list[dict[str, Any]], float]:
+    with KVStore.open(path) as store:
+        engine = Engine(store, bench.lm, bench.embedder, max_new_tokens=max_new_tokens)
+        rows = []
+        for q, pids in zip(bench.questions, bench.retrieved):
+            entries = [store.entry(pid) for pid in pids]
+            answer = engine.answer_cached(q.question, entries)
+            rows.append({"answer": answer.answer, "ttft_s": answer.ttft_s})
+        entries = [store.entry(pid) for pid in bench.full]
+        stored = sum(e.length for e in entries) / sum(e.num_tokens for e in entries)
+    return rows, stored
+
+
+def full_answers(bench: Bench, path: Path, max_new_tokens: int) -> list[str]:
+    with KVStore.open(path) as store:
+        engine = Engine(store, bench.lm, bench.embedder, max_new_tokens=max_new_tokens)
+        return [engine.answer_full(q.question, [store.entry(p) for p in pids]).answer
+                for q, pids in zip(bench.questions, bench.retrieved)]
+
+
+def summarise(bench: Bench, answers: list[str], full: list[str]) -> dict[str, float]:
+    n = len(answers)
+    return {
+        "sub_em": sum(sub_em(a, q.answers) for a, q in zip(answers, bench.questions)) / n,
+        "f1": sum(f1(a, q.answers) for a, q in zip(answers, bench.questions)) / n,
+        "agreement": sum(a == b for a, b in zip(answers, full)) / n,
+    }
+
+
+def indexing_times(bench: Bench, methods: list[str], ratio: float, passages: int, repeats: int) -> dict[str, float]:
+    """Median per-passage ``encode + compress + serialise`` seconds per method, side by side."""
+    sample = list(bench.full)[:passages]
+    times: dict[str, list[float]] = {m: [] for m in ["none", *methods]}
+    quant = QuantConfig("none")
+    for _ in range(repeats):
+        for pid in sample:
+            ids = bench.token_ids[pid]
+            t0 = time.perf_counter()
+            kv = bench.encoder.encode([ids])[0]
+            encode_s = time.perf_counter() - t0
+            for method in times:
+                compressor = make_compressor(method, **({} if method == "none" else {"ratio": ratio}))
+                t0 = time.perf_counter()
+                encode(compressor.compress(kv, CompressionContext(bench.encoder, ids)), quant)
+                times[method].append(encode_s + time.perf_counter() - t0)
+    return {m: statistics.median(v) for m, v in times.items()}
+
+
+def plot(results: dict[str, Any], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["rows"]
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    methods = list(dict.fromkeys(r["method"] for r in rows.values() if r["method"] != "none"))
+    for i, method in enumerate(methods):
+        for quant, style in (("fp16", "-o"), ("int4", "--s")):
+            pts = sorted((r["compression"], r["sub_em"]) for r in rows.values()
+                         if r["method"] == method and r["quant"] == quant)
+            if pts:
+                ax.plot(*zip(*pts), style, color=f"C{i}", label=f"{method}{' + int4' if quant == 'int4' else ''}",
+                        alpha=0.9, markersize=4)
+    for quant, marker in (("fp16", "*"), ("int4", "P")):
+        ref = rows.get(row_name("none", None, quant))
+        if ref:
+            ax.plot([ref["compression"]], [ref["sub_em"]], marker, color="k", markersize=10,
+                    label=f"none{' + int4' if quant == 'int4' else ''} (ratio 1.0)")
+    ax.axhline(results["full"]["sub_em"], color="grey", ls=":", label="full prefill")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("compression (fp16 bytes / stored bytes, scales and positions included)")
+    ax.set_ylabel("sub-EM")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def table(results: dict[str, Any]) -> str:
+    full, base = results["full"], results["indexing_s"]["none"]
+    lines = [f"full prefill: sub-EM {full['sub_em']:.3f}, F1 {full['f1']:.3f} "
+             f"({results['n']} questions, top-{results['top_k']}, recall@k {results['recall_at_k']:.2f})", "",
+             "| method | ratio | quant | sub-EM | F1 | agreement | bytes/token | compression | indexing time / none |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results["rows"].values():
+        t = results["indexing_s"].get(r["method"])
+        lines.append(f"| {r['method']} | {r['ratio']} | {r['quant']} | {r['sub_em']:.3f} | {r['f1']:.3f} | "
+                     f"{r['agreement']:.3f} | {r['bytes_per_token']:.0f} | {r['compression']:.1f}x | "
+                     f"{'' if t is None else f'{t / base:.2f}'} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="model name (default: the embedded SmolLM2-135M)")
+    parser.add_argument("--questions", type=int, default=40)
+    parser.add_argument("--top-k", type=int, default=3)
+    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.5, 0.25, 0.125])
+    parser.add_argument("--quants", nargs="+", default=["fp16", "int4"])
+    parser.add_argument("--group-size", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--timing-passages", type=int, default=4)
+    parser.add_argument("--timing-repeats", type=int, default=3)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/ragcompress-bench"))
+    parser.add_argument("--report-only", action="store_true", help="print the table and plot from results.json")
+    parser.add_argument("--plot", type=Path, default=None, help="PNG path (default docs/img/compression-<model>.png)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+
+    tag = (args.model or "smollm2-135m").replace("/", "_")
+    workdir = args.workdir / tag
+    if args.report_only:
+        results = json.loads((workdir / "results.json").read_text())
+        results.setdefault("indexing_s", {"none": 1.0})
+        print(table(results))
+        plot(results, args.plot or Path("docs/img") / f"compression-{tag}.png",
+             f"{results['model']}: sub-EM vs compression (SQuAD-dev, {results['n']} questions, top-{results['top_k']})")
+        return
+    bench = setup(args.model, args.questions, args.top_k, workdir)
+    results_path = workdir / "results.json"
+    key = {"questions": [q.id for q in bench.questions], "top_k": args.top_k, "group_size": args.group_size,
+           "max_new_tokens": args.max_new_tokens}
+    results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    if results.get("key") != key:
+        results = {"key": key, "rows": {}}
+    results.update(model=bench.lm.ref, n=len(bench.questions), top_k=args.top_k, retrieved=bench.retrieved)
+    results["recall_at_k"] = sum(q.passage_id in r for q, r in zip(bench.questions, bench.retrieved)) / len(bench.questions)
+    fp16 = float(fp16_bytes_per_token(bench.lm.config))
+
+    def save() -> None:
+        results_path.write_text(json.dumps(results, indent=1))
+
+    if args.timing_passages and "indexing_s" not in results:
+        results["indexing_s"] = indexing_times(bench, args.methods, 0.25, args.timing_passages, args.timing_repeats)
+        save()
+        print("indexing time / none: " + ", ".join(f"{m} {t / results['indexing_s']['none']:.2f}"
+                                                  for m, t in results["indexing_s"].items()), flush=True)
+
+    none_kept = dict(bench.full)
+    for quant in args.quants:
+        name = row_name("none", None, quant)
+        config = IndexConfig("none", None, quant, args.group_size)
+        build_store(bench, workdir / name, config, none_kept)
+        if "full" not in results:
+            full = full_answers(bench, workdir / name, args.max_new_tokens)
+            results["full"] = {"answers": full, **summarise(bench, full, full)}
+            save()
+        if name not in results["rows"]:
+            rows, stored = answer_rows(bench, workdir / name, args.max_new_tokens)
+            answers = [r["answer"] for r in rows]
+            results["rows"][name] = {"method": "none", "ratio": 1.0, "quant": quant, "answers": answers,
+                                     **summarise(bench, answers, results["full"]["answers"]),
+                                     "bytes_per_token": stored, "compression": fp16 / stored}
+            save()
+        print(f"{name}: sub-EM {results['rows'][name]['sub_em']:.3f}", flush=True)
+
+    for method in args.methods:
+        todo = [(r, q) for r in args.ratios for q in args.quants if row_name(method, r, q) not in results["rows"]]
+        if not todo:
+            continue
+        t0 = time.perf_counter()
+        kept_by_ratio = compressed_caches(bench, method, sorted({r for r, _ in todo}))
+        print(f"{method}: scored {len(bench.full)} passages in {time.perf_counter() - t0:.0f} s", flush=True)
+        for ratio, quant in todo:
+            name = row_name(method, ratio, quant)
+            build_store(bench, workdir / name, IndexConfig(method, ratio, quant, args.group_size), kept_by_ratio[ratio])
+            rows, stored = answer_rows(bench, workdir / name, args.max_new_tokens)
+            answers = [r["answer"] for r in rows]
+            results["rows"][name] = {"method": method, "ratio": ratio, "quant": quant, "answers": answers,
+                                     **summarise(bench, answers, results["full"]["answers"]),
+                                     "bytes_per_token": stored, "compression": fp16 / stored}
+            save()
+            print(f"{name}: sub-EM {results['rows'][name]['sub_em']:.3f} "
+                  f"compression {fp16 / stored:.1f}x", flush=True)
+
+    results.setdefault("indexing_s", {"none": 1.0})
+    order = {m: i for i, m in enumerate(["none", *args.methods])}
+    results["rows"] = dict(sorted(results["rows"].items(),
+                                  key=lambda kv: (order.get(kv[1]["method"], 99), -kv[1]["ratio"], kv[1]["quant"])))
+    save()
+    print(table(results))
+    plot(results, args.plot or Path("docs/img") / f"compression-{tag}.png",
+         f"{bench.lm.ref}: sub-EM vs compression (SQuAD-dev, {len(bench.questions)} questions, top-{args.top_k})")
+
+
+if __name__ == "__main__":
+    main()

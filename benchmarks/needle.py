@@ -1,0 +1,135 @@
+"""Needle in a haystack over compressed passage caches (Paul Graham essays, pg-essays-dev).
+
+A context of ``--chunks`` passages of ``--chunk-tokens`` tokens is cut from an essay; a short
+fact (the needle, a random 4-digit number) is inserted at a sentence boundary at depth
+0, 25, 50, 75 or 100 % of the context; every passage is encoded independently after the shared
+prefix (as the store does), compressed by each method (scored once, every ratio kept from the
+same scores), serialised and read back through the store codec with ``--quant``, assembled by
+the runtime and asked for the number with greedy decoding. The baselines are a plain full
+prefill of the same token ids and the uncompressed cached path (``none``).
+
+    python benchmarks/needle.py --chunks 3 --chunk-tokens 160
+    python benchmarks/needle.py --chunks 1 --chunk-tokens 160     # the simpler setting
+
+Accuracy = the number occurs in the answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import time
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+from ragcompress.compressors import CompressionContext, make_compressor
+from ragcompress.encoder import PassageEncoder
+from ragcompress.kv import PassageKV
+from ragcompress.models import load_model
+from ragcompress.prompt import PromptTemplate
+from ragcompress.quant import QuantConfig
+from ragcompress.runtime.assemble import assemble
+from ragcompress.runtime.attention import KV_MASK_KWARG
+from ragcompress.runtime.generate import greedy_decode, stop_token_ids
+from ragcompress.store.codec import decode, encode
+
+ESSAYS = Path(__file__).resolve().parents[2] / "shared" / "data" / "pg-essays-dev"
+METHODS = ["kvzip", "adaptive:kvzip", "snapkv", "expected-attention", "knorm", "streaming"]
+NEEDLE = " The special magic number is {value}. "
+QUESTION = "What is the special magic number?"
+
+
+def haystack(tokenizer, text: str, chunks: int, chunk_tokens: int, skip: int = 40) -> list[str]:
+    """``chunks`` consecutive slices of ``chunk_tokens`` tokens (after ``skip`` header tokens)."""
+    ids = tokenizer(" ".join(text.split()), add_special_tokens=False)["input_ids"][skip:]
+    return [tokenizer.decode(ids[i * chunk_tokens : (i + 1) * chunk_tokens]).strip() for i in range(chunks)]
+
+
+def insert_needle(chunks: list[str], depth: float, needle: str) -> list[str]:
+    """Put ``needle`` at the sentence boundary nearest ``depth`` of the whole context."""
+    out = list(chunks)
+    j = min(int(depth * len(chunks)), len(chunks) - 1)
+    rel = min(max(depth * len(chunks) - j, 0.0), 1.0)
+    text = out[j]
+    bounds = [0] + [m.end() for m in re.finditer(r"[.!?]\s", text)] + [len(text)]
+    cut = min(bounds, key=lambda b: abs(b - rel * len(text)))
+    out[j] = (text[:cut].rstrip() + needle + text[cut:].lstrip()).strip()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--essays", type=int, default=3)
+    parser.add_argument("--chunks", type=int, default=3)
+    parser.add_argument("--chunk-tokens", type=int, default=160)
+    parser.add_argument("--depths", nargs="+", type=float, default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.5, 0.25])
+    parser.add_argument("--quant", default="int4")
+    parser.add_argument("--max-new-tokens", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    lm = load_model(args.model)
+    tok = lm.tokenizer
+    encoder = PassageEncoder(lm, PromptTemplate.from_tokenizer(tok))
+    rotary, prefix = encoder.rotary, encoder.prefix_kv
+    prefix_keys = torch.stack([rotary.rotate(prefix.keys[l], prefix.positions[l], l) for l in range(prefix.keys.shape[0])])
+    stops = stop_token_ids(tok, lm.model)
+    quant = QuantConfig(args.quant)
+    rng = random.Random(0)
+
+    def cached_answer(segments: list[PassageKV], suffix: list[int]) -> str:
+        segments = [decode(encode(kv, quant), lm.model.dtype) for kv in segments]
+        built = assemble(lm.config, rotary, prefix_keys, prefix, segments, lm.model.dtype)
+        extra = {} if built.kv_mask is None else {KV_MASK_KWARG: built.kv_mask}
+        gen = greedy_decode(lm.model, suffix, built.cache, built.next_position, args.max_new_tokens, stops,
+                            time.perf_counter(), **extra)
+        return tok.decode(gen.token_ids, skip_special_tokens=True)
+
+    rows = ["full prefill", "none", *[f"{m}@{r}" for m in args.methods for r in args.ratios]]
+    hits: dict[str, dict[float, list[int]]] = {row: {d: [] for d in args.depths} for row in rows}
+    essays = sorted(ESSAYS.glob("*.txt"))[: args.essays]
+    suffix = encoder.tokens.suffix(QUESTION)
+    for essay in essays:
+        chunks = haystack(tok, essay.read_text(), args.chunks, args.chunk_tokens)
+        for depth in args.depths:
+            value = str(rng.randint(1000, 9999))
+            texts = insert_needle(chunks, depth, NEEDLE.format(value=value))
+            ids = [encoder.tokens.passage(t) for t in texts]
+            full = encoder.encode(ids)
+            prompt = encoder.prefix_ids + sum(ids, []) + suffix
+            gen = greedy_decode(lm.model, prompt, DynamicCache(config=lm.config), 0, args.max_new_tokens, stops,
+                                time.perf_counter())
+            hits["full prefill"][depth].append(int(value in tok.decode(gen.token_ids, skip_special_tokens=True)))
+            hits["none"][depth].append(int(value in cached_answer(full, suffix)))
+            for method in args.methods:
+                scorer = make_compressor(method.split(":")[-1])
+                scores = [scorer.score(kv, CompressionContext(encoder, i)) for kv, i in zip(full, ids)]
+                for ratio in args.ratios:
+                    compressor = make_compressor(method, ratio=ratio)
+                    kept = [compressor.select(kv, s) for kv, s in zip(full, scores)]
+                    hits[f"{method}@{ratio}"][depth].append(int(value in cached_answer(kept, suffix)))
+            print(f"{essay.stem} depth {depth:.2f}: " + " ".join(f"{r}={hits[r][depth][-1]}" for r in rows), flush=True)
+
+    print(f"\n{lm.ref}: needle accuracy, {len(essays)} essays x {len(args.depths)} depths, context "
+          f"{args.chunks} passage(s) x {args.chunk_tokens} tokens, cached rows stored as {args.quant}\n")
+    print("| setting | " + " | ".join(f"depth {int(d * 100)}%" for d in args.depths) + " | mean |")
+    print("|---|" + "---|" * (len(args.depths) + 1))
+    summary = {}
+    for row in rows:
+        accs = [sum(hits[row][d]) / len(hits[row][d]) for d in args.depths]
+        summary[row] = {"by_depth": dict(zip(map(str, args.depths), accs)), "mean": sum(accs) / len(accs)}
+        print(f"| {row} | " + " | ".join(f"{a:.2f}" for a in accs) + f" | {summary[row]['mean']:.2f} |")
+    if args.out:
+        args.out.write_text(json.dumps({"model": lm.ref, "args": {k: str(v) for k, v in vars(args).items()},
+                                        "rows": summary}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
