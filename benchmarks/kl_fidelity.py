@@ -66,6 +66,8 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=40)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/ragcompress-bench"))
     parser.add_argument("--reference-quant", default="fp16")
+    parser.add_argument("--rows", nargs="*", default=None, help="row names of results.json to compare (default: all)")
+    parser.add_argument("--full-prefill", action="store_true", help="add the full-prefill vs cached row (slow)")
     args = parser.parse_args()
 
     tag = (args.model or "smollm2-135m").replace("/", "_")
@@ -89,16 +91,17 @@ def main() -> None:
             inputs.append((pids, ids, len(answer)))
             ref = teacher_forced_logprobs(engine, pids, ids)
             reference.append(ref)
-            full_kl.append(kl(ref, full_prefill_logprobs(engine, pids, ids)))
+            if args.full_prefill:
+                full_kl.append(kl(ref, full_prefill_logprobs(engine, pids, ids)))
 
     def summary(kls: list[torch.Tensor]) -> dict[str, float]:
         every = torch.cat(kls)
         answer = torch.cat([k[-(n + 1) : -1] for k, (_, _, n) in zip(kls, inputs)])
         return {"kl_suffix_answer": float(every.mean()), "kl_answer": float(answer.mean())}
 
-    rows = {"full prefill": {"method": "full prefill", "ratio": 1.0, "quant": "-", **summary(full_kl)}}
+    rows = {"full prefill": {"method": "full prefill", "ratio": 1.0, "quant": "-", **summary(full_kl)}} if full_kl else {}
     for name, row in quality["rows"].items():
-        if name == reference_name:
+        if name == reference_name or (args.rows and name not in args.rows):
             continue
         with KVStore.open(workdir / name) as store:
             engine = Engine(store, lm, embedder)

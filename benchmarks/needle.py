@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--chunk-tokens", type=int, default=160)
     parser.add_argument("--depths", nargs="+", type=float, default=[0.0, 0.25, 0.5, 0.75, 1.0])
     parser.add_argument("--methods", nargs="+", default=METHODS)
-    parser.add_argument("--ratios", nargs="+", type=float, default=[0.5, 0.25])
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.25])
     parser.add_argument("--quant", default="int4")
     parser.add_argument("--max-new-tokens", type=int, default=10)
     parser.add_argument("--out", type=Path, default=None)

@@ -260,3 +260,14 @@ def test_cli_rejects_bad_method_and_ratio(args, expected, tmp_path, monkeypatch,
     err = capfd.readouterr().err
     assert info.value.code != 0 and expected in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "store").exists()
+
+
+def test_mean_rotation_is_the_average_of_rope(tiny_lm):
+    from ragcompress.compressors.expected_attention import mean_rotation
+    from ragcompress.rope import Rotary
+
+    rotary = Rotary(tiny_lm.model)
+    positions = torch.arange(40, 72)
+    x = torch.randn(3, tiny_lm.config.head_dim)
+    expected = torch.stack([rotary.rotate(x, torch.full((3,), int(p)), 0) for p in positions]).mean(0)
+    torch.testing.assert_close(x @ mean_rotation(*rotary.cos_sin(positions, 0)).T, expected, atol=1e-5, rtol=1e-5)
