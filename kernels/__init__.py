@@ -1,11 +1,12 @@
 """Triton kernels of ragcompress (import name ``ragcompress_kernels``), each with a PyTorch reference."""
 
-from .packed_attention import (
+from .quantized_attention import (
     BACKENDS,
     HAS_TRITON,
     QuantizedSegments,
     attention_over_dense_ref,
     dequantize_segments_ref,
+    drop_padding_rows,
     packed_attention,
     packed_attention_ref,
     plan_splits,
@@ -17,6 +18,7 @@ __all__ = [
     "QuantizedSegments",
     "attention_over_dense_ref",
     "dequantize_segments_ref",
+    "drop_padding_rows",
     "packed_attention",
     "packed_attention_ref",
     "plan_splits",

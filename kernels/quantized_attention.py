@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -121,9 +122,11 @@ class QuantizedSegments:
 
 def _unpack_ref(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """``[..., d // pb]`` uint8 -> ``[..., d]`` fp32 codes (lowest bits first)."""
+    if bits == 8:
+        return packed.float()
     pb = 8 // bits
-    shifts = torch.arange(pb, device=packed.device, dtype=torch.int32) * bits
-    codes = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
+    codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
     return codes.reshape(*packed.shape[:-1], packed.shape[-1] * pb).float()
 
 
@@ -133,41 +136,54 @@ def dequantize_segments_ref(seg: QuantizedSegments) -> tuple[torch.Tensor, torch
     heads, rows, _ = seg.k_codes.shape
     d = seg.head_dim
     keys = _unpack_ref(seg.k_codes, seg.bits).view(heads, rows // seg.group_size, seg.group_size, d)
-    keys = (keys * seg.k_scale.float().unsqueeze(2) + seg.k_min.float().unsqueeze(2)).view(heads, rows, d)
+    keys = torch.addcmul(seg.k_min.float().unsqueeze(2), keys, seg.k_scale.float().unsqueeze(2)).view(heads, rows, d)
     values = _unpack_ref(seg.v_codes, seg.bits).view(heads, rows, d // seg.v_group, seg.v_group)
-    values = (values * seg.v_scale.float().unsqueeze(-1) + seg.v_min.float().unsqueeze(-1)).view(heads, rows, d)
+    values = torch.addcmul(seg.v_min.float().unsqueeze(-1), values, seg.v_scale.float().unsqueeze(-1))
     pos = seg.positions.long()
-    cos, sin = seg.cos[pos], seg.sin[pos]
     half = d // 2
     rotated = torch.cat((-keys[..., half:], keys[..., :half]), dim=-1)
-    keys = keys * cos + rotated * sin
-    local = torch.arange(rows, device=seg.k_codes.device)
-    owner = torch.bucketize(local, seg.seg_start[1:].long(), right=True)  # segment of each row
-    offset = local - seg.seg_start.long()[owner]
+    keys = torch.addcmul(keys * seg.cos[pos], rotated, seg.sin[pos])
+    starts = seg.seg_start_host
+    sizes = torch.tensor([starts[i + 1] - starts[i] for i in range(seg.num_segments)], device=pos.device)
+    owner = torch.repeat_interleave(torch.arange(seg.num_segments, device=pos.device), sizes)  # [N]
+    offset = torch.arange(rows, device=pos.device) - seg.seg_start.long()[owner]
     valid = offset < seg.seg_len.long()[:, owner]
-    return keys, values, valid
+    return keys, values.view(heads, rows, d), valid
+
+
+def drop_padding_rows(keys: torch.Tensor, values: torch.Tensor,
+                      valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Remove rows that no head uses; ``valid`` becomes ``None`` when every remaining row is
+    valid in every head (the common no-eviction case, which then needs no segment mask)."""
+    used = valid.any(dim=0)
+    if not bool(used.all()):
+        keys, values, valid = keys[:, used], values[:, used], valid[:, used]
+    return keys, values, None if bool(valid.all()) else valid
 
 
 def attention_over_dense_ref(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                             seg_keys: torch.Tensor, seg_values: torch.Tensor, seg_valid: torch.Tensor,
+                             seg_keys: torch.Tensor, seg_values: torch.Tensor, seg_valid: torch.Tensor | None,
                              scale: float) -> torch.Tensor:
-    """SDPA of ``query [B, Hq, q, d]`` over dequantized segment rows (``seg_* [H, N, ·]``) and the
-    fp ``key/value [B, H, T, d]`` (bottom-right causal). Returns ``[B, q, Hq, d]`` in query's dtype.
-    """
+    """SDPA of ``query [B, Hq, q, d]`` over dequantized segment rows (``seg_* [H, N, ·]``,
+    ``seg_valid [H, N]`` or ``None`` = all valid) and the fp ``key/value [B, H, T, d]``
+    (bottom-right causal). Returns ``[B, q, Hq, d]`` in query's dtype."""
     batch, q_heads, q_len, d = query.shape
     kv_heads, total = key.shape[1], key.shape[2]
     dtype = query.dtype
     keys = torch.cat((seg_keys.to(dtype).unsqueeze(0).expand(batch, -1, -1, -1), key), dim=2)
     values = torch.cat((seg_values.to(dtype).unsqueeze(0).expand(batch, -1, -1, -1), value), dim=2)
-    rows = seg_valid.shape[1]
-    allowed = torch.empty((kv_heads, q_len, rows + total), dtype=torch.bool, device=query.device)
-    allowed[:, :, :rows] = seg_valid.unsqueeze(1)
-    allowed[:, :, rows:] = torch.ones(q_len, total, dtype=torch.bool, device=query.device).tril(total - q_len)
+    rows = seg_keys.shape[1]
     group = q_heads // kv_heads
-    if group > 1:
-        allowed = allowed.repeat_interleave(group, dim=0)
+    mask = None
+    if seg_valid is not None:
+        mask = torch.empty((kv_heads, q_len, rows + total), dtype=torch.bool, device=query.device)
+        mask[:, :, :rows] = seg_valid.unsqueeze(1)
+        mask[:, :, rows:] = torch.ones(q_len, total, dtype=torch.bool, device=query.device).tril(total - q_len)
+        mask = mask.unsqueeze(1).expand(-1, group, -1, -1).reshape(1, q_heads, q_len, rows + total)
+    elif q_len > 1:
+        mask = torch.ones(q_len, rows + total, dtype=torch.bool, device=query.device).tril(rows + total - q_len)
     out = torch.nn.functional.scaled_dot_product_attention(
-        query, keys, values, attn_mask=allowed.unsqueeze(0), scale=scale, enable_gqa=group > 1)
+        query, keys, values, attn_mask=mask, scale=scale, enable_gqa=group > 1)
     return out.transpose(1, 2)
 
 
@@ -194,7 +210,7 @@ if HAS_TRITON:
         stride_vb, stride_vh, stride_vn,
         stride_ob, stride_oh, stride_om,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BITS: tl.constexpr,
-        GROUP_SIZE: tl.constexpr, V_GROUP: tl.constexpr, SPLIT: tl.constexpr,
+        GROUP_SIZE: tl.constexpr, V_GROUP: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         """Grid ``(cdiv(GROUP * Q_LEN, BLOCK_M), BATCH * H_KV, n_splits)``; tile rows are
@@ -261,7 +277,7 @@ if HAS_TRITON:
                 cos = tl.load(COS + pos[:, None] * HEAD_DIM + cols[None, :], mask=rmask, other=0.0)
                 sin = tl.load(SIN + pos[:, None] * HEAD_DIM + cols[None, :], mask=rmask, other=0.0)
                 k = (kc * k_s + k_m) * cos + sign[None, :] * (kp * p_s + p_m) * sin
-                qk = tl.dot(q, tl.trans(k.to(q.dtype))) * qk_scale
+                qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale
                 qk = tl.where(r_valid[None, :], qk, float("-inf"))
                 # values: per-token groups of V_GROUP channels
                 vc = tl.load(vc_head + rows[:, None] * ROW_BYTES + k_byte[None, :], mask=rmask, other=0)
@@ -273,7 +289,7 @@ if HAS_TRITON:
                 p = tl.math.exp2(qk - m_new[:, None])
                 alpha = tl.math.exp2(m_i - m_new)
                 l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+                acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
                 m_i = m_new
 
         if pid_s == n_splits - 1:  # fp rows: prefix and new tokens, bottom-right causal
@@ -283,7 +299,7 @@ if HAS_TRITON:
                 r_valid = rows < T_FP
                 k = tl.load(K + b * stride_kb + kvh * stride_kh + rows[:, None] * stride_kn + cols[None, :],
                             mask=r_valid[:, None], other=0.0)
-                qk = tl.dot(q, tl.trans(k.to(q.dtype))) * qk_scale
+                qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale
                 allowed = r_valid[None, :] & (rows[None, :] <= last[:, None])
                 qk = tl.where(allowed, qk, float("-inf"))
                 v = tl.load(V + b * stride_vb + kvh * stride_vh + rows[:, None] * stride_vn + cols[None, :],
@@ -292,7 +308,7 @@ if HAS_TRITON:
                 p = tl.math.exp2(qk - m_new[:, None])
                 alpha = tl.math.exp2(m_i - m_new)
                 l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+                acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
                 m_i = m_new
 
         if SPLIT:
@@ -334,7 +350,7 @@ if HAS_TRITON:
                 for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)]
 
     _packed_attn_fwd_tuned = triton.autotune(
-        configs=_hopper_configs(), key=["GROUP", "HEAD_DIM", "BITS", "BLOCK_M", "SPLIT"])(_packed_attn_fwd)
+        configs=_hopper_configs(), key=["GROUP", "HEAD_DIM", "BITS", "BLOCK_M", "SPLIT", "DOT_PRECISION"])(_packed_attn_fwd)
 
 
 def _interpreted() -> bool:
@@ -417,6 +433,17 @@ def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return _launch(query, key, value, seg, scale, num_splits, interpret)
 
 
+@lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@lru_cache(maxsize=256)
+def _split_tensor(bounds: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Split boundaries as a device tensor, built once per plan (no host-to-device copy per call)."""
+    return torch.tensor(bounds, dtype=torch.int32, device=device)
+
+
 def _launch(query, key, value, seg: QuantizedSegments, scale: float, num_splits: int | None,
             interpret: bool) -> torch.Tensor:
     batch, q_heads, q_len, d = query.shape
@@ -427,11 +454,11 @@ def _launch(query, key, value, seg: QuantizedSegments, scale: float, num_splits:
     if num_splits is None:
         num_splits = 1
         if q_len <= 16:
-            sms = torch.cuda.get_device_properties(query.device).multi_processor_count if not interpret else 16
+            sms = 16 if interpret else _multiprocessors(query.device)
             num_splits = max(1, (2 * sms) // (batch * kv_heads * m_blocks))
     bounds = plan_splits(seg.seg_start_host, t_fp, num_splits)
     n_splits = len(bounds) - 1
-    split_seg = torch.tensor(bounds, dtype=torch.int32, device=query.device)
+    split_seg = _split_tensor(tuple(bounds), query.device)
     out = torch.empty((batch, q_len, q_heads, d), dtype=query.dtype, device=query.device)
     split = n_splits > 1
     if split:
@@ -447,7 +474,7 @@ def _launch(query, key, value, seg: QuantizedSegments, scale: float, num_splits:
             batch, *query.stride()[:3], *key.stride()[:3], *value.stride()[:3],
             out.stride(0), out.stride(2), out.stride(1))
     consts = dict(GROUP=group, HEAD_DIM=d, BITS=seg.bits, GROUP_SIZE=seg.group_size, V_GROUP=seg.v_group,
-                  SPLIT=split, BLOCK_M=block_m)
+                  SPLIT=split, DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", BLOCK_M=block_m)
     grid = (m_blocks, batch * kv_heads, n_splits)
     if interpret:  # the interpreter runs every autotune config: use one
         _packed_attn_fwd[grid](*args, **consts, BLOCK_N=32)

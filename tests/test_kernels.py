@@ -187,10 +187,26 @@ def test_kernel_matches_fp32_reference(interpreter, name):
 
 @pytest.mark.parametrize("name", ["prefill-d64-g1-int8", "decode-d64-g3-int4", "prefill-d128-g3-int4"])
 def test_reference_path_matches_codec_dequantization(name):
-    from ragcompress_kernels import packed_attention
+    from ragcompress_kernels import attention_over_dense_ref, dequantize_segments_ref, drop_padding_rows, packed_attention
 
     seg, query, key, value, expected = build_case(dict(CASES[name], seed=1))
     got = packed_attention(query, key, value, seg, backend="auto")  # CPU: the PyTorch reference
+    assert (got - expected).abs().max().item() < 2e-5
+    # the runtime's CPU path: padding rows dropped once, mask only where heads differ
+    keys, values, valid = drop_padding_rows(*dequantize_segments_ref(seg))
+    assert keys.shape[1] == sum(CASES[name]["lengths"]) and valid is not None  # every other head evicts
+    got = attention_over_dense_ref(query, key, value, keys, values, valid, query.shape[-1] ** -0.5)
+    assert (got - expected).abs().max().item() < 2e-5
+
+
+def test_drop_padding_rows_removes_the_mask_without_eviction():
+    from ragcompress_kernels import attention_over_dense_ref, dequantize_segments_ref, drop_padding_rows
+
+    seg, query, key, value, expected = build_case(dict(CASES["prefill-d64-g4-int8-fp16"], seed=2, heads=1,
+                                                       dtype=torch.float32))
+    keys, values, valid = drop_padding_rows(*dequantize_segments_ref(seg))
+    assert valid is None and keys.shape[1] == 23 + 41
+    got = attention_over_dense_ref(query, key, value, keys, values, None, query.shape[-1] ** -0.5)
     assert (got - expected).abs().max().item() < 2e-5
 
 
@@ -242,7 +258,7 @@ def test_launcher_rejects_bad_inputs():
 
 def test_triton_backend_on_cpu_needs_the_interpreter():
     from ragcompress_kernels import HAS_TRITON, packed_attention
-    from ragcompress_kernels.packed_attention import _interpreted
+    from ragcompress_kernels.quantized_attention import _interpreted
 
     if not HAS_TRITON or _interpreted():
         pytest.skip("needs triton imported without TRITON_INTERPRET")
@@ -304,7 +320,7 @@ def test_packed_torch_path_answers_like_the_assembled_path(tiny_int4_store):
 def test_kernel_decodes_the_same_tokens_as_the_reference(interpreter, tiny_int4_store):
     model_dir, store = tiny_int4_store
     tests_dir = str(Path(__file__).parent)
-    out = interpreter.apply(_with_path, (tests_dir, answer_both_backends, model_dir, store, QUESTIONS, 3, 8))
+    out = interpreter.apply(_with_path, (tests_dir, answer_both_backends, model_dir, store, QUESTIONS[:2], 2, 5))
     assert all(len(t) > 0 for t in out["torch"])
     assert out["triton"] == out["torch"] == out["assembled"]
 

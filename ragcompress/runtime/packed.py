@@ -34,6 +34,7 @@ from ragcompress_kernels import (
     QuantizedSegments,
     attention_over_dense_ref,
     dequantize_segments_ref,
+    drop_padding_rows,
     packed_attention,
 )
 
@@ -193,7 +194,7 @@ class PackedSegments:
             return packed_attention(query, key, value, seg, scale, backend="triton")
         dense = self._dense.get(layer_idx)
         if dense is None:
-            keys, values, valid = dequantize_segments_ref(seg)
+            keys, values, valid = drop_padding_rows(*dequantize_segments_ref(seg))
             dense = (keys.to(query.dtype), values.to(query.dtype), valid)
             self._dense[layer_idx] = dense
         return attention_over_dense_ref(query, key, value, *dense, scale)
