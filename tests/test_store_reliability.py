@@ -315,6 +315,15 @@ def test_missing_shard_is_detected_and_named(store_copy):
     report = verify_store(store_copy)
     assert "doc-000" in {p.passage_id for p in report.problems}
     assert all(p.shard == victim.shard for p in report.problems)
+    with pytest.raises(StoreError, match=rf"shard {victim.shard} .* is missing .* the store is damaged"):
+        StoreWriter(store_copy)  # never re-creates a shard that committed rows point into
+
+
+def test_writer_refuses_store_without_catalogue(store_copy, clean_store):
+    (store_copy / "catalogue.sqlite").unlink()
+    with pytest.raises(StoreError, match="no catalogue.sqlite; the store is damaged"):
+        StoreWriter(store_copy)
+    assert _shard_bytes(store_copy) == _shard_bytes(clean_store)  # nothing deleted
 
 
 @pytest.mark.parametrize("update, message", [

@@ -317,6 +317,8 @@ class StoreWriter:
         self.path = path
         self._lock = StoreLock(path)
         try:
+            if not (path / CATALOGUE).is_file():  # create_store writes it before the manifest
+                raise StoreError(f"store {path} has no {CATALOGUE}; the store is damaged, rebuild it")
             _remove_temporaries(path)
             self.catalogue = Catalogue(path, readonly=False)
             self.shards = ShardWriter(path, self.catalogue.committed_ends())

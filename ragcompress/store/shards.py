@@ -91,8 +91,12 @@ class ShardWriter:
         self.max_bytes = max_bytes or MAX_SHARD_BYTES
         directory = root / SHARD_DIR
         directory.mkdir(exist_ok=True)
-        for name in committed_ends:
-            shard_path(root, name)  # validates every name the catalogue holds
+        for name, end in committed_ends.items():
+            if not shard_path(root, name).is_file():  # validates every name the catalogue holds
+                raise StoreError(
+                    f"shard {name} in {root} is missing but committed passages point into it; the store "
+                    f"is damaged (run `ragcompress verify --store {root}`)"
+                )
         self.name = max(committed_ends) if committed_ends else "00000.kvs"
         for path in sorted(p for p in directory.iterdir() if _NAME.match(p.name)):
             end = committed_ends.get(path.name)
