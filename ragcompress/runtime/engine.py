@@ -118,6 +118,11 @@ class Engine:
         ``recompute`` (a ratio or a :class:`RecomputeConfig`; default :attr:`recompute`) repairs
         the cross-passage attention first (CacheBlend/APE, :mod:`ragcompress.runtime.recompute`).
         """
+        if self.lm.model.device.type == "cuda":  # fused Triton attention over quantized segments
+            from ragcompress.runtime.packed import answer_packed, packed_applies
+
+            if packed_applies(self, self.recompute if recompute is None else recompute):
+                return answer_packed(self, question, entries)
         suffix = self._suffix(question, entries)
         t0 = time.perf_counter()
         segments = [self.store.load_kv(entry, self.dtype) for entry in entries]

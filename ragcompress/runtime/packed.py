@@ -200,6 +200,15 @@ class PackedSegments:
         return attention_over_dense_ref(query, key, value, *dense, scale)
 
 
+def packed_applies(engine: Any, recompute: Any = None) -> bool:
+    """Whether ``Engine.answer_cached`` should run through the fused kernel: model on CUDA,
+    Triton installed, a quantized store, and no selective recompute (which edits assembled rows)."""
+    from ragcompress.runtime.recompute import RecomputeConfig
+
+    return (engine.lm.model.device.type == "cuda" and HAS_TRITON and engine.store.quant.bits is not None
+            and not RecomputeConfig.coerce(recompute).active)
+
+
 def answer_packed(engine: Any, question: str, entries: list, backend: str = "auto") -> Any:
     """``Engine.answer_cached`` through packed segments: same prompt, positions and decoding."""
     from ragcompress.runtime.generate import greedy_decode
