@@ -38,6 +38,22 @@ def sdpa_full(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> 
                                                             enable_gqa=group > 1)
 
 
+def time_paths(timer, seg, query, key, value, full_k, full_v, cuda: bool) -> dict[str, float]:
+    """Seconds per call of each path on one configuration."""
+    d = query.shape[-1]
+
+    def deq_sdpa():
+        keys, values, valid = dequantize_segments_ref(seg)
+        return attention_over_dense_ref(query, key, value, keys.to(query.dtype), values.to(query.dtype), valid,
+                                        d**-0.5)
+
+    times = {"deq+sdpa": timer(deq_sdpa),
+             "fp16 sdpa" if cuda else "fp32 sdpa": timer(lambda: sdpa_full(query, full_k, full_v))}
+    if cuda:
+        times["fused"] = timer(lambda: packed_attention(query, key, value, seg, backend="triton"))
+    return times
+
+
 def run_kernels(args: argparse.Namespace) -> list[dict]:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -67,15 +83,7 @@ def run_kernels(args: argparse.Namespace) -> list[dict]:
                 full_k = torch.randn(1, kv_heads, rows_seg + total, d, device=device, dtype=dtype)
                 full_v = torch.randn(1, kv_heads, rows_seg + total, d, device=device, dtype=dtype)
 
-                def deq_sdpa():
-                    keys, values, valid = dequantize_segments_ref(seg)
-                    return attention_over_dense_ref(query, key, value, keys.to(dtype), values.to(dtype), valid,
-                                                    d**-0.5)
-
-                times = {"deq+sdpa": timer(deq_sdpa), "fp16 sdpa" if cuda else "fp32 sdpa": timer(
-                    lambda: sdpa_full(query, full_k, full_v))}
-                if cuda:
-                    times["fused"] = timer(lambda: packed_attention(query, key, value, seg, backend="triton"))
+                times = time_paths(timer, seg, query, key, value, full_k, full_v, cuda)
                 row = {"context": context, "scheme": scheme, "phase": phase, "q_len": q_len,
                        "device": torch.cuda.get_device_name() if cuda else "cpu",
                        **{f"{k}_ms": v * 1e3 for k, v in times.items()}}

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import torch
 
@@ -433,7 +433,7 @@ def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return _launch(query, key, value, seg, scale, num_splits, interpret)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 

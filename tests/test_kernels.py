@@ -116,12 +116,12 @@ def run_kernel_case(case: dict) -> dict:
 def answer_both_backends(model_ref: str, store: str, questions: list[str], top_k: int, max_new: int) -> dict:
     """Worker: token ids of each question through the kernel (interpreted) and the torch reference,
     plus the assembled (dequantize-then-SDPA) path."""
+    from store_worker import HashEmbedder
+
     from ragcompress.models import load_model
     from ragcompress.runtime.engine import Engine
     from ragcompress.runtime.packed import answer_packed
     from ragcompress.store import KVStore
-
-    from store_worker import HashEmbedder
 
     lm = load_model(model_ref)
     engine = Engine(KVStore.open(store), lm, HashEmbedder(), max_new_tokens=max_new)
@@ -187,7 +187,12 @@ def test_kernel_matches_fp32_reference(interpreter, name):
 
 @pytest.mark.parametrize("name", ["prefill-d64-g1-int8", "decode-d64-g3-int4", "prefill-d128-g3-int4"])
 def test_reference_path_matches_codec_dequantization(name):
-    from ragcompress_kernels import attention_over_dense_ref, dequantize_segments_ref, drop_padding_rows, packed_attention
+    from ragcompress_kernels import (
+        attention_over_dense_ref,
+        dequantize_segments_ref,
+        drop_padding_rows,
+        packed_attention,
+    )
 
     seg, query, key, value, expected = build_case(dict(CASES[name], seed=1))
     got = packed_attention(query, key, value, seg, backend="auto")  # CPU: the PyTorch reference
@@ -279,11 +284,11 @@ def test_plan_splits_balances_rows_and_covers_every_segment():
 @pytest.fixture(scope="module")
 def tiny_int4_store(tiny_model_dir, tmp_path_factory):
     """A tiny llama (head_dim 16, GQA 2) and an int4 store of eight passages."""
+    from store_worker import HashEmbedder
+
     from ragcompress.data import SAMPLE_PASSAGES
     from ragcompress.indexing import IndexConfig, index
     from ragcompress.models import load_model
-
-    from store_worker import HashEmbedder
 
     root = tmp_path_factory.mktemp("packed")
     model_dir = tiny_model_dir("llama")
@@ -299,12 +304,12 @@ QUESTIONS = ["Where was the treaty signed?", "Who founded the city?", "What is t
 
 
 def test_packed_torch_path_answers_like_the_assembled_path(tiny_int4_store):
+    from store_worker import HashEmbedder
+
     from ragcompress.models import load_model
     from ragcompress.runtime.engine import Engine
     from ragcompress.runtime.packed import answer_packed
     from ragcompress.store import KVStore
-
-    from store_worker import HashEmbedder
 
     model_dir, store = tiny_int4_store
     engine = Engine(KVStore.open(store), load_model(model_dir), HashEmbedder(), max_new_tokens=12)
@@ -342,10 +347,10 @@ def test_kernel_and_reference_agree_on_real_questions_with_smollm2(interpreter, 
 
     if not squad_available():
         pytest.skip("SQuAD dev subset not available")
+    from store_worker import HashEmbedder
+
     from ragcompress.indexing import IndexConfig, index
     from ragcompress.models import DEFAULT_MODEL, load_model
-
-    from store_worker import HashEmbedder
 
     passages = (SQUAD / "passages.jsonl").read_text().splitlines()[:3]
     ids = {json.loads(line)["id"] for line in passages}

@@ -144,7 +144,7 @@ class PackedSegments:
 
     @classmethod
     def from_blobs(cls, blobs: list[QuantizedBlob], start: int, rotary: Rotary,
-                   device: torch.device | str = "cpu", backend: str = "auto") -> "PackedSegments":
+                   device: torch.device | str = "cpu", backend: str = "auto") -> PackedSegments:
         """Lay ``blobs`` side by side after a prefix of ``start`` tokens."""
         if not blobs:
             raise ValueError("no segments to pack")
@@ -163,7 +163,7 @@ class PackedSegments:
         def cat(name: str) -> torch.Tensor:
             return torch.cat([getattr(b, name) for b in blobs], dim=2).to(device).contiguous()
 
-        positions = torch.cat([b.offsets + s for b, s in zip(blobs, starts)], dim=2)
+        positions = torch.cat([b.offsets + s for b, s in zip(blobs, starts, strict=True)], dim=2)
         positions = torch.where(positions >= 0, positions, 0)
         lengths = torch.stack([b.lengths for b in blobs], dim=-1).to(device).contiguous()  # [L, H, S]
         tensors = {name: cat(name) for name in ("k_codes", "k_scale", "k_min", "v_codes", "v_scale", "v_min")}
