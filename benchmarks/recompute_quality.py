@@ -92,14 +92,25 @@ def kl(full_logp: torch.Tensor, logp: torch.Tensor) -> float:
     return float((full_logp.exp() * (full_logp - logp)).sum(-1).mean())
 
 
-def evaluate(engine: Engine, questions, top_k: int, settings: list[str], progress: bool) -> dict:
+def summarize(rows: dict) -> dict:
+    full_ttft = statistics.median(rows["full"]["ttft"])
+    table = {}
+    for name, r in rows.items():
+        ttft = statistics.median(r["ttft"])
+        table[name] = {"n": len(r["ttft"]), "sub_em": statistics.fmean(r["sub_em"]), "f1": statistics.fmean(r["f1"]),
+                       "agreement": statistics.fmean(r["agree"]), "kl": statistics.fmean(r["kl"]),
+                       "ttft_s_median": ttft, "ttft_speedup": full_ttft / ttft}
+    return table
+
+
+def evaluate(engine: Engine, questions, top_k: int, settings: list[str], progress: bool,
+             checkpoint=None) -> dict:
     rows = {name: {"sub_em": [], "f1": [], "agree": [], "kl": [], "ttft": []} for name in ["full"] + settings}
     configs = {name: parse_setting(name) for name in settings}
     decode = engine.lm.tokenizer.decode
     warm = engine.retrieve(questions[0].question, top_k)
     run_full(engine, questions[0].question, warm)
-    for name in settings:
-        run_cached(engine, questions[0].question, warm, configs[name], [])
+    run_cached(engine, questions[0].question, warm, RecomputeConfig(ratio=0.1, sink_tokens=1), [])
     for number, item in enumerate(questions, start=1):
         entries = engine.retrieve(item.question, top_k)
         full_gen, full_logp = run_full(engine, item.question, entries)
@@ -123,17 +134,13 @@ def evaluate(engine: Engine, questions, top_k: int, settings: list[str], progres
             print(f"[top-{top_k}] {number}/{len(questions)} " + " ".join(
                 f"{n}:{statistics.fmean(r['sub_em']):.2f}/{statistics.fmean(r['agree']):.2f}"
                 for n, r in rows.items()), file=sys.stderr, flush=True)
-    full_ttft = statistics.median(rows["full"]["ttft"])
-    table = {}
-    for name, r in rows.items():
-        ttft = statistics.median(r["ttft"])
-        table[name] = {"sub_em": statistics.fmean(r["sub_em"]), "f1": statistics.fmean(r["f1"]),
-                       "agreement": statistics.fmean(r["agree"]), "kl": statistics.fmean(r["kl"]),
-                       "ttft_s_median": ttft, "ttft_speedup": full_ttft / ttft}
-    return table
+        if checkpoint is not None:
+            checkpoint(summarize(rows))
+    return summarize(rows)
 
 
 def markdown(model: str, n: int, top_k: int, table: dict) -> str:
+    """The table as Markdown (also: ``python recompute_quality.py --show OUT.json``)."""
     full = table["full"]["sub_em"]
     lines = [f"**{model}, top-{top_k}, {n} questions**", "",
              "| setting | sub-EM | % of full | F1 | agreement | KL to full | TTFT (s) | TTFT speed-up |",
@@ -147,26 +154,41 @@ def markdown(model: str, n: int, top_k: int, table: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--store", required=True)
-    parser.add_argument("--questions", required=True)
+    parser.add_argument("--store")
+    parser.add_argument("--questions")
+    parser.add_argument("--show", type=Path, help="print the tables of a result JSON and exit")
     parser.add_argument("--limit", type=int, default=40)
     parser.add_argument("--top-k", type=int, nargs="+", default=[3])
     parser.add_argument("--settings", nargs="+", default=["reuse", "r0.05", "r0.1", "r0.15", "r0.25", "t0.9"])
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, help="torch threads (1 avoids oversubscription on a busy host)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
-    torch.manual_seed(0)
-    engine = Engine.open(args.store)
+    if args.show:
+        result = json.loads(args.show.read_text())
+        for key, table in result["tables"].items():
+            print(markdown(result["model"], table["full"]["n"], int(key[3:]), table), end="\n\n")
+        return
+    if not (args.store and args.questions):
+        parser.error("--store and --questions are required")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    engine = Engine.open(args.store, max_new_tokens=args.max_new_tokens)
     questions = read_questions(args.questions, args.limit)
-    result = {"store": args.store, "model": engine.lm.ref, "n": len(questions), "tables": {}}
+    result = {"store": args.store, "model": engine.lm.ref, "n": len(questions), "argv": sys.argv[1:], "tables": {}}
     for top_k in args.top_k:
-        table = evaluate(engine, questions, top_k, args.settings, not args.quiet)
-        result["tables"][f"top{top_k}"] = table
-        print(markdown(engine.lm.ref, len(questions), top_k, table), flush=True)
+        def save(table: dict, key: str = f"top{top_k}") -> None:
+            """Write the table so far (a long run can be stopped and still report)."""
+            result["tables"][key] = table
+            if args.out:
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps(result, indent=1))
+
+        table = evaluate(engine, questions, top_k, args.settings, not args.quiet, save)
+        save(table)
+        print(markdown(engine.lm.ref, table["full"]["n"], top_k, table), flush=True)
         print(flush=True)
-        if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

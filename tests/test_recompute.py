@@ -170,7 +170,7 @@ def test_recompute_on_evicted_caches_only_writes_kept_rows(stores):
     before = [layer.keys.clone() for layer in built.cache.layers]
     report = repair(engine, built, segments, entries, RecomputeConfig(ratio=1.0))
     assert report.selected.numel() == sum(e.num_tokens for e in entries)
-    for layer, old in zip(built.cache.layers, before):
+    for layer, old in zip(built.cache.layers, before, strict=True):
         assert layer.keys.shape == old.shape
         changed = (layer.keys != old).any(-1)[0]  # [kv_heads, T]
         assert not bool(changed[:, : engine.prefix.num_tokens].any())  # prefix untouched
@@ -201,7 +201,7 @@ def test_temperature_scales_only_passage_keys(stores):
     before = [layer.keys.clone() for layer in built.cache.layers]
     repair(engine, built, segments, entries, RecomputeConfig(temperature=0.5))
     p = engine.prefix.num_tokens
-    for layer, old in zip(built.cache.layers, before):
+    for layer, old in zip(built.cache.layers, before, strict=True):
         assert torch.equal(layer.keys[:, :, :p], old[:, :, :p])
         torch.testing.assert_close(layer.keys[:, :, p:], 2.0 * old[:, :, p:])
     with pytest.raises(ValueError, match="temperature"):

@@ -67,7 +67,7 @@ class RecomputeConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
     @classmethod
-    def coerce(cls, value: "RecomputeConfig | float | None") -> "RecomputeConfig":
+    def coerce(cls, value: RecomputeConfig | float | None) -> RecomputeConfig:
         """Accept a config, a bare ratio, or ``None`` (no recompute)."""
         if value is None:
             return cls()
@@ -131,7 +131,7 @@ class _Layout:
             return self.prefix_rows + tokens
         layers, heads = self.shape
         inverse = []
-        for seg, offset in zip(self._segments, self._row_offsets):
+        for seg, offset in zip(self._segments, self._row_offsets, strict=True):
             inv = torch.full((layers, heads, seg.num_tokens), -1, dtype=torch.long)
             rows = torch.arange(seg.keys.shape[2]).expand(layers, heads, -1) + offset
             keep = seg.valid_mask()
@@ -291,7 +291,7 @@ def blend(model: Any, rotary: Rotary, built: AssembledCache, prefix: PassageKV,
 
 
 def repair(engine: Any, built: AssembledCache, segments: list[PassageKV], entries: list[Any],
-           recompute: "RecomputeConfig | float | None") -> BlendReport | None:
+           recompute: RecomputeConfig | float | None) -> BlendReport | None:
     """What :meth:`Engine.answer_cached` runs between assembling the cache and the question's
     prefill: the selective recompute, then the APE temperature on the passage rows.
     ``None`` or ``0`` leaves ``built`` untouched (plain reuse)."""
