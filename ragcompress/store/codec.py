@@ -133,7 +133,6 @@ def decode(blob: bytes, dtype: torch.dtype = torch.float32,
         raise CorruptSegmentError("segment lengths are out of range")
     mask = torch.arange(n_max) < lengths.unsqueeze(-1)
     total = int(lengths.sum())
-    shape4 = (layers, heads, n_max, d)
     positions = torch.arange(n_max).expand(layers, heads, n_max).clone()
     if "positions" in tensors:
         flat = tensors["positions"].long()
@@ -166,6 +165,8 @@ def decode(blob: bytes, dtype: torch.dtype = torch.float32,
             values = rows_to_grid(v, mask, dtype)
             if not dense:
                 keys = keys * mask.unsqueeze(-1)  # padding rows are zero, as for unquantized blobs
+        if keys.shape[-1] != d or values.shape[-1] != d:
+            raise ValueError(f"tensors have head_dim {keys.shape[-1]}/{values.shape[-1]}, metadata says {d}")
         return PassageKV(keys, values, positions, lengths, num_tokens)
     except (KeyError, RuntimeError, IndexError, ValueError, TypeError) as exc:
         raise CorruptSegmentError(f"segment tensors do not match their declared shape ({exc})") from exc

@@ -91,7 +91,7 @@ class ShardWriter:
         self.max_bytes = max_bytes or MAX_SHARD_BYTES
         directory = root / SHARD_DIR
         directory.mkdir(exist_ok=True)
-        for name, end in committed_ends.items():
+        for name in committed_ends:
             if not shard_path(root, name).is_file():  # validates every name the catalogue holds
                 raise StoreError(
                     f"shard {name} in {root} is missing but committed passages point into it; the store "
