@@ -141,8 +141,15 @@ def dequantize_segments_ref(seg: QuantizedSegments) -> tuple[torch.Tensor, torch
     values = torch.addcmul(seg.v_min.float().unsqueeze(-1), values, seg.v_scale.float().unsqueeze(-1))
     pos = seg.positions.long()
     half = d // 2
-    rotated = torch.cat((-keys[..., half:], keys[..., :half]), dim=-1)
-    keys = torch.addcmul(keys * seg.cos[pos], rotated, seg.sin[pos])
+    cos_h, sin_h = seg.cos[:, :half], seg.sin[:, :half]
+    if torch.equal(seg.cos[:, half:], cos_h) and torch.equal(seg.sin[:, half:], sin_h):
+        # the usual ``cat(freqs, freqs)`` tables: gather half of them, rotate the two halves
+        cos, sin = cos_h[pos], sin_h[pos]
+        x1, x2 = keys[..., :half], keys[..., half:]
+        keys = torch.cat((x1 * cos - x2 * sin, torch.addcmul(x2 * cos, x1, sin)), dim=-1)
+    else:
+        rotated = torch.cat((-keys[..., half:], keys[..., :half]), dim=-1)
+        keys = torch.addcmul(keys * seg.cos[pos], rotated, seg.sin[pos])
     starts = seg.seg_start_host
     sizes = torch.tensor([starts[i + 1] - starts[i] for i in range(seg.num_segments)], device=pos.device)
     owner = torch.repeat_interleave(torch.arange(seg.num_segments, device=pos.device), sizes)  # [N]

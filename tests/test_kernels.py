@@ -364,3 +364,20 @@ def test_kernel_and_reference_agree_on_real_questions_with_smollm2(interpreter, 
                                          str(tmp_path / "store"), questions, 2, 10))
     assert all(len(t) > 0 for t in out["torch"])
     assert out["triton"] == out["torch"]
+
+
+def test_reference_rotation_with_general_tables():
+    """Tables whose halves differ (not ``cat(freqs, freqs)``) take the general rotate_half path."""
+    import dataclasses
+
+    from ragcompress_kernels import dequantize_segments_ref
+
+    seg, *_ = build_case(dict(CASES["prefill-d64-g1-int8"], seed=4))
+    gen = torch.Generator().manual_seed(0)
+    cos, sin = torch.rand(seg.cos.shape, generator=gen), torch.rand(seg.sin.shape, generator=gen)
+    plain = dataclasses.replace(seg, cos=torch.ones_like(cos), sin=torch.zeros_like(sin))
+    keys, _, valid = dequantize_segments_ref(dataclasses.replace(seg, cos=cos, sin=sin))
+    raw, _, _ = dequantize_segments_ref(plain)
+    pos = seg.positions.long()
+    expected = raw * cos[pos] + rotate_half(raw) * sin[pos]
+    assert torch.allclose(keys[valid], expected[valid], atol=1e-6)
