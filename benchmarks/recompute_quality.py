@@ -74,10 +74,11 @@ def run_cached(engine: Engine, question: str, entries, config: RecomputeConfig, 
     t0 = time.perf_counter()
     segments = [engine.store.load_kv(entry, engine.dtype) for entry in entries]
     built = assemble(engine.lm.config, engine.rotary, engine.prefix_keys, engine.prefix, segments, engine.dtype)
-    repair(engine, built, segments, entries, config)
+    gen = repair(engine, built, segments, entries, config, suffix, t0)
     extra = {} if built.kv_mask is None else {KV_MASK_KWARG: built.kv_mask}
-    gen = greedy_decode(engine.lm.model, suffix, built.cache, built.next_position, engine.max_new_tokens,
-                        engine.stop_ids, t0, **extra)
+    if gen is None:
+        gen = greedy_decode(engine.lm.model, suffix, built.cache, built.next_position, engine.max_new_tokens,
+                            engine.stop_ids, t0, **extra)
     length = built.kv_mask.shape[-1] if built.kv_mask is not None else built.next_position
     crop(built.cache, length)
     forced = suffix + answer

@@ -43,12 +43,22 @@ def stores(tmp_path_factory, tiny_model_dir, embedder):
     return make
 
 
+def blend_only(engine: Engine, built, segments, entries, recompute):
+    """The recompute alone (question not fused), returning its report; None if nothing to do."""
+    config = RecomputeConfig.coerce(recompute)
+    if not config.recomputes:
+        return None
+    ids = [engine.tokens.passage(e.text) for e in entries]
+    return blend(engine.lm.model, engine.rotary, built, engine.prefix, segments, ids, config,
+                 first_exact=engine.store.quant.scheme == "none")
+
+
 def cached_logits(engine: Engine, entries, recompute, segments=None) -> tuple[torch.Tensor, object]:
     """First-token logits of the cached path after ``repair`` (optionally on given segments)."""
     suffix = engine.tokens.suffix(QUESTION)
     segments = segments or [engine.store.load_kv(e) for e in entries]
     built = assemble(engine.lm.config, engine.rotary, engine.prefix_keys, engine.prefix, segments, engine.dtype)
-    report = repair(engine, built, segments, entries, recompute)
+    report = blend_only(engine, built, segments, entries, recompute)
     extra = {} if built.kv_mask is None else {KV_MASK_KWARG: built.kv_mask}
     with torch.inference_mode():
         logits = forward_step(engine.lm.model, torch.tensor([suffix]), built.cache, built.next_position, **extra)
@@ -100,6 +110,27 @@ def test_full_recompute_reproduces_full_prefill(arch, stores):
     assert report.selected.tolist() == list(range(first, sum(e.num_tokens for e in entries)))
     assert engine.answer_cached(QUESTION, entries, recompute=1.0).token_ids == \
         engine.answer_full(QUESTION, entries).token_ids
+
+
+@pytest.mark.parametrize("config", [RecomputeConfig(0.3), RecomputeConfig(0.3, sink_tokens=2, check_layer=2),
+                                    RecomputeConfig(0.0, sink_tokens=3), RecomputeConfig(1.0)])
+@pytest.mark.parametrize("layout", ["uniform", "per-head"])
+def test_question_riding_in_the_recompute_pass_changes_nothing(stores, config, layout):
+    """Fused (selected tokens + question in one pass) == recompute, then prefill the question."""
+    engine = stores("qwen2")
+    entries = engine.retrieve(QUESTION, 3)
+    loaded = [engine.store.load_kv(e) for e in entries]
+    segments = loaded if layout == "uniform" else [padded(kv) for kv in loaded]
+    separate, report = cached_logits(engine, entries, config, segments)
+    built = assemble(engine.lm.config, engine.rotary, engine.prefix_keys, engine.prefix, segments, engine.dtype)
+    suffix = engine.tokens.suffix(QUESTION)
+    ids = [engine.tokens.passage(e.text) for e in entries]
+    fused = blend(engine.lm.model, engine.rotary, built, engine.prefix, segments, ids, config,
+                  first_exact=True, suffix=suffix)
+    assert torch.equal(fused.selected, report.selected)
+    torch.testing.assert_close(fused.logits, separate, atol=1e-4, rtol=1e-4)
+    assert built.cache.get_seq_length() == built.kv_mask.shape[-1] + len(suffix) if built.kv_mask is not None \
+        else built.next_position + len(suffix)
 
 
 def test_zero_recompute_is_plain_reuse_bit_for_bit(stores):
@@ -168,7 +199,7 @@ def test_recompute_on_evicted_caches_only_writes_kept_rows(stores):
     plain, _ = cached_logits(engine, entries, 0.0, segments)
     built = assemble(engine.lm.config, engine.rotary, engine.prefix_keys, engine.prefix, segments, engine.dtype)
     before = [layer.keys.clone() for layer in built.cache.layers]
-    report = repair(engine, built, segments, entries, RecomputeConfig(ratio=1.0))
+    report = blend_only(engine, built, segments, entries, RecomputeConfig(ratio=1.0))
     assert report.selected.numel() == sum(e.num_tokens for e in entries)
     for layer, old in zip(built.cache.layers, before, strict=True):
         assert layer.keys.shape == old.shape

@@ -127,10 +127,12 @@ class Engine:
         t0 = time.perf_counter()
         segments = [self.store.load_kv(entry, self.dtype) for entry in entries]
         built = assemble(self.lm.config, self.rotary, self.prefix_keys, self.prefix, segments, self.dtype)
-        repair(self, built, segments, entries, self.recompute if recompute is None else recompute)
-        extra = {} if built.kv_mask is None else {KV_MASK_KWARG: built.kv_mask}
-        generation = greedy_decode(self.lm.model, suffix, built.cache, built.next_position,
-                                   self.max_new_tokens, self.stop_ids, t0, **extra)
+        generation = repair(self, built, segments, entries, self.recompute if recompute is None else recompute,
+                            suffix, t0)  # with a recompute, the question rides in its pass
+        if generation is None:
+            extra = {} if built.kv_mask is None else {KV_MASK_KWARG: built.kv_mask}
+            generation = greedy_decode(self.lm.model, suffix, built.cache, built.next_position,
+                                       self.max_new_tokens, self.stop_ids, t0, **extra)
         return self._answer(generation, entries)
 
     def full_prompt_ids(self, question: str, entries: list[Entry]) -> list[int]:

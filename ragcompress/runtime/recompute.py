@@ -28,6 +28,7 @@ KV go only to the heads that kept it (masks are then built per layer and head).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +37,9 @@ import torch
 from ragcompress.kv import PassageKV
 from ragcompress.rope import Rotary
 from ragcompress.runtime.assemble import AssembledCache
+from ragcompress.runtime.attention import KV_MASK_KWARG
 from ragcompress.runtime.calibration import scale_context_keys
+from ragcompress.runtime.generate import Generation, forward_step
 
 
 @dataclass(frozen=True)
@@ -87,11 +90,13 @@ class RecomputeConfig:
 @dataclass(frozen=True)
 class BlendReport:
     """What :func:`blend` did: the selected tokens as indices into the concatenated passage
-    tokens (sorted), and how many tokens were candidates."""
+    tokens (sorted), how many tokens were candidates, and the next-token logits when the
+    question was prefilled in the same pass."""
 
     selected: torch.Tensor
     candidates: int
     passage_tokens: int
+    logits: torch.Tensor | None = None  # [vocab] after the question, when it rode along
 
 
 class _Layout:
@@ -139,16 +144,21 @@ class _Layout:
             inverse.append(inv)
         return torch.cat(inverse, dim=2)[:, :, tokens]
 
-    def masks(self, tokens: torch.Tensor, q_heads: int) -> list[torch.Tensor]:
-        """Per layer bool ``[1, q_heads or 1, S, T]``: real rows at positions <= the query's."""
-        qpos = self.token_pos[tokens]
+    def masks(self, tokens: torch.Tensor, q_heads: int, new_pos: torch.Tensor) -> list[torch.Tensor]:
+        """Per layer bool ``[1, q_heads or 1, S + Q, T + Q]``: real rows (and new tokens) at
+        positions <= the query's. Queries are the passage ``tokens [S]`` then ``Q`` new tokens
+        at ``new_pos [Q]`` (the question, appended after the cache)."""
+        qpos = torch.cat([self.token_pos[tokens], new_pos])
+        layers, heads = self.shape
+        row_pos = torch.cat([self.row_pos, new_pos.expand(layers, heads, -1)], dim=2)
         if self.uniform:
-            mask = (self.row_pos[0, :1] <= qpos[:, None]).unsqueeze(0)  # [1, S, T]
-            return [mask.unsqueeze(0)] * self.shape[0]
-        groups = q_heads // self.shape[1]
+            mask = (row_pos[0, :1] <= qpos[:, None]).unsqueeze(0)  # [1, S+Q, T+Q]
+            return [mask.unsqueeze(0)] * layers
+        valid = torch.cat([self.valid, torch.ones(layers, heads, new_pos.numel(), dtype=torch.bool)], dim=2)
+        groups = q_heads // heads
         out = []
-        for layer in range(self.shape[0]):
-            allowed = self.valid[layer][:, None, :] & (self.row_pos[layer][:, None, :] <= qpos[None, :, None])
+        for layer in range(layers):
+            allowed = valid[layer][:, None, :] & (row_pos[layer][:, None, :] <= qpos[None, :, None])
             out.append(allowed.repeat_interleave(groups, dim=0).unsqueeze(0))
         return out
 
@@ -157,18 +167,25 @@ class _BlendCache:
     """Stands in for the transformers cache while selected tokens pass through the layers.
 
     ``update`` (called by every attention module after computing its keys and values) writes the
-    fresh ``[1, kv_heads, S, d]`` KV into the selected tokens' rows of the assembled cache, in
-    place, and returns the whole layer ``[1, kv_heads, T, d]`` to attend over.
+    fresh KV of the first ``S`` queries ``[1, kv_heads, S, d]`` into the selected tokens' rows of
+    the assembled cache, in place, appends those of the ``Q`` new tokens after it, and returns
+    the whole layer ``[1, kv_heads, T + Q, d]`` to attend over.
     """
 
-    def __init__(self, cache: Any, rows: torch.Tensor, uniform: bool) -> None:
+    def __init__(self, cache: Any, rows: torch.Tensor, uniform: bool, new_tokens: int) -> None:
         self.layers = cache.layers
         self.rows = rows
         self.uniform = uniform
+        self.new_tokens = new_tokens
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         layer = self.layers[layer_idx]
+        if self.new_tokens:
+            split = key_states.shape[2] - self.new_tokens
+            layer.keys = torch.cat([layer.keys, key_states[:, :, split:].to(layer.keys.dtype)], dim=2)
+            layer.values = torch.cat([layer.values, value_states[:, :, split:].to(layer.values.dtype)], dim=2)
+            key_states, value_states = key_states[:, :, :split], value_states[:, :, :split]
         keys, values = layer.keys, layer.values
         if self.uniform:
             keys[0, :, self.rows] = key_states[0].to(keys.dtype)
@@ -182,13 +199,16 @@ class _BlendCache:
 
 
 def _run_layers(model: Any, rotary: Rotary, layout: _Layout, cache: Any, tokens: torch.Tensor,
-                hidden: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """Carry ``hidden [1, S, D]`` of passage ``tokens [S]`` through layers ``start … stop-1``."""
+                hidden: torch.Tensor, start: int, stop: int,
+                new_pos: torch.Tensor | None = None) -> torch.Tensor:
+    """Carry ``hidden [1, S (+ Q), D]`` of passage ``tokens [S]`` (then of ``Q`` new tokens at
+    ``new_pos``, appended to the cache) through layers ``start … stop-1``."""
     layers = model.model.layers
     config = model.config
-    positions = layout.token_pos[tokens].unsqueeze(0)  # [1, S]
-    masks = layout.masks(tokens, config.num_attention_heads)
-    blend_cache = _BlendCache(cache, layout.rows(tokens), layout.uniform)
+    new_pos = torch.zeros(0, dtype=torch.long) if new_pos is None else new_pos
+    positions = torch.cat([layout.token_pos[tokens], new_pos]).unsqueeze(0)  # [1, S+Q]
+    masks = layout.masks(tokens, config.num_attention_heads, new_pos)
+    blend_cache = _BlendCache(cache, layout.rows(tokens), layout.uniform, new_pos.numel())
     layer_types = getattr(config, "layer_types", None)
     rope: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
     for index in range(start, stop):
@@ -241,12 +261,16 @@ def select_tokens(deviation: torch.Tensor, candidates: torch.Tensor, sinks: torc
 @torch.inference_mode()
 def blend(model: Any, rotary: Rotary, built: AssembledCache, prefix: PassageKV,
           segments: list[PassageKV], token_ids: list[list[int]], config: RecomputeConfig,
-          *, first_exact: bool = False) -> BlendReport:
+          *, first_exact: bool = False, suffix: list[int] | None = None) -> BlendReport:
     """Recompute selected passage tokens of ``built`` in place (see the module docstring).
 
     token_ids:   the token ids of every segment's passage (``len == seg.num_tokens``)
     first_exact: the store is unquantized; then a uniform first segment is already exact and
                  its tokens are not candidates
+    suffix:      the question's tokens; when given (and something is recomputed) they ride along
+                 in the recompute pass (CacheBlend's fused prefill: the weights are read once,
+                 not twice), their KV are appended to the cache at ``built.next_position…`` and
+                 the report carries the logits of the last one
     """
     for seg, ids in zip(segments, token_ids, strict=True):
         if len(ids) != seg.num_tokens:
@@ -286,24 +310,73 @@ def blend(model: Any, rotary: Rotary, built: AssembledCache, prefix: PassageKV,
         selected = candidates if budget >= candidates.numel() else sinks
         hidden = embed(ids[selected].unsqueeze(0))
         start = 0
-    _run_layers(model, rotary, layout, built.cache, selected, hidden, start, layers)
-    return BlendReport(selected, int(candidates.numel()), total)
+    if not suffix:
+        _run_layers(model, rotary, layout, built.cache, selected, hidden, start, layers)
+        return BlendReport(selected, int(candidates.numel()), total)
+    new_pos = torch.arange(built.next_position, built.next_position + len(suffix))
+    suffix_ids = torch.tensor([suffix], dtype=torch.long)
+    if start > 0:  # the question's layers below the check layer run alone, before joining
+        question = _run_layers(model, rotary, layout, built.cache, selected[:0], embed(suffix_ids), 0, start,
+                               new_pos)
+    else:
+        question = embed(suffix_ids)
+    hidden = _run_layers(model, rotary, layout, built.cache, selected, torch.cat([hidden, question], dim=1),
+                         start, layers, new_pos)
+    logits = _lm_head(model, hidden[:, -1:])
+    return BlendReport(selected, int(candidates.numel()), total, logits)
+
+
+def _lm_head(model: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """``[vocab]`` logits of the last position of ``hidden [1, 1, D]`` (final norm, head, softcap)."""
+    logits = model.lm_head(model.model.norm(hidden))[0, -1]
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
 
 
 def repair(engine: Any, built: AssembledCache, segments: list[PassageKV], entries: list[Any],
-           recompute: RecomputeConfig | float | None) -> BlendReport | None:
+           recompute: RecomputeConfig | float | None, suffix: list[int] | None = None,
+           t0: float | None = None) -> Generation | None:
     """What :meth:`Engine.answer_cached` runs between assembling the cache and the question's
     prefill: the selective recompute, then the APE temperature on the passage rows.
-    ``None`` or ``0`` leaves ``built`` untouched (plain reuse)."""
+
+    ``None`` or ``0`` leaves ``built`` untouched (plain reuse). With ``suffix`` and ``t0`` the
+    question is prefilled in the recompute pass itself and the answer is decoded here (returned);
+    ``None`` means the caller prefills the question and decodes as usual.
+    """
     config = RecomputeConfig.coerce(recompute)
     if not config.active:
         return None
+    fuse = suffix is not None and t0 is not None and config.temperature == 1.0
     report = None
     if config.recomputes:
         token_ids = [engine.tokens.passage(entry.text) for entry in entries]
         report = blend(engine.lm.model, engine.rotary, built, engine.prefix, segments, token_ids, config,
-                       first_exact=engine.store.quant.scheme == "none")
+                       first_exact=engine.store.quant.scheme == "none", suffix=suffix if fuse else None)
+    if report is not None and report.logits is not None:
+        extra = {} if built.kv_mask is None else {KV_MASK_KWARG: built.kv_mask}
+        return continue_greedy(engine.lm.model, report.logits, built.cache,
+                               built.next_position + len(suffix or ()), engine.max_new_tokens,
+                               engine.stop_ids, t0 or 0.0, **extra)
     prefix_rows = engine.prefix.keys.shape[2]
     stop = prefix_rows + sum(seg.keys.shape[2] for seg in segments)
     scale_context_keys(built.cache, prefix_rows, stop, config.temperature)
-    return report
+    return None
+
+
+@torch.inference_mode()
+def continue_greedy(model: Any, logits: torch.Tensor, cache: Any, position: int, max_new_tokens: int,
+                    stop_ids: set[int], t0: float, **attention_kwargs: Any) -> Generation:
+    """:func:`ragcompress.runtime.generate.greedy_decode` from already computed first logits."""
+    token = int(logits.argmax())
+    ttft = time.perf_counter() - t0
+    generated = [token]
+    while token not in stop_ids and len(generated) < max_new_tokens:
+        logits = forward_step(model, torch.tensor([[token]]), cache, position, **attention_kwargs)
+        token = int(logits.argmax())
+        generated.append(token)
+        position += 1
+    if generated[-1] in stop_ids:
+        generated.pop()
+    return Generation(generated, ttft, time.perf_counter() - t0)
