@@ -91,9 +91,15 @@ def setup(model: str | None, n_questions: int, top_k: int, workdir: Path, data: 
     needed = list(dict.fromkeys(pid for row in retrieved for pid in row))
     token_ids = {pid: encoder.tokens.passage(passages[pid].text) for pid in needed}
     full: dict[str, PassageKV] = {}
+    reuse = workdir / row_name("none", None, "fp16")
+    if (reuse / "manifest.json").is_file():  # a resumed run: the uncompressed caches are stored
+        with KVStore.open(reuse) as store:
+            if {e.id for e in (store.entry(pid) for pid in needed)} == set(needed):
+                full = {pid: store.load_kv(store.entry(pid)) for pid in needed}
+                print(f"reloaded {len(full)} uncompressed caches from {reuse} (fp16-rounded)", flush=True)
     for start in range(0, len(needed), 4):
-        batch = needed[start : start + 4]
-        for pid, kv in zip(batch, encoder.encode([token_ids[pid] for pid in batch])):
+        batch = [pid for pid in needed[start : start + 4] if pid not in full]
+        for pid, kv in zip(batch, encoder.encode([token_ids[pid] for pid in batch]) if batch else []):
             full[pid] = kv
     vectors = {ids[j]: pvec[j] for j in range(len(ids)) if ids[j] in token_ids}
     workdir.mkdir(parents=True, exist_ok=True)
@@ -122,19 +128,6 @@ def build_store(bench: Bench, path: Path, config: IndexConfig, kept: dict[str, P
     with StoreWriter(path) as writer:
         writer.add(items)
         writer.write_index()
-
-
-def compressed_caches(bench: Bench, method: str, ratios: list[float]) -> dict[float, dict[str, PassageKV]]:
-    """Each passage scored once by ``method``; every ratio kept from those scores."""
-    out: dict[float, dict[str, PassageKV]] = {r: {} for r in ratios}
-    if method == "none":
-        return {r: dict(bench.full) for r in ratios}
-    scorer = make_compressor(method.split(":")[-1], ratio=ratios[0])
-    for pid, kv in bench.full.items():
-        scores = scorer.score(kv, CompressionContext(bench.encoder, bench.token_ids[pid]))
-        for r in ratios:
-            out[r][pid] = make_compressor(method, ratio=r).select(kv, scores)
-    return out
 
 
 def answer_rows(bench: Bench, path: Path, max_new_tokens: int) -> tuple[list[dict[str, Any]], float]:
@@ -244,9 +237,11 @@ def main() -> None:
     parser.add_argument("--timing-passages", type=int, default=4)
     parser.add_argument("--timing-repeats", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/ragcompress-bench"))
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids oversubscription on shared CPUs)")
     parser.add_argument("--report-only", action="store_true", help="print the table and plot from results.json")
     parser.add_argument("--plot", type=Path, default=None, help="PNG path (default docs/img/compression-<model>.png)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
     tag = (args.model or "smollm2-135m").replace("/", "_")
@@ -282,7 +277,8 @@ def main() -> None:
     for quant in args.quants:
         name = row_name("none", None, quant)
         config = IndexConfig("none", None, quant, args.group_size)
-        build_store(bench, workdir / name, config, none_kept)
+        if name not in results["rows"] and not (quant == "fp16" and (workdir / name / "manifest.json").is_file()):
+            build_store(bench, workdir / name, config, none_kept)
         if "full" not in results:
             full = full_answers(bench, workdir / name, args.max_new_tokens)
             results["full"] = {"answers": full, **summarise(bench, full, full)}
@@ -296,16 +292,23 @@ def main() -> None:
             save()
         print(f"{name}: sub-EM {results['rows'][name]['sub_em']:.3f}", flush=True)
 
-    for method in args.methods:
-        todo = [(r, q) for r in args.ratios for q in args.quants if row_name(method, r, q) not in results["rows"]]
+    scores: dict[str, dict[str, torch.Tensor]] = {}  # scorer -> passage -> [L, H, n], computed once
+    for ratio, method in [(r, m) for r in args.ratios for m in args.methods]:
+        todo = [q for q in args.quants if row_name(method, ratio, q) not in results["rows"]]
         if not todo:
             continue
-        t0 = time.perf_counter()
-        kept_by_ratio = compressed_caches(bench, method, sorted({r for r, _ in todo}))
-        print(f"{method}: scored {len(bench.full)} passages in {time.perf_counter() - t0:.0f} s", flush=True)
-        for ratio, quant in todo:
+        scorer = method.split(":")[-1]
+        if scorer not in scores:
+            t0 = time.perf_counter()
+            compressor = make_compressor(scorer)
+            scores[scorer] = {pid: compressor.score(kv, CompressionContext(bench.encoder, bench.token_ids[pid]))
+                              for pid, kv in bench.full.items()}
+            print(f"{scorer}: scored {len(bench.full)} passages in {time.perf_counter() - t0:.0f} s", flush=True)
+        compressor = make_compressor(method, ratio=ratio)
+        kept = {pid: compressor.select(kv, scores[scorer][pid]) for pid, kv in bench.full.items()}
+        for quant in todo:
             name = row_name(method, ratio, quant)
-            build_store(bench, workdir / name, IndexConfig(method, ratio, quant, args.group_size), kept_by_ratio[ratio])
+            build_store(bench, workdir / name, IndexConfig(method, ratio, quant, args.group_size), kept)
             rows, stored = answer_rows(bench, workdir / name, args.max_new_tokens)
             answers = [r["answer"] for r in rows]
             results["rows"][name] = {"method": method, "ratio": ratio, "quant": quant, "answers": answers,

@@ -63,12 +63,14 @@ def kl(ref: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids oversubscription on shared CPUs)")
     parser.add_argument("--questions", type=int, default=40)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/ragcompress-bench"))
     parser.add_argument("--reference-quant", default="fp16")
     parser.add_argument("--rows", nargs="*", default=None, help="row names of results.json to compare (default: all)")
     parser.add_argument("--full-prefill", action="store_true", help="add the full-prefill vs cached row (slow)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     tag = (args.model or "smollm2-135m").replace("/", "_")
     workdir = args.workdir / tag

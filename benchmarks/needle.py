@@ -64,6 +64,7 @@ def insert_needle(chunks: list[str], depth: float, needle: str) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids oversubscription on shared CPUs)")
     parser.add_argument("--essays", type=int, default=3)
     parser.add_argument("--chunks", type=int, default=3)
     parser.add_argument("--chunk-tokens", type=int, default=160)
@@ -74,6 +75,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=10)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     lm = load_model(args.model)
     tok = lm.tokenizer
