@@ -4,7 +4,8 @@ Methods, each applied to the same three retrieved passages per question:
 
 * ``uncompressed``: the passages as retrieved (the baseline every ratio is against);
 * ``selfinfo``: ragcompress's ``TextCompressionPostprocessor(method="selfinfo")`` (word units,
-  self-information under SmolLM2) at rates 0.5 and 0.33;
+  self-information under SmolLM2) at rates 0.5 and 0.33; ``selfinfo-token``: the same with
+  ``unit="token"`` (LLMLingua's granularity);
 * ``extractive``: ``TextCompressionPostprocessor(method="extractive")`` (RECOMP-style sentences
   by MiniLM similarity to the question) at rates 0.5 and 0.33;
 * ``sentence-optimizer``: LlamaIndex core's ``SentenceEmbeddingOptimizer`` with the same MiniLM
@@ -21,7 +22,8 @@ uncompressed answer, and compression latency per question (median). Query-agnost
 (selfinfo, llmlingua) compress each passage once; their latency per question is the sum of the
 measured times of its three passages, i.e. what compressing at query time would cost.
 
-    .venv/bin/python benchmarks/text_compression.py --limit 40 --out docs/results/text_compression.json
+    .venv/bin/python benchmarks/text_compression.py --limit 40 --log tc.log
+    .venv/bin/python benchmarks/text_compression.py --from-log tc.log   # summary of a (partial) log
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
     parser.add_argument("--no-llmlingua", action="store_true", help="skip llmlingua even if installed")
+    parser.add_argument(
+        "--methods", default=None, help="comma-separated method names to run besides uncompressed (default: all)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the summary JSON here")
     parser.add_argument("--log", type=Path, default=None, help="append one JSON line per question and method here")
     parser.add_argument("--from-log", type=Path, default=None, help="only summarize an existing --log file")
@@ -91,6 +96,7 @@ def main() -> int:
     for rate in RATES:
         methods[f"selfinfo@{rate}"] = TextCompressionPostprocessor(method="selfinfo", rate=rate)
         methods[f"extractive@{rate}"] = TextCompressionPostprocessor(method="extractive", rate=rate)
+        methods[f"selfinfo-token@{rate}"] = TextCompressionPostprocessor(method="selfinfo", unit="token", rate=rate)
     hf_embed = HuggingFaceEmbedding(model_name=_embedder_path(DEFAULT_EMBEDDER), device="cpu")
     for rate in RATES:
         # context_before/after=0: only the selected sentences (the default 1 adds both neighbours
@@ -100,7 +106,7 @@ def main() -> int:
         )
     llmlingua_note = ""
     lingua = None
-    if not args.no_llmlingua:
+    if not args.no_llmlingua and (not args.methods or "llmlingua" in args.methods):
         os.environ.setdefault(
             "TIKTOKEN_CACHE_DIR",
             str(Path(__import__("llama_index.core").core.__file__).parent / "_static" / "tiktoken_cache"),
@@ -116,6 +122,9 @@ def main() -> int:
         except Exception as exc:  # report why it cannot run, keep the rest of the table
             llmlingua_note = f"llmlingua not run: {type(exc).__name__}: {exc}"
             print(llmlingua_note, file=sys.stderr)
+    if args.methods:
+        wanted = set(args.methods.split(",")) | {"uncompressed"}
+        methods = {name: method for name, method in methods.items() if name in wanted}
     agnostic_cache: dict[tuple[str, str], tuple[str, float]] = {}
 
     def compress(name: str, method: object, hits: list, question: str) -> tuple[list[str], float]:
