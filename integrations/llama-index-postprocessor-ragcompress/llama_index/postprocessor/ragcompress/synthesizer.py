@@ -152,7 +152,9 @@ class KVCacheSynthesizer(BaseSynthesizer):
         t0 = time.perf_counter()
         segments = [engine.store.load_kv(entry, engine.dtype) for entry in entries]
         built = assemble(engine.lm.config, engine.rotary, engine.prefix_keys, engine.prefix, segments, engine.dtype)
-        repair(engine, built, segments, entries, engine.recompute)  # as Engine.answer_cached does
+        # The selective recompute of Engine.answer_cached, without fusing the question into its pass
+        # (that pass returns logits, not a stream); the question is prefilled below.
+        repair(engine, built, segments, entries, engine.recompute)
         extra = {} if built.kv_mask is None else {KV_MASK_KWARG: built.kv_mask}
         yield from stream_greedy(
             engine.lm.model,
