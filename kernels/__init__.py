@@ -5,11 +5,13 @@ from .quantized_attention import (
     HAS_TRITON,
     QuantizedSegments,
     attention_over_dense_ref,
+    dequantize_rows_ref,
     dequantize_segments_ref,
     drop_padding_rows,
     packed_attention,
     packed_attention_ref,
     plan_splits,
+    valid_rows_ref,
 )
 
 __all__ = [
@@ -17,9 +19,11 @@ __all__ = [
     "HAS_TRITON",
     "QuantizedSegments",
     "attention_over_dense_ref",
+    "dequantize_rows_ref",
     "dequantize_segments_ref",
     "drop_padding_rows",
     "packed_attention",
     "packed_attention_ref",
     "plan_splits",
+    "valid_rows_ref",
 ]

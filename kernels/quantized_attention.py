@@ -130,50 +130,69 @@ def _unpack_ref(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return codes.reshape(*packed.shape[:-1], packed.shape[-1] * pb).float()
 
 
+def dequantize_rows_ref(k_codes: torch.Tensor, k_scale: torch.Tensor, k_min: torch.Tensor,
+                        v_codes: torch.Tensor, v_scale: torch.Tensor, v_min: torch.Tensor,
+                        positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        bits: int, group_size: int, v_group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dequantize and rotate rows with any leading dims ``[...]`` (``[H]``, or ``[L, H]`` to do
+    every layer in one pass): codes ``[..., N, d // pb]``, k_scale/k_min ``[..., N / gs, d]``,
+    v_scale/v_min ``[..., N, d / v_group]``, positions ``[..., N]``, cos/sin ``[P, d]``.
+    Returns fp32 keys (RoPE applied) and values ``[..., N, d]``."""
+    *lead, rows, _ = k_codes.shape
+    d = cos.shape[-1]
+    keys = _unpack_ref(k_codes, bits).view(*lead, rows // group_size, group_size, d)
+    keys = torch.addcmul(k_min.float().unsqueeze(-2), keys, k_scale.float().unsqueeze(-2)).view(*lead, rows, d)
+    values = _unpack_ref(v_codes, bits).view(*lead, rows, d // v_group, v_group)
+    values = torch.addcmul(v_min.float().unsqueeze(-1), values, v_scale.float().unsqueeze(-1))
+    pos = positions.long()
+    half = d // 2
+    cos_h, sin_h = cos[:, :half], sin[:, :half]
+    if torch.equal(cos[:, half:], cos_h) and torch.equal(sin[:, half:], sin_h):
+        # the usual ``cat(freqs, freqs)`` tables: gather half of them, rotate the two halves
+        c, s = cos_h[pos], sin_h[pos]
+        x1, x2 = keys[..., :half], keys[..., half:]
+        keys = torch.cat((x1 * c - x2 * s, torch.addcmul(x2 * c, x1, s)), dim=-1)
+    else:
+        rotated = torch.cat((-keys[..., half:], keys[..., :half]), dim=-1)
+        keys = torch.addcmul(keys * cos[pos], rotated, sin[pos])
+    return keys, values.view(*lead, rows, d)
+
+
+def valid_rows_ref(seg_start: tuple[int, ...], seg_len: torch.Tensor) -> torch.Tensor:
+    """``[..., N]`` bool: row ``r`` of segment ``s`` is kept when ``r - seg_start[s] < seg_len[..., s]``."""
+    device = seg_len.device
+    segs = len(seg_start) - 1
+    sizes = torch.tensor([seg_start[i + 1] - seg_start[i] for i in range(segs)], device=device)
+    owner = torch.repeat_interleave(torch.arange(segs, device=device), sizes)  # [N]
+    offset = torch.arange(seg_start[-1], device=device) - torch.tensor(seg_start[:-1], device=device)[owner]
+    return offset < seg_len.long()[..., owner]
+
+
 def dequantize_segments_ref(seg: QuantizedSegments) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dequantize and rotate every row: keys ``[H, N, d]`` (RoPE applied), values ``[H, N, d]``
     fp32, and ``valid [H, N]`` bool (False on padding rows)."""
-    heads, rows, _ = seg.k_codes.shape
-    d = seg.head_dim
-    keys = _unpack_ref(seg.k_codes, seg.bits).view(heads, rows // seg.group_size, seg.group_size, d)
-    keys = torch.addcmul(seg.k_min.float().unsqueeze(2), keys, seg.k_scale.float().unsqueeze(2)).view(heads, rows, d)
-    values = _unpack_ref(seg.v_codes, seg.bits).view(heads, rows, d // seg.v_group, seg.v_group)
-    values = torch.addcmul(seg.v_min.float().unsqueeze(-1), values, seg.v_scale.float().unsqueeze(-1))
-    pos = seg.positions.long()
-    half = d // 2
-    cos_h, sin_h = seg.cos[:, :half], seg.sin[:, :half]
-    if torch.equal(seg.cos[:, half:], cos_h) and torch.equal(seg.sin[:, half:], sin_h):
-        # the usual ``cat(freqs, freqs)`` tables: gather half of them, rotate the two halves
-        cos, sin = cos_h[pos], sin_h[pos]
-        x1, x2 = keys[..., :half], keys[..., half:]
-        keys = torch.cat((x1 * cos - x2 * sin, torch.addcmul(x2 * cos, x1, sin)), dim=-1)
-    else:
-        rotated = torch.cat((-keys[..., half:], keys[..., :half]), dim=-1)
-        keys = torch.addcmul(keys * seg.cos[pos], rotated, seg.sin[pos])
-    starts = seg.seg_start_host
-    sizes = torch.tensor([starts[i + 1] - starts[i] for i in range(seg.num_segments)], device=pos.device)
-    owner = torch.repeat_interleave(torch.arange(seg.num_segments, device=pos.device), sizes)  # [N]
-    offset = torch.arange(rows, device=pos.device) - seg.seg_start.long()[owner]
-    valid = offset < seg.seg_len.long()[:, owner]
-    return keys, values.view(heads, rows, d), valid
+    keys, values = dequantize_rows_ref(seg.k_codes, seg.k_scale, seg.k_min, seg.v_codes, seg.v_scale, seg.v_min,
+                                       seg.positions, seg.cos, seg.sin, seg.bits, seg.group_size, seg.v_group)
+    return keys, values, valid_rows_ref(seg.seg_start_host, seg.seg_len)
 
 
 def drop_padding_rows(keys: torch.Tensor, values: torch.Tensor,
                       valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Remove rows that no head uses; ``valid`` becomes ``None`` when every remaining row is
-    valid in every head (the common no-eviction case, which then needs no segment mask)."""
-    used = valid.any(dim=0)
+    """``keys/values [..., N, d]``, ``valid [..., N]``: remove rows no head uses; ``valid``
+    becomes ``None`` when every remaining row is valid everywhere (no eviction: no mask needed)."""
+    used = valid.reshape(-1, valid.shape[-1]).any(dim=0)
     if not bool(used.all()):
-        keys, values, valid = keys[:, used], values[:, used], valid[:, used]
+        keys, values, valid = keys[..., used, :], values[..., used, :], valid[..., used]
     return keys, values, None if bool(valid.all()) else valid
 
 
 def attention_over_dense_ref(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                              seg_keys: torch.Tensor, seg_values: torch.Tensor, seg_valid: torch.Tensor | None,
-                             scale: float) -> torch.Tensor:
+                             scale: float, masks: dict | None = None) -> torch.Tensor:
     """SDPA of ``query [B, Hq, q, d]`` over dequantized segment rows (``seg_* [H, N, ·]``,
     ``seg_valid [H, N]`` or ``None`` = all valid) and the fp ``key/value [B, H, T, d]``
-    (bottom-right causal). Returns ``[B, q, Hq, d]`` in query's dtype."""
+    (bottom-right causal). Returns ``[B, q, Hq, d]`` in query's dtype. ``masks`` memoizes the
+    head-independent causal mask across calls (layers) of one step."""
     batch, q_heads, q_len, d = query.shape
     kv_heads, total = key.shape[1], key.shape[2]
     dtype = query.dtype
@@ -188,7 +207,12 @@ def attention_over_dense_ref(query: torch.Tensor, key: torch.Tensor, value: torc
         mask[:, :, rows:] = torch.ones(q_len, total, dtype=torch.bool, device=query.device).tril(total - q_len)
         mask = mask.unsqueeze(1).expand(-1, group, -1, -1).reshape(1, q_heads, q_len, rows + total)
     elif q_len > 1:
-        mask = torch.ones(q_len, rows + total, dtype=torch.bool, device=query.device).tril(rows + total - q_len)
+        shape = (q_len, rows + total)
+        mask = None if masks is None else masks.get(shape)
+        if mask is None:
+            mask = torch.ones(shape, dtype=torch.bool, device=query.device).tril(rows + total - q_len)
+            if masks is not None:
+                masks[shape] = mask
     out = torch.nn.functional.scaled_dot_product_attention(
         query, keys, values, attn_mask=mask, scale=scale, enable_gqa=group > 1)
     return out.transpose(1, 2)

@@ -97,14 +97,15 @@ def build_case(case: dict):
     key = torch.randn(batch, heads, total, d).to(dtype)
     value = torch.randn(batch, heads, total, d).to(dtype)
     expected = independent_reference(blobs, rotary, prefix, query, key, value)
-    return packed.layers[0], query, key, value, expected
+    return packed, query, key, value, expected
 
 
 def run_kernel_case(case: dict) -> dict:
     """Worker: max |kernel - fp32 reference| and |ref - reference| for one case and split plans."""
     from ragcompress_kernels import packed_attention, packed_attention_ref
 
-    seg, query, key, value, expected = build_case(case)
+    packed, query, key, value, expected = build_case(case)
+    seg = packed.layers[0]
     out = {"ref": (packed_attention_ref(query, key, value, seg).float() - expected).abs().max().item()}
     for splits in case.get("splits", [None]):
         got = packed_attention(query, key, value, seg, backend="triton", num_splits=splits)
@@ -194,8 +195,12 @@ def test_reference_path_matches_codec_dequantization(name):
         packed_attention,
     )
 
-    seg, query, key, value, expected = build_case(dict(CASES[name], seed=1))
+    packed, query, key, value, expected = build_case(dict(CASES[name], seed=1))
+    seg = packed.layers[0]
     got = packed_attention(query, key, value, seg, backend="auto")  # CPU: the PyTorch reference
+    assert (got - expected).abs().max().item() < 2e-5
+    # what the runtime's registered attention function runs on CPU (all layers dequantized at once)
+    got = packed.attend(0, query, key, value, query.shape[-1] ** -0.5)
     assert (got - expected).abs().max().item() < 2e-5
     # the runtime's CPU path: padding rows dropped once, mask only where heads differ
     keys, values, valid = drop_padding_rows(*dequantize_segments_ref(seg))
@@ -207,8 +212,9 @@ def test_reference_path_matches_codec_dequantization(name):
 def test_drop_padding_rows_removes_the_mask_without_eviction():
     from ragcompress_kernels import attention_over_dense_ref, dequantize_segments_ref, drop_padding_rows
 
-    seg, query, key, value, expected = build_case(dict(CASES["prefill-d64-g4-int8-fp16"], seed=2, heads=1,
-                                                       dtype=torch.float32))
+    packed, query, key, value, expected = build_case(dict(CASES["prefill-d64-g4-int8-fp16"], seed=2, heads=1,
+                                                          dtype=torch.float32))
+    seg = packed.layers[0]
     keys, values, valid = drop_padding_rows(*dequantize_segments_ref(seg))
     assert valid is None and keys.shape[1] == 23 + 41
     got = attention_over_dense_ref(query, key, value, keys, values, None, query.shape[-1] ** -0.5)
@@ -246,7 +252,8 @@ def test_packed_layout_round_trips_codec():
 def test_launcher_rejects_bad_inputs():
     from ragcompress_kernels import packed_attention
 
-    seg, query, key, value, _ = build_case(dict(CASES["decode-d64-g3-int4"], seed=0))
+    packed, query, key, value, _ = build_case(dict(CASES["decode-d64-g3-int4"], seed=0))
+    seg = packed.layers[0]
     with pytest.raises(ValueError, match="dtypes differ"):
         packed_attention(query, key.half(), value, seg)
     with pytest.raises(ValueError, match="query heads"):
@@ -267,7 +274,8 @@ def test_triton_backend_on_cpu_needs_the_interpreter():
 
     if not HAS_TRITON or _interpreted():
         pytest.skip("needs triton imported without TRITON_INTERPRET")
-    seg, query, key, value, _ = build_case(dict(CASES["decode-d64-g3-int4"], seed=0))
+    packed, query, key, value, _ = build_case(dict(CASES["decode-d64-g3-int4"], seed=0))
+    seg = packed.layers[0]
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         packed_attention(query, key, value, seg, backend="triton")
 
@@ -372,7 +380,7 @@ def test_reference_rotation_with_general_tables():
 
     from ragcompress_kernels import dequantize_segments_ref
 
-    seg, *_ = build_case(dict(CASES["prefill-d64-g1-int8"], seed=4))
+    seg = build_case(dict(CASES["prefill-d64-g1-int8"], seed=4))[0].layers[0]
     gen = torch.Generator().manual_seed(0)
     cos, sin = torch.rand(seg.cos.shape, generator=gen), torch.rand(seg.sin.shape, generator=gen)
     plain = dataclasses.replace(seg, cos=torch.ones_like(cos), sin=torch.zeros_like(sin))

@@ -33,9 +33,11 @@ from ragcompress_kernels import (
     HAS_TRITON,
     QuantizedSegments,
     attention_over_dense_ref,
+    dequantize_rows_ref,
     dequantize_segments_ref,
     drop_padding_rows,
     packed_attention,
+    valid_rows_ref,
 )
 
 
@@ -136,7 +138,9 @@ class PackedSegments:
     layers: list[QuantizedSegments]
     next_position: int
     backend: str = "auto"
-    _dense: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+    stacked: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # [L, ...] behind the views
+    _dense: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = field(default_factory=list, repr=False)
+    _masks: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -181,7 +185,26 @@ class PackedSegments:
             )
             for layer in range(layers)
         ]
-        return cls(packed, position, backend)
+        stacked = {**tensors, "positions": positions, "seg_len": lengths}
+        return cls(packed, position, backend, stacked)
+
+    def _dense_layers(self, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """Torch path: every layer dequantized and rotated in one pass per request (as few
+        tensor ops as the assembled path), rows no head keeps dropped; a layer gets a row mask
+        only where its heads keep different rows."""
+        first = self.layers[0]
+        if self.stacked and all(seg.cos is first.cos and seg.sin is first.sin for seg in self.layers):
+            s = self.stacked
+            keys, values = dequantize_rows_ref(s["k_codes"], s["k_scale"], s["k_min"], s["v_codes"], s["v_scale"],
+                                               s["v_min"], s["positions"], first.cos, first.sin, first.bits,
+                                               first.group_size, first.v_group)
+            valid = valid_rows_ref(first.seg_start_host, s["seg_len"])
+        else:  # per-layer RoPE tables (e.g. Gemma-3 local/global layers)
+            keys, values, valid = (torch.stack(x) for x in zip(*map(dequantize_segments_ref, self.layers), strict=True))
+        keys, values, valid = drop_padding_rows(keys, values, valid)
+        keys, values = keys.to(dtype), values.to(dtype)
+        return [(keys[layer], values[layer], None if valid is None or bool(valid[layer].all()) else valid[layer])
+                for layer in range(len(self.layers))]
 
     def attend(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                scale: float) -> torch.Tensor:
@@ -192,12 +215,9 @@ class PackedSegments:
             backend = "triton" if HAS_TRITON and query.device.type == "cuda" else "torch"
         if backend == "triton":
             return packed_attention(query, key, value, seg, scale, backend="triton")
-        dense = self._dense.get(layer_idx)
-        if dense is None:
-            keys, values, valid = drop_padding_rows(*dequantize_segments_ref(seg))
-            dense = (keys.to(query.dtype), values.to(query.dtype), valid)
-            self._dense[layer_idx] = dense
-        return attention_over_dense_ref(query, key, value, *dense, scale)
+        if not self._dense:
+            self._dense = self._dense_layers(query.dtype)
+        return attention_over_dense_ref(query, key, value, *self._dense[layer_idx], scale, self._masks)
 
 
 def packed_applies(engine: Any, recompute: Any = None) -> bool:
