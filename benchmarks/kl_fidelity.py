@@ -60,6 +60,32 @@ def kl(ref: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     return (ref.exp() * (ref - other)).sum(-1)
 
 
+def plot(rows: dict[str, dict], path: Path, title: str) -> None:
+    """KL (suffix + answer) against compression, one line per method, int4 dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    methods = list(dict.fromkeys(r["method"] for r in rows.values() if "compression" in r))
+    for i, method in enumerate(methods):
+        for quant, style in (("fp16", "-o"), ("int4", "--s")):
+            pts = sorted((r["compression"], r["kl_suffix_answer"]) for r in rows.values()
+                         if r["method"] == method and r["quant"] == quant and "compression" in r)
+            if pts:
+                ax.plot(*zip(*pts), style, color=f"C{i}", markersize=5,
+                        label=f"{method}{' + int4' if quant == 'int4' else ''}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("compression (fp16 bytes / stored bytes, scales and positions included)")
+    ax.set_ylabel("KL(uncompressed || compressed), nats/token")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None)
@@ -113,6 +139,8 @@ def main() -> None:
                       "compression": row["compression"], **summary(kls)}
         print(f"{name}: KL {rows[name]['kl_suffix_answer']:.4f} (answer {rows[name]['kl_answer']:.4f})", flush=True)
     (workdir / "kl.json").write_text(json.dumps(rows, indent=1))
+    plot(rows, Path("docs/img") / f"compression-kl-{tag}.png",
+         f"{lm.ref}: teacher-forced KL vs compression (SQuAD-dev, {len(questions)} questions)")
     print(f"\n{lm.ref}: KL(uncompressed `{reference_name}` || row), nats per token, "
           f"{len(questions)} questions, teacher-forced suffix + first gold answer\n")
     print("| method | ratio | quant | compression | KL suffix+answer | KL answer |")
