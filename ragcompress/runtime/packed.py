@@ -86,10 +86,16 @@ def read_quantized(blob: bytes) -> QuantizedBlob:
     groups = torch.arange(n_pad // gs) < (-(-lengths // gs)).unsqueeze(-1)
     pb = 8 // bits
 
+    uniform = bool((lengths == n_max).all())  # every head keeps rows 0..n_max-1: a reshape, no scatter
+
     def scatter(flat: torch.Tensor, mask: torch.Tensor, tail: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        out = torch.zeros((*mask.shape, *tail), dtype=dtype)
         if tuple(flat.shape) != (int(mask.sum()), *tail) or flat.dtype != dtype:
             raise CorruptSegmentError(f"segment tensor {tuple(flat.shape)} {flat.dtype} does not match its lengths")
+        if uniform:
+            kept = flat.shape[0] // (layers * heads)
+            out = flat.reshape(layers, heads, kept, *tail)
+            return torch.nn.functional.pad(out, (0, 0) * len(tail) + (0, mask.shape[-1] - kept))
+        out = torch.zeros((*mask.shape, *tail), dtype=dtype)
         out[mask] = flat
         return out
 
