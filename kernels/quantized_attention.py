@@ -507,8 +507,8 @@ def _launch(query, key, value, seg: QuantizedSegments, scale: float, num_splits:
     consts = dict(GROUP=group, HEAD_DIM=d, BITS=seg.bits, GROUP_SIZE=seg.group_size, V_GROUP=seg.v_group,
                   SPLIT=split, DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", BLOCK_M=block_m)
     grid = (m_blocks, batch * kv_heads, n_splits)
-    if interpret:  # the interpreter runs every autotune config: use one
-        _packed_attn_fwd[grid](*args, **consts, BLOCK_N=32)
+    if interpret:  # the interpreter runs every autotune config: use one (64 keeps tests multi-tile)
+        _packed_attn_fwd[grid](*args, **consts, BLOCK_N=64)
     else:
         _packed_attn_fwd_tuned[grid](*args, **consts)
     if split:

@@ -139,3 +139,6 @@ def test_bench_reports_both_paths_per_context_size(cli_store, monkeypatch, capfd
         assert r["speedup"] == pytest.approx(r["ttft_full_ms"] / r["ttft_cached_ms"])
         assert r["kv_bytes_stored"] < r["kv_bytes_fp16"]
     assert plot.stat().st_size > 0
+    packed = json.loads(out)["packed_attention"]  # the store is int8: both attention paths are timed
+    assert packed["questions"] == 1 and packed["ratio"] == pytest.approx(packed["packed_ttft_s"] / packed["assembled_ttft_s"])
+    assert packed["same_first_token"] == 1.0

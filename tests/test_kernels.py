@@ -363,13 +363,13 @@ def test_kernel_and_reference_agree_on_real_questions_with_smollm2(interpreter, 
     passages = (SQUAD / "passages.jsonl").read_text().splitlines()[:3]
     ids = {json.loads(line)["id"] for line in passages}
     questions = [q["question"] for q in map(json.loads, (SQUAD / "questions.jsonl").read_text().splitlines())
-                 if q["passage_id"] in ids][:3]
+                 if q["passage_id"] in ids][:2]
     source = tmp_path / "passages.jsonl"
     source.write_text("\n".join(passages) + "\n")
     lm = load_model()
     index(source, tmp_path / "store", lm=lm, embedder=HashEmbedder(), config=IndexConfig(quant="int4"))
     out = interpreter.apply(_with_path, (str(Path(__file__).parent), answer_both_backends, DEFAULT_MODEL,
-                                         str(tmp_path / "store"), questions, 2, 10))
+                                         str(tmp_path / "store"), questions, 2, 6))
     assert all(len(t) > 0 for t in out["torch"])
     assert out["triton"] == out["torch"]
 
