@@ -45,21 +45,68 @@ class Rotary:
         shape = tuple(positions.shape) + (cos.shape[-1],)
         return cos.reshape(shape), sin.reshape(shape)
 
+    def table_cos_sin(self, positions: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`cos_sin` through a table of the span ``min..max`` of ``positions``.
+
+        A segment's positions repeat across layers and heads (and, with nothing evicted, are the
+        same row everywhere), so evaluating the RoPE module once per distinct position and
+        broadcasting or gathering is far cheaper than once per element.
+        """
+        low, high = int(positions.min()), int(positions.max())
+        cos, sin = self.cos_sin(torch.arange(low, high + 1), layer_idx)  # [span, d]
+        first = positions.reshape(-1, positions.shape[-1])[0]
+        if bool((positions == first).all()):  # every layer/head keeps the same rows: broadcast
+            index = first - low
+            return cos[index], sin[index]
+        index = (positions - low).long()
+        return cos[index], sin[index]
+
     def rotate(self, keys: torch.Tensor, positions: torch.Tensor, layer_idx: int) -> torch.Tensor:
         """Apply RoPE: un-rotated keys -> keys as the model caches them at ``positions``."""
-        cos, sin = self.cos_sin(positions, layer_idx)
-        x = keys.float()
-        return (x * cos + rotate_half(x) * sin).to(keys.dtype)
+        out = torch.empty(keys.shape, dtype=torch.float32)
+        return self.rotate_into(out, keys, positions, layer_idx).to(keys.dtype)
 
-    def rotate_layers(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def rotate_into(self, out: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
+                    layer_idx: int) -> torch.Tensor:
+        """:meth:`rotate` written into ``out`` (same shape; may be a view of a larger buffer).
+
+        ``x * cos + rotate_half(x) * sin`` one half at a time, so the keys are read twice and
+        written once, with no temporaries: on a CPU this is memory-bound and on every request.
+        """
+        if positions.numel() == 0:
+            return out
+        cos, sin = self.table_cos_sin(positions, layer_idx)
+        half = keys.shape[-1] // 2
+        x1, x2 = keys[..., :half].float(), keys[..., half:].float()
+        low, high = out[..., :half], out[..., half:]
+        torch.mul(x1, cos[..., :half], out=low)
+        low.addcmul_(x2, sin[..., :half], value=-1.0)
+        torch.mul(x2, cos[..., half:], out=high)
+        high.addcmul_(x1, sin[..., half:])
+        return out
+
+    def rotate_layers(self, keys: torch.Tensor, positions: torch.Tensor,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
         """Rotate every layer at once: keys ``[layers, heads, n, d]``, positions ``[layers, heads, n]``.
 
         Models whose layers share one RoPE (all but Gemma-3's local/global mix) need a single
-        cos/sin lookup for the whole segment instead of one per layer.
+        cos/sin lookup for the whole segment instead of one per layer. ``out`` (same shape as
+        ``keys``) receives the result when given; otherwise it is allocated in ``keys.dtype``.
         """
+        if out is None:
+            out = torch.empty(keys.shape, dtype=keys.dtype)
         if self._takes_layer_type:
-            return torch.stack([self.rotate(keys[i], positions[i], i) for i in range(keys.shape[0])])
-        return self.rotate(keys, positions, 0)
+            for i in range(keys.shape[0]):
+                self._rotate_to(out[i], keys[i], positions[i], i)
+        else:
+            self._rotate_to(out, keys, positions, 0)
+        return out
+
+    def _rotate_to(self, out: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, layer_idx: int) -> None:
+        if out.dtype == torch.float32:
+            self.rotate_into(out, keys, positions, layer_idx)
+        else:  # rotate in fp32, round once
+            out.copy_(self.rotate(keys, positions, layer_idx))
 
     def unrotate(self, keys: torch.Tensor, positions: torch.Tensor, layer_idx: int) -> torch.Tensor:
         """Invert :meth:`rotate` (``cos``/``sin`` carry the scaling ``s``, so divide by ``s**2``)."""

@@ -34,33 +34,31 @@ class AssembledCache:
     kv_mask: torch.Tensor | None
 
 
-def rotate_segment(rotary: Rotary, kv: PassageKV, start: int, dtype: torch.dtype) -> torch.Tensor:
-    """Keys of ``kv`` rotated to ``start + positions``: ``[layers, kv_heads, n_max, head_dim]``."""
-    return rotary.rotate_layers(kv.keys, kv.positions + start).to(dtype)
-
-
 def assemble(config, rotary: Rotary, prefix_keys: torch.Tensor, prefix: PassageKV,
              segments: list[PassageKV], dtype: torch.dtype) -> AssembledCache:
-    """Concatenate the (already rotated) prefix and the rotated segments per layer.
+    """Write the (already rotated) prefix and the rotated segments into one cache per layer.
 
     prefix_keys: ``[layers, kv_heads, P, head_dim]`` prefix keys rotated to positions ``0..P-1``.
+    This runs on every request, so it touches the data as few times as it can: one buffer per
+    K and V; each segment's keys are rotated straight into their slice of it.
     """
-    keys = [prefix_keys.to(dtype)]
-    values = [prefix.values.to(dtype)]
-    masks = [prefix.valid_mask()]
-    position = prefix.num_tokens
+    layers, heads, p, d = prefix_keys.shape
+    starts, position = [], p
     for kv in segments:
-        keys.append(rotate_segment(rotary, kv, position, dtype))
-        values.append(kv.values.to(dtype))
-        masks.append(kv.valid_mask())
+        starts.append(position)
         position += kv.num_tokens
-    all_keys = torch.cat(keys, dim=2)  # [L, H, total, d]
-    all_values = torch.cat(values, dim=2)
-    mask = torch.cat(masks, dim=2)
-    layers = all_keys.shape[0]
-    cache = build_dynamic_cache(
-        config,
-        [all_keys[layer].unsqueeze(0) for layer in range(layers)],
-        [all_values[layer].unsqueeze(0) for layer in range(layers)],
-    )
+    widths = [kv.keys.shape[2] for kv in segments]  # rows stored per segment (n_max with evictions)
+    total = p + sum(widths)
+    keys = torch.empty((layers, heads, total, d), dtype=dtype)
+    values = torch.empty((layers, heads, total, d), dtype=dtype)
+    keys[:, :, :p] = prefix_keys
+    values[:, :, :p] = prefix.values
+    row = p
+    for kv, width, start in zip(segments, widths, starts):
+        rotary.rotate_layers(kv.keys, kv.positions + start, out=keys[:, :, row:row + width])
+        values[:, :, row:row + width] = kv.values
+        row += width
+    mask = torch.cat([prefix.valid_mask()] + [kv.valid_mask() for kv in segments], dim=2)
+    cache = build_dynamic_cache(config, [keys[layer].unsqueeze(0) for layer in range(layers)],
+                                [values[layer].unsqueeze(0) for layer in range(layers)])
     return AssembledCache(cache, position, None if bool(mask.all()) else mask)
