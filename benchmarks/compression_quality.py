@@ -99,7 +99,7 @@ def setup(model: str | None, n_questions: int, top_k: int, workdir: Path, data: 
                 print(f"reloaded {len(full)} uncompressed caches from {reuse} (fp16-rounded)", flush=True)
     for start in range(0, len(needed), 4):
         batch = [pid for pid in needed[start : start + 4] if pid not in full]
-        for pid, kv in zip(batch, encoder.encode([token_ids[pid] for pid in batch]) if batch else []):
+        for pid, kv in zip(batch, encoder.encode([token_ids[pid] for pid in batch]) if batch else [], strict=False):
             full[pid] = kv
     vectors = {ids[j]: pvec[j] for j in range(len(ids)) if ids[j] in token_ids}
     workdir.mkdir(parents=True, exist_ok=True)
@@ -134,7 +134,7 @@ def answer_rows(bench: Bench, path: Path, max_new_tokens: int) -> tuple[list[dic
     with KVStore.open(path) as store:
         engine = Engine(store, bench.lm, bench.embedder, max_new_tokens=max_new_tokens)
         rows = []
-        for q, pids in zip(bench.questions, bench.retrieved):
+        for q, pids in zip(bench.questions, bench.retrieved, strict=False):
             entries = [store.entry(pid) for pid in pids]
             answer = engine.answer_cached(q.question, entries)
             rows.append({"answer": answer.answer, "ttft_s": answer.ttft_s})
@@ -147,15 +147,15 @@ def full_answers(bench: Bench, path: Path, max_new_tokens: int) -> list[str]:
     with KVStore.open(path) as store:
         engine = Engine(store, bench.lm, bench.embedder, max_new_tokens=max_new_tokens)
         return [engine.answer_full(q.question, [store.entry(p) for p in pids]).answer
-                for q, pids in zip(bench.questions, bench.retrieved)]
+                for q, pids in zip(bench.questions, bench.retrieved, strict=False)]
 
 
 def summarise(bench: Bench, answers: list[str], full: list[str]) -> dict[str, float]:
     n = len(answers)
     return {
-        "sub_em": sum(sub_em(a, q.answers) for a, q in zip(answers, bench.questions)) / n,
-        "f1": sum(f1(a, q.answers) for a, q in zip(answers, bench.questions)) / n,
-        "agreement": sum(a == b for a, b in zip(answers, full)) / n,
+        "sub_em": sum(sub_em(a, q.answers) for a, q in zip(answers, bench.questions, strict=False)) / n,
+        "f1": sum(f1(a, q.answers) for a, q in zip(answers, bench.questions, strict=False)) / n,
+        "agreement": sum(a == b for a, b in zip(answers, full, strict=False)) / n,
     }
 
 
@@ -192,7 +192,7 @@ def plot(results: dict[str, Any], path: Path, title: str) -> None:
             pts = sorted((r["compression"], r["sub_em"]) for r in rows.values()
                          if r["method"] == method and r["quant"] == quant)
             if pts:
-                ax.plot(*zip(*pts), style, color=f"C{i}", label=f"{method}{' + int4' if quant == 'int4' else ''}",
+                ax.plot(*zip(*pts, strict=False), style, color=f"C{i}", label=f"{method}{' + int4' if quant == 'int4' else ''}",
                         alpha=0.9, markersize=4)
     for quant, marker in (("fp16", "*"), ("int4", "P")):
         ref = rows.get(row_name("none", None, quant))
@@ -261,7 +261,7 @@ def main() -> None:
     if results.get("key") != key:
         results = {"key": key, "rows": {}}
     results.update(model=bench.lm.ref, n=len(bench.questions), top_k=args.top_k, retrieved=bench.retrieved)
-    results["recall_at_k"] = sum(q.passage_id in r for q, r in zip(bench.questions, bench.retrieved)) / len(bench.questions)
+    results["recall_at_k"] = sum(q.passage_id in r for q, r in zip(bench.questions, bench.retrieved, strict=False)) / len(bench.questions)
     fp16 = float(fp16_bytes_per_token(bench.lm.config))
 
     def save() -> None:

@@ -69,8 +69,8 @@ def main() -> None:
         engine.close()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=1))
-    print(f"\n| model | quant | top-k | n | sub-EM full | sub-EM cached | F1 full | F1 cached | agreement | "
-          f"TTFT full (ms) | TTFT cached (ms) | speedup | bytes/token (fp16) | compression |")
+    print("\n| model | quant | top-k | n | sub-EM full | sub-EM cached | F1 full | F1 cached | agreement | "
+          "TTFT full (ms) | TTFT cached (ms) | speedup | bytes/token (fp16) | compression |")
     print("|" + "---|" * 14)
     for r in rows:
         print(f"| {r['model']} | {r['quant']} | {r['top_k']} | {r['n']} | {r['full']['sub_em']:.3f} | "

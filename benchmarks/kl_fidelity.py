@@ -23,9 +23,9 @@ import json
 from pathlib import Path
 
 import torch
+from compression_quality import SQUAD, pick_questions, row_name
 from transformers import DynamicCache
 
-from compression_quality import SQUAD, pick_questions, row_name
 from ragcompress.models import load_model
 from ragcompress.retrieval import Embedder
 from ragcompress.runtime.assemble import assemble
@@ -74,7 +74,7 @@ def plot(rows: dict[str, dict], path: Path, title: str) -> None:
             pts = sorted((r["compression"], r["kl_suffix_answer"]) for r in rows.values()
                          if r["method"] == method and r["quant"] == quant and "compression" in r)
             if pts:
-                ax.plot(*zip(*pts), style, color=f"C{i}", markersize=5,
+                ax.plot(*zip(*pts, strict=False), style, color=f"C{i}", markersize=5,
                         label=f"{method}{' + int4' if quant == 'int4' else ''}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("compression (fp16 bytes / stored bytes, scales and positions included)")
@@ -112,7 +112,7 @@ def main() -> None:
         retrieved = quality.get("retrieved") or [[e.id for e in engine.retrieve(q.question, quality["top_k"])]
                                                  for q in questions]
         inputs, reference, full_kl = [], [], []
-        for q, pids in zip(questions, retrieved):
+        for q, pids in zip(questions, retrieved, strict=False):
             suffix = engine.tokens.suffix(q.question)
             answer = lm.tokenizer(q.answers[0], add_special_tokens=False)["input_ids"]
             ids = suffix + answer
@@ -124,7 +124,7 @@ def main() -> None:
 
     def summary(kls: list[torch.Tensor]) -> dict[str, float]:
         every = torch.cat(kls)
-        answer = torch.cat([k[-(n + 1) : -1] for k, (_, _, n) in zip(kls, inputs)])
+        answer = torch.cat([k[-(n + 1) : -1] for k, (_, _, n) in zip(kls, inputs, strict=False)])
         return {"kl_suffix_answer": float(every.mean()), "kl_answer": float(answer.mean())}
 
     rows = {"full prefill": {"method": "full prefill", "ratio": 1.0, "quant": "-", **summary(full_kl)}} if full_kl else {}
@@ -134,7 +134,7 @@ def main() -> None:
         with KVStore.open(workdir / name) as store:
             engine = Engine(store, lm, embedder)
             kls = [kl(ref, teacher_forced_logprobs(engine, pids, ids))
-                   for ref, (pids, ids, _) in zip(reference, inputs)]
+                   for ref, (pids, ids, _) in zip(reference, inputs, strict=False)]
         rows[name] = {"method": row["method"], "ratio": row["ratio"], "quant": row["quant"],
                       "compression": row["compression"], **summary(kls)}
         print(f"{name}: KL {rows[name]['kl_suffix_answer']:.4f} (answer {rows[name]['kl_answer']:.4f})", flush=True)

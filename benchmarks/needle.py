@@ -81,7 +81,7 @@ def main() -> None:
     tok = lm.tokenizer
     encoder = PassageEncoder(lm, PromptTemplate.from_tokenizer(tok))
     rotary, prefix = encoder.rotary, encoder.prefix_kv
-    prefix_keys = torch.stack([rotary.rotate(prefix.keys[l], prefix.positions[l], l) for l in range(prefix.keys.shape[0])])
+    prefix_keys = rotary.rotate_layers(prefix.keys, prefix.positions)
     stops = stop_token_ids(tok, lm.model)
     quant = QuantConfig(args.quant)
     rng = random.Random(0)
@@ -112,10 +112,10 @@ def main() -> None:
             hits["none"][depth].append(int(value in cached_answer(full, suffix)))
             for method in args.methods:
                 scorer = make_compressor(method.split(":")[-1])
-                scores = [scorer.score(kv, CompressionContext(encoder, i)) for kv, i in zip(full, ids)]
+                scores = [scorer.score(kv, CompressionContext(encoder, i)) for kv, i in zip(full, ids, strict=False)]
                 for ratio in args.ratios:
                     compressor = make_compressor(method, ratio=ratio)
-                    kept = [compressor.select(kv, s) for kv, s in zip(full, scores)]
+                    kept = [compressor.select(kv, s) for kv, s in zip(full, scores, strict=False)]
                     hits[f"{method}@{ratio}"][depth].append(int(value in cached_answer(kept, suffix)))
             print(f"{essay.stem} depth {depth:.2f}: " + " ".join(f"{r}={hits[r][depth][-1]}" for r in rows), flush=True)
 
@@ -126,7 +126,7 @@ def main() -> None:
     summary = {}
     for row in rows:
         accs = [sum(hits[row][d]) / len(hits[row][d]) for d in args.depths]
-        summary[row] = {"by_depth": dict(zip(map(str, args.depths), accs)), "mean": sum(accs) / len(accs)}
+        summary[row] = {"by_depth": dict(zip(map(str, args.depths), accs, strict=False)), "mean": sum(accs) / len(accs)}
         print(f"| {row} | " + " | ".join(f"{a:.2f}" for a in accs) + f" | {summary[row]['mean']:.2f} |")
     if args.out:
         args.out.write_text(json.dumps({"model": lm.ref, "args": {k: str(v) for k, v in vars(args).items()},

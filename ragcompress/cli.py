@@ -10,7 +10,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -45,11 +45,11 @@ def _show_progress(as_json: bool) -> bool:
 def index(
     input: Path = typer.Option(..., "--input", help="JSONL of {id, text, ...} or a folder of .txt/.md documents"),
     store: Path = typer.Option(..., "--store", help="store directory (created if missing)"),
-    model: Optional[str] = typer.Option(None, "--model", help="embedded model name or local HF directory"),
+    model: str | None = typer.Option(None, "--model", help="embedded model name or local HF directory"),
     method: str = typer.Option("none", "--method", help="compression method: none, streaming, knorm, snapkv, "
                                "expected-attention, kvzip, or adaptive:<scorer> (per-head budgets)"),
-    ratio: Optional[float] = typer.Option(None, "--ratio", help="fraction of tokens kept, in (0, 1]"),
-    budget: Optional[int] = typer.Option(None, "--budget", help="tokens kept per head (instead of --ratio)"),
+    ratio: float | None = typer.Option(None, "--ratio", help="fraction of tokens kept, in (0, 1]"),
+    budget: int | None = typer.Option(None, "--budget", help="tokens kept per head (instead of --ratio)"),
     quant: str = typer.Option("none", "--quant", help="none | fp16 | int8 | int4 | int2"),
     group_size: int = typer.Option(32, "--group-size", help="quantization group size"),
     overwrite: bool = typer.Option(False, "--overwrite", help="rebuild an existing store (swapped in when complete)"),
@@ -131,7 +131,7 @@ def evaluate(
     store: Path = typer.Option(..., "--store"),
     questions: Path = typer.Option(..., "--questions", help="JSONL of {id, question, answers, passage_id?}"),
     top_k: int = typer.Option(3, "--top-k", min=1),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1),
+    limit: int | None = typer.Option(None, "--limit", min=1),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
     recompute: float = typer.Option(0.0, "--recompute", min=0.0, max=1.0,
                                     help="fraction of passage tokens recomputed at query time (CacheBlend; docs/recompute.md)"),
@@ -169,11 +169,11 @@ def evaluate(
 @app.command()
 def bench(
     store: Path = typer.Option(..., "--store"),
-    questions: Optional[Path] = typer.Option(None, "--questions", help="JSONL of questions (default: bundled sample)"),
+    questions: Path | None = typer.Option(None, "--questions", help="JSONL of questions (default: bundled sample)"),
     top_k: str = typer.Option("1,2,4", "--top-k", help="comma-separated context sizes (passages)"),
     limit: int = typer.Option(5, "--limit", min=1, help="questions per context size"),
     repeats: int = typer.Option(3, "--repeats", min=1, help="timed runs per question and path (median)"),
-    plot_path: Optional[Path] = typer.Option(None, "--plot", help="write a PNG of TTFT against context size"),
+    plot_path: Path | None = typer.Option(None, "--plot", help="write a PNG of TTFT against context size"),
     packed: bool = typer.Option(True, "--packed/--no-packed",
                                 help="on a quantized store, also time the packed attention path against "
                                      "dequantize-then-SDPA at the largest top-k"),

@@ -34,7 +34,7 @@ def build_dynamic_cache(config: Any, keys: list[torch.Tensor], values: list[torc
     Other layer types (sliding windows) go through their own ``update``.
     """
     cache = DynamicCache(config=config)
-    for layer_idx, (k, v) in enumerate(zip(keys, values)):
+    for layer_idx, (k, v) in enumerate(zip(keys, values, strict=True)):
         layer = cache.layers[layer_idx] if layer_idx < len(cache.layers) else None
         if type(layer) is DynamicLayer:
             layer.lazy_initialization(k, v)

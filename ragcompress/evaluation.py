@@ -12,9 +12,10 @@ import re
 import statistics
 import string
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from ragcompress.errors import InputError
 from ragcompress.indexing import fp16_bytes_per_token

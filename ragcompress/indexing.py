@@ -12,22 +12,23 @@ import datetime as dt
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ragcompress.compressors import CompressionContext, make_compressor
+from ragcompress.encoder import PassageEncoder
 from ragcompress.errors import InputError, StoreError
 from ragcompress.inputs import PassageInput, iter_passages, validate
 from ragcompress.models import LoadedModel, load_model
 from ragcompress.prompt import PromptTemplate
 from ragcompress.quant import QuantConfig
 from ragcompress.retrieval import DEFAULT_EMBEDDER, Embedder
-from ragcompress.encoder import PassageEncoder
 from ragcompress.store import KVStore, Manifest, StoreWriter, create_store
-from ragcompress.store.kvstore import StoreLock, replace_store
 from ragcompress.store.codec import encode
+from ragcompress.store.kvstore import StoreLock, replace_store
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,7 @@ def index(
                 # passage's cache then never depends on what a killed run had finished, so a
                 # resumed store is byte-identical to an uninterrupted one.
                 batch_ids = [encoder.tokens.passage(p.text) for p in batch]
-                for passage, ids in zip(batch, batch_ids):
+                for passage, ids in zip(batch, batch_ids, strict=True):
                     if len(ids) > max_tokens:
                         raise InputError(f"passage {passage.id!r} has {len(ids)} tokens, more than "
                                          f"{lm.ref} can attend to ({max_tokens}); split it")
@@ -169,7 +170,7 @@ def index(
                 caches = [batch_caches[i] for i in pending]
                 vectors = embedder.embed([p.text for p in todo])
                 items = []
-                for passage, ids, kv, vector in zip(todo, token_ids, caches, vectors):
+                for passage, ids, kv, vector in zip(todo, token_ids, caches, vectors, strict=True):
                     kept = compressor.compress(kv, CompressionContext(encoder, ids))
                     items.append({
                         "id": passage.id, "title": passage.title, "text": passage.text,

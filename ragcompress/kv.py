@@ -28,7 +28,7 @@ class PassageKV:
     num_tokens: int
 
     @classmethod
-    def full(cls, keys: torch.Tensor, values: torch.Tensor) -> "PassageKV":
+    def full(cls, keys: torch.Tensor, values: torch.Tensor) -> PassageKV:
         """A cache that keeps every token: positions ``0..n-1`` on every head."""
         layers, heads, n, _ = keys.shape
         positions = torch.arange(n).expand(layers, heads, n).clone()

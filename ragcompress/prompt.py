@@ -29,7 +29,7 @@ class PromptTemplate:
     suffix_format: str  # contains "{question}"
 
     @classmethod
-    def from_tokenizer(cls, tokenizer: Any) -> "PromptTemplate":
+    def from_tokenizer(cls, tokenizer: Any) -> PromptTemplate:
         user = f"{INSTRUCTION}{_PASSAGES}Question: {_QUESTION}"
         messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
         if tokenizer.chat_template:
@@ -49,7 +49,7 @@ class PromptTemplate:
         return cls(prefix=head, passage_format="{text}\n\n", suffix_format=between + "{question}" + tail)
 
     @classmethod
-    def from_dict(cls, data: dict[str, str]) -> "PromptTemplate":
+    def from_dict(cls, data: dict[str, str]) -> PromptTemplate:
         return cls(data["prefix"], data["passage_format"], data["suffix_format"])
 
     def as_dict(self) -> dict[str, str]:

@@ -64,7 +64,7 @@ class VectorIndex:
             self.index.add_with_ids(vectors, rows)
 
     @classmethod
-    def load(cls, path: Path) -> "VectorIndex":
+    def load(cls, path: Path) -> VectorIndex:
         import faiss
 
         obj = cls.__new__(cls)
@@ -85,4 +85,4 @@ class VectorIndex:
         if self.count == 0:
             return []
         scores, rows = self.index.search(query.reshape(1, -1), min(k, self.count))
-        return [(int(r), float(s)) for r, s in zip(rows[0], scores[0]) if r >= 0]
+        return [(int(r), float(s)) for r, s in zip(rows[0], scores[0], strict=True) if r >= 0]

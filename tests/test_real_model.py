@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import SQUAD, squad_available
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not squad_available(), reason="../shared/data/squad-dev not present")]

@@ -43,7 +43,7 @@ def test_batched_encoding_equals_one_at_a_time(tiny_lm, passages_file):
     texts = [json.loads(line)["text"] for line in passages_file.read_text().splitlines()[:3]]
     ids = [encoder.tokens.passage(t) for t in texts]
     batched = encoder.encode(ids)
-    for one_ids, kv in zip(ids, batched):
+    for one_ids, kv in zip(ids, batched, strict=True):
         single = encoder.encode([one_ids])[0]
         torch.testing.assert_close(kv.keys, single.keys, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(kv.values, single.values, atol=1e-5, rtol=1e-5)

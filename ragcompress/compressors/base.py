@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 class CompressionContext:
     """What a compressor may use besides the cache itself."""
 
-    encoder: "PassageEncoder"
+    encoder: PassageEncoder
     token_ids: list[int]
 
 

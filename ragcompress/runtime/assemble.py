@@ -54,7 +54,7 @@ def assemble(config, rotary: Rotary, prefix_keys: torch.Tensor, prefix: PassageK
     keys[:, :, :p] = prefix_keys
     values[:, :, :p] = prefix.values
     row = p
-    for kv, width, start in zip(segments, widths, starts):
+    for kv, width, start in zip(segments, widths, starts, strict=True):
         rotary.rotate_layers(kv.keys, kv.positions + start, out=keys[:, :, row:row + width])
         values[:, :, row:row + width] = kv.values
         row += width

@@ -77,7 +77,7 @@ class Engine:
             self.lm.model(input_ids=torch.tensor([self.prefix_ids[:8]]), logits_to_keep=1)
 
     @classmethod
-    def open(cls, store_path: str | Path, *, model: str | None = None, max_new_tokens: int = 32) -> "Engine":
+    def open(cls, store_path: str | Path, *, model: str | None = None, max_new_tokens: int = 32) -> Engine:
         """Open a store and load the model recorded in its manifest (or ``model``, if it matches)."""
         store = KVStore.open(store_path)
         lm = load_model(model or store.manifest.model_ref)
