@@ -242,8 +242,12 @@ def check_supported(config: Any) -> None:
         )
 
 
-def load_model(ref: str | None = None, *, dtype: Any = None) -> LoadedModel:
-    """Load a causal LM by embedded name or local directory, in eval mode, with its identity."""
+def load_model(ref: str | None = None, *, dtype: Any = None, device: Any = None) -> LoadedModel:
+    """Load a causal LM by embedded name or local directory, in eval mode, with its identity.
+
+    ``device`` (default CPU) places the model; answering follows the model's device (on CUDA
+    with a quantized store, through the fused Triton kernel). Indexing runs on the CPU.
+    """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -258,6 +262,8 @@ def load_model(ref: str | None = None, *, dtype: Any = None) -> LoadedModel:
         model_dir, dtype=dtype or torch.float32, attn_implementation=ATTENTION_NAME
     )
     model.eval()
+    if device is not None:
+        model.to(device)
     fingerprint_src = json.dumps(canonical_config(model.config), sort_keys=True, default=str)
     fingerprint = hashlib.sha256((fingerprint_src + weights_hash(model_dir)).encode()).hexdigest()
     stored_ref = ref if ref in (DEFAULT_MODEL, EVAL_MODEL) else str(model_dir)

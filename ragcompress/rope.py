@@ -63,7 +63,7 @@ class Rotary:
 
     def rotate(self, keys: torch.Tensor, positions: torch.Tensor, layer_idx: int) -> torch.Tensor:
         """Apply RoPE: un-rotated keys -> keys as the model caches them at ``positions``."""
-        out = torch.empty(keys.shape, dtype=torch.float32)
+        out = torch.empty(keys.shape, dtype=torch.float32, device=keys.device)
         return self.rotate_into(out, keys, positions, layer_idx).to(keys.dtype)
 
     def rotate_into(self, out: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
@@ -76,8 +76,10 @@ class Rotary:
         if positions.numel() == 0:
             return out
         cos, sin = self.table_cos_sin(positions, layer_idx)
+        cos, sin = cos.to(out.device), sin.to(out.device)  # computed where ``out`` lives
         half = keys.shape[-1] // 2
-        x1, x2 = keys[..., :half].float(), keys[..., half:].float()
+        x1 = keys[..., :half].to(out.device, torch.float32)
+        x2 = keys[..., half:].to(out.device, torch.float32)
         low, high = out[..., :half], out[..., half:]
         torch.mul(x1, cos[..., :half], out=low)
         low.addcmul_(x2, sin[..., :half], value=-1.0)
@@ -94,7 +96,7 @@ class Rotary:
         ``keys``) receives the result when given; otherwise it is allocated in ``keys.dtype``.
         """
         if out is None:
-            out = torch.empty(keys.shape, dtype=keys.dtype)
+            out = torch.empty(keys.shape, dtype=keys.dtype, device=keys.device)
         if self._takes_layer_type:
             for i in range(keys.shape[0]):
                 self._rotate_to(out[i], keys[i], positions[i], i)

@@ -49,8 +49,9 @@ def assemble(config, rotary: Rotary, prefix_keys: torch.Tensor, prefix: PassageK
         position += kv.num_tokens
     widths = [kv.keys.shape[2] for kv in segments]  # rows stored per segment (n_max with evictions)
     total = p + sum(widths)
-    keys = torch.empty((layers, heads, total, d), dtype=dtype)
-    values = torch.empty((layers, heads, total, d), dtype=dtype)
+    device = prefix_keys.device  # the model's: segments are read on the CPU and copied over once
+    keys = torch.empty((layers, heads, total, d), dtype=dtype, device=device)
+    values = torch.empty((layers, heads, total, d), dtype=dtype, device=device)
     keys[:, :, :p] = prefix_keys
     values[:, :, :p] = prefix.values
     row = p
@@ -61,4 +62,4 @@ def assemble(config, rotary: Rotary, prefix_keys: torch.Tensor, prefix: PassageK
     mask = torch.cat([prefix.valid_mask()] + [kv.valid_mask() for kv in segments], dim=2)
     cache = build_dynamic_cache(config, [keys[layer].unsqueeze(0) for layer in range(layers)],
                                 [values[layer].unsqueeze(0) for layer in range(layers)])
-    return AssembledCache(cache, position, None if bool(mask.all()) else mask)
+    return AssembledCache(cache, position, None if bool(mask.all()) else mask.to(device))

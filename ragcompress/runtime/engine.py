@@ -66,7 +66,7 @@ class Engine:
         if len(self.prefix_ids) != self.prefix.num_tokens:
             raise StoreError(f"store {store.path}: prefix cache has {self.prefix.num_tokens} tokens, "
                              f"the template gives {len(self.prefix_ids)}; rebuild the store")
-        self.prefix_keys = self.rotary.rotate_layers(self.prefix.keys, self.prefix.positions)
+        self.prefix_keys = self.rotary.rotate_layers(self.prefix.keys, self.prefix.positions).to(lm.model.device)
         self.max_positions = int(getattr(lm.config, "max_position_embeddings", 1 << 30))
         self._warm_up()
 

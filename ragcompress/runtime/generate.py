@@ -42,8 +42,8 @@ def forward_step(model: Any, input_ids: torch.Tensor, cache: Any, start_position
                  **attention_kwargs: Any) -> torch.Tensor:
     """Run ``input_ids [1, q]`` at positions ``start_position…``; returns last logits ``[vocab]``."""
     q = input_ids.shape[1]
-    position_ids = torch.arange(start_position, start_position + q).unsqueeze(0)
-    out = model(input_ids=input_ids, position_ids=position_ids, cache=cache, use_cache=True,
+    position_ids = torch.arange(start_position, start_position + q, device=model.device).unsqueeze(0)
+    out = model(input_ids=input_ids.to(model.device), position_ids=position_ids, cache=cache, use_cache=True,
                 logits_to_keep=1, **attention_kwargs)
     return out.logits[0, -1]
 
