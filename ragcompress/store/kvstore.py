@@ -34,6 +34,7 @@ import torch
 
 from ragcompress.errors import CorruptSegmentError, StoreError
 from ragcompress.kv import PassageKV
+from ragcompress.paths import sha256_file
 from ragcompress.quant import QuantConfig
 from ragcompress.retrieval import VectorIndex
 from ragcompress.store import codec
@@ -55,16 +56,6 @@ def _write_atomic(path: Path, data: bytes) -> None:
         os.fsync(handle.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def build_index(catalogue: Catalogue) -> VectorIndex:

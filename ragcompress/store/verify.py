@@ -28,9 +28,10 @@ from typing import Any
 import numpy as np
 
 from ragcompress.errors import StoreError
+from ragcompress.paths import sha256_file
 from ragcompress.store import codec
 from ragcompress.store.catalogue import CATALOGUE, Catalogue
-from ragcompress.store.kvstore import INDEX, PREFIX, read_index_meta, sha256_file
+from ragcompress.store.kvstore import INDEX, PREFIX, read_index_meta
 from ragcompress.store.manifest import Manifest
 from ragcompress.store.shards import SHARD_DIR, checksum, is_shard_name, read_blob
 
