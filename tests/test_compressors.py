@@ -271,3 +271,47 @@ def test_mean_rotation_is_the_average_of_rope(tiny_lm):
     x = torch.randn(3, tiny_lm.config.head_dim)
     expected = torch.stack([rotary.rotate(x, torch.full((3,), int(p)), 0) for p in positions]).mean(0)
     torch.testing.assert_close(x @ mean_rotation(*rotary.cos_sin(positions, 0)).T, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch,method", [("qwen2", "knorm"), ("qwen2", "adaptive:knorm"), ("llama", "snapkv")])
+def test_evicted_cache_equals_full_prefill_with_evicted_keys_masked(arch, method, tiny_model_dir, passages_file,
+                                                                   tmp_path, embedder):
+    """With one passage, answering from an evicted cache must equal a full prefill whose question
+    tokens cannot see the evicted passage tokens (per layer and KV head). The reference keeps the
+    model's own post-RoPE cache at the original positions and only masks, so it checks what the
+    store and runtime add: compaction, recorded positions, re-rotation, padding and the ragged mask.
+    """
+    from transformers import DynamicCache
+
+    from ragcompress.indexing import IndexConfig, index
+    from ragcompress.models import load_model
+    from ragcompress.runtime.attention import KV_MASK_KWARG
+    from ragcompress.runtime.engine import Engine
+    from ragcompress.runtime.generate import forward_step
+    from ragcompress.store import KVStore
+
+    lm = load_model(str(tiny_model_dir(arch)))
+    index(passages_file, tmp_path / "store", lm=lm, embedder=embedder, config=IndexConfig(method=method, ratio=0.5))
+    engine = Engine(KVStore.open(tmp_path / "store"), lm, embedder)
+    entries = engine.retrieve(QUESTION, 1)
+    cached, kv_mask = first_logits(engine, entries)
+
+    suffix = engine.tokens.suffix(QUESTION)
+    context = engine.full_prompt_ids(QUESTION, entries)[: -len(suffix)]
+    kv = engine.store.load_kv(entries[0])
+    p, n = engine.prefix.num_tokens, kv.num_tokens
+    assert len(context) == p + n
+    layers, heads = kv.lengths.shape
+    visible = torch.zeros((layers, heads, p + n), dtype=torch.bool)
+    visible[:, :, :p] = True
+    for layer in range(layers):
+        for head in range(heads):
+            kept = kv.positions[layer, head, : kv.lengths[layer, head]]
+            visible[layer, head, p + kept] = True
+    assert not bool(visible.all())  # something was evicted
+    cache = DynamicCache(config=lm.config)
+    with torch.inference_mode():
+        forward_step(lm.model, torch.tensor([context]), cache, 0)
+        reference = forward_step(lm.model, torch.tensor([suffix]), cache, p + n, **{KV_MASK_KWARG: visible})
+    torch.testing.assert_close(cached, reference, atol=1e-4, rtol=1e-4)
+    engine.close()
