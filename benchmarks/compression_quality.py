@@ -27,6 +27,7 @@ import json
 import shutil
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -178,36 +179,51 @@ def indexing_times(bench: Bench, methods: list[str], ratio: float, passages: int
     return {m: statistics.median(v) for m, v in times.items()}
 
 
-def plot(results: dict[str, Any], path: Path, title: str) -> None:
+def plot_against_compression(rows: dict[str, dict], metric: str, ylabel: str, path: Path, title: str,
+                             include: Callable[[dict], bool], extra: Callable[[Any], None] | None = None,
+                             **style: Any) -> None:
+    """One line per method (``fp16`` solid, ``int4`` dashed) of ``metric`` against compression,
+    over the rows ``include`` accepts; ``extra(ax)`` adds reference marks. Shared by the
+    quality (sub-EM) and fidelity (KL) plots."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = results["rows"]
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    methods = list(dict.fromkeys(r["method"] for r in rows.values() if r["method"] != "none"))
-    for i, method in enumerate(methods):
-        for quant, style in (("fp16", "-o"), ("int4", "--s")):
-            pts = sorted((r["compression"], r["sub_em"]) for r in rows.values()
-                         if r["method"] == method and r["quant"] == quant)
+    kept = [r for r in rows.values() if include(r)]
+    for i, method in enumerate(dict.fromkeys(r["method"] for r in kept)):
+        for quant, line in (("fp16", "-o"), ("int4", "--s")):
+            pts = sorted((r["compression"], r[metric]) for r in kept if r["method"] == method and r["quant"] == quant)
             if pts:
-                ax.plot(*zip(*pts, strict=False), style, color=f"C{i}", label=f"{method}{' + int4' if quant == 'int4' else ''}",
-                        alpha=0.9, markersize=4)
-    for quant, marker in (("fp16", "*"), ("int4", "P")):
-        ref = rows.get(row_name("none", None, quant))
-        if ref:
-            ax.plot([ref["compression"]], [ref["sub_em"]], marker, color="k", markersize=10,
-                    label=f"none{' + int4' if quant == 'int4' else ''} (ratio 1.0)")
-    ax.axhline(results["full"]["sub_em"], color="grey", ls=":", label="full prefill")
+                ax.plot(*zip(*pts, strict=True), line, color=f"C{i}",
+                        label=f"{method}{' + int4' if quant == 'int4' else ''}", **style)
+    if extra is not None:
+        extra(ax)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("compression (fp16 bytes / stored bytes, scales and positions included)")
-    ax.set_ylabel("sub-EM")
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
+
+
+def plot(results: dict[str, Any], path: Path, title: str) -> None:
+    """sub-EM against compression, with ``none`` (ratio 1.0) and full prefill marked."""
+    rows = results["rows"]
+
+    def references(ax: Any) -> None:
+        for quant, marker in (("fp16", "*"), ("int4", "P")):
+            ref = rows.get(row_name("none", None, quant))
+            if ref:
+                ax.plot([ref["compression"]], [ref["sub_em"]], marker, color="k", markersize=10,
+                        label=f"none{' + int4' if quant == 'int4' else ''} (ratio 1.0)")
+        ax.axhline(results["full"]["sub_em"], color="grey", ls=":", label="full prefill")
+
+    plot_against_compression(rows, "sub_em", "sub-EM", path, title, lambda r: r["method"] != "none",
+                             references, alpha=0.9, markersize=4)
 
 
 def table(results: dict[str, Any]) -> str:

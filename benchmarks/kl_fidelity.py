@@ -23,7 +23,7 @@ import json
 from pathlib import Path
 
 import torch
-from compression_quality import SQUAD, pick_questions, row_name
+from compression_quality import SQUAD, pick_questions, plot_against_compression, row_name
 from transformers import DynamicCache
 
 from ragcompress.models import load_model
@@ -62,28 +62,8 @@ def kl(ref: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 
 def plot(rows: dict[str, dict], path: Path, title: str) -> None:
     """KL (suffix + answer) against compression, one line per method, int4 dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    methods = list(dict.fromkeys(r["method"] for r in rows.values() if "compression" in r))
-    for i, method in enumerate(methods):
-        for quant, style in (("fp16", "-o"), ("int4", "--s")):
-            pts = sorted((r["compression"], r["kl_suffix_answer"]) for r in rows.values()
-                         if r["method"] == method and r["quant"] == quant and "compression" in r)
-            if pts:
-                ax.plot(*zip(*pts, strict=False), style, color=f"C{i}", markersize=5,
-                        label=f"{method}{' + int4' if quant == 'int4' else ''}")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("compression (fp16 bytes / stored bytes, scales and positions included)")
-    ax.set_ylabel("KL(uncompressed || compressed), nats/token")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    plot_against_compression(rows, "kl_suffix_answer", "KL(uncompressed || compressed), nats/token", path, title,
+                             lambda r: "compression" in r, markersize=5)
 
 
 def main() -> None:
