@@ -47,7 +47,8 @@ def index(
     store: Path = typer.Option(..., "--store", help="store directory (created if missing)"),
     model: str | None = typer.Option(None, "--model", help="embedded model name or local HF directory"),
     method: str = typer.Option("none", "--method", help="compression method: none, streaming, knorm, snapkv, "
-                               "expected-attention, kvzip, or adaptive:<scorer> (per-head budgets)"),
+                               "expected-attention, kvzip, adaptive:<scorer> (per-head budgets within a layer) "
+                               "or global:<scorer> (one budget for the whole cache, KVzip's default)"),
     ratio: float | None = typer.Option(None, "--ratio", help="fraction of tokens kept, in (0, 1]"),
     budget: int | None = typer.Option(None, "--budget", help="tokens kept per head (instead of --ratio)"),
     quant: str = typer.Option("none", "--quant", help="none | fp16 | int8 | int4 | int2"),

@@ -1,7 +1,8 @@
 """Every compression method through one table on tiny models, plus registry and probe checks.
 
 Exact expectations: each head keeps exactly its budget (uniform methods) or each layer keeps
-exactly ``kv_heads x budget`` (``adaptive:*``), kept rows are the original rows at their original
+exactly ``kv_heads x budget`` (``adaptive:*``) or the whole cache keeps ``layers x kv_heads x budget``
+(``global:*``), kept rows are the original rows at their original
 positions, sorted, and the protected first/last tokens are always there.
 """
 
@@ -18,6 +19,7 @@ from ragcompress.compressors import (
     AdaptiveBudget,
     CompressionContext,
     Compressor,
+    GlobalBudget,
     ScorerCompressor,
     make_compressor,
     method_names,
@@ -67,7 +69,10 @@ def test_method_keeps_exactly_its_budget(method, ratio, encoded):
     n = len(ids)
     budget = int(n * ratio)
     layers, heads = out.lengths.shape
-    if isinstance(compressor, AdaptiveBudget):
+    if isinstance(compressor, GlobalBudget):
+        assert int(out.lengths.sum()) == layers * heads * budget
+        assert int(out.lengths.min()) >= 8
+    elif isinstance(compressor, AdaptiveBudget):
         assert out.lengths.sum(-1).tolist() == [heads * budget] * layers
         assert int(out.lengths.min()) >= max(int(compressor.floor * budget), 8)
     else:
@@ -145,11 +150,11 @@ def test_every_compressor_is_registered_and_exported():
         assert cls.__name__ in compressors.__all__, f"{cls.__name__} not exported"
         assert getattr(compressors, cls.__name__) is cls
     scorers = [n for n, c in METHODS.items() if issubclass(c, ScorerCompressor)]
-    assert set(method_names()) == {"none", *scorers, *(f"adaptive:{n}" for n in scorers)}
+    assert set(method_names()) == {"none", *scorers, *(f"{w}:{n}" for w in ("adaptive", "global") for n in scorers)}
 
 
 @pytest.mark.parametrize("method,params", [
-    ("bogus", {}), ("adaptive:bogus", {}), ("adaptive:none", {}), ("adaptive", {}),
+    ("bogus", {}), ("adaptive:bogus", {}), ("adaptive:none", {}), ("adaptive", {}), ("global:global", {}),
 ])
 def test_unknown_method_lists_allowed_values(method, params):
     with pytest.raises(ValueError) as info:
@@ -237,7 +242,8 @@ def test_index_and_answer_end_to_end(method, none_store, tmp_path, embedder):
             n = sum(e.num_tokens for e in mine)
             assert sum(e.kept for e in mine) < 0.3 * n * base.lm.config.num_hidden_layers * base.lm.config.num_key_value_heads
             # per-head budgets take the ragged (masked) path; streaming's scores tie across heads
-            assert (kv_mask is not None) == (method.startswith("adaptive:") and method != "adaptive:streaming")
+            if not method.endswith(":streaming"):
+                assert (kv_mask is not None) == (":" in method)
             assert torch.isfinite(logits).all() and len(answer.token_ids) >= 1
         engine.close()
 

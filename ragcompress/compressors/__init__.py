@@ -1,6 +1,6 @@
 """Query-agnostic KV compression methods (DESIGN §2)."""
 
-from ragcompress.compressors.adaptive import AdaptiveBudget
+from ragcompress.compressors.adaptive import AdaptiveBudget, GlobalBudget
 from ragcompress.compressors.base import CompressionContext, Compressor
 from ragcompress.compressors.expected_attention import ExpectedAttentionCompressor
 from ragcompress.compressors.knorm import KnormCompressor
@@ -23,6 +23,7 @@ __all__ = [
     "CompressionContext",
     "Compressor",
     "ExpectedAttentionCompressor",
+    "GlobalBudget",
     "KVzipCompressor",
     "KnormCompressor",
     "NoCompression",

@@ -1,6 +1,11 @@
-"""``adaptive:<scorer>``: per-head budget allocation (Feng et al., 2024, "Ada-KV: Optimizing KV
-Cache Eviction by Adaptive Budget Allocation"; the DuoAttention observation that some heads
-attend broadly and others locally).
+"""``adaptive:<scorer>`` and ``global:<scorer>``: non-uniform budget allocation.
+
+``adaptive`` reallocates within each layer (Feng et al., 2024, "Ada-KV: Optimizing KV Cache
+Eviction by Adaptive Budget Allocation"; the DuoAttention observation that some heads attend
+broadly and others locally). ``global`` pools the budget of the whole passage cache, all layers
+and heads, and keeps its highest scores wherever they are: KVzip's default ("pair"-level
+threshold over the stacked scores of every layer), so a layer whose attention is spread can keep
+most of its tokens while a layer that attends to few keeps few.
 
 Wraps any :class:`ScorerCompressor`: the layer's total budget stays ``kv_heads x budget`` (the
 same bytes as the uniform method), but it is spent on the layer's highest scores across *all*
@@ -31,6 +36,7 @@ class AdaptiveBudget(Compressor):
     name = "adaptive"
     inner: ScorerCompressor
     floor: float = 0.2
+    whole_cache = False  # pool the budget per layer (False) or over the whole cache (True)
 
     def __post_init__(self) -> None:
         if not isinstance(self.inner, ScorerCompressor):
@@ -58,11 +64,23 @@ class AdaptiveBudget(Compressor):
         guaranteed = max(int(self.floor * budget), int(protected.sum(-1).max()))
         keep = top_per_head(scores.masked_fill(protected, float("inf")), valid, guaranteed)
         layers, heads, n = scores.shape
-        spare = heads * budget - keep.sum(-1).sum(-1)  # [L] tokens left per layer
-        rest = scores.masked_fill(keep, float("-inf")).reshape(layers, heads * n)
+        pools = 1 if self.whole_cache else layers
+        size = layers * heads * n // pools
+        spare = (layers * heads * budget) // pools - keep.reshape(pools, size).sum(-1)  # [pools] left
+        rest = scores.masked_fill(keep, float("-inf")).reshape(pools, size)
         order = rest.argsort(dim=-1, descending=True)
-        take = torch.arange(heads * n) < spare.unsqueeze(-1)  # first `spare` of each layer
+        take = torch.arange(size) < spare.unsqueeze(-1)  # the first `spare` of each pool
         extra = torch.zeros_like(take)
         extra.scatter_(-1, order, take)
         keep = keep | extra.reshape(layers, heads, n)
         return gather_kept(kv, keep & valid)
+
+
+@dataclass(frozen=True)
+class GlobalBudget(AdaptiveBudget):
+    """``global:<scorer>``: one budget pool for all layers and heads (KVzip's default). The
+    floor defaults to 0: a head keeps only its protected tokens unless its scores earn more."""
+
+    name = "global"
+    floor: float = 0.0
+    whole_cache = True

@@ -2,7 +2,8 @@
 
 ``METHODS`` maps a name to its class. Scoring methods take ``ratio``/``budget`` (and their own
 parameters); ``adaptive:<scorer>`` wraps a scoring method in :class:`AdaptiveBudget`
-(per-head budget allocation), e.g. ``make_compressor("adaptive:kvzip", ratio=0.25)``.
+(per-head budget allocation within each layer) and ``global:<scorer>`` in :class:`GlobalBudget`
+(one pool for the whole cache), e.g. ``make_compressor("adaptive:kvzip", ratio=0.25)``.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
-from ragcompress.compressors.adaptive import AdaptiveBudget
+from ragcompress.compressors.adaptive import AdaptiveBudget, GlobalBudget
 from ragcompress.compressors.base import Compressor
 from ragcompress.compressors.expected_attention import ExpectedAttentionCompressor
 from ragcompress.compressors.knorm import KnormCompressor
@@ -30,14 +31,15 @@ METHODS: dict[str, type[Compressor]] = {
         ExpectedAttentionCompressor,
         KVzipCompressor,
         AdaptiveBudget,
+        GlobalBudget,
     )
 }
 
-WRAPPERS: dict[str, type[Compressor]] = {AdaptiveBudget.name: AdaptiveBudget}
+WRAPPERS: dict[str, type[Compressor]] = {cls.name: cls for cls in (AdaptiveBudget, GlobalBudget)}
 
 
 def scorer_names() -> list[str]:
-    """Methods that score tokens and so can be wrapped (``adaptive:<name>``)."""
+    """Methods that score tokens and so can be wrapped (``adaptive:<name>``, ``global:<name>``)."""
     return [name for name, cls in METHODS.items() if issubclass(cls, ScorerCompressor)]
 
 
