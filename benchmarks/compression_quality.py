@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import statistics
 import time
@@ -115,7 +116,20 @@ def setup(model: str | None, n_questions: int, top_k: int, workdir: Path, data: 
 
 
 def row_name(method: str, ratio: float | None, quant: str) -> str:
-    return f"{method.replace(':', '-')}_{ratio if ratio is not None else 1.0}_{quant}"
+    return f"{re.sub(r'[^A-Za-z0-9.-]+', '-', method).strip('-')}_{ratio if ratio is not None else 1.0}_{quant}"
+
+
+def parse_method(method: str) -> tuple[str, dict[str, Any]]:
+    """``"global:kvzip[keep_last=0,floor=0.1]"`` -> ``("global:kvzip", {"keep_last": 0, "floor": 0.1})``:
+    a row may override a method's parameters (a sweep) and stays a separate row."""
+    match = re.fullmatch(r"([^\[]+)(?:\[(.*)\])?", method)
+    if match is None:
+        raise SystemExit(f"bad method spec {method!r}; expected NAME or NAME[key=value,...]")
+    params: dict[str, Any] = {}
+    for item in filter(None, (match.group(2) or "").split(",")):
+        key, _, value = item.partition("=")
+        params[key.strip()] = json.loads(value)
+    return match.group(1), params
 
 
 def build_store(bench: Bench, path: Path, config: IndexConfig, kept: dict[str, PassageKV]) -> None:
@@ -185,9 +199,13 @@ def load_or_score(bench: Bench, scorer: str) -> dict[str, torch.Tensor]:
 
 def selector(method: str, ratio: float) -> Any:
     """The compressor that keeps ``ratio`` of a passage given its scores. Scores of a kvpress
-    press (``kvpress-<name>``) go through the selection of our method of the same name, so
-    budgets and protected tokens are identical and only the scoring function differs."""
-    return make_compressor(method.replace(KVPRESS, ""), ratio=ratio)
+    press (``kvpress-<name>``) go through the same selection as ours (``select`` is shared by
+    every scorer), so budgets and protected tokens are identical and only the scores differ."""
+    base, params = parse_method(method)
+    wrapper, _, scorer = base.rpartition(":")
+    if scorer.startswith(KVPRESS):  # selection (budget, protected tokens) is the same for every scorer
+        scorer = "knorm"
+    return make_compressor(f"{wrapper}:{scorer}" if wrapper else scorer, ratio=ratio, **params)
 
 
 def indexing_times(bench: Bench, methods: list[str], ratio: float, passages: int, repeats: int) -> dict[str, float]:
@@ -202,7 +220,7 @@ def indexing_times(bench: Bench, methods: list[str], ratio: float, passages: int
             kv = bench.encoder.encode([ids])[0]
             encode_s = time.perf_counter() - t0
             for method in times:
-                compressor = make_compressor(method, **({} if method == "none" else {"ratio": ratio}))
+                compressor = make_compressor("none") if method == "none" else selector(method, ratio)
                 t0 = time.perf_counter()
                 encode(compressor.compress(kv, CompressionContext(bench.encoder, ids)), quant)
                 times[method].append(encode_s + time.perf_counter() - t0)
@@ -345,12 +363,13 @@ def main() -> None:
         todo = [q for q in args.quants if row_name(method, ratio, q) not in results["rows"]]
         if not todo:
             continue
-        scorer = method.split(":")[-1]
+        scorer = parse_method(method)[0].split(":")[-1]
         if scorer not in scores:
             scores[scorer] = load_or_score(bench, scorer)
         compressor = selector(method, ratio)
         kept = {pid: compressor.select(kv, scores[scorer][pid]) for pid, kv in bench.full.items()}
         for quant in todo:
+            t0 = time.perf_counter()
             name = row_name(method, ratio, quant)
             build_store(bench, workdir / name, IndexConfig(method, ratio, quant, args.group_size), kept)
             rows, stored = answer_rows(bench, workdir / name, args.max_new_tokens)
@@ -360,7 +379,7 @@ def main() -> None:
                                      "bytes_per_token": stored, "compression": fp16 / stored}
             save()
             print(f"{name}: sub-EM {results['rows'][name]['sub_em']:.3f} "
-                  f"compression {fp16 / stored:.1f}x", flush=True)
+                  f"compression {fp16 / stored:.1f}x ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     results.setdefault("indexing_s", {"none": 1.0})
     order = {m: i for i, m in enumerate(["none", *args.methods])}

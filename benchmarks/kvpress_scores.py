@@ -36,6 +36,8 @@ PRESSES = {
     "snapkv": lambda: SnapKVPress(compression_ratio=0.5, window_size=32),
     "expected-attention": lambda: ExpectedAttentionPress(compression_ratio=0.5),
     "kvzip": lambda: KVzipPress(compression_ratio=0.5),
+    # KVzip+: attention divided by the query's hidden-state norm, times the value's output norm
+    "kvzip-plus": lambda: KVzipPress(compression_ratio=0.5, kvzip_plus_normalization=True),
 }
 
 
@@ -73,10 +75,11 @@ def score_passages(model, name: str, prefix: list[int], passages: dict[str, list
     out = {}
     for pid, ids in passages.items():
         press = PRESSES[name]()
-        captured = capture_kvzip(press) if name == "kvzip" else capture_scorer(press, n_layers)
+        kvzip = isinstance(press, KVzipPress)
+        captured = capture_kvzip(press) if kvzip else capture_scorer(press, n_layers)
         with press(model):
             model.model(input_ids=torch.tensor([prefix + ids]), past_key_values=DynamicCache(), use_cache=True)
-        scores = captured["scores"] if name == "kvzip" else torch.stack(captured)
+        scores = captured["scores"] if kvzip else torch.stack(captured)
         out[pid] = scores[..., len(prefix) : len(prefix) + len(ids)].contiguous()
     return out
 

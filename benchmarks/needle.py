@@ -38,7 +38,7 @@ from ragcompress.runtime.generate import greedy_decode, stop_token_ids
 from ragcompress.store.codec import decode, encode
 
 ESSAYS = Path(__file__).resolve().parents[2] / "shared" / "data" / "pg-essays-dev"
-METHODS = ["kvzip", "adaptive:kvzip", "snapkv", "expected-attention", "knorm", "streaming"]
+METHODS = ["kvzip", "adaptive:kvzip", "global:kvzip", "snapkv", "expected-attention", "knorm", "streaming"]
 NEEDLE = " The special magic number is {value}. "
 QUESTION = "What is the special magic number?"
 

@@ -30,11 +30,8 @@ class BenchRow:
 
 def bench(engine: Engine, questions: list[Question], top_ks: list[int], repeats: int) -> list[BenchRow]:
     fp16_per_token = fp16_bytes_per_token(engine.lm.config)
-    saved, engine.max_new_tokens = engine.max_new_tokens, 1  # TTFT only: decoding further adds nothing
-    try:
+    with engine.first_token_only():
         return [_bench_row(engine, questions, top_k, repeats, fp16_per_token) for top_k in top_ks]
-    finally:
-        engine.max_new_tokens = saved
 
 
 def _bench_row(engine: Engine, questions: list[Question], top_k: int, repeats: int,

@@ -42,10 +42,8 @@ def packed_ttft_overhead(engine: Any, questions: list[str], top_k: int = 3, repe
     entries), each question ``repeats`` times per path, alternating which path goes first."""
     from ragcompress.runtime.packed import answer_packed
 
-    saved = engine.max_new_tokens
-    engine.max_new_tokens = 1  # TTFT only
     ratios, assembled_all, packed_all, same = [], [], [], 0
-    try:
+    with engine.first_token_only():
         for question in questions:
             entries = engine.retrieve(question, top_k)
             times: dict[str, list[float]] = {"assembled": [], "packed": []}
@@ -64,8 +62,6 @@ def packed_ttft_overhead(engine: Any, questions: list[str], top_k: int = 3, repe
             packed_all.append(packed)
             ratios.append(packed / assembled)
             same += first["assembled"] == first["packed"]
-    finally:
-        engine.max_new_tokens = saved
     return TTFTComparison(len(questions), repeats, statistics.median(assembled_all), statistics.median(packed_all),
                           statistics.median(ratios), same / max(1, len(questions)))
 

@@ -8,7 +8,9 @@ reuse at all, decoded by the same greedy loop.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +69,8 @@ class Engine:
             raise StoreError(f"store {store.path}: prefix cache has {self.prefix.num_tokens} tokens, "
                              f"the template gives {len(self.prefix_ids)}; rebuild the store")
         self.prefix_keys = self.rotary.rotate_layers(self.prefix.keys, self.prefix.positions).to(lm.model.device)
+        # the prefix values live where the model does, once, not copied over on every request
+        self.prefix = replace(self.prefix, values=self.prefix.values.to(lm.model.device))
         self.max_positions = int(getattr(lm.config, "max_position_embeddings", 1 << 30))
         self._warm_up()
 
@@ -85,6 +89,16 @@ class Engine:
 
     def close(self) -> None:
         self.store.close()
+
+    @contextmanager
+    def first_token_only(self) -> Iterator[None]:
+        """Answers stop after one token inside this block: what TTFT benchmarks time (decoding
+        further adds nothing to time-to-first-token); the previous limit is restored after."""
+        saved, self.max_new_tokens = self.max_new_tokens, 1
+        try:
+            yield
+        finally:
+            self.max_new_tokens = saved
 
     def retrieve(self, question: str, top_k: int) -> list[Entry]:
         if top_k < 1:
