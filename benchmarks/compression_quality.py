@@ -201,11 +201,15 @@ def selector(method: str, ratio: float) -> Any:
     """The compressor that keeps ``ratio`` of a passage given its scores. Scores of a kvpress
     press (``kvpress-<name>``) go through the same selection as ours (``select`` is shared by
     every scorer), so budgets and protected tokens are identical and only the scores differ."""
-    base, params = parse_method(method)
-    wrapper, _, scorer = base.rpartition(":")
+    return make_compressor(selection_method(method), ratio=ratio, **parse_method(method)[1])
+
+
+def selection_method(method: str) -> str:
+    """The registered method whose ``select`` a row uses (its name in the store's manifest)."""
+    wrapper, _, scorer = parse_method(method)[0].rpartition(":")
     if scorer.startswith(KVPRESS):  # selection (budget, protected tokens) is the same for every scorer
         scorer = "knorm"
-    return make_compressor(f"{wrapper}:{scorer}" if wrapper else scorer, ratio=ratio, **params)
+    return f"{wrapper}:{scorer}" if wrapper else scorer
 
 
 def indexing_times(bench: Bench, methods: list[str], ratio: float, passages: int, repeats: int) -> dict[str, float]:
@@ -371,7 +375,7 @@ def main() -> None:
         for quant in todo:
             t0 = time.perf_counter()
             name = row_name(method, ratio, quant)
-            build_store(bench, workdir / name, IndexConfig(method, ratio, quant, args.group_size), kept)
+            build_store(bench, workdir / name, IndexConfig(selection_method(method), ratio, quant, args.group_size), kept)
             rows, stored = answer_rows(bench, workdir / name, args.max_new_tokens)
             answers = [r["answer"] for r in rows]
             results["rows"][name] = {"method": method, "ratio": ratio, "quant": quant, "answers": answers,

@@ -110,9 +110,13 @@ def main() -> None:
                                 time.perf_counter())
             hits["full prefill"][depth].append(int(value in tok.decode(gen.token_ids, skip_special_tokens=True)))
             hits["none"][depth].append(int(value in cached_answer(full, suffix)))
+            scored: dict[str, list[torch.Tensor]] = {}  # one scoring pass per scorer, shared by its wrappers
             for method in args.methods:
-                scorer = make_compressor(method.split(":")[-1])
-                scores = [scorer.score(kv, CompressionContext(encoder, i)) for kv, i in zip(full, ids, strict=False)]
+                name = method.split(":")[-1]
+                if name not in scored:
+                    scorer = make_compressor(name)
+                    scored[name] = [scorer.score(kv, CompressionContext(encoder, i)) for kv, i in zip(full, ids, strict=False)]
+                scores = scored[name]
                 for ratio in args.ratios:
                     compressor = make_compressor(method, ratio=ratio)
                     kept = [compressor.select(kv, s) for kv, s in zip(full, scores, strict=False)]

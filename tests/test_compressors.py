@@ -104,6 +104,24 @@ def test_streaming_keeps_sinks_and_recent(encoded):
     assert (out.positions == torch.tensor(expected)).all()
 
 
+def test_global_budget_follows_scores_across_layers_and_adaptive_does_not():
+    """``global:`` spends the whole cache's budget where the scores are highest, even if one layer
+    takes (almost) everything; ``adaptive:`` keeps every layer at ``kv_heads x budget``."""
+    from ragcompress.kv import PassageKV
+
+    layers, heads, n, budget = 3, 2, 40, 10
+    kv = PassageKV.full(torch.randn(layers, heads, n, 4), torch.randn(layers, heads, n, 4))
+    scores = torch.rand(layers, heads, n)
+    scores[1] += 10.0  # layer 1 attends everywhere: every one of its tokens outranks the others
+    kept_global = make_compressor("global:knorm", budget=budget).select(kv, scores)
+    kept_adaptive = make_compressor("adaptive:knorm", budget=budget).select(kv, scores)
+    assert int(kept_global.lengths.sum()) == int(kept_adaptive.lengths.sum()) == layers * heads * budget
+    # the other layers keep only their 8 protected tokens (first and last 4), layer 1 the rest
+    assert kept_global.lengths[0].tolist() == kept_global.lengths[2].tolist() == [8, 8]
+    assert int(kept_global.lengths[1].sum()) == layers * heads * budget - 4 * 8
+    assert kept_adaptive.lengths.sum(-1).tolist() == [heads * budget] * layers
+
+
 def test_knorm_keeps_lowest_norm_keys(encoded):
     encoder, ids, kv = encoded
     out = make_compressor("knorm", budget=12, keep_first=0, keep_last=0).compress(kv, CompressionContext(encoder, ids))
