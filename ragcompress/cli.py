@@ -51,6 +51,10 @@ def index(
                                "or global:<scorer> (one budget for the whole cache, KVzip's default)"),
     ratio: float | None = typer.Option(None, "--ratio", help="fraction of tokens kept, in (0, 1]"),
     budget: int | None = typer.Option(None, "--budget", help="tokens kept per head (instead of --ratio)"),
+    keep_first: int | None = typer.Option(None, "--keep-first", help="leading tokens of every passage always "
+                                          "kept (default 4; see docs/compression.md)"),
+    keep_last: int | None = typer.Option(None, "--keep-last", help="trailing tokens of every passage always "
+                                         "kept (default 4)"),
     quant: str = typer.Option("none", "--quant", help="none | fp16 | int8 | int4 | int2"),
     group_size: int = typer.Option(32, "--group-size", help="quantization group size"),
     overwrite: bool = typer.Option(False, "--overwrite", help="rebuild an existing store (swapped in when complete)"),
@@ -64,7 +68,8 @@ def index(
     from ragcompress.store import KVStore
 
     try:
-        config = IndexConfig(method=method, ratio=ratio, quant=quant, group_size=group_size, budget=budget)
+        config = IndexConfig(method=method, ratio=ratio, quant=quant, group_size=group_size, budget=budget,
+                             keep_first=keep_first, keep_last=keep_last)
         config.compressor()
     except (ValueError, TypeError) as exc:
         raise RagCompressError(str(exc)) from None

@@ -40,6 +40,8 @@ class IndexConfig:
     quant: str = "none"
     group_size: int = 32
     budget: int | None = None  # tokens kept per head; replaces ratio
+    keep_first: int | None = None  # protected leading / trailing tokens; None: the method's default
+    keep_last: int | None = None
 
     def __post_init__(self) -> None:
         QuantConfig(self.quant, self.group_size)  # validates quant and group_size
@@ -51,8 +53,9 @@ class IndexConfig:
 
     def compressor(self):
         params = {} if self.ratio is None else {"ratio": self.ratio}
-        if self.budget is not None:
-            params["budget"] = self.budget
+        for name in ("budget", "keep_first", "keep_last"):
+            if getattr(self, name) is not None:
+                params[name] = getattr(self, name)
         return make_compressor(self.method, **params)
 
 

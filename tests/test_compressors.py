@@ -199,6 +199,8 @@ def test_index_config_rejects_bad_method_and_ratio():
     with pytest.raises(ValueError, match="not both"):
         IndexConfig(method="knorm", ratio=0.5, budget=10)
     assert IndexConfig(method="adaptive:kvzip", budget=16).compressor().inner.budget == 16
+    inner = IndexConfig(method="global:kvzip", ratio=0.25, keep_first=1, keep_last=0).compressor().inner
+    assert (inner.keep_first, inner.keep_last, inner.ratio) == (1, 0, 0.25)
 
 
 QUESTION = "Who were the Normans descended from?"
@@ -271,6 +273,8 @@ def test_index_and_answer_end_to_end(method, none_store, tmp_path, embedder):
     (["--method", "knorm", "--ratio", "1.5"], "ratio must be in (0, 1]"),
     (["--method", "none", "--ratio", "0.5"], "method 'none' takes no parameter ratio"),
     (["--method", "knorm", "--ratio", "0.5", "--budget", "8"], "not both"),
+    (["--method", "none", "--keep-first", "1"], "method 'none' takes no parameter keep_first"),
+    (["--method", "knorm", "--ratio", "0.5", "--keep-last", "-1"], "keep_last must be a non-negative int"),
 ])
 def test_cli_rejects_bad_method_and_ratio(args, expected, tmp_path, monkeypatch, capfd):
     from ragcompress.cli import main
