@@ -14,6 +14,7 @@ is ``[q_heads, chunk, total]``, which bounds memory for long passages (KVzip's c
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -102,13 +103,19 @@ def run_probe(encoder: PassageEncoder, kv: PassageKV, probe_ids: list[int], *, c
         c, total = q.shape[1], keys.shape[1]
         q = q.view(kv_heads, -1, c, q.shape[-1])  # [Hkv, g, c, d]
         logits = torch.einsum("hgcd,htd->hgct", q, keys) * module.scaling
-        first = total - c  # cache index of this chunk's first query
-        visible = torch.arange(total) <= (first + torch.arange(c)).unsqueeze(-1)  # [c, T]
-        weights = logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)[..., p : p + score_len]
+        logits.masked_fill_(hidden_keys(c, total), float("-inf"))
+        # softmax weights of the passage columns only: exp(logit - logsumexp over every key)
+        weights = (logits[..., p : p + score_len] - logits.logsumexp(dim=-1, keepdim=True)).exp_()
         if weights.shape[-1] < score_len:  # keys of later probe chunks do not exist yet
             weights = torch.nn.functional.pad(weights, (0, score_len - weights.shape[-1]))
         reduced = _reduce(_reduce(weights, query_reduce, 2), group_reduce, 1)  # [Hkv, score_len]
         acc[layer] = torch.maximum(acc[layer], reduced) if query_reduce == "max" else acc[layer] + reduced
+
+    @functools.cache
+    def hidden_keys(c: int, total: int) -> torch.Tensor:
+        """``[c, total]`` True where a chunk query cannot see the key (causality); shared by layers."""
+        first = total - c  # cache index of the chunk's first query
+        return torch.arange(total) > (first + torch.arange(c)).unsqueeze(-1)
 
     handles = [layer.self_attn.register_forward_hook(hook, with_kwargs=True) for layer in model.model.layers]
     try:
