@@ -274,8 +274,14 @@ def plot(results: dict[str, Any], path: Path, title: str) -> None:
                         label=f"none{' + int4' if quant == 'int4' else ''} (ratio 1.0)")
         ax.axhline(results["full"]["sub_em"], color="grey", ls=":", label="full prefill")
 
-    plot_against_compression(rows, "sub_em", "sub-EM", path, title, lambda r: r["method"] != "none",
+    plot_against_compression(rows, "sub_em", "sub-EM", path, title,
+                             lambda r: r["method"] != "none" and not side_row(r["method"]),
                              references, alpha=0.9, markersize=4)
+
+
+def side_row(method: str) -> bool:
+    """kvpress scores and parameter sweeps: in the tables, left out of the plots (legibility)."""
+    return KVPRESS in method or "[" in method
 
 
 def table(results: dict[str, Any]) -> str:

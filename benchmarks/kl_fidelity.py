@@ -23,7 +23,7 @@ import json
 from pathlib import Path
 
 import torch
-from compression_quality import SQUAD, pick_questions, plot_against_compression, row_name
+from compression_quality import SQUAD, pick_questions, plot_against_compression, row_name, side_row
 from transformers import DynamicCache
 
 from ragcompress.models import load_model
@@ -63,7 +63,7 @@ def kl(ref: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 def plot(rows: dict[str, dict], path: Path, title: str) -> None:
     """KL (suffix + answer) against compression, one line per method, int4 dashed."""
     plot_against_compression(rows, "kl_suffix_answer", "KL(uncompressed || compressed), nats/token", path, title,
-                             lambda r: "compression" in r, markersize=5)
+                             lambda r: "compression" in r and not side_row(r["method"]), markersize=5)
 
 
 def main() -> None:
