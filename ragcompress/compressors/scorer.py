@@ -18,7 +18,10 @@ always kept (they count against the budget):
   boundary merges two passages' texts from the model's point of view.
 
 A method that defines its own rule for these tokens (``streaming`` keeps ``keep_first`` sinks
-and then only recent tokens) says so in its docstring.
+and then only recent tokens) says so in its docstring. Under a whole-cache budget
+(``global:``) the protection costs more than it saves: every passage is encoded after the
+shared prefix, whose first token is the sink they all use, and ``keep_first=0/1, keep_last=0``
+measured better (docs/compression.md, Results §2); the defaults stay 4/4.
 """
 
 from __future__ import annotations
