@@ -262,8 +262,9 @@ def test_index_and_answer_end_to_end(method, none_store, tmp_path, embedder):
             n = sum(e.num_tokens for e in mine)
             assert sum(e.kept for e in mine) < 0.3 * n * base.lm.config.num_hidden_layers * base.lm.config.num_key_value_heads
             # per-head budgets take the ragged (masked) path; streaming's scores tie across heads
-            if not method.endswith(":streaming"):
-                assert (kv_mask is not None) == (":" in method)
+            # (and, for global:streaming, across layers, where the tie-break decides the shape)
+            if method != "global:streaming":
+                assert (kv_mask is not None) == (":" in method and method != "adaptive:streaming")
             assert torch.isfinite(logits).all() and len(answer.token_ids) >= 1
         engine.close()
 

@@ -40,9 +40,9 @@ class AdaptiveBudget(Compressor):
 
     def __post_init__(self) -> None:
         if not isinstance(self.inner, ScorerCompressor):
-            raise ValueError(f"adaptive: inner must be a scoring method, got {type(self.inner).__name__}")
+            raise ValueError(f"{self.name}: inner must be a scoring method, got {type(self.inner).__name__}")
         if not 0.0 <= self.floor <= 1.0:
-            raise ValueError(f"adaptive: floor must be in [0, 1], got {self.floor!r}")
+            raise ValueError(f"{self.name}: floor must be in [0, 1], got {self.floor!r}")
 
     def config(self) -> dict[str, Any]:
         inner = self.inner.config()

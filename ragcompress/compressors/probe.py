@@ -88,6 +88,12 @@ def run_probe(encoder: PassageEncoder, kv: PassageKV, probe_ids: list[int], *, c
     queries: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
     scaling = [0.0] * n_layers
 
+    @functools.cache
+    def hidden_keys(c: int, total: int) -> torch.Tensor:
+        """``[c, total]`` True where a chunk query cannot see the key (causality); shared by layers."""
+        first = total - c  # cache index of the chunk's first query
+        return torch.arange(total) > (first + torch.arange(c)).unsqueeze(-1)
+
     def hook(module: Any, args: Any, kwargs: dict[str, Any], output: Any) -> None:
         layer = module.layer_idx
         scaling[layer] = float(module.scaling)
@@ -110,12 +116,6 @@ def run_probe(encoder: PassageEncoder, kv: PassageKV, probe_ids: list[int], *, c
             weights = torch.nn.functional.pad(weights, (0, score_len - weights.shape[-1]))
         reduced = _reduce(_reduce(weights, query_reduce, 2), group_reduce, 1)  # [Hkv, score_len]
         acc[layer] = torch.maximum(acc[layer], reduced) if query_reduce == "max" else acc[layer] + reduced
-
-    @functools.cache
-    def hidden_keys(c: int, total: int) -> torch.Tensor:
-        """``[c, total]`` True where a chunk query cannot see the key (causality); shared by layers."""
-        first = total - c  # cache index of the chunk's first query
-        return torch.arange(total) > (first + torch.arange(c)).unsqueeze(-1)
 
     handles = [layer.self_attn.register_forward_hook(hook, with_kwargs=True) for layer in model.model.layers]
     try:
