@@ -107,12 +107,29 @@ def setup(model: str | None, n_questions: int, top_k: int, workdir: Path, data: 
     vectors = {ids[j]: pvec[j] for j in range(len(ids)) if ids[j] in token_ids}
     workdir.mkdir(parents=True, exist_ok=True)
     # the input of benchmarks/kvpress_scores.py (run in kvpress's own virtualenv)
-    (workdir / "passages-tokens.json").write_text(json.dumps(
-        {"model_dir": str(resolve_model_dir(lm.ref)), "prefix_ids": encoder.prefix_ids, "passages": token_ids}))
-    print(f"{lm.ref}: {len(questions)} questions, {len(needed)} passages "
-          f"({sum(len(token_ids[p]) for p in needed)} tokens) encoded", flush=True)
-    return Bench(lm, template, encoder, embedder, questions, retrieved, {p: passages[p] for p in needed},
-                 vectors, token_ids, full, workdir)
+    (workdir / "passages-tokens.json").write_text(
+        json.dumps(
+            {"model_dir": str(resolve_model_dir(lm.ref)), "prefix_ids": encoder.prefix_ids, "passages": token_ids}
+        )
+    )
+    print(
+        f"{lm.ref}: {len(questions)} questions, {len(needed)} passages "
+        f"({sum(len(token_ids[p]) for p in needed)} tokens) encoded",
+        flush=True,
+    )
+    return Bench(
+        lm,
+        template,
+        encoder,
+        embedder,
+        questions,
+        retrieved,
+        {p: passages[p] for p in needed},
+        vectors,
+        token_ids,
+        full,
+        workdir,
+    )
 
 
 def row_name(method: str, ratio: float | None, quant: str) -> str:
@@ -141,9 +158,19 @@ def build_store(bench: Bench, path: Path, config: IndexConfig, kept: dict[str, P
     items = []
     for pid, kv in kept.items():
         p = bench.passages[pid]
-        items.append({"id": p.id, "title": p.title, "text": p.text, "meta": p.meta, "text_sha": p.text_sha,
-                      "blob": encode(kv, quant), "num_tokens": kv.num_tokens, "kept": kv.kept_tokens,
-                      "embedding": bench.vectors[pid]})
+        items.append(
+            {
+                "id": p.id,
+                "title": p.title,
+                "text": p.text,
+                "meta": p.meta,
+                "text_sha": p.text_sha,
+                "blob": encode(kv, quant),
+                "num_tokens": kv.num_tokens,
+                "kept": kv.kept_tokens,
+                "embedding": bench.vectors[pid],
+            }
+        )
     with StoreWriter(path) as writer:
         writer.add(items)
         writer.write_index()
@@ -165,8 +192,10 @@ def answer_rows(bench: Bench, path: Path, max_new_tokens: int) -> tuple[list[dic
 def full_answers(bench: Bench, path: Path, max_new_tokens: int) -> list[str]:
     with KVStore.open(path) as store:
         engine = Engine(store, bench.lm, bench.embedder, max_new_tokens=max_new_tokens)
-        return [engine.answer_full(q.question, [store.entry(p) for p in pids]).answer
-                for q, pids in zip(bench.questions, bench.retrieved, strict=False)]
+        return [
+            engine.answer_full(q.question, [store.entry(p) for p in pids]).answer
+            for q, pids in zip(bench.questions, bench.retrieved, strict=False)
+        ]
 
 
 def summarise(bench: Bench, answers: list[str], full: list[str]) -> dict[str, float]:
@@ -185,8 +214,10 @@ def load_or_score(bench: Bench, scorer: str) -> dict[str, torch.Tensor]:
     scores: dict[str, torch.Tensor] = torch.load(path) if path.is_file() else {}
     missing = [pid for pid in bench.full if pid not in scores]
     if missing and scorer.startswith(KVPRESS):
-        raise SystemExit(f"{path}: {len(missing)} passages have no {scorer} scores; run "
-                         f"benchmarks/kvpress_scores.py {bench.workdir} in a kvpress virtualenv first")
+        raise SystemExit(
+            f"{path}: {len(missing)} passages have no {scorer} scores; run "
+            f"benchmarks/kvpress_scores.py {bench.workdir} in a kvpress virtualenv first"
+        )
     if missing:
         t0 = time.perf_counter()
         compressor = make_compressor(scorer)
@@ -231,9 +262,16 @@ def indexing_times(bench: Bench, methods: list[str], ratio: float, passages: int
     return {m: statistics.median(v) for m, v in times.items()}
 
 
-def plot_against_compression(rows: dict[str, dict], metric: str, ylabel: str, path: Path, title: str,
-                             include: Callable[[dict], bool], extra: Callable[[Any], None] | None = None,
-                             **style: Any) -> None:
+def plot_against_compression(
+    rows: dict[str, dict],
+    metric: str,
+    ylabel: str,
+    path: Path,
+    title: str,
+    include: Callable[[dict], bool],
+    extra: Callable[[Any], None] | None = None,
+    **style: Any,
+) -> None:
     """One line per method (``fp16`` solid, ``int4`` dashed) of ``metric`` against compression,
     over the rows ``include`` accepts; ``extra(ax)`` adds reference marks. Shared by the
     quality (sub-EM) and fidelity (KL) plots."""
@@ -248,8 +286,13 @@ def plot_against_compression(rows: dict[str, dict], metric: str, ylabel: str, pa
         for quant, line in (("fp16", "-o"), ("int4", "--s")):
             pts = sorted((r["compression"], r[metric]) for r in kept if r["method"] == method and r["quant"] == quant)
             if pts:
-                ax.plot(*zip(*pts, strict=True), line, color=f"C{i}",
-                        label=f"{method}{' + int4' if quant == 'int4' else ''}", **style)
+                ax.plot(
+                    *zip(*pts, strict=True),
+                    line,
+                    color=f"C{i}",
+                    label=f"{method}{' + int4' if quant == 'int4' else ''}",
+                    **style,
+                )
     if extra is not None:
         extra(ax)
     ax.set_xscale("log", base=2)
@@ -270,13 +313,27 @@ def plot(results: dict[str, Any], path: Path, title: str) -> None:
         for quant, marker in (("fp16", "*"), ("int4", "P")):
             ref = rows.get(row_name("none", None, quant))
             if ref:
-                ax.plot([ref["compression"]], [ref["sub_em"]], marker, color="k", markersize=10,
-                        label=f"none{' + int4' if quant == 'int4' else ''} (ratio 1.0)")
+                ax.plot(
+                    [ref["compression"]],
+                    [ref["sub_em"]],
+                    marker,
+                    color="k",
+                    markersize=10,
+                    label=f"none{' + int4' if quant == 'int4' else ''} (ratio 1.0)",
+                )
         ax.axhline(results["full"]["sub_em"], color="grey", ls=":", label="full prefill")
 
-    plot_against_compression(rows, "sub_em", "sub-EM", path, title,
-                             lambda r: r["method"] != "none" and not side_row(r["method"]),
-                             references, alpha=0.9, markersize=4)
+    plot_against_compression(
+        rows,
+        "sub_em",
+        "sub-EM",
+        path,
+        title,
+        lambda r: r["method"] != "none" and not side_row(r["method"]),
+        references,
+        alpha=0.9,
+        markersize=4,
+    )
 
 
 def side_row(method: str) -> bool:
@@ -286,15 +343,20 @@ def side_row(method: str) -> bool:
 
 def table(results: dict[str, Any]) -> str:
     full, base = results["full"], results["indexing_s"]["none"]
-    lines = [f"full prefill: sub-EM {full['sub_em']:.3f}, F1 {full['f1']:.3f} "
-             f"({results['n']} questions, top-{results['top_k']}, recall@k {results['recall_at_k']:.2f})", "",
-             "| method | ratio | quant | sub-EM | F1 | agreement | bytes/token | compression | indexing time / none |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"full prefill: sub-EM {full['sub_em']:.3f}, F1 {full['f1']:.3f} "
+        f"({results['n']} questions, top-{results['top_k']}, recall@k {results['recall_at_k']:.2f})",
+        "",
+        "| method | ratio | quant | sub-EM | F1 | agreement | bytes/token | compression | indexing time / none |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results["rows"].values():
         t = results["indexing_s"].get(r["method"])
-        lines.append(f"| {r['method']} | {r['ratio']} | {r['quant']} | {r['sub_em']:.3f} | {r['f1']:.3f} | "
-                     f"{r['agreement']:.3f} | {r['bytes_per_token']:.0f} | {r['compression']:.1f}x | "
-                     f"{'' if t is None else f'{t / base:.2f}'} |")
+        lines.append(
+            f"| {r['method']} | {r['ratio']} | {r['quant']} | {r['sub_em']:.3f} | {r['f1']:.3f} | "
+            f"{r['agreement']:.3f} | {r['bytes_per_token']:.0f} | {r['compression']:.1f}x | "
+            f"{'' if t is None else f'{t / base:.2f}'} |"
+        )
     return "\n".join(lines)
 
 
@@ -311,7 +373,9 @@ def main() -> None:
     parser.add_argument("--timing-passages", type=int, default=4)
     parser.add_argument("--timing-repeats", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/ragcompress-bench"))
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids oversubscription on shared CPUs)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1 avoids oversubscription on shared CPUs)"
+    )
     parser.add_argument("--report-only", action="store_true", help="print the table and plot from results.json")
     parser.add_argument("--plot", type=Path, default=None, help="PNG path (default docs/img/compression-<model>.png)")
     args = parser.parse_args()
@@ -324,18 +388,27 @@ def main() -> None:
         results = json.loads((workdir / "results.json").read_text())
         results.setdefault("indexing_s", {"none": 1.0})
         print(table(results))
-        plot(results, args.plot or Path("docs/img") / f"compression-{tag}.png",
-             f"{results['model']}: sub-EM vs compression (SQuAD-dev, {results['n']} questions, top-{results['top_k']})")
+        plot(
+            results,
+            args.plot or Path("docs/img") / f"compression-{tag}.png",
+            f"{results['model']}: sub-EM vs compression (SQuAD-dev, {results['n']} questions, top-{results['top_k']})",
+        )
         return
     bench = setup(args.model, args.questions, args.top_k, workdir)
     results_path = workdir / "results.json"
-    key = {"questions": [q.id for q in bench.questions], "top_k": args.top_k, "group_size": args.group_size,
-           "max_new_tokens": args.max_new_tokens}
+    key = {
+        "questions": [q.id for q in bench.questions],
+        "top_k": args.top_k,
+        "group_size": args.group_size,
+        "max_new_tokens": args.max_new_tokens,
+    }
     results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.is_file() else {}
     if results.get("key") != key:
         results = {"key": key, "rows": {}}
     results.update(model=bench.lm.ref, n=len(bench.questions), top_k=args.top_k, retrieved=bench.retrieved)
-    results["recall_at_k"] = sum(q.passage_id in r for q, r in zip(bench.questions, bench.retrieved, strict=False)) / len(bench.questions)
+    results["recall_at_k"] = sum(
+        q.passage_id in r for q, r in zip(bench.questions, bench.retrieved, strict=False)
+    ) / len(bench.questions)
     fp16 = float(fp16_bytes_per_token(bench.lm.config))
 
     def save() -> None:
@@ -346,8 +419,11 @@ def main() -> None:
     if args.timing_passages and not {"none", *ours} <= timed:  # all ratios from one process
         results["indexing_s"] = indexing_times(bench, ours, 0.25, args.timing_passages, args.timing_repeats)
         save()
-        print("indexing time / none: " + ", ".join(f"{m} {t / results['indexing_s']['none']:.2f}"
-                                                  for m, t in results["indexing_s"].items()), flush=True)
+        print(
+            "indexing time / none: "
+            + ", ".join(f"{m} {t / results['indexing_s']['none']:.2f}" for m, t in results["indexing_s"].items()),
+            flush=True,
+        )
 
     none_kept = dict(bench.full)
     for quant in args.quants:
@@ -362,9 +438,15 @@ def main() -> None:
         if name not in results["rows"]:
             rows, stored = answer_rows(bench, workdir / name, args.max_new_tokens)
             answers = [r["answer"] for r in rows]
-            results["rows"][name] = {"method": "none", "ratio": 1.0, "quant": quant, "answers": answers,
-                                     **summarise(bench, answers, results["full"]["answers"]),
-                                     "bytes_per_token": stored, "compression": fp16 / stored}
+            results["rows"][name] = {
+                "method": "none",
+                "ratio": 1.0,
+                "quant": quant,
+                "answers": answers,
+                **summarise(bench, answers, results["full"]["answers"]),
+                "bytes_per_token": stored,
+                "compression": fp16 / stored,
+            }
             save()
         print(f"{name}: sub-EM {results['rows'][name]['sub_em']:.3f}", flush=True)
 
@@ -381,24 +463,41 @@ def main() -> None:
         for quant in todo:
             t0 = time.perf_counter()
             name = row_name(method, ratio, quant)
-            build_store(bench, workdir / name, IndexConfig(selection_method(method), ratio, quant, args.group_size), kept)
+            build_store(
+                bench, workdir / name, IndexConfig(selection_method(method), ratio, quant, args.group_size), kept
+            )
             rows, stored = answer_rows(bench, workdir / name, args.max_new_tokens)
             answers = [r["answer"] for r in rows]
-            results["rows"][name] = {"method": method, "ratio": ratio, "quant": quant, "answers": answers,
-                                     **summarise(bench, answers, results["full"]["answers"]),
-                                     "bytes_per_token": stored, "compression": fp16 / stored}
+            results["rows"][name] = {
+                "method": method,
+                "ratio": ratio,
+                "quant": quant,
+                "answers": answers,
+                **summarise(bench, answers, results["full"]["answers"]),
+                "bytes_per_token": stored,
+                "compression": fp16 / stored,
+            }
             save()
-            print(f"{name}: sub-EM {results['rows'][name]['sub_em']:.3f} "
-                  f"compression {fp16 / stored:.1f}x ({time.perf_counter() - t0:.0f} s)", flush=True)
+            print(
+                f"{name}: sub-EM {results['rows'][name]['sub_em']:.3f} "
+                f"compression {fp16 / stored:.1f}x ({time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
 
     results.setdefault("indexing_s", {"none": 1.0})
     order = {m: i for i, m in enumerate(["none", *args.methods])}
-    results["rows"] = dict(sorted(results["rows"].items(),
-                                  key=lambda kv: (order.get(kv[1]["method"], 99), -kv[1]["ratio"], kv[1]["quant"])))
+    results["rows"] = dict(
+        sorted(
+            results["rows"].items(), key=lambda kv: (order.get(kv[1]["method"], 99), -kv[1]["ratio"], kv[1]["quant"])
+        )
+    )
     save()
     print(table(results))
-    plot(results, args.plot or Path("docs/img") / f"compression-{tag}.png",
-         f"{bench.lm.ref}: sub-EM vs compression (SQuAD-dev, {len(bench.questions)} questions, top-{args.top_k})")
+    plot(
+        results,
+        args.plot or Path("docs/img") / f"compression-{tag}.png",
+        f"{bench.lm.ref}: sub-EM vs compression (SQuAD-dev, {len(bench.questions)} questions, top-{args.top_k})",
+    )
 
 
 if __name__ == "__main__":

@@ -54,8 +54,12 @@ def main() -> None:
     lm = load_model(args.model)
     embedder = Embedder()
     questions = read_questions(SQUAD / "questions.jsonl", args.limit)
-    passages = needed_passages(embedder, questions, max(int(r.split(":")[1]) for r in args.rows.split(",")),
-                               args.runs / "passages-needed.jsonl")
+    passages = needed_passages(
+        embedder,
+        questions,
+        max(int(r.split(":")[1]) for r in args.rows.split(",")),
+        args.runs / "passages-needed.jsonl",
+    )
     rows = []
     for spec in args.rows.split(","):
         quant, top_k = spec.split(":")
@@ -69,16 +73,20 @@ def main() -> None:
         engine.close()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=1))
-    print("\n| model | quant | top-k | n | sub-EM full | sub-EM cached | F1 full | F1 cached | agreement | "
-          "TTFT full (ms) | TTFT cached (ms) | speedup | bytes/token (fp16) | compression |")
+    print(
+        "\n| model | quant | top-k | n | sub-EM full | sub-EM cached | F1 full | F1 cached | agreement | "
+        "TTFT full (ms) | TTFT cached (ms) | speedup | bytes/token (fp16) | compression |"
+    )
     print("|" + "---|" * 14)
     for r in rows:
-        print(f"| {r['model']} | {r['quant']} | {r['top_k']} | {r['n']} | {r['full']['sub_em']:.3f} | "
-              f"{r['compressed']['sub_em']:.3f} | {r['full']['f1']:.3f} | {r['compressed']['f1']:.3f} | "
-              f"{r['agreement']:.3f} | {r['full']['ttft_s_median'] * 1000:.0f} | "
-              f"{r['compressed']['ttft_s_median'] * 1000:.0f} | {r['ttft_speedup']:.1f}x | "
-              f"{r['kv_bytes_per_token']['stored']:.0f} ({r['kv_bytes_per_token']['fp16']:.0f}) | "
-              f"{r['compression']:.2f}x |")
+        print(
+            f"| {r['model']} | {r['quant']} | {r['top_k']} | {r['n']} | {r['full']['sub_em']:.3f} | "
+            f"{r['compressed']['sub_em']:.3f} | {r['full']['f1']:.3f} | {r['compressed']['f1']:.3f} | "
+            f"{r['agreement']:.3f} | {r['full']['ttft_s_median'] * 1000:.0f} | "
+            f"{r['compressed']['ttft_s_median'] * 1000:.0f} | {r['ttft_speedup']:.1f}x | "
+            f"{r['kv_bytes_per_token']['stored']:.0f} ({r['kv_bytes_per_token']['fp16']:.0f}) | "
+            f"{r['compression']:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

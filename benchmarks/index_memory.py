@@ -29,8 +29,10 @@ from pathlib import Path
 import numpy as np
 
 EMBED_DIM = 384
-WORDS = ("river castle comet violin glacier bridge harbor lantern meadow orbit canyon archive "
-         "signal forest quartz ember delta summit").split()
+WORDS = (
+    "river castle comet violin glacier bridge harbor lantern meadow orbit canyon archive "
+    "signal forest quartz ember delta summit"
+).split()
 
 
 class HashEmbedder:
@@ -110,14 +112,21 @@ def worker_index(model_dir: str, corpus: str, store: str, batch_size: int) -> di
     StoreWriter.write_index = timed_write_index
     start = time.perf_counter()
     with PeakSampler() as sampler:
-        report = index(corpus, store, lm=lm, embedder=HashEmbedder(), config=IndexConfig(quant="int8"),
-                       batch_size=batch_size)
+        report = index(
+            corpus, store, lm=lm, embedder=HashEmbedder(), config=IndexConfig(quant="int8"), batch_size=batch_size
+        )
     seconds = time.perf_counter() - start
     store_bytes = sum(p.stat().st_size for p in Path(store).rglob("*") if p.is_file())
-    return {"passages": report.indexed, "seconds": seconds, "passages_per_s": report.indexed / seconds,
-            "rss_before_mb": before / 2**20, "peak_rss_mb": sampler.peak / 2**20,
-            "indexing_rss_mb": (sampler.peak - before) / 2**20,
-            "loop_rss_mb": (loop_peak["bytes"] - before) / 2**20, "store_mb": store_bytes / 2**20}
+    return {
+        "passages": report.indexed,
+        "seconds": seconds,
+        "passages_per_s": report.indexed / seconds,
+        "rss_before_mb": before / 2**20,
+        "peak_rss_mb": sampler.peak / 2**20,
+        "indexing_rss_mb": (sampler.peak - before) / 2**20,
+        "loop_rss_mb": (loop_peak["bytes"] - before) / 2**20,
+        "store_mb": store_bytes / 2**20,
+    }
 
 
 def worker_validate(corpus: str) -> dict:
@@ -127,9 +136,14 @@ def worker_validate(corpus: str) -> dict:
     start = time.perf_counter()
     with PeakSampler() as sampler:
         count = validate(corpus)
-    return {"passages": count, "input_mb": os.path.getsize(corpus) / 2**20,
-            "seconds": time.perf_counter() - start, "rss_before_mb": before / 2**20,
-            "peak_rss_mb": sampler.peak / 2**20, "validate_rss_mb": (sampler.peak - before) / 2**20}
+    return {
+        "passages": count,
+        "input_mb": os.path.getsize(corpus) / 2**20,
+        "seconds": time.perf_counter() - start,
+        "rss_before_mb": before / 2**20,
+        "peak_rss_mb": sampler.peak / 2**20,
+        "validate_rss_mb": (sampler.peak - before) / 2**20,
+    }
 
 
 def run_worker(*args: str) -> dict:
@@ -162,7 +176,9 @@ def main() -> None:
         for n in [int(s) for s in args.sizes.split(",")]:
             corpus = root / f"corpus-{n}.jsonl"
             write_corpus(corpus, n)
-            rows.append(run_worker("index", str(model_dir), str(corpus), str(root / f"store-{n}"), str(args.batch_size)))
+            rows.append(
+                run_worker("index", str(model_dir), str(corpus), str(root / f"store-{n}"), str(args.batch_size))
+            )
             print(f"indexed {n}: {rows[-1]}", file=sys.stderr)
         for mb in [int(s) for s in args.validate_mb.split(",") if s]:
             corpus = root / f"input-{mb}mb.jsonl"
@@ -182,20 +198,26 @@ def main() -> None:
     if args.json:
         print(json.dumps({"index": rows, "validate": validations}))
         return
-    print("| passages | passages/s | RSS before (MB) | peak RSS (MB) | growth: passage loop (MB) "
-          "| growth: incl. FAISS build (MB) | store (MB) | passages x | peak RSS x | throughput x |")
+    print(
+        "| passages | passages/s | RSS before (MB) | peak RSS (MB) | growth: passage loop (MB) "
+        "| growth: incl. FAISS build (MB) | store (MB) | passages x | peak RSS x | throughput x |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['passages']} | {r['passages_per_s']:.1f} | {r['rss_before_mb']:.0f} | {r['peak_rss_mb']:.0f} "
-              f"| {r['loop_rss_mb']:.1f} | {r['indexing_rss_mb']:.1f} | {r['store_mb']:.1f} "
-              f"| {r['passages_ratio']:.0f} | {r['peak_rss_ratio']:.3f} | {r['throughput_ratio']:.2f} |")
+        print(
+            f"| {r['passages']} | {r['passages_per_s']:.1f} | {r['rss_before_mb']:.0f} | {r['peak_rss_mb']:.0f} "
+            f"| {r['loop_rss_mb']:.1f} | {r['indexing_rss_mb']:.1f} | {r['store_mb']:.1f} "
+            f"| {r['passages_ratio']:.0f} | {r['peak_rss_ratio']:.3f} | {r['throughput_ratio']:.2f} |"
+        )
     if validations:
         print()
         print("| input (MB) | passages | seconds | peak RSS (MB) | validate RSS (MB) | input x | peak RSS x |")
         print("|---:|---:|---:|---:|---:|---:|---:|")
         for r in validations:
-            print(f"| {r['input_mb']:.0f} | {r['passages']} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} "
-                  f"| {r['validate_rss_mb']:.1f} | {r['input_ratio']:.0f} | {r['peak_rss_ratio']:.3f} |")
+            print(
+                f"| {r['input_mb']:.0f} | {r['passages']} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} "
+                f"| {r['validate_rss_mb']:.1f} | {r['input_ratio']:.0f} | {r['peak_rss_ratio']:.3f} |"
+            )
 
 
 if __name__ == "__main__":

@@ -34,8 +34,7 @@ def sdpa_full(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> 
     if q_len > 1:
         mask = torch.ones(q_len, total, dtype=torch.bool, device=query.device).tril(total - q_len)
     group = query.shape[1] // keys.shape[1]
-    return torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=mask,
-                                                            enable_gqa=group > 1)
+    return torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=mask, enable_gqa=group > 1)
 
 
 def time_paths(timer, seg, query, key, value, full_k, full_v, cuda: bool) -> dict[str, float]:
@@ -44,11 +43,12 @@ def time_paths(timer, seg, query, key, value, full_k, full_v, cuda: bool) -> dic
 
     def deq_sdpa():
         keys, values, valid = dequantize_segments_ref(seg)
-        return attention_over_dense_ref(query, key, value, keys.to(query.dtype), values.to(query.dtype), valid,
-                                        d**-0.5)
+        return attention_over_dense_ref(query, key, value, keys.to(query.dtype), values.to(query.dtype), valid, d**-0.5)
 
-    times = {"deq+sdpa": timer(deq_sdpa),
-             "fp16 sdpa" if cuda else "fp32 sdpa": timer(lambda: sdpa_full(query, full_k, full_v))}
+    times = {
+        "deq+sdpa": timer(deq_sdpa),
+        "fp16 sdpa" if cuda else "fp32 sdpa": timer(lambda: sdpa_full(query, full_k, full_v)),
+    }
     if cuda:
         times["fused"] = timer(lambda: packed_attention(query, key, value, seg, backend="triton"))
     return times
@@ -64,6 +64,7 @@ def run_kernels(args: argparse.Namespace) -> list[dict]:
         def timer(fn):
             return do_bench(fn, warmup=25, rep=100) / 1e3
     else:
+
         def timer(fn):
             return median_time(fn, repeats=args.repeats)
 
@@ -84,20 +85,28 @@ def run_kernels(args: argparse.Namespace) -> list[dict]:
                 full_v = torch.randn(1, kv_heads, rows_seg + total, d, device=device, dtype=dtype)
 
                 times = time_paths(timer, seg, query, key, value, full_k, full_v, cuda)
-                row = {"context": context, "scheme": scheme, "phase": phase, "q_len": q_len,
-                       "device": torch.cuda.get_device_name() if cuda else "cpu",
-                       **{f"{k}_ms": v * 1e3 for k, v in times.items()}}
+                row = {
+                    "context": context,
+                    "scheme": scheme,
+                    "phase": phase,
+                    "q_len": q_len,
+                    "device": torch.cuda.get_device_name() if cuda else "cpu",
+                    **{f"{k}_ms": v * 1e3 for k, v in times.items()},
+                }
                 if cuda:
                     row["fused_vs_deq+sdpa"] = times["deq+sdpa"] / times["fused"]
                     row["fused_vs_fp16_sdpa"] = times["fp16 sdpa"] / times["fused"]
                 else:
                     row["deq+sdpa_vs_fp32_sdpa"] = times["fp32 sdpa"] / times["deq+sdpa"]
                 rows.append(row)
-                print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
-                      flush=True)
+                print(
+                    " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True
+                )
     if not cuda:
-        print("No CUDA device: GPU numbers (fused Triton kernel) were NOT measured; the rows above time the "
-              "PyTorch reference paths on the CPU only. Ratios > 1 mean the first path is faster.")
+        print(
+            "No CUDA device: GPU numbers (fused Triton kernel) were NOT measured; the rows above time the "
+            "PyTorch reference paths on the CPU only. Ratios > 1 mean the first path is faster."
+        )
     return rows
 
 
@@ -109,8 +118,11 @@ def run_ttft(args: argparse.Namespace) -> dict:
     with open(args.questions_file) as handle:
         records = [json.loads(line) for line in handle if line.strip()]
     # questions whose gold passage is in the store (all of them when the file has no passage_id)
-    questions = [r["question"] for r in records
-                 if "passage_id" not in r or engine.store.catalogue.get(r["passage_id"]) is not None]
+    questions = [
+        r["question"]
+        for r in records
+        if "passage_id" not in r or engine.store.catalogue.get(r["passage_id"]) is not None
+    ]
     result = packed_ttft_overhead(engine, questions[: args.questions], args.top_k, args.repeats).to_json()
     print(json.dumps(result, indent=2))
     return result

@@ -42,8 +42,9 @@ def teacher_forced_logprobs(engine: Engine, pids: list[str], ids: list[int]) -> 
     extra = {} if built.kv_mask is None else {KV_MASK_KWARG: built.kv_mask}
     positions = torch.arange(built.next_position, built.next_position + len(ids)).unsqueeze(0)
     with torch.inference_mode():
-        out = engine.lm.model(input_ids=torch.tensor([ids]), position_ids=positions, cache=built.cache,
-                              use_cache=True, **extra)
+        out = engine.lm.model(
+            input_ids=torch.tensor([ids]), position_ids=positions, cache=built.cache, use_cache=True, **extra
+        )
     return out.logits[0].float().log_softmax(-1)
 
 
@@ -52,7 +53,7 @@ def full_prefill_logprobs(engine: Engine, pids: list[str], ids: list[int]) -> to
     prompt = engine.full_prompt_ids("q", entries)[: -len(engine.tokens.suffix("q"))] + ids
     with torch.inference_mode():
         out = engine.lm.model(input_ids=torch.tensor([prompt]), cache=DynamicCache(config=engine.lm.config))
-    return out.logits[0, -len(ids):].float().log_softmax(-1)
+    return out.logits[0, -len(ids) :].float().log_softmax(-1)
 
 
 def kl(ref: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
@@ -62,14 +63,23 @@ def kl(ref: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 
 def plot(rows: dict[str, dict], path: Path, title: str) -> None:
     """KL (suffix + answer) against compression, one line per method, int4 dashed."""
-    plot_against_compression(rows, "kl_suffix_answer", "KL(uncompressed || compressed), nats/token", path, title,
-                             lambda r: "compression" in r and not side_row(r["method"]), markersize=5)
+    plot_against_compression(
+        rows,
+        "kl_suffix_answer",
+        "KL(uncompressed || compressed), nats/token",
+        path,
+        title,
+        lambda r: "compression" in r and not side_row(r["method"]),
+        markersize=5,
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids oversubscription on shared CPUs)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1 avoids oversubscription on shared CPUs)"
+    )
     parser.add_argument("--questions", type=int, default=40)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/ragcompress-bench"))
     parser.add_argument("--reference-quant", default="fp16")
@@ -89,8 +99,9 @@ def main() -> None:
     reference_name = row_name("none", None, args.reference_quant)
     with KVStore.open(workdir / reference_name) as store:
         engine = Engine(store, lm, embedder)
-        retrieved = quality.get("retrieved") or [[e.id for e in engine.retrieve(q.question, quality["top_k"])]
-                                                 for q in questions]
+        retrieved = quality.get("retrieved") or [
+            [e.id for e in engine.retrieve(q.question, quality["top_k"])] for q in questions
+        ]
         inputs, reference, full_kl = [], [], []
         for q, pids in zip(questions, retrieved, strict=False):
             suffix = engine.tokens.suffix(q.question)
@@ -107,7 +118,9 @@ def main() -> None:
         answer = torch.cat([k[-(n + 1) : -1] for k, (_, _, n) in zip(kls, inputs, strict=False)])
         return {"kl_suffix_answer": float(every.mean()), "kl_answer": float(answer.mean())}
 
-    rows = {"full prefill": {"method": "full prefill", "ratio": 1.0, "quant": "-", **summary(full_kl)}} if full_kl else {}
+    rows = (
+        {"full prefill": {"method": "full prefill", "ratio": 1.0, "quant": "-", **summary(full_kl)}} if full_kl else {}
+    )
     done = json.loads((workdir / "kl.json").read_text()) if (workdir / "kl.json").is_file() else {}
     for name, row in quality["rows"].items():
         if name == reference_name or (args.rows and name not in args.rows):
@@ -117,22 +130,37 @@ def main() -> None:
             continue
         with KVStore.open(workdir / name) as store:
             engine = Engine(store, lm, embedder)
-            kls = [kl(ref, teacher_forced_logprobs(engine, pids, ids))
-                   for ref, (pids, ids, _) in zip(reference, inputs, strict=False)]
-        rows[name] = {"method": row["method"], "ratio": row["ratio"], "quant": row["quant"],
-                      "compression": row["compression"], "reference": reference_name, **summary(kls)}
+            kls = [
+                kl(ref, teacher_forced_logprobs(engine, pids, ids))
+                for ref, (pids, ids, _) in zip(reference, inputs, strict=False)
+            ]
+        rows[name] = {
+            "method": row["method"],
+            "ratio": row["ratio"],
+            "quant": row["quant"],
+            "compression": row["compression"],
+            "reference": reference_name,
+            **summary(kls),
+        }
         print(f"{name}: KL {rows[name]['kl_suffix_answer']:.4f} (answer {rows[name]['kl_answer']:.4f})", flush=True)
     (workdir / "kl.json").write_text(json.dumps(rows, indent=1))
-    plot(rows, Path("docs/img") / f"compression-kl-{tag}.png",
-         f"{lm.ref}: teacher-forced KL vs compression (SQuAD-dev, {len(questions)} questions)")
-    print(f"\n{lm.ref}: KL(uncompressed `{reference_name}` || row), nats per token, "
-          f"{len(questions)} questions, teacher-forced suffix + first gold answer\n")
+    plot(
+        rows,
+        Path("docs/img") / f"compression-kl-{tag}.png",
+        f"{lm.ref}: teacher-forced KL vs compression (SQuAD-dev, {len(questions)} questions)",
+    )
+    print(
+        f"\n{lm.ref}: KL(uncompressed `{reference_name}` || row), nats per token, "
+        f"{len(questions)} questions, teacher-forced suffix + first gold answer\n"
+    )
     print("| method | ratio | quant | compression | KL suffix+answer | KL answer |")
     print("|---|---|---|---|---|---|")
     for row in rows.values():
         comp = f"{row['compression']:.1f}x" if "compression" in row else "-"
-        print(f"| {row['method']} | {row['ratio']} | {row['quant']} | {comp} | "
-              f"{row['kl_suffix_answer']:.4f} | {row['kl_answer']:.4f} |")
+        print(
+            f"| {row['method']} | {row['ratio']} | {row['quant']} | {comp} | "
+            f"{row['kl_suffix_answer']:.4f} | {row['kl_answer']:.4f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -64,7 +64,9 @@ def insert_needle(chunks: list[str], depth: float, needle: str) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids oversubscription on shared CPUs)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1 avoids oversubscription on shared CPUs)"
+    )
     parser.add_argument("--essays", type=int, default=3)
     parser.add_argument("--chunks", type=int, default=3)
     parser.add_argument("--chunk-tokens", type=int, default=160)
@@ -90,8 +92,9 @@ def main() -> None:
         segments = [decode(encode(kv, quant), lm.model.dtype) for kv in segments]
         built = assemble(lm.config, rotary, prefix_keys, prefix, segments, lm.model.dtype)
         extra = {} if built.kv_mask is None else {KV_MASK_KWARG: built.kv_mask}
-        gen = greedy_decode(lm.model, suffix, built.cache, built.next_position, args.max_new_tokens, stops,
-                            time.perf_counter(), **extra)
+        gen = greedy_decode(
+            lm.model, suffix, built.cache, built.next_position, args.max_new_tokens, stops, time.perf_counter(), **extra
+        )
         return tok.decode(gen.token_ids, skip_special_tokens=True)
 
     rows = ["full prefill", "none", *[f"{m}@{r}" for m in args.methods for r in args.ratios]]
@@ -106,8 +109,9 @@ def main() -> None:
             ids = [encoder.tokens.passage(t) for t in texts]
             full = encoder.encode(ids)
             prompt = encoder.prefix_ids + sum(ids, []) + suffix
-            gen = greedy_decode(lm.model, prompt, DynamicCache(config=lm.config), 0, args.max_new_tokens, stops,
-                                time.perf_counter())
+            gen = greedy_decode(
+                lm.model, prompt, DynamicCache(config=lm.config), 0, args.max_new_tokens, stops, time.perf_counter()
+            )
             hits["full prefill"][depth].append(int(value in tok.decode(gen.token_ids, skip_special_tokens=True)))
             hits["none"][depth].append(int(value in cached_answer(full, suffix)))
             scored: dict[str, list[torch.Tensor]] = {}  # one scoring pass per scorer, shared by its wrappers
@@ -115,7 +119,9 @@ def main() -> None:
                 name = method.split(":")[-1]
                 if name not in scored:
                     scorer = make_compressor(name)
-                    scored[name] = [scorer.score(kv, CompressionContext(encoder, i)) for kv, i in zip(full, ids, strict=False)]
+                    scored[name] = [
+                        scorer.score(kv, CompressionContext(encoder, i)) for kv, i in zip(full, ids, strict=False)
+                    ]
                 scores = scored[name]
                 for ratio in args.ratios:
                     compressor = make_compressor(method, ratio=ratio)
@@ -123,8 +129,10 @@ def main() -> None:
                     hits[f"{method}@{ratio}"][depth].append(int(value in cached_answer(kept, suffix)))
             print(f"{essay.stem} depth {depth:.2f}: " + " ".join(f"{r}={hits[r][depth][-1]}" for r in rows), flush=True)
 
-    print(f"\n{lm.ref}: needle accuracy, {len(essays)} essays x {len(args.depths)} depths, context "
-          f"{args.chunks} passage(s) x {args.chunk_tokens} tokens, cached rows stored as {args.quant}\n")
+    print(
+        f"\n{lm.ref}: needle accuracy, {len(essays)} essays x {len(args.depths)} depths, context "
+        f"{args.chunks} passage(s) x {args.chunk_tokens} tokens, cached rows stored as {args.quant}\n"
+    )
     print("| setting | " + " | ".join(f"depth {int(d * 100)}%" for d in args.depths) + " | mean |")
     print("|---|" + "---|" * (len(args.depths) + 1))
     summary = {}
@@ -133,8 +141,9 @@ def main() -> None:
         summary[row] = {"by_depth": dict(zip(map(str, args.depths), accs, strict=False)), "mean": sum(accs) / len(accs)}
         print(f"| {row} | " + " | ".join(f"{a:.2f}" for a in accs) + f" | {summary[row]['mean']:.2f} |")
     if args.out:
-        args.out.write_text(json.dumps({"model": lm.ref, "args": {k: str(v) for k, v in vars(args).items()},
-                                        "rows": summary}, indent=1))
+        args.out.write_text(
+            json.dumps({"model": lm.ref, "args": {k: str(v) for k, v in vars(args).items()}, "rows": summary}, indent=1)
+        )
 
 
 if __name__ == "__main__":

@@ -77,14 +77,28 @@ def run_cached(engine: Engine, question: str, entries, config: RecomputeConfig, 
     gen = repair(engine, built, segments, entries, config, suffix, t0)
     extra = {} if built.kv_mask is None else {KV_MASK_KWARG: built.kv_mask}
     if gen is None:
-        gen = greedy_decode(engine.lm.model, suffix, built.cache, built.next_position, engine.max_new_tokens,
-                            engine.stop_ids, t0, **extra)
+        gen = greedy_decode(
+            engine.lm.model,
+            suffix,
+            built.cache,
+            built.next_position,
+            engine.max_new_tokens,
+            engine.stop_ids,
+            t0,
+            **extra,
+        )
     length = built.kv_mask.shape[-1] if built.kv_mask is not None else built.next_position
     crop(built.cache, length)
     forced = suffix + answer
     positions = torch.arange(built.next_position, built.next_position + len(forced)).unsqueeze(0)
-    out = engine.lm.model(input_ids=torch.tensor([forced]), position_ids=positions, cache=built.cache,
-                          use_cache=True, logits_to_keep=len(answer) + 1, **extra)
+    out = engine.lm.model(
+        input_ids=torch.tensor([forced]),
+        position_ids=positions,
+        cache=built.cache,
+        use_cache=True,
+        logits_to_keep=len(answer) + 1,
+        **extra,
+    )
     return gen, out.logits[0].float().log_softmax(-1)
 
 
@@ -98,14 +112,19 @@ def summarize(rows: dict) -> dict:
     table = {}
     for name, r in rows.items():
         ttft = statistics.median(r["ttft"])
-        table[name] = {"n": len(r["ttft"]), "sub_em": statistics.fmean(r["sub_em"]), "f1": statistics.fmean(r["f1"]),
-                       "agreement": statistics.fmean(r["agree"]), "kl": statistics.fmean(r["kl"]),
-                       "ttft_s_median": ttft, "ttft_speedup": full_ttft / ttft}
+        table[name] = {
+            "n": len(r["ttft"]),
+            "sub_em": statistics.fmean(r["sub_em"]),
+            "f1": statistics.fmean(r["f1"]),
+            "agreement": statistics.fmean(r["agree"]),
+            "kl": statistics.fmean(r["kl"]),
+            "ttft_s_median": ttft,
+            "ttft_speedup": full_ttft / ttft,
+        }
     return table
 
 
-def evaluate(engine: Engine, questions, top_k: int, settings: list[str], progress: bool,
-             checkpoint=None) -> dict:
+def evaluate(engine: Engine, questions, top_k: int, settings: list[str], progress: bool, checkpoint=None) -> dict:
     rows = {name: {"sub_em": [], "f1": [], "agree": [], "kl": [], "ttft": []} for name in ["full"] + settings}
     configs = {name: parse_setting(name) for name in settings}
     decode = engine.lm.tokenizer.decode
@@ -132,9 +151,15 @@ def evaluate(engine: Engine, questions, top_k: int, settings: list[str], progres
             row["kl"].append(kl(full_logp, logp))
             row["ttft"].append(gen.ttft_s)
         if progress:
-            print(f"[top-{top_k}] {number}/{len(questions)} " + " ".join(
-                f"{n}:{statistics.fmean(r['sub_em']):.2f}/{statistics.fmean(r['agree']):.2f}"
-                for n, r in rows.items()), file=sys.stderr, flush=True)
+            print(
+                f"[top-{top_k}] {number}/{len(questions)} "
+                + " ".join(
+                    f"{n}:{statistics.fmean(r['sub_em']):.2f}/{statistics.fmean(r['agree']):.2f}"
+                    for n, r in rows.items()
+                ),
+                file=sys.stderr,
+                flush=True,
+            )
         if checkpoint is not None:
             checkpoint(summarize(rows))
     return summarize(rows)
@@ -143,13 +168,18 @@ def evaluate(engine: Engine, questions, top_k: int, settings: list[str], progres
 def markdown(model: str, n: int, top_k: int, table: dict) -> str:
     """The table as Markdown (also: ``python recompute_quality.py --show OUT.json``)."""
     full = table["full"]["sub_em"]
-    lines = [f"**{model}, top-{top_k}, {n} questions**", "",
-             "| setting | sub-EM | % of full | F1 | agreement | KL to full | TTFT (s) | TTFT speed-up |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"**{model}, top-{top_k}, {n} questions**",
+        "",
+        "| setting | sub-EM | % of full | F1 | agreement | KL to full | TTFT (s) | TTFT speed-up |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in table.items():
         share = f"{100 * r['sub_em'] / full:.0f}%" if full else "-"
-        lines.append(f"| {name} | {r['sub_em']:.3f} | {share} | {r['f1']:.3f} | {r['agreement']:.3f} | "
-                     f"{r['kl']:.4f} | {r['ttft_s_median']:.3f} | {r['ttft_speedup']:.2f}x |")
+        lines.append(
+            f"| {name} | {r['sub_em']:.3f} | {share} | {r['f1']:.3f} | {r['agreement']:.3f} | "
+            f"{r['kl']:.4f} | {r['ttft_s_median']:.3f} | {r['ttft_speedup']:.2f}x |"
+        )
     return "\n".join(lines)
 
 
@@ -179,6 +209,7 @@ def main() -> None:
     questions = read_questions(args.questions, args.limit)
     result = {"store": args.store, "model": engine.lm.ref, "n": len(questions), "argv": sys.argv[1:], "tables": {}}
     for top_k in args.top_k:
+
         def save(table: dict, key: str = f"top{top_k}") -> None:
             """Write the table so far (a long run can be stopped and still report)."""
             result["tables"][key] = table

@@ -35,8 +35,10 @@ def main() -> None:
     engine = Engine.open(args.store)
     sizes = store_sizes(engine.store)
     fp16, stored = sizes["kv_bytes_per_token"]["fp16"], sizes["kv_bytes_per_token"]["stored"]
-    print(f"   KV cache on disk: {stored:,.0f} bytes/token ({args.quant}, scales included) "
-          f"vs {fp16:,.0f} fp16 -> {sizes['compression']:.2f}x smaller\n")
+    print(
+        f"   KV cache on disk: {stored:,.0f} bytes/token ({args.quant}, scales included) "
+        f"vs {fp16:,.0f} fp16 -> {sizes['compression']:.2f}x smaller\n"
+    )
 
     questions = read_questions(SAMPLE_PASSAGES.with_name("questions.jsonl"))[:QUESTION_IDS]
     speedups = []
@@ -53,8 +55,10 @@ def main() -> None:
         print(f"   passages: {', '.join(cached[0].passage_ids)}")
         print(f"   answer from stored caches : {cached[0].answer}")
         print(f"   answer from full prefill  : {full[0].answer}")
-        print(f"   TTFT from cache {ttft_cached * 1000:6.0f} ms | full prefill {ttft_full * 1000:6.0f} ms "
-              f"| {ttft_full / ttft_cached:.1f}x faster (median of {args.repeats})\n")
+        print(
+            f"   TTFT from cache {ttft_cached * 1000:6.0f} ms | full prefill {ttft_full * 1000:6.0f} ms "
+            f"| {ttft_full / ttft_cached:.1f}x faster (median of {args.repeats})\n"
+        )
     print(f"Median TTFT speedup over full-text prefill at top-{args.top_k}: {statistics.median(speedups):.1f}x")
     engine.close()
 

@@ -130,10 +130,20 @@ def _unpack_ref(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return codes.reshape(*packed.shape[:-1], packed.shape[-1] * pb).float()
 
 
-def dequantize_rows_ref(k_codes: torch.Tensor, k_scale: torch.Tensor, k_min: torch.Tensor,
-                        v_codes: torch.Tensor, v_scale: torch.Tensor, v_min: torch.Tensor,
-                        positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                        bits: int, group_size: int, v_group: int) -> tuple[torch.Tensor, torch.Tensor]:
+def dequantize_rows_ref(
+    k_codes: torch.Tensor,
+    k_scale: torch.Tensor,
+    k_min: torch.Tensor,
+    v_codes: torch.Tensor,
+    v_scale: torch.Tensor,
+    v_min: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    bits: int,
+    group_size: int,
+    v_group: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Dequantize and rotate rows with any leading dims ``[...]`` (``[H]``, or ``[L, H]`` to do
     every layer in one pass): codes ``[..., N, d // pb]``, k_scale/k_min ``[..., N / gs, d]``,
     v_scale/v_min ``[..., N, d / v_group]``, positions ``[..., N]``, cos/sin ``[P, d]``.
@@ -171,13 +181,26 @@ def valid_rows_ref(seg_start: tuple[int, ...], seg_len: torch.Tensor) -> torch.T
 def dequantize_segments_ref(seg: QuantizedSegments) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dequantize and rotate every row: keys ``[H, N, d]`` (RoPE applied), values ``[H, N, d]``
     fp32, and ``valid [H, N]`` bool (False on padding rows)."""
-    keys, values = dequantize_rows_ref(seg.k_codes, seg.k_scale, seg.k_min, seg.v_codes, seg.v_scale, seg.v_min,
-                                       seg.positions, seg.cos, seg.sin, seg.bits, seg.group_size, seg.v_group)
+    keys, values = dequantize_rows_ref(
+        seg.k_codes,
+        seg.k_scale,
+        seg.k_min,
+        seg.v_codes,
+        seg.v_scale,
+        seg.v_min,
+        seg.positions,
+        seg.cos,
+        seg.sin,
+        seg.bits,
+        seg.group_size,
+        seg.v_group,
+    )
     return keys, values, valid_rows_ref(seg.seg_start_host, seg.seg_len)
 
 
-def drop_padding_rows(keys: torch.Tensor, values: torch.Tensor,
-                      valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def drop_padding_rows(
+    keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``keys/values [..., N, d]``, ``valid [..., N]``: remove rows no head uses; ``valid``
     becomes ``None`` when every remaining row is valid everywhere (no eviction: no mask needed)."""
     used = valid.reshape(-1, valid.shape[-1]).any(dim=0)
@@ -186,9 +209,16 @@ def drop_padding_rows(keys: torch.Tensor, values: torch.Tensor,
     return keys, values, None if bool(valid.all()) else valid
 
 
-def attention_over_dense_ref(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                             seg_keys: torch.Tensor, seg_values: torch.Tensor, seg_valid: torch.Tensor | None,
-                             scale: float, masks: dict | None = None) -> torch.Tensor:
+def attention_over_dense_ref(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    seg_keys: torch.Tensor,
+    seg_values: torch.Tensor,
+    seg_valid: torch.Tensor | None,
+    scale: float,
+    masks: dict | None = None,
+) -> torch.Tensor:
     """SDPA of ``query [B, Hq, q, d]`` over dequantized segment rows (``seg_* [H, N, ·]``,
     ``seg_valid [H, N]`` or ``None`` = all valid) and the fp ``key/value [B, H, T, d]``
     (bottom-right causal). Returns ``[B, q, Hq, d]`` in query's dtype. ``masks`` memoizes the
@@ -214,12 +244,14 @@ def attention_over_dense_ref(query: torch.Tensor, key: torch.Tensor, value: torc
             if masks is not None:
                 masks[shape] = mask
     out = torch.nn.functional.scaled_dot_product_attention(
-        query, keys, values, attn_mask=mask, scale=scale, enable_gqa=group > 1)
+        query, keys, values, attn_mask=mask, scale=scale, enable_gqa=group > 1
+    )
     return out.transpose(1, 2)
 
 
-def packed_attention_ref(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                         seg: QuantizedSegments, scale: float | None = None) -> torch.Tensor:
+def packed_attention_ref(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, seg: QuantizedSegments, scale: float | None = None
+) -> torch.Tensor:
     """fp32 reference of :func:`packed_attention`: ``[B, q, Hq, d]`` in query's dtype."""
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     seg_keys, seg_values, valid = dequantize_segments_ref(seg)
@@ -233,16 +265,54 @@ if HAS_TRITON:
 
     @triton.jit
     def _packed_attn_fwd(
-        Q, K, V, KC, KS, KM, VC, VS, VM, POS, COS, SIN, SEG_START, SEG_LEN, SPLIT_SEG,
-        OUT, M_PART, L_PART, ACC_PART,
-        qk_scale, Q_LEN, T_FP, N_ROWS, NUM_SEGS, H_KV, H_Q, BATCH,
-        stride_qb, stride_qh, stride_qm,
-        stride_kb, stride_kh, stride_kn,
-        stride_vb, stride_vh, stride_vn,
-        stride_ob, stride_oh, stride_om,
-        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BITS: tl.constexpr,
-        GROUP_SIZE: tl.constexpr, V_GROUP: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        Q,
+        K,
+        V,
+        KC,
+        KS,
+        KM,
+        VC,
+        VS,
+        VM,
+        POS,
+        COS,
+        SIN,
+        SEG_START,
+        SEG_LEN,
+        SPLIT_SEG,
+        OUT,
+        M_PART,
+        L_PART,
+        ACC_PART,
+        qk_scale,
+        Q_LEN,
+        T_FP,
+        N_ROWS,
+        NUM_SEGS,
+        H_KV,
+        H_Q,
+        BATCH,
+        stride_qb,
+        stride_qh,
+        stride_qm,
+        stride_kb,
+        stride_kh,
+        stride_kn,
+        stride_vb,
+        stride_vh,
+        stride_vn,
+        stride_ob,
+        stride_oh,
+        stride_om,
+        GROUP: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BITS: tl.constexpr,
+        GROUP_SIZE: tl.constexpr,
+        V_GROUP: tl.constexpr,
+        SPLIT: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
     ):
         """Grid ``(cdiv(GROUP * Q_LEN, BLOCK_M), BATCH * H_KV, n_splits)``; tile rows are
         ``(q head in group, query token)`` pairs. Split ``s`` covers segments
@@ -262,8 +332,11 @@ if HAS_TRITON:
         qh = kvh * GROUP + offs_m // Q_LEN
         qi = offs_m % Q_LEN
         cols = tl.arange(0, HEAD_DIM)
-        q = tl.load(Q + b * stride_qb + qh[:, None] * stride_qh + qi[:, None] * stride_qm + cols[None, :],
-                    mask=m_valid[:, None], other=0.0)
+        q = tl.load(
+            Q + b * stride_qb + qh[:, None] * stride_qh + qi[:, None] * stride_qm + cols[None, :],
+            mask=m_valid[:, None],
+            other=0.0,
+        )
 
         # channel c of a rotated key mixes channels c and c +- d/2 (rotate_half)
         partner = (cols + HALF) % HEAD_DIM
@@ -328,13 +401,19 @@ if HAS_TRITON:
             for off in range(0, T_FP, BLOCK_N):
                 rows = off + tl.arange(0, BLOCK_N)
                 r_valid = rows < T_FP
-                k = tl.load(K + b * stride_kb + kvh * stride_kh + rows[:, None] * stride_kn + cols[None, :],
-                            mask=r_valid[:, None], other=0.0)
+                k = tl.load(
+                    K + b * stride_kb + kvh * stride_kh + rows[:, None] * stride_kn + cols[None, :],
+                    mask=r_valid[:, None],
+                    other=0.0,
+                )
                 qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale
                 allowed = r_valid[None, :] & (rows[None, :] <= last[:, None])
                 qk = tl.where(allowed, qk, float("-inf"))
-                v = tl.load(V + b * stride_vb + kvh * stride_vh + rows[:, None] * stride_vn + cols[None, :],
-                            mask=r_valid[:, None], other=0.0)
+                v = tl.load(
+                    V + b * stride_vb + kvh * stride_vh + rows[:, None] * stride_vn + cols[None, :],
+                    mask=r_valid[:, None],
+                    other=0.0,
+                )
                 m_new = tl.maximum(m_i, tl.max(qk, 1))
                 p = tl.math.exp2(qk - m_new[:, None])
                 alpha = tl.math.exp2(m_i - m_new)
@@ -349,14 +428,27 @@ if HAS_TRITON:
             tl.store(ACC_PART + part[:, None] * HEAD_DIM + cols[None, :], acc, mask=m_valid[:, None])
         else:
             out = acc / l_i[:, None]
-            tl.store(OUT + b * stride_ob + qh[:, None] * stride_oh + qi[:, None] * stride_om + cols[None, :],
-                     out.to(OUT.dtype.element_ty), mask=m_valid[:, None])
+            tl.store(
+                OUT + b * stride_ob + qh[:, None] * stride_oh + qi[:, None] * stride_om + cols[None, :],
+                out.to(OUT.dtype.element_ty),
+                mask=m_valid[:, None],
+            )
 
     @triton.jit
     def _split_reduce(
-        M_PART, L_PART, ACC_PART, OUT, N_SPLITS, ROWS, H_Q, Q_LEN,
-        stride_ob, stride_oh, stride_om,
-        HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
+        M_PART,
+        L_PART,
+        ACC_PART,
+        OUT,
+        N_SPLITS,
+        ROWS,
+        H_Q,
+        Q_LEN,
+        stride_ob,
+        stride_oh,
+        stride_om,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_S: tl.constexpr,
     ):
         """Grid ``(BATCH * H_Q * Q_LEN,)``: combine the per-split ``(m, l, acc)`` of one query row."""
         row = tl.program_id(0)
@@ -367,8 +459,7 @@ if HAS_TRITON:
         l_s = tl.load(L_PART + s * ROWS + row, mask=s_valid, other=0.0)
         m_max = tl.max(m, 0)
         w = tl.where(s_valid, tl.math.exp2(m - m_max), 0.0)
-        acc = tl.load(ACC_PART + (s * ROWS + row)[:, None] * HEAD_DIM + cols[None, :],
-                      mask=s_valid[:, None], other=0.0)
+        acc = tl.load(ACC_PART + (s * ROWS + row)[:, None] * HEAD_DIM + cols[None, :], mask=s_valid[:, None], other=0.0)
         out = tl.sum(acc * w[:, None], 0) / tl.sum(l_s * w, 0)
         b = row // (H_Q * Q_LEN)
         h = (row // Q_LEN) % H_Q
@@ -377,11 +468,16 @@ if HAS_TRITON:
 
     def _hopper_configs() -> list:
         """Hopper-class search space: key-tile sizes, warps and pipeline stages."""
-        return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-                for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)]
+        return [
+            triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bn in (32, 64, 128)
+            for w in (4, 8)
+            for s in (2, 3, 4)
+        ]
 
     _packed_attn_fwd_tuned = triton.autotune(
-        configs=_hopper_configs(), key=["GROUP", "HEAD_DIM", "BITS", "BLOCK_M", "SPLIT", "DOT_PRECISION"])(_packed_attn_fwd)
+        configs=_hopper_configs(), key=["GROUP", "HEAD_DIM", "BITS", "BLOCK_M", "SPLIT", "DOT_PRECISION"]
+    )(_packed_attn_fwd)
 
 
 def _interpreted() -> bool:
@@ -412,12 +508,16 @@ def plan_splits(seg_start: tuple[int, ...], fp_rows: int, target: int) -> list[i
 
 def _check(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, seg: QuantizedSegments) -> None:
     if query.dim() != 4 or key.dim() != 4 or value.shape != key.shape:
-        raise ValueError(f"query [B, Hq, q, d] and key/value [B, H, T, d] expected, got "
-                         f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
+        raise ValueError(
+            f"query [B, Hq, q, d] and key/value [B, H, T, d] expected, got "
+            f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+        )
     batch, q_heads, q_len, d = query.shape
     if key.shape[0] != batch or key.shape[3] != d or d != seg.head_dim:
-        raise ValueError(f"batch/head_dim mismatch: query {tuple(query.shape)}, key {tuple(key.shape)}, "
-                         f"segments head_dim {seg.head_dim}")
+        raise ValueError(
+            f"batch/head_dim mismatch: query {tuple(query.shape)}, key {tuple(key.shape)}, "
+            f"segments head_dim {seg.head_dim}"
+        )
     if key.shape[1] != seg.num_heads or q_heads % seg.num_heads:
         raise ValueError(f"{q_heads} query heads over {key.shape[1]} kv heads, segments have {seg.num_heads}")
     if key.shape[2] < q_len:
@@ -431,9 +531,16 @@ def _check(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, seg: Qua
             raise ValueError(f"{name} must be contiguous in head_dim (stride {t.stride(-1)})")
 
 
-def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, seg: QuantizedSegments,
-                     scale: float | None = None, *, backend: str = "auto",
-                     num_splits: int | None = None) -> torch.Tensor:
+def packed_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    seg: QuantizedSegments,
+    scale: float | None = None,
+    *,
+    backend: str = "auto",
+    num_splits: int | None = None,
+) -> torch.Tensor:
     """Attention of ``query`` over the quantized segments ``seg`` and the fp ``key``/``value``.
 
     query:     ``[B, Hq, q, d]`` rotated queries (fp16/bf16/fp32), ``Hq`` a multiple of ``H``
@@ -459,8 +566,10 @@ def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         raise RuntimeError("backend='triton' needs the triton package: pip install 'ragcompress[triton]'")
     interpret = not on_cuda
     if interpret and not _interpreted():
-        raise RuntimeError("the Triton kernel runs on CPU tensors only when TRITON_INTERPRET=1 was set "
-                           "before triton was first imported")
+        raise RuntimeError(
+            "the Triton kernel runs on CPU tensors only when TRITON_INTERPRET=1 was set "
+            "before triton was first imported"
+        )
     return _launch(query, key, value, seg, scale, num_splits, interpret)
 
 
@@ -475,8 +584,9 @@ def _split_tensor(bounds: tuple[int, ...], device: torch.device) -> torch.Tensor
     return torch.tensor(bounds, dtype=torch.int32, device=device)
 
 
-def _launch(query, key, value, seg: QuantizedSegments, scale: float, num_splits: int | None,
-            interpret: bool) -> torch.Tensor:
+def _launch(
+    query, key, value, seg: QuantizedSegments, scale: float, num_splits: int | None, interpret: bool
+) -> torch.Tensor:
     batch, q_heads, q_len, d = query.shape
     kv_heads, t_fp = key.shape[1], key.shape[2]
     group = q_heads // kv_heads
@@ -498,14 +608,51 @@ def _launch(query, key, value, seg: QuantizedSegments, scale: float, num_splits:
         acc_part = torch.empty((n_splits, batch, q_heads, q_len, d), dtype=torch.float32, device=query.device)
     else:
         m_part = l_part = acc_part = out  # unused
-    args = (query, key, value, seg.k_codes, seg.k_scale, seg.k_min, seg.v_codes, seg.v_scale, seg.v_min,
-            seg.positions, seg.cos, seg.sin, seg.seg_start, seg.seg_len, split_seg,
-            out, m_part, l_part, acc_part,
-            scale * 1.4426950408889634, q_len, t_fp, seg.k_codes.shape[1], seg.num_segments, kv_heads, q_heads,
-            batch, *query.stride()[:3], *key.stride()[:3], *value.stride()[:3],
-            out.stride(0), out.stride(2), out.stride(1))
-    consts = dict(GROUP=group, HEAD_DIM=d, BITS=seg.bits, GROUP_SIZE=seg.group_size, V_GROUP=seg.v_group,
-                  SPLIT=split, DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", BLOCK_M=block_m)
+    args = (
+        query,
+        key,
+        value,
+        seg.k_codes,
+        seg.k_scale,
+        seg.k_min,
+        seg.v_codes,
+        seg.v_scale,
+        seg.v_min,
+        seg.positions,
+        seg.cos,
+        seg.sin,
+        seg.seg_start,
+        seg.seg_len,
+        split_seg,
+        out,
+        m_part,
+        l_part,
+        acc_part,
+        scale * 1.4426950408889634,
+        q_len,
+        t_fp,
+        seg.k_codes.shape[1],
+        seg.num_segments,
+        kv_heads,
+        q_heads,
+        batch,
+        *query.stride()[:3],
+        *key.stride()[:3],
+        *value.stride()[:3],
+        out.stride(0),
+        out.stride(2),
+        out.stride(1),
+    )
+    consts = dict(
+        GROUP=group,
+        HEAD_DIM=d,
+        BITS=seg.bits,
+        GROUP_SIZE=seg.group_size,
+        V_GROUP=seg.v_group,
+        SPLIT=split,
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        BLOCK_M=block_m,
+    )
     grid = (m_blocks, batch * kv_heads, n_splits)
     if interpret:  # the interpreter runs every autotune config: use one (64 keeps tests multi-tile)
         _packed_attn_fwd[grid](*args, **consts, BLOCK_N=64)
@@ -513,7 +660,19 @@ def _launch(query, key, value, seg: QuantizedSegments, scale: float, num_splits:
         _packed_attn_fwd_tuned[grid](*args, **consts)
     if split:
         rows = batch * q_heads * q_len
-        _split_reduce[(rows,)](m_part, l_part, acc_part, out, n_splits, rows, q_heads, q_len,
-                        out.stride(0), out.stride(2), out.stride(1),
-                        HEAD_DIM=d, BLOCK_S=max(2, triton.next_power_of_2(n_splits)))
+        _split_reduce[(rows,)](
+            m_part,
+            l_part,
+            acc_part,
+            out,
+            n_splits,
+            rows,
+            q_heads,
+            q_len,
+            out.stride(0),
+            out.stride(2),
+            out.stride(1),
+            HEAD_DIM=d,
+            BLOCK_S=max(2, triton.next_power_of_2(n_splits)),
+        )
     return out

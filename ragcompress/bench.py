@@ -34,8 +34,7 @@ def bench(engine: Engine, questions: list[Question], top_ks: list[int], repeats:
         return [_bench_row(engine, questions, top_k, repeats, fp16_per_token) for top_k in top_ks]
 
 
-def _bench_row(engine: Engine, questions: list[Question], top_k: int, repeats: int,
-               fp16_per_token: float) -> BenchRow:
+def _bench_row(engine: Engine, questions: list[Question], top_k: int, repeats: int, fp16_per_token: float) -> BenchRow:
     full_ms, cached_ms, contexts, fp16_bytes, stored_bytes = [], [], [], [], []
     for item in questions:
         entries = engine.retrieve(item.question, top_k)
@@ -50,16 +49,27 @@ def _bench_row(engine: Engine, questions: list[Question], top_k: int, repeats: i
         fp16_bytes.append(tokens * fp16_per_token)
         stored_bytes.append(sum(e.length for e in entries))
     full, cached = statistics.median(full_ms), statistics.median(cached_ms)
-    return BenchRow(top_k, statistics.median(contexts), full, cached, full / cached,
-                    statistics.median(fp16_bytes), statistics.median(stored_bytes))
+    return BenchRow(
+        top_k,
+        statistics.median(contexts),
+        full,
+        cached,
+        full / cached,
+        statistics.median(fp16_bytes),
+        statistics.median(stored_bytes),
+    )
 
 
 def table(rows: list[BenchRow]) -> str:
-    lines = ["| top-k | context tokens | TTFT full (ms) | TTFT cached (ms) | speedup | KV fp16 (KiB) | KV stored (KiB) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| top-k | context tokens | TTFT full (ms) | TTFT cached (ms) | speedup | KV fp16 (KiB) | KV stored (KiB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r.top_k} | {r.context_tokens:.0f} | {r.ttft_full_ms:.0f} | {r.ttft_cached_ms:.0f} | "
-                     f"{r.speedup:.1f}x | {r.kv_bytes_fp16 / 1024:.0f} | {r.kv_bytes_stored / 1024:.0f} |")
+        lines.append(
+            f"| {r.top_k} | {r.context_tokens:.0f} | {r.ttft_full_ms:.0f} | {r.ttft_cached_ms:.0f} | "
+            f"{r.speedup:.1f}x | {r.kv_bytes_fp16 / 1024:.0f} | {r.kv_bytes_stored / 1024:.0f} |"
+        )
     return "\n".join(lines)
 
 

@@ -62,8 +62,14 @@ def packed_ttft_overhead(engine: Any, questions: list[str], top_k: int = 3, repe
             packed_all.append(packed)
             ratios.append(packed / assembled)
             same += first["assembled"] == first["packed"]
-    return TTFTComparison(len(questions), repeats, statistics.median(assembled_all), statistics.median(packed_all),
-                          statistics.median(ratios), same / max(1, len(questions)))
+    return TTFTComparison(
+        len(questions),
+        repeats,
+        statistics.median(assembled_all),
+        statistics.median(packed_all),
+        statistics.median(ratios),
+        same / max(1, len(questions)),
+    )
 
 
 class PlainRotary:
@@ -78,8 +84,9 @@ class PlainRotary:
         return emb.cos(), emb.sin()
 
 
-def synthetic_segments(context: int, passage_len: int, kv_heads: int, head_dim: int, scheme: str,
-                       device: torch.device | str, seed: int = 0) -> Any:
+def synthetic_segments(
+    context: int, passage_len: int, kv_heads: int, head_dim: int, scheme: str, device: torch.device | str, seed: int = 0
+) -> Any:
     """One layer of ``context // passage_len`` random passages stored with ``scheme`` through the
     store codec and packed for the kernel (``QuantizedSegments``), starting at position 0."""
     from ragcompress.runtime.packed import PackedSegments, read_quantized

@@ -16,8 +16,12 @@ import typer
 
 from ragcompress.errors import RagCompressError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Answer RAG questions from precomputed, compressed passage KV caches.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Answer RAG questions from precomputed, compressed passage KV caches.",
+)
 
 
 def _quiet_libraries() -> None:
@@ -46,15 +50,21 @@ def index(
     input: Path = typer.Option(..., "--input", help="JSONL of {id, text, ...} or a folder of .txt/.md documents"),
     store: Path = typer.Option(..., "--store", help="store directory (created if missing)"),
     model: str | None = typer.Option(None, "--model", help="embedded model name or local HF directory"),
-    method: str = typer.Option("none", "--method", help="compression method: none, streaming, knorm, snapkv, "
-                               "expected-attention, kvzip, adaptive:<scorer> (per-head budgets within a layer) "
-                               "or global:<scorer> (one budget for the whole cache, KVzip's default)"),
+    method: str = typer.Option(
+        "none",
+        "--method",
+        help="compression method: none, streaming, knorm, snapkv, "
+        "expected-attention, kvzip, adaptive:<scorer> (per-head budgets within a layer) "
+        "or global:<scorer> (one budget for the whole cache, KVzip's default)",
+    ),
     ratio: float | None = typer.Option(None, "--ratio", help="fraction of tokens kept, in (0, 1]"),
     budget: int | None = typer.Option(None, "--budget", help="tokens kept per head (instead of --ratio)"),
-    keep_first: int | None = typer.Option(None, "--keep-first", help="leading tokens of every passage always "
-                                          "kept (default 4; see docs/compression.md)"),
-    keep_last: int | None = typer.Option(None, "--keep-last", help="trailing tokens of every passage always "
-                                         "kept (default 4)"),
+    keep_first: int | None = typer.Option(
+        None, "--keep-first", help="leading tokens of every passage always kept (default 4; see docs/compression.md)"
+    ),
+    keep_last: int | None = typer.Option(
+        None, "--keep-last", help="trailing tokens of every passage always kept (default 4)"
+    ),
     quant: str = typer.Option("none", "--quant", help="none | fp16 | int8 | int4 | int2"),
     group_size: int = typer.Option(32, "--group-size", help="quantization group size"),
     overwrite: bool = typer.Option(False, "--overwrite", help="rebuild an existing store (swapped in when complete)"),
@@ -68,21 +78,38 @@ def index(
     from ragcompress.store import KVStore
 
     try:
-        config = IndexConfig(method=method, ratio=ratio, quant=quant, group_size=group_size, budget=budget,
-                             keep_first=keep_first, keep_last=keep_last)
+        config = IndexConfig(
+            method=method,
+            ratio=ratio,
+            quant=quant,
+            group_size=group_size,
+            budget=budget,
+            keep_first=keep_first,
+            keep_last=keep_last,
+        )
         config.compressor()
     except (ValueError, TypeError) as exc:
         raise RagCompressError(str(exc)) from None
-    report = run_index(input, store, model=model, config=config, overwrite=overwrite,
-                       batch_size=batch_size, progress=_show_progress(as_json))
+    report = run_index(
+        input,
+        store,
+        model=model,
+        config=config,
+        overwrite=overwrite,
+        batch_size=batch_size,
+        progress=_show_progress(as_json),
+    )
     with KVStore.open(store) as opened:
         sizes = store_sizes(opened)
     data = {**report.to_json(), **sizes}
-    _emit(data, as_json,
-          f"indexed {report.indexed} passages, skipped {report.skipped} already stored, "
-          f"in {report.seconds:.1f} s -> {store}\n"
-          f"KV bytes per token: {sizes['kv_bytes_per_token']['stored']:.0f} stored vs "
-          f"{sizes['kv_bytes_per_token']['fp16']:.0f} fp16 ({sizes['compression']:.2f}x smaller)")
+    _emit(
+        data,
+        as_json,
+        f"indexed {report.indexed} passages, skipped {report.skipped} already stored, "
+        f"in {report.seconds:.1f} s -> {store}\n"
+        f"KV bytes per token: {sizes['kv_bytes_per_token']['stored']:.0f} stored vs "
+        f"{sizes['kv_bytes_per_token']['fp16']:.0f} fp16 ({sizes['compression']:.2f}x smaller)",
+    )
 
 
 def store_sizes(store: Any) -> dict[str, Any]:
@@ -94,8 +121,10 @@ def store_sizes(store: Any) -> dict[str, Any]:
         tokens += entry.num_tokens
         stored += entry.length
     per_token = stored / tokens if tokens else 0.0
-    return {"kv_bytes_per_token": {"fp16": float(fp16), "stored": per_token},
-            "compression": fp16 / per_token if per_token else 0.0}
+    return {
+        "kv_bytes_per_token": {"fp16": float(fp16), "stored": per_token},
+        "compression": fp16 / per_token if per_token else 0.0,
+    }
 
 
 @app.command()
@@ -104,8 +133,13 @@ def ask(
     question: str = typer.Option(..., "--question"),
     top_k: int = typer.Option(3, "--top-k", min=1),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
-    recompute: float = typer.Option(0.0, "--recompute", min=0.0, max=1.0,
-                                    help="fraction of passage tokens recomputed at query time (CacheBlend; docs/recompute.md)"),
+    recompute: float = typer.Option(
+        0.0,
+        "--recompute",
+        min=0.0,
+        max=1.0,
+        help="fraction of passage tokens recomputed at query time (CacheBlend; docs/recompute.md)",
+    ),
     compare_full: bool = typer.Option(False, "--compare-full", help="also answer by full-text prefill and time it"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -119,14 +153,19 @@ def ask(
         entries = engine.retrieve(question, top_k)
         answer = engine.answer_cached(question, entries)
         data = answer.to_json()
-        lines = [f"answer: {answer.answer}", "passages: " + ", ".join(answer.passage_ids),
-                 f"TTFT from cache: {answer.ttft_s * 1000:.0f} ms"]
+        lines = [
+            f"answer: {answer.answer}",
+            "passages: " + ", ".join(answer.passage_ids),
+            f"TTFT from cache: {answer.ttft_s * 1000:.0f} ms",
+        ]
         if compare_full:
             full = engine.answer_full(question, entries)
             data["full"] = full.to_json()
             data["ttft_speedup"] = full.ttft_s / answer.ttft_s
-            lines += [f"TTFT of full prefill: {full.ttft_s * 1000:.0f} ms "
-                      f"({data['ttft_speedup']:.1f}x slower); full-prefill answer: {full.answer}"]
+            lines += [
+                f"TTFT of full prefill: {full.ttft_s * 1000:.0f} ms "
+                f"({data['ttft_speedup']:.1f}x slower); full-prefill answer: {full.answer}"
+            ]
     finally:
         engine.close()
     _emit(data, as_json, "\n".join(lines))
@@ -139,8 +178,13 @@ def evaluate(
     top_k: int = typer.Option(3, "--top-k", min=1),
     limit: int | None = typer.Option(None, "--limit", min=1),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
-    recompute: float = typer.Option(0.0, "--recompute", min=0.0, max=1.0,
-                                    help="fraction of passage tokens recomputed at query time (CacheBlend; docs/recompute.md)"),
+    recompute: float = typer.Option(
+        0.0,
+        "--recompute",
+        min=0.0,
+        max=1.0,
+        help="fraction of passage tokens recomputed at query time (CacheBlend; docs/recompute.md)",
+    ),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Answer questions from caches and by full prefill; report quality, agreement and speedup."""
@@ -180,9 +224,12 @@ def bench(
     limit: int = typer.Option(5, "--limit", min=1, help="questions per context size"),
     repeats: int = typer.Option(3, "--repeats", min=1, help="timed runs per question and path (median)"),
     plot_path: Path | None = typer.Option(None, "--plot", help="write a PNG of TTFT against context size"),
-    packed: bool = typer.Option(True, "--packed/--no-packed",
-                                help="on a quantized store, also time the packed attention path against "
-                                     "dequantize-then-SDPA at the largest top-k"),
+    packed: bool = typer.Option(
+        True,
+        "--packed/--no-packed",
+        help="on a quantized store, also time the packed attention path against "
+        "dequantize-then-SDPA at the largest top-k",
+    ),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """TTFT and KV bytes of cached answering vs full prefill across context sizes, in one run."""
@@ -213,10 +260,12 @@ def bench(
     data, human = to_json(rows), table(rows)
     if comparison is not None:
         data["packed_attention"] = comparison.to_json()
-        human += (f"\n\npacked attention (kernel's CPU reference) vs dequantize-then-SDPA, top-{max(top_ks)}: "
-                  f"TTFT {comparison.packed_ttft_s * 1000:.0f} ms vs {comparison.assembled_ttft_s * 1000:.0f} ms, "
-                  f"ratio {comparison.ratio:.2f} (median per question), same first token "
-                  f"{comparison.same_first_token:.0%}")
+        human += (
+            f"\n\npacked attention (kernel's CPU reference) vs dequantize-then-SDPA, top-{max(top_ks)}: "
+            f"TTFT {comparison.packed_ttft_s * 1000:.0f} ms vs {comparison.assembled_ttft_s * 1000:.0f} ms, "
+            f"ratio {comparison.ratio:.2f} (median per question), same first token "
+            f"{comparison.same_first_token:.0%}"
+        )
     _emit(data, as_json, human)
 
 
@@ -230,13 +279,17 @@ def verify(
     from ragcompress.store.verify import verify_store
 
     report = verify_store(store)
-    lines = [f"{'OK' if report.ok else 'FAILED'}: {store}: {report.passages} passages in {report.shards} shards, "
-             f"{len(report.problems)} problems"]
+    lines = [
+        f"{'OK' if report.ok else 'FAILED'}: {store}: {report.passages} passages in {report.shards} shards, "
+        f"{len(report.problems)} problems"
+    ]
     lines += [f"  {problem}" for problem in report.problems] + [f"  note: {note}" for note in report.notes]
     _emit(report.to_json(), as_json, "\n".join(lines))
     if not report.ok:
         first = report.problems[0]
-        typer.echo(f"error: store {store} failed verification: {len(report.problems)} problems, first: {first}", err=True)
+        typer.echo(
+            f"error: store {store} failed verification: {len(report.problems)} problems, first: {first}", err=True
+        )
         raise SystemExit(1)
 
 

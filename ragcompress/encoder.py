@@ -55,15 +55,15 @@ class PassageEncoder:
         with torch.inference_mode():
             out = lm.model(torch.tensor([self.prefix_ids]), use_cache=True)
         self._prefix_rotated = cache_layers(out.cache if hasattr(out, "cache") else out.past_key_values)
-        self.prefix_kv = self._unrotate_full(self._prefix_rotated, start=0, batch_index=0,
-                                             length=len(self.prefix_ids))
+        self.prefix_kv = self._unrotate_full(self._prefix_rotated, start=0, batch_index=0, length=len(self.prefix_ids))
 
     @property
     def prefix_len(self) -> int:
         return len(self.prefix_ids)
 
-    def _unrotate_full(self, layers: list[tuple[torch.Tensor, torch.Tensor]], start: int,
-                       batch_index: int, length: int) -> PassageKV:
+    def _unrotate_full(
+        self, layers: list[tuple[torch.Tensor, torch.Tensor]], start: int, batch_index: int, length: int
+    ) -> PassageKV:
         keys, values = [], []
         positions = torch.arange(start, start + length)
         for layer_idx, (k, v) in enumerate(layers):
@@ -91,10 +91,10 @@ class PassageEncoder:
             [v.expand(batch, -1, -1, -1).contiguous() for _, v in self._prefix_rotated],
         )
         position_ids = torch.arange(p, p + n_max).unsqueeze(0).expand(batch, -1)
-        self.lm.model.model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids,
-                            cache=cache, use_cache=True)
+        self.lm.model.model(
+            input_ids=input_ids, attention_mask=attention, position_ids=position_ids, cache=cache, use_cache=True
+        )
         layers = cache_layers(cache)
         return [
-            self._unrotate_full(layers, start=p, batch_index=row, length=len(ids))
-            for row, ids in enumerate(passages)
+            self._unrotate_full(layers, start=p, batch_index=row, length=len(ids)) for row, ids in enumerate(passages)
         ]

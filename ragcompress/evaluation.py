@@ -70,10 +70,11 @@ def read_questions(path: str | Path, limit: int | None = None) -> list[Question]
                 continue
             try:
                 record = json.loads(line)
-                item = Question(str(record["id"]), record["question"], list(record["answers"]),
-                                record.get("passage_id"))
+                item = Question(
+                    str(record["id"]), record["question"], list(record["answers"]), record.get("passage_id")
+                )
             except (ValueError, KeyError, TypeError) as exc:
-                raise InputError(f"{path}:{number}: expected {{\"id\", \"question\", \"answers\": [...]}} ({exc})") from None
+                raise InputError(f'{path}:{number}: expected {{"id", "question", "answers": [...]}} ({exc})') from None
             if not isinstance(item.question, str) or not item.question.strip():
                 raise InputError(f"{path}:{number}: empty question")
             questions.append(item)
@@ -92,8 +93,9 @@ class QuestionResult:
     full: Answer
 
 
-def iter_eval(engine: Engine, questions: list[Question], top_k: int,
-              answer_cached: Callable[[str, list], Answer] | None = None) -> Iterator[QuestionResult]:
+def iter_eval(
+    engine: Engine, questions: list[Question], top_k: int, answer_cached: Callable[[str, list], Answer] | None = None
+) -> Iterator[QuestionResult]:
     """Answer every question both ways over the same retrieved passages."""
     cached_fn = answer_cached or engine.answer_cached
     for item in questions:

@@ -68,8 +68,13 @@ class IndexReport:
     store: str
 
     def to_json(self) -> dict[str, Any]:
-        return {"passages": self.passages, "indexed": self.indexed, "skipped": self.skipped,
-                "seconds": self.seconds, "store": self.store}
+        return {
+            "passages": self.passages,
+            "indexed": self.indexed,
+            "skipped": self.skipped,
+            "seconds": self.seconds,
+            "store": self.store,
+        }
 
 
 def fp16_bytes_per_token(config: Any) -> int:
@@ -88,8 +93,11 @@ def build_manifest(lm: LoadedModel, template: PromptTemplate, config: IndexConfi
         template=template.as_dict(),
         compression={**compressor.config(), "quant": config.quant, "group_size": config.group_size},
         embedder=embedder,
-        model_shape={"layers": lm.config.num_hidden_layers, "kv_heads": lm.config.num_key_value_heads,
-                     "head_dim": head_dim},
+        model_shape={
+            "layers": lm.config.num_hidden_layers,
+            "kv_heads": lm.config.num_key_value_heads,
+            "head_dim": head_dim,
+        },
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     )
 
@@ -165,8 +173,10 @@ def index(
                 batch_ids = [encoder.tokens.passage(p.text) for p in batch]
                 for passage, ids in zip(batch, batch_ids, strict=True):
                     if len(ids) > max_tokens:
-                        raise InputError(f"passage {passage.id!r} has {len(ids)} tokens, more than "
-                                         f"{lm.ref} can attend to ({max_tokens}); split it")
+                        raise InputError(
+                            f"passage {passage.id!r} has {len(ids)} tokens, more than "
+                            f"{lm.ref} can attend to ({max_tokens}); split it"
+                        )
                 batch_caches = encoder.encode(batch_ids)
                 pending = [i for i, p in enumerate(batch) if p.id not in known]
                 token_ids = [batch_ids[i] for i in pending]
@@ -175,11 +185,19 @@ def index(
                 items = []
                 for passage, ids, kv, vector in zip(todo, token_ids, caches, vectors, strict=True):
                     kept = compressor.compress(kv, CompressionContext(encoder, ids))
-                    items.append({
-                        "id": passage.id, "title": passage.title, "text": passage.text,
-                        "meta": passage.meta, "text_sha": passage.text_sha, "blob": encode(kept, quant),
-                        "num_tokens": kept.num_tokens, "kept": kept.kept_tokens, "embedding": vector,
-                    })
+                    items.append(
+                        {
+                            "id": passage.id,
+                            "title": passage.title,
+                            "text": passage.text,
+                            "meta": passage.meta,
+                            "text_sha": passage.text_sha,
+                            "blob": encode(kept, quant),
+                            "num_tokens": kept.num_tokens,
+                            "kept": kept.kept_tokens,
+                            "embedding": vector,
+                        }
+                    )
                 writer.add(items)
                 indexed += len(todo)
             if bar is not None:

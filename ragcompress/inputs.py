@@ -39,9 +39,9 @@ class PassageInput:
 
 def _check_id(value: Any, where: str) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise InputError(f"{where}: \"id\" must be a non-empty string")
+        raise InputError(f'{where}: "id" must be a non-empty string')
     if len(value) > MAX_ID_CHARS or any(ord(c) < 32 or ord(c) == 127 for c in value):
-        raise InputError(f"{where}: \"id\" must be at most {MAX_ID_CHARS} printable characters")
+        raise InputError(f'{where}: "id" must be at most {MAX_ID_CHARS} printable characters')
     return value
 
 
@@ -52,8 +52,10 @@ def _check_unicode(record: dict[str, Any], where: str) -> None:
     except RecursionError:
         raise InputError(f"{where}: JSON is nested too deeply") from None
     except UnicodeEncodeError as exc:
-        raise InputError(f"{where}: holds an unpaired UTF-16 surrogate ({exc.object[exc.start:exc.end]!a}); "
-                         "fix the encoding of this record") from None
+        raise InputError(
+            f"{where}: holds an unpaired UTF-16 surrogate ({exc.object[exc.start : exc.end]!a}); "
+            "fix the encoding of this record"
+        ) from None
 
 
 def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
@@ -83,12 +85,12 @@ def iter_jsonl(path: Path) -> Iterator[PassageInput]:
         except (ValueError, RecursionError) as exc:
             raise InputError(f"{where}: malformed JSON ({exc})") from None
         if not isinstance(record, dict):
-            raise InputError(f"{where}: expected a JSON object with \"id\" and \"text\"")
+            raise InputError(f'{where}: expected a JSON object with "id" and "text"')
         _check_unicode(record, where)
         passage_id = _check_id(record.get("id"), where)
         text = record.get("text")
         if not isinstance(text, str):
-            raise InputError(f"{where}: passage {passage_id!r} has no \"text\" string")
+            raise InputError(f'{where}: passage {passage_id!r} has no "text" string')
         if not text.strip():
             raise InputError(f"{where}: passage {passage_id!r} has empty text")
         title = record.get("title") if isinstance(record.get("title"), str) else ""
@@ -168,8 +170,9 @@ class _SeenIds:
         self.db.close()
 
 
-def validate(path: str | Path, stored: Callable[[list[str]], dict[str, str]] | None = None,
-             store_name: str = "the store") -> int:
+def validate(
+    path: str | Path, stored: Callable[[list[str]], dict[str, str]] | None = None, store_name: str = "the store"
+) -> int:
     """One streaming pass: every record well-formed, ids unique. Returns the passage count.
 
     ``stored`` (ids -> ``{id: text_sha}`` of those already in a store) makes the same pass refuse

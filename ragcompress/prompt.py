@@ -34,14 +34,10 @@ class PromptTemplate:
         messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
         if tokenizer.chat_template:
             try:
-                rendered = tokenizer.apply_chat_template(
-                    messages, tokenize=False, add_generation_prompt=True
-                )
+                rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             except Exception:  # templates without a system role (Gemma) raise on it
                 merged = [{"role": "user", "content": f"{SYSTEM_PROMPT}\n\n{user}"}]
-                rendered = tokenizer.apply_chat_template(
-                    merged, tokenize=False, add_generation_prompt=True
-                )
+                rendered = tokenizer.apply_chat_template(merged, tokenize=False, add_generation_prompt=True)
         else:  # base models: a plain-text prompt
             rendered = f"{SYSTEM_PROMPT}\n\n{user}\nAnswer:"
         head, rest = rendered.split(_PASSAGES)
@@ -53,8 +49,7 @@ class PromptTemplate:
         return cls(data["prefix"], data["passage_format"], data["suffix_format"])
 
     def as_dict(self) -> dict[str, str]:
-        return {"prefix": self.prefix, "passage_format": self.passage_format,
-                "suffix_format": self.suffix_format}
+        return {"prefix": self.prefix, "passage_format": self.passage_format, "suffix_format": self.suffix_format}
 
 
 @dataclass(frozen=True)

@@ -102,7 +102,9 @@ def dequantize_keys_per_channel(
     """codes ``[..., n, d]``, scale/min ``[..., n_groups, d]`` -> keys ``[..., n, d]`` fp32."""
     n, d = codes.shape[-2:]
     n_groups = scale.shape[-2]
-    padded = torch.nn.functional.pad(codes, (0, 0, 0, n_groups * group_size - n)) if n_groups * group_size != n else codes
+    padded = (
+        torch.nn.functional.pad(codes, (0, 0, 0, n_groups * group_size - n)) if n_groups * group_size != n else codes
+    )
     grouped = padded.reshape(*codes.shape[:-2], n_groups, group_size, d).float()  # broadcast, no gather
     out = torch.addcmul(lo.float().unsqueeze(-2), grouped, scale.float().unsqueeze(-2))
     return out.reshape(*codes.shape[:-2], n_groups * group_size, d)[..., :n, :]

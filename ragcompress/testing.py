@@ -11,8 +11,16 @@ from pathlib import Path
 TINY_ARCHS = ("llama", "qwen2", "mistral", "gemma")
 
 
-def make_tiny_model(arch: str, directory: str | Path, *, seed: int = 0, head_dim: int = 16,
-                    layers: int = 2, heads: int = 4, kv_heads: int = 2) -> Path:
+def make_tiny_model(
+    arch: str,
+    directory: str | Path,
+    *,
+    seed: int = 0,
+    head_dim: int = 16,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+) -> Path:
     """Save a random ``arch`` causal LM with the SmolLM2 tokenizer to ``directory``."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer

@@ -32,9 +32,24 @@ def cli_store(tmp_path_factory, tiny_model_dir):
     passages.write_text("\n".join(SAMPLE_PASSAGES.read_text().splitlines()[:8]) + "\n")
     store = root / "store"
     result = subprocess.run(
-        [sys.executable, "-m", "ragcompress.cli", "index", "--input", str(passages), "--store", str(store),
-         "--model", str(tiny_model_dir("llama")), "--quant", "int8", "--json"],
-        capture_output=True, text=True, check=False,
+        [
+            sys.executable,
+            "-m",
+            "ragcompress.cli",
+            "index",
+            "--input",
+            str(passages),
+            "--store",
+            str(store),
+            "--model",
+            str(tiny_model_dir("llama")),
+            "--quant",
+            "int8",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     return store, json.loads(result.stdout), passages
@@ -51,8 +66,11 @@ def test_index_json_shape(cli_store):
 
 def test_ask_json_shape(cli_store, monkeypatch, capfd):
     store, _, _ = cli_store
-    code, out, err = run_cli(["ask", "--store", str(store), "--question", "Who won?", "--top-k", "2",
-                              "--max-new-tokens", "4", "--json"], monkeypatch, capfd)
+    code, out, err = run_cli(
+        ["ask", "--store", str(store), "--question", "Who won?", "--top-k", "2", "--max-new-tokens", "4", "--json"],
+        monkeypatch,
+        capfd,
+    )
     assert code == 0, err
     data = json.loads(out)
     assert set(data) == {"answer", "passage_ids", "ttft_s", "total_s"}
@@ -64,12 +82,36 @@ def test_eval_json_shape(cli_store, monkeypatch, capfd):
     from ragcompress.data import SAMPLE_QUESTIONS
 
     store, _, _ = cli_store
-    code, out, err = run_cli(["eval", "--store", str(store), "--questions", str(SAMPLE_QUESTIONS),
-                              "--top-k", "1", "--limit", "3", "--max-new-tokens", "4", "--json"], monkeypatch, capfd)
+    code, out, err = run_cli(
+        [
+            "eval",
+            "--store",
+            str(store),
+            "--questions",
+            str(SAMPLE_QUESTIONS),
+            "--top-k",
+            "1",
+            "--limit",
+            "3",
+            "--max-new-tokens",
+            "4",
+            "--json",
+        ],
+        monkeypatch,
+        capfd,
+    )
     assert code == 0, err
     data = json.loads(out)
-    assert set(data) == {"n", "recall_at_k", "full", "compressed", "agreement", "ttft_speedup",
-                         "kv_bytes_per_token", "compression"}
+    assert set(data) == {
+        "n",
+        "recall_at_k",
+        "full",
+        "compressed",
+        "agreement",
+        "ttft_speedup",
+        "kv_bytes_per_token",
+        "compression",
+    }
     assert data["n"] == 3
     for side in ("full", "compressed"):
         assert set(data[side]) == {"sub_em", "f1", "ttft_s_median"}
@@ -100,8 +142,21 @@ def test_bad_input_is_one_line_error_and_store_untouched(case, cli_store, tmp_pa
     path, message = cases[case]
     if case in contents:
         path.write_text(contents[case])
-    code, out, err = run_cli(["index", "--input", str(path), "--store", str(store),
-                              "--model", str(tiny_model_dir("llama")), "--quant", "int8"], monkeypatch, capfd)
+    code, out, err = run_cli(
+        [
+            "index",
+            "--input",
+            str(path),
+            "--store",
+            str(store),
+            "--model",
+            str(tiny_model_dir("llama")),
+            "--quant",
+            "int8",
+        ],
+        monkeypatch,
+        capfd,
+    )
     assert code == 1
     assert out == ""
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
@@ -118,19 +173,37 @@ def test_unknown_store_and_long_question(cli_store, tmp_path, monkeypatch, capfd
 
 def test_bad_option_values_list_allowed_values(cli_store, monkeypatch, capfd):
     store, _, passages = cli_store
-    code, _, err = run_cli(["index", "--input", str(passages), "--store", str(store), "--quant", "int3"],
-                           monkeypatch, capfd)
+    code, _, err = run_cli(
+        ["index", "--input", str(passages), "--store", str(store), "--quant", "int3"], monkeypatch, capfd
+    )
     assert code == 1 and "none, fp16, int8, int4, int2" in err
-    code, _, err = run_cli(["index", "--input", str(passages), "--store", str(store), "--method", "magic"],
-                           monkeypatch, capfd)
+    code, _, err = run_cli(
+        ["index", "--input", str(passages), "--store", str(store), "--method", "magic"], monkeypatch, capfd
+    )
     assert code == 1 and "unknown method 'magic'" in err and "none" in err
 
 
 def test_bench_reports_both_paths_per_context_size(cli_store, monkeypatch, capfd, tmp_path):
     store, _, _ = cli_store
     plot = tmp_path / "bench.png"
-    code, out, err = run_cli(["bench", "--store", str(store), "--top-k", "1,2", "--limit", "1", "--repeats", "1",
-                              "--plot", str(plot), "--json"], monkeypatch, capfd)
+    code, out, err = run_cli(
+        [
+            "bench",
+            "--store",
+            str(store),
+            "--top-k",
+            "1,2",
+            "--limit",
+            "1",
+            "--repeats",
+            "1",
+            "--plot",
+            str(plot),
+            "--json",
+        ],
+        monkeypatch,
+        capfd,
+    )
     assert code == 0, err
     rows = json.loads(out)["rows"]
     assert [r["top_k"] for r in rows] == [1, 2]
@@ -140,5 +213,7 @@ def test_bench_reports_both_paths_per_context_size(cli_store, monkeypatch, capfd
         assert r["kv_bytes_stored"] < r["kv_bytes_fp16"]
     assert plot.stat().st_size > 0
     packed = json.loads(out)["packed_attention"]  # the store is int8: both attention paths are timed
-    assert packed["questions"] == 1 and packed["ratio"] == pytest.approx(packed["packed_ttft_s"] / packed["assembled_ttft_s"])
+    assert packed["questions"] == 1 and packed["ratio"] == pytest.approx(
+        packed["packed_ttft_s"] / packed["assembled_ttft_s"]
+    )
     assert packed["same_first_token"] == 1.0

@@ -28,10 +28,12 @@ from ragcompress.compressors.probe import run_probe
 from ragcompress.encoder import PassageEncoder
 from ragcompress.prompt import PromptTemplate
 
-TEXT = ("The Normans were the people who in the 10th and 11th centuries gave their name to "
-        "Normandy, a region in France. They were descended from Norse raiders and pirates from "
-        "Denmark, Iceland and Norway who, under their leader Rollo, agreed to swear fealty to "
-        "King Charles III of West Francia.")
+TEXT = (
+    "The Normans were the people who in the 10th and 11th centuries gave their name to "
+    "Normandy, a region in France. They were descended from Norse raiders and pirates from "
+    "Denmark, Iceland and Norway who, under their leader Rollo, agreed to swear fealty to "
+    "King Charles III of West Francia."
+)
 
 EVICTING = [name for name in method_names() if name != "none"]
 
@@ -142,8 +144,16 @@ def test_probe_attention_equals_model_attention(arch, tiny_model_dir):
     ids = encoder.tokens.passage(TEXT)
     kv = encoder.encode([ids])[0]
     n, p, window = len(ids), encoder.prefix_len, 8
-    probe = run_probe(encoder, kv, ids[n - window :], context_len=n - window, score_len=n,
-                      query_reduce="mean", group_reduce="mean", chunk=3)
+    probe = run_probe(
+        encoder,
+        kv,
+        ids[n - window :],
+        context_len=n - window,
+        score_len=n,
+        query_reduce="mean",
+        group_reduce="mean",
+        chunk=3,
+    )
     eager = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
     with torch.inference_mode():
         out = eager(torch.tensor([encoder.prefix_ids + ids]), output_attentions=True)
@@ -160,8 +170,11 @@ def test_every_compressor_is_registered_and_exported():
             yield sub
             yield from subclasses(sub)
 
-    concrete = {cls for cls in subclasses(Compressor) if not inspect.isabstract(cls)
-                and cls.__module__.startswith("ragcompress.")}
+    concrete = {
+        cls
+        for cls in subclasses(Compressor)
+        if not inspect.isabstract(cls) and cls.__module__.startswith("ragcompress.")
+    }
     assert concrete <= set(METHODS.values()), f"not registered: {concrete - set(METHODS.values())}"
     for name, cls in METHODS.items():
         assert cls.name == name
@@ -171,9 +184,16 @@ def test_every_compressor_is_registered_and_exported():
     assert set(method_names()) == {"none", *scorers, *(f"{w}:{n}" for w in ("adaptive", "global") for n in scorers)}
 
 
-@pytest.mark.parametrize("method,params", [
-    ("bogus", {}), ("adaptive:bogus", {}), ("adaptive:none", {}), ("adaptive", {}), ("global:global", {}),
-])
+@pytest.mark.parametrize(
+    "method,params",
+    [
+        ("bogus", {}),
+        ("adaptive:bogus", {}),
+        ("adaptive:none", {}),
+        ("adaptive", {}),
+        ("global:global", {}),
+    ],
+)
 def test_unknown_method_lists_allowed_values(method, params):
     with pytest.raises(ValueError) as info:
         make_compressor(method, **params)
@@ -181,8 +201,9 @@ def test_unknown_method_lists_allowed_values(method, params):
         assert name in str(info.value)
 
 
-@pytest.mark.parametrize("params", [{"ratio": 0.0}, {"ratio": 1.5}, {"ratio": -0.25}, {"budget": 0},
-                                    {"keep_first": -1}, {"colour": "red"}])
+@pytest.mark.parametrize(
+    "params", [{"ratio": 0.0}, {"ratio": 1.5}, {"ratio": -0.25}, {"budget": 0}, {"keep_first": -1}, {"colour": "red"}]
+)
 @pytest.mark.parametrize("method", ["knorm", "adaptive:snapkv"])
 def test_bad_parameters_raise_value_error(method, params):
     with pytest.raises(ValueError, match="ratio|budget|keep_first|colour"):
@@ -215,8 +236,9 @@ def first_logits(engine, entries) -> torch.Tensor:
     built = assemble(engine.lm.config, engine.rotary, engine.prefix_keys, engine.prefix, segments, engine.dtype)
     extra = {} if built.kv_mask is None else {KV_MASK_KWARG: built.kv_mask}
     with torch.inference_mode():
-        logits = forward_step(engine.lm.model, torch.tensor([engine.tokens.suffix(QUESTION)]), built.cache,
-                              built.next_position, **extra)
+        logits = forward_step(
+            engine.lm.model, torch.tensor([engine.tokens.suffix(QUESTION)]), built.cache, built.next_position, **extra
+        )
     return logits, built.kv_mask
 
 
@@ -248,8 +270,9 @@ def test_index_and_answer_end_to_end(method, none_store, tmp_path, embedder):
     base_answer = base.answer_cached(QUESTION, entries)
     for ratio, quant in [(0.25, "int4"), (1.0, "none")]:
         store = tmp_path / f"{ratio}-{quant}"
-        index(passages, store, config=IndexConfig(method=method, ratio=ratio, quant=quant),
-              lm=base.lm, embedder=embedder)
+        index(
+            passages, store, config=IndexConfig(method=method, ratio=ratio, quant=quant), lm=base.lm, embedder=embedder
+        )
         engine = Engine(KVStore.open(store), base.lm, embedder, max_new_tokens=4)
         mine = [engine.store.entry(i) for i in ids]
         logits, kv_mask = first_logits(engine, mine)
@@ -260,7 +283,10 @@ def test_index_and_answer_end_to_end(method, none_store, tmp_path, embedder):
             assert kv_mask is None
         else:
             n = sum(e.num_tokens for e in mine)
-            assert sum(e.kept for e in mine) < 0.3 * n * base.lm.config.num_hidden_layers * base.lm.config.num_key_value_heads
+            assert (
+                sum(e.kept for e in mine)
+                < 0.3 * n * base.lm.config.num_hidden_layers * base.lm.config.num_key_value_heads
+            )
             # per-head budgets take the ragged (masked) path; streaming's scores tie across heads
             # (and, for global:streaming, across layers, where the tie-break decides the shape)
             if method != "global:streaming":
@@ -269,21 +295,28 @@ def test_index_and_answer_end_to_end(method, none_store, tmp_path, embedder):
         engine.close()
 
 
-@pytest.mark.parametrize("args,expected", [
-    (["--method", "bogus", "--ratio", "0.5"], "choose one of: none, streaming, knorm, snapkv, expected-attention, kvzip, adaptive:<"),
-    (["--method", "knorm", "--ratio", "1.5"], "ratio must be in (0, 1]"),
-    (["--method", "none", "--ratio", "0.5"], "method 'none' takes no parameter ratio"),
-    (["--method", "knorm", "--ratio", "0.5", "--budget", "8"], "not both"),
-    (["--method", "none", "--keep-first", "1"], "method 'none' takes no parameter keep_first"),
-    (["--method", "knorm", "--ratio", "0.5", "--keep-last", "-1"], "keep_last must be a non-negative int"),
-])
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (
+            ["--method", "bogus", "--ratio", "0.5"],
+            "choose one of: none, streaming, knorm, snapkv, expected-attention, kvzip, adaptive:<",
+        ),
+        (["--method", "knorm", "--ratio", "1.5"], "ratio must be in (0, 1]"),
+        (["--method", "none", "--ratio", "0.5"], "method 'none' takes no parameter ratio"),
+        (["--method", "knorm", "--ratio", "0.5", "--budget", "8"], "not both"),
+        (["--method", "none", "--keep-first", "1"], "method 'none' takes no parameter keep_first"),
+        (["--method", "knorm", "--ratio", "0.5", "--keep-last", "-1"], "keep_last must be a non-negative int"),
+    ],
+)
 def test_cli_rejects_bad_method_and_ratio(args, expected, tmp_path, monkeypatch, capfd):
     from ragcompress.cli import main
 
     passages = tmp_path / "p.jsonl"
     passages.write_text('{"id": "a", "text": "hello"}\n')
-    monkeypatch.setattr("sys.argv", ["ragcompress", "index", "--input", str(passages), "--store",
-                                     str(tmp_path / "store"), *args])
+    monkeypatch.setattr(
+        "sys.argv", ["ragcompress", "index", "--input", str(passages), "--store", str(tmp_path / "store"), *args]
+    )
     with pytest.raises(SystemExit) as info:
         main()
     err = capfd.readouterr().err
@@ -303,8 +336,9 @@ def test_mean_rotation_is_the_average_of_rope(tiny_lm):
 
 
 @pytest.mark.parametrize("arch,method", [("qwen2", "knorm"), ("qwen2", "adaptive:knorm"), ("llama", "snapkv")])
-def test_evicted_cache_equals_full_prefill_with_evicted_keys_masked(arch, method, tiny_model_dir, passages_file,
-                                                                   tmp_path, embedder):
+def test_evicted_cache_equals_full_prefill_with_evicted_keys_masked(
+    arch, method, tiny_model_dir, passages_file, tmp_path, embedder
+):
     """With one passage, answering from an evicted cache must equal a full prefill whose question
     tokens cannot see the evicted passage tokens (per layer and KV head). The reference keeps the
     model's own post-RoPE cache at the original positions and only masks, so it checks what the

@@ -26,8 +26,11 @@ FUZZ = settings(deadline=None, max_examples=150, suppress_health_check=[HealthCh
 FUZZ_INDEX = settings(deadline=None, max_examples=30, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
-json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=3)
-                           | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=10)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=10,
+)
 LONE_SURROGATE = "\\ud800"  # what a JSON writer emits for half of a UTF-16 pair
 
 
@@ -57,8 +60,12 @@ def test_arbitrary_bytes_never_escape_as_other_errors(tmp_path, lines):
 
 
 @FUZZ
-@given(st.lists(st.dictionaries(st.sampled_from(["id", "text", "title", "meta", "x"]), json_values, max_size=5)
-                | json_values, max_size=6))
+@given(
+    st.lists(
+        st.dictionaries(st.sampled_from(["id", "text", "title", "meta", "x"]), json_values, max_size=5) | json_values,
+        max_size=6,
+    )
+)
 def test_arbitrary_json_records(tmp_path, records):
     path = tmp_path / "fuzz.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in records))
@@ -73,9 +80,12 @@ def test_wellformed_records_round_trip_or_are_refused_by_rule(tmp_path, rows):
     path = tmp_path / "fuzz.jsonl"
     path.write_text("\n".join(json.dumps(r).replace("\\\\ud800", "\\ud800") for r in records))
     ids = [r["id"] for r in records]
-    expect_error = (any(broken for _, _, broken in rows) or len(set(ids)) != len(ids)
-                    or any(not pid.strip() or any(ord(c) < 32 or ord(c) == 127 for c in pid) for pid in ids)
-                    or any(not text.strip() for _, text, _ in rows))
+    expect_error = (
+        any(broken for _, _, broken in rows)
+        or len(set(ids)) != len(ids)
+        or any(not pid.strip() or any(ord(c) < 32 or ord(c) == 127 for c in pid) for pid in ids)
+        or any(not text.strip() for _, text, _ in rows)
+    )
     if expect_error:
         with pytest.raises(InputError):
             validate(path)
@@ -122,12 +132,28 @@ def test_deeply_nested_json_is_an_input_error(tmp_path):
 # --- passage texts through the whole indexing path ---------------------------------------------
 
 SPECIAL_TEXTS = [
-    "", " ", "\t\n  \r\n", "\u200b", "\x00", "a\x00b", "\x1b[31mred\x1b[0m", "\x7f\x08\x0c",
-    "مرحبا بالعالم، هذا نص عربي", "שלום עולם זה טקסט בעברית", "abc \u202e\u2066 reversed \u2069",
-    "e\u0301\u0301\u0301", "🦀🚀👩‍👩‍👧‍👦", "{text} {question}", "\ufeffbom inside", "tab\tand\nnewline",
+    "",
+    " ",
+    "\t\n  \r\n",
+    "\u200b",
+    "\x00",
+    "a\x00b",
+    "\x1b[31mred\x1b[0m",
+    "\x7f\x08\x0c",
+    "مرحبا بالعالم، هذا نص عربي",
+    "שלום עולם זה טקסט בעברית",
+    "abc \u202e\u2066 reversed \u2069",
+    "e\u0301\u0301\u0301",
+    "🦀🚀👩‍👩‍👧‍👦",
+    "{text} {question}",
+    "\ufeffbom inside",
+    "tab\tand\nnewline",
 ]
-texts = st.sampled_from(SPECIAL_TEXTS) | st.text(min_size=1, max_size=200) | st.text(
-    st.characters(codec="utf-8", categories=["Cc", "Cf", "Zs", "Mn", "Lo"]), min_size=1, max_size=60)
+texts = (
+    st.sampled_from(SPECIAL_TEXTS)
+    | st.text(min_size=1, max_size=200)
+    | st.text(st.characters(codec="utf-8", categories=["Cc", "Cf", "Zs", "Mn", "Lo"]), min_size=1, max_size=60)
+)
 
 
 @pytest.fixture(scope="module")
@@ -141,8 +167,9 @@ def fuzz_store(tmp_path_factory, tiny_lm):
 
 
 def _index(lm, path: Path, store: Path):
-    return index(path, store, lm=lm, embedder=store_worker.HashEmbedder(), config=IndexConfig(quant="int4"),
-                 batch_size=4)
+    return index(
+        path, store, lm=lm, embedder=store_worker.HashEmbedder(), config=IndexConfig(quant="int4"), batch_size=4
+    )
 
 
 def _snapshot(store: Path) -> list[tuple]:
@@ -201,14 +228,17 @@ def test_fuzzed_store_still_verifies(fuzz_store):
             kv.load_kv(entry)
 
 
-@pytest.mark.parametrize("content, message", [
-    (b'{"id": "a", "text": "caf\xe9"}\n', "not valid UTF-8"),
-    (b'{"id": "a", "text": "x \\udc00"}\n', "unpaired UTF-16 surrogate"),
-    (b'{"id": "a", "text": "  "}\n', "empty text"),
-    (b'{"id": "a", "text": "x"}\n{"id": "a", "text": "y"}\n', "duplicate passage id"),
-    (b'{"id": "a\\u0000b", "text": "x"}\n', "printable characters"),
-    (b'not json\n', "malformed JSON"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b'{"id": "a", "text": "caf\xe9"}\n', "not valid UTF-8"),
+        (b'{"id": "a", "text": "x \\udc00"}\n', "unpaired UTF-16 surrogate"),
+        (b'{"id": "a", "text": "  "}\n', "empty text"),
+        (b'{"id": "a", "text": "x"}\n{"id": "a", "text": "y"}\n', "duplicate passage id"),
+        (b'{"id": "a\\u0000b", "text": "x"}\n', "printable characters"),
+        (b"not json\n", "malformed JSON"),
+    ],
+)
 def test_cli_rejects_bad_input_with_one_line_and_no_traceback(tmp_path, monkeypatch, capsys, content, message):
     from ragcompress.cli import main
 

@@ -35,8 +35,9 @@ class PlainRotary:
         return emb.cos(), emb.sin()
 
 
-def make_blobs(lengths: list[int], heads: int, head_dim: int, scheme: str, seed: int,
-               group_size: int = 32) -> list[bytes]:
+def make_blobs(
+    lengths: list[int], heads: int, head_dim: int, scheme: str, seed: int, group_size: int = 32
+) -> list[bytes]:
     """Random passages through the store codec; every other head evicts a ragged subset."""
     gen = torch.Generator().manual_seed(seed)
     blobs = []
@@ -51,13 +52,15 @@ def make_blobs(lengths: list[int], heads: int, head_dim: int, scheme: str, seed:
             kv.positions[0, head, :keep] = idx
             kv.keys[0, head, :keep] = keys[0, head, idx]
             kv.values[0, head, :keep] = values[0, head, idx]
-        blobs.append(codec.encode(PassageKV(kv.keys, kv.values, kv.positions, kv.lengths, n),
-                                  QuantConfig(scheme, group_size)))
+        blobs.append(
+            codec.encode(PassageKV(kv.keys, kv.values, kv.positions, kv.lengths, n), QuantConfig(scheme, group_size))
+        )
     return blobs
 
 
-def independent_reference(blobs: list[bytes], rotary: PlainRotary, start: int, query: torch.Tensor,
-                          key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+def independent_reference(
+    blobs: list[bytes], rotary: PlainRotary, start: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+) -> torch.Tensor:
     """fp32 attention built from ``codec.decode`` (the store's own dequantization): ``[B, q, Hq, d]``."""
     keys, values, masks = [], [], []
     position = start
@@ -74,8 +77,9 @@ def independent_reference(blobs: list[bytes], rotary: PlainRotary, start: int, q
     all_k = torch.cat([torch.cat(keys, 1).expand(batch, -1, -1, -1), key.float()], 2).repeat_interleave(group, 1)
     all_v = torch.cat([torch.cat(values, 1).expand(batch, -1, -1, -1), value.float()], 2).repeat_interleave(group, 1)
     causal = torch.ones(q_len, total, dtype=torch.bool).tril(total - q_len)
-    allowed = torch.cat([torch.cat(masks, 1).unsqueeze(1).expand(-1, q_len, -1),
-                         causal.expand(heads, -1, -1)], -1).repeat_interleave(group, 0)
+    allowed = torch.cat(
+        [torch.cat(masks, 1).unsqueeze(1).expand(-1, q_len, -1), causal.expand(heads, -1, -1)], -1
+    ).repeat_interleave(group, 0)
     scores = (query.float() @ all_k.transpose(-1, -2)) * d**-0.5
     probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
     return (probs @ all_v).transpose(1, 2)
@@ -159,20 +163,27 @@ CASES = {
     # name: ragged / non-power-of-two lengths, head_dim, GQA group, bits, prefill or decode
     "prefill-d64-g1-int8": dict(lengths=[37, 64, 5], heads=2, head_dim=64, group=1, q_len=7, scheme="int8"),
     "prefill-d128-g3-int4": dict(lengths=[50, 33], heads=2, head_dim=128, group=3, q_len=11, scheme="int4"),
-    "prefill-d64-g4-int4-batch2": dict(lengths=[70, 1, 29], heads=1, head_dim=64, group=4, q_len=5,
-                                       scheme="int4", batch=2),
-    "prefill-d128-g1-int8-long-q": dict(lengths=[45], heads=2, head_dim=128, group=1, q_len=40,
-                                        scheme="int8", prefix=3),
-    "decode-d64-g3-int4": dict(lengths=[37, 100, 64, 3, 21], heads=2, head_dim=64, group=3, q_len=1,
-                               scheme="int4", splits=[None, 1, 2, 4]),
-    "decode-d128-g4-int8": dict(lengths=[90, 17, 33], heads=2, head_dim=128, group=4, q_len=1,
-                                scheme="int8", splits=[None, 1, 3]),
-    "decode-d64-g1-int2": dict(lengths=[40, 26], heads=3, head_dim=64, group=1, q_len=1, scheme="int2",
-                               splits=[None, 2]),
-    "decode-d64-g3-int4-fp16": dict(lengths=[60, 31], heads=2, head_dim=64, group=3, q_len=1, scheme="int4",
-                                    dtype=torch.float16, splits=[None, 1]),
-    "prefill-d64-g4-int8-fp16": dict(lengths=[23, 41], heads=1, head_dim=64, group=4, q_len=6, scheme="int8",
-                                     dtype=torch.float16),
+    "prefill-d64-g4-int4-batch2": dict(
+        lengths=[70, 1, 29], heads=1, head_dim=64, group=4, q_len=5, scheme="int4", batch=2
+    ),
+    "prefill-d128-g1-int8-long-q": dict(
+        lengths=[45], heads=2, head_dim=128, group=1, q_len=40, scheme="int8", prefix=3
+    ),
+    "decode-d64-g3-int4": dict(
+        lengths=[37, 100, 64, 3, 21], heads=2, head_dim=64, group=3, q_len=1, scheme="int4", splits=[None, 1, 2, 4]
+    ),
+    "decode-d128-g4-int8": dict(
+        lengths=[90, 17, 33], heads=2, head_dim=128, group=4, q_len=1, scheme="int8", splits=[None, 1, 3]
+    ),
+    "decode-d64-g1-int2": dict(
+        lengths=[40, 26], heads=3, head_dim=64, group=1, q_len=1, scheme="int2", splits=[None, 2]
+    ),
+    "decode-d64-g3-int4-fp16": dict(
+        lengths=[60, 31], heads=2, head_dim=64, group=3, q_len=1, scheme="int4", dtype=torch.float16, splits=[None, 1]
+    ),
+    "prefill-d64-g4-int8-fp16": dict(
+        lengths=[23, 41], heads=1, head_dim=64, group=4, q_len=6, scheme="int8", dtype=torch.float16
+    ),
 }
 
 
@@ -212,8 +223,9 @@ def test_reference_path_matches_codec_dequantization(name):
 def test_drop_padding_rows_removes_the_mask_without_eviction():
     from ragcompress_kernels import attention_over_dense_ref, dequantize_segments_ref, drop_padding_rows
 
-    packed, query, key, value, expected = build_case(dict(CASES["prefill-d64-g4-int8-fp16"], seed=2, heads=1,
-                                                          dtype=torch.float32))
+    packed, query, key, value, expected = build_case(
+        dict(CASES["prefill-d64-g4-int8-fp16"], seed=2, heads=1, dtype=torch.float32)
+    )
     seg = packed.layers[0]
     keys, values, valid = drop_padding_rows(*dequantize_segments_ref(seg))
     assert valid is None and keys.shape[1] == 23 + 41
@@ -303,8 +315,13 @@ def tiny_int4_store(tiny_model_dir, tmp_path_factory):
     passages = root / "passages.jsonl"
     passages.write_text("\n".join(SAMPLE_PASSAGES.read_text().splitlines()[:8]) + "\n")
     store = root / "store"
-    index(passages, store, lm=load_model(str(model_dir)), embedder=HashEmbedder(),
-          config=IndexConfig(quant="int4", group_size=16))
+    index(
+        passages,
+        store,
+        lm=load_model(str(model_dir)),
+        embedder=HashEmbedder(),
+        config=IndexConfig(quant="int4", group_size=16),
+    )
     return str(model_dir), str(store)
 
 
@@ -362,14 +379,19 @@ def test_kernel_and_reference_agree_on_real_questions_with_smollm2(interpreter, 
 
     passages = (SQUAD / "passages.jsonl").read_text().splitlines()[:3]
     ids = {json.loads(line)["id"] for line in passages}
-    questions = [q["question"] for q in map(json.loads, (SQUAD / "questions.jsonl").read_text().splitlines())
-                 if q["passage_id"] in ids][:2]
+    questions = [
+        q["question"]
+        for q in map(json.loads, (SQUAD / "questions.jsonl").read_text().splitlines())
+        if q["passage_id"] in ids
+    ][:2]
     source = tmp_path / "passages.jsonl"
     source.write_text("\n".join(passages) + "\n")
     lm = load_model()
     index(source, tmp_path / "store", lm=lm, embedder=HashEmbedder(), config=IndexConfig(quant="int4"))
-    out = interpreter.apply(_with_path, (str(Path(__file__).parent), answer_both_backends, DEFAULT_MODEL,
-                                         str(tmp_path / "store"), questions, 2, 6))
+    out = interpreter.apply(
+        _with_path,
+        (str(Path(__file__).parent), answer_both_backends, DEFAULT_MODEL, str(tmp_path / "store"), questions, 2, 6),
+    )
     assert all(len(t) > 0 for t in out["torch"])
     assert out["triton"] == out["torch"]
 

@@ -163,8 +163,9 @@ def test_streaming_response_equals_non_streaming(built, recompute):
 
 def test_async_query_engine(built):
     store, _ = built
-    engine = RetrieverQueryEngine(KVStoreRetriever(store, similarity_top_k=2),
-                                  response_synthesizer=KVCacheSynthesizer(store, max_new_tokens=6))
+    engine = RetrieverQueryEngine(
+        KVStoreRetriever(store, similarity_top_k=2), response_synthesizer=KVCacheSynthesizer(store, max_new_tokens=6)
+    )
     assert asyncio.run(engine.aquery(QUESTION)).response == engine.query(QUESTION).response
 
 
@@ -173,7 +174,9 @@ def test_vector_store_index_as_query_engine_computes_missing_caches(tiny, store_
     from ragcompress.retrieval import DEFAULT_EMBEDDER, _embedder_path
 
     embed = huggingface.HuggingFaceEmbedding(model_name=_embedder_path(DEFAULT_EMBEDDER), device="cpu")
-    fresh = [TextNode(id_=f"new-{i}", text=d.text, metadata=dict(d.metadata)) for i, d in enumerate(sample_documents(3))]
+    fresh = [
+        TextNode(id_=f"new-{i}", text=d.text, metadata=dict(d.metadata)) for i, d in enumerate(sample_documents(3))
+    ]
     index = VectorStoreIndex(fresh, embed_model=embed)
     synthesizer = KVCacheSynthesizer(store_copy, max_new_tokens=6)
     query_engine = index.as_query_engine(llm=synthesizer._llm, response_synthesizer=synthesizer, similarity_top_k=2)
@@ -188,8 +191,12 @@ def test_vector_store_index_as_query_engine_computes_missing_caches(tiny, store_
 def test_postprocessor_orders_drops_attaches_and_keeps_metadata(store_copy):
     docs = sample_documents(3)
     parent = RelatedNodeInfo(node_id="doc-parent")
-    new = TextNode(id_="brand-new", text="Melbourne hosts the Australian Open every January.",
-                   metadata={"source": "test", "page": 3}, relationships={NodeRelationship.SOURCE: parent})
+    new = TextNode(
+        id_="brand-new",
+        text="Melbourne hosts the Australian Open every January.",
+        metadata={"source": "test", "page": 3},
+        relationships={NodeRelationship.SOURCE: parent},
+    )
     nodes = [
         NodeWithScore(node=TextNode(id_=docs[0].doc_id, text=docs[0].text, metadata=dict(docs[0].metadata)), score=0.2),
         NodeWithScore(node=new, score=0.9),
@@ -229,8 +236,10 @@ def test_serialisation_round_trips(built, tiny):
         again = type(component).from_dict(data)
         assert again.to_dict() == data
         assert type(component).from_json(component.to_json()).to_dict() == data
-    for component in (KVCacheSynthesizer(store, max_new_tokens=5, streaming=True, compute_missing=False),
-                      KVStoreRetriever(store, similarity_top_k=4)):
+    for component in (
+        KVCacheSynthesizer(store, max_new_tokens=5, streaming=True, compute_missing=False),
+        KVStoreRetriever(store, similarity_top_k=4),
+    ):
         data = component.to_dict()
         assert data["store_path"] == store and data["class_name"] == component.class_name()
         assert type(component).from_dict(json.loads(json.dumps(data))).to_dict() == data
@@ -267,7 +276,9 @@ def test_local_llm_is_a_plain_full_prefill(tiny):
     out = llm.complete("Say something.")
     lm = shared_model(tiny)
     ids = llm.prompt_ids("Say something.")
-    gen = greedy_decode(lm.model, ids, DynamicCache(config=lm.config), 0, 6, stop_token_ids(lm.tokenizer, lm.model), 0.0)
+    gen = greedy_decode(
+        lm.model, ids, DynamicCache(config=lm.config), 0, 6, stop_token_ids(lm.tokenizer, lm.model), 0.0
+    )
     assert out.text == lm.tokenizer.decode(gen.token_ids, skip_special_tokens=True).strip()
     assert out.additional_kwargs["prompt_tokens"] == len(ids)
     assert "".join(r.delta for r in llm.stream_complete("Say something.")) == out.text
@@ -287,10 +298,14 @@ def run_notebook(model: str, questions: int, store: Path, monkeypatch) -> dict:
     monkeypatch.setenv("NB_QUESTIONS", str(questions))
     monkeypatch.setenv("NB_STORE", str(store))
     notebook = nbformat.read(NOTEBOOK, as_version=4)
-    nbclient.NotebookClient(notebook, timeout=1800, kernel_name="python3",
-                            resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
-    outputs = ["".join(o.get("text", "") for o in cell.get("outputs", []) if o.get("name") == "stdout")
-               for cell in notebook.cells if cell.cell_type == "code"]
+    nbclient.NotebookClient(
+        notebook, timeout=1800, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
+    ).execute()
+    outputs = [
+        "".join(o.get("text", "") for o in cell.get("outputs", []) if o.get("name") == "stdout")
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+    ]
     summary = next(json.loads(text) for text in outputs if text.lstrip().startswith("{"))
     assert any("in 1 pieces" in t or " pieces from " in t for t in outputs)
     assert any(t.startswith("selfinfo: kept") and "extractive: kept" in t for t in outputs)

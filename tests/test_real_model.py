@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 from conftest import SQUAD, squad_available
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not squad_available(), reason="../shared/data/squad-dev not present")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not squad_available(), reason="../shared/data/squad-dev not present"),
+]
 
 
 def top1_agreement(model: str, tmp_path, limit: int, quant: str = "none") -> tuple[float, list]:
@@ -31,12 +34,16 @@ def top1_agreement(model: str, tmp_path, limit: int, quant: str = "none") -> tup
 
 def test_default_model_top1_reproduces_full_prefill(tmp_path):
     agreement, results = top1_agreement("smollm2-135m", tmp_path, limit=8)
-    mismatches = [(r.question.question, r.cached.answer, r.full.answer) for r in results if r.cached.answer != r.full.answer]
+    mismatches = [
+        (r.question.question, r.cached.answer, r.full.answer) for r in results if r.cached.answer != r.full.answer
+    ]
     assert agreement >= 0.98, mismatches
 
 
 @pytest.mark.eval_model
 def test_eval_model_top1_reproduces_full_prefill(tmp_path):
     agreement, results = top1_agreement("qwen2.5-coder-0.5b", tmp_path, limit=4)
-    mismatches = [(r.question.question, r.cached.answer, r.full.answer) for r in results if r.cached.answer != r.full.answer]
+    mismatches = [
+        (r.question.question, r.cached.answer, r.full.answer) for r in results if r.cached.answer != r.full.answer
+    ]
     assert agreement >= 0.98, mismatches

@@ -35,8 +35,7 @@ def stores(tmp_path_factory, tiny_model_dir, embedder):
     def make(arch: str = "qwen2", quant: str = "none") -> Engine:
         if (arch, quant) not in built:
             store = root / f"{arch}-{quant}"
-            index(passages, store, model=str(tiny_model_dir(arch)), config=IndexConfig(quant=quant),
-                  embedder=embedder)
+            index(passages, store, model=str(tiny_model_dir(arch)), config=IndexConfig(quant=quant), embedder=embedder)
             built[arch, quant] = Engine.open(store)
         return built[arch, quant]
 
@@ -49,8 +48,16 @@ def blend_only(engine: Engine, built, segments, entries, recompute):
     if not config.recomputes:
         return None
     ids = [engine.tokens.passage(e.text) for e in entries]
-    return blend(engine.lm.model, engine.rotary, built, engine.prefix, segments, ids, config,
-                 first_exact=engine.store.quant.scheme == "none")
+    return blend(
+        engine.lm.model,
+        engine.rotary,
+        built,
+        engine.prefix,
+        segments,
+        ids,
+        config,
+        first_exact=engine.store.quant.scheme == "none",
+    )
 
 
 def cached_logits(engine: Engine, entries, recompute, segments=None) -> tuple[torch.Tensor, object]:
@@ -75,9 +82,13 @@ def padded(kv: PassageKV) -> PassageKV:
     """The same cache with one padding row: takes the per-head (non-uniform) code path."""
     layers, heads, _, dim = kv.keys.shape
     zeros = torch.zeros(layers, heads, 1, dim)
-    return PassageKV(torch.cat([kv.keys, zeros], 2), torch.cat([kv.values, zeros], 2),
-                     torch.cat([kv.positions, torch.zeros(layers, heads, 1, dtype=torch.long)], 2),
-                     kv.lengths.clone(), kv.num_tokens)
+    return PassageKV(
+        torch.cat([kv.keys, zeros], 2),
+        torch.cat([kv.values, zeros], 2),
+        torch.cat([kv.positions, torch.zeros(layers, heads, 1, dtype=torch.long)], 2),
+        kv.lengths.clone(),
+        kv.num_tokens,
+    )
 
 
 def evicted(kv: PassageKV, seed: int) -> PassageKV:
@@ -108,12 +119,21 @@ def test_full_recompute_reproduces_full_prefill(arch, stores):
     torch.testing.assert_close(recomputed, full, atol=1e-4, rtol=1e-4)
     first = entries[0].num_tokens
     assert report.selected.tolist() == list(range(first, sum(e.num_tokens for e in entries)))
-    assert engine.answer_cached(QUESTION, entries, recompute=1.0).token_ids == \
-        engine.answer_full(QUESTION, entries).token_ids
+    assert (
+        engine.answer_cached(QUESTION, entries, recompute=1.0).token_ids
+        == engine.answer_full(QUESTION, entries).token_ids
+    )
 
 
-@pytest.mark.parametrize("config", [RecomputeConfig(0.3), RecomputeConfig(0.3, sink_tokens=2, check_layer=2),
-                                    RecomputeConfig(0.0, sink_tokens=3), RecomputeConfig(1.0)])
+@pytest.mark.parametrize(
+    "config",
+    [
+        RecomputeConfig(0.3),
+        RecomputeConfig(0.3, sink_tokens=2, check_layer=2),
+        RecomputeConfig(0.0, sink_tokens=3),
+        RecomputeConfig(1.0),
+    ],
+)
 @pytest.mark.parametrize("layout", ["uniform", "per-head"])
 def test_question_riding_in_the_recompute_pass_changes_nothing(stores, config, layout):
     """Fused (selected tokens + question in one pass) == recompute, then prefill the question."""
@@ -125,12 +145,16 @@ def test_question_riding_in_the_recompute_pass_changes_nothing(stores, config, l
     built = assemble(engine.lm.config, engine.rotary, engine.prefix_keys, engine.prefix, segments, engine.dtype)
     suffix = engine.tokens.suffix(QUESTION)
     ids = [engine.tokens.passage(e.text) for e in entries]
-    fused = blend(engine.lm.model, engine.rotary, built, engine.prefix, segments, ids, config,
-                  first_exact=True, suffix=suffix)
+    fused = blend(
+        engine.lm.model, engine.rotary, built, engine.prefix, segments, ids, config, first_exact=True, suffix=suffix
+    )
     assert torch.equal(fused.selected, report.selected)
     torch.testing.assert_close(fused.logits, separate, atol=1e-4, rtol=1e-4)
-    assert built.cache.get_seq_length() == built.kv_mask.shape[-1] + len(suffix) if built.kv_mask is not None \
+    assert (
+        built.cache.get_seq_length() == built.kv_mask.shape[-1] + len(suffix)
+        if built.kv_mask is not None
         else built.next_position + len(suffix)
+    )
 
 
 def test_zero_recompute_is_plain_reuse_bit_for_bit(stores):
@@ -141,8 +165,10 @@ def test_zero_recompute_is_plain_reuse_bit_for_bit(stores):
     assert report is None
     assert torch.equal(plain, zero)
     assert torch.equal(cached_logits(engine, entries, RecomputeConfig(ratio=0.0, temperature=1.0))[0], plain)
-    assert engine.answer_cached(QUESTION, entries, recompute=0.0).token_ids == \
-        engine.answer_cached(QUESTION, entries).token_ids
+    assert (
+        engine.answer_cached(QUESTION, entries, recompute=0.0).token_ids
+        == engine.answer_cached(QUESTION, entries).token_ids
+    )
 
 
 def test_selection_is_deterministic_and_sized(stores):
@@ -239,8 +265,9 @@ def test_temperature_scales_only_passage_keys(stores):
         scale_context_keys(built.cache, 0, 1, 0.0)
 
 
-@pytest.mark.parametrize("fields", [{"ratio": -0.1}, {"ratio": 1.5}, {"sink_tokens": -1},
-                                    {"check_layer": 0}, {"temperature": 0.0}])
+@pytest.mark.parametrize(
+    "fields", [{"ratio": -0.1}, {"ratio": 1.5}, {"sink_tokens": -1}, {"check_layer": 0}, {"temperature": 0.0}]
+)
 def test_config_rejects_bad_values(fields):
     with pytest.raises(ValueError, match=next(iter(fields))):
         RecomputeConfig(**fields)
@@ -282,9 +309,26 @@ def test_cli_recompute_one_answers_like_full_prefill(stores, monkeypatch, capfd)
     from ragcompress.cli import main
 
     engine = stores("qwen2")
-    monkeypatch.setattr(sys, "argv", ["ragcompress", "ask", "--store", str(engine.store.path), "--question",
-                                      QUESTION, "--top-k", "3", "--max-new-tokens", "6", "--recompute", "1",
-                                      "--compare-full", "--json"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "ragcompress",
+            "ask",
+            "--store",
+            str(engine.store.path),
+            "--question",
+            QUESTION,
+            "--top-k",
+            "3",
+            "--max-new-tokens",
+            "6",
+            "--recompute",
+            "1",
+            "--compare-full",
+            "--json",
+        ],
+    )
     try:
         main()
     except SystemExit as exc:

@@ -84,8 +84,12 @@ def test_rotation_composes_like_rope(tiny_lm):
 
 def test_template_pieces_render_the_whole_chat_prompt(tiny_lm):
     template = PromptTemplate.from_tokenizer(tiny_lm.tokenizer)
-    text = template.prefix + template.passage_format.replace("{text}", "P1") + \
-        template.passage_format.replace("{text}", "P2") + template.suffix_format.replace("{question}", "Q?")
+    text = (
+        template.prefix
+        + template.passage_format.replace("{text}", "P1")
+        + template.passage_format.replace("{text}", "P2")
+        + template.suffix_format.replace("{question}", "Q?")
+    )
     assert text.startswith("<|im_start|>system\n")
     assert "P1\n\nP2\n\nQuestion: Q?<|im_end|>\n<|im_start|>assistant\n" in text
     tokens = PromptTokens(template, tiny_lm.tokenizer)

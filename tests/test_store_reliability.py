@@ -46,8 +46,10 @@ CONFIG = IndexConfig(quant="int8")
 
 def _texts(n: int) -> list[dict]:
     topics = ["rivers", "castles", "comets", "violins", "glaciers", "bridges"]
-    return [{"id": f"doc-{i:03d}", "text": f"Passage {i} is about {topics[i % 6]}. " * (1 + i % 5),
-             "title": f"T{i}"} for i in range(n)]
+    return [
+        {"id": f"doc-{i:03d}", "text": f"Passage {i} is about {topics[i % 6]}. " * (1 + i % 5), "title": f"T{i}"}
+        for i in range(n)
+    ]
 
 
 def _write(path: Path, records: list[dict]) -> Path:
@@ -69,8 +71,7 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def _index(lm, corpus: Path, store: Path, **kwargs):
-    return index(corpus, store, lm=lm, embedder=store_worker.HashEmbedder(), config=CONFIG,
-                 batch_size=BATCH, **kwargs)
+    return index(corpus, store, lm=lm, embedder=store_worker.HashEmbedder(), config=CONFIG, batch_size=BATCH, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -131,8 +132,13 @@ KILL_POINTS = ["create", "append:1", "append:7", "commit:3", "after:2", "append:
 
 
 def _worker(model_dir: Path, corpus: Path, store: Path, mode: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(WORKER), str(model_dir), str(corpus), str(store), str(BATCH), mode],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), str(model_dir), str(corpus), str(store), str(BATCH), mode],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
 
 
 def _forked_index(lm, corpus: Path, store: Path, kill: str) -> int:
@@ -217,6 +223,7 @@ def test_writer_repairs_uncommitted_tail_in_rolled_over_shards(store_copy, clean
 
 
 # --- concurrency --------------------------------------------------------------------------------
+
 
 def _watch_concurrent_write(writer_pid: int, finished, tiny_lm, corpus: Path, store: Path, clean_store: Path) -> None:
     """While process ``writer_pid`` indexes ``corpus`` into ``store`` batch by batch: a second
@@ -308,6 +315,7 @@ def test_second_writer_in_process_fails_and_lock_is_released(store_copy):
 
 # --- corruption ---------------------------------------------------------------------------------
 
+
 def _entry(store: Path, passage_id: str):
     with KVStore.open(store) as kv:
         return kv.entry(passage_id)
@@ -367,12 +375,15 @@ def test_writer_refuses_store_without_catalogue(store_copy, clean_store):
     assert _shard_bytes(store_copy) == _shard_bytes(clean_store)  # nothing deleted
 
 
-@pytest.mark.parametrize("update, message", [
-    ("offset = 1000000000", "points past the end of shard"),
-    ("shard = '../../etc/passwd'", "not a valid shard name"),
-    ("length = -5", "invalid location"),
-    ("checksum = 'deadbeef'", "checksum mismatch"),
-])
+@pytest.mark.parametrize(
+    "update, message",
+    [
+        ("offset = 1000000000", "points past the end of shard"),
+        ("shard = '../../etc/passwd'", "not a valid shard name"),
+        ("length = -5", "invalid location"),
+        ("checksum = 'deadbeef'", "checksum mismatch"),
+    ],
+)
 def test_catalogue_row_pointing_nowhere_is_named(store_copy, update, message):
     with sqlite3.connect(store_copy / "catalogue.sqlite") as db:
         db.execute(f"UPDATE passages SET {update} WHERE id = 'doc-007'")
@@ -391,9 +402,13 @@ def test_blob_with_wrong_model_shape_is_refused(store_copy):
     with open(path, "ab") as handle:
         handle.write(blob)
     with sqlite3.connect(store_copy / "catalogue.sqlite") as db:
-        db.execute("UPDATE passages SET offset = ?, length = ?, checksum = ? WHERE id = 'doc-002'",
-                   (offset, len(blob), checksum(blob)))
-    with pytest.raises(CorruptSegmentError, match=r"passage 'doc-002'.*\(3, 2, 16\), the store's model has \(2, 2, 16\)"):
+        db.execute(
+            "UPDATE passages SET offset = ?, length = ?, checksum = ? WHERE id = 'doc-002'",
+            (offset, len(blob), checksum(blob)),
+        )
+    with pytest.raises(
+        CorruptSegmentError, match=r"passage 'doc-002'.*\(3, 2, 16\), the store's model has \(2, 2, 16\)"
+    ):
         _load(store_copy, "doc-002")
     assert "doc-002" in _problem_ids(store_copy)
 
@@ -473,8 +488,12 @@ def _unsafe_uses(source: str) -> list[str]:
             found += [a.name for a in node.names if a.name.split(".")[0] in UNSAFE_MODULES]
         elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in UNSAFE_MODULES:
             found.append(node.module)
-        elif isinstance(node, ast.Attribute) and node.attr == "load" and isinstance(node.value, ast.Name) \
-                and node.value.id in {"torch", "np", "numpy", "pickle"}:
+        elif (
+            isinstance(node, ast.Attribute)
+            and node.attr == "load"
+            and isinstance(node.value, ast.Name)
+            and node.value.id in {"torch", "np", "numpy", "pickle"}
+        ):
             found.append(f"{node.value.id}.load")
         elif isinstance(node, ast.keyword) and node.arg in {"allow_pickle", "weights_only"}:
             found.append(node.arg)
@@ -498,15 +517,18 @@ def test_no_pickle_or_torch_load_anywhere_in_the_package():
     assert offenders == {}
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("model_shape", {"layers": 2, "kv_heads": 2, "head_dim": "16"}, "model_shape"),
-    ("model_shape", {"layers": 0, "kv_heads": 2, "head_dim": 16}, "model_shape"),
-    ("template", {"prefix": "x", "passage_format": "no marker", "suffix_format": "{question}"}, "template"),
-    ("compression", {"method": "none", "quant": "int3", "group_size": 32}, "compression"),
-    ("prefix_sha256", "../../etc/passwd", "prefix_sha256"),
-    ("format_version", True, "format version"),
-    ("model_ref", "", "model_ref"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("model_shape", {"layers": 2, "kv_heads": 2, "head_dim": "16"}, "model_shape"),
+        ("model_shape", {"layers": 0, "kv_heads": 2, "head_dim": 16}, "model_shape"),
+        ("template", {"prefix": "x", "passage_format": "no marker", "suffix_format": "{question}"}, "template"),
+        ("compression", {"method": "none", "quant": "int3", "group_size": 32}, "compression"),
+        ("prefix_sha256", "../../etc/passwd", "prefix_sha256"),
+        ("format_version", True, "format version"),
+        ("model_ref", "", "model_ref"),
+    ],
+)
 def test_manifest_values_are_validated_before_use(store_copy, field, value, message):
     data = json.loads((store_copy / "manifest.json").read_text())
     data[field] = value
@@ -525,19 +547,39 @@ def test_manifest_that_is_not_utf8_or_json_is_a_store_error(store_copy):
         KVStore.open(store_copy)
 
 
-TRAVERSAL_IDS = ["../../etc/passwd", "/etc/passwd", "..\\..\\windows\\win.ini", "shards/00000.kvs",
-                 "catalogue.sqlite", "%2e%2e%2f%2e%2e%2fx", "a/../../../b", "~/.ssh/id_rsa", "lock"]
+TRAVERSAL_IDS = [
+    "../../etc/passwd",
+    "/etc/passwd",
+    "..\\..\\windows\\win.ini",
+    "shards/00000.kvs",
+    "catalogue.sqlite",
+    "%2e%2e%2f%2e%2e%2fx",
+    "a/../../../b",
+    "~/.ssh/id_rsa",
+    "lock",
+]
 
 
 def test_path_traversal_ids_are_only_data(tiny_lm, tmp_path):
-    corpus = _write(tmp_path / "in.jsonl", [{"id": pid, "text": f"text number {i}"} for i, pid in enumerate(TRAVERSAL_IDS)])
+    corpus = _write(
+        tmp_path / "in.jsonl", [{"id": pid, "text": f"text number {i}"} for i, pid in enumerate(TRAVERSAL_IDS)]
+    )
     store = tmp_path / "store"
     before = {p for p in tmp_path.rglob("*")}
     _index(tiny_lm, corpus, store)
     created = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p not in before}
-    allowed = {"store", "store/shards", "store/catalogue.sqlite", "store/manifest.json",
-               "store/prefix.safetensors", "store/index.faiss", "store/index.json", "store/lock",
-               "store/catalogue.sqlite-wal", "store/catalogue.sqlite-shm"}
+    allowed = {
+        "store",
+        "store/shards",
+        "store/catalogue.sqlite",
+        "store/manifest.json",
+        "store/prefix.safetensors",
+        "store/index.faiss",
+        "store/index.json",
+        "store/lock",
+        "store/catalogue.sqlite-wal",
+        "store/catalogue.sqlite-shm",
+    }
     unexpected = {p for p in created - allowed if not re.fullmatch(r"store/shards/\d{5}\.kvs", p)}
     assert unexpected == set()
     with KVStore.open(store) as kv:
@@ -563,6 +605,7 @@ def test_overwrite_replaces_store_atomically(tiny_lm, corpus, store_copy, tmp_pa
 
 
 # --- input validation memory --------------------------------------------------------------------
+
 
 def test_validate_memory_does_not_grow_with_ids(tmp_path):
     """Seen ids live in a temporary SQLite table, not a Python set: Python heap stays small."""
@@ -616,9 +659,14 @@ def test_cli_verify_exit_codes_and_json(store_copy):
     command = ["verify", "--store", str(store_copy), "--json"]
     sound = CliRunner().invoke(app, command)
     assert sound.exit_code == 0, sound.stderr
-    assert json.loads(sound.stdout) == {"ok": True, "store": str(store_copy), "passages": N_PASSAGES,
-                                        "shards": len(list((store_copy / "shards").iterdir())),
-                                        "problems": [], "notes": []}
+    assert json.loads(sound.stdout) == {
+        "ok": True,
+        "store": str(store_copy),
+        "passages": N_PASSAGES,
+        "shards": len(list((store_copy / "shards").iterdir())),
+        "problems": [],
+        "notes": [],
+    }
     victim = _entry(store_copy, "doc-011")
     path = store_copy / "shards" / victim.shard
     data = bytearray(path.read_bytes())
@@ -628,5 +676,7 @@ def test_cli_verify_exit_codes_and_json(store_copy):
     assert broken.exit_code == 1
     report = json.loads(broken.stdout)
     assert report["ok"] is False
-    assert [(p["passage_id"], p["shard"], p["kind"]) for p in report["problems"]] == [("doc-011", victim.shard, "segment")]
+    assert [(p["passage_id"], p["shard"], p["kind"]) for p in report["problems"]] == [
+        ("doc-011", victim.shard, "segment")
+    ]
     assert len(broken.stderr.strip().splitlines()) == 1 and "doc-011" in broken.stderr

@@ -27,8 +27,13 @@ def test_budget_rate_and_total():
 
 @pytest.mark.parametrize(
     "kwargs, field",
-    [({}, "exactly one"), ({"rate": 0.5, "target_tokens": 3}, "exactly one"), ({"rate": 0.0}, "rate"),
-     ({"rate": 1.5}, "rate"), ({"target_tokens": 0}, "target_tokens")],
+    [
+        ({}, "exactly one"),
+        ({"rate": 0.5, "target_tokens": 3}, "exactly one"),
+        ({"rate": 0.0}, "rate"),
+        ({"rate": 1.5}, "rate"),
+        ({"target_tokens": 0}, "target_tokens"),
+    ],
 )
 def test_budget_validation_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -37,7 +42,11 @@ def test_budget_validation_names_the_field(kwargs, field):
 
 def test_split_sentences():
     assert split_sentences('One. "Two?" Three 3! 4 four.\n\nFive e.g. six') == [
-        "One.", '"Two?"', "Three 3!", "4 four.", "Five e.g. six"
+        "One.",
+        '"Two?"',
+        "Three 3!",
+        "4 four.",
+        "Five e.g. six",
     ]
     assert split_sentences("  ") == []
 
@@ -118,12 +127,17 @@ def test_extraction_keeps_the_sentence_about_the_question(lm, embedder):
 
 # -- the LlamaIndex wrapper ------------------------------------------------------------------------
 
+
 def _nodes():
     pytest.importorskip("llama_index.core")
     from llama_index.core.schema import NodeRelationship, NodeWithScore, RelatedNodeInfo, TextNode
 
-    first = TextNode(id_="a", text=TEXT, metadata={"title": "Apollo", "page": 1},
-                     relationships={NodeRelationship.SOURCE: RelatedNodeInfo(node_id="doc-1")})
+    first = TextNode(
+        id_="a",
+        text=TEXT,
+        metadata={"title": "Apollo", "page": 1},
+        relationships={NodeRelationship.SOURCE: RelatedNodeInfo(node_id="doc-1")},
+    )
     second = TextNode(id_="b", text=TEXT.upper(), metadata={"title": "Shout"})
     return [NodeWithScore(node=first, score=0.75), NodeWithScore(node=second, score=0.25)]
 

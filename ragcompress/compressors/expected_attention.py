@@ -56,8 +56,15 @@ class ExpectedAttentionCompressor(ScorerCompressor):
     def score(self, kv: PassageKV, context: CompressionContext) -> torch.Tensor:
         encoder, n = context.encoder, kv.num_tokens
         window = min(self.window, n)
-        probe = run_probe(encoder, kv, context.token_ids[n - window :], context_len=n - window,
-                          score_len=n, attention=False, capture_queries=True)
+        probe = run_probe(
+            encoder,
+            kv,
+            context.token_ids[n - window :],
+            context_len=n - window,
+            score_len=n,
+            attention=False,
+            capture_queries=True,
+        )
         layers, kv_heads = kv.keys.shape[:2]
         future = torch.arange(n, n + self.future)
         scores = torch.empty((layers, kv_heads, n))

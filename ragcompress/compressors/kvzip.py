@@ -40,6 +40,14 @@ class KVzipCompressor(ScorerCompressor):
     def score(self, kv: PassageKV, context: CompressionContext) -> torch.Tensor:
         n = kv.num_tokens
         probe_ids = context.encoder.tokens.suffix(self.prompt) + list(context.token_ids)
-        probe = run_probe(context.encoder, kv, probe_ids, context_len=n, score_len=n,
-                          query_reduce="max", group_reduce="max", chunk=self.chunk)
+        probe = run_probe(
+            context.encoder,
+            kv,
+            probe_ids,
+            context_len=n,
+            score_len=n,
+            query_reduce="max",
+            group_reduce="max",
+            chunk=self.chunk,
+        )
         return probe.attention

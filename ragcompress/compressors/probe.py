@@ -39,7 +39,9 @@ class ProbeResult:
     scaling: list[float]
 
 
-def rotated_context(encoder: PassageEncoder, kv: PassageKV, context_len: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def rotated_context(
+    encoder: PassageEncoder, kv: PassageKV, context_len: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per layer ``(keys, values)`` ``[1, kv_heads, P + context_len, d]``, keys rotated as the model
     caches them (prefix at ``0..P-1``, passage token ``o`` at ``P + o``)."""
     if not kv.is_uniform:
@@ -69,9 +71,19 @@ def _reduce(x: torch.Tensor, how: Reduce, dim: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def run_probe(encoder: PassageEncoder, kv: PassageKV, probe_ids: list[int], *, context_len: int,
-              score_len: int, query_reduce: Reduce = "mean", group_reduce: Reduce = "mean",
-              attention: bool = True, capture_queries: bool = False, chunk: int = 256) -> ProbeResult:
+def run_probe(
+    encoder: PassageEncoder,
+    kv: PassageKV,
+    probe_ids: list[int],
+    *,
+    context_len: int,
+    score_len: int,
+    query_reduce: Reduce = "mean",
+    group_reduce: Reduce = "mean",
+    attention: bool = True,
+    capture_queries: bool = False,
+    chunk: int = 256,
+) -> ProbeResult:
     """Feed ``probe_ids`` after ``prefix + passage[:context_len]`` and observe every layer.
 
     ``attention`` reduces, for each KV head, the softmax weights that the probe's queries put on

@@ -59,8 +59,10 @@ def _build(cls: type[Compressor], params: dict[str, Any], method: str) -> Compre
     accepted = [f.name for f in fields(cls)]
     unknown = sorted(set(params) - set(accepted))
     if unknown:
-        raise ValueError(f"method {method!r} takes no parameter {', '.join(unknown)}; "
-                         f"its parameters are: {', '.join(accepted) or '(none)'}")
+        raise ValueError(
+            f"method {method!r} takes no parameter {', '.join(unknown)}; "
+            f"its parameters are: {', '.join(accepted) or '(none)'}"
+        )
     try:
         return cls(**params)
     except TypeError as exc:

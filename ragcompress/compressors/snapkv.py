@@ -48,6 +48,13 @@ class SnapKVCompressor(ScorerCompressor):
     def score(self, kv: PassageKV, context: CompressionContext) -> torch.Tensor:
         n = kv.num_tokens
         window = min(self.window, n)
-        probe = run_probe(context.encoder, kv, context.token_ids[n - window :], context_len=n - window,
-                          score_len=n, query_reduce="mean", group_reduce="mean")
+        probe = run_probe(
+            context.encoder,
+            kv,
+            context.token_ids[n - window :],
+            context_len=n - window,
+            score_len=n,
+            query_reduce="mean",
+            group_reduce="mean",
+        )
         return pool_scores(probe.attention, self.kernel)

@@ -34,8 +34,9 @@ class AssembledCache:
     kv_mask: torch.Tensor | None
 
 
-def assemble(config, rotary: Rotary, prefix_keys: torch.Tensor, prefix: PassageKV,
-             segments: list[PassageKV], dtype: torch.dtype) -> AssembledCache:
+def assemble(
+    config, rotary: Rotary, prefix_keys: torch.Tensor, prefix: PassageKV, segments: list[PassageKV], dtype: torch.dtype
+) -> AssembledCache:
     """Write the (already rotated) prefix and the rotated segments into one cache per layer.
 
     prefix_keys: ``[layers, kv_heads, P, head_dim]`` prefix keys rotated to positions ``0..P-1``.
@@ -56,10 +57,13 @@ def assemble(config, rotary: Rotary, prefix_keys: torch.Tensor, prefix: PassageK
     values[:, :, :p] = prefix.values
     row = p
     for kv, width, start in zip(segments, widths, starts, strict=True):
-        rotary.rotate_layers(kv.keys, kv.positions + start, out=keys[:, :, row:row + width])
-        values[:, :, row:row + width] = kv.values
+        rotary.rotate_layers(kv.keys, kv.positions + start, out=keys[:, :, row : row + width])
+        values[:, :, row : row + width] = kv.values
         row += width
     mask = torch.cat([prefix.valid_mask()] + [kv.valid_mask() for kv in segments], dim=2)
-    cache = build_dynamic_cache(config, [keys[layer].unsqueeze(0) for layer in range(layers)],
-                                [values[layer].unsqueeze(0) for layer in range(layers)])
+    cache = build_dynamic_cache(
+        config,
+        [keys[layer].unsqueeze(0) for layer in range(layers)],
+        [values[layer].unsqueeze(0) for layer in range(layers)],
+    )
     return AssembledCache(cache, position, None if bool(mask.all()) else mask.to(device))

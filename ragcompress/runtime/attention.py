@@ -36,8 +36,14 @@ def allowed_keys(kv_mask: torch.Tensor, q_heads: int, q_len: int, total: int) ->
     return allowed.unsqueeze(0)
 
 
-def ragged_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+def ragged_attention(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
     """query ``[B, Hq, q, d]``, key/value ``[B, Hkv, total, d]``; see the module docstring."""
     packed = kwargs.pop(PACKED_KWARG, None)
     if packed is not None:  # quantized segments beside a cache of prefix + new tokens (runtime/packed.py)

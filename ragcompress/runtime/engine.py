@@ -42,8 +42,7 @@ class Answer:
     token_ids: list[int] = field(repr=False)
 
     def to_json(self) -> dict[str, Any]:
-        return {"answer": self.answer, "passage_ids": self.passage_ids,
-                "ttft_s": self.ttft_s, "total_s": self.total_s}
+        return {"answer": self.answer, "passage_ids": self.passage_ids, "ttft_s": self.ttft_s, "total_s": self.total_s}
 
 
 class Engine:
@@ -66,8 +65,10 @@ class Engine:
         self.prefix = store.prefix_kv(self.dtype)
         self.prefix_ids = self.tokens.prefix()
         if len(self.prefix_ids) != self.prefix.num_tokens:
-            raise StoreError(f"store {store.path}: prefix cache has {self.prefix.num_tokens} tokens, "
-                             f"the template gives {len(self.prefix_ids)}; rebuild the store")
+            raise StoreError(
+                f"store {store.path}: prefix cache has {self.prefix.num_tokens} tokens, "
+                f"the template gives {len(self.prefix_ids)}; rebuild the store"
+            )
         self.prefix_keys = self.rotary.rotate_layers(self.prefix.keys, self.prefix.positions).to(lm.model.device)
         # the prefix values live where the model does, once, not copied over on every request
         self.prefix = replace(self.prefix, values=self.prefix.values.to(lm.model.device))
@@ -125,8 +126,9 @@ class Engine:
         text = self.lm.tokenizer.decode(generation.token_ids, skip_special_tokens=True).strip()
         return Answer(text, [e.id for e in entries], generation.ttft_s, generation.total_s, generation.token_ids)
 
-    def answer_cached(self, question: str, entries: list[Entry],
-                      recompute: RecomputeConfig | float | None = None) -> Answer:
+    def answer_cached(
+        self, question: str, entries: list[Entry], recompute: RecomputeConfig | float | None = None
+    ) -> Answer:
         """Answer from stored caches: only the question's tokens are prefilled.
 
         ``recompute`` (a ratio or a :class:`RecomputeConfig`; default :attr:`recompute`) repairs
@@ -141,12 +143,14 @@ class Engine:
         t0 = time.perf_counter()
         segments = [self.store.load_kv(entry, self.dtype) for entry in entries]
         built = assemble(self.lm.config, self.rotary, self.prefix_keys, self.prefix, segments, self.dtype)
-        generation = repair(self, built, segments, entries, self.recompute if recompute is None else recompute,
-                            suffix, t0)  # with a recompute, the question rides in its pass
+        generation = repair(
+            self, built, segments, entries, self.recompute if recompute is None else recompute, suffix, t0
+        )  # with a recompute, the question rides in its pass
         if generation is None:
             extra = {} if built.kv_mask is None else {KV_MASK_KWARG: built.kv_mask}
-            generation = greedy_decode(self.lm.model, suffix, built.cache, built.next_position,
-                                       self.max_new_tokens, self.stop_ids, t0, **extra)
+            generation = greedy_decode(
+                self.lm.model, suffix, built.cache, built.next_position, self.max_new_tokens, self.stop_ids, t0, **extra
+            )
         return self._answer(generation, entries)
 
     def full_prompt_ids(self, question: str, entries: list[Entry]) -> list[int]:

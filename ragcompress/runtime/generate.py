@@ -38,29 +38,52 @@ def stop_token_ids(tokenizer: Any, model: Any) -> set[int]:
     return ids
 
 
-def forward_step(model: Any, input_ids: torch.Tensor, cache: Any, start_position: int,
-                 **attention_kwargs: Any) -> torch.Tensor:
+def forward_step(
+    model: Any, input_ids: torch.Tensor, cache: Any, start_position: int, **attention_kwargs: Any
+) -> torch.Tensor:
     """Run ``input_ids [1, q]`` at positions ``start_position…``; returns last logits ``[vocab]``."""
     q = input_ids.shape[1]
     position_ids = torch.arange(start_position, start_position + q, device=model.device).unsqueeze(0)
-    out = model(input_ids=input_ids.to(model.device), position_ids=position_ids, cache=cache, use_cache=True,
-                logits_to_keep=1, **attention_kwargs)
+    out = model(
+        input_ids=input_ids.to(model.device),
+        position_ids=position_ids,
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+        **attention_kwargs,
+    )
     return out.logits[0, -1]
 
 
 @torch.inference_mode()
-def greedy_decode(model: Any, input_ids: list[int], cache: Any, start_position: int,
-                  max_new_tokens: int, stop_ids: set[int], t0: float,
-                  **attention_kwargs: Any) -> Generation:
+def greedy_decode(
+    model: Any,
+    input_ids: list[int],
+    cache: Any,
+    start_position: int,
+    max_new_tokens: int,
+    stop_ids: set[int],
+    t0: float,
+    **attention_kwargs: Any,
+) -> Generation:
     """Prefill ``input_ids`` on top of ``cache`` and decode greedily until a stop id."""
     logits = forward_step(model, torch.tensor([input_ids]), cache, start_position, **attention_kwargs)
-    return continue_greedy(model, logits, cache, start_position + len(input_ids), max_new_tokens, stop_ids, t0,
-                           **attention_kwargs)
+    return continue_greedy(
+        model, logits, cache, start_position + len(input_ids), max_new_tokens, stop_ids, t0, **attention_kwargs
+    )
 
 
 @torch.inference_mode()
-def continue_greedy(model: Any, logits: torch.Tensor, cache: Any, position: int, max_new_tokens: int,
-                    stop_ids: set[int], t0: float, **attention_kwargs: Any) -> Generation:
+def continue_greedy(
+    model: Any,
+    logits: torch.Tensor,
+    cache: Any,
+    position: int,
+    max_new_tokens: int,
+    stop_ids: set[int],
+    t0: float,
+    **attention_kwargs: Any,
+) -> Generation:
     """Greedy decoding from already computed first logits (the prefill's, or a recompute pass
     that carried the question); TTFT is taken when the first token is known."""
     token = int(logits.argmax())

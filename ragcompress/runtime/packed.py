@@ -113,7 +113,11 @@ def read_quantized(blob: bytes) -> QuantizedBlob:
             v_codes=scatter(tensors["v_codes"], rows, (d // pb,), torch.uint8),
             v_scale=scatter(tensors["v_scale"], rows, (d // v_group,), torch.float16),
             v_min=scatter(tensors["v_min"], rows, (d // v_group,), torch.float16),
-            offsets=offsets, lengths=lengths.to(torch.int32), num_tokens=num_tokens, quant=quant, v_group=v_group,
+            offsets=offsets,
+            lengths=lengths.to(torch.int32),
+            num_tokens=num_tokens,
+            quant=quant,
+            v_group=v_group,
         )
     except KeyError as exc:
         raise CorruptSegmentError(f"segment blob lacks tensor {exc}") from exc
@@ -153,8 +157,14 @@ class PackedSegments:
             raise ValueError(f"backend {self.backend!r} is not one of: {', '.join(BACKENDS)}")
 
     @classmethod
-    def from_blobs(cls, blobs: list[QuantizedBlob], start: int, rotary: Rotary,
-                   device: torch.device | str = "cpu", backend: str = "auto") -> PackedSegments:
+    def from_blobs(
+        cls,
+        blobs: list[QuantizedBlob],
+        start: int,
+        rotary: Rotary,
+        device: torch.device | str = "cpu",
+        backend: str = "auto",
+    ) -> PackedSegments:
         """Lay ``blobs`` side by side after a prefix of ``start`` tokens."""
         if not blobs:
             raise ValueError("no segments to pack")
@@ -183,10 +193,15 @@ class PackedSegments:
         tables = rope_tables(rotary, layers, position)
         packed = [
             QuantizedSegments(
-                **{name: t[layer] for name, t in tensors.items()}, positions=positions[layer],
-                seg_start=seg_start_t, seg_len=lengths[layer],
-                cos=tables[layer][0].to(device), sin=tables[layer][1].to(device),
-                bits=first.quant.bits, group_size=first.quant.group_size, v_group=first.v_group,
+                **{name: t[layer] for name, t in tensors.items()},
+                positions=positions[layer],
+                seg_start=seg_start_t,
+                seg_len=lengths[layer],
+                cos=tables[layer][0].to(device),
+                sin=tables[layer][1].to(device),
+                bits=first.quant.bits,
+                group_size=first.quant.group_size,
+                v_group=first.v_group,
                 seg_start_host=tuple(seg_start),
             )
             for layer in range(layers)
@@ -201,19 +216,33 @@ class PackedSegments:
         first = self.layers[0]
         if self.stacked and all(seg.cos is first.cos and seg.sin is first.sin for seg in self.layers):
             s = self.stacked
-            keys, values = dequantize_rows_ref(s["k_codes"], s["k_scale"], s["k_min"], s["v_codes"], s["v_scale"],
-                                               s["v_min"], s["positions"], first.cos, first.sin, first.bits,
-                                               first.group_size, first.v_group)
+            keys, values = dequantize_rows_ref(
+                s["k_codes"],
+                s["k_scale"],
+                s["k_min"],
+                s["v_codes"],
+                s["v_scale"],
+                s["v_min"],
+                s["positions"],
+                first.cos,
+                first.sin,
+                first.bits,
+                first.group_size,
+                first.v_group,
+            )
             valid = valid_rows_ref(first.seg_start_host, s["seg_len"])
         else:  # per-layer RoPE tables (e.g. Gemma-3 local/global layers)
             keys, values, valid = (torch.stack(x) for x in zip(*map(dequantize_segments_ref, self.layers), strict=True))
         keys, values, valid = drop_padding_rows(keys, values, valid)
         keys, values = keys.to(dtype), values.to(dtype)
-        return [(keys[layer], values[layer], None if valid is None or bool(valid[layer].all()) else valid[layer])
-                for layer in range(len(self.layers))]
+        return [
+            (keys[layer], values[layer], None if valid is None or bool(valid[layer].all()) else valid[layer])
+            for layer in range(len(self.layers))
+        ]
 
-    def attend(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               scale: float) -> torch.Tensor:
+    def attend(
+        self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
+    ) -> torch.Tensor:
         """query ``[B, Hq, q, d]``, key/value ``[B, H, T, d]`` (prefix + new) -> ``[B, q, Hq, d]``."""
         seg = self.layers[layer_idx]
         backend = self.backend
@@ -231,8 +260,12 @@ def packed_applies(engine: Any, recompute: Any = None) -> bool:
     Triton installed, a quantized store, and no selective recompute (which edits assembled rows)."""
     from ragcompress.runtime.recompute import RecomputeConfig
 
-    return (engine.lm.model.device.type == "cuda" and HAS_TRITON and engine.store.quant.bits is not None
-            and not RecomputeConfig.coerce(recompute).active)
+    return (
+        engine.lm.model.device.type == "cuda"
+        and HAS_TRITON
+        and engine.store.quant.bits is not None
+        and not RecomputeConfig.coerce(recompute).active
+    )
 
 
 def answer_packed(engine: Any, question: str, entries: list, backend: str = "auto") -> Any:
@@ -256,6 +289,14 @@ def answer_packed(engine: Any, question: str, entries: list, backend: str = "aut
         [engine.prefix_keys[layer].unsqueeze(0).to(device, engine.dtype) for layer in range(layers)],
         [engine.prefix.values[layer].unsqueeze(0).to(device, engine.dtype) for layer in range(layers)],
     )
-    generation = greedy_decode(engine.lm.model, suffix, cache, packed.next_position, engine.max_new_tokens,
-                               engine.stop_ids, t0, **{PACKED_KWARG: packed})
+    generation = greedy_decode(
+        engine.lm.model,
+        suffix,
+        cache,
+        packed.next_position,
+        engine.max_new_tokens,
+        engine.stop_ids,
+        t0,
+        **{PACKED_KWARG: packed},
+    )
     return engine._answer(generation, entries)

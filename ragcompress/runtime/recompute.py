@@ -177,8 +177,9 @@ class _BlendCache:
         self.uniform = uniform
         self.new_tokens = new_tokens
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
-               *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         layer = self.layers[layer_idx]
         if self.new_tokens:
             split = key_states.shape[2] - self.new_tokens
@@ -197,9 +198,17 @@ class _BlendCache:
         return keys, values
 
 
-def _run_layers(model: Any, rotary: Rotary, layout: _Layout, cache: Any, tokens: torch.Tensor,
-                hidden: torch.Tensor, start: int, stop: int,
-                new_pos: torch.Tensor | None = None) -> torch.Tensor:
+def _run_layers(
+    model: Any,
+    rotary: Rotary,
+    layout: _Layout,
+    cache: Any,
+    tokens: torch.Tensor,
+    hidden: torch.Tensor,
+    start: int,
+    stop: int,
+    new_pos: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Carry ``hidden [1, S (+ Q), D]`` of passage ``tokens [S]`` (then of ``Q`` new tokens at
     ``new_pos``, appended to the cache) through layers ``start … stop-1``."""
     layers = model.model.layers
@@ -215,14 +224,21 @@ def _run_layers(model: Any, rotary: Rotary, layout: _Layout, cache: Any, tokens:
         if kind not in rope:
             cos, sin = rotary.cos_sin(positions, index)
             rope[kind] = (cos.to(hidden.dtype), sin.to(hidden.dtype))
-        out = layers[index](hidden, attention_mask=masks[index], position_ids=positions,
-                            cache=blend_cache, use_cache=True, position_embeddings=rope[kind])
+        out = layers[index](
+            hidden,
+            attention_mask=masks[index],
+            position_ids=positions,
+            cache=blend_cache,
+            use_cache=True,
+            position_embeddings=rope[kind],
+        )
         hidden = out[0] if isinstance(out, tuple) else out
     return hidden
 
 
-def _deviation(model: Any, layout: _Layout, cache: Any, tokens: torch.Tensor, hidden: torch.Tensor,
-               layer_idx: int) -> torch.Tensor:
+def _deviation(
+    model: Any, layout: _Layout, cache: Any, tokens: torch.Tensor, hidden: torch.Tensor, layer_idx: int
+) -> torch.Tensor:
     """``[S]`` squared distance between the fresh and the stored values at ``layer_idx``,
     averaged over the KV heads that keep the token."""
     layer = model.model.layers[layer_idx]
@@ -242,8 +258,7 @@ def _deviation(model: Any, layout: _Layout, cache: Any, tokens: torch.Tensor, hi
     return diff.sum(0) / kept.sum(0).clamp(min=1)
 
 
-def select_tokens(deviation: torch.Tensor, candidates: torch.Tensor, sinks: torch.Tensor,
-                  budget: int) -> torch.Tensor:
+def select_tokens(deviation: torch.Tensor, candidates: torch.Tensor, sinks: torch.Tensor, budget: int) -> torch.Tensor:
     """Sinks plus the ``budget - len(sinks)`` candidates of largest ``deviation`` (``[len(candidates)]``).
 
     Ties are broken by position (stable sort), so the selection is deterministic. Returns sorted
@@ -258,9 +273,18 @@ def select_tokens(deviation: torch.Tensor, candidates: torch.Tensor, sinks: torc
 
 
 @torch.inference_mode()
-def blend(model: Any, rotary: Rotary, built: AssembledCache, prefix: PassageKV,
-          segments: list[PassageKV], token_ids: list[list[int]], config: RecomputeConfig,
-          *, first_exact: bool = False, suffix: list[int] | None = None) -> BlendReport:
+def blend(
+    model: Any,
+    rotary: Rotary,
+    built: AssembledCache,
+    prefix: PassageKV,
+    segments: list[PassageKV],
+    token_ids: list[list[int]],
+    config: RecomputeConfig,
+    *,
+    first_exact: bool = False,
+    suffix: list[int] | None = None,
+) -> BlendReport:
     """Recompute selected passage tokens of ``built`` in place (see the module docstring).
 
     token_ids:   the token ids of every segment's passage (``len == seg.num_tokens``)
@@ -315,12 +339,12 @@ def blend(model: Any, rotary: Rotary, built: AssembledCache, prefix: PassageKV,
     new_pos = torch.arange(built.next_position, built.next_position + len(suffix))
     suffix_ids = torch.tensor([suffix], dtype=torch.long)
     if start > 0:  # the question's layers below the check layer run alone, before joining
-        question = _run_layers(model, rotary, layout, built.cache, selected[:0], embed(suffix_ids), 0, start,
-                               new_pos)
+        question = _run_layers(model, rotary, layout, built.cache, selected[:0], embed(suffix_ids), 0, start, new_pos)
     else:
         question = embed(suffix_ids)
-    hidden = _run_layers(model, rotary, layout, built.cache, selected, torch.cat([hidden, question], dim=1),
-                         start, layers, new_pos)
+    hidden = _run_layers(
+        model, rotary, layout, built.cache, selected, torch.cat([hidden, question], dim=1), start, layers, new_pos
+    )
     logits = _lm_head(model, hidden[:, -1:])
     return BlendReport(selected, int(candidates.numel()), total, logits)
 
@@ -334,9 +358,15 @@ def _lm_head(model: Any, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def repair(engine: Any, built: AssembledCache, segments: list[PassageKV], entries: list[Any],
-           recompute: RecomputeConfig | float | None, suffix: list[int] | None = None,
-           t0: float | None = None) -> Generation | None:
+def repair(
+    engine: Any,
+    built: AssembledCache,
+    segments: list[PassageKV],
+    entries: list[Any],
+    recompute: RecomputeConfig | float | None,
+    suffix: list[int] | None = None,
+    t0: float | None = None,
+) -> Generation | None:
     """What :meth:`Engine.answer_cached` runs between assembling the cache and the question's
     prefill: the selective recompute, then the APE temperature on the passage rows.
 
@@ -351,15 +381,30 @@ def repair(engine: Any, built: AssembledCache, segments: list[PassageKV], entrie
     report = None
     if config.recomputes:
         token_ids = [engine.tokens.passage(entry.text) for entry in entries]
-        report = blend(engine.lm.model, engine.rotary, built, engine.prefix, segments, token_ids, config,
-                       first_exact=engine.store.quant.scheme == "none", suffix=suffix if fuse else None)
+        report = blend(
+            engine.lm.model,
+            engine.rotary,
+            built,
+            engine.prefix,
+            segments,
+            token_ids,
+            config,
+            first_exact=engine.store.quant.scheme == "none",
+            suffix=suffix if fuse else None,
+        )
     if report is not None and report.logits is not None:
         extra = {} if built.kv_mask is None else {KV_MASK_KWARG: built.kv_mask}
-        return continue_greedy(engine.lm.model, report.logits, built.cache,
-                               built.next_position + len(suffix or ()), engine.max_new_tokens,
-                               engine.stop_ids, t0 or 0.0, **extra)
+        return continue_greedy(
+            engine.lm.model,
+            report.logits,
+            built.cache,
+            built.next_position + len(suffix or ()),
+            engine.max_new_tokens,
+            engine.stop_ids,
+            t0 or 0.0,
+            **extra,
+        )
     prefix_rows = engine.prefix.keys.shape[2]
     stop = prefix_rows + sum(seg.keys.shape[2] for seg in segments)
     scale_context_keys(built.cache, prefix_rows, stop, config.temperature)
     return None
-

@@ -95,8 +95,9 @@ class Catalogue:
         try:
             yield
         except sqlite3.DatabaseError as exc:
-            raise StoreError(f"catalogue {self.path} cannot be read ({exc}); "
-                             f"run `ragcompress verify` or rebuild the store") from None
+            raise StoreError(
+                f"catalogue {self.path} cannot be read ({exc}); run `ragcompress verify` or rebuild the store"
+            ) from None
 
     def close(self) -> None:
         if hasattr(self, "db"):
@@ -148,8 +149,10 @@ class Catalogue:
                 rows = np.fromiter((r for r, _ in chunk), dtype=np.int64, count=len(chunk))
                 sizes = {len(b) for _, b in chunk}
                 if len(sizes) != 1 or next(iter(sizes)) % 4:
-                    raise StoreError(f"catalogue {self.path}: embeddings of rows {rows[0]}..{rows[-1]} "
-                                     "have inconsistent sizes; rebuild the store")
+                    raise StoreError(
+                        f"catalogue {self.path}: embeddings of rows {rows[0]}..{rows[-1]} "
+                        "have inconsistent sizes; rebuild the store"
+                    )
                 vectors = np.frombuffer(b"".join(b for _, b in chunk), dtype=np.float32)
                 yield rows, vectors.reshape(len(chunk), -1)
 

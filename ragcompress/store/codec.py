@@ -103,8 +103,7 @@ def _metadata(blob: bytes) -> dict[str, str]:
     return meta
 
 
-def decode(blob: bytes, dtype: torch.dtype = torch.float32,
-           shape: tuple[int, int, int] | None = None) -> PassageKV:
+def decode(blob: bytes, dtype: torch.dtype = torch.float32, shape: tuple[int, int, int] | None = None) -> PassageKV:
     """Inverse of :func:`encode`; keys come back un-rotated, as ``dtype``.
 
     ``shape`` is the expected ``(layers, kv_heads, head_dim)`` (a store passes its manifest's).

@@ -137,8 +137,10 @@ def create_store(path: Path, manifest: Manifest, prefix_kv: PassageKV) -> None:
         try:
             os.replace(tmp, path)
         except OSError:
-            raise StoreError(f"store {path} was created by another process meanwhile; "
-                             "one writer at a time, retry when it has finished") from None
+            raise StoreError(
+                f"store {path} was created by another process meanwhile; "
+                "one writer at a time, retry when it has finished"
+            ) from None
         fsync_dir(path.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -341,14 +343,22 @@ class StoreWriter:
         rows = []
         for item in items:
             shard, offset = self.shards.append(item["blob"])
-            rows.append({
-                "id": item["id"], "title": item["title"], "text": item["text"],
-                "meta": json.dumps(item["meta"], sort_keys=True, ensure_ascii=False),
-                "text_sha": item["text_sha"], "shard": shard, "offset": offset,
-                "length": len(item["blob"]), "checksum": checksum(item["blob"]),
-                "num_tokens": item["num_tokens"], "kept": item["kept"],
-                "embedding": np.ascontiguousarray(item["embedding"], dtype=np.float32).tobytes(),
-            })
+            rows.append(
+                {
+                    "id": item["id"],
+                    "title": item["title"],
+                    "text": item["text"],
+                    "meta": json.dumps(item["meta"], sort_keys=True, ensure_ascii=False),
+                    "text_sha": item["text_sha"],
+                    "shard": shard,
+                    "offset": offset,
+                    "length": len(item["blob"]),
+                    "checksum": checksum(item["blob"]),
+                    "num_tokens": item["num_tokens"],
+                    "kept": item["kept"],
+                    "embedding": np.ascontiguousarray(item["embedding"], dtype=np.float32).tobytes(),
+                }
+            )
         self.shards.sync()
         self.catalogue.add(rows)
 

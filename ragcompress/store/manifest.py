@@ -89,8 +89,14 @@ class Manifest:
                 f"{FORMAT_VERSION}; rebuild the store with `ragcompress index --overwrite`"
             )
         expected = {
-            "model_ref": str, "model_fingerprint": str, "tokenizer_hash": str, "template": dict,
-            "compression": dict, "embedder": str, "model_shape": dict, "created": str,
+            "model_ref": str,
+            "model_fingerprint": str,
+            "tokenizer_hash": str,
+            "template": dict,
+            "compression": dict,
+            "embedder": str,
+            "model_shape": dict,
+            "created": str,
         }
         for key, kind in expected.items():
             if not isinstance(data.get(key), kind):
@@ -145,7 +151,9 @@ class Manifest:
         for what, ours, theirs, our_name, their_name in pairs:
             if ours != theirs:
                 ours_s = f"{our_name} ({str(ours)[:16]})" if our_name else json.dumps(ours, sort_keys=True)[:200]
-                theirs_s = f"{their_name} ({str(theirs)[:16]})" if their_name else json.dumps(theirs, sort_keys=True)[:200]
+                theirs_s = (
+                    f"{their_name} ({str(theirs)[:16]})" if their_name else json.dumps(theirs, sort_keys=True)[:200]
+                )
                 raise StoreMismatchError(
                     f"store was built with {what} {ours_s}, this run uses {theirs_s}; "
                     "use the store's settings, another --store, or --overwrite"

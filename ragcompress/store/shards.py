@@ -52,8 +52,9 @@ def read_blob(root: Path, name: str, offset: int, length: int, expected: str, pa
     if not isinstance(name, str) or not is_shard_name(name):
         raise CorruptSegmentError(f"{where}: catalogue names shard {name!r}, which is not a valid shard name")
     if not isinstance(offset, int) or not isinstance(length, int) or offset < 0 or length <= 0:
-        raise CorruptSegmentError(f"{where}: catalogue row has an invalid location "
-                                  f"(shard {name}, offset {offset!r}, length {length!r})")
+        raise CorruptSegmentError(
+            f"{where}: catalogue row has an invalid location (shard {name}, offset {offset!r}, length {length!r})"
+        )
     path = shard_path(root, name)
     try:
         with open(path, "rb") as handle:

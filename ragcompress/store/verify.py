@@ -67,8 +67,14 @@ class VerifyReport:
         return not self.problems
 
     def to_json(self) -> dict[str, Any]:
-        return {"ok": self.ok, "store": self.store, "passages": self.passages, "shards": self.shards,
-                "problems": [asdict(p) for p in self.problems], "notes": list(self.notes)}
+        return {
+            "ok": self.ok,
+            "store": self.store,
+            "passages": self.passages,
+            "shards": self.shards,
+            "problems": [asdict(p) for p in self.problems],
+            "notes": list(self.notes),
+        }
 
 
 def _check_prefix(root: Path, manifest: Manifest, shape: tuple[int, int, int], problems: list[Problem]) -> None:
@@ -88,15 +94,17 @@ def _check_prefix(root: Path, manifest: Manifest, shape: tuple[int, int, int], p
         problems.append(Problem("prefix", str(exc)))
 
 
-def _check_segments(root: Path, catalogue: Catalogue, shape: tuple[int, int, int],
-                    problems: list[Problem]) -> tuple[int, dict[str, int], int | None]:
+def _check_segments(
+    root: Path, catalogue: Catalogue, shape: tuple[int, int, int], problems: list[Problem]
+) -> tuple[int, dict[str, int], int | None]:
     """Every catalogue row against its blob; returns (rows, committed end per shard, embedding dim)."""
     ends: dict[str, int] = {}
     dim: int | None = None
     count = 0
     cursor = catalogue.db.execute(
         "SELECT id, text, text_sha, shard, offset, length, checksum, num_tokens, kept, "
-        "length(embedding) FROM passages ORDER BY row")
+        "length(embedding) FROM passages ORDER BY row"
+    )
     for pid, text, text_sha, shard, offset, length, digest, num_tokens, kept, emb_bytes in cursor:
         count += 1
 
@@ -125,21 +133,27 @@ def _check_segments(root: Path, catalogue: Catalogue, shape: tuple[int, int, int
             fail(str(exc))
             continue
         if kv.num_tokens != num_tokens or kv.kept_tokens != kept:
-            fail(f"blob holds {kv.num_tokens} tokens / {kv.kept_tokens} kept, "
-                 f"its catalogue row says {num_tokens} / {kept}")
+            fail(
+                f"blob holds {kv.num_tokens} tokens / {kv.kept_tokens} kept, "
+                f"its catalogue row says {num_tokens} / {kept}"
+            )
     return count, ends, dim
 
 
 def _check_shard_files(root: Path, ends: dict[str, int], notes: list[str]) -> None:
     directory = root / SHARD_DIR
-    present = {p.name: p.stat().st_size for p in directory.iterdir() if is_shard_name(p.name)} if directory.is_dir() else {}
+    present = (
+        {p.name: p.stat().st_size for p in directory.iterdir() if is_shard_name(p.name)} if directory.is_dir() else {}
+    )
     for name, size in sorted(present.items()):
         end = ends.get(name)
         if end is None:
             notes.append(f"shard {name} holds {size} uncommitted bytes (a killed write); the next writer removes it")
         elif size > end:
-            notes.append(f"shard {name} has {size - end} bytes past its last committed blob (a killed write); "
-                         "the next writer truncates them")
+            notes.append(
+                f"shard {name} has {size - end} bytes past its last committed blob (a killed write); "
+                "the next writer truncates them"
+            )
 
 
 def _check_index(root: Path, catalogue: Catalogue, count: int, problems: list[Problem], notes: list[str]) -> None:
