@@ -28,30 +28,29 @@ import re
 import shutil
 import statistics
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from common import KVPRESS, SQUAD, pick_questions, plot_against_compression, row_name, side_row
 
 from ragcompress.compressors import CompressionContext, make_compressor
-from ragcompress.encoder import PassageEncoder
-from ragcompress.evaluation import Question, f1, read_questions, sub_em
-from ragcompress.indexing import IndexConfig, build_manifest, fp16_bytes_per_token
-from ragcompress.inputs import PassageInput, iter_passages
-from ragcompress.kv import PassageKV
+from ragcompress.evaluation import Question, f1, sub_em
+from ragcompress.indexing import IndexConfig, build_manifest
+from ragcompress.indexing.encoder import PassageEncoder
+from ragcompress.indexing.inputs import PassageInput, iter_passages
+from ragcompress.kv import ModelShape, PassageKV
+from ragcompress.kv.quant import QuantConfig
 from ragcompress.models import LoadedModel, load_model, resolve_model_dir
 from ragcompress.prompt import PromptTemplate
-from ragcompress.quant import QuantConfig
 from ragcompress.retrieval import Embedder
 from ragcompress.runtime.engine import Engine
-from ragcompress.store import KVStore, StoreWriter, create_store
+from ragcompress.runtime.options import AnswerOptions
+from ragcompress.store import KVStore, PassageRecord, StoreWriter, create_store
 from ragcompress.store.codec import encode
 
-SQUAD = Path(__file__).resolve().parents[2] / "shared" / "data" / "squad-dev"
-KVPRESS = "kvpress-"  # scores computed by benchmarks/kvpress_scores.py with NVIDIA kvpress's presses
 METHODS = ["kvzip", "adaptive:kvzip", "global:kvzip", "snapkv", "expected-attention", "knorm", "streaming"]
 
 
@@ -70,13 +69,6 @@ class Bench:
     token_ids: dict[str, list[int]]
     full: dict[str, PassageKV]
     workdir: Path
-
-
-def pick_questions(path: Path, n: int) -> list[Question]:
-    """``n`` evenly spaced questions (the file is grouped by article)."""
-    all_questions = read_questions(path)
-    step = len(all_questions) / n
-    return [all_questions[int(i * step)] for i in range(min(n, len(all_questions)))]
 
 
 def setup(model: str | None, n_questions: int, top_k: int, workdir: Path, data: Path = SQUAD) -> Bench:
@@ -132,10 +124,6 @@ def setup(model: str | None, n_questions: int, top_k: int, workdir: Path, data: 
     )
 
 
-def row_name(method: str, ratio: float | None, quant: str) -> str:
-    return f"{re.sub(r'[^A-Za-z0-9.-]+', '-', method).strip('-')}_{ratio if ratio is not None else 1.0}_{quant}"
-
-
 def parse_method(method: str) -> tuple[str, dict[str, Any]]:
     """``"global:kvzip[keep_last=0,floor=0.1]"`` -> ``("global:kvzip", {"keep_last": 0, "floor": 0.1})``:
     a row may override a method's parameters (a sweep) and stays a separate row."""
@@ -153,32 +141,39 @@ def build_store(bench: Bench, path: Path, config: IndexConfig, kept: dict[str, P
     """A real store holding ``kept`` caches (already compressed) for the needed passages."""
     if path.exists():
         shutil.rmtree(path)
-    create_store(path, build_manifest(bench.lm, bench.template, config, bench.embedder.name), bench.encoder.prefix_kv)
-    quant = QuantConfig(config.quant, config.group_size)
-    items = []
+    create_store(path, build_manifest(bench.lm, bench.template, config), bench.encoder.prefix_kv)
+    quant = config.quant_config()
+    records = []
     for pid, kv in kept.items():
         p = bench.passages[pid]
-        items.append(
-            {
-                "id": p.id,
-                "title": p.title,
-                "text": p.text,
-                "meta": p.meta,
-                "text_sha": p.text_sha,
-                "blob": encode(kv, quant),
-                "num_tokens": kv.num_tokens,
-                "kept": kv.kept_tokens,
-                "embedding": bench.vectors[pid],
-            }
+        records.append(
+            PassageRecord(
+                id=p.id,
+                title=p.title,
+                text=p.text,
+                meta=p.meta,
+                text_sha=p.text_sha,
+                blob=encode(kv, quant),
+                num_tokens=kv.num_tokens,
+                kept=kv.kept_tokens,
+                embedding=bench.vectors[pid],
+            )
         )
     with StoreWriter(path) as writer:
-        writer.add(items)
+        writer.add(records)
         writer.write_index()
+
+
+def open_engine(bench: Bench, store: KVStore, max_new_tokens: int) -> Engine:
+    """An engine over ``store`` sharing the loaded model, warmed up like ``Engine.open``."""
+    engine = Engine(store, bench.lm, bench.embedder, AnswerOptions(max_new_tokens=max_new_tokens))
+    engine.warm_up()
+    return engine
 
 
 def answer_rows(bench: Bench, path: Path, max_new_tokens: int) -> tuple[list[dict[str, Any]], float]:
     with KVStore.open(path) as store:
-        engine = Engine(store, bench.lm, bench.embedder, max_new_tokens=max_new_tokens)
+        engine = open_engine(bench, store, max_new_tokens)
         rows = []
         for q, pids in zip(bench.questions, bench.retrieved, strict=False):
             entries = [store.entry(pid) for pid in pids]
@@ -191,7 +186,7 @@ def answer_rows(bench: Bench, path: Path, max_new_tokens: int) -> tuple[list[dic
 
 def full_answers(bench: Bench, path: Path, max_new_tokens: int) -> list[str]:
     with KVStore.open(path) as store:
-        engine = Engine(store, bench.lm, bench.embedder, max_new_tokens=max_new_tokens)
+        engine = open_engine(bench, store, max_new_tokens)
         return [
             engine.answer_full(q.question, [store.entry(p) for p in pids]).answer
             for q, pids in zip(bench.questions, bench.retrieved, strict=False)
@@ -262,49 +257,6 @@ def indexing_times(bench: Bench, methods: list[str], ratio: float, passages: int
     return {m: statistics.median(v) for m, v in times.items()}
 
 
-def plot_against_compression(
-    rows: dict[str, dict],
-    metric: str,
-    ylabel: str,
-    path: Path,
-    title: str,
-    include: Callable[[dict], bool],
-    extra: Callable[[Any], None] | None = None,
-    **style: Any,
-) -> None:
-    """One line per method (``fp16`` solid, ``int4`` dashed) of ``metric`` against compression,
-    over the rows ``include`` accepts; ``extra(ax)`` adds reference marks. Shared by the
-    quality (sub-EM) and fidelity (KL) plots."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    kept = [r for r in rows.values() if include(r)]
-    for i, method in enumerate(dict.fromkeys(r["method"] for r in kept)):
-        for quant, line in (("fp16", "-o"), ("int4", "--s")):
-            pts = sorted((r["compression"], r[metric]) for r in kept if r["method"] == method and r["quant"] == quant)
-            if pts:
-                ax.plot(
-                    *zip(*pts, strict=True),
-                    line,
-                    color=f"C{i}",
-                    label=f"{method}{' + int4' if quant == 'int4' else ''}",
-                    **style,
-                )
-    if extra is not None:
-        extra(ax)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("compression (fp16 bytes / stored bytes, scales and positions included)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-
-
 def plot(results: dict[str, Any], path: Path, title: str) -> None:
     """sub-EM against compression, with ``none`` (ratio 1.0) and full prefill marked."""
     rows = results["rows"]
@@ -334,11 +286,6 @@ def plot(results: dict[str, Any], path: Path, title: str) -> None:
         alpha=0.9,
         markersize=4,
     )
-
-
-def side_row(method: str) -> bool:
-    """kvpress scores and parameter sweeps: in the tables, left out of the plots (legibility)."""
-    return KVPRESS in method or "[" in method
 
 
 def table(results: dict[str, Any]) -> str:
@@ -409,7 +356,7 @@ def main() -> None:
     results["recall_at_k"] = sum(
         q.passage_id in r for q, r in zip(bench.questions, bench.retrieved, strict=False)
     ) / len(bench.questions)
-    fp16 = float(fp16_bytes_per_token(bench.lm.config))
+    fp16 = float(ModelShape.from_config(bench.lm.config).fp16_bytes_per_token)
 
     def save() -> None:
         results_path.write_text(json.dumps(results, indent=1))

@@ -113,7 +113,12 @@ def worker_index(model_dir: str, corpus: str, store: str, batch_size: int) -> di
     start = time.perf_counter()
     with PeakSampler() as sampler:
         report = index(
-            corpus, store, lm=lm, embedder=HashEmbedder(), config=IndexConfig(quant="int8"), batch_size=batch_size
+            corpus,
+            store,
+            lm=lm,
+            embedder=HashEmbedder(),
+            config=IndexConfig(quant="int8", embedder=HashEmbedder.name),
+            batch_size=batch_size,
         )
     seconds = time.perf_counter() - start
     store_bytes = sum(p.stat().st_size for p in Path(store).rglob("*") if p.is_file())
@@ -130,7 +135,7 @@ def worker_index(model_dir: str, corpus: str, store: str, batch_size: int) -> di
 
 
 def worker_validate(corpus: str) -> dict:
-    from ragcompress.inputs import validate
+    from ragcompress.indexing.inputs import validate
 
     before = rss_bytes()
     start = time.perf_counter()

@@ -13,7 +13,9 @@ in the same run:
 
 Without a GPU it times the PyTorch paths on the CPU (the reference ``packed_attention_ref``,
 which dequantizes per call, and SDPA over the uncompressed cache) and says that GPU numbers were
-not measured. ``--ttft`` runs :func:`ragcompress.bench_attention.packed_ttft_overhead` on a store.
+not measured. ``--ttft`` runs :func:`ragcompress.bench.packed_ttft_overhead` on a store: both sides
+are ``Engine.answer_cached`` with per-call ``AnswerOptions`` (``backend="dense"`` against
+``backend="packed-torch"``).
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ import argparse
 import json
 
 import torch
+from common import median_time, synthetic_segments
 
-from ragcompress.bench_attention import median_time, synthetic_segments
 from ragcompress_kernels import attention_over_dense_ref, dequantize_segments_ref, packed_attention
 
 
@@ -111,19 +113,19 @@ def run_kernels(args: argparse.Namespace) -> list[dict]:
 
 
 def run_ttft(args: argparse.Namespace) -> dict:
-    from ragcompress.bench_attention import packed_ttft_overhead
+    from ragcompress.bench import packed_ttft_overhead
     from ragcompress.runtime.engine import Engine
 
-    engine = Engine.open(args.store)
-    with open(args.questions_file) as handle:
-        records = [json.loads(line) for line in handle if line.strip()]
-    # questions whose gold passage is in the store (all of them when the file has no passage_id)
-    questions = [
-        r["question"]
-        for r in records
-        if "passage_id" not in r or engine.store.catalogue.get(r["passage_id"]) is not None
-    ]
-    result = packed_ttft_overhead(engine, questions[: args.questions], args.top_k, args.repeats).to_json()
+    with Engine.open(args.store) as engine:
+        with open(args.questions_file) as handle:
+            records = [json.loads(line) for line in handle if line.strip()]
+        # questions whose gold passage is in the store (all of them when the file has no passage_id)
+        questions = [
+            r["question"]
+            for r in records
+            if "passage_id" not in r or engine.store.catalogue.get(r["passage_id"]) is not None
+        ]
+        result = packed_ttft_overhead(engine, questions[: args.questions], args.top_k, args.repeats).to_json()
     print(json.dumps(result, indent=2))
     return result
 

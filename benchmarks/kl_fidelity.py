@@ -12,6 +12,10 @@ store (``none``, ratio 1.0, fp16):
 A ``full prefill`` row compares the uncompressed cached path with a plain prefill of the same
 tokens (the price of encoding passages independently, which no compression ratio removes).
 
+Both sides go through the query path: ``Engine.prepare`` (dense backend, no recompute) or
+``runtime.prepare.full_prefill`` builds the request, and ``common.teacher_forced_logprobs`` reads
+the suffix and the answer over its cache in one pass, keeping every position's logits.
+
     python benchmarks/compression_quality.py --questions 30      # builds the stores
     python benchmarks/kl_fidelity.py --questions 30
 """
@@ -23,37 +27,33 @@ import json
 from pathlib import Path
 
 import torch
-from compression_quality import SQUAD, pick_questions, plot_against_compression, row_name, side_row
-from transformers import DynamicCache
+from common import SQUAD, pick_questions, plot_against_compression, row_name, side_row, teacher_forced_logprobs
 
 from ragcompress.models import load_model
 from ragcompress.retrieval import Embedder
-from ragcompress.runtime.assemble import assemble
-from ragcompress.runtime.attention import KV_MASK_KWARG
 from ragcompress.runtime.engine import Engine
+from ragcompress.runtime.options import AnswerOptions
+from ragcompress.runtime.prepare import full_prefill
 from ragcompress.store import KVStore
 
+# Every store's caches as the dense path assembles them (dequantized, re-rotated), no recompute:
+# the distributions compared are those of the caches themselves, on any device.
+OPTIONS = AnswerOptions(backend="dense")
 
-def teacher_forced_logprobs(engine: Engine, pids: list[str], ids: list[int]) -> torch.Tensor:
-    """``[len(ids), vocab]`` log-probabilities after each of ``ids`` fed over the store's caches."""
+
+def cached_logprobs(engine: Engine, question: str, pids: list[str], answer: list[int]) -> torch.Tensor:
+    """``[len(suffix) + len(answer), vocab]`` log-probabilities after each token of the question's
+    suffix and of ``answer``, teacher-forced over the store's caches of ``pids``."""
+    prepared = engine.prepare(question, [engine.store.entry(pid) for pid in pids], OPTIONS)
+    return teacher_forced_logprobs(engine.lm.model, prepared, answer)
+
+
+def full_prefill_logprobs(engine: Engine, question: str, pids: list[str], answer: list[int]) -> torch.Tensor:
+    """The same rows from a plain prefill of the same token ids (no cache reuse)."""
     entries = [engine.store.entry(pid) for pid in pids]
-    segments = [engine.store.load_kv(e, engine.dtype) for e in entries]
-    built = assemble(engine.lm.config, engine.rotary, engine.prefix_keys, engine.prefix, segments, engine.dtype)
-    extra = {} if built.kv_mask is None else {KV_MASK_KWARG: built.kv_mask}
-    positions = torch.arange(built.next_position, built.next_position + len(ids)).unsqueeze(0)
-    with torch.inference_mode():
-        out = engine.lm.model(
-            input_ids=torch.tensor([ids]), position_ids=positions, cache=built.cache, use_cache=True, **extra
-        )
-    return out.logits[0].float().log_softmax(-1)
-
-
-def full_prefill_logprobs(engine: Engine, pids: list[str], ids: list[int]) -> torch.Tensor:
-    entries = [engine.store.entry(pid) for pid in pids]
-    prompt = engine.full_prompt_ids("q", entries)[: -len(engine.tokens.suffix("q"))] + ids
-    with torch.inference_mode():
-        out = engine.lm.model(input_ids=torch.tensor([prompt]), cache=DynamicCache(config=engine.lm.config))
-    return out.logits[0, -len(ids) :].float().log_softmax(-1)
+    prepared = full_prefill(engine.context, engine.full_prompt_ids(question, entries, OPTIONS))
+    keep = len(engine.suffix_ids(question, entries, OPTIONS)) + len(answer)
+    return teacher_forced_logprobs(engine.lm.model, prepared, answer, keep=keep)
 
 
 def kl(ref: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
@@ -98,24 +98,22 @@ def main() -> None:
     embedder = Embedder()
     reference_name = row_name("none", None, args.reference_quant)
     with KVStore.open(workdir / reference_name) as store:
-        engine = Engine(store, lm, embedder)
+        engine = Engine(store, lm, embedder, OPTIONS)
         retrieved = quality.get("retrieved") or [
             [e.id for e in engine.retrieve(q.question, quality["top_k"])] for q in questions
         ]
         inputs, reference, full_kl = [], [], []
         for q, pids in zip(questions, retrieved, strict=False):
-            suffix = engine.tokens.suffix(q.question)
             answer = lm.tokenizer(q.answers[0], add_special_tokens=False)["input_ids"]
-            ids = suffix + answer
-            inputs.append((pids, ids, len(answer)))
-            ref = teacher_forced_logprobs(engine, pids, ids)
+            inputs.append((q.question, pids, answer))
+            ref = cached_logprobs(engine, q.question, pids, answer)
             reference.append(ref)
             if args.full_prefill:
-                full_kl.append(kl(ref, full_prefill_logprobs(engine, pids, ids)))
+                full_kl.append(kl(ref, full_prefill_logprobs(engine, q.question, pids, answer)))
 
     def summary(kls: list[torch.Tensor]) -> dict[str, float]:
         every = torch.cat(kls)
-        answer = torch.cat([k[-(n + 1) : -1] for k, (_, _, n) in zip(kls, inputs, strict=False)])
+        answer = torch.cat([k[-(len(a) + 1) : -1] for k, (_, _, a) in zip(kls, inputs, strict=False)])
         return {"kl_suffix_answer": float(every.mean()), "kl_answer": float(answer.mean())}
 
     rows = (
@@ -129,10 +127,10 @@ def main() -> None:
             rows[name] = done[name]
             continue
         with KVStore.open(workdir / name) as store:
-            engine = Engine(store, lm, embedder)
+            engine = Engine(store, lm, embedder, OPTIONS)
             kls = [
-                kl(ref, teacher_forced_logprobs(engine, pids, ids))
-                for ref, (pids, ids, _) in zip(reference, inputs, strict=False)
+                kl(ref, cached_logprobs(engine, question, pids, answer))
+                for ref, (question, pids, answer) in zip(reference, inputs, strict=False)
             ]
         rows[name] = {
             "method": row["method"],

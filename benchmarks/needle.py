@@ -20,20 +20,19 @@ import argparse
 import json
 import random
 import re
-import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from transformers import DynamicCache
 
 from ragcompress.compressors import CompressionContext, make_compressor
-from ragcompress.encoder import PassageEncoder
+from ragcompress.indexing.encoder import PassageEncoder
 from ragcompress.kv import PassageKV
+from ragcompress.kv.quant import QuantConfig
 from ragcompress.models import load_model
 from ragcompress.prompt import PromptTemplate
-from ragcompress.quant import QuantConfig
 from ragcompress.runtime.assemble import assemble
-from ragcompress.runtime.attention import KV_MASK_KWARG
 from ragcompress.runtime.generate import greedy_decode, stop_token_ids
 from ragcompress.store.codec import decode, encode
 
@@ -82,8 +81,12 @@ def main() -> None:
     lm = load_model(args.model)
     tok = lm.tokenizer
     encoder = PassageEncoder(lm, PromptTemplate.from_tokenizer(tok))
+    # the caches are compressed in memory, not stored: the dense strategy's pieces (as
+    # ``runtime.prepare.QueryContext`` places the prefix once), without a store
+    device = lm.model.device
     rotary, prefix = encoder.rotary, encoder.prefix_kv
-    prefix_keys = rotary.rotate_layers(prefix.keys, prefix.positions)
+    prefix_keys = rotary.rotate_layers(prefix.keys, prefix.positions).to(device)
+    prefix = replace(prefix, values=prefix.values.to(device))
     stops = stop_token_ids(tok, lm.model)
     quant = QuantConfig(args.quant)
     rng = random.Random(0)
@@ -91,9 +94,8 @@ def main() -> None:
     def cached_answer(segments: list[PassageKV], suffix: list[int]) -> str:
         segments = [decode(encode(kv, quant), lm.model.dtype) for kv in segments]
         built = assemble(lm.config, rotary, prefix_keys, prefix, segments, lm.model.dtype)
-        extra = {} if built.kv_mask is None else {KV_MASK_KWARG: built.kv_mask}
         gen = greedy_decode(
-            lm.model, suffix, built.cache, built.next_position, args.max_new_tokens, stops, time.perf_counter(), **extra
+            lm.model, suffix, built.cache, built.next_position, args.max_new_tokens, stops, **built.attention_kwargs()
         )
         return tok.decode(gen.token_ids, skip_special_tokens=True)
 
@@ -109,9 +111,7 @@ def main() -> None:
             ids = [encoder.tokens.passage(t) for t in texts]
             full = encoder.encode(ids)
             prompt = encoder.prefix_ids + sum(ids, []) + suffix
-            gen = greedy_decode(
-                lm.model, prompt, DynamicCache(config=lm.config), 0, args.max_new_tokens, stops, time.perf_counter()
-            )
+            gen = greedy_decode(lm.model, prompt, DynamicCache(config=lm.config), 0, args.max_new_tokens, stops)
             hits["full prefill"][depth].append(int(value in tok.decode(gen.token_ids, skip_special_tokens=True)))
             hits["none"][depth].append(int(value in cached_answer(full, suffix)))
             scored: dict[str, list[torch.Tensor]] = {}  # one scoring pass per scorer, shared by its wrappers

@@ -21,18 +21,16 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache
+from common import rewind, run_keeping_request, teacher_forced_logprobs
 
 from ragcompress.evaluation import f1, read_questions, sub_em
-from ragcompress.runtime.assemble import assemble
-from ragcompress.runtime.attention import KV_MASK_KWARG
 from ragcompress.runtime.engine import Engine
-from ragcompress.runtime.generate import greedy_decode
-from ragcompress.runtime.recompute import RecomputeConfig, repair
+from ragcompress.runtime.generate import Generation, TokenStream
+from ragcompress.runtime.options import AnswerOptions
+from ragcompress.runtime.recompute import RecomputeConfig
 
 KEYS = {"r": ("ratio", float), "s": ("sink_tokens", int), "t": ("temperature", float), "c": ("check_layer", int)}
 
@@ -47,59 +45,25 @@ def parse_setting(text: str) -> RecomputeConfig:
     return RecomputeConfig(**fields)
 
 
-def crop(cache, length: int) -> None:
-    for layer in cache.layers:
-        layer.keys = layer.keys[:, :, :length]
-        layer.values = layer.values[:, :, :length]
+def run_forced(model, stream: TokenStream, answer: list[int] | None = None) -> tuple[Generation, torch.Tensor]:
+    """Decode ``stream`` (the answer and its TTFT, as ``Engine.answer_*`` measure them), then
+    teacher-force ``answer`` (default: the tokens just decoded) over the same request's cache:
+    ``[len(answer) + 1, vocab]`` log-probs after the prompt and after each answer token."""
+    generation, prepared, rows = run_keeping_request(stream)
+    forced = generation.token_ids if answer is None else answer
+    return generation, teacher_forced_logprobs(model, rewind(prepared, rows), forced, keep=len(forced) + 1)
 
 
-@torch.inference_mode()
 def run_full(engine: Engine, question: str, entries):
-    """Engine.answer_full's steps, then teacher-forced log-probs along its own answer."""
-    ids = engine.full_prompt_ids(question, entries)
-    t0 = time.perf_counter()
-    cache = DynamicCache(config=engine.lm.config)
-    gen = greedy_decode(engine.lm.model, ids, cache, 0, engine.max_new_tokens, engine.stop_ids, t0)
-    crop(cache, len(ids) - 1)
-    forced = [ids[-1]] + gen.token_ids
-    positions = torch.arange(len(ids) - 1, len(ids) - 1 + len(forced)).unsqueeze(0)
-    out = engine.lm.model(input_ids=torch.tensor([forced]), position_ids=positions, cache=cache, use_cache=True)
-    return gen, out.logits[0].float().log_softmax(-1)
+    """``Engine.answer_full``'s stream, then teacher-forced log-probs along its own answer."""
+    return run_forced(engine.lm.model, engine.stream_full(question, entries))
 
 
-@torch.inference_mode()
 def run_cached(engine: Engine, question: str, entries, config: RecomputeConfig, answer: list[int]):
-    """Engine.answer_cached's steps, then teacher-forced log-probs along the full answer."""
-    suffix = engine._suffix(question, entries)
-    t0 = time.perf_counter()
-    segments = [engine.store.load_kv(entry, engine.dtype) for entry in entries]
-    built = assemble(engine.lm.config, engine.rotary, engine.prefix_keys, engine.prefix, segments, engine.dtype)
-    gen = repair(engine, built, segments, entries, config, suffix, t0)
-    extra = {} if built.kv_mask is None else {KV_MASK_KWARG: built.kv_mask}
-    if gen is None:
-        gen = greedy_decode(
-            engine.lm.model,
-            suffix,
-            built.cache,
-            built.next_position,
-            engine.max_new_tokens,
-            engine.stop_ids,
-            t0,
-            **extra,
-        )
-    length = built.kv_mask.shape[-1] if built.kv_mask is not None else built.next_position
-    crop(built.cache, length)
-    forced = suffix + answer
-    positions = torch.arange(built.next_position, built.next_position + len(forced)).unsqueeze(0)
-    out = engine.lm.model(
-        input_ids=torch.tensor([forced]),
-        position_ids=positions,
-        cache=built.cache,
-        use_cache=True,
-        logits_to_keep=len(answer) + 1,
-        **extra,
-    )
-    return gen, out.logits[0].float().log_softmax(-1)
+    """``Engine.answer_cached``'s stream with ``config``, then teacher-forced log-probs along the
+    full-prefill answer."""
+    stream = engine.stream_cached(question, entries, engine.options.replace(recompute=config))
+    return run_forced(engine.lm.model, stream, answer)
 
 
 def kl(full_logp: torch.Tensor, logp: torch.Tensor) -> float:
@@ -127,14 +91,13 @@ def summarize(rows: dict) -> dict:
 def evaluate(engine: Engine, questions, top_k: int, settings: list[str], progress: bool, checkpoint=None) -> dict:
     rows = {name: {"sub_em": [], "f1": [], "agree": [], "kl": [], "ttft": []} for name in ["full"] + settings}
     configs = {name: parse_setting(name) for name in settings}
-    decode = engine.lm.tokenizer.decode
     warm = engine.retrieve(questions[0].question, top_k)
     run_full(engine, questions[0].question, warm)
     run_cached(engine, questions[0].question, warm, RecomputeConfig(ratio=0.1, sink_tokens=1), [])
     for number, item in enumerate(questions, start=1):
         entries = engine.retrieve(item.question, top_k)
         full_gen, full_logp = run_full(engine, item.question, entries)
-        full_text = decode(full_gen.token_ids, skip_special_tokens=True).strip()
+        full_text = engine.decode(full_gen.token_ids)
         row = rows["full"]
         row["sub_em"].append(sub_em(full_text, item.answers))
         row["f1"].append(f1(full_text, item.answers))
@@ -143,7 +106,7 @@ def evaluate(engine: Engine, questions, top_k: int, settings: list[str], progres
         row["ttft"].append(full_gen.ttft_s)
         for name in settings:
             gen, logp = run_cached(engine, item.question, entries, configs[name], full_gen.token_ids)
-            text = decode(gen.token_ids, skip_special_tokens=True).strip()
+            text = engine.decode(gen.token_ids)
             row = rows[name]
             row["sub_em"].append(sub_em(text, item.answers))
             row["f1"].append(f1(text, item.answers))
@@ -205,7 +168,9 @@ def main() -> None:
         parser.error("--store and --questions are required")
     if args.threads:
         torch.set_num_threads(args.threads)
-    engine = Engine.open(args.store, max_new_tokens=args.max_new_tokens)
+    # dense: selective recompute edits the assembled cache, and every setting (reuse too) is
+    # measured on the same path
+    engine = Engine.open(args.store, options=AnswerOptions(max_new_tokens=args.max_new_tokens, backend="dense"))
     questions = read_questions(args.questions, args.limit)
     result = {"store": args.store, "model": engine.lm.ref, "n": len(questions), "argv": sys.argv[1:], "tables": {}}
     for top_k in args.top_k:

@@ -78,7 +78,7 @@ def main() -> int:
     from transformers import DynamicCache
 
     from ragcompress.evaluation import read_questions, sub_em
-    from ragcompress.inputs import iter_passages
+    from ragcompress.indexing.inputs import iter_passages
     from ragcompress.prompt import PromptTemplate, PromptTokens
     from ragcompress.retrieval import DEFAULT_EMBEDDER, VectorIndex, _embedder_path
     from ragcompress.runtime.generate import greedy_decode, stop_token_ids
@@ -155,8 +155,7 @@ def main() -> int:
     def answer(texts: list[str], question: str) -> tuple[str, int, float]:
         context = [t for text in texts if text.strip() for t in tokens.passage(text)]
         ids = tokens.prefix() + context + tokens.suffix(question)
-        t0 = time.perf_counter()
-        gen = greedy_decode(lm.model, ids, DynamicCache(config=lm.config), 0, args.max_new_tokens, stops, t0)
+        gen = greedy_decode(lm.model, ids, DynamicCache(config=lm.config), 0, args.max_new_tokens, stops)
         return lm.tokenizer.decode(gen.token_ids, skip_special_tokens=True).strip(), len(context), gen.ttft_s
 
     rows = {name: [] for name in methods}

@@ -11,6 +11,7 @@ from .quantized_attention import (
     packed_attention,
     packed_attention_ref,
     plan_splits,
+    triton_runs_on,
     valid_rows_ref,
 )
 
@@ -25,5 +26,6 @@ __all__ = [
     "packed_attention",
     "packed_attention_ref",
     "plan_splits",
+    "triton_runs_on",
     "valid_rows_ref",
 ]

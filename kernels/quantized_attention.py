@@ -489,6 +489,12 @@ def _interpreted() -> bool:
     return isinstance(_packed_attn_fwd, InterpretedFunction)
 
 
+def triton_runs_on(device: torch.device) -> bool:
+    """Whether ``packed_attention(backend="triton")`` can run on tensors of ``device``: a CUDA
+    device with triton installed, or any device under the interpreter."""
+    return HAS_TRITON and (device.type == "cuda" or _interpreted())
+
+
 def plan_splits(seg_start: tuple[int, ...], fp_rows: int, target: int) -> list[int]:
     """Cut segments into at most ``target`` splits of similar row counts (the last split also
     takes the ``fp_rows``); returns split boundaries in segments, ``[0, …, S]``."""

@@ -24,6 +24,23 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"ragcompress {version('ragcompress')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(
+        False, "--version", is_eager=True, callback=_print_version, help="print the version and exit"
+    ),
+) -> None:
+    """Answer RAG questions from precomputed, compressed passage KV caches."""
+
+
 def _quiet_libraries() -> None:
     """Keep library chatter off stdout/stderr so --json output stays one object."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -114,8 +131,7 @@ def index(
 
 def store_sizes(store: Any) -> dict[str, Any]:
     """Stored bytes per passage token (blobs as written, scales and positions included) vs fp16."""
-    shape = store.manifest.model_shape
-    fp16 = 2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"] * 2
+    fp16 = store.shape.fp16_bytes_per_token
     tokens = stored = 0
     for entry in store.catalogue.entries():
         tokens += entry.num_tokens
@@ -146,9 +162,12 @@ def ask(
     """Answer a question from the stored caches of the retrieved passages."""
     _quiet_libraries()
     from ragcompress.runtime.engine import Engine
+    from ragcompress.runtime.options import AnswerOptions
+    from ragcompress.runtime.recompute import RecomputeConfig
 
-    engine = Engine.open(store, max_new_tokens=max_new_tokens)
-    engine.recompute = recompute
+    engine = Engine.open(
+        store, options=AnswerOptions(max_new_tokens=max_new_tokens, recompute=RecomputeConfig(ratio=recompute))
+    )
     try:
         entries = engine.retrieve(question, top_k)
         answer = engine.answer_cached(question, entries)
@@ -191,10 +210,13 @@ def evaluate(
     _quiet_libraries()
     from ragcompress.evaluation import iter_eval, read_questions, summarize
     from ragcompress.runtime.engine import Engine
+    from ragcompress.runtime.options import AnswerOptions
+    from ragcompress.runtime.recompute import RecomputeConfig
 
     items = read_questions(questions, limit)
-    engine = Engine.open(store, max_new_tokens=max_new_tokens)
-    engine.recompute = recompute
+    engine = Engine.open(
+        store, options=AnswerOptions(max_new_tokens=max_new_tokens, recompute=RecomputeConfig(ratio=recompute))
+    )
     try:
         results = iter_eval(engine, items, top_k)
         if _show_progress(as_json):
@@ -250,7 +272,7 @@ def bench(
     try:
         rows = run_bench(engine, items, top_ks, repeats)
         if packed and engine.store.quant.bits is not None:
-            from ragcompress.bench_attention import packed_ttft_overhead
+            from ragcompress.bench import packed_ttft_overhead
 
             comparison = packed_ttft_overhead(engine, [q.question for q in items], max(top_ks), repeats)
     finally:
@@ -303,16 +325,13 @@ def main() -> None:
     except (typer.Exit, SystemExit) as exc:
         code = getattr(exc, "exit_code", getattr(exc, "code", 0))
         sys.exit(code)
-    except Exception as exc:  # click usage errors carry their own message
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            typer.echo(f"error: {exc.format_message()}", err=True)
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            typer.echo("error: aborted", err=True)
-            sys.exit(130)
-        raise
+    except typer.Abort:
+        typer.echo("error: aborted", err=True)
+        sys.exit(130)
+    except typer.TyperException as exc:  # usage errors (unknown option, bad value) carry their own message
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        typer.echo(f"error: {message} (see ragcompress --help)", err=True)
+        sys.exit(getattr(exc, "exit_code", 2))
 
 
 if __name__ == "__main__":

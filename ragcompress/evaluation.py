@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ragcompress.errors import InputError
-from ragcompress.indexing import fp16_bytes_per_token
 from ragcompress.runtime.engine import Answer, Engine
+from ragcompress.runtime.options import AnswerOptions
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = set(string.punctuation)
@@ -94,14 +94,14 @@ class QuestionResult:
 
 
 def iter_eval(
-    engine: Engine, questions: list[Question], top_k: int, answer_cached: Callable[[str, list], Answer] | None = None
+    engine: Engine, questions: list[Question], top_k: int, options: AnswerOptions | None = None
 ) -> Iterator[QuestionResult]:
-    """Answer every question both ways over the same retrieved passages."""
-    cached_fn = answer_cached or engine.answer_cached
+    """Answer every question both ways over the same retrieved passages (``options``: the
+    engine's by default; the baseline decodes with the same ``max_new_tokens``)."""
     for item in questions:
         entries = engine.retrieve(item.question, top_k)
-        full = engine.answer_full(item.question, entries)
-        cached = cached_fn(item.question, entries)
+        full = engine.answer_full(item.question, entries, options)
+        cached = engine.answer_cached(item.question, entries, options)
         yield QuestionResult(item, [e.id for e in entries], cached, full)
 
 
@@ -123,7 +123,7 @@ def summarize(engine: Engine, results: list[QuestionResult]) -> dict[str, Any]:
     entries = [engine.store.entry(pid) for pid in sorted(used)]
     tokens = sum(e.num_tokens for e in entries)
     stored = sum(e.length for e in entries) / tokens
-    fp16 = float(fp16_bytes_per_token(engine.lm.config))
+    fp16 = float(engine.store.shape.fp16_bytes_per_token)
     return {
         "n": n,
         "recall_at_k": recall,

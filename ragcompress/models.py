@@ -154,7 +154,7 @@ def _converted_dir(name: str, gguf: Path, gguf_sha: str) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
         # The weights are dequantized on load; drop the GGUF marker so they can be saved.
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(tmp)
@@ -249,7 +249,7 @@ def load_model(ref: str | None = None, *, dtype: Any = None, device: Any = None)
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from ragcompress.runtime.attention import ATTENTION_NAME
+    from ragcompress.runtime.attention import register_attention
 
     ref = ref or DEFAULT_MODEL
     model_dir = resolve_model_dir(ref)
@@ -257,7 +257,7 @@ def load_model(ref: str | None = None, *, dtype: Any = None, device: Any = None)
     check_supported(config)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=dtype or torch.float32, attn_implementation=ATTENTION_NAME
+        model_dir, dtype=dtype or torch.float32, attn_implementation=register_attention()
     )
     model.eval()
     if device is not None:

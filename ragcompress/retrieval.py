@@ -62,7 +62,7 @@ class VectorIndex:
 
         self.count = len(rows)
         dim = vectors.shape[1] if self.count else 1
-        self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        self.index: Any = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
         if self.count:
             self.index.add_with_ids(vectors, rows)
 

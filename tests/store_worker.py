@@ -101,7 +101,14 @@ def main() -> None:
 
     lm = load_model(model_dir)
     print("loaded", flush=True)
-    index(input_path, store, lm=lm, embedder=HashEmbedder(), config=IndexConfig(quant="int8"), batch_size=int(batch))
+    index(
+        input_path,
+        store,
+        lm=lm,
+        embedder=HashEmbedder(),
+        config=IndexConfig(quant="int8", embedder=HashEmbedder.name),
+        batch_size=int(batch),
+    )
     print("done", flush=True)
 
 

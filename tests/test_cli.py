@@ -217,3 +217,18 @@ def test_bench_reports_both_paths_per_context_size(cli_store, monkeypatch, capfd
         packed["packed_ttft_s"] / packed["assembled_ttft_s"]
     )
     assert packed["same_first_token"] == 1.0
+
+
+def test_version_and_usage_errors_are_one_line_without_traceback(monkeypatch, capfd):
+    from importlib.metadata import version
+
+    code, out, err = run_cli(["--version"], monkeypatch, capfd)
+    assert (code, out, err) == (0, f"ragcompress {version('ragcompress')}\n", "")
+    for args, named in (
+        (["ask", "--stor", "x"], "--stor"),
+        (["nope"], "nope"),
+        (["ask", "--top-k", "many"], "--top-k"),
+    ):
+        code, out, err = run_cli(args, monkeypatch, capfd)
+        assert code == 2 and out == ""
+        assert err.startswith("error: ") and err.count("\n") == 1 and named in err and "Traceback" not in err

@@ -25,8 +25,9 @@ from ragcompress.compressors import (
     method_names,
 )
 from ragcompress.compressors.probe import run_probe
-from ragcompress.encoder import PassageEncoder
+from ragcompress.indexing.encoder import PassageEncoder
 from ragcompress.prompt import PromptTemplate
+from ragcompress.runtime.options import AnswerOptions
 
 TEXT = (
     "The Normans were the people who in the 10th and 11th centuries gave their name to "
@@ -229,12 +230,11 @@ QUESTION = "Who were the Normans descended from?"
 
 def first_logits(engine, entries) -> torch.Tensor:
     from ragcompress.runtime.assemble import assemble
-    from ragcompress.runtime.attention import KV_MASK_KWARG
     from ragcompress.runtime.generate import forward_step
 
     segments = [engine.store.load_kv(e) for e in entries]
     built = assemble(engine.lm.config, engine.rotary, engine.prefix_keys, engine.prefix, segments, engine.dtype)
-    extra = {} if built.kv_mask is None else {KV_MASK_KWARG: built.kv_mask}
+    extra = built.attention_kwargs()
     with torch.inference_mode():
         logits = forward_step(
             engine.lm.model, torch.tensor([engine.tokens.suffix(QUESTION)]), built.cache, built.next_position, **extra
@@ -252,7 +252,7 @@ def none_store(tiny_model_dir, tmp_path_factory, embedder):
     passages = root / "passages.jsonl"
     passages.write_text("\n".join(SAMPLE_PASSAGES.read_text().splitlines()[:4]) + "\n")
     index(passages, root / "none", model=str(tiny_model_dir("llama")), embedder=embedder)
-    engine = Engine.open(root / "none", max_new_tokens=4)
+    engine = Engine.open(root / "none", options=AnswerOptions(max_new_tokens=4))
     entries = engine.retrieve(QUESTION, 3)
     return passages, engine, entries
 
@@ -273,7 +273,7 @@ def test_index_and_answer_end_to_end(method, none_store, tmp_path, embedder):
         index(
             passages, store, config=IndexConfig(method=method, ratio=ratio, quant=quant), lm=base.lm, embedder=embedder
         )
-        engine = Engine(KVStore.open(store), base.lm, embedder, max_new_tokens=4)
+        engine = Engine(KVStore.open(store), base.lm, embedder, AnswerOptions(max_new_tokens=4))
         mine = [engine.store.entry(i) for i in ids]
         logits, kv_mask = first_logits(engine, mine)
         answer = engine.answer_cached(QUESTION, mine)
@@ -326,7 +326,7 @@ def test_cli_rejects_bad_method_and_ratio(args, expected, tmp_path, monkeypatch,
 
 def test_mean_rotation_is_the_average_of_rope(tiny_lm):
     from ragcompress.compressors.expected_attention import mean_rotation
-    from ragcompress.rope import Rotary
+    from ragcompress.kv.rope import Rotary
 
     rotary = Rotary(tiny_lm.model)
     positions = torch.arange(40, 72)

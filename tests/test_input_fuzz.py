@@ -12,10 +12,9 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from ragcompress import inputs
 from ragcompress.errors import InputError
-from ragcompress.indexing import IndexConfig, index
-from ragcompress.inputs import iter_passages, validate
+from ragcompress.indexing import IndexConfig, index, inputs
+from ragcompress.indexing.inputs import iter_passages, validate
 from ragcompress.store import KVStore
 from ragcompress.store.verify import verify_store
 
@@ -168,7 +167,12 @@ def fuzz_store(tmp_path_factory, tiny_lm):
 
 def _index(lm, path: Path, store: Path):
     return index(
-        path, store, lm=lm, embedder=store_worker.HashEmbedder(), config=IndexConfig(quant="int4"), batch_size=4
+        path,
+        store,
+        lm=lm,
+        embedder=store_worker.HashEmbedder(),
+        config=IndexConfig(quant="int4", embedder=store_worker.HashEmbedder.name),
+        batch_size=4,
     )
 
 

@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from ragcompress.kv import PassageKV
-from ragcompress.quant import QuantConfig
-from ragcompress.rope import rotate_half
+from ragcompress.kv.quant import QuantConfig
+from ragcompress.kv.rope import rotate_half
+from ragcompress.runtime.options import AnswerOptions
 from ragcompress.store import codec
 
 TOL = {torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}
@@ -86,7 +87,7 @@ def independent_reference(
 
 
 def build_case(case: dict):
-    from ragcompress.runtime.packed import PackedSegments, read_quantized
+    from ragcompress.runtime.packed import PackedSegments
 
     torch.manual_seed(case["seed"])
     heads, d, group, q_len = case["heads"], case["head_dim"], case["group"], case["q_len"]
@@ -94,7 +95,7 @@ def build_case(case: dict):
     blobs = make_blobs(case["lengths"], heads, d, case["scheme"], case["seed"])
     rotary = PlainRotary(d)
     prefix = case.get("prefix", 9)
-    packed = PackedSegments.from_blobs([read_quantized(b) for b in blobs], prefix, rotary)
+    packed = PackedSegments.from_blobs([codec.parse(b).packed() for b in blobs], prefix, rotary)
     total = prefix + q_len
     batch = case.get("batch", 1)
     query = torch.randn(batch, heads * group, q_len, d).to(dtype)
@@ -125,17 +126,22 @@ def answer_both_backends(model_ref: str, store: str, questions: list[str], top_k
 
     from ragcompress.models import load_model
     from ragcompress.runtime.engine import Engine
-    from ragcompress.runtime.packed import answer_packed
     from ragcompress.store import KVStore
 
     lm = load_model(model_ref)
-    engine = Engine(KVStore.open(store), lm, HashEmbedder(), max_new_tokens=max_new)
+    engine = Engine(KVStore.open(store), lm, HashEmbedder(), AnswerOptions(max_new_tokens=max_new))
     out: dict[str, list] = {"triton": [], "torch": [], "assembled": [], "passages": []}
     for question in questions:
         entries = engine.retrieve(question, top_k)
         out["passages"].append([e.num_tokens for e in entries])
-        out["triton"].append(answer_packed(engine, question, entries, backend="triton").token_ids)
-        out["torch"].append(answer_packed(engine, question, entries, backend="torch").token_ids)
+        out["triton"].append(
+            engine.answer_cached(
+                question, entries, AnswerOptions(max_new_tokens=max_new, backend="packed-triton")
+            ).token_ids
+        )
+        out["torch"].append(
+            engine.answer_cached(question, entries, engine.options.replace(backend="packed-torch")).token_ids
+        )
         out["assembled"].append(engine.answer_cached(question, entries).token_ids)
     engine.close()
     return out
@@ -235,8 +241,9 @@ def test_drop_padding_rows_removes_the_mask_without_eviction():
 
 def test_packed_layout_round_trips_codec():
     """Un-rotated (cos=1, sin=0) dequantized rows equal ``codec.decode`` row for row, per head."""
-    from ragcompress.runtime.packed import PackedSegments, read_quantized
     from ragcompress_kernels import dequantize_segments_ref
+
+    from ragcompress.runtime.packed import PackedSegments
 
     blobs = make_blobs([37, 64, 5], heads=3, head_dim=64, scheme="int4", seed=3)
 
@@ -245,7 +252,7 @@ def test_packed_layout_round_trips_codec():
             shape = (*positions.shape, 64)
             return torch.ones(shape), torch.zeros(shape)
 
-    seg = PackedSegments.from_blobs([read_quantized(b) for b in blobs], 5, Identity()).layers[0]
+    seg = PackedSegments.from_blobs([codec.parse(b).packed() for b in blobs], 5, Identity()).layers[0]
     keys, values, valid = dequantize_segments_ref(seg)
     assert seg.seg_start_host == (0, 64, 128, 160)
     position = 5
@@ -320,7 +327,7 @@ def tiny_int4_store(tiny_model_dir, tmp_path_factory):
         store,
         lm=load_model(str(model_dir)),
         embedder=HashEmbedder(),
-        config=IndexConfig(quant="int4", group_size=16),
+        config=IndexConfig(quant="int4", group_size=16, embedder=HashEmbedder.name),
     )
     return str(model_dir), str(store)
 
@@ -333,14 +340,13 @@ def test_packed_torch_path_answers_like_the_assembled_path(tiny_int4_store):
 
     from ragcompress.models import load_model
     from ragcompress.runtime.engine import Engine
-    from ragcompress.runtime.packed import answer_packed
     from ragcompress.store import KVStore
 
     model_dir, store = tiny_int4_store
-    engine = Engine(KVStore.open(store), load_model(model_dir), HashEmbedder(), max_new_tokens=12)
+    engine = Engine(KVStore.open(store), load_model(model_dir), HashEmbedder(), AnswerOptions(max_new_tokens=12))
     for question in QUESTIONS:
         entries = engine.retrieve(question, 3)
-        packed = answer_packed(engine, question, entries, backend="torch")
+        packed = engine.answer_cached(question, entries, engine.options.replace(backend="packed-torch"))
         assembled = engine.answer_cached(question, entries)
         assert len(packed.token_ids) > 0
         assert packed.token_ids == assembled.token_ids
@@ -368,10 +374,9 @@ def test_kernel_and_reference_agree_on_real_questions_with_smollm2(interpreter, 
     """SmolLM2-135M (GQA 3, head_dim 64), int4 store of SQuAD passages, greedy answers."""
     import json
 
-    from conftest import SQUAD, squad_available
+    from conftest import SQUAD, require_squad
 
-    if not squad_available():
-        pytest.skip("SQuAD dev subset not available")
+    require_squad()
     from store_worker import HashEmbedder
 
     from ragcompress.indexing import IndexConfig, index
@@ -387,7 +392,13 @@ def test_kernel_and_reference_agree_on_real_questions_with_smollm2(interpreter, 
     source = tmp_path / "passages.jsonl"
     source.write_text("\n".join(passages) + "\n")
     lm = load_model()
-    index(source, tmp_path / "store", lm=lm, embedder=HashEmbedder(), config=IndexConfig(quant="int4"))
+    index(
+        source,
+        tmp_path / "store",
+        lm=lm,
+        embedder=HashEmbedder(),
+        config=IndexConfig(quant="int4", embedder=HashEmbedder.name),
+    )
     out = interpreter.apply(
         _with_path,
         (str(Path(__file__).parent), answer_both_backends, DEFAULT_MODEL, str(tmp_path / "store"), questions, 2, 6),

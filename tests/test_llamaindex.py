@@ -28,6 +28,7 @@ from llama_index.postprocessor.ragcompress._shared import PASSAGE_KEY, STORE_KEY
 
 from ragcompress.data import SAMPLE_PASSAGES  # noqa: E402
 from ragcompress.errors import StoreError, StoreMismatchError  # noqa: E402
+from ragcompress.indexing import IndexConfig  # noqa: E402
 from ragcompress.store import KVStore  # noqa: E402
 
 QUESTION = "What city in Victoria is called the sporting capital of Australia?"
@@ -97,8 +98,8 @@ def test_transform_skips_stored_nodes_and_aliases_edited_ones(tiny, store_copy):
 
 def test_transform_to_dict_is_deterministic_and_ingestion_cache_hits(tiny, tmp_path):
     store = str(tmp_path / "store")
-    first = KVCacheTransform(store_path=store, model=tiny, quant="int8")
-    second = KVCacheTransform(store_path=store, model=tiny, quant="int8")
+    first = KVCacheTransform(store_path=store, model=tiny, config=IndexConfig(quant="int8"))
+    second = KVCacheTransform(store_path=store, model=tiny, config=IndexConfig(quant="int8"))
     assert first.to_dict() == second.to_dict()
     assert json.loads(first.to_json()) == first.to_dict()
     cache = IngestionCache()
@@ -226,7 +227,7 @@ def test_postprocessor_without_compute_missing_names_the_node(built):
 def test_serialisation_round_trips(built, tiny):
     store, _ = built
     components = [
-        KVCacheTransform(store_path=store, model=tiny, method="none", quant="int4", group_size=16),
+        KVCacheTransform(store_path=store, model=tiny, config=IndexConfig(method="none", quant="int4", group_size=16)),
         KVCacheNodePostprocessor(store_path=store, top_n=2, similarity_cutoff=0.3),
         TextCompressionPostprocessor(method="extractive", target_tokens=100, model=tiny),
         LocalLLM(model=tiny, max_new_tokens=7),
@@ -276,9 +277,7 @@ def test_local_llm_is_a_plain_full_prefill(tiny):
     out = llm.complete("Say something.")
     lm = shared_model(tiny)
     ids = llm.prompt_ids("Say something.")
-    gen = greedy_decode(
-        lm.model, ids, DynamicCache(config=lm.config), 0, 6, stop_token_ids(lm.tokenizer, lm.model), 0.0
-    )
+    gen = greedy_decode(lm.model, ids, DynamicCache(config=lm.config), 0, 6, stop_token_ids(lm.tokenizer, lm.model))
     assert out.text == lm.tokenizer.decode(gen.token_ids, skip_special_tokens=True).strip()
     assert out.additional_kwargs["prompt_tokens"] == len(ids)
     assert "".join(r.delta for r in llm.stream_complete("Say something.")) == out.text

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ragcompress.kv import PassageKV
-from ragcompress.quant import QuantConfig, pack, unpack
+from ragcompress.kv.quant import QuantConfig, pack, unpack
 from ragcompress.store import codec
 
 

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import pytest
-from conftest import SQUAD, squad_available
+from conftest import SQUAD, require_squad
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not squad_available(), reason="../shared/data/squad-dev not present"),
-]
+from ragcompress.runtime.options import AnswerOptions
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _real_data() -> None:
+    require_squad()
 
 
 def top1_agreement(model: str, tmp_path, limit: int, quant: str = "none") -> tuple[float, list]:
@@ -27,7 +31,7 @@ def top1_agreement(model: str, tmp_path, limit: int, quant: str = "none") -> tup
     subset = tmp_path / "passages.jsonl"
     subset.write_text("".join(json.dumps(records[i]) + "\n" for i in sorted(wanted)))
     index(subset, tmp_path / "store", lm=lm, embedder=embedder, config=IndexConfig(quant=quant))
-    engine = Engine(KVStore.open(tmp_path / "store"), lm, embedder, max_new_tokens=24)
+    engine = Engine(KVStore.open(tmp_path / "store"), lm, embedder, AnswerOptions(max_new_tokens=24))
     results = list(iter_eval(engine, questions, top_k=1))
     return summarize(engine, results)["agreement"], results
 

@@ -13,10 +13,10 @@ from transformers import DynamicCache
 from ragcompress.indexing import IndexConfig, index
 from ragcompress.kv import PassageKV
 from ragcompress.runtime.assemble import assemble
-from ragcompress.runtime.attention import KV_MASK_KWARG
 from ragcompress.runtime.calibration import scale_context_keys
 from ragcompress.runtime.engine import Engine
 from ragcompress.runtime.generate import forward_step
+from ragcompress.runtime.options import AnswerOptions
 from ragcompress.runtime.recompute import RecomputeConfig, blend, repair, select_tokens
 
 QUESTION = "What city is the sporting capital of Australia?"
@@ -66,7 +66,7 @@ def cached_logits(engine: Engine, entries, recompute, segments=None) -> tuple[to
     segments = segments or [engine.store.load_kv(e) for e in entries]
     built = assemble(engine.lm.config, engine.rotary, engine.prefix_keys, engine.prefix, segments, engine.dtype)
     report = blend_only(engine, built, segments, entries, recompute)
-    extra = {} if built.kv_mask is None else {KV_MASK_KWARG: built.kv_mask}
+    extra = built.attention_kwargs()
     with torch.inference_mode():
         logits = forward_step(engine.lm.model, torch.tensor([suffix]), built.cache, built.next_position, **extra)
     return logits, report
@@ -120,7 +120,7 @@ def test_full_recompute_reproduces_full_prefill(arch, stores):
     first = entries[0].num_tokens
     assert report.selected.tolist() == list(range(first, sum(e.num_tokens for e in entries)))
     assert (
-        engine.answer_cached(QUESTION, entries, recompute=1.0).token_ids
+        engine.answer_cached(QUESTION, entries, AnswerOptions(recompute=1.0)).token_ids
         == engine.answer_full(QUESTION, entries).token_ids
     )
 
@@ -166,7 +166,7 @@ def test_zero_recompute_is_plain_reuse_bit_for_bit(stores):
     assert torch.equal(plain, zero)
     assert torch.equal(cached_logits(engine, entries, RecomputeConfig(ratio=0.0, temperature=1.0))[0], plain)
     assert (
-        engine.answer_cached(QUESTION, entries, recompute=0.0).token_ids
+        engine.answer_cached(QUESTION, entries, AnswerOptions(recompute=0.0)).token_ids
         == engine.answer_cached(QUESTION, entries).token_ids
     )
 
@@ -256,7 +256,7 @@ def test_temperature_scales_only_passage_keys(stores):
     segments = [engine.store.load_kv(e) for e in entries]
     built = assemble(engine.lm.config, engine.rotary, engine.prefix_keys, engine.prefix, segments, engine.dtype)
     before = [layer.keys.clone() for layer in built.cache.layers]
-    repair(engine, built, segments, entries, RecomputeConfig(temperature=0.5))
+    repair(engine.lm.model, engine.rotary, built, engine.prefix, segments, [], RecomputeConfig(temperature=0.5))
     p = engine.prefix.num_tokens
     for layer, old in zip(built.cache.layers, before, strict=True):
         assert torch.equal(layer.keys[:, :, :p], old[:, :, :p])
@@ -298,7 +298,7 @@ def test_full_recompute_agrees_with_full_prefill_on_real_questions(tmp_path, emb
     for question in questions:
         entries = engine.retrieve(question, 3)
         full = engine.answer_full(question, entries)
-        agree.append(engine.answer_cached(question, entries, recompute=1.0).answer == full.answer)
+        agree.append(engine.answer_cached(question, entries, AnswerOptions(recompute=1.0)).answer == full.answer)
     assert sum(agree) / len(agree) >= 0.98
 
 

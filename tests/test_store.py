@@ -8,11 +8,11 @@ import re
 import pytest
 import torch
 
-from ragcompress.encoder import PassageEncoder
 from ragcompress.errors import InputError, StoreError, StoreMismatchError
 from ragcompress.indexing import IndexConfig, index
+from ragcompress.indexing.encoder import PassageEncoder
+from ragcompress.kv.quant import QuantConfig
 from ragcompress.prompt import PromptTemplate
-from ragcompress.quant import QuantConfig
 from ragcompress.store import KVStore
 from ragcompress.store.codec import decode, encode
 

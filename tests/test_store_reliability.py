@@ -26,9 +26,10 @@ import torch
 
 from ragcompress.errors import CorruptSegmentError, InputError, StoreError
 from ragcompress.indexing import IndexConfig, index
-from ragcompress.inputs import validate
+from ragcompress.indexing.inputs import validate
 from ragcompress.kv import PassageKV
-from ragcompress.quant import QuantConfig
+from ragcompress.kv.quant import QuantConfig
+from ragcompress.runtime.options import AnswerOptions
 from ragcompress.store import KVStore, Manifest, StoreWriter, codec
 from ragcompress.store.kvstore import INDEX, INDEX_META, PREFIX
 from ragcompress.store.shards import checksum
@@ -41,7 +42,7 @@ WORKER = Path(__file__).parent / "store_worker.py"
 REPO = Path(__file__).resolve().parents[1]
 N_PASSAGES = 24
 BATCH = 4
-CONFIG = IndexConfig(quant="int8")
+CONFIG = IndexConfig(quant="int8", embedder=store_worker.HashEmbedder.name)
 
 
 def _texts(n: int) -> list[dict]:
@@ -430,7 +431,7 @@ def test_ask_on_corrupt_passage_fails_clearly(store_copy, tiny_lm):
     data = bytearray(path.read_bytes())
     data[victim.offset + 100] ^= 0x10
     path.write_bytes(bytes(data))
-    engine = Engine(KVStore.open(store_copy), tiny_lm, store_worker.HashEmbedder(), max_new_tokens=4)
+    engine = Engine(KVStore.open(store_copy), tiny_lm, store_worker.HashEmbedder(), AnswerOptions(max_new_tokens=4))
     try:
         with pytest.raises(CorruptSegmentError, match="passage 'doc-003'"):
             engine.answer_cached("What is it about?", [victim])

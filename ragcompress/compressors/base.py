@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from ragcompress.kv import PassageKV
 
 if TYPE_CHECKING:
-    from ragcompress.encoder import PassageEncoder
+    from ragcompress.indexing.encoder import PassageEncoder
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from ragcompress.compressors.base import CompressionContext
 from ragcompress.compressors.probe import run_probe
 from ragcompress.compressors.scorer import ScorerCompressor
 from ragcompress.kv import PassageKV
-from ragcompress.rope import rotate_half
+from ragcompress.kv.rope import rotate_half
 
 
 def mean_rotation(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -68,6 +68,7 @@ class ExpectedAttentionCompressor(ScorerCompressor):
         layers, kv_heads = kv.keys.shape[:2]
         future = torch.arange(n, n + self.future)
         scores = torch.empty((layers, kv_heads, n))
+        assert probe.queries is not None  # asked for by this probe
         for layer in range(layers):
             q = probe.queries[layer]  # [Hq, w, d] pre-RoPE
             mu = q.mean(1)

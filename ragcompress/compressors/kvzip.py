@@ -50,4 +50,5 @@ class KVzipCompressor(ScorerCompressor):
             group_reduce="max",
             chunk=self.chunk,
         )
+        assert probe.attention is not None  # asked for with score_len
         return probe.attention

@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from ragcompress.encoder import PassageEncoder, build_dynamic_cache
 from ragcompress.kv import PassageKV
-from ragcompress.rope import rotate_half
+from ragcompress.kv.cache import build_dynamic_cache
+from ragcompress.kv.rope import rotate_half
+
+if TYPE_CHECKING:
+    from ragcompress.indexing.encoder import PassageEncoder
 
 Reduce = Literal["mean", "max"]
 

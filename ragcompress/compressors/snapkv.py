@@ -57,4 +57,5 @@ class SnapKVCompressor(ScorerCompressor):
             query_reduce="mean",
             group_reduce="mean",
         )
+        assert probe.attention is not None  # asked for with score_len
         return pool_scores(probe.attention, self.kernel)

@@ -10,13 +10,15 @@ segment's full length.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import DynamicCache
 
-from ragcompress.encoder import build_dynamic_cache
 from ragcompress.kv import PassageKV
-from ragcompress.rope import Rotary
+from ragcompress.kv.cache import build_dynamic_cache
+from ragcompress.kv.rope import Rotary
+from ragcompress.runtime.attention import KV_MASK_KWARG
 
 
 @dataclass
@@ -32,6 +34,10 @@ class AssembledCache:
     cache: DynamicCache
     next_position: int
     kv_mask: torch.Tensor | None
+
+    def attention_kwargs(self) -> dict[str, Any]:
+        """Keywords for the registered attention: the per-head row mask, when there is one."""
+        return {} if self.kv_mask is None else {KV_MASK_KWARG: self.kv_mask}
 
 
 def assemble(

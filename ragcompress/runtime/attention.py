@@ -1,8 +1,8 @@
 """Attention over caches whose heads keep different tokens (per-head eviction).
 
-Registered with transformers' ``AttentionInterface`` as ``"ragcompress"`` and used by every model
-ragcompress loads. Without the ``ragcompress_kv_mask`` keyword it *is* transformers' SDPA path,
-bit for bit; with it, the padding rows of each layer's cache are masked per KV head. The mask
+Registered with transformers' ``AttentionInterface`` as ``"ragcompress"`` by
+:func:`register_attention` (called by ``load_model``) and used by every model ragcompress loads.
+Without the ``ragcompress_kv_mask`` keyword it *is* transformers' SDPA path, bit for bit; with it, the padding rows of each layer's cache are masked per KV head. The mask
 is per layer (``module.layer_idx``) because a per-head budget differs between layers, which a
 single 4-D ``attention_mask`` shared by all layers cannot express. With ``ragcompress_packed``
 (a ``runtime.packed.PackedSegments``) it attends over quantized segments kept beside the cache
@@ -61,5 +61,10 @@ def ragged_attention(
     return sdpa_attention_forward(module, query, key, value, allowed, **kwargs)
 
 
-AttentionInterface.register(ATTENTION_NAME, ragged_attention)
-ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, sdpa_mask)
+def register_attention() -> str:
+    """Register :func:`ragged_attention` (and SDPA's mask builder) with transformers under
+    :data:`ATTENTION_NAME`; returns that name, for ``attn_implementation=``. Idempotent:
+    :func:`ragcompress.models.load_model` calls it before every load."""
+    AttentionInterface.register(ATTENTION_NAME, ragged_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, sdpa_mask)
+    return ATTENTION_NAME

@@ -1,22 +1,48 @@
-"""Greedy decoding with explicit positions, shared by the cached path and the full-prefill baseline.
+"""The one token generator: every answer (cached, full prefill, streaming, eval, bench, LlamaIndex,
+benchmarks) is decoded here, greedily, with explicit positions.
 
 The model's own ``generate`` infers positions from the cache length; with evicted tokens the
-cache is shorter than the positions it covers, so positions are passed explicitly here
-(gpt-fast style: ``prefill`` then ``decode_one_token`` in a loop).
+cache is shorter than the positions it covers, so positions are passed explicitly (gpt-fast's
+shape: :func:`prefill`, :func:`decode_one_token`, :func:`decode_n_tokens`). A request is a
+:class:`Prepared` (a cache, the tokens still to prefill and where they go, the attention
+keywords), built by ``runtime.prepare``; :class:`TokenStream` runs it and times it.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 
+@dataclass
+class Prepared:
+    """What attention needs to answer one question.
+
+    cache:             transformers cache holding everything before ``input_ids``
+    input_ids:         tokens still to prefill (the question's suffix; the whole prompt for a full
+                       prefill), at RoPE positions ``position …``
+    attention_kwargs:  extra keywords for the registered ``"ragcompress"`` attention (per-head
+                       masks, packed segments); passed on every forward step
+    first_logits:      ``[vocab]`` when ``input_ids`` were already prefilled (a selective
+                       recompute carried the question in its pass); their KV are in ``cache``
+    backend:           which path built it: ``full``, ``dense``, ``packed-torch``, ``packed-triton``
+    """
+
+    cache: Any
+    input_ids: list[int]
+    position: int
+    attention_kwargs: dict[str, Any] = field(default_factory=dict)
+    first_logits: torch.Tensor | None = None
+    backend: str = "dense"
+
+
 @dataclass(frozen=True)
 class Generation:
-    """Generated token ids and timings measured from the request's start ``t0``."""
+    """Generated token ids and timings measured from the request's start."""
 
     token_ids: list[int]
     ttft_s: float
@@ -38,10 +64,11 @@ def stop_token_ids(tokenizer: Any, model: Any) -> set[int]:
     return ids
 
 
-def forward_step(
-    model: Any, input_ids: torch.Tensor, cache: Any, start_position: int, **attention_kwargs: Any
+def forward_logits(
+    model: Any, input_ids: torch.Tensor, cache: Any, start_position: int, logits_to_keep: int, **attention_kwargs: Any
 ) -> torch.Tensor:
-    """Run ``input_ids [1, q]`` at positions ``start_position…``; returns last logits ``[vocab]``."""
+    """Run ``input_ids [1, q]`` at positions ``start_position…``; logits ``[keep, vocab]`` of the
+    last ``logits_to_keep`` positions (0: all of them, as teacher-forced measurements need)."""
     q = input_ids.shape[1]
     position_ids = torch.arange(start_position, start_position + q, device=model.device).unsqueeze(0)
     out = model(
@@ -49,13 +76,97 @@ def forward_step(
         position_ids=position_ids,
         cache=cache,
         use_cache=True,
-        logits_to_keep=1,
+        logits_to_keep=logits_to_keep,
         **attention_kwargs,
     )
-    return out.logits[0, -1]
+    return out.logits[0]
+
+
+def forward_step(
+    model: Any, input_ids: torch.Tensor, cache: Any, start_position: int, **attention_kwargs: Any
+) -> torch.Tensor:
+    """Run ``input_ids [1, q]`` at positions ``start_position…``; returns last logits ``[vocab]``."""
+    return forward_logits(model, input_ids, cache, start_position, 1, **attention_kwargs)[-1]
 
 
 @torch.inference_mode()
+def prefill(model: Any, input_ids: list[int], cache: Any, position: int, **attention_kwargs: Any) -> torch.Tensor:
+    """Prefill ``input_ids`` on top of ``cache`` at ``position…``; next-token logits ``[vocab]``."""
+    return forward_step(model, torch.tensor([input_ids]), cache, position, **attention_kwargs)
+
+
+@torch.inference_mode()
+def decode_one_token(model: Any, token: int, cache: Any, position: int, **attention_kwargs: Any) -> torch.Tensor:
+    """One decoding step: ``token`` at ``position``; next-token logits ``[vocab]``."""
+    return forward_step(model, torch.tensor([[token]]), cache, position, **attention_kwargs)
+
+
+def decode_n_tokens(
+    model: Any,
+    logits: torch.Tensor,
+    cache: Any,
+    position: int,
+    max_new_tokens: int,
+    stop_ids: set[int],
+    **attention_kwargs: Any,
+) -> Iterator[int]:
+    """Greedy tokens from the first ``logits`` on (the prefill's); the next step runs only when
+    the caller asks for the next token. Stops after ``max_new_tokens`` or before a stop id."""
+    token = int(logits.argmax())
+    for generated in range(1, max_new_tokens + 1):
+        if token in stop_ids:
+            return
+        yield token
+        if generated == max_new_tokens:
+            return
+        token = int(decode_one_token(model, token, cache, position, **attention_kwargs).argmax())
+        position += 1
+
+
+class TokenStream:
+    """Iterates the greedy tokens of one request and times it.
+
+    ``prepare`` builds the :class:`Prepared` request; it runs when iteration starts, so the clock
+    (``ttft_s``, ``total_s``) counts loading and assembling the cache as well as the prefill.
+    ``backend`` is known once iteration has started.
+    """
+
+    def __init__(self, model: Any, prepare: Callable[[], Prepared], max_new_tokens: int, stop_ids: set[int]) -> None:
+        self.model = model
+        self.prepare = prepare
+        self.max_new_tokens = max_new_tokens
+        self.stop_ids = stop_ids
+        self.token_ids: list[int] = []
+        self.ttft_s: float | None = None
+        self.total_s: float | None = None
+        self.backend: str | None = None
+
+    def __iter__(self) -> Iterator[int]:
+        t0 = time.perf_counter()
+        prepared = self.prepare()
+        self.backend = prepared.backend
+        kwargs = prepared.attention_kwargs
+        logits = prepared.first_logits
+        if logits is None:
+            logits = prefill(self.model, prepared.input_ids, prepared.cache, prepared.position, **kwargs)
+        self.ttft_s = time.perf_counter() - t0
+        position = prepared.position + len(prepared.input_ids)
+        tokens = decode_n_tokens(
+            self.model, logits, prepared.cache, position, self.max_new_tokens, self.stop_ids, **kwargs
+        )
+        for token in tokens:
+            self.token_ids.append(token)
+            yield token
+        self.total_s = time.perf_counter() - t0
+
+    def run(self) -> Generation:
+        """Decode to the end; the token ids and timings."""
+        for _ in self:
+            pass
+        assert self.ttft_s is not None and self.total_s is not None
+        return Generation(self.token_ids, self.ttft_s, self.total_s)
+
+
 def greedy_decode(
     model: Any,
     input_ids: list[int],
@@ -63,37 +174,27 @@ def greedy_decode(
     start_position: int,
     max_new_tokens: int,
     stop_ids: set[int],
-    t0: float,
     **attention_kwargs: Any,
 ) -> Generation:
-    """Prefill ``input_ids`` on top of ``cache`` and decode greedily until a stop id."""
-    logits = forward_step(model, torch.tensor([input_ids]), cache, start_position, **attention_kwargs)
-    return continue_greedy(
-        model, logits, cache, start_position + len(input_ids), max_new_tokens, stop_ids, t0, **attention_kwargs
-    )
+    """Prefill ``input_ids`` on top of ``cache`` and decode greedily (a :class:`TokenStream`)."""
+    prepared = Prepared(cache, input_ids, start_position, attention_kwargs)
+    return TokenStream(model, lambda: prepared, max_new_tokens, stop_ids).run()
 
 
-@torch.inference_mode()
-def continue_greedy(
-    model: Any,
-    logits: torch.Tensor,
-    cache: Any,
-    position: int,
-    max_new_tokens: int,
-    stop_ids: set[int],
-    t0: float,
-    **attention_kwargs: Any,
-) -> Generation:
-    """Greedy decoding from already computed first logits (the prefill's, or a recompute pass
-    that carried the question); TTFT is taken when the first token is known."""
-    token = int(logits.argmax())
-    ttft = time.perf_counter() - t0
-    generated = [token]
-    while token not in stop_ids and len(generated) < max_new_tokens:
-        logits = forward_step(model, torch.tensor([[token]]), cache, position, **attention_kwargs)
-        token = int(logits.argmax())
+def text_deltas(tokenizer: Any, tokens: Iterable[int]) -> Iterator[str]:
+    """Text pieces as ``tokens`` arrive, whose concatenation equals the stripped decoded answer.
+
+    Whitespace at either end is held back, and so is an incomplete multi-byte character, so a
+    stream and the non-streaming answer match exactly.
+    """
+    generated: list[int] = []
+    emitted = ""
+    for token in tokens:
         generated.append(token)
-        position += 1
-    if generated[-1] in stop_ids:
-        generated.pop()
-    return Generation(generated, ttft, time.perf_counter() - t0)
+        text = tokenizer.decode(generated, skip_special_tokens=True).strip()
+        if text.startswith(emitted) and not text.endswith("\ufffd") and len(text) > len(emitted):
+            yield text[len(emitted) :]
+            emitted = text
+    final = tokenizer.decode(generated, skip_special_tokens=True).strip()
+    if final.startswith(emitted) and len(final) > len(emitted):
+        yield final[len(emitted) :]

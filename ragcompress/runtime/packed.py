@@ -1,4 +1,4 @@
-"""Quantized passage blobs packed for fused attention, and answering through them.
+"""Quantized passage segments packed side by side for fused attention (the packed strategy).
 
 Instead of dequantizing every segment and building a full-size cache (``assemble.py``), the
 blobs' codes and scales are laid side by side per layer (:class:`QuantizedSegments`, the layout
@@ -14,20 +14,13 @@ exactly as in ``assemble.py``.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from safetensors.torch import load as st_load
 
-from ragcompress.encoder import build_dynamic_cache
-from ragcompress.errors import CorruptSegmentError
-from ragcompress.quant import QuantConfig
-from ragcompress.rope import Rotary
-from ragcompress.runtime.attention import PACKED_KWARG
-from ragcompress.store.codec import _metadata
-from ragcompress.store.shards import read_blob
+from ragcompress.kv.rope import Rotary
+from ragcompress.store.codec import QuantizedBlob
 from ragcompress_kernels import (
     BACKENDS,
     HAS_TRITON,
@@ -39,88 +32,6 @@ from ragcompress_kernels import (
     packed_attention,
     valid_rows_ref,
 )
-
-
-@dataclass(frozen=True)
-class QuantizedBlob:
-    """One blob's tensors padded per head to ``n_pad`` rows (a multiple of ``group_size``).
-
-    k_codes/v_codes ``[L, H, n_pad, d // pb]`` uint8, k_scale/k_min ``[L, H, n_pad // gs, d]``,
-    v_scale/v_min ``[L, H, n_pad, d // v_group]`` fp16, offsets ``[L, H, n_pad]`` int32 (offset
-    inside the passage of each kept row), lengths ``[L, H]`` int32.
-    """
-
-    k_codes: torch.Tensor
-    k_scale: torch.Tensor
-    k_min: torch.Tensor
-    v_codes: torch.Tensor
-    v_scale: torch.Tensor
-    v_min: torch.Tensor
-    offsets: torch.Tensor
-    lengths: torch.Tensor
-    num_tokens: int
-    quant: QuantConfig
-    v_group: int
-
-
-def read_quantized(blob: bytes) -> QuantizedBlob:
-    """Parse a store blob (``ragcompress/store/codec.py``) without dequantizing it."""
-    try:
-        meta = _metadata(blob)
-        tensors = st_load(blob)
-        quant = QuantConfig(meta["scheme"], int(meta["group_size"]))
-        num_tokens, n_max, d = int(meta["num_tokens"]), int(meta["n_max"]), int(meta["head_dim"])
-        lengths = tensors["lengths"].long()
-    except Exception as exc:
-        raise CorruptSegmentError(f"unreadable segment blob ({exc})") from exc
-    bits = quant.bits
-    if bits is None:
-        raise ValueError(f"packed attention needs a quantized store (int8/int4/int2), not {quant.scheme!r}")
-    if lengths.dim() != 2 or (lengths < 0).any() or (lengths > n_max).any() or n_max > num_tokens:
-        raise CorruptSegmentError("segment lengths are out of range")
-    layers, heads = lengths.shape
-    gs = quant.group_size
-    n_pad = -(-max(n_max, 1) // gs) * gs
-    v_group = min(gs, d)
-    rows = torch.arange(n_pad) < lengths.unsqueeze(-1)  # [L, H, n_pad]
-    groups = torch.arange(n_pad // gs) < (-(-lengths // gs)).unsqueeze(-1)
-    pb = 8 // bits
-
-    uniform = bool((lengths == n_max).all())  # every head keeps rows 0..n_max-1: a reshape, no scatter
-
-    def scatter(flat: torch.Tensor, mask: torch.Tensor, tail: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        if tuple(flat.shape) != (int(mask.sum()), *tail) or flat.dtype != dtype:
-            raise CorruptSegmentError(f"segment tensor {tuple(flat.shape)} {flat.dtype} does not match its lengths")
-        if uniform:
-            kept = flat.shape[0] // (layers * heads)
-            out = flat.reshape(layers, heads, kept, *tail)
-            return torch.nn.functional.pad(out, (0, 0) * len(tail) + (0, mask.shape[-1] - kept))
-        out = torch.zeros((*mask.shape, *tail), dtype=dtype)
-        out[mask] = flat
-        return out
-
-    try:
-        offsets = torch.arange(n_pad).expand(layers, heads, n_pad).clone()
-        if "positions" in tensors:
-            offsets = scatter(tensors["positions"].long(), rows, (), torch.long)
-            if (offsets[rows] >= num_tokens).any() or (offsets < 0).any():
-                raise CorruptSegmentError("segment positions are out of range")
-        offsets = torch.where(rows, offsets, 0).to(torch.int32)
-        return QuantizedBlob(
-            k_codes=scatter(tensors["k_codes"], rows, (d // pb,), torch.uint8),
-            k_scale=scatter(tensors["k_scale"], groups, (d,), torch.float16),
-            k_min=scatter(tensors["k_min"], groups, (d,), torch.float16),
-            v_codes=scatter(tensors["v_codes"], rows, (d // pb,), torch.uint8),
-            v_scale=scatter(tensors["v_scale"], rows, (d // v_group,), torch.float16),
-            v_min=scatter(tensors["v_min"], rows, (d // v_group,), torch.float16),
-            offsets=offsets,
-            lengths=lengths.to(torch.int32),
-            num_tokens=num_tokens,
-            quant=quant,
-            v_group=v_group,
-        )
-    except KeyError as exc:
-        raise CorruptSegmentError(f"segment blob lacks tensor {exc}") from exc
 
 
 def rope_tables(rotary: Rotary, layers: int, positions: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -253,50 +164,3 @@ class PackedSegments:
         if not self._dense:
             self._dense = self._dense_layers(query.dtype)
         return attention_over_dense_ref(query, key, value, *self._dense[layer_idx], scale, self._masks)
-
-
-def packed_applies(engine: Any, recompute: Any = None) -> bool:
-    """Whether ``Engine.answer_cached`` should run through the fused kernel: model on CUDA,
-    Triton installed, a quantized store, and no selective recompute (which edits assembled rows)."""
-    from ragcompress.runtime.recompute import RecomputeConfig
-
-    return (
-        engine.lm.model.device.type == "cuda"
-        and HAS_TRITON
-        and engine.store.quant.bits is not None
-        and not RecomputeConfig.coerce(recompute).active
-    )
-
-
-def answer_packed(engine: Any, question: str, entries: list, backend: str = "auto") -> Any:
-    """``Engine.answer_cached`` through packed segments: same prompt, positions and decoding."""
-    from ragcompress.runtime.generate import greedy_decode
-
-    suffix = engine._suffix(question, entries)
-    t0 = time.perf_counter()
-    store = engine.store
-    blobs = []
-    for entry in entries:
-        blob = read_quantized(read_blob(store.path, entry.shard, entry.offset, entry.length, entry.checksum, entry.id))
-        if blob.num_tokens != entry.num_tokens or int(blob.lengths.sum()) != entry.kept:
-            raise CorruptSegmentError(f"passage {entry.id!r}: blob does not match its catalogue row")
-        blobs.append(blob)
-    device = engine.lm.model.device
-    packed = PackedSegments.from_blobs(blobs, engine.prefix.num_tokens, engine.rotary, device, backend)
-    layers = engine.prefix_keys.shape[0]
-    cache = build_dynamic_cache(
-        engine.lm.config,
-        [engine.prefix_keys[layer].unsqueeze(0).to(device, engine.dtype) for layer in range(layers)],
-        [engine.prefix.values[layer].unsqueeze(0).to(device, engine.dtype) for layer in range(layers)],
-    )
-    generation = greedy_decode(
-        engine.lm.model,
-        suffix,
-        cache,
-        packed.next_position,
-        engine.max_new_tokens,
-        engine.stop_ids,
-        t0,
-        **{PACKED_KWARG: packed},
-    )
-    return engine._answer(generation, entries)

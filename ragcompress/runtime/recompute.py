@@ -34,11 +34,9 @@ from typing import Any
 import torch
 
 from ragcompress.kv import PassageKV
-from ragcompress.rope import Rotary
+from ragcompress.kv.rope import Rotary
 from ragcompress.runtime.assemble import AssembledCache
-from ragcompress.runtime.attention import KV_MASK_KWARG
 from ragcompress.runtime.calibration import scale_context_keys
-from ragcompress.runtime.generate import Generation, continue_greedy
 
 
 @dataclass(frozen=True)
@@ -295,9 +293,9 @@ def blend(
                  not twice), their KV are appended to the cache at ``built.next_position…`` and
                  the report carries the logits of the last one
     """
-    for seg, ids in zip(segments, token_ids, strict=True):
-        if len(ids) != seg.num_tokens:
-            raise ValueError(f"a segment has {seg.num_tokens} tokens but its text gives {len(ids)}")
+    for seg, seg_ids in zip(segments, token_ids, strict=True):
+        if len(seg_ids) != seg.num_tokens:
+            raise ValueError(f"a segment has {seg.num_tokens} tokens but its text gives {len(seg_ids)}")
     layout = _Layout(prefix, segments)
     total = layout.token_pos.numel()
     empty = torch.zeros(0, dtype=torch.long)
@@ -359,52 +357,43 @@ def _lm_head(model: Any, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def repair(
-    engine: Any,
+    model: Any,
+    rotary: Rotary,
     built: AssembledCache,
+    prefix: PassageKV,
     segments: list[PassageKV],
-    entries: list[Any],
-    recompute: RecomputeConfig | float | None,
+    token_ids: list[list[int]],
+    config: RecomputeConfig,
+    *,
+    first_exact: bool = False,
     suffix: list[int] | None = None,
-    t0: float | None = None,
-) -> Generation | None:
-    """What :meth:`Engine.answer_cached` runs between assembling the cache and the question's
-    prefill: the selective recompute, then the APE temperature on the passage rows.
+) -> torch.Tensor | None:
+    """What the dense strategy runs between assembling the cache and the question's prefill:
+    the selective recompute (:func:`blend`), then the APE temperature on the passage rows.
 
-    ``None`` or ``0`` leaves ``built`` untouched (plain reuse). With ``suffix`` and ``t0`` the
-    question is prefilled in the recompute pass itself and the answer is decoded here (returned);
-    ``None`` means the caller prefills the question and decodes as usual.
+    An inactive ``config`` leaves ``built`` untouched (plain reuse). With ``suffix`` (and no
+    temperature, which must act before the question is read), the question is prefilled in the
+    recompute pass itself and its next-token logits ``[vocab]`` are returned; ``None`` means the
+    caller prefills the question as usual.
     """
-    config = RecomputeConfig.coerce(recompute)
     if not config.active:
         return None
-    fuse = suffix is not None and t0 is not None and config.temperature == 1.0
-    report = None
+    fuse = suffix is not None and config.temperature == 1.0
     if config.recomputes:
-        token_ids = [engine.tokens.passage(entry.text) for entry in entries]
         report = blend(
-            engine.lm.model,
-            engine.rotary,
+            model,
+            rotary,
             built,
-            engine.prefix,
+            prefix,
             segments,
             token_ids,
             config,
-            first_exact=engine.store.quant.scheme == "none",
+            first_exact=first_exact,
             suffix=suffix if fuse else None,
         )
-    if report is not None and report.logits is not None:
-        extra = {} if built.kv_mask is None else {KV_MASK_KWARG: built.kv_mask}
-        return continue_greedy(
-            engine.lm.model,
-            report.logits,
-            built.cache,
-            built.next_position + len(suffix or ()),
-            engine.max_new_tokens,
-            engine.stop_ids,
-            t0 or 0.0,
-            **extra,
-        )
-    prefix_rows = engine.prefix.keys.shape[2]
+        if report.logits is not None:
+            return report.logits
+    prefix_rows = prefix.keys.shape[2]
     stop = prefix_rows + sum(seg.keys.shape[2] for seg in segments)
     scale_context_keys(built.cache, prefix_rows, stop, config.temperature)
     return None

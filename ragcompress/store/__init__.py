@@ -2,5 +2,6 @@
 
 from ragcompress.store.kvstore import KVStore, StoreWriter, create_store
 from ragcompress.store.manifest import FORMAT_VERSION, Manifest
+from ragcompress.store.record import PassageRecord
 
-__all__ = ["FORMAT_VERSION", "KVStore", "Manifest", "StoreWriter", "create_store"]
+__all__ = ["FORMAT_VERSION", "KVStore", "Manifest", "PassageRecord", "StoreWriter", "create_store"]

@@ -121,6 +121,26 @@ class Catalogue:
             for values in self.db.execute(f"SELECT {_COLUMNS} FROM passages ORDER BY row"):
                 yield _entry(values)
 
+    def integrity_problems(self) -> list[str]:
+        """SQLite's own ``integrity_check`` findings (empty when the database is sound)."""
+        with self._guard():
+            verdict = [row[0] for row in self.db.execute("PRAGMA integrity_check")]
+        return [] if verdict == ["ok"] else verdict
+
+    def raw_rows(self) -> Iterator[tuple[Any, ...]]:
+        """Every row as SQLite holds it, unvalidated, for :mod:`ragcompress.store.verify`:
+        ``(id, text, text_sha, shard, offset, length, checksum, num_tokens, kept, embedding bytes)``."""
+        with self._guard():
+            yield from self.db.execute(
+                "SELECT id, text, text_sha, shard, offset, length, checksum, num_tokens, kept, "
+                "length(embedding) FROM passages ORDER BY row"
+            )
+
+    def ids_by_row(self) -> dict[int, str]:
+        """Row number -> passage id of every committed row (memory grows with the store)."""
+        with self._guard():
+            return {row: pid for row, pid in self.db.execute("SELECT row, id FROM passages")}
+
     def text_shas(self) -> dict[str, str]:
         """Every id and its text hash (memory grows with the store; prefer :meth:`shas_of`)."""
         with self._guard():

@@ -12,20 +12,26 @@ cost exactly what they keep. Tensors in a blob:
 ``T = lengths.sum()``, ``Gk = sum(ceil(lengths / group_size))``. The safetensors metadata holds
 ``num_tokens``, ``n_max``, ``head_dim``, ``scheme`` and ``group_size``. The format never uses
 pickle: loading a blob cannot execute code.
+
+:func:`parse` is the one reader of the format: it validates a blob once and returns a
+:class:`Segment`, which converts to the dense form the runtime assembles (:meth:`Segment.dense`,
+a :class:`PassageKV`) or to the packed form the fused kernel reads (:meth:`Segment.packed`, a
+:class:`QuantizedBlob`, nothing dequantized).
 """
 
 from __future__ import annotations
 
 import json
 import struct
+from dataclasses import dataclass
 
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from ragcompress.errors import CorruptSegmentError
-from ragcompress.kv import PassageKV
-from ragcompress.quant import (
+from ragcompress.kv import ModelShape, PassageKV
+from ragcompress.kv.quant import (
     QuantConfig,
     dequantize_keys_per_channel,
     dequantize_values_per_token,
@@ -103,8 +109,143 @@ def _metadata(blob: bytes) -> dict[str, str]:
     return meta
 
 
-def decode(blob: bytes, dtype: torch.dtype = torch.float32, shape: tuple[int, int, int] | None = None) -> PassageKV:
-    """Inverse of :func:`encode`; keys come back un-rotated, as ``dtype``.
+@dataclass(frozen=True)
+class QuantizedBlob:
+    """One segment's quantized tensors padded per head to ``n_pad`` rows (a multiple of
+    ``group_size``): the layout ``ragcompress_kernels.QuantizedSegments`` is cut from.
+
+    k_codes/v_codes ``[L, H, n_pad, d // pb]`` uint8, k_scale/k_min ``[L, H, n_pad // gs, d]``,
+    v_scale/v_min ``[L, H, n_pad, d // v_group]`` fp16, offsets ``[L, H, n_pad]`` int32 (offset
+    inside the passage of each kept row), lengths ``[L, H]`` int32.
+    """
+
+    k_codes: torch.Tensor
+    k_scale: torch.Tensor
+    k_min: torch.Tensor
+    v_codes: torch.Tensor
+    v_scale: torch.Tensor
+    v_min: torch.Tensor
+    offsets: torch.Tensor
+    lengths: torch.Tensor
+    num_tokens: int
+    quant: QuantConfig
+    v_group: int
+
+    @property
+    def kept_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A parsed, validated blob: header values and raw tensors, nothing dequantized yet.
+
+    lengths:   ``[L, H]`` int64 kept rows per layer and head (``<= n_max <= num_tokens``)
+    positions: ``[L, H, n_max]`` int64 offset inside the passage of each row (``0..`` when nothing
+               was evicted; padding rows hold their row index)
+    tensors:   the blob's tensors by name (see the module docstring)
+    """
+
+    num_tokens: int
+    n_max: int
+    head_dim: int
+    quant: QuantConfig
+    lengths: torch.Tensor
+    positions: torch.Tensor
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def kept_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+    def mask(self) -> torch.Tensor:
+        """``[L, H, n_max]`` bool, True on kept rows."""
+        return torch.arange(self.n_max) < self.lengths.unsqueeze(-1)
+
+    def dense(self, dtype: torch.dtype = torch.float32) -> PassageKV:
+        """Dequantized keys (un-rotated) and values as ``dtype``, padded per head to ``n_max``."""
+        lengths, mask, d, group_size = self.lengths, self.mask(), self.head_dim, self.quant.group_size
+        dense = bool(mask.all())  # nothing evicted: rows are already in (layer, head, row) order
+        tensors = self.tensors
+        try:
+            if self.quant.bits is None:
+                keys = _rows_to_grid(tensors["k"], mask, dtype)
+                values = _rows_to_grid(tensors["v"], mask, dtype)
+            else:
+                bits = self.quant.bits
+                k_codes = _rows_to_grid(unpack(tensors["k_codes"], bits), mask, torch.uint8)
+                groups = _group_mask(lengths, -(-self.n_max // group_size), group_size)
+                k_scale = _rows_to_grid(tensors["k_scale"], groups, torch.float16)
+                k_min = _rows_to_grid(tensors["k_min"], groups, torch.float16)
+                keys = dequantize_keys_per_channel(k_codes, k_scale, k_min, group_size).to(dtype)
+                v = dequantize_values_per_token(unpack(tensors["v_codes"], bits), tensors["v_scale"], tensors["v_min"])
+                values = _rows_to_grid(v, mask, dtype)
+                if not dense:
+                    keys = keys * mask.unsqueeze(-1)  # padding rows are zero, as for unquantized blobs
+            if keys.shape[-1] != d or values.shape[-1] != d:
+                raise ValueError(f"tensors have head_dim {keys.shape[-1]}/{values.shape[-1]}, metadata says {d}")
+            return PassageKV(keys, values, self.positions, lengths, self.num_tokens)
+        except (KeyError, RuntimeError, IndexError, ValueError, TypeError) as exc:
+            raise CorruptSegmentError(f"segment tensors do not match their declared shape ({exc})") from exc
+
+    def packed(self) -> QuantizedBlob:
+        """The quantized tensors padded per head to a multiple of ``group_size`` rows, for the
+        fused kernel; needs a quantized store (int8/int4/int2)."""
+        bits = self.quant.bits
+        if bits is None:
+            raise ValueError(f"packed attention needs a quantized store (int8/int4/int2), not {self.quant.scheme!r}")
+        layers, heads = self.lengths.shape
+        gs, d, lengths = self.quant.group_size, self.head_dim, self.lengths
+        n_pad = -(-max(self.n_max, 1) // gs) * gs
+        v_group = min(gs, d)
+        rows = torch.arange(n_pad) < lengths.unsqueeze(-1)  # [L, H, n_pad]
+        groups = torch.arange(n_pad // gs) < (-(-lengths // gs)).unsqueeze(-1)
+        pb = 8 // bits
+        uniform = bool((lengths == self.n_max).all())  # every head keeps rows 0..n_max-1: a reshape, no scatter
+
+        def scatter(flat: torch.Tensor, mask: torch.Tensor, tail: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+            if tuple(flat.shape) != (int(mask.sum()), *tail) or flat.dtype != dtype:
+                raise CorruptSegmentError(f"segment tensor {tuple(flat.shape)} {flat.dtype} does not match its lengths")
+            if uniform:
+                kept = flat.shape[0] // (layers * heads)
+                out = flat.reshape(layers, heads, kept, *tail)
+                return torch.nn.functional.pad(out, (0, 0) * len(tail) + (0, mask.shape[-1] - kept))
+            out = torch.zeros((*mask.shape, *tail), dtype=dtype)
+            out[mask] = flat
+            return out
+
+        offsets = torch.nn.functional.pad(self.positions, (0, n_pad - self.n_max))
+        offsets = torch.where(rows, offsets, 0).to(torch.int32)
+        try:
+            return QuantizedBlob(
+                k_codes=scatter(self.tensors["k_codes"], rows, (d // pb,), torch.uint8),
+                k_scale=scatter(self.tensors["k_scale"], groups, (d,), torch.float16),
+                k_min=scatter(self.tensors["k_min"], groups, (d,), torch.float16),
+                v_codes=scatter(self.tensors["v_codes"], rows, (d // pb,), torch.uint8),
+                v_scale=scatter(self.tensors["v_scale"], rows, (d // v_group,), torch.float16),
+                v_min=scatter(self.tensors["v_min"], rows, (d // v_group,), torch.float16),
+                offsets=offsets,
+                lengths=lengths.to(torch.int32),
+                num_tokens=self.num_tokens,
+                quant=self.quant,
+                v_group=v_group,
+            )
+        except KeyError as exc:
+            raise CorruptSegmentError(f"segment blob lacks tensor {exc}") from exc
+
+
+def _rows_to_grid(flat: torch.Tensor, grid_mask: torch.Tensor, fill_dtype: torch.dtype) -> torch.Tensor:
+    """Kept rows ``[T, ...]`` scattered into a zero-padded ``[*grid_mask.shape, ...]`` grid."""
+    grid_shape = tuple(grid_mask.shape) + tuple(flat.shape[1:])
+    if bool(grid_mask.all()):
+        return flat.to(fill_dtype).reshape(grid_shape)
+    grid = torch.zeros(grid_shape, dtype=fill_dtype)
+    grid[grid_mask] = flat.to(fill_dtype)
+    return grid
+
+
+def parse(blob: bytes, shape: ModelShape | tuple[int, int, int] | None = None) -> Segment:
+    """Read and validate a blob's header, sizes, lengths and positions (nothing dequantized).
 
     ``shape`` is the expected ``(layers, kv_heads, head_dim)`` (a store passes its manifest's).
     Shapes are checked against each other, and sizes bounded, before anything is allocated; an
@@ -114,58 +255,33 @@ def decode(blob: bytes, dtype: torch.dtype = torch.float32, shape: tuple[int, in
         meta = _metadata(blob)
         tensors = st_load(blob)
         num_tokens, n_max, d = int(meta["num_tokens"]), int(meta["n_max"]), int(meta["head_dim"])
-        scheme, group_size = meta["scheme"], int(meta["group_size"])
-        quant = QuantConfig(scheme, group_size)
+        quant = QuantConfig(meta["scheme"], int(meta["group_size"]))
         lengths = tensors["lengths"].long()
     except Exception as exc:  # malformed header, missing key, bad value
         raise CorruptSegmentError(f"unreadable segment blob ({exc})") from exc
     if lengths.dim() != 2:
         raise CorruptSegmentError(f"segment lengths have shape {tuple(lengths.shape)}, expected [layers, heads]")
     layers, heads = lengths.shape
-    if shape is not None and (layers, heads, d) != tuple(shape):
+    expected = shape.as_tuple() if isinstance(shape, ModelShape) else shape
+    if expected is not None and (layers, heads, d) != tuple(expected):
         raise CorruptSegmentError(
-            f"segment has (layers, kv_heads, head_dim) = {(layers, heads, d)}, the store's model has {tuple(shape)}"
+            f"segment has (layers, kv_heads, head_dim) = {(layers, heads, d)}, the store's model has {tuple(expected)}"
         )
     if min(num_tokens, n_max, d) < 0 or layers * heads * max(n_max, 1) * max(d, 1) > MAX_DECODED_ELEMENTS:
         raise CorruptSegmentError(f"segment declares an impossible size ({layers}x{heads}x{n_max}x{d})")
     if (lengths < 0).any() or (lengths > n_max).any() or n_max > num_tokens:
         raise CorruptSegmentError("segment lengths are out of range")
-    mask = torch.arange(n_max) < lengths.unsqueeze(-1)
-    total = int(lengths.sum())
     positions = torch.arange(n_max).expand(layers, heads, n_max).clone()
     if "positions" in tensors:
         flat = tensors["positions"].long()
-        if flat.shape != (total,) or (flat < 0).any() or (flat >= num_tokens).any():
+        if flat.shape != (int(lengths.sum()),) or (flat < 0).any() or (flat >= num_tokens).any():
             raise CorruptSegmentError("segment positions are inconsistent with its lengths")
-        positions[mask] = flat
-    dense = bool(mask.all())  # nothing evicted: rows are already in (layer, head, row) order
+        positions[torch.arange(n_max) < lengths.unsqueeze(-1)] = flat
+    return Segment(num_tokens, n_max, d, quant, lengths, positions, tensors)
 
-    def rows_to_grid(flat: torch.Tensor, grid_mask: torch.Tensor, fill_dtype: torch.dtype) -> torch.Tensor:
-        grid_shape = tuple(grid_mask.shape) + tuple(flat.shape[1:])
-        if bool(grid_mask.all()):
-            return flat.to(fill_dtype).reshape(grid_shape)
-        grid = torch.zeros(grid_shape, dtype=fill_dtype)
-        grid[grid_mask] = flat.to(fill_dtype)
-        return grid
 
-    try:
-        if quant.bits is None:
-            keys = rows_to_grid(tensors["k"], mask, dtype)
-            values = rows_to_grid(tensors["v"], mask, dtype)
-        else:
-            bits = quant.bits
-            k_codes = rows_to_grid(unpack(tensors["k_codes"], bits), mask, torch.uint8)
-            n_groups = -(-n_max // group_size)
-            groups = _group_mask(lengths, n_groups, group_size)
-            k_scale = rows_to_grid(tensors["k_scale"], groups, torch.float16)
-            k_min = rows_to_grid(tensors["k_min"], groups, torch.float16)
-            keys = dequantize_keys_per_channel(k_codes, k_scale, k_min, group_size).to(dtype)
-            v = dequantize_values_per_token(unpack(tensors["v_codes"], bits), tensors["v_scale"], tensors["v_min"])
-            values = rows_to_grid(v, mask, dtype)
-            if not dense:
-                keys = keys * mask.unsqueeze(-1)  # padding rows are zero, as for unquantized blobs
-        if keys.shape[-1] != d or values.shape[-1] != d:
-            raise ValueError(f"tensors have head_dim {keys.shape[-1]}/{values.shape[-1]}, metadata says {d}")
-        return PassageKV(keys, values, positions, lengths, num_tokens)
-    except (KeyError, RuntimeError, IndexError, ValueError, TypeError) as exc:
-        raise CorruptSegmentError(f"segment tensors do not match their declared shape ({exc})") from exc
+def decode(
+    blob: bytes, dtype: torch.dtype = torch.float32, shape: ModelShape | tuple[int, int, int] | None = None
+) -> PassageKV:
+    """Inverse of :func:`encode`; keys come back un-rotated, as ``dtype`` (``parse`` then ``dense``)."""
+    return parse(blob, shape).dense(dtype)

@@ -26,6 +26,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +35,14 @@ import numpy as np
 import torch
 
 from ragcompress.errors import CorruptSegmentError, StoreError
-from ragcompress.kv import PassageKV
+from ragcompress.kv import ModelShape, PassageKV
+from ragcompress.kv.quant import QuantConfig
 from ragcompress.paths import sha256_file
-from ragcompress.quant import QuantConfig
 from ragcompress.retrieval import VectorIndex
 from ragcompress.store import codec
 from ragcompress.store.catalogue import CATALOGUE, Catalogue, Entry
 from ragcompress.store.manifest import Manifest
+from ragcompress.store.record import PassageRecord
 from ragcompress.store.shards import ShardWriter, checksum, fsync_dir, read_blob
 
 PREFIX = "prefix.safetensors"
@@ -181,14 +184,12 @@ class KVStore:
 
     @property
     def quant(self) -> QuantConfig:
-        comp = self.manifest.compression
-        return QuantConfig(comp.get("quant", "none"), int(comp.get("group_size", 32)))
+        return self.manifest.quant
 
     @property
-    def model_shape(self) -> tuple[int, int, int]:
-        """``(layers, kv_heads, head_dim)`` every stored cache must have (validated manifest)."""
-        shape = self.manifest.model_shape
-        return shape["layers"], shape["kv_heads"], shape["head_dim"]
+    def shape(self) -> ModelShape:
+        """The cache shape every stored segment must have (validated manifest)."""
+        return self.manifest.shape
 
     def prefix_kv(self, dtype: torch.dtype = torch.float32) -> PassageKV:
         """The shared prefix cache, checked against the manifest's sha256 and model shape."""
@@ -201,7 +202,7 @@ class KVStore:
             if expected and checksum(blob) != expected:
                 raise CorruptSegmentError(f"prefix cache {self.path / PREFIX}: checksum mismatch; rebuild the store")
             try:
-                self._prefix = codec.decode(blob, dtype, self.model_shape)
+                self._prefix = codec.decode(blob, dtype, self.shape)
             except CorruptSegmentError as exc:
                 raise CorruptSegmentError(f"prefix cache {self.path / PREFIX}: {exc}") from None
         return self._prefix
@@ -212,19 +213,30 @@ class KVStore:
             raise StoreError(f"passage {passage_id!r} is not in store {self.path}")
         return found
 
-    def load_kv(self, entry: Entry, dtype: torch.dtype = torch.float32) -> PassageKV:
-        """Read, verify (sha256) and decode one passage's cache; errors name the passage."""
+    def read_segment(self, entry: Entry) -> codec.Segment:
+        """Read, verify (sha256) and parse one passage's blob, checked against its catalogue row.
+        The only place a passage's shard is opened; errors name the passage and its shard."""
         blob = read_blob(self.path, entry.shard, entry.offset, entry.length, entry.checksum, entry.id)
-        try:
-            kv = codec.decode(blob, dtype, self.model_shape)
-        except CorruptSegmentError as exc:
-            raise CorruptSegmentError(f"passage {entry.id!r} (shard {entry.shard}): {exc}") from None
-        if kv.num_tokens != entry.num_tokens or kv.kept_tokens != entry.kept:
+        with _naming(entry):
+            segment = codec.parse(blob, self.shape)
+        if segment.num_tokens != entry.num_tokens or segment.kept_tokens != entry.kept:
             raise CorruptSegmentError(
-                f"passage {entry.id!r} (shard {entry.shard}): blob holds {kv.num_tokens} tokens / "
-                f"{kv.kept_tokens} kept, its catalogue row says {entry.num_tokens} / {entry.kept}"
+                f"passage {entry.id!r} (shard {entry.shard}): blob holds {segment.num_tokens} tokens / "
+                f"{segment.kept_tokens} kept, its catalogue row says {entry.num_tokens} / {entry.kept}"
             )
-        return kv
+        return segment
+
+    def load_kv(self, entry: Entry, dtype: torch.dtype = torch.float32) -> PassageKV:
+        """One passage's cache, dequantized (keys un-rotated): the dense runtime's form."""
+        segment = self.read_segment(entry)
+        with _naming(entry):
+            return segment.dense(dtype)
+
+    def load_packed(self, entry: Entry) -> codec.QuantizedBlob:
+        """One passage's quantized tensors, not dequantized: the fused kernel's form."""
+        segment = self.read_segment(entry)
+        with _naming(entry):
+            return segment.packed()
 
     def index(self) -> VectorIndex:
         """The FAISS index over committed rows.
@@ -255,6 +267,15 @@ class KVStore:
 
     def stored_bytes(self, entries: list[Entry]) -> int:
         return sum(e.length for e in entries)
+
+
+@contextmanager
+def _naming(entry: Entry) -> Iterator[None]:
+    """Prefix a :class:`CorruptSegmentError` raised inside with the passage and its shard."""
+    try:
+        yield
+    except CorruptSegmentError as exc:
+        raise CorruptSegmentError(f"passage {entry.id!r} (shard {entry.shard}): {exc}") from None
 
 
 class StoreLock:
@@ -335,28 +356,25 @@ class StoreWriter:
         """Those of ``ids`` already committed, with their text sha256 (bounded memory)."""
         return self.catalogue.shas_of(ids)
 
-    def add(self, items: list[dict[str, Any]]) -> None:
-        """Store a batch: blobs appended and fsynced, then their rows committed together.
-
-        Each item has ``id, title, text, meta, text_sha, blob, num_tokens, kept, embedding``.
-        """
+    def add(self, records: list[PassageRecord]) -> None:
+        """Store a batch: blobs appended and fsynced, then their rows committed together."""
         rows = []
-        for item in items:
-            shard, offset = self.shards.append(item["blob"])
+        for record in records:
+            shard, offset = self.shards.append(record.blob)
             rows.append(
                 {
-                    "id": item["id"],
-                    "title": item["title"],
-                    "text": item["text"],
-                    "meta": json.dumps(item["meta"], sort_keys=True, ensure_ascii=False),
-                    "text_sha": item["text_sha"],
+                    "id": record.id,
+                    "title": record.title,
+                    "text": record.text,
+                    "meta": json.dumps(record.meta, sort_keys=True, ensure_ascii=False),
+                    "text_sha": record.text_sha,
                     "shard": shard,
                     "offset": offset,
-                    "length": len(item["blob"]),
-                    "checksum": checksum(item["blob"]),
-                    "num_tokens": item["num_tokens"],
-                    "kept": item["kept"],
-                    "embedding": np.ascontiguousarray(item["embedding"], dtype=np.float32).tobytes(),
+                    "length": len(record.blob),
+                    "checksum": checksum(record.blob),
+                    "num_tokens": record.num_tokens,
+                    "kept": record.kept,
+                    "embedding": record.embedding.tobytes(),
                 }
             )
         self.shards.sync()

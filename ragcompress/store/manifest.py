@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from ragcompress.errors import StoreError, StoreMismatchError
-from ragcompress.quant import QuantConfig
+from ragcompress.kv import ModelShape
+from ragcompress.kv.quant import QuantConfig
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -70,6 +71,16 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     created: str = field(default="", compare=False)
     prefix_sha256: str = field(default="", compare=False)
+
+    @property
+    def shape(self) -> ModelShape:
+        """The cache shape every segment of the store must have."""
+        return ModelShape.from_dict(self.model_shape)
+
+    @property
+    def quant(self) -> QuantConfig:
+        """How the store's segments are quantized."""
+        return QuantConfig(self.compression.get("quant", "none"), int(self.compression.get("group_size", 32)))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from ragcompress.errors import StoreError
+from ragcompress.kv import ModelShape
 from ragcompress.paths import sha256_file
 from ragcompress.store import codec
 from ragcompress.store.catalogue import CATALOGUE, Catalogue
@@ -77,7 +78,7 @@ class VerifyReport:
         }
 
 
-def _check_prefix(root: Path, manifest: Manifest, shape: tuple[int, int, int], problems: list[Problem]) -> None:
+def _check_prefix(root: Path, manifest: Manifest, shape: ModelShape, problems: list[Problem]) -> None:
     path = root / PREFIX
     if not path.is_file():
         problems.append(Problem("prefix", f"{PREFIX} is missing"))
@@ -95,17 +96,13 @@ def _check_prefix(root: Path, manifest: Manifest, shape: tuple[int, int, int], p
 
 
 def _check_segments(
-    root: Path, catalogue: Catalogue, shape: tuple[int, int, int], problems: list[Problem]
+    root: Path, catalogue: Catalogue, shape: ModelShape, problems: list[Problem]
 ) -> tuple[int, dict[str, int], int | None]:
     """Every catalogue row against its blob; returns (rows, committed end per shard, embedding dim)."""
     ends: dict[str, int] = {}
     dim: int | None = None
     count = 0
-    cursor = catalogue.db.execute(
-        "SELECT id, text, text_sha, shard, offset, length, checksum, num_tokens, kept, "
-        "length(embedding) FROM passages ORDER BY row"
-    )
-    for pid, text, text_sha, shard, offset, length, digest, num_tokens, kept, emb_bytes in cursor:
+    for pid, text, text_sha, shard, offset, length, digest, num_tokens, kept, emb_bytes in catalogue.raw_rows():
         count += 1
 
         def fail(message: str, kind: str = "segment", pid: str = pid, shard: Any = shard) -> None:
@@ -128,13 +125,14 @@ def _check_segments(
             fail(f"embedding has dimension {emb_bytes // 4}, the store's others have {dim}", "catalogue")
         try:
             blob = read_blob(root, shard, offset, length, digest, pid)
-            kv = codec.decode(blob, shape=shape)
+            segment = codec.parse(blob, shape)
+            segment.dense()  # its tensors match the shapes its header declares
         except StoreError as exc:
             fail(str(exc))
             continue
-        if kv.num_tokens != num_tokens or kv.kept_tokens != kept:
+        if segment.num_tokens != num_tokens or segment.kept_tokens != kept:
             fail(
-                f"blob holds {kv.num_tokens} tokens / {kv.kept_tokens} kept, "
+                f"blob holds {segment.num_tokens} tokens / {segment.kept_tokens} kept, "
                 f"its catalogue row says {num_tokens} / {kept}"
             )
     return count, ends, dim
@@ -185,9 +183,9 @@ def _check_index(root: Path, catalogue: Catalogue, count: int, problems: list[Pr
         problems.append(Problem("index", f"{INDEX} is not an id-mapped index"))
         return
     position = {int(row): i for i, row in enumerate(id_map)}
-    flat = faiss.downcast_index(index.index)
+    flat: Any = faiss.downcast_index(index.index)  # an IndexFlat: its raw vectors are read below
     stored = faiss.rev_swig_ptr(flat.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
-    ids = {row: pid for row, pid in catalogue.db.execute("SELECT row, id FROM passages")}
+    ids = catalogue.ids_by_row()
     for rows, vectors in catalogue.embedding_chunks():
         for row, vector in zip(rows.tolist(), vectors, strict=True):
             i = position.get(row)
@@ -206,7 +204,7 @@ def verify_store(path: str | Path) -> VerifyReport:
         manifest = Manifest.read(root)
     except StoreError as exc:
         return VerifyReport(str(root), problems=[Problem("manifest", str(exc))])
-    shape = (manifest.model_shape["layers"], manifest.model_shape["kv_heads"], manifest.model_shape["head_dim"])
+    shape = manifest.shape
     _check_prefix(root, manifest, shape, problems)
     if not (root / CATALOGUE).is_file():
         problems.append(Problem("catalogue", f"{CATALOGUE} is missing"))
@@ -216,10 +214,10 @@ def verify_store(path: str | Path) -> VerifyReport:
     except StoreError as exc:
         problems.append(Problem("catalogue", str(exc)))
         return VerifyReport(str(root), problems=problems, notes=notes)
-    count, ends = 0, {}
+    count, ends = 0, dict[str, int]()
     try:
-        verdict = [r[0] for r in catalogue.db.execute("PRAGMA integrity_check")]
-        if verdict != ["ok"]:
+        verdict = catalogue.integrity_problems()
+        if verdict:
             problems.append(Problem("catalogue", "SQLite integrity_check: " + "; ".join(verdict[:5])))
         count, ends, _ = _check_segments(root, catalogue, shape, problems)
         _check_shard_files(root, ends, notes)

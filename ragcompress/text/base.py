@@ -48,6 +48,7 @@ class Budget:
         proportion to passage length (largest remainders get the leftover tokens)."""
         if self.rate is not None:
             return [min(n, max(1, math.ceil(self.rate * n))) if n else 0 for n in lengths]
+        assert self.target_tokens is not None  # __post_init__: exactly one of rate, target_tokens
         total = sum(lengths)
         if total <= self.target_tokens:
             return list(lengths)

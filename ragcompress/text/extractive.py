@@ -50,7 +50,8 @@ class SentenceExtractor(TextCompressor):
         vectors = self.embedder.embed([query, *sentences])  # [1 + s, dim], unit norm
         similarity = vectors[1:] @ vectors[0]  # [s]
         costs = [self.count_tokens(s) for s in sentences]
-        kept, used = [], 0
+        kept: list[int] = []
+        used = 0
         for i in np.argsort(-similarity, kind="stable").tolist():
             if not kept or used + costs[i] <= budget:
                 kept.append(i)

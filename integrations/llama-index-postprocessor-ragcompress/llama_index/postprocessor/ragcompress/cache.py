@@ -1,7 +1,8 @@
 """Writing nodes' caches into a store and finding them again (shared by all components).
 
-:class:`CacheWriter` encodes nodes after the store's prefix, compresses and quantizes them with
-the store's settings and commits them with ragcompress's :class:`~ragcompress.store.StoreWriter`.
+:class:`CacheWriter` turns nodes into store records with ragcompress's
+:class:`~ragcompress.indexing.Indexer` (the store's settings, the same write path as
+``ragcompress index``) and commits them with :class:`~ragcompress.store.StoreWriter`.
 A node's passage id is its node id; when that id is already stored with another text (the node
 was edited), the passage id becomes ``"{node_id}~{sha256(text)[:16]}"`` so old and new caches
 never mix. :class:`CacheResolver` maps nodes to store entries, computing missing ones.
@@ -36,52 +37,40 @@ def alias_id(node_id: str, sha: str) -> str:
     return f"{node_id}~{sha[:16]}"
 
 
-def _compressor_from_manifest(compression: dict[str, Any]) -> tuple[Any, Any]:
-    from ragcompress.compressors import make_compressor
-    from ragcompress.quant import QuantConfig
-
-    params = {k: v for k, v in compression.items() if k not in ("method", "quant", "group_size")}
-    compressor = make_compressor(compression["method"], **params)
-    return compressor, QuantConfig(compression.get("quant", "none"), int(compression.get("group_size", 32)))
-
-
 class CacheWriter:
-    """Computes and commits caches for nodes; see :meth:`for_build` and :meth:`for_existing`."""
+    """Computes and commits caches for nodes; see :meth:`for_build` and :meth:`for_existing`.
 
-    def __init__(self, path: str, lm: Any, manifest: Any, batch_size: int = 8) -> None:
-        from ragcompress.prompt import PromptTemplate
+    The caches come from ragcompress's :class:`~ragcompress.indexing.Indexer`, the write path
+    ``ragcompress index`` uses, so a node's cache is exactly what indexing its text would store.
+    """
 
+    def __init__(self, path: str, indexer: Any, batch_size: int = 8) -> None:
         self.path = store_path(path)
-        self.lm = lm
-        self.manifest = manifest
+        self.indexer = indexer
         self.batch_size = batch_size
-        self.template = PromptTemplate.from_dict(manifest.template)
-        self.compressor, self.quant = _compressor_from_manifest(manifest.compression)
-        self.embedder = shared_embedder(manifest.embedder)
-        self._encoder: Any = None
 
     @classmethod
-    def for_build(cls, path: str, model: str | None, config: Any, embedder: str, batch_size: int = 8) -> CacheWriter:
+    def for_build(cls, path: str, model: str | None, config: Any, batch_size: int = 8) -> CacheWriter:
         """Writer for a store built with ``model`` and ``config`` (an ``IndexConfig``); an existing
         store must have been built the same way (else ``StoreMismatchError``)."""
         require_ragcompress()
-        from ragcompress.indexing import build_manifest
-        from ragcompress.prompt import PromptTemplate
+        from ragcompress.indexing import Indexer
         from ragcompress.store import Manifest
 
         lm = shared_model(model)
-        manifest = build_manifest(lm, PromptTemplate.from_tokenizer(lm.tokenizer), config, embedder)
+        indexer = Indexer.from_config(lm, config, shared_embedder(config.embedder))
         if (Path(path) / "manifest.json").is_file():
             existing = Manifest.read(Path(path))
-            existing.check_same_build(manifest)
-            manifest = existing
-        return cls(path, lm, manifest, batch_size)
+            existing.check_same_build(indexer.manifest)
+            indexer = Indexer.for_store(existing, lm, indexer.embedder)
+        return cls(path, indexer, batch_size)
 
     @classmethod
     def for_existing(cls, path: str, lm: Any | None = None, batch_size: int = 8) -> CacheWriter:
         """Writer that adds to an existing store with its own model and settings."""
         require_ragcompress()
         from ragcompress.errors import StoreError
+        from ragcompress.indexing import Indexer
         from ragcompress.store import Manifest
 
         if not Path(path).is_dir():
@@ -89,76 +78,44 @@ class CacheWriter:
         manifest = Manifest.read(Path(path))
         lm = lm or shared_model(manifest.model_ref)
         check_model(manifest, lm, path)
-        return cls(path, lm, manifest, batch_size)
+        return cls(path, Indexer.for_store(manifest, lm, shared_embedder(manifest.embedder)), batch_size)
 
-    @property
-    def encoder(self) -> Any:
-        if self._encoder is None:
-            from ragcompress.encoder import PassageEncoder
+    def _passages(self, nodes: Sequence[BaseNode], known: dict[str, str]) -> tuple[list[str | None], list[Any]]:
+        """Each node's passage id (None without text) and the passages not stored yet."""
+        from ragcompress.indexing.inputs import PassageInput
 
-            self._encoder = PassageEncoder(self.lm, self.template)
-        return self._encoder
+        ids: list[str | None] = []
+        todo: dict[str, Any] = {}
+        for node in nodes:
+            text = node_text(node)
+            if not text.strip():
+                ids.append(None)
+                continue
+            sha = text_sha(text)
+            pid = node.node_id
+            if known.get(pid, sha) != sha or (pid in todo and todo[pid].text_sha != sha):
+                pid = alias_id(node.node_id, sha)
+            if pid not in known and pid not in todo:
+                todo[pid] = PassageInput(pid, text, str(node.metadata.get("title", "")), json_safe(node.metadata))
+            ids.append(pid)
+        return ids, list(todo.values())
 
     def write(self, nodes: Sequence[BaseNode], *, write_index: bool = True) -> list[str | None]:
         """Store the caches of ``nodes`` not yet stored; returns each node's passage id (None for
         a node without text). Attaches the handle to every node with text."""
-        from ragcompress.compressors import CompressionContext
-        from ragcompress.errors import InputError
         from ragcompress.store import StoreWriter, create_store
-        from ragcompress.store.codec import encode
 
         start = time.perf_counter()
         path = Path(self.path)
         if not (path / "manifest.json").is_file():
-            create_store(path, self.manifest, self.encoder.prefix_kv)
-        ids: list[str | None] = []
+            create_store(path, self.indexer.manifest, self.indexer.prefix_kv)
         written: list[str] = []
         with StoreWriter(path) as writer:
-            known = writer.known()
-            todo: dict[str, tuple[BaseNode, str, str]] = {}
-            for node in nodes:
-                text = node_text(node)
-                if not text.strip():
-                    ids.append(None)
-                    continue
-                sha = text_sha(text)
-                pid = node.node_id
-                if known.get(pid, sha) != sha or (pid in todo and todo[pid][2] != sha):
-                    pid = alias_id(node.node_id, sha)
-                if pid not in known and pid not in todo:
-                    todo[pid] = (node, text, sha)
-                ids.append(pid)
-            pending = list(todo.items())
-            limit = int(getattr(self.lm.config, "max_position_embeddings", 1 << 30)) - self.encoder.prefix_len - 64
+            ids, pending = self._passages(nodes, writer.known())
             for begin in range(0, len(pending), self.batch_size):
-                batch = pending[begin : begin + self.batch_size]
-                token_ids = [self.encoder.tokens.passage(text) for _, (_, text, _) in batch]
-                for (pid, _), tokens in zip(batch, token_ids, strict=True):
-                    if len(tokens) > limit:
-                        raise InputError(
-                            f"node {pid!r} has {len(tokens)} tokens, more than {self.lm.ref} "
-                            f"can attend to ({limit}); split it with a node parser first"
-                        )
-                caches = self.encoder.encode(token_ids)
-                vectors = self.embedder.embed([text for _, (_, text, _) in batch])
-                items = []
-                for (pid, (node, text, sha)), tokens, kv, vector in zip(batch, token_ids, caches, vectors, strict=True):
-                    kept = self.compressor.compress(kv, CompressionContext(self.encoder, tokens))
-                    items.append(
-                        {
-                            "id": pid,
-                            "title": str(node.metadata.get("title", "")),
-                            "text": text,
-                            "meta": json_safe(node.metadata),
-                            "text_sha": sha,
-                            "blob": encode(kept, self.quant),
-                            "num_tokens": kept.num_tokens,
-                            "kept": kept.kept_tokens,
-                            "embedding": vector,
-                        }
-                    )
-                writer.add(items)
-                written += [pid for pid, _ in batch]
+                records = self.indexer.records(pending[begin : begin + self.batch_size])
+                writer.add(records)
+                written += [record.id for record in records]
             if written and write_index:
                 writer.write_index()
         for node, pid in zip(nodes, ids, strict=True):
@@ -229,6 +186,10 @@ class CacheResolver:
             entries = [
                 self._lookup(node) if entry is None else entry for node, entry in zip(nodes, entries, strict=True)
             ]
+        found: list[Any] = []
         for node, entry in zip(nodes, entries, strict=True):
+            if entry is None:  # written above; a concurrent writer may not replace it meanwhile
+                raise StoreError(f"node {node.node_id!r}: its cache was written but cannot be found in {self.path}")
             set_handle(node, self.path, entry.id)
-        return entries, computed
+            found.append(entry)
+        return found, computed

@@ -6,14 +6,12 @@ hands to ``BaseSynthesizer`` so no hosted LLM is ever needed.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from llama_index.core.base.llms.types import CompletionResponse, CompletionResponseGen, LLMMetadata
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.llms.callbacks import llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
-from llama_index.postprocessor.ragcompress._generation import stream_greedy
 from llama_index.postprocessor.ragcompress._shared import shared_model
 
 
@@ -66,26 +64,24 @@ class LocalLLM(CustomLLM):
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _stream(self, prompt: str) -> Any:
+        """Text deltas of a plain full prefill of ``prompt`` (the library's one token generator)."""
         from transformers import DynamicCache
 
-        from ragcompress.runtime.generate import stop_token_ids
+        from ragcompress.runtime.generate import Prepared, TokenStream, stop_token_ids, text_deltas
 
         lm = shared_model(self.model)
         ids = self.prompt_ids(prompt)
         self._last = {"prompt_tokens": len(ids)}
-        t0 = time.perf_counter()
-        cache = DynamicCache(config=lm.config)
-        return stream_greedy(
+        stream = TokenStream(
             lm.model,
-            lm.tokenizer,
-            ids,
-            cache,
-            0,
+            lambda: Prepared(DynamicCache(config=lm.config), ids, 0, backend="full"),
             self.max_new_tokens,
             stop_token_ids(lm.tokenizer, lm.model),
-            t0,
-            self._last,
         )
+        for delta in text_deltas(lm.tokenizer, stream):
+            self._last["ttft_s"] = stream.ttft_s
+            yield delta
+        self._last.update(ttft_s=stream.ttft_s, total_s=stream.total_s)
 
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:

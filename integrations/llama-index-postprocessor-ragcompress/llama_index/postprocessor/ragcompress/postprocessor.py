@@ -63,7 +63,7 @@ class KVCacheNodePostprocessor(BaseNodePostprocessor):
     def _select(self, nodes: list[NodeWithScore]) -> list[NodeWithScore]:
         if self.similarity_cutoff is not None:
             nodes = [n for n in nodes if n.score is not None and n.score >= self.similarity_cutoff]
-        scored = sorted((n for n in nodes if n.score is not None), key=lambda n: -n.score)  # stable
+        scored = sorted((n for n in nodes if n.score is not None), key=lambda n: -(n.score or 0.0))  # stable
         ordered = scored + [n for n in nodes if n.score is None]
         return ordered[: self.top_n] if self.top_n is not None else ordered
 

@@ -10,7 +10,6 @@ computed and stored on the fly (``compute_missing``), so it works behind any ret
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncGenerator, Generator, Sequence
 from typing import Any
 
@@ -28,7 +27,6 @@ from llama_index.core.llms import LLM
 from llama_index.core.prompts.mixin import PromptDictType
 from llama_index.core.response_synthesizers.base import BaseSynthesizer, QueryTextType
 from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
-from llama_index.postprocessor.ragcompress._generation import stream_greedy
 from llama_index.postprocessor.ragcompress._shared import (
     require_ragcompress,
     shared_embedder,
@@ -55,12 +53,13 @@ class KVCacheSynthesizer(BaseSynthesizer):
         streaming: return a ``StreamingResponse`` whose text arrives token by token.
         compute_missing: compute and store caches for nodes the store does not hold yet.
         recompute: fraction of passage tokens whose cache is recomputed at query time to repair
-            cross-passage attention (CacheBlend/APE, ``ragcompress.runtime.recompute``); None
-            keeps the engine's default.
+            cross-passage attention (CacheBlend/APE, ``ragcompress.runtime.recompute``); None is
+            plain reuse.
         llm: the LLM ``BaseSynthesizer`` keeps for prompt sizing; defaults to a
             :class:`LocalLLM` on the same weights (never a hosted model).
 
-    Responses carry ``metadata["ragcompress"] = {"ttft_s", "total_s", "passage_ids", "computed"}``.
+    Responses carry ``metadata["ragcompress"] = {"ttft_s", "total_s", "passage_ids", "computed", "backend"}``
+    (a streaming response's timings once its stream is consumed).
     """
 
     def __init__(
@@ -77,13 +76,17 @@ class KVCacheSynthesizer(BaseSynthesizer):
     ) -> None:
         require_ragcompress()
         from ragcompress.runtime.engine import Engine
+        from ragcompress.runtime.options import AnswerOptions
+        from ragcompress.runtime.recompute import RecomputeConfig
         from ragcompress.store import KVStore
 
         store = KVStore.open(store_path)  # StoreError when missing or incomplete
         try:
             lm = shared_model(model or store.manifest.model_ref)
             check_model(store.manifest, lm, store_path)
-            self._engine = Engine(store, lm, shared_embedder(store.manifest.embedder), max_new_tokens)
+            options = AnswerOptions(max_new_tokens=max_new_tokens, recompute=RecomputeConfig(ratio=recompute or 0.0))
+            self._engine = Engine(store, lm, shared_embedder(store.manifest.embedder), options)
+            self._engine.warm_up()
         except BaseException:
             store.close()
             raise
@@ -92,8 +95,6 @@ class KVCacheSynthesizer(BaseSynthesizer):
         self.max_new_tokens = max_new_tokens
         self.compute_missing = compute_missing
         self.recompute = recompute
-        if recompute is not None:
-            self._engine.recompute = recompute
         self._resolver = CacheResolver(store, lm, compute_missing)
         super().__init__(
             llm=llm or LocalLLM(model=lm.ref, max_new_tokens=max_new_tokens),
@@ -143,33 +144,14 @@ class KVCacheSynthesizer(BaseSynthesizer):
         return entries, computed
 
     def _stream(self, question: str, entries: list[Any], info: dict[str, Any]) -> Generator[str, None, None]:
-        from ragcompress.runtime.assemble import assemble
-        from ragcompress.runtime.attention import KV_MASK_KWARG
-        from ragcompress.runtime.recompute import repair
+        """Text deltas of the same tokens :meth:`Engine.answer_cached` decodes (one query path)."""
+        from ragcompress.runtime.generate import text_deltas
 
-        engine = self._engine
-        suffix = engine._suffix(question, entries)  # checks the prompt fits the model
-        t0 = time.perf_counter()
-        segments = [engine.store.load_kv(entry, engine.dtype) for entry in entries]
-        built = assemble(engine.lm.config, engine.rotary, engine.prefix_keys, engine.prefix, segments, engine.dtype)
-        # The selective recompute of Engine.answer_cached, without fusing the question into its pass
-        # (that pass returns logits, not a stream); the question is prefilled below.
-        repair(engine, built, segments, entries, engine.recompute)
-        extra = {} if built.kv_mask is None else {KV_MASK_KWARG: built.kv_mask}
-        yield from stream_greedy(
-            engine.lm.model,
-            engine.lm.tokenizer,
-            suffix,
-            built.cache,
-            built.next_position,
-            engine.max_new_tokens,
-            engine.stop_ids,
-            t0,
-            info,
-            **extra,
-        )
+        stream = self._engine.stream_cached(question, entries)
+        yield from text_deltas(self._engine.lm.tokenizer, stream)
+        info.update(ttft_s=stream.ttft_s, total_s=stream.total_s, backend=stream.backend)
         dispatcher.event(
-            KVCacheAnswerEvent(store=self._resolver.path, passage_ids=info["passage_ids"], ttft_s=info.get("ttft_s"))
+            KVCacheAnswerEvent(store=self._resolver.path, passage_ids=info["passage_ids"], ttft_s=stream.ttft_s)
         )
 
     def _respond(
@@ -185,7 +167,7 @@ class KVCacheSynthesizer(BaseSynthesizer):
                 self._stream(query.query_str, entries, info), source_nodes=source_nodes, metadata=metadata
             )
         answer = self._engine.answer_cached(query.query_str, entries)
-        info.update(ttft_s=answer.ttft_s, total_s=answer.total_s)
+        info.update(ttft_s=answer.ttft_s, total_s=answer.total_s, backend=answer.backend)
         dispatcher.event(
             KVCacheAnswerEvent(store=self._resolver.path, passage_ids=answer.passage_ids, ttft_s=answer.ttft_s)
         )
@@ -243,7 +225,10 @@ class KVCacheSynthesizer(BaseSynthesizer):
     def get_response(self, query_str: str, text_chunks: Sequence[str], **response_kwargs: Any) -> Any:
         """Answer from the caches of bare text chunks (cached in the store under content ids)."""
         response = self._respond(QueryBundle(query_str), self._chunk_nodes(text_chunks), [])
-        return response.response_gen if isinstance(response, StreamingResponse) else response.response
+        if isinstance(response, StreamingResponse):
+            return response.response_gen
+        assert isinstance(response, Response)  # _respond builds no other kind
+        return response.response
 
     async def aget_response(self, query_str: str, text_chunks: Sequence[str], **response_kwargs: Any) -> Any:
         return await asyncio.to_thread(self.get_response, query_str, text_chunks)

@@ -1,16 +1,27 @@
-"""An ``IngestionPipeline`` transformation that precomputes and stores nodes' compressed caches."""
+"""An ``IngestionPipeline`` transformation that precomputes and stores nodes' compressed caches.
+
+Its store settings are one ragcompress :class:`~ragcompress.indexing.IndexConfig` field rather
+than copies of its fields, so every index option (ratio or budget, protected tokens, quantization,
+embedder, and any added later) is reachable here, validated by ragcompress itself, and part of
+``to_dict()`` (which LlamaIndex's ingestion cache hashes).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from llama_index.core.bridge.pydantic import Field, PrivateAttr, field_validator
+from llama_index.core.bridge.pydantic import Field, PrivateAttr, field_validator, model_validator
 from llama_index.core.schema import BaseNode, TransformComponent
 from llama_index.postprocessor.ragcompress._shared import require_ragcompress
 
-DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
+require_ragcompress()  # IndexConfig is a field type, so it is needed when the class is defined
+
+from ragcompress.indexing import IndexConfig  # noqa: E402
+
+_CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(IndexConfig))
 
 
 class KVCacheTransform(TransformComponent):
@@ -23,24 +34,36 @@ class KVCacheTransform(TransformComponent):
     ``to_dict()`` is deterministic and LlamaIndex's ingestion cache recognises the transform.
     A store built with another model, prompt template, compression or embedder is refused with
     ``StoreMismatchError``.
+
+    Example: ``KVCacheTransform(store_path="store", config=IndexConfig(method="global:kvzip",
+    ratio=0.5, quant="int4"))``.
     """
 
     store_path: str = Field(description="Directory of the ragcompress store (created if absent).")
     model: str | None = Field(
         default=None, description="Embedded model name or local HF directory; None for SmolLM2-135M-Instruct."
     )
-    method: str = Field(default="none", description="KV compression method registered in ragcompress.compressors.")
-    ratio: float | None = Field(
-        default=None, description="Fraction of tokens the method keeps, in (0, 1]; None for the method's default."
-    )
-    quant: str = Field(default="none", description="Cache quantization: none, int8, int4 or int2 (KIVI).")
-    group_size: int = Field(default=32, gt=0, description="Quantization group size.")
-    embedder: str = Field(
-        default=DEFAULT_EMBEDDER, description="Sentence-transformers model for the store's FAISS index."
+    config: IndexConfig = Field(
+        default_factory=IndexConfig,
+        description=(
+            "Store settings (ragcompress.indexing.IndexConfig): compression method, ratio or budget, "
+            "protected tokens, quantization and the embedder of the store's FAISS index."
+        ),
     )
     batch_size: int = Field(default=8, gt=0, description="Passages encoded per forward pass.")
 
     _writer: Any = PrivateAttr(default=None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_loose_settings(cls, data: Any) -> Any:
+        """Store settings given beside ``config`` (e.g. ``quant="int8"``) would be silently dropped."""
+        if isinstance(data, dict):
+            loose = sorted(_CONFIG_FIELDS & set(data))
+            if loose:
+                settings = ", ".join(f"{name}={data[name]!r}" for name in loose)
+                raise ValueError(f"store settings go in config: pass config=IndexConfig({settings})")
+        return data
 
     @field_validator("store_path")
     @classmethod
@@ -49,12 +72,15 @@ class KVCacheTransform(TransformComponent):
             raise ValueError("store_path must be a directory path")
         return value
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        require_ragcompress()
-        from ragcompress.indexing import IndexConfig
-
-        IndexConfig(self.method, self.ratio, self.quant, self.group_size).compressor()  # validate early
+    @field_validator("config", mode="before")
+    @classmethod
+    def _config_keys_are_known(cls, value: Any) -> Any:
+        """A dict (``from_dict``, JSON) with a misspelt key fails instead of falling back to a default."""
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - _CONFIG_FIELDS)
+            if unknown:
+                raise ValueError(f"unknown IndexConfig settings {unknown}; known: {sorted(_CONFIG_FIELDS)}")
+        return value
 
     @classmethod
     def class_name(cls) -> str:
@@ -66,10 +92,7 @@ class KVCacheTransform(TransformComponent):
         if self._writer is None:
             from llama_index.postprocessor.ragcompress.cache import CacheWriter
 
-            from ragcompress.indexing import IndexConfig
-
-            config = IndexConfig(self.method, self.ratio, self.quant, self.group_size)
-            self._writer = CacheWriter.for_build(self.store_path, self.model, config, self.embedder, self.batch_size)
+            self._writer = CacheWriter.for_build(self.store_path, self.model, self.config, self.batch_size)
         return self._writer
 
     def __call__(self, nodes: Sequence[BaseNode], **kwargs: Any) -> Sequence[BaseNode]:

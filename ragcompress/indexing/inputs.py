@@ -93,7 +93,7 @@ def iter_jsonl(path: Path) -> Iterator[PassageInput]:
             raise InputError(f'{where}: passage {passage_id!r} has no "text" string')
         if not text.strip():
             raise InputError(f"{where}: passage {passage_id!r} has empty text")
-        title = record.get("title") if isinstance(record.get("title"), str) else ""
+        title = record["title"] if isinstance(record.get("title"), str) else ""
         meta = {k: v for k, v in record.items() if k not in ("id", "text", "title")}
         yield PassageInput(passage_id, text, title, meta)
 

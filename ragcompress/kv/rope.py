@@ -38,7 +38,7 @@ class Rotary:
         """fp32 ``cos, sin`` of shape ``positions.shape + (head_dim,)``, attention scaling included."""
         flat = positions.reshape(1, -1).to(device=self._device, dtype=torch.long)
         probe = torch.empty(0, dtype=torch.float32, device=self._device)
-        if self._takes_layer_type:
+        if self._takes_layer_type and self._layer_types is not None:
             cos, sin = self._emb(probe, flat, self._layer_types[layer_idx])
         else:
             cos, sin = self._emb(probe, flat)

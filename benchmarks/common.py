@@ -1,0 +1,206 @@
+"""Code the benchmark scripts share (not part of the library); no script imports another script.
+
+* data and rows: the SQuAD-dev sample (:data:`SQUAD`, :func:`pick_questions`), row names and
+  plots of the compression benchmarks (:func:`row_name`, :func:`side_row`,
+  :func:`plot_against_compression`);
+* teacher forcing on the one query path: a request is prepared by the engine
+  (``Engine.prepare``, ``Engine.stream_cached`` / ``stream_full``, ``runtime.prepare.full_prefill``)
+  and :func:`teacher_forced_logprobs` reads the prompt and an answer over its cache with every
+  position's logits kept; :func:`run_keeping_request` and :func:`rewind` do it after the same
+  request was decoded (timed) by its :class:`~ragcompress.runtime.generate.TokenStream`;
+* synthetic fixtures and timing for the kernel benchmark (:class:`PlainRotary`,
+  :func:`synthetic_segments`, :func:`median_time`).
+
+Scripts in this folder import it as ``from common import ...`` (they run as
+``.venv/bin/python benchmarks/NAME.py``, which puts this folder on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ragcompress.evaluation import Question, read_questions
+from ragcompress.kv import PassageKV
+from ragcompress.kv.quant import QuantConfig
+from ragcompress.runtime.generate import Generation, Prepared, TokenStream, forward_logits
+from ragcompress.store import codec
+
+SQUAD = Path(__file__).resolve().parents[2] / "shared" / "data" / "squad-dev"
+KVPRESS = "kvpress-"  # scores computed by benchmarks/kvpress_scores.py with NVIDIA kvpress's presses
+
+
+# -- questions, rows and plots of the compression benchmarks ------------------------------------
+
+
+def pick_questions(path: Path, n: int) -> list[Question]:
+    """``n`` evenly spaced questions (the file is grouped by article)."""
+    all_questions = read_questions(path)
+    step = len(all_questions) / n
+    return [all_questions[int(i * step)] for i in range(min(n, len(all_questions)))]
+
+
+def row_name(method: str, ratio: float | None, quant: str) -> str:
+    """A row's name in ``results.json`` and the name of its store's folder."""
+    return f"{re.sub(r'[^A-Za-z0-9.-]+', '-', method).strip('-')}_{ratio if ratio is not None else 1.0}_{quant}"
+
+
+def side_row(method: str) -> bool:
+    """kvpress scores and parameter sweeps: in the tables, left out of the plots (legibility)."""
+    return KVPRESS in method or "[" in method
+
+
+def plot_against_compression(
+    rows: dict[str, dict],
+    metric: str,
+    ylabel: str,
+    path: Path,
+    title: str,
+    include: Callable[[dict], bool],
+    extra: Callable[[Any], None] | None = None,
+    **style: Any,
+) -> None:
+    """One line per method (``fp16`` solid, ``int4`` dashed) of ``metric`` against compression,
+    over the rows ``include`` accepts; ``extra(ax)`` adds reference marks. Shared by the
+    quality (sub-EM) and fidelity (KL) plots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    kept = [r for r in rows.values() if include(r)]
+    for i, method in enumerate(dict.fromkeys(r["method"] for r in kept)):
+        for quant, line in (("fp16", "-o"), ("int4", "--s")):
+            pts = sorted((r["compression"], r[metric]) for r in kept if r["method"] == method and r["quant"] == quant)
+            if pts:
+                ax.plot(
+                    *zip(*pts, strict=True),
+                    line,
+                    color=f"C{i}",
+                    label=f"{method}{' + int4' if quant == 'int4' else ''}",
+                    **style,
+                )
+    if extra is not None:
+        extra(ax)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("compression (fp16 bytes / stored bytes, scales and positions included)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+# -- teacher forcing over a prepared request ----------------------------------------------------
+
+
+@torch.inference_mode()
+def teacher_forced_logprobs(
+    model: Any, prepared: Prepared, continuation: list[int], keep: int | None = None
+) -> torch.Tensor:
+    """Log-probabilities ``[n, vocab]`` of the next token after every token of
+    ``prepared.input_ids + continuation``, read in one pass over ``prepared.cache`` from
+    ``prepared.position`` on with ``prepared.attention_kwargs`` (the request's own prefill, keeping
+    every position's logits instead of the last one); ``keep``: only the last ``keep`` rows.
+
+    When the request's ``input_ids`` were already prefilled (``prepared.first_logits``: a selective
+    recompute carried the question in its pass), ``first_logits`` is the row of their last token
+    and only ``continuation`` is read, so at most ``len(continuation) + 1`` rows exist.
+    """
+    rows: list[torch.Tensor] = []
+    ids, start = prepared.input_ids + continuation, prepared.position
+    if prepared.first_logits is not None:
+        ids, start = continuation, prepared.position + len(prepared.input_ids)
+        rows.append(prepared.first_logits.float().unsqueeze(0))
+        if keep is None or keep > len(ids) + 1:
+            raise ValueError("the prompt was prefilled by the recompute pass: only its last row is known")
+    if ids:
+        keep_rows = 0 if keep is None else min(keep, len(ids))
+        logits = forward_logits(
+            model, torch.tensor([ids]), prepared.cache, start, keep_rows, **prepared.attention_kwargs
+        )
+        rows.append(logits.float())
+    logits = torch.cat(rows)
+    return (logits if keep is None else logits[-keep:]).log_softmax(-1)
+
+
+def run_keeping_request(stream: TokenStream) -> tuple[Generation, Prepared, int]:
+    """Decode ``stream`` to the end (timed as always) and keep the request it prepared, with the
+    number of rows its cache held then (for :func:`rewind`)."""
+    build = stream.prepare
+    kept: list[tuple[Prepared, int]] = []
+
+    def prepare() -> Prepared:
+        prepared = build()
+        kept.append((prepared, prepared.cache.get_seq_length()))
+        return prepared
+
+    stream.prepare = prepare
+    generation = stream.run()
+    prepared, rows = kept[0]
+    return generation, prepared, rows
+
+
+def rewind(prepared: Prepared, rows: int) -> Prepared:
+    """The request as it stood before its prompt's last token was read, after a stream decoded
+    from it: the cache (``rows`` long when prepared) is cropped back and only that token remains to
+    read, so :func:`teacher_forced_logprobs` along an answer costs ``len(answer) + 1`` tokens. A
+    prompt prefilled by the recompute pass is kept whole (its last row is ``first_logits``)."""
+    cache = prepared.cache
+    if prepared.first_logits is not None:
+        cache.crop(rows - cache.get_seq_length())
+        return prepared
+    n = len(prepared.input_ids)
+    cache.crop(rows + n - 1 - cache.get_seq_length())
+    return replace(prepared, input_ids=prepared.input_ids[-1:], position=prepared.position + n - 1)
+
+
+# -- synthetic fixtures and timing of the kernel benchmark -------------------------------------
+
+
+class PlainRotary:
+    """Llama-style RoPE tables from ``inv_freq`` (synthetic benchmarks need no model)."""
+
+    def __init__(self, head_dim: int, base: float = 500000.0) -> None:
+        self.inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim)
+
+    def cos_sin(self, positions: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float().unsqueeze(-1) * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+
+def synthetic_segments(
+    context: int, passage_len: int, kv_heads: int, head_dim: int, scheme: str, device: torch.device | str, seed: int = 0
+) -> Any:
+    """One layer of ``context // passage_len`` random passages stored with ``scheme`` through the
+    store codec and packed for the kernel (``QuantizedSegments``), starting at position 0."""
+    from ragcompress.runtime.packed import PackedSegments
+
+    gen = torch.Generator().manual_seed(seed)
+    blobs = []
+    for _ in range(max(1, context // passage_len)):
+        keys = torch.randn(1, kv_heads, passage_len, head_dim, generator=gen)
+        values = torch.randn(1, kv_heads, passage_len, head_dim, generator=gen)
+        blobs.append(codec.parse(codec.encode(PassageKV.full(keys, values), QuantConfig(scheme))).packed())
+    return PackedSegments.from_blobs(blobs, 0, PlainRotary(head_dim), device).layers[0]
+
+
+def median_time(fn: Callable[[], Any], repeats: int = 5) -> float:
+    """Median wall time of ``fn()`` in seconds after one warm-up call (CPU timing)."""
+    fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)

@@ -1,0 +1,151 @@
+"""The one write path: passages in, :class:`~ragcompress.store.PassageRecord` objects out.
+
+``index()`` (JSONL and folders) and the LlamaIndex ``KVCacheTransform`` (nodes) both turn
+passages into stored caches. They share this class, so both apply the same length limit, encode
+batches the same way and compress, quantize and embed with exactly the store's settings. Adding
+a step (a new compressor input, a new record field) is then a change in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Container
+from functools import cached_property
+
+from ragcompress.compressors import CompressionContext, Compressor
+from ragcompress.errors import InputError, StoreMismatchError
+from ragcompress.indexing.config import IndexConfig, build_manifest, compressor_from_manifest
+from ragcompress.indexing.encoder import PassageEncoder
+from ragcompress.indexing.inputs import PassageInput
+from ragcompress.kv import PassageKV
+from ragcompress.kv.quant import QuantConfig
+from ragcompress.models import LoadedModel
+from ragcompress.prompt import PromptTemplate
+from ragcompress.retrieval import Embedder
+from ragcompress.store import Manifest, PassageRecord, codec
+
+# Positions left free after the longest passage: room for the question suffix and a short answer.
+POSITION_HEADROOM = 64
+
+
+class Indexer:
+    """Encodes, compresses, quantizes and embeds passages for one store.
+
+    Build it with :meth:`from_config` (a new store) or :meth:`for_store` (adding to an existing
+    one, with the settings its manifest records). The prefix cache is computed on first use, so a
+    store's manifest can be checked before the model runs.
+    """
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        template: PromptTemplate,
+        compressor: Compressor,
+        quant: QuantConfig,
+        embedder: Embedder,
+        manifest: Manifest,
+    ) -> None:
+        self.lm = lm
+        self.template = template
+        self.compressor = compressor
+        self.quant = quant
+        self.embedder = embedder
+        self._manifest = manifest
+
+    @classmethod
+    def from_config(cls, lm: LoadedModel, config: IndexConfig, embedder: Embedder | None = None) -> Indexer:
+        """An indexer for a store built from ``lm`` with ``config`` (template from the tokenizer).
+
+        ``embedder`` (a loaded one to share) must be the model ``config.embedder`` names.
+        """
+        if embedder is None:
+            embedder = Embedder(config.embedder)
+        elif embedder.name != config.embedder:
+            raise ValueError(
+                f"embedder {embedder.name!r} is not the one the config names ({config.embedder!r}); "
+                f"pass IndexConfig(embedder={embedder.name!r}) or leave the embedder out"
+            )
+        template = PromptTemplate.from_tokenizer(lm.tokenizer)
+        manifest = build_manifest(lm, template, config)
+        return cls(lm, template, config.compressor(), config.quant_config(), embedder, manifest)
+
+    @classmethod
+    def for_store(cls, manifest: Manifest, lm: LoadedModel, embedder: Embedder | None = None) -> Indexer:
+        """An indexer that adds to the store ``manifest`` describes, with the settings it records.
+
+        ``lm`` must be the store's model and tokenizer, ``embedder`` (if given) the store's
+        embedder: a store never mixes caches or vectors of two models (``StoreMismatchError``).
+        """
+        manifest.check_model(lm.fingerprint, lm.ref)
+        if lm.tokenizer_hash != manifest.tokenizer_hash:
+            raise StoreMismatchError(
+                f"store was built with another tokenizer than {lm.ref}'s; rebuild it for this model"
+            )
+        if embedder is None:
+            embedder = Embedder(manifest.embedder)
+        elif embedder.name != manifest.embedder:
+            raise StoreMismatchError(
+                f"store was built with embedder {manifest.embedder!r}, this run uses {embedder.name!r}; "
+                "use the store's embedder"
+            )
+        template = PromptTemplate.from_dict(manifest.template)
+        return cls(lm, template, compressor_from_manifest(manifest), manifest.quant, embedder, manifest)
+
+    @property
+    def manifest(self) -> Manifest:
+        """The store's manifest (for :meth:`from_config`, the one a new store gets)."""
+        return self._manifest
+
+    @cached_property
+    def encoder(self) -> PassageEncoder:
+        """Computes the prefix cache when first used."""
+        return PassageEncoder(self.lm, self.template)
+
+    @property
+    def prefix_kv(self) -> PassageKV:
+        return self.encoder.prefix_kv
+
+    @property
+    def max_tokens(self) -> int:
+        """The longest passage (in tokens) that still fits the model's positions after the prefix."""
+        positions = int(getattr(self.lm.config, "max_position_embeddings", 1 << 30))
+        return positions - self.encoder.prefix_len - POSITION_HEADROOM
+
+    def records(self, passages: list[PassageInput], skip: Container[str] = ()) -> list[PassageRecord]:
+        """Records of ``passages`` whose id is not in ``skip``, in input order.
+
+        Every passage is tokenized, checked and encoded in one batch, the skipped ones too: a
+        cache's last bits can depend on the batch it was computed in, so encoding the whole
+        input-order batch means a passage's cache never depends on what a killed run had
+        finished, and a resumed store is byte-identical to an uninterrupted one.
+        """
+        if all(p.id in skip for p in passages):
+            return []
+        token_ids = [self.encoder.tokens.passage(p.text) for p in passages]
+        limit = self.max_tokens
+        for passage, ids in zip(passages, token_ids, strict=True):
+            if len(ids) > limit:
+                raise InputError(
+                    f"passage {passage.id!r} has {len(ids)} tokens, more than {self.lm.ref} "
+                    f"can attend to ({limit}); split it"
+                )
+        caches = self.encoder.encode(token_ids)
+        todo = [i for i, p in enumerate(passages) if p.id not in skip]
+        vectors = self.embedder.embed([passages[i].text for i in todo])
+        records = []
+        for i, vector in zip(todo, vectors, strict=True):
+            passage = passages[i]
+            kept = self.compressor.compress(caches[i], CompressionContext(self.encoder, token_ids[i]))
+            records.append(
+                PassageRecord(
+                    id=passage.id,
+                    title=passage.title,
+                    text=passage.text,
+                    meta=passage.meta,
+                    text_sha=passage.text_sha,
+                    blob=codec.encode(kept, self.quant),
+                    num_tokens=kept.num_tokens,
+                    kept=kept.kept_tokens,
+                    embedding=vector,
+                )
+            )
+        return records

@@ -1,0 +1,125 @@
+"""Offline indexing: passages -> embeddings + compressed KV caches in a store.
+
+Re-running on the same input skips passages already committed (matched by id and text hash), so
+a killed run resumes where it stopped. A run with another model, template, compression config or
+embedder on an existing store fails before writing anything, unless ``overwrite`` is set, in which case
+the new store is built beside the old one and swapped in only when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+from ragcompress.errors import StoreError
+from ragcompress.indexing.config import IndexConfig
+from ragcompress.indexing.indexer import Indexer
+from ragcompress.indexing.inputs import PassageInput, iter_passages, validate
+from ragcompress.models import LoadedModel, load_model
+from ragcompress.retrieval import Embedder
+from ragcompress.store import KVStore, Manifest, StoreWriter, create_store
+from ragcompress.store.kvstore import StoreLock, replace_store
+
+
+@dataclass(frozen=True)
+class IndexReport:
+    """What a run did: passages in the input, how many it encoded, how many were stored already."""
+
+    passages: int
+    indexed: int
+    skipped: int
+    seconds: float
+    store: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "passages": self.passages,
+            "indexed": self.indexed,
+            "skipped": self.skipped,
+            "seconds": self.seconds,
+            "store": self.store,
+        }
+
+
+def _batches(items: Iterator[PassageInput], size: int) -> Iterator[list[PassageInput]]:
+    while batch := list(islice(items, size)):
+        yield batch
+
+
+def index(
+    input_path: str | Path,
+    store_path: str | Path,
+    *,
+    model: str | None = None,
+    config: IndexConfig = IndexConfig(),
+    overwrite: bool = False,
+    batch_size: int = 8,
+    progress: bool = False,
+    lm: LoadedModel | None = None,
+    embedder: Embedder | None = None,
+) -> IndexReport:
+    """Index ``input_path`` (JSONL or folder) into the store at ``store_path``.
+
+    ``lm`` and ``embedder`` reuse loaded models; the embedder must be the one ``config.embedder``
+    names (it is loaded from that name when not given).
+    """
+    start = time.perf_counter()
+    input_path, store_path = Path(input_path), Path(store_path)
+    exists = (store_path / "manifest.json").is_file()
+    if exists and not overwrite:  # one streaming pass also refuses ids stored with another text
+        with KVStore.open(store_path) as stored:
+            total = validate(input_path, stored.catalogue.shas_of, str(store_path))
+    else:
+        total = validate(input_path)
+    if overwrite and not exists and store_path.exists() and (not store_path.is_dir() or any(store_path.iterdir())):
+        raise StoreError(f"{store_path} is not a ragcompress store; refusing to overwrite it")
+    lm = lm or load_model(model)
+    indexer = Indexer.from_config(lm, config, embedder)
+    manifest = indexer.manifest
+
+    target = store_path
+    if exists and not overwrite:
+        Manifest.read(store_path).check_same_build(manifest)
+    elif store_path.exists() and not exists and not overwrite and any(store_path.iterdir()):
+        raise StoreError(f"{store_path} exists and is not a ragcompress store; choose an empty or new --store")
+    old_lock = None
+    if overwrite and exists:  # hold the old store's writer lock until the new one replaces it
+        old_lock = StoreLock(store_path)
+        target = store_path.with_name(f".{store_path.name}.overwrite-{os.getpid()}")
+        shutil.rmtree(target, ignore_errors=True)
+    elif overwrite and store_path.exists():
+        store_path.rmdir()  # an empty directory (checked above)
+
+    if not (target / "manifest.json").is_file():
+        create_store(target, manifest, indexer.prefix_kv)
+
+    indexed = skipped = 0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="passage", desc="indexing")
+    with StoreWriter(target) as writer:
+        for batch in _batches(iter_passages(input_path), batch_size):
+            records = indexer.records(batch, skip=writer.known_of([p.id for p in batch]))
+            if records:
+                writer.add(records)
+            indexed += len(records)
+            skipped += len(batch) - len(records)
+            if bar is not None:
+                bar.update(len(batch))
+        writer.write_index()
+    if bar is not None:
+        bar.close()
+
+    if target != store_path:
+        replace_store(target, store_path)
+    if old_lock is not None:
+        old_lock.release()
+    return IndexReport(total, indexed, skipped, time.perf_counter() - start, str(store_path))

@@ -1,0 +1,42 @@
+"""Per-call answering options: one frozen value, never state mutated on the engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ragcompress.runtime.recompute import RecomputeConfig
+
+# "auto": the fused kernel over packed segments where it applies (model on CUDA, Triton
+# installed, quantized store, no recompute), else the dense assembled cache.
+BACKENDS = ("auto", "dense", "packed-torch", "packed-triton")
+
+
+@dataclass(frozen=True)
+class AnswerOptions:
+    """How one question is answered.
+
+    max_new_tokens: greedy decoding budget
+    recompute:      selective recompute at query time (a ratio or a :class:`RecomputeConfig`;
+                    0 is plain reuse), see ``runtime.recompute``
+    backend:        attention over the stored caches: ``dense`` (dequantize, rotate, assemble a
+                    transformers cache, SDPA), ``packed-torch`` / ``packed-triton`` (quantized
+                    segments kept packed; the kernel's PyTorch reference or the fused Triton
+                    kernel), or ``auto`` (``packed-triton`` where it applies, else ``dense``);
+                    the answer records which one ran
+    """
+
+    max_new_tokens: int = 32
+    recompute: RecomputeConfig = RecomputeConfig()
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if type(self.max_new_tokens) is not int or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        object.__setattr__(self, "recompute", RecomputeConfig.coerce(self.recompute))
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend {self.backend!r} is not one of: {', '.join(BACKENDS)}")
+
+    def replace(self, **changes: Any) -> AnswerOptions:
+        """A copy with ``changes`` (validated again)."""
+        return replace(self, **changes)

@@ -1,0 +1,158 @@
+"""Preparation: retrieved entries and the question's tokens -> a :class:`Prepared` request.
+
+Two strategies put the stored caches in front of the question, behind one small protocol
+(:class:`Strategy`):
+
+* :class:`DenseStrategy`: every segment is dequantized, re-rotated and written into one
+  transformers cache after the prefix (``assemble.py``); the optional repair (selective
+  recompute, APE temperature, ``recompute.py``) edits that cache and may prefill the question
+  in its own pass.
+* :class:`PackedStrategy`: segments stay quantized and packed (``packed.py``); the cache holds
+  only the prefix, and the registered attention reads the segments through the fused Triton
+  kernel (``triton``) or its PyTorch reference (``torch``).
+
+:func:`choose_strategy` maps :attr:`AnswerOptions.backend` to one of them, refusing
+combinations that cannot run instead of silently running another path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+import torch
+from transformers import DynamicCache
+
+from ragcompress.errors import InputError, StoreError
+from ragcompress.kv import PassageKV
+from ragcompress.kv.cache import build_dynamic_cache
+from ragcompress.kv.rope import Rotary
+from ragcompress.models import LoadedModel
+from ragcompress.prompt import PromptTemplate, PromptTokens
+from ragcompress.runtime.assemble import assemble
+from ragcompress.runtime.attention import PACKED_KWARG
+from ragcompress.runtime.generate import Prepared
+from ragcompress.runtime.options import AnswerOptions
+from ragcompress.runtime.packed import PackedSegments
+from ragcompress.runtime.recompute import RecomputeConfig, repair
+from ragcompress.store import KVStore
+from ragcompress.store.catalogue import Entry
+from ragcompress_kernels import HAS_TRITON, triton_runs_on
+
+
+@dataclass(frozen=True)
+class QueryContext:
+    """What every question over one store shares, computed once when an engine opens.
+
+    prefix:      the shared prefix cache (keys un-rotated; values on the model's device)
+    prefix_keys: ``[layers, kv_heads, P, head_dim]`` prefix keys rotated to ``0..P-1``, on the
+                 model's device
+    """
+
+    store: KVStore
+    lm: LoadedModel
+    tokens: PromptTokens
+    rotary: Rotary
+    prefix: PassageKV
+    prefix_keys: torch.Tensor
+    prefix_ids: list[int]
+
+    @classmethod
+    def create(cls, store: KVStore, lm: LoadedModel) -> QueryContext:
+        """Check that ``lm`` is the store's model, then place the prefix once."""
+        store.manifest.check_model(lm.fingerprint, lm.ref)
+        if lm.tokenizer_hash != store.manifest.tokenizer_hash:
+            raise StoreError(f"store {store.path} was built with another tokenizer than {lm.ref}'s")
+        tokens = PromptTokens(PromptTemplate.from_dict(store.manifest.template), lm.tokenizer)
+        rotary = Rotary(lm.model)
+        prefix = store.prefix_kv(lm.model.dtype)
+        prefix_ids = tokens.prefix()
+        if len(prefix_ids) != prefix.num_tokens:
+            raise StoreError(
+                f"store {store.path}: prefix cache has {prefix.num_tokens} tokens, "
+                f"the template gives {len(prefix_ids)}; rebuild the store"
+            )
+        device = lm.model.device
+        prefix_keys = rotary.rotate_layers(prefix.keys, prefix.positions).to(device)
+        prefix = replace(prefix, values=prefix.values.to(device))
+        return cls(store, lm, tokens, rotary, prefix, prefix_keys, prefix_ids)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm.model.dtype
+
+
+class Strategy(Protocol):
+    """Turns retrieved entries and the question's suffix into a :class:`Prepared` request."""
+
+    def prepare(self, context: QueryContext, entries: list[Entry], suffix: list[int]) -> Prepared: ...
+
+
+@dataclass(frozen=True)
+class DenseStrategy:
+    """Dequantize, re-rotate and assemble one transformers cache; then the optional repair."""
+
+    recompute: RecomputeConfig = RecomputeConfig()
+
+    def prepare(self, context: QueryContext, entries: list[Entry], suffix: list[int]) -> Prepared:
+        segments = [context.store.load_kv(entry, context.dtype) for entry in entries]
+        built = assemble(
+            context.lm.config, context.rotary, context.prefix_keys, context.prefix, segments, context.dtype
+        )
+        passage_ids = [context.tokens.passage(e.text) for e in entries] if self.recompute.recomputes else []
+        first_logits = repair(
+            context.lm.model,
+            context.rotary,
+            built,
+            context.prefix,
+            segments,
+            passage_ids,
+            self.recompute,
+            first_exact=context.store.quant.scheme == "none",
+            suffix=suffix,
+        )
+        return Prepared(built.cache, suffix, built.next_position, built.attention_kwargs(), first_logits, "dense")
+
+
+@dataclass(frozen=True)
+class PackedStrategy:
+    """Keep the segments quantized and packed; attention reads them through ``kernel``
+    (``triton``: the fused kernel, CUDA only; ``torch``: its PyTorch reference)."""
+
+    kernel: str = "torch"
+
+    def prepare(self, context: QueryContext, entries: list[Entry], suffix: list[int]) -> Prepared:
+        device = context.lm.model.device
+        blobs = [context.store.load_packed(entry) for entry in entries]
+        packed = PackedSegments.from_blobs(blobs, context.prefix.num_tokens, context.rotary, device, self.kernel)
+        layers = context.prefix_keys.shape[0]
+        cache = build_dynamic_cache(
+            context.lm.config,
+            [context.prefix_keys[layer].unsqueeze(0) for layer in range(layers)],
+            [context.prefix.values[layer].unsqueeze(0) for layer in range(layers)],
+        )
+        return Prepared(cache, suffix, packed.next_position, {PACKED_KWARG: packed}, None, f"packed-{self.kernel}")
+
+
+def full_prefill(context: QueryContext, prompt_ids: list[int]) -> Prepared:
+    """The baseline: an empty cache and the whole prompt to prefill, no reuse at all."""
+    return Prepared(DynamicCache(config=context.lm.config), prompt_ids, 0, {}, None, "full")
+
+
+def choose_strategy(context: QueryContext, options: AnswerOptions) -> DenseStrategy | PackedStrategy:
+    """The strategy ``options.backend`` names (``auto``: the fused kernel where it applies)."""
+    on_cuda = context.lm.model.device.type == "cuda"
+    quantized = context.store.quant.bits is not None
+    backend = options.backend
+    if backend == "auto":
+        fused = on_cuda and HAS_TRITON and quantized and not options.recompute.active
+        backend = "packed-triton" if fused else "dense"
+    if backend == "dense":
+        return DenseStrategy(options.recompute)
+    if not quantized:
+        raise InputError(f"backend {backend} needs a quantized store (int8/int4/int2); use backend dense")
+    if options.recompute.active:
+        raise InputError(f"selective recompute edits an assembled cache; use backend dense, not {backend}")
+    if backend == "packed-triton" and not triton_runs_on(context.lm.model.device):
+        raise InputError("backend packed-triton needs triton and the model on a CUDA device (or TRITON_INTERPRET=1)")
+    return PackedStrategy(backend.removeprefix("packed-"))

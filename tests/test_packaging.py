@@ -1,0 +1,57 @@
+"""The kernels' one import name (``ragcompress_kernels``, from the top-level ``kernels/`` folder,
+no symlink), in the editable install the tests run on and in a built wheel."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def listed_packages() -> list[str]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+
+
+def test_every_package_folder_is_listed_in_pyproject():
+    folders = {".".join(init.parent.relative_to(ROOT).parts) for init in (ROOT / "ragcompress").rglob("__init__.py")}
+    assert folders | {"ragcompress_kernels"} == set(listed_packages())
+    assert not (ROOT / "ragcompress_kernels").exists()  # one way to import the kernels: no symlink
+
+
+def test_editable_install_imports_the_kernels_folder():
+    import ragcompress_kernels
+
+    assert Path(ragcompress_kernels.__file__).resolve() == ROOT / "kernels" / "__init__.py"
+
+
+def test_wheel_installs_the_kernels_under_their_import_name(tmp_path):
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("ragcompress-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"ragcompress_kernels/__init__.py", "ragcompress_kernels/quantized_attention.py"} <= names
+    assert "ragcompress/data/squad_sample/passages.jsonl" in names
+    assert not any(name.startswith("kernels/") for name in names)
+    for package in listed_packages():
+        assert f"{package.replace('.', '/')}/__init__.py" in names

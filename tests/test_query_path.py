@@ -1,0 +1,124 @@
+"""One query path: every caller decodes the same tokens for the same question and entries, and the
+two preparation strategies (dense assembled cache, packed quantized segments) agree."""
+
+from __future__ import annotations
+
+import pytest
+
+from ragcompress.bench import bench
+from ragcompress.errors import InputError
+from ragcompress.evaluation import Question, iter_eval
+from ragcompress.indexing import IndexConfig, index
+from ragcompress.runtime.engine import Engine
+from ragcompress.runtime.options import AnswerOptions
+
+QUESTIONS = [
+    "What city in Victoria is called the sporting capital of Australia?",
+    "Who won the game?",
+    "Where was the event held?",
+]
+
+
+@pytest.fixture(scope="module")
+def store_of(tiny_model_dir, tmp_path_factory):
+    """Factory: a store of the bundled sample built with a tiny ``arch`` model and ``quant``."""
+    from ragcompress.data import SAMPLE_PASSAGES
+
+    built: dict = {}
+
+    def make(arch: str = "llama", quant: str = "int8") -> str:
+        if (arch, quant) not in built:
+            root = tmp_path_factory.mktemp(f"{arch}-{quant}")
+            source = root / "passages.jsonl"
+            source.write_text("\n".join(SAMPLE_PASSAGES.read_text().splitlines()[:8]) + "\n")
+            index(source, root / "store", model=str(tiny_model_dir(arch)), config=IndexConfig(quant=quant))
+            built[arch, quant] = str(root / "store")
+        return built[arch, quant]
+
+    return make
+
+
+def test_every_caller_decodes_the_same_tokens(store_of, monkeypatch):
+    pytest.importorskip("llama_index.core")
+    from llama_index.core.schema import NodeWithScore, TextNode
+    from llama_index.postprocessor.ragcompress import KVCacheSynthesizer
+
+    store = store_of("llama", "int8")
+    engine = Engine.open(store, options=AnswerOptions(max_new_tokens=10))
+    question = QUESTIONS[0]
+    entries = engine.retrieve(question, 3)
+    cached = engine.answer_cached(question, entries)
+    full = engine.answer_full(question, entries)
+    assert cached.token_ids and cached.backend == "dense"
+
+    streamed = engine.stream_cached(question, entries)
+    assert list(streamed) == cached.token_ids and streamed.ttft_s is not None
+
+    (result,) = iter_eval(engine, [Question("q", question, ["Geelong"])], top_k=3)
+    assert result.cached.token_ids == cached.token_ids and result.full.token_ids == full.token_ids
+
+    seen: list = []
+    answer_cached = engine.answer_cached
+    monkeypatch.setattr(engine, "answer_cached", lambda *a: seen.append(answer_cached(*a)) or seen[-1])
+    bench(engine, [Question("q", question, ["Geelong"])], [3], repeats=2)
+    assert len(seen) == 2 and all(a.token_ids == cached.token_ids[:1] for a in seen)  # bench decodes one token
+    engine.close()
+
+    nodes = [NodeWithScore(node=TextNode(id_=e.id, text=e.text)) for e in entries]
+    for streaming in (False, True):
+        synthesizer = KVCacheSynthesizer(store, max_new_tokens=10, streaming=streaming)
+        response = synthesizer.synthesize(question, nodes)
+        text = "".join(response.response_gen) if streaming else response.response
+        assert text == cached.answer
+        assert response.metadata["ragcompress"]["backend"] == "dense"
+        synthesizer.close()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_packed_strategy_decodes_like_the_dense_one(store_of, arch, quant):
+    engine = Engine.open(store_of(arch, quant), options=AnswerOptions(max_new_tokens=12))
+    for question in QUESTIONS:
+        entries = engine.retrieve(question, 3)
+        dense = engine.answer_cached(question, entries, engine.options.replace(backend="dense"))
+        packed = engine.answer_cached(question, entries, engine.options.replace(backend="packed-torch"))
+        assert (dense.backend, packed.backend) == ("dense", "packed-torch")
+        assert packed.token_ids == dense.token_ids
+    engine.close()
+
+
+def test_backends_that_cannot_run_are_refused_not_swapped(store_of):
+    engine = Engine.open(store_of("llama", "none"))
+    entries = engine.retrieve(QUESTIONS[0], 2)
+    with pytest.raises(InputError, match="quantized store"):
+        engine.answer_cached(QUESTIONS[0], entries, AnswerOptions(backend="packed-torch"))
+    assert engine.answer_cached(QUESTIONS[0], entries).backend == "dense"  # auto on the CPU
+    engine.close()
+    engine = Engine.open(store_of("llama", "int8"))
+    with pytest.raises(InputError, match="recompute"):
+        engine.answer_cached(QUESTIONS[0], entries, AnswerOptions(backend="packed-torch", recompute=0.5))
+    engine.close()
+
+
+def test_answer_options_are_validated():
+    with pytest.raises(ValueError, match="backend"):
+        AnswerOptions(backend="fast")
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        AnswerOptions(max_new_tokens=0)
+    assert AnswerOptions(recompute=0.25).recompute.ratio == 0.25
+
+
+@pytest.mark.slow
+def test_packed_strategy_decodes_like_the_dense_one_on_smollm2(tmp_path):
+    """SmolLM2-135M (GQA 3, head_dim 64), int8 store of the bundled sample, greedy answers."""
+    from ragcompress.data import SAMPLE_PASSAGES, SAMPLE_QUESTIONS
+    from ragcompress.evaluation import read_questions
+
+    index(SAMPLE_PASSAGES, tmp_path / "store", config=IndexConfig(quant="int8"))
+    engine = Engine.open(tmp_path / "store", options=AnswerOptions(max_new_tokens=16))
+    for item in read_questions(SAMPLE_QUESTIONS, limit=3):
+        entries = engine.retrieve(item.question, 3)
+        dense = engine.answer_cached(item.question, entries, engine.options.replace(backend="dense"))
+        packed = engine.answer_cached(item.question, entries, engine.options.replace(backend="packed-torch"))
+        assert packed.token_ids == dense.token_ids
+    engine.close()
