@@ -1,0 +1,82 @@
+"""SQuAD answer metrics against the behaviour of the official SQuAD v1.1 evaluation script
+(``evaluate-v1.1.py``: ``normalize_answer``, ``f1_score``, max over ground truths), plus the
+substring match (sub-EM) ragcompress reports."""
+
+from __future__ import annotations
+
+import collections
+import re
+import string
+
+import pytest
+
+from ragcompress.evaluation import f1, normalize_answer, sub_em
+
+
+def official_normalize(s: str) -> str:
+    """``normalize_answer`` of evaluate-v1.1.py, verbatim in behaviour."""
+
+    def remove_articles(text: str) -> str:
+        return re.sub(r"\b(a|an|the)\b", " ", text)
+
+    def white_space_fix(text: str) -> str:
+        return " ".join(text.split())
+
+    def remove_punc(text: str) -> str:
+        exclude = set(string.punctuation)
+        return "".join(ch for ch in text if ch not in exclude)
+
+    return white_space_fix(remove_articles(remove_punc(s.lower())))
+
+
+def official_f1(prediction: str, ground_truths: list[str]) -> float:
+    """``metric_max_over_ground_truths(f1_score, ...)`` of evaluate-v1.1.py."""
+
+    def f1_score(pred: str, truth: str) -> float:
+        pred_tokens, truth_tokens = official_normalize(pred).split(), official_normalize(truth).split()
+        common = collections.Counter(pred_tokens) & collections.Counter(truth_tokens)
+        num_same = sum(common.values())
+        if num_same == 0:
+            return 0
+        precision, recall = num_same / len(pred_tokens), num_same / len(truth_tokens)
+        return (2 * precision * recall) / (precision + recall)
+
+    return max(f1_score(prediction, truth) for truth in ground_truths)
+
+
+CASES = [
+    ("The Cat!", ["cat"]),
+    ("A  man, a plan, a canal: Panama", ["man plan canal panama"]),
+    ("Denver Broncos", ["Denver Broncos", "The Denver Broncos"]),
+    ("the Broncos of Denver", ["Denver Broncos"]),
+    ("Santa Clara, California", ["Levi's Stadium", "Santa Clara"]),
+    ("don't stop", ["dont"]),
+    ("an apple and the pear", ["apple pear"]),
+    ("1,000 people", ["1000"]),
+    ("", ["anything"]),
+    ("Theatre", ["the atre"]),
+    ("Geelong, Victoria", ["Melbourne"]),
+    ("ÉCOLE normale", ["école Normale"]),
+]
+
+
+@pytest.mark.parametrize(("prediction", "golds"), CASES)
+def test_normalisation_and_f1_match_the_official_script(prediction, golds):
+    assert normalize_answer(prediction) == official_normalize(prediction)
+    assert f1(prediction, golds) == pytest.approx(official_f1(prediction, golds))
+
+
+def test_known_values():
+    assert normalize_answer("The  Cat, the HAT!") == "cat hat"
+    assert f1("the cat sat", ["cat"]) == pytest.approx(2 * 0.5 * 1.0 / 1.5)  # precision 1/2, recall 1
+    assert f1("cat", ["dog", "cat"]) == 1.0  # best over golds
+    assert f1("", ["cat"]) == 0.0 and f1("dog", ["cat"]) == 0.0
+
+
+def test_sub_em_is_a_whole_word_match_after_normalisation():
+    assert sub_em("It is in Paris, France.", ["paris"]) == 1.0
+    assert sub_em("Parisian food", ["Paris"]) == 0.0  # words, not characters
+    assert sub_em("the Denver Broncos won", ["Denver Broncos"]) == 1.0
+    assert sub_em("Denver", ["Denver Broncos"]) == 0.0
+    assert sub_em("anything", ["The", "!"]) == 0.0  # golds that normalise to nothing never match
+    assert sub_em("Levi's Stadium", ["Levis Stadium"]) == 1.0
