@@ -34,7 +34,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import KVPRESS, SQUAD, pick_questions, plot_against_compression, row_name, side_row
 
 from ragcompress.compressors import CompressionContext, make_compressor
 from ragcompress.evaluation import Question, f1, sub_em
@@ -50,6 +49,8 @@ from ragcompress.runtime.engine import Engine
 from ragcompress.runtime.options import AnswerOptions
 from ragcompress.store import KVStore, PassageRecord, StoreWriter, create_store
 from ragcompress.store.codec import encode
+
+from common import KVPRESS, SQUAD, pick_questions, plot_against_compression, row_name, side_row
 
 METHODS = ["kvzip", "adaptive:kvzip", "global:kvzip", "snapkv", "expected-attention", "knorm", "streaming"]
 

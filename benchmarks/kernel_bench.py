@@ -24,9 +24,10 @@ import argparse
 import json
 
 import torch
-from common import median_time, synthetic_segments
 
 from ragcompress_kernels import attention_over_dense_ref, dequantize_segments_ref, packed_attention
+
+from common import median_time, synthetic_segments
 
 
 def sdpa_full(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,6 @@ import json
 from pathlib import Path
 
 import torch
-from common import SQUAD, pick_questions, plot_against_compression, row_name, side_row, teacher_forced_logprobs
 
 from ragcompress.models import load_model
 from ragcompress.retrieval import Embedder
@@ -35,6 +34,8 @@ from ragcompress.runtime.engine import Engine
 from ragcompress.runtime.options import AnswerOptions
 from ragcompress.runtime.prepare import full_prefill
 from ragcompress.store import KVStore
+
+from common import SQUAD, pick_questions, plot_against_compression, row_name, side_row, teacher_forced_logprobs
 
 # Every store's caches as the dense path assembles them (dequantized, re-rotated), no recompute:
 # the distributions compared are those of the caches themselves, on any device.

@@ -24,13 +24,14 @@ import sys
 from pathlib import Path
 
 import torch
-from common import rewind, run_keeping_request, teacher_forced_logprobs
 
 from ragcompress.evaluation import f1, read_questions, sub_em
 from ragcompress.runtime.engine import Engine
 from ragcompress.runtime.generate import Generation, TokenStream
 from ragcompress.runtime.options import AnswerOptions
 from ragcompress.runtime.recompute import RecomputeConfig
+
+from common import rewind, run_keeping_request, teacher_forced_logprobs
 
 KEYS = {"r": ("ratio", float), "s": ("sink_tokens", int), "t": ("temperature", float), "c": ("check_layer", int)}
 

@@ -73,10 +73,10 @@ def main() -> int:
     from llama_index.core.postprocessor import SentenceEmbeddingOptimizer
     from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
     from llama_index.embeddings.huggingface import HuggingFaceEmbedding
-    from llama_index.postprocessor.ragcompress import TextCompressionPostprocessor
-    from llama_index.postprocessor.ragcompress._shared import shared_embedder, shared_model
     from transformers import DynamicCache
 
+    from llama_index.postprocessor.ragcompress import TextCompressionPostprocessor
+    from llama_index.postprocessor.ragcompress._shared import shared_embedder, shared_model
     from ragcompress.evaluation import read_questions, sub_em
     from ragcompress.indexing.inputs import iter_passages
     from ragcompress.prompt import PromptTemplate, PromptTokens

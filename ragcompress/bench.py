@@ -1,35 +1,54 @@
-"""``ragcompress bench``: TTFT and KV memory of cached answering against full prefill, by context size.
+"""``ragcompress bench``: TTFT and KV memory of cached answering against three baselines, by context size.
 
 For each top-k (the context size knob) and each question, the same retrieved passages are
-answered from the store and by a plain full prefill, ``repeats`` times, the order alternating
-from one round to the next; the table reports medians and their ratio, all from one process, so
-machine noise hits both sides alike. :func:`packed_ttft_overhead` compares the packed attention
+answered four ways (:data:`PATHS`), ``repeats`` times, the order rotating from one round to the
+next; the table reports medians and their ratios, all from one process, so machine noise hits
+every path alike. :func:`indexing_throughput` times the offline side against a plain forward. :func:`packed_ttft_overhead` compares the packed attention
 path with the dense one the same way.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from ragcompress.errors import InputError
 from ragcompress.evaluation import Question
 from ragcompress.runtime.engine import Answer, Engine
 from ragcompress.runtime.options import AnswerOptions
+from ragcompress.store.catalogue import Entry
+
+# The four ways a question's first token is reached, timed side by side (DESIGN §3):
+#   full                the whole prompt prefilled, no reuse (the plain baseline)
+#   full_prefix_cached  the shared prefix's cache reused, passages and question prefilled (the fair
+#                       peer: a serving engine with automatic prefix caching)
+#   cached              ragcompress: stored passage caches loaded, placed, question prefilled
+#   floor               the question prefilled over an already assembled cache (cached - floor is
+#                       the cache work: read, checksum, dequantize, rotate, assemble)
+PATHS = ("full", "full_prefix_cached", "cached", "floor")
 
 
 @dataclass(frozen=True)
 class BenchRow:
+    """One context size. TTFTs are medians over questions of each question's median over
+    ``repeats`` alternating runs; speedups are ratios of those medians."""
+
     top_k: int
+    questions: int
     context_tokens: float  # median prompt tokens before the question (prefix + passages)
-    ttft_full_ms: float
-    ttft_cached_ms: float
-    speedup: float
-    kv_bytes_fp16: float  # median fp16 KV bytes of the retrieved passages
-    kv_bytes_stored: float  # median stored bytes of the same passages (blobs as on disk)
+    ttft_s: dict[str, float]  # by path (PATHS)
+    speedup: dict[str, float]  # cached against full ("vs_full") and full_prefix_cached ("vs_prefix_cached")
+    cache_work_s: float  # median over questions of cached - floor
+    cache_work_share: float  # cache_work_s / ttft_s["cached"]
+    kv_bytes: dict[str, float]  # median bytes of the retrieved passages: "stored" (blobs on disk), "fp16"
+    same_first_token: float  # fraction of questions whose cached and full first tokens agree
 
 
 def alternating_ttft(runs: dict[str, Callable[[], Answer]], repeats: int) -> tuple[dict[str, float], dict[str, Answer]]:
@@ -47,45 +66,100 @@ def alternating_ttft(runs: dict[str, Callable[[], Answer]], repeats: int) -> tup
 
 
 def bench(engine: Engine, questions: list[Question], top_ks: list[int], repeats: int) -> list[BenchRow]:
-    """One row per top-k: cached against full prefill of the same token ids, alternating."""
+    """One row per top-k: the four paths over the same retrieved passages, alternating."""
     first_token = engine.options.replace(max_new_tokens=1)  # decoding further adds nothing to TTFT
+    return [_bench_row(engine, questions, top_k, repeats, first_token) for top_k in top_ks]
+
+
+def _bench_row(engine: Engine, questions: list[Question], top_k: int, repeats: int, options: AnswerOptions) -> BenchRow:
+    per_path: dict[str, list[float]] = {path: [] for path in PATHS}
+    work: list[float] = []
+    contexts: list[int] = []
+    fp16_bytes: list[int] = []
+    stored_bytes: list[int] = []
+    same = 0
     fp16_per_token = engine.store.shape.fp16_bytes_per_token
-    return [_bench_row(engine, questions, top_k, repeats, fp16_per_token, first_token) for top_k in top_ks]
-
-
-def _bench_row(
-    engine: Engine,
-    questions: list[Question],
-    top_k: int,
-    repeats: int,
-    fp16_per_token: float,
-    options: AnswerOptions,
-) -> BenchRow:
-    full_ms, cached_ms, contexts, fp16_bytes, stored_bytes = [], [], [], [], []
     for item in questions:
         entries = engine.retrieve(item.question, top_k)
-        medians, _ = alternating_ttft(
+        question = item.question
+        medians, last = alternating_ttft(
             {
-                "cached": partial(engine.answer_cached, item.question, entries, options),
-                "full": partial(engine.answer_full, item.question, entries, options),
+                "full": partial(engine.answer_full, question, entries, options),
+                "full_prefix_cached": partial(engine.answer_prefix_cached, question, entries, options),
+                "cached": partial(engine.answer_cached, question, entries, options),
+                "floor": partial(_floor, engine, question, entries, options),
             },
             repeats,
         )
-        full_ms.append(medians["full"] * 1000)
-        cached_ms.append(medians["cached"] * 1000)
+        for path in PATHS:
+            per_path[path].append(medians[path])
+        work.append(medians["cached"] - medians["floor"])
+        same += last["cached"].token_ids[:1] == last["full"].token_ids[:1]
         tokens = sum(e.num_tokens for e in entries)
         contexts.append(engine.prefix.num_tokens + tokens)
         fp16_bytes.append(tokens * fp16_per_token)
         stored_bytes.append(sum(e.length for e in entries))
-    full, cached = statistics.median(full_ms), statistics.median(cached_ms)
+    ttft = {path: statistics.median(times) for path, times in per_path.items()}
+    cache_work = statistics.median(work)
     return BenchRow(
-        top_k,
-        statistics.median(contexts),
-        full,
-        cached,
-        full / cached,
-        statistics.median(fp16_bytes),
-        statistics.median(stored_bytes),
+        top_k=top_k,
+        questions=len(questions),
+        context_tokens=statistics.median(contexts),
+        ttft_s=ttft,
+        speedup={
+            "vs_full": ttft["full"] / ttft["cached"],
+            "vs_prefix_cached": ttft["full_prefix_cached"] / ttft["cached"],
+        },
+        cache_work_s=cache_work,
+        cache_work_share=cache_work / ttft["cached"],
+        kv_bytes={"stored": statistics.median(stored_bytes), "fp16": statistics.median(fp16_bytes)},
+        same_first_token=same / len(questions),
+    )
+
+
+def _floor(engine: Engine, question: str, entries: list[Entry], options: AnswerOptions) -> Answer:
+    """The cached path with its cache prepared before the clock starts: the question's prefill."""
+    return engine.answer_prepared(engine.prepare(question, entries, options), entries, options)
+
+
+@dataclass(frozen=True)
+class IndexingThroughput:
+    """Passages per second of the indexer (encode + compress + quantize + serialise + embed)
+    against the model's plain forward over the same passages after the cached prefix."""
+
+    passages: int
+    repeats: int
+    indexer_passages_per_s: float
+    forward_passages_per_s: float
+    ratio: float  # indexer / forward throughput (1.0: indexing costs nothing beyond the forward)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def indexing_throughput(engine: Engine, passages: int, repeats: int) -> IndexingThroughput:
+    """Re-index the store's first ``passages`` passages in memory (nothing is written) with its
+    own settings, alternating with the plain forward of the same batch; medians of ``repeats``."""
+    from ragcompress.indexing import Indexer
+    from ragcompress.indexing.inputs import PassageInput
+
+    indexer = Indexer.for_store(engine.store.manifest, engine.lm, engine.embedder)
+    batch = [PassageInput(e.id, e.text, e.title, e.meta) for e in islice(engine.store.catalogue.entries(), passages)]
+    if not batch:
+        raise InputError(f"store {engine.store.path} holds no passages to time indexing on")
+    token_ids = [indexer.encoder.tokens.passage(p.text) for p in batch]
+    times: dict[str, list[float]] = {"indexer": [], "forward": []}
+    for round_ in range(repeats):
+        for name in ("indexer", "forward") if round_ % 2 == 0 else ("forward", "indexer"):
+            start = time.perf_counter()
+            if name == "indexer":
+                indexer.records(batch)
+            else:
+                indexer.encoder.forward(token_ids)
+            times[name].append(time.perf_counter() - start)
+    indexer_s, forward_s = statistics.median(times["indexer"]), statistics.median(times["forward"])
+    return IndexingThroughput(
+        len(batch), repeats, len(batch) / indexer_s, len(batch) / forward_s, forward_s / indexer_s
     )
 
 
@@ -141,36 +215,80 @@ def packed_ttft_overhead(
 
 def table(rows: list[BenchRow]) -> str:
     lines = [
-        "| top-k | context tokens | TTFT full (ms) | TTFT cached (ms) | speedup | KV fp16 (KiB) | KV stored (KiB) |",
-        "|---|---|---|---|---|---|---|",
+        "| top-k | context tokens | TTFT full (ms) | full, prefix cached (ms) | cached (ms) | floor (ms) | "
+        "vs full | vs prefix cached | cache work | KV stored / fp16 (KiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        t = {path: r.ttft_s[path] * 1000 for path in PATHS}
         lines.append(
-            f"| {r.top_k} | {r.context_tokens:.0f} | {r.ttft_full_ms:.0f} | {r.ttft_cached_ms:.0f} | "
-            f"{r.speedup:.1f}x | {r.kv_bytes_fp16 / 1024:.0f} | {r.kv_bytes_stored / 1024:.0f} |"
+            f"| {r.top_k} | {r.context_tokens:.0f} | {t['full']:.0f} | {t['full_prefix_cached']:.0f} | "
+            f"{t['cached']:.0f} | {t['floor']:.0f} | {r.speedup['vs_full']:.1f}x | "
+            f"{r.speedup['vs_prefix_cached']:.1f}x | {r.cache_work_s * 1000:.0f} ms ({r.cache_work_share:.0%}) | "
+            f"{r.kv_bytes['stored'] / 1024:.0f} / {r.kv_bytes['fp16'] / 1024:.0f} |"
         )
     return "\n".join(lines)
 
 
-def plot(rows: list[BenchRow], path: Path) -> None:
+LABELS = {
+    "full": "full prefill",
+    "full_prefix_cached": "full prefill, system prefix cached",
+    "cached": "from stored caches (ragcompress)",
+    "floor": "floor: question only, cache assembled",
+}
+
+
+def plot(rows: list[BenchRow], path: Path, title: str = "") -> None:
+    """TTFT of the four paths against context size (log scale)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
     x = [r.context_tokens for r in rows]
-    ax.plot(x, [r.ttft_full_ms for r in rows], "o-", label="full prefill")
-    ax.plot(x, [r.ttft_cached_ms for r in rows], "s-", label="from stored caches")
+    for name, marker in zip(PATHS, "osD^", strict=True):
+        ax.plot(x, [r.ttft_s[name] * 1000 for r in rows], f"{marker}-", label=LABELS[name])
     ax.set_xlabel("context tokens (prefix + retrieved passages)")
     ax.set_ylabel("TTFT (ms, median)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    ax.set_yscale("log")
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def to_json(rows: list[BenchRow]) -> dict[str, Any]:
-    return {"rows": [asdict(r) for r in rows]}
+def run_meta(repeats: int, limit: int) -> dict[str, Any]:
+    """What a results file records about the run: code revision, threads, sample size, load."""
+    import subprocess
+
+    import torch
+
+    try:
+        root = Path(__file__).resolve().parents[1]
+        git = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        git = "unknown"
+    return {
+        "git": git,
+        "threads": torch.get_num_threads(),
+        "repeats": repeats,
+        "limit": limit,
+        "load_avg": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def to_json(engine: Engine, rows: list[BenchRow], meta: dict[str, Any]) -> dict[str, Any]:
+    """The ``bench --json`` object (DESIGN §3)."""
+    return {
+        "model": engine.store.manifest.model_ref,
+        "store": str(engine.store.path),
+        "rows": [asdict(r) for r in rows],
+        "meta": meta,
+    }

@@ -242,10 +242,13 @@ def evaluate(
 def bench(
     store: Path = typer.Option(..., "--store"),
     questions: Path | None = typer.Option(None, "--questions", help="JSONL of questions (default: bundled sample)"),
-    top_k: str = typer.Option("1,2,4", "--top-k", help="comma-separated context sizes (passages)"),
-    limit: int = typer.Option(5, "--limit", min=1, help="questions per context size"),
+    top_k: str = typer.Option("1,2,4,8,16", "--top-k", help="comma-separated context sizes (passages)"),
+    limit: int = typer.Option(3, "--limit", min=1, help="questions per context size"),
     repeats: int = typer.Option(3, "--repeats", min=1, help="timed runs per question and path (median)"),
     plot_path: Path | None = typer.Option(None, "--plot", help="write a PNG of TTFT against context size"),
+    indexing: int = typer.Option(
+        8, "--indexing-passages", min=0, help="passages re-indexed in memory to time indexing (0: skip)"
+    ),
     packed: bool = typer.Option(
         True,
         "--packed/--no-packed",
@@ -254,10 +257,11 @@ def bench(
     ),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """TTFT and KV bytes of cached answering vs full prefill across context sizes, in one run."""
+    """TTFT across context sizes: full prefill, prefix-cached prefill, stored caches and the
+    question-only floor, alternating in one run; KV bytes; indexing throughput."""
     _quiet_libraries()
     from ragcompress.bench import bench as run_bench
-    from ragcompress.bench import plot, table, to_json
+    from ragcompress.bench import indexing_throughput, packed_ttft_overhead, plot, run_meta, table, to_json
     from ragcompress.data import SAMPLE_QUESTIONS
     from ragcompress.evaluation import read_questions
     from ragcompress.runtime.engine import Engine
@@ -268,22 +272,32 @@ def bench(
         raise RagCompressError(f"--top-k takes comma-separated integers, got {top_k!r}") from None
     items = read_questions(questions or SAMPLE_QUESTIONS, limit)
     engine = Engine.open(store)
-    comparison = None
+    comparison = throughput = None
     try:
+        if max(top_ks) > len(engine.store):
+            raise RagCompressError(f"--top-k {max(top_ks)} exceeds the {len(engine.store)} passages in {store}")
         rows = run_bench(engine, items, top_ks, repeats)
+        if indexing:
+            throughput = indexing_throughput(engine, indexing, repeats)
         if packed and engine.store.quant.bits is not None:
-            from ragcompress.bench import packed_ttft_overhead
-
             comparison = packed_ttft_overhead(engine, [q.question for q in items], max(top_ks), repeats)
+        data = to_json(engine, rows, run_meta(repeats, limit))
     finally:
         engine.close()
     if plot_path is not None:
-        plot(rows, plot_path)
-    data, human = to_json(rows), table(rows)
+        plot(rows, plot_path, title=f"{data['model']}, {len(items)} questions")
+    human = table(rows)
+    if throughput is not None:
+        data["indexing"] = throughput.to_json()
+        human += (
+            f"\n\nindexing: {throughput.indexer_passages_per_s:.1f} passages/s vs plain forward "
+            f"{throughput.forward_passages_per_s:.1f} passages/s ({throughput.ratio:.2f}x of the forward's throughput)"
+        )
     if comparison is not None:
         data["packed_attention"] = comparison.to_json()
         human += (
-            f"\n\npacked attention (kernel's CPU reference) vs dequantize-then-SDPA, top-{max(top_ks)}: "
+            f"\n\npacked attention ({comparison.packed_backend}; packed-torch is the kernel's PyTorch reference, "
+            f"not the Triton kernel) vs dequantize-then-SDPA, top-{max(top_ks)}: "
             f"TTFT {comparison.packed_ttft_s * 1000:.0f} ms vs {comparison.assembled_ttft_s * 1000:.0f} ms, "
             f"ratio {comparison.ratio:.2f} (median per question), same first token "
             f"{comparison.same_first_token:.0%}"

@@ -183,7 +183,7 @@ def test_bad_option_values_list_allowed_values(cli_store, monkeypatch, capfd):
     assert code == 1 and "unknown method 'magic'" in err and "none" in err
 
 
-def test_bench_reports_both_paths_per_context_size(cli_store, monkeypatch, capfd, tmp_path):
+def test_bench_reports_every_path_per_context_size(cli_store, monkeypatch, capfd, tmp_path):
     store, _, _ = cli_store
     plot = tmp_path / "bench.png"
     code, out, err = run_cli(
@@ -197,6 +197,8 @@ def test_bench_reports_both_paths_per_context_size(cli_store, monkeypatch, capfd
             "1",
             "--repeats",
             "1",
+            "--indexing-passages",
+            "2",
             "--plot",
             str(plot),
             "--json",
@@ -205,12 +207,20 @@ def test_bench_reports_both_paths_per_context_size(cli_store, monkeypatch, capfd
         capfd,
     )
     assert code == 0, err
-    rows = json.loads(out)["rows"]
+    data = json.loads(out)
+    rows = data["rows"]
     assert [r["top_k"] for r in rows] == [1, 2]
     assert rows[1]["context_tokens"] > rows[0]["context_tokens"]
     for r in rows:
-        assert r["speedup"] == pytest.approx(r["ttft_full_ms"] / r["ttft_cached_ms"])
-        assert r["kv_bytes_stored"] < r["kv_bytes_fp16"]
+        assert set(r["ttft_s"]) == {"full", "full_prefix_cached", "cached", "floor"}
+        assert r["speedup"]["vs_full"] == pytest.approx(r["ttft_s"]["full"] / r["ttft_s"]["cached"])
+        assert r["speedup"]["vs_prefix_cached"] == pytest.approx(
+            r["ttft_s"]["full_prefix_cached"] / r["ttft_s"]["cached"]
+        )
+        assert r["cache_work_share"] == pytest.approx(r["cache_work_s"] / r["ttft_s"]["cached"])
+        assert r["kv_bytes"]["stored"] < r["kv_bytes"]["fp16"]
+    assert set(data["meta"]) == {"git", "threads", "repeats", "limit", "load_avg"} and data["meta"]["repeats"] == 1
+    assert data["indexing"]["passages"] == 2 and data["indexing"]["ratio"] > 0
     assert plot.stat().st_size > 0
     packed = json.loads(out)["packed_attention"]  # the store is int8: both attention paths are timed
     assert packed["questions"] == 1 and packed["ratio"] == pytest.approx(

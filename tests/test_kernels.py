@@ -122,11 +122,11 @@ def run_kernel_case(case: dict) -> dict:
 def answer_both_backends(model_ref: str, store: str, questions: list[str], top_k: int, max_new: int) -> dict:
     """Worker: token ids of each question through the kernel (interpreted) and the torch reference,
     plus the assembled (dequantize-then-SDPA) path."""
-    from store_worker import HashEmbedder
-
     from ragcompress.models import load_model
     from ragcompress.runtime.engine import Engine
     from ragcompress.store import KVStore
+
+    from store_worker import HashEmbedder
 
     lm = load_model(model_ref)
     engine = Engine(KVStore.open(store), lm, HashEmbedder(), AnswerOptions(max_new_tokens=max_new))
@@ -241,9 +241,8 @@ def test_drop_padding_rows_removes_the_mask_without_eviction():
 
 def test_packed_layout_round_trips_codec():
     """Un-rotated (cos=1, sin=0) dequantized rows equal ``codec.decode`` row for row, per head."""
-    from ragcompress_kernels import dequantize_segments_ref
-
     from ragcompress.runtime.packed import PackedSegments
+    from ragcompress_kernels import dequantize_segments_ref
 
     blobs = make_blobs([37, 64, 5], heads=3, head_dim=64, scheme="int4", seed=3)
 
@@ -311,11 +310,11 @@ def test_plan_splits_balances_rows_and_covers_every_segment():
 @pytest.fixture(scope="module")
 def tiny_int4_store(tiny_model_dir, tmp_path_factory):
     """A tiny llama (head_dim 16, GQA 2) and an int4 store of eight passages."""
-    from store_worker import HashEmbedder
-
     from ragcompress.data import SAMPLE_PASSAGES
     from ragcompress.indexing import IndexConfig, index
     from ragcompress.models import load_model
+
+    from store_worker import HashEmbedder
 
     root = tmp_path_factory.mktemp("packed")
     model_dir = tiny_model_dir("llama")
@@ -336,11 +335,11 @@ QUESTIONS = ["Where was the treaty signed?", "Who founded the city?", "What is t
 
 
 def test_packed_torch_path_answers_like_the_assembled_path(tiny_int4_store):
-    from store_worker import HashEmbedder
-
     from ragcompress.models import load_model
     from ragcompress.runtime.engine import Engine
     from ragcompress.store import KVStore
+
+    from store_worker import HashEmbedder
 
     model_dir, store = tiny_int4_store
     engine = Engine(KVStore.open(store), load_model(model_dir), HashEmbedder(), AnswerOptions(max_new_tokens=12))
@@ -377,10 +376,10 @@ def test_kernel_and_reference_agree_on_real_questions_with_smollm2(interpreter, 
     from conftest import SQUAD, require_squad
 
     require_squad()
-    from store_worker import HashEmbedder
-
     from ragcompress.indexing import IndexConfig, index
     from ragcompress.models import DEFAULT_MODEL, load_model
+
+    from store_worker import HashEmbedder
 
     passages = (SQUAD / "passages.jsonl").read_text().splitlines()[:3]
     ids = {json.loads(line)["id"] for line in passages}

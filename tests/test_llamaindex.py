@@ -16,6 +16,7 @@ from llama_index.core import Document, VectorStoreIndex  # noqa: E402
 from llama_index.core.ingestion import IngestionCache, IngestionPipeline  # noqa: E402
 from llama_index.core.query_engine import RetrieverQueryEngine  # noqa: E402
 from llama_index.core.schema import MetadataMode, NodeRelationship, NodeWithScore, RelatedNodeInfo, TextNode  # noqa: E402
+
 from llama_index.postprocessor.ragcompress import (  # noqa: E402
     KVCacheNodePostprocessor,
     KVCacheSynthesizer,
@@ -25,7 +26,6 @@ from llama_index.postprocessor.ragcompress import (  # noqa: E402
     TextCompressionPostprocessor,
 )
 from llama_index.postprocessor.ragcompress._shared import PASSAGE_KEY, STORE_KEY  # noqa: E402
-
 from ragcompress.data import SAMPLE_PASSAGES  # noqa: E402
 from ragcompress.errors import StoreError, StoreMismatchError  # noqa: E402
 from ragcompress.indexing import IndexConfig  # noqa: E402
@@ -268,9 +268,9 @@ def test_store_built_for_another_model_is_refused(built, tiny_model_dir):
 
 
 def test_local_llm_is_a_plain_full_prefill(tiny):
-    from llama_index.postprocessor.ragcompress._shared import shared_model
     from transformers import DynamicCache
 
+    from llama_index.postprocessor.ragcompress._shared import shared_model
     from ragcompress.runtime.generate import greedy_decode, stop_token_ids
 
     llm = LocalLLM(model=tiny, max_new_tokens=6)

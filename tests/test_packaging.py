@@ -3,6 +3,7 @@ no symlink), in the editable install the tests run on and in a built wheel."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -32,22 +33,11 @@ def test_editable_install_imports_the_kernels_folder():
 
 
 def test_wheel_installs_the_kernels_under_their_import_name(tmp_path):
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "-q",
-            "--no-deps",
-            "--no-build-isolation",
-            "-w",
-            str(tmp_path),
-            str(ROOT),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    # Built from a copy: setuptools writes build/ and *.egg-info next to the sources.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".*", "build", "*.egg-info", "__pycache__"))
+    pip_wheel = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
+    subprocess.run([*pip_wheel, "-w", str(tmp_path), str(source)], check=True, capture_output=True)
     (wheel,) = tmp_path.glob("ragcompress-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"ragcompress_kernels/__init__.py", "ragcompress_kernels/quantized_attention.py"} <= names

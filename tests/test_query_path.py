@@ -41,6 +41,7 @@ def store_of(tiny_model_dir, tmp_path_factory):
 def test_every_caller_decodes_the_same_tokens(store_of, monkeypatch):
     pytest.importorskip("llama_index.core")
     from llama_index.core.schema import NodeWithScore, TextNode
+
     from llama_index.postprocessor.ragcompress import KVCacheSynthesizer
 
     store = store_of("llama", "int8")

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import conftest
 import pytest
+
+import conftest
 
 
 def test_missing_real_data_skips_or_fails_when_required(monkeypatch, tmp_path):

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from conftest import SQUAD, require_squad
 
 from ragcompress.runtime.options import AnswerOptions
+
+from conftest import SQUAD, require_squad
 
 pytestmark = pytest.mark.slow
 

@@ -145,6 +145,7 @@ def _nodes():
 @pytest.mark.parametrize("method", ["selfinfo", "extractive"])
 def test_postprocessor_keeps_one_node_per_input_with_metadata_and_score(method, tiny_lm_dir):
     from llama_index.core.schema import MetadataMode, NodeRelationship
+
     from llama_index.postprocessor.ragcompress import TextCompressionPostprocessor
 
     post = TextCompressionPostprocessor(method=method, rate=0.5, model=tiny_lm_dir)

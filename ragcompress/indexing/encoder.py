@@ -50,6 +50,16 @@ class PassageEncoder:
         """Full caches of a batch of tokenized passages, each as if right after the prefix."""
         if not passages:
             return []
+        layers = self.forward(passages)
+        return [
+            self._unrotate_full(layers, start=self.prefix_len, batch_index=row, length=len(ids))
+            for row, ids in enumerate(passages)
+        ]
+
+    @torch.inference_mode()
+    def forward(self, passages: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The model's plain forward over a batch of passages after the cached prefix (right
+        padding); per layer the batch's rotated ``(keys, values)`` ``[batch, kv_heads, P + n, d]``."""
         batch, n_max, p = len(passages), max(len(ids) for ids in passages), self.prefix_len
         pad_id = self.lm.tokenizer.pad_token_id or 0
         input_ids = torch.full((batch, n_max), pad_id, dtype=torch.long)
@@ -67,7 +77,4 @@ class PassageEncoder:
         self.lm.model.model(
             input_ids=input_ids, attention_mask=attention, position_ids=position_ids, cache=cache, use_cache=True
         )
-        layers = cache_layers(cache)
-        return [
-            self._unrotate_full(layers, start=p, batch_index=row, length=len(ids)) for row, ids in enumerate(passages)
-        ]
+        return cache_layers(cache)

@@ -20,7 +20,7 @@ from ragcompress.models import LoadedModel, load_model
 from ragcompress.retrieval import Embedder
 from ragcompress.runtime.generate import Prepared, TokenStream, stop_token_ids
 from ragcompress.runtime.options import AnswerOptions
-from ragcompress.runtime.prepare import QueryContext, choose_strategy, full_prefill
+from ragcompress.runtime.prepare import QueryContext, choose_strategy, full_prefill, prefix_cached_prefill
 from ragcompress.store import KVStore
 from ragcompress.store.catalogue import Entry
 
@@ -186,6 +186,28 @@ class Engine:
         return TokenStream(
             self.lm.model, lambda: full_prefill(self.context, ids), options.max_new_tokens, self.stop_ids
         )
+
+    def stream_prefix_cached(
+        self, question: str, entries: list[Entry], options: AnswerOptions | None = None
+    ) -> TokenStream:
+        """The fair baseline: the shared prefix's cache reused (as a serving engine with automatic
+        prefix caching would), passages and question prefilled."""
+        options = options or self.options
+        ids = self.full_prompt_ids(question, entries, options)
+        return TokenStream(
+            self.lm.model, lambda: prefix_cached_prefill(self.context, ids), options.max_new_tokens, self.stop_ids
+        )
+
+    def answer_prefix_cached(self, question: str, entries: list[Entry], options: AnswerOptions | None = None) -> Answer:
+        """Baseline (b): full prefill after the reused prefix cache, same token ids."""
+        return self._collect(self.stream_prefix_cached(question, entries, options), entries)
+
+    def answer_prepared(self, prepared: Prepared, entries: list[Entry], options: AnswerOptions | None = None) -> Answer:
+        """Decode an already prepared request: its TTFT is the question's prefill alone (the
+        floor under :meth:`answer_cached`, whose TTFT adds loading and assembling the cache)."""
+        options = options or self.options
+        stream = TokenStream(self.lm.model, lambda: prepared, options.max_new_tokens, self.stop_ids)
+        return self._collect(stream, entries)
 
     def answer_cached(self, question: str, entries: list[Entry], options: AnswerOptions | None = None) -> Answer:
         """Answer from stored caches: only the question's tokens are prefilled."""

@@ -81,6 +81,16 @@ class QueryContext:
     def dtype(self) -> torch.dtype:
         return self.lm.model.dtype
 
+    def prefix_cache(self) -> DynamicCache:
+        """A transformers cache holding only the rotated prefix (its tensors adopted, not copied;
+        later tokens are appended by concatenation, so the shared prefix is never modified)."""
+        layers = self.prefix_keys.shape[0]
+        return build_dynamic_cache(
+            self.lm.config,
+            [self.prefix_keys[layer].unsqueeze(0) for layer in range(layers)],
+            [self.prefix.values[layer].unsqueeze(0) for layer in range(layers)],
+        )
+
 
 class Strategy(Protocol):
     """Turns retrieved entries and the question's suffix into a :class:`Prepared` request."""
@@ -125,18 +135,22 @@ class PackedStrategy:
         device = context.lm.model.device
         blobs = [context.store.load_packed(entry) for entry in entries]
         packed = PackedSegments.from_blobs(blobs, context.prefix.num_tokens, context.rotary, device, self.kernel)
-        layers = context.prefix_keys.shape[0]
-        cache = build_dynamic_cache(
-            context.lm.config,
-            [context.prefix_keys[layer].unsqueeze(0) for layer in range(layers)],
-            [context.prefix.values[layer].unsqueeze(0) for layer in range(layers)],
-        )
+        cache = context.prefix_cache()
         return Prepared(cache, suffix, packed.next_position, {PACKED_KWARG: packed}, None, f"packed-{self.kernel}")
 
 
 def full_prefill(context: QueryContext, prompt_ids: list[int]) -> Prepared:
     """The baseline: an empty cache and the whole prompt to prefill, no reuse at all."""
     return Prepared(DynamicCache(config=context.lm.config), prompt_ids, 0, {}, None, "full")
+
+
+def prefix_cached_prefill(context: QueryContext, prompt_ids: list[int]) -> Prepared:
+    """The fair peer of a serving engine with automatic prefix caching: the shared prefix's cache
+    is reused, everything after it (passages and question) is prefilled."""
+    prefix = context.prefix.num_tokens
+    if prompt_ids[:prefix] != context.prefix_ids:
+        raise ValueError("the prompt does not start with the store's prefix")
+    return Prepared(context.prefix_cache(), prompt_ids[prefix:], prefix, {}, None, "full-prefix-cached")
 
 
 def choose_strategy(context: QueryContext, options: AnswerOptions) -> DenseStrategy | PackedStrategy:

@@ -17,6 +17,7 @@ from typing import Any
 
 import llama_index.core.instrumentation as instrument
 from llama_index.core.schema import BaseNode
+
 from llama_index.postprocessor.ragcompress._shared import (
     get_handle,
     json_safe,

@@ -9,6 +9,7 @@ from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.callbacks.schema import CBEventType, EventPayload
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import NodeWithScore, QueryBundle
+
 from llama_index.postprocessor.ragcompress._shared import require_ragcompress, shared_model, store_path
 from llama_index.postprocessor.ragcompress.cache import CacheResolver, check_model
 from llama_index.postprocessor.ragcompress.events import KVCacheAttachedEvent

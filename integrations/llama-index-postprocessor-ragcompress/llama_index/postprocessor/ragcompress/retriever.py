@@ -13,6 +13,7 @@ from typing import Any
 from llama_index.core.base.base_retriever import BaseRetriever
 from llama_index.core.callbacks import CallbackManager
 from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
+
 from llama_index.postprocessor.ragcompress._shared import require_ragcompress, set_handle, shared_embedder, store_path
 
 
@@ -73,6 +74,7 @@ class KVStoreRetriever(BaseRetriever):
     def as_query_engine(self, **synthesizer_kwargs: Any) -> Any:
         """A ``RetrieverQueryEngine`` over this store answering with a :class:`KVCacheSynthesizer`."""
         from llama_index.core.query_engine import RetrieverQueryEngine
+
         from llama_index.postprocessor.ragcompress.synthesizer import KVCacheSynthesizer
 
         return RetrieverQueryEngine(

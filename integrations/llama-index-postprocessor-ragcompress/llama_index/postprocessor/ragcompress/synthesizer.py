@@ -27,6 +27,7 @@ from llama_index.core.llms import LLM
 from llama_index.core.prompts.mixin import PromptDictType
 from llama_index.core.response_synthesizers.base import BaseSynthesizer, QueryTextType
 from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
+
 from llama_index.postprocessor.ragcompress._shared import (
     require_ragcompress,
     shared_embedder,

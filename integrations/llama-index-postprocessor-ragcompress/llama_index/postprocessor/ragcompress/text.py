@@ -16,6 +16,7 @@ import llama_index.core.instrumentation as instrument
 from llama_index.core.bridge.pydantic import Field, PrivateAttr, model_validator
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
+
 from llama_index.postprocessor.ragcompress._shared import require_ragcompress, shared_embedder, shared_model
 from llama_index.postprocessor.ragcompress.events import TextCompressionEvent
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from llama_index.core.bridge.pydantic import Field, PrivateAttr, field_validator, model_validator
 from llama_index.core.schema import BaseNode, TransformComponent
+
 from llama_index.postprocessor.ragcompress._shared import require_ragcompress
 
 require_ragcompress()  # IndexConfig is a field type, so it is needed when the class is defined
