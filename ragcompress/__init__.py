@@ -8,8 +8,9 @@ retrieves passages, places their stored caches at new positions and prefills onl
 from ragcompress.errors import RagCompressError
 from ragcompress.indexing import IndexConfig, index
 from ragcompress.models import load_model
+from ragcompress.presets import PRESETS, preset
 from ragcompress.runtime.engine import Answer, Engine
 from ragcompress.runtime.options import AnswerOptions
 from ragcompress.store import KVStore
 
-__all__ = ["Answer", "AnswerOptions", "Engine", "IndexConfig", "KVStore", "RagCompressError", "index", "load_model"]
+__all__ = ["Answer", "AnswerOptions", "Engine", "IndexConfig", "KVStore", "RagCompressError", "index", "load_model", "preset", "PRESETS"]

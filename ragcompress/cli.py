@@ -24,6 +24,24 @@ app = typer.Typer(
 )
 
 
+PRESET_HELP = "named, measured settings: fast, small, faithful (README: Presets); explicit options override them"
+
+
+def _answer_options(preset: str | None, max_new_tokens: int | None = None, recompute: float | None = None) -> Any:
+    """``AnswerOptions`` of ``--preset`` (defaults without one) with the options given explicitly."""
+    from ragcompress.presets import answer_options
+    from ragcompress.runtime.recompute import RecomputeConfig
+
+    try:
+        return answer_options(
+            preset,
+            max_new_tokens=max_new_tokens,
+            recompute=None if recompute is None else RecomputeConfig(ratio=recompute),
+        )
+    except (ValueError, TypeError) as exc:
+        raise RagCompressError(str(exc)) from None
+
+
 def _print_version(value: bool) -> None:
     if value:
         from importlib.metadata import version
@@ -67,8 +85,9 @@ def index(
     input: Path = typer.Option(..., "--input", help="JSONL of {id, text, ...} or a folder of .txt/.md documents"),
     store: Path = typer.Option(..., "--store", help="store directory (created if missing)"),
     model: str | None = typer.Option(None, "--model", help="embedded model name or local HF directory"),
-    method: str = typer.Option(
-        "none",
+    preset: str | None = typer.Option(None, "--preset", help=PRESET_HELP),
+    method: str | None = typer.Option(
+        None,
         "--method",
         help="compression method: none, streaming, knorm, snapkv, "
         "expected-attention, kvzip, adaptive:<scorer> (per-head budgets within a layer) "
@@ -82,20 +101,21 @@ def index(
     keep_last: int | None = typer.Option(
         None, "--keep-last", help="trailing tokens of every passage always kept (default 4)"
     ),
-    quant: str = typer.Option("none", "--quant", help="none | fp16 | int8 | int4 | int2"),
-    group_size: int = typer.Option(32, "--group-size", help="quantization group size"),
+    quant: str | None = typer.Option(None, "--quant", help="none (default) | fp16 | int8 | int4 | int2"),
+    group_size: int | None = typer.Option(None, "--group-size", help="quantization group size (default 32)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="rebuild an existing store (swapped in when complete)"),
     batch_size: int = typer.Option(8, "--batch-size", min=1),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Index passages into a KV-cache store (resumes: finished passages are skipped)."""
     _quiet_libraries()
-    from ragcompress.indexing import IndexConfig
     from ragcompress.indexing import index as run_index
+    from ragcompress.presets import index_config
     from ragcompress.store import KVStore
 
     try:
-        config = IndexConfig(
+        config = index_config(
+            preset,
             method=method,
             ratio=ratio,
             quant=quant,
@@ -104,7 +124,6 @@ def index(
             keep_first=keep_first,
             keep_last=keep_last,
         )
-        config.compressor()
     except (ValueError, TypeError) as exc:
         raise RagCompressError(str(exc)) from None
     report = run_index(
@@ -149,25 +168,22 @@ def ask(
     question: str = typer.Option(..., "--question"),
     top_k: int = typer.Option(3, "--top-k", min=1),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
-    recompute: float = typer.Option(
-        0.0,
+    recompute: float | None = typer.Option(
+        None,
         "--recompute",
         min=0.0,
         max=1.0,
-        help="fraction of passage tokens recomputed at query time (CacheBlend; docs/recompute.md)",
+        help="fraction of passage tokens recomputed at query time (CacheBlend; docs/recompute.md; default 0)",
     ),
+    preset: str | None = typer.Option(None, "--preset", help=PRESET_HELP),
     compare_full: bool = typer.Option(False, "--compare-full", help="also answer by full-text prefill and time it"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Answer a question from the stored caches of the retrieved passages."""
     _quiet_libraries()
     from ragcompress.runtime.engine import Engine
-    from ragcompress.runtime.options import AnswerOptions
-    from ragcompress.runtime.recompute import RecomputeConfig
 
-    engine = Engine.open(
-        store, options=AnswerOptions(max_new_tokens=max_new_tokens, recompute=RecomputeConfig(ratio=recompute))
-    )
+    engine = Engine.open(store, options=_answer_options(preset, max_new_tokens, recompute))
     try:
         entries = engine.retrieve(question, top_k)
         answer = engine.answer_cached(question, entries)
@@ -197,26 +213,23 @@ def evaluate(
     top_k: int = typer.Option(3, "--top-k", min=1),
     limit: int | None = typer.Option(None, "--limit", min=1),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
-    recompute: float = typer.Option(
-        0.0,
+    recompute: float | None = typer.Option(
+        None,
         "--recompute",
         min=0.0,
         max=1.0,
-        help="fraction of passage tokens recomputed at query time (CacheBlend; docs/recompute.md)",
+        help="fraction of passage tokens recomputed at query time (CacheBlend; docs/recompute.md; default 0)",
     ),
+    preset: str | None = typer.Option(None, "--preset", help=PRESET_HELP),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Answer questions from caches and by full prefill; report quality, agreement and speedup."""
     _quiet_libraries()
     from ragcompress.evaluation import iter_eval, read_questions, summarize
     from ragcompress.runtime.engine import Engine
-    from ragcompress.runtime.options import AnswerOptions
-    from ragcompress.runtime.recompute import RecomputeConfig
 
     items = read_questions(questions, limit)
-    engine = Engine.open(
-        store, options=AnswerOptions(max_new_tokens=max_new_tokens, recompute=RecomputeConfig(ratio=recompute))
-    )
+    engine = Engine.open(store, options=_answer_options(preset, max_new_tokens, recompute))
     try:
         results = iter_eval(engine, items, top_k)
         if _show_progress(as_json):
@@ -255,6 +268,7 @@ def bench(
         help="on a quantized store, also time the packed attention path against "
         "dequantize-then-SDPA at the largest top-k",
     ),
+    preset: str | None = typer.Option(None, "--preset", help=PRESET_HELP),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """TTFT across context sizes: full prefill, prefix-cached prefill, stored caches and the
@@ -271,7 +285,7 @@ def bench(
     except ValueError:
         raise RagCompressError(f"--top-k takes comma-separated integers, got {top_k!r}") from None
     items = read_questions(questions or SAMPLE_QUESTIONS, limit)
-    engine = Engine.open(store)
+    engine = Engine.open(store, options=_answer_options(preset))
     comparison = throughput = None
     try:
         if max(top_ks) > len(engine.store):

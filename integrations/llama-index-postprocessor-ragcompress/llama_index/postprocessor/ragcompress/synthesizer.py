@@ -54,8 +54,10 @@ class KVCacheSynthesizer(BaseSynthesizer):
         streaming: return a ``StreamingResponse`` whose text arrives token by token.
         compute_missing: compute and store caches for nodes the store does not hold yet.
         recompute: fraction of passage tokens whose cache is recomputed at query time to repair
-            cross-passage attention (CacheBlend/APE, ``ragcompress.runtime.recompute``); None is
-            plain reuse.
+            cross-passage attention (CacheBlend/APE, ``ragcompress.runtime.recompute``); None keeps
+            the preset's (plain reuse without one).
+        preset: a named, measured answer setting (``ragcompress.presets``: ``fast``, ``small``,
+            ``faithful``); ``max_new_tokens`` and ``recompute`` given explicitly override it.
         llm: the LLM ``BaseSynthesizer`` keeps for prompt sizing; defaults to a
             :class:`LocalLLM` on the same weights (never a hosted model).
 
@@ -72,20 +74,26 @@ class KVCacheSynthesizer(BaseSynthesizer):
         streaming: bool = False,
         compute_missing: bool = True,
         recompute: float | None = None,
+        preset: str | None = None,
         llm: LLM | None = None,
         callback_manager: CallbackManager | None = None,
     ) -> None:
         require_ragcompress()
+        from ragcompress.presets import answer_options
         from ragcompress.runtime.engine import Engine
-        from ragcompress.runtime.options import AnswerOptions
         from ragcompress.runtime.recompute import RecomputeConfig
         from ragcompress.store import KVStore
+
+        options = answer_options(
+            preset,
+            max_new_tokens=max_new_tokens,
+            recompute=None if recompute is None else RecomputeConfig(ratio=recompute),
+        )
 
         store = KVStore.open(store_path)  # StoreError when missing or incomplete
         try:
             lm = shared_model(model or store.manifest.model_ref)
             check_model(store.manifest, lm, store_path)
-            options = AnswerOptions(max_new_tokens=max_new_tokens, recompute=RecomputeConfig(ratio=recompute or 0.0))
             self._engine = Engine(store, lm, shared_embedder(store.manifest.embedder), options)
             self._engine.warm_up()
         except BaseException:
@@ -96,6 +104,7 @@ class KVCacheSynthesizer(BaseSynthesizer):
         self.max_new_tokens = max_new_tokens
         self.compute_missing = compute_missing
         self.recompute = recompute
+        self.preset = preset
         self._resolver = CacheResolver(store, lm, compute_missing)
         super().__init__(
             llm=llm or LocalLLM(model=lm.ref, max_new_tokens=max_new_tokens),
@@ -117,6 +126,7 @@ class KVCacheSynthesizer(BaseSynthesizer):
             "streaming": self._streaming,
             "compute_missing": self.compute_missing,
             "recompute": self.recompute,
+            "preset": self.preset,
         }
 
     @classmethod

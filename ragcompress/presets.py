@@ -1,0 +1,84 @@
+"""Named, measured settings, so a user never has to know ``global:kvzip --keep-first 1 ...``.
+
+A preset is a store setting (:class:`IndexConfig`, used by ``index``) and an answer setting
+(:class:`AnswerOptions`, used by ``ask``/``eval``/``bench`` and the Python and LlamaIndex APIs).
+Each one names the measurement that chose it (``evidence``); the README's preset table gives the
+numbers. Later work that finds a better setting changes it here and updates that table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from ragcompress.indexing.config import IndexConfig
+from ragcompress.runtime.options import AnswerOptions
+from ragcompress.runtime.recompute import RecomputeConfig
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A store setting and an answer setting chosen together, and what they were chosen on."""
+
+    name: str
+    index: IndexConfig
+    answer: AnswerOptions
+    summary: str
+    evidence: str
+
+
+PRESETS: dict[str, Preset] = {
+    preset.name: preset
+    for preset in (
+        Preset(
+            "fast",
+            IndexConfig(quant="int8"),
+            AnswerOptions(),
+            "plain reuse of int8 caches: the fastest answers, 1.8x fewer bytes than fp16",
+            "docs/results/core_*.json (int8 = uncompressed sub-EM on both models), docs/results/bench_*.json",
+        ),
+        Preset(
+            "small",
+            IndexConfig(method="global:kvzip", ratio=0.25, keep_first=1, keep_last=0, quant="int4"),
+            AnswerOptions(),
+            "KVzip scores, one budget over all layers, a quarter of the tokens, int4: >= 12x fewer bytes than fp16",
+            "docs/results/compression_qwen32.json (best >= 12x setting on 32 dev questions); see the README for "
+            "how it held up on other articles",
+        ),
+        Preset(
+            "faithful",
+            IndexConfig(quant="int8"),
+            AnswerOptions(recompute=RecomputeConfig(ratio=0.1)),
+            "int8 caches, 10% of passage tokens recomputed at query time (CacheBlend): the best agreement with "
+            "full prefill measured at >= 4x faster TTFT",
+            "docs/results/recompute_qwen.json (r0.1: agreement 0.55, 90% of full sub-EM, 4.6x; 20 questions)",
+        ),
+    )
+}
+
+
+def preset(name: str) -> Preset:
+    """The preset called ``name``; an unknown name lists the known ones."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
+
+
+def index_config(name: str | None = None, **overrides: object) -> IndexConfig:
+    """The store setting of preset ``name`` (the defaults without one), with the ``overrides``
+    that are not None (explicit options win over the preset). A ``budget`` replaces a preset's
+    ``ratio`` and vice versa."""
+    base = preset(name).index if name else IndexConfig()
+    given = {key: value for key, value in overrides.items() if value is not None}
+    if "budget" in given and "ratio" not in given:
+        given["ratio"] = None
+    if "ratio" in given and "budget" not in given:
+        given["budget"] = None
+    return replace(base, **given)  # type: ignore[arg-type]
+
+
+def answer_options(name: str | None = None, **overrides: object) -> AnswerOptions:
+    """The answer setting of preset ``name`` (the defaults without one), with the ``overrides``
+    that are not None."""
+    base = preset(name).answer if name else AnswerOptions()
+    return replace(base, **{key: value for key, value in overrides.items() if value is not None})  # type: ignore[arg-type]
