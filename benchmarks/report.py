@@ -1,0 +1,514 @@
+"""README.md's result tables, rendered from ``docs/results/*.json`` (no number is typed by hand).
+
+Each generated table sits in README.md between ``<!-- report:NAME -->`` and
+``<!-- /report:NAME -->``; :data:`BLOCKS` maps NAME to its renderer:
+
+* ``core``: cached answering vs full prefill on SQuAD-dev (``core_*.json``, ``benchmarks/core_eval.py``);
+* ``ttft``: TTFT table of the first ``bench --json`` shape (``bench_*_int8.json``: ``rows`` of
+  ``ttft_full_ms`` / ``ttft_cached_ms``, no model, no run metadata);
+* ``ttft-curve``: one table per model from the current ``ragcompress bench --json`` shape
+  (``bench_curve_*.json``: ``model``, ``rows`` with the four paths of ``ragcompress.bench.PATHS``,
+  ``meta``), the columns of ``ragcompress.bench.table()`` plus the model and the share of first
+  tokens equal to full prefill's; ``indexing-curve`` and ``packed-curve`` render the same files'
+  ``indexing`` and ``packed_attention`` objects;
+* ``packed``: the packed attention path vs dequantize-then-SDPA from the ``bench_*_int8.json`` files;
+* ``compression``: the headline compression settings on Qwen (``compression_qwen.json``, 16
+  questions, and ``compression_qwen32.json``, 32), each sub-EM against full prefill and against
+  uncompressed reuse.
+
+Every quality figure of a cached or compressed row comes with its reference and its percentage of
+full prefill. Files in ``docs/results/`` that do not record the run metadata of
+``common.results_meta`` (git, threads, repeats, limit, questions, model) are named on stderr.
+
+    .venv/bin/python benchmarks/report.py           # rewrite the blocks of README.md in place
+    .venv/bin/python benchmarks/report.py --check   # exit 1 naming the first block that differs
+
+A block whose files are missing fails; to switch the TTFT table to the new shape, replace the
+``ttft`` markers by ``ttft-curve`` ones (and ``packed`` by ``packed-curve``) and run the script.
+This module imports only the standard library (``tests/test_report.py`` runs it in-process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import re
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+RESULTS = ROOT / "docs" / "results"
+
+# Same keys as common.RESULTS_META_KEYS (common imports torch; this script must not).
+META_KEYS = ("git", "threads", "repeats", "limit", "questions", "model")
+MODEL_NAMES = {"smollm2-135m": "SmolLM2-135M", "qwen2.5-coder-0.5b": "Qwen2.5-Coder-0.5B"}
+TAG_ORDER = ("smollm2", "qwen")  # file-name tags, in the README's order of models (default model first)
+
+BLOCK_RE = re.compile(r"<!-- report:(?P<name>[\w.:-]+) -->\n(?P<body>.*?)<!-- /report:(?P=name) -->", re.DOTALL)
+OPEN_RE = re.compile(r"<!-- report:([\w.:-]+) -->")
+
+
+class ReportError(Exception):
+    """A block cannot be rendered (unknown name, missing or malformed results file)."""
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+
+def load(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ReportError(f"{path} is missing") from None
+    except json.JSONDecodeError as exc:
+        raise ReportError(f"{path} is not valid JSON: {exc}") from None
+
+
+def _tag_rank(path: Path) -> tuple[int, str]:
+    ranks = [i for i, tag in enumerate(TAG_ORDER) if f"_{tag}" in path.stem]
+    return (ranks[0] if ranks else len(TAG_ORDER), path.name)
+
+
+def files(results: Path, pattern: str, exclude: str | None = None) -> list[Path]:
+    """Files of ``results`` matching ``pattern``, in the README's order of models."""
+    found = [p for p in results.glob(pattern) if exclude is None or not p.name.startswith(exclude)]
+    if not found:
+        raise ReportError(f"no {results / pattern} (excluding {exclude}*)" if exclude else f"no {results / pattern}")
+    return sorted(found, key=_tag_rank)
+
+
+def model_name(model: str) -> str:
+    return MODEL_NAMES.get(model, model)
+
+
+def recorded_meta(data: Any) -> dict[str, Any]:
+    """The run metadata a results file records, wherever its shape keeps it: ``meta`` (and the
+    needle benchmark's ``args``), the top level, or the first row of a list-shaped file; the
+    number of questions also as ``n`` or as every row's ``questions``."""
+    first = data[0] if isinstance(data, list) and data and isinstance(data[0], dict) else {}
+    top = data if isinstance(data, dict) else first
+    found: dict[str, Any] = {}
+    for source in (top, top.get("args"), top.get("meta"), first.get("meta")):
+        if isinstance(source, dict):
+            found.update({k: v for k, v in source.items() if k in META_KEYS and v not in (None, "None")})
+    if "questions" not in found and isinstance(top.get("n"), int):
+        found["questions"] = top["n"]
+    rows = top.get("rows")
+    if "questions" not in found and isinstance(rows, list) and rows and all("questions" in r for r in rows):
+        found["questions"] = sorted({r["questions"] for r in rows})
+    return found
+
+
+def missing_meta(path: Path) -> list[str]:
+    found = recorded_meta(load(path))
+    return [key for key in META_KEYS if key not in found]
+
+
+def _shown(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def meta_notes(results: Path) -> list[str]:
+    """One line per results file that lacks some of :data:`META_KEYS`."""
+    notes = []
+    for path in sorted(results.glob("*.json")):
+        missing = missing_meta(path)
+        if missing:
+            notes.append(f"note: {_shown(path)} does not record {', '.join(missing)}")
+    return notes
+
+
+def source_line(paths: Iterable[Path]) -> str:
+    """``Source:`` line under a table: its files and what run metadata they do not record."""
+    paths = list(paths)
+    names = ", ".join(f"`docs/results/{p.name}`" for p in paths)
+    missing = {key for p in paths for key in missing_meta(p)}
+    line = f"Source: {names}."
+    if missing:
+        line += f" Not recorded in {'this file' if len(paths) == 1 else 'these files'}: " + ", ".join(
+            key for key in META_KEYS if key in missing
+        )
+        line += "."
+    return line
+
+
+# -- formatting ---------------------------------------------------------------------------------
+
+
+def pct(value: float, reference: float) -> str:
+    """``value`` as a percentage of ``reference`` ("–" when the reference is 0)."""
+    return "–" if not reference else f"{100 * value / reference:.0f} %"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# -- blocks -------------------------------------------------------------------------------------
+
+
+def render_core(results: Path) -> str:
+    """Cached answering vs full prefill (``benchmarks/core_eval.py``): one row per model, quant, top-k."""
+    paths = files(results, "core_*.json")
+    records = [(p, r) for p in paths for r in load(p)]
+    fp16 = {r["model"]: r["kv_bytes_per_token"]["fp16"] for _, r in records}
+    header = [
+        "model",
+        "quant",
+        "top-k",
+        "sub-EM full",
+        "sub-EM cached",
+        "sub-EM cached, % of full",
+        "F1 full",
+        "F1 cached",
+        "F1 cached, % of full",
+        "agreement",
+        f"stored bytes/token (fp16: {' / '.join(f'{v:,.0f}' for v in fp16.values())})",
+    ]
+    rows = []
+    for _, r in records:
+        full, cached, kv = r["full"], r["compressed"], r["kv_bytes_per_token"]
+        rows.append(
+            [
+                model_name(r["model"]),
+                r["quant"],
+                str(r["top_k"]),
+                f"{full['sub_em']:.3f}",
+                f"{cached['sub_em']:.3f}",
+                pct(cached["sub_em"], full["sub_em"]),
+                f"{full['f1']:.3f}",
+                f"{cached['f1']:.3f}",
+                pct(cached["f1"], full["f1"]),
+                f"{r['agreement']:.3f}",
+                f"{kv['stored']:,.0f} ({kv['stored'] / kv['fp16']:.3f}x fp16)",
+            ]
+        )
+    sizes = sorted({r["n"] for _, r in records})
+    return "\n\n".join(
+        [
+            table(header, rows),
+            f"Questions per row: {', '.join(map(str, sizes))}. Reference of every `full` column and of "
+            "`agreement`: full prefill of the same token ids in the same process. " + source_line(paths),
+        ]
+    )
+
+
+def _old_bench_model(path: Path, results: Path) -> str:
+    """The first bench shape records no model: ``bench_<tag>_<quant>.json`` was run on the stores
+    of ``core_<tag>.json``, whose rows name it."""
+    tag = path.stem.removeprefix("bench_").rsplit("_", 1)[0]
+    core = results / f"core_{tag}.json"
+    models = {r["model"] for r in load(core)} if core.is_file() else set()
+    return model_name(models.pop()) if len(models) == 1 else tag
+
+
+def render_ttft(results: Path) -> str:
+    """TTFT of the first ``bench --json`` shape (``bench_*_int8.json``)."""
+    paths = files(results, "bench_*.json", exclude="bench_curve_")
+    header = ["model", "top-k", "context tokens", "TTFT full prefill", "TTFT from stored caches", "speedup"]
+    rows = []
+    for path in paths:
+        model = _old_bench_model(path, results)
+        for r in load(path)["rows"]:
+            rows.append(
+                [
+                    model,
+                    str(r["top_k"]),
+                    f"{r['context_tokens']:.0f}",
+                    f"{r['ttft_full_ms']:.0f} ms",
+                    f"{r['ttft_cached_ms']:.0f} ms",
+                    f"**{r['speedup']:.1f}x**",
+                ]
+            )
+    return "\n\n".join(
+        [
+            table(header, rows),
+            source_line(paths) + " The model is the one of `core_<same tag>.json` (these files do not name it).",
+        ]
+    )
+
+
+def _curve_caption(path: Path, data: dict) -> str:
+    meta = data.get("meta") or {}
+    parts = [f"{k} {meta[k]}" for k in ("limit", "repeats", "threads", "git") if k in meta]
+    if "load_avg" in meta:
+        parts.append("load average " + " / ".join(str(x) for x in meta["load_avg"]))
+    return f"**{model_name(data['model'])}**" + (f" ({', '.join(parts)})" if parts else "")
+
+
+def render_ttft_curve(results: Path) -> str:
+    """One table per model from the current ``ragcompress bench --json`` shape (``bench_curve_*.json``)."""
+    paths = files(results, "bench_curve_*.json")
+    header = [
+        "model",
+        "top-k",
+        "questions",
+        "context tokens",
+        "TTFT full (ms)",
+        "full, prefix cached (ms)",
+        "cached (ms)",
+        "floor (ms)",
+        "vs full",
+        "vs prefix cached",
+        "cache work",
+        "KV stored / fp16 (KiB)",
+        "same first token as full",
+    ]
+    parts = []
+    for path in paths:
+        data = load(path)
+        rows = []
+        for r in data["rows"]:
+            t = {k: v * 1000 for k, v in r["ttft_s"].items()}
+            rows.append(
+                [
+                    model_name(data["model"]),
+                    str(r["top_k"]),
+                    str(r["questions"]),
+                    f"{r['context_tokens']:.0f}",
+                    f"{t['full']:.0f}",
+                    f"{t['full_prefix_cached']:.0f}",
+                    f"{t['cached']:.0f}",
+                    f"{t['floor']:.0f}",
+                    f"{r['speedup']['vs_full']:.1f}x",
+                    f"{r['speedup']['vs_prefix_cached']:.1f}x",
+                    f"{r['cache_work_s'] * 1000:.0f} ms ({r['cache_work_share']:.0%})",
+                    f"{r['kv_bytes']['stored'] / 1024:.0f} / {r['kv_bytes']['fp16'] / 1024:.0f}",
+                    f"{r['same_first_token']:.0%}",
+                ]
+            )
+        parts += [_curve_caption(path, data), table(header, rows)]
+    parts.append(source_line(paths))
+    return "\n\n".join(parts)
+
+
+def render_indexing_curve(results: Path) -> str:
+    """Indexing throughput against a plain forward, from ``bench_curve_*.json``'s ``indexing``."""
+    paths = [p for p in files(results, "bench_curve_*.json") if "indexing" in load(p)]
+    if not paths:
+        raise ReportError(f"no {results}/bench_curve_*.json records indexing")
+    header = ["model", "passages", "repeats", "indexer (passages/s)", "plain forward (passages/s)", "indexer / forward"]
+    rows = []
+    for path in paths:
+        data = load(path)
+        i = data["indexing"]
+        rows.append(
+            [
+                model_name(data["model"]),
+                str(i["passages"]),
+                str(i["repeats"]),
+                f"{i['indexer_passages_per_s']:.1f}",
+                f"{i['forward_passages_per_s']:.1f}",
+                f"{i['ratio']:.2f}x",
+            ]
+        )
+    return "\n\n".join([table(header, rows), source_line(paths)])
+
+
+def _render_packed(results: Path, paths: list[Path], model: Callable[[Path, dict], str]) -> str:
+    header = [
+        "model",
+        "questions",
+        "repeats",
+        "packed backend",
+        "TTFT dequantize-then-SDPA",
+        "TTFT packed",
+        "packed / dequantize-then-SDPA (median per question)",
+        "same first token as dequantize-then-SDPA",
+    ]
+    rows = []
+    for path in paths:
+        data = load(path)
+        p = data["packed_attention"]
+        rows.append(
+            [
+                model(path, data),
+                str(p["questions"]),
+                str(p["repeats"]),
+                f"`{p['packed_backend']}`" if "packed_backend" in p else "not recorded",
+                f"{p['assembled_ttft_s'] * 1000:.0f} ms",
+                f"{p['packed_ttft_s'] * 1000:.0f} ms",
+                f"{p['ratio']:.2f}",
+                f"{p['same_first_token']:.0%}",
+            ]
+        )
+    return "\n\n".join([table(header, rows), source_line(paths)])
+
+
+def render_packed(results: Path) -> str:
+    """Packed attention path vs dequantize-then-SDPA from the first bench shape."""
+    paths = [p for p in files(results, "bench_*.json", exclude="bench_curve_") if "packed_attention" in load(p)]
+    if not paths:
+        raise ReportError(f"no {results}/bench_*.json records packed_attention")
+    return _render_packed(results, paths, lambda path, data: _old_bench_model(path, results))
+
+
+def render_packed_curve(results: Path) -> str:
+    """Packed attention path vs dequantize-then-SDPA from ``bench_curve_*.json``."""
+    paths = [p for p in files(results, "bench_curve_*.json") if "packed_attention" in load(p)]
+    if not paths:
+        raise ReportError(f"no {results}/bench_curve_*.json records packed_attention")
+    return _render_packed(results, paths, lambda path, data: model_name(data["model"]))
+
+
+COMPRESSION_FILES = ("compression_qwen.json", "compression_qwen32.json")
+
+
+def _method(row: dict) -> str:
+    return "`none` (uncompressed reuse)" if row["method"] == "none" else f"`{row['method']}`"
+
+
+def render_compression(results: Path) -> str:
+    """The settings measured on both Qwen samples (every row of the larger one), sub-EM against
+    full prefill and against uncompressed reuse (``none`` at ratio 1.0, same quantization)."""
+    paths = [results / name for name in COMPRESSION_FILES]
+    runs = [load(p) for p in paths]
+    models = {run["model"] for run in runs}
+    if len(models) != 1:
+        raise ReportError(f"{', '.join(COMPRESSION_FILES)} name different models: {sorted(models)}")
+    largest = max(runs, key=lambda run: run["n"])
+    header = ["method", "ratio", "quant", f"compression vs fp16 ({largest['n']} q)"]
+    for run in runs:
+        header += [f"sub-EM, {run['n']} q", "% of full prefill", "% of uncompressed"]
+    rows = [["full prefill (reference)", "–", "–", "–"]]
+    for run in runs:
+        rows[0] += [f"{run['full']['sub_em']:.3f}", "100 %", "–"]
+    for key, row in largest["rows"].items():
+        line = [_method(row), str(row["ratio"]), row["quant"], f"{row['compression']:.1f}x"]
+        for run in runs:
+            if key not in run["rows"]:
+                raise ReportError(f"row {key} of the {largest['n']}-question file is missing from another file")
+            here = run["rows"][key]
+            base = [r for r in run["rows"].values() if r["method"] == "none" and r["quant"] == here["quant"]]
+            line += [
+                f"{here['sub_em']:.3f}",
+                pct(here["sub_em"], run["full"]["sub_em"]),
+                pct(here["sub_em"], base[0]["sub_em"]) if base else "–",
+            ]
+        rows.append(line)
+    note = (
+        f"{model_name(models.pop())}, top-{largest['top_k']}; sub-EM with SQuAD normalisation; references: full "
+        "prefill of the same token ids, and uncompressed reuse (`none`, ratio 1.0, same quantization) of the "
+        "same questions. "
+    )
+    return "\n\n".join([table(header, rows), note + source_line(paths)])
+
+
+BLOCKS: dict[str, Callable[[Path], str]] = {
+    "core": render_core,
+    "ttft": render_ttft,
+    "ttft-curve": render_ttft_curve,
+    "indexing-curve": render_indexing_curve,
+    "packed": render_packed,
+    "packed-curve": render_packed_curve,
+    "compression": render_compression,
+}
+
+
+# -- README -------------------------------------------------------------------------------------
+
+
+def render_block(name: str, results: Path = RESULTS) -> str:
+    if name not in BLOCKS:
+        raise ReportError(f"README block report:{name} has no renderer (known: {', '.join(BLOCKS)})")
+    return BLOCKS[name](results)
+
+
+def wrap(name: str, body: str) -> str:
+    return f"<!-- report:{name} -->\n\n{body}\n\n<!-- /report:{name} -->"
+
+
+def blocks(text: str) -> list[str]:
+    """Names of the report blocks of ``text``, in order; an unclosed or repeated block is an error."""
+    opened = OPEN_RE.findall(text)
+    closed = [m.group("name") for m in BLOCK_RE.finditer(text)]
+    if opened != closed:
+        unclosed = [n for n in opened if n not in closed] or opened
+        raise ReportError(f"README block report:{unclosed[0]} is not closed by <!-- /report:{unclosed[0]} -->")
+    if len(set(opened)) != len(opened):
+        raise ReportError(f"README has a report block twice: {sorted(opened)}")
+    return opened
+
+
+def render_readme(text: str, results: Path = RESULTS) -> str:
+    """``text`` with every report block replaced by its rendering from ``results``."""
+    blocks(text)
+    return BLOCK_RE.sub(lambda m: wrap(m.group("name"), render_block(m.group("name"), results)), text)
+
+
+def unmanaged_tables(text: str) -> list[str]:
+    """First lines of Markdown tables in the README's ``## Results`` section outside any report block."""
+    start = text.find("\n## Results\n")
+    if start < 0:
+        return []
+    end = text.find("\n## ", start + 1)
+    section = BLOCK_RE.sub("", text[start : end if end >= 0 else len(text)])
+    found, previous = [], ""
+    for line in section.splitlines():
+        if line.startswith("|") and not previous.startswith("|"):
+            found.append(line)
+        previous = line
+    return found
+
+
+def check(readme: Path = README, results: Path = RESULTS) -> str | None:
+    """``None`` when every report block of ``readme`` equals its rendering from ``results`` and the
+    Results section has no table outside a block; else a message naming the first problem."""
+    text = readme.read_text()
+    try:
+        names = blocks(text)
+        if not names:
+            return f"{readme} has no <!-- report:NAME --> block"
+        for match in BLOCK_RE.finditer(text):
+            name = match.group("name")
+            expected = wrap(name, render_block(name, results))
+            if match.group(0) != expected:
+                diff = "\n".join(
+                    difflib.unified_diff(
+                        match.group(0).splitlines(), expected.splitlines(), "README.md", "rendered", lineterm="", n=0
+                    )
+                )
+                return f"README block report:{name} differs from its rendering from {results}:\n{diff}"
+    except ReportError as exc:
+        return str(exc)
+    loose = unmanaged_tables(text)
+    if loose:
+        return f"a table in {readme}'s Results section is not generated (no report block): {loose[0]}"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if README.md differs from the rendering")
+    parser.add_argument("--readme", type=Path, default=README)
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    for note in meta_notes(args.results):
+        print(note, file=sys.stderr)
+    if args.check:
+        problem = check(args.readme, args.results)
+        if problem is not None:
+            print(f"error: {problem}\nrun: python benchmarks/report.py", file=sys.stderr)
+            return 1
+        print(f"{args.readme}: {len(blocks(args.readme.read_text()))} report blocks match {args.results}")
+        return 0
+    try:
+        text = args.readme.read_text()
+        new = render_readme(text, args.results)
+    except ReportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if new != text:
+        args.readme.write_text(new)
+    print(f"{args.readme}: {len(blocks(new))} report blocks rendered ({'changed' if new != text else 'unchanged'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""README.md's result tables equal what ``benchmarks/report.py`` renders from ``docs/results/*.json``."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+if str(BENCHMARKS) not in sys.path:
+    sys.path.insert(0, str(BENCHMARKS))
+report = importlib.import_module("report")  # benchmarks/report.py (standard library only, no model)
+
+
+@pytest.fixture
+def results(tmp_path) -> Path:
+    """A copy of docs/results to change (the real files are never edited)."""
+    return Path(shutil.copytree(report.RESULTS, tmp_path / "results"))
+
+
+def test_readme_tables_equal_the_rendering_of_docs_results():
+    problem = report.check()
+    assert problem is None, f"{problem}\nrun: .venv/bin/python benchmarks/report.py"
+
+
+def test_readme_has_the_generated_blocks():
+    names = report.blocks(report.README.read_text())
+    assert {"core", "compression"} <= set(names)
+    assert {"ttft", "ttft-curve"} & set(names)
+
+
+def test_a_changed_result_changes_the_table_and_fails_the_check(results, tmp_path):
+    rows = json.loads((results / "core_qwen.json").read_text())
+    before = report.render_block("core", results)
+    top3 = next(r for r in rows if r["quant"] == "none" and r["top_k"] == 3)
+    top3["compressed"]["sub_em"] = 0.45  # of full prefill's 0.525: 86 %
+    (results / "core_qwen.json").write_text(json.dumps(rows))
+    after = report.render_block("core", results)
+    assert after != before
+    assert "| Qwen2.5-Coder-0.5B | none | 3 | 0.525 | 0.450 | 86 % |" in after
+    problem = report.check(report.README, results)
+    assert problem is not None and "report:core" in problem
+
+    readme = tmp_path / "README.md"
+    readme.write_text(report.README.read_text())
+    assert report.main(["--readme", str(readme), "--results", str(results)]) == 0
+    assert "| 0.450 | 86 % |" in readme.read_text()
+    assert report.check(readme, results) is None
+    assert report.main(["--check", "--readme", str(report.README), "--results", str(results)]) == 1
+
+
+def test_missing_results_file_and_unknown_block_are_errors(results, tmp_path):
+    (results / "compression_qwen32.json").unlink()
+    assert "compression_qwen32.json is missing" in (report.check(report.README, results) or "")
+    readme = tmp_path / "README.md"
+    readme.write_text("## Results\n\n<!-- report:nope -->\n<!-- /report:nope -->\n")
+    assert "report:nope has no renderer" in (report.check(readme, report.RESULTS) or "")
+
+
+def test_a_hand_typed_table_in_results_fails_the_check(tmp_path):
+    readme = tmp_path / "README.md"
+    text = report.README.read_text().replace("### Other capabilities", "| a | b |\n|---|---|\n| 1 | 2 |\n\n### Other")
+    readme.write_text(text)
+    assert "not generated" in (report.check(readme) or "")
+
+
+def bench_curve(model: str, speedup: float) -> dict:
+    """The ``ragcompress bench --json`` shape (ragcompress/bench.py ``to_json`` plus the CLI's extras)."""
+    cached = 0.2
+    row = {
+        "top_k": 4,
+        "questions": 3,
+        "context_tokens": 700.0,
+        "ttft_s": {"full": cached * speedup, "full_prefix_cached": cached * 3, "cached": cached, "floor": 0.15},
+        "speedup": {"vs_full": speedup, "vs_prefix_cached": 3.0},
+        "cache_work_s": 0.05,
+        "cache_work_share": 0.25,
+        "kv_bytes": {"stored": 2048.0 * 600, "fp16": 4096.0 * 600},
+        "same_first_token": 2 / 3,
+    }
+    return {
+        "model": model,
+        "store": "runs/store",
+        "rows": [row],
+        "meta": {"git": "abc1234", "threads": 2, "repeats": 3, "limit": 3, "load_avg": [0.5, 0.4, 0.3]},
+        "indexing": {
+            "passages": 8,
+            "repeats": 3,
+            "indexer_passages_per_s": 4.0,
+            "forward_passages_per_s": 5.0,
+            "ratio": 0.8,
+        },
+        "packed_attention": {
+            "questions": 3,
+            "repeats": 3,
+            "assembled_ttft_s": 0.2,
+            "packed_ttft_s": 0.21,
+            "ratio": 1.05,
+            "same_first_token": 1.0,
+            "packed_backend": "packed-torch",
+        },
+    }
+
+
+def test_the_new_bench_shape_renders_one_table_per_model(results):
+    (results / "bench_curve_qwen.json").write_text(json.dumps(bench_curve("qwen2.5-coder-0.5b", 9.5)))
+    (results / "bench_curve_smollm2.json").write_text(json.dumps(bench_curve("smollm2-135m", 6.0)))
+    text = report.render_block("ttft-curve", results)
+    assert text.index("**SmolLM2-135M**") < text.index("**Qwen2.5-Coder-0.5B**")
+    assert text.count("| model | top-k | questions | context tokens | TTFT full (ms) |") == 2
+    assert (
+        "| Qwen2.5-Coder-0.5B | 4 | 3 | 700 | 1900 | 600 | 200 | 150 | 9.5x | 3.0x | 50 ms (25%) | 1200 / 2400 | 67% |"
+        in text
+    )
+    assert "git abc1234" in text and "Not recorded" not in text
+    assert "| SmolLM2-135M | 3 | 3 | `packed-torch` | 200 ms | 210 ms | 1.05 | 100% |" in report.render_block(
+        "packed-curve", results
+    )
+    assert "| Qwen2.5-Coder-0.5B | 8 | 3 | 4.0 | 5.0 | 0.80x |" in report.render_block("indexing-curve", results)
+    # the first bench shape is still what the "ttft" block renders
+    assert "bench_curve" not in report.render_block("ttft", results)
+
+
+def test_files_without_run_metadata_are_named(results):
+    notes = report.meta_notes(results)
+    assert any("core_qwen.json does not record git, threads, repeats, limit" in n for n in notes)
+    (results / "bench_curve_qwen.json").write_text(json.dumps(bench_curve("qwen2.5-coder-0.5b", 9.5)))
+    assert not any("bench_curve_qwen.json" in n for n in report.meta_notes(results))
