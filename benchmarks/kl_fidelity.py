@@ -52,7 +52,7 @@ def cached_logprobs(engine: Engine, question: str, pids: list[str], answer: list
 def full_prefill_logprobs(engine: Engine, question: str, pids: list[str], answer: list[int]) -> torch.Tensor:
     """The same rows from a plain prefill of the same token ids (no cache reuse)."""
     entries = [engine.store.entry(pid) for pid in pids]
-    prepared = full_prefill(engine.context, engine.full_prompt_ids(question, entries, OPTIONS))
+    prepared = full_prefill(engine.context, engine.full_prompt_ids(question, entries, OPTIONS), OPTIONS.max_new_tokens)
     keep = len(engine.suffix_ids(question, entries, OPTIONS)) + len(answer)
     return teacher_forced_logprobs(engine.lm.model, prepared, answer, keep=keep)
 

@@ -13,4 +13,15 @@ from ragcompress.runtime.engine import Answer, Engine
 from ragcompress.runtime.options import AnswerOptions
 from ragcompress.store import KVStore
 
-__all__ = ["Answer", "AnswerOptions", "Engine", "IndexConfig", "KVStore", "RagCompressError", "index", "load_model", "preset", "PRESETS"]
+__all__ = [
+    "Answer",
+    "AnswerOptions",
+    "Engine",
+    "IndexConfig",
+    "KVStore",
+    "RagCompressError",
+    "index",
+    "load_model",
+    "preset",
+    "PRESETS",
+]

@@ -16,7 +16,7 @@ import torch
 from transformers import DynamicCache
 
 from ragcompress.kv import PassageKV
-from ragcompress.kv.cache import build_dynamic_cache
+from ragcompress.kv.cache import build_preallocated_cache
 from ragcompress.kv.rope import Rotary
 from ragcompress.runtime.attention import KV_MASK_KWARG
 
@@ -41,13 +41,21 @@ class AssembledCache:
 
 
 def assemble(
-    config, rotary: Rotary, prefix_keys: torch.Tensor, prefix: PassageKV, segments: list[PassageKV], dtype: torch.dtype
+    config: Any,
+    rotary: Rotary,
+    prefix_keys: torch.Tensor,
+    prefix: PassageKV,
+    segments: list[PassageKV],
+    dtype: torch.dtype,
+    spare_rows: int = 0,
 ) -> AssembledCache:
     """Write the (already rotated) prefix and the rotated segments into one cache per layer.
 
     prefix_keys: ``[layers, kv_heads, P, head_dim]`` prefix keys rotated to positions ``0..P-1``.
     This runs on every request, so it touches the data as few times as it can: one buffer per
-    K and V; each segment's keys are rotated straight into their slice of it.
+    K and V; each segment's keys are rotated straight into their slice of it. The buffers keep
+    ``spare_rows`` free rows (the question and the answer's tokens), into which the cache's
+    :class:`~ragcompress.kv.cache.PreallocatedLayer` writes them without copying the context.
     """
     layers, heads, p, d = prefix_keys.shape
     starts, position = [], p
@@ -57,8 +65,8 @@ def assemble(
     widths = [kv.keys.shape[2] for kv in segments]  # rows stored per segment (n_max with evictions)
     total = p + sum(widths)
     device = prefix_keys.device  # the model's: segments are read on the CPU and copied over once
-    keys = torch.empty((layers, heads, total, d), dtype=dtype, device=device)
-    values = torch.empty((layers, heads, total, d), dtype=dtype, device=device)
+    keys = torch.empty((layers, heads, total + spare_rows, d), dtype=dtype, device=device)
+    values = torch.empty((layers, heads, total + spare_rows, d), dtype=dtype, device=device)
     keys[:, :, :p] = prefix_keys
     values[:, :, :p] = prefix.values
     row = p
@@ -67,9 +75,10 @@ def assemble(
         values[:, :, row : row + width] = kv.values
         row += width
     mask = torch.cat([prefix.valid_mask()] + [kv.valid_mask() for kv in segments], dim=2)
-    cache = build_dynamic_cache(
+    cache = build_preallocated_cache(
         config,
         [keys[layer].unsqueeze(0) for layer in range(layers)],
         [values[layer].unsqueeze(0) for layer in range(layers)],
+        total,
     )
     return AssembledCache(cache, position, None if bool(mask.all()) else mask.to(device))

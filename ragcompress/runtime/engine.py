@@ -174,7 +174,7 @@ class Engine:
         strategy = choose_strategy(self.context, options)
         return TokenStream(
             self.lm.model,
-            lambda: strategy.prepare(self.context, entries, suffix),
+            lambda: strategy.prepare(self.context, entries, suffix, options.max_new_tokens),
             options.max_new_tokens,
             self.stop_ids,
         )
@@ -184,7 +184,10 @@ class Engine:
         options = options or self.options
         ids = self.full_prompt_ids(question, entries, options)
         return TokenStream(
-            self.lm.model, lambda: full_prefill(self.context, ids), options.max_new_tokens, self.stop_ids
+            self.lm.model,
+            lambda: full_prefill(self.context, ids, options.max_new_tokens),
+            options.max_new_tokens,
+            self.stop_ids,
         )
 
     def stream_prefix_cached(
@@ -195,7 +198,10 @@ class Engine:
         options = options or self.options
         ids = self.full_prompt_ids(question, entries, options)
         return TokenStream(
-            self.lm.model, lambda: prefix_cached_prefill(self.context, ids), options.max_new_tokens, self.stop_ids
+            self.lm.model,
+            lambda: prefix_cached_prefill(self.context, ids, options.max_new_tokens),
+            options.max_new_tokens,
+            self.stop_ids,
         )
 
     def answer_prefix_cached(self, question: str, entries: list[Entry], options: AnswerOptions | None = None) -> Answer:

@@ -25,7 +25,7 @@ from transformers import DynamicCache
 
 from ragcompress.errors import InputError, StoreError
 from ragcompress.kv import PassageKV
-from ragcompress.kv.cache import build_dynamic_cache
+from ragcompress.kv.cache import build_preallocated_cache
 from ragcompress.kv.rope import Rotary
 from ragcompress.models import LoadedModel
 from ragcompress.prompt import PromptTemplate, PromptTokens
@@ -81,21 +81,33 @@ class QueryContext:
     def dtype(self) -> torch.dtype:
         return self.lm.model.dtype
 
-    def prefix_cache(self) -> DynamicCache:
-        """A transformers cache holding only the rotated prefix (its tensors adopted, not copied;
-        later tokens are appended by concatenation, so the shared prefix is never modified)."""
-        layers = self.prefix_keys.shape[0]
-        return build_dynamic_cache(
+    def prefix_cache(self, spare_rows: int) -> DynamicCache:
+        """A cache holding a copy of the rotated prefix and room for ``spare_rows`` more tokens."""
+        return self.empty_cache(self.prefix_keys, self.prefix.values, spare_rows)
+
+    def empty_cache(self, keys: torch.Tensor, values: torch.Tensor, spare_rows: int) -> DynamicCache:
+        """A preallocated cache holding ``keys``/``values`` ``[layers, kv_heads, n, d]`` (may be
+        empty) and room for ``spare_rows`` more tokens written in place."""
+        layers, heads, filled, d = keys.shape
+        shape = (layers, heads, filled + spare_rows, d)
+        key_buffer = torch.empty(shape, dtype=self.dtype, device=self.lm.model.device)
+        value_buffer = torch.empty(shape, dtype=self.dtype, device=self.lm.model.device)
+        key_buffer[:, :, :filled] = keys
+        value_buffer[:, :, :filled] = values
+        return build_preallocated_cache(
             self.lm.config,
-            [self.prefix_keys[layer].unsqueeze(0) for layer in range(layers)],
-            [self.prefix.values[layer].unsqueeze(0) for layer in range(layers)],
+            [key_buffer[layer].unsqueeze(0) for layer in range(layers)],
+            [value_buffer[layer].unsqueeze(0) for layer in range(layers)],
+            filled,
         )
 
 
 class Strategy(Protocol):
     """Turns retrieved entries and the question's suffix into a :class:`Prepared` request."""
 
-    def prepare(self, context: QueryContext, entries: list[Entry], suffix: list[int]) -> Prepared: ...
+    def prepare(
+        self, context: QueryContext, entries: list[Entry], suffix: list[int], max_new_tokens: int
+    ) -> Prepared: ...
 
 
 @dataclass(frozen=True)
@@ -104,10 +116,11 @@ class DenseStrategy:
 
     recompute: RecomputeConfig = RecomputeConfig()
 
-    def prepare(self, context: QueryContext, entries: list[Entry], suffix: list[int]) -> Prepared:
+    def prepare(self, context: QueryContext, entries: list[Entry], suffix: list[int], max_new_tokens: int) -> Prepared:
         segments = [context.store.load_kv(entry, context.dtype) for entry in entries]
+        spare = len(suffix) + max_new_tokens
         built = assemble(
-            context.lm.config, context.rotary, context.prefix_keys, context.prefix, segments, context.dtype
+            context.lm.config, context.rotary, context.prefix_keys, context.prefix, segments, context.dtype, spare
         )
         passage_ids = [context.tokens.passage(e.text) for e in entries] if self.recompute.recomputes else []
         first_logits = repair(
@@ -131,26 +144,30 @@ class PackedStrategy:
 
     kernel: str = "torch"
 
-    def prepare(self, context: QueryContext, entries: list[Entry], suffix: list[int]) -> Prepared:
+    def prepare(self, context: QueryContext, entries: list[Entry], suffix: list[int], max_new_tokens: int) -> Prepared:
         device = context.lm.model.device
         blobs = [context.store.load_packed(entry) for entry in entries]
         packed = PackedSegments.from_blobs(blobs, context.prefix.num_tokens, context.rotary, device, self.kernel)
-        cache = context.prefix_cache()
+        cache = context.prefix_cache(len(suffix) + max_new_tokens)
         return Prepared(cache, suffix, packed.next_position, {PACKED_KWARG: packed}, None, f"packed-{self.kernel}")
 
 
-def full_prefill(context: QueryContext, prompt_ids: list[int]) -> Prepared:
-    """The baseline: an empty cache and the whole prompt to prefill, no reuse at all."""
-    return Prepared(DynamicCache(config=context.lm.config), prompt_ids, 0, {}, None, "full")
+def full_prefill(context: QueryContext, prompt_ids: list[int], max_new_tokens: int) -> Prepared:
+    """The baseline: an empty cache and the whole prompt to prefill, no reuse at all (the cache
+    preallocated like the cached path's, so decoding costs the same on both sides)."""
+    empty = context.prefix_keys[:, :, :0]
+    cache = context.empty_cache(empty, empty, len(prompt_ids) + max_new_tokens)
+    return Prepared(cache, prompt_ids, 0, {}, None, "full")
 
 
-def prefix_cached_prefill(context: QueryContext, prompt_ids: list[int]) -> Prepared:
+def prefix_cached_prefill(context: QueryContext, prompt_ids: list[int], max_new_tokens: int) -> Prepared:
     """The fair peer of a serving engine with automatic prefix caching: the shared prefix's cache
     is reused, everything after it (passages and question) is prefilled."""
     prefix = context.prefix.num_tokens
     if prompt_ids[:prefix] != context.prefix_ids:
         raise ValueError("the prompt does not start with the store's prefix")
-    return Prepared(context.prefix_cache(), prompt_ids[prefix:], prefix, {}, None, "full-prefix-cached")
+    cache = context.prefix_cache(len(prompt_ids) - prefix + max_new_tokens)
+    return Prepared(cache, prompt_ids[prefix:], prefix, {}, None, "full-prefix-cached")
 
 
 def choose_strategy(context: QueryContext, options: AnswerOptions) -> DenseStrategy | PackedStrategy:
