@@ -217,25 +217,11 @@ def results_meta(args_or_dict: Any) -> dict[str, Any]:
     differ from it), ``threads`` (torch's setting unless given), ``repeats``, ``limit``,
     ``questions`` (a count or a questions file) and ``model``, read from an ``argparse.Namespace``
     or a dict; what it does not hold is ``None``."""
-    import subprocess
+    from ragcompress.bench import git_revision
 
     given = args_or_dict if isinstance(args_or_dict, dict) else vars(args_or_dict)
-    root = Path(__file__).resolve().parents[1]
-    try:
-        git = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        git += "-dirty" if dirty else ""
-    except (OSError, subprocess.CalledProcessError):
-        git = "unknown"
     meta: dict[str, Any] = {key: given.get(key) for key in RESULTS_META_KEYS}
-    meta["git"] = given.get("git") or git
+    meta["git"] = given.get("git") or git_revision()
     if meta["threads"] is None:
         meta["threads"] = torch.get_num_threads()
     return {key: str(value) if isinstance(value, Path) else value for key, value in meta.items()}

@@ -18,11 +18,11 @@ import numpy as np
 import torch
 
 from ragcompress import Engine, IndexConfig, KVStore, index, load_model
-from ragcompress.evaluation import iter_eval, read_questions, summarize
+from ragcompress.evaluation import intervals, iter_eval, outcomes, read_questions, summarize
 from ragcompress.retrieval import Embedder
 from ragcompress.runtime.options import AnswerOptions
 
-SQUAD = Path(__file__).resolve().parents[2] / "shared" / "data" / "squad-dev"
+from common import SQUAD, results_meta
 
 
 def needed_passages(embedder: Embedder, questions, top_k: int, out: Path) -> Path:
@@ -69,8 +69,13 @@ def main() -> None:
         index(passages, store, lm=lm, embedder=embedder, config=IndexConfig(quant=quant))
         with Engine(KVStore.open(store), lm, embedder, AnswerOptions()) as engine:
             engine.warm_up()  # as Engine.open does: the first timed answer pays no one-time setup
-            summary = summarize(engine, list(iter_eval(engine, questions, int(top_k))))
-        summary.update({"quant": quant, "top_k": int(top_k), "model": args.model})
+            results = list(iter_eval(engine, questions, int(top_k)))
+            summary = summarize(engine, results)
+        summary.update(intervals(results))
+        summary.update({"quant": quant, "top_k": int(top_k), "model": args.model, "per_question": outcomes(results)})
+        summary["meta"] = results_meta(
+            {"repeats": 1, "limit": args.limit, "questions": len(questions), "model": args.model}
+        )
         rows.append(summary)
         print(json.dumps(summary), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)

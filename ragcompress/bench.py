@@ -262,21 +262,33 @@ def plot(rows: list[BenchRow], path: Path, title: str = "") -> None:
     plt.close(fig)
 
 
-def run_meta(repeats: int, limit: int) -> dict[str, Any]:
-    """What a results file records about the run: code revision, threads, sample size, load."""
+def git_revision() -> str:
+    """Short revision of the checkout this code runs from, ``-dirty`` when tracked files differ
+    from it, ``unknown`` outside a git checkout (an installed wheel)."""
     import subprocess
 
-    import torch
-
+    root = Path(__file__).resolve().parents[1]
     try:
-        root = Path(__file__).resolve().parents[1]
         git = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
         ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        git = "unknown"
+        return "unknown"
+    return git + ("-dirty" if dirty else "")
+
+
+def run_meta(repeats: int, limit: int) -> dict[str, Any]:
+    """What a results file records about the run: code revision, threads, sample size, load."""
+    import torch
+
     return {
-        "git": git,
+        "git": git_revision(),
         "threads": torch.get_num_threads(),
         "repeats": repeats,
         "limit": limit,

@@ -20,6 +20,7 @@ from typing import Any
 from ragcompress.errors import InputError
 from ragcompress.runtime.engine import Answer, Engine
 from ragcompress.runtime.options import AnswerOptions
+from ragcompress.stats import bootstrap_ci, paired_comparison
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = set(string.punctuation)
@@ -133,4 +134,33 @@ def summarize(engine: Engine, results: list[QuestionResult]) -> dict[str, Any]:
         "ttft_speedup": full["ttft_s_median"] / compressed["ttft_s_median"],
         "kv_bytes_per_token": {"fp16": fp16, "stored": stored},
         "compression": fp16 / stored,
+    }
+
+
+def outcomes(results: list[QuestionResult]) -> list[dict[str, Any]]:
+    """Per-question outcomes (what paired tests between settings need), in question order."""
+    return [
+        {
+            "id": r.question.id,
+            "full_sub_em": sub_em(r.full.answer, r.question.answers),
+            "cached_sub_em": sub_em(r.cached.answer, r.question.answers),
+            "agree": float(r.cached.answer == r.full.answer),
+        }
+        for r in results
+    ]
+
+
+def intervals(results: list[QuestionResult]) -> dict[str, Any]:
+    """95 % bootstrap intervals of sub-EM (both sides) and agreement, and the paired comparison
+    of cached against full-prefill sub-EM over the same questions (``ragcompress.stats``)."""
+    rows = outcomes(results)
+    full = [r["full_sub_em"] for r in rows]
+    cached = [r["cached_sub_em"] for r in rows]
+    return {
+        "ci95": {
+            "full_sub_em": list(bootstrap_ci(full)),
+            "compressed_sub_em": list(bootstrap_ci(cached)),
+            "agreement": list(bootstrap_ci([r["agree"] for r in rows])),
+        },
+        "compressed_vs_full_sub_em": paired_comparison(cached, full),
     }

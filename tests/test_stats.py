@@ -1,0 +1,38 @@
+"""Bootstrap intervals and the paired test behind every "A beats B"."""
+
+from __future__ import annotations
+
+import pytest
+
+from ragcompress.stats import bootstrap_ci, mcnemar_exact, paired_comparison
+
+
+def test_bootstrap_interval_covers_the_mean_and_narrows_with_more_questions():
+    small = [1, 0] * 10
+    large = [1, 0] * 200
+    low, high = bootstrap_ci(small)
+    assert low < 0.5 < high and bootstrap_ci(small) == (low, high)  # seeded
+    big_low, big_high = bootstrap_ci(large)
+    assert big_high - big_low < (high - low) / 3
+    assert bootstrap_ci([1, 1, 1]) == (1.0, 1.0)
+    with pytest.raises(ValueError):
+        bootstrap_ci([])
+
+
+def test_mcnemar_exact_matches_the_binomial():
+    assert mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(5, 5) == 1.0
+    assert mcnemar_exact(10, 0) == pytest.approx(2 / 1024)  # two-sided: 2 * 0.5**10
+    assert mcnemar_exact(2, 8) == pytest.approx(2 * (1 + 10 + 45) / 1024)
+
+
+def test_paired_comparison_counts_discordant_questions():
+    a = [1, 1, 1, 0, 1, 0, 1, 1]
+    b = [1, 0, 0, 0, 1, 0, 0, 1]
+    result = paired_comparison(a, b)
+    assert (result["n"], result["wins"], result["losses"]) == (8, 3, 0)
+    assert result["mean_difference"] == pytest.approx(3 / 8)
+    assert result["p_value"] == pytest.approx(0.25)
+    assert result["ci95"][0] >= 0.0
+    with pytest.raises(ValueError, match="same questions"):
+        paired_comparison([1], [1, 0])
