@@ -52,7 +52,7 @@ def paired_comparison(a: Sequence[float], b: Sequence[float], *, seed: int = 0) 
     result: dict[str, Any] = {
         "n": int(x.size),
         "mean_difference": float(diff.mean()),
-        "ci95": list(bootstrap_ci(diff, seed=seed)),
+        "ci95": list(bootstrap_ci(diff.tolist(), seed=seed)),
     }
     if set(np.unique(np.concatenate([x, y]))) <= {0.0, 1.0}:
         wins, losses = int(((x == 1) & (y == 0)).sum()), int(((x == 0) & (y == 1)).sum())
