@@ -20,6 +20,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -230,6 +232,21 @@ def tokenizer_hash(tokenizer: Any) -> str:
     return digest.hexdigest()
 
 
+@contextmanager
+def quiet_progress() -> Iterator[None]:
+    """Transformers' progress bars off inside the block, restored after (library noise on every
+    model load otherwise; long work such as indexing keeps its own bars)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def check_supported(config: Any) -> None:
     """Refuse models whose attention ragcompress cannot re-position (no RoPE, unknown family)."""
     model_type = getattr(config, "model_type", "?")
@@ -256,9 +273,10 @@ def load_model(ref: str | None = None, *, dtype: Any = None, device: Any = None)
     config = AutoConfig.from_pretrained(model_dir)
     check_supported(config)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=dtype or torch.float32, attn_implementation=register_attention()
-    )
+    with quiet_progress():  # a sub-second load of converted weights needs no "Loading weights" bar
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=dtype or torch.float32, attn_implementation=register_attention()
+        )
     model.eval()
     if device is not None:
         model.to(device)

@@ -43,7 +43,10 @@ class Embedder:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
             from sentence_transformers import SentenceTransformer
 
-            self._model = SentenceTransformer(_embedder_path(self.name), device="cpu")
+            from ragcompress.models import quiet_progress
+
+            with quiet_progress():
+                self._model = SentenceTransformer(_embedder_path(self.name), device="cpu")
         return self._model
 
     def embed(self, texts: list[str]) -> np.ndarray:
