@@ -4,7 +4,7 @@ Layout (DESIGN §2)::
 
     DIR/manifest.json        what the store was built with (written last at creation)
     DIR/prefix.safetensors   the shared prefix cache, uncompressed
-    DIR/catalogue.sqlite     passage id -> text, embedding, shard, offset, length, checksum
+    DIR/catalogue.sqlite     passage id -> text, embedding, shard, offset, length, checksum (xxh3-128)
     DIR/shards/NNNNN.kvs     passage blobs (safetensors documents) back to back
     DIR/index.faiss          FAISS index over catalogue rows (derived; rebuilt when stale)
     DIR/index.json           sha256 and row count of index.faiss, written after it
@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -136,7 +137,7 @@ def create_store(path: Path, manifest: Manifest, prefix_kv: PassageKV) -> None:
         blob = codec.encode(prefix_kv, QuantConfig("none"))
         _write_atomic(tmp / PREFIX, blob)
         Catalogue(tmp, readonly=False).close()
-        dataclasses.replace(manifest, prefix_sha256=checksum(blob)).write(tmp)
+        dataclasses.replace(manifest, prefix_sha256=hashlib.sha256(blob).hexdigest()).write(tmp)
         try:
             os.replace(tmp, path)
         except OSError:
@@ -199,7 +200,7 @@ class KVStore:
             except OSError as exc:
                 raise CorruptSegmentError(f"prefix cache {self.path / PREFIX} cannot be read ({exc})") from None
             expected = self.manifest.prefix_sha256
-            if expected and checksum(blob) != expected:
+            if expected and hashlib.sha256(blob).hexdigest() != expected:
                 raise CorruptSegmentError(f"prefix cache {self.path / PREFIX}: checksum mismatch; rebuild the store")
             try:
                 self._prefix = codec.decode(blob, dtype, self.shape)
@@ -214,7 +215,7 @@ class KVStore:
         return found
 
     def read_segment(self, entry: Entry) -> codec.Segment:
-        """Read, verify (sha256) and parse one passage's blob, checked against its catalogue row.
+        """Read, verify (xxh3-128) and parse one passage's blob, checked against its catalogue row.
         The only place a passage's shard is opened; errors name the passage and its shard."""
         blob = read_blob(self.path, entry.shard, entry.offset, entry.length, entry.checksum, entry.id)
         with _naming(entry):

@@ -13,7 +13,8 @@ from ragcompress.errors import StoreError, StoreMismatchError
 from ragcompress.kv import ModelShape
 from ragcompress.kv.quant import QuantConfig
 
-FORMAT_VERSION = 1
+# 2: segment checksums are xxh3-128 (were sha256); a version-1 store is refused and rebuilt.
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 1 << 20
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")

@@ -10,10 +10,11 @@ derived from passage ids, and a name read back from the catalogue is checked bef
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from pathlib import Path
+
+import xxhash
 
 from ragcompress.errors import CorruptSegmentError, StoreError
 
@@ -23,7 +24,10 @@ _NAME = re.compile(r"^\d{5}\.kvs$")
 
 
 def checksum(blob: bytes) -> str:
-    return hashlib.sha256(blob).hexdigest()
+    """xxh3-128 hex digest of a blob: the corruption check run on every read, ~10x cheaper than
+    sha256 (at top-16 a request reads tens of MB). It detects damage (flipped bits, truncation,
+    a blob from elsewhere), not an adversary, who could rewrite the catalogue as well."""
+    return xxhash.xxh3_128_hexdigest(blob)
 
 
 def fsync_dir(path: Path) -> None:

@@ -5,7 +5,7 @@ Checks, in order, each problem named with its passage id and shard where there i
 1. the manifest parses and every value is valid (:meth:`Manifest.read`);
 2. the prefix cache matches the manifest's sha256, decodes, and has the manifest's model shape;
 3. the catalogue passes SQLite's ``integrity_check`` and every row is readable;
-4. every passage: shard name valid, blob inside its shard, sha256 matches, blob decodes, cache
+4. every passage: shard name valid, blob inside its shard, checksum (xxh3-128) matches, blob decodes, cache
    shape matches the manifest's ``model_shape``, token counts match the row, text matches its
    ``text_sha``, embedding has the store's dimension, blobs in a shard do not overlap;
 5. the FAISS index, when a reader would use it (its sha256 matches ``index.json``), holds exactly
@@ -34,7 +34,7 @@ from ragcompress.store import codec
 from ragcompress.store.catalogue import CATALOGUE, Catalogue
 from ragcompress.store.kvstore import INDEX, PREFIX, read_index_meta
 from ragcompress.store.manifest import Manifest
-from ragcompress.store.shards import SHARD_DIR, checksum, is_shard_name, read_blob
+from ragcompress.store.shards import SHARD_DIR, is_shard_name, read_blob
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ def _check_prefix(root: Path, manifest: Manifest, shape: ModelShape, problems: l
     blob = path.read_bytes()
     if not manifest.prefix_sha256:
         problems.append(Problem("prefix", "the manifest records no prefix checksum; rebuild the store"))
-    elif checksum(blob) != manifest.prefix_sha256:
+    elif hashlib.sha256(blob).hexdigest() != manifest.prefix_sha256:
         problems.append(Problem("prefix", "checksum mismatch with the manifest"))
         return
     try:
