@@ -1,7 +1,8 @@
 """Subprocess side of the store reliability tests: index a corpus, optionally SIGKILL itself.
 
-``python tests/store_worker.py MODEL_DIR INPUT STORE BATCH KILL`` where ``KILL`` names the point at
-which the process sends itself SIGKILL (no cleanup, no ``finally``, no flush), or is ``none``:
+``python tests/store_worker.py MODEL_DIR INPUT STORE BATCH KILL [--overwrite] [--trace FILE]``
+where ``KILL`` names the point at which the process sends itself SIGKILL (no cleanup, no
+``finally``, no flush), or is ``none``:
 
 ``create``       store being created: prefix written, manifest not yet
 ``append:N``     right after the N-th blob reached the shard file, before its fsync and commit
@@ -9,6 +10,16 @@ which the process sends itself SIGKILL (no cleanup, no ``finally``, no flush), o
 ``after:N``      right after the N-th batch committed
 ``index``        index.faiss replaced, index.json not yet written
 ``slow``         commit normally but sleep 0.3 s after every batch (readers watch)
+
+``--trace FILE`` (opt-in instrumentation, used by the random-instant kill test) appends one line per
+phase boundary to FILE, ``<CLOCK_MONOTONIC ns> +phase|-phase|=note [detail]``, each line one
+``write(2)`` on an ``O_APPEND`` descriptor, so what a SIGKILLed worker wrote is in the file and the
+innermost phase still open at the end of the file is where the kill landed. It adds no sleeps.
+With it, two gated ``KILL`` modes freeze the worker (SIGSTOP) at an instant too short to hit by
+chance, for the test to SIGKILL from outside:
+
+``stop:blob:N``  inside the library's ``write`` of the N-th blob, with half of its bytes in the shard
+``stop:swap``    in ``--overwrite``'s final swap: the exchange done, the old store half deleted
 
 Shards roll over every ``SHARD_BYTES`` so kills also land around shard boundaries.
 """
@@ -20,6 +31,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -92,15 +104,154 @@ def install(kill: str) -> None:
         kvstore._write_atomic = write_atomic
 
 
+class Trace:
+    """Phase markers on an append-only file (see module doc): one ``write(2)`` per line."""
+
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def mark(self, kind: str, name: str, detail: str = "") -> None:
+        os.write(self.fd, f"{time.monotonic_ns()} {kind}{name} {detail}".rstrip().encode() + b"\n")
+
+    def phase(self, name: str, function, detail=None):
+        """``function`` wrapped so that calls are bracketed by ``+name`` / ``-name``."""
+        mark = self.mark
+
+        def traced(*args, **kwargs):
+            mark("+", name, detail(*args, **kwargs) if detail else "")
+            result = function(*args, **kwargs)
+            mark("-", name)
+            return result
+
+        return traced
+
+
+def _freeze(trace: Trace, what: str) -> None:
+    """Stop here (SIGSTOP): the test sees ``=stopped`` and SIGKILLs this process from outside."""
+    trace.mark("=", "stopped", what)
+    os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def install_trace(path: str, kill: str) -> Trace:
+    """Wrap the write path's phases with markers; arm the ``stop:`` gates (module doc).
+
+    Phases: ``validate`` (input pass), ``setup`` (template, manifest), ``prefix-encoding`` (the
+    shared prefix's forward pass), ``create`` (new store: prefix, catalogue, manifest, rename),
+    ``open-writer`` (lock, repair), ``encoding`` (tokenize, forward, compress, quantize, embed),
+    ``blob-write`` (``ShardWriter.append``), ``fsync`` (shard file and directory),
+    ``catalogue-commit`` (one SQLite transaction), ``index-build`` (FAISS build, save, index.json),
+    ``writer-close``, ``overwrite-swap`` (``replace_store``) and inside it ``exchange`` and ``cleanup``
+    (deleting the old store). Nothing outside ``tests/`` is changed; the wrappers call the originals.
+    """
+    import builtins
+    import shutil
+
+    from ragcompress.indexing import encoder, indexer, run
+    from ragcompress.store import catalogue, kvstore, shards
+
+    trace = Trace(path)
+    point, _, arg = kill.partition(":")
+    gate = {"blob": int(arg.split(":")[1]) if arg.startswith("blob:") else 0, "armed": False, "n": 0}
+
+    run.validate = trace.phase("validate", run.validate)
+    indexer.Indexer.from_config = classmethod(trace.phase("setup", indexer.Indexer.from_config.__func__))
+    encoder.PassageEncoder.__init__ = trace.phase("prefix-encoding", encoder.PassageEncoder.__init__)
+    run.create_store = trace.phase("create", run.create_store)
+    run.StoreWriter.__init__ = trace.phase("open-writer", run.StoreWriter.__init__)
+    run.StoreWriter.write_index = trace.phase("index-build", run.StoreWriter.write_index)
+    run.StoreWriter.close = trace.phase("writer-close", run.StoreWriter.close)
+    indexer.Indexer.records = trace.phase(
+        "encoding", indexer.Indexer.records, lambda self, passages, skip=(): f"{len(passages)} passages"
+    )
+    catalogue.Catalogue.add = trace.phase(
+        "catalogue-commit", catalogue.Catalogue.add, lambda self, rows: f"{len(rows)} rows"
+    )
+    shards.ShardWriter.sync = trace.phase("fsync", shards.ShardWriter.sync)
+    traced_swap = trace.phase("overwrite-swap", run.replace_store)
+
+    def replace_store(built, path):
+        gate["swapping"] = True
+        traced_swap(built, path)
+        gate["swapping"] = False
+
+    run.replace_store = replace_store
+    kvstore._exchange = trace.phase("exchange", kvstore._exchange)
+
+    original_append = shards.ShardWriter.append
+
+    def append(self, blob):
+        gate["n"] += 1
+        trace.mark("+", "blob-write", f"blob {gate['n']}, {len(blob)} bytes")
+        gate["armed"] = gate["n"] == gate["blob"]
+        result = original_append(self, blob)
+        trace.mark("-", "blob-write", f"{result[0]} @ {result[1]}")
+        return result
+
+    shards.ShardWriter.append = append
+
+    def shard_open(file, mode="r", *args, **kwargs):
+        """The shard module's ``open``: a real file whose ``write`` honours the blob gate."""
+        handle = builtins.open(file, mode, *args, **kwargs)
+        if "a" in mode:
+            write = handle.write
+
+            def gated_write(data):
+                if not gate["armed"]:
+                    return write(data)
+                half = len(data) // 2
+                write(bytes(data[:half]))
+                handle.flush()  # the half blob reaches the file, as a kill inside write(2) leaves it
+                _freeze(trace, f"inside write of blob {gate['n']}: {half} of {len(data)} bytes in {Path(file).name}")
+                return write(bytes(data[half:]))
+
+            handle.write = gated_write
+        return handle
+
+    shards.open = shard_open
+
+    class _Shutil:
+        """``kvstore``'s ``shutil`` with ``rmtree`` traced (as ``cleanup``) and, for ``stop:swap``,
+        frozen with the old store half deleted."""
+
+        def __getattr__(self, name):
+            return getattr(shutil, name)
+
+        @staticmethod
+        def rmtree(target, *args, **kwargs):
+            trace.mark("+", "cleanup", Path(target).name)
+            if point == "stop" and arg == "swap" and gate.get("swapping"):
+                files = sorted(p for p in Path(target).rglob("*") if p.is_file())
+                for victim in files[: len(files) // 2]:
+                    victim.unlink()
+                _freeze(trace, f"old store in {Path(target).name}: {len(files) // 2} of {len(files)} files deleted")
+            shutil.rmtree(target, *args, **kwargs)
+            trace.mark("-", "cleanup")
+
+    kvstore.shutil = _Shutil()
+    return trace
+
+
 def main() -> None:
-    model_dir, input_path, store, batch, kill = sys.argv[1:6]
+    args = sys.argv[1:]
+    overwrite = "--overwrite" in args
+    args = [a for a in args if a != "--overwrite"]
+    trace_path = None
+    if "--trace" in args:
+        at = args.index("--trace")
+        trace_path = args[at + 1]
+        del args[at : at + 2]
+    model_dir, input_path, store, batch, kill = args[:5]
     configure_shards()
-    install(kill)
+    trace = install_trace(trace_path, kill) if trace_path else None
+    if not kill.startswith("stop:"):
+        install(kill)
     from ragcompress.indexing import IndexConfig, index
     from ragcompress.models import load_model
 
     lm = load_model(model_dir)
     print("loaded", flush=True)
+    if trace:
+        trace.mark("+", "run", "overwrite" if overwrite else "")
     index(
         input_path,
         store,
@@ -108,7 +259,10 @@ def main() -> None:
         embedder=HashEmbedder(),
         config=IndexConfig(quant="int8", embedder=HashEmbedder.name),
         batch_size=int(batch),
+        overwrite=overwrite,
     )
+    if trace:
+        trace.mark("-", "run")
     print("done", flush=True)
 
 

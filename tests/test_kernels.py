@@ -421,3 +421,77 @@ def test_reference_rotation_with_general_tables():
     pos = seg.positions.long()
     expected = raw * cos[pos] + rotate_half(raw) * sin[pos]
     assert torch.allclose(keys[valid], expected[valid], atol=1e-6)
+
+
+# --- the compiled kernel on a CUDA GPU (benchmarks/gpu_check.sh) ----------------------------------
+# Ragged shapes with the kernel's autotune keys (GQA 4, head_dim 128, int4/int8, decode with and
+# without split-K, prefill) that benchmarks/kernel_bench.py times, so the benchmark reuses the
+# tuning, plus one other head_dim / GQA / bit width. Every autotune key costs ~18 compiles.
+
+GPU_CASES = {
+    "decode-d128-g4-int4-16-passages": dict(
+        lengths=[512, 37, 500, 480, 511, 64, 300, 512, 129, 400, 512, 7, 250, 512, 333, 1],
+        heads=8,
+        head_dim=128,
+        group=4,
+        q_len=1,
+        scheme="int4",
+        splits=[None, 1, 5],
+    ),
+    "decode-d128-g4-int8-3-passages": dict(
+        lengths=[300, 17, 129], heads=8, head_dim=128, group=4, q_len=1, scheme="int8", splits=[None, 1, 2]
+    ),
+    "decode-d128-g4-int4-1-passage": dict(lengths=[333], heads=8, head_dim=128, group=4, q_len=1, scheme="int4"),
+    "prefill-d128-g4-int8-5-passages": dict(
+        lengths=[77, 512, 3, 250, 64], heads=8, head_dim=128, group=4, q_len=20, scheme="int8"
+    ),
+    "prefill-d128-g4-int4-2-passages-batch2": dict(
+        lengths=[511, 45], heads=8, head_dim=128, group=4, q_len=32, scheme="int4", batch=2, prefix=64
+    ),
+    "decode-d64-g3-int2-3-passages": dict(
+        lengths=[40, 26, 100], heads=3, head_dim=64, group=3, q_len=1, scheme="int2", splits=[None, 2]
+    ),
+}
+GPU_RUNS = [(name, torch.float16) for name in GPU_CASES] + [
+    ("decode-d128-g4-int4-16-passages", torch.bfloat16),
+    ("prefill-d128-g4-int8-5-passages", torch.bfloat16),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name, dtype", GPU_RUNS, ids=[f"{n}-{str(d).split('.')[-1]}" for n, d in GPU_RUNS])
+def test_compiled_kernel_on_cuda_matches_reference(name, dtype):
+    """``packed_attention(backend="triton")`` on CUDA tensors (compiled, not interpreted) against
+    ``packed_attention_ref`` on the same tensors and the independent fp32 reference on the CPU."""
+    import dataclasses
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    pytest.importorskip("triton")
+    from ragcompress_kernels import packed_attention, packed_attention_ref
+    from ragcompress_kernels.quantized_attention import _interpreted
+
+    if _interpreted():
+        pytest.skip("triton was imported under TRITON_INTERPRET=1; this test runs the compiled kernel")
+    case = dict(GPU_CASES[name], seed=len(name), dtype=dtype)
+    packed, query, key, value, expected = build_case(case)
+    seg = packed.layers[0]
+    seg = dataclasses.replace(
+        seg,
+        **{
+            f.name: getattr(seg, f.name).cuda()
+            for f in dataclasses.fields(seg)
+            if isinstance(getattr(seg, f.name), torch.Tensor)
+        },
+    )
+    query, key, value = query.cuda(), key.cuda(), value.cuda()
+    tol = TOL[dtype]
+    ref = packed_attention_ref(query, key, value, seg)
+    assert (ref.float().cpu() - expected).abs().max().item() < tol
+    for splits in case.get("splits", [None]) if dtype == torch.float16 else [None]:
+        got = packed_attention(query, key, value, seg, backend="triton", num_splits=splits)
+        assert got.is_cuda and got.dtype == dtype and got.shape == ref.shape
+        assert torch.isfinite(got).all()
+        vs_ref = (got.float() - ref.float()).abs().max().item()
+        vs_independent = (got.float().cpu() - expected).abs().max().item()
+        assert vs_ref < tol and vs_independent < tol, (splits, vs_ref, vs_independent)

@@ -8,6 +8,7 @@ then resume in this process and compare with an uninterrupted run byte for byte.
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import os
 import re
@@ -189,7 +190,9 @@ def test_sigkill_then_resume_equals_clean_run(kill, tiny_lm, corpus, clean_store
 
 @pytest.mark.slow
 def test_external_sigkill_mid_run_then_resume(tiny_model_dir, tiny_lm, corpus, clean_store, tmp_path):
-    """A kill from outside at an arbitrary moment (not a hook): same guarantees."""
+    """A kill from outside (not a hook) after two committed batches: same guarantees. The worker's
+    ``slow`` mode sleeps 0.3 s after each commit, so this kill usually lands in that sleep, between
+    batches; ``test_external_sigkill_at_random_instants_then_resume`` kills during the work itself."""
     store = tmp_path / "store"
     proc = _worker(tiny_model_dir("llama"), corpus, store, "slow")
     try:
@@ -210,6 +213,273 @@ def test_external_sigkill_mid_run_then_resume(tiny_model_dir, tiny_lm, corpus, c
     assert 0 < _assert_readable(store) < N_PASSAGES
     _index(tiny_lm, corpus, store)
     _same_content(store, clean_store)
+
+
+# --- external SIGKILL at random instants ------------------------------------------------------
+#
+# A fresh interpreter runs ``index`` with phase markers (``store_worker.py --trace``) and no sleeps;
+# the test SIGKILLs it from outside at seeded random instants spread over the measured duration of an
+# uninterrupted run, plus two gated instants too short to hit by chance (inside a blob's write;
+# inside ``--overwrite``'s final swap). Each kill's landing (the innermost phase open when it died)
+# is recorded in ``kill_landings.json`` under the test's tmp dir and printed (``-s``).
+
+KILL_SEED = int(os.environ.get("RAGCOMPRESS_KILL_SEED", "9"))
+RANDOM_KILLS = 6  # plain runs: one per sixth of the run (stratified)
+OVERWRITE_RANDOM_KILLS = 2  # --overwrite runs over an older store
+
+
+def _traced_worker(model_dir: Path, corpus: Path, store: Path, mode: str, trace: Path, overwrite: bool):
+    command = [sys.executable, str(WORKER), str(model_dir), str(corpus), str(store), str(BATCH), mode]
+    command += ["--trace", str(trace)] + (["--overwrite"] if overwrite else [])
+    with open(trace.with_suffix(".log"), "w") as log:
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+
+
+def _trace_events(trace: Path) -> list[tuple[int, str, str, str]]:
+    """``(ns, kind, phase, detail)`` per marker line; kind is ``+`` (enter), ``-`` (leave), ``=`` (note)."""
+    events = []
+    for line in trace.read_text().splitlines() if trace.exists() else []:
+        stamp, _, rest = line.partition(" ")
+        token, _, detail = rest.partition(" ")
+        if stamp.isdigit() and token[:1] in "+-=" and len(token) > 1:
+            events.append((int(stamp), token[0], token[1:], detail))
+    return events
+
+
+def _wait_for_marker(trace: Path, proc: subprocess.Popen, kind: str, phase: str, timeout: float = 180) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+        for stamp, k, name, _ in _trace_events(trace):
+            if (k, name) == (kind, phase):
+                return stamp
+        if proc.poll() is not None:
+            log = trace.with_suffix(".log").read_text()[-2000:]
+            raise AssertionError(f"worker exited ({proc.returncode}) before {kind}{phase}:\n{log}")
+        assert time.monotonic() < deadline, f"no {kind}{phase} marker after {timeout} s"
+        time.sleep(0.005)
+
+
+def _landing(events: list[tuple[int, str, str, str]]) -> tuple[str, str]:
+    """Where the process was when it died: the phases still open at the end of its trace
+    (innermost last, ``run`` omitted) and the detail of the innermost one (or the last note)."""
+    stack: list[tuple[str, str]] = []
+    last_left = "start"
+    for _, kind, name, detail in events:
+        if kind == "+":
+            stack.append((name, detail))
+        elif kind == "-":
+            while stack and stack.pop()[0] != name:
+                pass
+            last_left = name
+        elif stack:
+            stack[-1] = (stack[-1][0], detail)
+    if not events:
+        return "before the run", ""
+    if not stack:
+        return "finished", ""
+    phases = [name for name, _ in stack if name != "run"]
+    if not phases:
+        return f"between phases (after {last_left})", ""
+    return ">".join(phases), stack[-1][1]
+
+
+def _phase_shares(events: list[tuple[int, str, str, str]]) -> dict[str, float]:
+    """Share of an uninterrupted run's time spent with each phase innermost (what a random kill hits)."""
+    shares: dict[str, float] = {}
+    stack: list[str] = []
+    for (stamp, kind, name, _), (following, *_) in zip(events, events[1:], strict=False):
+        if kind == "+":
+            stack.append(name)
+        elif kind == "-":
+            while stack and stack.pop() != name:
+                pass
+        where = stack[-1] if stack and stack[-1] != "run" else "between phases"
+        if stack:
+            shares[where] = shares.get(where, 0) + following - stamp
+    total = sum(shares.values()) or 1
+    return {k: round(v / total, 4) for k, v in sorted(shares.items(), key=lambda kv: -kv[1])}
+
+
+def _uncommitted_bytes(store: Path) -> int:
+    """Bytes in shard files past the last committed blob (what a killed write left)."""
+    if not (store / "shards").is_dir():  # a kill between creating the store and opening its writer
+        return 0
+    db = sqlite3.connect(f"file:{store / 'catalogue.sqlite'}?mode=ro", uri=True)
+    try:
+        ends = dict(db.execute("SELECT shard, MAX(offset + length) FROM passages GROUP BY shard"))
+    finally:
+        db.close()
+    return sum(p.stat().st_size - ends.get(p.name, 0) for p in (store / "shards").iterdir())
+
+
+def _kill_and_check(
+    kind: str, mode: str, offset_ns: int | None, overwrite: bool, ctx: dict, tmp_path: Path, number: int
+) -> dict:
+    """One worker run killed from outside (at ``offset_ns`` after its ``+run`` marker, or at its
+    ``=stopped`` gate), then the guarantees checked and the run resumed; returns the table row."""
+    tiny_lm, corpus, clean_store, old_store = ctx["lm"], ctx["corpus"], ctx["clean"], ctx["old"]
+    folder = tmp_path / f"kill{number}"
+    folder.mkdir()
+    store, trace = folder / "store", folder / "trace.txt"
+    if overwrite:
+        shutil.copytree(old_store, store)
+    proc = _traced_worker(ctx["model_dir"], corpus, store, mode, trace, overwrite)
+    try:
+        start = _wait_for_marker(trace, proc, "+", "run")
+        if offset_ns is None:
+            _wait_for_marker(trace, proc, "=", "stopped")
+        else:
+            delay = (start + offset_ns - time.monotonic_ns()) / 1e9
+            if delay > 0:
+                time.sleep(delay)
+        killed_at = time.monotonic_ns()
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    landed, detail = _landing(_trace_events(trace))
+    row = {
+        "run": "--overwrite" if overwrite else "plain",
+        "kill": "gated" if offset_ns is None else "random",
+        "planned_ms": None if offset_ns is None else round(offset_ns / 1e6, 1),
+        "killed_at_ms": round((killed_at - start) / 1e6, 1),
+        "fraction_of_run": round((killed_at - start) / ctx["duration_ns"], 3),
+        "returncode": proc.returncode,
+        "landed": landed,
+        "detail": detail,
+    }
+    if proc.returncode != -signal.SIGKILL:  # the process exited before the kill
+        assert proc.returncode == 0 and landed == "finished", (row, trace.with_suffix(".log").read_text()[-2000:])
+    if landed == "finished":  # the run was over (exiting, or exited) before the kill: a missed sample
+        marks = [stamp for stamp, _, name, _ in _trace_events(trace) if name == "run"]
+        row["run_ms"] = round((marks[-1] - marks[0]) / 1e6, 1)
+    if overwrite:  # the old or the new complete store is at the path, never neither
+        assert (store / "manifest.json").is_file(), row
+        passages = _assert_readable(store)
+        which = "new" if _rows(store) == _rows(clean_store) else "old"
+        _same_content(store, clean_store if which == "new" else old_store)
+        row["after_kill"] = f"{which} store at path ({passages} passages), verify ok"
+    elif (store / "manifest.json").is_file():
+        committed = _assert_readable(store)
+        assert committed % BATCH == 0, row  # batches commit atomically
+        row["after_kill"] = f"opens, verify ok, {committed} committed"
+    else:
+        assert not store.exists(), row  # a half-created store is a hidden temp dir, never at the path
+        row["after_kill"] = "no store at path"
+    row["uncommitted_bytes"] = _uncommitted_bytes(store) if store.exists() else 0
+    row["litter"] = sorted(p.name for p in folder.iterdir() if p.name not in {"store", "trace.txt", "trace.log"})
+    report = _index(tiny_lm, corpus, store, overwrite=overwrite)
+    assert report.indexed + report.skipped == N_PASSAGES
+    _assert_readable(store)
+    _same_content(store, clean_store)
+    assert not verify_store(store).notes
+    row["resume"] = "identical to uninterrupted run"
+    return row
+
+
+def _landing_table(rows: list[dict]) -> str:
+    lines = [
+        "| # | run | kill | at ms (share of run) | landed in | detail | after the kill | uncommitted bytes | litter | resume |",
+        "|---:|---|---|---|---|---|---|---:|---|---|",
+    ]
+
+    def kind(row: dict) -> str:
+        if "retry_of" in row:
+            return f"{row['kill']} (retry of #{row['retry_of']})"
+        return row["kill"] + (f" (missed: that run took {row['run_ms']} ms)" if "run_ms" in row else "")
+
+    for i, r in enumerate(rows, 1):
+        lines.append(
+            f"| {i} | {r['run']} | {kind(r)} | {r['killed_at_ms']} ({r['fraction_of_run']:.2f}) | "
+            f"{r['landed']} | {r['detail']} | {r['after_kill']} | {r['uncommitted_bytes']} | "
+            f"{', '.join(r['litter']) or '-'} | {r['resume']} |"
+        )
+    return "\n".join(lines)
+
+
+@pytest.mark.slow
+def test_external_sigkill_at_random_instants_then_resume(tiny_model_dir, tiny_lm, corpus, clean_store, tmp_path):
+    """SIGKILL from outside at seeded random instants of a fresh interpreter's indexing run (no
+    sleeps in the worker), inside a blob's write, and inside ``--overwrite``'s final swap: every
+    time the store at the path opens and verifies (for ``--overwrite``: the old or the new complete
+    store, never neither), and resuming gives the bytes of an uninterrupted run. Records where
+    each kill landed."""
+    import random
+
+    rng = random.Random(KILL_SEED)
+    old_store = tmp_path / "old-store"  # what --overwrite replaces: other passages, other shards
+    old_corpus = _write(
+        tmp_path / "old.jsonl", [{"id": f"old-{i}", "text": f"An older passage, number {i}."} for i in range(10)]
+    )
+    _index(tiny_lm, old_corpus, old_store)
+    ctx = {
+        "lm": tiny_lm,
+        "corpus": corpus,
+        "clean": clean_store,
+        "old": old_store,
+        "model_dir": tiny_model_dir("llama"),
+    }
+
+    # two uninterrupted traced runs: the faster one's duration spreads the kills (a first run is
+    # often slower, and instants past the end of a run are missed), its phases give each one's odds
+    calibrations = []
+    for attempt in range(2):
+        calibration = tmp_path / f"calibration{attempt}"
+        calibration.mkdir()
+        trace = calibration / "trace.txt"
+        proc = _traced_worker(ctx["model_dir"], corpus, calibration / "store", "none", trace, False)
+        assert proc.wait(300) == 0, trace.with_suffix(".log").read_text()[-2000:]
+        _same_content(calibration / "store", clean_store)  # a fresh interpreter writes the same bytes
+        events = _trace_events(trace)
+        run_marks = [stamp for stamp, kind, name, _ in events if name == "run"]
+        calibrations.append((run_marks[1] - run_marks[0], events))
+    ctx["duration_ns"], events = min(calibrations, key=lambda c: c[0])
+
+    # (kind, worker mode, instant as a fraction of the run or None for a gate, --overwrite)
+    plan: list[tuple[str, str, float | None, bool]] = []
+    for i in range(RANDOM_KILLS):  # stratified: one instant in each sixth of the run
+        plan.append(("random", "none", (i + rng.random()) / RANDOM_KILLS * 0.95, False))
+    plan.append(("gated", f"stop:blob:{rng.randint(1, N_PASSAGES)}", None, False))
+    for i in range(OVERWRITE_RANDOM_KILLS):
+        plan.append(("random", "none", (i + rng.random()) / OVERWRITE_RANDOM_KILLS * 0.95, True))
+    plan.append(("gated", "stop:swap", None, True))
+
+    rows: list[dict] = []
+    record = {
+        "seed": KILL_SEED,
+        "passages": N_PASSAGES,
+        "batch": BATCH,
+        "run_ms": round(ctx["duration_ns"] / 1e6, 1),
+        "calibration_runs_ms": [round(c[0] / 1e6, 1) for c in calibrations],
+        "phase_shares_of_uninterrupted_run": _phase_shares(events),
+        "kills": rows,
+    }
+    out = tmp_path / "kill_landings.json"
+    try:
+        for kind, mode, fraction, overwrite in plan:
+            offset = None if fraction is None else int(fraction * ctx["duration_ns"])
+            rows.append(_kill_and_check(kind, mode, offset, overwrite, ctx, tmp_path, len(rows) + 1))
+            if rows[-1]["landed"] == "finished":  # this run was faster than the calibration: retry
+                offset = int(fraction * rows[-1]["run_ms"] * 1e6)  # once, scaled to the run just seen
+                rows.append(_kill_and_check(kind, mode, offset, overwrite, ctx, tmp_path, len(rows) + 1))
+                rows[-1]["retry_of"] = len(rows) - 1
+    finally:
+        out.write_text(json.dumps(record, indent=2))
+        print(
+            f"\nseed {KILL_SEED}; uninterrupted runs {record['calibration_runs_ms']} ms; phase shares "
+            f"{record['phase_shares_of_uninterrupted_run']}\n{_landing_table(rows)}\n({out})"
+        )
+        if os.environ.get("RAGCOMPRESS_KILL_TABLE"):
+            Path(os.environ["RAGCOMPRESS_KILL_TABLE"]).write_text(json.dumps(record, indent=2))
+    landed = [r for r in rows if r["kill"] == "random" and r["landed"] != "finished"]
+    assert len(landed) >= RANDOM_KILLS + OVERWRITE_RANDOM_KILLS - 2  # at most two missed even after a retry
+    gated = [r for r in rows if r["kill"] == "gated"]
+    assert [g["landed"] for g in gated] == ["blob-write", "overwrite-swap>cleanup"]
+    assert gated[0]["uncommitted_bytes"] > 0  # half a blob was on disk past the last commit
+    assert gated[1]["after_kill"].startswith("new store")  # the exchange had happened
 
 
 def test_writer_repairs_uncommitted_tail_in_rolled_over_shards(store_copy, clean_store):
@@ -462,7 +732,7 @@ def test_faiss_index_disagreeing_with_catalogue_is_a_problem(store_copy):
     index = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
     index.add_with_ids(np.ascontiguousarray(vectors[::-1]), rows)  # right ids, wrong vectors
     faiss.write_index(index, str(store_copy / INDEX))
-    meta = {"sha256": checksum((store_copy / INDEX).read_bytes()), "count": len(rows)}
+    meta = {"sha256": hashlib.sha256((store_copy / INDEX).read_bytes()).hexdigest(), "count": len(rows)}
     (store_copy / INDEX_META).write_text(json.dumps(meta))
     report = verify_store(store_copy)
     assert {p.kind for p in report.problems} == {"index"} and len(report.problems) == len(rows)
