@@ -1,4 +1,4 @@
-"""The ``ragcompress`` command line (DESIGN §3): index, ask, eval, bench, verify.
+"""The ``ragcompress`` command line (DESIGN §3): index, ask, eval, bench, verify, serve.
 
 Every command prints human-readable output (progress bars only on a terminal); ``--json`` prints
 exactly one JSON object on stdout. Errors exit non-zero with one line on stderr.
@@ -341,6 +341,50 @@ def verify(
             f"error: store {store} failed verification: {len(report.problems)} problems, first: {first}", err=True
         )
         raise SystemExit(1)
+
+
+@app.command()
+def serve(
+    store: Path = typer.Option(..., "--store"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to bind (default: this machine only)"),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="port (0: a free one, logged at start)"),
+    api_key: str | None = typer.Option(
+        None,
+        "--api-key",
+        envvar="RAGCOMPRESS_API_KEY",
+        show_envvar=True,
+        help="require `Authorization: Bearer KEY` on every endpoint but /health",
+    ),
+    preset: str | None = typer.Option(None, "--preset", help=PRESET_HELP),
+    queue: int = typer.Option(64, "--queue", min=1, help="requests that may wait while one is answered (then 429)"),
+    top_k: int = typer.Option(3, "--top-k", min=1, help="passages retrieved when a request does not say"),
+    max_new_tokens: int | None = typer.Option(
+        None, "--max-new-tokens", min=1, help="answer length when a request gives no max_tokens (default 32)"
+    ),
+    log_level: str = typer.Option("info", "--log-level", help="uvicorn log level"),
+) -> None:
+    """Serve the store over HTTP: OpenAI-compatible /v1/chat/completions (docs/serve.md).
+    SIGTERM lets in-flight requests finish, then exits 0."""
+    _quiet_libraries()
+    try:
+        from ragcompress.serve import ServeSettings, create_app, run
+    except ImportError as exc:
+        raise RagCompressError(f"serving needs the serve extra ({exc}): pip install 'ragcompress[serve]'") from None
+    from ragcompress.runtime.engine import Engine
+
+    try:
+        settings = ServeSettings(
+            api_key=api_key, queue_size=queue, preset=preset, top_k=top_k, max_top_k=max(16, top_k)
+        )
+    except ValueError as exc:
+        raise RagCompressError(str(exc)) from None
+    if settings.api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        typer.echo(
+            f"warning: serving on {host} without an API key; anyone who reaches it can query the store", err=True
+        )
+    engine = Engine.open(store, options=_answer_options(preset, max_new_tokens))
+    run(create_app(engine, settings), host, port, log_level=log_level)
+    engine.close()
 
 
 def main() -> None:

@@ -1,0 +1,457 @@
+"""Load test of a running ``ragcompress serve``: N concurrent clients for D seconds.
+
+    ragcompress serve --store runs/store --queue 64 &
+    python benchmarks/load.py --url http://127.0.0.1:8000 --clients 32 --duration 120 --out load.json
+
+Phases: one client alone for ``--single-duration`` seconds (the baseline), then ``--clients``
+clients for ``--duration`` seconds, each asking the bundled sample questions in a loop (a share
+``--stream-share`` streamed), while a fuzzing client sends malformed bodies (bad JSON, wrong
+types, invalid UTF-8, lone surrogates, oversized bodies, out-of-range values) and, with
+``--index-input``, ``ragcompress index`` adds passages to the served store; afterwards every
+newly indexed passage is asked for by id.
+
+Checks (exit 1 when one fails): no failed request (a valid request answered other than 200,
+429 counted apart), no lost request (connection error, timeout, a stream without its final chunk
+and ``[DONE]``), no fuzzed body answered 5xx or dropped, ``/health`` answers after the run, and
+every indexed passage answers. Reports p50/p99 TTFT (client side: first content chunk of a
+streamed answer; server side: the response's ``ragcompress.ttft_s``), latency, queue wait and
+throughput against the single client. The service answers one request at a time (no batching),
+so throughput under load is expected near the single client's. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import random
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_QUESTIONS = ROOT / "ragcompress" / "data" / "squad_sample" / "questions.jsonl"
+
+
+@dataclass
+class Outcome:
+    kind: str  # ok | failed | rejected | lost
+    latency_s: float
+    status: int | None = None
+    ttft_client_s: float | None = None
+    ttft_server_s: float | None = None
+    queue_s: float | None = None
+    tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class Tally:
+    outcomes: list[Outcome] = field(default_factory=list)
+    errors: dict[str, int] = field(default_factory=dict)
+
+    def add(self, outcome: Outcome) -> None:
+        self.outcomes.append(outcome)
+        if outcome.error:
+            key = f"{outcome.kind}: {outcome.error}"[:200]
+            self.errors[key] = self.errors.get(key, 0) + 1
+
+    def summary(self, seconds: float) -> dict[str, Any]:
+        ok = [o for o in self.outcomes if o.kind == "ok"]
+        count = {kind: sum(o.kind == kind for o in self.outcomes) for kind in ("ok", "failed", "rejected", "lost")}
+        return {
+            "seconds": seconds,
+            "requests": len(self.outcomes),
+            **count,
+            "throughput_rps": len(ok) / seconds if seconds else 0.0,
+            "tokens_per_s": sum(o.tokens for o in ok) / seconds if seconds else 0.0,
+            "ttft_client_s": spread([o.ttft_client_s for o in ok if o.ttft_client_s is not None]),
+            "ttft_server_s": spread([o.ttft_server_s for o in ok if o.ttft_server_s is not None]),
+            "queue_s": spread([o.queue_s for o in ok if o.queue_s is not None]),
+            "latency_s": spread([o.latency_s for o in ok]),
+            "errors": dict(sorted(self.errors.items(), key=lambda item: -item[1])[:20]),
+        }
+
+
+def percentile(values: list[float], p: float) -> float:
+    """Nearest-rank percentile."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    if not values:
+        return {"n": 0, "p50": None, "p99": None}
+    return {"n": len(values), "p50": percentile(values, 50), "p99": percentile(values, 99), "max": max(values)}
+
+
+def read_questions(path: Path) -> list[str]:
+    questions = [json.loads(line)["question"] for line in path.read_text().splitlines() if line.strip()]
+    if not questions:
+        raise SystemExit(f"error: no questions in {path}")
+    return questions
+
+
+def chat_body(question: str, max_tokens: int, stream: bool, passage_ids: list[str] | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": "ragcompress",
+        "messages": [{"role": "user", "content": question}],
+        "max_tokens": max_tokens,
+        "stream": stream,
+    }
+    if passage_ids is not None:
+        body["ragcompress"] = {"passage_ids": passage_ids}
+    return body
+
+
+async def ask(client: httpx.AsyncClient, body: dict[str, Any], timeout: float) -> Outcome:
+    """One chat completion, checked to the end (a stream must close with its final chunk and [DONE])."""
+    start = time.perf_counter()
+    try:
+        if not body.get("stream"):
+            response = await client.post("/v1/chat/completions", json=body, timeout=timeout)
+            latency = time.perf_counter() - start
+            if response.status_code != 200:
+                return _refused(response.status_code, response.text, latency)
+            data = response.json()
+            content = data["choices"][0]["message"]["content"]
+            if not isinstance(content, str):
+                return Outcome("lost", latency, 200, error="a response without content")
+            info = data.get("ragcompress", {})
+            return Outcome(
+                "ok",
+                latency,
+                200,
+                ttft_server_s=info.get("ttft_s"),
+                queue_s=info.get("queue_s"),
+                tokens=data.get("usage", {}).get("completion_tokens", 0),
+            )
+        async with client.stream("POST", "/v1/chat/completions", json=body, timeout=timeout) as response:
+            if response.status_code != 200:
+                text = (await response.aread()).decode(errors="replace")
+                return _refused(response.status_code, text, time.perf_counter() - start)
+            first = None
+            info: dict[str, Any] | None = None
+            done = False
+            tokens = 0
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                payload = line[len("data: ") :]
+                if payload == "[DONE]":
+                    done = True
+                    continue
+                chunk = json.loads(payload)
+                if "error" in chunk:
+                    return Outcome("failed", time.perf_counter() - start, 200, error=f"stream error {chunk['error']}")
+                for choice in chunk.get("choices", []):
+                    if choice["delta"].get("content"):
+                        tokens += 1
+                        if first is None:
+                            first = time.perf_counter() - start
+                    if choice.get("finish_reason"):
+                        info = chunk.get("ragcompress")
+            latency = time.perf_counter() - start
+            if not done or info is None:
+                return Outcome("lost", latency, 200, error="a stream that ended without its final chunk and [DONE]")
+            return Outcome(
+                "ok",
+                latency,
+                200,
+                ttft_client_s=first,
+                ttft_server_s=info.get("ttft_s"),
+                queue_s=info.get("queue_s"),
+                tokens=tokens,
+            )
+    except (httpx.HTTPError, ValueError, KeyError, IndexError) as exc:
+        return Outcome("lost", time.perf_counter() - start, error=f"{type(exc).__name__}: {exc}"[:200])
+
+
+def _refused(status: int, text: str, latency: float) -> Outcome:
+    try:
+        message = json.loads(text)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = text[:120]
+    return Outcome("rejected" if status == 429 else "failed", latency, status, error=f"{status} {message}"[:200])
+
+
+async def client_loop(
+    client: httpx.AsyncClient, args: argparse.Namespace, questions: list[str], seed: int, until: float, tally: Tally
+) -> None:
+    rng = random.Random(seed)
+    i = seed
+    while time.perf_counter() < until:
+        question = questions[i % len(questions)]
+        i += 1
+        outcome = await ask(
+            client, chat_body(question, args.max_tokens, rng.random() < args.stream_share), args.timeout
+        )
+        tally.add(outcome)
+        if outcome.kind == "rejected":
+            await asyncio.sleep(1.0)
+
+
+async def run_clients(
+    client: httpx.AsyncClient, args: argparse.Namespace, questions: list[str], clients: int, seconds: float
+) -> dict[str, Any]:
+    tally = Tally()
+    start = time.perf_counter()
+    until = start + seconds
+    await asyncio.gather(*(client_loop(client, args, questions, n, until, tally) for n in range(clients)))
+    return tally.summary(time.perf_counter() - start)
+
+
+# -- fuzzing ----------------------------------------------------------------------------------------
+
+
+def fuzz_bodies(rng: random.Random, max_body: int) -> tuple[str, bytes]:
+    """One malformed (or odd but valid) request: the endpoint and the raw body."""
+    choice = rng.randrange(12)
+    endpoint = "/v1/retrieve" if rng.random() < 0.15 else "/v1/chat/completions"
+    if choice == 0:
+        return endpoint, bytes(rng.randrange(256) for _ in range(rng.randrange(0, 400)))
+    if choice == 1:
+        valid = json.dumps(chat_body("Who won the game?", 2, False))
+        return endpoint, valid[: rng.randrange(len(valid))].encode()
+    if choice == 2:
+        return endpoint, b"\xff\xfe" + b'{"messages": []}'
+    if choice == 3:
+        return endpoint, b'{"messages": [{"role": "user", "content": "\\ud800\\udfff\\ud800"}]}'
+    if choice == 4:
+        return endpoint, b"x" * (max_body + 1 + rng.randrange(1000))
+    if choice == 5:
+        wrong = rng.choice([5, "x", None, True, [1, 2], {"a": 1}, -1, 10**12, 1.5])
+        field_name = rng.choice(["messages", "max_tokens", "stream", "n", "model", "ragcompress", "stream_options"])
+        return endpoint, json.dumps({**chat_body("Who?", 2, False), field_name: wrong}).encode()
+    if choice == 6:
+        return endpoint, json.dumps(
+            {"messages": [{"role": "user", "content": rng.choice([7, [], [{}], None])}]}
+        ).encode()
+    if choice == 7:
+        rag = rng.choice(
+            [{"top_k": 0}, {"top_k": 10**6}, {"passage_ids": []}, {"passage_ids": ["../../etc/passwd"]}, {"x": 1}]
+        )
+        return endpoint, json.dumps({**chat_body("Who?", 2, False), "ragcompress": rag}).encode()
+    if choice == 8:
+        return endpoint, json.dumps(chat_body("q" * 100_000, 2, False)).encode()
+    if choice == 9:  # odd but valid: random Unicode (control characters, emoji, RTL) as the question
+        text = "".join(
+            chr(rng.choice([rng.randrange(0x20, 0x7F), rng.randrange(0x80, 0xD7FF), 0x1F600, 0x202E, 0]))
+            for _ in range(rng.randrange(1, 80))
+        )
+        return endpoint, json.dumps(chat_body(text, 2, rng.random() < 0.5), ensure_ascii=rng.random() < 0.5).encode()
+    if choice == 10:
+        return endpoint, json.dumps([chat_body("Who?", 2, False)]).encode()
+    return endpoint, json.dumps({"messages": [{"role": "system", "content": "no user here"}]}).encode()
+
+
+async def fuzz_loop(client: httpx.AsyncClient, args: argparse.Namespace, until: float) -> dict[str, Any]:
+    rng = random.Random(args.seed)
+    statuses: dict[str, int] = {}
+    server_errors = lost = 0
+    examples: list[str] = []
+    while time.perf_counter() < until:
+        endpoint, body = fuzz_bodies(rng, args.max_body)
+        try:
+            response = await client.post(
+                endpoint, content=body, headers={"Content-Type": "application/json"}, timeout=args.timeout
+            )
+            await response.aread()
+            status = response.status_code
+            statuses[str(status)] = statuses.get(str(status), 0) + 1
+            if status >= 500:
+                server_errors += 1
+                examples.append(f"{status} for {body[:80]!r}")
+            elif status >= 400:
+                json.loads(response.content)["error"]["message"]  # every refusal is an error object
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+            lost += 1
+            examples.append(f"{type(exc).__name__} for {body[:80]!r}")
+        await asyncio.sleep(args.fuzz_interval)
+    return {
+        "requests": sum(statuses.values()) + lost,
+        "statuses": statuses,
+        "5xx": server_errors,
+        "lost": lost,
+        "examples": examples[:10],
+    }
+
+
+# -- indexing into the served store meanwhile -------------------------------------------------------
+
+
+async def index_run(args: argparse.Namespace) -> dict[str, Any]:
+    command = [
+        sys.executable,
+        "-m",
+        "ragcompress.cli",
+        "index",
+        "--input",
+        str(args.index_input),
+        "--store",
+        str(args.store),
+        "--json",
+        *shlex.split(args.index_args),
+    ]
+    start = time.perf_counter()
+    proc = await asyncio.create_subprocess_exec(*command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = await proc.communicate()
+    return {
+        "command": " ".join(command[2:]),
+        "exit": proc.returncode,
+        "seconds": time.perf_counter() - start,
+        "report": json.loads(out) if proc.returncode == 0 and out.strip() else None,
+        "stderr": err.decode(errors="replace")[-500:] if proc.returncode else "",
+    }
+
+
+async def ask_indexed(client: httpx.AsyncClient, args: argparse.Namespace) -> dict[str, Any]:
+    ids = [json.loads(line)["id"] for line in Path(args.index_input).read_text().splitlines() if line.strip()]
+    answered = []
+    for pid in ids:
+        outcome = await ask(client, chat_body("What is this passage about?", 2, False, [pid]), args.timeout)
+        answered.append(outcome.kind == "ok")
+    return {"passages": len(ids), "answerable": sum(answered)}
+
+
+# -- the run ----------------------------------------------------------------------------------------
+
+
+def git_revision() -> str | None:
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    questions = read_questions(args.questions)
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    limits = httpx.Limits(max_connections=args.clients + 8, max_keepalive_connections=args.clients + 8)
+    async with httpx.AsyncClient(base_url=args.url, headers=headers, limits=limits, trust_env=False) as client:
+        health = await client.get("/health", timeout=10)
+        health.raise_for_status()
+        warm = await ask(client, chat_body(questions[0], args.max_tokens, False), args.timeout)
+        if warm.kind != "ok":
+            raise SystemExit(f"error: the first request failed: {warm.error}")
+        models = (await client.get("/v1/models", timeout=10)).json()
+
+        single = await run_clients(client, args, questions, 1, args.single_duration)
+
+        start = time.perf_counter()
+        until = start + args.duration
+        tasks: dict[str, Any] = {"load": run_clients(client, args, questions, args.clients, args.duration)}
+        if args.fuzz_interval > 0:
+            tasks["fuzz"] = fuzz_loop(client, args, until)
+        if args.index_input:
+            tasks["index"] = index_run(args)
+        results = dict(zip(tasks, await asyncio.gather(*tasks.values()), strict=True))
+        if "index" in results:
+            results["index"].update(await ask_indexed(client, args))
+        after = await client.get("/health", timeout=30)
+        metrics = (await client.get("/metrics", timeout=30)).text
+
+    load = results["load"]
+    checks = {
+        "no_failed_requests": load["failed"] == 0 and single["failed"] == 0,
+        "no_lost_requests": load["lost"] == 0 and single["lost"] == 0,
+        "fuzz_never_5xx_or_dropped": "fuzz" not in results
+        or (results["fuzz"]["5xx"] == 0 and results["fuzz"]["lost"] == 0),
+        "healthy_after": after.status_code == 200,
+        "indexed_passages_answer": "index" not in results
+        or (results["index"]["exit"] == 0 and results["index"]["answerable"] == results["index"]["passages"]),
+    }
+    return {
+        "meta": {
+            "url": args.url,
+            "model": [m["id"] for m in models.get("data", [])],
+            "clients": args.clients,
+            "duration_s": args.duration,
+            "single_duration_s": args.single_duration,
+            "max_tokens": args.max_tokens,
+            "stream_share": args.stream_share,
+            "questions": str(args.questions),
+            "git": git_revision(),
+            "batching": False,
+        },
+        "single_client": single,
+        "load": load,
+        "throughput_vs_single": load["throughput_rps"] / single["throughput_rps"] if single["throughput_rps"] else None,
+        "fuzz": results.get("fuzz"),
+        "index": results.get("index"),
+        "server_metrics": {
+            line.split(" ")[0]: float(line.split(" ")[1])
+            for line in metrics.splitlines()
+            if line.startswith(
+                ("ragcompress_requests_total", "ragcompress_bytes_read_total", "ragcompress_ttft_seconds_count")
+            )
+        },
+        "checks": checks,
+        "ok": all(checks.values()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="the running service (loopback only)")
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--duration", type=float, default=120.0, help="seconds of the concurrent phase")
+    parser.add_argument(
+        "--single-duration",
+        type=float,
+        default=None,
+        help="seconds of the one-client baseline (default: an eighth of --duration, at least 5)",
+    )
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--stream-share", type=float, default=0.5, help="share of requests streamed")
+    parser.add_argument("--questions", type=Path, default=SAMPLE_QUESTIONS, help="JSONL with a 'question' field")
+    parser.add_argument(
+        "--fuzz-interval", type=float, default=0.1, help="seconds between fuzzed bodies (0: no fuzzing)"
+    )
+    parser.add_argument("--max-body", type=int, default=1 << 20, help="the server's body limit (oversized fuzz bodies)")
+    parser.add_argument("--index-input", type=Path, default=None, help="passages to index into --store during the run")
+    parser.add_argument("--store", type=Path, default=None, help="the served store (with --index-input)")
+    parser.add_argument(
+        "--index-args", default="", help="more `ragcompress index` options, e.g. '--model M --quant int8'"
+    )
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds one request may take")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    args = parser.parse_args()
+    if args.index_input and not args.store:
+        parser.error("--index-input needs --store (the store the server serves)")
+    if httpx.URL(args.url).host not in ("127.0.0.1", "localhost", "::1"):
+        parser.error("--url must be a loopback address: this load test only targets this machine")
+    if args.single_duration is None:
+        args.single_duration = max(5.0, args.duration / 8)
+    report = asyncio.run(main_async(args))
+    text = json.dumps(report, indent=2)
+    if args.out:
+        args.out.write_text(text + "\n")
+    print(text)
+    if not report["ok"]:
+        failed = [name for name, passed in report["checks"].items() if not passed]
+        print(f"error: load test failed: {', '.join(failed)}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

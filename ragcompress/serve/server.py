@@ -1,0 +1,59 @@
+"""Running the app on uvicorn with a graceful stop.
+
+SIGTERM (or Ctrl-C) makes uvicorn stop accepting connections, let in-flight requests finish
+(streams included), run the app's shutdown (queued work finished, engine closed) and return.
+uvicorn then restores the handlers it found and raises the signal again; the handler installed
+here only asks the server to exit, so the process ends with status 0 instead of dying by the
+signal.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import sys
+import threading
+from typing import Any
+
+
+def run(
+    app: Any, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info", sock: socket.socket | None = None
+) -> None:
+    """Serve ``app`` until SIGTERM/SIGINT; returns after a graceful shutdown.
+
+    ``port`` 0 picks a free port. Once it accepts connections, one line goes to stderr whatever
+    the log level: ``ragcompress serve: listening on http://HOST:PORT``. ``sock`` serves on an
+    already bound socket instead of ``host``/``port``.
+    """
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                for listener in self.servers:
+                    for bound in listener.sockets:
+                        address, bound_port = bound.getsockname()[:2]
+                        shown = f"[{address}]" if ":" in address else address
+                        print(
+                            f"ragcompress serve: listening on http://{shown}:{bound_port}", file=sys.stderr, flush=True
+                        )
+
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        lifespan="on",
+        server_header=False,
+        timeout_graceful_shutdown=None,  # in-flight generations are bounded by max_tokens
+    )
+    server = Server(config)
+
+    def stop(signum: int, frame: Any) -> None:
+        server.should_exit = True
+
+    if threading.current_thread() is threading.main_thread():  # uvicorn handles no signals elsewhere
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, stop)
+    server.run(sockets=None if sock is None else [sock])

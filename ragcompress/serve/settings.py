@@ -1,0 +1,55 @@
+"""What a running service is allowed to do: limits, the queue, the key. One frozen value."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# `ragcompress serve` reads the key from here when --api-key is not given.
+API_KEY_ENV = "RAGCOMPRESS_API_KEY"
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Settings of one service (``ragcompress serve`` flags; :func:`ragcompress.serve.create_app`).
+
+    api_key:            when set, every endpoint but ``/health`` needs ``Authorization: Bearer KEY``
+    queue_size:         requests that may wait while one is generated; one more answers 429
+    model_id:           the model name ``/v1/models`` lists and responses carry (any requested
+                        ``model`` is accepted: there is one model per service)
+    preset:             the preset the engine's options came from (reported back, nothing else)
+    top_k:              passages retrieved when a request names neither ``passage_ids`` nor ``top_k``
+    max_top_k:          the largest ``top_k`` (and number of ``passage_ids``) a request may ask for
+    max_tokens:         the largest ``max_tokens`` a request may ask for
+    max_question_chars: the longest question (the last user message), in characters
+    max_body_bytes:     the largest request body; a larger one answers 413 before it is parsed
+    max_messages:       the most chat messages one request may carry
+    """
+
+    api_key: str | None = None
+    queue_size: int = 64
+    model_id: str = "ragcompress"
+    preset: str | None = None
+    top_k: int = 3
+    max_top_k: int = 16
+    max_tokens: int = 1024
+    max_question_chars: int = 4000
+    max_body_bytes: int = 1 << 20
+    max_messages: int = 256
+
+    def __post_init__(self) -> None:
+        for name in (
+            "queue_size",
+            "top_k",
+            "max_top_k",
+            "max_tokens",
+            "max_question_chars",
+            "max_body_bytes",
+            "max_messages",
+        ):
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.top_k > self.max_top_k:
+            raise ValueError(f"top_k {self.top_k} exceeds max_top_k {self.max_top_k}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("the API key is empty; give a key or none")

@@ -1,0 +1,632 @@
+"""``ragcompress serve``: the OpenAI-compatible service answers exactly what the engine answers,
+refuses what it must, survives corrupt passages and full queues, sees newly indexed passages, and
+stops gracefully (tiny random model; in-process and over a real port on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+pytest.importorskip("prometheus_client")
+httpx = pytest.importorskip("httpx")
+
+from ragcompress.indexing import IndexConfig, index  # noqa: E402
+from ragcompress.runtime.engine import Engine  # noqa: E402
+from ragcompress.runtime.options import AnswerOptions  # noqa: E402
+from ragcompress.serve import ServeSettings, create_app  # noqa: E402
+from ragcompress.serve.worker import Job  # noqa: E402
+
+KEY = "sk-test-key"
+QUESTIONS = [
+    "What city in Victoria is called the sporting capital of Australia?",
+    "Who won the game?",
+]
+MAX_NEW = 8
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model_dir, tmp_path_factory):
+    """A store of the first 8 bundled passages (tiny llama, int8), the next 4 kept for adding
+    later, and the model directory."""
+    from ragcompress.data import SAMPLE_PASSAGES
+
+    lines = SAMPLE_PASSAGES.read_text().splitlines()
+    root = tmp_path_factory.mktemp("serve")
+    first, later = root / "first.jsonl", root / "later.jsonl"
+    first.write_text("\n".join(lines[:8]) + "\n")
+    later.write_text("\n".join(lines[8:12]) + "\n")
+    model = str(tiny_model_dir("llama"))
+    index(first, root / "store", model=model, config=IndexConfig(quant="int8"))
+    return root / "store", later, model
+
+
+@pytest.fixture(scope="module")
+def engine(served):
+    engine = Engine.open(served[0], options=AnswerOptions(max_new_tokens=MAX_NEW))
+    yield engine
+    engine.close()
+
+
+def expected(engine: Engine, question: str, passage_ids: list[str] | None = None, **options):
+    entries = (
+        [engine.store.entry(pid) for pid in passage_ids]
+        if passage_ids is not None
+        else engine.retrieve(question, options.pop("top_k", 3))
+    )
+    return engine.answer_cached(question, entries, engine.options.replace(**options) if options else None)
+
+
+def chat(question: str, **fields) -> dict:
+    return {"model": "ragcompress", "messages": [{"role": "user", "content": question}], **fields}
+
+
+def events(text: str) -> list:
+    """The ``data:`` payloads of a server-sent event stream (``[DONE]`` kept as a string)."""
+    out = []
+    for block in text.split("\n\n"):
+        if block.strip():
+            assert block.startswith("data: "), block
+            payload = block[len("data: ") :]
+            out.append(payload if payload == "[DONE]" else json.loads(payload))
+    return out
+
+
+@contextmanager
+def in_process(engine: Engine, **settings) -> Iterator[tuple]:
+    """``(run, app)``: ``run(coroutine_function)`` runs it with an in-process httpx client."""
+    app = create_app(engine, ServeSettings(**settings))
+
+    def run(body):
+        async def main():
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://serve.test") as client:
+                return await body(client)
+
+        return asyncio.run(main())
+
+    try:
+        yield run, app
+    finally:
+        app.state.service.close()
+
+
+def test_answers_equal_the_engines(engine):
+    with in_process(engine) as (run, _):
+        for question in QUESTIONS:
+            want = expected(engine, question)
+
+            async def ask(client, question=question):
+                plain = await client.post("/v1/chat/completions", json=chat(question))
+                streamed = await client.post(
+                    "/v1/chat/completions", json=chat(question, stream=True, stream_options={"include_usage": True})
+                )
+                return plain, streamed
+
+            plain, streamed = run(ask)
+            assert plain.status_code == 200, plain.text
+            body = plain.json()
+            assert body["object"] == "chat.completion"
+            assert body["choices"][0]["message"] == {"role": "assistant", "content": want.answer}
+            assert body["choices"][0]["finish_reason"] == ("length" if len(want.token_ids) == MAX_NEW else "stop")
+            info = body["ragcompress"]
+            assert info["passage_ids"] == want.passage_ids and info["backend"] == want.backend
+            assert info["ttft_s"] > 0 and info["bytes_read"] == engine.store.stored_bytes(
+                [engine.store.entry(pid) for pid in want.passage_ids]
+            )
+            assert info["settings"]["top_k"] == 3 and info["settings"]["max_new_tokens"] == MAX_NEW
+            assert body["usage"]["completion_tokens"] == len(want.token_ids)
+
+            assert streamed.status_code == 200 and streamed.headers["content-type"].startswith("text/event-stream")
+            chunks = events(streamed.text)
+            assert chunks[-1] == "[DONE]"
+            assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+            text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks[:-1] if c["choices"])
+            assert text == want.answer
+            final = [c for c in chunks[:-1] if c["choices"] and c["choices"][0]["finish_reason"]]
+            assert len(final) == 1 and final[0]["ragcompress"]["passage_ids"] == want.passage_ids
+            assert chunks[-2]["choices"] == [] and chunks[-2]["usage"]["completion_tokens"] == len(want.token_ids)
+
+        # named passages, per-request top_k, recompute and max_tokens
+        ids = list(reversed(want.passage_ids[:2]))
+        named = expected(engine, QUESTIONS[0], ids, max_new_tokens=3)
+        top1 = expected(engine, QUESTIONS[0], top_k=1)
+        blended = expected(engine, QUESTIONS[0], recompute=0.5)
+
+        async def options(client):
+            return [
+                await client.post(
+                    "/v1/chat/completions", json=chat(QUESTIONS[0], max_tokens=3, ragcompress={"passage_ids": ids})
+                ),
+                await client.post("/v1/chat/completions", json=chat(QUESTIONS[0], ragcompress={"top_k": 1})),
+                await client.post("/v1/chat/completions", json=chat(QUESTIONS[0], ragcompress={"recompute": 0.5})),
+            ]
+
+        for response, want in zip(run(options), (named, top1, blended), strict=True):
+            assert response.status_code == 200, response.text
+            body = response.json()
+            assert body["choices"][0]["message"]["content"] == want.answer
+            assert body["ragcompress"]["passage_ids"] == want.passage_ids
+        assert run(options)[2].json()["ragcompress"]["settings"]["recompute"] == 0.5
+
+
+def test_retrieve_models_health_metrics(engine):
+    with in_process(engine) as (run, _):
+        want = [e.id for e in engine.retrieve(QUESTIONS[0], 2)]
+
+        async def calls(client):
+            return [
+                await client.post("/v1/retrieve", json={"query": QUESTIONS[0], "top_k": 2}),
+                await client.get("/v1/models"),
+                await client.get("/v1/models/ragcompress"),
+                await client.get("/health"),
+                await client.post("/v1/chat/completions", json=chat(QUESTIONS[1])),
+                await client.get("/metrics"),
+            ]
+
+        retrieved, models, model, health, _, metrics = run(calls)
+        assert [hit["id"] for hit in retrieved.json()["data"]] == want
+        assert models.json()["data"][0]["id"] == "ragcompress" and model.json()["id"] == "ragcompress"
+        assert health.json()["status"] == "ok"
+        assert metrics.headers["content-type"].startswith("text/plain")
+        text = metrics.text
+        for series in (
+            'ragcompress_requests_total{code="200",endpoint="/v1/retrieve"} 1.0',
+            "ragcompress_ttft_seconds_count 1.0",
+            "ragcompress_queue_depth 0.0",
+            "ragcompress_store_passages",
+        ):
+            assert series in text
+        assert float(re.search(r"^ragcompress_bytes_read_total (\S+)$", text, re.M).group(1)) > 0
+
+
+def test_api_key_guards_every_endpoint_but_health(engine):
+    with in_process(engine, api_key=KEY) as (run, _):
+
+        async def calls(client):
+            good = {"Authorization": f"Bearer {KEY}"}
+            bad = {"Authorization": "Bearer nope"}
+            return {
+                "models, no key": (await client.get("/v1/models")).status_code,
+                "models, wrong key": (await client.get("/v1/models", headers=bad)).status_code,
+                "chat, no key": (await client.post("/v1/chat/completions", json=chat("Who?"))).status_code,
+                "retrieve, no key": (await client.post("/v1/retrieve", json={"query": "Who?"})).status_code,
+                "metrics, no key": (await client.get("/metrics")).status_code,
+                "unknown path, no key": (await client.get("/etc/passwd")).status_code,
+                "health, no key": (await client.get("/health")).status_code,
+                "models, key": (await client.get("/v1/models", headers=good)).status_code,
+                "body": (await client.get("/v1/models")).json(),
+            }
+
+        got = run(calls)
+        body = got.pop("body")
+        assert body["error"]["code"] == "invalid_api_key" and "Bearer" in body["error"]["message"]
+        assert got == {
+            "models, no key": 401,
+            "models, wrong key": 401,
+            "chat, no key": 401,
+            "retrieve, no key": 401,
+            "metrics, no key": 401,
+            "unknown path, no key": 401,
+            "health, no key": 200,
+            "models, key": 200,
+        }
+
+
+BAD_REQUESTS = [
+    (b"{", 400, "invalid_json"),
+    (b"\xff\xfe{}", 400, "invalid_json"),
+    (b"[]", 400, "invalid_json"),
+    (b"", 400, "invalid_json"),
+    ({}, 400, "invalid_value"),
+    ({"messages": []}, 400, "invalid_value"),
+    ({"messages": "Who?"}, 400, "invalid_value"),
+    ({"messages": [{"role": "user", "content": 7}]}, 400, "invalid_value"),
+    ({"messages": [{"role": "robot", "content": "Who?"}]}, 400, "invalid_value"),
+    ({"messages": [{"role": "user"}]}, 400, "invalid_value"),
+    ({"messages": [{"role": "system", "content": "Be brief."}]}, 400, None),
+    ({"messages": [{"role": "user", "content": "   "}]}, 400, "invalid_value"),
+    ({"messages": [{"role": "user", "content": "\ud800 lone surrogate"}]}, 400, "invalid_value"),
+    ({"messages": [{"role": "user", "content": "x" * 5000}]}, 400, "too_long"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, 400, "unsupported"),
+    (chat("Who?", max_tokens="8"), 400, "invalid_value"),
+    (chat("Who?", max_tokens=True), 400, "invalid_value"),
+    (chat("Who?", max_tokens=0), 400, "invalid_value"),
+    (chat("Who?", max_tokens=10**6), 400, None),
+    (chat("Who?", stream="yes"), 400, "invalid_value"),
+    (chat("Who?", n=2), 400, "unsupported"),
+    (chat("Who?", ragcompress={"top_k": 0}), 400, "invalid_value"),
+    (chat("Who?", ragcompress={"top_k": 1000}), 400, None),
+    (chat("Who?", ragcompress={"top_k": 1.5}), 400, "invalid_value"),
+    (chat("Who?", ragcompress={"recompute": 2.0}), 400, "invalid_value"),
+    (chat("Who?", ragcompress={"passage_ids": []}), 400, "invalid_value"),
+    (chat("Who?", ragcompress={"passage_ids": ["a"], "top_k": 2}), 400, None),
+    (chat("Who?", ragcompress={"passage_ids": "../../etc/passwd"}), 400, "invalid_value"),
+    (chat("Who?", ragcompress={"store": "/tmp/other"}), 400, "invalid_value"),
+    (chat("Who?", ragcompress={"passage_ids": ["../../etc/passwd"]}), 404, "passage_not_found"),
+    (b"x" * ((1 << 20) + 1), 413, "too_large"),
+]
+
+
+def test_bad_requests_get_openai_style_4xx(engine):
+    with in_process(engine) as (run, _):
+
+        async def send(client):
+            out = []
+            for body, _, _ in BAD_REQUESTS:
+                raw = body if isinstance(body, bytes) else json.dumps(body).encode()  # ASCII: \ud800 escaped
+                out.append(await client.post("/v1/chat/completions", content=raw))
+            out.append(await client.post("/v1/retrieve", json={"top_k": 2}))
+            out.append(await client.post("/v1/retrieve", json={"query": "Who?", "top_k": "2"}))
+            out.append(await client.get("/v1/chat/completions"))
+            out.append(await client.post("/v1/chat/completions", json=chat("Who won? 🏆 誰が勝った？ من فاز؟")))
+            return out
+
+        responses = run(send)
+        for (body, status, code), response in zip(BAD_REQUESTS, responses, strict=False):
+            assert response.status_code == status, (body if len(body) < 200 else body[:50], response.text)
+            error = response.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"} and error["message"]
+            if code is not None:
+                assert error["code"] == code, (body, error)
+        missing_query, string_top_k, wrong_method, unicode = responses[len(BAD_REQUESTS) :]
+        assert missing_query.status_code == 400 and missing_query.json()["error"]["param"] == "query"
+        assert string_top_k.status_code == 400
+        assert wrong_method.status_code == 405 and "error" in wrong_method.json()
+        question = "Who won? 🏆 誰が勝った？ من فاز؟"
+        assert unicode.status_code == 200
+        assert unicode.json()["choices"][0]["message"]["content"] == expected(engine, question).answer
+
+
+def test_full_queue_answers_429_and_the_queued_request_still_completes(engine):
+    release = threading.Event()
+    with in_process(engine, queue_size=1) as (run, app):
+        service = app.state.service
+        service.worker.submit(Job(lambda engine, job: release.wait(30), lambda event: None))
+        deadline = time.monotonic() + 10
+        while not service.worker.busy and time.monotonic() < deadline:  # the thread has taken it
+            time.sleep(0.01)
+
+        async def scenario(client):
+            queued = asyncio.create_task(client.post("/v1/chat/completions", json=chat(QUESTIONS[1])))
+            for _ in range(1000):
+                if service.worker.waiting == 1:
+                    break
+                await asyncio.sleep(0.01)
+            assert service.worker.busy and service.worker.waiting == 1
+            health = await client.get("/health")
+            metrics = await client.get("/metrics")
+            refused = await client.post("/v1/chat/completions", json=chat(QUESTIONS[1]))
+            refused_stream = await client.post("/v1/chat/completions", json=chat(QUESTIONS[1], stream=True))
+            release.set()
+            return health, metrics, refused, refused_stream, await queued
+
+        health, metrics, refused, refused_stream, queued = run(scenario)
+        assert health.json()["queue"] == {"waiting": 1, "busy": True, "capacity": 1}
+        assert "ragcompress_queue_depth 1.0" in metrics.text
+        for response in (refused, refused_stream):
+            assert response.status_code == 429
+            assert int(response.headers["Retry-After"]) >= 1
+            assert response.json()["error"]["code"] == "queue_full"
+        assert queued.status_code == 200
+        assert queued.json()["choices"][0]["message"]["content"] == expected(engine, QUESTIONS[1]).answer
+
+
+def test_corrupt_passage_fails_only_its_request(engine):
+    entries = engine.retrieve(QUESTIONS[0], 3)
+    bad, good = entries[0], entries[1]
+    shard = Path(engine.store.path) / "shards" / bad.shard
+    original = shard.read_bytes()
+    damaged = bytearray(original)
+    damaged[bad.offset + bad.length // 2] ^= 0xFF
+    with in_process(engine) as (run, _):
+
+        async def calls(client):
+            return [
+                await client.post(
+                    "/v1/chat/completions", json=chat(QUESTIONS[0], ragcompress={"passage_ids": [bad.id]})
+                ),
+                await client.post(
+                    "/v1/chat/completions",
+                    json=chat(QUESTIONS[0], stream=True, ragcompress={"passage_ids": [good.id, bad.id]}),
+                ),
+                await client.post(
+                    "/v1/chat/completions", json=chat(QUESTIONS[0], ragcompress={"passage_ids": [good.id]})
+                ),
+                await client.get("/health"),
+            ]
+
+        try:
+            shard.write_bytes(bytes(damaged))
+            failed, failed_stream, succeeded, health = run(calls)
+        finally:
+            shard.write_bytes(original)
+    for response in (failed, failed_stream):
+        assert response.status_code == 500, response.text
+        error = response.json()["error"]
+        assert error["code"] == "corrupt_segment" and bad.id in error["message"]
+    assert succeeded.status_code == 200
+    assert succeeded.json()["choices"][0]["message"]["content"] == expected(engine, QUESTIONS[0], [good.id]).answer
+    assert health.status_code == 200
+
+
+def test_passages_indexed_after_start_become_answerable(engine, served):
+    store, later, model = served
+    new = [json.loads(line) for line in later.read_text().splitlines()]
+    with in_process(engine) as (run, _):
+
+        async def ask(client):
+            return (
+                await client.post(
+                    "/v1/chat/completions", json=chat("Who?", ragcompress={"passage_ids": [new[0]["id"]]})
+                ),
+                await client.post("/v1/retrieve", json={"query": new[1]["text"], "top_k": 1}),
+            )
+
+        before, _ = run(ask)
+        assert before.status_code == 404 and before.json()["error"]["code"] == "passage_not_found"
+        index(later, store, model=model, config=IndexConfig(quant="int8"))  # a concurrent writer
+        answered, retrieved = run(ask)
+        assert answered.status_code == 200, answered.text
+        assert answered.json()["choices"][0]["message"]["content"] == expected(engine, "Who?", [new[0]["id"]]).answer
+        assert retrieved.json()["data"][0]["id"] == new[1]["id"]
+
+
+# -- over a real port --------------------------------------------------------------------------------
+
+live_apps: dict = {}  # URL -> app of the live server
+
+
+@pytest.fixture(scope="module")
+def live(engine):
+    """The app on uvicorn in a thread, on a free port of 127.0.0.1, with an API key."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    app = create_app(engine, ServeSettings(api_key=KEY))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.05)
+    live_apps[f"http://127.0.0.1:{port}"] = app
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(30)
+    sock.close()
+
+
+def test_openai_client_sync_streaming_and_async(engine, live):
+    openai = pytest.importorskip("openai")
+    question = QUESTIONS[0]
+    want = expected(engine, question)
+
+    client = openai.OpenAI(base_url=f"{live}/v1", api_key=KEY, max_retries=0)
+    assert [m.id for m in client.models.list()] == ["ragcompress"]
+    done = client.chat.completions.create(model="ragcompress", messages=[{"role": "user", "content": question}])
+    assert done.choices[0].message.content == want.answer
+    assert done.model_extra["ragcompress"]["passage_ids"] == want.passage_ids
+
+    pieces, extras = [], []
+    stream = client.chat.completions.create(
+        model="ragcompress", messages=[{"role": "user", "content": question}], stream=True
+    )
+    for chunk in stream:
+        if chunk.choices:
+            pieces.append(chunk.choices[0].delta.content or "")
+        if chunk.model_extra.get("ragcompress"):
+            extras.append(chunk.model_extra["ragcompress"])
+    assert "".join(pieces) == want.answer and extras[0]["passage_ids"] == want.passage_ids
+
+    ids = want.passage_ids[1:]
+    named = expected(engine, question, ids)
+    done = client.chat.completions.create(
+        model="any-name",
+        messages=[{"role": "user", "content": question}],
+        extra_body={"ragcompress": {"passage_ids": ids}},
+    )
+    assert done.choices[0].message.content == named.answer
+
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{live}/v1", api_key="wrong", max_retries=0).models.list()
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="ragcompress", messages=[{"role": "user", "content": question}], n=2)
+
+    async def concurrently():
+        aclient = openai.AsyncOpenAI(base_url=f"{live}/v1", api_key=KEY, max_retries=0)
+        messages = [{"role": "user", "content": question}]
+
+        async def streamed() -> str:
+            out = []
+            async for chunk in await aclient.chat.completions.create(
+                model="ragcompress", messages=messages, stream=True
+            ):
+                if chunk.choices:
+                    out.append(chunk.choices[0].delta.content or "")
+            return "".join(out)
+
+        async def plain() -> str:
+            done = await aclient.chat.completions.create(model="ragcompress", messages=messages)
+            return done.choices[0].message.content or ""
+
+        try:
+            return await asyncio.gather(plain(), streamed(), plain(), streamed())
+        finally:
+            await aclient.close()
+
+    assert asyncio.run(concurrently()) == [want.answer] * 4
+
+
+def test_llamaindex_openai_like(engine, live):
+    pytest.importorskip("llama_index.llms.openai_like")
+    from llama_index.core.llms import ChatMessage
+    from llama_index.llms.openai_like import OpenAILike
+
+    llm = OpenAILike(
+        model="ragcompress",
+        api_base=f"{live}/v1",
+        api_key=KEY,
+        is_chat_model=True,
+        context_window=4096,
+        max_tokens=MAX_NEW,
+        max_retries=0,
+    )
+    question = QUESTIONS[1]
+    want = expected(engine, question)
+    assert llm.complete(question).text == want.answer
+    assert "".join(r.delta or "" for r in llm.stream_complete(question)) == want.answer
+    assert llm.chat([ChatMessage(role="user", content=question)]).message.content == want.answer
+    assert asyncio.run(llm.acomplete(question)).text == want.answer
+
+
+def test_a_client_that_goes_away_stops_its_generation(live, monkeypatch):
+    import ragcompress.runtime.generate as generate
+
+    step = generate.decode_one_token
+    steps: list[int] = []
+
+    def slow(*args, **kwargs):
+        steps.append(1)
+        time.sleep(0.05)
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(generate, "decode_one_token", slow)  # 200 tokens would take 10 s
+    worker = live_apps[live].state.service.worker
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = chat(QUESTIONS[0], max_tokens=200, stream=True)
+    with httpx.stream("POST", f"{live}/v1/chat/completions", json=body, headers=headers, timeout=30) as response:
+        for line in response.iter_lines():
+            if '"content": "' in line and '"content": ""' not in line:
+                break  # leaving the block closes the connection mid-answer
+    for plain in (False, True):
+        deadline = time.monotonic() + 5
+        while worker.busy and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not worker.busy and len(steps) < 100, len(steps)
+        steps.clear()
+        if plain:
+            break
+        with pytest.raises(httpx.TimeoutException):  # a non-streaming client that gives up
+            httpx.post(f"{live}/v1/chat/completions", json={**body, "stream": False}, headers=headers, timeout=0.5)
+    ok = httpx.post(f"{live}/v1/chat/completions", json=chat(QUESTIONS[0], max_tokens=2), headers=headers)
+    assert ok.status_code == 200
+
+
+def test_load_benchmark_runs_briefly(live, tmp_path, monkeypatch):
+    """benchmarks/load.py end to end for a few seconds (the real run is >= 2 minutes)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "load.py"
+    spec = importlib.util.spec_from_file_location("load_benchmark", path)
+    load = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "load_benchmark", load)  # its dataclasses look their module up
+    spec.loader.exec_module(load)
+    args = [
+        "--url", live, "--api-key", KEY, "--clients", "4", "--duration", "2", "--single-duration", "1",
+        "--max-tokens", "2", "--fuzz-interval", "0.02", "--out", str(tmp_path / "load.json"),
+    ]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", ["load.py", *args])
+    load.main()
+    report = json.loads((tmp_path / "load.json").read_text())
+    assert report["ok"] and report["load"]["ok"] > 0 and report["load"]["lost"] == 0
+    assert report["fuzz"]["requests"] > 10 and report["fuzz"]["5xx"] == 0
+    assert report["single_client"]["ttft_server_s"]["p50"] > 0
+
+
+def test_sigterm_lets_in_flight_requests_finish_then_exits_0(served):
+    """The real CLI in a subprocess (key from the environment), decoding slowed to 0.1 s a token so
+    that SIGTERM surely lands mid-answer; a streamed and a queued request both finish."""
+    store, _, _ = served
+    script = (
+        "import sys, time\n"
+        "import ragcompress.runtime.generate as generate\n"
+        "step = generate.decode_one_token\n"
+        "def slow(*args, **kwargs):\n"
+        "    time.sleep(0.1)\n"
+        "    return step(*args, **kwargs)\n"
+        "generate.decode_one_token = slow\n"
+        "from ragcompress.cli import main\n"
+        f"sys.argv = ['ragcompress', 'serve', '--store', {str(store)!r}, '--port', '0', '--max-new-tokens', '12']\n"
+        "main()\n"
+    )
+    env = {**os.environ, "RAGCOMPRESS_API_KEY": KEY}
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True, env=env)
+    log: list[str] = []
+    started = threading.Event()
+    port: list[int] = []
+
+    def read() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            log.append(line)
+            found = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
+            if found:
+                port.append(int(found.group(1)))
+                started.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        assert started.wait(120), "".join(log)
+        base = f"http://127.0.0.1:{port[0]}"
+        headers = {"Authorization": f"Bearer {KEY}"}
+        assert httpx.get(f"{base}/health").status_code == 200
+        assert httpx.get(f"{base}/v1/models").status_code == 401
+
+        results: dict = {}
+        first_token = threading.Event()
+
+        def stream() -> None:
+            body = chat(QUESTIONS[0], stream=True)
+            with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, headers=headers, timeout=60) as r:
+                lines = []
+                for line in r.iter_lines():
+                    lines.append(line)
+                    if '"content": "' in line and '"content": ""' not in line:
+                        first_token.set()
+                results["stream"] = (r.status_code, "\n\n".join(lines) + "\n\n")
+
+        def queued() -> None:
+            r = httpx.post(f"{base}/v1/chat/completions", json=chat(QUESTIONS[1]), headers=headers, timeout=60)
+            results["queued"] = (r.status_code, r.json())
+
+        threads = [threading.Thread(target=stream)]
+        threads[0].start()
+        assert first_token.wait(30), "".join(log)
+        threads.append(threading.Thread(target=queued))
+        threads[1].start()
+        time.sleep(0.3)  # the second request is queued behind the first
+        proc.send_signal(signal.SIGTERM)
+        for thread in threads:
+            thread.join(60)
+        assert proc.wait(60) == 0, "".join(log)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    status, text = results["stream"]
+    chunks = events(text)
+    assert status == 200 and chunks[-1] == "[DONE]"
+    assert [c for c in chunks[:-1] if c["choices"] and c["choices"][0]["finish_reason"]][0]["choices"][0][
+        "finish_reason"
+    ] == "length"
+    status, body = results["queued"]
+    assert status == 200 and body["usage"]["completion_tokens"] >= 1
+    assert any("Shutting down" in line for line in log)
