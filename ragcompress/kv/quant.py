@@ -51,8 +51,13 @@ def quantize_last_dim(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.T
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`quantize_last_dim` with scale and min broadcast over the last dim."""
-    return codes.float() * scale.float().unsqueeze(-1) + lo.float().unsqueeze(-1)
+    """Inverse of :func:`quantize_last_dim` with scale and min broadcast over the last dim.
+
+    Written as one fp32 buffer updated in place (convert, then ``mul_``, ``add_``): this runs on
+    every request over every stored row, and each temporary of the plain expression costs a
+    fresh allocation (page faults) and a pass over memory."""
+    out = torch.empty(codes.shape, dtype=torch.float32, device=codes.device).copy_(codes)
+    return out.mul_(scale.float().unsqueeze(-1)).add_(lo.float().unsqueeze(-1))
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -105,8 +110,9 @@ def dequantize_keys_per_channel(
     padded = (
         torch.nn.functional.pad(codes, (0, 0, 0, n_groups * group_size - n)) if n_groups * group_size != n else codes
     )
-    grouped = padded.reshape(*codes.shape[:-2], n_groups, group_size, d).float()  # broadcast, no gather
-    out = torch.addcmul(lo.float().unsqueeze(-2), grouped, scale.float().unsqueeze(-2))
+    grouped = padded.reshape(*codes.shape[:-2], n_groups, group_size, d)  # broadcast, no gather
+    out = torch.empty(grouped.shape, dtype=torch.float32, device=codes.device).copy_(grouped)
+    out.mul_(scale.float().unsqueeze(-2)).add_(lo.float().unsqueeze(-2))  # in place: see dequantize
     return out.reshape(*codes.shape[:-2], n_groups * group_size, d)[..., :n, :]
 
 
