@@ -25,6 +25,13 @@ app = typer.Typer(
 
 
 PRESET_HELP = "named, measured settings: fast, small, faithful (README: Presets); explicit options override them"
+RECOMPUTE_OPTION = typer.Option(
+    None,
+    "--recompute",
+    min=0.0,
+    max=1.0,
+    help="fraction of passage tokens recomputed at query time (CacheBlend; docs/recompute.md; default 0)",
+)
 
 
 def _answer_options(preset: str | None, max_new_tokens: int | None = None, recompute: float | None = None) -> Any:
@@ -168,13 +175,7 @@ def ask(
     question: str = typer.Option(..., "--question"),
     top_k: int = typer.Option(3, "--top-k", min=1),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
-    recompute: float | None = typer.Option(
-        None,
-        "--recompute",
-        min=0.0,
-        max=1.0,
-        help="fraction of passage tokens recomputed at query time (CacheBlend; docs/recompute.md; default 0)",
-    ),
+    recompute: float | None = RECOMPUTE_OPTION,
     preset: str | None = typer.Option(None, "--preset", help=PRESET_HELP),
     compare_full: bool = typer.Option(False, "--compare-full", help="also answer by full-text prefill and time it"),
     as_json: bool = typer.Option(False, "--json"),
@@ -213,13 +214,7 @@ def evaluate(
     top_k: int = typer.Option(3, "--top-k", min=1),
     limit: int | None = typer.Option(None, "--limit", min=1),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
-    recompute: float | None = typer.Option(
-        None,
-        "--recompute",
-        min=0.0,
-        max=1.0,
-        help="fraction of passage tokens recomputed at query time (CacheBlend; docs/recompute.md; default 0)",
-    ),
+    recompute: float | None = RECOMPUTE_OPTION,
     preset: str | None = typer.Option(None, "--preset", help=PRESET_HELP),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
