@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from functools import partial
 from pathlib import Path
 
 from ragcompress import Engine, IndexConfig, index
+from ragcompress.bench import alternating_ttft
 from ragcompress.cli import store_sizes
 from ragcompress.data import SAMPLE_PASSAGES
 from ragcompress.evaluation import read_questions
@@ -44,17 +46,19 @@ def main() -> None:
     speedups = []
     for number, item in enumerate(questions, start=2):
         entries = engine.retrieve(item.question, args.top_k)
-        cached, full = [], []
-        for _ in range(args.repeats):  # interleaved, so machine noise hits both paths alike
-            cached.append(engine.answer_cached(item.question, entries))
-            full.append(engine.answer_full(item.question, entries))
-        ttft_cached = statistics.median(a.ttft_s for a in cached)
-        ttft_full = statistics.median(a.ttft_s for a in full)
+        medians, last = alternating_ttft(  # the order alternates, so machine noise hits both paths alike
+            {
+                "cached": partial(engine.answer_cached, item.question, entries),
+                "full": partial(engine.answer_full, item.question, entries),
+            },
+            args.repeats,
+        )
+        ttft_cached, ttft_full = medians["cached"], medians["full"]
         speedups.append(ttft_full / ttft_cached)
         print(f"{number}. Q: {item.question}   (gold: {' / '.join(item.answers)})")
-        print(f"   passages: {', '.join(cached[0].passage_ids)}")
-        print(f"   answer from stored caches : {cached[0].answer}")
-        print(f"   answer from full prefill  : {full[0].answer}")
+        print(f"   passages: {', '.join(last['cached'].passage_ids)}")
+        print(f"   answer from stored caches : {last['cached'].answer}")
+        print(f"   answer from full prefill  : {last['full'].answer}")
         print(
             f"   TTFT from cache {ttft_cached * 1000:6.0f} ms | full prefill {ttft_full * 1000:6.0f} ms "
             f"| {ttft_full / ttft_cached:.1f}x faster (median of {args.repeats})\n"
