@@ -53,6 +53,8 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
+    # Taken when the run starts: the code that runs is the code imported now, whatever is committed later.
+    meta = results_meta({"repeats": 1, "limit": args.limit, "questions": args.limit, "model": args.model})
     lm = load_model(args.model)
     embedder = Embedder()
     questions = read_questions(SQUAD / "questions.jsonl", args.limit)
@@ -73,9 +75,7 @@ def main() -> None:
             summary = summarize(engine, results)
         summary.update(intervals(results))
         summary.update({"quant": quant, "top_k": int(top_k), "model": args.model, "per_question": outcomes(results)})
-        summary["meta"] = results_meta(
-            {"repeats": 1, "limit": args.limit, "questions": len(questions), "model": args.model}
-        )
+        summary["meta"] = meta
         rows.append(summary)
         print(json.dumps(summary), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -199,6 +199,62 @@ def render_core(results: Path) -> str:
     )
 
 
+def _ci(interval: list[float]) -> str:
+    return f"[{interval[0]:.3f}, {interval[1]:.3f}]"
+
+
+def render_core_all(results: Path) -> str:
+    """All dev questions (``core_eval.py --limit 272``): sub-EM and agreement with 95 % bootstrap
+    intervals, and the paired comparison of cached against full-prefill sub-EM."""
+    paths = files(results, "core272_*.json")
+    records = [(p, r) for p in paths for r in load(p)]
+    header = [
+        "model",
+        "quant",
+        "top-k",
+        "questions",
+        "sub-EM full [95 % CI]",
+        "sub-EM cached [95 % CI]",
+        "cached, % of full",
+        "cached − full (paired) [95 % CI]",
+        "questions right only cached / only full",
+        "McNemar p",
+        "agreement [95 % CI]",
+        "TTFT speedup",
+    ]
+    rows = []
+    for _, r in records:
+        ci, paired = r["ci95"], r["compressed_vs_full_sub_em"]
+        full, cached = r["full"]["sub_em"], r["compressed"]["sub_em"]
+        rows.append(
+            [
+                model_name(r["model"]),
+                r["quant"],
+                str(r["top_k"]),
+                str(r["n"]),
+                f"{full:.3f} {_ci(ci['full_sub_em'])}",
+                f"{cached:.3f} {_ci(ci['compressed_sub_em'])}",
+                pct(cached, full),
+                f"{paired['mean_difference']:+.3f} {_ci(paired['ci95'])}",
+                f"{paired['wins']} / {paired['losses']}",
+                f"{paired['p_value']:.3g}",
+                f"{r['agreement']:.3f} {_ci(ci['agreement'])}",
+                f"{r['ttft_speedup']:.1f}x",
+            ]
+        )
+    return "\n\n".join(
+        [
+            table(header, rows),
+            "Reference of every `full` figure and of `agreement`: full prefill of the same token ids, "
+            "same retrieved passages, same process. Intervals: seeded percentile bootstrap over questions; "
+            "the paired column and McNemar's exact test compare the two answers to each question "
+            "(`ragcompress.stats`). TTFT speedup: median full TTFT / median cached TTFT over all questions "
+            "(answers decoded in full, quality runs sharing the CPU: see the TTFT curve for timings). "
+            + source_line(paths),
+        ]
+    )
+
+
 def _old_bench_model(path: Path, results: Path) -> str:
     """The first bench shape records no model: ``bench_<tag>_<quant>.json`` was run on the stores
     of ``core_<tag>.json``, whose rows name it."""
@@ -401,6 +457,7 @@ def render_compression(results: Path) -> str:
 
 
 BLOCKS: dict[str, Callable[[Path], str]] = {
+    "core-all": render_core_all,
     "core": render_core,
     "ttft": render_ttft,
     "ttft-curve": render_ttft_curve,
