@@ -39,6 +39,7 @@ from ragcompress.compressors import CompressionContext, make_compressor
 from ragcompress.evaluation import Question, f1, sub_em
 from ragcompress.indexing import IndexConfig, build_manifest
 from ragcompress.indexing.encoder import PassageEncoder
+from ragcompress.indexing.indexer import passage_record
 from ragcompress.indexing.inputs import PassageInput, iter_passages
 from ragcompress.kv import ModelShape, PassageKV
 from ragcompress.kv.quant import QuantConfig
@@ -47,7 +48,7 @@ from ragcompress.prompt import PromptTemplate
 from ragcompress.retrieval import Embedder
 from ragcompress.runtime.engine import Engine
 from ragcompress.runtime.options import AnswerOptions
-from ragcompress.store import KVStore, PassageRecord, StoreWriter, create_store
+from ragcompress.store import KVStore, StoreWriter, create_store
 from ragcompress.store.codec import encode
 
 from common import KVPRESS, SQUAD, pick_questions, plot_against_compression, row_name, side_row
@@ -144,22 +145,7 @@ def build_store(bench: Bench, path: Path, config: IndexConfig, kept: dict[str, P
         shutil.rmtree(path)
     create_store(path, build_manifest(bench.lm, bench.template, config), bench.encoder.prefix_kv)
     quant = config.quant_config()
-    records = []
-    for pid, kv in kept.items():
-        p = bench.passages[pid]
-        records.append(
-            PassageRecord(
-                id=p.id,
-                title=p.title,
-                text=p.text,
-                meta=p.meta,
-                text_sha=p.text_sha,
-                blob=encode(kv, quant),
-                num_tokens=kv.num_tokens,
-                kept=kv.kept_tokens,
-                embedding=bench.vectors[pid],
-            )
-        )
+    records = [passage_record(bench.passages[pid], kv, quant, bench.vectors[pid]) for pid, kv in kept.items()]
     with StoreWriter(path) as writer:
         writer.add(records)
         writer.write_index()

@@ -36,17 +36,11 @@ def tuned_configs() -> dict[str, str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = kernel_bench.shape_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--out", required=True, help="JSON file to write")
-    parser.add_argument("--contexts", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
-    parser.add_argument("--schemes", nargs="+", default=["int4", "int8"])
-    parser.add_argument("--q-heads", type=int, default=32)
-    parser.add_argument("--kv-heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--passage-len", type=int, default=512)
-    parser.add_argument("--prefill-len", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5, help="unused on CUDA (do_bench decides)")
     args = parser.parse_args()
+    if args.contexts is None:
+        args.contexts = [512, 1024, 2048, 4096, 8192]  # 1-16 passages of 512 tokens
     if not torch.cuda.is_available():
         print(
             "gpu_kernel_bench: no CUDA device; nothing was timed (use kernel_bench.py for CPU paths)", file=sys.stderr

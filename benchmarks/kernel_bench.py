@@ -131,8 +131,8 @@ def run_ttft(args: argparse.Namespace) -> dict:
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def shape_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The shapes a kernel timing sweeps (shared with ``gpu_kernel_bench.py``)."""
     parser.add_argument("--contexts", type=int, nargs="+", default=None)
     parser.add_argument("--schemes", nargs="+", default=["int4", "int8"])
     parser.add_argument("--q-heads", type=int, default=32)
@@ -140,7 +140,12 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--passage-len", type=int, default=512)
     parser.add_argument("--prefill-len", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="CPU timing repeats (on CUDA do_bench decides)")
+    return parser
+
+
+def main() -> None:
+    parser = shape_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--ttft", action="store_true", help="TTFT of the packed CPU path vs the assembled path")
     parser.add_argument("--store")
     parser.add_argument("--questions-file", default="../shared/data/squad-dev/questions.jsonl")

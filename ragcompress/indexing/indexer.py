@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Container
 from functools import cached_property
 
+import numpy as np
+
 from ragcompress.compressors import CompressionContext, Compressor
 from ragcompress.errors import InputError, StoreMismatchError
 from ragcompress.indexing.config import IndexConfig, build_manifest, compressor_from_manifest
@@ -135,17 +137,21 @@ class Indexer:
         for i, vector in zip(todo, vectors, strict=True):
             passage = passages[i]
             kept = self.compressor.compress(caches[i], CompressionContext(self.encoder, token_ids[i]))
-            records.append(
-                PassageRecord(
-                    id=passage.id,
-                    title=passage.title,
-                    text=passage.text,
-                    meta=passage.meta,
-                    text_sha=passage.text_sha,
-                    blob=codec.encode(kept, self.quant),
-                    num_tokens=kept.num_tokens,
-                    kept=kept.kept_tokens,
-                    embedding=vector,
-                )
-            )
+            records.append(passage_record(passage, kept, self.quant, vector))
         return records
+
+
+def passage_record(passage: PassageInput, kept: PassageKV, quant: QuantConfig, embedding: np.ndarray) -> PassageRecord:
+    """The record of ``passage`` whose (already compressed) cache is ``kept``, serialised with
+    ``quant``: what :meth:`Indexer.records` produces, for callers that compress caches themselves."""
+    return PassageRecord(
+        id=passage.id,
+        title=passage.title,
+        text=passage.text,
+        meta=passage.meta,
+        text_sha=passage.text_sha,
+        blob=codec.encode(kept, quant),
+        num_tokens=kept.num_tokens,
+        kept=kept.kept_tokens,
+        embedding=embedding,
+    )
