@@ -299,47 +299,16 @@ def _curve_caption(path: Path, data: dict) -> str:
 
 
 def render_ttft_curve(results: Path) -> str:
-    """One table per model from the current ``ragcompress bench --json`` shape (``bench_curve_*.json``)."""
+    """One table per model from the ``ragcompress bench --json`` shape (``bench_curve_*.json``),
+    rendered by the table ``ragcompress bench`` itself prints."""
+    from ragcompress.bench import BenchRow
+    from ragcompress.bench import table as bench_table
+
     paths = files(results, "bench_curve_*.json")
-    header = [
-        "model",
-        "top-k",
-        "questions",
-        "context tokens",
-        "TTFT full (ms)",
-        "full, prefix cached (ms)",
-        "cached (ms)",
-        "floor (ms)",
-        "vs full",
-        "vs prefix cached",
-        "cache work",
-        "KV stored / fp16 (KiB)",
-        "same first token as full",
-    ]
     parts = []
     for path in paths:
         data = load(path)
-        rows = []
-        for r in data["rows"]:
-            t = {k: v * 1000 for k, v in r["ttft_s"].items()}
-            rows.append(
-                [
-                    model_name(data["model"]),
-                    str(r["top_k"]),
-                    str(r["questions"]),
-                    f"{r['context_tokens']:.0f}",
-                    f"{t['full']:.0f}",
-                    f"{t['full_prefix_cached']:.0f}",
-                    f"{t['cached']:.0f}",
-                    f"{t['floor']:.0f}",
-                    f"{r['speedup']['vs_full']:.1f}x",
-                    f"{r['speedup']['vs_prefix_cached']:.1f}x",
-                    f"{r['cache_work_s'] * 1000:.0f} ms ({r['cache_work_share']:.0%})",
-                    f"{r['kv_bytes']['stored'] / 1024:.0f} / {r['kv_bytes']['fp16'] / 1024:.0f}",
-                    f"{r['same_first_token']:.0%}",
-                ]
-            )
-        parts += [_curve_caption(path, data), table(header, rows)]
+        parts += [_curve_caption(path, data), bench_table([BenchRow(**row) for row in data["rows"]])]
     parts.append(source_line(paths))
     return "\n\n".join(parts)
 

@@ -214,18 +214,20 @@ def packed_ttft_overhead(
 
 
 def table(rows: list[BenchRow]) -> str:
+    """The Markdown table of a bench run (printed by ``ragcompress bench``; the README's curve
+    tables are this table rendered from the results JSON by ``benchmarks/report.py``)."""
     lines = [
-        "| top-k | context tokens | TTFT full (ms) | full, prefix cached (ms) | cached (ms) | floor (ms) | "
-        "vs full | vs prefix cached | cache work | KV stored / fp16 (KiB) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| top-k | questions | context tokens | TTFT full (ms) | full, prefix cached (ms) | cached (ms) | floor (ms) | "
+        "vs full | vs prefix cached | cache work | KV stored / fp16 (KiB) | same first token as full |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         t = {path: r.ttft_s[path] * 1000 for path in PATHS}
         lines.append(
-            f"| {r.top_k} | {r.context_tokens:.0f} | {t['full']:.0f} | {t['full_prefix_cached']:.0f} | "
+            f"| {r.top_k} | {r.questions} | {r.context_tokens:.0f} | {t['full']:.0f} | {t['full_prefix_cached']:.0f} | "
             f"{t['cached']:.0f} | {t['floor']:.0f} | {r.speedup['vs_full']:.1f}x | "
             f"{r.speedup['vs_prefix_cached']:.1f}x | {r.cache_work_s * 1000:.0f} ms ({r.cache_work_share:.0%}) | "
-            f"{r.kv_bytes['stored'] / 1024:.0f} / {r.kv_bytes['fp16'] / 1024:.0f} |"
+            f"{r.kv_bytes['stored'] / 1024:.0f} / {r.kv_bytes['fp16'] / 1024:.0f} | {r.same_first_token:.0%} |"
         )
     return "\n".join(lines)
 
