@@ -6,6 +6,10 @@ goes through `Engine.answer_cached` / `Engine.answer_full` with the default `Ans
 (32 new tokens, `auto` backend). Prints a markdown table and writes the raw JSON next to it.
 
     python benchmarks/core_eval.py --model smollm2-135m --limit 60 --out docs/results/core_smollm2.json
+
+Long runs can be split over processes and resumed: ``--checkpoint DIR --shard I/N`` answers every
+N-th question starting at I, appending each question's result to a JSON-lines file in DIR (a killed
+run resumes after its last line); the process that finds every question answered writes ``--out``.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ import numpy as np
 import torch
 
 from ragcompress import Engine, IndexConfig, KVStore, index, load_model
-from ragcompress.evaluation import intervals, iter_eval, outcomes, read_questions, summarize
+from ragcompress.evaluation import Question, QuestionResult, intervals, iter_eval, outcomes, read_questions, summarize
 from ragcompress.retrieval import Embedder
+from ragcompress.runtime.engine import Answer
 from ragcompress.runtime.options import AnswerOptions
 
 from common import SQUAD, results_meta
@@ -42,6 +47,49 @@ def needed_passages(embedder: Embedder, questions, top_k: int, out: Path) -> Pat
     return out
 
 
+def _answer(data: dict) -> Answer:
+    return Answer(
+        data["answer"], data["passage_ids"], data["ttft_s"], data["total_s"], data["token_ids"], data["backend"]
+    )
+
+
+def checkpointed(
+    engine: Engine, questions: list[Question], top_k: int, folder: Path, name: str, shard: str
+) -> list[QuestionResult] | None:
+    """Answer this shard's questions not yet in ``folder/name-shard*.jsonl``, appending each result;
+    all questions' results in question order once every shard has finished, else ``None``."""
+    index_, count = (int(x) for x in shard.split("/"))
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def done() -> dict[str, QuestionResult]:
+        found = {}
+        for path in folder.glob(f"{name}-shard*.jsonl"):
+            for line in path.read_text().splitlines():
+                row = json.loads(line)
+                found[row["id"]] = row
+        by_id = {q.id: q for q in questions}
+        return {
+            qid: QuestionResult(by_id[qid], row["retrieved"], _answer(row["cached"]), _answer(row["full"]))
+            for qid, row in found.items()
+            if qid in by_id
+        }
+
+    answered = done()
+    mine = [q for q in questions[index_::count] if q.id not in answered]
+    with open(folder / f"{name}-shard{index_}.jsonl", "a") as handle:
+        for result in iter_eval(engine, mine, top_k):
+            row = {"id": result.question.id, "retrieved": result.retrieved}
+            for side in ("cached", "full"):
+                answer = getattr(result, side)
+                row[side] = {**answer.to_json(), "token_ids": answer.token_ids, "backend": answer.backend}
+            handle.write(json.dumps(row) + "\n")
+            handle.flush()
+    answered = done()
+    if any(q.id not in answered for q in questions):
+        return None
+    return [answered[q.id] for q in questions]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m")
@@ -50,6 +98,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--rows", default="none:1,none:3,int8:3,int4:3", help="quant:top_k,...")
+    parser.add_argument("--checkpoint", type=Path, help="folder of per-question results (resumable, shardable)")
+    parser.add_argument("--shard", default="0/1", help="I/N: answer questions I, I+N, I+2N, ...")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -71,7 +121,14 @@ def main() -> None:
         index(passages, store, lm=lm, embedder=embedder, config=IndexConfig(quant=quant))
         with Engine(KVStore.open(store), lm, embedder, AnswerOptions()) as engine:
             engine.warm_up()  # as Engine.open does: the first timed answer pays no one-time setup
-            results = list(iter_eval(engine, questions, int(top_k)))
+            if args.checkpoint is None:
+                results = list(iter_eval(engine, questions, int(top_k)))
+            else:
+                name = f"{args.model.replace('/', '_')}-{quant}-top{top_k}"
+                results = checkpointed(engine, questions, int(top_k), args.checkpoint, name, args.shard)
+                if results is None:
+                    print(f"{name}: this shard is done; another shard writes {args.out}", flush=True)
+                    return
             summary = summarize(engine, results)
         summary.update(intervals(results))
         summary.update({"quant": quant, "top_k": int(top_k), "model": args.model, "per_question": outcomes(results)})
