@@ -110,6 +110,36 @@ def index(
     ),
     quant: str | None = typer.Option(None, "--quant", help="none (default) | fp16 | int8 | int4 | int2"),
     group_size: int | None = typer.Option(None, "--group-size", help="quantization group size (default 32)"),
+    context_neighbors: int | None = typer.Option(
+        None,
+        "--context-neighbors",
+        help="encode each passage after its N most similar passages of the input (default 0: alone; "
+        "see docs/recompute.md)",
+    ),
+    adaptor: str | None = typer.Option(
+        None,
+        "--adaptor",
+        help="learned passage adaptor (KV-Distill, docs/distill.md): 'default' (packaged for the model) "
+        "or a folder from `ragcompress train`",
+    ),
+    rank: int | None = typer.Option(
+        None, "--rank", help="low-rank latents: keys (and values) projected to this rank per layer (multiple of 8)"
+    ),
+    rank_energy: float | None = typer.Option(
+        None, "--rank-energy", help="low-rank latents: each layer keeps this fraction of the calibration variance"
+    ),
+    rank_schedule: str | None = typer.Option(
+        None, "--rank-schedule", help="global (one energy for every layer) | progressive (more rank in shallow layers)"
+    ),
+    rank_values: bool | None = typer.Option(
+        None, "--rank-values/--no-rank-values", help="project values too (default) or keep their rows"
+    ),
+    calibration: str | None = typer.Option(
+        None, "--calibration", help="JSONL the low-rank basis is fitted on (default: the input)"
+    ),
+    calibration_passages: int | None = typer.Option(
+        None, "--calibration-passages", help="passages of the calibration sample used (default 64)"
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="rebuild an existing store (swapped in when complete)"),
     batch_size: int = typer.Option(8, "--batch-size", min=1),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
@@ -130,6 +160,14 @@ def index(
             budget=budget,
             keep_first=keep_first,
             keep_last=keep_last,
+            context_neighbors=context_neighbors,
+            adaptor=adaptor,
+            rank=rank,
+            rank_energy=rank_energy,
+            rank_schedule=rank_schedule,
+            rank_values=rank_values,
+            calibration=calibration,
+            calibration_passages=calibration_passages,
         )
     except (ValueError, TypeError) as exc:
         raise RagCompressError(str(exc)) from None
@@ -156,12 +194,14 @@ def index(
 
 
 def store_sizes(store: Any) -> dict[str, Any]:
-    """Stored bytes per passage token (blobs as written, scales and positions included) vs fp16."""
+    """Stored bytes per passage token (blobs as written, scales and positions included, a
+    low-rank store's basis counted once) vs fp16."""
     fp16 = store.shape.fp16_bytes_per_token
     tokens = stored = 0
     for entry in store.catalogue.entries():
         tokens += entry.num_tokens
         stored += entry.length
+    stored += store.basis_bytes
     per_token = stored / tokens if tokens else 0.0
     return {
         "kv_bytes_per_token": {"fp16": float(fp16), "stored": per_token},

@@ -8,22 +8,28 @@ a step (a new compressor input, a new record field) is then a change in one plac
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Container
+from dataclasses import replace
 from functools import cached_property
 
 import numpy as np
 
 from ragcompress.compressors import CompressionContext, Compressor
+from ragcompress.distill.adaptor import Adaptor, check_store_adaptor, resolve_adaptor
 from ragcompress.errors import InputError, StoreMismatchError
 from ragcompress.indexing.config import IndexConfig, build_manifest, compressor_from_manifest
 from ragcompress.indexing.encoder import PassageEncoder
 from ragcompress.indexing.inputs import PassageInput
+from ragcompress.indexing.neighbours import NeighbourPool
 from ragcompress.kv import PassageKV
+from ragcompress.kv.lowrank import LowRankBasis, RankSpec
 from ragcompress.kv.quant import QuantConfig
 from ragcompress.models import LoadedModel
 from ragcompress.prompt import PromptTemplate
 from ragcompress.retrieval import Embedder
 from ragcompress.store import Manifest, PassageRecord, codec
+from ragcompress.store.basis import manifest_entry
 
 # Positions left free after the longest passage: room for the question suffix and a short answer.
 POSITION_HEADROOM = 64
@@ -45,13 +51,16 @@ class Indexer:
         quant: QuantConfig,
         embedder: Embedder,
         manifest: Manifest,
+        adaptor: Adaptor | None = None,
     ) -> None:
         self.lm = lm
+        self.adaptor = adaptor
         self.template = template
         self.compressor = compressor
         self.quant = quant
         self.embedder = embedder
         self._manifest = manifest
+        self.context_neighbors = int(manifest.encoding.get("context_neighbors", 0))
 
     @classmethod
     def from_config(cls, lm: LoadedModel, config: IndexConfig, embedder: Embedder | None = None) -> Indexer:
@@ -67,17 +76,24 @@ class Indexer:
                 f"pass IndexConfig(embedder={embedder.name!r}) or leave the embedder out"
             )
         template = PromptTemplate.from_tokenizer(lm.tokenizer)
-        manifest = build_manifest(lm, template, config)
-        return cls(lm, template, config.compressor(), config.quant_config(), embedder, manifest)
+        adaptor = resolve_adaptor(config.adaptor, lm.ref) if config.adaptor else None
+        if adaptor is not None:
+            adaptor.check_model(lm.fingerprint, lm.ref)
+        manifest = build_manifest(lm, template, config, adaptor.hash if adaptor else None)
+        return cls(lm, template, config.compressor(), config.quant_config(), embedder, manifest, adaptor)
 
     @classmethod
-    def for_store(cls, manifest: Manifest, lm: LoadedModel, embedder: Embedder | None = None) -> Indexer:
+    def for_store(
+        cls, manifest: Manifest, lm: LoadedModel, embedder: Embedder | None = None, adaptor: Adaptor | None = None
+    ) -> Indexer:
         """An indexer that adds to the store ``manifest`` describes, with the settings it records.
 
         ``lm`` must be the store's model and tokenizer, ``embedder`` (if given) the store's
-        embedder: a store never mixes caches or vectors of two models (``StoreMismatchError``).
+        embedder, ``adaptor`` the adaptor the store was built with (if any): a store never mixes
+        caches or vectors of two models or two adaptors (``StoreMismatchError``).
         """
         manifest.check_model(lm.fingerprint, lm.ref)
+        check_store_adaptor(manifest.encoding.get("adaptor"), adaptor.hash if adaptor else None)
         if lm.tokenizer_hash != manifest.tokenizer_hash:
             raise StoreMismatchError(
                 f"store was built with another tokenizer than {lm.ref}'s; rebuild it for this model"
@@ -90,7 +106,18 @@ class Indexer:
                 "use the store's embedder"
             )
         template = PromptTemplate.from_dict(manifest.template)
-        return cls(lm, template, compressor_from_manifest(manifest), manifest.quant, embedder, manifest)
+        return cls(lm, template, compressor_from_manifest(manifest), manifest.quant, embedder, manifest, adaptor)
+
+    basis: LowRankBasis | None = None  # a low-rank store's basis (:meth:`with_basis`)
+
+    def with_basis(self, basis: LowRankBasis, spec: RankSpec, calibration: str) -> Indexer:
+        """This indexer writing latents of ``basis`` (fitted with ``spec`` on ``calibration``),
+        its manifest recording the basis's hash and ranks (``compression.lowrank``)."""
+        other = copy.copy(self)
+        lowrank = manifest_entry(basis, spec.as_dict(), calibration)
+        other._manifest = replace(self._manifest, compression={**self._manifest.compression, "lowrank": lowrank})
+        other.basis = basis
+        return other
 
     @property
     def manifest(self) -> Manifest:
@@ -100,7 +127,7 @@ class Indexer:
     @cached_property
     def encoder(self) -> PassageEncoder:
         """Computes the prefix cache when first used."""
-        return PassageEncoder(self.lm, self.template)
+        return PassageEncoder(self.lm, self.template, self.adaptor)
 
     @property
     def prefix_kv(self) -> PassageKV:
@@ -112,16 +139,28 @@ class Indexer:
         positions = int(getattr(self.lm.config, "max_position_embeddings", 1 << 30))
         return positions - self.encoder.prefix_len - POSITION_HEADROOM
 
-    def records(self, passages: list[PassageInput], skip: Container[str] = ()) -> list[PassageRecord]:
+    def neighbour_pool(self, passages: list[PassageInput]) -> NeighbourPool:
+        """The pool neighbour-conditioned encoding draws from (embeds every passage once)."""
+        token_ids = [self.encoder.tokens.passage(p.text) for p in passages]
+        return NeighbourPool([p.id for p in passages], token_ids, self.embedder.embed([p.text for p in passages]))
+
+    def records(
+        self, passages: list[PassageInput], skip: Container[str] = (), pool: NeighbourPool | None = None
+    ) -> list[PassageRecord]:
         """Records of ``passages`` whose id is not in ``skip``, in input order.
 
         Every passage is tokenized, checked and encoded in one batch, the skipped ones too: a
         cache's last bits can depend on the batch it was computed in, so encoding the whole
         input-order batch means a passage's cache never depends on what a killed run had
         finished, and a resumed store is byte-identical to an uninterrupted one.
+
+        pool: where a store with ``context_neighbors`` draws each passage's encoding neighbours
+        from (:meth:`neighbour_pool` of the whole input); by default these ``passages`` themselves.
         """
         if all(p.id in skip for p in passages):
             return []
+        if self.basis is None and "lowrank" in self._manifest.compression:
+            raise StoreMismatchError("a low-rank store's passages need its basis: use indexer.with_basis(store.basis)")
         token_ids = [self.encoder.tokens.passage(p.text) for p in passages]
         limit = self.max_tokens
         for passage, ids in zip(passages, token_ids, strict=True):
@@ -130,27 +169,48 @@ class Indexer:
                     f"passage {passage.id!r} has {len(ids)} tokens, more than {self.lm.ref} "
                     f"can attend to ({limit}); split it"
                 )
-        caches = self.encoder.encode(token_ids)
         todo = [i for i, p in enumerate(passages) if p.id not in skip]
-        vectors = self.embedder.embed([passages[i].text for i in todo])
+        if self.context_neighbors:
+            pool = pool or self.neighbour_pool(passages)
+            rows = [pool.row_of(p.id) for p in passages]
+            missing = [i for i, row in enumerate(rows) if row < 0]
+            all_vectors = np.zeros((len(passages), pool.vectors.shape[1]), dtype=np.float32)
+            for i, row in enumerate(rows):
+                if row >= 0:
+                    all_vectors[i] = pool.vectors[row]
+            if missing:
+                all_vectors[missing] = self.embedder.embed([passages[i].text for i in missing])
+            contexts = pool.contexts([p.id for p in passages], all_vectors, self.context_neighbors)
+            caches = self.encoder.encode(token_ids, contexts)
+            vectors = all_vectors[todo]
+        else:
+            caches = self.encoder.encode(token_ids)
+            vectors = self.embedder.embed([passages[i].text for i in todo])
         records = []
         for i, vector in zip(todo, vectors, strict=True):
             passage = passages[i]
             kept = self.compressor.compress(caches[i], CompressionContext(self.encoder, token_ids[i]))
-            records.append(passage_record(passage, kept, self.quant, vector))
+            records.append(passage_record(passage, kept, self.quant, vector, self.basis))
         return records
 
 
-def passage_record(passage: PassageInput, kept: PassageKV, quant: QuantConfig, embedding: np.ndarray) -> PassageRecord:
+def passage_record(
+    passage: PassageInput,
+    kept: PassageKV,
+    quant: QuantConfig,
+    embedding: np.ndarray,
+    basis: LowRankBasis | None = None,
+) -> PassageRecord:
     """The record of ``passage`` whose (already compressed) cache is ``kept``, serialised with
-    ``quant``: what :meth:`Indexer.records` produces, for callers that compress caches themselves."""
+    ``quant`` (as latents of ``basis`` when given): what :meth:`Indexer.records` produces, for
+    callers that compress caches themselves."""
     return PassageRecord(
         id=passage.id,
         title=passage.title,
         text=passage.text,
         meta=passage.meta,
         text_sha=passage.text_sha,
-        blob=codec.encode(kept, quant),
+        blob=codec.encode(kept, quant, basis),
         num_tokens=kept.num_tokens,
         kept=kept.kept_tokens,
         embedding=embedding,

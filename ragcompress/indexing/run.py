@@ -17,13 +17,17 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from ragcompress.distill.adaptor import check_store_adaptor
 from ragcompress.errors import StoreError
+from ragcompress.indexing.calibrate import fit_calibration_basis
 from ragcompress.indexing.config import IndexConfig
 from ragcompress.indexing.indexer import Indexer
 from ragcompress.indexing.inputs import PassageInput, iter_passages, validate
+from ragcompress.kv.lowrank import RankSpec
 from ragcompress.models import LoadedModel, load_model
 from ragcompress.retrieval import Embedder
 from ragcompress.store import KVStore, Manifest, StoreWriter, create_store
+from ragcompress.store.basis import basis_to_bytes
 from ragcompress.store.kvstore import StoreLock, replace_store
 
 
@@ -50,6 +54,23 @@ class IndexReport:
 def _batches(items: Iterator[PassageInput], size: int) -> Iterator[list[PassageInput]]:
     while batch := list(islice(items, size)):
         yield batch
+
+
+def _with_basis(
+    indexer: Indexer, config: IndexConfig, spec: RankSpec, input_path: Path, existing: Path | None
+) -> Indexer:
+    """``indexer`` writing latents: of the basis of the store at ``existing`` (a resumed run; a
+    store without one is refused by the manifest check), else of a basis fitted on the first
+    ``config.calibration_passages`` of ``config.calibration`` (or of the input)."""
+    source = Path(config.calibration) if config.calibration else input_path
+    calibration = f"{'input' if config.calibration is None else source.name}:first-{config.calibration_passages}"
+    if existing is not None:
+        with KVStore.open(existing) as store:
+            lowrank = store.manifest.compression.get("lowrank")
+            if store.basis is not None and isinstance(lowrank, dict):
+                return indexer.with_basis(store.basis, spec, str(lowrank.get("calibration", calibration)))
+    basis = fit_calibration_basis(indexer.encoder, iter_passages(source), spec, config.calibration_passages)
+    return indexer.with_basis(basis, spec, calibration)
 
 
 def index(
@@ -81,11 +102,16 @@ def index(
         raise StoreError(f"{store_path} is not a ragcompress store; refusing to overwrite it")
     lm = lm or load_model(model)
     indexer = Indexer.from_config(lm, config, embedder)
+    spec = config.rank_spec()
+    if spec is not None:  # a low-rank store: its basis (from the store when resuming, else fitted)
+        indexer = _with_basis(indexer, config, spec, input_path, store_path if exists and not overwrite else None)
     manifest = indexer.manifest
 
     target = store_path
     if exists and not overwrite:
-        Manifest.read(store_path).check_same_build(manifest)
+        stored_manifest = Manifest.read(store_path)
+        check_store_adaptor(stored_manifest.encoding.get("adaptor"), manifest.encoding.get("adaptor"))
+        stored_manifest.check_same_build(manifest)
     elif store_path.exists() and not exists and not overwrite and any(store_path.iterdir()):
         raise StoreError(f"{store_path} exists and is not a ragcompress store; choose an empty or new --store")
     old_lock = None
@@ -97,7 +123,8 @@ def index(
         store_path.rmdir()  # an empty directory (checked above)
 
     if not (target / "manifest.json").is_file():
-        create_store(target, manifest, indexer.prefix_kv)
+        basis = basis_to_bytes(indexer.basis) if indexer.basis is not None else None
+        create_store(target, manifest, indexer.prefix_kv, basis)
 
     indexed = skipped = 0
     bar = None
@@ -105,9 +132,11 @@ def index(
         from tqdm import tqdm
 
         bar = tqdm(total=total, unit="passage", desc="indexing")
+    # Neighbour-conditioned encoding draws every passage's neighbours from the whole input.
+    pool = indexer.neighbour_pool(list(iter_passages(input_path))) if indexer.context_neighbors else None
     with StoreWriter(target) as writer:
         for batch in _batches(iter_passages(input_path), batch_size):
-            records = indexer.records(batch, skip=writer.known_of([p.id for p in batch]))
+            records = indexer.records(batch, skip=writer.known_of([p.id for p in batch]), pool=pool)
             if records:
                 writer.add(records)
             indexed += len(records)

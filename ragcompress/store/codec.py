@@ -10,7 +10,10 @@ cost exactly what they keep. Tensors in a blob:
 ``v_codes``      ``[T, d*bits/8]`` uint8, ``v_scale``/``v_min`` ``[T, d/g]`` fp16 (per token)
 
 ``T = lengths.sum()``, ``Gk = sum(ceil(lengths / group_size))``. The safetensors metadata holds
-``num_tokens``, ``n_max``, ``head_dim``, ``scheme`` and ``group_size``. The format never uses
+``num_tokens``, ``n_max``, ``head_dim``, ``scheme`` and ``group_size``. A low-rank store
+(``kv/lowrank.py``) replaces ``k*`` (and ``v*`` when values are projected) by per-layer latents,
+``k_lat*`` with ``k_ranks`` in the metadata (layout in ``store/latent.py``); they are rebuilt
+with the store's basis. The format never uses
 pickle: loading a blob cannot execute code.
 
 :func:`parse` is the one reader of the format: it validates a blob once and returns a
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from safetensors.torch import load as st_load
@@ -31,6 +34,7 @@ from safetensors.torch import save as st_save
 
 from ragcompress.errors import CorruptSegmentError
 from ragcompress.kv import ModelShape, PassageKV
+from ragcompress.kv.lowrank import LowRankBasis
 from ragcompress.kv.quant import (
     QuantConfig,
     dequantize_keys_per_channel,
@@ -40,6 +44,7 @@ from ragcompress.kv.quant import (
     quantize_values_per_token,
     unpack,
 )
+from ragcompress.store.latent import decode_latents, encode_latents, parse_ranks
 
 
 def _group_mask(lengths: torch.Tensor, n_groups: int, group_size: int) -> torch.Tensor:
@@ -47,32 +52,38 @@ def _group_mask(lengths: torch.Tensor, n_groups: int, group_size: int) -> torch.
     return torch.arange(n_groups) < used.unsqueeze(-1)
 
 
-def encode(kv: PassageKV, quant: QuantConfig) -> bytes:
-    """Serialise ``kv`` (keys un-rotated) with ``quant``; returns the blob's bytes."""
+def encode(kv: PassageKV, quant: QuantConfig, basis: LowRankBasis | None = None) -> bytes:
+    """Serialise ``kv`` (keys un-rotated) with ``quant``; returns the blob's bytes. With a
+    ``basis``, keys (and values when the basis projects them) are stored as its latents."""
     layers, heads, n_max, d = kv.keys.shape
     mask = kv.valid_mask()
     tensors: dict[str, torch.Tensor] = {"lengths": kv.lengths.to(torch.int32)}
     if not kv.is_uniform:
         pos_dtype = torch.int16 if kv.num_tokens <= torch.iinfo(torch.int16).max else torch.int32
         tensors["positions"] = kv.positions[mask].to(pos_dtype)
+    latent_meta = _encode_latents(kv, quant, basis, tensors) if basis is not None else {}
     bits = quant.bits
     if bits is None:
         dtype = torch.float16 if quant.scheme == "fp16" else kv.keys.dtype
-        tensors["k"] = kv.keys[mask].to(dtype)
-        tensors["v"] = kv.values[mask].to(dtype)
+        for kind, rows in (("k", kv.keys), ("v", kv.values)):
+            if f"{kind}_ranks" not in latent_meta:
+                tensors[kind] = rows[mask].to(dtype)
     else:
         if d % (8 // bits):
             raise ValueError(f"head_dim {d} cannot be packed at {bits} bits")
-        k_codes, k_scale, k_min = quantize_keys_per_channel(kv.keys, kv.lengths, bits, quant.group_size)
-        groups = _group_mask(kv.lengths, k_scale.shape[2], quant.group_size)
-        v_codes, v_scale, v_min = quantize_values_per_token(kv.values[mask], bits, quant.group_size)
-        tensors["k_codes"] = pack(k_codes[mask], bits)
-        tensors["k_scale"] = k_scale[groups]
-        tensors["k_min"] = k_min[groups]
-        tensors["v_codes"] = pack(v_codes, bits)
-        tensors["v_scale"] = v_scale
-        tensors["v_min"] = v_min
+        if "k_ranks" not in latent_meta:
+            k_codes, k_scale, k_min = quantize_keys_per_channel(kv.keys, kv.lengths, bits, quant.group_size)
+            groups = _group_mask(kv.lengths, k_scale.shape[2], quant.group_size)
+            tensors["k_codes"] = pack(k_codes[mask], bits)
+            tensors["k_scale"] = k_scale[groups]
+            tensors["k_min"] = k_min[groups]
+        if "v_ranks" not in latent_meta:
+            v_codes, v_scale, v_min = quantize_values_per_token(kv.values[mask], bits, quant.group_size)
+            tensors["v_codes"] = pack(v_codes, bits)
+            tensors["v_scale"] = v_scale
+            tensors["v_min"] = v_min
     metadata = {
+        **latent_meta,
         "num_tokens": str(kv.num_tokens),
         "n_max": str(n_max),
         "head_dim": str(d),
@@ -80,6 +91,22 @@ def encode(kv: PassageKV, quant: QuantConfig) -> bytes:
         "group_size": str(quant.group_size),
     }
     return _canonical(st_save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
+
+
+def _encode_latents(
+    kv: PassageKV, quant: QuantConfig, basis: LowRankBasis, tensors: dict[str, torch.Tensor]
+) -> dict[str, str]:
+    """Add the latents of the kinds ``basis`` projects to ``tensors``; returns their metadata."""
+    meta: dict[str, str] = {}
+    for kind, rows in (("k", kv.keys), ("v", kv.values)):
+        if basis.ranks(kind) is None:
+            continue
+        if rows.shape[-1] != basis.means[kind].shape[-1] or rows.shape[:2] != basis.means[kind].shape[:2]:
+            raise ValueError(f"cache {tuple(rows.shape)} does not fit the basis {tuple(basis.means[kind].shape)}")
+        more, kind_meta = encode_latents(kind, basis.project(kind, rows), kv.lengths, quant, kv.keys.dtype)
+        tensors.update(more)
+        meta.update(kind_meta)
+    return meta
 
 
 def _canonical(blob: bytes) -> bytes:
@@ -144,6 +171,7 @@ class Segment:
     positions: ``[L, H, n_max]`` int64 offset inside the passage of each row (``0..`` when nothing
                was evicted; padding rows hold their row index)
     tensors:   the blob's tensors by name (see the module docstring)
+    ranks:     per kind (``"k"``, ``"v"``) stored as low-rank latents, its rank per layer
     """
 
     num_tokens: int
@@ -153,6 +181,17 @@ class Segment:
     lengths: torch.Tensor
     positions: torch.Tensor
     tensors: dict[str, torch.Tensor]
+    ranks: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def check_basis(self, basis: LowRankBasis | None) -> None:
+        """Latents are read only with the basis they were projected on (same ranks per layer)."""
+        for kind, ranks in self.ranks.items():
+            if basis is None:
+                raise CorruptSegmentError(f"segment stores {kind} latents but no low-rank basis was given")
+            if basis.ranks(kind) != ranks:
+                raise CorruptSegmentError(
+                    f"segment's {kind} ranks {list(ranks)} are not the basis's {list(basis.ranks(kind) or ())}"
+                )
 
     @property
     def kept_tokens(self) -> int:
@@ -162,15 +201,18 @@ class Segment:
         """``[L, H, n_max]`` bool, True on kept rows."""
         return torch.arange(self.n_max) < self.lengths.unsqueeze(-1)
 
-    def dense(self, dtype: torch.dtype = torch.float32) -> PassageKV:
-        """Dequantized keys (un-rotated) and values as ``dtype``, padded per head to ``n_max``."""
+    def dense(self, dtype: torch.dtype = torch.float32, basis: LowRankBasis | None = None) -> PassageKV:
+        """Dequantized keys (un-rotated) and values as ``dtype``, padded per head to ``n_max``;
+        latents (a low-rank store) are rebuilt with ``basis``, the store's."""
+        self.check_basis(basis)
         lengths, mask, d, group_size = self.lengths, self.mask(), self.head_dim, self.quant.group_size
         dense = bool(mask.all())  # nothing evicted: rows are already in (layer, head, row) order
         tensors = self.tensors
         try:
-            if self.quant.bits is None:
+            if "k" in self.ranks:
+                keys = self._rebuild("k", basis, dtype)
+            elif self.quant.bits is None:
                 keys = _rows_to_grid(tensors["k"], mask, dtype)
-                values = _rows_to_grid(tensors["v"], mask, dtype)
             else:
                 bits = self.quant.bits
                 k_codes = _rows_to_grid(unpack(tensors["k_codes"], bits), mask, torch.uint8)
@@ -178,15 +220,34 @@ class Segment:
                 k_scale = _rows_to_grid(tensors["k_scale"], groups, torch.float16)
                 k_min = _rows_to_grid(tensors["k_min"], groups, torch.float16)
                 keys = dequantize_keys_per_channel(k_codes, k_scale, k_min, group_size).to(dtype)
-                v = dequantize_values_per_token(unpack(tensors["v_codes"], bits), tensors["v_scale"], tensors["v_min"])
-                values = _rows_to_grid(v, mask, dtype)
                 if not dense:
                     keys = keys * mask.unsqueeze(-1)  # padding rows are zero, as for unquantized blobs
+            if "v" in self.ranks:
+                values = self._rebuild("v", basis, dtype)
+            elif self.quant.bits is None:
+                values = _rows_to_grid(tensors["v"], mask, dtype)
+            else:
+                bits = self.quant.bits
+                v = dequantize_values_per_token(unpack(tensors["v_codes"], bits), tensors["v_scale"], tensors["v_min"])
+                values = _rows_to_grid(v, mask, dtype)
             if keys.shape[-1] != d or values.shape[-1] != d:
                 raise ValueError(f"tensors have head_dim {keys.shape[-1]}/{values.shape[-1]}, metadata says {d}")
             return PassageKV(keys, values, self.positions, lengths, self.num_tokens)
         except (KeyError, RuntimeError, IndexError, ValueError, TypeError) as exc:
             raise CorruptSegmentError(f"segment tensors do not match their declared shape ({exc})") from exc
+
+    def latents(self, kind: str) -> list[torch.Tensor]:
+        """Per-layer latents ``[H, n_max, r_l]`` fp32 of ``kind`` (dequantized, padding rows 0)."""
+        return decode_latents(kind, self.tensors, self.ranks[kind], self.lengths, self.n_max, self.quant)
+
+    def _rebuild(self, kind: str, basis: LowRankBasis | None, dtype: torch.dtype) -> torch.Tensor:
+        assert basis is not None  # check_basis
+        layers, heads = self.lengths.shape
+        out = torch.empty(layers, heads, self.n_max, self.head_dim, dtype=torch.float32)
+        basis.reconstruct(kind, self.latents(kind), out)
+        if not bool(self.mask().all()):
+            out.mul_(self.mask().unsqueeze(-1))  # padding rows are zero, as for row blobs
+        return out.to(dtype)
 
     def packed(self) -> QuantizedBlob:
         """The quantized tensors padded per head to a multiple of ``group_size`` rows, for the
@@ -277,11 +338,17 @@ def parse(blob: bytes, shape: ModelShape | tuple[int, int, int] | None = None) -
         if flat.shape != (int(lengths.sum()),) or (flat < 0).any() or (flat >= num_tokens).any():
             raise CorruptSegmentError("segment positions are inconsistent with its lengths")
         positions[torch.arange(n_max) < lengths.unsqueeze(-1)] = flat
-    return Segment(num_tokens, n_max, d, quant, lengths, positions, tensors)
+    ranks = {kind: r for kind in ("k", "v") if (r := parse_ranks(meta, kind)) is not None}
+    if any(len(r) != layers or min(r, default=1) <= 0 or max(r, default=0) > d for r in ranks.values()):
+        raise CorruptSegmentError(f"segment latent ranks {ranks} do not fit {layers} layers of head_dim {d}")
+    return Segment(num_tokens, n_max, d, quant, lengths, positions, tensors, ranks)
 
 
 def decode(
-    blob: bytes, dtype: torch.dtype = torch.float32, shape: ModelShape | tuple[int, int, int] | None = None
+    blob: bytes,
+    dtype: torch.dtype = torch.float32,
+    shape: ModelShape | tuple[int, int, int] | None = None,
+    basis: LowRankBasis | None = None,
 ) -> PassageKV:
     """Inverse of :func:`encode`; keys come back un-rotated, as ``dtype`` (``parse`` then ``dense``)."""
-    return parse(blob, shape).dense(dtype)
+    return parse(blob, shape).dense(dtype, basis)

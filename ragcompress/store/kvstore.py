@@ -4,6 +4,7 @@ Layout (DESIGN §2)::
 
     DIR/manifest.json        what the store was built with (written last at creation)
     DIR/prefix.safetensors   the shared prefix cache, uncompressed
+    DIR/basis.safetensors    a low-rank store's per-layer bases (``store/basis.py``), sha256 in the manifest
     DIR/catalogue.sqlite     passage id -> text, embedding, shard, offset, length, checksum (xxh3-128)
     DIR/shards/NNNNN.kvs     passage blobs (safetensors documents) back to back
     DIR/index.faiss          FAISS index over catalogue rows (derived; rebuilt when stale)
@@ -37,10 +38,12 @@ import torch
 
 from ragcompress.errors import CorruptSegmentError, StoreError
 from ragcompress.kv import ModelShape, PassageKV
+from ragcompress.kv.lowrank import LowRankBasis
 from ragcompress.kv.quant import QuantConfig
 from ragcompress.paths import sha256_file
 from ragcompress.retrieval import VectorIndex
-from ragcompress.store import codec
+from ragcompress.store import ann, codec
+from ragcompress.store.basis import BASIS, read_basis
 from ragcompress.store.catalogue import CATALOGUE, Catalogue, Entry
 from ragcompress.store.manifest import Manifest
 from ragcompress.store.record import PassageRecord
@@ -62,15 +65,15 @@ def _write_atomic(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def build_index(catalogue: Catalogue) -> VectorIndex:
-    """FAISS index over every committed row, streamed from the catalogue chunk by chunk."""
-    import faiss
-
+def build_index(catalogue: Catalogue, params: dict[str, Any] | None = None) -> VectorIndex:
+    """FAISS index over every committed row, streamed from the catalogue chunk by chunk; its type
+    (flat or HNSW) chosen by the row count (:mod:`ragcompress.store.ann`) unless ``params`` say."""
+    params = params or ann.index_params(catalogue.count())
     index = None
     count = 0
     for rows, vectors in catalogue.embedding_chunks():
         if index is None:
-            index = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
+            index = ann.new_index(vectors.shape[1], params)
         elif vectors.shape[1] != index.d:
             raise StoreError(f"catalogue {catalogue.path}: embeddings change dimension at row {rows[0]}")
         index.add_with_ids(np.ascontiguousarray(vectors), rows)
@@ -121,8 +124,10 @@ def replace_store(built: Path, path: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def create_store(path: Path, manifest: Manifest, prefix_kv: PassageKV) -> None:
+def create_store(path: Path, manifest: Manifest, prefix_kv: PassageKV, basis: bytes | None = None) -> None:
     """Initialise an empty store at ``path`` atomically (built in a temp dir, then renamed).
+
+    ``basis``: a low-rank store's basis file (``store/basis.py``), whose sha256 the manifest names.
 
     ``path`` must not exist or be an empty directory: ragcompress never writes into a folder it
     did not create.
@@ -136,6 +141,8 @@ def create_store(path: Path, manifest: Manifest, prefix_kv: PassageKV) -> None:
     try:
         blob = codec.encode(prefix_kv, QuantConfig("none"))
         _write_atomic(tmp / PREFIX, blob)
+        if basis is not None:
+            _write_atomic(tmp / BASIS, basis)
         Catalogue(tmp, readonly=False).close()
         dataclasses.replace(manifest, prefix_sha256=hashlib.sha256(blob).hexdigest()).write(tmp)
         try:
@@ -159,6 +166,7 @@ class KVStore:
         self.catalogue = Catalogue(path, readonly=True)
         self._prefix: PassageKV | None = None
         self._index: VectorIndex | None = None
+        self._basis: LowRankBasis | None = None
 
     @classmethod
     def open(cls, path: str | Path) -> KVStore:
@@ -208,6 +216,16 @@ class KVStore:
                 raise CorruptSegmentError(f"prefix cache {self.path / PREFIX}: {exc}") from None
         return self._prefix
 
+    @property
+    def basis(self) -> LowRankBasis | None:
+        """A low-rank store's basis (read once, refused unless it is the manifest's); else None."""
+        lowrank = self.manifest.compression.get("lowrank")
+        if lowrank is None:
+            return None
+        if self._basis is None:
+            self._basis = read_basis(self.path, str(lowrank.get("basis_sha256", "")))
+        return self._basis
+
     def entry(self, passage_id: str) -> Entry:
         found = self.catalogue.get(passage_id)
         if found is None:
@@ -231,7 +249,7 @@ class KVStore:
         """One passage's cache, dequantized (keys un-rotated): the dense runtime's form."""
         segment = self.read_segment(entry)
         with _naming(entry):
-            return segment.dense(dtype)
+            return segment.dense(dtype, self.basis)
 
     def load_packed(self, entry: Entry) -> codec.QuantizedBlob:
         """One passage's quantized tensors, not dequantized: the fused kernel's form."""
@@ -268,6 +286,12 @@ class KVStore:
 
     def stored_bytes(self, entries: list[Entry]) -> int:
         return sum(e.length for e in entries)
+
+    @property
+    def basis_bytes(self) -> int:
+        """Bytes of the low-rank basis (stored once per store; 0 without one)."""
+        path = self.path / BASIS
+        return path.stat().st_size if self.manifest.compression.get("lowrank") and path.is_file() else 0
 
 
 @contextmanager
@@ -322,6 +346,25 @@ def _remove_temporaries(path: Path) -> None:
             tmp.unlink()
 
 
+def catalogue_row(record: PassageRecord, shard: str, offset: int) -> dict[str, Any]:
+    """The catalogue row of ``record`` whose blob lies at ``(shard, offset)``: the one place a
+    record becomes a row, for :meth:`StoreWriter.add` and for Ray workers that write blobs."""
+    return {
+        "id": record.id,
+        "title": record.title,
+        "text": record.text,
+        "meta": json.dumps(record.meta, sort_keys=True, ensure_ascii=False),
+        "text_sha": record.text_sha,
+        "shard": shard,
+        "offset": offset,
+        "length": len(record.blob),
+        "checksum": checksum(record.blob),
+        "num_tokens": record.num_tokens,
+        "kept": record.kept,
+        "embedding": record.embedding.tobytes(),
+    }
+
+
 class StoreWriter:
     """The single writer of a store: holds the lock, appends blobs, commits catalogue rows.
 
@@ -359,34 +402,30 @@ class StoreWriter:
 
     def add(self, records: list[PassageRecord]) -> None:
         """Store a batch: blobs appended and fsynced, then their rows committed together."""
-        rows = []
-        for record in records:
-            shard, offset = self.shards.append(record.blob)
-            rows.append(
-                {
-                    "id": record.id,
-                    "title": record.title,
-                    "text": record.text,
-                    "meta": json.dumps(record.meta, sort_keys=True, ensure_ascii=False),
-                    "text_sha": record.text_sha,
-                    "shard": shard,
-                    "offset": offset,
-                    "length": len(record.blob),
-                    "checksum": checksum(record.blob),
-                    "num_tokens": record.num_tokens,
-                    "kept": record.kept,
-                    "embedding": record.embedding.tobytes(),
-                }
-            )
+        rows = [catalogue_row(record, *self.shards.append(record.blob)) for record in records]
         self.shards.sync()
         self.catalogue.add(rows)
 
-    def write_index(self) -> None:
-        """Build the FAISS index (streamed from the catalogue), save it, then record its sha256."""
-        built = build_index(self.catalogue)
+    def commit(self, rows: list[dict[str, Any]]) -> None:
+        """Commit rows (:func:`catalogue_row`) whose blobs another process already wrote and fsynced
+        into shards it claimed (:class:`~ragcompress.store.shards.ClaimedShards`): a Ray worker."""
+        self.catalogue.add(rows)
+
+    def write_index(self, params: dict[str, Any] | None = None) -> None:
+        """Build the FAISS index (streamed from the catalogue), save it, then record its sha256;
+        the manifest's ``index`` records its type, parameters and measured recall@10."""
+        params = params or ann.index_params(self.catalogue.count())
+        built = build_index(self.catalogue, params)
         built.save(self.path / INDEX)
         meta = {"sha256": sha256_file(self.path / INDEX), "count": built.count}
         _write_atomic(self.path / INDEX_META, json.dumps(meta).encode())
+        recall = ann.recall_at_k(built.index) if params["type"] != "flat" and built.count else None
+        described = {**params, "count": built.count}
+        if recall is not None:
+            described.update({f"recall_at_{ann.RECALL_K}": round(recall, 4), "recall_queries": ann.RECALL_QUERIES})
+        manifest = Manifest.read(self.path)
+        if manifest.index != described:
+            dataclasses.replace(manifest, index=described).write(self.path)
 
     def close(self) -> None:
         self.shards.close()

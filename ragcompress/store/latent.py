@@ -1,0 +1,116 @@
+"""Segment tensors of a low-rank store: per-layer latents flattened into one tensor per field.
+
+Ranks differ between layers, so a kind's (``k`` or ``v``) latents of every layer are concatenated
+into flat 1-D tensors (one safetensors header entry per field, not per layer):
+
+``{x}_lat``        fp16 (``fp16``) / fp32 (``none``): each layer's kept rows ``[T_l, r_l]``
+``{x}_lat_codes``  uint8: each layer's packed codes ``[T_l, r_l * bits / 8]``
+``{x}_lat_scale``  fp16: each layer's per-channel scales ``[G_l, r_l]`` over token groups
+``{x}_lat_min``    fp16: the matching minimums
+
+with ``T_l = lengths[l].sum()`` and ``G_l = sum(ceil(lengths[l] / group_size))``; the blob's
+metadata holds ``{x}_ranks`` (comma-separated, one per layer). Latents of both kinds are
+quantized *per channel* (KIVI's key scheme): after PCA the channels' ranges differ by orders of
+magnitude (the first direction carries most of the variance), so per-token groups would spend
+their levels on the first channels and round the rest to nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ragcompress.kv.quant import QuantConfig, dequantize_keys_per_channel, pack, quantize_keys_per_channel, unpack
+
+
+def _group_mask(lengths: torch.Tensor, n_groups: int, group_size: int) -> torch.Tensor:
+    return torch.arange(n_groups) < (-(-lengths // group_size)).unsqueeze(-1)
+
+
+def encode_latents(
+    kind: str, latents: list[torch.Tensor], lengths: torch.Tensor, quant: QuantConfig, dtype: torch.dtype
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Per-layer latents ``[H, n_max, r_l]`` of the rows ``lengths [L, H]`` keeps -> the blob's
+    tensors and metadata for ``kind``. ``dtype``: the rows' dtype when ``quant`` is ``none``."""
+    n_max = latents[0].shape[1] if latents else 0
+    mask = torch.arange(n_max) < lengths.unsqueeze(-1)  # [L, H, n_max]
+    ranks = [int(z.shape[-1]) for z in latents]
+    meta = {f"{kind}_ranks": ",".join(map(str, ranks))}
+    bits = quant.bits
+    if bits is None:
+        out_dtype = torch.float16 if quant.scheme == "fp16" else dtype
+        flat = [z[mask[layer]].to(out_dtype).reshape(-1) for layer, z in enumerate(latents)]
+        return {f"{kind}_lat": torch.cat(flat)}, meta
+    codes, scales, mins = [], [], []
+    for layer, z in enumerate(latents):
+        if z.shape[-1] % (8 // bits):
+            raise ValueError(f"rank {z.shape[-1]} cannot be packed at {bits} bits")
+        c, s, m = quantize_keys_per_channel(z.unsqueeze(0), lengths[layer : layer + 1], bits, quant.group_size)
+        groups = _group_mask(lengths[layer], s.shape[2], quant.group_size)
+        codes.append(pack(c[0][mask[layer]], bits).reshape(-1))
+        scales.append(s[0][groups].reshape(-1))
+        mins.append(m[0][groups].reshape(-1))
+    tensors = {
+        f"{kind}_lat_codes": torch.cat(codes),
+        f"{kind}_lat_scale": torch.cat(scales),
+        f"{kind}_lat_min": torch.cat(mins),
+    }
+    return tensors, meta
+
+
+def parse_ranks(meta: dict[str, str], kind: str) -> tuple[int, ...] | None:
+    text = meta.get(f"{kind}_ranks")
+    return None if text is None else tuple(int(r) for r in text.split(","))
+
+
+def decode_latents(
+    kind: str,
+    tensors: dict[str, torch.Tensor],
+    ranks: tuple[int, ...],
+    lengths: torch.Tensor,
+    n_max: int,
+    quant: QuantConfig,
+) -> list[torch.Tensor]:
+    """Inverse of :func:`encode_latents`: per-layer latents ``[H, n_max, r_l]`` fp32, padding rows
+    zero. Raises ``KeyError``/``ValueError``/``RuntimeError`` on tensors that do not add up."""
+    if len(ranks) != lengths.shape[0]:
+        raise ValueError(f"{len(ranks)} {kind} ranks for {lengths.shape[0]} layers")
+    mask = torch.arange(n_max) < lengths.unsqueeze(-1)
+    bits, gs = quant.bits, quant.group_size
+    n_groups = -(-max(n_max, 1) // gs)
+    groups = _group_mask(lengths, n_groups, gs)
+    out: list[torch.Tensor] = []
+    at = {"rows": 0, "codes": 0, "groups": 0}
+
+    def take(flat: torch.Tensor, key: str, count: int) -> torch.Tensor:
+        start = at[key]
+        if start + count > flat.numel():
+            raise ValueError(f"{kind} latents are shorter than their lengths and ranks declare")
+        at[key] = start + count
+        return flat[start : start + count]
+
+    heads = lengths.shape[1]
+    for layer, r in enumerate(ranks):
+        kept = int(lengths[layer].sum())
+        grid = torch.zeros(heads, n_max, r, dtype=torch.float32)
+        if bits is None:
+            grid[mask[layer]] = take(tensors[f"{kind}_lat"], "rows", kept * r).reshape(kept, r).float()
+        else:
+            packed = take(tensors[f"{kind}_lat_codes"], "codes", kept * r * bits // 8).reshape(kept, r * bits // 8)
+            codes = torch.zeros(heads, n_max, r, dtype=torch.uint8)
+            codes[mask[layer]] = unpack(packed, bits)
+            g = int(groups[layer].sum())
+            scale = torch.zeros(heads, n_groups, r, dtype=torch.float16)
+            low = torch.zeros(heads, n_groups, r, dtype=torch.float16)
+            scale[groups[layer]] = take(tensors[f"{kind}_lat_scale"], "groups", g * r).reshape(g, r)
+            at["groups"] -= g * r  # the minimums run in step with the scales
+            low[groups[layer]] = take(tensors[f"{kind}_lat_min"], "groups", g * r).reshape(g, r)
+            grid = dequantize_keys_per_channel(codes, scale, low, gs) * mask[layer].unsqueeze(-1)
+        out.append(grid)
+    fields = ("rows",) if bits is None else ("codes", "groups")
+    names = {"rows": f"{kind}_lat", "codes": f"{kind}_lat_codes", "groups": f"{kind}_lat_scale"}
+    for key in fields:
+        if at[key] != tensors[names[key]].numel():
+            raise ValueError(f"{kind} latents are longer than their lengths and ranks declare")
+    if bits is not None and tensors[f"{kind}_lat_min"].numel() != tensors[f"{kind}_lat_scale"].numel():
+        raise ValueError(f"{kind} latent minimums and scales differ in size")
+    return out

@@ -1,0 +1,160 @@
+"""Low-rank latents (issue 16): projection, codec, store basis, index options."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from ragcompress.errors import CorruptSegmentError, StoreMismatchError
+from ragcompress.indexing import IndexConfig, index
+from ragcompress.kv import PassageKV
+from ragcompress.kv.lowrank import RankSpec, fit_basis
+from ragcompress.kv.quant import QuantConfig
+from ragcompress.store import KVStore
+from ragcompress.store.basis import basis_from_bytes, basis_sha256, basis_to_bytes
+from ragcompress.store.codec import decode, encode, parse
+
+
+def low_rank_caches(seed: int, count: int = 6, layers: int = 3, heads: int = 2, d: int = 32, n: int = 40):
+    """Caches whose rows live near a rank-8 subspace per (layer, head), with an offset and noise."""
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(layers, heads, 8, d, generator=gen)
+    offset = torch.randn(layers, heads, 1, d, generator=gen) * 3
+    caches = []
+    for _ in range(count):
+        k = (
+            torch.randn(layers, heads, n, 8, generator=gen) @ mix
+            + offset
+            + 0.05 * torch.randn(layers, heads, n, d, generator=gen)
+        )
+        v = torch.randn(layers, heads, n, 8, generator=gen) @ mix.flip(-1) + 0.05 * torch.randn(
+            layers, heads, n, d, generator=gen
+        )
+        caches.append(PassageKV.full(k, v))
+    return caches
+
+
+def ragged(kv: PassageKV, seed: int) -> PassageKV:
+    """``kv`` with per-head budgets: each head keeps a random subset of rows (an evicted cache)."""
+    gen = torch.Generator().manual_seed(seed)
+    layers, heads, n, d = kv.keys.shape
+    lengths = torch.randint(3, n, (layers, heads), generator=gen)
+    n_max = int(lengths.max())
+    keys = torch.zeros(layers, heads, n_max, d)
+    values = torch.zeros_like(keys)
+    positions = torch.zeros(layers, heads, n_max, dtype=torch.long)
+    for layer in range(layers):
+        for head in range(heads):
+            rows = torch.randperm(n, generator=gen)[: int(lengths[layer, head])].sort().values
+            keys[layer, head, : len(rows)] = kv.keys[layer, head, rows]
+            values[layer, head, : len(rows)] = kv.values[layer, head, rows]
+            positions[layer, head, : len(rows)] = rows
+    return PassageKV(keys, values, positions, lengths, kv.num_tokens)
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("scheme", ["fp16", "int8", "int4"])
+def test_full_rank_reproduces_the_row_store_within_quantization_error(scheme):
+    caches = low_rank_caches(0)
+    basis = fit_basis(caches, RankSpec(rank=32))
+    for kv in (caches[0], ragged(caches[1], 1)):
+        plain = decode(encode(kv, QuantConfig(scheme)))
+        latent = decode(encode(kv, QuantConfig(scheme), basis), basis=basis)
+        mask = kv.valid_mask().unsqueeze(-1)
+        for got, want, ref in ((latent.keys, plain.keys, kv.keys), (latent.values, plain.values, kv.values)):
+            plain_error = rel_error(want * mask, ref * mask)
+            assert rel_error(got * mask, ref * mask) <= 2 * plain_error + 2e-3  # fp16 basis: ~1e-3
+        assert torch.equal(latent.lengths, kv.lengths) and torch.equal(latent.positions, plain.positions)
+        assert not (latent.keys * ~mask).any()  # padding rows are zero, as in row stores
+
+
+def test_low_rank_recovers_a_low_rank_cache_and_is_smaller():
+    caches = low_rank_caches(0)
+    basis = fit_basis(caches[:4], RankSpec(rank=8))
+    kv = caches[5]  # not in the calibration sample
+    blob = encode(kv, QuantConfig("int8"), basis)
+    got = decode(blob, basis=basis)
+    assert rel_error(got.keys, kv.keys) < 0.03 and rel_error(got.values, kv.values) < 0.05
+    assert len(blob) < 0.4 * len(encode(kv, QuantConfig("int8")))
+    assert parse(blob).ranks == {"k": (8, 8, 8), "v": (8, 8, 8)}
+
+
+def test_projection_is_deterministic_for_a_calibration_sample():
+    spec = RankSpec(energy=0.9)
+    first = fit_basis(low_rank_caches(0), spec)
+    again = fit_basis(low_rank_caches(0), spec)
+    other = fit_basis(low_rank_caches(7), spec)
+    assert basis_to_bytes(first) == basis_to_bytes(again)
+    assert basis_sha256(first) != basis_sha256(other)
+    kv = low_rank_caches(3)[0]
+    assert encode(kv, QuantConfig("int4"), first) == encode(kv, QuantConfig("int4"), again)
+    restored = basis_from_bytes(basis_to_bytes(first))
+    assert basis_sha256(restored) == basis_sha256(first)
+    assert restored.ranks("k") == first.ranks("k")
+
+
+def test_energy_ranks_keep_the_energy_and_progressive_favours_shallow_layers():
+    gen = torch.Generator().manual_seed(0)
+    # channel scales decay geometrically: the variance a rank keeps is known in closed form
+    scales = 0.8 ** torch.arange(64.0)
+    caches = [PassageKV.full(*(torch.randn(2, 6, 1, 50, 64, generator=gen) * scales).unbind(0)) for _ in range(8)]
+    basis = fit_basis(caches, RankSpec(energy=0.95))
+    for kind in ("k", "v"):
+        assert all(e >= 0.95 - 1e-6 for e in basis.energy[kind])
+        assert basis.ranks(kind) == (8,) * 6  # 1 - 0.64**8 = 0.972 >= 0.95 > 0.8**... at rank < 8 n/a
+    progressive = fit_basis(caches, RankSpec(energy=0.999, schedule="progressive"))
+    ranks = progressive.ranks("k")
+    assert ranks is not None and list(ranks) == sorted(ranks, reverse=True) and ranks[0] > ranks[-1]
+    keys_only = fit_basis(caches, RankSpec(rank=16, values=False))
+    assert keys_only.ranks("v") is None
+    kv = caches[0]
+    got = decode(encode(kv, QuantConfig("int8"), keys_only), basis=keys_only)
+    assert torch.allclose(got.values, decode(encode(kv, QuantConfig("int8"))).values)
+
+
+def test_rank_spec_validates_its_fields():
+    for bad in (dict(), dict(rank=8, energy=0.9), dict(rank=12), dict(energy=1.5), dict(rank=8, schedule="x")):
+        with pytest.raises(ValueError):
+            RankSpec(**bad)
+    with pytest.raises(ValueError, match="rank"):
+        IndexConfig(rank=10)
+
+
+def test_a_latent_segment_needs_its_own_basis():
+    caches = low_rank_caches(0)
+    basis = fit_basis(caches, RankSpec(rank=8))
+    blob = encode(caches[0], QuantConfig("int4"), basis)
+    with pytest.raises(CorruptSegmentError, match="no low-rank basis"):
+        decode(blob)
+    with pytest.raises(CorruptSegmentError, match="ranks"):
+        decode(blob, basis=fit_basis(caches, RankSpec(rank=16)))
+
+
+def test_index_with_rank_and_a_store_refuses_a_mismatched_basis(tiny_lm, passages_file, tmp_path, embedder):
+    full = tmp_path / "full"
+    config = IndexConfig(quant="int8", rank=16, calibration_passages=4)  # the tiny model's head_dim
+    index(passages_file, full, lm=tiny_lm, embedder=embedder, config=config)
+    plain = tmp_path / "plain"
+    index(passages_file, plain, lm=tiny_lm, embedder=embedder, config=IndexConfig(quant="int8"))
+    low = tmp_path / "low"
+    index(passages_file, low, lm=tiny_lm, embedder=embedder, config=IndexConfig(quant="int8", rank=8))
+    with KVStore.open(full) as a, KVStore.open(plain) as b:
+        lowrank = a.manifest.compression["lowrank"]
+        assert lowrank["ranks_k"] == [16, 16] and lowrank["calibration"] == "input:first-4"
+        assert a.basis_bytes > 0 and b.basis_bytes == 0
+        for entry in a.catalogue.entries():
+            got, want = a.load_kv(entry), b.load_kv(b.entry(entry.id))
+            assert rel_error(got.keys, want.keys) < 0.02 and rel_error(got.values, want.values) < 0.02
+    # resuming reuses the stored basis; another rank on the same store is refused
+    again = index(passages_file, full, lm=tiny_lm, embedder=embedder, config=config)
+    assert again.skipped == 8
+    with pytest.raises(StoreMismatchError):
+        index(passages_file, full, lm=tiny_lm, embedder=embedder, config=IndexConfig(quant="int8", rank=8))
+    shutil.copy(low / "basis.safetensors", full / "basis.safetensors")
+    with KVStore.open(full) as store, pytest.raises(StoreMismatchError, match="basis"):
+        store.load_kv(next(iter(store.catalogue.entries())))
