@@ -52,3 +52,39 @@ def make_tiny_model(
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+class HashEmbedder:
+    """A deterministic bag-of-words embedder with no model: each word a seeded random vector
+    (from its sha256), a text the normalised sum of its words' vectors. Texts sharing words are
+    near each other, as with a real embedder, so approximate indexes are tested on vectors with
+    structure rather than on uniform noise. Picklable (Ray actors build their own copy).
+    """
+
+    def __init__(self, dim: int = 32) -> None:
+        self.dim = dim
+        self.name = f"hash-bow-{dim}"
+        self._vectors: dict = {}
+
+    def _word(self, word: str):
+        import hashlib
+
+        import numpy as np
+
+        if word in self._vectors:
+            return self._vectors[word]
+        seed = int.from_bytes(hashlib.sha256(word.encode("utf-8")).digest()[:8], "little")
+        vector = np.random.default_rng(seed).standard_normal(self.dim).astype(np.float32)
+        if len(self._vectors) < 1 << 16:
+            self._vectors[word] = vector
+        return vector
+
+    def embed(self, texts: list[str]):
+        import numpy as np
+
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for i, text in enumerate(texts):
+            for word in text.lower().split():
+                out[i] += self._word(word)
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        return np.ascontiguousarray(out / np.maximum(norms, 1e-12), dtype=np.float32)

@@ -45,6 +45,12 @@ def _check_values(data: dict[str, Any], where: Path) -> None:
         QuantConfig(comp.get("quant", "none"), comp.get("group_size", 32))
     except (TypeError, ValueError) as exc:
         raise bad("compression", f"is invalid ({exc})") from None
+    encoding = data.get("encoding", {})
+    neighbours = encoding.get("context_neighbors", 0) if isinstance(encoding, dict) else None
+    if type(neighbours) is not int or not 0 <= neighbours < 1 << 10:
+        raise bad("encoding", "needs 'context_neighbors' as a small non-negative integer")
+    if not isinstance(data.get("index", {}), dict):
+        raise bad("index", "is not an object")
     prefix_sha = data.get("prefix_sha256", "")
     if not isinstance(prefix_sha, str) or (prefix_sha and not _SHA256.match(prefix_sha)):
         raise bad("prefix_sha256", "is not a sha256 hex digest")
@@ -58,7 +64,10 @@ class Manifest:
     its config and weights; ``tokenizer_hash`` its vocabulary and chat template; ``template`` the
     split prompt (prefix / passage / suffix); ``compression`` the method and quantization;
     ``embedder`` the retrieval model; ``model_shape`` the cache shape every segment must have;
-    ``prefix_sha256`` the checksum of ``prefix.safetensors`` (set by ``create_store``).
+    ``prefix_sha256`` the checksum of ``prefix.safetensors`` (set by ``create_store``);
+    ``encoding`` how passages were encoded beyond "alone, after the prefix" (``context_neighbors``:
+    :mod:`ragcompress.indexing.neighbours`; empty for plain encoding); ``index`` the FAISS index's
+    type, parameters and measured recall (:mod:`ragcompress.store.ann`; written with the index).
     Every value is validated when a manifest is read, before anything uses it.
     """
 
@@ -72,6 +81,8 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     created: str = field(default="", compare=False)
     prefix_sha256: str = field(default="", compare=False)
+    encoding: dict[str, Any] = field(default_factory=dict)
+    index: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def shape(self) -> ModelShape:
@@ -113,7 +124,7 @@ class Manifest:
         for key, kind in expected.items():
             if not isinstance(data.get(key), kind):
                 raise StoreError(f"{where}: field {key!r} is missing or not a {kind.__name__}")
-        optional = {"format_version", "prefix_sha256"}
+        optional = {"format_version", "prefix_sha256", "encoding", "index"}
         if set(data) - set(expected) - optional:
             raise StoreError(f"{where}: unknown fields {sorted(set(data) - set(expected) - optional)}")
         _check_values(data, where)
@@ -159,6 +170,7 @@ class Manifest:
             ("prompt template", self.template, other.template, None, None),
             ("compression", self.compression, other.compression, None, None),
             ("embedder", self.embedder, other.embedder, None, None),
+            ("passage encoding", self.encoding, other.encoding, None, None),
         ]
         for what, ours, theirs, our_name, their_name in pairs:
             if ours != theirs:

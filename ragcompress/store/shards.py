@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import BinaryIO
 
 import xxhash
 
@@ -80,6 +81,57 @@ def read_blob(root: Path, name: str, offset: int, length: int, expected: str, pa
     if checksum(blob) != expected:
         raise CorruptSegmentError(f"{where}: checksum mismatch in shard {name} at offset {offset}")
     return blob
+
+
+class ClaimedShards:
+    """Appends one worker's blobs to shards that only this worker writes (a Ray indexing actor).
+
+    Each shard is claimed with ``O_CREAT | O_EXCL`` under the first number above every shard in
+    the folder, so workers sharing a store (on one machine or over a shared filesystem) never
+    write into the same file, and a restarted worker starts a fresh shard instead of appending
+    after whatever its killed predecessor half-wrote. The driver holds the store's lock, commits
+    the rows, and its next :class:`ShardWriter` repair truncates or removes what no row points at.
+    """
+
+    def __init__(self, root: Path, max_bytes: int | None = None) -> None:
+        self.root = root
+        self.max_bytes = max_bytes or MAX_SHARD_BYTES
+        self.name, self._handle = self._claim()
+
+    def _claim(self) -> tuple[str, BinaryIO]:
+        directory = self.root / SHARD_DIR
+        numbers = [int(p.name[:5]) for p in directory.iterdir() if _NAME.match(p.name)]
+        number = max(numbers, default=-1) + 1
+        while number < 100_000:
+            name = f"{number:05d}.kvs"
+            try:
+                fd = os.open(directory / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+            except FileExistsError:
+                number += 1
+                continue
+            fsync_dir(directory)
+            return name, os.fdopen(fd, "ab")
+        raise StoreError(f"{directory} has no free shard name left (00000..99999)")
+
+    def append(self, blob: bytes) -> tuple[str, int]:
+        """Write ``blob``; returns ``(shard, offset)``. Not durable until :meth:`sync`."""
+        offset = self._handle.tell()
+        if offset and offset + len(blob) > self.max_bytes:
+            self.sync()
+            self._handle.close()
+            self.name, self._handle = self._claim()
+            offset = 0
+        self._handle.write(blob)
+        return self.name, offset
+
+    def sync(self) -> None:
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+
+    def close(self) -> None:
+        if not self._handle.closed:
+            self.sync()
+            self._handle.close()
 
 
 class ShardWriter:

@@ -31,6 +31,7 @@ from ragcompress.errors import StoreError
 from ragcompress.kv import ModelShape
 from ragcompress.paths import sha256_file
 from ragcompress.store import codec
+from ragcompress.store.ann import stored_vectors
 from ragcompress.store.catalogue import CATALOGUE, Catalogue
 from ragcompress.store.kvstore import INDEX, PREFIX, read_index_meta
 from ragcompress.store.manifest import Manifest
@@ -183,8 +184,10 @@ def _check_index(root: Path, catalogue: Catalogue, count: int, problems: list[Pr
         problems.append(Problem("index", f"{INDEX} is not an id-mapped index"))
         return
     position = {int(row): i for i, row in enumerate(id_map)}
-    flat: Any = faiss.downcast_index(index.index)  # an IndexFlat: its raw vectors are read below
-    stored = faiss.rev_swig_ptr(flat.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
+    stored = stored_vectors(index)  # flat or HNSW: their raw vectors are compared below
+    if stored is None:
+        problems.append(Problem("index", f"{INDEX} is neither a flat nor an HNSW index"))
+        return
     ids = catalogue.ids_by_row()
     for rows, vectors in catalogue.embedding_chunks():
         for row, vector in zip(rows.tolist(), vectors, strict=True):
