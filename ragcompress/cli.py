@@ -142,6 +142,13 @@ def index(
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="rebuild an existing store (swapped in when complete)"),
     batch_size: int = typer.Option(8, "--batch-size", min=1),
+    ray: str | None = typer.Option(
+        None,
+        "--ray",
+        help="index on Ray: 'local' (a Ray instance on this machine) or a cluster ADDRESS (auto, ray://host:port); "
+        "see docs/scaling.md",
+    ),
+    workers: int = typer.Option(2, "--workers", min=1, help="with --ray: actors, each loading the model once"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Index passages into a KV-cache store (resumes: finished passages are skipped)."""
@@ -171,15 +178,31 @@ def index(
         )
     except (ValueError, TypeError) as exc:
         raise RagCompressError(str(exc)) from None
-    report = run_index(
-        input,
-        store,
-        model=model,
-        config=config,
-        overwrite=overwrite,
-        batch_size=batch_size,
-        progress=_show_progress(as_json),
-    )
+    if ray is not None:
+        from ragcompress.indexing.ray_runner import index_on_ray
+
+        if overwrite:
+            raise RagCompressError("--overwrite is single-process only; index into a new --store with --ray")
+        report = index_on_ray(
+            input,
+            store,
+            address=ray,
+            workers=workers,
+            model=model,
+            config=config,
+            batch_size=batch_size,
+            progress=_show_progress(as_json),
+        )
+    else:
+        report = run_index(
+            input,
+            store,
+            model=model,
+            config=config,
+            overwrite=overwrite,
+            batch_size=batch_size,
+            progress=_show_progress(as_json),
+        )
     with KVStore.open(store) as opened:
         sizes = store_sizes(opened)
     data = {**report.to_json(), **sizes}

@@ -57,6 +57,7 @@ def blend_only(engine: Engine, built, segments, entries, recompute):
         ids,
         config,
         first_exact=engine.store.quant.scheme == "none",
+        score_question=engine.tokens.suffix(QUESTION),
     )
 
 
@@ -132,6 +133,8 @@ def test_full_recompute_reproduces_full_prefill(arch, stores):
         RecomputeConfig(0.3, sink_tokens=2, check_layer=2),
         RecomputeConfig(0.0, sink_tokens=3),
         RecomputeConfig(1.0),
+        RecomputeConfig(0.3, selection="question"),
+        RecomputeConfig(0.3, sink_tokens=2, selection="mixed"),
     ],
 )
 @pytest.mark.parametrize("layout", ["uniform", "per-head"])
@@ -186,6 +189,63 @@ def test_selection_is_deterministic_and_sized(stores):
     assert bool((selected >= first).all())  # the first passage is exact on a lossless store
     for start in (first, second):  # every later passage's sinks are in
         assert set(range(start, start + 3)) <= set(selected.tolist())
+
+
+@pytest.mark.parametrize("selection", ["question", "mixed"])
+def test_question_aware_selection_is_deterministic_and_sized(stores, selection):
+    engine = stores("qwen2")
+    entries = engine.retrieve(QUESTION, 3)
+    config = RecomputeConfig(ratio=0.2, selection=selection)
+    runs = [cached_logits(engine, entries, config) for _ in range(2)]
+    assert torch.equal(runs[0][1].selected, runs[1][1].selected)
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert runs[0][1].selected.numel() == round(0.2 * sum(e.num_tokens for e in entries))
+    deviation = cached_logits(engine, entries, RecomputeConfig(ratio=0.2))[1].selected
+    assert not torch.equal(runs[0][1].selected, deviation)  # the ranking is not the deviation's
+
+
+def test_question_selection_picks_what_the_question_attends_to_in_full_prefill(stores):
+    """On a lossless store with check layer 1, the question's layer-1 attention over the passage
+    tokens is full prefill's: the selection must be its top tokens (eager attention, computed
+    independently from the model's own attention weights)."""
+    engine = stores("qwen2")
+    entries = engine.retrieve(QUESTION, 3)
+    ids = engine.full_prompt_ids(QUESTION, entries)
+    model = engine.lm.model
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.inference_mode():
+            out = model(torch.tensor([ids]), output_attentions=True)
+    finally:
+        model.set_attn_implementation(previous)
+    prefix, first = engine.prefix.num_tokens, entries[0].num_tokens
+    total = sum(e.num_tokens for e in entries)
+    question = len(engine.tokens.suffix(QUESTION))
+    weights = out.attentions[1][0, :, -question:, prefix + first : prefix + total]  # [Hq, Q, candidates]
+    relevance = (weights / weights.sum(-1, keepdim=True)).mean(dim=(0, 1))
+    budget = round(0.2 * total)
+    expected = torch.sort(torch.topk(relevance, budget).indices + first).values
+    _, report = cached_logits(engine, entries, RecomputeConfig(ratio=0.2, selection="question"))
+    assert report.selected.tolist() == expected.tolist()
+
+
+def test_question_aware_selection_needs_the_question(stores):
+    engine = stores("qwen2")
+    entries = engine.retrieve(QUESTION, 3)
+    segments = [engine.store.load_kv(e) for e in entries]
+    built = assemble(engine.lm.config, engine.rotary, engine.prefix_keys, engine.prefix, segments, engine.dtype)
+    ids = [engine.tokens.passage(e.text) for e in entries]
+    with pytest.raises(ValueError, match="question"):
+        blend(
+            engine.lm.model,
+            engine.rotary,
+            built,
+            engine.prefix,
+            segments,
+            ids,
+            RecomputeConfig(0.2, selection="question"),
+        )
 
 
 def test_select_tokens_ranks_by_deviation_and_breaks_ties_by_position():
@@ -266,7 +326,15 @@ def test_temperature_scales_only_passage_keys(stores):
 
 
 @pytest.mark.parametrize(
-    "fields", [{"ratio": -0.1}, {"ratio": 1.5}, {"sink_tokens": -1}, {"check_layer": 0}, {"temperature": 0.0}]
+    "fields",
+    [
+        {"ratio": -0.1},
+        {"ratio": 1.5},
+        {"sink_tokens": -1},
+        {"check_layer": 0},
+        {"temperature": 0.0},
+        {"selection": "x"},
+    ],
 )
 def test_config_rejects_bad_values(fields):
     with pytest.raises(ValueError, match=next(iter(fields))):

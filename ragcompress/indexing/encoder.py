@@ -4,9 +4,15 @@ Each passage is run through the model with the shared prefix cache in front of i
 ``len(prefix) …``, exactly as it would sit directly after the prefix in a full prompt. Passages
 are batched with right padding: causal attention means real tokens never see the padding that
 follows them, so a batch computes the same caches as one passage at a time.
+
+With an ``adaptor`` (``ragcompress.distill``, KV-Distill) the passage forwards run with its LoRA
+layers enabled; the prefix, like everything at query time, is the base model's.
 """
 
 from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -16,12 +22,19 @@ from ragcompress.kv.rope import Rotary
 from ragcompress.models import LoadedModel
 from ragcompress.prompt import PromptTemplate, PromptTokens
 
+if TYPE_CHECKING:
+    from ragcompress.distill.adaptor import Adaptor
+
 
 class PassageEncoder:
     """Computes the prefix cache once and passage caches after it (keys un-rotated)."""
 
-    def __init__(self, lm: LoadedModel, template: PromptTemplate) -> None:
+    def __init__(self, lm: LoadedModel, template: PromptTemplate, adaptor: Adaptor | None = None) -> None:
         self.lm = lm
+        self.adaptor = adaptor
+        if adaptor is not None:
+            adaptor.check_model(lm.fingerprint, lm.ref)
+            adaptor.attach(lm.model)
         self.tokens = PromptTokens(template, lm.tokenizer)
         self.rotary = Rotary(lm.model)
         self.prefix_ids = self.tokens.prefix()
@@ -46,20 +59,36 @@ class PassageEncoder:
         return PassageKV.full(torch.stack(keys).contiguous(), torch.stack(values).contiguous())
 
     @torch.inference_mode()
-    def encode(self, passages: list[list[int]]) -> list[PassageKV]:
-        """Full caches of a batch of tokenized passages, each as if right after the prefix."""
+    def encode(self, passages: list[list[int]], contexts: list[list[int]] | None = None) -> list[PassageKV]:
+        """Full caches of a batch of tokenized passages, each as if right after the prefix, or,
+        with ``contexts``, right after the prefix and its context tokens (neighbour-conditioned
+        encoding, :mod:`ragcompress.indexing.neighbours`): only the passage's own rows are kept,
+        keys un-rotated from the positions they were computed at."""
         if not passages:
             return []
-        layers = self.forward(passages)
+        if contexts is None or not any(contexts):
+            layers = self.forward(passages)
+            return [
+                self._unrotate_full(layers, start=self.prefix_len, batch_index=row, length=len(ids))
+                for row, ids in enumerate(passages)
+            ]
+        if len(contexts) != len(passages):
+            raise ValueError(f"{len(contexts)} contexts for {len(passages)} passages")
+        layers = self.forward([ctx + ids for ctx, ids in zip(contexts, passages, strict=True)])
         return [
-            self._unrotate_full(layers, start=self.prefix_len, batch_index=row, length=len(ids))
-            for row, ids in enumerate(passages)
+            self._unrotate_full(layers, start=self.prefix_len + len(ctx), batch_index=row, length=len(ids))
+            for row, (ctx, ids) in enumerate(zip(contexts, passages, strict=True))
         ]
 
     @torch.inference_mode()
     def forward(self, passages: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The model's plain forward over a batch of passages after the cached prefix (right
         padding); per layer the batch's rotated ``(keys, values)`` ``[batch, kv_heads, P + n, d]``."""
+        return self.run(passages)
+
+    def run(self, passages: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`forward` without ``inference_mode``: differentiable with respect to the
+        adaptor's weights when called with gradients enabled (``ragcompress.distill.train``)."""
         batch, n_max, p = len(passages), max(len(ids) for ids in passages), self.prefix_len
         pad_id = self.lm.tokenizer.pad_token_id or 0
         input_ids = torch.full((batch, n_max), pad_id, dtype=torch.long)
@@ -68,13 +97,16 @@ class PassageEncoder:
         for row, ids in enumerate(passages):
             input_ids[row, : len(ids)] = torch.tensor(ids)
             attention[row, p : p + len(ids)] = 1
+        # clone: the prefix was computed in inference mode, and autograd may not save such tensors
         cache = build_dynamic_cache(
             self.lm.config,
-            [k.expand(batch, -1, -1, -1).contiguous() for k, _ in self._prefix_rotated],
-            [v.expand(batch, -1, -1, -1).contiguous() for _, v in self._prefix_rotated],
+            [k.expand(batch, -1, -1, -1).clone() for k, _ in self._prefix_rotated],
+            [v.expand(batch, -1, -1, -1).clone() for _, v in self._prefix_rotated],
         )
         position_ids = torch.arange(p, p + n_max).unsqueeze(0).expand(batch, -1)
-        self.lm.model.model(
-            input_ids=input_ids, attention_mask=attention, position_ids=position_ids, cache=cache, use_cache=True
-        )
+        active = self.adaptor.active(self.lm.model) if self.adaptor is not None else nullcontext()
+        with active:
+            self.lm.model.model(
+                input_ids=input_ids, attention_mask=attention, position_ids=position_ids, cache=cache, use_cache=True
+            )
         return cache_layers(cache)

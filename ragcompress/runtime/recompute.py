@@ -38,6 +38,8 @@ from ragcompress.kv.rope import Rotary
 from ragcompress.runtime.assemble import AssembledCache
 from ragcompress.runtime.calibration import scale_context_keys
 
+SELECTIONS = ("deviation", "question", "mixed")
+
 
 @dataclass(frozen=True)
 class RecomputeConfig:
@@ -49,12 +51,16 @@ class RecomputeConfig:
                  candidates); 1 is CacheBlend's choice
     temperature: APE attention temperature on the passage keys, applied after the recompute
                  (:mod:`ragcompress.runtime.calibration`); 1 leaves the logits unchanged
+    selection:   how tokens are ranked: ``deviation`` (CacheBlend: values that moved most at the
+                 check layer), ``question`` (ProphetKV-style: the question's attention to them at
+                 the check layer) or ``mixed`` (the sum of both, each scaled to its maximum)
     """
 
     ratio: float = 0.0
     sink_tokens: int = 0
     check_layer: int = 1
     temperature: float = 1.0
+    selection: str = "deviation"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio <= 1.0:
@@ -65,6 +71,8 @@ class RecomputeConfig:
             raise ValueError(f"check_layer must be >= 1, got {self.check_layer}")
         if self.temperature <= 0.0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
 
     @classmethod
     def coerce(cls, value: RecomputeConfig | float | None) -> RecomputeConfig:
@@ -256,6 +264,49 @@ def _deviation(
     return diff.sum(0) / kept.sum(0).clamp(min=1)
 
 
+def _question_relevance(
+    model: Any,
+    rotary: Rotary,
+    layout: _Layout,
+    tokens: torch.Tensor,
+    hidden: torch.Tensor,
+    question: torch.Tensor,
+    new_pos: torch.Tensor,
+    layer_idx: int,
+) -> torch.Tensor:
+    """``[S]`` attention the question's tokens pay to passage ``tokens`` at ``layer_idx``.
+
+    hidden ``[1, S, D]`` and question ``[1, Q, D]`` are the inputs of that layer. Queries and keys
+    are the layer's own projections (with its q/k norms where the architecture has them), rotated
+    to their positions; the softmax runs over the passage tokens, per query head and question
+    token, and the weights are averaged over both: how much of the question's reading at this
+    depth lands on each token.
+    """
+    layer = model.model.layers[layer_idx]
+    attn = layer.self_attn
+    kv_heads = layout.shape[1]
+    q_heads = model.config.num_attention_heads
+    q = attn.q_proj(layer.input_layernorm(question))[0].view(question.shape[1], q_heads, -1).transpose(0, 1)
+    k = attn.k_proj(layer.input_layernorm(hidden))[0].view(hidden.shape[1], kv_heads, -1).transpose(0, 1)
+    if getattr(attn, "q_norm", None) is not None:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q = rotary.rotate(q.float(), new_pos.expand(q_heads, -1), layer_idx)
+    k = rotary.rotate(k.float(), layout.token_pos[tokens].expand(kv_heads, -1), layer_idx)
+    k = k.repeat_interleave(q_heads // kv_heads, dim=0)
+    scaling = float(getattr(attn, "scaling", k.shape[-1] ** -0.5))
+    weights = torch.softmax((q @ k.transpose(1, 2)) * scaling, dim=-1)  # [Hq, Q, S]
+    return weights.mean(dim=(0, 1))
+
+
+def _ranking(config: RecomputeConfig, deviation: torch.Tensor, relevance: torch.Tensor | None) -> torch.Tensor:
+    """The score tokens are selected by (largest first)."""
+    if config.selection == "deviation" or relevance is None:
+        return deviation
+    if config.selection == "question":
+        return relevance
+    return deviation / deviation.max().clamp(min=1e-12) + relevance / relevance.max().clamp(min=1e-12)
+
+
 def select_tokens(deviation: torch.Tensor, candidates: torch.Tensor, sinks: torch.Tensor, budget: int) -> torch.Tensor:
     """Sinks plus the ``budget - len(sinks)`` candidates of largest ``deviation`` (``[len(candidates)]``).
 
@@ -282,6 +333,7 @@ def blend(
     *,
     first_exact: bool = False,
     suffix: list[int] | None = None,
+    score_question: list[int] | None = None,
 ) -> BlendReport:
     """Recompute selected passage tokens of ``built`` in place (see the module docstring).
 
@@ -292,6 +344,8 @@ def blend(
                  in the recompute pass (CacheBlend's fused prefill: the weights are read once,
                  not twice), their KV are appended to the cache at ``built.next_position…`` and
                  the report carries the logits of the last one
+    score_question: the question's tokens when they only rank tokens (question-aware selection
+                 without ``suffix``); their rows are removed from the cache again
     """
     for seg, seg_ids in zip(segments, token_ids, strict=True):
         if len(seg_ids) != seg.num_tokens:
@@ -316,6 +370,11 @@ def blend(
     embed = model.model.embed_tokens
     layers = len(model.model.layers)
     check = min(config.check_layer, layers)
+    question_ids = suffix or score_question
+    if config.selection != "deviation" and not question_ids:
+        raise ValueError(f"selection={config.selection!r} ranks tokens by the question; pass its tokens")
+    new_pos = torch.arange(built.next_position, built.next_position + len(question_ids or []))
+    question = None
     if config.ratio > 0.0 and budget < candidates.numel():
         hidden = embed(ids[candidates].unsqueeze(0))
         hidden = _run_layers(model, rotary, layout, built.cache, candidates, hidden, 0, check)
@@ -323,7 +382,30 @@ def blend(
             deviation = _deviation(model, layout, built.cache, candidates, hidden, check)
         else:
             deviation = torch.zeros(candidates.numel())
-        selected = select_tokens(deviation, candidates, sinks, budget)
+        relevance = None
+        if question_ids and (suffix or config.selection != "deviation"):
+            # the question's layers below the check layer run alone (over the refreshed rows)
+            question = _run_layers(
+                model,
+                rotary,
+                layout,
+                built.cache,
+                candidates[:0],
+                embed(torch.tensor([question_ids])),
+                0,
+                check,
+                new_pos,
+            )
+            if config.selection != "deviation" and check < layers:
+                relevance = _question_relevance(model, rotary, layout, candidates, hidden, question, new_pos, check)
+            if not suffix:  # scored only: take its rows back out of the cache
+                for layer in built.cache.layers[:check]:
+                    layer.keys, layer.values = (
+                        layer.keys[:, :, : -len(question_ids)],
+                        layer.values[:, :, : -len(question_ids)],
+                    )
+                question = None
+        selected = select_tokens(_ranking(config, deviation, relevance), candidates, sinks, budget)
         keep = torch.searchsorted(candidates, selected)
         hidden = hidden[:, keep]
         start = check
@@ -334,12 +416,11 @@ def blend(
     if not suffix:
         _run_layers(model, rotary, layout, built.cache, selected, hidden, start, layers)
         return BlendReport(selected, int(candidates.numel()), total)
-    new_pos = torch.arange(built.next_position, built.next_position + len(suffix))
     suffix_ids = torch.tensor([suffix], dtype=torch.long)
-    if start > 0:  # the question's layers below the check layer run alone, before joining
-        question = _run_layers(model, rotary, layout, built.cache, selected[:0], embed(suffix_ids), 0, start, new_pos)
-    else:
+    if question is None:
         question = embed(suffix_ids)
+        if start > 0:  # the question's layers below the check layer run alone, before joining
+            question = _run_layers(model, rotary, layout, built.cache, selected[:0], question, 0, start, new_pos)
     hidden = _run_layers(
         model, rotary, layout, built.cache, selected, torch.cat([hidden, question], dim=1), start, layers, new_pos
     )
@@ -390,6 +471,7 @@ def repair(
             config,
             first_exact=first_exact,
             suffix=suffix if fuse else None,
+            score_question=suffix,
         )
         if report.logits is not None:
             return report.logits
