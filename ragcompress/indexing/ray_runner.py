@@ -1,0 +1,275 @@
+"""Indexing on a Ray cluster: ``ragcompress index --ray [ADDRESS|local] --workers N``.
+
+The work is the single-process write path (:mod:`ragcompress.indexing.run`) split in two:
+
+* **workers** (a Ray Data actor pool, :class:`EncodeActor`): each actor loads the model, the
+  embedder and the store's compressor once, then turns batches of validated passages into
+  records with :meth:`Indexer.records <ragcompress.indexing.Indexer.records>` (the same code,
+  settings read back from the store's manifest), appends the blobs to shard files only it writes
+  (:class:`~ragcompress.store.shards.ClaimedShards`), fsyncs them and returns the catalogue rows;
+* **the driver** (:func:`index_on_ray`) validates the input, creates the store, holds its
+  writer lock, commits the rows batch by batch *in input order*, builds the FAISS index and
+  finally truncates whatever no committed row points at.
+
+Why the bytes are the single-process run's: batches are cut exactly as ``index()`` cuts them
+(``batch_size`` passages in input order, a resumed batch re-encoded whole), a cache depends
+only on its batch (not on the thread count, measured), and rows are committed in input order,
+so catalogue rows (row numbers included) and segment bytes are the same; only the shard file
+and offset of a blob differ (compare with :func:`store_digest`).
+
+Failure handling is Ray's and the store's: Ray Data restarts a killed actor and retries its
+batch (``max_restarts=-1``, ``max_task_retries=-1``, Ray Data's defaults for actor pools); the
+restarted actor claims a new shard, so a half-written blob is never appended to. A killed
+driver releases the lock (``flock``) and its job's actors die with it; the next run repairs
+the shards (:class:`~ragcompress.store.shards.ShardWriter`) and skips committed passages, like
+a resumed single-process run.
+
+Workers on several machines need the store (and a local model directory, if one is used) on a
+filesystem they all mount at the same path: docs/scaling.md.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ragcompress.errors import InputError, StoreError
+from ragcompress.indexing.config import IndexConfig
+from ragcompress.indexing.indexer import Indexer
+from ragcompress.indexing.inputs import PassageInput, iter_passages, validate
+from ragcompress.indexing.run import IndexReport, _batches
+from ragcompress.models import LoadedModel, load_model
+from ragcompress.store import KVStore, Manifest, StoreWriter, create_store
+from ragcompress.store.kvstore import catalogue_row
+from ragcompress.store.shards import ClaimedShards
+
+# Ray Data blocks: one per batch up to this many (finest retry and balance), then batches share
+# blocks. A block is what a killed actor's retry re-runs.
+MAX_BLOCKS = 4096
+
+
+def _passage_json(passage: PassageInput) -> dict[str, Any]:
+    return {"id": passage.id, "text": passage.text, "title": passage.title, "meta": passage.meta}
+
+
+class EncodeActor:
+    """One Ray Data actor: model, embedder and compressor loaded once; shards of its own.
+
+    Called with a one-row batch ``{"batch", "passages", "skip"}`` (JSON strings), it writes the
+    blobs of the passages not in ``skip``, fsyncs them and returns ``{"batch", "rows",
+    "vectors"}``: the catalogue rows without embeddings (JSON) and the embeddings (float32 bytes).
+    """
+
+    def __init__(
+        self,
+        store: str,
+        model_ref: str,
+        threads: int,
+        embedder_factory: Callable[[], Any] | None,
+        max_shard_bytes: int | None = None,
+    ) -> None:
+        import torch
+
+        torch.set_num_threads(threads)
+        root = Path(store)
+        manifest = Manifest.read(root)
+        lm = load_model(model_ref)
+        embedder = embedder_factory() if embedder_factory is not None else None
+        self.indexer = Indexer.for_store(manifest, lm, embedder)
+        self.indexer.prefix_kv  # noqa: B018 - the prefix forward pass once, at start, not in the first batch
+        self.shards = ClaimedShards(root, max_shard_bytes)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out_batch, out_rows, out_vectors = [], [], []
+        for number, payload, skip in zip(batch["batch"], batch["passages"], batch["skip"], strict=True):
+            passages = [PassageInput(**p) for p in json.loads(payload)]
+            records = self.indexer.records(passages, skip=set(json.loads(skip)))
+            rows = [catalogue_row(record, *self.shards.append(record.blob)) for record in records]
+            self.shards.sync()  # durable before the driver can commit a row pointing here
+            vectors = b"".join(row.pop("embedding") for row in rows)
+            out_batch.append(int(number))
+            out_rows.append(json.dumps(rows))
+            out_vectors.append(vectors)
+        return {
+            "batch": np.array(out_batch, dtype=np.int64),
+            "rows": np.array(out_rows, dtype=object),
+            "vectors": np.array(out_vectors, dtype=object),
+        }
+
+
+def _connect(address: str, cpus: int) -> None:
+    """Join the cluster at ``address`` (``auto``, ``ray://host:port``, ``host:port``), or start a
+    local one with ``cpus`` CPUs for ``local``; an already connected driver (tests) is reused."""
+    try:
+        import ray
+    except ImportError:
+        raise InputError("--ray needs Ray: pip install 'ragcompress[ray]'") from None
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {"log_to_driver": False, "include_dashboard": False}
+    if address == "local":
+        ray.init(num_cpus=cpus, **kwargs)
+    else:
+        ray.init(address=address, **kwargs)
+
+
+def _work(writer: StoreWriter, input_path: Path, batch_size: int) -> tuple[list[dict[str, Any]], int]:
+    """The batches still to encode (input order, as ``index()`` cuts them) and the passages skipped.
+
+    A batch whose passages are all committed is left out; a partly committed one is sent whole
+    with the committed ids to skip (its cache bits depend on the whole batch)."""
+    items, skipped = [], 0
+    for number, batch in enumerate(_batches(iter_passages(input_path), batch_size)):
+        known = writer.known_of([p.id for p in batch])
+        skipped += len(known)
+        if len(known) == len(batch):
+            continue
+        items.append(
+            {
+                "batch": number,
+                "passages": json.dumps([_passage_json(p) for p in batch]),
+                "skip": json.dumps(sorted(known)),
+            }
+        )
+    return items, skipped
+
+
+def _results(
+    items: list[dict[str, Any]],
+    store: Path,
+    model_ref: str,
+    workers: int,
+    threads: int,
+    embedder_factory: Callable[[], Any] | None,
+) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+    """``(batch number, catalogue rows)`` in input order, as the actor pool finishes them."""
+    import ray.data
+    from ray.data import ActorPoolStrategy, DataContext
+
+    from ragcompress.store import shards
+
+    DataContext.get_current().execution_options.preserve_order = True
+    DataContext.get_current().enable_progress_bars = False
+    dataset = ray.data.from_items(items, override_num_blocks=min(len(items), MAX_BLOCKS))
+    encoded = dataset.map_batches(
+        EncodeActor,
+        fn_constructor_kwargs={
+            "store": str(store),
+            "model_ref": model_ref,
+            "threads": threads,
+            "embedder_factory": embedder_factory,
+            "max_shard_bytes": shards.MAX_SHARD_BYTES,
+        },
+        batch_size=1,
+        batch_format="numpy",
+        compute=ActorPoolStrategy(size=workers),
+        num_cpus=threads,
+    )
+    for row in encoded.iter_rows():
+        rows = json.loads(row["rows"])
+        vectors = bytes(row["vectors"])
+        width = len(vectors) // len(rows) if rows else 0
+        for i, entry in enumerate(rows):
+            entry["embedding"] = vectors[i * width : (i + 1) * width]
+        yield int(row["batch"]), rows
+
+
+def index_on_ray(
+    input_path: str | Path,
+    store_path: str | Path,
+    *,
+    address: str = "local",
+    workers: int = 2,
+    threads_per_worker: int = 1,
+    model: str | None = None,
+    config: IndexConfig = IndexConfig(),
+    batch_size: int = 8,
+    progress: bool = False,
+    lm: LoadedModel | None = None,
+    embedder_factory: Callable[[], Any] | None = None,
+) -> IndexReport:
+    """Index ``input_path`` into ``store_path`` with ``workers`` Ray actors (module doc).
+
+    ``address``: ``local`` starts a Ray instance on this machine with ``workers *
+    threads_per_worker`` CPUs; anything else is passed to ``ray.init(address=...)``.
+    ``embedder_factory`` builds each actor's embedder (default: the one ``config.embedder``
+    names); it is pickled to the actors, so it must be importable there. ``lm`` is the model the
+    driver needs for the manifest and the prefix cache (loaded from ``model`` when not given).
+    A store built with another model or settings is refused, as by ``index()``; ``--overwrite``
+    is single-process only.
+    """
+    start = time.perf_counter()
+    if workers < 1 or threads_per_worker < 1:
+        raise InputError("--workers and threads per worker must be at least 1")
+    input_path, store_path = Path(input_path), Path(store_path)
+    exists = (store_path / "manifest.json").is_file()
+    if exists:
+        with KVStore.open(store_path) as stored:
+            total = validate(input_path, stored.catalogue.shas_of, str(store_path))
+    else:
+        total = validate(input_path)
+        if store_path.exists() and (not store_path.is_dir() or any(store_path.iterdir())):
+            raise StoreError(f"{store_path} exists and is not a ragcompress store; choose an empty or new --store")
+    lm = lm or load_model(model)
+    embedder = embedder_factory() if embedder_factory is not None else None
+    indexer = Indexer.from_config(lm, config, embedder)
+    unsupported = [key for key in ("context_neighbors", "adaptor") if indexer.manifest.encoding.get(key)]
+    if config.rank_spec() is not None:
+        unsupported.append("low-rank latents")
+    if unsupported:
+        raise InputError(f"{', '.join(unsupported)}: not supported by --ray yet; index in one process")
+    if exists:
+        Manifest.read(store_path).check_same_build(indexer.manifest)
+    else:
+        create_store(store_path, indexer.manifest, indexer.prefix_kv)
+
+    indexed = 0
+    with StoreWriter(store_path) as writer:  # the lock, held to the end; repairs a killed run's shards
+        items, skipped = _work(writer, input_path, batch_size)
+        if items:
+            _connect(address, workers * threads_per_worker)
+            bar = None
+            if progress:
+                from tqdm import tqdm
+
+                bar = tqdm(total=total - skipped, unit="passage", desc="indexing on ray")
+            expected = iter(item["batch"] for item in items)
+            for number, rows in _results(items, store_path, lm.ref, workers, threads_per_worker, embedder_factory):
+                if number != next(expected):  # commits must follow input order (row numbers)
+                    raise StoreError(f"ray returned batch {number} out of order; nothing after it was committed")
+                writer.commit(rows)
+                indexed += len(rows)
+                if bar is not None:
+                    bar.update(len(rows))
+            if bar is not None:
+                bar.close()
+        writer.write_index()
+    StoreWriter(store_path).close()  # truncate what no committed row points at (a killed actor's bytes)
+    return IndexReport(total, indexed, skipped, time.perf_counter() - start, str(store_path))
+
+
+def store_digest(path: str | Path) -> dict[str, Any]:
+    """What two builds of a store must share to hold the same content: every catalogue row
+    (row number, id, title, text, meta, text_sha, length, checksum, token counts, embedding) and
+    the sha256 of every blob read through its own (shard, offset), which may differ between the
+    builds, plus the prefix cache's sha256. ``index.faiss`` is derived and left out."""
+    import hashlib
+
+    from ragcompress.store.shards import read_blob
+
+    rows = []
+    with KVStore.open(path) as store:
+        row_numbers, vectors = store.catalogue.embeddings()
+        embedding = {int(r): hashlib.sha256(v.tobytes()).hexdigest() for r, v in zip(row_numbers, vectors, strict=True)}
+        for entry in store.catalogue.entries():
+            blob = read_blob(store.path, entry.shard, entry.offset, entry.length, entry.checksum, entry.id)
+            fields = {k: v for k, v in vars(entry).items() if k not in ("shard", "offset")}
+            rows.append(
+                {**fields, "embedding_sha256": embedding[entry.row], "blob_sha256": hashlib.sha256(blob).hexdigest()}
+            )
+    return {"prefix_sha256": Manifest.read(Path(path)).prefix_sha256, "rows": rows}

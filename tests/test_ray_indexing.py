@@ -1,0 +1,142 @@
+"""``ragcompress index --ray`` (ragcompress/indexing/ray_runner.py) on a local Ray cluster that the
+module starts (two CPUs, loopback): the same catalogue rows and segment bytes as the
+single-process run; a worker killed mid-batch is retried by Ray; a driver killed mid-run resumes;
+every store verifies. The kill tests are ``slow`` (each restarts Ray actors, tens of seconds on
+two shared cores)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from ragcompress.indexing import IndexConfig, index  # noqa: E402
+from ragcompress.indexing.ray_runner import index_on_ray, store_digest  # noqa: E402
+from ragcompress.store import shards  # noqa: E402
+from ragcompress.store.verify import verify_store  # noqa: E402
+from ragcompress.testing import HashEmbedder  # noqa: E402
+
+DRIVER = Path(__file__).parent / "ray_driver.py"
+BATCH = 4
+N_PASSAGES = 24
+CONFIG = IndexConfig(quant="int8", embedder=HashEmbedder().name)
+SHARD_BYTES = 8 << 10  # shards roll over every few blobs, so workers claim several
+
+
+def _texts(n: int) -> list[dict]:
+    topics = ["rivers", "castles", "comets", "violins", "glaciers", "bridges"]
+    return [
+        {"id": f"doc-{i:03d}", "text": f"Passage {i} is about {topics[i % 6]}. " * (1 + i % 5), "title": f"T{i}"}
+        for i in range(n)
+    ]
+
+
+@pytest.fixture(autouse=True)
+def small_shards(monkeypatch):
+    monkeypatch.setattr(shards, "MAX_SHARD_BYTES", SHARD_BYTES)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ray-corpus") / "passages.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _texts(N_PASSAGES)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_lm, corpus) -> dict:
+    """The single-process store's digest: what every Ray run must reproduce."""
+    store = tmp_path_factory.mktemp("ray-reference") / "store"
+    import ragcompress.store.shards as shard_module
+
+    saved, shard_module.MAX_SHARD_BYTES = shard_module.MAX_SHARD_BYTES, SHARD_BYTES
+    try:
+        index(corpus, store, lm=tiny_lm, embedder=HashEmbedder(), config=CONFIG, batch_size=BATCH)
+    finally:
+        shard_module.MAX_SHARD_BYTES = saved
+    return store_digest(store)
+
+
+def _ray_index(corpus: Path, store: Path, lm, factory=HashEmbedder):
+    return index_on_ray(corpus, store, lm=lm, config=CONFIG, batch_size=BATCH, workers=2, embedder_factory=factory)
+
+
+def _clean(store: Path) -> None:
+    report = verify_store(store)
+    assert report.ok, report.problems
+    assert report.notes == [], report.notes  # no unreferenced shard bytes left behind
+    assert report.passages == N_PASSAGES
+
+
+def test_ray_store_has_the_single_process_bytes(cluster, tmp_path, tiny_lm, corpus, reference):
+    store = tmp_path / "store"
+    report = _ray_index(corpus, store, tiny_lm)
+    assert (report.indexed, report.skipped) == (N_PASSAGES, 0)
+    _clean(store)
+    digest = store_digest(store)
+    assert digest == reference  # rows (numbers included), blobs, embeddings, prefix
+    assert len({p.name for p in (store / "shards").iterdir()}) > 1  # workers' own, rolled-over shards
+    again = _ray_index(corpus, store, tiny_lm)
+    assert (again.indexed, again.skipped) == (0, N_PASSAGES)
+
+
+class KillOnceEmbedder(HashEmbedder):
+    """Kills the actor process it runs in (SIGKILL) at its ``at``-th call: mid-batch, after the
+    forward pass. Only the first actor to get there dies (an ``O_EXCL`` marker), so the retry on the
+    restarted actor goes through."""
+
+    def __init__(self, marker: str, at: int) -> None:
+        super().__init__()
+        self.marker, self.at, self.calls = marker, at, 0
+
+    def embed(self, texts):
+        self.calls += 1
+        if self.calls == self.at:
+            try:
+                os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                pass
+            else:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return super().embed(texts)
+
+
+@pytest.mark.slow
+def test_killed_worker_is_retried(cluster, tmp_path, tiny_lm, corpus, reference):
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    marker = tmp_path / "killed"
+    store = tmp_path / "store"
+    report = _ray_index(corpus, store, tiny_lm, factory=lambda: KillOnceEmbedder(str(marker), at=3))
+    assert marker.exists()  # an actor did die mid-batch
+    assert report.indexed == N_PASSAGES
+    _clean(store)
+    assert store_digest(store) == reference
+
+
+@pytest.mark.slow
+def test_killed_driver_resumes(cluster, tmp_path, tiny_lm, tiny_model_dir, corpus, reference):
+    store = tmp_path / "store"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    args = [sys.executable, str(DRIVER), cluster, str(tiny_model_dir("llama")), str(corpus), str(store), str(BATCH)]
+    done = subprocess.run([*args, "2"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    partial = verify_store(store)
+    assert partial.ok and partial.passages == 2 * BATCH  # the two committed batches, nothing else
+    report = _ray_index(corpus, store, tiny_lm)
+    assert (report.indexed, report.skipped) == (N_PASSAGES - 2 * BATCH, 2 * BATCH)
+    _clean(store)
+    assert store_digest(store) == reference
