@@ -378,6 +378,41 @@ def bench(
 
 
 @app.command()
+def calibrate(
+    store: Path = typer.Option(..., "--store"),
+    samples: int = typer.Option(16, "--samples", min=1, help="passage groups measured"),
+    top_k: int = typer.Option(3, "--top-k", min=1, help="passages per group"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Choose the store's attention temperature (APE) by KL to full prefill, without labels, and
+    record it in the manifest: every stored-cache answer applies it (docs/recompute.md)."""
+    _quiet_libraries()
+    import dataclasses
+
+    from ragcompress.runtime.calibration import calibrate_temperature
+    from ragcompress.runtime.engine import Engine
+    from ragcompress.runtime.options import AnswerOptions
+    from ragcompress.store import Manifest
+    from ragcompress.store.kvstore import StoreLock
+
+    with Engine.open(store, options=AnswerOptions(calibrate=False)) as engine:
+        result = calibrate_temperature(engine, samples=samples, top_k=top_k, progress=_show_progress(as_json))
+    lock = StoreLock(store)
+    try:
+        manifest = Manifest.read(store)
+        dataclasses.replace(manifest, attention=result.as_dict()).write(store)
+    finally:
+        lock.release()
+    table = ", ".join(f"T={t}: {kl:.4f}" for t, kl in result.kl.items())
+    _emit(
+        result.as_dict(),
+        as_json,
+        f"attention temperature {result.temperature:g} recorded in {store}/manifest.json "
+        f"(mean KL to full prefill over {result.samples} groups: {table})",
+    )
+
+
+@app.command()
 def verify(
     store: Path = typer.Option(..., "--store"),
     as_json: bool = typer.Option(False, "--json"),

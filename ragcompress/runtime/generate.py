@@ -181,20 +181,74 @@ def greedy_decode(
     return TokenStream(model, lambda: prepared, max_new_tokens, stop_ids).run()
 
 
-def text_deltas(tokenizer: Any, tokens: Iterable[int]) -> Iterator[str]:
-    """Text pieces as ``tokens`` arrive, whose concatenation equals the stripped decoded answer.
+class TextDeltas:
+    """Text pieces as tokens arrive, pushed one at a time (a batch interleaves several answers);
+    their concatenation equals the stripped decoded answer.
 
     Whitespace at either end is held back, and so is an incomplete multi-byte character, so a
     stream and the non-streaming answer match exactly.
     """
-    generated: list[int] = []
-    emitted = ""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.generated: list[int] = []
+        self.emitted = ""
+
+    def push(self, token: int) -> str | None:
+        """The new text piece after ``token``, if there is one yet."""
+        self.generated.append(token)
+        return self._piece(lambda text: not text.endswith("\ufffd"))
+
+    def finish(self) -> str | None:
+        """What was held back, once the answer is complete."""
+        return self._piece(lambda text: True)
+
+    def _piece(self, ready: Callable[[str], bool]) -> str | None:
+        text = self.tokenizer.decode(self.generated, skip_special_tokens=True).strip()
+        if text.startswith(self.emitted) and ready(text) and len(text) > len(self.emitted):
+            piece = text[len(self.emitted) :]
+            self.emitted = text
+            return piece
+        return None
+
+
+def text_deltas(tokenizer: Any, tokens: Iterable[int]) -> Iterator[str]:
+    """The :class:`TextDeltas` pieces of ``tokens``, as they are decoded."""
+    deltas = TextDeltas(tokenizer)
     for token in tokens:
-        generated.append(token)
-        text = tokenizer.decode(generated, skip_special_tokens=True).strip()
-        if text.startswith(emitted) and not text.endswith("\ufffd") and len(text) > len(emitted):
-            yield text[len(emitted) :]
-            emitted = text
-    final = tokenizer.decode(generated, skip_special_tokens=True).strip()
-    if final.startswith(emitted) and len(final) > len(emitted):
-        yield final[len(emitted) :]
+        piece = deltas.push(token)
+        if piece is not None:
+            yield piece
+    piece = deltas.finish()
+    if piece is not None:
+        yield piece
+
+
+@torch.inference_mode()
+def teacher_forced_logprobs(
+    model: Any, prepared: Prepared, continuation: list[int], keep: int | None = None
+) -> torch.Tensor:
+    """Log-probabilities ``[n, vocab]`` of the next token after every token of
+    ``prepared.input_ids + continuation``, read in one pass over ``prepared.cache`` from
+    ``prepared.position`` on with ``prepared.attention_kwargs`` (the request's own prefill, keeping
+    every position's logits instead of the last one); ``keep``: only the last ``keep`` rows.
+
+    When the request's ``input_ids`` were already prefilled (``prepared.first_logits``: a selective
+    recompute carried the question in its pass), ``first_logits`` is the row of their last token
+    and only ``continuation`` is read, so at most ``len(continuation) + 1`` rows exist.
+    """
+    rows: list[torch.Tensor] = []
+    ids, start = prepared.input_ids + continuation, prepared.position
+    if prepared.first_logits is not None:
+        ids, start = continuation, prepared.position + len(prepared.input_ids)
+        rows.append(prepared.first_logits.float().unsqueeze(0))
+        if keep is None or keep > len(ids) + 1:
+            raise ValueError("the prompt was prefilled by the recompute pass: only its last row is known")
+    if ids:
+        keep_rows = 0 if keep is None else min(keep, len(ids))
+        logits = forward_logits(
+            model, torch.tensor([ids]), prepared.cache, start, keep_rows, **prepared.attention_kwargs
+        )
+        rows.append(logits.float())
+    logits = torch.cat(rows)
+    return (logits if keep is None else logits[-keep:]).log_softmax(-1)

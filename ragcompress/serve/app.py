@@ -28,8 +28,11 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ragcompress.errors import StoreError
+from ragcompress.runtime.batch import BatchStream, batchable
 from ragcompress.runtime.engine import Engine
-from ragcompress.runtime.generate import text_deltas
+from ragcompress.runtime.generate import Prepared, TextDeltas, TokenStream, text_deltas
+from ragcompress.runtime.options import AnswerOptions
+from ragcompress.runtime.prepare import DenseStrategy, choose_strategy
 from ragcompress.runtime.recompute import RecomputeConfig
 from ragcompress.serve.metrics import Metrics
 from ragcompress.serve.protocol import (
@@ -68,6 +71,7 @@ class Result:
     prompt_tokens: int
     finish_reason: str
     settings: dict[str, Any]
+    batch: int = 1
 
     def info(self) -> dict[str, Any]:
         """The response's ``ragcompress`` object."""
@@ -78,6 +82,7 @@ class Result:
             "queue_s": self.queue_s,
             "backend": self.backend,
             "bytes_read": self.bytes_read,
+            "batch": self.batch,
             "settings": self.settings,
         }
 
@@ -96,7 +101,13 @@ class Service:
         self.engine = engine
         self.settings = settings
         self.owns_engine = owns_engine
-        self.worker = Worker(engine, settings.queue_size)
+        self.worker = Worker(
+            engine,
+            settings.queue_size,
+            max_batch=settings.max_batch,
+            run_batch=self.answer_batch,
+            batch_window_s=settings.batch_window_s,
+        )
         self.passages = len(engine.store)
         self.metrics = Metrics(
             waiting=lambda: self.worker.waiting, busy=lambda: float(self.worker.busy), passages=lambda: self.passages
@@ -109,9 +120,10 @@ class Service:
         if self.owns_engine:
             self.engine.close()
 
-    async def submit(self, request: Request, run: Callable[[Any, Job], None]) -> Pending:
+    async def submit(self, request: Request, run: Callable[[Any, Job], None], batch: Any = None) -> Pending:
         """Queue ``run`` for the generation thread; 429 when the queue is full. The job is
-        cancelled if ``request``'s client goes away while it waits."""
+        cancelled if ``request``'s client goes away while it waits. ``batch``: the query, when
+        the job may share a batch (:meth:`answer_batch`)."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
 
@@ -121,7 +133,7 @@ class Service:
             except RuntimeError:  # the loop has closed: nobody waits for this event
                 pass
 
-        job = Job(run, emit)
+        job = Job(run, emit, batch)
         try:
             self.worker.submit(job)
         except QueueFull as full:
@@ -139,14 +151,41 @@ class Service:
 
     # -- work done on the generation thread --------------------------------------------------------
 
-    def answer(self, query: ChatQuery, engine: Engine, job: Job) -> None:
-        """Retrieve (or look up) the passages and decode the answer from their caches."""
-        entries = self._entries(query, engine)
+    def may_batch(self, query: ChatQuery) -> bool:
+        """Whether ``query`` may share a batch: batching is on and its options give a plain
+        dense cache (no recompute, no packed segments)."""
+        if self.settings.max_batch < 2:
+            return False
+        options = self._options(query, self.engine)
+        return not options.recompute.active and isinstance(choose_strategy(self.engine.context, options), DenseStrategy)
+
+    def _options(self, query: ChatQuery, engine: Engine) -> AnswerOptions:
         options = engine.options.replace(max_new_tokens=query.max_new_tokens)
         if query.recompute is not None:
             options = options.replace(recompute=RecomputeConfig(ratio=query.recompute))
+        return options
+
+    def answer(self, query: ChatQuery, engine: Engine, job: Job) -> None:
+        """Retrieve (or look up) the passages and decode the answer from their caches, alone."""
+        entries = self._entries(query, engine)
+        options = self._options(query, engine)
         started = time.perf_counter()
         stream = engine.stream_cached(query.question, entries, options)
+        self._decode(query, engine, job, entries, options, stream, started, 0.0)
+
+    def _decode(
+        self,
+        query: ChatQuery,
+        engine: Engine,
+        job: Job,
+        entries: list[Any],
+        options: AnswerOptions,
+        stream: TokenStream,
+        started: float,
+        ttft_offset_s: float,
+    ) -> None:
+        """Run ``stream`` for one request and report it (``ttft_offset_s``: time spent on it
+        before the stream's own clock started)."""
         token_ids: list[int] = []
 
         def tokens() -> Any:
@@ -164,7 +203,84 @@ class Service:
         else:
             for _ in tokens():
                 pass
-        total_s = time.perf_counter() - started
+        ttft = None if stream.ttft_s is None else ttft_offset_s + stream.ttft_s
+        backend = stream.backend or options.backend
+        self._finish(query, engine, job, entries, options, token_ids, ttft, time.perf_counter() - started, backend)
+
+    def answer_batch(self, engine: Engine, jobs: list[Job]) -> None:
+        """Answer several queued requests together: each is retrieved and its caches prepared,
+        then their questions are prefilled and their answers decoded in one batch
+        (:class:`~ragcompress.runtime.batch.BatchStream`); the answers are the unbatched ones.
+        A request that fails while it is prepared fails alone; one whose prepared cache cannot
+        be batched (per-head eviction masks) is decoded alone."""
+        started = time.perf_counter()
+        members: list[tuple[Job, ChatQuery, list[Any], AnswerOptions, Any]] = []
+        alone: list[tuple[Job, ChatQuery, list[Any], AnswerOptions, Any, float]] = []
+        for job in jobs:
+            query: ChatQuery = job.batch
+            try:
+                entries = self._entries(query, engine)
+                options = self._options(query, engine)
+                prepare_started = time.perf_counter()
+                prepared = engine.prepare(query.question, entries, options)
+            except Exception as exc:
+                job.emit(("error", exc))
+                continue
+            if batchable(prepared):
+                members.append((job, query, entries, options, prepared))
+            else:
+                alone.append((job, query, entries, options, prepared, time.perf_counter() - prepare_started))
+        for job, query, entries, options, prepared, prepare_s in alone:
+            stream = TokenStream(engine.lm.model, partial(_ready, prepared), options.max_new_tokens, engine.stop_ids)
+            self._decode(query, engine, job, entries, options, stream, started, prepare_s)
+        if not members:
+            return
+        batch = BatchStream(
+            engine.lm.model,
+            [m[4] for m in members],
+            [m[3].max_new_tokens for m in members],
+            engine.stop_ids,
+            started,
+        )
+        members = [m[:4] + (None,) for m in members]  # the batch holds the caches from here on
+        tokens: list[list[int]] = [[] for _ in members]
+        deltas = [TextDeltas(engine.lm.tokenizer) if m[1].stream else None for m in members]
+        for i, token in batch:
+            job, query, entries, options, _ = members[i]
+            piece: str | None
+            if token is None:
+                piece = deltas[i].finish() if deltas[i] is not None else None  # type: ignore[union-attr]
+                if piece is not None:
+                    job.emit(("delta", piece))
+                total_s = time.perf_counter() - started
+                ttft = batch.ttft_s[i]
+                self._finish(query, engine, job, entries, options, tokens[i], ttft, total_s, "dense", len(members))
+                continue
+            tokens[i].append(token)
+            if len(tokens[i]) == 1:
+                job.emit(("started", None))
+            delta = deltas[i]
+            if delta is not None:
+                piece = delta.push(token)
+                if piece is not None:
+                    job.emit(("delta", piece))
+            if job.cancelled.is_set():
+                batch.drop(i)
+
+    def _finish(
+        self,
+        query: ChatQuery,
+        engine: Engine,
+        job: Job,
+        entries: list[Any],
+        options: AnswerOptions,
+        token_ids: list[int],
+        ttft_s: float | None,
+        total_s: float,
+        backend: str,
+        batch: int = 1,
+    ) -> None:
+        """The request's :class:`Result`, counted in the metrics and handed back."""
         bytes_read = engine.store.stored_bytes(entries)
         prompt = (
             engine.prefix.num_tokens + sum(e.num_tokens for e in entries) + len(engine.tokens.suffix(query.question))
@@ -173,10 +289,10 @@ class Service:
             text=engine.decode(token_ids),
             token_ids=token_ids,
             passage_ids=[e.id for e in entries],
-            ttft_s=stream.ttft_s,
+            ttft_s=ttft_s,
             total_s=total_s,
             queue_s=(job.started_at or job.submitted_at) - job.submitted_at,
-            backend=stream.backend or options.backend,
+            backend=backend,
             bytes_read=bytes_read,
             prompt_tokens=prompt,
             finish_reason="length" if len(token_ids) >= options.max_new_tokens else "stop",
@@ -187,6 +303,7 @@ class Service:
                 "backend": options.backend,
                 "preset": self.settings.preset,
             },
+            batch=batch,
         )
         metrics = self.metrics
         if result.ttft_s is not None:
@@ -195,6 +312,7 @@ class Service:
         metrics.queue_wait.observe(result.queue_s)
         metrics.bytes_read.inc(bytes_read)
         metrics.tokens.inc(len(token_ids))
+        metrics.batch_size.observe(batch)
         job.emit(("done", result))
 
     def _entries(self, query: ChatQuery, engine: Engine) -> list[Any]:
@@ -231,6 +349,11 @@ class Service:
                 ],
             )
         )
+
+
+def _ready(prepared: Prepared) -> Prepared:
+    """An already prepared request, as the ``prepare`` of a :class:`TokenStream`."""
+    return prepared
 
 
 class ClientGone(Exception):
@@ -343,7 +466,7 @@ async def chat_completions(request: Request) -> Response:
         service.settings,
         service.engine.options.max_new_tokens,
     )
-    pending = await service.submit(request, partial(service.answer, query))
+    pending = await service.submit(request, partial(service.answer, query), query if service.may_batch(query) else None)
     # Wait for the first token (or the end, or an error) before answering: a request that fails
     # while its caches are loaded gets a real status code, even when it asked for a stream.
     first = await pending.until("started", "delta", "done")

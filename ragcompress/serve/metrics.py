@@ -51,6 +51,12 @@ class Metrics:
         self.bytes_read = Counter(
             "ragcompress_bytes_read", "stored bytes of the passage caches read to answer", registry=r
         )
+        self.batch_size = Histogram(
+            "ragcompress_batch_size",
+            "requests decoded together in the batch that answered a request (1: alone)",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=r,
+        )
         self.tokens = Counter("ragcompress_generated_tokens", "tokens generated", registry=r)
         self.queue_depth = Gauge("ragcompress_queue_depth", "requests waiting for the generation thread", registry=r)
         self.queue_depth.set_function(waiting)

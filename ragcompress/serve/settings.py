@@ -23,6 +23,10 @@ class ServeSettings:
     max_question_chars: the longest question (the last user message), in characters
     max_body_bytes:     the largest request body; a larger one answers 413 before it is parsed
     max_messages:       the most chat messages one request may carry
+    max_batch:          chat requests whose forward passes may be batched together
+                        (``runtime.batch``); 1 answers one request at a time (unbatched)
+    batch_window_s:     under concurrent load, how long the generation thread waits for a batch
+                        to fill before it starts one (``serve.worker``)
     """
 
     api_key: str | None = None
@@ -35,6 +39,8 @@ class ServeSettings:
     max_question_chars: int = 4000
     max_body_bytes: int = 1 << 20
     max_messages: int = 256
+    max_batch: int = 8
+    batch_window_s: float = 0.005
 
     def __post_init__(self) -> None:
         for name in (
@@ -45,11 +51,14 @@ class ServeSettings:
             "max_question_chars",
             "max_body_bytes",
             "max_messages",
+            "max_batch",
         ):
             value = getattr(self, name)
             if type(value) is not int or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if self.top_k > self.max_top_k:
             raise ValueError(f"top_k {self.top_k} exceeds max_top_k {self.max_top_k}")
+        if not 0.0 <= self.batch_window_s <= 1.0:
+            raise ValueError(f"batch_window_s must be in [0, 1] seconds, got {self.batch_window_s!r}")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("the API key is empty; give a key or none")

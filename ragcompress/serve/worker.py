@@ -1,6 +1,14 @@
-"""The one generation thread: the engine is not thread-safe, so every use of it runs here, one
-request at a time, in arrival order. Requests wait in a bounded queue; a full queue is refused at
-once (the caller answers 429) instead of growing without bound.
+"""The one generation thread: the engine is not thread-safe, so every use of it runs here, in
+arrival order. Requests wait in a bounded queue; a full queue is refused at once (the caller
+answers 429) instead of growing without bound.
+
+Batching (``max_batch`` > 1): jobs that may share forward passes (``Job.batch`` set) and are
+waiting when the thread takes one are run together by ``run_batch``, up to ``max_batch`` of them
+(``runtime.batch``: on this CPU a decoding step over 8 rows costs about one over 1 row). A batch is
+formed when the thread becomes free and runs to its end; a request arriving meanwhile waits for the
+next batch. While requests come concurrently (the last batch held more than one), the thread
+waits up to ``batch_window_s`` for a batch to fill, since clients answered by the last batch
+resubmit a moment after it ends. ``max_batch`` 1 runs every job alone (the unbatched path).
 
 A :class:`Job` reports back through ``emit`` (called on this thread; the app hands it a function
 that puts events on the request's asyncio queue) and is told to stop through ``cancelled`` (set
@@ -41,6 +49,7 @@ class Job:
 
     run: Callable[[Any, Job], None]
     emit: Callable[[Event], None]
+    batch: Any = None  # what ``run_batch`` needs when this job may share a batch; None: it runs alone
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted_at: float = field(default_factory=time.perf_counter)
     started_at: float | None = None
@@ -50,11 +59,27 @@ class Job:
 
 
 class Worker:
-    """A thread that runs :class:`Job`s on ``engine`` one at a time; at most ``queue_size`` wait."""
+    """A thread that runs :class:`Job`s on ``engine`` (alone, or up to ``max_batch`` batchable
+    ones together through ``run_batch``); at most ``queue_size`` wait."""
 
-    def __init__(self, engine: Any, queue_size: int) -> None:
+    def __init__(
+        self,
+        engine: Any,
+        queue_size: int,
+        *,
+        max_batch: int = 1,
+        run_batch: Callable[[Any, list[Job]], None] | None = None,
+        batch_window_s: float = 0.0,
+    ) -> None:
+        if max_batch > 1 and run_batch is None:
+            raise ValueError("batching needs run_batch")
         self.engine = engine
         self.queue_size = queue_size
+        self.max_batch = max_batch
+        self.run_batch = run_batch
+        self.batch_window_s = batch_window_s
+        self._last_group = 1
+        self.batches: dict[int, int] = {}  # batch size -> batches run (metrics, the load benchmark)
         self._jobs: deque[Job] = deque()
         self._cv = threading.Condition()
         self._busy = False
@@ -90,20 +115,48 @@ class Worker:
                     self._cv.wait()
                 if not self._jobs:
                     return
-                job = self._jobs.popleft()
+                group = self._take()
                 self._busy = True
             try:
-                if not job.cancelled.is_set():
-                    job.started_at = time.perf_counter()
-                    job.run(self.engine, job)
-                    self._service_s = 0.8 * self._service_s + 0.2 * (time.perf_counter() - job.started_at)
+                group = [job for job in group if not job.cancelled.is_set()]
+                started = time.perf_counter()
+                for job in group:
+                    job.started_at = started
+                if len(group) == 1:
+                    group[0].run(self.engine, group[0])
+                elif group:
+                    assert self.run_batch is not None
+                    self.run_batch(self.engine, group)
+                if group:
+                    per_job = (time.perf_counter() - started) / len(group)
+                    self._service_s = 0.8 * self._service_s + 0.2 * per_job
+                    self.batches[len(group)] = self.batches.get(len(group), 0) + 1
+                    self._last_group = len(group)
             except BaseException as exc:  # one request's failure never ends the thread
                 if not isinstance(exc, Exception):
                     log.exception("generation thread: unexpected %s", type(exc).__name__)
-                job.emit(("error", exc))
+                for job in group:
+                    job.emit(("error", exc))
             finally:
                 with self._cv:
                     self._busy = False
+
+    def _take(self) -> list[Job]:
+        """The next job, and (batching) the batchable jobs waiting with it, in arrival order.
+        Called with the lock held."""
+        first = self._jobs.popleft()
+        group = [first]
+        if self.max_batch < 2 or first.batch is None:
+            return group
+        deadline = time.perf_counter() + (self.batch_window_s if self._last_group > 1 else 0.0)
+        while True:
+            for job in [job for job in self._jobs if job.batch is not None][: self.max_batch - len(group)]:
+                self._jobs.remove(job)
+                group.append(job)
+            left = deadline - time.perf_counter()
+            if len(group) >= self.max_batch or left <= 0 or self._stopping:
+                return group
+            self._cv.wait(left)
 
     def close(self, timeout: float | None = None) -> None:
         """Finish the queued jobs, then stop the thread (new submissions are refused)."""
