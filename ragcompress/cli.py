@@ -233,6 +233,58 @@ def store_sizes(store: Any) -> dict[str, Any]:
 
 
 @app.command()
+def train(
+    model: str | None = typer.Option(None, "--model", help="embedded model name or local HF directory"),
+    passages: Path = typer.Option(..., "--passages", help="JSONL of {id, title, text} (articles split by title)"),
+    questions: Path = typer.Option(..., "--questions", help="JSONL of {id, question, answers, passage_id}"),
+    out: Path = typer.Option(..., "--out", help="output folder (resumes from its checkpoint.pt)"),
+    val_articles: str | None = typer.Option(
+        None, "--val-articles", help="comma-separated held-out titles (default: every third title, sorted)"
+    ),
+    steps: int = typer.Option(150, "--steps", min=1, help="optimizer steps"),
+    minutes: float = typer.Option(40.0, "--minutes", help="stop training after this many minutes"),
+    batch: int = typer.Option(4, "--batch", min=1, help="examples per optimizer step"),
+    lr: float = typer.Option(3e-4, "--lr"),
+    rank: int = typer.Option(8, "--rank", min=1),
+    train_questions: int = typer.Option(0, "--train-questions", min=0, help="0: all training questions"),
+    val_examples: int = typer.Option(16, "--val-examples", min=1),
+    continuation: int = typer.Option(32, "--continuation", min=1, help="reconstruction tokens per example"),
+    scorer_passages: int = typer.Option(40, "--scorer-passages", min=0, help="passages the scorer is fitted on"),
+    eval_every: int = typer.Option(10, "--eval-every", min=1),
+    threads: int = typer.Option(2, "--threads", min=1),
+) -> None:
+    """Train a KV-Distill passage adaptor and its learned retention scorer (docs/distill.md)."""
+    _quiet_libraries()
+    import torch
+
+    from ragcompress.distill.train import TrainConfig
+    from ragcompress.distill.train import train as run_train
+    from ragcompress.models import load_model
+
+    torch.set_num_threads(threads)
+    config = TrainConfig(
+        steps=steps,
+        minutes=minutes,
+        batch=batch,
+        lr=lr,
+        rank=rank,
+        alpha=2 * rank,
+        train_questions=train_questions,
+        val_examples=val_examples,
+        continuation=continuation,
+        scorer_passages=scorer_passages,
+        eval_every=eval_every,
+        val_articles=[t for t in (val_articles or "").split(",") if t],
+    )
+    adaptor = run_train(load_model(model), passages, questions, out, config, progress=True)
+    metrics = adaptor.meta["metrics"]
+    typer.echo(
+        f"adaptor {adaptor.hash[:16]} -> {out / 'adaptor'}; held-out KL (answer) "
+        f"{metrics['held_out_start']['kl_answer']:.4f} -> {metrics['held_out_end']['kl_answer']:.4f}"
+    )
+
+
+@app.command()
 def ask(
     store: Path = typer.Option(..., "--store"),
     question: str = typer.Option(..., "--question"),

@@ -16,6 +16,7 @@ from ragcompress.compressors.base import Compressor
 from ragcompress.compressors.expected_attention import ExpectedAttentionCompressor
 from ragcompress.compressors.knorm import KnormCompressor
 from ragcompress.compressors.kvzip import KVzipCompressor
+from ragcompress.compressors.learned import LearnedCompressor
 from ragcompress.compressors.none import NoCompression
 from ragcompress.compressors.scorer import ScorerCompressor
 from ragcompress.compressors.snapkv import SnapKVCompressor
@@ -30,6 +31,7 @@ METHODS: dict[str, type[Compressor]] = {
         SnapKVCompressor,
         ExpectedAttentionCompressor,
         KVzipCompressor,
+        LearnedCompressor,
         AdaptiveBudget,
         GlobalBudget,
     )

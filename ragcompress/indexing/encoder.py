@@ -5,13 +5,13 @@ Each passage is run through the model with the shared prefix cache in front of i
 are batched with right padding: causal attention means real tokens never see the padding that
 follows them, so a batch computes the same caches as one passage at a time.
 
-With an ``adaptor`` (``ragcompress.distill``, KV-Distill) the passage forwards run with its LoRA
-layers enabled; the prefix, like everything at query time, is the base model's.
+With an ``adaptor`` (``ragcompress.distill``, KV-Distill) each passage's cache is corrected by
+the adaptor from the inputs of the key/value projections of the same (base) forward; the prefix,
+like everything at query time, is the base model's.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
 import torch
@@ -34,7 +34,6 @@ class PassageEncoder:
         self.adaptor = adaptor
         if adaptor is not None:
             adaptor.check_model(lm.fingerprint, lm.ref)
-            adaptor.attach(lm.model)
         self.tokens = PromptTokens(template, lm.tokenizer)
         self.rotary = Rotary(lm.model)
         self.prefix_ids = self.tokens.prefix()
@@ -67,28 +66,36 @@ class PassageEncoder:
         if not passages:
             return []
         if contexts is None or not any(contexts):
-            layers = self.forward(passages)
-            return [
-                self._unrotate_full(layers, start=self.prefix_len, batch_index=row, length=len(ids))
-                for row, ids in enumerate(passages)
-            ]
+            contexts = [[] for _ in passages]
         if len(contexts) != len(passages):
             raise ValueError(f"{len(contexts)} contexts for {len(passages)} passages")
-        layers = self.forward([ctx + ids for ctx, ids in zip(contexts, passages, strict=True)])
-        return [
-            self._unrotate_full(layers, start=self.prefix_len + len(ctx), batch_index=row, length=len(ids))
-            for row, (ctx, ids) in enumerate(zip(contexts, passages, strict=True))
-        ]
+        layers, inputs = self.forward_capturing([ctx + ids for ctx, ids in zip(contexts, passages, strict=True)])
+        caches = []
+        for row, (ctx, ids) in enumerate(zip(contexts, passages, strict=True)):
+            kv = self._unrotate_full(layers, start=self.prefix_len + len(ctx), batch_index=row, length=len(ids))
+            if self.adaptor is not None and inputs is not None:
+                kv = self.adaptor.apply(kv, inputs[:, row, len(ctx) : len(ctx) + len(ids)])
+            caches.append(kv)
+        return caches
+
+    @torch.inference_mode()
+    def forward_capturing(
+        self, passages: list[list[int]]
+    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]:
+        """:meth:`forward`, and with an adaptor the inputs of every layer's key/value projections
+        ``[layers, batch, n_max, hidden]`` (what the adaptor corrects the cache from)."""
+        if self.adaptor is None:
+            return self.forward(passages), None
+        from ragcompress.distill.adaptor import ProjectionInputs
+
+        with ProjectionInputs(self.lm.model) as captured:
+            layers = self.forward(passages)
+        return layers, torch.stack([x for x in captured.inputs if x is not None])
 
     @torch.inference_mode()
     def forward(self, passages: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The model's plain forward over a batch of passages after the cached prefix (right
         padding); per layer the batch's rotated ``(keys, values)`` ``[batch, kv_heads, P + n, d]``."""
-        return self.run(passages)
-
-    def run(self, passages: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """:meth:`forward` without ``inference_mode``: differentiable with respect to the
-        adaptor's weights when called with gradients enabled (``ragcompress.distill.train``)."""
         batch, n_max, p = len(passages), max(len(ids) for ids in passages), self.prefix_len
         pad_id = self.lm.tokenizer.pad_token_id or 0
         input_ids = torch.full((batch, n_max), pad_id, dtype=torch.long)
@@ -97,16 +104,13 @@ class PassageEncoder:
         for row, ids in enumerate(passages):
             input_ids[row, : len(ids)] = torch.tensor(ids)
             attention[row, p : p + len(ids)] = 1
-        # clone: the prefix was computed in inference mode, and autograd may not save such tensors
         cache = build_dynamic_cache(
             self.lm.config,
-            [k.expand(batch, -1, -1, -1).clone() for k, _ in self._prefix_rotated],
-            [v.expand(batch, -1, -1, -1).clone() for _, v in self._prefix_rotated],
+            [k.expand(batch, -1, -1, -1).contiguous() for k, _ in self._prefix_rotated],
+            [v.expand(batch, -1, -1, -1).contiguous() for _, v in self._prefix_rotated],
         )
         position_ids = torch.arange(p, p + n_max).unsqueeze(0).expand(batch, -1)
-        active = self.adaptor.active(self.lm.model) if self.adaptor is not None else nullcontext()
-        with active:
-            self.lm.model.model(
-                input_ids=input_ids, attention_mask=attention, position_ids=position_ids, cache=cache, use_cache=True
-            )
+        self.lm.model.model(
+            input_ids=input_ids, attention_mask=attention, position_ids=position_ids, cache=cache, use_cache=True
+        )
         return cache_layers(cache)

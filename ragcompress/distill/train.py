@@ -1,0 +1,501 @@
+"""``ragcompress train``: KV-Distill for precomputed passage caches.
+
+The student is what ragcompress serves: every retrieved passage encoded *alone* after the
+prefix (with the adaptor's LoRA layers on), its cache moved to the position it takes in the
+prompt, and the frozen base model reading the question over those caches. The teacher is the
+base model's full prefill of the same token ids. The loss is the KL divergence between the
+teacher's and the student's next-token distributions:
+
+* over the answer: the teacher's own greedy answer (what "agreement with full prefill"
+  measures), teacher-forced, from the question's last token to the answer's end;
+* over a question-independent continuation: after KVzip's "Repeat the previous passage
+  exactly." the first ``CONTINUATION`` tokens of the last passage (reconstruction, so the caches
+  keep what any question could need, not only what the training questions asked).
+
+Teacher distributions are computed once and cached (``teacher.pt``), as their top ``top_k``
+tokens plus the remaining mass: the KL is then exact between the teacher's and the student's
+distributions coarsened to those ``top_k + 1`` outcomes (a lower bound of the full KL, and
+equal to it when the teacher's mass sits in its top tokens; ``benchmarks/distill_eval.py``
+reports the full KL). Examples are built by retrieval: each training question's ``top_k``
+passages retrieved over the *training* passages, in retrieval order, so the adaptor learns to
+be read beside other passages. Validation questions and passages come from held-out articles
+(``split_articles``), never trained on.
+
+Training is resumable (``checkpoint.pt`` every ``checkpoint_every`` steps), shows a progress
+bar, and ends by fitting the learned retention scorer (``scorer.py``) on the adaptor's caches of
+the training passages, saving the adaptor (``adaptor/``), the history and a loss-curve plot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ragcompress.compressors.base import CompressionContext
+from ragcompress.compressors.kvzip import REPEAT_PROMPT, KVzipCompressor
+from ragcompress.distill import scorer as learned_scorer
+from ragcompress.distill.adaptor import FACTORS, SCORER_BIAS, SCORER_WEIGHT, Adaptor
+from ragcompress.evaluation import Question, read_questions
+from ragcompress.indexing.encoder import PassageEncoder
+from ragcompress.indexing.inputs import PassageInput, iter_passages
+from ragcompress.kv.cache import build_dynamic_cache
+from ragcompress.kv.rope import rotate_half
+from ragcompress.models import LoadedModel
+from ragcompress.prompt import PromptTemplate
+from ragcompress.runtime.generate import forward_logits, stop_token_ids
+
+CONTINUATION = 32  # reconstruction tokens per example
+MAX_ANSWER = 16  # teacher's greedy answer length cap
+
+
+@dataclass
+class TrainConfig:
+    """Every training setting (recorded in the adaptor's JSON)."""
+
+    top_k: int = 3  # passages retrieved per question
+    rank: int = 8
+    alpha: int = 16
+    lr: float = 3e-4
+    batch: int = 4  # examples per optimizer step (gradient accumulation)
+    steps: int = 150
+    minutes: float = 40.0  # stop training after this long (then fit the scorer and save)
+    continuation_weight: float = 0.5
+    teacher_top: int = 64  # teacher tokens kept per position
+    val_examples: int = 16
+    train_questions: int = 0  # 0: every training question; else that many, evenly spaced
+    continuation: int = CONTINUATION
+    eval_every: int = 10
+    checkpoint_every: int = 5
+    scorer_passages: int = 40
+    seed: int = 0
+    val_articles: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Example:
+    """One training/validation example: retrieved passages, the question's suffix, the teacher's
+    answer and, for the answer and the continuation objectives, the teacher's top tokens."""
+
+    qid: str
+    passages: list[list[int]]
+    suffix: list[int]
+    answer: list[int]
+    qa_idx: torch.Tensor  # [len(answer) + 1, top] int64
+    qa_lp: torch.Tensor  # [len(answer) + 1, top] log-probs
+    cont_suffix: list[int]
+    cont: list[int]
+    cont_idx: torch.Tensor  # [len(cont), top]
+    cont_lp: torch.Tensor
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+
+def article_of(passage: PassageInput) -> str:
+    return passage.title or passage.id.split("#")[0]
+
+
+def split_articles(titles: list[str], val_articles: list[str] | None = None) -> list[str]:
+    """Held-out articles: ``val_articles`` if given, else every third title in sorted order."""
+    ordered = sorted(set(titles))
+    chosen = list(val_articles) if val_articles else ordered[::3]
+    unknown = sorted(set(chosen) - set(ordered))
+    if unknown:
+        raise ValueError(f"validation articles not in the passages: {unknown}")
+    if len(chosen) == len(ordered):
+        raise ValueError("every article is held out; nothing is left to train on")
+    return chosen
+
+
+def data_hash(passages_path: Path, questions_path: Path, val_articles: list[str]) -> str:
+    digest = hashlib.sha256()
+    for path in (passages_path, questions_path):
+        digest.update(path.read_bytes())
+    digest.update(json.dumps(sorted(val_articles)).encode())
+    return digest.hexdigest()
+
+
+@dataclass
+class Corpus:
+    """Passages and questions of one side of the split, with retrieval over its passages."""
+
+    passages: list[PassageInput]
+    questions: list[Question]
+    vectors: np.ndarray
+
+    def retrieve(self, question_vectors: np.ndarray, k: int) -> list[list[int]]:
+        scores = question_vectors @ self.vectors.T
+        return [list(np.argsort(-row, kind="stable")[:k]) for row in scores]
+
+
+def load_corpora(passages_path: Path, questions_path: Path, val_articles: list[str]) -> tuple[Corpus, Corpus]:
+    from ragcompress.retrieval import Embedder
+
+    passages = list(iter_passages(passages_path))
+    questions = read_questions(questions_path)
+    article = {p.id: article_of(p) for p in passages}
+    embedder = Embedder()
+    sides = []
+    for held_out in (False, True):
+        ps = [p for p in passages if (article_of(p) in val_articles) == held_out]
+        qs = [q for q in questions if (article.get(q.passage_id or "", "") in val_articles) == held_out]
+        sides.append(Corpus(ps, qs, embedder.embed([p.text for p in ps])))
+    train, val = sides
+    ids_train = {article_of(p) for p in train.passages}
+    if ids_train & {article_of(p) for p in val.passages}:
+        raise AssertionError("an article is on both sides of the split")
+    return train, val
+
+
+# -- teacher and student ------------------------------------------------------------------------
+
+
+def binned_kl(teacher_idx: torch.Tensor, teacher_lp: torch.Tensor, student_lp: torch.Tensor) -> torch.Tensor:
+    """Per-row KL(teacher || student) over the teacher's top tokens plus one "rest" outcome.
+
+    teacher_idx, teacher_lp: ``[rows, top]``; student_lp: ``[rows, vocab]`` log-probabilities.
+    """
+    p = teacher_lp.exp()
+    q_top = student_lp.gather(-1, teacher_idx)
+    p_rest = (1.0 - p.sum(-1)).clamp_min(1e-8)
+    q_rest = (1.0 - q_top.exp().sum(-1)).clamp_min(1e-8)
+    return (p * (teacher_lp - q_top)).sum(-1) + p_rest * (p_rest.log() - q_rest.log())
+
+
+class Distiller:
+    """The teacher (base model, full prefill) and the student (adaptor-encoded, independently
+    cached passages, base model reading the question) over one loaded model."""
+
+    def __init__(
+        self, lm: LoadedModel, adaptor: Adaptor, teacher_top: int = 64, continuation: int = CONTINUATION
+    ) -> None:
+        self.lm = lm
+        self.model = lm.model
+        self.template = PromptTemplate.from_tokenizer(lm.tokenizer)
+        self.encoder = PassageEncoder(lm, self.template, adaptor)
+        self.tokens = self.encoder.tokens
+        self.rotary = self.encoder.rotary
+        self.prefix_ids = self.encoder.prefix_ids
+        # plain tensors (the prefix was computed in inference mode)
+        self.prefix_layers = [(k.clone(), v.clone()) for k, v in self.encoder._prefix_rotated]
+        if any(getattr(self.model.config, "layer_types", None) or []) and len(set(self.model.config.layer_types)) > 1:
+            raise ValueError("training places caches with one RoPE table; this model mixes layer types")
+        self.stop_ids = stop_token_ids(lm.tokenizer, lm.model)
+        self.teacher_top = teacher_top
+        self.continuation = continuation
+        self._passages: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        scaling = float(getattr(self.model.model.rotary_emb, "attention_scaling", 1.0) or 1.0)
+        if abs(scaling - 1.0) > 1e-6:
+            raise ValueError("training moves caches by composing RoPE rotations; this model scales its RoPE")
+
+    # teacher ---------------------------------------------------------------------------------
+
+    def _top(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lp = logits.float().log_softmax(-1)
+        values, idx = lp.topk(self.teacher_top, dim=-1)
+        return idx, values
+
+    @torch.no_grad()
+    def teacher(self, qid: str, passages: list[list[int]], question: str) -> Example:
+        """The base model's full prefill of prefix + passages, read once (its cache is cropped
+        back to the passages for the second objective): greedy answer and top tokens."""
+        context = list(self.prefix_ids) + [t for ids in passages for t in ids]
+        out = self.model(input_ids=torch.tensor([context]), use_cache=True, logits_to_keep=1)
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        suffix = self.tokens.suffix(question)
+        rows = [forward_logits(self.model, torch.tensor([suffix]), cache, len(context), 1)[-1]]
+        answer: list[int] = []
+        while int(rows[-1].argmax()) not in self.stop_ids and len(answer) < MAX_ANSWER:
+            answer.append(int(rows[-1].argmax()))  # each step's row is the teacher-forced row
+            rows.append(
+                forward_logits(
+                    self.model, torch.tensor([answer[-1:]]), cache, len(context) + len(suffix) + len(answer) - 1, 1
+                )[-1]
+            )
+        qa_idx, qa_lp = self._top(torch.stack(rows))
+        cache.crop(len(context) - cache.get_seq_length())
+        cont_suffix = self.tokens.suffix(REPEAT_PROMPT)
+        cont = passages[-1][: self.continuation]
+        logits = forward_logits(self.model, torch.tensor([cont_suffix + cont]), cache, len(context), len(cont) + 1)
+        cont_idx, cont_lp = self._top(logits[:-1])
+        return Example(qid, passages, suffix, answer, qa_idx, qa_lp, cont_suffix, cont, cont_idx, cont_lp)
+
+    # student ---------------------------------------------------------------------------------
+
+    def base_passage(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The base model's cache of one passage after the prefix (keys un-rotated,
+        ``[layers, kv_heads, n, d]``) and its projection inputs ``[layers, n, hidden]``:
+        computed once per passage, reused by every step (plain tensors, no graph)."""
+        layers, inputs = self.encoder.forward_capturing([ids])
+        kv = self.encoder._unrotate_full(layers, start=len(self.prefix_ids), batch_index=0, length=len(ids))
+        assert inputs is not None
+        return kv.keys.clone(), kv.values.clone(), inputs[:, 0].clone()
+
+    def student_cache_tensors(
+        self, passages: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+        """Per layer ``[1, kv_heads, T, d]`` keys and values of the prefix and the adaptor's caches
+        of ``passages`` (each encoded alone, placed one after another as the runtime places
+        them), differentiable in the adaptor's factors; ``T``."""
+        adaptor = self.encoder.adaptor
+        assert adaptor is not None
+        start = len(self.prefix_ids)
+        keys = [[k] for k, _ in self.prefix_layers]
+        values = [[v] for _, v in self.prefix_layers]
+        for base_k, base_v, x in passages:
+            heads, n = base_k.shape[1], base_k.shape[2]
+            k = base_k + adaptor.delta("k", x, heads)
+            v = base_v + adaptor.delta("v", x, heads)
+            cos, sin = self.rotary.cos_sin(torch.arange(start, start + n), 0)  # [n, d]
+            k = k * cos + rotate_half(k) * sin
+            for layer in range(k.shape[0]):
+                keys[layer].append(k[layer].unsqueeze(0))
+                values[layer].append(v[layer].unsqueeze(0))
+            start += n
+        return [torch.cat(k, dim=2) for k in keys], [torch.cat(v, dim=2) for v in values], start
+
+    def student_logprobs(
+        self, keys: list[torch.Tensor], values: list[torch.Tensor], total: int, ids: list[int], rows: int
+    ) -> torch.Tensor:
+        """Log-probabilities of the last ``rows`` positions of ``ids`` read over the cache."""
+        cache = build_dynamic_cache(self.lm.config, keys, values)
+        logits = forward_logits(self.model, torch.tensor([ids]), cache, total, rows)
+        return logits.float().log_softmax(-1)
+
+    def passage(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`base_passage`, memoised by token ids."""
+        key = tuple(ids)
+        if key not in self._passages:
+            self._passages[key] = self.base_passage(ids)
+        return self._passages[key]
+
+    def losses(self, example: Example) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean per-token binned KL over the answer rows and over the continuation rows."""
+        keys, values, total = self.student_cache_tensors([self.passage(ids) for ids in example.passages])
+        qa = self.student_logprobs(keys, values, total, example.suffix + example.answer, len(example.answer) + 1)
+        cont_ids = example.cont_suffix + example.cont
+        cont = self.student_logprobs(keys, values, total, cont_ids, len(example.cont) + 1)[:-1]
+        return (
+            binned_kl(example.qa_idx, example.qa_lp, qa).mean(),
+            binned_kl(example.cont_idx, example.cont_lp, cont).mean(),
+        )
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+
+def _build_examples(distiller: Distiller, corpus: Corpus, k: int, limit: int | None, desc: str) -> list[Example]:
+    from tqdm import tqdm
+
+    from ragcompress.retrieval import Embedder
+
+    questions = corpus.questions[:limit] if limit else corpus.questions
+    if limit:  # evenly spaced over the (article-grouped) file
+        step = len(corpus.questions) / limit
+        questions = [corpus.questions[int(i * step)] for i in range(min(limit, len(corpus.questions)))]
+    vectors = Embedder().embed([q.question for q in questions])
+    retrieved = corpus.retrieve(vectors, k)
+    examples = []
+    for q, rows in tqdm(list(zip(questions, retrieved, strict=True)), desc=desc, unit="question"):
+        passages = [distiller.tokens.passage(corpus.passages[i].text) for i in rows]
+        examples.append(distiller.teacher(q.id, passages, q.question))
+    return examples
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def validation_loss(distiller: Distiller, examples: list[Example]) -> dict[str, float]:
+    with torch.no_grad():
+        pairs = [distiller.losses(e) for e in examples]
+    return {
+        "kl_answer": float(np.mean([float(a) for a, _ in pairs])),
+        "kl_cont": float(np.mean([float(c) for _, c in pairs])),
+    }
+
+
+def plot_history(history: dict[str, Any], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    train = history["train"]
+    if train:
+        steps = [r["step"] for r in train]
+        for key, style in (("kl_answer", "-"), ("kl_cont", "--")):
+            ys = [r[key] for r in train]
+            window = 5
+            smooth = [float(np.mean(ys[max(0, i - window + 1) : i + 1])) for i in range(len(ys))]
+            ax.plot(steps, smooth, style, color="C0", label=f"train {key} (mean of 5 steps)")
+    val = history["val"]
+    for key, style in (("kl_answer", "-o"), ("kl_cont", "--s")):
+        ax.plot([r["step"] for r in val], [r[key] for r in val], style, color="C1", label=f"held-out {key}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("KL(full prefill || cached), nats/token (top-k binned)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def fit_scorer(
+    distiller: Distiller, passages: list[PassageInput], limit: int
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """KVzip scores of the adaptor's caches of up to ``limit`` training passages -> the probe."""
+    from tqdm import tqdm
+
+    kvzip = KVzipCompressor(ratio=0.5)
+    samples = []
+    step = max(1, len(passages) // max(1, limit))
+    for passage in tqdm(passages[::step][:limit], desc="scorer (KVzip targets)", unit="passage"):
+        ids = distiller.tokens.passage(passage.text)
+        kv = distiller.encoder.encode([ids])[0]
+        with torch.inference_mode():
+            scores = kvzip.score(kv, CompressionContext(distiller.encoder, ids))
+        samples.append((kv, scores))
+    return learned_scorer.fit(samples)
+
+
+def train(
+    lm: LoadedModel, passages_path: Path, questions_path: Path, out: Path, config: TrainConfig, progress: bool = True
+) -> Adaptor:
+    """Train (or resume) an adaptor for ``lm`` into ``out``; returns the saved adaptor."""
+    from tqdm import tqdm
+
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    all_titles = [article_of(p) for p in iter_passages(passages_path)]
+    config.val_articles = split_articles(all_titles, config.val_articles)
+    train_corpus, val_corpus = load_corpora(passages_path, questions_path, config.val_articles)
+
+    checkpoint_path, teacher_path = out / "checkpoint.pt", out / "teacher.pt"
+    checkpoint = torch.load(checkpoint_path, weights_only=False) if checkpoint_path.is_file() else None
+    if checkpoint is not None:
+        adaptor = Adaptor(checkpoint["settings"], dict(checkpoint["initial"]), {})
+    else:
+        adaptor = Adaptor.initial(lm.model, config.rank, config.alpha)
+    initial = dict(adaptor.tensors)
+    distiller = Distiller(lm, adaptor, config.teacher_top, config.continuation)
+
+    if teacher_path.is_file():
+        cached = torch.load(teacher_path, weights_only=False)
+        train_examples = [Example(**e) for e in cached["train"]]
+        val_examples = [Example(**e) for e in cached["val"]]
+    else:
+        train_examples = _build_examples(
+            distiller, train_corpus, config.top_k, config.train_questions or None, "teacher (train)"
+        )
+        val_examples = _build_examples(distiller, val_corpus, config.top_k, config.val_examples, "teacher (held-out)")
+        _atomic_save(
+            {"train": [asdict(e) for e in train_examples], "val": [asdict(e) for e in val_examples]}, teacher_path
+        )
+
+    for param in lm.model.parameters():
+        param.requires_grad_(False)
+    params = {name: torch.nn.Parameter(adaptor.tensors[name].clone()) for name in FACTORS}
+    adaptor.tensors.update(params)
+    optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=0.0)
+    history: dict[str, Any] = {"train": [], "val": []}
+    start_step, elapsed = 0, 0.0
+    if checkpoint is not None:
+        with torch.no_grad():
+            for name, value in checkpoint["params"].items():
+                params[name].copy_(value)
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        history, start_step, elapsed = checkpoint["history"], checkpoint["step"], checkpoint["elapsed"]
+    else:
+        history["val"].append({"step": 0, **validation_loss(distiller, val_examples)})
+
+    def save_checkpoint(step: int) -> None:
+        _atomic_save(
+            {
+                "step": step,
+                "elapsed": elapsed,
+                "settings": adaptor.settings,
+                "initial": initial,
+                "params": {k: v.detach().clone() for k, v in params.items()},
+                "optimizer": optimizer.state_dict(),
+                "history": history,
+                "config": asdict(config),
+            },
+            checkpoint_path,
+        )
+
+    rng = random.Random(config.seed)
+    order = [
+        i
+        for _ in range(math.ceil(config.steps * config.batch / len(train_examples)) + 1)
+        for i in rng.sample(range(len(train_examples)), len(train_examples))
+    ]
+    bar = tqdm(total=config.steps, initial=start_step, desc="training", unit="step", disable=not progress)
+    step = start_step
+    lm.model.train(False)
+    while step < config.steps and elapsed < config.minutes * 60:
+        begin = time.perf_counter()
+        optimizer.zero_grad()
+        qa_sum = cont_sum = 0.0
+        for i in order[step * config.batch : (step + 1) * config.batch]:
+            qa, cont = distiller.losses(train_examples[i])
+            ((qa + config.continuation_weight * cont) / config.batch).backward()
+            qa_sum, cont_sum = qa_sum + float(qa), cont_sum + float(cont)
+        optimizer.step()
+        step += 1
+        elapsed += time.perf_counter() - begin
+        history["train"].append({"step": step, "kl_answer": qa_sum / config.batch, "kl_cont": cont_sum / config.batch})
+        if step % config.eval_every == 0 or step == config.steps:
+            history["val"].append({"step": step, **validation_loss(distiller, val_examples)})
+        if step % config.checkpoint_every == 0:
+            save_checkpoint(step)
+        bar.update(1)
+        bar.set_postfix(kl=f"{qa_sum / config.batch:.3f}", val=f"{history['val'][-1]['kl_answer']:.3f}")
+    bar.close()
+    if history["val"][-1]["step"] != step:
+        history["val"].append({"step": step, **validation_loss(distiller, val_examples)})
+    save_checkpoint(step)
+
+    adaptor.tensors = {name: value.detach().clone() for name, value in adaptor.tensors.items()}
+    weight, bias, r2 = (None, None, None)
+    if config.scorer_passages:
+        weight, bias, r2 = fit_scorer(distiller, train_corpus.passages, config.scorer_passages)
+        adaptor.tensors[SCORER_WEIGHT], adaptor.tensors[SCORER_BIAS] = weight, bias
+    adaptor.meta = {
+        "base_model": lm.ref,
+        "base_fingerprint": lm.fingerprint,
+        "training_data_sha256": data_hash(passages_path, questions_path, config.val_articles),
+        "train_articles": sorted({article_of(p) for p in train_corpus.passages}),
+        "val_articles": config.val_articles,
+        "ratio": 1.0,
+        "quant": "none",
+        "config": asdict(config),
+        "metrics": {
+            "steps": step,
+            "train_minutes": elapsed / 60,
+            "train_examples": len(train_examples),
+            "held_out_start": history["val"][0],
+            "held_out_end": history["val"][-1],
+            "scorer_r2": r2,
+        },
+    }
+    adaptor.save(out / "adaptor")
+    (out / "history.json").write_text(json.dumps(history, indent=1))
+    plot_history(
+        history, out / "loss.png", f"{lm.ref}: KV-Distill adaptor, held-out articles {', '.join(config.val_articles)}"
+    )
+    return adaptor
