@@ -14,7 +14,10 @@ Each generated table sits in README.md between ``<!-- report:NAME -->`` and
 * ``packed``: the packed attention path vs dequantize-then-SDPA from the ``bench_*_int8.json`` files;
 * ``compression``: the headline compression settings on Qwen (``compression_qwen.json``, 16
   questions, and ``compression_qwen32.json``, 32), each sub-EM against full prefill and against
-  uncompressed reuse.
+  uncompressed reuse;
+* ``store-scale``: stores at 1k..100k passages and Ray indexing against one process
+  (``store_scale.json``, ``ray_throughput.json``, ``benchmarks/store_scale.py``);
+  ``scale-estimate``: 10M passages on N nodes, simulated (``scale_estimate.json``).
 
 Every quality figure of a cached or compressed row comes with its reference and its percentage of
 full prefill. Files in ``docs/results/`` that do not record the run metadata of
@@ -41,6 +44,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+# Other documents whose blocks are rendered (and checked) along with README.md's.
+DOCS = (ROOT / "docs" / "serve.md",)
 RESULTS = ROOT / "docs" / "results"
 
 # Same keys as common.RESULTS_META_KEYS (common imports torch; this script must not).
@@ -425,6 +430,231 @@ def render_compression(results: Path) -> str:
     return "\n\n".join([table(header, rows), note + source_line(paths)])
 
 
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.1f}"
+
+
+def render_store_scale(results: Path) -> str:
+    """Stores at 1k..100k passages (``store_scale.json``) and Ray against one process
+    (``ray_throughput.json``), both from ``benchmarks/store_scale.py``."""
+    scale_path, tp_path = results / "store_scale.json", results / "ray_throughput.json"
+    scale = load(scale_path)
+    rows = []
+    for r in scale["rows"]:
+        index = r["index"]
+        kind = (
+            index["type"] if index["type"] == "flat" else f"{index['type']} (M {index['M']}, ef {index['ef_search']})"
+        )
+        recall = r.get("query_recall_at_10")
+        built = index.get("recall_at_10")
+        rows.append(
+            [
+                f"{r['passages']:,}",
+                kind,
+                "exact" if recall is None else f"{recall:.3f} / {built:.3f}",
+                f"{r['search_ms']:.3f}",
+                f"{r['load_ms']:.3f}",
+                f"{r['total_ms']:.3f} (p90 {r['total_p90_ms']:.3f})",
+                f"{r['total_vs_smallest']:.2f}x",
+                f"{r['open_s']:.2f}",
+                f"{r['rss_added_mb']:.0f}",
+                _mb(r["disk_bytes"]["total"]),
+            ]
+        )
+    meta = scale["meta"]
+    out = [
+        table(
+            [
+                "passages",
+                "FAISS index",
+                "recall@10 (queries / at build)",
+                "search (ms)",
+                f"load top-{scale['top_k']} (ms)",
+                "search + load (ms)",
+                "vs smallest",
+                "open (s)",
+                "RSS added (MB)",
+                "disk (MB)",
+            ],
+            rows,
+        ),
+        "",
+        f"Medians over {meta['questions']} queries x {meta['repeats']} rounds, stores interleaved query by query; "
+        f"target: search + load at the largest store within {scale['target_total_vs_smallest']}x of the smallest. "
+        f"Load average {meta['load_before'][0]:.1f} before, {meta['load_after'][0]:.1f} after (2 cores, shared). "
+        + source_line([scale_path]),
+    ]
+    if tp_path.is_file():
+        tp = load(tp_path)
+        med = tp["median"]
+        same = all(tp["same_bytes"].values())
+        out += [
+            "",
+            table(
+                [
+                    "indexing (SmolLM2-135M, SQuAD-dev)",
+                    "one process, 2 threads",
+                    "Ray, 2 actors x 1 thread",
+                    "Ray / one process",
+                ],
+                [
+                    [
+                        f"marginal passages/s ({tp['sizes'][0]} -> {tp['sizes'][-1]} passages)",
+                        f"{med['single_marginal_pps']:.2f}",
+                        f"{med['ray_marginal_pps']:.2f}",
+                        f"{med['marginal_ratio']:.2f}x",
+                    ],
+                    [
+                        f"end to end passages/s ({tp['sizes'][-1]} passages, model loads included)",
+                        f"{med['single_end_to_end_pps']:.2f}",
+                        f"{med['ray_end_to_end_pps']:.2f}",
+                        f"{med['end_to_end_ratio']:.2f}x",
+                    ],
+                ],
+            ),
+            "",
+            f"Medians of {len(tp['rounds'])} alternating rounds; target Ray / one process >= {tp['target_ratio']}. "
+            f"Same catalogue rows and segment bytes: {'yes' if same else 'NO'} (`store_digest`). "
+            f"Load average {tp['meta']['load_before'][0]:.1f} before, {tp['meta']['load_after'][0]:.1f} after. "
+            + source_line([tp_path]),
+        ]
+    return "\n".join(out)
+
+
+def _s(value: float | None) -> str:
+    return "–" if value is None else (f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s")
+
+
+def render_serve_load(results: Path) -> str:
+    """``ragcompress serve`` under load (``serve_load.json``, ``benchmarks/load.py --serve-store``):
+    throughput with 1 and 8 clients, batching on and off, then the long run with its faults."""
+    path = results / "serve_load.json"
+    data = load(path)
+    meta, comparison = data["meta"], data["batching_comparison"]
+    out = []
+    if comparison:
+        rows = []
+        medians = comparison["median"]
+        for row in medians.values():
+            single = medians[f"batch{row['batch']}_clients1"]["throughput_rps"]
+            rows.append(
+                [
+                    "off (`--batch 1`)" if row["batch"] == 1 else f"on (`--batch {row['batch']}`)",
+                    str(row["clients"]),
+                    f"{row['throughput_rps']:.2f}",
+                    f"{row['tokens_per_s']:.1f}",
+                    _s(row["latency_p50_s"]),
+                    f"{row['throughput_rps'] / single:.2f}x",
+                ]
+            )
+        out += [
+            table(["batching", "clients", "answers/s", "tokens/s", "p50 latency", "vs 1 client"], rows),
+            "",
+            f"Medians of {len(comparison['rounds'])} rounds of {comparison['seconds_per_phase']:.0f} s per cell, "
+            "the two services measured in alternation. Batched vs unbatched at "
+            f"{max(r['clients'] for r in medians.values())} clients: {comparison['batched_vs_unbatched']:.2f}x.",
+            "",
+        ]
+    single, run = data["single_client"], data["load"]
+    queue = run["queue_s"]
+    out += [
+        table(
+            [
+                "phase",
+                "answers",
+                "failed",
+                "lost",
+                "429",
+                "answers/s",
+                "TTFT p50 / p99 (client)",
+                "TTFT p50 / p99 (server)",
+                "queue p50 / p99",
+                "latency p50 / p99",
+            ],
+            [
+                [
+                    f"{n} client{'s' if n > 1 else ''}, {phase['seconds']:.0f} s",
+                    str(phase["ok"]),
+                    str(phase["failed"]),
+                    str(phase["lost"]),
+                    str(phase["rejected"]),
+                    f"{phase['throughput_rps']:.2f}",
+                    f"{_s(phase['ttft_client_s']['p50'])} / {_s(phase['ttft_client_s']['p99'])}",
+                    f"{_s(phase['ttft_server_s']['p50'])} / {_s(phase['ttft_server_s']['p99'])}",
+                    f"{_s(phase['queue_s']['p50'])} / {_s(phase['queue_s']['p99'])}",
+                    f"{_s(phase['latency_s']['p50'])} / {_s(phase['latency_s']['p99'])}",
+                ]
+                for n, phase in ((1, single), (meta["clients"], run))
+            ],
+        ),
+        "",
+        f"Throughput with {meta['clients']} clients: {data['throughput_vs_single']:.2f}x one client's "
+        f"(TTFT client side: first content chunk of a streamed answer, queue wait included; server side: "
+        f"`ragcompress.ttft_s`; queue p50/p99 {_s(queue['p50'])} / {_s(queue['p99'])}).",
+    ]
+    faults = []
+    fuzz, indexed, sigterm = data.get("fuzz"), data.get("index"), data.get("sigterm")
+    if fuzz:
+        statuses = ", ".join(f"{code}: {n}" for code, n in sorted(fuzz["statuses"].items()))
+        faults.append(
+            f"fuzzed bodies: {fuzz['requests']} sent ({statuses}), {fuzz['5xx']} answered 5xx, {fuzz['lost']} dropped"
+        )
+    if indexed:
+        faults.append(
+            f"`ragcompress index` during the load: exit {indexed['exit']} after {indexed['seconds']:.0f} s, "
+            f"{indexed['answerable']}/{indexed['passages']} new passages answer by id, "
+            f"{indexed['retrieved_top3_by_own_text']}/{indexed['passages']} retrieved in the top 3 by their own text"
+        )
+    if sigterm:
+        faults.append(
+            f"SIGTERM with {sigterm['requests']} requests in flight "
+            f"({sigterm['queue_at_signal'].get('waiting', '?')} still queued): {sigterm['ok']} finished, exit status "
+            f"{sigterm['exit_code']} after {sigterm['seconds_to_exit']:.1f} s"
+        )
+    failed = [name for name, passed in data["checks"].items() if not passed]
+    faults.append("checks: " + ("all passed" if not failed else "FAILED: " + ", ".join(failed)))
+    out += ["", *[f"* {line}" for line in faults], ""]
+    before, after = meta["load_before"][0], meta["load_after"][0]
+    out.append(
+        f"{model_name(meta['model'])} over `{meta['store']}`, `--max-tokens {meta['max_tokens']}`, "
+        f"{meta['cpus']} CPUs shared with other jobs: load average {before:.1f} before the run, {after:.1f} after "
+        f"(measured {meta['date']}). " + source_line([path])
+    )
+    return "\n".join(out)
+
+
+def render_scale_estimate(results: Path) -> str:
+    """10M passages on N nodes, simulated from measured rates (``scale_estimate.json``,
+    ``benchmarks/store_scale.py estimate``)."""
+    path = results / "scale_estimate.json"
+    est = load(path)
+    rows = [
+        [
+            str(r["nodes"]),
+            str(r["workers"]),
+            f"{r['encode_and_commit_h']:.1f}",
+            f"{r['index_build_h']:.1f}",
+            f"{r['total_h']:.1f}",
+            "driver" if r["driver_bound"] else "actors",
+        ]
+        for r in est["rows"]
+    ]
+    return "\n".join(
+        [
+            table(
+                ["nodes (16 cores)", "actors", "encode + commit (h)", "HNSW build (h)", "total (h)", "bound by"], rows
+            ),
+            "",
+            f"{est['passages']:,} passages; measured inputs: {est['actor_pps']:.2f} passages/s per actor "
+            f"(SmolLM2-135M, int8, 1 thread), {est['driver_commit_rows_per_s']:,.0f} catalogue rows/s at the driver, "
+            f"HNSW build {est['hnsw_build_s_measured']:.0f} s at {est['hnsw_build_measured_at']:,} vectors. "
+            f"Store: {est['segment_bytes_per_passage'] / 1e3:.0f} KB of segment and "
+            f"{est['catalogue_bytes_per_passage'] / 1e3:.1f} KB of catalogue per passage (the SmolLM2 int8 SQuAD store), "
+            f"{est['store_tb']:.1f} TB in all; HNSW index ~{est['index_gb']:.0f} GB. " + source_line([path]),
+        ]
+    )
+
+
 BLOCKS: dict[str, Callable[[Path], str]] = {
     "core-all": render_core_all,
     "core": render_core,
@@ -434,6 +664,8 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "packed": render_packed,
     "packed-curve": render_packed_curve,
     "compression": render_compression,
+    "store-scale": render_store_scale,
+    "serve-load": render_serve_load,
 }
 
 
@@ -512,27 +744,31 @@ def check(readme: Path = README, results: Path = RESULTS) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if README.md differs from the rendering")
-    parser.add_argument("--readme", type=Path, default=README)
+    parser.add_argument(
+        "--readme", type=Path, default=None, help="the one file to render (default: README.md and DOCS)"
+    )
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    targets = [args.readme] if args.readme else [README, *DOCS]
     for note in meta_notes(args.results):
         print(note, file=sys.stderr)
-    if args.check:
-        problem = check(args.readme, args.results)
-        if problem is not None:
-            print(f"error: {problem}\nrun: python benchmarks/report.py", file=sys.stderr)
+    for target in targets:
+        if args.check:
+            problem = check(target, args.results)
+            if problem is not None:
+                print(f"error: {problem}\nrun: python benchmarks/report.py", file=sys.stderr)
+                return 1
+            print(f"{target}: {len(blocks(target.read_text()))} report blocks match {args.results}")
+            continue
+        try:
+            text = target.read_text()
+            new = render_readme(text, args.results)
+        except ReportError as exc:
+            print(f"error: {exc}", file=sys.stderr)
             return 1
-        print(f"{args.readme}: {len(blocks(args.readme.read_text()))} report blocks match {args.results}")
-        return 0
-    try:
-        text = args.readme.read_text()
-        new = render_readme(text, args.results)
-    except ReportError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    if new != text:
-        args.readme.write_text(new)
-    print(f"{args.readme}: {len(blocks(new))} report blocks rendered ({'changed' if new != text else 'unchanged'})")
+        if new != text:
+            target.write_text(new)
+        print(f"{target}: {len(blocks(new))} report blocks rendered ({'changed' if new != text else 'unchanged'})")
     return 0
 
 

@@ -7,6 +7,8 @@ Vectors are L2-normalised, so inner product is cosine similarity.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +59,22 @@ class Embedder:
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
 
+@contextmanager
+def _one_omp_thread() -> Iterator[None]:
+    """Run FAISS on one OpenMP thread in this block. One query gains nothing from more, and on a
+    busy machine their barrier costs milliseconds: a 1k-vector flat search took 18 ms with FAISS's
+    default 2 threads and 0.06 ms with one, on 2 shared cores (benchmarks/store_scale.py).
+    ``omp_set_num_threads`` sets the calling thread's value only, so other threads keep theirs."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
 class VectorIndex:
     """FAISS inner-product index over catalogue rows (``IndexIDMap2`` keeps row ids)."""
 
@@ -90,5 +108,6 @@ class VectorIndex:
         """Top-``k`` ``(row, score)`` for one query vector ``[dim]``."""
         if self.count == 0:
             return []
-        scores, rows = self.index.search(query.reshape(1, -1), min(k, self.count))
+        with _one_omp_thread():
+            scores, rows = self.index.search(query.reshape(1, -1), min(k, self.count))
         return [(int(r), float(s)) for r, s in zip(rows[0], scores[0], strict=True) if r >= 0]

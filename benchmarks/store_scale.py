@@ -1,0 +1,535 @@
+"""Stores at 1k, 10k and 100k passages, and indexing on Ray against one process (issue 18).
+
+``scale``: builds synthetic stores with a tiny random model
+(``ragcompress.testing.make_tiny_model``: caches of the real format, small; 512 of them encoded
+through the write path and reused, see :func:`build_store`) and a 384-dim bag-of-words hash
+embedder (``ragcompress.testing.HashEmbedder``: vectors with topic structure, as real embeddings
+have), int8 caches. Passages are 20-60 words drawn from
+one of 500 topics. Per size it reports
+
+* query-side latency, measured in one process with the stores interleaved query by query (so
+  load from other processes hits every size alike): ``search`` (FAISS + the catalogue rows of
+  the hits), ``load`` (read, checksum, parse and dequantize the top-k segments), their sum;
+  medians over the queries, with p90;
+* open time and memory: a fresh process opens the store, loads its FAISS index (sha256 checked)
+  and answers one search; wall time and the RSS it added (median of three processes);
+* disk bytes (shards, catalogue, index, total) and the FAISS index the store chose with the
+  recall@10 its manifest records, plus recall@10 of the benchmark's text queries against an
+  exact scan of the same vectors.
+
+``throughput``: SQuAD-dev passages through SmolLM2-135M and all-MiniLM-L6-v2 (the real models),
+``index()`` in one process with 2 torch threads against ``index_on_ray`` with 2 actors of 1
+thread each on a local Ray instance of 2 CPUs. Each run indexes a fresh store; runs alternate
+(one process, Ray, Ray, one process, ...). Fixed costs (model loads, actor start) are separated
+from the rate by running two input sizes: the marginal rate is ``(n2 - n1) / (t(n2) - t(n1))``
+per method and round; end-to-end rates at n2 are reported too. The two stores of each size are
+compared with ``store_digest`` (same rows and segment bytes).
+
+    .venv/bin/python benchmarks/store_scale.py scale [--sizes 1000,10000,100000]
+    .venv/bin/python benchmarks/store_scale.py throughput [--sizes 16,64] [--rounds 3]
+    .venv/bin/python benchmarks/store_scale.py report    # prints the tables from the JSON
+
+Results: docs/results/store_scale.json and docs/results/ray_throughput.json (``meta`` records the
+git revision, date, load averages before/after, threads and sample). The machine is shared with
+other sessions: ratios measured side by side are the figures to read, absolute times are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ROOT / "runs" / "issue18"
+RESULTS = ROOT / "docs" / "results"
+SQUAD = ROOT.parent / "shared" / "data" / "squad-dev" / "passages.jsonl"
+DIM = 384
+TOPICS = 500
+TOP_K = 3
+
+
+def meta(sample: str, model: str, threads: int, repeats: int, questions: int) -> dict[str, Any]:
+    from ragcompress.bench import git_revision
+
+    return {
+        "git": git_revision(),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "load_before": list(os.getloadavg()),
+        "cpus": os.cpu_count(),
+        "threads": threads,
+        "repeats": repeats,
+        "limit": None,
+        "questions": questions,
+        "model": model,
+        "sample": sample,
+    }
+
+
+# -- synthetic corpus ------------------------------------------------------------------------------
+
+
+def _topic_words(topic: int) -> list[str]:
+    return [f"t{topic}w{j}" for j in range(40)]
+
+
+def write_corpus(path: Path, n: int, seed: int = 0) -> Path:
+    """``n`` passages of 20-60 words: 70 % from the passage's topic, 30 % common words."""
+    if path.is_file() and sum(1 for _ in open(path)) == n:
+        return path
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as out:
+        for i in range(n):
+            topic = int(rng.integers(TOPICS))
+            length = int(rng.integers(20, 61))
+            own = rng.random(length) < 0.7
+            picks = [
+                f"t{topic}w{a}" if o else f"c{b}"
+                for o, a, b in zip(own, rng.integers(0, 40, length), rng.integers(0, 200, length), strict=True)
+            ]
+            out.write(json.dumps({"id": f"p{i:07d}", "text": " ".join(picks), "title": f"topic {topic}"}) + "\n")
+    return path
+
+
+def queries(n: int, seed: int = 1) -> list[str]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        words = _topic_words(int(rng.integers(TOPICS)))
+        out.append(" ".join(words[int(j)] for j in rng.integers(0, 40, size=8)))
+    return out
+
+
+POOL = 512  # distinct caches encoded through the model; passage i stores cache i % POOL
+
+
+def build_store(size: int, model_dir: Path) -> tuple[Path, float | None]:
+    """The store of ``size`` passages (reused when complete); seconds to build it, None if reused.
+
+    The first :data:`POOL` passages go through the whole write path (``Indexer.records``: the
+    tiny model's forward, int8 quantization, the segment codec). Encoding 100k passages that way
+    takes hours on this shared machine, so passage ``i`` stores the blob of pool passage
+    ``i % POOL``, committed with its own id, text, text hash and embedding through
+    ``StoreWriter.add``: the catalogue, the shards, the FAISS index and every read are those of
+    a real store of ``size`` passages; only the cache bytes repeat.
+    """
+    from ragcompress.indexing import IndexConfig, Indexer
+    from ragcompress.indexing.inputs import iter_passages
+    from ragcompress.models import load_model
+    from ragcompress.store import KVStore, PassageRecord, StoreWriter, create_store
+    from ragcompress.testing import HashEmbedder
+
+    store = RUNS / f"scale-{size}"
+    if (store / "index.json").is_file():
+        with KVStore.open(store) as opened:
+            if len(opened) == size:
+                return store, None
+    shutil.rmtree(store, ignore_errors=True)
+    corpus = write_corpus(RUNS / f"corpus-{size}.jsonl", size)
+    embedder = HashEmbedder(DIM)
+    start = time.perf_counter()
+    indexer = Indexer.from_config(
+        load_model(str(model_dir)), IndexConfig(quant="int8", embedder=embedder.name), embedder
+    )
+    create_store(store, indexer.manifest, indexer.prefix_kv)
+    passages = iter_passages(corpus)
+    with StoreWriter(store) as writer:
+        pool: list[PassageRecord] = []
+        while batch := [p for _, p in zip(range(1024), passages, strict=False)]:
+            if len(pool) < POOL:
+                pool += indexer.records(batch[: POOL - len(pool)])
+            vectors = embedder.embed([p.text for p in batch])
+            records = [
+                PassageRecord(
+                    id=p.id,
+                    title=p.title,
+                    text=p.text,
+                    meta=p.meta,
+                    text_sha=p.text_sha,
+                    blob=pool[int(p.id[1:]) % POOL].blob,
+                    num_tokens=pool[int(p.id[1:]) % POOL].num_tokens,
+                    kept=pool[int(p.id[1:]) % POOL].kept,
+                    embedding=vector,
+                )
+                for p, vector in zip(batch, vectors, strict=True)
+            ]
+            writer.add(records)
+        writer.write_index()
+    return store, time.perf_counter() - start
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def probe(store: str) -> None:
+    """Child process: open, load the index, one search; prints seconds and RSS added (MB)."""
+    from ragcompress.store import KVStore
+    from ragcompress.testing import HashEmbedder
+
+    vector = HashEmbedder(DIM).embed(queries(1))[0]
+    before = _rss_mb()
+    start = time.perf_counter()
+    with KVStore.open(store) as opened:
+        opened.index()
+        hits = opened.search(vector, TOP_K)
+        seconds = time.perf_counter() - start
+        print(json.dumps({"open_s": seconds, "rss_added_mb": _rss_mb() - before, "hits": len(hits)}))
+
+
+def _open_cost(store: Path, repeats: int = 3) -> dict[str, float]:
+    runs = []
+    for _ in range(repeats):
+        out = subprocess.run(
+            [sys.executable, __file__, "probe", str(store)], capture_output=True, text=True, check=True
+        ).stdout
+        runs.append(json.loads(out.strip().splitlines()[-1]))
+    return {
+        "open_s": statistics.median(r["open_s"] for r in runs),
+        "rss_added_mb": statistics.median(r["rss_added_mb"] for r in runs),
+    }
+
+
+def _disk(store: Path) -> dict[str, int]:
+    shards = sum(p.stat().st_size for p in (store / "shards").iterdir())
+    catalogue = sum(p.stat().st_size for p in store.glob("catalogue.sqlite*"))
+    index = (store / "index.faiss").stat().st_size
+    total = sum(p.stat().st_size for p in store.rglob("*") if p.is_file())
+    return {"shards": shards, "catalogue": catalogue, "index": index, "total": total}
+
+
+def _recall(opened: Any, vectors: np.ndarray, k: int = 10) -> float | None:
+    """recall@k of the store's index against an exact scan of its own vectors (None for flat)."""
+    import faiss
+
+    from ragcompress.store.ann import stored_vectors
+
+    index = opened.index().index
+    if isinstance(faiss.downcast_index(index.index), faiss.IndexFlat):
+        return None
+    stored = stored_vectors(index)
+    exact = faiss.IndexFlatIP(index.d)
+    exact.add(stored)
+    _, truth = exact.search(vectors, k)
+    ids = faiss.vector_to_array(index.id_map)
+    _, found = index.search(vectors, k)
+    return float(np.mean([len(set(ids[t].tolist()) & set(f.tolist())) / k for t, f in zip(truth, found, strict=True)]))
+
+
+def run_scale(sizes: list[int], n_queries: int, rounds: int) -> dict[str, Any]:
+    from ragcompress.store import KVStore
+    from ragcompress.testing import HashEmbedder, make_tiny_model
+
+    info = meta("synthetic", "tiny random llama (2 layers, 2 kv heads, head_dim 16)", 1, rounds, n_queries)
+    model_dir = make_tiny_model("llama", RUNS / "tiny-llama")
+    built = {size: build_store(size, model_dir) for size in sizes}
+    vectors = HashEmbedder(DIM).embed(queries(n_queries))
+    stores = {size: KVStore.open(built[size][0]) for size in sizes}
+    for opened in stores.values():  # warm: index loaded, first reads done
+        opened.index()
+        for entry, _ in opened.search(vectors[0], TOP_K):
+            opened.load_kv(entry)
+    timings: dict[int, dict[str, list[float]]] = {s: {"search": [], "load": [], "total": []} for s in sizes}
+    for r in range(rounds):
+        for i, vector in enumerate(vectors):
+            order = sizes[(i + r) % len(sizes) :] + sizes[: (i + r) % len(sizes)]
+            for size in order:
+                opened = stores[size]
+                t0 = time.perf_counter()
+                hits = opened.search(vector, TOP_K)
+                t1 = time.perf_counter()
+                for entry, _ in hits:
+                    opened.load_kv(entry)
+                t2 = time.perf_counter()
+                timings[size]["search"].append((t1 - t0) * 1e3)
+                timings[size]["load"].append((t2 - t1) * 1e3)
+                timings[size]["total"].append((t2 - t0) * 1e3)
+    rows = []
+    for size in sizes:
+        opened = stores[size]
+        row: dict[str, Any] = {"passages": size, "build_s": built[size][1], "index": opened.manifest.index}
+        for part, values in timings[size].items():
+            row[f"{part}_ms"] = statistics.median(values)
+            row[f"{part}_p90_ms"] = float(np.percentile(values, 90))
+        row["query_recall_at_10"] = _recall(opened, vectors)
+        row["disk_bytes"] = _disk(opened.path)
+        row["segment_bytes_mean"] = row["disk_bytes"]["shards"] / size
+        rows.append(row)
+    for opened in stores.values():
+        opened.close()
+    for row in rows:
+        row.update(_open_cost(RUNS / f"scale-{row['passages']}"))
+    smallest = rows[0]
+    for row in rows:
+        row["total_vs_smallest"] = row["total_ms"] / smallest["total_ms"]
+        row["search_vs_smallest"] = row["search_ms"] / smallest["search_ms"]
+        row["load_vs_smallest"] = row["load_ms"] / smallest["load_ms"]
+    info["load_after"] = list(os.getloadavg())
+    return {"meta": info, "top_k": TOP_K, "dim": DIM, "target_total_vs_smallest": 1.2, "rows": rows}
+
+
+# -- Ray against one process -----------------------------------------------------------------------
+
+
+def _subset(n: int) -> Path:
+    path = RUNS / f"squad-{n}.jsonl"
+    lines = SQUAD.read_text().splitlines()[:n]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_throughput(sizes: list[int], rounds: int, batch_size: int) -> dict[str, Any]:
+    import ray
+    import torch
+
+    from ragcompress.indexing import IndexConfig, index
+    from ragcompress.indexing.ray_runner import index_on_ray, store_digest
+
+    info = meta("squad-dev passages (first n)", "smollm2-135m", 2, rounds, 0)
+    config = IndexConfig(quant="int8")
+    inputs = {n: _subset(n) for n in sizes}
+    start = time.perf_counter()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    cluster_s = time.perf_counter() - start
+    runs: list[dict[str, Any]] = []
+    same: dict[int, bool] = {}
+
+    def single(n: int, store: Path) -> None:
+        torch.set_num_threads(2)
+        index(inputs[n], store, model="smollm2-135m", config=config, batch_size=batch_size)
+
+    def on_ray(n: int, store: Path) -> None:
+        torch.set_num_threads(1)  # the driver's own work (validation, prefix) on one thread
+        index_on_ray(
+            inputs[n],
+            store,
+            model="smollm2-135m",
+            config=config,
+            batch_size=batch_size,
+            workers=2,
+            threads_per_worker=1,
+        )
+
+    methods = {"single": single, "ray": on_ray}
+    for r in range(rounds):
+        order = ["single", "ray"] if r % 2 == 0 else ["ray", "single"]
+        for n in sizes:
+            for name in order:
+                store = RUNS / f"tp-{name}-{n}"
+                shutil.rmtree(store, ignore_errors=True)
+                load = os.getloadavg()[0]
+                t0 = time.perf_counter()
+                methods[name](n, store)
+                seconds = time.perf_counter() - t0
+                runs.append({"round": r, "method": name, "passages": n, "seconds": seconds, "load1": load})
+                print(f"round {r} {name:6s} n={n:4d} {seconds:7.1f} s (load {load:.1f})", flush=True)
+            if r == 0:
+                same[n] = store_digest(RUNS / f"tp-single-{n}") == store_digest(RUNS / f"tp-ray-{n}")
+    ray.shutdown()
+    n1, n2 = sizes[0], sizes[-1]
+    per_round = []
+    for r in range(rounds):
+        t = {(x["method"], x["passages"]): x["seconds"] for x in runs if x["round"] == r}
+        entry = {"round": r}
+        for name in methods:
+            entry[f"{name}_marginal_pps"] = (n2 - n1) / (t[(name, n2)] - t[(name, n1)])
+            entry[f"{name}_end_to_end_pps"] = n2 / t[(name, n2)]
+        entry["marginal_ratio"] = entry["ray_marginal_pps"] / entry["single_marginal_pps"]
+        entry["end_to_end_ratio"] = entry["ray_end_to_end_pps"] / entry["single_end_to_end_pps"]
+        per_round.append(entry)
+    summary = {key: statistics.median(e[key] for e in per_round) for key in per_round[0] if key != "round"}
+    info["load_after"] = list(os.getloadavg())
+    return {
+        "meta": info,
+        "batch_size": batch_size,
+        "sizes": sizes,
+        "ray_cluster_start_s": cluster_s,
+        "same_bytes": {str(n): v for n, v in same.items()},
+        "target_ratio": 0.9,
+        "runs": runs,
+        "rounds": per_round,
+        "median": summary,
+    }
+
+
+# -- 10M passages, simulated -----------------------------------------------------------------------
+
+
+def _commit_rate(rows: int = 20_000, batch: int = 8) -> float:
+    """Catalogue rows/s the driver commits (one transaction per batch, as ``index_on_ray``), measured
+    on a fresh catalogue with SQuAD-sized rows (700-character text, 384-dim embedding)."""
+    import tempfile
+
+    from ragcompress.store.catalogue import Catalogue
+
+    with tempfile.TemporaryDirectory(dir=RUNS) as tmp:
+        catalogue = Catalogue(Path(tmp), readonly=False)
+        vector = np.zeros(DIM, dtype=np.float32).tobytes()
+        text = "x" * 700
+        start = time.perf_counter()
+        for b in range(rows // batch):
+            catalogue.add(
+                [
+                    {
+                        "id": f"p{b * batch + i}",
+                        "title": "t",
+                        "text": text,
+                        "meta": "{}",
+                        "text_sha": "0" * 64,
+                        "shard": "00000.kvs",
+                        "offset": (b * batch + i) * 100,
+                        "length": 100,
+                        "checksum": "0" * 32,
+                        "num_tokens": 150,
+                        "kept": 150,
+                        "embedding": vector,
+                    }
+                    for i in range(batch)
+                ]
+            )
+        seconds = time.perf_counter() - start
+        catalogue.close()
+    return rows / seconds
+
+
+def simulate(passages: int, workers: int, batch: int, actor_pps: float, commit_pps: float, seed: int = 0) -> float:
+    """Seconds for ``passages`` through ``workers`` actors and one in-order committing driver.
+
+    Discrete events: each actor takes the next batch when free; a batch's encode time is
+    proportional to its padded length (8 SQuAD-dev passages drawn at random: a batch costs its
+    longest passage times its size), scaled so that one actor's mean rate is ``actor_pps``; the
+    driver commits batches in input order, each taking ``batch / commit_pps``, so a slow batch
+    holds back the ones after it (head-of-line blocking) and the driver can become the bottleneck.
+    """
+    import heapq
+
+    lengths = np.array([len(json.loads(line)["text"].split()) for line in SQUAD.read_text().splitlines()])
+    rng = np.random.default_rng(seed)
+    n_batches = passages // batch
+    padded = lengths[rng.integers(0, len(lengths), size=(n_batches, batch))].max(axis=1).astype(np.float64)
+    service = padded / padded.mean() * (batch / actor_pps)
+    free = [0.0] * workers
+    heapq.heapify(free)
+    done = np.empty(n_batches)
+    for b in range(n_batches):
+        start = heapq.heappop(free)
+        done[b] = start + service[b]
+        heapq.heappush(free, done[b])
+    commit, clock = batch / commit_pps, 0.0
+    for b in range(n_batches):
+        clock = max(clock, done[b]) + commit
+    return clock
+
+
+def run_estimate(passages: int) -> dict[str, Any]:
+    """10M passages on N nodes of 16 cores, from this machine's measured rates (module doc)."""
+    from ragcompress.store import KVStore
+    from ragcompress.store.ann import index_params
+    from ragcompress.store.kvstore import build_index
+
+    tp = json.loads((RESULTS / "ray_throughput.json").read_text())
+    scale = json.loads((RESULTS / "store_scale.json").read_text())
+    info = meta("estimate from measured rates", "smollm2-135m", 1, 1, 0)
+    actor_pps = tp["median"]["ray_marginal_pps"] / 2  # one actor, one thread
+    commit_pps = _commit_rate()
+    largest = scale["rows"][-1]
+    with KVStore.open(RUNS / f"scale-{largest['passages']}") as opened:
+        start = time.perf_counter()
+        build_index(opened.catalogue, index_params(largest["passages"], flat_max=0))
+        hnsw_s = time.perf_counter() - start
+    # HNSW insertion costs ~log N per vector: scale the measured build by N log N.
+    n0 = largest["passages"]
+    hnsw_at = hnsw_s * (passages * np.log(passages)) / (n0 * np.log(n0))
+    real = ROOT / "runs" / "squad-smollm2-135m-int8"
+    with KVStore.open(real) as opened:
+        entries = list(opened.catalogue.entries())
+        blob_per_passage = sum(e.length for e in entries) / len(entries)
+    catalogue_per_passage = (real / "catalogue.sqlite").stat().st_size / len(entries)
+    rows = []
+    for nodes in (1, 4, 16, 64):
+        workers = nodes * 16
+        seconds = simulate(passages, workers, 8, actor_pps, commit_pps)
+        rows.append(
+            {
+                "nodes": nodes,
+                "workers": workers,
+                "encode_and_commit_h": seconds / 3600,
+                "index_build_h": hnsw_at / 3600,
+                "total_h": (seconds + hnsw_at) / 3600,
+                "driver_bound": passages / commit_pps >= 0.9 * seconds,
+            }
+        )
+    info["load_after"] = list(os.getloadavg())
+    return {
+        "meta": info,
+        "passages": passages,
+        "actor_pps": actor_pps,
+        "driver_commit_rows_per_s": commit_pps,
+        "hnsw_build_s_measured": hnsw_s,
+        "hnsw_build_measured_at": n0,
+        "hnsw_build_h_estimated": hnsw_at / 3600,
+        "segment_bytes_per_passage": blob_per_passage,
+        "catalogue_bytes_per_passage": catalogue_per_passage,
+        "store_tb": passages * (blob_per_passage + catalogue_per_passage) / 1e12,
+        "index_gb": passages * (DIM * 4 + 2 * 32 * 4 + 8) / 1e9,
+        "rows": rows,
+    }
+
+
+# -- tables ------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    scale = sub.add_parser("scale")
+    scale.add_argument("--sizes", default="1000,10000,100000")
+    scale.add_argument("--queries", type=int, default=200)
+    scale.add_argument("--rounds", type=int, default=3)
+    tp = sub.add_parser("throughput")
+    tp.add_argument("--sizes", default="16,64")
+    tp.add_argument("--rounds", type=int, default=3)
+    tp.add_argument("--batch-size", type=int, default=8)
+    est = sub.add_parser("estimate")
+    est.add_argument("--passages", type=int, default=10_000_000)
+    pr = sub.add_parser("probe")
+    pr.add_argument("store")
+    sub.add_parser("report")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.command == "probe":
+        probe(args.store)
+        return
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.command == "scale":
+        result = run_scale([int(s) for s in args.sizes.split(",")], args.queries, args.rounds)
+        (RESULTS / "store_scale.json").write_text(json.dumps(result, indent=2) + "\n")
+    elif args.command == "throughput":
+        result = run_throughput([int(s) for s in args.sizes.split(",")], args.rounds, args.batch_size)
+        (RESULTS / "ray_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
+    elif args.command == "estimate":
+        result = run_estimate(args.passages)
+        (RESULTS / "scale_estimate.json").write_text(json.dumps(result, indent=2) + "\n")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from report import render_store_scale
+
+    print(render_store_scale(RESULTS))
+
+
+if __name__ == "__main__":
+    main()
