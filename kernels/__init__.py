@@ -1,5 +1,6 @@
 """Triton kernels of ragcompress (import name ``ragcompress_kernels``), each with a PyTorch reference."""
 
+from .latent_attention import LatentSegments, latent_attention, latent_attention_ref
 from .quantized_attention import (
     BACKENDS,
     HAS_TRITON,
@@ -18,11 +19,14 @@ from .quantized_attention import (
 __all__ = [
     "BACKENDS",
     "HAS_TRITON",
+    "LatentSegments",
     "QuantizedSegments",
     "attention_over_dense_ref",
     "dequantize_rows_ref",
     "dequantize_segments_ref",
     "drop_padding_rows",
+    "latent_attention",
+    "latent_attention_ref",
     "packed_attention",
     "packed_attention_ref",
     "plan_splits",

@@ -69,8 +69,9 @@ class RankSpec:
         return [max(0.0, 1.0 - residual * 2 * (i + 1) / (layers + 1)) for i in range(layers)]
 
 
-class _Moments:
-    """fp64 sums of rows and of their outer products per layer and head (valid rows only)."""
+class CalibrationMoments:
+    """fp64 sums of rows and of their outer products per layer and head (valid rows only): one
+    pass over a calibration sample serves every :class:`RankSpec` (:meth:`basis`)."""
 
     def __init__(self) -> None:
         self.count: torch.Tensor | None = None  # [L, H]
@@ -100,6 +101,30 @@ class _Moments:
         peak = vectors.gather(-2, vectors.abs().argmax(-2, keepdim=True))  # [L, H, 1, d]
         vectors = vectors * torch.where(peak < 0, -1.0, 1.0)
         return mean, vectors, variances
+
+    def basis(self, spec: RankSpec) -> LowRankBasis:
+        """The bases ``spec`` asks for. Deterministic for a given sample: moments accumulate in
+        fp64 in the given order, ``eigh`` is deterministic on a CPU, and each direction's sign is
+        fixed. Bases are rounded to fp16 before use so indexing projects with exactly the basis
+        the store keeps."""
+        bases: dict[str, tuple[torch.Tensor, ...]] = {}
+        means: dict[str, torch.Tensor] = {}
+        energy: dict[str, tuple[float, ...]] = {}
+        for kind in KINDS if spec.values else ("k",):
+            mean, vectors, variances = self.pca(kind)
+            ranks = _ranks(variances, spec)
+            total = variances.sum(-1).clamp_min(1e-30)
+            bases[kind] = tuple(vectors[layer, :, :, :r].to(torch.float16).float() for layer, r in enumerate(ranks))
+            means[kind] = mean.float()
+            energy[kind] = tuple(
+                float((variances[layer, :, :r].sum(-1) / total[layer]).mean()) for layer, r in enumerate(ranks)
+            )
+        return LowRankBasis(bases, means, energy)
+
+    def spectrum(self, kind: str) -> torch.Tensor:
+        """``[L, d]``: variance kept by the top ``r`` directions (``r = 1..d``), averaged over heads."""
+        variances = self.pca(kind)[2]
+        return (variances.cumsum(-1) / variances.sum(-1, keepdim=True).clamp_min(1e-30)).mean(1)
 
 
 def _ranks(variances: torch.Tensor, spec: RankSpec) -> list[int]:
@@ -157,24 +182,9 @@ class LowRankBasis:
 
 
 def fit_basis(caches: Iterable[PassageKV], spec: RankSpec) -> LowRankBasis:
-    """PCA bases of ``caches`` (keys un-rotated, every kept row) with ranks chosen by ``spec``.
-
-    Deterministic for a given sample: moments accumulate in fp64 in the given order, ``eigh``
-    is deterministic on a CPU, and each direction's sign is fixed. Bases are rounded to fp16
-    before use so indexing projects with exactly the basis the store keeps."""
-    moments = _Moments()
+    """PCA bases of ``caches`` (keys un-rotated, every kept row) with ranks chosen by ``spec``
+    (:meth:`CalibrationMoments.basis`)."""
+    moments = CalibrationMoments()
     for kv in caches:
         moments.add(kv)
-    bases: dict[str, tuple[torch.Tensor, ...]] = {}
-    means: dict[str, torch.Tensor] = {}
-    energy: dict[str, tuple[float, ...]] = {}
-    for kind in KINDS if spec.values else ("k",):
-        mean, vectors, variances = moments.pca(kind)
-        ranks = _ranks(variances, spec)
-        total = variances.sum(-1).clamp_min(1e-30)
-        bases[kind] = tuple(vectors[layer, :, :, :r].to(torch.float16).float() for layer, r in enumerate(ranks))
-        means[kind] = mean.float()
-        energy[kind] = tuple(
-            float((variances[layer, :, :r].sum(-1) / total[layer]).mean()) for layer, r in enumerate(ranks)
-        )
-    return LowRankBasis(bases, means, energy)
+    return moments.basis(spec)

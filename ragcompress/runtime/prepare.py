@@ -32,6 +32,7 @@ from ragcompress.prompt import PromptTemplate, PromptTokens
 from ragcompress.runtime.assemble import assemble
 from ragcompress.runtime.attention import PACKED_KWARG
 from ragcompress.runtime.generate import Prepared
+from ragcompress.runtime.latent_packed import LatentPackedSegments
 from ragcompress.runtime.options import AnswerOptions
 from ragcompress.runtime.packed import PackedSegments
 from ragcompress.runtime.recompute import RecomputeConfig, repair
@@ -146,8 +147,16 @@ class PackedStrategy:
 
     def prepare(self, context: QueryContext, entries: list[Entry], suffix: list[int], max_new_tokens: int) -> Prepared:
         device = context.lm.model.device
-        blobs = [context.store.load_packed(entry) for entry in entries]
-        packed = PackedSegments.from_blobs(blobs, context.prefix.num_tokens, context.rotary, device, self.kernel)
+        start = context.prefix.num_tokens
+        packed: PackedSegments | LatentPackedSegments
+        if context.store.basis is not None:  # low-rank latents: rebuilt inside attention
+            segments = [context.store.read_segment(entry) for entry in entries]
+            packed = LatentPackedSegments.from_segments(
+                segments, context.store.basis, start, context.rotary, device, self.kernel
+            )
+        else:
+            blobs = [context.store.load_packed(entry) for entry in entries]
+            packed = PackedSegments.from_blobs(blobs, start, context.rotary, device, self.kernel)
         cache = context.prefix_cache(len(suffix) + max_new_tokens)
         return Prepared(cache, suffix, packed.next_position, {PACKED_KWARG: packed}, None, f"packed-{self.kernel}")
 
@@ -174,12 +183,15 @@ def choose_strategy(context: QueryContext, options: AnswerOptions) -> DenseStrat
     """The strategy ``options.backend`` names (``auto``: the fused kernel where it applies)."""
     on_cuda = context.lm.model.device.type == "cuda"
     quantized = context.store.quant.bits is not None
+    latent = "lowrank" in context.store.manifest.compression  # rebuilt at load (kv/lowrank.py)
     backend = options.backend
     if backend == "auto":
-        fused = on_cuda and HAS_TRITON and quantized and not options.recompute.active
+        fused = on_cuda and HAS_TRITON and quantized and not latent and not options.recompute.active
         backend = "packed-triton" if fused else "dense"
     if backend == "dense":
         return DenseStrategy(options.recompute)
+    if latent and context.store.manifest.compression["lowrank"].get("ranks_v") is None:
+        raise InputError(f"backend {backend} needs values stored as latents too (--rank-values); use backend dense")
     if not quantized:
         raise InputError(f"backend {backend} needs a quantized store (int8/int4/int2); use backend dense")
     if options.recompute.active:

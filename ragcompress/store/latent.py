@@ -62,6 +62,36 @@ def parse_ranks(meta: dict[str, str], kind: str) -> tuple[int, ...] | None:
     return None if text is None else tuple(int(r) for r in text.split(","))
 
 
+def _layer_fields(
+    kind: str, tensors: dict[str, torch.Tensor], ranks: tuple[int, ...], lengths: torch.Tensor, quant: QuantConfig
+) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
+    """Each layer's flat fields: kept rows ``[T_l, r_l]`` (unquantized) or packed codes
+    ``[T_l, r_l * bits / 8]`` with scales and minimums ``[G_l, r_l]``. Raises ``ValueError`` when
+    the tensors do not add up to what ``lengths`` and ``ranks`` declare."""
+    if len(ranks) != lengths.shape[0]:
+        raise ValueError(f"{len(ranks)} {kind} ranks for {lengths.shape[0]} layers")
+    bits, gs = quant.bits, quant.group_size
+    names = [f"{kind}_lat"] if bits is None else [f"{kind}_lat_codes", f"{kind}_lat_scale", f"{kind}_lat_min"]
+    flats = [tensors[name] for name in names]
+    at = [0] * len(flats)
+    out: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = []
+    for layer, r in enumerate(ranks):
+        kept = int(lengths[layer].sum())
+        groups = int((-(-lengths[layer] // gs)).sum())
+        shapes = [(kept, r)] if bits is None else [(kept, r * bits // 8), (groups, r), (groups, r)]
+        parts = []
+        for j, shape in enumerate(shapes):
+            count = shape[0] * shape[1]
+            if at[j] + count > flats[j].numel():
+                raise ValueError(f"{kind} latents are shorter than their lengths and ranks declare")
+            parts.append(flats[j][at[j] : at[j] + count].reshape(shape))
+            at[j] += count
+        out.append((parts[0], None, None) if bits is None else (parts[0], parts[1], parts[2]))
+    if any(a != f.numel() for a, f in zip(at, flats, strict=True)):
+        raise ValueError(f"{kind} latents are longer than their lengths and ranks declare")
+    return out
+
+
 def decode_latents(
     kind: str,
     tensors: dict[str, torch.Tensor],
@@ -72,45 +102,51 @@ def decode_latents(
 ) -> list[torch.Tensor]:
     """Inverse of :func:`encode_latents`: per-layer latents ``[H, n_max, r_l]`` fp32, padding rows
     zero. Raises ``KeyError``/``ValueError``/``RuntimeError`` on tensors that do not add up."""
-    if len(ranks) != lengths.shape[0]:
-        raise ValueError(f"{len(ranks)} {kind} ranks for {lengths.shape[0]} layers")
     mask = torch.arange(n_max) < lengths.unsqueeze(-1)
     bits, gs = quant.bits, quant.group_size
     n_groups = -(-max(n_max, 1) // gs)
     groups = _group_mask(lengths, n_groups, gs)
-    out: list[torch.Tensor] = []
-    at = {"rows": 0, "codes": 0, "groups": 0}
-
-    def take(flat: torch.Tensor, key: str, count: int) -> torch.Tensor:
-        start = at[key]
-        if start + count > flat.numel():
-            raise ValueError(f"{kind} latents are shorter than their lengths and ranks declare")
-        at[key] = start + count
-        return flat[start : start + count]
-
     heads = lengths.shape[1]
-    for layer, r in enumerate(ranks):
-        kept = int(lengths[layer].sum())
-        grid = torch.zeros(heads, n_max, r, dtype=torch.float32)
-        if bits is None:
-            grid[mask[layer]] = take(tensors[f"{kind}_lat"], "rows", kept * r).reshape(kept, r).float()
-        else:
-            packed = take(tensors[f"{kind}_lat_codes"], "codes", kept * r * bits // 8).reshape(kept, r * bits // 8)
-            codes = torch.zeros(heads, n_max, r, dtype=torch.uint8)
-            codes[mask[layer]] = unpack(packed, bits)
-            g = int(groups[layer].sum())
-            scale = torch.zeros(heads, n_groups, r, dtype=torch.float16)
-            low = torch.zeros(heads, n_groups, r, dtype=torch.float16)
-            scale[groups[layer]] = take(tensors[f"{kind}_lat_scale"], "groups", g * r).reshape(g, r)
-            at["groups"] -= g * r  # the minimums run in step with the scales
-            low[groups[layer]] = take(tensors[f"{kind}_lat_min"], "groups", g * r).reshape(g, r)
-            grid = dequantize_keys_per_channel(codes, scale, low, gs) * mask[layer].unsqueeze(-1)
-        out.append(grid)
-    fields = ("rows",) if bits is None else ("codes", "groups")
-    names = {"rows": f"{kind}_lat", "codes": f"{kind}_lat_codes", "groups": f"{kind}_lat_scale"}
-    for key in fields:
-        if at[key] != tensors[names[key]].numel():
-            raise ValueError(f"{kind} latents are longer than their lengths and ranks declare")
-    if bits is not None and tensors[f"{kind}_lat_min"].numel() != tensors[f"{kind}_lat_scale"].numel():
-        raise ValueError(f"{kind} latent minimums and scales differ in size")
+    out: list[torch.Tensor] = []
+    for layer, (rows, scale, low) in enumerate(_layer_fields(kind, tensors, ranks, lengths, quant)):
+        r = ranks[layer]
+        if bits is None or scale is None or low is None:
+            grid = torch.zeros(heads, n_max, r, dtype=torch.float32)
+            grid[mask[layer]] = rows.float()
+            out.append(grid)
+            continue
+        codes = torch.zeros(heads, n_max, r, dtype=torch.uint8)
+        codes[mask[layer]] = unpack(rows, bits)
+        scale_grid = torch.zeros(heads, n_groups, r, dtype=torch.float16)
+        low_grid = torch.zeros(heads, n_groups, r, dtype=torch.float16)
+        scale_grid[groups[layer]] = scale
+        low_grid[groups[layer]] = low
+        out.append(dequantize_keys_per_channel(codes, scale_grid, low_grid, gs) * mask[layer].unsqueeze(-1))
+    return out
+
+
+def padded_latents(
+    kind: str, tensors: dict[str, torch.Tensor], ranks: tuple[int, ...], lengths: torch.Tensor, quant: QuantConfig
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per layer, the quantized latents padded per head to ``n_pad`` rows (a multiple of
+    ``group_size``), nothing dequantized: codes ``[H, n_pad, r_l * bits / 8]`` uint8 and
+    scale/min ``[H, n_pad / group_size, r_l]`` fp16, the layout the latent kernel reads."""
+    bits, gs = quant.bits, quant.group_size
+    if bits is None:
+        raise ValueError(f"the latent kernel reads quantized latents (int8/int4/int2), not {quant.scheme!r}")
+    heads = lengths.shape[1]
+    n_pad = -(-max(int(lengths.max()), 1) // gs) * gs
+    rows_mask = torch.arange(n_pad) < lengths.unsqueeze(-1)
+    groups = _group_mask(lengths, n_pad // gs, gs)
+    out = []
+    for layer, (codes, scale, low) in enumerate(_layer_fields(kind, tensors, ranks, lengths, quant)):
+        assert scale is not None and low is not None
+        r = ranks[layer]
+        codes_grid = torch.zeros(heads, n_pad, r * bits // 8, dtype=torch.uint8)
+        codes_grid[rows_mask[layer]] = codes
+        scale_grid = torch.zeros(heads, n_pad // gs, r, dtype=torch.float16)
+        low_grid = torch.zeros(heads, n_pad // gs, r, dtype=torch.float16)
+        scale_grid[groups[layer]] = scale
+        low_grid[groups[layer]] = low
+        out.append((codes_grid, scale_grid, low_grid))
     return out

@@ -1,0 +1,408 @@
+"""The bytes frontier of issue 16: bytes per token against KL to full prefill and sub-EM, for
+combinations of eviction x rank x bit width, on questions the bases were not fitted on.
+
+Split by article: the low-rank bases are fitted on the first ``--calibration-passages`` passages
+of ``--calibration-articles`` (full caches, encoded as indexing encodes them); the evaluated
+questions are those of the *other* articles (``--split eval``), or a few of the calibration
+articles' questions to choose settings on (``--split dev``). Every row is a real store (manifest,
+basis file, shards, catalogue) holding the passages the questions retrieve (top-k over the whole
+corpus, so retrieval is what a whole-corpus store returns), answered through
+``Engine.answer_cached`` (dense backend, default ``AnswerOptions``: greedy, 32 new tokens).
+
+Per row: sub-EM, F1, agreement with full prefill, median TTFT, bytes per token (blobs as written
+plus the basis file once, over the store's tokens) and teacher-forced KL(full prefill || row) of
+the next-token distributions at the positions that predict the first gold answer's tokens
+(nats/token; ``kl_full_first``: the answer's first token alone), over ``--kl-questions`` evenly
+spaced questions (each needs a full prefill, the slowest step on a CPU). Only those rows of the
+reference are kept: a vocabulary of 150k makes every prompt position cost 300 kB.
+Full-prefill answers come from ``runs/core272-ck`` (the evaluation model, top-3, same prompt and
+passages, same decoding) for every question whose retrieved ids match; the rest are computed.
+
+Row names: ``METHOD@RATIO/QUANT/RANK``, e.g. ``none@1/fp16/-`` (the uncompressed reference),
+``global:kvzip@0.25/int4/r32`` (fixed rank 32, keys and values), ``.../r16k`` (keys only),
+``.../e0.9`` (energy 0.9 per layer), ``.../p0.9`` (energy 0.9, progressive by depth).
+
+    python benchmarks/lowrank_frontier.py --model qwen2.5-coder-0.5b --split eval \\
+        --rows none@1/fp16/- none@1/int4/- global:kvzip@0.25/int4/- global:kvzip@0.5/int4/r16
+    python benchmarks/lowrank_frontier.py --model qwen2.5-coder-0.5b --report docs/results/lowrank_qwen.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ragcompress.compressors import CompressionContext, make_compressor
+from ragcompress.evaluation import Question, f1, read_questions, sub_em
+from ragcompress.indexing import IndexConfig
+from ragcompress.indexing.calibrate import calibration_caches
+from ragcompress.indexing.encoder import PassageEncoder
+from ragcompress.indexing.indexer import Indexer, passage_record
+from ragcompress.indexing.inputs import PassageInput, iter_passages
+from ragcompress.kv import ModelShape, PassageKV
+from ragcompress.kv.lowrank import CalibrationMoments, LowRankBasis, RankSpec
+from ragcompress.models import LoadedModel, load_model
+from ragcompress.retrieval import Embedder
+from ragcompress.runtime.engine import Engine
+from ragcompress.runtime.options import AnswerOptions
+from ragcompress.runtime.prepare import full_prefill
+from ragcompress.store import KVStore, StoreWriter, create_store
+from ragcompress.store.basis import BASIS, basis_to_bytes
+
+from common import SQUAD, results_meta, teacher_forced_logprobs
+
+CORE272 = Path(__file__).resolve().parents[1] / "runs" / "core272-ck"
+OPTIONS = AnswerOptions(backend="dense")
+ROW = re.compile(r"(?P<method>[^@]+)@(?P<ratio>[0-9.]+)/(?P<quant>\w+)/(?P<rank>-|r\d+k?|[ep][0-9.]+k?)")
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """One store setting of the grid (see the module docstring for the name)."""
+
+    name: str
+    method: str
+    ratio: float
+    quant: str
+    rank: RankSpec | None
+
+    @classmethod
+    def parse(cls, name: str) -> RowSpec:
+        match = ROW.fullmatch(name)
+        if match is None:
+            raise SystemExit(f"bad row {name!r}: expected METHOD@RATIO/QUANT/(-|rN[k]|eE[k]|pE[k])")
+        rank_text = match["rank"]
+        rank = None
+        if rank_text != "-":
+            values = not rank_text.endswith("k")
+            number = rank_text[1:].rstrip("k")
+            if rank_text[0] == "r":
+                rank = RankSpec(rank=int(number), values=values)
+            else:
+                schedule = "global" if rank_text[0] == "e" else "progressive"
+                rank = RankSpec(energy=float(number), schedule=schedule, values=values)
+        return cls(name, match["method"], float(match["ratio"]), match["quant"], rank)
+
+    def index_config(self) -> IndexConfig:
+        ratio = None if self.method == "none" else self.ratio
+        keep = {} if self.method == "none" else {"keep_first": 1, "keep_last": 0}  # issue 16's setting
+        rank = self.rank
+        return IndexConfig(
+            method=self.method,
+            ratio=ratio,
+            quant=self.quant,
+            rank=rank.rank if rank else None,
+            rank_energy=rank.energy if rank else None,
+            rank_schedule=rank.schedule if rank else "global",
+            rank_values=rank.values if rank else True,
+            **keep,
+        )
+
+
+def split_questions(articles: set[str], split: str, limit: int) -> list[Question]:
+    """Questions of the calibration articles (``dev``) or of the others (``eval``), file order,
+    evenly thinned to ``limit``."""
+    questions = [
+        q
+        for q in read_questions(SQUAD / "questions.jsonl")
+        if (q.passage_id.split("#")[0] in articles) == (split == "dev")
+    ]
+    if limit and limit < len(questions):
+        step = len(questions) / limit
+        questions = [questions[int(i * step)] for i in range(limit)]
+    return questions
+
+
+def retrieve(embedder: Embedder, passages: list[PassageInput], questions: list[Question], k: int) -> list[list[str]]:
+    """Top-``k`` passage ids over the whole corpus, per question (what a whole-corpus store returns)."""
+    pvec = embedder.embed([p.text for p in passages])
+    qvec = embedder.embed([q.question for q in questions])
+    top = np.argsort(-(qvec @ pvec.T), axis=1, kind="stable")[:, :k]
+    return [[passages[j].id for j in row] for row in top]
+
+
+def core272_full_answers(model: str, top_k: int) -> dict[str, dict[str, Any]]:
+    """Question id -> its full-prefill answer and retrieved ids from ``runs/core272-ck``."""
+    found: dict[str, dict[str, Any]] = {}
+    for path in sorted(CORE272.glob(f"{model}-*-top{top_k}-shard*.jsonl")):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            found[row["id"]] = {"answer": row["full"]["answer"], "retrieved": row["retrieved"]}
+    return found
+
+
+class Frontier:
+    """Shared state of one run: model, questions, passages and their full caches, scores, bases."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.lm: LoadedModel = load_model(args.model)
+        self.embedder = Embedder()
+        self.indexer = Indexer.from_config(self.lm, IndexConfig(), self.embedder)
+        self.encoder: PassageEncoder = self.indexer.encoder
+        corpus = list(iter_passages(SQUAD / "passages.jsonl"))
+        articles = set(args.calibration_articles)
+        self.questions = split_questions(articles, args.split, args.questions)
+        self.retrieved = retrieve(self.embedder, corpus, self.questions, args.top_k)
+        needed = list(dict.fromkeys(pid for row in self.retrieved for pid in row))
+        by_id = {p.id: p for p in corpus}
+        self.passages = {pid: by_id[pid] for pid in needed}
+        self.vectors = dict(zip(needed, self.embedder.embed([by_id[p].text for p in needed]), strict=True))
+        self.token_ids = {pid: self.encoder.tokens.passage(by_id[pid].text) for pid in needed}
+        self.calibration = [p for p in corpus if p.id.split("#")[0] in articles]
+        step = max(1, len(self.questions) // max(1, args.kl_questions))  # a full prefill each: bounded
+        self.kl_rows = set(range(0, len(self.questions), step)[: args.kl_questions])
+        self.workdir: Path = args.workdir / args.split
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.full = self._full_caches()
+        self._moments: CalibrationMoments | None = None
+        self._scores: dict[str, dict[str, torch.Tensor]] = {}
+
+    def _full_caches(self) -> dict[str, PassageKV]:
+        path = self.workdir / "full-caches.pt"
+        if path.is_file():  # keys and values of uniform caches: plain tensors, no pickled classes
+            return {pid: PassageKV.full(k, v) for pid, (k, v) in torch.load(path).items()}
+        t0 = time.perf_counter()
+        full: dict[str, PassageKV] = {}
+        ids = list(self.passages)
+        for start in range(0, len(ids), 8):
+            batch = ids[start : start + 8]
+            full.update(zip(batch, self.encoder.encode([self.token_ids[p] for p in batch]), strict=True))
+        torch.save({pid: (kv.keys, kv.values) for pid, kv in full.items()}, path)
+        print(f"encoded {len(full)} passages in {time.perf_counter() - t0:.0f} s", flush=True)
+        return full
+
+    def basis(self, spec: RankSpec) -> LowRankBasis:
+        if self._moments is None:
+            path = self.args.workdir / "calibration-moments.pt"
+            moments = CalibrationMoments()
+            if path.is_file():  # tensors only: no pickled classes
+                state = torch.load(path)
+                moments.count, moments.sums, moments.outer = state["count"], state["sums"], state["outer"]
+            else:
+                for kv in calibration_caches(self.encoder, self.calibration, self.args.calibration_passages):
+                    moments.add(kv)
+                torch.save({"count": moments.count, "sums": moments.sums, "outer": moments.outer}, path)
+            self._moments = moments
+        return self._moments.basis(spec)
+
+    def scores(self, scorer: str) -> dict[str, torch.Tensor]:
+        """Scores ``[L, H, n]`` of every needed passage, computed once (kept in the workdir)."""
+        if scorer not in self._scores:
+            path = self.workdir / f"scores-{scorer}.pt"
+            scores: dict[str, torch.Tensor] = torch.load(path) if path.is_file() else {}
+            missing = [pid for pid in self.full if pid not in scores]
+            if missing:
+                t0 = time.perf_counter()
+                compressor = make_compressor(scorer)
+                for pid in missing:
+                    scores[pid] = compressor.score(
+                        self.full[pid], CompressionContext(self.encoder, self.token_ids[pid])
+                    )
+                torch.save(scores, path)
+                print(f"{scorer}: scored {len(missing)} passages in {time.perf_counter() - t0:.0f} s", flush=True)
+            self._scores[scorer] = scores
+        return self._scores[scorer]
+
+    def build(self, row: RowSpec) -> Path:
+        """The row's store (rebuilt each time: building costs seconds, answering minutes)."""
+        config = row.index_config()
+        path = self.workdir / "stores" / re.sub(r"[^A-Za-z0-9.-]+", "-", row.name)
+        if path.exists():
+            shutil.rmtree(path)
+        compressor = config.compressor()
+        kept = dict(self.full)
+        if row.method != "none":
+            scores = self.scores(row.method.split(":")[-1])
+            kept = {pid: compressor.select(kv, scores[pid]) for pid, kv in self.full.items()}  # type: ignore[attr-defined]
+        indexer = Indexer.from_config(self.lm, config, self.embedder)
+        basis = None
+        if row.rank is not None:
+            basis = self.basis(row.rank)
+            calibration = f"{'+'.join(self.args.calibration_articles)}:first-{self.args.calibration_passages}"
+            indexer = indexer.with_basis(basis, row.rank, calibration)
+        create_store(
+            path, indexer.manifest, self.encoder.prefix_kv, basis_to_bytes(basis) if basis is not None else None
+        )
+        quant = config.quant_config()
+        records = [passage_record(self.passages[p], kv, quant, self.vectors[p], basis) for p, kv in kept.items()]
+        with StoreWriter(path) as writer:
+            writer.add(records)
+            writer.write_index()
+        return path
+
+
+def kl(ref: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """Per-position ``KL(ref || other)`` from log-probabilities ``[n, vocab]``."""
+    return (ref.exp() * (ref - other)).sum(-1)
+
+
+def answer_ids(frontier: Frontier, question: Question) -> list[int]:
+    return frontier.lm.tokenizer(question.answers[0], add_special_tokens=False)["input_ids"]
+
+
+def full_reference(frontier: Frontier, engine: Engine) -> dict[str, Any]:
+    """Full-prefill answers (reused from core272 where the retrieved ids match) and
+    teacher-forced log-probabilities (kept in the workdir)."""
+    path = frontier.workdir / "full.pt"
+    if path.is_file():
+        return torch.load(path)
+    reuse = core272_full_answers(frontier.lm.ref, frontier.args.top_k)
+    answers, logprobs, reused = [], {}, 0
+    for i, (q, pids) in enumerate(zip(frontier.questions, frontier.retrieved, strict=True)):
+        entries = [engine.store.entry(pid) for pid in pids]
+        if q.id in reuse and reuse[q.id]["retrieved"] == pids:
+            answers.append(reuse[q.id]["answer"])
+            reused += 1
+        else:
+            answers.append(engine.answer_full(q.question, entries, OPTIONS).answer)
+        if i not in frontier.kl_rows:
+            continue
+        answer = answer_ids(frontier, q)
+        prepared = full_prefill(
+            engine.context, engine.full_prompt_ids(q.question, entries, OPTIONS), OPTIONS.max_new_tokens
+        )
+        rows = teacher_forced_logprobs(engine.lm.model, prepared, answer, keep=len(answer) + 1)
+        logprobs[i] = rows[:-1].half()  # the rows that predict the answer's tokens
+    reference = {"answers": answers, "logprobs": logprobs, "reused_core272": reused}
+    torch.save(reference, path)
+    print(f"full prefill: {reused}/{len(answers)} answers reused from {CORE272}", flush=True)
+    return reference
+
+
+def measure(frontier: Frontier, row: RowSpec, reference: dict[str, Any] | None) -> tuple[dict[str, Any], Engine]:
+    """Build the row's store and answer every question over it; the engine stays open for the
+    full-prefill reference when ``reference`` is None."""
+    t0 = time.perf_counter()
+    path = frontier.build(row)
+    store = KVStore.open(path)
+    engine = Engine(store, frontier.lm, frontier.embedder, OPTIONS)
+    engine.warm_up()
+    if reference is None:
+        reference = full_reference(frontier, engine)
+    answers, ttfts, kls, first_kls = [], [], [], []
+    for i, (q, pids) in enumerate(zip(frontier.questions, frontier.retrieved, strict=True)):
+        entries = [store.entry(pid) for pid in pids]
+        got = engine.answer_cached(q.question, entries, OPTIONS)
+        answers.append(got.answer)
+        ttfts.append(got.ttft_s)
+        if i not in frontier.kl_rows:
+            continue
+        answer = answer_ids(frontier, q)
+        prepared = engine.prepare(q.question, entries, OPTIONS)
+        ours = teacher_forced_logprobs(engine.lm.model, prepared, answer, keep=len(answer) + 1)[:-1]
+        ref = reference["logprobs"][i].float()
+        kls.append(float(kl(ref, ours).mean()))
+        first_kls.append(float(kl(ref[:1], ours[:1]).mean()))
+    entries = list(store.catalogue.entries())
+    tokens = sum(e.num_tokens for e in entries)
+    blob_bytes = sum(e.length for e in entries)
+    basis_bytes = (path / BASIS).stat().st_size if (path / BASIS).is_file() else 0
+    per_token = (blob_bytes + basis_bytes) / tokens
+    fp16 = float(ModelShape.from_config(frontier.lm.config).fp16_bytes_per_token)
+    n = len(answers)
+    lowrank = store.manifest.compression.get("lowrank")
+    result = {
+        "method": row.method,
+        "ratio": row.ratio,
+        "quant": row.quant,
+        "rank": None if row.rank is None else row.rank.as_dict(),
+        "ranks_k": lowrank["ranks_k"] if lowrank else None,
+        "ranks_v": lowrank.get("ranks_v") if lowrank else None,
+        "sub_em": sum(sub_em(a, q.answers) for a, q in zip(answers, frontier.questions, strict=True)) / n,
+        "f1": sum(f1(a, q.answers) for a, q in zip(answers, frontier.questions, strict=True)) / n,
+        "agreement": sum(a == b for a, b in zip(answers, reference["answers"], strict=True)) / n,
+        "kl_full_answer": statistics.fmean(kls),
+        "kl_full_first": statistics.fmean(first_kls),
+        "kl_questions": len(kls),
+        "ttft_s_median": statistics.median(ttfts),
+        "bytes_per_token": per_token,
+        "basis_bytes": basis_bytes,
+        "store_tokens": tokens,
+        "compression": fp16 / per_token,
+        "answers": answers,
+        "per_question_sub_em": [sub_em(a, q.answers) for a, q in zip(answers, frontier.questions, strict=True)],
+        "seconds": time.perf_counter() - t0,
+        "load": os.getloadavg(),
+    }
+    store.close()
+    return result, engine
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="qwen2.5-coder-0.5b")
+    parser.add_argument("--rows", nargs="+", required=True)
+    parser.add_argument("--split", choices=("dev", "eval"), default="eval")
+    parser.add_argument("--questions", type=int, default=0, help="at most this many (0: all of the split)")
+    parser.add_argument("--top-k", type=int, default=3)
+    parser.add_argument("--kl-questions", type=int, default=40, help="evenly spaced questions that get the KL")
+    parser.add_argument("--calibration-articles", nargs="+", default=["Yuan_dynasty", "Genghis_Khan"])
+    parser.add_argument("--calibration-passages", type=int, default=64)
+    parser.add_argument("--workdir", type=Path, default=None, help="default runs/lowrank/<model>")
+    parser.add_argument("--out", type=Path, default=None, help="results JSON (default <workdir>/<split>/results.json)")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    args.workdir = args.workdir or Path("runs/lowrank") / args.model
+    rows = [RowSpec.parse(name) for name in args.rows]
+    frontier = Frontier(args)
+    out = args.out or frontier.workdir / "results.json"
+    results: dict[str, Any] = json.loads(out.read_text()) if out.is_file() else {}
+    key = {"questions": [q.id for q in frontier.questions], "top_k": args.top_k, "split": args.split}
+    if results.get("key") != key:
+        results = {"key": key, "rows": {}}
+    reference: dict[str, Any] | None = None
+    if (frontier.workdir / "full.pt").is_file():
+        reference = torch.load(frontier.workdir / "full.pt")
+    for row in rows:
+        if row.name in results["rows"]:
+            continue
+        result, engine = measure(frontier, row, reference)
+        if reference is None:
+            reference = torch.load(frontier.workdir / "full.pt")
+        results["rows"][row.name] = result
+        answers = reference["answers"]
+        n = len(answers)
+        results["full"] = {
+            "sub_em": sum(sub_em(a, q.answers) for a, q in zip(answers, frontier.questions, strict=True)) / n,
+            "f1": sum(f1(a, q.answers) for a, q in zip(answers, frontier.questions, strict=True)) / n,
+            "answers": answers,
+            "per_question_sub_em": [sub_em(a, q.answers) for a, q in zip(answers, frontier.questions, strict=True)],
+            "reused_core272": reference["reused_core272"],
+        }
+        results.update(
+            model=frontier.lm.ref,
+            n=len(frontier.questions),
+            retrieved=frontier.retrieved,
+            calibration={"articles": args.calibration_articles, "passages": args.calibration_passages},
+            meta={
+                **results_meta({**vars(args), "questions": len(frontier.questions)}),
+                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "load": os.getloadavg(),
+            },
+        )
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1))
+        print(
+            f"{row.name}: sub-EM {result['sub_em']:.3f} (full {results['full']['sub_em']:.3f}) "
+            f"agreement {result['agreement']:.2f} KL {result['kl_full_answer']:.3f} "
+            f"{result['compression']:.1f}x TTFT {result['ttft_s_median']:.3f}s ({result['seconds']:.0f} s)",
+            flush=True,
+        )
+        del engine
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,345 @@
+"""Fused attention over low-rank passage latents: latent @ basis, then RoPE, then attention.
+
+A low-rank store (``ragcompress/kv/lowrank.py``, Palu / ShadowKV style) keeps, per layer and KV
+head, the latents ``z = (x - mean) @ U`` of un-rotated keys and of values, quantized per channel
+over groups of ``group_size`` rows (``ragcompress/store/latent.py``). This kernel rebuilds each
+tile of keys as ``z_k @ U_k^T + mean_k`` (and its ``rotate_half`` partner channels from the same
+latents, with the basis columns permuted), applies RoPE at each row's position, rebuilds values
+as ``z_v @ U_v^T + mean_v`` and runs the online softmax (FlashAttention) over the segments and
+then over the fp rows (prefix + new tokens, bottom-right causal), q heads of one KV head packed
+into one tile (GQA). The full-size keys and values are never written to memory.
+:func:`latent_attention_ref` is the fp32 PyTorch reference (and the CPU path).
+
+No split-K here (one program covers all segments of a query block and KV head): decode over
+long contexts would want it, as ``quantized_attention.py`` has.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .quantized_attention import _interpreted, _unpack_ref, attention_over_dense_ref, valid_rows_ref
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the PyTorch path needs no Triton
+    triton = None
+
+HAS_TRITON = triton is not None
+
+
+@dataclass(frozen=True)
+class LatentSegments:
+    """Latent passage segments of one layer, laid out for :func:`latent_attention`.
+
+    Rows as in ``QuantizedSegments``: segment ``s`` owns rows ``seg_start[s] : seg_start[s+1]``
+    (a multiple of ``group_size``), of which head ``h`` keeps the first ``seg_len[h, s]``.
+    ``H`` kv heads, ``N`` rows, ``S`` segments, ``d`` head_dim, ``r`` a kind's rank, ``pb = 8 // bits``.
+
+    k_codes:  ``[H, N, rk // pb]`` uint8 key latent codes, lowest bits first
+    k_scale:  ``[H, N // group_size, rk]`` fp16 per channel and row group; ``k_min`` alike
+    v_codes, v_scale, v_min: the value latents, the same layout with ``rv``
+    k_basis:  ``[H, rk, d]`` fp32 (``U_k`` transposed); ``k_mean`` ``[H, d]`` fp32; ``v_*`` alike
+    positions ``[H, N]`` int32, seg_start ``[S + 1]`` int32 (``seg_start_host`` the same),
+    seg_len ``[H, S]`` int32, cos/sin ``[P, d]`` fp32 rotary tables (attention scaling included)
+    """
+
+    k_codes: torch.Tensor
+    k_scale: torch.Tensor
+    k_min: torch.Tensor
+    v_codes: torch.Tensor
+    v_scale: torch.Tensor
+    v_min: torch.Tensor
+    k_basis: torch.Tensor
+    k_mean: torch.Tensor
+    v_basis: torch.Tensor
+    v_mean: torch.Tensor
+    positions: torch.Tensor
+    seg_start: torch.Tensor
+    seg_len: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    bits: int
+    group_size: int
+    seg_start_host: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        heads, rows, _ = self.k_codes.shape
+        d = self.cos.shape[-1]
+        if self.bits not in (2, 4, 8):
+            raise ValueError(f"bits must be 2, 4 or 8, got {self.bits}")
+        pb = 8 // self.bits
+        rk, rv = self.k_basis.shape[1], self.v_basis.shape[1]
+        segs = len(self.seg_start_host) - 1
+        groups = rows // self.group_size
+        expected = {
+            "k_codes": ((heads, rows, rk // pb), torch.uint8),
+            "k_scale": ((heads, groups, rk), torch.float16),
+            "k_min": ((heads, groups, rk), torch.float16),
+            "v_codes": ((heads, rows, rv // pb), torch.uint8),
+            "v_scale": ((heads, groups, rv), torch.float16),
+            "v_min": ((heads, groups, rv), torch.float16),
+            "k_basis": ((heads, rk, d), torch.float32),
+            "k_mean": ((heads, d), torch.float32),
+            "v_basis": ((heads, rv, d), torch.float32),
+            "v_mean": ((heads, d), torch.float32),
+            "positions": ((heads, rows), torch.int32),
+            "seg_start": ((segs + 1,), torch.int32),
+            "seg_len": ((heads, segs), torch.int32),
+            "cos": ((self.cos.shape[0], d), torch.float32),
+            "sin": ((self.cos.shape[0], d), torch.float32),
+        }
+        for name, (shape, dtype) in expected.items():
+            tensor = getattr(self, name)
+            if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+                raise ValueError(f"{name}: expected {shape} {dtype}, got {tuple(tensor.shape)} {tensor.dtype}")
+            if tensor.device != self.k_codes.device:
+                raise ValueError(f"{name} is on {tensor.device}, k_codes on {self.k_codes.device}")
+            if not tensor.is_contiguous():
+                raise ValueError(f"{name} must be contiguous")
+        if rk % pb or rv % pb:
+            raise ValueError(f"ranks {rk}/{rv} must be multiples of {pb} at {self.bits} bits")
+        if rows % self.group_size or any(s % self.group_size for s in self.seg_start_host):
+            raise ValueError(f"segment rows must be multiples of group_size {self.group_size}")
+        if self.seg_start_host[-1] != rows or d % 2:
+            raise ValueError("seg_start must end at N and head_dim must be even")
+
+    @property
+    def num_heads(self) -> int:
+        return self.k_codes.shape[0]
+
+    @property
+    def head_dim(self) -> int:
+        return self.cos.shape[-1]
+
+
+# --------------------------------------------------------------------------- PyTorch reference
+
+
+def _dequantize_latents_ref(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, bits: int, gs: int):
+    """codes ``[H, N, r // pb]``, scale/min ``[H, N // gs, r]`` -> latents ``[H, N, r]`` fp32."""
+    heads, rows, _ = codes.shape
+    r = scale.shape[-1]
+    z = _unpack_ref(codes, bits).view(heads, rows // gs, gs, r)
+    return torch.addcmul(low.float().unsqueeze(-2), z, scale.float().unsqueeze(-2)).view(heads, rows, r)
+
+
+def _rope_ref(keys: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``keys [..., N, d]`` rotated to ``positions [..., N]`` (rotate_half convention)."""
+    half = keys.shape[-1] // 2
+    rotated = torch.cat((-keys[..., half:], keys[..., :half]), dim=-1)
+    pos = positions.long()
+    return keys * cos[pos] + rotated * sin[pos]
+
+
+def rebuild_latent_segments_ref(seg: LatentSegments) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keys ``[H, N, d]`` (rebuilt, RoPE applied), values ``[H, N, d]`` fp32 and ``valid [H, N]``."""
+    zk = _dequantize_latents_ref(seg.k_codes, seg.k_scale, seg.k_min, seg.bits, seg.group_size)
+    zv = _dequantize_latents_ref(seg.v_codes, seg.v_scale, seg.v_min, seg.bits, seg.group_size)
+    keys = torch.baddbmm(seg.k_mean.unsqueeze(1), zk, seg.k_basis)
+    values = torch.baddbmm(seg.v_mean.unsqueeze(1), zv, seg.v_basis)
+    return _rope_ref(keys, seg.positions, seg.cos, seg.sin), values, valid_rows_ref(seg.seg_start_host, seg.seg_len)
+
+
+def latent_attention_ref(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, seg: LatentSegments, scale: float | None = None
+) -> torch.Tensor:
+    """fp32 reference of :func:`latent_attention`: ``[B, q, Hq, d]`` in query's dtype."""
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    keys, values, valid = rebuild_latent_segments_ref(seg)
+    out = attention_over_dense_ref(query.float(), key.float(), value.float(), keys, values, valid, scale)
+    return out.to(query.dtype)
+
+
+# --------------------------------------------------------------------------- Triton kernel
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _load_latents(codes_head, scale_head, min_head, rows, rmask, R: tl.constexpr, R_PAD: tl.constexpr,
+                      BITS: tl.constexpr, GROUP_SIZE: tl.constexpr):  # fmt: skip
+        """Dequantized latents ``[BLOCK_N, R_PAD]`` fp32 of ``rows`` (channels >= R are 0)."""
+        PB: tl.constexpr = 8 // BITS
+        ch = tl.arange(0, R_PAD)
+        ch_ok = ch < R
+        m = rmask[:, None] & ch_ok[None, :]
+        byte = tl.load(codes_head + rows[:, None] * (R // PB) + (ch // PB)[None, :], mask=m, other=0)
+        code = ((byte.to(tl.int32) >> ((ch % PB) * BITS)[None, :]) & ((1 << BITS) - 1)).to(tl.float32)
+        grp = (rows // GROUP_SIZE)[:, None] * R + ch[None, :]
+        s = tl.load(scale_head + grp, mask=m, other=0.0).to(tl.float32)
+        lo = tl.load(min_head + grp, mask=m, other=0.0).to(tl.float32)
+        return tl.where(m, code * s + lo, 0.0)
+
+    @triton.jit
+    def _latent_attn_fwd(
+        Q, K, V, KC, KS, KM, VC, VS, VM, KB, KMEAN, VB, VMEAN, POS, COS, SIN, SEG_START, SEG_LEN, OUT,
+        qk_scale, Q_LEN, T_FP, N_ROWS, NUM_SEGS, H_KV,
+        stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+        stride_ob, stride_oh, stride_om,
+        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
+        RK: tl.constexpr, RV: tl.constexpr, RK_PAD: tl.constexpr, RV_PAD: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):  # fmt: skip
+        """Grid ``(cdiv(GROUP * Q_LEN, BLOCK_M), BATCH * H_KV)``; tile rows are ``(q head in
+        group, query token)`` pairs, as in ``_packed_attn_fwd``."""
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H_KV
+        kvh = pid_bh % H_KV
+        PB: tl.constexpr = 8 // BITS
+        HALF: tl.constexpr = HEAD_DIM // 2
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_valid = offs_m < GROUP * Q_LEN
+        qh = kvh * GROUP + offs_m // Q_LEN
+        qi = offs_m % Q_LEN
+        cols = tl.arange(0, HEAD_DIM)
+        q = tl.load(
+            Q + b * stride_qb + qh[:, None] * stride_qh + qi[:, None] * stride_qm + cols[None, :],
+            mask=m_valid[:, None],
+            other=0.0,
+        )
+        partner = (cols + HALF) % HEAD_DIM  # channel c of a rotated key mixes c and c +- d/2
+        sign = tl.where(cols < HALF, -1.0, 1.0)
+
+        # this head's bases (U^T, rows >= rank are 0) and means, once per program
+        rk = tl.arange(0, RK_PAD)
+        rv = tl.arange(0, RV_PAD)
+        kb_head = KB + kvh * RK * HEAD_DIM
+        basis_k = tl.load(kb_head + rk[:, None] * HEAD_DIM + cols[None, :], mask=(rk < RK)[:, None], other=0.0)
+        basis_kp = tl.load(kb_head + rk[:, None] * HEAD_DIM + partner[None, :], mask=(rk < RK)[:, None], other=0.0)
+        basis_v = tl.load(
+            VB + kvh * RV * HEAD_DIM + rv[:, None] * HEAD_DIM + cols[None, :], mask=(rv < RV)[:, None], other=0.0
+        )
+        mean_k = tl.load(KMEAN + kvh * HEAD_DIM + cols)
+        mean_kp = tl.load(KMEAN + kvh * HEAD_DIM + partner)
+        mean_v = tl.load(VMEAN + kvh * HEAD_DIM + cols)
+
+        kc_head = KC + kvh * N_ROWS * (RK // PB)
+        vc_head = VC + kvh * N_ROWS * (RV // PB)
+        groups = N_ROWS // GROUP_SIZE
+        ks_head = KS + kvh * groups * RK
+        km_head = KM + kvh * groups * RK
+        vs_head = VS + kvh * groups * RV
+        vm_head = VM + kvh * groups * RV
+
+        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+        for seg in range(0, NUM_SEGS):
+            start = tl.load(SEG_START + seg)
+            n = tl.load(SEG_LEN + kvh * NUM_SEGS + seg)
+            for off in range(0, n, BLOCK_N):
+                r = off + tl.arange(0, BLOCK_N)
+                r_valid = r < n
+                rows = start + r
+                zk = _load_latents(kc_head, ks_head, km_head, rows, r_valid, RK, RK_PAD, BITS, GROUP_SIZE)
+                # latent @ basis: the key channels and their rotate_half partners, then RoPE
+                k = tl.dot(zk, basis_k, input_precision=DOT_PRECISION) + mean_k[None, :]
+                kp = tl.dot(zk, basis_kp, input_precision=DOT_PRECISION) + mean_kp[None, :]
+                pos = tl.load(POS + kvh * N_ROWS + rows, mask=r_valid, other=0)
+                cos = tl.load(COS + pos[:, None] * HEAD_DIM + cols[None, :], mask=r_valid[:, None], other=0.0)
+                sin = tl.load(SIN + pos[:, None] * HEAD_DIM + cols[None, :], mask=r_valid[:, None], other=0.0)
+                k = k * cos + sign[None, :] * kp * sin
+                qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale
+                qk = tl.where(r_valid[None, :], qk, float("-inf"))
+                zv = _load_latents(vc_head, vs_head, vm_head, rows, r_valid, RV, RV_PAD, BITS, GROUP_SIZE)
+                v = tl.dot(zv, basis_v, input_precision=DOT_PRECISION) + mean_v[None, :]
+                m_new = tl.maximum(m_i, tl.max(qk, 1))
+                p = tl.math.exp2(qk - m_new[:, None])
+                alpha = tl.math.exp2(m_i - m_new)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+                m_i = m_new
+
+        last = T_FP - Q_LEN + qi  # fp rows: prefix and new tokens, bottom-right causal
+        for off in range(0, T_FP, BLOCK_N):
+            rows = off + tl.arange(0, BLOCK_N)
+            r_valid = rows < T_FP
+            k = tl.load(
+                K + b * stride_kb + kvh * stride_kh + rows[:, None] * stride_kn + cols[None, :],
+                mask=r_valid[:, None],
+                other=0.0,
+            )
+            qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale
+            qk = tl.where(r_valid[None, :] & (rows[None, :] <= last[:, None]), qk, float("-inf"))
+            v = tl.load(
+                V + b * stride_vb + kvh * stride_vh + rows[:, None] * stride_vn + cols[None, :],
+                mask=r_valid[:, None],
+                other=0.0,
+            )
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            p = tl.math.exp2(qk - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+            m_i = m_new
+
+        out = acc / l_i[:, None]
+        tl.store(
+            OUT + b * stride_ob + qh[:, None] * stride_oh + qi[:, None] * stride_om + cols[None, :],
+            out.to(OUT.dtype.element_ty),
+            mask=m_valid[:, None],
+        )
+
+
+def latent_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    seg: LatentSegments,
+    scale: float | None = None,
+    *,
+    backend: str = "auto",
+    block_n: int = 32,
+) -> torch.Tensor:
+    """Attention of ``query`` over the latent segments ``seg`` and the fp ``key``/``value``.
+
+    query:     ``[B, Hq, q, d]`` rotated queries (fp16/bf16/fp32), ``Hq`` a multiple of ``H``
+    key/value: ``[B, H, T, d]`` fp rows (prefix + new tokens, rotated), the last ``q`` the queries'
+    returns    ``[B, q, Hq, d]`` in query's dtype
+
+    ``backend``: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"torch"``
+    (:func:`latent_attention_ref`), ``"auto"`` (Triton on CUDA, else torch).
+    """
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend {backend!r} is not one of: auto, triton, torch")
+    batch, q_heads, q_len, d = query.shape
+    if key.dim() != 4 or value.shape != key.shape or key.shape[0] != batch or key.shape[3] != d:
+        raise ValueError(f"key/value [B, H, T, d] expected, got {tuple(key.shape)} / {tuple(value.shape)}")
+    if d != seg.head_dim or key.shape[1] != seg.num_heads or q_heads % seg.num_heads or key.shape[2] < q_len:
+        raise ValueError(f"query {tuple(query.shape)} / key {tuple(key.shape)} do not fit the segments' heads")
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.dtype != query.dtype or t.device != seg.k_codes.device or t.stride(-1) != 1:
+            raise ValueError(f"{name} must share query's dtype and the segments' device, contiguous in head_dim")
+    scale = d**-0.5 if scale is None else float(scale)
+    on_cuda = query.device.type == "cuda"
+    if backend == "auto":
+        backend = "triton" if HAS_TRITON and on_cuda else "torch"
+    if backend == "torch":
+        return latent_attention_ref(query, key, value, seg, scale)
+    if not HAS_TRITON:
+        raise RuntimeError("backend='triton' needs the triton package: pip install 'ragcompress[triton]'")
+    if not on_cuda and not _interpreted():
+        raise RuntimeError("the Triton kernel runs on CPU tensors only when TRITON_INTERPRET=1 was set first")
+    kv_heads, t_fp = key.shape[1], key.shape[2]
+    group = q_heads // kv_heads
+    block_m = max(16, min(64, triton.next_power_of_2(group * q_len)))
+    rk, rv = seg.k_basis.shape[1], seg.v_basis.shape[1]
+    out = torch.empty((batch, q_len, q_heads, d), dtype=query.dtype, device=query.device)
+    grid = (triton.cdiv(group * q_len, block_m), batch * kv_heads)
+    _latent_attn_fwd[grid](
+        query, key, value, seg.k_codes, seg.k_scale, seg.k_min, seg.v_codes, seg.v_scale, seg.v_min,
+        seg.k_basis, seg.k_mean, seg.v_basis, seg.v_mean, seg.positions, seg.cos, seg.sin, seg.seg_start,
+        seg.seg_len, out, scale * 1.4426950408889634, q_len, t_fp, seg.k_codes.shape[1],
+        len(seg.seg_start_host) - 1, kv_heads, *query.stride()[:3], *key.stride()[:3], *value.stride()[:3],
+        out.stride(0), out.stride(2), out.stride(1),
+        GROUP=group, HEAD_DIM=d, BITS=seg.bits, GROUP_SIZE=seg.group_size, RK=rk, RV=rv,
+        RK_PAD=max(16, triton.next_power_of_2(rk)), RV_PAD=max(16, triton.next_power_of_2(rv)),
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", BLOCK_M=block_m, BLOCK_N=block_n,
+    )  # fmt: skip
+    return out

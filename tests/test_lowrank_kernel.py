@@ -1,0 +1,239 @@
+"""The latent kernel (latent @ basis, RoPE, attention) against an fp32 reference built from the
+store codec, over ragged shapes; and the packed strategy over a low-rank store.
+
+Kernel cases run in one worker process started with ``TRITON_INTERPRET=1`` (as in
+``test_kernels.py``: Triton decides at import whether kernels are interpreted).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+
+import pytest
+import torch
+
+from ragcompress.kv import PassageKV
+from ragcompress.kv.lowrank import LowRankBasis, RankSpec, fit_basis
+from ragcompress.kv.quant import QuantConfig
+from ragcompress.kv.rope import rotate_half
+from ragcompress.runtime.options import AnswerOptions
+from ragcompress.store import codec
+
+TOL = {torch.float32: 2e-4, torch.float16: 2e-2}
+
+
+class PlainRotary:
+    """Standard RoPE tables from ``inv_freq``."""
+
+    def __init__(self, head_dim: int, base: float = 10000.0) -> None:
+        self.inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim)
+
+    def cos_sin(self, positions: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float().unsqueeze(-1) * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+
+def make_case(case: dict) -> tuple[list[bytes], LowRankBasis]:
+    """Random passages of ``layers`` layers near a low-rank subspace, every other head evicting a
+    ragged subset, stored as latents of a basis with key rank ``rk`` and value rank ``rv``."""
+    gen = torch.Generator().manual_seed(case["seed"])
+    layers, heads, d = case["layers"], case["heads"], case["head_dim"]
+    mix = torch.randn(layers, heads, 20, d, generator=gen)
+    shift = torch.randn(layers, heads, 1, d, generator=gen)
+
+    def rows(n: int) -> torch.Tensor:
+        z = torch.randn(layers, heads, n, 20, generator=gen)
+        return z @ mix + shift + 0.1 * torch.randn(layers, heads, n, d, generator=gen)
+
+    calibration = [PassageKV.full(rows(40), rows(40)) for _ in range(4)]
+    k_basis = fit_basis(calibration, RankSpec(rank=case["rk"]))
+    v_basis = fit_basis(calibration, RankSpec(rank=case["rv"]))
+    basis = LowRankBasis(
+        {"k": k_basis.bases["k"], "v": v_basis.bases["v"]},
+        {"k": k_basis.means["k"], "v": v_basis.means["v"]},
+        {"k": k_basis.energy["k"], "v": v_basis.energy["v"]},
+    )
+    blobs = []
+    for n in case["lengths"]:
+        keys, values = rows(n), rows(n)
+        kv = PassageKV.full(keys.clone(), values.clone())
+        for head in range(1, heads, 2):
+            keep = max(1, n - 1 - head * n // (2 * heads))
+            idx = torch.randperm(n, generator=gen)[:keep].sort().values
+            kv.lengths[:, head] = keep
+            kv.positions[:, head, :keep] = idx
+            kv.keys[:, head, :keep] = keys[:, head, idx]
+            kv.values[:, head, :keep] = values[:, head, idx]
+        blobs.append(codec.encode(kv, QuantConfig(case["scheme"], 32), basis))
+    return blobs, basis
+
+
+def independent_reference(blobs, basis, rotary, layer, start, query, key, value) -> torch.Tensor:
+    """fp32 attention over ``codec.decode`` (the store's own rebuild of the latents): ``[B, q, Hq, d]``."""
+    keys, values, masks = [], [], []
+    position = start
+    for blob in blobs:
+        kv = codec.decode(blob, basis=basis)
+        cos, sin = rotary.cos_sin(kv.positions[layer] + position, layer)
+        keys.append(kv.keys[layer] * cos + rotate_half(kv.keys[layer]) * sin)
+        values.append(kv.values[layer])
+        masks.append(kv.valid_mask()[layer])
+        position += kv.num_tokens
+    batch, q_heads, q_len, d = query.shape
+    heads, total = key.shape[1], key.shape[2]
+    group = q_heads // heads
+    all_k = torch.cat([torch.cat(keys, 1).expand(batch, -1, -1, -1), key.float()], 2).repeat_interleave(group, 1)
+    all_v = torch.cat([torch.cat(values, 1).expand(batch, -1, -1, -1), value.float()], 2).repeat_interleave(group, 1)
+    causal = torch.ones(q_len, total, dtype=torch.bool).tril(total - q_len)
+    allowed = torch.cat(
+        [torch.cat(masks, 1).unsqueeze(1).expand(-1, q_len, -1), causal.expand(heads, -1, -1)], -1
+    ).repeat_interleave(group, 0)
+    scores = (query.float() @ all_k.transpose(-1, -2)) * d**-0.5
+    return (scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ all_v).transpose(1, 2)
+
+
+def build(case: dict):
+    from ragcompress.runtime.latent_packed import LatentPackedSegments
+
+    blobs, basis = make_case(case)
+    rotary = PlainRotary(case["head_dim"])
+    prefix, q_len, group = case.get("prefix", 9), case["q_len"], case["group"]
+    packed = LatentPackedSegments.from_segments([codec.parse(b) for b in blobs], basis, prefix, rotary)
+    torch.manual_seed(case["seed"])
+    dtype = case.get("dtype", torch.float32)
+    batch, heads, d = case.get("batch", 1), case["heads"], case["head_dim"]
+    query = torch.randn(batch, heads * group, q_len, d).to(dtype)
+    key = torch.randn(batch, heads, prefix + q_len, d).to(dtype)
+    value = torch.randn(batch, heads, prefix + q_len, d).to(dtype)
+    layer = case["layers"] - 1
+    expected = independent_reference(blobs, basis, rotary, layer, prefix, query, key, value)
+    return packed, layer, query, key, value, expected
+
+
+def run_kernel_case(case: dict) -> dict:
+    """Worker: max |kernel - fp32 reference| and |torch path - reference| for one case."""
+    from ragcompress_kernels.latent_attention import latent_attention
+
+    packed, layer, query, key, value, expected = build(case)
+    seg = packed.layers[layer]
+    got = latent_attention(query, key, value, seg, backend="triton")
+    assert got.dtype == query.dtype and got.shape == expected.shape
+    ref = latent_attention(query, key, value, seg, backend="torch")
+    return {"triton": (got.float() - expected).abs().max().item(), "torch": (ref.float() - expected).abs().max().item()}
+
+
+CASES = {
+    # ragged / non-power-of-two lengths and ranks (rk != rv, padded to a power of two in the kernel)
+    "prefill-d64-g1-int8-r24-r40": dict(
+        lengths=[37, 64, 5], layers=2, heads=2, head_dim=64, group=1, q_len=7, scheme="int8", rk=24, rv=40
+    ),
+    "decode-d64-g3-int4-r16-r32": dict(
+        lengths=[37, 100, 3], layers=1, heads=2, head_dim=64, group=3, q_len=1, scheme="int4", rk=16, rv=32
+    ),
+    "prefill-d32-g2-int2-r8-r16-batch2": dict(
+        lengths=[50, 19], layers=2, heads=3, head_dim=32, group=2, q_len=4, scheme="int2", rk=8, rv=16, batch=2
+    ),
+    "decode-d64-g4-int4-fp16": dict(
+        lengths=[60, 31],
+        layers=1,
+        heads=1,
+        head_dim=64,
+        group=4,
+        q_len=1,
+        scheme="int4",
+        rk=32,
+        rv=24,
+        dtype=torch.float16,
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def interpreter():
+    """A worker process whose Triton was imported with ``TRITON_INTERPRET=1``."""
+    pytest.importorskip("triton")
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        pool = multiprocessing.get_context("spawn").Pool(1)
+    finally:
+        if saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+    yield pool
+    pool.terminate()
+    pool.join()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_latent_kernel_matches_fp32_reference(interpreter, name):
+    case = dict(CASES[name], seed=len(name))
+    errors = interpreter.apply(run_kernel_case, (case,))
+    tol = TOL[case.get("dtype", torch.float32)]
+    assert errors["triton"] < tol and errors["torch"] < tol, errors
+
+
+def test_latent_layout_refuses_what_the_kernel_cannot_read():
+    from ragcompress.runtime.latent_packed import LatentPackedSegments
+
+    case = dict(CASES["decode-d64-g3-int4-r16-r32"], seed=0)
+    blobs, basis = make_case(case)
+    keys_only = fit_basis([codec.decode(blobs[0], basis=basis)], RankSpec(rank=16, values=False))
+    blob = codec.encode(codec.decode(blobs[0], basis=basis), QuantConfig("int4"), keys_only)
+    with pytest.raises(ValueError, match="values"):
+        LatentPackedSegments.from_segments([codec.parse(blob)], keys_only, 0, PlainRotary(64))
+    fp16 = codec.encode(codec.decode(blobs[0], basis=basis), QuantConfig("fp16"), basis)
+    with pytest.raises(ValueError, match="int8/int4/int2"):
+        LatentPackedSegments.from_segments([codec.parse(fp16)], basis, 0, PlainRotary(64))
+
+
+@pytest.fixture(scope="module")
+def tiny_latent_store(tiny_model_dir, tmp_path_factory):
+    """A tiny llama (head_dim 16) and an int4 store of eight passages, keys and values at rank 8."""
+    from ragcompress.data import SAMPLE_PASSAGES
+    from ragcompress.indexing import IndexConfig, index
+    from ragcompress.models import load_model
+
+    from store_worker import HashEmbedder
+
+    root = tmp_path_factory.mktemp("latent")
+    model_dir = tiny_model_dir("llama")
+    passages = root / "passages.jsonl"
+    passages.write_text("\n".join(SAMPLE_PASSAGES.read_text().splitlines()[:8]) + "\n")
+    store = root / "store"
+    config = IndexConfig(quant="int4", group_size=16, embedder=HashEmbedder.name, rank=8)
+    index(passages, store, lm=load_model(str(model_dir)), embedder=HashEmbedder(), config=config)
+    return str(model_dir), str(store)
+
+
+QUESTIONS = ["Where was the treaty signed?", "Who founded the city?"]
+
+
+def answer_backends(model_ref: str, store: str, backends: list[str]) -> dict[str, list[list[int]]]:
+    """Token ids of each question through each backend (run in the interpreter worker for triton)."""
+    from ragcompress.models import load_model
+    from ragcompress.runtime.engine import Engine
+    from ragcompress.store import KVStore
+
+    from store_worker import HashEmbedder
+
+    engine = Engine(KVStore.open(store), load_model(model_ref), HashEmbedder(), AnswerOptions(max_new_tokens=6))
+    out: dict[str, list[list[int]]] = {backend: [] for backend in backends}
+    for question in QUESTIONS:
+        entries = engine.retrieve(question, 3)
+        for backend in backends:
+            options = engine.options.replace(backend=backend)
+            out[backend].append(engine.answer_cached(question, entries, options).token_ids)
+    engine.close()
+    return out
+
+
+def test_packed_strategy_over_latents_decodes_like_the_dense_path(interpreter, tiny_latent_store):
+    model_dir, store = tiny_latent_store
+    got = answer_backends(model_dir, store, ["dense", "packed-torch"])
+    assert got["packed-torch"] == got["dense"] and all(got["dense"])
+    kernel = interpreter.apply(answer_backends, (model_dir, store, ["packed-triton"]))
+    assert kernel["packed-triton"] == got["dense"]
