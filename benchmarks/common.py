@@ -6,7 +6,7 @@
 * teacher forcing on the one query path: a request is prepared by the engine
   (``Engine.prepare``, ``Engine.stream_cached`` / ``stream_full``, ``runtime.prepare.full_prefill``)
   and :func:`teacher_forced_logprobs` reads the prompt and an answer over its cache with every
-  position's logits kept; :func:`run_keeping_request` and :func:`rewind` do it after the same
+  position's logits kept (``ragcompress.runtime.generate``); :func:`run_keeping_request` and :func:`rewind` do it after the same
   request was decoded (timed) by its :class:`~ragcompress.runtime.generate.TokenStream`;
 * synthetic fixtures and timing for the kernel benchmark (:class:`PlainRotary`,
   :func:`synthetic_segments`, :func:`median_time`).
@@ -30,7 +30,8 @@ import torch
 from ragcompress.evaluation import Question, read_questions
 from ragcompress.kv import PassageKV
 from ragcompress.kv.quant import QuantConfig
-from ragcompress.runtime.generate import Generation, Prepared, TokenStream, forward_logits
+from ragcompress.runtime.generate import Generation, Prepared, TokenStream
+from ragcompress.runtime.generate import teacher_forced_logprobs as teacher_forced_logprobs  # re-exported
 from ragcompress.store import codec
 
 SQUAD = Path(__file__).resolve().parents[2] / "shared" / "data" / "squad-dev"
@@ -101,36 +102,6 @@ def plot_against_compression(
 
 
 # -- teacher forcing over a prepared request ----------------------------------------------------
-
-
-@torch.inference_mode()
-def teacher_forced_logprobs(
-    model: Any, prepared: Prepared, continuation: list[int], keep: int | None = None
-) -> torch.Tensor:
-    """Log-probabilities ``[n, vocab]`` of the next token after every token of
-    ``prepared.input_ids + continuation``, read in one pass over ``prepared.cache`` from
-    ``prepared.position`` on with ``prepared.attention_kwargs`` (the request's own prefill, keeping
-    every position's logits instead of the last one); ``keep``: only the last ``keep`` rows.
-
-    When the request's ``input_ids`` were already prefilled (``prepared.first_logits``: a selective
-    recompute carried the question in its pass), ``first_logits`` is the row of their last token
-    and only ``continuation`` is read, so at most ``len(continuation) + 1`` rows exist.
-    """
-    rows: list[torch.Tensor] = []
-    ids, start = prepared.input_ids + continuation, prepared.position
-    if prepared.first_logits is not None:
-        ids, start = continuation, prepared.position + len(prepared.input_ids)
-        rows.append(prepared.first_logits.float().unsqueeze(0))
-        if keep is None or keep > len(ids) + 1:
-            raise ValueError("the prompt was prefilled by the recompute pass: only its last row is known")
-    if ids:
-        keep_rows = 0 if keep is None else min(keep, len(ids))
-        logits = forward_logits(
-            model, torch.tensor([ids]), prepared.cache, start, keep_rows, **prepared.attention_kwargs
-        )
-        rows.append(logits.float())
-    logits = torch.cat(rows)
-    return (logits if keep is None else logits[-keep:]).log_softmax(-1)
 
 
 def run_keeping_request(stream: TokenStream) -> tuple[Generation, Prepared, int]:

@@ -1,49 +1,67 @@
-"""Quality and TTFT of selective recompute / attention calibration against full prefill.
+"""Quality and TTFT of the faithful-reuse levers against full prefill (docs/recompute.md).
 
 For every question the same retrieved passages are answered by a plain full prefill (the
 baseline) and by every setting, interleaved in one process, greedy. Per setting: sub-EM, F1,
-agreement with the full-prefill answer, teacher-forced KL(full || setting) of the next-token
-distributions along the full-prefill answer (its tokens plus the stop), and the TTFT speed-up
-(median full TTFT / median setting TTFT, both measured here).
+agreement with the full-prefill answer (same text), teacher-forced KL(full || setting) of the
+next-token distributions along the full-prefill answer (its tokens plus the stop), 95 % bootstrap
+intervals, and TTFT speed-ups against full prefill and against prefix-cached full prefill (#9's
+fair baseline: the shared prefix's cache reused, passages and question prefilled), medians of
+the TTFTs measured in this run.
 
 Settings are written ``reuse`` (plain reuse), ``r0.1`` (recompute 10 %), ``s4`` (first 4 tokens
-of every passage), ``t0.9`` (APE temperature), ``c2`` (check layer), joined with ``+``:
-``r0.15+s4+t0.9``.
+of every passage), ``t0.9`` (APE temperature), ``c2`` (check layer), ``question`` / ``mixed``
+(question-aware token selection), joined with ``+``: ``r0.1+mixed``. A setting prefixed
+``NAME:`` runs on the store given as ``--variant NAME=DIR`` (same model and passages, built
+another way, e.g. ``index --context-neighbors 2``); retrieval is the same, since every variant
+embeds the same texts with the same embedder.
 
-    .venv/bin/python benchmarks/recompute_quality.py --store /tmp/rc4/store-qwen \\
-        --questions ../shared/data/squad-dev/questions.jsonl --limit 40 --top-k 3 5 \\
-        --settings reuse r0.05 r0.1 r0.15 r0.25 t0.9 r0.15+s4 --out docs/results/recompute_qwen.json
+    .venv/bin/python benchmarks/recompute_quality.py --store runs/squad-qwen2.5-coder-0.5b-int8 \\
+        --variant n2=runs/faithful/qwen-int8-n2 --questions ../shared/data/squad-dev/questions.jsonl \\
+        --sample 100 --top-k 3 --settings reuse r0.1 r0.1+question r0.1+mixed n2:reuse n2:r0.1+mixed \\
+        --checkpoint runs/faithful/qwen-top3.jsonl --out docs/results/faithful_qwen.json
+
+``--checkpoint`` appends every question's outcomes as it finishes; a rerun skips the questions
+already there (a long run can be stopped and resumed, or split with ``--shard I/N``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
 
 import torch
 
-from ragcompress.evaluation import f1, read_questions, sub_em
+from ragcompress.evaluation import f1, sub_em
 from ragcompress.runtime.engine import Engine
 from ragcompress.runtime.generate import Generation, TokenStream
 from ragcompress.runtime.options import AnswerOptions
-from ragcompress.runtime.recompute import RecomputeConfig
+from ragcompress.runtime.recompute import SELECTIONS, RecomputeConfig
+from ragcompress.stats import bootstrap_ci, paired_comparison
+from ragcompress.store import KVStore
 
-from common import rewind, run_keeping_request, teacher_forced_logprobs
+from common import pick_questions, results_meta, rewind, run_keeping_request, teacher_forced_logprobs
 
 KEYS = {"r": ("ratio", float), "s": ("sink_tokens", int), "t": ("temperature", float), "c": ("check_layer", int)}
+OUTCOMES = ("sub_em", "f1", "agree", "kl", "ttft")
 
 
-def parse_setting(text: str) -> RecomputeConfig:
-    if text == "reuse":
-        return RecomputeConfig()
-    fields = {}
-    for part in text.split("+"):
+def parse_setting(text: str) -> tuple[str | None, RecomputeConfig]:
+    """``[variant:]part+part...`` -> (variant or None, config)."""
+    variant, _, spec = text.rpartition(":")
+    if spec == "reuse":
+        return variant or None, RecomputeConfig()
+    fields: dict = {}
+    for part in spec.split("+"):
+        if part in SELECTIONS:
+            fields["selection"] = part
+            continue
         name, cast = KEYS[part[0]]
         fields[name] = cast(part[1:])
-    return RecomputeConfig(**fields)
+    return variant or None, RecomputeConfig(**fields)
 
 
 def run_forced(model, stream: TokenStream, answer: list[int] | None = None) -> tuple[Generation, torch.Tensor]:
@@ -55,78 +73,143 @@ def run_forced(model, stream: TokenStream, answer: list[int] | None = None) -> t
     return generation, teacher_forced_logprobs(model, rewind(prepared, rows), forced, keep=len(forced) + 1)
 
 
-def run_full(engine: Engine, question: str, entries):
-    """``Engine.answer_full``'s stream, then teacher-forced log-probs along its own answer."""
-    return run_forced(engine.lm.model, engine.stream_full(question, entries))
-
-
-def run_cached(engine: Engine, question: str, entries, config: RecomputeConfig, answer: list[int]):
-    """``Engine.answer_cached``'s stream with ``config``, then teacher-forced log-probs along the
-    full-prefill answer."""
-    stream = engine.stream_cached(question, entries, engine.options.replace(recompute=config))
-    return run_forced(engine.lm.model, stream, answer)
-
-
 def kl(full_logp: torch.Tensor, logp: torch.Tensor) -> float:
     """Mean over positions of KL(full || setting), nats."""
     return float((full_logp.exp() * (full_logp - logp)).sum(-1).mean())
 
 
-def summarize(rows: dict) -> dict:
-    full_ttft = statistics.median(rows["full"]["ttft"])
+def summarize(records: list[dict], settings: list[str]) -> dict:
+    """Per setting: means, intervals, TTFT medians and speed-ups, paired test against full."""
+    full_ttft = statistics.median(r["full"]["ttft"] for r in records)
+    prefix_ttft = statistics.median(r["prefix_cached_ttft"] for r in records)
+    full_em = [r["full"]["sub_em"] for r in records]
     table = {}
-    for name, r in rows.items():
-        ttft = statistics.median(r["ttft"])
+    for name in ["full"] + settings:
+        rows = [r[name] for r in records]
+        values = {key: [row[key] for row in rows] for key in OUTCOMES}
+        ttft = statistics.median(values["ttft"])
         table[name] = {
-            "n": len(r["ttft"]),
-            "sub_em": statistics.fmean(r["sub_em"]),
-            "f1": statistics.fmean(r["f1"]),
-            "agreement": statistics.fmean(r["agree"]),
-            "kl": statistics.fmean(r["kl"]),
+            "n": len(rows),
+            "sub_em": statistics.fmean(values["sub_em"]),
+            "f1": statistics.fmean(values["f1"]),
+            "agreement": statistics.fmean(values["agree"]),
+            "kl": statistics.fmean(values["kl"]),
             "ttft_s_median": ttft,
             "ttft_speedup": full_ttft / ttft,
+            "ttft_speedup_vs_prefix_cached": prefix_ttft / ttft,
+            "ci95": {
+                "sub_em": bootstrap_ci(values["sub_em"]),
+                "agreement": bootstrap_ci(values["agree"]),
+                "kl": bootstrap_ci(values["kl"]),
+            },
+            "vs_full_sub_em": paired_comparison(values["sub_em"], full_em),
         }
+    table["prefix-cached"] = {"n": len(records), "ttft_s_median": prefix_ttft, "ttft_speedup": full_ttft / prefix_ttft}
     return table
 
 
-def evaluate(engine: Engine, questions, top_k: int, settings: list[str], progress: bool, checkpoint=None) -> dict:
-    rows = {name: {"sub_em": [], "f1": [], "agree": [], "kl": [], "ttft": []} for name in ["full"] + settings}
-    configs = {name: parse_setting(name) for name in settings}
+class Variants:
+    """The base engine and one engine per ``--variant`` store, all sharing one loaded model."""
+
+    def __init__(self, base: Engine, variants: dict[str, str]) -> None:
+        self.base = base
+        self.engines = {
+            name: Engine(KVStore.open(path), base.lm, base.embedder, base.options) for name, path in variants.items()
+        }
+        for name, engine in self.engines.items():
+            engine.store.manifest.check_model(base.lm.fingerprint, base.lm.ref)
+            if engine.store.manifest.template != base.store.manifest.template:
+                raise SystemExit(f"variant {name} was built with another prompt template")
+
+    def get(self, name: str | None) -> Engine:
+        return self.base if name is None else self.engines[name]
+
+    def entries(self, name: str | None, base_entries):
+        """The same passages (by id) in the variant's store."""
+        if name is None:
+            return base_entries
+        store = self.engines[name].store
+        return [store.entry(e.id) for e in base_entries]
+
+
+def question_record(variants: Variants, item, top_k: int, settings: list[str]) -> dict:
+    """Every setting's outcomes on one question (full prefill first: its answer is the reference)."""
+    engine = variants.base
+    entries = engine.retrieve(item.question, top_k)
+    full_gen, full_logp = run_forced(engine.lm.model, engine.stream_full(item.question, entries))
+    full_text = engine.decode(full_gen.token_ids)
+    prefix = engine.stream_prefix_cached(item.question, entries, engine.options.replace(max_new_tokens=1)).run()
+    record: dict = {
+        "id": item.id,
+        "passages": [e.id for e in entries],
+        "prefix_cached_ttft": prefix.ttft_s,
+        "full": {
+            "answer": full_text,
+            "sub_em": sub_em(full_text, item.answers),
+            "f1": f1(full_text, item.answers),
+            "agree": 1.0,
+            "kl": 0.0,
+            "ttft": full_gen.ttft_s,
+        },
+    }
+    for name in settings:
+        variant, config = parse_setting(name)
+        target = variants.get(variant)
+        stream = target.stream_cached(
+            item.question, variants.entries(variant, entries), target.options.replace(recompute=config)
+        )
+        gen, logp = run_forced(engine.lm.model, stream, full_gen.token_ids)
+        text = engine.decode(gen.token_ids)
+        record[name] = {
+            "answer": text,
+            "sub_em": sub_em(text, item.answers),
+            "f1": f1(text, item.answers),
+            "agree": float(text == full_text),
+            "kl": kl(full_logp, logp),
+            "ttft": gen.ttft_s,
+        }
+    return record
+
+
+def checkpointed(checkpoint: Path | None, top_k: int, settings: list[str]) -> dict[str, dict]:
+    """Records already in ``checkpoint`` for this top-k that hold every setting, by question id."""
+    done: dict[str, dict] = {}
+    if checkpoint is not None and checkpoint.is_file():
+        for line in checkpoint.read_text().splitlines():
+            record = json.loads(line)
+            if record.get("top_k") == top_k and all(name in record for name in settings):
+                done[record["id"]] = record
+    return done
+
+
+def evaluate(variants: Variants, questions, top_k: int, settings: list[str], progress: bool, checkpoint: Path | None):
+    """Every question's record (read back from ``checkpoint`` where it is already there)."""
+    done = checkpointed(checkpoint, top_k, settings)
+    engine = variants.base
     warm = engine.retrieve(questions[0].question, top_k)
-    run_full(engine, questions[0].question, warm)
-    run_cached(engine, questions[0].question, warm, RecomputeConfig(ratio=0.1, sink_tokens=1), [])
+    run_forced(engine.lm.model, engine.stream_full(questions[0].question, warm))
+    records = []
     for number, item in enumerate(questions, start=1):
-        entries = engine.retrieve(item.question, top_k)
-        full_gen, full_logp = run_full(engine, item.question, entries)
-        full_text = engine.decode(full_gen.token_ids)
-        row = rows["full"]
-        row["sub_em"].append(sub_em(full_text, item.answers))
-        row["f1"].append(f1(full_text, item.answers))
-        row["agree"].append(1.0)
-        row["kl"].append(0.0)
-        row["ttft"].append(full_gen.ttft_s)
-        for name in settings:
-            gen, logp = run_cached(engine, item.question, entries, configs[name], full_gen.token_ids)
-            text = engine.decode(gen.token_ids)
-            row = rows[name]
-            row["sub_em"].append(sub_em(text, item.answers))
-            row["f1"].append(f1(text, item.answers))
-            row["agree"].append(float(text == full_text))
-            row["kl"].append(kl(full_logp, logp))
-            row["ttft"].append(gen.ttft_s)
+        if item.id in done:
+            records.append(done[item.id])
+            continue
+        record = {"top_k": top_k, **question_record(variants, item, top_k, settings)}
+        records.append(record)
+        if checkpoint is not None:
+            with open(checkpoint, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
         if progress:
             print(
                 f"[top-{top_k}] {number}/{len(questions)} "
                 + " ".join(
-                    f"{n}:{statistics.fmean(r['sub_em']):.2f}/{statistics.fmean(r['agree']):.2f}"
-                    for n, r in rows.items()
+                    f"{n}:{statistics.fmean(r[n]['sub_em'] for r in records):.2f}/"
+                    f"{statistics.fmean(r[n]['agree'] for r in records):.2f}"
+                    for n in ["full"] + settings
                 ),
                 file=sys.stderr,
                 flush=True,
             )
-        if checkpoint is not None:
-            checkpoint(summarize(rows))
-    return summarize(rows)
+    return records
 
 
 def markdown(model: str, n: int, top_k: int, table: dict) -> str:
@@ -135,30 +218,65 @@ def markdown(model: str, n: int, top_k: int, table: dict) -> str:
     lines = [
         f"**{model}, top-{top_k}, {n} questions**",
         "",
-        "| setting | sub-EM | % of full | F1 | agreement | KL to full | TTFT (s) | TTFT speed-up |",
+        "| setting | sub-EM | % of full | agreement (95 % CI) | KL to full | TTFT (s) | vs full | vs prefix-cached |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in table.items():
+        if "sub_em" not in r:  # the prefix-cached baseline: timed only
+            lines.append(f"| {name} (TTFT only) | | | | | {r['ttft_s_median']:.3f} | {r['ttft_speedup']:.2f}x | |")
+            continue
         share = f"{100 * r['sub_em'] / full:.0f}%" if full else "-"
+        low, high = r["ci95"]["agreement"]
         lines.append(
-            f"| {name} | {r['sub_em']:.3f} | {share} | {r['f1']:.3f} | {r['agreement']:.3f} | "
-            f"{r['kl']:.4f} | {r['ttft_s_median']:.3f} | {r['ttft_speedup']:.2f}x |"
+            f"| {name} | {r['sub_em']:.3f} | {share} | {r['agreement']:.2f} ({low:.2f}-{high:.2f}) | "
+            f"{r['kl']:.4f} | {r['ttft_s_median']:.3f} | {r['ttft_speedup']:.2f}x | "
+            f"{r['ttft_speedup_vs_prefix_cached']:.2f}x |"
         )
     return "\n".join(lines)
+
+
+def report_only(args: argparse.Namespace) -> None:
+    """The result JSON of the sampled questions whose records ``--checkpoint`` holds (a run cut
+    short reports on the questions it finished; ``n`` says how many)."""
+    questions = pick_questions(Path(args.questions), args.sample)
+    manifest = json.loads((Path(args.store) / "manifest.json").read_text())
+    result: dict = {
+        "store": args.store,
+        "variants": args.variant,
+        "model": manifest["model_ref"],
+        "argv": sys.argv[1:],
+        "meta": {**results_meta({**vars(args), "questions": len(questions), "model": manifest["model_ref"]})},
+        "tables": {},
+    }
+    for top_k in args.top_k:
+        done = checkpointed(args.checkpoint, top_k, args.settings)
+        records = [done[q.id] for q in questions if q.id in done]
+        if records:
+            result["tables"][f"top{top_k}"] = summarize(records, args.settings)
+            print(markdown(result["model"], len(records), top_k, result["tables"][f"top{top_k}"]), flush=True)
+    result["n"] = max((t["full"]["n"] for t in result["tables"].values()), default=0)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--store")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=DIR", help="another store")
     parser.add_argument("--questions")
     parser.add_argument("--show", type=Path, help="print the tables of a result JSON and exit")
-    parser.add_argument("--limit", type=int, default=40)
+    parser.add_argument("--sample", type=int, default=100, help="evenly spaced questions (covers every article)")
     parser.add_argument("--top-k", type=int, nargs="+", default=[3])
-    parser.add_argument("--settings", nargs="+", default=["reuse", "r0.05", "r0.1", "r0.15", "r0.25", "t0.9"])
+    parser.add_argument("--settings", nargs="+", default=["reuse", "r0.1", "r0.1+question", "r0.1+mixed"])
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--checkpoint", type=Path, help="per-question JSONL (resumable)")
+    parser.add_argument("--max-new-tokens", type=int, default=12)
     parser.add_argument("--threads", type=int, help="torch threads (1 avoids oversubscription on a busy host)")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument(
+        "--report-only", action="store_true", help="summarize the sampled questions --checkpoint holds; run nothing"
+    )
     args = parser.parse_args()
     if args.show:
         result = json.loads(args.show.read_text())
@@ -167,25 +285,36 @@ def main() -> None:
         return
     if not (args.store and args.questions):
         parser.error("--store and --questions are required")
+    if args.report_only:
+        report_only(args)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     # dense: selective recompute edits the assembled cache, and every setting (reuse too) is
     # measured on the same path
     engine = Engine.open(args.store, options=AnswerOptions(max_new_tokens=args.max_new_tokens, backend="dense"))
-    questions = read_questions(args.questions, args.limit)
-    result = {"store": args.store, "model": engine.lm.ref, "n": len(questions), "argv": sys.argv[1:], "tables": {}}
+    variants = Variants(engine, dict(v.split("=", 1) for v in args.variant))
+    questions = pick_questions(Path(args.questions), args.sample)
+    result = {
+        "store": args.store,
+        "variants": args.variant,
+        "model": engine.lm.ref,
+        "n": len(questions),
+        "argv": sys.argv[1:],
+        "meta": {
+            **results_meta({**vars(args), "questions": len(questions), "model": engine.lm.ref}),
+            "loadavg_start": os.getloadavg(),
+        },
+        "tables": {},
+    }
     for top_k in args.top_k:
-
-        def save(table: dict, key: str = f"top{top_k}") -> None:
-            """Write the table so far (a long run can be stopped and still report)."""
-            result["tables"][key] = table
-            if args.out:
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                args.out.write_text(json.dumps(result, indent=1))
-
-        table = evaluate(engine, questions, top_k, args.settings, not args.quiet, save)
-        save(table)
-        print(markdown(engine.lm.ref, table["full"]["n"], top_k, table), flush=True)
+        records = evaluate(variants, questions, top_k, args.settings, not args.quiet, args.checkpoint)
+        result["tables"][f"top{top_k}"] = summarize(records, args.settings)
+        result["meta"]["loadavg_end"] = os.getloadavg()
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=1))
+        print(markdown(engine.lm.ref, len(records), top_k, result["tables"][f"top{top_k}"]), flush=True)
         print(flush=True)
 
 

@@ -10,10 +10,16 @@ the assembled cache applies the temperature to every later query, at no cost per
 leaves the prefix (the shared attention sink) and the question's own tokens untouched.
 APE's second knob, a scale factor on the context's total attention mass, needs an additive
 logit bias per key, which the SDPA path used here does not carry; it is not offered.
+
+:func:`calibrate_temperature` chooses ``T`` per store without labels (minimum KL to full
+prefill on the store's own passages under a generic probe question); ``ragcompress calibrate``
+records it in the manifest and every stored-cache answer applies it unless told otherwise
+(``AnswerOptions(calibrate=False)``, or a recompute config that sets its own temperature).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,3 +38,77 @@ def scale_context_keys(cache: Any, start_row: int, stop_row: int, temperature: f
         return
     for layer in cache.layers:
         layer.keys[:, :, start_row:stop_row].mul_(1.0 / temperature)
+
+
+# A generic, label-free probe: calibration must not see the questions it will be judged on.
+PROBE_QUESTION = "What are these passages about?"
+TEMPERATURE_GRID = (0.9, 0.95, 0.98, 1.0, 1.02, 1.05, 1.1)
+
+
+@dataclass(frozen=True)
+class TemperatureCalibration:
+    """The APE temperature that brings stored-cache answers closest to full prefill on a store.
+
+    temperature: the chosen value (lowest mean KL; 1.0 when nothing beats identity)
+    kl:          mean KL(full || cached) per candidate temperature, nats per token
+    samples:     how many passage groups it was measured on
+    """
+
+    temperature: float
+    kl: dict[str, float]
+    samples: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"temperature": self.temperature, "kl": self.kl, "samples": self.samples, "probe": PROBE_QUESTION}
+
+
+def calibrate_temperature(
+    engine: Any,
+    *,
+    samples: int = 16,
+    top_k: int = 3,
+    grid: tuple[float, ...] = TEMPERATURE_GRID,
+    answer_tokens: int = 8,
+    progress: bool = False,
+) -> TemperatureCalibration:
+    """Choose the temperature by KL to full prefill, without labels (APE's follow-ups).
+
+    For ``samples`` evenly spaced passages of the store, the ``top_k`` passages nearest its own
+    text (as retrieval would group them) are read with a generic probe question: full prefill
+    gives the reference continuation (``answer_tokens`` greedy tokens) and its next-token
+    distributions; every candidate temperature is then scored by the KL of the stored-cache
+    distributions along that continuation. No question or answer of any dataset is used.
+    """
+    from ragcompress.runtime.generate import teacher_forced_logprobs
+    from ragcompress.runtime.prepare import full_prefill
+    from ragcompress.runtime.recompute import RecomputeConfig
+
+    if 1.0 not in grid:
+        grid = (*grid, 1.0)
+    entries = sorted(engine.store.catalogue.entries(), key=lambda e: e.id)
+    if not entries:
+        raise ValueError("the store holds no passages to calibrate on")
+    step = max(1, len(entries) // samples)
+    anchors = entries[::step][:samples]
+    totals = {t: 0.0 for t in grid}
+    options = engine.options.replace(max_new_tokens=answer_tokens, backend="dense")
+    iterator: Any = anchors
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(anchors, desc="calibrating", unit="group")
+    for anchor in iterator:
+        group = engine.retrieve(anchor.text, top_k)
+        answer = engine.stream_full(PROBE_QUESTION, group, options).run().token_ids
+        ids = engine.full_prompt_ids(PROBE_QUESTION, group, options)
+        full = teacher_forced_logprobs(
+            engine.lm.model, full_prefill(engine.context, ids, len(answer) + 1), answer, keep=len(answer) + 1
+        )
+        for t in grid:
+            config = RecomputeConfig(temperature=t)
+            prepared = engine.prepare(PROBE_QUESTION, group, options.replace(recompute=config, calibrate=False))
+            logp = teacher_forced_logprobs(engine.lm.model, prepared, answer, keep=len(answer) + 1)
+            totals[t] += float((full.exp() * (full - logp)).sum(-1).mean())
+    kl = {f"{t:g}": totals[t] / len(anchors) for t in grid}
+    best = min(grid, key=lambda t: (totals[t], abs(t - 1.0)))
+    return TemperatureCalibration(best, kl, len(anchors))

@@ -9,7 +9,7 @@ token generator (:class:`~ragcompress.runtime.generate.TokenStream`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -166,10 +166,19 @@ class Engine:
         ``options.backend`` names (``runtime.prepare``)."""
         return self.stream_cached(question, entries, options).prepare()
 
+    def calibrated(self, options: AnswerOptions) -> AnswerOptions:
+        """``options`` with the store's calibrated attention temperature (``ragcompress
+        calibrate``) applied, when it has one, ``options.calibrate`` is set and the recompute
+        config leaves the temperature at 1."""
+        temperature = float(self.store.manifest.attention.get("temperature", 1.0))
+        if not options.calibrate or temperature == 1.0 or options.recompute.temperature != 1.0:
+            return options
+        return options.replace(recompute=replace(options.recompute, temperature=temperature))
+
     def stream_cached(self, question: str, entries: list[Entry], options: AnswerOptions | None = None) -> TokenStream:
         """The answer's tokens from the stored caches, as they are decoded (timed from the
         first iteration, which loads and assembles the caches)."""
-        options = options or self.options
+        options = self.calibrated(options or self.options)
         suffix = self.suffix_ids(question, entries, options)
         strategy = choose_strategy(self.context, options)
         return TokenStream(

@@ -24,11 +24,14 @@ class AnswerOptions:
                     segments kept packed; the kernel's PyTorch reference or the fused Triton
                     kernel), or ``auto`` (``packed-triton`` where it applies, else ``dense``);
                     the answer records which one ran
+    calibrate:      apply the attention temperature ``ragcompress calibrate`` recorded in the
+                    store's manifest, unless ``recompute`` sets a temperature of its own
     """
 
     max_new_tokens: int = 32
     recompute: RecomputeConfig = RecomputeConfig()
     backend: str = "auto"
+    calibrate: bool = True
 
     def __post_init__(self) -> None:
         if type(self.max_new_tokens) is not int or self.max_new_tokens < 1:

@@ -399,6 +399,7 @@ def blend(
             if config.selection != "deviation" and check < layers:
                 relevance = _question_relevance(model, rotary, layout, candidates, hidden, question, new_pos, check)
             if not suffix:  # scored only: take its rows back out of the cache
+                layer: Any
                 for layer in built.cache.layers[:check]:
                     layer.keys, layer.values = (
                         layer.keys[:, :, : -len(question_ids)],

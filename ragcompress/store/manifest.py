@@ -45,6 +45,11 @@ def _check_values(data: dict[str, Any], where: Path) -> None:
         QuantConfig(comp.get("quant", "none"), comp.get("group_size", 32))
     except (TypeError, ValueError) as exc:
         raise bad("compression", f"is invalid ({exc})") from None
+    temperature = (
+        data.get("attention", {}).get("temperature", 1.0) if isinstance(data.get("attention", {}), dict) else 0
+    )
+    if type(temperature) not in (int, float) or not 0.1 <= temperature <= 10.0:
+        raise bad("attention", "needs 'temperature' as a number in [0.1, 10]")
     encoding = data.get("encoding", {})
     neighbours = encoding.get("context_neighbors", 0) if isinstance(encoding, dict) else None
     if type(neighbours) is not int or not 0 <= neighbours < 1 << 10:
@@ -67,7 +72,9 @@ class Manifest:
     ``prefix_sha256`` the checksum of ``prefix.safetensors`` (set by ``create_store``);
     ``encoding`` how passages were encoded beyond "alone, after the prefix" (``context_neighbors``:
     :mod:`ragcompress.indexing.neighbours`; empty for plain encoding); ``index`` the FAISS index's
-    type, parameters and measured recall (:mod:`ragcompress.store.ann`; written with the index).
+    type, parameters and measured recall (:mod:`ragcompress.store.ann`; written with the index);
+    ``attention`` the APE temperature ``ragcompress calibrate`` chose for the store
+    (:mod:`ragcompress.runtime.calibration`; applied to every stored-cache answer).
     Every value is validated when a manifest is read, before anything uses it.
     """
 
@@ -83,6 +90,7 @@ class Manifest:
     prefix_sha256: str = field(default="", compare=False)
     encoding: dict[str, Any] = field(default_factory=dict)
     index: dict[str, Any] = field(default_factory=dict, compare=False)
+    attention: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def shape(self) -> ModelShape:
@@ -124,7 +132,7 @@ class Manifest:
         for key, kind in expected.items():
             if not isinstance(data.get(key), kind):
                 raise StoreError(f"{where}: field {key!r} is missing or not a {kind.__name__}")
-        optional = {"format_version", "prefix_sha256", "encoding", "index"}
+        optional = {"format_version", "prefix_sha256", "encoding", "index", "attention"}
         if set(data) - set(expected) - optional:
             raise StoreError(f"{where}: unknown fields {sorted(set(data) - set(expected) - optional)}")
         _check_values(data, where)

@@ -1,0 +1,87 @@
+"""Label-free APE calibration: ``ragcompress calibrate`` chooses a temperature by KL to full
+prefill, records it in the manifest, and every stored-cache answer applies it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+
+import pytest
+import torch
+
+from ragcompress.indexing import IndexConfig, index
+from ragcompress.runtime.calibration import calibrate_temperature
+from ragcompress.runtime.engine import Engine
+from ragcompress.runtime.options import AnswerOptions
+from ragcompress.runtime.recompute import RecomputeConfig
+from ragcompress.store import Manifest
+
+QUESTION = "What city is the sporting capital of Australia?"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tiny_model_dir, embedder):
+    from ragcompress.data import SAMPLE_PASSAGES
+
+    root = tmp_path_factory.mktemp("calibration")
+    passages = root / "passages.jsonl"
+    passages.write_text("\n".join(SAMPLE_PASSAGES.read_text().splitlines()[:6]) + "\n")
+    index(passages, root / "store", model=str(tiny_model_dir("qwen2")), config=IndexConfig(), embedder=embedder)
+    return root / "store"
+
+
+def record(store, temperature: float) -> None:
+    manifest = Manifest.read(store)
+    dataclasses.replace(manifest, attention={"temperature": temperature}).write(store)
+
+
+def first_logits(engine: Engine, options: AnswerOptions) -> torch.Tensor:
+    entries = engine.retrieve(QUESTION, 3)
+    prepared = engine.prepare(QUESTION, entries, options.replace(backend="dense"))
+    from ragcompress.runtime.generate import forward_logits
+
+    ids = torch.tensor([prepared.input_ids])
+    return forward_logits(engine.lm.model, ids, prepared.cache, prepared.position, 1, **prepared.attention_kwargs)
+
+
+def test_identity_temperature_changes_nothing(store):
+    with Engine.open(store) as engine:
+        plain = first_logits(engine, AnswerOptions(calibrate=False))
+    record(store, 1.0)
+    with Engine.open(store) as engine:
+        assert torch.equal(first_logits(engine, AnswerOptions()), plain)
+
+
+def test_recorded_temperature_is_applied_unless_overridden(store):
+    record(store, 0.8)
+    with Engine.open(store) as engine:
+        applied = first_logits(engine, AnswerOptions())
+        explicit = first_logits(engine, AnswerOptions(recompute=RecomputeConfig(temperature=0.8), calibrate=False))
+        plain = first_logits(engine, AnswerOptions(calibrate=False))
+        own = first_logits(engine, AnswerOptions(recompute=RecomputeConfig(temperature=1.2)))
+        other = first_logits(engine, AnswerOptions(recompute=RecomputeConfig(temperature=1.2), calibrate=False))
+    assert torch.equal(applied, explicit)
+    assert not torch.equal(applied, plain)
+    assert torch.equal(own, other)  # a temperature of the request's own wins
+    record(store, 1.0)
+
+
+def test_calibration_chooses_the_lowest_kl_deterministically(store):
+    with Engine.open(store, options=AnswerOptions(calibrate=False)) as engine:
+        first = calibrate_temperature(engine, samples=2, top_k=2, grid=(0.5, 1.0, 2.0), answer_tokens=3)
+        again = calibrate_temperature(engine, samples=2, top_k=2, grid=(0.5, 1.0, 2.0), answer_tokens=3)
+    assert first == again
+    assert set(first.kl) == {"0.5", "1", "2"}
+    assert first.kl[f"{first.temperature:g}"] == min(first.kl.values())
+    assert all(value >= 0.0 for value in first.kl.values())
+
+
+def test_cli_records_the_temperature(store, capfd, monkeypatch):
+    from ragcompress.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["ragcompress", "calibrate", "--store", str(store), "--samples", "1", "--json"])
+    main()
+    out = json.loads(capfd.readouterr().out)
+    assert Manifest.read(store).attention["temperature"] == out["temperature"]
+    record(store, 1.0)
