@@ -14,7 +14,9 @@ head is guaranteed ``floor x budget`` tokens (Ada-KV's safeguard against starvin
 inner method's protected tokens. Heads really store different counts: the result is a ragged
 :class:`PassageKV` (``lengths`` per head), which the codec writes without padding and the
 runtime's masked attention reads. Scores must be comparable across heads, which holds for
-attention-based scorers (probabilities) and key norms.
+attention-based scorers (probabilities) and key norms; ``global`` also compares layers, so a
+scorer whose scale differs by layer (``comparable_across_layers = False``: key norms) has each
+layer's scores standardised first.
 """
 
 from __future__ import annotations
@@ -27,6 +29,17 @@ import torch
 from ragcompress.compressors.base import CompressionContext, Compressor
 from ragcompress.compressors.scorer import ScorerCompressor, gather_kept, top_per_head
 from ragcompress.kv import PassageKV
+
+
+def standardise_per_layer(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``scores [L, H, n]`` with each layer's valid entries shifted and scaled to mean 0 and
+    standard deviation 1, so one budget over the whole cache compares layers by how a token
+    stands within its own layer rather than by each layer's scale (key norms grow with depth)."""
+    weight = valid.float()
+    count = weight.sum((1, 2), keepdim=True).clamp_min(1.0)
+    mean = (scores * weight).sum((1, 2), keepdim=True) / count
+    var = (((scores - mean) * weight) ** 2).sum((1, 2), keepdim=True) / count
+    return (scores - mean) / var.sqrt().clamp_min(1e-6)
 
 
 @dataclass(frozen=True)
@@ -59,7 +72,10 @@ class AdaptiveBudget(Compressor):
         if budget >= kv.num_tokens:
             return kv
         valid = kv.valid_mask()
-        scores = scores.float().masked_fill(~valid, float("-inf"))
+        scores = scores.float()
+        if self.whole_cache and not self.inner.comparable_across_layers:
+            scores = standardise_per_layer(scores, valid)
+        scores = scores.masked_fill(~valid, float("-inf"))
         protected = self.inner.protected(kv, budget)
         guaranteed = max(int(self.floor * budget), int(protected.sum(-1).max()))
         keep = top_per_head(scores.masked_fill(protected, float("inf")), valid, guaranteed)

@@ -20,6 +20,7 @@ from ragcompress.kv import PassageKV
 @dataclass(frozen=True)
 class KnormCompressor(ScorerCompressor):
     name = "knorm"
+    comparable_across_layers = False  # key norms differ in scale from layer to layer
 
     def score(self, kv: PassageKV, context: CompressionContext) -> torch.Tensor:
         """``[L, H, n]``: minus the key norm."""

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -98,6 +99,10 @@ class ScorerCompressor(Compressor):
     budget: int | None = None
     keep_first: int = 4
     keep_last: int = 4
+    # Whether one layer's scores can be ranked against another's (attention probabilities can;
+    # key norms cannot: their scale differs by layer). ``global:`` standardises each layer's
+    # scores first when they cannot (adaptive.py).
+    comparable_across_layers: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.ratio, (int, float)) or not 0.0 < self.ratio <= 1.0:
