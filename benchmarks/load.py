@@ -1,34 +1,57 @@
-"""Load test of a running ``ragcompress serve``: N concurrent clients for D seconds.
+"""Load test of ``ragcompress serve``: N concurrent clients for D seconds, faults meanwhile.
 
+    # against a running service
     ragcompress serve --store runs/store --queue 64 &
     python benchmarks/load.py --url http://127.0.0.1:8000 --clients 32 --duration 120 --out load.json
+
+    # or let the benchmark start the services itself (on a copy of the store), compare batching
+    # on and off, and SIGTERM the service with requests in flight at the end
+    python benchmarks/load.py --serve-store runs/store --clients 32 --duration 120 \
+        --compare-rounds 3 --index-input more.jsonl --out docs/results/serve_load.json
 
 Phases: one client alone for ``--single-duration`` seconds (the baseline), then ``--clients``
 clients for ``--duration`` seconds, each asking the bundled sample questions in a loop (a share
 ``--stream-share`` streamed), while a fuzzing client sends malformed bodies (bad JSON, wrong
 types, invalid UTF-8, lone surrogates, oversized bodies, out-of-range values) and, with
 ``--index-input``, ``ragcompress index`` adds passages to the served store; afterwards every
-newly indexed passage is asked for by id.
+newly indexed passage is asked for by id (and looked up by its own text through /v1/retrieve).
+
+With ``--serve-store`` the benchmark copies the store to a scratch directory and starts
+``ragcompress serve`` on it in a subprocess. ``--compare-rounds R`` first measures throughput
+with 1 and ``--compare-clients`` clients against two services side by side, one with
+``--batch 1`` (unbatched) and one with ``--batch`` (batched), alternating between them R times so
+that contention from other processes falls on both; medians over the rounds. After the main run,
+``--sigterm-requests`` requests are sent and the service gets SIGTERM while they are in flight:
+each must finish and the process must exit with status 0.
 
 Checks (exit 1 when one fails): no failed request (a valid request answered other than 200,
 429 counted apart), no lost request (connection error, timeout, a stream without its final chunk
-and ``[DONE]``), no fuzzed body answered 5xx or dropped, ``/health`` answers after the run, and
-every indexed passage answers. Reports p50/p99 TTFT (client side: first content chunk of a
+and ``[DONE]``), no fuzzed body answered 5xx or dropped, ``/health`` answers after the run, every
+indexed passage answers, and (with ``--serve-store``) every in-flight request finished after
+SIGTERM and the exit status was 0. Reports p50/p99 TTFT (client side: first content chunk of a
 streamed answer; server side: the response's ``ragcompress.ttft_s``), latency, queue wait and
-throughput against the single client. The service answers one request at a time (no batching),
-so throughput under load is expected near the single client's. Prints one JSON object.
+throughput against the single client. Prints one JSON object; the load average before and after
+is recorded (the machine may be shared).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import datetime
 import json
 import math
+import os
 import random
+import re
 import shlex
+import shutil
+import signal
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -313,12 +336,174 @@ async def index_run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def ask_indexed(client: httpx.AsyncClient, args: argparse.Namespace) -> dict[str, Any]:
-    ids = [json.loads(line)["id"] for line in Path(args.index_input).read_text().splitlines() if line.strip()]
-    answered = []
-    for pid in ids:
-        outcome = await ask(client, chat_body("What is this passage about?", 2, False, [pid]), args.timeout)
-        answered.append(outcome.kind == "ok")
-    return {"passages": len(ids), "answerable": sum(answered)}
+    """Every passage of ``--index-input`` asked for by id, and looked up by its own text."""
+    records = [json.loads(line) for line in Path(args.index_input).read_text().splitlines() if line.strip()]
+    answered = retrieved = 0
+    for record in records:
+        outcome = await ask(client, chat_body("What is this passage about?", 2, False, [record["id"]]), args.timeout)
+        answered += outcome.kind == "ok"
+        response = await client.post(
+            "/v1/retrieve", json={"query": record["text"][:500], "top_k": 3}, timeout=args.timeout
+        )
+        retrieved += response.status_code == 200 and record["id"] in [hit["id"] for hit in response.json()["data"]]
+    return {"passages": len(records), "answerable": answered, "retrieved_top3_by_own_text": retrieved}
+
+
+# -- services started by the benchmark --------------------------------------------------------------
+
+
+class Service:
+    """``ragcompress serve`` in a subprocess on a free port of 127.0.0.1; its log goes to a file."""
+
+    def __init__(self, store: Path, batch: int, args: argparse.Namespace, log: Path) -> None:
+        self.batch = batch
+        self.log = log
+        command = [
+            sys.executable, "-m", "ragcompress.cli", "serve", "--store", str(store), "--port", "0",
+            "--batch", str(batch), "--queue", str(args.queue), "--log-level", "warning",
+        ]  # fmt: skip
+        if args.max_tokens > 32:
+            command += ["--max-new-tokens", str(args.max_tokens)]
+        self.handle = log.open("w")
+        self.proc = subprocess.Popen(command, stdout=self.handle, stderr=subprocess.STDOUT, cwd=ROOT)
+        self.url = ""
+
+    async def started(self, timeout: float = 600.0) -> str:
+        deadline = time.perf_counter() + timeout
+        while time.perf_counter() < deadline:
+            found = re.search(r"listening on (http://127\.0\.0\.1:\d+)", self.log.read_text(errors="replace"))
+            if found:
+                self.url = found.group(1)
+                return self.url
+            if self.proc.poll() is not None:
+                break
+            await asyncio.sleep(0.2)
+        raise SystemExit(f"error: the service did not start: {self.log.read_text(errors='replace')[-2000:]}")
+
+    async def stop(self, timeout: float = 300.0) -> int | None:
+        """SIGTERM, then the exit status (None: it had to be killed)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return await asyncio.to_thread(self.proc.wait, timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            return None
+        finally:
+            self.handle.close()
+
+
+def server_threads() -> int:
+    """torch's thread count in this environment: what a started service computes with."""
+    out = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(out.stdout.strip())
+
+
+def client_for(url: str, args: argparse.Namespace, clients: int) -> httpx.AsyncClient:
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
+    return httpx.AsyncClient(base_url=url, headers=headers, limits=limits, trust_env=False)
+
+
+async def warm(client: httpx.AsyncClient, args: argparse.Namespace, questions: list[str]) -> None:
+    (await client.get("/health", timeout=10)).raise_for_status()
+    first = await ask(client, chat_body(questions[0], args.max_tokens, False), args.timeout)
+    if first.kind != "ok":
+        raise SystemExit(f"error: the first request failed: {first.error}")
+
+
+async def compare_batching(args: argparse.Namespace, questions: list[str], store: Path, scratch: Path) -> dict:
+    """Throughput with 1 and ``--compare-clients`` clients, unbatched (``--batch 1``) and batched
+    (``--batch``), two services measured in alternation for ``--compare-rounds`` rounds."""
+    services = {b: Service(store, b, args, scratch / f"serve-batch{b}.log") for b in (1, args.batch)}
+    rounds: list[dict[str, Any]] = []
+    try:
+        for service in services.values():
+            await service.started()
+        async with contextlib.AsyncExitStack() as stack:
+            clients = {
+                b: await stack.enter_async_context(client_for(service.url, args, args.compare_clients))
+                for b, service in services.items()
+            }
+            for client in clients.values():
+                await warm(client, args, questions)
+            for r in range(args.compare_rounds):
+                row: dict[str, Any] = {"round": r, "load_before": os.getloadavg()}
+                for b, client in clients.items():
+                    for n in (1, args.compare_clients):
+                        summary = await run_clients(client, args, questions, n, args.compare_seconds)
+                        row[f"batch{b}_clients{n}"] = summary
+                rounds.append(row)
+    finally:
+        exits = {b: await service.stop() for b, service in services.items()}
+
+    def median(key: str, field_name: str) -> float:
+        return statistics.median(row[key][field_name] for row in rounds)
+
+    configs: dict[str, Any] = {}
+    for b in services:
+        for n in (1, args.compare_clients):
+            key = f"batch{b}_clients{n}"
+            configs[key] = {
+                "batch": b,
+                "clients": n,
+                "throughput_rps": median(key, "throughput_rps"),
+                "tokens_per_s": median(key, "tokens_per_s"),
+                "latency_p50_s": statistics.median(row[key]["latency_s"]["p50"] for row in rounds),
+                "failed": sum(row[key]["failed"] + row[key]["lost"] for row in rounds),
+            }
+    n = args.compare_clients
+    return {
+        "seconds_per_phase": args.compare_seconds,
+        "rounds": rounds,
+        "median": configs,
+        "speedup_batched": configs[f"batch{args.batch}_clients{n}"]["throughput_rps"]
+        / configs[f"batch{args.batch}_clients1"]["throughput_rps"],
+        "speedup_unbatched": configs[f"batch1_clients{n}"]["throughput_rps"]
+        / configs["batch1_clients1"]["throughput_rps"],
+        "batched_vs_unbatched": configs[f"batch{args.batch}_clients{n}"]["throughput_rps"]
+        / configs[f"batch1_clients{n}"]["throughput_rps"],
+        "exit_codes": exits,
+    }
+
+
+async def sigterm_in_flight(
+    client: httpx.AsyncClient, service: Service, args: argparse.Namespace, questions: list[str]
+) -> dict[str, Any]:
+    """``--sigterm-requests`` requests (half streamed) in flight, then SIGTERM: each must finish,
+    the process must exit 0."""
+    bodies = [
+        chat_body(questions[i % len(questions)], args.max_tokens, i % 2 == 0) for i in range(args.sigterm_requests)
+    ]
+    # The signal lands once every request is inside the service: some being generated, the rest
+    # queued behind them.
+    tasks = [asyncio.create_task(ask(client, body, args.timeout)) for body in bodies]
+    health: dict[str, Any] = {}
+    while not any(task.done() for task in tasks):
+        health = (await client.get("/health", timeout=10)).json()["queue"]
+        if health["running"] and health["running"] + health["waiting"] >= len(bodies):
+            break
+        await asyncio.sleep(0.02)
+    finished_before = sum(task.done() for task in tasks)
+    signalled = time.perf_counter()
+    exit_code = await service.stop()
+    outcomes = await asyncio.gather(*tasks)
+    return {
+        "requests": len(bodies),
+        "finished_before_signal": finished_before,
+        "queue_at_signal": health,
+        "ok": sum(o.kind == "ok" for o in outcomes),
+        "outcomes": {kind: sum(o.kind == kind for o in outcomes) for kind in ("ok", "failed", "rejected", "lost")},
+        "errors": [o.error for o in outcomes if o.error][:5],
+        "exit_code": exit_code,
+        "seconds_to_exit": time.perf_counter() - signalled,
+    }
 
 
 # -- the run ----------------------------------------------------------------------------------------
@@ -341,68 +526,122 @@ def git_revision() -> str | None:
     return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
+async def load_run(
+    client: httpx.AsyncClient, args: argparse.Namespace, questions: list[str]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The one-client baseline, then the concurrent phase with fuzzing and indexing meanwhile."""
+    await warm(client, args, questions)
+    models = (await client.get("/v1/models", timeout=10)).json()
+    single = await run_clients(client, args, questions, 1, args.single_duration)
+    start = time.perf_counter()
+    until = start + args.duration
+    tasks: dict[str, Any] = {"load": run_clients(client, args, questions, args.clients, args.duration)}
+    if args.fuzz_interval > 0:
+        tasks["fuzz"] = fuzz_loop(client, args, until)
+    if args.index_input:
+        tasks["index"] = index_run(args)
+    results = dict(zip(tasks, await asyncio.gather(*tasks.values()), strict=True))
+    if "index" in results:
+        results["index"].update(await ask_indexed(client, args))
+    after = await client.get("/health", timeout=30)
+    metrics = (await client.get("/metrics", timeout=30)).text
+    results.update(
+        single=single,
+        healthy_after=after.status_code == 200,
+        model=[m["id"] for m in models.get("data", [])],
+        server_metrics={
+            line.split(" ")[0]: float(line.split(" ")[1])
+            for line in metrics.splitlines()
+            if line.startswith(
+                (
+                    "ragcompress_requests_total",
+                    "ragcompress_bytes_read_total",
+                    "ragcompress_ttft_seconds_count",
+                    "ragcompress_batch_size_sum",
+                    "ragcompress_batch_size_count",
+                )
+            )
+        },
+    )
+    return results, models
+
+
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     questions = read_questions(args.questions)
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    limits = httpx.Limits(max_connections=args.clients + 8, max_keepalive_connections=args.clients + 8)
-    async with httpx.AsyncClient(base_url=args.url, headers=headers, limits=limits, trust_env=False) as client:
-        health = await client.get("/health", timeout=10)
-        health.raise_for_status()
-        warm = await ask(client, chat_body(questions[0], args.max_tokens, False), args.timeout)
-        if warm.kind != "ok":
-            raise SystemExit(f"error: the first request failed: {warm.error}")
-        models = (await client.get("/v1/models", timeout=10)).json()
+    load_before = os.getloadavg()
+    comparison = sigterm = None
+    scratch_dir = None
+    model_ref = threads = None
+    if args.serve_store:
+        model_ref = json.loads((Path(args.serve_store) / "manifest.json").read_text()).get("model_ref")
+        threads = server_threads()
+        scratch_dir = tempfile.TemporaryDirectory(prefix="ragcompress-load-")
+        scratch = Path(scratch_dir.name)
+        store = scratch / "store"
+        shutil.copytree(args.serve_store, store, ignore=shutil.ignore_patterns("lock", "*-shm", "*-wal"))
+        args.store = store
+        if args.compare_rounds:
+            comparison = await compare_batching(args, questions, store, scratch)
+        service = Service(store, args.batch, args, scratch / "serve-main.log")
+        args.url = await service.started()
+    try:
+        async with client_for(args.url, args, args.clients) as client:
+            results, models = await load_run(client, args, questions)
+            if args.serve_store:
+                sigterm = await sigterm_in_flight(client, service, args, questions)
+    finally:
+        if args.serve_store and service.proc.poll() is None:
+            await service.stop()
+        if scratch_dir is not None:
+            scratch_dir.cleanup()
 
-        single = await run_clients(client, args, questions, 1, args.single_duration)
-
-        start = time.perf_counter()
-        until = start + args.duration
-        tasks: dict[str, Any] = {"load": run_clients(client, args, questions, args.clients, args.duration)}
-        if args.fuzz_interval > 0:
-            tasks["fuzz"] = fuzz_loop(client, args, until)
-        if args.index_input:
-            tasks["index"] = index_run(args)
-        results = dict(zip(tasks, await asyncio.gather(*tasks.values()), strict=True))
-        if "index" in results:
-            results["index"].update(await ask_indexed(client, args))
-        after = await client.get("/health", timeout=30)
-        metrics = (await client.get("/metrics", timeout=30)).text
-
-    load = results["load"]
+    single, load = results["single"], results["load"]
     checks = {
         "no_failed_requests": load["failed"] == 0 and single["failed"] == 0,
         "no_lost_requests": load["lost"] == 0 and single["lost"] == 0,
         "fuzz_never_5xx_or_dropped": "fuzz" not in results
         or (results["fuzz"]["5xx"] == 0 and results["fuzz"]["lost"] == 0),
-        "healthy_after": after.status_code == 200,
+        "healthy_after": results["healthy_after"],
         "indexed_passages_answer": "index" not in results
         or (results["index"]["exit"] == 0 and results["index"]["answerable"] == results["index"]["passages"]),
     }
+    if sigterm is not None:
+        checks["sigterm_in_flight_finish_exit_0"] = sigterm["ok"] == sigterm["requests"] and sigterm["exit_code"] == 0
+    if comparison is not None:
+        checks["comparison_no_failed_or_lost"] = all(c["failed"] == 0 for c in comparison["median"].values())
+        checks["comparison_services_exit_0"] = all(code == 0 for code in comparison["exit_codes"].values())
     return {
         "meta": {
-            "url": args.url,
-            "model": [m["id"] for m in models.get("data", [])],
+            "url": args.url if not args.serve_store else "started by the benchmark",
+            "store": str(args.serve_store) if args.serve_store else None,
+            "model": model_ref,
+            "served_model_ids": results["model"],
             "clients": args.clients,
             "duration_s": args.duration,
             "single_duration_s": args.single_duration,
             "max_tokens": args.max_tokens,
             "stream_share": args.stream_share,
-            "questions": str(args.questions),
+            "questions": str(Path(args.questions).resolve().relative_to(ROOT))
+            if Path(args.questions).resolve().is_relative_to(ROOT)
+            else str(args.questions),
+            "batch": args.batch if args.serve_store else None,
+            "repeats": args.compare_rounds or None,  # rounds of the batching comparison
+            "limit": len(questions),  # questions asked (in a loop)
+            "threads": threads,
             "git": git_revision(),
-            "batching": False,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "cpus": os.cpu_count(),
+            "load_before": load_before,
+            "load_after": os.getloadavg(),
         },
+        "batching_comparison": comparison,
         "single_client": single,
         "load": load,
         "throughput_vs_single": load["throughput_rps"] / single["throughput_rps"] if single["throughput_rps"] else None,
         "fuzz": results.get("fuzz"),
         "index": results.get("index"),
-        "server_metrics": {
-            line.split(" ")[0]: float(line.split(" ")[1])
-            for line in metrics.splitlines()
-            if line.startswith(
-                ("ragcompress_requests_total", "ragcompress_bytes_read_total", "ragcompress_ttft_seconds_count")
-            )
-        },
+        "sigterm": sigterm,
+        "server_metrics": results["server_metrics"],
         "checks": checks,
         "ok": all(checks.values()),
     }
@@ -411,6 +650,19 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="the running service (loopback only)")
+    parser.add_argument(
+        "--serve-store", type=Path, default=None, help="start `ragcompress serve` on a copy of this store instead"
+    )
+    parser.add_argument("--batch", type=int, default=8, help="the started service's --batch")
+    parser.add_argument("--queue", type=int, default=64, help="the started service's --queue")
+    parser.add_argument(
+        "--compare-rounds", type=int, default=0, help="rounds of the batching comparison (needs --serve-store)"
+    )
+    parser.add_argument("--compare-clients", type=int, default=8, help="concurrent clients of the comparison")
+    parser.add_argument("--compare-seconds", type=float, default=20.0, help="seconds of each comparison phase")
+    parser.add_argument(
+        "--sigterm-requests", type=int, default=16, help="requests in flight when the started service gets SIGTERM"
+    )
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--duration", type=float, default=120.0, help="seconds of the concurrent phase")
@@ -428,7 +680,7 @@ def main() -> None:
     )
     parser.add_argument("--max-body", type=int, default=1 << 20, help="the server's body limit (oversized fuzz bodies)")
     parser.add_argument("--index-input", type=Path, default=None, help="passages to index into --store during the run")
-    parser.add_argument("--store", type=Path, default=None, help="the served store (with --index-input)")
+    parser.add_argument("--store", type=Path, default=None, help="the served store (with --index-input and --url)")
     parser.add_argument(
         "--index-args", default="", help="more `ragcompress index` options, e.g. '--model M --quant int8'"
     )
@@ -436,8 +688,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args()
-    if args.index_input and not args.store:
-        parser.error("--index-input needs --store (the store the server serves)")
+    if args.serve_store and args.api_key:
+        parser.error("--api-key is for --url; a started service has no key")
+    if args.compare_rounds and not args.serve_store:
+        parser.error("--compare-rounds needs --serve-store (the benchmark starts both services)")
+    if args.index_input and not (args.store or args.serve_store):
+        parser.error("--index-input needs --store (the store the server serves) or --serve-store")
     if httpx.URL(args.url).host not in ("127.0.0.1", "localhost", "::1"):
         parser.error("--url must be a loopback address: this load test only targets this machine")
     if args.single_duration is None:

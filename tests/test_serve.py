@@ -316,7 +316,7 @@ def test_full_queue_answers_429_and_the_queued_request_still_completes(engine):
             return health, metrics, refused, refused_stream, await queued
 
         health, metrics, refused, refused_stream, queued = run(scenario)
-        assert health.json()["queue"] == {"waiting": 1, "busy": True, "capacity": 1}
+        assert health.json()["queue"] == {"waiting": 1, "busy": True, "running": 1, "capacity": 1}
         assert "ragcompress_queue_depth 1.0" in metrics.text
         for response in (refused, refused_stream):
             assert response.status_code == 429

@@ -534,7 +534,15 @@ async def one_model(request: Request) -> Response:
 async def health(request: Request) -> Response:
     worker = _service(request).worker
     return JSONResponse(
-        {"status": "ok", "queue": {"waiting": worker.waiting, "busy": worker.busy, "capacity": worker.queue_size}}
+        {
+            "status": "ok",
+            "queue": {
+                "waiting": worker.waiting,
+                "busy": worker.busy,
+                "running": worker.running,
+                "capacity": worker.queue_size,
+            },
+        }
     )
 
 

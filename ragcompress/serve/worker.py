@@ -83,6 +83,7 @@ class Worker:
         self._jobs: deque[Job] = deque()
         self._cv = threading.Condition()
         self._busy = False
+        self._running = 0  # jobs of the group being run
         self._stopping = False
         self._service_s = 1.0  # moving average of one job's time, for Retry-After
         self._thread: threading.Thread | None = None
@@ -94,6 +95,11 @@ class Worker:
     @property
     def busy(self) -> bool:
         return self._busy
+
+    @property
+    def running(self) -> int:
+        """Requests being answered now (the current batch's size, or 1)."""
+        return self._running
 
     def submit(self, job: Job) -> None:
         with self._cv:
@@ -117,6 +123,7 @@ class Worker:
                     return
                 group = self._take()
                 self._busy = True
+                self._running = len(group)
             try:
                 group = [job for job in group if not job.cancelled.is_set()]
                 started = time.perf_counter()
@@ -140,6 +147,7 @@ class Worker:
             finally:
                 with self._cv:
                     self._busy = False
+                    self._running = 0
 
     def _take(self) -> list[Job]:
         """The next job, and (batching) the batchable jobs waiting with it, in arrival order.
