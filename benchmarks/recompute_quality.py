@@ -21,7 +21,8 @@ embeds the same texts with the same embedder.
         --checkpoint runs/faithful/qwen-top3.jsonl --out docs/results/faithful_qwen.json
 
 ``--checkpoint`` appends every question's outcomes as it finishes; a rerun skips the questions
-already there (a long run can be stopped and resumed, or split with ``--shard I/N``).
+already there (a long run can be stopped and resumed, or split over processes with ``--shard I/N``
+sharing one checkpoint; ``--report-only`` then summarizes the whole sample).
 """
 
 from __future__ import annotations
@@ -274,6 +275,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=12)
     parser.add_argument("--threads", type=int, help="torch threads (1 avoids oversubscription on a busy host)")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--shard", default="0/1", help="I/N: run every N-th question from the I-th (one checkpoint)")
     parser.add_argument(
         "--report-only", action="store_true", help="summarize the sampled questions --checkpoint holds; run nothing"
     )
@@ -295,6 +297,8 @@ def main() -> None:
     engine = Engine.open(args.store, options=AnswerOptions(max_new_tokens=args.max_new_tokens, backend="dense"))
     variants = Variants(engine, dict(v.split("=", 1) for v in args.variant))
     questions = pick_questions(Path(args.questions), args.sample)
+    shard, shards = (int(x) for x in args.shard.split("/"))
+    questions = questions[shard::shards]
     result = {
         "store": args.store,
         "variants": args.variant,
