@@ -55,7 +55,7 @@ from ragcompress.prompt import PromptTemplate
 from ragcompress.runtime.generate import forward_logits, stop_token_ids
 
 CONTINUATION = 32  # reconstruction tokens per example
-MAX_ANSWER = 16  # teacher's greedy answer length cap
+MAX_ANSWER = 10  # teacher's greedy answer length cap
 
 
 @dataclass
@@ -96,6 +96,7 @@ class Example:
     cont: list[int]
     cont_idx: torch.Tensor  # [len(cont), top]
     cont_lp: torch.Tensor
+    qa_full: torch.Tensor | None = None  # held-out examples: every answer row's full log-probs
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -206,7 +207,7 @@ class Distiller:
         return idx, values
 
     @torch.no_grad()
-    def teacher(self, qid: str, passages: list[list[int]], question: str) -> Example:
+    def teacher(self, qid: str, passages: list[list[int]], question: str, keep_full: bool = False) -> Example:
         """The base model's full prefill of prefix + passages, read once (its cache is cropped
         back to the passages for the second objective): greedy answer and top tokens."""
         context = list(self.prefix_ids) + [t for ids in passages for t in ids]
@@ -228,7 +229,8 @@ class Distiller:
         cont = passages[-1][: self.continuation]
         logits = forward_logits(self.model, torch.tensor([cont_suffix + cont]), cache, len(context), len(cont) + 1)
         cont_idx, cont_lp = self._top(logits[:-1])
-        return Example(qid, passages, suffix, answer, qa_idx, qa_lp, cont_suffix, cont, cont_idx, cont_lp)
+        full = torch.stack(rows).float().log_softmax(-1) if keep_full else None
+        return Example(qid, passages, suffix, answer, qa_idx, qa_lp, cont_suffix, cont, cont_idx, cont_lp, full)
 
     # student ---------------------------------------------------------------------------------
 
@@ -294,21 +296,29 @@ class Distiller:
 # -- the run ------------------------------------------------------------------------------------
 
 
-def _build_examples(distiller: Distiller, corpus: Corpus, k: int, limit: int | None, desc: str) -> list[Example]:
+def _build_examples(
+    distiller: Distiller, corpus: Corpus, k: int, limit: int | None, desc: str, partial: Path, keep_full: bool = False
+) -> list[Example]:
+    """Teacher examples of ``limit`` evenly spaced questions (all when None); each finished one is
+    appended to ``partial`` (a killed run resumes from it)."""
     from tqdm import tqdm
 
     from ragcompress.retrieval import Embedder
 
-    questions = corpus.questions[:limit] if limit else corpus.questions
+    questions = corpus.questions
     if limit:  # evenly spaced over the (article-grouped) file
         step = len(corpus.questions) / limit
         questions = [corpus.questions[int(i * step)] for i in range(min(limit, len(corpus.questions)))]
+    done = {e["qid"]: Example(**e) for e in torch.load(partial, weights_only=False)} if partial.is_file() else {}
     vectors = Embedder().embed([q.question for q in questions])
     retrieved = corpus.retrieve(vectors, k)
     examples = []
     for q, rows in tqdm(list(zip(questions, retrieved, strict=True)), desc=desc, unit="question"):
-        passages = [distiller.tokens.passage(corpus.passages[i].text) for i in rows]
-        examples.append(distiller.teacher(q.id, passages, q.question))
+        if q.id not in done:
+            passages = [distiller.tokens.passage(corpus.passages[i].text) for i in rows]
+            done[q.id] = distiller.teacher(q.id, passages, q.question, keep_full)
+            _atomic_save([asdict(e) for e in done.values()], partial)
+        examples.append(done[q.id])
     return examples
 
 
@@ -400,9 +410,22 @@ def train(
         val_examples = [Example(**e) for e in cached["val"]]
     else:
         train_examples = _build_examples(
-            distiller, train_corpus, config.top_k, config.train_questions or None, "teacher (train)"
+            distiller,
+            train_corpus,
+            config.top_k,
+            config.train_questions or None,
+            "teacher (train)",
+            out / "teacher-train.part",
         )
-        val_examples = _build_examples(distiller, val_corpus, config.top_k, config.val_examples, "teacher (held-out)")
+        val_examples = _build_examples(
+            distiller,
+            val_corpus,
+            config.top_k,
+            config.val_examples,
+            "teacher (held-out)",
+            out / "teacher-val.part",
+            True,
+        )
         _atomic_save(
             {"train": [asdict(e) for e in train_examples], "val": [asdict(e) for e in val_examples]}, teacher_path
         )

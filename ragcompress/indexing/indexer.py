@@ -16,7 +16,7 @@ from functools import cached_property
 import numpy as np
 
 from ragcompress.compressors import CompressionContext, Compressor
-from ragcompress.distill.adaptor import Adaptor, check_store_adaptor, resolve_adaptor
+from ragcompress.distill.adaptor import Adaptor, check_store_adaptor, packaged_adaptor, resolve_adaptor
 from ragcompress.errors import InputError, StoreMismatchError
 from ragcompress.indexing.config import IndexConfig, build_manifest, compressor_from_manifest
 from ragcompress.indexing.encoder import PassageEncoder
@@ -93,7 +93,10 @@ class Indexer:
         caches or vectors of two models or two adaptors (``StoreMismatchError``).
         """
         manifest.check_model(lm.fingerprint, lm.ref)
-        check_store_adaptor(manifest.encoding.get("adaptor"), adaptor.hash if adaptor else None)
+        recorded = manifest.encoding.get("adaptor")
+        if adaptor is None and recorded:  # a packaged adaptor is found by its hash
+            adaptor = packaged_adaptor(recorded)
+        check_store_adaptor(recorded, adaptor.hash if adaptor else None)
         if lm.tokenizer_hash != manifest.tokenizer_hash:
             raise StoreMismatchError(
                 f"store was built with another tokenizer than {lm.ref}'s; rebuild it for this model"

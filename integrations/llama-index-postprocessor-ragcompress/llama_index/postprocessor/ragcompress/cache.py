@@ -63,7 +63,7 @@ class CacheWriter:
         if (Path(path) / "manifest.json").is_file():
             existing = Manifest.read(Path(path))
             existing.check_same_build(indexer.manifest)
-            indexer = Indexer.for_store(existing, lm, indexer.embedder)
+            indexer = Indexer.for_store(existing, lm, indexer.embedder, indexer.adaptor)
         return cls(path, indexer, batch_size)
 
     @classmethod

@@ -1,0 +1,210 @@
+"""Learned passage caches (#15) on held-out articles: the adaptor vs plain reuse vs full prefill.
+
+Uses the held-out examples ``ragcompress train`` built (``OUT/teacher.pt``: questions of articles
+never trained on, each with its top-k passages retrieved over the held-out passages, the base
+model's full-prefill greedy answer and its full next-token distributions along that answer).
+For every setting each passage is encoded alone (``PassageEncoder``, with or without the
+adaptor), compressed, serialised and parsed back through the store codec, and the question is
+read over the runtime's own assembled cache (``runtime.assemble``, per-head masks for evicted
+tokens), so what is measured is what the query path serves:
+
+* ``kl_answer``: KL(full prefill || cached) per answer position (teacher-forced along the full
+  prefill's answer, end row included), full vocabulary, nats;
+* ``agreement``: share of questions whose greedy cached answer equals full prefill's;
+* ``sub_em`` and ``sub_em_pct_of_full``: SQuAD substring match of the greedy answers vs gold;
+* ``index_cost``: median seconds to encode (and score) the passages relative to a plain forward.
+
+    .venv/bin/python benchmarks/distill_eval.py --out runs/distill/smollm2-135m \\
+        --json docs/results/distill_smollm2-135m.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ragcompress.compressors import CompressionContext, make_compressor
+from ragcompress.distill.adaptor import Adaptor
+from ragcompress.distill.train import Example
+from ragcompress.evaluation import read_questions, sub_em
+from ragcompress.indexing.encoder import PassageEncoder
+from ragcompress.kv.quant import QuantConfig
+from ragcompress.models import load_model
+from ragcompress.prompt import PromptTemplate
+from ragcompress.runtime.assemble import assemble
+from ragcompress.runtime.generate import decode_n_tokens, forward_logits, prefill, stop_token_ids
+from ragcompress.store import codec
+
+from common import SQUAD, results_meta
+
+# name -> (adaptor?, method, ratio, quant)
+SETTINGS = {
+    "plain reuse": (False, "none", None, "none"),
+    "adaptor": (True, "none", None, "none"),
+    "global:kvzip 0.25 int4": (False, "global:kvzip", 0.25, "int4"),
+    "adaptor + global:learned 0.25 int4": (True, "global:learned", 0.25, "int4"),
+    "adaptor + global:kvzip 0.25 int4": (True, "global:kvzip", 0.25, "int4"),
+}
+
+
+def segments(encoder: PassageEncoder, passages: list[list[int]], method: str, ratio: float | None, quant: str) -> list:
+    """Each passage's cache as a store would serve it: encoded alone, compressed, serialised."""
+    params: dict[str, Any] = {} if ratio is None else {"ratio": ratio, "keep_first": 1, "keep_last": 0}
+    compressor = make_compressor(method, **params)
+    out = []
+    for ids in passages:
+        kv = encoder.encode([ids])[0]
+        kept = compressor.compress(kv, CompressionContext(encoder, ids))
+        out.append(codec.decode(codec.encode(kept, QuantConfig(quant)), torch.float32))
+    return out
+
+
+@torch.inference_mode()
+def measure(encoder: PassageEncoder, example: Example, segs: list, stop_ids: set[int]) -> tuple[float, list[int]]:
+    """Full-vocabulary KL along the teacher's answer and the greedy cached answer."""
+    lm = encoder.lm
+    prefix = encoder.prefix_kv
+    prefix_keys = encoder.rotary.rotate_layers(prefix.keys, prefix.positions)
+
+    def cache() -> Any:
+        return assemble(lm.config, encoder.rotary, prefix_keys, prefix, segs, lm.model.dtype, spare_rows=64)
+
+    forced = cache()
+    ids = example.suffix + example.answer
+    logits = forward_logits(
+        lm.model,
+        torch.tensor([ids]),
+        forced.cache,
+        forced.next_position,
+        len(example.answer) + 1,
+        **forced.attention_kwargs(),
+    )
+    student = logits.float().log_softmax(-1)
+    assert example.qa_full is not None
+    teacher = example.qa_full
+    kl = float((teacher.exp() * (teacher - student)).sum(-1).mean())
+    greedy = cache()
+    first = prefill(lm.model, example.suffix, greedy.cache, greedy.next_position, **greedy.attention_kwargs())
+    answer = list(
+        decode_n_tokens(
+            lm.model,
+            first,
+            greedy.cache,
+            greedy.next_position + len(example.suffix),
+            10,
+            stop_ids,
+            **greedy.attention_kwargs(),
+        )
+    )
+    return kl, answer
+
+
+def index_cost(lm: Any, template: PromptTemplate, adaptor: Adaptor, passages: list[list[int]], repeats: int) -> dict:
+    """Median seconds to produce the caches of ``passages`` per setting, side by side, and the
+    ratio to the plain forward (the base encoder)."""
+    base, adapted = PassageEncoder(lm, template), PassageEncoder(lm, template, adaptor)
+    learned = make_compressor("global:learned", ratio=0.25, keep_first=1, keep_last=0)
+    kvzip = make_compressor("global:kvzip", ratio=0.25, keep_first=1, keep_last=0)
+
+    def run(encoder: PassageEncoder, compressor: Any = None) -> None:
+        for ids in passages:
+            kv = encoder.encode([ids])[0]
+            if compressor is not None:
+                compressor.compress(kv, CompressionContext(encoder, ids))
+
+    cases = {
+        "plain forward": lambda: run(base),
+        "adaptor": lambda: run(adapted),
+        "adaptor + global:learned": lambda: run(adapted, learned),
+        "global:kvzip": lambda: run(base, kvzip),
+    }
+    samples: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(repeats):  # interleaved, so contention hits every case alike
+        for name, fn in cases.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(values) for name, values in samples.items()}
+    return {name: {"seconds": medians[name], "x_plain": medians[name] / medians["plain forward"]} for name in cases}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="the training folder (teacher.pt, adaptor/)")
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--questions", type=Path, default=SQUAD / "questions.jsonl")
+    parser.add_argument("--settings", nargs="*", default=list(SETTINGS))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cost-repeats", type=int, default=3)
+    parser.add_argument("--json", type=Path, required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    lm = load_model(args.model)
+    adaptor = Adaptor.load(args.out / "adaptor")
+    template = PromptTemplate.from_tokenizer(lm.tokenizer)
+    examples = [Example(**e) for e in torch.load(args.out / "teacher.pt", weights_only=False)["val"]]
+    golds = {q.id: q.answers for q in read_questions(args.questions)}
+    stop_ids = stop_token_ids(lm.tokenizer, lm.model)
+    decode = lambda ids: lm.tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
+    full_sub_em = statistics.mean(sub_em(decode(e.answer), golds[e.qid]) for e in examples)
+
+    rows: dict[str, Any] = {}
+    for name in args.settings:
+        use_adaptor, method, ratio, quant = SETTINGS[name]
+        encoder = PassageEncoder(lm, template, adaptor if use_adaptor else None)
+        kls, agree, ems, answers = [], [], [], []
+        for example in examples:
+            kl, answer = measure(encoder, example, segments(encoder, example.passages, method, ratio, quant), stop_ids)
+            kls.append(kl)
+            agree.append(float(answer == example.answer))
+            ems.append(sub_em(decode(answer), golds[example.qid]))
+            answers.append(decode(answer))
+        rows[name] = {
+            "adaptor": use_adaptor,
+            "method": method,
+            "ratio": ratio or 1.0,
+            "quant": quant,
+            "kl_answer": statistics.mean(kls),
+            "agreement": statistics.mean(agree),
+            "sub_em": statistics.mean(ems),
+            "sub_em_pct_of_full": 100 * statistics.mean(ems) / full_sub_em if full_sub_em else None,
+            "answers": answers,
+        }
+        print(
+            f"{name}: KL {rows[name]['kl_answer']:.4f} agreement {rows[name]['agreement']:.2f} sub-EM {rows[name]['sub_em']:.2f}",
+            flush=True,
+        )
+
+    cost_passages = [ids for e in examples[:2] for ids in e.passages][:4]
+    cost = index_cost(lm, template, adaptor, cost_passages, args.cost_repeats) if args.cost_repeats else {}
+    adaptor_meta = {k: v for k, v in adaptor.meta.items() if k != "config"}
+    result = {
+        "meta": {
+            **results_meta({"questions": len(examples), "model": lm.ref, "repeats": args.cost_repeats}),
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "load": os.getloadavg(),
+            "sample": "held-out articles " + ", ".join(adaptor.meta.get("val_articles", [])),
+            "adaptor_hash": adaptor.hash,
+        },
+        "adaptor": adaptor_meta,
+        "full_prefill": {"sub_em": full_sub_em, "answers": [decode(e.answer) for e in examples]},
+        "rows": rows,
+        "index_cost": cost,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: {m: v for m, v in r.items() if m != "answers"} for k, r in rows.items()}, indent=1))
+    print(json.dumps(cost, indent=1))
+
+
+if __name__ == "__main__":
+    main()

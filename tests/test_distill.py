@@ -1,0 +1,159 @@
+"""Learned passage caches (KV-Distill, ``ragcompress.distill``) on a tiny random model.
+
+Anchors: an adaptor of zeros is the base store bit for bit; a trained adaptor changes the caches
+and round-trips through its files exactly; a store refuses caches of another adaptor (or of
+none); one optimizer step lowers the distillation loss on its batch; the learned scorer keeps
+exactly the budget, and its fit recovers a linear target.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ragcompress.distill.adaptor import FACTORS, SCORER_BIAS, SCORER_WEIGHT, Adaptor
+from ragcompress.distill.scorer import fit
+from ragcompress.distill.train import Distiller
+from ragcompress.errors import StoreMismatchError
+from ragcompress.indexing import IndexConfig, index
+from ragcompress.indexing.encoder import PassageEncoder
+from ragcompress.kv import PassageKV
+from ragcompress.models import load_model
+from ragcompress.prompt import PromptTemplate
+from ragcompress.store import KVStore
+
+
+def blobs(store_path) -> dict[str, str]:
+    """Every passage's segment checksum, after verifying each segment."""
+    with KVStore.open(store_path) as store:
+        return {e.id: (store.read_segment(e), e.checksum)[1] for e in store.catalogue.entries()}
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model_dir):
+    return load_model(str(tiny_model_dir("llama")))
+
+
+def trained_like(lm, seed: int, scorer: bool = False) -> Adaptor:
+    """An adaptor with random non-zero factors (what training produces), optionally a scorer."""
+    adaptor = Adaptor.initial(lm.model, rank=4, alpha=8, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    for name in FACTORS:
+        adaptor.tensors[name] = torch.randn(adaptor.tensors[name].shape, generator=gen) * 0.05
+    if scorer:
+        layers, heads = lm.config.num_hidden_layers, lm.config.num_key_value_heads
+        head_dim = lm.config.hidden_size // lm.config.num_attention_heads
+        adaptor.tensors[SCORER_WEIGHT] = torch.randn(layers, heads, 2 * head_dim, generator=gen)
+        adaptor.tensors[SCORER_BIAS] = torch.randn(layers, heads, generator=gen)
+    return adaptor
+
+
+def test_zero_adaptor_is_the_base_store_bit_for_bit(lm, tmp_path, passages_file, embedder):
+    zero = Adaptor.initial(lm.model, rank=4, alpha=8).save(tmp_path / "zero")
+    trained = trained_like(lm, 1).save(tmp_path / "trained")
+    common = dict(model=lm.ref, lm=lm, embedder=embedder, batch_size=3)
+    index(passages_file, tmp_path / "base", config=IndexConfig(quant="int8"), **common)
+    index(passages_file, tmp_path / "zero-store", config=IndexConfig(quant="int8", adaptor=str(zero)), **common)
+    index(passages_file, tmp_path / "trained-store", config=IndexConfig(quant="int8", adaptor=str(trained)), **common)
+    assert blobs(tmp_path / "zero-store") == blobs(tmp_path / "base")
+    assert blobs(tmp_path / "trained-store") != blobs(tmp_path / "base")  # the adaptor is applied
+    with KVStore.open(tmp_path / "trained-store") as store:
+        assert store.manifest.encoding["adaptor"] == Adaptor.load(trained).hash
+
+
+def test_adaptor_round_trips_to_identical_caches(lm, tmp_path):
+    adaptor = trained_like(lm, 2, scorer=True)
+    loaded = Adaptor.load(adaptor.save(tmp_path / "a"))
+    assert loaded.hash == adaptor.hash and loaded.has_scorer
+    template = PromptTemplate.from_tokenizer(lm.tokenizer)
+    ids = [PassageEncoder(lm, template).tokens.passage(t) for t in ("Melbourne is in Victoria.", "Apollo 11 landed.")]
+    before = PassageEncoder(lm, template, adaptor).encode(ids)
+    after = PassageEncoder(lm, template, loaded).encode(ids)
+    base = PassageEncoder(lm, template).encode(ids)
+    for a, b, c in zip(before, after, base, strict=True):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+        assert not torch.equal(a.keys, c.keys)
+    (tmp_path / "a" / "adaptor.json").write_text(
+        (tmp_path / "a" / "adaptor.json").read_text().replace('"hash": "', '"hash": "0')
+    )
+    with pytest.raises(Exception, match="hash"):
+        Adaptor.load(tmp_path / "a")
+
+
+def test_store_refuses_another_adaptor(lm, tmp_path, passages_file, embedder):
+    first = trained_like(lm, 3).save(tmp_path / "first")
+    second = trained_like(lm, 4).save(tmp_path / "second")
+    common = dict(model=lm.ref, lm=lm, embedder=embedder)
+    index(passages_file, tmp_path / "store", config=IndexConfig(adaptor=str(first)), **common)
+    with pytest.raises(StoreMismatchError, match="adaptor .* this run uses adaptor"):
+        index(passages_file, tmp_path / "store", config=IndexConfig(adaptor=str(second)), **common)
+    with pytest.raises(StoreMismatchError, match="no adaptor"):
+        index(passages_file, tmp_path / "store", config=IndexConfig(), **common)
+    index(passages_file, tmp_path / "store", config=IndexConfig(adaptor=str(first)), **common)  # same: resumes
+
+
+def test_adaptor_for_another_model_is_refused(lm, tmp_path):
+    adaptor = trained_like(lm, 5)
+    adaptor.meta = {"base_model": "other", "base_fingerprint": "f" * 64}
+    with pytest.raises(StoreMismatchError, match="trained on model other"):
+        PassageEncoder(lm, PromptTemplate.from_tokenizer(lm.tokenizer), adaptor)
+
+
+def test_one_training_step_lowers_the_loss_on_its_batch(lm):
+    torch.manual_seed(0)
+    adaptor = Adaptor.initial(lm.model, rank=4, alpha=8)
+    distiller = Distiller(lm, adaptor, teacher_top=16, continuation=8)
+    texts = ["Melbourne is the sporting capital of Australia.", "Apollo 11 landed on the Moon in 1969."]
+    example = distiller.teacher("q", [distiller.tokens.passage(t) for t in texts], "Where did Apollo 11 land?")
+    params = {name: torch.nn.Parameter(adaptor.tensors[name].clone()) for name in FACTORS}
+    adaptor.tensors.update(params)
+    optimizer = torch.optim.SGD(list(params.values()), lr=1.0)
+    qa, cont = distiller.losses(example)
+    before = float(qa + cont)
+    assert before > 0  # independently encoded caches differ from full prefill
+    (qa + cont).backward()
+    optimizer.step()
+    with torch.no_grad():
+        qa, cont = distiller.losses(example)
+    assert float(qa + cont) < before
+
+
+@pytest.mark.parametrize("method", ["learned", "global:learned"])
+def test_learned_scorer_keeps_exactly_the_budget(lm, tmp_path, passages_file, embedder, method):
+    adaptor = trained_like(lm, 6, scorer=True).save(tmp_path / "scored")
+    store = tmp_path / "store"
+    config = IndexConfig(method=method, ratio=0.25, keep_first=1, keep_last=0, adaptor=str(adaptor))
+    index(passages_file, store, model=lm.ref, lm=lm, embedder=embedder, config=config)
+    layers, heads = lm.config.num_hidden_layers, lm.config.num_key_value_heads
+    with KVStore.open(store) as opened:
+        entries = list(opened.catalogue.entries())
+        assert entries
+        for entry in entries:
+            budget = max(1, int(entry.num_tokens * 0.25))
+            assert entry.kept == layers * heads * budget
+
+
+def test_learned_scorer_needs_an_adaptor_with_a_scorer(lm, tmp_path, passages_file, embedder):
+    with pytest.raises(ValueError, match="adaptor"):
+        index(
+            passages_file,
+            tmp_path / "s",
+            model=lm.ref,
+            lm=lm,
+            embedder=embedder,
+            config=IndexConfig(method="global:learned", ratio=0.5),
+        )
+
+
+def test_scorer_fit_recovers_a_linear_target():
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(2, 3, 8, generator=gen)
+    samples = []
+    for n in (20, 30, 25):
+        keys, values = torch.randn(2, 3, n, 4, generator=gen), torch.randn(2, 3, n, 4, generator=gen)
+        kv = PassageKV.full(keys, values)
+        log_score = torch.einsum("lhnd,lhd->lhn", torch.cat([keys, values], -1), weight) - 3.0
+        samples.append((kv, log_score.exp()))
+    fitted, bias, r2 = fit(samples, l2=1e-6)
+    assert r2 > 0.999
+    assert torch.allclose(fitted, weight, atol=1e-2) and torch.allclose(bias, torch.full((2, 3), -3.0), atol=1e-2)
