@@ -30,6 +30,7 @@ Row names: ``METHOD@RATIO/QUANT/RANK``, e.g. ``none@1/fp16/-`` (the uncompressed
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import re
@@ -172,7 +173,9 @@ class Frontier:
     def _full_caches(self) -> dict[str, PassageKV]:
         path = self.workdir / "full-caches.pt"
         if path.is_file():  # keys and values of uniform caches: plain tensors, no pickled classes
-            return {pid: PassageKV.full(k, v) for pid, (k, v) in torch.load(path).items()}
+            saved = torch.load(path)
+            if set(self.passages) <= set(saved):  # a run over more questions encoded these already
+                return {pid: PassageKV.full(*saved[pid]) for pid in self.passages}
         t0 = time.perf_counter()
         full: dict[str, PassageKV] = {}
         ids = list(self.passages)
@@ -340,10 +343,90 @@ def measure(frontier: Frontier, row: RowSpec, reference: dict[str, Any] | None) 
     return result, engine
 
 
+REFERENCE_ROW = "none@1/fp16/-"
+
+
+def publish(sources: list[Path], out: Path) -> dict[str, Any]:
+    """Merge results files of one model and split (same questions) into ``out`` for the docs:
+    per row, 95 % bootstrap intervals of sub-EM, and paired comparisons (bootstrap interval of
+    the difference, exact McNemar) against the uncompressed fp16 store and against full prefill;
+    the answers themselves stay in the run's workdir."""
+    from ragcompress.stats import bootstrap_ci, paired_comparison
+
+    merged: dict[str, Any] = {}
+    for source in sources:
+        data = json.loads(source.read_text())
+        if merged and data["key"] != merged["key"]:
+            raise SystemExit(f"{source} answered other questions than {sources[0]}")
+        rows = {**merged.get("rows", {}), **data["rows"]}
+        merged = {**merged, **data, "rows": rows}
+    reference = merged["rows"][REFERENCE_ROW]["per_question_sub_em"]
+    full = merged["full"]["per_question_sub_em"]
+    for row in merged["rows"].values():
+        outcomes = row["per_question_sub_em"]
+        row["sub_em_ci95"] = list(bootstrap_ci(outcomes))
+        row["vs_uncompressed"] = paired_comparison(outcomes, reference)
+        row["vs_full"] = paired_comparison(outcomes, full)
+        row.pop("answers", None)
+    merged["full"]["sub_em_ci95"] = list(bootstrap_ci(full))
+    merged["full"].pop("answers", None)
+    merged.pop("retrieved", None)
+    merged["reference_row"] = REFERENCE_ROW
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(merged, indent=1))
+    return merged
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    """Bytes per token (x, log) against KL to full prefill and sub-EM (% of uncompressed), one
+    panel pair, one marker per row, one colour per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (kl_ax, em_ax) = plt.subplots(1, 2, figsize=(11, 4.6))
+    for colour, data in enumerate(results):
+        rows = data["rows"]
+        reference = rows[REFERENCE_ROW]["sub_em"] or float("nan")
+        for name, row in rows.items():
+            marker = "o" if row["rank"] is None else "s"
+            style = dict(color=f"C{colour}", marker=marker, linestyle="none", alpha=0.85)
+            kl_ax.plot(row["bytes_per_token"], row["kl_full_answer"], **style)
+            em_ax.plot(row["bytes_per_token"], 100 * row["sub_em"] / reference, **style)
+            for ax, y in ((kl_ax, row["kl_full_answer"]), (em_ax, 100 * row["sub_em"] / reference)):
+                ax.annotate(name.replace("global:", "g:"), (row["bytes_per_token"], y), fontsize=6)
+        em_ax.plot([], [], color=f"C{colour}", marker="o", linestyle="none", label=f"{data['model']} (o rows, s rank)")
+        fp16 = rows[REFERENCE_ROW]["bytes_per_token"]
+        for ax in (kl_ax, em_ax):
+            ax.axvline(fp16 / 24, color=f"C{colour}", linestyle=":", linewidth=1)
+    em_ax.axhline(95, color="grey", linestyle="--", linewidth=1)
+    for ax, label in (
+        (kl_ax, "KL(full prefill || row), answer tokens, nats"),
+        (em_ax, "sub-EM, % of uncompressed fp16"),
+    ):
+        ax.set_xscale("log")
+        ax.set_xlabel("stored bytes per token (basis and scales included); dotted: 24x below fp16")
+        ax.set_ylabel(label)
+    em_ax.legend(fontsize=7)
+    fig.suptitle("Eviction x rank x bits on SQuAD-dev questions the bases were not fitted on", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="qwen2.5-coder-0.5b")
-    parser.add_argument("--rows", nargs="+", required=True)
+    parser.add_argument("--rows", nargs="+", default=[])
+    parser.add_argument(
+        "--publish",
+        nargs=2,
+        action="append",
+        metavar=("RESULTS_GLOB", "OUT"),
+        help="merge <workdir> results files matching the glob into OUT (docs/results/...), then plot every OUT",
+    )
+    parser.add_argument("--plot", type=Path, default=Path("docs/img/lowrank-frontier.png"))
     parser.add_argument("--split", choices=("dev", "eval"), default="eval")
     parser.add_argument("--questions", type=int, default=0, help="at most this many (0: all of the split)")
     parser.add_argument("--top-k", type=int, default=3)
@@ -354,6 +437,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default <workdir>/<split>/results.json)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    if args.publish:
+        published = [publish(sorted(map(Path, glob.glob(pattern))), Path(out)) for pattern, out in args.publish]
+        plot(published, args.plot)
+        return
     torch.set_num_threads(args.threads)
     args.workdir = args.workdir or Path("runs/lowrank") / args.model
     rows = [RowSpec.parse(name) for name in args.rows]

@@ -15,6 +15,7 @@ from ragcompress.kv.quant import QuantConfig
 from ragcompress.store import KVStore
 from ragcompress.store.basis import basis_from_bytes, basis_sha256, basis_to_bytes
 from ragcompress.store.codec import decode, encode, parse
+from ragcompress.store.verify import verify_store
 
 
 def low_rank_caches(seed: int, count: int = 6, layers: int = 3, heads: int = 2, d: int = 32, n: int = 40):
@@ -155,6 +156,8 @@ def test_index_with_rank_and_a_store_refuses_a_mismatched_basis(tiny_lm, passage
     assert again.skipped == 8
     with pytest.raises(StoreMismatchError):
         index(passages_file, full, lm=tiny_lm, embedder=embedder, config=IndexConfig(quant="int8", rank=8))
+    assert verify_store(full).problems == []
     shutil.copy(low / "basis.safetensors", full / "basis.safetensors")
     with KVStore.open(full) as store, pytest.raises(StoreMismatchError, match="basis"):
         store.load_kv(next(iter(store.catalogue.entries())))
+    assert {p.kind for p in verify_store(full).problems} == {"basis", "segment"}

@@ -29,9 +29,11 @@ import numpy as np
 
 from ragcompress.errors import StoreError
 from ragcompress.kv import ModelShape
+from ragcompress.kv.lowrank import LowRankBasis
 from ragcompress.paths import sha256_file
 from ragcompress.store import codec
 from ragcompress.store.ann import stored_vectors
+from ragcompress.store.basis import read_basis
 from ragcompress.store.catalogue import CATALOGUE, Catalogue
 from ragcompress.store.kvstore import INDEX, PREFIX, read_index_meta
 from ragcompress.store.manifest import Manifest
@@ -40,7 +42,7 @@ from ragcompress.store.shards import SHARD_DIR, is_shard_name, read_blob
 
 @dataclass(frozen=True)
 class Problem:
-    """One failed check. ``kind`` is one of manifest, prefix, catalogue, segment, index."""
+    """One failed check. ``kind`` is one of manifest, prefix, basis, catalogue, segment, index."""
 
     kind: str
     message: str
@@ -97,7 +99,7 @@ def _check_prefix(root: Path, manifest: Manifest, shape: ModelShape, problems: l
 
 
 def _check_segments(
-    root: Path, catalogue: Catalogue, shape: ModelShape, problems: list[Problem]
+    root: Path, catalogue: Catalogue, shape: ModelShape, problems: list[Problem], basis: LowRankBasis | None = None
 ) -> tuple[int, dict[str, int], int | None]:
     """Every catalogue row against its blob; returns (rows, committed end per shard, embedding dim)."""
     ends: dict[str, int] = {}
@@ -125,7 +127,10 @@ def _check_segments(
         try:
             blob = read_blob(root, shard, offset, length, digest, pid)
             segment = codec.parse(blob, shape)
-            segment.dense()  # its tensors match the shapes its header declares
+            if segment.ranks and basis is None:
+                fail("segment stores low-rank latents and the store has no readable basis")
+                continue
+            segment.dense(basis=basis)  # its tensors match the shapes its header declares
         except StoreError as exc:
             fail(str(exc))
             continue
@@ -228,6 +233,13 @@ def verify_store(path: str | Path) -> VerifyReport:
         return VerifyReport(str(root), problems=[Problem("manifest", str(exc))])
     shape = manifest.shape
     _check_prefix(root, manifest, shape, problems)
+    basis = None
+    lowrank = manifest.compression.get("lowrank")
+    if isinstance(lowrank, dict):  # a low-rank store: its latents are checked with its basis
+        try:
+            basis = read_basis(root, str(lowrank.get("basis_sha256", "")))
+        except (StoreError, ValueError) as exc:
+            problems.append(Problem("basis", str(exc)))
     if not (root / CATALOGUE).is_file():
         problems.append(Problem("catalogue", f"{CATALOGUE} is missing"))
         return VerifyReport(str(root), problems=problems, notes=notes)
@@ -241,7 +253,7 @@ def verify_store(path: str | Path) -> VerifyReport:
         verdict = catalogue.integrity_problems()
         if verdict:
             problems.append(Problem("catalogue", "SQLite integrity_check: " + "; ".join(verdict[:5])))
-        count, ends, _ = _check_segments(root, catalogue, shape, problems)
+        count, ends, _ = _check_segments(root, catalogue, shape, problems, basis)
         _check_overlaps(catalogue, problems)
         _check_shard_files(root, ends, notes)
         _check_index(root, catalogue, count, problems, notes)
