@@ -45,7 +45,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 # Other documents whose blocks are rendered (and checked) along with README.md's.
-DOCS = (ROOT / "docs" / "serve.md",)
+DOCS = (ROOT / "docs" / "serve.md", ROOT / "docs" / "compression.md", ROOT / "docs" / "distill.md")
 RESULTS = ROOT / "docs" / "results"
 
 # Same keys as common.RESULTS_META_KEYS (common imports torch; this script must not).
@@ -456,6 +456,7 @@ def render_store_scale(results: Path) -> str:
                 f"{r['load_ms']:.3f}",
                 f"{r['total_ms']:.3f} (p90 {r['total_p90_ms']:.3f})",
                 f"{r['total_vs_smallest']:.2f}x",
+                f"{r['reload_ms']:.3f}" if "reload_ms" in r else "–",
                 f"{r['open_s']:.2f}",
                 f"{r['rss_added_mb']:.0f}",
                 _mb(r["disk_bytes"]["total"]),
@@ -472,6 +473,7 @@ def render_store_scale(results: Path) -> str:
                 f"load top-{scale['top_k']} (ms)",
                 "search + load (ms)",
                 "vs smallest",
+                "same segment again (ms)",
                 "open (s)",
                 "RSS added (MB)",
                 "disk (MB)",
@@ -496,6 +498,7 @@ def render_store_scale(results: Path) -> str:
                     "one process, 2 threads",
                     "Ray, 2 actors x 1 thread",
                     "Ray / one process",
+                    "control: one process, 1 thread",
                 ],
                 [
                     [
@@ -503,17 +506,19 @@ def render_store_scale(results: Path) -> str:
                         f"{med['single_marginal_pps']:.2f}",
                         f"{med['ray_marginal_pps']:.2f}",
                         f"{med['marginal_ratio']:.2f}x",
+                        f"{med['single_1t_marginal_pps']:.2f}" if "single_1t_marginal_pps" in med else "–",
                     ],
                     [
                         f"end to end passages/s ({tp['sizes'][-1]} passages, model loads included)",
                         f"{med['single_end_to_end_pps']:.2f}",
                         f"{med['ray_end_to_end_pps']:.2f}",
                         f"{med['end_to_end_ratio']:.2f}x",
+                        f"{med['single_1t_end_to_end_pps']:.2f}" if "single_1t_end_to_end_pps" in med else "–",
                     ],
                 ],
             ),
             "",
-            f"Medians of {len(tp['rounds'])} alternating rounds; target Ray / one process >= {tp['target_ratio']}. "
+            f"Medians of {len(tp['rounds'])} rounds, order rotating; target Ray / one process >= {tp['target_ratio']}. "
             f"Same catalogue rows and segment bytes: {'yes' if same else 'NO'} (`store_digest`). "
             f"Load average {tp['meta']['load_before'][0]:.1f} before, {tp['meta']['load_after'][0]:.1f} after. "
             + source_line([tp_path]),
@@ -636,17 +641,31 @@ def render_scale_estimate(results: Path) -> str:
             f"{r['index_build_h']:.1f}",
             f"{r['total_h']:.1f}",
             "driver" if r["driver_bound"] else "actors",
+            f"{r['total_h_quiet_rate']:.1f}",
+            "driver" if r["driver_bound_quiet_rate"] else "actors",
         ]
         for r in est["rows"]
     ]
     return "\n".join(
         [
             table(
-                ["nodes (16 cores)", "actors", "encode + commit (h)", "HNSW build (h)", "total (h)", "bound by"], rows
+                [
+                    "nodes (16 cores)",
+                    "actors",
+                    "encode + commit (h)",
+                    "HNSW build (h)",
+                    "total (h)",
+                    "bound by",
+                    "total at the quiet rate (h)",
+                    "bound by",
+                ],
+                rows,
             ),
             "",
             f"{est['passages']:,} passages; measured inputs: {est['actor_pps']:.2f} passages/s per actor "
-            f"(SmolLM2-135M, int8, 1 thread), {est['driver_commit_rows_per_s']:,.0f} catalogue rows/s at the driver, "
+            f"(SmolLM2-135M, int8, 1 thread, on this busy machine; the quiet rate, "
+            f"{est['actor_pps_quiet']:.2f}/s per thread, is `ragcompress bench`'s indexer on a quiet machine), "
+            f"{est['driver_commit_rows_per_s']:,.0f} catalogue rows/s at the driver, "
             f"HNSW build {est['hnsw_build_s_measured']:.0f} s at {est['hnsw_build_measured_at']:,} vectors. "
             f"Store: {est['segment_bytes_per_passage'] / 1e3:.0f} KB of segment and "
             f"{est['catalogue_bytes_per_passage'] / 1e3:.1f} KB of catalogue per passage (the SmolLM2 int8 SQuAD store), "
@@ -655,7 +674,162 @@ def render_scale_estimate(results: Path) -> str:
     )
 
 
+def _ranks(row: dict) -> str:
+    """Mean rank of keys / values over layers ("–": rows stored whole)."""
+    parts = []
+    for kind in ("ranks_k", "ranks_v"):
+        ranks = row.get(kind)
+        parts.append(f"{sum(ranks) / len(ranks):.0f}" if ranks else "–")
+    return " / ".join(parts)
+
+
+def render_lowrank_frontier(results: Path) -> str:
+    """Eviction x rank x bits (``lowrank_*.json``, ``benchmarks/lowrank_frontier.py --publish``):
+    bytes per token against KL to full prefill and sub-EM, each against the uncompressed fp16
+    store and full prefill, with paired tests, on questions of articles the bases never saw."""
+    paths = files(results, "lowrank_*.json")
+    parts = []
+    for path in paths:
+        data = load(path)
+        rows = data["rows"]
+        reference = rows[data["reference_row"]]
+        full = data["full"]
+        header = [
+            "store (eviction@kept / bits / rank)",
+            "rank K / V",
+            "bytes/token",
+            "vs fp16",
+            "KL(full ‖ row)",
+            "sub-EM [95 % CI]",
+            "% of uncompressed",
+            "paired vs uncompressed (p)",
+            "% of full prefill",
+            "agreement",
+            "TTFT median",
+        ]
+        lines = []
+        for name, row in sorted(rows.items(), key=lambda item: -item[1]["bytes_per_token"]):
+            paired = row["vs_uncompressed"]
+            lines.append(
+                [
+                    f"`{name}`",
+                    _ranks(row),
+                    f"{row['bytes_per_token']:.0f}",
+                    f"{row['compression']:.1f}x",
+                    "–" if row["kl_full_answer"] is None else f"{row['kl_full_answer']:.3f}",
+                    f"{row['sub_em']:.3f} [{row['sub_em_ci95'][0]:.2f}, {row['sub_em_ci95'][1]:.2f}]",
+                    pct(row["sub_em"], reference["sub_em"]),
+                    "–"
+                    if name == data["reference_row"]
+                    else f"{paired['mean_difference']:+.3f} ({paired['p_value']:.2g})",
+                    pct(row["sub_em"], full["sub_em"]),
+                    f"{row['agreement']:.2f}",
+                    f"{1000 * row['ttft_s_median']:.0f} ms",
+                ]
+            )
+        calibration = data["calibration"]
+        kl_n = max(row["kl_questions"] for row in rows.values())
+        load_avg = data["meta"].get("load", [0.0])[0]
+        caption = (
+            f"**{model_name(data['model'])}**, {data['n']} SQuAD-dev questions ({data['key']['split']} split: articles "
+            f"other than {', '.join(calibration['articles'])}, whose first {calibration['passages']} passages the bases "
+            f"were fitted on), top-{data['key']['top_k']}. Full prefill: sub-EM {full['sub_em']:.3f} "
+            f"({full['reused_core272']} of {data['n']} answers reused from `runs/core272-ck`). KL: teacher-forced, "
+            f"nats per answer token, full prefill's distribution as reference, over {kl_n} evenly spaced questions. "
+            f"Bytes: blobs as stored plus the basis file once, over the store's tokens. TTFT: dense backend on a CPU, "
+            f"medians per row measured one row after another on a shared 2-core machine (load average "
+            f"{load_avg:.0f} when written): a contention figure, not a speed ranking. "
+            f'Reference for "% of uncompressed" and the paired test (bootstrap mean difference of sub-EM, exact '
+            f"McNemar p): `{data['reference_row']}`"
+            + (
+                ", the int8 store's cached answers recorded by `core_eval.py` in `runs/core272-ck` (no fp16 store "
+                "was run for this model; int8 matched uncompressed sub-EM in the core table), its TTFT from that run."
+                if data["reference_row"].startswith("core272:")
+                else " (uncompressed fp16 store)."
+            )
+        )
+        parts += [caption, table(header, lines), source_line([path])]
+    return "\n\n".join(parts)
+
+
+def render_kvzip_cost(results: Path) -> str:
+    """KVzip's scoring cost against a plain indexing forward (``kvzip_cost_*.json``)."""
+    paths = files(results, "kvzip_cost_*.json")
+    rows = []
+    for path in paths:
+        data = load(path)
+        rows.append(
+            [
+                model_name(data["model"]),
+                str(data["passages"]),
+                f"{data['mean_passage_tokens']:.0f}",
+                f"{1000 * data['plain_s_median']:.0f} ms",
+                f"{1000 * data['kvzip_s_median']:.0f} ms",
+                f"{data['ratio']:.2f}x",
+                f"{data['tokens_read_ratio']:.2f}x",
+                f"{data['meta']['load'][0]:.0f}",
+            ]
+        )
+    header = [
+        "model",
+        "passages",
+        "tokens/passage",
+        "forward",
+        "forward + KVzip score",
+        "ratio",
+        "tokens read ratio",
+        "load avg",
+    ]
+    return "\n\n".join([table(header, rows), source_line(paths)])
+
+
+def render_distill(results: Path) -> str:
+    """Learned passage caches (#15, ``distill_*.json``, ``benchmarks/distill_eval.py``): each
+    setting against full prefill on held-out articles, the training summary and indexing cost."""
+    paths = files(results, "distill_*.json")
+    parts = []
+    for path in paths:
+        data = load(path)
+        full = data["full_prefill"]["sub_em"]
+        rows = [
+            [
+                name,
+                f"{row['ratio']:g}",
+                row["quant"],
+                f"{row['kl_answer']:.4f}",
+                f"{row['agreement']:.2f}",
+                f"{row['sub_em']:.2f} ({pct(row['sub_em'], full)})",
+            ]
+            for name, row in data["rows"].items()
+        ]
+        rows.append(["full prefill (reference)", "1", "-", "0", "1.00", f"{full:.2f} (100 %)"])
+        meta, metrics = data["meta"], data["adaptor"]["metrics"]
+        header = ["setting", "ratio", "quant", "KL to full (answer)", "agreement", "sub-EM (% of full)"]
+        parts.append(
+            f"{model_name(meta['model'])}, {meta['questions']} questions of {meta['sample']} "
+            f"(load average {meta['load'][0]:.0f} on 2 cores):\n\n" + table(header, rows)
+        )
+        train = (
+            f"Training: {metrics['steps']} steps in {metrics['train_minutes']:.0f} min on "
+            f"{metrics['train_examples']} questions; held-out top-k KL (answer) "
+            f"{metrics['held_out_start']['kl_answer']:.4f} -> {metrics['held_out_end']['kl_answer']:.4f}, "
+            f"(continuation) {metrics['held_out_start']['kl_cont']:.4f} -> {metrics['held_out_end']['kl_cont']:.4f}"
+        )
+        if metrics.get("scorer_r2") is not None:
+            train += f"; scorer fit R^2 {metrics['scorer_r2']:.2f} (log KVzip score, training passages)"
+        parts.append(train + ".")
+        if data.get("index_cost"):
+            cost = [
+                [name, f"{1000 * c['seconds']:.0f} ms", f"{c['x_plain']:.2f}x"]
+                for name, c in data["index_cost"].items()
+            ]
+            parts.append(table(["indexing (same passages, medians)", "time", "vs plain forward"], cost))
+    return "\n\n".join(parts + [source_line(paths)])
+
+
 BLOCKS: dict[str, Callable[[Path], str]] = {
+    "lowrank-frontier": render_lowrank_frontier,
+    "kvzip-cost": render_kvzip_cost,
     "core-all": render_core_all,
     "core": render_core,
     "ttft": render_ttft,
@@ -665,7 +839,9 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "packed-curve": render_packed_curve,
     "compression": render_compression,
     "store-scale": render_store_scale,
+    "scale-estimate": render_scale_estimate,
     "serve-load": render_serve_load,
+    "distill": render_distill,
 }
 
 

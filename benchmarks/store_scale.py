@@ -10,7 +10,8 @@ one of 500 topics. Per size it reports
 * query-side latency, measured in one process with the stores interleaved query by query (so
   load from other processes hits every size alike): ``search`` (FAISS + the catalogue rows of
   the hits), ``load`` (read, checksum, parse and dequantize the top-k segments), their sum;
-  medians over the queries, with p90;
+  medians over the queries, with p90; ``reload``: the top hit's segment loaded once more right
+  after (page-cached), which separates the read path's own cost from cache misses;
 * open time and memory: a fresh process opens the store, loads its FAISS index (sha256 checked)
   and answers one search; wall time and the RSS it added (median of three processes);
 * disk bytes (shards, catalogue, index, total) and the FAISS index the store chose with the
@@ -20,7 +21,9 @@ one of 500 topics. Per size it reports
 ``throughput``: SQuAD-dev passages through SmolLM2-135M and all-MiniLM-L6-v2 (the real models),
 ``index()`` in one process with 2 torch threads against ``index_on_ray`` with 2 actors of 1
 thread each on a local Ray instance of 2 CPUs. Each run indexes a fresh store; runs alternate
-(one process, Ray, Ray, one process, ...). Fixed costs (model loads, actor start) are separated
+(the order rotates from round to round), after one discarded Ray run (Ray's first job starts its
+worker pool). A third method, one process with 1 thread, is the control that tells whether the
+2-thread process loses to thread contention on a busy machine. Fixed costs (model loads, actor start) are separated
 from the rate by running two input sizes: the marginal rate is ``(n2 - n1) / (t(n2) - t(n1))``
 per method and round; end-to-end rates at n2 are reported too. The two stores of each size are
 compared with ``store_digest`` (same rows and segment bytes).
@@ -178,6 +181,8 @@ def _rss_mb() -> float:
 
 def probe(store: str) -> None:
     """Child process: open, load the index, one search; prints seconds and RSS added (MB)."""
+    import faiss  # noqa: F401 - the library's own memory is not the store's
+
     from ragcompress.store import KVStore
     from ragcompress.testing import HashEmbedder
 
@@ -243,7 +248,9 @@ def run_scale(sizes: list[int], n_queries: int, rounds: int) -> dict[str, Any]:
         opened.index()
         for entry, _ in opened.search(vectors[0], TOP_K):
             opened.load_kv(entry)
-    timings: dict[int, dict[str, list[float]]] = {s: {"search": [], "load": [], "total": []} for s in sizes}
+    timings: dict[int, dict[str, list[float]]] = {
+        s: {"search": [], "load": [], "total": [], "reload": []} for s in sizes
+    }
     for r in range(rounds):
         for i, vector in enumerate(vectors):
             order = sizes[(i + r) % len(sizes) :] + sizes[: (i + r) % len(sizes)]
@@ -255,6 +262,8 @@ def run_scale(sizes: list[int], n_queries: int, rounds: int) -> dict[str, Any]:
                 for entry, _ in hits:
                     opened.load_kv(entry)
                 t2 = time.perf_counter()
+                opened.load_kv(hits[0][0])  # the same segment again: a read from the page cache
+                timings[size]["reload"].append((time.perf_counter() - t2) * 1e3)
                 timings[size]["search"].append((t1 - t0) * 1e3)
                 timings[size]["load"].append((t2 - t1) * 1e3)
                 timings[size]["total"].append((t2 - t0) * 1e3)
@@ -325,9 +334,17 @@ def run_throughput(sizes: list[int], rounds: int, batch_size: int) -> dict[str, 
             threads_per_worker=1,
         )
 
-    methods = {"single": single, "ray": on_ray}
+    def single_1t(n: int, store: Path) -> None:
+        torch.set_num_threads(1)
+        index(inputs[n], store, model="smollm2-135m", config=config, batch_size=batch_size)
+
+    methods = {"single": single, "ray": on_ray, "single_1t": single_1t}
+    start = time.perf_counter()
+    on_ray(sizes[0], RUNS / "tp-warmup")  # Ray's first job starts its worker pool: not a rate
+    warmup_s = time.perf_counter() - start
+    shutil.rmtree(RUNS / "tp-warmup", ignore_errors=True)
     for r in range(rounds):
-        order = ["single", "ray"] if r % 2 == 0 else ["ray", "single"]
+        order = list(methods)[r % 3 :] + list(methods)[: r % 3]
         for n in sizes:
             for name in order:
                 store = RUNS / f"tp-{name}-{n}"
@@ -351,6 +368,7 @@ def run_throughput(sizes: list[int], rounds: int, batch_size: int) -> dict[str, 
             entry[f"{name}_end_to_end_pps"] = n2 / t[(name, n2)]
         entry["marginal_ratio"] = entry["ray_marginal_pps"] / entry["single_marginal_pps"]
         entry["end_to_end_ratio"] = entry["ray_end_to_end_pps"] / entry["single_end_to_end_pps"]
+        entry["single_1t_vs_single_marginal"] = entry["single_1t_marginal_pps"] / entry["single_marginal_pps"]
         per_round.append(entry)
     summary = {key: statistics.median(e[key] for e in per_round) for key in per_round[0] if key != "round"}
     info["load_after"] = list(os.getloadavg())
@@ -359,6 +377,7 @@ def run_throughput(sizes: list[int], rounds: int, batch_size: int) -> dict[str, 
         "batch_size": batch_size,
         "sizes": sizes,
         "ray_cluster_start_s": cluster_s,
+        "ray_warmup_run_s": warmup_s,
         "same_bytes": {str(n): v for n, v in same.items()},
         "target_ratio": 0.9,
         "runs": runs,
@@ -443,17 +462,19 @@ def run_estimate(passages: int) -> dict[str, Any]:
     from ragcompress.store.kvstore import build_index
 
     tp = json.loads((RESULTS / "ray_throughput.json").read_text())
-    scale = json.loads((RESULTS / "store_scale.json").read_text())
     info = meta("estimate from measured rates", "smollm2-135m", 1, 1, 0)
-    actor_pps = tp["median"]["ray_marginal_pps"] / 2  # one actor, one thread
+    actor_pps = tp["median"]["ray_marginal_pps"] / 2  # one actor, one thread, on this busy machine
+    # The same model's indexer rate measured on a quiet machine (load ~2) by `ragcompress bench`,
+    # per thread: an upper bound for an actor on a dedicated core.
+    quiet = json.loads((RESULTS / "bench_curve_smollm2.json").read_text())
+    quiet_pps = quiet["indexing"]["indexer_passages_per_s"] / quiet["meta"]["threads"]
     commit_pps = _commit_rate()
-    largest = scale["rows"][-1]
-    with KVStore.open(RUNS / f"scale-{largest['passages']}") as opened:
+    n0 = 10_000  # an HNSW build of the 10k store, timed here (the 100k one takes minutes on this machine)
+    with KVStore.open(RUNS / f"scale-{n0}") as opened:
         start = time.perf_counter()
-        build_index(opened.catalogue, index_params(largest["passages"], flat_max=0))
+        build_index(opened.catalogue, index_params(n0, flat_max=0))
         hnsw_s = time.perf_counter() - start
     # HNSW insertion costs ~log N per vector: scale the measured build by N log N.
-    n0 = largest["passages"]
     hnsw_at = hnsw_s * (passages * np.log(passages)) / (n0 * np.log(n0))
     real = ROOT / "runs" / "squad-smollm2-135m-int8"
     with KVStore.open(real) as opened:
@@ -464,14 +485,17 @@ def run_estimate(passages: int) -> dict[str, Any]:
     for nodes in (1, 4, 16, 64):
         workers = nodes * 16
         seconds = simulate(passages, workers, 8, actor_pps, commit_pps)
+        quiet_s = simulate(passages, workers, 8, quiet_pps, commit_pps)
         rows.append(
             {
+                "total_h_quiet_rate": (quiet_s + hnsw_at) / 3600,
+                "driver_bound_quiet_rate": bool(passages / commit_pps >= 0.9 * quiet_s),
                 "nodes": nodes,
                 "workers": workers,
                 "encode_and_commit_h": seconds / 3600,
                 "index_build_h": hnsw_at / 3600,
                 "total_h": (seconds + hnsw_at) / 3600,
-                "driver_bound": passages / commit_pps >= 0.9 * seconds,
+                "driver_bound": bool(passages / commit_pps >= 0.9 * seconds),
             }
         )
     info["load_after"] = list(os.getloadavg())
@@ -479,6 +503,7 @@ def run_estimate(passages: int) -> dict[str, Any]:
         "meta": info,
         "passages": passages,
         "actor_pps": actor_pps,
+        "actor_pps_quiet": quiet_pps,
         "driver_commit_rows_per_s": commit_pps,
         "hnsw_build_s_measured": hnsw_s,
         "hnsw_build_measured_at": n0,
