@@ -569,6 +569,7 @@ async def load_run(
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     questions = read_questions(args.questions)
     load_before = os.getloadavg()
+    revision = git_revision()  # at the start: the code that runs
     comparison = sigterm = None
     scratch_dir = None
     model_ref = threads = None
@@ -628,7 +629,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             "repeats": args.compare_rounds or None,  # rounds of the batching comparison
             "limit": len(questions),  # questions asked (in a loop)
             "threads": threads,
-            "git": git_revision(),
+            "git": revision,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "cpus": os.cpu_count(),
             "load_before": load_before,
