@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 # Other documents whose blocks are rendered (and checked) along with README.md's.
 DOCS = (ROOT / "docs" / "serve.md", ROOT / "docs" / "compression.md", ROOT / "docs" / "distill.md")
+DOCS += (ROOT / "docs" / "recompute.md",)
 RESULTS = ROOT / "docs" / "results"
 
 # Same keys as common.RESULTS_META_KEYS (common imports torch; this script must not).
@@ -490,6 +491,13 @@ def render_store_scale(results: Path) -> str:
         tp = load(tp_path)
         med = tp["median"]
         same = all(tp["same_bytes"].values())
+
+        def rate(key: str) -> str:
+            """A marginal rate <= 0 means fixed costs varied more than the work: not a rate."""
+            if key not in med:
+                return "–"
+            return f"{med[key]:.2f}" if med[key] > 0 else "not measurable (< 0)"
+
         out += [
             "",
             table(
@@ -503,10 +511,10 @@ def render_store_scale(results: Path) -> str:
                 [
                     [
                         f"marginal passages/s ({tp['sizes'][0]} -> {tp['sizes'][-1]} passages)",
-                        f"{med['single_marginal_pps']:.2f}",
-                        f"{med['ray_marginal_pps']:.2f}",
-                        f"{med['marginal_ratio']:.2f}x",
-                        f"{med['single_1t_marginal_pps']:.2f}" if "single_1t_marginal_pps" in med else "–",
+                        rate("single_marginal_pps"),
+                        rate("ray_marginal_pps"),
+                        f"{med['marginal_ratio']:.2f}x" if med["marginal_ratio"] > 0 else "–",
+                        rate("single_1t_marginal_pps"),
                     ],
                     [
                         f"end to end passages/s ({tp['sizes'][-1]} passages, model loads included)",
@@ -716,7 +724,7 @@ def render_lowrank_frontier(results: Path) -> str:
                     _ranks(row),
                     f"{row['bytes_per_token']:.0f}",
                     f"{row['compression']:.1f}x",
-                    "–" if row["kl_full_answer"] is None else f"{row['kl_full_answer']:.3f}",
+                    "–" if row["kl_full_answer"] is None else f"{row['kl_full_answer']:.3f} ({row['kl_questions']} q)",
                     f"{row['sub_em']:.3f} [{row['sub_em_ci95'][0]:.2f}, {row['sub_em_ci95'][1]:.2f}]",
                     pct(row["sub_em"], reference["sub_em"]),
                     "–"
@@ -728,14 +736,14 @@ def render_lowrank_frontier(results: Path) -> str:
                 ]
             )
         calibration = data["calibration"]
-        kl_n = max(row["kl_questions"] for row in rows.values())
         load_avg = data["meta"].get("load", [0.0])[0]
         caption = (
             f"**{model_name(data['model'])}**, {data['n']} SQuAD-dev questions ({data['key']['split']} split: articles "
             f"other than {', '.join(calibration['articles'])}, whose first {calibration['passages']} passages the bases "
             f"were fitted on), top-{data['key']['top_k']}. Full prefill: sub-EM {full['sub_em']:.3f} "
             f"({full['reused_core272']} of {data['n']} answers reused from `runs/core272-ck`). KL: teacher-forced, "
-            f"nats per answer token, full prefill's distribution as reference, over {kl_n} evenly spaced questions. "
+            "nats per answer token, full prefill's distribution as reference, over the evenly spaced questions the "
+            "KL column counts. "
             f"Bytes: blobs as stored plus the basis file once, over the store's tokens. TTFT: dense backend on a CPU, "
             f"medians per row measured one row after another on a shared 2-core machine (load average "
             f"{load_avg:.0f} when written): a contention figure, not a speed ranking. "
@@ -827,7 +835,70 @@ def render_distill(results: Path) -> str:
     return "\n\n".join(parts + [source_line(paths)])
 
 
+def render_faithful(results: Path) -> str:
+    """The faithful-reuse curve (``faithful_*.json``, ``benchmarks/recompute_quality.py``): per
+    model and top-k, every setting against full prefill on the same retrieved passages."""
+    paths = files(results, "faithful_*.json")
+    if not paths:
+        raise ReportError(f"no faithful_*.json in {results}")
+    parts = []
+    for path in paths:
+        data = load(path)
+        variants = ", ".join(data.get("variants") or []) or "none"
+        for key, rows in data["tables"].items():
+            full = rows["full"]
+            body = []
+            for name, r in rows.items():
+                if "sub_em" not in r:
+                    body.append(
+                        [
+                            f"{name} (TTFT only)",
+                            "",
+                            "",
+                            "",
+                            "",
+                            f"{r['ttft_s_median']:.2f}",
+                            f"{r['ttft_speedup']:.2f}x",
+                            "",
+                        ]
+                    )
+                    continue
+                body.append(
+                    [
+                        name,
+                        f"{r['sub_em']:.3f}",
+                        pct(r["sub_em"], full["sub_em"]),
+                        f"{r['agreement']:.2f} {_ci(r['ci95']['agreement'])}",
+                        f"{r['kl']:.4f}",
+                        f"{r['ttft_s_median']:.2f}",
+                        f"{r['ttft_speedup']:.2f}x",
+                        f"{r['ttft_speedup_vs_prefix_cached']:.2f}x",
+                    ]
+                )
+            meta = data.get("meta", {})
+            load_note = ""
+            if meta.get("loadavg_start") is not None:
+                load_note = f", load average {meta['loadavg_start'][0]:.0f} at start"
+            caption = (
+                f"**{model_name(data['model'])}, {key.replace('top', 'top-')}, {full['n']} questions** "
+                f"(variant stores: {variants}; torch threads {meta.get('threads')}{load_note})"
+            )
+            header = [
+                "setting",
+                "sub-EM",
+                "% of full",
+                "agreement (95 % CI)",
+                "KL to full",
+                "TTFT (s)",
+                "vs full",
+                "vs prefix-cached",
+            ]
+            parts.append(caption + "\n\n" + table(header, body))
+    return "\n\n".join(parts + [source_line(paths)])
+
+
 BLOCKS: dict[str, Callable[[Path], str]] = {
+    "faithful": render_faithful,
     "lowrank-frontier": render_lowrank_frontier,
     "kvzip-cost": render_kvzip_cost,
     "core-all": render_core_all,

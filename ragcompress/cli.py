@@ -24,7 +24,7 @@ app = typer.Typer(
 )
 
 
-PRESET_HELP = "named, measured settings: fast, small, faithful (README: Presets); explicit options override them"
+PRESET_HELP = "measured settings: fast, small, smallest, faithful (README: Presets); explicit options override them"
 RECOMPUTE_OPTION = typer.Option(
     None,
     "--recompute",
@@ -32,19 +32,32 @@ RECOMPUTE_OPTION = typer.Option(
     max=1.0,
     help="fraction of passage tokens recomputed at query time (CacheBlend; docs/recompute.md; default 0)",
 )
+SELECTION_OPTION = typer.Option(
+    None,
+    "--selection",
+    help="how recomputed tokens are chosen: deviation (CacheBlend), question (the question's attention) or mixed",
+)
 
 
-def _answer_options(preset: str | None, max_new_tokens: int | None = None, recompute: float | None = None) -> Any:
-    """``AnswerOptions`` of ``--preset`` (defaults without one) with the options given explicitly."""
+def _answer_options(
+    preset: str | None,
+    max_new_tokens: int | None = None,
+    recompute: float | None = None,
+    selection: str | None = None,
+) -> Any:
+    """``AnswerOptions`` of ``--preset`` (defaults without one) with the options given explicitly
+    (``--recompute`` / ``--selection`` replace those fields of the preset's recompute config)."""
+    import dataclasses
+
     from ragcompress.presets import answer_options
-    from ragcompress.runtime.recompute import RecomputeConfig
 
     try:
-        return answer_options(
-            preset,
-            max_new_tokens=max_new_tokens,
-            recompute=None if recompute is None else RecomputeConfig(ratio=recompute),
-        )
+        base = answer_options(preset, max_new_tokens=max_new_tokens)
+        changes: dict[str, Any] = {"ratio": recompute, "selection": selection}
+        changes = {key: value for key, value in changes.items() if value is not None}
+        if changes:
+            base = base.replace(recompute=dataclasses.replace(base.recompute, **changes))
+        return base
     except (ValueError, TypeError) as exc:
         raise RagCompressError(str(exc)) from None
 
@@ -291,6 +304,7 @@ def ask(
     top_k: int = typer.Option(3, "--top-k", min=1),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
     recompute: float | None = RECOMPUTE_OPTION,
+    selection: str | None = SELECTION_OPTION,
     preset: str | None = typer.Option(None, "--preset", help=PRESET_HELP),
     compare_full: bool = typer.Option(False, "--compare-full", help="also answer by full-text prefill and time it"),
     as_json: bool = typer.Option(False, "--json"),
@@ -299,7 +313,7 @@ def ask(
     _quiet_libraries()
     from ragcompress.runtime.engine import Engine
 
-    engine = Engine.open(store, options=_answer_options(preset, max_new_tokens, recompute))
+    engine = Engine.open(store, options=_answer_options(preset, max_new_tokens, recompute, selection))
     try:
         entries = engine.retrieve(question, top_k)
         answer = engine.answer_cached(question, entries)
@@ -330,6 +344,7 @@ def evaluate(
     limit: int | None = typer.Option(None, "--limit", min=1),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
     recompute: float | None = RECOMPUTE_OPTION,
+    selection: str | None = SELECTION_OPTION,
     preset: str | None = typer.Option(None, "--preset", help=PRESET_HELP),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -339,7 +354,7 @@ def evaluate(
     from ragcompress.runtime.engine import Engine
 
     items = read_questions(questions, limit)
-    engine = Engine.open(store, options=_answer_options(preset, max_new_tokens, recompute))
+    engine = Engine.open(store, options=_answer_options(preset, max_new_tokens, recompute, selection))
     try:
         results = iter_eval(engine, items, top_k)
         if _show_progress(as_json):
