@@ -463,7 +463,10 @@ def run_estimate(passages: int) -> dict[str, Any]:
 
     tp = json.loads((RESULTS / "ray_throughput.json").read_text())
     info = meta("estimate from measured rates", "smollm2-135m", 1, 1, 0)
-    actor_pps = tp["median"]["ray_marginal_pps"] / 2  # one actor, one thread, on this busy machine
+    # One actor's steady rate: the 1-thread process's marginal rate (the same Indexer.records on
+    # one thread, startup excluded). Ray's own marginal rate is not used: its start-up costs
+    # varied more than the work between the two input sizes (negative in some rounds).
+    actor_pps = tp["median"]["single_1t_marginal_pps"]
     # The same model's indexer rate measured on a quiet machine (load ~2) by `ragcompress bench`,
     # per thread: an upper bound for an actor on a dedicated core.
     quiet = json.loads((RESULTS / "bench_curve_smollm2.json").read_text())
