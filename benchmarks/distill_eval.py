@@ -10,7 +10,8 @@ tokens), so what is measured is what the query path serves:
 
 * ``kl_answer``: KL(full prefill || cached) per answer position (teacher-forced along the full
   prefill's answer, end row included), full vocabulary, nats;
-* ``agreement``: share of questions whose greedy cached answer equals full prefill's;
+* ``agreement``: share of questions whose greedy cached answer (up to 32 tokens) equals full
+  prefill's (token for token);
 * ``sub_em`` and ``sub_em_pct_of_full``: SQuAD substring match of the greedy answers vs gold;
 * ``index_cost``: median seconds to encode (and score) the passages relative to a plain forward.
 
@@ -45,6 +46,7 @@ from ragcompress.store import codec
 
 from common import SQUAD, results_meta
 
+MAX_NEW_TOKENS = 32  # the answers compared (SmolLM2 answers in sentences; the gold often comes late)
 # name -> (adaptor?, method, ratio, quant)
 SETTINGS = {
     "plain reuse": (False, "none", None, "none"),
@@ -99,12 +101,21 @@ def measure(encoder: PassageEncoder, example: Example, segs: list, stop_ids: set
             first,
             greedy.cache,
             greedy.next_position + len(example.suffix),
-            10,
+            MAX_NEW_TOKENS,
             stop_ids,
             **greedy.attention_kwargs(),
         )
     )
     return kl, answer
+
+
+@torch.inference_mode()
+def full_prefill_answer(encoder: PassageEncoder, example: Example, stop_ids: set[int]) -> list[int]:
+    """The base model's greedy answer from a plain prefill of prefix + passages + question."""
+    ids = list(encoder.prefix_ids) + [t for p in example.passages for t in p] + example.suffix
+    out = encoder.lm.model(input_ids=torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    return list(decode_n_tokens(encoder.lm.model, out.logits[0, -1], cache, len(ids), MAX_NEW_TOKENS, stop_ids))
 
 
 def index_cost(lm: Any, template: PromptTemplate, adaptor: Adaptor, passages: list[list[int]], repeats: int) -> dict:
@@ -145,27 +156,75 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cost-repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="results of other runs over the same examples to add rows from",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     lm = load_model(args.model)
-    adaptor = Adaptor.load(args.out / "adaptor")
+    needs_adaptor = args.cost_repeats > 0 or any(SETTINGS[name][0] for name in args.settings)
+    adaptor = Adaptor.load(args.out / "adaptor") if needs_adaptor else None
     template = PromptTemplate.from_tokenizer(lm.tokenizer)
     examples = [Example(**e) for e in torch.load(args.out / "teacher.pt", weights_only=False)["val"]]
     golds = {q.id: q.answers for q in read_questions(args.questions)}
     stop_ids = stop_token_ids(lm.tokenizer, lm.model)
     decode = lambda ids: lm.tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
-    full_sub_em = statistics.mean(sub_em(decode(e.answer), golds[e.qid]) for e in examples)
+    base_encoder = PassageEncoder(lm, template)
+    full_answers = earlier_full = None
+    if args.json.is_file():
+        earlier_full = json.loads(args.json.read_text()).get("full_prefill", {}).get("token_ids")
+    full_answers = earlier_full or [full_prefill_answer(base_encoder, e, stop_ids) for e in examples]
+    full_sub_em = statistics.mean(sub_em(decode(a), golds[e.qid]) for a, e in zip(full_answers, examples, strict=True))
 
-    rows: dict[str, Any] = {}
+    # rows of an earlier run of the same examples are kept (settings can be measured in parts)
+    earlier = json.loads(args.json.read_text()) if args.json.is_file() else {}
+    rows: dict[str, Any] = {k: v for k, v in earlier.get("rows", {}).items() if k not in args.settings}
+    adaptor_meta = {k: v for k, v in adaptor.meta.items() if k != "config"} if adaptor else earlier.get("adaptor", {})
+
+    def write(rows: dict[str, Any], cost: dict[str, Any]) -> dict[str, Any]:
+        """The results file as it stands (written after every setting: a cut-short run keeps them)."""
+        for other in args.merge:  # e.g. settings measured by a concurrent run
+            data = json.loads(other.read_text())
+            if data["full_prefill"]["token_ids"] != full_answers:
+                raise SystemExit(f"{other} measured other examples or other full-prefill answers; not merged")
+            rows = rows | {k: v for k, v in data["rows"].items() if k not in rows}
+        rows = {name: rows[name] for name in SETTINGS if name in rows}  # table order
+        result = {
+            "meta": {
+                **results_meta({"questions": len(examples), "model": lm.ref, "repeats": args.cost_repeats}),
+                "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                "load": os.getloadavg(),
+                "sample": "held-out articles " + ", ".join(adaptor_meta.get("val_articles", [])),
+                "adaptor_hash": adaptor.hash if adaptor else earlier.get("meta", {}).get("adaptor_hash"),
+            },
+            "adaptor": adaptor_meta,
+            "full_prefill": {
+                "sub_em": full_sub_em,
+                "answers": [decode(a) for a in full_answers],
+                "token_ids": full_answers,
+            },
+            "rows": rows,
+            "index_cost": cost,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1))
+        return rows
+
     for name in args.settings:
         use_adaptor, method, ratio, quant = SETTINGS[name]
         encoder = PassageEncoder(lm, template, adaptor if use_adaptor else None)
+        if use_adaptor:
+            assert adaptor is not None
         kls, agree, ems, answers = [], [], [], []
-        for example in examples:
+        for example, full in zip(examples, full_answers, strict=True):
             kl, answer = measure(encoder, example, segments(encoder, example.passages, method, ratio, quant), stop_ids)
             kls.append(kl)
-            agree.append(float(answer == example.answer))
+            agree.append(float(answer == full))
             ems.append(sub_em(decode(answer), golds[example.qid]))
             answers.append(decode(answer))
         rows[name] = {
@@ -183,25 +242,13 @@ def main() -> None:
             f"{name}: KL {rows[name]['kl_answer']:.4f} agreement {rows[name]['agreement']:.2f} sub-EM {rows[name]['sub_em']:.2f}",
             flush=True,
         )
+        write(rows, earlier.get("index_cost", {}))
 
     cost_passages = [ids for e in examples[:2] for ids in e.passages][:4]
-    cost = index_cost(lm, template, adaptor, cost_passages, args.cost_repeats) if args.cost_repeats else {}
-    adaptor_meta = {k: v for k, v in adaptor.meta.items() if k != "config"}
-    result = {
-        "meta": {
-            **results_meta({"questions": len(examples), "model": lm.ref, "repeats": args.cost_repeats}),
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "load": os.getloadavg(),
-            "sample": "held-out articles " + ", ".join(adaptor.meta.get("val_articles", [])),
-            "adaptor_hash": adaptor.hash,
-        },
-        "adaptor": adaptor_meta,
-        "full_prefill": {"sub_em": full_sub_em, "answers": [decode(e.answer) for e in examples]},
-        "rows": rows,
-        "index_cost": cost,
-    }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=1))
+    cost = earlier.get("index_cost", {})
+    if adaptor is not None and args.cost_repeats:
+        cost = index_cost(lm, template, adaptor, cost_passages, args.cost_repeats)
+    rows = write(rows, cost)
     print(json.dumps({k: {m: v for m, v in r.items() if m != "answers"} for k, r in rows.items()}, indent=1))
     print(json.dumps(cost, indent=1))
 

@@ -45,12 +45,29 @@ PRESETS: dict[str, Preset] = {
             "how it held up on other articles",
         ),
         Preset(
+            "smallest",
+            IndexConfig(quant="int4", rank=8, calibration_passages=32),
+            AnswerOptions(),
+            "int4 latents of keys and values at rank 8 per layer (PCA basis fitted on 32 calibration "
+            "passages, stored once): >= 24x fewer bytes than fp16, basis and scales counted; far below "
+            "uncompressed quality (see the README)",
+            "docs/results/lowrank_qwen.json (the best >= 24x row measured on 100 questions of held-out articles)",
+        ),
+        Preset(
             "faithful",
             IndexConfig(quant="int8"),
             AnswerOptions(recompute=RecomputeConfig(ratio=0.1)),
             "int8 caches, 10% of passage tokens recomputed at query time (CacheBlend): the best agreement with "
             "full prefill measured at >= 4x faster TTFT",
             "docs/results/recompute_qwen.json (r0.1: agreement 0.55, 90% of full sub-EM, 4.6x; 20 questions)",
+        ),
+        Preset(
+            "distilled",
+            IndexConfig(quant="int8", adaptor="default"),
+            AnswerOptions(),
+            "plain reuse of int8 caches corrected by the model's packaged KV-Distill adaptor (SmolLM2-135M only: "
+            "no other model has one yet)",
+            "docs/results/distill_smollm2-135m.json (held-out articles; docs/distill.md)",
         ),
     )
 }

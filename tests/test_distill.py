@@ -157,3 +157,16 @@ def test_scorer_fit_recovers_a_linear_target():
     fitted, bias, r2 = fit(samples, l2=1e-6)
     assert r2 > 0.999
     assert torch.allclose(fitted, weight, atol=1e-2) and torch.allclose(bias, torch.full((2, 3), -3.0), atol=1e-2)
+
+
+def test_packaged_adaptor_loads_by_name_and_records_its_provenance():
+    from ragcompress.distill.adaptor import packaged_adaptor, resolve_adaptor
+
+    adaptor = resolve_adaptor("default", "smollm2-135m")  # Adaptor.load checks the recorded hash
+    assert adaptor.has_scorer and packaged_adaptor(adaptor.hash) is not None
+    meta = adaptor.meta
+    assert meta["base_model"] == "smollm2-135m" and len(meta["base_fingerprint"]) == 64
+    assert len(meta["training_data_sha256"]) == 64 and meta["ratio"] == 1.0 and meta["metrics"]["steps"] > 0
+    assert not set(meta["train_articles"]) & set(meta["val_articles"])
+    with pytest.raises(Exception, match="no adaptor is packaged"):
+        resolve_adaptor("default", "qwen2.5-coder-0.5b")

@@ -13,13 +13,15 @@ from ragcompress.runtime.recompute import RecomputeConfig
 
 
 def test_every_preset_is_a_valid_setting_with_evidence():
-    assert set(PRESETS) == {"fast", "small", "faithful"}
+    assert set(PRESETS) == {"fast", "small", "smallest", "faithful", "distilled"}
     for item in PRESETS.values():
         assert isinstance(item.index, IndexConfig) and item.index.compressor() is not None
         assert item.evidence.startswith("docs/results/")
     assert preset("small").index.quant == "int4" and preset("small").index.method == "global:kvzip"
     assert preset("faithful").answer.recompute == RecomputeConfig(ratio=0.1)
-    with pytest.raises(ValueError, match="fast, small, faithful"):
+    assert preset("smallest").index.rank_spec() is not None  # a low-rank store
+    assert preset("distilled").index.adaptor == "default"  # the model's packaged KV-Distill adaptor
+    with pytest.raises(ValueError, match="fast, small, smallest, faithful, distilled"):
         preset("tiny")
 
 
