@@ -10,7 +10,8 @@ the TTFTs measured in this run.
 
 Settings are written ``reuse`` (plain reuse), ``r0.1`` (recompute 10 %), ``s4`` (first 4 tokens
 of every passage), ``t0.9`` (APE temperature), ``c2`` (check layer), ``question`` / ``mixed``
-(question-aware token selection), joined with ``+``: ``r0.1+mixed``. A setting prefixed
+(question-aware token selection), joined with ``+``: ``r0.1+mixed``; ``oracle`` is the bound of
+the store's quantization (exact, perfectly conditioned passage KV, quantized like the store's). A setting prefixed
 ``NAME:`` runs on the store given as ``--variant NAME=DIR`` (same model and passages, built
 another way, e.g. ``index --context-neighbors 2``); retrieval is the same, since every variant
 embeds the same texts with the same embedder.
@@ -133,6 +134,56 @@ class Variants:
         return [store.entry(e.id) for e in base_entries]
 
 
+def oracle_stream(engine: Engine, question: str, entries, options: AnswerOptions) -> TokenStream:
+    """The bound of any store with this quantization: every passage's *exact* KV (computed by a
+    full prefill of the prefix and the passages in retrieved order, i.e. perfectly conditioned),
+    round-tripped through the store's codec and quantization, then the question prefilled over
+    them as on the cached path. Not a method (it costs a full prefill): what agreement is left
+    when only quantization differs from full prefill."""
+    from transformers import DynamicCache
+
+    from ragcompress.kv import PassageKV
+    from ragcompress.kv.cache import cache_layers
+    from ragcompress.runtime.assemble import assemble
+    from ragcompress.runtime.generate import Prepared
+    from ragcompress.store import codec
+
+    suffix = engine.suffix_ids(question, entries, options)
+
+    def prepare() -> Prepared:
+        ids = engine.full_prompt_ids(question, entries, options)[: -len(suffix)]
+        with torch.inference_mode():
+            out = engine.lm.model(torch.tensor([ids]), cache=DynamicCache(config=engine.lm.config), use_cache=True)
+        layers = cache_layers(out.cache if hasattr(out, "cache") else out.past_key_values)
+        segments, start = [], engine.prefix.num_tokens
+        for entry in entries:
+            positions = torch.arange(start, start + entry.num_tokens)
+            keys = torch.stack(
+                [
+                    engine.rotary.unrotate(
+                        k[0, :, start : start + entry.num_tokens], positions.expand(k.shape[1], -1), i
+                    )
+                    for i, (k, _) in enumerate(layers)
+                ]
+            )
+            values = torch.stack([v[0, :, start : start + entry.num_tokens] for _, v in layers])
+            exact = PassageKV.full(keys.contiguous(), values.contiguous())
+            segments.append(codec.parse(codec.encode(exact, engine.store.quant), engine.store.shape).dense())
+            start += entry.num_tokens
+        built = assemble(
+            engine.lm.config,
+            engine.rotary,
+            engine.context.prefix_keys,
+            engine.prefix,
+            segments,
+            engine.context.dtype,
+            len(suffix) + options.max_new_tokens,
+        )
+        return Prepared(built.cache, suffix, built.next_position, built.attention_kwargs(), None, "dense")
+
+    return TokenStream(engine.lm.model, prepare, options.max_new_tokens, engine.stop_ids)
+
+
 def question_record(variants: Variants, item, top_k: int, settings: list[str]) -> dict:
     """Every setting's outcomes on one question (full prefill first: its answer is the reference)."""
     engine = variants.base
@@ -154,11 +205,14 @@ def question_record(variants: Variants, item, top_k: int, settings: list[str]) -
         },
     }
     for name in settings:
-        variant, config = parse_setting(name)
-        target = variants.get(variant)
-        stream = target.stream_cached(
-            item.question, variants.entries(variant, entries), target.options.replace(recompute=config)
-        )
+        if name == "oracle":
+            stream = oracle_stream(engine, item.question, entries, engine.options)
+        else:
+            variant, config = parse_setting(name)
+            target = variants.get(variant)
+            stream = target.stream_cached(
+                item.question, variants.entries(variant, entries), target.options.replace(recompute=config)
+            )
         gen, logp = run_forced(engine.lm.model, stream, full_gen.token_ids)
         text = engine.decode(gen.token_ids)
         record[name] = {
