@@ -10,7 +10,8 @@ the TTFTs measured in this run.
 
 Settings are written ``reuse`` (plain reuse), ``r0.1`` (recompute 10 %), ``s4`` (first 4 tokens
 of every passage), ``t0.9`` (APE temperature), ``c2`` (check layer), ``question`` / ``mixed``
-(question-aware token selection), joined with ``+``: ``r0.1+mixed``; ``oracle`` is the bound of
+(question-aware token selection), ``cal`` (the store's calibrated temperature, ``ragcompress
+calibrate``; every other setting runs uncalibrated), joined with ``+``: ``r0.1+mixed``; ``oracle`` is the bound of
 the store's quantization (exact, perfectly conditioned passage KV, quantized like the store's). A setting prefixed
 ``NAME:`` runs on the store given as ``--variant NAME=DIR`` (same model and passages, built
 another way, e.g. ``index --context-neighbors 2``); retrieval is the same, since every variant
@@ -51,19 +52,23 @@ KEYS = {"r": ("ratio", float), "s": ("sink_tokens", int), "t": ("temperature", f
 OUTCOMES = ("sub_em", "f1", "agree", "kl", "ttft")
 
 
-def parse_setting(text: str) -> tuple[str | None, RecomputeConfig]:
-    """``[variant:]part+part...`` -> (variant or None, config)."""
+def parse_setting(text: str) -> tuple[str | None, RecomputeConfig, bool]:
+    """``[variant:]part+part...`` -> (variant or None, config, apply the store's calibration)."""
     variant, _, spec = text.rpartition(":")
     if spec == "reuse":
-        return variant or None, RecomputeConfig()
+        return variant or None, RecomputeConfig(), False
     fields: dict = {}
+    calibrate = False
     for part in spec.split("+"):
+        if part == "cal":
+            calibrate = True
+            continue
         if part in SELECTIONS:
             fields["selection"] = part
             continue
         name, cast = KEYS[part[0]]
         fields[name] = cast(part[1:])
-    return variant or None, RecomputeConfig(**fields)
+    return variant or None, RecomputeConfig(**fields), calibrate
 
 
 def run_forced(model, stream: TokenStream, answer: list[int] | None = None) -> tuple[Generation, torch.Tensor]:
@@ -208,10 +213,12 @@ def question_record(variants: Variants, item, top_k: int, settings: list[str]) -
         if name == "oracle":
             stream = oracle_stream(engine, item.question, entries, engine.options)
         else:
-            variant, config = parse_setting(name)
+            variant, config, calibrate = parse_setting(name)
             target = variants.get(variant)
             stream = target.stream_cached(
-                item.question, variants.entries(variant, entries), target.options.replace(recompute=config)
+                item.question,
+                variants.entries(variant, entries),
+                target.options.replace(recompute=config, calibrate=calibrate),
             )
         gen, logp = run_forced(engine.lm.model, stream, full_gen.token_ids)
         text = engine.decode(gen.token_ids)
@@ -348,7 +355,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     # dense: selective recompute edits the assembled cache, and every setting (reuse too) is
     # measured on the same path
-    engine = Engine.open(args.store, options=AnswerOptions(max_new_tokens=args.max_new_tokens, backend="dense"))
+    engine = Engine.open(
+        args.store, options=AnswerOptions(max_new_tokens=args.max_new_tokens, backend="dense", calibrate=False)
+    )
     variants = Variants(engine, dict(v.split("=", 1) for v in args.variant))
     questions = pick_questions(Path(args.questions), args.sample)
     shard, shards = (int(x) for x in args.shard.split("/"))
