@@ -196,7 +196,13 @@ def main() -> None:
         rows = {name: rows[name] for name in SETTINGS if name in rows}  # table order
         result = {
             "meta": {
-                **results_meta({"questions": len(examples), "model": lm.ref, "repeats": args.cost_repeats}),
+                **results_meta(
+                    {
+                        "questions": len(examples),
+                        "model": lm.ref,
+                        "repeats": args.cost_repeats or earlier.get("meta", {}).get("repeats"),
+                    }
+                ),
                 "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 "load": os.getloadavg(),
                 "sample": "held-out articles " + ", ".join(adaptor_meta.get("val_articles", [])),
