@@ -139,8 +139,50 @@ def core272_full_answers(model: str, top_k: int) -> dict[str, dict[str, Any]]:
     for path in sorted(CORE272.glob(f"{model}-*-top{top_k}-shard*.jsonl")):
         for line in path.read_text().splitlines():
             row = json.loads(line)
-            found[row["id"]] = {"answer": row["full"]["answer"], "retrieved": row["retrieved"]}
+            found[row["id"]] = {
+                "answer": row["full"]["answer"],
+                "retrieved": row["retrieved"],
+                "cached": row["cached"]["answer"],
+                "cached_ttft_s": row["cached"]["ttft_s"],
+            }
     return found
+
+
+CORE272_ROW = "core272:none@1/int8/-"
+
+
+def core272_cached_row(frontier: Frontier, full_answers: list[str]) -> dict[str, Any]:
+    """The int8 store's cached answers to the same questions from ``runs/core272-ck`` (same model,
+    top-k, retrieval, prompt and decoding; recorded by ``core_eval.py``): the uncompressed-reuse
+    reference when no fp16 store row was run. Bytes per token: ``docs/results/core272_*.json``'s."""
+    found = core272_full_answers(frontier.lm.ref, frontier.args.top_k)
+    answers = []
+    for q, pids in zip(frontier.questions, frontier.retrieved, strict=True):
+        if q.id not in found or found[q.id]["retrieved"] != pids:
+            raise SystemExit(f"{CORE272} has no cached answer over the same passages for question {q.id}")
+        answers.append(found[q.id]["cached"])
+    tag = "qwen" if "qwen" in frontier.lm.ref else "smollm2"
+    sizes = json.loads((Path("docs/results") / f"core272_{tag}.json").read_text())[0]
+    outcomes = [sub_em(a, q.answers) for a, q in zip(answers, frontier.questions, strict=True)]
+    return {
+        "method": "none",
+        "ratio": 1.0,
+        "quant": "int8",
+        "rank": None,
+        "ranks_k": None,
+        "ranks_v": None,
+        "sub_em": sum(outcomes) / len(outcomes),
+        "f1": sum(f1(a, q.answers) for a, q in zip(answers, frontier.questions, strict=True)) / len(answers),
+        "agreement": sum(a == b for a, b in zip(answers, full_answers, strict=True)) / len(answers),
+        "kl_full_answer": None,
+        "kl_full_first": None,
+        "kl_questions": 0,
+        "ttft_s_median": statistics.median(found[q.id]["cached_ttft_s"] for q in frontier.questions),
+        "bytes_per_token": sizes["kv_bytes_per_token"]["stored"],
+        "compression": sizes["compression"],
+        "per_question_sub_em": outcomes,
+        "source": f"{CORE272} (cached answers of the int8 store; bytes from docs/results/core272_{tag}.json)",
+    }
 
 
 class Frontier:
@@ -346,6 +388,38 @@ def measure(frontier: Frontier, row: RowSpec, reference: dict[str, Any] | None) 
 REFERENCE_ROW = "none@1/fp16/-"
 
 
+def side_by_side_ttft(frontier: Frontier, names: list[str], questions: int) -> dict[str, Any]:
+    """Median TTFT of each row's store over the first ``questions`` questions, one process, the
+    order of the stores alternating per question (``bench.alternating_ttft``), one new token."""
+    from ragcompress.bench import alternating_ttft
+
+    first_token = OPTIONS.replace(max_new_tokens=1)
+    engines = {}
+    for name in names:
+        store = KVStore.open(frontier.build(RowSpec.parse(name)))
+        engines[name] = Engine(store, frontier.lm, frontier.embedder, first_token)
+        engines[name].warm_up()
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for q, pids in list(zip(frontier.questions, frontier.retrieved, strict=True))[:questions]:
+        runs = {
+            name: (
+                lambda e=engine, text=q.question, ids=pids: e.answer_cached(
+                    text, [e.store.entry(p) for p in ids], first_token
+                )
+            )
+            for name, engine in engines.items()
+        }
+        medians, _ = alternating_ttft(runs, 2)
+        for name, value in medians.items():
+            samples[name].append(value)
+    return {
+        "rows": names,
+        "questions": questions,
+        "ttft_s_median": {name: statistics.median(v) for name, v in samples.items()},
+        "load": os.getloadavg(),
+    }
+
+
 def publish(sources: list[Path], out: Path) -> dict[str, Any]:
     """Merge results files of one model and split (same questions) into ``out`` for the docs:
     per row, 95 % bootstrap intervals of sub-EM, and paired comparisons (bootstrap interval of
@@ -359,8 +433,12 @@ def publish(sources: list[Path], out: Path) -> dict[str, Any]:
         if merged and data["key"] != merged["key"]:
             raise SystemExit(f"{source} answered other questions than {sources[0]}")
         rows = {**merged.get("rows", {}), **data["rows"]}
+        ttft = data.get("ttft") or merged.get("ttft")
         merged = {**merged, **data, "rows": rows}
-    reference = merged["rows"][REFERENCE_ROW]["per_question_sub_em"]
+        if ttft:
+            merged["ttft"] = ttft
+    reference_row = REFERENCE_ROW if REFERENCE_ROW in merged["rows"] else CORE272_ROW
+    reference = merged["rows"][reference_row]["per_question_sub_em"]
     full = merged["full"]["per_question_sub_em"]
     for row in merged["rows"].values():
         outcomes = row["per_question_sub_em"]
@@ -371,7 +449,7 @@ def publish(sources: list[Path], out: Path) -> dict[str, Any]:
     merged["full"]["sub_em_ci95"] = list(bootstrap_ci(full))
     merged["full"].pop("answers", None)
     merged.pop("retrieved", None)
-    merged["reference_row"] = REFERENCE_ROW
+    merged["reference_row"] = reference_row
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(merged, indent=1))
     return merged
@@ -388,19 +466,23 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     fig, (kl_ax, em_ax) = plt.subplots(1, 2, figsize=(11, 4.6))
     for colour, data in enumerate(results):
         rows = data["rows"]
-        reference = rows[REFERENCE_ROW]["sub_em"] or float("nan")
+        reference = rows[data["reference_row"]]["sub_em"] or float("nan")
         for name, row in rows.items():
             marker = "o" if row["rank"] is None else "s"
             style = dict(color=f"C{colour}", marker=marker, linestyle="none", alpha=0.85)
-            kl_ax.plot(row["bytes_per_token"], row["kl_full_answer"], **style)
+            if row["kl_full_answer"] is not None:
+                kl_ax.plot(row["bytes_per_token"], row["kl_full_answer"], **style)
             em_ax.plot(row["bytes_per_token"], 100 * row["sub_em"] / reference, **style)
             for ax, y in ((kl_ax, row["kl_full_answer"]), (em_ax, 100 * row["sub_em"] / reference)):
-                ax.annotate(name.replace("global:", "g:"), (row["bytes_per_token"], y), fontsize=6)
+                if y is not None:
+                    ax.annotate(name.replace("global:", "g:"), (row["bytes_per_token"], y), fontsize=6)
         em_ax.plot([], [], color=f"C{colour}", marker="o", linestyle="none", label=f"{data['model']} (o rows, s rank)")
-        fp16 = rows[REFERENCE_ROW]["bytes_per_token"]
+        any_row = next(iter(rows.values()))  # compression = fp16 bytes / stored bytes, per row
+        fp16 = float(any_row["bytes_per_token"] * any_row["compression"])
         for ax in (kl_ax, em_ax):
             ax.axvline(fp16 / 24, color=f"C{colour}", linestyle=":", linewidth=1)
     em_ax.axhline(95, color="grey", linestyle="--", linewidth=1)
+    em_ax.set_ylim(bottom=0)
     for ax, label in (
         (kl_ax, "KL(full prefill || row), answer tokens, nats"),
         (em_ax, "sub-EM, % of uncompressed fp16"),
@@ -427,6 +509,13 @@ def main() -> None:
         help="merge <workdir> results files matching the glob into OUT (docs/results/...), then plot every OUT",
     )
     parser.add_argument("--plot", type=Path, default=Path("docs/img/lowrank-frontier.png"))
+    parser.add_argument("--ttft", nargs="+", default=None, help="rows whose TTFT is measured side by side")
+    parser.add_argument("--ttft-questions", type=int, default=20)
+    parser.add_argument(
+        "--core272-reference",
+        action="store_true",
+        help="add the int8 store's cached answers from runs/core272-ck as a row (the reference without an fp16 row)",
+    )
     parser.add_argument("--split", choices=("dev", "eval"), default="eval")
     parser.add_argument("--questions", type=int, default=0, help="at most this many (0: all of the split)")
     parser.add_argument("--top-k", type=int, default=3)
@@ -453,6 +542,10 @@ def main() -> None:
     reference: dict[str, Any] | None = None
     if (frontier.workdir / "full.pt").is_file():
         reference = torch.load(frontier.workdir / "full.pt")
+    if args.ttft:
+        results["ttft"] = side_by_side_ttft(frontier, args.ttft, args.ttft_questions)
+        out.write_text(json.dumps(results, indent=1))
+        print(json.dumps(results["ttft"]), flush=True)
     for row in rows:
         if row.name in results["rows"]:
             continue
@@ -460,6 +553,10 @@ def main() -> None:
         if reference is None:
             reference = torch.load(frontier.workdir / "full.pt")
         results["rows"][row.name] = result
+        if args.core272_reference and CORE272_ROW not in results["rows"]:
+            results["rows"][CORE272_ROW] = core272_cached_row(
+                frontier, torch.load(frontier.workdir / "full.pt")["answers"]
+            )
         answers = reference["answers"]
         n = len(answers)
         results["full"] = {
@@ -474,6 +571,7 @@ def main() -> None:
             n=len(frontier.questions),
             retrieved=frontier.retrieved,
             calibration={"articles": args.calibration_articles, "passages": args.calibration_passages},
+            fp16_bytes_per_token=ModelShape.from_config(frontier.lm.config).fp16_bytes_per_token,
             meta={
                 **results_meta({**vars(args), "questions": len(frontier.questions)}),
                 "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -15,6 +15,10 @@ Each generated table sits in README.md between ``<!-- report:NAME -->`` and
 * ``compression``: the headline compression settings on Qwen (``compression_qwen.json``, 16
   questions, and ``compression_qwen32.json``, 32), each sub-EM against full prefill and against
   uncompressed reuse;
+* ``lowrank-frontier`` / ``kvzip-cost`` (docs/compression.md §8, rendered with ``--readme
+  docs/compression.md``; that file's older tables are hand-written, so it is not in :data:`DOCS`):
+  eviction x rank x bits (``lowrank_*.json``, ``benchmarks/lowrank_frontier.py --publish``) and
+  KVzip's scoring cost against a plain forward (``kvzip_cost_*.json``);
 * ``store-scale``: stores at 1k..100k passages and Ray indexing against one process
   (``store_scale.json``, ``ray_throughput.json``, ``benchmarks/store_scale.py``);
   ``scale-estimate``: 10M passages on N nodes, simulated (``scale_estimate.json``).
@@ -45,7 +49,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 # Other documents whose blocks are rendered (and checked) along with README.md's.
-DOCS = (ROOT / "docs" / "serve.md", ROOT / "docs" / "compression.md", ROOT / "docs" / "distill.md")
+DOCS = (ROOT / "docs" / "serve.md", ROOT / "docs" / "distill.md")
 DOCS += (ROOT / "docs" / "recompute.md",)
 RESULTS = ROOT / "docs" / "results"
 
@@ -756,7 +760,15 @@ def render_lowrank_frontier(results: Path) -> str:
                 else " (uncompressed fp16 store)."
             )
         )
-        parts += [caption, table(header, lines), source_line([path])]
+        parts += [caption, table(header, lines)]
+        ttft = data.get("ttft")
+        if ttft:
+            medians = ", ".join(f"`{name}` {1000 * ttft['ttft_s_median'][name]:.0f} ms" for name in ttft["rows"])
+            parts.append(
+                f"TTFT side by side (one process, the stores' order alternating per question, one new token, "
+                f"dense backend, first {ttft['questions']} questions, load average {ttft['load'][0]:.0f}): {medians}."
+            )
+        parts.append(source_line([path]))
     return "\n\n".join(parts)
 
 
