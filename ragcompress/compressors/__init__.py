@@ -5,6 +5,7 @@ from ragcompress.compressors.base import CompressionContext, Compressor
 from ragcompress.compressors.expected_attention import ExpectedAttentionCompressor
 from ragcompress.compressors.knorm import KnormCompressor
 from ragcompress.compressors.kvzip import KVzipCompressor
+from ragcompress.compressors.learned import LearnedCompressor
 from ragcompress.compressors.none import NoCompression
 from ragcompress.compressors.registry import (
     METHODS,
@@ -26,6 +27,7 @@ __all__ = [
     "GlobalBudget",
     "KVzipCompressor",
     "KnormCompressor",
+    "LearnedCompressor",
     "NoCompression",
     "ScorerCompressor",
     "SnapKVCompressor",
