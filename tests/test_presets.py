@@ -18,7 +18,7 @@ def test_every_preset_is_a_valid_setting_with_evidence():
         assert isinstance(item.index, IndexConfig) and item.index.compressor() is not None
         assert item.evidence.startswith("docs/results/")
     assert preset("small").index.quant == "int4" and preset("small").index.method == "global:kvzip"
-    assert preset("faithful").answer.recompute == RecomputeConfig(ratio=0.1)
+    assert preset("faithful").answer.recompute == RecomputeConfig(ratio=0.1, selection="mixed")
     assert preset("smallest").index.rank_spec() is not None  # a low-rank store
     assert preset("distilled").index.adaptor == "default"  # the model's packaged KV-Distill adaptor
     with pytest.raises(ValueError, match="fast, small, smallest, faithful, distilled"):
