@@ -297,6 +297,33 @@ def markdown(model: str, n: int, top_k: int, table: dict) -> str:
     return "\n".join(lines)
 
 
+def paired_with(args: argparse.Namespace, questions) -> dict:
+    """Every ``VARIANT:spec`` setting of this run against ``spec`` in the ``--pair-with``
+    checkpoint (another run over the same questions), per question: the paired differences in
+    agreement and sub-EM (bootstrap interval, exact McNemar) and in KL."""
+    out: dict = {}
+    for top_k in args.top_k:
+        ours = checkpointed(args.checkpoint, top_k, args.settings)
+        theirs = checkpointed(args.pair_with, top_k, [])
+        for name in args.settings:
+            variant, _, spec = name.rpartition(":")
+            if not variant:
+                continue
+            common = [q.id for q in questions if q.id in ours and q.id in theirs and spec in theirs[q.id]]
+            if not common:
+                continue
+            a = [ours[i][name] for i in common]
+            b = [theirs[i][spec] for i in common]
+            out[f"top{top_k} {name} vs {spec}"] = {
+                "n": len(common),
+                "agreement": paired_comparison([r["agree"] for r in a], [r["agree"] for r in b]),
+                "sub_em": paired_comparison([r["sub_em"] for r in a], [r["sub_em"] for r in b]),
+                "kl_mean_difference": statistics.fmean(r["kl"] for r in a) - statistics.fmean(r["kl"] for r in b),
+                "full_answers_identical": all(ours[i]["full"]["answer"] == theirs[i]["full"]["answer"] for i in common),
+            }
+    return out
+
+
 def report_only(args: argparse.Namespace) -> None:
     """The result JSON of the sampled questions whose records ``--checkpoint`` holds (a run cut
     short reports on the questions it finished; ``n`` says how many)."""
@@ -316,6 +343,14 @@ def report_only(args: argparse.Namespace) -> None:
         if records:
             result["tables"][f"top{top_k}"] = summarize(records, args.settings)
             print(markdown(result["model"], len(records), top_k, result["tables"][f"top{top_k}"]), flush=True)
+    if args.pair_with:
+        result["paired"] = paired_with(args, questions)
+        for name, row in result["paired"].items():
+            print(
+                f"{name}: n={row['n']}, agreement {row['agreement']['mean_difference']:+.3f} "
+                f"(p={row['agreement']['p_value']:.3f}), sub-EM {row['sub_em']['mean_difference']:+.3f} "
+                f"(p={row['sub_em']['p_value']:.3f}), KL {row['kl_mean_difference']:+.4f}"
+            )
     result["n"] = max((t["full"]["n"] for t in result["tables"].values()), default=0)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -337,6 +372,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads (1 avoids oversubscription on a busy host)")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--shard", default="0/1", help="I/N: run every N-th question from the I-th (one checkpoint)")
+    parser.add_argument(
+        "--pair-with", type=Path, help="with --report-only: pair VARIANT:spec settings with spec in this checkpoint"
+    )
     parser.add_argument(
         "--report-only", action="store_true", help="summarize the sampled questions --checkpoint holds; run nothing"
     )
