@@ -1,6 +1,6 @@
 """Learned passage caches (#15) on held-out articles: the adaptor vs plain reuse vs full prefill.
 
-Uses the held-out examples ``ragcompress train`` built (``OUT/teacher.pt``: questions of articles
+Uses the held-out examples ``ragcompress train`` built (``OUT/teacher.safetensors``: questions of articles
 never trained on, each with its top-k passages retrieved over the held-out passages, the base
 model's full-prefill greedy answer and its full next-token distributions along that answer).
 For every setting each passage is encoded alone (``PassageEncoder``, with or without the
@@ -34,6 +34,7 @@ import torch
 
 from ragcompress.compressors import CompressionContext, make_compressor
 from ragcompress.distill.adaptor import Adaptor
+from ragcompress.distill.checkpoint import load_tree
 from ragcompress.distill.train import Example
 from ragcompress.evaluation import read_questions, sub_em
 from ragcompress.indexing.encoder import PassageEncoder
@@ -149,7 +150,7 @@ def index_cost(lm: Any, template: PromptTemplate, adaptor: Adaptor, passages: li
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True, help="the training folder (teacher.pt, adaptor/)")
+    parser.add_argument("--out", type=Path, required=True, help="the training folder (teacher.safetensors, adaptor/)")
     parser.add_argument("--model", default=None)
     parser.add_argument("--questions", type=Path, default=SQUAD / "questions.jsonl")
     parser.add_argument("--settings", nargs="*", default=list(SETTINGS))
@@ -170,7 +171,7 @@ def main() -> None:
     needs_adaptor = args.cost_repeats > 0 or any(SETTINGS[name][0] for name in args.settings)
     adaptor = Adaptor.load(args.out / "adaptor") if needs_adaptor else None
     template = PromptTemplate.from_tokenizer(lm.tokenizer)
-    examples = [Example(**e) for e in torch.load(args.out / "teacher.pt", weights_only=False)["val"]]
+    examples = [Example(**e) for e in load_tree(args.out / "teacher.safetensors")["val"]]
     golds = {q.id: q.answers for q in read_questions(args.questions)}
     stop_ids = stop_token_ids(lm.tokenizer, lm.model)
     decode = lambda ids: lm.tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731

@@ -250,7 +250,7 @@ def train(
     model: str | None = typer.Option(None, "--model", help="embedded model name or local HF directory"),
     passages: Path = typer.Option(..., "--passages", help="JSONL of {id, title, text} (articles split by title)"),
     questions: Path = typer.Option(..., "--questions", help="JSONL of {id, question, answers, passage_id}"),
-    out: Path = typer.Option(..., "--out", help="output folder (resumes from its checkpoint.pt)"),
+    out: Path = typer.Option(..., "--out", help="output folder (resumes from its checkpoint.safetensors)"),
     val_articles: str | None = typer.Option(
         None, "--val-articles", help="comma-separated held-out titles (default: every third title, sorted)"
     ),

@@ -12,7 +12,7 @@ teacher's and the student's next-token distributions:
   exactly." the first ``CONTINUATION`` tokens of the last passage (reconstruction, so the caches
   keep what any question could need, not only what the training questions asked).
 
-Teacher distributions are computed once and cached (``teacher.pt``), as their top ``top_k``
+Teacher distributions are computed once and cached (``teacher.safetensors``), as their top ``top_k``
 tokens plus the remaining mass: the KL is then exact between the teacher's and the student's
 distributions coarsened to those ``top_k + 1`` outcomes (a lower bound of the full KL, and
 equal to it when the teacher's mass sits in its top tokens; ``benchmarks/distill_eval.py``
@@ -21,7 +21,7 @@ passages retrieved over the *training* passages, in retrieval order, so the adap
 be read beside other passages. Validation questions and passages come from held-out articles
 (``split_articles``), never trained on.
 
-Training is resumable (``checkpoint.pt`` every ``checkpoint_every`` steps), shows a progress
+Training is resumable (``checkpoint.safetensors`` every ``checkpoint_every`` steps), shows a progress
 bar, and ends by fitting the learned retention scorer (``scorer.py``) on the adaptor's caches of
 the training passages, saving the adaptor (``adaptor/``), the history and a loss-curve plot.
 """
@@ -31,7 +31,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -45,6 +44,7 @@ from ragcompress.compressors.base import CompressionContext
 from ragcompress.compressors.kvzip import REPEAT_PROMPT, KVzipCompressor
 from ragcompress.distill import scorer as learned_scorer
 from ragcompress.distill.adaptor import FACTORS, SCORER_BIAS, SCORER_WEIGHT, Adaptor
+from ragcompress.distill.checkpoint import load_tree, save_tree
 from ragcompress.evaluation import Question, read_questions
 from ragcompress.indexing.encoder import PassageEncoder
 from ragcompress.indexing.inputs import PassageInput, iter_passages
@@ -309,7 +309,7 @@ def _build_examples(
     if limit:  # evenly spaced over the (article-grouped) file
         step = len(corpus.questions) / limit
         questions = [corpus.questions[int(i * step)] for i in range(min(limit, len(corpus.questions)))]
-    done = {e["qid"]: Example(**e) for e in torch.load(partial, weights_only=False)} if partial.is_file() else {}
+    done = {e["qid"]: Example(**e) for e in load_tree(partial)} if partial.is_file() else {}
     vectors = Embedder().embed([q.question for q in questions])
     retrieved = corpus.retrieve(vectors, k)
     examples = []
@@ -323,9 +323,7 @@ def _build_examples(
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    save_tree(obj, path)
 
 
 def validation_loss(distiller: Distiller, examples: list[Example]) -> dict[str, float]:
@@ -395,8 +393,8 @@ def train(
     config.val_articles = split_articles(all_titles, config.val_articles)
     train_corpus, val_corpus = load_corpora(passages_path, questions_path, config.val_articles)
 
-    checkpoint_path, teacher_path = out / "checkpoint.pt", out / "teacher.pt"
-    checkpoint = torch.load(checkpoint_path, weights_only=False) if checkpoint_path.is_file() else None
+    checkpoint_path, teacher_path = out / "checkpoint.safetensors", out / "teacher.safetensors"
+    checkpoint = load_tree(checkpoint_path) if checkpoint_path.is_file() else None
     if checkpoint is not None:
         adaptor = Adaptor(checkpoint["settings"], dict(checkpoint["initial"]), {})
     else:
@@ -405,7 +403,7 @@ def train(
     distiller = Distiller(lm, adaptor, config.teacher_top, config.continuation)
 
     if teacher_path.is_file():
-        cached = torch.load(teacher_path, weights_only=False)
+        cached = load_tree(teacher_path)
         train_examples = [Example(**e) for e in cached["train"]]
         val_examples = [Example(**e) for e in cached["val"]]
     else:

@@ -1,0 +1,43 @@
+"""Training checkpoints round-trip without pickle (ragcompress.distill.checkpoint)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ragcompress.distill.checkpoint import load_tree, save_tree
+
+
+def test_nested_tree_with_optimizer_state_round_trips(tmp_path):
+    param = torch.nn.Parameter(torch.randn(3, 2))
+    optimizer = torch.optim.AdamW([param], lr=0.1)
+    param.sum().backward()
+    optimizer.step()
+    tree = {
+        "step": 5,
+        "elapsed": 1.5,
+        "name": "x",
+        "none": None,
+        "optimizer": optimizer.state_dict(),
+        "examples": [{"ids": [1, 2], "lp": torch.arange(4.0)}],
+        "params": {"a": param.detach()},
+    }
+    path = tmp_path / "checkpoint.safetensors"
+    save_tree(tree, path)
+    back = load_tree(path)
+    assert back["step"] == 5 and back["name"] == "x" and back["none"] is None
+    assert torch.equal(back["params"]["a"], param.detach())
+    assert torch.equal(back["examples"][0]["lp"], torch.arange(4.0)) and back["examples"][0]["ids"] == [1, 2]
+    assert list(back["optimizer"]["state"]) == [0]  # int keys stay ints
+    fresh = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3, 2))], lr=0.1)
+    fresh.load_state_dict(back["optimizer"])
+
+
+def test_refuses_what_it_cannot_store_and_files_it_did_not_write(tmp_path):
+    with pytest.raises(TypeError):
+        save_tree({"x": object()}, tmp_path / "bad.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"t": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a ragcompress training checkpoint"):
+        load_tree(tmp_path / "other.safetensors")
