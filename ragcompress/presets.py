@@ -58,9 +58,10 @@ PRESETS: dict[str, Preset] = {
             IndexConfig(quant="int8"),
             AnswerOptions(recompute=RecomputeConfig(ratio=0.1, selection="mixed")),
             "int8 caches, 10% of passage tokens recomputed at query time, chosen by value deviation and the "
-            "question's attention together: the closest to full prefill measured at >= 5x faster TTFT",
+            "question's attention together: the closest to full prefill measured at 4-5x faster TTFT",
             "docs/results/faithful_qwen_top3_base.json (r0.1+mixed: agreement 0.52, 83% of full sub-EM, KL 0.082, "
-            "5.2x; Qwen2.5-Coder-0.5B, top-3, 100 questions); docs/recompute.md",
+            "5.2x under load; 4.0x in the quieter faithful_qwen_top3_n2.json run; Qwen2.5-Coder-0.5B, top-3, "
+            "100 questions); docs/recompute.md",
         ),
         Preset(
             "distilled",
