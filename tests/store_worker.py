@@ -161,7 +161,7 @@ def install_trace(path: str, kill: str) -> Trace:
     run.StoreWriter.write_index = trace.phase("index-build", run.StoreWriter.write_index)
     run.StoreWriter.close = trace.phase("writer-close", run.StoreWriter.close)
     indexer.Indexer.records = trace.phase(
-        "encoding", indexer.Indexer.records, lambda self, passages, skip=(): f"{len(passages)} passages"
+        "encoding", indexer.Indexer.records, lambda self, passages, skip=(), pool=None: f"{len(passages)} passages"
     )
     catalogue.Catalogue.add = trace.phase(
         "catalogue-commit", catalogue.Catalogue.add, lambda self, rows: f"{len(rows)} rows"
