@@ -61,11 +61,16 @@ def blend_only(engine: Engine, built, segments, entries, recompute):
     )
 
 
+def assembled(engine: Engine, segments):
+    """The dense path's assembled cache of ``segments`` after the engine's prefix."""
+    return assemble(engine.lm.config, engine.rotary, engine.prefix_keys, engine.prefix, segments, engine.dtype)
+
+
 def cached_logits(engine: Engine, entries, recompute, segments=None) -> tuple[torch.Tensor, object]:
     """First-token logits of the cached path after ``repair`` (optionally on given segments)."""
     suffix = engine.tokens.suffix(QUESTION)
     segments = segments or [engine.store.load_kv(e) for e in entries]
-    built = assemble(engine.lm.config, engine.rotary, engine.prefix_keys, engine.prefix, segments, engine.dtype)
+    built = assembled(engine, segments)
     report = blend_only(engine, built, segments, entries, recompute)
     extra = built.attention_kwargs()
     with torch.inference_mode():
@@ -145,7 +150,7 @@ def test_question_riding_in_the_recompute_pass_changes_nothing(stores, config, l
     loaded = [engine.store.load_kv(e) for e in entries]
     segments = loaded if layout == "uniform" else [padded(kv) for kv in loaded]
     separate, report = cached_logits(engine, entries, config, segments)
-    built = assemble(engine.lm.config, engine.rotary, engine.prefix_keys, engine.prefix, segments, engine.dtype)
+    built = assembled(engine, segments)
     suffix = engine.tokens.suffix(QUESTION)
     ids = [engine.tokens.passage(e.text) for e in entries]
     fused = blend(
@@ -234,7 +239,7 @@ def test_question_aware_selection_needs_the_question(stores):
     engine = stores("qwen2")
     entries = engine.retrieve(QUESTION, 3)
     segments = [engine.store.load_kv(e) for e in entries]
-    built = assemble(engine.lm.config, engine.rotary, engine.prefix_keys, engine.prefix, segments, engine.dtype)
+    built = assembled(engine, segments)
     ids = [engine.tokens.passage(e.text) for e in entries]
     with pytest.raises(ValueError, match="question"):
         blend(
@@ -283,7 +288,7 @@ def test_recompute_on_evicted_caches_only_writes_kept_rows(stores):
     entries = engine.retrieve(QUESTION, 3)
     segments = [evicted(engine.store.load_kv(e), i) for i, e in enumerate(entries)]
     plain, _ = cached_logits(engine, entries, 0.0, segments)
-    built = assemble(engine.lm.config, engine.rotary, engine.prefix_keys, engine.prefix, segments, engine.dtype)
+    built = assembled(engine, segments)
     before = [layer.keys.clone() for layer in built.cache.layers]
     report = blend_only(engine, built, segments, entries, RecomputeConfig(ratio=1.0))
     assert report.selected.numel() == sum(e.num_tokens for e in entries)
@@ -314,7 +319,7 @@ def test_temperature_scales_only_passage_keys(stores):
     engine = stores("llama")
     entries = engine.retrieve(QUESTION, 2)
     segments = [engine.store.load_kv(e) for e in entries]
-    built = assemble(engine.lm.config, engine.rotary, engine.prefix_keys, engine.prefix, segments, engine.dtype)
+    built = assembled(engine, segments)
     before = [layer.keys.clone() for layer in built.cache.layers]
     repair(engine.lm.model, engine.rotary, built, engine.prefix, segments, [], RecomputeConfig(temperature=0.5))
     p = engine.prefix.num_tokens
@@ -345,7 +350,7 @@ def test_blend_rejects_token_ids_of_the_wrong_length(stores):
     engine = stores("llama")
     entries = engine.retrieve(QUESTION, 2)
     segments = [engine.store.load_kv(e) for e in entries]
-    built = assemble(engine.lm.config, engine.rotary, engine.prefix_keys, engine.prefix, segments, engine.dtype)
+    built = assembled(engine, segments)
     ids = [engine.tokens.passage(e.text) for e in entries]
     ids[1] = ids[1][:-1]
     with pytest.raises(ValueError, match="tokens"):

@@ -45,10 +45,9 @@ def _check_values(data: dict[str, Any], where: Path) -> None:
         QuantConfig(comp.get("quant", "none"), comp.get("group_size", 32))
     except (TypeError, ValueError) as exc:
         raise bad("compression", f"is invalid ({exc})") from None
-    temperature = (
-        data.get("attention", {}).get("temperature", 1.0) if isinstance(data.get("attention", {}), dict) else 0
-    )
-    if type(temperature) not in (int, float) or not 0.1 <= temperature <= 10.0:
+    attention = data.get("attention", {})
+    temperature = attention.get("temperature", 1.0) if isinstance(attention, dict) else None
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0.1 <= temperature <= 10.0:
         raise bad("attention", "needs 'temperature' as a number in [0.1, 10]")
     encoding = data.get("encoding", {})
     neighbours = encoding.get("context_neighbors", 0) if isinstance(encoding, dict) else None
