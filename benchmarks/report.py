@@ -447,9 +447,7 @@ def render_store_scale(results: Path) -> str:
     rows = []
     for r in scale["rows"]:
         index = r["index"]
-        kind = (
-            index["type"] if index["type"] == "flat" else f"{index['type']} (M {index['M']}, ef {index['ef_search']})"
-        )
+        kind = index["type"] if index["type"] == "flat" else f"ivf ({index['nlist']:,} cells, nprobe {index['nprobe']})"
         recall = r.get("query_recall_at_10")
         built = index.get("recall_at_10")
         rows.append(
@@ -461,7 +459,9 @@ def render_store_scale(results: Path) -> str:
                 f"{r['load_ms']:.3f}",
                 f"{r['total_ms']:.3f} (p90 {r['total_p90_ms']:.3f})",
                 f"{r['total_vs_smallest']:.2f}x",
-                f"{r['reload_ms']:.3f}" if "reload_ms" in r else "–",
+                f"{r['interleaved_ms']:.3f} ({r['interleaved_vs_smallest']:.2f}x)",
+                f"{r['with_real_segments_vs_smallest']:.2f}x" if "with_real_segments_vs_smallest" in r else "–",
+                f"{r['reload_ms']:.3f}",
                 f"{r['open_s']:.2f}",
                 f"{r['rss_added_mb']:.0f}",
                 _mb(r["disk_bytes"]["total"]),
@@ -478,6 +478,8 @@ def render_store_scale(results: Path) -> str:
                 f"load top-{scale['top_k']} (ms)",
                 "search + load (ms)",
                 "vs smallest",
+                "interleaved query by query (ms, vs smallest)",
+                "with real segments, estimated (vs smallest)",
                 "same segment again (ms)",
                 "open (s)",
                 "RSS added (MB)",
@@ -486,9 +488,16 @@ def render_store_scale(results: Path) -> str:
             rows,
         ),
         "",
-        f"Medians over {meta['questions']} queries x {meta['repeats']} rounds, stores interleaved query by query; "
+        f"Medians over {meta['questions']} queries x {meta['repeats']} rounds, every store file read into the page "
+        f"cache first; served: {scale['block']} queries to one store, then the next, order rotating; "
         f"target: search + load at the largest store within {scale['target_total_vs_smallest']}x of the smallest. "
-        f"Load average {meta['load_before'][0]:.1f} before, {meta['load_after'][0]:.1f} after (2 cores, shared). "
+        + (
+            f"Real segments: each size's search plus the median load of {scale['top_k']} random segments of "
+            f"`{scale['real_segment_store']}` ({scale['real_segment_load_ms']:.1f} ms, timed in the same run). "
+            if scale.get("real_segment_load_ms")
+            else ""
+        )
+        + f"Load average {meta['load_before'][0]:.1f} before, {meta['load_after'][0]:.1f} after (2 cores, shared). "
         + source_line([scale_path]),
     ]
     if tp_path.is_file():
@@ -665,7 +674,7 @@ def render_scale_estimate(results: Path) -> str:
                     "nodes (16 cores)",
                     "actors",
                     "encode + commit (h)",
-                    "HNSW build (h)",
+                    "index build (h)",
                     "total (h)",
                     "bound by",
                     "total at the quiet rate (h)",
@@ -675,13 +684,14 @@ def render_scale_estimate(results: Path) -> str:
             ),
             "",
             f"{est['passages']:,} passages; measured inputs: {est['actor_pps']:.2f} passages/s per actor "
-            f"(SmolLM2-135M, int8, 1 thread, on this busy machine; the quiet rate, "
+            f"(SmolLM2-135M, int8, 1 thread: the one-process control's marginal rate in `ray_throughput.json`; the quiet rate, "
             f"{est['actor_pps_quiet']:.2f}/s per thread, is `ragcompress bench`'s indexer on a quiet machine), "
             f"{est['driver_commit_rows_per_s']:,.0f} catalogue rows/s at the driver, "
-            f"HNSW build {est['hnsw_build_s_measured']:.0f} s at {est['hnsw_build_measured_at']:,} vectors. "
+            f"index build {est['index_build_s_measured']:.1f} s at {est['index_build_measured_at']:,} vectors "
+            f"(IVF, {est['index_type_at_estimate']['nlist']:,} cells at {est['passages']:,}; scaled by N x cells). "
             f"Store: {est['segment_bytes_per_passage'] / 1e3:.0f} KB of segment and "
             f"{est['catalogue_bytes_per_passage'] / 1e3:.1f} KB of catalogue per passage (the SmolLM2 int8 SQuAD store), "
-            f"{est['store_tb']:.1f} TB in all; HNSW index ~{est['index_gb']:.0f} GB. " + source_line([path]),
+            f"{est['store_tb']:.1f} TB in all; IVF-Flat index ~{est['index_gb']:.0f} GB. " + source_line([path]),
         ]
     )
 

@@ -1,5 +1,5 @@
 """Stores that stay fast as they grow (issue 18): the FAISS index type chosen by size with its
-parameters and recall in the manifest, verify on an HNSW index, the cached row count, the
+parameters and recall in the manifest, verify on an IVF index, the cached row count, the
 overlap check in offset order, and docs/scaling.md's generated tables."""
 
 from __future__ import annotations
@@ -41,7 +41,9 @@ def store(built, tmp_path) -> Path:
 
 def test_index_type_follows_size():
     assert index_params(FLAT_MAX)["type"] == "flat"
-    assert index_params(FLAT_MAX + 1)["type"] == "hnsw"
+    assert index_params(FLAT_MAX + 1)["type"] == "ivf"
+    assert index_params(100_000)["nlist"] == 1024  # a power of two near 4 sqrt(N)
+    assert index_params(5000)["nlist"] * 39 <= 5000  # enough points per cell to train it
 
 
 def test_small_store_is_flat_and_recorded(store):
@@ -49,37 +51,69 @@ def test_small_store_is_flat_and_recorded(store):
     assert described == {"type": "flat", "metric": "inner_product", "count": 40}
 
 
-def test_hnsw_index_verifies_records_recall_and_searches(store):
+def test_ivf_index_verifies_records_recall_and_searches(store):
     with StoreWriter(store) as writer:
         writer.write_index(index_params(40, flat_max=0))
     described = Manifest.read(store).index
-    assert described["type"] == "hnsw" and described["M"] == 32 and described["count"] == 40
-    assert 0.5 <= described["recall_at_10"] <= 1.0
+    assert described["type"] == "ivf" and described["nlist"] == 1 and described["count"] == 40
+    assert described["nprobe"] == 1 and described["recall_at_10"] == 1.0  # one cell: exact
     report = verify_store(store)
     assert report.ok and not report.notes, (report.problems, report.notes)
     with KVStore.open(store) as opened:
         import faiss
 
-        assert isinstance(faiss.downcast_index(opened.index().index.index), faiss.IndexHNSW)
+        assert isinstance(faiss.downcast_index(opened.index().index.index), faiss.IndexIVFFlat)
         vector = HashEmbedder().embed(["river castle comet"])[0]
         hits = opened.search(vector, 3)
         assert len(hits) == 3 and all(opened.load_kv(entry).num_tokens > 0 for entry, _ in hits)
 
 
-def test_recall_is_measured_not_assumed(store):
-    """A deliberately poor HNSW (efSearch 1, M 2) must score below the default one."""
+def _clustered(n: int, dim: int = 32, centres: int = 40, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    means = rng.standard_normal((centres, dim))
+    vectors = (means[rng.integers(0, centres, n)] + 0.4 * rng.standard_normal((n, dim))).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def test_nprobe_is_tuned_to_the_recall_target_and_saved(tmp_path):
+    """More probes for vectors with no cluster structure; the chosen value reaches the target, one
+    fewer power of two does not, and it survives a save and load (it is part of the index file)."""
+    import faiss
+
+    from ragcompress.retrieval import VectorIndex
+    from ragcompress.store.ann import RECALL_TARGET, new_index, tune_nprobe
+
+    rng = np.random.default_rng(1)
+    uniform = rng.standard_normal((3000, 32)).astype(np.float32)
+    uniform /= np.linalg.norm(uniform, axis=1, keepdims=True)
+    chosen = {}
+    for name, vectors in (("clustered", _clustered(3000)), ("uniform", uniform)):
+        built = new_index(32, index_params(3000, flat_max=0), vectors)
+        built.add_with_ids(vectors, np.arange(3000, dtype=np.int64))
+        nprobe, recall = tune_nprobe(built)
+        assert recall >= RECALL_TARGET and recall == recall_at_k(built)
+        if nprobe > 1:
+            faiss.downcast_index(built.index).nprobe = nprobe // 2
+            assert recall_at_k(built) < RECALL_TARGET
+            faiss.downcast_index(built.index).nprobe = nprobe
+        chosen[name] = nprobe
+        wrapped = VectorIndex.__new__(VectorIndex)
+        wrapped.index, wrapped.count = built, 3000
+        wrapped.save(tmp_path / f"{name}.faiss")
+        assert faiss.downcast_index(VectorIndex.load(tmp_path / f"{name}.faiss").index.index).nprobe == nprobe
+    assert chosen["uniform"] > chosen["clustered"]
+
+
+def test_recall_is_measured_not_assumed():
+    """One probe of many cells misses neighbours; a flat index recalls everything."""
     import faiss
 
     from ragcompress.store.ann import new_index
 
-    rng = np.random.default_rng(0)
-    vectors = rng.standard_normal((3000, 32)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    good = new_index(32, index_params(3000, flat_max=0))
-    poor = new_index(32, {**index_params(3000, flat_max=0), "M": 2, "ef_search": 1, "ef_construction": 4})
-    for built in (good, poor):
-        built.add_with_ids(vectors, np.arange(3000, dtype=np.int64))
-    assert recall_at_k(poor) < recall_at_k(good)
+    vectors = _clustered(3000, seed=2)
+    ivf = new_index(32, index_params(3000, flat_max=0), vectors)
+    ivf.add_with_ids(vectors, np.arange(3000, dtype=np.int64))
+    assert recall_at_k(ivf) < 1.0
     flat = faiss.IndexIDMap2(faiss.IndexFlatIP(32))
     flat.add_with_ids(vectors, np.arange(3000, dtype=np.int64))
     assert recall_at_k(flat) == 1.0

@@ -1,12 +1,19 @@
 """Which FAISS index a store gets, chosen by its size, and how well the approximate one recalls.
 
-Below :data:`FLAT_MAX` passages the index is exact (``IndexFlatIP``): a scan of 10k 384-dim
-vectors is ~15 MB, about a millisecond, and no approximation is worth its recall loss. Above it
-the index is HNSW (``IndexHNSWFlat``, inner product): its search cost grows with log N, not N,
-so retrieval at 100k passages costs about what it costs at 10k. HNSW needs no training (IVF
-would need a k-means pass and a choice of ``nprobe`` per corpus) and keeps the raw vectors in a
-flat storage, which ``verify`` compares with the catalogue and which gives exact neighbours to
-measure recall against.
+Up to :data:`FLAT_MAX` passages the index is exact (``IndexFlatIP``): a scan of 4k 384-dim
+vectors is ~6 MB, a fraction of a millisecond, and no approximation is worth its recall loss.
+Above it the index is an inverted file (``IndexIVFFlat``, inner product): k-means cells
+(:func:`nlist_for`), of which a query scans the ``nprobe`` nearest. Its cost per query is the
+centroid scan plus ``nprobe`` cells of contiguous vectors, so at 100k passages it stays within a
+few tenths of a millisecond of a 1k flat scan (``benchmarks/store_scale.py``); an HNSW graph
+(the previous choice) visits thousands of vectors scattered over memory, costs about twice as
+much per query, recalled less on the same queries, and took 20x longer to build.
+
+``nprobe`` is not guessed: :func:`tune_nprobe` picks the smallest power of two whose recall@10
+against an exact scan reaches :data:`RECALL_TARGET` on seeded midpoint queries, at build time,
+so a corpus whose embeddings cluster less gets more probes. The k-means is FAISS's, seeded, so
+the same rows give the same index. IVF-Flat keeps the raw vectors, which ``verify`` compares with
+the catalogue and which give the exact neighbours recall is measured against.
 
 Both are wrapped in ``IndexIDMap2`` so search returns catalogue row numbers. The chosen type, its
 parameters and the recall@10 measured when it was built are recorded in the manifest's ``index``.
@@ -18,56 +25,75 @@ from typing import Any
 
 import numpy as np
 
-# Exact search up to this many vectors; HNSW above (module doc).
-FLAT_MAX = 10_000
-# HNSW graph degree, build and search beam widths: FAISS's usual operating point for ~0.95+
-# recall@10 on sentence embeddings at 1e5..1e6 vectors. efSearch is stored in the index file.
-HNSW_M = 32
-HNSW_EF_CONSTRUCTION = 80
-HNSW_EF_SEARCH = 64
+# Exact search up to this many vectors; IVF above (module doc).
+FLAT_MAX = 4096
 # Recall is measured at build time on this many seeded queries (midpoints of two stored vectors,
-# which are near several passages but equal to none).
+# which are near several passages but equal to none); nprobe is raised until it reaches the target.
 RECALL_QUERIES = 200
 RECALL_K = 10
+RECALL_TARGET = 0.95
+# k-means wants at least ~39 training points per centroid (FAISS warns below).
+POINTS_PER_CELL = 39
+# ... and uses at most 256 per centroid (it subsamples above): the training sample's size per cell.
+TRAINING_PER_CELL = 256
+
+
+def nlist_for(count: int) -> int:
+    """Cells of an IVF index over ``count`` vectors: a power of two near 4 sqrt(N) (FAISS's rule
+    of thumb is 4-16 sqrt(N)), with enough points per cell to train it."""
+    target = max(1, min(4 * count**0.5, count / POINTS_PER_CELL))
+    return 1 << int(np.log2(target))
 
 
 def index_params(count: int, flat_max: int | None = None) -> dict[str, Any]:
-    """The index type and parameters for a store of ``count`` passages."""
+    """The index type and parameters for a store of ``count`` passages (IVF's ``nprobe`` is
+    chosen when it is built, :func:`tune_nprobe`)."""
     if count <= (FLAT_MAX if flat_max is None else flat_max):
         return {"type": "flat", "metric": "inner_product"}
-    return {
-        "type": "hnsw",
-        "metric": "inner_product",
-        "M": HNSW_M,
-        "ef_construction": HNSW_EF_CONSTRUCTION,
-        "ef_search": HNSW_EF_SEARCH,
-    }
+    return {"type": "ivf", "metric": "inner_product", "nlist": nlist_for(count)}
 
 
-def new_index(dim: int, params: dict[str, Any]) -> Any:
-    """An empty id-mapped FAISS index of the type ``params`` names."""
+def new_index(dim: int, params: dict[str, Any], training: np.ndarray | None = None) -> Any:
+    """An empty id-mapped FAISS index of the type ``params`` names; an IVF index is trained on
+    ``training`` (the vectors it will hold) first."""
     import faiss
 
     if params["type"] == "flat":
         return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-    if params["type"] == "hnsw":
-        hnsw = faiss.IndexHNSWFlat(dim, int(params["M"]), faiss.METRIC_INNER_PRODUCT)
-        hnsw.hnsw.efConstruction = int(params["ef_construction"])
-        hnsw.hnsw.efSearch = int(params["ef_search"])
-        return faiss.IndexIDMap2(hnsw)
+    if params["type"] == "ivf":
+        if training is None:
+            raise ValueError("an IVF index is trained on the vectors it will hold: pass training=")
+        ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, int(params["nlist"]), faiss.METRIC_INNER_PRODUCT)
+        ivf.cp.seed = 1234
+        ivf.train(np.ascontiguousarray(training, dtype=np.float32))
+        ivf.nprobe = int(params.get("nprobe", 1))
+        return faiss.IndexIDMap2(ivf)
     raise ValueError(f"unknown index type {params['type']!r}")
 
 
 def stored_vectors(index: Any) -> np.ndarray | None:
-    """``[ntotal, d]`` view of the raw vectors of a flat or HNSW id-mapped index (None otherwise)."""
+    """``[ntotal, d]`` raw vectors of a flat or IVF-Flat id-mapped index, in insertion order
+    (a view for flat, a copy for IVF); None for another type. HNSW-Flat (what stores above 10k
+    passages got before IVF) is read too, so their ``verify`` still passes."""
     import faiss
 
     inner: Any = faiss.downcast_index(index.index)
     if isinstance(inner, faiss.IndexHNSW):
         inner = faiss.downcast_index(inner.storage)
+    if isinstance(inner, faiss.IndexIVFFlat):
+        inner.make_direct_map()
+        return inner.reconstruct_n(0, inner.ntotal)
     if not isinstance(inner, faiss.IndexFlat):
         return None
     return faiss.rev_swig_ptr(inner.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
+
+
+def _midpoint_queries(vectors: np.ndarray, queries: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    pairs = rng.integers(0, len(vectors), size=(queries, 2))
+    q = vectors[pairs[:, 0]] + vectors[pairs[:, 1]]
+    q /= np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+    return np.ascontiguousarray(q, dtype=np.float32)
 
 
 def recall_at_k(index: Any, k: int = RECALL_K, queries: int = RECALL_QUERIES, seed: int = 0) -> float | None:
@@ -81,11 +107,7 @@ def recall_at_k(index: Any, k: int = RECALL_K, queries: int = RECALL_QUERIES, se
     vectors = stored_vectors(index)
     if vectors is None or index.ntotal < max(k, 2):
         return None
-    rng = np.random.default_rng(seed)
-    pairs = rng.integers(0, index.ntotal, size=(queries, 2))
-    q = vectors[pairs[:, 0]] + vectors[pairs[:, 1]]
-    q /= np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
-    q = np.ascontiguousarray(q, dtype=np.float32)
+    q = _midpoint_queries(vectors, queries, seed)
     exact = faiss.IndexFlatIP(index.d)
     exact.add(vectors)
     _, truth = exact.search(q, k)  # positions in the stored order
@@ -93,3 +115,20 @@ def recall_at_k(index: Any, k: int = RECALL_K, queries: int = RECALL_QUERIES, se
     _, found = index.search(q, k)
     hits = sum(len(set(ids[t].tolist()) & set(f.tolist())) for t, f in zip(truth, found, strict=True))
     return hits / (k * queries)
+
+
+def tune_nprobe(index: Any, target: float = RECALL_TARGET) -> tuple[int, float | None]:
+    """Set an IVF index's ``nprobe`` to the smallest power of two whose recall@10 reaches
+    ``target`` (or to every cell); returns ``(nprobe, recall)``. Flat: ``(0, None)``, unchanged."""
+    import faiss
+
+    inner: Any = faiss.downcast_index(index.index)
+    if not isinstance(inner, faiss.IndexIVF):
+        return 0, None
+    nprobe = 1
+    while True:
+        inner.nprobe = nprobe
+        recall = recall_at_k(index)
+        if recall is None or recall >= target or nprobe >= inner.nlist:
+            return nprobe, recall
+        nprobe = min(2 * nprobe, inner.nlist)

@@ -188,6 +188,21 @@ class Catalogue:
                 vectors = np.frombuffer(b"".join(b for _, b in chunk), dtype=np.float32)
                 yield rows, vectors.reshape(len(chunk), -1)
 
+    def embedding_sample(self, n: int) -> np.ndarray:
+        """``[<= n, dim]`` embeddings of evenly spaced rows (every row when there are fewer):
+        a training sample that spans the whole store, not only its first documents."""
+        with self._guard():
+            total = self.db.execute("SELECT COUNT(*) FROM passages").fetchone()[0]
+            step = max(1, -(-total // max(n, 1)))
+            found = self.db.execute(
+                "SELECT embedding FROM (SELECT embedding, ROW_NUMBER() OVER (ORDER BY row) - 1 AS i FROM passages) "
+                "WHERE i % ? = 0",
+                (step,),
+            ).fetchall()
+        if not found:
+            return np.zeros((0, 0), dtype=np.float32)
+        return np.frombuffer(b"".join(b for (b,) in found), dtype=np.float32).reshape(len(found), -1)
+
     def embeddings(self) -> tuple[np.ndarray, np.ndarray]:
         """``(rows [N] int64, vectors [N, dim] float32)`` in row order."""
         chunks = list(self.embedding_chunks())

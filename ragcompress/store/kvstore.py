@@ -65,24 +65,35 @@ def _write_atomic(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def build_index(catalogue: Catalogue, params: dict[str, Any] | None = None) -> VectorIndex:
-    """FAISS index over every committed row, streamed from the catalogue chunk by chunk; its type
-    (flat or HNSW) chosen by the row count (:mod:`ragcompress.store.ann`) unless ``params`` say."""
+def build_index(catalogue: Catalogue, params: dict[str, Any] | None = None) -> tuple[VectorIndex, dict[str, Any]]:
+    """FAISS index over every committed row, streamed from the catalogue chunk by chunk, and its
+    description for the manifest. Its type (flat or IVF) is chosen by the row count
+    (:mod:`ragcompress.store.ann`) unless ``params`` say; an IVF index is trained on an evenly
+    spaced sample of the rows and its ``nprobe`` tuned to the recall target."""
     params = params or ann.index_params(catalogue.count())
+    training = None
+    if params["type"] == "ivf":
+        training = catalogue.embedding_sample(ann.TRAINING_PER_CELL * int(params["nlist"]))
     index = None
     count = 0
     for rows, vectors in catalogue.embedding_chunks():
         if index is None:
-            index = ann.new_index(vectors.shape[1], params)
+            index = ann.new_index(vectors.shape[1], params, training)
         elif vectors.shape[1] != index.d:
             raise StoreError(f"catalogue {catalogue.path}: embeddings change dimension at row {rows[0]}")
         index.add_with_ids(np.ascontiguousarray(vectors), rows)
         count += len(rows)
     if index is None:
-        return VectorIndex(np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32))
+        return VectorIndex(np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)), {**params, "count": 0}
+    described: dict[str, Any] = {**params, "count": count}
+    if params["type"] != "flat":
+        nprobe, recall = ann.tune_nprobe(index)
+        described["nprobe"] = nprobe
+        if recall is not None:
+            described.update({f"recall_at_{ann.RECALL_K}": round(recall, 4), "recall_queries": ann.RECALL_QUERIES})
     built = VectorIndex.__new__(VectorIndex)
     built.index, built.count = index, count
-    return built
+    return built, described
 
 
 def read_index_meta(path: Path) -> dict[str, Any] | None:
@@ -275,7 +286,7 @@ class KVStore:
                 except RuntimeError:
                     loaded = None
             if loaded is None or loaded.count != count:
-                loaded = build_index(self.catalogue)
+                loaded, _ = build_index(self.catalogue)
             self._index = loaded
         return self._index
 
@@ -414,15 +425,10 @@ class StoreWriter:
     def write_index(self, params: dict[str, Any] | None = None) -> None:
         """Build the FAISS index (streamed from the catalogue), save it, then record its sha256;
         the manifest's ``index`` records its type, parameters and measured recall@10."""
-        params = params or ann.index_params(self.catalogue.count())
-        built = build_index(self.catalogue, params)
+        built, described = build_index(self.catalogue, params)
         built.save(self.path / INDEX)
         meta = {"sha256": sha256_file(self.path / INDEX), "count": built.count}
         _write_atomic(self.path / INDEX_META, json.dumps(meta).encode())
-        recall = ann.recall_at_k(built.index) if params["type"] != "flat" and built.count else None
-        described = {**params, "count": built.count}
-        if recall is not None:
-            described.update({f"recall_at_{ann.RECALL_K}": round(recall, 4), "recall_queries": ann.RECALL_QUERIES})
         manifest = Manifest.read(self.path)
         if manifest.index != described:
             dataclasses.replace(manifest, index=described).write(self.path)

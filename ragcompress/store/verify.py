@@ -208,9 +208,9 @@ def _check_index(root: Path, catalogue: Catalogue, count: int, problems: list[Pr
         problems.append(Problem("index", f"{INDEX} is not an id-mapped index"))
         return
     position = {int(row): i for i, row in enumerate(id_map)}
-    stored = stored_vectors(index)  # flat or HNSW: their raw vectors are compared below
+    stored = stored_vectors(index)  # flat or IVF-Flat: their raw vectors are compared below
     if stored is None:
-        problems.append(Problem("index", f"{INDEX} is neither a flat nor an HNSW index"))
+        problems.append(Problem("index", f"{INDEX} is neither a flat nor an IVF-Flat index"))
         return
     ids = catalogue.ids_by_row()
     for rows, vectors in catalogue.embedding_chunks():
