@@ -7,6 +7,7 @@ they would for a real model; the weights are random, so outputs are meaningless 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 TINY_ARCHS = ("llama", "qwen2", "mistral", "gemma")
 
@@ -88,3 +89,23 @@ class HashEmbedder:
                 out[i] += self._word(word)
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         return np.ascontiguousarray(out / np.maximum(norms, 1e-12), dtype=np.float32)
+
+
+def noisy_adaptor(model: Any, seed: int, scorer: bool = False) -> Any:
+    """A passage adaptor with small random non-zero factors (what training produces), optionally
+    with a learned retention scorer: changes every cache, deterministically for ``seed``."""
+    import torch
+
+    from ragcompress.distill.adaptor import FACTORS, SCORER_BIAS, SCORER_WEIGHT, Adaptor
+
+    adaptor = Adaptor.initial(model, rank=4, alpha=8, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    for name in FACTORS:
+        adaptor.tensors[name] = torch.randn(adaptor.tensors[name].shape, generator=gen) * 0.05
+    if scorer:
+        config = model.config
+        layers, heads = config.num_hidden_layers, config.num_key_value_heads
+        head_dim = config.hidden_size // config.num_attention_heads
+        adaptor.tensors[SCORER_WEIGHT] = torch.randn(layers, heads, 2 * head_dim, generator=gen)
+        adaptor.tensors[SCORER_BIAS] = torch.randn(layers, heads, generator=gen)
+    return adaptor

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ragcompress.distill.adaptor import FACTORS, SCORER_BIAS, SCORER_WEIGHT, Adaptor
+from ragcompress.distill.adaptor import FACTORS, Adaptor
 from ragcompress.distill.scorer import fit
 from ragcompress.distill.train import Distiller
 from ragcompress.errors import StoreMismatchError
@@ -21,6 +21,7 @@ from ragcompress.kv import PassageKV
 from ragcompress.models import load_model
 from ragcompress.prompt import PromptTemplate
 from ragcompress.store import KVStore
+from ragcompress.testing import noisy_adaptor
 
 
 def blobs(store_path) -> dict[str, str]:
@@ -34,23 +35,9 @@ def lm(tiny_model_dir):
     return load_model(str(tiny_model_dir("llama")))
 
 
-def trained_like(lm, seed: int, scorer: bool = False) -> Adaptor:
-    """An adaptor with random non-zero factors (what training produces), optionally a scorer."""
-    adaptor = Adaptor.initial(lm.model, rank=4, alpha=8, seed=seed)
-    gen = torch.Generator().manual_seed(seed)
-    for name in FACTORS:
-        adaptor.tensors[name] = torch.randn(adaptor.tensors[name].shape, generator=gen) * 0.05
-    if scorer:
-        layers, heads = lm.config.num_hidden_layers, lm.config.num_key_value_heads
-        head_dim = lm.config.hidden_size // lm.config.num_attention_heads
-        adaptor.tensors[SCORER_WEIGHT] = torch.randn(layers, heads, 2 * head_dim, generator=gen)
-        adaptor.tensors[SCORER_BIAS] = torch.randn(layers, heads, generator=gen)
-    return adaptor
-
-
 def test_zero_adaptor_is_the_base_store_bit_for_bit(lm, tmp_path, passages_file, embedder):
     zero = Adaptor.initial(lm.model, rank=4, alpha=8).save(tmp_path / "zero")
-    trained = trained_like(lm, 1).save(tmp_path / "trained")
+    trained = noisy_adaptor(lm.model, 1).save(tmp_path / "trained")
     common = dict(model=lm.ref, lm=lm, embedder=embedder, batch_size=3)
     index(passages_file, tmp_path / "base", config=IndexConfig(quant="int8"), **common)
     index(passages_file, tmp_path / "zero-store", config=IndexConfig(quant="int8", adaptor=str(zero)), **common)
@@ -62,7 +49,7 @@ def test_zero_adaptor_is_the_base_store_bit_for_bit(lm, tmp_path, passages_file,
 
 
 def test_adaptor_round_trips_to_identical_caches(lm, tmp_path):
-    adaptor = trained_like(lm, 2, scorer=True)
+    adaptor = noisy_adaptor(lm.model, 2, scorer=True)
     loaded = Adaptor.load(adaptor.save(tmp_path / "a"))
     assert loaded.hash == adaptor.hash and loaded.has_scorer
     template = PromptTemplate.from_tokenizer(lm.tokenizer)
@@ -81,8 +68,8 @@ def test_adaptor_round_trips_to_identical_caches(lm, tmp_path):
 
 
 def test_store_refuses_another_adaptor(lm, tmp_path, passages_file, embedder):
-    first = trained_like(lm, 3).save(tmp_path / "first")
-    second = trained_like(lm, 4).save(tmp_path / "second")
+    first = noisy_adaptor(lm.model, 3).save(tmp_path / "first")
+    second = noisy_adaptor(lm.model, 4).save(tmp_path / "second")
     common = dict(model=lm.ref, lm=lm, embedder=embedder)
     index(passages_file, tmp_path / "store", config=IndexConfig(adaptor=str(first)), **common)
     with pytest.raises(StoreMismatchError, match="adaptor .* this run uses adaptor"):
@@ -93,7 +80,7 @@ def test_store_refuses_another_adaptor(lm, tmp_path, passages_file, embedder):
 
 
 def test_adaptor_for_another_model_is_refused(lm, tmp_path):
-    adaptor = trained_like(lm, 5)
+    adaptor = noisy_adaptor(lm.model, 5)
     adaptor.meta = {"base_model": "other", "base_fingerprint": "f" * 64}
     with pytest.raises(StoreMismatchError, match="trained on model other"):
         PassageEncoder(lm, PromptTemplate.from_tokenizer(lm.tokenizer), adaptor)
@@ -120,7 +107,7 @@ def test_one_training_step_lowers_the_loss_on_its_batch(lm):
 
 @pytest.mark.parametrize("method", ["learned", "global:learned"])
 def test_learned_scorer_keeps_exactly_the_budget(lm, tmp_path, passages_file, embedder, method):
-    adaptor = trained_like(lm, 6, scorer=True).save(tmp_path / "scored")
+    adaptor = noisy_adaptor(lm.model, 6, scorer=True).save(tmp_path / "scored")
     store = tmp_path / "store"
     config = IndexConfig(method=method, ratio=0.25, keep_first=1, keep_last=0, adaptor=str(adaptor))
     index(passages_file, store, model=lm.ref, lm=lm, embedder=embedder, config=config)

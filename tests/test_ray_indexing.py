@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from ragcompress.indexing import IndexConfig, index  # noqa: E402
 from ragcompress.indexing.ray_runner import index_on_ray, store_digest  # noqa: E402
 from ragcompress.store import shards  # noqa: E402
 from ragcompress.store.verify import verify_store  # noqa: E402
-from ragcompress.testing import HashEmbedder  # noqa: E402
+from ragcompress.testing import HashEmbedder, noisy_adaptor  # noqa: E402
 
 DRIVER = Path(__file__).parent / "ray_driver.py"
 BATCH = 4
@@ -92,6 +93,22 @@ def test_ray_store_has_the_single_process_bytes(cluster, tmp_path, tiny_lm, corp
     assert len({p.name for p in (store / "shards").iterdir()}) > 1  # workers' own, rolled-over shards
     again = _ray_index(corpus, store, tiny_lm)
     assert (again.indexed, again.skipped) == (0, N_PASSAGES)
+
+
+def test_adaptor_and_low_rank_on_ray_have_the_single_process_bytes(cluster, tmp_path, tiny_lm, corpus):
+    """The actors load the store's adaptor and read the basis the driver fitted: same rows, blobs,
+    basis and adaptor hash as one process with the same settings."""
+    adaptor = noisy_adaptor(tiny_lm.model, seed=7).save(tmp_path / "adaptor")
+    config = replace(CONFIG, adaptor=str(adaptor), rank=8)
+    index(corpus, tmp_path / "single", lm=tiny_lm, embedder=HashEmbedder(), config=config, batch_size=BATCH)
+    report = index_on_ray(
+        corpus, tmp_path / "ray", lm=tiny_lm, config=config, batch_size=BATCH, workers=2, embedder_factory=HashEmbedder
+    )
+    assert report.indexed == N_PASSAGES
+    _clean(tmp_path / "ray")
+    digest = store_digest(tmp_path / "ray")
+    assert digest["settings"]["encoding"]["adaptor"] and digest["settings"]["compression"]["lowrank"]
+    assert digest == store_digest(tmp_path / "single")
 
 
 class KillOnceEmbedder(HashEmbedder):

@@ -38,13 +38,16 @@ from typing import Any
 
 import numpy as np
 
+from ragcompress.distill.adaptor import check_store_adaptor, resolve_adaptor
 from ragcompress.errors import InputError, StoreError
 from ragcompress.indexing.config import IndexConfig
 from ragcompress.indexing.indexer import Indexer
 from ragcompress.indexing.inputs import PassageInput, iter_passages, validate
-from ragcompress.indexing.run import IndexReport, _batches
+from ragcompress.indexing.run import IndexReport, _batches, attach_basis
+from ragcompress.kv.lowrank import RankSpec
 from ragcompress.models import LoadedModel, load_model
 from ragcompress.store import KVStore, Manifest, StoreWriter, create_store
+from ragcompress.store.basis import basis_to_bytes
 from ragcompress.store.kvstore import catalogue_row
 from ragcompress.store.shards import ClaimedShards
 
@@ -72,15 +75,22 @@ class EncodeActor:
         threads: int,
         embedder_factory: Callable[[], Any] | None,
         max_shard_bytes: int | None = None,
+        adaptor: str | None = None,
+        rank: RankSpec | None = None,
     ) -> None:
         import torch
 
         torch.set_num_threads(threads)
         root = Path(store)
-        manifest = Manifest.read(root)
         lm = load_model(model_ref)
         embedder = embedder_factory() if embedder_factory is not None else None
-        self.indexer = Indexer.for_store(manifest, lm, embedder)
+        loaded = resolve_adaptor(adaptor, lm.ref) if adaptor else None
+        with KVStore.open(root) as opened:  # the driver created it: settings, adaptor hash, basis
+            self.indexer = Indexer.for_store(opened.manifest, lm, embedder, loaded)
+            basis = opened.basis  # the manifest check already refused a store without one
+            if rank is not None and basis is not None:
+                lowrank = opened.manifest.compression["lowrank"]
+                self.indexer = self.indexer.with_basis(basis, rank, str(lowrank["calibration"]))
         self.indexer.prefix_kv  # noqa: B018 - the prefix forward pass once, at start, not in the first batch
         self.shards = ClaimedShards(root, max_shard_bytes)
 
@@ -143,6 +153,7 @@ def _results(
     items: list[dict[str, Any]],
     store: Path,
     model_ref: str,
+    config: IndexConfig,
     workers: int,
     threads: int,
     embedder_factory: Callable[[], Any] | None,
@@ -164,6 +175,8 @@ def _results(
             "threads": threads,
             "embedder_factory": embedder_factory,
             "max_shard_bytes": shards.MAX_SHARD_BYTES,
+            "adaptor": config.adaptor,
+            "rank": config.rank_spec(),
         },
         batch_size=1,
         batch_format="numpy",
@@ -217,16 +230,21 @@ def index_on_ray(
             raise StoreError(f"{store_path} exists and is not a ragcompress store; choose an empty or new --store")
     lm = lm or load_model(model)
     embedder = embedder_factory() if embedder_factory is not None else None
+    if config.context_neighbors:
+        raise InputError(
+            "--context-neighbors: not supported by --ray yet (it needs the whole input's neighbours); index in one process"
+        )
     indexer = Indexer.from_config(lm, config, embedder)
-    unsupported = [key for key in ("context_neighbors", "adaptor") if indexer.manifest.encoding.get(key)]
-    if config.rank_spec() is not None:
-        unsupported.append("low-rank latents")
-    if unsupported:
-        raise InputError(f"{', '.join(unsupported)}: not supported by --ray yet; index in one process")
+    spec = config.rank_spec()
+    if spec is not None:  # the driver fits (or, resuming, reads) the basis; actors read it from the store
+        indexer = attach_basis(indexer, config, spec, input_path, store_path if exists else None)
     if exists:
-        Manifest.read(store_path).check_same_build(indexer.manifest)
+        stored_manifest = Manifest.read(store_path)
+        check_store_adaptor(stored_manifest.encoding.get("adaptor"), indexer.manifest.encoding.get("adaptor"))
+        stored_manifest.check_same_build(indexer.manifest)
     else:
-        create_store(store_path, indexer.manifest, indexer.prefix_kv)
+        basis = basis_to_bytes(indexer.basis) if indexer.basis is not None else None
+        create_store(store_path, indexer.manifest, indexer.prefix_kv, basis)
 
     indexed = 0
     with StoreWriter(store_path) as writer:  # the lock, held to the end; repairs a killed run's shards
@@ -239,7 +257,9 @@ def index_on_ray(
 
                 bar = tqdm(total=total - skipped, unit="passage", desc="indexing on ray")
             expected = iter(item["batch"] for item in items)
-            for number, rows in _results(items, store_path, lm.ref, workers, threads_per_worker, embedder_factory):
+            for number, rows in _results(
+                items, store_path, lm.ref, config, workers, threads_per_worker, embedder_factory
+            ):
                 if number != next(expected):  # commits must follow input order (row numbers)
                     raise StoreError(f"ray returned batch {number} out of order; nothing after it was committed")
                 writer.commit(rows)
@@ -257,7 +277,8 @@ def store_digest(path: str | Path) -> dict[str, Any]:
     """What two builds of a store must share to hold the same content: every catalogue row
     (row number, id, title, text, meta, text_sha, length, checksum, token counts, embedding) and
     the sha256 of every blob read through its own (shard, offset), which may differ between the
-    builds, plus the prefix cache's sha256. ``index.faiss`` is derived and left out."""
+    builds, plus the prefix cache's sha256 and the manifest's compression and encoding settings
+    (a low-rank basis's and an adaptor's hashes among them). ``index.faiss`` is derived and left out."""
     import hashlib
 
     from ragcompress.store.shards import read_blob
@@ -272,4 +293,6 @@ def store_digest(path: str | Path) -> dict[str, Any]:
             rows.append(
                 {**fields, "embedding_sha256": embedding[entry.row], "blob_sha256": hashlib.sha256(blob).hexdigest()}
             )
-    return {"prefix_sha256": Manifest.read(Path(path)).prefix_sha256, "rows": rows}
+    manifest = Manifest.read(Path(path))
+    settings = {"compression": manifest.compression, "encoding": manifest.encoding}  # basis and adaptor hashes
+    return {"prefix_sha256": manifest.prefix_sha256, "settings": settings, "rows": rows}

@@ -56,7 +56,7 @@ def _batches(items: Iterator[PassageInput], size: int) -> Iterator[list[PassageI
         yield batch
 
 
-def _with_basis(
+def attach_basis(
     indexer: Indexer, config: IndexConfig, spec: RankSpec, input_path: Path, existing: Path | None
 ) -> Indexer:
     """``indexer`` writing latents: of the basis of the store at ``existing`` (a resumed run; a
@@ -104,7 +104,7 @@ def index(
     indexer = Indexer.from_config(lm, config, embedder)
     spec = config.rank_spec()
     if spec is not None:  # a low-rank store: its basis (from the store when resuming, else fitted)
-        indexer = _with_basis(indexer, config, spec, input_path, store_path if exists and not overwrite else None)
+        indexer = attach_basis(indexer, config, spec, input_path, store_path if exists and not overwrite else None)
     manifest = indexer.manifest
 
     target = store_path
