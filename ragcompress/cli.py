@@ -170,27 +170,29 @@ def index(
     from ragcompress.presets import index_config
     from ragcompress.store import KVStore
 
-    try:
-        config = index_config(
-            preset,
-            method=method,
-            ratio=ratio,
-            quant=quant,
-            group_size=group_size,
-            budget=budget,
-            keep_first=keep_first,
-            keep_last=keep_last,
-            context_neighbors=context_neighbors,
-            adaptor=adaptor,
-            rank=rank,
-            rank_energy=rank_energy,
-            rank_schedule=rank_schedule,
-            rank_values=rank_values,
-            calibration=calibration,
-            calibration_passages=calibration_passages,
-        )
-    except (ValueError, TypeError) as exc:
-        raise RagCompressError(str(exc)) from None
+    settings = {
+        "method": method,
+        "ratio": ratio,
+        "quant": quant,
+        "group_size": group_size,
+        "budget": budget,
+        "keep_first": keep_first,
+        "keep_last": keep_last,
+        "context_neighbors": context_neighbors,
+        "adaptor": adaptor,
+        "rank": rank,
+        "rank_energy": rank_energy,
+        "rank_schedule": rank_schedule,
+        "rank_values": rank_values,
+        "calibration": calibration,
+        "calibration_passages": calibration_passages,
+    }
+    config = None  # nothing given: an existing store's own settings (defaults for a new one)
+    if preset is not None or any(value is not None for value in settings.values()):
+        try:
+            config = index_config(preset, **settings)
+        except (ValueError, TypeError) as exc:
+            raise RagCompressError(str(exc)) from None
     if ray is not None:
         from ragcompress.indexing.ray_runner import index_on_ray
 

@@ -45,3 +45,58 @@ def test_cli_index_preset_is_recorded_in_the_manifest(tiny_model_dir, passages_f
     assert compression["keep_first"] == 1 and compression["keep_last"] == 0
     code, _, err = run_cli(["ask", "--store", str(store), "--question", "Who?", "--preset", "nope"], monkeypatch, capfd)
     assert code == 1 and err.startswith("error: unknown preset 'nope'") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        IndexConfig(),
+        IndexConfig(method="snapkv", budget=16, keep_first=2, quant="int8"),
+        IndexConfig(method="adaptive:knorm", ratio=0.3, quant="int4", group_size=64, context_neighbors=2),
+        *[p.index for p in PRESETS.values() if not p.index.adaptor],
+    ],
+    ids=lambda c: f"{c.method}-{c.quant}-{c.ratio}-{c.budget}-{c.rank}",
+)
+def test_store_settings_are_read_back_from_the_manifest(tiny_lm, config):
+    """What `index` uses to add to an existing store when no setting is given: the manifest the
+    recovered settings build is the store's own (compression, encoding, embedder)."""
+    from ragcompress.indexing.config import build_manifest, config_from_manifest
+    from ragcompress.prompt import PromptTemplate
+
+    template = PromptTemplate.from_tokenizer(tiny_lm.tokenizer)
+    manifest = build_manifest(tiny_lm, template, config)
+    again = build_manifest(tiny_lm, template, config_from_manifest(manifest))
+    assert (again.compression, again.encoding, again.embedder) == (
+        manifest.compression,
+        manifest.encoding,
+        manifest.embedder,
+    )
+
+
+def test_cli_adds_to_a_store_without_repeating_its_settings(tiny_model_dir, tmp_path, monkeypatch, capfd):
+    """A low-rank, evicted, int4 store: a second `index` with only --input and --store uses the
+    store's settings, model and basis and adds the new passages; a conflicting option is refused."""
+    from ragcompress.data import SAMPLE_PASSAGES
+    from ragcompress.store.verify import verify_store
+
+    lines = SAMPLE_PASSAGES.read_text().splitlines()
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    first.write_text("\n".join(lines[:6]) + "\n")
+    second.write_text("\n".join(lines[6:9]) + "\n")
+    store = tmp_path / "store"
+    model = ["--model", str(tiny_model_dir("llama"))]
+    build = ["--method", "global:knorm", "--ratio", "0.5", "--quant", "int4", "--rank", "8"]
+    code, _, err = run_cli(["index", "--input", str(first), "--store", str(store), *model, *build], monkeypatch, capfd)
+    assert code == 0, err
+    before = json.loads((store / "manifest.json").read_text())
+    code, out, err = run_cli(["index", "--input", str(second), "--store", str(store), "--json"], monkeypatch, capfd)
+    assert code == 0, err
+    assert json.loads(out)["indexed"] == 3
+    after = json.loads((store / "manifest.json").read_text())
+    assert (after["compression"], after["encoding"]) == (before["compression"], before["encoding"])
+    report = verify_store(store)
+    assert report.ok and report.passages == 9, report.problems
+    code, _, err = run_cli(
+        ["index", "--input", str(second), "--store", str(store), "--quant", "int8"], monkeypatch, capfd
+    )
+    assert code == 1 and "compression" in err

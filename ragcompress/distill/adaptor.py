@@ -193,15 +193,21 @@ def resolve_adaptor(spec: str | Path, model_ref: str) -> Adaptor:
     return Adaptor.load(path)
 
 
-def packaged_adaptor(adaptor_hash: str) -> Adaptor | None:
-    """The packaged adaptor whose hash is ``adaptor_hash``, if one is (a store records only the
-    hash; adding to it later finds a packaged adaptor again without being told its name)."""
+def packaged_adaptor_dir(adaptor_hash: str) -> Path | None:
+    """The folder of the packaged adaptor whose hash is ``adaptor_hash``, if one is."""
     if not PACKAGED.is_dir():
         return None
     for directory in sorted(p for p in PACKAGED.iterdir() if (p / CONFIG).is_file()):
         if json.loads((directory / CONFIG).read_text()).get("hash") == adaptor_hash:
-            return Adaptor.load(directory)
+            return directory
     return None
+
+
+def packaged_adaptor(adaptor_hash: str) -> Adaptor | None:
+    """The packaged adaptor whose hash is ``adaptor_hash``, if one is (a store records only the
+    hash; adding to it later finds a packaged adaptor again without being told its name)."""
+    directory = packaged_adaptor_dir(adaptor_hash)
+    return Adaptor.load(directory) if directory is not None else None
 
 
 def check_store_adaptor(recorded: str | None, used: str | None) -> None:

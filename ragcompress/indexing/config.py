@@ -89,6 +89,49 @@ class IndexConfig:
         return QuantConfig(self.quant, self.group_size)
 
 
+def config_from_manifest(manifest: Manifest) -> IndexConfig:
+    """The settings a store was built with, so that passages are added to it without repeating
+    them (``ragcompress index`` into an existing store with no setting given).
+
+    Every setting a manifest records maps back to one :class:`IndexConfig` field; an adaptor is
+    recorded by hash only, so it is found among the packaged ones or must be given. The result
+    is checked to rebuild the manifest's compression exactly, so nothing is guessed."""
+    from ragcompress.distill.adaptor import packaged_adaptor_dir
+    from ragcompress.errors import InputError
+
+    compression = manifest.compression
+    params = {k: v for k, v in compression.items() if k not in _STORE_KEYS}
+    lowrank = compression.get("lowrank") or {}
+    adaptor = None
+    if manifest.encoding.get("adaptor"):
+        found = packaged_adaptor_dir(str(manifest.encoding["adaptor"]))
+        if found is None:
+            raise InputError(
+                f"the store was built with adaptor {str(manifest.encoding['adaptor'])[:16]}, which is not packaged; "
+                "pass its folder with --adaptor"
+            )
+        adaptor = str(found)
+    config = IndexConfig(
+        method=str(compression["method"]),
+        quant=str(compression["quant"]),
+        group_size=int(compression["group_size"]),
+        embedder=manifest.embedder,
+        rank=lowrank.get("rank"),
+        rank_energy=lowrank.get("energy"),
+        rank_schedule=str(lowrank.get("schedule", "global")),
+        rank_values=bool(lowrank.get("values", True)),
+        context_neighbors=int(manifest.encoding.get("context_neighbors", 0)),
+        adaptor=adaptor,
+        **{k: params[k] for k in ("ratio", "budget", "keep_first", "keep_last") if params.get(k) is not None}
+        | ({"ratio": None} if params.get("budget") is not None else {}),  # a budget replaces the ratio
+    )
+    if config.compressor().config() != {"method": compression["method"], **params}:
+        raise InputError(
+            f"the store's compression {params} cannot be rebuilt from index settings; pass them explicitly"
+        )
+    return config
+
+
 def compressor_from_manifest(manifest: Manifest) -> Compressor:
     """The compressor a store was built with, rebuilt from its manifest's ``compression``."""
     compression = manifest.compression

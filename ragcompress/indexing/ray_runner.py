@@ -43,7 +43,7 @@ from ragcompress.errors import InputError, StoreError
 from ragcompress.indexing.config import IndexConfig
 from ragcompress.indexing.indexer import Indexer
 from ragcompress.indexing.inputs import PassageInput, iter_passages, validate
-from ragcompress.indexing.run import IndexReport, _batches, attach_basis
+from ragcompress.indexing.run import IndexReport, _batches, attach_basis, settings_for
 from ragcompress.kv.lowrank import RankSpec
 from ragcompress.models import LoadedModel, load_model
 from ragcompress.store import KVStore, Manifest, StoreWriter, create_store
@@ -200,7 +200,7 @@ def index_on_ray(
     workers: int = 2,
     threads_per_worker: int = 1,
     model: str | None = None,
-    config: IndexConfig = IndexConfig(),
+    config: IndexConfig | None = None,
     batch_size: int = 8,
     progress: bool = False,
     lm: LoadedModel | None = None,
@@ -228,6 +228,7 @@ def index_on_ray(
         total = validate(input_path)
         if store_path.exists() and (not store_path.is_dir() or any(store_path.iterdir())):
             raise StoreError(f"{store_path} exists and is not a ragcompress store; choose an empty or new --store")
+    config, model = settings_for(store_path if exists else None, config, model)
     lm = lm or load_model(model)
     embedder = embedder_factory() if embedder_factory is not None else None
     if config.context_neighbors:

@@ -20,7 +20,7 @@ from typing import Any
 from ragcompress.distill.adaptor import check_store_adaptor
 from ragcompress.errors import StoreError
 from ragcompress.indexing.calibrate import fit_calibration_basis
-from ragcompress.indexing.config import IndexConfig
+from ragcompress.indexing.config import IndexConfig, config_from_manifest
 from ragcompress.indexing.indexer import Indexer
 from ragcompress.indexing.inputs import PassageInput, iter_passages, validate
 from ragcompress.kv.lowrank import RankSpec
@@ -56,6 +56,17 @@ def _batches(items: Iterator[PassageInput], size: int) -> Iterator[list[PassageI
         yield batch
 
 
+def settings_for(
+    existing: Path | None, config: IndexConfig | None, model: str | None
+) -> tuple[IndexConfig, str | None]:
+    """The settings and model to index with: those given, else an existing store's own (adding
+    passages without repeating every option), else the defaults."""
+    if existing is None:
+        return config or IndexConfig(), model
+    manifest = Manifest.read(existing)
+    return config or config_from_manifest(manifest), model or manifest.model_ref
+
+
 def attach_basis(
     indexer: Indexer, config: IndexConfig, spec: RankSpec, input_path: Path, existing: Path | None
 ) -> Indexer:
@@ -78,7 +89,7 @@ def index(
     store_path: str | Path,
     *,
     model: str | None = None,
-    config: IndexConfig = IndexConfig(),
+    config: IndexConfig | None = None,
     overwrite: bool = False,
     batch_size: int = 8,
     progress: bool = False,
@@ -88,7 +99,8 @@ def index(
     """Index ``input_path`` (JSONL or folder) into the store at ``store_path``.
 
     ``lm`` and ``embedder`` reuse loaded models; the embedder must be the one ``config.embedder``
-    names (it is loaded from that name when not given).
+    names (it is loaded from that name when not given). ``config`` None: an existing store's own
+    settings and model (:func:`settings_for`), defaults for a new one.
     """
     start = time.perf_counter()
     input_path, store_path = Path(input_path), Path(store_path)
@@ -100,6 +112,7 @@ def index(
         total = validate(input_path)
     if overwrite and not exists and store_path.exists() and (not store_path.is_dir() or any(store_path.iterdir())):
         raise StoreError(f"{store_path} is not a ragcompress store; refusing to overwrite it")
+    config, model = settings_for(store_path if exists and not overwrite else None, config, model)
     lm = lm or load_model(model)
     indexer = Indexer.from_config(lm, config, embedder)
     spec = config.rank_spec()

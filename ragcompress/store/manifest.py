@@ -187,7 +187,7 @@ class Manifest:
                 )
                 raise StoreMismatchError(
                     f"store was built with {what} {ours_s}, this run uses {theirs_s}; "
-                    "use the store's settings, another --store, or --overwrite"
+                    "use the store's settings (give none to reuse them), another --store, or --overwrite"
                 )
 
     def check_model(self, fingerprint: str, ref: str) -> None:
