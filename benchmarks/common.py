@@ -21,7 +21,6 @@ import re
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,8 @@ import torch
 from ragcompress.evaluation import Question, read_questions
 from ragcompress.kv import PassageKV
 from ragcompress.kv.quant import QuantConfig
-from ragcompress.runtime.generate import Generation, Prepared, TokenStream
+from ragcompress.runtime.generate import rewind as rewind  # re-exported
+from ragcompress.runtime.generate import run_keeping_request as run_keeping_request  # re-exported
 from ragcompress.runtime.generate import teacher_forced_logprobs as teacher_forced_logprobs  # re-exported
 from ragcompress.store import codec
 
@@ -102,37 +102,6 @@ def plot_against_compression(
 
 
 # -- teacher forcing over a prepared request ----------------------------------------------------
-
-
-def run_keeping_request(stream: TokenStream) -> tuple[Generation, Prepared, int]:
-    """Decode ``stream`` to the end (timed as always) and keep the request it prepared, with the
-    number of rows its cache held then (for :func:`rewind`)."""
-    build = stream.prepare
-    kept: list[tuple[Prepared, int]] = []
-
-    def prepare() -> Prepared:
-        prepared = build()
-        kept.append((prepared, prepared.cache.get_seq_length()))
-        return prepared
-
-    stream.prepare = prepare
-    generation = stream.run()
-    prepared, rows = kept[0]
-    return generation, prepared, rows
-
-
-def rewind(prepared: Prepared, rows: int) -> Prepared:
-    """The request as it stood before its prompt's last token was read, after a stream decoded
-    from it: the cache (``rows`` long when prepared) is cropped back and only that token remains to
-    read, so :func:`teacher_forced_logprobs` along an answer costs ``len(answer) + 1`` tokens. A
-    prompt prefilled by the recompute pass is kept whole (its last row is ``first_logits``)."""
-    cache = prepared.cache
-    if prepared.first_logits is not None:
-        cache.crop(rows - cache.get_seq_length())
-        return prepared
-    n = len(prepared.input_ids)
-    cache.crop(rows + n - 1 - cache.get_seq_length())
-    return replace(prepared, input_ids=prepared.input_ids[-1:], position=prepared.position + n - 1)
 
 
 # -- synthetic fixtures and timing of the kernel benchmark -------------------------------------

@@ -79,8 +79,7 @@ def calibrate_temperature(
     distributions; every candidate temperature is then scored by the KL of the stored-cache
     distributions along that continuation. No question or answer of any dataset is used.
     """
-    from ragcompress.runtime.generate import teacher_forced_logprobs
-    from ragcompress.runtime.prepare import full_prefill
+    from ragcompress.runtime.generate import rewind, run_keeping_request, teacher_forced_logprobs
     from ragcompress.runtime.recompute import RecomputeConfig
 
     if 1.0 not in grid:
@@ -99,11 +98,11 @@ def calibrate_temperature(
         iterator = tqdm(anchors, desc="calibrating", unit="group")
     for anchor in iterator:
         group = engine.retrieve(anchor.text, top_k)
-        answer = engine.stream_full(PROBE_QUESTION, group, options).run().token_ids
-        ids = engine.full_prompt_ids(PROBE_QUESTION, group, options)
-        full = teacher_forced_logprobs(
-            engine.lm.model, full_prefill(engine.context, ids, len(answer) + 1), answer, keep=len(answer) + 1
-        )
+        # One full prefill: decode the reference answer, then rewind its cache to read the answer
+        # back with every position's logits (not a second prefill of the whole prompt).
+        generation, prepared, rows = run_keeping_request(engine.stream_full(PROBE_QUESTION, group, options))
+        answer = generation.token_ids
+        full = teacher_forced_logprobs(engine.lm.model, rewind(prepared, rows), answer, keep=len(answer) + 1)
         for t in grid:
             config = RecomputeConfig(temperature=t)
             prepared = engine.prepare(PROBE_QUESTION, group, options.replace(recompute=config, calibrate=False))

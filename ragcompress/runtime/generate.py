@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -252,3 +252,34 @@ def teacher_forced_logprobs(
         rows.append(logits.float())
     logits = torch.cat(rows)
     return (logits if keep is None else logits[-keep:]).log_softmax(-1)
+
+
+def run_keeping_request(stream: TokenStream) -> tuple[Generation, Prepared, int]:
+    """Decode ``stream`` to the end (timed as always) and keep the request it prepared, with the
+    number of rows its cache held then (for :func:`rewind`)."""
+    build = stream.prepare
+    kept: list[tuple[Prepared, int]] = []
+
+    def prepare() -> Prepared:
+        prepared = build()
+        kept.append((prepared, prepared.cache.get_seq_length()))
+        return prepared
+
+    stream.prepare = prepare
+    generation = stream.run()
+    prepared, rows = kept[0]
+    return generation, prepared, rows
+
+
+def rewind(prepared: Prepared, rows: int) -> Prepared:
+    """The request as it stood before its prompt's last token was read, after a stream decoded
+    from it: the cache (``rows`` long when prepared) is cropped back and only that token remains to
+    read, so :func:`teacher_forced_logprobs` along an answer costs ``len(answer) + 1`` tokens. A
+    prompt prefilled by the recompute pass is kept whole (its last row is ``first_logits``)."""
+    cache = prepared.cache
+    if prepared.first_logits is not None:
+        cache.crop(rows - cache.get_seq_length())
+        return prepared
+    n = len(prepared.input_ids)
+    cache.crop(rows + n - 1 - cache.get_seq_length())
+    return replace(prepared, input_ids=prepared.input_ids[-1:], position=prepared.position + n - 1)
