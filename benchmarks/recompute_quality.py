@@ -140,41 +140,32 @@ class Variants:
 
 
 def oracle_stream(engine: Engine, question: str, entries, options: AnswerOptions) -> TokenStream:
-    """The bound of any store with this quantization: every passage's *exact* KV (computed by a
-    full prefill of the prefix and the passages in retrieved order, i.e. perfectly conditioned),
-    round-tripped through the store's codec and quantization, then the question prefilled over
-    them as on the cached path. Not a method (it costs a full prefill): what agreement is left
-    when only quantization differs from full prefill."""
-    from transformers import DynamicCache
-
-    from ragcompress.kv import PassageKV
-    from ragcompress.kv.cache import cache_layers
+    """The bound of any store with this quantization: every passage's *exact* KV (encoded after
+    the prefix and the passages before it in retrieved order, i.e. perfectly conditioned:
+    ``PassageEncoder.encode`` with those contexts), round-tripped through the store's codec and
+    quantization, then the question prefilled over them as on the cached path. Not a method (it
+    costs more than a full prefill): what agreement is left when only quantization differs."""
+    from ragcompress.indexing.encoder import PassageEncoder
+    from ragcompress.prompt import PromptTemplate
     from ragcompress.runtime.assemble import assemble
     from ragcompress.runtime.generate import Prepared
     from ragcompress.store import codec
 
     suffix = engine.suffix_ids(question, entries, options)
+    encoder = PassageEncoder(engine.lm, PromptTemplate.from_dict(engine.store.manifest.template))
 
     def prepare() -> Prepared:
         ids = engine.full_prompt_ids(question, entries, options)[: -len(suffix)]
-        with torch.inference_mode():
-            out = engine.lm.model(torch.tensor([ids]), cache=DynamicCache(config=engine.lm.config), use_cache=True)
-        layers = cache_layers(out.cache if hasattr(out, "cache") else out.past_key_values)
-        segments, start = [], engine.prefix.num_tokens
+        first = start = engine.prefix.num_tokens
+        passages, contexts = [], []
         for entry in entries:
-            positions = torch.arange(start, start + entry.num_tokens)
-            keys = torch.stack(
-                [
-                    engine.rotary.unrotate(
-                        k[0, :, start : start + entry.num_tokens], positions.expand(k.shape[1], -1), i
-                    )
-                    for i, (k, _) in enumerate(layers)
-                ]
-            )
-            values = torch.stack([v[0, :, start : start + entry.num_tokens] for _, v in layers])
-            exact = PassageKV.full(keys.contiguous(), values.contiguous())
-            segments.append(codec.parse(codec.encode(exact, engine.store.quant), engine.store.shape).dense())
+            passages.append(ids[start : start + entry.num_tokens])
+            contexts.append(ids[first:start])
             start += entry.num_tokens
+        segments = [
+            codec.parse(codec.encode(exact, engine.store.quant), engine.store.shape).dense()
+            for exact in encoder.encode(passages, contexts)
+        ]
         built = assemble(
             engine.lm.config,
             engine.rotary,
