@@ -488,8 +488,8 @@ def render_store_scale(results: Path) -> str:
             rows,
         ),
         "",
-        f"Medians over {meta['questions']} queries x {meta['repeats']} rounds, every store file read into the page "
-        f"cache first; served: {scale['block']} queries to one store, then the next, order rotating; "
+        f"Medians over {meta['questions']} queries x {meta['repeats']} rounds after one untimed pass of the same "
+        f"queries (page cache warm); served: {scale['block']} queries to one store, then the next, order rotating; "
         f"target: search + load at the largest store within {scale['target_total_vs_smallest']}x of the smallest. "
         + (
             f"Real segments: each size's search plus the median load of {scale['top_k']} random segments of "
