@@ -8,6 +8,7 @@ projections), then a backward pass from their cached keys and values into the Lo
 The student's question pass over the assembled cache (tens of tokens) comes on top. Prints the
 median of ``--repeats`` steps and the load average, and writes nothing.
 
+    pip install -e ".[train]"   # peft
     .venv/bin/python benchmarks/lora_step_cost.py --model smollm2-135m --threads 2
 """
 
