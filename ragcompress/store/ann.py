@@ -96,12 +96,9 @@ def _midpoint_queries(vectors: np.ndarray, queries: int, seed: int) -> np.ndarra
     return np.ascontiguousarray(q, dtype=np.float32)
 
 
-def recall_at_k(index: Any, k: int = RECALL_K, queries: int = RECALL_QUERIES, seed: int = 0) -> float | None:
-    """Mean fraction of the exact top-``k`` that ``index`` returns, over seeded midpoint queries.
-
-    The exact answer comes from a flat scan of the index's own stored vectors, so this measures
-    the approximation alone. None for an index with fewer than ``k`` vectors.
-    """
+def _exact_truth(index: Any, k: int, queries: int, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Seeded midpoint queries and the row ids of their exact top-``k`` (a flat scan of the
+    index's own stored vectors); None for an index with fewer than ``k`` vectors."""
     import faiss
 
     vectors = stored_vectors(index)
@@ -111,24 +108,39 @@ def recall_at_k(index: Any, k: int = RECALL_K, queries: int = RECALL_QUERIES, se
     exact = faiss.IndexFlatIP(index.d)
     exact.add(vectors)
     _, truth = exact.search(q, k)  # positions in the stored order
-    ids = faiss.vector_to_array(index.id_map)
-    _, found = index.search(q, k)
-    hits = sum(len(set(ids[t].tolist()) & set(f.tolist())) for t, f in zip(truth, found, strict=True))
-    return hits / (k * queries)
+    return q, faiss.vector_to_array(index.id_map)[truth]
+
+
+def _recall(index: Any, q: np.ndarray, truth: np.ndarray) -> float:
+    _, found = index.search(q, truth.shape[1])
+    hits = sum(len(set(t.tolist()) & set(f.tolist())) for t, f in zip(truth, found, strict=True))
+    return hits / truth.size
+
+
+def recall_at_k(index: Any, k: int = RECALL_K, queries: int = RECALL_QUERIES, seed: int = 0) -> float | None:
+    """Mean fraction of the exact top-``k`` that ``index`` returns, over seeded midpoint queries.
+
+    The exact answer comes from a flat scan of the index's own stored vectors, so this measures
+    the approximation alone. None for an index with fewer than ``k`` vectors.
+    """
+    found = _exact_truth(index, k, queries, seed)
+    return None if found is None else _recall(index, *found)
 
 
 def tune_nprobe(index: Any, target: float = RECALL_TARGET) -> tuple[int, float | None]:
     """Set an IVF index's ``nprobe`` to the smallest power of two whose recall@10 reaches
-    ``target`` (or to every cell); returns ``(nprobe, recall)``. Flat: ``(0, None)``, unchanged."""
+    ``target`` (or to every cell); returns ``(nprobe, recall)``. Flat: ``(0, None)``, unchanged.
+    The exact neighbours are computed once and every candidate is scored against them."""
     import faiss
 
     inner: Any = faiss.downcast_index(index.index)
     if not isinstance(inner, faiss.IndexIVF):
         return 0, None
+    found = _exact_truth(index, RECALL_K, RECALL_QUERIES, 0)
     nprobe = 1
     while True:
         inner.nprobe = nprobe
-        recall = recall_at_k(index)
+        recall = None if found is None else _recall(index, *found)
         if recall is None or recall >= target or nprobe >= inner.nlist:
             return nprobe, recall
         nprobe = min(2 * nprobe, inner.nlist)
