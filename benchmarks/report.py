@@ -439,6 +439,11 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:.1f}"
 
 
+def _range(row: dict, part: str) -> str:
+    low, high = row[f"{part}_vs_smallest_range"]
+    return f"{low:.2f}–{high:.2f}"
+
+
 def render_store_scale(results: Path) -> str:
     """Stores at 1k..100k passages (``store_scale.json``) and Ray against one process
     (``ray_throughput.json``), both from ``benchmarks/store_scale.py``."""
@@ -458,7 +463,7 @@ def render_store_scale(results: Path) -> str:
                 f"{r['search_ms']:.3f}",
                 f"{r['load_ms']:.3f}",
                 f"{r['total_ms']:.3f} (p90 {r['total_p90_ms']:.3f})",
-                f"{r['total_vs_smallest']:.2f}x",
+                f"{r['total_vs_smallest']:.2f}x ({_range(r, 'total')})",
                 f"{r['interleaved_ms']:.3f} ({r['interleaved_vs_smallest']:.2f}x)",
                 f"{r['with_real_segments_vs_smallest']:.2f}x" if "with_real_segments_vs_smallest" in r else "–",
                 f"{r['reload_ms']:.3f}",
@@ -477,7 +482,7 @@ def render_store_scale(results: Path) -> str:
                 "search (ms)",
                 f"load top-{scale['top_k']} (ms)",
                 "search + load (ms)",
-                "vs smallest",
+                "vs smallest (range over processes)",
                 "interleaved query by query (ms, vs smallest)",
                 "with real segments, estimated (vs smallest)",
                 "same segment again (ms)",
@@ -489,7 +494,8 @@ def render_store_scale(results: Path) -> str:
         ),
         "",
         f"Medians over {meta['questions']} queries x {meta['repeats']} rounds after one untimed pass of the same "
-        f"queries (page cache warm); served: {scale['block']} queries to one store, then the next, order rotating; "
+        f"queries (page cache warm), in each of {scale['processes']} fresh processes; times and ratios are the "
+        f"medians over the processes. Served: {scale['block']} queries to one store, then the next, order rotating; "
         f"target: search + load at the largest store within {scale['target_total_vs_smallest']}x of the smallest. "
         + (
             f"Real segments: each size's search plus the median load of {scale['top_k']} random segments of "

@@ -279,24 +279,14 @@ def build_stores(sizes: list[int]) -> None:
     print(json.dumps(seconds))
 
 
-def run_scale(sizes: list[int], n_queries: int, rounds: int) -> dict[str, Any]:
+def time_stores(sizes: list[int], n_queries: int, rounds: int) -> None:
+    """Child process of :func:`run_scale`: opens the stores (never builds them, as a server),
+    times them and prints ``{size: {part: median ms, part_p90: ms}}``."""
     from ragcompress.store import KVStore
     from ragcompress.testing import HashEmbedder
 
-    info = meta("synthetic", "tiny random llama (2 layers, 2 kv heads, head_dim 16)", 1, rounds, n_queries)
-    # Built (or brought up to date) in a child process: this one only opens and queries, as a
-    # server does. In the process that had just rebuilt the 10k and 100k indexes, 100k searches
-    # timed 1.57 ms against 0.54-0.71 ms in fresh processes (cause not isolated; the build's
-    # large temporary arrays leave the heap and page tables in another state than a server's).
-    out = subprocess.run(
-        [sys.executable, __file__, "build", "--sizes", ",".join(map(str, sizes))],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    built = {int(k): (RUNS / f"scale-{k}", v) for k, v in json.loads(out.strip().splitlines()[-1]).items()}
     vectors = HashEmbedder(DIM).embed(queries(n_queries))
-    stores = {size: KVStore.open(built[size][0]) for size in sizes}
+    stores = {size: KVStore.open(RUNS / f"scale-{size}") for size in sizes}
     # Warm-up: one untimed pass of the same queries, so the timed rounds read page-cached
     # segments and catalogue pages, as a server does once its working set is cached. (Reading
     # every store file into the page cache first instead, 4 GB at 100k, slowed the 100k searches
@@ -338,36 +328,78 @@ def run_scale(sizes: list[int], n_queries: int, rounds: int) -> dict[str, Any]:
             for size in sizes[(i + r) % len(sizes) :] + sizes[: (i + r) % len(sizes)]:
                 search, load, _ = query(stores[size], vector)
                 timings[size]["interleaved"].append(search + load)
+    summary = {
+        size: {
+            **{part: statistics.median(values) for part, values in parts.items()},
+            **{f"{part}_p90": float(np.percentile(values, 90)) for part, values in parts.items()},
+        }
+        for size, parts in timings.items()
+    }
+    print(json.dumps(summary))
+
+
+def run_scale(sizes: list[int], n_queries: int, rounds: int, processes: int) -> dict[str, Any]:
+    from ragcompress.store import KVStore
+    from ragcompress.testing import HashEmbedder
+
+    info = meta("synthetic", "tiny random llama (2 layers, 2 kv heads, head_dim 16)", 1, rounds, n_queries)
+    # Built (or brought up to date) in a child process, and timed in `processes` fresh ones: a
+    # timing process only opens and queries, as a server does. The same code and stores gave
+    # 100k searches of 0.5-3 ms from one process to the next (the host's memory state: in the
+    # process that had just rebuilt the indexes 1.6 ms, after reading 4 GB into the page cache
+    # 3.1 ms), so one process is one sample and the figures below are medians over processes.
+    sizes_arg = ",".join(map(str, sizes))
+    out = subprocess.run(
+        [sys.executable, __file__, "build", "--sizes", sizes_arg], capture_output=True, text=True, check=True
+    ).stdout
+    built = {int(k): v for k, v in json.loads(out.strip().splitlines()[-1]).items()}
+    samples = []
+    for _ in range(processes):
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "time",
+                "--sizes",
+                sizes_arg,
+                "--queries",
+                str(n_queries),
+                "--rounds",
+                str(rounds),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        samples.append({int(k): v for k, v in json.loads(out.strip().splitlines()[-1]).items()})
+    vectors = HashEmbedder(DIM).embed(queries(n_queries))
+    smallest = sizes[0]
     rows = []
     for size in sizes:
-        opened = stores[size]
-        row: dict[str, Any] = {"passages": size, "build_s": built[size][1], "index": opened.manifest.index}
-        for part, values in timings[size].items():
-            row[f"{part}_ms"] = statistics.median(values)
-            row[f"{part}_p90_ms"] = float(np.percentile(values, 90))
-        row["query_recall_at_10"] = _recall(opened, vectors)
-        row["disk_bytes"] = _disk(opened.path)
+        with KVStore.open(RUNS / f"scale-{size}") as opened:
+            row: dict[str, Any] = {"passages": size, "build_s": built[size], "index": opened.manifest.index}
+            for part in samples[0][size]:
+                row[f"{part}_ms"] = statistics.median(sample[size][part] for sample in samples)
+            for part in ("total", "search", "load", "interleaved"):
+                ratios = [sample[size][part] / sample[smallest][part] for sample in samples]
+                row[f"{part}_vs_smallest"] = statistics.median(ratios)
+                row[f"{part}_vs_smallest_range"] = [min(ratios), max(ratios)]
+            row["query_recall_at_10"] = _recall(opened, vectors)
+            row["disk_bytes"] = _disk(opened.path)
         row["segment_bytes_mean"] = row["disk_bytes"]["shards"] / size
+        row.update(_open_cost(RUNS / f"scale-{size}"))
         rows.append(row)
-    for opened in stores.values():
-        opened.close()
-    for row in rows:
-        row.update(_open_cost(RUNS / f"scale-{row['passages']}"))
     real = _real_segment_load_ms(n_queries)
-    smallest = rows[0]
     for row in rows:
         if real is not None:  # the measured search of this size plus a real top-3 load (see above)
-            row["with_real_segments_vs_smallest"] = (row["search_ms"] + real) / (smallest["search_ms"] + real)
-        row["total_vs_smallest"] = row["total_ms"] / smallest["total_ms"]
-        row["search_vs_smallest"] = row["search_ms"] / smallest["search_ms"]
-        row["load_vs_smallest"] = row["load_ms"] / smallest["load_ms"]
-        row["interleaved_vs_smallest"] = row["interleaved_ms"] / smallest["interleaved_ms"]
+            row["with_real_segments_vs_smallest"] = (row["search_ms"] + real) / (rows[0]["search_ms"] + real)
     info["load_after"] = list(os.getloadavg())
     return {
         "meta": info,
         "top_k": TOP_K,
         "dim": DIM,
         "block": BLOCK,
+        "processes": processes,
         "real_segment_store": str(REAL_STORE.relative_to(ROOT)),
         "real_segment_load_ms": real,
         "page_cache": "one untimed pass of the same queries before timing",
@@ -616,6 +648,11 @@ def main() -> None:
     scale.add_argument("--sizes", default="1000,10000,100000")
     scale.add_argument("--queries", type=int, default=200)
     scale.add_argument("--rounds", type=int, default=3)
+    scale.add_argument("--processes", type=int, default=3, help="fresh timing processes (medians over them)")
+    tm = sub.add_parser("time")
+    tm.add_argument("--sizes", default="1000,10000,100000")
+    tm.add_argument("--queries", type=int, default=200)
+    tm.add_argument("--rounds", type=int, default=3)
     tp = sub.add_parser("throughput")
     tp.add_argument("--sizes", default="16,64")
     tp.add_argument("--rounds", type=int, default=3)
@@ -635,9 +672,12 @@ def main() -> None:
     if args.command == "build":
         build_stores([int(s) for s in args.sizes.split(",")])
         return
+    if args.command == "time":
+        time_stores([int(s) for s in args.sizes.split(",")], args.queries, args.rounds)
+        return
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.command == "scale":
-        result = run_scale([int(s) for s in args.sizes.split(",")], args.queries, args.rounds)
+        result = run_scale([int(s) for s in args.sizes.split(",")], args.queries, args.rounds, args.processes)
         (RESULTS / "store_scale.json").write_text(json.dumps(result, indent=2) + "\n")
     elif args.command == "throughput":
         result = run_throughput([int(s) for s in args.sizes.split(",")], args.rounds, args.batch_size)
