@@ -38,16 +38,15 @@ from typing import Any
 
 import numpy as np
 
-from ragcompress.distill.adaptor import check_store_adaptor, resolve_adaptor
+from ragcompress.distill.adaptor import resolve_adaptor
 from ragcompress.errors import InputError, StoreError
 from ragcompress.indexing.config import IndexConfig
 from ragcompress.indexing.indexer import Indexer
 from ragcompress.indexing.inputs import PassageInput, iter_passages, validate
-from ragcompress.indexing.run import IndexReport, _batches, attach_basis, settings_for
+from ragcompress.indexing.run import IndexReport, _batches, create_store_for, run_indexer, settings_for
 from ragcompress.kv.lowrank import RankSpec
 from ragcompress.models import LoadedModel, load_model
-from ragcompress.store import KVStore, Manifest, StoreWriter, create_store
-from ragcompress.store.basis import basis_to_bytes
+from ragcompress.store import KVStore, Manifest, StoreWriter
 from ragcompress.store.kvstore import catalogue_row
 from ragcompress.store.shards import ClaimedShards
 
@@ -235,17 +234,10 @@ def index_on_ray(
         raise InputError(
             "--context-neighbors: not supported by --ray yet (it needs the whole input's neighbours); index in one process"
         )
-    indexer = Indexer.from_config(lm, config, embedder)
-    spec = config.rank_spec()
-    if spec is not None:  # the driver fits (or, resuming, reads) the basis; actors read it from the store
-        indexer = attach_basis(indexer, config, spec, input_path, store_path if exists else None)
-    if exists:
-        stored_manifest = Manifest.read(store_path)
-        check_store_adaptor(stored_manifest.encoding.get("adaptor"), indexer.manifest.encoding.get("adaptor"))
-        stored_manifest.check_same_build(indexer.manifest)
-    else:
-        basis = basis_to_bytes(indexer.basis) if indexer.basis is not None else None
-        create_store(store_path, indexer.manifest, indexer.prefix_kv, basis)
+    # The driver fits (or, resuming, reads) the basis; actors read it back from the store.
+    indexer = run_indexer(lm, config, embedder, input_path, store_path if exists else None)
+    if not exists:
+        create_store_for(store_path, indexer)
 
     indexed = 0
     with StoreWriter(store_path) as writer:  # the lock, held to the end; repairs a killed run's shards

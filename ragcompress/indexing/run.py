@@ -67,6 +67,29 @@ def settings_for(
     return config or config_from_manifest(manifest), model or manifest.model_ref
 
 
+def run_indexer(
+    lm: LoadedModel, config: IndexConfig, embedder: Embedder | None, input_path: Path, existing: Path | None
+) -> Indexer:
+    """The indexer of one run (one process or a Ray driver): built from ``config``, with its
+    low-rank basis (the ``existing`` store's when resuming, else fitted), and refused when an
+    ``existing`` store was built with another adaptor or other settings."""
+    indexer = Indexer.from_config(lm, config, embedder)
+    spec = config.rank_spec()
+    if spec is not None:
+        indexer = attach_basis(indexer, config, spec, input_path, existing)
+    if existing is not None:
+        stored = Manifest.read(existing)
+        check_store_adaptor(stored.encoding.get("adaptor"), indexer.manifest.encoding.get("adaptor"))
+        stored.check_same_build(indexer.manifest)
+    return indexer
+
+
+def create_store_for(target: Path, indexer: Indexer) -> None:
+    """A new store at ``target`` for ``indexer``: its manifest, prefix cache and basis (if any)."""
+    basis = basis_to_bytes(indexer.basis) if indexer.basis is not None else None
+    create_store(target, indexer.manifest, indexer.prefix_kv, basis)
+
+
 def attach_basis(
     indexer: Indexer, config: IndexConfig, spec: RankSpec, input_path: Path, existing: Path | None
 ) -> Indexer:
@@ -114,18 +137,10 @@ def index(
         raise StoreError(f"{store_path} is not a ragcompress store; refusing to overwrite it")
     config, model = settings_for(store_path if exists and not overwrite else None, config, model)
     lm = lm or load_model(model)
-    indexer = Indexer.from_config(lm, config, embedder)
-    spec = config.rank_spec()
-    if spec is not None:  # a low-rank store: its basis (from the store when resuming, else fitted)
-        indexer = attach_basis(indexer, config, spec, input_path, store_path if exists and not overwrite else None)
-    manifest = indexer.manifest
+    indexer = run_indexer(lm, config, embedder, input_path, store_path if exists and not overwrite else None)
 
     target = store_path
-    if exists and not overwrite:
-        stored_manifest = Manifest.read(store_path)
-        check_store_adaptor(stored_manifest.encoding.get("adaptor"), manifest.encoding.get("adaptor"))
-        stored_manifest.check_same_build(manifest)
-    elif store_path.exists() and not exists and not overwrite and any(store_path.iterdir()):
+    if store_path.exists() and not exists and not overwrite and any(store_path.iterdir()):
         raise StoreError(f"{store_path} exists and is not a ragcompress store; choose an empty or new --store")
     old_lock = None
     if overwrite and exists:  # hold the old store's writer lock until the new one replaces it
@@ -136,8 +151,7 @@ def index(
         store_path.rmdir()  # an empty directory (checked above)
 
     if not (target / "manifest.json").is_file():
-        basis = basis_to_bytes(indexer.basis) if indexer.basis is not None else None
-        create_store(target, manifest, indexer.prefix_kv, basis)
+        create_store_for(target, indexer)
 
     indexed = skipped = 0
     bar = None
