@@ -317,13 +317,9 @@ def _build_examples(
         if q.id not in done:
             passages = [distiller.tokens.passage(corpus.passages[i].text) for i in rows]
             done[q.id] = distiller.teacher(q.id, passages, q.question, keep_full)
-            _atomic_save([asdict(e) for e in done.values()], partial)
+            save_tree([asdict(e) for e in done.values()], partial)
         examples.append(done[q.id])
     return examples
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    save_tree(obj, path)
 
 
 def validation_loss(distiller: Distiller, examples: list[Example]) -> dict[str, float]:
@@ -424,7 +420,7 @@ def train(
             out / "teacher-val.part",
             True,
         )
-        _atomic_save(
+        save_tree(
             {"train": [asdict(e) for e in train_examples], "val": [asdict(e) for e in val_examples]}, teacher_path
         )
 
@@ -445,7 +441,7 @@ def train(
         history["val"].append({"step": 0, **validation_loss(distiller, val_examples)})
 
     def save_checkpoint(step: int) -> None:
-        _atomic_save(
+        save_tree(
             {
                 "step": step,
                 "elapsed": elapsed,
