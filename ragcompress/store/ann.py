@@ -6,8 +6,8 @@ Above it the index is an inverted file (``IndexIVFFlat``, inner product): k-mean
 (:func:`nlist_for`), of which a query scans the ``nprobe`` nearest. Its cost per query is the
 centroid scan plus ``nprobe`` cells of contiguous vectors, so at 100k passages it stays within a
 few tenths of a millisecond of a 1k flat scan (``benchmarks/store_scale.py``); an HNSW graph
-(the previous choice) visits thousands of vectors scattered over memory, costs about twice as
-much per query, recalled less on the same queries, and took 20x longer to build.
+(the previous choice) visits thousands of vectors scattered over memory, cost as much or up to
+about twice as much per query, recalled less on the same queries, and took 20x longer to build.
 
 ``nprobe`` is not guessed: :func:`tune_nprobe` picks the smallest power of two whose recall@10
 against an exact scan reaches :data:`RECALL_TARGET` on seeded midpoint queries, at build time,
