@@ -48,13 +48,15 @@ from ragcompress.store import codec
 from common import SQUAD, results_meta
 
 MAX_NEW_TOKENS = 32  # the answers compared (SmolLM2 answers in sentences; the gold often comes late)
-# name -> (adaptor?, method, ratio, quant)
-SETTINGS = {
-    "plain reuse": (False, "none", None, "none"),
-    "adaptor": (True, "none", None, "none"),
-    "global:kvzip 0.25 int4": (False, "global:kvzip", 0.25, "int4"),
-    "adaptor + global:learned 0.25 int4": (True, "global:learned", 0.25, "int4"),
-    "adaptor + global:kvzip 0.25 int4": (True, "global:kvzip", 0.25, "int4"),
+# name -> (adaptor: None | "trained" (OUT/adaptor) | "compare" (--compare-adaptor), method, ratio, quant)
+SETTINGS: dict[str, tuple[str | None, str, float | None, str]] = {
+    "plain reuse": (None, "none", None, "none"),
+    "adaptor": ("trained", "none", None, "none"),
+    "compared adaptor": ("compare", "none", None, "none"),
+    "global:kvzip 0.25 int4": (None, "global:kvzip", 0.25, "int4"),
+    "adaptor + global:learned 0.25 int4": ("trained", "global:learned", 0.25, "int4"),
+    "adaptor + global:kvzip 0.25 int4": ("trained", "global:kvzip", 0.25, "int4"),
+    "compared adaptor + global:kvzip 0.25 int4": ("compare", "global:kvzip", 0.25, "int4"),
 }
 
 
@@ -153,7 +155,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="the training folder (teacher.safetensors, adaptor/)")
     parser.add_argument("--model", default=None)
     parser.add_argument("--questions", type=Path, default=SQUAD / "questions.jsonl")
-    parser.add_argument("--settings", nargs="*", default=list(SETTINGS))
+    parser.add_argument(
+        "--compare-adaptor",
+        type=Path,
+        default=None,
+        help="another adaptor folder for the same model (e.g. the other kind), measured as 'compared adaptor' rows",
+    )
+    parser.add_argument("--settings", nargs="*", default=None, help="default: every setting the adaptors allow")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cost-repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, required=True)
@@ -167,9 +175,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    if args.settings is None:
+        args.settings = [name for name, row in SETTINGS.items() if row[0] != "compare" or args.compare_adaptor]
     lm = load_model(args.model)
-    needs_adaptor = args.cost_repeats > 0 or any(SETTINGS[name][0] for name in args.settings)
+    needs_adaptor = args.cost_repeats > 0 or any(SETTINGS[name][0] == "trained" for name in args.settings)
     adaptor = Adaptor.load(args.out / "adaptor") if needs_adaptor else None
+    compared = Adaptor.load(args.compare_adaptor) if args.compare_adaptor else None
+    adaptors = {"trained": adaptor, "compare": compared, None: None}
     template = PromptTemplate.from_tokenizer(lm.tokenizer)
     examples = [Example(**e) for e in load_tree(args.out / "teacher.safetensors")["val"]]
     golds = {q.id: q.answers for q in read_questions(args.questions)}
@@ -208,6 +220,12 @@ def main() -> None:
                 "load": os.getloadavg(),
                 "sample": "held-out articles " + ", ".join(adaptor_meta.get("val_articles", [])),
                 "adaptor_hash": adaptor.hash if adaptor else earlier.get("meta", {}).get("adaptor_hash"),
+                "adaptor_kind": adaptor.kind if adaptor else earlier.get("meta", {}).get("adaptor_kind"),
+                "compared_adaptor": (
+                    {"hash": compared.hash, "kind": compared.kind, "metrics": compared.meta.get("metrics")}
+                    if compared
+                    else earlier.get("meta", {}).get("compared_adaptor")
+                ),
             },
             "adaptor": adaptor_meta,
             "full_prefill": {
@@ -223,10 +241,10 @@ def main() -> None:
         return rows
 
     for name in args.settings:
-        use_adaptor, method, ratio, quant = SETTINGS[name]
-        encoder = PassageEncoder(lm, template, adaptor if use_adaptor else None)
-        if use_adaptor:
-            assert adaptor is not None
+        which, method, ratio, quant = SETTINGS[name]
+        if which is not None and adaptors[which] is None:
+            raise SystemExit(f"setting {name!r} needs {'--compare-adaptor' if which == 'compare' else 'OUT/adaptor'}")
+        encoder = PassageEncoder(lm, template, adaptors[which])
         kls, agree, ems, answers = [], [], [], []
         for example, full in zip(examples, full_answers, strict=True):
             kl, answer = measure(encoder, example, segments(encoder, example.passages, method, ratio, quant), stop_ids)
@@ -235,7 +253,7 @@ def main() -> None:
             ems.append(sub_em(decode(answer), golds[example.qid]))
             answers.append(decode(answer))
         rows[name] = {
-            "adaptor": use_adaptor,
+            "adaptor": which,
             "method": method,
             "ratio": ratio or 1.0,
             "quant": quant,

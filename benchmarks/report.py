@@ -841,9 +841,16 @@ def render_distill(results: Path) -> str:
         rows.append(["full prefill (reference)", "1", "-", "0", "1.00", f"{full:.2f} (100 %)"])
         meta, metrics = data["meta"], data["adaptor"]["metrics"]
         header = ["setting", "ratio", "quant", "KL to full (answer)", "agreement", "sub-EM (% of full)"]
+        kinds = f"'adaptor': kind {meta.get('adaptor_kind') or 'cache'}"
+        compared = meta.get("compared_adaptor")
+        if compared:
+            kinds += (
+                f"; 'compared adaptor': kind {compared['kind']} ({compared['hash'][:12]}, "
+                f"{compared['metrics']['steps']} steps)"
+            )
         parts.append(
             f"{model_name(meta['model'])}, {meta['questions']} questions of {meta['sample']} "
-            f"(load average {meta['load'][0]:.0f} on 2 cores):\n\n" + table(header, rows)
+            f"(load average {meta['load'][0]:.0f} on 2 cores; {kinds}):\n\n" + table(header, rows)
         )
         train = (
             f"Training: {metrics['steps']} steps in {metrics['train_minutes']:.0f} min on "

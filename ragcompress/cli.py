@@ -261,6 +261,12 @@ def train(
     batch: int = typer.Option(4, "--batch", min=1, help="examples per optimizer step"),
     lr: float = typer.Option(3e-4, "--lr"),
     rank: int = typer.Option(8, "--rank", min=1),
+    kind: str = typer.Option(
+        "forward",
+        "--kind",
+        help="'forward': LoRA layers inside the passage forward (peft); 'cache': a correction of the cached "
+        "keys and values only (the first, cheaper design; docs/distill.md)",
+    ),
     train_questions: int = typer.Option(0, "--train-questions", min=0, help="0: all training questions"),
     val_examples: int = typer.Option(16, "--val-examples", min=1),
     continuation: int = typer.Option(32, "--continuation", min=1, help="reconstruction tokens per example"),
@@ -284,6 +290,7 @@ def train(
         lr=lr,
         rank=rank,
         alpha=2 * rank,
+        kind=kind,
         train_questions=train_questions,
         val_examples=val_examples,
         continuation=continuation,

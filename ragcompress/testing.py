@@ -91,16 +91,16 @@ class HashEmbedder:
         return np.ascontiguousarray(out / np.maximum(norms, 1e-12), dtype=np.float32)
 
 
-def noisy_adaptor(model: Any, seed: int, scorer: bool = False) -> Any:
-    """A passage adaptor with small random non-zero factors (what training produces), optionally
-    with a learned retention scorer: changes every cache, deterministically for ``seed``."""
+def noisy_adaptor(model: Any, seed: int, scorer: bool = False, kind: str = "forward") -> Any:
+    """A passage adaptor of ``kind`` with small random non-zero factors (what training produces),
+    optionally with a learned retention scorer: changes every cache, deterministically for ``seed``."""
     import torch
 
-    from ragcompress.distill.adaptor import FACTORS, SCORER_BIAS, SCORER_WEIGHT, Adaptor
+    from ragcompress.distill.adaptor import SCORER_BIAS, SCORER_WEIGHT, Adaptor
 
-    adaptor = Adaptor.initial(model, rank=4, alpha=8, seed=seed)
+    adaptor = Adaptor.initial(model, rank=4, alpha=8, seed=seed, kind=kind)
     gen = torch.Generator().manual_seed(seed)
-    for name in FACTORS:
+    for name in sorted(adaptor.tensors):
         adaptor.tensors[name] = torch.randn(adaptor.tensors[name].shape, generator=gen) * 0.05
     if scorer:
         config = model.config

@@ -1,6 +1,8 @@
 """Learned passage caches (KV-Distill, ``ragcompress.distill``) on a tiny random model.
 
-Anchors: an adaptor of zeros is the base store bit for bit; a trained adaptor changes the caches
+Both adaptor kinds (``forward``: peft LoRA inside the passage forward; ``cache``: a correction of
+the cached keys and values) are held to the same anchors. An adaptor of zeros is the base store
+bit for bit; a trained adaptor changes the caches
 and round-trips through its files exactly; a store refuses caches of another adaptor (or of
 none); one optimizer step lowers the distillation loss on its batch; the learned scorer keeps
 exactly the budget, and its fit recovers a linear target.
@@ -11,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ragcompress.distill.adaptor import FACTORS, Adaptor
+from ragcompress.distill.adaptor import Adaptor
 from ragcompress.distill.scorer import fit
 from ragcompress.distill.train import Distiller
 from ragcompress.errors import StoreMismatchError
@@ -30,14 +32,18 @@ def blobs(store_path) -> dict[str, str]:
         return {e.id: (store.read_segment(e), e.checksum)[1] for e in store.catalogue.entries()}
 
 
+KINDS = ["forward", "cache"]
+
+
 @pytest.fixture(scope="module")
 def lm(tiny_model_dir):
     return load_model(str(tiny_model_dir("llama")))
 
 
-def test_zero_adaptor_is_the_base_store_bit_for_bit(lm, tmp_path, passages_file, embedder):
-    zero = Adaptor.initial(lm.model, rank=4, alpha=8).save(tmp_path / "zero")
-    trained = noisy_adaptor(lm.model, 1).save(tmp_path / "trained")
+@pytest.mark.parametrize("kind", KINDS)
+def test_zero_adaptor_is_the_base_store_bit_for_bit(lm, tmp_path, passages_file, embedder, kind):
+    zero = Adaptor.initial(lm.model, rank=4, alpha=8, kind=kind).save(tmp_path / "zero")
+    trained = noisy_adaptor(lm.model, 1, kind=kind).save(tmp_path / "trained")
     common = dict(model=lm.ref, lm=lm, embedder=embedder, batch_size=3)
     index(passages_file, tmp_path / "base", config=IndexConfig(quant="int8"), **common)
     index(passages_file, tmp_path / "zero-store", config=IndexConfig(quant="int8", adaptor=str(zero)), **common)
@@ -48,8 +54,9 @@ def test_zero_adaptor_is_the_base_store_bit_for_bit(lm, tmp_path, passages_file,
         assert store.manifest.encoding["adaptor"] == Adaptor.load(trained).hash
 
 
-def test_adaptor_round_trips_to_identical_caches(lm, tmp_path):
-    adaptor = noisy_adaptor(lm.model, 2, scorer=True)
+@pytest.mark.parametrize("kind", KINDS)
+def test_adaptor_round_trips_to_identical_caches(lm, tmp_path, kind):
+    adaptor = noisy_adaptor(lm.model, 2, scorer=True, kind=kind)
     loaded = Adaptor.load(adaptor.save(tmp_path / "a"))
     assert loaded.hash == adaptor.hash and loaded.has_scorer
     template = PromptTemplate.from_tokenizer(lm.tokenizer)
@@ -86,15 +93,30 @@ def test_adaptor_for_another_model_is_refused(lm, tmp_path):
         PassageEncoder(lm, PromptTemplate.from_tokenizer(lm.tokenizer), adaptor)
 
 
-def test_one_training_step_lowers_the_loss_on_its_batch(lm):
+def test_forward_adaptor_is_on_only_while_passages_are_encoded(lm):
+    """The answering model stays the base model: after a forward adaptor encoded passages (its
+    LoRA layers injected into the shared model), full prefill gives the base logits bit for bit."""
+    ids = torch.tensor([[5, 17, 42, 9, 33, 7]])
+    with torch.no_grad():
+        before = lm.model(ids).logits
+    template = PromptTemplate.from_tokenizer(lm.tokenizer)
+    encoder = PassageEncoder(lm, template, noisy_adaptor(lm.model, 7))
+    base = PassageEncoder(lm, template).encode([[5, 17, 42]])[0]
+    adapted = encoder.encode([[5, 17, 42]])[0]
+    assert not torch.equal(adapted.values, base.values)
+    with torch.no_grad():
+        assert torch.equal(lm.model(ids).logits, before)
+    assert torch.equal(PassageEncoder(lm, template).encode([[5, 17, 42]])[0].keys, base.keys)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_training_step_lowers_the_loss_on_its_batch(lm, kind):
     torch.manual_seed(0)
-    adaptor = Adaptor.initial(lm.model, rank=4, alpha=8)
+    adaptor = Adaptor.initial(lm.model, rank=4, alpha=8, kind=kind)
     distiller = Distiller(lm, adaptor, teacher_top=16, continuation=8)
     texts = ["Melbourne is the sporting capital of Australia.", "Apollo 11 landed on the Moon in 1969."]
     example = distiller.teacher("q", [distiller.tokens.passage(t) for t in texts], "Where did Apollo 11 land?")
-    params = {name: torch.nn.Parameter(adaptor.tensors[name].clone()) for name in FACTORS}
-    adaptor.tensors.update(params)
-    optimizer = torch.optim.SGD(list(params.values()), lr=1.0)
+    optimizer = torch.optim.SGD(distiller.trainable(), lr=1.0)
     qa, cont = distiller.losses(example)
     before = float((qa + cont).detach())
     assert before > 0  # independently encoded caches differ from full prefill
@@ -157,3 +179,28 @@ def test_packaged_adaptor_loads_by_name_and_records_its_provenance():
     assert not set(meta["train_articles"]) & set(meta["val_articles"])
     with pytest.raises(Exception, match="no adaptor is packaged"):
         resolve_adaptor("default", "qwen2.5-coder-0.5b")
+
+
+def test_train_saves_a_loadable_adaptor_and_resumes_from_its_checkpoint(lm, tmp_path):
+    """`ragcompress train` end to end on a tiny model: teacher examples, steps, checkpoint, scorer,
+    adaptor folder, history and plot; a second call with more steps resumes where the first ended."""
+    import dataclasses
+    import json
+
+    from ragcompress.data import SAMPLE_PASSAGES, SAMPLE_QUESTIONS
+    from ragcompress.distill.train import TrainConfig, train
+
+    config = TrainConfig(
+        top_k=2, rank=2, alpha=4, steps=2, batch=1, train_questions=2, val_examples=1, continuation=4,
+        scorer_passages=2, eval_every=1, checkpoint_every=1, val_articles=["Apollo_program"],
+    )  # fmt: skip
+    out = tmp_path / "run"
+    first = train(lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, dataclasses.replace(config), progress=False)
+    assert first.kind == "forward" and first.has_scorer and first.meta["metrics"]["steps"] == 2
+    assert first.meta["val_articles"] == ["Apollo_program"] and "Apollo_program" not in first.meta["train_articles"]
+    resumed = train(lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, dataclasses.replace(config, steps=3), progress=False)
+    history = json.loads((out / "history.json").read_text())
+    assert [row["step"] for row in history["train"]] == [1, 2, 3]
+    assert resumed.meta["metrics"]["steps"] == 3 and (out / "loss.png").is_file()
+    loaded = Adaptor.load(out / "adaptor")
+    assert loaded.hash == resumed.hash != first.hash

@@ -1,25 +1,31 @@
-"""A learned passage adaptor (KV-Distill): low-rank corrections of the key and value
-projections, applied only to the caches of passages, and optionally a learned token-retention
-scorer; saved as safetensors + a JSON config.
+"""A learned passage adaptor (KV-Distill), used only while passages are encoded, and optionally a
+learned token-retention scorer; saved as safetensors + a JSON config.
 
-For every layer ``l`` the adaptor holds LoRA factors of ``k_proj`` and ``v_proj``::
+Two kinds, recorded as ``settings["kind"]``:
+
+``forward`` (what ``ragcompress train`` makes): peft LoRA layers on the model's linear
+projections (``settings["modules"]``), active only inside the passage forward. A correction in
+layer ``l`` changes the passage's hidden states, so it reaches every later layer's keys and
+values -- the design the KV-Distill paper uses. The tensors are peft's own adapter state dict
+(``model.layers.0.self_attn.q_proj.lora_A.weight`` ...), injected into the loaded model under a
+name derived from the adaptor's hash and switched on only for the duration of
+:meth:`Adaptor.encoding`; everything else the model runs (prefix, question, decoding, the
+full-prefill baseline) is the base model.
+
+``cache`` (the first version; adaptors without a ``kind`` are of this kind): LoRA factors of
+``k_proj`` and ``v_proj`` added to what is cached, not fed to the next layer::
 
     K_cache = k_proj(x_l) + (alpha / rank) * B_k[l] @ A_k[l] @ x_l      (likewise V)
 
-where ``x_l`` is the input of the layer's key/value projections in the *base* model's forward
-over the passage. The forward itself is the base model's: the correction is added to what is
-cached, not fed to the next layer. Two reasons: the answering model reads only the cache, so the
-cache is the only thing worth changing; and the base forward over a passage can then be computed
-once and reused by every training step (on two shared CPU cores a backward pass through the
-whole passage forward at every step does not fit the training budget; measured in docs/distill.md).
-Indexing costs the base forward plus two ``rank``-wide matrix products per layer.
+``x_l`` being the input of the layer's key/value projections in the base forward. It was chosen
+because a backward pass through the passage forward looked unaffordable on these CPUs (a
+measurement taken under heavy contention; docs/distill.md has the re-measurement). Kept so that
+stores built with it stay readable and extendable.
 
-The answering model stays the base model: the prefix, the question, decoding and the
-full-prefill baseline never see the adaptor. An adaptor of zeros (``B = 0``, how training
-starts) leaves every cache bit for bit as the base model makes it.
-
-An adaptor is identified by :attr:`Adaptor.hash`: the sha256 of its settings and tensors (not
-of its metrics). A store records that hash in its manifest and refuses another adaptor's caches.
+An adaptor of zeros (``B = 0``, how training starts) leaves every cache bit for bit as the base
+model makes it, for both kinds. An adaptor is identified by :attr:`Adaptor.hash`: the sha256 of
+its settings and tensors (not of its metrics). A store records that hash in its manifest and
+refuses another adaptor's caches.
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +48,9 @@ from ragcompress.kv import PassageKV
 
 WEIGHTS = "adaptor.safetensors"
 CONFIG = "adaptor.json"
-FACTORS = ("k_A", "k_B", "v_A", "v_B")  # A: [layers, rank, hidden]; B: [layers, kv_heads * head_dim, rank]
+FACTORS = ("k_A", "k_B", "v_A", "v_B")  # kind "cache": A [layers, rank, hidden]; B [layers, kv_heads * head_dim, rank]
+# kind "forward": LoRA on every linear projection of the decoder layers (attention and MLP)
+FORWARD_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SCORER_WEIGHT = "scorer.weight"  # [layers, kv_heads, 2 * head_dim]: over (un-rotated key, value)
 SCORER_BIAS = "scorer.bias"  # [layers, kv_heads]
 # Packaged adaptors: ragcompress/distill/adaptors/<model name>/ (``--adaptor default``).
@@ -94,16 +105,50 @@ class Adaptor:
 
     # -- creation, saving, loading ----------------------------------------------------------------
 
+    @property
+    def kind(self) -> str:
+        return str(self.settings.get("kind", "cache"))
+
+    @property
+    def lora_tensors(self) -> dict[str, torch.Tensor]:
+        """The LoRA factors (the scorer's tensors left out)."""
+        return {name: t for name, t in self.tensors.items() if not name.startswith("scorer.")}
+
     @classmethod
-    def initial(cls, model: Any, rank: int = 8, alpha: int = 16, seed: int = 0) -> Adaptor:
+    def initial(
+        cls,
+        model: Any,
+        rank: int = 8,
+        alpha: int = 16,
+        seed: int = 0,
+        kind: str = "forward",
+        modules: tuple[str, ...] = FORWARD_MODULES,
+    ) -> Adaptor:
         """A fresh adaptor for ``model``: ``A`` as LoRA initialises it (Kaiming-uniform), ``B = 0``,
-        so it changes nothing until trained -- the adaptor of zeros training starts from."""
+        so it changes nothing until trained -- the adaptor of zeros training starts from. The
+        model is only read (no layers are injected)."""
+        gen = torch.Generator().manual_seed(seed)
+        if kind == "forward":
+            tensors = {}
+            for name, module in model.named_modules():
+                if name.rsplit(".", 1)[-1] not in modules or ".layers." not in name:
+                    continue
+                linear = module.get_base_layer() if hasattr(module, "get_base_layer") else module  # peft-injected
+                if isinstance(linear, torch.nn.Linear):
+                    bound = 1.0 / math.sqrt(linear.in_features)  # kaiming_uniform_(a=sqrt(5)), as peft
+                    a = (torch.rand(rank, linear.in_features, generator=gen) * 2 - 1) * bound
+                    tensors[f"{name}.lora_A.weight"] = a
+                    tensors[f"{name}.lora_B.weight"] = torch.zeros(linear.out_features, rank)
+            if not tensors:
+                raise InputError(f"{type(model).__name__} has none of the projections {list(modules)}")
+            return cls({"kind": "forward", "rank": rank, "alpha": alpha, "modules": list(modules)}, tensors, {})
+        if kind != "cache":
+            raise InputError(f"unknown adaptor kind {kind!r}; use 'forward' or 'cache'")
         projection_inputs_supported(model)
         config = model.config
         layers, hidden = config.num_hidden_layers, config.hidden_size
         head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
         width = config.num_key_value_heads * head_dim
-        gen = torch.Generator().manual_seed(seed)
         bound = 1.0 / math.sqrt(hidden)  # kaiming_uniform_(a=sqrt(5)) of a [rank, hidden] weight
         tensors = {}
         for which in ("k", "v"):
@@ -127,14 +172,61 @@ class Adaptor:
         config = json.loads((directory / CONFIG).read_text())
         recorded = config.pop("hash", None)
         adaptor = cls(config.pop("settings"), load_file(directory / WEIGHTS), config)
-        missing = [name for name in FACTORS if name not in adaptor.tensors]
+        if adaptor.kind not in ("forward", "cache"):
+            raise InputError(f"adaptor {directory} is of unknown kind {adaptor.kind!r}")
+        missing = [name for name in FACTORS if name not in adaptor.tensors] if adaptor.kind == "cache" else []
         if missing:
             raise InputError(f"adaptor {directory} lacks tensors {missing}")
         if recorded and recorded != adaptor.hash:
             raise InputError(f"adaptor {directory}: weights do not match the hash its {CONFIG} records")
         return adaptor
 
-    # -- the correction -----------------------------------------------------------------------------
+    # -- kind "forward": LoRA inside the passage forward -------------------------------------------
+
+    def attach(self, model: Any, name: str | None = None) -> str:
+        """Inject this adaptor's LoRA layers into ``model`` (once per name; default: from the hash),
+        switched off; returns the peft adapter name. Training attaches under a fixed name and
+        trains the injected parameters."""
+        if self.kind != "forward":
+            raise ValueError("only a 'forward' adaptor is injected into the model")
+        name = name or f"ragcompress-{self.hash[:16]}"
+        with torch.inference_mode(False):  # layers made under inference mode could never be trained
+            self._inject(model, name)
+        return name
+
+    def _inject(self, model: Any, name: str) -> None:
+        from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+
+        if name not in _adapter_names(model):
+            config = LoraConfig(
+                r=int(self.settings["rank"]),
+                lora_alpha=int(self.settings["alpha"]),
+                target_modules=list(self.settings["modules"]),
+                lora_dropout=0.0,
+            )
+            with warnings.catch_warnings():  # "multiple adapters in the model": by design, one per hash
+                warnings.simplefilter("ignore", UserWarning)
+                inject_adapter_in_model(config, model, adapter_name=name)
+            for layer in _lora_layers(model):  # off unless encoding (injection switches it on)
+                layer.enable_adapters(False)
+            set_peft_model_state_dict(model, self.lora_tensors, adapter_name=name)
+            injected = set(get_peft_model_state_dict(model, adapter_name=name))
+            if injected != set(self.lora_tensors):
+                for layer in _lora_layers(model):
+                    layer.delete_adapter(name)
+                odd = sorted(injected ^ set(self.lora_tensors))[:3]
+                raise InputError(
+                    f"adaptor tensors do not fit {type(model).__name__} (e.g. {odd}); use its model's adaptor"
+                )
+
+    def encoding(self, model: Any) -> Any:
+        """Context in which ``model`` encodes passages as this adaptor makes them (kind
+        ``forward``: its LoRA layers on; kind ``cache``: the base forward, corrected after)."""
+        if self.kind != "forward":
+            return nullcontext()
+        return lora_active(model, self.attach(model))
+
+    # -- kind "cache": the correction of the cached keys and values ---------------------------------
 
     def delta(self, which: str, x: torch.Tensor, heads: int) -> torch.Tensor:
         """Correction of the ``which`` (``k`` | ``v``) cache for projection inputs
@@ -150,6 +242,37 @@ class Adaptor:
         keys = kv.keys + self.delta("k", x, heads).to(kv.keys.dtype)
         values = kv.values + self.delta("v", x, heads).to(kv.values.dtype)
         return PassageKV.full(keys, values)
+
+
+def _lora_layers(model: Any) -> list[Any]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def _adapter_names(model: Any) -> set[str]:
+    return {name for layer in _lora_layers(model) for name in layer.lora_A}
+
+
+@contextmanager
+def lora_active(model: Any, name: str) -> Iterator[None]:
+    """peft adapter ``name`` on for the duration (every adapter off after). peft's switches also
+    set ``requires_grad`` of the adapters' weights; the flags are put back as they were, so that
+    weights being trained still receive gradients when the backward pass runs after the forward."""
+    layers = _lora_layers(model)
+    flags = [(p, p.requires_grad) for layer in layers for n, p in layer.named_parameters() if "lora_" in n]
+    try:
+        with torch.inference_mode(False):
+            for layer in layers:
+                layer.set_adapter(name)
+                layer.enable_adapters(True)
+        yield
+    finally:
+        with torch.inference_mode(False):
+            for layer in layers:
+                layer.enable_adapters(False)
+            for param, flag in flags:
+                param.requires_grad_(flag)
 
 
 class ProjectionInputs:

@@ -1,8 +1,11 @@
 """``ragcompress train``: KV-Distill for precomputed passage caches.
 
 The student is what ragcompress serves: every retrieved passage encoded *alone* after the
-prefix (with the adaptor's LoRA layers on), its cache moved to the position it takes in the
-prompt, and the frozen base model reading the question over those caches. The teacher is the
+prefix (with the adaptor's LoRA layers on, kind ``forward``; or its base cache corrected, kind
+``cache``), its cache moved to the position it takes in the prompt, and the frozen base model
+reading the question over those caches. For a ``forward`` adaptor the backward pass runs through
+the passages' forward (the LoRA parameters are peft's, injected into the model and on only
+while passages are encoded). The teacher is the
 base model's full prefill of the same token ids. The loss is the KL divergence between the
 teacher's and the student's next-token distributions:
 
@@ -43,7 +46,7 @@ import torch
 from ragcompress.compressors.base import CompressionContext
 from ragcompress.compressors.kvzip import REPEAT_PROMPT, KVzipCompressor
 from ragcompress.distill import scorer as learned_scorer
-from ragcompress.distill.adaptor import FACTORS, SCORER_BIAS, SCORER_WEIGHT, Adaptor
+from ragcompress.distill.adaptor import FACTORS, SCORER_BIAS, SCORER_WEIGHT, Adaptor, lora_active
 from ragcompress.distill.checkpoint import load_tree, save_tree
 from ragcompress.evaluation import Question, read_questions
 from ragcompress.indexing.encoder import PassageEncoder
@@ -56,6 +59,7 @@ from ragcompress.runtime.generate import forward_logits, stop_token_ids
 
 CONTINUATION = 32  # reconstruction tokens per example
 MAX_ANSWER = 10  # teacher's greedy answer length cap
+TRAINING_ADAPTER = "ragcompress-training"  # peft adapter name of the LoRA layers being trained
 
 
 @dataclass
@@ -63,6 +67,7 @@ class TrainConfig:
     """Every training setting (recorded in the adaptor's JSON)."""
 
     top_k: int = 3  # passages retrieved per question
+    kind: str = "forward"  # adaptor kind (ragcompress/distill/adaptor.py)
     rank: int = 8
     alpha: int = 16
     lr: float = 3e-4
@@ -187,8 +192,15 @@ class Distiller:
         self.tokens = self.encoder.tokens
         self.rotary = self.encoder.rotary
         self.prefix_ids = self.encoder.prefix_ids
-        # plain tensors (the prefix was computed in inference mode)
-        self.prefix_layers = [(k.clone(), v.clone()) for k, v in self.encoder._prefix_rotated]
+        self.prefix_layers = self.encoder._prefix_rotated
+        self.adaptor = adaptor
+        # kind "forward": the LoRA layers trained, injected under their own name; kind "cache":
+        # the factors as parameters, shared with the adaptor's tensors
+        self.lora_name = adaptor.attach(self.model, TRAINING_ADAPTER) if adaptor.kind == "forward" else None
+        self._factors: dict[str, torch.nn.Parameter] = {}
+        if self.lora_name is None:
+            self._factors = {name: torch.nn.Parameter(adaptor.tensors[name].clone()) for name in FACTORS}
+            adaptor.tensors.update(self._factors)
         if any(getattr(self.model.config, "layer_types", None) or []) and len(set(self.model.config.layer_types)) > 1:
             raise ValueError("training places caches with one RoPE table; this model mixes layer types")
         self.stop_ids = stop_token_ids(lm.tokenizer, lm.model)
@@ -198,6 +210,40 @@ class Distiller:
         scaling = float(getattr(self.model.model.rotary_emb, "attention_scaling", 1.0) or 1.0)
         if abs(scaling - 1.0) > 1e-6:
             raise ValueError("training moves caches by composing RoPE rotations; this model scales its RoPE")
+
+    # the parameters trained -------------------------------------------------------------------
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        """What the optimizer updates (every base-model weight is frozen)."""
+        for param in self.model.parameters():
+            param.requires_grad_(False)
+        if self.lora_name is None:
+            params = list(self._factors.values())
+        else:
+            params = [p for n, p in self.model.named_parameters() if f".{self.lora_name}." in n]
+        for param in params:
+            param.requires_grad_(True)
+        return params
+
+    def factors(self) -> dict[str, torch.Tensor]:
+        """The adaptor's current LoRA tensors (detached copies, adaptor naming)."""
+        if self.lora_name is None:
+            return {name: p.detach().clone() for name, p in self._factors.items()}
+        from peft import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(self.model, adapter_name=self.lora_name)
+        return {name: t.detach().clone() for name, t in state.items()}
+
+    def load_factors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Set the trained tensors (resuming from a checkpoint)."""
+        with torch.no_grad():
+            if self.lora_name is None:
+                for name, value in tensors.items():
+                    self._factors[name].copy_(value)
+                return
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(self.model, tensors, adapter_name=self.lora_name)
 
     # teacher ---------------------------------------------------------------------------------
 
@@ -281,9 +327,33 @@ class Distiller:
             self._passages[key] = self.base_passage(ids)
         return self._passages[key]
 
+    def student_forward_tensors(self, passages: list[list[int]]) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+        """As :meth:`student_cache_tensors` for a ``forward`` adaptor: the passages encoded alone
+        (one right-padded batch) with the LoRA layers being trained on, each moved from the
+        position right after the prefix to its place in the prompt (a RoPE rotation by the
+        offset), differentiable through the passages' forward."""
+        assert self.lora_name is not None
+        p = start = len(self.prefix_ids)
+        keys = [[k] for k, _ in self.prefix_layers]
+        values = [[v] for _, v in self.prefix_layers]
+        with lora_active(self.model, self.lora_name):
+            layers = self.encoder.forward_with_grad(passages)
+        for row, ids in enumerate(passages):
+            n, shift = len(ids), start - p
+            cos, sin = self.rotary.cos_sin(torch.full((n,), shift), 0)
+            for layer, (k, v) in enumerate(layers):
+                k_row = k[row : row + 1, :, p : p + n]
+                keys[layer].append(k_row * cos + rotate_half(k_row) * sin if shift else k_row)
+                values[layer].append(v[row : row + 1, :, p : p + n])
+            start += n
+        return [torch.cat(k, dim=2) for k in keys], [torch.cat(v, dim=2) for v in values], start
+
     def losses(self, example: Example) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean per-token binned KL over the answer rows and over the continuation rows."""
-        keys, values, total = self.student_cache_tensors([self.passage(ids) for ids in example.passages])
+        if self.lora_name is not None:
+            keys, values, total = self.student_forward_tensors(example.passages)
+        else:
+            keys, values, total = self.student_cache_tensors([self.passage(ids) for ids in example.passages])
         qa = self.student_logprobs(keys, values, total, example.suffix + example.answer, len(example.answer) + 1)
         cont_ids = example.cont_suffix + example.cont
         cont = self.student_logprobs(keys, values, total, cont_ids, len(example.cont) + 1)[:-1]
@@ -394,7 +464,7 @@ def train(
     if checkpoint is not None:
         adaptor = Adaptor(checkpoint["settings"], dict(checkpoint["initial"]), {})
     else:
-        adaptor = Adaptor.initial(lm.model, config.rank, config.alpha)
+        adaptor = Adaptor.initial(lm.model, config.rank, config.alpha, kind=config.kind)
     initial = dict(adaptor.tensors)
     distiller = Distiller(lm, adaptor, config.teacher_top, config.continuation)
 
@@ -424,17 +494,11 @@ def train(
             {"train": [asdict(e) for e in train_examples], "val": [asdict(e) for e in val_examples]}, teacher_path
         )
 
-    for param in lm.model.parameters():
-        param.requires_grad_(False)
-    params = {name: torch.nn.Parameter(adaptor.tensors[name].clone()) for name in FACTORS}
-    adaptor.tensors.update(params)
-    optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(distiller.trainable(), lr=config.lr, weight_decay=0.0)
     history: dict[str, Any] = {"train": [], "val": []}
     start_step, elapsed = 0, 0.0
     if checkpoint is not None:
-        with torch.no_grad():
-            for name, value in checkpoint["params"].items():
-                params[name].copy_(value)
+        distiller.load_factors(checkpoint["params"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         history, start_step, elapsed = checkpoint["history"], checkpoint["step"], checkpoint["elapsed"]
     else:
@@ -447,7 +511,7 @@ def train(
                 "elapsed": elapsed,
                 "settings": adaptor.settings,
                 "initial": initial,
-                "params": {k: v.detach().clone() for k, v in params.items()},
+                "params": distiller.factors(),
                 "optimizer": optimizer.state_dict(),
                 "history": history,
                 "config": asdict(config),
@@ -471,7 +535,7 @@ def train(
         for i in order[step * config.batch : (step + 1) * config.batch]:
             qa, cont = distiller.losses(train_examples[i])
             ((qa + config.continuation_weight * cont) / config.batch).backward()
-            qa_sum, cont_sum = qa_sum + float(qa), cont_sum + float(cont)
+            qa_sum, cont_sum = qa_sum + float(qa.detach()), cont_sum + float(cont.detach())
         optimizer.step()
         step += 1
         elapsed += time.perf_counter() - begin
@@ -487,7 +551,7 @@ def train(
         history["val"].append({"step": step, **validation_loss(distiller, val_examples)})
     save_checkpoint(step)
 
-    adaptor.tensors = {name: value.detach().clone() for name, value in adaptor.tensors.items()}
+    adaptor.tensors = distiller.factors()
     weight, bias, r2 = (None, None, None)
     if config.scorer_passages:
         weight, bias, r2 = fit_scorer(distiller, train_corpus.passages, config.scorer_passages)

@@ -5,9 +5,10 @@ Each passage is run through the model with the shared prefix cache in front of i
 are batched with right padding: causal attention means real tokens never see the padding that
 follows them, so a batch computes the same caches as one passage at a time.
 
-With an ``adaptor`` (``ragcompress.distill``, KV-Distill) each passage's cache is corrected by
-the adaptor from the inputs of the key/value projections of the same (base) forward; the prefix,
-like everything at query time, is the base model's.
+With an ``adaptor`` (``ragcompress.distill``, KV-Distill) passages are encoded with its LoRA
+layers on (kind ``forward``), or their caches are corrected from the inputs of the key/value
+projections of the base forward (kind ``cache``); the prefix, like everything at query time, is
+the base model's.
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ class PassageEncoder:
         self.prefix_ids = self.tokens.prefix()
         with torch.inference_mode():
             out = lm.model(torch.tensor([self.prefix_ids]), use_cache=True)
-        self._prefix_rotated = cache_layers(out.cache if hasattr(out, "cache") else out.past_key_values)
+            rotated = cache_layers(out.cache if hasattr(out, "cache") else out.past_key_values)
+        # plain tensors, not inference tensors: training runs passage forwards with autograd on
+        self._prefix_rotated = [(k.clone(), v.clone()) for k, v in rotated]
         self.prefix_kv = self._unrotate_full(self._prefix_rotated, start=0, batch_index=0, length=len(self.prefix_ids))
 
     @property
@@ -82,10 +85,14 @@ class PassageEncoder:
     def forward_capturing(
         self, passages: list[list[int]]
     ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]:
-        """:meth:`forward`, and with an adaptor the inputs of every layer's key/value projections
-        ``[layers, batch, n_max, hidden]`` (what the adaptor corrects the cache from)."""
+        """:meth:`forward` (with a ``forward`` adaptor's LoRA layers on), and with a ``cache``
+        adaptor the inputs of every layer's key/value projections ``[layers, batch, n_max,
+        hidden]`` (what that adaptor corrects the cache from)."""
         if self.adaptor is None:
             return self.forward(passages), None
+        if self.adaptor.kind == "forward":
+            with self.adaptor.encoding(self.lm.model):
+                return self.forward(passages), None
         from ragcompress.distill.adaptor import ProjectionInputs
 
         with ProjectionInputs(self.lm.model) as captured:
@@ -96,6 +103,10 @@ class PassageEncoder:
     def forward(self, passages: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The model's plain forward over a batch of passages after the cached prefix (right
         padding); per layer the batch's rotated ``(keys, values)`` ``[batch, kv_heads, P + n, d]``."""
+        return self.forward_with_grad(passages)
+
+    def forward_with_grad(self, passages: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`forward` under the caller's autograd mode (training backpropagates through it)."""
         batch, n_max, p = len(passages), max(len(ids) for ids in passages), self.prefix_len
         pad_id = self.lm.tokenizer.pad_token_id or 0
         input_ids = torch.full((batch, n_max), pad_id, dtype=torch.long)
