@@ -67,8 +67,8 @@ PRESETS: dict[str, Preset] = {
             "distilled",
             IndexConfig(quant="int8", adaptor="default"),
             AnswerOptions(),
-            "plain reuse of int8 caches corrected by the model's packaged KV-Distill adaptor (SmolLM2-135M only: "
-            "no other model has one yet)",
+            "plain reuse of int8 caches encoded with the model's packaged KV-Distill adaptor (LoRA layers on "
+            "only while passages are encoded)",
             "docs/results/distill_smollm2-135m.json (held-out articles; docs/distill.md)",
         ),
     )

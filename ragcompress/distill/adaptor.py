@@ -254,6 +254,17 @@ def _adapter_names(model: Any) -> set[str]:
     return {name for layer in _lora_layers(model) for name in layer.lora_A}
 
 
+def remove_adapter(model: Any, name: str) -> None:
+    """Take peft adapter ``name`` out of ``model`` (if it is there): training starts its own
+    LoRA layers afresh under a fixed name, whatever an earlier run in this process left."""
+    if name not in _adapter_names(model):
+        return
+    for layer in _lora_layers(model):
+        if name in layer.lora_A:
+            layer.delete_adapter(name)
+    getattr(model, "peft_config", {}).pop(name, None)
+
+
 @contextmanager
 def lora_active(model: Any, name: str) -> Iterator[None]:
     """peft adapter ``name`` on for the duration (every adapter off after). peft's switches also

@@ -46,7 +46,7 @@ import torch
 from ragcompress.compressors.base import CompressionContext
 from ragcompress.compressors.kvzip import REPEAT_PROMPT, KVzipCompressor
 from ragcompress.distill import scorer as learned_scorer
-from ragcompress.distill.adaptor import FACTORS, SCORER_BIAS, SCORER_WEIGHT, Adaptor, lora_active
+from ragcompress.distill.adaptor import FACTORS, SCORER_BIAS, SCORER_WEIGHT, Adaptor, lora_active, remove_adapter
 from ragcompress.distill.checkpoint import load_tree, save_tree
 from ragcompress.evaluation import Question, read_questions
 from ragcompress.indexing.encoder import PassageEncoder
@@ -196,7 +196,10 @@ class Distiller:
         self.adaptor = adaptor
         # kind "forward": the LoRA layers trained, injected under their own name; kind "cache":
         # the factors as parameters, shared with the adaptor's tensors
-        self.lora_name = adaptor.attach(self.model, TRAINING_ADAPTER) if adaptor.kind == "forward" else None
+        self.lora_name = None
+        if adaptor.kind == "forward":
+            remove_adapter(self.model, TRAINING_ADAPTER)
+            self.lora_name = adaptor.attach(self.model, TRAINING_ADAPTER)
         self._factors: dict[str, torch.nn.Parameter] = {}
         if self.lora_name is None:
             self._factors = {name: torch.nn.Parameter(adaptor.tensors[name].clone()) for name in FACTORS}
