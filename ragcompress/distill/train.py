@@ -71,6 +71,7 @@ class TrainConfig:
     rank: int = 8
     alpha: int = 16
     lr: float = 3e-4
+    clip: float = 1.0  # gradient norm clip (0: none); Qwen2.5's outlier activations made lr 1e-3 diverge
     batch: int = 4  # examples per optimizer step (gradient accumulation)
     steps: int = 150
     minutes: float = 40.0  # stop training after this long (then fit the scorer and save)
@@ -497,7 +498,8 @@ def train(
             {"train": [asdict(e) for e in train_examples], "val": [asdict(e) for e in val_examples]}, teacher_path
         )
 
-    optimizer = torch.optim.AdamW(distiller.trainable(), lr=config.lr, weight_decay=0.0)
+    trainable = distiller.trainable()
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
     history: dict[str, Any] = {"train": [], "val": []}
     start_step, elapsed = 0, 0.0
     if checkpoint is not None:
@@ -539,6 +541,8 @@ def train(
             qa, cont = distiller.losses(train_examples[i])
             ((qa + config.continuation_weight * cont) / config.batch).backward()
             qa_sum, cont_sum = qa_sum + float(qa.detach()), cont_sum + float(cont.detach())
+        if config.clip:
+            torch.nn.utils.clip_grad_norm_(trainable, config.clip)
         optimizer.step()
         step += 1
         elapsed += time.perf_counter() - begin
