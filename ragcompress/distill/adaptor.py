@@ -35,7 +35,7 @@ import json
 import math
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -218,13 +218,6 @@ class Adaptor:
                 raise InputError(
                     f"adaptor tensors do not fit {type(model).__name__} (e.g. {odd}); use its model's adaptor"
                 )
-
-    def encoding(self, model: Any) -> Any:
-        """Context in which ``model`` encodes passages as this adaptor makes them (kind
-        ``forward``: its LoRA layers on; kind ``cache``: the base forward, corrected after)."""
-        if self.kind != "forward":
-            return nullcontext()
-        return lora_active(model, self.attach(model))
 
     # -- kind "cache": the correction of the cached keys and values ---------------------------------
 

@@ -189,7 +189,9 @@ class Distiller:
         self.lm = lm
         self.model = lm.model
         self.template = PromptTemplate.from_tokenizer(lm.tokenizer)
-        self.encoder = PassageEncoder(lm, self.template, adaptor)
+        # the encoder corrects a cache adaptor's caches; a forward adaptor's LoRA layers are the
+        # ones trained here (lora_name), not the encoder's copy of the initial ones
+        self.encoder = PassageEncoder(lm, self.template, adaptor if adaptor.kind == "cache" else None)
         self.tokens = self.encoder.tokens
         self.rotary = self.encoder.rotary
         self.prefix_ids = self.encoder.prefix_ids
@@ -436,17 +438,18 @@ def plot_history(history: dict[str, Any], path: Path, title: str) -> None:
 def fit_scorer(
     distiller: Distiller, passages: list[PassageInput], limit: int
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """KVzip scores of the adaptor's caches of up to ``limit`` training passages -> the probe."""
+    """KVzip scores of the trained adaptor's caches of up to ``limit`` training passages -> the probe."""
     from tqdm import tqdm
 
+    encoder = PassageEncoder(distiller.lm, distiller.template, distiller.adaptor)  # its final tensors
     kvzip = KVzipCompressor(ratio=0.5)
     samples = []
     step = max(1, len(passages) // max(1, limit))
     for passage in tqdm(passages[::step][:limit], desc="scorer (KVzip targets)", unit="passage"):
         ids = distiller.tokens.passage(passage.text)
-        kv = distiller.encoder.encode([ids])[0]
+        kv = encoder.encode([ids])[0]
         with torch.inference_mode():
-            scores = kvzip.score(kv, CompressionContext(distiller.encoder, ids))
+            scores = kvzip.score(kv, CompressionContext(encoder, ids))
         samples.append((kv, scores))
     return learned_scorer.fit(samples)
 

@@ -35,6 +35,8 @@ class PassageEncoder:
         self.adaptor = adaptor
         if adaptor is not None:
             adaptor.check_model(lm.fingerprint, lm.ref)
+        # a forward adaptor's LoRA layers, injected once (switched on per batch by forward_capturing)
+        self._lora = adaptor.attach(lm.model) if adaptor is not None and adaptor.kind == "forward" else None
         self.tokens = PromptTokens(template, lm.tokenizer)
         self.rotary = Rotary(lm.model)
         self.prefix_ids = self.tokens.prefix()
@@ -90,10 +92,11 @@ class PassageEncoder:
         hidden]`` (what that adaptor corrects the cache from)."""
         if self.adaptor is None:
             return self.forward(passages), None
-        if self.adaptor.kind == "forward":
-            with self.adaptor.encoding(self.lm.model):
+        from ragcompress.distill.adaptor import ProjectionInputs, lora_active
+
+        if self._lora is not None:
+            with lora_active(self.lm.model, self._lora):
                 return self.forward(passages), None
-        from ragcompress.distill.adaptor import ProjectionInputs
 
         with ProjectionInputs(self.lm.model) as captured:
             layers = self.forward(passages)
