@@ -13,10 +13,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ragcompress.distill.adaptor import Adaptor
+from ragcompress.distill.adaptor import Adaptor, lora_active, remove_adapter
 from ragcompress.distill.scorer import fit
 from ragcompress.distill.train import Distiller
-from ragcompress.errors import StoreMismatchError
+from ragcompress.errors import InputError, StoreMismatchError
 from ragcompress.indexing import IndexConfig, index
 from ragcompress.indexing.encoder import PassageEncoder
 from ragcompress.kv import PassageKV
@@ -204,3 +204,31 @@ def test_train_saves_a_loadable_adaptor_and_resumes_from_its_checkpoint(lm, tmp_
     assert resumed.meta["metrics"]["steps"] == 3 and (out / "loss.png").is_file()
     loaded = Adaptor.load(out / "adaptor")
     assert loaded.hash == resumed.hash != first.hash
+
+
+def test_merged_forward_adaptor_encodes_as_peft_layers_do(lm):
+    """Indexing folds a forward adaptor into the weights (a plain forward's cost); training runs
+    peft's unmerged LoRA layers. Both must compute the same passage caches."""
+    template = PromptTemplate.from_tokenizer(lm.tokenizer)
+    adaptor = noisy_adaptor(lm.model, 11)
+    passages = [[5, 17, 42, 9], [8, 3]]
+    merged = PassageEncoder(lm, template, adaptor).forward_capturing(passages)[0]
+    plain = PassageEncoder(lm, template)
+    name = adaptor.attach(lm.model)
+    try:
+        with torch.no_grad(), lora_active(lm.model, name):
+            unmerged = plain.forward_with_grad(passages)
+    finally:
+        remove_adapter(lm.model, name)
+    base = plain.forward(passages)
+    for (k, v), (k_ref, v_ref) in zip(merged, unmerged, strict=True):
+        torch.testing.assert_close(k, k_ref, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(v, v_ref, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(merged[-1][0], base[-1][0], atol=1e-4)
+
+
+def test_forward_adaptor_of_another_shape_is_refused(lm, tiny_model_dir):
+    other = load_model(str(tiny_model_dir("llama", head_dim=8)))
+    adaptor = noisy_adaptor(lm.model, 3)
+    with pytest.raises(InputError, match="does not fit"):
+        PassageEncoder(other, PromptTemplate.from_tokenizer(other.tokenizer), adaptor)

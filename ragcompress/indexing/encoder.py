@@ -6,9 +6,9 @@ are batched with right padding: causal attention means real tokens never see the
 follows them, so a batch computes the same caches as one passage at a time.
 
 With an ``adaptor`` (``ragcompress.distill``, KV-Distill) passages are encoded with its LoRA
-layers on (kind ``forward``), or their caches are corrected from the inputs of the key/value
-projections of the base forward (kind ``cache``); the prefix, like everything at query time, is
-the base model's.
+factors merged into the weights for the call (kind ``forward``), or their caches are corrected
+from the inputs of the key/value projections of the base forward (kind ``cache``); the prefix,
+like everything at query time, is the base model's.
 """
 
 from __future__ import annotations
@@ -35,8 +35,13 @@ class PassageEncoder:
         self.adaptor = adaptor
         if adaptor is not None:
             adaptor.check_model(lm.fingerprint, lm.ref)
-        # a forward adaptor's LoRA layers, injected once (switched on per batch by forward_capturing)
-        self._lora = adaptor.attach(lm.model) if adaptor is not None and adaptor.kind == "forward" else None
+        # a forward adaptor folded into the projections it adapts, once (forward_capturing runs
+        # the model with these weights swapped in for the call)
+        self._merged = (
+            adaptor.merged_weights(lm.model, lm.model.model)
+            if adaptor is not None and adaptor.kind == "forward"
+            else None
+        )
         self.tokens = PromptTokens(template, lm.tokenizer)
         self.rotary = Rotary(lm.model)
         self.prefix_ids = self.tokens.prefix()
@@ -87,16 +92,14 @@ class PassageEncoder:
     def forward_capturing(
         self, passages: list[list[int]]
     ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]:
-        """:meth:`forward` (with a ``forward`` adaptor's LoRA layers on), and with a ``cache``
+        """:meth:`forward` (with a ``forward`` adaptor's merged weights), and with a ``cache``
         adaptor the inputs of every layer's key/value projections ``[layers, batch, n_max,
         hidden]`` (what that adaptor corrects the cache from)."""
         if self.adaptor is None:
             return self.forward(passages), None
-        from ragcompress.distill.adaptor import ProjectionInputs, lora_active
-
-        if self._lora is not None:
-            with lora_active(self.lm.model, self._lora):
-                return self.forward(passages), None
+        if self._merged is not None:
+            return self.forward_with_grad(passages, self._merged), None
+        from ragcompress.distill.adaptor import ProjectionInputs
 
         with ProjectionInputs(self.lm.model) as captured:
             layers = self.forward(passages)
@@ -108,8 +111,11 @@ class PassageEncoder:
         padding); per layer the batch's rotated ``(keys, values)`` ``[batch, kv_heads, P + n, d]``."""
         return self.forward_with_grad(passages)
 
-    def forward_with_grad(self, passages: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """:meth:`forward` under the caller's autograd mode (training backpropagates through it)."""
+    def forward_with_grad(
+        self, passages: list[list[int]], weights: dict[str, torch.Tensor] | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`forward` under the caller's autograd mode (training backpropagates through it);
+        ``weights`` replace the decoder's parameters of those names for this call only."""
         batch, n_max, p = len(passages), max(len(ids) for ids in passages), self.prefix_len
         pad_id = self.lm.tokenizer.pad_token_id or 0
         input_ids = torch.full((batch, n_max), pad_id, dtype=torch.long)
@@ -124,7 +130,11 @@ class PassageEncoder:
             [v.expand(batch, -1, -1, -1).contiguous() for _, v in self._prefix_rotated],
         )
         position_ids = torch.arange(p, p + n_max).unsqueeze(0).expand(batch, -1)
-        self.lm.model.model(
+        inputs = dict(
             input_ids=input_ids, attention_mask=attention, position_ids=position_ids, cache=cache, use_cache=True
         )
+        if weights is None:
+            self.lm.model.model(**inputs)
+        else:
+            torch.func.functional_call(self.lm.model.model, weights, args=(), kwargs=inputs, strict=False)
         return cache_layers(cache)
