@@ -272,6 +272,11 @@ def train(
     continuation: int = typer.Option(32, "--continuation", min=1, help="reconstruction tokens per example"),
     scorer_passages: int = typer.Option(40, "--scorer-passages", min=0, help="passages the scorer is fitted on"),
     eval_every: int = typer.Option(10, "--eval-every", min=1),
+    method: str = typer.Option(
+        "none", "--method", help="train for a store evicted by this method (e.g. global:kvzip; kind forward)"
+    ),
+    ratio: float = typer.Option(1.0, "--ratio", min=0.0, max=1.0, help="fraction of tokens that --method keeps"),
+    quant: str = typer.Option("none", "--quant", help="train for a store quantized so (int8 | int4 | int2 | fp16)"),
     threads: int = typer.Option(2, "--threads", min=1),
 ) -> None:
     """Train a KV-Distill passage adaptor and its learned retention scorer (docs/distill.md)."""
@@ -283,21 +288,27 @@ def train(
     from ragcompress.models import load_model
 
     torch.set_num_threads(threads)
-    config = TrainConfig(
-        steps=steps,
-        minutes=minutes,
-        batch=batch,
-        lr=lr,
-        rank=rank,
-        alpha=2 * rank,
-        kind=kind,
-        train_questions=train_questions,
-        val_examples=val_examples,
-        continuation=continuation,
-        scorer_passages=scorer_passages,
-        eval_every=eval_every,
-        val_articles=[t for t in (val_articles or "").split(",") if t],
-    )
+    try:
+        config = TrainConfig(
+            steps=steps,
+            minutes=minutes,
+            batch=batch,
+            lr=lr,
+            rank=rank,
+            alpha=2 * rank,
+            kind=kind,
+            train_questions=train_questions,
+            val_examples=val_examples,
+            continuation=continuation,
+            scorer_passages=scorer_passages,
+            eval_every=eval_every,
+            method=method,
+            ratio=ratio,
+            quant=quant,
+            val_articles=[t for t in (val_articles or "").split(",") if t],
+        )
+    except ValueError as exc:
+        raise RagCompressError(str(exc)) from None
     adaptor = run_train(load_model(model), passages, questions, out, config, progress=True)
     metrics = adaptor.meta["metrics"]
     typer.echo(

@@ -13,16 +13,21 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ragcompress.compressors import CompressionContext, make_compressor
 from ragcompress.distill.adaptor import Adaptor, lora_active, remove_adapter
 from ragcompress.distill.scorer import fit
-from ragcompress.distill.train import Distiller
+from ragcompress.distill.train import Distiller, TrainConfig
 from ragcompress.errors import InputError, StoreMismatchError
 from ragcompress.indexing import IndexConfig, index
 from ragcompress.indexing.encoder import PassageEncoder
 from ragcompress.kv import PassageKV
+from ragcompress.kv.quant import QuantConfig
 from ragcompress.models import load_model
 from ragcompress.prompt import PromptTemplate
-from ragcompress.store import KVStore
+from ragcompress.runtime.assemble import assemble
+from ragcompress.runtime.attention import KV_MASK_KWARG
+from ragcompress.runtime.generate import forward_logits
+from ragcompress.store import KVStore, codec
 from ragcompress.testing import noisy_adaptor
 
 
@@ -232,3 +237,73 @@ def test_forward_adaptor_of_another_shape_is_refused(lm, tiny_model_dir):
     adaptor = noisy_adaptor(lm.model, 3)
     with pytest.raises(InputError, match="does not fit"):
         PassageEncoder(other, PromptTemplate.from_tokenizer(other.tokenizer), adaptor)
+
+
+def test_compressed_student_reads_what_the_runtime_serves(lm):
+    """The student trained for an evicted store must be that store: with the adaptor at zero,
+    its cache and row mask read the question as the runtime's assembled cache of the compressed,
+    stored passages does (runtime.assemble, per-head masks, ragged attention)."""
+    compressor = make_compressor("global:kvzip", ratio=0.5, keep_first=1, keep_last=0)
+    distiller = Distiller(
+        lm, Adaptor.initial(lm.model, rank=4, alpha=8), teacher_top=16, continuation=8, compressor=compressor
+    )
+    passages = [distiller.tokens.passage(t) for t in ("Melbourne is the sporting capital.", "Apollo 11 landed.")]
+    suffix = distiller.tokens.suffix("Where did Apollo 11 land?")
+    with torch.no_grad():
+        keys, values, total, mask = distiller.student_compressed_tensors(passages)
+        student = distiller.student_logprobs(keys, values, total, suffix, len(suffix), **{KV_MASK_KWARG: mask})
+    encoder = distiller.encoder
+    segments = [
+        codec.decode(
+            codec.encode(
+                compressor.compress(encoder.encode([ids])[0], CompressionContext(encoder, ids)), QuantConfig()
+            ),
+            torch.float32,
+        )
+        for ids in passages
+    ]
+    assert any(not s.is_uniform for s in segments)  # rows were evicted
+    prefix = encoder.prefix_kv
+    prefix_keys = encoder.rotary.rotate_layers(prefix.keys, prefix.positions)
+    served = assemble(lm.config, encoder.rotary, prefix_keys, prefix, segments, lm.model.dtype)
+    assert served.next_position == total and torch.equal(served.kv_mask, mask)
+    with torch.no_grad():
+        logits = forward_logits(
+            lm.model, torch.tensor([suffix]), served.cache, total, len(suffix), **served.attention_kwargs()
+        )
+    torch.testing.assert_close(student, logits.float().log_softmax(-1), atol=1e-4, rtol=1e-4)
+
+
+def test_one_compressed_training_step_lowers_the_loss_on_its_batch(lm):
+    torch.manual_seed(0)
+    compressor = make_compressor("global:kvzip", ratio=0.5, keep_first=1, keep_last=0)
+    distiller = Distiller(
+        lm,
+        Adaptor.initial(lm.model, rank=4, alpha=8),
+        teacher_top=16,
+        continuation=8,
+        compressor=compressor,
+        quant=QuantConfig("int4", 8),
+    )
+    texts = ["Melbourne is the sporting capital of Australia.", "Apollo 11 landed on the Moon in 1969."]
+    example = distiller.teacher("q", [distiller.tokens.passage(t) for t in texts], "Where did Apollo 11 land?")
+    optimizer = torch.optim.SGD(distiller.trainable(), lr=1.0)
+    qa, cont = distiller.losses(example)
+    before = float((qa + cont).detach())
+    (qa + cont).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in optimizer.param_groups[0]["params"])
+    optimizer.step()
+    with torch.no_grad():
+        qa, cont = distiller.losses(example)
+    assert float(qa + cont) < before
+
+
+def test_train_config_refuses_a_compression_it_cannot_train():
+    with pytest.raises(ValueError, match="needs an eviction"):
+        TrainConfig(ratio=0.25)
+    with pytest.raises(ValueError, match="learned"):
+        TrainConfig(method="global:learned", ratio=0.25)
+    with pytest.raises(ValueError, match="quant scheme"):
+        TrainConfig(quant="int3")
+    with pytest.raises(ValueError, match="kind 'forward'"):
+        TrainConfig(kind="cache", quant="int4")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ragcompress.kv import PassageKV
-from ragcompress.kv.quant import QuantConfig, pack, unpack
+from ragcompress.kv.quant import QuantConfig, pack, quantize_dequantize, unpack
 from ragcompress.store import codec
 
 
@@ -97,3 +97,22 @@ def test_quant_config_validation():
         QuantConfig("int3")
     with pytest.raises(ValueError, match="power of two"):
         QuantConfig("int8", group_size=24)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "int2", "fp16"])
+def test_training_quantization_is_the_codecs_with_an_identity_gradient(scheme):
+    """The KV-Distill student sees quantization through ``quantize_dequantize``: on real rows it
+    must give what a stored and decoded cache gives, and pass gradients straight through."""
+    torch.manual_seed(0)
+    keys, values = torch.randn(2, 3, 40, 16), torch.randn(2, 3, 40, 16)
+    lengths = torch.tensor([[40, 17, 33], [1, 40, 25]])
+    positions = torch.arange(40).expand(2, 3, 40).clone()
+    kv = PassageKV(keys, values, positions, lengths, num_tokens=40)
+    decoded = codec.decode(codec.encode(kv, QuantConfig(scheme, 8)), torch.float32)
+    k_in, v_in = keys.clone().requires_grad_(True), values.clone().requires_grad_(True)
+    k, v = quantize_dequantize(k_in, v_in, lengths, QuantConfig(scheme, 8))
+    mask = kv.valid_mask()
+    assert torch.equal(k[mask], decoded.keys[mask]) and torch.equal(v[mask], decoded.values[mask])
+    assert not torch.equal(k[mask], keys[mask])  # it did quantize
+    (k.sum() + 2 * v.sum()).backward()
+    assert torch.equal(k_in.grad, torch.ones_like(keys)) and torch.equal(v_in.grad, torch.full_like(values, 2.0))

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ragcompress.compressors.base import CompressionContext
+from ragcompress.compressors.base import CompressionContext, Compressor
 from ragcompress.compressors.kvzip import REPEAT_PROMPT, KVzipCompressor
 from ragcompress.distill import scorer as learned_scorer
 from ragcompress.distill.adaptor import FACTORS, SCORER_BIAS, SCORER_WEIGHT, Adaptor, lora_active, remove_adapter
@@ -52,9 +52,11 @@ from ragcompress.evaluation import Question, read_questions
 from ragcompress.indexing.encoder import PassageEncoder
 from ragcompress.indexing.inputs import PassageInput, iter_passages
 from ragcompress.kv.cache import build_dynamic_cache
+from ragcompress.kv.quant import QuantConfig, quantize_dequantize
 from ragcompress.kv.rope import rotate_half
 from ragcompress.models import LoadedModel
 from ragcompress.prompt import PromptTemplate
+from ragcompress.runtime.attention import KV_MASK_KWARG
 from ragcompress.runtime.generate import forward_logits, stop_token_ids
 
 CONTINUATION = 32  # reconstruction tokens per example
@@ -83,8 +85,20 @@ class TrainConfig:
     eval_every: int = 10
     checkpoint_every: int = 5
     scorer_passages: int = 40
+    # the store the adaptor is trained for: the student's passages are evicted by ``method`` at
+    # ``ratio`` and quantized by ``quant`` as indexing will (kind "forward" only)
+    method: str = "none"
+    ratio: float = 1.0
+    quant: str = "none"
+    group_size: int = 32
     seed: int = 0
     val_articles: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:  # bad compression settings fail before hours of training
+        QuantConfig(self.quant, self.group_size)
+        student_compressor(self)
+        if (self.method != "none" or self.quant != "none") and self.kind != "forward":
+            raise ValueError("a compressed student (--method / --quant) is trained with kind 'forward'")
 
 
 @dataclass
@@ -184,7 +198,13 @@ class Distiller:
     cached passages, base model reading the question) over one loaded model."""
 
     def __init__(
-        self, lm: LoadedModel, adaptor: Adaptor, teacher_top: int = 64, continuation: int = CONTINUATION
+        self,
+        lm: LoadedModel,
+        adaptor: Adaptor,
+        teacher_top: int = 64,
+        continuation: int = CONTINUATION,
+        compressor: Compressor | None = None,
+        quant: QuantConfig | None = None,
     ) -> None:
         self.lm = lm
         self.model = lm.model
@@ -209,6 +229,12 @@ class Distiller:
             adaptor.tensors.update(self._factors)
         if any(getattr(self.model.config, "layer_types", None) or []) and len(set(self.model.config.layer_types)) > 1:
             raise ValueError("training places caches with one RoPE table; this model mixes layer types")
+        # the student's compression (kind "forward"): which rows the store keeps, how it quantizes
+        self.compressor = compressor if compressor is not None and compressor.name != "none" else None
+        self.quant = quant if quant is not None and quant.scheme != "none" else None
+        if (self.compressor or self.quant) and self.lora_name is None:
+            raise ValueError("a compressed student is trained with a 'forward' adaptor")
+        self._kept: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         self.stop_ids = stop_token_ids(lm.tokenizer, lm.model)
         self.teacher_top = teacher_top
         self.continuation = continuation
@@ -319,11 +345,18 @@ class Distiller:
         return [torch.cat(k, dim=2) for k in keys], [torch.cat(v, dim=2) for v in values], start
 
     def student_logprobs(
-        self, keys: list[torch.Tensor], values: list[torch.Tensor], total: int, ids: list[int], rows: int
+        self,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        total: int,
+        ids: list[int],
+        rows: int,
+        **attention_kwargs: Any,
     ) -> torch.Tensor:
-        """Log-probabilities of the last ``rows`` positions of ``ids`` read over the cache."""
+        """Log-probabilities of the last ``rows`` positions of ``ids`` read over the cache (at
+        positions ``total…``; ``attention_kwargs``: the per-head row mask of a compressed one)."""
         cache = build_dynamic_cache(self.lm.config, keys, values)
-        logits = forward_logits(self.model, torch.tensor([ids]), cache, total, rows)
+        logits = forward_logits(self.model, torch.tensor([ids]), cache, total, rows, **attention_kwargs)
         return logits.float().log_softmax(-1)
 
     def passage(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -344,6 +377,8 @@ class Distiller:
         values = [[v] for _, v in self.prefix_layers]
         with lora_active(self.model, self.lora_name):
             layers = self.encoder.forward_with_grad(passages)
+        if self.compressor is not None or self.quant is not None:
+            raise ValueError("a compressed student's cache comes with a row mask: use student_compressed_tensors")
         for row, ids in enumerate(passages):
             n, shift = len(ids), start - p
             cos, sin = self.rotary.cos_sin(torch.full((n,), shift), 0)
@@ -354,15 +389,73 @@ class Distiller:
             start += n
         return [torch.cat(k, dim=2) for k in keys], [torch.cat(v, dim=2) for v in values], start
 
+    def kept_rows(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows the store keeps of passage ``ids``: the compressor's ``positions [L, H,
+        n_max]`` and ``lengths [L, H]``, scored on the base model's cache once per passage (the
+        adaptor's own cache changes every step, and KVzip's scoring pass costs more than a step;
+        at indexing the scores come from the adaptor's cache, so the student approximates them)."""
+        key = tuple(ids)
+        if key not in self._kept:
+            assert self.compressor is not None
+            with torch.inference_mode():
+                kv = self.encoder.encode([ids])[0]
+                kept = self.compressor.compress(kv, CompressionContext(self.encoder, ids))
+            self._kept[key] = (kept.positions.clone(), kept.lengths.clone())
+        return self._kept[key]
+
+    def student_compressed_tensors(
+        self, passages: list[list[int]]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], int, torch.Tensor]:
+        """:meth:`student_forward_tensors` for a compressed store: each passage's rows evicted as
+        :meth:`kept_rows` says (padded per head as the runtime's assembled cache is), quantized
+        straight-through as the store codec will, each kept key rotated to its token's place in
+        the prompt; also the per-head row mask ``[layers, kv_heads, T]`` the runtime's attention
+        reads (``ragcompress.runtime.attention``)."""
+        assert self.lora_name is not None
+        p = start = len(self.prefix_ids)
+        keys = [[k] for k, _ in self.prefix_layers]
+        values = [[v] for _, v in self.prefix_layers]
+        layer_count, heads = len(self.prefix_layers), self.prefix_layers[0][0].shape[1]
+        masks = [torch.ones((layer_count, heads, p), dtype=torch.bool)]
+        with lora_active(self.model, self.lora_name):
+            layers = self.encoder.forward_with_grad(passages)
+        for row, ids in enumerate(passages):
+            n = len(ids)
+            k = torch.stack([lk[row, :, p : p + n] for lk, _ in layers])  # [L, H, n, d] at p..p+n-1
+            v = torch.stack([lv[row, :, p : p + n] for _, lv in layers])
+            k = self.rotary.unrotate(k, torch.arange(p, p + n), 0)
+            if self.compressor is not None:
+                positions, lengths = self.kept_rows(ids)
+            else:
+                positions = torch.arange(n).expand(layer_count, heads, n)
+                lengths = torch.full((layer_count, heads), n, dtype=torch.long)
+            index = positions.unsqueeze(-1).expand(-1, -1, -1, k.shape[-1])
+            k, v = torch.gather(k, 2, index), torch.gather(v, 2, index)
+            if self.quant is not None:
+                k, v = quantize_dequantize(k, v, lengths, self.quant)
+            cos, sin = self.rotary.cos_sin(positions + start, 0)
+            k = k * cos + rotate_half(k) * sin
+            for layer in range(layer_count):
+                keys[layer].append(k[layer].unsqueeze(0))
+                values[layer].append(v[layer].unsqueeze(0))
+            masks.append(torch.arange(positions.shape[-1]) < lengths.unsqueeze(-1))
+            start += n
+        return [torch.cat(k, dim=2) for k in keys], [torch.cat(v, dim=2) for v in values], start, torch.cat(masks, 2)
+
     def losses(self, example: Example) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean per-token binned KL over the answer rows and over the continuation rows."""
-        if self.lora_name is not None:
+        mask: dict[str, torch.Tensor] = {}
+        if self.compressor is not None or self.quant is not None:
+            keys, values, total, kv_mask = self.student_compressed_tensors(example.passages)
+            mask = {KV_MASK_KWARG: kv_mask}
+        elif self.lora_name is not None:
             keys, values, total = self.student_forward_tensors(example.passages)
         else:
             keys, values, total = self.student_cache_tensors([self.passage(ids) for ids in example.passages])
-        qa = self.student_logprobs(keys, values, total, example.suffix + example.answer, len(example.answer) + 1)
+        ids = example.suffix + example.answer
+        qa = self.student_logprobs(keys, values, total, ids, len(example.answer) + 1, **mask)
         cont_ids = example.cont_suffix + example.cont
-        cont = self.student_logprobs(keys, values, total, cont_ids, len(example.cont) + 1)[:-1]
+        cont = self.student_logprobs(keys, values, total, cont_ids, len(example.cont) + 1, **mask)[:-1]
         return (
             binned_kl(example.qa_idx, example.qa_lp, qa).mean(),
             binned_kl(example.cont_idx, example.cont_lp, cont).mean(),
@@ -454,6 +547,20 @@ def fit_scorer(
     return learned_scorer.fit(samples)
 
 
+def student_compressor(config: TrainConfig) -> Compressor | None:
+    """The eviction the student is trained with (``None``: every row kept), with indexing's
+    defaults for what each method always keeps."""
+    if config.method == "none":
+        if config.ratio != 1.0:
+            raise ValueError(f"--ratio {config.ratio} needs an eviction --method (e.g. global:kvzip)")
+        return None
+    if "learned" in config.method:
+        raise ValueError("the student's eviction needs a fixed scorer; 'learned' is fitted after training")
+    from ragcompress.compressors import make_compressor
+
+    return make_compressor(config.method, ratio=config.ratio)
+
+
 def train(
     lm: LoadedModel, passages_path: Path, questions_path: Path, out: Path, config: TrainConfig, progress: bool = True
 ) -> Adaptor:
@@ -473,7 +580,14 @@ def train(
     else:
         adaptor = Adaptor.initial(lm.model, config.rank, config.alpha, kind=config.kind)
     initial = dict(adaptor.tensors)
-    distiller = Distiller(lm, adaptor, config.teacher_top, config.continuation)
+    distiller = Distiller(
+        lm,
+        adaptor,
+        config.teacher_top,
+        config.continuation,
+        student_compressor(config),
+        QuantConfig(config.quant, config.group_size),
+    )
 
     if teacher_path.is_file():
         cached = load_tree(teacher_path)
@@ -572,8 +686,9 @@ def train(
         "training_data_sha256": data_hash(passages_path, questions_path, config.val_articles),
         "train_articles": sorted({article_of(p) for p in train_corpus.passages}),
         "val_articles": config.val_articles,
-        "ratio": 1.0,
-        "quant": "none",
+        "method": config.method,
+        "ratio": config.ratio,
+        "quant": config.quant,
         "config": asdict(config),
         "metrics": {
             "steps": step,
