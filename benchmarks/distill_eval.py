@@ -222,7 +222,12 @@ def main() -> None:
                 "adaptor_hash": adaptor.hash if adaptor else earlier.get("meta", {}).get("adaptor_hash"),
                 "adaptor_kind": adaptor.kind if adaptor else earlier.get("meta", {}).get("adaptor_kind"),
                 "compared_adaptor": (
-                    {"hash": compared.hash, "kind": compared.kind, "metrics": compared.meta.get("metrics")}
+                    {
+                        "hash": compared.hash,
+                        "kind": compared.kind,
+                        "metrics": compared.meta.get("metrics"),
+                        **{k: compared.meta[k] for k in ("method", "ratio", "quant") if k in compared.meta},
+                    }
                     if compared
                     else earlier.get("meta", {}).get("compared_adaptor")
                 ),

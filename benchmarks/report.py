@@ -819,6 +819,16 @@ def render_kvzip_cost(results: Path) -> str:
     return "\n\n".join([table(header, rows), source_line(paths)])
 
 
+def trained_for(adaptor: dict) -> str:
+    """' trained for global:kvzip 0.25 int4' when the adaptor's student was compressed, else ''."""
+    words = []
+    if adaptor.get("method", "none") != "none":
+        words += [adaptor["method"], f"{adaptor['ratio']:g}"]
+    if adaptor.get("quant", "none") != "none":
+        words.append(adaptor["quant"])
+    return " trained for " + " ".join(words) if words else ""
+
+
 def render_distill(results: Path) -> str:
     """Learned passage caches (#15, ``distill_*.json``, ``benchmarks/distill_eval.py``): each
     setting against full prefill on held-out articles, the training summary and indexing cost."""
@@ -841,11 +851,11 @@ def render_distill(results: Path) -> str:
         rows.append(["full prefill (reference)", "1", "-", "0", "1.00", f"{full:.2f} (100 %)"])
         meta, metrics = data["meta"], data["adaptor"]["metrics"]
         header = ["setting", "ratio", "quant", "KL to full (answer)", "agreement", "sub-EM (% of full)"]
-        kinds = f"'adaptor': kind {meta.get('adaptor_kind') or 'cache'}"
+        kinds = f"'adaptor': kind {meta.get('adaptor_kind') or 'cache'}{trained_for(data['adaptor'])}"
         compared = meta.get("compared_adaptor")
         if compared:
             kinds += (
-                f"; 'compared adaptor': kind {compared['kind']} ({compared['hash'][:12]}, "
+                f"; 'compared adaptor': kind {compared['kind']}{trained_for(compared)} ({compared['hash'][:12]}, "
                 f"{compared['metrics']['steps']} steps)"
             )
         parts.append(
