@@ -277,6 +277,8 @@ def train(
     ),
     ratio: float = typer.Option(1.0, "--ratio", min=0.0, max=1.0, help="fraction of tokens that --method keeps"),
     quant: str = typer.Option("none", "--quant", help="train for a store quantized so (int8 | int4 | int2 | fp16)"),
+    keep_first: int | None = typer.Option(None, "--keep-first", min=0, help="as index --keep-first, for --method"),
+    keep_last: int | None = typer.Option(None, "--keep-last", min=0, help="as index --keep-last, for --method"),
     threads: int = typer.Option(2, "--threads", min=1),
 ) -> None:
     """Train a KV-Distill passage adaptor and its learned retention scorer (docs/distill.md)."""
@@ -305,6 +307,8 @@ def train(
             method=method,
             ratio=ratio,
             quant=quant,
+            keep_first=keep_first,
+            keep_last=keep_last,
             val_articles=[t for t in (val_articles or "").split(",") if t],
         )
     except ValueError as exc:

@@ -242,3 +242,22 @@ def test_version_and_usage_errors_are_one_line_without_traceback(monkeypatch, ca
         code, out, err = run_cli(args, monkeypatch, capfd)
         assert code == 2 and out == ""
         assert err.startswith("error: ") and err.count("\n") == 1 and named in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "options, named",
+    [
+        (["--ratio", "0.3"], "needs an eviction --method"),
+        (["--quant", "int3"], "int3"),
+        (["--method", "bogus"], "bogus"),
+    ],
+)
+def test_train_refuses_a_bad_compression_before_any_work(options, named, tmp_path, monkeypatch, capfd):
+    from ragcompress.data import SAMPLE_PASSAGES
+
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"id": "q", "question": "?", "answers": ["a"]}\n')
+    args = ["train", "--passages", str(SAMPLE_PASSAGES), "--questions", str(questions), "--out", str(tmp_path / "o")]
+    code, _, err = run_cli(args + options, monkeypatch, capfd)
+    assert code == 1 and err.startswith("error: ") and err.count("\n") == 1 and named in err, err
+    assert not (tmp_path / "o").exists()  # nothing written, no model loaded

@@ -91,6 +91,8 @@ class TrainConfig:
     ratio: float = 1.0
     quant: str = "none"
     group_size: int = 32
+    keep_first: int | None = None  # tokens ``method`` always keeps (None: its default, as indexing)
+    keep_last: int | None = None
     seed: int = 0
     val_articles: list[str] = field(default_factory=list)
 
@@ -558,7 +560,8 @@ def student_compressor(config: TrainConfig) -> Compressor | None:
         raise ValueError("the student's eviction needs a fixed scorer; 'learned' is fitted after training")
     from ragcompress.compressors import make_compressor
 
-    return make_compressor(config.method, ratio=config.ratio)
+    protected = {"keep_first": config.keep_first, "keep_last": config.keep_last}
+    return make_compressor(config.method, ratio=config.ratio, **{k: v for k, v in protected.items() if v is not None})
 
 
 def train(
