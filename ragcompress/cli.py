@@ -270,6 +270,9 @@ def train(
     train_questions: int = typer.Option(0, "--train-questions", min=0, help="0: all training questions"),
     val_examples: int = typer.Option(16, "--val-examples", min=1),
     continuation: int = typer.Option(32, "--continuation", min=1, help="reconstruction tokens per example"),
+    continuation_weight: float = typer.Option(
+        0.5, "--continuation-weight", min=0.0, help="the reconstruction KL's weight (the answer KL's is 1)"
+    ),
     scorer_passages: int = typer.Option(40, "--scorer-passages", min=0, help="passages the scorer is fitted on"),
     eval_every: int = typer.Option(10, "--eval-every", min=1),
     method: str = typer.Option(
@@ -302,6 +305,7 @@ def train(
             train_questions=train_questions,
             val_examples=val_examples,
             continuation=continuation,
+            continuation_weight=continuation_weight,
             scorer_passages=scorer_passages,
             eval_every=eval_every,
             method=method,
