@@ -28,7 +28,7 @@ from ragcompress.kv.quant import QuantConfig
 from ragcompress.models import LoadedModel
 from ragcompress.prompt import PromptTemplate
 from ragcompress.retrieval import Embedder
-from ragcompress.store import Manifest, PassageRecord, codec
+from ragcompress.store import KVStore, Manifest, PassageRecord, codec
 from ragcompress.store.basis import manifest_entry
 
 # Positions left free after the longest passage: room for the question suffix and a short answer.
@@ -121,6 +121,15 @@ class Indexer:
         other._manifest = replace(self._manifest, compression={**self._manifest.compression, "lowrank": lowrank})
         other.basis = basis
         return other
+
+    def with_store_basis(self, store: KVStore) -> Indexer:
+        """This indexer writing latents of ``store``'s basis, as its manifest describes them
+        (an indexer joining a store someone else created, e.g. a Ray actor); unchanged for a
+        store of full rows."""
+        lowrank = store.manifest.compression.get("lowrank")
+        if store.basis is None or not isinstance(lowrank, dict):
+            return self
+        return self.with_basis(store.basis, RankSpec.from_dict(lowrank), str(lowrank["calibration"]))
 
     @property
     def manifest(self) -> Manifest:

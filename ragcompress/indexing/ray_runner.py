@@ -44,7 +44,6 @@ from ragcompress.indexing.config import IndexConfig
 from ragcompress.indexing.indexer import Indexer
 from ragcompress.indexing.inputs import PassageInput, iter_passages, validate
 from ragcompress.indexing.run import IndexReport, _batches, create_store_for, run_indexer, settings_for
-from ragcompress.kv.lowrank import RankSpec
 from ragcompress.models import LoadedModel, load_model
 from ragcompress.store import KVStore, Manifest, StoreWriter
 from ragcompress.store.kvstore import catalogue_row
@@ -75,7 +74,6 @@ class EncodeActor:
         embedder_factory: Callable[[], Any] | None,
         max_shard_bytes: int | None = None,
         adaptor: str | None = None,
-        rank: RankSpec | None = None,
     ) -> None:
         import torch
 
@@ -85,11 +83,7 @@ class EncodeActor:
         embedder = embedder_factory() if embedder_factory is not None else None
         loaded = resolve_adaptor(adaptor, lm.ref) if adaptor else None
         with KVStore.open(root) as opened:  # the driver created it: settings, adaptor hash, basis
-            self.indexer = Indexer.for_store(opened.manifest, lm, embedder, loaded)
-            basis = opened.basis  # the manifest check already refused a store without one
-            if rank is not None and basis is not None:
-                lowrank = opened.manifest.compression["lowrank"]
-                self.indexer = self.indexer.with_basis(basis, rank, str(lowrank["calibration"]))
+            self.indexer = Indexer.for_store(opened.manifest, lm, embedder, loaded).with_store_basis(opened)
         self.indexer.prefix_kv  # noqa: B018 - the prefix forward pass once, at start, not in the first batch
         self.shards = ClaimedShards(root, max_shard_bytes)
 
@@ -175,7 +169,6 @@ def _results(
             "embedder_factory": embedder_factory,
             "max_shard_bytes": shards.MAX_SHARD_BYTES,
             "adaptor": config.adaptor,
-            "rank": config.rank_spec(),
         },
         batch_size=1,
         batch_format="numpy",

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -59,6 +60,11 @@ class RankSpec:
 
     def as_dict(self) -> dict[str, object]:
         return {"rank": self.rank, "energy": self.energy, "schedule": self.schedule, "values": self.values}
+
+    @classmethod
+    def from_dict(cls, entry: dict[str, Any]) -> RankSpec:
+        """The spec :meth:`as_dict` wrote (a manifest's ``compression.lowrank`` carries it)."""
+        return cls(entry.get("rank"), entry.get("energy"), str(entry["schedule"]), bool(entry["values"]))
 
     def layer_targets(self, layers: int) -> list[float]:
         """The variance fraction each layer must keep (``energy`` specs only)."""
