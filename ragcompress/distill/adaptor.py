@@ -7,10 +7,11 @@ Two kinds, recorded as ``settings["kind"]``:
 projections (``settings["modules"]``), active only inside the passage forward. A correction in
 layer ``l`` changes the passage's hidden states, so it reaches every later layer's keys and
 values -- the design the KV-Distill paper uses. The tensors are peft's own adapter state dict
-(``model.layers.0.self_attn.q_proj.lora_A.weight`` ...), injected into the loaded model under a
-name derived from the adaptor's hash and switched on only for the duration of
-:meth:`Adaptor.encoding`; everything else the model runs (prefix, question, decoding, the
-full-prefill baseline) is the base model.
+(``model.layers.0.self_attn.q_proj.lora_A.weight`` ...). Indexing folds them into the weights
+they adapt (:meth:`Adaptor.merged_weights`) and the encoder swaps those in for the passage
+forward only; training injects them as peft layers (:meth:`Adaptor.attach`, switched on by
+:func:`lora_active`), which carry the gradients. Everything else the model runs (prefix,
+question, decoding, the full-prefill baseline) is the base model.
 
 ``cache`` (the first version; adaptors without a ``kind`` are of this kind): LoRA factors of
 ``k_proj`` and ``v_proj`` added to what is cached, not fed to the next layer::
