@@ -10,6 +10,8 @@ exactly the budget, and its fit recovers a linear target.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -307,3 +309,16 @@ def test_train_config_refuses_a_compression_it_cannot_train():
         TrainConfig(quant="int3")
     with pytest.raises(ValueError, match="kind 'forward'"):
         TrainConfig(kind="cache", quant="int4")
+
+
+def test_an_adaptor_trained_for_another_compression_is_used_with_a_warning(lm, tmp_path, passages_file, embedder):
+    specialist = noisy_adaptor(lm.model, 8)
+    specialist.meta = {"method": "global:kvzip", "ratio": 0.25, "quant": "int4"}
+    path = specialist.save(tmp_path / "specialist")
+    common = dict(model=lm.ref, lm=lm, embedder=embedder)
+    with pytest.warns(UserWarning, match="trained for a store of global:kvzip 0.25 int4, this store is none 1 int8"):
+        index(passages_file, tmp_path / "other", config=IndexConfig(quant="int8", adaptor=str(path)), **common)
+    same = IndexConfig(method="global:kvzip", ratio=0.25, quant="int4", adaptor=str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        index(passages_file, tmp_path / "same", config=same, **common)

@@ -9,6 +9,7 @@ a step (a new compressor input, a new record field) is then a change in one plac
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Container
 from dataclasses import replace
 from functools import cached_property
@@ -33,6 +34,23 @@ from ragcompress.store.basis import manifest_entry
 
 # Positions left free after the longest passage: room for the question suffix and a short answer.
 POSITION_HEADROOM = 64
+
+
+def warn_if_trained_for_another_store(adaptor: Adaptor, config: IndexConfig) -> None:
+    """An adaptor trained for one compression (``train --method/--ratio/--quant``) is a
+    specialist: uncompressed, SmolLM2's sits twice as far from full prefill as the general
+    adaptor (docs/distill.md). Allowed, but said."""
+    trained = (adaptor.meta.get("method", "none"), float(adaptor.meta.get("ratio", 1.0)), adaptor.meta.get("quant"))
+    used = (config.method, float(config.ratio or 1.0), config.quant)
+    if trained[2] is None or trained == ("none", 1.0, "none") or trained == used:
+        return  # a general adaptor (trained uncompressed), or the store it was trained for
+    warnings.warn(
+        f"adaptor {adaptor.hash[:16]} was trained for a store of {trained[0]} {trained[1]:g} {trained[2]}, "
+        f"this store is {used[0]} {used[1]:g} {used[2]}; under another compression it can be further from "
+        "full prefill than the general adaptor (--adaptor default; docs/distill.md)",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 class Indexer:
@@ -79,6 +97,7 @@ class Indexer:
         adaptor = resolve_adaptor(config.adaptor, lm.ref) if config.adaptor else None
         if adaptor is not None:
             adaptor.check_model(lm.fingerprint, lm.ref)
+            warn_if_trained_for_another_store(adaptor, config)
         manifest = build_manifest(lm, template, config, adaptor.hash if adaptor else None)
         return cls(lm, template, config.compressor(), config.quant_config(), embedder, manifest, adaptor)
 
