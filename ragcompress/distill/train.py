@@ -377,10 +377,10 @@ class Distiller:
         p = start = len(self.prefix_ids)
         keys = [[k] for k, _ in self.prefix_layers]
         values = [[v] for _, v in self.prefix_layers]
-        with lora_active(self.model, self.lora_name):
-            layers = self.encoder.forward_with_grad(passages)
         if self.compressor is not None or self.quant is not None:
             raise ValueError("a compressed student's cache comes with a row mask: use student_compressed_tensors")
+        with lora_active(self.model, self.lora_name):
+            layers = self.encoder.forward_with_grad(passages)
         for row, ids in enumerate(passages):
             n, shift = len(ids), start - p
             cos, sin = self.rotary.cos_sin(torch.full((n,), shift), 0)
@@ -435,7 +435,7 @@ class Distiller:
             k, v = torch.gather(k, 2, index), torch.gather(v, 2, index)
             if self.quant is not None:
                 k, v = quantize_dequantize(k, v, lengths, self.quant)
-            cos, sin = self.rotary.cos_sin(positions + start, 0)
+            cos, sin = self.rotary.table_cos_sin(positions + start, 0)  # one RoPE call per distinct position
             k = k * cos + rotate_half(k) * sin
             for layer in range(layer_count):
                 keys[layer].append(k[layer].unsqueeze(0))
