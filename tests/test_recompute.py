@@ -98,14 +98,15 @@ def padded(kv: PassageKV) -> PassageKV:
 
 
 def evicted(kv: PassageKV, seed: int) -> PassageKV:
-    """Each (layer, head) keeps a different random ~2/3 of the tokens, in position order."""
+    """Each (layer, head) keeps a different random ~2/3 of the tokens, in position order; deeper
+    layers keep fewer, so each layer's cache is padded to a different length."""
     generator = torch.Generator().manual_seed(seed)
     layers, heads, n, _ = kv.keys.shape
     keys, values = torch.zeros_like(kv.keys), torch.zeros_like(kv.values)
     positions, lengths = torch.zeros_like(kv.positions), torch.zeros(layers, heads, dtype=torch.long)
     for layer in range(layers):
         for head in range(heads):
-            keep = torch.sort(torch.randperm(n, generator=generator)[: max(1, 2 * n // 3 - head)]).values
+            keep = torch.sort(torch.randperm(n, generator=generator)[: max(1, 2 * n // 3 - head - 5 * layer)]).values
             count = keep.numel()
             keys[layer, head, :count] = kv.keys[layer, head, keep]
             values[layer, head, :count] = kv.values[layer, head, keep]
@@ -158,11 +159,9 @@ def test_question_riding_in_the_recompute_pass_changes_nothing(stores, config, l
     )
     assert torch.equal(fused.selected, report.selected)
     torch.testing.assert_close(fused.logits, separate, atol=1e-4, rtol=1e-4)
-    assert (
-        built.cache.get_seq_length() == built.kv_mask.shape[-1] + len(suffix)
-        if built.kv_mask is not None
-        else built.next_position + len(suffix)
-    )
+    assert [layer.keys.shape[2] for layer in built.cache.layers] == [
+        int(rows) + len(suffix) for rows in built.context_rows
+    ]
 
 
 def test_zero_recompute_is_plain_reuse_bit_for_bit(stores):
@@ -296,11 +295,59 @@ def test_recompute_on_evicted_caches_only_writes_kept_rows(stores):
         assert layer.keys.shape == old.shape
         changed = (layer.keys != old).any(-1)[0]  # [kv_heads, T]
         assert not bool(changed[:, : engine.prefix.num_tokens].any())  # prefix untouched
-    padding = ~built.kv_mask
     for layer_idx, layer in enumerate(built.cache.layers):
-        assert bool((layer.keys[0][padding[layer_idx]] == 0).all())  # padding rows stay padding
+        padding = ~built.kv_mask[layer_idx]
+        assert bool((layer.keys[0][padding] == 0).all())  # padding rows stay padding
     recomputed, _ = cached_logits(engine, entries, 1.0, segments)
     assert not torch.equal(recomputed, plain)
+
+
+@pytest.mark.parametrize("longest_layer", [0, 1])
+def test_layers_padded_separately_read_like_the_masked_uniform_cache(stores, longest_layer):
+    """Per-layer padding: each layer's cache holds the prefix and, per passage, as many rows as
+    that layer's longest head keeps. Every suffix token must read exactly what it reads from the
+    un-evicted cache with the evicted rows masked out (same stored rows, the uniform layout),
+    which checks the per-layer offsets, the per-layer RoPE and the alignment of transformers'
+    mask (sized by layer 0) with longer and shorter layers."""
+    from ragcompress.runtime.attention import KV_MASK_KWARG
+    from ragcompress.runtime.generate import forward_logits
+
+    engine = stores("llama")
+    entries = engine.retrieve(QUESTION, 3)
+    full = [engine.store.load_kv(e) for e in entries]
+    segments = [evicted(kv, i) for i, kv in enumerate(full)]
+    for kv, whole in zip(segments, full, strict=True):  # one head of this layer keeps everything
+        kv.lengths[longest_layer, 0] = kv.num_tokens
+        kv.positions[longest_layer, 0] = torch.arange(kv.num_tokens)
+        kv.keys[longest_layer, 0], kv.values[longest_layer, 0] = (
+            whole.keys[longest_layer, 0],
+            whole.values[longest_layer, 0],
+        )
+    built = assembled(engine, segments)
+    p = engine.prefix.keys.shape[2]
+    widths = torch.stack([kv.layer_rows() for kv in segments]).sum(0)
+    assert [layer.keys.shape[2] for layer in built.cache.layers] == (p + widths).tolist()
+    assert int(widths.argmax()) == longest_layer and int(widths.min()) < int(widths.max())
+
+    reference = assembled(engine, full)
+    layers, heads = full[0].lengths.shape
+    visible = [torch.ones(heads, p, dtype=torch.bool)]
+    for kv in segments:
+        seen = torch.zeros(layers, heads, kv.num_tokens, dtype=torch.bool)
+        for layer in range(layers):
+            for head in range(heads):
+                seen[layer, head, kv.positions[layer, head, : kv.lengths[layer, head]]] = True
+        visible.append(seen)
+    mask = torch.cat([visible[0].expand(layers, -1, -1)] + visible[1:], dim=2)
+    suffix = torch.tensor([engine.tokens.suffix(QUESTION)])
+    with torch.inference_mode():
+        ragged = forward_logits(
+            engine.lm.model, suffix, built.cache, built.next_position, 0, **built.attention_kwargs()
+        )
+        masked = forward_logits(
+            engine.lm.model, suffix, reference.cache, reference.next_position, 0, **{KV_MASK_KWARG: mask}
+        )
+    torch.testing.assert_close(ragged, masked, atol=1e-4, rtol=1e-4)
 
 
 def test_quantized_store_recomputes_the_first_passage_too(stores):

@@ -60,6 +60,48 @@ def test_positions_continue_after_every_passage(tiny_model_dir, passages_file, t
     assert built.kv_mask is None
 
 
+def _gemma3_text():
+    """A tiny random Gemma-3 text model: local and global layers with different RoPE bases."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "gemma3_text",
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    )
+    return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_rotate_each_layer_equals_rotating_layer_by_layer(arch, tiny_lm):
+    """Per-layer widths (runtime.assemble's per-layer padding) with one cos/sin table per RoPE:
+    each layer's first rows equal :meth:`Rotary.rotate` of that layer, ragged positions and
+    one row of positions shared by every head alike, fp32 and fp16 outputs."""
+    model = tiny_lm.model if arch == "llama" else _gemma3_text()
+    rotary = Rotary(model)
+    layers = model.config.num_hidden_layers
+    heads, n, d = 2, 12, model.config.head_dim
+    keys = torch.randn(layers, heads, n, d)
+    ragged = torch.stack([torch.randperm(40)[:n].sort().values for _ in range(layers * heads)]).view(layers, heads, n)
+    shared = (torch.arange(n) + 7).expand(layers, heads, n)
+    widths = [n - 3 * (i % 3) for i in range(layers)]
+    for positions in (ragged, shared):
+        for dtype in (torch.float32, torch.float16):
+            buffer = torch.zeros(layers, heads, n + 4, d, dtype=dtype)
+            rotary.rotate_each_layer(keys, positions, [buffer[i, :, 2 : 2 + w] for i, w in enumerate(widths)])
+            for i, w in enumerate(widths):
+                expected = rotary.rotate(keys[i, :, :w], positions[i, :, :w], i).to(dtype)
+                torch.testing.assert_close(buffer[i, :, 2 : 2 + w], expected, atol=1e-3, rtol=1e-3)
+                assert not bool(buffer[i, :, 2 + w :].any())  # rows past the layer's width untouched
+
+
 def test_rotate_then_unrotate_is_identity(tiny_lm):
     rotary = Rotary(tiny_lm.model)
     keys = torch.randn(2, 5, 16)

@@ -92,16 +92,18 @@ class PreallocatedLayer(DynamicLayer):
 
 
 def build_preallocated_cache(
-    config: Any, key_buffers: list[torch.Tensor], value_buffers: list[torch.Tensor], filled: int
+    config: Any, key_buffers: list[torch.Tensor], value_buffers: list[torch.Tensor], filled: int | list[int]
 ) -> DynamicCache:
     """A ``DynamicCache`` whose full-attention layers are :class:`PreallocatedLayer` over the given
-    per-layer ``[batch, kv_heads, capacity, d]`` buffers, of which the first ``filled`` rows are
-    the cache. Other layer types (sliding windows) get the filled rows through their own ``update``."""
+    per-layer ``[batch, kv_heads, capacity, d]`` buffers, of which the first ``filled`` rows (one
+    count, or one per layer when layers are padded separately) are the cache. Other layer types
+    (sliding windows) get the filled rows through their own ``update``."""
     cache = DynamicCache(config=config)
-    for layer_idx, (k, v) in enumerate(zip(key_buffers, value_buffers, strict=True)):
+    counts = filled if isinstance(filled, list) else [filled] * len(key_buffers)
+    for layer_idx, (k, v, n) in enumerate(zip(key_buffers, value_buffers, counts, strict=True)):
         layer = cache.layers[layer_idx] if layer_idx < len(cache.layers) else None
         if type(layer) is DynamicLayer:
-            cache.layers[layer_idx] = PreallocatedLayer(k, v, filled)
+            cache.layers[layer_idx] = PreallocatedLayer(k, v, n)
         else:
-            cache.update(k[:, :, :filled], v[:, :, :filled], layer_idx)
+            cache.update(k[:, :, :n], v[:, :, :n], layer_idx)
     return cache

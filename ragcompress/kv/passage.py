@@ -61,3 +61,11 @@ class PassageKV:
         """``[layers, kv_heads, n_max]`` bool, True on real (not padding) rows."""
         n_max = self.keys.shape[2]
         return torch.arange(n_max) < self.lengths.unsqueeze(-1)
+
+    def layer_rows(self) -> torch.Tensor:
+        """``[layers]`` int64: rows of each layer holding a real entry on some head (its longest
+        head). With per-head eviction the layers of one passage keep different amounts, and the
+        dense runtime pads each layer only to its own longest head (``runtime.assemble``)."""
+        if self.keys.shape[2] == 0:
+            return torch.zeros(self.lengths.shape[0], dtype=torch.long)
+        return self.lengths.max(dim=1).values

@@ -69,24 +69,10 @@ class Rotary:
     def rotate_into(
         self, out: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, layer_idx: int
     ) -> torch.Tensor:
-        """:meth:`rotate` written into ``out`` (same shape; may be a view of a larger buffer).
-
-        ``x * cos + rotate_half(x) * sin`` one half at a time, so the keys are read twice and
-        written once, with no temporaries: on a CPU this is memory-bound and on every request.
-        """
+        """:meth:`rotate` written into fp32 ``out`` (same shape; may be a view of a larger buffer)."""
         if positions.numel() == 0:
             return out
-        cos, sin = self.table_cos_sin(positions, layer_idx)
-        cos, sin = cos.to(out.device), sin.to(out.device)  # computed where ``out`` lives
-        half = keys.shape[-1] // 2
-        x1 = keys[..., :half].to(out.device, torch.float32)
-        x2 = keys[..., half:].to(out.device, torch.float32)
-        low, high = out[..., :half], out[..., half:]
-        torch.mul(x1, cos[..., :half], out=low)
-        low.addcmul_(x2, sin[..., :half], value=-1.0)
-        torch.mul(x2, cos[..., half:], out=high)
-        high.addcmul_(x1, sin[..., half:])
-        return out
+        return _apply_rotation(out, keys, *self.table_cos_sin(positions, layer_idx))
 
     def rotate_layers(
         self, keys: torch.Tensor, positions: torch.Tensor, out: torch.Tensor | None = None
@@ -106,6 +92,30 @@ class Rotary:
             self._rotate_to(out, keys, positions, 0)
         return out
 
+    def rotate_each_layer(self, keys: torch.Tensor, positions: torch.Tensor, outs: list[torch.Tensor]) -> None:
+        """Rotate layer ``i``'s first ``outs[i].shape[-2]`` rows into ``outs[i]``: keys
+        ``[layers, heads, n, d]`` and positions ``[layers, heads, n]`` of one segment whose layers
+        keep different numbers of rows (per-layer padding, ``runtime.assemble``). One cos/sin
+        table serves every layer that shares a RoPE; ``outs`` may be views of larger buffers.
+        """
+        tables: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
+        for i, out in enumerate(outs):
+            rows = out.shape[-2]
+            if rows == 0:
+                continue
+            kind = self._layer_types[i] if self._takes_layer_type and self._layer_types is not None else None
+            if kind not in tables:
+                tables[kind] = self.table_cos_sin(positions, i)
+            cos, sin = tables[kind]
+            if cos.dim() > 2:  # per layer and head; else one row of positions broadcast everywhere
+                cos, sin = cos[i], sin[i]
+            cos, sin = cos[..., :rows, :], sin[..., :rows, :]
+            if out.dtype == torch.float32:
+                _apply_rotation(out, keys[i, :, :rows], cos, sin)
+            else:  # rotate in fp32, round once
+                rotated = torch.empty(out.shape, dtype=torch.float32, device=out.device)
+                out.copy_(_apply_rotation(rotated, keys[i, :, :rows], cos, sin))
+
     def _rotate_to(self, out: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, layer_idx: int) -> None:
         if out.dtype == torch.float32:
             self.rotate_into(out, keys, positions, layer_idx)
@@ -118,3 +128,18 @@ class Rotary:
         x = keys.float()
         out = (x * cos - rotate_half(x) * sin) / (self._scaling**2)
         return out.to(keys.dtype)
+
+
+def _apply_rotation(out: torch.Tensor, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``out = keys * cos + rotate_half(keys) * sin`` (fp32 ``out``), one half at a time: the keys
+    are read twice and written once, with no temporaries (memory-bound, on every request)."""
+    cos, sin = cos.to(out.device), sin.to(out.device)  # computed where ``out`` lives
+    half = keys.shape[-1] // 2
+    x1 = keys[..., :half].to(out.device, torch.float32)
+    x2 = keys[..., half:].to(out.device, torch.float32)
+    low, high = out[..., :half], out[..., half:]
+    torch.mul(x1, cos[..., :half], out=low)
+    low.addcmul_(x2, sin[..., :half], value=-1.0)
+    torch.mul(x2, cos[..., half:], out=high)
+    high.addcmul_(x1, sin[..., half:])
+    return out

@@ -2,9 +2,11 @@
 
 Registered with transformers' ``AttentionInterface`` as ``"ragcompress"`` by
 :func:`register_attention` (called by ``load_model``) and used by every model ragcompress loads.
-Without the ``ragcompress_kv_mask`` keyword it *is* transformers' SDPA path, bit for bit; with it, the padding rows of each layer's cache are masked per KV head. The mask
-is per layer (``module.layer_idx``) because a per-head budget differs between layers, which a
-single 4-D ``attention_mask`` shared by all layers cannot express. With ``ragcompress_packed``
+Without the ``ragcompress_kv_mask`` keyword it *is* transformers' SDPA path, bit for bit; with
+it, the padding rows of each layer's cache are masked per KV head. The mask is per layer
+(``module.layer_idx``) because a per-head budget differs between layers and each layer's cache
+is padded only to its own longest head (so layers differ in length), which a single 4-D
+``attention_mask`` shared by all layers cannot express. With ``ragcompress_packed``
 (a ``runtime.packed.PackedSegments``) it attends over quantized segments kept beside the cache
 (fused Triton kernel on CUDA, PyTorch reference on CPU).
 """
@@ -26,7 +28,7 @@ PACKED_KWARG = "ragcompress_packed"
 def allowed_keys(kv_mask: torch.Tensor, q_heads: int, q_len: int, total: int) -> torch.Tensor:
     """Boolean ``[1, q_heads, q_len, total]``: per-head cache rows, then causal new tokens.
 
-    kv_mask: ``[kv_heads, past]`` True on real rows of the assembled cache.
+    kv_mask: ``[kv_heads, past]`` True on real rows of this layer's assembled cache.
     """
     kv_heads, past = kv_mask.shape
     new = total - past
@@ -54,11 +56,27 @@ def ragged_attention(
     kv_mask = kwargs.pop(KV_MASK_KWARG, None)
     if kv_mask is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    allowed = allowed_keys(kv_mask[module.layer_idx], query.shape[1], query.shape[2], key.shape[2])
+    layer_mask = kv_mask[module.layer_idx]
+    allowed = allowed_keys(layer_mask, query.shape[1], query.shape[2], key.shape[2])
     if attention_mask is not None and attention_mask.dtype == torch.bool:
-        allowed = allowed & attention_mask[..., : key.shape[2]]
+        allowed = allowed & _align(attention_mask, layer_mask.shape[-1], key.shape[2] - layer_mask.shape[-1])
     kwargs["is_causal"] = False
     return sdpa_attention_forward(module, query, key, value, allowed, **kwargs)
+
+
+def _align(attention_mask: torch.Tensor, past: int, new: int) -> torch.Tensor:
+    """transformers' boolean mask ``[..., q, P0 + new]`` laid over a layer with ``past`` cached
+    rows. transformers sizes it by layer 0's cache (``P0`` rows); with per-layer padding
+    (``runtime.assemble``) other layers hold more or fewer, so its cached columns are cut or
+    extended (by their last column) to ``past``, and its last ``new`` columns (the new tokens)
+    stay aligned with the layer's last ``new`` rows."""
+    cached = attention_mask.shape[-1] - new
+    if cached == past:
+        return attention_mask
+    head = attention_mask[..., : min(cached, past)]
+    if past > cached:
+        head = torch.cat([head, attention_mask[..., cached - 1 : cached].expand(*head.shape[:-1], past - cached)], -1)
+    return torch.cat([head, attention_mask[..., cached:]], dim=-1)
 
 
 def register_attention() -> str:

@@ -26,18 +26,21 @@ import torch
 
 
 @torch.inference_mode()
-def scale_context_keys(cache: Any, start_row: int, stop_row: int, temperature: float) -> None:
+def scale_context_keys(cache: Any, start_row: int, stop_row: int | list[int], temperature: float) -> None:
     """Divide the logits against cache rows ``[start_row, stop_row)`` by ``temperature``.
 
     cache: a transformers cache whose layers hold ``keys [1, kv_heads, T, head_dim]`` (modified
-    in place). ``temperature == 1`` leaves it untouched.
+    in place); ``stop_row`` is one row for every layer or one per layer (layers padded to
+    different lengths, ``runtime.assemble``). ``temperature == 1`` leaves it untouched.
     """
     if temperature <= 0.0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if temperature == 1.0 or stop_row <= start_row:
+    if temperature == 1.0:
         return
-    for layer in cache.layers:
-        layer.keys[:, :, start_row:stop_row].mul_(1.0 / temperature)
+    stops = stop_row if isinstance(stop_row, list) else [stop_row] * len(cache.layers)
+    for layer, stop in zip(cache.layers, stops, strict=True):
+        if stop > start_row:
+            layer.keys[:, :, start_row:stop].mul_(1.0 / temperature)
 
 
 # A generic, label-free probe: calibration must not see the questions it will be judged on.

@@ -35,7 +35,7 @@ import torch
 
 from ragcompress.kv import PassageKV
 from ragcompress.kv.rope import Rotary
-from ragcompress.runtime.assemble import AssembledCache
+from ragcompress.runtime.assemble import AssembledCache, segment_rows
 from ragcompress.runtime.calibration import scale_context_keys
 
 SELECTIONS = ("deviation", "question", "mixed")
@@ -107,29 +107,35 @@ class BlendReport:
 class _Layout:
     """Where every passage token sits in the assembled cache.
 
-    row_pos:  ``[layers, kv_heads, T]`` absolute RoPE position of each cache row
-    valid:    ``[layers, kv_heads, T]`` True on real rows
+    row_pos:  per layer ``[kv_heads, T_layer]`` absolute RoPE position of each cache row
+    valid:    per layer ``[kv_heads, T_layer]`` True on real rows
     token_pos: ``[N]`` absolute position of every passage token (all passages concatenated)
     uniform:  every segment keeps every token on every head (row of token ``i`` is ``P + i``)
+
+    Rows follow :func:`~ragcompress.runtime.assemble.segment_rows` (each layer padded to its own
+    longest head), so the layers of one cache may differ in length.
     """
 
     def __init__(self, prefix: PassageKV, segments: list[PassageKV]) -> None:
         layers, heads = prefix.lengths.shape
         self.prefix_rows = prefix.keys.shape[2]
         self.uniform = prefix.is_uniform and all(seg.is_uniform for seg in segments)
+        self.starts = segment_rows(prefix, segments)  # [S+1, layers]
         row_pos, valid, token_pos, self.segment_starts = [prefix.positions], [prefix.valid_mask()], [], []
-        self._row_offsets = []
-        position, row = prefix.num_tokens, self.prefix_rows
+        position = prefix.num_tokens
         for seg in segments:
             row_pos.append(seg.positions + position)
             valid.append(seg.valid_mask())
             token_pos.append(torch.arange(position, position + seg.num_tokens))
             self.segment_starts.append(sum(t.numel() for t in token_pos[:-1]))
-            self._row_offsets.append(row)
             position += seg.num_tokens
-            row += seg.keys.shape[2]
-        self.row_pos = torch.cat(row_pos, dim=2)
-        self.valid = torch.cat(valid, dim=2)
+        widths = [[self.prefix_rows] * layers] + (self.starts[1:] - self.starts[:-1]).tolist()
+        self.row_pos = [
+            torch.cat([r[i, :, : w[i]] for r, w in zip(row_pos, widths, strict=True)], 1) for i in range(layers)
+        ]
+        self.valid = [
+            torch.cat([v[i, :, : w[i]] for v, w in zip(valid, widths, strict=True)], 1) for i in range(layers)
+        ]
         self.token_pos = torch.cat(token_pos) if token_pos else torch.zeros(0, dtype=torch.long)
         self.shape = (layers, heads)
         self._segments = segments
@@ -141,29 +147,31 @@ class _Layout:
             return self.prefix_rows + tokens
         layers, heads = self.shape
         inverse = []
-        for seg, offset in zip(self._segments, self._row_offsets, strict=True):
+        for j, seg in enumerate(self._segments):
             inv = torch.full((layers, heads, seg.num_tokens), -1, dtype=torch.long)
-            rows = torch.arange(seg.keys.shape[2]).expand(layers, heads, -1) + offset
+            rows = torch.arange(seg.keys.shape[2]).expand(layers, heads, -1) + self.starts[j][:, None, None]
             keep = seg.valid_mask()
             inv[keep.nonzero(as_tuple=True)[:2] + (seg.positions[keep],)] = rows[keep]
             inverse.append(inv)
         return torch.cat(inverse, dim=2)[:, :, tokens]
 
     def masks(self, tokens: torch.Tensor, q_heads: int, new_pos: torch.Tensor) -> list[torch.Tensor]:
-        """Per layer bool ``[1, q_heads or 1, S + Q, T + Q]``: real rows (and new tokens) at
+        """Per layer bool ``[1, q_heads or 1, S + Q, T_layer + Q]``: real rows (and new tokens) at
         positions <= the query's. Queries are the passage ``tokens [S]`` then ``Q`` new tokens
         at ``new_pos [Q]`` (the question, appended after the cache)."""
         qpos = torch.cat([self.token_pos[tokens], new_pos])
         layers, heads = self.shape
-        row_pos = torch.cat([self.row_pos, new_pos.expand(layers, heads, -1)], dim=2)
         if self.uniform:
-            mask = (row_pos[0, :1] <= qpos[:, None]).unsqueeze(0)  # [1, S+Q, T+Q]
+            row_pos = torch.cat([self.row_pos[0][0], new_pos])
+            mask = (row_pos[None, :] <= qpos[:, None]).unsqueeze(0)  # [1, S+Q, T+Q]
             return [mask.unsqueeze(0)] * layers
-        valid = torch.cat([self.valid, torch.ones(layers, heads, new_pos.numel(), dtype=torch.bool)], dim=2)
         groups = q_heads // heads
+        new_valid = torch.ones(heads, new_pos.numel(), dtype=torch.bool)
         out = []
         for layer in range(layers):
-            allowed = valid[layer][:, None, :] & (row_pos[layer][:, None, :] <= qpos[None, :, None])
+            row_pos = torch.cat([self.row_pos[layer], new_pos.expand(heads, -1)], dim=1)
+            valid = torch.cat([self.valid[layer], new_valid], dim=1)
+            allowed = valid[:, None, :] & (row_pos[:, None, :] <= qpos[None, :, None])
             out.append(allowed.repeat_interleave(groups, dim=0).unsqueeze(0))
         return out
 
@@ -476,7 +484,5 @@ def repair(
         )
         if report.logits is not None:
             return report.logits
-    prefix_rows = prefix.keys.shape[2]
-    stop = prefix_rows + sum(seg.keys.shape[2] for seg in segments)
-    scale_context_keys(built.cache, prefix_rows, stop, config.temperature)
+    scale_context_keys(built.cache, prefix.keys.shape[2], built.context_rows.tolist(), config.temperature)
     return None
