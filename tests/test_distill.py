@@ -324,3 +324,13 @@ def test_an_adaptor_trained_for_another_compression_is_used_with_a_warning(lm, t
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         index(passages_file, tmp_path / "same", config=same, **common)
+
+
+def test_a_budget_store_is_named_by_its_budget_in_the_adaptor_warning(lm):
+    from ragcompress.indexing.indexer import warn_if_trained_for_another_store
+
+    specialist = noisy_adaptor(lm.model, 8)
+    specialist.meta = {"method": "global:kvzip", "ratio": 0.25, "quant": "int4"}
+    config = IndexConfig(method="global:kvzip", budget=16, quant="int4")
+    with pytest.warns(UserWarning, match="this store is global:kvzip budget 16 int4"):
+        warn_if_trained_for_another_store(specialist, config)

@@ -41,12 +41,16 @@ def warn_if_trained_for_another_store(adaptor: Adaptor, config: IndexConfig) -> 
     specialist: uncompressed, SmolLM2's sits twice as far from full prefill as the general
     adaptor (docs/distill.md). Allowed, but said."""
     trained = (adaptor.meta.get("method", "none"), float(adaptor.meta.get("ratio", 1.0)), adaptor.meta.get("quant"))
-    used = (config.method, float(config.ratio or 1.0), config.quant)
+    if config.budget is not None:  # tokens per head: never the fraction an adaptor is trained for
+        used: tuple[str, float | None, str] = (config.method, None, config.quant)
+    else:
+        used = (config.method, 1.0 if config.ratio is None else float(config.ratio), config.quant)
     if trained[2] is None or trained == ("none", 1.0, "none") or trained == used:
         return  # a general adaptor (trained uncompressed), or the store it was trained for
+    kept = f"budget {config.budget}" if used[1] is None else f"{used[1]:g}"
     warnings.warn(
         f"adaptor {adaptor.hash[:16]} was trained for a store of {trained[0]} {trained[1]:g} {trained[2]}, "
-        f"this store is {used[0]} {used[1]:g} {used[2]}; under another compression it can be further from "
+        f"this store is {used[0]} {kept} {used[2]}; under another compression it can be further from "
         "full prefill than the general adaptor (--adaptor default; docs/distill.md)",
         UserWarning,
         stacklevel=3,
