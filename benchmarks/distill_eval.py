@@ -9,7 +9,9 @@ read over the runtime's own assembled cache (``runtime.assemble``, per-head mask
 tokens), so what is measured is what the query path serves:
 
 * ``kl_answer``: KL(full prefill || cached) per answer position (teacher-forced along the full
-  prefill's answer, end row included), full vocabulary, nats;
+  prefill's answer, end row included), full vocabulary, nats; its 95 % bootstrap interval over
+  questions, the per-question values, and for an adaptor row ``kl_vs_baseline``: its mean KL
+  over that of the same compression without an adaptor, with the paired bootstrap interval;
 * ``agreement``: share of questions whose greedy cached answer (up to 32 tokens) equals full
   prefill's (token for token);
 * ``sub_em`` and ``sub_em_pct_of_full``: SQuAD substring match of the greedy answers vs gold;
@@ -43,6 +45,7 @@ from ragcompress.models import load_model
 from ragcompress.prompt import PromptTemplate
 from ragcompress.runtime.assemble import assemble
 from ragcompress.runtime.generate import decode_n_tokens, forward_logits, prefill, stop_token_ids
+from ragcompress.stats import bootstrap_ci, paired_ratio
 from ragcompress.store import codec
 
 from common import SQUAD, results_meta
@@ -58,6 +61,16 @@ SETTINGS: dict[str, tuple[str | None, str, float | None, str]] = {
     "adaptor + global:kvzip 0.25 int4": ("trained", "global:kvzip", 0.25, "int4"),
     "compared adaptor + global:kvzip 0.25 int4": ("compare", "global:kvzip", 0.25, "int4"),
 }
+
+
+def baseline_of(name: str) -> str:
+    """The setting an adaptor row is judged against: the row without an adaptor at the same ratio
+    and bits (plain reuse; ``global:kvzip`` when compressed, as issue 15's target states it); a
+    row without an adaptor is its own."""
+    which, _, ratio, quant = SETTINGS[name]
+    if which is None:
+        return name
+    return next(n for n, (w, _, r, q) in SETTINGS.items() if w is None and (r, q) == (ratio, quant))
 
 
 def segments(encoder: PassageEncoder, passages: list[list[int]], method: str, ratio: float | None, quant: str) -> list:
@@ -207,6 +220,13 @@ def main() -> None:
                 raise SystemExit(f"{other} measured other examples or other full-prefill answers; not merged")
             rows = rows | {k: v for k, v in data["rows"].items() if k not in rows}
         rows = {name: rows[name] for name in SETTINGS if name in rows}  # table order
+        for name, row in rows.items():
+            reference = baseline_of(name)
+            if reference != name and "kl_per_question" in row and "kl_per_question" in rows.get(reference, {}):
+                row["kl_vs_baseline"] = {
+                    "baseline": reference,
+                    **paired_ratio(row["kl_per_question"], rows[reference]["kl_per_question"]),
+                }
         result = {
             "meta": {
                 **results_meta(
@@ -263,7 +283,10 @@ def main() -> None:
             "ratio": ratio or 1.0,
             "quant": quant,
             "kl_answer": statistics.mean(kls),
+            "kl_ci95": list(bootstrap_ci(kls)),
+            "kl_per_question": kls,
             "agreement": statistics.mean(agree),
+            "agreement_ci95": list(bootstrap_ci(agree)),
             "sub_em": statistics.mean(ems),
             "sub_em_pct_of_full": 100 * statistics.mean(ems) / full_sub_em if full_sub_em else None,
             "answers": answers,

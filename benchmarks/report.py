@@ -829,6 +829,15 @@ def trained_for(adaptor: dict) -> str:
     return " trained for " + " ".join(words) if words else ""
 
 
+def _kl_vs_baseline(row: dict[str, Any]) -> str:
+    """An adaptor row's mean KL as a share of its no-adaptor baseline's (``distill_eval.baseline_of``)."""
+    vs = row.get("kl_vs_baseline")
+    if not vs:
+        return "–"
+    low, high = vs["ci95"]
+    return f"{100 * vs['ratio']:.0f} % of {vs['baseline']} [{100 * low:.0f}, {100 * high:.0f}]"
+
+
 def render_distill(results: Path) -> str:
     """Learned passage caches (#15, ``distill_*.json``, ``benchmarks/distill_eval.py``): each
     setting against full prefill on held-out articles, the training summary and indexing cost."""
@@ -842,15 +851,24 @@ def render_distill(results: Path) -> str:
                 name,
                 f"{row['ratio']:g}",
                 row["quant"],
-                f"{row['kl_answer']:.4f}",
-                f"{row['agreement']:.2f}",
+                f"{row['kl_answer']:.4f}" + (f" {_ci(row['kl_ci95'])}" if "kl_ci95" in row else ""),
+                _kl_vs_baseline(row),
+                f"{row['agreement']:.2f}" + (f" {_ci(row['agreement_ci95'])}" if "agreement_ci95" in row else ""),
                 f"{row['sub_em']:.2f} ({pct(row['sub_em'], full)})",
             ]
             for name, row in data["rows"].items()
         ]
-        rows.append(["full prefill (reference)", "1", "-", "0", "1.00", f"{full:.2f} (100 %)"])
+        rows.append(["full prefill (reference)", "1", "-", "0", "–", "1.00", f"{full:.2f} (100 %)"])
         meta, metrics = data["meta"], data["adaptor"]["metrics"]
-        header = ["setting", "ratio", "quant", "KL to full (answer)", "agreement", "sub-EM (% of full)"]
+        header = [
+            "setting",
+            "ratio",
+            "quant",
+            "KL to full (answer) [95 % CI]",
+            "KL vs same bytes, no adaptor [95 % CI]",
+            "agreement [95 % CI]",
+            "sub-EM (% of full)",
+        ]
         kinds = f"'adaptor': kind {meta.get('adaptor_kind') or 'cache'}{trained_for(data['adaptor'])}"
         compared = meta.get("compared_adaptor")
         if compared:

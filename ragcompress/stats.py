@@ -58,3 +58,20 @@ def paired_comparison(a: Sequence[float], b: Sequence[float], *, seed: int = 0) 
         wins, losses = int(((x == 1) & (y == 0)).sum()), int(((x == 0) & (y == 1)).sum())
         result.update(wins=wins, losses=losses, p_value=mcnemar_exact(wins, losses))
     return result
+
+
+def paired_ratio(
+    a: Sequence[float], b: Sequence[float], *, resamples: int = 10_000, level: float = 0.95, seed: int = 0
+) -> dict[str, Any]:
+    """``mean(a) / mean(b)`` over the same questions, with the percentile-bootstrap interval of
+    the ratio (questions resampled together, so what a question does to both stays paired).
+    For targets stated as a ratio of means, e.g. "KL at most half of the baseline's"."""
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if x.shape != y.shape or x.size == 0:
+        raise ValueError(f"paired outcomes need the same, non-empty questions: {x.shape} vs {y.shape}")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, x.size, size=(resamples, x.size))
+    ratios = x[idx].mean(axis=1) / np.maximum(y[idx].mean(axis=1), 1e-300)
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(ratios, [tail, 1.0 - tail])
+    return {"n": int(x.size), "ratio": float(x.mean() / y.mean()), "ci95": [float(low), float(high)]}

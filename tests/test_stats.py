@@ -36,3 +36,17 @@ def test_paired_comparison_counts_discordant_questions():
     assert result["ci95"][0] >= 0.0
     with pytest.raises(ValueError, match="same questions"):
         paired_comparison([1], [1, 0])
+
+
+def test_paired_ratio_of_means_and_its_interval():
+    from ragcompress.stats import paired_ratio
+
+    base = [0.2, 0.4, 0.1, 0.3, 0.5, 0.2, 0.3, 0.4]
+    half = [v / 2 for v in base]
+    exact = paired_ratio(half, base)
+    assert exact["ratio"] == pytest.approx(0.5) and exact["ci95"] == pytest.approx([0.5, 0.5])  # paired: no spread
+    noisy = paired_ratio([0.05, 0.4, 0.02, 0.1, 0.3, 0.01, 0.2, 0.1], base)
+    low, high = noisy["ci95"]
+    assert low < noisy["ratio"] < high and paired_ratio([0.05, 0.4, 0.02, 0.1, 0.3, 0.01, 0.2, 0.1], base) == noisy
+    with pytest.raises(ValueError, match="same"):
+        paired_ratio([0.1], [0.1, 0.2])
