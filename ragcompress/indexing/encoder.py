@@ -115,7 +115,12 @@ class PassageEncoder:
         self, passages: list[list[int]], weights: dict[str, torch.Tensor] | None = None
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """:meth:`forward` under the caller's autograd mode (training backpropagates through it);
-        ``weights`` replace the decoder's parameters of those names for this call only."""
+        ``weights`` replace the decoder's parameters of those names for this call only.
+
+        Not thread-safe with ``weights``: ``torch.func.functional_call`` swaps them into the
+        shared module for the duration of the call, so a forward of the same model object from
+        another thread at that moment reads adapted weights. Index with an adaptor on a model
+        object of its own when queries run concurrently in the same process."""
         batch, n_max, p = len(passages), max(len(ids) for ids in passages), self.prefix_len
         pad_id = self.lm.tokenizer.pad_token_id or 0
         input_ids = torch.full((batch, n_max), pad_id, dtype=torch.long)
