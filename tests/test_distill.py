@@ -334,3 +334,37 @@ def test_a_budget_store_is_named_by_its_budget_in_the_adaptor_warning(lm):
     config = IndexConfig(method="global:kvzip", budget=16, quant="int4")
     with pytest.warns(UserWarning, match="this store is global:kvzip budget 16 int4"):
         warn_if_trained_for_another_store(specialist, config)
+
+
+def test_compressed_training_saves_its_kept_rows_and_a_resumed_run_reuses_them(lm, tmp_path, monkeypatch):
+    """The compressed student's kept rows (KVzip on the base cache, the slowest step of a first
+    epoch) are saved with each checkpoint; a resumed run with the same settings reads them and
+    scores nothing again, and one with another compression does not take them."""
+    import dataclasses
+
+    from ragcompress.compressors.kvzip import KVzipCompressor
+    from ragcompress.data import SAMPLE_PASSAGES, SAMPLE_QUESTIONS
+    from ragcompress.distill.checkpoint import load_tree
+    from ragcompress.distill.train import TrainConfig, train
+
+    config = TrainConfig(
+        top_k=2, rank=2, alpha=4, steps=2, batch=1, train_questions=2, val_examples=1, continuation=4,
+        scorer_passages=0, eval_every=1, checkpoint_every=1, val_articles=["Apollo_program"],
+        method="global:kvzip", ratio=0.5, quant="int4", keep_first=1, keep_last=0,
+    )  # fmt: skip
+    out = tmp_path / "run"
+    train(lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, config, progress=False)
+    saved = load_tree(out / "kept-rows.safetensors")
+    assert len(saved["rows"]) >= 3  # both training examples' passages and the held-out one's
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("kept rows were scored again")
+
+    monkeypatch.setattr(KVzipCompressor, "score", no_scoring)
+    train(lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, dataclasses.replace(config, steps=3), progress=False)
+    again = load_tree(out / "kept-rows.safetensors")
+    assert all(torch.equal(again["rows"][k][0], v[0]) for k, v in saved["rows"].items())
+    with pytest.raises(AssertionError, match="scored again"):  # another ratio: rows not taken
+        train(
+            lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, dataclasses.replace(config, steps=4, ratio=0.25), progress=False
+        )

@@ -236,7 +236,7 @@ class Distiller:
         self.quant = quant if quant is not None and quant.scheme != "none" else None
         if (self.compressor or self.quant) and self.lora_name is None:
             raise ValueError("a compressed student is trained with a 'forward' adaptor")
-        self._kept: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # passage_key -> kept_rows
         self.stop_ids = stop_token_ids(lm.tokenizer, lm.model)
         self.teacher_top = teacher_top
         self.continuation = continuation
@@ -396,7 +396,7 @@ class Distiller:
         n_max]`` and ``lengths [L, H]``, scored on the base model's cache once per passage (the
         adaptor's own cache changes every step, and KVzip's scoring pass costs more than a step;
         at indexing the scores come from the adaptor's cache, so the student approximates them)."""
-        key = tuple(ids)
+        key = passage_key(ids)
         if key not in self._kept:
             assert self.compressor is not None
             with torch.inference_mode():
@@ -404,6 +404,19 @@ class Distiller:
                 kept = self.compressor.compress(kv, CompressionContext(self.encoder, ids))
             self._kept[key] = (kept.positions.clone(), kept.lengths.clone())
         return self._kept[key]
+
+    def kept_rows_state(self, settings: str) -> dict[str, Any]:
+        """:meth:`kept_rows` so far, to save beside a checkpoint: on the evaluation model KVzip's
+        pass costs ~15 s a passage, half an hour of the first epoch a resumed run need not redo."""
+        return {"settings": settings, "rows": {k: list(v) for k, v in self._kept.items()}}
+
+    def restore_kept_rows(self, state: dict[str, Any], settings: str) -> bool:
+        """Take saved kept rows if they were chosen under the same ``settings`` (model,
+        compressor); returns whether they were taken."""
+        if state.get("settings") != settings:
+            return False
+        self._kept.update({k: (v[0], v[1]) for k, v in state["rows"].items()})
+        return True
 
     def student_compressed_tensors(
         self, passages: list[list[int]]
@@ -465,6 +478,11 @@ class Distiller:
 
 
 # -- the run ------------------------------------------------------------------------------------
+
+
+def passage_key(ids: list[int]) -> str:
+    """A passage's token ids as a short stable key (sha256)."""
+    return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()
 
 
 def _build_examples(
@@ -618,6 +636,13 @@ def train(
             {"train": [asdict(e) for e in train_examples], "val": [asdict(e) for e in val_examples]}, teacher_path
         )
 
+    kept_path = out / "kept-rows.safetensors"  # the compressed student's rows (kept_rows), if any
+    kept_settings = json.dumps(
+        [lm.fingerprint, config.method, config.ratio, config.keep_first, config.keep_last], sort_keys=True
+    )
+    if distiller.compressor is not None and kept_path.is_file():
+        distiller.restore_kept_rows(load_tree(kept_path), kept_settings)
+
     trainable = distiller.trainable()
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
     history: dict[str, Any] = {"train": [], "val": []}
@@ -630,6 +655,8 @@ def train(
         history["val"].append({"step": 0, **validation_loss(distiller, val_examples)})
 
     def save_checkpoint(step: int) -> None:
+        if distiller.compressor is not None:
+            save_tree(distiller.kept_rows_state(kept_settings), kept_path)
         save_tree(
             {
                 "step": step,
