@@ -186,6 +186,10 @@ def test_packaged_adaptor_loads_by_name_and_records_its_provenance():
     assert not set(meta["train_articles"]) & set(meta["val_articles"])
     with pytest.raises(Exception, match="no adaptor is packaged"):
         resolve_adaptor("default", "qwen2.5-coder-0.5b")
+    qwen = resolve_adaptor("qwen2.5-coder-0.5b-kvzip-0.25-int4", "qwen2.5-coder-0.5b")  # by name
+    assert qwen.meta["base_model"] == "qwen2.5-coder-0.5b" and packaged_adaptor(qwen.hash) is not None
+    assert (qwen.meta["method"], qwen.meta["ratio"], qwen.meta["quant"]) == ("global:kvzip", 0.25, "int4")
+    assert not set(qwen.meta["train_articles"]) & set(qwen.meta["val_articles"])
 
 
 def test_train_saves_a_loadable_adaptor_and_resumes_from_its_checkpoint(lm, tmp_path):

@@ -100,7 +100,8 @@ def assemble(
         values = torch.empty(shape, dtype=dtype, device=device)
         keys[:, :, :p] = prefix_keys
         values[:, :, :p] = prefix.values
-        key_layers, value_layers = list(keys), list(values)
+        # views by index, not unbind(): the cache writes into them in place, possibly under grad mode
+        key_layers, value_layers = [keys[i] for i in range(layers)], [values[i] for i in range(layers)]
     else:  # one per layer, each as long as that layer's context (the memory per-layer padding saves)
         key_layers = [torch.empty((heads, int(n) + spare_rows, d), dtype=dtype, device=device) for n in context]
         value_layers = [torch.empty_like(k) for k in key_layers]
