@@ -406,8 +406,9 @@ class Distiller:
         return self._kept[key]
 
     def kept_rows_state(self, settings: str) -> dict[str, Any]:
-        """:meth:`kept_rows` so far, to save beside a checkpoint: on the evaluation model KVzip's
-        pass costs ~15 s a passage, half an hour of the first epoch a resumed run need not redo."""
+        """:meth:`kept_rows` so far, to save beside a checkpoint: KVzip's pass over every new
+        passage made the evaluation model's first epoch several times slower than the rest, work
+        a resumed run need not redo."""
         return {"settings": settings, "rows": {k: list(v) for k, v in self._kept.items()}}
 
     def restore_kept_rows(self, state: dict[str, Any], settings: str) -> bool:
