@@ -210,6 +210,15 @@ def main() -> None:
     # rows of an earlier run of the same examples are kept (settings can be measured in parts)
     earlier = json.loads(args.json.read_text()) if args.json.is_file() else {}
     rows: dict[str, Any] = {k: v for k, v in earlier.get("rows", {}).items() if k not in args.settings}
+    # ... but not rows read through another adaptor than the one this run names so
+    earlier_meta = earlier.get("meta", {})
+    stale = {
+        "trained": adaptor is not None and earlier_meta.get("adaptor_hash") not in (None, adaptor.hash),
+        "compare": compared is not None
+        and (earlier_meta.get("compared_adaptor") or {}).get("hash") not in (None, compared.hash),
+    }
+    rows = {k: v for k, v in rows.items() if not stale.get(v.get("adaptor"), False)}
+    earlier_cost = {} if stale["trained"] else earlier.get("index_cost", {})
     adaptor_meta = {k: v for k, v in adaptor.meta.items() if k != "config"} if adaptor else earlier.get("adaptor", {})
 
     def write(rows: dict[str, Any], cost: dict[str, Any]) -> dict[str, Any]:
@@ -295,10 +304,10 @@ def main() -> None:
             f"{name}: KL {rows[name]['kl_answer']:.4f} agreement {rows[name]['agreement']:.2f} sub-EM {rows[name]['sub_em']:.2f}",
             flush=True,
         )
-        write(rows, earlier.get("index_cost", {}))
+        write(rows, earlier_cost)
 
     cost_passages = [ids for e in examples[:2] for ids in e.passages][:4]
-    cost = earlier.get("index_cost", {})
+    cost = earlier_cost
     if adaptor is not None and args.cost_repeats:
         cost = index_cost(lm, template, adaptor, cost_passages, args.cost_repeats)
     rows = write(rows, cost)
