@@ -109,18 +109,11 @@ class Rotary:
             cos, sin = tables[kind]
             if cos.dim() > 2:  # per layer and head; else one row of positions broadcast everywhere
                 cos, sin = cos[i], sin[i]
-            cos, sin = cos[..., :rows, :], sin[..., :rows, :]
-            if out.dtype == torch.float32:
-                _apply_rotation(out, keys[i, :, :rows], cos, sin)
-            else:  # rotate in fp32, round once
-                rotated = torch.empty(out.shape, dtype=torch.float32, device=out.device)
-                out.copy_(_apply_rotation(rotated, keys[i, :, :rows], cos, sin))
+            _write_rotation(out, keys[i, :, :rows], cos[..., :rows, :], sin[..., :rows, :])
 
     def _rotate_to(self, out: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, layer_idx: int) -> None:
-        if out.dtype == torch.float32:
-            self.rotate_into(out, keys, positions, layer_idx)
-        else:  # rotate in fp32, round once
-            out.copy_(self.rotate(keys, positions, layer_idx))
+        if positions.numel():
+            _write_rotation(out, keys, *self.table_cos_sin(positions, layer_idx))
 
     def unrotate(self, keys: torch.Tensor, positions: torch.Tensor, layer_idx: int) -> torch.Tensor:
         """Invert :meth:`rotate` (``cos``/``sin`` carry the scaling ``s``, so divide by ``s**2``)."""
@@ -128,6 +121,15 @@ class Rotary:
         x = keys.float()
         out = (x * cos - rotate_half(x) * sin) / (self._scaling**2)
         return out.to(keys.dtype)
+
+
+def _write_rotation(out: torch.Tensor, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """:func:`_apply_rotation` into ``out`` of any dtype: in place when fp32, else rotated in fp32
+    and rounded once."""
+    if out.dtype == torch.float32:
+        _apply_rotation(out, keys, cos, sin)
+    else:
+        out.copy_(_apply_rotation(torch.empty(out.shape, dtype=torch.float32, device=out.device), keys, cos, sin))
 
 
 def _apply_rotation(out: torch.Tensor, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

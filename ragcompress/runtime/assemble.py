@@ -65,6 +65,16 @@ def segment_rows(prefix: PassageKV, segments: list[PassageKV]) -> torch.Tensor:
     return starts
 
 
+def per_layer_rows(prefix: PassageKV, parts: list[torch.Tensor], rows: torch.Tensor) -> list[torch.Tensor]:
+    """Per layer, ``parts`` (the prefix's then each segment's ``[layers, kv_heads, n_max, ...]``
+    tensor, e.g. valid masks or positions) cut to the rows :func:`segment_rows` gives the
+    segment in that layer and laid side by side: ``[kv_heads, context_rows[layer], ...]``."""
+    widths = [[prefix.keys.shape[2]] * rows.shape[1]] + (rows[1:] - rows[:-1]).tolist()
+    return [
+        torch.cat([t[i, :, : w[i]] for t, w in zip(parts, widths, strict=True)], dim=1) for i in range(rows.shape[1])
+    ]
+
+
 def assemble(
     config: Any,
     rotary: Rotary,
@@ -133,11 +143,7 @@ def _row_masks(
     same length and no padding (then transformers' own causal mask is exact)."""
     if prefix.is_uniform and all(kv.is_uniform for kv in segments):
         return None
-    valid = [prefix.valid_mask()] + [kv.valid_mask() for kv in segments]
-    widths = [[prefix.keys.shape[2]] * rows.shape[1]] + (rows[1:] - rows[:-1]).tolist()
-    masks = [
-        torch.cat([v[i, :, : w[i]] for v, w in zip(valid, widths, strict=True)], dim=1) for i in range(rows.shape[1])
-    ]
+    masks = per_layer_rows(prefix, [prefix.valid_mask()] + [kv.valid_mask() for kv in segments], rows)
     context = rows[-1]
     if bool((context == context[0]).all()) and all(bool(m.all()) for m in masks):
         return None

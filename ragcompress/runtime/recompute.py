@@ -35,7 +35,7 @@ import torch
 
 from ragcompress.kv import PassageKV
 from ragcompress.kv.rope import Rotary
-from ragcompress.runtime.assemble import AssembledCache, segment_rows
+from ragcompress.runtime.assemble import AssembledCache, per_layer_rows, segment_rows
 from ragcompress.runtime.calibration import scale_context_keys
 
 SELECTIONS = ("deviation", "question", "mixed")
@@ -129,13 +129,8 @@ class _Layout:
             token_pos.append(torch.arange(position, position + seg.num_tokens))
             self.segment_starts.append(sum(t.numel() for t in token_pos[:-1]))
             position += seg.num_tokens
-        widths = [[self.prefix_rows] * layers] + (self.starts[1:] - self.starts[:-1]).tolist()
-        self.row_pos = [
-            torch.cat([r[i, :, : w[i]] for r, w in zip(row_pos, widths, strict=True)], 1) for i in range(layers)
-        ]
-        self.valid = [
-            torch.cat([v[i, :, : w[i]] for v, w in zip(valid, widths, strict=True)], 1) for i in range(layers)
-        ]
+        self.row_pos = per_layer_rows(prefix, row_pos, self.starts)
+        self.valid = per_layer_rows(prefix, valid, self.starts)
         self.token_pos = torch.cat(token_pos) if token_pos else torch.zeros(0, dtype=torch.long)
         self.shape = (layers, heads)
         self._segments = segments
