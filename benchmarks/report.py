@@ -15,10 +15,11 @@ Each generated table sits in README.md between ``<!-- report:NAME -->`` and
 * ``compression``: the headline compression settings on Qwen (``compression_qwen.json``, 16
   questions, and ``compression_qwen32.json``, 32), each sub-EM against full prefill and against
   uncompressed reuse;
-* ``lowrank-frontier`` / ``kvzip-cost`` (docs/compression.md §8, rendered with ``--readme
-  docs/compression.md``; that file's older tables are hand-written, so it is not in :data:`DOCS`):
-  eviction x rank x bits (``lowrank_*.json``, ``benchmarks/lowrank_frontier.py --publish``) and
-  KVzip's scoring cost against a plain forward (``kvzip_cost_*.json``);
+* ``lowrank-frontier`` / ``kvzip-cost`` / ``layer-padding`` (docs/compression.md §8, rendered with
+  ``--readme docs/compression.md``; that file's older tables are hand-written, so it is not in :data:`DOCS`):
+  eviction x rank x bits (``lowrank_*.json``, ``benchmarks/lowrank_frontier.py --publish``),
+  KVzip's scoring cost against a plain forward (``kvzip_cost_*.json``) and the dense path's
+  per-layer padding against the layout it replaced (``layer_padding_*.json``);
 * ``store-scale``: stores at 1k..100k passages and Ray indexing against one process
   (``store_scale.json``, ``ray_throughput.json``, ``benchmarks/store_scale.py``);
   ``scale-estimate``: 10M passages on N nodes, simulated (``scale_estimate.json``).
@@ -49,8 +50,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 # Other documents whose blocks are rendered (and checked) along with README.md's.
-DOCS = (ROOT / "docs" / "serve.md", ROOT / "docs" / "distill.md")
-DOCS += (ROOT / "docs" / "recompute.md",)
+DOCS = tuple(ROOT / "docs" / name for name in ("serve.md", "distill.md", "recompute.md"))
 RESULTS = ROOT / "docs" / "results"
 
 # Same keys as common.RESULTS_META_KEYS (common imports torch; this script must not).
@@ -788,6 +788,41 @@ def render_lowrank_frontier(results: Path) -> str:
     return "\n\n".join(parts)
 
 
+def render_layer_padding(results: Path) -> str:
+    """Per-layer padding against the replaced longest-layer layout (``layer_padding_*.json``,
+    ``benchmarks/layer_padding.py``): rows the dense path reads and holds, and TTFT, side by side."""
+    paths = files(results, "layer_padding_*.json")
+    rows = []
+    for path in paths:
+        data = load(path)
+        ttft = data["ttft_median_s"]
+        rows.append(
+            [
+                model_name(data["meta"]["model"]),
+                data["method"],
+                str(data["meta"]["questions"]),
+                f"{data['rows_per_layer_layout'] / 1000:.0f} k / {data['rows_longest_layer_layout'] / 1000:.0f} k",
+                f"{data['rows_ratio']:.2f}x",
+                f"{data['rows_kept_mean_per_head'] / 1000:.0f} k",
+                f"{1000 * ttft['per_layer']:.0f} ms / {1000 * ttft['longest_layer']:.0f} ms ({data['ttft_ratio']:.2f}x)",
+                f"{data['same_first_token']} / {data['meta']['questions']}",
+                str(data["meta"]["threads"]),
+            ]
+        )
+    header = [
+        "model",
+        "store",
+        "questions",
+        "passage rows read (sum over layers): per-layer / longest-layer layout",
+        "ratio",
+        "rows a head keeps (mean)",
+        "median TTFT per-layer / longest-layer",
+        "same first token",
+        "threads",
+    ]
+    return "\n\n".join([table(header, rows), source_line(paths)])
+
+
 def render_kvzip_cost(results: Path) -> str:
     """KVzip's scoring cost against a plain indexing forward (``kvzip_cost_*.json``)."""
     paths = files(results, "kvzip_cost_*.json")
@@ -964,6 +999,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "faithful": render_faithful,
     "lowrank-frontier": render_lowrank_frontier,
     "kvzip-cost": render_kvzip_cost,
+    "layer-padding": render_layer_padding,
     "core-all": render_core_all,
     "core": render_core,
     "ttft": render_ttft,
