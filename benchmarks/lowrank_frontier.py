@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from ragcompress.compressors import CompressionContext, make_compressor
+from ragcompress.distill.adaptor import Adaptor
 from ragcompress.evaluation import Question, f1, read_questions, sub_em
 from ragcompress.indexing import IndexConfig
 from ragcompress.indexing.calibrate import calibration_caches
@@ -65,7 +66,9 @@ from common import SQUAD, results_meta, teacher_forced_logprobs
 
 CORE272 = Path(__file__).resolve().parents[1] / "runs" / "core272-ck"
 OPTIONS = AnswerOptions(backend="dense")
-ROW = re.compile(r"(?P<method>[^@]+)@(?P<ratio>[0-9.]+)/(?P<quant>\w+)/(?P<rank>-|r\d+k?|[ep][0-9.]+k?)")
+ROW = re.compile(
+    r"(?P<method>[^@]+)@(?P<ratio>[0-9.]+)/(?P<quant>\w+)/(?P<rank>-|r\d+k?|[ep][0-9.]+k?)(?P<adaptor>\+adaptor)?"
+)
 
 
 @dataclass(frozen=True)
@@ -77,12 +80,13 @@ class RowSpec:
     ratio: float
     quant: str
     rank: RankSpec | None
+    adaptor: bool = False  # encoded through --adaptor (a KV-Distill adaptor, #15)
 
     @classmethod
     def parse(cls, name: str) -> RowSpec:
         match = ROW.fullmatch(name)
         if match is None:
-            raise SystemExit(f"bad row {name!r}: expected METHOD@RATIO/QUANT/(-|rN[k]|eE[k]|pE[k])")
+            raise SystemExit(f"bad row {name!r}: expected METHOD@RATIO/QUANT/(-|rN[k]|eE[k]|pE[k])[+adaptor]")
         rank_text = match["rank"]
         rank = None
         if rank_text != "-":
@@ -93,9 +97,9 @@ class RowSpec:
             else:
                 schedule = "global" if rank_text[0] == "e" else "progressive"
                 rank = RankSpec(energy=float(number), schedule=schedule, values=values)
-        return cls(name, match["method"], float(match["ratio"]), match["quant"], rank)
+        return cls(name, match["method"], float(match["ratio"]), match["quant"], rank, bool(match["adaptor"]))
 
-    def index_config(self) -> IndexConfig:
+    def index_config(self, adaptor: Path | None = None) -> IndexConfig:
         ratio = None if self.method == "none" else self.ratio
         keep = {} if self.method == "none" else {"keep_first": 1, "keep_last": 0}  # issue 16's setting
         rank = self.rank
@@ -107,6 +111,7 @@ class RowSpec:
             rank_energy=rank.energy if rank else None,
             rank_schedule=rank.schedule if rank else "global",
             rank_values=rank.values if rank else True,
+            adaptor=str(adaptor) if self.adaptor and adaptor else None,
             **keep,
         )
 
@@ -208,12 +213,37 @@ class Frontier:
         self.kl_rows = set(range(0, len(self.questions), step)[: args.kl_questions])
         self.workdir: Path = args.workdir / args.split
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.full = self._full_caches()
+        self.adaptor = Adaptor.load(args.adaptor) if args.adaptor else None
+        self._full: dict[bool, dict[str, PassageKV]] = {}
+        self._adapted_encoder: PassageEncoder | None = None
         self._moments: CalibrationMoments | None = None
-        self._scores: dict[str, dict[str, torch.Tensor]] = {}
+        self._scores: dict[tuple[str, bool], dict[str, torch.Tensor]] = {}
 
-    def _full_caches(self) -> dict[str, PassageKV]:
-        path = self.workdir / "full-caches.pt"
+    def _tag(self, adapted: bool) -> str:
+        """File-name tag of the caches' encoder: '' (base model) or the adaptor's hash."""
+        if not adapted:
+            return ""
+        if self.adaptor is None:
+            raise SystemExit("a +adaptor row needs --adaptor PATH")
+        return f"-{self.adaptor.hash[:16]}"
+
+    def encoder_for(self, adapted: bool) -> PassageEncoder:
+        """The passage encoder of base rows or of ``+adaptor`` rows (as ``index --adaptor`` builds it)."""
+        if not adapted:
+            return self.encoder
+        if self._adapted_encoder is None:
+            self._adapted_encoder = PassageEncoder(self.lm, self.indexer.template, self.adaptor)
+        return self._adapted_encoder
+
+    def full(self, adapted: bool = False) -> dict[str, PassageKV]:
+        """Every needed passage's uncompressed cache, encoded as indexing encodes it (through the
+        adaptor for ``+adaptor`` rows: its caches and its KVzip scores are the adapted ones)."""
+        if adapted not in self._full:
+            self._full[adapted] = self._full_caches(adapted)
+        return self._full[adapted]
+
+    def _full_caches(self, adapted: bool) -> dict[str, PassageKV]:
+        path = self.workdir / f"full-caches{self._tag(adapted)}.pt"
         if path.is_file():  # keys and values of uniform caches: plain tensors, no pickled classes
             saved = torch.load(path)
             if set(self.passages) <= set(saved):  # a run over more questions encoded these already
@@ -221,9 +251,10 @@ class Frontier:
         t0 = time.perf_counter()
         full: dict[str, PassageKV] = {}
         ids = list(self.passages)
+        encoder = self.encoder_for(adapted)
         for start in range(0, len(ids), 8):
             batch = ids[start : start + 8]
-            full.update(zip(batch, self.encoder.encode([self.token_ids[p] for p in batch]), strict=True))
+            full.update(zip(batch, encoder.encode([self.token_ids[p] for p in batch]), strict=True))
         torch.save({pid: (kv.keys, kv.values) for pid, kv in full.items()}, path)
         print(f"encoded {len(full)} passages in {time.perf_counter() - t0:.0f} s", flush=True)
         return full
@@ -242,35 +273,37 @@ class Frontier:
             self._moments = moments
         return self._moments.basis(spec)
 
-    def scores(self, scorer: str) -> dict[str, torch.Tensor]:
-        """Scores ``[L, H, n]`` of every needed passage, computed once (kept in the workdir)."""
-        if scorer not in self._scores:
-            path = self.workdir / f"scores-{scorer}.pt"
+    def scores(self, scorer: str, adapted: bool = False) -> dict[str, torch.Tensor]:
+        """Scores ``[L, H, n]`` of every needed passage's cache, computed once (kept in the workdir)."""
+        if (scorer, adapted) not in self._scores:
+            path = self.workdir / f"scores-{scorer}{self._tag(adapted)}.pt"
             scores: dict[str, torch.Tensor] = torch.load(path) if path.is_file() else {}
-            missing = [pid for pid in self.full if pid not in scores]
+            full = self.full(adapted)
+            missing = [pid for pid in full if pid not in scores]
             if missing:
                 t0 = time.perf_counter()
                 compressor = make_compressor(scorer)
                 for pid in missing:
                     scores[pid] = compressor.score(
-                        self.full[pid], CompressionContext(self.encoder, self.token_ids[pid])
+                        full[pid], CompressionContext(self.encoder_for(adapted), self.token_ids[pid])
                     )
                 torch.save(scores, path)
                 print(f"{scorer}: scored {len(missing)} passages in {time.perf_counter() - t0:.0f} s", flush=True)
-            self._scores[scorer] = scores
-        return self._scores[scorer]
+            self._scores[scorer, adapted] = scores
+        return self._scores[scorer, adapted]
 
     def build(self, row: RowSpec) -> Path:
         """The row's store (rebuilt each time: building costs seconds, answering minutes)."""
-        config = row.index_config()
+        config = row.index_config(self.args.adaptor)
         path = self.workdir / "stores" / re.sub(r"[^A-Za-z0-9.-]+", "-", row.name)
         if path.exists():
             shutil.rmtree(path)
         compressor = config.compressor()
-        kept = dict(self.full)
+        full = self.full(row.adaptor)
+        kept = dict(full)
         if row.method != "none":
-            scores = self.scores(row.method.split(":")[-1])
-            kept = {pid: compressor.select(kv, scores[pid]) for pid, kv in self.full.items()}  # type: ignore[attr-defined]
+            scores = self.scores(row.method.split(":")[-1], row.adaptor)
+            kept = {pid: compressor.select(kv, scores[pid]) for pid, kv in full.items()}  # type: ignore[attr-defined]
         indexer = Indexer.from_config(self.lm, config, self.embedder)
         basis = None
         if row.rank is not None:
@@ -525,6 +558,9 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="default runs/lowrank/<model>")
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default <workdir>/<split>/results.json)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--adaptor", type=Path, default=None, help="adaptor folder for +adaptor rows (trained off the eval split)"
+    )
     args = parser.parse_args()
     if args.publish:
         published = [publish(sorted(map(Path, glob.glob(pattern))), Path(out)) for pattern, out in args.publish]

@@ -253,8 +253,10 @@ def train(
     passages: Path = typer.Option(..., "--passages", help="JSONL of {id, title, text} (articles split by title)"),
     questions: Path = typer.Option(..., "--questions", help="JSONL of {id, question, answers, passage_id}"),
     out: Path = typer.Option(..., "--out", help="output folder (resumes from its checkpoint.safetensors)"),
-    val_articles: str | None = typer.Option(
-        None, "--val-articles", help="comma-separated held-out titles (default: every third title, sorted)"
+    val_articles: list[str] | None = typer.Option(
+        None,
+        "--val-articles",
+        help="a held-out title, once per title (titles may hold commas; default: every third title, sorted)",
     ),
     steps: int = typer.Option(150, "--steps", min=1, help="optimizer steps"),
     minutes: float = typer.Option(40.0, "--minutes", help="stop training after this many minutes"),
@@ -313,7 +315,7 @@ def train(
             quant=quant,
             keep_first=keep_first,
             keep_last=keep_last,
-            val_articles=[t for t in (val_articles or "").split(",") if t],
+            val_articles=list(val_articles or []),
         )
     except ValueError as exc:
         raise RagCompressError(str(exc)) from None

@@ -215,6 +215,9 @@ def test_train_saves_a_loadable_adaptor_and_resumes_from_its_checkpoint(lm, tmp_
     assert resumed.meta["metrics"]["steps"] == 3 and (out / "loss.png").is_file()
     loaded = Adaptor.load(out / "adaptor")
     assert loaded.hash == resumed.hash != first.hash
+    swapped = dataclasses.replace(config, steps=4, val_articles=["Victoria_(Australia)"])
+    with pytest.raises(ValueError, match="built for another split"):  # its teacher examples are the old split's
+        train(lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, swapped, progress=False)
 
 
 def test_merged_forward_adaptor_encodes_as_peft_layers_do(lm):

@@ -134,7 +134,10 @@ def split_articles(titles: list[str], val_articles: list[str] | None = None) -> 
     chosen = list(val_articles) if val_articles else ordered[::3]
     unknown = sorted(set(chosen) - set(ordered))
     if unknown:
-        raise ValueError(f"validation articles not in the passages: {unknown}")
+        raise ValueError(
+            f"validation articles not in the passages: {unknown} (pass --val-articles once per title, "
+            f"exactly as the passages' titles spell it: {ordered})"
+        )
     if len(chosen) == len(ordered):
         raise ValueError("every article is held out; nothing is left to train on")
     return chosen
@@ -512,6 +515,21 @@ def _build_examples(
     return examples
 
 
+def check_split(distiller: Distiller, path: Path, examples: list[Example], corpus: Corpus, side: str) -> None:
+    """Refuse cached teacher examples that do not belong to this run's side of the split: a
+    question of another article, or a passage from outside the side's passages (another
+    ``--val-articles`` on the same folder would otherwise train on held-out text)."""
+    questions = {q.id for q in corpus.questions}
+    passages = {passage_key(distiller.tokens.passage(p.text)) for p in corpus.passages}
+    for e in examples:
+        if e.qid not in questions or any(passage_key(ids) not in passages for ids in e.passages):
+            raise ValueError(
+                f"{path}: the {side} example of question {e.qid} was built for another split of the articles "
+                f"(its question or a retrieved passage is not on the {side} side now); use the --val-articles "
+                "it was built with, or another --out folder"
+            )
+
+
 def validation_loss(distiller: Distiller, examples: list[Example]) -> dict[str, float]:
     with torch.no_grad():
         pairs = [distiller.losses(e) for e in examples]
@@ -615,6 +633,8 @@ def train(
         cached = load_tree(teacher_path)
         train_examples = [Example(**e) for e in cached["train"]]
         val_examples = [Example(**e) for e in cached["val"]]
+        check_split(distiller, teacher_path, train_examples, train_corpus, "training")
+        check_split(distiller, teacher_path, val_examples, val_corpus, "held-out")
     else:
         train_examples = _build_examples(
             distiller,
