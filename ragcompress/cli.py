@@ -132,7 +132,8 @@ def index(
     adaptor: str | None = typer.Option(
         None,
         "--adaptor",
-        help="learned passage adaptor (KV-Distill, docs/distill.md): 'default' (packaged for the model) "
+        help="learned passage adaptor (KV-Distill, docs/distill.md): 'default' (packaged for the model), "
+        "'matching' (packaged for the model and trained for this store's compression), "
         "or a folder from `ragcompress train`",
     ),
     rank: int | None = typer.Option(

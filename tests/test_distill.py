@@ -375,3 +375,31 @@ def test_compressed_training_saves_its_kept_rows_and_a_resumed_run_reuses_them(l
         train(
             lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, dataclasses.replace(config, steps=4, ratio=0.25), progress=False
         )
+
+
+def test_matching_adaptor_is_the_one_packaged_for_the_store_or_none_with_a_warning(
+    lm, tmp_path, passages_file, embedder, monkeypatch
+):
+    """``adaptor="matching"`` (the ``smallest`` preset) takes the adaptor packaged for this model
+    and trained for exactly this store's compression; with none packaged it encodes with the base
+    model, says so, and the manifest records no adaptor."""
+    import ragcompress.distill.adaptor as adaptor_module
+
+    packaged = tmp_path / "packaged"
+    for seed, ratio in ((9, 0.25), (10, 0.5)):
+        specialist = noisy_adaptor(lm.model, seed)
+        specialist.meta = {"base_model": lm.ref, "method": "global:kvzip", "ratio": ratio, "quant": "int4"}
+        specialist.save(packaged / f"tiny-kvzip-{ratio}-int4")
+    monkeypatch.setattr(adaptor_module, "PACKAGED", packaged)
+    common = dict(model=lm.ref, lm=lm, embedder=embedder)
+    config = IndexConfig(method="global:kvzip", ratio=0.5, keep_first=1, quant="int4", adaptor="matching")
+    index(passages_file, tmp_path / "matched", config=config, **common)
+    with KVStore.open(tmp_path / "matched") as store:
+        assert store.manifest.encoding["adaptor"] == Adaptor.load(packaged / "tiny-kvzip-0.5-int4").hash
+    unmatched = IndexConfig(method="global:kvzip", ratio=0.125, keep_first=1, quant="int4", adaptor="matching")
+    with pytest.warns(
+        UserWarning, match="no adaptor is packaged for .* global:kvzip 0.125 int4; encoding with the base"
+    ):
+        index(passages_file, tmp_path / "unmatched", config=unmatched, **common)
+    with KVStore.open(tmp_path / "unmatched") as store:
+        assert not store.manifest.encoding.get("adaptor")

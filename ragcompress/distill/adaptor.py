@@ -338,6 +338,41 @@ class ProjectionInputs:
             handle.remove()
 
 
+MATCHING = "matching"  # the packaged adaptor trained for the store being built, if there is one
+
+
+def packaged_for_store(model_ref: str, method: str, ratio: float, quant: str) -> Path | None:
+    """The folder of the adaptor packaged for ``model_ref`` and trained for a store of
+    ``method``/``ratio``/``quant`` (``train --method --ratio --quant``), if one is."""
+    if not PACKAGED.is_dir():
+        return None
+    models = {model_ref, Path(model_ref).name}
+    for directory in sorted(p for p in PACKAGED.iterdir() if (p / CONFIG).is_file()):
+        meta = json.loads((directory / CONFIG).read_text())
+        store = (meta.get("method", "none"), float(meta.get("ratio", 1.0)), meta.get("quant"))
+        if meta.get("base_model") in models and store == (method, float(ratio), quant):
+            return directory
+    return None
+
+
+def matching_adaptor(model_ref: str, method: str, ratio: float, quant: str) -> Adaptor | None:
+    """``--adaptor matching`` (what the ``smallest`` preset asks for): the adaptor packaged for
+    this model and trained for exactly this store's compression, or -- said with a warning, and
+    recorded as no adaptor in the manifest -- the base model when none is packaged (an adaptor
+    trained for another compression can be further from full prefill than none)."""
+    directory = packaged_for_store(model_ref, method, ratio, quant)
+    if directory is None:
+        warnings.warn(
+            f"no adaptor is packaged for {model_ref} trained for a store of {method} {ratio:g} {quant}; "
+            "encoding with the base model (answers from such a store lose more; train one with "
+            f"`ragcompress train --method {method} --ratio {ratio:g} --quant {quant}` and pass --adaptor FOLDER)",
+            UserWarning,
+            stacklevel=3,
+        )
+        return None
+    return Adaptor.load(directory)
+
+
 def resolve_adaptor(spec: str | Path, model_ref: str) -> Adaptor:
     """``default`` (the adaptor packaged for ``model_ref``), a packaged model name, or a path."""
     if str(spec) == "default":

@@ -37,7 +37,9 @@ class IndexConfig:
     context_neighbors: encode each passage after its n most similar passages of the indexing
                 input (:mod:`ragcompress.indexing.neighbours`); 0 encodes every passage alone
     adaptor:    learned passage adaptor (``ragcompress.distill``): ``default`` (the one packaged
-                for the model), a packaged model name or a folder; None encodes with the base model
+                for the model), ``matching`` (the one packaged for the model and trained for this
+                store's method/ratio/quant; the base model, with a warning, when none is), a
+                packaged adaptor's name or a folder; None encodes with the base model
     """
 
     method: str = "none"

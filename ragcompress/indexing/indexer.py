@@ -17,7 +17,14 @@ from functools import cached_property
 import numpy as np
 
 from ragcompress.compressors import CompressionContext, Compressor
-from ragcompress.distill.adaptor import Adaptor, check_store_adaptor, packaged_adaptor, resolve_adaptor
+from ragcompress.distill.adaptor import (
+    MATCHING,
+    Adaptor,
+    check_store_adaptor,
+    matching_adaptor,
+    packaged_adaptor,
+    resolve_adaptor,
+)
 from ragcompress.errors import InputError, StoreMismatchError
 from ragcompress.indexing.config import IndexConfig, build_manifest, compressor_from_manifest
 from ragcompress.indexing.encoder import PassageEncoder
@@ -98,7 +105,13 @@ class Indexer:
                 f"pass IndexConfig(embedder={embedder.name!r}) or leave the embedder out"
             )
         template = PromptTemplate.from_tokenizer(lm.tokenizer)
-        adaptor = resolve_adaptor(config.adaptor, lm.ref) if config.adaptor else None
+        if config.adaptor == MATCHING:
+            ratio = 1.0 if config.ratio is None else config.ratio
+            adaptor = (
+                None if config.budget is not None else matching_adaptor(lm.ref, config.method, ratio, config.quant)
+            )
+        else:
+            adaptor = resolve_adaptor(config.adaptor, lm.ref) if config.adaptor else None
         if adaptor is not None:
             adaptor.check_model(lm.fingerprint, lm.ref)
             warn_if_trained_for_another_store(adaptor, config)

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from ragcompress.distill.adaptor import resolve_adaptor
+from ragcompress.distill.adaptor import MATCHING, resolve_adaptor
 from ragcompress.errors import InputError, StoreError
 from ragcompress.indexing.config import IndexConfig
 from ragcompress.indexing.indexer import Indexer
@@ -81,7 +81,8 @@ class EncodeActor:
         root = Path(store)
         lm = load_model(model_ref)
         embedder = embedder_factory() if embedder_factory is not None else None
-        loaded = resolve_adaptor(adaptor, lm.ref) if adaptor else None
+        # 'matching' was resolved by the driver: the manifest records the packaged adaptor's hash
+        loaded = resolve_adaptor(adaptor, lm.ref) if adaptor and adaptor != MATCHING else None
         with KVStore.open(root) as opened:  # the driver created it: settings, adaptor hash, basis
             self.indexer = Indexer.for_store(opened.manifest, lm, embedder, loaded).with_store_basis(opened)
         self.indexer.prefix_kv  # noqa: B018 - the prefix forward pass once, at start, not in the first batch
