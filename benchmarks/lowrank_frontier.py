@@ -227,6 +227,24 @@ class Frontier:
             raise SystemExit("a +adaptor row needs --adaptor PATH")
         return f"-{self.adaptor.hash[:16]}"
 
+    def adaptor_provenance(self) -> dict[str, Any]:
+        """What a ``+adaptor`` row was encoded with; its training articles must not be the
+        questions' (refused here: every figure of an adaptor comes from articles it never saw)."""
+        assert self.adaptor is not None
+        meta = self.adaptor.meta
+        trained = set(meta.get("train_articles", []))
+        asked = {q.passage_id.split("#")[0] for q in self.questions}
+        if trained & asked or not trained:
+            raise SystemExit(
+                f"the adaptor was trained on {sorted(trained) or 'unrecorded articles'}; questions ask {sorted(asked)}"
+            )
+        return {
+            "hash": self.adaptor.hash,
+            "train_articles": sorted(trained),
+            **{k: meta.get(k) for k in ("method", "ratio", "quant")},
+            "steps": meta.get("metrics", {}).get("steps"),
+        }
+
     def encoder_for(self, adapted: bool) -> PassageEncoder:
         """The passage encoder of base rows or of ``+adaptor`` rows (as ``index --adaptor`` builds it)."""
         if not adapted:
@@ -414,6 +432,8 @@ def measure(frontier: Frontier, row: RowSpec, reference: dict[str, Any] | None) 
         "seconds": time.perf_counter() - t0,
         "load": os.getloadavg(),
     }
+    if row.adaptor:
+        result["adaptor"] = frontier.adaptor_provenance()
     store.close()
     return result, engine
 

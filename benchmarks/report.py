@@ -777,6 +777,14 @@ def render_lowrank_frontier(results: Path) -> str:
             )
         )
         parts += [caption, table(header, lines)]
+        adapted = {name: row["adaptor"] for name, row in rows.items() if row.get("adaptor")}
+        for name, adaptor in adapted.items():
+            parts.append(
+                f"`{name}`: passages encoded through the KV-Distill adaptor `{adaptor['hash'][:16]}` "
+                f"({adaptor['steps']} steps, trained for {adaptor['method']} {adaptor['ratio']:g} {adaptor['quant']} "
+                f"on {', '.join(adaptor['train_articles'])} only: none of these questions' articles), as "
+                "`index --adaptor` builds a store; the answering model is the base model."
+            )
         ttft = data.get("ttft")
         if ttft:
             medians = ", ".join(f"`{name}` {1000 * ttft['ttft_s_median'][name]:.0f} ms" for name in ttft["rows"])
