@@ -403,3 +403,22 @@ def test_matching_adaptor_is_the_one_packaged_for_the_store_or_none_with_a_warni
         index(passages_file, tmp_path / "unmatched", config=unmatched, **common)
     with KVStore.open(tmp_path / "unmatched") as store:
         assert not store.manifest.encoding.get("adaptor")
+
+
+def test_half_adaptor_encodes_as_the_fp32_one_up_to_fp16_rounding(lm, tmp_path):
+    """``Adaptor.half`` (how the 24x store's adaptor ships): fp16 factors, another hash, half the
+    file, and the same caches up to the factors' rounding."""
+    adaptor = noisy_adaptor(lm.model, 12)
+    half = Adaptor.load(adaptor.half().save(tmp_path / "half"))
+    full_size = (adaptor.save(tmp_path / "fp32") / "adaptor.safetensors").stat().st_size
+    assert half.hash != adaptor.hash
+    assert (tmp_path / "half" / "adaptor.safetensors").stat().st_size < 0.6 * full_size
+    assert all(t.dtype == torch.float16 for t in half.lora_tensors.values())
+    template = PromptTemplate.from_tokenizer(lm.tokenizer)
+    ids = [PassageEncoder(lm, template).tokens.passage("Melbourne is the capital of Victoria.")]
+    base = PassageEncoder(lm, template).encode(ids)[0]
+    ref = PassageEncoder(lm, template, adaptor).encode(ids)[0]
+    got = PassageEncoder(lm, template, half).encode(ids)[0]
+    torch.testing.assert_close(got.keys, ref.keys, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(got.values, ref.values, atol=2e-3, rtol=2e-3)
+    assert (ref.keys - base.keys).abs().max() > 20 * (got.keys - ref.keys).abs().max()  # the adaptor still acts

@@ -157,6 +157,15 @@ class Adaptor:
             tensors[f"{which}_B"] = torch.zeros(layers, width, rank)
         return cls({"rank": rank, "alpha": alpha}, tensors, {})
 
+    def half(self) -> Adaptor:
+        """A copy with its LoRA factors stored in fp16: half the files (the package carries one
+        adaptor per model and store), the same folded weights up to fp16 rounding of the factors
+        (they are multiplied in fp32). Another tensor set, so another hash: figures published for
+        an adaptor are measured on the one that ships."""
+        scorer = {SCORER_WEIGHT, SCORER_BIAS}
+        tensors = {k: v.half() if k not in scorer and v.is_floating_point() else v for k, v in self.tensors.items()}
+        return Adaptor(dict(self.settings), tensors, dict(self.meta))
+
     def save(self, directory: str | Path) -> Path:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
