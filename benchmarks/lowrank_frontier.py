@@ -432,6 +432,8 @@ def measure(frontier: Frontier, row: RowSpec, reference: dict[str, Any] | None) 
         "seconds": time.perf_counter() - t0,
         "load": os.getloadavg(),
     }
+    if row.rank is not None:  # the basis's sample (the run-wide ``calibration`` is the latest run's)
+        result["calibration_passages"] = frontier.args.calibration_passages
     if row.adaptor:
         result["adaptor"] = frontier.adaptor_provenance()
     store.close()
@@ -481,8 +483,17 @@ def publish(sources: list[Path], out: Path) -> dict[str, Any]:
     from ragcompress.stats import bootstrap_ci, paired_comparison
 
     merged: dict[str, Any] = {}
+    earlier = json.loads(out.read_text()) if out.is_file() else {}
     for source in sources:
         data = json.loads(source.read_text())
+        for name, row in data["rows"].items():  # rows measured before rows recorded their basis's sample
+            if row.get("rank") and "calibration_passages" not in row:
+                published = earlier.get("rows", {}).get(name)
+                row["calibration_passages"] = (
+                    published.get("calibration_passages", earlier["calibration"]["passages"])
+                    if published
+                    else data["calibration"]["passages"]
+                )
         if merged and data["key"] != merged["key"]:
             raise SystemExit(f"{source} answered other questions than {sources[0]}")
         rows = {**merged.get("rows", {}), **data["rows"]}

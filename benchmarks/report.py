@@ -708,7 +708,8 @@ def _ranks(row: dict) -> str:
     for kind in ("ranks_k", "ranks_v"):
         ranks = row.get(kind)
         parts.append(f"{sum(ranks) / len(ranks):.0f}" if ranks else "–")
-    return " / ".join(parts)
+    sample = f" (basis: {row['calibration_passages']} passages)" if row.get("calibration_passages") else ""
+    return " / ".join(parts) + sample
 
 
 def render_lowrank_frontier(results: Path) -> str:
@@ -759,8 +760,8 @@ def render_lowrank_frontier(results: Path) -> str:
         load_avg = data["meta"].get("load", [0.0])[0]
         caption = (
             f"**{model_name(data['model'])}**, {data['n']} SQuAD-dev questions ({data['key']['split']} split: articles "
-            f"other than {', '.join(calibration['articles'])}, whose first {calibration['passages']} passages the bases "
-            f"were fitted on), top-{data['key']['top_k']}. Full prefill: sub-EM {full['sub_em']:.3f} "
+            f"other than {', '.join(calibration['articles'])}, whose first passages the bases were fitted on: how many, "
+            f"in the rank column), top-{data['key']['top_k']}. Full prefill: sub-EM {full['sub_em']:.3f} "
             f"({full['reused_core272']} of {data['n']} answers reused from `runs/core272-ck`). KL: teacher-forced, "
             "nats per answer token, full prefill's distribution as reference, over the evenly spaced questions the "
             "KL column counts. "
