@@ -60,8 +60,6 @@ SETTINGS: dict[str, tuple[str | None, str, float | None, str]] = {
     "adaptor + global:learned 0.25 int4": ("trained", "global:learned", 0.25, "int4"),
     "adaptor + global:kvzip 0.25 int4": ("trained", "global:kvzip", 0.25, "int4"),
     "compared adaptor + global:kvzip 0.25 int4": ("compare", "global:kvzip", 0.25, "int4"),
-    "global:kvzip 0.11 int4": (None, "global:kvzip", 0.11, "int4"),  # >= 24x (issue 16's smallest)
-    "adaptor + global:kvzip 0.11 int4": ("trained", "global:kvzip", 0.11, "int4"),
 }
 
 

@@ -403,6 +403,9 @@ def test_matching_adaptor_is_the_one_packaged_for_the_store_or_none_with_a_warni
         index(passages_file, tmp_path / "unmatched", config=unmatched, **common)
     with KVStore.open(tmp_path / "unmatched") as store:
         assert not store.manifest.encoding.get("adaptor")
+    budget = IndexConfig(method="global:kvzip", budget=4, keep_first=1, quant="int4", adaptor="matching")
+    with pytest.warns(UserWarning, match="global:kvzip a token budget int4; encoding with the base"):
+        index(passages_file, tmp_path / "budget", config=budget, **common)
 
 
 def test_half_adaptor_encodes_as_the_fp32_one_up_to_fp16_rounding(lm, tmp_path):

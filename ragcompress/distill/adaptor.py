@@ -350,31 +350,40 @@ class ProjectionInputs:
 MATCHING = "matching"  # the packaged adaptor trained for the store being built, if there is one
 
 
-def packaged_for_store(model_ref: str, method: str, ratio: float, quant: str) -> Path | None:
-    """The folder of the adaptor packaged for ``model_ref`` and trained for a store of
-    ``method``/``ratio``/``quant`` (``train --method --ratio --quant``), if one is."""
+def _packaged_configs() -> Iterator[tuple[Path, dict[str, Any]]]:
+    """Every packaged adaptor's folder and its JSON config, in name order."""
     if not PACKAGED.is_dir():
-        return None
-    models = {model_ref, Path(model_ref).name}
+        return
     for directory in sorted(p for p in PACKAGED.iterdir() if (p / CONFIG).is_file()):
-        meta = json.loads((directory / CONFIG).read_text())
+        yield directory, json.loads((directory / CONFIG).read_text())
+
+
+def packaged_for_store(model_ref: str, method: str, ratio: float | None, quant: str) -> Path | None:
+    """The folder of the adaptor packaged for ``model_ref`` and trained for a store of
+    ``method``/``ratio``/``quant`` (``train --method --ratio --quant``), if one is; ``ratio``
+    None (a ``--budget`` store) matches none."""
+    models = {model_ref, Path(model_ref).name}
+    for directory, meta in _packaged_configs():
         store = (meta.get("method", "none"), float(meta.get("ratio", 1.0)), meta.get("quant"))
-        if meta.get("base_model") in models and store == (method, float(ratio), quant):
+        if ratio is not None and meta.get("base_model") in models and store == (method, float(ratio), quant):
             return directory
     return None
 
 
-def matching_adaptor(model_ref: str, method: str, ratio: float, quant: str) -> Adaptor | None:
+def matching_adaptor(model_ref: str, method: str, ratio: float | None, quant: str) -> Adaptor | None:
     """``--adaptor matching`` (what the ``smallest`` preset asks for): the adaptor packaged for
-    this model and trained for exactly this store's compression, or -- said with a warning, and
-    recorded as no adaptor in the manifest -- the base model when none is packaged (an adaptor
-    trained for another compression can be further from full prefill than none)."""
+    this model and trained for exactly this store's compression (``ratio`` None: a ``--budget``
+    store, which no adaptor is trained for), or -- said with a warning, and recorded as no adaptor
+    in the manifest -- the base model when none is packaged (an adaptor trained for another
+    compression can be further from full prefill than none)."""
     directory = packaged_for_store(model_ref, method, ratio, quant)
     if directory is None:
+        kept = "a token budget" if ratio is None else f"{ratio:g}"
+        train_ratio = "R" if ratio is None else f"{ratio:g}"
         warnings.warn(
-            f"no adaptor is packaged for {model_ref} trained for a store of {method} {ratio:g} {quant}; "
+            f"no adaptor is packaged for {model_ref} trained for a store of {method} {kept} {quant}; "
             "encoding with the base model (answers from such a store lose more; train one with "
-            f"`ragcompress train --method {method} --ratio {ratio:g} --quant {quant}` and pass --adaptor FOLDER)",
+            f"`ragcompress train --method {method} --ratio {train_ratio} --quant {quant}` and pass --adaptor FOLDER)",
             UserWarning,
             stacklevel=3,
         )
@@ -401,12 +410,7 @@ def resolve_adaptor(spec: str | Path, model_ref: str) -> Adaptor:
 
 def packaged_adaptor_dir(adaptor_hash: str) -> Path | None:
     """The folder of the packaged adaptor whose hash is ``adaptor_hash``, if one is."""
-    if not PACKAGED.is_dir():
-        return None
-    for directory in sorted(p for p in PACKAGED.iterdir() if (p / CONFIG).is_file()):
-        if json.loads((directory / CONFIG).read_text()).get("hash") == adaptor_hash:
-            return directory
-    return None
+    return next((directory for directory, meta in _packaged_configs() if meta.get("hash") == adaptor_hash), None)
 
 
 def packaged_adaptor(adaptor_hash: str) -> Adaptor | None:

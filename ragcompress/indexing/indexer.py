@@ -106,10 +106,8 @@ class Indexer:
             )
         template = PromptTemplate.from_tokenizer(lm.tokenizer)
         if config.adaptor == MATCHING:
-            ratio = 1.0 if config.ratio is None else config.ratio
-            adaptor = (
-                None if config.budget is not None else matching_adaptor(lm.ref, config.method, ratio, config.quant)
-            )
+            ratio = None if config.budget is not None else 1.0 if config.ratio is None else config.ratio
+            adaptor = matching_adaptor(lm.ref, config.method, ratio, config.quant)
         else:
             adaptor = resolve_adaptor(config.adaptor, lm.ref) if config.adaptor else None
         if adaptor is not None:
