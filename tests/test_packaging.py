@@ -20,6 +20,24 @@ def listed_packages() -> list[str]:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
 
 
+def copy_sources(dest: Path) -> None:
+    """Copy what a clone holds (tracked files and untracked ones git does not ignore), not the
+    working folder: a developer's ignored ``runs/`` and ``.venv`` are gigabytes, and pytest keeps
+    the last three runs' temp folders."""
+    listed = subprocess.run(
+        ["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        capture_output=True,
+    )
+    if listed.returncode != 0:  # not a git checkout (an unpacked sdist): the sources are all there is
+        shutil.copytree(ROOT, dest, ignore=shutil.ignore_patterns(".*", "build", "*.egg-info", "__pycache__"))
+        return
+    for name in filter(None, listed.stdout.decode().split("\0")):
+        path = ROOT / name
+        if path.is_file():  # listed but deleted in the work tree
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, dest / name)
+
+
 def test_every_package_folder_is_listed_in_pyproject():
     folders = {".".join(init.parent.relative_to(ROOT).parts) for init in (ROOT / "ragcompress").rglob("__init__.py")}
     assert folders | {"ragcompress_kernels"} == set(listed_packages())
@@ -35,7 +53,7 @@ def test_editable_install_imports_the_kernels_folder():
 def test_wheel_installs_the_kernels_under_their_import_name(tmp_path):
     # Built from a copy: setuptools writes build/ and *.egg-info next to the sources.
     source = tmp_path / "source"
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".*", "build", "*.egg-info", "__pycache__"))
+    copy_sources(source)
     pip_wheel = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
     subprocess.run([*pip_wheel, "-w", str(tmp_path), str(source)], check=True, capture_output=True)
     (wheel,) = tmp_path.glob("ragcompress-*.whl")
