@@ -24,11 +24,10 @@ def copy_sources(dest: Path) -> None:
     """Copy what a clone holds (tracked files and untracked ones git does not ignore), not the
     working folder: a developer's ignored ``runs/`` and ``.venv`` are gigabytes, and pytest keeps
     the last three runs' temp folders."""
-    listed = subprocess.run(
-        ["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        capture_output=True,
-    )
-    if listed.returncode != 0:  # not a git checkout (an unpacked sdist): the sources are all there is
+    git = shutil.which("git")
+    command = [str(git), "-C", str(ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard"]
+    listed = subprocess.run(command, capture_output=True) if git else None
+    if listed is None or listed.returncode != 0:  # no git, or not a checkout (an unpacked sdist)
         shutil.copytree(ROOT, dest, ignore=shutil.ignore_patterns(".*", "build", "*.egg-info", "__pycache__"))
         return
     for name in filter(None, listed.stdout.decode().split("\0")):
