@@ -29,15 +29,23 @@ import json
 import os
 import statistics
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ragcompress.compressors import CompressionContext, make_compressor
-from ragcompress.distill.adaptor import Adaptor
+from ragcompress.distill.adaptor import Adaptor, remove_adapter, resolve_adaptor
 from ragcompress.distill.checkpoint import load_tree
-from ragcompress.distill.train import Example
+from ragcompress.distill.train import (
+    TRAINING_ADAPTER,
+    Distiller,
+    Example,
+    build_examples,
+    evenly_spaced,
+    load_corpora,
+)
 from ragcompress.evaluation import read_questions, sub_em
 from ragcompress.indexing.encoder import PassageEncoder
 from ragcompress.kv.quant import QuantConfig
@@ -134,6 +142,51 @@ def full_prefill_answer(encoder: PassageEncoder, example: Example, stop_ids: set
     return list(decode_n_tokens(encoder.lm.model, out.logits[0, -1], cache, len(ids), MAX_NEW_TOKENS, stop_ids))
 
 
+def all_held_out(
+    lm: Any, out: Path, passages: Path, questions: Path, adaptor: Adaptor
+) -> tuple[list[Example], list[str]]:
+    """Teacher examples of *every* question of the adaptor's held-out articles (top-3 over their
+    passages, full-vocabulary answer rows), built once into ``OUT/teacher-heldout-all.safetensors``,
+    and the ids of the questions training validated on (its evenly spaced ``val_examples``): numbers
+    outside those are free of the stopping choice made on the validation curve."""
+    from ragcompress.distill.checkpoint import save_tree
+
+    articles = adaptor.meta["val_articles"]
+    path = out / "teacher-heldout-all.safetensors"
+    _, val_corpus = load_corpora(passages, questions, articles)
+    validated = [q.id for q in evenly_spaced(val_corpus.questions, adaptor.meta["config"]["val_examples"])]
+    if path.is_file():
+        examples = [Example(**e) for e in load_tree(path)]
+    else:  # the teacher is the base model; the distiller's LoRA layers are removed afterwards
+        distiller = Distiller(lm, Adaptor.initial(lm.model, kind="forward"))
+        try:
+            examples = build_examples(
+                distiller, val_corpus, 3, None, "teacher (all held-out)", out / "teacher-heldout-all.part", True
+            )
+        finally:
+            remove_adapter(lm.model, TRAINING_ADAPTER)
+        save_tree([asdict(e) for e in examples], path)
+    if {e.qid for e in examples} != {q.id for q in val_corpus.questions}:
+        raise SystemExit(f"{path} holds other questions than {articles}'s; delete it to rebuild")
+    return examples, validated
+
+
+def subset_stats(row: dict[str, Any], keep: list[bool], baseline: dict[str, Any] | None) -> dict[str, Any]:
+    """A row's figures over the questions ``keep`` marks (e.g. outside the validation sample)."""
+    pick = lambda values: [v for v, k in zip(values, keep, strict=True) if k]  # noqa: E731
+    kls = pick(row["kl_per_question"])
+    stats: dict[str, Any] = {
+        "questions": len(kls),
+        "kl_answer": statistics.mean(kls),
+        "kl_ci95": list(bootstrap_ci(kls)),
+        "agreement": statistics.mean(pick(row["agreement_per_question"])),
+        "sub_em": statistics.mean(pick(row["sub_em_per_question"])),
+    }
+    if baseline is not None:
+        stats["kl_vs_baseline"] = paired_ratio(kls, pick(baseline["kl_per_question"]))
+    return stats
+
+
 def index_cost(lm: Any, template: PromptTemplate, adaptor: Adaptor, passages: list[list[int]], repeats: int) -> dict:
     """Median seconds to produce the caches of ``passages`` per setting, side by side, and the
     ratio to the plain forward (the base encoder)."""
@@ -166,6 +219,17 @@ def index_cost(lm: Any, template: PromptTemplate, adaptor: Adaptor, passages: li
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="the training folder (teacher.safetensors, adaptor/)")
+    parser.add_argument(
+        "--adaptor", default=None, help="the adaptor measured (a folder or packaged name; default OUT/adaptor)"
+    )
+    parser.add_argument(
+        "--held-out",
+        choices=["sample", "all"],
+        default="sample",
+        help="'sample': training's validation examples (OUT/teacher.safetensors); 'all': every question of "
+        "the adaptor's held-out articles (built once into OUT), with figures outside the validation sample",
+    )
+    parser.add_argument("--passages", type=Path, default=SQUAD / "passages.jsonl", help="for --held-out all")
     parser.add_argument("--model", default=None)
     parser.add_argument("--questions", type=Path, default=SQUAD / "questions.jsonl")
     parser.add_argument(
@@ -192,11 +256,17 @@ def main() -> None:
         args.settings = [name for name, row in SETTINGS.items() if row[0] != "compare" or args.compare_adaptor]
     lm = load_model(args.model)
     needs_adaptor = args.cost_repeats > 0 or any(SETTINGS[name][0] == "trained" for name in args.settings)
-    adaptor = Adaptor.load(args.out / "adaptor") if needs_adaptor else None
+    adaptor_spec = args.adaptor or args.out / "adaptor"
+    adaptor = resolve_adaptor(adaptor_spec, lm.ref) if needs_adaptor or args.held_out == "all" else None
     compared = Adaptor.load(args.compare_adaptor) if args.compare_adaptor else None
     adaptors = {"trained": adaptor, "compare": compared, None: None}
     template = PromptTemplate.from_tokenizer(lm.tokenizer)
-    examples = [Example(**e) for e in load_tree(args.out / "teacher.safetensors")["val"]]
+    validated: list[str] | None = None
+    if args.held_out == "all":
+        assert adaptor is not None
+        examples, validated = all_held_out(lm, args.out, args.passages, args.questions, adaptor)
+    else:
+        examples = [Example(**e) for e in load_tree(args.out / "teacher.safetensors")["val"]]
     golds = {q.id: q.answers for q in read_questions(args.questions)}
     stop_ids = stop_token_ids(lm.tokenizer, lm.model)
     decode = lambda ids: lm.tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
@@ -236,6 +306,10 @@ def main() -> None:
                     "baseline": reference,
                     **paired_ratio(row["kl_per_question"], rows[reference]["kl_per_question"]),
                 }
+            if validated is not None and "agreement_per_question" in row:
+                keep = [e.qid not in validated for e in examples]
+                base = rows.get(reference) if reference != name else None
+                row["outside_validation"] = subset_stats(row, keep, base)
         result = {
             "meta": {
                 **results_meta(
@@ -247,7 +321,9 @@ def main() -> None:
                 ),
                 "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 "load": os.getloadavg(),
-                "sample": "held-out articles " + ", ".join(adaptor_meta.get("val_articles", [])),
+                "sample": ("all questions of held-out articles " if validated else "held-out articles ")
+                + ", ".join(adaptor_meta.get("val_articles", [])),
+                "validation_sample": validated,
                 "adaptor_hash": adaptor.hash if adaptor else earlier.get("meta", {}).get("adaptor_hash"),
                 "adaptor_kind": adaptor.kind if adaptor else earlier.get("meta", {}).get("adaptor_kind"),
                 "compared_adaptor": (
@@ -294,6 +370,8 @@ def main() -> None:
             "kl_answer": statistics.mean(kls),
             "kl_ci95": list(bootstrap_ci(kls)),
             "kl_per_question": kls,
+            "agreement_per_question": agree,
+            "sub_em_per_question": ems,
             "agreement": statistics.mean(agree),
             "agreement_ci95": list(bootstrap_ci(agree)),
             "sub_em": statistics.mean(ems),

@@ -260,7 +260,11 @@ def train(
         help="a held-out title, once per title (titles may hold commas; default: every third title, sorted)",
     ),
     steps: int = typer.Option(150, "--steps", min=1, help="optimizer steps"),
-    minutes: float = typer.Option(40.0, "--minutes", help="stop training after this many minutes"),
+    minutes: float = typer.Option(
+        40.0,
+        "--minutes",
+        help="stop after this many minutes of training steps (per invocation: a resumed run gets them anew)",
+    ),
     batch: int = typer.Option(4, "--batch", min=1, help="examples per optimizer step"),
     lr: float = typer.Option(3e-4, "--lr"),
     rank: int = typer.Option(8, "--rank", min=1),
@@ -285,6 +289,12 @@ def train(
     quant: str = typer.Option("none", "--quant", help="train for a store quantized so (int8 | int4 | int2 | fp16)"),
     keep_first: int | None = typer.Option(None, "--keep-first", min=0, help="as index --keep-first, for --method"),
     keep_last: int | None = typer.Option(None, "--keep-last", min=0, help="as index --keep-last, for --method"),
+    init_adaptor: str | None = typer.Option(
+        None,
+        "--init-adaptor",
+        help="start from this adaptor (folder or packaged name; same model and kind, trained without the held-out "
+        "articles) instead of zeros: continues a finished run",
+    ),
     threads: int = typer.Option(2, "--threads", min=1),
 ) -> None:
     """Train a KV-Distill passage adaptor and its learned retention scorer (docs/distill.md)."""
@@ -317,6 +327,7 @@ def train(
             keep_first=keep_first,
             keep_last=keep_last,
             val_articles=list(val_articles or []),
+            init_adaptor=init_adaptor,
         )
     except ValueError as exc:
         raise RagCompressError(str(exc)) from None

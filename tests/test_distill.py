@@ -209,7 +209,10 @@ def test_train_saves_a_loadable_adaptor_and_resumes_from_its_checkpoint(lm, tmp_
     first = train(lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, dataclasses.replace(config), progress=False)
     assert first.kind == "forward" and first.has_scorer and first.meta["metrics"]["steps"] == 2
     assert first.meta["val_articles"] == ["Apollo_program"] and "Apollo_program" not in first.meta["train_articles"]
-    resumed = train(lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, dataclasses.replace(config, steps=3), progress=False)
+    # --minutes is per invocation: a budget far below the first run's step time still buys the resumed step
+    resumed = train(
+        lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, dataclasses.replace(config, steps=3, minutes=1e-9), progress=False
+    )
     history = json.loads((out / "history.json").read_text())
     assert [row["step"] for row in history["train"]] == [1, 2, 3]
     assert resumed.meta["metrics"]["steps"] == 3 and (out / "loss.png").is_file()
@@ -218,6 +221,32 @@ def test_train_saves_a_loadable_adaptor_and_resumes_from_its_checkpoint(lm, tmp_
     swapped = dataclasses.replace(config, steps=4, val_articles=["Victoria_(Australia)"])
     with pytest.raises(ValueError, match="built for another split"):  # its teacher examples are the old split's
         train(lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, swapped, progress=False)
+
+
+def test_training_warm_started_from_an_adaptor_starts_from_its_factors(lm, tmp_path):
+    """``--init-adaptor`` continues a finished run (e.g. a packaged adaptor, whose checkpoint is
+    gone): with lr 0 one step leaves its factors as they were; the result records where it
+    started; an adaptor trained on an article this run holds out is refused."""
+    import dataclasses
+
+    from ragcompress.data import SAMPLE_PASSAGES, SAMPLE_QUESTIONS
+    from ragcompress.distill.train import TrainConfig, train
+
+    config = TrainConfig(
+        top_k=2, rank=2, alpha=4, steps=1, batch=1, train_questions=2, val_examples=1, continuation=4,
+        scorer_passages=0, eval_every=1, val_articles=["Apollo_program"],
+    )  # fmt: skip
+    first = train(lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, tmp_path / "first", config, progress=False)
+    start = str(tmp_path / "first" / "adaptor")
+    warm = dataclasses.replace(config, lr=0.0, rank=8, alpha=16, init_adaptor=start)
+    again = train(lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, tmp_path / "warm", warm, progress=False)
+    assert again.settings == first.settings  # rank and alpha come from the adaptor started from
+    assert again.tensors.keys() == first.tensors.keys()
+    assert all(torch.equal(again.tensors[k], first.tensors[k]) for k in first.tensors)
+    assert again.meta["init_adaptor_hash"] == first.hash
+    leaky = dataclasses.replace(warm, val_articles=["Victoria_(Australia)"])
+    with pytest.raises(InputError, match="held out here"):
+        train(lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, tmp_path / "leaky", leaky, progress=False)
 
 
 def test_merged_forward_adaptor_encodes_as_peft_layers_do(lm):

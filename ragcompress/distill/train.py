@@ -48,6 +48,7 @@ from ragcompress.compressors.kvzip import REPEAT_PROMPT, KVzipCompressor
 from ragcompress.distill import scorer as learned_scorer
 from ragcompress.distill.adaptor import FACTORS, SCORER_BIAS, SCORER_WEIGHT, Adaptor, lora_active, remove_adapter
 from ragcompress.distill.checkpoint import load_tree, save_tree
+from ragcompress.errors import InputError
 from ragcompress.evaluation import Question, read_questions
 from ragcompress.indexing.encoder import PassageEncoder
 from ragcompress.indexing.inputs import PassageInput, iter_passages
@@ -76,7 +77,7 @@ class TrainConfig:
     clip: float = 1.0  # gradient norm clip (0: none); Qwen2.5's outlier activations made lr 1e-3 diverge
     batch: int = 4  # examples per optimizer step (gradient accumulation)
     steps: int = 150
-    minutes: float = 40.0  # stop training after this long (then fit the scorer and save)
+    minutes: float = 40.0  # step time this invocation may spend (a resumed run gets it afresh)
     continuation_weight: float = 0.5
     teacher_top: int = 64  # teacher tokens kept per position
     val_examples: int = 16
@@ -95,6 +96,9 @@ class TrainConfig:
     keep_last: int | None = None
     seed: int = 0
     val_articles: list[str] = field(default_factory=list)
+    # start from this adaptor's trained factors (a path or packaged name; fresh optimizer) instead
+    # of the adaptor of zeros: continues a finished run whose checkpoint is gone, e.g. a packaged one
+    init_adaptor: str | None = None
 
     def __post_init__(self) -> None:  # bad compression settings fail before hours of training
         QuantConfig(self.quant, self.group_size)
@@ -489,7 +493,15 @@ def passage_key(ids: list[int]) -> str:
     return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()
 
 
-def _build_examples(
+def evenly_spaced(questions: list[Question], limit: int | None) -> list[Question]:
+    """``limit`` questions evenly spaced over the (article-grouped) file; all when ``limit`` is None."""
+    if not limit:
+        return list(questions)
+    step = len(questions) / limit
+    return [questions[int(i * step)] for i in range(min(limit, len(questions)))]
+
+
+def build_examples(
     distiller: Distiller, corpus: Corpus, k: int, limit: int | None, desc: str, partial: Path, keep_full: bool = False
 ) -> list[Example]:
     """Teacher examples of ``limit`` evenly spaced questions (all when None); each finished one is
@@ -498,10 +510,7 @@ def _build_examples(
 
     from ragcompress.retrieval import Embedder
 
-    questions = corpus.questions
-    if limit:  # evenly spaced over the (article-grouped) file
-        step = len(corpus.questions) / limit
-        questions = [corpus.questions[int(i * step)] for i in range(min(limit, len(corpus.questions)))]
+    questions = evenly_spaced(corpus.questions, limit)
     done = {e["qid"]: Example(**e) for e in load_tree(partial)} if partial.is_file() else {}
     vectors = Embedder().embed([q.question for q in questions])
     retrieved = corpus.retrieve(vectors, k)
@@ -601,6 +610,28 @@ def student_compressor(config: TrainConfig) -> Compressor | None:
     return make_compressor(config.method, ratio=config.ratio, **{k: v for k, v in protected.items() if v is not None})
 
 
+def warm_start(lm: LoadedModel, config: TrainConfig) -> Adaptor:
+    """The adaptor ``config.init_adaptor`` names, as the starting point of training: same model,
+    kind ``forward``, its LoRA factors in fp32 (a packaged adaptor may store fp16); its rank and
+    alpha replace ``config``'s."""
+    from ragcompress.distill.adaptor import resolve_adaptor
+
+    assert config.init_adaptor is not None
+    start = resolve_adaptor(config.init_adaptor, lm.ref)
+    start.check_model(lm.fingerprint, lm.ref)
+    if start.kind != config.kind:
+        raise InputError(f"--init-adaptor {config.init_adaptor} is of kind {start.kind!r}, not {config.kind!r}")
+    seen = sorted(set(start.meta.get("train_articles", [])) & set(config.val_articles))
+    if seen:
+        raise InputError(
+            f"--init-adaptor {config.init_adaptor} was trained on {seen}, held out here; its numbers on them "
+            f"would not be held-out ones (hold out what it held out: {start.meta.get('val_articles')})"
+        )
+    config.rank, config.alpha = int(start.settings["rank"]), int(start.settings["alpha"])
+    tensors = {k: v.float() for k, v in start.lora_tensors.items()}
+    return Adaptor(dict(start.settings), tensors, {"init_adaptor_hash": start.hash})
+
+
 def train(
     lm: LoadedModel, passages_path: Path, questions_path: Path, out: Path, config: TrainConfig, progress: bool = True
 ) -> Adaptor:
@@ -617,9 +648,12 @@ def train(
     checkpoint = load_tree(checkpoint_path) if checkpoint_path.is_file() else None
     if checkpoint is not None:
         adaptor = Adaptor(checkpoint["settings"], dict(checkpoint["initial"]), {})
+    elif config.init_adaptor:
+        adaptor = warm_start(lm, config)
     else:
         adaptor = Adaptor.initial(lm.model, config.rank, config.alpha, kind=config.kind)
     initial = dict(adaptor.tensors)
+    init_hash = (checkpoint or adaptor.meta).get("init_hash" if checkpoint is not None else "init_adaptor_hash")
     distiller = Distiller(
         lm,
         adaptor,
@@ -636,7 +670,7 @@ def train(
         check_split(distiller, teacher_path, train_examples, train_corpus, "training")
         check_split(distiller, teacher_path, val_examples, val_corpus, "held-out")
     else:
-        train_examples = _build_examples(
+        train_examples = build_examples(
             distiller,
             train_corpus,
             config.top_k,
@@ -644,7 +678,7 @@ def train(
             "teacher (train)",
             out / "teacher-train.part",
         )
-        val_examples = _build_examples(
+        val_examples = build_examples(
             distiller,
             val_corpus,
             config.top_k,
@@ -667,11 +701,12 @@ def train(
     trainable = distiller.trainable()
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
     history: dict[str, Any] = {"train": [], "val": []}
-    start_step, elapsed = 0, 0.0
+    start_step, elapsed, budget = 0, 0.0, config.minutes * 60
     if checkpoint is not None:
         distiller.load_factors(checkpoint["params"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         history, start_step, elapsed = checkpoint["history"], checkpoint["step"], checkpoint["elapsed"]
+        budget += elapsed  # --minutes is this invocation's: a resumed run does not stop early
     else:
         history["val"].append({"step": 0, **validation_loss(distiller, val_examples)})
 
@@ -688,6 +723,7 @@ def train(
                 "optimizer": optimizer.state_dict(),
                 "history": history,
                 "config": asdict(config),
+                **({"init_hash": init_hash} if init_hash else {}),
             },
             checkpoint_path,
         )
@@ -701,7 +737,7 @@ def train(
     bar = tqdm(total=config.steps, initial=start_step, desc="training", unit="step", disable=not progress)
     step = start_step
     lm.model.train(False)
-    while step < config.steps and elapsed < config.minutes * 60:
+    while step < config.steps and elapsed < budget:
         begin = time.perf_counter()
         optimizer.zero_grad()
         qa_sum = cont_sum = 0.0
@@ -741,6 +777,7 @@ def train(
         "ratio": config.ratio,
         "quant": config.quant,
         "config": asdict(config),
+        **({"init_adaptor_hash": init_hash} if init_hash else {}),
         "metrics": {
             "steps": step,
             "train_minutes": elapsed / 60,
