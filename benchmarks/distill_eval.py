@@ -171,7 +171,7 @@ def all_held_out(
     return examples, validated
 
 
-def subset_stats(row: dict[str, Any], keep: list[bool], baseline: dict[str, Any] | None) -> dict[str, Any]:
+def subset_stats(row: dict[str, Any], keep: list[bool], baseline: tuple[str, dict[str, Any]] | None) -> dict[str, Any]:
     """A row's figures over the questions ``keep`` marks (e.g. outside the validation sample)."""
     pick = lambda values: [v for v, k in zip(values, keep, strict=True) if k]  # noqa: E731
     kls = pick(row["kl_per_question"])
@@ -183,7 +183,7 @@ def subset_stats(row: dict[str, Any], keep: list[bool], baseline: dict[str, Any]
         "sub_em": statistics.mean(pick(row["sub_em_per_question"])),
     }
     if baseline is not None:
-        stats["kl_vs_baseline"] = paired_ratio(kls, pick(baseline["kl_per_question"]))
+        stats["kl_vs_baseline"] = {"baseline": baseline[0], **paired_ratio(kls, pick(baseline[1]["kl_per_question"]))}
     return stats
 
 
@@ -308,7 +308,7 @@ def main() -> None:
                 }
             if validated is not None and "agreement_per_question" in row:
                 keep = [e.qid not in validated for e in examples]
-                base = rows.get(reference) if reference != name else None
+                base = (reference, rows[reference]) if reference != name and reference in rows else None
                 row["outside_validation"] = subset_stats(row, keep, base)
         result = {
             "meta": {

@@ -882,6 +882,14 @@ def _kl_vs_baseline(row: dict[str, Any]) -> str:
     return f"{100 * vs['ratio']:.0f} % of {vs['baseline']} [{100 * low:.0f}, {100 * high:.0f}]"
 
 
+def _distill_sample(meta: dict[str, Any]) -> str:
+    """'24 questions of held-out articles A, B' or, for a run over every one, 'all 81 questions of ...'."""
+    every = "all questions of "
+    if meta["sample"].startswith(every):
+        return f"all {meta['questions']} questions of {meta['sample'][len(every) :]}"
+    return f"{meta['questions']} questions of {meta['sample']}"
+
+
 def render_distill(results: Path) -> str:
     """Learned passage caches (#15, ``distill_*.json``, ``benchmarks/distill_eval.py``): each
     setting against full prefill on held-out articles, the training summary and indexing cost."""
@@ -921,9 +929,30 @@ def render_distill(results: Path) -> str:
                 f"{compared['metrics']['steps']} steps)"
             )
         parts.append(
-            f"{model_name(meta['model'])}, {meta['questions']} questions of {meta['sample']} "
+            f"{model_name(meta['model'])}, {_distill_sample(meta)} "
             f"(load average {meta['load'][0]:.0f} on 2 cores; {kinds}):\n\n" + table(header, rows)
         )
+        outside = {name: row["outside_validation"] for name, row in data["rows"].items() if "outside_validation" in row}
+        if outside:
+            n = next(iter(outside.values()))["questions"]
+            sub = [
+                [
+                    name,
+                    f"{o['kl_answer']:.4f} {_ci(o['kl_ci95'])}",
+                    _kl_vs_baseline(o),
+                    f"{o['agreement']:.2f}",
+                    f"{o['sub_em']:.2f}",
+                ]
+                for name, o in outside.items()
+            ]
+            parts.append(
+                f"The {n} of these questions outside the training run's validation sample (its stopping step was "
+                "read off that sample's curve):\n\n"
+                + table(
+                    ["setting", "KL to full (answer) [95 % CI]", "KL vs same bytes, no adaptor", "agreement", "sub-EM"],
+                    sub,
+                )
+            )
         train = (
             f"Training: {metrics['steps']} steps in {metrics['train_minutes']:.0f} min on "
             f"{metrics['train_examples']} questions; held-out top-k KL (answer) "
