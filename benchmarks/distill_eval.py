@@ -53,7 +53,7 @@ from ragcompress.models import load_model
 from ragcompress.prompt import PromptTemplate
 from ragcompress.runtime.assemble import assemble
 from ragcompress.runtime.generate import decode_n_tokens, forward_logits, prefill, stop_token_ids
-from ragcompress.stats import bootstrap_ci, paired_ratio
+from ragcompress.stats import bootstrap_ci, paired_comparison, paired_ratio
 from ragcompress.store import codec
 
 from common import SQUAD, results_meta
@@ -302,10 +302,20 @@ def main() -> None:
         for name, row in rows.items():
             reference = baseline_of(name)
             if reference != name and "kl_per_question" in row and "kl_per_question" in rows.get(reference, {}):
+                base_row = rows[reference]
                 row["kl_vs_baseline"] = {
                     "baseline": reference,
-                    **paired_ratio(row["kl_per_question"], rows[reference]["kl_per_question"]),
+                    **paired_ratio(row["kl_per_question"], base_row["kl_per_question"]),
+                    # a mean of KLs follows its tail (one confident wrong token costs nats)
+                    "median_per_question_ratio": statistics.median(
+                        a / max(b, 1e-12)
+                        for a, b in zip(row["kl_per_question"], base_row["kl_per_question"], strict=True)
+                    ),
                 }
+                for measure in ("sub_em", "agreement"):  # wins / losses against the baseline, exact McNemar
+                    key = f"{measure}_per_question"
+                    if key in row and key in base_row:
+                        row[f"{measure}_vs_baseline"] = paired_comparison(row[key], base_row[key])
             if validated is not None and "agreement_per_question" in row:
                 keep = [e.qid not in validated for e in examples]
                 base = (reference, rows[reference]) if reference != name and reference in rows else None
@@ -331,7 +341,11 @@ def main() -> None:
                         "hash": compared.hash,
                         "kind": compared.kind,
                         "metrics": compared.meta.get("metrics"),
-                        **{k: compared.meta[k] for k in ("method", "ratio", "quant") if k in compared.meta},
+                        **{
+                            k: compared.meta[k]
+                            for k in ("method", "ratio", "quant", "init_adaptor_hash")
+                            if k in compared.meta
+                        },
                     }
                     if compared
                     else earlier.get("meta", {}).get("compared_adaptor")
@@ -346,6 +360,9 @@ def main() -> None:
             "rows": rows,
             "index_cost": cost,
         }
+        if not args.settings and earlier.get("meta"):  # nothing measured now: the figures are the earlier run's
+            for key in ("date", "load", "git", "threads"):
+                result["meta"][key] = earlier["meta"].get(key, result["meta"][key])
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1))
         return rows

@@ -879,7 +879,17 @@ def _kl_vs_baseline(row: dict[str, Any]) -> str:
     if not vs:
         return "–"
     low, high = vs["ci95"]
-    return f"{100 * vs['ratio']:.0f} % of {vs['baseline']} [{100 * low:.0f}, {100 * high:.0f}]"
+    text = f"{100 * vs['ratio']:.0f} % of {vs['baseline']} [{100 * low:.0f}, {100 * high:.0f}]"
+    if "median_per_question_ratio" in vs:
+        text += f"; per-question median {100 * vs['median_per_question_ratio']:.0f} %"
+    return text
+
+
+def _wins(paired: dict[str, Any] | None) -> str:
+    """'+14 / -3 (p 0.013)': questions an adaptor row gets right that its baseline misses, and back."""
+    if not paired or "wins" not in paired:
+        return "–"
+    return f"+{paired['wins']} / -{paired['losses']} (p {paired['p_value']:.2g})"
 
 
 def _distill_sample(meta: dict[str, Any]) -> str:
@@ -907,10 +917,11 @@ def render_distill(results: Path) -> str:
                 _kl_vs_baseline(row),
                 f"{row['agreement']:.2f}" + (f" {_ci(row['agreement_ci95'])}" if "agreement_ci95" in row else ""),
                 f"{row['sub_em']:.2f} ({pct(row['sub_em'], full)})",
+                _wins(row.get("sub_em_vs_baseline")),
             ]
             for name, row in data["rows"].items()
         ]
-        rows.append(["full prefill (reference)", "1", "-", "0", "–", "1.00", f"{full:.2f} (100 %)"])
+        rows.append(["full prefill (reference)", "1", "-", "0", "–", "1.00", f"{full:.2f} (100 %)", "–"])
         meta, metrics = data["meta"], data["adaptor"]["metrics"]
         header = [
             "setting",
@@ -920,14 +931,15 @@ def render_distill(results: Path) -> str:
             "KL vs same bytes, no adaptor [95 % CI]",
             "agreement [95 % CI]",
             "sub-EM (% of full)",
+            "sub-EM right / wrong where no adaptor is not (McNemar p)",
         ]
         kinds = f"'adaptor': kind {meta.get('adaptor_kind') or 'cache'}{trained_for(data['adaptor'])}"
         compared = meta.get("compared_adaptor")
         if compared:
-            kinds += (
-                f"; 'compared adaptor': kind {compared['kind']}{trained_for(compared)} ({compared['hash'][:12]}, "
-                f"{compared['metrics']['steps']} steps)"
-            )
+            steps = f"{compared['metrics']['steps']} steps"
+            if compared.get("init_adaptor_hash"):  # train --init-adaptor: a continuation of another adaptor
+                steps += f" continuing {compared['init_adaptor_hash'][:12]}"
+            kinds += f"; 'compared adaptor': kind {compared['kind']}{trained_for(compared)} ({compared['hash'][:12]}, {steps})"
         parts.append(
             f"{model_name(meta['model'])}, {_distill_sample(meta)} "
             f"(load average {meta['load'][0]:.0f} on 2 cores; {kinds}):\n\n" + table(header, rows)

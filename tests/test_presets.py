@@ -20,10 +20,11 @@ def test_every_preset_is_a_valid_setting_with_evidence():
         assert item.evidence.startswith("docs/results/")
     assert preset("small").index.quant == "int4" and preset("small").index.method == "global:kvzip"
     assert preset("faithful").answer.recompute == RecomputeConfig(ratio=0.1, selection="mixed")
-    smallest = preset("smallest").index
-    assert smallest.adaptor == "matching" and smallest.quant == "int4"
-    for model in ("smollm2-135m", "qwen2.5-coder-0.5b"):  # each packaged model ships its adaptor for it
-        assert packaged_for_store(model, smallest.method, smallest.ratio, smallest.quant) is not None, model
+    for name in ("small", "smallest"):
+        config = preset(name).index
+        assert config.adaptor == "matching" and config.quant == "int4"
+        for model in ("smollm2-135m", "qwen2.5-coder-0.5b"):  # each packaged model ships its adaptor for it
+            assert packaged_for_store(model, config.method, config.ratio, config.quant) is not None, (name, model)
     assert preset("distilled").index.adaptor == "default"  # the model's packaged KV-Distill adaptor
     with pytest.raises(ValueError, match="fast, small, smallest, faithful, distilled"):
         preset("tiny")
