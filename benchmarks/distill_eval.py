@@ -331,9 +331,8 @@ def main() -> None:
                 ),
                 "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 "load": os.getloadavg(),
-                "sample": ("all questions of held-out articles " if validated else "held-out articles ")
-                + ", ".join(adaptor_meta.get("val_articles", [])),
-                "validation_sample": validated,
+                "sample": "held-out articles " + ", ".join(adaptor_meta.get("val_articles", [])),
+                "validation_sample": validated,  # set: every question of them, this being training's sample
                 "adaptor_hash": adaptor.hash if adaptor else earlier.get("meta", {}).get("adaptor_hash"),
                 "adaptor_kind": adaptor.kind if adaptor else earlier.get("meta", {}).get("adaptor_kind"),
                 "compared_adaptor": (

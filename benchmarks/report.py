@@ -893,11 +893,10 @@ def _wins(paired: dict[str, Any] | None) -> str:
 
 
 def _distill_sample(meta: dict[str, Any]) -> str:
-    """'24 questions of held-out articles A, B' or, for a run over every one, 'all 81 questions of ...'."""
-    every = "all questions of "
-    if meta["sample"].startswith(every):
-        return f"all {meta['questions']} questions of {meta['sample'][len(every) :]}"
-    return f"{meta['questions']} questions of {meta['sample']}"
+    """'24 questions of held-out articles A, B' or, for a run over every question of them
+    (``distill_eval --held-out all``, which records training's ``validation_sample``), 'all 81 ...'."""
+    every = "all " if meta.get("validation_sample") else ""
+    return f"{every}{meta['questions']} questions of {meta['sample']}"
 
 
 def render_distill(results: Path) -> str:

@@ -653,7 +653,7 @@ def train(
     else:
         adaptor = Adaptor.initial(lm.model, config.rank, config.alpha, kind=config.kind)
     initial = dict(adaptor.tensors)
-    init_hash = (checkpoint or adaptor.meta).get("init_hash" if checkpoint is not None else "init_adaptor_hash")
+    init_hash = (checkpoint if checkpoint is not None else adaptor.meta).get("init_adaptor_hash")
     distiller = Distiller(
         lm,
         adaptor,
@@ -723,7 +723,7 @@ def train(
                 "optimizer": optimizer.state_dict(),
                 "history": history,
                 "config": asdict(config),
-                **({"init_hash": init_hash} if init_hash else {}),
+                **({"init_adaptor_hash": init_hash} if init_hash else {}),
             },
             checkpoint_path,
         )
