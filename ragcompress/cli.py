@@ -289,6 +289,15 @@ def train(
     quant: str = typer.Option("none", "--quant", help="train for a store quantized so (int8 | int4 | int2 | fp16)"),
     keep_first: int | None = typer.Option(None, "--keep-first", min=0, help="as index --keep-first, for --method"),
     keep_last: int | None = typer.Option(None, "--keep-last", min=0, help="as index --keep-last, for --method"),
+    kv_rank: int | None = typer.Option(
+        None, "--kv-rank", help="train for a low-rank store (index --rank R): kept rows projected to this rank"
+    ),
+    kv_rank_values: bool = typer.Option(
+        True, "--kv-rank-values/--no-kv-rank-values", help="with --kv-rank: project values too (as index)"
+    ),
+    calibration_passages: int = typer.Option(
+        64, "--calibration-passages", min=1, help="with --kv-rank: training passages the basis is fitted on"
+    ),
     init_adaptor: str | None = typer.Option(
         None,
         "--init-adaptor",
@@ -326,6 +335,9 @@ def train(
             quant=quant,
             keep_first=keep_first,
             keep_last=keep_last,
+            kv_rank=kv_rank,
+            kv_rank_values=kv_rank_values,
+            calibration_passages=calibration_passages,
             val_articles=list(val_articles or []),
             init_adaptor=init_adaptor,
         )

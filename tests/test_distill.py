@@ -10,6 +10,7 @@ exactly the budget, and its fit recovers a linear target.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -23,6 +24,7 @@ from ragcompress.errors import InputError, StoreMismatchError
 from ragcompress.indexing import IndexConfig, index
 from ragcompress.indexing.encoder import PassageEncoder
 from ragcompress.kv import PassageKV
+from ragcompress.kv.lowrank import RankSpec, fit_basis
 from ragcompress.kv.quant import QuantConfig
 from ragcompress.models import load_model
 from ragcompress.prompt import PromptTemplate
@@ -195,7 +197,6 @@ def test_packaged_adaptor_loads_by_name_and_records_its_provenance():
 def test_train_saves_a_loadable_adaptor_and_resumes_from_its_checkpoint(lm, tmp_path):
     """`ragcompress train` end to end on a tiny model: teacher examples, steps, checkpoint, scorer,
     adaptor folder, history and plot; a second call with more steps resumes where the first ended."""
-    import dataclasses
     import json
 
     from ragcompress.data import SAMPLE_PASSAGES, SAMPLE_QUESTIONS
@@ -227,7 +228,6 @@ def test_training_warm_started_from_an_adaptor_starts_from_its_factors(lm, tmp_p
     """``--init-adaptor`` continues a finished run (e.g. a packaged adaptor, whose checkpoint is
     gone): with lr 0 one step leaves its factors as they were; the result records where it
     started; an adaptor trained on an article this run holds out is refused."""
-    import dataclasses
 
     from ragcompress.data import SAMPLE_PASSAGES, SAMPLE_QUESTIONS
     from ragcompress.distill.train import TrainConfig, train
@@ -277,15 +277,28 @@ def test_forward_adaptor_of_another_shape_is_refused(lm, tiny_model_dir):
         PassageEncoder(other, PromptTemplate.from_tokenizer(other.tokenizer), adaptor)
 
 
-def test_compressed_student_reads_what_the_runtime_serves(lm):
-    """The student trained for an evicted store must be that store: with the adaptor at zero,
-    its cache and row mask read the question as the runtime's assembled cache of the compressed,
-    stored passages does (runtime.assemble, per-head masks, ragged attention)."""
+@pytest.mark.parametrize("lowrank", [None, RankSpec(rank=8), RankSpec(rank=8, values=False)])
+def test_compressed_student_reads_what_the_runtime_serves(lm, lowrank):
+    """The student trained for an evicted (and low-rank) store must be that store: with the
+    adaptor at zero, its cache and row mask read the question as the runtime's assembled cache
+    of the compressed, stored passages does (runtime.assemble, per-head masks, ragged attention)."""
     compressor = make_compressor("global:kvzip", ratio=0.5, keep_first=1, keep_last=0)
+    quant = QuantConfig("int4", 8) if lowrank else QuantConfig()
     distiller = Distiller(
-        lm, Adaptor.initial(lm.model, rank=4, alpha=8), teacher_top=16, continuation=8, compressor=compressor
+        lm,
+        Adaptor.initial(lm.model, rank=4, alpha=8),
+        teacher_top=16,
+        continuation=8,
+        compressor=compressor,
+        quant=quant,
     )
-    passages = [distiller.tokens.passage(t) for t in ("Melbourne is the sporting capital.", "Apollo 11 landed.")]
+    texts = ("Melbourne is the sporting capital.", "Apollo 11 landed.")
+    passages = [distiller.tokens.passage(t) for t in texts]
+    calibration = ["The Yuan dynasty was founded by Kublai Khan.", "Jacksonville lies on the St. Johns River."]
+    basis = None
+    if lowrank is not None:
+        basis = fit_basis(distiller.encoder.encode([distiller.tokens.passage(t) for t in calibration]), lowrank)
+        distiller.basis = basis
     suffix = distiller.tokens.suffix("Where did Apollo 11 land?")
     with torch.no_grad():
         keys, values, total, mask = distiller.student_compressed_tensors(passages)
@@ -293,10 +306,9 @@ def test_compressed_student_reads_what_the_runtime_serves(lm):
     encoder = distiller.encoder
     segments = [
         codec.decode(
-            codec.encode(
-                compressor.compress(encoder.encode([ids])[0], CompressionContext(encoder, ids)), QuantConfig()
-            ),
+            codec.encode(compressor.compress(encoder.encode([ids])[0], CompressionContext(encoder, ids)), quant, basis),
             torch.float32,
+            basis=basis,
         )
         for ids in passages
     ]
@@ -376,7 +388,6 @@ def test_compressed_training_saves_its_kept_rows_and_a_resumed_run_reuses_them(l
     """The compressed student's kept rows (KVzip on the base cache, the slowest step of a first
     epoch) are saved with each checkpoint; a resumed run with the same settings reads them and
     scores nothing again, and one with another compression does not take them."""
-    import dataclasses
 
     from ragcompress.compressors.kvzip import KVzipCompressor
     from ragcompress.data import SAMPLE_PASSAGES, SAMPLE_QUESTIONS
@@ -415,16 +426,27 @@ def test_matching_adaptor_is_the_one_packaged_for_the_store_or_none_with_a_warni
     import ragcompress.distill.adaptor as adaptor_module
 
     packaged = tmp_path / "packaged"
-    for seed, ratio in ((9, 0.25), (10, 0.5)):
+    keys_rank8 = RankSpec(rank=8, values=False).as_dict()
+    for seed, ratio, lowrank in ((9, 0.25, None), (10, 0.5, None), (11, 0.5, keys_rank8)):
         specialist = noisy_adaptor(lm.model, seed)
         specialist.meta = {"base_model": lm.ref, "method": "global:kvzip", "ratio": ratio, "quant": "int4"}
-        specialist.save(packaged / f"tiny-kvzip-{ratio}-int4")
+        if lowrank:  # trained with --kv-rank 8 --no-kv-rank-values
+            specialist.meta["lowrank"] = lowrank
+        specialist.save(packaged / f"tiny-kvzip-{ratio}-int4{'-r8k' if lowrank else ''}")
     monkeypatch.setattr(adaptor_module, "PACKAGED", packaged)
     common = dict(model=lm.ref, lm=lm, embedder=embedder)
     config = IndexConfig(method="global:kvzip", ratio=0.5, keep_first=1, quant="int4", adaptor="matching")
     index(passages_file, tmp_path / "matched", config=config, **common)
     with KVStore.open(tmp_path / "matched") as store:
         assert store.manifest.encoding["adaptor"] == Adaptor.load(packaged / "tiny-kvzip-0.5-int4").hash
+    low_rank = dataclasses.replace(config, rank=8, rank_values=False)
+    index(passages_file, tmp_path / "matched-r8k", config=low_rank, **common)
+    with KVStore.open(tmp_path / "matched-r8k") as store:
+        assert store.manifest.encoding["adaptor"] == Adaptor.load(packaged / "tiny-kvzip-0.5-int4-r8k").hash
+    with pytest.warns(UserWarning, match="low-rank latents"):  # keys and values projected: none trained for it
+        index(
+            passages_file, tmp_path / "unmatched-r8", config=dataclasses.replace(low_rank, rank_values=True), **common
+        )
     unmatched = IndexConfig(method="global:kvzip", ratio=0.125, keep_first=1, quant="int4", adaptor="matching")
     with pytest.warns(
         UserWarning, match="no adaptor is packaged for .* global:kvzip 0.125 int4; encoding with the base"

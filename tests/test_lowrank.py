@@ -74,6 +74,29 @@ def test_full_rank_reproduces_the_row_store_within_quantization_error(scheme):
         assert not (latent.keys * ~mask).any()  # padding rows are zero, as in row stores
 
 
+@pytest.mark.parametrize("scheme", ["none", "fp16", "int8", "int4"])
+@pytest.mark.parametrize("values", [True, False])
+def test_round_trip_is_what_the_store_gives_back_with_the_projections_gradient(scheme, values):
+    """Training's view of a low-rank store (``LowRankBasis.round_trip``, ``train --kv-rank``)
+    equals a stored and decoded segment on every real row, and passes the projection's gradient
+    straight through the rounding."""
+    caches = low_rank_caches(0)
+    basis = fit_basis(caches[:4], RankSpec(rank=8, values=values))
+    quant = QuantConfig(scheme, 8)
+    kv = ragged(caches[5], 2)
+    stored = decode(encode(kv, quant, basis), basis=basis)
+    mask = kv.valid_mask().unsqueeze(-1)
+    kinds = (("k", kv.keys, stored.keys), ("v", kv.values, stored.values)) if values else (("k", kv.keys, stored.keys),)
+    for kind, rows, want in kinds:
+        x = rows.clone().requires_grad_(True)
+        got = basis.round_trip(kind, x, kv.lengths, quant)
+        torch.testing.assert_close(got * mask, want * mask, atol=1e-5, rtol=1e-5)
+        weight = torch.randn(got.shape, generator=torch.Generator().manual_seed(4))
+        (got * weight).sum().backward()
+        projector = torch.stack([b @ b.transpose(1, 2) for b in basis.bases[kind]])  # [L, H, d, d]
+        torch.testing.assert_close(x.grad, weight @ projector, atol=1e-5, rtol=1e-5)
+
+
 def test_low_rank_recovers_a_low_rank_cache_and_is_smaller():
     caches = low_rank_caches(0)
     basis = fit_basis(caches[:4], RankSpec(rank=8))

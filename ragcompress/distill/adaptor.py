@@ -358,32 +358,50 @@ def _packaged_configs() -> Iterator[tuple[Path, dict[str, Any]]]:
         yield directory, json.loads((directory / CONFIG).read_text())
 
 
-def packaged_for_store(model_ref: str, method: str, ratio: float | None, quant: str) -> Path | None:
+def trained_store(meta: dict[str, Any]) -> tuple[str, float, str | None, dict[str, Any] | None]:
+    """The store an adaptor was trained for, from its JSON config: method, ratio, quant and the
+    low-rank spec (``train --method --ratio --quant --kv-rank``; an adaptor from before ``--kv-rank``
+    was trained on full rows)."""
+    return meta.get("method", "none"), float(meta.get("ratio", 1.0)), meta.get("quant"), meta.get("lowrank")
+
+
+def packaged_for_store(
+    model_ref: str, method: str, ratio: float | None, quant: str, lowrank: dict[str, Any] | None = None
+) -> Path | None:
     """The folder of the adaptor packaged for ``model_ref`` and trained for a store of
-    ``method``/``ratio``/``quant`` (``train --method --ratio --quant``), if one is; ``ratio``
-    None (a ``--budget`` store) matches none."""
+    ``method``/``ratio``/``quant`` and low-rank spec ``lowrank`` (``RankSpec.as_dict``, None: full
+    rows), if one is; ``ratio`` None (a ``--budget`` store) matches none."""
     models = {model_ref, Path(model_ref).name}
     for directory, meta in _packaged_configs():
-        store = (meta.get("method", "none"), float(meta.get("ratio", 1.0)), meta.get("quant"))
-        if ratio is not None and meta.get("base_model") in models and store == (method, float(ratio), quant):
+        store = (method, None if ratio is None else float(ratio), quant, lowrank)
+        if meta.get("base_model") in models and trained_store(meta) == store:
             return directory
     return None
 
 
-def matching_adaptor(model_ref: str, method: str, ratio: float | None, quant: str) -> Adaptor | None:
+def matching_adaptor(
+    model_ref: str, method: str, ratio: float | None, quant: str, lowrank: dict[str, Any] | None = None
+) -> Adaptor | None:
     """``--adaptor matching`` (what the ``smallest`` preset asks for): the adaptor packaged for
     this model and trained for exactly this store's compression (``ratio`` None: a ``--budget``
     store, which no adaptor is trained for), or -- said with a warning, and recorded as no adaptor
     in the manifest -- the base model when none is packaged (an adaptor trained for another
     compression can be further from full prefill than none)."""
-    directory = packaged_for_store(model_ref, method, ratio, quant)
+    directory = packaged_for_store(model_ref, method, ratio, quant, lowrank)
     if directory is None:
         kept = "a token budget" if ratio is None else f"{ratio:g}"
+        train_rank = ""
+        if lowrank is not None:
+            kept += f" with low-rank latents {lowrank}"
+            train_rank = f" --kv-rank {lowrank.get('rank') or 'R'}" + (
+                "" if lowrank.get("values") else " --no-kv-rank-values"
+            )
         train_ratio = "R" if ratio is None else f"{ratio:g}"
         warnings.warn(
             f"no adaptor is packaged for {model_ref} trained for a store of {method} {kept} {quant}; "
             "encoding with the base model (answers from such a store lose more; train one with "
-            f"`ragcompress train --method {method} --ratio {train_ratio} --quant {quant}` and pass --adaptor FOLDER)",
+            f"`ragcompress train --method {method} --ratio {train_ratio} --quant {quant}{train_rank}` and pass "
+            "--adaptor FOLDER)",
             UserWarning,
             stacklevel=3,
         )

@@ -53,6 +53,7 @@ from ragcompress.evaluation import Question, read_questions
 from ragcompress.indexing.encoder import PassageEncoder
 from ragcompress.indexing.inputs import PassageInput, iter_passages
 from ragcompress.kv.cache import build_dynamic_cache
+from ragcompress.kv.lowrank import LowRankBasis, RankSpec
 from ragcompress.kv.quant import QuantConfig, quantize_dequantize
 from ragcompress.kv.rope import rotate_half
 from ragcompress.models import LoadedModel
@@ -92,6 +93,11 @@ class TrainConfig:
     ratio: float = 1.0
     quant: str = "none"
     group_size: int = 32
+    # ... and projected to rank ``kv_rank`` (index --rank; values too unless ``kv_rank_values`` is
+    # False) on a basis fitted on the first ``calibration_passages`` training passages
+    kv_rank: int | None = None
+    kv_rank_values: bool = True
+    calibration_passages: int = 64
     keep_first: int | None = None  # tokens ``method`` always keeps (None: its default, as indexing)
     keep_last: int | None = None
     seed: int = 0
@@ -103,8 +109,13 @@ class TrainConfig:
     def __post_init__(self) -> None:  # bad compression settings fail before hours of training
         QuantConfig(self.quant, self.group_size)
         student_compressor(self)
-        if (self.method != "none" or self.quant != "none") and self.kind != "forward":
-            raise ValueError("a compressed student (--method / --quant) is trained with kind 'forward'")
+        self.rank_spec()
+        if (self.method != "none" or self.quant != "none" or self.kv_rank) and self.kind != "forward":
+            raise ValueError("a compressed student (--method / --quant / --kv-rank) is trained with kind 'forward'")
+
+    def rank_spec(self) -> RankSpec | None:
+        """The store's low-rank setting the student is trained for (None: full rows)."""
+        return None if self.kv_rank is None else RankSpec(rank=self.kv_rank, values=self.kv_rank_values)
 
 
 @dataclass
@@ -214,6 +225,7 @@ class Distiller:
         continuation: int = CONTINUATION,
         compressor: Compressor | None = None,
         quant: QuantConfig | None = None,
+        basis: LowRankBasis | None = None,
     ) -> None:
         self.lm = lm
         self.model = lm.model
@@ -241,7 +253,8 @@ class Distiller:
         # the student's compression (kind "forward"): which rows the store keeps, how it quantizes
         self.compressor = compressor if compressor is not None and compressor.name != "none" else None
         self.quant = quant if quant is not None and quant.scheme != "none" else None
-        if (self.compressor or self.quant) and self.lora_name is None:
+        self.basis = basis
+        if self.compressed and self.lora_name is None:
             raise ValueError("a compressed student is trained with a 'forward' adaptor")
         self._kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # passage_key -> kept_rows
         self.stop_ids = stop_token_ids(lm.tokenizer, lm.model)
@@ -251,6 +264,11 @@ class Distiller:
         scaling = float(getattr(self.model.model.rotary_emb, "attention_scaling", 1.0) or 1.0)
         if abs(scaling - 1.0) > 1e-6:
             raise ValueError("training moves caches by composing RoPE rotations; this model scales its RoPE")
+
+    @property
+    def compressed(self) -> bool:
+        """Whether the student reads its passages as a compressed store gives them back."""
+        return self.compressor is not None or self.quant is not None or self.basis is not None
 
     # the parameters trained -------------------------------------------------------------------
 
@@ -384,7 +402,7 @@ class Distiller:
         p = start = len(self.prefix_ids)
         keys = [[k] for k, _ in self.prefix_layers]
         values = [[v] for _, v in self.prefix_layers]
-        if self.compressor is not None or self.quant is not None:
+        if self.compressed:
             raise ValueError("a compressed student's cache comes with a row mask: use student_compressed_tensors")
         with lora_active(self.model, self.lora_name):
             layers = self.encoder.forward_with_grad(passages)
@@ -454,8 +472,8 @@ class Distiller:
                 lengths = torch.full((layer_count, heads), n, dtype=torch.long)
             index = positions.unsqueeze(-1).expand(-1, -1, -1, k.shape[-1])
             k, v = torch.gather(k, 2, index), torch.gather(v, 2, index)
-            if self.quant is not None:
-                k, v = quantize_dequantize(k, v, lengths, self.quant)
+            if self.quant is not None or self.basis is not None:
+                k, v = self.store_round_trip(k, v, lengths)
             cos, sin = self.rotary.table_cos_sin(positions + start, 0)  # one RoPE call per distinct position
             k = k * cos + rotate_half(k) * sin
             for layer in range(layer_count):
@@ -465,10 +483,24 @@ class Distiller:
             start += n
         return [torch.cat(k, dim=2) for k in keys], [torch.cat(v, dim=2) for v in values], start, torch.cat(masks, 2)
 
+    def store_round_trip(
+        self, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kept rows (keys un-rotated) as the store gives them back: quantized, or projected on
+        the basis with quantized latents, straight-through (``quantize_dequantize``,
+        ``LowRankBasis.round_trip``)."""
+        quant = self.quant or QuantConfig("none")
+        k, v = quantize_dequantize(keys, values, lengths, quant)
+        if self.basis is not None:
+            k = self.basis.round_trip("k", keys, lengths, quant)
+            if self.basis.ranks("v") is not None:
+                v = self.basis.round_trip("v", values, lengths, quant)
+        return k, v
+
     def losses(self, example: Example) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean per-token binned KL over the answer rows and over the continuation rows."""
         mask: dict[str, torch.Tensor] = {}
-        if self.compressor is not None or self.quant is not None:
+        if self.compressed:
             keys, values, total, kv_mask = self.student_compressed_tensors(example.passages)
             mask = {KV_MASK_KWARG: kv_mask}
         elif self.lora_name is not None:
@@ -610,6 +642,26 @@ def student_compressor(config: TrainConfig) -> Compressor | None:
     return make_compressor(config.method, ratio=config.ratio, **{k: v for k, v in protected.items() if v is not None})
 
 
+def student_basis(
+    distiller: Distiller, passages: list[PassageInput], config: TrainConfig, path: Path
+) -> LowRankBasis | None:
+    """The basis the student projects its kept rows on (``config.kv_rank``; None: none), fitted as
+    ``index --rank`` fits a store's (``indexing/calibrate.py``) on the first training passages,
+    encoded by the base model: the adaptor moves during training, the basis stays, and a store
+    fits its own on its own passages. Kept in ``path`` so a resumed run projects on the same one."""
+    from ragcompress.indexing.calibrate import fit_calibration_basis
+    from ragcompress.store.basis import basis_from_bytes, basis_to_bytes
+
+    spec = config.rank_spec()
+    if spec is None:
+        return None
+    if path.is_file():
+        return basis_from_bytes(path.read_bytes())
+    basis = fit_calibration_basis(distiller.encoder, passages, spec, config.calibration_passages)
+    path.write_bytes(basis_to_bytes(basis))
+    return basis
+
+
 def warm_start(lm: LoadedModel, config: TrainConfig) -> Adaptor:
     """The adaptor ``config.init_adaptor`` names, as the starting point of training: same model,
     kind ``forward``, its LoRA factors in fp32 (a packaged adaptor may store fp16); its rank and
@@ -662,6 +714,8 @@ def train(
         student_compressor(config),
         QuantConfig(config.quant, config.group_size),
     )
+
+    distiller.basis = student_basis(distiller, train_corpus.passages, config, out / "student-basis.safetensors")
 
     if teacher_path.is_file():
         cached = load_tree(teacher_path)
@@ -776,6 +830,7 @@ def train(
         "method": config.method,
         "ratio": config.ratio,
         "quant": config.quant,
+        "lowrank": spec.as_dict() if (spec := config.rank_spec()) else None,
         "config": asdict(config),
         **({"init_adaptor_hash": init_hash} if init_hash else {}),
         "metrics": {

@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Container
 from dataclasses import replace
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 
@@ -24,6 +25,7 @@ from ragcompress.distill.adaptor import (
     matching_adaptor,
     packaged_adaptor,
     resolve_adaptor,
+    trained_store,
 )
 from ragcompress.errors import InputError, StoreMismatchError
 from ragcompress.indexing.config import IndexConfig, build_manifest, compressor_from_manifest
@@ -43,21 +45,28 @@ from ragcompress.store.basis import manifest_entry
 POSITION_HEADROOM = 64
 
 
+def store_of(config: IndexConfig) -> tuple[str, float | None, str, dict[str, Any] | None]:
+    """``config``'s compression as :func:`trained_store` describes an adaptor's (ratio None: a
+    ``--budget`` store, tokens per head, never the fraction an adaptor is trained for)."""
+    ratio = None if config.budget is not None else 1.0 if config.ratio is None else float(config.ratio)
+    spec = config.rank_spec()
+    return config.method, ratio, config.quant, spec.as_dict() if spec else None
+
+
 def warn_if_trained_for_another_store(adaptor: Adaptor, config: IndexConfig) -> None:
     """An adaptor trained for one compression (``train --method/--ratio/--quant``) is a
     specialist: uncompressed, SmolLM2's sits twice as far from full prefill as the general
     adaptor (docs/distill.md). Allowed, but said."""
-    trained = (adaptor.meta.get("method", "none"), float(adaptor.meta.get("ratio", 1.0)), adaptor.meta.get("quant"))
-    if config.budget is not None:  # tokens per head: never the fraction an adaptor is trained for
-        used: tuple[str, float | None, str] = (config.method, None, config.quant)
-    else:
-        used = (config.method, 1.0 if config.ratio is None else float(config.ratio), config.quant)
-    if trained[2] is None or trained == ("none", 1.0, "none") or trained == used:
+    trained = trained_store(adaptor.meta)
+    used = store_of(config)
+    if trained[2] is None or trained == ("none", 1.0, "none", None) or trained == used:
         return  # a general adaptor (trained uncompressed), or the store it was trained for
     kept = f"budget {config.budget}" if used[1] is None else f"{used[1]:g}"
+    rank_trained = f" rank {trained[3]}" if trained[3] else ""
+    rank_used = f" rank {used[3]}" if used[3] else ""
     warnings.warn(
-        f"adaptor {adaptor.hash[:16]} was trained for a store of {trained[0]} {trained[1]:g} {trained[2]}, "
-        f"this store is {used[0]} {kept} {used[2]}; under another compression it can be further from "
+        f"adaptor {adaptor.hash[:16]} was trained for a store of {trained[0]} {trained[1]:g} {trained[2]}{rank_trained}, "
+        f"this store is {used[0]} {kept} {used[2]}{rank_used}; under another compression it can be further from "
         "full prefill than the general adaptor (--adaptor default; docs/distill.md)",
         UserWarning,
         stacklevel=3,
@@ -106,8 +115,7 @@ class Indexer:
             )
         template = PromptTemplate.from_tokenizer(lm.tokenizer)
         if config.adaptor == MATCHING:
-            ratio = None if config.budget is not None else 1.0 if config.ratio is None else config.ratio
-            adaptor = matching_adaptor(lm.ref, config.method, ratio, config.quant)
+            adaptor = matching_adaptor(lm.ref, *store_of(config))
         else:
             adaptor = resolve_adaptor(config.adaptor, lm.ref) if config.adaptor else None
         if adaptor is not None:

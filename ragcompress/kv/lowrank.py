@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from ragcompress.kv.passage import PassageKV
+from ragcompress.kv.quant import QuantConfig, dequantize_keys_per_channel, quantize_keys_per_channel
 
 RANK_MULTIPLE = 8
 SCHEDULES = ("global", "progressive")
@@ -177,6 +178,26 @@ class LowRankBasis:
         for layer, (z, b) in enumerate(zip(latents, self.bases[kind], strict=True)):
             torch.baddbmm(means[layer].unsqueeze(1), z.float(), b.transpose(1, 2), out=out[layer])
         return out
+
+    def round_trip(self, kind: str, rows: torch.Tensor, lengths: torch.Tensor, quant: QuantConfig) -> torch.Tensor:
+        """Rows ``[L, H, n, d]`` (``lengths [L, H]`` real ones) as a store of this basis and
+        ``quant`` gives them back: projected, the latents quantized per channel as the codec
+        quantizes them (``store/latent.py``), rebuilt. The gradient is the projection's, straight
+        through the rounding: how training sees the store's projection (``ragcompress train
+        --kv-rank``)."""
+        out = []
+        for layer, (basis, mean) in enumerate(zip(self.bases[kind], self.means[kind], strict=True)):
+            z = (rows[layer].float() - mean.unsqueeze(1)) @ basis  # [H, n, r]
+            if quant.bits is not None:
+                codes, scale, low = quantize_keys_per_channel(
+                    z.detach().unsqueeze(0), lengths[layer : layer + 1], quant.bits, quant.group_size
+                )
+                rounded = dequantize_keys_per_channel(codes, scale, low, quant.group_size)[0]
+                z = rounded + (z - z.detach())
+            elif quant.scheme == "fp16":
+                z = z.detach().half().float() + (z - z.detach())
+            out.append(torch.baddbmm(mean.unsqueeze(1), z, basis.transpose(1, 2)))
+        return torch.stack(out).to(rows.dtype)
 
     def describe(self) -> dict[str, object]:
         """What a manifest records besides the hash: ranks and kept variance per kind."""
