@@ -225,7 +225,6 @@ class Distiller:
         continuation: int = CONTINUATION,
         compressor: Compressor | None = None,
         quant: QuantConfig | None = None,
-        basis: LowRankBasis | None = None,
     ) -> None:
         self.lm = lm
         self.model = lm.model
@@ -253,7 +252,9 @@ class Distiller:
         # the student's compression (kind "forward"): which rows the store keeps, how it quantizes
         self.compressor = compressor if compressor is not None and compressor.name != "none" else None
         self.quant = quant if quant is not None and quant.scheme != "none" else None
-        self.basis = basis
+        # a low-rank store's basis (train --kv-rank): fitted on this encoder's caches, so set after
+        # construction (student_basis); TrainConfig refuses --kv-rank for kind "cache"
+        self.basis: LowRankBasis | None = None
         if self.compressed and self.lora_name is None:
             raise ValueError("a compressed student is trained with a 'forward' adaptor")
         self._kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # passage_key -> kept_rows
