@@ -110,7 +110,8 @@ def test_training_quantization_is_the_codecs_with_an_identity_gradient(scheme):
     kv = PassageKV(keys, values, positions, lengths, num_tokens=40)
     decoded = codec.decode(codec.encode(kv, QuantConfig(scheme, 8)), torch.float32)
     k_in, v_in = keys.clone().requires_grad_(True), values.clone().requires_grad_(True)
-    k, v = quantize_dequantize(k_in, v_in, lengths, QuantConfig(scheme, 8))
+    k = quantize_dequantize("k", k_in, lengths, QuantConfig(scheme, 8))
+    v = quantize_dequantize("v", v_in, lengths, QuantConfig(scheme, 8))
     mask = kv.valid_mask()
     assert torch.equal(k[mask], decoded.keys[mask]) and torch.equal(v[mask], decoded.values[mask])
     assert not torch.equal(k[mask], keys[mask])  # it did quantize

@@ -491,12 +491,13 @@ class Distiller:
         the basis with quantized latents, straight-through (``quantize_dequantize``,
         ``LowRankBasis.round_trip``)."""
         quant = self.quant or QuantConfig("none")
-        k, v = quantize_dequantize(keys, values, lengths, quant)
-        if self.basis is not None:
-            k = self.basis.round_trip("k", keys, lengths, quant)
-            if self.basis.ranks("v") is not None:
-                v = self.basis.round_trip("v", values, lengths, quant)
-        return k, v
+
+        def round_trip(kind: str, rows: torch.Tensor) -> torch.Tensor:
+            if self.basis is not None and self.basis.ranks(kind) is not None:
+                return self.basis.round_trip(kind, rows, lengths, quant)
+            return quantize_dequantize(kind, rows, lengths, quant)
+
+        return round_trip("k", keys), round_trip("v", values)
 
     def losses(self, example: Example) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean per-token binned KL over the answer rows and over the continuation rows."""

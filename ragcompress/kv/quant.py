@@ -136,22 +136,25 @@ def dequantize_values_per_token(codes: torch.Tensor, scale: torch.Tensor, lo: to
     return dequantize(grouped, scale, lo).reshape(codes.shape)
 
 
-def quantize_dequantize(
-    keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor, quant: QuantConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The keys (un-rotated) and values ``[L, H, n, d]`` a store of ``quant`` gives back for
-    these (``lengths [L, H]`` real rows per head), with the identity's gradient
-    (straight-through): how training sees the quantization the store will apply. The same
-    functions as the store codec, so on real rows the result equals a stored and decoded cache."""
+def quantize_dequantize(kind: str, rows: torch.Tensor, lengths: torch.Tensor, quant: QuantConfig) -> torch.Tensor:
+    """The keys (``kind="k"``, un-rotated) or values (``"v"``) ``[L, H, n, d]`` a store of
+    ``quant`` gives back for these (``lengths [L, H]`` real rows per head), with the identity's
+    gradient (straight-through): how training sees the quantization the store will apply. The
+    same functions as the store codec, so on real rows the result equals a stored and decoded
+    cache. One kind at a time, as ``LowRankBasis.round_trip``, so a projected kind is not also
+    quantized for nothing."""
     bits = quant.bits
     if bits is None:
         if quant.scheme != "fp16":
-            return keys, values
-        k, v = keys.detach().half().to(keys.dtype), values.detach().half().to(values.dtype)
+            return rows
+        out = rows.detach().half().to(rows.dtype)
+    elif kind == "k":
+        codes, scale, low = quantize_keys_per_channel(rows.detach(), lengths, bits, quant.group_size)
+        out = dequantize_keys_per_channel(codes, scale, low, quant.group_size).to(rows.dtype)
+    elif kind == "v":
+        out = dequantize_values_per_token(*quantize_values_per_token(rows.detach(), bits, quant.group_size))
+        out = out.to(rows.dtype)
     else:
-        k_codes, k_scale, k_min = quantize_keys_per_channel(keys.detach(), lengths, bits, quant.group_size)
-        k = dequantize_keys_per_channel(k_codes, k_scale, k_min, quant.group_size).to(keys.dtype)
-        v = dequantize_values_per_token(*quantize_values_per_token(values.detach(), bits, quant.group_size))
-        v = v.to(values.dtype)
+        raise ValueError(f"kind must be 'k' or 'v', got {kind!r}")
     # q + (x - x) is q exactly (x + (q - x) can round off q by an ulp), with x's gradient
-    return k + (keys - keys.detach()), v + (values - values.detach())
+    return out + (rows - rows.detach())
