@@ -476,3 +476,19 @@ def test_half_adaptor_encodes_as_the_fp32_one_up_to_fp16_rounding(lm, tmp_path):
     torch.testing.assert_close(got.keys, ref.keys, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(got.values, ref.values, atol=2e-3, rtol=2e-3)
     assert (ref.keys - base.keys).abs().max() > 20 * (got.keys - ref.keys).abs().max()  # the adaptor still acts
+
+
+def test_a_low_rank_store_fits_its_basis_on_base_model_caches_adaptor_or_not(lm, tmp_path, passages_file, embedder):
+    """``train --kv-rank`` projects the student on a basis of base-model caches; ``index --rank``
+    with an adaptor fits the store's the same way, so the runtime serves what the student read."""
+    adaptor = noisy_adaptor(lm.model, 9).save(tmp_path / "adaptor")
+    common = dict(model=lm.ref, lm=lm, embedder=embedder)
+    config = IndexConfig(quant="int8", rank=8, calibration_passages=4)
+    index(passages_file, tmp_path / "base", config=config, **common)
+    index(passages_file, tmp_path / "adapted", config=dataclasses.replace(config, adaptor=str(adaptor)), **common)
+    with KVStore.open(tmp_path / "base") as base, KVStore.open(tmp_path / "adapted") as adapted:
+        assert base.basis is not None and adapted.basis is not None
+        for kind in base.basis.bases:
+            for a, b in zip(base.basis.bases[kind], adapted.basis.bases[kind], strict=True):
+                assert torch.equal(a, b)
+        assert blobs(tmp_path / "base") != blobs(tmp_path / "adapted")  # the passages are adapted

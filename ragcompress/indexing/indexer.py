@@ -183,6 +183,16 @@ class Indexer:
         """Computes the prefix cache when first used."""
         return PassageEncoder(self.lm, self.template, self.adaptor)
 
+    @cached_property
+    def calibration_encoder(self) -> PassageEncoder:
+        """The encoder a low-rank basis is fitted with: the base model's, adaptor or not. A
+        student trained for a low-rank store (``train --kv-rank``) projects on a basis fitted on
+        base-model caches while its adaptor moves; fitting the store's basis the same way keeps
+        what the runtime serves what the student was trained to read."""
+        if self.adaptor is None:
+            return self.encoder
+        return PassageEncoder(self.lm, self.template, None)
+
     @property
     def prefix_kv(self) -> PassageKV:
         return self.encoder.prefix_kv

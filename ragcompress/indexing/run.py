@@ -95,7 +95,8 @@ def attach_basis(
 ) -> Indexer:
     """``indexer`` writing latents: of the basis of the store at ``existing`` (a resumed run; a
     store without one is refused by the manifest check), else of a basis fitted on the first
-    ``config.calibration_passages`` of ``config.calibration`` (or of the input)."""
+    ``config.calibration_passages`` of ``config.calibration`` (or of the input), encoded by the
+    base model (:attr:`Indexer.calibration_encoder`)."""
     source = Path(config.calibration) if config.calibration else input_path
     calibration = f"{'input' if config.calibration is None else source.name}:first-{config.calibration_passages}"
     if existing is not None:
@@ -103,7 +104,7 @@ def attach_basis(
             lowrank = store.manifest.compression.get("lowrank")
             if store.basis is not None and isinstance(lowrank, dict):
                 return indexer.with_basis(store.basis, spec, str(lowrank.get("calibration", calibration)))
-    basis = fit_calibration_basis(indexer.encoder, iter_passages(source), spec, config.calibration_passages)
+    basis = fit_calibration_basis(indexer.calibration_encoder, iter_passages(source), spec, config.calibration_passages)
     return indexer.with_basis(basis, spec, calibration)
 
 
