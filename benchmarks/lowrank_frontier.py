@@ -241,7 +241,7 @@ class Frontier:
         return {
             "hash": self.adaptor.hash,
             "train_articles": sorted(trained),
-            **{k: meta.get(k) for k in ("method", "ratio", "quant")},
+            **{k: meta.get(k) for k in ("method", "ratio", "quant", "lowrank")},
             "steps": meta.get("metrics", {}).get("steps"),
         }
 

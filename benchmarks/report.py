@@ -780,9 +780,11 @@ def render_lowrank_frontier(results: Path) -> str:
         parts += [caption, table(header, lines)]
         adapted = {name: row["adaptor"] for name, row in rows.items() if row.get("adaptor")}
         for name, adaptor in adapted.items():
+            lowrank = adaptor.get("lowrank")
+            rank = f" rank-{lowrank['rank']} {'keys and values' if lowrank['values'] else 'keys'}" if lowrank else ""
             parts.append(
                 f"`{name}`: passages encoded through the KV-Distill adaptor `{adaptor['hash'][:16]}` "
-                f"({adaptor['steps']} steps, trained for {adaptor['method']} {adaptor['ratio']:g} {adaptor['quant']} "
+                f"({adaptor['steps']} steps, trained for {adaptor['method']} {adaptor['ratio']:g} {adaptor['quant']}{rank} "
                 f"on {', '.join(adaptor['train_articles'])} only: none of these questions' articles), as "
                 "`index --adaptor` builds a store; the answering model is the base model."
             )

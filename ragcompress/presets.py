@@ -49,12 +49,21 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "smallest",
-            IndexConfig(method="global:kvzip", ratio=0.11, keep_first=1, keep_last=0, quant="int4", adaptor="matching"),
+            IndexConfig(
+                method="global:kvzip",
+                ratio=0.15,
+                keep_first=1,
+                keep_last=0,
+                quant="int4",
+                rank=32,
+                rank_values=False,
+                adaptor="matching",
+            ),
             AnswerOptions(),
-            "KVzip scores, one budget over all layers, 11 % of the tokens, int4, encoded through the KV-Distill "
-            "adaptor packaged for the model and trained for this store (the base model, with a warning, where none "
-            "is): ~25x fewer bytes than fp16; the best >= 24x point measured, still about half of the uncompressed "
-            "store's answers",
+            "KVzip scores, one budget over all layers, 15 % of the tokens, keys projected to rank 32 (values "
+            "whole), int4, encoded through the KV-Distill adaptor packaged for the model and trained for this "
+            "store (the base model, with a warning, where none is): ~25x fewer bytes than fp16; the best >= 24x "
+            "point measured, still about two thirds of the uncompressed store's answers",
             "docs/results/lowrank_qwen.json (100 questions of articles neither the adaptor nor the bases saw, "
             "Qwen2.5-Coder-0.5B, top-3; docs/compression.md section 8)",
         ),

@@ -9,6 +9,7 @@ from test_cli import run_cli
 
 from ragcompress.distill.adaptor import packaged_for_store
 from ragcompress.indexing import IndexConfig
+from ragcompress.indexing.indexer import store_of
 from ragcompress.presets import PRESETS, answer_options, index_config, preset
 from ragcompress.runtime.recompute import RecomputeConfig
 
@@ -24,7 +25,7 @@ def test_every_preset_is_a_valid_setting_with_evidence():
         config = preset(name).index
         assert config.adaptor == "matching" and config.quant == "int4"
         for model in ("smollm2-135m", "qwen2.5-coder-0.5b"):  # each packaged model ships its adaptor for it
-            assert packaged_for_store(model, config.method, config.ratio, config.quant) is not None, (name, model)
+            assert packaged_for_store(model, *store_of(config)) is not None, (name, model)
     assert preset("distilled").index.adaptor == "default"  # the model's packaged KV-Distill adaptor
     with pytest.raises(ValueError, match="fast, small, smallest, faithful, distilled"):
         preset("tiny")
