@@ -583,6 +583,8 @@ def validation_loss(distiller: Distiller, examples: list[Example]) -> dict[str, 
 
 
 def plot_history(history: dict[str, Any], path: Path, title: str) -> None:
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -602,7 +604,7 @@ def plot_history(history: dict[str, Any], path: Path, title: str) -> None:
         ax.plot([r["step"] for r in val], [r[key] for r in val], style, color="C1", label=f"held-out {key}")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("KL(full prefill || cached), nats/token (top-k binned)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 90), fontsize=9)  # a long list of held-out articles would run off the figure
     ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
