@@ -143,6 +143,8 @@ def quantize_dequantize(kind: str, rows: torch.Tensor, lengths: torch.Tensor, qu
     same functions as the store codec, so on real rows the result equals a stored and decoded
     cache. One kind at a time, as ``LowRankBasis.round_trip``, so a projected kind is not also
     quantized for nothing."""
+    if kind not in ("k", "v"):
+        raise ValueError(f"kind must be 'k' or 'v', got {kind!r}")
     bits = quant.bits
     if bits is None:
         if quant.scheme != "fp16":
@@ -151,10 +153,8 @@ def quantize_dequantize(kind: str, rows: torch.Tensor, lengths: torch.Tensor, qu
     elif kind == "k":
         codes, scale, low = quantize_keys_per_channel(rows.detach(), lengths, bits, quant.group_size)
         out = dequantize_keys_per_channel(codes, scale, low, quant.group_size).to(rows.dtype)
-    elif kind == "v":
+    else:
         out = dequantize_values_per_token(*quantize_values_per_token(rows.detach(), bits, quant.group_size))
         out = out.to(rows.dtype)
-    else:
-        raise ValueError(f"kind must be 'k' or 'v', got {kind!r}")
     # q + (x - x) is q exactly (x + (q - x) can round off q by an ulp), with x's gradient
     return out + (rows - rows.detach())
