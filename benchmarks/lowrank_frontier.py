@@ -313,7 +313,7 @@ class Frontier:
     def build(self, row: RowSpec) -> Path:
         """The row's store (rebuilt each time: building costs seconds, answering minutes)."""
         config = row.index_config(self.args.adaptor)
-        path = self.workdir / "stores" / re.sub(r"[^A-Za-z0-9.-]+", "-", row.name)
+        path = self.workdir / "stores" / (re.sub(r"[^A-Za-z0-9.-]+", "-", row.name) + self._tag(row.adaptor))
         if path.exists():
             shutil.rmtree(path)
         compressor = config.compressor()

@@ -64,6 +64,21 @@ def test_zero_adaptor_is_the_base_store_bit_for_bit(lm, tmp_path, passages_file,
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_an_adapted_encoder_without_its_adaptor_encodes_as_the_base_model(lm, kind):
+    template = PromptTemplate.from_tokenizer(lm.tokenizer)
+    base = PassageEncoder(lm, template)
+    adapted = PassageEncoder(lm, template, noisy_adaptor(lm.model, 3, kind=kind))
+    stripped = adapted.without_adaptor()
+    assert stripped.prefix_kv is adapted.prefix_kv  # shared, not encoded again
+    assert torch.equal(stripped.prefix_kv.keys, base.prefix_kv.keys)
+    ids = [base.tokens.passage(t) for t in ("Melbourne is in Victoria.", "Apollo 11 landed on the Moon.")]
+    for s, b, a in zip(stripped.encode(ids), base.encode(ids), adapted.encode(ids), strict=True):
+        assert torch.equal(s.keys, b.keys) and torch.equal(s.values, b.values)
+        assert not torch.equal(a.keys, b.keys)  # the adapted encoder itself is unchanged
+    assert base.without_adaptor() is base
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_adaptor_round_trips_to_identical_caches(lm, tmp_path, kind):
     adaptor = noisy_adaptor(lm.model, 2, scorer=True, kind=kind)
     loaded = Adaptor.load(adaptor.save(tmp_path / "a"))

@@ -13,6 +13,7 @@ like everything at query time, is the base model's.
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING
 
 import torch
@@ -55,6 +56,15 @@ class PassageEncoder:
     @property
     def prefix_len(self) -> int:
         return len(self.prefix_ids)
+
+    def without_adaptor(self) -> PassageEncoder:
+        """This encoder as the base model's. The prefix is the base model's with or without an
+        adaptor (an adaptor encodes passages only), so it is shared rather than computed again."""
+        if self.adaptor is None:
+            return self
+        base = copy.copy(self)
+        base.adaptor, base._merged = None, None
+        return base
 
     def _unrotate_full(
         self, layers: list[tuple[torch.Tensor, torch.Tensor]], start: int, batch_index: int, length: int

@@ -189,9 +189,7 @@ class Indexer:
         student trained for a low-rank store (``train --kv-rank``) projects on a basis fitted on
         base-model caches while its adaptor moves; fitting the store's basis the same way keeps
         what the runtime serves what the student was trained to read."""
-        if self.adaptor is None:
-            return self.encoder
-        return PassageEncoder(self.lm, self.template, None)
+        return self.encoder.without_adaptor()
 
     @property
     def prefix_kv(self) -> PassageKV:
