@@ -315,16 +315,53 @@ def paired_with(args: argparse.Namespace, questions) -> dict:
     return out
 
 
+def adaptor_provenance(args: argparse.Namespace, asked: set[str]) -> dict[str, dict]:
+    """The KV-Distill adaptor of each store built with one (by variant name, ``base`` for
+    ``--store``), refused if it was trained on an article the questions ask about: every figure
+    of an adaptor comes from articles it never saw."""
+    from ragcompress.distill.adaptor import packaged_adaptor
+
+    stores = {"base": args.store, **dict(v.split("=", 1) for v in args.variant)}
+    found = {}
+    for name, path in stores.items():
+        recorded = json.loads((Path(path) / "manifest.json").read_text()).get("encoding", {}).get("adaptor")
+        if not recorded:
+            continue
+        adaptor = packaged_adaptor(str(recorded))
+        if adaptor is None:
+            raise SystemExit(f"store {name}: adaptor {str(recorded)[:16]} is not packaged (its training data unknown)")
+        trained = set(adaptor.meta.get("train_articles", []))
+        if not trained or trained & asked:
+            raise SystemExit(
+                f"store {name}: its adaptor was trained on {sorted(trained) or 'unrecorded articles'}; "
+                f"the questions ask {sorted(asked)} (pass --articles of other articles)"
+            )
+        found[name] = {
+            "hash": adaptor.hash,
+            "train_articles": sorted(trained),
+            **{k: adaptor.meta.get(k) for k in ("method", "ratio", "quant")},
+            "steps": adaptor.meta.get("metrics", {}).get("steps"),
+        }
+    return found
+
+
+def questions_asked(args: argparse.Namespace) -> tuple[list, dict[str, dict]]:
+    """The sampled questions and the provenance of the stores' adaptors (checked against them)."""
+    questions = pick_questions(Path(args.questions), args.sample, set(args.articles))
+    return questions, adaptor_provenance(args, {q.passage_id.split("#")[0] for q in questions})
+
+
 def report_only(args: argparse.Namespace) -> None:
     """The result JSON of the sampled questions whose records ``--checkpoint`` holds (a run cut
     short reports on the questions it finished; ``n`` says how many)."""
-    questions = pick_questions(Path(args.questions), args.sample)
+    questions, adaptors = questions_asked(args)
     manifest = json.loads((Path(args.store) / "manifest.json").read_text())
     result: dict = {
         "store": args.store,
         "variants": args.variant,
         "model": manifest["model_ref"],
         "argv": sys.argv[1:],
+        **({"adaptors": adaptors} if adaptors else {}),
         "meta": {**results_meta({**vars(args), "questions": len(questions), "model": manifest["model_ref"]})},
         "tables": {},
     }
@@ -355,6 +392,9 @@ def main() -> None:
     parser.add_argument("--questions")
     parser.add_argument("--show", type=Path, help="print the tables of a result JSON and exit")
     parser.add_argument("--sample", type=int, default=100, help="evenly spaced questions (covers every article)")
+    parser.add_argument(
+        "--articles", action="append", default=[], help="questions of this article only (once per article)"
+    )
     parser.add_argument("--top-k", type=int, nargs="+", default=[3])
     parser.add_argument("--settings", nargs="+", default=["reuse", "r0.1", "r0.1+question", "r0.1+mixed"])
     parser.add_argument("--out", type=Path)
@@ -388,7 +428,7 @@ def main() -> None:
         args.store, options=AnswerOptions(max_new_tokens=args.max_new_tokens, backend="dense", calibrate=False)
     )
     variants = Variants(engine, dict(v.split("=", 1) for v in args.variant))
-    questions = pick_questions(Path(args.questions), args.sample)
+    questions, adaptors = questions_asked(args)
     shard, shards = (int(x) for x in args.shard.split("/"))
     questions = questions[shard::shards]
     result = {
