@@ -361,6 +361,7 @@ def report_only(args: argparse.Namespace) -> None:
         "variants": args.variant,
         "model": manifest["model_ref"],
         "argv": sys.argv[1:],
+        **({"articles": sorted(args.articles)} if args.articles else {}),
         **({"adaptors": adaptors} if adaptors else {}),
         "meta": {**results_meta({**vars(args), "questions": len(questions), "model": manifest["model_ref"]})},
         "tables": {},
@@ -437,6 +438,8 @@ def main() -> None:
         "model": engine.lm.ref,
         "n": len(questions),
         "argv": sys.argv[1:],
+        **({"articles": sorted(args.articles)} if args.articles else {}),
+        **({"adaptors": adaptors} if adaptors else {}),
         "meta": {
             **results_meta({**vars(args), "questions": len(questions), "model": engine.lm.ref}),
             "loadavg_start": os.getloadavg(),

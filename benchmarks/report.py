@@ -1029,9 +1029,17 @@ def render_faithful(results: Path) -> str:
             if meta.get("loadavg_start") is not None:
                 load_note = f", load average {meta['loadavg_start'][0]:.0f} at start"
             caption = (
-                f"**{model_name(data['model'])}, {key.replace('top', 'top-')}, {full['n']} questions** "
-                f"(variant stores: {variants}; torch threads {meta.get('threads')}{load_note})"
+                f"**{model_name(data['model'])}, {key.replace('top', 'top-')}, {full['n']} questions"
+                + (f" of {', '.join(a.replace('_', ' ') for a in data['articles'])}" if data.get("articles") else "")
+                + f"** (variant stores: {variants}; torch threads {meta.get('threads')}{load_note})"
             )
+            for name, a in (data.get("adaptors") or {}).items():
+                caption += (
+                    f"\n\n`{name}` store: passages encoded through the KV-Distill adaptor `{a['hash'][:16]}` "
+                    f"(ratio {a['ratio']}, {'unquantized' if a['quant'] == 'none' else a['quant']}, "
+                    f"{a['steps']} steps, trained on {', '.join(t.replace('_', ' ') for t in a['train_articles'])} "
+                    "only: none of these questions' articles)."
+                )
             header = [
                 "setting",
                 "sub-EM",
@@ -1042,7 +1050,16 @@ def render_faithful(results: Path) -> str:
                 "vs full",
                 "vs prefix-cached",
             ]
-            parts.append(caption + "\n\n" + table(header, body))
+            paired = [
+                f"`{pair.split(' ', 1)[1]}`: agreement {p['agreement']['mean_difference']:+.2f} "
+                f"{_ci(p['agreement']['ci95'])} ({p['agreement']['wins']} won, {p['agreement']['losses']} lost, "
+                f"p = {p['agreement']['p_value']:.2g}), sub-EM {p['sub_em']['mean_difference']:+.3f} "
+                f"(p = {p['sub_em']['p_value']:.2g}), KL {p['kl_mean_difference']:+.4f}"
+                for pair, p in (data.get("paired") or {}).items()
+                if pair.startswith(key + " ") and " vs " in pair and ":" in pair.split(" vs ")[0]
+            ]
+            note = ("\n\nPaired by question: " + "; ".join(paired) + ".") if paired else ""
+            parts.append(caption + "\n\n" + table(header, body) + note)
     return "\n\n".join(parts + [source_line(paths)])
 
 
