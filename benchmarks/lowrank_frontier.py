@@ -20,7 +20,9 @@ passages, same decoding) for every question whose retrieved ids match; the rest 
 
 Row names: ``METHOD@RATIO/QUANT/RANK``, e.g. ``none@1/fp16/-`` (the uncompressed reference),
 ``global:kvzip@0.25/int4/r32`` (fixed rank 32, keys and values), ``.../r16k`` (keys only),
-``.../e0.9`` (energy 0.9 per layer), ``.../p0.9`` (energy 0.9, progressive by depth).
+``.../e0.9`` (energy 0.9 per layer), ``.../p0.9`` (energy 0.9, progressive by depth); a
+``+adaptor`` suffix encodes the passages through ``--adaptor`` (``+adaptor-LABEL`` names a second
+adaptor's row of the same store apart, e.g. an earlier checkpoint of it).
 
     python benchmarks/lowrank_frontier.py --model qwen2.5-coder-0.5b --split eval \\
         --rows none@1/fp16/- none@1/int4/- global:kvzip@0.25/int4/- global:kvzip@0.5/int4/r16
@@ -67,7 +69,7 @@ from common import SQUAD, results_meta, teacher_forced_logprobs
 CORE272 = Path(__file__).resolve().parents[1] / "runs" / "core272-ck"
 OPTIONS = AnswerOptions(backend="dense")
 ROW = re.compile(
-    r"(?P<method>[^@]+)@(?P<ratio>[0-9.]+)/(?P<quant>\w+)/(?P<rank>-|r\d+k?|[ep][0-9.]+k?)(?P<adaptor>\+adaptor)?"
+    r"(?P<method>[^@]+)@(?P<ratio>[0-9.]+)/(?P<quant>\w+)/(?P<rank>-|r\d+k?|[ep][0-9.]+k?)(?P<adaptor>\+adaptor(?:-[A-Za-z0-9]+)?)?"
 )
 
 
@@ -86,7 +88,7 @@ class RowSpec:
     def parse(cls, name: str) -> RowSpec:
         match = ROW.fullmatch(name)
         if match is None:
-            raise SystemExit(f"bad row {name!r}: expected METHOD@RATIO/QUANT/(-|rN[k]|eE[k]|pE[k])[+adaptor]")
+            raise SystemExit(f"bad row {name!r}: expected METHOD@RATIO/QUANT/(-|rN[k]|eE[k]|pE[k])[+adaptor[-LABEL]]")
         rank_text = match["rank"]
         rank = None
         if rank_text != "-":

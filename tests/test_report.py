@@ -127,3 +127,16 @@ def test_files_without_run_metadata_are_named(results):
     assert any("core_qwen.json does not record git, threads, repeats, limit" in n for n in notes)
     (results / "bench_curve_qwen.json").write_text(json.dumps(bench_curve("qwen2.5-coder-0.5b", 9.5)))
     assert not any("bench_curve_qwen.json" in n for n in report.meta_notes(results))
+
+
+def test_a_faithful_run_of_an_adaptor_store_says_its_articles_adaptor_and_paired_outcome(results):
+    data = json.loads((results / "faithful_smollm2_adaptor.json").read_text())
+    text = report.render_block("faithful", results)
+    assert "81 questions of Apollo program, United Methodist Church**" in text
+    assert (
+        f"`ad` store: passages encoded through the KV-Distill adaptor `{data['adaptors']['ad']['hash'][:16]}`" in text
+    )
+    assert "`ad:reuse vs reuse`: agreement +0.21" in text
+    data["paired"]["top3 ad:reuse vs reuse"]["agreement"]["mean_difference"] = -0.5
+    (results / "faithful_smollm2_adaptor.json").write_text(json.dumps(data))
+    assert "`ad:reuse vs reuse`: agreement -0.50" in report.render_block("faithful", results)
