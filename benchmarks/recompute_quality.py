@@ -319,17 +319,21 @@ def adaptor_provenance(args: argparse.Namespace, asked: set[str]) -> dict[str, d
     """The KV-Distill adaptor of each store built with one (by variant name, ``base`` for
     ``--store``), refused if it was trained on an article the questions ask about: every figure
     of an adaptor comes from articles it never saw."""
-    from ragcompress.distill.adaptor import packaged_adaptor
+    from ragcompress.distill.adaptor import Adaptor, packaged_adaptor
 
+    given = {a.hash: a for a in (Adaptor.load(d) for d in args.adaptor_dir)}
     stores = {"base": args.store, **dict(v.split("=", 1) for v in args.variant)}
     found = {}
     for name, path in stores.items():
         recorded = json.loads((Path(path) / "manifest.json").read_text()).get("encoding", {}).get("adaptor")
         if not recorded:
             continue
-        adaptor = packaged_adaptor(str(recorded))
+        adaptor = given.get(str(recorded)) or packaged_adaptor(str(recorded))
         if adaptor is None:
-            raise SystemExit(f"store {name}: adaptor {str(recorded)[:16]} is not packaged (its training data unknown)")
+            raise SystemExit(
+                f"store {name}: adaptor {str(recorded)[:16]} is neither packaged nor given with --adaptor-dir "
+                "(its training articles are unknown)"
+            )
         trained = set(adaptor.meta.get("train_articles", []))
         if not trained or trained & asked:
             raise SystemExit(
@@ -393,6 +397,13 @@ def main() -> None:
     parser.add_argument("--questions")
     parser.add_argument("--show", type=Path, help="print the tables of a result JSON and exit")
     parser.add_argument("--sample", type=int, default=100, help="evenly spaced questions (covers every article)")
+    parser.add_argument(
+        "--adaptor-dir",
+        action="append",
+        type=Path,
+        default=[],
+        help="folder of an unpackaged adaptor a store was built with (its training articles are checked)",
+    )
     parser.add_argument(
         "--articles", action="append", default=[], help="questions of this article only (once per article)"
     )
