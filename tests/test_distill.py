@@ -11,6 +11,7 @@ exactly the budget, and its fit recovers a linear target.
 from __future__ import annotations
 
 import dataclasses
+import json
 import warnings
 
 import pytest
@@ -472,6 +473,23 @@ def test_matching_adaptor_is_the_one_packaged_for_the_store_or_none_with_a_warni
     budget = IndexConfig(method="global:kvzip", budget=4, keep_first=1, quant="int4", adaptor="matching")
     with pytest.warns(UserWarning, match="global:kvzip a token budget int4; encoding with the base"):
         index(passages_file, tmp_path / "budget", config=budget, **common)
+
+
+def test_an_int8_store_matches_the_general_adaptor_and_nothing_else_does(tmp_path, monkeypatch):
+    """An uncompressed int8 store takes the model's general (ratio 1.0, unquantized) adaptor
+    under ``matching``; an int4 or evicted store does not fall back to it."""
+    import ragcompress.distill.adaptor as adaptor_module
+    from ragcompress.distill.adaptor import packaged_for_store
+
+    general = tmp_path / "packaged" / "tiny"
+    general.mkdir(parents=True)
+    (general / "adaptor.json").write_text(json.dumps({"base_model": "tiny", "ratio": 1.0, "quant": "none"}))
+    monkeypatch.setattr(adaptor_module, "PACKAGED", tmp_path / "packaged")
+    assert packaged_for_store("tiny", "none", 1.0, "none") == general
+    assert packaged_for_store("tiny", "none", 1.0, "int8") == general
+    assert packaged_for_store("other", "none", 1.0, "int8") is None
+    assert packaged_for_store("tiny", "none", 1.0, "int4") is None
+    assert packaged_for_store("tiny", "global:kvzip", 0.5, "int8") is None
 
 
 def test_half_adaptor_encodes_as_the_fp32_one_up_to_fp16_rounding(lm, tmp_path):

@@ -21,6 +21,9 @@ def test_every_preset_is_a_valid_setting_with_evidence():
         assert item.evidence.startswith("docs/results/")
     assert preset("small").index.quant == "int4" and preset("small").index.method == "global:kvzip"
     assert preset("faithful").answer.recompute == RecomputeConfig(ratio=0.1, selection="mixed")
+    faithful = preset("faithful").index  # the general adaptor where one is packaged (an int8 store takes it)
+    assert faithful.adaptor == "matching" and faithful.quant == "int8"
+    assert packaged_for_store("smollm2-135m", *store_of(faithful)).name == "smollm2-135m"
     for name in ("small", "smallest"):
         config = preset(name).index
         assert config.adaptor == "matching" and config.quant == "int4"

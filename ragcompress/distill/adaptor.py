@@ -372,10 +372,14 @@ def packaged_for_store(
     ``method``/``ratio``/``quant`` and low-rank spec ``lowrank`` (``RankSpec.as_dict``, None: full
     rows), if one is; ``ratio`` None (a ``--budget`` store) matches none."""
     models = {model_ref, Path(model_ref).name}
+    store = (method, None if ratio is None else float(ratio), quant, lowrank)
     for directory, meta in _packaged_configs():
-        store = (method, None if ratio is None else float(ratio), quant, lowrank)
         if meta.get("base_model") in models and trained_store(meta) == store:
             return directory
+    if store == ("none", 1.0, "int8", None):
+        # int8 rows answer as unquantized ones do (docs/recompute.md, the oracle row: agreement
+        # 0.99, KL 0.0000), so an int8 store takes the general adaptor, trained on unquantized caches
+        return packaged_for_store(model_ref, "none", 1.0, "none")
     return None
 
 
