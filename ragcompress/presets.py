@@ -63,7 +63,7 @@ PRESETS: dict[str, Preset] = {
             "KVzip scores, one budget over all layers, 15 % of the tokens, keys projected to rank 32 (values "
             "whole), int4, encoded through the KV-Distill adaptor packaged for the model and trained for this "
             "store (the base model, with a warning, where none is): ~25x fewer bytes than fp16; the best >= 24x "
-            "point measured, still about two thirds of the uncompressed store's answers",
+            "point measured, still about three quarters of the uncompressed store's answers",
             "docs/results/lowrank_qwen.json (100 questions of articles neither the adaptor nor the bases saw, "
             "Qwen2.5-Coder-0.5B, top-3; docs/compression.md section 8)",
         ),
