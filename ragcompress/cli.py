@@ -267,6 +267,8 @@ def train(
     ),
     batch: int = typer.Option(4, "--batch", min=1, help="examples per optimizer step"),
     lr: float = typer.Option(3e-4, "--lr"),
+    warmup: int = typer.Option(0, "--warmup", min=0, help="steps over which the learning rate rises to --lr"),
+    decay: str = typer.Option("constant", "--decay", help="'constant' or 'cosine' (to a tenth of --lr by --steps)"),
     rank: int = typer.Option(8, "--rank", min=1),
     kind: str = typer.Option(
         "forward",
@@ -321,6 +323,8 @@ def train(
             minutes=minutes,
             batch=batch,
             lr=lr,
+            warmup=warmup,
+            decay=decay,
             rank=rank,
             alpha=2 * rank,
             kind=kind,

@@ -342,6 +342,19 @@ def test_compressed_student_reads_what_the_runtime_serves(lm, lowrank):
     torch.testing.assert_close(student, logits.float().log_softmax(-1), atol=1e-4, rtol=1e-4)
 
 
+def test_learning_rate_warms_up_then_decays_to_a_tenth_and_is_constant_by_default():
+    from ragcompress.distill.train import lr_factor
+
+    assert [lr_factor(TrainConfig(steps=10), step) for step in (0, 5, 9)] == [1.0, 1.0, 1.0]
+    config = TrainConfig(steps=12, warmup=4, decay="cosine")
+    factors = [lr_factor(config, step) for step in range(13)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert factors[4] == 1.0 and all(a > b for a, b in zip(factors[4:], factors[5:], strict=False))  # then falls
+    assert factors[12] == pytest.approx(0.1) and min(factors) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="decay"):
+        TrainConfig(decay="linear")
+
+
 def test_one_compressed_training_step_lowers_the_loss_on_its_batch(lm):
     torch.manual_seed(0)
     compressor = make_compressor("global:kvzip", ratio=0.5, keep_first=1, keep_last=0)

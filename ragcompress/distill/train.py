@@ -76,6 +76,11 @@ class TrainConfig:
     alpha: int = 16
     lr: float = 3e-4
     clip: float = 1.0  # gradient norm clip (0: none); Qwen2.5's outlier activations made lr 1e-3 diverge
+    # the learning rate rises linearly over the first ``warmup`` steps and, with ``decay`` "cosine",
+    # falls to a tenth by ``steps`` (Qwen at a constant 5e-4 jumped in its first steps and diverged
+    # after 40; docs/distill.md); both are functions of the step, so a resumed run follows the same curve
+    warmup: int = 0
+    decay: str = "constant"
     batch: int = 4  # examples per optimizer step (gradient accumulation)
     steps: int = 150
     minutes: float = 40.0  # step time this invocation may spend (a resumed run gets it afresh)
@@ -107,6 +112,8 @@ class TrainConfig:
     init_adaptor: str | None = None
 
     def __post_init__(self) -> None:  # bad compression settings fail before hours of training
+        if self.decay not in ("constant", "cosine") or self.warmup < 0:
+            raise ValueError(f"decay is 'constant' or 'cosine' and warmup >= 0, not {self.decay!r} / {self.warmup}")
         QuantConfig(self.quant, self.group_size)
         student_compressor(self)
         self.rank_spec()
@@ -137,6 +144,17 @@ class Example:
 
 
 # -- data ---------------------------------------------------------------------------------------
+
+
+def lr_factor(config: TrainConfig, step: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) as a fraction of ``config.lr``."""
+    if step < config.warmup:
+        return (step + 1) / config.warmup
+    if config.decay == "constant":
+        return 1.0
+    span = max(1, config.steps - config.warmup)
+    progress = min(1.0, (step - config.warmup) / span)
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def article_of(passage: PassageInput) -> str:
@@ -797,6 +815,8 @@ def train(
     lm.model.train(False)
     while step < config.steps and elapsed < budget:
         begin = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * lr_factor(config, step)
         optimizer.zero_grad()
         qa_sum = cont_sum = 0.0
         for i in order[step * config.batch : (step + 1) * config.batch]:
