@@ -53,6 +53,24 @@ def pick_questions(path: Path, n: int, articles: set[str] | None = None) -> list
     return [all_questions[int(i * step)] for i in range(min(n, len(all_questions)))]
 
 
+def adaptor_provenance(adaptor: Any, asked: set[str], where: str = "the adaptor") -> dict[str, Any]:
+    """What a store's KV-Distill adaptor is, for a results file; refused (``SystemExit``) when it
+    was trained on an article the questions ask about, or on unrecorded ones: every figure of an
+    adaptor comes from articles it never saw."""
+    meta = adaptor.meta
+    trained = set(meta.get("train_articles", []))
+    if trained & asked or not trained:
+        raise SystemExit(
+            f"{where} was trained on {sorted(trained) or 'unrecorded articles'}; the questions ask {sorted(asked)}"
+        )
+    return {
+        "hash": adaptor.hash,
+        "train_articles": sorted(trained),
+        **{k: meta.get(k) for k in ("method", "ratio", "quant", "lowrank")},
+        "steps": meta.get("metrics", {}).get("steps"),
+    }
+
+
 def row_name(method: str, ratio: float | None, quant: str) -> str:
     """A row's name in ``results.json`` and the name of its store's folder."""
     return f"{re.sub(r'[^A-Za-z0-9.-]+', '-', method).strip('-')}_{ratio if ratio is not None else 1.0}_{quant}"

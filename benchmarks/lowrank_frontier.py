@@ -64,7 +64,7 @@ from ragcompress.runtime.prepare import full_prefill
 from ragcompress.store import KVStore, StoreWriter, create_store
 from ragcompress.store.basis import BASIS, basis_to_bytes
 
-from common import SQUAD, results_meta, teacher_forced_logprobs
+from common import SQUAD, adaptor_provenance, results_meta, teacher_forced_logprobs
 
 CORE272 = Path(__file__).resolve().parents[1] / "runs" / "core272-ck"
 OPTIONS = AnswerOptions(backend="dense")
@@ -233,19 +233,7 @@ class Frontier:
         """What a ``+adaptor`` row was encoded with; its training articles must not be the
         questions' (refused here: every figure of an adaptor comes from articles it never saw)."""
         assert self.adaptor is not None
-        meta = self.adaptor.meta
-        trained = set(meta.get("train_articles", []))
-        asked = {q.passage_id.split("#")[0] for q in self.questions}
-        if trained & asked or not trained:
-            raise SystemExit(
-                f"the adaptor was trained on {sorted(trained) or 'unrecorded articles'}; questions ask {sorted(asked)}"
-            )
-        return {
-            "hash": self.adaptor.hash,
-            "train_articles": sorted(trained),
-            **{k: meta.get(k) for k in ("method", "ratio", "quant", "lowrank")},
-            "steps": meta.get("metrics", {}).get("steps"),
-        }
+        return adaptor_provenance(self.adaptor, {q.passage_id.split("#")[0] for q in self.questions})
 
     def encoder_for(self, adapted: bool) -> PassageEncoder:
         """The passage encoder of base rows or of ``+adaptor`` rows (as ``index --adaptor`` builds it)."""

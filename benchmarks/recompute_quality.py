@@ -46,6 +46,7 @@ from ragcompress.runtime.recompute import SELECTIONS, RecomputeConfig
 from ragcompress.stats import bootstrap_ci, paired_comparison
 from ragcompress.store import KVStore
 
+from common import adaptor_provenance as common_provenance
 from common import pick_questions, results_meta, rewind, run_keeping_request, teacher_forced_logprobs
 
 KEYS = {"r": ("ratio", float), "s": ("sink_tokens", int), "t": ("temperature", float), "c": ("check_layer", int)}
@@ -334,18 +335,7 @@ def adaptor_provenance(args: argparse.Namespace, asked: set[str]) -> dict[str, d
                 f"store {name}: adaptor {str(recorded)[:16]} is neither packaged nor given with --adaptor-dir "
                 "(its training articles are unknown)"
             )
-        trained = set(adaptor.meta.get("train_articles", []))
-        if not trained or trained & asked:
-            raise SystemExit(
-                f"store {name}: its adaptor was trained on {sorted(trained) or 'unrecorded articles'}; "
-                f"the questions ask {sorted(asked)} (pass --articles of other articles)"
-            )
-        found[name] = {
-            "hash": adaptor.hash,
-            "train_articles": sorted(trained),
-            **{k: adaptor.meta.get(k) for k in ("method", "ratio", "quant")},
-            "steps": adaptor.meta.get("metrics", {}).get("steps"),
-        }
+        found[name] = common_provenance(adaptor, asked, f"store {name}'s adaptor")
     return found
 
 
