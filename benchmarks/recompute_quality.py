@@ -357,7 +357,12 @@ def report_only(args: argparse.Namespace) -> None:
         "argv": sys.argv[1:],
         **({"articles": sorted(args.articles)} if args.articles else {}),
         **({"adaptors": adaptors} if adaptors else {}),
-        "meta": {**results_meta({**vars(args), "questions": len(questions), "model": manifest["model_ref"]})},
+        # this process answered nothing: the threads are the run's only if --threads says them
+        "meta": {
+            **results_meta({**vars(args), "questions": len(questions), "model": manifest["model_ref"]}),
+            "threads": args.threads,
+            "from_checkpoint": str(args.checkpoint),
+        },
         "tables": {},
     }
     for top_k in args.top_k:

@@ -1031,7 +1031,7 @@ def render_faithful(results: Path) -> str:
             caption = (
                 f"**{model_name(data['model'])}, {key.replace('top', 'top-')}, {full['n']} questions"
                 + (f" of {', '.join(a.replace('_', ' ') for a in data['articles'])}" if data.get("articles") else "")
-                + f"** (variant stores: {variants}; torch threads {meta.get('threads')}{load_note})"
+                + f"** (variant stores: {variants}; torch threads {meta.get('threads') or 'not recorded'}{load_note})"
             )
             for name, a in (data.get("adaptors") or {}).items():
                 caption += (
