@@ -41,12 +41,17 @@ KVPRESS = "kvpress-"  # scores computed by benchmarks/kvpress_scores.py with NVI
 # -- questions, rows and plots of the compression benchmarks ------------------------------------
 
 
+def question_article(question: Question) -> str:
+    """The article a SQuAD question is about: its passage id's part before ``#``."""
+    return question.passage_id.split("#")[0]
+
+
 def pick_questions(path: Path, n: int, articles: set[str] | None = None) -> list[Question]:
     """``n`` evenly spaced questions (the file is grouped by article), of ``articles`` only if
-    given (a question's article is its passage id's part before ``#``)."""
+    given (:func:`question_article`)."""
     all_questions = read_questions(path)
     if articles:
-        all_questions = [q for q in all_questions if q.passage_id.split("#")[0] in articles]
+        all_questions = [q for q in all_questions if question_article(q) in articles]
         if not all_questions:
             raise SystemExit(f"no question of the articles {sorted(articles)} in {path}")
     step = len(all_questions) / n

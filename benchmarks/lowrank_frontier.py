@@ -64,7 +64,7 @@ from ragcompress.runtime.prepare import full_prefill
 from ragcompress.store import KVStore, StoreWriter, create_store
 from ragcompress.store.basis import BASIS, basis_to_bytes
 
-from common import SQUAD, adaptor_provenance, results_meta, teacher_forced_logprobs
+from common import SQUAD, adaptor_provenance, question_article, results_meta, teacher_forced_logprobs
 
 CORE272 = Path(__file__).resolve().parents[1] / "runs" / "core272-ck"
 OPTIONS = AnswerOptions(backend="dense")
@@ -122,9 +122,7 @@ def split_questions(articles: set[str], split: str, limit: int) -> list[Question
     """Questions of the calibration articles (``dev``) or of the others (``eval``), file order,
     evenly thinned to ``limit``."""
     questions = [
-        q
-        for q in read_questions(SQUAD / "questions.jsonl")
-        if (q.passage_id.split("#")[0] in articles) == (split == "dev")
+        q for q in read_questions(SQUAD / "questions.jsonl") if (question_article(q) in articles) == (split == "dev")
     ]
     if limit and limit < len(questions):
         step = len(questions) / limit
@@ -233,7 +231,7 @@ class Frontier:
         """What a ``+adaptor`` row was encoded with; its training articles must not be the
         questions' (refused here: every figure of an adaptor comes from articles it never saw)."""
         assert self.adaptor is not None
-        return adaptor_provenance(self.adaptor, {q.passage_id.split("#")[0] for q in self.questions})
+        return adaptor_provenance(self.adaptor, {question_article(q) for q in self.questions})
 
     def encoder_for(self, adapted: bool) -> PassageEncoder:
         """The passage encoder of base rows or of ``+adaptor`` rows (as ``index --adaptor`` builds it)."""

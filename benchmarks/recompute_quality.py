@@ -46,8 +46,15 @@ from ragcompress.runtime.recompute import SELECTIONS, RecomputeConfig
 from ragcompress.stats import bootstrap_ci, paired_comparison
 from ragcompress.store import KVStore
 
-from common import adaptor_provenance as common_provenance
-from common import pick_questions, results_meta, rewind, run_keeping_request, teacher_forced_logprobs
+from common import (
+    adaptor_provenance,
+    pick_questions,
+    question_article,
+    results_meta,
+    rewind,
+    run_keeping_request,
+    teacher_forced_logprobs,
+)
 
 KEYS = {"r": ("ratio", float), "s": ("sink_tokens", int), "t": ("temperature", float), "c": ("check_layer", int)}
 OUTCOMES = ("sub_em", "f1", "agree", "kl", "ttft")
@@ -316,7 +323,7 @@ def paired_with(args: argparse.Namespace, questions) -> dict:
     return out
 
 
-def adaptor_provenance(args: argparse.Namespace, asked: set[str]) -> dict[str, dict]:
+def store_adaptors(args: argparse.Namespace, asked: set[str]) -> dict[str, dict]:
     """The KV-Distill adaptor of each store built with one (by variant name, ``base`` for
     ``--store``), refused if it was trained on an article the questions ask about: every figure
     of an adaptor comes from articles it never saw."""
@@ -335,14 +342,14 @@ def adaptor_provenance(args: argparse.Namespace, asked: set[str]) -> dict[str, d
                 f"store {name}: adaptor {str(recorded)[:16]} is neither packaged nor given with --adaptor-dir "
                 "(its training articles are unknown)"
             )
-        found[name] = common_provenance(adaptor, asked, f"store {name}'s adaptor")
+        found[name] = adaptor_provenance(adaptor, asked, f"store {name}'s adaptor")
     return found
 
 
 def questions_asked(args: argparse.Namespace) -> tuple[list, dict[str, dict]]:
     """The sampled questions and the provenance of the stores' adaptors (checked against them)."""
     questions = pick_questions(Path(args.questions), args.sample, set(args.articles))
-    return questions, adaptor_provenance(args, {q.passage_id.split("#")[0] for q in questions})
+    return questions, store_adaptors(args, {question_article(q) for q in questions})
 
 
 def report_only(args: argparse.Namespace) -> None:

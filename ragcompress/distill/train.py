@@ -125,6 +125,17 @@ class TrainConfig:
         return None if self.kv_rank is None else RankSpec(rank=self.kv_rank, values=self.kv_rank_values)
 
 
+def lr_factor(config: TrainConfig, step: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) as a fraction of ``config.lr``."""
+    if step < config.warmup:
+        return (step + 1) / config.warmup
+    if config.decay == "constant":
+        return 1.0
+    span = max(1, config.steps - config.warmup)
+    progress = min(1.0, (step - config.warmup) / span)
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 @dataclass
 class Example:
     """One training/validation example: retrieved passages, the question's suffix, the teacher's
@@ -144,17 +155,6 @@ class Example:
 
 
 # -- data ---------------------------------------------------------------------------------------
-
-
-def lr_factor(config: TrainConfig, step: int) -> float:
-    """The learning rate of optimizer step ``step`` (0-based) as a fraction of ``config.lr``."""
-    if step < config.warmup:
-        return (step + 1) / config.warmup
-    if config.decay == "constant":
-        return 1.0
-    span = max(1, config.steps - config.warmup)
-    progress = min(1.0, (step - config.warmup) / span)
-    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def article_of(passage: PassageInput) -> str:
