@@ -1063,7 +1063,121 @@ def render_faithful(results: Path) -> str:
     return "\n\n".join(parts + [source_line(paths)])
 
 
+# The measurement behind each preset of ``ragcompress/presets.py`` (whose ``evidence`` names the same
+# files): (preset, results file, row, row it is compared with). Rows are addressed in each file's own
+# shape: ``core_*``: "QUANT/top-K"; ``distill_*`` and ``lowrank_*``: the row's name; ``faithful_*``:
+# "TABLE/SETTING". tests/test_presets.py checks this covers every preset.
+PRESET_MEASUREMENTS: tuple[tuple[str, str, str, str], ...] = (
+    ("fast", "core_qwen.json", "int8/top-3", "none/top-3"),
+    ("fast", "core_smollm2.json", "int8/top-3", "none/top-3"),
+    (
+        "small",
+        "distill_qwen2.5-coder-0.5b-kvzip-0.25-int4-81q.json",
+        "adaptor + global:kvzip 0.25 int4",
+        "global:kvzip 0.25 int4",
+    ),
+    (
+        "small",
+        "distill_smollm2-135m-kvzip-0.25-int4-81q.json",
+        "adaptor + global:kvzip 0.25 int4",
+        "global:kvzip 0.25 int4",
+    ),
+    ("smallest", "lowrank_qwen.json", "global:kvzip@0.15/int4/r32k+adaptor", "none@1/fp16/-"),
+    ("faithful", "faithful_qwen_top3_base.json", "top3/r0.1+mixed", "top3/reuse"),
+    ("faithful", "faithful_smollm2_adaptor.json", "top3/ad:r0.1+mixed", "top3/r0.1+mixed"),
+    ("distilled", "distill_smollm2-135m-81q.json", "adaptor", "plain reuse"),
+)
+
+
+def preset_row(data: Any, name: str, row: str) -> dict[str, Any]:
+    """One row of a results file as the preset table shows it: questions, sub-EM, full prefill's
+    sub-EM on the same questions, agreement and KL with full prefill, TTFT and bytes against full
+    prefill and fp16 (None where the file does not measure it)."""
+    try:
+        if name.startswith("core"):
+            quant, top_k = row.split("/top-")
+            (r,) = [r for r in data if r["quant"] == quant and r["top_k"] == int(top_k)]
+            return {
+                "n": r["n"], "sub_em": r["compressed"]["sub_em"], "full": r["full"]["sub_em"],
+                "agreement": r["agreement"], "kl": None, "ttft": r["ttft_speedup"], "bytes": r["compression"],
+            }  # fmt: skip
+        if name.startswith("distill"):
+            r = data["rows"][row]
+            return {
+                "n": data["meta"]["questions"], "sub_em": r["sub_em"], "full": data["full_prefill"]["sub_em"],
+                "agreement": r["agreement"], "kl": r["kl_answer"], "ttft": None, "bytes": None,
+            }  # fmt: skip
+        if name.startswith("lowrank"):
+            r = data["rows"][row]
+            return {
+                "n": data["n"], "sub_em": r["sub_em"], "full": data["full"]["sub_em"], "agreement": r["agreement"],
+                "kl": r["kl_full_answer"], "ttft": None, "bytes": r["compression"],
+            }  # fmt: skip
+        if name.startswith("faithful"):
+            key, setting = row.split("/", 1)
+            r, full = data["tables"][key][setting], data["tables"][key]["full"]
+            return {
+                "n": r["n"], "sub_em": r["sub_em"], "full": full["sub_em"], "agreement": r["agreement"],
+                "kl": r["kl"], "ttft": r["ttft_speedup"], "bytes": None,
+            }  # fmt: skip
+    except (KeyError, ValueError) as exc:
+        raise ReportError(f"{name} has no row {row!r} ({exc!r})") from None
+    raise ReportError(f"no reader for the preset evidence file {name}")
+
+
+def _model_of(data: Any) -> str:
+    if isinstance(data, list):
+        return data[0]["model"]
+    return data.get("model") or data["meta"]["model"]
+
+
+def render_presets(results: Path) -> str:
+    """The measurement behind each preset (:data:`PRESET_MEASUREMENTS`), read from its results file."""
+
+    def opt(value: float | None, fmt: str) -> str:
+        return "–" if value is None else format(value, fmt)
+
+    rows = []
+    for preset, name, row, baseline in PRESET_MEASUREMENTS:
+        data = load(results / name)
+        r, b = preset_row(data, name, row), preset_row(data, name, baseline)
+        rows.append(
+            [
+                f"`{preset}`",
+                model_name(_model_of(data)),
+                f"`{name}`: `{row}`",
+                str(r["n"]),
+                f"{r['sub_em']:.2f} ({pct(r['sub_em'], r['full'])})",
+                f"{r['agreement']:.2f}",
+                opt(r["kl"], ".3f"),
+                opt(r["ttft"], ".1f") + ("x" if r["ttft"] is not None else ""),
+                opt(r["bytes"], ".1f") + ("x" if r["bytes"] is not None else ""),
+                f"`{baseline}`: sub-EM {b['sub_em']:.2f}, agreement {b['agreement']:.2f}"
+                + (f", KL {b['kl']:.3f}" if b["kl"] is not None else ""),
+            ]
+        )
+    header = [
+        "preset",
+        "model",
+        "measured row (`docs/results/`)",
+        "questions",
+        "sub-EM (% of full prefill)",
+        "agreement with full prefill",
+        "KL to full",
+        "TTFT vs full prefill",
+        "bytes vs fp16",
+        "compared with (same file)",
+    ]
+    return (
+        table(header, rows)
+        + '\n\nFull prefill is rerun on the same questions and retrieved passages in each file. "–": not '
+        "measured in that file (the `distill` and `lowrank` runs time no full prefill; bytes are measured by "
+        "`core_eval.py` and the frontier)."
+    )
+
+
 BLOCKS: dict[str, Callable[[Path], str]] = {
+    "presets": render_presets,
     "faithful": render_faithful,
     "lowrank-frontier": render_lowrank_frontier,
     "kvzip-cost": render_kvzip_cost,

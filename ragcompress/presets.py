@@ -2,8 +2,9 @@
 
 A preset is a store setting (:class:`IndexConfig`, used by ``index``) and an answer setting
 (:class:`AnswerOptions`, used by ``ask``/``eval``/``bench`` and the Python and LlamaIndex APIs).
-Each one names the measurement that chose it (``evidence``); the README's preset table gives the
-numbers. Later work that finds a better setting changes it here and updates that table.
+Each one names the results files that chose it (``evidence``); the README's preset measurements
+are rendered from the rows of those files that ``benchmarks/report.py`` (``PRESET_MEASUREMENTS``)
+names, so no figure is typed twice. Later work that finds a better setting changes it here and there.
 """
 
 from __future__ import annotations
@@ -75,11 +76,10 @@ PRESETS: dict[str, Preset] = {
             "the base model, with a warning, elsewhere), 10% of passage tokens recomputed at query time, chosen by "
             "value deviation and the question's attention together: the closest to full prefill measured at 4-5x "
             "faster TTFT",
-            "docs/results/faithful_qwen_top3_base.json (r0.1+mixed: agreement 0.52, 83% of full sub-EM, KL 0.082, "
-            "5.2x under load; 4.0x in the quieter faithful_qwen_top3_n2.json run; Qwen2.5-Coder-0.5B, top-3, "
-            "100 questions, no adaptor packaged); docs/results/faithful_smollm2_adaptor.json (SmolLM2-135M, "
-            "81 questions of articles its adaptor never saw: agreement 0.60 with the adaptor, 0.35 without); "
-            "docs/recompute.md",
+            "docs/results/faithful_qwen_top3_base.json (r0.1+mixed; Qwen2.5-Coder-0.5B, top-3, 100 questions, "
+            "no adaptor packaged; the quieter faithful_qwen_top3_n2.json run timed the same work slower relative "
+            "to full prefill); docs/results/faithful_smollm2_adaptor.json (SmolLM2-135M, questions of articles "
+            "its adaptor never saw, with and without it); docs/recompute.md",
         ),
         Preset(
             "distilled",
@@ -87,7 +87,8 @@ PRESETS: dict[str, Preset] = {
             AnswerOptions(),
             "plain reuse of int8 caches encoded with the model's packaged KV-Distill adaptor (LoRA layers on "
             "only while passages are encoded)",
-            "docs/results/distill_smollm2-135m.json (held-out articles; docs/distill.md)",
+            "docs/results/distill_smollm2-135m-81q.json (all questions of the held-out articles), "
+            "docs/results/distill_smollm2-135m.json (docs/distill.md)",
         ),
     )
 }

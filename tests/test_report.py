@@ -43,7 +43,8 @@ def test_a_changed_result_changes_the_table_and_fails_the_check(results, tmp_pat
     assert after != before
     assert "| Qwen2.5-Coder-0.5B | none | 3 | 0.525 | 0.450 | 86 % |" in after
     problem = report.check(report.README, results)
-    assert problem is not None and "report:core" in problem
+    # the first block that reads the changed row: the preset table (its `fast` baseline) precedes the core table
+    assert problem is not None and "report:presets" in problem
 
     readme = tmp_path / "README.md"
     readme.write_text(report.README.read_text())
@@ -140,3 +141,36 @@ def test_a_faithful_run_of_an_adaptor_store_says_its_articles_adaptor_and_paired
     data["paired"]["top3 ad:reuse vs reuse"]["agreement"]["mean_difference"] = -0.5
     (results / "faithful_smollm2_adaptor.json").write_text(json.dumps(data))
     assert "`ad:reuse vs reuse`: agreement -0.50" in report.render_block("faithful", results)
+
+
+def test_preset_measurements_cover_every_preset_and_name_its_evidence_files():
+    """The README's preset measurements come from the files each preset names as its evidence."""
+    import fnmatch
+    import re
+
+    from ragcompress.presets import PRESETS
+
+    assert {preset for preset, *_ in report.PRESET_MEASUREMENTS} == set(PRESETS)
+    for preset, name, _, _ in report.PRESET_MEASUREMENTS:
+        patterns = [
+            m.removeprefix("docs/results/")
+            for m in re.findall(r"docs/results/[\w.*-]+\.json", PRESETS[preset].evidence)
+        ]
+        assert any(fnmatch.fnmatch(name, pattern) for pattern in patterns), (preset, name, patterns)
+
+
+def test_preset_table_reads_the_named_rows_and_refuses_a_missing_one(tmp_path):
+    rendered = report.render_presets(report.RESULTS)
+    assert rendered.count("\n| `") == len(report.PRESET_MEASUREMENTS)
+    results = tmp_path / "results"
+    shutil.copytree(report.RESULTS, results)
+    path = results / "lowrank_qwen.json"
+    data = json.loads(path.read_text())
+    row = next(row for preset, name, row, _ in report.PRESET_MEASUREMENTS if name == path.name)
+    data["rows"][row]["sub_em"] = 0.123
+    path.write_text(json.dumps(data))
+    assert "0.12 (" in report.render_presets(results)
+    del data["rows"][row]
+    path.write_text(json.dumps(data))
+    with pytest.raises(report.ReportError, match="has no row"):
+        report.render_presets(results)
