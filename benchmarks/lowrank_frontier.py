@@ -429,11 +429,14 @@ def measure(frontier: Frontier, row: RowSpec, reference: dict[str, Any] | None) 
 
 
 REFERENCE_ROW = "none@1/fp16/-"
+FULL_PREFILL, PREFIX_CACHED = "full prefill", "prefix-cached full prefill"  # side_by_side_ttft's baselines
 
 
 def side_by_side_ttft(frontier: Frontier, names: list[str], questions: int) -> dict[str, Any]:
     """Median TTFT of each row's store over the first ``questions`` questions, one process, the
-    order of the stores alternating per question (``bench.alternating_ttft``), one new token."""
+    order of the stores alternating per question (``bench.alternating_ttft``), one new token;
+    full prefill and prefix-cached full prefill of the same passages (#9's baselines, the same for
+    every store) alternate with them, so each row's speed-up is measured in the same run."""
     from ragcompress.bench import alternating_ttft
 
     first_token = OPTIONS.replace(max_new_tokens=1)
@@ -442,7 +445,7 @@ def side_by_side_ttft(frontier: Frontier, names: list[str], questions: int) -> d
         store = KVStore.open(frontier.build(RowSpec.parse(name)))
         engines[name] = Engine(store, frontier.lm, frontier.embedder, first_token)
         engines[name].warm_up()
-    samples: dict[str, list[float]] = {name: [] for name in names}
+    samples: dict[str, list[float]] = {name: [] for name in [*names, FULL_PREFILL, PREFIX_CACHED]}
     for q, pids in list(zip(frontier.questions, frontier.retrieved, strict=True))[:questions]:
         runs = {
             name: (
@@ -452,6 +455,12 @@ def side_by_side_ttft(frontier: Frontier, names: list[str], questions: int) -> d
             )
             for name, engine in engines.items()
         }
+        any_engine = engines[names[0]]
+        entries = [any_engine.store.entry(p) for p in pids]
+        runs[FULL_PREFILL] = lambda e=any_engine, text=q.question, got=entries: e.answer_full(text, got, first_token)
+        runs[PREFIX_CACHED] = lambda e=any_engine, text=q.question, got=entries: e.answer_prefix_cached(
+            text, got, first_token
+        )
         medians, _ = alternating_ttft(runs, 2)
         for name, value in medians.items():
             samples[name].append(value)
@@ -459,6 +468,7 @@ def side_by_side_ttft(frontier: Frontier, names: list[str], questions: int) -> d
         "rows": names,
         "questions": questions,
         "ttft_s_median": {name: statistics.median(v) for name, v in samples.items()},
+        "baselines": [FULL_PREFILL, PREFIX_CACHED],
         "load": os.getloadavg(),
     }
 

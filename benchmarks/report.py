@@ -790,7 +790,15 @@ def render_lowrank_frontier(results: Path) -> str:
             )
         ttft = data.get("ttft")
         if ttft:
-            medians = ", ".join(f"`{name}` {1000 * ttft['ttft_s_median'][name]:.0f} ms" for name in ttft["rows"])
+            median = ttft["ttft_s_median"]
+            full = median.get("full prefill")  # measured alongside since the baselines were added
+            medians = ", ".join(
+                f"`{name}` {1000 * median[name]:.0f} ms"
+                + (f" ({full / median[name]:.1f}x faster than full prefill)" if full else "")
+                for name in ttft["rows"]
+            )
+            if full:
+                medians += "; " + ", ".join(f"{b} {1000 * median[b]:.0f} ms" for b in ttft["baselines"])
             parts.append(
                 f"TTFT side by side (one process, the stores' order alternating per question, one new token, "
                 f"dense backend, first {ttft['questions']} questions, load average {ttft['load'][0]:.0f}): {medians}."

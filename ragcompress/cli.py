@@ -278,6 +278,13 @@ def train(
     ),
     train_questions: int = typer.Option(0, "--train-questions", min=0, help="0: all training questions"),
     val_examples: int = typer.Option(16, "--val-examples", min=1),
+    views: int = typer.Option(
+        1,
+        "--views",
+        min=1,
+        help="examples per training question: its retrieved passages, then VIEWS-1 other draws of top-k from "
+        "its 2*top-k nearest (the teacher answers each; more data for the same questions)",
+    ),
     continuation: int = typer.Option(32, "--continuation", min=1, help="reconstruction tokens per example"),
     continuation_weight: float = typer.Option(
         0.5, "--continuation-weight", min=0.0, help="the reconstruction KL's weight (the answer KL's is 1)"
@@ -330,6 +337,7 @@ def train(
             kind=kind,
             train_questions=train_questions,
             val_examples=val_examples,
+            views=views,
             continuation=continuation,
             continuation_weight=continuation_weight,
             scorer_passages=scorer_passages,

@@ -240,6 +240,49 @@ def test_train_saves_a_loadable_adaptor_and_resumes_from_its_checkpoint(lm, tmp_
         train(lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, swapped, progress=False)
 
 
+def test_views_add_teacher_examples_of_other_contexts_and_reuse_the_ones_computed(lm, tmp_path, monkeypatch):
+    """``--views``: the first view is the retrieved passages in retrieval order (what views=1
+    builds), the others draws of top-k from the 2k nearest, the same on every run; a run with more
+    views reuses the examples a run with fewer computed; a teacher file of another view count is refused."""
+    from ragcompress.data import SAMPLE_PASSAGES, SAMPLE_QUESTIONS
+    from ragcompress.distill.train import Distiller, TrainConfig, load_tree, question_of, train, views_of
+
+    views = views_of("q1", [5, 3, 9, 1], 2, 3)
+    assert views[0] == ("q1", [5, 3]) and [v[0] for v in views] == ["q1", "q1@view1", "q1@view2"]
+    assert all(len(rows) == 2 and set(rows) <= {5, 3, 9, 1} for _, rows in views)
+    assert views_of("q1", [5, 3, 9, 1], 2, 3) == views and question_of("q1@view2") == "q1"
+
+    config = TrainConfig(
+        top_k=2, rank=2, alpha=4, steps=1, batch=1, train_questions=2, val_examples=1, continuation=4,
+        scorer_passages=0, eval_every=1, val_articles=["Apollo_program"],
+    )  # fmt: skip
+    one = tmp_path / "one"
+    train(lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, one, config, progress=False)
+    single = load_tree(one / "teacher.safetensors")["train"]
+    assert len(single) == 2
+    with pytest.raises(Exception, match="1 view"):
+        train(lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, one, dataclasses.replace(config, steps=2, views=2), progress=False)
+
+    two = tmp_path / "two"
+    two.mkdir()
+    (two / "teacher-train.part").write_bytes((one / "teacher-train.part").read_bytes())
+    calls = []
+    teacher = Distiller.teacher
+
+    def counting(self, example_id, *args, **kwargs):  # the teacher pass, counted
+        calls.append(example_id)
+        return teacher(self, example_id, *args, **kwargs)
+
+    monkeypatch.setattr(Distiller, "teacher", counting)
+    train(lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, two, dataclasses.replace(config, views=2), progress=False)
+    doubled = load_tree(two / "teacher.safetensors")["train"]
+    assert [e["qid"] for e in doubled[::2]] == [e["qid"] for e in single]  # view 0: the examples of views=1
+    assert all(e["qid"].endswith("@view1") for e in doubled[1::2])
+    assert [question_of(c) for c in calls if "@view" in c] == [e["qid"] for e in single]  # only new views computed
+    for old, new in zip(single, doubled[::2], strict=True):
+        assert torch.equal(old["qa_lp"], new["qa_lp"])
+
+
 def test_training_warm_started_from_an_adaptor_starts_from_its_factors(lm, tmp_path):
     """``--init-adaptor`` continues a finished run (e.g. a packaged adaptor, whose checkpoint is
     gone): with lr 0 one step leaves its factors as they were; the result records where it

@@ -88,6 +88,12 @@ class TrainConfig:
     teacher_top: int = 64  # teacher tokens kept per position
     val_examples: int = 16
     train_questions: int = 0  # 0: every training question; else that many, evenly spaced
+    # training examples per question: its retrieved passages in retrieval order, then ``views - 1``
+    # other contexts of ``top_k`` passages drawn from its ``2 * top_k`` nearest, in a drawn order.
+    # Distillation needs no gold answer (the teacher answers whatever it is given), so each is a
+    # valid example; the Qwen low-rank student's held-out KL stopped falling after about one pass
+    # over 139 single-view examples while its training KL kept falling (docs/distill.md)
+    views: int = 1
     continuation: int = CONTINUATION
     eval_every: int = 10
     checkpoint_every: int = 5
@@ -112,6 +118,8 @@ class TrainConfig:
     init_adaptor: str | None = None
 
     def __post_init__(self) -> None:  # bad compression settings fail before hours of training
+        if self.views < 1:
+            raise ValueError(f"views must be >= 1, not {self.views}")
         if self.decay not in ("constant", "cosine") or self.warmup < 0:
             raise ValueError(f"decay is 'constant' or 'cosine' and warmup >= 0, not {self.decay!r} / {self.warmup}")
         QuantConfig(self.quant, self.group_size)
@@ -553,11 +561,38 @@ def evenly_spaced(questions: list[Question], limit: int | None) -> list[Question
     return [questions[int(i * step)] for i in range(min(limit, len(questions)))]
 
 
+VIEW_SEPARATOR = "@view"  # example id of a question's extra view: "<question id>@view<v>"
+
+
+def question_of(example_id: str) -> str:
+    """The question id of an example id (``TrainConfig.views``)."""
+    return example_id.split(VIEW_SEPARATOR)[0]
+
+
+def views_of(question_id: str, retrieved: list[int], k: int, views: int) -> list[tuple[str, list[int]]]:
+    """(example id, passage rows) of each view of one question: ``retrieved[:k]`` in retrieval
+    order, then ``views - 1`` draws of ``k`` of ``retrieved`` (its ``2k`` nearest) in a drawn
+    order, seeded by the question id so that a resumed or repeated run draws the same."""
+    out = [(question_id, list(retrieved[:k]))]
+    rng = random.Random(question_id)
+    for view in range(1, views):
+        out.append((f"{question_id}{VIEW_SEPARATOR}{view}", rng.sample(list(retrieved), k)))
+    return out
+
+
 def build_examples(
-    distiller: Distiller, corpus: Corpus, k: int, limit: int | None, desc: str, partial: Path, keep_full: bool = False
+    distiller: Distiller,
+    corpus: Corpus,
+    k: int,
+    limit: int | None,
+    desc: str,
+    partial: Path,
+    keep_full: bool = False,
+    views: int = 1,
 ) -> list[Example]:
-    """Teacher examples of ``limit`` evenly spaced questions (all when None); each finished one is
-    appended to ``partial`` (a killed run resumes from it)."""
+    """Teacher examples of ``limit`` evenly spaced questions (all when None), ``views`` per
+    question (:func:`views_of`); each finished one is appended to ``partial`` (a killed run
+    resumes from it, and a run with more views reuses the ones it has)."""
     from tqdm import tqdm
 
     from ragcompress.retrieval import Embedder
@@ -565,14 +600,15 @@ def build_examples(
     questions = evenly_spaced(corpus.questions, limit)
     done = {e["qid"]: Example(**e) for e in load_tree(partial)} if partial.is_file() else {}
     vectors = Embedder().embed([q.question for q in questions])
-    retrieved = corpus.retrieve(vectors, k)
+    retrieved = corpus.retrieve(vectors, k if views == 1 else 2 * k)
     examples = []
     for q, rows in tqdm(list(zip(questions, retrieved, strict=True)), desc=desc, unit="question"):
-        if q.id not in done:
-            passages = [distiller.tokens.passage(corpus.passages[i].text) for i in rows]
-            done[q.id] = distiller.teacher(q.id, passages, q.question, keep_full)
-            save_tree([asdict(e) for e in done.values()], partial)
-        examples.append(done[q.id])
+        for example_id, chosen in views_of(q.id, rows, k, views):
+            if example_id not in done:
+                passages = [distiller.tokens.passage(corpus.passages[i].text) for i in chosen]
+                done[example_id] = distiller.teacher(example_id, passages, q.question, keep_full)
+                save_tree([asdict(e) for e in done.values()], partial)
+            examples.append(done[example_id])
     return examples
 
 
@@ -583,7 +619,7 @@ def check_split(distiller: Distiller, path: Path, examples: list[Example], corpu
     questions = {q.id for q in corpus.questions}
     passages = {passage_key(distiller.tokens.passage(p.text)) for p in corpus.passages}
     for e in examples:
-        if e.qid not in questions or any(passage_key(ids) not in passages for ids in e.passages):
+        if question_of(e.qid) not in questions or any(passage_key(ids) not in passages for ids in e.passages):
             raise ValueError(
                 f"{path}: the {side} example of question {e.qid} was built for another split of the articles "
                 f"(its question or a retrieved passage is not on the {side} side now); use the --val-articles "
@@ -744,6 +780,13 @@ def train(
         train_examples = [Example(**e) for e in cached["train"]]
         val_examples = [Example(**e) for e in cached["val"]]
         check_split(distiller, teacher_path, train_examples, train_corpus, "training")
+        built_views = len(train_examples) // max(1, len({question_of(e.qid) for e in train_examples}))
+        if built_views != config.views:
+            raise InputError(
+                f"{teacher_path} holds {built_views} view(s) per training question, not --views {config.views}: "
+                f"pass --views {built_views}, or delete {teacher_path.name} (the teacher-*.part files keep the "
+                "examples already computed, so only the missing views are computed again)"
+            )
         check_split(distiller, teacher_path, val_examples, val_corpus, "held-out")
     else:
         train_examples = build_examples(
@@ -753,6 +796,7 @@ def train(
             config.train_questions or None,
             "teacher (train)",
             out / "teacher-train.part",
+            views=config.views,
         )
         val_examples = build_examples(
             distiller,
