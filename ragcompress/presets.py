@@ -72,23 +72,24 @@ PRESETS: dict[str, Preset] = {
             "faithful",
             IndexConfig(quant="int8", adaptor="matching"),
             AnswerOptions(recompute=RecomputeConfig(ratio=0.1, selection="mixed")),
-            "int8 caches encoded through the model's packaged general KV-Distill adaptor (SmolLM2-135M ships one; "
-            "the base model, with a warning, elsewhere), 10% of passage tokens recomputed at query time, chosen by "
-            "value deviation and the question's attention together: the closest to full prefill measured at 4-5x "
-            "faster TTFT",
-            "docs/results/faithful_qwen_top3_base.json (r0.1+mixed; Qwen2.5-Coder-0.5B, top-3, 100 questions, "
-            "no adaptor packaged; the quieter faithful_qwen_top3_n2.json run timed the same work slower relative "
-            "to full prefill); docs/results/faithful_smollm2_adaptor.json (SmolLM2-135M, questions of articles "
-            "its adaptor never saw, with and without it); docs/recompute.md",
+            "int8 caches encoded through the model's packaged general KV-Distill adaptor (SmolLM2-135M and "
+            "Qwen2.5-Coder-0.5B ship one; the base model, with a warning, elsewhere), 10% of passage tokens "
+            "recomputed at query time, chosen by value deviation and the question's attention together: the "
+            "closest to full prefill measured at 4-5x faster TTFT",
+            "docs/results/faithful_qwen_adaptor.json (Qwen2.5-Coder-0.5B, top-3, 100 questions of the four "
+            "articles its adaptor never saw, with and without it); docs/results/faithful_smollm2_adaptor.json "
+            "(SmolLM2-135M, the same for its adaptor); docs/results/faithful_qwen_top3_base.json (the levers "
+            "without an adaptor on another 100-question sample); docs/recompute.md",
         ),
         Preset(
             "distilled",
             IndexConfig(quant="int8", adaptor="default"),
             AnswerOptions(),
-            "plain reuse of int8 caches encoded with the model's packaged KV-Distill adaptor (LoRA layers on "
-            "only while passages are encoded)",
-            "docs/results/distill_smollm2-135m-81q.json (all questions of the held-out articles), "
-            "docs/results/distill_smollm2-135m.json (docs/distill.md)",
+            "plain reuse of int8 caches encoded with the model's packaged general KV-Distill adaptor (LoRA layers "
+            "on only while passages are encoded): plain reuse's speed, most of recompute's agreement",
+            "docs/results/faithful_qwen_adaptor.json (ad:reuse against reuse, Qwen2.5-Coder-0.5B, 100 questions "
+            "of articles the adaptor never saw), docs/results/distill_smollm2-135m-81q.json (all questions of "
+            "the held-out articles), docs/results/distill_smollm2-135m.json (docs/distill.md)",
         ),
     )
 }

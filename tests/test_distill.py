@@ -203,7 +203,10 @@ def test_packaged_adaptor_loads_by_name_and_records_its_provenance():
     assert len(meta["training_data_sha256"]) == 64 and meta["ratio"] == 1.0 and meta["metrics"]["steps"] > 0
     assert not set(meta["train_articles"]) & set(meta["val_articles"])
     with pytest.raises(Exception, match="no adaptor is packaged"):
-        resolve_adaptor("default", "qwen2.5-coder-0.5b")
+        resolve_adaptor("default", "some-org/another-model")
+    general = resolve_adaptor("default", "qwen2.5-coder-0.5b")  # the evaluation model's general adaptor
+    assert (general.meta["method"], general.meta["ratio"], general.meta["quant"]) == ("none", 1.0, "none")
+    assert not set(general.meta["train_articles"]) & set(general.meta["val_articles"])
     qwen = resolve_adaptor("qwen2.5-coder-0.5b-kvzip-0.25-int4", "qwen2.5-coder-0.5b")  # by name
     assert qwen.meta["base_model"] == "qwen2.5-coder-0.5b" and packaged_adaptor(qwen.hash) is not None
     assert (qwen.meta["method"], qwen.meta["ratio"], qwen.meta["quant"]) == ("global:kvzip", 0.25, "int4")

@@ -23,7 +23,8 @@ def test_every_preset_is_a_valid_setting_with_evidence():
     assert preset("faithful").answer.recompute == RecomputeConfig(ratio=0.1, selection="mixed")
     faithful = preset("faithful").index  # the general adaptor where one is packaged (an int8 store takes it)
     assert faithful.adaptor == "matching" and faithful.quant == "int8"
-    assert packaged_for_store("smollm2-135m", *store_of(faithful)).name == "smollm2-135m"
+    for model in ("smollm2-135m", "qwen2.5-coder-0.5b"):  # both packaged models ship a general adaptor
+        assert packaged_for_store(model, *store_of(faithful)).name == model
     for name in ("small", "smallest"):
         config = preset(name).index
         assert config.adaptor == "matching" and config.quant == "int4"
