@@ -93,6 +93,21 @@ def kl(full_logp: torch.Tensor, logp: torch.Tensor) -> float:
     return float((full_logp.exp() * (full_logp - logp)).sum(-1).mean())
 
 
+def disagreements(rows: list[dict], full: list[dict]) -> dict[str, int]:
+    """The questions where a setting's answer differs from full prefill's, by which of the two is
+    right (sub-EM): what is left of the agreement gap is mostly questions full prefill gets wrong
+    too (an unstable answer) or a lost fact (only full right)?"""
+    out = {"full_wrong_too": 0, "only_full_right": 0, "only_setting_right": 0, "both_right": 0}
+    for row, reference in zip(rows, full, strict=True):
+        if row["agree"]:
+            continue
+        key = {(0, 0): "full_wrong_too", (1, 0): "only_full_right", (0, 1): "only_setting_right"}.get(
+            (int(bool(reference["sub_em"])), int(bool(row["sub_em"]))), "both_right"
+        )
+        out[key] += 1
+    return out
+
+
 def summarize(records: list[dict], settings: list[str]) -> dict:
     """Per setting: means, intervals, TTFT medians and speed-ups, paired test against full."""
     full_ttft = statistics.median(r["full"]["ttft"] for r in records)
@@ -119,6 +134,8 @@ def summarize(records: list[dict], settings: list[str]) -> dict:
             },
             "vs_full_sub_em": paired_comparison(values["sub_em"], full_em),
         }
+        if name != "full":
+            table[name]["disagreements"] = disagreements(rows, [r["full"] for r in records])
     table["prefix-cached"] = {"n": len(records), "ttft_s_median": prefix_ttft, "ttft_speedup": full_ttft / prefix_ttft}
     return table
 

@@ -1017,9 +1017,11 @@ def render_faithful(results: Path) -> str:
                             f"{r['ttft_s_median']:.2f}",
                             f"{r['ttft_speedup']:.2f}x",
                             "",
+                            "",
                         ]
                     )
                     continue
+                split = r.get("disagreements")
                 body.append(
                     [
                         name,
@@ -1030,6 +1032,10 @@ def render_faithful(results: Path) -> str:
                         f"{r['ttft_s_median']:.2f}",
                         f"{r['ttft_speedup']:.2f}x",
                         f"{r['ttft_speedup_vs_prefix_cached']:.2f}x",
+                        "–"
+                        if not split
+                        else f"{split['full_wrong_too']} / {split['only_full_right']} / {split['only_setting_right']} / "
+                        f"{split['both_right']}",
                     ]
                 )
             meta = data.get("meta", {})
@@ -1057,6 +1063,7 @@ def render_faithful(results: Path) -> str:
                 "TTFT (s)",
                 "vs full",
                 "vs prefix-cached",
+                "disagreeing: full wrong too / only full right / only it right / both right",
             ]
             paired = [
                 f"`{pair.split(' ', 1)[1]}`: agreement {p['agreement']['mean_difference']:+.2f} "

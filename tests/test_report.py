@@ -174,3 +174,22 @@ def test_preset_table_reads_the_named_rows_and_refuses_a_missing_one(tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(report.ReportError, match="has no row"):
         report.render_presets(results)
+
+
+def test_faithful_disagreements_are_split_by_which_answer_is_right():
+    """recompute_quality's split of the questions a setting answers differently from full prefill."""
+    quality = importlib.import_module("recompute_quality")  # benchmarks/recompute_quality.py
+    full = [{"sub_em": 1.0}, {"sub_em": 0.0}, {"sub_em": 1.0}, {"sub_em": 0.0}, {"sub_em": 1.0}]
+    rows = [
+        {"agree": 1.0, "sub_em": 1.0},  # agrees: not counted
+        {"agree": 0.0, "sub_em": 0.0},
+        {"agree": 0.0, "sub_em": 0.0},
+        {"agree": 0.0, "sub_em": 1.0},
+        {"agree": 0.0, "sub_em": 1.0},
+    ]
+    assert quality.disagreements(rows, full) == {
+        "full_wrong_too": 1,
+        "only_full_right": 1,
+        "only_setting_right": 1,
+        "both_right": 1,
+    }
