@@ -91,8 +91,9 @@ class TrainConfig:
     # training examples per question: its retrieved passages in retrieval order, then ``views - 1``
     # other contexts of ``top_k`` passages drawn from its ``2 * top_k`` nearest, in a drawn order.
     # Distillation needs no gold answer (the teacher answers whatever it is given), so each is a
-    # valid example; the Qwen low-rank student's held-out KL stopped falling after about one pass
-    # over 139 single-view examples while its training KL kept falling (docs/distill.md)
+    # valid example. Tried on the Qwen low-rank student, whose held-out KL had stopped falling
+    # after about one pass over 139 single-view examples: 3 views did not lower it either (its
+    # overfitting is to the training articles, not the contexts; docs/distill.md)
     views: int = 1
     continuation: int = CONTINUATION
     eval_every: int = 10
