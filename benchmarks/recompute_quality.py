@@ -97,14 +97,17 @@ def disagreements(rows: list[dict], full: list[dict]) -> dict[str, int]:
     """The questions where a setting's answer differs from full prefill's, by which of the two is
     right (sub-EM): what is left of the agreement gap is mostly questions full prefill gets wrong
     too (an unstable answer) or a lost fact (only full right)?"""
-    out = {"full_wrong_too": 0, "only_full_right": 0, "only_setting_right": 0, "both_right": 0}
+    # (full prefill right, setting right) -> name
+    names = {
+        (False, False): "full_wrong_too",
+        (True, False): "only_full_right",
+        (False, True): "only_setting_right",
+        (True, True): "both_right",
+    }
+    out = dict.fromkeys(names.values(), 0)
     for row, reference in zip(rows, full, strict=True):
-        if row["agree"]:
-            continue
-        key = {(0, 0): "full_wrong_too", (1, 0): "only_full_right", (0, 1): "only_setting_right"}.get(
-            (int(bool(reference["sub_em"])), int(bool(row["sub_em"]))), "both_right"
-        )
-        out[key] += 1
+        if not row["agree"]:
+            out[names[bool(reference["sub_em"]), bool(row["sub_em"])]] += 1
     return out
 
 

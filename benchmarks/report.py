@@ -712,6 +712,13 @@ def _ranks(row: dict) -> str:
     return " / ".join(parts) + sample
 
 
+def frontier_ttft_speedup(data: dict[str, Any], row: str) -> float | None:
+    """Full prefill's TTFT over ``row``'s in a frontier file's side-by-side run (None where that run
+    did not time the row, or predates timing full prefill alongside)."""
+    median = (data.get("ttft") or {}).get("ttft_s_median", {})
+    return median["full prefill"] / median[row] if row in median and "full prefill" in median else None
+
+
 def render_lowrank_frontier(results: Path) -> str:
     """Eviction x rank x bits (``lowrank_*.json``, ``benchmarks/lowrank_frontier.py --publish``):
     bytes per token against KL to full prefill and sub-EM, each against the uncompressed fp16
@@ -791,13 +798,16 @@ def render_lowrank_frontier(results: Path) -> str:
         ttft = data.get("ttft")
         if ttft:
             median = ttft["ttft_s_median"]
-            full = median.get("full prefill")  # measured alongside since the baselines were added
             medians = ", ".join(
                 f"`{name}` {1000 * median[name]:.0f} ms"
-                + (f" ({full / median[name]:.1f}x faster than full prefill)" if full else "")
+                + (
+                    f" ({speedup:.1f}x faster than full prefill)"
+                    if (speedup := frontier_ttft_speedup(data, name))
+                    else ""
+                )
                 for name in ttft["rows"]
             )
-            if full:
+            if "baselines" in ttft:
                 medians += "; " + ", ".join(f"{b} {1000 * median[b]:.0f} ms" for b in ttft["baselines"])
             parts.append(
                 f"TTFT side by side (one process, the stores' order alternating per question, one new token, "
@@ -1125,11 +1135,9 @@ def preset_row(data: Any, name: str, row: str) -> dict[str, Any]:
             }  # fmt: skip
         if name.startswith("lowrank"):
             r = data["rows"][row]
-            median = (data.get("ttft") or {}).get("ttft_s_median", {})  # the side-by-side run, if it timed the row
-            ttft = median["full prefill"] / median[row] if row in median and "full prefill" in median else None
             return {
                 "n": data["n"], "sub_em": r["sub_em"], "full": data["full"]["sub_em"], "agreement": r["agreement"],
-                "kl": r["kl_full_answer"], "ttft": ttft, "bytes": r["compression"],
+                "kl": r["kl_full_answer"], "ttft": frontier_ttft_speedup(data, row), "bytes": r["compression"],
             }  # fmt: skip
         if name.startswith("faithful"):
             key, setting = row.split("/", 1)
@@ -1152,8 +1160,8 @@ def _model_of(data: Any) -> str:
 def render_presets(results: Path) -> str:
     """The measurement behind each preset (:data:`PRESET_MEASUREMENTS`), read from its results file."""
 
-    def opt(value: float | None, fmt: str) -> str:
-        return "–" if value is None else format(value, fmt)
+    def opt(value: float | None, fmt: str, unit: str = "") -> str:
+        return "–" if value is None else format(value, fmt) + unit
 
     rows = []
     for preset, name, row, baseline in PRESET_MEASUREMENTS:
@@ -1168,8 +1176,8 @@ def render_presets(results: Path) -> str:
                 f"{r['sub_em']:.2f} ({pct(r['sub_em'], r['full'])})",
                 f"{r['agreement']:.2f}",
                 opt(r["kl"], ".3f"),
-                opt(r["ttft"], ".1f") + ("x" if r["ttft"] is not None else ""),
-                opt(r["bytes"], ".1f") + ("x" if r["bytes"] is not None else ""),
+                opt(r["ttft"], ".1f", "x"),
+                opt(r["bytes"], ".1f", "x"),
                 f"`{baseline}`: sub-EM {b['sub_em']:.2f}, agreement {b['agreement']:.2f}"
                 + (f", KL {b['kl']:.3f}" if b["kl"] is not None else ""),
             ]
