@@ -35,6 +35,7 @@ PRESETS: dict[str, Preset] = {
             IndexConfig(quant="int8"),
             AnswerOptions(),
             "plain reuse of int8 caches: the fastest answers, 1.8x fewer bytes than fp16",
+            "docs/results/core272_*.json (int8 plain reuse against full prefill on all 272 questions, both models), "
             "docs/results/core_*.json (int8 = uncompressed sub-EM on both models), docs/results/bench_*.json",
         ),
         Preset(
