@@ -192,3 +192,22 @@ def test_faithful_disagreements_are_split_by_which_answer_is_right():
         "only_setting_right": 1,
         "both_right": 1,
     }
+
+
+def test_faithful_curve_plots_every_setting_of_every_faithful_file(tmp_path):
+    """benchmarks/faithful_curve.py: one series per table, every setting but full prefill, the
+    speed-up and agreement read from the file; a folder without results is an error."""
+    curve = importlib.import_module("faithful_curve")
+    data = json.loads((report.RESULTS / "faithful_qwen_adaptor.json").read_text())
+    (series,) = curve.curve(data, "qwen_adaptor")
+    table = data["tables"]["top3"]
+    assert {p.setting for p in series.points} == {name for name, r in table.items() if name != "full" and "sub_em" in r}
+    point = next(p for p in series.points if p.setting == "ad:reuse")
+    assert point.speedup == table["ad:reuse"]["ttft_speedup"]
+    assert point.agreement == table["ad:reuse"]["agreement"]
+    assert point.sub_em_pct == pytest.approx(100 * table["ad:reuse"]["sub_em"] / table["full"]["sub_em"])
+    out = tmp_path / "curve.png"
+    assert curve.main(["--out", str(out)]) == 0
+    assert out.stat().st_size > 10_000
+    with pytest.raises(SystemExit):
+        curve.main(["--results", str(tmp_path), "--out", str(tmp_path / "none.png")])
