@@ -35,6 +35,13 @@ def test_every_preset_is_a_valid_setting_with_evidence():
         preset("tiny")
 
 
+def test_cli_help_names_every_preset():
+    from ragcompress.cli import PRESET_HELP
+
+    listed = PRESET_HELP.split(": ", 1)[1].split(" (", 1)[0].split(", ")
+    assert listed == list(PRESETS)
+
+
 def test_explicit_options_override_the_preset():
     assert index_config() == IndexConfig()
     config = index_config("small", quant="int8", budget=16)
