@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from ragcompress.evaluation import Question, read_questions
+from ragcompress.errors import InputError
+from ragcompress.evaluation import Question, article_of, read_questions, select_questions
 from ragcompress.kv import PassageKV
 from ragcompress.kv.quant import QuantConfig
 from ragcompress.runtime.generate import rewind as rewind  # re-exported
@@ -42,20 +43,20 @@ KVPRESS = "kvpress-"  # scores computed by benchmarks/kvpress_scores.py with NVI
 
 
 def question_article(question: Question) -> str:
-    """The article a SQuAD question is about: its passage id's part before ``#``."""
-    return question.passage_id.split("#")[0]
+    """The article a SQuAD question is about (:func:`ragcompress.evaluation.article_of`)."""
+    article = article_of(question)
+    if article is None:
+        raise SystemExit(f"question {question.id} has no passage_id, so no article")
+    return article
 
 
 def pick_questions(path: Path, n: int, articles: set[str] | None = None) -> list[Question]:
-    """``n`` evenly spaced questions (the file is grouped by article), of ``articles`` only if
-    given (:func:`question_article`)."""
-    all_questions = read_questions(path)
-    if articles:
-        all_questions = [q for q in all_questions if question_article(q) in articles]
-        if not all_questions:
-            raise SystemExit(f"no question of the articles {sorted(articles)} in {path}")
-    step = len(all_questions) / n
-    return [all_questions[int(i * step)] for i in range(min(n, len(all_questions)))]
+    """``n`` evenly spaced questions, of ``articles`` only if given
+    (:func:`ragcompress.evaluation.select_questions`, as ``ragcompress eval --sample --article``)."""
+    try:
+        return select_questions(read_questions(path), n, sorted(articles or ()))
+    except InputError as exc:
+        raise SystemExit(f"{path}: {exc}") from None
 
 
 def adaptor_provenance(adaptor: Any, asked: set[str], where: str = "the adaptor") -> dict[str, Any]:

@@ -48,7 +48,7 @@ import torch
 
 from ragcompress.compressors import CompressionContext, make_compressor
 from ragcompress.distill.adaptor import Adaptor
-from ragcompress.evaluation import Question, f1, read_questions, sub_em
+from ragcompress.evaluation import Question, f1, read_questions, select_questions, sub_em
 from ragcompress.indexing import IndexConfig
 from ragcompress.indexing.calibrate import calibration_caches
 from ragcompress.indexing.encoder import PassageEncoder
@@ -124,10 +124,7 @@ def split_questions(articles: set[str], split: str, limit: int) -> list[Question
     questions = [
         q for q in read_questions(SQUAD / "questions.jsonl") if (question_article(q) in articles) == (split == "dev")
     ]
-    if limit and limit < len(questions):
-        step = len(questions) / limit
-        questions = [questions[int(i * step)] for i in range(limit)]
-    return questions
+    return select_questions(questions, limit or None)
 
 
 def retrieve(embedder: Embedder, passages: list[PassageInput], questions: list[Question], k: int) -> list[list[str]]:

@@ -410,7 +410,13 @@ def evaluate(
     store: Path = typer.Option(..., "--store"),
     questions: Path = typer.Option(..., "--questions", help="JSONL of {id, question, answers, passage_id?}"),
     top_k: int = typer.Option(3, "--top-k", min=1),
-    limit: int | None = typer.Option(None, "--limit", min=1),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="the first N questions (after --article/--sample)"),
+    sample: int | None = typer.Option(
+        None, "--sample", min=1, help="N questions evenly spaced over the file (as the benchmarks' --sample)"
+    ),
+    articles: list[str] = typer.Option(
+        [], "--article", help="only questions of this article (passage_id ARTICLE#N); repeatable"
+    ),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
     recompute: float | None = RECOMPUTE_OPTION,
     selection: str | None = SELECTION_OPTION,
@@ -419,10 +425,10 @@ def evaluate(
 ) -> None:
     """Answer questions from caches and by full prefill; report quality, agreement and speedup."""
     _quiet_libraries()
-    from ragcompress.evaluation import iter_eval, read_questions, summarize
+    from ragcompress.evaluation import iter_eval, read_questions, select_questions, summarize
     from ragcompress.runtime.engine import Engine
 
-    items = read_questions(questions, limit)
+    items = select_questions(read_questions(questions), sample, articles)[:limit]
     engine = Engine.open(store, options=_answer_options(preset, max_new_tokens, recompute, selection))
     try:
         results = iter_eval(engine, items, top_k)

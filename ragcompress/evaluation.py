@@ -12,7 +12,7 @@ import re
 import statistics
 import string
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,6 +84,30 @@ def read_questions(path: str | Path, limit: int | None = None) -> list[Question]
     if not questions:
         raise InputError(f"questions file {path} holds no questions")
     return questions
+
+
+def article_of(question: Question) -> str | None:
+    """The article a SQuAD-style question is about: its ``passage_id``'s part before ``#``."""
+    return None if question.passage_id is None else question.passage_id.split("#")[0]
+
+
+def select_questions(
+    questions: list[Question], sample: int | None = None, articles: Sequence[str] = ()
+) -> list[Question]:
+    """The questions of ``articles`` (all when empty), then ``sample`` of them evenly spaced over
+    the file (which is grouped by article, so every article is covered). The benchmarks' samples
+    (``--sample N --articles A``) are drawn here, so ``ragcompress eval`` can ask the same ones."""
+    if articles:
+        wanted = set(articles)
+        if any(q.passage_id is None for q in questions):
+            raise InputError("selecting questions by article needs a passage_id (ARTICLE#N) on every question")
+        questions = [q for q in questions if article_of(q) in wanted]
+        if not questions:
+            raise InputError(f"no question of the articles {sorted(wanted)}")
+    if sample is None or sample >= len(questions):
+        return questions  # (spacing more picks than there are repeated some and skipped the last ones)
+    step = len(questions) / sample
+    return [questions[int(i * step)] for i in range(sample)]
 
 
 @dataclass(frozen=True)

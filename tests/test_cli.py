@@ -91,8 +91,10 @@ def test_eval_json_shape(cli_store, monkeypatch, capfd):
             str(SAMPLE_QUESTIONS),
             "--top-k",
             "1",
-            "--limit",
+            "--sample",
             "3",
+            "--article",
+            "Victoria_(Australia)",
             "--max-new-tokens",
             "4",
             "--json",
@@ -102,6 +104,7 @@ def test_eval_json_shape(cli_store, monkeypatch, capfd):
     )
     assert code == 0, err
     data = json.loads(out)
+    assert data["n"] == 3
     assert set(data) == {
         "n",
         "recall_at_k",

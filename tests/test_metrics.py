@@ -10,7 +10,8 @@ import string
 
 import pytest
 
-from ragcompress.evaluation import f1, normalize_answer, sub_em
+from ragcompress.errors import InputError
+from ragcompress.evaluation import Question, f1, normalize_answer, select_questions, sub_em
 
 
 def official_normalize(s: str) -> str:
@@ -80,3 +81,21 @@ def test_sub_em_is_a_whole_word_match_after_normalisation():
     assert sub_em("Denver", ["Denver Broncos"]) == 0.0
     assert sub_em("anything", ["The", "!"]) == 0.0  # golds that normalise to nothing never match
     assert sub_em("Levi's Stadium", ["Levis Stadium"]) == 1.0
+
+
+def _questions(*passage_ids):
+    return [Question(str(i), f"q{i}?", ["a"], pid) for i, pid in enumerate(passage_ids)]
+
+
+def test_select_questions_by_article_then_evenly_spaced():
+    """What a benchmark's ``--sample N --articles A`` and ``ragcompress eval --sample --article`` ask."""
+    qs = _questions("A#0", "A#1", "B#0", "B#1", "B#2", "C#0", "C#1", "C#2")
+    assert select_questions(qs) == qs
+    assert [q.id for q in select_questions(qs, articles=["B", "C"])] == ["2", "3", "4", "5", "6", "7"]
+    assert [q.id for q in select_questions(qs, 3, ["B", "C"])] == ["2", "4", "6"]
+    assert [q.id for q in select_questions(qs, 4)] == ["0", "2", "4", "6"]
+    assert select_questions(qs, 100) == qs
+    with pytest.raises(InputError, match="no question of the articles"):
+        select_questions(qs, articles=["D"])
+    with pytest.raises(InputError, match="passage_id"):
+        select_questions([*qs, Question("x", "q?", ["a"])], articles=["A"])

@@ -49,7 +49,7 @@ from ragcompress.distill import scorer as learned_scorer
 from ragcompress.distill.adaptor import FACTORS, SCORER_BIAS, SCORER_WEIGHT, Adaptor, lora_active, remove_adapter
 from ragcompress.distill.checkpoint import load_tree, save_tree
 from ragcompress.errors import InputError
-from ragcompress.evaluation import Question, read_questions
+from ragcompress.evaluation import Question, read_questions, select_questions
 from ragcompress.indexing.encoder import PassageEncoder
 from ragcompress.indexing.inputs import PassageInput, iter_passages
 from ragcompress.kv.cache import build_dynamic_cache
@@ -556,10 +556,7 @@ def passage_key(ids: list[int]) -> str:
 
 def evenly_spaced(questions: list[Question], limit: int | None) -> list[Question]:
     """``limit`` questions evenly spaced over the (article-grouped) file; all when ``limit`` is None."""
-    if not limit:
-        return list(questions)
-    step = len(questions) / limit
-    return [questions[int(i * step)] for i in range(min(limit, len(questions)))]
+    return list(select_questions(questions, limit or None))
 
 
 VIEW_SEPARATOR = "@view"  # example id of a question's extra view: "<question id>@view<v>"
