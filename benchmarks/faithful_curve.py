@@ -39,6 +39,7 @@ class Point:
 @dataclass(frozen=True)
 class Series:
     label: str
+    model: str
     full_sub_em: float
     points: list[Point]
 
@@ -62,22 +63,27 @@ def curve(data: dict[str, Any], source: str) -> list[Series]:
         ]
         sample = f"{rows['full']['n']} q" + (f", {len(data['articles'])} articles" if data.get("articles") else "")
         model = SHORT_MODEL.get(data["model"], data["model"])
-        out.append(Series(f"{model} {key.replace('top', 'top-')}, {sample} ({source})", full_em, points))
+        out.append(Series(f"{key.replace('top', 'top-')}, {sample} ({source})", model, full_em, points))
     return out
 
 
 def plot(series: list[Series], path: Path) -> None:
-    """Two panels (agreement with its 95 % interval; sub-EM % of full), x = TTFT speed-up (log),
-    one colour per series, one marker per store variant, each point named by its setting."""
+    """One agreement panel per model (95 % intervals) and one sub-EM panel (% of full prefill's),
+    x = TTFT speed-up (log); one colour per series within a model, one marker per store variant,
+    each point named by its setting."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (agree_ax, em_ax) = plt.subplots(1, 2, figsize=(13, 5.2))
-    for colour, s in enumerate(series):
+    models = list(dict.fromkeys(s.model for s in series))
+    fig, axes = plt.subplots(1, len(models) + 1, figsize=(6.5 * (len(models) + 1), 5.6))
+    agree_axes, em_ax = dict(zip(models, axes[:-1], strict=True)), axes[-1]
+    colours = {id(s): f"C{[t for t in series if t.model == s.model].index(s)}" for s in series}
+    for s in series:
+        agree_ax = agree_axes[s.model]
         for p in s.points:
-            style = dict(color=f"C{colour}", marker=MARKERS.get(p.setting.split(":")[0], "o"), linestyle="none")
+            style = dict(color=colours[id(s)], marker=MARKERS.get(p.setting.split(":")[0], "o"), linestyle="none")
             agree_ax.errorbar(
                 p.speedup, p.agreement, capsize=2, linewidth=0.8,
                 yerr=[[p.agreement - p.agreement_ci[0]], [p.agreement_ci[1] - p.agreement]], **style,
@@ -90,27 +96,28 @@ def plot(series: list[Series], path: Path) -> None:
                 em_ax.annotate(
                     p.setting, (p.speedup, p.sub_em_pct), fontsize=6, xytext=(3, 3), textcoords="offset points"
                 )
-        agree_ax.plot([], [], color=f"C{colour}", marker="o", linestyle="none", label=s.label)
-    for ax, target, label in (
-        (agree_ax, TARGET_AGREEMENT, "agreement with full prefill's answer (95 % interval)"),
-        (em_ax, TARGET_SUB_EM_PCT, f"sub-EM, % of full prefill's (series where full prefill's >= {MIN_FULL_SUB_EM})"),
-    ):
+        agree_ax.plot([], [], color=colours[id(s)], marker="o", linestyle="none", label=s.label)
+    panels = [
+        (ax, TARGET_AGREEMENT, f"{model}: agreement with full prefill's answer") for model, ax in agree_axes.items()
+    ]
+    panels.append((em_ax, TARGET_SUB_EM_PCT, f"sub-EM, % of full prefill's (runs where full's >= {MIN_FULL_SUB_EM})"))
+    for ax, target, label in panels:
         ax.axhline(target, color="grey", linestyle="--", linewidth=1)
         ax.axvline(TARGET_SPEEDUP, color="grey", linestyle="--", linewidth=1)
         ax.set_xscale("log")
         ax.set_xlabel("TTFT speed-up over full prefill (medians, same run)")
-        ax.set_ylabel(label)
-    agree_ax.set_ylim(0, 1.02)
-    agree_ax.legend(
-        fontsize=6, loc="lower left", title="o plain store, s adaptor store, ^ neighbour store", title_fontsize=6
-    )
+        ax.set_title(label, fontsize=9)
+    for ax in agree_axes.values():
+        ax.set_ylim(0, 1.02)
+        ax.legend(fontsize=6, loc="lower left", title="o plain store, s adaptor, ^ neighbour-encoded", title_fontsize=6)
     fig.suptitle(
-        "Faithful reuse: stored-cache answers against full prefill (dashed: issue 14's target, up and right of both)",
+        "Faithful reuse: stored-cache answers against full prefill (dashed: issue 14's target, up and right of both; "
+        "bars: 95 % intervals)",
         fontsize=10,
     )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1109,8 +1109,8 @@ PRESET_MEASUREMENTS: tuple[tuple[str, str, str, str | None], ...] = (
         "global:kvzip 0.25 int4",
     ),
     ("smallest", "lowrank_qwen.json", "global:kvzip@0.15/int4/r32k+adaptor", "none@1/fp16/-"),
-    ("faithful", "faithful_qwen_adaptor.json", "top3/ad:r0.1+mixed", "top3/r0.1+mixed"),
-    ("faithful", "faithful_smollm2_adaptor.json", "top3/ad:r0.1+mixed", "top3/r0.1+mixed"),
+    ("faithful", "faithful_qwen_adaptor_recompute.json", "top3/ad:r0.05+mixed", "top3/ad:reuse"),
+    ("faithful", "faithful_smollm2_adaptor_recompute.json", "top3/ad:r0.05+mixed", "top3/ad:reuse"),
     ("distilled", "faithful_qwen_adaptor.json", "top3/ad:reuse", "top3/reuse"),
     ("distilled", "distill_smollm2-135m-81q.json", "adaptor", "plain reuse"),
 )

@@ -20,7 +20,7 @@ def test_every_preset_is_a_valid_setting_with_evidence():
         assert isinstance(item.index, IndexConfig) and item.index.compressor() is not None
         assert item.evidence.startswith("docs/results/")
     assert preset("small").index.quant == "int4" and preset("small").index.method == "global:kvzip"
-    assert preset("faithful").answer.recompute == RecomputeConfig(ratio=0.1, selection="mixed")
+    assert preset("faithful").answer.recompute == RecomputeConfig(ratio=0.05, selection="mixed")
     faithful = preset("faithful").index  # the general adaptor where one is packaged (an int8 store takes it)
     assert faithful.adaptor == "matching" and faithful.quant == "int8"
     for model in ("smollm2-135m", "qwen2.5-coder-0.5b"):  # both packaged models ship a general adaptor
@@ -48,7 +48,7 @@ def test_explicit_options_override_the_preset():
     assert (config.method, config.quant, config.budget, config.ratio) == ("global:kvzip", "int8", 16, None)
     assert index_config("small", ratio=0.5).ratio == 0.5
     options = answer_options("faithful", max_new_tokens=4)
-    assert options.max_new_tokens == 4 and options.recompute.ratio == 0.1
+    assert options.max_new_tokens == 4 and options.recompute.ratio == 0.05
     assert answer_options("faithful", recompute=RecomputeConfig()).recompute.ratio == 0.0
 
 
