@@ -79,7 +79,8 @@ PRESETS: dict[str, Preset] = {
             "closest to full prefill measured at >= 5x faster TTFT",
             "docs/results/faithful_qwen_adaptor_recompute.json (Qwen2.5-Coder-0.5B, top-3, 100 questions of the "
             "four articles its adaptor never saw: plain reuse, 5 % and 10 % recompute over the adapted store side "
-            "by side; 10 % measured below 5x, so 5 %); docs/results/faithful_qwen_adaptor.json and "
+            "by side; 10 % measured below 5x, so 5 %; faithful_qwen_adaptor_recompute_top5.json: the preset at "
+            "top-5); docs/results/faithful_qwen_adaptor.json and "
             "docs/results/faithful_qwen_adaptor_top5.json (the same questions with and without the adaptor, top-3 "
             "and top-5); docs/results/faithful_smollm2_adaptor*.json (SmolLM2-135M, the same for its adaptor); "
             "docs/results/faithful_qwen_top3_base.json (the levers without an adaptor on another 100-question "
