@@ -43,10 +43,9 @@ from ragcompress.distill.train import (
     Distiller,
     Example,
     build_examples,
-    evenly_spaced,
     load_corpora,
 )
-from ragcompress.evaluation import read_questions, sub_em
+from ragcompress.evaluation import read_questions, select_questions, sub_em
 from ragcompress.indexing.encoder import PassageEncoder
 from ragcompress.kv.quant import QuantConfig
 from ragcompress.models import load_model
@@ -154,7 +153,7 @@ def all_held_out(
     articles = adaptor.meta["val_articles"]
     path = out / "teacher-heldout-all.safetensors"
     _, val_corpus = load_corpora(passages, questions, articles)
-    validated = [q.id for q in evenly_spaced(val_corpus.questions, adaptor.meta["config"]["val_examples"])]
+    validated = [q.id for q in select_questions(val_corpus.questions, adaptor.meta["config"]["val_examples"] or None)]
     if path.is_file():
         examples = [Example(**e) for e in load_tree(path)]
     else:  # the teacher is the base model; the distiller's LoRA layers are removed afterwards

@@ -554,11 +554,6 @@ def passage_key(ids: list[int]) -> str:
     return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()
 
 
-def evenly_spaced(questions: list[Question], limit: int | None) -> list[Question]:
-    """``limit`` questions evenly spaced over the (article-grouped) file; all when ``limit`` is None."""
-    return list(select_questions(questions, limit or None))
-
-
 VIEW_SEPARATOR = "@view"  # example id of a question's extra view: "<question id>@view<v>"
 
 
@@ -595,7 +590,7 @@ def build_examples(
 
     from ragcompress.retrieval import Embedder
 
-    questions = evenly_spaced(corpus.questions, limit)
+    questions = select_questions(corpus.questions, limit or None)
     done = {e["qid"]: Example(**e) for e in load_tree(partial)} if partial.is_file() else {}
     vectors = Embedder().embed([q.question for q in questions])
     retrieved = corpus.retrieve(vectors, k if views == 1 else 2 * k)
