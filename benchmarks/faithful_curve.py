@@ -79,11 +79,11 @@ def plot(series: list[Series], path: Path) -> None:
     models = list(dict.fromkeys(s.model for s in series))
     fig, axes = plt.subplots(1, len(models) + 1, figsize=(6.5 * (len(models) + 1), 5.6))
     agree_axes, em_ax = dict(zip(models, axes[:-1], strict=True)), axes[-1]
-    colours = {id(s): f"C{[t for t in series if t.model == s.model].index(s)}" for s in series}
     for s in series:
         agree_ax = agree_axes[s.model]
+        colour = f"C{[t for t in series if t.model == s.model].index(s)}"  # a model's series are C0, C1, ...
         for p in s.points:
-            style = dict(color=colours[id(s)], marker=MARKERS.get(p.setting.split(":")[0], "o"), linestyle="none")
+            style = dict(color=colour, marker=MARKERS.get(p.setting.split(":")[0], "o"), linestyle="none")
             agree_ax.errorbar(
                 p.speedup, p.agreement, capsize=2, linewidth=0.8,
                 yerr=[[p.agreement - p.agreement_ci[0]], [p.agreement_ci[1] - p.agreement]], **style,
@@ -96,7 +96,7 @@ def plot(series: list[Series], path: Path) -> None:
                 em_ax.annotate(
                     p.setting, (p.speedup, p.sub_em_pct), fontsize=6, xytext=(3, 3), textcoords="offset points"
                 )
-        agree_ax.plot([], [], color=colours[id(s)], marker="o", linestyle="none", label=s.label)
+        agree_ax.plot([], [], color=colour, marker="o", linestyle="none", label=s.label)
     panels = [
         (ax, TARGET_AGREEMENT, f"{model}: agreement with full prefill's answer") for model, ax in agree_axes.items()
     ]
