@@ -310,6 +310,15 @@ def train(
     calibration_passages: int = typer.Option(
         64, "--calibration-passages", min=1, help="with --kv-rank: training passages the basis is fitted on"
     ),
+    extra_passages: str | None = typer.Option(
+        None,
+        "--extra-passages",
+        help="more training text (JSONL or a folder of .txt/.md, e.g. ../shared/data/pg-essays-dev): the base "
+        "model writes a question about each chosen passage, and the teacher answers it",
+    ),
+    extra_questions: int = typer.Option(
+        0, "--extra-questions", min=0, help="with --extra-passages: questions written, evenly spaced (0: one each)"
+    ),
     init_adaptor: str | None = typer.Option(
         None,
         "--init-adaptor",
@@ -355,6 +364,8 @@ def train(
             calibration_passages=calibration_passages,
             val_articles=list(val_articles or []),
             init_adaptor=init_adaptor,
+            extra_passages=extra_passages,
+            extra_questions=extra_questions,
         )
     except ValueError as exc:
         raise RagCompressError(str(exc)) from None

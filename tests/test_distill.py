@@ -584,3 +584,45 @@ def test_a_low_rank_store_fits_its_basis_on_base_model_caches_adaptor_or_not(lm,
             for a, b in zip(base.basis.bases[kind], adapted.basis.bases[kind], strict=True):
                 assert torch.equal(a, b)
         assert blobs(tmp_path / "base") != blobs(tmp_path / "adapted")  # the passages are adapted
+
+
+def test_extra_passages_add_training_examples_with_the_models_own_questions(lm, tmp_path, monkeypatch):
+    """``--extra-passages``: the base model writes one question per chosen passage (written once,
+    read back on the next run), those questions become training examples retrieved over the union
+    of both corpora, and validation stays on the held-out articles only."""
+    from ragcompress.data import SAMPLE_PASSAGES, SAMPLE_QUESTIONS
+    from ragcompress.distill import synthetic
+    from ragcompress.distill.train import TrainConfig, load_tree, train
+
+    essays = tmp_path / "essays"
+    essays.mkdir()
+    (essays / "one.txt").write_text("Startups grow fast. " * 30 + "\n\n" + "Founders should talk to users. " * 25)
+    (essays / "two.txt").write_text("Lisp has macros. " * 40)
+    config = TrainConfig(
+        top_k=2, rank=2, alpha=4, steps=1, batch=1, train_questions=0, val_examples=1, continuation=4,
+        scorer_passages=0, eval_every=1, val_articles=["Apollo_program"], extra_passages=str(essays),
+        extra_questions=2,
+    )  # fmt: skip
+    out = tmp_path / "run"
+    adaptor = train(lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, config, progress=False)
+    written = [json.loads(line) for line in (out / "extra-questions.jsonl").read_text().splitlines()]
+    assert len(written) == 2 and all(r["id"] == "synthetic:" + r["passage_id"] for r in written)
+    teacher = load_tree(out / "teacher.safetensors")
+    synthetic_ids = {e["qid"] for e in teacher["train"] if e["qid"].startswith("synthetic:")}
+    assert synthetic_ids == {r["id"] for r in written if r["question"]}
+    assert not any(e["qid"].startswith("synthetic:") for e in teacher["val"])
+    assert {"one", "two"} <= set(adaptor.meta["train_articles"])
+
+    def refuse(*args, **kwargs):  # a second run reads the questions back instead of writing them
+        raise AssertionError("question written again")
+
+    monkeypatch.setattr(synthetic, "write_question", refuse)
+    rerun = dataclasses.replace(config)
+    assert synthetic.synthetic_questions(lm, synthetic.evenly_spaced([], 0), 0, out / "extra-questions.jsonl") == []
+    from ragcompress.indexing.inputs import iter_passages
+
+    again = synthetic.synthetic_questions(lm, list(iter_passages(essays)), 2, out / "extra-questions.jsonl", False)
+    assert [q.id for q in again] == [r["id"] for r in written if r["question"]]
+    with pytest.raises(InputError, match="held-out"):
+        train(lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, tmp_path / "bad",
+              dataclasses.replace(rerun, extra_passages=str(SAMPLE_PASSAGES)), progress=False)  # fmt: skip

@@ -114,6 +114,11 @@ class TrainConfig:
     keep_last: int | None = None
     seed: int = 0
     val_articles: list[str] = field(default_factory=list)
+    # other text for training examples (a passages JSONL or a folder of documents, chunked as
+    # ``index`` chunks them), with questions the base model writes about ``extra_questions`` of its
+    # passages, evenly spaced (0: every one; ``synthetic.py``); training side only, never validation
+    extra_passages: str | None = None
+    extra_questions: int = 0
     # start from this adaptor's trained factors (a path or packaged name; fresh optimizer) instead
     # of the adaptor of zeros: continues a finished run whose checkpoint is gone, e.g. a packaged one
     init_adaptor: str | None = None
@@ -185,9 +190,16 @@ def split_articles(titles: list[str], val_articles: list[str] | None = None) -> 
     return chosen
 
 
-def data_hash(passages_path: Path, questions_path: Path, val_articles: list[str]) -> str:
+def data_hash(
+    passages_path: Path, questions_path: Path, val_articles: list[str], extra_passages: str | None = None
+) -> str:
+    """sha256 of the training data files, the split and (if any) every file of ``extra_passages``."""
     digest = hashlib.sha256()
-    for path in (passages_path, questions_path):
+    files = [passages_path, questions_path]
+    if extra_passages:
+        extra = Path(extra_passages)
+        files += sorted(p for p in extra.rglob("*") if p.is_file()) if extra.is_dir() else [extra]
+    for path in files:
         digest.update(path.read_bytes())
     digest.update(json.dumps(sorted(val_articles)).encode())
     return digest.hexdigest()
@@ -223,6 +235,26 @@ def load_corpora(passages_path: Path, questions_path: Path, val_articles: list[s
     if ids_train & {article_of(p) for p in val.passages}:
         raise AssertionError("an article is on both sides of the split")
     return train, val
+
+
+def with_extra_passages(lm: LoadedModel, corpus: Corpus, config: TrainConfig, out: Path, progress: bool) -> Corpus:
+    """The training corpus plus ``config.extra_passages`` and the base model's questions about
+    them (``synthetic.py``, cached in ``out/extra-questions.jsonl``): more examples, from other
+    text, retrieved over the union so that a question's passages may come from either."""
+    from ragcompress.distill.synthetic import synthetic_questions
+    from ragcompress.retrieval import Embedder
+
+    assert config.extra_passages is not None
+    extra = list(iter_passages(config.extra_passages))
+    held_out = sorted({article_of(p) for p in extra} & set(config.val_articles))
+    if held_out:
+        raise InputError(f"--extra-passages {config.extra_passages} holds held-out articles {held_out}")
+    clash = sorted({p.id for p in extra} & {p.id for p in corpus.passages})
+    if clash:
+        raise InputError(f"--extra-passages {config.extra_passages} repeats passage ids of --passages: {clash[:3]}")
+    questions = synthetic_questions(lm, extra, config.extra_questions, out / "extra-questions.jsonl", progress)
+    vectors = Embedder().embed([p.text for p in extra])
+    return Corpus(corpus.passages + extra, corpus.questions + questions, np.vstack([corpus.vectors, vectors]))
 
 
 # -- teacher and student ------------------------------------------------------------------------
@@ -746,6 +778,8 @@ def train(
     all_titles = [article_of(p) for p in iter_passages(passages_path)]
     config.val_articles = split_articles(all_titles, config.val_articles)
     train_corpus, val_corpus = load_corpora(passages_path, questions_path, config.val_articles)
+    if config.extra_passages:
+        train_corpus = with_extra_passages(lm, train_corpus, config, out, progress)
 
     checkpoint_path, teacher_path = out / "checkpoint.safetensors", out / "teacher.safetensors"
     checkpoint = load_tree(checkpoint_path) if checkpoint_path.is_file() else None
@@ -885,7 +919,7 @@ def train(
     adaptor.meta = {
         "base_model": lm.ref,
         "base_fingerprint": lm.fingerprint,
-        "training_data_sha256": data_hash(passages_path, questions_path, config.val_articles),
+        "training_data_sha256": data_hash(passages_path, questions_path, config.val_articles, config.extra_passages),
         "train_articles": sorted({article_of(p) for p in train_corpus.passages}),
         "val_articles": config.val_articles,
         "method": config.method,
