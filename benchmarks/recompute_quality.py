@@ -317,28 +317,29 @@ def markdown(model: str, n: int, top_k: int, table: dict) -> str:
 
 
 def paired_with(args: argparse.Namespace, questions) -> dict:
-    """Every ``VARIANT:spec`` setting of this run against ``spec`` in the ``--pair-with``
-    checkpoint (another run over the same questions), per question: the paired differences in
-    agreement and sub-EM (bootstrap interval, exact McNemar) and in KL."""
+    """Per question, the paired differences in agreement and sub-EM (bootstrap interval, exact
+    McNemar) and in KL of: every ``VARIANT:spec`` setting of this run against ``spec`` in the
+    ``--pair-with`` checkpoint (another run over the same questions), and every ``--compare A=B``
+    pair of this run's settings."""
     out: dict = {}
     for top_k in args.top_k:
         ours = checkpointed(args.checkpoint, top_k, args.settings)
-        theirs = checkpointed(args.pair_with, top_k, [])
-        for name in args.settings:
-            variant, _, spec = name.rpartition(":")
-            if not variant:
-                continue
-            common = [q.id for q in questions if q.id in ours and q.id in theirs and spec in theirs[q.id]]
+        pairs = [(ours, a, b) for a, b in (c.split("=", 1) for c in args.compare)]
+        if args.pair_with:
+            theirs = checkpointed(args.pair_with, top_k, [])
+            pairs += [(theirs, name, name.rpartition(":")[2]) for name in args.settings if ":" in name]
+        for other, name, spec in pairs:
+            common = [q.id for q in questions if q.id in ours and q.id in other and spec in other[q.id]]
             if not common:
                 continue
             a = [ours[i][name] for i in common]
-            b = [theirs[i][spec] for i in common]
+            b = [other[i][spec] for i in common]
             out[f"top{top_k} {name} vs {spec}"] = {
                 "n": len(common),
                 "agreement": paired_comparison([r["agree"] for r in a], [r["agree"] for r in b]),
                 "sub_em": paired_comparison([r["sub_em"] for r in a], [r["sub_em"] for r in b]),
                 "kl_mean_difference": statistics.fmean(r["kl"] for r in a) - statistics.fmean(r["kl"] for r in b),
-                "full_answers_identical": all(ours[i]["full"]["answer"] == theirs[i]["full"]["answer"] for i in common),
+                "full_answers_identical": all(ours[i]["full"]["answer"] == other[i]["full"]["answer"] for i in common),
             }
     return out
 
@@ -398,7 +399,7 @@ def report_only(args: argparse.Namespace) -> None:
         if records:
             result["tables"][f"top{top_k}"] = summarize(records, args.settings)
             print(markdown(result["model"], len(records), top_k, result["tables"][f"top{top_k}"]), flush=True)
-    if args.pair_with:
+    if args.pair_with or args.compare:
         result["paired"] = paired_with(args, questions)
         for name, row in result["paired"].items():
             print(
@@ -439,6 +440,13 @@ def main() -> None:
     parser.add_argument("--shard", default="0/1", help="I/N: run every N-th question from the I-th (one checkpoint)")
     parser.add_argument(
         "--pair-with", type=Path, help="with --report-only: pair VARIANT:spec settings with spec in this checkpoint"
+    )
+    parser.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="A=B",
+        help="with --report-only: pair setting A with setting B of this run, question by question",
     )
     parser.add_argument(
         "--report-only", action="store_true", help="summarize the sampled questions --checkpoint holds; run nothing"

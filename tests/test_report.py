@@ -195,6 +195,39 @@ def test_faithful_disagreements_are_split_by_which_answer_is_right():
     }
 
 
+def test_faithful_pairs_settings_of_one_run_and_of_another_run_by_question(tmp_path):
+    """recompute_quality --report-only: ``--compare A=B`` pairs two settings of this run and
+    ``--pair-with`` pairs ``VARIANT:spec`` with ``spec`` of another run, question by question."""
+    import argparse
+    from types import SimpleNamespace
+
+    quality = importlib.import_module("recompute_quality")
+
+    def row(agree: float, kl: float) -> dict:
+        return {"agree": agree, "sub_em": agree, "kl": kl, "answer": "x"}
+
+    ours, theirs = tmp_path / "ours.jsonl", tmp_path / "theirs.jsonl"
+    ours.write_text(
+        "\n".join(
+            json.dumps({"top_k": 3, "id": f"q{i}", "full": row(1, 0), "a:reuse": row(a, 0.1), "b:reuse": row(b, 0.3)})
+            for i, (a, b) in enumerate([(1, 0), (1, 0), (0, 1), (1, 1)])
+        )
+    )
+    theirs.write_text(
+        "\n".join(json.dumps({"top_k": 3, "id": f"q{i}", "full": row(1, 0), "reuse": row(0, 0.2)}) for i in range(4))
+    )
+    args = argparse.Namespace(
+        top_k=[3], checkpoint=ours, settings=["a:reuse", "b:reuse"], compare=["a:reuse=b:reuse"], pair_with=theirs
+    )
+    paired = quality.paired_with(args, [SimpleNamespace(id=f"q{i}") for i in range(4)])
+    within = paired["top3 a:reuse vs b:reuse"]
+    assert (within["agreement"]["wins"], within["agreement"]["losses"]) == (2, 1)
+    assert within["kl_mean_difference"] == pytest.approx(-0.2) and within["n"] == 4
+    across = paired["top3 a:reuse vs reuse"]
+    assert (across["agreement"]["wins"], across["agreement"]["losses"]) == (3, 0)
+    assert set(paired) == {"top3 a:reuse vs b:reuse", "top3 a:reuse vs reuse", "top3 b:reuse vs reuse"}
+
+
 def test_faithful_curve_plots_every_setting_of_every_faithful_file(tmp_path):
     """benchmarks/faithful_curve.py: one series per table, every setting but full prefill, the
     speed-up and agreement read from the file; a folder without results is an error."""
