@@ -59,6 +59,11 @@ def test_wheel_installs_the_kernels_under_their_import_name(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"ragcompress_kernels/__init__.py", "ragcompress_kernels/quantized_attention.py"} <= names
     assert "ragcompress/data/squad_sample/passages.jsonl" in names
+    adaptors = sorted((ROOT / "ragcompress" / "distill" / "adaptors").glob("*/adaptor.json"))
+    assert adaptors  # the presets' packaged adaptors (setuptools warns about these data folders)
+    for config in adaptors:
+        folder = config.parent.relative_to(ROOT).as_posix()
+        assert {f"{folder}/adaptor.json", f"{folder}/adaptor.safetensors"} <= names
     assert not any(name.startswith("kernels/") for name in names)
     for package in listed_packages():
         assert f"{package.replace('.', '/')}/__init__.py" in names
