@@ -15,12 +15,14 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ragcompress.errors import InputError
 from ragcompress.runtime.engine import Answer, Engine
 from ragcompress.runtime.options import AnswerOptions
 from ragcompress.stats import bootstrap_ci, paired_comparison
+
+T = TypeVar("T")
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = set(string.punctuation)
@@ -104,10 +106,17 @@ def select_questions(
         questions = [q for q in questions if article_of(q) in wanted]
         if not questions:
             raise InputError(f"no question of the articles {sorted(wanted)}")
-    if sample is None or sample >= len(questions):
-        return questions  # (spacing more picks than there are repeated some and skipped the last ones)
-    step = len(questions) / sample
-    return [questions[int(i * step)] for i in range(sample)]
+    return evenly_spaced(questions, sample)
+
+
+def evenly_spaced(items: Sequence[T], count: int | None) -> list[T]:
+    """``count`` of ``items`` spread over the whole sequence, in order; all of them when ``count``
+    is None or at least their number (spacing more picks than there are repeated some and skipped
+    the last ones)."""
+    if count is None or count >= len(items):
+        return list(items)
+    step = len(items) / count
+    return [items[int(i * step)] for i in range(count)]
 
 
 @dataclass(frozen=True)

@@ -617,12 +617,11 @@ def test_extra_passages_add_training_examples_with_the_models_own_questions(lm, 
         raise AssertionError("question written again")
 
     monkeypatch.setattr(synthetic, "write_question", refuse)
-    rerun = dataclasses.replace(config)
-    assert synthetic.synthetic_questions(lm, synthetic.evenly_spaced([], 0), 0, out / "extra-questions.jsonl") == []
+    assert synthetic.synthetic_questions(lm, [], 0, out / "extra-questions.jsonl") == []
     from ragcompress.indexing.inputs import iter_passages
 
     again = synthetic.synthetic_questions(lm, list(iter_passages(essays)), 2, out / "extra-questions.jsonl", False)
     assert [q.id for q in again] == [r["id"] for r in written if r["question"]]
     with pytest.raises(InputError, match="held-out"):
         train(lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, tmp_path / "bad",
-              dataclasses.replace(rerun, extra_passages=str(SAMPLE_PASSAGES)), progress=False)  # fmt: skip
+              dataclasses.replace(config, extra_passages=str(SAMPLE_PASSAGES)), progress=False)  # fmt: skip

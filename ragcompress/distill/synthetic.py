@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ragcompress.evaluation import Question
+from ragcompress.evaluation import Question, evenly_spaced
 from ragcompress.indexing.inputs import PassageInput
 from ragcompress.models import LoadedModel
 
@@ -30,13 +30,6 @@ REQUEST = (
 )
 MAX_QUESTION_TOKENS = 40
 ID_PREFIX = "synthetic:"  # question id = prefix + passage id: never a dataset question's id
-
-
-def evenly_spaced(passages: list[PassageInput], count: int) -> list[PassageInput]:
-    """``count`` passages spread over the whole list (all of them when ``count`` is 0 or more)."""
-    if count <= 0 or count >= len(passages):
-        return list(passages)
-    return [passages[i * len(passages) // count] for i in range(count)]
 
 
 def request_ids(lm: LoadedModel, text: str) -> list[int]:
@@ -80,7 +73,7 @@ def synthetic_questions(
         for line in path.read_text(encoding="utf-8").splitlines():
             record = json.loads(line)
             done[record["passage_id"]] = Question(record["id"], record["question"], [], record["passage_id"])
-    chosen = evenly_spaced(passages, count)
+    chosen = evenly_spaced(passages, count or None)
     with path.open("a", encoding="utf-8") as sink:
         for passage in tqdm(chosen, desc="synthetic questions", unit="passage", disable=not progress):
             if passage.id in done:
