@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ragcompress.errors import InputError
-from ragcompress.evaluation import Question, article_of, read_questions, select_questions
+from ragcompress.evaluation import Question, read_questions, select_questions
 from ragcompress.kv import PassageKV
 from ragcompress.kv.quant import QuantConfig
 from ragcompress.runtime.generate import rewind as rewind  # re-exported
@@ -43,8 +43,8 @@ KVPRESS = "kvpress-"  # scores computed by benchmarks/kvpress_scores.py with NVI
 
 
 def question_article(question: Question) -> str:
-    """The article a SQuAD question is about (:func:`ragcompress.evaluation.article_of`)."""
-    article = article_of(question)
+    """The article a SQuAD question is about (:attr:`Question.article`); exits when it has none."""
+    article = question.article
     if article is None:
         raise SystemExit(f"question {question.id} has no passage_id, so no article")
     return article

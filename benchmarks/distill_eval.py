@@ -152,7 +152,10 @@ def all_held_out(
 
     articles = adaptor.meta["val_articles"]
     path = out / "teacher-heldout-all.safetensors"
-    _, val_corpus = load_corpora(passages, questions, articles)
+    from ragcompress.retrieval import Embedder
+
+    embedder = Embedder()
+    _, val_corpus = load_corpora(passages, questions, articles, embedder)
     validated = [q.id for q in select_questions(val_corpus.questions, adaptor.meta["config"]["val_examples"] or None)]
     if path.is_file():
         examples = [Example(**e) for e in load_tree(path)]
@@ -160,7 +163,14 @@ def all_held_out(
         distiller = Distiller(lm, Adaptor.initial(lm.model, kind="forward"))
         try:
             examples = build_examples(
-                distiller, val_corpus, 3, None, "teacher (all held-out)", out / "teacher-heldout-all.part", True
+                distiller,
+                val_corpus,
+                embedder,
+                3,
+                None,
+                "teacher (all held-out)",
+                out / "teacher-heldout-all.part",
+                True,
             )
         finally:
             remove_adapter(lm.model, TRAINING_ADAPTER)

@@ -60,6 +60,11 @@ class Question:
     answers: list[str]
     passage_id: str | None = None
 
+    @property
+    def article(self) -> str | None:
+        """The article a SQuAD-style question is about: its ``passage_id``'s part before ``#``."""
+        return None if self.passage_id is None else self.passage_id.split("#")[0]
+
 
 def read_questions(path: str | Path, limit: int | None = None) -> list[Question]:
     """JSONL of ``{"id", "question", "answers": [str], "passage_id"?}``; errors name the line."""
@@ -88,11 +93,6 @@ def read_questions(path: str | Path, limit: int | None = None) -> list[Question]
     return questions
 
 
-def article_of(question: Question) -> str | None:
-    """The article a SQuAD-style question is about: its ``passage_id``'s part before ``#``."""
-    return None if question.passage_id is None else question.passage_id.split("#")[0]
-
-
 def select_questions(
     questions: list[Question], sample: int | None = None, articles: Sequence[str] = ()
 ) -> list[Question]:
@@ -103,7 +103,7 @@ def select_questions(
         wanted = set(articles)
         if any(q.passage_id is None for q in questions):
             raise InputError("selecting questions by article needs a passage_id (ARTICLE#N) on every question")
-        questions = [q for q in questions if article_of(q) in wanted]
+        questions = [q for q in questions if q.article in wanted]
         if not questions:
             raise InputError(f"no question of the articles {sorted(wanted)}")
     return evenly_spaced(questions, sample)

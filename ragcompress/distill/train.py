@@ -38,7 +38,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -60,6 +60,9 @@ from ragcompress.models import LoadedModel
 from ragcompress.prompt import PromptTemplate
 from ragcompress.runtime.attention import KV_MASK_KWARG
 from ragcompress.runtime.generate import forward_logits, stop_token_ids
+
+if TYPE_CHECKING:
+    from ragcompress.retrieval import Embedder
 
 CONTINUATION = 32  # reconstruction tokens per example
 MAX_ANSWER = 10  # teacher's greedy answer length cap
@@ -171,10 +174,6 @@ class Example:
 # -- data ---------------------------------------------------------------------------------------
 
 
-def article_of(passage: PassageInput) -> str:
-    return passage.title or passage.id.split("#")[0]
-
-
 def split_articles(titles: list[str], val_articles: list[str] | None = None) -> list[str]:
     """Held-out articles: ``val_articles`` if given, else every third title in sorted order."""
     ordered = sorted(set(titles))
@@ -218,42 +217,42 @@ class Corpus:
         return [list(np.argsort(-row, kind="stable")[:k]) for row in scores]
 
 
-def load_corpora(passages_path: Path, questions_path: Path, val_articles: list[str]) -> tuple[Corpus, Corpus]:
-    from ragcompress.retrieval import Embedder
-
+def load_corpora(
+    passages_path: Path, questions_path: Path, val_articles: list[str], embedder: Embedder
+) -> tuple[Corpus, Corpus]:
     passages = list(iter_passages(passages_path))
     questions = read_questions(questions_path)
-    article = {p.id: article_of(p) for p in passages}
-    embedder = Embedder()
+    article = {p.id: p.article for p in passages}
     sides = []
     for held_out in (False, True):
-        ps = [p for p in passages if (article_of(p) in val_articles) == held_out]
+        ps = [p for p in passages if (p.article in val_articles) == held_out]
         qs = [q for q in questions if (article.get(q.passage_id or "", "") in val_articles) == held_out]
         sides.append(Corpus(ps, qs, embedder.embed([p.text for p in ps])))
     train, val = sides
-    ids_train = {article_of(p) for p in train.passages}
-    if ids_train & {article_of(p) for p in val.passages}:
+    ids_train = {p.article for p in train.passages}
+    if ids_train & {p.article for p in val.passages}:
         raise AssertionError("an article is on both sides of the split")
     return train, val
 
 
-def with_extra_passages(lm: LoadedModel, corpus: Corpus, config: TrainConfig, out: Path, progress: bool) -> Corpus:
+def with_extra_passages(
+    lm: LoadedModel, corpus: Corpus, config: TrainConfig, embedder: Embedder, out: Path, progress: bool
+) -> Corpus:
     """The training corpus plus ``config.extra_passages`` and the base model's questions about
     them (``synthetic.py``, cached in ``out/extra-questions.jsonl``): more examples, from other
     text, retrieved over the union so that a question's passages may come from either."""
     from ragcompress.distill.synthetic import synthetic_questions
-    from ragcompress.retrieval import Embedder
 
     assert config.extra_passages is not None
     extra = list(iter_passages(config.extra_passages))
-    held_out = sorted({article_of(p) for p in extra} & set(config.val_articles))
+    held_out = sorted({p.article for p in extra} & set(config.val_articles))
     if held_out:
         raise InputError(f"--extra-passages {config.extra_passages} holds held-out articles {held_out}")
     clash = sorted({p.id for p in extra} & {p.id for p in corpus.passages})
     if clash:
         raise InputError(f"--extra-passages {config.extra_passages} repeats passage ids of --passages: {clash[:3]}")
     questions = synthetic_questions(lm, extra, config.extra_questions, out / "extra-questions.jsonl", progress)
-    vectors = Embedder().embed([p.text for p in extra])
+    vectors = embedder.embed([p.text for p in extra])
     return Corpus(corpus.passages + extra, corpus.questions + questions, np.vstack([corpus.vectors, vectors]))
 
 
@@ -608,6 +607,7 @@ def views_of(question_id: str, retrieved: list[int], k: int, views: int) -> list
 def build_examples(
     distiller: Distiller,
     corpus: Corpus,
+    embedder: Embedder,
     k: int,
     limit: int | None,
     desc: str,
@@ -620,11 +620,9 @@ def build_examples(
     resumes from it, and a run with more views reuses the ones it has)."""
     from tqdm import tqdm
 
-    from ragcompress.retrieval import Embedder
-
     questions = select_questions(corpus.questions, limit or None)
     done = {e["qid"]: Example(**e) for e in load_tree(partial)} if partial.is_file() else {}
-    vectors = Embedder().embed([q.question for q in questions])
+    vectors = embedder.embed([q.question for q in questions])
     retrieved = corpus.retrieve(vectors, k if views == 1 else 2 * k)
     examples = []
     for q, rows in tqdm(list(zip(questions, retrieved, strict=True)), desc=desc, unit="question"):
@@ -775,11 +773,14 @@ def train(
 
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
-    all_titles = [article_of(p) for p in iter_passages(passages_path)]
+    all_titles = [p.article for p in iter_passages(passages_path)]
     config.val_articles = split_articles(all_titles, config.val_articles)
-    train_corpus, val_corpus = load_corpora(passages_path, questions_path, config.val_articles)
+    from ragcompress.retrieval import Embedder
+
+    embedder = Embedder()  # retrieval over each side of the split builds the training examples
+    train_corpus, val_corpus = load_corpora(passages_path, questions_path, config.val_articles, embedder)
     if config.extra_passages:
-        train_corpus = with_extra_passages(lm, train_corpus, config, out, progress)
+        train_corpus = with_extra_passages(lm, train_corpus, config, embedder, out, progress)
 
     checkpoint_path, teacher_path = out / "checkpoint.safetensors", out / "teacher.safetensors"
     checkpoint = load_tree(checkpoint_path) if checkpoint_path.is_file() else None
@@ -819,6 +820,7 @@ def train(
         train_examples = build_examples(
             distiller,
             train_corpus,
+            embedder,
             config.top_k,
             config.train_questions or None,
             "teacher (train)",
@@ -828,6 +830,7 @@ def train(
         val_examples = build_examples(
             distiller,
             val_corpus,
+            embedder,
             config.top_k,
             config.val_examples,
             "teacher (held-out)",
@@ -920,7 +923,7 @@ def train(
         "base_model": lm.ref,
         "base_fingerprint": lm.fingerprint,
         "training_data_sha256": data_hash(passages_path, questions_path, config.val_articles, config.extra_passages),
-        "train_articles": sorted({article_of(p) for p in train_corpus.passages}),
+        "train_articles": sorted({p.article for p in train_corpus.passages}),
         "val_articles": config.val_articles,
         "method": config.method,
         "ratio": config.ratio,

@@ -36,6 +36,12 @@ class PassageInput:
     def text_sha(self) -> str:
         return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
 
+    @property
+    def article(self) -> str:
+        """The document the passage comes from: its title, else its id's part before ``#``
+        (``index`` names a document's chunks ``<document>#<n>``). Training splits by it."""
+        return self.title or self.id.split("#")[0]
+
 
 def _check_id(value: Any, where: str) -> str:
     if not isinstance(value, str) or not value.strip():
