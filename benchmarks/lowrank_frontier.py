@@ -20,7 +20,8 @@ passages, same decoding) for every question whose retrieved ids match; the rest 
 
 Row names: ``METHOD@RATIO/QUANT/RANK``, e.g. ``none@1/fp16/-`` (the uncompressed reference),
 ``global:kvzip@0.25/int4/r32`` (fixed rank 32, keys and values), ``.../r16k`` (keys only),
-``.../e0.9`` (energy 0.9 per layer), ``.../p0.9`` (energy 0.9, progressive by depth); a
+``.../e0.9`` (energy 0.9 per layer), ``.../p0.9`` (energy 0.9, progressive by depth);
+``int2g64`` quantizes in groups of 64 instead of the default 32 (``index --group-size``); a
 ``+adaptor`` suffix encodes the passages through ``--adaptor`` (``+adaptor-LABEL`` names a second
 adaptor's row of the same store apart, e.g. an earlier checkpoint of it).
 
@@ -56,6 +57,7 @@ from ragcompress.indexing.indexer import Indexer, passage_record
 from ragcompress.indexing.inputs import PassageInput, iter_passages
 from ragcompress.kv import ModelShape, PassageKV
 from ragcompress.kv.lowrank import CalibrationMoments, LowRankBasis, RankSpec
+from ragcompress.kv.quant import QuantConfig
 from ragcompress.models import LoadedModel, load_model
 from ragcompress.retrieval import Embedder
 from ragcompress.runtime.engine import Engine
@@ -69,7 +71,7 @@ from common import SQUAD, adaptor_provenance, question_article, results_meta, te
 CORE272 = Path(__file__).resolve().parents[1] / "runs" / "core272-ck"
 OPTIONS = AnswerOptions(backend="dense")
 ROW = re.compile(
-    r"(?P<method>[^@]+)@(?P<ratio>[0-9.]+)/(?P<quant>\w+)/(?P<rank>-|r\d+k?|[ep][0-9.]+k?)(?P<adaptor>\+adaptor(?:-[A-Za-z0-9]+)?)?"
+    r"(?P<method>[^@]+)@(?P<ratio>[0-9.]+)/(?P<quant>none|fp16|int8|int4|int2)(?:g(?P<group>\d+))?/(?P<rank>-|r\d+k?|[ep][0-9.]+k?)(?P<adaptor>\+adaptor(?:-[A-Za-z0-9]+)?)?"
 )
 
 
@@ -83,12 +85,15 @@ class RowSpec:
     quant: str
     rank: RankSpec | None
     adaptor: bool = False  # encoded through --adaptor (a KV-Distill adaptor, #15)
+    group_size: int = QuantConfig().group_size
 
     @classmethod
     def parse(cls, name: str) -> RowSpec:
         match = ROW.fullmatch(name)
         if match is None:
-            raise SystemExit(f"bad row {name!r}: expected METHOD@RATIO/QUANT/(-|rN[k]|eE[k]|pE[k])[+adaptor[-LABEL]]")
+            raise SystemExit(
+                f"bad row {name!r}: expected METHOD@RATIO/QUANT[gGROUP]/(-|rN[k]|eE[k]|pE[k])[+adaptor[-LABEL]]"
+            )
         rank_text = match["rank"]
         rank = None
         if rank_text != "-":
@@ -99,7 +104,8 @@ class RowSpec:
             else:
                 schedule = "global" if rank_text[0] == "e" else "progressive"
                 rank = RankSpec(energy=float(number), schedule=schedule, values=values)
-        return cls(name, match["method"], float(match["ratio"]), match["quant"], rank, bool(match["adaptor"]))
+        group = int(match["group"]) if match["group"] else QuantConfig().group_size
+        return cls(name, match["method"], float(match["ratio"]), match["quant"], rank, bool(match["adaptor"]), group)
 
     def index_config(self, adaptor: Path | None = None) -> IndexConfig:
         ratio = None if self.method == "none" else self.ratio
@@ -109,6 +115,7 @@ class RowSpec:
             method=self.method,
             ratio=ratio,
             quant=self.quant,
+            group_size=self.group_size,
             rank=rank.rank if rank else None,
             rank_energy=rank.energy if rank else None,
             rank_schedule=rank.schedule if rank else "global",
@@ -398,6 +405,7 @@ def measure(frontier: Frontier, row: RowSpec, reference: dict[str, Any] | None) 
         "method": row.method,
         "ratio": row.ratio,
         "quant": row.quant,
+        "group_size": row.group_size,
         "rank": None if row.rank is None else row.rank.as_dict(),
         "ranks_k": lowrank["ranks_k"] if lowrank else None,
         "ranks_v": lowrank.get("ranks_v") if lowrank else None,
