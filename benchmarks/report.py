@@ -1314,7 +1314,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if README.md differs from the rendering")
     parser.add_argument(
-        "--readme", type=Path, default=None, help="the one file to render (default: README.md, DOCS and PARTLY_GENERATED)"
+        "--readme",
+        type=Path,
+        default=None,
+        help="the one file to render (default: README.md, DOCS and PARTLY_GENERATED)",
     )
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
