@@ -31,7 +31,7 @@ def test_partly_generated_docs_blocks_equal_their_rendering():
     """docs/compression.md's generated blocks (the frontier, KVzip's cost, per-layer padding);
     its hand-written tables of an earlier round are not checked."""
     for path in report.PARTLY_GENERATED:
-        problem = report.check(path, every_table=False)
+        problem = report.check(path)
         assert problem is None, f"{problem}\nrun: .venv/bin/python benchmarks/report.py"
         assert report.blocks(path.read_text())
 
