@@ -47,6 +47,7 @@ from ragcompress.distill.train import (
 )
 from ragcompress.evaluation import read_questions, select_questions, sub_em
 from ragcompress.indexing.encoder import PassageEncoder
+from ragcompress.indexing.inputs import iter_passages
 from ragcompress.kv.quant import QuantConfig
 from ragcompress.models import load_model
 from ragcompress.prompt import PromptTemplate
@@ -155,7 +156,7 @@ def all_held_out(
     from ragcompress.retrieval import Embedder
 
     embedder = Embedder()
-    _, val_corpus = load_corpora(passages, questions, articles, embedder)
+    _, val_corpus = load_corpora(list(iter_passages(passages)), questions, articles, embedder)
     validated = [q.id for q in select_questions(val_corpus.questions, adaptor.meta["config"]["val_examples"] or None)]
     if path.is_file():
         examples = [Example(**e) for e in load_tree(path)]

@@ -21,7 +21,8 @@ passages, same decoding) for every question whose retrieved ids match; the rest 
 Row names: ``METHOD@RATIO/QUANT/RANK``, e.g. ``none@1/fp16/-`` (the uncompressed reference),
 ``global:kvzip@0.25/int4/r32`` (fixed rank 32, keys and values), ``.../r16k`` (keys only),
 ``.../e0.9`` (energy 0.9 per layer), ``.../p0.9`` (energy 0.9, progressive by depth);
-``int2g64`` quantizes in groups of 64 instead of the default 32 (``index --group-size``); a
+``int2g64`` quantizes in groups of 64 instead of the default 32 (``index --group-size``),
+``int4v2`` stores keys at int4 and values at int2 (``index --quant int4 --value-quant int2``); a
 ``+adaptor`` suffix encodes the passages through ``--adaptor`` (``+adaptor-LABEL`` names a second
 adaptor's row of the same store apart, e.g. an earlier checkpoint of it).
 
@@ -71,7 +72,7 @@ from common import SQUAD, adaptor_provenance, question_article, results_meta, te
 CORE272 = Path(__file__).resolve().parents[1] / "runs" / "core272-ck"
 OPTIONS = AnswerOptions(backend="dense")
 ROW = re.compile(
-    r"(?P<method>[^@]+)@(?P<ratio>[0-9.]+)/(?P<quant>none|fp16|int8|int4|int2)(?:g(?P<group>\d+))?/(?P<rank>-|r\d+k?|[ep][0-9.]+k?)(?P<adaptor>\+adaptor(?:-[A-Za-z0-9]+)?)?"
+    r"(?P<method>[^@]+)@(?P<ratio>[0-9.]+)/(?P<quant>none|fp16|int8|int4|int2)(?:v(?P<vbits>[248]))?(?:g(?P<group>\d+))?/(?P<rank>-|r\d+k?|[ep][0-9.]+k?)(?P<adaptor>\+adaptor(?:-[A-Za-z0-9]+)?)?"
 )
 
 
@@ -86,13 +87,14 @@ class RowSpec:
     rank: RankSpec | None
     adaptor: bool = False  # encoded through --adaptor (a KV-Distill adaptor, #15)
     group_size: int = QuantConfig().group_size
+    value_quant: str | None = None  # values' own width (``int4v2``: int2)
 
     @classmethod
     def parse(cls, name: str) -> RowSpec:
         match = ROW.fullmatch(name)
         if match is None:
             raise SystemExit(
-                f"bad row {name!r}: expected METHOD@RATIO/QUANT[gGROUP]/(-|rN[k]|eE[k]|pE[k])[+adaptor[-LABEL]]"
+                f"bad row {name!r}: expected METHOD@RATIO/QUANT[vBITS][gGROUP]/(-|rN[k]|eE[k]|pE[k])[+adaptor[-LABEL]]"
             )
         rank_text = match["rank"]
         rank = None
@@ -105,7 +107,17 @@ class RowSpec:
                 schedule = "global" if rank_text[0] == "e" else "progressive"
                 rank = RankSpec(energy=float(number), schedule=schedule, values=values)
         group = int(match["group"]) if match["group"] else QuantConfig().group_size
-        return cls(name, match["method"], float(match["ratio"]), match["quant"], rank, bool(match["adaptor"]), group)
+        value_quant = f"int{match['vbits']}" if match["vbits"] else None
+        return cls(
+            name,
+            match["method"],
+            float(match["ratio"]),
+            match["quant"],
+            rank,
+            bool(match["adaptor"]),
+            group,
+            value_quant,
+        )
 
     def index_config(self, adaptor: Path | None = None) -> IndexConfig:
         ratio = None if self.method == "none" else self.ratio
@@ -115,6 +127,7 @@ class RowSpec:
             method=self.method,
             ratio=ratio,
             quant=self.quant,
+            value_quant=self.value_quant,
             group_size=self.group_size,
             rank=rank.rank if rank else None,
             rank_energy=rank.energy if rank else None,
@@ -404,7 +417,7 @@ def measure(frontier: Frontier, row: RowSpec, reference: dict[str, Any] | None) 
     result = {
         "method": row.method,
         "ratio": row.ratio,
-        "quant": row.quant,
+        "quant": QuantConfig(row.quant, row.group_size, row.value_quant).name,
         "group_size": row.group_size,
         "rank": None if row.rank is None else row.rank.as_dict(),
         "ranks_k": lowrank["ranks_k"] if lowrank else None,

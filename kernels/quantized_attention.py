@@ -45,11 +45,12 @@ class QuantizedSegments:
     Segments sit one after another along the row axis; segment ``s`` owns rows
     ``seg_start[s] : seg_start[s+1]`` (a multiple of ``group_size`` rows, so key group ``g`` of the
     layer is rows ``g*group_size …``), of which head ``h`` keeps the first ``seg_len[h, s]``.
-    ``H`` = kv heads, ``N`` = total rows, ``S`` = segments, ``d`` = head_dim, ``pb = 8 // bits``.
+    ``H`` = kv heads, ``N`` = total rows, ``S`` = segments, ``d`` = head_dim, ``pb = 8 // bits``
+    (keys) and ``vpb = 8 // value_bits`` (values; ``v_bits``, default ``bits``).
 
     k_codes:   ``[H, N, d // pb]`` uint8, ``pb`` codes per byte, lowest bits first
     k_scale:   ``[H, N // group_size, d]`` fp16 (per channel, per group of rows); ``k_min`` alike
-    v_codes:   ``[H, N, d // pb]`` uint8
+    v_codes:   ``[H, N, d // vpb]`` uint8
     v_scale:   ``[H, N, d // v_group]`` fp16 (per row, per group of channels); ``v_min`` alike
     positions: ``[H, N]`` int32 RoPE position of each row in the prompt (padding rows: 0)
     seg_start: ``[S + 1]`` int32 row offsets, ``seg_start[-1] == N``; ``seg_start_host`` the same
@@ -72,17 +73,18 @@ class QuantizedSegments:
     group_size: int
     v_group: int
     seg_start_host: tuple[int, ...]
+    v_bits: int | None = None  # values' bits when they differ from the keys'
 
     def __post_init__(self) -> None:
         heads, rows, packed = self.k_codes.shape
         d = self.cos.shape[-1]
-        if self.bits not in (2, 4, 8):
-            raise ValueError(f"bits must be 2, 4 or 8, got {self.bits}")
+        if self.bits not in (2, 4, 8) or self.value_bits not in (2, 4, 8):
+            raise ValueError(f"bits must be 2, 4 or 8, got {self.bits} (keys) / {self.value_bits} (values)")
         pb = 8 // self.bits
         segs = len(self.seg_start_host) - 1
         expected = {
             "k_codes": ((heads, rows, d // pb), torch.uint8),
-            "v_codes": ((heads, rows, d // pb), torch.uint8),
+            "v_codes": ((heads, rows, d * self.value_bits // 8), torch.uint8),
             "k_scale": ((heads, rows // self.group_size, d), torch.float16),
             "k_min": ((heads, rows // self.group_size, d), torch.float16),
             "v_scale": ((heads, rows, d // self.v_group), torch.float16),
@@ -103,6 +105,10 @@ class QuantizedSegments:
             raise ValueError(f"segment rows must be multiples of group_size {self.group_size}")
         if self.seg_start_host[-1] != rows or d % self.v_group or d % 2:
             raise ValueError("seg_start must end at N and head_dim must be even and a multiple of v_group")
+
+    @property
+    def value_bits(self) -> int:
+        return self.bits if self.v_bits is None else self.v_bits
 
     @property
     def num_heads(self) -> int:
@@ -143,16 +149,18 @@ def dequantize_rows_ref(
     bits: int,
     group_size: int,
     v_group: int,
+    v_bits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dequantize and rotate rows with any leading dims ``[...]`` (``[H]``, or ``[L, H]`` to do
     every layer in one pass): codes ``[..., N, d // pb]``, k_scale/k_min ``[..., N / gs, d]``,
     v_scale/v_min ``[..., N, d / v_group]``, positions ``[..., N]``, cos/sin ``[P, d]``.
+    ``v_bits``: the values' bits when they differ from the keys' ``bits``.
     Returns fp32 keys (RoPE applied) and values ``[..., N, d]``."""
     *lead, rows, _ = k_codes.shape
     d = cos.shape[-1]
     keys = _unpack_ref(k_codes, bits).view(*lead, rows // group_size, group_size, d)
     keys = torch.addcmul(k_min.float().unsqueeze(-2), keys, k_scale.float().unsqueeze(-2)).view(*lead, rows, d)
-    values = _unpack_ref(v_codes, bits).view(*lead, rows, d // v_group, v_group)
+    values = _unpack_ref(v_codes, bits if v_bits is None else v_bits).view(*lead, rows, d // v_group, v_group)
     values = torch.addcmul(v_min.float().unsqueeze(-1), values, v_scale.float().unsqueeze(-1))
     pos = positions.long()
     half = d // 2
@@ -194,6 +202,7 @@ def dequantize_segments_ref(seg: QuantizedSegments) -> tuple[torch.Tensor, torch
         seg.bits,
         seg.group_size,
         seg.v_group,
+        seg.value_bits,
     )
     return keys, values, valid_rows_ref(seg.seg_start_host, seg.seg_len)
 
@@ -307,6 +316,7 @@ if HAS_TRITON:
         GROUP: tl.constexpr,
         HEAD_DIM: tl.constexpr,
         BITS: tl.constexpr,
+        V_BITS: tl.constexpr,
         GROUP_SIZE: tl.constexpr,
         V_GROUP: tl.constexpr,
         SPLIT: tl.constexpr,
@@ -325,6 +335,8 @@ if HAS_TRITON:
         kvh = pid_bh % H_KV
         PB: tl.constexpr = 8 // BITS
         CODE_MASK: tl.constexpr = (1 << BITS) - 1
+        V_PB: tl.constexpr = 8 // V_BITS
+        V_CODE_MASK: tl.constexpr = (1 << V_BITS) - 1
         HALF: tl.constexpr = HEAD_DIM // 2
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -343,11 +355,13 @@ if HAS_TRITON:
         sign = tl.where(cols < HALF, -1.0, 1.0)
         k_byte, k_shift = cols // PB, (cols % PB) * BITS
         p_byte, p_shift = partner // PB, (partner % PB) * BITS
+        v_byte, v_shift = cols // V_PB, (cols % V_PB) * V_BITS
         v_grp = cols // V_GROUP
         ROW_BYTES: tl.constexpr = HEAD_DIM // PB
+        V_ROW_BYTES: tl.constexpr = HEAD_DIM // V_PB
         V_GROUPS: tl.constexpr = HEAD_DIM // V_GROUP
         kc_head = KC + kvh * N_ROWS * ROW_BYTES
-        vc_head = VC + kvh * N_ROWS * ROW_BYTES
+        vc_head = VC + kvh * N_ROWS * V_ROW_BYTES
         ks_head = KS + kvh * (N_ROWS // GROUP_SIZE) * HEAD_DIM
         km_head = KM + kvh * (N_ROWS // GROUP_SIZE) * HEAD_DIM
         vs_head = VS + kvh * N_ROWS * V_GROUPS
@@ -384,8 +398,8 @@ if HAS_TRITON:
                 qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale
                 qk = tl.where(r_valid[None, :], qk, float("-inf"))
                 # values: per-token groups of V_GROUP channels
-                vc = tl.load(vc_head + rows[:, None] * ROW_BYTES + k_byte[None, :], mask=rmask, other=0)
-                vc = ((vc.to(tl.int32) >> k_shift[None, :]) & CODE_MASK).to(tl.float32)
+                vc = tl.load(vc_head + rows[:, None] * V_ROW_BYTES + v_byte[None, :], mask=rmask, other=0)
+                vc = ((vc.to(tl.int32) >> v_shift[None, :]) & V_CODE_MASK).to(tl.float32)
                 v_s = tl.load(vs_head + rows[:, None] * V_GROUPS + v_grp[None, :], mask=rmask, other=0.0)
                 v_m = tl.load(vm_head + rows[:, None] * V_GROUPS + v_grp[None, :], mask=rmask, other=0.0)
                 v = vc * v_s.to(tl.float32) + v_m.to(tl.float32)
@@ -476,7 +490,7 @@ if HAS_TRITON:
         ]
 
     _packed_attn_fwd_tuned = triton.autotune(
-        configs=_hopper_configs(), key=["GROUP", "HEAD_DIM", "BITS", "BLOCK_M", "SPLIT", "DOT_PRECISION"]
+        configs=_hopper_configs(), key=["GROUP", "HEAD_DIM", "BITS", "V_BITS", "BLOCK_M", "SPLIT", "DOT_PRECISION"]
     )(_packed_attn_fwd)
 
 
@@ -653,6 +667,7 @@ def _launch(
         GROUP=group,
         HEAD_DIM=d,
         BITS=seg.bits,
+        V_BITS=seg.value_bits,
         GROUP_SIZE=seg.group_size,
         V_GROUP=seg.v_group,
         SPLIT=split,

@@ -125,6 +125,9 @@ def index(
         None, "--keep-last", help="trailing tokens of every passage always kept (default 4)"
     ),
     quant: str | None = typer.Option(None, "--quant", help="none (default) | fp16 | int8 | int4 | int2"),
+    value_quant: str | None = typer.Option(
+        None, "--value-quant", help="the values' own width (int8 | int4 | int2; default: --quant, as the keys)"
+    ),
     group_size: int | None = typer.Option(None, "--group-size", help="quantization group size (default 32)"),
     context_neighbors: int | None = typer.Option(
         None,
@@ -178,6 +181,7 @@ def index(
         "method": method,
         "ratio": ratio,
         "quant": quant,
+        "value_quant": value_quant,
         "group_size": group_size,
         "budget": budget,
         "keep_first": keep_first,
@@ -292,13 +296,22 @@ def train(
     continuation_weight: float = typer.Option(
         0.5, "--continuation-weight", min=0.0, help="the reconstruction KL's weight (the answer KL's is 1)"
     ),
-    scorer_passages: int = typer.Option(40, "--scorer-passages", min=0, help="passages the scorer is fitted on"),
+    scorer_passages: int | None = typer.Option(
+        None,
+        "--scorer-passages",
+        min=0,
+        help="passages the learned retention scorer is fitted on (default: 40, or 0 when --method evicts "
+        "by another scorer, so no store would read it)",
+    ),
     eval_every: int = typer.Option(10, "--eval-every", min=1),
     method: str = typer.Option(
         "none", "--method", help="train for a store evicted by this method (e.g. global:kvzip; kind forward)"
     ),
     ratio: float = typer.Option(1.0, "--ratio", min=0.0, max=1.0, help="fraction of tokens that --method keeps"),
     quant: str = typer.Option("none", "--quant", help="train for a store quantized so (int8 | int4 | int2 | fp16)"),
+    value_quant: str | None = typer.Option(
+        None, "--value-quant", help="train for a store whose values take this width (as index --value-quant)"
+    ),
     keep_first: int | None = typer.Option(None, "--keep-first", min=0, help="as index --keep-first, for --method"),
     keep_last: int | None = typer.Option(None, "--keep-last", min=0, help="as index --keep-last, for --method"),
     kv_rank: int | None = typer.Option(
@@ -357,6 +370,7 @@ def train(
             method=method,
             ratio=ratio,
             quant=quant,
+            value_quant=value_quant,
             keep_first=keep_first,
             keep_last=keep_last,
             kv_rank=kv_rank,

@@ -436,6 +436,13 @@ def test_train_config_refuses_a_compression_it_cannot_train():
         TrainConfig(kind="cache", quant="int4")
 
 
+def test_the_scorer_is_fitted_by_default_only_where_a_store_may_read_it():
+    assert TrainConfig().scorer_fit_passages() == 40  # a general adaptor: index --method global:learned
+    assert TrainConfig(method="global:kvzip", ratio=0.25).scorer_fit_passages() == 0
+    assert TrainConfig(method="global:kvzip", ratio=0.25, scorer_passages=8).scorer_fit_passages() == 8
+    assert TrainConfig(scorer_passages=0).scorer_fit_passages() == 0
+
+
 def test_an_adaptor_trained_for_another_compression_is_used_with_a_warning(lm, tmp_path, passages_file, embedder):
     specialist = noisy_adaptor(lm.model, 8)
     specialist.meta = {"method": "global:kvzip", "ratio": 0.25, "quant": "int4"}

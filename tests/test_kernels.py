@@ -39,7 +39,9 @@ class PlainRotary:
 def make_blobs(
     lengths: list[int], heads: int, head_dim: int, scheme: str, seed: int, group_size: int = 32
 ) -> list[bytes]:
-    """Random passages through the store codec; every other head evicts a ragged subset."""
+    """Random passages through the store codec; every other head evicts a ragged subset.
+    ``scheme``: one for keys and values (``int4``) or keys/values (``int4/int2``)."""
+    quant = QuantConfig.from_name(scheme, group_size)
     gen = torch.Generator().manual_seed(seed)
     blobs = []
     for n in lengths:
@@ -53,9 +55,7 @@ def make_blobs(
             kv.positions[0, head, :keep] = idx
             kv.keys[0, head, :keep] = keys[0, head, idx]
             kv.values[0, head, :keep] = values[0, head, idx]
-        blobs.append(
-            codec.encode(PassageKV(kv.keys, kv.values, kv.positions, kv.lengths, n), QuantConfig(scheme, group_size))
-        )
+        blobs.append(codec.encode(PassageKV(kv.keys, kv.values, kv.positions, kv.lengths, n), quant))
     return blobs
 
 
@@ -190,6 +190,13 @@ CASES = {
     "prefill-d64-g4-int8-fp16": dict(
         lengths=[23, 41], heads=1, head_dim=64, group=4, q_len=6, scheme="int8", dtype=torch.float16
     ),
+    # values of their own width (index --value-quant): keys and values unpacked with different bits
+    "decode-d64-g3-int4-values-int2": dict(
+        lengths=[37, 100, 3], heads=2, head_dim=64, group=3, q_len=1, scheme="int4/int2", splits=[None, 2]
+    ),
+    "prefill-d128-g2-int2-values-int8": dict(
+        lengths=[50, 33], heads=2, head_dim=128, group=2, q_len=5, scheme="int2/int8"
+    ),
 }
 
 
@@ -203,7 +210,9 @@ def test_kernel_matches_fp32_reference(interpreter, name):
         assert err < tol, (plan, errors)
 
 
-@pytest.mark.parametrize("name", ["prefill-d64-g1-int8", "decode-d64-g3-int4", "prefill-d128-g3-int4"])
+@pytest.mark.parametrize(
+    "name", ["prefill-d64-g1-int8", "decode-d64-g3-int4", "prefill-d128-g3-int4", "decode-d64-g3-int4-values-int2"]
+)
 def test_reference_path_matches_codec_dequantization(name):
     from ragcompress_kernels import (
         attention_over_dense_ref,
@@ -307,9 +316,10 @@ def test_plan_splits_balances_rows_and_covers_every_segment():
     assert plan_splits((0, 32), 500, 8) == [0, 1]
 
 
-@pytest.fixture(scope="module")
-def tiny_int4_store(tiny_model_dir, tmp_path_factory):
-    """A tiny llama (head_dim 16, GQA 2) and an int4 store of eight passages."""
+@pytest.fixture(scope="module", params=[None, "int2"], ids=["int4", "int4-values-int2"])
+def tiny_int4_store(tiny_model_dir, tmp_path_factory, request):
+    """A tiny llama (head_dim 16, GQA 2) and an int4 store of eight passages (values int4, or
+    int2: ``index --value-quant``)."""
     from ragcompress.data import SAMPLE_PASSAGES
     from ragcompress.indexing import IndexConfig, index
     from ragcompress.models import load_model
@@ -326,7 +336,7 @@ def tiny_int4_store(tiny_model_dir, tmp_path_factory):
         store,
         lm=load_model(str(model_dir)),
         embedder=HashEmbedder(),
-        config=IndexConfig(quant="int4", group_size=16, embedder=HashEmbedder.name),
+        config=IndexConfig(quant="int4", group_size=16, embedder=HashEmbedder.name, value_quant=request.param),
     )
     return str(model_dir), str(store)
 

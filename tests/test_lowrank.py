@@ -74,7 +74,7 @@ def test_full_rank_reproduces_the_row_store_within_quantization_error(scheme):
         assert not (latent.keys * ~mask).any()  # padding rows are zero, as in row stores
 
 
-@pytest.mark.parametrize("scheme", ["none", "fp16", "int8", "int4"])
+@pytest.mark.parametrize("scheme", ["none", "fp16", "int8", "int4", "int4/int2"])
 @pytest.mark.parametrize("values", [True, False])
 def test_round_trip_is_what_the_store_gives_back_with_the_projections_gradient(scheme, values):
     """Training's view of a low-rank store (``LowRankBasis.round_trip``, ``train --kv-rank``)
@@ -82,7 +82,7 @@ def test_round_trip_is_what_the_store_gives_back_with_the_projections_gradient(s
     straight through the rounding."""
     caches = low_rank_caches(0)
     basis = fit_basis(caches[:4], RankSpec(rank=8, values=values))
-    quant = QuantConfig(scheme, 8)
+    quant = QuantConfig.from_name(scheme, 8)
     kv = ragged(caches[5], 2)
     stored = decode(encode(kv, quant, basis), basis=basis)
     mask = kv.valid_mask().unsqueeze(-1)

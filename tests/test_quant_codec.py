@@ -97,9 +97,33 @@ def test_quant_config_validation():
         QuantConfig("int3")
     with pytest.raises(ValueError, match="power of two"):
         QuantConfig("int8", group_size=24)
+    with pytest.raises(ValueError, match="only between integer schemes"):
+        QuantConfig("fp16", value_scheme="int2")
+    with pytest.raises(ValueError, match="only between integer schemes"):
+        QuantConfig("int4", value_scheme="fp16")
+    assert QuantConfig("int4", value_scheme="int4") == QuantConfig("int4")  # one spelling per config
+    split = QuantConfig("int4", 16, "int2")
+    assert (split.bits, split.value_bits, split.name) == (4, 2, "int4/int2")
+    assert split.of("k") == QuantConfig("int4", 16) and split.of("v") == QuantConfig("int2", 16)
+    assert QuantConfig.from_name(split.name, 16) == split and QuantConfig.from_name("int8").name == "int8"
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4", "int2", "fp16"])
+@pytest.mark.parametrize("make", [random_kv, ragged_kv])
+def test_values_of_their_own_width_are_coded_as_a_store_of_that_width(make):
+    """A K/V-split blob holds the keys an int4 blob holds and the values an int2 blob holds; a
+    one-width blob's bytes do not mention value schemes (older stores' blobs are unchanged)."""
+    kv = make()
+    split = codec.parse(codec.encode(kv, QuantConfig("int4", value_scheme="int2")))
+    assert split.quant == QuantConfig("int4", value_scheme="int2")
+    k4, v2 = codec.decode(codec.encode(kv, QuantConfig("int4"))), codec.decode(codec.encode(kv, QuantConfig("int2")))
+    got = split.dense()
+    assert torch.equal(got.keys, k4.keys) and torch.equal(got.values, v2.values)
+    packed = split.packed()
+    assert packed.k_codes.shape[-1] == 16 // 2 and packed.v_codes.shape[-1] == 16 // 4  # d=16 at 4 and 2 bits
+    assert b"value_scheme" not in codec.encode(kv, QuantConfig("int4"))
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "int2", "fp16", "int4/int2", "int2/int8"])
 def test_training_quantization_is_the_codecs_with_an_identity_gradient(scheme):
     """The KV-Distill student sees quantization through ``quantize_dequantize``: on real rows it
     must give what a stored and decoded cache gives, and pass gradients straight through."""
@@ -108,10 +132,11 @@ def test_training_quantization_is_the_codecs_with_an_identity_gradient(scheme):
     lengths = torch.tensor([[40, 17, 33], [1, 40, 25]])
     positions = torch.arange(40).expand(2, 3, 40).clone()
     kv = PassageKV(keys, values, positions, lengths, num_tokens=40)
-    decoded = codec.decode(codec.encode(kv, QuantConfig(scheme, 8)), torch.float32)
+    quant = QuantConfig.from_name(scheme, 8)
+    decoded = codec.decode(codec.encode(kv, quant), torch.float32)
     k_in, v_in = keys.clone().requires_grad_(True), values.clone().requires_grad_(True)
-    k = quantize_dequantize("k", k_in, lengths, QuantConfig(scheme, 8))
-    v = quantize_dequantize("v", v_in, lengths, QuantConfig(scheme, 8))
+    k = quantize_dequantize("k", k_in, lengths, quant)
+    v = quantize_dequantize("v", v_in, lengths, quant)
     mask = kv.valid_mask()
     assert torch.equal(k[mask], decoded.keys[mask]) and torch.equal(v[mask], decoded.values[mask])
     assert not torch.equal(k[mask], keys[mask])  # it did quantize

@@ -401,10 +401,12 @@ def matching_adaptor(
                 "" if lowrank.get("values") else " --no-kv-rank-values"
             )
         train_ratio = "R" if ratio is None else f"{ratio:g}"
+        key_quant, _, value_quant = quant.partition("/")  # QuantConfig.name: "int4" or "int4/int2"
+        train_quant = f"--quant {key_quant}" + (f" --value-quant {value_quant}" if value_quant else "")
         warnings.warn(
             f"no adaptor is packaged for {model_ref} trained for a store of {method} {kept} {quant}; "
             "encoding with the base model (answers from such a store lose more; train one with "
-            f"`ragcompress train --method {method} --ratio {train_ratio} --quant {quant}{train_rank}` and pass "
+            f"`ragcompress train --method {method} --ratio {train_ratio} {train_quant}{train_rank}` and pass "
             "--adaptor FOLDER)",
             UserWarning,
             stacklevel=3,

@@ -66,6 +66,7 @@ if TYPE_CHECKING:
 
 CONTINUATION = 32  # reconstruction tokens per example
 MAX_ANSWER = 10  # teacher's greedy answer length cap
+DEFAULT_SCORER_PASSAGES = 40  # passages the learned scorer is fitted on unless told
 TRAINING_ADAPTER = "ragcompress-training"  # peft adapter name of the LoRA layers being trained
 
 
@@ -101,12 +102,16 @@ class TrainConfig:
     continuation: int = CONTINUATION
     eval_every: int = 10
     checkpoint_every: int = 5
-    scorer_passages: int = 40
+    # passages the learned retention scorer is fitted on; None: 40 for a general adaptor (method
+    # "none": a store built with it may evict by the scorer), 0 for one trained for a store another
+    # scorer evicts (nothing would read it; a learned-scorer student is refused above)
+    scorer_passages: int | None = None
     # the store the adaptor is trained for: the student's passages are evicted by ``method`` at
     # ``ratio`` and quantized by ``quant`` as indexing will (kind "forward" only)
     method: str = "none"
     ratio: float = 1.0
     quant: str = "none"
+    value_quant: str | None = None  # the values' own width (index --value-quant); None: quant
     group_size: int = 32
     # ... and projected to rank ``kv_rank`` (index --rank; values too unless ``kv_rank_values`` is
     # False) on a basis fitted on the first ``calibration_passages`` training passages
@@ -131,11 +136,21 @@ class TrainConfig:
             raise ValueError(f"views must be >= 1, not {self.views}")
         if self.decay not in ("constant", "cosine") or self.warmup < 0:
             raise ValueError(f"decay is 'constant' or 'cosine' and warmup >= 0, not {self.decay!r} / {self.warmup}")
-        QuantConfig(self.quant, self.group_size)
+        self.quant_config()
         student_compressor(self)
         self.rank_spec()
         if (self.method != "none" or self.quant != "none" or self.kv_rank) and self.kind != "forward":
             raise ValueError("a compressed student (--method / --quant / --kv-rank) is trained with kind 'forward'")
+
+    def quant_config(self) -> QuantConfig:
+        """The store quantization the student is trained for."""
+        return QuantConfig(self.quant, self.group_size, self.value_quant)
+
+    def scorer_fit_passages(self) -> int:
+        """How many passages the scorer is fitted on (``scorer_passages``, or its default)."""
+        if self.scorer_passages is not None:
+            return self.scorer_passages
+        return DEFAULT_SCORER_PASSAGES if self.method == "none" else 0
 
     def rank_spec(self) -> RankSpec | None:
         """The store's low-rank setting the student is trained for (None: full rows)."""
@@ -218,9 +233,9 @@ class Corpus:
 
 
 def load_corpora(
-    passages_path: Path, questions_path: Path, val_articles: list[str], embedder: Embedder
+    passages: list[PassageInput], questions_path: Path, val_articles: list[str], embedder: Embedder
 ) -> tuple[Corpus, Corpus]:
-    passages = list(iter_passages(passages_path))
+    """The training and held-out sides of ``passages`` and their questions, split by article."""
     questions = read_questions(questions_path)
     article = {p.id: p.article for p in passages}
     sides = []
@@ -773,12 +788,12 @@ def train(
 
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
-    all_titles = [p.article for p in iter_passages(passages_path)]
-    config.val_articles = split_articles(all_titles, config.val_articles)
+    passages = list(iter_passages(passages_path))
+    config.val_articles = split_articles([p.article for p in passages], config.val_articles)
     from ragcompress.retrieval import Embedder
 
     embedder = Embedder()  # retrieval over each side of the split builds the training examples
-    train_corpus, val_corpus = load_corpora(passages_path, questions_path, config.val_articles, embedder)
+    train_corpus, val_corpus = load_corpora(passages, questions_path, config.val_articles, embedder)
     if config.extra_passages:
         train_corpus = with_extra_passages(lm, train_corpus, config, embedder, out, progress)
 
@@ -798,7 +813,7 @@ def train(
         config.teacher_top,
         config.continuation,
         student_compressor(config),
-        QuantConfig(config.quant, config.group_size),
+        config.quant_config(),
     )
 
     distiller.basis = student_basis(distiller, train_corpus.passages, config, out / "student-basis.safetensors")
@@ -916,8 +931,8 @@ def train(
 
     adaptor.tensors = distiller.factors()
     weight, bias, r2 = (None, None, None)
-    if config.scorer_passages:
-        weight, bias, r2 = fit_scorer(distiller, train_corpus.passages, config.scorer_passages)
+    if config.scorer_fit_passages():
+        weight, bias, r2 = fit_scorer(distiller, train_corpus.passages, config.scorer_fit_passages())
         adaptor.tensors[SCORER_WEIGHT], adaptor.tensors[SCORER_BIAS] = weight, bias
     adaptor.meta = {
         "base_model": lm.ref,
@@ -927,7 +942,7 @@ def train(
         "val_articles": config.val_articles,
         "method": config.method,
         "ratio": config.ratio,
-        "quant": config.quant,
+        "quant": config.quant_config().name,
         "lowrank": spec.as_dict() if (spec := config.rank_spec()) else None,
         "config": asdict(config),
         **({"init_adaptor_hash": init_hash} if init_hash else {}),

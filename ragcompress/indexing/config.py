@@ -17,7 +17,7 @@ from ragcompress.retrieval import DEFAULT_EMBEDDER
 from ragcompress.store import Manifest
 
 # Keys of a manifest's ``compression`` object that are not compressor parameters.
-_STORE_KEYS = ("method", "quant", "group_size", "lowrank")
+_STORE_KEYS = ("method", "quant", "value_quant", "group_size", "lowrank")
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,8 @@ class IndexConfig:
     method:     compression method (``ragcompress.compressors``), e.g. ``global:kvzip``
     ratio:      fraction of tokens kept, in (0, 1]; or ``budget``: tokens kept per head
     keep_first: leading / trailing tokens of every passage always kept (None: the method's default)
-    quant:      ``none`` | ``fp16`` | ``int8`` | ``int4`` | ``int2`` (KIVI), ``group_size`` its groups
+    quant:      ``none`` | ``fp16`` | ``int8`` | ``int4`` | ``int2`` (KIVI), ``group_size`` its groups;
+                ``value_quant``: the values' own integer width (None: ``quant``, as the keys)
     embedder:   sentence-transformers model of the store's FAISS index
     rank / rank_energy: low-rank latents (``ragcompress.kv.lowrank``): a fixed rank per layer, or
                 the variance fraction each layer keeps (``rank_schedule``: ``global`` or
@@ -46,6 +47,7 @@ class IndexConfig:
     ratio: float | None = None
     quant: str = "none"
     group_size: int = 32
+    value_quant: str | None = None
     budget: int | None = None
     keep_first: int | None = None
     keep_last: int | None = None
@@ -88,7 +90,7 @@ class IndexConfig:
         return make_compressor(self.method, **params)
 
     def quant_config(self) -> QuantConfig:
-        return QuantConfig(self.quant, self.group_size)
+        return QuantConfig(self.quant, self.group_size, self.value_quant)
 
 
 def config_from_manifest(manifest: Manifest) -> IndexConfig:
@@ -117,6 +119,7 @@ def config_from_manifest(manifest: Manifest) -> IndexConfig:
         method=str(compression["method"]),
         quant=str(compression["quant"]),
         group_size=int(compression["group_size"]),
+        value_quant=compression.get("value_quant"),
         embedder=manifest.embedder,
         rank=lowrank.get("rank"),
         rank_energy=lowrank.get("energy"),
@@ -141,6 +144,15 @@ def compressor_from_manifest(manifest: Manifest) -> Compressor:
     return make_compressor(compression["method"], **params)
 
 
+def store_quant(quant: QuantConfig) -> dict[str, Any]:
+    """A manifest's quantization keys; ``value_quant`` only when values take their own width, so
+    the manifests of one-width stores are what they were."""
+    out: dict[str, Any] = {"quant": quant.scheme, "group_size": quant.group_size}
+    if quant.value_scheme is not None:
+        out["value_quant"] = quant.value_scheme
+    return out
+
+
 def build_manifest(
     lm: LoadedModel, template: PromptTemplate, config: IndexConfig, adaptor_hash: str | None = None
 ) -> Manifest:
@@ -155,7 +167,7 @@ def build_manifest(
         model_fingerprint=lm.fingerprint,
         tokenizer_hash=lm.tokenizer_hash,
         template=template.as_dict(),
-        compression={**compressor.config(), "quant": config.quant, "group_size": config.group_size},
+        compression={**compressor.config(), **store_quant(config.quant_config())},
         embedder=config.embedder,
         encoding=encoding,
         model_shape=ModelShape.from_config(lm.config).as_dict(),

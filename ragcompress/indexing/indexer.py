@@ -50,7 +50,7 @@ def store_of(config: IndexConfig) -> tuple[str, float | None, str, dict[str, Any
     ``--budget`` store, tokens per head, never the fraction an adaptor is trained for)."""
     ratio = None if config.budget is not None else 1.0 if config.ratio is None else float(config.ratio)
     spec = config.rank_spec()
-    return config.method, ratio, config.quant, spec.as_dict() if spec else None
+    return config.method, ratio, config.quant_config().name, spec.as_dict() if spec else None
 
 
 def warn_if_trained_for_another_store(adaptor: Adaptor, config: IndexConfig) -> None:

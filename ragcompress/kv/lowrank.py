@@ -185,6 +185,7 @@ class LowRankBasis:
         quantizes them (``store/latent.py``), rebuilt. The gradient is the projection's, straight
         through the rounding: how training sees the store's projection (``ragcompress train
         --kv-rank``)."""
+        quant = quant.of(kind)
         out = []
         for layer, (basis, mean) in enumerate(zip(self.bases[kind], self.means[kind], strict=True)):
             z = (rows[layer].float() - mean.unsqueeze(1)) @ basis  # [H, n, r]

@@ -61,8 +61,10 @@ class LatentPackedSegments:
             if set(segment.ranks) != {"k", "v"}:
                 raise ValueError("the latent kernel needs keys and values stored as latents (--rank-values)")
         quant = segments[0].quant
-        if quant.bits is None or any(s.quant != quant for s in segments):
-            raise ValueError("the latent kernel reads one integer quantization (int8/int4/int2) for every segment")
+        if quant.bits is None or quant.value_scheme is not None or any(s.quant != quant for s in segments):
+            raise ValueError(
+                "the latent kernel reads one integer quantization (int8/int4/int2) for keys, values and every segment"
+            )
         fields = {
             kind: [padded_latents(kind, s.tensors, s.ranks[kind], s.lengths, quant) for s in segments] for kind in "kv"
         }

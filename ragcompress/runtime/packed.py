@@ -111,6 +111,7 @@ class PackedSegments:
                 cos=tables[layer][0].to(device),
                 sin=tables[layer][1].to(device),
                 bits=first.quant.bits,
+                v_bits=first.quant.value_bits,
                 group_size=first.quant.group_size,
                 v_group=first.v_group,
                 seg_start_host=tuple(seg_start),
@@ -140,6 +141,7 @@ class PackedSegments:
                 first.bits,
                 first.group_size,
                 first.v_group,
+                first.value_bits,
             )
             valid = valid_rows_ref(first.seg_start_host, s["seg_len"])
         else:  # per-layer RoPE tables (e.g. Gemma-3 local/global layers)

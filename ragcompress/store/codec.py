@@ -62,23 +62,23 @@ def encode(kv: PassageKV, quant: QuantConfig, basis: LowRankBasis | None = None)
         pos_dtype = torch.int16 if kv.num_tokens <= torch.iinfo(torch.int16).max else torch.int32
         tensors["positions"] = kv.positions[mask].to(pos_dtype)
     latent_meta = _encode_latents(kv, quant, basis, tensors) if basis is not None else {}
-    bits = quant.bits
-    if bits is None:
-        dtype = torch.float16 if quant.scheme == "fp16" else kv.keys.dtype
-        for kind, rows in (("k", kv.keys), ("v", kv.values)):
-            if f"{kind}_ranks" not in latent_meta:
-                tensors[kind] = rows[mask].to(dtype)
-    else:
+    for kind, rows in (("k", kv.keys), ("v", kv.values)):
+        if f"{kind}_ranks" in latent_meta:
+            continue
+        bits = quant.of(kind).bits
+        if bits is None:
+            tensors[kind] = rows[mask].to(torch.float16 if quant.scheme == "fp16" else rows.dtype)
+            continue
         if d % (8 // bits):
             raise ValueError(f"head_dim {d} cannot be packed at {bits} bits")
-        if "k_ranks" not in latent_meta:
-            k_codes, k_scale, k_min = quantize_keys_per_channel(kv.keys, kv.lengths, bits, quant.group_size)
+        if kind == "k":
+            k_codes, k_scale, k_min = quantize_keys_per_channel(rows, kv.lengths, bits, quant.group_size)
             groups = _group_mask(kv.lengths, k_scale.shape[2], quant.group_size)
             tensors["k_codes"] = pack(k_codes[mask], bits)
             tensors["k_scale"] = k_scale[groups]
             tensors["k_min"] = k_min[groups]
-        if "v_ranks" not in latent_meta:
-            v_codes, v_scale, v_min = quantize_values_per_token(kv.values[mask], bits, quant.group_size)
+        else:
+            v_codes, v_scale, v_min = quantize_values_per_token(rows[mask], bits, quant.group_size)
             tensors["v_codes"] = pack(v_codes, bits)
             tensors["v_scale"] = v_scale
             tensors["v_min"] = v_min
@@ -89,6 +89,8 @@ def encode(kv: PassageKV, quant: QuantConfig, basis: LowRankBasis | None = None)
         "head_dim": str(d),
         "scheme": quant.scheme,
         "group_size": str(quant.group_size),
+        # only when values differ: blobs of one-scheme stores stay byte for byte what they were
+        **({"value_scheme": quant.value_scheme} if quant.value_scheme else {}),
     }
     return _canonical(st_save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
 
@@ -103,7 +105,7 @@ def _encode_latents(
             continue
         if rows.shape[-1] != basis.means[kind].shape[-1] or rows.shape[:2] != basis.means[kind].shape[:2]:
             raise ValueError(f"cache {tuple(rows.shape)} does not fit the basis {tuple(basis.means[kind].shape)}")
-        more, kind_meta = encode_latents(kind, basis.project(kind, rows), kv.lengths, quant, kv.keys.dtype)
+        more, kind_meta = encode_latents(kind, basis.project(kind, rows), kv.lengths, quant.of(kind), kv.keys.dtype)
         tensors.update(more)
         meta.update(kind_meta)
     return meta
@@ -224,10 +226,10 @@ class Segment:
                     keys = keys * mask.unsqueeze(-1)  # padding rows are zero, as for unquantized blobs
             if "v" in self.ranks:
                 values = self._rebuild("v", basis, dtype)
-            elif self.quant.bits is None:
+            elif self.quant.value_bits is None:
                 values = _rows_to_grid(tensors["v"], mask, dtype)
             else:
-                bits = self.quant.bits
+                bits = self.quant.value_bits
                 v = dequantize_values_per_token(unpack(tensors["v_codes"], bits), tensors["v_scale"], tensors["v_min"])
                 values = _rows_to_grid(v, mask, dtype)
             if keys.shape[-1] != d or values.shape[-1] != d:
@@ -238,7 +240,7 @@ class Segment:
 
     def latents(self, kind: str) -> list[torch.Tensor]:
         """Per-layer latents ``[H, n_max, r_l]`` fp32 of ``kind`` (dequantized, padding rows 0)."""
-        return decode_latents(kind, self.tensors, self.ranks[kind], self.lengths, self.n_max, self.quant)
+        return decode_latents(kind, self.tensors, self.ranks[kind], self.lengths, self.n_max, self.quant.of(kind))
 
     def _rebuild(self, kind: str, basis: LowRankBasis | None, dtype: torch.dtype) -> torch.Tensor:
         assert basis is not None  # check_basis
@@ -252,8 +254,8 @@ class Segment:
     def packed(self) -> QuantizedBlob:
         """The quantized tensors padded per head to a multiple of ``group_size`` rows, for the
         fused kernel; needs a quantized store (int8/int4/int2)."""
-        bits = self.quant.bits
-        if bits is None:
+        bits, v_bits = self.quant.bits, self.quant.value_bits
+        if bits is None or v_bits is None:
             raise ValueError(f"packed attention needs a quantized store (int8/int4/int2), not {self.quant.scheme!r}")
         layers, heads = self.lengths.shape
         gs, d, lengths = self.quant.group_size, self.head_dim, self.lengths
@@ -282,7 +284,7 @@ class Segment:
                 k_codes=scatter(self.tensors["k_codes"], rows, (d // pb,), torch.uint8),
                 k_scale=scatter(self.tensors["k_scale"], groups, (d,), torch.float16),
                 k_min=scatter(self.tensors["k_min"], groups, (d,), torch.float16),
-                v_codes=scatter(self.tensors["v_codes"], rows, (d // pb,), torch.uint8),
+                v_codes=scatter(self.tensors["v_codes"], rows, (d * v_bits // 8,), torch.uint8),
                 v_scale=scatter(self.tensors["v_scale"], rows, (d // v_group,), torch.float16),
                 v_min=scatter(self.tensors["v_min"], rows, (d // v_group,), torch.float16),
                 offsets=offsets,
@@ -316,7 +318,7 @@ def parse(blob: bytes, shape: ModelShape | tuple[int, int, int] | None = None) -
         meta = _metadata(blob)
         tensors = st_load(blob)
         num_tokens, n_max, d = int(meta["num_tokens"]), int(meta["n_max"]), int(meta["head_dim"])
-        quant = QuantConfig(meta["scheme"], int(meta["group_size"]))
+        quant = QuantConfig(meta["scheme"], int(meta["group_size"]), meta.get("value_scheme"))
         lengths = tensors["lengths"].long()
     except Exception as exc:  # malformed header, missing key, bad value
         raise CorruptSegmentError(f"unreadable segment blob ({exc})") from exc

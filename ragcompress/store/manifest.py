@@ -42,7 +42,7 @@ def _check_values(data: dict[str, Any], where: Path) -> None:
             raise bad("template", f"needs {key!r} as a string" + (f" containing {marker}" if marker else ""))
     comp = data["compression"]
     try:
-        QuantConfig(comp.get("quant", "none"), comp.get("group_size", 32))
+        QuantConfig(comp.get("quant", "none"), comp.get("group_size", 32), comp.get("value_quant"))
     except (TypeError, ValueError) as exc:
         raise bad("compression", f"is invalid ({exc})") from None
     attention = data.get("attention", {})
@@ -99,7 +99,8 @@ class Manifest:
     @property
     def quant(self) -> QuantConfig:
         """How the store's segments are quantized."""
-        return QuantConfig(self.compression.get("quant", "none"), int(self.compression.get("group_size", 32)))
+        comp = self.compression
+        return QuantConfig(comp.get("quant", "none"), int(comp.get("group_size", 32)), comp.get("value_quant"))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
