@@ -138,12 +138,16 @@ class RowSpec:
         )
 
 
-def split_questions(articles: set[str], split: str, limit: int) -> list[Question]:
-    """Questions of the calibration articles (``dev``) or of the others (``eval``), file order,
-    evenly thinned to ``limit``."""
+def split_questions(articles: set[str], split: str, limit: int, only: list[str] | None = None) -> list[Question]:
+    """Questions of the calibration articles (``dev``) or of the others (``eval``; ``only``: of
+    these of them), file order, evenly thinned to ``limit``."""
     questions = [
         q for q in read_questions(SQUAD / "questions.jsonl") if (question_article(q) in articles) == (split == "dev")
     ]
+    if only:
+        if split == "dev" or set(only) & articles:
+            raise SystemExit(f"--eval-articles {only} must be eval-split articles (not {sorted(articles)})")
+        questions = [q for q in questions if question_article(q) in only]
     return select_questions(questions, limit or None)
 
 
@@ -218,7 +222,7 @@ class Frontier:
         self.encoder: PassageEncoder = self.indexer.encoder
         corpus = list(iter_passages(SQUAD / "passages.jsonl"))
         articles = set(args.calibration_articles)
-        self.questions = split_questions(articles, args.split, args.questions)
+        self.questions = split_questions(articles, args.split, args.questions, args.eval_articles)
         self.retrieved = retrieve(self.embedder, corpus, self.questions, args.top_k)
         needed = list(dict.fromkeys(pid for row in self.retrieved for pid in row))
         by_id = {p.id: p for p in corpus}
@@ -358,7 +362,7 @@ def full_reference(frontier: Frontier, engine: Engine) -> dict[str, Any]:
     teacher-forced log-probabilities (kept in the workdir)."""
     path = frontier.workdir / "full.pt"
     if path.is_file():
-        return torch.load(path)
+        return checked_reference(torch.load(path), frontier, path)
     reuse = core272_full_answers(frontier.lm.ref, frontier.args.top_k)
     answers, logprobs, reused = [], {}, 0
     for i, (q, pids) in enumerate(zip(frontier.questions, frontier.retrieved, strict=True)):
@@ -377,8 +381,18 @@ def full_reference(frontier: Frontier, engine: Engine) -> dict[str, Any]:
         rows = teacher_forced_logprobs(engine.lm.model, prepared, answer, keep=len(answer) + 1)
         logprobs[i] = rows[:-1].half()  # the rows that predict the answer's tokens
     reference = {"answers": answers, "logprobs": logprobs, "reused_core272": reused}
+    reference["questions"] = [q.id for q in frontier.questions]
     torch.save(reference, path)
     print(f"full prefill: {reused}/{len(answers)} answers reused from {CORE272}", flush=True)
+    return reference
+
+
+def checked_reference(reference: dict[str, Any], frontier: Frontier, path: Path) -> dict[str, Any]:
+    """``reference`` if it answers this run's questions (files written before the ids were kept
+    are trusted by count only); another question set in the same workdir is refused."""
+    ids = [q.id for q in frontier.questions]
+    if reference.get("questions", ids) != ids or len(reference["answers"]) != len(ids):
+        raise SystemExit(f"{path} answers other questions than this run's; use another --workdir")
     return reference
 
 
@@ -601,6 +615,13 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=3)
     parser.add_argument("--kl-questions", type=int, default=40, help="evenly spaced questions that get the KL")
     parser.add_argument("--calibration-articles", nargs="+", default=["Yuan_dynasty", "Genghis_Khan"])
+    parser.add_argument(
+        "--eval-articles",
+        nargs="+",
+        default=None,
+        help="only these eval-split articles' questions (e.g. those an adaptor trained on more articles never saw); "
+        "give such a run its own --workdir",
+    )
     parser.add_argument("--calibration-passages", type=int, default=64)
     parser.add_argument("--workdir", type=Path, default=None, help="default runs/lowrank/<model>")
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default <workdir>/<split>/results.json)")
@@ -624,7 +645,7 @@ def main() -> None:
         results = {"key": key, "rows": {}}
     reference: dict[str, Any] | None = None
     if (frontier.workdir / "full.pt").is_file():
-        reference = torch.load(frontier.workdir / "full.pt")
+        reference = checked_reference(torch.load(frontier.workdir / "full.pt"), frontier, frontier.workdir / "full.pt")
     if args.ttft:
         results["ttft"] = side_by_side_ttft(frontier, args.ttft, args.ttft_questions)
         out.write_text(json.dumps(results, indent=1))

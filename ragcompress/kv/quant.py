@@ -7,8 +7,9 @@ output. Scales and minimums are fp16. ``int4`` packs two codes per byte, ``int2`
 
 Values may take another integer width than keys (``value_scheme``): keys decide *which* rows
 attention reads, and an error there moves every weight, while a value error is averaged over the
-rows read. Measured on the evaluation model (docs/compression.md), int4 keys with int2 values beat
-int2 for both at the same bytes.
+rows read. On the evaluation model at ~24x fewer bytes than fp16, int4 keys with int2 values
+(21 % of tokens kept) sit a quarter closer to full prefill (KL) than int2 for both (25 % kept)
+at the same bytes (docs/compression.md).
 """
 
 from __future__ import annotations
