@@ -539,6 +539,17 @@ def test_matching_adaptor_is_the_one_packaged_for_the_store_or_none_with_a_warni
     budget = IndexConfig(method="global:kvzip", budget=4, keep_first=1, quant="int4", adaptor="matching")
     with pytest.warns(UserWarning, match="global:kvzip a token budget int4; encoding with the base"):
         index(passages_file, tmp_path / "budget", config=budget, **common)
+    # values of their own width (index --value-quant int2): only an adaptor trained so matches
+    split = dataclasses.replace(config, value_quant="int2")
+    with pytest.warns(UserWarning, match=r"0.5 int4/int2; .* --quant int4 --value-quant int2"):
+        index(passages_file, tmp_path / "split-unmatched", config=split, **common)
+    specialist = noisy_adaptor(lm.model, 12)
+    specialist.meta = {"base_model": lm.ref, "method": "global:kvzip", "ratio": 0.5, "quant": "int4/int2"}
+    specialist.save(packaged / "tiny-kvzip-0.5-int4v2")
+    index(passages_file, tmp_path / "split-matched", config=split, **common)
+    with KVStore.open(tmp_path / "split-matched") as store:
+        assert store.manifest.encoding["adaptor"] == Adaptor.load(packaged / "tiny-kvzip-0.5-int4v2").hash
+        assert store.manifest.quant == QuantConfig("int4", value_scheme="int2")
 
 
 def test_an_int8_store_matches_the_general_adaptor_and_nothing_else_does(tmp_path, monkeypatch):
