@@ -951,3 +951,21 @@ def test_cli_verify_exit_codes_and_json(store_copy):
         ("doc-011", victim.shard, "segment")
     ]
     assert len(broken.stderr.strip().splitlines()) == 1 and "doc-011" in broken.stderr
+
+
+def test_a_ray_worker_claims_a_shard_only_when_it_writes(tmp_path):
+    """A worker given no batch leaves no empty shard behind (a Ray run under load once left one,
+    which verify reports as a killed write); two workers never share a shard."""
+    from ragcompress.store.shards import SHARD_DIR, ClaimedShards
+
+    (tmp_path / SHARD_DIR).mkdir()
+    idle, busy = ClaimedShards(tmp_path, max_bytes=64), ClaimedShards(tmp_path, max_bytes=64)
+    idle.sync()
+    assert list((tmp_path / SHARD_DIR).iterdir()) == []
+    assert busy.append(b"x" * 40) == ("00000.kvs", 0)
+    assert idle.append(b"y" * 10) == ("00001.kvs", 0)
+    assert busy.append(b"z" * 40) == ("00002.kvs", 0)  # rolled over past max_bytes: a fresh claim
+    for shards in (idle, busy):
+        shards.close()
+    sizes = {p.name: p.stat().st_size for p in (tmp_path / SHARD_DIR).iterdir()}
+    assert sizes == {"00000.kvs": 40, "00001.kvs": 10, "00002.kvs": 40}

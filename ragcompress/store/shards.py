@@ -91,12 +91,15 @@ class ClaimedShards:
     write into the same file, and a restarted worker starts a fresh shard instead of appending
     after whatever its killed predecessor half-wrote. The driver holds the store's lock, commits
     the rows, and its next :class:`ShardWriter` repair truncates or removes what no row points at.
+    A shard is claimed at the first blob, not before: a worker that is given no batch (Ray may
+    send every batch to the other actors) leaves no empty shard in the finished store.
     """
 
     def __init__(self, root: Path, max_bytes: int | None = None) -> None:
         self.root = root
         self.max_bytes = max_bytes or MAX_SHARD_BYTES
-        self.name, self._handle = self._claim()
+        self.name: str | None = None
+        self._handle: BinaryIO | None = None
 
     def _claim(self) -> tuple[str, BinaryIO]:
         directory = self.root / SHARD_DIR
@@ -115,6 +118,8 @@ class ClaimedShards:
 
     def append(self, blob: bytes) -> tuple[str, int]:
         """Write ``blob``; returns ``(shard, offset)``. Not durable until :meth:`sync`."""
+        if self._handle is None or self.name is None:
+            self.name, self._handle = self._claim()
         offset = self._handle.tell()
         if offset and offset + len(blob) > self.max_bytes:
             self.sync()
@@ -125,11 +130,13 @@ class ClaimedShards:
         return self.name, offset
 
     def sync(self) -> None:
+        if self._handle is None:
+            return  # nothing written yet
         self._handle.flush()
         os.fsync(self._handle.fileno())
 
     def close(self) -> None:
-        if not self._handle.closed:
+        if self._handle is not None and not self._handle.closed:
             self.sync()
             self._handle.close()
 
