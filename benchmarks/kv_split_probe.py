@@ -25,7 +25,7 @@ from typing import Any
 import lowrank_frontier as lf
 import torch
 
-from ragcompress.kv import PassageKV
+from ragcompress.kv import ModelShape, PassageKV
 from ragcompress.kv.lowrank import LowRankBasis, RankSpec
 from ragcompress.kv.quant import QuantConfig, quantize_dequantize
 
@@ -85,7 +85,9 @@ def main() -> None:
         )
     )
     basis = frontier.basis(RankSpec(rank=32, values=False))
-    reference = torch.load(frontier.workdir / "full.pt")  # written by a lowrank_frontier.py run of the split
+    path = frontier.workdir / "full.pt"  # written by a lowrank_frontier.py run of the split
+    reference = lf.checked_reference(torch.load(path), frontier, path)
+    fp16 = float(ModelShape.from_config(frontier.lm.config).fp16_bytes_per_token)
     results: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {}
     for name in args.rows:
         if name in results:
@@ -98,7 +100,6 @@ def main() -> None:
         kept = sum(int(c.lengths.sum()) for c in caches)
         tokens = sum(c.num_tokens for c in caches)
         modelled = kept * (BYTES["k", key_bits] + BYTES["v", value_bits]) / tokens
-        fp16 = caches[0].lengths.numel() * 64 * 2 * 2
         results[name] = {k: result[k] for k in ("sub_em", "agreement", "kl_full_answer", "kl_questions", "answers")}
         results[name] |= {"modelled_bytes_per_token": modelled, "compression_modelled": fp16 / modelled}
         print(name, {k: v for k, v in results[name].items() if k != "answers"}, flush=True)

@@ -431,7 +431,7 @@ def measure(frontier: Frontier, row: RowSpec, reference: dict[str, Any] | None) 
     result = {
         "method": row.method,
         "ratio": row.ratio,
-        "quant": QuantConfig(row.quant, row.group_size, row.value_quant).name,
+        "quant": row.index_config().quant_config().name,
         "group_size": row.group_size,
         "rank": None if row.rank is None else row.rank.as_dict(),
         "ranks_k": lowrank["ranks_k"] if lowrank else None,

@@ -46,6 +46,7 @@ from safetensors.torch import load_file, save_file
 
 from ragcompress.errors import InputError, StoreMismatchError
 from ragcompress.kv import PassageKV
+from ragcompress.kv.quant import QuantConfig
 
 WEIGHTS = "adaptor.safetensors"
 CONFIG = "adaptor.json"
@@ -401,8 +402,10 @@ def matching_adaptor(
                 "" if lowrank.get("values") else " --no-kv-rank-values"
             )
         train_ratio = "R" if ratio is None else f"{ratio:g}"
-        key_quant, _, value_quant = quant.partition("/")  # QuantConfig.name: "int4" or "int4/int2"
-        train_quant = f"--quant {key_quant}" + (f" --value-quant {value_quant}" if value_quant else "")
+        store_quant = QuantConfig.from_name(quant)  # ``quant`` is a QuantConfig.name: "int4" or "int4/int2"
+        train_quant = f"--quant {store_quant.scheme}" + (
+            f" --value-quant {store_quant.value_scheme}" if store_quant.value_scheme else ""
+        )
         warnings.warn(
             f"no adaptor is packaged for {model_ref} trained for a store of {method} {kept} {quant}; "
             "encoding with the base model (answers from such a store lose more; train one with "

@@ -931,8 +931,8 @@ def train(
 
     adaptor.tensors = distiller.factors()
     weight, bias, r2 = (None, None, None)
-    if config.scorer_fit_passages():
-        weight, bias, r2 = fit_scorer(distiller, train_corpus.passages, config.scorer_fit_passages())
+    if scorer_passages := config.scorer_fit_passages():
+        weight, bias, r2 = fit_scorer(distiller, train_corpus.passages, scorer_passages)
         adaptor.tensors[SCORER_WEIGHT], adaptor.tensors[SCORER_BIAS] = weight, bias
     adaptor.meta = {
         "base_model": lm.ref,
