@@ -80,6 +80,7 @@ def main() -> None:
             calibration_articles=["Yuan_dynasty", "Genghis_Khan"],
             calibration_passages=64,
             eval_articles=None,
+            outside=0,
             workdir=Path("runs/lowrank") / args.model,
             adaptor=None,
         )

@@ -138,9 +138,12 @@ class RowSpec:
         )
 
 
-def split_questions(articles: set[str], split: str, limit: int, only: list[str] | None = None) -> list[Question]:
+def split_questions(
+    articles: set[str], split: str, limit: int, only: list[str] | None = None, outside: int = 0
+) -> list[Question]:
     """Questions of the calibration articles (``dev``) or of the others (``eval``; ``only``: of
-    these of them), file order, evenly thinned to ``limit``."""
+    these of them), file order, evenly thinned to ``limit``. ``outside``: only those *not* among the
+    ``outside`` that ``limit=outside`` picks, so a setting chosen on those is confirmed on the rest."""
     questions = [
         q for q in read_questions(SQUAD / "questions.jsonl") if (question_article(q) in articles) == (split == "dev")
     ]
@@ -148,6 +151,11 @@ def split_questions(articles: set[str], split: str, limit: int, only: list[str] 
         if split == "dev" or set(only) & articles:
             raise SystemExit(f"--eval-articles {only} must be eval-split articles (not {sorted(articles)})")
         questions = [q for q in questions if question_article(q) in only]
+    if outside:
+        chosen = {q.id for q in select_questions(questions, outside)}
+        questions = [q for q in questions if q.id not in chosen]
+        if not questions:
+            raise SystemExit(f"--outside {outside}: the split has no questions beyond those {outside}")
     return select_questions(questions, limit or None)
 
 
@@ -222,7 +230,7 @@ class Frontier:
         self.encoder: PassageEncoder = self.indexer.encoder
         corpus = list(iter_passages(SQUAD / "passages.jsonl"))
         articles = set(args.calibration_articles)
-        self.questions = split_questions(articles, args.split, args.questions, args.eval_articles)
+        self.questions = split_questions(articles, args.split, args.questions, args.eval_articles, args.outside)
         self.retrieved = retrieve(self.embedder, corpus, self.questions, args.top_k)
         needed = list(dict.fromkeys(pid for row in self.retrieved for pid in row))
         by_id = {p.id: p for p in corpus}
@@ -549,43 +557,71 @@ def publish(sources: list[Path], out: Path) -> dict[str, Any]:
     return merged
 
 
+def pareto(points: list[tuple[float, float, str]], lower_is_better: bool) -> list[tuple[float, float, str]]:
+    """The points no other point beats on both axes (more compression *and* a better y), sorted by
+    compression: the frontier a reader picks a setting from."""
+    sign = 1.0 if lower_is_better else -1.0
+    best = float("inf")
+    front = []
+    for x, y, name in sorted(points, key=lambda p: (-p[0], sign * p[1])):
+        if sign * y < best:
+            best = sign * y
+            front.append((x, y, name))
+    return sorted(front)
+
+
 def plot(results: list[dict[str, Any]], path: Path) -> None:
-    """Bytes per token (x, log) against KL to full prefill and sub-EM (% of uncompressed), one
-    panel pair, one marker per row, one colour per model."""
+    """Compression against fp16 (x, log) against KL to full prefill and sub-EM (% of
+    uncompressed), one row of panels per model; every measured row is a point, and only the
+    points on the frontier (nothing both smaller and better) are named and joined, so the plot
+    stays readable as rows accumulate. The table beside it (compression.md) names every row."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (kl_ax, em_ax) = plt.subplots(1, 2, figsize=(11, 4.6))
-    for colour, data in enumerate(results):
+    fig, axes = plt.subplots(len(results), 2, figsize=(11, 4.2 * len(results)), squeeze=False)
+    for colour, (data, (kl_ax, em_ax)) in enumerate(zip(results, axes, strict=True)):
         rows = data["rows"]
         reference = rows[data["reference_row"]]["sub_em"] or float("nan")
-        for name, row in rows.items():
-            marker = "o" if row["rank"] is None else "s"
-            style = dict(color=f"C{colour}", marker=marker, linestyle="none", alpha=0.85)
-            if row["kl_full_answer"] is not None:
-                kl_ax.plot(row["bytes_per_token"], row["kl_full_answer"], **style)
-            em_ax.plot(row["bytes_per_token"], 100 * row["sub_em"] / reference, **style)
-            for ax, y in ((kl_ax, row["kl_full_answer"]), (em_ax, 100 * row["sub_em"] / reference)):
-                if y is not None:
-                    ax.annotate(name.replace("global:", "g:"), (row["bytes_per_token"], y), fontsize=6)
-        em_ax.plot([], [], color=f"C{colour}", marker="o", linestyle="none", label=f"{data['model']} (o rows, s rank)")
-        any_row = next(iter(rows.values()))  # compression = fp16 bytes / stored bytes, per row
-        fp16 = float(any_row["bytes_per_token"] * any_row["compression"])
-        for ax in (kl_ax, em_ax):
-            ax.axvline(fp16 / 24, color=f"C{colour}", linestyle=":", linewidth=1)
-    em_ax.axhline(95, color="grey", linestyle="--", linewidth=1)
-    em_ax.set_ylim(bottom=0)
-    for ax, label in (
-        (kl_ax, "KL(full prefill || row), answer tokens, nats"),
-        (em_ax, "sub-EM, % of uncompressed fp16"),
-    ):
-        ax.set_xscale("log")
-        ax.set_xlabel("stored bytes per token (basis and scales included); dotted: 24x below fp16")
-        ax.set_ylabel(label)
-    em_ax.legend(fontsize=7)
-    fig.suptitle("Eviction x rank x bits on SQuAD-dev questions the bases were not fitted on", fontsize=10)
+        scale = {"kl_full_answer": 1.0, "sub_em": 100 / reference}
+        panels = (
+            (kl_ax, "kl_full_answer", True, "KL(full prefill || row), nats/token"),
+            (em_ax, "sub_em", False, "sub-EM, % of uncompressed fp16"),
+        )
+        for ax, field, lower_is_better, label in panels:
+            measured = [(name, row) for name, row in rows.items() if row[field] is not None]
+            points = [(row["compression"], scale[field] * row[field], name) for name, row in measured]
+            for marker, with_rank in (("o", False), ("s", True)):
+                shown = [
+                    p for p, (_, row) in zip(points, measured, strict=True) if (row["rank"] is not None) == with_rank
+                ]
+                ax.plot(
+                    [p[0] for p in shown],
+                    [p[1] for p in shown],
+                    marker,
+                    color=f"C{colour}",
+                    alpha=0.45,
+                    label="low-rank keys/values" if with_rank else "full rank",
+                )
+            front = pareto(points, lower_is_better)
+            ax.plot([p[0] for p in front], [p[1] for p in front], "-", color=f"C{colour}", linewidth=1)
+            for x, y, name in front:
+                ax.annotate(
+                    name.replace("global:", "g:"), (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points"
+                )
+            for target in (12, 24):
+                ax.axvline(target, color="grey", linestyle=":", linewidth=1)
+            ax.set_xscale("log")
+            ax.set_xlabel("x fewer bytes than fp16 (bases and scales counted); dotted: 12x, 24x")
+            ax.set_ylabel(label)
+            ax.set_title(f"{data['model']}, {data['n']} questions", fontsize=9)
+        em_ax.axhline(95, color="grey", linestyle="--", linewidth=1)
+        em_ax.set_ylim(bottom=0)
+        em_ax.legend(fontsize=7, loc="lower left")
+    fig.suptitle(
+        "Eviction x rank x bits on SQuAD-dev questions the bases were not fitted on (named: the frontier)", fontsize=10
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -621,6 +657,13 @@ def main() -> None:
         default=None,
         help="only these eval-split articles' questions (e.g. those an adaptor trained on more articles never saw); "
         "give such a run its own --workdir",
+    )
+    parser.add_argument(
+        "--outside",
+        type=int,
+        default=0,
+        help="only the split's questions not among the N that --questions N picks (a confirmation sample for a "
+        "setting chosen on those); give such a run its own --workdir",
     )
     parser.add_argument("--calibration-passages", type=int, default=64)
     parser.add_argument("--workdir", type=Path, default=None, help="default runs/lowrank/<model>")
