@@ -513,6 +513,13 @@ def side_by_side_ttft(frontier: Frontier, names: list[str], questions: int) -> d
     }
 
 
+def ttft_date(data: dict[str, Any], path: Path) -> str:
+    """When a results file's side-by-side TTFT run ran: its own date, else its rows' run's, else
+    (files from before either was recorded) the file's modification time."""
+    date = data["ttft"].get("date") or data.get("meta", {}).get("date")
+    return date or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(path.stat().st_mtime))
+
+
 def publish(sources: list[Path], out: Path) -> dict[str, Any]:
     """Merge results files of one model and split (same questions) into ``out`` for the docs:
     per row, 95 % bootstrap intervals of sub-EM, and paired comparisons (bootstrap interval of
@@ -522,6 +529,8 @@ def publish(sources: list[Path], out: Path) -> dict[str, Any]:
 
     merged: dict[str, Any] = {}
     earlier = json.loads(out.read_text()) if out.is_file() else {}
+    timed: dict[str, Any] | None = None  # the newest side-by-side TTFT run (ratios hold within one run only)
+    timed_source = Path()
     for source in sources:
         data = json.loads(source.read_text())
         for name, row in data["rows"].items():  # rows measured before rows recorded their basis's sample
@@ -535,10 +544,12 @@ def publish(sources: list[Path], out: Path) -> dict[str, Any]:
         if merged and data["key"] != merged["key"]:
             raise SystemExit(f"{source} answered other questions than {sources[0]}")
         rows = {**merged.get("rows", {}), **data["rows"]}
-        ttft = data.get("ttft") or merged.get("ttft")
+        if data.get("ttft") and (timed is None or ttft_date(data, source) > ttft_date(timed, timed_source)):
+            timed, timed_source = data, source
         merged = {**merged, **data, "rows": rows}
-        if ttft:
-            merged["ttft"] = ttft
+    merged.pop("ttft", None)
+    if timed is not None:
+        merged["ttft"] = timed["ttft"]
     reference_row = REFERENCE_ROW if REFERENCE_ROW in merged["rows"] else CORE272_ROW
     reference = merged["rows"][reference_row]["per_question_sub_em"]
     full = merged["full"]["per_question_sub_em"]
@@ -691,6 +702,7 @@ def main() -> None:
         reference = checked_reference(torch.load(frontier.workdir / "full.pt"), frontier, frontier.workdir / "full.pt")
     if args.ttft:
         results["ttft"] = side_by_side_ttft(frontier, args.ttft, args.ttft_questions)
+        results["ttft"]["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         out.write_text(json.dumps(results, indent=1))
         print(json.dumps(results["ttft"]), flush=True)
     for row in rows:
