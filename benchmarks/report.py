@@ -1112,7 +1112,9 @@ PRESET_MEASUREMENTS: tuple[tuple[str, str, str, str | None], ...] = (
         "adaptor + global:kvzip 0.25 int4",
         "global:kvzip 0.25 int4",
     ),
-    ("smallest", "lowrank_qwen.json", "global:kvzip@0.15/int4/r32k+adaptor", "none@1/fp16/-"),
+    ("smallest", "lowrank_qwen.json", "global:kvzip@0.21/int4v2/r32k+adaptor", "none@1/fp16/-"),
+    ("smallest", "confirm_smallest_qwen_33q.json", "global:kvzip@0.21/int4v2/r32k+adaptor", "none@1/fp16/-"),
+    ("smallest", "lowrank_smollm2.json", "global:kvzip@0.21/int4v2/r32k+adaptor", "none@1/fp16/-"),
     ("faithful", "faithful_qwen_adaptor_recompute.json", "top3/ad:r0.05+mixed", "top3/ad:reuse"),
     ("faithful", "faithful_smollm2_adaptor_recompute.json", "top3/ad:r0.05+mixed", "top3/ad:reuse"),
     ("distilled", "faithful_qwen_adaptor.json", "top3/ad:reuse", "top3/reuse"),
@@ -1138,7 +1140,7 @@ def preset_row(data: Any, name: str, row: str) -> dict[str, Any]:
                 "n": data["meta"]["questions"], "sub_em": r["sub_em"], "full": data["full_prefill"]["sub_em"],
                 "agreement": r["agreement"], "kl": r["kl_answer"], "ttft": None, "bytes": None,
             }  # fmt: skip
-        if name.startswith("lowrank"):
+        if name.startswith(("lowrank", "confirm")):  # ``confirm_*``: a frontier run on other questions
             r = data["rows"][row]
             return {
                 "n": data["n"], "sub_em": r["sub_em"], "full": data["full"]["sub_em"], "agreement": r["agreement"],

@@ -53,21 +53,24 @@ PRESETS: dict[str, Preset] = {
             "smallest",
             IndexConfig(
                 method="global:kvzip",
-                ratio=0.15,
+                ratio=0.21,
                 keep_first=1,
                 keep_last=0,
                 quant="int4",
+                value_quant="int2",
                 rank=32,
                 rank_values=False,
                 adaptor="matching",
             ),
             AnswerOptions(),
-            "KVzip scores, one budget over all layers, 15 % of the tokens, keys projected to rank 32 (values "
-            "whole), int4, encoded through the KV-Distill adaptor packaged for the model and trained for this "
-            "store (the base model, with a warning, where none is): ~25x fewer bytes than fp16; the best >= 24x "
-            "point measured, still about three quarters of the uncompressed store's answers",
+            "KVzip scores, one budget over all layers, 21 % of the tokens, keys projected to rank 32 and coded "
+            "in int4, values whole and coded in int2, encoded through the KV-Distill adaptor packaged for the "
+            "model and trained for this store (the base model, with a warning, where none is): ~24x fewer bytes "
+            "than fp16; the best >= 24x point measured, about nine tenths of the uncompressed store's answers",
             "docs/results/lowrank_qwen.json (100 questions of articles neither the adaptor nor the bases saw, "
-            "Qwen2.5-Coder-0.5B, top-3; docs/compression.md section 8)",
+            "Qwen2.5-Coder-0.5B, top-3; docs/compression.md section 8), docs/results/confirm_smallest_qwen_33q.json "
+            "(the 33 other questions of those articles, measured after the setting was chosen), "
+            "docs/results/lowrank_smollm2.json (SmolLM2-135M, 40 questions)",
         ),
         Preset(
             "faithful",
@@ -111,9 +114,12 @@ def preset(name: str) -> Preset:
 def index_config(name: str | None = None, **overrides: object) -> IndexConfig:
     """The store setting of preset ``name`` (the defaults without one), with the ``overrides``
     that are not None (explicit options win over the preset). A ``budget`` replaces a preset's
-    ``ratio`` and vice versa."""
+    ``ratio`` and vice versa; a ``quant`` given without a ``value_quant`` codes the values too
+    (``--preset smallest --quant int8`` is int8 throughout, not int8 keys beside int2 values)."""
     base = preset(name).index if name else IndexConfig()
     given = {key: value for key, value in overrides.items() if value is not None}
+    if "quant" in given and "value_quant" not in given:
+        given["value_quant"] = None
     if "budget" in given and "ratio" not in given:
         given["ratio"] = None
     if "ratio" in given and "budget" not in given:

@@ -47,6 +47,10 @@ def test_explicit_options_override_the_preset():
     config = index_config("small", quant="int8", budget=16)
     assert (config.method, config.quant, config.budget, config.ratio) == ("global:kvzip", "int8", 16, None)
     assert index_config("small", ratio=0.5).ratio == 0.5
+    smallest = index_config("smallest")  # int4 keys, int2 values
+    assert (smallest.quant, smallest.value_quant) == ("int4", "int2")
+    assert index_config("smallest", quant="int8").quant_config().name == "int8"  # --quant alone: both
+    assert index_config("smallest", quant="int8", value_quant="int4").quant_config().name == "int8/int4"
     options = answer_options("faithful", max_new_tokens=4)
     assert options.max_new_tokens == 4 and options.recompute.ratio == 0.05
     assert answer_options("faithful", recompute=RecomputeConfig()).recompute.ratio == 0.0
