@@ -107,8 +107,11 @@ def decode_latents(
     n_groups = -(-max(n_max, 1) // gs)
     groups = _group_mask(lengths, n_groups, gs)
     heads = lengths.shape[1]
+    fields = _layer_fields(kind, tensors, ranks, lengths, quant)  # validates the sizes
+    if bits is not None and len(set(ranks)) == 1:
+        return _decode_uniform_rank(fields, mask, groups, ranks[0], bits, gs)
     out: list[torch.Tensor] = []
-    for layer, (rows, scale, low) in enumerate(_layer_fields(kind, tensors, ranks, lengths, quant)):
+    for layer, (rows, scale, low) in enumerate(fields):
         r = ranks[layer]
         if bits is None or scale is None or low is None:
             grid = torch.zeros(heads, n_max, r, dtype=torch.float32)
@@ -123,6 +126,29 @@ def decode_latents(
         low_grid[groups[layer]] = low
         out.append(dequantize_keys_per_channel(codes, scale_grid, low_grid, gs) * mask[layer].unsqueeze(-1))
     return out
+
+
+def _decode_uniform_rank(
+    fields: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]],
+    mask: torch.Tensor,
+    groups: torch.Tensor,
+    rank: int,
+    bits: int,
+    group_size: int,
+) -> list[torch.Tensor]:
+    """:func:`decode_latents` when every layer has one rank (``--rank R``, the usual store): the
+    flat fields are laid out layer, head, row -- the order of a boolean index over ``[L, H, n]``
+    -- so all layers unpack and dequantize in one pass instead of one small pass per layer (this
+    runs on every request, for every retrieved passage)."""
+    layers, heads, n_max = mask.shape
+    codes = torch.zeros(layers, heads, n_max, rank, dtype=torch.uint8)
+    codes[mask] = unpack(torch.cat([rows for rows, _, _ in fields]), bits)
+    scale = torch.zeros(layers, heads, groups.shape[-1], rank, dtype=torch.float16)
+    low = torch.zeros(layers, heads, groups.shape[-1], rank, dtype=torch.float16)
+    scale[groups] = torch.cat([s for _, s, _ in fields if s is not None])
+    low[groups] = torch.cat([m for _, _, m in fields if m is not None])
+    latents = dequantize_keys_per_channel(codes, scale, low, group_size).mul_(mask.unsqueeze(-1))
+    return list(latents.unbind(0))
 
 
 def padded_latents(
