@@ -513,11 +513,15 @@ def side_by_side_ttft(frontier: Frontier, names: list[str], questions: int) -> d
     }
 
 
+def utc_date(seconds: float | None = None) -> str:
+    """``seconds`` since the epoch (now when None) as the results files record dates."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
 def ttft_date(data: dict[str, Any], path: Path) -> str:
     """When a results file's side-by-side TTFT run ran: its own date, else its rows' run's, else
     (files from before either was recorded) the file's modification time."""
-    date = data["ttft"].get("date") or data.get("meta", {}).get("date")
-    return date or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(path.stat().st_mtime))
+    return data["ttft"].get("date") or data.get("meta", {}).get("date") or utc_date(path.stat().st_mtime)
 
 
 def publish(sources: list[Path], out: Path) -> dict[str, Any]:
@@ -529,8 +533,7 @@ def publish(sources: list[Path], out: Path) -> dict[str, Any]:
 
     merged: dict[str, Any] = {}
     earlier = json.loads(out.read_text()) if out.is_file() else {}
-    timed: dict[str, Any] | None = None  # the newest side-by-side TTFT run (ratios hold within one run only)
-    timed_source = Path()
+    timed: tuple[str, dict[str, Any]] | None = None  # (date, block): the newest side-by-side TTFT run
     for source in sources:
         data = json.loads(source.read_text())
         for name, row in data["rows"].items():  # rows measured before rows recorded their basis's sample
@@ -544,12 +547,14 @@ def publish(sources: list[Path], out: Path) -> dict[str, Any]:
         if merged and data["key"] != merged["key"]:
             raise SystemExit(f"{source} answered other questions than {sources[0]}")
         rows = {**merged.get("rows", {}), **data["rows"]}
-        if data.get("ttft") and (timed is None or ttft_date(data, source) > ttft_date(timed, timed_source)):
-            timed, timed_source = data, source
+        if data.get("ttft"):  # ratios hold within one run only: the newest run's block, whole
+            date = ttft_date(data, source)
+            if timed is None or date > timed[0]:
+                timed = (date, data["ttft"])
         merged = {**merged, **data, "rows": rows}
     merged.pop("ttft", None)
     if timed is not None:
-        merged["ttft"] = timed["ttft"]
+        merged["ttft"] = timed[1]
     reference_row = REFERENCE_ROW if REFERENCE_ROW in merged["rows"] else CORE272_ROW
     reference = merged["rows"][reference_row]["per_question_sub_em"]
     full = merged["full"]["per_question_sub_em"]
@@ -601,20 +606,18 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
             (em_ax, "sub_em", False, "sub-EM, % of uncompressed fp16"),
         )
         for ax, field, lower_is_better, label in panels:
-            measured = [(name, row) for name, row in rows.items() if row[field] is not None]
-            points = [(row["compression"], scale[field] * row[field], name) for name, row in measured]
+            measured = {name: row for name, row in rows.items() if row[field] is not None}
             for marker, with_rank in (("o", False), ("s", True)):
-                shown = [
-                    p for p, (_, row) in zip(points, measured, strict=True) if (row["rank"] is not None) == with_rank
-                ]
+                shown = [row for row in measured.values() if (row["rank"] is not None) == with_rank]
                 ax.plot(
-                    [p[0] for p in shown],
-                    [p[1] for p in shown],
+                    [row["compression"] for row in shown],
+                    [scale[field] * row[field] for row in shown],
                     marker,
                     color=f"C{colour}",
                     alpha=0.45,
                     label="low-rank keys/values" if with_rank else "full rank",
                 )
+            points = [(row["compression"], scale[field] * row[field], name) for name, row in measured.items()]
             front = pareto(points, lower_is_better)
             ax.plot([p[0] for p in front], [p[1] for p in front], "-", color=f"C{colour}", linewidth=1)
             for x, y, name in front:
@@ -702,7 +705,7 @@ def main() -> None:
         reference = checked_reference(torch.load(frontier.workdir / "full.pt"), frontier, frontier.workdir / "full.pt")
     if args.ttft:
         results["ttft"] = side_by_side_ttft(frontier, args.ttft, args.ttft_questions)
-        results["ttft"]["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        results["ttft"]["date"] = utc_date()
         out.write_text(json.dumps(results, indent=1))
         print(json.dumps(results["ttft"]), flush=True)
     for row in rows:
@@ -733,7 +736,7 @@ def main() -> None:
             fp16_bytes_per_token=ModelShape.from_config(frontier.lm.config).fp16_bytes_per_token,
             meta={
                 **results_meta({**vars(args), "questions": len(frontier.questions)}),
-                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "date": utc_date(),
                 "load": os.getloadavg(),
             },
         )
