@@ -186,23 +186,29 @@ def test_index_with_rank_and_a_store_refuses_a_mismatched_basis(tiny_lm, passage
     assert {p.kind for p in verify_store(full).problems} == {"basis", "segment"}
 
 
-@pytest.mark.parametrize("ranks", [(8, 8, 8), (8, 16, 8)])
-def test_latents_decode_to_their_per_layer_quantization_with_one_rank_or_several(ranks):
-    """``decode_latents`` takes one pass over all layers when they share a rank (the usual
-    ``--rank R`` store) and a pass per layer otherwise; both give each layer's per-channel
-    quantization of its kept rows, and zeros on padding rows."""
+@pytest.mark.parametrize("ranks", [(8, 8, 8, 8), (8, 16, 8, 16), (16, 8, 4, 8)])
+@pytest.mark.parametrize("quant_name", ["int4", "none"])
+def test_latents_decode_to_their_per_layer_quantization_with_one_rank_or_several(ranks, quant_name):
+    """``decode_latents`` decodes the layers that share a rank in one pass (all of them in the
+    usual ``--rank R`` store); whatever the grouping, each layer gets its own per-channel
+    quantization of its kept rows (or the rows themselves, unquantized), zeros on padding rows,
+    in layer order."""
     from ragcompress.kv.quant import dequantize_keys_per_channel, quantize_keys_per_channel
     from ragcompress.store.latent import decode_latents, encode_latents
 
     torch.manual_seed(0)
-    heads, n_max, quant = 2, 40, QuantConfig("int4", group_size=16)
-    lengths = torch.tensor([[40, 23], [7, 40], [16, 1]])
+    heads, n_max, quant = 2, 40, QuantConfig(quant_name, group_size=16)
+    lengths = torch.tensor([[40, 23], [7, 40], [16, 1], [3, 33]])
     latents = [torch.randn(heads, n_max, r) * torch.linspace(3, 0.1, r) for r in ranks]
     tensors, meta = encode_latents("k", latents, lengths, quant, torch.float32)
     decoded = decode_latents("k", tensors, ranks, lengths, n_max, quant)
+    assert [z.shape for z in decoded] == [z.shape for z in latents]
     for layer, z in enumerate(latents):
-        codes, scale, low = quantize_keys_per_channel(z.unsqueeze(0), lengths[layer : layer + 1], 4, 16)
-        expected = dequantize_keys_per_channel(codes, scale, low, 16)[0]
+        if quant.bits is None:
+            expected = z
+        else:
+            codes, scale, low = quantize_keys_per_channel(z.unsqueeze(0), lengths[layer : layer + 1], 4, 16)
+            expected = dequantize_keys_per_channel(codes, scale, low, 16)[0]
         kept = torch.arange(n_max) < lengths[layer].unsqueeze(-1)
         assert torch.equal(decoded[layer][kept], expected[kept])
         assert not decoded[layer][~kept].any()

@@ -103,52 +103,40 @@ def decode_latents(
     """Inverse of :func:`encode_latents`: per-layer latents ``[H, n_max, r_l]`` fp32, padding rows
     zero. Raises ``KeyError``/``ValueError``/``RuntimeError`` on tensors that do not add up."""
     mask = torch.arange(n_max) < lengths.unsqueeze(-1)
-    bits, gs = quant.bits, quant.group_size
-    n_groups = -(-max(n_max, 1) // gs)
-    groups = _group_mask(lengths, n_groups, gs)
-    heads = lengths.shape[1]
+    groups = _group_mask(lengths, -(-max(n_max, 1) // quant.group_size), quant.group_size)
     fields = _layer_fields(kind, tensors, ranks, lengths, quant)  # validates the sizes
-    if bits is not None and len(set(ranks)) == 1:
-        return _decode_uniform_rank(fields, mask, groups, ranks[0], bits, gs)
-    out: list[torch.Tensor] = []
-    for layer, (rows, scale, low) in enumerate(fields):
-        r = ranks[layer]
-        if bits is None or scale is None or low is None:
-            grid = torch.zeros(heads, n_max, r, dtype=torch.float32)
-            grid[mask[layer]] = rows.float()
-            out.append(grid)
-            continue
-        codes = torch.zeros(heads, n_max, r, dtype=torch.uint8)
-        codes[mask[layer]] = unpack(rows, bits)
-        scale_grid = torch.zeros(heads, n_groups, r, dtype=torch.float16)
-        low_grid = torch.zeros(heads, n_groups, r, dtype=torch.float16)
-        scale_grid[groups[layer]] = scale
-        low_grid[groups[layer]] = low
-        out.append(dequantize_keys_per_channel(codes, scale_grid, low_grid, gs) * mask[layer].unsqueeze(-1))
+    out: list[torch.Tensor] = [torch.empty(0)] * len(ranks)
+    for rank in sorted(set(ranks)):
+        layers = [layer for layer, r in enumerate(ranks) if r == rank]
+        decoded = _decode_layers([fields[layer] for layer in layers], mask[layers], groups[layers], rank, quant)
+        for layer, latents in zip(layers, decoded.unbind(0), strict=True):
+            out[layer] = latents
     return out
 
 
-def _decode_uniform_rank(
+def _decode_layers(
     fields: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]],
     mask: torch.Tensor,
     groups: torch.Tensor,
     rank: int,
-    bits: int,
-    group_size: int,
-) -> list[torch.Tensor]:
-    """:func:`decode_latents` when every layer has one rank (``--rank R``, the usual store): the
-    flat fields are laid out layer, head, row -- the order of a boolean index over ``[L, H, n]``
-    -- so all layers unpack and dequantize in one pass instead of one small pass per layer (this
-    runs on every request, for every retrieved passage)."""
+    quant: QuantConfig,
+) -> torch.Tensor:
+    """Latents ``[L', H, n_max, rank]`` of the layers that share ``rank`` (every layer, for
+    ``--rank R``), in one pass: the flat fields are laid out layer, head, row -- the order of a
+    boolean index over ``[L', H, n]`` -- so the layers unpack and dequantize together instead of
+    one small pass per layer (this runs on every request, for every retrieved passage)."""
     layers, heads, n_max = mask.shape
+    if quant.bits is None:
+        grid = torch.zeros(layers, heads, n_max, rank, dtype=torch.float32)
+        grid[mask] = torch.cat([rows for rows, _, _ in fields]).float()
+        return grid
     codes = torch.zeros(layers, heads, n_max, rank, dtype=torch.uint8)
-    codes[mask] = unpack(torch.cat([rows for rows, _, _ in fields]), bits)
+    codes[mask] = unpack(torch.cat([rows for rows, _, _ in fields]), quant.bits)
     scale = torch.zeros(layers, heads, groups.shape[-1], rank, dtype=torch.float16)
     low = torch.zeros(layers, heads, groups.shape[-1], rank, dtype=torch.float16)
     scale[groups] = torch.cat([s for _, s, _ in fields if s is not None])
     low[groups] = torch.cat([m for _, _, m in fields if m is not None])
-    latents = dequantize_keys_per_channel(codes, scale, low, group_size).mul_(mask.unsqueeze(-1))
-    return list(latents.unbind(0))
+    return dequantize_keys_per_channel(codes, scale, low, quant.group_size).mul_(mask.unsqueeze(-1))
 
 
 def padded_latents(
