@@ -5,7 +5,9 @@ head, the latents ``z = (x - mean) @ U`` of un-rotated keys and of values, quant
 over groups of ``group_size`` rows (``ragcompress/store/latent.py``). This kernel rebuilds each
 tile of keys as ``z_k @ U_k^T + mean_k`` (and its ``rotate_half`` partner channels from the same
 latents, with the basis columns permuted), applies RoPE at each row's position, rebuilds values
-as ``z_v @ U_v^T + mean_v`` and runs the online softmax (FlashAttention) over the segments and
+as ``z_v @ U_v^T + mean_v`` (or, in a store that projects keys only, dequantizes the values'
+quantized rows, which may have their own bit width: ``smallest``'s int2 values beside int4 key
+latents) and runs the online softmax (FlashAttention) over the segments and
 then over the fp rows (prefix + new tokens, bottom-right causal), q heads of one KV head packed
 into one tile (GQA). The full-size keys and values are never written to memory.
 :func:`latent_attention_ref` is the fp32 PyTorch reference (and the CPU path).
@@ -20,7 +22,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .quantized_attention import _interpreted, _unpack_ref, attention_over_dense_ref, valid_rows_ref
+from .quantized_attention import (
+    _interpreted,
+    _unpack_ref,
+    attention_over_dense_ref,
+    dequantize_values_ref,
+    valid_rows_ref,
+)
+from .quantized_attention import load_value_rows as _load_value_rows
 
 try:
     import triton
@@ -41,8 +50,12 @@ class LatentSegments:
 
     k_codes:  ``[H, N, rk // pb]`` uint8 key latent codes, lowest bits first
     k_scale:  ``[H, N // group_size, rk]`` fp16 per channel and row group; ``k_min`` alike
-    v_codes, v_scale, v_min: the value latents, the same layout with ``rv``
+    v_codes, v_scale, v_min: the value latents, the same layout with ``rv`` (and ``vpb = 8 //
+              value_bits``); or, when ``v_basis`` is None (keys-only projection), the values'
+              quantized rows as ``QuantizedSegments`` holds them: ``[H, N, d // vpb]`` codes,
+              ``[H, N, d // v_group]`` fp16 scale and minimum per row and group of channels
     k_basis:  ``[H, rk, d]`` fp32 (``U_k`` transposed); ``k_mean`` ``[H, d]`` fp32; ``v_*`` alike
+    v_bits:   the values' bits when they differ from the keys' ``bits``
     positions ``[H, N]`` int32, seg_start ``[S + 1]`` int32 (``seg_start_host`` the same),
     seg_len ``[H, S]`` int32, cos/sin ``[P, d]`` fp32 rotary tables (attention scaling included)
     """
@@ -55,8 +68,8 @@ class LatentSegments:
     v_min: torch.Tensor
     k_basis: torch.Tensor
     k_mean: torch.Tensor
-    v_basis: torch.Tensor
-    v_mean: torch.Tensor
+    v_basis: torch.Tensor | None
+    v_mean: torch.Tensor | None
     positions: torch.Tensor
     seg_start: torch.Tensor
     seg_len: torch.Tensor
@@ -65,27 +78,46 @@ class LatentSegments:
     bits: int
     group_size: int
     seg_start_host: tuple[int, ...]
+    v_bits: int | None = None
+    v_group: int | None = None  # values stored as rows: channels per scale
 
     def __post_init__(self) -> None:
         heads, rows, _ = self.k_codes.shape
         d = self.cos.shape[-1]
-        if self.bits not in (2, 4, 8):
-            raise ValueError(f"bits must be 2, 4 or 8, got {self.bits}")
-        pb = 8 // self.bits
-        rk, rv = self.k_basis.shape[1], self.v_basis.shape[1]
+        if self.bits not in (2, 4, 8) or self.value_bits not in (2, 4, 8):
+            raise ValueError(f"bits must be 2, 4 or 8, got {self.bits} (keys) / {self.value_bits} (values)")
+        pb, vpb = 8 // self.bits, 8 // self.value_bits
+        rk = self.k_basis.shape[1]
         segs = len(self.seg_start_host) - 1
         groups = rows // self.group_size
+        if self.v_basis is not None and self.v_mean is not None:
+            rv = self.v_basis.shape[1]
+            values: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
+                "v_codes": ((heads, rows, rv // vpb), torch.uint8),
+                "v_scale": ((heads, groups, rv), torch.float16),
+                "v_min": ((heads, groups, rv), torch.float16),
+                "v_basis": ((heads, rv, d), torch.float32),
+                "v_mean": ((heads, d), torch.float32),
+            }
+            if rv % vpb:
+                raise ValueError(f"value rank {rv} must be a multiple of {vpb} at {self.value_bits} bits")
+        elif self.v_basis is None and self.v_mean is None and self.v_group and d % self.v_group == 0:
+            values = {
+                "v_codes": ((heads, rows, d // vpb), torch.uint8),
+                "v_scale": ((heads, rows, d // self.v_group), torch.float16),
+                "v_min": ((heads, rows, d // self.v_group), torch.float16),
+            }
+        else:
+            raise ValueError(
+                "values need a basis and a mean (latents), or neither and a v_group dividing head_dim (rows)"
+            )
         expected = {
             "k_codes": ((heads, rows, rk // pb), torch.uint8),
             "k_scale": ((heads, groups, rk), torch.float16),
             "k_min": ((heads, groups, rk), torch.float16),
-            "v_codes": ((heads, rows, rv // pb), torch.uint8),
-            "v_scale": ((heads, groups, rv), torch.float16),
-            "v_min": ((heads, groups, rv), torch.float16),
             "k_basis": ((heads, rk, d), torch.float32),
             "k_mean": ((heads, d), torch.float32),
-            "v_basis": ((heads, rv, d), torch.float32),
-            "v_mean": ((heads, d), torch.float32),
+            **values,
             "positions": ((heads, rows), torch.int32),
             "seg_start": ((segs + 1,), torch.int32),
             "seg_len": ((heads, segs), torch.int32),
@@ -100,12 +132,16 @@ class LatentSegments:
                 raise ValueError(f"{name} is on {tensor.device}, k_codes on {self.k_codes.device}")
             if not tensor.is_contiguous():
                 raise ValueError(f"{name} must be contiguous")
-        if rk % pb or rv % pb:
-            raise ValueError(f"ranks {rk}/{rv} must be multiples of {pb} at {self.bits} bits")
+        if rk % pb:
+            raise ValueError(f"key rank {rk} must be a multiple of {pb} at {self.bits} bits")
         if rows % self.group_size or any(s % self.group_size for s in self.seg_start_host):
             raise ValueError(f"segment rows must be multiples of group_size {self.group_size}")
         if self.seg_start_host[-1] != rows or d % 2:
             raise ValueError("seg_start must end at N and head_dim must be even")
+
+    @property
+    def value_bits(self) -> int:
+        return self.bits if self.v_bits is None else self.v_bits
 
     @property
     def num_heads(self) -> int:
@@ -138,9 +174,13 @@ def _rope_ref(keys: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, si
 def rebuild_latent_segments_ref(seg: LatentSegments) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Keys ``[H, N, d]`` (rebuilt, RoPE applied), values ``[H, N, d]`` fp32 and ``valid [H, N]``."""
     zk = _dequantize_latents_ref(seg.k_codes, seg.k_scale, seg.k_min, seg.bits, seg.group_size)
-    zv = _dequantize_latents_ref(seg.v_codes, seg.v_scale, seg.v_min, seg.bits, seg.group_size)
     keys = torch.baddbmm(seg.k_mean.unsqueeze(1), zk, seg.k_basis)
-    values = torch.baddbmm(seg.v_mean.unsqueeze(1), zv, seg.v_basis)
+    if seg.v_basis is not None and seg.v_mean is not None:
+        zv = _dequantize_latents_ref(seg.v_codes, seg.v_scale, seg.v_min, seg.value_bits, seg.group_size)
+        values = torch.baddbmm(seg.v_mean.unsqueeze(1), zv, seg.v_basis)
+    else:
+        assert seg.v_group is not None  # __post_init__
+        values = dequantize_values_ref(seg.v_codes, seg.v_scale, seg.v_min, seg.value_bits, seg.v_group)
     return _rope_ref(keys, seg.positions, seg.cos, seg.sin), values, valid_rows_ref(seg.seg_start_host, seg.seg_len)
 
 
@@ -180,16 +220,17 @@ if HAS_TRITON:
         stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
         stride_ob, stride_oh, stride_om,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
+        V_LATENT: tl.constexpr, V_BITS: tl.constexpr, V_GROUP: tl.constexpr,
         RK: tl.constexpr, RV: tl.constexpr, RK_PAD: tl.constexpr, RV_PAD: tl.constexpr,
         DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):  # fmt: skip
         """Grid ``(cdiv(GROUP * Q_LEN, BLOCK_M), BATCH * H_KV)``; tile rows are ``(q head in
-        group, query token)`` pairs, as in ``_packed_attn_fwd``."""
+        group, query token)`` pairs, as in ``_packed_attn_fwd``. ``V_LATENT``: values are latents
+        of rank ``RV`` (else quantized rows, ``V_GROUP`` channels per scale, ``RV`` unused)."""
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // H_KV
         kvh = pid_bh % H_KV
-        PB: tl.constexpr = 8 // BITS
         HALF: tl.constexpr = HEAD_DIM // 2
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -207,24 +248,29 @@ if HAS_TRITON:
 
         # this head's bases (U^T, rows >= rank are 0) and means, once per program
         rk = tl.arange(0, RK_PAD)
-        rv = tl.arange(0, RV_PAD)
         kb_head = KB + kvh * RK * HEAD_DIM
         basis_k = tl.load(kb_head + rk[:, None] * HEAD_DIM + cols[None, :], mask=(rk < RK)[:, None], other=0.0)
         basis_kp = tl.load(kb_head + rk[:, None] * HEAD_DIM + partner[None, :], mask=(rk < RK)[:, None], other=0.0)
-        basis_v = tl.load(
-            VB + kvh * RV * HEAD_DIM + rv[:, None] * HEAD_DIM + cols[None, :], mask=(rv < RV)[:, None], other=0.0
-        )
         mean_k = tl.load(KMEAN + kvh * HEAD_DIM + cols)
         mean_kp = tl.load(KMEAN + kvh * HEAD_DIM + partner)
-        mean_v = tl.load(VMEAN + kvh * HEAD_DIM + cols)
 
-        kc_head = KC + kvh * N_ROWS * (RK // PB)
-        vc_head = VC + kvh * N_ROWS * (RV // PB)
         groups = N_ROWS // GROUP_SIZE
+        kc_head = KC + kvh * N_ROWS * (RK // (8 // BITS))
         ks_head = KS + kvh * groups * RK
         km_head = KM + kvh * groups * RK
-        vs_head = VS + kvh * groups * RV
-        vm_head = VM + kvh * groups * RV
+        if V_LATENT:
+            rv = tl.arange(0, RV_PAD)
+            basis_v = tl.load(
+                VB + kvh * RV * HEAD_DIM + rv[:, None] * HEAD_DIM + cols[None, :], mask=(rv < RV)[:, None], other=0.0
+            )
+            mean_v = tl.load(VMEAN + kvh * HEAD_DIM + cols)
+            vc_head = VC + kvh * N_ROWS * (RV // (8 // V_BITS))
+            vs_head = VS + kvh * groups * RV
+            vm_head = VM + kvh * groups * RV
+        else:
+            vc_head = VC + kvh * N_ROWS * (HEAD_DIM // (8 // V_BITS))
+            vs_head = VS + kvh * N_ROWS * (HEAD_DIM // V_GROUP)
+            vm_head = VM + kvh * N_ROWS * (HEAD_DIM // V_GROUP)
 
         m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -247,8 +293,11 @@ if HAS_TRITON:
                 k = k * cos + sign[None, :] * kp * sin
                 qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale
                 qk = tl.where(r_valid[None, :], qk, float("-inf"))
-                zv = _load_latents(vc_head, vs_head, vm_head, rows, r_valid, RV, RV_PAD, BITS, GROUP_SIZE)
-                v = tl.dot(zv, basis_v, input_precision=DOT_PRECISION) + mean_v[None, :]
+                if V_LATENT:
+                    zv = _load_latents(vc_head, vs_head, vm_head, rows, r_valid, RV, RV_PAD, V_BITS, GROUP_SIZE)
+                    v = tl.dot(zv, basis_v, input_precision=DOT_PRECISION) + mean_v[None, :]
+                else:
+                    v = _load_value_rows(vc_head, vs_head, vm_head, rows, r_valid, HEAD_DIM, V_BITS, V_GROUP)
                 m_new = tl.maximum(m_i, tl.max(qk, 1))
                 p = tl.math.exp2(qk - m_new[:, None])
                 alpha = tl.math.exp2(m_i - m_new)
@@ -329,16 +378,21 @@ def latent_attention(
     kv_heads, t_fp = key.shape[1], key.shape[2]
     group = q_heads // kv_heads
     block_m = max(16, min(64, triton.next_power_of_2(group * q_len)))
-    rk, rv = seg.k_basis.shape[1], seg.v_basis.shape[1]
+    rk = seg.k_basis.shape[1]
+    rv = 0 if seg.v_basis is None else seg.v_basis.shape[1]
+    # keys-only projection: the value basis and mean are never read (V_LATENT=False); any pointer will do
+    v_basis = seg.v_codes if seg.v_basis is None else seg.v_basis
+    v_mean = seg.v_codes if seg.v_mean is None else seg.v_mean
     out = torch.empty((batch, q_len, q_heads, d), dtype=query.dtype, device=query.device)
     grid = (triton.cdiv(group * q_len, block_m), batch * kv_heads)
     _latent_attn_fwd[grid](
         query, key, value, seg.k_codes, seg.k_scale, seg.k_min, seg.v_codes, seg.v_scale, seg.v_min,
-        seg.k_basis, seg.k_mean, seg.v_basis, seg.v_mean, seg.positions, seg.cos, seg.sin, seg.seg_start,
+        seg.k_basis, seg.k_mean, v_basis, v_mean, seg.positions, seg.cos, seg.sin, seg.seg_start,
         seg.seg_len, out, scale * 1.4426950408889634, q_len, t_fp, seg.k_codes.shape[1],
         len(seg.seg_start_host) - 1, kv_heads, *query.stride()[:3], *key.stride()[:3], *value.stride()[:3],
         out.stride(0), out.stride(2), out.stride(1),
-        GROUP=group, HEAD_DIM=d, BITS=seg.bits, GROUP_SIZE=seg.group_size, RK=rk, RV=rv,
+        GROUP=group, HEAD_DIM=d, BITS=seg.bits, GROUP_SIZE=seg.group_size,
+        V_LATENT=seg.v_basis is not None, V_BITS=seg.value_bits, V_GROUP=seg.v_group or d, RK=rk, RV=rv,
         RK_PAD=max(16, triton.next_power_of_2(rk)), RV_PAD=max(16, triton.next_power_of_2(rv)),
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", BLOCK_M=block_m, BLOCK_N=block_n,
     )  # fmt: skip

@@ -160,8 +160,7 @@ def dequantize_rows_ref(
     d = cos.shape[-1]
     keys = _unpack_ref(k_codes, bits).view(*lead, rows // group_size, group_size, d)
     keys = torch.addcmul(k_min.float().unsqueeze(-2), keys, k_scale.float().unsqueeze(-2)).view(*lead, rows, d)
-    values = _unpack_ref(v_codes, bits if v_bits is None else v_bits).view(*lead, rows, d // v_group, v_group)
-    values = torch.addcmul(v_min.float().unsqueeze(-1), values, v_scale.float().unsqueeze(-1))
+    values = dequantize_values_ref(v_codes, v_scale, v_min, bits if v_bits is None else v_bits, v_group)
     pos = positions.long()
     half = d // 2
     cos_h, sin_h = cos[:, :half], sin[:, :half]
@@ -173,7 +172,17 @@ def dequantize_rows_ref(
     else:
         rotated = torch.cat((-keys[..., half:], keys[..., :half]), dim=-1)
         keys = torch.addcmul(keys * cos[pos], rotated, sin[pos])
-    return keys, values.view(*lead, rows, d)
+    return keys, values
+
+
+def dequantize_values_ref(
+    v_codes: torch.Tensor, v_scale: torch.Tensor, v_min: torch.Tensor, v_bits: int, v_group: int
+) -> torch.Tensor:
+    """Values of any leading dims: codes ``[..., N, d * v_bits / 8]``, scale/min ``[..., N, d / v_group]``
+    (per row, per group of ``v_group`` channels) -> ``[..., N, d]`` fp32."""
+    *lead, rows, groups = v_scale.shape
+    values = _unpack_ref(v_codes, v_bits).view(*lead, rows, groups, v_group)
+    return torch.addcmul(v_min.float().unsqueeze(-1), values, v_scale.float().unsqueeze(-1)).view(*lead, rows, -1)
 
 
 def valid_rows_ref(seg_start: tuple[int, ...], seg_len: torch.Tensor) -> torch.Tensor:
@@ -273,6 +282,23 @@ def packed_attention_ref(
 if HAS_TRITON:
 
     @triton.jit
+    def load_value_rows(codes_head, scale_head, min_head, rows, r_valid, HEAD_DIM: tl.constexpr,
+                        V_BITS: tl.constexpr, V_GROUP: tl.constexpr):  # fmt: skip
+        """Dequantized values ``[BLOCK_N, HEAD_DIM]`` fp32 of ``rows`` of one head: codes ``[N,
+        HEAD_DIM * V_BITS / 8]``, scale/min ``[N, HEAD_DIM / V_GROUP]`` (per row, per group of
+        ``V_GROUP`` channels; KIVI's per-token values). Rows outside ``r_valid`` are 0."""
+        V_PB: tl.constexpr = 8 // V_BITS
+        V_GROUPS: tl.constexpr = HEAD_DIM // V_GROUP
+        cols = tl.arange(0, HEAD_DIM)
+        rmask = r_valid[:, None]
+        byte = tl.load(codes_head + rows[:, None] * (HEAD_DIM // V_PB) + (cols // V_PB)[None, :], mask=rmask, other=0)
+        code = ((byte.to(tl.int32) >> ((cols % V_PB) * V_BITS)[None, :]) & ((1 << V_BITS) - 1)).to(tl.float32)
+        grp = rows[:, None] * V_GROUPS + (cols // V_GROUP)[None, :]
+        v_s = tl.load(scale_head + grp, mask=rmask, other=0.0).to(tl.float32)
+        v_m = tl.load(min_head + grp, mask=rmask, other=0.0).to(tl.float32)
+        return code * v_s + v_m
+
+    @triton.jit
     def _packed_attn_fwd(
         Q,
         K,
@@ -336,7 +362,6 @@ if HAS_TRITON:
         PB: tl.constexpr = 8 // BITS
         CODE_MASK: tl.constexpr = (1 << BITS) - 1
         V_PB: tl.constexpr = 8 // V_BITS
-        V_CODE_MASK: tl.constexpr = (1 << V_BITS) - 1
         HALF: tl.constexpr = HEAD_DIM // 2
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -355,8 +380,6 @@ if HAS_TRITON:
         sign = tl.where(cols < HALF, -1.0, 1.0)
         k_byte, k_shift = cols // PB, (cols % PB) * BITS
         p_byte, p_shift = partner // PB, (partner % PB) * BITS
-        v_byte, v_shift = cols // V_PB, (cols % V_PB) * V_BITS
-        v_grp = cols // V_GROUP
         ROW_BYTES: tl.constexpr = HEAD_DIM // PB
         V_ROW_BYTES: tl.constexpr = HEAD_DIM // V_PB
         V_GROUPS: tl.constexpr = HEAD_DIM // V_GROUP
@@ -398,11 +421,7 @@ if HAS_TRITON:
                 qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale
                 qk = tl.where(r_valid[None, :], qk, float("-inf"))
                 # values: per-token groups of V_GROUP channels
-                vc = tl.load(vc_head + rows[:, None] * V_ROW_BYTES + v_byte[None, :], mask=rmask, other=0)
-                vc = ((vc.to(tl.int32) >> v_shift[None, :]) & V_CODE_MASK).to(tl.float32)
-                v_s = tl.load(vs_head + rows[:, None] * V_GROUPS + v_grp[None, :], mask=rmask, other=0.0)
-                v_m = tl.load(vm_head + rows[:, None] * V_GROUPS + v_grp[None, :], mask=rmask, other=0.0)
-                v = vc * v_s.to(tl.float32) + v_m.to(tl.float32)
+                v = load_value_rows(vc_head, vs_head, vm_head, rows, r_valid, HEAD_DIM, V_BITS, V_GROUP)
                 m_new = tl.maximum(m_i, tl.max(qk, 1))
                 p = tl.math.exp2(qk - m_new[:, None])
                 alpha = tl.math.exp2(m_i - m_new)

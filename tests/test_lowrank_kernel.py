@@ -37,7 +37,8 @@ class PlainRotary:
 
 def make_case(case: dict) -> tuple[list[bytes], LowRankBasis]:
     """Random passages of ``layers`` layers near a low-rank subspace, every other head evicting a
-    ragged subset, stored as latents of a basis with key rank ``rk`` and value rank ``rv``."""
+    ragged subset, stored as latents of a basis with key rank ``rk`` and value rank ``rv`` (``rv``
+    None: keys only, values stored as quantized rows), values at ``value_scheme`` if given."""
     gen = torch.Generator().manual_seed(case["seed"])
     layers, heads, d = case["layers"], case["heads"], case["head_dim"]
     mix = torch.randn(layers, heads, 20, d, generator=gen)
@@ -48,13 +49,16 @@ def make_case(case: dict) -> tuple[list[bytes], LowRankBasis]:
         return z @ mix + shift + 0.1 * torch.randn(layers, heads, n, d, generator=gen)
 
     calibration = [PassageKV.full(rows(40), rows(40)) for _ in range(4)]
-    k_basis = fit_basis(calibration, RankSpec(rank=case["rk"]))
-    v_basis = fit_basis(calibration, RankSpec(rank=case["rv"]))
-    basis = LowRankBasis(
-        {"k": k_basis.bases["k"], "v": v_basis.bases["v"]},
-        {"k": k_basis.means["k"], "v": v_basis.means["v"]},
-        {"k": k_basis.energy["k"], "v": v_basis.energy["v"]},
-    )
+    if case["rv"] is None:
+        basis = fit_basis(calibration, RankSpec(rank=case["rk"], values=False))
+    else:
+        k_basis = fit_basis(calibration, RankSpec(rank=case["rk"]))
+        v_basis = fit_basis(calibration, RankSpec(rank=case["rv"]))
+        basis = LowRankBasis(
+            {"k": k_basis.bases["k"], "v": v_basis.bases["v"]},
+            {"k": k_basis.means["k"], "v": v_basis.means["v"]},
+            {"k": k_basis.energy["k"], "v": v_basis.energy["v"]},
+        )
     blobs = []
     for n in case["lengths"]:
         keys, values = rows(n), rows(n)
@@ -66,7 +70,7 @@ def make_case(case: dict) -> tuple[list[bytes], LowRankBasis]:
             kv.positions[:, head, :keep] = idx
             kv.keys[:, head, :keep] = keys[:, head, idx]
             kv.values[:, head, :keep] = values[:, head, idx]
-        blobs.append(codec.encode(kv, QuantConfig(case["scheme"], 32), basis))
+        blobs.append(codec.encode(kv, QuantConfig(case["scheme"], 32, case.get("value_scheme")), basis))
     return blobs, basis
 
 
@@ -135,6 +139,34 @@ CASES = {
     "prefill-d32-g2-int2-r8-r16-batch2": dict(
         lengths=[50, 19], layers=2, heads=3, head_dim=32, group=2, q_len=4, scheme="int2", rk=8, rv=16, batch=2
     ),
+    # keys-only projection (values as quantized rows), values at their own width: the smallest preset's shape
+    "prefill-d64-g2-int4-r32-v-int2-rows": dict(
+        lengths=[45, 70, 9],
+        layers=2,
+        heads=2,
+        head_dim=64,
+        group=2,
+        q_len=5,
+        scheme="int4",
+        rk=32,
+        rv=None,
+        value_scheme="int2",
+    ),
+    "decode-d32-g1-int8-r8-v-rows": dict(
+        lengths=[33, 6], layers=1, heads=3, head_dim=32, group=1, q_len=1, scheme="int8", rk=8, rv=None
+    ),
+    "prefill-d32-g2-int4-r8-r16-v-int2-latents": dict(
+        lengths=[50, 19],
+        layers=1,
+        heads=2,
+        head_dim=32,
+        group=2,
+        q_len=3,
+        scheme="int4",
+        rk=8,
+        rv=16,
+        value_scheme="int2",
+    ),
     "decode-d64-g4-int4-fp16": dict(
         lengths=[60, 31],
         layers=1,
@@ -183,16 +215,33 @@ def test_latent_layout_refuses_what_the_kernel_cannot_read():
     blobs, basis = make_case(case)
     keys_only = fit_basis([codec.decode(blobs[0], basis=basis)], RankSpec(rank=16, values=False))
     blob = codec.encode(codec.decode(blobs[0], basis=basis), QuantConfig("int4"), keys_only)
-    with pytest.raises(ValueError, match="values"):
-        LatentPackedSegments.from_segments([codec.parse(blob)], keys_only, 0, PlainRotary(64))
+    mixed = [codec.parse(blobs[0]), codec.parse(blob)]  # values latents in one segment, rows in the other
+    with pytest.raises(ValueError, match="values alike"):
+        LatentPackedSegments.from_segments(mixed, basis, 0, PlainRotary(64))
     fp16 = codec.encode(codec.decode(blobs[0], basis=basis), QuantConfig("fp16"), basis)
     with pytest.raises(ValueError, match="int8/int4/int2"):
         LatentPackedSegments.from_segments([codec.parse(fp16)], basis, 0, PlainRotary(64))
 
 
-@pytest.fixture(scope="module")
-def tiny_latent_store(tiny_model_dir, tmp_path_factory):
-    """A tiny llama (head_dim 16) and an int4 store of eight passages, keys and values at rank 8."""
+LATENT_STORES = {
+    "keys-and-values-rank8-int4": dict(quant="int4", rank=8),
+    # the smallest preset's shape: evicted, key latents at int4, values as int2 rows
+    "kvzip-keys-rank8-int4-values-int2": dict(
+        method="global:kvzip",
+        ratio=0.5,
+        keep_first=1,
+        keep_last=0,
+        quant="int4",
+        value_quant="int2",
+        rank=8,
+        rank_values=False,
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=list(LATENT_STORES))
+def tiny_latent_store(request, tiny_model_dir, tmp_path_factory):
+    """A tiny llama (head_dim 16) and a low-rank store of eight passages (``LATENT_STORES``)."""
     from ragcompress.data import SAMPLE_PASSAGES
     from ragcompress.indexing import IndexConfig, index
     from ragcompress.models import load_model
@@ -204,7 +253,7 @@ def tiny_latent_store(tiny_model_dir, tmp_path_factory):
     passages = root / "passages.jsonl"
     passages.write_text("\n".join(SAMPLE_PASSAGES.read_text().splitlines()[:8]) + "\n")
     store = root / "store"
-    config = IndexConfig(quant="int4", group_size=16, embedder=HashEmbedder.name, rank=8)
+    config = IndexConfig(group_size=16, embedder=HashEmbedder.name, **LATENT_STORES[request.param])
     index(passages, store, lm=load_model(str(model_dir)), embedder=HashEmbedder(), config=config)
     return str(model_dir), str(store)
 

@@ -1,9 +1,10 @@
 """A low-rank store's segments laid side by side for the latent kernel (the packed strategy).
 
-The counterpart of ``packed.py`` for stores whose keys and values are low-rank latents
-(``kv/lowrank.py``): per layer, every segment's quantized latents are padded per head to a
-multiple of ``group_size`` rows and concatenated (:class:`LatentSegments`), the store's basis
-transposed to ``[H, r, d]``; the attention function registered as ``"ragcompress"`` calls
+The counterpart of ``packed.py`` for stores whose keys (and values, with ``--rank-values``) are
+low-rank latents (``kv/lowrank.py``): per layer, every segment's quantized latents -- and, in a
+keys-only projection, its values' quantized rows, at their own width if they have one -- are
+padded per head to a multiple of ``group_size`` rows and concatenated (:class:`LatentSegments`),
+the store's basis transposed to ``[H, r, d]``; the attention function registered as ``"ragcompress"`` calls
 :meth:`LatentPackedSegments.attend` exactly as it calls ``PackedSegments.attend``. On CUDA the
 Triton kernel rebuilds keys (latent @ basis, then RoPE) and values inside attention; on CPU the
 PyTorch reference rebuilds every layer once per request and runs SDPA.
@@ -52,27 +53,33 @@ class LatentPackedSegments:
         device: torch.device | str = "cpu",
         backend: str = "auto",
     ) -> LatentPackedSegments:
-        """Lay ``segments`` (parsed blobs of a store whose keys *and* values are latents of
-        ``basis``) side by side after a prefix of ``start`` tokens."""
+        """Lay ``segments`` (parsed blobs of a store whose keys are latents of ``basis``, values
+        latents too or quantized rows) side by side after a prefix of ``start`` tokens."""
         if not segments:
             raise ValueError("no segments to pack")
         for segment in segments:
             segment.check_basis(basis)
-            if set(segment.ranks) != {"k", "v"}:
-                raise ValueError("the latent kernel needs keys and values stored as latents (--rank-values)")
+            if "k" not in segment.ranks or set(segment.ranks) != set(segments[0].ranks):
+                raise ValueError("the latent kernel reads segments whose keys are latents, values alike in every one")
         quant = segments[0].quant
-        if quant.bits is None or quant.value_scheme is not None or any(s.quant != quant for s in segments):
-            raise ValueError(
-                "the latent kernel reads one integer quantization (int8/int4/int2) for keys, values and every segment"
-            )
+        if quant.bits is None or quant.value_bits is None or any(s.quant != quant for s in segments):
+            raise ValueError("the latent kernel reads one integer quantization (int8/int4/int2) for every segment")
+        value_latents = "v" in segments[0].ranks
+        kinds = "kv" if value_latents else "k"
         fields = {
-            kind: [padded_latents(kind, s.tensors, s.ranks[kind], s.lengths, quant) for s in segments] for kind in "kv"
+            kind: [padded_latents(kind, s.tensors, s.ranks[kind], s.lengths, quant.of(kind)) for s in segments]
+            for kind in kinds
         }
         starts, position = [], start
         for segment in segments:
             starts.append(position)
             position += segment.num_tokens
         n_pads = [f[0][0].shape[1] for f in fields["k"]]
+        v_group = None
+        if not value_latents:  # values as quantized rows, padded as the key latents are: [L, H, n_pad, ...]
+            rows = [s.padded_value_rows(n_pad) for s, n_pad in zip(segments, n_pads, strict=True)]
+            v_group = rows[0][3]
+            fields["v"] = [list(zip(*(t.unbind(0) for t in r[:3]), strict=True)) for r in rows]
         seg_start = [0]
         for n_pad in n_pads:
             seg_start.append(seg_start[-1] + n_pad)
@@ -100,16 +107,18 @@ class LatentPackedSegments:
                 v_min=cat("v", layer, 2),
                 k_basis=basis.bases["k"][layer].transpose(1, 2).contiguous().to(device),
                 k_mean=basis.means["k"][layer].contiguous().to(device),
-                v_basis=basis.bases["v"][layer].transpose(1, 2).contiguous().to(device),
-                v_mean=basis.means["v"][layer].contiguous().to(device),
+                v_basis=basis.bases["v"][layer].transpose(1, 2).contiguous().to(device) if value_latents else None,
+                v_mean=basis.means["v"][layer].contiguous().to(device) if value_latents else None,
                 positions=all_positions[layer].contiguous(),
                 seg_start=seg_start_t,
                 seg_len=lengths[layer].contiguous(),
                 cos=tables[layer][0].to(device),
                 sin=tables[layer][1].to(device),
                 bits=quant.bits,
+                v_bits=quant.value_bits,
                 group_size=quant.group_size,
                 seg_start_host=tuple(seg_start),
+                v_group=v_group,
             )
             for layer in range(num_layers)
         ]

@@ -190,10 +190,6 @@ def choose_strategy(context: QueryContext, options: AnswerOptions) -> DenseStrat
         backend = "packed-triton" if fused else "dense"
     if backend == "dense":
         return DenseStrategy(options.recompute)
-    if latent and context.store.manifest.compression["lowrank"].get("ranks_v") is None:
-        raise InputError(f"backend {backend} needs values stored as latents too (--rank-values); use backend dense")
-    if latent and context.store.quant.value_scheme is not None:
-        raise InputError(f"backend {backend} reads latents of one width; this store's values have their own; use dense")
     if not quantized:
         raise InputError(f"backend {backend} needs a quantized store (int8/int4/int2); use backend dense")
     if options.recompute.active:

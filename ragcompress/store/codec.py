@@ -254,39 +254,24 @@ class Segment:
     def packed(self) -> QuantizedBlob:
         """The quantized tensors padded per head to a multiple of ``group_size`` rows, for the
         fused kernel; needs a quantized store (int8/int4/int2)."""
-        bits, v_bits = self.quant.bits, self.quant.value_bits
-        if bits is None or v_bits is None:
+        bits = self.quant.bits
+        if bits is None or self.quant.value_bits is None:
             raise ValueError(f"packed attention needs a quantized store (int8/int4/int2), not {self.quant.scheme!r}")
-        layers, heads = self.lengths.shape
         gs, d, lengths = self.quant.group_size, self.head_dim, self.lengths
         n_pad = -(-max(self.n_max, 1) // gs) * gs
-        v_group = min(gs, d)
         rows = torch.arange(n_pad) < lengths.unsqueeze(-1)  # [L, H, n_pad]
         groups = torch.arange(n_pad // gs) < (-(-lengths // gs)).unsqueeze(-1)
-        pb = 8 // bits
-        uniform = bool((lengths == self.n_max).all())  # every head keeps rows 0..n_max-1: a reshape, no scatter
-
-        def scatter(flat: torch.Tensor, mask: torch.Tensor, tail: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-            if tuple(flat.shape) != (int(mask.sum()), *tail) or flat.dtype != dtype:
-                raise CorruptSegmentError(f"segment tensor {tuple(flat.shape)} {flat.dtype} does not match its lengths")
-            if uniform:
-                kept = flat.shape[0] // (layers * heads)
-                out = flat.reshape(layers, heads, kept, *tail)
-                return torch.nn.functional.pad(out, (0, 0) * len(tail) + (0, mask.shape[-1] - kept))
-            out = torch.zeros((*mask.shape, *tail), dtype=dtype)
-            out[mask] = flat
-            return out
-
         offsets = torch.nn.functional.pad(self.positions, (0, n_pad - self.n_max))
         offsets = torch.where(rows, offsets, 0).to(torch.int32)
+        v_codes, v_scale, v_min, v_group = self.padded_value_rows(n_pad)
         try:
             return QuantizedBlob(
-                k_codes=scatter(self.tensors["k_codes"], rows, (d // pb,), torch.uint8),
-                k_scale=scatter(self.tensors["k_scale"], groups, (d,), torch.float16),
-                k_min=scatter(self.tensors["k_min"], groups, (d,), torch.float16),
-                v_codes=scatter(self.tensors["v_codes"], rows, (d * v_bits // 8,), torch.uint8),
-                v_scale=scatter(self.tensors["v_scale"], rows, (d // v_group,), torch.float16),
-                v_min=scatter(self.tensors["v_min"], rows, (d // v_group,), torch.float16),
+                k_codes=self._scatter(self.tensors["k_codes"], rows, (d // (8 // bits),), torch.uint8),
+                k_scale=self._scatter(self.tensors["k_scale"], groups, (d,), torch.float16),
+                k_min=self._scatter(self.tensors["k_min"], groups, (d,), torch.float16),
+                v_codes=v_codes,
+                v_scale=v_scale,
+                v_min=v_min,
                 offsets=offsets,
                 lengths=lengths.to(torch.int32),
                 num_tokens=self.num_tokens,
@@ -295,6 +280,42 @@ class Segment:
             )
         except KeyError as exc:
             raise CorruptSegmentError(f"segment blob lacks tensor {exc}") from exc
+
+    def padded_value_rows(self, n_pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """The values' quantized rows padded per head to ``n_pad`` rows, nothing dequantized:
+        codes ``[L, H, n_pad, d * v_bits / 8]`` uint8, scale and minimum ``[L, H, n_pad, d /
+        v_group]`` fp16, and ``v_group`` (channels per scale). :meth:`packed` lays them out so,
+        and the latent kernel reads them beside key latents (a keys-only projection)."""
+        v_bits, d = self.quant.value_bits, self.head_dim
+        if v_bits is None:
+            raise ValueError(f"packed attention needs quantized values (int8/int4/int2), not {self.quant.scheme!r}")
+        v_group = min(self.quant.group_size, d)
+        rows = torch.arange(n_pad) < self.lengths.unsqueeze(-1)
+        try:
+            return (
+                self._scatter(self.tensors["v_codes"], rows, (d * v_bits // 8,), torch.uint8),
+                self._scatter(self.tensors["v_scale"], rows, (d // v_group,), torch.float16),
+                self._scatter(self.tensors["v_min"], rows, (d // v_group,), torch.float16),
+                v_group,
+            )
+        except KeyError as exc:
+            raise CorruptSegmentError(f"segment blob lacks tensor {exc}") from exc
+
+    def _scatter(
+        self, flat: torch.Tensor, mask: torch.Tensor, tail: tuple[int, ...], dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Kept rows (or row groups) ``flat`` into a zero-padded ``[*mask.shape, *tail]`` grid;
+        a reshape when every head keeps rows ``0..n_max-1``."""
+        if tuple(flat.shape) != (int(mask.sum()), *tail) or flat.dtype != dtype:
+            raise CorruptSegmentError(f"segment tensor {tuple(flat.shape)} {flat.dtype} does not match its lengths")
+        if bool((self.lengths == self.n_max).all()):
+            layers, heads = self.lengths.shape
+            kept = flat.shape[0] // (layers * heads)
+            out = flat.reshape(layers, heads, kept, *tail)
+            return torch.nn.functional.pad(out, (0, 0) * len(tail) + (0, mask.shape[-1] - kept))
+        out = torch.zeros((*mask.shape, *tail), dtype=dtype)
+        out[mask] = flat
+        return out
 
 
 def _rows_to_grid(flat: torch.Tensor, grid_mask: torch.Tensor, fill_dtype: torch.dtype) -> torch.Tensor:
