@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU check (docs/kernels.md, "GPU check"): on a CUDA machine, run tests/test_kernels.py with the
+# GPU check (docs/kernels.md, "GPU check"): on a CUDA machine, run tests/test_kernels.py and
+# tests/test_lowrank_kernel.py (the packed and the latent kernel) with the
 # compiled Triton kernel (TRITON_INTERPRET unset; the file's interpreter tests still run in their own
 # worker), then time the kernel against dequantize-then-SDPA and fp16 SDPA
 # (benchmarks/gpu_kernel_bench.py -> kernel_bench.py), writing everything into $OUT, or
@@ -65,9 +66,9 @@ cd "$repo" || die "cannot enter $repo"
 export TRITON_CACHE_AUTOTUNING=1 # the timing stage reuses the tests' autotuning (same keys)
 export TRITON_PRINT_AUTOTUNING=1 # the chosen kernel configs go into the logs
 
-echo "gpu_check: tests/test_kernels.py -m 'not slow' (compiled kernel on $("$py" -c 'import torch; print(torch.cuda.get_device_name())'))"
+echo "gpu_check: tests/test_kernels.py tests/test_lowrank_kernel.py -m 'not slow' (compiled kernel on $("$py" -c 'import torch; print(torch.cuda.get_device_name())'))"
 t0=$SECONDS
-timeout 330 "$py" -m pytest -q -p no:cacheprovider tests/test_kernels.py -m "not slow" -rfEs --durations=12 \
+timeout 330 "$py" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_lowrank_kernel.py -m "not slow" -rfEs --durations=12 \
     --junitxml="$out/kernel_tests.xml" 2>&1 | tee "$out/kernel_tests.log"
 tests_rc=${PIPESTATUS[0]}
 tests_s=$((SECONDS - t0))

@@ -286,3 +286,41 @@ def test_packed_strategy_over_latents_decodes_like_the_dense_path(interpreter, t
     assert got["packed-torch"] == got["dense"] and all(got["dense"])
     kernel = interpreter.apply(answer_backends, (model_dir, store, ["packed-triton"]))
     assert kernel["packed-triton"] == got["dense"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(CASES))
+def test_compiled_latent_kernel_on_cuda_matches_reference(name):
+    """``latent_attention(backend="triton")`` on CUDA tensors (compiled, not interpreted: the
+    interpreter runs Python, so constexpr branches and ``tl.dot`` shapes are only proven compiled)
+    against the torch path on the same tensors and the independent fp32 reference on the CPU.
+    ``benchmarks/gpu_check.sh`` runs it; here it skips."""
+    import dataclasses
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    pytest.importorskip("triton")
+    from ragcompress_kernels.latent_attention import latent_attention
+    from ragcompress_kernels.quantized_attention import _interpreted
+
+    if _interpreted():
+        pytest.skip("triton was imported under TRITON_INTERPRET=1; this test runs the compiled kernel")
+    case = dict(CASES[name], seed=len(name))
+    packed, layer, query, key, value, expected = build(case)
+    seg = packed.layers[layer]
+    seg = dataclasses.replace(
+        seg,
+        **{
+            f.name: getattr(seg, f.name).cuda()
+            for f in dataclasses.fields(seg)
+            if isinstance(getattr(seg, f.name), torch.Tensor)
+        },
+    )
+    query, key, value = query.cuda(), key.cuda(), value.cuda()
+    tol = TOL[case.get("dtype", torch.float32)]
+    got = latent_attention(query, key, value, seg, backend="triton")
+    ref = latent_attention(query, key, value, seg, backend="torch")
+    assert got.is_cuda and got.dtype == query.dtype and torch.isfinite(got).all()
+    vs_ref = (got.float() - ref.float()).abs().max().item()
+    vs_independent = (got.float().cpu() - expected).abs().max().item()
+    assert vs_ref < tol and vs_independent < tol, (vs_ref, vs_independent)
