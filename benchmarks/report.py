@@ -15,9 +15,10 @@ Each generated table sits in README.md between ``<!-- report:NAME -->`` and
 * ``compression``: the headline compression settings on Qwen (``compression_qwen.json``, 16
   questions, and ``compression_qwen32.json``, 32), each sub-EM against full prefill and against
   uncompressed reuse;
-* ``lowrank-frontier`` / ``kvzip-cost`` / ``layer-padding`` (docs/compression.md §8; that file's
-  older tables are hand-written, so its blocks are checked but not its other tables,
-  :data:`PARTLY_GENERATED`):
+* ``sweep:*`` / ``needle:*`` (docs/compression.md §1-6): the first round's sweeps of every
+  method x ratio x quant (``compression_<model>.json`` with ``compression_kl_<model>.json``,
+  :data:`SWEEP_TABLES`) and the needle-in-a-haystack runs (``needle_*.json``);
+* ``lowrank-frontier`` / ``kvzip-cost`` / ``layer-padding`` (docs/compression.md §8):
   eviction x rank x bits (``lowrank_*.json``, ``benchmarks/lowrank_frontier.py --publish``),
   KVzip's scoring cost against a plain forward (``kvzip_cost_*.json``) and the dense path's
   per-layer padding against the layout it replaced (``layer_padding_*.json``);
@@ -51,10 +52,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 # Other documents whose blocks are rendered (and checked) along with README.md's.
-DOCS = tuple(ROOT / "docs" / name for name in ("serve.md", "distill.md", "recompute.md"))
-# Documents whose blocks are rendered and checked, but whose Results sections keep hand-written tables
-# of an earlier round (measured before results files recorded them).
-PARTLY_GENERATED = (ROOT / "docs" / "compression.md",)
+DOCS = tuple(ROOT / "docs" / name for name in ("serve.md", "distill.md", "recompute.md", "compression.md"))
 RESULTS = ROOT / "docs" / "results"
 
 # Same keys as common.RESULTS_META_KEYS (common imports torch; this script must not).
@@ -437,6 +435,131 @@ def render_compression(results: Path) -> str:
         "same questions. "
     )
     return "\n\n".join([table(header, rows), note + source_line(paths)])
+
+
+# The first round's sweeps (docs/compression.md §1-6): 16 questions, every method x ratio x quant
+# of ``benchmarks/compression_quality.py`` (``compression_<model>.json``) with the KL of each row
+# (``benchmarks/kl_fidelity.py``, ``compression_kl_<model>.json``, keyed alike). Each table is a
+# selection of those rows, named here in the order the document shows them.
+_SWEEP_METHODS = ("global-kvzip", "adaptive-kvzip", "kvzip", "expected-attention", "snapkv", "knorm", "streaming")
+_PROTECTED = (
+    "global-kvzip",
+    "global-kvzip-keep-first-1-keep-last-0",
+    "global-kvzip-keep-first-0-keep-last-0",
+    "global-kvzip-keep-last-0",
+    "global-expected-attention",
+    "global-snapkv",
+)
+_KVPRESS = (
+    "global-kvzip",
+    "kvzip",
+    "expected-attention",
+    "snapkv",
+    "knorm",
+    "global-kvpress-kvzip",
+    "kvpress-kvzip",
+    "global-kvpress-kvzip-plus",
+    "kvpress-kvzip-plus",
+    "kvpress-expected-attention",
+    "kvpress-snapkv",
+    "kvpress-knorm",
+)
+_RATIOS = (0.5, 0.25, 0.125)
+
+
+def _sweep(first: tuple[str, ...], methods: tuple[str, ...], quants: tuple[str, ...]) -> list[str]:
+    return [*first, *(f"{m}_{r}_{q}" for r in _RATIOS for m in methods for q in quants)]
+
+
+# block name -> (results file, KL file or None, row keys (missing ones skipped), indexing column)
+SWEEP_TABLES: dict[str, tuple[str, str | None, list[str], bool]] = {
+    "sweep:qwen-int4": (
+        "compression_qwen.json",
+        "compression_kl_qwen.json",
+        _sweep(("none_1.0_int4",), _SWEEP_METHODS, ("int4",)),
+        True,
+    ),
+    "sweep:qwen-fp16": ("compression_qwen.json", None, _sweep(("none_1.0_fp16",), _SWEEP_METHODS, ("fp16",)), False),
+    "sweep:qwen-protected": (
+        "compression_qwen.json",
+        "compression_kl_qwen.json",
+        _sweep(("none_1.0_int4",), _PROTECTED, ("int4",)),
+        False,
+    ),
+    "sweep:qwen-kvpress": (
+        "compression_qwen.json",
+        "compression_kl_qwen.json",
+        _sweep(("none_1.0_int4",), _KVPRESS, ("int4",)),
+        False,
+    ),
+    "sweep:qwen32": (
+        "compression_qwen32.json",
+        None,
+        [
+            "none_1.0_int4",
+            *(f"{m}_{r}_int4" for r in (0.5, 0.25) for m in _PROTECTED[:2] + ("expected-attention",)),
+        ],
+        False,
+    ),
+    "sweep:smollm2": (
+        "compression_smollm2.json",
+        "compression_kl_smollm2.json",
+        _sweep(("none_1.0_fp16", "none_1.0_int4"), _SWEEP_METHODS, ("fp16", "int4")),
+        True,
+    ),
+}
+
+
+def render_sweep(name: str, results: Path) -> str:
+    """One of :data:`SWEEP_TABLES`: sub-EM, F1, agreement, bytes per token and compression of
+    each row, indexing time against ``none`` where asked, and the KL of each row against the
+    KL file's reference row (which reads "(reference)")."""
+    file, kl_file, keys, indexing = SWEEP_TABLES[name]
+    run = load(results / file)
+    kl = load(results / kl_file) if kl_file else None
+    header = ["method", "ratio", "quant", "sub-EM", "F1", "agreement", "bytes/token", "compression"]
+    header += ["indexing / none"] * indexing + ["KL suffix+answer", "KL answer"] * (kl is not None)
+    references = {entry["reference"] for entry in kl.values()} if kl else set()
+    rows = []
+    for key in keys:
+        if key not in run["rows"]:
+            continue  # a ratio a selection does not cover (e.g. keep_last=0 at 0.5)
+        row = run["rows"][key]
+        method = f"**{row['method']}**" if row["method"].startswith("global:kvzip") else row["method"]
+        line = [method, str(row["ratio"]), row["quant"], f"{row['sub_em']:.3f}", f"{row['f1']:.3f}"]
+        line += [f"{row['agreement']:.3f}", f"{row['bytes_per_token']:.0f}", f"{row['compression']:.1f}x"]
+        if indexing:
+            times = run["indexing_s"]
+            line.append(f"{times[row['method'].split('[')[0]] / times['none']:.2f}")
+        if kl is not None:
+            if key in references:
+                line += ["(reference)", ""]
+            elif key not in kl:
+                raise ReportError(f"row {key} of {file} has no KL in {kl_file}")
+            else:
+                line += [f"{kl[key]['kl_suffix_answer']:.3f}", f"{kl[key]['kl_answer']:.3f}"]
+        rows.append(line)
+    return "\n\n".join([table(header, rows), source_line([results / f for f in (file, kl_file) if f])])
+
+
+def render_needle(file: str, results: Path) -> str:
+    """``benchmarks/needle.py``'s table: the share of needles found per insertion depth."""
+    path = results / file
+    data = load(path)
+    args = data["args"]
+    depths = [float(d) for d in json.loads(args["depths"])]
+    caption = (
+        f"{model_name(data['model'])}: {args['essays']} essays × {len(depths)} depths, {args['chunks']} passage(s) "
+        f"of {args['chunk_tokens']} tokens, {args['quant']}"
+    )
+    header = ["setting", *(f"depth {d:.0%}" for d in depths), "mean"]
+    rows = []
+    for setting, row in data["rows"].items():
+        bold = setting.startswith("global:kvzip")
+        found = [f"{row['by_depth'][str(d)]:.2f}" for d in depths]
+        mean = f"{row['mean']:.2f}"
+        rows.append([f"**{setting}**" if bold else setting, *found, f"**{mean}**" if bold else mean])
+    return "\n\n".join([caption, table(header, rows), source_line([path])])
 
 
 def _mb(n: float) -> str:
@@ -1236,6 +1359,9 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "scale-estimate": render_scale_estimate,
     "serve-load": render_serve_load,
     "distill": render_distill,
+    **{name: (lambda results, name=name: render_sweep(name, results)) for name in SWEEP_TABLES},
+    "needle:qwen": lambda results: render_needle("needle_qwen.json", results),
+    "needle:smollm2": lambda results: render_needle("needle_smollm2_1x128.json", results),
 }
 
 
@@ -1287,8 +1413,7 @@ def unmanaged_tables(text: str) -> list[str]:
 
 def check(readme: Path = README, results: Path = RESULTS) -> str | None:
     """``None`` when every report block of ``readme`` equals its rendering from ``results`` and
-    (unless ``readme`` is one of :data:`PARTLY_GENERATED`) the Results section has no table
-    outside a block; else a message naming the first problem."""
+    the Results section has no table outside a block; else a message naming the first problem."""
     text = readme.read_text()
     try:
         names = blocks(text)
@@ -1306,8 +1431,7 @@ def check(readme: Path = README, results: Path = RESULTS) -> str | None:
                 return f"README block report:{name} differs from its rendering from {results}:\n{diff}"
     except ReportError as exc:
         return str(exc)
-    partly = readme.resolve() in {path.resolve() for path in PARTLY_GENERATED}
-    loose = [] if partly else unmanaged_tables(text)
+    loose = unmanaged_tables(text)
     if loose:
         return f"a table in {readme}'s Results section is not generated (no report block): {loose[0]}"
     return None
@@ -1320,11 +1444,11 @@ def main(argv: list[str] | None = None) -> int:
         "--readme",
         type=Path,
         default=None,
-        help="the one file to render (default: README.md, DOCS and PARTLY_GENERATED)",
+        help="the one file to render (default: README.md and DOCS)",
     )
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    targets = [args.readme] if args.readme else [README, *DOCS, *PARTLY_GENERATED]
+    targets = [args.readme] if args.readme else [README, *DOCS]
     for note in meta_notes(args.results):
         print(note, file=sys.stderr)
     for target in targets:
