@@ -29,7 +29,6 @@ from .quantized_attention import (
     dequantize_values_ref,
     valid_rows_ref,
 )
-from .quantized_attention import load_value_rows as _load_value_rows
 
 try:
     import triton
@@ -197,6 +196,7 @@ def latent_attention_ref(
 # --------------------------------------------------------------------------- Triton kernel
 
 if HAS_TRITON:
+    from .quantized_attention import load_value_rows as _load_value_rows  # a Triton function
 
     @triton.jit
     def _load_latents(codes_head, scale_head, min_head, rows, rmask, R: tl.constexpr, R_PAD: tl.constexpr,
