@@ -86,7 +86,7 @@ def independent_reference(
     return (probs @ all_v).transpose(1, 2)
 
 
-def build_case(case: dict):
+def build_case(case: dict, device: str = "cpu"):
     from ragcompress.runtime.packed import PackedSegments
 
     torch.manual_seed(case["seed"])
@@ -95,7 +95,7 @@ def build_case(case: dict):
     blobs = make_blobs(case["lengths"], heads, d, case["scheme"], case["seed"])
     rotary = PlainRotary(d)
     prefix = case.get("prefix", 9)
-    packed = PackedSegments.from_blobs([codec.parse(b).packed() for b in blobs], prefix, rotary)
+    packed = PackedSegments.from_blobs([codec.parse(b).packed() for b in blobs], prefix, rotary, device=device)
     total = prefix + q_len
     batch = case.get("batch", 1)
     query = torch.randn(batch, heads * group, q_len, d).to(dtype)
@@ -473,8 +473,6 @@ GPU_RUNS = [(name, torch.float16) for name in GPU_CASES] + [
 def test_compiled_kernel_on_cuda_matches_reference(name, dtype):
     """``packed_attention(backend="triton")`` on CUDA tensors (compiled, not interpreted) against
     ``packed_attention_ref`` on the same tensors and the independent fp32 reference on the CPU."""
-    import dataclasses
-
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     pytest.importorskip("triton")
@@ -484,16 +482,8 @@ def test_compiled_kernel_on_cuda_matches_reference(name, dtype):
     if _interpreted():
         pytest.skip("triton was imported under TRITON_INTERPRET=1; this test runs the compiled kernel")
     case = dict(GPU_CASES[name], seed=len(name), dtype=dtype)
-    packed, query, key, value, expected = build_case(case)
+    packed, query, key, value, expected = build_case(case, device="cuda")
     seg = packed.layers[0]
-    seg = dataclasses.replace(
-        seg,
-        **{
-            f.name: getattr(seg, f.name).cuda()
-            for f in dataclasses.fields(seg)
-            if isinstance(getattr(seg, f.name), torch.Tensor)
-        },
-    )
     query, key, value = query.cuda(), key.cuda(), value.cuda()
     tol = TOL[dtype]
     ref = packed_attention_ref(query, key, value, seg)

@@ -98,13 +98,13 @@ def independent_reference(blobs, basis, rotary, layer, start, query, key, value)
     return (scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ all_v).transpose(1, 2)
 
 
-def build(case: dict):
+def build(case: dict, device: str = "cpu"):
     from ragcompress.runtime.latent_packed import LatentPackedSegments
 
     blobs, basis = make_case(case)
     rotary = PlainRotary(case["head_dim"])
     prefix, q_len, group = case.get("prefix", 9), case["q_len"], case["group"]
-    packed = LatentPackedSegments.from_segments([codec.parse(b) for b in blobs], basis, prefix, rotary)
+    packed = LatentPackedSegments.from_segments([codec.parse(b) for b in blobs], basis, prefix, rotary, device)
     torch.manual_seed(case["seed"])
     dtype = case.get("dtype", torch.float32)
     batch, heads, d = case.get("batch", 1), case["heads"], case["head_dim"]
@@ -295,8 +295,6 @@ def test_compiled_latent_kernel_on_cuda_matches_reference(name):
     interpreter runs Python, so constexpr branches and ``tl.dot`` shapes are only proven compiled)
     against the torch path on the same tensors and the independent fp32 reference on the CPU.
     ``benchmarks/gpu_check.sh`` runs it; here it skips."""
-    import dataclasses
-
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     pytest.importorskip("triton")
@@ -306,16 +304,8 @@ def test_compiled_latent_kernel_on_cuda_matches_reference(name):
     if _interpreted():
         pytest.skip("triton was imported under TRITON_INTERPRET=1; this test runs the compiled kernel")
     case = dict(CASES[name], seed=len(name))
-    packed, layer, query, key, value, expected = build(case)
+    packed, layer, query, key, value, expected = build(case, device="cuda")
     seg = packed.layers[layer]
-    seg = dataclasses.replace(
-        seg,
-        **{
-            f.name: getattr(seg, f.name).cuda()
-            for f in dataclasses.fields(seg)
-            if isinstance(getattr(seg, f.name), torch.Tensor)
-        },
-    )
     query, key, value = query.cuda(), key.cuda(), value.cuda()
     tol = TOL[case.get("dtype", torch.float32)]
     got = latent_attention(query, key, value, seg, backend="triton")

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from safetensors.torch import load as st_load
@@ -301,6 +302,11 @@ class Segment:
         except KeyError as exc:
             raise CorruptSegmentError(f"segment blob lacks tensor {exc}") from exc
 
+    @cached_property
+    def _keeps_every_row(self) -> bool:
+        """Every head keeps rows ``0..n_max-1`` (nothing evicted): flat rows reshape into the grid."""
+        return bool((self.lengths == self.n_max).all())
+
     def _scatter(
         self, flat: torch.Tensor, mask: torch.Tensor, tail: tuple[int, ...], dtype: torch.dtype
     ) -> torch.Tensor:
@@ -308,7 +314,7 @@ class Segment:
         a reshape when every head keeps rows ``0..n_max-1``."""
         if tuple(flat.shape) != (int(mask.sum()), *tail) or flat.dtype != dtype:
             raise CorruptSegmentError(f"segment tensor {tuple(flat.shape)} {flat.dtype} does not match its lengths")
-        if bool((self.lengths == self.n_max).all()):
+        if self._keeps_every_row:
             layers, heads = self.lengths.shape
             kept = flat.shape[0] // (layers * heads)
             out = flat.reshape(layers, heads, kept, *tail)
