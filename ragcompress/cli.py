@@ -41,12 +41,21 @@ SELECTION_OPTION = typer.Option(
     help="how recomputed tokens are chosen: deviation (CacheBlend), question (the question's attention) or mixed",
 )
 
+# the names of runtime/options.py's BACKENDS (not imported here: --help stays fast; a test checks the list)
+BACKEND_OPTION = typer.Option(
+    None,
+    "--backend",
+    help="attention over the stored caches: auto (default: the fused kernel where it applies, else dense), dense, "
+    "packed-torch or packed-triton (docs/kernels.md)",
+)
+
 
 def _answer_options(
     preset: str | None,
     max_new_tokens: int | None = None,
     recompute: float | None = None,
     selection: str | None = None,
+    backend: str | None = None,
 ) -> Any:
     """``AnswerOptions`` of ``--preset`` (defaults without one) with the options given explicitly
     (``--recompute`` / ``--selection`` replace those fields of the preset's recompute config)."""
@@ -60,6 +69,8 @@ def _answer_options(
         changes = {key: value for key, value in changes.items() if value is not None}
         if changes:
             base = base.replace(recompute=dataclasses.replace(base.recompute, **changes))
+        if backend is not None:
+            base = base.replace(backend=backend)
         return base
     except (ValueError, TypeError) as exc:
         raise RagCompressError(str(exc)) from None
@@ -296,6 +307,12 @@ def train(
     continuation_weight: float = typer.Option(
         0.5, "--continuation-weight", min=0.0, help="the reconstruction KL's weight (the answer KL's is 1)"
     ),
+    hard_weight: float = typer.Option(
+        0.0,
+        "--hard-weight",
+        min=0.0,
+        help="weight of the cross-entropy of the teacher's greedy answer tokens beside the answer KL (0: KL only)",
+    ),
     scorer_passages: int | None = typer.Option(
         None,
         "--scorer-passages",
@@ -365,6 +382,7 @@ def train(
             views=views,
             continuation=continuation,
             continuation_weight=continuation_weight,
+            hard_weight=hard_weight,
             scorer_passages=scorer_passages,
             eval_every=eval_every,
             method=method,
@@ -387,7 +405,9 @@ def train(
     metrics = adaptor.meta["metrics"]
     typer.echo(
         f"adaptor {adaptor.hash[:16]} -> {out / 'adaptor'}; held-out KL (answer) "
-        f"{metrics['held_out_start']['kl_answer']:.4f} -> {metrics['held_out_end']['kl_answer']:.4f}"
+        f"{metrics['held_out_start']['kl_answer']:.4f} -> {metrics['held_out_end']['kl_answer']:.4f}, answer rows "
+        f"whose argmax is full prefill's {metrics['held_out_start'].get('top1_answer', float('nan')):.3f} -> "
+        f"{metrics['held_out_end'].get('top1_answer', float('nan')):.3f}"
     )
 
 
@@ -400,6 +420,7 @@ def ask(
     recompute: float | None = RECOMPUTE_OPTION,
     selection: str | None = SELECTION_OPTION,
     preset: str | None = typer.Option(None, "--preset", help=PRESET_HELP),
+    backend: str | None = BACKEND_OPTION,
     compare_full: bool = typer.Option(False, "--compare-full", help="also answer by full-text prefill and time it"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -407,7 +428,7 @@ def ask(
     _quiet_libraries()
     from ragcompress.runtime.engine import Engine
 
-    engine = Engine.open(store, options=_answer_options(preset, max_new_tokens, recompute, selection))
+    engine = Engine.open(store, options=_answer_options(preset, max_new_tokens, recompute, selection, backend))
     try:
         entries = engine.retrieve(question, top_k)
         answer = engine.answer_cached(question, entries)
@@ -415,7 +436,7 @@ def ask(
         lines = [
             f"answer: {answer.answer}",
             "passages: " + ", ".join(answer.passage_ids),
-            f"TTFT from cache: {answer.ttft_s * 1000:.0f} ms",
+            f"TTFT from cache: {answer.ttft_s * 1000:.0f} ms ({answer.backend} attention)",
         ]
         if compare_full:
             full = engine.answer_full(question, entries)
@@ -446,6 +467,7 @@ def evaluate(
     recompute: float | None = RECOMPUTE_OPTION,
     selection: str | None = SELECTION_OPTION,
     preset: str | None = typer.Option(None, "--preset", help=PRESET_HELP),
+    backend: str | None = BACKEND_OPTION,
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Answer questions from caches and by full prefill; report quality, agreement and speedup."""
@@ -454,7 +476,7 @@ def evaluate(
     from ragcompress.runtime.engine import Engine
 
     items = select_questions(read_questions(questions), sample, articles)[:limit]
-    engine = Engine.open(store, options=_answer_options(preset, max_new_tokens, recompute, selection))
+    engine = Engine.open(store, options=_answer_options(preset, max_new_tokens, recompute, selection, backend))
     try:
         results = iter_eval(engine, items, top_k)
         if _show_progress(as_json):

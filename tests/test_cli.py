@@ -186,6 +186,22 @@ def test_bad_option_values_list_allowed_values(cli_store, monkeypatch, capfd):
     assert code == 1 and "unknown method 'magic'" in err and "none" in err
 
 
+def test_ask_backend_option_chooses_and_names_the_attention_path(cli_store, monkeypatch, capfd):
+    from ragcompress.cli import BACKEND_OPTION
+    from ragcompress.runtime.options import BACKENDS
+
+    assert all(name in BACKEND_OPTION.help for name in BACKENDS)
+    store, _, _ = cli_store
+    ask = ["ask", "--store", str(store), "--question", "Who won?", "--top-k", "2", "--max-new-tokens", "2"]
+    code, out, err = run_cli([*ask, "--backend", "packed-torch"], monkeypatch, capfd)
+    assert code == 0, err
+    assert "(packed-torch attention)" in out
+    code, out, err = run_cli([*ask, "--backend", "dense"], monkeypatch, capfd)
+    assert code == 0 and "(dense attention)" in out, err
+    code, _, err = run_cli([*ask, "--backend", "magic"], monkeypatch, capfd)
+    assert code == 1 and "backend 'magic' is not one of: auto, dense, packed-torch, packed-triton" in err
+
+
 def test_bench_reports_every_path_per_context_size(cli_store, monkeypatch, capfd, tmp_path):
     store, _, _ = cli_store
     plot = tmp_path / "bench.png"

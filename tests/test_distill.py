@@ -142,14 +142,30 @@ def test_one_training_step_lowers_the_loss_on_its_batch(lm, kind):
     texts = ["Melbourne is the sporting capital of Australia.", "Apollo 11 landed on the Moon in 1969."]
     example = distiller.teacher("q", [distiller.tokens.passage(t) for t in texts], "Where did Apollo 11 land?")
     optimizer = torch.optim.SGD(distiller.trainable(), lr=1.0)
-    qa, cont = distiller.losses(example)
+    qa, cont, *_ = distiller.losses(example)
     before = float((qa + cont).detach())
     assert before > 0  # independently encoded caches differ from full prefill
     (qa + cont).backward()
     optimizer.step()
     with torch.no_grad():
-        qa, cont = distiller.losses(example)
+        qa, cont, *_ = distiller.losses(example)
     assert float(qa + cont) < before
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_hard_label_term_is_the_teachers_own_greedy_cross_entropy_when_the_cache_is_exact(lm, kind):
+    # one passage encoded alone after the prefix *is* full prefill's cache: the untrained student
+    # then predicts what the teacher predicts, so its KL is ~0, every answer row's argmax is the
+    # teacher's, and the hard-label term is the teacher's own -log p(greedy token)
+    adaptor = Adaptor.initial(lm.model, rank=4, alpha=8, kind=kind)
+    distiller = Distiller(lm, adaptor, teacher_top=16, continuation=8)
+    passage = distiller.tokens.passage("Apollo 11 landed on the Moon in 1969.")
+    example = distiller.teacher("q", [passage], "Where did Apollo 11 land?")
+    with torch.no_grad():
+        losses = distiller.losses(example)
+    assert float(losses.kl_answer) < 1e-4
+    assert losses.top1_answer == 1.0
+    assert float(losses.ce_answer) == pytest.approx(float(-example.qa_lp[:, 0].mean()), abs=1e-3)
 
 
 @pytest.mark.parametrize("method", ["learned", "global:learned"])
@@ -415,13 +431,13 @@ def test_one_compressed_training_step_lowers_the_loss_on_its_batch(lm):
     texts = ["Melbourne is the sporting capital of Australia.", "Apollo 11 landed on the Moon in 1969."]
     example = distiller.teacher("q", [distiller.tokens.passage(t) for t in texts], "Where did Apollo 11 land?")
     optimizer = torch.optim.SGD(distiller.trainable(), lr=1.0)
-    qa, cont = distiller.losses(example)
+    qa, cont, *_ = distiller.losses(example)
     before = float((qa + cont).detach())
     (qa + cont).backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in optimizer.param_groups[0]["params"])
     optimizer.step()
     with torch.no_grad():
-        qa, cont = distiller.losses(example)
+        qa, cont, *_ = distiller.losses(example)
     assert float(qa + cont) < before
 
 

@@ -13,7 +13,11 @@ teacher's and the student's next-token distributions:
   measures), teacher-forced, from the question's last token to the answer's end;
 * over a question-independent continuation: after KVzip's "Repeat the previous passage
   exactly." the first ``CONTINUATION`` tokens of the last passage (reconstruction, so the caches
-  keep what any question could need, not only what the training questions asked).
+  keep what any question could need, not only what the training questions asked);
+* optionally (``hard_weight``), cross-entropy of the teacher's greedy answer tokens themselves
+  (hard-label distillation): KL spreads its gradient over the teacher's whole distribution, while
+  agreement with full prefill depends only on its argmax; with weight ``w`` the answer rows' target
+  is the teacher's distribution moved towards its argmax, ``(p + w * onehot) / (1 + w)``.
 
 Teacher distributions are computed once and cached (``teacher.safetensors``), as their top ``top_k``
 tokens plus the remaining mass: the KL is then exact between the teacher's and the student's
@@ -38,7 +42,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -89,6 +93,9 @@ class TrainConfig:
     steps: int = 150
     minutes: float = 40.0  # step time this invocation may spend (a resumed run gets it afresh)
     continuation_weight: float = 0.5
+    # weight of the cross-entropy of the teacher's greedy answer tokens beside the answer KL (0: KL
+    # only, as every adaptor before it): a target sharpened towards the argmax that agreement counts
+    hard_weight: float = 0.0
     teacher_top: int = 64  # teacher tokens kept per position
     val_examples: int = 16
     train_questions: int = 0  # 0: every training question; else that many, evenly spaced
@@ -272,6 +279,17 @@ def with_extra_passages(
 
 
 # -- teacher and student ------------------------------------------------------------------------
+
+
+class Losses(NamedTuple):
+    """One example's losses: the answer and continuation KLs (trained), the cross-entropy of the
+    teacher's greedy answer tokens (trained with ``hard_weight``) and, for monitoring, the share
+    of answer rows whose argmax is the teacher's (no gradient)."""
+
+    kl_answer: torch.Tensor
+    kl_cont: torch.Tensor
+    ce_answer: torch.Tensor
+    top1_answer: float
 
 
 def binned_kl(teacher_idx: torch.Tensor, teacher_lp: torch.Tensor, student_lp: torch.Tensor) -> torch.Tensor:
@@ -572,8 +590,9 @@ class Distiller:
 
         return round_trip("k", keys), round_trip("v", values)
 
-    def losses(self, example: Example) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean per-token binned KL over the answer rows and over the continuation rows."""
+    def losses(self, example: Example) -> Losses:
+        """Mean per-token binned KL over the answer rows and over the continuation rows, and the
+        answer rows' cross-entropy of (and argmax agreement with) the teacher's greedy tokens."""
         mask: dict[str, torch.Tensor] = {}
         if self.compressed:
             keys, values, total, kv_mask = self.student_compressed_tensors(example.passages)
@@ -586,9 +605,12 @@ class Distiller:
         qa = self.student_logprobs(keys, values, total, ids, len(example.answer) + 1, **mask)
         cont_ids = example.cont_suffix + example.cont
         cont = self.student_logprobs(keys, values, total, cont_ids, len(example.cont) + 1, **mask)[:-1]
-        return (
+        greedy = example.qa_idx[:, :1]  # the teacher's argmax of each answer row (topk is sorted)
+        return Losses(
             binned_kl(example.qa_idx, example.qa_lp, qa).mean(),
             binned_kl(example.cont_idx, example.cont_lp, cont).mean(),
+            -qa.gather(-1, greedy).mean(),
+            float((qa.detach().argmax(-1, keepdim=True) == greedy).float().mean()),
         )
 
 
@@ -667,10 +689,12 @@ def check_split(distiller: Distiller, path: Path, examples: list[Example], corpu
 
 def validation_loss(distiller: Distiller, examples: list[Example]) -> dict[str, float]:
     with torch.no_grad():
-        pairs = [distiller.losses(e) for e in examples]
+        losses = [distiller.losses(e) for e in examples]
     return {
-        "kl_answer": float(np.mean([float(a) for a, _ in pairs])),
-        "kl_cont": float(np.mean([float(c) for _, c in pairs])),
+        "kl_answer": float(np.mean([float(x.kl_answer) for x in losses])),
+        "kl_cont": float(np.mean([float(x.kl_cont) for x in losses])),
+        "ce_answer": float(np.mean([float(x.ce_answer) for x in losses])),
+        "top1_answer": float(np.mean([x.top1_answer for x in losses])),
     }
 
 
@@ -909,9 +933,12 @@ def train(
         optimizer.zero_grad()
         qa_sum = cont_sum = 0.0
         for i in order[step * config.batch : (step + 1) * config.batch]:
-            qa, cont = distiller.losses(train_examples[i])
-            ((qa + config.continuation_weight * cont) / config.batch).backward()
-            qa_sum, cont_sum = qa_sum + float(qa.detach()), cont_sum + float(cont.detach())
+            losses = distiller.losses(train_examples[i])
+            total = losses.kl_answer + config.continuation_weight * losses.kl_cont
+            if config.hard_weight:
+                total = total + config.hard_weight * losses.ce_answer
+            (total / config.batch).backward()
+            qa_sum, cont_sum = qa_sum + float(losses.kl_answer.detach()), cont_sum + float(losses.kl_cont.detach())
         if config.clip:
             torch.nn.utils.clip_grad_norm_(trainable, config.clip)
         optimizer.step()
