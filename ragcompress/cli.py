@@ -58,7 +58,8 @@ def _answer_options(
     backend: str | None = None,
 ) -> Any:
     """``AnswerOptions`` of ``--preset`` (defaults without one) with the options given explicitly
-    (``--recompute`` / ``--selection`` replace those fields of the preset's recompute config)."""
+    (``--recompute`` / ``--selection`` replace those fields of the preset's recompute config;
+    ``--backend`` replaces its attention path)."""
     import dataclasses
 
     from ragcompress.presets import answer_options

@@ -690,12 +690,7 @@ def check_split(distiller: Distiller, path: Path, examples: list[Example], corpu
 def validation_loss(distiller: Distiller, examples: list[Example]) -> dict[str, float]:
     with torch.no_grad():
         losses = [distiller.losses(e) for e in examples]
-    return {
-        "kl_answer": float(np.mean([float(x.kl_answer) for x in losses])),
-        "kl_cont": float(np.mean([float(x.kl_cont) for x in losses])),
-        "ce_answer": float(np.mean([float(x.ce_answer) for x in losses])),
-        "top1_answer": float(np.mean([x.top1_answer for x in losses])),
-    }
+    return {name: float(np.mean([float(getattr(x, name)) for x in losses])) for name in Losses._fields}
 
 
 def plot_history(history: dict[str, Any], path: Path, title: str) -> None:
