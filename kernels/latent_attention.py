@@ -23,10 +23,11 @@ from dataclasses import dataclass
 import torch
 
 from .quantized_attention import (
-    _interpreted,
     _unpack_ref,
     attention_over_dense_ref,
+    check_attention_inputs,
     dequantize_values_ref,
+    resolve_backend,
     valid_rows_ref,
 )
 
@@ -196,7 +197,14 @@ def latent_attention_ref(
 # --------------------------------------------------------------------------- Triton kernel
 
 if HAS_TRITON:
-    from .quantized_attention import load_value_rows as _load_value_rows  # a Triton function
+    from .quantized_attention import (  # Triton functions shared with the packed kernel
+        _hopper_configs,
+        attend_fp_rows,
+        load_query_tile,
+        load_value_rows,
+        softmax_step,
+        store_output_tile,
+    )
 
     @triton.jit
     def _load_latents(codes_head, scale_head, min_head, rows, rmask, R: tl.constexpr, R_PAD: tl.constexpr,
@@ -238,11 +246,7 @@ if HAS_TRITON:
         qh = kvh * GROUP + offs_m // Q_LEN
         qi = offs_m % Q_LEN
         cols = tl.arange(0, HEAD_DIM)
-        q = tl.load(
-            Q + b * stride_qb + qh[:, None] * stride_qh + qi[:, None] * stride_qm + cols[None, :],
-            mask=m_valid[:, None],
-            other=0.0,
-        )
+        q = load_query_tile(Q, b, qh, qi, m_valid, stride_qb, stride_qh, stride_qm, HEAD_DIM)
         partner = (cols + HALF) % HEAD_DIM  # channel c of a rotated key mixes c and c +- d/2
         sign = tl.where(cols < HALF, -1.0, 1.0)
 
@@ -291,49 +295,24 @@ if HAS_TRITON:
                 cos = tl.load(COS + pos[:, None] * HEAD_DIM + cols[None, :], mask=r_valid[:, None], other=0.0)
                 sin = tl.load(SIN + pos[:, None] * HEAD_DIM + cols[None, :], mask=r_valid[:, None], other=0.0)
                 k = k * cos + sign[None, :] * kp * sin
-                qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale
-                qk = tl.where(r_valid[None, :], qk, float("-inf"))
                 if V_LATENT:
                     zv = _load_latents(vc_head, vs_head, vm_head, rows, r_valid, RV, RV_PAD, V_BITS, GROUP_SIZE)
                     v = tl.dot(zv, basis_v, input_precision=DOT_PRECISION) + mean_v[None, :]
                 else:
-                    v = _load_value_rows(vc_head, vs_head, vm_head, rows, r_valid, HEAD_DIM, V_BITS, V_GROUP)
-                m_new = tl.maximum(m_i, tl.max(qk, 1))
-                p = tl.math.exp2(qk - m_new[:, None])
-                alpha = tl.math.exp2(m_i - m_new)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
-                m_i = m_new
+                    v = load_value_rows(vc_head, vs_head, vm_head, rows, r_valid, HEAD_DIM, V_BITS, V_GROUP)
+                m_i, l_i, acc = softmax_step(q, k, v, r_valid[None, :], m_i, l_i, acc, qk_scale, DOT_PRECISION)
 
-        last = T_FP - Q_LEN + qi  # fp rows: prefix and new tokens, bottom-right causal
-        for off in range(0, T_FP, BLOCK_N):
-            rows = off + tl.arange(0, BLOCK_N)
-            r_valid = rows < T_FP
-            k = tl.load(
-                K + b * stride_kb + kvh * stride_kh + rows[:, None] * stride_kn + cols[None, :],
-                mask=r_valid[:, None],
-                other=0.0,
-            )
-            qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale
-            qk = tl.where(r_valid[None, :] & (rows[None, :] <= last[:, None]), qk, float("-inf"))
-            v = tl.load(
-                V + b * stride_vb + kvh * stride_vh + rows[:, None] * stride_vn + cols[None, :],
-                mask=r_valid[:, None],
-                other=0.0,
-            )
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            p = tl.math.exp2(qk - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
-            m_i = m_new
+        m_i, l_i, acc = attend_fp_rows(
+            q, K, V, b, kvh, qi, m_i, l_i, acc, qk_scale, Q_LEN, T_FP,
+            stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+            HEAD_DIM, DOT_PRECISION, BLOCK_N,
+        )  # fmt: skip
+        store_output_tile(OUT, acc, l_i, b, qh, qi, m_valid, stride_ob, stride_oh, stride_om, HEAD_DIM)
 
-        out = acc / l_i[:, None]
-        tl.store(
-            OUT + b * stride_ob + qh[:, None] * stride_oh + qi[:, None] * stride_om + cols[None, :],
-            out.to(OUT.dtype.element_ty),
-            mask=m_valid[:, None],
-        )
+    _latent_attn_fwd_tuned = triton.autotune(
+        configs=_hopper_configs(),
+        key=["GROUP", "HEAD_DIM", "BITS", "V_BITS", "V_LATENT", "RK_PAD", "RV_PAD", "BLOCK_M", "DOT_PRECISION"],
+    )(_latent_attn_fwd)
 
 
 def latent_attention(
@@ -344,7 +323,7 @@ def latent_attention(
     scale: float | None = None,
     *,
     backend: str = "auto",
-    block_n: int = 32,
+    block_n: int | None = None,
 ) -> torch.Tensor:
     """Attention of ``query`` over the latent segments ``seg`` and the fp ``key``/``value``.
 
@@ -353,28 +332,16 @@ def latent_attention(
     returns    ``[B, q, Hq, d]`` in query's dtype
 
     ``backend``: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"torch"``
-    (:func:`latent_attention_ref`), ``"auto"`` (Triton on CUDA, else torch).
+    (:func:`latent_attention_ref`), ``"auto"`` (Triton on CUDA, else torch). ``block_n``: rows per
+    key tile; ``None`` autotunes it (with warps and stages) on CUDA and takes 32 under the
+    interpreter, which would run every configuration.
     """
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend {backend!r} is not one of: auto, triton, torch")
+    backend = resolve_backend(backend, query)
+    check_attention_inputs(query, key, value, seg)
     batch, q_heads, q_len, d = query.shape
-    if key.dim() != 4 or value.shape != key.shape or key.shape[0] != batch or key.shape[3] != d:
-        raise ValueError(f"key/value [B, H, T, d] expected, got {tuple(key.shape)} / {tuple(value.shape)}")
-    if d != seg.head_dim or key.shape[1] != seg.num_heads or q_heads % seg.num_heads or key.shape[2] < q_len:
-        raise ValueError(f"query {tuple(query.shape)} / key {tuple(key.shape)} do not fit the segments' heads")
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if t.dtype != query.dtype or t.device != seg.k_codes.device or t.stride(-1) != 1:
-            raise ValueError(f"{name} must share query's dtype and the segments' device, contiguous in head_dim")
     scale = d**-0.5 if scale is None else float(scale)
-    on_cuda = query.device.type == "cuda"
-    if backend == "auto":
-        backend = "triton" if HAS_TRITON and on_cuda else "torch"
     if backend == "torch":
         return latent_attention_ref(query, key, value, seg, scale)
-    if not HAS_TRITON:
-        raise RuntimeError("backend='triton' needs the triton package: pip install 'ragcompress[triton]'")
-    if not on_cuda and not _interpreted():
-        raise RuntimeError("the Triton kernel runs on CPU tensors only when TRITON_INTERPRET=1 was set first")
     kv_heads, t_fp = key.shape[1], key.shape[2]
     group = q_heads // kv_heads
     block_m = max(16, min(64, triton.next_power_of_2(group * q_len)))
@@ -385,7 +352,10 @@ def latent_attention(
     v_mean = seg.v_codes if seg.v_mean is None else seg.v_mean
     out = torch.empty((batch, q_len, q_heads, d), dtype=query.dtype, device=query.device)
     grid = (triton.cdiv(group * q_len, block_m), batch * kv_heads)
-    _latent_attn_fwd[grid](
+    tuned = block_n is None and query.device.type == "cuda"
+    kernel = _latent_attn_fwd_tuned if tuned else _latent_attn_fwd
+    tile = {} if tuned else {"BLOCK_N": block_n or 32}
+    kernel[grid](
         query, key, value, seg.k_codes, seg.k_scale, seg.k_min, seg.v_codes, seg.v_scale, seg.v_min,
         seg.k_basis, seg.k_mean, v_basis, v_mean, seg.positions, seg.cos, seg.sin, seg.seg_start,
         seg.seg_len, out, scale * 1.4426950408889634, q_len, t_fp, seg.k_codes.shape[1],
@@ -394,6 +364,6 @@ def latent_attention(
         GROUP=group, HEAD_DIM=d, BITS=seg.bits, GROUP_SIZE=seg.group_size,
         V_LATENT=seg.v_basis is not None, V_BITS=seg.value_bits, V_GROUP=seg.v_group or d, RK=rk, RV=rv,
         RK_PAD=max(16, triton.next_power_of_2(rk)), RV_PAD=max(16, triton.next_power_of_2(rv)),
-        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", BLOCK_M=block_m, BLOCK_N=block_n,
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", BLOCK_M=block_m, **tile,
     )  # fmt: skip
     return out

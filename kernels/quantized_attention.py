@@ -282,6 +282,67 @@ def packed_attention_ref(
 if HAS_TRITON:
 
     @triton.jit
+    def load_query_tile(Q, b, qh, qi, m_valid, stride_qb, stride_qh, stride_qm, HEAD_DIM: tl.constexpr):  # fmt: skip
+        """The tile's queries ``[BLOCK_M, HEAD_DIM]``: tile row ``i`` is q head ``qh[i]``, query token
+        ``qi[i]`` (GQA packs a KV head's q heads into one tile); rows outside ``m_valid`` are 0."""
+        cols = tl.arange(0, HEAD_DIM)
+        return tl.load(
+            Q + b * stride_qb + qh[:, None] * stride_qh + qi[:, None] * stride_qm + cols[None, :],
+            mask=m_valid[:, None],
+            other=0.0,
+        )
+
+    @triton.jit
+    def softmax_step(q, k, v, allowed, m_i, l_i, acc, qk_scale, DOT_PRECISION: tl.constexpr):  # fmt: skip
+        """One key tile of online softmax (FlashAttention): the scores of ``q`` against ``k``
+        (base 2: ``qk_scale`` carries log2 e) where ``allowed``, folded into the running row max
+        ``m_i``, normaliser ``l_i`` and output ``acc``; returns the three updated."""
+        qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale
+        qk = tl.where(allowed, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+        return m_new, l_i, acc
+
+    @triton.jit
+    def attend_fp_rows(q, K, V, b, kvh, qi, m_i, l_i, acc, qk_scale, Q_LEN, T_FP,
+                       stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                       HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+        """Fold the fp rows (the uncompressed prefix, then the new tokens, already rotated) into
+        the running softmax, bottom-right causal: query token ``i`` sees rows ``<= T_FP - Q_LEN + i``."""
+        cols = tl.arange(0, HEAD_DIM)
+        last = T_FP - Q_LEN + qi
+        for off in range(0, T_FP, BLOCK_N):
+            rows = off + tl.arange(0, BLOCK_N)
+            r_valid = rows < T_FP
+            k = tl.load(
+                K + b * stride_kb + kvh * stride_kh + rows[:, None] * stride_kn + cols[None, :],
+                mask=r_valid[:, None],
+                other=0.0,
+            )
+            v = tl.load(
+                V + b * stride_vb + kvh * stride_vh + rows[:, None] * stride_vn + cols[None, :],
+                mask=r_valid[:, None],
+                other=0.0,
+            )
+            allowed = r_valid[None, :] & (rows[None, :] <= last[:, None])
+            m_i, l_i, acc = softmax_step(q, k, v, allowed, m_i, l_i, acc, qk_scale, DOT_PRECISION)
+        return m_i, l_i, acc
+
+    @triton.jit
+    def store_output_tile(OUT, acc, l_i, b, qh, qi, m_valid, stride_ob, stride_oh, stride_om,
+                          HEAD_DIM: tl.constexpr):  # fmt: skip
+        """Normalise the tile's output and write it in transformers' ``[B, q, Hq, d]`` layout."""
+        cols = tl.arange(0, HEAD_DIM)
+        tl.store(
+            OUT + b * stride_ob + qh[:, None] * stride_oh + qi[:, None] * stride_om + cols[None, :],
+            (acc / l_i[:, None]).to(OUT.dtype.element_ty),
+            mask=m_valid[:, None],
+        )
+
+    @triton.jit
     def load_value_rows(codes_head, scale_head, min_head, rows, r_valid, HEAD_DIM: tl.constexpr,
                         V_BITS: tl.constexpr, V_GROUP: tl.constexpr):  # fmt: skip
         """Dequantized values ``[BLOCK_N, HEAD_DIM]`` fp32 of ``rows`` of one head: codes ``[N,
@@ -369,11 +430,7 @@ if HAS_TRITON:
         qh = kvh * GROUP + offs_m // Q_LEN
         qi = offs_m % Q_LEN
         cols = tl.arange(0, HEAD_DIM)
-        q = tl.load(
-            Q + b * stride_qb + qh[:, None] * stride_qh + qi[:, None] * stride_qm + cols[None, :],
-            mask=m_valid[:, None],
-            other=0.0,
-        )
+        q = load_query_tile(Q, b, qh, qi, m_valid, stride_qb, stride_qh, stride_qm, HEAD_DIM)
 
         # channel c of a rotated key mixes channels c and c +- d/2 (rotate_half)
         partner = (cols + HALF) % HEAD_DIM
@@ -418,41 +475,16 @@ if HAS_TRITON:
                 cos = tl.load(COS + pos[:, None] * HEAD_DIM + cols[None, :], mask=rmask, other=0.0)
                 sin = tl.load(SIN + pos[:, None] * HEAD_DIM + cols[None, :], mask=rmask, other=0.0)
                 k = (kc * k_s + k_m) * cos + sign[None, :] * (kp * p_s + p_m) * sin
-                qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale
-                qk = tl.where(r_valid[None, :], qk, float("-inf"))
                 # values: per-token groups of V_GROUP channels
                 v = load_value_rows(vc_head, vs_head, vm_head, rows, r_valid, HEAD_DIM, V_BITS, V_GROUP)
-                m_new = tl.maximum(m_i, tl.max(qk, 1))
-                p = tl.math.exp2(qk - m_new[:, None])
-                alpha = tl.math.exp2(m_i - m_new)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
-                m_i = m_new
+                m_i, l_i, acc = softmax_step(q, k, v, r_valid[None, :], m_i, l_i, acc, qk_scale, DOT_PRECISION)
 
-        if pid_s == n_splits - 1:  # fp rows: prefix and new tokens, bottom-right causal
-            last = T_FP - Q_LEN + qi  # last fp row each query token may see
-            for off in range(0, T_FP, BLOCK_N):
-                rows = off + tl.arange(0, BLOCK_N)
-                r_valid = rows < T_FP
-                k = tl.load(
-                    K + b * stride_kb + kvh * stride_kh + rows[:, None] * stride_kn + cols[None, :],
-                    mask=r_valid[:, None],
-                    other=0.0,
-                )
-                qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale
-                allowed = r_valid[None, :] & (rows[None, :] <= last[:, None])
-                qk = tl.where(allowed, qk, float("-inf"))
-                v = tl.load(
-                    V + b * stride_vb + kvh * stride_vh + rows[:, None] * stride_vn + cols[None, :],
-                    mask=r_valid[:, None],
-                    other=0.0,
-                )
-                m_new = tl.maximum(m_i, tl.max(qk, 1))
-                p = tl.math.exp2(qk - m_new[:, None])
-                alpha = tl.math.exp2(m_i - m_new)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
-                m_i = m_new
+        if pid_s == n_splits - 1:  # the last split also takes the fp rows
+            m_i, l_i, acc = attend_fp_rows(
+                q, K, V, b, kvh, qi, m_i, l_i, acc, qk_scale, Q_LEN, T_FP,
+                stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                HEAD_DIM, DOT_PRECISION, BLOCK_N,
+            )  # fmt: skip
 
         if SPLIT:
             part = (pid_s * BATCH + b) * H_Q * Q_LEN + qh * Q_LEN + qi  # [BLOCK_M] row of the partials
@@ -460,12 +492,7 @@ if HAS_TRITON:
             tl.store(L_PART + part, l_i, mask=m_valid)
             tl.store(ACC_PART + part[:, None] * HEAD_DIM + cols[None, :], acc, mask=m_valid[:, None])
         else:
-            out = acc / l_i[:, None]
-            tl.store(
-                OUT + b * stride_ob + qh[:, None] * stride_oh + qi[:, None] * stride_om + cols[None, :],
-                out.to(OUT.dtype.element_ty),
-                mask=m_valid[:, None],
-            )
+            store_output_tile(OUT, acc, l_i, b, qh, qi, m_valid, stride_ob, stride_oh, stride_om, HEAD_DIM)
 
     @triton.jit
     def _split_reduce(
@@ -545,7 +572,9 @@ def plan_splits(seg_start: tuple[int, ...], fp_rows: int, target: int) -> list[i
     return bounds
 
 
-def _check(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, seg: QuantizedSegments) -> None:
+def check_attention_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, seg) -> None:
+    """Shapes, dtypes, devices and strides every attention entry point needs (``seg``: any segments
+    layout with ``num_heads``, ``head_dim`` and ``k_codes``), each wrong one named."""
     if query.dim() != 4 or key.dim() != 4 or value.shape != key.shape:
         raise ValueError(
             f"query [B, Hq, q, d] and key/value [B, H, T, d] expected, got "
@@ -570,6 +599,25 @@ def _check(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, seg: Qua
             raise ValueError(f"{name} must be contiguous in head_dim (stride {t.stride(-1)})")
 
 
+def resolve_backend(backend: str, query: torch.Tensor) -> str:
+    """``"torch"`` or ``"triton"`` for ``backend`` (``"auto"``: Triton on CUDA, else torch), or a
+    clear error when Triton was asked for where it cannot run."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} is not one of: {', '.join(BACKENDS)}")
+    on_cuda = query.device.type == "cuda"
+    if backend == "auto":
+        return "triton" if HAS_TRITON and on_cuda else "torch"
+    if backend == "triton":
+        if not HAS_TRITON:
+            raise RuntimeError("backend='triton' needs the triton package: pip install 'ragcompress[triton]'")
+        if not on_cuda and not _interpreted():
+            raise RuntimeError(
+                "the Triton kernel runs on CPU tensors only when TRITON_INTERPRET=1 was set "
+                "before triton was first imported"
+            )
+    return backend
+
+
 def packed_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -592,24 +640,12 @@ def packed_attention(
     (:func:`packed_attention_ref`), ``"auto"`` (Triton on CUDA, else torch). ``num_splits``
     overrides the split-K plan (default: splits only for ``q <= 16``, about two waves of programs).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend {backend!r} is not one of: {', '.join(BACKENDS)}")
-    _check(query, key, value, seg)
+    backend = resolve_backend(backend, query)
+    check_attention_inputs(query, key, value, seg)
     scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
-    on_cuda = query.device.type == "cuda"
-    if backend == "auto":
-        backend = "triton" if HAS_TRITON and on_cuda else "torch"
     if backend == "torch":
         return packed_attention_ref(query, key, value, seg, scale)
-    if not HAS_TRITON:
-        raise RuntimeError("backend='triton' needs the triton package: pip install 'ragcompress[triton]'")
-    interpret = not on_cuda
-    if interpret and not _interpreted():
-        raise RuntimeError(
-            "the Triton kernel runs on CPU tensors only when TRITON_INTERPRET=1 was set "
-            "before triton was first imported"
-        )
-    return _launch(query, key, value, seg, scale, num_splits, interpret)
+    return _launch(query, key, value, seg, scale, num_splits, interpret=query.device.type != "cuda")
 
 
 @cache
