@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .quantized_attention import (
+    SegmentsLayout,
     _unpack_ref,
     attention_over_dense_ref,
     check_attention_inputs,
@@ -41,7 +42,7 @@ HAS_TRITON = triton is not None
 
 
 @dataclass(frozen=True)
-class LatentSegments:
+class LatentSegments(SegmentsLayout):
     """Latent passage segments of one layer, laid out for :func:`latent_attention`.
 
     Rows as in ``QuantizedSegments``: segment ``s`` owns rows ``seg_start[s] : seg_start[s+1]``
@@ -124,32 +125,13 @@ class LatentSegments:
             "cos": ((self.cos.shape[0], d), torch.float32),
             "sin": ((self.cos.shape[0], d), torch.float32),
         }
-        for name, (shape, dtype) in expected.items():
-            tensor = getattr(self, name)
-            if tuple(tensor.shape) != shape or tensor.dtype != dtype:
-                raise ValueError(f"{name}: expected {shape} {dtype}, got {tuple(tensor.shape)} {tensor.dtype}")
-            if tensor.device != self.k_codes.device:
-                raise ValueError(f"{name} is on {tensor.device}, k_codes on {self.k_codes.device}")
-            if not tensor.is_contiguous():
-                raise ValueError(f"{name} must be contiguous")
+        self.check_tensors(expected, contiguous=True)
         if rk % pb:
             raise ValueError(f"key rank {rk} must be a multiple of {pb} at {self.bits} bits")
         if rows % self.group_size or any(s % self.group_size for s in self.seg_start_host):
             raise ValueError(f"segment rows must be multiples of group_size {self.group_size}")
         if self.seg_start_host[-1] != rows or d % 2:
             raise ValueError("seg_start must end at N and head_dim must be even")
-
-    @property
-    def value_bits(self) -> int:
-        return self.bits if self.v_bits is None else self.v_bits
-
-    @property
-    def num_heads(self) -> int:
-        return self.k_codes.shape[0]
-
-    @property
-    def head_dim(self) -> int:
-        return self.cos.shape[-1]
 
 
 # --------------------------------------------------------------------------- PyTorch reference
@@ -359,7 +341,7 @@ def latent_attention(
         query, key, value, seg.k_codes, seg.k_scale, seg.k_min, seg.v_codes, seg.v_scale, seg.v_min,
         seg.k_basis, seg.k_mean, v_basis, v_mean, seg.positions, seg.cos, seg.sin, seg.seg_start,
         seg.seg_len, out, scale * 1.4426950408889634, q_len, t_fp, seg.k_codes.shape[1],
-        len(seg.seg_start_host) - 1, kv_heads, *query.stride()[:3], *key.stride()[:3], *value.stride()[:3],
+        seg.num_segments, kv_heads, *query.stride()[:3], *key.stride()[:3], *value.stride()[:3],
         out.stride(0), out.stride(2), out.stride(1),
         GROUP=group, HEAD_DIM=d, BITS=seg.bits, GROUP_SIZE=seg.group_size,
         V_LATENT=seg.v_basis is not None, V_BITS=seg.value_bits, V_GROUP=seg.v_group or d, RK=rk, RV=rv,

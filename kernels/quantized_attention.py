@@ -38,8 +38,47 @@ HAS_TRITON = triton is not None
 BACKENDS = ("auto", "triton", "torch")
 
 
+class SegmentsLayout:
+    """What the packed and the latent segment layouts share: the derived sizes and the check of
+    each tensor's shape, dtype and device against what the kernels will read (a mixin of the two
+    frozen dataclasses; no fields of its own)."""
+
+    k_codes: torch.Tensor
+    cos: torch.Tensor
+    bits: int
+    v_bits: int | None
+    seg_start_host: tuple[int, ...]
+
+    @property
+    def value_bits(self) -> int:
+        return self.bits if self.v_bits is None else self.v_bits
+
+    @property
+    def num_heads(self) -> int:
+        return self.k_codes.shape[0]
+
+    @property
+    def head_dim(self) -> int:
+        return self.cos.shape[-1]
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.seg_start_host) - 1
+
+    def check_tensors(self, expected: dict[str, tuple[tuple[int, ...], torch.dtype]], contiguous: bool) -> None:
+        """Raise naming the first tensor whose shape, dtype or device (or layout) is not ``expected``."""
+        for name, (shape, dtype) in expected.items():
+            tensor = getattr(self, name)
+            if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+                raise ValueError(f"{name}: expected {shape} {dtype}, got {tuple(tensor.shape)} {tensor.dtype}")
+            if tensor.device != self.k_codes.device:
+                raise ValueError(f"{name} is on {tensor.device}, k_codes on {self.k_codes.device}")
+            if contiguous and not tensor.is_contiguous():
+                raise ValueError(f"{name} must be contiguous")
+
+
 @dataclass(frozen=True)
-class QuantizedSegments:
+class QuantizedSegments(SegmentsLayout):
     """Quantized passage segments of one layer, laid out for :func:`packed_attention`.
 
     Segments sit one after another along the row axis; segment ``s`` owns rows
@@ -95,32 +134,11 @@ class QuantizedSegments:
             "sin": ((self.cos.shape[0], d), torch.float32),
             "cos": ((self.cos.shape[0], d), torch.float32),
         }
-        for name, (shape, dtype) in expected.items():
-            tensor = getattr(self, name)
-            if tuple(tensor.shape) != shape or tensor.dtype != dtype:
-                raise ValueError(f"{name}: expected {shape} {dtype}, got {tuple(tensor.shape)} {tensor.dtype}")
-            if tensor.device != self.k_codes.device:
-                raise ValueError(f"{name} is on {tensor.device}, k_codes on {self.k_codes.device}")
+        self.check_tensors(expected, contiguous=False)
         if rows % self.group_size or any(s % self.group_size for s in self.seg_start_host):
             raise ValueError(f"segment rows must be multiples of group_size {self.group_size}")
         if self.seg_start_host[-1] != rows or d % self.v_group or d % 2:
             raise ValueError("seg_start must end at N and head_dim must be even and a multiple of v_group")
-
-    @property
-    def value_bits(self) -> int:
-        return self.bits if self.v_bits is None else self.v_bits
-
-    @property
-    def num_heads(self) -> int:
-        return self.k_codes.shape[0]
-
-    @property
-    def head_dim(self) -> int:
-        return self.cos.shape[-1]
-
-    @property
-    def num_segments(self) -> int:
-        return len(self.seg_start_host) - 1
 
 
 # --------------------------------------------------------------------------- PyTorch reference
