@@ -180,7 +180,6 @@ def latent_attention_ref(
 
 if HAS_TRITON:
     from .quantized_attention import (  # Triton functions shared with the packed kernel
-        _hopper_configs,
         attend_fp_rows,
         load_query_tile,
         load_value_rows,
@@ -291,8 +290,17 @@ if HAS_TRITON:
         )  # fmt: skip
         store_output_tile(OUT, acc, l_i, b, qh, qi, m_valid, stride_ob, stride_oh, stride_om, HEAD_DIM)
 
+    def _latent_configs() -> list:
+        """A smaller search space than the packed kernel's: each program also holds its head's
+        bases (``RK_PAD x HEAD_DIM`` fp32, twice for the rotate_half partners, and the values'),
+        so 128-row tiles are left out, and the GPU check compiles 8 configs per key, not 18.
+        Chosen without a GPU; the GPU check's log records which one wins."""
+        return [
+            triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s) for bn in (32, 64) for w in (4, 8) for s in (2, 3)
+        ]
+
     _latent_attn_fwd_tuned = triton.autotune(
-        configs=_hopper_configs(),
+        configs=_latent_configs(),
         key=["GROUP", "HEAD_DIM", "BITS", "V_BITS", "V_LATENT", "RK_PAD", "RV_PAD", "BLOCK_M", "DOT_PRECISION"],
     )(_latent_attn_fwd)
 
