@@ -12,8 +12,10 @@ then over the fp rows (prefix + new tokens, bottom-right causal), q heads of one
 into one tile (GQA). The full-size keys and values are never written to memory.
 :func:`latent_attention_ref` is the fp32 PyTorch reference (and the CPU path).
 
-No split-K here (one program covers all segments of a query block and KV head): decode over
-long contexts would want it, as ``quantized_attention.py`` has.
+The online-softmax step, the loop over the fp rows, the query load and the output store are the
+packed kernel's own (``quantized_attention.py``), so the two kernels differ only in how a tile of
+passage keys and values is rebuilt. No split-K here (one program covers all segments of a query
+block and KV head): decode over long contexts would want it, as ``quantized_attention.py`` has.
 """
 
 from __future__ import annotations

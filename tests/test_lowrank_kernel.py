@@ -308,7 +308,10 @@ def test_compiled_latent_kernel_on_cuda_matches_reference(name):
     seg = packed.layers[layer]
     query, key, value = query.cuda(), key.cuda(), value.cuda()
     tol = TOL[case.get("dtype", torch.float32)]
-    got = latent_attention(query, key, value, seg, backend="triton")
+    # the first case through the autotuner (8 configs compiled), the others at one tile size, so the
+    # GPU check's compile time stays within its cap
+    block_n = None if name == next(iter(CASES)) else 32
+    got = latent_attention(query, key, value, seg, backend="triton", block_n=block_n)
     ref = latent_attention(query, key, value, seg, backend="torch")
     assert got.is_cuda and got.dtype == query.dtype and torch.isfinite(got).all()
     vs_ref = (got.float() - ref.float()).abs().max().item()
