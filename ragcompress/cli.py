@@ -289,6 +289,14 @@ def train(
     warmup: int = typer.Option(0, "--warmup", min=0, help="steps over which the learning rate rises to --lr"),
     decay: str = typer.Option("constant", "--decay", help="'constant' or 'cosine' (to a tenth of --lr by --steps)"),
     rank: int = typer.Option(8, "--rank", min=1),
+    alpha: int | None = typer.Option(
+        None,
+        "--alpha",
+        min=1,
+        help="LoRA alpha (the factors' product is scaled by alpha / rank); default twice --rank. With Adam "
+        "the product moves about alpha * lr per step whatever the rank, so a larger rank at the same "
+        "step size keeps alpha (on Qwen, rank 32 at alpha 64 was unstable where rank 8 at 16 was not)",
+    ),
     kind: str = typer.Option(
         "forward",
         "--kind",
@@ -376,7 +384,7 @@ def train(
             warmup=warmup,
             decay=decay,
             rank=rank,
-            alpha=2 * rank,
+            alpha=2 * rank if alpha is None else alpha,
             kind=kind,
             train_questions=train_questions,
             val_examples=val_examples,

@@ -280,3 +280,30 @@ def test_train_refuses_a_bad_compression_before_any_work(options, named, tmp_pat
     code, _, err = run_cli(args + options, monkeypatch, capfd)
     assert code == 1 and err.startswith("error: ") and err.count("\n") == 1 and named in err, err
     assert not (tmp_path / "o").exists()  # nothing written, no model loaded
+
+
+@pytest.mark.parametrize("options, alpha", [(["--rank", "32"], 64), (["--rank", "32", "--alpha", "16"], 16)])
+def test_train_alpha_defaults_to_twice_the_rank_and_can_be_set(options, alpha, tmp_path, monkeypatch, capfd):
+    """``--alpha`` reaches the training config (the LoRA scale is alpha / rank); without it, twice
+    the rank, as every packaged adaptor was trained."""
+    import ragcompress.distill.train as train_module
+    import ragcompress.models as models
+    from ragcompress.data import SAMPLE_PASSAGES
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_train(lm, passages, questions, out, config, progress):
+        seen["rank"], seen["alpha"] = config.rank, config.alpha
+        raise Stop
+
+    monkeypatch.setattr(train_module, "train", fake_train)
+    monkeypatch.setattr(models, "load_model", lambda ref: None)
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"id": "q", "question": "?", "answers": ["a"]}\n')
+    args = ["train", "--passages", str(SAMPLE_PASSAGES), "--questions", str(questions), "--out", str(tmp_path / "o")]
+    with pytest.raises(Stop):
+        run_cli(args + options, monkeypatch, capfd)
+    assert seen == {"rank": 32, "alpha": alpha}
