@@ -68,6 +68,10 @@ SETTINGS: dict[str, tuple[str | None, str, float | None, str]] = {
     "adaptor + global:learned 0.25 int4": ("trained", "global:learned", 0.25, "int4"),
     "adaptor + global:kvzip 0.25 int4": ("trained", "global:kvzip", 0.25, "int4"),
     "compared adaptor + global:kvzip 0.25 int4": ("compare", "global:kvzip", 0.25, "int4"),
+    # issue 15's middle ratio: half the tokens in int4 (6x fewer bytes than fp16)
+    "global:kvzip 0.5 int4": (None, "global:kvzip", 0.5, "int4"),
+    "adaptor + global:kvzip 0.5 int4": ("trained", "global:kvzip", 0.5, "int4"),
+    "compared adaptor + global:kvzip 0.5 int4": ("compare", "global:kvzip", 0.5, "int4"),
 }
 
 
