@@ -590,9 +590,9 @@ def plan_splits(seg_start: tuple[int, ...], fp_rows: int, target: int) -> list[i
     return bounds
 
 
-def check_attention_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, seg) -> None:
-    """Shapes, dtypes, devices and strides every attention entry point needs (``seg``: any segments
-    layout with ``num_heads``, ``head_dim`` and ``k_codes``), each wrong one named."""
+def check_attention_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, seg: SegmentsLayout) -> None:
+    """Shapes, dtypes, devices and strides every attention entry point needs (``seg``: the packed or
+    the latent layout), each wrong one named."""
     if query.dim() != 4 or key.dim() != 4 or value.shape != key.shape:
         raise ValueError(
             f"query [B, Hq, q, d] and key/value [B, H, T, d] expected, got "
