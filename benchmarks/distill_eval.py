@@ -165,6 +165,7 @@ def all_held_out(
     if path.is_file():
         examples = [Example(**e) for e in load_tree(path)]
     else:  # the teacher is the base model; the distiller's LoRA layers are removed afterwards
+        out.mkdir(parents=True, exist_ok=True)
         distiller = Distiller(lm, Adaptor.initial(lm.model, kind="forward"))
         try:
             examples = build_examples(
@@ -183,6 +184,23 @@ def all_held_out(
     if {e.qid for e in examples} != {q.id for q in val_corpus.questions}:
         raise SystemExit(f"{path} holds other questions than {articles}'s; delete it to rebuild")
     return examples, validated
+
+
+def earlier_full_prefill(path: Path, qids: list[str]) -> list[list[int]] | None:
+    """The full-prefill answers an earlier run of ``path`` decoded, reused (they are the slowest
+    part of a rerun) only when that run measured these very questions in this order; a file of
+    other questions is refused rather than paired with them by position."""
+    if not path.is_file():
+        return None
+    full = json.loads(path.read_text()).get("full_prefill", {})
+    earlier_qids = full.get("qids")
+    if full.get("token_ids") is None:
+        return None
+    if earlier_qids is None and len(full["token_ids"]) == len(qids):  # written before qids were recorded
+        return list(full["token_ids"])
+    if earlier_qids != qids:
+        raise SystemExit(f"{path} holds results of other questions; pass another --json or delete it to start over")
+    return list(full["token_ids"])
 
 
 def subset_stats(row: dict[str, Any], keep: list[bool], baseline: tuple[str, dict[str, Any]] | None) -> dict[str, Any]:
@@ -285,9 +303,8 @@ def main() -> None:
     stop_ids = stop_token_ids(lm.tokenizer, lm.model)
     decode = lambda ids: lm.tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
     base_encoder = PassageEncoder(lm, template)
-    full_answers = earlier_full = None
-    if args.json.is_file():
-        earlier_full = json.loads(args.json.read_text()).get("full_prefill", {}).get("token_ids")
+    qids = [e.qid for e in examples]
+    earlier_full = earlier_full_prefill(args.json, qids)
     full_answers = earlier_full or [full_prefill_answer(base_encoder, e, stop_ids) for e in examples]
     full_sub_em = statistics.mean(sub_em(decode(a), golds[e.qid]) for a, e in zip(full_answers, examples, strict=True))
 
@@ -309,7 +326,7 @@ def main() -> None:
         """The results file as it stands (written after every setting: a cut-short run keeps them)."""
         for other in args.merge:  # e.g. settings measured by a concurrent run
             data = json.loads(other.read_text())
-            if data["full_prefill"]["token_ids"] != full_answers:
+            if data["full_prefill"]["token_ids"] != full_answers or data["full_prefill"].get("qids", qids) != qids:
                 raise SystemExit(f"{other} measured other examples or other full-prefill answers; not merged")
             rows = rows | {k: v for k, v in data["rows"].items() if k not in rows}
         rows = {name: rows[name] for name in SETTINGS if name in rows}  # table order
@@ -366,6 +383,7 @@ def main() -> None:
             },
             "adaptor": adaptor_meta,
             "full_prefill": {
+                "qids": qids,
                 "sub_em": full_sub_em,
                 "answers": [decode(a) for a in full_answers],
                 "token_ids": full_answers,

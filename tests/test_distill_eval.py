@@ -1,0 +1,45 @@
+"""``benchmarks/distill_eval.py`` reuses an earlier run's full-prefill answers only for the same
+questions: pairing another run's answers with these questions by position would score every
+row against the wrong reference."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+if str(BENCHMARKS) not in sys.path:
+    sys.path.insert(0, str(BENCHMARKS))
+distill_eval = importlib.import_module("distill_eval")
+
+
+def write(path: Path, full_prefill: dict) -> Path:
+    path.write_text(json.dumps({"full_prefill": full_prefill, "rows": {}}))
+    return path
+
+
+def test_no_earlier_file_means_nothing_reused(tmp_path):
+    assert distill_eval.earlier_full_prefill(tmp_path / "none.json", ["a", "b"]) is None
+
+
+def test_the_same_questions_reuse_the_earlier_answers(tmp_path):
+    path = write(tmp_path / "r.json", {"qids": ["a", "b"], "token_ids": [[1, 2], [3]]})
+    assert distill_eval.earlier_full_prefill(path, ["a", "b"]) == [[1, 2], [3]]
+
+
+@pytest.mark.parametrize("qids", [["b", "a"], ["a", "c"], ["a"]])
+def test_other_questions_are_refused(tmp_path, qids):
+    path = write(tmp_path / "r.json", {"qids": ["a", "b"], "token_ids": [[1, 2], [3]]})
+    with pytest.raises(SystemExit, match="other questions"):
+        distill_eval.earlier_full_prefill(path, qids)
+
+
+def test_a_file_without_question_ids_is_reused_only_at_the_same_length(tmp_path):
+    path = write(tmp_path / "r.json", {"token_ids": [[1, 2], [3]]})
+    assert distill_eval.earlier_full_prefill(path, ["a", "b"]) == [[1, 2], [3]]
+    with pytest.raises(SystemExit, match="other questions"):
+        distill_eval.earlier_full_prefill(path, ["a", "b", "c"])
