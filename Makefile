@@ -41,7 +41,7 @@ demo: setup
 	$(VENV)/bin/python examples/quickstart.py
 
 test: setup-test
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q --durations=15
 
 test-quick: setup-test
 	$(VENV)/bin/python -m pytest -q -m "not slow"
