@@ -410,7 +410,7 @@ def test_kernel_and_reference_agree_on_real_questions_with_smollm2(interpreter, 
     )
     out = interpreter.apply(
         _with_path,
-        (str(Path(__file__).parent), answer_both_backends, DEFAULT_MODEL, str(tmp_path / "store"), questions, 2, 5),
+        (str(Path(__file__).parent), answer_both_backends, DEFAULT_MODEL, str(tmp_path / "store"), questions, 2, 3),
     )
     assert all(len(t) > 0 for t in out["torch"])
     assert out["triton"] == out["torch"]
