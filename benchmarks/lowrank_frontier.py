@@ -24,7 +24,9 @@ Row names: ``METHOD@RATIO/QUANT/RANK``, e.g. ``none@1/fp16/-`` (the uncompressed
 ``int2g64`` quantizes in groups of 64 instead of the default 32 (``index --group-size``),
 ``int4v2`` stores keys at int4 and values at int2 (``index --quant int4 --value-quant int2``); a
 ``+adaptor`` suffix encodes the passages through ``--adaptor`` (``+adaptor-LABEL`` names a second
-adaptor's row of the same store apart, e.g. an earlier checkpoint of it).
+adaptor's row of the same store apart, e.g. an earlier checkpoint of it); a final ``~merge``
+merges evicted rows' values into kept rows instead of dropping them (:func:`merged_values`, an
+ablation measured and not adopted: docs/compression.md §8).
 
     python benchmarks/lowrank_frontier.py --model qwen2.5-coder-0.5b --split eval \\
         --rows none@1/fp16/- none@1/int4/- global:kvzip@0.25/int4/- global:kvzip@0.5/int4/r16
@@ -49,6 +51,7 @@ import numpy as np
 import torch
 
 from ragcompress.compressors import CompressionContext, make_compressor
+from ragcompress.compressors.scorer import gather_kept
 from ragcompress.distill.adaptor import Adaptor
 from ragcompress.evaluation import Question, f1, read_questions, select_questions, sub_em
 from ragcompress.indexing import IndexConfig
@@ -72,7 +75,7 @@ from common import SQUAD, adaptor_provenance, question_article, results_meta, te
 CORE272 = Path(__file__).resolve().parents[1] / "runs" / "core272-ck"
 OPTIONS = AnswerOptions(backend="dense")
 ROW = re.compile(
-    r"(?P<method>[^@]+)@(?P<ratio>[0-9.]+)/(?P<quant>none|fp16|int8|int4|int2)(?:v(?P<vbits>[248]))?(?:g(?P<group>\d+))?/(?P<rank>-|r\d+k?|[ep][0-9.]+k?)(?P<adaptor>\+adaptor(?:-[A-Za-z0-9]+)?)?"
+    r"(?P<method>[^@]+)@(?P<ratio>[0-9.]+)/(?P<quant>none|fp16|int8|int4|int2)(?:v(?P<vbits>[248]))?(?:g(?P<group>\d+))?/(?P<rank>-|r\d+k?|[ep][0-9.]+k?)(?P<adaptor>\+adaptor(?:-[A-Za-z0-9]+)?)?(?P<merge>~merge)?"
 )
 
 
@@ -88,13 +91,14 @@ class RowSpec:
     adaptor: bool = False  # encoded through --adaptor (a KV-Distill adaptor, #15)
     group_size: int = QuantConfig().group_size
     value_quant: str | None = None  # values' own width (``int4v2``: int2)
+    merge: bool = False  # ``~merge``: evicted rows' values merged into kept rows (merged_values)
 
     @classmethod
     def parse(cls, name: str) -> RowSpec:
         match = ROW.fullmatch(name)
         if match is None:
             raise SystemExit(
-                f"bad row {name!r}: expected METHOD@RATIO/QUANT[vBITS][gGROUP]/(-|rN[k]|eE[k]|pE[k])[+adaptor[-LABEL]]"
+                f"bad row {name!r}: expected METHOD@RATIO/QUANT[vBITS][gGROUP]/(-|rN[k]|eE[k]|pE[k])[+adaptor[-LABEL]][~merge]"
             )
         rank_text = match["rank"]
         rank = None
@@ -117,6 +121,7 @@ class RowSpec:
             bool(match["adaptor"]),
             group,
             value_quant,
+            bool(match["merge"]),
         )
 
     def index_config(self, adaptor: Path | None = None) -> IndexConfig:
@@ -339,6 +344,8 @@ class Frontier:
         if row.method != "none":
             scores = self.scores(row.method.split(":")[-1], row.adaptor)
             kept = {pid: compressor.select(kv, scores[pid]) for pid, kv in full.items()}  # type: ignore[attr-defined]
+            if row.merge:
+                kept = {pid: merge_evicted(kv, kept[pid], scores[pid]) for pid, kv in full.items()}
         indexer = Indexer.from_config(self.lm, config, self.embedder)
         basis = None
         if row.rank is not None:
@@ -354,6 +361,39 @@ class Frontier:
             writer.add(records)
             writer.write_index()
         return path
+
+
+def merged_values(kv: PassageKV, keep: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Values ``[L, H, n, d]`` of ``kv`` with every evicted row merged into a kept one (an ablation
+    of issue 16, D2O / CaM style, values only): per layer and KV head, each evicted row goes to the
+    kept row whose pre-RoPE key has the highest cosine with its own, and that kept row's value
+    becomes the ``scores``-weighted mean of its own and its assigned rows' values. Keys, positions
+    and the kept set are unchanged, so the store's bytes are too. ``keep [L, H, n]``: kept rows."""
+    valid = kv.valid_mask()
+    keep = keep & valid
+    zero = torch.zeros(keep.shape)
+    weight = scores.float().clamp_min(1e-6)
+    own = torch.where(keep, weight, zero)
+    incoming = torch.where(valid & ~keep, weight, zero)
+    unit = torch.nn.functional.normalize(kv.keys.float(), dim=-1)
+    similarity = (unit @ unit.transpose(-1, -2)).masked_fill(~keep.unsqueeze(-2), float("-inf"))
+    target = similarity.argmax(-1)  # [L, H, n]: each row's kept row (a kept row's is itself)
+    values = kv.values.float()
+    num = (values * own.unsqueeze(-1)).scatter_add(
+        2, target.unsqueeze(-1).expand_as(values), values * incoming.unsqueeze(-1)
+    )
+    den = own.scatter_add(2, target, incoming)
+    merged = torch.where(keep.unsqueeze(-1), num / den.clamp_min(1e-12).unsqueeze(-1), values)
+    return merged.to(kv.values.dtype)
+
+
+def merge_evicted(full: PassageKV, kept: PassageKV, scores: torch.Tensor) -> PassageKV:
+    """``kept`` (a selection of ``full``'s rows) with :func:`merged_values` in place of its values."""
+    layers, heads, n = full.keys.shape[:3]
+    rows = kept.positions.masked_fill(~kept.valid_mask(), n)  # padding rows to a spare column
+    keep = torch.zeros((layers, heads, n + 1), dtype=torch.bool).scatter_(2, rows, True)[..., :n]
+    merged = PassageKV(full.keys, merged_values(full, keep, scores), full.positions, full.lengths, full.num_tokens)
+    return gather_kept(merged, keep)
 
 
 def kl(ref: torch.Tensor, other: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,57 @@
+"""``benchmarks/lowrank_frontier.py``'s ``~merge`` rows (an ablation of issue 16): evicted rows'
+values are merged into kept rows, and nothing else about the store changes."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import torch
+
+from ragcompress.compressors import make_compressor
+from ragcompress.kv import PassageKV
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+if str(BENCHMARKS) not in sys.path:
+    sys.path.insert(0, str(BENCHMARKS))
+frontier = importlib.import_module("lowrank_frontier")
+
+
+def _case() -> tuple[PassageKV, torch.Tensor, PassageKV]:
+    torch.manual_seed(0)
+    full = PassageKV.full(torch.randn(3, 2, 40, 8), torch.randn(3, 2, 40, 8))
+    scores = torch.rand(3, 2, 40)
+    kept = make_compressor("global:kvzip", ratio=0.2, keep_first=1, keep_last=0).select(full, scores)
+    assert len(set(kept.lengths.flatten().tolist())) > 1  # ragged heads: padding rows are exercised
+    return full, scores, kept
+
+
+def test_merge_keeps_the_rows_keys_and_positions():
+    full, scores, kept = _case()
+    merged = frontier.merge_evicted(full, kept, scores)
+    assert torch.equal(merged.keys, kept.keys)
+    assert torch.equal(merged.positions, kept.positions)
+    assert torch.equal(merged.lengths, kept.lengths)
+    assert not torch.equal(merged.values, kept.values)
+
+
+def test_each_kept_value_is_the_weighted_mean_of_the_rows_assigned_to_it():
+    full, scores, kept = _case()
+    merged = frontier.merge_evicted(full, kept, scores)
+    unit = torch.nn.functional.normalize(full.keys, dim=-1)
+    for layer in range(3):
+        for head in range(2):
+            rows = kept.positions[layer, head, : kept.lengths[layer, head]]
+            target = rows[(unit[layer, head] @ unit[layer, head, rows].T).argmax(-1)]  # every row's kept row
+            for i, row in enumerate(rows.tolist()):
+                group = target == row
+                w = scores[layer, head, group]
+                expected = (w.unsqueeze(-1) * full.values[layer, head, group]).sum(0) / w.sum()
+                torch.testing.assert_close(merged.values[layer, head, i], expected)
+
+
+def test_merge_row_names_parse():
+    row = frontier.RowSpec.parse("global:kvzip@0.21/int4v2/r32k+adaptor~merge")
+    assert row.merge and row.adaptor and row.value_quant == "int2"
+    assert not frontier.RowSpec.parse("global:kvzip@0.21/int4v2/r32k").merge
