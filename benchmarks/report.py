@@ -1297,6 +1297,42 @@ def compared_with(data: Any, name: str, baseline: str | None) -> str:
     )
 
 
+def pooled_presets(results: Path) -> list[str]:
+    """One sentence per preset and model measured in more than one frontier file (``lowrank_*``,
+    ``confirm_*``: disjoint questions, each with per-question outcomes for the row and the row it
+    is compared with): both rows' sub-EM pooled over all those questions. ``smallest`` is chosen on
+    one file and confirmed on another, and issue 16 reads the pooled figure."""
+    groups: dict[tuple[str, str, str, str | None], list[tuple[str, Any]]] = {}
+    for preset, name, row, baseline in PRESET_MEASUREMENTS:
+        if name.startswith(("lowrank", "confirm")):
+            data = load(results / name)
+            groups.setdefault((preset, _model_of(data), row, baseline), []).append((name, data))
+    lines = []
+    for (preset, model, row, baseline), files in groups.items():
+        if len(files) < 2 or baseline is None:
+            continue
+        seen: set[str] = set()
+        right = reference = 0.0
+        for name, data in files:
+            questions = set(data["key"]["questions"])
+            if questions & seen:
+                raise ReportError(f"{name} shares questions with another {preset} file: they cannot be pooled")
+            seen |= questions
+            try:
+                right += sum(data["rows"][row]["per_question_sub_em"])
+                reference += sum(data["rows"][baseline]["per_question_sub_em"])
+            except KeyError as exc:
+                raise ReportError(f"{name} has no per-question outcomes for {exc}") from None
+        n = len(seen)
+        lines.append(
+            f"`{preset}` on {model_name(model)}, pooled over the {n} questions of "
+            + " and ".join(f"`{name}`" for name, _ in files)
+            + f": sub-EM {right:.0f}/{n} ({right / n:.2f}) against {reference:.0f}/{n} ({reference / n:.2f}) "
+            f"for `{baseline}`, {pct(right, reference)} of it."
+        )
+    return lines
+
+
 def render_presets(results: Path) -> str:
     """The measurement behind each preset (:data:`PRESET_MEASUREMENTS`), read from its results file."""
 
@@ -1338,6 +1374,7 @@ def render_presets(results: Path) -> str:
         + '\n\nFull prefill is rerun on the same questions and retrieved passages in each file. "–": not '
         "measured in that file (the `distill` runs time no full prefill, the frontier only in its TTFT "
         "side-by-side run; bytes are measured by `core_eval.py` and the frontier)."
+        + "".join("\n\n" + line for line in pooled_presets(results))
     )
 
 

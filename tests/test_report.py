@@ -196,6 +196,28 @@ def test_preset_table_reads_the_named_rows_and_refuses_a_missing_one(tmp_path):
         report.render_presets(results)
 
 
+def test_pooled_preset_line_counts_every_question_once_and_refuses_shared_ones(tmp_path):
+    """The README's pooled ``smallest`` figure is computed from both files' per-question outcomes."""
+    results = tmp_path / "results"
+    shutil.copytree(report.RESULTS, results)
+    (line,) = report.pooled_presets(results)
+    files = [
+        json.loads((results / name).read_text())
+        for preset, name, _, _ in report.PRESET_MEASUREMENTS
+        if preset == "smallest" and "qwen" in name
+    ]
+    row = "global:kvzip@0.21/int4v2/r32k+adaptor"
+    right = sum(sum(d["rows"][row]["per_question_sub_em"]) for d in files)
+    n = sum(len(d["key"]["questions"]) for d in files)
+    assert f"sub-EM {right:.0f}/{n} " in line
+    path = results / "confirm_smallest_qwen_33q.json"
+    data = json.loads(path.read_text())
+    data["key"]["questions"][0] = files[0]["key"]["questions"][0]  # one question in both files
+    path.write_text(json.dumps(data))
+    with pytest.raises(report.ReportError, match="shares questions"):
+        report.pooled_presets(results)
+
+
 def test_faithful_disagreements_are_split_by_which_answer_is_right():
     """recompute_quality's split of the questions a setting answers differently from full prefill."""
     quality = importlib.import_module("recompute_quality")  # benchmarks/recompute_quality.py
