@@ -40,11 +40,13 @@ setup-test: $(TEST_STAMP)
 demo: setup
 	$(VENV)/bin/python examples/quickstart.py
 
+# One pytest worker per core (pytest-xdist; tests/conftest.py gives each worker, and the processes
+# its tests start, its share of the threads); worksteal keeps both busy to the end.
 test: setup-test
-	$(VENV)/bin/python -m pytest -q --durations=15
+	$(VENV)/bin/python -m pytest -q -n auto --dist worksteal --durations=15
 
 test-quick: setup-test
-	$(VENV)/bin/python -m pytest -q -m "not slow"
+	$(VENV)/bin/python -m pytest -q -n auto --dist worksteal -m "not slow"
 
 # ruff (lint + format) over everything; mypy over the package, the kernels and the integration.
 LINT_PATHS := ragcompress kernels tests benchmarks examples integrations

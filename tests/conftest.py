@@ -11,6 +11,21 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def pytest_configure(config):
+    """Under pytest-xdist (``make test`` runs ``-n auto``) each worker, and every process a test
+    starts (notebook kernels, indexing workers, Ray, the server), gets its share of the cores:
+    OpenMP threads that outnumber the cores spin at their barriers, and a notebook run beside
+    another worker took five times as long."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        os.environ["OMP_NUM_THREADS"] = threads  # inherited by the processes tests start
+        os.environ["MKL_NUM_THREADS"] = threads
+        import torch
+
+        torch.set_num_threads(int(threads))
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SQUAD = SHARED_DATA / "squad-dev"
 
