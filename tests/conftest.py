@@ -26,6 +26,7 @@ def pytest_configure(config):
 
         torch.set_num_threads(int(threads))
 
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SQUAD = SHARED_DATA / "squad-dev"
 
