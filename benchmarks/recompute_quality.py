@@ -12,7 +12,9 @@ Settings are written ``reuse`` (plain reuse), ``r0.1`` (recompute 10 %), ``s4`` 
 of every passage), ``t0.9`` (APE temperature), ``c2`` (check layer), ``question`` / ``mixed``
 (question-aware token selection), ``cal`` (the store's calibrated temperature, ``ragcompress
 calibrate``; every other setting runs uncalibrated), joined with ``+``: ``r0.1+mixed``; ``oracle`` is the bound of
-the store's quantization (exact, perfectly conditioned passage KV, quantized like the store's). A setting prefixed
+the store's quantization (exact, perfectly conditioned passage KV, quantized like the store's); ``reversed`` is a
+second full prefill with the retrieved passages in the opposite order, the agreement and KL that an equally valid
+prompt keeps with the first (how stable the model's own answers are, not a method). A setting prefixed
 ``NAME:`` runs on the store given as ``--variant NAME=DIR`` (same model and passages, built
 another way, e.g. ``index --context-neighbors 2``); retrieval is the same, since every variant
 embeds the same texts with the same embedder.
@@ -231,6 +233,8 @@ def question_record(variants: Variants, item, top_k: int, settings: list[str]) -
     for name in settings:
         if name == "oracle":
             stream = oracle_stream(engine, item.question, entries, engine.options)
+        elif name == "reversed":
+            stream = engine.stream_full(item.question, entries[::-1])
         else:
             variant, config, calibrate = parse_setting(name)
             target = variants.get(variant)
