@@ -4,17 +4,12 @@ values are merged into kept rows, and nothing else about the store changes."""
 from __future__ import annotations
 
 import importlib
-import sys
-from pathlib import Path
 
 import torch
 
 from ragcompress.compressors import make_compressor
 from ragcompress.kv import PassageKV
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-if str(BENCHMARKS) not in sys.path:
-    sys.path.insert(0, str(BENCHMARKS))
 frontier = importlib.import_module("lowrank_frontier")
 
 

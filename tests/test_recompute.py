@@ -461,15 +461,10 @@ def test_reversed_setting_is_full_prefill_of_the_passages_in_the_opposite_order(
     """benchmarks/recompute_quality.py's ``reversed`` row (the answer stability bound of
     docs/recompute.md): one passage reversed is the same prompt (same answer, KL 0); three passages
     reversed is another prompt, whose KL to the retrieved order's full prefill is not 0."""
-    import importlib
-    import sys
-    from pathlib import Path
     from types import SimpleNamespace
 
-    benchmarks = str(Path(__file__).resolve().parents[1] / "benchmarks")
-    if benchmarks not in sys.path:
-        sys.path.insert(0, benchmarks)
-    quality = importlib.import_module("recompute_quality")
+    import recompute_quality as quality  # benchmarks/ is on pytest's pythonpath
+
     built = stores("qwen2", "none")
     engine = Engine(built.store, built.lm, built.embedder, AnswerOptions(max_new_tokens=4, backend="dense"))
     item = SimpleNamespace(id="q", question=QUESTION, answers=["Melbourne"])

@@ -634,12 +634,8 @@ def test_sigterm_lets_in_flight_requests_finish_then_exits_0(served):
 
 def test_serve_doc_figures_are_generated_from_the_results():
     """docs/serve.md's load tables are benchmarks/report.py's rendering of serve_load.json."""
-    import importlib.util
+    import report
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "report.py"
-    spec = importlib.util.spec_from_file_location("report_for_serve", path)
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
     doc = Path(__file__).resolve().parents[1] / "docs" / "serve.md"
     assert "serve-load" in report.blocks(doc.read_text())
     assert report.check(doc) is None

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -152,7 +151,6 @@ def test_overlaps_are_checked_in_offset_order_not_row_order(store):
 
 
 def test_scaling_doc_tables_equal_their_rendering():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     import report
 
     problem = report.check(ROOT / "docs" / "scaling.md")
