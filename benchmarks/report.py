@@ -1297,39 +1297,71 @@ def compared_with(data: Any, name: str, baseline: str | None) -> str:
     )
 
 
+# Ablations of a preset measured on the same disjoint question files as the preset's own rows:
+# (preset, what was changed, files, row, baseline). Their pooled sub-EM is printed under the
+# preset's, so the README's prose cites no hand-typed count.
+POOLED_ABLATIONS: tuple[tuple[str, str, tuple[str, ...], str, str], ...] = (
+    (
+        "smallest",
+        "its adaptor continued on essay examples",
+        ("ablation_lowrank_qwen_smallest_essays.json", "ablation_lowrank_qwen_smallest_essays_33q.json"),
+        "global:kvzip@0.21/int4v2/r32k+adaptor-essays",
+        "none@1/fp16/-",
+    ),
+    (
+        "smallest",
+        "evicted rows' values merged into kept ones",
+        ("ablation_lowrank_qwen_merge.json", "ablation_lowrank_qwen_merge_33q.json"),
+        "global:kvzip@0.21/int4v2/r32k+adaptor~merge",
+        "none@1/fp16/-",
+    ),
+)
+
+
+def pooled_sub_em(files: list[tuple[str, Any]], row: str, baseline: str) -> str:
+    """``row``'s and ``baseline``'s sub-EM summed over files of disjoint questions (each file
+    carries both rows' per-question outcomes): "over the N questions of ...: sub-EM a/N against b/N"."""
+    seen: set[str] = set()
+    right = reference = 0.0
+    for name, data in files:
+        questions = set(data["key"]["questions"])
+        if questions & seen:
+            raise ReportError(f"{name} shares questions with another file of its pool: they cannot be pooled")
+        seen |= questions
+        try:
+            right += sum(data["rows"][row]["per_question_sub_em"])
+            reference += sum(data["rows"][baseline]["per_question_sub_em"])
+        except KeyError as exc:
+            raise ReportError(f"{name} has no per-question outcomes for {exc}") from None
+    n = len(seen)
+    return (
+        f"pooled over the {n} questions of "
+        + " and ".join(f"`{name}`" for name, _ in files)
+        + f": sub-EM {right:.0f}/{n} ({right / n:.2f}) against {reference:.0f}/{n} ({reference / n:.2f}) "
+        f"for `{baseline}`, {pct(right, reference)} of it."
+    )
+
+
 def pooled_presets(results: Path) -> list[str]:
     """One sentence per preset and model measured in more than one frontier file (``lowrank_*``,
     ``confirm_*``: disjoint questions, each with per-question outcomes for the row and the row it
-    is compared with): both rows' sub-EM pooled over all those questions. ``smallest`` is chosen on
-    one file and confirmed on another, and issue 16 reads the pooled figure."""
+    is compared with): both rows' sub-EM pooled over all those questions; then one per ablation of
+    :data:`POOLED_ABLATIONS`. ``smallest`` is chosen on one file and confirmed on another, and
+    issue 16 reads the pooled figure."""
     groups: dict[tuple[str, str, str, str | None], list[tuple[str, Any]]] = {}
     for preset, name, row, baseline in PRESET_MEASUREMENTS:
         if name.startswith(("lowrank", "confirm")):
             data = load(results / name)
             groups.setdefault((preset, _model_of(data), row, baseline), []).append((name, data))
-    lines = []
-    for (preset, model, row, baseline), files in groups.items():
-        if len(files) < 2 or baseline is None:
-            continue
-        seen: set[str] = set()
-        right = reference = 0.0
-        for name, data in files:
-            questions = set(data["key"]["questions"])
-            if questions & seen:
-                raise ReportError(f"{name} shares questions with another {preset} file: they cannot be pooled")
-            seen |= questions
-            try:
-                right += sum(data["rows"][row]["per_question_sub_em"])
-                reference += sum(data["rows"][baseline]["per_question_sub_em"])
-            except KeyError as exc:
-                raise ReportError(f"{name} has no per-question outcomes for {exc}") from None
-        n = len(seen)
-        lines.append(
-            f"`{preset}` on {model_name(model)}, pooled over the {n} questions of "
-            + " and ".join(f"`{name}`" for name, _ in files)
-            + f": sub-EM {right:.0f}/{n} ({right / n:.2f}) against {reference:.0f}/{n} ({reference / n:.2f}) "
-            f"for `{baseline}`, {pct(right, reference)} of it."
-        )
+    lines = [
+        f"`{preset}` on {model_name(model)}, " + pooled_sub_em(files, row, baseline)
+        for (preset, model, row, baseline), files in groups.items()
+        if len(files) >= 2 and baseline is not None
+    ]
+    for preset, change, names, row, baseline in POOLED_ABLATIONS:
+        files = [(name, load(results / name)) for name in names]
+        model = model_name(_model_of(files[0][1]))
+        lines.append(f"`{preset}` on {model} with {change} (`{row}`, not adopted), " + pooled_sub_em(files, row, baseline))
     return lines
 
 

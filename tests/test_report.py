@@ -196,7 +196,8 @@ def test_pooled_preset_line_counts_every_question_once_and_refuses_shared_ones(t
     """The README's pooled ``smallest`` figure is computed from both files' per-question outcomes."""
     results = tmp_path / "results"
     shutil.copytree(report.RESULTS, results)
-    (line,) = report.pooled_presets(results)
+    line, *ablations = report.pooled_presets(results)
+    assert len(ablations) == len(report.POOLED_ABLATIONS)
     files = [
         json.loads((results / name).read_text())
         for preset, name, _, _ in report.PRESET_MEASUREMENTS
@@ -206,6 +207,10 @@ def test_pooled_preset_line_counts_every_question_once_and_refuses_shared_ones(t
     right = sum(sum(d["rows"][row]["per_question_sub_em"]) for d in files)
     n = sum(len(d["key"]["questions"]) for d in files)
     assert f"sub-EM {right:.0f}/{n} " in line
+    for (_, _, names, row, _), ablation in zip(report.POOLED_ABLATIONS, ablations, strict=True):
+        pooled = [json.loads((results / name).read_text()) for name in names]
+        right = sum(sum(d["rows"][row]["per_question_sub_em"]) for d in pooled)
+        assert f"`{row}`" in ablation and f"sub-EM {right:.0f}/{n} " in ablation
     path = results / "confirm_smallest_qwen_33q.json"
     data = json.loads(path.read_text())
     data["key"]["questions"][0] = files[0]["key"]["questions"][0]  # one question in both files
