@@ -1361,7 +1361,9 @@ def pooled_presets(results: Path) -> list[str]:
     for preset, change, names, row, baseline in POOLED_ABLATIONS:
         files = [(name, load(results / name)) for name in names]
         model = model_name(_model_of(files[0][1]))
-        lines.append(f"`{preset}` on {model} with {change} (`{row}`, not adopted), " + pooled_sub_em(files, row, baseline))
+        lines.append(
+            f"`{preset}` on {model} with {change} (`{row}`, not adopted), " + pooled_sub_em(files, row, baseline)
+        )
     return lines
 
 
