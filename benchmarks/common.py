@@ -50,11 +50,12 @@ def question_article(question: Question) -> str:
     return article
 
 
-def pick_questions(path: Path, n: int, articles: set[str] | None = None) -> list[Question]:
-    """``n`` evenly spaced questions, of ``articles`` only if given
-    (:func:`ragcompress.evaluation.select_questions`, as ``ragcompress eval --sample --article``)."""
+def pick_questions(path: Path, n: int, articles: set[str] | None = None, outside: int | None = None) -> list[Question]:
+    """``n`` evenly spaced questions, of ``articles`` only if given, and not among the ``outside``
+    that ``n=outside`` picks if given (:func:`ragcompress.evaluation.select_questions`, as
+    ``ragcompress eval --sample --article --outside``)."""
     try:
-        return select_questions(read_questions(path), n, sorted(articles or ()))
+        return select_questions(read_questions(path), n, sorted(articles or ()), outside)
     except InputError as exc:
         raise SystemExit(f"{path}: {exc}") from None
 

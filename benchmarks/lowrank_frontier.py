@@ -53,6 +53,7 @@ import torch
 from ragcompress.compressors import CompressionContext, make_compressor
 from ragcompress.compressors.scorer import gather_kept
 from ragcompress.distill.adaptor import Adaptor
+from ragcompress.errors import InputError
 from ragcompress.evaluation import Question, f1, read_questions, select_questions, sub_em
 from ragcompress.indexing import IndexConfig
 from ragcompress.indexing.calibrate import calibration_caches
@@ -156,12 +157,10 @@ def split_questions(
         if split == "dev" or set(only) & articles:
             raise SystemExit(f"--eval-articles {only} must be eval-split articles (not {sorted(articles)})")
         questions = [q for q in questions if question_article(q) in only]
-    if outside:
-        chosen = {q.id for q in select_questions(questions, outside)}
-        questions = [q for q in questions if q.id not in chosen]
-        if not questions:
-            raise SystemExit(f"--outside {outside}: the split has no questions beyond those {outside}")
-    return select_questions(questions, limit or None)
+    try:
+        return select_questions(questions, limit or None, outside=outside or None)
+    except InputError as exc:
+        raise SystemExit(f"--outside {outside}: {exc}") from None
 
 
 def retrieve(embedder: Embedder, passages: list[PassageInput], questions: list[Question], k: int) -> list[list[str]]:

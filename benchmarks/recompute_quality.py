@@ -373,7 +373,7 @@ def store_adaptors(args: argparse.Namespace, asked: set[str]) -> dict[str, dict]
 
 def questions_asked(args: argparse.Namespace) -> tuple[list, dict[str, dict]]:
     """The sampled questions and the provenance of the stores' adaptors (checked against them)."""
-    questions = pick_questions(Path(args.questions), args.sample, set(args.articles))
+    questions = pick_questions(Path(args.questions), args.sample, set(args.articles), args.outside)
     return questions, store_adaptors(args, {question_article(q) for q in questions})
 
 
@@ -424,6 +424,11 @@ def main() -> None:
     parser.add_argument("--questions")
     parser.add_argument("--show", type=Path, help="print the tables of a result JSON and exit")
     parser.add_argument("--sample", type=int, default=100, help="evenly spaced questions (covers every article)")
+    parser.add_argument(
+        "--outside",
+        type=int,
+        help="only questions not among the --sample OUTSIDE of these articles (a confirmation sample)",
+    )
     parser.add_argument(
         "--adaptor-dir",
         action="append",

@@ -472,6 +472,12 @@ def evaluate(
     articles: list[str] = typer.Option(
         [], "--article", help="only questions of this article (passage_id ARTICLE#N); repeatable"
     ),
+    outside: int | None = typer.Option(
+        None,
+        "--outside",
+        min=1,
+        help="only questions not among the N that --sample N picks (after --article): a confirmation sample",
+    ),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
     recompute: float | None = RECOMPUTE_OPTION,
     selection: str | None = SELECTION_OPTION,
@@ -484,7 +490,7 @@ def evaluate(
     from ragcompress.evaluation import iter_eval, read_questions, select_questions, summarize
     from ragcompress.runtime.engine import Engine
 
-    items = select_questions(read_questions(questions), sample, articles)[:limit]
+    items = select_questions(read_questions(questions), sample, articles, outside)[:limit]
     engine = Engine.open(store, options=_answer_options(preset, max_new_tokens, recompute, selection, backend))
     try:
         results = iter_eval(engine, items, top_k)

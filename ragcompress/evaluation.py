@@ -94,11 +94,14 @@ def read_questions(path: str | Path, limit: int | None = None) -> list[Question]
 
 
 def select_questions(
-    questions: list[Question], sample: int | None = None, articles: Sequence[str] = ()
+    questions: list[Question], sample: int | None = None, articles: Sequence[str] = (), outside: int | None = None
 ) -> list[Question]:
     """The questions of ``articles`` (all when empty), then ``sample`` of them evenly spaced over
     the file (which is grouped by article, so every article is covered). The benchmarks' samples
-    (``--sample N --articles A``) are drawn here, so ``ragcompress eval`` can ask the same ones."""
+    (``--sample N --articles A``) are drawn here, so ``ragcompress eval`` can ask the same ones.
+
+    ``outside``: first drop the ``outside`` questions that ``sample=outside`` would pick, so a
+    setting chosen on one sample is confirmed on the questions of the same articles it never saw."""
     if articles:
         wanted = set(articles)
         if any(q.passage_id is None for q in questions):
@@ -106,6 +109,11 @@ def select_questions(
         questions = [q for q in questions if q.article in wanted]
         if not questions:
             raise InputError(f"no question of the articles {sorted(wanted)}")
+    if outside:
+        chosen = {q.id for q in evenly_spaced(questions, outside)}
+        questions = [q for q in questions if q.id not in chosen]
+        if not questions:
+            raise InputError(f"no question is left outside the {outside} that --sample {outside} picks")
     return evenly_spaced(questions, sample)
 
 

@@ -99,3 +99,16 @@ def test_select_questions_by_article_then_evenly_spaced():
         select_questions(qs, articles=["D"])
     with pytest.raises(InputError, match="passage_id"):
         select_questions([*qs, Question("x", "q?", ["a"])], articles=["A"])
+
+
+def test_questions_outside_a_sample_are_the_rest_of_its_articles():
+    """``--outside N``: the confirmation sample is exactly what ``--sample N`` left out."""
+    qs = _questions("A#0", "A#1", "B#0", "B#1", "B#2", "C#0", "C#1", "C#2")
+    chosen = select_questions(qs, 3, ["B", "C"])
+    rest = select_questions(qs, articles=["B", "C"], outside=3)
+    assert [q.id for q in rest] == ["3", "5", "7"]
+    assert not {q.id for q in rest} & {q.id for q in chosen}
+    assert sorted(q.id for q in rest + chosen) == [q.id for q in select_questions(qs, articles=["B", "C"])]
+    assert [q.id for q in select_questions(qs, 2, ["B", "C"], outside=3)] == ["3", "5"]
+    with pytest.raises(InputError, match="no question is left"):
+        select_questions(qs, articles=["A"], outside=2)
