@@ -26,7 +26,9 @@ Row names: ``METHOD@RATIO/QUANT/RANK``, e.g. ``none@1/fp16/-`` (the uncompressed
 ``+adaptor`` suffix encodes the passages through ``--adaptor`` (``+adaptor-LABEL`` names a second
 adaptor's row of the same store apart, e.g. an earlier checkpoint of it); a final ``~merge``
 merges evicted rows' values into kept rows instead of dropping them (:func:`merged_values`, an
-ablation measured and not adopted: docs/compression.md §8).
+ablation measured and not adopted: docs/compression.md §8); a final ``~basescore`` on a
+``+adaptor`` row evicts by the scores of the *base* model's cache of each passage, as the
+adaptor's training chose the student's kept rows, instead of by those of the adaptor's cache.
 
     python benchmarks/lowrank_frontier.py --model qwen2.5-coder-0.5b --split eval \\
         --rows none@1/fp16/- none@1/int4/- global:kvzip@0.25/int4/- global:kvzip@0.5/int4/r16
@@ -76,7 +78,7 @@ from common import SQUAD, adaptor_provenance, question_article, results_meta, te
 CORE272 = Path(__file__).resolve().parents[1] / "runs" / "core272-ck"
 OPTIONS = AnswerOptions(backend="dense")
 ROW = re.compile(
-    r"(?P<method>[^@]+)@(?P<ratio>[0-9.]+)/(?P<quant>none|fp16|int8|int4|int2)(?:v(?P<vbits>[248]))?(?:g(?P<group>\d+))?/(?P<rank>-|r\d+k?|[ep][0-9.]+k?)(?P<adaptor>\+adaptor(?:-[A-Za-z0-9]+)?)?(?P<merge>~merge)?"
+    r"(?P<method>[^@]+)@(?P<ratio>[0-9.]+)/(?P<quant>none|fp16|int8|int4|int2)(?:v(?P<vbits>[248]))?(?:g(?P<group>\d+))?/(?P<rank>-|r\d+k?|[ep][0-9.]+k?)(?P<adaptor>\+adaptor(?:-[A-Za-z0-9]+)?)?(?P<merge>~merge)?(?P<basescore>~basescore)?"
 )
 
 
@@ -93,14 +95,17 @@ class RowSpec:
     group_size: int = QuantConfig().group_size
     value_quant: str | None = None  # values' own width (``int4v2``: int2)
     merge: bool = False  # ``~merge``: evicted rows' values merged into kept rows (merged_values)
+    base_scores: bool = False  # ``~basescore``: an adapted row evicted by the base cache's scores
 
     @classmethod
     def parse(cls, name: str) -> RowSpec:
         match = ROW.fullmatch(name)
         if match is None:
             raise SystemExit(
-                f"bad row {name!r}: expected METHOD@RATIO/QUANT[vBITS][gGROUP]/(-|rN[k]|eE[k]|pE[k])[+adaptor[-LABEL]][~merge]"
+                f"bad row {name!r}: expected METHOD@RATIO/QUANT[vBITS][gGROUP]/(-|rN[k]|eE[k]|pE[k])[+adaptor[-LABEL]][~merge][~basescore]"
             )
+        if match["basescore"] and not match["adaptor"]:
+            raise SystemExit(f"bad row {name!r}: ~basescore only changes a +adaptor row's scores")
         rank_text = match["rank"]
         rank = None
         if rank_text != "-":
@@ -123,6 +128,7 @@ class RowSpec:
             group,
             value_quant,
             bool(match["merge"]),
+            bool(match["basescore"]),
         )
 
     def index_config(self, adaptor: Path | None = None) -> IndexConfig:
@@ -341,7 +347,7 @@ class Frontier:
         full = self.full(row.adaptor)
         kept = dict(full)
         if row.method != "none":
-            scores = self.scores(row.method.split(":")[-1], row.adaptor)
+            scores = self.scores(row.method.split(":")[-1], row.adaptor and not row.base_scores)
             kept = {pid: compressor.select(kv, scores[pid]) for pid, kv in full.items()}  # type: ignore[attr-defined]
             if row.merge:
                 kept = {pid: merge_evicted(kv, kept[pid], scores[pid]) for pid, kv in full.items()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 
+import pytest
 import torch
 
 from ragcompress.compressors import make_compressor
@@ -50,3 +51,11 @@ def test_merge_row_names_parse():
     row = frontier.RowSpec.parse("global:kvzip@0.21/int4v2/r32k+adaptor~merge")
     assert row.merge and row.adaptor and row.value_quant == "int2"
     assert not frontier.RowSpec.parse("global:kvzip@0.21/int4v2/r32k").merge
+
+
+def test_basescore_rows_parse_and_need_an_adaptor():
+    row = frontier.RowSpec.parse("global:kvzip@0.21/int4v2/r32k+adaptor~basescore")
+    assert row.base_scores and row.adaptor and not row.merge
+    assert not frontier.RowSpec.parse("global:kvzip@0.21/int4v2/r32k+adaptor").base_scores
+    with pytest.raises(SystemExit, match="basescore"):
+        frontier.RowSpec.parse("global:kvzip@0.21/int4v2/r32k~basescore")
