@@ -36,6 +36,8 @@ from typing import Any
 import torch
 
 from ragcompress.compressors import CompressionContext, make_compressor
+from ragcompress.compressors.adaptive import AdaptiveBudget
+from ragcompress.compressors.scorer import ScorerCompressor
 from ragcompress.distill.adaptor import Adaptor, remove_adapter, resolve_adaptor
 from ragcompress.distill.checkpoint import load_tree
 from ragcompress.distill.train import (
@@ -67,12 +69,16 @@ SETTINGS: dict[str, tuple[str | None, str, float | None, str]] = {
     "global:kvzip 0.25 int4": (None, "global:kvzip", 0.25, "int4"),
     "adaptor + global:learned 0.25 int4": ("trained", "global:learned", 0.25, "int4"),
     "adaptor + global:kvzip 0.25 int4": ("trained", "global:kvzip", 0.25, "int4"),
+    "adaptor + global:kvzip 0.25 int4, base-scored": ("trained", "global:kvzip", 0.25, "int4"),
     "compared adaptor + global:kvzip 0.25 int4": ("compare", "global:kvzip", 0.25, "int4"),
     # issue 15's middle ratio: half the tokens in int4 (6x fewer bytes than fp16)
     "global:kvzip 0.5 int4": (None, "global:kvzip", 0.5, "int4"),
     "adaptor + global:kvzip 0.5 int4": ("trained", "global:kvzip", 0.5, "int4"),
     "compared adaptor + global:kvzip 0.5 int4": ("compare", "global:kvzip", 0.5, "int4"),
 }
+# Settings whose kept rows are chosen by the scores of the *base* model's cache of each passage (as
+# training chose the student's: ``Distiller.kept_rows``), the adaptor's cache supplying the rows.
+BASE_SCORED = frozenset({"adaptor + global:kvzip 0.25 int4, base-scored"})
 
 
 def baseline_of(name: str) -> str:
@@ -85,14 +91,29 @@ def baseline_of(name: str) -> str:
     return next(n for n, (w, _, r, q) in SETTINGS.items() if w is None and (r, q) == (ratio, quant))
 
 
-def segments(encoder: PassageEncoder, passages: list[list[int]], method: str, ratio: float | None, quant: str) -> list:
-    """Each passage's cache as a store would serve it: encoded alone, compressed, serialised."""
+def segments(
+    encoder: PassageEncoder,
+    passages: list[list[int]],
+    method: str,
+    ratio: float | None,
+    quant: str,
+    score_encoder: PassageEncoder | None = None,
+) -> list:
+    """Each passage's cache as a store would serve it: encoded alone, compressed, serialised.
+    ``score_encoder``: eviction scores come from its cache of the passage (the base model's, for a
+    ``BASE_SCORED`` setting) instead of ``encoder``'s."""
     params: dict[str, Any] = {} if ratio is None else {"ratio": ratio, "keep_first": 1, "keep_last": 0}
     compressor = make_compressor(method, **params)
     out = []
     for ids in passages:
         kv = encoder.encode([ids])[0]
-        kept = compressor.compress(kv, CompressionContext(encoder, ids))
+        if score_encoder is None:
+            kept = compressor.compress(kv, CompressionContext(encoder, ids))
+        else:
+            assert isinstance(compressor, (AdaptiveBudget, ScorerCompressor)), f"{method} evicts by no score"
+            scorer = compressor.inner if isinstance(compressor, AdaptiveBudget) else compressor
+            scored = score_encoder.encode([ids])[0]
+            kept = compressor.select(kv, scorer.score(scored, CompressionContext(score_encoder, ids)))
         out.append(codec.decode(codec.encode(kept, QuantConfig(quant)), torch.float32))
     return out
 
@@ -405,7 +426,10 @@ def main() -> None:
         encoder = PassageEncoder(lm, template, adaptors[which])
         kls, agree, ems, answers = [], [], [], []
         for example, full in zip(examples, full_answers, strict=True):
-            kl, answer = measure(encoder, example, segments(encoder, example.passages, method, ratio, quant), stop_ids)
+            segs = segments(
+                encoder, example.passages, method, ratio, quant, base_encoder if name in BASE_SCORED else None
+            )
+            kl, answer = measure(encoder, example, segs, stop_ids)
             kls.append(kl)
             agree.append(float(answer == full))
             ems.append(sub_em(decode(answer), golds[example.qid]))
