@@ -1239,8 +1239,12 @@ PRESET_MEASUREMENTS: tuple[tuple[str, str, str, str | None], ...] = (
     ("smallest", "confirm_smallest_qwen_33q.json", "global:kvzip@0.21/int4v2/r32k+adaptor", "none@1/fp16/-"),
     ("smallest", "lowrank_smollm2.json", "global:kvzip@0.21/int4v2/r32k+adaptor", "none@1/fp16/-"),
     ("faithful", "faithful_qwen_adaptor_recompute.json", "top3/ad:r0.05+mixed", "top3/ad:reuse"),
+    ("faithful", "faithful_qwen_confirm_33q.json", "top3/r0.05+mixed", "top3/reuse"),
+    ("faithful", "faithful_qwen_pooled_133q.json", "top3/r0.05+mixed", "top3/reuse"),
     ("faithful", "faithful_smollm2_adaptor_recompute.json", "top3/ad:r0.05+mixed", "top3/ad:reuse"),
     ("distilled", "faithful_qwen_adaptor.json", "top3/ad:reuse", "top3/reuse"),
+    ("distilled", "faithful_qwen_confirm_33q.json", "top3/reuse", "top3/reversed"),
+    ("distilled", "faithful_qwen_pooled_133q.json", "top3/reuse", "top3/reversed"),
     ("distilled", "distill_smollm2-135m-81q.json", "adaptor", "plain reuse"),
 )
 
@@ -1313,6 +1317,13 @@ POOLED_ABLATIONS: tuple[tuple[str, str, tuple[str, ...], str, str], ...] = (
         "evicted rows' values merged into kept ones",
         ("ablation_lowrank_qwen_merge.json", "ablation_lowrank_qwen_merge_33q.json"),
         "global:kvzip@0.21/int4v2/r32k+adaptor~merge",
+        "none@1/fp16/-",
+    ),
+    (
+        "smallest",
+        "its rows evicted by the base model's KVzip scores, as its adaptor's training chose them",
+        ("ablation_lowrank_qwen_basescore.json", "ablation_lowrank_qwen_basescore_33q.json"),
+        "global:kvzip@0.21/int4v2/r32k+adaptor~basescore",
         "none@1/fp16/-",
     ),
 )

@@ -87,7 +87,9 @@ PRESETS: dict[str, Preset] = {
             "docs/results/faithful_qwen_adaptor_top5.json (the same questions with and without the adaptor, top-3 "
             "and top-5); docs/results/faithful_smollm2_adaptor*.json (SmolLM2-135M, the same for its adaptor); "
             "docs/results/faithful_qwen_top3_base.json (the levers without an adaptor on another 100-question "
-            "sample); docs/recompute.md",
+            "sample); docs/results/faithful_qwen_confirm_33q.json and docs/results/faithful_qwen_pooled_133q.json (the same "
+            "store on the other 33 questions of those articles, after it was chosen, and all 133 pooled); "
+            "docs/recompute.md",
         ),
         Preset(
             "distilled",
@@ -96,7 +98,9 @@ PRESETS: dict[str, Preset] = {
             "plain reuse of int8 caches encoded with the model's packaged general KV-Distill adaptor (LoRA layers "
             "on only while passages are encoded): plain reuse's speed, most of recompute's agreement",
             "docs/results/faithful_qwen_adaptor.json (ad:reuse against reuse, Qwen2.5-Coder-0.5B, 100 questions "
-            "of articles the adaptor never saw), docs/results/distill_smollm2-135m-81q.json (all questions of "
+            "of articles the adaptor never saw; docs/results/faithful_qwen_confirm_33q.json and "
+            "docs/results/faithful_qwen_pooled_133q.json: the other 33 of those articles, and all 133 pooled), "
+            "docs/results/distill_smollm2-135m-81q.json (all questions of "
             "the held-out articles), docs/results/distill_smollm2-135m.json (docs/distill.md)",
         ),
     )
