@@ -1418,8 +1418,11 @@ def render_presets(results: Path) -> str:
         table(header, rows)
         + '\n\nFull prefill is rerun on the same questions and retrieved passages in each file. "–": not '
         "measured in that file (the `distill` runs time no full prefill, the frontier only in its TTFT "
-        "side-by-side run; bytes are measured by `core_eval.py` and the frontier)."
-        + "".join("\n\n" + line for line in pooled_presets(results))
+        "side-by-side run; bytes are measured by `core_eval.py` and the frontier). TTFT ratios depend on "
+        "threads and load (docs/recompute.md): the `faithful_qwen_confirm_33q.json` and "
+        "`faithful_qwen_pooled_133q.json` rows were timed by two one-thread processes that also ran a second "
+        "full prefill per question, and one process with two threads measures `faithful` at 4.1–4.7x "
+        "(`ttft_threads_faithful_qwen.json`)." + "".join("\n\n" + line for line in pooled_presets(results))
     )
 
 
