@@ -1421,9 +1421,21 @@ def render_presets(results: Path) -> str:
         "side-by-side run; bytes are measured by `core_eval.py` and the frontier). TTFT ratios depend on "
         "threads and load (docs/recompute.md): the `faithful_qwen_confirm_33q.json` and "
         "`faithful_qwen_pooled_133q.json` rows were timed by two one-thread processes that also ran a second "
-        "full prefill per question, and one process with two threads measures `faithful` at 4.1–4.7x "
-        "(`ttft_threads_faithful_qwen.json`)." + "".join("\n\n" + line for line in pooled_presets(results))
+        f"full prefill per question, and one process with two threads measures `faithful` at "
+        f"{two_thread_faithful_ttft(results)} (`{TWO_THREAD_TTFT}`)."
+        + "".join("\n\n" + line for line in pooled_presets(results))
     )
+
+
+TWO_THREAD_TTFT = "ttft_threads_faithful_qwen.json"
+
+
+def two_thread_faithful_ttft(results: Path) -> str:
+    """The range of the ``faithful`` setting's TTFT ratio over the runs of :data:`TWO_THREAD_TTFT`
+    (one process, two threads, each code version and round)."""
+    runs = load(results / TWO_THREAD_TTFT)["runs"]
+    ratios = [run["r0.05+mixed"]["ttft_speedup"] for run in runs.values()]
+    return f"{min(ratios):.1f}–{max(ratios):.1f}x"
 
 
 BLOCKS: dict[str, Callable[[Path], str]] = {

@@ -219,6 +219,19 @@ def test_pooled_preset_line_counts_every_question_once_and_refuses_shared_ones(t
         report.pooled_presets(results)
 
 
+def test_preset_note_reads_the_two_thread_ttft_range(tmp_path):
+    """The presets note's two-thread ``faithful`` range comes from its results file."""
+    results = tmp_path / "results"
+    shutil.copytree(report.RESULTS, results)
+    path = results / report.TWO_THREAD_TTFT
+    data = json.loads(path.read_text())
+    ratios = [run["r0.05+mixed"]["ttft_speedup"] for run in data["runs"].values()]
+    assert f"at {min(ratios):.1f}–{max(ratios):.1f}x" in report.render_presets(results)
+    next(iter(data["runs"].values()))["r0.05+mixed"]["ttft_speedup"] = 9.87
+    path.write_text(json.dumps(data))
+    assert f"at {min(ratios[1:]):.1f}–9.9x" in report.render_presets(results)
+
+
 def test_faithful_disagreements_are_split_by_which_answer_is_right():
     """recompute_quality's split of the questions a setting answers differently from full prefill."""
     quality = importlib.import_module("recompute_quality")  # benchmarks/recompute_quality.py
