@@ -291,7 +291,7 @@ def main() -> None:
         default=None,
         help="another adaptor folder for the same model (e.g. the other kind), measured as 'compared adaptor' rows",
     )
-    parser.add_argument("--settings", nargs="*", default=None, help="default: every setting the adaptors allow")
+    parser.add_argument("--settings", nargs="*", default=None, help="default: every setting the adaptors allow, but the base-scored ablation")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cost-repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, required=True)
@@ -306,7 +306,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     if args.settings is None:
-        args.settings = [name for name, row in SETTINGS.items() if row[0] != "compare" or args.compare_adaptor]
+        args.settings = [  # an ablation (BASE_SCORED) runs only when named
+            name
+            for name, row in SETTINGS.items()
+            if (row[0] != "compare" or args.compare_adaptor) and name not in BASE_SCORED
+        ]
     lm = load_model(args.model)
     needs_adaptor = args.cost_repeats > 0 or any(SETTINGS[name][0] == "trained" for name in args.settings)
     adaptor_spec = args.adaptor or args.out / "adaptor"
