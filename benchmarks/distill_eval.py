@@ -291,7 +291,12 @@ def main() -> None:
         default=None,
         help="another adaptor folder for the same model (e.g. the other kind), measured as 'compared adaptor' rows",
     )
-    parser.add_argument("--settings", nargs="*", default=None, help="default: every setting the adaptors allow, but the base-scored ablation")
+    parser.add_argument(
+        "--settings",
+        nargs="*",
+        default=None,
+        help="default: every setting the adaptors allow, but the base-scored ablation",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cost-repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, required=True)
