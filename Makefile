@@ -49,11 +49,11 @@ test-quick: setup-test
 	$(VENV)/bin/python -m pytest -q -n auto --dist worksteal -m "not slow"
 
 # ruff (lint + format) over everything; mypy over the package, the kernels and the integration.
-LINT_PATHS := ragcompress kernels tests benchmarks examples integrations
+LINT_PATHS := ragcompress ragcompress_kernels tests benchmarks examples integrations
 lint: setup-test
 	$(VENV)/bin/ruff check $(LINT_PATHS)
 	$(VENV)/bin/ruff format --check $(LINT_PATHS)
-	$(VENV)/bin/mypy ragcompress kernels $(INTEGRATION)/llama_index
+	$(VENV)/bin/mypy ragcompress ragcompress_kernels $(INTEGRATION)/llama_index
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

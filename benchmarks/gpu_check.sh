@@ -11,8 +11,7 @@
 #
 # Needs this repository and a Python with torch (a CUDA build), triton, pytest and ragcompress's own
 # dependencies (transformers, safetensors, numpy, faiss, ...); nothing is installed or downloaded.
-# ragcompress is imported from this checkout (PYTHONPATH), ragcompress_kernels through a symlink to
-# kernels/ in a temporary directory (removed on exit). Stages are capped at 330 s (tests) and 120 s
+# ragcompress and ragcompress_kernels are imported from this checkout (PYTHONPATH). Stages are capped at 330 s (tests) and 120 s
 # (timing), about 8 minutes in all. Exit 0 only if every test passed, none of the CUDA tests was
 # skipped, and the timing completed; exit 2 (one line on stderr) when there is no CUDA device or a
 # prerequisite is missing.
@@ -38,10 +37,7 @@ command -v "$py" >/dev/null 2>&1 || die "no Python '$py' (set PYTHON=/path/to/py
     >/dev/null 2>&1 || die "no CUDA device (torch.cuda.is_available() is False for $py); nothing was run"
 "$py" -c 'import triton' >/dev/null 2>&1 || die "$py cannot import triton"
 
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-ln -s "$repo/kernels" "$tmp/ragcompress_kernels"
-export PYTHONPATH="$repo:$tmp${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 
 missing=$("$py" - "$repo" 2>/dev/null <<'EOF'
 import importlib, os, sys
@@ -52,7 +48,7 @@ for name in ("pytest", "ragcompress", "ragcompress_kernels", "ragcompress.store.
     except Exception as exc:  # ImportError, or a dependency failing at import
         missing.append(f"{name} ({type(exc).__name__}: {exc})")
         break
-    if name.startswith("ragcompress") and "." not in name:
+    if name.startswith("ragcompress") and "." not in name:  # both top-level packages
         where = os.path.realpath(module.__file__)
         if not where.startswith(os.path.realpath(sys.argv[1]) + os.sep):
             missing.append(f"{name} imports from {where}, not from this checkout")

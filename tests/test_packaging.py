@@ -1,5 +1,7 @@
-"""The kernels' one import name (``ragcompress_kernels``, from the top-level ``kernels/`` folder,
-no symlink), in the editable install the tests run on and in a built wheel."""
+"""The packages a wheel installs are the repo-root folders of the same names, and no repo-root
+package shadows an installed distribution: ``python -m pytest`` puts the checkout first on
+``sys.path``, so a folder named ``kernels/`` was imported in place of PyPI's ``kernels`` (a
+dependency of transformers >= 5.25) and broke ``import transformers`` for the whole suite."""
 
 from __future__ import annotations
 
@@ -37,16 +39,40 @@ def copy_sources(dest: Path) -> None:
             shutil.copy2(path, dest / name)
 
 
+TOP_LEVEL = ("ragcompress", "ragcompress_kernels")
+
+
+def repo_root_packages() -> set[str]:
+    return {init.parent.name for init in ROOT.glob("*/__init__.py")}
+
+
 def test_every_package_folder_is_listed_in_pyproject():
-    folders = {".".join(init.parent.relative_to(ROOT).parts) for init in (ROOT / "ragcompress").rglob("__init__.py")}
-    assert folders | {"ragcompress_kernels"} == set(listed_packages())
-    assert not (ROOT / "ragcompress_kernels").exists()  # one way to import the kernels: no symlink
+    assert repo_root_packages() == set(TOP_LEVEL)
+    folders = {
+        ".".join(init.parent.relative_to(ROOT).parts) for top in TOP_LEVEL for init in (ROOT / top).rglob("__init__.py")
+    }
+    assert folders == set(listed_packages())
+    assert "package-dir" not in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
 
 
-def test_editable_install_imports_the_kernels_folder():
+def test_no_repo_root_package_shadows_an_installed_distribution():
+    """A repo-root package whose import name another installed distribution also provides is
+    imported in place of it from a checkout (transformers imports PyPI's ``kernels``)."""
+    import importlib.metadata
+
+    providers = importlib.metadata.packages_distributions()
+    shadowed = {
+        name: providers[name] for name in repo_root_packages() if set(providers.get(name, [])) - {"ragcompress"}
+    }
+    assert shadowed == {}
+
+
+def test_editable_install_imports_the_repo_root_folders():
+    import ragcompress
     import ragcompress_kernels
 
-    assert Path(ragcompress_kernels.__file__).resolve() == ROOT / "kernels" / "__init__.py"
+    for module in (ragcompress, ragcompress_kernels):
+        assert Path(module.__file__).resolve() == ROOT / module.__name__ / "__init__.py"
 
 
 def test_wheel_installs_the_kernels_under_their_import_name(tmp_path):
@@ -64,6 +90,5 @@ def test_wheel_installs_the_kernels_under_their_import_name(tmp_path):
     for config in adaptors:
         folder = config.parent.relative_to(ROOT).as_posix()
         assert {f"{folder}/adaptor.json", f"{folder}/adaptor.safetensors"} <= names
-    assert not any(name.startswith("kernels/") for name in names)
     for package in listed_packages():
         assert f"{package.replace('.', '/')}/__init__.py" in names

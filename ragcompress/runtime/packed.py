@@ -83,6 +83,9 @@ class PackedSegments:
         for blob in blobs:
             if blob.quant != first.quant or blob.k_codes.shape[:2] != first.k_codes.shape[:2]:
                 raise ValueError("segments were stored with different quantization or model shapes")
+        if first.quant.bits is None:  # unquantized stores hold no codes; this also narrows the type
+            raise ValueError("packed attention reads quantized stores only (int8, int4, int2)")
+        bits = first.quant.bits
         starts, position = [], start
         for blob in blobs:
             starts.append(position)
@@ -110,7 +113,7 @@ class PackedSegments:
                 seg_len=lengths[layer],
                 cos=tables[layer][0].to(device),
                 sin=tables[layer][1].to(device),
-                bits=first.quant.bits,
+                bits=bits,
                 v_bits=first.quant.value_bits,
                 group_size=first.quant.group_size,
                 v_group=first.v_group,
@@ -146,10 +149,10 @@ class PackedSegments:
             valid = valid_rows_ref(first.seg_start_host, s["seg_len"])
         else:  # per-layer RoPE tables (e.g. Gemma-3 local/global layers)
             keys, values, valid = (torch.stack(x) for x in zip(*map(dequantize_segments_ref, self.layers), strict=True))
-        keys, values, valid = drop_padding_rows(keys, values, valid)
+        keys, values, used = drop_padding_rows(keys, values, valid)
         keys, values = keys.to(dtype), values.to(dtype)
         return [
-            (keys[layer], values[layer], None if valid is None or bool(valid[layer].all()) else valid[layer])
+            (keys[layer], values[layer], None if used is None or bool(used[layer].all()) else used[layer])
             for layer in range(len(self.layers))
         ]
 
