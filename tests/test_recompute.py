@@ -473,3 +473,32 @@ def test_reversed_setting_is_full_prefill_of_the_passages_in_the_opposite_order(
     assert one["reversed"]["answer"] == one["full"]["answer"] and one["reversed"]["kl"] == 0.0
     three = quality.question_record(variants, item, 3, ["reversed"])
     assert len(set(three["passages"])) == 3 and three["reversed"]["kl"] > 1e-6
+
+
+def test_recompute_cost_benchmark_names_every_pass_with_its_rows(stores):
+    """benchmarks/recompute_cost.py times recompute's passes by wrapping ``_run_layers``: each call
+    is named for the pass it is, with the rows it carries, and the answer does not change."""
+    import importlib
+
+    import ragcompress.runtime.recompute as recompute
+
+    recompute_cost = importlib.import_module("recompute_cost")
+    engine = stores("qwen2")
+    entries = engine.retrieve(QUESTION, 3)
+    options = AnswerOptions(max_new_tokens=4, recompute=RecomputeConfig(ratio=0.2, selection="mixed"))
+    plain = engine.answer_cached(QUESTION, entries, options)
+    timer = recompute_cost.PassTimer()
+    recompute._run_layers, timer.on = timer, True
+    try:
+        timed = engine.answer_cached(QUESTION, entries, options)
+    finally:
+        recompute._run_layers = timer.original
+    total = sum(e.num_tokens for e in entries)
+    question = len(engine.tokens.suffix(QUESTION))
+    assert timed.token_ids == plain.token_ids
+    assert timer.rows == {
+        "check": total - entries[0].num_tokens,  # lossless store: the first passage is exact
+        "question_below_check": question,
+        "fused": round(0.2 * total) + question,
+    }
+    assert all(seconds > 0 for seconds in timer.take().values()) and not timer.seconds
