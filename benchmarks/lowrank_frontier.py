@@ -21,6 +21,8 @@ passages, same decoding) for every question whose retrieved ids match; the rest 
 Row names: ``METHOD@RATIO/QUANT/RANK``, e.g. ``none@1/fp16/-`` (the uncompressed reference),
 ``global:kvzip@0.25/int4/r32`` (fixed rank 32, keys and values), ``.../r16k`` (keys only),
 ``.../e0.9`` (energy 0.9 per layer), ``.../p0.9`` (energy 0.9, progressive by depth);
+``global:kvzip@0.21f0.2/...`` guarantees every head of every layer 0.2 of its per-head budget
+before the pooled rest goes by score (``IndexConfig.floor``; ``global:``'s default is 0);
 ``int2g64`` quantizes in groups of 64 instead of the default 32 (``index --group-size``),
 ``int4v2`` stores keys at int4 and values at int2 (``index --quant int4 --value-quant int2``); a
 ``+adaptor`` suffix encodes the passages through ``--adaptor`` (``+adaptor-LABEL`` names a second
@@ -78,7 +80,7 @@ from common import SQUAD, adaptor_provenance, question_article, results_meta, te
 CORE272 = Path(__file__).resolve().parents[1] / "runs" / "core272-ck"
 OPTIONS = AnswerOptions(backend="dense")
 ROW = re.compile(
-    r"(?P<method>[^@]+)@(?P<ratio>[0-9.]+)/(?P<quant>none|fp16|int8|int4|int2)(?:v(?P<vbits>[248]))?(?:g(?P<group>\d+))?/(?P<rank>-|r\d+k?|[ep][0-9.]+k?)(?P<adaptor>\+adaptor(?:-[A-Za-z0-9]+)?)?(?P<merge>~merge)?(?P<basescore>~basescore)?"
+    r"(?P<method>[^@]+)@(?P<ratio>[0-9.]+?)(?:f(?P<floor>[0-9.]+))?/(?P<quant>none|fp16|int8|int4|int2)(?:v(?P<vbits>[248]))?(?:g(?P<group>\d+))?/(?P<rank>-|r\d+k?|[ep][0-9.]+k?)(?P<adaptor>\+adaptor(?:-[A-Za-z0-9]+)?)?(?P<merge>~merge)?(?P<basescore>~basescore)?"
 )
 
 
@@ -96,13 +98,14 @@ class RowSpec:
     value_quant: str | None = None  # values' own width (``int4v2``: int2)
     merge: bool = False  # ``~merge``: evicted rows' values merged into kept rows (merged_values)
     base_scores: bool = False  # ``~basescore``: an adapted row evicted by the base cache's scores
+    floor: float | None = None  # ``@RATIOfF``: every head's guaranteed share of its budget (global: default 0)
 
     @classmethod
     def parse(cls, name: str) -> RowSpec:
         match = ROW.fullmatch(name)
         if match is None:
             raise SystemExit(
-                f"bad row {name!r}: expected METHOD@RATIO/QUANT[vBITS][gGROUP]/(-|rN[k]|eE[k]|pE[k])[+adaptor[-LABEL]][~merge][~basescore]"
+                f"bad row {name!r}: expected METHOD@RATIO[fFLOOR]/QUANT[vBITS][gGROUP]/(-|rN[k]|eE[k]|pE[k])[+adaptor[-LABEL]][~merge][~basescore]"
             )
         if match["basescore"] and not match["adaptor"]:
             raise SystemExit(f"bad row {name!r}: ~basescore only changes a +adaptor row's scores")
@@ -129,6 +132,7 @@ class RowSpec:
             value_quant,
             bool(match["merge"]),
             bool(match["basescore"]),
+            float(match["floor"]) if match["floor"] else None,
         )
 
     def index_config(self, adaptor: Path | None = None) -> IndexConfig:
@@ -146,6 +150,7 @@ class RowSpec:
             rank_schedule=rank.schedule if rank else "global",
             rank_values=rank.values if rank else True,
             adaptor=str(adaptor) if self.adaptor and adaptor else None,
+            floor=self.floor,
             **keep,
         )
 

@@ -25,6 +25,7 @@ from ragcompress.compressors import (
     method_names,
 )
 from ragcompress.compressors.probe import run_probe
+from ragcompress.indexing import IndexConfig
 from ragcompress.indexing.encoder import PassageEncoder
 from ragcompress.prompt import PromptTemplate
 from ragcompress.runtime.options import AnswerOptions
@@ -125,6 +126,18 @@ def test_global_budget_follows_scores_across_layers_and_adaptive_does_not():
     assert kept_global.lengths[0].tolist() == kept_global.lengths[2].tolist() == [8, 8]
     assert int(kept_global.lengths[1].sum()) == layers * heads * budget - 4 * 8
     assert kept_adaptive.lengths.sum(-1).tolist() == [heads * budget] * layers
+    # a floor guarantees every head that share of its budget (here above its 8 protected tokens);
+    # the pool, same total, pays for it
+    kept_floor = make_compressor("global:kvzip", budget=2 * budget, floor=0.5).select(kv, scores)
+    assert int(kept_floor.lengths.sum()) == layers * heads * 2 * budget
+    assert kept_floor.lengths[0].tolist() == kept_floor.lengths[2].tolist() == [budget] * heads
+    assert kept_floor.lengths[1].tolist() == [n] * heads
+
+
+def test_floor_is_an_index_setting_only_of_the_pooling_wrappers():
+    assert IndexConfig(method="global:kvzip", ratio=0.2, floor=0.2).compressor().config()["floor"] == 0.2
+    with pytest.raises(ValueError, match="floor"):
+        IndexConfig(method="kvzip", ratio=0.2, floor=0.2)
 
 
 def test_knorm_keeps_lowest_norm_keys(encoded):

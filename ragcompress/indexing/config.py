@@ -27,6 +27,8 @@ class IndexConfig:
     method:     compression method (``ragcompress.compressors``), e.g. ``global:kvzip``
     ratio:      fraction of tokens kept, in (0, 1]; or ``budget``: tokens kept per head
     keep_first: leading / trailing tokens of every passage always kept (None: the method's default)
+    floor:      ``adaptive:`` / ``global:`` only: the share of the per-head budget every head of every
+                layer is guaranteed before the pooled rest goes by score (None: the method's default)
     quant:      ``none`` | ``fp16`` | ``int8`` | ``int4`` | ``int2`` (KIVI), ``group_size`` its groups;
                 ``value_quant``: the values' own integer width (None: ``quant``, as the keys)
     embedder:   sentence-transformers model of the store's FAISS index
@@ -51,6 +53,7 @@ class IndexConfig:
     budget: int | None = None
     keep_first: int | None = None
     keep_last: int | None = None
+    floor: float | None = None
     embedder: str = DEFAULT_EMBEDDER
     rank: int | None = None
     rank_energy: float | None = None
@@ -84,7 +87,7 @@ class IndexConfig:
 
     def compressor(self) -> Compressor:
         params: dict[str, Any] = {} if self.ratio is None else {"ratio": self.ratio}
-        for name in ("budget", "keep_first", "keep_last"):
+        for name in ("budget", "keep_first", "keep_last", "floor"):
             if getattr(self, name) is not None:
                 params[name] = getattr(self, name)
         return make_compressor(self.method, **params)
@@ -127,7 +130,7 @@ def config_from_manifest(manifest: Manifest) -> IndexConfig:
         rank_values=bool(lowrank.get("values", True)),
         context_neighbors=int(manifest.encoding.get("context_neighbors", 0)),
         adaptor=adaptor,
-        **{k: params[k] for k in ("ratio", "budget", "keep_first", "keep_last") if params.get(k) is not None}
+        **{k: params[k] for k in ("ratio", "budget", "keep_first", "keep_last", "floor") if params.get(k) is not None}
         | ({"ratio": None} if params.get("budget") is not None else {}),  # a budget replaces the ratio
     )
     if config.compressor().config() != {"method": compression["method"], **params}:
