@@ -12,6 +12,7 @@ from .quantized_attention import (
     packed_attention,
     packed_attention_ref,
     plan_splits,
+    triton_compiles_on,
     triton_runs_on,
     valid_rows_ref,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "packed_attention",
     "packed_attention_ref",
     "plan_splits",
+    "triton_compiles_on",
     "triton_runs_on",
     "valid_rows_ref",
 ]

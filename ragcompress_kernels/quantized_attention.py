@@ -573,6 +573,12 @@ def triton_runs_on(device: torch.device) -> bool:
     return HAS_TRITON and (device.type == "cuda" or _interpreted())
 
 
+def triton_compiles_on(device: torch.device) -> bool:
+    """Whether the *compiled* kernel runs on ``device`` (CUDA with triton installed): what the
+    ``auto`` backends choose it on; the interpreter is for tests, never chosen by ``auto``."""
+    return HAS_TRITON and device.type == "cuda"
+
+
 def plan_splits(seg_start: tuple[int, ...], fp_rows: int, target: int) -> list[int]:
     """Cut segments into at most ``target`` splits of similar row counts (the last split also
     takes the ``fp_rows``); returns split boundaries in segments, ``[0, …, S]``."""

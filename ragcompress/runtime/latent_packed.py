@@ -24,9 +24,8 @@ from ragcompress.kv.rope import Rotary
 from ragcompress.runtime.packed import rope_tables
 from ragcompress.store.codec import Segment
 from ragcompress.store.latent import padded_latents
-from ragcompress_kernels import attention_over_dense_ref, drop_padding_rows
+from ragcompress_kernels import attention_over_dense_ref, drop_padding_rows, triton_compiles_on
 from ragcompress_kernels.latent_attention import (
-    HAS_TRITON,
     LatentSegments,
     latent_attention,
     rebuild_latent_segments_ref,
@@ -131,7 +130,7 @@ class LatentPackedSegments:
         seg = self.layers[layer_idx]
         backend = self.backend
         if backend == "auto":
-            backend = "triton" if HAS_TRITON and query.device.type == "cuda" else "torch"
+            backend = "triton" if triton_compiles_on(query.device) else "torch"
         if backend == "triton":
             return latent_attention(query, key, value, seg, scale, backend="triton")
         if layer_idx not in self._dense:  # rebuilt once per request and layer, padding rows dropped

@@ -23,13 +23,13 @@ from ragcompress.kv.rope import Rotary
 from ragcompress.store.codec import QuantizedBlob
 from ragcompress_kernels import (
     BACKENDS,
-    HAS_TRITON,
     QuantizedSegments,
     attention_over_dense_ref,
     dequantize_rows_ref,
     dequantize_segments_ref,
     drop_padding_rows,
     packed_attention,
+    triton_compiles_on,
     valid_rows_ref,
 )
 
@@ -163,7 +163,7 @@ class PackedSegments:
         seg = self.layers[layer_idx]
         backend = self.backend
         if backend == "auto":
-            backend = "triton" if HAS_TRITON and query.device.type == "cuda" else "torch"
+            backend = "triton" if triton_compiles_on(query.device) else "torch"
         if backend == "triton":
             return packed_attention(query, key, value, seg, scale, backend="triton")
         if not self._dense:

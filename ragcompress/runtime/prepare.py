@@ -38,7 +38,7 @@ from ragcompress.runtime.packed import PackedSegments
 from ragcompress.runtime.recompute import RecomputeConfig, repair
 from ragcompress.store import KVStore
 from ragcompress.store.catalogue import Entry
-from ragcompress_kernels import HAS_TRITON, triton_runs_on
+from ragcompress_kernels import triton_compiles_on, triton_runs_on
 
 
 @dataclass(frozen=True)
@@ -181,12 +181,13 @@ def prefix_cached_prefill(context: QueryContext, prompt_ids: list[int], max_new_
 
 def choose_strategy(context: QueryContext, options: AnswerOptions) -> DenseStrategy | PackedStrategy:
     """The strategy ``options.backend`` names (``auto``: the fused kernel where it applies)."""
-    on_cuda = context.lm.model.device.type == "cuda"
     quantized = context.store.quant.bits is not None
     latent = "lowrank" in context.store.manifest.compression  # rebuilt at load (kv/lowrank.py)
     backend = options.backend
     if backend == "auto":
-        fused = on_cuda and HAS_TRITON and quantized and not latent and not options.recompute.active
+        fused = (
+            triton_compiles_on(context.lm.model.device) and quantized and not latent and not options.recompute.active
+        )
         backend = "packed-triton" if fused else "dense"
     if backend == "dense":
         return DenseStrategy(options.recompute)
