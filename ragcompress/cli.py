@@ -507,7 +507,8 @@ def evaluate(
         f"TTFT {summary['full']['ttft_s_median'] * 1000:.0f} ms\n"
         f"from cache   : sub-EM {summary['compressed']['sub_em']:.3f}  F1 {summary['compressed']['f1']:.3f}  "
         f"TTFT {summary['compressed']['ttft_s_median'] * 1000:.0f} ms\n"
-        f"agreement {summary['agreement']:.3f}  TTFT speedup {summary['ttft_speedup']:.1f}x  "
+        f"agreement {summary['agreement']:.3f}  TTFT speedup {summary['ttft_speedup']:.1f}x "
+        f"({summary['torch_threads']} torch threads)  "
         f"compression {summary['compression']:.2f}x vs fp16"
     )
     _emit(summary, as_json, human)

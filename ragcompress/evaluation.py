@@ -148,7 +148,9 @@ def iter_eval(
 
 
 def summarize(engine: Engine, results: list[QuestionResult]) -> dict[str, Any]:
-    """The DESIGN §3 ``eval`` JSON for a list of results."""
+    """The DESIGN §3 ``eval`` JSON for a list of results (extended with ``torch_threads``)."""
+    import torch
+
     n = len(results)
 
     def side(pick: Callable[[QuestionResult], Answer]) -> dict[str, float]:
@@ -173,6 +175,8 @@ def summarize(engine: Engine, results: list[QuestionResult]) -> dict[str, Any]:
         "compressed": compressed,
         "agreement": sum(r.cached.answer == r.full.answer for r in results) / n,
         "ttft_speedup": full["ttft_s_median"] / compressed["ttft_s_median"],
+        # the speedup depends on it: full prefill uses more threads better than the cached path does
+        "torch_threads": torch.get_num_threads(),
         "kv_bytes_per_token": {"fp16": fp16, "stored": stored},
         "compression": fp16 / stored,
     }

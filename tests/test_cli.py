@@ -112,6 +112,7 @@ def test_eval_json_shape(cli_store, monkeypatch, capfd):
         "compressed",
         "agreement",
         "ttft_speedup",
+        "torch_threads",
         "kv_bytes_per_token",
         "compression",
     }
