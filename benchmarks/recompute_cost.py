@@ -29,6 +29,7 @@ import json
 import statistics
 import time
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ from ragcompress.runtime.engine import Engine
 from ragcompress.runtime.options import AnswerOptions
 from ragcompress.runtime.recompute import RecomputeConfig
 
-from common import SQUAD, pick_questions, results_meta
+from common import SQUAD, median_time, pick_questions, results_meta
 
 PASSES = ("check", "question_below_check", "fused")
 
@@ -81,19 +82,14 @@ class PassTimer:
 
 
 def up_proj_ms(engine: Engine, rows: list[int], repeats: int) -> dict[int, float]:
-    """Milliseconds of layer 0's ``mlp.up_proj`` on ``rows`` random inputs (median of ``repeats``)."""
+    """Milliseconds of layer 0's ``mlp.up_proj`` on ``rows`` random inputs (median of at least 5
+    calls after a warm-up, :func:`common.median_time`)."""
     projection = engine.lm.model.model.layers[0].mlp.up_proj
     out = {}
     with torch.inference_mode():
         for n in rows:
             x = torch.randn(1, n, projection.in_features, dtype=engine.dtype)
-            projection(x)
-            samples = []
-            for _ in range(max(repeats, 5)):
-                began = time.perf_counter()
-                projection(x)
-                samples.append(time.perf_counter() - began)
-            out[n] = statistics.median(samples) * 1000
+            out[n] = median_time(partial(projection, x), max(repeats, 5)) * 1000
     return out
 
 
