@@ -1,12 +1,12 @@
 """ragcompress: answer RAG questions from precomputed, compressed passage KV caches.
 
 Offline, :func:`index` runs each passage once through the LLM after a shared prompt prefix,
-compresses its KV cache and writes it to a :class:`KVStore`. At query time, :class:`Engine`
+compresses its KV cache and writes it to a :class:`KVStore` (:func:`remove` deletes passages). At query time, :class:`Engine`
 retrieves passages, places their stored caches at new positions and prefills only the question.
 """
 
 from ragcompress.errors import RagCompressError
-from ragcompress.indexing import IndexConfig, index
+from ragcompress.indexing import IndexConfig, index, remove
 from ragcompress.models import load_model
 from ragcompress.presets import PRESETS, preset
 from ragcompress.runtime.engine import Answer, Engine
@@ -24,4 +24,5 @@ __all__ = [
     "load_model",
     "preset",
     "PRESETS",
+    "remove",
 ]

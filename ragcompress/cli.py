@@ -173,6 +173,9 @@ def index(
         None, "--calibration-passages", help="passages of the calibration sample used (default 64)"
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="rebuild an existing store (swapped in when complete)"),
+    replace: bool = typer.Option(
+        False, "--replace", help="re-encode passages stored under their id with another text, replacing them"
+    ),
     batch_size: int = typer.Option(8, "--batch-size", min=1),
     ray: str | None = typer.Option(
         None,
@@ -216,8 +219,9 @@ def index(
     if ray is not None:
         from ragcompress.indexing.ray_runner import index_on_ray
 
-        if overwrite:
-            raise RagCompressError("--overwrite is single-process only; index into a new --store with --ray")
+        if overwrite or replace:
+            flag = "--overwrite" if overwrite else "--replace"
+            raise RagCompressError(f"{flag} is single-process only; run it without --ray")
         report = index_on_ray(
             input,
             store,
@@ -235,6 +239,7 @@ def index(
             model=model,
             config=config,
             overwrite=overwrite,
+            replace=replace,
             batch_size=batch_size,
             progress=_show_progress(as_json),
         )
@@ -244,7 +249,9 @@ def index(
     _emit(
         data,
         as_json,
-        f"indexed {report.indexed} passages, skipped {report.skipped} already stored, "
+        f"indexed {report.indexed} passages"
+        + (f" ({report.replaced} replacing stored ones with other text)" if report.replaced else "")
+        + f", skipped {report.skipped} already stored, "
         f"in {report.seconds:.1f} s -> {store}\n"
         f"KV bytes per token: {sizes['kv_bytes_per_token']['stored']:.0f} stored vs "
         f"{sizes['kv_bytes_per_token']['fp16']:.0f} fp16 ({sizes['compression']:.2f}x smaller)",
@@ -614,6 +621,34 @@ def calibrate(
         as_json,
         f"attention temperature {result.temperature:g} recorded in {store}/manifest.json "
         f"(mean KL to full prefill over {result.samples} groups: {table})",
+    )
+
+
+@app.command()
+def remove(
+    store: Path = typer.Option(..., "--store"),
+    ids: list[str] = typer.Argument(None, help="ids of the passages to remove", show_default=False),
+    ids_file: Path | None = typer.Option(None, "--ids-file", help="a file of passage ids, one per line"),
+    missing_ok: bool = typer.Option(False, "--missing-ok", help="ids the store does not hold are not an error"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Remove passages from a store (one commit; the FAISS index is rebuilt). An unknown id is an
+    error and removes nothing, unless --missing-ok."""
+    from ragcompress.indexing import remove as remove_passages
+
+    wanted = list(ids or [])
+    if ids_file is not None:
+        try:
+            wanted += [line.strip() for line in ids_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RagCompressError(f"cannot read --ids-file {ids_file}: {exc}") from None
+    if not wanted:
+        raise RagCompressError("no passage ids given: name them as arguments or with --ids-file")
+    removed = remove_passages(store, wanted, missing_ok=missing_ok)
+    _emit(
+        {"store": str(store), "requested": len(set(wanted)), "removed": removed},
+        as_json,
+        f"removed {removed} passages from {store}",
     )
 
 

@@ -82,11 +82,11 @@ def install(kill: str) -> None:
     elif point in ("commit", "after", "slow"):
         original_add = catalogue.Catalogue.add
 
-        def add(self, rows):
+        def add(self, rows, replace=False):
             count["n"] += 1
             if point == "commit" and count["n"] == int(arg):
                 _die()
-            original_add(self, rows)
+            original_add(self, rows, replace)
             if point == "after" and count["n"] == int(arg):
                 _die()
             if point == "slow":
@@ -164,7 +164,7 @@ def install_trace(path: str, kill: str) -> Trace:
         "encoding", indexer.Indexer.records, lambda self, passages, skip=(), pool=None: f"{len(passages)} passages"
     )
     catalogue.Catalogue.add = trace.phase(
-        "catalogue-commit", catalogue.Catalogue.add, lambda self, rows: f"{len(rows)} rows"
+        "catalogue-commit", catalogue.Catalogue.add, lambda self, rows, replace=False: f"{len(rows)} rows"
     )
     shards.ShardWriter.sync = trace.phase("fsync", shards.ShardWriter.sync)
     traced_swap = trace.phase("overwrite-swap", run.replace_store)

@@ -199,7 +199,7 @@ def validate(
                 if sha is not None and sha != passage.text_sha:
                     raise InputError(
                         f"passage {passage.id!r} is already in {store_name} with different text; "
-                        "give it a new id or rebuild with --overwrite"
+                        "index with --replace to re-encode it in place, give it a new id, or rebuild with --overwrite"
                     )
             count += len(batch)
     finally:

@@ -1,7 +1,9 @@
 """Offline indexing: passages -> embeddings + compressed KV caches in a store.
 
 Re-running on the same input skips passages already committed (matched by id and text hash), so
-a killed run resumes where it stopped. A run with another model, template, compression config or
+a killed run resumes where it stopped. A passage stored under its id with another text is refused
+unless ``replace`` is set, in which case it is re-encoded and takes the stored one's place in the
+same commit; :func:`remove` deletes passages. A run with another model, template, compression config or
 embedder on an existing store fails before writing anything, unless ``overwrite`` is set, in which case
 the new store is built beside the old one and swapped in only when complete.
 """
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ragcompress.distill.adaptor import check_store_adaptor
-from ragcompress.errors import StoreError
+from ragcompress.errors import InputError, StoreError
 from ragcompress.indexing.calibrate import fit_calibration_basis
 from ragcompress.indexing.config import IndexConfig, config_from_manifest
 from ragcompress.indexing.indexer import Indexer
@@ -33,18 +35,21 @@ from ragcompress.store.kvstore import StoreLock, replace_store
 
 @dataclass(frozen=True)
 class IndexReport:
-    """What a run did: passages in the input, how many it encoded, how many were stored already."""
+    """What a run did: passages in the input, how many it encoded (of which ``replaced`` took the
+    place of a stored passage with another text), how many were stored already."""
 
     passages: int
     indexed: int
     skipped: int
     seconds: float
     store: str
+    replaced: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
             "passages": self.passages,
             "indexed": self.indexed,
+            "replaced": self.replaced,
             "skipped": self.skipped,
             "seconds": self.seconds,
             "store": self.store,
@@ -115,6 +120,7 @@ def index(
     model: str | None = None,
     config: IndexConfig | None = None,
     overwrite: bool = False,
+    replace: bool = False,
     batch_size: int = 8,
     progress: bool = False,
     lm: LoadedModel | None = None,
@@ -124,12 +130,14 @@ def index(
 
     ``lm`` and ``embedder`` reuse loaded models; the embedder must be the one ``config.embedder``
     names (it is loaded from that name when not given). ``config`` None: an existing store's own
-    settings and model (:func:`settings_for`), defaults for a new one.
+    settings and model (:func:`settings_for`), defaults for a new one. ``replace``: a passage stored
+    under its id with another text is re-encoded and replaces it (without it, that is an error
+    raised before anything is written).
     """
     start = time.perf_counter()
     input_path, store_path = Path(input_path), Path(store_path)
     exists = (store_path / "manifest.json").is_file()
-    if exists and not overwrite:  # one streaming pass also refuses ids stored with another text
+    if exists and not overwrite and not replace:  # one streaming pass also refuses ids stored with another text
         with KVStore.open(store_path) as stored:
             total = validate(input_path, stored.catalogue.shas_of, str(store_path))
     else:
@@ -154,7 +162,7 @@ def index(
     if not (target / "manifest.json").is_file():
         create_store_for(target, indexer)
 
-    indexed = skipped = 0
+    indexed = skipped = replaced = 0
     bar = None
     if progress:
         from tqdm import tqdm
@@ -164,10 +172,13 @@ def index(
     pool = indexer.neighbour_pool(list(iter_passages(input_path))) if indexer.context_neighbors else None
     with StoreWriter(target) as writer:
         for batch in _batches(iter_passages(input_path), batch_size):
-            records = indexer.records(batch, skip=writer.known_of([p.id for p in batch]), pool=pool)
+            known = writer.known_of([p.id for p in batch])
+            unchanged = {p.id for p in batch if known.get(p.id) == p.text_sha}
+            records = indexer.records(batch, skip=unchanged, pool=pool)
             if records:
-                writer.add(records)
+                writer.add(records, replace=replace)
             indexed += len(records)
+            replaced += sum(1 for r in records if r.id in known)
             skipped += len(batch) - len(records)
             if bar is not None:
                 bar.update(len(batch))
@@ -179,4 +190,27 @@ def index(
         replace_store(target, store_path)
     if old_lock is not None:
         old_lock.release()
-    return IndexReport(total, indexed, skipped, time.perf_counter() - start, str(store_path))
+    return IndexReport(total, indexed, skipped, time.perf_counter() - start, str(store_path), replaced)
+
+
+def remove(store_path: str | Path, ids: list[str], *, missing_ok: bool = False) -> int:
+    """Delete the passages ``ids`` from the store at ``store_path`` and rebuild its FAISS index;
+    returns how many were removed. An id the store does not hold is an error raised before
+    anything is deleted, unless ``missing_ok``. The rows go in one transaction and readers
+    rebuild their index (the catalogue's generation changes); the blobs stay in the shards,
+    unreferenced, until the store is rebuilt (``ragcompress verify`` counts their bytes)."""
+    store_path = Path(store_path)
+    if not (store_path / "manifest.json").is_file():
+        raise StoreError(f"{store_path} is not a ragcompress store (no manifest.json)")
+    wanted = list(dict.fromkeys(ids))
+    with StoreWriter(store_path) as writer:
+        missing = [pid for pid in wanted if pid not in writer.known_of(wanted)]
+        if missing and not missing_ok:
+            shown = ", ".join(repr(pid) for pid in missing[:5]) + (" ..." if len(missing) > 5 else "")
+            raise InputError(
+                f"{len(missing)} of the ids to remove are not in {store_path}: {shown}; nothing was removed "
+                "(check the ids, or pass --missing-ok to remove the others)"
+            )
+        removed = writer.remove(wanted)
+        writer.write_index()
+    return removed

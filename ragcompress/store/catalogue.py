@@ -215,10 +215,42 @@ class Catalogue:
         with self._guard():
             return dict(self.db.execute("SELECT shard, MAX(offset + length) FROM passages GROUP BY shard"))
 
-    def add(self, rows: list[dict[str, Any]]) -> None:
-        """Insert rows in one transaction: all of a batch becomes visible at once, or none."""
+    def generation(self) -> int:
+        """How many commits have removed or replaced rows (SQLite's ``user_version``, 0 in a store
+        that never had one). A FAISS index built at another generation may map a row number to
+        another passage (SQLite gives a new row the number of a deleted last row), so an index
+        records the generation it was built at and readers rebuild it when the two differ."""
+        with self._guard():
+            return int(self.db.execute("PRAGMA user_version").fetchone()[0])
+
+    def _delete(self, ids: list[str]) -> int:
+        """Delete the rows of ``ids`` inside the caller's transaction; returns how many existed."""
+        removed = 0
+        for start in range(0, len(ids), _CHUNK):
+            chunk = ids[start : start + _CHUNK]
+            marks = ",".join("?" * len(chunk))
+            removed += self.db.execute(f"DELETE FROM passages WHERE id IN ({marks})", chunk).rowcount
+        if removed:  # in the same transaction as the delete: both are committed, or neither
+            generation = self.db.execute("PRAGMA user_version").fetchone()[0]
+            self.db.execute(f"PRAGMA user_version = {int(generation) + 1}")
+        return removed
+
+    def remove(self, ids: list[str]) -> int:
+        """Delete the rows of ``ids`` in one transaction; returns how many were stored. Their blobs
+        stay in the shards, unreferenced (``ragcompress verify`` counts them), until the store is
+        rebuilt; a writer truncates those at the end of the newest shard when it opens."""
         self._counted = None
         with self._guard(), self.db:
+            return self._delete(list(ids))
+
+    def add(self, rows: list[dict[str, Any]], replace: bool = False) -> None:
+        """Insert rows in one transaction: all of a batch becomes visible at once, or none.
+        ``replace``: a row whose id is stored takes the stored row's place in the same
+        transaction (a reader sees the old passage or the new one, never neither)."""
+        self._counted = None
+        with self._guard(), self.db:
+            if replace:
+                self._delete([row["id"] for row in rows])
             self.db.executemany(
                 "INSERT INTO passages (id, title, text, meta, text_sha, shard, offset, length, "
                 "checksum, num_tokens, kept, embedding) VALUES (:id, :title, :text, :meta, "

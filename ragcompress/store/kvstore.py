@@ -97,14 +97,25 @@ def build_index(catalogue: Catalogue, params: dict[str, Any] | None = None) -> t
 
 
 def read_index_meta(path: Path) -> dict[str, Any] | None:
-    """``index.json`` as ``{"sha256": str, "count": int}``, or None when absent or malformed."""
+    """``index.json`` as ``{"sha256": str, "count": int, "generation": int}``, or None when absent
+    or malformed. ``generation`` is the catalogue's (:meth:`Catalogue.generation`) when the index
+    was built; an index written before generations existed reads as 0."""
     try:
         meta = json.loads((path / INDEX_META).read_bytes())
     except (OSError, ValueError):
         return None
     if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str) or type(meta.get("count")) is not int:
         return None
+    meta.setdefault("generation", 0)
+    if type(meta["generation"]) is not int:
+        return None
     return meta
+
+
+def index_is_current(meta: dict[str, Any], count: int, generation: int) -> bool:
+    """Whether the index ``meta`` (:func:`read_index_meta`) describes covers the catalogue's rows
+    as they are now: the same number of rows, and none removed or replaced since it was built."""
+    return meta["count"] == count and meta["generation"] == generation
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -177,6 +188,7 @@ class KVStore:
         self.catalogue = Catalogue(path, readonly=True)
         self._prefix: PassageKV | None = None
         self._index: VectorIndex | None = None
+        self._index_generation = -1  # the catalogue generation self._index was loaded at
         self._basis: LowRankBasis | None = None
 
     @classmethod
@@ -272,22 +284,29 @@ class KVStore:
         """The FAISS index over committed rows.
 
         ``index.faiss`` is used only when its sha256 matches ``index.json`` and it covers exactly
-        the committed rows; otherwise (missing, stale, damaged) it is rebuilt from the catalogue.
-        A reader opened during a write rebuilds the index if rows were committed since.
+        the committed rows (:func:`index_is_current`); otherwise (missing, stale, damaged) it is
+        rebuilt from the catalogue. A reader opened during a write rebuilds the index if rows
+        were committed, removed or replaced since.
         """
         count = len(self)
-        if self._index is None or self._index.count != count:
+        generation = self.catalogue.generation()
+        if self._index is None or self._index.count != count or self._index_generation != generation:
             path = self.path / INDEX
             meta = read_index_meta(self.path)
             loaded = None
-            if meta is not None and meta["count"] == count and path.is_file() and sha256_file(path) == meta["sha256"]:
+            if (
+                meta is not None
+                and index_is_current(meta, count, generation)
+                and path.is_file()
+                and sha256_file(path) == meta["sha256"]
+            ):
                 try:
                     loaded = VectorIndex.load(path)
                 except RuntimeError:
                     loaded = None
             if loaded is None or loaded.count != count:
                 loaded, _ = build_index(self.catalogue)
-            self._index = loaded
+            self._index, self._index_generation = loaded, generation
         return self._index
 
     def search(self, query_vector: np.ndarray, k: int) -> list[tuple[Entry, float]]:
@@ -411,11 +430,16 @@ class StoreWriter:
         """Those of ``ids`` already committed, with their text sha256 (bounded memory)."""
         return self.catalogue.shas_of(ids)
 
-    def add(self, records: list[PassageRecord]) -> None:
-        """Store a batch: blobs appended and fsynced, then their rows committed together."""
+    def add(self, records: list[PassageRecord], replace: bool = False) -> None:
+        """Store a batch: blobs appended and fsynced, then their rows committed together.
+        ``replace``: records whose id is stored replace the stored passages (same transaction)."""
         rows = [catalogue_row(record, *self.shards.append(record.blob)) for record in records]
         self.shards.sync()
-        self.catalogue.add(rows)
+        self.catalogue.add(rows, replace=replace)
+
+    def remove(self, ids: list[str]) -> int:
+        """Delete the passages ``ids`` in one transaction; returns how many were stored."""
+        return self.catalogue.remove(ids)
 
     def commit(self, rows: list[dict[str, Any]]) -> None:
         """Commit rows (:func:`catalogue_row`) whose blobs another process already wrote and fsynced
@@ -427,7 +451,11 @@ class StoreWriter:
         the manifest's ``index`` records its type, parameters and measured recall@10."""
         built, described = build_index(self.catalogue, params)
         built.save(self.path / INDEX)
-        meta = {"sha256": sha256_file(self.path / INDEX), "count": built.count}
+        meta = {
+            "sha256": sha256_file(self.path / INDEX),
+            "count": built.count,
+            "generation": self.catalogue.generation(),
+        }
         _write_atomic(self.path / INDEX_META, json.dumps(meta).encode())
         manifest = Manifest.read(self.path)
         if manifest.index != described:

@@ -8,13 +8,14 @@ Checks, in order, each problem named with its passage id and shard where there i
 4. every passage: shard name valid, blob inside its shard, checksum (xxh3-128) matches, blob decodes, cache
    shape matches the manifest's ``model_shape``, token counts match the row, text matches its
    ``text_sha``, embedding has the store's dimension, blobs in a shard do not overlap (in offset order);
-5. the FAISS index, when a reader would use it (its sha256 matches ``index.json``), holds exactly
-   the catalogue's rows with the catalogue's vectors.
+5. the FAISS index, when a reader would use it (its sha256 matches ``index.json`` and it was built
+   at the catalogue's row count and generation), holds exactly the catalogue's rows with the
+   catalogue's vectors.
 
 *Problems* are states in which a reader could fail or serve wrong data; ``ok`` is true only when
 there are none. *Notes* are states a killed writer leaves and readers handle safely (bytes past
-the last commit, a missing or stale index that readers rebuild, temp files); the next writer
-repairs them.
+the last commit, a missing or stale index that readers rebuild, temp files), which the next
+writer repairs, and bytes no passage points at since passages were removed or replaced.
 """
 
 from __future__ import annotations
@@ -142,15 +143,19 @@ def _check_segments(
     return count, ends, dim
 
 
-def _check_overlaps(catalogue: Catalogue, problems: list[Problem]) -> None:
+def _check_overlaps(catalogue: Catalogue, problems: list[Problem], notes: list[str]) -> None:
     """No two rows' blobs share bytes. Rows are walked in (shard, offset) order, not row order:
-    Ray workers write blobs in the order they finish batches, the driver commits in input order."""
+    Ray workers write blobs in the order they finish batches, the driver commits in input order.
+    Bytes between blobs (removed or replaced passages) are a note, not a problem."""
     shard_now, end = None, 0
+    unreferenced: dict[str, int] = {}
     for pid, shard, offset, length in catalogue.locations():
         if not isinstance(shard, str) or not isinstance(offset, int) or not isinstance(length, int):
             continue  # reported by _check_segments
         if shard != shard_now:
             shard_now, end = shard, 0
+        if offset > end:
+            unreferenced[shard] = unreferenced.get(shard, 0) + offset - end
         if offset < end:
             problems.append(
                 Problem(
@@ -161,6 +166,12 @@ def _check_overlaps(catalogue: Catalogue, problems: list[Problem]) -> None:
                 )
             )
         end = max(end, offset + length)
+    if unreferenced:
+        total = sum(unreferenced.values())
+        notes.append(
+            f"{total} bytes in {len(unreferenced)} shard(s) lie between committed blobs (passages removed "
+            "or replaced, or a retried write); no passage points at them, rebuilding the store reclaims them"
+        )
 
 
 def _check_shard_files(root: Path, ends: dict[str, int], notes: list[str]) -> None:
@@ -174,8 +185,8 @@ def _check_shard_files(root: Path, ends: dict[str, int], notes: list[str]) -> No
             notes.append(f"shard {name} holds {size} uncommitted bytes (a killed write); the next writer removes it")
         elif size > end:
             notes.append(
-                f"shard {name} has {size - end} bytes past its last committed blob (a killed write); "
-                "the next writer truncates them"
+                f"shard {name} has {size - end} bytes past its last committed blob (a killed write, or "
+                "passages removed); the next writer truncates them"
             )
 
 
@@ -190,6 +201,9 @@ def _check_index(root: Path, catalogue: Catalogue, count: int, problems: list[Pr
         return
     if meta["count"] != count:
         notes.append(f"{INDEX} covers {meta['count']} passages, the catalogue {count}; readers rebuild it")
+        return
+    if meta["generation"] != catalogue.generation():
+        notes.append(f"{INDEX} was built before passages were removed or replaced; readers rebuild it")
         return
     from ragcompress.retrieval import VectorIndex
 
@@ -254,7 +268,7 @@ def verify_store(path: str | Path) -> VerifyReport:
         if verdict:
             problems.append(Problem("catalogue", "SQLite integrity_check: " + "; ".join(verdict[:5])))
         count, ends, _ = _check_segments(root, catalogue, shape, problems, basis)
-        _check_overlaps(catalogue, problems)
+        _check_overlaps(catalogue, problems, notes)
         _check_shard_files(root, ends, notes)
         _check_index(root, catalogue, count, problems, notes)
     except (sqlite3.DatabaseError, StoreError) as exc:

@@ -1,0 +1,138 @@
+"""Changing a store in place: ``index --replace`` re-encodes passages whose text changed,
+``remove`` deletes passages, and neither can leave a reader with an index that maps a row to the
+wrong passage."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from test_store_reliability import N_PASSAGES, _assert_readable, _index, _rows, _texts, _write
+
+from ragcompress.errors import InputError
+from ragcompress.indexing import remove
+from ragcompress.store import KVStore
+from ragcompress.store.kvstore import INDEX, INDEX_META, read_index_meta
+from ragcompress.store.verify import verify_store
+
+import store_worker
+
+
+@pytest.fixture
+def store(tmp_path, tiny_lm):
+    built = tmp_path / "store"
+    _index(tiny_lm, _write(tmp_path / "passages.jsonl", _texts(N_PASSAGES)), built)
+    return built
+
+
+def _vector(text: str) -> np.ndarray:
+    return store_worker.HashEmbedder().embed([text])[0]
+
+
+def _top(kv: KVStore, text: str) -> str:
+    return kv.search(_vector(text), 1)[0][0].id
+
+
+def _checksums(path) -> dict[str, str]:
+    with KVStore.open(path) as kv:
+        return {e.id: e.checksum for e in kv.catalogue.entries()}
+
+
+def test_replace_stores_what_a_fresh_build_of_the_changed_input_stores(tiny_lm, store, tmp_path):
+    records = _texts(N_PASSAGES)
+    records[3]["text"] = "Passage three now tells of lighthouses."
+    records[17]["text"] = "Passage seventeen now tells of orchards. " * 3
+    changed = _write(tmp_path / "changed.jsonl", records)
+
+    report = _index(tiny_lm, changed, store, replace=True)
+
+    assert (report.indexed, report.replaced, report.skipped) == (2, 2, N_PASSAGES - 2)
+    fresh = tmp_path / "fresh"
+    _index(tiny_lm, changed, fresh)
+    assert _checksums(store) == _checksums(fresh)  # the same caches, byte for byte
+    assert _assert_readable(store) == N_PASSAGES
+    with KVStore.open(store) as kv:
+        assert kv.entry("doc-017").text == records[17]["text"]
+        assert _top(kv, records[17]["text"]) == "doc-017"
+    assert any("removed or replaced" in note for note in verify_store(store).notes)  # the old blobs' bytes
+
+
+def test_replace_with_unchanged_input_changes_nothing(tiny_lm, store, tmp_path):
+    rows = _rows(store)
+    report = _index(tiny_lm, _write(tmp_path / "same.jsonl", _texts(N_PASSAGES)), store, replace=True)
+    assert (report.indexed, report.replaced) == (0, 0)
+    assert _rows(store) == rows
+
+
+def test_remove_deletes_passages_and_an_open_reader_stops_finding_them(store):
+    texts = {r["id"]: r["text"] for r in _texts(N_PASSAGES)}
+    with KVStore.open(store) as reader:
+        assert _top(reader, texts["doc-005"]) == "doc-005"
+        assert remove(store, ["doc-005", "doc-010", "doc-005"]) == 2
+        assert len(reader) == N_PASSAGES - 2
+        assert "doc-005" not in {entry.id for entry, _ in reader.search(_vector(texts["doc-005"]), 5)}
+    assert _assert_readable(store) == N_PASSAGES - 2
+
+
+def test_removing_an_unknown_id_removes_nothing(store):
+    rows = _rows(store)
+    with pytest.raises(InputError, match="1 of the ids to remove are not in .*'nope'; nothing was removed"):
+        remove(store, ["doc-001", "nope"])
+    assert _rows(store) == rows
+    assert remove(store, ["doc-001", "nope"], missing_ok=True) == 1
+
+
+def test_an_index_from_before_a_removal_is_not_used_when_a_new_row_takes_a_removed_rows_number(
+    tiny_lm, store, tmp_path
+):
+    """SQLite gives a new row the number of a deleted last row. An index saved before the removal
+    (here: put back, as if the writer had been killed before rewriting it) covers as many rows as
+    the catalogue and passes its checksum, but maps that number to the removed passage's vector;
+    the catalogue's generation tells readers and ``verify`` to rebuild it."""
+    last = _rows(store)[-1]
+    saved = {name: (store / name).read_bytes() for name in (INDEX, INDEX_META)}
+    assert remove(store, [last[1]]) == 1
+    newcomer = {"id": "doc-new", "text": "A passage about harbours, written later.", "title": "N"}
+    _index(tiny_lm, _write(tmp_path / "new.jsonl", [newcomer]), store)
+    assert _rows(store)[-1][:2] == (last[0], "doc-new")  # the removed row's number, reused
+    for name, data in saved.items():
+        (store / name).write_bytes(data)
+    assert read_index_meta(store)["count"] == N_PASSAGES  # stale, yet the count matches
+
+    report = verify_store(store)
+    assert report.ok, [str(p) for p in report.problems]
+    assert any("before passages were removed or replaced" in note for note in report.notes)
+    with KVStore.open(store) as kv:
+        assert _top(kv, newcomer["text"]) == "doc-new"
+        assert "doc-new" not in {entry.id for entry, _ in kv.search(_vector(last[3]), 3)}
+
+
+def test_an_index_json_without_a_generation_reads_as_generation_zero(store):
+    meta = json.loads((store / INDEX_META).read_text())
+    del meta["generation"]
+    (store / INDEX_META).write_text(json.dumps(meta))
+    assert read_index_meta(store)["generation"] == 0
+    report = verify_store(store)
+    assert report.ok and not report.notes  # a store that never removed anything: the index is current
+
+
+def test_cli_remove(store, tmp_path, monkeypatch, capfd):
+    from test_cli import run_cli
+
+    copy = tmp_path / "copy"
+    shutil.copytree(store, copy)
+    code, out, err = run_cli(["remove", "--store", str(copy), "doc-002", "doc-004", "--json"], monkeypatch, capfd)
+    assert code == 0, err
+    assert json.loads(out) == {"store": str(copy), "requested": 2, "removed": 2}
+    rows = _rows(copy)
+    code, out, err = run_cli(["remove", "--store", str(copy), "doc-002"], monkeypatch, capfd)
+    assert code == 1 and err.startswith("error: 1 of the ids to remove are not in") and len(err.splitlines()) == 1
+    assert _rows(copy) == rows
+    code, _, err = run_cli(["remove", "--store", str(copy)], monkeypatch, capfd)
+    assert code == 1 and "no passage ids given" in err
+    ids_file = tmp_path / "ids.txt"
+    ids_file.write_text("doc-006\n\ndoc-007\n")
+    code, out, err = run_cli(["remove", "--store", str(copy), "--ids-file", str(ids_file)], monkeypatch, capfd)
+    assert code == 0 and out.strip() == f"removed 2 passages from {copy}"
