@@ -653,6 +653,23 @@ def remove(
 
 
 @app.command()
+def compact(
+    store: Path = typer.Option(..., "--store"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Reclaim the shard bytes of removed and replaced passages: every stored cache is copied
+    unchanged into a new store, swapped in when complete (no model needed; holds the writer lock)."""
+    from ragcompress.store.compact import compact_store
+
+    report = compact_store(store)
+    _emit(
+        report.to_json(),
+        as_json,
+        f"compacted {store}: {report.passages} passages, shards {report.bytes_before} -> {report.bytes_after} bytes",
+    )
+
+
+@app.command()
 def verify(
     store: Path = typer.Option(..., "--store"),
     as_json: bool = typer.Option(False, "--json"),

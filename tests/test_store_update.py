@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from test_store_reliability import N_PASSAGES, _assert_readable, _index, _rows, _texts, _write
 
-from ragcompress.errors import InputError
+from ragcompress.errors import InputError, StoreError
 from ragcompress.indexing import remove
 from ragcompress.store import KVStore
+from ragcompress.store.compact import compact_store
 from ragcompress.store.kvstore import INDEX, INDEX_META, read_index_meta
 from ragcompress.store.verify import verify_store
 
@@ -136,3 +137,66 @@ def test_cli_remove(store, tmp_path, monkeypatch, capfd):
     ids_file.write_text("doc-006\n\ndoc-007\n")
     code, out, err = run_cli(["remove", "--store", str(copy), "--ids-file", str(ids_file)], monkeypatch, capfd)
     assert code == 0 and out.strip() == f"removed 2 passages from {copy}"
+    code, out, err = run_cli(["compact", "--store", str(copy), "--json"], monkeypatch, capfd)
+    assert code == 0, err
+    assert json.loads(out)["passages"] == N_PASSAGES - 4
+
+
+def test_compact_keeps_every_cache_and_drops_the_unreferenced_bytes(tiny_lm, store, tmp_path):
+    records = _texts(N_PASSAGES)
+    records[5]["text"] = "Passage five, rewritten about canals."
+    _index(tiny_lm, _write(tmp_path / "changed.jsonl", records), store, replace=True)
+    remove(store, ["doc-001", "doc-020"])
+    sums, before = _checksums(store), verify_store(store)
+    assert any("compact" in note for note in before.notes)
+
+    report = compact_store(store)
+
+    assert report.passages == N_PASSAGES - 2 and report.bytes_after < report.bytes_before
+    assert _checksums(store) == sums  # every stored cache, byte for byte, under its id
+    after = verify_store(store)
+    assert after.ok and not after.notes, after.notes
+    with KVStore.open(store) as kv:
+        assert _top(kv, records[5]["text"]) == "doc-005"
+    assert not list(tmp_path.glob(".store.*"))  # nothing left beside the store
+
+
+def test_compacting_a_store_with_nothing_removed_keeps_its_bytes(store, tmp_path):
+    reference = tmp_path / "reference"
+    shutil.copytree(store, reference)
+    report = compact_store(store)
+    assert report.bytes_after == report.bytes_before
+    assert _rows(store) == _rows(reference)
+    assert {p.name: p.read_bytes() for p in (store / "shards").iterdir()} == {
+        p.name: p.read_bytes() for p in (reference / "shards").iterdir()
+    }
+
+
+def test_compact_refuses_while_another_writer_holds_the_store(store):
+    from ragcompress.store.kvstore import StoreLock
+
+    lock = StoreLock(store)
+    try:
+        with pytest.raises(StoreError, match="is being written by"):
+            compact_store(store)
+    finally:
+        lock.release()
+    assert verify_store(store).ok
+
+
+def test_a_compaction_stopped_before_the_swap_leaves_the_store_as_it_was(store, monkeypatch):
+    import ragcompress.store.compact as compact
+
+    remove(store, ["doc-003"])
+    rows = _rows(store)
+
+    def killed(built, path):
+        raise KeyboardInterrupt  # as if the process died between building the copy and the swap
+
+    monkeypatch.setattr(compact, "replace_store", killed)
+    with pytest.raises(KeyboardInterrupt):
+        compact_store(store)
+    assert _rows(store) == rows and verify_store(store).ok
+    monkeypatch.undo()
+    assert compact_store(store).passages == N_PASSAGES - 1  # the next run clears the half-built copy
+    assert not list(store.parent.glob(".store.*"))

@@ -198,7 +198,7 @@ def remove(store_path: str | Path, ids: list[str], *, missing_ok: bool = False) 
     returns how many were removed. An id the store does not hold is an error raised before
     anything is deleted, unless ``missing_ok``. The rows go in one transaction and readers
     rebuild their index (the catalogue's generation changes); the blobs stay in the shards,
-    unreferenced, until the store is rebuilt (``ragcompress verify`` counts their bytes)."""
+    unreferenced, until ``ragcompress compact`` (``ragcompress verify`` counts their bytes)."""
     store_path = Path(store_path)
     if not (store_path / "manifest.json").is_file():
         raise StoreError(f"{store_path} is not a ragcompress store (no manifest.json)")

@@ -137,6 +137,14 @@ class Catalogue:
                 "length(embedding) FROM passages ORDER BY row"
             )
 
+    def rows(self) -> Iterator[dict[str, Any]]:
+        """Every row in row order as :func:`~ragcompress.store.kvstore.catalogue_row` shapes it
+        (metadata as stored JSON, embedding as bytes), streamed: what a copy of the store needs."""
+        names = "id title text meta text_sha shard offset length checksum num_tokens kept embedding".split()
+        with self._guard():
+            for values in self.db.execute(f"SELECT {', '.join(names)} FROM passages ORDER BY row"):
+                yield dict(zip(names, values, strict=True))
+
     def locations(self) -> Iterator[tuple[Any, ...]]:
         """``(id, shard, offset, length)`` of every row in (shard, offset) order, streamed, unvalidated."""
         with self._guard():
@@ -237,8 +245,8 @@ class Catalogue:
 
     def remove(self, ids: list[str]) -> int:
         """Delete the rows of ``ids`` in one transaction; returns how many were stored. Their blobs
-        stay in the shards, unreferenced (``ragcompress verify`` counts them), until the store is
-        rebuilt; a writer truncates those at the end of the newest shard when it opens."""
+        stay in the shards, unreferenced (``ragcompress verify`` counts them), until ``ragcompress
+        compact``; a writer truncates those at the end of a shard when it opens."""
         self._counted = None
         with self._guard(), self.db:
             return self._delete(list(ids))

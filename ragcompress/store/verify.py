@@ -170,7 +170,7 @@ def _check_overlaps(catalogue: Catalogue, problems: list[Problem], notes: list[s
         total = sum(unreferenced.values())
         notes.append(
             f"{total} bytes in {len(unreferenced)} shard(s) lie between committed blobs (passages removed "
-            "or replaced, or a retried write); no passage points at them, rebuilding the store reclaims them"
+            "or replaced, or a retried write); no passage points at them; `ragcompress compact` reclaims them"
         )
 
 

@@ -1,0 +1,92 @@
+"""Reclaim the bytes of removed and replaced passages (``ragcompress compact``).
+
+``remove`` and ``index --replace`` change the catalogue in one commit and leave the old blobs in
+the shards, where no passage points at them (``ragcompress verify`` counts them). Compaction
+copies every committed blob, checksum-verified and unchanged, into fresh shards of a new store
+built beside the old one, with the same manifest, prefix and basis files, rebuilds the FAISS index
+and swaps the new store in atomically (:func:`~ragcompress.store.kvstore.replace_store`). No
+passage is re-encoded, so no model is needed and every cache keeps its bytes. The old store's
+writer lock is held throughout: no writer can change it meanwhile, and a killed compaction
+leaves the old store in place (the half-built copy is deleted by the next compaction).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ragcompress.errors import StoreError
+from ragcompress.store.basis import BASIS
+from ragcompress.store.catalogue import CATALOGUE, Catalogue
+from ragcompress.store.kvstore import PREFIX, StoreLock, StoreWriter, _write_atomic, replace_store
+from ragcompress.store.manifest import MANIFEST
+from ragcompress.store.shards import SHARD_DIR, read_blob
+
+COMMIT_ROWS = 256  # rows per catalogue transaction while copying
+
+
+@dataclass(frozen=True)
+class CompactReport:
+    """Passages copied and the shard bytes before and after."""
+
+    store: str
+    passages: int
+    bytes_before: int
+    bytes_after: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "store": self.store,
+            "passages": self.passages,
+            "bytes_before": self.bytes_before,
+            "bytes_after": self.bytes_after,
+        }
+
+
+def shard_bytes(path: Path) -> int:
+    """Total size of a store's shard files."""
+    directory = path / SHARD_DIR
+    return sum(p.stat().st_size for p in directory.iterdir() if p.is_file()) if directory.is_dir() else 0
+
+
+def compact_store(path: str | Path) -> CompactReport:
+    """Rewrite the store at ``path`` with only its committed blobs (see the module docstring)."""
+    path = Path(path)
+    if not (path / MANIFEST).is_file() or not (path / CATALOGUE).is_file():
+        raise StoreError(f"{path} is not a ragcompress store (no {MANIFEST} or {CATALOGUE})")
+    lock = StoreLock(path)
+    try:
+        before = shard_bytes(path)
+        target = path.with_name(f".{path.name}.compact")
+        shutil.rmtree(target, ignore_errors=True)  # what a killed compaction left
+        target.mkdir()
+        for name in (PREFIX, BASIS, MANIFEST):  # the manifest last: a store is complete once it exists
+            if (path / name).is_file():
+                _write_atomic(target / name, (path / name).read_bytes())
+        Catalogue(target, readonly=False).close()
+        source = Catalogue(path, readonly=True)
+        copied = 0
+        try:
+            with StoreWriter(target) as writer:
+                rows: list[dict[str, Any]] = []
+                for row in source.rows():
+                    blob = read_blob(path, row["shard"], row["offset"], row["length"], row["checksum"], row["id"])
+                    row["shard"], row["offset"] = writer.shards.append(blob)
+                    rows.append(row)
+                    if len(rows) == COMMIT_ROWS:
+                        writer.shards.sync()
+                        writer.commit(rows)
+                        copied, rows = copied + len(rows), []
+                writer.shards.sync()
+                writer.commit(rows)
+                copied += len(rows)
+                writer.write_index()
+        finally:
+            source.close()
+        after = shard_bytes(target)
+        replace_store(target, path)
+    finally:
+        lock.release()
+    return CompactReport(str(path), copied, before, after)
