@@ -13,7 +13,7 @@ leaves the old store in place (the half-built copy is deleted by the next compac
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +37,7 @@ class CompactReport:
     bytes_after: int
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "store": self.store,
-            "passages": self.passages,
-            "bytes_before": self.bytes_before,
-            "bytes_after": self.bytes_after,
-        }
+        return asdict(self)
 
 
 def shard_bytes(path: Path) -> int:
