@@ -200,3 +200,30 @@ def test_a_compaction_stopped_before_the_swap_leaves_the_store_as_it_was(store, 
     monkeypatch.undo()
     assert compact_store(store).passages == N_PASSAGES - 1  # the next run clears the half-built copy
     assert not list(store.parent.glob(".store.*"))
+
+
+def test_an_open_reader_follows_a_compaction_even_mid_request(store):
+    """A reader (as ``serve`` holds one) keeps answering across ``compact``: its next search
+    reopens the swapped-in store, and a blob read with a row found before the swap is read again
+    from the new store (the old offsets point elsewhere once the gaps are gone)."""
+    texts = {r["id"]: r["text"] for r in _texts(N_PASSAGES)}
+    remove(store, ["doc-000", "doc-001", "doc-002"])  # gaps at the start: every later blob moves
+    with KVStore.open(store) as reader:
+        found = reader.search(_vector(texts["doc-012"]), 1)[0][0]
+        compact_store(store)
+        assert reader.load_kv(found).num_tokens == found.num_tokens  # a row from before the swap
+        for entry, _ in reader.search(_vector(texts["doc-020"]), 5):
+            reader.load_kv(entry)
+        assert _top(reader, texts["doc-020"]) == "doc-020"
+
+
+def test_an_open_reader_refuses_another_build_swapped_into_its_path(tiny_lm, store, tmp_path):
+    from ragcompress.errors import StoreMismatchError
+    from ragcompress.indexing import IndexConfig, index
+
+    with KVStore.open(store) as reader:
+        other = IndexConfig(quant="int4", embedder=store_worker.HashEmbedder.name)
+        corpus = _write(tmp_path / "passages.jsonl", _texts(4))
+        index(corpus, store, lm=tiny_lm, embedder=store_worker.HashEmbedder(), config=other, overwrite=True)
+        with pytest.raises(StoreMismatchError, match="compression"):
+            reader.search(_vector("anything"), 1)

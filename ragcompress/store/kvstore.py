@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ragcompress.errors import CorruptSegmentError, StoreError
+from ragcompress.errors import CorruptSegmentError, StoreError, StoreMismatchError
 from ragcompress.kv import ModelShape, PassageKV
 from ragcompress.kv.lowrank import LowRankBasis
 from ragcompress.kv.quant import QuantConfig
@@ -179,12 +179,28 @@ def create_store(path: Path, manifest: Manifest, prefix_kv: PassageKV, basis: by
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _directory_identity(path: Path) -> tuple[int, int]:
+    """``(device, inode)`` of a store directory: changes when ``compact`` or ``--overwrite``
+    swaps a new store into the path."""
+    stat = os.stat(path)
+    return stat.st_dev, stat.st_ino
+
+
 class KVStore:
-    """Read access to a store. Open with :meth:`open`; use as a context manager."""
+    """Read access to a store. Open with :meth:`open`; use as a context manager.
+
+    A reader follows a store swapped into its path (``ragcompress compact``, ``index
+    --overwrite``) when the new store is the same build with the same prefix: each search checks
+    the directory's identity and reopens the catalogue, and a blob read that fails because the
+    store was swapped mid-request is read again from the new store. Another build at the path is
+    refused (:class:`StoreMismatchError`): the model and prefix this reader answers with would
+    not match its caches.
+    """
 
     def __init__(self, path: Path, manifest: Manifest) -> None:
         self.path = path
         self.manifest = manifest
+        self._identity = _directory_identity(path)
         self.catalogue = Catalogue(path, readonly=True)
         self._prefix: PassageKV | None = None
         self._index: VectorIndex | None = None
@@ -255,10 +271,38 @@ class KVStore:
             raise StoreError(f"passage {passage_id!r} is not in store {self.path}")
         return found
 
+    def follow_replacement(self) -> bool:
+        """Reopen the store at :attr:`path` if another one was swapped in since this reader opened
+        it (see the class docstring); returns whether it was. Raises ``StoreMismatchError`` when
+        the new store is another build or has another prefix."""
+        try:
+            identity = _directory_identity(self.path)
+        except OSError:
+            raise StoreError(f"store {self.path} is gone; it was removed while this reader had it open") from None
+        if identity == self._identity:
+            return False
+        manifest = Manifest.read(self.path)
+        self.manifest.check_same_build(manifest)
+        if manifest.prefix_sha256 != self.manifest.prefix_sha256:
+            raise StoreMismatchError(
+                f"store {self.path} was replaced by a store with another prefix cache; open it again"
+            )
+        catalogue = Catalogue(self.path, readonly=True)
+        self.catalogue.close()
+        self.catalogue, self.manifest, self._identity = catalogue, manifest, identity
+        self._index, self._index_generation = None, -1
+        return True
+
     def read_segment(self, entry: Entry) -> codec.Segment:
         """Read, verify (xxh3-128) and parse one passage's blob, checked against its catalogue row.
         The only place a passage's shard is opened; errors name the passage and its shard."""
-        blob = read_blob(self.path, entry.shard, entry.offset, entry.length, entry.checksum, entry.id)
+        try:
+            blob = read_blob(self.path, entry.shard, entry.offset, entry.length, entry.checksum, entry.id)
+        except CorruptSegmentError:
+            if not self.follow_replacement():
+                raise
+            entry = self.entry(entry.id)  # the same passage's row in the store swapped in
+            blob = read_blob(self.path, entry.shard, entry.offset, entry.length, entry.checksum, entry.id)
         with _naming(entry):
             segment = codec.parse(blob, self.shape)
         if segment.num_tokens != entry.num_tokens or segment.kept_tokens != entry.kept:
@@ -310,6 +354,7 @@ class KVStore:
         return self._index
 
     def search(self, query_vector: np.ndarray, k: int) -> list[tuple[Entry, float]]:
+        self.follow_replacement()
         hits = self.index().search(query_vector, k)
         entries = self.catalogue.by_rows([row for row, _ in hits])
         return [(entries[row], score) for row, score in hits if row in entries]
