@@ -30,7 +30,9 @@ adaptor's row of the same store apart, e.g. an earlier checkpoint of it); a fina
 merges evicted rows' values into kept rows instead of dropping them (:func:`merged_values`, an
 ablation measured and not adopted: docs/compression.md §8); a final ``~basescore`` on a
 ``+adaptor`` row evicts by the scores of the *base* model's cache of each passage, as the
-adaptor's training chose the student's kept rows, instead of by those of the adaptor's cache.
+adaptor's training chose the student's kept rows, instead of by those of the adaptor's cache; a
+final ``~vnorm`` weights each score by its value's norm over the mean of its layer and head
+(``IndexConfig.value_norm``, VATP-style; docs/compression.md §8).
 
     python benchmarks/lowrank_frontier.py --model qwen2.5-coder-0.5b --split eval \\
         --rows none@1/fp16/- none@1/int4/- global:kvzip@0.25/int4/- global:kvzip@0.5/int4/r16
@@ -80,7 +82,7 @@ from common import SQUAD, adaptor_provenance, question_article, results_meta, te
 CORE272 = Path(__file__).resolve().parents[1] / "runs" / "core272-ck"
 OPTIONS = AnswerOptions(backend="dense")
 ROW = re.compile(
-    r"(?P<method>[^@]+)@(?P<ratio>[0-9.]+?)(?:f(?P<floor>[0-9.]+))?/(?P<quant>none|fp16|int8|int4|int2)(?:v(?P<vbits>[248]))?(?:g(?P<group>\d+))?/(?P<rank>-|r\d+k?|[ep][0-9.]+k?)(?P<adaptor>\+adaptor(?:-[A-Za-z0-9]+)?)?(?P<merge>~merge)?(?P<basescore>~basescore)?"
+    r"(?P<method>[^@]+)@(?P<ratio>[0-9.]+?)(?:f(?P<floor>[0-9.]+))?/(?P<quant>none|fp16|int8|int4|int2)(?:v(?P<vbits>[248]))?(?:g(?P<group>\d+))?/(?P<rank>-|r\d+k?|[ep][0-9.]+k?)(?P<adaptor>\+adaptor(?:-[A-Za-z0-9]+)?)?(?P<merge>~merge)?(?P<basescore>~basescore)?(?P<vnorm>~vnorm)?"
 )
 
 
@@ -99,13 +101,14 @@ class RowSpec:
     merge: bool = False  # ``~merge``: evicted rows' values merged into kept rows (merged_values)
     base_scores: bool = False  # ``~basescore``: an adapted row evicted by the base cache's scores
     floor: float | None = None  # ``@RATIOfF``: every head's guaranteed share of its budget (global: default 0)
+    value_norm: bool = False  # ``~vnorm``: scores weighted by the value's relative norm (IndexConfig.value_norm)
 
     @classmethod
     def parse(cls, name: str) -> RowSpec:
         match = ROW.fullmatch(name)
         if match is None:
             raise SystemExit(
-                f"bad row {name!r}: expected METHOD@RATIO[fFLOOR]/QUANT[vBITS][gGROUP]/(-|rN[k]|eE[k]|pE[k])[+adaptor[-LABEL]][~merge][~basescore]"
+                f"bad row {name!r}: expected METHOD@RATIO[fFLOOR]/QUANT[vBITS][gGROUP]/(-|rN[k]|eE[k]|pE[k])[+adaptor[-LABEL]][~merge][~basescore][~vnorm]"
             )
         if match["basescore"] and not match["adaptor"]:
             raise SystemExit(f"bad row {name!r}: ~basescore only changes a +adaptor row's scores")
@@ -133,6 +136,7 @@ class RowSpec:
             bool(match["merge"]),
             bool(match["basescore"]),
             float(match["floor"]) if match["floor"] else None,
+            bool(match["vnorm"]),
         )
 
     def index_config(self, adaptor: Path | None = None) -> IndexConfig:
@@ -151,6 +155,7 @@ class RowSpec:
             rank_values=rank.values if rank else True,
             adaptor=str(adaptor) if self.adaptor and adaptor else None,
             floor=self.floor,
+            value_norm=self.value_norm,
             **keep,
         )
 

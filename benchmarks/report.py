@@ -1326,6 +1326,13 @@ POOLED_ABLATIONS: tuple[tuple[str, str, tuple[str, ...], str, str], ...] = (
         "global:kvzip@0.21/int4v2/r32k+adaptor~basescore",
         "none@1/fp16/-",
     ),
+    (
+        "smallest",
+        "KVzip scores weighted by each value's norm relative to its head",
+        ("ablation_lowrank_qwen_vnorm.json", "ablation_lowrank_qwen_vnorm_33q.json"),
+        "global:kvzip@0.21/int4v2/r32k+adaptor~vnorm",
+        "none@1/fp16/-",
+    ),
 )
 
 

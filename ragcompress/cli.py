@@ -166,6 +166,11 @@ def index(
     rank_values: bool | None = typer.Option(
         None, "--rank-values/--no-rank-values", help="project values too (default) or keep their rows"
     ),
+    value_norm: bool | None = typer.Option(
+        None,
+        "--value-norm/--no-value-norm",
+        help="adaptive:/global: methods: weight each score by its value's norm relative to its head (default off)",
+    ),
     calibration: str | None = typer.Option(
         None, "--calibration", help="JSONL the low-rank basis is fitted on (default: the input)"
     ),
@@ -207,6 +212,7 @@ def index(
         "rank_energy": rank_energy,
         "rank_schedule": rank_schedule,
         "rank_values": rank_values,
+        "value_norm": value_norm,
         "calibration": calibration,
         "calibration_passages": calibration_passages,
     }

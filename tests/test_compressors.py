@@ -134,6 +134,33 @@ def test_global_budget_follows_scores_across_layers_and_adaptive_does_not():
     assert kept_floor.lengths[1].tolist() == [n] * heads
 
 
+def test_value_norm_weights_scores_by_each_rows_value_relative_to_its_head():
+    """With equal scores, ``value_norm`` keeps the rows whose values are largest relative to their
+    head; the budget is kept exactly; the weights average 1 over a head's valid rows; the setting
+    is recorded only when on (manifests of stores built without it do not change)."""
+    from ragcompress.compressors.adaptive import relative_value_norm
+    from ragcompress.kv import PassageKV
+
+    layers, heads, n, budget = 2, 2, 24, 10
+    values = torch.randn(layers, heads, n, 4)
+    values[1] *= 50.0  # one layer's values are larger throughout: relative norms ignore that
+    kv = PassageKV.full(torch.randn(layers, heads, n, 4), values)
+    weights = relative_value_norm(kv)
+    assert torch.allclose(weights.mean(-1), torch.ones(layers, heads))
+    scores = torch.ones(layers, heads, n)
+    kept = make_compressor("global:kvzip", budget=budget, keep_first=0, keep_last=0, value_norm=True).select(kv, scores)
+    assert int(kept.lengths.sum()) == layers * heads * budget
+    largest = weights.flatten().topk(layers * heads * budget).values.min()
+    for layer in range(layers):
+        for head in range(heads):
+            rows = kept.positions[layer, head, : kept.lengths[layer, head]]
+            assert bool((weights[layer, head, rows] >= largest).all())
+    assert "value_norm" not in IndexConfig(method="global:kvzip", ratio=0.2).compressor().config()
+    assert IndexConfig(method="global:kvzip", ratio=0.2, value_norm=True).compressor().config()["value_norm"] is True
+    with pytest.raises(ValueError, match="value_norm"):
+        IndexConfig(method="kvzip", ratio=0.2, value_norm=True)
+
+
 def test_floor_is_an_index_setting_only_of_the_pooling_wrappers():
     assert IndexConfig(method="global:kvzip", ratio=0.2, floor=0.2).compressor().config()["floor"] == 0.2
     with pytest.raises(ValueError, match="floor"):

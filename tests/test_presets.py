@@ -76,9 +76,10 @@ def test_cli_index_preset_is_recorded_in_the_manifest(tiny_model_dir, passages_f
         IndexConfig(method="adaptive:knorm", ratio=0.3, quant="int4", group_size=64, context_neighbors=2),
         IndexConfig(method="global:knorm", ratio=0.5, quant="int4", value_quant="int2", rank=8, rank_values=False),
         IndexConfig(method="global:kvzip", ratio=0.21, floor=0.2, quant="int4", value_quant="int2", rank=8),
+        IndexConfig(method="global:kvzip", ratio=0.21, value_norm=True, quant="int4", value_quant="int2", rank=8),
         *[p.index for p in PRESETS.values() if not p.index.adaptor],
     ],
-    ids=lambda c: f"{c.method}-{c.quant}-{c.ratio}-{c.budget}-{c.rank}",
+    ids=lambda c: f"{c.method}-{c.quant}-{c.ratio}-{c.budget}-{c.rank}" + ("-vnorm" if c.value_norm else ""),
 )
 def test_store_settings_are_read_back_from_the_manifest(tiny_lm, config):
     """What `index` uses to add to an existing store when no setting is given: the manifest the

@@ -16,7 +16,9 @@ inner method's protected tokens. Heads really store different counts: the result
 runtime's masked attention reads. Scores must be comparable across heads, which holds for
 attention-based scorers (probabilities) and key norms; ``global`` also compares layers, so a
 scorer whose scale differs by layer (``comparable_across_layers = False``: key norms) has each
-layer's scores standardised first.
+layer's scores standardised first. ``value_norm`` weights every score by its value's norm
+relative to its head (:func:`relative_value_norm`, Value-Aware Token Pruning), opt-in: measured
+in docs/compression.md §8.
 """
 
 from __future__ import annotations
@@ -42,13 +44,27 @@ def standardise_per_layer(scores: torch.Tensor, valid: torch.Tensor) -> torch.Te
     return (scores - mean) / var.sqrt().clamp_min(1e-6)
 
 
+def relative_value_norm(kv: PassageKV) -> torch.Tensor:
+    """``[L, H, n]``: each row's value L2 norm over the mean norm of its layer and head's valid
+    rows (0 on padding). A token's contribution to attention's output is its attention times its
+    value (Guo et al. 2024, "Attention Score is not All You Need for Token Importance"); dividing
+    by the head's mean keeps each head's scale, so a global pool still compares layers by the
+    inner scores."""
+    valid = kv.valid_mask()
+    norms = kv.values.float().norm(dim=-1).masked_fill(~valid, 0.0)
+    mean = norms.sum(-1, keepdim=True) / valid.sum(-1, keepdim=True).clamp_min(1)
+    return norms / mean.clamp_min(1e-6)
+
+
 @dataclass(frozen=True)
 class AdaptiveBudget(Compressor):
-    """inner: the scorer whose scores and budget are reallocated; floor: guaranteed share."""
+    """inner: the scorer whose scores and budget are reallocated; floor: guaranteed share;
+    value_norm: scores weighted by :func:`relative_value_norm` before allocation."""
 
     name = "adaptive"
     inner: ScorerCompressor
     floor: float = 0.2
+    value_norm: bool = False
     whole_cache = False  # pool the budget per layer (False) or over the whole cache (True)
 
     def __post_init__(self) -> None:
@@ -59,7 +75,8 @@ class AdaptiveBudget(Compressor):
 
     def config(self) -> dict[str, Any]:
         inner = self.inner.config()
-        return {**inner, "method": f"{self.name}:{inner['method']}", "floor": self.floor}
+        config = {**inner, "method": f"{self.name}:{inner['method']}", "floor": self.floor}
+        return config | ({"value_norm": True} if self.value_norm else {})  # absent when off: older manifests match
 
     def compress(self, kv: PassageKV, context: CompressionContext) -> PassageKV:
         if self.inner.budget_for(kv) >= kv.num_tokens:
@@ -73,6 +90,8 @@ class AdaptiveBudget(Compressor):
             return kv
         valid = kv.valid_mask()
         scores = scores.float()
+        if self.value_norm:
+            scores = scores * relative_value_norm(kv)
         if self.whole_cache and not self.inner.comparable_across_layers:
             scores = standardise_per_layer(scores, valid)
         scores = scores.masked_fill(~valid, float("-inf"))

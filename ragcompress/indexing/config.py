@@ -29,6 +29,8 @@ class IndexConfig:
     keep_first: leading / trailing tokens of every passage always kept (None: the method's default)
     floor:      ``adaptive:`` / ``global:`` only: the share of the per-head budget every head of every
                 layer is guaranteed before the pooled rest goes by score (None: the method's default)
+    value_norm: ``adaptive:`` / ``global:`` only: weight each score by its value's norm relative to
+                its head before allocating (off by default; docs/compression.md §8)
     quant:      ``none`` | ``fp16`` | ``int8`` | ``int4`` | ``int2`` (KIVI), ``group_size`` its groups;
                 ``value_quant``: the values' own integer width (None: ``quant``, as the keys)
     embedder:   sentence-transformers model of the store's FAISS index
@@ -54,6 +56,7 @@ class IndexConfig:
     keep_first: int | None = None
     keep_last: int | None = None
     floor: float | None = None
+    value_norm: bool = False
     embedder: str = DEFAULT_EMBEDDER
     rank: int | None = None
     rank_energy: float | None = None
@@ -90,6 +93,8 @@ class IndexConfig:
         for name in ("budget", "keep_first", "keep_last", "floor"):
             if getattr(self, name) is not None:
                 params[name] = getattr(self, name)
+        if self.value_norm:
+            params["value_norm"] = True
         return make_compressor(self.method, **params)
 
     def quant_config(self) -> QuantConfig:
@@ -131,6 +136,7 @@ def config_from_manifest(manifest: Manifest) -> IndexConfig:
         context_neighbors=int(manifest.encoding.get("context_neighbors", 0)),
         adaptor=adaptor,
         **{k: params[k] for k in ("ratio", "budget", "keep_first", "keep_last", "floor") if params.get(k) is not None}
+        | ({"value_norm": True} if params.get("value_norm") else {})
         | ({"ratio": None} if params.get("budget") is not None else {}),  # a budget replaces the ratio
     )
     if config.compressor().config() != {"method": compression["method"], **params}:
