@@ -204,7 +204,8 @@ def remove(store_path: str | Path, ids: list[str], *, missing_ok: bool = False) 
         raise StoreError(f"{store_path} is not a ragcompress store (no manifest.json)")
     wanted = list(dict.fromkeys(ids))
     with StoreWriter(store_path) as writer:
-        missing = [pid for pid in wanted if pid not in writer.known_of(wanted)]
+        stored = writer.known_of(wanted)
+        missing = [pid for pid in wanted if pid not in stored]
         if missing and not missing_ok:
             shown = ", ".join(repr(pid) for pid in missing[:5]) + (" ..." if len(missing) > 5 else "")
             raise InputError(

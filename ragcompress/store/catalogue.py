@@ -239,8 +239,7 @@ class Catalogue:
             marks = ",".join("?" * len(chunk))
             removed += self.db.execute(f"DELETE FROM passages WHERE id IN ({marks})", chunk).rowcount
         if removed:  # in the same transaction as the delete: both are committed, or neither
-            generation = self.db.execute("PRAGMA user_version").fetchone()[0]
-            self.db.execute(f"PRAGMA user_version = {int(generation) + 1}")
+            self.db.execute(f"PRAGMA user_version = {self.generation() + 1}")
         return removed
 
     def remove(self, ids: list[str]) -> int:
