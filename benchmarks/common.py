@@ -74,6 +74,7 @@ def adaptor_provenance(adaptor: Any, asked: set[str], where: str = "the adaptor"
         "hash": adaptor.hash,
         "train_articles": sorted(trained),
         **{k: meta.get(k) for k in ("method", "ratio", "quant", "lowrank")},
+        **({"value_norm": True} if meta.get("value_norm") else {}),  # trained for value-weighted rows
         "steps": meta.get("metrics", {}).get("steps"),
     }
 

@@ -353,6 +353,9 @@ def train(
     ),
     keep_first: int | None = typer.Option(None, "--keep-first", min=0, help="as index --keep-first, for --method"),
     keep_last: int | None = typer.Option(None, "--keep-last", min=0, help="as index --keep-last, for --method"),
+    value_norm: bool = typer.Option(
+        False, "--value-norm", help="as index --value-norm, for --method: scores weighted by each row's value norm"
+    ),
     kv_rank: int | None = typer.Option(
         None, "--kv-rank", help="train for a low-rank store (index --rank R): kept rows projected to this rank"
     ),
@@ -413,6 +416,7 @@ def train(
             value_quant=value_quant,
             keep_first=keep_first,
             keep_last=keep_last,
+            value_norm=value_norm,
             kv_rank=kv_rank,
             kv_rank_values=kv_rank_values,
             calibration_passages=calibration_passages,

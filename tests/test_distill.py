@@ -404,6 +404,19 @@ def test_compressed_student_reads_what_the_runtime_serves(lm, lowrank):
     torch.testing.assert_close(student, logits.float().log_softmax(-1), atol=1e-4, rtol=1e-4)
 
 
+def test_student_evicts_by_value_weighted_scores_when_trained_for_them():
+    """``train --value-norm``: the student's eviction is the store's (``index --value-norm``), and
+    without an eviction method the flag is refused before any training."""
+    from ragcompress.distill.train import student_compressor
+
+    weighted = student_compressor(TrainConfig(method="global:kvzip", ratio=0.25, keep_first=1, value_norm=True))
+    plain = student_compressor(TrainConfig(method="global:kvzip", ratio=0.25, keep_first=1))
+    assert weighted is not None and plain is not None
+    assert weighted.config() == {**plain.config(), "value_norm": True}
+    with pytest.raises(ValueError, match="--value-norm needs an eviction --method"):
+        TrainConfig(value_norm=True)
+
+
 def test_learning_rate_warms_up_then_decays_to_a_tenth_and_is_constant_by_default():
     from ragcompress.distill.train import lr_factor
 
@@ -566,6 +579,25 @@ def test_matching_adaptor_is_the_one_packaged_for_the_store_or_none_with_a_warni
     with KVStore.open(tmp_path / "split-matched") as store:
         assert store.manifest.encoding["adaptor"] == Adaptor.load(packaged / "tiny-kvzip-0.5-int4v2").hash
         assert store.manifest.quant == QuantConfig("int4", value_scheme="int2")
+    # value-weighted scores (index --value-norm) pick other rows: only an adaptor trained so matches
+    weighted = dataclasses.replace(config, value_norm=True)
+    with pytest.warns(UserWarning, match=r"0.5 with value-weighted scores int4; .* --quant int4 --value-norm"):
+        index(passages_file, tmp_path / "weighted-unmatched", config=weighted, **common)
+    weighted_specialist = noisy_adaptor(lm.model, 13)
+    weighted_specialist.meta = {
+        "base_model": lm.ref,
+        "method": "global:kvzip",
+        "ratio": 0.5,
+        "quant": "int4",
+        "value_norm": True,
+    }
+    weighted_specialist.save(packaged / "tiny-kvzip-0.5-int4-vnorm")
+    index(passages_file, tmp_path / "weighted-matched", config=weighted, **common)
+    with KVStore.open(tmp_path / "weighted-matched") as store:
+        assert store.manifest.encoding["adaptor"] == Adaptor.load(packaged / "tiny-kvzip-0.5-int4-vnorm").hash
+    index(passages_file, tmp_path / "plain-again", config=config, **common)  # plain scores keep the plain one
+    with KVStore.open(tmp_path / "plain-again") as store:
+        assert store.manifest.encoding["adaptor"] == Adaptor.load(packaged / "tiny-kvzip-0.5-int4").hash
 
 
 def test_an_int8_store_matches_the_general_adaptor_and_nothing_else_does(tmp_path, monkeypatch):

@@ -359,25 +359,37 @@ def _packaged_configs() -> Iterator[tuple[Path, dict[str, Any]]]:
         yield directory, json.loads((directory / CONFIG).read_text())
 
 
-def trained_store(meta: dict[str, Any]) -> tuple[str, float, str | None, dict[str, Any] | None]:
-    """The store an adaptor was trained for, from its JSON config: method, ratio, quant and the
-    low-rank spec (``train --method --ratio --quant --kv-rank``; an adaptor from before ``--kv-rank``
-    was trained on full rows)."""
-    return meta.get("method", "none"), float(meta.get("ratio", 1.0)), meta.get("quant"), meta.get("lowrank")
+def trained_store(meta: dict[str, Any]) -> tuple[str, float, str | None, dict[str, Any] | None, bool]:
+    """The store an adaptor was trained for, from its JSON config: method, ratio, quant, the
+    low-rank spec and whether the scores were value-weighted (``train --method --ratio --quant
+    --kv-rank --value-norm``; an adaptor from before ``--kv-rank`` was trained on full rows, one
+    from before ``--value-norm`` on plain scores)."""
+    return (
+        meta.get("method", "none"),
+        float(meta.get("ratio", 1.0)),
+        meta.get("quant"),
+        meta.get("lowrank"),
+        bool(meta.get("value_norm", False)),
+    )
 
 
 def packaged_for_store(
-    model_ref: str, method: str, ratio: float | None, quant: str, lowrank: dict[str, Any] | None = None
+    model_ref: str,
+    method: str,
+    ratio: float | None,
+    quant: str,
+    lowrank: dict[str, Any] | None = None,
+    value_norm: bool = False,
 ) -> Path | None:
     """The folder of the adaptor packaged for ``model_ref`` and trained for a store of
-    ``method``/``ratio``/``quant`` and low-rank spec ``lowrank`` (``RankSpec.as_dict``, None: full
-    rows), if one is; ``ratio`` None (a ``--budget`` store) matches none."""
+    ``method``/``ratio``/``quant``, low-rank spec ``lowrank`` (``RankSpec.as_dict``, None: full
+    rows) and ``value_norm`` scores, if one is; ``ratio`` None (a ``--budget`` store) matches none."""
     models = {model_ref, Path(model_ref).name}
-    store = (method, None if ratio is None else float(ratio), quant, lowrank)
+    store = (method, None if ratio is None else float(ratio), quant, lowrank, value_norm)
     for directory, meta in _packaged_configs():
         if meta.get("base_model") in models and trained_store(meta) == store:
             return directory
-    if store == ("none", 1.0, "int8", None):
+    if store == ("none", 1.0, "int8", None, False):
         # int8 rows answer as unquantized ones do (docs/recompute.md, the oracle row: agreement
         # 0.99, KL 0.0000), so an int8 store takes the general adaptor, trained on unquantized caches
         return packaged_for_store(model_ref, "none", 1.0, "none")
@@ -385,14 +397,19 @@ def packaged_for_store(
 
 
 def matching_adaptor(
-    model_ref: str, method: str, ratio: float | None, quant: str, lowrank: dict[str, Any] | None = None
+    model_ref: str,
+    method: str,
+    ratio: float | None,
+    quant: str,
+    lowrank: dict[str, Any] | None = None,
+    value_norm: bool = False,
 ) -> Adaptor | None:
     """``--adaptor matching`` (what the ``smallest`` preset asks for): the adaptor packaged for
     this model and trained for exactly this store's compression (``ratio`` None: a ``--budget``
     store, which no adaptor is trained for), or -- said with a warning, and recorded as no adaptor
     in the manifest -- the base model when none is packaged (an adaptor trained for another
     compression can be further from full prefill than none)."""
-    directory = packaged_for_store(model_ref, method, ratio, quant, lowrank)
+    directory = packaged_for_store(model_ref, method, ratio, quant, lowrank, value_norm)
     if directory is None:
         kept = "a token budget" if ratio is None else f"{ratio:g}"
         train_rank = ""
@@ -401,6 +418,9 @@ def matching_adaptor(
             train_rank = f" --kv-rank {lowrank.get('rank') or 'R'}" + (
                 "" if lowrank.get("values") else " --no-kv-rank-values"
             )
+        if value_norm:
+            kept += " with value-weighted scores"
+            train_rank += " --value-norm"
         train_ratio = "R" if ratio is None else f"{ratio:g}"
         store_quant = QuantConfig.from_name(quant)  # ``quant`` is a QuantConfig.name: "int4" or "int4/int2"
         train_quant = f"--quant {store_quant.scheme}" + (

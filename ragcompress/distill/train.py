@@ -127,6 +127,8 @@ class TrainConfig:
     calibration_passages: int = 64
     keep_first: int | None = None  # tokens ``method`` always keeps (None: its default, as indexing)
     keep_last: int | None = None
+    # ``method``'s scores weighted by each row's value norm (index --value-norm; adaptive:/global: only)
+    value_norm: bool = False
     seed: int = 0
     val_articles: list[str] = field(default_factory=list)
     # other text for training examples (a passages JSONL or a folder of documents, chunked as
@@ -746,15 +748,17 @@ def student_compressor(config: TrainConfig) -> Compressor | None:
     """The eviction the student is trained with (``None``: every row kept), with indexing's
     defaults for what each method always keeps."""
     if config.method == "none":
-        if config.ratio != 1.0:
-            raise ValueError(f"--ratio {config.ratio} needs an eviction --method (e.g. global:kvzip)")
+        if config.ratio != 1.0 or config.value_norm:
+            given = f"--ratio {config.ratio}" if config.ratio != 1.0 else "--value-norm"
+            raise ValueError(f"{given} needs an eviction --method (e.g. global:kvzip)")
         return None
     if "learned" in config.method:
         raise ValueError("the student's eviction needs a fixed scorer; 'learned' is fitted after training")
     from ragcompress.compressors import make_compressor
 
     protected = {"keep_first": config.keep_first, "keep_last": config.keep_last}
-    return make_compressor(config.method, ratio=config.ratio, **{k: v for k, v in protected.items() if v is not None})
+    params = {k: v for k, v in protected.items() if v is not None} | ({"value_norm": True} if config.value_norm else {})
+    return make_compressor(config.method, ratio=config.ratio, **params)
 
 
 def student_basis(
@@ -966,6 +970,7 @@ def train(
         "ratio": config.ratio,
         "quant": config.quant_config().name,
         "lowrank": spec.as_dict() if (spec := config.rank_spec()) else None,
+        **({"value_norm": True} if config.value_norm else {}),  # absent: plain scores (every earlier adaptor)
         "config": asdict(config),
         **({"init_adaptor_hash": init_hash} if init_hash else {}),
         "metrics": {

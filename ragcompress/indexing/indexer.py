@@ -45,12 +45,12 @@ from ragcompress.store.basis import manifest_entry
 POSITION_HEADROOM = 64
 
 
-def store_of(config: IndexConfig) -> tuple[str, float | None, str, dict[str, Any] | None]:
+def store_of(config: IndexConfig) -> tuple[str, float | None, str, dict[str, Any] | None, bool]:
     """``config``'s compression as :func:`trained_store` describes an adaptor's (ratio None: a
     ``--budget`` store, tokens per head, never the fraction an adaptor is trained for)."""
     ratio = None if config.budget is not None else 1.0 if config.ratio is None else float(config.ratio)
     spec = config.rank_spec()
-    return config.method, ratio, config.quant_config().name, spec.as_dict() if spec else None
+    return config.method, ratio, config.quant_config().name, spec.as_dict() if spec else None, config.value_norm
 
 
 def warn_if_trained_for_another_store(adaptor: Adaptor, config: IndexConfig) -> None:
@@ -59,11 +59,13 @@ def warn_if_trained_for_another_store(adaptor: Adaptor, config: IndexConfig) -> 
     adaptor (docs/distill.md). Allowed, but said."""
     trained = trained_store(adaptor.meta)
     used = store_of(config)
-    if trained[2] is None or trained == ("none", 1.0, "none", None) or trained == used:
+    if trained[2] is None or trained == ("none", 1.0, "none", None, False) or trained == used:
         return  # a general adaptor (trained uncompressed), or the store it was trained for
     kept = f"budget {config.budget}" if used[1] is None else f"{used[1]:g}"
     rank_trained = f" rank {trained[3]}" if trained[3] else ""
     rank_used = f" rank {used[3]}" if used[3] else ""
+    rank_trained += " value-weighted" if trained[4] else ""
+    rank_used += " value-weighted" if used[4] else ""
     warnings.warn(
         f"adaptor {adaptor.hash[:16]} was trained for a store of {trained[0]} {trained[1]:g} {trained[2]}{rank_trained}, "
         f"this store is {used[0]} {kept} {used[2]}{rank_used}; under another compression it can be further from "
