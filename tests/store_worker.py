@@ -94,14 +94,14 @@ def install(kill: str) -> None:
 
         catalogue.Catalogue.add = add
     elif point == "index":
-        original_write = kvstore._write_atomic
+        original_write = kvstore.write_atomic
 
-        def write_atomic(path, data):
+        def dying_write(path, data):
             if path.name == kvstore.INDEX_META:
                 _die()
             original_write(path, data)
 
-        kvstore._write_atomic = write_atomic
+        kvstore.write_atomic = dying_write
 
 
 class Trace:

@@ -20,7 +20,7 @@ from typing import Any
 from ragcompress.errors import StoreError
 from ragcompress.store.basis import BASIS
 from ragcompress.store.catalogue import CATALOGUE, Catalogue
-from ragcompress.store.kvstore import PREFIX, StoreLock, StoreWriter, _write_atomic, replace_store
+from ragcompress.store.kvstore import PREFIX, StoreLock, StoreWriter, replace_store, write_atomic
 from ragcompress.store.manifest import MANIFEST
 from ragcompress.store.shards import SHARD_DIR, read_blob
 
@@ -59,7 +59,7 @@ def compact_store(path: str | Path) -> CompactReport:
         target.mkdir()
         for name in (PREFIX, BASIS, MANIFEST):  # the manifest last: a store is complete once it exists
             if (path / name).is_file():
-                _write_atomic(target / name, (path / name).read_bytes())
+                write_atomic(target / name, (path / name).read_bytes())
         Catalogue(target, readonly=False).close()
         source = Catalogue(path, readonly=True)
         copied = 0

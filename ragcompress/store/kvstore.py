@@ -55,7 +55,10 @@ INDEX_META = "index.json"
 LOCK = "lock"
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``path`` whole or not at all (temp file, fsync, rename, fsync of the directory): a
+    reader or a crash never sees half a prefix, basis or index file. Shared by the store's writers
+    (``compact`` too); the crash tests patch it by this name (tests/store_worker.py)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as handle:
         handle.write(data)
@@ -162,9 +165,9 @@ def create_store(path: Path, manifest: Manifest, prefix_kv: PassageKV, basis: by
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.init-", dir=path.parent))
     try:
         blob = codec.encode(prefix_kv, QuantConfig("none"))
-        _write_atomic(tmp / PREFIX, blob)
+        write_atomic(tmp / PREFIX, blob)
         if basis is not None:
-            _write_atomic(tmp / BASIS, basis)
+            write_atomic(tmp / BASIS, basis)
         Catalogue(tmp, readonly=False).close()
         dataclasses.replace(manifest, prefix_sha256=hashlib.sha256(blob).hexdigest()).write(tmp)
         try:
@@ -501,7 +504,7 @@ class StoreWriter:
             "count": built.count,
             "generation": self.catalogue.generation(),
         }
-        _write_atomic(self.path / INDEX_META, json.dumps(meta).encode())
+        write_atomic(self.path / INDEX_META, json.dumps(meta).encode())
         manifest = Manifest.read(self.path)
         if manifest.index != described:
             dataclasses.replace(manifest, index=described).write(self.path)
