@@ -136,6 +136,14 @@ def index(
     keep_last: int | None = typer.Option(
         None, "--keep-last", help="trailing tokens of every passage always kept (default 4)"
     ),
+    floor: float | None = typer.Option(
+        None,
+        "--floor",
+        min=0.0,
+        max=1.0,
+        help="adaptive:/global: methods: share of the per-head budget every head of every layer keeps before "
+        "the pooled rest goes by score (default: the method's)",
+    ),
     quant: str | None = typer.Option(None, "--quant", help="none (default) | fp16 | int8 | int4 | int2"),
     value_quant: str | None = typer.Option(
         None, "--value-quant", help="the values' own width (int8 | int4 | int2; default: --quant, as the keys)"
@@ -206,6 +214,7 @@ def index(
         "budget": budget,
         "keep_first": keep_first,
         "keep_last": keep_last,
+        "floor": floor,
         "context_neighbors": context_neighbors,
         "adaptor": adaptor,
         "rank": rank,

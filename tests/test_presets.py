@@ -64,6 +64,13 @@ def test_cli_index_preset_is_recorded_in_the_manifest(tiny_model_dir, passages_f
     compression = json.loads((store / "manifest.json").read_text())["compression"]
     assert compression["method"] == "global:kvzip" and compression["quant"] == "int4"
     assert compression["keep_first"] == 1 and compression["keep_last"] == 0
+    # options over a preset: the pooled methods' floor and value weighting reach the manifest
+    weighted = tmp_path / "weighted"
+    flags = ["--store", str(weighted), "--preset", "small", "--floor", "0.2", "--value-norm", "--json"]
+    code, _, err = run_cli(["index", "--input", str(passages_file), *args[-2:], *flags], monkeypatch, capfd)
+    assert code == 0, err
+    compression = json.loads((weighted / "manifest.json").read_text())["compression"]
+    assert compression["floor"] == 0.2 and compression["value_norm"] is True
     code, _, err = run_cli(["ask", "--store", str(store), "--question", "Who?", "--preset", "nope"], monkeypatch, capfd)
     assert code == 1 and err.startswith("error: unknown preset 'nope'") and err.count("\n") == 1
 
