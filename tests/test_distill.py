@@ -604,17 +604,17 @@ def test_an_int8_store_matches_the_general_adaptor_and_nothing_else_does(tmp_pat
     """An uncompressed int8 store takes the model's general (ratio 1.0, unquantized) adaptor
     under ``matching``; an int4 or evicted store does not fall back to it."""
     import ragcompress.distill.adaptor as adaptor_module
-    from ragcompress.distill.adaptor import packaged_for_store
+    from ragcompress.distill.adaptor import TrainedStore, packaged_for_store
 
     general = tmp_path / "packaged" / "tiny"
     general.mkdir(parents=True)
     (general / "adaptor.json").write_text(json.dumps({"base_model": "tiny", "ratio": 1.0, "quant": "none"}))
     monkeypatch.setattr(adaptor_module, "PACKAGED", tmp_path / "packaged")
-    assert packaged_for_store("tiny", "none", 1.0, "none") == general
-    assert packaged_for_store("tiny", "none", 1.0, "int8") == general
-    assert packaged_for_store("other", "none", 1.0, "int8") is None
-    assert packaged_for_store("tiny", "none", 1.0, "int4") is None
-    assert packaged_for_store("tiny", "global:kvzip", 0.5, "int8") is None
+    assert packaged_for_store("tiny", TrainedStore("none", 1.0, "none")) == general
+    assert packaged_for_store("tiny", TrainedStore("none", 1.0, "int8")) == general
+    assert packaged_for_store("other", TrainedStore("none", 1.0, "int8")) is None
+    assert packaged_for_store("tiny", TrainedStore("none", 1.0, "int4")) is None
+    assert packaged_for_store("tiny", TrainedStore("global:kvzip", 0.5, "int8")) is None
 
 
 def test_half_adaptor_encodes_as_the_fp32_one_up_to_fp16_rounding(lm, tmp_path):

@@ -24,12 +24,12 @@ def test_every_preset_is_a_valid_setting_with_evidence():
     faithful = preset("faithful").index  # the general adaptor where one is packaged (an int8 store takes it)
     assert faithful.adaptor == "matching" and faithful.quant == "int8"
     for model in ("smollm2-135m", "qwen2.5-coder-0.5b"):  # both packaged models ship a general adaptor
-        assert packaged_for_store(model, *store_of(faithful)).name == model
+        assert packaged_for_store(model, store_of(faithful)).name == model
     for name in ("small", "smallest"):
         config = preset(name).index
         assert config.adaptor == "matching" and config.quant == "int4"
         for model in ("smollm2-135m", "qwen2.5-coder-0.5b"):  # each packaged model ships its adaptor for it
-            assert packaged_for_store(model, *store_of(config)) is not None, (name, model)
+            assert packaged_for_store(model, store_of(config)) is not None, (name, model)
     assert preset("distilled").index.adaptor == "default"  # the model's packaged KV-Distill adaptor
     with pytest.raises(ValueError, match="fast, small, smallest, faithful, distilled"):
         preset("tiny")

@@ -39,7 +39,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -359,12 +359,24 @@ def _packaged_configs() -> Iterator[tuple[Path, dict[str, Any]]]:
         yield directory, json.loads((directory / CONFIG).read_text())
 
 
-def trained_store(meta: dict[str, Any]) -> tuple[str, float, str | None, dict[str, Any] | None, bool]:
-    """The store an adaptor was trained for, from its JSON config: method, ratio, quant, the
-    low-rank spec and whether the scores were value-weighted (``train --method --ratio --quant
-    --kv-rank --value-norm``; an adaptor from before ``--kv-rank`` was trained on full rows, one
-    from before ``--value-norm`` on plain scores)."""
-    return (
+class TrainedStore(NamedTuple):
+    """The store compression an adaptor is trained for (``train --method --ratio --quant --kv-rank
+    --value-norm``), compared whole with a store's (``indexing.indexer.store_of``)."""
+
+    method: str = "none"
+    ratio: float | None = 1.0  # None: a ``--budget`` store, which no adaptor is trained for
+    quant: str | None = "none"  # a ``QuantConfig.name``: "int4" or "int4/int2"; None: unrecorded
+    lowrank: dict[str, Any] | None = None  # ``RankSpec.as_dict``; None: full rows
+    value_norm: bool = False  # scores weighted by each row's value norm
+
+
+GENERAL = TrainedStore()  # an adaptor trained on uncompressed caches
+
+
+def trained_store(meta: dict[str, Any]) -> TrainedStore:
+    """The store an adaptor was trained for, from its JSON config (an adaptor from before
+    ``--kv-rank`` was trained on full rows, one from before ``--value-norm`` on plain scores)."""
+    return TrainedStore(
         meta.get("method", "none"),
         float(meta.get("ratio", 1.0)),
         meta.get("quant"),
@@ -373,69 +385,54 @@ def trained_store(meta: dict[str, Any]) -> tuple[str, float, str | None, dict[st
     )
 
 
-def packaged_for_store(
-    model_ref: str,
-    method: str,
-    ratio: float | None,
-    quant: str,
-    lowrank: dict[str, Any] | None = None,
-    value_norm: bool = False,
-) -> Path | None:
-    """The folder of the adaptor packaged for ``model_ref`` and trained for a store of
-    ``method``/``ratio``/``quant``, low-rank spec ``lowrank`` (``RankSpec.as_dict``, None: full
-    rows) and ``value_norm`` scores, if one is; ``ratio`` None (a ``--budget`` store) matches none."""
+def packaged_for_store(model_ref: str, store: TrainedStore) -> Path | None:
+    """The folder of the adaptor packaged for ``model_ref`` and trained for exactly ``store``,
+    if one is."""
     models = {model_ref, Path(model_ref).name}
-    store = (method, None if ratio is None else float(ratio), quant, lowrank, value_norm)
+    store = store._replace(ratio=None if store.ratio is None else float(store.ratio))
     for directory, meta in _packaged_configs():
         if meta.get("base_model") in models and trained_store(meta) == store:
             return directory
-    if store == ("none", 1.0, "int8", None, False):
+    if store == GENERAL._replace(quant="int8"):
         # int8 rows answer as unquantized ones do (docs/recompute.md, the oracle row: agreement
         # 0.99, KL 0.0000), so an int8 store takes the general adaptor, trained on unquantized caches
-        return packaged_for_store(model_ref, "none", 1.0, "none")
+        return packaged_for_store(model_ref, GENERAL)
     return None
 
 
-def matching_adaptor(
-    model_ref: str,
-    method: str,
-    ratio: float | None,
-    quant: str,
-    lowrank: dict[str, Any] | None = None,
-    value_norm: bool = False,
-) -> Adaptor | None:
+def matching_adaptor(model_ref: str, store: TrainedStore) -> Adaptor | None:
     """``--adaptor matching`` (what the ``smallest`` preset asks for): the adaptor packaged for
-    this model and trained for exactly this store's compression (``ratio`` None: a ``--budget``
-    store, which no adaptor is trained for), or -- said with a warning, and recorded as no adaptor
-    in the manifest -- the base model when none is packaged (an adaptor trained for another
-    compression can be further from full prefill than none)."""
-    directory = packaged_for_store(model_ref, method, ratio, quant, lowrank, value_norm)
-    if directory is None:
-        kept = "a token budget" if ratio is None else f"{ratio:g}"
-        train_rank = ""
-        if lowrank is not None:
-            kept += f" with low-rank latents {lowrank}"
-            train_rank = f" --kv-rank {lowrank.get('rank') or 'R'}" + (
-                "" if lowrank.get("values") else " --no-kv-rank-values"
-            )
-        if value_norm:
-            kept += " with value-weighted scores"
-            train_rank += " --value-norm"
-        train_ratio = "R" if ratio is None else f"{ratio:g}"
-        store_quant = QuantConfig.from_name(quant)  # ``quant`` is a QuantConfig.name: "int4" or "int4/int2"
-        train_quant = f"--quant {store_quant.scheme}" + (
-            f" --value-quant {store_quant.value_scheme}" if store_quant.value_scheme else ""
+    this model and trained for exactly this store's compression (a ``--budget`` store matches
+    none), or -- said with a warning, and recorded as no adaptor in the manifest -- the base model
+    when none is packaged (an adaptor trained for another compression can be further from full
+    prefill than none)."""
+    directory = packaged_for_store(model_ref, store)
+    if directory is not None:
+        return Adaptor.load(directory)
+    kept = "a token budget" if store.ratio is None else f"{store.ratio:g}"
+    train_flags = ""
+    if store.lowrank is not None:
+        kept += f" with low-rank latents {store.lowrank}"
+        train_flags = f" --kv-rank {store.lowrank.get('rank') or 'R'}" + (
+            "" if store.lowrank.get("values") else " --no-kv-rank-values"
         )
-        warnings.warn(
-            f"no adaptor is packaged for {model_ref} trained for a store of {method} {kept} {quant}; "
-            "encoding with the base model (answers from such a store lose more; train one with "
-            f"`ragcompress train --method {method} --ratio {train_ratio} {train_quant}{train_rank}` and pass "
-            "--adaptor FOLDER)",
-            UserWarning,
-            stacklevel=3,
-        )
-        return None
-    return Adaptor.load(directory)
+    if store.value_norm:
+        kept += " with value-weighted scores"
+        train_flags += " --value-norm"
+    train_ratio = "R" if store.ratio is None else f"{store.ratio:g}"
+    store_quant = QuantConfig.from_name(store.quant or "none")
+    train_quant = f"--quant {store_quant.scheme}" + (
+        f" --value-quant {store_quant.value_scheme}" if store_quant.value_scheme else ""
+    )
+    warnings.warn(
+        f"no adaptor is packaged for {model_ref} trained for a store of {store.method} {kept} {store.quant}; "
+        "encoding with the base model (answers from such a store lose more; train one with "
+        f"`ragcompress train --method {store.method} --ratio {train_ratio} {train_quant}{train_flags}` and pass "
+        "--adaptor FOLDER)",
+        UserWarning,
+        stacklevel=3,
+    )
+    return None
 
 
 def resolve_adaptor(spec: str | Path, model_ref: str) -> Adaptor:

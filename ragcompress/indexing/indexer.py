@@ -13,14 +13,15 @@ import warnings
 from collections.abc import Container
 from dataclasses import replace
 from functools import cached_property
-from typing import Any
 
 import numpy as np
 
 from ragcompress.compressors import CompressionContext, Compressor
 from ragcompress.distill.adaptor import (
+    GENERAL,
     MATCHING,
     Adaptor,
+    TrainedStore,
     check_store_adaptor,
     matching_adaptor,
     packaged_adaptor,
@@ -45,12 +46,14 @@ from ragcompress.store.basis import manifest_entry
 POSITION_HEADROOM = 64
 
 
-def store_of(config: IndexConfig) -> tuple[str, float | None, str, dict[str, Any] | None, bool]:
+def store_of(config: IndexConfig) -> TrainedStore:
     """``config``'s compression as :func:`trained_store` describes an adaptor's (ratio None: a
     ``--budget`` store, tokens per head, never the fraction an adaptor is trained for)."""
     ratio = None if config.budget is not None else 1.0 if config.ratio is None else float(config.ratio)
     spec = config.rank_spec()
-    return config.method, ratio, config.quant_config().name, spec.as_dict() if spec else None, config.value_norm
+    return TrainedStore(
+        config.method, ratio, config.quant_config().name, spec.as_dict() if spec else None, config.value_norm
+    )
 
 
 def warn_if_trained_for_another_store(adaptor: Adaptor, config: IndexConfig) -> None:
@@ -59,20 +62,23 @@ def warn_if_trained_for_another_store(adaptor: Adaptor, config: IndexConfig) -> 
     adaptor (docs/distill.md). Allowed, but said."""
     trained = trained_store(adaptor.meta)
     used = store_of(config)
-    if trained[2] is None or trained == ("none", 1.0, "none", None, False) or trained == used:
+    if trained.quant is None or trained in (GENERAL, used):
         return  # a general adaptor (trained uncompressed), or the store it was trained for
-    kept = f"budget {config.budget}" if used[1] is None else f"{used[1]:g}"
-    rank_trained = f" rank {trained[3]}" if trained[3] else ""
-    rank_used = f" rank {used[3]}" if used[3] else ""
-    rank_trained += " value-weighted" if trained[4] else ""
-    rank_used += " value-weighted" if used[4] else ""
     warnings.warn(
-        f"adaptor {adaptor.hash[:16]} was trained for a store of {trained[0]} {trained[1]:g} {trained[2]}{rank_trained}, "
-        f"this store is {used[0]} {kept} {used[2]}{rank_used}; under another compression it can be further from "
-        "full prefill than the general adaptor (--adaptor default; docs/distill.md)",
+        f"adaptor {adaptor.hash[:16]} was trained for a store of {describe(trained)}, this store is "
+        f"{describe(used, config.budget)}; under another compression it can be further from full prefill than "
+        "the general adaptor (--adaptor default; docs/distill.md)",
         UserWarning,
         stacklevel=3,
     )
+
+
+def describe(store: TrainedStore, budget: int | None = None) -> str:
+    """``store`` in a warning: method, kept fraction (or budget), widths, rank, weighting."""
+    kept = f"budget {budget}" if store.ratio is None else f"{store.ratio:g}"
+    rank = f" rank {store.lowrank}" if store.lowrank else ""
+    weighted = " value-weighted" if store.value_norm else ""
+    return f"{store.method} {kept} {store.quant}{rank}{weighted}"
 
 
 class Indexer:
@@ -117,7 +123,7 @@ class Indexer:
             )
         template = PromptTemplate.from_tokenizer(lm.tokenizer)
         if config.adaptor == MATCHING:
-            adaptor = matching_adaptor(lm.ref, *store_of(config))
+            adaptor = matching_adaptor(lm.ref, store_of(config))
         else:
             adaptor = resolve_adaptor(config.adaptor, lm.ref) if config.adaptor else None
         if adaptor is not None:
