@@ -96,6 +96,29 @@ def test_transform_skips_stored_nodes_and_aliases_edited_ones(tiny, store_copy):
         assert kv.entry(edited.node_id).text == again[0].text
 
 
+def test_transform_replaces_edited_nodes_when_asked(tiny, store_copy, tmp_path):
+    """``replace_edited=True``: an edited node's cache takes its stored one's place under its own
+    id (``index --replace``), the same cache a fresh store of the edited text holds; nothing is
+    left beside it, and a second run with the same text encodes nothing."""
+    transform = KVCacheTransform(store_path=store_copy, model=tiny, replace_edited=True)
+    original = sample_documents()[0]
+    edited = Document(id_=original.doc_id, text=original.text + " Edited.", metadata=original.metadata)
+    transform([edited])
+    fresh = str(tmp_path / "fresh")
+    KVCacheTransform(store_path=fresh, model=tiny)(
+        [Document(id_=edited.doc_id, text=edited.text, metadata=original.metadata)]
+    )
+    with KVStore.open(store_copy) as kv, KVStore.open(fresh) as reference:
+        assert len(kv) == 6 and edited.metadata[PASSAGE_KEY] == edited.doc_id
+        entry = kv.entry(edited.doc_id)
+        assert entry.text == edited.text
+        assert entry.checksum == reference.entry(edited.doc_id).checksum
+        assert kv.entry(sample_documents()[1].doc_id).text == sample_documents()[1].text  # others untouched
+    transform([Document(id_=edited.doc_id, text=edited.text, metadata=original.metadata)])
+    with KVStore.open(store_copy) as kv:
+        assert len(kv) == 6 and kv.entry(edited.doc_id).checksum == entry.checksum
+
+
 def test_transform_to_dict_is_deterministic_and_ingestion_cache_hits(tiny, tmp_path):
     store = str(tmp_path / "store")
     first = KVCacheTransform(store_path=store, model=tiny, config=IndexConfig(quant="int8"))

@@ -45,15 +45,20 @@ class CacheWriter:
     ``ragcompress index`` uses, so a node's cache is exactly what indexing its text would store.
     """
 
-    def __init__(self, path: str, indexer: Any, batch_size: int = 8) -> None:
+    def __init__(self, path: str, indexer: Any, batch_size: int = 8, replace_edited: bool = False) -> None:
         self.path = store_path(path)
         self.indexer = indexer
         self.batch_size = batch_size
+        self.replace_edited = replace_edited
 
     @classmethod
-    def for_build(cls, path: str, model: str | None, config: Any, batch_size: int = 8) -> CacheWriter:
+    def for_build(
+        cls, path: str, model: str | None, config: Any, batch_size: int = 8, replace_edited: bool = False
+    ) -> CacheWriter:
         """Writer for a store built with ``model`` and ``config`` (an ``IndexConfig``); an existing
-        store must have been built the same way (else ``StoreMismatchError``)."""
+        store must have been built the same way (else ``StoreMismatchError``). ``replace_edited``:
+        a node stored under its id with another text replaces that cache (``index --replace``)
+        instead of being stored beside it under an alias id."""
         require_ragcompress()
         from ragcompress.indexing import Indexer
         from ragcompress.store import Manifest
@@ -64,7 +69,7 @@ class CacheWriter:
             existing = Manifest.read(Path(path))
             existing.check_same_build(indexer.manifest)
             indexer = Indexer.for_store(existing, lm, indexer.embedder, indexer.adaptor)
-        return cls(path, indexer, batch_size)
+        return cls(path, indexer, batch_size, replace_edited)
 
     @classmethod
     def for_existing(cls, path: str, lm: Any | None = None, batch_size: int = 8) -> CacheWriter:
@@ -82,7 +87,8 @@ class CacheWriter:
         return cls(path, Indexer.for_store(manifest, lm, shared_embedder(manifest.embedder)), batch_size)
 
     def _passages(self, nodes: Sequence[BaseNode], known: dict[str, str]) -> tuple[list[str | None], list[Any]]:
-        """Each node's passage id (None without text) and the passages not stored yet."""
+        """Each node's passage id (None without text) and the passages not stored with their text
+        yet (an edited node's under its alias id, or under its own id with ``replace_edited``)."""
         from ragcompress.indexing.inputs import PassageInput
 
         ids: list[str | None] = []
@@ -94,9 +100,10 @@ class CacheWriter:
                 continue
             sha = text_sha(text)
             pid = node.node_id
-            if known.get(pid, sha) != sha or (pid in todo and todo[pid].text_sha != sha):
+            edited = known.get(pid, sha) != sha  # stored under its id with another text
+            if (edited and not self.replace_edited) or (pid in todo and todo[pid].text_sha != sha):
                 pid = alias_id(node.node_id, sha)
-            if pid not in known and pid not in todo:
+            if known.get(pid) != sha and pid not in todo:  # not stored with this text (or replacing it)
                 todo[pid] = PassageInput(pid, text, str(node.metadata.get("title", "")), json_safe(node.metadata))
             ids.append(pid)
         return ids, list(todo.values())
@@ -115,7 +122,7 @@ class CacheWriter:
             ids, pending = self._passages(nodes, writer.known())
             for begin in range(0, len(pending), self.batch_size):
                 records = self.indexer.records(pending[begin : begin + self.batch_size])
-                writer.add(records)
+                writer.add(records, replace=self.replace_edited)
                 written += [record.id for record in records]
             if written and write_index:
                 writer.write_index()

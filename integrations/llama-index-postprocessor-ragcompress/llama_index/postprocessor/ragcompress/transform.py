@@ -31,7 +31,8 @@ class KVCacheTransform(TransformComponent):
 
     Nodes are returned unchanged except for their cache handle in metadata (hidden from LLM and
     embedding text). Nodes already stored with the same text are skipped, so re-running a
-    pipeline only encodes new or edited nodes. The configuration is all in pydantic fields, so
+    pipeline only encodes new or edited nodes; an edited node's cache is stored beside the old one
+    under an alias id, or replaces it with ``replace_edited=True``. The configuration is all in pydantic fields, so
     ``to_dict()`` is deterministic and LlamaIndex's ingestion cache recognises the transform.
     A store built with another model, prompt template, compression or embedder is refused with
     ``StoreMismatchError``.
@@ -52,6 +53,14 @@ class KVCacheTransform(TransformComponent):
         ),
     )
     batch_size: int = Field(default=8, gt=0, description="Passages encoded per forward pass.")
+    replace_edited: bool = Field(
+        default=False,
+        description=(
+            "A node stored under its id with another text replaces that cache (as `ragcompress index "
+            "--replace`); by default the edited text is stored beside it under an alias id, so nodes still "
+            "holding the old text keep resolving to their own cache."
+        ),
+    )
 
     _writer: Any = PrivateAttr(default=None)
 
@@ -93,7 +102,9 @@ class KVCacheTransform(TransformComponent):
         if self._writer is None:
             from llama_index.postprocessor.ragcompress.cache import CacheWriter
 
-            self._writer = CacheWriter.for_build(self.store_path, self.model, self.config, self.batch_size)
+            self._writer = CacheWriter.for_build(
+                self.store_path, self.model, self.config, self.batch_size, self.replace_edited
+            )
         return self._writer
 
     def __call__(self, nodes: Sequence[BaseNode], **kwargs: Any) -> Sequence[BaseNode]:
