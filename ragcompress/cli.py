@@ -234,9 +234,8 @@ def index(
     if ray is not None:
         from ragcompress.indexing.ray_runner import index_on_ray
 
-        if overwrite or replace:
-            flag = "--overwrite" if overwrite else "--replace"
-            raise RagCompressError(f"{flag} is single-process only; run it without --ray")
+        if overwrite:
+            raise RagCompressError("--overwrite is single-process only; run it without --ray")
         report = index_on_ray(
             input,
             store,
@@ -246,6 +245,7 @@ def index(
             config=config,
             batch_size=batch_size,
             progress=_show_progress(as_json),
+            replace=replace,
         )
     else:
         report = run_index(

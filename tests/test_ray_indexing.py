@@ -18,6 +18,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
+from ragcompress.errors import InputError  # noqa: E402
 from ragcompress.indexing import IndexConfig, index  # noqa: E402
 from ragcompress.indexing.ray_runner import index_on_ray, store_digest  # noqa: E402
 from ragcompress.store import shards  # noqa: E402
@@ -95,6 +96,42 @@ def test_ray_store_has_the_single_process_bytes(cluster, tmp_path, tiny_lm, corp
     assert (again.indexed, again.skipped) == (0, N_PASSAGES)
 
 
+def test_replace_on_ray_has_the_single_process_bytes(cluster, tmp_path, tiny_lm, corpus):
+    """``index --replace --ray``: passages whose text changed are re-encoded by the actors and
+    take their stored ones' places; the store equals the one ``index(replace=True)`` leaves in one
+    process from the same starting store (rows, numbers, blobs, embeddings)."""
+    import shutil
+
+    _ray_index(corpus, tmp_path / "ray", tiny_lm)
+    shutil.copytree(tmp_path / "ray", tmp_path / "single")
+    records = _texts(N_PASSAGES)
+    for i in (1, 9):  # two batches, each partly changed
+        records[i]["text"] += " Changed."
+    changed = tmp_path / "changed.jsonl"
+    changed.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(InputError, match="--replace"):
+        _ray_index(changed, tmp_path / "ray", tiny_lm)
+    report = index_on_ray(
+        changed,
+        tmp_path / "ray",
+        lm=tiny_lm,
+        config=CONFIG,
+        batch_size=BATCH,
+        workers=2,
+        embedder_factory=HashEmbedder,
+        replace=True,
+    )
+    assert (report.indexed, report.replaced, report.skipped) == (2, 2, N_PASSAGES - 2)
+    index(
+        changed, tmp_path / "single", lm=tiny_lm, embedder=HashEmbedder(), config=CONFIG, batch_size=BATCH, replace=True
+    )
+    verified = verify_store(tmp_path / "ray")  # the replaced blobs stay, unreferenced, until compact
+    assert verified.ok and verified.passages == N_PASSAGES, verified.problems
+    digest = store_digest(tmp_path / "ray")
+    assert digest == store_digest(tmp_path / "single")
+    assert {row["id"]: row["text"] for row in digest["rows"]}["doc-009"].endswith("Changed.")
+
+
 def test_adaptor_and_low_rank_on_ray_have_the_single_process_bytes(cluster, tmp_path, tiny_lm, corpus):
     """The actors load the store's adaptor and read the basis the driver fitted: same rows, blobs,
     basis and adaptor hash as one process with the same settings."""
@@ -105,7 +142,8 @@ def test_adaptor_and_low_rank_on_ray_have_the_single_process_bytes(cluster, tmp_
         corpus, tmp_path / "ray", lm=tiny_lm, config=config, batch_size=BATCH, workers=2, embedder_factory=HashEmbedder
     )
     assert report.indexed == N_PASSAGES
-    _clean(tmp_path / "ray")
+    verified = verify_store(tmp_path / "ray")  # the replaced blobs stay, unreferenced, until compact
+    assert verified.ok and verified.passages == N_PASSAGES, verified.problems
     digest = store_digest(tmp_path / "ray")
     assert digest["settings"]["encoding"]["adaptor"] and digest["settings"]["compression"]["lowrank"]
     assert digest == store_digest(tmp_path / "single")

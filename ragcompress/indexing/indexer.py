@@ -65,15 +65,15 @@ def warn_if_trained_for_another_store(adaptor: Adaptor, config: IndexConfig) -> 
     if trained.quant is None or trained in (GENERAL, used):
         return  # a general adaptor (trained uncompressed), or the store it was trained for
     warnings.warn(
-        f"adaptor {adaptor.hash[:16]} was trained for a store of {describe(trained)}, this store is "
-        f"{describe(used, config.budget)}; under another compression it can be further from full prefill than "
+        f"adaptor {adaptor.hash[:16]} was trained for a store of {describe_store(trained)}, this store is "
+        f"{describe_store(used, config.budget)}; under another compression it can be further from full prefill than "
         "the general adaptor (--adaptor default; docs/distill.md)",
         UserWarning,
         stacklevel=3,
     )
 
 
-def describe(store: TrainedStore, budget: int | None = None) -> str:
+def describe_store(store: TrainedStore, budget: int | None = None) -> str:
     """``store`` in a warning: method, kept fraction (or budget), widths, rank, weighting."""
     kept = f"budget {budget}" if store.ratio is None else f"{store.ratio:g}"
     rank = f" rank {store.lowrank}" if store.lowrank else ""

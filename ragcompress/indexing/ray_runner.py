@@ -122,25 +122,29 @@ def _connect(address: str, cpus: int) -> None:
         ray.init(address=address, **kwargs)
 
 
-def _work(writer: StoreWriter, input_path: Path, batch_size: int) -> tuple[list[dict[str, Any]], int]:
-    """The batches still to encode (input order, as ``index()`` cuts them) and the passages skipped.
+def _work(writer: StoreWriter, input_path: Path, batch_size: int) -> tuple[list[dict[str, Any]], int, int]:
+    """The batches still to encode (input order, as ``index()`` cuts them), the passages skipped
+    and the passages that will replace a stored one of another text (``replace``; validation
+    refused those without it).
 
-    A batch whose passages are all committed is left out; a partly committed one is sent whole
-    with the committed ids to skip (its cache bits depend on the whole batch)."""
-    items, skipped = [], 0
+    A batch whose passages are all committed with their text is left out; a partly committed one
+    is sent whole with those ids to skip (its cache bits depend on the whole batch)."""
+    items, skipped, stale = [], 0, 0
     for number, batch in enumerate(_batches(iter_passages(input_path), batch_size)):
         known = writer.known_of([p.id for p in batch])
-        skipped += len(known)
-        if len(known) == len(batch):
+        unchanged = sorted(p.id for p in batch if known.get(p.id) == p.text_sha)
+        skipped += len(unchanged)
+        stale += len(known) - len(unchanged)
+        if len(unchanged) == len(batch):
             continue
         items.append(
             {
                 "batch": number,
                 "passages": json.dumps([_passage_json(p) for p in batch]),
-                "skip": json.dumps(sorted(known)),
+                "skip": json.dumps(unchanged),
             }
         )
-    return items, skipped
+    return items, skipped, stale
 
 
 def _results(
@@ -198,6 +202,7 @@ def index_on_ray(
     progress: bool = False,
     lm: LoadedModel | None = None,
     embedder_factory: Callable[[], Any] | None = None,
+    replace: bool = False,
 ) -> IndexReport:
     """Index ``input_path`` into ``store_path`` with ``workers`` Ray actors (module doc).
 
@@ -206,17 +211,20 @@ def index_on_ray(
     ``embedder_factory`` builds each actor's embedder (default: the one ``config.embedder``
     names); it is pickled to the actors, so it must be importable there. ``lm`` is the model the
     driver needs for the manifest and the prefix cache (loaded from ``model`` when not given).
-    A store built with another model or settings is refused, as by ``index()``; ``--overwrite``
-    is single-process only.
+    A store built with another model or settings is refused, as by ``index()``; ``replace``
+    re-encodes passages stored under their id with another text and commits each in the place of
+    the stored one, as ``index(replace=True)`` does; ``--overwrite`` is single-process only.
     """
     start = time.perf_counter()
     if workers < 1 or threads_per_worker < 1:
         raise InputError("--workers and threads per worker must be at least 1")
     input_path, store_path = Path(input_path), Path(store_path)
     exists = (store_path / "manifest.json").is_file()
-    if exists:
+    if exists and not replace:  # the same pass refuses ids stored with another text
         with KVStore.open(store_path) as stored:
             total = validate(input_path, stored.catalogue.shas_of, str(store_path))
+    elif exists:
+        total = validate(input_path)
     else:
         total = validate(input_path)
         if store_path.exists() and (not store_path.is_dir() or any(store_path.iterdir())):
@@ -235,7 +243,7 @@ def index_on_ray(
 
     indexed = 0
     with StoreWriter(store_path) as writer:  # the lock, held to the end; repairs a killed run's shards
-        items, skipped = _work(writer, input_path, batch_size)
+        items, skipped, stale = _work(writer, input_path, batch_size)
         if items:
             _connect(address, workers * threads_per_worker)
             bar = None
@@ -249,7 +257,7 @@ def index_on_ray(
             ):
                 if number != next(expected):  # commits must follow input order (row numbers)
                     raise StoreError(f"ray returned batch {number} out of order; nothing after it was committed")
-                writer.commit(rows)
+                writer.commit(rows, replace=replace)
                 indexed += len(rows)
                 if bar is not None:
                     bar.update(len(rows))
@@ -257,7 +265,7 @@ def index_on_ray(
                 bar.close()
         writer.write_index()
     StoreWriter(store_path).close()  # truncate what no committed row points at (a killed actor's bytes)
-    return IndexReport(total, indexed, skipped, time.perf_counter() - start, str(store_path))
+    return IndexReport(total, indexed, skipped, time.perf_counter() - start, str(store_path), stale)
 
 
 def store_digest(path: str | Path) -> dict[str, Any]:

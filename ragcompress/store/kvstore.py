@@ -489,10 +489,11 @@ class StoreWriter:
         """Delete the passages ``ids`` in one transaction; returns how many were stored."""
         return self.catalogue.remove(ids)
 
-    def commit(self, rows: list[dict[str, Any]]) -> None:
+    def commit(self, rows: list[dict[str, Any]], replace: bool = False) -> None:
         """Commit rows (:func:`catalogue_row`) whose blobs another process already wrote and fsynced
-        into shards it claimed (:class:`~ragcompress.store.shards.ClaimedShards`): a Ray worker."""
-        self.catalogue.add(rows)
+        into shards it claimed (:class:`~ragcompress.store.shards.ClaimedShards`): a Ray worker.
+        ``replace``: as :meth:`add`."""
+        self.catalogue.add(rows, replace=replace)
 
     def write_index(self, params: dict[str, Any] | None = None) -> None:
         """Build the FAISS index (streamed from the catalogue), save it, then record its sha256;
