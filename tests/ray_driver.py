@@ -24,8 +24,8 @@ def main() -> None:
     original = StoreWriter.commit
     commits = {"n": 0}
 
-    def commit(self, rows):
-        original(self, rows)
+    def commit(self, rows, replace=False):
+        original(self, rows, replace=replace)
         commits["n"] += 1
         if commits["n"] == int(kill_after):
             print("killing", flush=True)
