@@ -223,12 +223,10 @@ def index_on_ray(
     if exists and not replace:  # the same pass refuses ids stored with another text
         with KVStore.open(store_path) as stored:
             total = validate(input_path, stored.catalogue.shas_of, str(store_path))
-    elif exists:
-        total = validate(input_path)
     else:
         total = validate(input_path)
-        if store_path.exists() and (not store_path.is_dir() or any(store_path.iterdir())):
-            raise StoreError(f"{store_path} exists and is not a ragcompress store; choose an empty or new --store")
+    if not exists and store_path.exists() and (not store_path.is_dir() or any(store_path.iterdir())):
+        raise StoreError(f"{store_path} exists and is not a ragcompress store; choose an empty or new --store")
     config, model = settings_for(store_path if exists else None, config, model)
     lm = lm or load_model(model)
     embedder = embedder_factory() if embedder_factory is not None else None

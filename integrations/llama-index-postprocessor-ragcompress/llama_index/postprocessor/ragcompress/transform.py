@@ -32,8 +32,9 @@ class KVCacheTransform(TransformComponent):
     Nodes are returned unchanged except for their cache handle in metadata (hidden from LLM and
     embedding text). Nodes already stored with the same text are skipped, so re-running a
     pipeline only encodes new or edited nodes; an edited node's cache is stored beside the old one
-    under an alias id, or replaces it with ``replace_edited=True``. The configuration is all in pydantic fields, so
-    ``to_dict()`` is deterministic and LlamaIndex's ingestion cache recognises the transform.
+    under an alias id, or replaces it with ``replace_edited=True``. The configuration is all in
+    pydantic fields, so ``to_dict()`` is deterministic and LlamaIndex's ingestion cache recognises
+    the transform.
     A store built with another model, prompt template, compression or embedder is refused with
     ``StoreMismatchError``.
 
