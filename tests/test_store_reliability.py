@@ -639,6 +639,73 @@ def test_missing_shard_is_detected_and_named(store_copy):
         StoreWriter(store_copy)  # never re-creates a shard that committed rows point into
 
 
+@pytest.mark.parametrize(
+    "update, message",
+    [
+        ("length = -5", "impossible location"),
+        ("length = 1", "checksum mismatch"),  # the row now ends inside its blob: the "committed end" moved
+        ("offset = 0", "checksum mismatch"),
+    ],
+)
+def test_writer_never_truncates_by_a_damaged_row(store_copy, update, message):
+    """A writer truncates a shard to its last committed blob only when every blob in that shard
+    reads back whole: a damaged row would otherwise move the end and cut off a real passage."""
+    with KVStore.open(store_copy) as kv:  # the last blob of a shard holding more than one
+        last = max((e for e in kv.catalogue.entries() if e.offset > 0), key=lambda e: (e.shard, e.offset))
+    path = store_copy / "shards" / last.shard
+    assert path.stat().st_size == last.offset + last.length
+    with open(path, "ab") as handle:
+        handle.write(b"a killed run's tail")  # so a writer would truncate this shard
+    before = _shard_bytes(store_copy)
+    with sqlite3.connect(store_copy / "catalogue.sqlite") as db:
+        db.execute(f"UPDATE passages SET {update} WHERE id = ?", (last.id,))
+    with pytest.raises(StoreError, match=rf"passage '{last.id}'.*{message}.*the store is damaged.*nothing was changed"):
+        StoreWriter(store_copy)
+    assert _shard_bytes(store_copy) == before
+    with sqlite3.connect(store_copy / "catalogue.sqlite") as db:  # the row repaired, the passage is whole
+        db.execute("UPDATE passages SET offset = ?, length = ? WHERE id = ?", (last.offset, last.length, last.id))
+    _load(store_copy, last.id)
+    StoreWriter(store_copy).close()  # now the tail is cut, and only the tail
+    assert path.read_bytes() == before[last.shard][: last.offset + last.length]
+
+
+def test_a_huge_length_is_refused_before_reading(store_copy):
+    with sqlite3.connect(store_copy / "catalogue.sqlite") as db:
+        db.execute("UPDATE passages SET length = ? WHERE id = 'doc-007'", (1 << 40,))
+    tracemalloc.start()
+    try:
+        with pytest.raises(CorruptSegmentError, match=r"passage 'doc-007': shard .* is truncated"):
+            _load(store_copy, "doc-007")
+        assert _problem_ids(store_copy) == {"doc-007"}
+        assert tracemalloc.get_traced_memory()[1] < 64 << 20  # never allocated what the row claims
+    finally:
+        tracemalloc.stop()
+
+
+def test_unreadable_metadata_is_a_verify_problem(store_copy):
+    with sqlite3.connect(store_copy / "catalogue.sqlite") as db:
+        db.execute("UPDATE passages SET meta = '{bad json' WHERE id = 'doc-007'")
+    report = verify_store(store_copy)
+    assert [(p.kind, p.passage_id, p.message) for p in report.problems] == [
+        ("catalogue", "doc-007", "passage metadata is not a JSON object")
+    ]
+
+
+def test_prefix_without_a_recorded_checksum_is_refused(store_copy):
+    data = json.loads((store_copy / "manifest.json").read_text())
+    data["prefix_sha256"] = ""
+    (store_copy / "manifest.json").write_text(json.dumps(data))
+    with KVStore.open(store_copy) as kv, pytest.raises(CorruptSegmentError, match="records no prefix checksum"):
+        kv.prefix_kv()
+    assert [p.kind for p in verify_store(store_copy).problems] == ["prefix"]
+
+
+def test_prefix_is_decoded_in_each_dtype_asked_for(store_copy):
+    with KVStore.open(store_copy) as kv:
+        assert kv.prefix_kv(torch.float32).keys.dtype == torch.float32
+        assert kv.prefix_kv(torch.bfloat16).keys.dtype == torch.bfloat16
+
+
 def test_writer_refuses_store_without_catalogue(store_copy, clean_store):
     (store_copy / "catalogue.sqlite").unlink()
     with pytest.raises(StoreError, match="no catalogue.sqlite; the store is damaged"):
@@ -798,6 +865,12 @@ def test_no_pickle_or_torch_load_anywhere_in_the_package():
         ("template", {"prefix": "x", "passage_format": "no marker", "suffix_format": "{question}"}, "template"),
         ("compression", {"method": "none", "quant": "int3", "group_size": 32}, "compression"),
         ("prefix_sha256", "../../etc/passwd", "prefix_sha256"),
+        ("compression", {"method": "none", "quant": "int8", "group_size": 32, "lowrank": 1}, "lowrank"),
+        (
+            "compression",
+            {"method": "none", "quant": "int8", "group_size": 32, "lowrank": {"basis_sha256": 5}},
+            "lowrank",
+        ),
         ("format_version", True, "format version"),
         ("model_ref", "", "model_ref"),
     ],
@@ -869,6 +942,29 @@ def test_overwrite_refuses_a_folder_that_is_not_a_store(tiny_lm, corpus, tmp_pat
     with pytest.raises(StoreError, match="not a ragcompress store"):
         _index(tiny_lm, corpus, folder, overwrite=True)
     assert (folder / "thesis.txt").read_text() == "do not delete"
+
+
+def test_failed_overwrite_releases_the_lock_and_leaves_no_copy(tiny_lm, corpus, store_copy, clean_store, tmp_path):
+    """An --overwrite that fails (here the embedder) leaves the old store as it was, writable at
+    once even while the caller keeps the exception (a notebook does), and no half-built copy."""
+
+    class FailingEmbedder(store_worker.HashEmbedder):
+        calls = 0
+
+        def embed(self, texts):
+            FailingEmbedder.calls += 1
+            if FailingEmbedder.calls == 3:
+                raise RuntimeError("embedder failed mid-run")
+            return super().embed(texts)
+
+    with pytest.raises(RuntimeError, match="embedder failed") as caught:
+        index(
+            corpus, store_copy, lm=tiny_lm, embedder=FailingEmbedder(), config=CONFIG, batch_size=BATCH, overwrite=True
+        )
+    assert caught.value is not None  # the exception (and its frames) still held here
+    StoreWriter(store_copy).close()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    _same_content(store_copy, clean_store)
 
 
 def test_overwrite_replaces_store_atomically(tiny_lm, corpus, store_copy, tmp_path):

@@ -262,7 +262,7 @@ def index_on_ray(
             if bar is not None:
                 bar.close()
         writer.write_index()
-    StoreWriter(store_path).close()  # truncate what no committed row points at (a killed actor's bytes)
+        writer.repair_shards()  # truncate what no committed row points at (a killed actor's bytes)
     return IndexReport(total, indexed, skipped, time.perf_counter() - start, str(store_path), stale)
 
 

@@ -158,38 +158,17 @@ def index(
         shutil.rmtree(target, ignore_errors=True)
     elif overwrite and store_path.exists():
         store_path.rmdir()  # an empty directory (checked above)
-
-    if not (target / "manifest.json").is_file():
-        create_store_for(target, indexer)
-
-    indexed = skipped = replaced = 0
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, unit="passage", desc="indexing")
-    # Neighbour-conditioned encoding draws every passage's neighbours from the whole input.
-    pool = indexer.neighbour_pool(list(iter_passages(input_path))) if indexer.context_neighbors else None
-    with StoreWriter(target) as writer:
-        for batch in _batches(iter_passages(input_path), batch_size):
-            known = writer.known_of([p.id for p in batch])
-            unchanged = {p.id for p in batch if known.get(p.id) == p.text_sha}
-            records = indexer.records(batch, skip=unchanged, pool=pool)
-            if records:
-                writer.add(records, replace=replace)
-            indexed += len(records)
-            replaced += sum(1 for r in records if r.id in known)
-            skipped += len(batch) - len(records)
-            if bar is not None:
-                bar.update(len(batch))
-        writer.write_index()
-    if bar is not None:
-        bar.close()
-
-    if target != store_path:
-        replace_store(target, store_path)
-    if old_lock is not None:
-        old_lock.release()
+    try:
+        indexed, skipped, replaced = _write(indexer, input_path, target, total, replace, batch_size, progress)
+        if target != store_path:
+            replace_store(target, store_path)
+    except BaseException:
+        if target != store_path:  # a failed --overwrite leaves the old store as it was, and no half-built copy
+            shutil.rmtree(target, ignore_errors=True)
+        raise
+    finally:
+        if old_lock is not None:  # released even when the caller keeps the exception (a notebook)
+            old_lock.release()
     return IndexReport(total, indexed, skipped, time.perf_counter() - start, str(store_path), replaced)
 
 
@@ -215,3 +194,39 @@ def remove(store_path: str | Path, ids: list[str], *, missing_ok: bool = False) 
         removed = writer.remove(wanted)
         writer.write_index()
     return removed
+
+
+def _write(
+    indexer: Indexer, input_path: Path, target: Path, total: int, replace: bool, batch_size: int, progress: bool
+) -> tuple[int, int, int]:
+    """Encode and commit ``input_path``'s passages into the store at ``target`` (created if
+    absent); returns ``(indexed, skipped, replaced)``."""
+    if not (target / "manifest.json").is_file():
+        create_store_for(target, indexer)
+
+    indexed = skipped = replaced = 0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="passage", desc="indexing")
+    # Neighbour-conditioned encoding draws every passage's neighbours from the whole input.
+    pool = indexer.neighbour_pool(list(iter_passages(input_path))) if indexer.context_neighbors else None
+    try:
+        with StoreWriter(target) as writer:
+            for batch in _batches(iter_passages(input_path), batch_size):
+                known = writer.known_of([p.id for p in batch])
+                unchanged = {p.id for p in batch if known.get(p.id) == p.text_sha}
+                records = indexer.records(batch, skip=unchanged, pool=pool)
+                if records:
+                    writer.add(records, replace=replace)
+                indexed += len(records)
+                replaced += sum(1 for r in records if r.id in known)
+                skipped += len(batch) - len(records)
+                if bar is not None:
+                    bar.update(len(batch))
+            writer.write_index()
+    finally:
+        if bar is not None:
+            bar.close()
+    return indexed, skipped, replaced

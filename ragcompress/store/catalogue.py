@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ragcompress.errors import StoreError
+from ragcompress.store.shards import CommittedBlob
 
 CATALOGUE = "catalogue.sqlite"
 
@@ -95,6 +96,14 @@ class Catalogue:
     def _guard(self) -> Iterator[None]:
         try:
             yield
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):  # another process holds a write transaction
+                raise StoreError(
+                    f"catalogue {self.path} is locked by another process ({exc}); try again when it has finished"
+                ) from None
+            raise StoreError(
+                f"catalogue {self.path} cannot be read ({exc}); run `ragcompress verify` or rebuild the store"
+            ) from None
         except sqlite3.DatabaseError as exc:
             raise StoreError(
                 f"catalogue {self.path} cannot be read ({exc}); run `ragcompress verify` or rebuild the store"
@@ -130,10 +139,10 @@ class Catalogue:
 
     def raw_rows(self) -> Iterator[tuple[Any, ...]]:
         """Every row as SQLite holds it, unvalidated, for :mod:`ragcompress.store.verify`:
-        ``(id, text, text_sha, shard, offset, length, checksum, num_tokens, kept, embedding bytes)``."""
+        ``(id, text, text_sha, meta, shard, offset, length, checksum, num_tokens, kept, embedding bytes)``."""
         with self._guard():
             yield from self.db.execute(
-                "SELECT id, text, text_sha, shard, offset, length, checksum, num_tokens, kept, "
+                "SELECT id, text, text_sha, meta, shard, offset, length, checksum, num_tokens, kept, "
                 "length(embedding) FROM passages ORDER BY row"
             )
 
@@ -218,10 +227,14 @@ class Catalogue:
             return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
         return np.concatenate([r for r, _ in chunks]), np.concatenate([v for _, v in chunks])
 
-    def committed_ends(self) -> dict[str, int]:
-        """End of the last committed blob in each shard."""
+    def committed_blobs(self) -> dict[str, list[CommittedBlob]]:
+        """Each shard's committed blobs (id, offset, length, checksum): what a writer checks
+        before it truncates a shard to the end of its last one."""
+        found: dict[str, list[CommittedBlob]] = {}
         with self._guard():
-            return dict(self.db.execute("SELECT shard, MAX(offset + length) FROM passages GROUP BY shard"))
+            for shard, *blob in self.db.execute("SELECT shard, id, offset, length, checksum FROM passages"):
+                found.setdefault(shard, []).append(CommittedBlob(*blob))
+        return found
 
     def generation(self) -> int:
         """How many commits have removed or replaced rows (SQLite's ``user_version``, 0 in a store

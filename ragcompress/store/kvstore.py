@@ -45,7 +45,7 @@ from ragcompress.retrieval import VectorIndex
 from ragcompress.store import ann, codec
 from ragcompress.store.basis import BASIS, read_basis
 from ragcompress.store.catalogue import CATALOGUE, Catalogue, Entry
-from ragcompress.store.manifest import Manifest
+from ragcompress.store.manifest import MANIFEST, Manifest
 from ragcompress.store.record import PassageRecord
 from ragcompress.store.shards import ShardWriter, checksum, fsync_dir, read_blob
 
@@ -205,7 +205,7 @@ class KVStore:
         self.manifest = manifest
         self._identity = _directory_identity(path)
         self.catalogue = Catalogue(path, readonly=True)
-        self._prefix: PassageKV | None = None
+        self._prefix: dict[torch.dtype, PassageKV] = {}
         self._index: VectorIndex | None = None
         self._index_generation = -1  # the catalogue generation self._index was loaded at
         self._basis: LowRankBasis | None = None
@@ -243,20 +243,23 @@ class KVStore:
         return self.manifest.shape
 
     def prefix_kv(self, dtype: torch.dtype = torch.float32) -> PassageKV:
-        """The shared prefix cache, checked against the manifest's sha256 and model shape."""
-        if self._prefix is None:
+        """The shared prefix cache, checked against the manifest's sha256 and model shape (once
+        per dtype asked for)."""
+        if dtype not in self._prefix:
             try:
                 blob = (self.path / PREFIX).read_bytes()
             except OSError as exc:
                 raise CorruptSegmentError(f"prefix cache {self.path / PREFIX} cannot be read ({exc})") from None
             expected = self.manifest.prefix_sha256
-            if expected and hashlib.sha256(blob).hexdigest() != expected:
+            if not expected:  # create_store always records it: a manifest without one was damaged
+                raise CorruptSegmentError(f"{self.path / MANIFEST} records no prefix checksum; rebuild the store")
+            if hashlib.sha256(blob).hexdigest() != expected:
                 raise CorruptSegmentError(f"prefix cache {self.path / PREFIX}: checksum mismatch; rebuild the store")
             try:
-                self._prefix = codec.decode(blob, dtype, self.shape)
+                self._prefix[dtype] = codec.decode(blob, dtype, self.shape)
             except CorruptSegmentError as exc:
                 raise CorruptSegmentError(f"prefix cache {self.path / PREFIX}: {exc}") from None
-        return self._prefix
+        return self._prefix[dtype]
 
     @property
     def basis(self) -> LowRankBasis | None:
@@ -457,7 +460,7 @@ class StoreWriter:
                 raise StoreError(f"store {path} has no {CATALOGUE}; the store is damaged, rebuild it")
             _remove_temporaries(path)
             self.catalogue = Catalogue(path, readonly=False)
-            self.shards = ShardWriter(path, self.catalogue.committed_ends())
+            self.shards = ShardWriter(path, self.catalogue.committed_blobs())
         except BaseException:
             if hasattr(self, "catalogue"):
                 self.catalogue.close()
@@ -509,6 +512,12 @@ class StoreWriter:
         manifest = Manifest.read(self.path)
         if manifest.index != described:
             dataclasses.replace(manifest, index=described).write(self.path)
+
+    def repair_shards(self) -> None:
+        """Repair the shards again, as opening does, still holding the lock: a Ray run's driver
+        calls it last, when the killed actors' bytes that no committed row points at are known."""
+        self.shards.close()
+        self.shards = ShardWriter(self.path, self.catalogue.committed_blobs())
 
     def close(self) -> None:
         self.shards.close()

@@ -45,6 +45,10 @@ def _check_values(data: dict[str, Any], where: Path) -> None:
         QuantConfig(comp.get("quant", "none"), comp.get("group_size", 32), comp.get("value_quant"))
     except (TypeError, ValueError) as exc:
         raise bad("compression", f"is invalid ({exc})") from None
+    if "lowrank" in comp:  # a low-rank store names the basis its latents are projected with
+        lowrank = comp["lowrank"]
+        if not isinstance(lowrank, dict) or not _SHA256.match(str(lowrank.get("basis_sha256", ""))):
+            raise bad("compression", "has a 'lowrank' entry without a sha256 'basis_sha256'")
     attention = data.get("attention", {})
     temperature = attention.get("temperature", 1.0) if isinstance(attention, dict) else None
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0.1 <= temperature <= 10.0:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 import xxhash
 
@@ -51,8 +51,19 @@ def shard_path(root: Path, name: str) -> Path:
     return root / SHARD_DIR / name
 
 
+class CommittedBlob(NamedTuple):
+    """Where a committed catalogue row says its passage's blob lies, and the blob's checksum."""
+
+    passage_id: str
+    offset: int
+    length: int
+    checksum: str
+
+
 def read_blob(root: Path, name: str, offset: int, length: int, expected: str, passage_id: str) -> bytes:
-    """Read one blob and verify its sha256; any mismatch names the passage and the shard."""
+    """Read one blob and verify its checksum; any mismatch names the passage and the shard. The
+    location is checked against the shard's size before anything is read, so a damaged length
+    cannot allocate more than the shard holds."""
     where = f"passage {passage_id!r}"
     if not isinstance(name, str) or not is_shard_name(name):
         raise CorruptSegmentError(f"{where}: catalogue names shard {name!r}, which is not a valid shard name")
@@ -64,16 +75,17 @@ def read_blob(root: Path, name: str, offset: int, length: int, expected: str, pa
     try:
         with open(path, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
+            if offset >= size:
+                raise CorruptSegmentError(
+                    f"{where}: catalogue row points past the end of shard {name} (offset {offset}, "
+                    f"shard has {size} bytes)"
+                )
             handle.seek(offset)
-            blob = handle.read(length)
+            blob = handle.read(min(length, size - offset))
     except FileNotFoundError:
         raise CorruptSegmentError(f"{where}: shard {name} is missing") from None
     except OSError as exc:
         raise CorruptSegmentError(f"{where}: shard {name} cannot be read ({exc.strerror or exc})") from None
-    if offset >= size:
-        raise CorruptSegmentError(
-            f"{where}: catalogue row points past the end of shard {name} (offset {offset}, shard has {size} bytes)"
-        )
     if len(blob) != length:
         raise CorruptSegmentError(
             f"{where}: shard {name} is truncated ({len(blob)} of {length} bytes at offset {offset})"
@@ -144,36 +156,59 @@ class ClaimedShards:
 class ShardWriter:
     """Appends blobs to the newest committed shard, rolling over at ``max_bytes``.
 
-    ``committed_ends`` maps each shard to the end of its last committed blob (from the catalogue).
-    Opening repairs what a killed writer left: bytes past a committed end are truncated and shards
-    with no committed blob are removed. A shard *shorter* than its committed end has lost data a
-    committed row points at; that is damage, not an interrupted write, and opening refuses.
+    ``committed`` lists, for each shard, the blobs its committed catalogue rows point at.
+    Opening repairs what a killed writer left: bytes past the last committed blob are truncated
+    and shards with no committed blob are removed. Truncation trusts the catalogue's locations, so
+    before cutting a shard every committed blob in it is read back and checked: a damaged row
+    (a wrong offset or length) would otherwise move the "committed end" and cut off a real
+    passage's bytes. A shard *shorter* than its committed end, a row with an impossible location,
+    or a blob that fails its check is damage, not an interrupted write: opening refuses and
+    changes nothing.
     """
 
-    def __init__(self, root: Path, committed_ends: dict[str, int], max_bytes: int | None = None) -> None:
+    def __init__(self, root: Path, committed: dict[str, list[CommittedBlob]], max_bytes: int | None = None) -> None:
         self.root = root
         self.max_bytes = max_bytes or MAX_SHARD_BYTES
         directory = root / SHARD_DIR
         directory.mkdir(exist_ok=True)
-        for name in committed_ends:
+        damaged = f"the store is damaged (run `ragcompress verify --store {root}`); nothing was changed"
+        for name, blobs in committed.items():
             if not shard_path(root, name).is_file():  # validates every name the catalogue holds
+                raise StoreError(f"shard {name} in {root} is missing but committed passages point into it; {damaged}")
+            for blob in blobs:
+                if (
+                    not isinstance(blob.offset, int)
+                    or not isinstance(blob.length, int)
+                    or blob.offset < 0
+                    or blob.length <= 0
+                ):
+                    raise StoreError(
+                        f"passage {blob.passage_id!r} has an impossible location in shard {name} (offset "
+                        f"{blob.offset!r}, length {blob.length!r}); {damaged}"
+                    )
+        ends = {name: max(b.offset + b.length for b in blobs) for name, blobs in committed.items() if blobs}
+        self.name = max(ends) if ends else "00000.kvs"
+        paths = sorted(p for p in directory.iterdir() if _NAME.match(p.name))
+        for path in paths:  # check every shard before changing any
+            end = ends.get(path.name)
+            size = path.stat().st_size
+            if end is not None and size < end:
                 raise StoreError(
-                    f"shard {name} in {root} is missing but committed passages point into it; the store "
-                    f"is damaged (run `ragcompress verify --store {root}`)"
+                    f"shard {path.name} in {root} has {size} bytes but committed passages end at {end}; {damaged}"
                 )
-        self.name = max(committed_ends) if committed_ends else "00000.kvs"
-        for path in sorted(p for p in directory.iterdir() if _NAME.match(p.name)):
-            end = committed_ends.get(path.name)
+            if end is not None and size > end:
+                for blob in committed[path.name]:
+                    try:
+                        read_blob(root, path.name, blob.offset, blob.length, blob.checksum, blob.passage_id)
+                    except CorruptSegmentError as exc:
+                        raise StoreError(
+                            f"{exc}; a writer would truncate shard {path.name} at {end}: {damaged}"
+                        ) from None
+        for path in paths:
+            end = ends.get(path.name)
             if end is None:
                 path.unlink()  # no committed row points here: only a killed run's blobs
-                continue
-            size = path.stat().st_size
-            if size < end:
-                raise StoreError(
-                    f"shard {path.name} in {root} has {size} bytes but committed passages end at "
-                    f"{end}; the store is damaged (run `ragcompress verify --store {root}`)"
-                )
-            if size > end:
+            elif path.stat().st_size > end:
                 with open(path, "r+b") as handle:
                     handle.truncate(end)
                     os.fsync(handle.fileno())

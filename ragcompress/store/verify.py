@@ -21,6 +21,7 @@ writer repairs, and bytes no passage points at since passages were removed or re
 from __future__ import annotations
 
 import hashlib
+import json
 import sqlite3
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -99,6 +100,13 @@ def _check_prefix(root: Path, manifest: Manifest, shape: ModelShape, problems: l
         problems.append(Problem("prefix", str(exc)))
 
 
+def _is_json_object(text: Any) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except (TypeError, ValueError):
+        return False
+
+
 def _check_segments(
     root: Path, catalogue: Catalogue, shape: ModelShape, problems: list[Problem], basis: LowRankBasis | None = None
 ) -> tuple[int, dict[str, int], int | None]:
@@ -106,7 +114,7 @@ def _check_segments(
     ends: dict[str, int] = {}
     dim: int | None = None
     count = 0
-    for pid, text, text_sha, shard, offset, length, digest, num_tokens, kept, emb_bytes in catalogue.raw_rows():
+    for pid, text, text_sha, meta, shard, offset, length, digest, num_tokens, kept, emb_bytes in catalogue.raw_rows():
         count += 1
 
         def fail(message: str, kind: str = "segment", pid: str = pid, shard: Any = shard) -> None:
@@ -119,6 +127,8 @@ def _check_segments(
             ends[shard] = max(ends.get(shard, 0), offset + length)
         if not isinstance(text, str) or hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest() != text_sha:
             fail("passage text does not match its text_sha", "catalogue")
+        if not _is_json_object(meta):  # every search that returns the passage would fail on it
+            fail("passage metadata is not a JSON object", "catalogue")
         if emb_bytes is None or emb_bytes % 4 or not emb_bytes:
             fail(f"embedding has {emb_bytes} bytes, not a float32 vector", "catalogue")
         elif dim is None:
