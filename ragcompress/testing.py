@@ -21,8 +21,10 @@ def make_tiny_model(
     layers: int = 2,
     heads: int = 4,
     kv_heads: int = 2,
+    **overrides: Any,
 ) -> Path:
-    """Save a random ``arch`` causal LM with the SmolLM2 tokenizer to ``directory``."""
+    """Save a random ``arch`` causal LM with the SmolLM2 tokenizer to ``directory``
+    (``overrides``: further config values, e.g. ``sliding_window``)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -47,6 +49,7 @@ def make_tiny_model(
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
         initializer_range=0.2,
+        **overrides,
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)

@@ -17,6 +17,8 @@ from ragcompress.indexing import IndexConfig, index
 from ragcompress.indexing.neighbours import neighbour_order
 from ragcompress.kv.cache import cache_layers
 from ragcompress.runtime.engine import Engine
+from ragcompress.runtime.generate import forward_step
+from ragcompress.runtime.options import AnswerOptions
 from ragcompress.store import KVStore
 
 QUESTION = "What city is the sporting capital of Australia?"
@@ -111,3 +113,17 @@ def test_store_refuses_another_neighbour_count(neighbour_stores, tiny_model_dir,
 def test_config_rejects_bad_counts():
     with pytest.raises(ValueError, match="context_neighbors"):
         IndexConfig(context_neighbors=-1)
+
+
+def test_full_recompute_of_a_neighbour_store_reproduces_full_prefill(neighbour_stores):
+    """A neighbour-conditioned store's first passage was encoded after its neighbours, not after
+    the prefix alone, so recompute must not treat it as exact (as it may an unquantized plain store)."""
+    _, stores = neighbour_stores
+    with Engine.open(stores["n2"]) as engine:
+        assert not engine.store.manifest.passages_exact
+        entries = engine.retrieve(QUESTION, 3)
+        recomputed = engine.prepare(QUESTION, entries, AnswerOptions(recompute=1.0)).first_logits
+        with torch.inference_mode():
+            ids = torch.tensor([engine.full_prompt_ids(QUESTION, entries)])
+            full = forward_step(engine.lm.model, ids, DynamicCache(config=engine.lm.config), 0)
+        torch.testing.assert_close(recomputed, full, atol=1e-4, rtol=1e-4)

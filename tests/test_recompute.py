@@ -56,7 +56,7 @@ def blend_only(engine: Engine, built, segments, entries, recompute):
         segments,
         ids,
         config,
-        first_exact=engine.store.quant.scheme == "none",
+        first_exact=engine.store.manifest.passages_exact,
         score_question=engine.tokens.suffix(QUESTION),
     )
 
@@ -115,7 +115,7 @@ def evicted(kv: PassageKV, seed: int) -> PassageKV:
     return PassageKV(keys, values, positions, lengths, n)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma", "gemma2"])
 def test_full_recompute_reproduces_full_prefill(arch, stores):
     engine = stores(arch)
     entries = engine.retrieve(QUESTION, 3)

@@ -34,7 +34,7 @@ def first_logits(engine: Engine, entries, cached: bool) -> torch.Tensor:
         return forward_step(engine.lm.model, torch.tensor([ids]), DynamicCache(config=engine.lm.config), 0)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma", "gemma2"])
 def test_cached_equals_full_prefill_with_one_passage(arch, tiny_model_dir, passages_file, tmp_path, embedder):
     store = tmp_path / "store"
     lm = load_model(str(tiny_model_dir(arch)))
@@ -172,3 +172,83 @@ def test_int8_store_stays_close_to_none(tiny_lm, passages_file, tmp_path, embedd
     for name, wrong in broken.items():
         monkeypatch.setattr(codec, "dequantize_values_per_token", wrong)
         assert relative_error(reference, first_logits(quant, quant_entries, True)) > INT8_LOGIT_BOUND, name
+
+
+# --- models with sliding-window layers or capped logits -------------------------------------------
+
+WINDOW = 40  # shorter than the prefix plus any sample passage
+
+
+@pytest.fixture(scope="module")
+def sliding_engines(tiny_model_dir, tmp_path_factory, embedder):
+    """A tiny Gemma-3 text model whose layers all slide over 40 tokens: unquantized and int8 stores."""
+    from ragcompress.data import SAMPLE_PASSAGES
+
+    root = tmp_path_factory.mktemp("sliding")
+    passages_file = root / "passages.jsonl"
+    passages_file.write_text("\n".join(SAMPLE_PASSAGES.read_text().splitlines()[:8]) + "\n")
+    lm = load_model(str(tiny_model_dir("gemma3_text", sliding_window=WINDOW)))
+    engines = {}
+    for quant in ("none", "int8"):
+        index(passages_file, root / quant, lm=lm, embedder=embedder, config=IndexConfig(quant=quant))
+        engines[quant] = Engine(KVStore.open(root / quant), lm, embedder)
+    yield engines
+    for engine in engines.values():
+        engine.close()
+
+
+def test_a_passage_longer_than_the_sliding_window_is_stored_whole(sliding_engines):
+    """The encoder keeps every row of a sliding layer (the model's masks still apply the window),
+    so one stored passage answers exactly as full prefill does, though prefix + passage > window."""
+    engine = sliding_engines["none"]
+    entries = engine.retrieve(QUESTION, 1)
+    assert engine.prefix.num_tokens + entries[0].num_tokens > WINDOW
+    assert engine.store.load_kv(entries[0]).keys.shape[2] == entries[0].num_tokens
+    torch.testing.assert_close(
+        first_logits(engine, entries, True), first_logits(engine, entries, False), atol=1e-4, rtol=1e-4
+    )
+
+
+def test_what_does_not_apply_a_sliding_window_refuses_or_answers_alone(sliding_engines):
+    from ragcompress.errors import InputError
+    from ragcompress.runtime.batch import BatchStream, batchable
+    from ragcompress.runtime.options import AnswerOptions
+
+    engine = sliding_engines["int8"]
+    entries = engine.retrieve(QUESTION, 2)
+    with pytest.raises(InputError, match=rf"recompute does not apply the model's sliding window \({WINDOW} tokens\)"):
+        engine.answer_cached(QUESTION, entries, AnswerOptions(recompute=0.2))
+    with pytest.raises(InputError, match="beyond the model's sliding window of 40"):
+        engine.answer_cached(QUESTION, entries, AnswerOptions(backend="packed-torch"))
+    prepared = engine.prepare(QUESTION, entries)
+    assert batchable(prepared) and not batchable(prepared, WINDOW, 4)  # serve answers it alone
+    with pytest.raises(ValueError, match="sliding window, cannot be batched"):
+        BatchStream(engine.lm.model, [prepared], [4], engine.stop_ids)
+    engine.answer_cached(QUESTION, entries)  # plain reuse over the window works
+
+
+def test_capped_logits_pick_the_dense_path(tiny_model_dir, passages_file, tmp_path, embedder):
+    """Gemma-2 caps attention logits, which SDPA and the packed backends do not: ``auto`` answers
+    through the dense path, an explicit packed backend is refused by name."""
+    from ragcompress.errors import InputError
+    from ragcompress.runtime.options import AnswerOptions
+
+    store = tmp_path / "store"
+    lm = load_model(str(tiny_model_dir("gemma2")))
+    index(passages_file, store, lm=lm, embedder=embedder, config=IndexConfig(quant="int8"))
+    with Engine(KVStore.open(store), lm, embedder) as engine:
+        entries = engine.retrieve(QUESTION, 2)
+        assert engine.answer_cached(QUESTION, entries).backend == "dense"
+        with pytest.raises(InputError, match=r"attention logit softcap \(50.0\); use backend dense"):
+            engine.answer_cached(QUESTION, entries, AnswerOptions(backend="packed-torch"))
+
+
+def test_a_packed_backend_names_the_temperature_it_cannot_apply(sliding_engines):
+    from ragcompress.errors import InputError
+    from ragcompress.runtime.options import AnswerOptions
+    from ragcompress.runtime.recompute import RecomputeConfig
+
+    engine = sliding_engines["int8"]
+    options = AnswerOptions(backend="packed-torch", recompute=RecomputeConfig(temperature=0.95))
+    with pytest.raises(InputError, match=r"attention temperature 0.95 .* use backend dense, not packed-torch"):
+        engine.answer_cached(QUESTION, engine.retrieve(QUESTION, 1), options)

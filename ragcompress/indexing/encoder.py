@@ -143,6 +143,7 @@ class PassageEncoder:
             self.lm.config,
             [k.expand(batch, -1, -1, -1).contiguous() for k, _ in self._prefix_rotated],
             [v.expand(batch, -1, -1, -1).contiguous() for _, v in self._prefix_rotated],
+            all_rows=True,  # a sliding-window layer must keep the passage's every row
         )
         position_ids = torch.arange(p, p + n_max).unsqueeze(0).expand(batch, -1)
         inputs = dict(

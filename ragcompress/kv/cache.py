@@ -14,15 +14,24 @@ def cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
-def build_dynamic_cache(config: Any, keys: list[torch.Tensor], values: list[torch.Tensor]) -> DynamicCache:
+def build_dynamic_cache(
+    config: Any, keys: list[torch.Tensor], values: list[torch.Tensor], *, all_rows: bool = False
+) -> DynamicCache:
     """A ``DynamicCache`` holding the given per-layer ``[batch, kv_heads, seq, d]`` tensors.
 
     Plain full-attention layers adopt the tensors as they are (``DynamicLayer.update`` would
     concatenate them onto an empty tensor, one more copy of the whole cache on every request);
     the tensors are never modified in place afterwards, since every later update concatenates.
-    Other layer types (sliding windows) go through their own ``update``.
+    Other layer types (sliding windows) go through their own ``update``, which keeps only the
+    window's last rows; ``all_rows`` makes every layer a full one instead (the model's masks
+    still apply each layer's window): what encoding a passage for the store needs, since a
+    later question may sit anywhere after it.
     """
-    cache = DynamicCache(config=config)
+    cache = DynamicCache(config=None if all_rows else config)
+    if all_rows:
+        for layer_idx, (k, v) in enumerate(zip(keys, values, strict=True)):
+            cache.update(k, v, layer_idx)
+        return cache
     for layer_idx, (k, v) in enumerate(zip(keys, values, strict=True)):
         layer = cache.layers[layer_idx] if layer_idx < len(cache.layers) else None
         if type(layer) is DynamicLayer:

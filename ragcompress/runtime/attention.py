@@ -25,6 +25,24 @@ KV_MASK_KWARG = "ragcompress_kv_mask"
 PACKED_KWARG = "ragcompress_packed"
 
 
+def sliding_window(config: Any) -> int | None:
+    """The window of the model's sliding-window layers (rows further back are out of their
+    reach), or None when every layer attends to the whole sequence (Qwen2 with
+    ``use_sliding_window`` off, Llama, Gemma 1)."""
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", None) is False:
+        return None
+    types = getattr(config, "layer_types", None)
+    if types and "sliding_attention" not in types:
+        return None
+    return int(window)
+
+
+def logit_softcap(config: Any) -> float | None:
+    """Gemma-2's cap on attention logits (``tanh(s / cap) * cap``), None for other models."""
+    return getattr(config, "attn_logit_softcapping", None) or None
+
+
 def allowed_keys(kv_mask: torch.Tensor, q_heads: int, q_len: int, total: int) -> torch.Tensor:
     """Boolean ``[1, q_heads, q_len, total]``: per-head cache rows, then causal new tokens.
 
@@ -49,19 +67,52 @@ def ragged_attention(
     """query ``[B, Hq, q, d]``, key/value ``[B, Hkv, total, d]``; see the module docstring."""
     packed = kwargs.pop(PACKED_KWARG, None)
     if packed is not None:  # quantized segments beside a cache of prefix + new tokens (runtime/packed.py)
-        if kwargs.get("softcap") is not None or kwargs.get("sliding_window") is not None:
-            raise NotImplementedError("packed attention supports neither logit softcapping nor sliding windows")
+        if kwargs.get("softcap") is not None:  # choose_strategy refuses these models
+            raise NotImplementedError("packed attention does not apply logit softcapping")
+        # A sliding window is out of reach here: PackedStrategy refuses a request longer than it.
         scale = kwargs.get("scaling") or module.scaling
         return packed.attend(module.layer_idx, query, key, value, scale), None
     kv_mask = kwargs.pop(KV_MASK_KWARG, None)
+    attend = softcapped_attention if kwargs.get("softcap") is not None else sdpa_attention_forward
     if kv_mask is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        return attend(module, query, key, value, attention_mask, **kwargs)
     layer_mask = kv_mask[module.layer_idx]
     allowed = allowed_keys(layer_mask, query.shape[1], query.shape[2], key.shape[2])
     if attention_mask is not None and attention_mask.dtype == torch.bool:
         allowed = allowed & _align(attention_mask, layer_mask.shape[-1], key.shape[2] - layer_mask.shape[-1])
     kwargs["is_causal"] = False
-    return sdpa_attention_forward(module, query, key, value, allowed, **kwargs)
+    return attend(module, query, key, value, allowed, **kwargs)
+
+
+def softcapped_attention(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    softcap: float,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention with Gemma-2's capped logits (``tanh(s / cap) * cap`` before the softmax), which
+    SDPA cannot apply: the scores are computed here, as Gemma-2's own eager path does. The mask
+    is boolean (True: may attend) or additive; without one the new tokens attend causally.
+    Returns ``[B, q, Hq, d]`` like ``sdpa_attention_forward``."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query, key.transpose(-1, -2)) * (scaling if scaling is not None else module.scaling)
+    scores = torch.tanh(scores / softcap) * softcap
+    total, q_len = key.shape[-2], query.shape[-2]
+    if attention_mask is None:
+        attention_mask = torch.ones(q_len, total, dtype=torch.bool, device=query.device).tril(total - q_len)
+    if attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask, float("-inf"))
+    else:
+        scores = scores + attention_mask[..., :total]
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), None
 
 
 def _align(attention_mask: torch.Tensor, past: int, new: int) -> torch.Tensor:

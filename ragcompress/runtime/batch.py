@@ -36,12 +36,18 @@ from typing import Any
 import torch
 
 from ragcompress.kv.cache import build_preallocated_cache
+from ragcompress.runtime.attention import sliding_window
 from ragcompress.runtime.generate import Prepared
 
 
-def batchable(prepared: Prepared) -> bool:
-    """Whether ``prepared`` can share a batch: a dense cache and no extra attention inputs."""
-    return prepared.backend == "dense" and not prepared.attention_kwargs and prepared.first_logits is None
+def batchable(prepared: Prepared, window: int | None = None, max_new_tokens: int = 0) -> bool:
+    """Whether ``prepared`` can share a batch: a dense cache and no extra attention inputs, and
+    on a model with sliding-window layers (``window``: ``runtime.attention.sliding_window``) a
+    prompt and answer the window covers (the batch lays every layer out like the first, which a
+    sliding layer that dropped rows would break)."""
+    plain = prepared.backend == "dense" and not prepared.attention_kwargs and prepared.first_logits is None
+    span = prepared.position + len(prepared.input_ids) + max_new_tokens
+    return plain and (window is None or span < window)
 
 
 @dataclass
@@ -74,9 +80,13 @@ class BatchStream:
     ) -> None:
         if not requests or len(requests) != len(max_new_tokens):
             raise ValueError("a batch needs requests, each with its max_new_tokens")
-        for prepared in requests:
-            if not batchable(prepared):
-                raise ValueError(f"a {prepared.backend} request with extra attention inputs cannot be batched")
+        window = sliding_window(model.config)
+        for prepared, steps in zip(requests, max_new_tokens, strict=True):
+            if not batchable(prepared, window, steps):
+                raise ValueError(
+                    f"a {prepared.backend} request with extra attention inputs, or longer than the model's "
+                    "sliding window, cannot be batched"
+                )
         self.model = model
         self.requests = requests
         self.stop_ids = stop_ids

@@ -30,7 +30,7 @@ from ragcompress.kv.rope import Rotary
 from ragcompress.models import LoadedModel
 from ragcompress.prompt import PromptTemplate, PromptTokens
 from ragcompress.runtime.assemble import assemble
-from ragcompress.runtime.attention import PACKED_KWARG
+from ragcompress.runtime.attention import PACKED_KWARG, logit_softcap, sliding_window
 from ragcompress.runtime.generate import Prepared
 from ragcompress.runtime.latent_packed import LatentPackedSegments
 from ragcompress.runtime.options import AnswerOptions
@@ -123,6 +123,13 @@ class DenseStrategy:
         built = assemble(
             context.lm.config, context.rotary, context.prefix_keys, context.prefix, segments, context.dtype, spare
         )
+        window = sliding_window(context.lm.config)
+        if self.recompute.recomputes and window is not None and built.next_position + len(suffix) >= window:
+            raise InputError(
+                f"selective recompute does not apply the model's sliding window ({window} tokens), and this "
+                f"prompt spans {built.next_position + len(suffix)}; answer without --recompute, or retrieve "
+                "fewer passages"
+            )
         passage_ids = [context.tokens.passage(e.text) for e in entries] if self.recompute.recomputes else []
         first_logits = repair(
             context.lm.model,
@@ -132,7 +139,7 @@ class DenseStrategy:
             segments,
             passage_ids,
             self.recompute,
-            first_exact=context.store.quant.scheme == "none",
+            first_exact=context.store.manifest.passages_exact,
             suffix=suffix,
         )
         return Prepared(built.cache, suffix, built.next_position, built.attention_kwargs(), first_logits, "dense")
@@ -157,6 +164,13 @@ class PackedStrategy:
         else:
             blobs = [context.store.load_packed(entry) for entry in entries]
             packed = PackedSegments.from_blobs(blobs, start, context.rotary, device, self.kernel)
+        window = sliding_window(context.lm.config)
+        if window is not None and packed.next_position + len(suffix) + max_new_tokens > window:
+            raise InputError(
+                f"the prompt and answer span up to {packed.next_position + len(suffix) + max_new_tokens} tokens, "
+                f"beyond the model's sliding window of {window}, which the packed backends do not apply; "
+                "use backend dense"
+            )
         cache = context.prefix_cache(len(suffix) + max_new_tokens)
         return Prepared(cache, suffix, packed.next_position, {PACKED_KWARG: packed}, None, f"packed-{self.kernel}")
 
@@ -183,18 +197,34 @@ def choose_strategy(context: QueryContext, options: AnswerOptions) -> DenseStrat
     """The strategy ``options.backend`` names (``auto``: the fused kernel where it applies)."""
     quantized = context.store.quant.bits is not None
     latent = "lowrank" in context.store.manifest.compression  # rebuilt at load (kv/lowrank.py)
+    softcap = logit_softcap(context.lm.config)
     backend = options.backend
     if backend == "auto":
         fused = (
-            triton_compiles_on(context.lm.model.device) and quantized and not latent and not options.recompute.active
+            triton_compiles_on(context.lm.model.device)
+            and quantized
+            and not latent
+            and not options.recompute.active
+            and softcap is None
+            and sliding_window(context.lm.config) is None
         )
         backend = "packed-triton" if fused else "dense"
     if backend == "dense":
         return DenseStrategy(options.recompute)
     if not quantized:
         raise InputError(f"backend {backend} needs a quantized store (int8/int4/int2); use backend dense")
-    if options.recompute.active:
+    if softcap is not None:
+        raise InputError(
+            f"backend {backend} does not apply the model's attention logit softcap ({softcap}); use backend dense"
+        )
+    if options.recompute.recomputes:
         raise InputError(f"selective recompute edits an assembled cache; use backend dense, not {backend}")
+    if options.recompute.temperature != 1.0:
+        raise InputError(
+            f"the attention temperature {options.recompute.temperature} (the store's `ragcompress calibrate` "
+            f"result, or the request's) scales an assembled cache; use backend dense, not {backend}, or answer "
+            "without it (AnswerOptions(calibrate=False))"
+        )
     if backend == "packed-triton" and not triton_runs_on(context.lm.model.device):
         raise InputError("backend packed-triton needs triton and the model on a CUDA device (or TRITON_INTERPRET=1)")
     return PackedStrategy(backend.removeprefix("packed-"))

@@ -341,8 +341,9 @@ def blend(
     """Recompute selected passage tokens of ``built`` in place (see the module docstring).
 
     token_ids:   the token ids of every segment's passage (``len == seg.num_tokens``)
-    first_exact: the store is unquantized; then a uniform first segment is already exact and
-                 its tokens are not candidates
+    first_exact: the store's passages are exact after the prefix (``Manifest.passages_exact``:
+                 no quantization, projection, neighbours or adaptor); then a uniform first
+                 segment is already what full prefill computes and its tokens are not candidates
     suffix:      the question's tokens; when given (and something is recomputed) they ride along
                  in the recompute pass (CacheBlend's fused prefill: the weights are read once,
                  not twice), their KV are appended to the cache at ``built.next_position…`` and

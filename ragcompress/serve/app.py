@@ -28,6 +28,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ragcompress.errors import StoreError
+from ragcompress.runtime.attention import sliding_window
 from ragcompress.runtime.batch import BatchStream, batchable
 from ragcompress.runtime.engine import Engine
 from ragcompress.runtime.generate import Prepared, TextDeltas, TokenStream, text_deltas
@@ -226,7 +227,7 @@ class Service:
             except Exception as exc:
                 job.emit(("error", exc))
                 continue
-            if batchable(prepared):
+            if batchable(prepared, sliding_window(engine.lm.config), options.max_new_tokens):
                 members.append((job, query, entries, options, prepared))
             else:
                 alone.append((job, query, entries, options, prepared, time.perf_counter() - prepare_started))

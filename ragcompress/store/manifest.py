@@ -106,6 +106,19 @@ class Manifest:
         comp = self.compression
         return QuantConfig(comp.get("quant", "none"), int(comp.get("group_size", 32)), comp.get("value_quant"))
 
+    @property
+    def passages_exact(self) -> bool:
+        """Whether a stored passage's kept rows are exactly what full prefill computes for it when
+        it directly follows the prefix: no quantization or low-rank projection, encoded alone by
+        the base model (no neighbours before it, no adaptor). Selective recompute then leaves the
+        first retrieved passage alone (eviction keeps exact rows; evicted ones stay evicted)."""
+        return (
+            self.quant.scheme == "none"
+            and "lowrank" not in self.compression
+            and not self.encoding.get("context_neighbors")
+            and not self.encoding.get("adaptor")
+        )
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
