@@ -87,10 +87,11 @@ def test_transform_skips_stored_nodes_and_aliases_edited_ones(tiny, store_copy):
     with KVStore.open(store_copy) as kv:
         assert len(kv) == 6
     edited = Document(id_=again[0].node_id, text=again[0].text + " Edited.", metadata={"title": "x"})
-    transform([edited])
+    (handled,) = transform([edited])
+    assert PASSAGE_KEY not in edited.metadata  # the input node is left as it was; its copy has the handle
     with KVStore.open(store_copy) as kv:
         assert len(kv) == 7
-        alias = edited.metadata[PASSAGE_KEY]
+        alias = handled.metadata[PASSAGE_KEY]
         assert alias.startswith(edited.node_id + "~") and len(alias) == len(edited.node_id) + 17
         assert kv.entry(alias).text == edited.text
         assert kv.entry(edited.node_id).text == again[0].text
@@ -103,13 +104,13 @@ def test_transform_replaces_edited_nodes_when_asked(tiny, store_copy, tmp_path):
     transform = KVCacheTransform(store_path=store_copy, model=tiny, replace_edited=True)
     original = sample_documents()[0]
     edited = Document(id_=original.doc_id, text=original.text + " Edited.", metadata=original.metadata)
-    transform([edited])
+    (handled,) = transform([edited])
     fresh = str(tmp_path / "fresh")
     KVCacheTransform(store_path=fresh, model=tiny)(
         [Document(id_=edited.doc_id, text=edited.text, metadata=original.metadata)]
     )
     with KVStore.open(store_copy) as kv, KVStore.open(fresh) as reference:
-        assert len(kv) == 6 and edited.metadata[PASSAGE_KEY] == edited.doc_id
+        assert len(kv) == 6 and handled.metadata[PASSAGE_KEY] == edited.doc_id
         entry = kv.entry(edited.doc_id)
         assert entry.text == edited.text
         assert entry.checksum == reference.entry(edited.doc_id).checksum
@@ -117,6 +118,64 @@ def test_transform_replaces_edited_nodes_when_asked(tiny, store_copy, tmp_path):
     transform([Document(id_=edited.doc_id, text=edited.text, metadata=original.metadata)])
     with KVStore.open(store_copy) as kv:
         assert len(kv) == 6 and kv.entry(edited.doc_id).checksum == entry.checksum
+
+
+def test_rerunning_a_pipeline_with_a_docstore_processes_nothing(tiny, tmp_path):
+    """The transform leaves its input documents unchanged, so a docstore pipeline's second run over
+    the same documents sees no change (it hashes the inputs after the transformations ran)."""
+    from llama_index.core.ingestion import DocstoreStrategy
+    from llama_index.core.storage.docstore import SimpleDocumentStore
+
+    docstore = SimpleDocumentStore()
+    runs = []
+    for _ in range(2):
+        transform = KVCacheTransform(store_path=str(tmp_path / "store"), model=tiny)
+        pipeline = IngestionPipeline(
+            transformations=[transform], docstore=docstore, docstore_strategy=DocstoreStrategy.UPSERTS
+        )
+        runs.append(len(pipeline.run(documents=sample_documents(3))))
+    assert runs == [3, 0]
+
+
+def test_concurrent_queries_computing_missing_caches_take_turns(tiny, store_copy):
+    """Four async queries over nodes the store lacks, at once: each waits for the one writing
+    (they used to fail with "being written by pid <own pid>"), and each node is stored once."""
+    synthesizer = KVCacheSynthesizer(store_copy, max_new_tokens=4)
+    nodes = [
+        NodeWithScore(node=TextNode(id_=f"new-{i}", text=d.text), score=1.0) for i, d in enumerate(sample_documents(2))
+    ]
+
+    async def ask_all():
+        return await asyncio.gather(*(synthesizer.asynthesize(QUESTION, nodes) for _ in range(4)))
+
+    responses = asyncio.run(ask_all())
+    assert len({r.response for r in responses}) == 1
+    assert synthesizer.engine.store.catalogue.count() == 8
+
+
+def test_async_streaming_leaves_the_event_loop_free(built):
+    store, nodes = built
+    synthesizer = KVCacheSynthesizer(store, max_new_tokens=16, streaming=True)
+
+    async def stream_and_tick():
+        ticks = 0
+        done = asyncio.Event()
+
+        async def ticker():
+            nonlocal ticks
+            while not done.is_set():
+                ticks += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(ticker())
+        response = await synthesizer.asynthesize(QUESTION, [NodeWithScore(node=n, score=1.0) for n in nodes[:2]])
+        text = "".join([delta async for delta in response.async_response_gen()])
+        done.set()
+        await task
+        return text, ticks
+
+    text, ticks = asyncio.run(stream_and_tick())
+    assert text and ticks > 2  # the loop ran between tokens (0 when decoding blocked it)
 
 
 def test_transform_to_dict_is_deterministic_and_ingestion_cache_hits(tiny, tmp_path):

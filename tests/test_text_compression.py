@@ -101,6 +101,39 @@ def test_word_pruning_keeps_whole_words_in_order_within_budget(lm):
     assert sum(len(lm.tokenizer(" " + w, add_special_tokens=False)["input_ids"]) for w in kept) <= budget + 1
 
 
+def test_each_token_belongs_to_the_word_its_text_starts_in():
+    """Byte-level BPE puts the space before a word into the word's first token ("ĠMelbourne"
+    starts at the space): that token is the word's, not the previous word's."""
+    from transformers import AutoTokenizer
+
+    from ragcompress.models import DEFAULT_MODEL, resolve_model_dir
+    from ragcompress.text.selfinfo import _WORD, word_tokens
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(DEFAULT_MODEL))
+    text = "Culturally, Melbourne is home to 1,234 museums.\n\nThe city  hosts events."
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    words = [(m.start(), m.end()) for m in _WORD.finditer(text)]
+    members = word_tokens(text, encoded["offset_mapping"], words)
+    pieces = {
+        text[a:b]: tokenizer.decode([encoded["input_ids"][t] for t in tokens]).strip()
+        for (a, b), tokens in zip(words, members, strict=True)
+    }
+    assert pieces == {word: word for word in pieces}  # every word decodes from exactly its own tokens
+    assert list(pieces) == [
+        "Culturally,",
+        "Melbourne",
+        "is",
+        "home",
+        "to",
+        "1,234",
+        "museums.",
+        "The",
+        "city",
+        "hosts",
+        "events.",
+    ]
+
+
 def test_rate_one_returns_text_unchanged(lm):
     (out,) = SelfInformationCompressor(lm).compress([TEXT], rate=1.0)
     assert out.text == TEXT and out.ratio == 1.0

@@ -65,15 +65,10 @@ class SelfInformationCompressor(TextCompressor):
         scores = self.surprisal(ids)
         if self.unit == "token":
             keep = sorted(torch.topk(scores, budget).indices.tolist())
-            return self.tokenizer.decode([ids[i] for i in keep]).strip()
+            # a character split over byte-level tokens, not all kept, decodes to U+FFFD: drop it
+            return self.tokenizer.decode([ids[i] for i in keep]).replace("\ufffd", "").strip()
         words = [(m.start(), m.end()) for m in _WORD.finditer(text)]
-        members: list[list[int]] = [[] for _ in words]
-        w = 0
-        for t, (s, e) in enumerate(offsets):
-            while w + 1 < len(words) and s >= words[w + 1][0]:
-                w += 1
-            if words and e > s:
-                members[w].append(t)
+        members = word_tokens(text, offsets, words)
         units = [(float(scores[m].mean()), i, len(m)) for i, m in enumerate(members) if m]
         kept, used = [], 0
         for _, i, cost in sorted(units, key=lambda u: (-u[0], u[1])):
@@ -86,3 +81,20 @@ class SelfInformationCompressor(TextCompressor):
 
     def config(self) -> dict[str, Any]:
         return {"method": self.name, "unit": self.unit, "window": self.window}
+
+
+def word_tokens(text: str, offsets: list[tuple[int, int]], words: list[tuple[int, int]]) -> list[list[int]]:
+    """The tokens of each word (``words``: character spans in ``text``), by where each token's
+    text starts. Byte-level BPE offsets include the space before a word (``"ĠMelbourne"`` starts
+    at the space), so a token's leading whitespace is skipped first; a whitespace-only token
+    belongs to no word."""
+    members: list[list[int]] = [[] for _ in words]
+    w = 0
+    for t, (start, end) in enumerate(offsets):
+        piece = text[start:end]
+        start += len(piece) - len(piece.lstrip())
+        while w + 1 < len(words) and start >= words[w + 1][0]:
+            w += 1
+        if words and end > start:
+            members[w].append(t)
+    return members

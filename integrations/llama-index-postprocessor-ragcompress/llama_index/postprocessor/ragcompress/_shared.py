@@ -8,17 +8,33 @@ transform, a postprocessor, a synthesizer and the baseline LLM hold one copy of 
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import json
+from collections.abc import AsyncGenerator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from llama_index.core.schema import BaseNode, MetadataMode
 
 STORE_KEY = "ragcompress_store"
 PASSAGE_KEY = "ragcompress_passage_id"
 HANDLE_KEYS = (STORE_KEY, PASSAGE_KEY)
+
+T = TypeVar("T")
+
+
+async def iterate_in_thread(items: Iterator[T]) -> AsyncGenerator[T, None]:
+    """A blocking iterator (a token stream) as an async one: each item is computed on a worker
+    thread, so the event loop keeps serving other tasks while the model decodes."""
+    done = object()
+    while True:
+        item = await asyncio.to_thread(next, items, done)
+        if item is done:
+            return
+        yield item  # type: ignore[misc]
+
 
 _INSTALL_HINT = "`pip install ragcompress` (the KV-cache library this integration drives)"
 

@@ -10,6 +10,7 @@ never mix. :class:`CacheResolver` maps nodes to store entries, computing missing
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,6 +39,18 @@ def alias_id(node_id: str, sha: str) -> str:
     return f"{node_id}~{sha[:16]}"
 
 
+# How long a writer waits for another one (another process indexing the same store).
+WRITER_WAIT_S = 600.0
+_LOCKS: dict[str, threading.Lock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def _writing(path: str) -> threading.Lock:
+    """This process's lock for writing the store at ``path`` (one writer thread at a time)."""
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(path, threading.Lock())
+
+
 class CacheWriter:
     """Computes and commits caches for nodes; see :meth:`for_build` and :meth:`for_existing`.
 
@@ -61,14 +74,28 @@ class CacheWriter:
         instead of being stored beside it under an alias id."""
         require_ragcompress()
         from ragcompress.indexing import Indexer
-        from ragcompress.store import Manifest
+        from ragcompress.indexing.run import attach_basis
+        from ragcompress.store import KVStore, Manifest
 
         lm = shared_model(model)
         indexer = Indexer.from_config(lm, config, shared_embedder(config.embedder))
+        spec = config.rank_spec()
         if (Path(path) / "manifest.json").is_file():
             existing = Manifest.read(Path(path))
-            existing.check_same_build(indexer.manifest)
-            indexer = Indexer.for_store(existing, lm, indexer.embedder, indexer.adaptor)
+            with KVStore.open(Path(path)) as store:  # a low-rank store's basis, as its manifest records it
+                joined = Indexer.for_store(existing, lm, indexer.embedder, indexer.adaptor).with_store_basis(store)
+                lowrank = existing.compression.get("lowrank")
+                if spec is not None and store.basis is not None and isinstance(lowrank, dict):
+                    indexer = indexer.with_basis(store.basis, spec, str(lowrank.get("calibration")))
+            existing.check_same_build(indexer.manifest)  # the same settings, rank spec included
+            indexer = joined
+        elif spec is not None:  # a new low-rank store: its basis is fitted on a passage file
+            if config.calibration is None:
+                raise ValueError(
+                    "a new low-rank store (rank or rank_energy) needs its calibration passages: give "
+                    "IndexConfig(calibration=PASSAGES_JSONL), or build the store with `ragcompress index` first"
+                )
+            indexer = attach_basis(indexer, config, spec, Path(config.calibration), None)
         return cls(path, indexer, batch_size, replace_edited)
 
     @classmethod
@@ -77,14 +104,16 @@ class CacheWriter:
         require_ragcompress()
         from ragcompress.errors import StoreError
         from ragcompress.indexing import Indexer
-        from ragcompress.store import Manifest
+        from ragcompress.store import KVStore, Manifest
 
         if not Path(path).is_dir():
             raise StoreError(f"store {path} does not exist; build it with KVCacheTransform or `ragcompress index`")
         manifest = Manifest.read(Path(path))
         lm = lm or shared_model(manifest.model_ref)
         check_model(manifest, lm, path)
-        return cls(path, Indexer.for_store(manifest, lm, shared_embedder(manifest.embedder)), batch_size)
+        indexer = Indexer.for_store(manifest, lm, shared_embedder(manifest.embedder))
+        with KVStore.open(Path(path)) as store:  # a low-rank store's latents need its basis
+            return cls(path, indexer.with_store_basis(store), batch_size)
 
     def _passages(self, nodes: Sequence[BaseNode], known: dict[str, str]) -> tuple[list[str | None], list[Any]]:
         """Each node's passage id (None without text) and the passages not stored with their text
@@ -115,17 +144,21 @@ class CacheWriter:
 
         start = time.perf_counter()
         path = Path(self.path)
-        if not (path / "manifest.json").is_file():
-            create_store(path, self.indexer.manifest, self.indexer.prefix_kv)
         written: list[str] = []
-        with StoreWriter(path) as writer:
-            ids, pending = self._passages(nodes, writer.known())
-            for begin in range(0, len(pending), self.batch_size):
-                records = self.indexer.records(pending[begin : begin + self.batch_size])
-                writer.add(records, replace=self.replace_edited)
-                written += [record.id for record in records]
-            if written and write_index:
-                writer.write_index()
+        # Concurrent queries (aquery, threads) take turns; another process (a pipeline with
+        # num_workers, `ragcompress index`) is waited for. What is stored is read again under the
+        # lock, so a node another writer just stored is not encoded twice.
+        with _writing(self.path):
+            if not (path / "manifest.json").is_file():
+                create_store(path, self.indexer.manifest, self.indexer.prefix_kv)
+            with StoreWriter(path, wait_s=WRITER_WAIT_S) as writer:
+                ids, pending = self._passages(nodes, writer.known())
+                for begin in range(0, len(pending), self.batch_size):
+                    records = self.indexer.records(pending[begin : begin + self.batch_size])
+                    writer.add(records, replace=self.replace_edited)
+                    written += [record.id for record in records]
+                if written and write_index:
+                    writer.write_index()
         for node, pid in zip(nodes, ids, strict=True):
             if pid is not None:
                 set_handle(node, self.path, pid)

@@ -6,14 +6,20 @@ hands to ``BaseSynthesizer`` so no hosted LLM is ever needed.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
-from llama_index.core.base.llms.types import CompletionResponse, CompletionResponseGen, LLMMetadata
+from llama_index.core.base.llms.types import (
+    CompletionResponse,
+    CompletionResponseAsyncGen,
+    CompletionResponseGen,
+    LLMMetadata,
+)
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.llms.callbacks import llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 
-from llama_index.postprocessor.ragcompress._shared import shared_model
+from llama_index.postprocessor.ragcompress._shared import iterate_in_thread, shared_model
 
 
 class LocalLLM(CustomLLM):
@@ -95,3 +101,21 @@ class LocalLLM(CustomLLM):
         for delta in self._stream(prompt):
             text += delta
             yield CompletionResponse(text=text, delta=delta, additional_kwargs=dict(self._last))
+
+    @llm_completion_callback()
+    async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        """:meth:`complete` with the decoding on a worker thread (the event loop keeps running)."""
+        text = await asyncio.to_thread(lambda: "".join(self._stream(prompt)))
+        return CompletionResponse(text=text, additional_kwargs=dict(self._last))
+
+    @llm_completion_callback()
+    async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
+        """:meth:`stream_complete`, each token decoded on a worker thread."""
+
+        async def responses() -> CompletionResponseAsyncGen:
+            text = ""
+            async for delta in iterate_in_thread(self._stream(prompt)):
+                text += delta
+                yield CompletionResponse(text=text, delta=delta, additional_kwargs=dict(self._last))
+
+        return responses()

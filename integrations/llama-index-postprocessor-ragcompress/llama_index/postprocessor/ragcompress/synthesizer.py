@@ -10,7 +10,7 @@ computed and stored on the fly (``compute_missing``), so it works behind any ret
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Generator, Sequence
+from collections.abc import Generator, Sequence
 from typing import Any
 
 import llama_index.core.instrumentation as instrument
@@ -29,6 +29,7 @@ from llama_index.core.response_synthesizers.base import BaseSynthesizer, QueryTe
 from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
 
 from llama_index.postprocessor.ragcompress._shared import (
+    iterate_in_thread,
     require_ragcompress,
     shared_embedder,
     shared_model,
@@ -220,13 +221,8 @@ class KVCacheSynthesizer(BaseSynthesizer):
     ) -> RESPONSE_TYPE:
         response = await asyncio.to_thread(self.synthesize, query, nodes, additional_source_nodes)
         if isinstance(response, StreamingResponse):
-            sync_gen = response.response_gen
-
-            async def agen() -> AsyncGenerator[str, None]:
-                for delta in sync_gen:
-                    yield delta
-
-            return AsyncStreamingResponse(agen(), source_nodes=response.source_nodes, metadata=response.metadata)
+            deltas = iterate_in_thread(iter(response.response_gen))  # decoding off the event loop
+            return AsyncStreamingResponse(deltas, source_nodes=response.source_nodes, metadata=response.metadata)
         return response
 
     def _chunk_nodes(self, text_chunks: Sequence[str]) -> list[NodeWithScore]:

@@ -29,8 +29,8 @@ class KVCacheTransform(TransformComponent):
     """Encodes each node after the store's shared prefix, compresses and quantizes its cache and
     commits it to the store at ``store_path`` (created on first use), keyed by the node id.
 
-    Nodes are returned unchanged except for their cache handle in metadata (hidden from LLM and
-    embedding text). Nodes already stored with the same text are skipped, so re-running a
+    Returns copies of the nodes, each with its cache handle in metadata (hidden from LLM and
+    embedding text); the input nodes are not changed. Nodes already stored with the same text are skipped, so re-running a
     pipeline only encodes new or edited nodes; an edited node's cache is stored beside the old one
     under an alias id, or replaces it with ``replace_edited=True``. The configuration is all in
     pydantic fields, so ``to_dict()`` is deterministic and LlamaIndex's ingestion cache recognises
@@ -109,8 +109,22 @@ class KVCacheTransform(TransformComponent):
         return self._writer
 
     def __call__(self, nodes: Sequence[BaseNode], **kwargs: Any) -> Sequence[BaseNode]:
-        self.writer.write(nodes)
-        return nodes
+        """Copies of ``nodes`` with their cache handles. The inputs are left as they were: an
+        ``IngestionPipeline`` hashes its input documents for its docstore and cache after the
+        transformations have run, and a handle written into them would make every re-run see
+        changed documents."""
+        handled = [
+            node.model_copy(
+                update={
+                    "metadata": dict(node.metadata),
+                    "excluded_llm_metadata_keys": list(node.excluded_llm_metadata_keys),
+                    "excluded_embed_metadata_keys": list(node.excluded_embed_metadata_keys),
+                }
+            )
+            for node in nodes
+        ]
+        self.writer.write(handled)
+        return handled
 
     async def acall(self, nodes: Sequence[BaseNode], **kwargs: Any) -> Sequence[BaseNode]:
         return await asyncio.to_thread(self.__call__, nodes, **kwargs)
