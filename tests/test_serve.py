@@ -238,7 +238,7 @@ BAD_REQUESTS = [
     ({"messages": [{"role": "user", "content": 7}]}, 400, "invalid_value"),
     ({"messages": [{"role": "robot", "content": "Who?"}]}, 400, "invalid_value"),
     ({"messages": [{"role": "user"}]}, 400, "invalid_value"),
-    ({"messages": [{"role": "system", "content": "Be brief."}]}, 400, None),
+    ({"messages": [{"role": "system", "content": "Be brief."}]}, 400, "invalid_value"),
     ({"messages": [{"role": "user", "content": "   "}]}, 400, "invalid_value"),
     ({"messages": [{"role": "user", "content": "\ud800 lone surrogate"}]}, 400, "invalid_value"),
     ({"messages": [{"role": "user", "content": "x" * 5000}]}, 400, "too_long"),
@@ -246,15 +246,18 @@ BAD_REQUESTS = [
     (chat("Who?", max_tokens="8"), 400, "invalid_value"),
     (chat("Who?", max_tokens=True), 400, "invalid_value"),
     (chat("Who?", max_tokens=0), 400, "invalid_value"),
-    (chat("Who?", max_tokens=10**6), 400, None),
+    (chat("Who?", max_tokens=10**6), 400, "invalid_value"),
     (chat("Who?", stream="yes"), 400, "invalid_value"),
     (chat("Who?", n=2), 400, "unsupported"),
     (chat("Who?", ragcompress={"top_k": 0}), 400, "invalid_value"),
-    (chat("Who?", ragcompress={"top_k": 1000}), 400, None),
+    (chat("Who?", ragcompress={"top_k": 1000}), 400, "invalid_value"),
     (chat("Who?", ragcompress={"top_k": 1.5}), 400, "invalid_value"),
     (chat("Who?", ragcompress={"recompute": 2.0}), 400, "invalid_value"),
     (chat("Who?", ragcompress={"passage_ids": []}), 400, "invalid_value"),
-    (chat("Who?", ragcompress={"passage_ids": ["a"], "top_k": 2}), 400, None),
+    (chat("Who?", ragcompress={"passage_ids": ["a"], "top_k": 2}), 400, "invalid_value"),
+    ({"messages": [{"role": "user", "content": "Who?"}] * 300}, 400, "too_long"),
+    (b"[" * 200_000, 400, "invalid_json"),  # nesting deeper than the parser's recursion
+    (b'{"messages":' + b"[" * 100_000, 400, "invalid_json"),
     (chat("Who?", ragcompress={"passage_ids": "../../etc/passwd"}), 400, "invalid_value"),
     (chat("Who?", ragcompress={"store": "/tmp/other"}), 400, "invalid_value"),
     (chat("Who?", ragcompress={"passage_ids": ["../../etc/passwd"]}), 404, "passage_not_found"),
@@ -281,12 +284,12 @@ def test_bad_requests_get_openai_style_4xx(engine):
             assert response.status_code == status, (body if len(body) < 200 else body[:50], response.text)
             error = response.json()["error"]
             assert set(error) == {"message", "type", "param", "code"} and error["message"]
-            if code is not None:
-                assert error["code"] == code, (body, error)
+            assert error["code"] == code, (str(body)[:80], error)
         missing_query, string_top_k, wrong_method, unicode = responses[len(BAD_REQUESTS) :]
         assert missing_query.status_code == 400 and missing_query.json()["error"]["param"] == "query"
         assert string_top_k.status_code == 400
-        assert wrong_method.status_code == 405 and "error" in wrong_method.json()
+        assert wrong_method.status_code == 405 and wrong_method.json()["error"]["code"] == "method_not_allowed"
+        assert wrong_method.headers["Allow"] == "POST"
         question = "Who won? 🏆 誰が勝った？ من فاز؟"
         assert unicode.status_code == 200
         assert unicode.json()["choices"][0]["message"]["content"] == expected(engine, question).answer
@@ -324,6 +327,36 @@ def test_full_queue_answers_429_and_the_queued_request_still_completes(engine):
             assert response.json()["error"]["code"] == "queue_full"
         assert queued.status_code == 200
         assert queued.json()["choices"][0]["message"]["content"] == expected(engine, QUESTIONS[1]).answer
+
+
+def test_a_client_that_gave_up_frees_its_queue_place(engine):
+    """A waiting request whose client disconnected is not counted, and its place is free for the
+    next request at once (not when the generation thread reaches it)."""
+    release = threading.Event()
+    with in_process(engine, queue_size=1) as (_, app):
+        worker = app.state.service.worker
+        worker.submit(Job(lambda engine, job: release.wait(30), lambda event: None))
+        deadline = time.monotonic() + 10
+        while not worker.busy and time.monotonic() < deadline:
+            time.sleep(0.01)
+        gave_up = Job(lambda engine, job: None, lambda event: None)
+        worker.submit(gave_up)
+        assert worker.waiting == 1
+        gave_up.cancel()
+        assert worker.waiting == 0
+        worker.submit(Job(lambda engine, job: None, lambda event: None))  # was refused: queue full
+        release.set()
+
+
+def test_a_requests_recompute_keeps_the_presets_selection(engine, monkeypatch):
+    from ragcompress.runtime.recompute import RecomputeConfig
+    from ragcompress.serve.protocol import parse_chat
+
+    monkeypatch.setattr(engine, "options", engine.options.replace(recompute=RecomputeConfig(0.05, selection="mixed")))
+    with in_process(engine) as (_, app):
+        service = app.state.service
+        query = parse_chat(chat("Who?", ragcompress={"recompute": 0.2}), service.settings, 8)
+        assert service._options(query, engine).recompute == RecomputeConfig(0.2, selection="mixed")
 
 
 def test_corrupt_passage_fails_only_its_request(engine):

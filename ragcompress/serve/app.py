@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,6 @@ from ragcompress.runtime.engine import Engine
 from ragcompress.runtime.generate import Prepared, TextDeltas, TokenStream, text_deltas
 from ragcompress.runtime.options import AnswerOptions
 from ragcompress.runtime.prepare import DenseStrategy, choose_strategy
-from ragcompress.runtime.recompute import RecomputeConfig
 from ragcompress.serve.metrics import Metrics
 from ragcompress.serve.protocol import (
     ApiError,
@@ -163,7 +162,8 @@ class Service:
     def _options(self, query: ChatQuery, engine: Engine) -> AnswerOptions:
         options = engine.options.replace(max_new_tokens=query.max_new_tokens)
         if query.recompute is not None:
-            options = options.replace(recompute=RecomputeConfig(ratio=query.recompute))
+            # the request sets the fraction; the preset's selection, sinks and check layer stay
+            options = options.replace(recompute=replace(options.recompute, ratio=query.recompute))
         return options
 
     def answer(self, query: ChatQuery, engine: Engine, job: Job) -> None:
@@ -213,7 +213,8 @@ class Service:
         then their questions are prefilled and their answers decoded in one batch
         (:class:`~ragcompress.runtime.batch.BatchStream`); the answers are the unbatched ones.
         A request that fails while it is prepared fails alone; one whose prepared cache cannot
-        be batched (per-head eviction masks) is decoded alone."""
+        be batched (per-head eviction masks, a sliding window it outgrows) is decoded alone, and
+        fails alone."""
         started = time.perf_counter()
         members: list[tuple[Job, ChatQuery, list[Any], AnswerOptions, Any]] = []
         alone: list[tuple[Job, ChatQuery, list[Any], AnswerOptions, Any, float]] = []
@@ -233,7 +234,10 @@ class Service:
                 alone.append((job, query, entries, options, prepared, time.perf_counter() - prepare_started))
         for job, query, entries, options, prepared, prepare_s in alone:
             stream = TokenStream(engine.lm.model, partial(_ready, prepared), options.max_new_tokens, engine.stop_ids)
-            self._decode(query, engine, job, entries, options, stream, started, prepare_s)
+            try:
+                self._decode(query, engine, job, entries, options, stream, started, prepare_s)
+            except Exception as exc:  # fails this request alone, not the batch waiting behind it
+                job.emit(("error", exc))
         if not members:
             return
         batch = BatchStream(
@@ -555,7 +559,9 @@ async def metrics(request: Request) -> Response:
 async def http_error(request: Request, exc: Exception) -> Response:
     """404 and 405 from routing, in OpenAI's error shape."""
     assert isinstance(exc, HTTPException)
-    error = ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code="not_found")
+    code = "method_not_allowed" if exc.status_code == 405 else "not_found"
+    message = f"{request.method} {request.url.path}: {exc.detail}"
+    error = ApiError(exc.status_code, message, code=code, headers=dict(exc.headers or {}))  # 405 keeps its Allow
     return error_response(_service(request), request.url.path, error)
 
 

@@ -74,6 +74,8 @@ def parse_json(body: bytes) -> dict[str, Any]:
         raise ApiError(400, "the request body is not valid UTF-8", code="invalid_json") from None
     except ValueError as exc:
         raise ApiError(400, f"the request body is not valid JSON ({exc})", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "the request body nests JSON too deeply", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
     return data
@@ -168,14 +170,19 @@ class ChatQuery:
 def parse_chat(data: dict[str, Any], settings: ServeSettings, default_max_tokens: int) -> ChatQuery:
     request: ChatRequest = _validated(ChatRequest, data)
     if len(request.messages) > settings.max_messages:
-        raise ApiError(400, f"at most {settings.max_messages} messages are accepted", param="messages")
+        raise ApiError(400, f"at most {settings.max_messages} messages are accepted", param="messages", code="too_long")
     if request.n not in (None, 1):
         raise ApiError(400, "only n=1 is supported", param="n", code="unsupported")
     if request.tools:
         raise ApiError(400, "tool calls are not supported", param="tools", code="unsupported")
     users = [i for i, message in enumerate(request.messages) if message.role == "user"]
     if not users:
-        raise ApiError(400, "messages hold no user message: the last user message is the question", param="messages")
+        raise ApiError(
+            400,
+            "messages hold no user message: the last user message is the question",
+            param="messages",
+            code="invalid_value",
+        )
     last = request.messages[users[-1]]
     param = f"messages.{users[-1]}.content"
     if isinstance(last.content, list):
@@ -189,11 +196,19 @@ def parse_chat(data: dict[str, Any], settings: ServeSettings, default_max_tokens
     max_tokens = request.max_completion_tokens or request.max_tokens or default_max_tokens
     if max_tokens > settings.max_tokens:
         raise ApiError(
-            400, f"max_tokens {max_tokens} exceeds this service's limit of {settings.max_tokens}", param="max_tokens"
+            400,
+            f"max_tokens {max_tokens} exceeds this service's limit of {settings.max_tokens}",
+            param="max_tokens",
+            code="invalid_value",
         )
     rag = request.ragcompress or RagOptions()
     if rag.passage_ids is not None and rag.top_k is not None:
-        raise ApiError(400, "give ragcompress.passage_ids or ragcompress.top_k, not both", param="ragcompress")
+        raise ApiError(
+            400,
+            "give ragcompress.passage_ids or ragcompress.top_k, not both",
+            param="ragcompress",
+            code="invalid_value",
+        )
     top_k = rag.top_k if rag.passage_ids is None else None
     wanted = len(rag.passage_ids) if rag.passage_ids is not None else top_k or settings.top_k
     if wanted > settings.max_top_k:
@@ -201,6 +216,7 @@ def parse_chat(data: dict[str, Any], settings: ServeSettings, default_max_tokens
             400,
             f"{wanted} passages asked for; this service answers from at most {settings.max_top_k}",
             param="ragcompress.passage_ids" if rag.passage_ids is not None else "ragcompress.top_k",
+            code="invalid_value",
         )
     passage_ids = None
     if rag.passage_ids is not None:
@@ -229,7 +245,12 @@ def parse_retrieve(data: dict[str, Any], settings: ServeSettings) -> RetrieveQue
     request: RetrieveRequest = _validated(RetrieveRequest, data)
     top_k = request.top_k or settings.top_k
     if top_k > settings.max_top_k:
-        raise ApiError(400, f"top_k {top_k} exceeds this service's limit of {settings.max_top_k}", param="top_k")
+        raise ApiError(
+            400,
+            f"top_k {top_k} exceeds this service's limit of {settings.max_top_k}",
+            param="top_k",
+            code="invalid_value",
+        )
     return RetrieveQuery(_text(request.query, "the query", settings.max_question_chars, "query"), top_k)
 
 

@@ -90,7 +90,8 @@ class Worker:
 
     @property
     def waiting(self) -> int:
-        return len(self._jobs)
+        """Jobs waiting whose clients have not given up."""
+        return sum(1 for job in self._jobs if not job.cancelled.is_set())
 
     @property
     def busy(self) -> bool:
@@ -105,6 +106,8 @@ class Worker:
         with self._cv:
             if self._stopping:
                 raise ShuttingDown("the service is shutting down")
+            # a client that gave up while waiting frees its place now, not when the thread reaches it
+            self._jobs = deque(waiting for waiting in self._jobs if not waiting.cancelled.is_set())
             if len(self._jobs) >= self.queue_size:
                 wait = self._service_s * (len(self._jobs) + int(self._busy))
                 raise QueueFull(max(1, min(60, math.ceil(wait))))
