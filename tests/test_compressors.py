@@ -25,6 +25,7 @@ from ragcompress.compressors import (
     method_names,
 )
 from ragcompress.compressors.probe import run_probe
+from ragcompress.compressors.scorer import keep_budget
 from ragcompress.indexing import IndexConfig
 from ragcompress.indexing.encoder import PassageEncoder
 from ragcompress.prompt import PromptTemplate
@@ -72,7 +73,7 @@ def test_method_keeps_exactly_its_budget(method, ratio, encoded):
     compressor = make_compressor(method, ratio=ratio)
     out = compressor.compress(kv, CompressionContext(encoder, ids))
     n = len(ids)
-    budget = int(n * ratio)
+    budget = keep_budget(n, ratio, None)
     layers, heads = out.lengths.shape
     if isinstance(compressor, GlobalBudget):
         assert int(out.lengths.sum()) == layers * heads * budget
@@ -174,14 +175,23 @@ def test_knorm_keeps_lowest_norm_keys(encoded):
     assert (out.positions == expected).all()
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma"])
-def test_probe_attention_equals_model_attention(arch, tiny_model_dir):
+@pytest.mark.parametrize(
+    "arch, config",
+    [
+        ("llama", {}),
+        ("qwen2", {}),
+        ("gemma", {}),
+        ("gemma2", {"attn_logit_softcapping": 1.0}),  # capped logits, and a cap that bites
+        ("gemma3_text", {"sliding_window": 16}),  # shorter than prefix + passage
+    ],
+)
+def test_probe_attention_equals_model_attention(arch, config, tiny_model_dir):
     """The probe's recomputed queries give the model's own (eager) attention weights."""
     from transformers import AutoModelForCausalLM
 
     from ragcompress.models import load_model
 
-    path = str(tiny_model_dir(arch))
+    path = str(tiny_model_dir(arch, **config))
     lm = load_model(path)
     encoder = PassageEncoder(lm, PromptTemplate.from_tokenizer(lm.tokenizer))
     ids = encoder.tokens.passage(TEXT)
@@ -420,3 +430,25 @@ def test_evicted_cache_equals_full_prefill_with_evicted_keys_masked(
         reference = forward_step(lm.model, torch.tensor([suffix]), cache, p + n, **{KV_MASK_KWARG: visible})
     torch.testing.assert_close(cached, reference, atol=1e-4, rtol=1e-4)
     engine.close()
+
+
+def test_a_ratio_keeps_what_it_says_despite_floating_point():
+    from ragcompress.compressors.scorer import keep_budget
+
+    assert keep_budget(100, 0.29, None) == 29  # 100 * 0.29 == 28.999999999999996
+    assert keep_budget(300, 0.21, None) == 63
+    assert keep_budget(10, 0.25, None) == 2 and keep_budget(3, 0.01, None) == 1
+
+
+def test_value_norm_is_refused_for_scores_it_would_reverse():
+    with pytest.raises(ValueError, match="reverses the order of negative or log scores such as knorm's"):
+        make_compressor("global:knorm", ratio=0.5, value_norm=True)
+    make_compressor("global:kvzip", ratio=0.5, value_norm=True)
+
+
+def test_store_of_names_the_methods_default_ratio():
+    from ragcompress.indexing import IndexConfig
+    from ragcompress.indexing.indexer import store_of
+
+    assert store_of(IndexConfig(method="global:kvzip", quant="int4")).ratio == 0.5
+    assert store_of(IndexConfig()).ratio == 1.0

@@ -142,3 +142,20 @@ def test_training_quantization_is_the_codecs_with_an_identity_gradient(scheme):
     assert not torch.equal(k[mask], keys[mask])  # it did quantize
     (k.sum() + 2 * v.sum()).backward()
     assert torch.equal(k_in.grad, torch.ones_like(keys)) and torch.equal(v_in.grad, torch.full_like(values, 2.0))
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("offset", [0.0, 20.0, -60.0, 100.0])
+def test_a_group_far_from_zero_keeps_every_value_within_half_a_step(bits, offset):
+    """The fp16 min and scale are what the codes are measured from: a channel with a large offset
+    (fp16's own step there can exceed the quantization step) must not clamp at the top."""
+    from ragcompress.kv.quant import dequantize, quantize_last_dim
+
+    x = torch.rand(64, 32, generator=torch.Generator().manual_seed(0)) * 0.5 + offset
+    codes, scale, lo = quantize_last_dim(x, bits)
+    error = (dequantize(codes, scale, lo) - x).abs()
+    assert (error <= scale.float().unsqueeze(-1) / 2 + 1e-6).all()
+    assert (lo.float() <= x.amin(-1)).all()
+    # the stored step is the ideal one, widened by at most the fp16 rounding of the min
+    ideal = (x.amax(-1) - x.amin(-1)) / ((1 << bits) - 1)
+    assert (scale.float() <= ideal + torch.finfo(torch.float16).eps * abs(offset) * 2 / ((1 << bits) - 1) + 1e-3).all()

@@ -72,6 +72,12 @@ class AdaptiveBudget(Compressor):
             raise ValueError(f"{self.name}: inner must be a scoring method, got {type(self.inner).__name__}")
         if not 0.0 <= self.floor <= 1.0:
             raise ValueError(f"{self.name}: floor must be in [0, 1], got {self.floor!r}")
+        if self.value_norm and not self.inner.positive_scores:
+            raise ValueError(
+                f"{self.name}:{self.inner.name}: value_norm multiplies scores by value norms, which reverses the "
+                f"order of negative or log scores such as {self.inner.name}'s; use it with kvzip, snapkv or "
+                "expected-attention"
+            )
 
     def config(self) -> dict[str, Any]:
         inner = self.inner.config()

@@ -46,6 +46,13 @@ class ExpectedAttentionCompressor(ScorerCompressor):
     vnorm: bool = True
     epsilon: float = 0.02
 
+    @property
+    def comparable_across_layers(self) -> bool:  # type: ignore[override]
+        """Weighted by raw value norms (``vnorm``), scores grow with depth as the norms do, so a
+        ``global:`` pool must standardise them per layer; the plain expected attention is a
+        probability, comparable as it is."""
+        return not self.vnorm
+
     def __post_init__(self) -> None:
         super().__post_init__()
         for field in ("window", "future"):

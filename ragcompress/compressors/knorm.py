@@ -21,6 +21,7 @@ from ragcompress.kv import PassageKV
 class KnormCompressor(ScorerCompressor):
     name = "knorm"
     comparable_across_layers = False  # key norms differ in scale from layer to layer
+    positive_scores = False  # minus the key norm
 
     def score(self, kv: PassageKV, context: CompressionContext) -> torch.Tensor:
         """``[L, H, n]``: minus the key norm."""

@@ -19,6 +19,7 @@ from ragcompress.kv import PassageKV
 @dataclass(frozen=True)
 class LearnedCompressor(ScorerCompressor):
     name = "learned"
+    positive_scores = False  # predicted log-scores
 
     def score(self, kv: PassageKV, context: CompressionContext) -> torch.Tensor:
         from ragcompress.distill.adaptor import SCORER_BIAS, SCORER_WEIGHT

@@ -97,17 +97,23 @@ def run_probe(
     model = encoder.lm.model
     p, m = encoder.prefix_len, len(probe_ids)
     layers = rotated_context(encoder, kv, context_len)
-    cache = build_dynamic_cache(model.config, [k for k, _ in layers], [v for _, v in layers])
+    # every row kept in every layer (a sliding layer's cache would drop the passage's first rows);
+    # the window is applied to the scores below, as the model's own masks apply it to its attention
+    cache = build_dynamic_cache(model.config, [k for k, _ in layers], [v for _, v in layers], all_rows=True)
+    softcap = getattr(model.config, "attn_logit_softcapping", None)
     n_layers, kv_heads = kv.keys.shape[:2]
     acc = torch.zeros((n_layers, kv_heads, score_len)) if attention else None
     queries: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
     scaling = [0.0] * n_layers
 
     @functools.cache
-    def hidden_keys(c: int, total: int) -> torch.Tensor:
-        """``[c, total]`` True where a chunk query cannot see the key (causality); shared by layers."""
+    def hidden_keys(c: int, total: int, window: int | None) -> torch.Tensor:
+        """``[c, total]`` True where a chunk query cannot see the key: causality, and on a
+        sliding-window layer keys ``window`` or more positions back; shared by layers."""
         first = total - c  # cache index of the chunk's first query
-        return torch.arange(total) > (first + torch.arange(c)).unsqueeze(-1)
+        query = (first + torch.arange(c)).unsqueeze(-1)
+        hidden = torch.arange(total) > query
+        return hidden | (query - torch.arange(total) >= window) if window else hidden
 
     def hook(module: Any, args: Any, kwargs: dict[str, Any], output: Any) -> None:
         layer = module.layer_idx
@@ -124,7 +130,9 @@ def run_probe(
         c, total = q.shape[1], keys.shape[1]
         q = q.view(kv_heads, -1, c, q.shape[-1])  # [Hkv, g, c, d]
         logits = torch.einsum("hgcd,htd->hgct", q, keys) * module.scaling
-        logits.masked_fill_(hidden_keys(c, total), float("-inf"))
+        if softcap:  # Gemma-2 caps its attention logits before the softmax
+            logits = torch.tanh(logits / softcap) * softcap
+        logits.masked_fill_(hidden_keys(c, total, getattr(module, "sliding_window", None)), float("-inf"))
         # softmax weights of the passage columns only: exp(logit - logsumexp over every key)
         weights = (logits[..., p : p + score_len] - logits.logsumexp(dim=-1, keepdim=True)).exp_()
         if weights.shape[-1] < score_len:  # keys of later probe chunks do not exist yet

@@ -64,6 +64,7 @@ def _build(cls: type[Compressor], params: dict[str, Any], method: str) -> Compre
         raise ValueError(
             f"method {method!r} takes no parameter {', '.join(unknown)}; "
             f"its parameters are: {', '.join(accepted) or '(none)'}"
+            + ("; to evict tokens, choose a method with --method (e.g. global:kvzip)" if method == "none" else "")
         )
     try:
         return cls(**params)

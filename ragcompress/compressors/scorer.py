@@ -5,7 +5,7 @@
 value per cached token, layer and KV head, and the base keeps the ``budget`` highest-scoring
 tokens of every head, sorted by position, with their original positions recorded.
 
-Budget: ``budget`` tokens per head when given, else ``max(1, int(n * ratio))`` (``ratio`` is the
+Budget: ``budget`` tokens per head when given, else ``max(1, floor(n * ratio))`` of the exact product (``ratio`` is the
 fraction *kept*). The first ``keep_first`` and last ``keep_last`` tokens of the passage are
 always kept (they count against the budget):
 
@@ -40,7 +40,7 @@ def keep_budget(n: int, ratio: float, budget: int | None) -> int:
     """Tokens kept per head for a passage of ``n`` tokens."""
     if budget is not None:
         return min(n, budget)
-    return min(n, max(1, int(n * ratio)))
+    return min(n, max(1, int(n * ratio + 1e-9)))  # 0.29 * 100 is 28.999... in floating point: 29
 
 
 def protected_mask(kv: PassageKV, keep_first: int, keep_last: int, budget: int) -> torch.Tensor:
@@ -103,6 +103,9 @@ class ScorerCompressor(Compressor):
     # key norms cannot: their scale differs by layer). ``global:`` standardises each layer's
     # scores first when they cannot (adaptive.py).
     comparable_across_layers: ClassVar[bool] = True
+    # Scores are non-negative attention masses (weighting them by value norms keeps their order
+    # meaningful); False for scorers whose scores are negative or logarithmic.
+    positive_scores: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.ratio, (int, float)) or not 0.0 < self.ratio <= 1.0:

@@ -17,6 +17,7 @@ import copy
 from typing import TYPE_CHECKING
 
 import torch
+from transformers import DynamicCache
 
 from ragcompress.kv import PassageKV
 from ragcompress.kv.cache import build_dynamic_cache, cache_layers
@@ -47,8 +48,9 @@ class PassageEncoder:
         self.rotary = Rotary(lm.model)
         self.prefix_ids = self.tokens.prefix()
         with torch.inference_mode():
-            out = lm.model(torch.tensor([self.prefix_ids]), use_cache=True)
-            rotated = cache_layers(out.cache if hasattr(out, "cache") else out.past_key_values)
+            cache = DynamicCache()  # full layers: a sliding-window layer must keep the prefix whole too
+            lm.model(torch.tensor([self.prefix_ids]), cache=cache, use_cache=True)
+            rotated = cache_layers(cache)
         # plain tensors, not inference tensors: training runs passage forwards with autograd on
         self._prefix_rotated = [(k.clone(), v.clone()) for k, v in rotated]
         self.prefix_kv = self._unrotate_full(self._prefix_rotated, start=0, batch_index=0, length=len(self.prefix_ids))

@@ -49,7 +49,12 @@ POSITION_HEADROOM = 64
 def store_of(config: IndexConfig) -> TrainedStore:
     """``config``'s compression as :func:`trained_store` describes an adaptor's (ratio None: a
     ``--budget`` store, tokens per head, never the fraction an adaptor is trained for)."""
-    ratio = None if config.budget is not None else 1.0 if config.ratio is None else float(config.ratio)
+    if config.budget is not None:
+        ratio = None
+    elif config.ratio is not None:
+        ratio = float(config.ratio)
+    else:  # the method's own default (global:kvzip keeps 0.5 when --ratio is not given)
+        ratio = float(config.compressor().config().get("ratio", 1.0))
     spec = config.rank_spec()
     return TrainedStore(
         config.method, ratio, config.quant_config().name, spec.as_dict() if spec else None, config.value_norm

@@ -83,10 +83,25 @@ def quantize_last_dim(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.T
     lo = x.amin(dim=-1)
     hi = x.amax(dim=-1)
     levels = (1 << bits) - 1
-    scale = ((hi - lo) / levels).to(torch.float16).float().clamp_min(1e-8)
-    lo16 = lo.to(torch.float16).float()
+    # The min and scale are stored in fp16, so the codes are measured from the *stored* min
+    # (rounded down, never above a value) with a scale rounded up to cover the whole range: a
+    # group far from zero (a channel with a large offset: fp16's step there can exceed the
+    # quantization step) then keeps every value within half a step instead of clamping.
+    lo16 = _to_fp16(lo, rounding="down")
+    scale = _to_fp16(((hi - lo16) / levels).clamp_min(1e-8), rounding="up")
     codes = torch.round((x - lo16.unsqueeze(-1)) / scale.unsqueeze(-1)).clamp_(0, levels)
     return codes.to(torch.uint8), scale.to(torch.float16), lo16.to(torch.float16)
+
+
+def _to_fp16(x: torch.Tensor, rounding: str) -> torch.Tensor:
+    """``x`` (fp32) as the nearest fp16 value at or below it (``down``) or at or above it (``up``),
+    returned as fp32."""
+    near = x.to(torch.float16)
+    if rounding == "down":
+        moved = torch.nextafter(near, torch.tensor(float("-inf"), dtype=torch.float16))
+        return torch.where(near.float() > x, moved, near).float()
+    moved = torch.nextafter(near, torch.tensor(float("inf"), dtype=torch.float16))
+    return torch.where(near.float() < x, moved, near).float()
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
