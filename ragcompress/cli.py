@@ -14,7 +14,7 @@ from typing import Any
 
 import typer
 
-from ragcompress.errors import RagCompressError
+from ragcompress.errors import CorruptSegmentError, RagCompressError
 
 app = typer.Typer(
     add_completion=False,
@@ -185,7 +185,11 @@ def index(
     calibration_passages: int | None = typer.Option(
         None, "--calibration-passages", help="passages of the calibration sample used (default 64)"
     ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="rebuild an existing store (swapped in when complete)"),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="rebuild an existing store (swapped in when complete), with its own settings unless others are given",
+    ),
     replace: bool = typer.Option(
         False, "--replace", help="re-encode passages stored under their id with another text, replacing them"
     ),
@@ -269,8 +273,13 @@ def index(
         + f", skipped {report.skipped} already stored, "
         f"in {report.seconds:.1f} s -> {store}\n"
         f"KV bytes per token: {sizes['kv_bytes_per_token']['stored']:.0f} stored vs "
-        f"{sizes['kv_bytes_per_token']['fp16']:.0f} fp16 ({sizes['compression']:.2f}x smaller)",
+        f"{sizes['kv_bytes_per_token']['fp16']:.0f} fp16 ({_ratio_words(sizes['compression'])})",
     )
+
+
+def _ratio_words(compression: float) -> str:
+    """``fp16 bytes / stored bytes`` in words: an unquantized (fp32) store is larger than fp16."""
+    return f"{compression:.2f}x smaller" if compression >= 1 else f"{1 / compression:.2f}x larger"
 
 
 def store_sizes(store: Any) -> dict[str, Any]:
@@ -707,7 +716,11 @@ def verify(
     if not report.ok:
         first = report.problems[0]
         typer.echo(
-            f"error: store {store} failed verification: {len(report.problems)} problems, first: {first}", err=True
+            f"error: store {store} failed verification: {len(report.problems)} problems, first: {first}. "
+            f"Damaged passages: `ragcompress remove --store {store} ID ...`, then `ragcompress index` again "
+            "re-encodes them; a lost shard, manifest or catalogue: rebuild with `ragcompress index --input ... "
+            f"--store {store} --overwrite`",
+            err=True,
         )
         raise SystemExit(1)
 
@@ -751,6 +764,7 @@ def serve(
             preset=preset,
             top_k=top_k,
             max_top_k=max(16, top_k),
+            max_tokens=max(1024, max_new_tokens or 0),  # the default answer length is always allowed
             max_batch=batch,
         )
     except ValueError as exc:
@@ -769,7 +783,8 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except RagCompressError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        hint = " (run `ragcompress verify --store ...`: it lists the damage and how to repair it)"
+        typer.echo(f"error: {exc}{hint if isinstance(exc, CorruptSegmentError) else ''}", err=True)
         sys.exit(1)
     except (typer.Exit, SystemExit) as exc:
         code = getattr(exc, "exit_code", getattr(exc, "code", 0))

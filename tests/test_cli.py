@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -73,7 +74,8 @@ def test_ask_json_shape(cli_store, monkeypatch, capfd):
     )
     assert code == 0, err
     data = json.loads(out)
-    assert set(data) == {"answer", "passage_ids", "ttft_s", "total_s"}
+    assert set(data) == {"answer", "passage_ids", "ttft_s", "total_s", "backend"}
+    assert data["backend"] == "dense"
     assert len(data["passage_ids"]) == 2 and data["ttft_s"] > 0 and data["total_s"] >= data["ttft_s"]
     assert out.count("\n") == 1
 
@@ -308,3 +310,45 @@ def test_train_alpha_defaults_to_twice_the_rank_and_can_be_set(options, alpha, t
     with pytest.raises(Stop):
         run_cli(args + options, monkeypatch, capfd)
     assert seen == {"rank": 32, "alpha": alpha}
+
+
+def test_overwrite_without_settings_keeps_the_stores_own(cli_store, tmp_path, monkeypatch, capfd):
+    """`index --overwrite` alone rebuilds with the store's settings (here int8), not the defaults."""
+    import shutil
+
+    from ragcompress.store import Manifest
+
+    source, _, passages = cli_store
+    store = tmp_path / "store"
+    shutil.copytree(source, store)
+    before = Manifest.read(store)
+    code, out, err = run_cli(
+        ["index", "--input", str(passages), "--store", str(store), "--overwrite"], monkeypatch, capfd
+    )
+    assert code == 0, err
+    after = Manifest.read(store)
+    assert after.compression == before.compression and after.compression["quant"] == "int8"
+    assert after.model_ref == before.model_ref
+    assert "x smaller)" in out
+
+
+def test_a_store_larger_than_fp16_says_so(tiny_model_dir, tmp_path, monkeypatch, capfd):
+    from ragcompress.data import SAMPLE_PASSAGES
+
+    passages = tmp_path / "passages.jsonl"
+    passages.write_text("\n".join(SAMPLE_PASSAGES.read_text().splitlines()[:2]) + "\n")
+    args = ["index", "--input", str(passages), "--store", str(tmp_path / "s"), "--model", str(tiny_model_dir("llama"))]
+    code, out, err = run_cli(args, monkeypatch, capfd)
+    assert code == 0, err
+    assert re.search(r"fp16 \(\d\.\d\dx larger\)", out)  # quant none keeps fp32 rows
+
+
+def test_a_changed_model_is_named_with_the_way_to_rebuild(cli_store):
+    from dataclasses import replace
+
+    from ragcompress.errors import StoreMismatchError
+    from ragcompress.store import Manifest
+
+    manifest = Manifest.read(cli_store[0])
+    with pytest.raises(StoreMismatchError, match=r"has changed since the store was built .* with --overwrite"):
+        manifest.check_same_build(replace(manifest, model_fingerprint="0" * 64))

@@ -584,6 +584,35 @@ def test_second_writer_in_process_fails_and_lock_is_released(store_copy):
     StoreWriter(store_copy).close()
 
 
+def test_search_runs_again_when_rows_were_replaced_between_its_two_reads(store_copy, tiny_lm, tmp_path):
+    """A search reads the index, then the rows it names. If a writer removes the last passage and
+    adds another in between, SQLite gives the new passage the removed one's row number: the hit
+    must not come back as the new passage with the removed one's score."""
+    embedder = store_worker.HashEmbedder()
+    with KVStore.open(store_copy) as kv:
+        last = max(kv.catalogue.entries(), key=lambda e: e.row)
+        query = embedder.embed([last.text])[0]
+        kv.search(query, 1)  # the index is built before the race
+        original = kv.catalogue.by_rows
+
+        def racing(rows):
+            kv.catalogue.by_rows = original
+            with StoreWriter(store_copy) as writer:
+                writer.remove([last.id])
+            _index(
+                tiny_lm,
+                _write(tmp_path / "new.jsonl", [{"id": "newcomer", "text": "An unrelated passage."}]),
+                store_copy,
+            )
+            return original(rows)
+
+        kv.catalogue.by_rows = racing
+        ((entry, score),) = kv.search(query, 1)
+        assert kv.entry("newcomer").row == last.row  # the race really reused the row number
+        assert entry.id != last.id
+        assert score == pytest.approx(float(np.dot(embedder.embed([entry.text])[0], query)), abs=1e-5)
+
+
 # --- corruption ---------------------------------------------------------------------------------
 
 

@@ -68,7 +68,12 @@ def settings_for(
     passages without repeating every option), else the defaults."""
     if existing is None:
         return config or IndexConfig(), model
-    manifest = Manifest.read(existing)
+    try:
+        manifest = Manifest.read(existing)
+    except StoreError as exc:
+        raise StoreError(
+            f"{exc} (to rebuild it, give its settings, e.g. --preset or --quant, with --overwrite)"
+        ) from None
     return config or config_from_manifest(manifest), model or manifest.model_ref
 
 
@@ -144,7 +149,8 @@ def index(
         total = validate(input_path)
     if overwrite and not exists and store_path.exists() and (not store_path.is_dir() or any(store_path.iterdir())):
         raise StoreError(f"{store_path} is not a ragcompress store; refusing to overwrite it")
-    config, model = settings_for(store_path if exists and not overwrite else None, config, model)
+    # --overwrite with no settings rebuilds the store with its own (a new model version, a damaged shard)
+    config, model = settings_for(store_path if exists and (not overwrite or config is None) else None, config, model)
     lm = lm or load_model(model)
     indexer = run_indexer(lm, config, embedder, input_path, store_path if exists and not overwrite else None)
 
@@ -180,7 +186,10 @@ def remove(store_path: str | Path, ids: list[str], *, missing_ok: bool = False) 
     unreferenced, until ``ragcompress compact`` (``ragcompress verify`` counts their bytes)."""
     store_path = Path(store_path)
     if not (store_path / "manifest.json").is_file():
-        raise StoreError(f"{store_path} is not a ragcompress store (no manifest.json)")
+        raise StoreError(
+            f"{store_path} is not a ragcompress store (no manifest.json); check the --store path, "
+            "or build one with `ragcompress index`"
+        )
     wanted = list(dict.fromkeys(ids))
     with StoreWriter(store_path) as writer:
         stored = writer.known_of(wanted)
@@ -189,7 +198,7 @@ def remove(store_path: str | Path, ids: list[str], *, missing_ok: bool = False) 
             shown = ", ".join(repr(pid) for pid in missing[:5]) + (" ..." if len(missing) > 5 else "")
             raise InputError(
                 f"{len(missing)} of the ids to remove are not in {store_path}: {shown}; nothing was removed "
-                "(check the ids, or pass --missing-ok to remove the others)"
+                "(check the ids, or remove the others with --missing-ok, missing_ok=True in Python)"
             )
         removed = writer.remove(wanted)
         writer.write_index()

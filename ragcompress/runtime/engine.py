@@ -9,6 +9,7 @@ token generator (:class:`~ragcompress.runtime.generate.TokenStream`).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import torch
 from ragcompress.errors import InputError, StoreError
 from ragcompress.models import LoadedModel, load_model
 from ragcompress.retrieval import Embedder
-from ragcompress.runtime.generate import Prepared, TokenStream, stop_token_ids
+from ragcompress.runtime.generate import Prepared, TokenStream, stop_token_ids, text_deltas
 from ragcompress.runtime.options import AnswerOptions
 from ragcompress.runtime.prepare import QueryContext, choose_strategy, full_prefill, prefix_cached_prefill
 from ragcompress.store import KVStore
@@ -39,12 +40,13 @@ class Answer:
     backend: str = "dense"
 
     def to_json(self) -> dict[str, Any]:
-        """The ``ask --json`` object (DESIGN §3)."""
+        """The ``ask --json`` object (DESIGN §3, extended with the attention path that ran)."""
         return {
             "answer": self.answer,
             "passage_ids": self.passage_ids,
             "ttft_s": self.ttft_s,
             "total_s": self.total_s,
+            "backend": self.backend,
         }
 
 
@@ -235,8 +237,13 @@ class Engine:
     def ask(self, question: str, top_k: int = 3, options: AnswerOptions | None = None) -> Answer:
         return self.answer_cached(question, self.retrieve(question, top_k), options)
 
+    def text_pieces(self, tokens: Iterable[int]) -> Iterator[str]:
+        """The text of a token stream piece by piece, as it is decoded (spaces and multi-byte
+        characters intact: what a streaming client prints; :meth:`decode` is for whole answers)."""
+        return text_deltas(self.lm.tokenizer, tokens)
+
     def decode(self, token_ids: list[int]) -> str:
-        """The answer text of generated ``token_ids``."""
+        """The answer text of generated ``token_ids`` (stripped: for a whole answer, not a piece)."""
         return self.lm.tokenizer.decode(token_ids, skip_special_tokens=True).strip()
 
     def _collect(self, stream: TokenStream, entries: list[Entry]) -> Answer:

@@ -50,7 +50,7 @@ def compact_store(path: str | Path) -> CompactReport:
     """Rewrite the store at ``path`` with only its committed blobs (see the module docstring)."""
     path = Path(path)
     if not (path / MANIFEST).is_file() or not (path / CATALOGUE).is_file():
-        raise StoreError(f"{path} is not a ragcompress store (no {MANIFEST} or {CATALOGUE})")
+        raise StoreError(f"{path} is not a ragcompress store (no {MANIFEST} or {CATALOGUE}); check the --store path")
     lock = StoreLock(path)
     try:
         before = shard_bytes(path)

@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -214,7 +215,9 @@ class KVStore:
     def open(cls, path: str | Path) -> KVStore:
         path = Path(path)
         if not path.exists():
-            raise StoreError(f"store {path} does not exist; build it with `ragcompress index --store {path}`")
+            raise StoreError(
+                f"store {path} does not exist; build it with `ragcompress index --input PASSAGES --store {path}`"
+            )
         manifest = Manifest.read(path)
         for name in (PREFIX, CATALOGUE):
             if not (path / name).is_file():
@@ -360,10 +363,15 @@ class KVStore:
         return self._index
 
     def search(self, query_vector: np.ndarray, k: int) -> list[tuple[Entry, float]]:
+        """The ``k`` nearest passages. The index and the rows it names are read in two steps; a
+        commit that removed or replaced rows in between (the generation moved) could let SQLite
+        give a removed row's number to a new passage, so the search is then run again."""
         self.follow_replacement()
-        hits = self.index().search(query_vector, k)
-        entries = self.catalogue.by_rows([row for row, _ in hits])
-        return [(entries[row], score) for row, score in hits if row in entries]
+        while True:
+            hits = self.index().search(query_vector, k)
+            entries = self.catalogue.by_rows([row for row, _ in hits])
+            if self.catalogue.generation() == self._index_generation:
+                return [(entries[row], score) for row, score in hits if row in entries]
 
     def stored_bytes(self, entries: list[Entry]) -> int:
         return sum(e.length for e in entries)
@@ -391,18 +399,27 @@ class StoreLock:
     blocks the next one.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, wait_s: float = 0.0) -> None:
+        """``wait_s``: how long to wait for another writer to finish (0: refuse at once). Two
+        threads of one process exclude each other too (each opens the lock file itself)."""
         self.path = path
         self._handle = open(path / LOCK, "a+")
-        try:
-            fcntl.flock(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._handle.seek(0)
-            holder = self._handle.read().strip() or "another process"
-            self._handle.close()
-            raise StoreError(
-                f"store {path} is being written by {holder}; wait for it to finish (one writer at a time)"
-            ) from None
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                self._handle.seek(0)
+                holder = self._handle.read().strip() or "another process"
+                self._handle.close()
+                waited = f" (waited {wait_s:g} s)" if wait_s else ""
+                raise StoreError(
+                    f"store {path} is being written by {holder}{waited}; wait for it to finish (one writer at a time)"
+                ) from None
         self._handle.seek(0)
         self._handle.truncate()
         self._handle.write(f"pid {os.getpid()}")
@@ -452,9 +469,10 @@ class StoreWriter:
     Opening repairs what a killed writer left behind (uncommitted shard tails, temp files).
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, wait_s: float = 0.0) -> None:
+        """``wait_s``: how long to wait for another writer's lock (:class:`StoreLock`)."""
         self.path = path
-        self._lock = StoreLock(path)
+        self._lock = StoreLock(path, wait_s)
         try:
             if not (path / CATALOGUE).is_file():  # create_store writes it before the manifest
                 raise StoreError(f"store {path} has no {CATALOGUE}; the store is damaged, rebuild it")

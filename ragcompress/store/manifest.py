@@ -197,6 +197,12 @@ class Manifest:
             ("embedder", self.embedder, other.embedder, None, None),
             ("passage encoding", self.encoding, other.encoding, None, None),
         ]
+        if self.model_ref == other.model_ref and self.model_fingerprint != other.model_fingerprint:
+            raise StoreMismatchError(
+                f"the model {self.model_ref} has changed since the store was built (fingerprint "
+                f"{self.model_fingerprint[:16]}, now {other.model_fingerprint[:16]}); rebuild the store for it "
+                "with --overwrite (it keeps the store's settings), or use another --store"
+            )
         for what, ours, theirs, our_name, their_name in pairs:
             if ours != theirs:
                 ours_s = f"{our_name} ({str(ours)[:16]})" if our_name else json.dumps(ours, sort_keys=True)[:200]
