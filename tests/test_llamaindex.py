@@ -123,15 +123,20 @@ def test_transform_replaces_edited_nodes_when_asked(tiny, store_copy, tmp_path):
 def test_rerunning_a_pipeline_with_a_docstore_processes_nothing(tiny, tmp_path):
     """The transform leaves its input documents unchanged, so a docstore pipeline's second run over
     the same documents sees no change (it hashes the inputs after the transformations ran)."""
+    from llama_index.core.embeddings import MockEmbedding
     from llama_index.core.ingestion import DocstoreStrategy
     from llama_index.core.storage.docstore import SimpleDocumentStore
+    from llama_index.core.vector_stores import SimpleVectorStore
 
-    docstore = SimpleDocumentStore()
+    docstore, vector_store = SimpleDocumentStore(), SimpleVectorStore()
     runs = []
     for _ in range(2):
         transform = KVCacheTransform(store_path=str(tmp_path / "store"), model=tiny)
         pipeline = IngestionPipeline(
-            transformations=[transform], docstore=docstore, docstore_strategy=DocstoreStrategy.UPSERTS
+            transformations=[transform, MockEmbedding(embed_dim=8)],
+            docstore=docstore,
+            vector_store=vector_store,
+            docstore_strategy=DocstoreStrategy.UPSERTS,
         )
         runs.append(len(pipeline.run(documents=sample_documents(3))))
     assert runs == [3, 0]
