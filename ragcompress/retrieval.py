@@ -97,11 +97,13 @@ class VectorIndex:
         return obj
 
     def save(self, path: Path) -> None:
-        """Atomic: write to a temp file and rename."""
+        """Atomic and durable: write to a temp file, fsync it, rename."""
         import faiss
 
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         faiss.write_index(self.index, str(tmp))
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
 
     def search(self, query: np.ndarray, k: int) -> list[tuple[int, float]]:

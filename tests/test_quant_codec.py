@@ -159,3 +159,9 @@ def test_a_group_far_from_zero_keeps_every_value_within_half_a_step(bits, offset
     # the stored step is the ideal one, widened by at most the fp16 rounding of the min
     ideal = (x.amax(-1) - x.amin(-1)) / ((1 << bits) - 1)
     assert (scale.float() <= ideal + torch.finfo(torch.float16).eps * abs(offset) * 2 / ((1 << bits) - 1) + 1e-3).all()
+
+
+def test_group_size_is_bounded():
+    """A blob (or manifest) declaring a huge group would size allocations from it."""
+    with pytest.raises(ValueError, match=r"power of two in \[1, 65536\]"):
+        QuantConfig("int8", 1 << 36)

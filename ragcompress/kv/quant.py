@@ -37,8 +37,8 @@ class QuantConfig:
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
             raise ValueError(f"quant scheme {self.scheme!r} is not one of: {', '.join(SCHEMES)}")
-        if self.group_size < 1 or self.group_size & (self.group_size - 1):
-            raise ValueError(f"group_size must be a positive power of two, got {self.group_size}")
+        if self.group_size < 1 or self.group_size & (self.group_size - 1) or self.group_size > 1 << 16:
+            raise ValueError(f"group_size must be a power of two in [1, 65536], got {self.group_size}")
         if self.value_scheme is not None:
             if self.value_scheme == self.scheme:  # one spelling per config: equal configs compare equal
                 object.__setattr__(self, "value_scheme", None)
