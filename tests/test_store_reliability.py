@@ -493,6 +493,38 @@ def test_writer_repairs_uncommitted_tail_in_rolled_over_shards(store_copy, clean
     assert _shard_bytes(store_copy) == _shard_bytes(clean_store)
 
 
+def test_new_folders_are_fsynced_into_their_parents_before_the_first_commit(tiny_lm, tmp_path, monkeypatch):
+    """A new store's folder, the folders made above it and its shards/ folder are entries in their
+    parents; each parent is fsynced before the first row commits, or a crash on a filesystem that
+    does not order metadata could lose a folder that committed rows point into."""
+    from ragcompress.store.catalogue import Catalogue
+
+    store = tmp_path / "new" / "deeper" / "store"
+    events: list[tuple] = []  # ("fsync", device, inode, shards/ exists) or ("commit",), in order
+    real_fsync, real_add = os.fsync, Catalogue.add
+
+    def fsync(fd):
+        stat = os.fstat(fd)
+        events.append(("fsync", stat.st_dev, stat.st_ino, (store / "shards").is_dir()))
+        real_fsync(fd)
+
+    def add(self, rows, replace=False):
+        events.append(("commit",))
+        real_add(self, rows, replace)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(Catalogue, "add", add)
+    _index(tiny_lm, _write(tmp_path / "two.jsonl", _texts(2)), store)
+
+    def identity(path: Path) -> tuple[int, int]:
+        return os.stat(path).st_dev, os.stat(path).st_ino
+
+    before = events[: events.index(("commit",))]
+    synced = {(dev, ino) for _, dev, ino, _ in before}
+    assert {identity(tmp_path), identity(tmp_path / "new"), identity(store.parent)} <= synced
+    assert identity(store) in {(dev, ino) for _, dev, ino, shards in before if shards}
+
+
 # --- concurrency --------------------------------------------------------------------------------
 
 
@@ -582,6 +614,71 @@ def test_second_writer_in_process_fails_and_lock_is_released(store_copy):
         with pytest.raises(StoreError, match=rf"being written by pid {os.getpid()}"):
             StoreWriter(store_copy)
     StoreWriter(store_copy).close()
+
+
+@pytest.mark.parametrize("window", ["while-it-loads", "before-its-check", "before-its-rename"])
+def test_losing_a_creation_race_asks_for_a_retry_that_opens_the_winners_store(
+    window, tiny_lm, corpus, clean_store, tmp_path, monkeypatch
+):
+    """Two runs create the same store. The other one's store lands at the path after this run saw
+    none: while it loads the model and reads the input (its widest window), just before
+    ``create_store`` checks the path, or just before its own rename. This run is
+    told to retry (never that the path "is not a store"), leaves nothing behind, and the retry
+    resumes into the other run's store."""
+    import ragcompress.indexing.run as run
+    from ragcompress.store import kvstore
+
+    store = tmp_path / "store"
+
+    def after_the_other_run_created_it(step):
+        def staged(*args, **kwargs):
+            if not store.exists():
+                shutil.copytree(clean_store, store)
+            return step(*args, **kwargs)
+
+        return staged
+
+    module, step = {
+        "while-it-loads": (run, "run_indexer"),
+        "before-its-check": (run, "create_store_for"),
+        "before-its-rename": (kvstore, "write_atomic"),
+    }[window]
+    with monkeypatch.context() as patch:
+        patch.setattr(module, step, after_the_other_run_created_it(getattr(module, step)))
+        with pytest.raises(StoreError, match=r"created by another process meanwhile; retry, and the run opens"):
+            _index(tiny_lm, corpus, store)
+    assert [p.name for p in tmp_path.iterdir()] == ["store"]  # no .store.init-* left
+    report = _index(tiny_lm, corpus, store)
+    assert (report.indexed, report.skipped) == (0, N_PASSAGES)
+    _same_content(store, clean_store)
+
+
+@pytest.mark.parametrize("change", ["replaced", "removed"])
+def test_a_passage_changed_and_cut_off_under_a_reader_asks_for_a_retry(change, tiny_lm, store_copy, tmp_path):
+    """A reader found a passage; a writer then replaced or removed it, and the next writer cut the
+    old blob off the end of its shard. Reading the row the reader holds gives neither version's
+    cache and is not reported as corruption: the error names the passage and asks for a retry."""
+    from ragcompress.indexing import remove
+
+    with KVStore.open(store_copy) as kv:
+        entries = list(kv.catalogue.entries())
+        first = min(e.shard for e in entries)
+        victim = max((e for e in entries if e.shard == first), key=lambda e: e.offset)  # ends a full shard
+        if change == "replaced":
+            records = _texts(N_PASSAGES)
+            records[int(victim.id[4:])]["text"] = "This passage now tells of lighthouses."
+            _index(tiny_lm, _write(tmp_path / "changed.jsonl", records), store_copy, replace=True)
+        else:
+            remove(store_copy, [victim.id])
+        StoreWriter(store_copy).close()  # truncates the bytes no committed row points at
+        assert (store_copy / "shards" / victim.shard).stat().st_size == victim.offset
+        with pytest.raises(StoreError, match=rf"passage '{victim.id}' was {change} .*retry the request") as caught:
+            kv.load_kv(victim)
+        assert not isinstance(caught.value, CorruptSegmentError)
+        if change == "replaced":  # the retry finds the new row and reads the new cache
+            current = kv.entry(victim.id)
+            assert kv.load_kv(current).num_tokens == current.num_tokens != victim.num_tokens
+    assert verify_store(store_copy).ok
 
 
 def test_search_runs_again_when_rows_were_replaced_between_its_two_reads(store_copy, tiny_lm, tmp_path):
@@ -716,8 +813,38 @@ def test_unreadable_metadata_is_a_verify_problem(store_copy):
         db.execute("UPDATE passages SET meta = '{bad json' WHERE id = 'doc-007'")
     report = verify_store(store_copy)
     assert [(p.kind, p.passage_id, p.message) for p in report.problems] == [
-        ("catalogue", "doc-007", "passage metadata is not a JSON object")
+        ("catalogue", "doc-007", "passage metadata is not a JSON object"),
+        ("catalogue", "doc-007", META_CHECKSUM_MISMATCH),
     ]
+
+
+META_CHECKSUM_MISMATCH = "row does not match its meta_checksum (id, title, metadata, text or embedding damaged)"
+
+
+def _flip_first_bit(value):
+    return bytes([value[0] ^ 1]) + value[1:] if isinstance(value, bytes) else chr(ord(value[0]) ^ 1) + value[1:]
+
+
+@pytest.mark.parametrize("column", ["title", "embedding"])
+def test_a_flipped_byte_in_a_rows_title_or_embedding_fails_verify(store_copy, column):
+    with sqlite3.connect(store_copy / "catalogue.sqlite") as db:
+        (value,) = db.execute(f"SELECT {column} FROM passages WHERE id = 'doc-007'").fetchone()
+        db.execute(f"UPDATE passages SET {column} = ? WHERE id = 'doc-007'", (_flip_first_bit(value),))
+    assert _problem_ids(store_copy) == {"doc-007"}
+    assert ("catalogue", META_CHECKSUM_MISMATCH) in {(p.kind, p.message) for p in verify_store(store_copy).problems}
+
+
+def test_a_store_from_before_meta_checksums_verifies_and_its_new_rows_carry_them(tiny_lm, store_copy, tmp_path):
+    with sqlite3.connect(store_copy / "catalogue.sqlite") as db:
+        db.execute("ALTER TABLE passages DROP COLUMN meta_checksum")  # as stores were built before it
+    assert _assert_readable(store_copy) == N_PASSAGES  # opens, verifies, every passage loads
+    records = [*_texts(N_PASSAGES), {"id": "doc-new", "text": "A passage about lanterns.", "title": "New"}]
+    _index(tiny_lm, _write(tmp_path / "more.jsonl", records), store_copy)  # a writer adds the column
+    with sqlite3.connect(store_copy / "catalogue.sqlite") as db:
+        sums = dict(db.execute("SELECT id, meta_checksum FROM passages"))
+        assert [pid for pid, value in sums.items() if value is not None] == ["doc-new"]
+        db.execute("UPDATE passages SET title = 'Mew' WHERE id = 'doc-new'")
+    assert _problem_ids(store_copy) == {"doc-new"}
 
 
 def test_prefix_without_a_recorded_checksum_is_refused(store_copy):

@@ -46,7 +46,7 @@ from ragcompress.indexing.inputs import PassageInput, iter_passages, validate
 from ragcompress.indexing.run import IndexReport, _batches, create_store_for, run_indexer, settings_for
 from ragcompress.models import LoadedModel, load_model
 from ragcompress.store import KVStore, Manifest, StoreWriter
-from ragcompress.store.kvstore import catalogue_row
+from ragcompress.store.kvstore import catalogue_row, refuse_existing
 from ragcompress.store.shards import ClaimedShards
 
 # Ray Data blocks: one per batch up to this many (finest retry and balance), then batches share
@@ -225,8 +225,8 @@ def index_on_ray(
             total = validate(input_path, stored.catalogue.shas_of, str(store_path))
     else:
         total = validate(input_path)
-    if not exists and store_path.exists() and (not store_path.is_dir() or any(store_path.iterdir())):
-        raise StoreError(f"{store_path} exists and is not a ragcompress store; choose an empty or new --store")
+    if not exists:
+        refuse_existing(store_path)
     config, model = settings_for(store_path if exists else None, config, model)
     lm = lm or load_model(model)
     embedder = embedder_factory() if embedder_factory is not None else None

@@ -30,7 +30,7 @@ from ragcompress.models import LoadedModel, load_model
 from ragcompress.retrieval import Embedder
 from ragcompress.store import KVStore, Manifest, StoreWriter, create_store
 from ragcompress.store.basis import basis_to_bytes
-from ragcompress.store.kvstore import StoreLock, replace_store
+from ragcompress.store.kvstore import StoreLock, refuse_existing, replace_store
 
 
 @dataclass(frozen=True)
@@ -155,8 +155,8 @@ def index(
     indexer = run_indexer(lm, config, embedder, input_path, store_path if exists and not overwrite else None)
 
     target = store_path
-    if store_path.exists() and not exists and not overwrite and any(store_path.iterdir()):
-        raise StoreError(f"{store_path} exists and is not a ragcompress store; choose an empty or new --store")
+    if not exists and not overwrite:  # a store another process created since the check above: retry
+        refuse_existing(store_path)
     old_lock = None
     if overwrite and exists:  # hold the old store's writer lock until the new one replaces it
         old_lock = StoreLock(store_path)

@@ -2,6 +2,11 @@
 
 WAL mode lets readers query while one writer commits; a reader only ever sees committed rows,
 and every row it sees points at a blob that was fsynced before the row was committed.
+
+A row's blob fields (location, checksum, token counts) are checked against the blob; its other
+fields against ``meta_checksum`` (:func:`meta_checksum`). That column came later: a catalogue
+without it gains it when a writer opens it, and rows committed before then hold NULL there,
+which ``ragcompress verify`` reads as "no checksum", so older stores still open and verify.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ragcompress.errors import StoreError
-from ragcompress.store.shards import CommittedBlob
+from ragcompress.store.shards import CommittedBlob, checksum
 
 CATALOGUE = "catalogue.sqlite"
 
@@ -35,9 +40,16 @@ CREATE TABLE IF NOT EXISTS passages (
     checksum   TEXT    NOT NULL,
     num_tokens INTEGER NOT NULL,
     kept       INTEGER NOT NULL,
-    embedding  BLOB    NOT NULL
+    embedding  BLOB    NOT NULL,
+    meta_checksum TEXT
 );
 """
+
+
+def meta_checksum(passage_id: Any, title: Any, meta: Any, text_sha: Any, embedding: bytes) -> str:
+    """xxh3-128 of a row's fields that its blob does not check: id, title, metadata (the stored
+    JSON), ``text_sha`` (which covers the text) and embedding."""
+    return checksum(json.dumps([passage_id, title, meta, text_sha]).encode() + embedding)
 
 
 @dataclass(frozen=True)
@@ -90,7 +102,13 @@ class Catalogue:
                 self.db.execute("PRAGMA journal_mode=WAL")
                 self.db.execute("PRAGMA synchronous=FULL")
                 self.db.executescript(_SCHEMA)
+                if not self._has_meta_checksum():  # a store from before the column (module docstring)
+                    self.db.execute("ALTER TABLE passages ADD COLUMN meta_checksum TEXT")
                 self.db.commit()
+            self._meta_checksum = "meta_checksum" if self._has_meta_checksum() else "NULL"
+
+    def _has_meta_checksum(self) -> bool:
+        return any(column[1] == "meta_checksum" for column in self.db.execute("PRAGMA table_info(passages)"))
 
     @contextmanager
     def _guard(self) -> Iterator[None]:
@@ -138,21 +156,23 @@ class Catalogue:
         return [] if verdict == ["ok"] else verdict
 
     def raw_rows(self) -> Iterator[tuple[Any, ...]]:
-        """Every row as SQLite holds it, unvalidated, for :mod:`ragcompress.store.verify`:
-        ``(id, text, text_sha, meta, shard, offset, length, checksum, num_tokens, kept, embedding bytes)``."""
+        """Every row as SQLite holds it, unvalidated, for :mod:`ragcompress.store.verify`: ``(id,
+        title, text, text_sha, meta, shard, offset, length, checksum, num_tokens, kept, embedding,
+        meta_checksum)``, the last None in a row committed before the column existed."""
         with self._guard():
             yield from self.db.execute(
-                "SELECT id, text, text_sha, meta, shard, offset, length, checksum, num_tokens, kept, "
-                "length(embedding) FROM passages ORDER BY row"
+                "SELECT id, title, text, text_sha, meta, shard, offset, length, checksum, num_tokens, kept, "
+                f"embedding, {self._meta_checksum} FROM passages ORDER BY row"
             )
 
     def rows(self) -> Iterator[dict[str, Any]]:
         """Every row in row order as :func:`~ragcompress.store.kvstore.catalogue_row` shapes it
         (metadata as stored JSON, embedding as bytes), streamed: what a copy of the store needs."""
         names = "id title text meta text_sha shard offset length checksum num_tokens kept embedding".split()
+        columns = ", ".join([*names, self._meta_checksum])
         with self._guard():
-            for values in self.db.execute(f"SELECT {', '.join(names)} FROM passages ORDER BY row"):
-                yield dict(zip(names, values, strict=True))
+            for values in self.db.execute(f"SELECT {columns} FROM passages ORDER BY row"):
+                yield dict(zip([*names, "meta_checksum"], values, strict=True))
 
     def locations(self) -> Iterator[tuple[Any, ...]]:
         """``(id, shard, offset, length)`` of every row in (shard, offset) order, streamed, unvalidated."""
@@ -273,7 +293,7 @@ class Catalogue:
                 self._delete([row["id"] for row in rows])
             self.db.executemany(
                 "INSERT INTO passages (id, title, text, meta, text_sha, shard, offset, length, "
-                "checksum, num_tokens, kept, embedding) VALUES (:id, :title, :text, :meta, "
-                ":text_sha, :shard, :offset, :length, :checksum, :num_tokens, :kept, :embedding)",
+                "checksum, num_tokens, kept, embedding, meta_checksum) VALUES (:id, :title, :text, :meta, "
+                ":text_sha, :shard, :offset, :length, :checksum, :num_tokens, :kept, :embedding, :meta_checksum)",
                 rows,
             )

@@ -5,7 +5,8 @@ Layout (DESIGN §2)::
     DIR/manifest.json        what the store was built with (written last at creation)
     DIR/prefix.safetensors   the shared prefix cache, uncompressed
     DIR/basis.safetensors    a low-rank store's per-layer bases (``store/basis.py``), sha256 in the manifest
-    DIR/catalogue.sqlite     passage id -> text, embedding, shard, offset, length, checksum (xxh3-128)
+    DIR/catalogue.sqlite     passage id -> text, embedding, shard, offset, length, checksum (xxh3-128),
+                             meta_checksum (xxh3-128 of the other fields; store/catalogue.py)
     DIR/shards/NNNNN.kvs     passage blobs (safetensors documents) back to back
     DIR/index.faiss          FAISS index over catalogue rows (derived; rebuilt when stale)
     DIR/index.json           sha256 and row count of index.faiss, written after it
@@ -45,7 +46,7 @@ from ragcompress.paths import sha256_file
 from ragcompress.retrieval import VectorIndex
 from ragcompress.store import ann, codec
 from ragcompress.store.basis import BASIS, read_basis
-from ragcompress.store.catalogue import CATALOGUE, Catalogue, Entry
+from ragcompress.store.catalogue import CATALOGUE, Catalogue, Entry, meta_checksum
 from ragcompress.store.manifest import MANIFEST, Manifest
 from ragcompress.store.record import PassageRecord
 from ragcompress.store.shards import ShardWriter, checksum, fsync_dir, read_blob
@@ -150,19 +151,36 @@ def replace_store(built: Path, path: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def refuse_existing(path: Path) -> None:
+    """Raise unless ``path`` is absent or an empty directory. A store is created by one rename, so
+    a manifest at ``path`` means another process created a complete store there since the caller
+    looked: a retry opens it (and checks the input against it), one writer at a time."""
+    if (path / MANIFEST).is_file():
+        raise StoreError(
+            f"store {path} was created by another process meanwhile; retry, and the run opens that store "
+            "(one writer at a time)"
+        )
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise StoreError(
+            f"{path} exists and is not an empty directory or a ragcompress store; choose an empty or new --store"
+        )
+
+
 def create_store(path: Path, manifest: Manifest, prefix_kv: PassageKV, basis: bytes | None = None) -> None:
     """Initialise an empty store at ``path`` atomically (built in a temp dir, then renamed).
 
     ``basis``: a low-rank store's basis file (``store/basis.py``), whose sha256 the manifest names.
 
     ``path`` must not exist or be an empty directory: ragcompress never writes into a folder it
-    did not create.
+    did not create. The rename decides a race between two processes creating the same store: the
+    loser's error says so (:func:`refuse_existing`). Folders created above ``path`` are fsynced
+    into their parents, as the store's own entry is, before anything can be committed in it.
     """
-    if path.exists():
-        if not path.is_dir() or any(path.iterdir()):
-            raise StoreError(f"{path} exists and is not an empty directory or a ragcompress store")
-        path.rmdir()
+    refuse_existing(path)
+    created = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
+    for folder in created:
+        fsync_dir(folder.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.init-", dir=path.parent))
     try:
         blob = codec.encode(prefix_kv, QuantConfig("none"))
@@ -172,12 +190,10 @@ def create_store(path: Path, manifest: Manifest, prefix_kv: PassageKV, basis: by
         Catalogue(tmp, readonly=False).close()
         dataclasses.replace(manifest, prefix_sha256=hashlib.sha256(blob).hexdigest()).write(tmp)
         try:
-            os.replace(tmp, path)
-        except OSError:
-            raise StoreError(
-                f"store {path} was created by another process meanwhile; "
-                "one writer at a time, retry when it has finished"
-            ) from None
+            os.replace(tmp, path)  # replaces an empty directory too; fails on anything else
+        except OSError as exc:
+            refuse_existing(path)
+            raise StoreError(f"cannot create store {path}: {exc.strerror or exc}") from None
         fsync_dir(path.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -304,13 +320,27 @@ class KVStore:
 
     def read_segment(self, entry: Entry) -> codec.Segment:
         """Read, verify (xxh3-128) and parse one passage's blob, checked against its catalogue row.
-        The only place a passage's shard is opened; errors name the passage and its shard."""
+        The only place a passage's shard is opened; errors name the passage and its shard.
+
+        A read that fails is told apart from damage by reading the passage's row again: a passage
+        moved by a swapped-in store (``compact``) is read from its new place; one replaced or
+        removed since ``entry`` was found (a writer may have truncated or reused its bytes since)
+        is a :class:`StoreError` asking to retry the request, never another version's cache under
+        ``entry``'s text. Only a failing blob that its current row still points at is corrupt."""
         try:
             blob = read_blob(self.path, entry.shard, entry.offset, entry.length, entry.checksum, entry.id)
         except CorruptSegmentError:
-            if not self.follow_replacement():
+            swapped = self.follow_replacement()
+            current = self.catalogue.get(entry.id)
+            if current is None or current.checksum != entry.checksum:
+                changed = "removed from" if current is None else "replaced in"
+                raise StoreError(
+                    f"passage {entry.id!r} was {changed} store {self.path} by a writer while this request "
+                    "read it; retry the request"
+                ) from None
+            if current == entry and not swapped:
                 raise
-            entry = self.entry(entry.id)  # the same passage's row in the store swapped in
+            entry = current
             blob = read_blob(self.path, entry.shard, entry.offset, entry.length, entry.checksum, entry.id)
         with _naming(entry):
             segment = codec.parse(blob, self.shape)
@@ -447,11 +477,12 @@ def _remove_temporaries(path: Path) -> None:
 def catalogue_row(record: PassageRecord, shard: str, offset: int) -> dict[str, Any]:
     """The catalogue row of ``record`` whose blob lies at ``(shard, offset)``: the one place a
     record becomes a row, for :meth:`StoreWriter.add` and for Ray workers that write blobs."""
+    meta, embedding = json.dumps(record.meta, sort_keys=True, ensure_ascii=False), record.embedding.tobytes()
     return {
         "id": record.id,
         "title": record.title,
         "text": record.text,
-        "meta": json.dumps(record.meta, sort_keys=True, ensure_ascii=False),
+        "meta": meta,
         "text_sha": record.text_sha,
         "shard": shard,
         "offset": offset,
@@ -459,7 +490,8 @@ def catalogue_row(record: PassageRecord, shard: str, offset: int) -> dict[str, A
         "checksum": checksum(record.blob),
         "num_tokens": record.num_tokens,
         "kept": record.kept,
-        "embedding": record.embedding.tobytes(),
+        "embedding": embedding,
+        "meta_checksum": meta_checksum(record.id, record.title, meta, record.text_sha, embedding),
     }
 
 

@@ -163,7 +163,9 @@ class ShardWriter:
     (a wrong offset or length) would otherwise move the "committed end" and cut off a real
     passage's bytes. A shard *shorter* than its committed end, a row with an impossible location,
     or a blob that fails its check is damage, not an interrupted write: opening refuses and
-    changes nothing.
+    changes nothing. Opening fsyncs the shard folder and the store folder too, so the entries
+    of a shard or a shard folder it created (or a killed writer created without an fsync) are
+    durable before any row that points into them is committed.
     """
 
     def __init__(self, root: Path, committed: dict[str, list[CommittedBlob]], max_bytes: int | None = None) -> None:
@@ -214,6 +216,7 @@ class ShardWriter:
                     os.fsync(handle.fileno())
         self._handle = open(shard_path(root, self.name), "ab")
         fsync_dir(directory)
+        fsync_dir(root)  # the shard folder's own entry (see the class docstring)
 
     def append(self, blob: bytes) -> tuple[str, int]:
         """Write ``blob``; returns ``(shard, offset)``. Not durable until :meth:`sync`."""

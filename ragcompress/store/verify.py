@@ -7,7 +7,9 @@ Checks, in order, each problem named with its passage id and shard where there i
 3. the catalogue passes SQLite's ``integrity_check`` and every row is readable;
 4. every passage: shard name valid, blob inside its shard, checksum (xxh3-128) matches, blob decodes, cache
    shape matches the manifest's ``model_shape``, token counts match the row, text matches its
-   ``text_sha``, embedding has the store's dimension, blobs in a shard do not overlap (in offset order);
+   ``text_sha``, the other fields match the row's ``meta_checksum`` (when it has one: rows
+   committed before the column existed have none), embedding has the store's dimension, blobs in
+   a shard do not overlap (in offset order);
 5. the FAISS index, when a reader would use it (its sha256 matches ``index.json`` and it was built
    at the catalogue's row count and generation), holds exactly the catalogue's rows with the
    catalogue's vectors.
@@ -36,7 +38,7 @@ from ragcompress.paths import sha256_file
 from ragcompress.store import codec
 from ragcompress.store.ann import stored_vectors
 from ragcompress.store.basis import read_basis
-from ragcompress.store.catalogue import CATALOGUE, Catalogue
+from ragcompress.store.catalogue import CATALOGUE, Catalogue, meta_checksum
 from ragcompress.store.kvstore import INDEX, PREFIX, read_index_meta
 from ragcompress.store.manifest import Manifest
 from ragcompress.store.shards import SHARD_DIR, is_shard_name, read_blob
@@ -114,8 +116,10 @@ def _check_segments(
     ends: dict[str, int] = {}
     dim: int | None = None
     count = 0
-    for pid, text, text_sha, meta, shard, offset, length, digest, num_tokens, kept, emb_bytes in catalogue.raw_rows():
+    for row in catalogue.raw_rows():
+        pid, title, text, text_sha, meta, shard, offset, length, digest, num_tokens, kept, embedding, row_sum = row
         count += 1
+        emb_bytes = len(embedding) if isinstance(embedding, bytes) else None
 
         def fail(message: str, kind: str = "segment", pid: str = pid, shard: Any = shard) -> None:
             problems.append(Problem(kind, message, pid, shard if isinstance(shard, str) else None))
@@ -129,6 +133,10 @@ def _check_segments(
             fail("passage text does not match its text_sha", "catalogue")
         if not _is_json_object(meta):  # every search that returns the passage would fail on it
             fail("passage metadata is not a JSON object", "catalogue")
+        if row_sum is not None and (
+            not isinstance(embedding, bytes) or meta_checksum(pid, title, meta, text_sha, embedding) != row_sum
+        ):
+            fail("row does not match its meta_checksum (id, title, metadata, text or embedding damaged)", "catalogue")
         if emb_bytes is None or emb_bytes % 4 or not emb_bytes:
             fail(f"embedding has {emb_bytes} bytes, not a float32 vector", "catalogue")
         elif dim is None:
