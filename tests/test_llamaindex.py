@@ -15,7 +15,14 @@ pytest.importorskip("llama_index.core")
 from llama_index.core import Document, VectorStoreIndex  # noqa: E402
 from llama_index.core.ingestion import IngestionCache, IngestionPipeline  # noqa: E402
 from llama_index.core.query_engine import RetrieverQueryEngine  # noqa: E402
-from llama_index.core.schema import MetadataMode, NodeRelationship, NodeWithScore, RelatedNodeInfo, TextNode  # noqa: E402
+from llama_index.core.schema import (  # noqa: E402
+    MetadataMode,
+    NodeRelationship,
+    NodeWithScore,
+    ObjectType,
+    RelatedNodeInfo,
+    TextNode,
+)
 
 from llama_index.postprocessor.ragcompress import (  # noqa: E402
     KVCacheNodePostprocessor,
@@ -25,7 +32,7 @@ from llama_index.postprocessor.ragcompress import (  # noqa: E402
     LocalLLM,
     TextCompressionPostprocessor,
 )
-from llama_index.postprocessor.ragcompress._shared import PASSAGE_KEY, STORE_KEY  # noqa: E402
+from llama_index.postprocessor.ragcompress._shared import NODE_KEY, PASSAGE_KEY, STORE_KEY  # noqa: E402
 from ragcompress.data import SAMPLE_PASSAGES  # noqa: E402
 from ragcompress.errors import StoreError, StoreMismatchError  # noqa: E402
 from ragcompress.indexing import IndexConfig  # noqa: E402
@@ -118,6 +125,25 @@ def test_transform_replaces_edited_nodes_when_asked(tiny, store_copy, tmp_path):
     transform([Document(id_=edited.doc_id, text=edited.text, metadata=original.metadata)])
     with KVStore.open(store_copy) as kv:
         assert len(kv) == 6 and kv.entry(edited.doc_id).checksum == entry.checksum
+
+
+def test_transform_draws_neighbours_from_all_its_nodes_as_index_does(tiny, tmp_path):
+    """A neighbour-conditioned store written in batches of two: each passage is encoded after its
+    neighbours among all the nodes, as ``ragcompress index`` draws them from its whole input (the
+    transform used to draw them from the batch), so both stores hold the same bytes."""
+    from llama_index.postprocessor.ragcompress._shared import shared_embedder, shared_model
+    from ragcompress.indexing import index
+
+    documents = sample_documents()
+    passages = tmp_path / "passages.jsonl"
+    passages.write_text("".join(json.dumps({"id": d.doc_id, "text": d.text}) + "\n" for d in documents))
+    config = IndexConfig(context_neighbors=2)
+    embedder = shared_embedder(config.embedder)
+    index(passages, tmp_path / "cli", config=config, batch_size=2, lm=shared_model(tiny), embedder=embedder)
+    KVCacheTransform(store_path=str(tmp_path / "li"), model=tiny, config=config, batch_size=2)(documents)
+    with KVStore.open(tmp_path / "cli") as cli, KVStore.open(tmp_path / "li") as li:
+        assert li.manifest.encoding == {"context_neighbors": 2}
+        assert {e.id: e.checksum for e in li.catalogue.entries()} == {e.id: e.checksum for e in cli.catalogue.entries()}
 
 
 def test_rerunning_a_pipeline_with_a_docstore_processes_nothing(tiny, tmp_path):
@@ -217,6 +243,31 @@ def test_retriever_returns_store_passages_with_metadata_and_handles(built):
         assert hit.node.metadata[PASSAGE_KEY] == hit.node.node_id
 
 
+def test_retriever_restores_excluded_metadata_keys_and_relationships(tiny, store_copy):
+    """A node's excluded metadata keys and relationships are stored with its passage (they used to
+    be lost), so the retriever rebuilds the node the transform was given, handle aside."""
+    source = RelatedNodeInfo(node_id="doc-7", node_type=ObjectType.DOCUMENT, metadata={"file": "a.txt"}, hash="h7")
+    node = TextNode(
+        id_="with-source",
+        text="Melbourne hosts the Australian Open every January.",
+        metadata={"file": "a.txt", "page": 3, "title": "Melbourne"},  # a store keeps keys sorted
+        excluded_embed_metadata_keys=["file"],
+        excluded_llm_metadata_keys=["file", "page"],
+        relationships={NodeRelationship.SOURCE: source},
+    )
+    KVCacheTransform(store_path=store_copy, model=tiny)([node])
+    hits = KVStoreRetriever(store_copy, similarity_top_k=7).retrieve(node.text)
+    (found,) = [hit.node for hit in hits if hit.node.node_id == node.node_id]
+    assert found.relationships == node.relationships and found.ref_doc_id == "doc-7"
+    assert found.excluded_embed_metadata_keys == ["file", STORE_KEY, PASSAGE_KEY]
+    assert found.excluded_llm_metadata_keys == ["file", "page", STORE_KEY, PASSAGE_KEY]
+    assert {k: found.metadata[k] for k in node.metadata} == node.metadata
+    for mode in (MetadataMode.LLM, MetadataMode.EMBED):
+        assert found.get_content(metadata_mode=mode) == node.get_content(metadata_mode=mode)
+    plain = next(hit.node for hit in hits if hit.node.node_id != node.node_id)  # stored without them
+    assert plain.relationships == {} and plain.excluded_llm_metadata_keys == [STORE_KEY, PASSAGE_KEY]
+
+
 def test_query_engine_round_trip_matches_engine_answer(built):
     store, _ = built
     retriever = KVStoreRetriever(store, similarity_top_k=3)
@@ -302,7 +353,9 @@ def test_postprocessor_orders_drops_attaches_and_keeps_metadata(store_copy):
     assert STORE_KEY not in new.metadata  # inputs are not modified
     with KVStore.open(store_copy) as kv:
         assert kv.entry("brand-new").text == new.text
-        assert kv.entry("brand-new").meta == {"source": "test", "page": 3}
+        meta = dict(kv.entry("brand-new").meta)
+        assert meta.pop(NODE_KEY)["relationships"][NodeRelationship.SOURCE.value]["node_id"] == "doc-parent"
+        assert meta == {"source": "test", "page": 3}
 
 
 def test_postprocessor_without_compute_missing_names_the_node(built):
@@ -368,6 +421,30 @@ def test_local_llm_is_a_plain_full_prefill(tiny):
     assert out.text == lm.tokenizer.decode(gen.token_ids, skip_special_tokens=True).strip()
     assert out.additional_kwargs["prompt_tokens"] == len(ids)
     assert "".join(r.delta for r in llm.stream_complete("Say something.")) == out.text
+
+
+def test_local_llm_reports_the_models_context_window(tiny_model_dir, tmp_path):
+    """The prompt helper is told the model's own context (it used to be a fixed 8192): the
+    config's max_position_embeddings, or the tokenizer's model_max_length when smaller."""
+    from types import SimpleNamespace
+
+    from llama_index.core.constants import DEFAULT_CONTEXT_WINDOW
+
+    from llama_index.postprocessor.ragcompress.llm import model_context_window
+
+    short = tmp_path / "short"
+    shutil.copytree(tiny_model_dir("llama"), short)
+    config = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 256}))
+    assert LocalLLM(model=str(short)).metadata.context_window == 256  # its tokenizer records no limit (1e30)
+    assert LocalLLM(model=str(short), context_window=100).metadata.context_window == 100
+    tokenizer = SimpleNamespace(model_max_length=128)
+    assert (
+        model_context_window(SimpleNamespace(config=SimpleNamespace(max_position_embeddings=256), tokenizer=tokenizer))
+        == 128
+    )
+    unknown = SimpleNamespace(config=SimpleNamespace(), tokenizer=SimpleNamespace(model_max_length=int(1e30)))
+    assert model_context_window(unknown) == DEFAULT_CONTEXT_WINDOW
 
 
 # -- the example notebook ----------------------------------------------------------------------------

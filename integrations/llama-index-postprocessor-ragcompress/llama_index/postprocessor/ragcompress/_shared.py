@@ -16,11 +16,14 @@ from collections.abc import AsyncGenerator, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from llama_index.core.schema import BaseNode, MetadataMode
+from llama_index.core.schema import BaseNode, MetadataMode, TextNode
 
 STORE_KEY = "ragcompress_store"
 PASSAGE_KEY = "ragcompress_passage_id"
 HANDLE_KEYS = (STORE_KEY, PASSAGE_KEY)
+# Passage metadata key of the node fields a store keeps beside the metadata (see passage_meta).
+NODE_KEY = "ragcompress_node"
+NODE_FIELDS = ("excluded_embed_metadata_keys", "excluded_llm_metadata_keys", "relationships")
 
 T = TypeVar("T")
 
@@ -92,6 +95,26 @@ def json_safe(meta: dict[str, Any]) -> dict[str, Any]:
     """Node metadata as plain JSON (what a store catalogue can record), handle keys dropped."""
     plain = {k: v for k, v in meta.items() if k not in HANDLE_KEYS}
     return json.loads(json.dumps(plain, default=str, sort_keys=True))
+
+
+def passage_meta(node: BaseNode) -> dict[str, Any]:
+    """What a store records as a node's passage metadata: :func:`json_safe` of its metadata and,
+    under ``NODE_KEY``, those of :data:`NODE_FIELDS` that are set (handle keys dropped), so
+    :func:`node_from_passage` can rebuild the node."""
+    fields = json_safe(node.model_dump(include=set(NODE_FIELDS)))
+    for name in ("excluded_embed_metadata_keys", "excluded_llm_metadata_keys"):
+        fields[name] = [key for key in fields[name] if key not in HANDLE_KEYS]
+    extra = {name: fields[name] for name in NODE_FIELDS if fields[name]}
+    return {**json_safe(node.metadata), **({NODE_KEY: extra} if extra else {})}
+
+
+def node_from_passage(passage_id: str, text: str, meta: dict[str, Any]) -> TextNode:
+    """The ``TextNode`` of a stored passage: its metadata and what :func:`passage_meta` recorded
+    under ``NODE_KEY`` (absent in stores written before it was recorded, or by ``ragcompress index``)."""
+    metadata = dict(meta)
+    extra = metadata.pop(NODE_KEY, None)
+    fields = {name: extra[name] for name in NODE_FIELDS if name in extra} if isinstance(extra, dict) else {}
+    return TextNode(id_=passage_id, text=text, metadata=metadata, **fields)
 
 
 def set_handle(node: BaseNode, store: str, passage_id: str) -> None:

@@ -21,8 +21,8 @@ from llama_index.core.schema import BaseNode
 
 from llama_index.postprocessor.ragcompress._shared import (
     get_handle,
-    json_safe,
     node_text,
+    passage_meta,
     require_ragcompress,
     set_handle,
     shared_embedder,
@@ -115,13 +115,18 @@ class CacheWriter:
         with KVStore.open(Path(path)) as store:  # a low-rank store's latents need its basis
             return cls(path, indexer.with_store_basis(store), batch_size)
 
-    def _passages(self, nodes: Sequence[BaseNode], known: dict[str, str]) -> tuple[list[str | None], list[Any]]:
-        """Each node's passage id (None without text) and the passages not stored with their text
-        yet (an edited node's under its alias id, or under its own id with ``replace_edited``)."""
+    def _passages(
+        self, nodes: Sequence[BaseNode], known: dict[str, str]
+    ) -> tuple[list[str | None], list[Any], list[Any]]:
+        """Each node's passage id (None without text), the passages not stored with their text
+        yet (an edited node's under its alias id, or under its own id with ``replace_edited``),
+        and every passage of ``nodes`` (the input neighbours are drawn from, as ``ragcompress
+        index`` draws them from its whole input)."""
         from ragcompress.indexing.inputs import PassageInput
 
         ids: list[str | None] = []
         todo: dict[str, Any] = {}
+        inputs: dict[str, Any] = {}
         for node in nodes:
             text = node_text(node)
             if not text.strip():
@@ -132,10 +137,12 @@ class CacheWriter:
             edited = known.get(pid, sha) != sha  # stored under its id with another text
             if (edited and not self.replace_edited) or (pid in todo and todo[pid].text_sha != sha):
                 pid = alias_id(node.node_id, sha)
+            passage = PassageInput(pid, text, str(node.metadata.get("title", "")), passage_meta(node))
             if known.get(pid) != sha and pid not in todo:  # not stored with this text (or replacing it)
-                todo[pid] = PassageInput(pid, text, str(node.metadata.get("title", "")), json_safe(node.metadata))
+                todo[pid] = passage
+            inputs.setdefault(pid, passage)
             ids.append(pid)
-        return ids, list(todo.values())
+        return ids, list(todo.values()), list({**inputs, **todo}.values())
 
     def write(self, nodes: Sequence[BaseNode], *, write_index: bool = True) -> list[str | None]:
         """Store the caches of ``nodes`` not yet stored; returns each node's passage id (None for
@@ -152,9 +159,11 @@ class CacheWriter:
             if not (path / "manifest.json").is_file():
                 create_store(path, self.indexer.manifest, self.indexer.prefix_kv)
             with StoreWriter(path, wait_s=WRITER_WAIT_S) as writer:
-                ids, pending = self._passages(nodes, writer.known())
+                ids, pending, inputs = self._passages(nodes, writer.known())
+                # A neighbour-conditioned store: neighbours come from all of ``nodes``, not one batch.
+                pool = self.indexer.neighbour_pool(inputs) if pending and self.indexer.context_neighbors else None
                 for begin in range(0, len(pending), self.batch_size):
-                    records = self.indexer.records(pending[begin : begin + self.batch_size])
+                    records = self.indexer.records(pending[begin : begin + self.batch_size], pool=pool)
                     writer.add(records, replace=self.replace_edited)
                     written += [record.id for record in records]
                 if written and write_index:

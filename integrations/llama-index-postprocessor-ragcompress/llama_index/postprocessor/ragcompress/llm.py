@@ -16,10 +16,23 @@ from llama_index.core.base.llms.types import (
     LLMMetadata,
 )
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.constants import DEFAULT_CONTEXT_WINDOW
 from llama_index.core.llms.callbacks import llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 
 from llama_index.postprocessor.ragcompress._shared import iterate_in_thread, shared_model
+
+# Above this a tokenizer's model_max_length is transformers' "no limit recorded" (1e30), not a limit.
+_MAX_SANE_CONTEXT = 1 << 24
+
+
+def model_context_window(lm: Any) -> int:
+    """The tokens ``lm`` (a ragcompress ``LoadedModel``) can attend to: its config's
+    ``max_position_embeddings``, or its tokenizer's ``model_max_length`` when that is smaller;
+    LlamaIndex's ``DEFAULT_CONTEXT_WINDOW`` when neither records a limit."""
+    limits = (getattr(lm.config, "max_position_embeddings", None), getattr(lm.tokenizer, "model_max_length", None))
+    known = [limit for limit in limits if isinstance(limit, int) and 0 < limit < _MAX_SANE_CONTEXT]
+    return min(known, default=DEFAULT_CONTEXT_WINDOW)
 
 
 class LocalLLM(CustomLLM):
@@ -34,8 +47,13 @@ class LocalLLM(CustomLLM):
         description="Embedded model name or local HF directory; None for the default SmolLM2-135M-Instruct.",
     )
     max_new_tokens: int = Field(default=32, gt=0, description="Greedy decoding stops after this many tokens.")
-    context_window: int = Field(
-        default=8192, gt=0, description="Context window reported to LlamaIndex's prompt helper."
+    context_window: int | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "Context window reported to LlamaIndex's prompt helper; None for the model's own "
+            "(see model_context_window), which loads the model."
+        ),
     )
     chat_template: bool = Field(
         default=True, description="Wrap the prompt as one user turn with the model's chat template."
@@ -50,7 +68,7 @@ class LocalLLM(CustomLLM):
     @property
     def metadata(self) -> LLMMetadata:
         return LLMMetadata(
-            context_window=self.context_window,
+            context_window=self.context_window or model_context_window(shared_model(self.model)),
             num_output=self.max_new_tokens,
             is_chat_model=False,
             model_name=self.model or "smollm2-135m",

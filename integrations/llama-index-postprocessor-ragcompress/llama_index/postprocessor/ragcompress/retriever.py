@@ -2,7 +2,8 @@
 
 The question is embedded with the store's own embedder (recorded in its manifest) and searched
 in the store's inner-product FAISS index (``KVStore.search``); each hit comes back as a
-``TextNode`` with the passage's id, text and metadata and its cache handle attached.
+``TextNode`` with the passage's id, text and metadata (excluded metadata keys and relationships
+included, as the transform recorded them) and its cache handle attached.
 """
 
 from __future__ import annotations
@@ -12,9 +13,15 @@ from typing import Any
 
 from llama_index.core.base.base_retriever import BaseRetriever
 from llama_index.core.callbacks import CallbackManager
-from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
+from llama_index.core.schema import NodeWithScore, QueryBundle
 
-from llama_index.postprocessor.ragcompress._shared import require_ragcompress, set_handle, shared_embedder, store_path
+from llama_index.postprocessor.ragcompress._shared import (
+    node_from_passage,
+    require_ragcompress,
+    set_handle,
+    shared_embedder,
+    store_path,
+)
 
 
 class KVStoreRetriever(BaseRetriever):
@@ -63,7 +70,7 @@ class KVStoreRetriever(BaseRetriever):
         path = store_path(store.path)
         results = []
         for entry, score in store.search(vector, self.similarity_top_k):
-            node = TextNode(id_=entry.id, text=entry.text, metadata=dict(entry.meta))
+            node = node_from_passage(entry.id, entry.text, entry.meta)
             set_handle(node, path, entry.id)
             results.append(NodeWithScore(node=node, score=score))
         return results
