@@ -2,9 +2,10 @@
 # GPU check (docs/kernels.md, "GPU check"): on a CUDA machine, run tests/test_kernels.py and
 # tests/test_lowrank_kernel.py (the packed and the latent kernel) with the
 # compiled Triton kernel (TRITON_INTERPRET unset; the file's interpreter tests still run in their own
-# worker), then time the kernel against dequantize-then-SDPA and fp16 SDPA
-# (benchmarks/gpu_kernel_bench.py -> kernel_bench.py), writing everything into $OUT, or
-# ./gpu_results when OUT is unset.
+# worker) and selective recompute with the model on CUDA (tests/test_recompute.py, its *_on_cuda
+# test: uniform and per-head caches, against the CPU), then time the kernel against
+# dequantize-then-SDPA and fp16 SDPA (benchmarks/gpu_kernel_bench.py -> kernel_bench.py), writing
+# everything into $OUT, or ./gpu_results when OUT is unset.
 #
 #   bash benchmarks/gpu_check.sh [kernel_bench flags, e.g. --contexts 8192 16384]
 #   PYTHON=/path/to/python bash benchmarks/gpu_check.sh
@@ -42,7 +43,8 @@ export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 missing=$("$py" - "$repo" 2>/dev/null <<'EOF'
 import importlib, os, sys
 missing = []
-for name in ("pytest", "ragcompress", "ragcompress_kernels", "ragcompress.store.codec", "ragcompress.runtime.packed"):
+for name in ("pytest", "ragcompress", "ragcompress_kernels", "ragcompress.store.codec", "ragcompress.runtime.packed",
+             "ragcompress.runtime.engine"):
     try:
         module = importlib.import_module(name)
     except Exception as exc:  # ImportError, or a dependency failing at import
@@ -62,9 +64,10 @@ cd "$repo" || die "cannot enter $repo"
 export TRITON_CACHE_AUTOTUNING=1 # the timing stage reuses the tests' autotuning (same keys)
 export TRITON_PRINT_AUTOTUNING=1 # the chosen kernel configs go into the logs
 
-echo "gpu_check: tests/test_kernels.py tests/test_lowrank_kernel.py -m 'not slow' (compiled kernel on $("$py" -c 'import torch; print(torch.cuda.get_device_name())'))"
+recompute=tests/test_recompute.py::test_recompute_on_cuda_matches_the_cpu
+echo "gpu_check: tests/test_kernels.py tests/test_lowrank_kernel.py $recompute -m 'not slow' (compiled kernel on $("$py" -c 'import torch; print(torch.cuda.get_device_name())'))"
 t0=$SECONDS
-timeout 330 "$py" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_lowrank_kernel.py -m "not slow" -rfEs --durations=12 \
+timeout 330 "$py" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_lowrank_kernel.py "$recompute" -m "not slow" -rfEs --durations=12 \
     --junitxml="$out/kernel_tests.xml" 2>&1 | tee "$out/kernel_tests.log"
 tests_rc=${PIPESTATUS[0]}
 tests_s=$((SECONDS - t0))

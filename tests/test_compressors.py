@@ -217,6 +217,34 @@ def test_probe_attention_equals_model_attention(arch, config, tiny_model_dir):
         torch.testing.assert_close(probe.attention[layer], expected, atol=1e-5, rtol=1e-4)
 
 
+def test_a_probe_past_the_models_positions_is_refused_by_name(tiny_model_dir):
+    """kvzip's probe (the repeat prompt, then the passage again) runs to ``prefix + 2n + prompt``
+    positions: past ``max_position_embeddings`` it is refused, naming the passage's length and the
+    limit; at the limit, and for the methods whose probe stays inside the passage, it runs."""
+    from ragcompress.errors import InputError
+    from ragcompress.models import load_model
+
+    lm = load_model(str(tiny_model_dir("llama")))  # its own config object: the limit is set below
+    encoder = PassageEncoder(lm, PromptTemplate.from_tokenizer(lm.tokenizer))
+    ids = encoder.tokens.passage(TEXT)
+    kv = encoder.encode([ids])[0]
+    n, p = len(ids), encoder.prefix_len
+    kvzip = make_compressor("kvzip", ratio=0.5)
+    end = p + 2 * n + len(encoder.tokens.suffix(kvzip.prompt))  # positions 0 .. end - 1
+    context = CompressionContext(encoder, ids)
+    lm.config.max_position_embeddings = end
+    assert kvzip.compress(kv, context).num_tokens == n
+    lm.config.max_position_embeddings = end - 1
+    message = (
+        rf"a passage of {n} tokens .* reaches position {end - 1}, past the model's max_position_embeddings of {end - 1}"
+    )
+    with pytest.raises(InputError, match=message):
+        kvzip.compress(kv, context)
+    lm.config.max_position_embeddings = p + n
+    for method in ("snapkv", "expected-attention"):
+        assert make_compressor(method, ratio=0.5).compress(kv, context).num_tokens == n
+
+
 def test_every_compressor_is_registered_and_exported():
     def subclasses(cls):
         for sub in cls.__subclasses__():

@@ -97,6 +97,16 @@ def test_round_trip_is_what_the_store_gives_back_with_the_projections_gradient(s
         torch.testing.assert_close(x.grad, weight @ projector, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("scheme", ["fp16", "int8"])
+def test_round_trip_refuses_latents_beyond_fp16_range(scheme):
+    """A key scaled to ~1e5 projects to latents fp16 cannot hold (they became inf)."""
+    caches = low_rank_caches(0)
+    basis = fit_basis(caches[:4], RankSpec(rank=8))
+    kv = caches[5]
+    with pytest.raises(ValueError, match="out of fp16 range"):
+        basis.round_trip("k", -1e5 * kv.keys, kv.lengths, QuantConfig(scheme))
+
+
 def test_low_rank_recovers_a_low_rank_cache_and_is_smaller():
     caches = low_rank_caches(0)
     basis = fit_basis(caches[:4], RankSpec(rank=8))

@@ -165,3 +165,28 @@ def test_group_size_is_bounded():
     """A blob (or manifest) declaring a huge group would size allocations from it."""
     with pytest.raises(ValueError, match=r"power of two in \[1, 65536\]"):
         QuantConfig("int8", 1 << 36)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "int2"])
+def test_a_group_beyond_fp16_range_is_refused_not_stored_as_inf(scheme):
+    """Scales and minimums are fp16: a key channel holding 1e5 is measured from fp16's largest
+    value and round-trips within half a step, but a group reaching -1e5 has no fp16 minimum at
+    or below it (it was stored as -inf and decoded as nan)."""
+    kv = random_kv()
+    kv.keys[1, 0, 5, 2] = 1e5
+    back = codec.decode(codec.encode(kv, QuantConfig(scheme)))
+    half_step = (1e5 - float(kv.keys[1, 0, :, 2].min())) / ((1 << QuantConfig(scheme).bits) - 1) / 2
+    assert torch.isfinite(back.keys).all() and abs(float(back.keys[1, 0, 5, 2]) - 1e5) <= half_step
+    kv.keys[1, 0, 5, 2] = -1e5
+    with pytest.raises(ValueError, match=r"-100000.*out of fp16 range .*store this cache unquantized"):
+        codec.encode(kv, QuantConfig(scheme))
+    with pytest.raises(ValueError, match="out of fp16 range"):
+        quantize_dequantize("k", kv.keys, kv.lengths, QuantConfig(scheme))
+
+
+def test_fp16_rows_beyond_fp16_range_are_refused():
+    """Training's view of an ``fp16`` store: 1e5 would become inf."""
+    kv = random_kv()
+    kv.values[0, 1, 3, 4] = 1e5
+    with pytest.raises(ValueError, match=r"magnitude 100000 is out of fp16 range"):
+        quantize_dequantize("v", kv.values, kv.lengths, QuantConfig("fp16"))

@@ -502,3 +502,65 @@ def test_recompute_cost_benchmark_names_every_pass_with_its_rows(stores):
         "fused": round(0.2 * total) + question,
     }
     assert all(seconds > 0 for seconds in timer.take().values()) and not timer.seconds
+
+
+# --- the model on CUDA (benchmarks/gpu_check.sh) --------------------------------------------------
+
+
+def blend_on(device: str, layout: str, config: RecomputeConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(selected, logits)`` of a fused recompute with a tiny random Qwen2 on ``device``: random
+    prefix and passage caches (per head: each head keeps its own rows), read from the CPU as the
+    store gives them. No tokenizer, store or embedder: the check needs only torch and transformers."""
+    from dataclasses import replace
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ragcompress.kv.rope import Rotary
+    from ragcompress.runtime.attention import register_attention
+
+    model_config = AutoConfig.for_model(
+        "qwen2",
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        initializer_range=0.2,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(model_config, attn_implementation=register_attention()).eval()
+    model.to(device)
+    gen = torch.Generator().manual_seed(1)
+    prefix = PassageKV.full(torch.randn(3, 2, 6, 8, generator=gen), torch.randn(3, 2, 6, 8, generator=gen))
+    segments = [
+        PassageKV.full(torch.randn(3, 2, n, 8, generator=gen), torch.randn(3, 2, n, 8, generator=gen))
+        for n in (9, 14, 11)
+    ]
+    if layout == "per-head":
+        segments = [evicted(kv, seed) for seed, kv in enumerate(segments)]
+    token_ids = [torch.randint(64, (kv.num_tokens,), generator=gen).tolist() for kv in segments]
+    rotary = Rotary(model)
+    prefix_keys = rotary.rotate_layers(prefix.keys, prefix.positions).to(device)  # as QueryContext places it
+    prefix = replace(prefix, values=prefix.values.to(device))
+    built = assemble(model.config, rotary, prefix_keys, prefix, segments, torch.float32, spare_rows=4)
+    suffix = [5, 17, 3, 40]
+    report = blend(model, rotary, built, prefix, segments, token_ids, config, suffix=suffix)
+    assert report.logits is not None and report.logits.device.type == torch.device(device).type
+    return report.selected, report.logits.cpu()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [RecomputeConfig(0.3, sink_tokens=2, selection="mixed"), RecomputeConfig(1.0)])
+@pytest.mark.parametrize("layout", ["uniform", "per-head"])
+def test_recompute_on_cuda_matches_the_cpu(layout, config):
+    """Every tensor that indexes the model's (token ids, cache rows, masks, kept hidden states) is
+    on the model's device: the recompute runs on CUDA and selects and computes what it does on
+    the CPU."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    cpu_selected, cpu_logits = blend_on("cpu", layout, config)
+    selected, logits = blend_on("cuda", layout, config)
+    assert torch.equal(selected, cpu_selected)
+    torch.testing.assert_close(logits, cpu_logits, atol=1e-4, rtol=1e-4)

@@ -46,6 +46,23 @@ def test_cached_equals_full_prefill_with_one_passage(arch, tiny_model_dir, passa
     assert engine.answer_cached(QUESTION, entries).token_ids == engine.answer_full(QUESTION, entries).token_ids
 
 
+@pytest.mark.parametrize("rope", [{"rope_type": "yarn", "factor": 4.0}, {"rope_type": "linear", "factor": 2.0}])
+def test_gemma3_with_scaled_global_rope_answers_as_full_prefill(rope, passages_file, tmp_path, embedder):
+    """Gemma-3's global layers take ``rope_scaling`` (YaRN scales cos/sin by ~1.14), its sliding
+    layers their own base and no scaling: keys are un-rotated and re-rotated per layer type."""
+    from ragcompress.testing import make_tiny_model
+
+    layer_types = ["sliding_attention", "full_attention"]
+    model_dir = make_tiny_model("gemma3_text", tmp_path / "model", layer_types=layer_types, rope_scaling=rope)
+    lm = load_model(str(model_dir))
+    assert lm.config.rope_parameters["full_attention"]["rope_type"] == rope["rope_type"]
+    index(passages_file, tmp_path / "store", lm=lm, embedder=embedder)
+    with Engine(KVStore.open(tmp_path / "store"), lm, embedder) as engine:
+        entries = engine.retrieve(QUESTION, 1)
+        cached, full = first_logits(engine, entries, True), first_logits(engine, entries, False)
+    torch.testing.assert_close(cached, full, atol=1e-4, rtol=1e-4)
+
+
 def test_positions_continue_after_every_passage(tiny_model_dir, passages_file, tmp_path, embedder):
     """Three passages: segment j starts where segment j-1 ended; the suffix follows the last."""
     store = tmp_path / "store"

@@ -295,6 +295,30 @@ def test_bad_requests_get_openai_style_4xx(engine):
         assert unicode.json()["choices"][0]["message"]["content"] == expected(engine, question).answer
 
 
+def test_a_lone_surrogate_in_a_response_is_escaped(engine):
+    """Python gives a non-UTF-8 byte of a command-line argument or a path as a lone surrogate
+    (``ragcompress serve --model-id $'\\xff'`` gives ``"\\udcff"``), which UTF-8 cannot encode:
+    responses and events failed to render. They escape non-ASCII instead; the parsed JSON is the
+    same."""
+    model_id = "rag\udcff"
+    with in_process(engine, model_id=model_id) as (run, _):
+
+        async def calls(client):
+            return (
+                await client.get("/v1/models"),
+                await client.post("/v1/chat/completions", json=chat(QUESTIONS[0])),
+                await client.post("/v1/chat/completions", json=chat(QUESTIONS[0], stream=True)),
+            )
+
+        listed, plain, streamed = run(calls)
+    for response in (listed, plain, streamed):
+        assert response.status_code == 200 and response.content.isascii(), response.content[:200]
+    assert listed.json()["data"][0]["id"] == model_id
+    assert plain.json()["model"] == model_id
+    chunks = events(streamed.text)
+    assert chunks[-1] == "[DONE]" and {chunk["model"] for chunk in chunks[:-1]} == {model_id}
+
+
 def test_full_queue_answers_429_and_the_queued_request_still_completes(engine):
     release = threading.Event()
     with in_process(engine, queue_size=1) as (run, app):

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from ragcompress.errors import InputError
 from ragcompress.kv import PassageKV
 from ragcompress.kv.cache import build_dynamic_cache
 from ragcompress.kv.rope import rotate_half
@@ -93,9 +94,20 @@ def run_probe(
     the keys at passage offsets ``0..score_len-1`` (``score_len`` may exceed ``context_len``
     when the probe re-runs the passage's own tail, as SnapKV's window does); a query's weights on
     keys it cannot see (causality) count as zero. ``"mean"`` averages over the probe's queries.
+    A probe that would run past the model's ``max_position_embeddings`` is refused (``InputError``).
     """
     model = encoder.lm.model
     p, m = encoder.prefix_len, len(probe_ids)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and p + context_len + m > limit:
+        # past the positions the model was trained on the probe's attention means nothing, and
+        # moving the probe back would no longer be what follows the passage: refuse, by name
+        raise InputError(
+            f"a passage of {kv.num_tokens} tokens cannot be scored here: the probe ({m} tokens after the "
+            f"{p}-token prefix and {context_len} passage tokens) reaches position {p + context_len + m - 1}, "
+            f"past the model's max_position_embeddings of {limit}; split the passage or use a method that "
+            "does not probe past it (snapkv, expected-attention, knorm)"
+        )
     layers = rotated_context(encoder, kv, context_len)
     # every row kept in every layer (a sliding layer's cache would drop the passage's first rows);
     # the window is applied to the scores below, as the model's own masks apply it to its attention

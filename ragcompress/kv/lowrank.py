@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from ragcompress.kv.passage import PassageKV
-from ragcompress.kv.quant import QuantConfig, dequantize_keys_per_channel, quantize_keys_per_channel
+from ragcompress.kv.quant import QuantConfig, dequantize_keys_per_channel, quantize_keys_per_channel, to_fp16
 
 RANK_MULTIPLE = 8
 SCHEDULES = ("global", "progressive")
@@ -196,7 +196,7 @@ class LowRankBasis:
                 rounded = dequantize_keys_per_channel(codes, scale, low, quant.group_size)[0]
                 z = rounded + (z - z.detach())
             elif quant.scheme == "fp16":
-                z = z.detach().half().float() + (z - z.detach())
+                z = to_fp16(z.detach()).float() + (z - z.detach())
             out.append(torch.baddbmm(mean.unsqueeze(1), z, basis.transpose(1, 2)))
         return torch.stack(out).to(rows.dtype)
 

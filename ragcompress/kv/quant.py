@@ -3,7 +3,9 @@
 Keys are quantized *per channel* (each channel gets its own scale over a group of ``group_size``
 consecutive tokens) because key outliers live in fixed channels; values are quantized *per token*
 (groups of ``group_size`` channels), because value errors mix across channels in the attention
-output. Scales and minimums are fp16. ``int4`` packs two codes per byte, ``int2`` four.
+output. Scales and minimums are fp16: a group above 65504 is measured from fp16's largest value,
+but one whose minimum is below -65504 or whose step exceeds 65504 (or that holds inf or nan) is
+refused rather than stored as inf. ``int4`` packs two codes per byte, ``int2`` four.
 
 Values may take another integer width than keys (``value_scheme``): keys decide *which* rows
 attention reads, and an error there moves every weight, while a value error is averaged over the
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 SCHEMES = ("none", "fp16", "int8", "int4", "int2")
+FP16_MAX = torch.finfo(torch.float16).max  # 65504: scales, minimums and the fp16 scheme's rows
 _BITS = {"int8": 8, "int4": 4, "int2": 2}
 
 
@@ -89,6 +92,13 @@ def quantize_last_dim(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.T
     # quantization step) then keeps every value within half a step instead of clamping.
     lo16 = _to_fp16(lo, rounding="down")
     scale = _to_fp16(((hi - lo16) / levels).clamp_min(1e-8), rounding="up")
+    bad = ~(lo16.isfinite() & scale.isfinite())  # below -65504, a step above 65504, or inf/nan
+    if bool(bad.any()):
+        raise ValueError(
+            f"cannot quantize to int{bits}: a group spans [{lo[bad].min():.6g}, {hi[bad].max():.6g}], a value "
+            f"out of fp16 range (±{FP16_MAX:g}) or not finite, and int{bits} keeps each group's minimum and step "
+            "in fp16; store this cache unquantized (quant 'none' keeps the model's dtype, e.g. fp32)"
+        )
     codes = torch.round((x - lo16.unsqueeze(-1)) / scale.unsqueeze(-1)).clamp_(0, levels)
     return codes.to(torch.uint8), scale.to(torch.float16), lo16.to(torch.float16)
 
@@ -102,6 +112,18 @@ def _to_fp16(x: torch.Tensor, rounding: str) -> torch.Tensor:
         return torch.where(near.float() > x, moved, near).float()
     moved = torch.nextafter(near, torch.tensor(float("inf"), dtype=torch.float16))
     return torch.where(near.float() < x, moved, near).float()
+
+
+def to_fp16(x: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded to fp16 (the ``fp16`` scheme), refusing a value that would become inf."""
+    half = x.half()
+    if not bool(half.isfinite().all()):
+        worst = x.float().abs().nan_to_num(float("inf")).max()
+        raise ValueError(
+            f"cannot store in fp16: a value of magnitude {worst:.6g} is out of fp16 range (±{FP16_MAX:g}) or not "
+            "finite; store this cache unquantized (quant 'none' keeps the model's dtype, e.g. fp32)"
+        )
+    return half
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
@@ -202,7 +224,7 @@ def quantize_dequantize(kind: str, rows: torch.Tensor, lengths: torch.Tensor, qu
     if bits is None:
         if quant.scheme != "fp16":
             return rows
-        out = rows.detach().half().to(rows.dtype)
+        out = to_fp16(rows.detach()).to(rows.dtype)
     elif kind == "k":
         codes, scale, low = quantize_keys_per_channel(rows.detach(), lengths, bits, quant.group_size)
         out = dequantize_keys_per_channel(codes, scale, low, quant.group_size).to(rows.dtype)

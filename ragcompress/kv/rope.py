@@ -28,11 +28,20 @@ class Rotary:
         self._emb = model.model.rotary_emb
         self._layer_types = getattr(model.config, "layer_types", None)
         self._takes_layer_type = "layer_type" in inspect.signature(self._emb.forward).parameters
-        self._scaling = float(getattr(self._emb, "attention_scaling", 1.0) or 1.0)
+        # YaRN's attention scaling, folded into cos/sin; Gemma-3 keeps one per layer type (its
+        # sliding layers have their own base and no rope_scaling, its global layers take it)
+        self._scaling = [self._attention_scaling(i) for i in range(model.config.num_hidden_layers)]
         try:
             self._device = next(self._emb.buffers()).device
         except StopIteration:
             self._device = torch.device("cpu")
+
+    def _attention_scaling(self, layer_idx: int) -> float:
+        if self._takes_layer_type and self._layer_types is not None:
+            value = getattr(self._emb, f"{self._layer_types[layer_idx]}_attention_scaling", None)
+        else:
+            value = getattr(self._emb, "attention_scaling", None)
+        return float(value or 1.0)
 
     def cos_sin(self, positions: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 ``cos, sin`` of shape ``positions.shape + (head_dim,)``, attention scaling included."""
@@ -56,9 +65,9 @@ class Rotary:
         cos, sin = self.cos_sin(torch.arange(low, high + 1), layer_idx)  # [span, d]
         first = positions.reshape(-1, positions.shape[-1])[0]
         if bool((positions == first).all()):  # every layer/head keeps the same rows: broadcast
-            index = first - low
+            index = (first - low).to(cos.device)
             return cos[index], sin[index]
-        index = (positions - low).long()
+        index = (positions - low).long().to(cos.device)  # indexes the table, where the RoPE module is
         return cos[index], sin[index]
 
     def rotate(self, keys: torch.Tensor, positions: torch.Tensor, layer_idx: int) -> torch.Tensor:
@@ -119,7 +128,7 @@ class Rotary:
         """Invert :meth:`rotate` (``cos``/``sin`` carry the scaling ``s``, so divide by ``s**2``)."""
         cos, sin = self.cos_sin(positions, layer_idx)
         x = keys.float()
-        out = (x * cos - rotate_half(x) * sin) / (self._scaling**2)
+        out = (x * cos - rotate_half(x) * sin) / (self._scaling[layer_idx] ** 2)
         return out.to(keys.dtype)
 
 

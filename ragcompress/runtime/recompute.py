@@ -150,16 +150,18 @@ class _Layout:
             inverse.append(inv)
         return torch.cat(inverse, dim=2)[:, :, tokens]
 
-    def masks(self, tokens: torch.Tensor, q_heads: int, new_pos: torch.Tensor) -> list[torch.Tensor]:
-        """Per layer bool ``[1, q_heads or 1, S + Q, T_layer + Q]``: real rows (and new tokens) at
-        positions <= the query's. Queries are the passage ``tokens [S]`` then ``Q`` new tokens
-        at ``new_pos [Q]`` (the question, appended after the cache)."""
+    def masks(
+        self, tokens: torch.Tensor, q_heads: int, new_pos: torch.Tensor, device: torch.device
+    ) -> list[torch.Tensor]:
+        """Per layer bool ``[1, q_heads or 1, S + Q, T_layer + Q]`` on ``device``: real rows (and
+        new tokens) at positions <= the query's. Queries are the passage ``tokens [S]`` then ``Q``
+        new tokens at ``new_pos [Q]`` (the question, appended after the cache)."""
         qpos = torch.cat([self.token_pos[tokens], new_pos])
         layers, heads = self.shape
         if self.uniform:
             row_pos = torch.cat([self.row_pos[0][0], new_pos])
             mask = (row_pos[None, :] <= qpos[:, None]).unsqueeze(0)  # [1, S+Q, T+Q]
-            return [mask.unsqueeze(0)] * layers
+            return [mask.unsqueeze(0).to(device)] * layers
         groups = q_heads // heads
         new_valid = torch.ones(heads, new_pos.numel(), dtype=torch.bool)
         out = []
@@ -167,7 +169,7 @@ class _Layout:
             row_pos = torch.cat([self.row_pos[layer], new_pos.expand(heads, -1)], dim=1)
             valid = torch.cat([self.valid[layer], new_valid], dim=1)
             allowed = valid[:, None, :] & (row_pos[:, None, :] <= qpos[None, :, None])
-            out.append(allowed.repeat_interleave(groups, dim=0).unsqueeze(0))
+            out.append(allowed.repeat_interleave(groups, dim=0).unsqueeze(0).to(device))
         return out
 
 
@@ -177,12 +179,13 @@ class _BlendCache:
     ``update`` (called by every attention module after computing its keys and values) writes the
     fresh KV of the first ``S`` queries ``[1, kv_heads, S, d]`` into the selected tokens' rows of
     the assembled cache, in place, appends those of the ``Q`` new tokens after it, and returns
-    the whole layer ``[1, kv_heads, T + Q, d]`` to attend over.
+    the whole layer ``[1, kv_heads, T + Q, d]`` to attend over. ``rows`` (:meth:`_Layout.rows`)
+    are moved to the cache's device: they index it.
     """
 
     def __init__(self, cache: Any, rows: torch.Tensor, uniform: bool, new_tokens: int) -> None:
         self.layers = cache.layers
-        self.rows = rows
+        self.rows = rows.to(cache.layers[0].keys.device)
         self.uniform = uniform
         self.new_tokens = new_tokens
 
@@ -224,7 +227,7 @@ def _run_layers(
     config = model.config
     new_pos = torch.zeros(0, dtype=torch.long) if new_pos is None else new_pos
     positions = torch.cat([layout.token_pos[tokens], new_pos]).unsqueeze(0)  # [1, S+Q]
-    masks = layout.masks(tokens, config.num_attention_heads, new_pos)
+    masks = layout.masks(tokens, config.num_attention_heads, new_pos, hidden.device)
     blend_cache = _BlendCache(cache, layout.rows(tokens), layout.uniform, new_pos.numel())
     layer_types = getattr(config, "layer_types", None)
     rope: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -236,7 +239,7 @@ def _run_layers(
         out = layers[index](
             hidden,
             attention_mask=masks[index],
-            position_ids=positions,
+            position_ids=positions.to(hidden.device),
             cache=blend_cache,
             use_cache=True,
             position_embeddings=rope[kind],
@@ -256,7 +259,7 @@ def _deviation(
     heads = layout.shape[1]
     fresh = fresh.view(hidden.shape[1], heads, -1).transpose(0, 1).float()  # [H, S, d]
     stored_all = cache.layers[layer_idx].values[0]  # [H, T, d]
-    rows = layout.rows(tokens)
+    rows = layout.rows(tokens).to(stored_all.device)
     if layout.uniform:
         stored = stored_all[:, rows].float()
         return (fresh - stored).pow(2).sum(-1).mean(0)
@@ -370,8 +373,11 @@ def blend(
     if candidates.numel() == 0 or budget == 0:
         return BlendReport(empty, int(candidates.numel()), total)
 
+    # token bookkeeping (candidates, sinks, the selection) stays on the CPU; what indexes the
+    # model's tensors (token ids, cache rows, masks, kept hidden states) is moved to their device
     ids = torch.tensor([t for seq in token_ids for t in seq], dtype=torch.long)
     embed = model.model.embed_tokens
+    device = embed.weight.device
     layers = len(model.model.layers)
     check = min(config.check_layer, layers)
     question_ids = suffix or score_question
@@ -380,7 +386,7 @@ def blend(
     new_pos = torch.arange(built.next_position, built.next_position + len(question_ids or []))
     question = None
     if config.ratio > 0.0 and budget < candidates.numel():
-        hidden = embed(ids[candidates].unsqueeze(0))
+        hidden = embed(ids[candidates].unsqueeze(0).to(device))
         hidden = _run_layers(model, rotary, layout, built.cache, candidates, hidden, 0, check)
         if check < layers:
             deviation = _deviation(model, layout, built.cache, candidates, hidden, check)
@@ -395,7 +401,7 @@ def blend(
                 layout,
                 built.cache,
                 candidates[:0],
-                embed(torch.tensor([question_ids])),
+                embed(torch.tensor([question_ids], device=device)),
                 0,
                 check,
                 new_pos,
@@ -410,18 +416,18 @@ def blend(
                         layer.values[:, :, : -len(question_ids)],
                     )
                 question = None
-        selected = select_tokens(_ranking(config, deviation, relevance), candidates, sinks, budget)
+        selected = select_tokens(_ranking(config, deviation, relevance).cpu(), candidates, sinks, budget)
         keep = torch.searchsorted(candidates, selected)
-        hidden = hidden[:, keep]
+        hidden = hidden[:, keep.to(device)]
         start = check
     else:
         selected = candidates if budget >= candidates.numel() else sinks
-        hidden = embed(ids[selected].unsqueeze(0))
+        hidden = embed(ids[selected].unsqueeze(0).to(device))
         start = 0
     if not suffix:
         _run_layers(model, rotary, layout, built.cache, selected, hidden, start, layers)
         return BlendReport(selected, int(candidates.numel()), total)
-    suffix_ids = torch.tensor([suffix], dtype=torch.long)
+    suffix_ids = torch.tensor([suffix], dtype=torch.long, device=device)
     if question is None:
         question = embed(suffix_ids)
         if start > 0:  # the question's layers below the check layer run alone, before joining

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -395,6 +396,15 @@ class Pending:
                 return kind, value
 
 
+class JSONBody(JSONResponse):
+    """Starlette's compact JSON with every non-ASCII character escaped. A lone surrogate (how
+    Python gives a non-UTF-8 byte of an argument or a path, ``"\\udcff"``) has no UTF-8
+    encoding, but it has an escape; parsed, the JSON is the same."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 class EventStream(StreamingResponse):
     """Server-sent events whose job is cancelled if the response ends early (client gone)."""
 
@@ -437,11 +447,11 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
     return parse_json(b"".join(chunks))
 
 
-def error_response(service: Service, path: str, error: ApiError) -> JSONResponse:
+def error_response(service: Service, path: str, error: ApiError) -> JSONBody:
     service.metrics.errors.labels(service.metrics.endpoint(path), error.code or str(error.status)).inc()
     if error.status >= 500:
         log.warning("%s: %s %s", path, error.status, error.message)
-    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+    return JSONBody(error.body(), status_code=error.status, headers=error.headers)
 
 
 def handled(
@@ -477,7 +487,7 @@ async def chat_completions(request: Request) -> Response:
     first = await pending.until("started", "delta", "done")
     if not query.stream:
         kind, result = first if first[0] == "done" else await pending.until("done")
-        return JSONResponse(
+        return JSONBody(
             completion_body(
                 query, service.settings.model_id, result.text, result.finish_reason, result.usage(), result.info()
             )
@@ -516,7 +526,7 @@ async def retrieve(request: Request) -> Response:
     query = parse_retrieve(await read_json(request, service.settings.max_body_bytes), service.settings)
     pending = await service.submit(request, partial(service.retrieve, query))
     _, hits = await pending.until("done")
-    return JSONResponse({"object": "list", "data": hits})
+    return JSONBody({"object": "list", "data": hits})
 
 
 def _model(service: Service) -> dict[str, Any]:
@@ -525,7 +535,7 @@ def _model(service: Service) -> dict[str, Any]:
 
 @handled
 async def models(request: Request) -> Response:
-    return JSONResponse({"object": "list", "data": [_model(_service(request))]})
+    return JSONBody({"object": "list", "data": [_model(_service(request))]})
 
 
 @handled
@@ -533,12 +543,12 @@ async def one_model(request: Request) -> Response:
     service = _service(request)
     if request.path_params["model"] != service.settings.model_id:
         raise ApiError(404, f"model {request.path_params['model']!r} is not served here", code="model_not_found")
-    return JSONResponse(_model(service))
+    return JSONBody(_model(service))
 
 
 async def health(request: Request) -> Response:
     worker = _service(request).worker
-    return JSONResponse(
+    return JSONBody(
         {
             "status": "ok",
             "queue": {

@@ -299,6 +299,7 @@ def chunk_body(
 
 
 def sse(data: dict[str, Any] | str) -> bytes:
-    """One server-sent event: ``data: JSON`` and a blank line."""
-    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    """One server-sent event: ``data: JSON`` and a blank line (non-ASCII escaped, as
+    :class:`~ragcompress.serve.app.JSONBody` escapes it)."""
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=True)
     return f"data: {text}\n\n".encode()
