@@ -127,3 +127,40 @@ def test_full_recompute_of_a_neighbour_store_reproduces_full_prefill(neighbour_s
             ids = torch.tensor([engine.full_prompt_ids(QUESTION, entries)])
             full = forward_step(engine.lm.model, ids, DynamicCache(config=engine.lm.config), 0)
         torch.testing.assert_close(recomputed, full, atol=1e-4, rtol=1e-4)
+
+
+def test_a_context_is_cut_to_the_models_positions_from_its_far_end(tiny_model_dir, embedder, tmp_path, monkeypatch):
+    """Neighbours' tokens never carry prefix + context + passage past the model's positions: the
+    context keeps its last tokens (those nearest the passage), and a passage that fits alone is
+    still encoded after as much of its neighbours as fits."""
+    import json
+
+    from ragcompress.data import SAMPLE_PASSAGES
+    from ragcompress.indexing.encoder import PassageEncoder
+    from ragcompress.indexing.indexer import POSITION_HEADROOM
+
+    model_dir = tmp_path / "short"
+    import shutil
+
+    shutil.copytree(tiny_model_dir("qwen2"), model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["max_position_embeddings"] = 400
+    (model_dir / "config.json").write_text(json.dumps(config))
+    passages = tmp_path / "passages.jsonl"
+    passages.write_text("\n".join(SAMPLE_PASSAGES.read_text().splitlines()[:4]) + "\n")
+    seen: list[tuple[int, int, list[int]]] = []
+    encode = PassageEncoder.encode
+
+    def recording(self, batch, contexts=None):
+        seen.extend(
+            (self.prefix_len, len(ids), ctx) for ids, ctx in zip(batch, contexts or [[]] * len(batch), strict=True)
+        )
+        return encode(self, batch, contexts)
+
+    monkeypatch.setattr(PassageEncoder, "encode", recording)
+    index(
+        passages, tmp_path / "store", model=str(model_dir), config=IndexConfig(context_neighbors=2), embedder=embedder
+    )
+    budget = 400 - POSITION_HEADROOM
+    assert seen and all(prefix + len(ctx) + n <= budget for prefix, n, ctx in seen)
+    assert any(prefix + len(ctx) + n == budget for prefix, n, ctx in seen)  # a context was cut, not dropped

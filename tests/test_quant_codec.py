@@ -190,3 +190,5 @@ def test_fp16_rows_beyond_fp16_range_are_refused():
     kv.values[0, 1, 3, 4] = 1e5
     with pytest.raises(ValueError, match=r"magnitude 100000 is out of fp16 range"):
         quantize_dequantize("v", kv.values, kv.lengths, QuantConfig("fp16"))
+    with pytest.raises(ValueError, match=r"magnitude 100000 is out of fp16 range"):
+        codec.encode(kv, QuantConfig("fp16"))  # what a store would have written as inf

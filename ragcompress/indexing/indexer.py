@@ -231,6 +231,8 @@ class Indexer:
 
         pool: where a store with ``context_neighbors`` draws each passage's encoding neighbours
         from (:meth:`neighbour_pool` of the whole input); by default these ``passages`` themselves.
+        A context that would carry prefix + context + passage past :attr:`max_tokens` keeps only
+        its last tokens (those nearest the passage): positions beyond the model's are meaningless.
         """
         if all(p.id in skip for p in passages):
             return []
@@ -256,6 +258,10 @@ class Indexer:
             if missing:
                 all_vectors[missing] = self.embedder.embed([passages[i].text for i in missing])
             contexts = pool.contexts([p.id for p in passages], all_vectors, self.context_neighbors)
+            # the neighbours' tokens nearest the passage, as many as fit the model's positions
+            contexts = [
+                ctx[max(0, len(ctx) - (limit - len(ids))) :] for ctx, ids in zip(contexts, token_ids, strict=True)
+            ]
             caches = self.encoder.encode(token_ids, contexts)
             vectors = all_vectors[todo]
         else:

@@ -43,6 +43,7 @@ from ragcompress.kv.quant import (
     pack,
     quantize_keys_per_channel,
     quantize_values_per_token,
+    to_fp16,
     unpack,
 )
 from ragcompress.store.latent import decode_latents, encode_latents, parse_ranks
@@ -68,7 +69,7 @@ def encode(kv: PassageKV, quant: QuantConfig, basis: LowRankBasis | None = None)
             continue
         bits = quant.of(kind).bits
         if bits is None:
-            tensors[kind] = rows[mask].to(torch.float16 if quant.scheme == "fp16" else rows.dtype)
+            tensors[kind] = to_fp16(rows[mask]) if quant.scheme == "fp16" else rows[mask]
             continue
         if d % (8 // bits):
             raise ValueError(f"head_dim {d} cannot be packed at {bits} bits")

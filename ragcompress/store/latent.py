@@ -19,7 +19,14 @@ from __future__ import annotations
 
 import torch
 
-from ragcompress.kv.quant import QuantConfig, dequantize_keys_per_channel, pack, quantize_keys_per_channel, unpack
+from ragcompress.kv.quant import (
+    QuantConfig,
+    dequantize_keys_per_channel,
+    pack,
+    quantize_keys_per_channel,
+    to_fp16,
+    unpack,
+)
 
 
 def _group_mask(lengths: torch.Tensor, n_groups: int, group_size: int) -> torch.Tensor:
@@ -37,8 +44,8 @@ def encode_latents(
     meta = {f"{kind}_ranks": ",".join(map(str, ranks))}
     bits = quant.bits
     if bits is None:
-        out_dtype = torch.float16 if quant.scheme == "fp16" else dtype
-        flat = [z[mask[layer]].to(out_dtype).reshape(-1) for layer, z in enumerate(latents)]
+        rows = [z[mask[layer]] for layer, z in enumerate(latents)]
+        flat = [(to_fp16(z) if quant.scheme == "fp16" else z.to(dtype)).reshape(-1) for z in rows]
         return {f"{kind}_lat": torch.cat(flat)}, meta
     codes, scales, mins = [], [], []
     for layer, z in enumerate(latents):
