@@ -1238,6 +1238,9 @@ PRESET_MEASUREMENTS: tuple[tuple[str, str, str, str | None], ...] = (
     ("smallest", "lowrank_qwen.json", "global:kvzip@0.21/int4v2/r32k+adaptor", "none@1/fp16/-"),
     ("smallest", "confirm_smallest_qwen_33q.json", "global:kvzip@0.21/int4v2/r32k+adaptor", "none@1/fp16/-"),
     ("smallest", "lowrank_smollm2.json", "global:kvzip@0.21/int4v2/r32k+adaptor", "none@1/fp16/-"),
+    # the two Qwen runs above again, with the quantizer of 2026-12-04 (``remeasure_*``)
+    ("smallest", "remeasure_smallest_qwen_100q.json", "global:kvzip@0.21/int4v2/r32k+adaptor", "none@1/fp16/-"),
+    ("smallest", "remeasure_smallest_qwen_33q.json", "global:kvzip@0.21/int4v2/r32k+adaptor", "none@1/fp16/-"),
     ("faithful", "faithful_qwen_adaptor_recompute.json", "top3/ad:r0.05+mixed", "top3/ad:reuse"),
     ("faithful", "faithful_qwen_confirm_33q.json", "top3/r0.05+mixed", "top3/reuse"),
     ("faithful", "faithful_qwen_pooled_133q.json", "top3/r0.05+mixed", "top3/reuse"),
@@ -1247,6 +1250,11 @@ PRESET_MEASUREMENTS: tuple[tuple[str, str, str, str | None], ...] = (
     ("distilled", "faithful_qwen_pooled_133q.json", "top3/reuse", "top3/reversed"),
     ("distilled", "distill_smollm2-135m-81q.json", "adaptor", "plain reuse"),
 )
+
+
+# Results files in the frontier's shape: ``lowrank_*`` (its grids), ``confirm_*`` (a preset's row on
+# other questions), ``remeasure_*`` (a preset's rows re-run by later code on the same questions).
+FRONTIER_FILES = ("lowrank", "confirm", "remeasure")
 
 
 def preset_row(data: Any, name: str, row: str) -> dict[str, Any]:
@@ -1267,7 +1275,7 @@ def preset_row(data: Any, name: str, row: str) -> dict[str, Any]:
                 "n": data["meta"]["questions"], "sub_em": r["sub_em"], "full": data["full_prefill"]["sub_em"],
                 "agreement": r["agreement"], "kl": r["kl_answer"], "ttft": None, "bytes": None,
             }  # fmt: skip
-        if name.startswith(("lowrank", "confirm")):  # ``confirm_*``: a frontier run on other questions
+        if name.startswith(FRONTIER_FILES):  # ``confirm_*``: a frontier run on other questions
             r = data["rows"][row]
             return {
                 "n": data["n"], "sub_em": r["sub_em"], "full": data["full"]["sub_em"], "agreement": r["agreement"],
@@ -1366,14 +1374,15 @@ def pooled_presets(results: Path) -> list[str]:
     is compared with): both rows' sub-EM pooled over all those questions; then one per ablation of
     :data:`POOLED_ABLATIONS`. ``smallest`` is chosen on one file and confirmed on another, and
     issue 16 reads the pooled figure."""
-    groups: dict[tuple[str, str, str, str | None], list[tuple[str, Any]]] = {}
+    groups: dict[tuple[str, str, str, str | None, bool], list[tuple[str, Any]]] = {}
     for preset, name, row, baseline in PRESET_MEASUREMENTS:
-        if name.startswith(("lowrank", "confirm")):
+        if name.startswith(FRONTIER_FILES):
             data = load(results / name)
-            groups.setdefault((preset, _model_of(data), row, baseline), []).append((name, data))
+            again = name.startswith("remeasure")
+            groups.setdefault((preset, _model_of(data), row, baseline, again), []).append((name, data))
     lines = [
-        f"`{preset}` on {model_name(model)}, " + pooled_sub_em(files, row, baseline)
-        for (preset, model, row, baseline), files in groups.items()
+        f"`{preset}` on {model_name(model)}{' re-measured' if again else ''}, " + pooled_sub_em(files, row, baseline)
+        for (preset, model, row, baseline, again), files in groups.items()
         if len(files) >= 2 and baseline is not None
     ]
     for preset, change, names, row, baseline in POOLED_ABLATIONS:
