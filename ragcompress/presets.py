@@ -70,7 +70,8 @@ PRESETS: dict[str, Preset] = {
             "docs/results/lowrank_qwen.json (100 questions of articles neither the adaptor nor the bases saw, "
             "Qwen2.5-Coder-0.5B, top-3; docs/compression.md section 8), docs/results/confirm_smallest_qwen_33q.json "
             "(the 33 other questions of those articles, measured after the setting was chosen), "
-            "docs/results/lowrank_smollm2.json (SmolLM2-135M, 40 questions)",
+            "docs/results/remeasure_smallest_qwen_*.json (the same 133 questions re-run with the quantizer of "
+            "2026-12-04), docs/results/lowrank_smollm2.json (SmolLM2-135M, 40 questions)",
         ),
         Preset(
             "faithful",
