@@ -13,11 +13,11 @@ import os
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ragcompress.errors import InputError
 from ragcompress.evaluation import Question
@@ -25,13 +25,17 @@ from ragcompress.runtime.engine import Answer, Engine
 from ragcompress.runtime.options import AnswerOptions
 from ragcompress.store.catalogue import Entry
 
+if TYPE_CHECKING:
+    from ragcompress.indexing import Indexer
+
 # The four ways a question's first token is reached, timed side by side (DESIGN §3):
 #   full                the whole prompt prefilled, no reuse (the plain baseline)
 #   full_prefix_cached  the shared prefix's cache reused, passages and question prefilled (the fair
 #                       peer: a serving engine with automatic prefix caching)
 #   cached              ragcompress: stored passage caches loaded, placed, question prefilled
 #   floor               the question prefilled over an already assembled cache (cached - floor is
-#                       the cache work: read, checksum, dequantize, rotate, assemble)
+#                       the cache work: read, checksum, dequantize, rotate, assemble, and a
+#                       selective recompute where the options ask for one)
 PATHS = ("full", "full_prefix_cached", "cached", "floor")
 
 
@@ -118,8 +122,12 @@ def _bench_row(engine: Engine, questions: list[Question], top_k: int, repeats: i
 
 
 def _floor(engine: Engine, question: str, entries: list[Entry], options: AnswerOptions) -> Answer:
-    """The cached path with its cache prepared before the clock starts: the question's prefill."""
-    return engine.answer_prepared(engine.prepare(question, entries, options), entries, options)
+    """The cached path with its cache assembled before the clock starts: the question's prefill.
+    A selective recompute is left out (it carries the question in its own pass, so a prepared
+    request would hold the first token already and time nothing): cached - floor then counts
+    the recompute as cache work."""
+    plain = options.replace(recompute=replace(options.recompute, ratio=0.0, sink_tokens=0))
+    return engine.answer_prepared(engine.prepare(question, entries, plain), entries, plain)
 
 
 @dataclass(frozen=True)
@@ -137,13 +145,32 @@ class IndexingThroughput:
         return asdict(self)
 
 
-def indexing_throughput(engine: Engine, passages: int, repeats: int) -> IndexingThroughput:
-    """Re-index the store's first ``passages`` passages in memory (nothing is written) with its
-    own settings, alternating with the plain forward of the same batch; medians of ``repeats``."""
+def store_indexer(engine: Engine) -> Indexer:
+    """An indexer with the store's own settings (compression, quantization, a low-rank store's
+    basis, the packaged adaptor it was encoded through). A store encoded through an adaptor that
+    is not packaged (a ``ragcompress train`` folder) cannot be re-encoded by ``bench``: refused
+    before anything is timed, naming the way round it."""
+    from ragcompress.distill.adaptor import packaged_adaptor_dir
     from ragcompress.indexing import Indexer
+
+    recorded = engine.store.manifest.encoding.get("adaptor")
+    if recorded and packaged_adaptor_dir(recorded) is None:
+        raise InputError(
+            f"store {engine.store.path} was encoded through adaptor {recorded[:16]}, which is not packaged: "
+            "indexing cannot be timed without it (--indexing-passages 0 skips that)"
+        )
+    return Indexer.for_store(engine.store.manifest, engine.lm, engine.embedder).with_store_basis(engine.store)
+
+
+def indexing_throughput(
+    engine: Engine, passages: int, repeats: int, indexer: Indexer | None = None
+) -> IndexingThroughput:
+    """Re-index the store's first ``passages`` passages in memory (nothing is written) with its
+    own settings (``indexer``: :func:`store_indexer` by default), alternating with the plain
+    forward of the same batch; medians of ``repeats``."""
     from ragcompress.indexing.inputs import PassageInput
 
-    indexer = Indexer.for_store(engine.store.manifest, engine.lm, engine.embedder)
+    indexer = indexer or store_indexer(engine)
     batch = [PassageInput(e.id, e.text, e.title, e.meta) for e in islice(engine.store.catalogue.entries(), passages)]
     if not batch:
         raise InputError(f"store {engine.store.path} holds no passages to time indexing on")
@@ -185,8 +212,10 @@ def packed_ttft_overhead(
 ) -> TTFTComparison:
     """TTFT of the packed path (``packed-torch``: the kernel's PyTorch reference, the CPU path;
     ``packed-triton`` on a GPU) against the dense path (dequantize every segment once per
-    request, rotate, SDPA) over the same retrieved entries, alternating."""
-    dense = engine.options.replace(max_new_tokens=1, backend="dense")
+    request, rotate, SDPA) over the same retrieved entries, alternating. Both sides reuse the
+    stored caches as they are: a selective recompute or an attention temperature (the engine's
+    options, the store's calibration) edits an assembled cache, which the packed path never builds."""
+    dense = engine.options.replace(max_new_tokens=1, backend="dense", recompute=0.0, calibrate=False)
     packed = dense.replace(backend=packed_backend)
     ratios, dense_all, packed_all, same = [], [], [], 0
     for question in questions:

@@ -525,7 +525,7 @@ def evaluate(
     from ragcompress.evaluation import iter_eval, read_questions, select_questions, summarize
     from ragcompress.runtime.engine import Engine
 
-    items = select_questions(read_questions(questions), sample, articles, outside)[:limit]
+    items = select_questions(read_questions(questions, scored=True), sample, articles, outside)[:limit]
     engine = Engine.open(store, options=_answer_options(preset, max_new_tokens, recompute, selection, backend))
     try:
         results = iter_eval(engine, items, top_k)
@@ -573,7 +573,15 @@ def bench(
     question-only floor, alternating in one run; KV bytes; indexing throughput."""
     _quiet_libraries()
     from ragcompress.bench import bench as run_bench
-    from ragcompress.bench import indexing_throughput, packed_ttft_overhead, plot, run_meta, table, to_json
+    from ragcompress.bench import (
+        indexing_throughput,
+        packed_ttft_overhead,
+        plot,
+        run_meta,
+        store_indexer,
+        table,
+        to_json,
+    )
     from ragcompress.data import SAMPLE_QUESTIONS
     from ragcompress.evaluation import read_questions
     from ragcompress.runtime.engine import Engine
@@ -588,9 +596,10 @@ def bench(
     try:
         if max(top_ks) > len(engine.store):
             raise RagCompressError(f"--top-k {max(top_ks)} exceeds the {len(engine.store)} passages in {store}")
+        indexer = store_indexer(engine) if indexing else None  # a store it cannot re-encode fails before timing
         rows = run_bench(engine, items, top_ks, repeats)
-        if indexing:
-            throughput = indexing_throughput(engine, indexing, repeats)
+        if indexer is not None:
+            throughput = indexing_throughput(engine, indexing, repeats, indexer)
         if packed and engine.store.quant.bits is not None:
             comparison = packed_ttft_overhead(engine, [q.question for q in items], max(top_ks), repeats)
         data = to_json(engine, rows, run_meta(repeats, limit))

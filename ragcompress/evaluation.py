@@ -66,25 +66,35 @@ class Question:
         return None if self.passage_id is None else self.passage_id.split("#")[0]
 
 
-def read_questions(path: str | Path, limit: int | None = None) -> list[Question]:
-    """JSONL of ``{"id", "question", "answers": [str], "passage_id"?}``; errors name the line."""
+def read_questions(path: str | Path, limit: int | None = None, *, scored: bool = False) -> list[Question]:
+    """JSONL of ``{"id", "question", "answers": [str], "passage_id"?}``; errors name the line.
+
+    ``scored``: every question must have an answer to score against (one that is not empty
+    after normalisation: :func:`sub_em` skips those), as ``eval`` needs; ``bench`` and training
+    read questions without."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"questions file {path} does not exist")
     questions: list[Question] = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            where = f"{path}:{number}"
             try:
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
                 record = json.loads(line)
-                item = Question(
-                    str(record["id"]), record["question"], list(record["answers"]), record.get("passage_id")
-                )
+                item = Question(str(record["id"]), record["question"], record["answers"], record.get("passage_id"))
             except (ValueError, KeyError, TypeError) as exc:
-                raise InputError(f'{path}:{number}: expected {{"id", "question", "answers": [...]}} ({exc})') from None
+                raise InputError(f'{where}: expected {{"id", "question", "answers": [...]}} ({exc})') from None
             if not isinstance(item.question, str) or not item.question.strip():
-                raise InputError(f"{path}:{number}: empty question")
+                raise InputError(f"{where}: empty question")
+            if not isinstance(item.answers, list) or not all(isinstance(a, str) for a in item.answers):
+                raise InputError(f'{where}: "answers" must be a list of strings, got {item.answers!r}')
+            if scored and not any(normalize_answer(a) for a in item.answers):
+                raise InputError(f"{where}: question {item.id!r} has no answer to score against ({item.answers!r})")
+            if item.passage_id is not None and not isinstance(item.passage_id, str):
+                raise InputError(f'{where}: "passage_id" must be a string (ARTICLE#N), got {item.passage_id!r}')
             questions.append(item)
             if limit is not None and len(questions) >= limit:
                 break
@@ -167,6 +177,8 @@ def summarize(engine: Engine, results: list[QuestionResult]) -> dict[str, Any]:
     entries = [engine.store.entry(pid) for pid in sorted(used)]
     tokens = sum(e.num_tokens for e in entries)
     stored = sum(e.length for e in entries) / tokens
+    if engine.store.basis_bytes:  # a low-rank store's basis, stored once, counted per token as `index` does
+        stored += engine.store.basis_bytes / sum(e.num_tokens for e in engine.store.catalogue.entries())
     fp16 = float(engine.store.shape.fp16_bytes_per_token)
     return {
         "n": n,

@@ -124,6 +124,22 @@ def test_eval_json_shape(cli_store, monkeypatch, capfd):
     assert 0.0 <= data["agreement"] <= 1.0
 
 
+def test_eval_refuses_unscorable_questions_in_one_line_before_loading_anything(tmp_path, monkeypatch, capfd):
+    """SQuAD-style answer objects once crashed with a traceback after every question was
+    answered; an empty answer list scored 0 without a word."""
+    questions = tmp_path / "questions.jsonl"
+    for answers, message in (
+        ([{"text": "Melbourne", "answer_start": 3}], '"answers" must be a list of strings'),
+        ([], "has no answer to score against"),
+    ):
+        questions.write_text(json.dumps({"id": "q1", "question": "Who?", "answers": answers}) + "\n")
+        code, out, err = run_cli(
+            ["eval", "--store", str(tmp_path / "not-opened"), "--questions", str(questions)], monkeypatch, capfd
+        )
+        assert code == 1 and out == "" and err.count("\n") == 1, err
+        assert err.startswith(f"error: {questions}:1: ") and message in err, err
+
+
 def bad_inputs(tmp_path):
     ok = json.dumps({"id": "a", "text": "Some text."})
     return {

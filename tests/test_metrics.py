@@ -112,3 +112,41 @@ def test_questions_outside_a_sample_are_the_rest_of_its_articles():
     assert [q.id for q in select_questions(qs, 2, ["B", "C"], outside=3)] == ["3", "5"]
     with pytest.raises(InputError, match="no question is left"):
         select_questions(qs, articles=["A"], outside=2)
+
+
+GOOD = '{"id": "1", "question": "Who?", "answers": ["Melbourne"], "passage_id": "Victoria#0"}\n'
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        (
+            b'{"id": "2", "question": "Who?", "answers": [{"text": "Melbourne", "answer_start": 3}]}\n',
+            "list of strings",
+        ),
+        (b'{"id": "2", "question": "Who?", "answers": "Melbourne"}\n', "list of strings"),
+        (b'{"id": "2", "question": "Who?", "answers": [1901]}\n', "list of strings"),
+        (b'{"id": "2", "question": "Who?", "answers": []}\n', "'2' has no answer to score against"),
+        (b'{"id": "2", "question": "Who?", "answers": ["The", " "]}\n', "'2' has no answer to score against"),
+        (b'{"id": "2", "question": "Who?", "answers": ["x"], "passage_id": 7}\n', "passage_id"),
+        (b'{"id": "2", "question": "Caf\xe9?", "answers": ["x"]}\n', "expected"),
+    ],
+)
+def test_questions_that_cannot_be_scored_are_refused_naming_the_line(tmp_path, line, message):
+    """A SQuAD-style ``answers`` (objects, or one string) once became a list of characters or
+    crashed the scoring after every question was answered; an empty answer list scored 0 silently."""
+    from ragcompress.evaluation import read_questions
+
+    path = tmp_path / "questions.jsonl"
+    path.write_bytes(GOOD.encode() + line)
+    with pytest.raises(InputError, match=f"questions.jsonl:2: .*{re.escape(message)}"):
+        read_questions(path, scored=True)
+
+
+def test_questions_without_answers_are_read_when_nothing_is_scored(tmp_path):
+    from ragcompress.evaluation import read_questions
+
+    path = tmp_path / "questions.jsonl"
+    path.write_text(GOOD + '{"id": "2", "question": "Where?", "answers": []}\n')
+    assert [q.answers for q in read_questions(path)] == [["Melbourne"], []]
+    assert [q.id for q in read_questions(path, scored=True, limit=1)] == ["1"]

@@ -25,6 +25,14 @@ def test_budget_rate_and_total():
     assert Budget(target_tokens=100).split([30, 10]) == [30, 10]  # under budget: unchanged
 
 
+def test_budget_rate_is_not_rounded_up_past_an_exact_product():
+    """``ceil(rate * n)`` of the exact product: 0.55 * 100 is 55.00000000000001 in floating point,
+    and once kept 56 tokens of 100."""
+    assert Budget(rate=0.55).split([100, 20]) == [55, 11]
+    assert Budget(rate=0.07).split([100]) == [7]
+    assert Budget(rate=0.55).split([101]) == [56]  # 55.55: still rounded up
+
+
 @pytest.mark.parametrize(
     "kwargs, field",
     [

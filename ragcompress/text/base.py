@@ -45,9 +45,10 @@ class Budget:
 
     def split(self, lengths: list[int]) -> list[int]:
         """Per-passage token budgets: ``ceil(rate * n)``, or ``target_tokens`` shared in
-        proportion to passage length (largest remainders get the leftover tokens)."""
+        proportion to passage length (largest remainders get the leftover tokens). ``rate * n`` is
+        rounded before the ceiling: in floating point 0.55 * 100 is 55.00000000000001, not 55."""
         if self.rate is not None:
-            return [min(n, max(1, math.ceil(self.rate * n))) if n else 0 for n in lengths]
+            return [min(n, max(1, math.ceil(round(self.rate * n, 9)))) if n else 0 for n in lengths]
         assert self.target_tokens is not None  # __post_init__: exactly one of rate, target_tokens
         total = sum(lengths)
         if total <= self.target_tokens:

@@ -1,0 +1,115 @@
+"""``ragcompress bench`` on stores of every kind: the indexing side re-encodes with the store's own
+settings, and a store it cannot re-encode is refused before anything is timed."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from ragcompress.bench import bench, indexing_throughput
+from ragcompress.cli import main
+from ragcompress.evaluation import Question
+from ragcompress.indexing import IndexConfig, index
+from ragcompress.runtime.engine import Engine
+from ragcompress.runtime.options import AnswerOptions
+from ragcompress.store import KVStore
+from ragcompress.testing import HashEmbedder, noisy_adaptor
+
+
+def run_cli(args: list[str], monkeypatch, capfd) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["ragcompress", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code or 0
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
+def test_indexing_throughput_of_a_low_rank_store_uses_its_basis(tiny_lm, passages_file, tmp_path):
+    """A ``--rank`` store (the ``smallest`` preset) writes latents of its basis: timing its
+    indexing once failed with "a low-rank store's passages need its basis"."""
+    embedder = HashEmbedder()
+    config = IndexConfig(quant="int8", rank=8, calibration_passages=4, embedder=embedder.name)
+    index(passages_file, tmp_path / "store", lm=tiny_lm, embedder=embedder, config=config)
+    engine = Engine(KVStore.open(tmp_path / "store"), tiny_lm, embedder)
+    try:
+        result = indexing_throughput(engine, 2, 1)
+    finally:
+        engine.close()
+    assert result.passages == 2 and result.indexer_passages_per_s > 0 and result.ratio > 0
+
+
+def test_bench_refuses_a_store_of_an_unpackaged_adaptor_before_timing(
+    tiny_lm, tiny_model_dir, passages_file, tmp_path, monkeypatch, capfd
+):
+    """A store encoded through a ``ragcompress train`` folder cannot be re-encoded by ``bench``
+    (it has no ``--adaptor``): one line naming ``--indexing-passages 0``, before the TTFT runs,
+    not a pointer to an option ``bench`` lacks after all of them."""
+    folder = noisy_adaptor(tiny_lm.model, 1).save(tmp_path / "trained")
+    store = tmp_path / "store"
+    index(
+        passages_file, store, model=str(tiny_model_dir("llama")), config=IndexConfig(quant="int8", adaptor=str(folder))
+    )
+    timed: list[int] = []
+    monkeypatch.setattr("ragcompress.bench.bench", lambda *args: timed.append(1) or [])
+    args = ["bench", "--store", str(store), "--top-k", "1", "--limit", "1", "--repeats", "1", "--no-packed", "--json"]
+    code, out, err = run_cli([*args, "--indexing-passages", "2"], monkeypatch, capfd)
+    assert code == 1 and out == "" and err.count("\n") == 1, err
+    assert "not packaged" in err and "--indexing-passages 0" in err
+    assert timed == []
+    code, out, err = run_cli([*args, "--indexing-passages", "0"], monkeypatch, capfd)
+    assert code == 0, err
+    assert timed == [1] and "indexing" not in json.loads(out)
+
+
+def test_the_floor_prefills_the_question_under_selective_recompute(tiny_lm, passages_file, tmp_path, monkeypatch):
+    """The recompute pass carries the question, so a request prepared with it already holds the
+    first token: the floor once timed no prefill at all (0.002 ms) and called the whole cached
+    TTFT cache work. It is the question's prefill over the assembled cache, recompute or not."""
+    import ragcompress.runtime.generate as generate
+
+    embedder = HashEmbedder()
+    index(passages_file, tmp_path / "store", lm=tiny_lm, embedder=embedder, config=IndexConfig(embedder=embedder.name))
+    prefilled: list[int] = []  # tokens of every prefill the token generator runs
+    real = generate.prefill
+
+    def counted(model, input_ids, *args, **kwargs):
+        prefilled.append(len(input_ids))
+        return real(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(generate, "prefill", counted)
+    question = Question("q", "Who won the game?", ["x"])
+    for recompute, question_alone in ((0.0, 4), (0.5, 2)):  # repeats 2: the floor's runs (+ plain reuse's)
+        engine = Engine(KVStore.open(tmp_path / "store"), tiny_lm, embedder, AnswerOptions(recompute=recompute))
+        try:
+            suffix = len(engine.suffix_ids(question.question, []))
+            prefilled.clear()
+            bench(engine, [question], [2], 2)
+        finally:
+            engine.close()
+        assert prefilled.count(suffix) == question_alone, (recompute, suffix, prefilled)
+
+
+def test_packed_attention_is_compared_on_plain_reuse_whatever_the_answer_options(
+    tiny_model_dir, passages_file, tmp_path, monkeypatch, capfd
+):
+    """``bench --preset faithful`` on its int8 store once failed after every TTFT run: the packed
+    side inherited the preset's recompute, which only an assembled cache takes (a calibrated
+    store's temperature, likewise)."""
+    from ragcompress.bench import packed_ttft_overhead
+    from ragcompress.runtime.recompute import RecomputeConfig
+
+    store = tmp_path / "store"
+    index(passages_file, store, model=str(tiny_model_dir("llama")), config=IndexConfig(quant="int8"))
+    args = ["bench", "--store", str(store), *"--top-k 2 --limit 1 --repeats 1 --indexing-passages 0".split()]
+    code, out, err = run_cli([*args, "--preset", "faithful", "--json"], monkeypatch, capfd)
+    assert code == 0, err
+    packed = json.loads(out)["packed_attention"]
+    assert packed["questions"] == 1 and packed["same_first_token"] == 1.0
+    engine = Engine.open(store, options=AnswerOptions(recompute=RecomputeConfig(temperature=0.9)))
+    try:
+        assert packed_ttft_overhead(engine, ["Who won the game?"], 2, 1).same_first_token == 1.0
+    finally:
+        engine.close()
