@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ragcompress.errors import InputError, StoreMismatchError
@@ -180,11 +181,21 @@ class Adaptor:
         directory = Path(directory)
         if not (directory / WEIGHTS).is_file() or not (directory / CONFIG).is_file():
             raise InputError(f"{directory} is not an adaptor (needs {WEIGHTS} and {CONFIG})")
-        config = json.loads((directory / CONFIG).read_text())
+        try:
+            config = json.loads((directory / CONFIG).read_text(encoding="utf-8"))
+            tensors = load_file(directory / WEIGHTS)
+        except (OSError, ValueError, SafetensorError) as exc:  # ValueError: bad JSON or UTF-8
+            raise InputError(f"adaptor {directory} is unreadable ({exc}); train it again or copy it whole") from None
+        settings = config.get("settings") if isinstance(config, dict) else None
+        if not isinstance(settings, dict) or not all(isinstance(settings.get(k), int) for k in ("rank", "alpha")):
+            raise InputError(f"adaptor {directory}: its {CONFIG} records no settings with an integer rank and alpha")
         recorded = config.pop("hash", None)
-        adaptor = cls(config.pop("settings"), load_file(directory / WEIGHTS), config)
+        del config["settings"]
+        adaptor = cls(settings, tensors, config)
         if adaptor.kind not in ("forward", "cache"):
             raise InputError(f"adaptor {directory} is of unknown kind {adaptor.kind!r}")
+        if adaptor.kind == "forward" and not isinstance(settings.get("modules"), list):
+            raise InputError(f"adaptor {directory}: its {CONFIG} names no adapted modules (settings.modules)")
         missing = [name for name in FACTORS if name not in adaptor.tensors] if adaptor.kind == "cache" else []
         if missing:
             raise InputError(f"adaptor {directory} lacks tensors {missing}")

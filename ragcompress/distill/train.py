@@ -204,12 +204,12 @@ def split_articles(titles: list[str], val_articles: list[str] | None = None) -> 
     chosen = list(val_articles) if val_articles else ordered[::3]
     unknown = sorted(set(chosen) - set(ordered))
     if unknown:
-        raise ValueError(
+        raise InputError(
             f"validation articles not in the passages: {unknown} (pass --val-articles once per title, "
             f"exactly as the passages' titles spell it: {ordered})"
         )
     if len(chosen) == len(ordered):
-        raise ValueError("every article is held out; nothing is left to train on")
+        raise InputError("every article is held out; nothing is left to train on")
     return chosen
 
 
@@ -257,6 +257,29 @@ def load_corpora(
     if ids_train & {p.article for p in val.passages}:
         raise AssertionError("an article is on both sides of the split")
     return train, val
+
+
+def check_questions(passages: list[PassageInput], questions_path: Path, train: Corpus) -> None:
+    """Refuse questions the split cannot place: no ``passage_id``, or one not in the passages (their
+    article is unknown, so they could be a held-out article's; ``load_corpora`` puts them on the
+    training side)."""
+    known = {p.id for p in passages}
+    unplaced = [q.id for q in train.questions if q.passage_id not in known]
+    if unplaced:
+        raise InputError(
+            f"{questions_path}: {len(unplaced)} question(s) name no passage of the passages file (e.g. {unplaced[0]}); "
+            "training splits questions by their passage's article, so each needs a passage_id of --passages"
+        )
+
+
+def require_questions(corpus: Corpus, side: str, questions_path: Path) -> None:
+    """Refuse a side of the split without questions (nothing to train on, or to validate on)."""
+    if not corpus.questions:
+        articles = sorted({p.article for p in corpus.passages})
+        raise InputError(
+            f"{questions_path} holds no question of the {side} articles {articles}; give questions of both "
+            "sides of the split (or other --val-articles)"
+        )
 
 
 def with_extra_passages(
@@ -682,7 +705,7 @@ def check_split(distiller: Distiller, path: Path, examples: list[Example], corpu
     passages = {passage_key(distiller.tokens.passage(p.text)) for p in corpus.passages}
     for e in examples:
         if question_of(e.qid) not in questions or any(passage_key(ids) not in passages for ids in e.passages):
-            raise ValueError(
+            raise InputError(
                 f"{path}: the {side} example of question {e.qid} was built for another split of the articles "
                 f"(its question or a retrieved passage is not on the {side} side now); use the --val-articles "
                 "it was built with, or another --out folder"
@@ -767,18 +790,44 @@ def student_basis(
     """The basis the student projects its kept rows on (``config.kv_rank``; None: none), fitted as
     ``index --rank`` fits a store's (``indexing/calibrate.py``) on the first training passages,
     encoded by the base model: the adaptor moves during training, the basis stays, and a store
-    fits its own on its own passages. Kept in ``path`` so a resumed run projects on the same one."""
+    fits its own on its own passages. Kept in ``path`` so a resumed run projects on the same one,
+    with the settings it was fitted for beside it (a run resumed with another ``--kv-rank`` fits anew)."""
     from ragcompress.indexing.calibrate import fit_calibration_basis
     from ragcompress.store.basis import basis_from_bytes, basis_to_bytes
 
     spec = config.rank_spec()
     if spec is None:
         return None
-    if path.is_file():
+    settings = json.dumps([distiller.lm.fingerprint, spec.as_dict(), config.calibration_passages], sort_keys=True)
+    stamp = path.with_suffix(".json")  # absent: a run from before it was written, fitted for this run
+    if path.is_file() and (not stamp.is_file() or stamp.read_text() == settings):
         return basis_from_bytes(path.read_bytes())
     basis = fit_calibration_basis(distiller.encoder, passages, spec, config.calibration_passages)
-    path.write_bytes(basis_to_bytes(basis))
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(basis_to_bytes(basis))
+    tmp.replace(path)
+    stamp.write_text(settings)
     return basis
+
+
+def check_run(
+    path: Path, saved: dict[str, Any], lm: LoadedModel, held_out: list[str] | None = None, now: list[str] | None = None
+) -> None:
+    """Refuse to resume from ``path`` (a checkpoint or the teacher examples) saved by a run of
+    another base model, or holding out other articles (``held_out``; ``now``: this run's): the
+    adaptor would have trained on what is held out now. Files from before the fingerprint was
+    recorded are checked by their split only."""
+    base = saved.get("base_fingerprint")
+    if base and base != lm.fingerprint:
+        raise InputError(
+            f"{path} was made with another base model (fingerprint {base[:16]}), not {lm.ref} "
+            f"({lm.fingerprint[:16]}); use that model, or another --out folder"
+        )
+    if held_out is not None and now is not None and sorted(held_out) != sorted(now):
+        raise InputError(
+            f"{path} was trained holding out {sorted(held_out)}, not {sorted(now)}: its adaptor has seen what "
+            "this run holds out; use the --val-articles it was trained with, or another --out folder"
+        )
 
 
 def warm_start(lm: LoadedModel, config: TrainConfig) -> Adaptor:
@@ -809,6 +858,8 @@ def train(
     """Train (or resume) an adaptor for ``lm`` into ``out``; returns the saved adaptor."""
     from tqdm import tqdm
 
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; training writes a folder there (checkpoint, examples, adaptor/)")
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     passages = list(iter_passages(passages_path))
@@ -817,12 +868,18 @@ def train(
 
     embedder = Embedder()  # retrieval over each side of the split builds the training examples
     train_corpus, val_corpus = load_corpora(passages, questions_path, config.val_articles, embedder)
+    check_questions(passages, questions_path, train_corpus)
+    require_questions(val_corpus, "held-out", questions_path)
     if config.extra_passages:
         train_corpus = with_extra_passages(lm, train_corpus, config, embedder, out, progress)
+    require_questions(train_corpus, "training", questions_path)
 
     checkpoint_path, teacher_path = out / "checkpoint.safetensors", out / "teacher.safetensors"
     checkpoint = load_tree(checkpoint_path) if checkpoint_path.is_file() else None
     if checkpoint is not None:
+        check_run(
+            checkpoint_path, checkpoint, lm, checkpoint.get("config", {}).get("val_articles"), config.val_articles
+        )
         adaptor = Adaptor(checkpoint["settings"], dict(checkpoint["initial"]), {})
     elif config.init_adaptor:
         adaptor = warm_start(lm, config)
@@ -843,6 +900,7 @@ def train(
 
     if teacher_path.is_file():
         cached = load_tree(teacher_path)
+        check_run(teacher_path, cached, lm)
         train_examples = [Example(**e) for e in cached["train"]]
         val_examples = [Example(**e) for e in cached["val"]]
         check_split(distiller, teacher_path, train_examples, train_corpus, "training")
@@ -855,6 +913,7 @@ def train(
             )
         check_split(distiller, teacher_path, val_examples, val_corpus, "held-out")
     else:
+        train_part, val_part = out / "teacher-train.part", out / "teacher-val.part"
         train_examples = build_examples(
             distiller,
             train_corpus,
@@ -862,7 +921,7 @@ def train(
             config.top_k,
             config.train_questions or None,
             "teacher (train)",
-            out / "teacher-train.part",
+            train_part,
             views=config.views,
         )
         val_examples = build_examples(
@@ -872,11 +931,19 @@ def train(
             config.top_k,
             config.val_examples,
             "teacher (held-out)",
-            out / "teacher-val.part",
+            val_part,
             True,
         )
+        # the .part files may hold examples of another split (a deleted teacher file, other --val-articles)
+        check_split(distiller, train_part, train_examples, train_corpus, "training")
+        check_split(distiller, val_part, val_examples, val_corpus, "held-out")
         save_tree(
-            {"train": [asdict(e) for e in train_examples], "val": [asdict(e) for e in val_examples]}, teacher_path
+            {
+                "train": [asdict(e) for e in train_examples],
+                "val": [asdict(e) for e in val_examples],
+                "base_fingerprint": lm.fingerprint,
+            },
+            teacher_path,
         )
 
     kept_path = out / "kept-rows.safetensors"  # the compressed student's rows (kept_rows), if any
@@ -911,6 +978,7 @@ def train(
                 "optimizer": optimizer.state_dict(),
                 "history": history,
                 "config": asdict(config),
+                "base_fingerprint": lm.fingerprint,
                 **({"init_adaptor_hash": init_hash} if init_hash else {}),
             },
             checkpoint_path,

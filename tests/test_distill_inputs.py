@@ -1,0 +1,175 @@
+"""``ragcompress train`` and adaptor files given bad or mismatched input: a one-line
+:class:`InputError` naming the problem, never a traceback and never a run that quietly trains on
+what it holds out (``ragcompress.distill``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+
+from ragcompress.data import SAMPLE_PASSAGES, SAMPLE_QUESTIONS
+from ragcompress.distill.adaptor import Adaptor
+from ragcompress.distill.train import TrainConfig, train
+from ragcompress.errors import InputError
+from ragcompress.testing import noisy_adaptor
+
+CONFIG = TrainConfig(
+    top_k=2, rank=2, alpha=4, steps=1, batch=1, train_questions=1, val_examples=1, continuation=4,
+    scorer_passages=0, eval_every=1, checkpoint_every=1, val_articles=["Apollo_program"],
+)  # fmt: skip
+
+
+def _questions(tmp_path, keep) -> object:
+    records = [json.loads(line) for line in SAMPLE_QUESTIONS.read_text().splitlines() if line.strip()]
+    path = tmp_path / "questions.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in map(keep, records) if r is not None))
+    return path
+
+
+def _truncate(name):
+    def mutate(folder):
+        path = folder / name
+        path.write_bytes(path.read_bytes()[:40])
+
+    return mutate
+
+
+def _config(edit):
+    def mutate(folder):
+        config = json.loads((folder / "adaptor.json").read_text())
+        (folder / "adaptor.json").write_text(json.dumps(edit(config)))
+
+    return mutate
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (_truncate("adaptor.safetensors"), "unreadable"),
+        (_truncate("adaptor.json"), "unreadable"),
+        (lambda folder: (folder / "adaptor.json").write_bytes(b"\xff\xfe"), "unreadable"),
+        (_config(lambda c: [c]), "no settings"),
+        (_config(lambda c: {k: v for k, v in c.items() if k not in ("settings", "hash")}), "no settings"),
+        (_config(lambda c: {**c, "settings": {**c["settings"], "rank": None}, "hash": None}), "integer rank"),
+        (_config(lambda c: {**c, "settings": {"rank": 2, "alpha": 4, "kind": "forward"}, "hash": None}), "modules"),
+    ],
+    ids=["weights", "json", "utf8", "list", "no-settings", "no-rank", "no-modules"],
+)
+def test_a_damaged_adaptor_folder_is_refused_in_one_line(tiny_lm, tmp_path, mutate, message):
+    folder = noisy_adaptor(tiny_lm.model, 1).save(tmp_path / "adaptor")
+    mutate(folder)
+    with pytest.raises(InputError, match=message):
+        Adaptor.load(folder)
+
+
+@pytest.mark.parametrize(
+    "keep, message",
+    [
+        (lambda q: {k: v for k, v in q.items() if k != "passage_id"}, "name no passage"),
+        (lambda q: {**q, "passage_id": "elsewhere#0"}, "name no passage"),
+        (lambda q: q if q["passage_id"].startswith("Apollo") else None, "no question of the training articles"),
+        (lambda q: None if q["passage_id"].startswith("Apollo") else q, "no question of the held-out articles"),
+    ],
+    ids=["no-passage-id", "unknown-passage", "no-training-question", "no-held-out-question"],
+)
+def test_train_refuses_questions_the_split_cannot_use(tiny_lm, tmp_path, keep, message):
+    questions = _questions(tmp_path, keep)
+    with pytest.raises(InputError, match=message):
+        train(tiny_lm, SAMPLE_PASSAGES, questions, tmp_path / "run", dataclasses.replace(CONFIG), progress=False)
+
+
+def test_train_refuses_held_out_articles_it_cannot_use_and_an_out_that_is_a_file(tiny_lm, tmp_path):
+    """Split errors are InputErrors, so the CLI prints one line."""
+    (tmp_path / "file").write_text("a user's file")
+    with pytest.raises(InputError, match="is a file"):
+        train(
+            tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, tmp_path / "file", dataclasses.replace(CONFIG), progress=False
+        )
+    assert (tmp_path / "file").read_text() == "a user's file"
+    for articles, message in (
+        (["Nowhere"], "not in the passages"),
+        (["Apollo_program", "Victoria_(Australia)"], "every"),
+    ):
+        config = dataclasses.replace(CONFIG, val_articles=articles)
+        with pytest.raises(InputError, match=message):
+            train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, tmp_path / "run", config, progress=False)
+
+
+def test_a_resumed_run_refuses_another_split_or_another_base_model(tiny_lm, tiny_model_dir, tmp_path):
+    """The checkpoint holds an adaptor trained on the training articles: resuming it under other
+    --val-articles (its teacher file deleted, as the --views message suggests) would report
+    held-out numbers on articles it trained on; the teacher examples and the checkpoint of another
+    base model are not this model's."""
+    from ragcompress.models import load_model
+
+    out = tmp_path / "run"
+    train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, dataclasses.replace(CONFIG), progress=False)
+    other = load_model(str(tiny_model_dir("llama", seed=1)))  # the same shapes, other weights
+    for saved in ("teacher.safetensors", "checkpoint.safetensors"):
+        copy = tmp_path / f"other-{saved}"
+        shutil.copytree(out, copy)
+        (copy / ("checkpoint.safetensors" if saved == "teacher.safetensors" else "teacher.safetensors")).unlink()
+        with pytest.raises(InputError, match="another base model"):
+            train(other, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, copy, dataclasses.replace(CONFIG, steps=2), progress=False)
+    (out / "teacher.safetensors").unlink()
+    swapped = dataclasses.replace(CONFIG, steps=2, val_articles=["Victoria_(Australia)"])
+    with pytest.raises(InputError, match="holding out"):
+        train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, swapped, progress=False)
+
+
+def test_teacher_examples_left_by_another_split_are_refused(tiny_lm, tmp_path):
+    """A ``teacher-train.part`` left by a run of another split holds, under a training question's
+    id, passages that are held out now: reusing it would train on them."""
+    from dataclasses import asdict
+
+    from ragcompress.distill.adaptor import remove_adapter
+    from ragcompress.distill.checkpoint import save_tree
+    from ragcompress.distill.train import TRAINING_ADAPTER, Distiller
+    from ragcompress.evaluation import read_questions, select_questions
+    from ragcompress.indexing.inputs import iter_passages
+
+    questions = read_questions(SAMPLE_QUESTIONS)
+    first = select_questions([q for q in questions if not (q.passage_id or "").startswith("Apollo")], 1)[0]
+    apollo = [p.text for p in iter_passages(SAMPLE_PASSAGES) if p.article == "Apollo_program"][:2]
+    distiller = Distiller(tiny_lm, Adaptor.initial(tiny_lm.model, rank=2, alpha=4), teacher_top=16, continuation=4)
+    example = distiller.teacher(first.id, [distiller.tokens.passage(t) for t in apollo], first.question)
+    remove_adapter(tiny_lm.model, TRAINING_ADAPTER)
+    out = tmp_path / "run"
+    out.mkdir()
+    save_tree([asdict(example)], out / "teacher-train.part")
+    with pytest.raises(InputError, match="another split"):
+        train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, dataclasses.replace(CONFIG), progress=False)
+
+
+def test_a_run_resumed_for_another_rank_projects_on_a_basis_of_that_rank(tiny_lm, tmp_path, monkeypatch):
+    """``--kv-rank``: the student's basis is kept for a resumed run, but only for the settings it
+    was fitted for; resumed with another rank it is fitted anew (the adaptor records that rank)."""
+    from ragcompress.distill import train as training
+
+    fitted = []
+    student_basis = training.student_basis
+
+    def spy(*args, **kwargs):
+        basis = student_basis(*args, **kwargs)
+        fitted.append(basis.ranks("k"))
+        return basis
+
+    monkeypatch.setattr(training, "student_basis", spy)
+    config = dataclasses.replace(CONFIG, quant="int4", kv_rank=8, calibration_passages=4)
+    out = tmp_path / "run"
+    train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, config, progress=False)
+    train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, dataclasses.replace(config, steps=2), progress=False)
+    resumed = train(
+        tiny_lm,
+        SAMPLE_PASSAGES,
+        SAMPLE_QUESTIONS,
+        out,
+        dataclasses.replace(config, steps=3, kv_rank=16),
+        progress=False,
+    )
+    layers = tiny_lm.config.num_hidden_layers
+    assert fitted == [(8,) * layers, (8,) * layers, (16,) * layers]
+    assert resumed.meta["lowrank"]["rank"] == 16
