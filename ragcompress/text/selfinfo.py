@@ -53,10 +53,10 @@ class SelfInformationCompressor(TextCompressor):
         scores = []
         for begin in range(0, len(token_ids), self.window):
             chunk = token_ids[begin : begin + self.window]
-            ids = torch.tensor([[start, *chunk]])
+            ids = torch.tensor([[start, *chunk]], device=self.lm.model.device)  # where the model is (CUDA too)
             logits = self.lm.model(input_ids=ids, use_cache=False).logits[0, :-1].float()  # [n, vocab]
             logprobs = torch.log_softmax(logits, dim=-1)
-            scores.append(-logprobs.gather(1, ids[0, 1:, None])[:, 0])
+            scores.append(-logprobs.gather(1, ids[0, 1:, None])[:, 0].cpu())
         return torch.cat(scores) if scores else torch.zeros(0)
 
     def _compress_one(self, text: str, query: str | None, budget: int) -> str:
