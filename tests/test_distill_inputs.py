@@ -173,3 +173,15 @@ def test_a_run_resumed_for_another_rank_projects_on_a_basis_of_that_rank(tiny_lm
     layers = tiny_lm.config.num_hidden_layers
     assert fitted == [(8,) * layers, (8,) * layers, (16,) * layers]
     assert resumed.meta["lowrank"]["rank"] == 16
+
+
+def test_a_resumed_run_records_the_rank_and_alpha_it_trains(tiny_lm, tmp_path):
+    """A checkpoint's factors have the rank and alpha they were made with: a resume asking for
+    others is told so, and the adaptor records what it is, not what was asked."""
+    out = tmp_path / "run"
+    train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, dataclasses.replace(CONFIG), progress=False)
+    asked = dataclasses.replace(CONFIG, steps=CONFIG.steps + 1, rank=CONFIG.rank * 2, alpha=CONFIG.alpha * 2)
+    with pytest.warns(UserWarning, match=rf"keeps --rank {CONFIG.rank} \(not {CONFIG.rank * 2}\)"):
+        adaptor = train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, asked, progress=False)
+    assert (adaptor.settings["rank"], adaptor.settings["alpha"]) == (CONFIG.rank, CONFIG.alpha)
+    assert (adaptor.meta["config"]["rank"], adaptor.meta["config"]["alpha"]) == (CONFIG.rank, CONFIG.alpha)

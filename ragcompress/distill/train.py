@@ -830,6 +830,24 @@ def check_run(
         )
 
 
+def resumed_settings(config: TrainConfig, settings: dict[str, Any], path: Path) -> None:
+    """A resumed run trains the checkpoint's factors, whose rank, alpha and kind are fixed: take
+    them into ``config`` (what the adaptor records), warning when this run asked for others."""
+    import warnings
+
+    saved = {"rank": int(settings["rank"]), "alpha": int(settings["alpha"]), "kind": settings.get("kind", config.kind)}
+    asked = {name: getattr(config, name) for name in saved}
+    if asked != saved:
+        differ = ", ".join(
+            f"--{name} {saved[name]} (not {asked[name]})" for name in saved if saved[name] != asked[name]
+        )
+        warnings.warn(
+            f"resuming {path}: its adaptor keeps {differ}; use another --out folder to train with those",
+            stacklevel=3,
+        )
+    config.rank, config.alpha, config.kind = saved["rank"], saved["alpha"], saved["kind"]
+
+
 def warm_start(lm: LoadedModel, config: TrainConfig) -> Adaptor:
     """The adaptor ``config.init_adaptor`` names, as the starting point of training: same model,
     kind ``forward``, its LoRA factors in fp32 (a packaged adaptor may store fp16); its rank and
@@ -881,6 +899,7 @@ def train(
             checkpoint_path, checkpoint, lm, checkpoint.get("config", {}).get("val_articles"), config.val_articles
         )
         adaptor = Adaptor(checkpoint["settings"], dict(checkpoint["initial"]), {})
+        resumed_settings(config, adaptor.settings, checkpoint_path)
     elif config.init_adaptor:
         adaptor = warm_start(lm, config)
     else:
