@@ -12,8 +12,10 @@ from .quantized_attention import (
     packed_attention,
     packed_attention_ref,
     plan_splits,
+    resolve_backend,
     triton_compiles_on,
     triton_runs_on,
+    triton_supports_head_dim,
     valid_rows_ref,
 )
 
@@ -31,7 +33,9 @@ __all__ = [
     "packed_attention",
     "packed_attention_ref",
     "plan_splits",
+    "resolve_backend",
     "triton_compiles_on",
     "triton_runs_on",
+    "triton_supports_head_dim",
     "valid_rows_ref",
 ]

@@ -134,7 +134,7 @@ class QuantizedSegments(SegmentsLayout):
             "sin": ((self.cos.shape[0], d), torch.float32),
             "cos": ((self.cos.shape[0], d), torch.float32),
         }
-        self.check_tensors(expected, contiguous=False)
+        self.check_tensors(expected, contiguous=True)  # the kernel indexes them as contiguous
         if rows % self.group_size or any(s % self.group_size for s in self.seg_start_host):
             raise ValueError(f"segment rows must be multiples of group_size {self.group_size}")
         if self.seg_start_host[-1] != rows or d % self.v_group or d % 2:
@@ -567,6 +567,13 @@ def _interpreted() -> bool:
     return isinstance(_packed_attn_fwd, InterpretedFunction)
 
 
+def triton_supports_head_dim(head_dim: int) -> bool:
+    """Whether the Triton kernels build for ``head_dim``: a power of two of at least 16 (a tile's
+    channels are one ``tl.arange``, which spans powers of two, and ``tl.dot`` needs 16 or more).
+    Other head dims (80 or 100: hidden sizes 2560 or 3200 over 32 heads) take the PyTorch path."""
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
 def triton_runs_on(device: torch.device) -> bool:
     """Whether ``packed_attention(backend="triton")`` can run on tensors of ``device``: a CUDA
     device with triton installed, or any device under the interpreter."""
@@ -624,14 +631,19 @@ def check_attention_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.
 
 
 def resolve_backend(backend: str, query: torch.Tensor) -> str:
-    """``"torch"`` or ``"triton"`` for ``backend`` (``"auto"``: Triton on CUDA, else torch), or a
-    clear error when Triton was asked for where it cannot run."""
+    """``"torch"`` or ``"triton"`` for ``backend`` (``"auto"``: Triton on CUDA for a head_dim it
+    supports, else torch), or a clear error when Triton was asked for where it cannot run."""
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is not one of: {', '.join(BACKENDS)}")
     on_cuda = query.device.type == "cuda"
+    head_dim = query.shape[-1]
     if backend == "auto":
-        return "triton" if HAS_TRITON and on_cuda else "torch"
+        return "triton" if HAS_TRITON and on_cuda and triton_supports_head_dim(head_dim) else "torch"
     if backend == "triton":
+        if not triton_supports_head_dim(head_dim):
+            raise ValueError(
+                f"the Triton kernels need head_dim a power of two >= 16, got {head_dim}; use backend='torch'"
+            )
         if not HAS_TRITON:
             raise RuntimeError("backend='triton' needs the triton package: pip install 'ragcompress[triton]'")
         if not on_cuda and not _interpreted():

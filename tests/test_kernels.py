@@ -92,7 +92,7 @@ def build_case(case: dict, device: str = "cpu"):
     torch.manual_seed(case["seed"])
     heads, d, group, q_len = case["heads"], case["head_dim"], case["group"], case["q_len"]
     dtype = case.get("dtype", torch.float32)
-    blobs = make_blobs(case["lengths"], heads, d, case["scheme"], case["seed"])
+    blobs = make_blobs(case["lengths"], heads, d, case["scheme"], case["seed"], case.get("group_size", 32))
     rotary = PlainRotary(d)
     prefix = case.get("prefix", 9)
     packed = PackedSegments.from_blobs([codec.parse(b).packed() for b in blobs], prefix, rotary, device=device)
@@ -197,6 +197,10 @@ CASES = {
     "prefill-d128-g2-int2-values-int8": dict(
         lengths=[50, 33], heads=2, head_dim=128, group=2, q_len=5, scheme="int2/int8"
     ),
+    # Gemma's head_dim 256, a GQA group of 7, no prefix (the fp rows are the query tokens only)
+    "prefill-d256-g7-int4-no-prefix": dict(
+        lengths=[37, 20], heads=2, head_dim=256, group=7, q_len=3, scheme="int4", prefix=0, splits=[None, 2]
+    ),
 }
 
 
@@ -293,6 +297,79 @@ def test_launcher_rejects_bad_inputs():
         packed_attention(query, key, value, seg, backend="cuda")
     with pytest.raises(ValueError, match="k_scale"):
         type(seg)(**{**seg.__dict__, "k_scale": seg.k_scale.float()})
+
+
+def test_layout_refuses_tensors_the_kernel_would_misread():
+    """The kernel indexes the layout's tensors as contiguous: a strided view (same values) read
+    through it gave attention errors of 1-4 instead of 1e-6, so the layout refuses it by name."""
+    packed, *_ = build_case(dict(CASES["decode-d64-g3-int4"], seed=0))
+    seg = packed.layers[0]
+    for name in ("k_scale", "positions", "v_codes"):
+        tensor = getattr(seg, name)
+        strided = torch.empty(tensor.shape[::-1], dtype=tensor.dtype).permute(*reversed(range(tensor.dim())))
+        strided.copy_(tensor)
+        with pytest.raises(ValueError, match=f"{name} must be contiguous"):
+            type(seg)(**{**seg.__dict__, name: strided})
+
+
+def run_head_dim_80(case: dict) -> dict:
+    """Worker: head_dim 80 (a hidden size of 2560 over 32 heads) through every backend: errors of the torch paths
+    against the independent reference, and what ``backend="triton"`` raises."""
+    from ragcompress_kernels import packed_attention
+
+    packed, query, key, value, expected = build_case(case)
+    seg = packed.layers[0]
+    out: dict = {
+        "auto": (packed_attention(query, key, value, seg).float() - expected).abs().max().item(),
+        "attend": (packed.attend(0, query, key, value, 80**-0.5).float() - expected).abs().max().item(),
+    }
+    try:
+        packed_attention(query, key, value, seg, backend="triton")
+    except Exception as error:  # the Triton interpreter's own error does not pickle
+        out["triton"] = f"{type(error).__name__}: {error}"
+    return out
+
+
+def test_head_dim_the_kernel_cannot_build_is_refused_by_name(interpreter):
+    """The kernel's channels are one ``tl.arange`` (powers of two): head_dim 80 failed inside
+    Triton ("arange's range must be a power of 2"); now ``triton`` names the head_dim and what to
+    use, and ``auto`` takes the PyTorch path."""
+    case = dict(lengths=[37, 20], heads=2, head_dim=80, group=2, q_len=3, scheme="int4", group_size=16, seed=5)
+    out = interpreter.apply(_with_path, (str(Path(__file__).parent), run_head_dim_80, case))
+    assert out["auto"] < 2e-5 and out["attend"] < 2e-5, out
+    assert out["triton"] == (
+        "ValueError: the Triton kernels need head_dim a power of two >= 16, got 80; use backend='torch'"
+    )
+
+
+def test_engine_routes_a_head_dim_the_kernel_cannot_build(tiny_model_dir, tmp_path, monkeypatch):
+    """A model whose head_dim is no power of two: ``auto`` where the kernel would be chosen (CUDA,
+    faked here) answers through the dense path, ``packed-triton`` is refused by name, and
+    ``packed-torch`` answers as the dense path does."""
+    import ragcompress.runtime.prepare as prepare
+    from ragcompress.data import SAMPLE_PASSAGES
+    from ragcompress.errors import InputError
+    from ragcompress.indexing import IndexConfig, index
+    from ragcompress.models import load_model
+    from ragcompress.runtime.engine import Engine
+    from ragcompress.store import KVStore
+
+    from store_worker import HashEmbedder
+
+    passages = tmp_path / "passages.jsonl"
+    passages.write_text("\n".join(SAMPLE_PASSAGES.read_text().splitlines()[:4]) + "\n")
+    lm = load_model(str(tiny_model_dir("llama", head_dim=24)))
+    config = IndexConfig(quant="int4", group_size=8, embedder=HashEmbedder.name)
+    index(passages, tmp_path / "store", lm=lm, embedder=HashEmbedder(), config=config)
+    monkeypatch.setattr(prepare, "triton_compiles_on", lambda device: True)
+    with Engine(KVStore.open(tmp_path / "store"), lm, HashEmbedder(), AnswerOptions(max_new_tokens=4)) as engine:
+        entries = engine.retrieve(QUESTIONS[0], 2)
+        dense = engine.answer_cached(QUESTIONS[0], entries)
+        assert dense.backend == "dense" and dense.token_ids
+        with pytest.raises(InputError, match="head_dim a power of two >= 16, the model's is 24; use backend"):
+            engine.answer_cached(QUESTIONS[0], entries, engine.options.replace(backend="packed-triton"))
+        packed = engine.answer_cached(QUESTIONS[0], entries, engine.options.replace(backend="packed-torch"))
+        assert packed.backend == "packed-torch" and packed.token_ids == dense.token_ids
 
 
 def test_triton_backend_on_cpu_needs_the_interpreter():

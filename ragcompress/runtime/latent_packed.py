@@ -24,7 +24,7 @@ from ragcompress.kv.rope import Rotary
 from ragcompress.runtime.packed import rope_tables
 from ragcompress.store.codec import Segment
 from ragcompress.store.latent import padded_latents
-from ragcompress_kernels import attention_over_dense_ref, drop_padding_rows, triton_compiles_on
+from ragcompress_kernels import attention_over_dense_ref, drop_padding_rows, resolve_backend
 from ragcompress_kernels.latent_attention import (
     LatentSegments,
     latent_attention,
@@ -128,10 +128,7 @@ class LatentPackedSegments:
     ) -> torch.Tensor:
         """query ``[B, Hq, q, d]``, key/value ``[B, H, T, d]`` (prefix + new) -> ``[B, q, Hq, d]``."""
         seg = self.layers[layer_idx]
-        backend = self.backend
-        if backend == "auto":
-            backend = "triton" if triton_compiles_on(query.device) else "torch"
-        if backend == "triton":
+        if resolve_backend(self.backend, query) == "triton":  # auto: the kernel on CUDA where it builds
             return latent_attention(query, key, value, seg, scale, backend="triton")
         if layer_idx not in self._dense:  # rebuilt once per request and layer, padding rows dropped
             keys, values, valid = drop_padding_rows(*rebuild_latent_segments_ref(seg))

@@ -29,7 +29,7 @@ from ragcompress_kernels import (
     dequantize_segments_ref,
     drop_padding_rows,
     packed_attention,
-    triton_compiles_on,
+    resolve_backend,
     valid_rows_ref,
 )
 
@@ -161,10 +161,7 @@ class PackedSegments:
     ) -> torch.Tensor:
         """query ``[B, Hq, q, d]``, key/value ``[B, H, T, d]`` (prefix + new) -> ``[B, q, Hq, d]``."""
         seg = self.layers[layer_idx]
-        backend = self.backend
-        if backend == "auto":
-            backend = "triton" if triton_compiles_on(query.device) else "torch"
-        if backend == "triton":
+        if resolve_backend(self.backend, query) == "triton":  # auto: the kernel on CUDA where it builds
             return packed_attention(query, key, value, seg, scale, backend="triton")
         if not self._dense:
             self._dense = self._dense_layers(query.dtype)

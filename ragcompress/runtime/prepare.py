@@ -38,7 +38,7 @@ from ragcompress.runtime.packed import PackedSegments
 from ragcompress.runtime.recompute import RecomputeConfig, repair
 from ragcompress.store import KVStore
 from ragcompress.store.catalogue import Entry
-from ragcompress_kernels import triton_compiles_on, triton_runs_on
+from ragcompress_kernels import triton_compiles_on, triton_runs_on, triton_supports_head_dim
 
 
 @dataclass(frozen=True)
@@ -198,10 +198,12 @@ def choose_strategy(context: QueryContext, options: AnswerOptions) -> DenseStrat
     quantized = context.store.quant.bits is not None
     latent = "lowrank" in context.store.manifest.compression  # rebuilt at load (kv/lowrank.py)
     softcap = logit_softcap(context.lm.config)
+    head_dim = context.prefix_keys.shape[-1]
     backend = options.backend
     if backend == "auto":
         fused = (
             triton_compiles_on(context.lm.model.device)
+            and triton_supports_head_dim(head_dim)
             and quantized
             and not latent
             and not options.recompute.active
@@ -224,6 +226,11 @@ def choose_strategy(context: QueryContext, options: AnswerOptions) -> DenseStrat
             f"the attention temperature {options.recompute.temperature} (the store's `ragcompress calibrate` "
             f"result, or the request's) scales an assembled cache; use backend dense, not {backend}, or answer "
             "without it (AnswerOptions(calibrate=False))"
+        )
+    if backend == "packed-triton" and not triton_supports_head_dim(head_dim):
+        raise InputError(
+            f"backend packed-triton needs head_dim a power of two >= 16, the model's is {head_dim}; "
+            "use backend packed-torch or dense"
         )
     if backend == "packed-triton" and not triton_runs_on(context.lm.model.device):
         raise InputError("backend packed-triton needs triton and the model on a CUDA device (or TRITON_INTERPRET=1)")
