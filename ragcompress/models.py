@@ -167,10 +167,12 @@ def _converted_dir(name: str, gguf: Path, gguf_sha: str) -> Path:
 
 
 def _cached_sha256(path: Path) -> str:
-    """sha256 of a large file, remembered by (path, size, mtime) so it is computed once."""
+    """sha256 of a large file, remembered by (path, size, mtime, inode, ctime) so it is computed
+    once. The inode and ctime are in the key because copies that keep the mtime (``cp -p``,
+    ``rsync -a``, image layers with fixed timestamps) can bring other weights of the same size."""
     stat = path.stat()
     memo = cache_dir() / "sha256.json"
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}|{stat.st_ctime_ns}"
     known: dict[str, str] = {}
     if memo.is_file():
         try:
@@ -225,10 +227,13 @@ def weights_hash(model_dir: Path) -> str:
 
 
 def tokenizer_hash(tokenizer: Any) -> str:
+    """sha256 over the vocabulary and the chat template (a model with several named templates has a
+    dict of them, hashed as sorted JSON)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     vocab = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
     digest = hashlib.sha256(vocab.encode())
-    digest.update((tokenizer.chat_template or "").encode())
+    template = tokenizer.chat_template or ""
+    digest.update((template if isinstance(template, str) else json.dumps(template, sort_keys=True)).encode())
     return digest.hexdigest()
 
 

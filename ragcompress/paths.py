@@ -17,11 +17,12 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 
 def cache_dir() -> Path:
-    """Root of the local cache: ``$RAGCOMPRESS_CACHE`` or ``~/.cache/ragcompress``.
+    """Root of the local cache: ``$RAGCOMPRESS_CACHE`` or ``~/.cache/ragcompress``, absolute (a
+    leading ``~`` expanded, a relative path taken from the current directory).
 
     Everything in it can be deleted; it is rebuilt from the installed model wheels on demand.
     """
     root = os.environ.get("RAGCOMPRESS_CACHE")
-    path = Path(root) if root else Path.home() / ".cache" / "ragcompress"
+    path = Path(root).expanduser().absolute() if root else Path.home() / ".cache" / "ragcompress"
     path.mkdir(parents=True, exist_ok=True)
     return path

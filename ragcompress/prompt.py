@@ -7,6 +7,11 @@
 Splitting the *rendered* template (rather than hand-writing special tokens) keeps every chat
 format right, and lets the full-prefill baseline use exactly the same token ids as the cached
 path: ``prefix + passage_1 + … + passage_k + suffix`` (DESIGN §1).
+
+The rendering must not depend on when it runs: a store's prefix cache is encoded once, and a
+later run that adds passages must render the same prefix. Templates that print today's date
+(Llama 3.2: ``date_string`` from ``strftime_now``) are given :data:`TEMPLATE_DATE`, the date those
+templates fall back to themselves.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ SYSTEM_PROMPT = "You are a helpful assistant. Answer questions using only the gi
 INSTRUCTION = "Read the passages and answer the question with a short phrase.\n\n"
 _PASSAGES = "\x00RAGCOMPRESS_PASSAGES\x00"
 _QUESTION = "\x00RAGCOMPRESS_QUESTION\x00"
+TEMPLATE_DATE = "26 Jul 2024"  # Llama 3.x templates' own default for ``date_string``
 
 
 @dataclass(frozen=True)
@@ -32,14 +38,15 @@ class PromptTemplate:
     def from_tokenizer(cls, tokenizer: Any) -> PromptTemplate:
         user = f"{INSTRUCTION}{_PASSAGES}Question: {_QUESTION}"
         messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+        fixed = {"tokenize": False, "add_generation_prompt": True, "date_string": TEMPLATE_DATE}
         if tokenizer.chat_template:
             try:
-                rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                rendered = tokenizer.apply_chat_template(messages, **fixed)
             except Exception:  # templates without a system role (Gemma) raise on it
                 merged = [{"role": "user", "content": f"{SYSTEM_PROMPT}\n\n{user}"}]
-                rendered = tokenizer.apply_chat_template(merged, tokenize=False, add_generation_prompt=True)
-        else:  # base models: a plain-text prompt
-            rendered = f"{SYSTEM_PROMPT}\n\n{user}\nAnswer:"
+                rendered = tokenizer.apply_chat_template(merged, **fixed)
+        else:  # base models: a plain-text prompt, after the BOS their tokenizer adds to any text
+            rendered = f"{_default_bos(tokenizer)}{SYSTEM_PROMPT}\n\n{user}\nAnswer:"
         head, rest = rendered.split(_PASSAGES)
         between, tail = rest.split(_QUESTION)
         return cls(prefix=head, passage_format="{text}\n\n", suffix_format=between + "{question}" + tail)
@@ -50,6 +57,16 @@ class PromptTemplate:
 
     def as_dict(self) -> dict[str, str]:
         return {"prefix": self.prefix, "passage_format": self.passage_format, "suffix_format": self.suffix_format}
+
+
+def _default_bos(tokenizer: Any) -> str:
+    """The BOS token text when ``tokenizer`` puts one before every text it encodes (Llama, Mistral
+    and Gemma base models, which answer badly without it), else ``""``. A chat template writes its
+    own BOS; the pieces are encoded without special tokens (:class:`PromptTokens`)."""
+    bos_id = tokenizer.bos_token_id
+    if bos_id is None or tokenizer("")["input_ids"][:1] != [bos_id]:
+        return ""
+    return tokenizer.bos_token
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ragcompress.errors import ModelError
+from ragcompress.errors import ModelError, StoreMismatchError
 
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
 
@@ -110,6 +110,12 @@ class VectorIndex:
         """Top-``k`` ``(row, score)`` for one query vector ``[dim]``."""
         if self.count == 0:
             return []
+        if query.size != self.index.d:
+            raise StoreMismatchError(
+                f"the query vector has {query.size} dimensions, the store's index {self.index.d}: the "
+                "question was embedded with another embedder than the store's; use the embedder its "
+                "manifest names (Embedder(store.manifest.embedder))"
+            )
         with _one_omp_thread():
             scores, rows = self.index.search(query.reshape(1, -1), min(k, self.count))
         return [(int(r), float(s)) for r, s in zip(rows[0], scores[0], strict=True) if r >= 0]

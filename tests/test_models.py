@@ -51,3 +51,59 @@ def test_eval_model_parts_assemble_to_the_published_hash():
     assert models.sha256_file(path) == models.QWEN_SHA256
     source = json.loads((models.resolve_model_dir(models.EVAL_MODEL) / "ragcompress_source.json").read_text())
     assert source["sha256"] == models.QWEN_SHA256
+
+
+def test_a_model_with_several_named_chat_templates_loads(tiny_model_dir, tmp_path):
+    """A tokenizer with named templates (``default``, ``tool_use``) has a dict as its chat
+    template; hashing it raised ``AttributeError: 'dict' object has no attribute 'encode'``."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    directory = tmp_path / "named"
+    shutil.copytree(tiny_model_dir("llama"), directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    default = tokenizer.chat_template
+    tokenizer.chat_template = {"default": default, "tool_use": default + "{# tools #}"}
+    tokenizer.save_pretrained(directory)
+    lm = models.load_model(str(directory))
+    assert isinstance(lm.tokenizer.chat_template, dict)
+    plain = models.load_model(str(tiny_model_dir("llama")))
+    assert lm.fingerprint == plain.fingerprint and lm.tokenizer_hash != plain.tokenizer_hash
+
+
+def test_weights_replaced_with_the_same_size_and_mtime_change_the_hash(tmp_path, monkeypatch):
+    """The sha256 memo was keyed by path, size and mtime only: weights copied in with their
+    mtime kept (``cp -p``, ``rsync -a``) kept the old hash, so a store built for the old weights
+    was used with the new ones."""
+    import os
+    import time
+
+    monkeypatch.setenv("RAGCOMPRESS_CACHE", str(tmp_path / "cache"))
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(b"a" * 64)
+    before = models.weights_hash(model_dir)
+    stat = weights.stat()
+    time.sleep(0.05)  # past the filesystem's timestamp granularity
+    replacement = model_dir / "incoming.tmp"
+    replacement.write_bytes(b"b" * 64)
+    os.utime(replacement, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    os.replace(replacement, weights)
+    assert weights.stat().st_size == stat.st_size and weights.stat().st_mtime_ns == stat.st_mtime_ns
+    assert models.weights_hash(model_dir) != before
+
+
+def test_cache_dir_expands_home_and_is_absolute(tmp_path, monkeypatch):
+    """``RAGCOMPRESS_CACHE=~/x`` (unexpanded, e.g. from a .env file) made a folder named ``~`` in
+    the current directory; a relative value moved with the current directory."""
+    from ragcompress.paths import cache_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAGCOMPRESS_CACHE", "~/rc")
+    assert cache_dir() == tmp_path / "home" / "rc"
+    assert not (tmp_path / "~").exists()
+    monkeypatch.setenv("RAGCOMPRESS_CACHE", "rel")
+    assert cache_dir() == tmp_path / "rel"

@@ -1,0 +1,29 @@
+"""The FAISS index over passage vectors: empty, smaller than ``k``, and queried by another embedder."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ragcompress.errors import StoreMismatchError
+from ragcompress.retrieval import VectorIndex
+
+
+def _index(n: int, dim: int = 4) -> VectorIndex:
+    vectors = np.eye(dim, dtype=np.float32)[:n]
+    return VectorIndex(np.arange(10, 10 + n, dtype=np.int64), vectors)
+
+
+def test_empty_and_small_indexes_return_what_they_hold():
+    empty = VectorIndex(np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32))
+    assert empty.search(np.ones(4, dtype=np.float32), 3) == []
+    one = _index(1)
+    assert one.search(np.eye(4, dtype=np.float32)[0], 5) == [(10, 1.0)]
+    assert [row for row, _ in _index(3).search(np.eye(4, dtype=np.float32)[2], 8)][0] == 12
+
+
+def test_a_query_from_another_embedder_is_refused_by_name():
+    """A question embedded by another embedder than the store's (another dimension) failed with
+    a bare ``AssertionError`` from FAISS."""
+    with pytest.raises(StoreMismatchError, match="8 dimensions, the store's index 4.*another embedder"):
+        _index(2).search(np.ones(8, dtype=np.float32), 1)
