@@ -86,6 +86,24 @@ def test_other_model_is_refused_naming_both(tiny_model_dir, passages_file, tmp_p
         Engine(KVStore.open(store), other, embedder)
 
 
+def test_an_engine_refuses_another_embedder_than_the_stores(tiny_lm, passages_file, tmp_path, embedder):
+    """An embedder of the same dimension would retrieve other passages without any error."""
+    from ragcompress.runtime.engine import Engine
+
+    store = tmp_path / "store"
+    index(passages_file, store, lm=tiny_lm, embedder=embedder)
+
+    class Other(type(embedder)):  # the same vectors under another name
+        name = "another-embedder"
+
+    other = Other.__new__(Other)
+    other.__dict__.update(embedder.__dict__)
+    other.name = "another-embedder"
+    with pytest.raises(StoreMismatchError, match="another-embedder"):
+        Engine(KVStore.open(store), tiny_lm, other)
+    Engine(KVStore.open(store), tiny_lm, embedder).close()
+
+
 def test_format_version_mismatch_is_refused(tiny_lm, passages_file, tmp_path, embedder):
     store = tmp_path / "store"
     index(passages_file, store, lm=tiny_lm, embedder=embedder)

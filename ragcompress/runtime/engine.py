@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ragcompress.errors import InputError, StoreError
+from ragcompress.errors import InputError, StoreError, StoreMismatchError
 from ragcompress.models import LoadedModel, load_model
 from ragcompress.retrieval import Embedder
 from ragcompress.runtime.generate import Prepared, TokenStream, stop_token_ids, text_deltas
@@ -61,6 +61,11 @@ class Engine:
         self, store: KVStore, lm: LoadedModel, embedder: Embedder, options: AnswerOptions = AnswerOptions()
     ) -> None:
         self.context = QueryContext.create(store, lm)
+        if embedder.name != store.manifest.embedder:  # another embedder retrieves other passages, silently
+            raise StoreMismatchError(
+                f"store {store.path} was built with embedder {store.manifest.embedder!r}, not {embedder.name!r}; "
+                "use the store's embedder (Engine.open loads it)"
+            )
         self.embedder = embedder
         self.options = options
         self.stop_ids = stop_token_ids(lm.tokenizer, lm.model)
