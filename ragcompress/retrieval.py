@@ -33,11 +33,17 @@ def _embedder_path(name: str) -> str:
     raise ModelError(f"embedder {name!r} is neither {DEFAULT_EMBEDDER} nor a local sentence-transformers directory")
 
 
+def embedder_name(name: str) -> str:
+    """``name`` as a store records it: a local directory as its absolute path (a relative one would
+    name another folder, or none, when the store is read from elsewhere), anything else as given."""
+    return str(Path(name).resolve()) if name != DEFAULT_EMBEDDER and Path(name).is_dir() else name
+
+
 class Embedder:
     """Loads the sentence-transformers model on first use (not at construction)."""
 
     def __init__(self, name: str = DEFAULT_EMBEDDER) -> None:
-        self.name = name
+        self.name = embedder_name(name)
         self._model: Any = None
 
     def _load(self) -> Any:

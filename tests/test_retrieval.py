@@ -27,3 +27,17 @@ def test_a_query_from_another_embedder_is_refused_by_name():
     a bare ``AssertionError`` from FAISS."""
     with pytest.raises(StoreMismatchError, match="8 dimensions, the store's index 4.*another embedder"):
         _index(2).search(np.ones(8, dtype=np.float32), 1)
+
+
+def test_a_relative_embedder_folder_is_recorded_by_its_absolute_path(tmp_path, monkeypatch):
+    """A store records its embedder; a relative folder would name another folder (or none) when
+    the store is read from another working directory."""
+    from ragcompress.indexing import IndexConfig
+    from ragcompress.retrieval import DEFAULT_EMBEDDER, Embedder, embedder_name
+
+    (tmp_path / "my-embedder").mkdir()
+    monkeypatch.chdir(tmp_path)
+    absolute = str(tmp_path / "my-embedder")
+    assert IndexConfig(embedder="my-embedder").embedder == absolute
+    assert Embedder("./my-embedder").name == absolute == embedder_name(absolute)
+    assert Embedder().name == DEFAULT_EMBEDDER and embedder_name("not-a-folder") == "not-a-folder"

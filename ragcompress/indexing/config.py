@@ -13,7 +13,7 @@ from ragcompress.kv.lowrank import RankSpec
 from ragcompress.kv.quant import QuantConfig
 from ragcompress.models import LoadedModel
 from ragcompress.prompt import PromptTemplate
-from ragcompress.retrieval import DEFAULT_EMBEDDER
+from ragcompress.retrieval import DEFAULT_EMBEDDER, embedder_name
 from ragcompress.store import Manifest
 
 # Keys of a manifest's ``compression`` object that are not compressor parameters.
@@ -77,6 +77,7 @@ class IndexConfig:
             raise ValueError(f"context_neighbors must be in [0, 16], got {self.context_neighbors}")
         if not self.embedder:
             raise ValueError("embedder must name a sentence-transformers model")
+        object.__setattr__(self, "embedder", embedder_name(self.embedder))
         self.compressor()  # validates method and its parameters, listing the allowed values
         self.rank_spec()  # validates rank, rank_energy and rank_schedule
         if self.calibration_passages < 1:

@@ -38,7 +38,7 @@ from ragcompress.kv.lowrank import LowRankBasis, RankSpec
 from ragcompress.kv.quant import QuantConfig
 from ragcompress.models import LoadedModel
 from ragcompress.prompt import PromptTemplate
-from ragcompress.retrieval import Embedder
+from ragcompress.retrieval import Embedder, embedder_name
 from ragcompress.store import KVStore, Manifest, PassageRecord, codec
 from ragcompress.store.basis import manifest_entry
 
@@ -158,7 +158,7 @@ class Indexer:
             )
         if embedder is None:
             embedder = Embedder(manifest.embedder)
-        elif embedder.name != manifest.embedder:
+        elif embedder.name != embedder_name(manifest.embedder):  # a store of before names may be relative
             raise StoreMismatchError(
                 f"store was built with embedder {manifest.embedder!r}, this run uses {embedder.name!r}; "
                 "use the store's embedder"
