@@ -200,10 +200,14 @@ def index(
         help="index on Ray: 'local' (a Ray instance on this machine) or a cluster ADDRESS (auto, ray://host:port); "
         "see docs/scaling.md",
     ),
-    workers: int = typer.Option(2, "--workers", min=1, help="with --ray: actors, each loading the model once"),
+    workers: int | None = typer.Option(
+        None, "--workers", min=1, help="with --ray: actors, each loading the model once (default 2)"
+    ),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Index passages into a KV-cache store (resumes: finished passages are skipped)."""
+    if workers is not None and ray is None:
+        raise RagCompressError("--workers sizes the Ray actor pool: give --ray local (or a cluster ADDRESS) too")
     _quiet_libraries()
     from ragcompress.indexing import index as run_index
     from ragcompress.presets import index_config
@@ -244,7 +248,7 @@ def index(
             input,
             store,
             address=ray,
-            workers=workers,
+            workers=workers or 2,
             model=model,
             config=config,
             batch_size=batch_size,

@@ -205,6 +205,20 @@ def test_bad_option_values_list_allowed_values(cli_store, monkeypatch, capfd):
     assert code == 1 and "unknown method 'magic'" in err and "none" in err
 
 
+def test_workers_without_ray_is_refused_not_ignored(tmp_path, monkeypatch, capfd):
+    """``--workers`` sizes the Ray actor pool; without ``--ray`` it would change nothing, so it is
+    an error before anything is read or written, not a one-process run the user did not ask for."""
+    passages = tmp_path / "passages.jsonl"
+    passages.write_text('{"id": "a", "text": "one passage"}\n')
+    store = tmp_path / "store"
+    code, out, err = run_cli(
+        ["index", "--input", str(passages), "--store", str(store), "--workers", "4"], monkeypatch, capfd
+    )
+    assert (code, out) == (1, "") and err.count("\n") == 1
+    assert err.startswith("error: --workers") and "--ray" in err
+    assert not store.exists()
+
+
 def test_ask_backend_option_chooses_and_names_the_attention_path(cli_store, monkeypatch, capfd):
     from ragcompress.cli import BACKEND_OPTION
     from ragcompress.runtime.options import BACKENDS

@@ -113,6 +113,16 @@ def test_byte_order_mark_is_accepted(tmp_path):
     assert [p.id for p in iter_passages(path)] == ["a"]
 
 
+def test_byte_order_mark_of_a_folder_document_is_not_its_text(tmp_path):
+    """A document saved with a UTF-8 BOM (Windows editors) reads as the same document without
+    one: the mark is not the first character of its first passage, as it is not for JSONL."""
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "bom.txt").write_bytes(b"\xef\xbb\xbfFirst paragraph.\r\n\r\nSecond.\r\n")
+    (tmp_path / "docs" / "plain.txt").write_bytes(b"First paragraph.\n\nSecond.\n")
+    texts = {p.id: p.text for p in iter_passages(tmp_path / "docs")}
+    assert texts == {"bom.txt#0": "First paragraph.\n\nSecond.", "plain.txt#0": "First paragraph.\n\nSecond."}
+
+
 def test_overlong_line_is_refused_without_reading_it_whole(tmp_path, monkeypatch):
     monkeypatch.setattr(inputs, "MAX_LINE_BYTES", 1000)
     path = tmp_path / "long.jsonl"

@@ -132,6 +132,32 @@ def test_replace_on_ray_has_the_single_process_bytes(cluster, tmp_path, tiny_lm,
     assert {row["id"]: row["text"] for row in digest["rows"]}["doc-009"].endswith("Changed.")
 
 
+def test_relative_paths_name_the_drivers_files_on_every_actor(cluster, tmp_path, tiny_lm, corpus, monkeypatch):
+    """A relative ``--store`` and adaptor folder are the driver's: actors whose working directory
+    is another (a cluster started elsewhere; here Ray's, started before the driver moved) get
+    them resolved, so they open the store the driver created instead of failing."""
+    adaptor = noisy_adaptor(tiny_lm.model, seed=7).save(tmp_path / "adaptor")
+    monkeypatch.chdir(tmp_path)
+    config = replace(CONFIG, adaptor=adaptor.name)
+    report = index_on_ray(
+        corpus, Path("store"), lm=tiny_lm, config=config, batch_size=BATCH, workers=2, embedder_factory=HashEmbedder
+    )
+    assert report.indexed == N_PASSAGES
+    _clean(tmp_path / "store")
+
+
+def test_an_input_error_on_an_actor_is_the_one_line_error_of_one_process(cluster, tmp_path, tiny_lm):
+    """A passage too long for the model is refused by the actor that encodes it; the driver raises
+    that ``InputError`` (the CLI's one line), not Ray's wrapped traceback, and the batches
+    committed before it stay a store that verifies."""
+    records = _texts(2 * BATCH) + [{"id": "long", "text": "word " * 5000}]
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(InputError, match=r"^passage 'long' has \d+ tokens, more than .* can attend to"):
+        _ray_index(path, tmp_path / "store", tiny_lm)
+    assert verify_store(tmp_path / "store").ok
+
+
 def test_adaptor_and_low_rank_on_ray_have_the_single_process_bytes(cluster, tmp_path, tiny_lm, corpus):
     """The actors load the store's adaptor and read the basis the driver fitted: same rows, blobs,
     basis and adaptor hash as one process with the same settings."""

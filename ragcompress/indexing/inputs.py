@@ -133,7 +133,7 @@ def iter_folder(path: Path, max_words: int = 150) -> Iterator[PassageInput]:
     for file in files:
         relative = file.relative_to(path).as_posix()
         try:
-            text = file.read_text(encoding="utf-8")
+            text = file.read_text(encoding="utf-8-sig")  # a byte order mark is not text
         except UnicodeDecodeError as exc:
             raise InputError(f"{file}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
         for number, chunk in enumerate(chunk_text(text, max_words)):

@@ -38,8 +38,9 @@ from typing import Any
 
 import numpy as np
 
+from ragcompress import errors
 from ragcompress.distill.adaptor import MATCHING, resolve_adaptor
-from ragcompress.errors import InputError, StoreError
+from ragcompress.errors import InputError, RagCompressError, StoreError
 from ragcompress.indexing.config import IndexConfig
 from ragcompress.indexing.indexer import Indexer
 from ragcompress.indexing.inputs import PassageInput, iter_passages, validate
@@ -58,12 +59,26 @@ def _passage_json(passage: PassageInput) -> dict[str, Any]:
     return {"id": passage.id, "text": passage.text, "title": passage.title, "meta": passage.meta}
 
 
+def _error_json(exc: RagCompressError) -> str:
+    """A library error as data: Ray Data hands the driver a traceback without the error itself."""
+    return json.dumps([type(exc).__name__, str(exc)])
+
+
+def _raise_error(payload: str) -> None:
+    """Raise on the driver the library error an actor returned (:func:`_error_json`)."""
+    kind, message = json.loads(payload)
+    error = getattr(errors, kind, RagCompressError)
+    raise (error if isinstance(error, type) and issubclass(error, RagCompressError) else RagCompressError)(message)
+
+
 class EncodeActor:
     """One Ray Data actor: model, embedder and compressor loaded once; shards of its own.
 
     Called with a one-row batch ``{"batch", "passages", "skip"}`` (JSON strings), it writes the
     blobs of the passages not in ``skip``, fsyncs them and returns ``{"batch", "rows",
-    "vectors"}``: the catalogue rows without embeddings (JSON) and the embeddings (float32 bytes).
+    "vectors", "error"}``: the catalogue rows without embeddings (JSON), the embeddings (float32
+    bytes) and ``""``, or no rows and the library error that refused the batch or the actor's
+    start (:func:`_error_json`, e.g. a passage too long for the model), raised by the driver.
     """
 
     def __init__(
@@ -79,31 +94,55 @@ class EncodeActor:
 
         torch.set_num_threads(threads)
         root = Path(store)
-        lm = load_model(model_ref)
-        embedder = embedder_factory() if embedder_factory is not None else None
-        # 'matching' was resolved by the driver: the manifest records the packaged adaptor's hash
-        loaded = resolve_adaptor(adaptor, lm.ref) if adaptor and adaptor != MATCHING else None
-        with KVStore.open(root) as opened:  # the driver created it: settings, adaptor hash, basis
-            self.indexer = Indexer.for_store(opened.manifest, lm, embedder, loaded).with_store_basis(opened)
-        self.indexer.prefix_kv  # noqa: B018 - the prefix forward pass once, at start, not in the first batch
-        self.shards = ClaimedShards(root, max_shard_bytes)
+        self.error = ""
+        try:
+            lm = load_model(model_ref)
+            embedder = embedder_factory() if embedder_factory is not None else None
+            # 'matching' was resolved by the driver: the manifest records the packaged adaptor's hash
+            loaded = resolve_adaptor(adaptor, lm.ref) if adaptor and adaptor != MATCHING else None
+            with KVStore.open(root) as opened:  # the driver created it: settings, adaptor hash, basis
+                self.indexer = Indexer.for_store(opened.manifest, lm, embedder, loaded).with_store_basis(opened)
+            self.indexer.prefix_kv  # noqa: B018 - the prefix forward pass once, at start, not in the first batch
+            self.shards = ClaimedShards(root, max_shard_bytes)
+        except RagCompressError as exc:  # returned with the first batch, raised by the driver
+            self.error = _error_json(exc)
+
+    def _encode(self, payload: str, skip: str) -> tuple[str, bytes]:
+        """The catalogue rows (JSON, embeddings left out) and the embeddings of one batch."""
+        passages = [PassageInput(**p) for p in json.loads(payload)]
+        records = self.indexer.records(passages, skip=set(json.loads(skip)))
+        rows = [catalogue_row(record, *self.shards.append(record.blob)) for record in records]
+        self.shards.sync()  # durable before the driver can commit a row pointing here
+        vectors = b"".join(row.pop("embedding") for row in rows)
+        return json.dumps(rows), vectors
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out_batch, out_rows, out_vectors = [], [], []
+        out_batch, out_rows, out_vectors, out_errors = [], [], [], []
         for number, payload, skip in zip(batch["batch"], batch["passages"], batch["skip"], strict=True):
-            passages = [PassageInput(**p) for p in json.loads(payload)]
-            records = self.indexer.records(passages, skip=set(json.loads(skip)))
-            rows = [catalogue_row(record, *self.shards.append(record.blob)) for record in records]
-            self.shards.sync()  # durable before the driver can commit a row pointing here
-            vectors = b"".join(row.pop("embedding") for row in rows)
+            rows, vectors, error = "[]", b"", self.error
+            if not error:
+                try:
+                    rows, vectors = self._encode(payload, skip)
+                except RagCompressError as exc:
+                    error = _error_json(exc)
             out_batch.append(int(number))
-            out_rows.append(json.dumps(rows))
+            out_rows.append(rows)
             out_vectors.append(vectors)
+            out_errors.append(error)
         return {
             "batch": np.array(out_batch, dtype=np.int64),
             "rows": np.array(out_rows, dtype=object),
             "vectors": np.array(out_vectors, dtype=object),
+            "error": np.array(out_errors, dtype=object),
         }
+
+
+def _actor_adaptor(adaptor: str | None) -> str | None:
+    """``adaptor`` as the actors resolve it: a folder made absolute (their working directory may
+    not be the driver's), a packaged name (``default``, ``matching``, a model's) as given."""
+    if adaptor is None or adaptor in ("default", MATCHING) or not Path(adaptor).exists():
+        return adaptor
+    return str(Path(adaptor).resolve())
 
 
 def _connect(address: str, cpus: int) -> None:
@@ -156,7 +195,8 @@ def _results(
     threads: int,
     embedder_factory: Callable[[], Any] | None,
 ) -> Iterator[tuple[int, list[dict[str, Any]]]]:
-    """``(batch number, catalogue rows)`` in input order, as the actor pool finishes them."""
+    """``(batch number, catalogue rows)`` in input order, as the actor pool finishes them; the
+    library error an actor met is raised here, when its batch's turn comes."""
     import ray.data
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -168,12 +208,12 @@ def _results(
     encoded = dataset.map_batches(
         EncodeActor,
         fn_constructor_kwargs={
-            "store": str(store),
+            "store": str(store.resolve()),  # an actor's working directory may not be the driver's
             "model_ref": model_ref,
             "threads": threads,
             "embedder_factory": embedder_factory,
             "max_shard_bytes": shards.MAX_SHARD_BYTES,
-            "adaptor": config.adaptor,
+            "adaptor": _actor_adaptor(config.adaptor),
         },
         batch_size=1,
         batch_format="numpy",
@@ -181,6 +221,8 @@ def _results(
         num_cpus=threads,
     )
     for row in encoded.iter_rows():
+        if row["error"]:
+            _raise_error(row["error"])
         rows = json.loads(row["rows"])
         vectors = bytes(row["vectors"])
         width = len(vectors) // len(rows) if rows else 0
