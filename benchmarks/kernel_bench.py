@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/kernel_bench.py --ttft --store STORE [--questions N]
 
 On a CUDA GPU each configuration (context, scheme, prefill/decode) is timed with
-``triton.testing.do_bench`` and printed as milliseconds and ratios against the baselines measured
+``triton.testing.do_bench`` (median per call) and printed as milliseconds and ratios against the baselines measured
 in the same run:
 
 - ``fused``:       ``packed_attention(backend="triton")`` over the quantized segments
@@ -57,15 +57,20 @@ def time_paths(timer, seg, query, key, value, full_k, full_v, cuda: bool) -> dic
     return times
 
 
+def cuda_time(fn) -> float:
+    """Median seconds per call of ``fn`` on the GPU (``triton.testing.do_bench``, whose default
+    ``return_mode`` is the mean: one slow call, e.g. a clock or power-state change, would move it)."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
+
+
 def run_kernels(args: argparse.Namespace) -> list[dict]:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.float16 if cuda else torch.float32
     if cuda:
-        from triton.testing import do_bench
-
-        def timer(fn):
-            return do_bench(fn, warmup=25, rep=100) / 1e3
+        timer = cuda_time
     else:
 
         def timer(fn):

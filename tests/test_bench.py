@@ -4,27 +4,16 @@ settings, and a store it cannot re-encode is refused before anything is timed.""
 from __future__ import annotations
 
 import json
-import sys
+
+from test_cli import run_cli
 
 from ragcompress.bench import bench, indexing_throughput
-from ragcompress.cli import main
 from ragcompress.evaluation import Question
 from ragcompress.indexing import IndexConfig, index
 from ragcompress.runtime.engine import Engine
 from ragcompress.runtime.options import AnswerOptions
 from ragcompress.store import KVStore
 from ragcompress.testing import HashEmbedder, noisy_adaptor
-
-
-def run_cli(args: list[str], monkeypatch, capfd) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["ragcompress", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capfd.readouterr()
-    return code, out, err
 
 
 def test_indexing_throughput_of_a_low_rank_store_uses_its_basis(tiny_lm, passages_file, tmp_path):
