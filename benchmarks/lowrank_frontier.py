@@ -56,6 +56,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ragcompress.bench import git_revision
 from ragcompress.compressors import CompressionContext, make_compressor
 from ragcompress.compressors.scorer import gather_kept
 from ragcompress.distill.adaptor import Adaptor
@@ -747,6 +748,8 @@ def main() -> None:
         plot(published, args.plot)
         return
     torch.set_num_threads(args.threads)
+    # the code that runs is the tree at the start: a commit during a run of hours is not its code
+    args.git = git_revision()
     args.workdir = args.workdir or Path("runs/lowrank") / args.model
     rows = [RowSpec.parse(name) for name in args.rows]
     frontier = Frontier(args)
