@@ -719,6 +719,8 @@ def verify(
     index; exit 0 only if all hold. Each problem names its passage id and shard."""
     from ragcompress.store.verify import verify_store
 
+    if not any((store / name).exists() for name in ("manifest.json", "catalogue.sqlite", "shards")):
+        raise RagCompressError(f"{store} is not a ragcompress store (no manifest, catalogue or shards); check --store")
     report = verify_store(store)
     lines = [
         f"{'OK' if report.ok else 'FAILED'}: {store}: {report.passages} passages in {report.shards} shards, "

@@ -219,6 +219,15 @@ def test_workers_without_ray_is_refused_not_ignored(tmp_path, monkeypatch, capfd
     assert not store.exists()
 
 
+def test_verify_of_a_path_that_is_no_store_says_so(tmp_path, monkeypatch, capfd):
+    """A mistyped --store is not a damaged store: no repair hint (remove, --overwrite) for it."""
+    (tmp_path / "empty").mkdir()
+    for path in (tmp_path / "missing", tmp_path / "empty"):
+        code, out, err = run_cli(["verify", "--store", str(path)], monkeypatch, capfd)
+        assert (code, out) == (1, "") and err.count("\n") == 1
+        assert "is not a ragcompress store" in err and "--overwrite" not in err
+
+
 def test_ask_backend_option_chooses_and_names_the_attention_path(cli_store, monkeypatch, capfd):
     from ragcompress.cli import BACKEND_OPTION
     from ragcompress.runtime.options import BACKENDS

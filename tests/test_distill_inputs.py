@@ -185,3 +185,16 @@ def test_a_resumed_run_records_the_rank_and_alpha_it_trains(tiny_lm, tmp_path):
         adaptor = train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, asked, progress=False)
     assert (adaptor.settings["rank"], adaptor.settings["alpha"]) == (CONFIG.rank, CONFIG.alpha)
     assert (adaptor.meta["config"]["rank"], adaptor.meta["config"]["alpha"]) == (CONFIG.rank, CONFIG.alpha)
+
+
+def test_negative_minutes_and_models_training_cannot_move_are_refused_by_name(tiny_model_dir):
+    """A negative budget would train nothing; a model mixing layer types (one RoPE table per
+    type) reached the CLI as a traceback."""
+    from ragcompress.distill.train import Distiller
+    from ragcompress.models import load_model
+
+    with pytest.raises(ValueError, match="minutes must be >= 0"):
+        dataclasses.replace(CONFIG, minutes=-1)
+    gemma3 = load_model(str(tiny_model_dir("gemma3_text", layer_types=["sliding_attention", "full_attention"])))
+    with pytest.raises(InputError, match="mixes attention layer types"):
+        Distiller(gemma3, Adaptor.initial(gemma3.model, rank=2, alpha=4), teacher_top=4, continuation=2)

@@ -123,6 +123,18 @@ def test_byte_order_mark_of_a_folder_document_is_not_its_text(tmp_path):
     assert texts == {"bom.txt#0": "First paragraph.\n\nSecond.", "plain.txt#0": "First paragraph.\n\nSecond."}
 
 
+def test_a_folder_reads_documents_of_any_case_and_skips_hidden_copies(tmp_path):
+    """``NOTES.TXT`` is a document; a notebook's ``.ipynb_checkpoints`` copy or an editor's hidden
+    file would index a second copy of a document."""
+    docs = tmp_path / "docs"
+    (docs / ".ipynb_checkpoints").mkdir(parents=True)
+    (docs / "a.md").write_text("Alpha.\n")
+    (docs / ".ipynb_checkpoints" / "a-checkpoint.md").write_text("Alpha.\n")
+    (docs / ".a.md.swp.txt").write_text("Alpha.\n")
+    (docs / "NOTES.TXT").write_text("Notes.\n")
+    assert [p.id for p in iter_passages(docs)] == ["NOTES.TXT#0", "a.md#0"]
+
+
 def test_overlong_line_is_refused_without_reading_it_whole(tmp_path, monkeypatch):
     monkeypatch.setattr(inputs, "MAX_LINE_BYTES", 1000)
     path = tmp_path / "long.jsonl"

@@ -143,6 +143,8 @@ class TrainConfig:
     def __post_init__(self) -> None:  # bad compression settings fail before hours of training
         if self.views < 1:
             raise ValueError(f"views must be >= 1, not {self.views}")
+        if self.minutes < 0:  # 0 finishes a run from its checkpoint without new steps
+            raise ValueError(f"minutes must be >= 0, not {self.minutes}")
         if self.decay not in ("constant", "cosine") or self.warmup < 0:
             raise ValueError(f"decay is 'constant' or 'cosine' and warmup >= 0, not {self.decay!r} / {self.warmup}")
         self.quant_config()
@@ -364,7 +366,10 @@ class Distiller:
             self._factors = {name: torch.nn.Parameter(adaptor.tensors[name].clone()) for name in FACTORS}
             adaptor.tensors.update(self._factors)
         if any(getattr(self.model.config, "layer_types", None) or []) and len(set(self.model.config.layer_types)) > 1:
-            raise ValueError("training places caches with one RoPE table; this model mixes layer types")
+            raise InputError(
+                f"{lm.ref} mixes attention layer types (e.g. Gemma-3's sliding and global layers): training "
+                "places caches with one RoPE table; train adaptors for models with one layer type"
+            )
         # the student's compression (kind "forward"): which rows the store keeps, how it quantizes
         self.compressor = compressor if compressor is not None and compressor.name != "none" else None
         self.quant = quant if quant is not None and quant.scheme != "none" else None
@@ -380,7 +385,10 @@ class Distiller:
         self._passages: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         scaling = float(getattr(self.model.model.rotary_emb, "attention_scaling", 1.0) or 1.0)
         if abs(scaling - 1.0) > 1e-6:
-            raise ValueError("training moves caches by composing RoPE rotations; this model scales its RoPE")
+            raise InputError(
+                f"{lm.ref} scales its RoPE (attention scaling {scaling:g}): training moves caches by composing "
+                "RoPE rotations, which that scaling breaks; train adaptors for models without it"
+            )
 
     @property
     def compressed(self) -> bool:

@@ -128,8 +128,14 @@ def chunk_text(text: str, max_words: int) -> list[str]:
     return chunks
 
 
+def _is_document(relative: Path) -> bool:
+    """A ``.txt``/``.md`` file (any case) outside hidden files and folders: editors and notebooks
+    keep copies there (``.ipynb_checkpoints/x-checkpoint.md``) that would index twice."""
+    return relative.suffix.lower() in DOCUMENT_SUFFIXES and not any(part.startswith(".") for part in relative.parts)
+
+
 def iter_folder(path: Path, max_words: int = 150) -> Iterator[PassageInput]:
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in DOCUMENT_SUFFIXES)
+    files = sorted(p for p in path.rglob("*") if p.is_file() and _is_document(p.relative_to(path)))
     for file in files:
         relative = file.relative_to(path).as_posix()
         try:
