@@ -443,6 +443,34 @@ def test_passages_indexed_after_start_become_answerable(engine, served):
         assert retrieved.json()["data"][0]["id"] == new[1]["id"]
 
 
+def test_a_store_overwritten_by_another_build_fails_health_and_requests(served, tmp_path):
+    """``index --overwrite`` with other settings under a running service: no request can be
+    answered from it (the service's model and prefix belong to the old build), so requests get a
+    503 saying to restart, and /health turns 503 for an orchestrator to do it. The same build
+    overwritten is followed, and health stays 200."""
+    _, later, model = served
+    store = tmp_path / "store"
+    index(later, store, model=model, config=IndexConfig(quant="int8"))
+    engine = Engine.open(store, options=AnswerOptions(max_new_tokens=MAX_NEW))
+    try:
+        with in_process(engine) as (run, _):
+
+            async def calls(client):
+                return await client.get("/health"), await client.post("/v1/chat/completions", json=chat("Who?"))
+
+            index(later, store, model=model, config=IndexConfig(quant="int8"), overwrite=True)  # same build
+            health, answered = run(calls)
+            assert health.status_code == 200 and answered.status_code == 200, answered.text
+            index(later, store, model=model, config=IndexConfig(quant="int4"), overwrite=True)  # another build
+            health, refused = run(calls)
+        assert health.status_code == 503
+        assert health.json()["status"] == "unavailable" and "another build (compression" in health.json()["error"]
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "store_unavailable"
+        assert "restart" in refused.json()["error"]["message"]
+    finally:
+        engine.close()
+
+
 # -- over a real port --------------------------------------------------------------------------------
 
 live_apps: dict = {}  # URL -> app of the live server

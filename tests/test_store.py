@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ragcompress.errors import InputError, StoreError, StoreMismatchError
-from ragcompress.indexing import IndexConfig, index
+from ragcompress.indexing import IndexConfig, Indexer, index
 from ragcompress.indexing.encoder import PassageEncoder
 from ragcompress.kv.quant import QuantConfig
 from ragcompress.prompt import PromptTemplate
@@ -102,6 +102,9 @@ def test_an_engine_refuses_another_embedder_than_the_stores(tiny_lm, passages_fi
     with pytest.raises(StoreMismatchError, match="another-embedder"):
         Engine(KVStore.open(store), tiny_lm, other)
     Engine(KVStore.open(store), tiny_lm, embedder).close()
+    with pytest.raises(StoreMismatchError, match="another-embedder"):  # adding to it is refused alike
+        Indexer.for_store(KVStore.open(store).manifest, tiny_lm, other)
+    Indexer.for_store(KVStore.open(store).manifest, tiny_lm, embedder)
 
 
 def test_format_version_mismatch_is_refused(tiny_lm, passages_file, tmp_path, embedder):

@@ -38,7 +38,7 @@ from ragcompress.kv.lowrank import LowRankBasis, RankSpec
 from ragcompress.kv.quant import QuantConfig
 from ragcompress.models import LoadedModel
 from ragcompress.prompt import PromptTemplate
-from ragcompress.retrieval import Embedder, embedder_name
+from ragcompress.retrieval import Embedder
 from ragcompress.store import KVStore, Manifest, PassageRecord, codec
 from ragcompress.store.basis import manifest_entry
 
@@ -158,11 +158,8 @@ class Indexer:
             )
         if embedder is None:
             embedder = Embedder(manifest.embedder)
-        elif embedder.name != embedder_name(manifest.embedder):  # a store of before names may be relative
-            raise StoreMismatchError(
-                f"store was built with embedder {manifest.embedder!r}, this run uses {embedder.name!r}; "
-                "use the store's embedder"
-            )
+        else:
+            manifest.check_embedder(embedder.name)
         template = PromptTemplate.from_dict(manifest.template)
         return cls(lm, template, compressor_from_manifest(manifest), manifest.quant, embedder, manifest, adaptor)
 

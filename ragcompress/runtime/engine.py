@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from ragcompress.errors import InputError, StoreError, StoreMismatchError
+from ragcompress.errors import InputError, StoreError
 from ragcompress.models import LoadedModel, load_model
-from ragcompress.retrieval import Embedder, embedder_name
+from ragcompress.retrieval import Embedder
 from ragcompress.runtime.generate import Prepared, TokenStream, stop_token_ids, text_deltas
 from ragcompress.runtime.options import AnswerOptions
 from ragcompress.runtime.prepare import QueryContext, choose_strategy, full_prefill, prefix_cached_prefill
@@ -61,11 +61,7 @@ class Engine:
         self, store: KVStore, lm: LoadedModel, embedder: Embedder, options: AnswerOptions = AnswerOptions()
     ) -> None:
         self.context = QueryContext.create(store, lm)
-        if embedder.name != embedder_name(store.manifest.embedder):  # another one retrieves other passages
-            raise StoreMismatchError(
-                f"store {store.path} was built with embedder {store.manifest.embedder!r}, not {embedder.name!r}; "
-                "use the store's embedder (Engine.open loads it)"
-            )
+        store.manifest.check_embedder(embedder.name)
         self.embedder = embedder
         self.options = options
         self.stop_ids = stop_token_ids(lm.tokenizer, lm.model)

@@ -547,18 +547,26 @@ async def one_model(request: Request) -> Response:
 
 
 async def health(request: Request) -> Response:
-    worker = _service(request).worker
-    return JSONBody(
-        {
-            "status": "ok",
-            "queue": {
-                "waiting": worker.waiting,
-                "busy": worker.busy,
-                "running": worker.running,
-                "capacity": worker.queue_size,
-            },
-        }
-    )
+    """200 while the service can answer; 503 once its store was removed or replaced by another
+    build (``index --overwrite`` with other settings), which no request can recover from: an
+    orchestrator's health check then restarts the service, which opens the new store."""
+    service = _service(request)
+    worker = service.worker
+    body: dict[str, Any] = {
+        "status": "ok",
+        "queue": {
+            "waiting": worker.waiting,
+            "busy": worker.busy,
+            "running": worker.running,
+            "capacity": worker.queue_size,
+        },
+    }
+    try:
+        service.engine.store.check_replacement()
+    except StoreError as exc:
+        body.update(status="unavailable", error=str(exc))
+        return JSONBody(body, status_code=503)
+    return JSONBody(body)
 
 
 async def metrics(request: Request) -> Response:

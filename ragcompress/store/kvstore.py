@@ -300,23 +300,43 @@ class KVStore:
         """Reopen the store at :attr:`path` if another one was swapped in since this reader opened
         it (see the class docstring); returns whether it was. Raises ``StoreMismatchError`` when
         the new store is another build or has another prefix."""
-        try:
-            identity = _directory_identity(self.path)
-        except OSError:
-            raise StoreError(f"store {self.path} is gone; it was removed while this reader had it open") from None
-        if identity == self._identity:
+        replacement = self._replacement()
+        if replacement is None:
             return False
-        manifest = Manifest.read(self.path)
-        self.manifest.check_same_build(manifest)
-        if manifest.prefix_sha256 != self.manifest.prefix_sha256:
-            raise StoreMismatchError(
-                f"store {self.path} was replaced by a store with another prefix cache; open it again"
-            )
+        identity, manifest = replacement
         catalogue = Catalogue(self.path, readonly=True)
         self.catalogue.close()
         self.catalogue, self.manifest, self._identity = catalogue, manifest, identity
         self._index, self._index_generation = None, -1
         return True
+
+    def check_replacement(self) -> None:
+        """Raise what :meth:`follow_replacement` would (the store gone, or replaced by another
+        build), changing nothing: a service's health check calls it from another thread."""
+        self._replacement()
+
+    def _replacement(self) -> tuple[tuple[int, int], Manifest] | None:
+        """The identity and manifest of a store swapped into :attr:`path` that this reader can
+        follow; None if none was."""
+        try:
+            identity = _directory_identity(self.path)
+        except OSError:
+            raise StoreError(f"store {self.path} is gone; it was removed while this reader had it open") from None
+        if identity == self._identity:
+            return None
+        manifest = Manifest.read(self.path)
+        difference = self.manifest.build_difference(manifest)
+        if difference is not None:
+            what, ours, theirs = difference
+            replaced_by = f"another build ({what} {theirs}, this reader's {ours})"
+        elif manifest.prefix_sha256 != self.manifest.prefix_sha256:
+            replaced_by = "a store with another prefix cache"
+        else:
+            return identity, manifest
+        raise StoreMismatchError(
+            f"store {self.path} was replaced by {replaced_by}; this reader's model and prompt prefix do not "
+            "match its caches: open the store again (restart a `ragcompress serve` that reads it)"
+        )
 
     def read_segment(self, entry: Entry) -> codec.Segment:
         """Read, verify (xxh3-128) and parse one passage's blob, checked against its catalogue row.

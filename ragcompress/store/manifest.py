@@ -12,6 +12,7 @@ from typing import Any
 from ragcompress.errors import StoreError, StoreMismatchError
 from ragcompress.kv import ModelShape
 from ragcompress.kv.quant import QuantConfig
+from ragcompress.retrieval import embedder_name
 
 # 2: segment checksums are xxh3-128 (were sha256); a version-1 store is refused and rebuilt.
 FORMAT_VERSION = 2
@@ -188,7 +189,25 @@ class Manifest:
         return cls.from_json(text, path)
 
     def check_same_build(self, other: Manifest) -> None:
-        """Raise naming both sides when ``other`` was built differently from this store."""
+        """Raise naming both sides when ``other`` (a run about to add to this store) was built
+        differently from this store."""
+        if self.model_ref == other.model_ref and self.model_fingerprint != other.model_fingerprint:
+            raise StoreMismatchError(
+                f"the model {self.model_ref} has changed since the store was built (fingerprint "
+                f"{self.model_fingerprint[:16]}, now {other.model_fingerprint[:16]}); rebuild the store for it "
+                "with --overwrite (it keeps the store's settings), or use another --store"
+            )
+        difference = self.build_difference(other)
+        if difference is not None:
+            what, ours, theirs = difference
+            raise StoreMismatchError(
+                f"store was built with {what} {ours}, this run uses {theirs}; "
+                "use the store's settings (give none to reuse them), another --store, or --overwrite"
+            )
+
+    def build_difference(self, other: Manifest) -> tuple[str, str, str] | None:
+        """The first setting that ``other`` was built with differently, as ``(what, ours,
+        theirs)`` for a message; None when both are the same build."""
         pairs = [
             ("model", self.model_fingerprint, other.model_fingerprint, self.model_ref, other.model_ref),
             ("tokenizer", self.tokenizer_hash, other.tokenizer_hash, None, None),
@@ -197,22 +216,14 @@ class Manifest:
             ("embedder", self.embedder, other.embedder, None, None),
             ("passage encoding", self.encoding, other.encoding, None, None),
         ]
-        if self.model_ref == other.model_ref and self.model_fingerprint != other.model_fingerprint:
-            raise StoreMismatchError(
-                f"the model {self.model_ref} has changed since the store was built (fingerprint "
-                f"{self.model_fingerprint[:16]}, now {other.model_fingerprint[:16]}); rebuild the store for it "
-                "with --overwrite (it keeps the store's settings), or use another --store"
-            )
         for what, ours, theirs, our_name, their_name in pairs:
             if ours != theirs:
                 ours_s = f"{our_name} ({str(ours)[:16]})" if our_name else json.dumps(ours, sort_keys=True)[:200]
                 theirs_s = (
                     f"{their_name} ({str(theirs)[:16]})" if their_name else json.dumps(theirs, sort_keys=True)[:200]
                 )
-                raise StoreMismatchError(
-                    f"store was built with {what} {ours_s}, this run uses {theirs_s}; "
-                    "use the store's settings (give none to reuse them), another --store, or --overwrite"
-                )
+                return what, ours_s, theirs_s
+        return None
 
     def check_model(self, fingerprint: str, ref: str) -> None:
         if fingerprint != self.model_fingerprint:
@@ -220,4 +231,12 @@ class Manifest:
                 f"store was built with model {self.model_ref} (fingerprint "
                 f"{self.model_fingerprint[:16]}), but {ref} has fingerprint {fingerprint[:16]}; "
                 "rebuild the store for this model"
+            )
+
+    def check_embedder(self, name: str) -> None:
+        """Refuse an embedder other than the store's: its vectors retrieve other passages (a store
+        written before local embedder folders were recorded absolute may hold a relative one)."""
+        if embedder_name(name) != embedder_name(self.embedder):
+            raise StoreMismatchError(
+                f"store was built with embedder {self.embedder!r}, this run uses {name!r}; use the store's embedder"
             )
