@@ -650,12 +650,13 @@ def calibrate(
 
     with Engine.open(store, options=AnswerOptions(calibrate=False)) as engine:
         result = calibrate_temperature(engine, samples=samples, top_k=top_k, progress=_show_progress(as_json))
-    lock = StoreLock(store)
-    try:
-        manifest = Manifest.read(store)
-        dataclasses.replace(manifest, attention=result.as_dict()).write(store)
-    finally:
-        lock.release()
+        lock = StoreLock(store)
+        try:  # a temperature measured on one build is not recorded in another swapped in meanwhile
+            engine.store.check_replacement()
+            manifest = Manifest.read(store)
+            dataclasses.replace(manifest, attention=result.as_dict()).write(store)
+        finally:
+            lock.release()
     table = ", ".join(f"T={t}: {kl:.4f}" for t, kl in result.kl.items())
     _emit(
         result.as_dict(),

@@ -85,3 +85,35 @@ def test_cli_records_the_temperature(store, capfd, monkeypatch):
     out = json.loads(capfd.readouterr().out)
     assert Manifest.read(store).attention["temperature"] == out["temperature"]
     record(store, 1.0)
+
+
+def test_cli_records_nothing_in_another_build_swapped_in_while_it_measured(
+    store, tmp_path, tiny_model_dir, monkeypatch, capfd
+):
+    """`index --overwrite` with other settings during `calibrate`: the temperature measured on the
+    old build is refused, and the new store's manifest is left as it was."""
+    import shutil
+
+    from ragcompress.cli import main
+    from ragcompress.data import SAMPLE_PASSAGES
+    from ragcompress.runtime import calibration
+
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    passages = tmp_path / "passages.jsonl"
+    passages.write_text("\n".join(SAMPLE_PASSAGES.read_text().splitlines()[:2]) + "\n")
+    measure = calibration.calibrate_temperature
+
+    def swapping(engine, **kwargs):
+        result = measure(engine, **kwargs)
+        index(passages, copy, model=str(tiny_model_dir("qwen2")), config=IndexConfig(quant="int8"), overwrite=True)
+        return result
+
+    monkeypatch.setattr(calibration, "calibrate_temperature", swapping)
+    monkeypatch.setattr(sys, "argv", ["ragcompress", "calibrate", "--store", str(copy), "--samples", "1"])
+    before = (copy / "manifest.json").read_bytes()
+    with pytest.raises(SystemExit):
+        main()
+    assert "replaced by another build" in capfd.readouterr().err
+    assert (copy / "manifest.json").read_bytes() != before  # the new build's, without a temperature
+    assert "temperature" not in Manifest.read(copy).attention
