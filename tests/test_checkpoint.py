@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ragcompress.distill.checkpoint import load_tree, save_tree
+from ragcompress.errors import InputError
 
 
 def test_nested_tree_with_optimizer_state_round_trips(tmp_path):
@@ -39,5 +40,8 @@ def test_refuses_what_it_cannot_store_and_files_it_did_not_write(tmp_path):
     from safetensors.torch import save_file
 
     save_file({"t": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
-    with pytest.raises(ValueError, match="not a ragcompress training checkpoint"):
+    with pytest.raises(InputError, match="other.safetensors is not a readable ragcompress training file"):
         load_tree(tmp_path / "other.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes(b"\x10\x00")  # a damaged one: a CLI traceback before
+    with pytest.raises(InputError, match="cut.safetensors is not a readable.*delete it"):
+        load_tree(tmp_path / "cut.safetensors")

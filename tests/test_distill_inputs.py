@@ -55,8 +55,10 @@ def _config(edit):
         (_config(lambda c: {k: v for k, v in c.items() if k not in ("settings", "hash")}), "no settings"),
         (_config(lambda c: {**c, "settings": {**c["settings"], "rank": None}, "hash": None}), "integer rank"),
         (_config(lambda c: {**c, "settings": {"rank": 2, "alpha": 4, "kind": "forward"}, "hash": None}), "modules"),
+        (_config(lambda c: {k: v for k, v in c.items() if k != "hash"}), "records no hash"),
+        (_config(lambda c: {**c, "hash": "0" * 64}), "do not match the hash"),
     ],
-    ids=["weights", "json", "utf8", "list", "no-settings", "no-rank", "no-modules"],
+    ids=["weights", "json", "utf8", "list", "no-settings", "no-rank", "no-modules", "no-hash", "other-hash"],
 )
 def test_a_damaged_adaptor_folder_is_refused_in_one_line(tiny_lm, tmp_path, mutate, message):
     folder = noisy_adaptor(tiny_lm.model, 1).save(tmp_path / "adaptor")
@@ -144,9 +146,10 @@ def test_teacher_examples_left_by_another_split_are_refused(tiny_lm, tmp_path):
         train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, dataclasses.replace(CONFIG), progress=False)
 
 
-def test_a_run_resumed_for_another_rank_projects_on_a_basis_of_that_rank(tiny_lm, tmp_path, monkeypatch):
-    """``--kv-rank``: the student's basis is kept for a resumed run, but only for the settings it
-    was fitted for; resumed with another rank it is fitted anew (the adaptor records that rank)."""
+def test_a_run_resumed_for_another_compression_is_refused(tiny_lm, tmp_path, monkeypatch):
+    """A checkpoint's factors, loss curve and ``held_out_start`` belong to the compression it
+    trained for: resuming it for another (here another ``--quant``, another ``--kv-rank``)
+    would record one adaptor's curve across two stores. The basis is fitted once per run."""
     from ragcompress.distill import train as training
 
     fitted = []
@@ -162,17 +165,50 @@ def test_a_run_resumed_for_another_rank_projects_on_a_basis_of_that_rank(tiny_lm
     out = tmp_path / "run"
     train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, config, progress=False)
     train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, dataclasses.replace(config, steps=2), progress=False)
-    resumed = train(
-        tiny_lm,
-        SAMPLE_PASSAGES,
-        SAMPLE_QUESTIONS,
-        out,
-        dataclasses.replace(config, steps=3, kv_rank=16),
-        progress=False,
+    for other, message in [
+        (dataclasses.replace(config, steps=3, kv_rank=16), "kv_rank=8 \\(this run: 16\\)"),
+        (dataclasses.replace(config, steps=3, quant="int8"), "quant='int4' \\(this run: 'int8'\\)"),
+        (dataclasses.replace(config, steps=3, method="global:kvzip", ratio=0.5), "method='none'.*ratio=1.0"),
+    ]:
+        with pytest.raises(InputError, match=message):
+            train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, other, progress=False)
+    assert fitted == [(8,) * tiny_lm.config.num_hidden_layers] * 2
+
+
+def test_teacher_examples_left_by_another_base_model_are_refused(tiny_lm, tmp_path):
+    """A ``teacher-*.part`` holds the base model's distributions: one left by another model's run
+    in the same folder would be distilled from as if this model's."""
+    from ragcompress.distill.checkpoint import save_tree
+
+    out = tmp_path / "run"
+    out.mkdir()
+    save_tree({"examples": [], "base_fingerprint": "0" * 64}, out / "teacher-train.part")
+    with pytest.raises(InputError, match="teacher-train.part was made with another base model"):
+        train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, dataclasses.replace(CONFIG), progress=False)
+    (out / "teacher-train.part").unlink()
+    train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, dataclasses.replace(CONFIG), progress=False)
+    from ragcompress.distill.checkpoint import load_tree
+
+    assert load_tree(out / "teacher-train.part")["base_fingerprint"] == tiny_lm.fingerprint
+
+
+def test_an_adaptor_records_the_articles_of_the_adaptor_it_started_from(tiny_lm, tmp_path):
+    """A chain of ``--init-adaptor`` runs over other passages: the last adaptor's
+    ``train_articles`` name every article it descends from, so an evaluation (and a further
+    run) refuses the first run's articles too."""
+    first = train(
+        tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, tmp_path / "first", dataclasses.replace(CONFIG), progress=False
     )
-    layers = tiny_lm.config.num_hidden_layers
-    assert fitted == [(8,) * layers, (8,) * layers, (16,) * layers]
-    assert resumed.meta["lowrank"]["rank"] == 16
+    assert first.meta["train_articles"] == ["Victoria_(Australia)"]
+    renamed = tmp_path / "passages.jsonl"  # the same text under another article's name
+    renamed.write_text(SAMPLE_PASSAGES.read_text().replace('"title": "Victoria_(Australia)"', '"title": "Melbourne"'))
+    chained = dataclasses.replace(CONFIG, init_adaptor=str(tmp_path / "first" / "adaptor"))
+    second = train(tiny_lm, renamed, SAMPLE_QUESTIONS, tmp_path / "second", chained, progress=False)
+    assert second.meta["train_articles"] == ["Melbourne", "Victoria_(Australia)"]
+    resumed = train(
+        tiny_lm, renamed, SAMPLE_QUESTIONS, tmp_path / "second", dataclasses.replace(chained, steps=2), progress=False
+    )
+    assert resumed.meta["train_articles"] == ["Melbourne", "Victoria_(Australia)"]
 
 
 def test_a_resumed_run_records_the_rank_and_alpha_it_trains(tiny_lm, tmp_path):

@@ -199,7 +199,12 @@ class Adaptor:
         missing = [name for name in FACTORS if name not in adaptor.tensors] if adaptor.kind == "cache" else []
         if missing:
             raise InputError(f"adaptor {directory} lacks tensors {missing}")
-        if recorded and recorded != adaptor.hash:
+        if not recorded:  # Adaptor.save always records it: nothing would tell damaged weights apart
+            raise InputError(
+                f"adaptor {directory}: its {CONFIG} records no hash, so its weights cannot be checked; it was not "
+                "written by `ragcompress train` (Adaptor.save) or was edited: train it again or copy it whole"
+            )
+        if recorded != adaptor.hash:
             raise InputError(f"adaptor {directory}: weights do not match the hash its {CONFIG} records")
         return adaptor
 

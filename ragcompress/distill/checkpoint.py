@@ -14,7 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
+
+from ragcompress.errors import InputError
 
 _TREE = "tree"
 
@@ -53,8 +56,16 @@ def save_tree(obj: Any, path: Path) -> None:
 
 
 def load_tree(path: Path) -> Any:
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-    if _TREE not in metadata:
-        raise ValueError(f"{path} is not a ragcompress training checkpoint")
-    return _decode(json.loads(metadata[_TREE]), load_file(str(path)))
+    """What :func:`save_tree` wrote to ``path``; a damaged or foreign file is an ``InputError``
+    naming it (a killed run never leaves one: saves are atomic)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        if _TREE not in metadata:
+            raise ValueError("no ragcompress tree in its metadata")
+        return _decode(json.loads(metadata[_TREE]), load_file(str(path)))
+    except (OSError, ValueError, SafetensorError, KeyError) as exc:
+        raise InputError(
+            f"{path} is not a readable ragcompress training file ({exc}); delete it (the run recomputes what it "
+            "held) or use another --out folder"
+        ) from None

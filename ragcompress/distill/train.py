@@ -40,6 +40,7 @@ import json
 import math
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -691,7 +692,13 @@ def build_examples(
     from tqdm import tqdm
 
     questions = select_questions(corpus.questions, limit or None)
-    done = {e["qid"]: Example(**e) for e in load_tree(partial)} if partial.is_file() else {}
+    done: dict[str, Example] = {}
+    if partial.is_file():
+        saved = load_tree(partial)
+        if isinstance(saved, dict):  # files from before the fingerprint was recorded: a list, split checked only
+            check_run(partial, saved, distiller.lm)
+            saved = saved["examples"]
+        done = {e["qid"]: Example(**e) for e in saved}
     vectors = embedder.embed([q.question for q in questions])
     retrieved = corpus.retrieve(vectors, k if views == 1 else 2 * k)
     examples = []
@@ -700,7 +707,10 @@ def build_examples(
             if example_id not in done:
                 passages = [distiller.tokens.passage(corpus.passages[i].text) for i in chosen]
                 done[example_id] = distiller.teacher(example_id, passages, q.question, keep_full)
-                save_tree([asdict(e) for e in done.values()], partial)
+                save_tree(
+                    {"examples": [asdict(e) for e in done.values()], "base_fingerprint": distiller.lm.fingerprint},
+                    partial,
+                )
             examples.append(done[example_id])
     return examples
 
@@ -838,11 +848,32 @@ def check_run(
         )
 
 
+# the settings that define the store an adaptor is trained for (its student's compression)
+COMPRESSION_SETTINGS = (
+    "method", "ratio", "quant", "value_quant", "group_size", "kv_rank", "kv_rank_values", "calibration_passages",
+    "keep_first", "keep_last", "value_norm",
+)  # fmt: skip
+
+
+def check_resumed_compression(config: TrainConfig, saved: dict[str, Any], path: Path) -> None:
+    """Refuse to resume a run for another compression than it trained for: its factors, history
+    and held-out metrics (``held_out_start``) belong to the first, so the adaptor would record a
+    loss curve across two stores. Continuing from a finished adaptor is ``--init-adaptor``."""
+    differ = [
+        f"{name}={saved[name]!r} (this run: {getattr(config, name)!r})"
+        for name in COMPRESSION_SETTINGS
+        if name in saved and saved[name] != getattr(config, name)
+    ]
+    if differ:
+        raise InputError(
+            f"{path} trains an adaptor for {', '.join(differ)}; resume with those settings, or train for this "
+            "compression in another --out folder (--init-adaptor OUT/adaptor starts from the finished adaptor)"
+        )
+
+
 def resumed_settings(config: TrainConfig, settings: dict[str, Any], path: Path) -> None:
     """A resumed run trains the checkpoint's factors, whose rank, alpha and kind are fixed: take
     them into ``config`` (what the adaptor records), warning when this run asked for others."""
-    import warnings
-
     saved = {"rank": int(settings["rank"]), "alpha": int(settings["alpha"]), "kind": settings.get("kind", config.kind)}
     asked = {name: getattr(config, name) for name in saved}
     if asked != saved:
@@ -875,7 +906,9 @@ def warm_start(lm: LoadedModel, config: TrainConfig) -> Adaptor:
         )
     config.rank, config.alpha = int(start.settings["rank"]), int(start.settings["alpha"])
     tensors = {k: v.float() for k, v in start.lora_tensors.items()}
-    return Adaptor(dict(start.settings), tensors, {"init_adaptor_hash": start.hash})
+    # its articles are this run's too: an adaptor's train_articles are every article it descends from
+    ancestry = {"init_adaptor_hash": start.hash, "init_train_articles": sorted(start.meta.get("train_articles", []))}
+    return Adaptor(dict(start.settings), tensors, ancestry)
 
 
 def train(
@@ -906,6 +939,7 @@ def train(
         check_run(
             checkpoint_path, checkpoint, lm, checkpoint.get("config", {}).get("val_articles"), config.val_articles
         )
+        check_resumed_compression(config, checkpoint.get("config", {}), checkpoint_path)
         adaptor = Adaptor(checkpoint["settings"], dict(checkpoint["initial"]), {})
         resumed_settings(config, adaptor.settings, checkpoint_path)
     elif config.init_adaptor:
@@ -913,7 +947,11 @@ def train(
     else:
         adaptor = Adaptor.initial(lm.model, config.rank, config.alpha, kind=config.kind)
     initial = dict(adaptor.tensors)
-    init_hash = (checkpoint if checkpoint is not None else adaptor.meta).get("init_adaptor_hash")
+    ancestry = {
+        key: value
+        for key in ("init_adaptor_hash", "init_train_articles")
+        if (value := (checkpoint if checkpoint is not None else adaptor.meta).get(key))
+    }
     distiller = Distiller(
         lm,
         adaptor,
@@ -1006,7 +1044,7 @@ def train(
                 "history": history,
                 "config": asdict(config),
                 "base_fingerprint": lm.fingerprint,
-                **({"init_adaptor_hash": init_hash} if init_hash else {}),
+                **ancestry,
             },
             checkpoint_path,
         )
@@ -1059,7 +1097,9 @@ def train(
         "base_model": lm.ref,
         "base_fingerprint": lm.fingerprint,
         "training_data_sha256": data_hash(passages_path, questions_path, config.val_articles, config.extra_passages),
-        "train_articles": sorted({p.article for p in train_corpus.passages}),
+        "train_articles": sorted(
+            {p.article for p in train_corpus.passages} | set(ancestry.get("init_train_articles", []))
+        ),
         "val_articles": config.val_articles,
         "method": config.method,
         "ratio": config.ratio,
@@ -1067,7 +1107,7 @@ def train(
         "lowrank": spec.as_dict() if (spec := config.rank_spec()) else None,
         **({"value_norm": True} if config.value_norm else {}),  # absent: plain scores (every earlier adaptor)
         "config": asdict(config),
-        **({"init_adaptor_hash": init_hash} if init_hash else {}),
+        **({"init_adaptor_hash": ancestry["init_adaptor_hash"]} if "init_adaptor_hash" in ancestry else {}),
         "metrics": {
             "steps": step,
             "train_minutes": elapsed / 60,
