@@ -526,6 +526,9 @@ def measure(frontier: Frontier, row: RowSpec, reference: dict[str, Any] | None) 
 
 REFERENCE_ROW = "none@1/fp16/-"
 FULL_PREFILL, PREFIX_CACHED = "full prefill", "prefix-cached full prefill"  # side_by_side_ttft's baselines
+# timed runs per question and store: odd, so a question's median is one run (with 2 it was the
+# mean of each store's first, colder run and its second; files before 2026-12-04 were timed so)
+TTFT_REPEATS = 3
 
 
 def side_by_side_ttft(frontier: Frontier, names: list[str], questions: int) -> dict[str, Any]:
@@ -557,7 +560,7 @@ def side_by_side_ttft(frontier: Frontier, names: list[str], questions: int) -> d
         runs[PREFIX_CACHED] = lambda e=any_engine, text=q.question, got=entries: e.answer_prefix_cached(
             text, got, first_token
         )
-        medians, _ = alternating_ttft(runs, 2)
+        medians, _ = alternating_ttft(runs, TTFT_REPEATS)
         for name, value in medians.items():
             samples[name].append(value)
     return {
@@ -565,6 +568,7 @@ def side_by_side_ttft(frontier: Frontier, names: list[str], questions: int) -> d
         "questions": questions,
         "ttft_s_median": {name: statistics.median(v) for name, v in samples.items()},
         "baselines": [FULL_PREFILL, PREFIX_CACHED],
+        "repeats": TTFT_REPEATS,
         "load": os.getloadavg(),
     }
 

@@ -936,9 +936,12 @@ def render_lowrank_frontier(results: Path) -> str:
             )
             if "baselines" in ttft:
                 medians += "; " + ", ".join(f"{b} {1000 * median[b]:.0f} ms" for b in ttft["baselines"])
+            # files before "repeats" was recorded timed 2 runs a question: their median is the mean of both
+            runs = f"median of {ttft['repeats']} runs" if "repeats" in ttft else "mean of 2 runs"
             parts.append(
-                f"TTFT side by side (one process, the stores' order alternating per question, one new token, "
-                f"dense backend, first {ttft['questions']} questions, load average {ttft['load'][0]:.0f}): {medians}."
+                f"TTFT side by side (one process, the stores' order alternating per question, each question's "
+                f"{runs}, one new token, dense backend, first {ttft['questions']} questions, load average "
+                f"{ttft['load'][0]:.0f}): {medians}."
             )
         parts.append(source_line([path]))
     return "\n\n".join(parts)

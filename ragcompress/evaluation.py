@@ -149,11 +149,17 @@ def iter_eval(
     engine: Engine, questions: list[Question], top_k: int, options: AnswerOptions | None = None
 ) -> Iterator[QuestionResult]:
     """Answer every question both ways over the same retrieved passages (``options``: the
-    engine's by default; the baseline decodes with the same ``max_new_tokens``)."""
-    for item in questions:
+    engine's by default; the baseline decodes with the same ``max_new_tokens``). Which way goes
+    first alternates from one question to the next, so that neither side's TTFT always follows
+    the other's (whose reads and allocations it may inherit); greedy answers do not depend on it."""
+    for number, item in enumerate(questions):
         entries = engine.retrieve(item.question, top_k)
-        full = engine.answer_full(item.question, entries, options)
-        cached = engine.answer_cached(item.question, entries, options)
+        if number % 2 == 0:
+            full = engine.answer_full(item.question, entries, options)
+            cached = engine.answer_cached(item.question, entries, options)
+        else:
+            cached = engine.answer_cached(item.question, entries, options)
+            full = engine.answer_full(item.question, entries, options)
         yield QuestionResult(item, [e.id for e in entries], cached, full)
 
 

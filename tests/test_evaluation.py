@@ -32,3 +32,26 @@ def test_eval_over_every_passage_reports_the_bytes_index_reports(tiny_lm, passag
         engine.close()
     assert summary["kv_bytes_per_token"] == pytest.approx(expected["kv_bytes_per_token"])
     assert summary["compression"] == pytest.approx(expected["compression"])
+
+
+def test_which_side_goes_first_alternates_per_question():
+    """Full prefill always ran first, so any order effect (page cache, allocator) favoured one
+    side's TTFT in every question; the answers are paired as before."""
+    calls: list[str] = []
+
+    class Recording:
+        def retrieve(self, question, top_k):
+            return []
+
+        def answer_full(self, question, entries, options):
+            calls.append(f"full {question}")
+            return f"full answer {question}"
+
+        def answer_cached(self, question, entries, options):
+            calls.append(f"cached {question}")
+            return f"cached answer {question}"
+
+    questions = [Question(str(i), f"q{i}", ["a"]) for i in range(4)]
+    results = list(iter_eval(Recording(), questions, top_k=1))  # type: ignore[arg-type]
+    assert calls == ["full q0", "cached q0", "cached q1", "full q1", "full q2", "cached q2", "cached q3", "full q3"]
+    assert [(r.full, r.cached) for r in results] == [(f"full answer q{i}", f"cached answer q{i}") for i in range(4)]

@@ -128,6 +128,8 @@ class TokenStream:
 
     ``prepare`` builds the :class:`Prepared` request; it runs when iteration starts, so the clock
     (``ttft_s``, ``total_s``) counts loading and assembling the cache as well as the prefill.
+    Tokenizing is done before the clock on every path (the ids are checked against the model's
+    positions when the stream is made), so full prefill and stored caches are timed alike.
     ``backend`` is known once iteration has started.
     """
 
