@@ -241,7 +241,8 @@ def subset_stats(row: dict[str, Any], keep: list[bool], baseline: tuple[str, dic
 
 
 def index_cost(lm: Any, template: PromptTemplate, adaptor: Adaptor, passages: list[list[int]], repeats: int) -> dict:
-    """Median seconds to produce the caches of ``passages`` per setting, side by side, and the
+    """Median seconds to produce the caches of ``passages`` per setting, side by side (one untimed
+    warm-up round, then ``repeats`` rounds, the order rotating from round to round), and the
     ratio to the plain forward (the base encoder)."""
     base, adapted = PassageEncoder(lm, template), PassageEncoder(lm, template, adaptor)
     learned = make_compressor("global:learned", ratio=0.25, keep_first=1, keep_last=0)
@@ -260,11 +261,14 @@ def index_cost(lm: Any, template: PromptTemplate, adaptor: Adaptor, passages: li
         "global:kvzip": lambda: run(base, kvzip),
     }
     samples: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(repeats):  # interleaved, so contention hits every case alike
-        for name, fn in cases.items():
+    names = list(cases)
+    for round_ in range(-1, repeats):  # interleaved, so contention hits every case alike; -1: the warm-up
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
             start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
+            cases[name]()
+            if round_ >= 0:
+                samples[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(values) for name, values in samples.items()}
     return {name: {"seconds": medians[name], "x_plain": medians[name] / medians["plain forward"]} for name in cases}
 

@@ -526,16 +526,19 @@ def measure(frontier: Frontier, row: RowSpec, reference: dict[str, Any] | None) 
 
 REFERENCE_ROW = "none@1/fp16/-"
 FULL_PREFILL, PREFIX_CACHED = "full prefill", "prefix-cached full prefill"  # side_by_side_ttft's baselines
-# timed runs per question and store: odd, so a question's median is one run (with 2 it was the
-# mean of each store's first, colder run and its second; files before 2026-12-04 were timed so)
+# timed runs per question and store, after one untimed warm-up run (bench.alternating_ttft): odd, so
+# a question's median is one run (files without "repeats" in their "ttft" were timed with 2 runs and
+# no warm-up: their median is the mean of each store's first, colder run and its second)
 TTFT_REPEATS = 3
 
 
 def side_by_side_ttft(frontier: Frontier, names: list[str], questions: int) -> dict[str, Any]:
-    """Median TTFT of each row's store over the first ``questions`` questions, one process, the
-    order of the stores alternating per question (``bench.alternating_ttft``), one new token;
-    full prefill and prefix-cached full prefill of the same passages (#9's baselines, the same for
-    every store) alternate with them, so each row's speed-up is measured in the same run."""
+    """Median TTFT of each row's store over the first ``questions`` questions, one process, one
+    new token: per question, one untimed warm-up run of every store and then :data:`TTFT_REPEATS`
+    timed runs, the order rotating from run to run and from question to question
+    (``bench.alternating_ttft``); full prefill and prefix-cached full prefill of the same passages
+    (#9's baselines, the same for every store) alternate with them, so each row's speed-up is
+    measured in the same run."""
     from ragcompress.bench import alternating_ttft
 
     first_token = OPTIONS.replace(max_new_tokens=1)
@@ -545,7 +548,7 @@ def side_by_side_ttft(frontier: Frontier, names: list[str], questions: int) -> d
         engines[name] = Engine(store, frontier.lm, frontier.embedder, first_token)
         engines[name].warm_up()
     samples: dict[str, list[float]] = {name: [] for name in [*names, FULL_PREFILL, PREFIX_CACHED]}
-    for q, pids in list(zip(frontier.questions, frontier.retrieved, strict=True))[:questions]:
+    for number, (q, pids) in enumerate(list(zip(frontier.questions, frontier.retrieved, strict=True))[:questions]):
         runs = {
             name: (
                 lambda e=engine, text=q.question, ids=pids: e.answer_cached(
@@ -560,7 +563,7 @@ def side_by_side_ttft(frontier: Frontier, names: list[str], questions: int) -> d
         runs[PREFIX_CACHED] = lambda e=any_engine, text=q.question, got=entries: e.answer_prefix_cached(
             text, got, first_token
         )
-        medians, _ = alternating_ttft(runs, TTFT_REPEATS)
+        medians, _ = alternating_ttft(runs, TTFT_REPEATS, first=number)
         for name, value in medians.items():
             samples[name].append(value)
     return {
@@ -569,6 +572,7 @@ def side_by_side_ttft(frontier: Frontier, names: list[str], questions: int) -> d
         "ttft_s_median": {name: statistics.median(v) for name, v in samples.items()},
         "baselines": [FULL_PREFILL, PREFIX_CACHED],
         "repeats": TTFT_REPEATS,
+        "warmup": 1,
         "load": os.getloadavg(),
     }
 

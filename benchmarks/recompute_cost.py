@@ -108,12 +108,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     per_question = []
     try:
-        for question in questions:
+        names = list(settings)
+        for number, question in enumerate(questions):
             entries = engine.retrieve(question.question, args.top_k)
             ttft: dict[str, list[float]] = defaultdict(list)
             passes: dict[str, list[float]] = defaultdict(list)
             for repeat in range(args.repeats + 1):  # the first round warms up and is dropped
-                for name, options in settings.items():
+                shift = (number + repeat) % len(names)  # no setting leads every round of every question
+                for name in names[shift:] + names[:shift]:
+                    options = settings[name]
                     timer.on = name == "recompute"
                     answer = (engine.answer_full if name == "full" else engine.answer_cached)(
                         question.question, entries, options

@@ -936,12 +936,18 @@ def render_lowrank_frontier(results: Path) -> str:
             )
             if "baselines" in ttft:
                 medians += "; " + ", ".join(f"{b} {1000 * median[b]:.0f} ms" for b in ttft["baselines"])
-            # files before "repeats" was recorded timed 2 runs a question: their median is the mean of both
+            # files before "repeats" was recorded timed 2 runs a question, no warm-up: their median is the
+            # mean of both; before "warmup" was, the order rotated from run to run the same in every question
             runs = f"median of {ttft['repeats']} runs" if "repeats" in ttft else "mean of 2 runs"
+            order = (
+                "the order of stores and baselines rotating between each question's runs, the same for every question"
+            )
+            if ttft.get("warmup"):
+                runs += f" after {ttft['warmup']} untimed warm-up run"
+                order = "the order of stores and baselines rotating from run to run and from question to question"
             parts.append(
-                f"TTFT side by side (one process, the stores' order alternating per question, each question's "
-                f"{runs}, one new token, dense backend, first {ttft['questions']} questions, load average "
-                f"{ttft['load'][0]:.0f}): {medians}."
+                f"TTFT side by side (one process, {order}, each question's {runs}, one new token, dense backend, "
+                f"first {ttft['questions']} questions, load average {ttft['load'][0]:.0f}): {medians}."
             )
         parts.append(source_line([path]))
     return "\n\n".join(parts)

@@ -1,9 +1,12 @@
 """``ragcompress bench``: TTFT and KV memory of cached answering against three baselines, by context size.
 
 For each top-k (the context size knob) and each question, the same retrieved passages are
-answered four ways (:data:`PATHS`), ``repeats`` times, the order rotating from one round to the
-next; the table reports medians and their ratios, all from one process, so machine noise hits
-every path alike. :func:`indexing_throughput` times the offline side against a plain forward. :func:`packed_ttft_overhead` compares the packed attention
+answered four ways (:data:`PATHS`), once untimed to warm up and then ``repeats`` times, the order
+rotating from one round to the next and from one question to the next; the table reports medians
+and their ratios, all from one process, so machine noise hits every path alike. TTFT is what
+:class:`~ragcompress.runtime.engine.Answer` says: from the request's start (prompt already
+tokenized, on every path) to the first token's logits. :func:`indexing_throughput` times the
+offline side against a plain forward. :func:`packed_ttft_overhead` compares the packed attention
 path with the dense one the same way.
 """
 
@@ -42,7 +45,8 @@ PATHS = ("full", "full_prefix_cached", "cached", "floor")
 @dataclass(frozen=True)
 class BenchRow:
     """One context size. TTFTs are medians over questions of each question's median over
-    ``repeats`` alternating runs; speedups are ratios of those medians."""
+    ``repeats`` alternating runs after an untimed warm-up (:func:`alternating_ttft`); speedups
+    are ratios of those medians."""
 
     top_k: int
     questions: int
@@ -55,17 +59,28 @@ class BenchRow:
     same_first_token: float  # fraction of questions whose cached and full first tokens agree
 
 
-def alternating_ttft(runs: dict[str, Callable[[], Answer]], repeats: int) -> tuple[dict[str, float], dict[str, Answer]]:
-    """Median TTFT of each run over ``repeats`` rounds, the order of the runs rotating from one
-    round to the next so that neither side always goes first; and each run's last answer."""
+def alternating_ttft(
+    runs: dict[str, Callable[[], Answer]], repeats: int, first: int = 0
+) -> tuple[dict[str, float], dict[str, Answer]]:
+    """Warm median TTFT of each run, and each run's last answer: one untimed warm-up round, then
+    ``repeats`` timed rounds (an odd number makes each median one run, not the mean of two).
+
+    The warm-up takes what only a question's first run pays (its passages' blobs read into the
+    page cache, the allocator grown to its sizes) out of every side's median alike. The order of
+    the runs rotates by one from round to round, starting ``first`` places on: callers pass the
+    question's index, so that no run leads every question's first timed round."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
     names = list(runs)
     times: dict[str, list[float]] = {name: [] for name in names}
     last: dict[str, Answer] = {}
-    for round_ in range(repeats):
-        shift = round_ % len(names)
+    for round_ in range(-1, repeats):  # round -1: the warm-up, not timed
+        shift = (first + round_) % len(names)
         for name in names[shift:] + names[:shift]:
-            last[name] = runs[name]()
-            times[name].append(last[name].ttft_s)
+            answer = runs[name]()
+            if round_ >= 0:
+                last[name] = answer
+                times[name].append(answer.ttft_s)
     return {name: statistics.median(t) for name, t in times.items()}, last
 
 
@@ -83,7 +98,7 @@ def _bench_row(engine: Engine, questions: list[Question], top_k: int, repeats: i
     stored_bytes: list[int] = []
     same = 0
     fp16_per_token = engine.store.shape.fp16_bytes_per_token
-    for item in questions:
+    for number, item in enumerate(questions):
         entries = engine.retrieve(item.question, top_k)
         question = item.question
         medians, last = alternating_ttft(
@@ -94,6 +109,7 @@ def _bench_row(engine: Engine, questions: list[Question], top_k: int, repeats: i
                 "floor": partial(_floor, engine, question, entries, options),
             },
             repeats,
+            first=number,
         )
         for path in PATHS:
             per_path[path].append(medians[path])
@@ -132,8 +148,9 @@ def _floor(engine: Engine, question: str, entries: list[Entry], options: AnswerO
 
 @dataclass(frozen=True)
 class IndexingThroughput:
-    """Passages per second of the indexer (encode + compress + quantize + serialise + embed)
-    against the model's plain forward over the same passages after the cached prefix."""
+    """Passages per second of the indexer (tokenize + encode + compress + quantize + serialise +
+    embed) against the model's plain forward over the same passages after the cached prefix
+    (tokenize + forward: both sides' clocks start from the passages' text)."""
 
     passages: int
     repeats: int
@@ -167,23 +184,23 @@ def indexing_throughput(
 ) -> IndexingThroughput:
     """Re-index the store's first ``passages`` passages in memory (nothing is written) with its
     own settings (``indexer``: :func:`store_indexer` by default), alternating with the plain
-    forward of the same batch; medians of ``repeats``."""
+    forward of the same batch; medians of ``repeats`` after one untimed warm-up round."""
     from ragcompress.indexing.inputs import PassageInput
 
     indexer = indexer or store_indexer(engine)
     batch = [PassageInput(e.id, e.text, e.title, e.meta) for e in islice(engine.store.catalogue.entries(), passages)]
     if not batch:
         raise InputError(f"store {engine.store.path} holds no passages to time indexing on")
-    token_ids = [indexer.encoder.tokens.passage(p.text) for p in batch]
     times: dict[str, list[float]] = {"indexer": [], "forward": []}
-    for round_ in range(repeats):
+    for round_ in range(-1, repeats):  # round -1: the warm-up, not timed
         for name in ("indexer", "forward") if round_ % 2 == 0 else ("forward", "indexer"):
             start = time.perf_counter()
             if name == "indexer":
                 indexer.records(batch)
             else:
-                indexer.encoder.forward(token_ids)
-            times[name].append(time.perf_counter() - start)
+                indexer.encoder.forward([indexer.encoder.tokens.passage(p.text) for p in batch])
+            if round_ >= 0:
+                times[name].append(time.perf_counter() - start)
     indexer_s, forward_s = statistics.median(times["indexer"]), statistics.median(times["forward"])
     return IndexingThroughput(
         len(batch), repeats, len(batch) / indexer_s, len(batch) / forward_s, forward_s / indexer_s
@@ -218,7 +235,7 @@ def packed_ttft_overhead(
     dense = engine.options.replace(max_new_tokens=1, backend="dense", recompute=0.0, calibrate=False)
     packed = dense.replace(backend=packed_backend)
     ratios, dense_all, packed_all, same = [], [], [], 0
-    for question in questions:
+    for number, question in enumerate(questions):
         entries = engine.retrieve(question, top_k)
         medians, last = alternating_ttft(
             {
@@ -226,6 +243,7 @@ def packed_ttft_overhead(
                 "packed": partial(engine.answer_cached, question, entries, packed),
             },
             repeats,
+            first=number,
         )
         dense_all.append(medians["dense"])
         packed_all.append(medians["packed"])

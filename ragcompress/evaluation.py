@@ -151,7 +151,10 @@ def iter_eval(
     """Answer every question both ways over the same retrieved passages (``options``: the
     engine's by default; the baseline decodes with the same ``max_new_tokens``). Which way goes
     first alternates from one question to the next, so that neither side's TTFT always follows
-    the other's (whose reads and allocations it may inherit); greedy answers do not depend on it."""
+    the other's (whose reads and allocations it may inherit); greedy answers do not depend on it.
+    Each side answers once: its TTFT (``Answer.ttft_s``: the request's start to the first token,
+    prompt tokenized before on both sides) is one run, not warmed up per question as
+    ``ragcompress bench``'s medians are."""
     for number, item in enumerate(questions):
         entries = engine.retrieve(item.question, top_k)
         if number % 2 == 0:

@@ -4,7 +4,9 @@ settings, and a store it cannot re-encode is refused before anything is timed.""
 from __future__ import annotations
 
 import json
+from functools import partial
 
+import pytest
 from test_cli import run_cli
 
 from ragcompress.bench import bench, indexing_throughput
@@ -70,7 +72,8 @@ def test_the_floor_prefills_the_question_under_selective_recompute(tiny_lm, pass
 
     monkeypatch.setattr(generate, "prefill", counted)
     question = Question("q", "Who won the game?", ["x"])
-    for recompute, question_alone in ((0.0, 4), (0.5, 2)):  # repeats 2: the floor's runs (+ plain reuse's)
+    # repeats 2 after a warm-up: the floor's 3 runs (+ plain reuse's 3)
+    for recompute, question_alone in ((0.0, 6), (0.5, 3)):
         engine = Engine(KVStore.open(tmp_path / "store"), tiny_lm, embedder, AnswerOptions(recompute=recompute))
         try:
             suffix = len(engine.suffix_ids(question.question, []))
@@ -100,5 +103,54 @@ def test_packed_attention_is_compared_on_plain_reuse_whatever_the_answer_options
     engine = Engine.open(store, options=AnswerOptions(recompute=RecomputeConfig(temperature=0.9)))
     try:
         assert packed_ttft_overhead(engine, ["Who won the game?"], 2, 1).same_first_token == 1.0
+    finally:
+        engine.close()
+
+
+def test_alternating_ttft_leaves_each_runs_cold_first_run_out_of_its_median():
+    """The frontier's side-by-side TTFT took 2 runs a question and no warm-up, so each median was
+    the mean of a cold first run and a warm one. A warm-up round now runs every side untimed, the
+    median is over the timed runs only, and ``first`` shifts which side leads each round."""
+    from ragcompress.bench import alternating_ttft
+    from ragcompress.runtime.engine import Answer
+
+    calls: list[str] = []
+
+    def run(name: str) -> Answer:
+        calls.append(name)
+        cold = calls.count(name) == 1  # only a side's first run pays the cold start
+        return Answer(f"{name} {calls.count(name)}", [], 9.0 if cold else float(calls.count(name)), 0.0, [])
+
+    medians, last = alternating_ttft({name: partial(run, name) for name in "abc"}, 3, first=1)
+    assert calls == [*"abc", *"bca", *"cab", *"abc"]  # the warm-up, then timed rounds led by "b", "c", "a"
+    assert medians == {"a": 3.0, "b": 3.0, "c": 3.0}  # timed runs 2, 3, 4: the cold 9.0 is not among them
+    assert {name: answer.answer for name, answer in last.items()} == {"a": "a 4", "b": "b 4", "c": "c 4"}
+    with pytest.raises(ValueError, match="repeats"):
+        alternating_ttft({"a": partial(run, "a")}, 0)
+
+
+def test_no_path_tokenizes_inside_its_ttft_clock(tiny_lm, passages_file, tmp_path, monkeypatch):
+    """Full prefill tokenized its prompt before its clock started while a selective recompute
+    tokenized the passages it reads inside the cached path's: the two TTFTs covered different
+    work. Every path's tokens are now ready when its stream is made, before the clock."""
+    from ragcompress.prompt import PromptTokens
+
+    embedder = HashEmbedder()
+    index(passages_file, tmp_path / "store", lm=tiny_lm, embedder=embedder, config=IndexConfig(embedder=embedder.name))
+    calls: list[str] = []
+    real = PromptTokens._encode
+    monkeypatch.setattr(PromptTokens, "_encode", lambda self, text: calls.append(text) or real(self, text))
+    engine = Engine(KVStore.open(tmp_path / "store"), tiny_lm, embedder, AnswerOptions(recompute=0.5))
+    try:
+        entries = engine.retrieve("Who won the game?", 2)
+        for stream in (
+            engine.stream_full("Who won the game?", entries),
+            engine.stream_prefix_cached("Who won the game?", entries),
+            engine.stream_cached("Who won the game?", entries),
+        ):
+            made = len(calls)
+            assert made > 0
+            stream.run()  # prepare (the clock's start) to the last token
+            assert len(calls) == made, calls[made:]
     finally:
         engine.close()

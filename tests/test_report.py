@@ -302,3 +302,19 @@ def test_faithful_curve_plots_every_setting_of_every_faithful_file(tmp_path):
     assert out.stat().st_size > 10_000
     with pytest.raises(SystemExit):
         curve.main(["--results", str(tmp_path), "--out", str(tmp_path / "none.png")])
+
+
+def test_the_frontier_ttft_line_says_how_each_question_was_timed(results):
+    """Published frontier files timed 2 runs a question and no warm-up (their median is the mean
+    of both); a file written since says the runs were warm and how many."""
+    before = report.render_block("lowrank-frontier", results)
+    assert (
+        "rotating between each question's runs, the same for every question, each question's mean of 2 runs" in before
+    )
+    path = results / "lowrank_qwen.json"
+    data = json.loads(path.read_text())
+    data["ttft"] |= {"repeats": 3, "warmup": 1}
+    path.write_text(json.dumps(data))
+    after = report.render_block("lowrank-frontier", results)
+    assert "each question's median of 3 runs after 1 untimed warm-up run" in after
+    assert "rotating from run to run and from question to question" in after

@@ -28,8 +28,9 @@ from ragcompress.store.catalogue import Entry
 
 @dataclass(frozen=True)
 class Answer:
-    """One answer and how it was produced; ``ttft_s`` counts from the request's start
-    (for the cached path: reading and verifying segments, dequantizing, re-rotating, prefill).
+    """One answer and how it was produced; ``ttft_s`` counts from the request's start to the
+    first token's logits (for the cached path: reading and verifying segments, dequantizing,
+    re-rotating, prefill), its prompt tokenized before the clock on every path (``TokenStream``).
     ``backend`` names the path that ran: ``full``, ``dense``, ``packed-torch`` or ``packed-triton``."""
 
     answer: str
@@ -180,13 +181,15 @@ class Engine:
 
     def stream_cached(self, question: str, entries: list[Entry], options: AnswerOptions | None = None) -> TokenStream:
         """The answer's tokens from the stored caches, as they are decoded (timed from the
-        first iteration, which loads and assembles the caches)."""
+        first iteration, which loads and assembles the caches; the question, and the passages a
+        selective recompute reads, are tokenized before, as :meth:`stream_full`'s prompt is)."""
         options = self.calibrated(options or self.options)
         suffix = self.suffix_ids(question, entries, options)
         strategy = choose_strategy(self.context, options)
+        passage_ids = [self.tokens.passage(e.text) for e in entries] if options.recompute.recomputes else None
         return TokenStream(
             self.lm.model,
-            lambda: strategy.prepare(self.context, entries, suffix, options.max_new_tokens),
+            lambda: strategy.prepare(self.context, entries, suffix, options.max_new_tokens, passage_ids),
             options.max_new_tokens,
             self.stop_ids,
         )

@@ -104,10 +104,19 @@ class QueryContext:
 
 
 class Strategy(Protocol):
-    """Turns retrieved entries and the question's suffix into a :class:`Prepared` request."""
+    """Turns retrieved entries and the question's suffix into a :class:`Prepared` request.
+
+    ``passage_ids``: the entries' token ids where a selective recompute reads them, tokenized by
+    the caller before the request's clock starts (as the full prefill's prompt is); the dense
+    strategy tokenizes them itself when they are not given."""
 
     def prepare(
-        self, context: QueryContext, entries: list[Entry], suffix: list[int], max_new_tokens: int
+        self,
+        context: QueryContext,
+        entries: list[Entry],
+        suffix: list[int],
+        max_new_tokens: int,
+        passage_ids: list[list[int]] | None = None,
     ) -> Prepared: ...
 
 
@@ -117,7 +126,14 @@ class DenseStrategy:
 
     recompute: RecomputeConfig = RecomputeConfig()
 
-    def prepare(self, context: QueryContext, entries: list[Entry], suffix: list[int], max_new_tokens: int) -> Prepared:
+    def prepare(
+        self,
+        context: QueryContext,
+        entries: list[Entry],
+        suffix: list[int],
+        max_new_tokens: int,
+        passage_ids: list[list[int]] | None = None,
+    ) -> Prepared:
         segments = [context.store.load_kv(entry, context.dtype) for entry in entries]
         spare = len(suffix) + max_new_tokens
         built = assemble(
@@ -130,7 +146,8 @@ class DenseStrategy:
                 f"prompt spans {built.next_position + len(suffix)}; answer without --recompute, or retrieve "
                 "fewer passages"
             )
-        passage_ids = [context.tokens.passage(e.text) for e in entries] if self.recompute.recomputes else []
+        if passage_ids is None:
+            passage_ids = [context.tokens.passage(e.text) for e in entries] if self.recompute.recomputes else []
         first_logits = repair(
             context.lm.model,
             context.rotary,
@@ -152,7 +169,14 @@ class PackedStrategy:
 
     kernel: str = "torch"
 
-    def prepare(self, context: QueryContext, entries: list[Entry], suffix: list[int], max_new_tokens: int) -> Prepared:
+    def prepare(
+        self,
+        context: QueryContext,
+        entries: list[Entry],
+        suffix: list[int],
+        max_new_tokens: int,
+        passage_ids: list[list[int]] | None = None,  # no recompute on this path (choose_strategy)
+    ) -> Prepared:
         device = context.lm.model.device
         start = context.prefix.num_tokens
         packed: PackedSegments | LatentPackedSegments
