@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import pickle
 import shutil
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -146,6 +148,85 @@ def test_transform_draws_neighbours_from_all_its_nodes_as_index_does(tiny, tmp_p
         assert {e.id: e.checksum for e in li.catalogue.entries()} == {e.id: e.checksum for e in cli.catalogue.entries()}
 
 
+def test_transform_creates_a_low_rank_store_with_its_basis(tiny, tmp_path):
+    """A new low-rank store (``rank``, fitted on calibration passages) is created with its basis
+    file (it was left out, so none of the store's passages could be read) and verifies."""
+    from ragcompress.store.verify import verify_store
+
+    store = tmp_path / "store"
+    config = IndexConfig(rank=8, calibration=str(SAMPLE_PASSAGES), calibration_passages=8)
+    KVCacheTransform(store_path=str(store), model=tiny, config=config)(sample_documents(2))
+    report = verify_store(store)
+    assert report.ok, [str(p) for p in report.problems]
+    with KVStore.open(store) as kv:
+        assert kv.basis is not None
+        assert kv.load_kv(kv.entry(sample_documents(1)[0].doc_id)).num_tokens > 0
+
+
+def test_pipeline_workers_refuse_a_neighbour_conditioned_transform(tiny, tmp_path):
+    """``IngestionPipeline(num_workers>1)`` pickles its transformations into worker processes, each
+    given a share of the nodes, so a neighbour-conditioned transform would draw neighbours from its
+    share only (other bytes than one process or ``ragcompress index``; it did so silently). Such a
+    transform refuses to be pickled, and both ``run`` and ``arun`` raise that before anything is
+    encoded; a transform without neighbours still pickles, without its loaded writer."""
+    store = tmp_path / "store"
+    transform = KVCacheTransform(store_path=str(store), model=tiny, config=IndexConfig(context_neighbors=2))
+    pipeline = IngestionPipeline(transformations=[transform])
+    with pytest.raises(TypeError, match=r"context_neighbors=2.*num_workers=1"):
+        pipeline.run(documents=sample_documents(4), num_workers=2)
+    with pytest.raises(TypeError, match=r"context_neighbors=2.*num_workers=1"):
+        asyncio.run(pipeline.arun(documents=sample_documents(4), num_workers=2))
+    assert not store.exists()
+    plain = KVCacheTransform(store_path=str(store), model=tiny)
+    plain(sample_documents(1))
+    copy = pickle.loads(pickle.dumps(plain))
+    assert copy.to_dict() == plain.to_dict() and copy._writer is None
+
+
+def test_pipeline_workers_build_a_new_store_as_one_process_does(tiny, tmp_path):
+    """``num_workers=2`` on a store that does not exist yet: each worker loads the model and creates
+    the store unless the other has; the one losing the creation race failed ("created by another
+    process meanwhile") and now adds to the winner's store, one writer at a time. The store holds
+    what one process stores from the same batches."""
+    documents = sample_documents()
+    parallel = IngestionPipeline(transformations=[KVCacheTransform(store_path=str(tmp_path / "par"), model=tiny)])
+    nodes = parallel.run(documents=documents, num_workers=2)
+    # each worker encodes its three nodes in one batch; one process in batches of three does the same
+    KVCacheTransform(store_path=str(tmp_path / "one"), model=tiny, batch_size=3)(documents)
+    assert [n.metadata[PASSAGE_KEY] for n in nodes] == [d.doc_id for d in documents]
+    with KVStore.open(tmp_path / "par") as par, KVStore.open(tmp_path / "one") as one:
+        assert {e.id: (e.checksum, e.meta) for e in par.catalogue.entries()} == {
+            e.id: (e.checksum, e.meta) for e in one.catalogue.entries()
+        }
+
+
+def test_a_store_created_by_another_writer_meanwhile_is_joined_or_refused(tiny, tmp_path, monkeypatch):
+    """A transform whose writer was set up before its store existed: a store another process created
+    since (or while it was creating its own: the race's loser) is checked like any existing store,
+    joined when built the same way and refused (``StoreMismatchError``) otherwise."""
+    import ragcompress.indexing.run as run_module
+
+    path = str(tmp_path / "store")
+    late = KVCacheTransform(store_path=path, model=tiny)
+    other = KVCacheTransform(store_path=path, model=tiny, config=IndexConfig(quant="int8"))
+    assert late.writer is not None and other.writer is not None  # both set up before the store exists
+    other(sample_documents(1))
+    with pytest.raises(StoreMismatchError, match="compression"):
+        late(sample_documents(2))
+    shutil.rmtree(path)
+    real = run_module.create_store
+
+    def lose_the_race(*args, **kwargs):
+        real(*args, **kwargs)  # another worker creates the store first
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "create_store", lose_the_race)
+    late = KVCacheTransform(store_path=path, model=tiny)
+    late(sample_documents(2))
+    with KVStore.open(path) as kv:
+        assert [e.id for e in kv.catalogue.entries()] == [d.doc_id for d in sample_documents(2)]
+
+
 def test_rerunning_a_pipeline_with_a_docstore_processes_nothing(tiny, tmp_path):
     """The transform leaves its input documents unchanged, so a docstore pipeline's second run over
     the same documents sees no change (it hashes the inputs after the transformations ran)."""
@@ -250,7 +331,7 @@ def test_retriever_restores_excluded_metadata_keys_and_relationships(tiny, store
     node = TextNode(
         id_="with-source",
         text="Melbourne hosts the Australian Open every January.",
-        metadata={"file": "a.txt", "page": 3, "title": "Melbourne"},  # a store keeps keys sorted
+        metadata={"file": "a.txt", "page": 3, "title": "Melbourne"},
         excluded_embed_metadata_keys=["file"],
         excluded_llm_metadata_keys=["file", "page"],
         relationships={NodeRelationship.SOURCE: source},
@@ -266,6 +347,112 @@ def test_retriever_restores_excluded_metadata_keys_and_relationships(tiny, store
         assert found.get_content(metadata_mode=mode) == node.get_content(metadata_mode=mode)
     plain = next(hit.node for hit in hits if hit.node.node_id != node.node_id)  # stored without them
     assert plain.relationships == {} and plain.excluded_llm_metadata_keys == [STORE_KEY, PASSAGE_KEY]
+
+
+def test_metadata_keeps_its_key_order_through_the_store(tiny, store_copy):
+    """A node's metadata comes back from the store in its own key order (it came back sorted),
+    so the LLM and embedding text of a retrieved node is the ingested node's."""
+    node = TextNode(
+        id_="ordered",
+        text="Melbourne hosts the Australian Open every January.",
+        metadata={"title": "Melbourne", "page": 3, "file": "a.txt", "author": {"name": "Ann", "id": 7}},
+        excluded_embed_metadata_keys=["file"],
+    )
+    KVCacheTransform(store_path=store_copy, model=tiny)([node])
+    with KVStore.open(store_copy) as kv:
+        stored = kv.entry("ordered").meta
+        assert list(stored) == ["title", "page", "file", "author", NODE_KEY]
+        assert list(stored["author"]) == ["name", "id"]
+    hits = KVStoreRetriever(store_copy, similarity_top_k=7).retrieve(node.text)
+    (found,) = [hit.node for hit in hits if hit.node.node_id == node.node_id]
+    assert list(found.metadata) == [*node.metadata, STORE_KEY, PASSAGE_KEY]
+    for mode in (MetadataMode.LLM, MetadataMode.EMBED):
+        assert found.get_content(metadata_mode=mode) == node.get_content(metadata_mode=mode)
+
+
+def test_a_row_stored_with_sorted_metadata_verifies_and_a_rerun_restores_the_order(tiny, store_copy):
+    """A row as stores wrote it before key order was kept (metadata JSON with sorted keys, its
+    meta_checksum over that JSON) still verifies and loads; running the transform over the node
+    again rewrites the row in the node's key order without encoding it again."""
+    from ragcompress.store.catalogue import meta_checksum
+    from ragcompress.store.verify import verify_store
+
+    node = TextNode(id_="old-row", text="Geelong lies on Corio Bay.", metadata={"title": "Geelong", "page": 2, "a": 1})
+    transform = KVCacheTransform(store_path=store_copy, model=tiny)
+    transform([node])
+    with sqlite3.connect(Path(store_copy) / "catalogue.sqlite") as db:
+        title, text_sha, embedding = db.execute(
+            "SELECT title, text_sha, embedding FROM passages WHERE id = 'old-row'"
+        ).fetchone()
+        old = json.dumps(node.metadata, sort_keys=True, ensure_ascii=False)
+        db.execute(
+            "UPDATE passages SET meta = ?, meta_checksum = ? WHERE id = 'old-row'",
+            (old, meta_checksum("old-row", title, old, text_sha, embedding)),
+        )
+    report = verify_store(store_copy)
+    assert report.ok, [str(p) for p in report.problems]
+    with KVStore.open(store_copy) as kv:
+        before = kv.entry("old-row")
+        assert list(before.meta) == ["a", "page", "title"]
+    transform([node])
+    with KVStore.open(store_copy) as kv:
+        after = kv.entry("old-row")
+        assert list(after.meta) == ["title", "page", "a"]
+        assert (after.row, after.shard, after.offset, after.checksum) == (
+            before.row,
+            before.shard,
+            before.offset,
+            before.checksum,
+        )
+    assert verify_store(store_copy).ok
+
+
+def test_a_stored_nodes_changed_fields_are_updated_without_encoding_it_again(tiny, store_copy):
+    """The same node (id and text) again with other metadata, excluded keys and relationships:
+    its catalogue row takes the new values (they used to stay as first stored) and its cache is
+    not encoded again (the same blob, no bytes appended to the shards); the row still verifies."""
+    from ragcompress.store.verify import verify_store
+
+    first = TextNode(
+        id_="changing",
+        text="Ballarat was founded during the Victorian gold rush.",
+        metadata={"title": "Ballarat", "file": "a.txt"},
+        excluded_llm_metadata_keys=["file"],
+    )
+    transform = KVCacheTransform(store_path=store_copy, model=tiny)
+    transform([first])
+    shards = {p.name: p.stat().st_size for p in (Path(store_copy) / "shards").iterdir()}
+    with KVStore.open(store_copy) as kv:
+        before = kv.entry("changing")
+    source = RelatedNodeInfo(node_id="doc-9", node_type=ObjectType.DOCUMENT, hash="h9")
+    second = TextNode(
+        id_="changing",
+        text=first.text,
+        metadata={"title": "Ballarat (city)", "file": "b.txt", "page": 4},
+        excluded_embed_metadata_keys=["page"],
+        excluded_llm_metadata_keys=["file", "page"],
+        relationships={NodeRelationship.SOURCE: source},
+    )
+    (handled,) = transform([second])
+    assert handled.metadata[PASSAGE_KEY] == "changing"
+    assert {p.name: p.stat().st_size for p in (Path(store_copy) / "shards").iterdir()} == shards
+    with KVStore.open(store_copy) as kv:
+        after = kv.entry("changing")
+        assert len(kv) == 7 and after.title == "Ballarat (city)"
+        assert (after.row, after.shard, after.offset, after.checksum) == (
+            before.row,
+            before.shard,
+            before.offset,
+            before.checksum,
+        )
+    hits = KVStoreRetriever(store_copy, similarity_top_k=7).retrieve(second.text)
+    (found,) = [hit.node for hit in hits if hit.node.node_id == "changing"]
+    assert found.relationships == second.relationships
+    assert found.excluded_llm_metadata_keys == ["file", "page", STORE_KEY, PASSAGE_KEY]
+    for mode in (MetadataMode.LLM, MetadataMode.EMBED):
+        assert found.get_content(metadata_mode=mode) == second.get_content(metadata_mode=mode)
+    report = verify_store(store_copy)
+    assert report.ok, [str(p) for p in report.problems]
 
 
 def test_query_engine_round_trip_matches_engine_answer(built):

@@ -283,6 +283,22 @@ class Catalogue:
         with self._guard(), self.db:
             return self._delete(list(ids))
 
+    def update_meta(self, rows: list[tuple[str, str, str]]) -> int:
+        """Set ``(id, title, meta)`` (metadata as stored JSON) of stored rows in one transaction,
+        each row's ``meta_checksum`` computed anew; returns how many rows were stored."""
+        updated = 0
+        with self._guard(), self.db:
+            for pid, title, meta in rows:
+                found = self.db.execute("SELECT text_sha, embedding FROM passages WHERE id = ?", (pid,)).fetchone()
+                if found is not None:
+                    digest = meta_checksum(pid, title, meta, *found)
+                    self.db.execute(
+                        "UPDATE passages SET title = ?, meta = ?, meta_checksum = ? WHERE id = ?",
+                        (title, meta, digest, pid),
+                    )
+                    updated += 1
+        return updated
+
     def add(self, rows: list[dict[str, Any]], replace: bool = False) -> None:
         """Insert rows in one transaction: all of a batch becomes visible at once, or none.
         ``replace``: a row whose id is stored takes the stored row's place in the same

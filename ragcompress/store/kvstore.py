@@ -494,10 +494,17 @@ def _remove_temporaries(path: Path) -> None:
             tmp.unlink()
 
 
+def meta_json(meta: dict[str, Any]) -> str:
+    """A passage's metadata as its catalogue row stores it: JSON in the metadata's own key order,
+    which callers show to LLMs (rows written before kept keys sorted; ``meta_checksum`` covers
+    the stored text either way, so both verify)."""
+    return json.dumps(meta, ensure_ascii=False)
+
+
 def catalogue_row(record: PassageRecord, shard: str, offset: int) -> dict[str, Any]:
     """The catalogue row of ``record`` whose blob lies at ``(shard, offset)``: the one place a
     record becomes a row, for :meth:`StoreWriter.add` and for Ray workers that write blobs."""
-    meta, embedding = json.dumps(record.meta, sort_keys=True, ensure_ascii=False), record.embedding.tobytes()
+    meta, embedding = meta_json(record.meta), record.embedding.tobytes()
     return {
         "id": record.id,
         "title": record.title,
@@ -561,6 +568,12 @@ class StoreWriter:
     def remove(self, ids: list[str]) -> int:
         """Delete the passages ``ids`` in one transaction; returns how many were stored."""
         return self.catalogue.remove(ids)
+
+    def update_meta(self, passages: list[tuple[str, str, dict[str, Any]]]) -> int:
+        """Set the title and metadata of stored passages, given as ``(id, title, meta)``, in one
+        transaction; their text, cache, embedding and row number stay (nothing is encoded and the
+        FAISS index stays current). Returns how many were stored."""
+        return self.catalogue.update_meta([(pid, title, meta_json(meta)) for pid, title, meta in passages])
 
     def commit(self, rows: list[dict[str, Any]], replace: bool = False) -> None:
         """Commit rows (:func:`catalogue_row`) whose blobs another process already wrote and fsynced

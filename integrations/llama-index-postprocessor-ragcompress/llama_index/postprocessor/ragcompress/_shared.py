@@ -92,9 +92,10 @@ def text_sha(text: str) -> str:
 
 
 def json_safe(meta: dict[str, Any]) -> dict[str, Any]:
-    """Node metadata as plain JSON (what a store catalogue can record), handle keys dropped."""
+    """Node metadata as plain JSON (what a store catalogue can record), handle keys dropped, in
+    the node's own key order: the order LlamaIndex writes metadata into LLM and embedding text."""
     plain = {k: v for k, v in meta.items() if k not in HANDLE_KEYS}
-    return json.loads(json.dumps(plain, default=str, sort_keys=True))
+    return json.loads(json.dumps(plain, default=str))
 
 
 def passage_meta(node: BaseNode) -> dict[str, Any]:

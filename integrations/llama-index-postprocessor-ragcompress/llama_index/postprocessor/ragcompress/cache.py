@@ -10,6 +10,7 @@ never mix. :class:`CacheResolver` maps nodes to store entries, computing missing
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Sequence
@@ -58,11 +59,16 @@ class CacheWriter:
     ``ragcompress index`` uses, so a node's cache is exactly what indexing its text would store.
     """
 
-    def __init__(self, path: str, indexer: Any, batch_size: int = 8, replace_edited: bool = False) -> None:
+    def __init__(
+        self, path: str, indexer: Any, batch_size: int = 8, replace_edited: bool = False, checked: bool = True
+    ) -> None:
+        """``checked``: the store at ``path`` is known to be ``indexer``'s build; False when it did
+        not exist yet, so one created by another process meanwhile is checked before writing."""
         self.path = store_path(path)
         self.indexer = indexer
         self.batch_size = batch_size
         self.replace_edited = replace_edited
+        self.checked = checked
 
     @classmethod
     def for_build(
@@ -80,7 +86,8 @@ class CacheWriter:
         lm = shared_model(model)
         indexer = Indexer.from_config(lm, config, shared_embedder(config.embedder))
         spec = config.rank_spec()
-        if (Path(path) / "manifest.json").is_file():
+        exists = (Path(path) / "manifest.json").is_file()
+        if exists:
             existing = Manifest.read(Path(path))
             with KVStore.open(Path(path)) as store:  # a low-rank store's basis, as its manifest records it
                 joined = Indexer.for_store(existing, lm, indexer.embedder, indexer.adaptor).with_store_basis(store)
@@ -96,7 +103,7 @@ class CacheWriter:
                     "IndexConfig(calibration=PASSAGES_JSONL), or build the store with `ragcompress index` first"
                 )
             indexer = attach_basis(indexer, config, spec, Path(config.calibration), None)
-        return cls(path, indexer, batch_size, replace_edited)
+        return cls(path, indexer, batch_size, replace_edited, checked=exists)
 
     @classmethod
     def for_existing(cls, path: str, lm: Any | None = None, batch_size: int = 8) -> CacheWriter:
@@ -117,16 +124,17 @@ class CacheWriter:
 
     def _passages(
         self, nodes: Sequence[BaseNode], known: dict[str, str]
-    ) -> tuple[list[str | None], list[Any], list[Any]]:
+    ) -> tuple[list[str | None], list[Any], list[Any], list[Any]]:
         """Each node's passage id (None without text), the passages not stored with their text
         yet (an edited node's under its alias id, or under its own id with ``replace_edited``),
-        and every passage of ``nodes`` (the input neighbours are drawn from, as ``ragcompress
-        index`` draws them from its whole input)."""
+        every passage of ``nodes`` (the input neighbours are drawn from, as ``ragcompress index``
+        draws them from its whole input), and the passages stored with their text already."""
         from ragcompress.indexing.inputs import PassageInput
 
         ids: list[str | None] = []
         todo: dict[str, Any] = {}
         inputs: dict[str, Any] = {}
+        stored: dict[str, Any] = {}
         for node in nodes:
             text = node_text(node)
             if not text.strip():
@@ -140,14 +148,42 @@ class CacheWriter:
             passage = PassageInput(pid, text, str(node.metadata.get("title", "")), passage_meta(node))
             if known.get(pid) != sha and pid not in todo:  # not stored with this text (or replacing it)
                 todo[pid] = passage
+            elif known.get(pid) == sha:
+                stored.setdefault(pid, passage)
             inputs.setdefault(pid, passage)
             ids.append(pid)
-        return ids, list(todo.values()), list({**inputs, **todo}.values())
+        return ids, list(todo.values()), list({**inputs, **todo}.values()), list(stored.values())
 
-    def write(self, nodes: Sequence[BaseNode], *, write_index: bool = True) -> list[str | None]:
+    def _open_store(self, path: Path) -> None:
+        """Create the store unless it exists, and check one created by another process since this
+        writer was set up (an ``IngestionPipeline(num_workers=...)`` worker that lost the race to
+        create it, or any writer that came first) like :meth:`for_build` checks an existing one."""
+        from ragcompress.errors import StoreError
+        from ragcompress.indexing.run import create_store_for
+        from ragcompress.store import Manifest
+
+        if not (path / "manifest.json").is_file():
+            try:
+                create_store_for(path, self.indexer)  # with a low-rank store's basis
+                self.checked = True
+            except StoreError:
+                if not (path / "manifest.json").is_file():  # not the race: the path cannot hold a store
+                    raise
+        if not self.checked:
+            Manifest.read(path).check_same_build(self.indexer.manifest)
+            self.checked = True
+
+    def write(
+        self, nodes: Sequence[BaseNode], *, write_index: bool = True, update_fields: bool = False
+    ) -> list[str | None]:
         """Store the caches of ``nodes`` not yet stored; returns each node's passage id (None for
-        a node without text). Attaches the handle to every node with text."""
-        from ragcompress.store import StoreWriter, create_store
+        a node without text). Attaches the handle to every node with text.
+
+        ``update_fields`` (ingestion): a node stored with its text already is not encoded again,
+        but its title and :func:`passage_meta` (metadata, excluded keys, relationships) replace
+        the stored ones where they differ. Off for caches computed at query time, whose nodes
+        must not overwrite what ingestion stored."""
+        from ragcompress.store import StoreWriter
 
         start = time.perf_counter()
         path = Path(self.path)
@@ -156,10 +192,13 @@ class CacheWriter:
         # num_workers, `ragcompress index`) is waited for. What is stored is read again under the
         # lock, so a node another writer just stored is not encoded twice.
         with _writing(self.path):
-            if not (path / "manifest.json").is_file():
-                create_store(path, self.indexer.manifest, self.indexer.prefix_kv)
+            self._open_store(path)
             with StoreWriter(path, wait_s=WRITER_WAIT_S) as writer:
-                ids, pending, inputs = self._passages(nodes, writer.known())
+                ids, pending, inputs, stored = self._passages(nodes, writer.known())
+                if update_fields:
+                    changed = [p for p in stored if _fields_differ(writer.catalogue.get(p.id), p)]
+                    if changed:
+                        writer.update_meta([(p.id, p.title, p.meta) for p in changed])
                 # A neighbour-conditioned store: neighbours come from all of ``nodes``, not one batch.
                 pool = self.indexer.neighbour_pool(inputs) if pending and self.indexer.context_neighbors else None
                 for begin in range(0, len(pending), self.batch_size):
@@ -176,6 +215,12 @@ class CacheWriter:
                 KVCacheStoredEvent(store=self.path, passage_ids=written, seconds=time.perf_counter() - start)
             )
         return ids
+
+
+def _fields_differ(entry: Any, passage: Any) -> bool:
+    """Whether a stored ``entry`` holds another title or metadata than ``passage`` (the same
+    text): key order counts, as it does in the text LlamaIndex builds from metadata."""
+    return entry is not None and (entry.title != passage.title or json.dumps(entry.meta) != json.dumps(passage.meta))
 
 
 def check_model(manifest: Any, lm: Any, path: str) -> None:

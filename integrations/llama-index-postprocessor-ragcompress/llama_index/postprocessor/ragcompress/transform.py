@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from llama_index.core.bridge.pydantic import Field, PrivateAttr, field_validator, model_validator
+from llama_index.core.bridge.pydantic import BaseModel, Field, PrivateAttr, field_validator, model_validator
 from llama_index.core.schema import BaseNode, TransformComponent
 
 from llama_index.postprocessor.ragcompress._shared import require_ragcompress
@@ -30,13 +30,19 @@ class KVCacheTransform(TransformComponent):
     commits it to the store at ``store_path`` (created on first use), keyed by the node id.
 
     Returns copies of the nodes, each with its cache handle in metadata (hidden from LLM and
-    embedding text); the input nodes are not changed. Nodes already stored with the same text are skipped, so re-running a
-    pipeline only encodes new or edited nodes; an edited node's cache is stored beside the old one
-    under an alias id, or replaces it with ``replace_edited=True``. The configuration is all in
-    pydantic fields, so ``to_dict()`` is deterministic and LlamaIndex's ingestion cache recognises
-    the transform.
+    embedding text); the input nodes are not changed. Nodes already stored with the same text are
+    not encoded again, so re-running a pipeline only encodes new or edited nodes (a stored node's
+    changed metadata, excluded metadata keys or relationships are written to its row); an edited
+    node's cache is stored beside the old one under an alias id, or replaces it with
+    ``replace_edited=True``. The configuration is all in pydantic fields, so ``to_dict()`` is
+    deterministic and LlamaIndex's ingestion cache recognises the transform.
     A store built with another model, prompt template, compression or embedder is refused with
     ``StoreMismatchError``.
+
+    ``IngestionPipeline(num_workers=N)`` pickles the transform into N processes, each storing its
+    share of the nodes (one writer at a time; each loads the model itself). A neighbour-conditioned
+    transform (``IndexConfig(context_neighbors=...)``) refuses to be pickled: each share would be
+    its own neighbour pool, so the store would hold other caches than one process stores.
 
     Example: ``KVCacheTransform(store_path="store", config=IndexConfig(method="global:kvzip",
     ratio=0.5, quant="int4"))``.
@@ -108,6 +114,22 @@ class KVCacheTransform(TransformComponent):
             )
         return self._writer
 
+    def __getstate__(self) -> dict[Any, Any]:
+        """Pickled (``IngestionPipeline(num_workers=...)`` workers) without the loaded writer, which
+        each process sets up for itself; a neighbour-conditioned transform is refused."""
+        neighbours = self.config.context_neighbors
+        if neighbours:
+            raise TypeError(  # what pickle raises for any object it cannot pickle (no pickle import here)
+                f"KVCacheTransform with context_neighbors={neighbours} cannot run in worker processes "
+                "(IngestionPipeline num_workers > 1): each worker would draw neighbours from its own share of "
+                "the nodes only, and the store would hold other caches than one process stores. Run the "
+                "pipeline with num_workers=1 (neighbours come from all its nodes), or build the store with "
+                f"`ragcompress index --context-neighbors {neighbours}` (one process)"
+            )
+        state = BaseModel.__getstate__(self)  # BaseComponent's would pickle the writer's model to test it
+        state["__pydantic_private__"] = {**(state["__pydantic_private__"] or {}), "_writer": None}
+        return state
+
     def __call__(self, nodes: Sequence[BaseNode], **kwargs: Any) -> Sequence[BaseNode]:
         """Copies of ``nodes`` with their cache handles. The inputs are left as they were: an
         ``IngestionPipeline`` hashes its input documents for its docstore and cache after the
@@ -123,7 +145,7 @@ class KVCacheTransform(TransformComponent):
             )
             for node in nodes
         ]
-        self.writer.write(handled)
+        self.writer.write(handled, update_fields=True)
         return handled
 
     async def acall(self, nodes: Sequence[BaseNode], **kwargs: Any) -> Sequence[BaseNode]:
