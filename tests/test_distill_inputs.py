@@ -195,7 +195,10 @@ def test_teacher_examples_left_by_another_base_model_are_refused(tiny_lm, tmp_pa
 def test_an_adaptor_records_the_articles_of_the_adaptor_it_started_from(tiny_lm, tmp_path):
     """A chain of ``--init-adaptor`` runs over other passages: the last adaptor's
     ``train_articles`` name every article it descends from, so an evaluation (and a further
-    run) refuses the first run's articles too."""
+    run) refuses the first run's articles too. A checkpoint from before the init adaptor's
+    articles were recorded resumes only when that adaptor can be read again."""
+    from ragcompress.distill.checkpoint import load_tree, save_tree
+
     first = train(
         tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, tmp_path / "first", dataclasses.replace(CONFIG), progress=False
     )
@@ -209,6 +212,22 @@ def test_an_adaptor_records_the_articles_of_the_adaptor_it_started_from(tiny_lm,
         tiny_lm, renamed, SAMPLE_QUESTIONS, tmp_path / "second", dataclasses.replace(chained, steps=2), progress=False
     )
     assert resumed.meta["train_articles"] == ["Melbourne", "Victoria_(Australia)"]
+    grandchild = dataclasses.replace(
+        CONFIG, init_adaptor=str(tmp_path / "second" / "adaptor"), val_articles=["Victoria_(Australia)"]
+    )
+    with pytest.raises(InputError, match=r"was trained on \['Victoria_\(Australia\)'\], held out here"):
+        train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, tmp_path / "third", grandchild, progress=False)
+    checkpoint = tmp_path / "second" / "checkpoint.safetensors"
+    saved = load_tree(checkpoint)
+    del saved["init_train_articles"]  # as written before they were recorded
+    save_tree(saved, checkpoint)
+    unnamed = dataclasses.replace(CONFIG, steps=3)  # no --init-adaptor: its articles are not found
+    with pytest.raises(InputError, match="without recording the articles it trained on.*--init-adaptor"):
+        train(tiny_lm, renamed, SAMPLE_QUESTIONS, tmp_path / "second", unnamed, progress=False)
+    again = train(
+        tiny_lm, renamed, SAMPLE_QUESTIONS, tmp_path / "second", dataclasses.replace(chained, steps=3), progress=False
+    )
+    assert again.meta["train_articles"] == ["Melbourne", "Victoria_(Australia)"]
 
 
 def test_a_resumed_run_records_the_rank_and_alpha_it_trains(tiny_lm, tmp_path):
@@ -223,14 +242,52 @@ def test_a_resumed_run_records_the_rank_and_alpha_it_trains(tiny_lm, tmp_path):
     assert (adaptor.meta["config"]["rank"], adaptor.meta["config"]["alpha"]) == (CONFIG.rank, CONFIG.alpha)
 
 
-def test_negative_minutes_and_models_training_cannot_move_are_refused_by_name(tiny_model_dir):
-    """A negative budget would train nothing; a model mixing layer types (one RoPE table per
-    type) reached the CLI as a traceback."""
+def test_a_resumed_checkpoint_without_a_recorded_kind_is_a_cache_adaptor(tmp_path):
+    """A cache adaptor's settings name no kind (``Adaptor.kind``): resuming one without ``--kind
+    cache`` recorded ``kind: forward`` in the adaptor's config, silently."""
+    from ragcompress.distill.train import resumed_settings
+
+    config = dataclasses.replace(CONFIG)
+    with pytest.warns(UserWarning, match=r"keeps --kind cache \(not forward\)"):
+        resumed_settings(config, {"rank": CONFIG.rank, "alpha": CONFIG.alpha}, tmp_path / "checkpoint.safetensors")
+    assert config.kind == "cache"
+
+
+def test_kept_rows_are_taken_only_for_the_eviction_they_were_chosen_by(tiny_lm):
+    """``kept-rows.safetensors`` outlives a deleted checkpoint: a new run in the folder takes its
+    rows only under the same eviction (``--value-norm`` changes which rows KVzip keeps, and was
+    not part of the settings), and rows saved before value weighting was recorded still match."""
+    from ragcompress.distill.train import kept_rows_settings
+
+    base = dataclasses.replace(CONFIG, method="global:kvzip", ratio=0.5)
+    settings = kept_rows_settings(tiny_lm, base)
+    assert settings == json.dumps([tiny_lm.fingerprint, "global:kvzip", 0.5, None, None])
+    for other in [{"value_norm": True}, {"ratio": 0.25}, {"keep_first": 2}, {"keep_last": 2}, {"method": "kvzip"}]:
+        assert kept_rows_settings(tiny_lm, dataclasses.replace(base, **other)) != settings, other
+
+
+def test_negative_minutes_and_models_training_cannot_move_are_refused_by_name(tiny_lm, tiny_model_dir, tmp_path):
+    """A negative budget would train nothing, an unknown kind only failed after the passages were
+    embedded; a model mixing layer types (one RoPE table per type) or scaling its RoPE reached the
+    CLI as a traceback, and a refused model is left without the training LoRA layers."""
+    from ragcompress.compressors import make_compressor
+    from ragcompress.distill.adaptor import _adapter_names
     from ragcompress.distill.train import Distiller
     from ragcompress.models import load_model
+    from ragcompress.testing import make_tiny_model
 
     with pytest.raises(ValueError, match="minutes must be >= 0"):
         dataclasses.replace(CONFIG, minutes=-1)
+    with pytest.raises(ValueError, match="kind is 'forward' or 'cache', not 'lora'"):
+        dataclasses.replace(CONFIG, kind="lora")
     gemma3 = load_model(str(tiny_model_dir("gemma3_text", layer_types=["sliding_attention", "full_attention"])))
     with pytest.raises(InputError, match="mixes attention layer types"):
         Distiller(gemma3, Adaptor.initial(gemma3.model, rank=2, alpha=4), teacher_top=4, continuation=2)
+    yarn = {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 2048}
+    scaled = load_model(str(make_tiny_model("llama", tmp_path / "yarn", rope_scaling=yarn)))
+    with pytest.raises(InputError, match="scales its RoPE"):
+        Distiller(scaled, Adaptor.initial(scaled.model, rank=2, alpha=4), teacher_top=4, continuation=2)
+    assert not _adapter_names(scaled.model) and not _adapter_names(gemma3.model)
+    cache = Adaptor.initial(tiny_lm.model, rank=2, alpha=4, kind="cache")
+    with pytest.raises(InputError, match="trained with a 'forward' adaptor, not one of kind 'cache'"):
+        Distiller(tiny_lm, cache, teacher_top=4, continuation=2, compressor=make_compressor("global:kvzip", ratio=0.5))

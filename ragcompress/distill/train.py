@@ -148,6 +148,8 @@ class TrainConfig:
             raise ValueError(f"minutes must be >= 0, not {self.minutes}")
         if self.decay not in ("constant", "cosine") or self.warmup < 0:
             raise ValueError(f"decay is 'constant' or 'cosine' and warmup >= 0, not {self.decay!r} / {self.warmup}")
+        if self.kind not in ("forward", "cache"):
+            raise ValueError(f"kind is 'forward' or 'cache', not {self.kind!r}")
         self.quant_config()
         student_compressor(self)
         self.rank_spec()
@@ -332,6 +334,23 @@ def binned_kl(teacher_idx: torch.Tensor, teacher_lp: torch.Tensor, student_lp: t
     return (p * (teacher_lp - q_top)).sum(-1) + p_rest * (p_rest.log() - q_rest.log())
 
 
+def refuse_untrainable(lm: LoadedModel) -> None:
+    """Refuse a model whose caches training cannot move to their place in the prompt: one that
+    mixes attention layer types, or scales its RoPE (``InputError`` naming it)."""
+    layer_types = getattr(lm.model.config, "layer_types", None) or []
+    if len(set(layer_types)) > 1:
+        raise InputError(
+            f"{lm.ref} mixes attention layer types (e.g. Gemma-3's sliding and global layers): training "
+            "places caches with one RoPE table; train adaptors for models with one layer type"
+        )
+    scaling = float(getattr(lm.model.model.rotary_emb, "attention_scaling", 1.0) or 1.0)
+    if abs(scaling - 1.0) > 1e-6:
+        raise InputError(
+            f"{lm.ref} scales its RoPE (attention scaling {scaling:g}): training moves caches by composing "
+            "RoPE rotations, which that scaling breaks; train adaptors for models without it"
+        )
+
+
 class Distiller:
     """The teacher (base model, full prefill) and the student (adaptor-encoded, independently
     cached passages, base model reading the question) over one loaded model."""
@@ -345,6 +364,7 @@ class Distiller:
         compressor: Compressor | None = None,
         quant: QuantConfig | None = None,
     ) -> None:
+        refuse_untrainable(lm)  # before the training LoRA layers are injected into the model
         self.lm = lm
         self.model = lm.model
         self.template = PromptTemplate.from_tokenizer(lm.tokenizer)
@@ -366,11 +386,6 @@ class Distiller:
         if self.lora_name is None:
             self._factors = {name: torch.nn.Parameter(adaptor.tensors[name].clone()) for name in FACTORS}
             adaptor.tensors.update(self._factors)
-        if any(getattr(self.model.config, "layer_types", None) or []) and len(set(self.model.config.layer_types)) > 1:
-            raise InputError(
-                f"{lm.ref} mixes attention layer types (e.g. Gemma-3's sliding and global layers): training "
-                "places caches with one RoPE table; train adaptors for models with one layer type"
-            )
         # the student's compression (kind "forward"): which rows the store keeps, how it quantizes
         self.compressor = compressor if compressor is not None and compressor.name != "none" else None
         self.quant = quant if quant is not None and quant.scheme != "none" else None
@@ -378,18 +393,15 @@ class Distiller:
         # construction (student_basis); TrainConfig refuses --kv-rank for kind "cache"
         self.basis: LowRankBasis | None = None
         if self.compressed and self.lora_name is None:
-            raise ValueError("a compressed student is trained with a 'forward' adaptor")
+            raise InputError(
+                f"a compressed student (--method / --quant / --kv-rank) is trained with a 'forward' adaptor, not one "
+                f"of kind {adaptor.kind!r}; train it with --kind forward in another --out folder"
+            )
         self._kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # passage_key -> kept_rows
         self.stop_ids = stop_token_ids(lm.tokenizer, lm.model)
         self.teacher_top = teacher_top
         self.continuation = continuation
         self._passages: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        scaling = float(getattr(self.model.model.rotary_emb, "attention_scaling", 1.0) or 1.0)
-        if abs(scaling - 1.0) > 1e-6:
-            raise InputError(
-                f"{lm.ref} scales its RoPE (attention scaling {scaling:g}): training moves caches by composing "
-                "RoPE rotations, which that scaling breaks; train adaptors for models without it"
-            )
 
     @property
     def compressed(self) -> bool:
@@ -874,7 +886,8 @@ def check_resumed_compression(config: TrainConfig, saved: dict[str, Any], path: 
 def resumed_settings(config: TrainConfig, settings: dict[str, Any], path: Path) -> None:
     """A resumed run trains the checkpoint's factors, whose rank, alpha and kind are fixed: take
     them into ``config`` (what the adaptor records), warning when this run asked for others."""
-    saved = {"rank": int(settings["rank"]), "alpha": int(settings["alpha"]), "kind": settings.get("kind", config.kind)}
+    # no "kind": a cache adaptor (Adaptor.kind), the only kind before "forward" was recorded
+    saved = {"rank": int(settings["rank"]), "alpha": int(settings["alpha"]), "kind": settings.get("kind", "cache")}
     asked = {name: getattr(config, name) for name in saved}
     if asked != saved:
         differ = ", ".join(
@@ -885,6 +898,37 @@ def resumed_settings(config: TrainConfig, settings: dict[str, Any], path: Path) 
             stacklevel=3,
         )
     config.rank, config.alpha, config.kind = saved["rank"], saved["alpha"], saved["kind"]
+
+
+def resumed_ancestry(checkpoint: dict[str, Any], config: TrainConfig, lm: LoadedModel, path: Path) -> dict[str, Any]:
+    """The adaptor a resumed run started from (``--init-adaptor``): its hash and the articles it
+    trained on, which the new adaptor's ``train_articles`` include. A checkpoint from before those
+    articles were recorded names only the hash: they are read from that adaptor (``--init-adaptor``
+    naming it, or the packaged one of that hash), and the run is refused when neither is found."""
+    from ragcompress.distill.adaptor import packaged_adaptor, resolve_adaptor
+
+    ancestry = {key: checkpoint[key] for key in ("init_adaptor_hash", "init_train_articles") if checkpoint.get(key)}
+    start_hash = ancestry.get("init_adaptor_hash")
+    if start_hash is None or "init_train_articles" in ancestry:
+        return ancestry
+    start = resolve_adaptor(config.init_adaptor, lm.ref) if config.init_adaptor else None
+    if start is None or start.hash != start_hash:
+        start = packaged_adaptor(start_hash)
+    if start is None:
+        raise InputError(
+            f"{path} continues adaptor {start_hash[:16]} without recording the articles it trained on (a checkpoint "
+            "from before they were recorded); resume with --init-adaptor naming that adaptor, so that this "
+            "adaptor's train_articles include them"
+        )
+    return {**ancestry, "init_train_articles": sorted(start.meta.get("train_articles", []))}
+
+
+def kept_rows_settings(lm: LoadedModel, config: TrainConfig) -> str:
+    """What the compressed student's kept rows (``Distiller.kept_rows``) were chosen under: the
+    model and every setting of the eviction (``student_compressor``); value weighting only when
+    on, so that the rows saved by runs from before it was recorded are still taken."""
+    settings = [lm.fingerprint, config.method, config.ratio, config.keep_first, config.keep_last]
+    return json.dumps(settings + (["value_norm"] if config.value_norm else []), sort_keys=True)
 
 
 def warm_start(lm: LoadedModel, config: TrainConfig) -> Adaptor:
@@ -940,18 +984,16 @@ def train(
             checkpoint_path, checkpoint, lm, checkpoint.get("config", {}).get("val_articles"), config.val_articles
         )
         check_resumed_compression(config, checkpoint.get("config", {}), checkpoint_path)
-        adaptor = Adaptor(checkpoint["settings"], dict(checkpoint["initial"]), {})
+        ancestry = resumed_ancestry(checkpoint, config, lm, checkpoint_path)  # the init adaptor's, if any
+        adaptor = Adaptor(checkpoint["settings"], dict(checkpoint["initial"]), ancestry)
         resumed_settings(config, adaptor.settings, checkpoint_path)
     elif config.init_adaptor:
         adaptor = warm_start(lm, config)
     else:
         adaptor = Adaptor.initial(lm.model, config.rank, config.alpha, kind=config.kind)
     initial = dict(adaptor.tensors)
-    ancestry = {
-        key: value
-        for key in ("init_adaptor_hash", "init_train_articles")
-        if (value := (checkpoint if checkpoint is not None else adaptor.meta).get(key))
-    }
+    # the adaptor it descends from (--init-adaptor), kept in every checkpoint of the run
+    ancestry = {key: value for key in ("init_adaptor_hash", "init_train_articles") if (value := adaptor.meta.get(key))}
     distiller = Distiller(
         lm,
         adaptor,
@@ -1012,9 +1054,7 @@ def train(
         )
 
     kept_path = out / "kept-rows.safetensors"  # the compressed student's rows (kept_rows), if any
-    kept_settings = json.dumps(
-        [lm.fingerprint, config.method, config.ratio, config.keep_first, config.keep_last], sort_keys=True
-    )
+    kept_settings = kept_rows_settings(lm, config)
     if distiller.compressor is not None and kept_path.is_file():
         distiller.restore_kept_rows(load_tree(kept_path), kept_settings)
 
