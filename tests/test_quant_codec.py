@@ -192,3 +192,25 @@ def test_fp16_rows_beyond_fp16_range_are_refused():
         quantize_dequantize("v", kv.values, kv.lengths, QuantConfig("fp16"))
     with pytest.raises(ValueError, match=r"magnitude 100000 is out of fp16 range"):
         codec.encode(kv, QuantConfig("fp16"))  # what a store would have written as inf
+
+
+def test_a_group_size_that_does_not_tile_head_dim_is_refused_before_encoding(tiny_model_dir, passages_file, tmp_path):
+    """Values are grouped along head_dim: 40 channels in groups of 32 failed inside the codec,
+    after the model had encoded the first batch (a bare ValueError in the CLI)."""
+    from ragcompress.errors import InputError
+    from ragcompress.indexing import IndexConfig, index
+    from ragcompress.testing import HashEmbedder
+
+    model = str(tiny_model_dir("llama", head_dim=40))
+    embedder = HashEmbedder()
+    with pytest.raises(InputError, match="head_dim 40, which quantization groups of 32 do not divide.*--group-size 8"):
+        index(
+            passages_file,
+            tmp_path / "store",
+            model=model,
+            config=IndexConfig(quant="int4", embedder=embedder.name),
+            embedder=embedder,
+        )
+    assert not (tmp_path / "store").exists()
+    config = IndexConfig(quant="int4", group_size=8, embedder=embedder.name)
+    index(passages_file, tmp_path / "store", model=model, config=config, embedder=embedder)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ragcompress.compressors import Compressor, make_compressor
+from ragcompress.errors import InputError
 from ragcompress.kv import ModelShape
 from ragcompress.kv.lowrank import RankSpec
 from ragcompress.kv.quant import QuantConfig
@@ -163,12 +164,28 @@ def store_quant(quant: QuantConfig) -> dict[str, Any]:
     return out
 
 
+def check_groups_fit(quant: QuantConfig, head_dim: int, ref: str) -> None:
+    """Refuse, before anything is encoded, a value quantization whose groups do not tile the
+    model's head_dim (values are grouped along it; keys along tokens, which any length pads)."""
+    if quant.scheme == "none":
+        return
+    group = min(quant.group_size, head_dim)
+    if head_dim % group:
+        fits = head_dim & -head_dim  # the largest power of two dividing it
+        raise InputError(
+            f"{ref} has head_dim {head_dim}, which quantization groups of {group} do not divide; "
+            f"pass --group-size {fits} (IndexConfig(group_size={fits}))"
+        )
+
+
 def build_manifest(
     lm: LoadedModel, template: PromptTemplate, config: IndexConfig, adaptor_hash: str | None = None
 ) -> Manifest:
     """The manifest of a store built from ``lm`` with ``config`` (``created`` is now);
     ``adaptor_hash``: the loaded ``config.adaptor``'s hash, recorded under ``encoding``."""
     compressor = config.compressor()
+    shape = ModelShape.from_config(lm.config)
+    check_groups_fit(config.quant_config(), shape.head_dim, lm.ref)
     encoding: dict[str, Any] = {"context_neighbors": config.context_neighbors} if config.context_neighbors else {}
     if adaptor_hash is not None:
         encoding["adaptor"] = adaptor_hash
@@ -180,6 +197,6 @@ def build_manifest(
         compression={**compressor.config(), **store_quant(config.quant_config())},
         embedder=config.embedder,
         encoding=encoding,
-        model_shape=ModelShape.from_config(lm.config).as_dict(),
+        model_shape=shape.as_dict(),
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     )
