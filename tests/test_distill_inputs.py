@@ -291,3 +291,23 @@ def test_negative_minutes_and_models_training_cannot_move_are_refused_by_name(ti
     cache = Adaptor.initial(tiny_lm.model, rank=2, alpha=4, kind="cache")
     with pytest.raises(InputError, match="trained with a 'forward' adaptor, not one of kind 'cache'"):
         Distiller(tiny_lm, cache, teacher_top=4, continuation=2, compressor=make_compressor("global:kvzip", ratio=0.5))
+
+
+def test_teacher_examples_of_other_teacher_settings_are_refused(tiny_lm, tmp_path):
+    """A resumed run with another ``--continuation`` distilled from examples of the old length
+    while recording the new one; the teacher files (finished and partial) now say what they
+    were computed with."""
+    from ragcompress.distill.checkpoint import load_tree, save_tree
+
+    out = tmp_path / "run"
+    train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, dataclasses.replace(CONFIG), progress=False)
+    assert load_tree(out / "teacher.safetensors")["teacher_settings"]["continuation"] == CONFIG.continuation
+    longer = dataclasses.replace(CONFIG, continuation=CONFIG.continuation + 2)
+    with pytest.raises(InputError, match=r"teacher.safetensors holds teacher examples computed with continuation=4"):
+        train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, longer, progress=False)
+    part = load_tree(out / "teacher-train.part")
+    other = tmp_path / "other"
+    other.mkdir()
+    save_tree(part, other / "teacher-train.part")  # a killed run's partial examples, resumed with another length
+    with pytest.raises(InputError, match=r"teacher-train.part holds teacher examples computed with continuation=4"):
+        train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, other, longer, progress=False)

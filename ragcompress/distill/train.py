@@ -687,6 +687,26 @@ def views_of(question_id: str, retrieved: list[int], k: int, views: int) -> list
     return out
 
 
+def teacher_settings(distiller: Distiller, k: int) -> dict[str, int]:
+    """What a teacher example is computed with besides the model and its question: the passages
+    retrieved for it, the teacher tokens kept per position and the continuation's length."""
+    return {"top_k": k, "teacher_top": distiller.teacher_top, "continuation": distiller.continuation}
+
+
+def check_teacher(path: Path, saved: dict[str, Any], settings: dict[str, int]) -> None:
+    """Refuse teacher examples computed with other :func:`teacher_settings` (files from before
+    they were recorded are not checked): a run would distil from them while recording its own."""
+    recorded = saved.get("teacher_settings")
+    if recorded is not None and recorded != settings:
+        differ = ", ".join(
+            f"{k}={recorded[k]} (this run: {settings[k]})" for k in settings if recorded.get(k) != settings[k]
+        )
+        raise InputError(
+            f"{path} holds teacher examples computed with {differ}; train with those settings, or delete "
+            f"{path.name} (or use another --out folder) to compute them again"
+        )
+
+
 def build_examples(
     distiller: Distiller,
     corpus: Corpus,
@@ -709,6 +729,7 @@ def build_examples(
         saved = load_tree(partial)
         if isinstance(saved, dict):  # files from before the fingerprint was recorded: a list, split checked only
             check_run(partial, saved, distiller.lm)
+            check_teacher(partial, saved, teacher_settings(distiller, k))
             saved = saved["examples"]
         done = {e["qid"]: Example(**e) for e in saved}
     vectors = embedder.embed([q.question for q in questions])
@@ -720,7 +741,11 @@ def build_examples(
                 passages = [distiller.tokens.passage(corpus.passages[i].text) for i in chosen]
                 done[example_id] = distiller.teacher(example_id, passages, q.question, keep_full)
                 save_tree(
-                    {"examples": [asdict(e) for e in done.values()], "base_fingerprint": distiller.lm.fingerprint},
+                    {
+                        "examples": [asdict(e) for e in done.values()],
+                        "base_fingerprint": distiller.lm.fingerprint,
+                        "teacher_settings": teacher_settings(distiller, k),
+                    },
                     partial,
                 )
             examples.append(done[example_id])
@@ -1008,6 +1033,7 @@ def train(
     if teacher_path.is_file():
         cached = load_tree(teacher_path)
         check_run(teacher_path, cached, lm)
+        check_teacher(teacher_path, cached, teacher_settings(distiller, config.top_k))
         train_examples = [Example(**e) for e in cached["train"]]
         val_examples = [Example(**e) for e in cached["val"]]
         check_split(distiller, teacher_path, train_examples, train_corpus, "training")
@@ -1049,6 +1075,7 @@ def train(
                 "train": [asdict(e) for e in train_examples],
                 "val": [asdict(e) for e in val_examples],
                 "base_fingerprint": lm.fingerprint,
+                "teacher_settings": teacher_settings(distiller, config.top_k),
             },
             teacher_path,
         )
