@@ -693,14 +693,22 @@ def teacher_settings(distiller: Distiller, k: int) -> dict[str, int]:
     return {"top_k": k, "teacher_top": distiller.teacher_top, "continuation": distiller.continuation}
 
 
+def settings_differ(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``name=recorded (this run: current)`` for each setting a file records otherwise than this
+    run asks (the refusals of a resumed run name them so)."""
+    return [
+        f"{name}={recorded[name]!r} (this run: {value!r})"
+        for name, value in current.items()
+        if name in recorded and recorded[name] != value
+    ]
+
+
 def check_teacher(path: Path, saved: dict[str, Any], settings: dict[str, int]) -> None:
     """Refuse teacher examples computed with other :func:`teacher_settings` (files from before
     they were recorded are not checked): a run would distil from them while recording its own."""
     recorded = saved.get("teacher_settings")
     if recorded is not None and recorded != settings:
-        differ = ", ".join(
-            f"{k}={recorded[k]} (this run: {settings[k]})" for k in settings if recorded.get(k) != settings[k]
-        )
+        differ = ", ".join(settings_differ(recorded, settings))
         raise InputError(
             f"{path} holds teacher examples computed with {differ}; train with those settings, or delete "
             f"{path.name} (or use another --out folder) to compute them again"
@@ -896,11 +904,7 @@ def check_resumed_compression(config: TrainConfig, saved: dict[str, Any], path: 
     """Refuse to resume a run for another compression than it trained for: its factors, history
     and held-out metrics (``held_out_start``) belong to the first, so the adaptor would record a
     loss curve across two stores. Continuing from a finished adaptor is ``--init-adaptor``."""
-    differ = [
-        f"{name}={saved[name]!r} (this run: {getattr(config, name)!r})"
-        for name in COMPRESSION_SETTINGS
-        if name in saved and saved[name] != getattr(config, name)
-    ]
+    differ = settings_differ(saved, {name: getattr(config, name) for name in COMPRESSION_SETTINGS})
     if differ:
         raise InputError(
             f"{path} trains an adaptor for {', '.join(differ)}; resume with those settings, or train for this "
@@ -945,7 +949,13 @@ def resumed_ancestry(checkpoint: dict[str, Any], config: TrainConfig, lm: Loaded
             "from before they were recorded); resume with --init-adaptor naming that adaptor, so that this "
             "adaptor's train_articles include them"
         )
-    return {**ancestry, "init_train_articles": sorted(start.meta.get("train_articles", []))}
+    return ancestry_of(start)
+
+
+def ancestry_of(start: Adaptor) -> dict[str, Any]:
+    """What a run started from ``start`` records of it: its hash, and its articles, which are
+    this run's too (an adaptor's train_articles are every article it descends from)."""
+    return {"init_adaptor_hash": start.hash, "init_train_articles": sorted(start.meta.get("train_articles", []))}
 
 
 def kept_rows_settings(lm: LoadedModel, config: TrainConfig) -> str:
@@ -975,9 +985,7 @@ def warm_start(lm: LoadedModel, config: TrainConfig) -> Adaptor:
         )
     config.rank, config.alpha = int(start.settings["rank"]), int(start.settings["alpha"])
     tensors = {k: v.float() for k, v in start.lora_tensors.items()}
-    # its articles are this run's too: an adaptor's train_articles are every article it descends from
-    ancestry = {"init_adaptor_hash": start.hash, "init_train_articles": sorted(start.meta.get("train_articles", []))}
-    return Adaptor(dict(start.settings), tensors, ancestry)
+    return Adaptor(dict(start.settings), tensors, ancestry_of(start))
 
 
 def train(

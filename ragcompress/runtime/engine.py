@@ -186,7 +186,7 @@ class Engine:
         options = self.calibrated(options or self.options)
         suffix = self.suffix_ids(question, entries, options)
         strategy = choose_strategy(self.context, options)
-        passage_ids = [self.tokens.passage(e.text) for e in entries] if options.recompute.recomputes else None
+        passage_ids = [self.tokens.passage(e.text) for e in entries] if options.recompute.recomputes else []
         return TokenStream(
             self.lm.model,
             lambda: strategy.prepare(self.context, entries, suffix, options.max_new_tokens, passage_ids),

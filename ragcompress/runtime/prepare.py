@@ -106,9 +106,9 @@ class QueryContext:
 class Strategy(Protocol):
     """Turns retrieved entries and the question's suffix into a :class:`Prepared` request.
 
-    ``passage_ids``: the entries' token ids where a selective recompute reads them, tokenized by
-    the caller before the request's clock starts (as the full prefill's prompt is); the dense
-    strategy tokenizes them itself when they are not given."""
+    ``passage_ids``: the entries' token ids where a selective recompute reads them (empty
+    without one), tokenized by the caller before the request's clock starts, as the full
+    prefill's prompt is."""
 
     def prepare(
         self,
@@ -116,7 +116,7 @@ class Strategy(Protocol):
         entries: list[Entry],
         suffix: list[int],
         max_new_tokens: int,
-        passage_ids: list[list[int]] | None = None,
+        passage_ids: list[list[int]],
     ) -> Prepared: ...
 
 
@@ -132,7 +132,7 @@ class DenseStrategy:
         entries: list[Entry],
         suffix: list[int],
         max_new_tokens: int,
-        passage_ids: list[list[int]] | None = None,
+        passage_ids: list[list[int]],
     ) -> Prepared:
         segments = [context.store.load_kv(entry, context.dtype) for entry in entries]
         spare = len(suffix) + max_new_tokens
@@ -146,8 +146,6 @@ class DenseStrategy:
                 f"prompt spans {built.next_position + len(suffix)}; answer without --recompute, or retrieve "
                 "fewer passages"
             )
-        if passage_ids is None:
-            passage_ids = [context.tokens.passage(e.text) for e in entries] if self.recompute.recomputes else []
         first_logits = repair(
             context.lm.model,
             context.rotary,
@@ -175,7 +173,7 @@ class PackedStrategy:
         entries: list[Entry],
         suffix: list[int],
         max_new_tokens: int,
-        passage_ids: list[list[int]] | None = None,  # no recompute on this path (choose_strategy)
+        passage_ids: list[list[int]],  # no recompute on this path (choose_strategy): empty
     ) -> Prepared:
         device = context.lm.model.device
         start = context.prefix.num_tokens
