@@ -52,7 +52,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 # Other documents whose blocks are rendered (and checked) along with README.md's.
-DOCS = tuple(ROOT / "docs" / name for name in ("serve.md", "distill.md", "recompute.md", "compression.md"))
+DOCS = tuple(
+    ROOT / "docs" / name for name in ("serve.md", "distill.md", "recompute.md", "compression.md", "kernels.md")
+)
 RESULTS = ROOT / "docs" / "results"
 
 # Same keys as common.RESULTS_META_KEYS (common imports torch; this script must not).
@@ -988,6 +990,43 @@ def render_layer_padding(results: Path) -> str:
     return "\n\n".join([table(header, rows), source_line(paths)])
 
 
+def render_kernel_gpu(results: Path) -> str:
+    """The fused kernel's GPU timing (``benchmarks/gpu_check.sh``'s ``kernel_bench.json``, kept in
+    ``gpu_check_<gpu>.json``): ms per attention call and its speed against the two baselines."""
+    paths = files(results, "gpu_check_*.json")
+    if not paths:
+        raise ReportError(f"no {results}/gpu_check_*.json")
+    rows = []
+    for path in paths:
+        bench = load(path)["kernel_bench"]
+        for row in bench["rows"]:
+            rows.append(
+                [
+                    bench["device"]["name"],
+                    f"{row['context']} ({row['passages']} x {bench['args']['passage_len']})",
+                    row["scheme"],
+                    f"{row['phase']} ({row['q_len']})",
+                    f"{row['fused_ms']:.3f}",
+                    f"{row['deq+sdpa_ms']:.3f}",
+                    f"{row['fp16 sdpa_ms']:.3f}",
+                    f"{row['fused_vs_deq+sdpa']:.2f}x",
+                    f"{row['fused_vs_fp16_sdpa']:.2f}x",
+                ]
+            )
+    header = [
+        "GPU",
+        "context tokens (passages x tokens)",
+        "segments",
+        "phase (query tokens)",
+        "fused ms",
+        "dequantize + SDPA ms",
+        "fp16 SDPA ms",
+        "fused speed vs dequantize + SDPA",
+        "fused speed vs fp16 SDPA",
+    ]
+    return "\n\n".join([table(header, rows), source_line(paths)])
+
+
 def render_kvzip_cost(results: Path) -> str:
     """KVzip's scoring cost against a plain indexing forward (``kvzip_cost_*.json``)."""
     paths = files(results, "kvzip_cost_*.json")
@@ -1468,6 +1507,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "faithful": render_faithful,
     "lowrank-frontier": render_lowrank_frontier,
     "kvzip-cost": render_kvzip_cost,
+    "kernel-gpu": render_kernel_gpu,
     "layer-padding": render_layer_padding,
     "core-all": render_core_all,
     "core": render_core,

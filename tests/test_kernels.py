@@ -342,11 +342,9 @@ def test_head_dim_the_kernel_cannot_build_is_refused_by_name(interpreter):
     )
 
 
-def test_engine_routes_a_head_dim_the_kernel_cannot_build(tiny_model_dir, tmp_path, monkeypatch):
-    """A model whose head_dim is no power of two: ``auto`` where the kernel would be chosen (CUDA,
-    faked here) answers through the dense path, ``packed-triton`` is refused by name, and
-    ``packed-torch`` answers as the dense path does."""
-    import ragcompress.runtime.prepare as prepare
+def test_engine_routes_a_head_dim_the_kernel_cannot_build(tiny_model_dir, tmp_path):
+    """A model whose head_dim is no power of two: ``auto`` answers through the dense path,
+    ``packed-triton`` is refused by name, and ``packed-torch`` answers as the dense path does."""
     from ragcompress.data import SAMPLE_PASSAGES
     from ragcompress.errors import InputError
     from ragcompress.indexing import IndexConfig, index
@@ -361,7 +359,6 @@ def test_engine_routes_a_head_dim_the_kernel_cannot_build(tiny_model_dir, tmp_pa
     lm = load_model(str(tiny_model_dir("llama", head_dim=24)))
     config = IndexConfig(quant="int4", group_size=8, embedder=HashEmbedder.name)
     index(passages, tmp_path / "store", lm=lm, embedder=HashEmbedder(), config=config)
-    monkeypatch.setattr(prepare, "triton_compiles_on", lambda device: True)
     with Engine(KVStore.open(tmp_path / "store"), lm, HashEmbedder(), AnswerOptions(max_new_tokens=4)) as engine:
         entries = engine.retrieve(QUESTIONS[0], 2)
         dense = engine.answer_cached(QUESTIONS[0], entries)

@@ -7,8 +7,8 @@ from typing import Any
 
 from ragcompress.runtime.recompute import RecomputeConfig
 
-# "auto": the fused kernel over packed segments where it applies (model on CUDA, Triton
-# installed, quantized store, no recompute), else the dense assembled cache.
+# "auto": the dense assembled cache (runtime/prepare.py's choose_strategy says why the fused
+# kernel is not chosen on CUDA: measured slower on an H200).
 BACKENDS = ("auto", "dense", "packed-torch", "packed-triton")
 
 
@@ -22,7 +22,8 @@ class AnswerOptions:
     backend:        attention over the stored caches: ``dense`` (dequantize, rotate, assemble a
                     transformers cache, SDPA), ``packed-torch`` / ``packed-triton`` (quantized
                     segments kept packed; the kernel's PyTorch reference or the fused Triton
-                    kernel), or ``auto`` (``packed-triton`` where it applies, else ``dense``);
+                    kernel), or ``auto`` (``dense``: the fused kernel was measured slower than SDPA
+                    over the dense cache, docs/kernels.md);
                     the answer records which one ran
     calibrate:      apply the attention temperature ``ragcompress calibrate`` recorded in the
                     store's manifest, unless ``recompute`` sets a temperature of its own

@@ -38,7 +38,7 @@ from ragcompress.runtime.packed import PackedSegments
 from ragcompress.runtime.recompute import RecomputeConfig, repair
 from ragcompress.store import KVStore
 from ragcompress.store.catalogue import Entry
-from ragcompress_kernels import triton_compiles_on, triton_runs_on, triton_supports_head_dim
+from ragcompress_kernels import triton_runs_on, triton_supports_head_dim
 
 
 @dataclass(frozen=True)
@@ -216,23 +216,18 @@ def prefix_cached_prefill(context: QueryContext, prompt_ids: list[int], max_new_
 
 
 def choose_strategy(context: QueryContext, options: AnswerOptions) -> DenseStrategy | PackedStrategy:
-    """The strategy ``options.backend`` names (``auto``: the fused kernel where it applies)."""
+    """The strategy ``options.backend`` names; ``auto`` is the dense path everywhere.
+
+    Why not the fused kernel on CUDA: its first GPU timing (H200, ``docs/results/gpu_check_h200.json``,
+    docs/kernels.md "Measured on an H200") put one attention call over int4/int8 segments at
+    0.10-0.31 ms in decode, 5-25x slower than SDPA over the fp16 cache the dense path assembles
+    once per request (0.012-0.023 ms), and int4 prefill behind even dequantize-then-SDPA from 2k
+    tokens. ``packed-triton`` stays an explicit choice (it keeps the caches quantized in GPU
+    memory); ``auto`` should pick it again only when a timing says it is faster."""
     quantized = context.store.quant.bits is not None
-    latent = "lowrank" in context.store.manifest.compression  # rebuilt at load (kv/lowrank.py)
     softcap = logit_softcap(context.lm.config)
     head_dim = context.prefix_keys.shape[-1]
-    backend = options.backend
-    if backend == "auto":
-        fused = (
-            triton_compiles_on(context.lm.model.device)
-            and triton_supports_head_dim(head_dim)
-            and quantized
-            and not latent
-            and not options.recompute.active
-            and softcap is None
-            and sliding_window(context.lm.config) is None
-        )
-        backend = "packed-triton" if fused else "dense"
+    backend = "dense" if options.backend == "auto" else options.backend
     if backend == "dense":
         return DenseStrategy(options.recompute)
     if not quantized:
