@@ -7,7 +7,9 @@ On a CUDA GPU each configuration (context, scheme, prefill/decode) is timed with
 ``triton.testing.do_bench`` (median per call) and printed as milliseconds and ratios against the baselines measured
 in the same run:
 
-- ``fused``:       ``packed_attention(backend="triton")`` over the quantized segments
+- ``fused``:       ``packed_attention(backend="triton")`` over the quantized segments (prefill over
+                   several passages also ``fused split-K``: one split per passage, which the
+                   default plan keeps for decode)
 - ``deq+sdpa``:    dequantize + rotate the segments (PyTorch), then SDPA, per call
 - ``fp16 sdpa``:   SDPA over an fp16 cache of the same length, already rotated (no compression)
 
@@ -54,6 +56,12 @@ def time_paths(timer, seg, query, key, value, full_k, full_v, cuda: bool) -> dic
     }
     if cuda:
         times["fused"] = timer(lambda: packed_attention(query, key, value, seg, backend="triton"))
+        if query.shape[2] > 16 and seg.num_segments > 1:
+            # the default plan splits decode only; prefill as one split per passage, for the
+            # comparison docs/kernels.md asks for (prefill runs B * H_kv * row-tile programs)
+            times["fused split-K"] = timer(
+                lambda: packed_attention(query, key, value, seg, backend="triton", num_splits=seg.num_segments)
+            )
     return times
 
 
@@ -104,6 +112,8 @@ def run_kernels(args: argparse.Namespace) -> list[dict]:
                 if cuda:
                     row["fused_vs_deq+sdpa"] = times["deq+sdpa"] / times["fused"]
                     row["fused_vs_fp16_sdpa"] = times["fp16 sdpa"] / times["fused"]
+                    if "fused split-K" in times:
+                        row["fused_split-K_vs_fused"] = times["fused"] / times["fused split-K"]
                 else:
                     row["deq+sdpa_vs_fp32_sdpa"] = times["fp32 sdpa"] / times["deq+sdpa"]
                 rows.append(row)

@@ -210,27 +210,36 @@ def oracle_stream(engine: Engine, question: str, entries, options: AnswerOptions
     return TokenStream(engine.lm.model, prepare, options.max_new_tokens, engine.stop_ids)
 
 
-def question_record(variants: Variants, item, top_k: int, settings: list[str]) -> dict:
-    """Every setting's outcomes on one question (full prefill first: its answer is the reference)."""
+def question_record(variants: Variants, item, top_k: int, settings: list[str], rotation: int = 0) -> dict:
+    """Every setting's outcomes on one question. Full prefill runs first, untimed: its tokens are
+    the reference the settings are teacher-forced on. The timed runs (a second full prefill, the
+    prefix-cached baseline and every setting) then go in an order that starts ``rotation`` places
+    on, so no path is always the first to touch a question's passages."""
     engine = variants.base
     entries = engine.retrieve(item.question, top_k)
     full_gen, full_logp = run_forced(engine.lm.model, engine.stream_full(item.question, entries))
     full_text = engine.decode(full_gen.token_ids)
-    prefix = engine.stream_prefix_cached(item.question, entries, engine.options.replace(max_new_tokens=1)).run()
+    one_token = engine.options.replace(max_new_tokens=1)
     record: dict = {
         "id": item.id,
         "passages": [e.id for e in entries],
-        "prefix_cached_ttft": prefix.ttft_s,
         "full": {
             "answer": full_text,
             "sub_em": sub_em(full_text, item.answers),
             "f1": f1(full_text, item.answers),
             "agree": 1.0,
             "kl": 0.0,
-            "ttft": full_gen.ttft_s,
         },
     }
-    for name in settings:
+    order = ["full", "prefix-cached", *settings]
+    shift = rotation % len(order)
+    for name in order[shift:] + order[:shift]:
+        if name == "full":
+            record["full"]["ttft"] = engine.stream_full(item.question, entries, one_token).run().ttft_s
+            continue
+        if name == "prefix-cached":
+            record["prefix_cached_ttft"] = engine.stream_prefix_cached(item.question, entries, one_token).run().ttft_s
+            continue
         if name == "oracle":
             stream = oracle_stream(engine, item.question, entries, engine.options)
         elif name == "reversed":
@@ -278,7 +287,7 @@ def evaluate(variants: Variants, questions, top_k: int, settings: list[str], pro
         if item.id in done:
             records.append(done[item.id])
             continue
-        record = {"top_k": top_k, **question_record(variants, item, top_k, settings)}
+        record = {"top_k": top_k, **question_record(variants, item, top_k, settings, rotation=number)}
         records.append(record)
         if checkpoint is not None:
             with open(checkpoint, "a", encoding="utf-8") as handle:

@@ -594,6 +594,11 @@ def bench(
         top_ks = [int(k) for k in top_k.split(",")]
     except ValueError:
         raise RagCompressError(f"--top-k takes comma-separated integers, got {top_k!r}") from None
+    if repeats % 2 == 0:
+        raise RagCompressError(
+            f"--repeats takes an odd count (each figure is a median, and the median of {repeats} runs is "
+            f"the mean of the middle two); use {repeats - 1} or {repeats + 1}"
+        )
     items = read_questions(questions or SAMPLE_QUESTIONS, limit)
     engine = Engine.open(store, options=_answer_options(preset))
     comparison = throughput = None

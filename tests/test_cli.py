@@ -244,6 +244,15 @@ def test_ask_backend_option_chooses_and_names_the_attention_path(cli_store, monk
     assert code == 1 and "backend 'magic' is not one of: auto, dense, packed-torch, packed-triton" in err
 
 
+def test_bench_refuses_an_even_repeat_count(cli_store, monkeypatch, capfd):
+    """Every bench figure is a median of ``--repeats`` runs; an even count would make it the mean
+    of the middle two, so it is refused before the engine opens."""
+    store, _, _ = cli_store
+    code, out, err = run_cli(["bench", "--store", str(store), "--repeats", "2"], monkeypatch, capfd)
+    assert code == 1 and not out
+    assert "--repeats takes an odd count" in err and "use 1 or 3" in err
+
+
 def test_bench_reports_every_path_per_context_size(cli_store, monkeypatch, capfd, tmp_path):
     store, _, _ = cli_store
     plot = tmp_path / "bench.png"

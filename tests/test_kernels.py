@@ -190,6 +190,10 @@ CASES = {
     "prefill-d64-g4-int8-fp16": dict(
         lengths=[23, 41], heads=1, head_dim=64, group=4, q_len=6, scheme="int8", dtype=torch.float16
     ),
+    # prefill with split-K forced (the default plan splits decode only; kernel_bench times both)
+    "prefill-d64-g2-int4-splits": dict(
+        lengths=[37, 64, 21], heads=2, head_dim=64, group=2, q_len=9, scheme="int4", splits=[None, 2, 3]
+    ),
     # values of their own width (index --value-quant): keys and values unpacked with different bits
     "decode-d64-g3-int4-values-int2": dict(
         lengths=[37, 100, 3], heads=2, head_dim=64, group=3, q_len=1, scheme="int4/int2", splits=[None, 2]

@@ -475,6 +475,36 @@ def test_reversed_setting_is_full_prefill_of_the_passages_in_the_opposite_order(
     assert len(set(three["passages"])) == 3 and three["reversed"]["kl"] > 1e-6
 
 
+def test_quality_benchmark_rotates_which_timed_path_runs_first(stores, monkeypatch):
+    """recompute_quality.py times full prefill, prefix-cached prefill and each setting once per
+    question; the untimed reference prefill comes first, then the timed paths start one place on
+    per question, so over consecutive questions each path is the first to run once."""
+    from types import SimpleNamespace
+
+    import recompute_quality as quality
+
+    built = stores("qwen2", "none")
+    engine = Engine(built.store, built.lm, built.embedder, AnswerOptions(max_new_tokens=2, backend="dense"))
+    calls: list[str] = []
+    for method, name in (
+        ("stream_full", "full"),
+        ("stream_prefix_cached", "prefix-cached"),
+        ("stream_cached", "reuse"),
+    ):
+        original = getattr(engine, method)
+        monkeypatch.setattr(engine, method, lambda *a, _o=original, _n=name, **k: (calls.append(_n), _o(*a, **k))[1])
+    item = SimpleNamespace(id="q", question=QUESTION, answers=["Melbourne"])
+    variants = quality.Variants(engine, {})
+    firsts = []
+    for rotation in range(3):
+        calls.clear()
+        record = quality.question_record(variants, item, 2, ["reuse"], rotation=rotation)
+        assert calls[0] == "full" and sorted(calls[1:]) == ["full", "prefix-cached", "reuse"]
+        firsts.append(calls[1])
+        assert record["full"]["ttft"] > 0 and record["prefix_cached_ttft"] > 0 and record["reuse"]["ttft"] > 0
+    assert firsts == ["full", "prefix-cached", "reuse"]
+
+
 def test_recompute_cost_benchmark_names_every_pass_with_its_rows(stores):
     """benchmarks/recompute_cost.py times recompute's passes by wrapping ``_run_layers``: each call
     is named for the pass it is, with the rows it carries, and the answer does not change."""
