@@ -22,9 +22,11 @@ derived from the store's blobs (``ragcompress/store/codec.py``).
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from dataclasses import dataclass
-from functools import cache, lru_cache
+from functools import cache, cached_property, lru_cache
 
 import torch
 
@@ -139,6 +141,16 @@ class QuantizedSegments(SegmentsLayout):
             raise ValueError(f"segment rows must be multiples of group_size {self.group_size}")
         if self.seg_start_host[-1] != rows or d % self.v_group or d % 2:
             raise ValueError("seg_start must end at N and head_dim must be even and a multiple of v_group")
+
+    @cached_property
+    def rope_repeats(self) -> bool:
+        """Whether ``cos``/``sin`` repeat over the two halves of head_dim, as transformers builds
+        them (``cat(freqs, freqs)``): the Triton kernel's two-dot RoPE relies on it; the PyTorch
+        reference takes any tables. Computed once per layout (a device sync on CUDA)."""
+        half = self.cos.shape[-1] // 2
+        return torch.equal(self.cos[:, :half], self.cos[:, half:]) and torch.equal(
+            self.sin[:, :half], self.sin[:, half:]
+        )
 
 
 # --------------------------------------------------------------------------- PyTorch reference
@@ -316,12 +328,18 @@ if HAS_TRITON:
         (base 2: ``qk_scale`` carries log2 e) where ``allowed``, folded into the running row max
         ``m_i``, normaliser ``l_i`` and output ``acc``; returns the three updated."""
         qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale
+        return softmax_scores_step(qk, v, allowed, m_i, l_i, acc, q.dtype, DOT_PRECISION)
+
+    @triton.jit
+    def softmax_scores_step(qk, v, allowed, m_i, l_i, acc, dtype: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+        """:func:`softmax_step` from the tile's scores ``qk`` (base 2, scaled), for kernels that
+        compute them otherwise (the packed kernel's two RoPE dots); ``v`` is read as ``dtype``."""
         qk = tl.where(allowed, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.math.exp2(qk - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None] + tl.dot(p.to(dtype), v.to(dtype), input_precision=DOT_PRECISION)
         return m_new, l_i, acc
 
     @triton.jit
@@ -430,8 +448,9 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,
     ):
         """Grid ``(cdiv(GROUP * Q_LEN, BLOCK_M), BATCH * H_KV, n_splits)``; tile rows are
-        ``(q head in group, query token)`` pairs. Split ``s`` covers segments
-        ``SPLIT_SEG[s] : SPLIT_SEG[s+1]``; the last split also covers the fp rows."""
+        ``(q head in group, query token)`` pairs. Split ``s`` covers packed rows
+        ``SPLIT_SEG[s, 0] : SPLIT_SEG[s, 1]``, which lie in segments ``SPLIT_SEG[s, 2] :
+        SPLIT_SEG[s, 3]`` (:func:`plan_splits`); the last split also covers the fp rows."""
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         pid_s = tl.program_id(2)
@@ -449,12 +468,18 @@ if HAS_TRITON:
         qi = offs_m % Q_LEN
         cols = tl.arange(0, HEAD_DIM)
         q = load_query_tile(Q, b, qh, qi, m_valid, stride_qb, stride_qh, stride_qm, HEAD_DIM)
-
-        # channel c of a rotated key mixes channels c and c +- d/2 (rotate_half)
+        # RoPE without rotating the keys' partner channels: a rotated key is k cos + rotate_half(k) sin,
+        # and since sin (like cos) repeats over the two halves of d, q . rotate_half(k) sin equals
+        # q' . (k sin) with q' = -rotate_half(q) = [q2, -q1]: two dots over k cos and k sin, and each
+        # key channel is dequantized once (QuantizedSegments checks the tables repeat)
         partner = (cols + HALF) % HEAD_DIM
-        sign = tl.where(cols < HALF, -1.0, 1.0)
+        q_rot = tl.load(
+            Q + b * stride_qb + qh[:, None] * stride_qh + qi[:, None] * stride_qm + partner[None, :],
+            mask=m_valid[:, None],
+            other=0.0,
+        )
+        q_rot = tl.where(cols[None, :] < HALF, q_rot, -q_rot)
         k_byte, k_shift = cols // PB, (cols % PB) * BITS
-        p_byte, p_shift = partner // PB, (partner % PB) * BITS
         ROW_BYTES: tl.constexpr = HEAD_DIM // PB
         V_ROW_BYTES: tl.constexpr = HEAD_DIM // V_PB
         V_GROUPS: tl.constexpr = HEAD_DIM // V_GROUP
@@ -469,33 +494,37 @@ if HAS_TRITON:
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-        seg_lo = tl.load(SPLIT_SEG + pid_s)
-        seg_hi = tl.load(SPLIT_SEG + pid_s + 1)
+        row_lo = tl.load(SPLIT_SEG + pid_s * 4)
+        row_hi = tl.load(SPLIT_SEG + pid_s * 4 + 1)
+        seg_lo = tl.load(SPLIT_SEG + pid_s * 4 + 2)
+        seg_hi = tl.load(SPLIT_SEG + pid_s * 4 + 3)
         for seg in range(seg_lo, seg_hi):
             start = tl.load(SEG_START + seg)
-            n = tl.load(SEG_LEN + kvh * NUM_SEGS + seg)
-            for off in range(0, n, BLOCK_N):
+            # this head's kept rows of the segment, cut to the split's row range
+            lo = tl.maximum(row_lo - start, 0)
+            hi = tl.minimum(row_hi - start, tl.load(SEG_LEN + kvh * NUM_SEGS + seg))
+            for off in range(lo, hi, BLOCK_N):
                 r = off + tl.arange(0, BLOCK_N)
-                r_valid = r < n
+                r_valid = r < hi
                 rows = start + r
                 rmask = r_valid[:, None]
                 grp = (rows // GROUP_SIZE)[:, None] * HEAD_DIM
-                # keys: dequantize channel c and its rotate_half partner, then RoPE
+                # keys: dequantize, then the two RoPE halves of the scores (above)
                 kc = tl.load(kc_head + rows[:, None] * ROW_BYTES + k_byte[None, :], mask=rmask, other=0)
-                kp = tl.load(kc_head + rows[:, None] * ROW_BYTES + p_byte[None, :], mask=rmask, other=0)
                 kc = ((kc.to(tl.int32) >> k_shift[None, :]) & CODE_MASK).to(tl.float32)
-                kp = ((kp.to(tl.int32) >> p_shift[None, :]) & CODE_MASK).to(tl.float32)
                 k_s = tl.load(ks_head + grp + cols[None, :], mask=rmask, other=0.0).to(tl.float32)
                 k_m = tl.load(km_head + grp + cols[None, :], mask=rmask, other=0.0).to(tl.float32)
-                p_s = tl.load(ks_head + grp + partner[None, :], mask=rmask, other=0.0).to(tl.float32)
-                p_m = tl.load(km_head + grp + partner[None, :], mask=rmask, other=0.0).to(tl.float32)
+                k = kc * k_s + k_m
                 pos = tl.load(POS + kvh * N_ROWS + rows, mask=r_valid, other=0)
                 cos = tl.load(COS + pos[:, None] * HEAD_DIM + cols[None, :], mask=rmask, other=0.0)
                 sin = tl.load(SIN + pos[:, None] * HEAD_DIM + cols[None, :], mask=rmask, other=0.0)
-                k = (kc * k_s + k_m) * cos + sign[None, :] * (kp * p_s + p_m) * sin
+                qk = tl.dot(q, tl.trans((k * cos).to(q.dtype)), input_precision=DOT_PRECISION)
+                qk = tl.dot(q_rot, tl.trans((k * sin).to(q.dtype)), acc=qk, input_precision=DOT_PRECISION)
                 # values: per-token groups of V_GROUP channels
                 v = load_value_rows(vc_head, vs_head, vm_head, rows, r_valid, HEAD_DIM, V_BITS, V_GROUP)
-                m_i, l_i, acc = softmax_step(q, k, v, r_valid[None, :], m_i, l_i, acc, qk_scale, DOT_PRECISION)
+                m_i, l_i, acc = softmax_scores_step(
+                    qk * qk_scale, v, r_valid[None, :], m_i, l_i, acc, q.dtype, DOT_PRECISION
+                )
 
         if pid_s == n_splits - 1:  # the last split also takes the fp rows
             m_i, l_i, acc = attend_fp_rows(
@@ -586,21 +615,25 @@ def triton_compiles_on(device: torch.device) -> bool:
     return HAS_TRITON and device.type == "cuda"
 
 
-def plan_splits(seg_start: tuple[int, ...], fp_rows: int, target: int) -> list[int]:
-    """Cut segments into at most ``target`` splits of similar row counts (the last split also
-    takes the ``fp_rows``); returns split boundaries in segments, ``[0, …, S]``."""
+SPLIT_ALIGN = 64  # split boundaries fall on multiples of this many packed rows (whole BLOCK_N <= 64 tiles)
+MIN_SPLIT_ROWS = 128  # the automatic plan's smallest split: fewer rows cost more in partials than they save
+
+
+def plan_splits(seg_start: tuple[int, ...], fp_rows: int, target: int) -> list[tuple[int, int, int, int]]:
+    """Cut the packed rows into at most ``target`` contiguous ranges of similar size (the last
+    also takes the ``fp_rows``), on multiples of :data:`SPLIT_ALIGN` rows and inside segments
+    where that balances them: one program's walk is its range, not a whole passage. Returns
+    ``(row_lo, row_hi, seg_lo, seg_hi)`` per split: rows ``[row_lo, row_hi)``, which lie in
+    segments ``[seg_lo, seg_hi)``."""
     segs = len(seg_start) - 1
-    sizes = [seg_start[i + 1] - seg_start[i] for i in range(segs)]
-    total = sum(sizes) + fp_rows
-    per_split = max(1, math.ceil(total / max(1, target)))
-    bounds, acc = [0], 0
-    for i, size in enumerate(sizes):
-        acc += size
-        if acc >= per_split and i + 1 < segs:
-            bounds.append(i + 1)
-            acc = 0
-    bounds.append(segs)
-    return bounds
+    rows = seg_start[-1]
+    per_split = math.ceil((rows + fp_rows) / max(1, target))
+    per_split = max(SPLIT_ALIGN, math.ceil(per_split / SPLIT_ALIGN) * SPLIT_ALIGN)
+    bounds = [*range(0, rows, per_split), rows] if rows else [0, 0]
+    return [
+        (lo, hi, max(0, bisect.bisect_right(seg_start, lo) - 1), bisect.bisect_left(seg_start, hi, hi=segs))
+        for lo, hi in itertools.pairwise(bounds)
+    ]
 
 
 def check_attention_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, seg: SegmentsLayout) -> None:
@@ -630,15 +663,23 @@ def check_attention_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.
             raise ValueError(f"{name} must be contiguous in head_dim (stride {t.stride(-1)})")
 
 
-def resolve_backend(backend: str, query: torch.Tensor) -> str:
+def resolve_backend(backend: str, query: torch.Tensor, rope_repeats: bool = True) -> str:
     """``"torch"`` or ``"triton"`` for ``backend`` (``"auto"``: Triton on CUDA for a head_dim it
-    supports, else torch), or a clear error when Triton was asked for where it cannot run."""
+    supports and rotary tables it can read, else torch), or a clear error when Triton was asked
+    for where it cannot run. ``rope_repeats``: :attr:`QuantizedSegments.rope_repeats` (the
+    latent kernel rotates keys the general way and leaves it True)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is not one of: {', '.join(BACKENDS)}")
     on_cuda = query.device.type == "cuda"
     head_dim = query.shape[-1]
     if backend == "auto":
-        return "triton" if HAS_TRITON and on_cuda and triton_supports_head_dim(head_dim) else "torch"
+        fits = triton_supports_head_dim(head_dim) and rope_repeats
+        return "triton" if HAS_TRITON and on_cuda and fits else "torch"
+    if backend == "triton" and not rope_repeats:
+        raise ValueError(
+            "the Triton kernel needs cos/sin tables that repeat over the two halves of head_dim (rotate_half "
+            "RoPE as transformers builds it); use backend='torch'"
+        )
     if backend == "triton":
         if not triton_supports_head_dim(head_dim):
             raise ValueError(
@@ -676,7 +717,7 @@ def packed_attention(
     (:func:`packed_attention_ref`), ``"auto"`` (Triton on CUDA, else torch). ``num_splits``
     overrides the split-K plan (default: splits only for ``q <= 16``, about two waves of programs).
     """
-    backend = resolve_backend(backend, query)
+    backend = resolve_backend(backend, query, seg.rope_repeats if backend != "torch" else True)
     check_attention_inputs(query, key, value, seg)
     scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
     if backend == "torch":
@@ -690,9 +731,10 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 @lru_cache(maxsize=256)
-def _split_tensor(bounds: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """Split boundaries as a device tensor, built once per plan (no host-to-device copy per call)."""
-    return torch.tensor(bounds, dtype=torch.int32, device=device)
+def _split_tensor(splits: tuple[tuple[int, int, int, int], ...], device: torch.device) -> torch.Tensor:
+    """The plan's ``[n_splits, 4]`` ranges as a device tensor, built once per plan (no
+    host-to-device copy per call)."""
+    return torch.tensor(splits, dtype=torch.int32, device=device)
 
 
 def _launch(
@@ -707,10 +749,11 @@ def _launch(
         num_splits = 1
         if q_len <= 16:
             sms = 16 if interpret else _multiprocessors(query.device)
-            num_splits = max(1, (2 * sms) // (batch * kv_heads * m_blocks))
-    bounds = plan_splits(seg.seg_start_host, t_fp, num_splits)
-    n_splits = len(bounds) - 1
-    split_seg = _split_tensor(tuple(bounds), query.device)
+            waves = max(1, (2 * sms) // (batch * kv_heads * m_blocks))
+            num_splits = min(waves, math.ceil((seg.seg_start_host[-1] + t_fp) / MIN_SPLIT_ROWS))
+    splits = plan_splits(seg.seg_start_host, t_fp, num_splits)
+    n_splits = len(splits)
+    split_seg = _split_tensor(tuple(splits), query.device)
     out = torch.empty((batch, q_len, q_heads, d), dtype=query.dtype, device=query.device)
     split = n_splits > 1
     if split:

@@ -8,6 +8,7 @@ the case functions below and returns errors / token ids, which are asserted here
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import os
 from pathlib import Path
@@ -181,6 +182,10 @@ CASES = {
     "decode-d128-g4-int8": dict(
         lengths=[90, 17, 33], heads=2, head_dim=128, group=4, q_len=1, scheme="int8", splits=[None, 1, 3]
     ),
+    # one passage cut into row ranges (split-K inside a segment), a head keeping fewer rows
+    "decode-d64-g2-int8-one-passage": dict(
+        lengths=[150], heads=2, head_dim=64, group=2, q_len=1, scheme="int8", splits=[None, 2, 3]
+    ),
     "decode-d64-g1-int2": dict(
         lengths=[40, 26], heads=3, head_dim=64, group=1, q_len=1, scheme="int2", splits=[None, 2]
     ),
@@ -300,7 +305,7 @@ def test_launcher_rejects_bad_inputs():
     with pytest.raises(ValueError, match="backend"):
         packed_attention(query, key, value, seg, backend="cuda")
     with pytest.raises(ValueError, match="k_scale"):
-        type(seg)(**{**seg.__dict__, "k_scale": seg.k_scale.float()})
+        dataclasses.replace(seg, k_scale=seg.k_scale.float())
 
 
 def test_layout_refuses_tensors_the_kernel_would_misread():
@@ -313,7 +318,30 @@ def test_layout_refuses_tensors_the_kernel_would_misread():
         strided = torch.empty(tensor.shape[::-1], dtype=tensor.dtype).permute(*reversed(range(tensor.dim())))
         strided.copy_(tensor)
         with pytest.raises(ValueError, match=f"{name} must be contiguous"):
-            type(seg)(**{**seg.__dict__, name: strided})
+            dataclasses.replace(seg, **{name: strided})
+
+
+def test_triton_refuses_rotary_tables_whose_halves_differ():
+    """The kernel rotates keys by two dots, (k cos) . q + (k sin) . q' with q' = -rotate_half(q),
+    which equals q . rotate_half-RoPE(k) only when sin repeats over the halves of head_dim (as
+    transformers builds it): other tables are refused by the Triton backend, and ``auto`` takes
+    the PyTorch reference, which reads any tables."""
+
+    from ragcompress_kernels import packed_attention
+    from ragcompress_kernels.quantized_attention import resolve_backend
+
+    packed, query, key, value, _ = build_case(dict(CASES["decode-d64-g3-int4"], seed=0))
+    seg = packed.layers[0]
+    assert seg.rope_repeats
+    sin = seg.sin.clone()
+    sin[:, 0] += 0.5
+    odd = dataclasses.replace(seg, sin=sin)
+    assert not odd.rope_repeats
+    with pytest.raises(ValueError, match="repeat over the two halves of head_dim"):
+        packed_attention(query, key, value, odd, backend="triton")
+    assert resolve_backend("auto", query.to("meta"), odd.rope_repeats) == "torch"
+    out = packed_attention(query, key, value, odd)  # auto on the CPU: the reference, any tables
+    assert torch.isfinite(out).all()
 
 
 def run_head_dim_80(case: dict) -> dict:
@@ -386,12 +414,29 @@ def test_triton_backend_on_cpu_needs_the_interpreter():
 
 
 def test_plan_splits_balances_rows_and_covers_every_segment():
+    """Splits are row ranges on 64-row boundaries that cover every packed row once, in order,
+    cut inside a segment where that balances them (one long passage is several splits), each
+    naming the segments its rows lie in."""
     from ragcompress_kernels import plan_splits
 
-    assert plan_splits((0, 64, 128, 160), 10, 1) == [0, 3]
-    assert plan_splits((0, 64, 128, 192, 256), 0, 4) == [0, 1, 2, 3, 4]
-    assert plan_splits((0, 64, 128, 192, 256), 0, 2) == [0, 2, 4]
-    assert plan_splits((0, 32), 500, 8) == [0, 1]
+    def check(seg_start, fp_rows, target):
+        splits = plan_splits(seg_start, fp_rows, target)
+        assert splits[0][0] == 0 and splits[-1][1] == seg_start[-1]
+        for (lo, hi, seg_lo, seg_hi), following in zip(splits, [*splits[1:], None], strict=True):
+            assert lo < hi or seg_start[-1] == 0
+            assert following is None or following[0] == hi
+            assert lo % 64 == 0
+            covered = [j for j in range(len(seg_start) - 1) if seg_start[j] < hi and seg_start[j + 1] > lo]
+            assert list(range(seg_lo, seg_hi)) == covered
+        return [(lo, hi) for lo, hi, _, _ in splits]
+
+    assert check((0, 64, 128, 160), 10, 1) == [(0, 160)]
+    assert check((0, 64, 128, 192, 256), 0, 4) == [(0, 64), (64, 128), (128, 192), (192, 256)]
+    assert check((0, 64, 128, 192, 256), 0, 2) == [(0, 128), (128, 256)]
+    assert check((0, 512), 1, 4) == [(0, 192), (192, 384), (384, 512)]  # inside one passage
+    assert check((0, 32), 500, 8) == [(0, 32)]
+    assert check((0, 96, 96, 608), 0, 3) == [(0, 256), (256, 512), (512, 608)]  # an empty segment
+    assert check((0,), 7, 4) == [(0, 0)]  # no segment rows: one split over the fp rows
 
 
 @pytest.fixture(scope="module", params=[None, "int2"], ids=["int4", "int4-values-int2"])
@@ -496,7 +541,6 @@ def test_kernel_and_reference_agree_on_real_questions_with_smollm2(interpreter, 
 
 def test_reference_rotation_with_general_tables():
     """Tables whose halves differ (not ``cat(freqs, freqs)``) take the general rotate_half path."""
-    import dataclasses
 
     from ragcompress_kernels import dequantize_segments_ref
 
