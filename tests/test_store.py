@@ -63,6 +63,21 @@ def test_resume_skips_finished_passages_and_matches_clean_run(tiny_lm, passages_
     assert (again.indexed, again.skipped) == (0, 8)
 
 
+def test_catalogue_reads_many_entries_in_chunks(tiny_lm, passages_file, tmp_path, embedder, monkeypatch):
+    """``Catalogue.get_many`` returns the stored ones of the ids asked for, each as ``get`` would,
+    across the chunks of its ``IN (...)`` queries; ids not stored are left out."""
+    import ragcompress.store.catalogue as catalogue
+
+    store = tmp_path / "store"
+    index(passages_file, store, lm=tiny_lm, embedder=embedder, config=IndexConfig(quant="int4"))
+    monkeypatch.setattr(catalogue, "_CHUNK", 3)
+    with KVStore.open(store) as kv:
+        ids = [entry.id for entry in kv.catalogue.entries()]
+        found = kv.catalogue.get_many([*ids, "not-stored", ids[0]])
+        assert sorted(found) == sorted(ids) and len(ids) == 8
+        assert all(found[pid] == kv.catalogue.get(pid) for pid in ids)
+
+
 def test_other_compression_on_existing_store_is_refused(tiny_lm, passages_file, tmp_path, embedder):
     store = tmp_path / "store"
     index(passages_file, store, lm=tiny_lm, embedder=embedder)

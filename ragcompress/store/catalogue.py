@@ -137,6 +137,19 @@ class Catalogue:
             found = cur.fetchone()
         return _entry(found) if found else None
 
+    def get_many(self, ids: Iterable[str]) -> dict[str, Entry]:
+        """``{id: entry}`` for those of ``ids`` that are stored, a query per chunk of ids rather
+        than one per id (an ingestion re-run compares every stored node's fields)."""
+        ids = list(ids)
+        found: dict[str, Entry] = {}
+        with self._guard():
+            for start in range(0, len(ids), _CHUNK):
+                chunk = ids[start : start + _CHUNK]
+                marks = ",".join("?" * len(chunk))
+                rows = self.db.execute(f"SELECT {_COLUMNS} FROM passages WHERE id IN ({marks})", chunk).fetchall()
+                found.update((entry.id, entry) for entry in map(_entry, rows))
+        return found
+
     def by_rows(self, rows: list[int]) -> dict[int, Entry]:
         marks = ",".join("?" * len(rows))
         with self._guard():

@@ -196,7 +196,8 @@ class CacheWriter:
             with StoreWriter(path, wait_s=WRITER_WAIT_S) as writer:
                 ids, pending, inputs, stored = self._passages(nodes, writer.known())
                 if update_fields:
-                    changed = [p for p in stored if _fields_differ(writer.catalogue.get(p.id), p)]
+                    entries = writer.catalogue.get_many(p.id for p in stored)
+                    changed = [p for p in stored if _fields_differ(entries.get(p.id), p)]
                     if changed:
                         writer.update_meta([(p.id, p.title, p.meta) for p in changed])
                 # A neighbour-conditioned store: neighbours come from all of ``nodes``, not one batch.
