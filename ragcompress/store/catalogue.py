@@ -137,18 +137,22 @@ class Catalogue:
             found = cur.fetchone()
         return _entry(found) if found else None
 
-    def get_many(self, ids: Iterable[str]) -> dict[str, Entry]:
-        """``{id: entry}`` for those of ``ids`` that are stored, a query per chunk of ids rather
-        than one per id (an ingestion re-run compares every stored node's fields)."""
+    def _rows_of(self, columns: str, ids: Iterable[str]) -> list[tuple[Any, ...]]:
+        """``columns`` of the stored rows among ``ids``: one ``IN (...)`` query per chunk of ids
+        (SQLite caps a statement's parameters), bounded memory per query."""
         ids = list(ids)
-        found: dict[str, Entry] = {}
+        rows: list[tuple[Any, ...]] = []
         with self._guard():
             for start in range(0, len(ids), _CHUNK):
                 chunk = ids[start : start + _CHUNK]
                 marks = ",".join("?" * len(chunk))
-                rows = self.db.execute(f"SELECT {_COLUMNS} FROM passages WHERE id IN ({marks})", chunk).fetchall()
-                found.update((entry.id, entry) for entry in map(_entry, rows))
-        return found
+                rows += self.db.execute(f"SELECT {columns} FROM passages WHERE id IN ({marks})", chunk).fetchall()
+        return rows
+
+    def get_many(self, ids: Iterable[str]) -> dict[str, Entry]:
+        """``{id: entry}`` for those of ``ids`` that are stored, a query per chunk of ids rather
+        than one per id (an ingestion re-run compares every stored node's fields)."""
+        return {entry.id: entry for entry in map(_entry, self._rows_of(_COLUMNS, ids))}
 
     def by_rows(self, rows: list[int]) -> dict[int, Entry]:
         marks = ",".join("?" * len(rows))
@@ -203,15 +207,8 @@ class Catalogue:
             return dict(self.db.execute("SELECT id, text_sha FROM passages"))
 
     def shas_of(self, ids: Iterable[str]) -> dict[str, str]:
-        """``{id: text_sha}`` for those of ``ids`` that are stored (bounded memory per call)."""
-        ids = list(ids)
-        found: dict[str, str] = {}
-        with self._guard():
-            for start in range(0, len(ids), _CHUNK):
-                chunk = ids[start : start + _CHUNK]
-                marks = ",".join("?" * len(chunk))
-                found.update(self.db.execute(f"SELECT id, text_sha FROM passages WHERE id IN ({marks})", chunk))
-        return found
+        """``{id: text_sha}`` for those of ``ids`` that are stored."""
+        return dict(self._rows_of("id, text_sha", ids))
 
     def count(self) -> int:
         """Committed rows. ``COUNT(*)`` scans a table index (milliseconds at 100k rows) and a reader
