@@ -185,7 +185,7 @@ if HAS_TRITON:
         attend_fp_rows,
         load_query_tile,
         load_value_rows,
-        softmax_step,
+        softmax_scores_step,
         store_output_tile,
     )
 
@@ -230,16 +230,21 @@ if HAS_TRITON:
         qi = offs_m % Q_LEN
         cols = tl.arange(0, HEAD_DIM)
         q = load_query_tile(Q, b, qh, qi, m_valid, stride_qb, stride_qh, stride_qm, HEAD_DIM)
-        partner = (cols + HALF) % HEAD_DIM  # channel c of a rotated key mixes c and c +- d/2
-        sign = tl.where(cols < HALF, -1.0, 1.0)
+        # RoPE as two dots over k cos and k sin with q' = -rotate_half(q) (the packed kernel's
+        # _packed_attn_fwd says why): each key is rebuilt once, without its partner channels
+        partner = (cols + HALF) % HEAD_DIM
+        q_rot = tl.load(
+            Q + b * stride_qb + qh[:, None] * stride_qh + qi[:, None] * stride_qm + partner[None, :],
+            mask=m_valid[:, None],
+            other=0.0,
+        )
+        q_rot = tl.where(cols[None, :] < HALF, q_rot, -q_rot)
 
-        # this head's bases (U^T, rows >= rank are 0) and means, once per program
+        # this head's key basis (U^T, rows >= rank are 0) and mean, once per program
         rk = tl.arange(0, RK_PAD)
         kb_head = KB + kvh * RK * HEAD_DIM
         basis_k = tl.load(kb_head + rk[:, None] * HEAD_DIM + cols[None, :], mask=(rk < RK)[:, None], other=0.0)
-        basis_kp = tl.load(kb_head + rk[:, None] * HEAD_DIM + partner[None, :], mask=(rk < RK)[:, None], other=0.0)
         mean_k = tl.load(KMEAN + kvh * HEAD_DIM + cols)
-        mean_kp = tl.load(KMEAN + kvh * HEAD_DIM + partner)
 
         groups = N_ROWS // GROUP_SIZE
         kc_head = KC + kvh * N_ROWS * (RK // (8 // BITS))
@@ -271,19 +276,21 @@ if HAS_TRITON:
                 r_valid = r < n
                 rows = start + r
                 zk = _load_latents(kc_head, ks_head, km_head, rows, r_valid, RK, RK_PAD, BITS, GROUP_SIZE)
-                # latent @ basis: the key channels and their rotate_half partners, then RoPE
+                # latent @ basis, then the two RoPE halves of the scores
                 k = tl.dot(zk, basis_k, input_precision=DOT_PRECISION) + mean_k[None, :]
-                kp = tl.dot(zk, basis_kp, input_precision=DOT_PRECISION) + mean_kp[None, :]
                 pos = tl.load(POS + kvh * N_ROWS + rows, mask=r_valid, other=0)
                 cos = tl.load(COS + pos[:, None] * HEAD_DIM + cols[None, :], mask=r_valid[:, None], other=0.0)
                 sin = tl.load(SIN + pos[:, None] * HEAD_DIM + cols[None, :], mask=r_valid[:, None], other=0.0)
-                k = k * cos + sign[None, :] * kp * sin
+                qk = tl.dot(q, tl.trans((k * cos).to(q.dtype)), input_precision=DOT_PRECISION)
+                qk = tl.dot(q_rot, tl.trans((k * sin).to(q.dtype)), acc=qk, input_precision=DOT_PRECISION)
                 if V_LATENT:
                     zv = _load_latents(vc_head, vs_head, vm_head, rows, r_valid, RV, RV_PAD, V_BITS, GROUP_SIZE)
                     v = tl.dot(zv, basis_v, input_precision=DOT_PRECISION) + mean_v[None, :]
                 else:
                     v = load_value_rows(vc_head, vs_head, vm_head, rows, r_valid, HEAD_DIM, V_BITS, V_GROUP)
-                m_i, l_i, acc = softmax_step(q, k, v, r_valid[None, :], m_i, l_i, acc, qk_scale, DOT_PRECISION)
+                m_i, l_i, acc = softmax_scores_step(
+                    qk * qk_scale, v, r_valid[None, :], m_i, l_i, acc, q.dtype, DOT_PRECISION
+                )
 
         m_i, l_i, acc = attend_fp_rows(
             q, K, V, b, kvh, qi, m_i, l_i, acc, qk_scale, Q_LEN, T_FP,
@@ -294,9 +301,10 @@ if HAS_TRITON:
 
     def _latent_configs() -> list:
         """A smaller search space than the packed kernel's: each program also holds its head's
-        bases (``RK_PAD x HEAD_DIM`` fp32, twice for the rotate_half partners, and the values'),
-        so 128-row tiles are left out, and the GPU check compiles 8 configs per key, not 18.
-        Chosen without a GPU; the GPU check's log records which one wins."""
+        bases (``RK_PAD x HEAD_DIM`` fp32 for the keys, and the values'; until 2026-12-04 the keys'
+        twice, for the rotate_half partners), so 128-row tiles are left out, and the GPU check
+        compiles 8 configs per key, not 18. Chosen without a GPU; the GPU check's log records which
+        one wins."""
         return [
             triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s) for bn in (32, 64) for w in (4, 8) for s in (2, 3)
         ]
@@ -328,7 +336,7 @@ def latent_attention(
     key tile; ``None`` autotunes it (with warps and stages) on CUDA and takes 32 under the
     interpreter, which would run every configuration.
     """
-    backend = resolve_backend(backend, query)
+    backend = resolve_backend(backend, query, seg.rope_repeats if backend != "torch" else True)
     check_attention_inputs(query, key, value, seg)
     batch, q_heads, q_len, d = query.shape
     scale = d**-0.5 if scale is None else float(scale)

@@ -47,6 +47,7 @@ class SegmentsLayout:
 
     k_codes: torch.Tensor
     cos: torch.Tensor
+    sin: torch.Tensor
     bits: int
     v_bits: int | None
     seg_start_host: tuple[int, ...]
@@ -66,6 +67,16 @@ class SegmentsLayout:
     @property
     def num_segments(self) -> int:
         return len(self.seg_start_host) - 1
+
+    @cached_property
+    def rope_repeats(self) -> bool:
+        """Whether ``cos``/``sin`` repeat over the two halves of head_dim, as transformers builds
+        them (``cat(freqs, freqs)``): the Triton kernels' two-dot RoPE relies on it; the PyTorch
+        reference takes any tables. Computed once per layout (a device sync on CUDA)."""
+        half = self.cos.shape[-1] // 2
+        return torch.equal(self.cos[:, :half], self.cos[:, half:]) and torch.equal(
+            self.sin[:, :half], self.sin[:, half:]
+        )
 
     def check_tensors(self, expected: dict[str, tuple[tuple[int, ...], torch.dtype]], contiguous: bool) -> None:
         """Raise naming the first tensor whose shape, dtype or device (or layout) is not ``expected``."""
@@ -141,16 +152,6 @@ class QuantizedSegments(SegmentsLayout):
             raise ValueError(f"segment rows must be multiples of group_size {self.group_size}")
         if self.seg_start_host[-1] != rows or d % self.v_group or d % 2:
             raise ValueError("seg_start must end at N and head_dim must be even and a multiple of v_group")
-
-    @cached_property
-    def rope_repeats(self) -> bool:
-        """Whether ``cos``/``sin`` repeat over the two halves of head_dim, as transformers builds
-        them (``cat(freqs, freqs)``): the Triton kernel's two-dot RoPE relies on it; the PyTorch
-        reference takes any tables. Computed once per layout (a device sync on CUDA)."""
-        half = self.cos.shape[-1] // 2
-        return torch.equal(self.cos[:, :half], self.cos[:, half:]) and torch.equal(
-            self.sin[:, :half], self.sin[:, half:]
-        )
 
 
 # --------------------------------------------------------------------------- PyTorch reference

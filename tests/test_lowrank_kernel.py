@@ -223,6 +223,24 @@ def test_latent_layout_refuses_what_the_kernel_cannot_read():
         LatentPackedSegments.from_segments([codec.parse(fp16)], basis, 0, PlainRotary(64))
 
 
+def test_latent_triton_refuses_rotary_tables_whose_halves_differ():
+    """The latent kernel rotates keys by two dots too (tests/test_kernels.py says why): other
+    tables are refused by the Triton backend and read by the torch path."""
+    import dataclasses
+
+    from ragcompress_kernels import latent_attention
+
+    packed, layer, query, key, value, _ = build(dict(CASES["decode-d64-g3-int4-r16-r32"], seed=0))
+    seg = packed.layers[layer]
+    assert seg.rope_repeats
+    sin = seg.sin.clone()
+    sin[:, 0] += 0.5
+    odd = dataclasses.replace(seg, sin=sin)
+    with pytest.raises(ValueError, match="repeat over the two halves of head_dim"):
+        latent_attention(query, key, value, odd, backend="triton")
+    assert torch.isfinite(latent_attention(query, key, value, odd, backend="torch")).all()
+
+
 LATENT_STORES = {
     "keys-and-values-rank8-int4": dict(quant="int4", rank=8),
     # the smallest preset's shape: evicted, key latents at int4, values as int2 rows
