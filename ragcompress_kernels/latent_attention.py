@@ -3,8 +3,8 @@
 A low-rank store (``ragcompress/kv/lowrank.py``, Palu / ShadowKV style) keeps, per layer and KV
 head, the latents ``z = (x - mean) @ U`` of un-rotated keys and of values, quantized per channel
 over groups of ``group_size`` rows (``ragcompress/store/latent.py``). This kernel rebuilds each
-tile of keys as ``z_k @ U_k^T + mean_k`` (and its ``rotate_half`` partner channels from the same
-latents, with the basis columns permuted), applies RoPE at each row's position, rebuilds values
+tile of keys as ``z_k @ U_k^T + mean_k``, applies RoPE at each row's position inside the scores
+(two dots, ``q . (k cos) + q' . (k sin)``: ``load_rotated_query_tile``), rebuilds values
 as ``z_v @ U_v^T + mean_v`` (or, in a store that projects keys only, dequantizes the values'
 quantized rows, which may have their own bit width: ``smallest``'s int2 values beside int4 key
 latents) and runs the online softmax (FlashAttention) over the segments and
@@ -184,6 +184,7 @@ if HAS_TRITON:
     from .quantized_attention import (  # Triton functions shared with the packed kernel
         attend_fp_rows,
         load_query_tile,
+        load_rotated_query_tile,
         load_value_rows,
         softmax_scores_step,
         store_output_tile,
@@ -222,7 +223,6 @@ if HAS_TRITON:
         pid_bh = tl.program_id(1)
         b = pid_bh // H_KV
         kvh = pid_bh % H_KV
-        HALF: tl.constexpr = HEAD_DIM // 2
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_valid = offs_m < GROUP * Q_LEN
@@ -230,15 +230,9 @@ if HAS_TRITON:
         qi = offs_m % Q_LEN
         cols = tl.arange(0, HEAD_DIM)
         q = load_query_tile(Q, b, qh, qi, m_valid, stride_qb, stride_qh, stride_qm, HEAD_DIM)
-        # RoPE as two dots over k cos and k sin with q' = -rotate_half(q) (the packed kernel's
-        # _packed_attn_fwd says why): each key is rebuilt once, without its partner channels
-        partner = (cols + HALF) % HEAD_DIM
-        q_rot = tl.load(
-            Q + b * stride_qb + qh[:, None] * stride_qh + qi[:, None] * stride_qm + partner[None, :],
-            mask=m_valid[:, None],
-            other=0.0,
-        )
-        q_rot = tl.where(cols[None, :] < HALF, q_rot, -q_rot)
+        # RoPE as two dots over k cos and k sin (load_rotated_query_tile says why): each key is
+        # rebuilt once, without its rotate_half partner channels
+        q_rot = load_rotated_query_tile(Q, b, qh, qi, m_valid, stride_qb, stride_qh, stride_qm, HEAD_DIM)
 
         # this head's key basis (U^T, rows >= rank are 0) and mean, once per program
         rk = tl.arange(0, RK_PAD)

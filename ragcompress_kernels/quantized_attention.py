@@ -324,6 +324,20 @@ if HAS_TRITON:
         )
 
     @triton.jit
+    def load_rotated_query_tile(Q, b, qh, qi, m_valid, stride_qb, stride_qh, stride_qm, HEAD_DIM: tl.constexpr):  # fmt: skip
+        """``-rotate_half(q) = [q2, -q1]`` of the tile's queries: with it, scores against keys
+        rotated by rotate_half RoPE are ``q . (k cos) + q' . (k sin)`` (tables repeating over the
+        halves of ``HEAD_DIM``), so the kernels dequantize or rebuild each key channel once."""
+        cols = tl.arange(0, HEAD_DIM)
+        partner = (cols + HEAD_DIM // 2) % HEAD_DIM
+        q_rot = tl.load(
+            Q + b * stride_qb + qh[:, None] * stride_qh + qi[:, None] * stride_qm + partner[None, :],
+            mask=m_valid[:, None],
+            other=0.0,
+        )
+        return tl.where(cols[None, :] < HEAD_DIM // 2, q_rot, -q_rot)
+
+    @triton.jit
     def softmax_step(q, k, v, allowed, m_i, l_i, acc, qk_scale, DOT_PRECISION: tl.constexpr):  # fmt: skip
         """One key tile of online softmax (FlashAttention): the scores of ``q`` against ``k``
         (base 2: ``qk_scale`` carries log2 e) where ``allowed``, folded into the running row max
@@ -461,7 +475,6 @@ if HAS_TRITON:
         PB: tl.constexpr = 8 // BITS
         CODE_MASK: tl.constexpr = (1 << BITS) - 1
         V_PB: tl.constexpr = 8 // V_BITS
-        HALF: tl.constexpr = HEAD_DIM // 2
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_valid = offs_m < GROUP * Q_LEN
@@ -471,15 +484,9 @@ if HAS_TRITON:
         q = load_query_tile(Q, b, qh, qi, m_valid, stride_qb, stride_qh, stride_qm, HEAD_DIM)
         # RoPE without rotating the keys' partner channels: a rotated key is k cos + rotate_half(k) sin,
         # and since sin (like cos) repeats over the two halves of d, q . rotate_half(k) sin equals
-        # q' . (k sin) with q' = -rotate_half(q) = [q2, -q1]: two dots over k cos and k sin, and each
-        # key channel is dequantized once (QuantizedSegments checks the tables repeat)
-        partner = (cols + HALF) % HEAD_DIM
-        q_rot = tl.load(
-            Q + b * stride_qb + qh[:, None] * stride_qh + qi[:, None] * stride_qm + partner[None, :],
-            mask=m_valid[:, None],
-            other=0.0,
-        )
-        q_rot = tl.where(cols[None, :] < HALF, q_rot, -q_rot)
+        # q' . (k sin) with q' = -rotate_half(q): two dots over k cos and k sin, and each key channel
+        # is dequantized once (resolve_backend refuses tables that do not repeat: rope_repeats)
+        q_rot = load_rotated_query_tile(Q, b, qh, qi, m_valid, stride_qb, stride_qh, stride_qm, HEAD_DIM)
         k_byte, k_shift = cols // PB, (cols % PB) * BITS
         ROW_BYTES: tl.constexpr = HEAD_DIM // PB
         V_ROW_BYTES: tl.constexpr = HEAD_DIM // V_PB
