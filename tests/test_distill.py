@@ -19,8 +19,9 @@ import torch
 
 from ragcompress.compressors import CompressionContext, make_compressor
 from ragcompress.distill.adaptor import Adaptor, lora_active, remove_adapter
+from ragcompress.distill.distiller import Distiller
 from ragcompress.distill.scorer import fit
-from ragcompress.distill.train import Distiller, TrainConfig
+from ragcompress.distill.train import TrainConfig
 from ragcompress.errors import InputError, StoreMismatchError
 from ragcompress.indexing import IndexConfig, index
 from ragcompress.indexing.encoder import PassageEncoder
@@ -264,7 +265,9 @@ def test_views_add_teacher_examples_of_other_contexts_and_reuse_the_ones_compute
     builds), the others draws of top-k from the 2k nearest, the same on every run; a run with more
     views reuses the examples a run with fewer computed; a teacher file of another view count is refused."""
     from ragcompress.data import SAMPLE_PASSAGES, SAMPLE_QUESTIONS
-    from ragcompress.distill.train import Distiller, TrainConfig, load_tree, question_of, train, views_of
+    from ragcompress.distill.checkpoint import load_tree
+    from ragcompress.distill.corpus import question_of, views_of
+    from ragcompress.distill.train import TrainConfig, train
 
     views = views_of("q1", [5, 3, 9, 1], 2, 3)
     assert views[0] == ("q1", [5, 3]) and [v[0] for v in views] == ["q1", "q1@view1", "q1@view2"]
@@ -407,7 +410,7 @@ def test_compressed_student_reads_what_the_runtime_serves(lm, lowrank):
 def test_student_evicts_by_value_weighted_scores_when_trained_for_them():
     """``train --value-norm``: the student's eviction is the store's (``index --value-norm``), and
     without an eviction method the flag is refused before any training."""
-    from ragcompress.distill.train import student_compressor
+    from ragcompress.distill.config import student_compressor
 
     weighted = student_compressor(TrainConfig(method="global:kvzip", ratio=0.25, keep_first=1, value_norm=True))
     plain = student_compressor(TrainConfig(method="global:kvzip", ratio=0.25, keep_first=1))
@@ -418,7 +421,7 @@ def test_student_evicts_by_value_weighted_scores_when_trained_for_them():
 
 
 def test_learning_rate_warms_up_then_decays_to_a_tenth_and_is_constant_by_default():
-    from ragcompress.distill.train import lr_factor
+    from ragcompress.distill.config import lr_factor
 
     assert [lr_factor(TrainConfig(steps=10), step) for step in (0, 5, 9)] == [1.0, 1.0, 1.0]
     config = TrainConfig(steps=12, warmup=4, decay="cosine")
@@ -658,7 +661,8 @@ def test_extra_passages_add_training_examples_with_the_models_own_questions(lm, 
     of both corpora, and validation stays on the held-out articles only."""
     from ragcompress.data import SAMPLE_PASSAGES, SAMPLE_QUESTIONS
     from ragcompress.distill import synthetic
-    from ragcompress.distill.train import TrainConfig, load_tree, train
+    from ragcompress.distill.checkpoint import load_tree
+    from ragcompress.distill.train import TrainConfig, train
 
     essays = tmp_path / "essays"
     essays.mkdir()

@@ -129,19 +129,23 @@ def test_teacher_examples_left_by_another_split_are_refused(tiny_lm, tmp_path):
 
     from ragcompress.distill.adaptor import remove_adapter
     from ragcompress.distill.checkpoint import save_tree
-    from ragcompress.distill.train import TRAINING_ADAPTER, Distiller
+    from ragcompress.distill.distiller import TRAINING_ADAPTER, Distiller
+    from ragcompress.distill.teacher import teacher_settings
     from ragcompress.evaluation import read_questions, select_questions
     from ragcompress.indexing.inputs import iter_passages
 
     questions = read_questions(SAMPLE_QUESTIONS)
     first = select_questions([q for q in questions if not (q.passage_id or "").startswith("Apollo")], 1)[0]
     apollo = [p.text for p in iter_passages(SAMPLE_PASSAGES) if p.article == "Apollo_program"][:2]
-    distiller = Distiller(tiny_lm, Adaptor.initial(tiny_lm.model, rank=2, alpha=4), teacher_top=16, continuation=4)
+    distiller = Distiller(
+        tiny_lm, Adaptor.initial(tiny_lm.model, rank=2, alpha=4), CONFIG.teacher_top, CONFIG.continuation
+    )
     example = distiller.teacher(first.id, [distiller.tokens.passage(t) for t in apollo], first.question)
     remove_adapter(tiny_lm.model, TRAINING_ADAPTER)
     out = tmp_path / "run"
     out.mkdir()
-    save_tree([asdict(example)], out / "teacher-train.part")
+    saved = {"examples": [asdict(example)], "base_fingerprint": tiny_lm.fingerprint}
+    save_tree({**saved, "teacher_settings": teacher_settings(distiller, CONFIG.top_k)}, out / "teacher-train.part")
     with pytest.raises(InputError, match="another split"):
         train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, dataclasses.replace(CONFIG), progress=False)
 
@@ -245,7 +249,7 @@ def test_a_resumed_run_records_the_rank_and_alpha_it_trains(tiny_lm, tmp_path):
 def test_a_resumed_checkpoint_without_a_recorded_kind_is_a_cache_adaptor(tmp_path):
     """A cache adaptor's settings name no kind (``Adaptor.kind``): resuming one without ``--kind
     cache`` recorded ``kind: forward`` in the adaptor's config, silently."""
-    from ragcompress.distill.train import resumed_settings
+    from ragcompress.distill.resume import resumed_settings
 
     config = dataclasses.replace(CONFIG)
     with pytest.warns(UserWarning, match=r"keeps --kind cache \(not forward\)"):
@@ -257,7 +261,7 @@ def test_kept_rows_are_taken_only_for_the_eviction_they_were_chosen_by(tiny_lm):
     """``kept-rows.safetensors`` outlives a deleted checkpoint: a new run in the folder takes its
     rows only under the same eviction (``--value-norm`` changes which rows KVzip keeps, and was
     not part of the settings), and rows saved before value weighting was recorded still match."""
-    from ragcompress.distill.train import kept_rows_settings
+    from ragcompress.distill.resume import kept_rows_settings
 
     base = dataclasses.replace(CONFIG, method="global:kvzip", ratio=0.5)
     settings = kept_rows_settings(tiny_lm, base)
@@ -272,7 +276,7 @@ def test_negative_minutes_and_models_training_cannot_move_are_refused_by_name(ti
     CLI as a traceback, and a refused model is left without the training LoRA layers."""
     from ragcompress.compressors import make_compressor
     from ragcompress.distill.adaptor import _adapter_names
-    from ragcompress.distill.train import Distiller
+    from ragcompress.distill.distiller import Distiller
     from ragcompress.models import load_model
     from ragcompress.testing import make_tiny_model
 
@@ -311,3 +315,65 @@ def test_teacher_examples_of_other_teacher_settings_are_refused(tiny_lm, tmp_pat
     save_tree(part, other / "teacher-train.part")  # a killed run's partial examples, resumed with another length
     with pytest.raises(InputError, match=r"teacher-train.part holds teacher examples computed with continuation=4"):
         train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, other, longer, progress=False)
+
+
+def test_teacher_files_from_before_the_model_and_settings_were_recorded_are_refused(tiny_lm, tmp_path):
+    """A teacher file in the list format (a ``teacher-*.part`` of a run from before the base-model
+    fingerprint was recorded), or one recording no fingerprint or no teacher settings, was
+    distilled from after a check of its split only: nothing says it holds this model's
+    distributions under this run's ``--continuation``, top-k and teacher width. It is refused by
+    name, and the run computes it again once it is deleted."""
+    from ragcompress.distill.checkpoint import load_tree, save_tree
+
+    out = tmp_path / "run"
+    train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, dataclasses.replace(CONFIG), progress=False)
+    part, finished = load_tree(out / "teacher-train.part"), load_tree(out / "teacher.safetensors")
+    longer = dataclasses.replace(CONFIG, continuation=CONFIG.continuation + 2)  # what the old files could not tell
+    old_files = [
+        ("teacher-train.part", part["examples"]),  # the list format
+        ("teacher-val.part", {"examples": load_tree(out / "teacher-val.part")["examples"]}),
+        ("teacher.safetensors", {"train": finished["train"], "val": finished["val"]}),
+        ("teacher.safetensors", {k: v for k, v in finished.items() if k != "teacher_settings"}),
+    ]
+    for i, (name, saved) in enumerate(old_files):
+        folder = tmp_path / f"old-{i}"
+        folder.mkdir()
+        save_tree(saved, folder / name)
+        with pytest.raises(InputError, match=rf"{name} is a teacher file from before .* delete {name} \(or"):
+            train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, folder, longer, progress=False)
+    (folder / "teacher.safetensors").unlink()
+    train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, folder, longer, progress=False)
+    assert load_tree(folder / "teacher.safetensors")["teacher_settings"]["continuation"] == longer.continuation
+
+
+def test_a_kept_student_basis_fitted_on_other_passages_is_refused(tiny_lm, tmp_path):
+    """``student-basis.json`` recorded the model, the rank spec and how many passages the basis was
+    fitted on, not which: a run resumed with the same passages in another order (the teacher
+    examples still on the training side) projected on a basis of passages it no longer starts
+    with. The stamp records a hash of their texts, and a basis of other passages, or whose stamp
+    does not say which, is refused until it is deleted (then fitted again)."""
+    from ragcompress.distill.basis import passages_sha256
+    from ragcompress.indexing.inputs import iter_passages
+
+    config = dataclasses.replace(CONFIG, quant="int4", kv_rank=8, calibration_passages=4)
+    out = tmp_path / "run"
+    train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, config, progress=False)
+    stamp = out / "student-basis.json"
+    training_side = [p for p in iter_passages(SAMPLE_PASSAGES) if p.article not in config.val_articles]
+    assert json.loads(stamp.read_text())["passages_sha256"] == passages_sha256(training_side[:4])
+    reordered = tmp_path / "passages.jsonl"
+    reordered.write_text("".join(reversed(SAMPLE_PASSAGES.read_text().splitlines(keepends=True))))
+    resumed = dataclasses.replace(config, steps=2)
+    with pytest.raises(InputError, match="student-basis.safetensors was fitted on other passages than this run's"):
+        train(tiny_lm, reordered, SAMPLE_QUESTIONS, out, resumed, progress=False)
+    recorded = json.loads(stamp.read_text())
+    legacy = [recorded["base_fingerprint"], recorded["lowrank"], recorded["calibration_passages"]]
+    stamp.write_text(json.dumps(legacy, sort_keys=True))  # as written before the passages were recorded
+    with pytest.raises(InputError, match="student-basis.safetensors has no record of the passages"):
+        train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, resumed, progress=False)
+    stamp.unlink()
+    with pytest.raises(InputError, match="student-basis.safetensors has no record of the passages"):
+        train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, resumed, progress=False)
+    (out / "student-basis.safetensors").unlink()
+    train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, resumed, progress=False)
+    assert json.loads(stamp.read_text()) == recorded

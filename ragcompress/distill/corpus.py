@@ -1,0 +1,150 @@
+"""The training data of a run: passages and questions split by article into a training and a
+held-out side (:class:`Corpus`), and the contexts each question is trained on (:func:`views_of`).
+
+The split is by article, never by passage: a held-out question's answer must not sit in a
+training passage of the same article. Examples are built by retrieval over each side's own
+passages, so the adaptor learns passages beside the ones retrieval puts next to them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ragcompress.distill.config import TrainConfig
+from ragcompress.errors import InputError
+from ragcompress.evaluation import Question, read_questions
+from ragcompress.indexing.inputs import PassageInput, iter_passages
+from ragcompress.models import LoadedModel
+
+if TYPE_CHECKING:
+    from ragcompress.retrieval import Embedder
+
+VIEW_SEPARATOR = "@view"  # example id of a question's extra view: "<question id>@view<v>"
+
+
+def split_articles(titles: list[str], val_articles: list[str] | None = None) -> list[str]:
+    """Held-out articles: ``val_articles`` if given, else every third title in sorted order."""
+    ordered = sorted(set(titles))
+    chosen = list(val_articles) if val_articles else ordered[::3]
+    unknown = sorted(set(chosen) - set(ordered))
+    if unknown:
+        raise InputError(
+            f"validation articles not in the passages: {unknown} (pass --val-articles once per title, "
+            f"exactly as the passages' titles spell it: {ordered})"
+        )
+    if len(chosen) == len(ordered):
+        raise InputError("every article is held out; nothing is left to train on")
+    return chosen
+
+
+def data_hash(
+    passages_path: Path, questions_path: Path, val_articles: list[str], extra_passages: str | None = None
+) -> str:
+    """sha256 of the training data files, the split and (if any) every file of ``extra_passages``."""
+    digest = hashlib.sha256()
+    files = [passages_path, questions_path]
+    if extra_passages:
+        extra = Path(extra_passages)
+        files += sorted(p for p in extra.rglob("*") if p.is_file()) if extra.is_dir() else [extra]
+    for path in files:
+        digest.update(path.read_bytes())
+    digest.update(json.dumps(sorted(val_articles)).encode())
+    return digest.hexdigest()
+
+
+@dataclass
+class Corpus:
+    """Passages and questions of one side of the split, with retrieval over its passages."""
+
+    passages: list[PassageInput]
+    questions: list[Question]
+    vectors: np.ndarray
+
+    def retrieve(self, question_vectors: np.ndarray, k: int) -> list[list[int]]:
+        scores = question_vectors @ self.vectors.T
+        return [list(np.argsort(-row, kind="stable")[:k]) for row in scores]
+
+
+def load_corpora(
+    passages: list[PassageInput], questions_path: Path, val_articles: list[str], embedder: Embedder
+) -> tuple[Corpus, Corpus]:
+    """The training and held-out sides of ``passages`` and their questions, split by article."""
+    questions = read_questions(questions_path)
+    article = {p.id: p.article for p in passages}
+    sides = []
+    for held_out in (False, True):
+        ps = [p for p in passages if (p.article in val_articles) == held_out]
+        qs = [q for q in questions if (article.get(q.passage_id or "", "") in val_articles) == held_out]
+        sides.append(Corpus(ps, qs, embedder.embed([p.text for p in ps])))
+    train, val = sides
+    ids_train = {p.article for p in train.passages}
+    if ids_train & {p.article for p in val.passages}:
+        raise AssertionError("an article is on both sides of the split")
+    return train, val
+
+
+def check_questions(passages: list[PassageInput], questions_path: Path, train: Corpus) -> None:
+    """Refuse questions the split cannot place: no ``passage_id``, or one not in the passages (their
+    article is unknown, so they could be a held-out article's; ``load_corpora`` puts them on the
+    training side)."""
+    known = {p.id for p in passages}
+    unplaced = [q.id for q in train.questions if q.passage_id not in known]
+    if unplaced:
+        raise InputError(
+            f"{questions_path}: {len(unplaced)} question(s) name no passage of the passages file (e.g. {unplaced[0]}); "
+            "training splits questions by their passage's article, so each needs a passage_id of --passages"
+        )
+
+
+def require_questions(corpus: Corpus, side: str, questions_path: Path) -> None:
+    """Refuse a side of the split without questions (nothing to train on, or to validate on)."""
+    if not corpus.questions:
+        articles = sorted({p.article for p in corpus.passages})
+        raise InputError(
+            f"{questions_path} holds no question of the {side} articles {articles}; give questions of both "
+            "sides of the split (or other --val-articles)"
+        )
+
+
+def with_extra_passages(
+    lm: LoadedModel, corpus: Corpus, config: TrainConfig, embedder: Embedder, out: Path, progress: bool
+) -> Corpus:
+    """The training corpus plus ``config.extra_passages`` and the base model's questions about
+    them (``synthetic.py``, cached in ``out/extra-questions.jsonl``): more examples, from other
+    text, retrieved over the union so that a question's passages may come from either."""
+    from ragcompress.distill.synthetic import synthetic_questions
+
+    assert config.extra_passages is not None
+    extra = list(iter_passages(config.extra_passages))
+    held_out = sorted({p.article for p in extra} & set(config.val_articles))
+    if held_out:
+        raise InputError(f"--extra-passages {config.extra_passages} holds held-out articles {held_out}")
+    clash = sorted({p.id for p in extra} & {p.id for p in corpus.passages})
+    if clash:
+        raise InputError(f"--extra-passages {config.extra_passages} repeats passage ids of --passages: {clash[:3]}")
+    questions = synthetic_questions(lm, extra, config.extra_questions, out / "extra-questions.jsonl", progress)
+    vectors = embedder.embed([p.text for p in extra])
+    return Corpus(corpus.passages + extra, corpus.questions + questions, np.vstack([corpus.vectors, vectors]))
+
+
+def question_of(example_id: str) -> str:
+    """The question id of an example id (``TrainConfig.views``)."""
+    return example_id.split(VIEW_SEPARATOR)[0]
+
+
+def views_of(question_id: str, retrieved: list[int], k: int, views: int) -> list[tuple[str, list[int]]]:
+    """(example id, passage rows) of each view of one question: ``retrieved[:k]`` in retrieval
+    order, then ``views - 1`` draws of ``k`` of ``retrieved`` (its ``2k`` nearest) in a drawn
+    order, seeded by the question id so that a resumed or repeated run draws the same."""
+    out = [(question_id, list(retrieved[:k]))]
+    rng = random.Random(question_id)
+    for view in range(1, views):
+        out.append((f"{question_id}{VIEW_SEPARATOR}{view}", rng.sample(list(retrieved), k)))
+    return out

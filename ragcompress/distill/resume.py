@@ -1,0 +1,216 @@
+"""What a run starts from, and the refusals that keep a resumed run honest.
+
+A run in an ``--out`` folder that holds a checkpoint resumes it: the checkpoint's factors,
+optimizer state and history (:class:`Checkpointer` writes them, :func:`resume_state` reads them
+back). Resuming is refused when the checkpoint (or a teacher file) was made by another base
+model, holding out other articles, or for another compression (:func:`check_run`,
+:func:`check_resumed_compression`): the adaptor would otherwise report held-out numbers on what
+it trained on, or one loss curve across two stores. Without a checkpoint a run starts from
+``--init-adaptor`` (:func:`warm_start`) or from the adaptor of zeros.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ragcompress.distill.adaptor import Adaptor
+from ragcompress.distill.checkpoint import save_tree
+from ragcompress.distill.config import TrainConfig
+from ragcompress.distill.distiller import Distiller
+from ragcompress.distill.loop import TrainingState
+from ragcompress.errors import InputError
+from ragcompress.models import LoadedModel
+
+# the settings that define the store an adaptor is trained for (its student's compression)
+COMPRESSION_SETTINGS = (
+    "method", "ratio", "quant", "value_quant", "group_size", "kv_rank", "kv_rank_values", "calibration_passages",
+    "keep_first", "keep_last", "value_norm",
+)  # fmt: skip
+ANCESTRY = ("init_adaptor_hash", "init_train_articles")  # what a run records of its --init-adaptor
+
+
+def settings_differ(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``name=recorded (this run: current)`` for each setting a file records otherwise than this
+    run asks (the refusals of a resumed run name them so)."""
+    return [
+        f"{name}={recorded[name]!r} (this run: {value!r})"
+        for name, value in current.items()
+        if name in recorded and recorded[name] != value
+    ]
+
+
+def check_run(
+    path: Path, saved: dict[str, Any], lm: LoadedModel, held_out: list[str] | None = None, now: list[str] | None = None
+) -> None:
+    """Refuse to resume from ``path`` (a checkpoint or the teacher examples) saved by a run of
+    another base model, or holding out other articles (``held_out``; ``now``: this run's): the
+    adaptor would have trained on what is held out now. A checkpoint from before the fingerprint
+    was recorded is checked by its split only (teacher files without one are refused by
+    ``teacher.check_teacher_file``)."""
+    base = saved.get("base_fingerprint")
+    if base and base != lm.fingerprint:
+        raise InputError(
+            f"{path} was made with another base model (fingerprint {base[:16]}), not {lm.ref} "
+            f"({lm.fingerprint[:16]}); use that model, or another --out folder"
+        )
+    if held_out is not None and now is not None and sorted(held_out) != sorted(now):
+        raise InputError(
+            f"{path} was trained holding out {sorted(held_out)}, not {sorted(now)}: its adaptor has seen what "
+            "this run holds out; use the --val-articles it was trained with, or another --out folder"
+        )
+
+
+def check_resumed_compression(config: TrainConfig, saved: dict[str, Any], path: Path) -> None:
+    """Refuse to resume a run for another compression than it trained for: its factors, history
+    and held-out metrics (``held_out_start``) belong to the first, so the adaptor would record a
+    loss curve across two stores. Continuing from a finished adaptor is ``--init-adaptor``."""
+    differ = settings_differ(saved, {name: getattr(config, name) for name in COMPRESSION_SETTINGS})
+    if differ:
+        raise InputError(
+            f"{path} trains an adaptor for {', '.join(differ)}; resume with those settings, or train for this "
+            "compression in another --out folder (--init-adaptor OUT/adaptor starts from the finished adaptor)"
+        )
+
+
+def resumed_settings(config: TrainConfig, settings: dict[str, Any], path: Path, stacklevel: int = 3) -> None:
+    """A resumed run trains the checkpoint's factors, whose rank, alpha and kind are fixed: take
+    them into ``config`` (what the adaptor records), warning when this run asked for others
+    (``stacklevel``: the warning is attributed to the caller of ``train``)."""
+    # no "kind": a cache adaptor (Adaptor.kind), the only kind before "forward" was recorded
+    saved = {"rank": int(settings["rank"]), "alpha": int(settings["alpha"]), "kind": settings.get("kind", "cache")}
+    asked = {name: getattr(config, name) for name in saved}
+    if asked != saved:
+        differ = ", ".join(
+            f"--{name} {saved[name]} (not {asked[name]})" for name in saved if saved[name] != asked[name]
+        )
+        warnings.warn(
+            f"resuming {path}: its adaptor keeps {differ}; use another --out folder to train with those",
+            stacklevel=stacklevel,
+        )
+    config.rank, config.alpha, config.kind = saved["rank"], saved["alpha"], saved["kind"]
+
+
+def resumed_ancestry(checkpoint: dict[str, Any], config: TrainConfig, lm: LoadedModel, path: Path) -> dict[str, Any]:
+    """The adaptor a resumed run started from (``--init-adaptor``): its hash and the articles it
+    trained on, which the new adaptor's ``train_articles`` include. A checkpoint from before those
+    articles were recorded names only the hash: they are read from that adaptor (``--init-adaptor``
+    naming it, or the packaged one of that hash), and the run is refused when neither is found."""
+    from ragcompress.distill.adaptor import packaged_adaptor, resolve_adaptor
+
+    ancestry = {key: checkpoint[key] for key in ANCESTRY if checkpoint.get(key)}
+    start_hash = ancestry.get("init_adaptor_hash")
+    if start_hash is None or "init_train_articles" in ancestry:
+        return ancestry
+    start = resolve_adaptor(config.init_adaptor, lm.ref) if config.init_adaptor else None
+    if start is None or start.hash != start_hash:
+        start = packaged_adaptor(start_hash)
+    if start is None:
+        raise InputError(
+            f"{path} continues adaptor {start_hash[:16]} without recording the articles it trained on (a checkpoint "
+            "from before they were recorded); resume with --init-adaptor naming that adaptor, so that this "
+            "adaptor's train_articles include them"
+        )
+    return ancestry_of(start)
+
+
+def ancestry_of(start: Adaptor) -> dict[str, Any]:
+    """What a run started from ``start`` records of it: its hash, and its articles, which are
+    this run's too (an adaptor's train_articles are every article it descends from)."""
+    return {"init_adaptor_hash": start.hash, "init_train_articles": sorted(start.meta.get("train_articles", []))}
+
+
+def kept_rows_settings(lm: LoadedModel, config: TrainConfig) -> str:
+    """What the compressed student's kept rows (``Distiller.kept_rows``) were chosen under: the
+    model and every setting of the eviction (``student_compressor``); value weighting only when
+    on, so that the rows saved by runs from before it was recorded are still taken."""
+    settings = [lm.fingerprint, config.method, config.ratio, config.keep_first, config.keep_last]
+    return json.dumps(settings + (["value_norm"] if config.value_norm else []), sort_keys=True)
+
+
+def warm_start(lm: LoadedModel, config: TrainConfig) -> Adaptor:
+    """The adaptor ``config.init_adaptor`` names, as the starting point of training: same model,
+    kind ``forward``, its LoRA factors in fp32 (a packaged adaptor may store fp16); its rank and
+    alpha replace ``config``'s."""
+    from ragcompress.distill.adaptor import resolve_adaptor
+
+    assert config.init_adaptor is not None
+    start = resolve_adaptor(config.init_adaptor, lm.ref)
+    start.check_model(lm.fingerprint, lm.ref)
+    if start.kind != config.kind:
+        raise InputError(f"--init-adaptor {config.init_adaptor} is of kind {start.kind!r}, not {config.kind!r}")
+    seen = sorted(set(start.meta.get("train_articles", [])) & set(config.val_articles))
+    if seen:
+        raise InputError(
+            f"--init-adaptor {config.init_adaptor} was trained on {seen}, held out here; its numbers on them "
+            f"would not be held-out ones (hold out what it held out: {start.meta.get('val_articles')})"
+        )
+    config.rank, config.alpha = int(start.settings["rank"]), int(start.settings["alpha"])
+    tensors = {k: v.float() for k, v in start.lora_tensors.items()}
+    return Adaptor(dict(start.settings), tensors, ancestry_of(start))
+
+
+def starting_adaptor(
+    lm: LoadedModel, config: TrainConfig, checkpoint: dict[str, Any] | None, checkpoint_path: Path
+) -> Adaptor:
+    """The adaptor a run trains: the checkpoint's (checked against this run, its rank, alpha and
+    kind taken into ``config``), else ``--init-adaptor``'s, else the adaptor of zeros."""
+    if checkpoint is not None:
+        check_run(
+            checkpoint_path, checkpoint, lm, checkpoint.get("config", {}).get("val_articles"), config.val_articles
+        )
+        check_resumed_compression(config, checkpoint.get("config", {}), checkpoint_path)
+        ancestry = resumed_ancestry(checkpoint, config, lm, checkpoint_path)  # the init adaptor's, if any
+        adaptor = Adaptor(checkpoint["settings"], dict(checkpoint["initial"]), ancestry)
+        resumed_settings(config, adaptor.settings, checkpoint_path, stacklevel=4)
+        return adaptor
+    if config.init_adaptor:
+        return warm_start(lm, config)
+    return Adaptor.initial(lm.model, config.rank, config.alpha, kind=config.kind)
+
+
+def resume_state(checkpoint: dict[str, Any], distiller: Distiller, optimizer: torch.optim.Optimizer) -> TrainingState:
+    """Put a checkpoint's factors and optimizer state back; where its run stood."""
+    distiller.load_factors(checkpoint["params"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    return TrainingState(checkpoint["step"], checkpoint["elapsed"], checkpoint["history"])
+
+
+@dataclass
+class Checkpointer:
+    """Writes ``checkpoint.safetensors`` (and the compressed student's kept rows beside it, work a
+    resumed run need not redo): what :func:`starting_adaptor` and :func:`resume_state` read back."""
+
+    path: Path
+    kept_path: Path
+    kept_settings: str  # kept_rows_settings
+    distiller: Distiller
+    optimizer: torch.optim.Optimizer
+    adaptor: Adaptor
+    initial: dict[str, torch.Tensor]  # the factors the run started from
+    config: TrainConfig
+    ancestry: dict[str, Any]  # the adaptor it descends from (--init-adaptor), kept in every checkpoint
+
+    def save(self, state: TrainingState) -> None:
+        if self.distiller.compressor is not None:
+            save_tree(self.distiller.kept_rows_state(self.kept_settings), self.kept_path)
+        save_tree(
+            {
+                "step": state.step,
+                "elapsed": state.elapsed,
+                "settings": self.adaptor.settings,
+                "initial": self.initial,
+                "params": self.distiller.factors(),
+                "optimizer": self.optimizer.state_dict(),
+                "history": state.history,
+                "config": asdict(self.config),
+                "base_fingerprint": self.distiller.lm.fingerprint,
+                **self.ancestry,
+            },
+            self.path,
+        )

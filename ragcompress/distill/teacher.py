@@ -1,0 +1,171 @@
+"""The teacher's examples of a run and their files in ``--out``.
+
+Computing the teacher is the slowest part of a run's start (one full prefill and a greedy answer
+per example), so each example is saved as soon as it is computed (``teacher-train.part``,
+``teacher-val.part``: a killed run resumes from them) and the finished set once
+(``teacher.safetensors``). Those files hold the base model's distributions under this run's
+settings, so every one records the base model's fingerprint and the settings it was computed
+with (:func:`teacher_settings`), and a run refuses one that records another model, other
+settings, another split, or nothing it could be checked by (:func:`check_teacher_file`,
+:func:`check_split`): it would distil from it as if it were its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ragcompress.distill.checkpoint import load_tree, save_tree
+from ragcompress.distill.config import TrainConfig
+from ragcompress.distill.corpus import Corpus, question_of, views_of
+from ragcompress.distill.distiller import Distiller, passage_key
+from ragcompress.distill.objective import Example
+from ragcompress.distill.resume import check_run, settings_differ
+from ragcompress.errors import InputError
+from ragcompress.evaluation import select_questions
+
+if TYPE_CHECKING:
+    from ragcompress.retrieval import Embedder
+
+
+def teacher_settings(distiller: Distiller, k: int) -> dict[str, int]:
+    """What a teacher example is computed with besides the model and its question: the passages
+    retrieved for it, the teacher tokens kept per position and the continuation's length."""
+    return {"top_k": k, "teacher_top": distiller.teacher_top, "continuation": distiller.continuation}
+
+
+def check_teacher(path: Path, saved: dict[str, Any], settings: dict[str, int]) -> None:
+    """Refuse teacher examples computed with other :func:`teacher_settings`: a run would distil
+    from them while recording its own."""
+    recorded = saved.get("teacher_settings")
+    if recorded is not None and recorded != settings:
+        differ = ", ".join(settings_differ(recorded, settings))
+        raise InputError(
+            f"{path} holds teacher examples computed with {differ}; train with those settings, or delete "
+            f"{path.name} (or use another --out folder) to compute them again"
+        )
+
+
+def check_teacher_file(path: Path, saved: Any, distiller: Distiller, k: int) -> None:
+    """Refuse a teacher file (``teacher.safetensors`` or a ``teacher-*.part``) of another base
+    model (:func:`check_run`) or other :func:`teacher_settings` (:func:`check_teacher`), and one
+    that records neither the base model nor its settings (the list format of files from before
+    they were recorded): nothing says it holds this model's distributions under this run's
+    settings, so it is computed again rather than distilled from unchecked."""
+    if isinstance(saved, dict):
+        check_run(path, saved, distiller.lm)
+    if not isinstance(saved, dict) or not saved.get("base_fingerprint") or saved.get("teacher_settings") is None:
+        raise InputError(
+            f"{path} is a teacher file from before the base model and the teacher settings were recorded in it, "
+            f"so its examples cannot be checked against {distiller.lm.ref} or this run's settings; delete "
+            f"{path.name} (or use another --out folder) to compute them again"
+        )
+    check_teacher(path, saved, teacher_settings(distiller, k))
+
+
+def build_examples(
+    distiller: Distiller,
+    corpus: Corpus,
+    embedder: Embedder,
+    k: int,
+    limit: int | None,
+    desc: str,
+    partial: Path,
+    keep_full: bool = False,
+    views: int = 1,
+) -> list[Example]:
+    """Teacher examples of ``limit`` evenly spaced questions (all when None), ``views`` per
+    question (:func:`views_of`); each finished one is appended to ``partial`` (a killed run
+    resumes from it, and a run with more views reuses the ones it has)."""
+    from tqdm import tqdm
+
+    questions = select_questions(corpus.questions, limit or None)
+    done: dict[str, Example] = {}
+    if partial.is_file():
+        saved = load_tree(partial)
+        check_teacher_file(partial, saved, distiller, k)
+        done = {e["qid"]: Example(**e) for e in saved["examples"]}
+    vectors = embedder.embed([q.question for q in questions])
+    retrieved = corpus.retrieve(vectors, k if views == 1 else 2 * k)
+    examples = []
+    for q, rows in tqdm(list(zip(questions, retrieved, strict=True)), desc=desc, unit="question"):
+        for example_id, chosen in views_of(q.id, rows, k, views):
+            if example_id not in done:
+                passages = [distiller.tokens.passage(corpus.passages[i].text) for i in chosen]
+                done[example_id] = distiller.teacher(example_id, passages, q.question, keep_full)
+                save_tree(
+                    {
+                        "examples": [asdict(e) for e in done.values()],
+                        "base_fingerprint": distiller.lm.fingerprint,
+                        "teacher_settings": teacher_settings(distiller, k),
+                    },
+                    partial,
+                )
+            examples.append(done[example_id])
+    return examples
+
+
+def check_split(distiller: Distiller, path: Path, examples: list[Example], corpus: Corpus, side: str) -> None:
+    """Refuse cached teacher examples that do not belong to this run's side of the split: a
+    question of another article, or a passage from outside the side's passages (another
+    ``--val-articles`` on the same folder would otherwise train on held-out text)."""
+    questions = {q.id for q in corpus.questions}
+    passages = {passage_key(distiller.tokens.passage(p.text)) for p in corpus.passages}
+    for e in examples:
+        if question_of(e.qid) not in questions or any(passage_key(ids) not in passages for ids in e.passages):
+            raise InputError(
+                f"{path}: the {side} example of question {e.qid} was built for another split of the articles "
+                f"(its question or a retrieved passage is not on the {side} side now); use the --val-articles "
+                "it was built with, or another --out folder"
+            )
+
+
+def teacher_examples(
+    distiller: Distiller, config: TrainConfig, train: Corpus, val: Corpus, embedder: Embedder, out: Path
+) -> tuple[list[Example], list[Example]]:
+    """The run's training and held-out teacher examples: read back from ``out/teacher.safetensors``
+    (checked against this run), or computed (resuming from the ``.part`` files) and saved there."""
+    teacher_path = out / "teacher.safetensors"
+    if teacher_path.is_file():
+        cached = load_tree(teacher_path)
+        check_teacher_file(teacher_path, cached, distiller, config.top_k)
+        train_examples = [Example(**e) for e in cached["train"]]
+        val_examples = [Example(**e) for e in cached["val"]]
+        check_split(distiller, teacher_path, train_examples, train, "training")
+        built_views = len(train_examples) // max(1, len({question_of(e.qid) for e in train_examples}))
+        if built_views != config.views:
+            raise InputError(
+                f"{teacher_path} holds {built_views} view(s) per training question, not --views {config.views}: "
+                f"pass --views {built_views}, or delete {teacher_path.name} (the teacher-*.part files keep the "
+                "examples already computed, so only the missing views are computed again)"
+            )
+        check_split(distiller, teacher_path, val_examples, val, "held-out")
+        return train_examples, val_examples
+    train_part, val_part = out / "teacher-train.part", out / "teacher-val.part"
+    train_examples = build_examples(
+        distiller,
+        train,
+        embedder,
+        config.top_k,
+        config.train_questions or None,
+        "teacher (train)",
+        train_part,
+        views=config.views,
+    )
+    val_examples = build_examples(
+        distiller, val, embedder, config.top_k, config.val_examples, "teacher (held-out)", val_part, True
+    )
+    # the .part files may hold examples of another split (a deleted teacher file, other --val-articles)
+    check_split(distiller, train_part, train_examples, train, "training")
+    check_split(distiller, val_part, val_examples, val, "held-out")
+    save_tree(
+        {
+            "train": [asdict(e) for e in train_examples],
+            "val": [asdict(e) for e in val_examples],
+            "base_fingerprint": distiller.lm.fingerprint,
+            "teacher_settings": teacher_settings(distiller, config.top_k),
+        },
+        teacher_path,
+    )
+    return train_examples, val_examples
