@@ -265,8 +265,9 @@ def check_supported(config: Any) -> None:
 def load_model(ref: str | None = None, *, dtype: Any = None, device: Any = None) -> LoadedModel:
     """Load a causal LM by embedded name or local directory, in eval mode, with its identity.
 
-    ``device`` (default CPU) places the model; answering follows the model's device (on CUDA
-    with a quantized store, through the fused Triton kernel). Indexing runs on the CPU.
+    ``device`` (default CPU) places the model; answering follows the model's device (the dense
+    path by default; the fused Triton kernel on CUDA with ``backend="packed-triton"``). Indexing
+    runs on the CPU.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer

@@ -2,6 +2,8 @@
 
 The tokenizer (and its chat template) is the embedded SmolLM2's, so prompts split exactly as
 they would for a real model; the weights are random, so outputs are meaningless but deterministic.
+``tokenizer="chars"`` gives one token per printable ASCII character instead, for machines without
+the embedded model's package (the GPU check's bare CUDA image).
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ def make_tiny_model(
     layers: int = 2,
     heads: int = 4,
     kv_heads: int = 2,
+    tokenizer: str = "smollm2",
     **overrides: Any,
 ) -> Path:
-    """Save a random ``arch`` causal LM with the SmolLM2 tokenizer to ``directory``
-    (``overrides``: further config values, e.g. ``sliding_window``)."""
+    """Save a random ``arch`` causal LM with the SmolLM2 tokenizer (or ``tokenizer="chars"``:
+    :func:`char_tokenizer`) to ``directory`` (``overrides``: further config values, e.g.
+    ``sliding_window``)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -33,10 +37,12 @@ def make_tiny_model(
     directory = Path(directory)
     if (directory / "config.json").is_file():
         return directory
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(DEFAULT_MODEL))
+    if tokenizer not in ("smollm2", "chars"):
+        raise ValueError(f"tokenizer must be 'smollm2' or 'chars', got {tokenizer!r}")
+    tok = char_tokenizer() if tokenizer == "chars" else AutoTokenizer.from_pretrained(resolve_model_dir(DEFAULT_MODEL))
     config = AutoConfig.for_model(
         arch,
-        vocab_size=len(tokenizer),
+        vocab_size=len(tok),
         hidden_size=heads * head_dim,
         intermediate_size=2 * heads * head_dim,
         num_hidden_layers=layers,
@@ -44,9 +50,9 @@ def make_tiny_model(
         num_key_value_heads=kv_heads,
         head_dim=head_dim,
         max_position_embeddings=4096,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
         tie_word_embeddings=True,
         initializer_range=0.2,
         **overrides,
@@ -54,8 +60,25 @@ def make_tiny_model(
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
+    tok.save_pretrained(directory)
     return directory
+
+
+def char_tokenizer() -> Any:
+    """A fast tokenizer of one token per printable ASCII character, newline and tab (anything
+    else is ``<unk>``), with BOS/EOS/PAD and no chat template (the plain-text prompt): built in
+    memory from ``tokenizers``, so a tiny model needs no downloaded or packaged tokenizer."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    chars = [chr(c) for c in range(32, 127)] + ["\n", "\t"]
+    backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + chars)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
 
 
 class HashEmbedder:

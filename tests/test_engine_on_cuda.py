@@ -1,0 +1,79 @@
+"""The whole query path with the model on a CUDA GPU: `auto` (the dense path), the fused kernel
+and full prefill answer there as they do on the CPU (benchmarks/gpu_check.sh runs the
+``gpu``-marked test). The model is a tiny random llama with a character tokenizer, so the check
+needs no packaged model: only torch, transformers, tokenizers and faiss on the GPU machine. The
+same harness runs here on the CPU, where the paths must agree too."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ragcompress.runtime.options import AnswerOptions
+
+QUESTIONS = ["Where was the treaty signed?", "Who founded the city?", "What is the main export?"]
+TOP_K = 3
+
+
+@pytest.fixture(scope="module")
+def char_store(tmp_path_factory):
+    """A tiny llama (head_dim 16, GQA 2, one token per character) and an int4 store of eight
+    bundled passages, both built on the CPU as indexing is."""
+    from ragcompress.data import SAMPLE_PASSAGES
+    from ragcompress.indexing import IndexConfig, index
+    from ragcompress.models import load_model
+    from ragcompress.testing import HashEmbedder, make_tiny_model
+
+    root = tmp_path_factory.mktemp("cuda-engine")
+    model_dir = make_tiny_model("llama", root / "model", tokenizer="chars")
+    passages = root / "passages.jsonl"
+    passages.write_text("\n".join(SAMPLE_PASSAGES.read_text().splitlines()[:8]) + "\n")
+    config = IndexConfig(quant="int4", group_size=16, embedder=HashEmbedder().name)
+    index(passages, root / "store", lm=load_model(str(model_dir)), embedder=HashEmbedder(), config=config)
+    return str(model_dir), str(root / "store")
+
+
+def answers(model_dir: str, store: str, device: str, backends: list[str]) -> dict[str, list[tuple[str, list[int]]]]:
+    """Per backend (and ``full`` prefill): ``(path that ran, greedy token ids)`` per question."""
+    from ragcompress.models import load_model
+    from ragcompress.runtime.engine import Engine
+    from ragcompress.store import KVStore
+    from ragcompress.testing import HashEmbedder
+
+    lm = load_model(model_dir, device=device)
+    out: dict[str, list[tuple[str, list[int]]]] = {name: [] for name in [*backends, "full"]}
+    with Engine(KVStore.open(store), lm, HashEmbedder(), AnswerOptions(max_new_tokens=8)) as engine:
+        for question in QUESTIONS:
+            entries = engine.retrieve(question, TOP_K)
+            for backend in backends:
+                answer = engine.answer_cached(question, entries, engine.options.replace(backend=backend))
+                out[backend].append((answer.backend, answer.token_ids))
+            full = engine.answer_full(question, entries)
+            out["full"].append((full.backend, full.token_ids))
+    return out
+
+
+def test_a_character_tokenizer_model_answers_alike_through_every_cpu_path(char_store):
+    """The harness the CUDA test uses, on the CPU: ``auto`` is the dense path, and the packed
+    PyTorch path gives its tokens."""
+    out = answers(*char_store, "cpu", ["auto", "dense", "packed-torch"])
+    assert all(ids for _, ids in out["dense"])
+    assert [path for path, _ in out["auto"]] == ["dense"] * len(QUESTIONS)
+    assert out["auto"] == out["dense"]
+    assert [ids for _, ids in out["packed-torch"]] == [ids for _, ids in out["dense"]]
+
+
+@pytest.mark.gpu
+def test_engine_on_cuda_answers_as_on_the_cpu(char_store):
+    """With the model on CUDA: ``auto`` answers through the dense path, the fused kernel
+    (``packed-triton``) gives the tokens the packed PyTorch path gives on the CPU, and the dense
+    path and full prefill give the CPU's tokens (fp32 weights; greedy)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    pytest.importorskip("triton")
+    cpu = answers(*char_store, "cpu", ["dense", "packed-torch"])
+    cuda = answers(*char_store, "cuda", ["auto", "dense", "packed-triton"])
+    assert [path for path, _ in cuda["auto"]] == ["dense"] * len(QUESTIONS)
+    assert [path for path, _ in cuda["packed-triton"]] == ["packed-triton"] * len(QUESTIONS)
+    assert cuda["dense"] == cpu["dense"] and cuda["full"] == cpu["full"]
+    assert [ids for _, ids in cuda["packed-triton"]] == [ids for _, ids in cpu["packed-torch"]]
