@@ -13,9 +13,10 @@ into one tile (GQA). The full-size keys and values are never written to memory.
 :func:`latent_attention_ref` is the fp32 PyTorch reference (and the CPU path).
 
 The online-softmax step, the loop over the fp rows, the query load and the output store are the
-packed kernel's own (``quantized_attention.py``), so the two kernels differ only in how a tile of
-passage keys and values is rebuilt. No split-K here (one program covers all segments of a query
-block and KV head): decode over long contexts would want it, as ``quantized_attention.py`` has.
+packed kernel's own (``quantized_attention.py``), and so is split-K (row ranges of the packed rows,
+partials combined by ``_split_reduce``; since 2026-12-04, before which one program walked every
+segment of its KV head): the two kernels differ only in how a tile of passage keys and values is
+rebuilt.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from .quantized_attention import (
     attention_over_dense_ref,
     check_attention_inputs,
     dequantize_values_ref,
+    prepare_splits,
+    reduce_splits,
     resolve_backend,
     valid_rows_ref,
 )
@@ -182,12 +185,13 @@ def latent_attention_ref(
 
 if HAS_TRITON:
     from .quantized_attention import (  # Triton functions shared with the packed kernel
-        attend_fp_rows,
+        finish_split,
         load_query_tile,
         load_rotated_query_tile,
         load_value_rows,
+        segment_rows,
         softmax_scores_step,
-        store_output_tile,
+        split_row_range,
     )
 
     @triton.jit
@@ -207,20 +211,22 @@ if HAS_TRITON:
 
     @triton.jit
     def _latent_attn_fwd(
-        Q, K, V, KC, KS, KM, VC, VS, VM, KB, KMEAN, VB, VMEAN, POS, COS, SIN, SEG_START, SEG_LEN, OUT,
-        qk_scale, Q_LEN, T_FP, N_ROWS, NUM_SEGS, H_KV,
+        Q, K, V, KC, KS, KM, VC, VS, VM, KB, KMEAN, VB, VMEAN, POS, COS, SIN, SEG_START, SEG_LEN, SPLIT_SEG,
+        OUT, M_PART, L_PART, ACC_PART, qk_scale, Q_LEN, T_FP, N_ROWS, NUM_SEGS, H_KV, H_Q, BATCH,
         stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
         stride_ob, stride_oh, stride_om,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
         V_LATENT: tl.constexpr, V_BITS: tl.constexpr, V_GROUP: tl.constexpr,
-        RK: tl.constexpr, RV: tl.constexpr, RK_PAD: tl.constexpr, RV_PAD: tl.constexpr,
+        RK: tl.constexpr, RV: tl.constexpr, RK_PAD: tl.constexpr, RV_PAD: tl.constexpr, SPLIT: tl.constexpr,
         DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):  # fmt: skip
-        """Grid ``(cdiv(GROUP * Q_LEN, BLOCK_M), BATCH * H_KV)``; tile rows are ``(q head in
-        group, query token)`` pairs, as in ``_packed_attn_fwd``. ``V_LATENT``: values are latents
-        of rank ``RV`` (else quantized rows, ``V_GROUP`` channels per scale, ``RV`` unused)."""
+        """Grid ``(cdiv(GROUP * Q_LEN, BLOCK_M), BATCH * H_KV, n_splits)``; tile rows are ``(q head
+        in group, query token)`` pairs and splits are row ranges, as in ``_packed_attn_fwd``.
+        ``V_LATENT``: values are latents of rank ``RV`` (else quantized rows, ``V_GROUP`` channels
+        per scale, ``RV`` unused)."""
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
+        pid_s = tl.program_id(2)
         b = pid_bh // H_KV
         kvh = pid_bh % H_KV
 
@@ -262,12 +268,12 @@ if HAS_TRITON:
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-        for seg in range(0, NUM_SEGS):
-            start = tl.load(SEG_START + seg)
-            n = tl.load(SEG_LEN + kvh * NUM_SEGS + seg)
-            for off in range(0, n, BLOCK_N):
+        row_lo, row_hi, seg_lo, seg_hi = split_row_range(SPLIT_SEG, pid_s)
+        for seg in range(seg_lo, seg_hi):
+            start, lo, hi = segment_rows(SEG_START, SEG_LEN, seg, kvh, NUM_SEGS, row_lo, row_hi)
+            for off in range(lo, hi, BLOCK_N):
                 r = off + tl.arange(0, BLOCK_N)
-                r_valid = r < n
+                r_valid = r < hi
                 rows = start + r
                 zk = _load_latents(kc_head, ks_head, km_head, rows, r_valid, RK, RK_PAD, BITS, GROUP_SIZE)
                 # latent @ basis, then the two RoPE halves of the scores
@@ -286,12 +292,11 @@ if HAS_TRITON:
                     qk * qk_scale, v, r_valid[None, :], m_i, l_i, acc, q.dtype, DOT_PRECISION
                 )
 
-        m_i, l_i, acc = attend_fp_rows(
-            q, K, V, b, kvh, qi, m_i, l_i, acc, qk_scale, Q_LEN, T_FP,
-            stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-            HEAD_DIM, DOT_PRECISION, BLOCK_N,
+        finish_split(
+            q, K, V, OUT, M_PART, L_PART, ACC_PART, m_i, l_i, acc, pid_s, b, kvh, qh, qi, m_valid,
+            qk_scale, Q_LEN, T_FP, BATCH, H_Q, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
+            stride_vn, stride_ob, stride_oh, stride_om, HEAD_DIM, DOT_PRECISION, BLOCK_N, SPLIT,
         )  # fmt: skip
-        store_output_tile(OUT, acc, l_i, b, qh, qi, m_valid, stride_ob, stride_oh, stride_om, HEAD_DIM)
 
     def _latent_configs() -> list:
         """A smaller search space than the packed kernel's: each program also holds its head's
@@ -305,7 +310,18 @@ if HAS_TRITON:
 
     _latent_attn_fwd_tuned = triton.autotune(
         configs=_latent_configs(),
-        key=["GROUP", "HEAD_DIM", "BITS", "V_BITS", "V_LATENT", "RK_PAD", "RV_PAD", "BLOCK_M", "DOT_PRECISION"],
+        key=[
+            "GROUP",
+            "HEAD_DIM",
+            "BITS",
+            "V_BITS",
+            "V_LATENT",
+            "RK_PAD",
+            "RV_PAD",
+            "BLOCK_M",
+            "SPLIT",
+            "DOT_PRECISION",
+        ],
     )(_latent_attn_fwd)
 
 
@@ -318,6 +334,7 @@ def latent_attention(
     *,
     backend: str = "auto",
     block_n: int | None = None,
+    num_splits: int | None = None,
 ) -> torch.Tensor:
     """Attention of ``query`` over the latent segments ``seg`` and the fp ``key``/``value``.
 
@@ -328,7 +345,8 @@ def latent_attention(
     ``backend``: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"torch"``
     (:func:`latent_attention_ref`), ``"auto"`` (Triton on CUDA, else torch). ``block_n``: rows per
     key tile; ``None`` autotunes it (with warps and stages) on CUDA and takes 32 under the
-    interpreter, which would run every configuration.
+    interpreter, which would run every configuration. ``num_splits`` overrides the split-K plan
+    (:func:`~ragcompress_kernels.quantized_attention.prepare_splits`: the packed kernel's).
     """
     backend = resolve_backend(backend, query, seg.rope_repeats if backend != "torch" else True)
     check_attention_inputs(query, key, value, seg)
@@ -344,20 +362,23 @@ def latent_attention(
     # keys-only projection: the value basis and mean are never read (V_LATENT=False); any pointer will do
     v_basis = seg.v_codes if seg.v_basis is None else seg.v_basis
     v_mean = seg.v_codes if seg.v_mean is None else seg.v_mean
-    out = torch.empty((batch, q_len, q_heads, d), dtype=query.dtype, device=query.device)
-    grid = (triton.cdiv(group * q_len, block_m), batch * kv_heads)
+    m_blocks = triton.cdiv(group * q_len, block_m)
+    launch = prepare_splits(query, seg, t_fp, m_blocks, num_splits, interpret=query.device.type != "cuda")
+    grid = (m_blocks, batch * kv_heads, launch.n_splits)
     tuned = block_n is None and query.device.type == "cuda"
     kernel = _latent_attn_fwd_tuned if tuned else _latent_attn_fwd
     tile = {} if tuned else {"BLOCK_N": block_n or 32}
     kernel[grid](
         query, key, value, seg.k_codes, seg.k_scale, seg.k_min, seg.v_codes, seg.v_scale, seg.v_min,
         seg.k_basis, seg.k_mean, v_basis, v_mean, seg.positions, seg.cos, seg.sin, seg.seg_start,
-        seg.seg_len, out, scale * 1.4426950408889634, q_len, t_fp, seg.k_codes.shape[1],
-        seg.num_segments, kv_heads, *query.stride()[:3], *key.stride()[:3], *value.stride()[:3],
-        out.stride(0), out.stride(2), out.stride(1),
+        seg.seg_len, launch.splits, launch.out, launch.m_part, launch.l_part, launch.acc_part,
+        scale * 1.4426950408889634, q_len, t_fp, seg.k_codes.shape[1], seg.num_segments, kv_heads, q_heads, batch,
+        *query.stride()[:3], *key.stride()[:3], *value.stride()[:3],
+        launch.out.stride(0), launch.out.stride(2), launch.out.stride(1),
         GROUP=group, HEAD_DIM=d, BITS=seg.bits, GROUP_SIZE=seg.group_size,
         V_LATENT=seg.v_basis is not None, V_BITS=seg.value_bits, V_GROUP=seg.v_group or d, RK=rk, RV=rv,
         RK_PAD=max(16, triton.next_power_of_2(rk)), RV_PAD=max(16, triton.next_power_of_2(rv)),
-        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", BLOCK_M=block_m, **tile,
+        SPLIT=launch.split, DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", BLOCK_M=block_m,
+        **tile,
     )  # fmt: skip
-    return out
+    return reduce_splits(launch)

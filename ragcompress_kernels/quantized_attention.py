@@ -394,6 +394,45 @@ if HAS_TRITON:
         )
 
     @triton.jit
+    def split_row_range(SPLIT_SEG, pid_s):
+        """Split ``pid_s``'s packed rows ``[row_lo, row_hi)`` and the segments ``[seg_lo, seg_hi)``
+        they lie in (:func:`plan_splits`)."""
+        base = SPLIT_SEG + pid_s * 4
+        return tl.load(base), tl.load(base + 1), tl.load(base + 2), tl.load(base + 3)
+
+    @triton.jit
+    def segment_rows(SEG_START, SEG_LEN, seg, kvh, NUM_SEGS, row_lo, row_hi):
+        """Segment ``seg``'s first packed row and this head's kept rows of it, as offsets
+        ``[lo, hi)`` from that row, cut to the split's row range."""
+        start = tl.load(SEG_START + seg)
+        lo = tl.maximum(row_lo - start, 0)
+        hi = tl.minimum(row_hi - start, tl.load(SEG_LEN + kvh * NUM_SEGS + seg))
+        return start, lo, hi
+
+    @triton.jit
+    def finish_split(q, K, V, OUT, M_PART, L_PART, ACC_PART, m_i, l_i, acc, pid_s, b, kvh, qh, qi, m_valid,
+                     qk_scale, Q_LEN, T_FP, BATCH, H_Q, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
+                     stride_vn, stride_ob, stride_oh, stride_om, HEAD_DIM: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):  # fmt: skip
+        """After a split's segment rows: the last split also folds in the fp rows
+        (:func:`attend_fp_rows`); then its running ``(m, l, acc)`` goes into the partials
+        ``_split_reduce`` combines, or, unsplit, the normalised output tile is written."""
+        if pid_s == tl.num_programs(2) - 1:
+            m_i, l_i, acc = attend_fp_rows(
+                q, K, V, b, kvh, qi, m_i, l_i, acc, qk_scale, Q_LEN, T_FP,
+                stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                HEAD_DIM, DOT_PRECISION, BLOCK_N,
+            )  # fmt: skip
+        if SPLIT:
+            cols = tl.arange(0, HEAD_DIM)
+            part = (pid_s * BATCH + b) * H_Q * Q_LEN + qh * Q_LEN + qi  # [BLOCK_M] row of the partials
+            tl.store(M_PART + part, m_i, mask=m_valid)
+            tl.store(L_PART + part, l_i, mask=m_valid)
+            tl.store(ACC_PART + part[:, None] * HEAD_DIM + cols[None, :], acc, mask=m_valid[:, None])
+        else:
+            store_output_tile(OUT, acc, l_i, b, qh, qi, m_valid, stride_ob, stride_oh, stride_om, HEAD_DIM)
+
+    @triton.jit
     def load_value_rows(codes_head, scale_head, min_head, rows, r_valid, HEAD_DIM: tl.constexpr,
                         V_BITS: tl.constexpr, V_GROUP: tl.constexpr):  # fmt: skip
         """Dequantized values ``[BLOCK_N, HEAD_DIM]`` fp32 of ``rows`` of one head: codes ``[N,
@@ -469,7 +508,6 @@ if HAS_TRITON:
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         pid_s = tl.program_id(2)
-        n_splits = tl.num_programs(2)
         b = pid_bh // H_KV
         kvh = pid_bh % H_KV
         PB: tl.constexpr = 8 // BITS
@@ -502,15 +540,9 @@ if HAS_TRITON:
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-        row_lo = tl.load(SPLIT_SEG + pid_s * 4)
-        row_hi = tl.load(SPLIT_SEG + pid_s * 4 + 1)
-        seg_lo = tl.load(SPLIT_SEG + pid_s * 4 + 2)
-        seg_hi = tl.load(SPLIT_SEG + pid_s * 4 + 3)
+        row_lo, row_hi, seg_lo, seg_hi = split_row_range(SPLIT_SEG, pid_s)
         for seg in range(seg_lo, seg_hi):
-            start = tl.load(SEG_START + seg)
-            # this head's kept rows of the segment, cut to the split's row range
-            lo = tl.maximum(row_lo - start, 0)
-            hi = tl.minimum(row_hi - start, tl.load(SEG_LEN + kvh * NUM_SEGS + seg))
+            start, lo, hi = segment_rows(SEG_START, SEG_LEN, seg, kvh, NUM_SEGS, row_lo, row_hi)
             for off in range(lo, hi, BLOCK_N):
                 r = off + tl.arange(0, BLOCK_N)
                 r_valid = r < hi
@@ -534,20 +566,11 @@ if HAS_TRITON:
                     qk * qk_scale, v, r_valid[None, :], m_i, l_i, acc, q.dtype, DOT_PRECISION
                 )
 
-        if pid_s == n_splits - 1:  # the last split also takes the fp rows
-            m_i, l_i, acc = attend_fp_rows(
-                q, K, V, b, kvh, qi, m_i, l_i, acc, qk_scale, Q_LEN, T_FP,
-                stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                HEAD_DIM, DOT_PRECISION, BLOCK_N,
-            )  # fmt: skip
-
-        if SPLIT:
-            part = (pid_s * BATCH + b) * H_Q * Q_LEN + qh * Q_LEN + qi  # [BLOCK_M] row of the partials
-            tl.store(M_PART + part, m_i, mask=m_valid)
-            tl.store(L_PART + part, l_i, mask=m_valid)
-            tl.store(ACC_PART + part[:, None] * HEAD_DIM + cols[None, :], acc, mask=m_valid[:, None])
-        else:
-            store_output_tile(OUT, acc, l_i, b, qh, qi, m_valid, stride_ob, stride_oh, stride_om, HEAD_DIM)
+        finish_split(
+            q, K, V, OUT, M_PART, L_PART, ACC_PART, m_i, l_i, acc, pid_s, b, kvh, qh, qi, m_valid,
+            qk_scale, Q_LEN, T_FP, BATCH, H_Q, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
+            stride_vn, stride_ob, stride_oh, stride_om, HEAD_DIM, DOT_PRECISION, BLOCK_N, SPLIT,
+        )  # fmt: skip
 
     @triton.jit
     def _split_reduce(
@@ -745,14 +768,30 @@ def _split_tensor(splits: tuple[tuple[int, int, int, int], ...], device: torch.d
     return torch.tensor(splits, dtype=torch.int32, device=device)
 
 
-def _launch(
-    query, key, value, seg: QuantizedSegments, scale: float, num_splits: int | None, interpret: bool
-) -> torch.Tensor:
+@dataclass(frozen=True)
+class SplitLaunch:
+    """One launch's split-K: the plan's row ranges on the device, the output and, when split,
+    the fp32 partials each split writes (``m``, ``l``, ``acc``) for :func:`reduce_splits`."""
+
+    splits: torch.Tensor  # [n_splits, 4] int32 (plan_splits)
+    n_splits: int
+    out: torch.Tensor
+    m_part: torch.Tensor
+    l_part: torch.Tensor
+    acc_part: torch.Tensor
+
+    @property
+    def split(self) -> bool:
+        return self.n_splits > 1
+
+
+def prepare_splits(
+    query: torch.Tensor, seg: SegmentsLayout, t_fp: int, m_blocks: int, num_splits: int | None, interpret: bool
+) -> SplitLaunch:
+    """The split-K plan of one launch (``num_splits`` None: about two waves of programs for
+    ``q_len <= 16``, none for prefill) and the buffers it writes."""
     batch, q_heads, q_len, d = query.shape
-    kv_heads, t_fp = key.shape[1], key.shape[2]
-    group = q_heads // kv_heads
-    block_m = max(16, min(64, triton.next_power_of_2(group * q_len)))
-    m_blocks = triton.cdiv(group * q_len, block_m)
+    kv_heads = seg.num_heads
     if num_splits is None:
         num_splits = 1
         if q_len <= 16:
@@ -761,15 +800,50 @@ def _launch(
             num_splits = min(waves, math.ceil((seg.seg_start_host[-1] + t_fp) / MIN_SPLIT_ROWS))
     splits = plan_splits(seg.seg_start_host, t_fp, num_splits)
     n_splits = len(splits)
-    split_seg = _split_tensor(tuple(splits), query.device)
     out = torch.empty((batch, q_len, q_heads, d), dtype=query.dtype, device=query.device)
-    split = n_splits > 1
-    if split:
+    if n_splits > 1:
         m_part = torch.empty((n_splits, batch, q_heads, q_len), dtype=torch.float32, device=query.device)
         l_part = torch.empty_like(m_part)
         acc_part = torch.empty((n_splits, batch, q_heads, q_len, d), dtype=torch.float32, device=query.device)
     else:
         m_part = l_part = acc_part = out  # unused
+    return SplitLaunch(_split_tensor(tuple(splits), query.device), n_splits, out, m_part, l_part, acc_part)
+
+
+def reduce_splits(launch: SplitLaunch) -> torch.Tensor:
+    """Combine the splits' partials into the output (nothing to do unsplit); returns it."""
+    if launch.split:
+        out = launch.out
+        batch, q_len, q_heads, d = out.shape
+        rows = batch * q_heads * q_len
+        _split_reduce[(rows,)](
+            launch.m_part,
+            launch.l_part,
+            launch.acc_part,
+            out,
+            launch.n_splits,
+            rows,
+            q_heads,
+            q_len,
+            out.stride(0),
+            out.stride(2),
+            out.stride(1),
+            HEAD_DIM=d,
+            BLOCK_S=max(2, triton.next_power_of_2(launch.n_splits)),
+        )
+    return launch.out
+
+
+def _launch(
+    query, key, value, seg: QuantizedSegments, scale: float, num_splits: int | None, interpret: bool
+) -> torch.Tensor:
+    batch, q_heads, q_len, d = query.shape
+    kv_heads, t_fp = key.shape[1], key.shape[2]
+    group = q_heads // kv_heads
+    block_m = max(16, min(64, triton.next_power_of_2(group * q_len)))
+    m_blocks = triton.cdiv(group * q_len, block_m)
+    launch = prepare_splits(query, seg, t_fp, m_blocks, num_splits, interpret)
+    out = launch.out
     args = (
         query,
         key,
@@ -785,11 +859,11 @@ def _launch(
         seg.sin,
         seg.seg_start,
         seg.seg_len,
-        split_seg,
+        launch.splits,
         out,
-        m_part,
-        l_part,
-        acc_part,
+        launch.m_part,
+        launch.l_part,
+        launch.acc_part,
         scale * 1.4426950408889634,
         q_len,
         t_fp,
@@ -812,30 +886,13 @@ def _launch(
         V_BITS=seg.value_bits,
         GROUP_SIZE=seg.group_size,
         V_GROUP=seg.v_group,
-        SPLIT=split,
+        SPLIT=launch.split,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         BLOCK_M=block_m,
     )
-    grid = (m_blocks, batch * kv_heads, n_splits)
+    grid = (m_blocks, batch * kv_heads, launch.n_splits)
     if interpret:  # the interpreter runs every autotune config: use one (64 keeps tests multi-tile)
         _packed_attn_fwd[grid](*args, **consts, BLOCK_N=64)
     else:
         _packed_attn_fwd_tuned[grid](*args, **consts)
-    if split:
-        rows = batch * q_heads * q_len
-        _split_reduce[(rows,)](
-            m_part,
-            l_part,
-            acc_part,
-            out,
-            n_splits,
-            rows,
-            q_heads,
-            q_len,
-            out.stride(0),
-            out.stride(2),
-            out.stride(1),
-            HEAD_DIM=d,
-            BLOCK_S=max(2, triton.next_power_of_2(n_splits)),
-        )
-    return out
+    return reduce_splits(launch)

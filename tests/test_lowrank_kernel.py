@@ -122,10 +122,13 @@ def run_kernel_case(case: dict) -> dict:
 
     packed, layer, query, key, value, expected = build(case)
     seg = packed.layers[layer]
-    got = latent_attention(query, key, value, seg, backend="triton")
-    assert got.dtype == query.dtype and got.shape == expected.shape
+    errors = {}
+    for splits in case.get("splits", [None]):  # None: the automatic split-K plan
+        got = latent_attention(query, key, value, seg, backend="triton", num_splits=splits)
+        assert got.dtype == query.dtype and got.shape == expected.shape
+        errors[f"triton-{splits}"] = (got.float() - expected).abs().max().item()
     ref = latent_attention(query, key, value, seg, backend="torch")
-    return {"triton": (got.float() - expected).abs().max().item(), "torch": (ref.float() - expected).abs().max().item()}
+    return {**errors, "torch": (ref.float() - expected).abs().max().item()}
 
 
 CASES = {
@@ -135,6 +138,31 @@ CASES = {
     ),
     "decode-d64-g3-int4-r16-r32": dict(
         lengths=[37, 100, 3], layers=1, heads=2, head_dim=64, group=3, q_len=1, scheme="int4", rk=16, rv=32
+    ),
+    # split-K inside passages (row ranges), forced: one long passage and a keys-only projection
+    "decode-d64-g2-int4-r16-one-passage-splits": dict(
+        lengths=[150],
+        layers=1,
+        heads=2,
+        head_dim=64,
+        group=2,
+        q_len=1,
+        scheme="int4",
+        rk=16,
+        rv=None,
+        splits=[None, 2, 3],
+    ),
+    "prefill-d32-g2-int8-r8-r16-splits": dict(
+        lengths=[70, 40, 90],
+        layers=1,
+        heads=2,
+        head_dim=32,
+        group=2,
+        q_len=6,
+        scheme="int8",
+        rk=8,
+        rv=16,
+        splits=[2, 3],
     ),
     "prefill-d32-g2-int2-r8-r16-batch2": dict(
         lengths=[50, 19], layers=2, heads=3, head_dim=32, group=2, q_len=4, scheme="int2", rk=8, rv=16, batch=2
@@ -205,7 +233,7 @@ def test_latent_kernel_matches_fp32_reference(interpreter, name):
     case = dict(CASES[name], seed=len(name))
     errors = interpreter.apply(run_kernel_case, (case,))
     tol = TOL[case.get("dtype", torch.float32)]
-    assert errors["triton"] < tol and errors["torch"] < tol, errors
+    assert all(err < tol for err in errors.values()), errors
 
 
 def test_latent_layout_refuses_what_the_kernel_cannot_read():
