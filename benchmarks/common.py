@@ -166,6 +166,32 @@ def synthetic_segments(
     return PackedSegments.from_blobs(blobs, 0, PlainRotary(head_dim), device).layers[0]
 
 
+LATENT_SCHEME = "latent"  # kernel_bench's name for the smallest preset's shape (below)
+
+
+def synthetic_latent_segments(
+    context: int, passage_len: int, kv_heads: int, head_dim: int, device: torch.device | str, seed: int = 0
+) -> Any:
+    """One layer of ``context // passage_len`` random passages in the ``smallest`` preset's shape:
+    keys near a rank-16 subspace, stored as rank-32 latents of a basis fitted on them (int4), values
+    as int2 rows, packed for the latent kernel (``LatentSegments``), starting at position 0."""
+    from ragcompress.kv.lowrank import RankSpec, fit_basis
+    from ragcompress.runtime.latent_packed import LatentPackedSegments
+
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(1, kv_heads, 16, head_dim, generator=gen)
+
+    def passage() -> PassageKV:
+        z = torch.randn(1, kv_heads, passage_len, 16, generator=gen)
+        keys = z @ mix + 0.1 * torch.randn(1, kv_heads, passage_len, head_dim, generator=gen)
+        return PassageKV.full(keys, torch.randn(1, kv_heads, passage_len, head_dim, generator=gen))
+
+    passages = [passage() for _ in range(max(1, context // passage_len))]
+    basis = fit_basis(passages[:4], RankSpec(rank=32, values=False))
+    blobs = [codec.parse(codec.encode(kv, QuantConfig("int4", 32, "int2"), basis)) for kv in passages]
+    return LatentPackedSegments.from_segments(blobs, basis, 0, PlainRotary(head_dim), device).layers[0]
+
+
 def median_time(fn: Callable[[], Any], repeats: int = 5) -> float:
     """Median wall time of ``fn()`` in seconds after one warm-up call (CPU timing)."""
     fn()

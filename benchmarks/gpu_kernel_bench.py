@@ -2,11 +2,12 @@
 
     python benchmarks/gpu_kernel_bench.py --out RESULTS.json [kernel_bench.py flags]
 
-Runs :func:`kernel_bench.run_kernels` (fused ``packed_attention(backend="triton")`` vs dequantize +
-SDPA vs fp16 SDPA over an uncompressed cache, each timed with ``triton.testing.do_bench``) one
-context at a time and rewrites ``--out`` after each, so a run cut short by a time limit keeps the
-rows it measured. Defaults: contexts 512-8192 tokens of 512-token passages (1, 2, 4, 8, 16
-passages), int4 and int8 segments, decode (1 query token) and prefill (32), Hq 32 / Hkv 8 / d 128.
+Runs :func:`kernel_bench.run_kernels` (fused ``packed_attention(backend="triton")``, or
+``latent_attention`` for ``latent`` segments, vs dequantize + SDPA vs fp16 SDPA over an uncompressed
+cache, each timed with ``triton.testing.do_bench``) one context at a time and rewrites ``--out``
+after each, so a run cut short by a time limit keeps the rows it measured. Defaults: contexts
+512-8192 tokens of 512-token passages (1, 2, 4, 8, 16 passages), int4, int8 and latent segments,
+decode (1 query token) and prefill (32), Hq 32 / Hkv 8 / d 128.
 Refuses (exit 2, one line) without a CUDA device: CPU timings belong to ``kernel_bench.py``.
 """
 
@@ -50,7 +51,7 @@ def main() -> None:
 
     props = torch.cuda.get_device_properties(0)
     record = {
-        "what": "fused packed_attention (Triton) vs dequantize+SDPA vs fp16 SDPA over an uncompressed cache",
+        "what": "fused packed_attention (latent_attention for latent segments, Triton) vs dequantize+SDPA vs fp16 SDPA over an uncompressed cache",
         "timer": "triton.testing.do_bench(warmup=25, rep=100, return_mode='median'), milliseconds per call",
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": {

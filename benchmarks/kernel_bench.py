@@ -27,9 +27,9 @@ import json
 
 import torch
 
-from ragcompress_kernels import attention_over_dense_ref, dequantize_segments_ref, packed_attention
+from ragcompress_kernels import attention_over_dense_ref, dequantize_segments_ref, latent_attention, packed_attention
 
-from common import median_time, synthetic_segments
+from common import LATENT_SCHEME, median_time, synthetic_latent_segments, synthetic_segments
 
 
 def sdpa_full(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -43,10 +43,15 @@ def sdpa_full(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> 
 
 
 def time_paths(timer, seg, query, key, value, full_k, full_v, cuda: bool) -> dict[str, float]:
-    """Seconds per call of each path on one configuration."""
+    """Seconds per call of each path on one configuration (``seg``: packed segments, or latent
+    ones, whose "deq+sdpa" is the latent kernel's torch path: rebuild keys and values, then SDPA)."""
     d = query.shape[-1]
+    latent = hasattr(seg, "k_basis")
+    kernel = latent_attention if latent else packed_attention
 
     def deq_sdpa():
+        if latent:
+            return latent_attention(query, key, value, seg, backend="torch")
         keys, values, valid = dequantize_segments_ref(seg)
         return attention_over_dense_ref(query, key, value, keys.to(query.dtype), values.to(query.dtype), valid, d**-0.5)
 
@@ -55,12 +60,12 @@ def time_paths(timer, seg, query, key, value, full_k, full_v, cuda: bool) -> dic
         "fp16 sdpa" if cuda else "fp32 sdpa": timer(lambda: sdpa_full(query, full_k, full_v)),
     }
     if cuda:
-        times["fused"] = timer(lambda: packed_attention(query, key, value, seg, backend="triton"))
+        times["fused"] = timer(lambda: kernel(query, key, value, seg, backend="triton"))
         if query.shape[2] > 16 and seg.num_segments > 1:
             # the default plan splits decode only; prefill as one split per passage, for the
             # comparison docs/kernels.md asks for (prefill runs B * H_kv * row-tile programs)
             times["fused split-K"] = timer(
-                lambda: packed_attention(query, key, value, seg, backend="triton", num_splits=seg.num_segments)
+                lambda: kernel(query, key, value, seg, backend="triton", num_splits=seg.num_segments)
             )
     return times
 
@@ -89,7 +94,10 @@ def run_kernels(args: argparse.Namespace) -> list[dict]:
     prefix = 64
     for context in args.contexts:
         for scheme in args.schemes:
-            seg = synthetic_segments(context, args.passage_len, kv_heads, d, scheme, device)
+            if scheme == LATENT_SCHEME:
+                seg = synthetic_latent_segments(context, args.passage_len, kv_heads, d, device)
+            else:
+                seg = synthetic_segments(context, args.passage_len, kv_heads, d, scheme, device)
             rows_seg = seg.k_codes.shape[1]
             for phase, q_len in (("decode", 1), ("prefill", args.prefill_len)):
                 torch.manual_seed(0)
@@ -149,7 +157,13 @@ def run_ttft(args: argparse.Namespace) -> dict:
 def shape_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The shapes a kernel timing sweeps (shared with ``gpu_kernel_bench.py``)."""
     parser.add_argument("--contexts", type=int, nargs="+", default=None)
-    parser.add_argument("--schemes", nargs="+", default=["int4", "int8"])
+    parser.add_argument(
+        "--schemes",
+        nargs="+",
+        default=["int4", "int8", LATENT_SCHEME],
+        help=f"segment codes: int2/int4/int8 (the packed kernel) or {LATENT_SCHEME!r} (the latent kernel over the "
+        "smallest preset's shape: rank-32 int4 key latents, int2 value rows)",
+    )
     parser.add_argument("--q-heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)

@@ -23,3 +23,19 @@ def test_cuda_time_is_the_median_not_the_mean(monkeypatch):
     calls = []
     assert kernel_bench.cuda_time(lambda: calls.append(1)) == pytest.approx(1.0e-3)
     assert calls
+
+
+def test_cpu_run_times_packed_and_latent_segments():
+    """Each scheme's rows (the latent kernel's ``smallest`` shape among them) on the CPU: the
+    reference path and SDPA over an uncompressed cache of the same length, decode and prefill."""
+    import argparse
+
+    args = argparse.Namespace(
+        contexts=[256], schemes=["int4", "latent"], q_heads=4, kv_heads=2, head_dim=64, passage_len=128,
+        prefill_len=8, repeats=1,
+    )  # fmt: skip
+    rows = kernel_bench.run_kernels(args)
+    assert [(r["scheme"], r["phase"]) for r in rows] == [
+        ("int4", "decode"), ("int4", "prefill"), ("latent", "decode"), ("latent", "prefill")
+    ]  # fmt: skip
+    assert all(r["deq+sdpa_ms"] > 0 and r["fp32 sdpa_ms"] > 0 for r in rows)
