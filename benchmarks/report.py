@@ -990,6 +990,14 @@ def render_layer_padding(results: Path) -> str:
     return "\n\n".join([table(header, rows), source_line(paths)])
 
 
+def _split_speed(row: dict) -> str:
+    """Prefill with one split per passage against the default plan's one split ("–" for decode,
+    which the default plan splits already; runs before the column existed did not time it)."""
+    if row["phase"] == "decode":
+        return "–"
+    return f"{row['fused_split-K_vs_fused']:.2f}x" if "fused_split-K_vs_fused" in row else "not timed"
+
+
 def render_kernel_gpu(results: Path) -> str:
     """The fused kernel's GPU timing (``benchmarks/gpu_check.sh``'s ``kernel_bench.json``, kept in
     ``gpu_check_<gpu>.json``): ms per attention call and its speed against the two baselines."""
@@ -1011,6 +1019,7 @@ def render_kernel_gpu(results: Path) -> str:
                     f"{row['fp16 sdpa_ms']:.3f}",
                     f"{row['fused_vs_deq+sdpa']:.2f}x",
                     f"{row['fused_vs_fp16_sdpa']:.2f}x",
+                    _split_speed(row),
                 ]
             )
     header = [
@@ -1023,6 +1032,7 @@ def render_kernel_gpu(results: Path) -> str:
         "fp16 SDPA ms",
         "fused speed vs dequantize + SDPA",
         "fused speed vs fp16 SDPA",
+        "prefill split-K speed vs one split",
     ]
     return "\n\n".join([table(header, rows), source_line(paths)])
 
