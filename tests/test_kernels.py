@@ -439,6 +439,37 @@ def test_plan_splits_balances_rows_and_covers_every_segment():
     assert check((0,), 7, 4) == [(0, 0)]  # no segment rows: one split over the fp rows
 
 
+def test_plan_splits_holds_its_contract_for_any_layout():
+    """Property (hypothesis): for any segment layout (padded sizes in multiples of 16 rows, empty
+    segments included), fp rows and target, the splits tile the packed rows in order, on 64-row
+    boundaries, at most ``target`` of them, each naming
+    exactly the segments its rows overlap."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from ragcompress_kernels import plan_splits
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.integers(0, 40), max_size=20), st.integers(0, 300), st.integers(1, 64))
+    def check(sizes, fp_rows, target):
+        seg_start = [0]
+        for size in sizes:
+            seg_start.append(seg_start[-1] + 16 * size)
+        splits = plan_splits(tuple(seg_start), fp_rows, target)
+        rows = seg_start[-1]
+        assert splits[0][0] == 0 and splits[-1][1] == rows
+        assert all(a[1] == b[0] for a, b in zip(splits, splits[1:], strict=False))
+        assert all(lo % 64 == 0 and (lo < hi or rows == 0) for lo, hi, _, _ in splits)
+        assert len(splits) <= target
+        for lo, hi, seg_lo, seg_hi in splits:
+            covered = [j for j in range(len(sizes)) if seg_start[j] < hi and seg_start[j + 1] > lo]
+            assert set(covered) <= set(range(seg_lo, seg_hi))
+            # no segment named whose rows lie wholly outside the range (empty segments may be)
+            assert all(seg_start[j + 1] == seg_start[j] or j in covered for j in range(seg_lo, seg_hi))
+
+    check()
+
+
 @pytest.fixture(scope="module", params=[None, "int2"], ids=["int4", "int4-values-int2"])
 def tiny_int4_store(tiny_model_dir, tmp_path_factory, request):
     """A tiny llama (head_dim 16, GQA 2) and an int4 store of eight passages (values int4, or
