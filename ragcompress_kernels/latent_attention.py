@@ -348,7 +348,7 @@ def latent_attention(
     interpreter, which would run every configuration. ``num_splits`` overrides the split-K plan
     (:func:`~ragcompress_kernels.quantized_attention.prepare_splits`: the packed kernel's).
     """
-    backend = resolve_backend(backend, query, seg.rope_repeats if backend != "torch" else True)
+    backend = resolve_backend(backend, query, seg)
     check_attention_inputs(query, key, value, seg)
     batch, q_heads, q_len, d = query.shape
     scale = d**-0.5 if scale is None else float(scale)

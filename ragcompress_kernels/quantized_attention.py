@@ -348,7 +348,7 @@ if HAS_TRITON:
     @triton.jit
     def softmax_scores_step(qk, v, allowed, m_i, l_i, acc, dtype: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
         """:func:`softmax_step` from the tile's scores ``qk`` (base 2, scaled), for kernels that
-        compute them otherwise (the packed kernel's two RoPE dots); ``v`` is read as ``dtype``."""
+        compute them otherwise (both kernels' two RoPE dots); ``v`` is read as ``dtype``."""
         qk = tl.where(allowed, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.math.exp2(qk - m_new[:, None])
@@ -523,7 +523,7 @@ if HAS_TRITON:
         # RoPE without rotating the keys' partner channels: a rotated key is k cos + rotate_half(k) sin,
         # and since sin (like cos) repeats over the two halves of d, q . rotate_half(k) sin equals
         # q' . (k sin) with q' = -rotate_half(q): two dots over k cos and k sin, and each key channel
-        # is dequantized once (resolve_backend refuses tables that do not repeat: rope_repeats)
+        # is dequantized once (resolve_backend refuses tables that do not repeat)
         q_rot = load_rotated_query_tile(Q, b, qh, qi, m_valid, stride_qb, stride_qh, stride_qm, HEAD_DIM)
         k_byte, k_shift = cols // PB, (cols % PB) * BITS
         ROW_BYTES: tl.constexpr = HEAD_DIM // PB
@@ -640,12 +640,6 @@ def triton_runs_on(device: torch.device) -> bool:
     return HAS_TRITON and (device.type == "cuda" or _interpreted())
 
 
-def triton_compiles_on(device: torch.device) -> bool:
-    """Whether the *compiled* kernel runs on ``device`` (CUDA with triton installed): what the
-    ``auto`` backends choose it on; the interpreter is for tests, never chosen by ``auto``."""
-    return HAS_TRITON and device.type == "cuda"
-
-
 SPLIT_ALIGN = 64  # split boundaries fall on multiples of this many packed rows (whole BLOCK_N <= 64 tiles)
 MIN_SPLIT_ROWS = 128  # the automatic plan's smallest split: fewer rows cost more in partials than they save
 
@@ -694,24 +688,24 @@ def check_attention_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.
             raise ValueError(f"{name} must be contiguous in head_dim (stride {t.stride(-1)})")
 
 
-def resolve_backend(backend: str, query: torch.Tensor, rope_repeats: bool = True) -> str:
+def resolve_backend(backend: str, query: torch.Tensor, seg: SegmentsLayout) -> str:
     """``"torch"`` or ``"triton"`` for ``backend`` (``"auto"``: Triton on CUDA for a head_dim it
     supports and rotary tables it can read, else torch), or a clear error when Triton was asked
-    for where it cannot run. ``rope_repeats``: :attr:`QuantizedSegments.rope_repeats` (the
-    latent kernel rotates keys the general way and leaves it True)."""
+    for where it cannot run. ``seg``'s tables are compared (:attr:`SegmentsLayout.rope_repeats`,
+    a device sync the first time) only where Triton would otherwise run."""
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is not one of: {', '.join(BACKENDS)}")
     on_cuda = query.device.type == "cuda"
     head_dim = query.shape[-1]
     if backend == "auto":
-        fits = triton_supports_head_dim(head_dim) and rope_repeats
-        return "triton" if HAS_TRITON and on_cuda and fits else "torch"
-    if backend == "triton" and not rope_repeats:
-        raise ValueError(
-            "the Triton kernel needs cos/sin tables that repeat over the two halves of head_dim (rotate_half "
-            "RoPE as transformers builds it); use backend='torch'"
-        )
+        fits = HAS_TRITON and on_cuda and triton_supports_head_dim(head_dim)
+        return "triton" if fits and seg.rope_repeats else "torch"
     if backend == "triton":
+        if not seg.rope_repeats:
+            raise ValueError(
+                "the Triton kernel needs cos/sin tables that repeat over the two halves of head_dim (rotate_half "
+                "RoPE as transformers builds it); use backend='torch'"
+            )
         if not triton_supports_head_dim(head_dim):
             raise ValueError(
                 f"the Triton kernels need head_dim a power of two >= 16, got {head_dim}; use backend='torch'"
@@ -748,7 +742,7 @@ def packed_attention(
     (:func:`packed_attention_ref`), ``"auto"`` (Triton on CUDA, else torch). ``num_splits``
     overrides the split-K plan (default: splits only for ``q <= 16``, about two waves of programs).
     """
-    backend = resolve_backend(backend, query, seg.rope_repeats if backend != "torch" else True)
+    backend = resolve_backend(backend, query, seg)
     check_attention_inputs(query, key, value, seg)
     scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
     if backend == "torch":

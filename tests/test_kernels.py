@@ -339,7 +339,7 @@ def test_triton_refuses_rotary_tables_whose_halves_differ():
     assert not odd.rope_repeats
     with pytest.raises(ValueError, match="repeat over the two halves of head_dim"):
         packed_attention(query, key, value, odd, backend="triton")
-    assert resolve_backend("auto", query.to("meta"), odd.rope_repeats) == "torch"
+    assert resolve_backend("auto", query.to("meta"), odd) == "torch"
     out = packed_attention(query, key, value, odd)  # auto on the CPU: the reference, any tables
     assert torch.isfinite(out).all()
 

@@ -128,7 +128,7 @@ class LatentPackedSegments:
     ) -> torch.Tensor:
         """query ``[B, Hq, q, d]``, key/value ``[B, H, T, d]`` (prefix + new) -> ``[B, q, Hq, d]``."""
         seg = self.layers[layer_idx]
-        if resolve_backend(self.backend, query, seg.rope_repeats) == "triton":  # auto: the kernel where it applies
+        if resolve_backend(self.backend, query, seg) == "triton":  # auto: the kernel where it applies
             return latent_attention(query, key, value, seg, scale, backend="triton")
         if layer_idx not in self._dense:  # rebuilt once per request and layer, padding rows dropped
             keys, values, valid = drop_padding_rows(*rebuild_latent_segments_ref(seg))

@@ -161,7 +161,7 @@ class PackedSegments:
     ) -> torch.Tensor:
         """query ``[B, Hq, q, d]``, key/value ``[B, H, T, d]`` (prefix + new) -> ``[B, q, Hq, d]``."""
         seg = self.layers[layer_idx]
-        if resolve_backend(self.backend, query, seg.rope_repeats) == "triton":  # auto: the kernel where it applies
+        if resolve_backend(self.backend, query, seg) == "triton":  # auto: the kernel where it applies
             return packed_attention(query, key, value, seg, scale, backend="triton")
         if not self._dense:
             self._dense = self._dense_layers(query.dtype)
