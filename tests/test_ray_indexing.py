@@ -174,6 +174,49 @@ def test_adaptor_and_low_rank_on_ray_have_the_single_process_bytes(cluster, tmp_
     assert digest == store_digest(tmp_path / "single")
 
 
+def test_an_actor_given_batches_out_of_order_leaves_a_killed_driver_only_shard_tails(tmp_path, tiny_lm, tiny_model_dir):
+    """Ray Data may hand an actor batch 2 before batch 1. Were both appended to one shard, a driver
+    killed after committing batch 1 would leave batch 2's bytes *before* a committed blob, where
+    no repair can cut them (only ``compact``). The actor starts a new shard for a batch numbered
+    below one it wrote, so what a killed driver did not commit is always a shard's tail, and the
+    next writer truncates it. In process (the actor class without Ray): batch 0 indexed, then
+    the actor encodes batch 2 and batch 1 in that order, the driver commits batch 1 only."""
+    from ragcompress.indexing.inputs import PassageInput
+    from ragcompress.indexing.ray_runner import EncodeActor, _passage_json
+    from ragcompress.store import StoreWriter
+
+    records = _texts(3 * BATCH)
+    first = tmp_path / "first.jsonl"
+    first.write_text("".join(json.dumps(r) + "\n" for r in records[:BATCH]))
+    store = tmp_path / "store"
+    index(first, store, lm=tiny_lm, embedder=HashEmbedder(), config=CONFIG, batch_size=BATCH)
+    actor = EncodeActor(str(store), str(tiny_model_dir("llama")), 1, HashEmbedder, max_shard_bytes=1 << 20)
+    assert not actor.error, actor.error
+
+    def encode(number: int) -> list[dict]:
+        chunk = records[number * BATCH : (number + 1) * BATCH]
+        payload = json.dumps([_passage_json(PassageInput(**r)) for r in chunk])
+        out = actor({"batch": [number], "passages": [payload], "skip": ["[]"]})
+        assert not out["error"][0], out["error"][0]
+        rows = json.loads(out["rows"][0])
+        width = len(out["vectors"][0]) // len(rows)
+        for i, row in enumerate(rows):
+            row["embedding"] = out["vectors"][0][i * width : (i + 1) * width]
+        return rows
+
+    with StoreWriter(store) as writer:  # the driver holds the writer; commits batch 1, then is killed
+        encode(2)
+        writer.commit(encode(1))
+    actor.shards.close()
+    with StoreWriter(store):  # the next run opens the store: repairs the shards
+        pass
+    report = verify_store(store)
+    assert report.ok, report.problems
+    shard_notes = [note for note in report.notes if "index.faiss" not in note]  # killed before the index
+    assert shard_notes == [], shard_notes  # nothing left between committed blobs, no tail
+    assert report.passages == 2 * BATCH
+
+
 class KillOnceEmbedder(HashEmbedder):
     """Kills the actor process it runs in (SIGKILL) at its ``at``-th call: mid-batch, after the
     forward pass. Only the first actor to get there dies (an ``O_EXCL`` marker), so the retry on the

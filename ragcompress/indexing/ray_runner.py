@@ -22,7 +22,9 @@ batch (``max_restarts=-1``, ``max_task_retries=-1``, Ray Data's defaults for act
 restarted actor claims a new shard, so a half-written blob is never appended to. A killed
 driver releases the lock (``flock``) and its job's actors die with it; the next run repairs
 the shards (:class:`~ragcompress.store.shards.ShardWriter`) and skips committed passages, like
-a resumed single-process run.
+a resumed single-process run. An actor writes batches into a shard in increasing number (Ray
+Data does not promise it gets them in order), so what the killed driver had not committed is
+always a shard's tail, which that repair truncates.
 
 Workers on several machines need the store (and a local model directory, if one is used) on a
 filesystem they all mount at the same path: docs/scaling.md.
@@ -107,10 +109,11 @@ class EncodeActor:
         except RagCompressError as exc:  # returned with the first batch, raised by the driver
             self.error = _error_json(exc)
 
-    def _encode(self, payload: str, skip: str) -> tuple[str, bytes]:
-        """The catalogue rows (JSON, embeddings left out) and the embeddings of one batch."""
+    def _encode(self, number: int, payload: str, skip: str) -> tuple[str, bytes]:
+        """The catalogue rows (JSON, embeddings left out) and the embeddings of batch ``number``."""
         passages = [PassageInput(**p) for p in json.loads(payload)]
         records = self.indexer.records(passages, skip=set(json.loads(skip)))
+        self.shards.start_batch(number)
         rows = [catalogue_row(record, *self.shards.append(record.blob)) for record in records]
         self.shards.sync()  # durable before the driver can commit a row pointing here
         vectors = b"".join(row.pop("embedding") for row in rows)
@@ -122,7 +125,7 @@ class EncodeActor:
             rows, vectors, error = "[]", b"", self.error
             if not error:
                 try:
-                    rows, vectors = self._encode(payload, skip)
+                    rows, vectors = self._encode(int(number), payload, skip)
                 except RagCompressError as exc:
                     error = _error_json(exc)
             out_batch.append(int(number))

@@ -105,6 +105,10 @@ class ClaimedShards:
     the rows, and its next :class:`ShardWriter` repair truncates or removes what no row points at.
     A shard is claimed at the first blob, not before: a worker that is given no batch (Ray may
     send every batch to the other actors) leaves no empty shard in the finished store.
+
+    Batches go into a shard in increasing number (:meth:`start_batch`), so that what a killed
+    driver left uncommitted is a shard's tail (the driver commits in batch order), which the
+    next writer truncates, never bytes before a committed blob, which only ``compact`` reclaims.
     """
 
     def __init__(self, root: Path, max_bytes: int | None = None) -> None:
@@ -112,6 +116,15 @@ class ClaimedShards:
         self.max_bytes = max_bytes or MAX_SHARD_BYTES
         self.name: str | None = None
         self._handle: BinaryIO | None = None
+        self._last_batch: int | None = None
+
+    def start_batch(self, number: int) -> None:
+        """Begin the blobs of batch ``number``. Ray Data may hand a worker batch 2 before batch 1;
+        a number not above the last one written starts a new shard at the next blob."""
+        if self._last_batch is not None and number <= self._last_batch and self._handle is not None:
+            self.close()
+            self.name, self._handle = None, None
+        self._last_batch = number
 
     def _claim(self) -> tuple[str, BinaryIO]:
         directory = self.root / SHARD_DIR
