@@ -104,7 +104,8 @@ def test_a_resumed_run_refuses_another_split_or_another_base_model(tiny_lm, tiny
     """The checkpoint holds an adaptor trained on the training articles: resuming it under other
     --val-articles (its teacher file deleted, as the --views message suggests) would report
     held-out numbers on articles it trained on; the teacher examples and the checkpoint of another
-    base model are not this model's."""
+    base model are not this model's, nor is a checkpoint that does not record its base model."""
+    from ragcompress.distill.checkpoint import load_tree, save_tree
     from ragcompress.models import load_model
 
     out = tmp_path / "run"
@@ -116,6 +117,16 @@ def test_a_resumed_run_refuses_another_split_or_another_base_model(tiny_lm, tiny
         (copy / ("checkpoint.safetensors" if saved == "teacher.safetensors" else "teacher.safetensors")).unlink()
         with pytest.raises(InputError, match="another base model"):
             train(other, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, copy, dataclasses.replace(CONFIG, steps=2), progress=False)
+    unrecorded = tmp_path / "unrecorded"  # a checkpoint from before the base model was recorded
+    shutil.copytree(out, unrecorded)
+    (unrecorded / "teacher.safetensors").unlink()
+    saved = load_tree(unrecorded / "checkpoint.safetensors")
+    del saved["base_fingerprint"]
+    save_tree(saved, unrecorded / "checkpoint.safetensors")
+    with pytest.raises(InputError, match="before the base model was recorded in it"):
+        train(
+            tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, unrecorded, dataclasses.replace(CONFIG, steps=2), progress=False
+        )
     (out / "teacher.safetensors").unlink()
     swapped = dataclasses.replace(CONFIG, steps=2, val_articles=["Victoria_(Australia)"])
     with pytest.raises(InputError, match="holding out"):

@@ -50,11 +50,15 @@ def check_run(
 ) -> None:
     """Refuse to resume from ``path`` (a checkpoint or the teacher examples) saved by a run of
     another base model, or holding out other articles (``held_out``; ``now``: this run's): the
-    adaptor would have trained on what is held out now. A checkpoint from before the fingerprint
-    was recorded is checked by its split only (teacher files without one are refused by
-    ``teacher.check_teacher_file``)."""
+    adaptor would have trained on what is held out now. A file from before the fingerprint was
+    recorded is refused: nothing says which model its factors or distributions belong to."""
     base = saved.get("base_fingerprint")
-    if base and base != lm.fingerprint:
+    if not base:
+        raise InputError(
+            f"{path} was written before the base model was recorded in it, so it cannot be checked against "
+            f"{lm.ref}; delete {path.name} (or use another --out folder) to start over"
+        )
+    if base != lm.fingerprint:
         raise InputError(
             f"{path} was made with another base model (fingerprint {base[:16]}), not {lm.ref} "
             f"({lm.fingerprint[:16]}); use that model, or another --out folder"

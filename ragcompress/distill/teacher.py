@@ -53,7 +53,7 @@ def check_teacher_file(path: Path, saved: Any, distiller: Distiller, k: int) -> 
     that records neither the base model nor its settings (the list format of files from before
     they were recorded): nothing says it holds this model's distributions under this run's
     settings, so it is computed again rather than distilled from unchecked."""
-    if isinstance(saved, dict):
+    if isinstance(saved, dict) and saved.get("base_fingerprint"):
         check_run(path, saved, distiller.lm)
     if not isinstance(saved, dict) or not saved.get("base_fingerprint") or saved.get("teacher_settings") is None:
         raise InputError(
