@@ -184,7 +184,7 @@ def all_held_out(
     _, val_corpus = load_corpora(list(iter_passages(passages)), questions, articles, embedder)
     validated = [q.id for q in select_questions(val_corpus.questions, adaptor.meta["config"]["val_examples"] or None)]
     if path.is_file():
-        examples = [Example(**e) for e in load_tree(path)]
+        examples = read_held_out_teacher(path, lm)
     else:  # the teacher is the base model; the distiller's LoRA layers are removed afterwards
         out.mkdir(parents=True, exist_ok=True)
         distiller = Distiller(lm, Adaptor.initial(lm.model, kind="forward"))
@@ -201,10 +201,23 @@ def all_held_out(
             )
         finally:
             remove_adapter(lm.model, TRAINING_ADAPTER)
-        save_tree([asdict(e) for e in examples], path)
+        save_tree({"examples": [asdict(e) for e in examples], "base_fingerprint": lm.fingerprint}, path)
     if {e.qid for e in examples} != {q.id for q in val_corpus.questions}:
         raise SystemExit(f"{path} holds other questions than {articles}'s; delete it to rebuild")
     return examples, validated
+
+
+def read_held_out_teacher(path: Path, lm: Any) -> list[Example]:
+    """The examples of an earlier ``all_held_out`` build, only if it was the base model ``lm``'s
+    (``resume.check_run``): another model's distributions would be scored as this one's. A
+    file from before the model was recorded (a bare list) is refused, to be rebuilt."""
+    from ragcompress.distill.resume import check_run
+
+    saved = load_tree(path)
+    if not isinstance(saved, dict):
+        raise SystemExit(f"{path} is from before its base model was recorded in it; delete it to rebuild")
+    check_run(path, saved, lm)
+    return [Example(**e) for e in saved["examples"]]
 
 
 def earlier_full_prefill(path: Path, qids: list[str]) -> list[list[int]] | None:

@@ -1,6 +1,6 @@
 """``benchmarks/distill_eval.py`` reuses an earlier run's full-prefill answers only for the same
 questions: pairing another run's answers with these questions by position would score every
-row against the wrong reference."""
+row against the wrong reference; and its held-out teacher file only for the same base model."""
 
 from __future__ import annotations
 
@@ -39,3 +39,20 @@ def test_a_file_without_question_ids_is_reused_only_at_the_same_length(tmp_path)
     assert distill_eval.earlier_full_prefill(path, ["a", "b"]) == [[1, 2], [3]]
     with pytest.raises(SystemExit, match="other questions"):
         distill_eval.earlier_full_prefill(path, ["a", "b", "c"])
+
+
+def test_the_held_out_teacher_file_is_reused_only_for_its_base_model(tmp_path):
+    from types import SimpleNamespace
+
+    from ragcompress.distill.checkpoint import save_tree
+    from ragcompress.errors import InputError
+
+    lm = SimpleNamespace(fingerprint="a" * 64, ref="tiny")
+    path = tmp_path / "teacher-heldout-all.safetensors"
+    save_tree({"examples": [], "base_fingerprint": lm.fingerprint}, path)
+    assert distill_eval.read_held_out_teacher(path, lm) == []
+    with pytest.raises(InputError, match="another base model"):
+        distill_eval.read_held_out_teacher(path, SimpleNamespace(fingerprint="b" * 64, ref="other"))
+    save_tree([], path)  # the list format, from before the model was recorded
+    with pytest.raises(SystemExit, match="before its base model was recorded"):
+        distill_eval.read_held_out_teacher(path, lm)
