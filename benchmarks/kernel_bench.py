@@ -1,7 +1,7 @@
 """Fused packed attention vs dequantize-then-SDPA vs fp16 SDPA over the uncompressed cache.
 
     .venv/bin/python benchmarks/kernel_bench.py [--contexts 1024 2048 ...] [--schemes int4 int8]
-    .venv/bin/python benchmarks/kernel_bench.py --ttft --store STORE [--questions N]
+    .venv/bin/python benchmarks/kernel_bench.py --ttft --store STORE [--questions N] [--json FILE]
 
 On a CUDA GPU each configuration (context, scheme, prefill/decode) is timed with
 ``triton.testing.do_bench`` (median per call) and printed as milliseconds and ratios against the baselines measured
@@ -29,7 +29,7 @@ import torch
 
 from ragcompress_kernels import attention_over_dense_ref, dequantize_segments_ref, latent_attention, packed_attention
 
-from common import LATENT_SCHEME, median_time, synthetic_latent_segments, synthetic_segments
+from common import LATENT_SCHEME, median_time, results_meta, synthetic_latent_segments, synthetic_segments
 
 
 def sdpa_full(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -137,9 +137,16 @@ def run_kernels(args: argparse.Namespace) -> list[dict]:
 
 
 def run_ttft(args: argparse.Namespace) -> dict:
+    """The TTFT comparison on ``args.store``; with ``--json`` also written there with the run's
+    metadata, the store's settings and the machine's load average before and after (the
+    ``kernel-cpu-ttft`` table of docs/kernels.md renders it)."""
+    import os
+    from pathlib import Path
+
     from ragcompress.bench import packed_ttft_overhead
     from ragcompress.runtime.engine import Engine
 
+    load_before = os.getloadavg()
     with Engine.open(args.store) as engine:
         with open(args.questions_file) as handle:
             records = [json.loads(line) for line in handle if line.strip()]
@@ -150,7 +157,20 @@ def run_ttft(args: argparse.Namespace) -> dict:
             if "passage_id" not in r or engine.store.catalogue.get(r["passage_id"]) is not None
         ]
         result = packed_ttft_overhead(engine, questions[: args.questions], args.top_k, args.repeats).to_json()
+        manifest = engine.store.manifest
+        result["store"] = {
+            "passages": engine.store.catalogue.count(),
+            "compression": manifest.compression,
+            "model": manifest.model_ref,
+        }
+    result["top_k"] = args.top_k
+    result["load_average_1min"] = {"before": load_before[0], "after": os.getloadavg()[0]}
+    result["meta"] = results_meta(
+        {"repeats": args.repeats, "questions": args.questions, "model": result["store"]["model"]}
+    )
     print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -180,6 +200,7 @@ def main() -> None:
     parser.add_argument("--questions-file", default="../shared/data/squad-dev/questions.jsonl")
     parser.add_argument("--questions", type=int, default=10)
     parser.add_argument("--top-k", type=int, default=3)
+    parser.add_argument("--json", help="--ttft: also write the result (with run metadata) to this file")
     args = parser.parse_args()
     if args.ttft:
         if not args.store:

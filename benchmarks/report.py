@@ -22,6 +22,9 @@ Each generated table sits in README.md between ``<!-- report:NAME -->`` and
   eviction x rank x bits (``lowrank_*.json``, ``benchmarks/lowrank_frontier.py --publish``),
   KVzip's scoring cost against a plain forward (``kvzip_cost_*.json``) and the dense path's
   per-layer padding against the layout it replaced (``layer_padding_*.json``);
+* ``kernel-gpu`` / ``kernel-cpu-ttft`` (docs/kernels.md): the fused kernel per call on a GPU
+  (``gpu_check_*.json``, ``benchmarks/gpu_check.sh``) and the packed CPU path's TTFT against the
+  dense path (``kernel_cpu_ttft_*.json``, ``benchmarks/kernel_bench.py --ttft --json``);
 * ``store-scale``: stores at 1k..100k passages and Ray indexing against one process
   (``store_scale.json``, ``ray_throughput.json``, ``benchmarks/store_scale.py``);
   ``scale-estimate``: 10M passages on N nodes, simulated (``scale_estimate.json``).
@@ -1001,9 +1004,7 @@ def _split_speed(row: dict) -> str:
 def render_kernel_gpu(results: Path) -> str:
     """The fused kernel's GPU timing (``benchmarks/gpu_check.sh``'s ``kernel_bench.json``, kept in
     ``gpu_check_<gpu>.json``): ms per attention call and its speed against the two baselines."""
-    paths = files(results, "gpu_check_*.json")
-    if not paths:
-        raise ReportError(f"no {results}/gpu_check_*.json")
+    paths = files(results, "gpu_check_*.json")  # raises when there is none
     rows = []
     for path in paths:
         bench = load(path)["kernel_bench"]
@@ -1033,6 +1034,43 @@ def render_kernel_gpu(results: Path) -> str:
         "fused speed vs dequantize + SDPA",
         "fused speed vs fp16 SDPA",
         "prefill split-K speed vs one split",
+    ]
+    return "\n\n".join([table(header, rows), source_line(paths)])
+
+
+def render_kernel_cpu_ttft(results: Path) -> str:
+    """TTFT of the packed CPU path (the kernel's PyTorch reference) against the dense path
+    (``benchmarks/kernel_bench.py --ttft --json``, ``kernel_cpu_ttft_*.json``): medians per
+    question over alternating repeats, then the median across questions."""
+    paths = files(results, "kernel_cpu_ttft_*.json")  # raises when there is none
+    rows = []
+    for path in paths:
+        data = load(path)
+        store, load_avg = data["store"], data["load_average_1min"]
+        compression = store["compression"]
+        rows.append(
+            [
+                model_name(store["model"]),
+                f"`{compression['method']}` / {compression['quant']}, {store['passages']} passages",
+                str(data["top_k"]),
+                f"{data['questions']} x {data['repeats']}",
+                f"{1000 * data['assembled_ttft_s']:.0f}",
+                f"{1000 * data['packed_ttft_s']:.0f}",
+                f"{data['ratio']:.2f}",
+                f"{100 * data['same_first_token']:.0f} %",
+                f"{load_avg['before']:.1f} / {load_avg['after']:.1f}",
+            ]
+        )
+    header = [
+        "model",
+        "store",
+        "top-k",
+        "questions x repeats",
+        "dense TTFT ms",
+        f"packed ({load(paths[0])['packed_backend']}) TTFT ms",
+        "median ratio packed / dense",
+        "same first token",
+        "load average before / after",
     ]
     return "\n\n".join([table(header, rows), source_line(paths)])
 
@@ -1190,9 +1228,7 @@ def render_distill(results: Path) -> str:
 def render_faithful(results: Path) -> str:
     """The faithful-reuse curve (``faithful_*.json``, ``benchmarks/recompute_quality.py``): per
     model and top-k, every setting against full prefill on the same retrieved passages."""
-    paths = files(results, "faithful_*.json")
-    if not paths:
-        raise ReportError(f"no faithful_*.json in {results}")
+    paths = files(results, "faithful_*.json")  # raises when there is none
     parts = []
     for path in paths:
         data = load(path)
@@ -1518,6 +1554,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "lowrank-frontier": render_lowrank_frontier,
     "kvzip-cost": render_kvzip_cost,
     "kernel-gpu": render_kernel_gpu,
+    "kernel-cpu-ttft": render_kernel_cpu_ttft,
     "layer-padding": render_layer_padding,
     "core-all": render_core_all,
     "core": render_core,
