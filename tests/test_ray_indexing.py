@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -73,6 +74,19 @@ def reference(tmp_path_factory, tiny_lm, corpus) -> dict:
     return store_digest(store)
 
 
+@pytest.fixture(scope="module")
+def ray_store(cluster, tmp_path_factory, tiny_lm, corpus) -> tuple[Path, object]:
+    """One Ray build of the corpus and its report, shared by the tests that start from it (each
+    copies it): a Ray index of the corpus costs tens of seconds beside the other test worker."""
+    store = tmp_path_factory.mktemp("ray-store") / "store"
+    saved, shards.MAX_SHARD_BYTES = shards.MAX_SHARD_BYTES, SHARD_BYTES
+    try:
+        report = _ray_index(corpus, store, tiny_lm)
+    finally:
+        shards.MAX_SHARD_BYTES = saved
+    return store, report
+
+
 def _ray_index(corpus: Path, store: Path, lm, factory=HashEmbedder):
     return index_on_ray(corpus, store, lm=lm, config=CONFIG, batch_size=BATCH, workers=2, embedder_factory=factory)
 
@@ -84,9 +98,10 @@ def _clean(store: Path) -> None:
     assert report.passages == N_PASSAGES
 
 
-def test_ray_store_has_the_single_process_bytes(cluster, tmp_path, tiny_lm, corpus, reference):
+def test_ray_store_has_the_single_process_bytes(ray_store, tmp_path, tiny_lm, corpus, reference):
+    built, report = ray_store
     store = tmp_path / "store"
-    report = _ray_index(corpus, store, tiny_lm)
+    shutil.copytree(built, store)
     assert (report.indexed, report.skipped) == (N_PASSAGES, 0)
     _clean(store)
     digest = store_digest(store)
@@ -96,13 +111,11 @@ def test_ray_store_has_the_single_process_bytes(cluster, tmp_path, tiny_lm, corp
     assert (again.indexed, again.skipped) == (0, N_PASSAGES)
 
 
-def test_replace_on_ray_has_the_single_process_bytes(cluster, tmp_path, tiny_lm, corpus):
+def test_replace_on_ray_has_the_single_process_bytes(ray_store, tmp_path, tiny_lm, corpus):
     """``index --replace --ray``: passages whose text changed are re-encoded by the actors and
     take their stored ones' places; the store equals the one ``index(replace=True)`` leaves in one
     process from the same starting store (rows, numbers, blobs, embeddings)."""
-    import shutil
-
-    _ray_index(corpus, tmp_path / "ray", tiny_lm)
+    shutil.copytree(ray_store[0], tmp_path / "ray")
     shutil.copytree(tmp_path / "ray", tmp_path / "single")
     records = _texts(N_PASSAGES)
     for i in (1, 9):  # two batches, each partly changed
