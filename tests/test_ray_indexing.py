@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -41,6 +42,16 @@ def _texts(n: int) -> list[dict]:
     ]
 
 
+@contextmanager
+def small_shard_files():
+    """Shards of ``SHARD_BYTES`` for a module-scoped build (``monkeypatch`` is per test)."""
+    saved, shards.MAX_SHARD_BYTES = shards.MAX_SHARD_BYTES, SHARD_BYTES
+    try:
+        yield
+    finally:
+        shards.MAX_SHARD_BYTES = saved
+
+
 @pytest.fixture(autouse=True)
 def small_shards(monkeypatch):
     monkeypatch.setattr(shards, "MAX_SHARD_BYTES", SHARD_BYTES)
@@ -64,13 +75,8 @@ def corpus(tmp_path_factory) -> Path:
 def reference(tmp_path_factory, tiny_lm, corpus) -> dict:
     """The single-process store's digest: what every Ray run must reproduce."""
     store = tmp_path_factory.mktemp("ray-reference") / "store"
-    import ragcompress.store.shards as shard_module
-
-    saved, shard_module.MAX_SHARD_BYTES = shard_module.MAX_SHARD_BYTES, SHARD_BYTES
-    try:
+    with small_shard_files():
         index(corpus, store, lm=tiny_lm, embedder=HashEmbedder(), config=CONFIG, batch_size=BATCH)
-    finally:
-        shard_module.MAX_SHARD_BYTES = saved
     return store_digest(store)
 
 
@@ -79,11 +85,8 @@ def ray_store(cluster, tmp_path_factory, tiny_lm, corpus) -> tuple[Path, object]
     """One Ray build of the corpus and its report, shared by the tests that start from it (each
     copies it): a Ray index of the corpus costs tens of seconds beside the other test worker."""
     store = tmp_path_factory.mktemp("ray-store") / "store"
-    saved, shards.MAX_SHARD_BYTES = shards.MAX_SHARD_BYTES, SHARD_BYTES
-    try:
+    with small_shard_files():
         report = _ray_index(corpus, store, tiny_lm)
-    finally:
-        shards.MAX_SHARD_BYTES = saved
     return store, report
 
 
@@ -195,7 +198,7 @@ def test_an_actor_given_batches_out_of_order_leaves_a_killed_driver_only_shard_t
     next writer truncates it. In process (the actor class without Ray): batch 0 indexed, then
     the actor encodes batch 2 and batch 1 in that order, the driver commits batch 1 only."""
     from ragcompress.indexing.inputs import PassageInput
-    from ragcompress.indexing.ray_runner import EncodeActor, _passage_json
+    from ragcompress.indexing.ray_runner import EncodeActor, _passage_json, catalogue_rows
     from ragcompress.store import StoreWriter
 
     records = _texts(3 * BATCH)
@@ -211,11 +214,7 @@ def test_an_actor_given_batches_out_of_order_leaves_a_killed_driver_only_shard_t
         payload = json.dumps([_passage_json(PassageInput(**r)) for r in chunk])
         out = actor({"batch": [number], "passages": [payload], "skip": ["[]"]})
         assert not out["error"][0], out["error"][0]
-        rows = json.loads(out["rows"][0])
-        width = len(out["vectors"][0]) // len(rows)
-        for i, row in enumerate(rows):
-            row["embedding"] = out["vectors"][0][i * width : (i + 1) * width]
-        return rows
+        return catalogue_rows(out["rows"][0], out["vectors"][0])
 
     with StoreWriter(store) as writer:  # the driver holds the writer; commits batch 1, then is killed
         encode(2)

@@ -226,12 +226,17 @@ def _results(
     for row in encoded.iter_rows():
         if row["error"]:
             _raise_error(row["error"])
-        rows = json.loads(row["rows"])
-        vectors = bytes(row["vectors"])
-        width = len(vectors) // len(rows) if rows else 0
-        for i, entry in enumerate(rows):
-            entry["embedding"] = vectors[i * width : (i + 1) * width]
-        yield int(row["batch"]), rows
+        yield int(row["batch"]), catalogue_rows(row["rows"], bytes(row["vectors"]))
+
+
+def catalogue_rows(rows_json: str, vectors: bytes) -> list[dict[str, Any]]:
+    """An actor's result as the rows the driver commits: each row given its embedding back
+    (``EncodeActor`` returns the rows as JSON and the embeddings as one byte string)."""
+    rows = json.loads(rows_json)
+    width = len(vectors) // len(rows) if rows else 0
+    for i, entry in enumerate(rows):
+        entry["embedding"] = vectors[i * width : (i + 1) * width]
+    return rows
 
 
 def index_on_ray(
