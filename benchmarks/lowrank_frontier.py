@@ -32,7 +32,9 @@ ablation measured and not adopted: docs/compression.md §8); a final ``~basescor
 ``+adaptor`` row evicts by the scores of the *base* model's cache of each passage, as the
 adaptor's training chose the student's kept rows, instead of by those of the adaptor's cache; a
 final ``~vnorm`` weights each score by its value's norm over the mean of its layer and head
-(``IndexConfig.value_norm``, VATP-style; docs/compression.md §8).
+(``IndexConfig.value_norm``, VATP-style; docs/compression.md §8); a final ``~pool`` averages each
+score with its neighbours' (SnapKV's 1-D pooling at its width, :func:`pool_scores`) before the
+budget is applied, so kept rows come in short runs rather than as isolated tokens.
 
     python benchmarks/lowrank_frontier.py --model qwen2.5-coder-0.5b --split eval \\
         --rows none@1/fp16/- none@1/int4/- global:kvzip@0.25/int4/- global:kvzip@0.5/int4/r16
@@ -59,6 +61,7 @@ import torch
 from ragcompress.bench import git_revision
 from ragcompress.compressors import CompressionContext, make_compressor
 from ragcompress.compressors.scorer import gather_kept
+from ragcompress.compressors.snapkv import SnapKVCompressor, pool_scores
 from ragcompress.distill.adaptor import Adaptor
 from ragcompress.errors import InputError
 from ragcompress.evaluation import Question, f1, read_questions, select_questions, sub_em
@@ -83,7 +86,7 @@ from common import SQUAD, adaptor_provenance, question_article, results_meta, te
 CORE272 = Path(__file__).resolve().parents[1] / "runs" / "core272-ck"
 OPTIONS = AnswerOptions(backend="dense")
 ROW = re.compile(
-    r"(?P<method>[^@]+)@(?P<ratio>[0-9.]+?)(?:f(?P<floor>[0-9.]+))?/(?P<quant>none|fp16|int8|int4|int2)(?:v(?P<vbits>[248]))?(?:g(?P<group>\d+))?/(?P<rank>-|r\d+k?|[ep][0-9.]+k?)(?P<adaptor>\+adaptor(?:-[A-Za-z0-9]+)?)?(?P<merge>~merge)?(?P<basescore>~basescore)?(?P<vnorm>~vnorm)?"
+    r"(?P<method>[^@]+)@(?P<ratio>[0-9.]+?)(?:f(?P<floor>[0-9.]+))?/(?P<quant>none|fp16|int8|int4|int2)(?:v(?P<vbits>[248]))?(?:g(?P<group>\d+))?/(?P<rank>-|r\d+k?|[ep][0-9.]+k?)(?P<adaptor>\+adaptor(?:-[A-Za-z0-9]+)?)?(?P<merge>~merge)?(?P<basescore>~basescore)?(?P<vnorm>~vnorm)?(?P<pool>~pool)?"
 )
 
 
@@ -103,13 +106,14 @@ class RowSpec:
     base_scores: bool = False  # ``~basescore``: an adapted row evicted by the base cache's scores
     floor: float | None = None  # ``@RATIOfF``: every head's guaranteed share of its budget (global: default 0)
     value_norm: bool = False  # ``~vnorm``: scores weighted by the value's relative norm (IndexConfig.value_norm)
+    pool: bool = False  # ``~pool``: scores averaged over neighbouring tokens first (SnapKV's pooling, its width)
 
     @classmethod
     def parse(cls, name: str) -> RowSpec:
         match = ROW.fullmatch(name)
         if match is None:
             raise SystemExit(
-                f"bad row {name!r}: expected METHOD@RATIO[fFLOOR]/QUANT[vBITS][gGROUP]/(-|rN[k]|eE[k]|pE[k])[+adaptor[-LABEL]][~merge][~basescore][~vnorm]"
+                f"bad row {name!r}: expected METHOD@RATIO[fFLOOR]/QUANT[vBITS][gGROUP]/(-|rN[k]|eE[k]|pE[k])[+adaptor[-LABEL]][~merge][~basescore][~vnorm][~pool]"
             )
         if match["basescore"] and not match["adaptor"]:
             raise SystemExit(f"bad row {name!r}: ~basescore only changes a +adaptor row's scores")
@@ -138,6 +142,7 @@ class RowSpec:
             bool(match["basescore"]),
             float(match["floor"]) if match["floor"] else None,
             bool(match["vnorm"]),
+            bool(match["pool"]),
         )
 
     def index_config(self, adaptor: Path | None = None) -> IndexConfig:
@@ -359,6 +364,8 @@ class Frontier:
         kept = dict(full)
         if row.method != "none":
             scores = self.scores(row.method.split(":")[-1], row.adaptor and not row.base_scores)
+            if row.pool:
+                scores = {pid: pool_scores(s, SnapKVCompressor.kernel) for pid, s in scores.items()}
             kept = {pid: compressor.select(kv, scores[pid]) for pid, kv in full.items()}  # type: ignore[attr-defined]
             if row.merge:
                 kept = {pid: merge_evicted(kv, kept[pid], scores[pid]) for pid, kv in full.items()}
