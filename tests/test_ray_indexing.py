@@ -148,20 +148,6 @@ def test_replace_on_ray_has_the_single_process_bytes(ray_store, tmp_path, tiny_l
     assert {row["id"]: row["text"] for row in digest["rows"]}["doc-009"].endswith("Changed.")
 
 
-def test_relative_paths_name_the_drivers_files_on_every_actor(cluster, tmp_path, tiny_lm, corpus, monkeypatch):
-    """A relative ``--store`` and adaptor folder are the driver's: actors whose working directory
-    is another (a cluster started elsewhere; here Ray's, started before the driver moved) get
-    them resolved, so they open the store the driver created instead of failing."""
-    adaptor = noisy_adaptor(tiny_lm.model, seed=7).save(tmp_path / "adaptor")
-    monkeypatch.chdir(tmp_path)
-    config = replace(CONFIG, adaptor=adaptor.name)
-    report = index_on_ray(
-        corpus, Path("store"), lm=tiny_lm, config=config, batch_size=BATCH, workers=2, embedder_factory=HashEmbedder
-    )
-    assert report.indexed == N_PASSAGES
-    _clean(tmp_path / "store")
-
-
 def test_an_input_error_on_an_actor_is_the_one_line_error_of_one_process(cluster, tmp_path, tiny_lm):
     """A passage too long for the model is refused by the actor that encodes it; the driver raises
     that ``InputError`` (the CLI's one line), not Ray's wrapped traceback, and the batches
@@ -174,14 +160,27 @@ def test_an_input_error_on_an_actor_is_the_one_line_error_of_one_process(cluster
     assert verify_store(tmp_path / "store").ok
 
 
-def test_adaptor_and_low_rank_on_ray_have_the_single_process_bytes(cluster, tmp_path, tiny_lm, corpus):
+def test_adaptor_low_rank_and_relative_paths_on_ray_have_the_single_process_bytes(
+    cluster, tmp_path, tiny_lm, corpus, monkeypatch
+):
     """The actors load the store's adaptor and read the basis the driver fitted: same rows, blobs,
-    basis and adaptor hash as one process with the same settings."""
+    basis and adaptor hash as one process with the same settings. The store and adaptor folder
+    are given relative to the driver's working directory: actors whose working directory is
+    another (a cluster started elsewhere; here Ray's, started before the driver moved) get them
+    resolved, so they open the store the driver created instead of failing. (One Ray build for
+    both: each costs tens of seconds beside the other test worker.)"""
     adaptor = noisy_adaptor(tiny_lm.model, seed=7).save(tmp_path / "adaptor")
     config = replace(CONFIG, adaptor=str(adaptor), rank=8)
     index(corpus, tmp_path / "single", lm=tiny_lm, embedder=HashEmbedder(), config=config, batch_size=BATCH)
+    monkeypatch.chdir(tmp_path)
     report = index_on_ray(
-        corpus, tmp_path / "ray", lm=tiny_lm, config=config, batch_size=BATCH, workers=2, embedder_factory=HashEmbedder
+        corpus,
+        Path("ray"),
+        lm=tiny_lm,
+        config=replace(config, adaptor=adaptor.name),
+        batch_size=BATCH,
+        workers=2,
+        embedder_factory=HashEmbedder,
     )
     assert report.indexed == N_PASSAGES
     _clean(tmp_path / "ray")
