@@ -186,7 +186,8 @@ def test_knorm_keeps_lowest_norm_keys(encoded):
     ],
 )
 def test_probe_attention_equals_model_attention(arch, config, tiny_model_dir):
-    """The probe's recomputed queries give the model's own (eager) attention weights."""
+    """The probe's queries (the module's own q_proj output, then q_norm and RoPE) give the model's own
+    (eager) attention weights."""
     from transformers import AutoModelForCausalLM
 
     from ragcompress.models import load_model

@@ -5,10 +5,10 @@ statistics of Expected Attention) need the *queries* of some tokens that follow 
 passage. The encoder only returns keys and values, so :func:`run_probe` rebuilds the rotated
 cache ``prefix + passage[:context_len]`` and feeds ``probe_ids`` through the model's decoder
 (no LM head) at the positions that follow, with a forward hook on every attention module. The
-hook recomputes the layer's queries from the hidden states the module received (``q_proj``,
-``q_norm`` when the architecture has one, then RoPE with the ``position_embeddings`` the model
-passed in), so it stays correct for every architecture the library loads without touching the
-attention function. Probes run in chunks of ``chunk`` tokens: the attention matrix held at once
+hook rebuilds the layer's queries from the module's own ``q_proj`` output (kept by a hook on
+``q_proj``, not computed twice; ``q_norm`` when the architecture has one, then RoPE with the
+``position_embeddings`` the model passed in), so it stays correct for every architecture the
+library loads without touching the attention function. Probes run in chunks of ``chunk`` tokens: the attention matrix held at once
 is ``[q_heads, chunk, total]``, which bounds memory for long passages (KVzip's chunked scoring).
 """
 
@@ -61,10 +61,11 @@ def rotated_context(
     return out
 
 
-def layer_queries(module: Any, hidden: torch.Tensor) -> torch.Tensor:
-    """Pre-RoPE queries ``[batch, q_heads, m, head_dim]`` of attention ``module`` for ``hidden``."""
-    batch, m, _ = hidden.shape
-    q = module.q_proj(hidden).view(batch, m, -1, module.head_dim).transpose(1, 2)
+def layer_queries(module: Any, projected: torch.Tensor) -> torch.Tensor:
+    """Pre-RoPE queries ``[batch, q_heads, m, head_dim]`` of attention ``module`` from its
+    ``q_proj`` output ``[batch, m, q_heads * head_dim]``."""
+    batch, m, _ = projected.shape
+    q = projected.view(batch, m, -1, module.head_dim).transpose(1, 2)
     norm = getattr(module, "q_norm", None)
     return norm(q) if norm is not None else q
 
@@ -119,19 +120,30 @@ def run_probe(
     scaling = [0.0] * n_layers
 
     @functools.cache
-    def hidden_keys(c: int, total: int, window: int | None) -> torch.Tensor:
-        """``[c, total]`` True where a chunk query cannot see the key: causality, and on a
-        sliding-window layer keys ``window`` or more positions back; shared by layers."""
+    def hidden_keys(c: int, total: int, window: int | None) -> tuple[int, torch.Tensor]:
+        """``(start, mask)``: ``mask`` ``[c, total - start]`` is True where a chunk query cannot
+        see the key at cache index ``start + j`` (causality, and on a sliding-window layer keys
+        ``window`` or more positions back); every key before ``start`` is seen by every query, so
+        only the chunk's own columns are masked on a full-attention layer. Shared by layers."""
         first = total - c  # cache index of the chunk's first query
+        start = 0 if window else first
         query = (first + torch.arange(c)).unsqueeze(-1)
-        hidden = torch.arange(total) > query
-        return hidden | (query - torch.arange(total) >= window) if window else hidden
+        keys = torch.arange(start, total)
+        hidden = keys > query
+        return start, (hidden | (query - keys >= window) if window else hidden)
+
+    projected: dict[int, torch.Tensor] = {}  # q_proj's output of the current chunk, per layer
+
+    def keep_projection(layer: int) -> Any:
+        def hook(module: Any, args: Any, output: torch.Tensor) -> None:
+            projected[layer] = output
+
+        return hook
 
     def hook(module: Any, args: Any, kwargs: dict[str, Any], output: Any) -> None:
         layer = module.layer_idx
         scaling[layer] = float(module.scaling)
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        q = layer_queries(module, hidden)  # [1, Hq, c, d]
+        q = layer_queries(module, projected.pop(layer))  # [1, Hq, c, d]
         if capture_queries:
             queries[layer].append(q[0].float())
         if acc is None:
@@ -144,7 +156,8 @@ def run_probe(
         logits = torch.einsum("hgcd,htd->hgct", q, keys) * module.scaling
         if softcap:  # Gemma-2 caps its attention logits before the softmax
             logits = torch.tanh(logits / softcap) * softcap
-        logits.masked_fill_(hidden_keys(c, total, getattr(module, "sliding_window", None)), float("-inf"))
+        start, hidden = hidden_keys(c, total, getattr(module, "sliding_window", None))
+        logits[..., start:].masked_fill_(hidden, float("-inf"))
         # softmax weights of the passage columns only: exp(logit - logsumexp over every key)
         weights = (logits[..., p : p + score_len] - logits.logsumexp(dim=-1, keepdim=True)).exp_()
         if weights.shape[-1] < score_len:  # keys of later probe chunks do not exist yet
@@ -153,6 +166,10 @@ def run_probe(
         acc[layer] = torch.maximum(acc[layer], reduced) if query_reduce == "max" else acc[layer] + reduced
 
     handles = [layer.self_attn.register_forward_hook(hook, with_kwargs=True) for layer in model.model.layers]
+    # the attention module's own query projection, kept rather than computed a second time
+    handles += [
+        layer.self_attn.q_proj.register_forward_hook(keep_projection(i)) for i, layer in enumerate(model.model.layers)
+    ]
     try:
         start = p + context_len
         for offset in range(0, m, chunk):
