@@ -70,6 +70,14 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    from common import results_meta
+
+    # recorded at the start: the code that runs is the tree now, not after a commit during the run
+    args.meta = {
+        **results_meta({**vars(args), "questions": args.limit, "model": "smollm2-135m"}),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "load_at_start": os.getloadavg(),
+    }
     from llama_index.core.postprocessor import SentenceEmbeddingOptimizer
     from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
     from llama_index.embeddings.huggingface import HuggingFaceEmbedding
@@ -205,6 +213,8 @@ def summarize(rows: dict[str, list[dict]], args: argparse.Namespace, reader: str
         "llmlingua": llmlingua_note or "run",
         "methods": {},
     }
+    if getattr(args, "meta", None):
+        summary["meta"] = {**args.meta, "load_at_end": os.getloadavg()}
     print(f"\nsquad-dev, first {n} questions, top-{args.top_k}, reader {reader} (full prefill)\n")
     print(
         "| method | sub-EM | agreement w/ uncompressed | passage tokens / question | tokens vs uncompressed "
