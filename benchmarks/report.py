@@ -25,6 +25,8 @@ Each generated table sits in README.md between ``<!-- report:NAME -->`` and
 * ``kernel-gpu`` / ``kernel-cpu-ttft`` (docs/kernels.md): the fused kernel per call on a GPU
   (``gpu_check_*.json``, ``benchmarks/gpu_check.sh``) and the packed CPU path's TTFT against the
   dense path (``kernel_cpu_ttft_*.json``, ``benchmarks/kernel_bench.py --ttft --json``);
+* ``text-compression`` (docs/llamaindex.md): every text compressor of one
+  ``benchmarks/text_compression.py --out`` run (``text_compression_smollm2.json``);
 * ``store-scale``: stores at 1k..100k passages and Ray indexing against one process
   (``store_scale.json``, ``ray_throughput.json``, ``benchmarks/store_scale.py``);
   ``scale-estimate``: 10M passages on N nodes, simulated (``scale_estimate.json``).
@@ -56,7 +58,8 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 # Other documents whose blocks are rendered (and checked) along with README.md's.
 DOCS = tuple(
-    ROOT / "docs" / name for name in ("serve.md", "distill.md", "recompute.md", "compression.md", "kernels.md")
+    ROOT / "docs" / name
+    for name in ("serve.md", "distill.md", "recompute.md", "compression.md", "kernels.md", "llamaindex.md")
 )
 RESULTS = ROOT / "docs" / "results"
 
@@ -1077,6 +1080,57 @@ def render_kernel_cpu_ttft(results: Path) -> str:
     return "\n\n".join([table(header, rows), source_line(paths)])
 
 
+TEXT_COMPRESSION = "text_compression_smollm2.json"
+
+
+def text_compression_label(method: str) -> str:
+    """The table's name for a ``benchmarks/text_compression.py`` method key (``NAME@RATE``)."""
+    name, _, rate = method.partition("@")
+    labels = {
+        "uncompressed": "uncompressed (baseline)",
+        "extractive": f"`TextCompressionPostprocessor` extractive, rate {rate}",
+        "sentence-optimizer": f"core `SentenceEmbeddingOptimizer`, percentile {rate}",
+        "selfinfo": f"`TextCompressionPostprocessor` selfinfo (words), rate {rate}",
+        "selfinfo-token": f'`TextCompressionPostprocessor` selfinfo (tokens, `unit="token"`), rate {rate}',
+        "llmlingua": f"`llmlingua.PromptCompressor` (SmolLM2 scorer), rate {rate}",
+    }
+    return labels.get(name, f"`{method}`")
+
+
+def render_text_compression(results: Path) -> str:
+    """Text compression for LLMs without a KV-cache interface (docs/llamaindex.md): every method
+    of one ``benchmarks/text_compression.py --out`` run on the same questions, answered by the
+    same reader with a full prefill; rows in the order the run measured them."""
+    path = results / TEXT_COMPRESSION
+    data = load(path)
+    rows = [
+        [
+            text_compression_label(method),
+            f"{item['sub_em']:.3f}",
+            f"{item['agreement']:.3f}",
+            f"{item['tokens_per_question']:.0f}",
+            f"{item['token_ratio']:.3f}",
+            f"{item['compress_s_median']:.2f}",
+        ]
+        for method, item in data["methods"].items()
+    ]
+    header = [
+        "method",
+        "sub-EM",
+        "agreement with uncompressed",
+        "passage tokens / question",
+        "tokens vs uncompressed",
+        "compression latency, median s / question",
+    ]
+    meta = data["meta"]
+    load_line = (
+        f"{data['n']} questions, top-{data['top_k']}, reader {model_name(data['reader'])}, "
+        f"{meta['threads']} torch thread(s), load average {meta['load_at_start'][0]:.1f} at the start "
+        f"and {meta['load_at_end'][0]:.1f} at the end, {meta['date'][:10]}; llmlingua: {data['llmlingua']}."
+    )
+    return "\n\n".join([table(header, rows), load_line, source_line([path])])
+
+
 def render_kvzip_cost(results: Path) -> str:
     """KVzip's scoring cost against a plain indexing forward (``kvzip_cost_*.json``)."""
     paths = files(results, "kvzip_cost_*.json")
@@ -1555,6 +1609,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "faithful": render_faithful,
     "lowrank-frontier": render_lowrank_frontier,
     "kvzip-cost": render_kvzip_cost,
+    "text-compression": render_text_compression,
     "kernel-gpu": render_kernel_gpu,
     "kernel-cpu-ttft": render_kernel_cpu_ttft,
     "layer-padding": render_layer_padding,
