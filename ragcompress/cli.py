@@ -15,6 +15,7 @@ from typing import Any
 import typer
 
 from ragcompress.errors import CorruptSegmentError, RagCompressError
+from ragcompress.runtime.memory import keep_freed_memory
 
 app = typer.Typer(
     add_completion=False,
@@ -800,7 +801,9 @@ def serve(
 
 
 def main() -> None:
-    """Entry point: one-line errors, non-zero exit."""
+    """Entry point: one-line errors, non-zero exit. The command is the whole process, so it keeps
+    freed memory for the next request (:mod:`ragcompress.runtime.memory`)."""
+    keep_freed_memory()
     try:
         app(standalone_mode=False)
     except RagCompressError as exc:
