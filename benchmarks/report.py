@@ -25,6 +25,8 @@ Each generated table sits in README.md between ``<!-- report:NAME -->`` and
 * ``kernel-gpu`` / ``kernel-cpu-ttft`` (docs/kernels.md): the fused kernel per call on a GPU
   (``gpu_check_*.json``, ``benchmarks/gpu_check.sh``) and the packed CPU path's TTFT against the
   dense path (``kernel_cpu_ttft_*.json``, ``benchmarks/kernel_bench.py --ttft --json``);
+* ``keep-freed-memory``: ``bench`` with the command's allocator setting off and on
+  (``keep_freed_memory_qwen.json``, :mod:`ragcompress.runtime.memory`);
 * ``text-compression`` (docs/llamaindex.md): every text compressor of one
   ``benchmarks/text_compression.py --out`` run (``text_compression_smollm2.json``);
 * ``store-scale``: stores at 1k..100k passages and Ray indexing against one process
@@ -1131,6 +1133,47 @@ def render_text_compression(results: Path) -> str:
     return "\n\n".join([table(header, rows), load_line, source_line([path])])
 
 
+KEEP_FREED_MEMORY = "keep_freed_memory_qwen.json"
+
+
+def render_keep_freed_memory(results: Path) -> str:
+    """``ragcompress bench`` with the command's kept freed memory turned off
+    (``RAGCOMPRESS_KEEP_FREED_MEMORY=0``) and on, rounds alternating on one store: per top-k the
+    mean over rounds of each path's median TTFT and of the cached path's ratio to full prefill."""
+    path = results / KEEP_FREED_MEMORY
+    data = load(path)
+    runs = data["runs"]
+
+    def mean(setting: str, top_k: int, value: Callable[[dict[str, Any]], float]) -> float:
+        rows = [row for run in runs[setting] for row in run["rows"] if row["top_k"] == top_k]
+        return sum(value(row) for row in rows) / len(rows)
+
+    rows = []
+    for top_k in sorted({row["top_k"] for run in runs["off"] for row in run["rows"]}):
+        cells = [str(top_k)]
+        for name in ("full", "cached", "floor"):
+            off = mean("off", top_k, lambda row, name=name: row["ttft_s"][name])
+            on = mean("on", top_k, lambda row, name=name: row["ttft_s"][name])
+            cells.append(f"{1000 * off:.0f} / {1000 * on:.0f} ({on / off:.2f})")
+        off_ratio = mean("off", top_k, lambda row: row["speedup"]["vs_full"])
+        on_ratio = mean("on", top_k, lambda row: row["speedup"]["vs_full"])
+        cells.append(f"{off_ratio:.1f}x / {on_ratio:.1f}x")
+        rows.append(cells)
+    header = [
+        "top-k",
+        "full, ms: off / on (on/off)",
+        "cached, ms: off / on (on/off)",
+        "floor, ms: off / on (on/off)",
+        "cached vs full: off / on",
+    ]
+    first = runs["off"][0]["meta"]
+    note = (
+        f"{model_name(data['model'])}, {data['store']}; {len(runs['off'])} rounds of each setting, "
+        f"{first['limit']} questions x {first['repeats']} repeats per run, {first['threads']} threads."
+    )
+    return "\n\n".join([table(header, rows), note, source_line([path])])
+
+
 def render_kvzip_cost(results: Path) -> str:
     """KVzip's scoring cost against a plain indexing forward (``kvzip_cost_*.json``)."""
     paths = files(results, "kvzip_cost_*.json")
@@ -1610,6 +1653,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "lowrank-frontier": render_lowrank_frontier,
     "kvzip-cost": render_kvzip_cost,
     "text-compression": render_text_compression,
+    "keep-freed-memory": render_keep_freed_memory,
     "kernel-gpu": render_kernel_gpu,
     "kernel-cpu-ttft": render_kernel_cpu_ttft,
     "layer-padding": render_layer_padding,

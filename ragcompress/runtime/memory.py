@@ -4,9 +4,9 @@ Every cached answer allocates its cache buffers afresh (a top-16 Qwen2.5-0.5B co
 ~31 MB fp32 buffers), and every forward pass its activations. glibc serves a large allocation
 with a fresh ``mmap`` and gives a freed heap top back to the kernel past its trim threshold, so
 each request pays a page fault and the zeroing of a page for every 4 KiB it then overwrites
-anyway. On the 2-core CPU this was about half of the dense path's cache work at top-16 (the
-assembly of 16 passages: ~100 ms -> ~50 ms, docs/architecture.md). Serving allocations from the
-heap and keeping freed pages removes that cost; the price is that the process keeps its peak
+anyway. On the 2-core CPU the dense path's assembly of 16 passages took 51 ms with this
+setting against 125 ms without; in ``bench`` full prefill gained most (README, "The allocator
+setting"). Serving allocations from the heap and keeping freed pages removes that cost; the price is that the process keeps its peak
 memory mapped instead of returning it, which is what a long-running server does anyway (and
 what PyTorch's CPU tuning guide gets from jemalloc or tcmalloc).
 
