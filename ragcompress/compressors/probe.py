@@ -8,8 +8,9 @@ cache ``prefix + passage[:context_len]`` and feeds ``probe_ids`` through the mod
 hook rebuilds the layer's queries from the module's own ``q_proj`` output (kept by a hook on
 ``q_proj``, not computed twice; ``q_norm`` when the architecture has one, then RoPE with the
 ``position_embeddings`` the model passed in), so it stays correct for every architecture the
-library loads without touching the attention function. Probes run in chunks of ``chunk`` tokens: the attention matrix held at once
-is ``[q_heads, chunk, total]``, which bounds memory for long passages (KVzip's chunked scoring).
+library loads without touching the attention function. Probes run in chunks of ``chunk``
+tokens: the attention matrix held at once is ``[q_heads, chunk, total]``, which bounds memory
+for long passages (KVzip's chunked scoring).
 """
 
 from __future__ import annotations

@@ -4,11 +4,12 @@ Every cached answer allocates its cache buffers afresh (a top-16 Qwen2.5-0.5B co
 ~31 MB fp32 buffers), and every forward pass its activations. glibc serves a large allocation
 with a fresh ``mmap`` and gives a freed heap top back to the kernel past its trim threshold, so
 each request pays a page fault and the zeroing of a page for every 4 KiB it then overwrites
-anyway. On the 2-core CPU the dense path's assembly of 16 passages took 51 ms with this
-setting against 125 ms without; in ``bench`` full prefill gained most (README, "The allocator
-setting"). Serving allocations from the heap and keeping freed pages removes that cost; the price is that the process keeps its peak
-memory mapped instead of returning it, which is what a long-running server does anyway (and
-what PyTorch's CPU tuning guide gets from jemalloc or tcmalloc).
+anyway. Serving allocations from the heap and keeping freed pages removes that cost: on the
+2-core CPU the dense path's assembly of 16 passages took 51 ms with this setting against 125 ms
+without, and in ``bench`` full prefill gained most (README, "The allocator setting"). The price
+is that the process keeps its peak memory mapped instead of returning it, which is what a
+long-running server does anyway (and what PyTorch's CPU tuning guide gets from jemalloc or
+tcmalloc).
 
 The setting is process-wide, so the library never applies it on import: the ``ragcompress``
 command does, for every subcommand (``RAGCOMPRESS_KEEP_FREED_MEMORY=0`` turns it off), and an
