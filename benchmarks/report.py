@@ -1139,7 +1139,8 @@ KEEP_FREED_MEMORY = "keep_freed_memory_qwen.json"
 def render_keep_freed_memory(results: Path) -> str:
     """``ragcompress bench`` with the command's kept freed memory turned off
     (``RAGCOMPRESS_KEEP_FREED_MEMORY=0``) and on, rounds alternating on one store: per top-k the
-    mean over rounds of each path's median TTFT and of the cached path's ratio to full prefill."""
+    mean over rounds of each path's median TTFT, of the cache work (cached - floor, median over
+    questions) and of the cached path's ratio to full prefill."""
     path = results / KEEP_FREED_MEMORY
     data = load(path)
     runs = data["runs"]
@@ -1155,6 +1156,9 @@ def render_keep_freed_memory(results: Path) -> str:
             off = mean("off", top_k, lambda row, name=name: row["ttft_s"][name])
             on = mean("on", top_k, lambda row, name=name: row["ttft_s"][name])
             cells.append(f"{1000 * off:.0f} / {1000 * on:.0f} ({on / off:.2f})")
+        off_work = mean("off", top_k, lambda row: row["cache_work_s"])
+        on_work = mean("on", top_k, lambda row: row["cache_work_s"])
+        cells.append(f"{1000 * off_work:.0f} / {1000 * on_work:.0f}")
         off_ratio = mean("off", top_k, lambda row: row["speedup"]["vs_full"])
         on_ratio = mean("on", top_k, lambda row: row["speedup"]["vs_full"])
         cells.append(f"{off_ratio:.1f}x / {on_ratio:.1f}x")
@@ -1164,6 +1168,7 @@ def render_keep_freed_memory(results: Path) -> str:
         "full, ms: off / on (on/off)",
         "cached, ms: off / on (on/off)",
         "floor, ms: off / on (on/off)",
+        "cache work, ms: off / on",
         "cached vs full: off / on",
     ]
     first = runs["off"][0]["meta"]

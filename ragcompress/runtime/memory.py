@@ -6,7 +6,7 @@ with a fresh ``mmap`` and gives a freed heap top back to the kernel past its tri
 each request pays a page fault and the zeroing of a page for every 4 KiB it then overwrites
 anyway. Serving allocations from the heap and keeping freed pages removes that cost: on the
 2-core CPU the dense path's assembly of 16 passages took 51 ms with this setting against 125 ms
-without, and in ``bench`` full prefill gained most (README, "The allocator setting"). The price
+without (a one-off profile), and in ``bench`` full prefill gained most (README, "The allocator setting"). The price
 is that the process keeps its peak memory mapped instead of returning it, which is what a
 long-running server does anyway (and what PyTorch's CPU tuning guide gets from jemalloc or
 tcmalloc).
