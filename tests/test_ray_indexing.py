@@ -44,7 +44,8 @@ def _texts(n: int) -> list[dict]:
 
 @contextmanager
 def small_shard_files():
-    """Shards of ``SHARD_BYTES`` for a module-scoped build (``monkeypatch`` is per test)."""
+    """Shards of ``SHARD_BYTES`` (rolled over every few blobs), for every test and for the
+    module-scoped builds (``monkeypatch`` is per test)."""
     saved, shards.MAX_SHARD_BYTES = shards.MAX_SHARD_BYTES, SHARD_BYTES
     try:
         yield
@@ -53,8 +54,9 @@ def small_shard_files():
 
 
 @pytest.fixture(autouse=True)
-def small_shards(monkeypatch):
-    monkeypatch.setattr(shards, "MAX_SHARD_BYTES", SHARD_BYTES)
+def small_shards():
+    with small_shard_files():
+        yield
 
 
 @pytest.fixture(scope="module")
