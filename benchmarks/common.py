@@ -9,7 +9,8 @@
   position's logits kept (``ragcompress.runtime.generate``); :func:`run_keeping_request` and :func:`rewind` do it after the same
   request was decoded (timed) by its :class:`~ragcompress.runtime.generate.TokenStream`;
 * synthetic fixtures and timing for the kernel benchmark (:class:`PlainRotary`,
-  :func:`synthetic_segments`, :func:`median_time`).
+  :func:`synthetic_segments`, :func:`median_time`);
+* ``ragcompress serve`` started in a subprocess for the service benchmarks (:class:`Service`).
 
 Scripts in this folder import it as ``from common import ...`` (they run as
 ``.venv/bin/python benchmarks/NAME.py``, which puts this folder on ``sys.path``).
@@ -17,8 +18,13 @@ Scripts in this folder import it as ``from common import ...`` (they run as
 
 from __future__ import annotations
 
+import asyncio
+import os
 import re
+import signal
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -201,6 +207,53 @@ def median_time(fn: Callable[[], Any], repeats: int = 5) -> float:
         fn()
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)
+
+
+# -- the service in a subprocess ---------------------------------------------------------------
+
+
+class Service:
+    """``ragcompress serve`` in a subprocess on a free port of 127.0.0.1 (``--port 0``; the port is
+    read from its log, which goes to ``log``). ``options`` are further ``serve`` options; ``env``
+    entries replace this process's environment's for it."""
+
+    def __init__(self, store: Path, log: Path, options: list[str], env: dict[str, str] | None = None) -> None:
+        self.log = log
+        command = [sys.executable, "-m", "ragcompress.cli", "serve", "--store", str(store), "--port", "0", *options]
+        self.handle = log.open("w")
+        self.proc = subprocess.Popen(
+            command,
+            stdout=self.handle,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).resolve().parents[1],
+            env={**os.environ, **(env or {})},
+        )
+        self.url = ""
+
+    async def started(self, timeout: float = 600.0) -> str:
+        deadline = time.perf_counter() + timeout
+        while time.perf_counter() < deadline:
+            found = re.search(r"listening on (http://127\.0\.0\.1:\d+)", self.log.read_text(errors="replace"))
+            if found:
+                self.url = found.group(1)
+                return self.url
+            if self.proc.poll() is not None:
+                break
+            await asyncio.sleep(0.2)
+        raise SystemExit(f"error: the service did not start: {self.log.read_text(errors='replace')[-2000:]}")
+
+    async def stop(self, timeout: float = 300.0) -> int | None:
+        """SIGTERM, then the exit status (None: it had to be killed)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return await asyncio.to_thread(self.proc.wait, timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            return None
+        finally:
+            self.handle.close()
 
 
 # -- run metadata every results file records ----------------------------------------------------

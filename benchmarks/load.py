@@ -44,10 +44,8 @@ import json
 import math
 import os
 import random
-import re
 import shlex
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -58,6 +56,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from common import Service
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_QUESTIONS = ROOT / "ragcompress" / "data" / "squad_sample" / "questions.jsonl"
@@ -352,46 +352,12 @@ async def ask_indexed(client: httpx.AsyncClient, args: argparse.Namespace) -> di
 # -- services started by the benchmark --------------------------------------------------------------
 
 
-class Service:
-    """``ragcompress serve`` in a subprocess on a free port of 127.0.0.1; its log goes to a file."""
-
-    def __init__(self, store: Path, batch: int, args: argparse.Namespace, log: Path) -> None:
-        self.batch = batch
-        self.log = log
-        command = [
-            sys.executable, "-m", "ragcompress.cli", "serve", "--store", str(store), "--port", "0",
-            "--batch", str(batch), "--queue", str(args.queue), "--log-level", "warning",
-        ]  # fmt: skip
-        if args.max_tokens > 32:
-            command += ["--max-new-tokens", str(args.max_tokens)]
-        self.handle = log.open("w")
-        self.proc = subprocess.Popen(command, stdout=self.handle, stderr=subprocess.STDOUT, cwd=ROOT)
-        self.url = ""
-
-    async def started(self, timeout: float = 600.0) -> str:
-        deadline = time.perf_counter() + timeout
-        while time.perf_counter() < deadline:
-            found = re.search(r"listening on (http://127\.0\.0\.1:\d+)", self.log.read_text(errors="replace"))
-            if found:
-                self.url = found.group(1)
-                return self.url
-            if self.proc.poll() is not None:
-                break
-            await asyncio.sleep(0.2)
-        raise SystemExit(f"error: the service did not start: {self.log.read_text(errors='replace')[-2000:]}")
-
-    async def stop(self, timeout: float = 300.0) -> int | None:
-        """SIGTERM, then the exit status (None: it had to be killed)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return await asyncio.to_thread(self.proc.wait, timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            return None
-        finally:
-            self.handle.close()
+def start_service(store: Path, batch: int, args: argparse.Namespace, log: Path) -> Service:
+    """The service with this run's batch, queue and answer length."""
+    options = ["--batch", str(batch), "--queue", str(args.queue), "--log-level", "warning"]
+    if args.max_tokens > 32:
+        options += ["--max-new-tokens", str(args.max_tokens)]
+    return Service(store, log, options)
 
 
 def server_threads() -> int:
@@ -421,7 +387,7 @@ async def warm(client: httpx.AsyncClient, args: argparse.Namespace, questions: l
 async def compare_batching(args: argparse.Namespace, questions: list[str], store: Path, scratch: Path) -> dict:
     """Throughput with 1 and ``--compare-clients`` clients, unbatched (``--batch 1``) and batched
     (``--batch``), two services measured in alternation for ``--compare-rounds`` rounds."""
-    services = {b: Service(store, b, args, scratch / f"serve-batch{b}.log") for b in (1, args.batch)}
+    services = {b: start_service(store, b, args, scratch / f"serve-batch{b}.log") for b in (1, args.batch)}
     rounds: list[dict[str, Any]] = []
     try:
         for service in services.values():
@@ -583,7 +549,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         args.store = store
         if args.compare_rounds:
             comparison = await compare_batching(args, questions, store, scratch)
-        service = Service(store, args.batch, args, scratch / "serve-main.log")
+        service = start_service(store, args.batch, args, scratch / "serve-main.log")
         args.url = await service.started()
     try:
         async with client_for(args.url, args, args.clients) as client:

@@ -27,6 +27,9 @@ Each generated table sits in README.md between ``<!-- report:NAME -->`` and
   dense path (``kernel_cpu_ttft_*.json``, ``benchmarks/kernel_bench.py --ttft --json``);
 * ``keep-freed-memory``: ``bench`` with the command's allocator setting off and on
   (``keep_freed_memory_qwen.json``, :mod:`ragcompress.runtime.memory`);
+* ``kill-landings`` (docs/guarantees.md): where the external SIGKILLs of
+  ``test_external_sigkill_at_random_instants_then_resume`` landed, one run
+  (``kill_landings.json``, written by the test under ``$RAGCOMPRESS_KILL_TABLE``);
 * ``text-compression`` (docs/llamaindex.md): every text compressor of one
   ``benchmarks/text_compression.py --out`` run (``text_compression_smollm2.json``);
 * ``store-scale``: stores at 1k..100k passages and Ray indexing against one process
@@ -61,7 +64,15 @@ README = ROOT / "README.md"
 # Other documents whose blocks are rendered (and checked) along with README.md's.
 DOCS = tuple(
     ROOT / "docs" / name
-    for name in ("serve.md", "distill.md", "recompute.md", "compression.md", "kernels.md", "llamaindex.md")
+    for name in (
+        "serve.md",
+        "distill.md",
+        "recompute.md",
+        "compression.md",
+        "kernels.md",
+        "llamaindex.md",
+        "guarantees.md",
+    )
 )
 RESULTS = ROOT / "docs" / "results"
 
@@ -1179,6 +1190,59 @@ def render_keep_freed_memory(results: Path) -> str:
     return "\n\n".join([table(header, rows), note, source_line([path])])
 
 
+KILL_LANDINGS = "kill_landings.json"
+
+
+def kill_landing_table(rows: list[dict[str, Any]]) -> str:
+    """The table of external kills (one row per kill, as the store test records it); the test
+    prints it after every run, the ``kill-landings`` block renders a recorded one."""
+
+    def kind(row: dict[str, Any]) -> str:
+        if "retry_of" in row:
+            return f"{row['kill']} (retry of #{row['retry_of']})"
+        return row["kill"] + (f" (missed: that run took {row['run_ms']} ms)" if "run_ms" in row else "")
+
+    def run(row: dict[str, Any]) -> str:
+        return "`--overwrite`" if row["run"] == "--overwrite" else row["run"]
+
+    header = ["#", "run", "kill", "at ms (share of run)", "landed in", "detail", "after the kill"]
+    header += ["uncommitted bytes", "litter", "resume"]
+    lines = [
+        [
+            str(i),
+            run(r),
+            kind(r),
+            f"{r['killed_at_ms']} ({r['fraction_of_run']:.2f})",
+            r["landed"],
+            r["detail"] or "-",
+            r["after_kill"],
+            str(r["uncommitted_bytes"]),
+            ", ".join(f"`{name}`" for name in r["litter"]) or "-",
+            r.get("resume", "-"),
+        ]
+        for i, r in enumerate(rows, 1)
+    ]
+    return table(header, lines)
+
+
+def render_kill_landings(results: Path) -> str:
+    """One recorded run of the random-instant kill test: the run's seed, its uninterrupted runs'
+    durations and phase shares, then every kill."""
+    path = results / KILL_LANDINGS
+    data = load(path)
+    shares = ", ".join(
+        f"{phase} {100 * share:.0f}%"
+        for phase, share in data["phase_shares_of_uninterrupted_run"].items()
+        if share >= 0.01
+    )
+    note = (
+        f"Seed {data['seed']}, {data['passages']} passages in batches of {data['batch']}; uninterrupted runs "
+        f"{' and '.join(f'{ms:.0f}' for ms in data['calibration_runs_ms'])} ms; time shares of the faster run "
+        f"(phases of 1 % or more): {shares}."
+    )
+    return "\n\n".join([note, kill_landing_table(data["kills"]), source_line([path])])
+
+
 def render_kvzip_cost(results: Path) -> str:
     """KVzip's scoring cost against a plain indexing forward (``kvzip_cost_*.json``)."""
     paths = files(results, "kvzip_cost_*.json")
@@ -1659,6 +1723,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "kvzip-cost": render_kvzip_cost,
     "text-compression": render_text_compression,
     "keep-freed-memory": render_keep_freed_memory,
+    "kill-landings": render_kill_landings,
     "kernel-gpu": render_kernel_gpu,
     "kernel-cpu-ttft": render_kernel_cpu_ttft,
     "layer-padding": render_layer_padding,

@@ -224,7 +224,7 @@ def test_external_sigkill_mid_run_then_resume(tiny_model_dir, tiny_lm, corpus, c
 # is recorded in ``kill_landings.json`` under the test's tmp dir and printed (``-s``).
 
 KILL_SEED = int(os.environ.get("RAGCOMPRESS_KILL_SEED", "9"))
-RANDOM_KILLS = 6  # plain runs: one per sixth of the run (stratified)
+RANDOM_KILLS = 4  # plain runs: one per quarter of the run (stratified)
 OVERWRITE_RANDOM_KILLS = 2  # --overwrite runs over an older store
 
 
@@ -380,34 +380,18 @@ def _kill_and_check(
     return row
 
 
-def _landing_table(rows: list[dict]) -> str:
-    lines = [
-        "| # | run | kill | at ms (share of run) | landed in | detail | after the kill | uncommitted bytes | litter | resume |",
-        "|---:|---|---|---|---|---|---|---:|---|---|",
-    ]
-
-    def kind(row: dict) -> str:
-        if "retry_of" in row:
-            return f"{row['kill']} (retry of #{row['retry_of']})"
-        return row["kill"] + (f" (missed: that run took {row['run_ms']} ms)" if "run_ms" in row else "")
-
-    for i, r in enumerate(rows, 1):
-        lines.append(
-            f"| {i} | {r['run']} | {kind(r)} | {r['killed_at_ms']} ({r['fraction_of_run']:.2f}) | "
-            f"{r['landed']} | {r['detail']} | {r['after_kill']} | {r['uncommitted_bytes']} | "
-            f"{', '.join(r['litter']) or '-'} | {r['resume']} |"
-        )
-    return "\n".join(lines)
-
-
 @pytest.mark.slow
 def test_external_sigkill_at_random_instants_then_resume(tiny_model_dir, tiny_lm, corpus, clean_store, tmp_path):
     """SIGKILL from outside at seeded random instants of a fresh interpreter's indexing run (no
     sleeps in the worker), inside a blob's write, and inside ``--overwrite``'s final swap: every
     time the store at the path opens and verifies (for ``--overwrite``: the old or the new complete
     store, never neither), and resuming gives the bytes of an uninterrupted run. Records where
-    each kill landed."""
+    each kill landed (``benchmarks/report.py`` renders a recorded run in docs/guarantees.md)."""
     import random
+
+    from report import kill_landing_table
+
+    from common import results_meta  # benchmarks/, on pytest's pythonpath
 
     rng = random.Random(KILL_SEED)
     old_store = tmp_path / "old-store"  # what --overwrite replaces: other passages, other shards
@@ -440,7 +424,7 @@ def test_external_sigkill_at_random_instants_then_resume(tiny_model_dir, tiny_lm
 
     # (kind, worker mode, instant as a fraction of the run or None for a gate, --overwrite)
     plan: list[tuple[str, str, float | None, bool]] = []
-    for i in range(RANDOM_KILLS):  # stratified: one instant in each sixth of the run
+    for i in range(RANDOM_KILLS):  # stratified: one instant in each quarter of the run
         plan.append(("random", "none", (i + rng.random()) / RANDOM_KILLS * 0.95, False))
     plan.append(("gated", f"stop:blob:{rng.randint(1, N_PASSAGES)}", None, False))
     for i in range(OVERWRITE_RANDOM_KILLS):
@@ -449,6 +433,7 @@ def test_external_sigkill_at_random_instants_then_resume(tiny_model_dir, tiny_lm
 
     rows: list[dict] = []
     record = {
+        "meta": results_meta({"model": "tiny random llama (tests/conftest.py)"}),
         "seed": KILL_SEED,
         "passages": N_PASSAGES,
         "batch": BATCH,
@@ -470,7 +455,7 @@ def test_external_sigkill_at_random_instants_then_resume(tiny_model_dir, tiny_lm
         out.write_text(json.dumps(record, indent=2))
         print(
             f"\nseed {KILL_SEED}; uninterrupted runs {record['calibration_runs_ms']} ms; phase shares "
-            f"{record['phase_shares_of_uninterrupted_run']}\n{_landing_table(rows)}\n({out})"
+            f"{record['phase_shares_of_uninterrupted_run']}\n{kill_landing_table(rows)}\n({out})"
         )
         if os.environ.get("RAGCOMPRESS_KILL_TABLE"):
             Path(os.environ["RAGCOMPRESS_KILL_TABLE"]).write_text(json.dumps(record, indent=2))
