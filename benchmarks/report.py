@@ -27,6 +27,9 @@ Each generated table sits in README.md between ``<!-- report:NAME -->`` and
   dense path (``kernel_cpu_ttft_*.json``, ``benchmarks/kernel_bench.py --ttft --json``);
 * ``keep-freed-memory``: ``bench`` with the command's allocator setting off and on
   (``keep_freed_memory_qwen.json``, :mod:`ragcompress.runtime.memory`);
+* ``serve-memory`` (docs/serve.md): a long-running ``ragcompress serve`` with the allocator
+  setting off and on, resident memory and server TTFT over many requests
+  (``serve_memory_*.json``, ``benchmarks/serve_memory.py``);
 * ``kill-landings`` (docs/guarantees.md): where the external SIGKILLs of
   ``test_external_sigkill_at_random_instants_then_resume`` landed, one run
   (``kill_landings.json``, written by the test under ``$RAGCOMPRESS_KILL_TABLE``);
@@ -1190,6 +1193,49 @@ def render_keep_freed_memory(results: Path) -> str:
     return "\n\n".join([table(header, rows), note, source_line([path])])
 
 
+def render_serve_memory(results: Path) -> str:
+    """``benchmarks/serve_memory.py``: per model, the service's resident memory with the allocator
+    setting off and on (medians over rounds), then its server TTFT, on against off paired by
+    request."""
+    paths = files(results, "serve_memory_*.json")
+    memory, latency = [], []
+    for path in paths:
+        data = load(path)
+        off, on = data["settings"]["off"], data["settings"]["on"]
+        name = model_name(data["meta"]["model"])
+        memory.append(
+            [name]
+            + [
+                f"{off[key]:.0f} / {on[key]:.0f}"
+                for key in ("rss_started_mib", "rss_after_warmup_mib", "rss_end_mib", "peak_rss_mib")
+            ]
+            + [
+                f"{off[key]:+.1f} / {on[key]:+.1f}"
+                for key in ("growth_second_half_mib_per_100", "anon_growth_second_half_mib_per_100")
+            ]
+        )
+        ratios = data["ttft_on_over_off"]
+        latency.append(
+            [
+                name,
+                f"{data['requests']} x {data['rounds']}",
+                f"{1000 * off['ttft_median_s']:.0f} / {1000 * on['ttft_median_s']:.0f}",
+                f"{ratios['all']:.2f}",
+            ]
+            + [f"{ratios[f'top{low}-{high}']:.2f}" for low, high in ((1, 4), (5, 8), (9, 16))]
+        )
+    memory_header = ["model", "RSS started, MiB: off / on", "after warm-up", "at the end", "peak (VmHWM)"]
+    memory_header += ["growth over the second half, MiB per 100 requests", "of it anonymous (heap)"]
+    latency_header = ["model", "requests x rounds", "server TTFT median, ms: off / on", "on / off, paired median"]
+    latency_header += ["top-1..4", "top-5..8", "top-9..16"]
+    first = load(paths[0])
+    note = (
+        f"One request at a time, `max_tokens` 1, top-k drawn from 1 to {first['max_top_k']} (seed {first['seed']}); "
+        f"the first {first['warmup']} requests are left out of the TTFT figures."
+    )
+    return "\n\n".join([table(memory_header, memory), table(latency_header, latency), note, source_line(paths)])
+
+
 KILL_LANDINGS = "kill_landings.json"
 
 
@@ -1724,6 +1770,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "text-compression": render_text_compression,
     "keep-freed-memory": render_keep_freed_memory,
     "kill-landings": render_kill_landings,
+    "serve-memory": render_serve_memory,
     "kernel-gpu": render_kernel_gpu,
     "kernel-cpu-ttft": render_kernel_cpu_ttft,
     "layer-padding": render_layer_padding,

@@ -130,7 +130,10 @@ def select_questions(
 def evenly_spaced(items: Sequence[T], count: int | None) -> list[T]:
     """``count`` of ``items`` spread over the whole sequence, in order; all of them when ``count``
     is None or at least their number (spacing more picks than there are repeated some and skipped
-    the last ones)."""
+    the last ones). Pick ``i`` is item ``floor(i * len / count)``: the first item always, the last
+    one only when ``count`` divides evenly. Every published ``--sample N`` and ``--outside N``
+    figure was drawn with this rounding, so it stays as it is (another rounding would ask other
+    questions)."""
     if count is None or count >= len(items):
         return list(items)
     step = len(items) / count
