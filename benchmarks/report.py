@@ -1229,9 +1229,14 @@ def render_serve_memory(results: Path) -> str:
     latency_header = ["model", "requests x rounds", "server TTFT median, ms: off / on", "on / off, paired median"]
     latency_header += ["top-1..4", "top-5..8", "top-9..16"]
     first = load(paths[0])
+    stores = "; ".join(
+        f"{model_name(data['meta']['model'])}: `{data['store']}` ({data['store_quant']}), load average "
+        + " and ".join(f"{data[key]:.1f} at the {key[8:]}" for key in ("load_at_start", "load_at_end") if key in data)
+        for data in map(load, paths)
+    )
     note = (
         f"One request at a time, `max_tokens` 1, top-k drawn from 1 to {first['max_top_k']} (seed {first['seed']}); "
-        f"the first {first['warmup']} requests are left out of the TTFT figures."
+        f"the first {first['warmup']} requests are left out of the TTFT figures. Stores: {stores}."
     )
     return "\n\n".join([table(memory_header, memory), table(latency_header, latency), note, source_line(paths)])
 

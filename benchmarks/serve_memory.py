@@ -151,6 +151,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     questions = [json.loads(line)["question"] for line in args.questions.read_text().splitlines() if line.strip()]
     plan = request_plan(questions, args.requests, args.max_top_k, args.seed)
     manifest = json.loads((args.store / "manifest.json").read_text())
+    load_at_start = os.getloadavg()[0]
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="ragcompress-serve-memory-") as scratch:
         for r in range(args.rounds):
@@ -179,7 +180,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "max_top_k": args.max_top_k,
         "rounds": args.rounds,
         "seed": args.seed,
-        "load_before": os.getloadavg()[0],
+        "load_at_start": load_at_start,
+        "load_at_end": os.getloadavg()[0],
         "settings": per_setting,
         "ttft_on_over_off": paired_ratios(runs, plan, args.warmup),
         "runs": runs,

@@ -6,10 +6,13 @@ with a fresh ``mmap`` and gives a freed heap top back to the kernel past its tri
 each request pays a page fault and the zeroing of a page for every 4 KiB it then overwrites
 anyway. Serving allocations from the heap and keeping freed pages removes that cost: on the
 2-core CPU the dense path's assembly of 16 passages took 51 ms with this setting against 125 ms
-without (a one-off profile), and in ``bench`` full prefill gained most (README, "The allocator setting"). The price
-is that the process keeps its peak memory mapped instead of returning it, which is what a
-long-running server does anyway (and what PyTorch's CPU tuning guide gets from jemalloc or
-tcmalloc).
+without (a one-off profile), in ``bench`` full prefill gained most (README, "The allocator
+setting"), and a running ``serve``'s cached-path TTFT was 0.90 (SmolLM2) and 0.93 (Qwen) of
+its TTFT without it over 600 requests (an earlier 200-request pair: 0.96 and 0.995;
+``benchmarks/serve_memory.py``, docs/serve.md). The price is that the process keeps its peak
+memory mapped instead of returning it (SmolLM2's service held 120 MiB more; its memory levelled
+off after about 150 requests either way), which is what a long-running server does anyway (and
+what PyTorch's CPU tuning guide gets from jemalloc or tcmalloc).
 
 The setting is process-wide, so the library never applies it on import: the ``ragcompress``
 command does, for every subcommand (``RAGCOMPRESS_KEEP_FREED_MEMORY=0`` turns it off), and an
