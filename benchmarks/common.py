@@ -10,7 +10,8 @@
   request was decoded (timed) by its :class:`~ragcompress.runtime.generate.TokenStream`;
 * synthetic fixtures and timing for the kernel benchmark (:class:`PlainRotary`,
   :func:`synthetic_segments`, :func:`median_time`);
-* ``ragcompress serve`` started in a subprocess for the service benchmarks (:class:`Service`).
+* ``ragcompress serve`` started in a subprocess for the service benchmarks (:class:`Service`),
+  the questions they ask (:func:`question_texts`) and the requests they send (:func:`chat_body`).
 
 Scripts in this folder import it as ``from common import ...`` (they run as
 ``.venv/bin/python benchmarks/NAME.py``, which puts this folder on ``sys.path``).
@@ -19,6 +20,7 @@ Scripts in this folder import it as ``from common import ...`` (they run as
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -254,6 +256,35 @@ class Service:
             return None
         finally:
             self.handle.close()
+
+
+def question_texts(path: Path) -> list[str]:
+    """The ``question`` field of every line of a JSONL file (nothing else is required of it)."""
+    questions = [json.loads(line)["question"] for line in path.read_text().splitlines() if line.strip()]
+    if not questions:
+        raise SystemExit(f"error: no questions in {path}")
+    return questions
+
+
+def chat_body(
+    question: str,
+    max_tokens: int,
+    stream: bool = False,
+    passage_ids: list[str] | None = None,
+    top_k: int | None = None,
+) -> dict[str, Any]:
+    """A ``/v1/chat/completions`` body; ``passage_ids`` or ``top_k`` go into its ``ragcompress``
+    extension (docs/serve.md)."""
+    body: dict[str, Any] = {
+        "model": "ragcompress",
+        "messages": [{"role": "user", "content": question}],
+        "max_tokens": max_tokens,
+        "stream": stream,
+    }
+    extension = {"passage_ids": passage_ids, "top_k": top_k}
+    if any(value is not None for value in extension.values()):
+        body["ragcompress"] = {key: value for key, value in extension.items() if value is not None}
+    return body
 
 
 # -- run metadata every results file records ----------------------------------------------------

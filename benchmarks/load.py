@@ -57,10 +57,11 @@ from typing import Any
 
 import httpx
 
-from common import Service
+from ragcompress.data import SAMPLE_QUESTIONS
+
+from common import Service, chat_body, question_texts
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLE_QUESTIONS = ROOT / "ragcompress" / "data" / "squad_sample" / "questions.jsonl"
 
 
 @dataclass
@@ -113,25 +114,6 @@ def spread(values: list[float]) -> dict[str, Any]:
     if not values:
         return {"n": 0, "p50": None, "p99": None}
     return {"n": len(values), "p50": percentile(values, 50), "p99": percentile(values, 99), "max": max(values)}
-
-
-def read_questions(path: Path) -> list[str]:
-    questions = [json.loads(line)["question"] for line in path.read_text().splitlines() if line.strip()]
-    if not questions:
-        raise SystemExit(f"error: no questions in {path}")
-    return questions
-
-
-def chat_body(question: str, max_tokens: int, stream: bool, passage_ids: list[str] | None = None) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "model": "ragcompress",
-        "messages": [{"role": "user", "content": question}],
-        "max_tokens": max_tokens,
-        "stream": stream,
-    }
-    if passage_ids is not None:
-        body["ragcompress"] = {"passage_ids": passage_ids}
-    return body
 
 
 async def ask(client: httpx.AsyncClient, body: dict[str, Any], timeout: float) -> Outcome:
@@ -533,7 +515,7 @@ async def load_run(
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    questions = read_questions(args.questions)
+    questions = question_texts(args.questions)
     load_before = os.getloadavg()
     revision = git_revision()  # at the start: the code that runs
     comparison = sigterm = None

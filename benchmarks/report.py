@@ -1198,9 +1198,10 @@ def render_serve_memory(results: Path) -> str:
     setting off and on (medians over rounds), then its server TTFT, on against off paired by
     request."""
     paths = files(results, "serve_memory_*.json")
+    runs = [load(path) for path in paths]
+    bands = [key for key in runs[0]["ttft_on_over_off"] if key.startswith("top")]  # e.g. top1-4, in order
     memory, latency = [], []
-    for path in paths:
-        data = load(path)
+    for data in runs:
         off, on = data["settings"]["off"], data["settings"]["on"]
         name = model_name(data["meta"]["model"])
         memory.append(
@@ -1222,17 +1223,17 @@ def render_serve_memory(results: Path) -> str:
                 f"{1000 * off['ttft_median_s']:.0f} / {1000 * on['ttft_median_s']:.0f}",
                 f"{ratios['all']:.2f}",
             ]
-            + [f"{ratios[f'top{low}-{high}']:.2f}" for low, high in ((1, 4), (5, 8), (9, 16))]
+            + [f"{ratios[band]:.2f}" for band in bands]
         )
     memory_header = ["model", "RSS started, MiB: off / on", "after warm-up", "at the end", "peak (VmHWM)"]
     memory_header += ["growth over the second half, MiB per 100 requests", "of it anonymous (heap)"]
     latency_header = ["model", "requests x rounds", "server TTFT median, ms: off / on", "on / off, paired median"]
-    latency_header += ["top-1..4", "top-5..8", "top-9..16"]
-    first = load(paths[0])
+    latency_header += ["top-" + band[3:].replace("-", "..") for band in bands]  # top1-4 -> top-1..4
+    first = runs[0]
     stores = "; ".join(
         f"{model_name(data['meta']['model'])}: `{data['store']}` ({data['store_quant']}), load average "
         + " and ".join(f"{data[key]:.1f} at the {key[8:]}" for key in ("load_at_start", "load_at_end") if key in data)
-        for data in map(load, paths)
+        for data in runs
     )
     note = (
         f"One request at a time, `max_tokens` 1, top-k drawn from 1 to {first['max_top_k']} (seed {first['seed']}); "

@@ -41,10 +41,10 @@ from typing import Any
 
 import httpx
 
-from common import Service, results_meta
+from ragcompress.data import SAMPLE_QUESTIONS
 
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLE_QUESTIONS = ROOT / "ragcompress" / "data" / "squad_sample" / "questions.jsonl"
+from common import Service, chat_body, question_texts, results_meta
+
 SETTING_ENV = {"off": {"RAGCOMPRESS_KEEP_FREED_MEMORY": "0"}, "on": {"RAGCOMPRESS_KEEP_FREED_MEMORY": "1"}}
 BANDS = ((1, 4), (5, 8), (9, 16))
 MIB = 2**20
@@ -89,12 +89,7 @@ async def serve_and_ask(
         ttft, rss, anon = [], [], []
         async with httpx.AsyncClient(base_url=url, trust_env=False) as client:
             for question, top_k in plan:
-                body = {
-                    "model": "ragcompress",
-                    "messages": [{"role": "user", "content": question}],
-                    "max_tokens": 1,
-                    "ragcompress": {"top_k": top_k},
-                }
+                body = chat_body(question, max_tokens=1, top_k=top_k)
                 response = await client.post("/v1/chat/completions", json=body, timeout=args.timeout)
                 if response.status_code != 200:
                     raise SystemExit(f"error: {setting}: HTTP {response.status_code}: {response.text[:300]}")
@@ -148,7 +143,7 @@ def paired_ratios(runs: list[dict[str, Any]], plan: list[tuple[str, int]], warmu
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    questions = [json.loads(line)["question"] for line in args.questions.read_text().splitlines() if line.strip()]
+    questions = question_texts(args.questions)
     plan = request_plan(questions, args.requests, args.max_top_k, args.seed)
     manifest = json.loads((args.store / "manifest.json").read_text())
     load_at_start = os.getloadavg()[0]
