@@ -8,7 +8,7 @@ anyway. Serving allocations from the heap and keeping freed pages removes that c
 2-core CPU the dense path's assembly of 16 passages took 51 ms with this setting against 125 ms
 without (a one-off profile), in ``bench`` full prefill gained most (README, "The allocator
 setting"), and a running ``serve``'s cached-path TTFT was 0.90 (SmolLM2) and 0.93 (Qwen) of
-its TTFT without it over 600 requests (an earlier 200-request pair: 0.96 and 0.995;
+its TTFT without it over 600 requests (an earlier 200-request pair, files not kept: 0.96 and 0.995;
 ``benchmarks/serve_memory.py``, docs/serve.md). The price is that the process keeps its peak
 memory mapped instead of returning it (SmolLM2's service held 120 MiB more; its memory levelled
 off after about 150 requests either way), which is what a long-running server does anyway (and
