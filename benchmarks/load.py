@@ -57,6 +57,7 @@ from typing import Any
 
 import httpx
 
+from ragcompress.bench import git_revision
 from ragcompress.data import SAMPLE_QUESTIONS
 
 from common import Service, chat_body, question_texts
@@ -455,23 +456,6 @@ async def sigterm_in_flight(
 
 
 # -- the run ----------------------------------------------------------------------------------------
-
-
-def git_revision() -> str | None:
-    try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
 async def load_run(
