@@ -118,7 +118,9 @@ def _show_progress(as_json: bool) -> bool:
 
 @app.command()
 def index(
-    input: Path = typer.Option(..., "--input", help="JSONL of {id, text, ...} or a folder of .txt/.md documents"),
+    input: Path = typer.Option(
+        ..., "--input", help="JSONL of {id, text, ...}, a folder of .txt/.md documents, or one .txt/.md document"
+    ),
     store: Path = typer.Option(..., "--store", help="store directory (created if missing)"),
     model: str | None = typer.Option(None, "--model", help="embedded model name or local HF directory"),
     preset: str | None = typer.Option(None, "--preset", help=PRESET_HELP),

@@ -135,6 +135,29 @@ def test_a_folder_reads_documents_of_any_case_and_skips_hidden_copies(tmp_path):
     assert [p.id for p in iter_passages(docs)] == ["NOTES.TXT#0", "a.md#0"]
 
 
+def test_one_document_reads_as_the_same_passages_as_in_a_folder(tmp_path):
+    """``--input notes.md`` indexes one document without a folder around it: the chunks of the
+    folder's copy, named by the file's name."""
+    text = "First paragraph.\n\n" + " ".join(["word"] * 200) + "\n"
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "Notes.MD").write_text(text)
+    alone = list(iter_passages(tmp_path / "docs" / "Notes.MD"))
+    in_folder = list(iter_passages(tmp_path / "docs"))
+    assert len(alone) == 2
+    assert alone == in_folder
+    assert [p.id for p in alone] == ["Notes.MD#0", "Notes.MD#1"]
+
+
+def test_a_text_file_with_another_name_is_read_as_jsonl_and_the_error_says_so(tmp_path):
+    path = tmp_path / "notes.text"
+    path.write_text("Just prose.\n")
+    with pytest.raises(InputError, match=r"notes.text:1: malformed JSON .*ends in .txt or .md"):
+        validate(path)
+    with pytest.raises(InputError, match=r"empty.txt: file holds no passages"):
+        (tmp_path / "empty.txt").write_text("\n\n  \n")
+        validate(tmp_path / "empty.txt")
+
+
 def test_overlong_line_is_refused_without_reading_it_whole(tmp_path, monkeypatch):
     monkeypatch.setattr(inputs, "MAX_LINE_BYTES", 1000)
     path = tmp_path / "long.jsonl"

@@ -1,4 +1,5 @@
-"""Reading passages to index: a JSONL file of ``{"id", "text", ...}`` or a folder of documents.
+"""Reading passages to index: a JSONL file of ``{"id", "text", ...}``, a folder of documents, or
+one ``.txt``/``.md`` document (chunked into passages like a folder's).
 
 Input is streamed (never read whole) and validated before a store is touched: a malformed line,
 an empty text, invalid Unicode or a duplicate id fails the run with the line and the id named, and
@@ -89,7 +90,12 @@ def iter_jsonl(path: Path) -> Iterator[PassageInput]:
         try:
             record = json.loads(line)
         except (ValueError, RecursionError) as exc:
-            raise InputError(f"{where}: malformed JSON ({exc})") from None
+            hint = (
+                "; a plain-text document is read as one when its name ends in .txt or .md (or put it in a folder)"
+                if number == 1
+                else ""
+            )
+            raise InputError(f"{where}: malformed JSON ({exc}){hint}") from None
         if not isinstance(record, dict):
             raise InputError(f'{where}: expected a JSON object with "id" and "text"')
         _check_unicode(record, where)
@@ -134,25 +140,32 @@ def _is_document(relative: Path) -> bool:
     return relative.suffix.lower() in DOCUMENT_SUFFIXES and not any(part.startswith(".") for part in relative.parts)
 
 
+def iter_document(file: Path, relative: str, max_words: int = 150) -> Iterator[PassageInput]:
+    """One ``.txt``/``.md`` document as passages ``<relative>#<n>`` of at most ``max_words`` words."""
+    try:
+        text = file.read_text(encoding="utf-8-sig")  # a byte order mark is not text
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{file}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    for number, chunk in enumerate(chunk_text(text, max_words)):
+        yield PassageInput(f"{relative}#{number}", chunk, file.stem, {"source": relative})
+
+
 def iter_folder(path: Path, max_words: int = 150) -> Iterator[PassageInput]:
     files = sorted(p for p in path.rglob("*") if p.is_file() and _is_document(p.relative_to(path)))
     for file in files:
-        relative = file.relative_to(path).as_posix()
-        try:
-            text = file.read_text(encoding="utf-8-sig")  # a byte order mark is not text
-        except UnicodeDecodeError as exc:
-            raise InputError(f"{file}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
-        for number, chunk in enumerate(chunk_text(text, max_words)):
-            yield PassageInput(f"{relative}#{number}", chunk, file.stem, {"source": relative})
+        yield from iter_document(file, file.relative_to(path).as_posix(), max_words)
 
 
 def iter_passages(path: str | Path) -> Iterator[PassageInput]:
-    """Passages of a JSONL file or a folder, in order; errors name the file and line."""
+    """Passages of a JSONL file, a folder of documents or one ``.txt``/``.md`` document, in order;
+    errors name the file and line."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"input {path} does not exist")
     if path.is_dir():
         yield from iter_folder(path)
+    elif path.suffix.lower() in DOCUMENT_SUFFIXES:
+        yield from iter_document(path, path.name)
     else:
         yield from iter_jsonl(path)
 
