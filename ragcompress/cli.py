@@ -19,6 +19,7 @@ from ragcompress.runtime.memory import keep_freed_memory
 
 app = typer.Typer(
     add_completion=False,
+    rich_markup_mode="markdown",  # docstrings' wrapped lines read as one paragraph
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     help="Answer RAG questions from precomputed, compressed passage KV caches.",
@@ -128,8 +129,8 @@ def index(
         None,
         "--method",
         help="compression method: none, streaming, knorm, snapkv, "
-        "expected-attention, kvzip, adaptive:<scorer> (per-head budgets within a layer) "
-        "or global:<scorer> (one budget for the whole cache, KVzip's default)",
+        "expected-attention, kvzip, adaptive:SCORER (per-head budgets within a layer) "
+        "or global:SCORER (one budget for the whole cache, KVzip's default)",
     ),
     ratio: float | None = typer.Option(None, "--ratio", help="fraction of tokens kept, in (0, 1]"),
     budget: int | None = typer.Option(None, "--budget", help="tokens kept per head (instead of --ratio)"),
@@ -576,8 +577,10 @@ def bench(
     preset: str | None = typer.Option(None, "--preset", help=PRESET_HELP),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """TTFT across context sizes: full prefill, prefix-cached prefill, stored caches and the
-    question-only floor, alternating in one run; KV bytes; indexing throughput."""
+    """TTFT across context sizes against full prefill; KV bytes; indexing throughput.
+
+    Full prefill, prefix-cached prefill, stored caches and the question-only floor, alternating
+    in one run."""
     _quiet_libraries()
     from ragcompress.bench import bench as run_bench
     from ragcompress.bench import (
@@ -645,8 +648,10 @@ def calibrate(
     top_k: int = typer.Option(3, "--top-k", min=1, help="passages per group"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Choose the store's attention temperature (APE) by KL to full prefill, without labels, and
-    record it in the manifest: every stored-cache answer applies it (docs/recompute.md)."""
+    """Choose the store's attention temperature (APE) by KL to full prefill, without labels.
+
+    The temperature is recorded in the manifest, and every stored-cache answer applies it
+    (docs/recompute.md)."""
     _quiet_libraries()
     import dataclasses
 
@@ -682,8 +687,9 @@ def remove(
     missing_ok: bool = typer.Option(False, "--missing-ok", help="ids the store does not hold are not an error"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
-    """Remove passages from a store (one commit; the FAISS index is rebuilt). An unknown id is an
-    error and removes nothing, unless --missing-ok."""
+    """Remove passages from a store (one commit; the FAISS index is rebuilt).
+
+    An unknown id is an error and removes nothing, unless --missing-ok."""
     from ragcompress.indexing import remove as remove_passages
 
     wanted = list(ids or [])
@@ -707,8 +713,10 @@ def compact(
     store: Path = typer.Option(..., "--store"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
-    """Reclaim the shard bytes of removed and replaced passages: every stored cache is copied
-    unchanged into a new store, swapped in when complete (no model needed; holds the writer lock)."""
+    """Reclaim the shard bytes of removed and replaced passages.
+
+    Every stored cache is copied unchanged into a new store, swapped in when complete (no model
+    needed; holds the writer lock)."""
     from ragcompress.store.compact import compact_store
 
     report = compact_store(store)
@@ -724,8 +732,10 @@ def verify(
     store: Path = typer.Option(..., "--store"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Check manifest, prefix, catalogue, every segment (checksum, decoding, shape) and the FAISS
-    index; exit 0 only if all hold. Each problem names its passage id and shard."""
+    """Check every part of a store; exit 0 only if all hold.
+
+    Manifest, prefix, catalogue, every segment (checksum, decoding, shape) and the FAISS index;
+    each problem names its passage id and shard."""
     from ragcompress.store.verify import verify_store
 
     if not any((store / name).exists() for name in ("manifest.json", "catalogue.sqlite", "shards")):
@@ -773,6 +783,7 @@ def serve(
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level"),
 ) -> None:
     """Serve the store over HTTP: OpenAI-compatible /v1/chat/completions (docs/serve.md).
+
     SIGTERM lets in-flight requests finish, then exits 0."""
     _quiet_libraries()
     try:

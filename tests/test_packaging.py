@@ -92,3 +92,25 @@ def test_wheel_installs_the_kernels_under_their_import_name(tmp_path):
         assert {f"{folder}/adaptor.json", f"{folder}/adaptor.safetensors"} <= names
     for package in listed_packages():
         assert f"{package.replace('.', '/')}/__init__.py" in names
+
+
+def test_the_command_line_starts_without_torch():
+    """``ragcompress --help`` and the command line's own input errors must not wait ~4 s for torch
+    and transformers: the package's names load on first use, and so do the commands' modules."""
+    code = (
+        "import sys, ragcompress, ragcompress.cli, ragcompress.errors; "
+        "print(sorted(m for m in ('torch', 'transformers', 'faiss') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_every_public_name_loads_on_first_use():
+    import ragcompress
+
+    assert sorted(ragcompress.__all__) == sorted(ragcompress._EXPORTS)
+    for name in ragcompress.__all__:
+        assert getattr(ragcompress, name) is not None
+    assert {"Engine", "index"} <= set(dir(ragcompress))
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        ragcompress.nope  # noqa: B018
