@@ -15,9 +15,12 @@ from ragcompress.runtime import memory
 # One "request": a 64 MiB buffer written whole and freed (past glibc's largest mmap threshold, so
 # by default every such buffer is a fresh mapping); prints the minor page faults of eight requests
 # after a first one, as a share of the buffer's pages (kept memory: the heap settles after one or
-# two requests, the first freed block having been split by small allocations in between).
+# two requests, the first freed block having been split by small allocations in between). The
+# process imports the runtime first, as every command does before its first request: on the nearly
+# empty heap of a bare ``import torch`` the first eight requests' blocks still land on new pages.
 REQUEST = """
 import resource, sys, torch
+import ragcompress.runtime.engine
 from ragcompress.runtime.memory import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
