@@ -148,6 +148,13 @@ def test_one_document_reads_as_the_same_passages_as_in_a_folder(tmp_path):
     assert [p.id for p in alone] == ["Notes.MD#0", "Notes.MD#1"]
 
 
+def test_a_jsonl_file_named_txt_stays_jsonl(tmp_path):
+    """Before one document was accepted as input, ``--input passages.txt`` was read as JSONL."""
+    path = tmp_path / "passages.txt"
+    path.write_bytes(b"\xef\xbb\xbf\n  " + json.dumps({"id": "a", "text": "Alpha."}).encode() + b"\n")
+    assert [(p.id, p.text) for p in iter_passages(path)] == [("a", "Alpha.")]
+
+
 def test_a_text_file_with_another_name_is_read_as_jsonl_and_the_error_says_so(tmp_path):
     path = tmp_path / "notes.text"
     path.write_text("Just prose.\n")

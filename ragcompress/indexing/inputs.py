@@ -164,10 +164,22 @@ def iter_passages(path: str | Path) -> Iterator[PassageInput]:
         raise InputError(f"input {path} does not exist")
     if path.is_dir():
         yield from iter_folder(path)
-    elif path.suffix.lower() in DOCUMENT_SUFFIXES:
+    elif path.suffix.lower() in DOCUMENT_SUFFIXES and not _opens_with_a_json_object(path):
         yield from iter_document(path, path.name)
     else:
         yield from iter_jsonl(path)
+
+
+def _opens_with_a_json_object(path: Path) -> bool:
+    """Whether the file's first non-blank character is ``{``: a JSONL file named ``.txt`` (read as
+    JSONL before one document was accepted as input) stays JSONL, not prose made of JSON."""
+    with open(path, "rb") as handle:
+        block = handle.read(1 << 16).removeprefix(b"\xef\xbb\xbf")  # a byte order mark
+        while block:
+            if stripped := block.lstrip():
+                return stripped.startswith(b"{")
+            block = handle.read(1 << 16)
+    return False
 
 
 class _SeenIds:
