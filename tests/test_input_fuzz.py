@@ -153,6 +153,10 @@ def test_a_jsonl_file_named_txt_stays_jsonl(tmp_path):
     path = tmp_path / "passages.txt"
     path.write_bytes(b"\xef\xbb\xbf\n  " + json.dumps({"id": "a", "text": "Alpha."}).encode() + b"\n")
     assert [(p.id, p.text) for p in iter_passages(path)] == [("a", "Alpha.")]
+    path.write_text("{not JSON, prose in braces}\n")
+    with pytest.raises(InputError, match=r"passages.txt:1: malformed JSON") as error:
+        validate(path)
+    assert "ends in .txt" not in str(error.value)  # it does: the hint would not help
 
 
 def test_a_text_file_with_another_name_is_read_as_jsonl_and_the_error_says_so(tmp_path):

@@ -92,7 +92,7 @@ def iter_jsonl(path: Path) -> Iterator[PassageInput]:
         except (ValueError, RecursionError) as exc:
             hint = (
                 "; a plain-text document is read as one when its name ends in .txt or .md (or put it in a folder)"
-                if number == 1
+                if number == 1 and path.suffix.lower() not in DOCUMENT_SUFFIXES  # else: it opened with "{"
                 else ""
             )
             raise InputError(f"{where}: malformed JSON ({exc}){hint}") from None
