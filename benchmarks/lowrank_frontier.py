@@ -34,7 +34,9 @@ adaptor's training chose the student's kept rows, instead of by those of the ada
 final ``~vnorm`` weights each score by its value's norm over the mean of its layer and head
 (``IndexConfig.value_norm``, VATP-style; docs/compression.md §8); a final ``~pool`` averages each
 score with its neighbours' (SnapKV's 1-D pooling at its width, :func:`pool_scores`) before the
-budget is applied, so kept rows come in short runs rather than as isolated tokens.
+budget is applied, so kept rows come in short runs rather than as isolated tokens; a final
+``~corpus`` spends the same total rows under one score threshold over every passage of the store
+instead of a budget per passage (:func:`corpus_select`).
 
     python benchmarks/lowrank_frontier.py --model qwen2.5-coder-0.5b --split eval \\
         --rows none@1/fp16/- none@1/int4/- global:kvzip@0.25/int4/- global:kvzip@0.5/int4/r16
@@ -60,6 +62,7 @@ import torch
 
 from ragcompress.bench import git_revision
 from ragcompress.compressors import CompressionContext, make_compressor
+from ragcompress.compressors.adaptive import GlobalBudget, relative_value_norm
 from ragcompress.compressors.scorer import gather_kept
 from ragcompress.compressors.snapkv import SnapKVCompressor, pool_scores
 from ragcompress.distill.adaptor import Adaptor
@@ -86,7 +89,7 @@ from common import SQUAD, adaptor_provenance, question_article, results_meta, te
 CORE272 = Path(__file__).resolve().parents[1] / "runs" / "core272-ck"
 OPTIONS = AnswerOptions(backend="dense")
 ROW = re.compile(
-    r"(?P<method>[^@]+)@(?P<ratio>[0-9.]+?)(?:f(?P<floor>[0-9.]+))?/(?P<quant>none|fp16|int8|int4|int2)(?:v(?P<vbits>[248]))?(?:g(?P<group>\d+))?/(?P<rank>-|r\d+k?|[ep][0-9.]+k?)(?P<adaptor>\+adaptor(?:-[A-Za-z0-9]+)?)?(?P<merge>~merge)?(?P<basescore>~basescore)?(?P<vnorm>~vnorm)?(?P<pool>~pool)?"
+    r"(?P<method>[^@]+)@(?P<ratio>[0-9.]+?)(?:f(?P<floor>[0-9.]+))?/(?P<quant>none|fp16|int8|int4|int2)(?:v(?P<vbits>[248]))?(?:g(?P<group>\d+))?/(?P<rank>-|r\d+k?|[ep][0-9.]+k?)(?P<adaptor>\+adaptor(?:-[A-Za-z0-9]+)?)?(?P<merge>~merge)?(?P<basescore>~basescore)?(?P<vnorm>~vnorm)?(?P<pool>~pool)?(?P<corpus>~corpus)?"
 )
 
 
@@ -107,13 +110,14 @@ class RowSpec:
     floor: float | None = None  # ``@RATIOfF``: every head's guaranteed share of its budget (global: default 0)
     value_norm: bool = False  # ``~vnorm``: scores weighted by the value's relative norm (IndexConfig.value_norm)
     pool: bool = False  # ``~pool``: scores averaged over neighbouring tokens first (SnapKV's pooling, its width)
+    corpus: bool = False  # ``~corpus``: one score threshold over every passage of the store (corpus_select)
 
     @classmethod
     def parse(cls, name: str) -> RowSpec:
         match = ROW.fullmatch(name)
         if match is None:
             raise SystemExit(
-                f"bad row {name!r}: expected METHOD@RATIO[fFLOOR]/QUANT[vBITS][gGROUP]/(-|rN[k]|eE[k]|pE[k])[+adaptor[-LABEL]][~merge][~basescore][~vnorm][~pool]"
+                f"bad row {name!r}: expected METHOD@RATIO[fFLOOR]/QUANT[vBITS][gGROUP]/(-|rN[k]|eE[k]|pE[k])[+adaptor[-LABEL]][~merge][~basescore][~vnorm][~pool][~corpus]"
             )
         if match["basescore"] and not match["adaptor"]:
             raise SystemExit(f"bad row {name!r}: ~basescore only changes a +adaptor row's scores")
@@ -143,6 +147,7 @@ class RowSpec:
             float(match["floor"]) if match["floor"] else None,
             bool(match["vnorm"]),
             bool(match["pool"]),
+            bool(match["corpus"]),
         )
 
     def index_config(self, adaptor: Path | None = None) -> IndexConfig:
@@ -366,7 +371,10 @@ class Frontier:
             scores = self.scores(row.method.split(":")[-1], row.adaptor and not row.base_scores)
             if row.pool:
                 scores = {pid: pool_scores(s, SnapKVCompressor.kernel) for pid, s in scores.items()}
-            kept = {pid: compressor.select(kv, scores[pid]) for pid, kv in full.items()}  # type: ignore[attr-defined]
+            if row.corpus:
+                kept = corpus_select(compressor, full, scores)  # type: ignore[arg-type]
+            else:
+                kept = {pid: compressor.select(kv, scores[pid]) for pid, kv in full.items()}  # type: ignore[attr-defined]
             if row.merge:
                 kept = {pid: merge_evicted(kv, kept[pid], scores[pid]) for pid, kv in full.items()}
         indexer = Indexer.from_config(self.lm, config, self.embedder)
@@ -384,6 +392,29 @@ class Frontier:
             writer.add(records)
             writer.write_index()
         return path
+
+
+def corpus_select(
+    compressor: GlobalBudget, full: dict[str, PassageKV], scores: dict[str, torch.Tensor]
+) -> dict[str, PassageKV]:
+    """``global:``'s pool taken from one passage to the whole store: the same total rows as
+    ``compressor.select`` on each passage (the sum of its per-passage budgets), spent on the
+    highest scores of any passage, so a passage whose scores are high keeps more rows and one
+    whose scores are low fewer. Protected rows are kept as ``select`` keeps them."""
+    inner = compressor.inner
+    prepared: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    total = 0
+    for pid, kv in full.items():
+        budget = inner.budget_for(kv)
+        valid = kv.valid_mask()
+        weighted = scores[pid].float() * (relative_value_norm(kv) if compressor.value_norm else 1.0)
+        protected = inner.protected(kv, budget)
+        prepared[pid] = (weighted.masked_fill(~valid | protected, float("-inf")), protected)
+        layers, heads, _ = weighted.shape
+        total += layers * heads * min(budget, kv.num_tokens) - int(protected.sum())
+    pooled = torch.cat([s.flatten() for s, _ in prepared.values()])
+    threshold = pooled.topk(total).values[-1] if total > 0 else torch.tensor(float("inf"))
+    return {pid: gather_kept(full[pid], protected | (s >= threshold)) for pid, (s, protected) in prepared.items()}
 
 
 def merged_values(kv: PassageKV, keep: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
