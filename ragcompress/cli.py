@@ -14,7 +14,7 @@ from typing import Any
 
 import typer
 
-from ragcompress.errors import CorruptSegmentError, RagCompressError
+from ragcompress.errors import CorruptSegmentError, RagCompressError, missing_store
 from ragcompress.runtime.memory import keep_freed_memory
 
 app = typer.Typer(
@@ -49,6 +49,19 @@ BACKEND_OPTION = typer.Option(
     "--backend",
     help="attention over the stored caches: auto (default: dense), dense, packed-torch or packed-triton "
     "(the fused kernel, CUDA; measured slower than dense on an H200: docs/kernels.md)",
+)
+
+
+def _existing_store(path: Path) -> Path:
+    """``--store`` of a command that reads one: a missing path fails here, before the command
+    imports torch and the model libraries (seconds), with the same error the store raises."""
+    if not path.exists():
+        raise missing_store(path)
+    return path
+
+
+STORE_OPTION = typer.Option(
+    ..., "--store", callback=_existing_store, help="store directory (built by `ragcompress index`)"
 )
 
 
@@ -465,7 +478,7 @@ def train(
 
 @app.command()
 def ask(
-    store: Path = typer.Option(..., "--store"),
+    store: Path = STORE_OPTION,
     question: str = typer.Option(..., "--question"),
     top_k: int = typer.Option(3, "--top-k", min=1),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
@@ -505,7 +518,7 @@ def ask(
 
 @app.command(name="eval")
 def evaluate(
-    store: Path = typer.Option(..., "--store"),
+    store: Path = STORE_OPTION,
     questions: Path = typer.Option(..., "--questions", help="JSONL of {id, question, answers, passage_id?}"),
     top_k: int = typer.Option(3, "--top-k", min=1),
     limit: int | None = typer.Option(None, "--limit", min=1, help="the first N questions (after --article/--sample)"),
@@ -559,7 +572,7 @@ def evaluate(
 
 @app.command()
 def bench(
-    store: Path = typer.Option(..., "--store"),
+    store: Path = STORE_OPTION,
     questions: Path | None = typer.Option(None, "--questions", help="JSONL of questions (default: bundled sample)"),
     top_k: str = typer.Option("1,2,4,8,16", "--top-k", help="comma-separated context sizes (passages)"),
     limit: int = typer.Option(3, "--limit", min=1, help="questions per context size"),
@@ -643,7 +656,7 @@ def bench(
 
 @app.command()
 def calibrate(
-    store: Path = typer.Option(..., "--store"),
+    store: Path = STORE_OPTION,
     samples: int = typer.Option(16, "--samples", min=1, help="passage groups measured"),
     top_k: int = typer.Option(3, "--top-k", min=1, help="passages per group"),
     as_json: bool = typer.Option(False, "--json"),
@@ -681,7 +694,7 @@ def calibrate(
 
 @app.command()
 def remove(
-    store: Path = typer.Option(..., "--store"),
+    store: Path = STORE_OPTION,
     ids: list[str] = typer.Argument(None, help="ids of the passages to remove", show_default=False),
     ids_file: Path | None = typer.Option(None, "--ids-file", help="a file of passage ids, one per line"),
     missing_ok: bool = typer.Option(False, "--missing-ok", help="ids the store does not hold are not an error"),
@@ -710,7 +723,7 @@ def remove(
 
 @app.command()
 def compact(
-    store: Path = typer.Option(..., "--store"),
+    store: Path = STORE_OPTION,
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Reclaim the shard bytes of removed and replaced passages.
@@ -729,17 +742,17 @@ def compact(
 
 @app.command()
 def verify(
-    store: Path = typer.Option(..., "--store"),
+    store: Path = typer.Option(..., "--store", help="store directory"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Check every part of a store; exit 0 only if all hold.
 
     Manifest, prefix, catalogue, every segment (checksum, decoding, shape) and the FAISS index;
     each problem names its passage id and shard."""
-    from ragcompress.store.verify import verify_store
-
     if not any((store / name).exists() for name in ("manifest.json", "catalogue.sqlite", "shards")):
         raise RagCompressError(f"{store} is not a ragcompress store (no manifest, catalogue or shards); check --store")
+    from ragcompress.store.verify import verify_store
+
     report = verify_store(store)
     lines = [
         f"{'OK' if report.ok else 'FAILED'}: {store}: {report.passages} passages in {report.shards} shards, "
@@ -761,7 +774,7 @@ def verify(
 
 @app.command()
 def serve(
-    store: Path = typer.Option(..., "--store"),
+    store: Path = STORE_OPTION,
     host: str = typer.Option("127.0.0.1", "--host", help="address to bind (default: this machine only)"),
     port: int = typer.Option(8000, "--port", min=0, max=65535, help="port (0: a free one, logged at start)"),
     api_key: str | None = typer.Option(

@@ -13,6 +13,12 @@ class StoreError(RagCompressError):
     """A KV-cache store is missing, incomplete, corrupt, locked or built for something else."""
 
 
+def missing_store(path: object) -> StoreError:
+    """The error for a ``--store`` path that does not exist (one wording, raised by the store and
+    by the CLI before it loads the model libraries)."""
+    return StoreError(f"store {path} does not exist; build it with `ragcompress index --input PASSAGES --store {path}`")
+
+
 class StoreMismatchError(StoreError):
     """A store was built with another model, tokenizer, template or format version."""
 

@@ -133,6 +133,7 @@ def test_eval_refuses_unscorable_questions_in_one_line_before_loading_anything(t
         ([], "has no answer to score against"),
     ):
         questions.write_text(json.dumps({"id": "q1", "question": "Who?", "answers": answers}) + "\n")
+        (tmp_path / "not-opened").mkdir(exist_ok=True)  # exists (the CLI checks that first), never opened
         code, out, err = run_cli(
             ["eval", "--store", str(tmp_path / "not-opened"), "--questions", str(questions)], monkeypatch, capfd
         )

@@ -105,6 +105,42 @@ def test_the_command_line_starts_without_torch():
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["ask", "--question", "x"],
+        ["eval", "--questions", "q.jsonl"],
+        ["bench"],
+        ["calibrate"],
+        ["remove", "a"],
+        ["compact"],
+        ["serve"],
+        ["verify"],
+    ],
+)
+def test_a_missing_store_fails_before_torch_loads(command, tmp_path):
+    """Every command that reads a store names a missing ``--store`` at once (not after ~5 s of
+    imports), with the store's own wording (``verify`` with its own: a mistyped path is not a
+    damaged store)."""
+    missing = tmp_path / "nope"
+    code = (
+        "import sys\n"
+        "from ragcompress.cli import main\n"
+        f"sys.argv = ['ragcompress', {command[0]!r}, '--store', {str(missing)!r}, *{command[1:]!r}]\n"
+        "try:\n    main()\nexcept SystemExit as exc:\n"
+        "    print(exc.code, sorted(m for m in ('torch', 'transformers', 'faiss') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.stdout.strip() == "1 []", out.stdout + out.stderr
+    if command[0] == "verify":
+        expected = f"{missing} is not a ragcompress store (no manifest, catalogue or shards); check --store"
+    else:
+        expected = (
+            f"store {missing} does not exist; build it with `ragcompress index --input PASSAGES --store {missing}`"
+        )
+    assert out.stderr == f"error: {expected}\n"
+
+
 def test_every_public_name_loads_on_first_use():
     import ragcompress
 

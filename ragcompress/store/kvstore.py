@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ragcompress.errors import CorruptSegmentError, StoreError, StoreMismatchError
+from ragcompress.errors import CorruptSegmentError, StoreError, StoreMismatchError, missing_store
 from ragcompress.kv import ModelShape, PassageKV
 from ragcompress.kv.lowrank import LowRankBasis
 from ragcompress.kv.quant import QuantConfig
@@ -231,9 +231,7 @@ class KVStore:
     def open(cls, path: str | Path) -> KVStore:
         path = Path(path)
         if not path.exists():
-            raise StoreError(
-                f"store {path} does not exist; build it with `ragcompress index --input PASSAGES --store {path}`"
-            )
+            raise missing_store(path)
         manifest = Manifest.read(path)
         for name in (PREFIX, CATALOGUE):
             if not (path / name).is_file():
