@@ -239,6 +239,7 @@ if HAS_TRITON:
         # RoPE as two dots over k cos and k sin (load_rotated_query_tile says why): each key is
         # rebuilt once, without its rotate_half partner channels
         q_rot = load_rotated_query_tile(Q, b, qh, qi, m_valid, stride_qb, stride_qh, stride_qm, HEAD_DIM)
+        rope_cols = cols % (HEAD_DIM // 2)  # the tables' first half only: they repeat (resolve_backend)
 
         # this head's key basis (U^T, rows >= rank are 0) and mean, once per program
         rk = tl.arange(0, RK_PAD)
@@ -279,8 +280,8 @@ if HAS_TRITON:
                 # latent @ basis, then the two RoPE halves of the scores
                 k = tl.dot(zk, basis_k, input_precision=DOT_PRECISION) + mean_k[None, :]
                 pos = tl.load(POS + kvh * N_ROWS + rows, mask=r_valid, other=0)
-                cos = tl.load(COS + pos[:, None] * HEAD_DIM + cols[None, :], mask=r_valid[:, None], other=0.0)
-                sin = tl.load(SIN + pos[:, None] * HEAD_DIM + cols[None, :], mask=r_valid[:, None], other=0.0)
+                cos = tl.load(COS + pos[:, None] * HEAD_DIM + rope_cols[None, :], mask=r_valid[:, None], other=0.0)
+                sin = tl.load(SIN + pos[:, None] * HEAD_DIM + rope_cols[None, :], mask=r_valid[:, None], other=0.0)
                 qk = tl.dot(q, tl.trans((k * cos).to(q.dtype)), input_precision=DOT_PRECISION)
                 qk = tl.dot(q_rot, tl.trans((k * sin).to(q.dtype)), acc=qk, input_precision=DOT_PRECISION)
                 if V_LATENT:

@@ -525,6 +525,9 @@ if HAS_TRITON:
         # q' . (k sin) with q' = -rotate_half(q): two dots over k cos and k sin, and each key channel
         # is dequantized once (resolve_backend refuses tables that do not repeat)
         q_rot = load_rotated_query_tile(Q, b, qh, qi, m_valid, stride_qb, stride_qh, stride_qm, HEAD_DIM)
+        # the tables' first half only: they repeat, so the second half's bytes are never read (half
+        # the table traffic per key row; the load's duplicate addresses coalesce)
+        rope_cols = cols % (HEAD_DIM // 2)
         k_byte, k_shift = cols // PB, (cols % PB) * BITS
         ROW_BYTES: tl.constexpr = HEAD_DIM // PB
         V_ROW_BYTES: tl.constexpr = HEAD_DIM // V_PB
@@ -556,8 +559,8 @@ if HAS_TRITON:
                 k_m = tl.load(km_head + grp + cols[None, :], mask=rmask, other=0.0).to(tl.float32)
                 k = kc * k_s + k_m
                 pos = tl.load(POS + kvh * N_ROWS + rows, mask=r_valid, other=0)
-                cos = tl.load(COS + pos[:, None] * HEAD_DIM + cols[None, :], mask=rmask, other=0.0)
-                sin = tl.load(SIN + pos[:, None] * HEAD_DIM + cols[None, :], mask=rmask, other=0.0)
+                cos = tl.load(COS + pos[:, None] * HEAD_DIM + rope_cols[None, :], mask=rmask, other=0.0)
+                sin = tl.load(SIN + pos[:, None] * HEAD_DIM + rope_cols[None, :], mask=rmask, other=0.0)
                 qk = tl.dot(q, tl.trans((k * cos).to(q.dtype)), input_precision=DOT_PRECISION)
                 qk = tl.dot(q_rot, tl.trans((k * sin).to(q.dtype)), acc=qk, input_precision=DOT_PRECISION)
                 # values: per-token groups of V_GROUP channels
