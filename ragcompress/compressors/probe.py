@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from ragcompress.architecture import head_states
 from ragcompress.errors import InputError
 from ragcompress.kv import PassageKV
 from ragcompress.kv.cache import build_dynamic_cache
@@ -65,10 +66,7 @@ def rotated_context(
 def layer_queries(module: Any, projected: torch.Tensor) -> torch.Tensor:
     """Pre-RoPE queries ``[batch, q_heads, m, head_dim]`` of attention ``module`` from its
     ``q_proj`` output ``[batch, m, q_heads * head_dim]``."""
-    batch, m, _ = projected.shape
-    q = projected.view(batch, m, -1, module.head_dim).transpose(1, 2)
-    norm = getattr(module, "q_norm", None)
-    return norm(q) if norm is not None else q
+    return head_states(module, projected, "q_norm", projected.shape[-1] // module.head_dim)
 
 
 def _reduce(x: torch.Tensor, how: Reduce, dim: int) -> torch.Tensor:

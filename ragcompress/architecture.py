@@ -1,0 +1,138 @@
+"""What ragcompress needs of a causal LM, checked on the loaded model rather than by its name.
+
+ragcompress stores a passage's keys *before* RoPE and rotates them to new positions at query
+time, and its scorers (KVzip, SnapKV, ...) and selective recompute read a layer's own query and
+key projections. So a Hugging Face decoder qualifies when:
+
+1. **Its layers have the usual parts**: ``model.model.layers[i].self_attn`` with separate
+   ``q_proj``, ``k_proj``, ``v_proj`` (not one fused ``qkv_proj``, as Phi-3 has), and either a
+   pre-attention ``input_layernorm`` or post-norm layers (OLMo-2, EXAONE-4), whose attention reads
+   the residual stream as it is (:func:`attention_input_norm`). Query/key norms may act per head
+   (Qwen3, Gemma-3) or over the whole projection (OLMo-2): :func:`head_states`.
+2. **Its RoPE is a module that rotates whole heads**: ``model.model.rotary_emb`` whose tables
+   cover every channel of a head (partial rotary, as StableLM and GLM use, is refused).
+3. **Moving a cache moves nothing else** (:func:`shift_error`): the keys of 16 tokens, cached at
+   positions 0.., un-rotated and rotated to 37.., must give the next 8 tokens the logits they
+   get when all 24 run at 0..; by RoPE's relative property they do. Interleaved rotary (Cohere),
+   layers without RoPE (SmolLM3's NoPE layers) and anything else that reads absolute positions
+   fail it, and would otherwise answer wrongly without an error.
+
+The families in :data:`VERIFIED_MODEL_TYPES` are tested end to end in the suite (tiny random
+models of each) and skip the probe; any other model that passes all three is accepted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ragcompress.errors import ModelError
+
+VERIFIED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text")
+
+SHIFT = 37  # positions the probe moves its cached keys by (odd, so no rotation period lines up)
+SHIFT_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}  # relative; half precision: 3e-2
+
+
+def check_model(model: Any) -> None:
+    """Refuse a model ragcompress would run wrongly, naming what it lacks (``ModelError``)."""
+    model_type = getattr(model.config, "model_type", "?")
+    problem = structure_problem(model)
+    if problem is None and model_type not in VERIFIED_MODEL_TYPES:
+        dtype = next(model.parameters()).dtype
+        error = shift_error(model)
+        tolerance = SHIFT_TOLERANCE.get(dtype, 3e-2)
+        if not error <= tolerance:
+            problem = (
+                f"its attention changes when a cache is moved to other positions (relative logit error "
+                f"{error:.2g} > {tolerance:g}): RoPE that is not rotate_half over whole heads, layers "
+                "without RoPE, or positions read some other way"
+            )
+    if problem is not None:
+        raise ModelError(
+            f"model type {model_type!r} cannot be used with ragcompress: {problem}. Tested families: "
+            f"{', '.join(VERIFIED_MODEL_TYPES)}; see ragcompress/architecture.py for what a model needs"
+        )
+
+
+def structure_problem(model: Any) -> str | None:
+    """The first part ragcompress reads that the model does not have, or ``None``."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if inner is None or layers is None or len(layers) == 0:
+        return "no decoder layers at model.model.layers"
+    if getattr(inner, "rotary_emb", None) is None:
+        return "no rotary embedding module at model.model.rotary_emb (ragcompress re-positions caches with RoPE)"
+    for part in ("q_proj", "k_proj", "v_proj"):
+        if getattr(layers[0].self_attn, part, None) is None:
+            fused = (
+                " (its q, k and v come from one fused projection)" if hasattr(layers[0].self_attn, "qkv_proj") else ""
+            )
+            return f"no self_attn.{part}{fused}"
+    if attention_input_norm(layers[0]) is None:
+        return "no input_layernorm before attention, and not post-norm (post_feedforward_layernorm) either"
+    head_dim = _head_dim(model)
+    from ragcompress.kv.rope import Rotary
+
+    cos, _ = Rotary(model).cos_sin(torch.zeros(1, dtype=torch.long), 0)
+    if cos.shape[-1] != head_dim:
+        return f"partial rotary: RoPE turns {cos.shape[-1]} of a head's {head_dim} channels"
+    return None
+
+
+def attention_input_norm(layer: Any) -> Any:
+    """What a decoder layer applies to its input before attention: ``input_layernorm``, or the
+    identity in a post-norm layer (OLMo-2, EXAONE-4: normed after attention and after the MLP,
+    ``post_feedforward_layernorm``); ``None`` when it is neither (a layout not known here)."""
+    norm = getattr(layer, "input_layernorm", None)
+    if norm is not None:
+        return norm
+    return torch.nn.Identity() if getattr(layer, "post_feedforward_layernorm", None) is not None else None
+
+
+def head_states(attn: Any, projected: torch.Tensor, norm_name: str, heads: int) -> torch.Tensor:
+    """``[batch, heads, m, head_dim]`` queries or keys (``norm_name``: ``"q_norm"`` or
+    ``"k_norm"``) from a projection's output ``[batch, m, heads * head_dim]``, through the
+    layer's norm where it has one: per head (Qwen3, Gemma-3) or over the whole projection
+    (OLMo-2), as the model applies it."""
+    batch, m, width = projected.shape
+    head_dim = width // heads
+    norm = getattr(attn, norm_name, None)
+    if norm is not None and norm.weight.numel() != head_dim:  # over the whole projection
+        projected, norm = norm(projected), None
+    states = projected.view(batch, m, heads, head_dim).transpose(1, 2)
+    return norm(states) if norm is not None else states
+
+
+@torch.inference_mode()
+def shift_error(model: Any, context: int = 16, tail: int = 8) -> float:
+    """Largest logit difference, over the largest logit, between ``tail`` tokens run after a
+    cache computed at positions ``0..context-1`` and moved (un-rotated, rotated) to ``SHIFT..``,
+    and the same tokens run after the cache where it was computed. Zero up to rounding for a
+    model whose attention sees positions only through rotate_half RoPE."""
+    from transformers import DynamicCache
+
+    from ragcompress.kv.cache import cache_layers
+    from ragcompress.kv.rope import Rotary
+    from ragcompress.runtime.generate import forward_logits
+
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (1, context + tail), generator=generator)
+    reference = forward_logits(model, ids, DynamicCache(), 0, tail).float()
+    computed = DynamicCache()
+    forward_logits(model, ids[:, :context], computed, 0, 1)
+    rotary = Rotary(model)
+    moved = DynamicCache()
+    positions = torch.arange(context)
+    for layer, (keys, values) in enumerate(cache_layers(computed)):
+        at = positions.expand(keys.shape[1], -1)
+        plain = rotary.unrotate(keys[0], at, layer)
+        moved.update(rotary.rotate(plain, at + SHIFT, layer).unsqueeze(0), values, layer)
+    shifted = forward_logits(model, ids[:, context:], moved, context + SHIFT, tail).float()
+    return float((shifted - reference).abs().max() / reference.abs().max().clamp_min(1e-6))
+
+
+def _head_dim(model: Any) -> int:
+    config = model.config
+    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
