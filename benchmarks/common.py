@@ -8,7 +8,7 @@
   and :func:`teacher_forced_logprobs` reads the prompt and an answer over its cache with every
   position's logits kept (``ragcompress.runtime.generate``); :func:`run_keeping_request` and :func:`rewind` do it after the same
   request was decoded (timed) by its :class:`~ragcompress.runtime.generate.TokenStream`;
-* synthetic fixtures and timing for the kernel benchmark (:class:`PlainRotary`,
+* synthetic fixtures and timing for the kernel benchmark (:class:`~ragcompress.testing.PlainRotary`,
   :func:`synthetic_segments`, :func:`median_time`);
 * ``ragcompress serve`` started in a subprocess for the service benchmarks (:class:`Service`),
   the questions they ask (:func:`question_texts`) and the requests they send (:func:`chat_body`).
@@ -42,6 +42,7 @@ from ragcompress.runtime.generate import rewind as rewind  # re-exported
 from ragcompress.runtime.generate import run_keeping_request as run_keeping_request  # re-exported
 from ragcompress.runtime.generate import teacher_forced_logprobs as teacher_forced_logprobs  # re-exported
 from ragcompress.store import codec
+from ragcompress.testing import PlainRotary
 
 SQUAD = Path(__file__).resolve().parents[2] / "shared" / "data" / "squad-dev"
 KVPRESS = "kvpress-"  # scores computed by benchmarks/kvpress_scores.py with NVIDIA kvpress's presses
@@ -146,16 +147,7 @@ def plot_against_compression(
 # -- synthetic fixtures and timing of the kernel benchmark -------------------------------------
 
 
-class PlainRotary:
-    """Llama-style RoPE tables from ``inv_freq`` (synthetic benchmarks need no model)."""
-
-    def __init__(self, head_dim: int, base: float = 500000.0) -> None:
-        self.inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim)
-
-    def cos_sin(self, positions: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float().unsqueeze(-1) * self.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos(), emb.sin()
+LLAMA3_ROPE_BASE = 500000.0  # the synthetic benchmarks' RoPE: Llama-3's base
 
 
 def synthetic_segments(
@@ -171,7 +163,7 @@ def synthetic_segments(
         keys = torch.randn(1, kv_heads, passage_len, head_dim, generator=gen)
         values = torch.randn(1, kv_heads, passage_len, head_dim, generator=gen)
         blobs.append(codec.parse(codec.encode(PassageKV.full(keys, values), QuantConfig(scheme))).packed())
-    return PackedSegments.from_blobs(blobs, 0, PlainRotary(head_dim), device).layers[0]
+    return PackedSegments.from_blobs(blobs, 0, PlainRotary(head_dim, base=LLAMA3_ROPE_BASE), device).layers[0]
 
 
 LATENT_SCHEME = "latent"  # kernel_bench's name for the smallest preset's shape (below)
@@ -197,7 +189,9 @@ def synthetic_latent_segments(
     passages = [passage() for _ in range(max(1, context // passage_len))]
     basis = fit_basis(passages[:4], RankSpec(rank=32, values=False))
     blobs = [codec.parse(codec.encode(kv, QuantConfig("int4", 32, "int2"), basis)) for kv in passages]
-    return LatentPackedSegments.from_segments(blobs, basis, 0, PlainRotary(head_dim), device).layers[0]
+    return LatentPackedSegments.from_segments(
+        blobs, basis, 0, PlainRotary(head_dim, base=LLAMA3_ROPE_BASE), device
+    ).layers[0]
 
 
 def median_time(fn: Callable[[], Any], repeats: int = 5) -> float:

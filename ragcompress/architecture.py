@@ -13,9 +13,10 @@ key projections. So a Hugging Face decoder qualifies when:
    cover every channel of a head (partial rotary, as StableLM and GLM use, is refused).
 3. **Moving a cache moves nothing else** (:func:`shift_error`): the keys of 16 tokens, cached at
    positions 0.., un-rotated and rotated to 37.., must give the next 8 tokens the logits they
-   get when all 24 run at 0..; by RoPE's relative property they do. Interleaved rotary (Cohere),
-   layers without RoPE (SmolLM3's NoPE layers) and anything else that reads absolute positions
-   fail it, and would otherwise answer wrongly without an error.
+   get when all 24 run at 0..; by RoPE's relative property they do. Interleaved rotary (Cohere,
+   Helium), layers without RoPE that do not say so (EXAONE-4; SmolLM3's say ``use_rope = 0``
+   and :class:`~ragcompress.kv.rope.Rotary` leaves their keys as they are) and anything else
+   that reads absolute positions fail it, and would otherwise answer wrongly without an error.
 
 The families in :data:`VERIFIED_MODEL_TYPES` are tested end to end in the suite (tiny random
 models of each) and skip the probe; any other model that passes all three is accepted.

@@ -135,3 +135,24 @@ def noisy_adaptor(model: Any, seed: int, scorer: bool = False, kind: str = "forw
         adaptor.tensors[SCORER_WEIGHT] = torch.randn(layers, heads, 2 * head_dim, generator=gen)
         adaptor.tensors[SCORER_BIAS] = torch.randn(layers, heads, generator=gen)
     return adaptor
+
+
+class PlainRotary:
+    """Standard RoPE tables from ``inv_freq`` (what a Llama's rotary_emb computes), one RoPE for
+    every layer: the :class:`~ragcompress.kv.rope.Rotary` interface the packed runtime reads,
+    without a model (the kernel tests' random segments)."""
+
+    def __init__(self, head_dim: int, base: float = 10000.0) -> None:
+        import torch
+
+        self.inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim)
+
+    def cos_sin(self, positions: Any, layer_idx: int) -> tuple[Any, Any]:
+        import torch
+
+        freqs = positions.float().unsqueeze(-1) * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+    def layer_key(self, layer_idx: int) -> None:
+        return None

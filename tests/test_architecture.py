@@ -13,10 +13,14 @@ from ragcompress.errors import ModelError
 from ragcompress.models import load_model
 
 
-@pytest.mark.parametrize("arch", [*VERIFIED_MODEL_TYPES, "qwen3_moe", "ministral", "granite", "starcoder2", "olmo2"])
-def test_the_shift_probe_passes_rope_models(arch, tiny_model_dir):
+@pytest.mark.parametrize(
+    ("arch", "config"),
+    [(arch, {}) for arch in (*VERIFIED_MODEL_TYPES, "qwen3_moe", "ministral", "granite", "starcoder2", "olmo2")]
+    + [("smollm3", {"layers": 4})],  # its fourth layer has no RoPE (use_rope = 0): keys stay where they are
+)
+def test_the_shift_probe_passes_the_models_it_accepts(arch, config, tiny_model_dir):
     """Rounding only, for the tested families too (they skip the probe when they load)."""
-    lm = load_model(str(tiny_model_dir(arch)))
+    lm = load_model(str(tiny_model_dir(arch, **config)))
     assert shift_error(lm.model) < 1e-4
 
 
@@ -28,19 +32,13 @@ def test_the_shift_probe_passes_rope_models(arch, tiny_model_dir):
         ("glm", {}, "partial rotary"),
         ("cohere", {}, "its attention changes when a cache is moved"),  # interleaved RoPE
         ("helium", {}, "its attention changes when a cache is moved"),  # interleaved RoPE
-        ("smollm3", {"layers": 4}, "its attention changes when a cache is moved"),  # its fourth layer has no RoPE
-        ("exaone4", {"layers": 4}, "its attention changes when a cache is moved"),  # its global layer has no RoPE
+        # its global layer has no RoPE, and does not say so as use_rope
+        ("exaone4", {"layers": 4}, "its attention changes when a cache is moved"),
     ],
 )
 def test_models_it_would_run_wrongly_are_refused_by_reason(arch, config, reason, tiny_model_dir):
     with pytest.raises(ModelError, match=f"model type '{arch}' cannot be used with ragcompress: {reason}"):
         load_model(str(tiny_model_dir(arch, **config)))
-
-
-def test_a_smollm3_without_nope_layers_loads(tiny_model_dir):
-    """Two layers are both RoPE layers (SmolLM3 drops RoPE on every fourth): the probe judges
-    the model it is given, not its family."""
-    assert load_model(str(tiny_model_dir("smollm3"))).config.model_type == "smollm3"
 
 
 class _Attention(torch.nn.Module):
@@ -59,3 +57,41 @@ def test_head_states_applies_a_norm_per_head_or_over_the_projection():
     expected = whole(projected).view(1, 5, 3, 4).transpose(1, 2)
     torch.testing.assert_close(head_states(_Attention(whole), projected, "q_norm", 3), expected)
     assert not torch.allclose(expected, per_head(plain))
+
+
+@pytest.mark.parametrize(
+    ("arch", "config"),
+    [("llama", {}), ("smollm3", {"no_rope_layers": [0]}), ("olmo2", {})],
+)
+def test_one_layer_models_answer_three_moved_passages_exactly(arch, config, tiny_model_dir, tmp_path, embedder):
+    """In a one-layer model a passage's keys and values do not depend on what precedes it, so
+    caches encoded alone and moved behind other passages must give full prefill's logits: the
+    re-positioning itself checked exactly, with RoPE and (SmolLM3 with ``no_rope_layers=[0]``)
+    without it, where moving a key must leave it as it is."""
+    from ragcompress.data import SAMPLE_PASSAGES
+    from ragcompress.indexing import index
+    from ragcompress.runtime.assemble import assemble
+    from ragcompress.runtime.engine import Engine
+    from ragcompress.runtime.generate import forward_step
+    from ragcompress.store import KVStore
+
+    lm = load_model(str(tiny_model_dir(arch, layers=1, **config)))
+    if arch == "smollm3":
+        assert not lm.model.model.layers[0].self_attn.use_rope
+    passages = tmp_path / "passages.jsonl"
+    passages.write_text("\n".join(SAMPLE_PASSAGES.read_text().splitlines()[:6]) + "\n")
+    index(passages, tmp_path / "store", lm=lm, embedder=embedder)
+    engine = Engine(KVStore.open(tmp_path / "store"), lm, embedder)
+    question = "Where is the university?"
+    entries = engine.retrieve(question, 3)
+    segments = [engine.store.load_kv(e) for e in entries]
+    built = assemble(engine.lm.config, engine.rotary, engine.prefix_keys, engine.prefix, segments, engine.dtype)
+    suffix = engine.tokens.suffix(question)
+    from transformers import DynamicCache
+
+    with torch.inference_mode():
+        cached = forward_step(lm.model, torch.tensor([suffix]), built.cache, built.next_position)
+        full = forward_step(
+            lm.model, torch.tensor([engine.full_prompt_ids(question, entries)]), DynamicCache(config=lm.config), 0
+        )
+    torch.testing.assert_close(cached, full, atol=1e-4, rtol=1e-4)

@@ -21,20 +21,9 @@ from ragcompress.kv.quant import QuantConfig
 from ragcompress.kv.rope import rotate_half
 from ragcompress.runtime.options import AnswerOptions
 from ragcompress.store import codec
+from ragcompress.testing import PlainRotary
 
 TOL = {torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}
-
-
-class PlainRotary:
-    """Standard RoPE tables from ``inv_freq`` (what a Llama's rotary_emb computes)."""
-
-    def __init__(self, head_dim: int, base: float = 10000.0) -> None:
-        self.inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim)
-
-    def cos_sin(self, positions: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float().unsqueeze(-1) * self.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos(), emb.sin()
 
 
 def make_blobs(
@@ -268,12 +257,12 @@ def test_packed_layout_round_trips_codec():
 
     blobs = make_blobs([37, 64, 5], heads=3, head_dim=64, scheme="int4", seed=3)
 
-    class Identity:
+    class Identity(PlainRotary):
         def cos_sin(self, positions, layer_idx):
             shape = (*positions.shape, 64)
             return torch.ones(shape), torch.zeros(shape)
 
-    seg = PackedSegments.from_blobs([codec.parse(b).packed() for b in blobs], 5, Identity()).layers[0]
+    seg = PackedSegments.from_blobs([codec.parse(b).packed() for b in blobs], 5, Identity(64)).layers[0]
     keys, values, valid = dequantize_segments_ref(seg)
     assert seg.seg_start_host == (0, 64, 128, 160)
     position = 5

@@ -19,20 +19,9 @@ from ragcompress.kv.quant import QuantConfig
 from ragcompress.kv.rope import rotate_half
 from ragcompress.runtime.options import AnswerOptions
 from ragcompress.store import codec
+from ragcompress.testing import PlainRotary
 
 TOL = {torch.float32: 2e-4, torch.float16: 2e-2}
-
-
-class PlainRotary:
-    """Standard RoPE tables from ``inv_freq``."""
-
-    def __init__(self, head_dim: int, base: float = 10000.0) -> None:
-        self.inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim)
-
-    def cos_sin(self, positions: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float().unsqueeze(-1) * self.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos(), emb.sin()
 
 
 def make_case(case: dict) -> tuple[list[bytes], LowRankBasis]:

@@ -28,6 +28,9 @@ class Rotary:
         self._emb = model.model.rotary_emb
         self._layer_types = getattr(model.config, "layer_types", None)
         self._takes_layer_type = "layer_type" in inspect.signature(self._emb.forward).parameters
+        # layers without RoPE (NoPE: SmolLM3's every fourth, Llama-4's) say so as ``use_rope``;
+        # their keys are cached as projected, so "rotating" them is the identity
+        self._rotates = [bool(getattr(layer.self_attn, "use_rope", True)) for layer in model.model.layers]
         # YaRN's attention scaling, folded into cos/sin; Gemma-3 keeps one per layer type (its
         # sliding layers have their own base and no rope_scaling, its global layers take it)
         self._scaling = [self._attention_scaling(i) for i in range(model.config.num_hidden_layers)]
@@ -36,7 +39,20 @@ class Rotary:
         except StopIteration:
             self._device = torch.device("cpu")
 
+    def layer_key(self, layer_idx: int) -> Any:
+        """Layers with the same key share one RoPE (cos/sin tables): Gemma-3's layer types,
+        and whether the layer rotates at all."""
+        kind = self._layer_types[layer_idx] if self._takes_layer_type and self._layer_types is not None else None
+        return kind, self._rotates[layer_idx]
+
+    @property
+    def shared_by_all_layers(self) -> bool:
+        """One RoPE for every layer (all but Gemma-3's local/global mix and NoPE layers)."""
+        return len({self.layer_key(i) for i in range(len(self._rotates))}) == 1
+
     def _attention_scaling(self, layer_idx: int) -> float:
+        if not self._rotates[layer_idx]:
+            return 1.0
         if self._takes_layer_type and self._layer_types is not None:
             value = getattr(self._emb, f"{self._layer_types[layer_idx]}_attention_scaling", None)
         else:
@@ -52,6 +68,8 @@ class Rotary:
         else:
             cos, sin = self._emb(probe, flat)
         shape = tuple(positions.shape) + (cos.shape[-1],)
+        if not self._rotates[layer_idx]:
+            return torch.ones(shape, device=cos.device), torch.zeros(shape, device=sin.device)
         return cos.reshape(shape), sin.reshape(shape)
 
     def table_cos_sin(self, positions: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,13 +106,13 @@ class Rotary:
     ) -> torch.Tensor:
         """Rotate every layer at once: keys ``[layers, heads, n, d]``, positions ``[layers, heads, n]``.
 
-        Models whose layers share one RoPE (all but Gemma-3's local/global mix) need a single
+        Models whose layers share one RoPE (:attr:`shared_by_all_layers`) need a single
         cos/sin lookup for the whole segment instead of one per layer. ``out`` (same shape as
         ``keys``) receives the result when given; otherwise it is allocated in ``keys.dtype``.
         """
         if out is None:
             out = torch.empty(keys.shape, dtype=keys.dtype, device=keys.device)
-        if self._takes_layer_type:
+        if not self.shared_by_all_layers:
             for i in range(keys.shape[0]):
                 self._rotate_to(out[i], keys[i], positions[i], i)
         else:
@@ -112,7 +130,7 @@ class Rotary:
             rows = out.shape[-2]
             if rows == 0:
                 continue
-            kind = self._layer_types[i] if self._takes_layer_type and self._layer_types is not None else None
+            kind = self.layer_key(i)
             if kind not in tables:
                 tables[kind] = self.table_cos_sin(positions, i)
             cos, sin = tables[kind]

@@ -36,15 +36,15 @@ from ragcompress_kernels import (
 
 def rope_tables(rotary: Rotary, layers: int, positions: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per layer fp32 ``(cos, sin)`` of shape ``[positions, head_dim]`` from the model's rotary
-    embedding (shared between layers of the same ``layer_type``)."""
-    types = getattr(rotary, "_layer_types", None) or [None] * layers
+    embedding (shared between layers of the same :meth:`Rotary.layer_key`)."""
     cache: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
     out = []
     for layer in range(layers):
-        if types[layer] not in cache:
+        key = rotary.layer_key(layer)
+        if key not in cache:
             cos, sin = rotary.cos_sin(torch.arange(positions), layer)
-            cache[types[layer]] = (cos.float().contiguous(), sin.float().contiguous())
-        out.append(cache[types[layer]])
+            cache[key] = (cos.float().contiguous(), sin.float().contiguous())
+        out.append(cache[key])
     return out
 
 

@@ -230,10 +230,9 @@ def _run_layers(
     positions = torch.cat([layout.token_pos[tokens], new_pos]).unsqueeze(0)  # [1, S+Q]
     masks = layout.masks(tokens, config.num_attention_heads, new_pos, hidden.device)
     blend_cache = _BlendCache(cache, layout.rows(tokens), layout.uniform, new_pos.numel())
-    layer_types = getattr(config, "layer_types", None)
     rope: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
     for index in range(start, stop):
-        kind = layer_types[index] if layer_types else None
+        kind = rotary.layer_key(index)
         if kind not in rope:
             cos, sin = rotary.cos_sin(positions, index)
             rope[kind] = (cos.to(hidden.dtype), sin.to(hidden.dtype))
