@@ -4,8 +4,8 @@ ragcompress stores a passage's keys *before* RoPE and rotates them to new positi
 time, and its scorers (KVzip, SnapKV, ...) and selective recompute read a layer's own query and
 key projections. So a Hugging Face decoder qualifies when:
 
-1. **Its layers have the usual parts**: ``model.model.layers[i].self_attn`` with separate
-   ``q_proj``, ``k_proj``, ``v_proj`` (not one fused ``qkv_proj``, as Phi-3 has), and either a
+1. **Its layers have the usual parts**: ``model.model.layers[i].self_attn`` with ``q_proj``,
+   ``k_proj`` and ``v_proj``, or one fused ``qkv_proj`` (Phi-3: :func:`projection_module`), and either a
    pre-attention ``input_layernorm`` or post-norm layers (OLMo-2, EXAONE-4), whose attention reads
    the residual stream as it is (:func:`attention_input_norm`). Query/key norms may act per head
    (Qwen3, Gemma-3) or over the whole projection (OLMo-2): :func:`head_states`.
@@ -32,6 +32,7 @@ import torch
 from ragcompress.errors import ModelError
 
 VERIFIED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text")
+PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 
 SHIFT = 37  # positions the probe moves its cached keys by (odd, so no rotation period lines up)
 # relative error allowed by the shift probe: rounding of the model's dtype; a wrong move is off
@@ -69,12 +70,9 @@ def structure_problem(model: Any) -> str | None:
         return "no decoder layers at model.model.layers"
     if getattr(inner, "rotary_emb", None) is None:
         return "no rotary embedding module at model.model.rotary_emb (ragcompress re-positions caches with RoPE)"
-    for part in ("q_proj", "k_proj", "v_proj"):
-        if getattr(layers[0].self_attn, part, None) is None:
-            fused = (
-                " (its q, k and v come from one fused projection)" if hasattr(layers[0].self_attn, "qkv_proj") else ""
-            )
-            return f"no self_attn.{part}{fused}"
+    attn = layers[0].self_attn
+    if getattr(attn, "qkv_proj", None) is None and any(getattr(attn, part, None) is None for part in PROJECTIONS):
+        return "no query, key and value projections (self_attn.q_proj, k_proj, v_proj or a fused qkv_proj)"
     if attention_input_norm(layers[0]) is None:
         return "no input_layernorm before attention, and not post-norm (post_feedforward_layernorm) either"
     head_dim = _head_dim(model)
@@ -94,6 +92,26 @@ def attention_input_norm(layer: Any) -> Any:
     if norm is not None:
         return norm
     return torch.nn.Identity() if getattr(layer, "post_feedforward_layernorm", None) is not None else None
+
+
+def projection_module(attn: Any, part: str) -> tuple[Any, slice]:
+    """The linear layer whose output holds ``part`` (``"q_proj"``, ``"k_proj"`` or ``"v_proj"``)
+    of attention ``attn``, and the slice of that output it is: the whole of its own projection,
+    or its columns of a fused ``qkv_proj`` (Phi-3: queries, then keys, then values)."""
+    own = getattr(attn, part, None)
+    if own is not None:
+        return own, slice(None)
+    config = attn.config
+    q_width = config.num_attention_heads * attn.head_dim
+    kv_width = config.num_key_value_heads * attn.head_dim
+    start = {"q_proj": 0, "k_proj": q_width, "v_proj": q_width + kv_width}[part]
+    return attn.qkv_proj, slice(start, start + (q_width if part == "q_proj" else kv_width))
+
+
+def project(attn: Any, part: str, hidden: torch.Tensor) -> torch.Tensor:
+    """``part`` of ``attn``'s projections of ``hidden`` (:func:`projection_module`)."""
+    module, columns = projection_module(attn, part)
+    return module(hidden)[..., columns]
 
 
 def head_states(attn: Any, projected: torch.Tensor, norm_name: str, heads: int) -> torch.Tensor:

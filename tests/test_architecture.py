@@ -15,7 +15,7 @@ from ragcompress.models import load_model
 
 @pytest.mark.parametrize(
     ("arch", "config"),
-    [(arch, {}) for arch in (*VERIFIED_MODEL_TYPES, "qwen3_moe", "ministral", "granite", "starcoder2", "olmo2")]
+    [(arch, {}) for arch in (*VERIFIED_MODEL_TYPES, "qwen3_moe", "ministral", "granite", "starcoder2", "olmo2", "phi3")]
     + [("smollm3", {"layers": 4})],  # its fourth layer has no RoPE (use_rope = 0): keys stay where they are
 )
 def test_the_shift_probe_passes_the_models_it_accepts(arch, config, tiny_model_dir):
@@ -27,7 +27,6 @@ def test_the_shift_probe_passes_the_models_it_accepts(arch, config, tiny_model_d
 @pytest.mark.parametrize(
     ("arch", "config", "reason"),
     [
-        ("phi3", {}, r"no self_attn\.q_proj \(its q, k and v come from one fused projection\)"),
         ("stablelm", {}, "partial rotary: RoPE turns 4 of a head's 16 channels"),
         ("glm", {}, "partial rotary"),
         ("cohere", {}, "its cache changes when it is moved"),  # interleaved RoPE
@@ -103,3 +102,35 @@ def test_half_precision_rounding_is_not_a_refusal(tiny_model_dir):
     assert load_model(str(tiny_model_dir("granite")), dtype=torch.bfloat16).config.model_type == "granite"
     with pytest.raises(ModelError, match="its cache changes when it is moved"):
         load_model(str(tiny_model_dir("cohere")), dtype=torch.bfloat16)
+
+
+def test_a_fused_qkv_projection_is_read_and_adapted(tiny_model_dir):
+    """Phi-3 computes q, k and v in one ``qkv_proj``: the scorers and recompute read their
+    columns of it (tests/test_runtime.py and test_compressors.py run it end to end), and a
+    passage adaptor's LoRA covers it and ``gate_up_proj``; one training step lowers the loss."""
+    from ragcompress.architecture import project
+    from ragcompress.distill.adaptor import Adaptor
+    from ragcompress.distill.distiller import Distiller
+
+    lm = load_model(str(tiny_model_dir("phi3")))
+    attn = lm.model.model.layers[0].self_attn
+    hidden = torch.randn(1, 3, lm.config.hidden_size)
+    with torch.no_grad():
+        q, k, v = (project(attn, part, hidden) for part in ("q_proj", "k_proj", "v_proj"))
+        assert torch.equal(torch.cat([q, k, v], -1), attn.qkv_proj(hidden))
+    assert q.shape[-1] == lm.config.num_attention_heads * attn.head_dim
+    assert k.shape[-1] == v.shape[-1] == lm.config.num_key_value_heads * attn.head_dim
+    torch.manual_seed(0)
+    adaptor = Adaptor.initial(lm.model, rank=4, alpha=8)
+    assert {name.split(".")[-3] for name in adaptor.tensors} == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    distiller = Distiller(lm, adaptor, teacher_top=16, continuation=8)
+    texts = ["Melbourne is the sporting capital of Australia.", "Apollo 11 landed on the Moon in 1969."]
+    example = distiller.teacher("q", [distiller.tokens.passage(t) for t in texts], "Where did Apollo 11 land?")
+    optimizer = torch.optim.SGD(distiller.trainable(), lr=1.0)
+    qa, cont, *_ = distiller.losses(example)
+    before = float((qa + cont).detach())
+    (qa + cont).backward()
+    optimizer.step()
+    with torch.no_grad():
+        qa, cont, *_ = distiller.losses(example)
+    assert float(qa + cont) < before

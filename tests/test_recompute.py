@@ -115,7 +115,9 @@ def evicted(kv: PassageKV, seed: int) -> PassageKV:
     return PassageKV(keys, values, positions, lengths, n)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma", "gemma2", "granite", "olmo2", "qwen3_moe"])
+@pytest.mark.parametrize(
+    "arch", ["llama", "qwen2", "mistral", "gemma", "gemma2", "granite", "olmo2", "qwen3_moe", "phi3"]
+)
 def test_full_recompute_reproduces_full_prefill(arch, stores):
     engine = stores(arch)
     entries = engine.retrieve(QUESTION, 3)

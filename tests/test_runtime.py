@@ -47,6 +47,8 @@ ARCHS = [
     "granite",
     "starcoder2",
     "olmo2",
+    "phi3",
+    "smollm3",
 ]
 
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from ragcompress.architecture import head_states
+from ragcompress.architecture import head_states, projection_module
 from ragcompress.errors import InputError
 from ragcompress.kv import PassageKV
 from ragcompress.kv.cache import build_dynamic_cache
@@ -133,9 +133,9 @@ def run_probe(
 
     projected: dict[int, torch.Tensor] = {}  # q_proj's output of the current chunk, per layer
 
-    def keep_projection(layer: int) -> Any:
+    def keep_projection(layer: int, columns: slice) -> Any:
         def hook(module: Any, args: Any, output: torch.Tensor) -> None:
-            projected[layer] = output
+            projected[layer] = output[..., columns]
 
         return hook
 
@@ -166,9 +166,9 @@ def run_probe(
 
     handles = [layer.self_attn.register_forward_hook(hook, with_kwargs=True) for layer in model.model.layers]
     # the attention module's own query projection, kept rather than computed a second time
-    handles += [
-        layer.self_attn.q_proj.register_forward_hook(keep_projection(i)) for i, layer in enumerate(model.model.layers)
-    ]
+    for i, layer in enumerate(model.model.layers):
+        module, columns = projection_module(layer.self_attn, "q_proj")
+        handles.append(module.register_forward_hook(keep_projection(i, columns)))
     try:
         start = p + context_len
         for offset in range(0, m, chunk):

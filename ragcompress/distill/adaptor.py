@@ -53,7 +53,19 @@ WEIGHTS = "adaptor.safetensors"
 CONFIG = "adaptor.json"
 FACTORS = ("k_A", "k_B", "v_A", "v_B")  # kind "cache": A [layers, rank, hidden]; B [layers, kv_heads * head_dim, rank]
 # kind "forward": LoRA on every linear projection of the decoder layers (attention and MLP)
-FORWARD_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# every linear projection of a decoder layer, by the names transformers gives them (fused
+# ``qkv_proj`` and ``gate_up_proj``: Phi-3); a model's adaptor covers those it has
+FORWARD_MODULES = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "qkv_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "gate_up_proj",
+    "down_proj",
+)
 SCORER_WEIGHT = "scorer.weight"  # [layers, kv_heads, 2 * head_dim]: over (un-rotated key, value)
 SCORER_BIAS = "scorer.bias"  # [layers, kv_heads]
 # Packaged adaptors: ragcompress/distill/adaptors/<model name>/ (``--adaptor default``).
@@ -64,6 +76,10 @@ def projection_inputs_supported(model: Any) -> None:
     """Keys must be the key projection's output up to RoPE (no per-head key norm), so that a
     correction of the projection is a correction of the un-rotated cached key."""
     attn = model.model.layers[0].self_attn
+    if getattr(attn, "k_proj", None) is None:
+        raise InputError(
+            f"{type(model).__name__} projects keys in a fused qkv_proj; adaptors of kind 'cache' need k_proj"
+        )
     if getattr(attn, "k_norm", None) is not None:
         raise InputError(f"{type(model).__name__} normalises keys after the projection; adaptors do not support it")
 

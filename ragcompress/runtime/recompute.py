@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from ragcompress.architecture import attention_input_norm, head_states
+from ragcompress.architecture import attention_input_norm, head_states, project
 from ragcompress.kv import PassageKV
 from ragcompress.kv.rope import Rotary
 from ragcompress.runtime.assemble import AssembledCache, per_layer_rows, segment_rows
@@ -255,7 +255,7 @@ def _deviation(
     averaged over the KV heads that keep the token."""
     layer = model.model.layers[layer_idx]
     attn = layer.self_attn
-    fresh = attn.v_proj(attention_input_norm(layer)(hidden))  # [1, S, kv_heads * d]
+    fresh = project(attn, "v_proj", attention_input_norm(layer)(hidden))  # [1, S, kv_heads * d]
     heads = layout.shape[1]
     fresh = fresh.view(hidden.shape[1], heads, -1).transpose(0, 1).float()  # [H, S, d]
     stored_all = cache.layers[layer_idx].values[0]  # [H, T, d]
@@ -293,8 +293,8 @@ def _question_relevance(
     kv_heads = layout.shape[1]
     q_heads = model.config.num_attention_heads
     norm = attention_input_norm(layer)
-    q = head_states(attn, attn.q_proj(norm(question)), "q_norm", q_heads)[0]
-    k = head_states(attn, attn.k_proj(norm(hidden)), "k_norm", kv_heads)[0]
+    q = head_states(attn, project(attn, "q_proj", norm(question)), "q_norm", q_heads)[0]
+    k = head_states(attn, project(attn, "k_proj", norm(hidden)), "k_norm", kv_heads)[0]
     q = rotary.rotate(q.float(), new_pos.expand(q_heads, -1), layer_idx)
     k = rotary.rotate(k.float(), layout.token_pos[tokens].expand(kv_heads, -1), layer_idx)
     k = k.repeat_interleave(q_heads // kv_heads, dim=0)
