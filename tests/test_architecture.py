@@ -29,6 +29,11 @@ def test_the_shift_probe_passes_the_models_it_accepts(arch, config, tiny_model_d
     [
         ("stablelm", {}, "partial rotary: RoPE turns 4 of a head's 16 channels"),
         ("glm", {}, "partial rotary"),
+        (
+            "phi3",
+            {"partial_rotary_factor": 0.75},
+            "partial rotary: RoPE turns 12 of a head's 16 channels",
+        ),  # Phi-4-mini's
         ("cohere", {}, "its cache changes when it is moved"),  # interleaved RoPE
         ("helium", {}, "its cache changes when it is moved"),  # interleaved RoPE
         # its global layer has no RoPE, and does not say so as use_rope
