@@ -109,13 +109,11 @@ def test_half_precision_rounding_is_not_a_refusal(tiny_model_dir):
         load_model(str(tiny_model_dir("cohere")), dtype=torch.bfloat16)
 
 
-def test_a_fused_qkv_projection_is_read_and_adapted(tiny_model_dir):
+def test_a_fused_qkv_projection_is_read_by_its_columns(tiny_model_dir):
     """Phi-3 computes q, k and v in one ``qkv_proj``: the scorers and recompute read their
-    columns of it (tests/test_runtime.py and test_compressors.py run it end to end), and a
-    passage adaptor's LoRA covers it and ``gate_up_proj``; one training step lowers the loss."""
+    columns of it (tests/test_runtime.py, test_compressors.py and test_recompute.py run it end to
+    end; test_distill.py trains an adaptor on it)."""
     from ragcompress.architecture import project
-    from ragcompress.distill.adaptor import Adaptor
-    from ragcompress.distill.distiller import Distiller
 
     lm = load_model(str(tiny_model_dir("phi3")))
     attn = lm.model.model.layers[0].self_attn
@@ -125,17 +123,3 @@ def test_a_fused_qkv_projection_is_read_and_adapted(tiny_model_dir):
         assert torch.equal(torch.cat([q, k, v], -1), attn.qkv_proj(hidden))
     assert q.shape[-1] == lm.config.num_attention_heads * attn.head_dim
     assert k.shape[-1] == v.shape[-1] == lm.config.num_key_value_heads * attn.head_dim
-    torch.manual_seed(0)
-    adaptor = Adaptor.initial(lm.model, rank=4, alpha=8)
-    assert {name.split(".")[-3] for name in adaptor.tensors} == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
-    distiller = Distiller(lm, adaptor, teacher_top=16, continuation=8)
-    texts = ["Melbourne is the sporting capital of Australia.", "Apollo 11 landed on the Moon in 1969."]
-    example = distiller.teacher("q", [distiller.tokens.passage(t) for t in texts], "Where did Apollo 11 land?")
-    optimizer = torch.optim.SGD(distiller.trainable(), lr=1.0)
-    qa, cont, *_ = distiller.losses(example)
-    before = float((qa + cont).detach())
-    (qa + cont).backward()
-    optimizer.step()
-    with torch.no_grad():
-        qa, cont, *_ = distiller.losses(example)
-    assert float(qa + cont) < before

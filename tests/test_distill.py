@@ -135,10 +135,15 @@ def test_forward_adaptor_is_on_only_while_passages_are_encoded(lm):
     assert torch.equal(PassageEncoder(lm, template).encode([[5, 17, 42]])[0].keys, base.keys)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_one_training_step_lowers_the_loss_on_its_batch(lm, kind):
+@pytest.mark.parametrize(("kind", "arch"), [(kind, "llama") for kind in KINDS] + [("forward", "phi3")])
+def test_one_training_step_lowers_the_loss_on_its_batch(lm, kind, arch, tiny_model_dir):
+    """Phi-3's fused ``qkv_proj`` and ``gate_up_proj`` are adapted as the separate projections are."""
+    if arch != "llama":
+        lm = load_model(str(tiny_model_dir(arch)))
     torch.manual_seed(0)
     adaptor = Adaptor.initial(lm.model, rank=4, alpha=8, kind=kind)
+    if arch == "phi3":
+        assert {name.split(".")[-3] for name in adaptor.tensors} == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
     distiller = Distiller(lm, adaptor, teacher_top=16, continuation=8)
     texts = ["Melbourne is the sporting capital of Australia.", "Apollo 11 landed on the Moon in 1969."]
     example = distiller.teacher("q", [distiller.tokens.passage(t) for t in texts], "Where did Apollo 11 land?")
