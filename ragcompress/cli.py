@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -826,10 +827,23 @@ def serve(
     engine.close()
 
 
+def _one_line_warning(message: Any, category: Any, filename: str, lineno: int, line: str | None = None) -> str:
+    """ragcompress's own warnings as ``warning: ...`` (what to do is in the message; the source
+    line Python would print is not the user's), other libraries' as Python formats them."""
+    if Path(filename).resolve().is_relative_to(PACKAGE):
+        return f"warning: {message}\n"
+    return _PYTHON_FORMATWARNING(message, category, filename, lineno, line)
+
+
+PACKAGE = Path(__file__).resolve().parent
+_PYTHON_FORMATWARNING = warnings.formatwarning
+
+
 def main() -> None:
-    """Entry point: one-line errors, non-zero exit. The command is the whole process, so it keeps
-    freed memory for the next request (:mod:`ragcompress.runtime.memory`)."""
+    """Entry point: one-line errors and warnings, non-zero exit. The command is the whole process,
+    so it keeps freed memory for the next request (:mod:`ragcompress.runtime.memory`)."""
     keep_freed_memory()
+    warnings.formatwarning = _one_line_warning
     try:
         app(standalone_mode=False)
     except RagCompressError as exc:

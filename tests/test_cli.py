@@ -401,3 +401,19 @@ def test_a_changed_model_is_named_with_the_way_to_rebuild(cli_store):
     manifest = Manifest.read(cli_store[0])
     with pytest.raises(StoreMismatchError, match=r"has changed since the store was built .* with --overwrite"):
         manifest.check_same_build(replace(manifest, model_fingerprint="0" * 64))
+
+
+def test_the_librarys_warnings_print_as_one_line(tiny_model_dir, tmp_path):
+    """A model without a packaged adaptor for ``--preset small`` is worth a warning, printed as
+    ``warning: ...`` and not as Python's ``path:line: UserWarning`` with a source line."""
+    from ragcompress.data import SAMPLE_PASSAGES
+
+    passages = tmp_path / "passages.jsonl"
+    passages.write_text("\n".join(SAMPLE_PASSAGES.read_text().splitlines()[:2]) + "\n")
+    command = [sys.executable, "-m", "ragcompress.cli", "index", "--input", str(passages)]
+    command += ["--store", str(tmp_path / "store"), "--model", str(tiny_model_dir("llama")), "--preset", "small"]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    lines = result.stderr.splitlines()
+    assert [line for line in lines if "adaptor" in line] == [line for line in lines if line.startswith("warning: ")]
+    assert any(line.startswith("warning: no adaptor is packaged for ") for line in lines), result.stderr
+    assert "UserWarning" not in result.stderr
