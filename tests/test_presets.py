@@ -56,6 +56,9 @@ def test_explicit_options_override_the_preset():
     assert answer_options("faithful", recompute=RecomputeConfig()).recompute.ratio == 0.0
 
 
+@pytest.mark.filterwarnings(
+    "ignore:no adaptor is packaged"
+)  # a tiny model has none (tests/test_cli.py checks the line)
 def test_cli_index_preset_is_recorded_in_the_manifest(tiny_model_dir, passages_file, tmp_path, monkeypatch, capfd):
     store = tmp_path / "store"
     args = ["index", "--input", str(passages_file), "--store", str(store), "--model", str(tiny_model_dir("llama"))]
