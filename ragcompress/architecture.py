@@ -5,19 +5,20 @@ time, and its scorers (KVzip, SnapKV, ...) and selective recompute read a layer'
 key projections. So a Hugging Face decoder qualifies when:
 
 1. **Its layers have the usual parts**: ``model.model.layers[i].self_attn`` with ``q_proj``,
-   ``k_proj`` and ``v_proj``, or one fused ``qkv_proj`` (Phi-3: :func:`projection_module`), and either a
-   pre-attention ``input_layernorm`` or post-norm layers (OLMo-2, EXAONE-4), whose attention reads
-   the residual stream as it is (:func:`attention_input_norm`). Query/key norms may act per head
-   (Qwen3, Gemma-3) or over the whole projection (OLMo-2): :func:`head_states`.
+   ``k_proj`` and ``v_proj``, or one fused ``qkv_proj`` (Phi-3: :func:`projection_module`), and
+   either a pre-attention ``input_layernorm`` or post-norm layers (OLMo-2, EXAONE-4), whose
+   attention reads the residual stream as it is (:func:`attention_input_norm`). Query/key norms
+   may act per head (Qwen3, Gemma-3) or over the whole projection (OLMo-2): :func:`head_states`.
 2. **Its RoPE is a module that rotates whole heads**: ``model.model.rotary_emb`` whose tables
-   cover every channel of a head (partial rotary, as StableLM and GLM use, is refused).
+   cover every channel of a head (partial rotary, as StableLM, GLM and Phi-4-mini use, is
+   refused).
 3. **Moving a cache moves nothing else** (:func:`shift_error`): the cache of 16 tokens computed
    at positions 0.., its keys un-rotated and rotated to 37.., must equal the cache the same
    tokens get when they run at 37.. (keys and values, every layer); by RoPE's relative property
-   it does. Interleaved rotary (Cohere,
-   Helium), layers without RoPE that do not say so (EXAONE-4; SmolLM3's say ``use_rope = 0``
-   and :class:`~ragcompress.kv.rope.Rotary` leaves their keys as they are) and anything else
-   that reads absolute positions fail it, and would otherwise answer wrongly without an error.
+   it does. Interleaved rotary (Cohere, Helium), layers without RoPE that do not say so
+   (EXAONE-4; SmolLM3's say ``use_rope = 0``, and :class:`~ragcompress.kv.rope.Rotary` leaves
+   their keys as they are) and anything else that reads absolute positions fail it, and would
+   otherwise answer wrongly without an error.
 
 The families in :data:`VERIFIED_MODEL_TYPES` are tested end to end in the suite (tiny random
 models of each) and skip the probe; any other model that passes all three is accepted.
@@ -121,11 +122,13 @@ def head_states(attn: Any, projected: torch.Tensor, norm_name: str, heads: int) 
     (OLMo-2), as the model applies it."""
     batch, m, width = projected.shape
     head_dim = width // heads
-    norm = getattr(attn, norm_name, None)
-    if norm is not None and norm.weight.numel() != head_dim:  # over the whole projection
-        projected, norm = norm(projected), None
-    states = projected.view(batch, m, heads, head_dim).transpose(1, 2)
-    return norm(states) if norm is not None else states
+    norm: Any = getattr(attn, norm_name, None)
+    if norm is None:
+        return projected.view(batch, m, heads, head_dim).transpose(1, 2)
+    weight = getattr(norm, "weight", None)
+    if weight is not None and weight.numel() != head_dim:  # over the whole projection
+        return norm(projected).view(batch, m, heads, head_dim).transpose(1, 2)
+    return norm(projected.view(batch, m, heads, head_dim).transpose(1, 2))
 
 
 @torch.inference_mode()
