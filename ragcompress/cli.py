@@ -66,6 +66,26 @@ STORE_OPTION = typer.Option(
 )
 
 
+# the names of models.DTYPES (not imported here: --help stays fast; a test checks the list)
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def _dtype_name(name: str | None) -> str | None:
+    """``--dtype``, checked before the model libraries load."""
+    if name is not None and name not in DTYPE_NAMES:
+        raise RagCompressError(f"--dtype {name!r} is not one of: {', '.join(DTYPE_NAMES)}")
+    return name
+
+
+DTYPE_OPTION = typer.Option(
+    None,
+    "--dtype",
+    callback=_dtype_name,
+    help="the model weights' dtype: float32 (default), bfloat16 or float16 (half the memory); a "
+    "store records the one it was indexed in, and answering uses it unless given",
+)
+
+
 def _answer_options(
     preset: str | None,
     max_new_tokens: int | None = None,
@@ -221,6 +241,7 @@ def index(
     workers: int | None = typer.Option(
         None, "--workers", min=1, help="with --ray: actors, each loading the model once (default 2)"
     ),
+    dtype: str | None = DTYPE_OPTION,
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Index passages into a KV-cache store (resumes: finished passages are skipped)."""
@@ -272,6 +293,7 @@ def index(
             batch_size=batch_size,
             progress=_show_progress(as_json),
             replace=replace,
+            dtype=dtype,
         )
     else:
         report = run_index(
@@ -283,6 +305,7 @@ def index(
             replace=replace,
             batch_size=batch_size,
             progress=_show_progress(as_json),
+            dtype=dtype,
         )
     with KVStore.open(store) as opened:
         sizes = store_sizes(opened)
@@ -421,6 +444,7 @@ def train(
         "articles) instead of zeros: continues a finished run",
     ),
     threads: int = typer.Option(2, "--threads", min=1),
+    dtype: str | None = DTYPE_OPTION,
 ) -> None:
     """Train a KV-Distill passage adaptor and its learned retention scorer (docs/distill.md)."""
     _quiet_libraries()
@@ -467,7 +491,7 @@ def train(
         )
     except ValueError as exc:
         raise RagCompressError(str(exc)) from None
-    adaptor = run_train(load_model(model), passages, questions, out, config, progress=True)
+    adaptor = run_train(load_model(model, dtype=dtype), passages, questions, out, config, progress=True)
     metrics = adaptor.meta["metrics"]
     typer.echo(
         f"adaptor {adaptor.hash[:16]} -> {out / 'adaptor'}; held-out KL (answer) "
@@ -488,13 +512,16 @@ def ask(
     preset: str | None = typer.Option(None, "--preset", help=PRESET_HELP),
     backend: str | None = BACKEND_OPTION,
     compare_full: bool = typer.Option(False, "--compare-full", help="also answer by full-text prefill and time it"),
+    dtype: str | None = DTYPE_OPTION,
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Answer a question from the stored caches of the retrieved passages."""
     _quiet_libraries()
     from ragcompress.runtime.engine import Engine
 
-    engine = Engine.open(store, options=_answer_options(preset, max_new_tokens, recompute, selection, backend))
+    engine = Engine.open(
+        store, options=_answer_options(preset, max_new_tokens, recompute, selection, backend), dtype=dtype
+    )
     try:
         entries = engine.retrieve(question, top_k)
         answer = engine.answer_cached(question, entries)
@@ -540,6 +567,7 @@ def evaluate(
     selection: str | None = SELECTION_OPTION,
     preset: str | None = typer.Option(None, "--preset", help=PRESET_HELP),
     backend: str | None = BACKEND_OPTION,
+    dtype: str | None = DTYPE_OPTION,
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Answer questions from caches and by full prefill; report quality, agreement and speedup."""
@@ -548,7 +576,9 @@ def evaluate(
     from ragcompress.runtime.engine import Engine
 
     items = select_questions(read_questions(questions, scored=True), sample, articles, outside)[:limit]
-    engine = Engine.open(store, options=_answer_options(preset, max_new_tokens, recompute, selection, backend))
+    engine = Engine.open(
+        store, options=_answer_options(preset, max_new_tokens, recompute, selection, backend), dtype=dtype
+    )
     try:
         results = iter_eval(engine, items, top_k)
         if _show_progress(as_json):
@@ -589,6 +619,7 @@ def bench(
         "dequantize-then-SDPA at the largest top-k",
     ),
     preset: str | None = typer.Option(None, "--preset", help=PRESET_HELP),
+    dtype: str | None = DTYPE_OPTION,
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """TTFT across context sizes against full prefill; KV bytes; indexing throughput.
@@ -620,7 +651,7 @@ def bench(
             f"the mean of the middle two); use {repeats - 1} or {repeats + 1}"
         )
     items = read_questions(questions or SAMPLE_QUESTIONS, limit)
-    engine = Engine.open(store, options=_answer_options(preset))
+    engine = Engine.open(store, options=_answer_options(preset), dtype=dtype)
     comparison = throughput = None
     try:
         if max(top_ks) > len(engine.store):
@@ -660,6 +691,7 @@ def calibrate(
     store: Path = STORE_OPTION,
     samples: int = typer.Option(16, "--samples", min=1, help="passage groups measured"),
     top_k: int = typer.Option(3, "--top-k", min=1, help="passages per group"),
+    dtype: str | None = DTYPE_OPTION,
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Choose the store's attention temperature (APE) by KL to full prefill, without labels.
@@ -675,7 +707,7 @@ def calibrate(
     from ragcompress.store import Manifest
     from ragcompress.store.kvstore import StoreLock
 
-    with Engine.open(store, options=AnswerOptions(calibrate=False)) as engine:
+    with Engine.open(store, options=AnswerOptions(calibrate=False), dtype=dtype) as engine:
         result = calibrate_temperature(engine, samples=samples, top_k=top_k, progress=_show_progress(as_json))
         lock = StoreLock(store)
         try:  # a temperature measured on one build is not recorded in another swapped in meanwhile
@@ -795,6 +827,7 @@ def serve(
         8, "--batch", min=1, help="concurrent questions decoded together in one batch (1: one at a time)"
     ),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level"),
+    dtype: str | None = DTYPE_OPTION,
 ) -> None:
     """Serve the store over HTTP: OpenAI-compatible /v1/chat/completions (docs/serve.md).
 
@@ -822,7 +855,7 @@ def serve(
         typer.echo(
             f"warning: serving on {host} without an API key; anyone who reaches it can query the store", err=True
         )
-    engine = Engine.open(store, options=_answer_options(preset, max_new_tokens))
+    engine = Engine.open(store, options=_answer_options(preset, max_new_tokens), dtype=dtype)
     run(create_app(engine, settings), host, port, log_level=log_level)
     engine.close()
 

@@ -250,8 +250,23 @@ def quiet_progress() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def torch_dtype(name: str) -> Any:
+    """The torch dtype of a ``--dtype`` name (:data:`DTYPES`)."""
+    import torch
+
+    if name not in DTYPES:
+        raise ModelError(f"dtype {name!r} is not one of: {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
 def load_model(ref: str | None = None, *, dtype: Any = None, device: Any = None) -> LoadedModel:
     """Load a causal LM by embedded name or local directory, in eval mode, with its identity.
+
+    ``dtype``: the weights' dtype, a torch dtype or a name of :data:`DTYPES` (default float32;
+    bfloat16 halves the memory of a model that does not fit otherwise).
 
     ``device`` (default CPU) places the model; answering follows the model's device (the dense
     path by default; the fused Triton kernel on CUDA with ``backend="packed-triton"``). Indexing
@@ -266,6 +281,8 @@ def load_model(ref: str | None = None, *, dtype: Any = None, device: Any = None)
     ref = ref or DEFAULT_MODEL
     model_dir = resolve_model_dir(ref)
     with quiet_progress():  # a sub-second load of converted weights needs no "Loading weights" bar
+        if isinstance(dtype, str):
+            dtype = torch_dtype(dtype)
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 model_dir, dtype=dtype or torch.float32, attn_implementation=register_attention()

@@ -417,3 +417,44 @@ def test_the_librarys_warnings_print_as_one_line(tiny_model_dir, tmp_path):
     assert [line for line in lines if "adaptor" in line] == [line for line in lines if line.startswith("warning: ")]
     assert any(line.startswith("warning: no adaptor is packaged for ") for line in lines), result.stderr
     assert "UserWarning" not in result.stderr
+
+
+def test_dtype_is_recorded_at_indexing_and_reused_for_answering(tiny_model_dir, tmp_path, monkeypatch, capfd):
+    """``--dtype bfloat16`` loads the weights in bf16 (a model that does not fit in fp32); the
+    store records it, answering and adding passages use it unless told otherwise, and a run that
+    would add float32 caches to it is refused."""
+    from ragcompress.cli import DTYPE_NAMES
+    from ragcompress.data import SAMPLE_PASSAGES
+    from ragcompress.models import DTYPES
+    from ragcompress.store import Manifest
+
+    assert DTYPE_NAMES == DTYPES
+    lines = SAMPLE_PASSAGES.read_text().splitlines()
+    first, more = tmp_path / "first.jsonl", tmp_path / "more.jsonl"
+    first.write_text("\n".join(lines[:3]) + "\n")
+    more.write_text("\n".join(lines[3:5]) + "\n")
+    store, model = tmp_path / "store", str(tiny_model_dir("llama"))
+    code, _, err = run_cli(
+        ["index", "--input", str(first), "--store", str(store), "--model", model, "--dtype", "bfloat16"],
+        monkeypatch,
+        capfd,
+    )
+    assert code == 0, err
+    assert Manifest.read(store).dtype == "bfloat16"
+    import torch
+
+    from ragcompress.runtime.engine import Engine
+
+    with Engine.open(store) as engine:
+        assert next(engine.lm.model.parameters()).dtype == torch.bfloat16
+    code, out, err = run_cli(["ask", "--store", str(store), "--question", "Where?", "--json"], monkeypatch, capfd)
+    assert code == 0, err
+    assert json.loads(out)["answer"] is not None
+    code, _, err = run_cli(["index", "--input", str(more), "--store", str(store)], monkeypatch, capfd)
+    assert code == 0, err  # the store's dtype, without repeating it
+    code, _, err = run_cli(
+        ["index", "--input", str(more), "--store", str(store), "--dtype", "float32"], monkeypatch, capfd
+    )
+    assert code == 1 and "passage encoding" in err and "bfloat16" in err, err
+    code, _, err = run_cli(["ask", "--store", str(store), "--question", "x", "--dtype", "int8"], monkeypatch, capfd)
+    assert code == 1 and err == "error: --dtype 'int8' is not one of: float32, bfloat16, float16\n", err

@@ -182,13 +182,17 @@ def build_manifest(
     lm: LoadedModel, template: PromptTemplate, config: IndexConfig, adaptor_hash: str | None = None
 ) -> Manifest:
     """The manifest of a store built from ``lm`` with ``config`` (``created`` is now);
-    ``adaptor_hash``: the loaded ``config.adaptor``'s hash, recorded under ``encoding``."""
+    ``adaptor_hash``: the loaded ``config.adaptor``'s hash, recorded under ``encoding``, as is the
+    model's dtype when it is not float32 (caches encoded in bfloat16 are not float32's)."""
     compressor = config.compressor()
     shape = ModelShape.from_config(lm.config)
     check_groups_fit(config.quant_config(), shape.head_dim, lm.ref)
     encoding: dict[str, Any] = {"context_neighbors": config.context_neighbors} if config.context_neighbors else {}
     if adaptor_hash is not None:
         encoding["adaptor"] = adaptor_hash
+    dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
+    if dtype != "float32":  # absent for float32: older manifests match
+        encoding["dtype"] = dtype
     return Manifest(
         model_ref=lm.ref,
         model_fingerprint=lm.fingerprint,

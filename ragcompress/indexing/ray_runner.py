@@ -98,11 +98,11 @@ class EncodeActor:
         root = Path(store)
         self.error = ""
         try:
-            lm = load_model(model_ref)
-            embedder = embedder_factory() if embedder_factory is not None else None
-            # 'matching' was resolved by the driver: the manifest records the packaged adaptor's hash
-            loaded = resolve_adaptor(adaptor, lm.ref) if adaptor and adaptor != MATCHING else None
-            with KVStore.open(root) as opened:  # the driver created it: settings, adaptor hash, basis
+            with KVStore.open(root) as opened:  # the driver created it: settings, dtype, adaptor hash, basis
+                lm = load_model(model_ref, dtype=opened.manifest.dtype)
+                embedder = embedder_factory() if embedder_factory is not None else None
+                # 'matching' was resolved by the driver: the manifest records the packaged adaptor's hash
+                loaded = resolve_adaptor(adaptor, lm.ref) if adaptor and adaptor != MATCHING else None
                 self.indexer = Indexer.for_store(opened.manifest, lm, embedder, loaded).with_store_basis(opened)
             self.indexer.prefix_kv  # noqa: B018 - the prefix forward pass once, at start, not in the first batch
             self.shards = ClaimedShards(root, max_shard_bytes)
@@ -253,6 +253,7 @@ def index_on_ray(
     lm: LoadedModel | None = None,
     embedder_factory: Callable[[], Any] | None = None,
     replace: bool = False,
+    dtype: str | None = None,
 ) -> IndexReport:
     """Index ``input_path`` into ``store_path`` with ``workers`` Ray actors (module doc).
 
@@ -264,6 +265,7 @@ def index_on_ray(
     A store built with another model or settings is refused, as by ``index()``; ``replace``
     re-encodes passages stored under their id with another text and commits each in the place of
     the stored one, as ``index(replace=True)`` does; ``--overwrite`` is single-process only.
+    ``dtype`` as for ``index()``; the actors load the model in the dtype the manifest records.
     """
     start = time.perf_counter()
     if workers < 1 or threads_per_worker < 1:
@@ -277,8 +279,8 @@ def index_on_ray(
         total = validate(input_path)
     if not exists:
         refuse_existing(store_path)
-    config, model = settings_for(store_path if exists else None, config, model)
-    lm = lm or load_model(model)
+    config, model, dtype = settings_for(store_path if exists else None, config, model, dtype)
+    lm = lm or load_model(model, dtype=dtype)
     embedder = embedder_factory() if embedder_factory is not None else None
     if config.context_neighbors:
         raise InputError(

@@ -62,19 +62,19 @@ def _batches(items: Iterator[PassageInput], size: int) -> Iterator[list[PassageI
 
 
 def settings_for(
-    existing: Path | None, config: IndexConfig | None, model: str | None
-) -> tuple[IndexConfig, str | None]:
-    """The settings and model to index with: those given, else an existing store's own (adding
-    passages without repeating every option), else the defaults."""
+    existing: Path | None, config: IndexConfig | None, model: str | None, dtype: str | None = None
+) -> tuple[IndexConfig, str | None, str | None]:
+    """The settings, model and model dtype to index with: those given, else an existing store's
+    own (adding passages without repeating every option), else the defaults."""
     if existing is None:
-        return config or IndexConfig(), model
+        return config or IndexConfig(), model, dtype
     try:
         manifest = Manifest.read(existing)
     except StoreError as exc:
         raise StoreError(
             f"{exc} (to rebuild it, give its settings, e.g. --preset or --quant, with --overwrite)"
         ) from None
-    return config or config_from_manifest(manifest), model or manifest.model_ref
+    return config or config_from_manifest(manifest), model or manifest.model_ref, dtype or manifest.dtype
 
 
 def run_indexer(
@@ -130,12 +130,15 @@ def index(
     progress: bool = False,
     lm: LoadedModel | None = None,
     embedder: Embedder | None = None,
+    dtype: str | None = None,
 ) -> IndexReport:
     """Index ``input_path`` (JSONL or folder) into the store at ``store_path``.
 
     ``lm`` and ``embedder`` reuse loaded models; the embedder must be the one ``config.embedder``
     names (it is loaded from that name when not given). ``config`` None: an existing store's own
-    settings and model (:func:`settings_for`), defaults for a new one. ``replace``: a passage stored
+    settings and model (:func:`settings_for`), defaults for a new one. ``dtype``: the model's
+    weights (a name of :data:`~ragcompress.models.DTYPES`; an existing store's own, else
+    float32), recorded in the manifest when not float32. ``replace``: a passage stored
     under its id with another text is re-encoded and replaces it (without it, that is an error
     raised before anything is written).
     """
@@ -150,8 +153,9 @@ def index(
     if overwrite and not exists and store_path.exists() and (not store_path.is_dir() or any(store_path.iterdir())):
         raise StoreError(f"{store_path} is not a ragcompress store; refusing to overwrite it")
     # --overwrite with no settings rebuilds the store with its own (a new model version, a damaged shard)
-    config, model = settings_for(store_path if exists and (not overwrite or config is None) else None, config, model)
-    lm = lm or load_model(model)
+    existing = store_path if exists and (not overwrite or config is None) else None
+    config, model, dtype = settings_for(existing, config, model, dtype)
+    lm = lm or load_model(model, dtype=dtype)
     indexer = run_indexer(lm, config, embedder, input_path, store_path if exists and not overwrite else None)
 
     target = store_path

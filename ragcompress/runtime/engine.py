@@ -70,15 +70,20 @@ class Engine:
 
     @classmethod
     def open(
-        cls, store_path: str | Path, *, model: str | None = None, options: AnswerOptions = AnswerOptions()
+        cls,
+        store_path: str | Path,
+        *,
+        model: str | None = None,
+        options: AnswerOptions = AnswerOptions(),
+        dtype: str | None = None,
     ) -> Engine:
         """Open a store, load the model recorded in its manifest (or ``model``, if it matches)
-        and warm it up."""
+        in ``dtype`` (default: the dtype the store was indexed in, float32 unless recorded) and
+        warm it up."""
         store = KVStore.open(store_path)
         try:
-            engine = cls(
-                store, load_model(model or store.manifest.model_ref), Embedder(store.manifest.embedder), options
-            )
+            lm = load_model(model or store.manifest.model_ref, dtype=dtype or store.manifest.dtype)
+            engine = cls(store, lm, Embedder(store.manifest.embedder), options)
         except BaseException:
             store.close()
             raise

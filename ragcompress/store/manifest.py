@@ -58,6 +58,8 @@ def _check_values(data: dict[str, Any], where: Path) -> None:
     neighbours = encoding.get("context_neighbors", 0) if isinstance(encoding, dict) else None
     if type(neighbours) is not int or not 0 <= neighbours < 1 << 10:
         raise bad("encoding", "needs 'context_neighbors' as a small non-negative integer")
+    if encoding.get("dtype", "bfloat16") not in ("bfloat16", "float16"):  # absent: float32
+        raise bad("encoding", "has a 'dtype' other than bfloat16 or float16")
     if not isinstance(data.get("index", {}), dict):
         raise bad("index", "is not an object")
     prefix_sha = data.get("prefix_sha256", "")
@@ -111,14 +113,22 @@ class Manifest:
     def passages_exact(self) -> bool:
         """Whether a stored passage's kept rows are exactly what full prefill computes for it when
         it directly follows the prefix: no quantization or low-rank projection, encoded alone by
-        the base model (no neighbours before it, no adaptor). Selective recompute then leaves the
+        the base model in float32 (no neighbours before it, no adaptor). Selective recompute then leaves the
         first retrieved passage alone (eviction keeps exact rows; evicted ones stay evicted)."""
         return (
             self.quant.scheme == "none"
             and "lowrank" not in self.compression
             and not self.encoding.get("context_neighbors")
             and not self.encoding.get("adaptor")
+            and not self.encoding.get("dtype")
         )
+
+    @property
+    def dtype(self) -> str | None:
+        """The model dtype the passages were encoded in, when not float32 (``--dtype``): what
+        answering loads the model in unless told otherwise."""
+        value = self.encoding.get("dtype")
+        return str(value) if value else None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
