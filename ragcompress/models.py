@@ -186,7 +186,8 @@ def _cached_sha256(path: Path) -> str:
 
 
 def resolve_model_dir(ref: str) -> Path:
-    """Map a model reference (embedded name or local directory) to a loadable HF directory."""
+    """Map a model reference (embedded name, local directory, or a model id already in the
+    Hugging Face cache) to a loadable HF directory."""
     if ref == DEFAULT_MODEL:
         gguf = smollm2_gguf()
         return _converted_dir(ref, gguf, _cached_sha256(gguf))
@@ -194,13 +195,31 @@ def resolve_model_dir(ref: str) -> Path:
         return _converted_dir(ref, qwen_gguf(), QWEN_SHA256)
     path = Path(ref).expanduser()
     if not path.is_dir():
-        raise ModelError(
-            f"model {ref!r} is neither an embedded model ({DEFAULT_MODEL}, {EVAL_MODEL}) "
-            "nor a local Hugging Face model directory"
-        )
+        cached = hub_cache_dir(ref)
+        if cached is None:
+            raise ModelError(
+                f"model {ref!r} is neither an embedded model ({DEFAULT_MODEL}, {EVAL_MODEL}), a local Hugging Face "
+                "model directory, nor a model id in the Hugging Face cache (ragcompress downloads nothing: "
+                f"`hf download {ref}` first where the hub is reachable)"
+            )
+        path = cached
     if not (path / "config.json").is_file():
         raise ModelError(f"model directory {path} has no config.json")
     return path.resolve()
+
+
+def hub_cache_dir(repo_id: str) -> Path | None:
+    """The local snapshot of Hugging Face model ``repo_id`` (``org/name``) in the Hugging Face
+    cache (``HF_HOME`` / ``HF_HUB_CACHE``), or ``None``: never downloads."""
+    if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")):
+        return None
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError, OSError):
+        return None
 
 
 def canonical_config(config: Any) -> dict[str, Any]:
@@ -299,7 +318,10 @@ def load_model(ref: str | None = None, *, dtype: Any = None, device: Any = None)
         raise ModelError(f"cannot load the tokenizer from {model_dir}: {exc}") from None
     fingerprint_src = json.dumps(canonical_config(model.config), sort_keys=True, default=str)
     fingerprint = hashlib.sha256((fingerprint_src + weights_hash(model_dir)).encode()).hexdigest()
-    stored_ref = ref if ref in (DEFAULT_MODEL, EVAL_MODEL) else str(model_dir)
+    # embedded names and hub ids are found again by name (a hub snapshot's folder is one
+    # revision's; the fingerprint tells a store when the cached model changed), folders by path
+    by_name = ref in (DEFAULT_MODEL, EVAL_MODEL) or not Path(ref).expanduser().is_dir()
+    stored_ref = ref if by_name else str(model_dir)
     return LoadedModel(
         ref=stored_ref,
         model=model,

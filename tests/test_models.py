@@ -115,3 +115,24 @@ def test_cache_dir_expands_home_and_is_absolute(tmp_path, monkeypatch):
     assert not (tmp_path / "~").exists()
     monkeypatch.setenv("RAGCOMPRESS_CACHE", "rel")
     assert cache_dir() == tmp_path / "rel"
+
+
+def test_a_model_id_in_the_hugging_face_cache_loads_by_its_id(tiny_model_dir, tmp_path, monkeypatch):
+    """``--model org/name`` finds a model the user already has in the Hugging Face cache (never
+    downloading); the store records the id, so answering finds it again the same way."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    revision = "0" * 40
+    repo = tmp_path / "hub" / "models--acme--tiny"
+    shutil.copytree(tiny_model_dir("llama"), repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)  # no folder named acme/tiny here
+    lm = models.load_model("acme/tiny")
+    assert lm.ref == "acme/tiny"
+    assert lm.fingerprint == models.load_model(str(tiny_model_dir("llama"))).fingerprint
+    with pytest.raises(ModelError, match="nor a model id in the Hugging Face cache"):
+        models.load_model("acme/absent")
