@@ -282,7 +282,8 @@ def torch_dtype(name: str) -> Any:
 
 
 def load_model(ref: str | None = None, *, dtype: Any = None, device: Any = None) -> LoadedModel:
-    """Load a causal LM by embedded name or local directory, in eval mode, with its identity.
+    """Load a causal LM (:func:`resolve_model_dir`: embedded name, folder or cached hub id) in eval
+    mode, with its identity.
 
     ``dtype``: the weights' dtype, a torch dtype or a name of :data:`DTYPES` (default float32;
     bfloat16 halves the memory of a model that does not fit otherwise).
