@@ -352,7 +352,7 @@ def test_train_alpha_defaults_to_twice_the_rank_and_can_be_set(options, alpha, t
         raise Stop
 
     monkeypatch.setattr(train_module, "train", fake_train)
-    monkeypatch.setattr(models, "load_model", lambda ref: None)
+    monkeypatch.setattr(models, "load_model", lambda ref, dtype=None: None)
     questions = tmp_path / "q.jsonl"
     questions.write_text('{"id": "q", "question": "?", "answers": ["a"]}\n')
     args = ["train", "--passages", str(SAMPLE_PASSAGES), "--questions", str(questions), "--out", str(tmp_path / "o")]
