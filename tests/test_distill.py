@@ -700,3 +700,62 @@ def test_extra_passages_add_training_examples_with_the_models_own_questions(lm, 
     with pytest.raises(InputError, match="held-out"):
         train(lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, tmp_path / "bad",
               dataclasses.replace(config, extra_passages=str(SAMPLE_PASSAGES)), progress=False)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("arch", "config"),
+    [
+        ("llama", {}),
+        # local and global layers with their own RoPE, YaRN's attention scaling on the global one
+        (
+            "gemma3_text",
+            {
+                "layer_types": ["sliding_attention", "full_attention"],
+                "rope_scaling": {"rope_type": "yarn", "factor": 4.0},
+            },
+        ),
+        ("smollm3", {"layers": 4}),  # its fourth layer has no RoPE
+    ],
+)
+@pytest.mark.parametrize("compressed", [False, True])
+def test_the_student_moves_keys_in_each_layers_own_rope(arch, config, compressed, tiny_model_dir):
+    """With the adaptor at zero the student's cache is the runtime's assembled cache of the same
+    passages, layer by layer: each passage's keys moved to their place with that layer's RoPE.
+    (Until 2026-12-05 the student moved every layer's keys with the first layer's tables: wrong
+    for Gemma-3's other layer type, for layers without RoPE, and for YaRN's scaling, applied
+    twice when a rotated key was rotated again.)"""
+    lm = load_model(str(tiny_model_dir(arch, **config)))
+    compressor = make_compressor("global:kvzip", ratio=0.5, keep_first=1, keep_last=0) if compressed else None
+    distiller = Distiller(
+        lm,
+        Adaptor.initial(lm.model, rank=4, alpha=8),
+        teacher_top=16,
+        continuation=8,
+        compressor=compressor,
+        quant=QuantConfig() if compressed else None,
+    )
+    passages = [distiller.tokens.passage(t) for t in ("Melbourne is the sporting capital.", "Apollo 11 landed.")]
+    suffix = distiller.tokens.suffix("Where did Apollo 11 land?")
+    with torch.no_grad():
+        if compressed:
+            keys, values, total, mask = distiller.student_compressed_tensors(passages)
+            student = distiller.student_logprobs(keys, values, total, suffix, len(suffix), **{KV_MASK_KWARG: mask})
+        else:
+            keys, values, total = distiller.student_forward_tensors(passages)
+            student = distiller.student_logprobs(keys, values, total, suffix, len(suffix))
+    encoder = distiller.encoder
+    segments = [encoder.encode([ids])[0] for ids in passages]
+    if compressor is not None:
+        segments = [
+            compressor.compress(kv, CompressionContext(encoder, ids))
+            for kv, ids in zip(segments, passages, strict=True)
+        ]
+    prefix = encoder.prefix_kv
+    prefix_keys = encoder.rotary.rotate_layers(prefix.keys, prefix.positions)
+    served = assemble(lm.config, encoder.rotary, prefix_keys, prefix, segments, lm.model.dtype)
+    assert served.next_position == total
+    with torch.no_grad():
+        logits = forward_logits(
+            lm.model, torch.tensor([suffix]), served.cache, total, len(suffix), **served.attention_kwargs()
+        )
+    torch.testing.assert_close(student, logits.float().log_softmax(-1), atol=1e-4, rtol=1e-4)

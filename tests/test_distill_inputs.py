@@ -281,28 +281,17 @@ def test_kept_rows_are_taken_only_for_the_eviction_they_were_chosen_by(tiny_lm):
         assert kept_rows_settings(tiny_lm, dataclasses.replace(base, **other)) != settings, other
 
 
-def test_negative_minutes_and_models_training_cannot_move_are_refused_by_name(tiny_lm, tiny_model_dir, tmp_path):
+def test_negative_minutes_unknown_kinds_and_cache_adaptors_for_compressed_stores_are_refused(tiny_lm):
     """A negative budget would train nothing, an unknown kind only failed after the passages were
-    embedded; a model mixing layer types (one RoPE table per type) or scaling its RoPE reached the
-    CLI as a traceback, and a refused model is left without the training LoRA layers."""
+    embedded. (Models mixing layer types or scaling their RoPE, refused here until 2026-12-05,
+    train since each layer's keys move in that layer's own RoPE: tests/test_distill.py.)"""
     from ragcompress.compressors import make_compressor
-    from ragcompress.distill.adaptor import _adapter_names
     from ragcompress.distill.distiller import Distiller
-    from ragcompress.models import load_model
-    from ragcompress.testing import make_tiny_model
 
     with pytest.raises(ValueError, match="minutes must be >= 0"):
         dataclasses.replace(CONFIG, minutes=-1)
     with pytest.raises(ValueError, match="kind is 'forward' or 'cache', not 'lora'"):
         dataclasses.replace(CONFIG, kind="lora")
-    gemma3 = load_model(str(tiny_model_dir("gemma3_text", layer_types=["sliding_attention", "full_attention"])))
-    with pytest.raises(InputError, match="mixes attention layer types"):
-        Distiller(gemma3, Adaptor.initial(gemma3.model, rank=2, alpha=4), teacher_top=4, continuation=2)
-    yarn = {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 2048}
-    scaled = load_model(str(make_tiny_model("llama", tmp_path / "yarn", rope_scaling=yarn)))
-    with pytest.raises(InputError, match="scales its RoPE"):
-        Distiller(scaled, Adaptor.initial(scaled.model, rank=2, alpha=4), teacher_top=4, continuation=2)
-    assert not _adapter_names(scaled.model) and not _adapter_names(gemma3.model)
     cache = Adaptor.initial(tiny_lm.model, rank=2, alpha=4, kind="cache")
     with pytest.raises(InputError, match="trained with a 'forward' adaptor, not one of kind 'cache'"):
         Distiller(tiny_lm, cache, teacher_top=4, continuation=2, compressor=make_compressor("global:kvzip", ratio=0.5))

@@ -28,7 +28,6 @@ from ragcompress.indexing.encoder import PassageEncoder
 from ragcompress.kv.cache import build_dynamic_cache
 from ragcompress.kv.lowrank import LowRankBasis
 from ragcompress.kv.quant import QuantConfig, quantize_dequantize
-from ragcompress.kv.rope import rotate_half
 from ragcompress.models import LoadedModel
 from ragcompress.prompt import PromptTemplate
 from ragcompress.runtime.attention import KV_MASK_KWARG
@@ -41,23 +40,6 @@ TRAINING_ADAPTER = "ragcompress-training"  # peft adapter name of the LoRA layer
 def passage_key(ids: list[int]) -> str:
     """A passage's token ids as a short stable key (sha256)."""
     return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()
-
-
-def refuse_untrainable(lm: LoadedModel) -> None:
-    """Refuse a model whose caches training cannot move to their place in the prompt: one that
-    mixes attention layer types, or scales its RoPE (``InputError`` naming it)."""
-    layer_types = getattr(lm.model.config, "layer_types", None) or []
-    if len(set(layer_types)) > 1:
-        raise InputError(
-            f"{lm.ref} mixes attention layer types (e.g. Gemma-3's sliding and global layers): training "
-            "places caches with one RoPE table; train adaptors for models with one layer type"
-        )
-    scaling = float(getattr(lm.model.model.rotary_emb, "attention_scaling", 1.0) or 1.0)
-    if abs(scaling - 1.0) > 1e-6:
-        raise InputError(
-            f"{lm.ref} scales its RoPE (attention scaling {scaling:g}): training moves caches by composing "
-            "RoPE rotations, which that scaling breaks; train adaptors for models without it"
-        )
 
 
 class Distiller:
@@ -73,7 +55,6 @@ class Distiller:
         compressor: Compressor | None = None,
         quant: QuantConfig | None = None,
     ) -> None:
-        refuse_untrainable(lm)  # before the training LoRA layers are injected into the model
         self.lm = lm
         self.model = lm.model
         self.template = PromptTemplate.from_tokenizer(lm.tokenizer)
@@ -210,10 +191,9 @@ class Distiller:
             heads, n = base_k.shape[1], base_k.shape[2]
             k = base_k + adaptor.delta("k", x, heads)
             v = base_v + adaptor.delta("v", x, heads)
-            cos, sin = self.rotary.cos_sin(torch.arange(start, start + n), 0)  # [n, d]
-            k = k * cos + rotate_half(k) * sin
-            for layer in range(k.shape[0]):
-                keys[layer].append(k[layer].unsqueeze(0))
+            at = torch.arange(start, start + n).expand(heads, n)
+            for layer in range(k.shape[0]):  # each layer's own RoPE (Gemma-3's types, NoPE layers)
+                keys[layer].append(self.rotary.rotate_with_grad(k[layer], at, layer).unsqueeze(0))
                 values[layer].append(v[layer].unsqueeze(0))
             start += n
         return [torch.cat(k, dim=2) for k in keys], [torch.cat(v, dim=2) for v in values], start
@@ -254,11 +234,14 @@ class Distiller:
         with lora_active(self.model, self.lora_name):
             layers = self.encoder.forward_with_grad(passages)
         for row, ids in enumerate(passages):
-            n, shift = len(ids), start - p
-            cos, sin = self.rotary.cos_sin(torch.full((n,), shift), 0)
+            n = len(ids)
             for layer, (k, v) in enumerate(layers):
                 k_row = k[row : row + 1, :, p : p + n]
-                keys[layer].append(k_row * cos + rotate_half(k_row) * sin if shift else k_row)
+                if start != p:  # moved from right after the prefix to its place, in this layer's RoPE
+                    encoded = torch.arange(p, p + n).expand(k_row.shape[1], n)
+                    plain = self.rotary.unrotate(k_row[0], encoded, layer)
+                    k_row = self.rotary.rotate_with_grad(plain, encoded + (start - p), layer).unsqueeze(0)
+                keys[layer].append(k_row)
                 values[layer].append(v[row : row + 1, :, p : p + n])
             start += n
         return [torch.cat(k, dim=2) for k in keys], [torch.cat(v, dim=2) for v in values], start
@@ -311,7 +294,8 @@ class Distiller:
             n = len(ids)
             k = torch.stack([lk[row, :, p : p + n] for lk, _ in layers])  # [L, H, n, d] at p..p+n-1
             v = torch.stack([lv[row, :, p : p + n] for _, lv in layers])
-            k = self.rotary.unrotate(k, torch.arange(p, p + n), 0)
+            encoded = torch.arange(p, p + n).expand(heads, n)
+            k = torch.stack([self.rotary.unrotate(k[layer], encoded, layer) for layer in range(layer_count)])
             if self.compressor is not None:
                 positions, lengths = self.kept_rows(ids)
             else:
@@ -321,10 +305,8 @@ class Distiller:
             k, v = torch.gather(k, 2, index), torch.gather(v, 2, index)
             if self.quant is not None or self.basis is not None:
                 k, v = self.store_round_trip(k, v, lengths)
-            cos, sin = self.rotary.table_cos_sin(positions + start, 0)  # one RoPE call per distinct position
-            k = k * cos + rotate_half(k) * sin
-            for layer in range(layer_count):
-                keys[layer].append(k[layer].unsqueeze(0))
+            for layer in range(layer_count):  # each layer's own RoPE (Gemma-3's types, NoPE layers)
+                keys[layer].append(self.rotary.rotate_with_grad(k[layer], positions[layer] + start, layer).unsqueeze(0))
                 values[layer].append(v[layer].unsqueeze(0))
             masks.append(torch.arange(positions.shape[-1]) < lengths.unsqueeze(-1))
             start += n

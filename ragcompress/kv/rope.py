@@ -142,6 +142,13 @@ class Rotary:
         if positions.numel():
             _write_rotation(out, keys, *self.table_cos_sin(positions, layer_idx))
 
+    def rotate_with_grad(self, keys: torch.Tensor, positions: torch.Tensor, layer_idx: int) -> torch.Tensor:
+        """:meth:`rotate` as plain differentiable tensor arithmetic (training reads gradients
+        through it; :meth:`rotate` writes in place)."""
+        cos, sin = self.table_cos_sin(positions, layer_idx)
+        cos, sin = cos.to(keys.device, keys.dtype), sin.to(keys.device, keys.dtype)
+        return keys * cos + rotate_half(keys) * sin
+
     def unrotate(self, keys: torch.Tensor, positions: torch.Tensor, layer_idx: int) -> torch.Tensor:
         """Invert :meth:`rotate` (``cos``/``sin`` carry the scaling ``s``, so divide by ``s**2``)."""
         cos, sin = self.cos_sin(positions, layer_idx)
