@@ -187,6 +187,7 @@ def test_knorm_keeps_lowest_norm_keys(encoded):
         ("olmo2", {}),  # q_norm over the whole projection, post-norm layers
         ("granite", {"attention_multiplier": 0.5}),  # its own attention scaling
         ("phi3", {}),  # q, k and v from one fused projection
+        ("smollm3", {"layers": 4}),  # its fourth layer has no RoPE
     ],
 )
 def test_probe_attention_equals_model_attention(arch, config, tiny_model_dir):

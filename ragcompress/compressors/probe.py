@@ -147,8 +147,10 @@ def run_probe(
             queries[layer].append(q[0].float())
         if acc is None:
             return
-        cos, sin = kwargs["position_embeddings"]
-        q = (q * cos.unsqueeze(1) + rotate_half(q) * sin.unsqueeze(1))[0].float()
+        if getattr(module, "use_rope", True):  # a layer without RoPE (SmolLM3's NoPE) is passed tables it ignores
+            cos, sin = kwargs["position_embeddings"]
+            q = q * cos.unsqueeze(1) + rotate_half(q) * sin.unsqueeze(1)
+        q = q[0].float()
         keys = cache.layers[layer].keys[0].float()  # [Hkv, T, d], this chunk already appended
         c, total = q.shape[1], keys.shape[1]
         q = q.view(kv_heads, -1, c, q.shape[-1])  # [Hkv, g, c, d]
