@@ -363,14 +363,9 @@ def test_forward_adaptor_of_another_shape_is_refused(lm, tiny_model_dir):
         PassageEncoder(other, PromptTemplate.from_tokenizer(other.tokenizer), adaptor)
 
 
-@pytest.mark.parametrize("lowrank", [None, RankSpec(rank=8), RankSpec(rank=8, values=False)])
-def test_compressed_student_reads_what_the_runtime_serves(lm, lowrank):
-    """The student trained for an evicted (and low-rank) store must be that store: with the
-    adaptor at zero, its cache and row mask read the question as the runtime's assembled cache
-    of the compressed, stored passages does (runtime.assemble, per-head masks, ragged attention)."""
-    compressor = make_compressor("global:kvzip", ratio=0.5, keep_first=1, keep_last=0)
-    quant = QuantConfig("int4", 8) if lowrank else QuantConfig()
-    distiller = Distiller(
+def zero_student(lm, compressor=None, quant=None) -> Distiller:
+    """A distiller whose adaptor is zero: its student cache must be what the runtime serves."""
+    return Distiller(
         lm,
         Adaptor.initial(lm.model, rank=4, alpha=8),
         teacher_top=16,
@@ -378,6 +373,31 @@ def test_compressed_student_reads_what_the_runtime_serves(lm, lowrank):
         compressor=compressor,
         quant=quant,
     )
+
+
+def served_logprobs(distiller: Distiller, segments, suffix: list[int], total: int):
+    """The runtime's assembled cache of the prefix and ``segments`` (runtime.assemble) and the
+    log-probabilities ``suffix`` reads over it."""
+    encoder, lm = distiller.encoder, distiller.lm
+    prefix = encoder.prefix_kv
+    prefix_keys = encoder.rotary.rotate_layers(prefix.keys, prefix.positions)
+    served = assemble(lm.config, encoder.rotary, prefix_keys, prefix, segments, lm.model.dtype)
+    assert served.next_position == total
+    with torch.no_grad():
+        logits = forward_logits(
+            lm.model, torch.tensor([suffix]), served.cache, total, len(suffix), **served.attention_kwargs()
+        )
+    return served, logits.float().log_softmax(-1)
+
+
+@pytest.mark.parametrize("lowrank", [None, RankSpec(rank=8), RankSpec(rank=8, values=False)])
+def test_compressed_student_reads_what_the_runtime_serves(lm, lowrank):
+    """The student trained for an evicted (and low-rank) store must be that store: with the
+    adaptor at zero, its cache and row mask read the question as the runtime's assembled cache
+    of the compressed, stored passages does (runtime.assemble, per-head masks, ragged attention)."""
+    compressor = make_compressor("global:kvzip", ratio=0.5, keep_first=1, keep_last=0)
+    quant = QuantConfig("int4", 8) if lowrank else QuantConfig()
+    distiller = zero_student(lm, compressor, quant)
     texts = ("Melbourne is the sporting capital.", "Apollo 11 landed.")
     passages = [distiller.tokens.passage(t) for t in texts]
     calibration = ["The Yuan dynasty was founded by Kublai Khan.", "Jacksonville lies on the St. Johns River."]
@@ -399,17 +419,11 @@ def test_compressed_student_reads_what_the_runtime_serves(lm, lowrank):
         for ids in passages
     ]
     assert any(not s.is_uniform for s in segments)  # rows were evicted
-    prefix = encoder.prefix_kv
-    prefix_keys = encoder.rotary.rotate_layers(prefix.keys, prefix.positions)
-    served = assemble(lm.config, encoder.rotary, prefix_keys, prefix, segments, lm.model.dtype)
-    assert served.next_position == total and served.kv_mask is not None
+    served, logprobs = served_logprobs(distiller, segments, suffix, total)
+    assert served.kv_mask is not None
     # the student pads every layer to the passage's longest; the runtime each layer to its own
     assert [m.sum(-1).tolist() for m in served.kv_mask] == mask.sum(-1).tolist()
-    with torch.no_grad():
-        logits = forward_logits(
-            lm.model, torch.tensor([suffix]), served.cache, total, len(suffix), **served.attention_kwargs()
-        )
-    torch.testing.assert_close(student, logits.float().log_softmax(-1), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(student, logprobs, atol=1e-4, rtol=1e-4)
 
 
 def test_student_evicts_by_value_weighted_scores_when_trained_for_them():
@@ -726,14 +740,7 @@ def test_the_student_moves_keys_in_each_layers_own_rope(arch, config, compressed
     twice when a rotated key was rotated again.)"""
     lm = load_model(str(tiny_model_dir(arch, **config)))
     compressor = make_compressor("global:kvzip", ratio=0.5, keep_first=1, keep_last=0) if compressed else None
-    distiller = Distiller(
-        lm,
-        Adaptor.initial(lm.model, rank=4, alpha=8),
-        teacher_top=16,
-        continuation=8,
-        compressor=compressor,
-        quant=QuantConfig() if compressed else None,
-    )
+    distiller = zero_student(lm, compressor, QuantConfig() if compressed else None)
     passages = [distiller.tokens.passage(t) for t in ("Melbourne is the sporting capital.", "Apollo 11 landed.")]
     suffix = distiller.tokens.suffix("Where did Apollo 11 land?")
     with torch.no_grad():
@@ -750,12 +757,4 @@ def test_the_student_moves_keys_in_each_layers_own_rope(arch, config, compressed
             compressor.compress(kv, CompressionContext(encoder, ids))
             for kv, ids in zip(segments, passages, strict=True)
         ]
-    prefix = encoder.prefix_kv
-    prefix_keys = encoder.rotary.rotate_layers(prefix.keys, prefix.positions)
-    served = assemble(lm.config, encoder.rotary, prefix_keys, prefix, segments, lm.model.dtype)
-    assert served.next_position == total
-    with torch.no_grad():
-        logits = forward_logits(
-            lm.model, torch.tensor([suffix]), served.cache, total, len(suffix), **served.attention_kwargs()
-        )
-    torch.testing.assert_close(student, logits.float().log_softmax(-1), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(student, served_logprobs(distiller, segments, suffix, total)[1], atol=1e-4, rtol=1e-4)
