@@ -157,7 +157,9 @@ def index(
         ..., "--input", help="JSONL of {id, text, ...}, a folder of .txt/.md documents, or one .txt/.md document"
     ),
     store: Path = typer.Option(..., "--store", help="store directory (created if missing)"),
-    model: str | None = typer.Option(None, "--model", help="embedded model name or local HF directory"),
+    model: str | None = typer.Option(
+        None, "--model", help="embedded model name, local HF directory, or a model id already in the HF cache"
+    ),
     preset: str | None = typer.Option(None, "--preset", help=PRESET_HELP),
     method: str | None = typer.Option(
         None,
@@ -345,7 +347,9 @@ def store_sizes(store: Any) -> dict[str, Any]:
 
 @app.command()
 def train(
-    model: str | None = typer.Option(None, "--model", help="embedded model name or local HF directory"),
+    model: str | None = typer.Option(
+        None, "--model", help="embedded model name, local HF directory, or a model id already in the HF cache"
+    ),
     passages: Path = typer.Option(..., "--passages", help="JSONL of {id, title, text} (articles split by title)"),
     questions: Path = typer.Option(..., "--questions", help="JSONL of {id, question, answers, passage_id}"),
     out: Path = typer.Option(..., "--out", help="output folder (resumes from its checkpoint.safetensors)"),

@@ -147,7 +147,7 @@ def run_probe(
             queries[layer].append(q[0].float())
         if acc is None:
             return
-        if getattr(module, "use_rope", True):  # a layer without RoPE (SmolLM3's NoPE) is passed tables it ignores
+        if encoder.rotary.rotates(layer):  # a layer without RoPE (SmolLM3's NoPE) is passed tables it ignores
             cos, sin = kwargs["position_embeddings"]
             q = q * cos.unsqueeze(1) + rotate_half(q) * sin.unsqueeze(1)
         q = q[0].float()

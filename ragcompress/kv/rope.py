@@ -34,6 +34,9 @@ class Rotary:
         # YaRN's attention scaling, folded into cos/sin; Gemma-3 keeps one per layer type (its
         # sliding layers have their own base and no rope_scaling, its global layers take it)
         self._scaling = [self._attention_scaling(i) for i in range(model.config.num_hidden_layers)]
+        # one RoPE for every layer (all but Gemma-3's local/global mix and NoPE layers): decided once,
+        # read by rotate_layers on every request
+        self.shared_by_all_layers = len({self.layer_key(i) for i in range(len(self._rotates))}) == 1
         try:
             self._device = next(self._emb.buffers()).device
         except StopIteration:
@@ -45,10 +48,9 @@ class Rotary:
         kind = self._layer_types[layer_idx] if self._takes_layer_type and self._layer_types is not None else None
         return kind, self._rotates[layer_idx]
 
-    @property
-    def shared_by_all_layers(self) -> bool:
-        """One RoPE for every layer (all but Gemma-3's local/global mix and NoPE layers)."""
-        return len({self.layer_key(i) for i in range(len(self._rotates))}) == 1
+    def rotates(self, layer_idx: int) -> bool:
+        """Whether the layer applies RoPE at all (False for a NoPE layer, ``use_rope = 0``)."""
+        return self._rotates[layer_idx]
 
     def _attention_scaling(self, layer_idx: int) -> float:
         if not self._rotates[layer_idx]:
