@@ -62,7 +62,7 @@ import torch
 
 from ragcompress.bench import git_revision
 from ragcompress.compressors import CompressionContext, make_compressor
-from ragcompress.compressors.adaptive import GlobalBudget, relative_value_norm
+from ragcompress.compressors.adaptive import GlobalBudget
 from ragcompress.compressors.scorer import gather_kept
 from ragcompress.compressors.snapkv import SnapKVCompressor, pool_scores
 from ragcompress.distill.adaptor import Adaptor
@@ -406,11 +406,10 @@ def corpus_select(
     total = 0
     for pid, kv in full.items():
         budget = inner.budget_for(kv)
-        valid = kv.valid_mask()
-        weighted = scores[pid].float() * (relative_value_norm(kv) if compressor.value_norm else 1.0)
+        ranked = compressor.ranked_scores(kv, scores[pid])
         protected = inner.protected(kv, budget)
-        prepared[pid] = (weighted.masked_fill(~valid | protected, float("-inf")), protected)
-        layers, heads, _ = weighted.shape
+        prepared[pid] = (ranked.masked_fill(protected, float("-inf")), protected)
+        layers, heads, _ = ranked.shape
         total += layers * heads * min(budget, kv.num_tokens) - int(protected.sum())
     pooled = torch.cat([s.flatten() for s, _ in prepared.values()])
     threshold = pooled.topk(total).values[-1] if total > 0 else torch.tensor(float("inf"))

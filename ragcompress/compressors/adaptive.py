@@ -89,18 +89,25 @@ class AdaptiveBudget(Compressor):
             return kv
         return self.select(kv, self.inner.score(kv, context))
 
-    def select(self, kv: PassageKV, scores: torch.Tensor) -> PassageKV:
-        """Allocate the layer budgets given the inner method's ``scores [L, H, n_max]``."""
-        budget = self.inner.budget_for(kv)
-        if budget >= kv.num_tokens:
-            return kv
+    def ranked_scores(self, kv: PassageKV, scores: torch.Tensor) -> torch.Tensor:
+        """The inner method's ``scores [L, H, n_max]`` as the budget ranks them: weighted by
+        value norm (``value_norm``), standardised per layer where one pool compares layers whose
+        scales differ, ``-inf`` on padding."""
         valid = kv.valid_mask()
         scores = scores.float()
         if self.value_norm:
             scores = scores * relative_value_norm(kv)
         if self.whole_cache and not self.inner.comparable_across_layers:
             scores = standardise_per_layer(scores, valid)
-        scores = scores.masked_fill(~valid, float("-inf"))
+        return scores.masked_fill(~valid, float("-inf"))
+
+    def select(self, kv: PassageKV, scores: torch.Tensor) -> PassageKV:
+        """Allocate the layer budgets given the inner method's ``scores [L, H, n_max]``."""
+        budget = self.inner.budget_for(kv)
+        if budget >= kv.num_tokens:
+            return kv
+        valid = kv.valid_mask()
+        scores = self.ranked_scores(kv, scores)
         protected = self.inner.protected(kv, budget)
         guaranteed = max(int(self.floor * budget), int(protected.sum(-1).max()))
         keep = top_per_head(scores.masked_fill(protected, float("inf")), valid, guaranteed)
