@@ -8,20 +8,24 @@ key projections. So a Hugging Face decoder qualifies when:
    ``k_proj`` and ``v_proj``, or one fused ``qkv_proj`` (Phi-3: :func:`projection_module`), and
    either a pre-attention ``input_layernorm`` or post-norm layers (OLMo-2, EXAONE-4), whose
    attention reads the residual stream as it is (:func:`attention_input_norm`). Query/key norms
-   may act per head (Qwen3, Gemma-3) or over the whole projection (OLMo-2): :func:`head_states`.
-2. **Its RoPE is a module that rotates whole heads**: ``model.model.rotary_emb`` whose tables
-   cover every channel of a head (partial rotary, as StableLM, GLM and Phi-4-mini use, is
-   refused).
-3. **Moving a cache moves nothing else** (:func:`shift_error`): the cache of 16 tokens computed
+   may act per head (Qwen3, Gemma-3, StableLM) or over the whole projection (OLMo-2):
+   :func:`head_states`.
+2. **Its RoPE is a module**: ``model.model.rotary_emb``, whose tables cover a head's channels or
+   its first ``rot`` (partial rotary: StableLM, Phi-2, Phi-4-mini; :mod:`ragcompress.kv.rope`
+   turns those and leaves the rest).
+3. **Its layers hand keyword arguments on to attention** (:func:`layers_missing_attention_kwargs`):
+   the per-head masks of evicted caches and the packed segments travel that way from the
+   model's forward to :mod:`ragcompress.runtime.attention` (StableLM's layers drop them).
+4. **Moving a cache moves nothing else** (:func:`shift_error`): the cache of 16 tokens computed
    at positions 0.., its keys un-rotated and rotated to 37.., must equal the cache the same
    tokens get when they run at 37.. (keys and values, every layer); by RoPE's relative property
-   it does. Interleaved rotary (Cohere, Helium), layers without RoPE that do not say so
+   it does. Interleaved rotary (Cohere, Helium; GLM's partial one too), layers without RoPE that do not say so
    (EXAONE-4; SmolLM3's say ``use_rope = 0``, and :class:`~ragcompress.kv.rope.Rotary` leaves
    their keys as they are) and anything else that reads absolute positions fail it, and would
    otherwise answer wrongly without an error.
 
 The families in :data:`VERIFIED_MODEL_TYPES` are tested end to end in the suite (tiny random
-models of each) and skip the probe; any other model that passes all three is accepted.
+models of each) and skip the two probes; any other model that passes all four is accepted.
 """
 
 from __future__ import annotations
@@ -47,13 +51,15 @@ def check_model(model: Any) -> None:
     model_type = getattr(model.config, "model_type", "?")
     problem = structure_problem(model)
     if problem is None and model_type not in VERIFIED_MODEL_TYPES:
+        problem = _kwargs_problem(model)
+    if problem is None and model_type not in VERIFIED_MODEL_TYPES:
         dtype = next(model.parameters()).dtype
         error = shift_error(model)
         tolerance = SHIFT_TOLERANCE.get(dtype, HALF_PRECISION_TOLERANCE)
         if not error <= tolerance:
             problem = (
                 f"its cache changes when it is moved to other positions (relative error "
-                f"{error:.2g} > {tolerance:g}): RoPE that is not rotate_half over whole heads, layers "
+                f"{error:.2g} > {tolerance:g}): RoPE that does not pair channels as rotate_half does, layers "
                 "without RoPE, or positions read some other way"
             )
     if problem is not None:
@@ -74,14 +80,15 @@ def structure_problem(model: Any) -> str | None:
     attn = layers[0].self_attn
     if getattr(attn, "qkv_proj", None) is None and any(getattr(attn, part, None) is None for part in PROJECTIONS):
         return "no query, key and value projections (self_attn.q_proj, k_proj, v_proj or a fused qkv_proj)"
+    if final_norm(model) is None:
+        return "no final norm before the LM head (model.model.norm or final_layernorm)"
     if attention_input_norm(layers[0]) is None:
         return "no input_layernorm before attention, and not post-norm (post_feedforward_layernorm) either"
-    head_dim = _head_dim(model)
     from ragcompress.kv.rope import Rotary
 
-    cos, _ = Rotary(model).cos_sin(torch.zeros(1, dtype=torch.long), 0)
-    if cos.shape[-1] != head_dim:
-        return f"partial rotary: RoPE turns {cos.shape[-1]} of a head's {head_dim} channels"
+    rot, head_dim = Rotary(model).rotary_dim, _head_dim(model)
+    if rot > head_dim or rot % 2:
+        return f"RoPE tables {rot} wide for heads of {head_dim} channels"
     return None
 
 
@@ -115,20 +122,62 @@ def project(attn: Any, part: str, hidden: torch.Tensor) -> torch.Tensor:
     return module(hidden)[..., columns]
 
 
-def head_states(attn: Any, projected: torch.Tensor, norm_name: str, heads: int) -> torch.Tensor:
-    """``[batch, heads, m, head_dim]`` queries or keys (``norm_name``: ``"q_norm"`` or
-    ``"k_norm"``) from a projection's output ``[batch, m, heads * head_dim]``, through the
-    layer's norm where it has one: per head (Qwen3, Gemma-3) or over the whole projection
+def qk_norm(attn: Any, part: str) -> Any:
+    """The norm ``attn`` applies to its queries (``part="q"``) or keys (``"k"``) after projecting
+    them, or ``None``: ``q_norm``/``k_norm`` (Qwen3, Gemma-3, OLMo-2) or ``q_layernorm``/
+    ``k_layernorm`` (StableLM and Phi with ``qk_layernorm``)."""
+    own = getattr(attn, f"{part}_norm", None)
+    return own if own is not None else getattr(attn, f"{part}_layernorm", None)
+
+
+def head_states(attn: Any, projected: torch.Tensor, part: str, heads: int) -> torch.Tensor:
+    """``[batch, heads, m, head_dim]`` queries (``part="q"``) or keys (``"k"``) from a
+    projection's output ``[batch, m, heads * head_dim]``, through the layer's norm where it has
+    one (:func:`qk_norm`): per head (Qwen3, Gemma-3, StableLM, Phi) or over the whole projection
     (OLMo-2), as the model applies it."""
     batch, m, width = projected.shape
     head_dim = width // heads
-    norm: Any = getattr(attn, norm_name, None)
+    norm: Any = qk_norm(attn, part)
     if norm is None:
         return projected.view(batch, m, heads, head_dim).transpose(1, 2)
     weight = getattr(norm, "weight", None)
     if weight is not None and weight.numel() != head_dim:  # over the whole projection
         return norm(projected).view(batch, m, heads, head_dim).transpose(1, 2)
     return norm(projected.view(batch, m, heads, head_dim).transpose(1, 2))
+
+
+def final_norm(model: Any) -> Any:
+    """The norm between the last decoder layer and the LM head: ``model.model.norm``, or
+    ``final_layernorm`` (Phi); ``None`` when neither is there."""
+    inner = model.model
+    own = getattr(inner, "norm", None)
+    return own if own is not None else getattr(inner, "final_layernorm", None)
+
+
+@torch.inference_mode()
+def layers_missing_attention_kwargs(model: Any) -> list[int]:
+    """The layers whose attention call did not receive a keyword argument given to the model's
+    forward (two tokens): ragcompress's per-head masks and packed segments ride on such keywords
+    (:mod:`ragcompress.runtime.attention`), so a decoder layer that drops them (StableLM's) would
+    attend over evicted caches' padding rows without an error."""
+    from transformers import DynamicCache
+
+    from ragcompress.runtime.attention import REACHED_KWARG
+    from ragcompress.runtime.generate import forward_logits
+
+    reached: set[int] = set()
+    forward_logits(model, torch.zeros(1, 2, dtype=torch.long), DynamicCache(), 0, 1, **{REACHED_KWARG: reached})
+    return [i for i in range(len(model.model.layers)) if i not in reached]
+
+
+def _kwargs_problem(model: Any) -> str | None:
+    missing = layers_missing_attention_kwargs(model)
+    if not missing:
+        return None
+    return (
+        f"its decoder layers do not hand keyword arguments on to attention (layers {missing}), and "
+        "ragcompress's masks for evicted caches ride on them"
+    )
 
 
 @torch.inference_mode()

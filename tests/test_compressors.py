@@ -188,6 +188,8 @@ def test_knorm_keeps_lowest_norm_keys(encoded):
         ("granite", {"attention_multiplier": 0.5}),  # its own attention scaling
         ("phi3", {}),  # q, k and v from one fused projection
         ("smollm3", {"layers": 4}),  # its fourth layer has no RoPE
+        ("phi", {"qk_layernorm": True}),  # partial rotary, q_layernorm per head
+        ("phi3", {"partial_rotary_factor": 0.75}),  # Phi-4-mini's partial rotary
     ],
 )
 def test_probe_attention_equals_model_attention(arch, config, tiny_model_dir):
@@ -410,15 +412,22 @@ def test_cli_rejects_bad_method_and_ratio(args, expected, tmp_path, monkeypatch,
     assert not (tmp_path / "store").exists()
 
 
-def test_mean_rotation_is_the_average_of_rope(tiny_lm):
+@pytest.mark.parametrize(("arch", "config"), [("llama", {}), ("phi3", {"partial_rotary_factor": 0.75})])
+def test_mean_rotation_is_the_average_of_rope(arch, config, tiny_model_dir):
+    """Over whole heads, and with partial rotary, whose last channels the mean leaves as they are."""
     from ragcompress.compressors.expected_attention import mean_rotation
     from ragcompress.kv.rope import Rotary
+    from ragcompress.models import load_model
 
-    rotary = Rotary(tiny_lm.model)
+    lm = load_model(str(tiny_model_dir(arch, **config)))
+    rotary, head_dim = Rotary(lm.model), lm.model.model.layers[0].self_attn.head_dim
     positions = torch.arange(40, 72)
-    x = torch.randn(3, tiny_lm.config.head_dim)
+    x = torch.randn(3, head_dim)
     expected = torch.stack([rotary.rotate(x, torch.full((3,), int(p)), 0) for p in positions]).mean(0)
-    torch.testing.assert_close(x @ mean_rotation(*rotary.cos_sin(positions, 0)).T, expected, atol=1e-5, rtol=1e-5)
+    rotation = mean_rotation(*rotary.cos_sin(positions, 0), head_dim)
+    torch.testing.assert_close(x @ rotation.T, expected, atol=1e-5, rtol=1e-5)
+    if rotary.rotary_dim < head_dim:
+        assert torch.equal(rotation[rotary.rotary_dim :, rotary.rotary_dim :], torch.eye(head_dim - rotary.rotary_dim))
 
 
 @pytest.mark.parametrize("arch,method", [("qwen2", "knorm"), ("qwen2", "adaptive:knorm"), ("llama", "snapkv")])

@@ -49,6 +49,7 @@ ARCHS = [
     "olmo2",
     "phi3",
     "smollm3",
+    "phi",  # partial rotary, parallel attention and MLP, final_layernorm
 ]
 
 
@@ -275,6 +276,22 @@ def test_capped_logits_pick_the_dense_path(tiny_model_dir, passages_file, tmp_pa
         entries = engine.retrieve(QUESTION, 2)
         assert engine.answer_cached(QUESTION, entries).backend == "dense"
         with pytest.raises(InputError, match=r"attention logit softcap \(50.0\); use backend dense"):
+            engine.answer_cached(QUESTION, entries, AnswerOptions(backend="packed-torch"))
+
+
+def test_partial_rotary_answers_through_the_dense_path(tiny_model_dir, passages_file, tmp_path, embedder):
+    """Phi turns only part of each head; the packed backends rotate whole heads, so they are
+    refused by name and ``auto`` answers as full prefill through the dense path."""
+    from ragcompress.errors import InputError
+    from ragcompress.runtime.options import AnswerOptions
+
+    store = tmp_path / "store"
+    lm = load_model(str(tiny_model_dir("phi")))
+    index(passages_file, store, lm=lm, embedder=embedder, config=IndexConfig(quant="int8"))
+    with Engine(KVStore.open(store), lm, embedder) as engine:
+        entries = engine.retrieve(QUESTION, 2)
+        assert engine.answer_cached(QUESTION, entries).backend == "dense"
+        with pytest.raises(InputError, match=r"RoPE turns 8 of 16 channels \(partial rotary\); use backend dense"):
             engine.answer_cached(QUESTION, entries, AnswerOptions(backend="packed-torch"))
 
 

@@ -23,15 +23,14 @@ from ragcompress.compressors.base import CompressionContext
 from ragcompress.compressors.probe import run_probe
 from ragcompress.compressors.scorer import ScorerCompressor
 from ragcompress.kv import PassageKV
-from ragcompress.kv.rope import rotate_half
+from ragcompress.kv.rope import apply_rope
 
 
-def mean_rotation(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``[d, d]`` matrix of the RoPE rotation averaged over positions; cos/sin ``[F, d]``."""
-    c, s = cos.mean(0), sin.mean(0)
-    d = c.shape[0]
-    half = rotate_half(torch.eye(d)).T  # rotate_half(x) == half @ x
-    return torch.diag(c) + torch.diag(s) @ half
+def mean_rotation(cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """``[head_dim, head_dim]`` matrix of the RoPE rotation averaged over positions; cos/sin
+    ``[F, rot]`` (``rot < head_dim``: partial rotary, the other channels kept as they are)."""
+    eye = torch.eye(head_dim)
+    return apply_rope(eye, cos.mean(0), sin.mean(0)).T  # row j rotates basis vector e_j
 
 
 @dataclass(frozen=True)
@@ -80,7 +79,7 @@ class ExpectedAttentionCompressor(ScorerCompressor):
             q = probe.queries[layer]  # [Hq, w, d] pre-RoPE
             mu = q.mean(1)
             centred = q - mu.unsqueeze(1)
-            rot = mean_rotation(*encoder.rotary.cos_sin(future, layer))
+            rot = mean_rotation(*encoder.rotary.cos_sin(future, layer), q.shape[-1])
             mu = mu @ rot.T  # [Hq, d]
             keys = encoder.rotary.rotate(kv.keys[layer], kv.positions[layer], layer).float()  # [Hkv, n, d]
             keys = keys.repeat_interleave(q.shape[0] // kv_heads, dim=0)  # [Hq, n, d]

@@ -6,7 +6,7 @@ passage. The encoder only returns keys and values, so :func:`run_probe` rebuilds
 cache ``prefix + passage[:context_len]`` and feeds ``probe_ids`` through the model's decoder
 (no LM head) at the positions that follow, with a forward hook on every attention module. The
 hook rebuilds the layer's queries from the module's own ``q_proj`` output (kept by a hook on
-``q_proj``, not computed twice; ``q_norm`` when the architecture has one, then RoPE with the
+``q_proj``, not computed twice; its query norm when the architecture has one, then RoPE with the
 ``position_embeddings`` the model passed in), so it stays correct for every architecture the
 library loads without touching the attention function. Probes run in chunks of ``chunk``
 tokens: the attention matrix held at once is ``[q_heads, chunk, total]``, which bounds memory
@@ -25,7 +25,7 @@ from ragcompress.architecture import head_states, projection_module
 from ragcompress.errors import InputError
 from ragcompress.kv import PassageKV
 from ragcompress.kv.cache import build_dynamic_cache
-from ragcompress.kv.rope import rotate_half
+from ragcompress.kv.rope import apply_rope
 
 if TYPE_CHECKING:
     from ragcompress.indexing.encoder import PassageEncoder
@@ -66,7 +66,7 @@ def rotated_context(
 def layer_queries(module: Any, projected: torch.Tensor) -> torch.Tensor:
     """Pre-RoPE queries ``[batch, q_heads, m, head_dim]`` of attention ``module`` from its
     ``q_proj`` output ``[batch, m, q_heads * head_dim]``."""
-    return head_states(module, projected, "q_norm", projected.shape[-1] // module.head_dim)
+    return head_states(module, projected, "q", projected.shape[-1] // module.head_dim)
 
 
 def _reduce(x: torch.Tensor, how: Reduce, dim: int) -> torch.Tensor:
@@ -149,7 +149,7 @@ def run_probe(
             return
         if encoder.rotary.rotates(layer):  # a layer without RoPE (SmolLM3's NoPE) is passed tables it ignores
             cos, sin = kwargs["position_embeddings"]
-            q = q * cos.unsqueeze(1) + rotate_half(q) * sin.unsqueeze(1)
+            q = apply_rope(q, cos.unsqueeze(1), sin.unsqueeze(1))
         q = q[0].float()
         keys = cache.layers[layer].keys[0].float()  # [Hkv, T, d], this chunk already appended
         c, total = q.shape[1], keys.shape[1]

@@ -45,6 +45,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ragcompress.architecture import qk_norm
 from ragcompress.errors import InputError, StoreMismatchError
 from ragcompress.kv import PassageKV
 from ragcompress.kv.quant import QuantConfig
@@ -80,7 +81,7 @@ def projection_inputs_supported(model: Any) -> None:
         raise InputError(
             f"{type(model).__name__} projects keys in a fused qkv_proj; adaptors of kind 'cache' need k_proj"
         )
-    if getattr(attn, "k_norm", None) is not None:
+    if qk_norm(attn, "k") is not None:
         raise InputError(f"{type(model).__name__} normalises keys after the projection; adaptors do not support it")
 
 

@@ -6,6 +6,11 @@ takes in the new prompt. Storing un-rotated keys makes a segment independent of 
 placed, quantizes better (RoPE mixes channel pairs and spreads key outliers, KVQuant §3.2), and
 lets a fused kernel apply RoPE on the fly. Using the model's ``rotary_emb`` keeps every RoPE
 variant right (Llama-3 scaling, YaRN's attention scaling, Gemma-3's per-layer-type bases).
+
+Partial rotary (StableLM, Phi-2, Phi-4-mini) turns only a head's first ``rot`` channels, pairing
+channel ``i`` with ``i + rot/2`` (``rotate_half`` over those channels), and leaves the rest as
+projected: the module's tables are ``rot`` wide, and every rotation here follows their width
+(:func:`apply_rope`).
 """
 
 from __future__ import annotations
@@ -19,6 +24,18 @@ import torch
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x`` rotated by tables ``cos``/``sin`` as the model applies them: ``x * cos +
+    rotate_half(x) * sin`` over the tables' width, which is all of ``x``'s last dimension or, for
+    partial rotary, its first channels (the rest pass through). Differentiable, out of place;
+    ``sin`` negated (and the scaling divided out) inverts it."""
+    rot = cos.shape[-1]
+    if rot == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    turned = x[..., :rot]
+    return torch.cat((turned * cos + rotate_half(turned) * sin, x[..., rot:]), dim=-1)
 
 
 class Rotary:
@@ -41,6 +58,8 @@ class Rotary:
             self._device = next(self._emb.buffers()).device
         except StopIteration:
             self._device = torch.device("cpu")
+        # channels of a head that RoPE turns: head_dim, or fewer for partial rotary (the tables' width)
+        self.rotary_dim = int(self.cos_sin(torch.zeros(1, dtype=torch.long), 0)[0].shape[-1])
 
     def layer_key(self, layer_idx: int) -> Any:
         """Layers with the same key share one RoPE (cos/sin tables): Gemma-3's layer types,
@@ -62,7 +81,8 @@ class Rotary:
         return float(value or 1.0)
 
     def cos_sin(self, positions: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """fp32 ``cos, sin`` of shape ``positions.shape + (head_dim,)``, attention scaling included."""
+        """fp32 ``cos, sin`` of shape ``positions.shape + (rot,)``, attention scaling included; ``rot`` is
+        :attr:`rotary_dim` (``head_dim`` unless the model rotates part of each head)."""
         flat = positions.reshape(1, -1).to(device=self._device, dtype=torch.long)
         probe = torch.empty(0, dtype=torch.float32, device=self._device)
         if self._takes_layer_type and self._layer_types is not None:
@@ -149,13 +169,13 @@ class Rotary:
         through it; :meth:`rotate` writes in place)."""
         cos, sin = self.table_cos_sin(positions, layer_idx)
         cos, sin = cos.to(keys.device, keys.dtype), sin.to(keys.device, keys.dtype)
-        return keys * cos + rotate_half(keys) * sin
+        return apply_rope(keys, cos, sin)
 
     def unrotate(self, keys: torch.Tensor, positions: torch.Tensor, layer_idx: int) -> torch.Tensor:
         """Invert :meth:`rotate` (``cos``/``sin`` carry the scaling ``s``, so divide by ``s**2``)."""
         cos, sin = self.cos_sin(positions, layer_idx)
-        x = keys.float()
-        out = (x * cos - rotate_half(x) * sin) / (self._scaling[layer_idx] ** 2)
+        scale = self._scaling[layer_idx]  # only the turned channels carry it
+        out = apply_rope(keys.float(), cos / scale**2, -sin / scale**2)
         return out.to(keys.dtype)
 
 
@@ -169,13 +189,16 @@ def _write_rotation(out: torch.Tensor, keys: torch.Tensor, cos: torch.Tensor, si
 
 
 def _apply_rotation(out: torch.Tensor, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``out = keys * cos + rotate_half(keys) * sin`` (fp32 ``out``), one half at a time: the keys
-    are read twice and written once, with no temporaries (memory-bound, on every request)."""
+    """:func:`apply_rope` into fp32 ``out``, one half at a time: the keys are read twice and
+    written once, with no temporaries (memory-bound, on every request)."""
     cos, sin = cos.to(out.device), sin.to(out.device)  # computed where ``out`` lives
-    half = keys.shape[-1] // 2
+    rot = cos.shape[-1]
+    if rot < keys.shape[-1]:  # partial rotary: the channels past the tables pass through
+        out[..., rot:].copy_(keys[..., rot:])
+    half = rot // 2
     x1 = keys[..., :half].to(out.device, torch.float32)
-    x2 = keys[..., half:].to(out.device, torch.float32)
-    low, high = out[..., :half], out[..., half:]
+    x2 = keys[..., half:rot].to(out.device, torch.float32)
+    low, high = out[..., :half], out[..., half:rot]
     torch.mul(x1, cos[..., :half], out=low)
     low.addcmul_(x2, sin[..., :half], value=-1.0)
     torch.mul(x2, cos[..., half:], out=high)

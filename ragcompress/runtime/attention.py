@@ -23,6 +23,9 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 ATTENTION_NAME = "ragcompress"
 KV_MASK_KWARG = "ragcompress_kv_mask"
 PACKED_KWARG = "ragcompress_packed"
+# a set each layer's attention call adds its index to: the architecture check's way of seeing that
+# a model's layers hand keyword arguments on to attention, which the two above ride on
+REACHED_KWARG = "ragcompress_reached"
 
 
 def sliding_window(config: Any) -> int | None:
@@ -65,6 +68,9 @@ def ragged_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """query ``[B, Hq, q, d]``, key/value ``[B, Hkv, total, d]``; see the module docstring."""
+    reached = kwargs.pop(REACHED_KWARG, None)
+    if reached is not None:
+        reached.add(module.layer_idx)
     packed = kwargs.pop(PACKED_KWARG, None)
     if packed is not None:  # quantized segments beside a cache of prefix + new tokens (runtime/packed.py)
         if kwargs.get("softcap") is not None:  # choose_strategy refuses these models

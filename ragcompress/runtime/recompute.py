@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from ragcompress.architecture import attention_input_norm, head_states, project
+from ragcompress.architecture import attention_input_norm, final_norm, head_states, project
 from ragcompress.kv import PassageKV
 from ragcompress.kv.rope import Rotary
 from ragcompress.runtime.assemble import AssembledCache, per_layer_rows, segment_rows
@@ -293,8 +293,8 @@ def _question_relevance(
     kv_heads = layout.shape[1]
     q_heads = model.config.num_attention_heads
     norm = attention_input_norm(layer)
-    q = head_states(attn, project(attn, "q_proj", norm(question)), "q_norm", q_heads)[0]
-    k = head_states(attn, project(attn, "k_proj", norm(hidden)), "k_norm", kv_heads)[0]
+    q = head_states(attn, project(attn, "q_proj", norm(question)), "q", q_heads)[0]
+    k = head_states(attn, project(attn, "k_proj", norm(hidden)), "k", kv_heads)[0]
     q = rotary.rotate(q.float(), new_pos.expand(q_heads, -1), layer_idx)
     k = rotary.rotate(k.float(), layout.token_pos[tokens].expand(kv_heads, -1), layer_idx)
     k = k.repeat_interleave(q_heads // kv_heads, dim=0)
@@ -440,7 +440,7 @@ def blend(
 
 def _lm_head(model: Any, hidden: torch.Tensor) -> torch.Tensor:
     """``[vocab]`` logits of the last position of ``hidden [1, 1, D]`` (final norm, head, softcap)."""
-    logits = model.lm_head(model.model.norm(hidden))[0, -1]
+    logits = model.lm_head(final_norm(model)(hidden))[0, -1]
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
