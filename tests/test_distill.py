@@ -135,15 +135,25 @@ def test_forward_adaptor_is_on_only_while_passages_are_encoded(lm):
     assert torch.equal(PassageEncoder(lm, template).encode([[5, 17, 42]])[0].keys, base.keys)
 
 
-@pytest.mark.parametrize(("kind", "arch"), [(kind, "llama") for kind in KINDS] + [("forward", "phi3")])
+ADAPTED = {
+    "phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
+    "phi": {"q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"},
+    "starcoder2": {"q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"},
+}
+
+
+@pytest.mark.parametrize(
+    ("kind", "arch"), [(kind, "llama") for kind in KINDS] + [("forward", arch) for arch in ADAPTED]
+)
 def test_one_training_step_lowers_the_loss_on_its_batch(lm, kind, arch, tiny_model_dir):
-    """Phi-3's fused ``qkv_proj`` and ``gate_up_proj`` are adapted as the separate projections are."""
+    """Every linear projection of a layer is adapted, by whatever name the family gives it:
+    Phi-3's fused ``qkv_proj`` and ``gate_up_proj``, Phi-2's ``dense`` and ``fc1``/``fc2``."""
     if arch != "llama":
         lm = load_model(str(tiny_model_dir(arch)))
     torch.manual_seed(0)
     adaptor = Adaptor.initial(lm.model, rank=4, alpha=8, kind=kind)
-    if arch == "phi3":
-        assert {name.split(".")[-3] for name in adaptor.tensors} == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    if arch in ADAPTED:
+        assert {name.split(".")[-3] for name in adaptor.tensors} == ADAPTED[arch]
     distiller = Distiller(lm, adaptor, teacher_top=16, continuation=8)
     texts = ["Melbourne is the sporting capital of Australia.", "Apollo 11 landed on the Moon in 1969."]
     example = distiller.teacher("q", [distiller.tokens.passage(t) for t in texts], "Where did Apollo 11 land?")

@@ -55,17 +55,23 @@ CONFIG = "adaptor.json"
 FACTORS = ("k_A", "k_B", "v_A", "v_B")  # kind "cache": A [layers, rank, hidden]; B [layers, kv_heads * head_dim, rank]
 # kind "forward": LoRA on every linear projection of the decoder layers (attention and MLP)
 # every linear projection of a decoder layer, by the names transformers gives them (fused
-# ``qkv_proj`` and ``gate_up_proj``: Phi-3); a model's adaptor covers those it has
+# ``qkv_proj`` and ``gate_up_proj``: Phi-3; ``dense``, ``fc1``, ``fc2``: Phi-2; ``c_fc``,
+# ``c_proj``: StarCoder2's MLP); a model's adaptor covers those it has
 FORWARD_MODULES = (
     "q_proj",
     "k_proj",
     "v_proj",
     "qkv_proj",
     "o_proj",
+    "dense",
     "gate_proj",
     "up_proj",
     "gate_up_proj",
     "down_proj",
+    "fc1",
+    "fc2",
+    "c_fc",
+    "c_proj",
 )
 SCORER_WEIGHT = "scorer.weight"  # [layers, kv_heads, 2 * head_dim]: over (un-rotated key, value)
 SCORER_BIAS = "scorer.bias"  # [layers, kv_heads]
