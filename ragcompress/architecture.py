@@ -19,10 +19,11 @@ key projections. So a Hugging Face decoder qualifies when:
 4. **Moving a cache moves nothing else** (:func:`shift_error`): the cache of 16 tokens computed
    at positions 0.., its keys un-rotated and rotated to 37.., must equal the cache the same
    tokens get when they run at 37.. (keys and values, every layer); by RoPE's relative property
-   it does. Interleaved rotary (Cohere, Helium; GLM's partial one too), layers without RoPE that do not say so
-   (EXAONE-4; SmolLM3's say ``use_rope = 0``, and :class:`~ragcompress.kv.rope.Rotary` leaves
-   their keys as they are) and anything else that reads absolute positions fail it, and would
-   otherwise answer wrongly without an error.
+   it does. Layers without RoPE are found first, as the layers whose keys the move leaves as
+   they are (:func:`layers_without_rope`: EXAONE-4's global layers; SmolLM3's say
+   ``use_rope = 0`` themselves), and :class:`~ragcompress.kv.rope.Rotary` leaves their keys
+   where they are. Interleaved rotary (Cohere, Helium; GLM's partial one too) and anything else
+   that reads absolute positions fail it, and would otherwise answer wrongly without an error.
 
 The families in :data:`VERIFIED_MODEL_TYPES` are tested end to end in the suite (tiny random
 models of each) and skip the two probes; any other model that passes all four is accepted.
@@ -53,9 +54,10 @@ def check_model(model: Any) -> None:
     if problem is None and model_type not in VERIFIED_MODEL_TYPES:
         problem = _kwargs_problem(model)
     if problem is None and model_type not in VERIFIED_MODEL_TYPES:
-        dtype = next(model.parameters()).dtype
+        tolerance = SHIFT_TOLERANCE.get(next(model.parameters()).dtype, HALF_PRECISION_TOLERANCE)
+        for layer in layers_without_rope(model, tolerance):
+            model.model.layers[layer].self_attn.use_rope = False  # read by Rotary, as SmolLM3 sets it
         error = shift_error(model)
-        tolerance = SHIFT_TOLERANCE.get(dtype, HALF_PRECISION_TOLERANCE)
         if not error <= tolerance:
             problem = (
                 f"its cache changes when it is moved to other positions (relative error "
@@ -146,6 +148,15 @@ def head_states(attn: Any, projected: torch.Tensor, part: str, heads: int) -> to
     return norm(projected.view(batch, m, heads, head_dim).transpose(1, 2))
 
 
+def attention_window(attn: Any) -> int | None:
+    """The sliding window attention module ``attn`` applies, ``None`` for full attention: its
+    ``sliding_window``, except where the module keeps the config's window on every layer and
+    applies it only where ``is_sliding`` (EXAONE-4's global layers)."""
+    if getattr(attn, "is_sliding", True) is False:
+        return None
+    return getattr(attn, "sliding_window", None)
+
+
 def final_norm(model: Any) -> Any:
     """The norm between the last decoder layer and the LM head: ``model.model.norm``, or
     ``final_layernorm`` (Phi); ``None`` when neither is there."""
@@ -181,17 +192,34 @@ def _kwargs_problem(model: Any) -> str | None:
 
 
 @torch.inference_mode()
-def shift_error(model: Any, tokens: int = 16) -> float:
-    """How far moving a cache is from computing it at the new positions: the same ``tokens``
-    run at positions ``0..`` and at ``SHIFT..``; the first run's keys, un-rotated and rotated by
-    ``SHIFT``, must equal the second run's, and its values the second run's values, in every
-    layer (largest difference over the largest entry, the worst layer). Zero up to rounding for
-    a model that sees positions only through rotate_half RoPE, since then every hidden state is
-    the same in both runs; a layer it would move wrongly is off by its keys' size."""
+def layers_without_rope(model: Any, tolerance: float, tokens: int = 16) -> list[int]:
+    """Layers whose keys do not move with position: the same ``tokens`` run at ``0..`` and at
+    ``SHIFT..`` give them the same keys, as a layer without RoPE does when positions reach the
+    model only through RoPE. EXAONE-4's global layers are such layers and do not say so
+    (SmolLM3's say ``use_rope = 0``); :func:`check_model` marks them the same way, so
+    :class:`~ragcompress.kv.rope.Rotary` leaves their keys where they are.
+
+    A layer counts as one only when "not moved" explains the second run's keys (within
+    ``tolerance``) strictly better than "rotated by ``SHIFT``" does: a RoPE layer whose keys sit
+    mostly in slowly turning channels moves little, and must not be taken for one."""
+    from ragcompress.kv.rope import Rotary
+
+    rotary, found = Rotary(model), []
+    for layer, ((keys, _), (want_keys, _)) in enumerate(_caches_at_two_positions(model, tokens)):
+        positions = torch.arange(tokens).expand(keys.shape[1], -1)
+        rotated = rotary.rotate(rotary.unrotate(keys[0], positions, layer), positions + SHIFT, layer)
+        unmoved = _relative(keys[0], want_keys[0])
+        if unmoved <= tolerance and unmoved < _relative(rotated, want_keys[0]):
+            found.append(layer)
+    return found
+
+
+def _caches_at_two_positions(model: Any, tokens: int) -> list[tuple[tuple[Any, Any], tuple[Any, Any]]]:
+    """Per layer ``((keys, values) at 0.., (keys, values) at SHIFT..)`` of the same random
+    ``tokens``."""
     from transformers import DynamicCache
 
     from ragcompress.kv.cache import cache_layers
-    from ragcompress.kv.rope import Rotary
     from ragcompress.runtime.generate import forward_logits
 
     generator = torch.Generator().manual_seed(0)
@@ -199,10 +227,22 @@ def shift_error(model: Any, tokens: int = 16) -> float:
     at_zero, shifted = DynamicCache(), DynamicCache()
     forward_logits(model, ids, at_zero, 0, 1)
     forward_logits(model, ids, shifted, SHIFT, 1)
+    return list(zip(cache_layers(at_zero), cache_layers(shifted), strict=True))
+
+
+@torch.inference_mode()
+def shift_error(model: Any, tokens: int = 16) -> float:
+    """How far moving a cache is from computing it at the new positions: the same ``tokens``
+    run at positions ``0..`` and at ``SHIFT..``; the first run's keys, un-rotated and rotated by
+    ``SHIFT``, must equal the second run's, and its values the second run's values, in every
+    layer (largest difference over the largest entry, the worst layer). Zero up to rounding for
+    a model that sees positions only through rotate_half RoPE, since then every hidden state is
+    the same in both runs; a layer it would move wrongly is off by its keys' size."""
+    from ragcompress.kv.rope import Rotary
+
     rotary = Rotary(model)
     worst = 0.0
-    layers = zip(cache_layers(at_zero), cache_layers(shifted), strict=True)
-    for layer, ((keys, values), (want_keys, want_values)) in enumerate(layers):
+    for layer, ((keys, values), (want_keys, want_values)) in enumerate(_caches_at_two_positions(model, tokens)):
         positions = torch.arange(tokens).expand(keys.shape[1], -1)
         moved = rotary.rotate(rotary.unrotate(keys[0], positions, layer), positions + SHIFT, layer)
         worst = max(worst, _relative(moved, want_keys[0]), _relative(values, want_values))

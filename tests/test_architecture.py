@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ragcompress.architecture import VERIFIED_MODEL_TYPES, head_states, shift_error
+from ragcompress.architecture import VERIFIED_MODEL_TYPES, head_states, layers_without_rope, shift_error
 from ragcompress.errors import ModelError
 from ragcompress.models import load_model
 
@@ -18,12 +18,26 @@ from ragcompress.models import load_model
     [(arch, {}) for arch in (*VERIFIED_MODEL_TYPES, "qwen3_moe", "ministral", "granite", "starcoder2", "olmo2", "phi3")]
     + [("smollm3", {"layers": 4})]  # its fourth layer has no RoPE (use_rope = 0): keys stay where they are
     # partial rotary: RoPE turns a head's first 8 or 12 of 16 channels (Phi-4-mini's factor 0.75)
-    + [("phi", {}), ("phi3", {"partial_rotary_factor": 0.75})],
+    + [("phi", {}), ("phi3", {"partial_rotary_factor": 0.75})]
+    + [("exaone4", {"layers": 4})],  # its fourth (global) layer has no RoPE and does not say so
 )
 def test_the_shift_probe_passes_the_models_it_accepts(arch, config, tiny_model_dir):
     """Rounding only, for the tested families too (they skip the probe when they load)."""
     lm = load_model(str(tiny_model_dir(arch, **config)))
     assert shift_error(lm.model) < 1e-4
+
+
+@pytest.mark.parametrize(("arch", "config", "nope"), [("exaone4", {"layers": 4}, [3]), ("phi", {}, [])])
+def test_layers_without_rope_are_found_by_their_keys_not_moving(arch, config, nope, tiny_model_dir):
+    """EXAONE-4's global layers skip RoPE without a ``use_rope`` flag: the load finds them (their
+    keys stay put when the tokens move) and marks them, and only them; before, the shift probe
+    refused the model (relative error about 2)."""
+    lm = load_model(str(tiny_model_dir(arch, **config)))
+    marked = [i for i, layer in enumerate(lm.model.model.layers) if getattr(layer.self_attn, "use_rope", True) is False]
+    assert marked == nope
+    for layer in nope:  # unmarked again, as the model came
+        del lm.model.model.layers[layer].self_attn.use_rope
+    assert layers_without_rope(lm.model, 1e-3) == nope
 
 
 @pytest.mark.parametrize(
@@ -34,8 +48,6 @@ def test_the_shift_probe_passes_the_models_it_accepts(arch, config, tiny_model_d
         ("stablelm", {}, r"its decoder layers do not hand keyword arguments on to attention \(layers \[0, 1\]\)"),
         ("cohere", {}, "its cache changes when it is moved"),  # interleaved RoPE
         ("helium", {}, "its cache changes when it is moved"),  # interleaved RoPE
-        # its global layer has no RoPE, and does not say so as use_rope
-        ("exaone4", {"layers": 4}, "its cache changes when it is moved"),
     ],
 )
 def test_models_it_would_run_wrongly_are_refused_by_reason(arch, config, reason, tiny_model_dir):
@@ -63,7 +75,13 @@ def test_head_states_applies_a_norm_per_head_or_over_the_projection():
 
 @pytest.mark.parametrize(
     ("arch", "config"),
-    [("llama", {}), ("smollm3", {"no_rope_layers": [0]}), ("olmo2", {}), ("phi", {})],
+    [
+        ("llama", {}),
+        ("smollm3", {"no_rope_layers": [0]}),
+        ("olmo2", {}),
+        ("phi", {}),
+        ("exaone4", {"layer_types": ["full_attention"]}),
+    ],
 )
 def test_one_layer_models_answer_three_moved_passages_exactly(arch, config, tiny_model_dir, tmp_path, embedder):
     """In a one-layer model a passage's keys and values do not depend on what precedes it, so
@@ -79,7 +97,7 @@ def test_one_layer_models_answer_three_moved_passages_exactly(arch, config, tiny
     from ragcompress.store import KVStore
 
     lm = load_model(str(tiny_model_dir(arch, layers=1, **config)))
-    if arch == "smollm3":
+    if arch in ("smollm3", "exaone4"):  # a layer without RoPE (EXAONE-4's found at load)
         assert not lm.model.model.layers[0].self_attn.use_rope
     passages = tmp_path / "passages.jsonl"
     passages.write_text("\n".join(SAMPLE_PASSAGES.read_text().splitlines()[:6]) + "\n")

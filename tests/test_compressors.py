@@ -190,6 +190,7 @@ def test_knorm_keeps_lowest_norm_keys(encoded):
         ("smollm3", {"layers": 4}),  # its fourth layer has no RoPE
         ("phi", {"qk_layernorm": True}),  # partial rotary, q_layernorm per head
         ("phi3", {"partial_rotary_factor": 0.75}),  # Phi-4-mini's partial rotary
+        ("exaone4", {"layers": 4, "sliding_window": 16}),  # a global layer without RoPE, found at load
     ],
 )
 def test_probe_attention_equals_model_attention(arch, config, tiny_model_dir):

@@ -50,6 +50,7 @@ ARCHS = [
     "phi3",
     "smollm3",
     "phi",  # partial rotary, parallel attention and MLP, final_layernorm
+    "exaone4",  # post-norm, q/k norms (its layers without RoPE: tests/test_architecture.py)
 ]
 
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from ragcompress.architecture import head_states, projection_module
+from ragcompress.architecture import attention_window, head_states, projection_module
 from ragcompress.errors import InputError
 from ragcompress.kv import PassageKV
 from ragcompress.kv.cache import build_dynamic_cache
@@ -157,7 +157,7 @@ def run_probe(
         logits = torch.einsum("hgcd,htd->hgct", q, keys) * module.scaling
         if softcap:  # Gemma-2 caps its attention logits before the softmax
             logits = torch.tanh(logits / softcap) * softcap
-        start, hidden = hidden_keys(c, total, getattr(module, "sliding_window", None))
+        start, hidden = hidden_keys(c, total, attention_window(module))
         logits[..., start:].masked_fill_(hidden, float("-inf"))
         # softmax weights of the passage columns only: exp(logit - logsumexp over every key)
         weights = (logits[..., p : p + score_len] - logits.logsumexp(dim=-1, keepdim=True)).exp_()
