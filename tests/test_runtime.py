@@ -264,35 +264,29 @@ def test_what_does_not_apply_a_sliding_window_refuses_or_answers_alone(sliding_e
     engine.answer_cached(QUESTION, entries)  # plain reuse over the window works
 
 
-def test_capped_logits_pick_the_dense_path(tiny_model_dir, passages_file, tmp_path, embedder):
-    """Gemma-2 caps attention logits, which SDPA and the packed backends do not: ``auto`` answers
-    through the dense path, an explicit packed backend is refused by name."""
+@pytest.mark.parametrize(
+    ("arch", "refusal"),
+    [
+        ("gemma2", r"attention logit softcap \(50.0\); use backend dense"),
+        ("phi", r"RoPE turns 8 of 16 channels \(partial rotary\); use backend dense"),
+    ],
+)
+def test_what_the_packed_backends_cannot_do_answers_through_the_dense_path(
+    arch, refusal, tiny_model_dir, passages_file, tmp_path, embedder
+):
+    """Gemma-2 caps attention logits, which SDPA and the packed backends do not; Phi turns only
+    part of each head, and the packed backends rotate whole heads. ``auto`` answers through the
+    dense path, an explicit packed backend is refused by name."""
     from ragcompress.errors import InputError
     from ragcompress.runtime.options import AnswerOptions
 
     store = tmp_path / "store"
-    lm = load_model(str(tiny_model_dir("gemma2")))
+    lm = load_model(str(tiny_model_dir(arch)))
     index(passages_file, store, lm=lm, embedder=embedder, config=IndexConfig(quant="int8"))
     with Engine(KVStore.open(store), lm, embedder) as engine:
         entries = engine.retrieve(QUESTION, 2)
         assert engine.answer_cached(QUESTION, entries).backend == "dense"
-        with pytest.raises(InputError, match=r"attention logit softcap \(50.0\); use backend dense"):
-            engine.answer_cached(QUESTION, entries, AnswerOptions(backend="packed-torch"))
-
-
-def test_partial_rotary_answers_through_the_dense_path(tiny_model_dir, passages_file, tmp_path, embedder):
-    """Phi turns only part of each head; the packed backends rotate whole heads, so they are
-    refused by name and ``auto`` answers as full prefill through the dense path."""
-    from ragcompress.errors import InputError
-    from ragcompress.runtime.options import AnswerOptions
-
-    store = tmp_path / "store"
-    lm = load_model(str(tiny_model_dir("phi")))
-    index(passages_file, store, lm=lm, embedder=embedder, config=IndexConfig(quant="int8"))
-    with Engine(KVStore.open(store), lm, embedder) as engine:
-        entries = engine.retrieve(QUESTION, 2)
-        assert engine.answer_cached(QUESTION, entries).backend == "dense"
-        with pytest.raises(InputError, match=r"RoPE turns 8 of 16 channels \(partial rotary\); use backend dense"):
+        with pytest.raises(InputError, match=refusal):
             engine.answer_cached(QUESTION, entries, AnswerOptions(backend="packed-torch"))
 
 
