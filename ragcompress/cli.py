@@ -86,6 +86,13 @@ DTYPE_OPTION = typer.Option(
 )
 
 
+DEVICE_OPTION = typer.Option(
+    None,
+    "--device",
+    help="where the model answers: cpu (default) or cuda / cuda:N (a GPU torch sees); indexing runs on the CPU",
+)
+
+
 def _answer_options(
     preset: str | None,
     max_new_tokens: int | None = None,
@@ -517,6 +524,7 @@ def ask(
     backend: str | None = BACKEND_OPTION,
     compare_full: bool = typer.Option(False, "--compare-full", help="also answer by full-text prefill and time it"),
     dtype: str | None = DTYPE_OPTION,
+    device: str | None = DEVICE_OPTION,
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Answer a question from the stored caches of the retrieved passages."""
@@ -524,7 +532,10 @@ def ask(
     from ragcompress.runtime.engine import Engine
 
     engine = Engine.open(
-        store, options=_answer_options(preset, max_new_tokens, recompute, selection, backend), dtype=dtype
+        store,
+        options=_answer_options(preset, max_new_tokens, recompute, selection, backend),
+        dtype=dtype,
+        device=device,
     )
     try:
         entries = engine.retrieve(question, top_k)
@@ -581,7 +592,9 @@ def evaluate(
 
     items = select_questions(read_questions(questions, scored=True), sample, articles, outside)[:limit]
     engine = Engine.open(
-        store, options=_answer_options(preset, max_new_tokens, recompute, selection, backend), dtype=dtype
+        store,
+        options=_answer_options(preset, max_new_tokens, recompute, selection, backend),
+        dtype=dtype,
     )
     try:
         results = iter_eval(engine, items, top_k)

@@ -281,6 +281,27 @@ def torch_dtype(name: str) -> Any:
     return getattr(torch, name)
 
 
+def usable_device(device: Any) -> Any:
+    """``device`` as a ``torch.device``, or a ``ModelError`` naming why the model cannot go there
+    (not a device name; CUDA that torch does not see; a GPU index past the ones it sees), raised
+    before any weights load."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ModelError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1, ...): {exc}") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelError(
+                f"device {device!r}: torch sees no CUDA GPU here (torch.cuda.is_available() is False; a CPU "
+                "build of torch, or no driver); use cpu"
+            )
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ModelError(f"device {device!r}: torch sees {torch.cuda.device_count()} CUDA GPU(s)")
+    return parsed
+
+
 def load_model(ref: str | None = None, *, dtype: Any = None, device: Any = None) -> LoadedModel:
     """Load a causal LM (:func:`resolve_model_dir`: embedded name, folder or cached hub id) in eval
     mode, with its identity.
@@ -300,6 +321,8 @@ def load_model(ref: str | None = None, *, dtype: Any = None, device: Any = None)
 
     ref = ref or DEFAULT_MODEL
     model_dir = resolve_model_dir(ref)
+    if device is not None:
+        device = usable_device(device)
     with quiet_progress():  # a sub-second load of converted weights needs no "Loading weights" bar
         if isinstance(dtype, str):
             dtype = torch_dtype(dtype)

@@ -458,3 +458,28 @@ def test_dtype_is_recorded_at_indexing_and_reused_for_answering(tiny_model_dir, 
     assert code == 1 and "passage encoding" in err and "bfloat16" in err, err
     code, _, err = run_cli(["ask", "--store", str(store), "--question", "x", "--dtype", "int8"], monkeypatch, capfd)
     assert code == 1 and err == "error: --dtype 'int8' is not one of: float32, bfloat16, float16\n", err
+
+
+def test_device_places_the_answering_model_or_names_why_it_cannot(tiny_model_dir, tmp_path, monkeypatch, capfd):
+    """``ask --device`` loads the model there (answering follows it: tests/test_engine_on_cuda.py
+    checks the engine with the model on CUDA); a GPU torch does not see, or a name that is not a
+    device, is one line naming it, raised before any weights load."""
+    import torch
+
+    from ragcompress.data import SAMPLE_PASSAGES
+
+    passages, store = tmp_path / "passages.jsonl", tmp_path / "store"
+    passages.write_text("\n".join(SAMPLE_PASSAGES.read_text().splitlines()[:3]) + "\n")
+    model = str(tiny_model_dir("llama"))
+    code, _, err = run_cli(
+        ["index", "--input", str(passages), "--store", str(store), "--model", model], monkeypatch, capfd
+    )
+    assert code == 0, err
+    ask = ["ask", "--store", str(store), "--question", "Where?", "--json", "--max-new-tokens", "4"]
+    code, out, err = run_cli([*ask, "--device", "cpu"], monkeypatch, capfd)
+    assert code == 0 and json.loads(out)["answer"] is not None, err
+    code, _, err = run_cli([*ask, "--device", "tpu:x"], monkeypatch, capfd)
+    assert code == 1 and err.startswith("error: device 'tpu:x' is not a torch device") and err.count("\n") == 1, err
+    if not torch.cuda.is_available():
+        code, _, err = run_cli([*ask, "--device", "cuda"], monkeypatch, capfd)
+        assert code == 1 and err.startswith("error: device 'cuda': torch sees no CUDA GPU here"), err

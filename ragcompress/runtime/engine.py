@@ -76,13 +76,14 @@ class Engine:
         model: str | None = None,
         options: AnswerOptions = AnswerOptions(),
         dtype: str | None = None,
+        device: str | None = None,
     ) -> Engine:
         """Open a store, load the model recorded in its manifest (or ``model``, if it matches)
-        in ``dtype`` (default: the dtype the store was indexed in, float32 unless recorded) and
-        warm it up."""
+        in ``dtype`` (default: the dtype the store was indexed in, float32 unless recorded) on
+        ``device`` (default CPU; answering follows the model's device) and warm it up."""
         store = KVStore.open(store_path)
         try:
-            lm = load_model(model or store.manifest.model_ref, dtype=dtype or store.manifest.dtype)
+            lm = load_model(model or store.manifest.model_ref, dtype=dtype or store.manifest.dtype, device=device)
             engine = cls(store, lm, Embedder(store.manifest.embedder), options)
         except BaseException:
             store.close()
