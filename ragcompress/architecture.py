@@ -55,9 +55,10 @@ def check_model(model: Any) -> None:
         problem = _kwargs_problem(model)
     if problem is None and model_type not in VERIFIED_MODEL_TYPES:
         tolerance = SHIFT_TOLERANCE.get(next(model.parameters()).dtype, HALF_PRECISION_TOLERANCE)
-        for layer in layers_without_rope(model, tolerance):
+        runs = caches_at_two_positions(model)  # one pair of forwards for both probes
+        for layer in layers_without_rope(model, tolerance, runs):
             model.model.layers[layer].self_attn.use_rope = False  # read by Rotary, as SmolLM3 sets it
-        error = shift_error(model)
+        error = shift_error(model, runs)
         if not error <= tolerance:
             problem = (
                 f"its cache changes when it is moved to other positions (relative error "
@@ -191,32 +192,13 @@ def _kwargs_problem(model: Any) -> str | None:
     )
 
 
+CachePair = tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
 @torch.inference_mode()
-def layers_without_rope(model: Any, tolerance: float, tokens: int = 16) -> list[int]:
-    """Layers whose keys do not move with position: the same ``tokens`` run at ``0..`` and at
-    ``SHIFT..`` give them the same keys, as a layer without RoPE does when positions reach the
-    model only through RoPE. EXAONE-4's global layers are such layers and do not say so
-    (SmolLM3's say ``use_rope = 0``); :func:`check_model` marks them the same way, so
-    :class:`~ragcompress.kv.rope.Rotary` leaves their keys where they are.
-
-    A layer counts as one only when "not moved" explains the second run's keys (within
-    ``tolerance``) strictly better than "rotated by ``SHIFT``" does: a RoPE layer whose keys sit
-    mostly in slowly turning channels moves little, and must not be taken for one."""
-    from ragcompress.kv.rope import Rotary
-
-    rotary, found = Rotary(model), []
-    for layer, ((keys, _), (want_keys, _)) in enumerate(_caches_at_two_positions(model, tokens)):
-        positions = torch.arange(tokens).expand(keys.shape[1], -1)
-        rotated = rotary.rotate(rotary.unrotate(keys[0], positions, layer), positions + SHIFT, layer)
-        unmoved = _relative(keys[0], want_keys[0])
-        if unmoved <= tolerance and unmoved < _relative(rotated, want_keys[0]):
-            found.append(layer)
-    return found
-
-
-def _caches_at_two_positions(model: Any, tokens: int) -> list[tuple[tuple[Any, Any], tuple[Any, Any]]]:
+def caches_at_two_positions(model: Any, tokens: int = 16) -> list[CachePair]:
     """Per layer ``((keys, values) at 0.., (keys, values) at SHIFT..)`` of the same random
-    ``tokens``."""
+    ``tokens``: what the probes below compare."""
     from transformers import DynamicCache
 
     from ragcompress.kv.cache import cache_layers
@@ -230,23 +212,48 @@ def _caches_at_two_positions(model: Any, tokens: int) -> list[tuple[tuple[Any, A
     return list(zip(cache_layers(at_zero), cache_layers(shifted), strict=True))
 
 
-@torch.inference_mode()
-def shift_error(model: Any, tokens: int = 16) -> float:
-    """How far moving a cache is from computing it at the new positions: the same ``tokens``
-    run at positions ``0..`` and at ``SHIFT..``; the first run's keys, un-rotated and rotated by
-    ``SHIFT``, must equal the second run's, and its values the second run's values, in every
-    layer (largest difference over the largest entry, the worst layer). Zero up to rounding for
-    a model that sees positions only through rotate_half RoPE, since then every hidden state is
-    the same in both runs; a layer it would move wrongly is off by its keys' size."""
+def layers_without_rope(model: Any, tolerance: float, runs: list[CachePair] | None = None) -> list[int]:
+    """Layers whose keys do not move with position: the same tokens run at ``0..`` and at
+    ``SHIFT..`` (``runs``, :func:`caches_at_two_positions` when not given) give them the same
+    keys, as a layer without RoPE does when positions reach the model only through RoPE.
+    EXAONE-4's global layers are such layers and do not say so (SmolLM3's say ``use_rope = 0``);
+    :func:`check_model` marks them the same way, so :class:`~ragcompress.kv.rope.Rotary` leaves
+    their keys where they are.
+
+    A layer counts as one only when "not moved" explains the second run's keys (within
+    ``tolerance``) strictly better than "rotated by ``SHIFT``" does: a RoPE layer whose keys sit
+    mostly in slowly turning channels moves little, and must not be taken for one."""
+    from ragcompress.kv.rope import Rotary
+
+    rotary, found = Rotary(model), []
+    for layer, ((keys, _), (want_keys, _)) in enumerate(runs or caches_at_two_positions(model)):
+        unmoved = _relative(keys[0], want_keys[0])
+        if unmoved <= tolerance and unmoved < _relative(_moved(rotary, keys[0], layer), want_keys[0]):
+            found.append(layer)
+    return found
+
+
+def shift_error(model: Any, runs: list[CachePair] | None = None) -> float:
+    """How far moving a cache is from computing it at the new positions: the same tokens run at
+    positions ``0..`` and at ``SHIFT..`` (``runs``, :func:`caches_at_two_positions` when not
+    given); the first run's keys, un-rotated and rotated by ``SHIFT``, must equal the second
+    run's, and its values the second run's values, in every layer (largest difference over the
+    largest entry, the worst layer). Zero up to rounding for a model that sees positions only
+    through rotate_half RoPE, since then every hidden state is the same in both runs; a layer it
+    would move wrongly is off by its keys' size."""
     from ragcompress.kv.rope import Rotary
 
     rotary = Rotary(model)
     worst = 0.0
-    for layer, ((keys, values), (want_keys, want_values)) in enumerate(_caches_at_two_positions(model, tokens)):
-        positions = torch.arange(tokens).expand(keys.shape[1], -1)
-        moved = rotary.rotate(rotary.unrotate(keys[0], positions, layer), positions + SHIFT, layer)
-        worst = max(worst, _relative(moved, want_keys[0]), _relative(values, want_values))
+    for layer, ((keys, values), (want_keys, want_values)) in enumerate(runs or caches_at_two_positions(model)):
+        worst = max(worst, _relative(_moved(rotary, keys[0], layer), want_keys[0]), _relative(values, want_values))
     return worst
+
+
+def _moved(rotary: Any, keys: torch.Tensor, layer: int) -> torch.Tensor:
+    """``keys [heads, n, d]`` cached at ``0..n-1``, moved by ``SHIFT`` as ragcompress moves them."""
+    positions = torch.arange(keys.shape[-2]).expand(keys.shape[0], -1)
+    return rotary.rotate(rotary.unrotate(keys, positions, layer), positions + SHIFT, layer)
 
 
 def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
