@@ -8,7 +8,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ragcompress.architecture import VERIFIED_MODEL_TYPES, head_states, layers_without_rope, shift_error
+from ragcompress.architecture import (
+    HALF_PRECISION_TOLERANCE,
+    VERIFIED_MODEL_TYPES,
+    caches_at_two_positions,
+    head_states,
+    layers_without_rope,
+    shift_error,
+)
 from ragcompress.errors import ModelError
 from ragcompress.models import load_model
 
@@ -140,3 +147,24 @@ def test_a_fused_qkv_projection_is_read_by_its_columns(tiny_model_dir):
         assert torch.equal(torch.cat([q, k, v], -1), attn.qkv_proj(hidden))
     assert q.shape[-1] == lm.config.num_attention_heads * attn.head_dim
     assert k.shape[-1] == v.shape[-1] == lm.config.num_key_value_heads * attn.head_dim
+
+
+def test_a_rope_layer_that_barely_moves_is_not_taken_for_one_without_rope(tiny_model_dir):
+    """Keys only in a head's most slowly turning channel pair move by about 1 % over the probe's
+    shift: within the half-precision tolerance, yet "rotated" explains them far better than "not
+    moved", so no layer is marked (marking one would leave its keys unturned when moved)."""
+    from ragcompress.kv.rope import Rotary
+
+    lm = load_model(str(tiny_model_dir("llama")))
+    head_dim = lm.config.head_dim
+    slowest = torch.zeros(head_dim, dtype=torch.bool)
+    slowest[[head_dim // 2 - 1, head_dim - 1]] = True
+    with torch.no_grad():
+        for layer in lm.model.model.layers:
+            weight = layer.self_attn.k_proj.weight.view(-1, head_dim, lm.config.hidden_size)
+            weight[:, ~slowest] = 0
+    runs = caches_at_two_positions(lm.model)
+    (keys, _), (moved, _) = runs[0]
+    assert 1e-3 < (keys - moved).abs().max() / moved.abs().max() < HALF_PRECISION_TOLERANCE
+    assert Rotary(lm.model).rotary_dim == head_dim
+    assert layers_without_rope(lm.model, HALF_PRECISION_TOLERANCE, runs) == []
