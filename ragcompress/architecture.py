@@ -19,11 +19,12 @@ key projections. So a Hugging Face decoder qualifies when:
 4. **Moving a cache moves nothing else** (:func:`shift_error`): the cache of 16 tokens computed
    at positions 0.., its keys un-rotated and rotated to 37.., must equal the cache the same
    tokens get when they run at 37.. (keys and values, every layer); by RoPE's relative property
-   it does. Layers without RoPE are found first, as the layers whose keys the move leaves as
-   they are (:func:`layers_without_rope`: EXAONE-4's global layers; SmolLM3's say
-   ``use_rope = 0`` themselves), and :class:`~ragcompress.kv.rope.Rotary` leaves their keys
-   where they are. Interleaved rotary (Cohere, Helium; GLM's partial one too) and anything else
-   that reads absolute positions fail it, and would otherwise answer wrongly without an error.
+   it does. How keys move is fitted first (:func:`fit_rope`), since no config says it: RoPE in
+   ``rotate_half``'s halves or in adjacent channel pairs (Cohere, Helium, GLM), and the layers
+   without RoPE, whose keys the move leaves as they are (EXAONE-4's global layers; SmolLM3's
+   say ``use_rope = 0`` themselves); :class:`~ragcompress.kv.rope.Rotary` follows the fit.
+   Anything else that reads positions (absolute embeddings, ALiBi, another rotation) fails the
+   probe, and would otherwise answer wrongly without an error.
 
 The families in :data:`VERIFIED_MODEL_TYPES` are tested end to end in the suite (tiny random
 models of each) and skip the two probes; any other model that passes all four is accepted.
@@ -31,11 +32,13 @@ models of each) and skip the two probes; any other model that passes all four is
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ragcompress.errors import ModelError
+from ragcompress.kv.rope import PAIRED_MARK
 
 VERIFIED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj")
@@ -56,14 +59,17 @@ def check_model(model: Any) -> None:
     if problem is None and model_type not in VERIFIED_MODEL_TYPES:
         tolerance = SHIFT_TOLERANCE.get(next(model.parameters()).dtype, HALF_PRECISION_TOLERANCE)
         runs = caches_at_two_positions(model)  # one pair of forwards for both probes
-        for layer in layers_without_rope(model, tolerance, runs):
+        fit = fit_rope(model, tolerance, runs)
+        if fit.paired:
+            setattr(model.model.rotary_emb, PAIRED_MARK, True)  # read by Rotary
+        for layer in fit.without_rope:
             model.model.layers[layer].self_attn.use_rope = False  # read by Rotary, as SmolLM3 sets it
         error = shift_error(model, runs)
         if not error <= tolerance:
             problem = (
                 f"its cache changes when it is moved to other positions (relative error "
-                f"{error:.2g} > {tolerance:g}): RoPE that does not pair channels as rotate_half does, layers "
-                "without RoPE, or positions read some other way"
+                f"{error:.2g} > {tolerance:g}): it reads positions other than through RoPE in rotate_half's or "
+                "the paired convention"
             )
     if problem is not None:
         raise ModelError(
@@ -149,6 +155,24 @@ def head_states(attn: Any, projected: torch.Tensor, part: str, heads: int) -> to
     return norm(projected.view(batch, m, heads, head_dim).transpose(1, 2))
 
 
+def output_logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits of the last decoder layer's output ``hidden [..., D]`` as the model's own forward
+    makes them: final norm (:func:`final_norm`), LM head, then the output scaling some families
+    apply (Cohere's ``logit_scale`` multiplies, Granite's ``logits_scaling`` divides, Gemma-2/3 cap
+    with ``final_logit_softcapping``)."""
+    logits = model.lm_head(final_norm(model)(hidden))
+    scale = getattr(model, "logit_scale", None)
+    if scale is not None:
+        logits = logits * scale
+    divisor = getattr(model.config, "logits_scaling", None)
+    if divisor:
+        logits = logits / divisor
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
 def attention_window(attn: Any) -> int | None:
     """The sliding window attention module ``attn`` applies, ``None`` for full attention: its
     ``sliding_window``, except where the module keeps the config's window on every layer and
@@ -212,25 +236,43 @@ def caches_at_two_positions(model: Any, tokens: int = 16) -> list[CachePair]:
     return list(zip(cache_layers(at_zero), cache_layers(shifted), strict=True))
 
 
-def layers_without_rope(model: Any, tolerance: float, runs: list[CachePair] | None = None) -> list[int]:
-    """Layers whose keys do not move with position: the same tokens run at ``0..`` and at
-    ``SHIFT..`` (``runs``, :func:`caches_at_two_positions` when not given) give them the same
-    keys, as a layer without RoPE does when positions reach the model only through RoPE.
-    EXAONE-4's global layers are such layers and do not say so (SmolLM3's say ``use_rope = 0``);
-    :func:`check_model` marks them the same way, so :class:`~ragcompress.kv.rope.Rotary` leaves
-    their keys where they are.
+@dataclass(frozen=True)
+class RopeFit:
+    """How a model's keys move with position, as :func:`fit_rope` found it: ``paired`` when its
+    RoPE turns adjacent channels together (Cohere, Helium, GLM), else ``rotate_half``'s channel
+    ``i`` with ``i + rot/2``; ``without_rope``: the layers whose keys do not move at all."""
 
-    A layer counts as one only when "not moved" explains the second run's keys (within
-    ``tolerance``) strictly better than "rotated by ``SHIFT``" does: a RoPE layer whose keys sit
-    mostly in slowly turning channels moves little, and must not be taken for one."""
+    paired: bool
+    without_rope: list[int]
+
+
+def fit_rope(model: Any, tolerance: float, runs: list[CachePair] | None = None) -> RopeFit:
+    """Which rotation explains how the model's cached keys move: the same tokens run at ``0..``
+    and at ``SHIFT..`` (``runs``, :func:`caches_at_two_positions` when not given), each layer's
+    first keys moved by ``SHIFT`` in ``rotate_half``'s convention, in the paired one, or not at
+    all. The convention is the one whose worst layer is closest (``rotate_half`` on a tie): a
+    model's config does not say which it uses. A layer counts as one without RoPE only when
+    "not moved" fits within ``tolerance`` and strictly better than the convention does: a RoPE
+    layer whose keys sit mostly in slowly turning channels moves little, and must not be taken
+    for one. EXAONE-4's global layers have no RoPE and do not say so (SmolLM3's say
+    ``use_rope = 0``); :func:`check_model` marks what this finds, and
+    :class:`~ragcompress.kv.rope.Rotary` reads the marks."""
     from ragcompress.kv.rope import Rotary
 
-    rotary, found = Rotary(model), []
-    for layer, ((keys, _), (want_keys, _)) in enumerate(runs or caches_at_two_positions(model)):
-        unmoved = _relative(keys[0], want_keys[0])
-        if unmoved <= tolerance and unmoved < _relative(_moved(rotary, keys[0], layer), want_keys[0]):
-            found.append(layer)
-    return found
+    runs = runs or caches_at_two_positions(model)
+    fits = []
+    for paired in (False, True):
+        rotary = Rotary(model, paired=paired)
+        errors = [
+            (_relative(_moved(rotary, keys[0], layer), want[0]), _relative(keys[0], want[0]))
+            for layer, ((keys, _), (want, _)) in enumerate(runs)
+        ]
+        without = [layer for layer, (moved, unmoved) in enumerate(errors) if unmoved <= tolerance and unmoved < moved]
+        worst = max(
+            (min(moved, unmoved) if layer in without else moved) for layer, (moved, unmoved) in enumerate(errors)
+        )
+        fits.append((worst, RopeFit(paired, without)))
+    return min(fits, key=lambda fit: fit[0])[1]
 
 
 def shift_error(model: Any, runs: list[CachePair] | None = None) -> float:

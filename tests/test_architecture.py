@@ -11,9 +11,10 @@ import torch
 from ragcompress.architecture import (
     HALF_PRECISION_TOLERANCE,
     VERIFIED_MODEL_TYPES,
+    RopeFit,
     caches_at_two_positions,
+    fit_rope,
     head_states,
-    layers_without_rope,
     shift_error,
 )
 from ragcompress.errors import ModelError
@@ -34,32 +35,66 @@ def test_the_shift_probe_passes_the_models_it_accepts(arch, config, tiny_model_d
     assert shift_error(lm.model) < 1e-4
 
 
-@pytest.mark.parametrize(("arch", "config", "nope"), [("exaone4", {"layers": 4}, [3]), ("phi", {}, [])])
-def test_layers_without_rope_are_found_by_their_keys_not_moving(arch, config, nope, tiny_model_dir):
-    """EXAONE-4's global layers skip RoPE without a ``use_rope`` flag: the load finds them (their
-    keys stay put when the tokens move) and marks them, and only them; before, the shift probe
-    refused the model (relative error about 2)."""
+@pytest.mark.parametrize(
+    ("arch", "config", "paired", "nope"),
+    [
+        ("exaone4", {"layers": 4}, False, [3]),  # a global layer without RoPE
+        ("phi", {}, False, []),
+        ("cohere", {}, True, []),  # tables laid out in pairs
+        ("helium", {}, True, []),  # tables laid out in halves, paired by its attention
+        ("glm", {}, True, []),  # paired and partial
+        ("cohere2", {"layers": 4}, True, [3]),  # paired, and a global layer without RoPE
+    ],
+)
+def test_how_keys_move_is_fitted_at_load(arch, config, paired, nope, tiny_model_dir):
+    """No config says whether RoPE turns halves or adjacent pairs, nor (EXAONE-4, Cohere-2) which
+    layers skip it: the load fits both from how the cache moves, marks what it found, and only
+    that; before, the shift probe refused these models (relative error 1.2 to 2.1)."""
+    from ragcompress.kv.rope import PAIRED_MARK, Rotary
+
     lm = load_model(str(tiny_model_dir(arch, **config)))
-    marked = [i for i, layer in enumerate(lm.model.model.layers) if getattr(layer.self_attn, "use_rope", True) is False]
-    assert marked == nope
+    rotary = Rotary(lm.model)
+    assert rotary.paired is paired
+    assert [i for i in range(len(lm.model.model.layers)) if not rotary.rotates(i)] == nope
     for layer in nope:  # unmarked again, as the model came
         del lm.model.model.layers[layer].self_attn.use_rope
-    assert layers_without_rope(lm.model, 1e-3) == nope
+    if paired:
+        delattr(lm.model.model.rotary_emb, PAIRED_MARK)
+    assert fit_rope(lm.model, 1e-3) == RopeFit(paired, nope)
 
 
 @pytest.mark.parametrize(
     ("arch", "config", "reason"),
     [
-        ("glm", {}, "its cache changes when it is moved"),  # partial and interleaved RoPE
         # partial rotary, which is supported, but its decoder layer calls attention without **kwargs
         ("stablelm", {}, r"its decoder layers do not hand keyword arguments on to attention \(layers \[0, 1\]\)"),
-        ("cohere", {}, "its cache changes when it is moved"),  # interleaved RoPE
-        ("helium", {}, "its cache changes when it is moved"),  # interleaved RoPE
     ],
 )
 def test_models_it_would_run_wrongly_are_refused_by_reason(arch, config, reason, tiny_model_dir):
     with pytest.raises(ModelError, match=f"model type '{arch}' cannot be used with ragcompress: {reason}"):
         load_model(str(tiny_model_dir(arch, **config)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_model_whose_cache_moves_otherwise_is_refused(dtype, tiny_model_dir, monkeypatch):
+    """Keys turned at twice the angle of the queries' (a stand-in for any position scheme neither
+    RoPE convention describes): the fit finds no convention that moves the cache, and the shift
+    probe refuses the model instead of letting it answer wrongly. bf16 rounds a correctly moved
+    key by a few percent (Granite's multipliers most of these: it loads unpatched); a wrong move
+    is off by about its size, so the half-precision tolerance still refuses it."""
+    assert load_model(str(tiny_model_dir("granite")), dtype=dtype).config.model_type == "granite"
+    from transformers.models.granite import modeling_granite
+
+    plain = modeling_granite.apply_rotary_pos_emb
+
+    def keys_at_double_angle(q, k, cos, sin, *args, **kwargs):
+        q_embed, _ = plain(q, k, cos, sin, *args, **kwargs)
+        _, k_embed = plain(q, k, cos * cos - sin * sin, 2 * sin * cos, *args, **kwargs)
+        return q_embed, k_embed
+
+    monkeypatch.setattr(modeling_granite, "apply_rotary_pos_emb", keys_at_double_angle)
+    with pytest.raises(ModelError, match="model type 'granite' cannot be used with ragcompress: its cache changes"):
+        load_model(str(tiny_model_dir("granite")), dtype=dtype)
 
 
 class _Attention(torch.nn.Module):
@@ -88,13 +123,15 @@ def test_head_states_applies_a_norm_per_head_or_over_the_projection():
         ("olmo2", {}),
         ("phi", {}),
         ("exaone4", {"layer_types": ["full_attention"]}),
+        ("cohere", {}),  # RoPE over adjacent channel pairs
+        ("glm", {}),  # over adjacent pairs of the first half of each head
     ],
 )
 def test_one_layer_models_answer_three_moved_passages_exactly(arch, config, tiny_model_dir, tmp_path, embedder):
     """In a one-layer model a passage's keys and values do not depend on what precedes it, so
     caches encoded alone and moved behind other passages must give full prefill's logits: the
     re-positioning itself checked exactly, with RoPE, over part of each head (Phi: its first
-    half turns, the rest must stay) and (SmolLM3 with ``no_rope_layers=[0]``) without
+    half turns, the rest must stay), over adjacent channel pairs (Cohere; GLM, partial too) and (SmolLM3 with ``no_rope_layers=[0]``) without
     it, where moving a key must leave it as it is."""
     from ragcompress.data import SAMPLE_PASSAGES
     from ragcompress.indexing import index
@@ -123,14 +160,6 @@ def test_one_layer_models_answer_three_moved_passages_exactly(arch, config, tiny
             lm.model, torch.tensor([engine.full_prompt_ids(question, entries)]), DynamicCache(config=lm.config), 0
         )
     torch.testing.assert_close(cached, full, atol=1e-4, rtol=1e-4)
-
-
-def test_half_precision_rounding_is_not_a_refusal(tiny_model_dir):
-    """bf16 rounds a moved key by a few percent (Granite's multipliers most of these); a wrong
-    move is off by about its size, so the half-precision tolerance still refuses Cohere."""
-    assert load_model(str(tiny_model_dir("granite")), dtype=torch.bfloat16).config.model_type == "granite"
-    with pytest.raises(ModelError, match="its cache changes when it is moved"):
-        load_model(str(tiny_model_dir("cohere")), dtype=torch.bfloat16)
 
 
 def test_a_fused_qkv_projection_is_read_by_its_columns(tiny_model_dir):
@@ -167,4 +196,29 @@ def test_a_rope_layer_that_barely_moves_is_not_taken_for_one_without_rope(tiny_m
     (keys, _), (moved, _) = runs[0]
     assert 1e-3 < (keys - moved).abs().max() / moved.abs().max() < HALF_PRECISION_TOLERANCE
     assert Rotary(lm.model).rotary_dim == head_dim
-    assert layers_without_rope(lm.model, HALF_PRECISION_TOLERANCE, runs) == []
+    assert fit_rope(lm.model, HALF_PRECISION_TOLERANCE, runs) == RopeFit(False, [])
+
+
+@pytest.mark.parametrize(
+    ("arch", "config"),
+    [
+        ("llama", {}),
+        ("cohere", {"logit_scale": 0.5}),  # multiplies the head's logits
+        ("granite", {"logits_scaling": 4.0}),  # divides them
+        ("gemma2", {"final_logit_softcapping": 2.0}),  # caps them
+        ("phi", {}),  # final_layernorm, a head with a bias
+    ],
+)
+def test_output_logits_are_the_models_own(arch, config, tiny_model_dir):
+    """Selective recompute carries the question through the layers itself and makes its first
+    logits from the last hidden state: they must be what the model's forward gives (each
+    family's output scaling included), or teacher-forced KL over them is off."""
+    from ragcompress.architecture import final_norm, output_logits
+
+    lm = load_model(str(tiny_model_dir(arch, **config)))
+    captured = []
+    hook = final_norm(lm.model).register_forward_hook(lambda module, args, out: captured.append(args[0]))
+    with torch.no_grad():
+        want = lm.model(torch.tensor([[5, 17, 42, 9]])).logits
+        hook.remove()
+        torch.testing.assert_close(output_logits(lm.model, captured[0]), want)

@@ -191,6 +191,8 @@ def test_knorm_keeps_lowest_norm_keys(encoded):
         ("phi", {"qk_layernorm": True}),  # partial rotary, q_layernorm per head
         ("phi3", {"partial_rotary_factor": 0.75}),  # Phi-4-mini's partial rotary
         ("exaone4", {"layers": 4, "sliding_window": 16}),  # a global layer without RoPE, found at load
+        ("cohere", {}),  # RoPE over adjacent channel pairs, found at load
+        ("glm", {}),  # paired and partial RoPE, tables laid out in halves
     ],
 )
 def test_probe_attention_equals_model_attention(arch, config, tiny_model_dir):
@@ -425,7 +427,7 @@ def test_mean_rotation_is_the_average_of_rope(arch, config, tiny_model_dir):
     positions = torch.arange(40, 72)
     x = torch.randn(3, head_dim)
     expected = torch.stack([rotary.rotate(x, torch.full((3,), int(p)), 0) for p in positions]).mean(0)
-    rotation = mean_rotation(*rotary.cos_sin(positions, 0), head_dim)
+    rotation = mean_rotation(rotary, positions, 0, head_dim)
     torch.testing.assert_close(x @ rotation.T, expected, atol=1e-5, rtol=1e-5)
     if rotary.rotary_dim < head_dim:
         assert torch.equal(rotation[rotary.rotary_dim :, rotary.rotary_dim :], torch.eye(head_dim - rotary.rotary_dim))

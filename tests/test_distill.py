@@ -740,6 +740,7 @@ def test_extra_passages_add_training_examples_with_the_models_own_questions(lm, 
         ),
         ("smollm3", {"layers": 4}),  # its fourth layer has no RoPE
         ("phi3", {"partial_rotary_factor": 0.75}),  # RoPE over the first 12 of 16 channels
+        ("glm", {}),  # RoPE over adjacent channel pairs of the first half of each head
     ],
 )
 @pytest.mark.parametrize("compressed", [False, True])

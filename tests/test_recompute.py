@@ -116,7 +116,22 @@ def evicted(kv: PassageKV, seed: int) -> PassageKV:
 
 
 @pytest.mark.parametrize(
-    "arch", ["llama", "qwen2", "mistral", "gemma", "gemma2", "granite", "olmo2", "qwen3_moe", "phi3", "phi", "exaone4"]
+    "arch",
+    [
+        "llama",
+        "qwen2",
+        "mistral",
+        "gemma",
+        "gemma2",
+        "granite",
+        "olmo2",
+        "qwen3_moe",
+        "phi3",
+        "phi",
+        "exaone4",
+        "cohere",
+        "glm",
+    ],
 )
 def test_full_recompute_reproduces_full_prefill(arch, stores):
     engine = stores(arch)

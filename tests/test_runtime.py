@@ -51,6 +51,10 @@ ARCHS = [
     "smollm3",
     "phi",  # partial rotary, parallel attention and MLP, final_layernorm
     "exaone4",  # post-norm, q/k norms (its layers without RoPE: tests/test_architecture.py)
+    "cohere",  # RoPE over adjacent channel pairs, tables laid out in pairs; logit scale
+    "helium",  # RoPE over adjacent channel pairs, tables laid out in halves
+    "glm",  # paired and partial RoPE
+    "glm4",
 ]
 
 
@@ -269,14 +273,16 @@ def test_what_does_not_apply_a_sliding_window_refuses_or_answers_alone(sliding_e
     [
         ("gemma2", r"attention logit softcap \(50.0\); use backend dense"),
         ("phi", r"RoPE turns 8 of 16 channels \(partial rotary\); use backend dense"),
+        ("cohere", r"the model's RoPE pairs adjacent channels; use backend dense"),
     ],
 )
 def test_what_the_packed_backends_cannot_do_answers_through_the_dense_path(
     arch, refusal, tiny_model_dir, passages_file, tmp_path, embedder
 ):
     """Gemma-2 caps attention logits, which SDPA and the packed backends do not; Phi turns only
-    part of each head, and the packed backends rotate whole heads. ``auto`` answers through the
-    dense path, an explicit packed backend is refused by name."""
+    part of each head and Cohere adjacent channel pairs, and the packed backends rotate whole
+    heads in halves. ``auto`` answers through the dense path, an explicit packed backend is
+    refused by name."""
     from ragcompress.errors import InputError
     from ragcompress.runtime.options import AnswerOptions
 

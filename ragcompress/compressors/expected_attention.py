@@ -23,14 +23,15 @@ from ragcompress.compressors.base import CompressionContext
 from ragcompress.compressors.probe import run_probe
 from ragcompress.compressors.scorer import ScorerCompressor
 from ragcompress.kv import PassageKV
-from ragcompress.kv.rope import apply_rope
+from ragcompress.kv.rope import Rotary
 
 
-def mean_rotation(cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """``[head_dim, head_dim]`` matrix of the RoPE rotation averaged over positions; cos/sin
-    ``[F, rot]`` (``rot < head_dim``: partial rotary, the other channels kept as they are)."""
-    eye = torch.eye(head_dim)
-    return apply_rope(eye, cos.mean(0), sin.mean(0)).T  # row j rotates basis vector e_j
+def mean_rotation(rotary: Rotary, positions: torch.Tensor, layer: int, head_dim: int) -> torch.Tensor:
+    """``[head_dim, head_dim]`` matrix of layer ``layer``'s RoPE rotation averaged over
+    ``positions`` (RoPE is linear in its tables, so it is the rotation by the mean tables; partial
+    rotary keeps the channels past them as they are)."""
+    cos, sin = rotary.cos_sin(positions, layer)
+    return rotary.apply(torch.eye(head_dim), cos.mean(0), sin.mean(0)).T  # row j rotates basis vector e_j
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ class ExpectedAttentionCompressor(ScorerCompressor):
             q = probe.queries[layer]  # [Hq, w, d] pre-RoPE
             mu = q.mean(1)
             centred = q - mu.unsqueeze(1)
-            rot = mean_rotation(*encoder.rotary.cos_sin(future, layer), q.shape[-1])
+            rot = mean_rotation(encoder.rotary, future, layer, q.shape[-1])
             mu = mu @ rot.T  # [Hq, d]
             keys = encoder.rotary.rotate(kv.keys[layer], kv.positions[layer], layer).float()  # [Hkv, n, d]
             keys = keys.repeat_interleave(q.shape[0] // kv_heads, dim=0)  # [Hq, n, d]

@@ -25,7 +25,6 @@ from ragcompress.architecture import attention_window, head_states, projection_m
 from ragcompress.errors import InputError
 from ragcompress.kv import PassageKV
 from ragcompress.kv.cache import build_dynamic_cache
-from ragcompress.kv.rope import apply_rope
 
 if TYPE_CHECKING:
     from ragcompress.indexing.encoder import PassageEncoder
@@ -149,7 +148,7 @@ def run_probe(
             return
         if encoder.rotary.rotates(layer):  # a layer without RoPE (SmolLM3's NoPE) is passed tables it ignores
             cos, sin = kwargs["position_embeddings"]
-            q = apply_rope(q, cos.unsqueeze(1), sin.unsqueeze(1))
+            q = encoder.rotary.apply(q, cos.unsqueeze(1), sin.unsqueeze(1))
         q = q[0].float()
         keys = cache.layers[layer].keys[0].float()  # [Hkv, T, d], this chunk already appended
         c, total = q.shape[1], keys.shape[1]

@@ -10,7 +10,9 @@ variant right (Llama-3 scaling, YaRN's attention scaling, Gemma-3's per-layer-ty
 Partial rotary (StableLM, Phi-2, Phi-4-mini) turns only a head's first ``rot`` channels, pairing
 channel ``i`` with ``i + rot/2`` (``rotate_half`` over those channels), and leaves the rest as
 projected: the module's tables are ``rot`` wide, and every rotation here follows their width
-(:func:`apply_rope`).
+(:func:`apply_rope`). Paired RoPE (Cohere, Helium, GLM) turns adjacent channels ``2i, 2i+1``
+together instead; which of the two a model uses is not in its config, so the load finds it by
+trying both (``ragcompress.architecture``) and marks the rotary module (:data:`PAIRED_MARK`).
 """
 
 from __future__ import annotations
@@ -26,23 +28,46 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """``rotate_half`` of paired RoPE: ``(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...)``."""
+    return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, paired: bool = False) -> torch.Tensor:
     """``x`` rotated by tables ``cos``/``sin`` as the model applies them: ``x * cos +
-    rotate_half(x) * sin`` over the tables' width, which is all of ``x``'s last dimension or, for
-    partial rotary, its first channels (the rest pass through). Differentiable, out of place;
-    ``sin`` negated (and the scaling divided out) inverts it."""
-    rot = cos.shape[-1]
+    rotate_half(x) * sin`` (``rotate_pairs`` and tables repeating per channel pair when
+    ``paired``) over the tables' width, which is all of ``x``'s last dimension or, for partial
+    rotary, its first channels (the rest pass through). Differentiable, out of place; ``sin``
+    negated (and the scaling divided out) inverts it."""
+    rot, turn = cos.shape[-1], rotate_pairs if paired else rotate_half
     if rot == x.shape[-1]:
-        return x * cos + rotate_half(x) * sin
+        return x * cos + turn(x) * sin
     turned = x[..., :rot]
-    return torch.cat((turned * cos + rotate_half(turned) * sin, x[..., rot:]), dim=-1)
+    return torch.cat((turned * cos + turn(turned) * sin, x[..., rot:]), dim=-1)
+
+
+# attribute the load sets on a model's rotary module when the model pairs adjacent channels
+PAIRED_MARK = "ragcompress_paired_rope"
+
+
+def pair_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A rotary module's tables in paired RoPE's layout (each frequency on two adjacent
+    channels): as they are when already so (Cohere's), else built from their first half, as
+    Helium's and GLM's attention does with tables laid out in halves."""
+    half = cos.shape[-1] // 2
+    if torch.equal(cos[..., 0::2], cos[..., 1::2]) and torch.equal(sin[..., 0::2], sin[..., 1::2]):
+        return cos, sin
+    return cos[..., :half].repeat_interleave(2, dim=-1), sin[..., :half].repeat_interleave(2, dim=-1)
 
 
 class Rotary:
     """Rotates keys ``[..., n, head_dim]`` to positions ``[..., n]`` for one decoder layer."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, paired: bool | None = None) -> None:
         self._emb = model.model.rotary_emb
+        # adjacent channels turn together (Cohere, Helium, GLM): as the load found (PAIRED_MARK),
+        # or as asked (the load's probe tries both)
+        self.paired = bool(getattr(self._emb, PAIRED_MARK, False)) if paired is None else paired
         self._layer_types = getattr(model.config, "layer_types", None)
         self._takes_layer_type = "layer_type" in inspect.signature(self._emb.forward).parameters
         # layers without RoPE (NoPE: SmolLM3's every fourth, Llama-4's) say so as ``use_rope``;
@@ -94,6 +119,15 @@ class Rotary:
             return torch.ones(shape, device=cos.device), torch.zeros(shape, device=sin.device)
         return cos.reshape(shape), sin.reshape(shape)
 
+    def rotation_tables(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tables as the rotary module gives them (:meth:`cos_sin`, or the ``position_embeddings``
+        a layer receives) laid out as :func:`apply_rope` reads them for this model."""
+        return pair_tables(cos, sin) if self.paired else (cos, sin)
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """:func:`apply_rope` with the rotary module's own tables, in this model's convention."""
+        return apply_rope(x, *self.rotation_tables(cos, sin), paired=self.paired)
+
     def table_cos_sin(self, positions: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`cos_sin` through a table of the span ``min..max`` of ``positions``.
 
@@ -102,7 +136,7 @@ class Rotary:
         broadcasting or gathering is far cheaper than once per element.
         """
         low, high = int(positions.min()), int(positions.max())
-        cos, sin = self.cos_sin(torch.arange(low, high + 1), layer_idx)  # [span, d]
+        cos, sin = self.rotation_tables(*self.cos_sin(torch.arange(low, high + 1), layer_idx))  # [span, d]
         first = positions.reshape(-1, positions.shape[-1])[0]
         if bool((positions == first).all()):  # every layer/head keeps the same rows: broadcast
             index = (first - low).to(cos.device)
@@ -121,7 +155,7 @@ class Rotary:
         """:meth:`rotate` written into fp32 ``out`` (same shape; may be a view of a larger buffer)."""
         if positions.numel() == 0:
             return out
-        return _apply_rotation(out, keys, *self.table_cos_sin(positions, layer_idx))
+        return self._apply_rotation(out, keys, *self.table_cos_sin(positions, layer_idx))
 
     def rotate_layers(
         self, keys: torch.Tensor, positions: torch.Tensor, out: torch.Tensor | None = None
@@ -158,39 +192,48 @@ class Rotary:
             cos, sin = tables[kind]
             if cos.dim() > 2:  # per layer and head; else one row of positions broadcast everywhere
                 cos, sin = cos[i], sin[i]
-            _write_rotation(out, keys[i, :, :rows], cos[..., :rows, :], sin[..., :rows, :])
+            self._write_rotation(out, keys[i, :, :rows], cos[..., :rows, :], sin[..., :rows, :])
 
     def _rotate_to(self, out: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, layer_idx: int) -> None:
         if positions.numel():
-            _write_rotation(out, keys, *self.table_cos_sin(positions, layer_idx))
+            self._write_rotation(out, keys, *self.table_cos_sin(positions, layer_idx))
 
     def rotate_with_grad(self, keys: torch.Tensor, positions: torch.Tensor, layer_idx: int) -> torch.Tensor:
         """:meth:`rotate` as plain differentiable tensor arithmetic (training reads gradients
         through it; :meth:`rotate` writes in place)."""
         cos, sin = self.table_cos_sin(positions, layer_idx)
         cos, sin = cos.to(keys.device, keys.dtype), sin.to(keys.device, keys.dtype)
-        return apply_rope(keys, cos, sin)
+        return apply_rope(keys, cos, sin, self.paired)
 
     def unrotate(self, keys: torch.Tensor, positions: torch.Tensor, layer_idx: int) -> torch.Tensor:
         """Invert :meth:`rotate` (``cos``/``sin`` carry the scaling ``s``, so divide by ``s**2``)."""
-        cos, sin = self.cos_sin(positions, layer_idx)
+        cos, sin = self.rotation_tables(*self.cos_sin(positions, layer_idx))
         scale = self._scaling[layer_idx]  # only the turned channels carry it
-        out = apply_rope(keys.float(), cos / scale**2, -sin / scale**2)
+        out = apply_rope(keys.float(), cos / scale**2, -sin / scale**2, self.paired)
         return out.to(keys.dtype)
 
+    def _write_rotation(self, out: torch.Tensor, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """:meth:`_apply_rotation` into ``out`` of any dtype: in place when fp32, else rotated in
+        fp32 and rounded once."""
+        if out.dtype == torch.float32:
+            self._apply_rotation(out, keys, cos, sin)
+        else:
+            fp32 = torch.empty(out.shape, dtype=torch.float32, device=out.device)
+            out.copy_(self._apply_rotation(fp32, keys, cos, sin))
 
-def _write_rotation(out: torch.Tensor, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    """:func:`_apply_rotation` into ``out`` of any dtype: in place when fp32, else rotated in fp32
-    and rounded once."""
-    if out.dtype == torch.float32:
-        _apply_rotation(out, keys, cos, sin)
-    else:
-        out.copy_(_apply_rotation(torch.empty(out.shape, dtype=torch.float32, device=out.device), keys, cos, sin))
+    def _apply_rotation(
+        self, out: torch.Tensor, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        """:func:`apply_rope` into fp32 ``out``: in halves without temporaries
+        (:func:`_rotate_halves_into`, the common case, on every request), paired RoPE out of place."""
+        if not self.paired:
+            return _rotate_halves_into(out, keys, cos, sin)
+        return out.copy_(apply_rope(keys.to(out.device, torch.float32), cos.to(out.device), sin.to(out.device), True))
 
 
-def _apply_rotation(out: torch.Tensor, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """:func:`apply_rope` into fp32 ``out``, one half at a time: the keys are read twice and
-    written once, with no temporaries (memory-bound, on every request)."""
+def _rotate_halves_into(out: torch.Tensor, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_rope` (halves) into fp32 ``out``, one half at a time: the keys are read twice
+    and written once, with no temporaries (memory-bound, on every request)."""
     cos, sin = cos.to(out.device), sin.to(out.device)  # computed where ``out`` lives
     rot = cos.shape[-1]
     if rot < keys.shape[-1]:  # partial rotary: the channels past the tables pass through

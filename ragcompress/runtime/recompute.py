@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from ragcompress.architecture import attention_input_norm, final_norm, head_states, project
+from ragcompress.architecture import attention_input_norm, head_states, output_logits, project
 from ragcompress.kv import PassageKV
 from ragcompress.kv.rope import Rotary
 from ragcompress.runtime.assemble import AssembledCache, per_layer_rows, segment_rows
@@ -434,17 +434,8 @@ def blend(
     hidden = _run_layers(
         model, rotary, layout, built.cache, selected, torch.cat([hidden, question], dim=1), start, layers, new_pos
     )
-    logits = _lm_head(model, hidden[:, -1:])
+    logits = output_logits(model, hidden[:, -1:])[0, -1]
     return BlendReport(selected, int(candidates.numel()), total, logits)
-
-
-def _lm_head(model: Any, hidden: torch.Tensor) -> torch.Tensor:
-    """``[vocab]`` logits of the last position of ``hidden [1, 1, D]`` (final norm, head, softcap)."""
-    logits = model.lm_head(final_norm(model)(hidden))[0, -1]
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
 
 
 def repair(
