@@ -51,31 +51,45 @@ HALF_PRECISION_TOLERANCE = 0.2
 
 
 def check_model(model: Any) -> None:
-    """Refuse a model ragcompress would run wrongly, naming what it lacks (``ModelError``)."""
+    """Refuse a model ragcompress would run wrongly, naming what it lacks (``ModelError``).
+    Families outside :data:`VERIFIED_MODEL_TYPES` are also probed (:func:`probe_problem`); a
+    layout so far from the usual one that a check itself fails is refused with that failure."""
     model_type = getattr(model.config, "model_type", "?")
-    problem = structure_problem(model)
-    if problem is None and model_type not in VERIFIED_MODEL_TYPES:
-        problem = _kwargs_problem(model)
-    if problem is None and model_type not in VERIFIED_MODEL_TYPES:
-        tolerance = SHIFT_TOLERANCE.get(next(model.parameters()).dtype, HALF_PRECISION_TOLERANCE)
-        runs = caches_at_two_positions(model)  # one pair of forwards for both probes
-        fit = fit_rope(model, tolerance, runs)
-        if fit.paired:
-            setattr(model.model.rotary_emb, PAIRED_MARK, True)  # read by Rotary
-        for layer in fit.without_rope:
-            model.model.layers[layer].self_attn.use_rope = False  # read by Rotary, as SmolLM3 sets it
-        error = shift_error(model, runs)
-        if not error <= tolerance:
-            problem = (
-                f"its cache changes when it is moved to other positions (relative error "
-                f"{error:.2g} > {tolerance:g}): it reads positions other than through RoPE in rotate_half's or "
-                "the paired convention"
-            )
+    try:
+        problem = structure_problem(model)
+        if problem is None and model_type not in VERIFIED_MODEL_TYPES:
+            problem = probe_problem(model)
+    except Exception as exc:  # a hybrid or otherwise unusual model the checks cannot even run on
+        problem = f"running it as ragcompress does failed ({type(exc).__name__}: {exc})"
     if problem is not None:
         raise ModelError(
             f"model type {model_type!r} cannot be used with ragcompress: {problem}. Tested families: "
             f"{', '.join(VERIFIED_MODEL_TYPES)}; see ragcompress/architecture.py for what a model needs"
         )
+
+
+def probe_problem(model: Any) -> str | None:
+    """What running the model shows ragcompress would get wrong, or ``None``: keyword arguments
+    that do not reach attention, an attention function that does not compute the model's own,
+    or a cache that does not move as fitted (the fit's marks are set on the model here, for
+    :class:`~ragcompress.kv.rope.Rotary`)."""
+    problem = _kwargs_problem(model) or _attention_problem(model)
+    if problem is not None:
+        return problem
+    tolerance = SHIFT_TOLERANCE.get(next(model.parameters()).dtype, HALF_PRECISION_TOLERANCE)
+    runs = caches_at_two_positions(model)  # one pair of forwards for the fit and the shift probe
+    fit = fit_rope(model, tolerance, runs)
+    if fit.paired:
+        setattr(model.model.rotary_emb, PAIRED_MARK, True)  # read by Rotary
+    for layer in fit.without_rope:
+        model.model.layers[layer].self_attn.use_rope = False  # read by Rotary, as SmolLM3 sets it
+    error = shift_error(model, runs)
+    if not error <= tolerance:
+        return (
+            f"its cache changes when it is moved to other positions (relative error {error:.2g} > "
+            f"{tolerance:g}): it reads positions other than through RoPE in rotate_half's or the paired convention"
+        )
+    return None
 
 
 def structure_problem(model: Any) -> str | None:
@@ -86,13 +100,16 @@ def structure_problem(model: Any) -> str | None:
         return "no decoder layers at model.model.layers"
     if getattr(inner, "rotary_emb", None) is None:
         return "no rotary embedding module at model.model.rotary_emb (ragcompress re-positions caches with RoPE)"
+    plain = [i for i, layer in enumerate(layers) if getattr(layer, "self_attn", None) is None]
+    if plain:
+        return f"layers {plain} have no self-attention (a hybrid of attention and linear or recurrent layers)"
     attn = layers[0].self_attn
     if getattr(attn, "qkv_proj", None) is None and any(getattr(attn, part, None) is None for part in PROJECTIONS):
         return "no query, key and value projections (self_attn.q_proj, k_proj, v_proj or a fused qkv_proj)"
     if final_norm(model) is None:
         return "no final norm before the LM head (model.model.norm or final_layernorm)"
     if attention_input_norm(layers[0]) is None:
-        return "no input_layernorm before attention, and not post-norm (post_feedforward_layernorm) either"
+        return "no input_layernorm (or attention_layernorm) before attention, and not post-norm either"
     from ragcompress.kv.rope import Rotary
 
     rot, head_dim = Rotary(model).rotary_dim, _head_dim(model)
@@ -102,12 +119,14 @@ def structure_problem(model: Any) -> str | None:
 
 
 def attention_input_norm(layer: Any) -> Any:
-    """What a decoder layer applies to its input before attention: ``input_layernorm``, or the
-    identity in a post-norm layer (OLMo-2, EXAONE-4: normed after attention and after the MLP,
-    ``post_feedforward_layernorm``); ``None`` when it is neither (a layout not known here)."""
-    norm = getattr(layer, "input_layernorm", None)
-    if norm is not None:
-        return norm
+    """What a decoder layer applies to its input before attention: ``input_layernorm``
+    (``attention_layernorm``: Apertus), or the identity in a post-norm layer (OLMo-2, EXAONE-4:
+    normed after attention and after the MLP, ``post_feedforward_layernorm``); ``None`` when it
+    is neither (a layout not known here)."""
+    for name in ("input_layernorm", "attention_layernorm"):
+        norm = getattr(layer, name, None)
+        if norm is not None:
+            return norm
     return torch.nn.Identity() if getattr(layer, "post_feedforward_layernorm", None) is not None else None
 
 
@@ -204,6 +223,31 @@ def layers_missing_attention_kwargs(model: Any) -> list[int]:
     reached: set[int] = set()
     forward_logits(model, torch.zeros(1, 2, dtype=torch.long), DynamicCache(), 0, 1, **{REACHED_KWARG: reached})
     return [i for i in range(len(model.model.layers)) if i not in reached]
+
+
+@torch.inference_mode()
+def _attention_problem(model: Any, tokens: int = 16) -> str | None:
+    """ragcompress answers through its own attention function (SDPA, plus the masks of evicted
+    caches: :mod:`ragcompress.runtime.attention`); the model's eager attention is what it was
+    written for. The same tokens' logits through both must agree, or the model attends in a way
+    the function leaves out (learned attention sinks, its own logit scaling or capping)."""
+    from ragcompress.runtime.attention import register_attention
+
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(1))
+    ours = model(input_ids=ids.to(model.device)).logits.float()
+    model.set_attn_implementation("eager")
+    try:
+        eager = model(input_ids=ids.to(model.device)).logits.float()
+    finally:
+        model.set_attn_implementation(register_attention())
+    tolerance = SHIFT_TOLERANCE.get(next(model.parameters()).dtype, HALF_PRECISION_TOLERANCE)
+    error = _relative(ours, eager)
+    if error <= tolerance:
+        return None
+    return (
+        f"its own (eager) attention computes something ragcompress's attention does not (logits differ "
+        f"by {error:.2g} relative, > {tolerance:g})"
+    )
 
 
 def _kwargs_problem(model: Any) -> str | None:

@@ -24,6 +24,7 @@ from ragcompress.models import load_model
 @pytest.mark.parametrize(
     ("arch", "config"),
     [(arch, {}) for arch in (*VERIFIED_MODEL_TYPES, "qwen3_moe", "ministral", "granite", "starcoder2", "olmo2", "phi3")]
+    + [(arch, {}) for arch in ("mixtral", "olmoe", "glm4_moe", "ernie4_5", "hunyuan_v1_dense", "apertus", "olmo3")]
     + [("smollm3", {"layers": 4})]  # its fourth layer has no RoPE (use_rope = 0): keys stay where they are
     # partial rotary: RoPE turns a head's first 8 or 12 of 16 channels (Phi-4-mini's factor 0.75)
     + [("phi", {}), ("phi3", {"partial_rotary_factor": 0.75})]
@@ -68,11 +69,29 @@ def test_how_keys_move_is_fitted_at_load(arch, config, paired, nope, tiny_model_
     [
         # partial rotary, which is supported, but its decoder layer calls attention without **kwargs
         ("stablelm", {}, r"its decoder layers do not hand keyword arguments on to attention \(layers \[0, 1\]\)"),
+        ("nemotron", {}, "its decoder layers do not hand keyword arguments on to attention"),
+        # learned attention sinks, which SDPA (ragcompress's attention) leaves out
+        ("gpt_oss", {}, r"its own \(eager\) attention computes something ragcompress's attention does not"),
+        ("qwen3_next", {}, r"layers \[0, 1\] have no self-attention \(a hybrid"),  # linear attention
+        ("jamba", {}, "no rotary embedding module"),
+        ("deepseek_v3", {}, "no query, key and value projections"),  # latent attention (MLA)
+        # a rotary module of complex frequencies: the check cannot run on it, and says so
+        ("llama4_text", {}, r"running it as ragcompress does failed \(ValueError: "),
     ],
 )
 def test_models_it_would_run_wrongly_are_refused_by_reason(arch, config, reason, tiny_model_dir):
     with pytest.raises(ModelError, match=f"model type '{arch}' cannot be used with ragcompress: {reason}"):
         load_model(str(tiny_model_dir(arch, **config)))
+
+
+def test_the_attention_probe_leaves_ragcompresss_attention_in_place(tiny_model_dir):
+    """The probe runs the model's eager attention once to compare; answering must then go
+    through ragcompress's attention function again (the masks of evicted caches need it)."""
+    from ragcompress.runtime.attention import ATTENTION_NAME
+
+    lm = load_model(str(tiny_model_dir("phi")))
+    assert lm.model.config._attn_implementation == ATTENTION_NAME
+    assert all(layer.self_attn.config._attn_implementation == ATTENTION_NAME for layer in lm.model.model.layers)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

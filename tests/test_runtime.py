@@ -55,6 +55,8 @@ ARCHS = [
     "helium",  # RoPE over adjacent channel pairs, tables laid out in halves
     "glm",  # paired and partial RoPE
     "glm4",
+    "mixtral",  # mixture of experts
+    "apertus",  # attention_layernorm, q/k norms
 ]
 
 
