@@ -13,9 +13,11 @@ key projections. So a Hugging Face decoder qualifies when:
 2. **Its RoPE is a module**: ``model.model.rotary_emb``, whose tables cover a head's channels or
    its first ``rot`` (partial rotary: StableLM, Phi-2, Phi-4-mini; :mod:`ragcompress.kv.rope`
    turns those and leaves the rest).
-3. **Its layers hand keyword arguments on to attention** (:func:`layers_missing_attention_kwargs`):
-   the per-head masks of evicted caches and the packed segments travel that way from the
-   model's forward to :mod:`ragcompress.runtime.attention` (StableLM's layers drop them).
+3. **Its attention is what ragcompress runs** (:func:`attention_problem`): every layer hands
+   the model's keyword arguments on to attention (the per-head masks of evicted caches and the
+   packed segments travel that way to :mod:`ragcompress.runtime.attention`; StableLM's and
+   Nemotron's layers drop them), and the model's eager attention gives the logits ragcompress's
+   SDPA-based function gives (GPT-OSS's learned sinks do not).
 4. **Moving a cache moves nothing else** (:func:`shift_error`): the cache of 16 tokens computed
    at positions 0.., its keys un-rotated and rotated to 37.., must equal the cache the same
    tokens get when they run at 37.. (keys and values, every layer); by RoPE's relative property
@@ -73,7 +75,7 @@ def probe_problem(model: Any) -> str | None:
     that do not reach attention, an attention function that does not compute the model's own,
     or a cache that does not move as fitted (the fit's marks are set on the model here, for
     :class:`~ragcompress.kv.rope.Rotary`)."""
-    problem = _kwargs_problem(model) or _attention_problem(model)
+    problem = attention_problem(model)
     if problem is not None:
         return problem
     tolerance = SHIFT_TOLERANCE.get(next(model.parameters()).dtype, HALF_PRECISION_TOLERANCE)
@@ -210,31 +212,27 @@ def final_norm(model: Any) -> Any:
 
 
 @torch.inference_mode()
-def layers_missing_attention_kwargs(model: Any) -> list[int]:
-    """The layers whose attention call did not receive a keyword argument given to the model's
-    forward (two tokens): ragcompress's per-head masks and packed segments ride on such keywords
-    (:mod:`ragcompress.runtime.attention`), so a decoder layer that drops them (StableLM's) would
-    attend over evicted caches' padding rows without an error."""
-    from transformers import DynamicCache
+def attention_problem(model: Any, tokens: int = 16) -> str | None:
+    """What the model's attention calls show ragcompress would get wrong, or ``None``. The same
+    ``tokens`` run through ragcompress's attention function and through the model's eager one:
 
-    from ragcompress.runtime.attention import REACHED_KWARG
-    from ragcompress.runtime.generate import forward_logits
-
-    reached: set[int] = set()
-    forward_logits(model, torch.zeros(1, 2, dtype=torch.long), DynamicCache(), 0, 1, **{REACHED_KWARG: reached})
-    return [i for i in range(len(model.model.layers)) if i not in reached]
-
-
-@torch.inference_mode()
-def _attention_problem(model: Any, tokens: int = 16) -> str | None:
-    """ragcompress answers through its own attention function (SDPA, plus the masks of evicted
-    caches: :mod:`ragcompress.runtime.attention`); the model's eager attention is what it was
-    written for. The same tokens' logits through both must agree, or the model attends in a way
-    the function leaves out (learned attention sinks, its own logit scaling or capping)."""
-    from ragcompress.runtime.attention import register_attention
+    - every layer's attention call must receive the keyword argument given to the model's forward,
+      since the per-head masks of evicted caches and the packed segments ride on such keywords
+      (:mod:`ragcompress.runtime.attention`); a decoder layer that drops them (StableLM's,
+      Nemotron's) would attend over evicted caches' padding rows without an error;
+    - the logits must agree: the function is SDPA plus those masks, and a model that attends in a
+      way it leaves out (GPT-OSS's learned attention sinks) would answer otherwise."""
+    from ragcompress.runtime.attention import REACHED_KWARG, register_attention
 
     ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(1))
-    ours = model(input_ids=ids.to(model.device)).logits.float()
+    reached: set[int] = set()
+    ours = model(input_ids=ids.to(model.device), **{REACHED_KWARG: reached}).logits.float()
+    missing = [i for i in range(len(model.model.layers)) if i not in reached]
+    if missing:
+        return (
+            f"its decoder layers do not hand keyword arguments on to attention (layers {missing}), and "
+            "ragcompress's masks for evicted caches ride on them"
+        )
     model.set_attn_implementation("eager")
     try:
         eager = model(input_ids=ids.to(model.device)).logits.float()
@@ -247,16 +245,6 @@ def _attention_problem(model: Any, tokens: int = 16) -> str | None:
     return (
         f"its own (eager) attention computes something ragcompress's attention does not (logits differ "
         f"by {error:.2g} relative, > {tolerance:g})"
-    )
-
-
-def _kwargs_problem(model: Any) -> str | None:
-    missing = layers_missing_attention_kwargs(model)
-    if not missing:
-        return None
-    return (
-        f"its decoder layers do not hand keyword arguments on to attention (layers {missing}), and "
-        "ragcompress's masks for evicted caches ride on them"
     )
 
 
