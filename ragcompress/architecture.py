@@ -8,7 +8,7 @@ key projections. So a Hugging Face decoder qualifies when:
    ``k_proj`` and ``v_proj``, or one fused ``qkv_proj`` (Phi-3: :func:`projection_module`), and
    either a pre-attention ``input_layernorm`` or post-norm layers (OLMo-2, EXAONE-4), whose
    attention reads the residual stream as it is (:func:`attention_input_norm`). Query/key norms
-   may act per head (Qwen3, Gemma-3, StableLM) or over the whole projection (OLMo-2):
+   may act per head (Qwen3, Gemma-3, Phi) or over the whole projection (OLMo-2):
    :func:`head_states`.
 2. **Its RoPE is a module**: ``model.model.rotary_emb``, whose tables cover a head's channels or
    its first ``rot`` (partial rotary: StableLM, Phi-2, Phi-4-mini; :mod:`ragcompress.kv.rope`
@@ -29,7 +29,7 @@ key projections. So a Hugging Face decoder qualifies when:
    probe, and would otherwise answer wrongly without an error.
 
 The families in :data:`VERIFIED_MODEL_TYPES` are tested end to end in the suite (tiny random
-models of each) and skip the two probes; any other model that passes all four is accepted.
+models of each) and skip the probes; any other model that passes all four is accepted.
 """
 
 from __future__ import annotations
@@ -46,8 +46,9 @@ VERIFIED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2",
 PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 
 SHIFT = 37  # positions the probe moves its cached keys by (odd, so no rotation period lines up)
-# relative error allowed by the shift probe: rounding of the model's dtype; a wrong move is off
-# by about 1 (1.2 to 2.1 on tiny Cohere, Helium and EXAONE-4 models), half precision by < 0.05
+# relative error allowed by the probes: rounding of the model's dtype; a wrong move is off by
+# about 1 (1.2 to 2.1 for tiny Cohere, Helium and EXAONE-4 models moved as rotate_half RoPE in
+# every layer, before the fit), a right one in half precision by < 0.05
 SHIFT_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}
 HALF_PRECISION_TOLERANCE = 0.2
 
