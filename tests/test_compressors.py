@@ -415,9 +415,12 @@ def test_cli_rejects_bad_method_and_ratio(args, expected, tmp_path, monkeypatch,
     assert not (tmp_path / "store").exists()
 
 
-@pytest.mark.parametrize(("arch", "config"), [("llama", {}), ("phi3", {"partial_rotary_factor": 0.75})])
+@pytest.mark.parametrize(
+    ("arch", "config"), [("llama", {}), ("phi3", {"partial_rotary_factor": 0.75}), ("glm", {}), ("cohere", {})]
+)
 def test_mean_rotation_is_the_average_of_rope(arch, config, tiny_model_dir):
-    """Over whole heads, and with partial rotary, whose last channels the mean leaves as they are."""
+    """Over whole heads, with partial rotary (whose last channels the mean leaves as they are),
+    and with paired RoPE, its tables laid out in halves (GLM) or in pairs (Cohere)."""
     from ragcompress.compressors.expected_attention import mean_rotation
     from ragcompress.kv.rope import Rotary
     from ragcompress.models import load_model
