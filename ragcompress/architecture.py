@@ -34,6 +34,7 @@ models of each) and skip the probes; any other model that passes all four is acc
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,15 +54,18 @@ SHIFT_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}
 HALF_PRECISION_TOLERANCE = 0.2
 
 
-def check_model(model: Any) -> None:
+def check_model(model: Any) -> RopeFit | None:
     """Refuse a model ragcompress would run wrongly, naming what it lacks (``ModelError``).
     Families outside :data:`VERIFIED_MODEL_TYPES` are also probed (:func:`probe_problem`); a
-    layout so far from the usual one that a check itself fails is refused with that failure."""
+    layout so far from the usual one that a check itself fails is refused with that failure.
+    Returns what the probes fitted and marked on the model (:func:`fit_rope`), ``None`` for the
+    tested families."""
     model_type = getattr(model.config, "model_type", "?")
+    fit: RopeFit | None = None
     try:
         problem = structure_problem(model)
         if problem is None and model_type not in VERIFIED_MODEL_TYPES:
-            problem = probe_problem(model)
+            problem, fit = probe_problem(model)
     except Exception as exc:  # a hybrid or otherwise unusual model the checks cannot even run on
         problem = f"running it as ragcompress does failed ({type(exc).__name__}: {exc})"
     if problem is not None:
@@ -69,16 +73,17 @@ def check_model(model: Any) -> None:
             f"model type {model_type!r} cannot be used with ragcompress: {problem}. Tested families: "
             f"{', '.join(VERIFIED_MODEL_TYPES)}; see ragcompress/architecture.py for what a model needs"
         )
+    return fit
 
 
-def probe_problem(model: Any) -> str | None:
-    """What running the model shows ragcompress would get wrong, or ``None``: keyword arguments
-    that do not reach attention, an attention function that does not compute the model's own,
-    or a cache that does not move as fitted (the fit's marks are set on the model here, for
-    :class:`~ragcompress.kv.rope.Rotary`)."""
+def probe_problem(model: Any) -> tuple[str | None, RopeFit | None]:
+    """What running the model shows ragcompress would get wrong (``None`` if nothing), and the
+    fit of how its keys move: keyword arguments that do not reach attention, an attention
+    function that does not compute the model's own, or a cache that does not move as fitted (the
+    fit's marks are set on the model here, for :class:`~ragcompress.kv.rope.Rotary`)."""
     problem = attention_problem(model)
     if problem is not None:
-        return problem
+        return problem, None
     tolerance = SHIFT_TOLERANCE.get(next(model.parameters()).dtype, HALF_PRECISION_TOLERANCE)
     runs = caches_at_two_positions(model)  # one pair of forwards for the fit and the shift probe
     fit = fit_rope(model, tolerance, runs)
@@ -91,8 +96,8 @@ def probe_problem(model: Any) -> str | None:
         return (
             f"its cache changes when it is moved to other positions (relative error {error:.2g} > "
             f"{tolerance:g}): it reads positions other than through RoPE in rotate_half's or the paired convention"
-        )
-    return None
+        ), fit
+    return None, fit
 
 
 def structure_problem(model: Any) -> str | None:
@@ -277,6 +282,16 @@ class RopeFit:
 
     paired: bool
     without_rope: list[int]
+
+    @property
+    def fingerprint_part(self) -> str:
+        """What the fit adds to the model's fingerprint (:func:`ragcompress.models.load_model`):
+        stored keys are un-rotated in the fitted convention, so a store must not be read under
+        another one (a later fit of the same weights). Empty for plain ``rotate_half`` RoPE in
+        every layer, so those fingerprints stay as they were."""
+        if not self.paired and not self.without_rope:
+            return ""
+        return json.dumps({"rope_paired": self.paired, "rope_fitted_without": self.without_rope}, sort_keys=True)
 
 
 def fit_rope(model: Any, tolerance: float, runs: list[CachePair] | None = None) -> RopeFit:

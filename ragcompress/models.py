@@ -335,12 +335,13 @@ def load_model(ref: str | None = None, *, dtype: Any = None, device: Any = None)
     model.eval()
     if device is not None:
         model.to(device)
-    check_model(model)
+    fit = check_model(model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load the tokenizer from {model_dir}: {exc}") from None
     fingerprint_src = json.dumps(canonical_config(model.config), sort_keys=True, default=str)
+    fingerprint_src += fit.fingerprint_part if fit is not None else ""
     fingerprint = hashlib.sha256((fingerprint_src + weights_hash(model_dir)).encode()).hexdigest()
     # embedded names and hub ids are found again by name (a hub snapshot's folder is one
     # revision's; the fingerprint tells a store when the cached model changed), folders by path

@@ -241,3 +241,16 @@ def test_output_logits_are_the_models_own(arch, config, tiny_model_dir):
         want = lm.model(torch.tensor([[5, 17, 42, 9]])).logits
         hook.remove()
         torch.testing.assert_close(output_logits(lm.model, captured[0]), want)
+
+
+def test_the_fitted_rope_is_part_of_the_fingerprint(tiny_model_dir, monkeypatch):
+    """Stored keys are un-rotated in the convention the load fitted, so the fit is part of the
+    model's fingerprint, which every store checks: a store cannot be read under another fit of
+    the same weights. A model fitted as plain ``rotate_half`` RoPE keeps the fingerprint of its
+    config and weights alone."""
+    from ragcompress.architecture import RopeFit
+
+    fitted = {arch: load_model(str(tiny_model_dir(arch))).fingerprint for arch in ("cohere", "phi")}
+    monkeypatch.setattr(RopeFit, "fingerprint_part", property(lambda self: ""))
+    assert load_model(str(tiny_model_dir("cohere"))).fingerprint != fitted["cohere"]
+    assert load_model(str(tiny_model_dir("phi"))).fingerprint == fitted["phi"]
