@@ -54,6 +54,11 @@ SHIFT_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}
 HALF_PRECISION_TOLERANCE = 0.2
 
 
+def tolerance_for(model: Any) -> float:
+    """The relative error the probes allow a model: rounding of its weights' dtype."""
+    return SHIFT_TOLERANCE.get(next(model.parameters()).dtype, HALF_PRECISION_TOLERANCE)
+
+
 def check_model(model: Any) -> RopeFit | None:
     """Refuse a model ragcompress would run wrongly, naming what it lacks (``ModelError``).
     Families outside :data:`VERIFIED_MODEL_TYPES` are also probed (:func:`probe_problem`); a
@@ -84,7 +89,7 @@ def probe_problem(model: Any) -> tuple[str | None, RopeFit | None]:
     problem = attention_problem(model)
     if problem is not None:
         return problem, None
-    tolerance = SHIFT_TOLERANCE.get(next(model.parameters()).dtype, HALF_PRECISION_TOLERANCE)
+    tolerance = tolerance_for(model)
     runs = caches_at_two_positions(model)  # one pair of forwards for the fit and the shift probe
     fit = fit_rope(model, tolerance, runs)
     if fit.paired:
@@ -244,7 +249,7 @@ def attention_problem(model: Any, tokens: int = 16) -> str | None:
         eager = model(input_ids=ids.to(model.device)).logits.float()
     finally:
         model.set_attn_implementation(register_attention())
-    tolerance = SHIFT_TOLERANCE.get(next(model.parameters()).dtype, HALF_PRECISION_TOLERANCE)
+    tolerance = tolerance_for(model)
     error = _relative(ours, eager)
     if error <= tolerance:
         return None
