@@ -350,6 +350,7 @@ def to_json(engine: Engine, rows: list[BenchRow], meta: dict[str, Any]) -> dict[
     return {
         "model": engine.store.manifest.model_ref,
         "store": str(engine.store.path),
+        "device": str(engine.lm.model.device),
         "rows": [asdict(r) for r in rows],
         "meta": meta,
     }

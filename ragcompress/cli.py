@@ -583,6 +583,7 @@ def evaluate(
     preset: str | None = typer.Option(None, "--preset", help=PRESET_HELP),
     backend: str | None = BACKEND_OPTION,
     dtype: str | None = DTYPE_OPTION,
+    device: str | None = DEVICE_OPTION,
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Answer questions from caches and by full prefill; report quality, agreement and speedup."""
@@ -595,6 +596,7 @@ def evaluate(
         store,
         options=_answer_options(preset, max_new_tokens, recompute, selection, backend),
         dtype=dtype,
+        device=device,
     )
     try:
         results = iter_eval(engine, items, top_k)
@@ -612,7 +614,7 @@ def evaluate(
         f"from cache   : sub-EM {summary['compressed']['sub_em']:.3f}  F1 {summary['compressed']['f1']:.3f}  "
         f"TTFT {summary['compressed']['ttft_s_median'] * 1000:.0f} ms\n"
         f"agreement {summary['agreement']:.3f}  TTFT speedup {summary['ttft_speedup']:.1f}x "
-        f"({summary['torch_threads']} torch threads)  "
+        f"({summary['torch_threads']} torch threads{'' if summary['device'] == 'cpu' else ', ' + summary['device']})  "
         f"compression {summary['compression']:.2f}x vs fp16"
     )
     _emit(summary, as_json, human)
@@ -626,8 +628,12 @@ def bench(
     limit: int = typer.Option(3, "--limit", min=1, help="questions per context size"),
     repeats: int = typer.Option(3, "--repeats", min=1, help="timed runs per question and path (median)"),
     plot_path: Path | None = typer.Option(None, "--plot", help="write a PNG of TTFT against context size"),
-    indexing: int = typer.Option(
-        8, "--indexing-passages", min=0, help="passages re-indexed in memory to time indexing (0: skip)"
+    indexing: int | None = typer.Option(
+        None,
+        "--indexing-passages",
+        min=0,
+        help="passages re-indexed in memory to time indexing (0: skip; default 8 on the CPU, 0 with --device "
+        "cuda, since indexing runs on the CPU)",
     ),
     packed: bool = typer.Option(
         True,
@@ -637,6 +643,7 @@ def bench(
     ),
     preset: str | None = typer.Option(None, "--preset", help=PRESET_HELP),
     dtype: str | None = DTYPE_OPTION,
+    device: str | None = DEVICE_OPTION,
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """TTFT across context sizes against full prefill; KV bytes; indexing throughput.
@@ -667,8 +674,18 @@ def bench(
             f"--repeats takes an odd count (each figure is a median, and the median of {repeats} runs is "
             f"the mean of the middle two); use {repeats - 1} or {repeats + 1}"
         )
+    from ragcompress.models import usable_device
+
+    on_cpu = device is None or usable_device(device).type == "cpu"
+    if indexing is None:
+        indexing = 8 if on_cpu else 0
+    elif indexing and not on_cpu:
+        raise RagCompressError(
+            f"--indexing-passages {indexing} with --device {device}: indexing runs on the CPU, so bench times it "
+            "only there; pass --indexing-passages 0, or bench indexing in a run without --device"
+        )
     items = read_questions(questions or SAMPLE_QUESTIONS, limit)
-    engine = Engine.open(store, options=_answer_options(preset), dtype=dtype)
+    engine = Engine.open(store, options=_answer_options(preset), dtype=dtype, device=device)
     comparison = throughput = None
     try:
         if max(top_ks) > len(engine.store):
@@ -709,6 +726,7 @@ def calibrate(
     samples: int = typer.Option(16, "--samples", min=1, help="passage groups measured"),
     top_k: int = typer.Option(3, "--top-k", min=1, help="passages per group"),
     dtype: str | None = DTYPE_OPTION,
+    device: str | None = DEVICE_OPTION,
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Choose the store's attention temperature (APE) by KL to full prefill, without labels.
@@ -724,7 +742,7 @@ def calibrate(
     from ragcompress.store import Manifest
     from ragcompress.store.kvstore import StoreLock
 
-    with Engine.open(store, options=AnswerOptions(calibrate=False), dtype=dtype) as engine:
+    with Engine.open(store, options=AnswerOptions(calibrate=False), dtype=dtype, device=device) as engine:
         result = calibrate_temperature(engine, samples=samples, top_k=top_k, progress=_show_progress(as_json))
         lock = StoreLock(store)
         try:  # a temperature measured on one build is not recorded in another swapped in meanwhile
@@ -845,6 +863,7 @@ def serve(
     ),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level"),
     dtype: str | None = DTYPE_OPTION,
+    device: str | None = DEVICE_OPTION,
 ) -> None:
     """Serve the store over HTTP: OpenAI-compatible /v1/chat/completions (docs/serve.md).
 
@@ -872,7 +891,7 @@ def serve(
         typer.echo(
             f"warning: serving on {host} without an API key; anyone who reaches it can query the store", err=True
         )
-    engine = Engine.open(store, options=_answer_options(preset, max_new_tokens), dtype=dtype)
+    engine = Engine.open(store, options=_answer_options(preset, max_new_tokens), dtype=dtype, device=device)
     run(create_app(engine, settings), host, port, log_level=log_level)
     engine.close()
 

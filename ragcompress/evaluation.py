@@ -170,7 +170,8 @@ def iter_eval(
 
 
 def summarize(engine: Engine, results: list[QuestionResult]) -> dict[str, Any]:
-    """The DESIGN §3 ``eval`` JSON for a list of results (extended with ``torch_threads``)."""
+    """The DESIGN §3 ``eval`` JSON for a list of results (extended with ``torch_threads`` and
+    ``device``)."""
     import torch
 
     n = len(results)
@@ -201,6 +202,7 @@ def summarize(engine: Engine, results: list[QuestionResult]) -> dict[str, Any]:
         "ttft_speedup": full["ttft_s_median"] / compressed["ttft_s_median"],
         # the speedup depends on it: full prefill uses more threads better than the cached path does
         "torch_threads": torch.get_num_threads(),
+        "device": str(engine.lm.model.device),
         "kv_bytes_per_token": {"fp16": fp16, "stored": stored},
         "compression": fp16 / stored,
     }

@@ -461,12 +461,12 @@ def test_dtype_is_recorded_at_indexing_and_reused_for_answering(tiny_model_dir, 
 
 
 def test_device_places_the_answering_model_or_names_why_it_cannot(tiny_model_dir, tmp_path, monkeypatch, capfd):
-    """``ask --device`` loads the model there (answering follows it: tests/test_engine_on_cuda.py
-    checks the engine with the model on CUDA); a GPU torch does not see, or a name that is not a
-    device, is one line naming it, raised before any weights load."""
+    """``--device`` loads the model there on every command that answers (answering follows it:
+    tests/test_engine_on_cuda.py checks the engine with the model on CUDA); a GPU torch does not
+    see, or a name that is not a device, is one line naming it, raised before any weights load."""
     import torch
 
-    from ragcompress.data import SAMPLE_PASSAGES
+    from ragcompress.data import SAMPLE_PASSAGES, SAMPLE_QUESTIONS
 
     passages, store = tmp_path / "passages.jsonl", tmp_path / "store"
     passages.write_text("\n".join(SAMPLE_PASSAGES.read_text().splitlines()[:3]) + "\n")
@@ -478,8 +478,25 @@ def test_device_places_the_answering_model_or_names_why_it_cannot(tiny_model_dir
     ask = ["ask", "--store", str(store), "--question", "Where?", "--json", "--max-new-tokens", "4"]
     code, out, err = run_cli([*ask, "--device", "cpu"], monkeypatch, capfd)
     assert code == 0 and json.loads(out)["answer"] is not None, err
-    code, _, err = run_cli([*ask, "--device", "tpu:x"], monkeypatch, capfd)
-    assert code == 1 and err.startswith("error: device 'tpu:x' is not a torch device") and err.count("\n") == 1, err
-    if not torch.cuda.is_available():
-        code, _, err = run_cli([*ask, "--device", "cuda"], monkeypatch, capfd)
-        assert code == 1 and err.startswith("error: device 'cuda': torch sees no CUDA GPU here"), err
+    evaluate = ["eval", "--store", str(store), "--questions", str(SAMPLE_QUESTIONS), "--limit", "1", "--json"]
+    code, out, err = run_cli([*evaluate, "--max-new-tokens", "2", "--device", "cpu"], monkeypatch, capfd)
+    assert code == 0 and json.loads(out)["device"] == "cpu", err
+    bench = ["bench", "--store", str(store), "--top-k", "1", "--limit", "1", "--repeats", "1", "--no-packed"]
+    commands = {
+        "ask": ask,
+        "eval": evaluate,
+        "bench": bench,
+        "calibrate": ["calibrate", "--store", str(store), "--samples", "1"],
+        "serve": ["serve", "--store", str(store), "--port", "0"],
+    }
+    for name, command in commands.items():
+        code, _, err = run_cli([*command, "--device", "tpu:x"], monkeypatch, capfd)
+        assert code == 1 and err.startswith("error: device 'tpu:x' is not a torch device"), (name, err)
+        assert err.count("\n") == 1, (name, err)
+        if not torch.cuda.is_available():
+            code, _, err = run_cli([*command, "--device", "cuda"], monkeypatch, capfd)
+            assert code == 1 and err.startswith("error: device 'cuda': torch sees no CUDA GPU here"), (name, err)
+    # bench times indexing only where indexing runs (the CPU), and says so when asked for it on a GPU
+    monkeypatch.setattr("ragcompress.models.usable_device", lambda device: torch.device("cuda", 0))
+    code, _, err = run_cli([*bench, "--indexing-passages", "2", "--device", "cuda:0"], monkeypatch, capfd)
+    assert code == 1 and "indexing runs on the CPU" in err and "--indexing-passages 0" in err, err

@@ -1,5 +1,6 @@
-"""The whole query path with the model on a CUDA GPU: `auto` (the dense path), the fused kernel
-and full prefill answer there as they do on the CPU (benchmarks/gpu_check.sh runs the
+"""The whole query path with the model on a CUDA GPU: `auto` (the dense path), the fused kernel,
+selective recompute (the `faithful` preset's path), the batch `serve` decodes and full prefill
+answer there as they do on the CPU (benchmarks/gpu_check.sh runs the
 ``gpu``-marked test). The model is a tiny random llama with a character tokenizer, so the check
 needs no packaged model: only torch, transformers, tokenizers and faiss on the GPU machine. The
 same harness runs here on the CPU, where the paths must agree too."""
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from ragcompress.runtime.options import AnswerOptions
+from ragcompress.runtime.recompute import RecomputeConfig
 
 QUESTIONS = ["Where was the treaty signed?", "Who founded the city?", "What is the main export?"]
 TOP_K = 3
@@ -34,22 +36,34 @@ def char_store(tmp_path_factory):
 
 
 def answers(model_dir: str, store: str, device: str, backends: list[str]) -> dict[str, list[tuple[str, list[int]]]]:
-    """Per backend (and ``full`` prefill): ``(path that ran, greedy token ids)`` per question."""
+    """Per backend, ``recompute`` (a quarter of the passage tokens, mixed selection), ``batch``
+    (all questions decoded together, as ``serve`` does) and ``full`` prefill: ``(path that ran,
+    greedy token ids)`` per question."""
     from ragcompress.models import load_model
+    from ragcompress.runtime.batch import BatchStream
     from ragcompress.runtime.engine import Engine
     from ragcompress.store import KVStore
     from ragcompress.testing import HashEmbedder
 
     lm = load_model(model_dir, device=device)
-    out: dict[str, list[tuple[str, list[int]]]] = {name: [] for name in [*backends, "full"]}
+    out: dict[str, list[tuple[str, list[int]]]] = {name: [] for name in [*backends, "recompute", "batch", "full"]}
+    recompute = RecomputeConfig(ratio=0.25, selection="mixed")
     with Engine(KVStore.open(store), lm, HashEmbedder(), AnswerOptions(max_new_tokens=8)) as engine:
         for question in QUESTIONS:
             entries = engine.retrieve(question, TOP_K)
             for backend in backends:
                 answer = engine.answer_cached(question, entries, engine.options.replace(backend=backend))
                 out[backend].append((answer.backend, answer.token_ids))
+            answer = engine.answer_cached(question, entries, engine.options.replace(recompute=recompute))
+            out["recompute"].append((answer.backend, answer.token_ids))
             full = engine.answer_full(question, entries)
             out["full"].append((full.backend, full.token_ids))
+        prepared = [engine.prepare(q, engine.retrieve(q, TOP_K)) for q in QUESTIONS]
+        batched: list[list[int]] = [[] for _ in QUESTIONS]
+        for i, token in BatchStream(lm.model, prepared, [8] * len(QUESTIONS), engine.stop_ids):
+            if token is not None:
+                batched[i].append(token)
+        out["batch"] = [("dense", ids) for ids in batched]
     return out
 
 
@@ -61,13 +75,16 @@ def test_a_character_tokenizer_model_answers_alike_through_every_cpu_path(char_s
     assert [path for path, _ in out["auto"]] == ["dense"] * len(QUESTIONS)
     assert out["auto"] == out["dense"]
     assert [ids for _, ids in out["packed-torch"]] == [ids for _, ids in out["dense"]]
+    assert out["batch"] == out["dense"]
+    assert all(ids for _, ids in out["recompute"])
 
 
 @pytest.mark.gpu
 def test_engine_on_cuda_answers_as_on_the_cpu(char_store):
     """With the model on CUDA: ``auto`` answers through the dense path, the fused kernel
     (``packed-triton``) gives the tokens the packed PyTorch path gives on the CPU, and the dense
-    path and full prefill give the CPU's tokens (fp32 weights; greedy)."""
+    path, selective recompute, the batched decode and full prefill give the CPU's tokens (fp32
+    weights; greedy)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     pytest.importorskip("triton")
@@ -76,4 +93,5 @@ def test_engine_on_cuda_answers_as_on_the_cpu(char_store):
     assert [path for path, _ in cuda["auto"]] == ["dense"] * len(QUESTIONS)
     assert [path for path, _ in cuda["packed-triton"]] == ["packed-triton"] * len(QUESTIONS)
     assert cuda["dense"] == cpu["dense"] and cuda["full"] == cpu["full"]
+    assert cuda["recompute"] == cpu["recompute"] and cuda["batch"] == cpu["batch"]
     assert [ids for _, ids in cuda["packed-triton"]] == [ids for _, ids in cpu["packed-torch"]]
