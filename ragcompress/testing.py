@@ -140,12 +140,15 @@ def noisy_adaptor(model: Any, seed: int, scorer: bool = False, kind: str = "forw
 class PlainRotary:
     """Standard RoPE tables from ``inv_freq`` (what a Llama's rotary_emb computes), one RoPE for
     every layer: the :class:`~ragcompress.kv.rope.Rotary` interface the packed runtime reads,
-    without a model (the kernel tests' random segments)."""
+    without a model (the kernel tests' random segments). ``rotary_dim`` below ``head_dim`` turns
+    only a head's first channels (partial rotary); ``paired`` turns adjacent channels together."""
 
-    def __init__(self, head_dim: int, base: float = 10000.0) -> None:
+    def __init__(self, head_dim: int, base: float = 10000.0, rotary_dim: int | None = None, paired: bool = False):
         import torch
 
-        self.inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim)
+        self.rotary_dim = head_dim if rotary_dim is None else rotary_dim
+        self.paired = paired
+        self.inv_freq = 1.0 / base ** (torch.arange(0, self.rotary_dim, 2).float() / self.rotary_dim)
 
     def cos_sin(self, positions: Any, layer_idx: int) -> tuple[Any, Any]:
         import torch
@@ -153,6 +156,11 @@ class PlainRotary:
         freqs = positions.float().unsqueeze(-1) * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos(), emb.sin()
+
+    def rotation_tables(self, cos: Any, sin: Any) -> tuple[Any, Any]:
+        from ragcompress.kv.rope import pair_tables
+
+        return pair_tables(cos, sin) if self.paired else (cos, sin)
 
     def layer_key(self, layer_idx: int) -> None:
         return None

@@ -34,6 +34,7 @@ from .quantized_attention import (
     prepare_splits,
     reduce_splits,
     resolve_backend,
+    rope_ref,
     valid_rows_ref,
 )
 
@@ -63,7 +64,9 @@ class LatentSegments(SegmentsLayout):
     k_basis:  ``[H, rk, d]`` fp32 (``U_k`` transposed); ``k_mean`` ``[H, d]`` fp32; ``v_*`` alike
     v_bits:   the values' bits when they differ from the keys' ``bits``
     positions ``[H, N]`` int32, seg_start ``[S + 1]`` int32 (``seg_start_host`` the same),
-    seg_len ``[H, S]`` int32, cos/sin ``[P, d]`` fp32 rotary tables (attention scaling included)
+    seg_len ``[H, S]`` int32, cos/sin ``[P, d]`` fp32 rotary tables (attention scaling included;
+    cos 1, sin 0 on channels RoPE leaves), ``rot_dim`` / ``paired`` the RoPE convention as in
+    ``QuantizedSegments``
     """
 
     k_codes: torch.Tensor
@@ -86,6 +89,8 @@ class LatentSegments(SegmentsLayout):
     seg_start_host: tuple[int, ...]
     v_bits: int | None = None
     v_group: int | None = None  # values stored as rows: channels per scale
+    rot_dim: int | None = None
+    paired: bool = False
 
     def __post_init__(self) -> None:
         heads, rows, _ = self.k_codes.shape
@@ -131,6 +136,7 @@ class LatentSegments(SegmentsLayout):
             "sin": ((self.cos.shape[0], d), torch.float32),
         }
         self.check_tensors(expected, contiguous=True)
+        self.check_rope()
         if rk % pb:
             raise ValueError(f"key rank {rk} must be a multiple of {pb} at {self.bits} bits")
         if rows % self.group_size or any(s % self.group_size for s in self.seg_start_host):
@@ -150,14 +156,6 @@ def _dequantize_latents_ref(codes: torch.Tensor, scale: torch.Tensor, low: torch
     return torch.addcmul(low.float().unsqueeze(-2), z, scale.float().unsqueeze(-2)).view(heads, rows, r)
 
 
-def _rope_ref(keys: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``keys [..., N, d]`` rotated to ``positions [..., N]`` (rotate_half convention)."""
-    half = keys.shape[-1] // 2
-    rotated = torch.cat((-keys[..., half:], keys[..., :half]), dim=-1)
-    pos = positions.long()
-    return keys * cos[pos] + rotated * sin[pos]
-
-
 def rebuild_latent_segments_ref(seg: LatentSegments) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Keys ``[H, N, d]`` (rebuilt, RoPE applied), values ``[H, N, d]`` fp32 and ``valid [H, N]``."""
     zk = _dequantize_latents_ref(seg.k_codes, seg.k_scale, seg.k_min, seg.bits, seg.group_size)
@@ -168,7 +166,8 @@ def rebuild_latent_segments_ref(seg: LatentSegments) -> tuple[torch.Tensor, torc
     else:
         assert seg.v_group is not None  # __post_init__
         values = dequantize_values_ref(seg.v_codes, seg.v_scale, seg.v_min, seg.value_bits, seg.v_group)
-    return _rope_ref(keys, seg.positions, seg.cos, seg.sin), values, valid_rows_ref(seg.seg_start_host, seg.seg_len)
+    keys = rope_ref(keys, seg.positions, seg.cos, seg.sin, seg.rot_dim, seg.paired)
+    return keys, values, valid_rows_ref(seg.seg_start_host, seg.seg_len)
 
 
 def latent_attention_ref(
@@ -189,6 +188,7 @@ if HAS_TRITON:
         load_query_tile,
         load_rotated_query_tile,
         load_value_rows,
+        rope_table_columns,
         segment_rows,
         softmax_scores_step,
         split_row_range,
@@ -215,7 +215,8 @@ if HAS_TRITON:
         OUT, M_PART, L_PART, ACC_PART, qk_scale, Q_LEN, T_FP, N_ROWS, NUM_SEGS, H_KV, H_Q, BATCH,
         stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
         stride_ob, stride_oh, stride_om,
-        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
+        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, ROT_DIM: tl.constexpr, PAIRED: tl.constexpr,
+        BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
         V_LATENT: tl.constexpr, V_BITS: tl.constexpr, V_GROUP: tl.constexpr,
         RK: tl.constexpr, RV: tl.constexpr, RK_PAD: tl.constexpr, RV_PAD: tl.constexpr, SPLIT: tl.constexpr,
         DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -237,9 +238,9 @@ if HAS_TRITON:
         cols = tl.arange(0, HEAD_DIM)
         q = load_query_tile(Q, b, qh, qi, m_valid, stride_qb, stride_qh, stride_qm, HEAD_DIM)
         # RoPE as two dots over k cos and k sin (load_rotated_query_tile says why): each key is
-        # rebuilt once, without its rotate_half partner channels
-        q_rot = load_rotated_query_tile(Q, b, qh, qi, m_valid, stride_qb, stride_qh, stride_qm, HEAD_DIM)
-        rope_cols = cols % (HEAD_DIM // 2)  # the tables' first half only: they repeat (resolve_backend)
+        # rebuilt once, without its RoPE partner channels
+        q_rot = load_rotated_query_tile(Q, b, qh, qi, m_valid, stride_qb, stride_qh, stride_qm, HEAD_DIM, ROT_DIM, PAIRED)  # fmt: skip
+        rope_cols = rope_table_columns(HEAD_DIM, ROT_DIM, PAIRED)
 
         # this head's key basis (U^T, rows >= rank are 0) and mean, once per program
         rk = tl.arange(0, RK_PAD)
@@ -376,7 +377,7 @@ def latent_attention(
         scale * 1.4426950408889634, q_len, t_fp, seg.k_codes.shape[1], seg.num_segments, kv_heads, q_heads, batch,
         *query.stride()[:3], *key.stride()[:3], *value.stride()[:3],
         launch.out.stride(0), launch.out.stride(2), launch.out.stride(1),
-        GROUP=group, HEAD_DIM=d, BITS=seg.bits, GROUP_SIZE=seg.group_size,
+        GROUP=group, HEAD_DIM=d, ROT_DIM=seg.rotary_dim, PAIRED=seg.paired, BITS=seg.bits, GROUP_SIZE=seg.group_size,
         V_LATENT=seg.v_basis is not None, V_BITS=seg.value_bits, V_GROUP=seg.v_group or d, RK=rk, RV=rv,
         RK_PAD=max(16, triton.next_power_of_2(rk)), RV_PAD=max(16, triton.next_power_of_2(rv)),
         SPLIT=launch.split, DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", BLOCK_M=block_m,

@@ -6,7 +6,9 @@ One pass per layer computes ``softmax(q K^T * scale) V`` where the keys/values a
    with keys quantized per channel over groups of ``group_size`` rows and values per token over
    groups of ``v_group`` channels, stored *un-rotated*; the kernel dequantizes them and applies
    RoPE at each kept token's assigned position (``cos``/``sin`` tables from the model's own
-   rotary embedding), so the dequantized cache is never materialised in memory;
+   rotary embedding, in its convention: channel ``i`` turning with ``i + rot/2`` or with its
+   neighbour, over all of a head or its first ``rot`` channels), so the dequantized cache is never
+   materialised in memory;
 2. **fp keys/values** (the uncompressed prefix followed by the freshly computed tokens, as the
    transformers cache holds them, already rotated), with bottom-right causal masking for the
    query block.
@@ -51,6 +53,8 @@ class SegmentsLayout:
     bits: int
     v_bits: int | None
     seg_start_host: tuple[int, ...]
+    rot_dim: int | None
+    paired: bool
 
     @property
     def value_bits(self) -> int:
@@ -68,15 +72,31 @@ class SegmentsLayout:
     def num_segments(self) -> int:
         return len(self.seg_start_host) - 1
 
+    @property
+    def rotary_dim(self) -> int:
+        """Channels of a head that RoPE turns: all, or the first ``rot_dim`` (partial rotary)."""
+        return self.head_dim if self.rot_dim is None else self.rot_dim
+
     @cached_property
-    def rope_repeats(self) -> bool:
-        """Whether ``cos``/``sin`` repeat over the two halves of head_dim, as transformers builds
-        them (``cat(freqs, freqs)``): the Triton kernels' two-dot RoPE relies on it; the PyTorch
+    def rope_tables_pair_up(self) -> bool:
+        """Whether ``cos``/``sin`` give each channel its RoPE partner's angle (``cat(freqs, freqs)``
+        as transformers builds rotate_half tables, or each value twice for paired RoPE) and
+        channels RoPE leaves ``cos`` 1: the Triton kernels' two-dot RoPE relies on it; the PyTorch
         reference takes any tables. Computed once per layout (a device sync on CUDA)."""
-        half = self.cos.shape[-1] // 2
-        return torch.equal(self.cos[:, :half], self.cos[:, half:]) and torch.equal(
-            self.sin[:, :half], self.sin[:, half:]
+        partner = rope_partners(self.head_dim, self.rotary_dim, self.paired).to(self.cos.device)
+        rot = self.rotary_dim
+        passed = self.cos[:, rot:]
+        return (
+            torch.equal(self.cos[:, :rot], self.cos[:, partner[:rot]])
+            and torch.equal(self.sin[:, :rot], self.sin[:, partner[:rot]])
+            and bool((passed == 1).all())
         )
+
+    def check_rope(self) -> None:
+        """Raise unless ``rot_dim`` is an even count of channels within head_dim."""
+        rot = self.rotary_dim
+        if rot <= 0 or rot % 2 or rot > self.head_dim:
+            raise ValueError(f"rot_dim must be even and within head_dim {self.head_dim}, got {rot}")
 
     def check_tensors(self, expected: dict[str, tuple[tuple[int, ...], torch.dtype]], contiguous: bool) -> None:
         """Raise naming the first tensor whose shape, dtype or device (or layout) is not ``expected``."""
@@ -107,7 +127,10 @@ class QuantizedSegments(SegmentsLayout):
     positions: ``[H, N]`` int32 RoPE position of each row in the prompt (padding rows: 0)
     seg_start: ``[S + 1]`` int32 row offsets, ``seg_start[-1] == N``; ``seg_start_host`` the same
     seg_len:   ``[H, S]`` int32 kept rows per head and segment
-    cos, sin:  ``[P, d]`` fp32 rotary tables (``P`` > every position), attention scaling included
+    cos, sin:  ``[P, d]`` fp32 rotary tables (``P`` > every position), attention scaling included;
+               channels RoPE leaves (``>= rot_dim``) hold cos 1, sin 0
+    rot_dim:   channels RoPE turns (``None``: all of ``d``; fewer for partial rotary)
+    paired:    RoPE turns channels ``2i, 2i+1`` together (Cohere, GLM) instead of ``i, i + rot/2``
     """
 
     k_codes: torch.Tensor
@@ -126,6 +149,8 @@ class QuantizedSegments(SegmentsLayout):
     v_group: int
     seg_start_host: tuple[int, ...]
     v_bits: int | None = None  # values' bits when they differ from the keys'
+    rot_dim: int | None = None
+    paired: bool = False
 
     def __post_init__(self) -> None:
         heads, rows, packed = self.k_codes.shape
@@ -148,6 +173,7 @@ class QuantizedSegments(SegmentsLayout):
             "cos": ((self.cos.shape[0], d), torch.float32),
         }
         self.check_tensors(expected, contiguous=True)  # the kernel indexes them as contiguous
+        self.check_rope()
         if rows % self.group_size or any(s % self.group_size for s in self.seg_start_host):
             raise ValueError(f"segment rows must be multiples of group_size {self.group_size}")
         if self.seg_start_host[-1] != rows or d % self.v_group or d % 2:
@@ -181,29 +207,65 @@ def dequantize_rows_ref(
     group_size: int,
     v_group: int,
     v_bits: int | None = None,
+    rot_dim: int | None = None,
+    paired: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dequantize and rotate rows with any leading dims ``[...]`` (``[H]``, or ``[L, H]`` to do
     every layer in one pass): codes ``[..., N, d // pb]``, k_scale/k_min ``[..., N / gs, d]``,
     v_scale/v_min ``[..., N, d / v_group]``, positions ``[..., N]``, cos/sin ``[P, d]``.
-    ``v_bits``: the values' bits when they differ from the keys' ``bits``.
+    ``v_bits``: the values' bits when they differ from the keys' ``bits``; ``rot_dim`` and
+    ``paired``: the RoPE convention (:func:`rope_ref`).
     Returns fp32 keys (RoPE applied) and values ``[..., N, d]``."""
     *lead, rows, _ = k_codes.shape
-    d = cos.shape[-1]
+    d = k_scale.shape[-1]
     keys = _unpack_ref(k_codes, bits).view(*lead, rows // group_size, group_size, d)
     keys = torch.addcmul(k_min.float().unsqueeze(-2), keys, k_scale.float().unsqueeze(-2)).view(*lead, rows, d)
     values = dequantize_values_ref(v_codes, v_scale, v_min, bits if v_bits is None else v_bits, v_group)
+    return rope_ref(keys, positions, cos, sin, rot_dim, paired), values
+
+
+def rope_partners(head_dim: int, rot_dim: int, paired: bool) -> torch.Tensor:
+    """``[head_dim]`` long: the channel each channel turns with under RoPE (``i + rot/2`` modulo
+    ``rot``, or its neighbour when ``paired``); channels ``>= rot_dim`` are their own."""
+    cols = torch.arange(head_dim)
+    turned = cols ^ 1 if paired else (cols + rot_dim // 2) % rot_dim
+    return torch.where(cols < rot_dim, turned, cols)
+
+
+def rotate_ref(x: torch.Tensor, rot_dim: int, paired: bool) -> torch.Tensor:
+    """RoPE's ``rotate_half`` of ``x [..., d]`` in either convention over the first ``rot_dim``
+    channels (``(-x[i + rot/2], x[i])``, or ``(-x[2i+1], x[2i])`` when ``paired``); channels RoPE
+    leaves are 0, so ``x cos + rotate_ref(x) sin`` keeps them where their cos is 1."""
+    turned = x[..., :rot_dim]
+    if paired:
+        turned = torch.stack((-turned[..., 1::2], turned[..., 0::2]), dim=-1).flatten(-2)
+    else:
+        half = rot_dim // 2
+        turned = torch.cat((-turned[..., half:], turned[..., :half]), dim=-1)
+    return torch.nn.functional.pad(turned, (0, x.shape[-1] - rot_dim))
+
+
+def rope_ref(
+    keys: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    rot_dim: int | None = None,
+    paired: bool = False,
+) -> torch.Tensor:
+    """``keys [..., N, d]`` rotated to ``positions [..., N]`` by tables ``cos``/``sin [P, d]``
+    (channels ``>= rot_dim`` at cos 1, sin 0) in the model's convention."""
+    d = keys.shape[-1]
+    rot = d if rot_dim is None else rot_dim
     pos = positions.long()
     half = d // 2
     cos_h, sin_h = cos[:, :half], sin[:, :half]
-    if torch.equal(cos[:, half:], cos_h) and torch.equal(sin[:, half:], sin_h):
+    if rot == d and not paired and torch.equal(cos[:, half:], cos_h) and torch.equal(sin[:, half:], sin_h):
         # the usual ``cat(freqs, freqs)`` tables: gather half of them, rotate the two halves
         c, s = cos_h[pos], sin_h[pos]
         x1, x2 = keys[..., :half], keys[..., half:]
-        keys = torch.cat((x1 * c - x2 * s, torch.addcmul(x2 * c, x1, s)), dim=-1)
-    else:
-        rotated = torch.cat((-keys[..., half:], keys[..., :half]), dim=-1)
-        keys = torch.addcmul(keys * cos[pos], rotated, sin[pos])
-    return keys, values
+        return torch.cat((x1 * c - x2 * s, torch.addcmul(x2 * c, x1, s)), dim=-1)
+    return torch.addcmul(keys * cos[pos], rotate_ref(keys, rot, paired), sin[pos])
 
 
 def dequantize_values_ref(
@@ -243,6 +305,8 @@ def dequantize_segments_ref(seg: QuantizedSegments) -> tuple[torch.Tensor, torch
         seg.group_size,
         seg.v_group,
         seg.value_bits,
+        seg.rot_dim,
+        seg.paired,
     )
     return keys, values, valid_rows_ref(seg.seg_start_host, seg.seg_len)
 
@@ -324,18 +388,38 @@ if HAS_TRITON:
         )
 
     @triton.jit
-    def load_rotated_query_tile(Q, b, qh, qi, m_valid, stride_qb, stride_qh, stride_qm, HEAD_DIM: tl.constexpr):  # fmt: skip
-        """``-rotate_half(q) = [q2, -q1]`` of the tile's queries: with it, scores against keys
-        rotated by rotate_half RoPE are ``q . (k cos) + q' . (k sin)`` (tables repeating over the
-        halves of ``HEAD_DIM``), so the kernels dequantize or rebuild each key channel once."""
+    def load_rotated_query_tile(Q, b, qh, qi, m_valid, stride_qb, stride_qh, stride_qm, HEAD_DIM: tl.constexpr,
+                                ROT_DIM: tl.constexpr, PAIRED: tl.constexpr):  # fmt: skip
+        """``q' = -rotate(q)`` of the tile's queries in the model's RoPE convention (``[q2, -q1]``
+        for rotate_half over ``ROT_DIM`` channels; ``(q1, -q0, q3, -q2, ...)`` when ``PAIRED``; 0
+        on channels RoPE leaves). A rotated key is ``k cos + rotate(k) sin``, and since a channel
+        and its partner share their angle, ``q . rotate(k) sin`` equals ``q' . (k sin)``: scores are
+        ``q . (k cos) + q' . (k sin)``, so the kernels dequantize or rebuild each key channel once."""
         cols = tl.arange(0, HEAD_DIM)
-        partner = (cols + HEAD_DIM // 2) % HEAD_DIM
+        if PAIRED:
+            partner = cols ^ 1
+            keeps_sign = cols % 2 == 0
+        else:
+            partner = (cols + ROT_DIM // 2) % ROT_DIM
+            keeps_sign = cols < ROT_DIM // 2
+        turned = cols < ROT_DIM
+        partner = tl.where(turned, partner, cols)
         q_rot = tl.load(
             Q + b * stride_qb + qh[:, None] * stride_qh + qi[:, None] * stride_qm + partner[None, :],
-            mask=m_valid[:, None],
+            mask=m_valid[:, None] & turned[None, :],
             other=0.0,
         )
-        return tl.where(cols[None, :] < HEAD_DIM // 2, q_rot, -q_rot)
+        return tl.where(keeps_sign[None, :], q_rot, -q_rot)
+
+    @triton.jit
+    def rope_table_columns(HEAD_DIM: tl.constexpr, ROT_DIM: tl.constexpr, PAIRED: tl.constexpr):
+        """The table column each channel reads: rotate_half tables over whole heads repeat over
+        the halves, so only the first half is read (half the table traffic per key row; the
+        duplicate addresses coalesce); other layouts read their own column."""
+        cols = tl.arange(0, HEAD_DIM)
+        if ROT_DIM == HEAD_DIM and not PAIRED:
+            cols = cols % (HEAD_DIM // 2)
+        return cols
 
     @triton.jit
     def softmax_step(q, k, v, allowed, m_i, l_i, acc, qk_scale, DOT_PRECISION: tl.constexpr):  # fmt: skip
@@ -492,6 +576,8 @@ if HAS_TRITON:
         stride_om,
         GROUP: tl.constexpr,
         HEAD_DIM: tl.constexpr,
+        ROT_DIM: tl.constexpr,
+        PAIRED: tl.constexpr,
         BITS: tl.constexpr,
         V_BITS: tl.constexpr,
         GROUP_SIZE: tl.constexpr,
@@ -520,14 +606,11 @@ if HAS_TRITON:
         qi = offs_m % Q_LEN
         cols = tl.arange(0, HEAD_DIM)
         q = load_query_tile(Q, b, qh, qi, m_valid, stride_qb, stride_qh, stride_qm, HEAD_DIM)
-        # RoPE without rotating the keys' partner channels: a rotated key is k cos + rotate_half(k) sin,
-        # and since sin (like cos) repeats over the two halves of d, q . rotate_half(k) sin equals
-        # q' . (k sin) with q' = -rotate_half(q): two dots over k cos and k sin, and each key channel
-        # is dequantized once (resolve_backend refuses tables that do not repeat)
-        q_rot = load_rotated_query_tile(Q, b, qh, qi, m_valid, stride_qb, stride_qh, stride_qm, HEAD_DIM)
-        # the tables' first half only: they repeat, so the second half's bytes are never read (half
-        # the table traffic per key row; the load's duplicate addresses coalesce)
-        rope_cols = cols % (HEAD_DIM // 2)
+        # RoPE without rotating the keys' partner channels: two dots over k cos and k sin, and each key
+        # channel is dequantized once (load_rotated_query_tile; resolve_backend refuses tables whose
+        # partner channels do not share their angle)
+        q_rot = load_rotated_query_tile(Q, b, qh, qi, m_valid, stride_qb, stride_qh, stride_qm, HEAD_DIM, ROT_DIM, PAIRED)  # fmt: skip
+        rope_cols = rope_table_columns(HEAD_DIM, ROT_DIM, PAIRED)
         k_byte, k_shift = cols // PB, (cols % PB) * BITS
         ROW_BYTES: tl.constexpr = HEAD_DIM // PB
         V_ROW_BYTES: tl.constexpr = HEAD_DIM // V_PB
@@ -694,7 +777,7 @@ def check_attention_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.
 def resolve_backend(backend: str, query: torch.Tensor, seg: SegmentsLayout) -> str:
     """``"torch"`` or ``"triton"`` for ``backend`` (``"auto"``: Triton on CUDA for a head_dim it
     supports and rotary tables it can read, else torch), or a clear error when Triton was asked
-    for where it cannot run. ``seg``'s tables are compared (:attr:`SegmentsLayout.rope_repeats`,
+    for where it cannot run. ``seg``'s tables are compared (:attr:`SegmentsLayout.rope_tables_pair_up`,
     a device sync the first time) only where Triton would otherwise run."""
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is not one of: {', '.join(BACKENDS)}")
@@ -702,12 +785,12 @@ def resolve_backend(backend: str, query: torch.Tensor, seg: SegmentsLayout) -> s
     head_dim = query.shape[-1]
     if backend == "auto":
         fits = HAS_TRITON and on_cuda and triton_supports_head_dim(head_dim)
-        return "triton" if fits and seg.rope_repeats else "torch"
+        return "triton" if fits and seg.rope_tables_pair_up else "torch"
     if backend == "triton":
-        if not seg.rope_repeats:
+        if not seg.rope_tables_pair_up:
             raise ValueError(
-                "the Triton kernel needs cos/sin tables that repeat over the two halves of head_dim (rotate_half "
-                "RoPE as transformers builds it); use backend='torch'"
+                "the Triton kernel needs cos/sin tables that give each RoPE channel its partner's angle (as the "
+                "model's rotary module builds them) and cos 1 where RoPE leaves a channel; use backend='torch'"
             )
         if not triton_supports_head_dim(head_dim):
             raise ValueError(
@@ -879,6 +962,8 @@ def _launch(
     consts = dict(
         GROUP=group,
         HEAD_DIM=d,
+        ROT_DIM=seg.rotary_dim,
+        PAIRED=seg.paired,
         BITS=seg.bits,
         V_BITS=seg.value_bits,
         GROUP_SIZE=seg.group_size,

@@ -18,7 +18,7 @@ import torch
 
 from ragcompress.kv import PassageKV
 from ragcompress.kv.quant import QuantConfig
-from ragcompress.kv.rope import rotate_half
+from ragcompress.kv.rope import apply_rope, rotate_half
 from ragcompress.runtime.options import AnswerOptions
 from ragcompress.store import codec
 from ragcompress.testing import PlainRotary
@@ -57,8 +57,8 @@ def independent_reference(
     position = start
     for blob in blobs:
         kv = codec.decode(blob)
-        cos, sin = rotary.cos_sin(kv.positions[0] + position, 0)
-        keys.append(kv.keys[0] * cos + rotate_half(kv.keys[0]) * sin)
+        cos, sin = rotary.rotation_tables(*rotary.cos_sin(kv.positions[0] + position, 0))
+        keys.append(apply_rope(kv.keys[0], cos, sin, paired=rotary.paired))  # the model side's RoPE
         values.append(kv.values[0])
         masks.append(kv.valid_mask()[0])
         position += kv.num_tokens
@@ -83,7 +83,7 @@ def build_case(case: dict, device: str = "cpu"):
     heads, d, group, q_len = case["heads"], case["head_dim"], case["group"], case["q_len"]
     dtype = case.get("dtype", torch.float32)
     blobs = make_blobs(case["lengths"], heads, d, case["scheme"], case["seed"], case.get("group_size", 32))
-    rotary = PlainRotary(d)
+    rotary = PlainRotary(d, rotary_dim=case.get("rotary_dim"), paired=case.get("paired", False))
     prefix = case.get("prefix", 9)
     packed = PackedSegments.from_blobs([codec.parse(b).packed() for b in blobs], prefix, rotary, device=device)
     total = prefix + q_len
@@ -199,6 +199,17 @@ CASES = {
     "prefill-d256-g7-int4-no-prefix": dict(
         lengths=[37, 20], heads=2, head_dim=256, group=7, q_len=3, scheme="int4", prefix=0, splits=[None, 2]
     ),
+    # other RoPE layouts: partial rotary (Phi-4-mini turns 96 of 128 channels), paired (Cohere),
+    # paired over half of each head (GLM)
+    "prefill-d128-g3-int4-partial-rotary": dict(
+        lengths=[50, 33], heads=2, head_dim=128, group=3, q_len=5, scheme="int4", rotary_dim=96
+    ),
+    "decode-d64-g2-int8-paired": dict(
+        lengths=[37, 64, 5], heads=2, head_dim=64, group=2, q_len=1, scheme="int8", paired=True, splits=[None, 2]
+    ),
+    "decode-d64-g4-int4-paired-half": dict(
+        lengths=[29, 40], heads=1, head_dim=64, group=4, q_len=1, scheme="int4", rotary_dim=32, paired=True
+    ),
 }
 
 
@@ -310,27 +321,34 @@ def test_layout_refuses_tensors_the_kernel_would_misread():
             dataclasses.replace(seg, **{name: strided})
 
 
-def test_triton_refuses_rotary_tables_whose_halves_differ():
-    """The kernel rotates keys by two dots, (k cos) . q + (k sin) . q' with q' = -rotate_half(q),
-    which equals q . rotate_half-RoPE(k) only when sin repeats over the halves of head_dim (as
-    transformers builds it): other tables are refused by the Triton backend, and ``auto`` takes
-    the PyTorch reference, which reads any tables."""
+@pytest.mark.parametrize("layout", [{}, {"rotary_dim": 48}, {"paired": True}])
+def test_triton_refuses_rotary_tables_whose_partners_differ(layout):
+    """The kernel rotates keys by two dots, (k cos) . q + (k sin) . q' with q' = -rotate(q), which
+    equals q . RoPE(k) only when each channel's table entries are its RoPE partner's (transformers'
+    ``cat(freqs, freqs)``, paired RoPE's repeated values) and cos is 1 on channels RoPE leaves:
+    other tables are refused by the Triton backend, and ``auto`` takes the PyTorch reference,
+    which reads any tables."""
 
     from ragcompress_kernels import packed_attention
     from ragcompress_kernels.quantized_attention import resolve_backend
 
-    packed, query, key, value, _ = build_case(dict(CASES["decode-d64-g3-int4"], seed=0))
+    packed, query, key, value, expected = build_case(dict(CASES["decode-d64-g3-int4"], seed=0, **layout))
     seg = packed.layers[0]
-    assert seg.rope_repeats
+    assert seg.rope_tables_pair_up and seg.rotary_dim == layout.get("rotary_dim", 64)
+    assert (packed_attention(query, key, value, seg) - expected).abs().max().item() < 2e-5
     sin = seg.sin.clone()
     sin[:, 0] += 0.5
-    odd = dataclasses.replace(seg, sin=sin)
-    assert not odd.rope_repeats
-    with pytest.raises(ValueError, match="repeat over the two halves of head_dim"):
-        packed_attention(query, key, value, odd, backend="triton")
-    assert resolve_backend("auto", query.to("meta"), odd) == "torch"
-    out = packed_attention(query, key, value, odd)  # auto on the CPU: the reference, any tables
-    assert torch.isfinite(out).all()
+    cos = seg.cos.clone()
+    cos[:, -1] = 0.5  # a channel partial rotary leaves, or the last turned one
+    for odd in (dataclasses.replace(seg, sin=sin), dataclasses.replace(seg, cos=cos)):
+        assert not odd.rope_tables_pair_up
+        with pytest.raises(ValueError, match="give each RoPE channel its partner's angle"):
+            packed_attention(query, key, value, odd, backend="triton")
+        assert resolve_backend("auto", query.to("meta"), odd) == "torch"
+        out = packed_attention(query, key, value, odd)  # auto on the CPU: the reference, any tables
+        assert torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="rot_dim must be even"):
+        dataclasses.replace(seg, rot_dim=7)
 
 
 def run_head_dim_80(case: dict) -> dict:
@@ -513,6 +531,36 @@ def test_kernel_decodes_the_same_tokens_as_the_reference(interpreter, tiny_int4_
     assert out["triton"] == out["torch"] == out["assembled"]
 
 
+@pytest.fixture(scope="module", params=["phi", "glm"])
+def other_rope_store(tiny_model_dir, tmp_path_factory, request):
+    """A tiny model whose RoPE turns part of each head (Phi) or adjacent channels over half of
+    each head (GLM), and an int4 store of eight passages."""
+    from ragcompress.data import SAMPLE_PASSAGES
+    from ragcompress.indexing import IndexConfig, index
+    from ragcompress.models import load_model
+
+    from store_worker import HashEmbedder
+
+    root = tmp_path_factory.mktemp("rope")
+    model_dir = tiny_model_dir(request.param)
+    passages = root / "passages.jsonl"
+    passages.write_text("\n".join(SAMPLE_PASSAGES.read_text().splitlines()[:8]) + "\n")
+    config = IndexConfig(quant="int4", group_size=16, embedder=HashEmbedder.name)
+    index(passages, root / "store", lm=load_model(str(model_dir)), embedder=HashEmbedder(), config=config)
+    return str(model_dir), str(root / "store")
+
+
+def test_kernel_turns_keys_in_the_models_rope_layout(interpreter, other_rope_store):
+    """The fused kernel (interpreted) decodes the tokens of the PyTorch reference and of the
+    assembled path for partial and paired RoPE (tests/test_runtime.py checks the reference
+    against the dense path on more layouts)."""
+    model_dir, store = other_rope_store
+    tests_dir = str(Path(__file__).parent)
+    out = interpreter.apply(_with_path, (tests_dir, answer_both_backends, model_dir, store, QUESTIONS[:2], 2, 5))
+    assert all(len(t) > 0 for t in out["torch"])
+    assert out["triton"] == out["torch"] == out["assembled"]
+
+
 def _with_path(path: str, fn, *args):
     import sys
 
@@ -602,6 +650,10 @@ GPU_CASES = {
     ),
     "decode-d64-g3-int2-3-passages": dict(
         lengths=[40, 26, 100], heads=3, head_dim=64, group=3, q_len=1, scheme="int2", splits=[None, 2]
+    ),
+    # the first case's autotune key with GLM's RoPE (paired over half of each head): one more compile
+    "decode-d128-g4-int4-3-passages-paired-half": dict(
+        lengths=[300, 17, 129], heads=8, head_dim=128, group=4, q_len=1, scheme="int4", rotary_dim=64, paired=True
     ),
 }
 GPU_RUNS = [(name, torch.float16) for name in GPU_CASES] + [

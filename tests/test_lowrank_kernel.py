@@ -16,7 +16,7 @@ import torch
 from ragcompress.kv import PassageKV
 from ragcompress.kv.lowrank import LowRankBasis, RankSpec, fit_basis
 from ragcompress.kv.quant import QuantConfig
-from ragcompress.kv.rope import rotate_half
+from ragcompress.kv.rope import apply_rope
 from ragcompress.runtime.options import AnswerOptions
 from ragcompress.store import codec
 from ragcompress.testing import PlainRotary
@@ -69,8 +69,8 @@ def independent_reference(blobs, basis, rotary, layer, start, query, key, value)
     position = start
     for blob in blobs:
         kv = codec.decode(blob, basis=basis)
-        cos, sin = rotary.cos_sin(kv.positions[layer] + position, layer)
-        keys.append(kv.keys[layer] * cos + rotate_half(kv.keys[layer]) * sin)
+        cos, sin = rotary.rotation_tables(*rotary.cos_sin(kv.positions[layer] + position, layer))
+        keys.append(apply_rope(kv.keys[layer], cos, sin, paired=rotary.paired))  # the model side's RoPE
         values.append(kv.values[layer])
         masks.append(kv.valid_mask()[layer])
         position += kv.num_tokens
@@ -91,7 +91,7 @@ def build(case: dict, device: str = "cpu"):
     from ragcompress.runtime.latent_packed import LatentPackedSegments
 
     blobs, basis = make_case(case)
-    rotary = PlainRotary(case["head_dim"])
+    rotary = PlainRotary(case["head_dim"], rotary_dim=case.get("rotary_dim"), paired=case.get("paired", False))
     prefix, q_len, group = case.get("prefix", 9), case["q_len"], case["group"]
     packed = LatentPackedSegments.from_segments([codec.parse(b) for b in blobs], basis, prefix, rotary, device)
     torch.manual_seed(case["seed"])
@@ -196,6 +196,24 @@ CASES = {
         rv=24,
         dtype=torch.float16,
     ),
+    # other RoPE layouts: partial rotary (Phi-4-mini's 0.75), paired over half of each head (GLM)
+    "prefill-d64-g2-int4-r16-r32-partial-rotary": dict(
+        lengths=[37, 20], layers=1, heads=2, head_dim=64, group=2, q_len=4, scheme="int4", rk=16, rv=32, rotary_dim=48
+    ),
+    "decode-d64-g3-int8-r24-v-rows-paired-half": dict(
+        lengths=[45, 9],
+        layers=1,
+        heads=2,
+        head_dim=64,
+        group=3,
+        q_len=1,
+        scheme="int8",
+        rk=24,
+        rv=None,
+        rotary_dim=32,
+        paired=True,
+        splits=[None, 2],
+    ),  # fmt: skip
 }
 
 
@@ -240,7 +258,7 @@ def test_latent_layout_refuses_what_the_kernel_cannot_read():
         LatentPackedSegments.from_segments([codec.parse(fp16)], basis, 0, PlainRotary(64))
 
 
-def test_latent_triton_refuses_rotary_tables_whose_halves_differ():
+def test_latent_triton_refuses_rotary_tables_whose_partners_differ():
     """The latent kernel rotates keys by two dots too (tests/test_kernels.py says why): other
     tables are refused by the Triton backend and read by the torch path."""
     import dataclasses
@@ -249,11 +267,11 @@ def test_latent_triton_refuses_rotary_tables_whose_halves_differ():
 
     packed, layer, query, key, value, _ = build(dict(CASES["decode-d64-g3-int4-r16-r32"], seed=0))
     seg = packed.layers[layer]
-    assert seg.rope_repeats
+    assert seg.rope_tables_pair_up
     sin = seg.sin.clone()
     sin[:, 0] += 0.5
     odd = dataclasses.replace(seg, sin=sin)
-    with pytest.raises(ValueError, match="repeat over the two halves of head_dim"):
+    with pytest.raises(ValueError, match="give each RoPE channel its partner's angle"):
         latent_attention(query, key, value, odd, backend="triton")
     assert torch.isfinite(latent_attention(query, key, value, odd, backend="torch")).all()
 

@@ -270,31 +270,43 @@ def test_what_does_not_apply_a_sliding_window_refuses_or_answers_alone(sliding_e
     engine.answer_cached(QUESTION, entries)  # plain reuse over the window works
 
 
-@pytest.mark.parametrize(
-    ("arch", "refusal"),
-    [
-        ("gemma2", r"attention logit softcap \(50.0\); use backend dense"),
-        ("phi", r"RoPE turns 8 of 16 channels \(partial rotary\); use backend dense"),
-        ("cohere", r"the model's RoPE pairs adjacent channels; use backend dense"),
-    ],
-)
-def test_what_the_packed_backends_cannot_do_answers_through_the_dense_path(
-    arch, refusal, tiny_model_dir, passages_file, tmp_path, embedder
-):
-    """Gemma-2 caps attention logits, which SDPA and the packed backends do not; Phi turns only
-    part of each head and Cohere adjacent channel pairs, and the packed backends rotate whole
-    heads in halves. ``auto`` answers through the dense path, an explicit packed backend is
-    refused by name."""
-    from ragcompress.errors import InputError
+@pytest.mark.parametrize("rank", [None, 8])
+@pytest.mark.parametrize("arch", ["phi", "cohere", "helium", "glm", "exaone4"])
+def test_the_packed_backends_turn_keys_as_the_model_does(arch, rank, tiny_model_dir, passages_file, tmp_path, embedder):
+    """The packed path rotates stored keys inside attention in the model's RoPE layout: part of
+    each head (Phi), adjacent channel pairs with tables in pairs (Cohere) or in halves (Helium),
+    both (GLM), layers without RoPE (EXAONE-4). Its answers are the dense path's, token for token
+    (int8 stores, one of rank-8 latents; both paths dequantize the same codes)."""
     from ragcompress.runtime.options import AnswerOptions
 
     store = tmp_path / "store"
     lm = load_model(str(tiny_model_dir(arch)))
+    config = IndexConfig(quant="int8", rank=rank, calibration_passages=4)
+    index(passages_file, store, lm=lm, embedder=embedder, config=config)
+    with Engine(KVStore.open(store), lm, embedder) as engine:
+        for question in (QUESTION, "Which river runs through the city?"):
+            entries = engine.retrieve(question, 3)
+            dense = engine.answer_cached(question, entries, AnswerOptions(max_new_tokens=8))
+            packed = engine.answer_cached(question, entries, AnswerOptions(max_new_tokens=8, backend="packed-torch"))
+            assert (dense.backend, packed.backend) == ("dense", "packed-torch")
+            assert packed.token_ids == dense.token_ids and len(dense.token_ids) == 8
+
+
+def test_what_the_packed_backends_cannot_do_answers_through_the_dense_path(
+    tiny_model_dir, passages_file, tmp_path, embedder
+):
+    """Gemma-2 caps attention logits, which SDPA and the packed backends do not: ``auto`` answers
+    through the dense path, an explicit packed backend is refused by name."""
+    from ragcompress.errors import InputError
+    from ragcompress.runtime.options import AnswerOptions
+
+    store = tmp_path / "store"
+    lm = load_model(str(tiny_model_dir("gemma2")))
     index(passages_file, store, lm=lm, embedder=embedder, config=IndexConfig(quant="int8"))
     with Engine(KVStore.open(store), lm, embedder) as engine:
         entries = engine.retrieve(QUESTION, 2)
         assert engine.answer_cached(QUESTION, entries).backend == "dense"
-        with pytest.raises(InputError, match=refusal):
+        with pytest.raises(InputError, match=r"attention logit softcap \(50.0\); use backend dense"):
             engine.answer_cached(QUESTION, entries, AnswerOptions(backend="packed-torch"))
 
 

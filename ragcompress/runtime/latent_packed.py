@@ -91,7 +91,7 @@ class LatentPackedSegments:
         lengths = torch.stack([s.lengths for s in segments], dim=-1).to(torch.int32).to(device)  # [L, H, S]
         seg_start_t = torch.tensor(seg_start, dtype=torch.int32, device=device)
         num_layers = segments[0].lengths.shape[0]
-        tables = rope_tables(rotary, num_layers, position)
+        tables = rope_tables(rotary, num_layers, position, basis.bases["k"][0].shape[1])
 
         def cat(kind: str, layer: int, j: int) -> torch.Tensor:
             return torch.cat([f[layer][j] for f in fields[kind]], dim=1).to(device).contiguous()
@@ -118,6 +118,8 @@ class LatentPackedSegments:
                 group_size=quant.group_size,
                 seg_start_host=tuple(seg_start),
                 v_group=v_group,
+                rot_dim=rotary.rotary_dim,
+                paired=rotary.paired,
             )
             for layer in range(num_layers)
         ]

@@ -34,16 +34,22 @@ from ragcompress_kernels import (
 )
 
 
-def rope_tables(rotary: Rotary, layers: int, positions: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def rope_tables(rotary: Rotary, layers: int, positions: int, head_dim: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per layer fp32 ``(cos, sin)`` of shape ``[positions, head_dim]`` from the model's rotary
-    embedding (shared between layers of the same :meth:`Rotary.layer_key`)."""
+    embedding, laid out in its convention (:meth:`Rotary.rotation_tables`: paired RoPE's tables
+    repeat each angle on adjacent channels) and, for partial rotary, widened to the whole head
+    with cos 1 and sin 0 on the channels RoPE leaves (the layout the kernels read; shared between
+    layers of the same :meth:`Rotary.layer_key`)."""
     cache: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
     out = []
     for layer in range(layers):
         key = rotary.layer_key(layer)
         if key not in cache:
-            cos, sin = rotary.cos_sin(torch.arange(positions), layer)
-            cache[key] = (cos.float().contiguous(), sin.float().contiguous())
+            cos, sin = rotary.rotation_tables(*rotary.cos_sin(torch.arange(positions), layer))
+            passed = head_dim - cos.shape[-1]
+            cos = torch.nn.functional.pad(cos.float(), (0, passed), value=1.0)
+            sin = torch.nn.functional.pad(sin.float(), (0, passed))
+            cache[key] = (cos.contiguous(), sin.contiguous())
         out.append(cache[key])
     return out
 
@@ -104,7 +110,7 @@ class PackedSegments:
         positions = positions.to(torch.int32).to(device).contiguous()
         seg_start_t = torch.tensor(seg_start, dtype=torch.int32, device=device)
         layers = first.k_codes.shape[0]
-        tables = rope_tables(rotary, layers, position)
+        tables = rope_tables(rotary, layers, position, first.k_scale.shape[-1])
         packed = [
             QuantizedSegments(
                 **{name: t[layer] for name, t in tensors.items()},
@@ -118,6 +124,8 @@ class PackedSegments:
                 group_size=first.quant.group_size,
                 v_group=first.v_group,
                 seg_start_host=tuple(seg_start),
+                rot_dim=rotary.rotary_dim,
+                paired=rotary.paired,
             )
             for layer in range(layers)
         ]
@@ -145,6 +153,8 @@ class PackedSegments:
                 first.group_size,
                 first.v_group,
                 first.value_bits,
+                first.rot_dim,
+                first.paired,
             )
             valid = valid_rows_ref(first.seg_start_host, s["seg_len"])
         else:  # per-layer RoPE tables (e.g. Gemma-3 local/global layers)

@@ -236,16 +236,6 @@ def choose_strategy(context: QueryContext, options: AnswerOptions) -> DenseStrat
         raise InputError(
             f"backend {backend} does not apply the model's attention logit softcap ({softcap}); use backend dense"
         )
-    if context.rotary.rotary_dim != head_dim:
-        raise InputError(
-            f"backend {backend} rotates whole heads, the model's RoPE turns {context.rotary.rotary_dim} of "
-            f"{head_dim} channels (partial rotary); use backend dense"
-        )
-    if context.rotary.paired:
-        raise InputError(
-            f"backend {backend} pairs channel i with i + head_dim/2 (rotate_half), the model's RoPE pairs "
-            "adjacent channels; use backend dense"
-        )
     if options.recompute.recomputes:
         raise InputError(f"selective recompute edits an assembled cache; use backend dense, not {backend}")
     if options.recompute.temperature != 1.0:
