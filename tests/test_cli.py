@@ -115,10 +115,11 @@ def test_eval_json_shape(cli_store, monkeypatch, capfd):
         "agreement",
         "ttft_speedup",
         "torch_threads",
+        "device",
         "kv_bytes_per_token",
         "compression",
     }
-    assert data["n"] == 3
+    assert data["n"] == 3 and data["device"] == "cpu"
     for side in ("full", "compressed"):
         assert set(data[side]) == {"sub_em", "f1", "ttft_s_median"}
     assert 0.0 <= data["agreement"] <= 1.0
