@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from ragcompress import cli
+from ragcompress.cli import root as cli
 from ragcompress.runtime import memory
 
 # One "request": a 64 MiB buffer written whole and freed (past glibc's largest mmap threshold, so

@@ -1,0 +1,5 @@
+"""``python -m ragcompress.cli``."""
+
+from ragcompress.cli import main
+
+main()

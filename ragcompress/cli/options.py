@@ -1,0 +1,134 @@
+"""What the commands share: the options several take, the answer options their flags make, and
+the output helpers (one JSON object with ``--json``, progress bars only on a terminal)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from ragcompress.errors import RagCompressError, missing_store
+
+# the names of ragcompress/presets.py (not imported here: --help stays fast; a test checks the list)
+PRESET_HELP = (
+    "measured settings: fast, small, smallest, faithful, distilled (README: Presets); explicit options override them"
+)
+
+
+RECOMPUTE_OPTION = typer.Option(
+    None,
+    "--recompute",
+    min=0.0,
+    max=1.0,
+    help="fraction of passage tokens recomputed at query time (CacheBlend; docs/recompute.md; default 0)",
+)
+
+
+SELECTION_OPTION = typer.Option(
+    None,
+    "--selection",
+    help="how recomputed tokens are chosen: deviation (CacheBlend), question (the question's attention) or mixed",
+)
+
+
+# the names of runtime/options.py's BACKENDS (not imported here: --help stays fast; a test checks the list)
+BACKEND_OPTION = typer.Option(
+    None,
+    "--backend",
+    help="attention over the stored caches: auto (default: dense), dense, packed-torch or packed-triton "
+    "(the fused kernel, CUDA; measured slower than dense on an H200: docs/kernels.md)",
+)
+
+
+def existing_store(path: Path) -> Path:
+    """``--store`` of a command that reads one: a missing path fails here, before the command
+    imports torch and the model libraries (seconds), with the same error the store raises."""
+    if not path.exists():
+        raise missing_store(path)
+    return path
+
+
+STORE_OPTION = typer.Option(
+    ..., "--store", callback=existing_store, help="store directory (built by `ragcompress index`)"
+)
+
+
+# the names of models.DTYPES (not imported here: --help stays fast; a test checks the list)
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def dtype_name(name: str | None) -> str | None:
+    """``--dtype``, checked before the model libraries load."""
+    if name is not None and name not in DTYPE_NAMES:
+        raise RagCompressError(f"--dtype {name!r} is not one of: {', '.join(DTYPE_NAMES)}")
+    return name
+
+
+DTYPE_OPTION = typer.Option(
+    None,
+    "--dtype",
+    callback=dtype_name,
+    help="the model weights' dtype: float32 (default), bfloat16 or float16 (half the memory); a "
+    "store records the one it was indexed in, and answering uses it unless given",
+)
+
+
+DEVICE_OPTION = typer.Option(
+    None,
+    "--device",
+    help="where the model answers: cpu (default) or cuda / cuda:N (a GPU torch sees); indexing runs on the CPU",
+)
+
+
+def options_from_flags(
+    preset: str | None,
+    max_new_tokens: int | None = None,
+    recompute: float | None = None,
+    selection: str | None = None,
+    backend: str | None = None,
+) -> Any:
+    """``AnswerOptions`` of ``--preset`` (defaults without one) with the options given explicitly
+    (``--recompute`` / ``--selection`` replace those fields of the preset's recompute config;
+    ``--backend`` replaces its attention path)."""
+    import dataclasses
+
+    from ragcompress.presets import answer_options
+
+    try:
+        base = answer_options(preset, max_new_tokens=max_new_tokens)
+        changes: dict[str, Any] = {"ratio": recompute, "selection": selection}
+        changes = {key: value for key, value in changes.items() if value is not None}
+        if changes:
+            base = base.replace(recompute=dataclasses.replace(base.recompute, **changes))
+        if backend is not None:
+            base = base.replace(backend=backend)
+        return base
+    except (ValueError, TypeError) as exc:
+        raise RagCompressError(str(exc)) from None
+
+
+def quiet_libraries() -> None:
+    """Keep library chatter off stdout/stderr so --json output stays one object."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def emit(data: dict[str, Any], as_json: bool, human: str) -> None:
+    """A command's result: exactly one JSON object on stdout with ``--json``, else the text."""
+    if as_json:
+        sys.stdout.write(json.dumps(data) + "\n")
+    else:
+        typer.echo(human)
+
+
+def show_progress(as_json: bool) -> bool:
+    """Progress bars only on a terminal, never beside ``--json``."""
+    return not as_json and sys.stderr.isatty()

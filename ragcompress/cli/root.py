@@ -1,0 +1,85 @@
+"""The root typer application and the process entry point: one-line errors and warnings, exit codes."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from ragcompress.cli import answer, serve, store, train
+from ragcompress.errors import CorruptSegmentError, RagCompressError
+from ragcompress.runtime.memory import keep_freed_memory
+
+app = typer.Typer(
+    add_completion=False,
+    rich_markup_mode="markdown",  # docstrings' wrapped lines read as one paragraph
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Answer RAG questions from precomputed, compressed passage KV caches.",
+)
+# the commands, in the order --help lists them: build a store, answer from it, maintain it
+app.command()(store.index)
+app.command()(train.train)
+app.command()(answer.ask)
+app.command(name="eval")(answer.evaluate)
+app.command()(answer.bench)
+app.command()(answer.calibrate)
+app.command()(store.remove)
+app.command()(store.compact)
+app.command()(store.verify)
+app.command()(serve.serve)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"ragcompress {version('ragcompress')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(
+        False, "--version", is_eager=True, callback=_print_version, help="print the version and exit"
+    ),
+) -> None:
+    """Answer RAG questions from precomputed, compressed passage KV caches."""
+
+
+def _one_line_warning(message: Any, category: Any, filename: str, lineno: int, line: str | None = None) -> str:
+    """ragcompress's own warnings as ``warning: ...`` (what to do is in the message; the source
+    line Python would print is not the user's), other libraries' as Python formats them."""
+    if Path(filename).resolve().is_relative_to(PACKAGE):
+        return f"warning: {message}\n"
+    return _PYTHON_FORMATWARNING(message, category, filename, lineno, line)
+
+
+PACKAGE = Path(__file__).resolve().parent.parent  # ragcompress/
+_PYTHON_FORMATWARNING = warnings.formatwarning
+
+
+def main() -> None:
+    """Entry point: one-line errors and warnings, non-zero exit. The command is the whole process,
+    so it keeps freed memory for the next request (:mod:`ragcompress.runtime.memory`)."""
+    keep_freed_memory()
+    warnings.formatwarning = _one_line_warning
+    try:
+        app(standalone_mode=False)
+    except RagCompressError as exc:
+        hint = " (run `ragcompress verify --store ...`: it lists the damage and how to repair it)"
+        typer.echo(f"error: {exc}{hint if isinstance(exc, CorruptSegmentError) else ''}", err=True)
+        sys.exit(1)
+    except (typer.Exit, SystemExit) as exc:
+        code = getattr(exc, "exit_code", getattr(exc, "code", 0))
+        sys.exit(code)
+    except typer.Abort:
+        typer.echo("error: aborted", err=True)
+        sys.exit(130)
+    except typer.TyperException as exc:  # usage errors (unknown option, bad value) carry their own message
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        typer.echo(f"error: {message} (see ragcompress --help)", err=True)
+        sys.exit(getattr(exc, "exit_code", 2))

@@ -1,0 +1,72 @@
+"""``serve``: the OpenAI-compatible answering service (docs/serve.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ragcompress.cli.options import (
+    DEVICE_OPTION,
+    DTYPE_OPTION,
+    PRESET_HELP,
+    STORE_OPTION,
+    options_from_flags,
+    quiet_libraries,
+)
+from ragcompress.errors import RagCompressError
+
+
+def serve(
+    store: Path = STORE_OPTION,
+    host: str = typer.Option("127.0.0.1", "--host", help="address to bind (default: this machine only)"),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="port (0: a free one, logged at start)"),
+    api_key: str | None = typer.Option(
+        None,
+        "--api-key",
+        envvar="RAGCOMPRESS_API_KEY",
+        show_envvar=True,
+        help="require `Authorization: Bearer KEY` on every endpoint but /health",
+    ),
+    preset: str | None = typer.Option(None, "--preset", help=PRESET_HELP),
+    queue: int = typer.Option(64, "--queue", min=1, help="requests that may wait while one is answered (then 429)"),
+    top_k: int = typer.Option(3, "--top-k", min=1, help="passages retrieved when a request does not say"),
+    max_new_tokens: int | None = typer.Option(
+        None, "--max-new-tokens", min=1, help="answer length when a request gives no max_tokens (default 32)"
+    ),
+    batch: int = typer.Option(
+        8, "--batch", min=1, help="concurrent questions decoded together in one batch (1: one at a time)"
+    ),
+    log_level: str = typer.Option("info", "--log-level", help="uvicorn log level"),
+    dtype: str | None = DTYPE_OPTION,
+    device: str | None = DEVICE_OPTION,
+) -> None:
+    """Serve the store over HTTP: OpenAI-compatible /v1/chat/completions (docs/serve.md).
+
+    SIGTERM lets in-flight requests finish, then exits 0."""
+    quiet_libraries()
+    try:
+        from ragcompress.serve import ServeSettings, create_app, run
+    except ImportError as exc:
+        raise RagCompressError(f"serving needs the serve extra ({exc}): pip install 'ragcompress[serve]'") from None
+    from ragcompress.runtime.engine import Engine
+
+    try:
+        settings = ServeSettings(
+            api_key=api_key,
+            queue_size=queue,
+            preset=preset,
+            top_k=top_k,
+            max_top_k=max(16, top_k),
+            max_tokens=max(1024, max_new_tokens or 0),  # the default answer length is always allowed
+            max_batch=batch,
+        )
+    except ValueError as exc:
+        raise RagCompressError(str(exc)) from None
+    if settings.api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        typer.echo(
+            f"warning: serving on {host} without an API key; anyone who reaches it can query the store", err=True
+        )
+    engine = Engine.open(store, options=options_from_flags(preset, max_new_tokens), dtype=dtype, device=device)
+    run(create_app(engine, settings), host, port, log_level=log_level)
+    engine.close()

@@ -1,0 +1,288 @@
+"""``index`` and the commands that maintain a store: ``remove``, ``compact``, ``verify``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from ragcompress.cli.options import (
+    DTYPE_OPTION,
+    PRESET_HELP,
+    STORE_OPTION,
+    emit,
+    quiet_libraries,
+    show_progress,
+)
+from ragcompress.errors import RagCompressError
+
+
+def index(
+    input: Path = typer.Option(
+        ..., "--input", help="JSONL of {id, text, ...}, a folder of .txt/.md documents, or one .txt/.md document"
+    ),
+    store: Path = typer.Option(..., "--store", help="store directory (created if missing)"),
+    model: str | None = typer.Option(
+        None, "--model", help="embedded model name, local HF directory, or a model id already in the HF cache"
+    ),
+    preset: str | None = typer.Option(None, "--preset", help=PRESET_HELP),
+    method: str | None = typer.Option(
+        None,
+        "--method",
+        help="compression method: none, streaming, knorm, snapkv, "
+        "expected-attention, kvzip, adaptive:SCORER (per-head budgets within a layer) "
+        "or global:SCORER (one budget for the whole cache, KVzip's default)",
+    ),
+    ratio: float | None = typer.Option(None, "--ratio", help="fraction of tokens kept, in (0, 1]"),
+    budget: int | None = typer.Option(None, "--budget", help="tokens kept per head (instead of --ratio)"),
+    keep_first: int | None = typer.Option(
+        None, "--keep-first", help="leading tokens of every passage always kept (default 4; see docs/compression.md)"
+    ),
+    keep_last: int | None = typer.Option(
+        None, "--keep-last", help="trailing tokens of every passage always kept (default 4)"
+    ),
+    floor: float | None = typer.Option(
+        None,
+        "--floor",
+        min=0.0,
+        max=1.0,
+        help="adaptive:/global: methods: share of the per-head budget every head of every layer keeps before "
+        "the pooled rest goes by score (default: the method's)",
+    ),
+    quant: str | None = typer.Option(None, "--quant", help="none (default) | fp16 | int8 | int4 | int2"),
+    value_quant: str | None = typer.Option(
+        None, "--value-quant", help="the values' own width (int8 | int4 | int2; default: --quant, as the keys)"
+    ),
+    group_size: int | None = typer.Option(None, "--group-size", help="quantization group size (default 32)"),
+    context_neighbors: int | None = typer.Option(
+        None,
+        "--context-neighbors",
+        help="encode each passage after its N most similar passages of the input (default 0: alone; "
+        "see docs/recompute.md)",
+    ),
+    adaptor: str | None = typer.Option(
+        None,
+        "--adaptor",
+        help="learned passage adaptor (KV-Distill, docs/distill.md): 'default' (packaged for the model), "
+        "'matching' (packaged for the model and trained for this store's compression), "
+        "or a folder from `ragcompress train`",
+    ),
+    rank: int | None = typer.Option(
+        None, "--rank", help="low-rank latents: keys (and values) projected to this rank per layer (multiple of 8)"
+    ),
+    rank_energy: float | None = typer.Option(
+        None, "--rank-energy", help="low-rank latents: each layer keeps this fraction of the calibration variance"
+    ),
+    rank_schedule: str | None = typer.Option(
+        None, "--rank-schedule", help="global (one energy for every layer) | progressive (more rank in shallow layers)"
+    ),
+    rank_values: bool | None = typer.Option(
+        None, "--rank-values/--no-rank-values", help="project values too (default) or keep their rows"
+    ),
+    value_norm: bool | None = typer.Option(
+        None,
+        "--value-norm/--no-value-norm",
+        help="adaptive:/global: methods: weight each score by its value's norm relative to its head (default off)",
+    ),
+    calibration: str | None = typer.Option(
+        None, "--calibration", help="JSONL the low-rank basis is fitted on (default: the input)"
+    ),
+    calibration_passages: int | None = typer.Option(
+        None, "--calibration-passages", help="passages of the calibration sample used (default 64)"
+    ),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="rebuild an existing store (swapped in when complete), with its own settings unless others are given",
+    ),
+    replace: bool = typer.Option(
+        False, "--replace", help="re-encode passages stored under their id with another text, replacing them"
+    ),
+    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    ray: str | None = typer.Option(
+        None,
+        "--ray",
+        help="index on Ray: 'local' (a Ray instance on this machine) or a cluster ADDRESS (auto, ray://host:port); "
+        "see docs/scaling.md",
+    ),
+    workers: int | None = typer.Option(
+        None, "--workers", min=1, help="with --ray: actors, each loading the model once (default 2)"
+    ),
+    dtype: str | None = DTYPE_OPTION,
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Index passages into a KV-cache store (resumes: finished passages are skipped)."""
+    if workers is not None and ray is None:
+        raise RagCompressError("--workers sizes the Ray actor pool: give --ray local (or a cluster ADDRESS) too")
+    quiet_libraries()
+    from ragcompress.indexing import index as run_index
+    from ragcompress.presets import index_config
+    from ragcompress.store import KVStore
+
+    settings = {
+        "method": method,
+        "ratio": ratio,
+        "quant": quant,
+        "value_quant": value_quant,
+        "group_size": group_size,
+        "budget": budget,
+        "keep_first": keep_first,
+        "keep_last": keep_last,
+        "floor": floor,
+        "context_neighbors": context_neighbors,
+        "adaptor": adaptor,
+        "rank": rank,
+        "rank_energy": rank_energy,
+        "rank_schedule": rank_schedule,
+        "rank_values": rank_values,
+        "value_norm": value_norm,
+        "calibration": calibration,
+        "calibration_passages": calibration_passages,
+    }
+    config = None  # nothing given: an existing store's own settings (defaults for a new one)
+    if preset is not None or any(value is not None for value in settings.values()):
+        try:
+            config = index_config(preset, **settings)
+        except (ValueError, TypeError) as exc:
+            raise RagCompressError(str(exc)) from None
+    if ray is not None:
+        from ragcompress.indexing.ray_runner import index_on_ray
+
+        if overwrite:
+            raise RagCompressError("--overwrite is single-process only; run it without --ray")
+        report = index_on_ray(
+            input,
+            store,
+            address=ray,
+            workers=workers or 2,
+            model=model,
+            config=config,
+            batch_size=batch_size,
+            progress=show_progress(as_json),
+            replace=replace,
+            dtype=dtype,
+        )
+    else:
+        report = run_index(
+            input,
+            store,
+            model=model,
+            config=config,
+            overwrite=overwrite,
+            replace=replace,
+            batch_size=batch_size,
+            progress=show_progress(as_json),
+            dtype=dtype,
+        )
+    with KVStore.open(store) as opened:
+        sizes = store_sizes(opened)
+    data = {**report.to_json(), **sizes}
+    emit(
+        data,
+        as_json,
+        f"indexed {report.indexed} passages"
+        + (f" ({report.replaced} replacing stored ones with other text)" if report.replaced else "")
+        + f", skipped {report.skipped} already stored, "
+        f"in {report.seconds:.1f} s -> {store}\n"
+        f"KV bytes per token: {sizes['kv_bytes_per_token']['stored']:.0f} stored vs "
+        f"{sizes['kv_bytes_per_token']['fp16']:.0f} fp16 ({_ratio_words(sizes['compression'])})",
+    )
+
+
+def _ratio_words(compression: float) -> str:
+    """``fp16 bytes / stored bytes`` in words: an unquantized (fp32) store is larger than fp16."""
+    return f"{compression:.2f}x smaller" if compression >= 1 else f"{1 / compression:.2f}x larger"
+
+
+def store_sizes(store: Any) -> dict[str, Any]:
+    """Stored bytes per passage token (blobs as written, scales and positions included, a
+    low-rank store's basis counted once) vs fp16."""
+    fp16 = store.shape.fp16_bytes_per_token
+    tokens = stored = 0
+    for entry in store.catalogue.entries():
+        tokens += entry.num_tokens
+        stored += entry.length
+    stored += store.basis_bytes
+    per_token = stored / tokens if tokens else 0.0
+    return {
+        "kv_bytes_per_token": {"fp16": float(fp16), "stored": per_token},
+        "compression": fp16 / per_token if per_token else 0.0,
+    }
+
+
+def remove(
+    store: Path = STORE_OPTION,
+    ids: list[str] = typer.Argument(None, help="ids of the passages to remove", show_default=False),
+    ids_file: Path | None = typer.Option(None, "--ids-file", help="a file of passage ids, one per line"),
+    missing_ok: bool = typer.Option(False, "--missing-ok", help="ids the store does not hold are not an error"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Remove passages from a store (one commit; the FAISS index is rebuilt).
+
+    An unknown id is an error and removes nothing, unless --missing-ok."""
+    from ragcompress.indexing import remove as remove_passages
+
+    wanted = list(ids or [])
+    if ids_file is not None:
+        try:
+            wanted += [line.strip() for line in ids_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RagCompressError(f"cannot read --ids-file {ids_file}: {exc}") from None
+    if not wanted:
+        raise RagCompressError("no passage ids given: name them as arguments or with --ids-file")
+    removed = remove_passages(store, wanted, missing_ok=missing_ok)
+    emit(
+        {"store": str(store), "requested": len(set(wanted)), "removed": removed},
+        as_json,
+        f"removed {removed} passages from {store}",
+    )
+
+
+def compact(
+    store: Path = STORE_OPTION,
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Reclaim the shard bytes of removed and replaced passages.
+
+    Every stored cache is copied unchanged into a new store, swapped in when complete (no model
+    needed; holds the writer lock)."""
+    from ragcompress.store.compact import compact_store
+
+    report = compact_store(store)
+    emit(
+        report.to_json(),
+        as_json,
+        f"compacted {store}: {report.passages} passages, shards {report.bytes_before} -> {report.bytes_after} bytes",
+    )
+
+
+def verify(
+    store: Path = typer.Option(..., "--store", help="store directory"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Check every part of a store; exit 0 only if all hold.
+
+    Manifest, prefix, catalogue, every segment (checksum, decoding, shape) and the FAISS index;
+    each problem names its passage id and shard."""
+    if not any((store / name).exists() for name in ("manifest.json", "catalogue.sqlite", "shards")):
+        raise RagCompressError(f"{store} is not a ragcompress store (no manifest, catalogue or shards); check --store")
+    from ragcompress.store.verify import verify_store
+
+    report = verify_store(store)
+    lines = [
+        f"{'OK' if report.ok else 'FAILED'}: {store}: {report.passages} passages in {report.shards} shards, "
+        f"{len(report.problems)} problems"
+    ]
+    lines += [f"  {problem}" for problem in report.problems] + [f"  note: {note}" for note in report.notes]
+    emit(report.to_json(), as_json, "\n".join(lines))
+    if not report.ok:
+        first = report.problems[0]
+        typer.echo(
+            f"error: store {store} failed verification: {len(report.problems)} problems, first: {first}. "
+            f"Damaged passages: `ragcompress remove --store {store} ID ...`, then `ragcompress index` again "
+            "re-encodes them; a lost shard, manifest or catalogue: rebuild with `ragcompress index --input ... "
+            f"--store {store} --overwrite`",
+            err=True,
+        )
+        raise SystemExit(1)
