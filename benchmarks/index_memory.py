@@ -98,7 +98,7 @@ def write_mb(path: Path, megabytes: int) -> int:
 def worker_index(model_dir: str, corpus: str, store: str, batch_size: int) -> dict:
     from ragcompress.indexing import IndexConfig, index
     from ragcompress.models import load_model
-    from ragcompress.store.kvstore import StoreWriter
+    from ragcompress.store.writer import StoreWriter
 
     lm = load_model(model_dir)
     before = rss_bytes()

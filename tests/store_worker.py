@@ -61,7 +61,7 @@ def _die() -> None:
 
 def install(kill: str) -> None:
     """Patch the store modules so this process SIGKILLs itself at ``kill`` (see module doc)."""
-    from ragcompress.store import catalogue, kvstore, manifest, shards
+    from ragcompress.store import catalogue, kvstore, manifest, shards, writer
 
     point, _, arg = kill.partition(":")
     count = {"n": 0}
@@ -93,15 +93,15 @@ def install(kill: str) -> None:
                 time.sleep(0.3)
 
         catalogue.Catalogue.add = add
-    elif point == "index":
-        original_write = kvstore.write_atomic
+    elif point == "index":  # the writer records the FAISS index's sha256 last (StoreWriter.write_index)
+        original_write = writer.write_atomic
 
         def dying_write(path, data):
             if path.name == kvstore.INDEX_META:
                 _die()
             original_write(path, data)
 
-        kvstore.write_atomic = dying_write
+        writer.write_atomic = dying_write
 
 
 class Trace:

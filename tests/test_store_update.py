@@ -173,7 +173,7 @@ def test_compacting_a_store_with_nothing_removed_keeps_its_bytes(store, tmp_path
 
 
 def test_compact_refuses_while_another_writer_holds_the_store(store):
-    from ragcompress.store.kvstore import StoreLock
+    from ragcompress.store.writer import StoreLock
 
     lock = StoreLock(store)
     try:

@@ -246,7 +246,7 @@ def calibrate(
     from ragcompress.runtime.engine import Engine
     from ragcompress.runtime.options import AnswerOptions
     from ragcompress.store import Manifest
-    from ragcompress.store.kvstore import StoreLock
+    from ragcompress.store.writer import StoreLock
 
     with Engine.open(store, options=AnswerOptions(calibrate=False), dtype=dtype, device=device) as engine:
         result = calibrate_temperature(engine, samples=samples, top_k=top_k, progress=show_progress(as_json))

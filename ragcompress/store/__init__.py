@@ -1,7 +1,8 @@
 """The on-disk KV-cache store (DESIGN §2)."""
 
-from ragcompress.store.kvstore import KVStore, StoreWriter, create_store
+from ragcompress.store.kvstore import KVStore, create_store
 from ragcompress.store.manifest import FORMAT_VERSION, Manifest
 from ragcompress.store.record import PassageRecord
+from ragcompress.store.writer import StoreWriter
 
 __all__ = ["FORMAT_VERSION", "KVStore", "Manifest", "PassageRecord", "StoreWriter", "create_store"]

@@ -183,7 +183,7 @@ class Catalogue:
             )
 
     def rows(self) -> Iterator[dict[str, Any]]:
-        """Every row in row order as :func:`~ragcompress.store.kvstore.catalogue_row` shapes it
+        """Every row in row order as :func:`~ragcompress.store.writer.catalogue_row` shapes it
         (metadata as stored JSON, embedding as bytes), streamed: what a copy of the store needs."""
         names = "id title text meta text_sha shard offset length checksum num_tokens kept embedding".split()
         columns = ", ".join([*names, self._meta_checksum])

@@ -20,9 +20,10 @@ from typing import Any
 from ragcompress.errors import StoreError
 from ragcompress.store.basis import BASIS
 from ragcompress.store.catalogue import CATALOGUE, Catalogue
-from ragcompress.store.kvstore import PREFIX, StoreLock, StoreWriter, replace_store, write_atomic
+from ragcompress.store.kvstore import PREFIX, replace_store, write_atomic
 from ragcompress.store.manifest import MANIFEST
 from ragcompress.store.shards import SHARD_DIR, read_blob
+from ragcompress.store.writer import StoreLock, StoreWriter
 
 COMMIT_ROWS = 256  # rows per catalogue transaction while copying
 

@@ -1,0 +1,191 @@
+"""The one writer of a store: its lock, catalogue rows, and the appends and commits of passages.
+
+``StoreLock`` is an exclusive ``flock`` on ``DIR/lock`` (one writer at a time, released even when
+its holder is killed); ``StoreWriter`` holds it, repairs what a killed writer left when it opens,
+appends blobs to the shards (fsynced) and then commits their catalogue rows in one transaction.
+Readers (``kvstore.KVStore``) see only committed rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from ragcompress.errors import StoreError
+from ragcompress.paths import sha256_file
+from ragcompress.store.catalogue import CATALOGUE, Catalogue, meta_checksum
+from ragcompress.store.kvstore import INDEX, INDEX_META, LOCK, build_index, write_atomic
+from ragcompress.store.manifest import Manifest
+from ragcompress.store.record import PassageRecord
+from ragcompress.store.shards import ShardWriter, checksum
+
+
+class StoreLock:
+    """The exclusive writer lock of a store (``flock`` on ``DIR/lock``, released on close or exit).
+
+    The kernel drops the lock when its holder dies, even by SIGKILL, so a killed writer never
+    blocks the next one.
+    """
+
+    def __init__(self, path: Path, wait_s: float = 0.0) -> None:
+        """``wait_s``: how long to wait for another writer to finish (0: refuse at once). Two
+        threads of one process exclude each other too (each opens the lock file itself)."""
+        self.path = path
+        self._handle = open(path / LOCK, "a+")
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                self._handle.seek(0)
+                holder = self._handle.read().strip() or "another process"
+                self._handle.close()
+                waited = f" (waited {wait_s:g} s)" if wait_s else ""
+                raise StoreError(
+                    f"store {path} is being written by {holder}{waited}; wait for it to finish (one writer at a time)"
+                ) from None
+        self._handle.seek(0)
+        self._handle.truncate()
+        self._handle.write(f"pid {os.getpid()}")
+        self._handle.flush()
+
+    def release(self) -> None:
+        if not self._handle.closed:
+            fcntl.flock(self._handle, fcntl.LOCK_UN)
+            self._handle.close()
+
+    def __enter__(self) -> StoreLock:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def _remove_temporaries(path: Path) -> None:
+    """Delete temp files a killed writer left (``.NAME.PID.tmp``); only called under the lock."""
+    for tmp in path.glob(".*.tmp"):
+        if tmp.is_file():
+            tmp.unlink()
+
+
+def meta_json(meta: dict[str, Any]) -> str:
+    """A passage's metadata as its catalogue row stores it: JSON in the metadata's own key order,
+    which callers show to LLMs (rows written before kept keys sorted; ``meta_checksum`` covers
+    the stored text either way, so both verify)."""
+    return json.dumps(meta, ensure_ascii=False)
+
+
+def catalogue_row(record: PassageRecord, shard: str, offset: int) -> dict[str, Any]:
+    """The catalogue row of ``record`` whose blob lies at ``(shard, offset)``: the one place a
+    record becomes a row, for :meth:`StoreWriter.add` and for Ray workers that write blobs."""
+    meta, embedding = meta_json(record.meta), record.embedding.tobytes()
+    return {
+        "id": record.id,
+        "title": record.title,
+        "text": record.text,
+        "meta": meta,
+        "text_sha": record.text_sha,
+        "shard": shard,
+        "offset": offset,
+        "length": len(record.blob),
+        "checksum": checksum(record.blob),
+        "num_tokens": record.num_tokens,
+        "kept": record.kept,
+        "embedding": embedding,
+        "meta_checksum": meta_checksum(record.id, record.title, meta, record.text_sha, embedding),
+    }
+
+
+class StoreWriter:
+    """The single writer of a store: holds the lock, appends blobs, commits catalogue rows.
+
+    Opening repairs what a killed writer left behind (uncommitted shard tails, temp files).
+    """
+
+    def __init__(self, path: Path, wait_s: float = 0.0) -> None:
+        """``wait_s``: how long to wait for another writer's lock (:class:`StoreLock`)."""
+        self.path = path
+        self._lock = StoreLock(path, wait_s)
+        try:
+            if not (path / CATALOGUE).is_file():  # create_store writes it before the manifest
+                raise StoreError(f"store {path} has no {CATALOGUE}; the store is damaged, rebuild it")
+            _remove_temporaries(path)
+            self.catalogue = Catalogue(path, readonly=False)
+            self.shards = ShardWriter(path, self.catalogue.committed_blobs())
+        except BaseException:
+            if hasattr(self, "catalogue"):
+                self.catalogue.close()
+            self._lock.release()
+            raise
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def known(self) -> dict[str, str]:
+        """Committed passage ids and the sha256 of their text (memory grows with the store)."""
+        return self.catalogue.text_shas()
+
+    def known_of(self, ids: list[str]) -> dict[str, str]:
+        """Those of ``ids`` already committed, with their text sha256 (bounded memory)."""
+        return self.catalogue.shas_of(ids)
+
+    def add(self, records: list[PassageRecord], replace: bool = False) -> None:
+        """Store a batch: blobs appended and fsynced, then their rows committed together.
+        ``replace``: records whose id is stored replace the stored passages (same transaction)."""
+        rows = [catalogue_row(record, *self.shards.append(record.blob)) for record in records]
+        self.shards.sync()
+        self.catalogue.add(rows, replace=replace)
+
+    def remove(self, ids: list[str]) -> int:
+        """Delete the passages ``ids`` in one transaction; returns how many were stored."""
+        return self.catalogue.remove(ids)
+
+    def update_meta(self, passages: list[tuple[str, str, dict[str, Any]]]) -> int:
+        """Set the title and metadata of stored passages, given as ``(id, title, meta)``, in one
+        transaction; their text, cache, embedding and row number stay (nothing is encoded and the
+        FAISS index stays current). Returns how many were stored."""
+        return self.catalogue.update_meta([(pid, title, meta_json(meta)) for pid, title, meta in passages])
+
+    def commit(self, rows: list[dict[str, Any]], replace: bool = False) -> None:
+        """Commit rows (:func:`catalogue_row`) whose blobs another process already wrote and fsynced
+        into shards it claimed (:class:`~ragcompress.store.shards.ClaimedShards`): a Ray worker.
+        ``replace``: as :meth:`add`."""
+        self.catalogue.add(rows, replace=replace)
+
+    def write_index(self, params: dict[str, Any] | None = None) -> None:
+        """Build the FAISS index (streamed from the catalogue), save it, then record its sha256;
+        the manifest's ``index`` records its type, parameters and measured recall@10."""
+        built, described = build_index(self.catalogue, params)
+        built.save(self.path / INDEX)
+        meta = {
+            "sha256": sha256_file(self.path / INDEX),
+            "count": built.count,
+            "generation": self.catalogue.generation(),
+        }
+        write_atomic(self.path / INDEX_META, json.dumps(meta).encode())
+        manifest = Manifest.read(self.path)
+        if manifest.index != described:
+            dataclasses.replace(manifest, index=described).write(self.path)
+
+    def repair_shards(self) -> None:
+        """Repair the shards again, as opening does, still holding the lock: a Ray run's driver
+        calls it last, when the killed actors' bytes that no committed row points at are known."""
+        self.shards.close()
+        self.shards = ShardWriter(self.path, self.catalogue.committed_blobs())
+
+    def close(self) -> None:
+        self.shards.close()
+        self.catalogue.close()
+        self._lock.release()
