@@ -38,8 +38,9 @@ import torch
 from ragcompress.compressors import CompressionContext, make_compressor
 from ragcompress.compressors.adaptive import AdaptiveBudget
 from ragcompress.compressors.scorer import ScorerCompressor
-from ragcompress.distill.adaptor import Adaptor, remove_adapter, resolve_adaptor
+from ragcompress.distill.adaptor import Adaptor, remove_adapter
 from ragcompress.distill.checkpoint import load_tree
+from ragcompress.distill.packaged import resolve_adaptor
 from ragcompress.distill.train import (
     TRAINING_ADAPTER,
     Distiller,

@@ -361,7 +361,8 @@ def store_adaptors(args: argparse.Namespace, asked: set[str]) -> dict[str, dict]
     """The KV-Distill adaptor of each store built with one (by variant name, ``base`` for
     ``--store``), refused if it was trained on an article the questions ask about: every figure
     of an adaptor comes from articles it never saw."""
-    from ragcompress.distill.adaptor import Adaptor, packaged_adaptor
+    from ragcompress.distill.adaptor import Adaptor
+    from ragcompress.distill.packaged import packaged_adaptor
 
     given = {a.hash: a for a in (Adaptor.load(d) for d in args.adaptor_dir)}
     stores = {"base": args.store, **dict(v.split("=", 1) for v in args.variant)}

@@ -167,7 +167,7 @@ def store_indexer(engine: Engine) -> Indexer:
     basis, the packaged adaptor it was encoded through). A store encoded through an adaptor that
     is not packaged (a ``ragcompress train`` folder) cannot be re-encoded by ``bench``: refused
     before anything is timed, naming the way round it."""
-    from ragcompress.distill.adaptor import packaged_adaptor_dir
+    from ragcompress.distill.packaged import packaged_adaptor_dir
     from ragcompress.indexing import Indexer
 
     recorded = engine.store.manifest.encoding.get("adaptor")

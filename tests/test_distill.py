@@ -226,7 +226,7 @@ def test_scorer_fit_recovers_a_linear_target():
 
 
 def test_packaged_adaptor_loads_by_name_and_records_its_provenance():
-    from ragcompress.distill.adaptor import packaged_adaptor, resolve_adaptor
+    from ragcompress.distill.packaged import packaged_adaptor, resolve_adaptor
 
     adaptor = resolve_adaptor("default", "smollm2-135m")  # Adaptor.load checks the recorded hash
     assert adaptor.has_scorer and packaged_adaptor(adaptor.hash) is not None
@@ -566,7 +566,7 @@ def test_matching_adaptor_is_the_one_packaged_for_the_store_or_none_with_a_warni
     """``adaptor="matching"`` (the ``smallest`` preset) takes the adaptor packaged for this model
     and trained for exactly this store's compression; with none packaged it encodes with the base
     model, says so, and the manifest records no adaptor."""
-    import ragcompress.distill.adaptor as adaptor_module
+    import ragcompress.distill.packaged as packaged_module
 
     packaged = tmp_path / "packaged"
     keys_rank8 = RankSpec(rank=8, values=False).as_dict()
@@ -576,7 +576,7 @@ def test_matching_adaptor_is_the_one_packaged_for_the_store_or_none_with_a_warni
         if lowrank:  # trained with --kv-rank 8 --no-kv-rank-values
             specialist.meta["lowrank"] = lowrank
         specialist.save(packaged / f"tiny-kvzip-{ratio}-int4{'-r8k' if lowrank else ''}")
-    monkeypatch.setattr(adaptor_module, "PACKAGED", packaged)
+    monkeypatch.setattr(packaged_module, "PACKAGED", packaged)
     common = dict(model=lm.ref, lm=lm, embedder=embedder)
     config = IndexConfig(method="global:kvzip", ratio=0.5, keep_first=1, quant="int4", adaptor="matching")
     index(passages_file, tmp_path / "matched", config=config, **common)
@@ -635,13 +635,13 @@ def test_matching_adaptor_is_the_one_packaged_for_the_store_or_none_with_a_warni
 def test_an_int8_store_matches_the_general_adaptor_and_nothing_else_does(tmp_path, monkeypatch):
     """An uncompressed int8 store takes the model's general (ratio 1.0, unquantized) adaptor
     under ``matching``; an int4 or evicted store does not fall back to it."""
-    import ragcompress.distill.adaptor as adaptor_module
-    from ragcompress.distill.adaptor import TrainedStore, packaged_for_store
+    import ragcompress.distill.packaged as packaged_module
+    from ragcompress.distill.packaged import TrainedStore, packaged_for_store
 
     general = tmp_path / "packaged" / "tiny"
     general.mkdir(parents=True)
     (general / "adaptor.json").write_text(json.dumps({"base_model": "tiny", "ratio": 1.0, "quant": "none"}))
-    monkeypatch.setattr(adaptor_module, "PACKAGED", tmp_path / "packaged")
+    monkeypatch.setattr(packaged_module, "PACKAGED", tmp_path / "packaged")
     assert packaged_for_store("tiny", TrainedStore("none", 1.0, "none")) == general
     assert packaged_for_store("tiny", TrainedStore("none", 1.0, "int8")) == general
     assert packaged_for_store("other", TrainedStore("none", 1.0, "int8")) is None

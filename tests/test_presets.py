@@ -7,7 +7,7 @@ import json
 import pytest
 from test_cli import run_cli
 
-from ragcompress.distill.adaptor import packaged_for_store
+from ragcompress.distill.packaged import packaged_for_store
 from ragcompress.indexing import IndexConfig
 from ragcompress.indexing.indexer import store_of
 from ragcompress.presets import PRESETS, answer_options, index_config, preset

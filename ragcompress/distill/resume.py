@@ -105,7 +105,7 @@ def resumed_ancestry(checkpoint: dict[str, Any], config: TrainConfig, lm: Loaded
     trained on, which the new adaptor's ``train_articles`` include. A checkpoint from before those
     articles were recorded names only the hash: they are read from that adaptor (``--init-adaptor``
     naming it, or the packaged one of that hash), and the run is refused when neither is found."""
-    from ragcompress.distill.adaptor import packaged_adaptor, resolve_adaptor
+    from ragcompress.distill.packaged import packaged_adaptor, resolve_adaptor
 
     ancestry = {key: checkpoint[key] for key in ANCESTRY if checkpoint.get(key)}
     start_hash = ancestry.get("init_adaptor_hash")
@@ -141,7 +141,7 @@ def warm_start(lm: LoadedModel, config: TrainConfig) -> Adaptor:
     """The adaptor ``config.init_adaptor`` names, as the starting point of training: same model,
     kind ``forward``, its LoRA factors in fp32 (a packaged adaptor may store fp16); its rank and
     alpha replace ``config``'s."""
-    from ragcompress.distill.adaptor import resolve_adaptor
+    from ragcompress.distill.packaged import resolve_adaptor
 
     assert config.init_adaptor is not None
     start = resolve_adaptor(config.init_adaptor, lm.ref)

@@ -110,7 +110,7 @@ def config_from_manifest(manifest: Manifest) -> IndexConfig:
     Every setting a manifest records maps back to one :class:`IndexConfig` field; an adaptor is
     recorded by hash only, so it is found among the packaged ones or must be given. The result
     is checked to rebuild the manifest's compression exactly, so nothing is guessed."""
-    from ragcompress.distill.adaptor import packaged_adaptor_dir
+    from ragcompress.distill.packaged import packaged_adaptor_dir
     from ragcompress.errors import InputError
 
     compression = manifest.compression

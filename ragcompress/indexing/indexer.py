@@ -17,10 +17,10 @@ from functools import cached_property
 import numpy as np
 
 from ragcompress.compressors import CompressionContext, Compressor
-from ragcompress.distill.adaptor import (
+from ragcompress.distill.adaptor import Adaptor
+from ragcompress.distill.packaged import (
     GENERAL,
     MATCHING,
-    Adaptor,
     TrainedStore,
     check_store_adaptor,
     matching_adaptor,

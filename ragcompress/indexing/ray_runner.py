@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from ragcompress import errors
-from ragcompress.distill.adaptor import MATCHING, resolve_adaptor
+from ragcompress.distill.packaged import MATCHING, resolve_adaptor
 from ragcompress.errors import InputError, RagCompressError, StoreError
 from ragcompress.indexing.config import IndexConfig
 from ragcompress.indexing.indexer import Indexer

@@ -19,7 +19,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from ragcompress.distill.adaptor import check_store_adaptor
+from ragcompress.distill.packaged import check_store_adaptor
 from ragcompress.errors import InputError, StoreError
 from ragcompress.indexing.calibrate import fit_calibration_basis
 from ragcompress.indexing.config import IndexConfig, config_from_manifest
