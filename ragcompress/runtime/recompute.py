@@ -390,7 +390,7 @@ def blend(
         if check < layers:
             deviation = _deviation(model, layout, built.cache, candidates, hidden, check)
         else:
-            deviation = torch.zeros(candidates.numel())
+            deviation = torch.zeros(candidates.numel(), device=device)
         relevance = None
         if question_ids and (suffix or config.selection != "deviation"):
             # the question's layers below the check layer run alone (over the refreshed rows)
