@@ -22,6 +22,8 @@ from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from ragcompress.errors import InputError
 from ragcompress.evaluation import Question
 from ragcompress.runtime.engine import Answer, Engine
@@ -196,9 +198,11 @@ def indexing_throughput(
         for name in ("indexer", "forward") if round_ % 2 == 0 else ("forward", "indexer"):
             start = time.perf_counter()
             if name == "indexer":
-                indexer.records(batch)
+                indexer.records(batch)  # ends on the CPU (records are written from there)
             else:
                 indexer.encoder.forward([indexer.encoder.tokens.passage(p.text) for p in batch])
+                if indexer.encoder.device.type == "cuda":  # the forward's kernels, not their launch
+                    torch.cuda.synchronize(indexer.encoder.device)
             if round_ >= 0:
                 times[name].append(time.perf_counter() - start)
     indexer_s, forward_s = statistics.median(times["indexer"]), statistics.median(times["forward"])

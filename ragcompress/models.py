@@ -69,6 +69,12 @@ class LoadedModel:
     def config(self) -> Any:
         return self.model.config
 
+    @property
+    def dtype_name(self) -> str:
+        """The weights' dtype as a store records it (``float32``, ``bfloat16``, ...): caches
+        encoded in one are not another's."""
+        return str(next(self.model.parameters()).dtype).removeprefix("torch.")
+
 
 def _package_dir(package: str) -> Path:
     """Directory of an installed package, found without importing it.
@@ -310,8 +316,8 @@ def load_model(ref: str | None = None, *, dtype: Any = None, device: Any = None)
     bfloat16 halves the memory of a model that does not fit otherwise).
 
     ``device`` (default CPU) places the model; answering follows the model's device (the dense
-    path by default; the fused Triton kernel on CUDA with ``backend="packed-triton"``). Indexing
-    runs on the CPU.
+    path by default; the fused Triton kernel on CUDA with ``backend="packed-triton"``), and so do
+    indexing's forwards (compression and the store's writer work on the CPU).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

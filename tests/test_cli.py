@@ -448,6 +448,14 @@ def test_dtype_is_recorded_at_indexing_and_reused_for_answering(tiny_model_dir, 
 
     with Engine.open(store) as engine:
         assert next(engine.lm.model.parameters()).dtype == torch.bfloat16
+    # the API's writers (the LlamaIndex components, an engine opened with another dtype) add
+    # through Indexer.for_store, which refuses a model in another dtype as the CLI does
+    from ragcompress.errors import StoreMismatchError
+    from ragcompress.indexing import Indexer
+    from ragcompress.models import load_model
+
+    with pytest.raises(StoreMismatchError, match="encoded with the model in bfloat16.*loaded in float32"):
+        Indexer.for_store(Manifest.read(store), load_model(model))
     code, out, err = run_cli(["ask", "--store", str(store), "--question", "Where?", "--json"], monkeypatch, capfd)
     assert code == 0, err
     assert json.loads(out)["answer"] is not None
@@ -461,10 +469,11 @@ def test_dtype_is_recorded_at_indexing_and_reused_for_answering(tiny_model_dir, 
     assert code == 1 and err == "error: --dtype 'int8' is not one of: float32, bfloat16, float16\n", err
 
 
-def test_device_places_the_answering_model_or_names_why_it_cannot(tiny_model_dir, tmp_path, monkeypatch, capfd):
-    """``--device`` loads the model there on every command that answers (answering follows it:
-    tests/test_engine_on_cuda.py checks the engine with the model on CUDA); a GPU torch does not
-    see, or a name that is not a device, is one line naming it, raised before any weights load."""
+def test_device_places_the_model_or_names_why_it_cannot(tiny_model_dir, tmp_path, monkeypatch, capfd):
+    """``--device`` loads the model there on every command that runs it (answering and indexing
+    follow it: tests/test_engine_on_cuda.py checks both with the model on CUDA); a GPU torch does
+    not see, or a name that is not a device, is one line naming it, raised before any weights load
+    or anything is written."""
     import torch
 
     from ragcompress.data import SAMPLE_PASSAGES, SAMPLE_QUESTIONS
@@ -489,6 +498,7 @@ def test_device_places_the_answering_model_or_names_why_it_cannot(tiny_model_dir
         "bench": bench,
         "calibrate": ["calibrate", "--store", str(store), "--samples", "1"],
         "serve": ["serve", "--store", str(store), "--port", "0"],
+        "index": ["index", "--input", str(passages), "--store", str(tmp_path / "other"), "--model", model],
     }
     for name, command in commands.items():
         code, _, err = run_cli([*command, "--device", "tpu:x"], monkeypatch, capfd)
@@ -497,7 +507,10 @@ def test_device_places_the_answering_model_or_names_why_it_cannot(tiny_model_dir
         if not torch.cuda.is_available():
             code, _, err = run_cli([*command, "--device", "cuda"], monkeypatch, capfd)
             assert code == 1 and err.startswith("error: device 'cuda': torch sees no CUDA GPU here"), (name, err)
-    # bench times indexing only where indexing runs (the CPU), and says so when asked for it on a GPU
-    monkeypatch.setattr("ragcompress.models.usable_device", lambda device: torch.device("cuda", 0))
-    code, _, err = run_cli([*bench, "--indexing-passages", "2", "--device", "cuda:0"], monkeypatch, capfd)
-    assert code == 1 and "indexing runs on the CPU" in err and "--indexing-passages 0" in err, err
+    assert not (tmp_path / "other").exists()  # refused before anything was written
+    # indexing with the device named is indexing there: on the CPU, the same store bit for bit
+    from ragcompress.indexing.ray_runner import store_digest
+
+    code, _, err = run_cli([*commands["index"], "--device", "cpu"], monkeypatch, capfd)
+    assert code == 0, err
+    assert store_digest(tmp_path / "other") == store_digest(store)

@@ -1,7 +1,8 @@
 """The whole query path with the model on a CUDA GPU: `auto` (the dense path), the fused kernel,
 selective recompute (the `faithful` preset's path), the batch `serve` decodes and full prefill
-answer there as they do on the CPU (benchmarks/gpu_check.sh runs the
-``gpu``-marked test). The model is a tiny random llama with a character tokenizer, so the check
+answer there as they do on the CPU; and indexing there (the encoder's forwards, the scorers'
+probes, both kinds of adaptor) stores what it stores on the CPU (benchmarks/gpu_check.sh runs the
+``gpu``-marked tests). The model is a tiny random llama with a character tokenizer, so the check
 needs no packaged model: only torch, transformers, tokenizers and faiss on the GPU machine. The
 same harness runs here on the CPU, where the paths must agree too."""
 
@@ -95,3 +96,75 @@ def test_engine_on_cuda_answers_as_on_the_cpu(char_store):
     assert cuda["dense"] == cpu["dense"] and cuda["full"] == cpu["full"]
     assert cuda["recompute"] == cpu["recompute"] and cuda["batch"] == cpu["batch"]
     assert [ids for _, ids in cuda["packed-triton"]] == [ids for _, ids in cpu["packed-torch"]]
+
+
+# One store per part of indexing that runs the model: the encoder's forward (plain), the probes
+# of KVzip, Expected Attention and SnapKV, and the two kinds of adaptor (folded into the weights;
+# correcting the cache from captured projection inputs).
+INDEXING = {
+    "plain": {},
+    "kvzip": {"method": "global:kvzip", "ratio": 0.5, "keep_first": 1, "keep_last": 0},
+    "expected-attention": {"method": "expected-attention", "ratio": 0.5},
+    "snapkv": {"method": "snapkv", "ratio": 0.5},
+    "forward-adaptor": {"adaptor": "forward"},
+    "cache-adaptor": {"adaptor": "cache"},
+}
+
+
+def indexed_caches(model_dir: str, root, device: str) -> dict[str, dict[str, object]]:
+    """Per :data:`INDEXING` setting, the stored caches (``PassageKV``, read back on the CPU) of
+    four bundled passages indexed with the model on ``device``."""
+    from ragcompress.data import SAMPLE_PASSAGES
+    from ragcompress.indexing import IndexConfig, index
+    from ragcompress.models import load_model
+    from ragcompress.store import KVStore
+    from ragcompress.testing import HashEmbedder, noisy_adaptor
+
+    lm = load_model(model_dir, device=device)
+    passages = root / "passages.jsonl"
+    passages.write_text("\n".join(SAMPLE_PASSAGES.read_text().splitlines()[:4]) + "\n")
+    caches = {}
+    for name, settings in INDEXING.items():
+        settings = dict(settings)
+        if "adaptor" in settings:  # the same factors on both devices (seeded), saved on the CPU
+            kind = settings["adaptor"]
+            settings["adaptor"] = str(noisy_adaptor(lm.model, 2, kind=kind).save(root / f"adaptor-{device}-{kind}"))
+        config = IndexConfig(embedder=HashEmbedder().name, **settings)
+        store = root / f"{device}-{name}"
+        index(passages, store, lm=lm, embedder=HashEmbedder(), config=config, batch_size=2)
+        with KVStore.open(store) as opened:
+            caches[name] = {entry.id: opened.load_kv(entry) for entry in opened.catalogue.entries()}
+    return caches
+
+
+def test_every_indexing_setting_of_the_device_test_stores_its_own_caches(char_store, tmp_path):
+    """The harness of the CUDA indexing test, on the CPU: each setting changes what is stored
+    (eviction keeps half the rows, an adaptor moves keys and values), so agreeing with the CPU on
+    each of them is a check of that part of indexing."""
+    caches = indexed_caches(char_store[0], tmp_path, "cpu")
+    plain = caches["plain"]
+    assert len(plain) == 4
+    for name in ("kvzip", "expected-attention", "snapkv"):
+        assert all(kv.kept_tokens < plain[pid].kept_tokens for pid, kv in caches[name].items()), name
+    for name in ("forward-adaptor", "cache-adaptor"):
+        for pid, kv in caches[name].items():
+            assert kv.kept_tokens == plain[pid].kept_tokens and not torch.equal(kv.keys, plain[pid].keys), name
+
+
+@pytest.mark.gpu
+def test_indexing_on_cuda_stores_what_the_cpu_stores(char_store, tmp_path):
+    """With the model on CUDA every part of indexing that runs it (the encoder, the scorers'
+    probes, both kinds of adaptor) stores the CPU's caches: the same kept rows, keys and values
+    within fp32 rounding (the caches are stored unquantized, so no rounding step hides a
+    difference)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    cpu = indexed_caches(char_store[0], tmp_path, "cpu")
+    cuda = indexed_caches(char_store[0], tmp_path, "cuda")
+    for name in INDEXING:
+        assert cuda[name].keys() == cpu[name].keys(), name
+        for pid, want in cpu[name].items():
+            got = cuda[name][pid]
+            assert torch.equal(got.positions, want.positions) and torch.equal(got.lengths, want.lengths), (name, pid)
+            assert torch.allclose(got.keys, want.keys, atol=1e-4, rtol=1e-4), (name, pid)
+            assert torch.allclose(got.values, want.values, atol=1e-4, rtol=1e-4), (name, pid)

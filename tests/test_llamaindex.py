@@ -577,6 +577,25 @@ def test_serialisation_round_trips(built, tiny):
         assert type(component).from_dict(json.loads(json.dumps(data))).to_dict() == data
 
 
+def test_a_bfloat16_store_is_read_and_extended_in_bfloat16(tiny, tmp_path):
+    """A store records the dtype its passages were encoded in, and every component loads the
+    model in it (``device`` places it), so a cache computed on the fly is the one the store's own
+    build would hold: a float32 model's would not match the store's other caches."""
+    store, alone = str(tmp_path / "store"), str(tmp_path / "alone")
+    documents = sample_documents(5)
+    KVCacheTransform(store_path=store, model=tiny, dtype="bfloat16", device="cpu")(documents[:3])
+    KVCacheTransform(store_path=store, model=tiny)(documents[3:4])  # the store's own dtype, not repeated
+    with KVStore.open(store) as kv:
+        assert kv.manifest.dtype == "bfloat16" and kv.catalogue.count() == 4
+    synthesizer = KVCacheSynthesizer(store, max_new_tokens=4, device="cpu")
+    assert synthesizer.engine.lm.dtype_name == "bfloat16" and synthesizer.to_dict()["device"] == "cpu"
+    new = TextNode(id_="brand-new", text=documents[4].text)
+    KVCacheNodePostprocessor(store_path=store, device="cpu").postprocess_nodes([NodeWithScore(node=new, score=1.0)])
+    KVCacheTransform(store_path=alone, model=tiny, dtype="bfloat16")([new])
+    with KVStore.open(store) as kv, KVStore.open(alone) as expected:
+        assert kv.entry("brand-new").checksum == expected.entry("brand-new").checksum
+
+
 def test_missing_store_is_a_clear_error(tmp_path):
     missing = str(tmp_path / "nowhere")
     with pytest.raises(StoreError, match="does not exist"):

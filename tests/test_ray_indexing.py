@@ -150,6 +150,26 @@ def test_replace_on_ray_has_the_single_process_bytes(ray_store, tmp_path, tiny_l
     assert {row["id"]: row["text"] for row in digest["rows"]}["doc-009"].endswith("Changed.")
 
 
+def test_device_cuda_asks_a_gpu_per_actor_and_is_refused_where_there_is_none(cluster, tmp_path, tiny_lm, corpus):
+    """``--device cuda`` gives each actor one GPU; a Ray cluster without one (this one), or a
+    local machine where torch sees none, is refused before anything is written, by name."""
+    import torch
+
+    from ragcompress.errors import ModelError
+    from ragcompress.indexing.ray_runner import _wants_gpu
+
+    assert not _wants_gpu(None, "local") and not _wants_gpu("cpu", cluster) and _wants_gpu("cuda:1", cluster)
+    with pytest.raises(InputError, match="'tpu:x' is not a torch device"):
+        _wants_gpu("tpu:x", cluster)
+    store = tmp_path / "store"
+    with pytest.raises(InputError, match="the Ray cluster has no GPU"):
+        index_on_ray(corpus, store, address=cluster, lm=tiny_lm, config=CONFIG, device="cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelError, match="torch sees no CUDA GPU"):
+            index_on_ray(corpus, store, address="local", lm=tiny_lm, config=CONFIG, device="cuda")
+    assert not store.exists()
+
+
 def test_an_input_error_on_an_actor_is_the_one_line_error_of_one_process(cluster, tmp_path, tiny_lm):
     """A passage too long for the model is refused by the actor that encodes it; the driver raises
     that ``InputError`` (the CLI's one line), not Ray's wrapped traceback, and the batches

@@ -135,12 +135,11 @@ def bench(
     limit: int = typer.Option(3, "--limit", min=1, help="questions per context size"),
     repeats: int = typer.Option(3, "--repeats", min=1, help="timed runs per question and path (median)"),
     plot_path: Path | None = typer.Option(None, "--plot", help="write a PNG of TTFT against context size"),
-    indexing: int | None = typer.Option(
-        None,
+    indexing: int = typer.Option(
+        8,
         "--indexing-passages",
         min=0,
-        help="passages re-indexed in memory to time indexing (0: skip; default 8 on the CPU, 0 with --device "
-        "cuda, since indexing runs on the CPU)",
+        help="passages re-indexed in memory (on --device) to time indexing (0: skip)",
     ),
     packed: bool = typer.Option(
         True,
@@ -180,16 +179,6 @@ def bench(
         raise RagCompressError(
             f"--repeats takes an odd count (each figure is a median, and the median of {repeats} runs is "
             f"the mean of the middle two); use {repeats - 1} or {repeats + 1}"
-        )
-    from ragcompress.models import usable_device
-
-    on_cpu = device is None or usable_device(device).type == "cpu"
-    if indexing is None:
-        indexing = 8 if on_cpu else 0
-    elif indexing and not on_cpu:
-        raise RagCompressError(
-            f"--indexing-passages {indexing} with --device {device}: indexing runs on the CPU, so bench times it "
-            "only there; pass --indexing-passages 0, or bench indexing in a run without --device"
         )
     items = read_questions(questions or SAMPLE_QUESTIONS, limit)
     engine = Engine.open(store, options=options_from_flags(preset), dtype=dtype, device=device)

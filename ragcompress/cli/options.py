@@ -80,7 +80,7 @@ DTYPE_OPTION = typer.Option(
 DEVICE_OPTION = typer.Option(
     None,
     "--device",
-    help="where the model answers: cpu (default) or cuda / cuda:N (a GPU torch sees); indexing runs on the CPU",
+    help="where the model runs: cpu (default) or cuda / cuda:N (a GPU torch sees)",
 )
 
 

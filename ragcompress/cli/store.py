@@ -110,6 +110,12 @@ def index(
         None, "--workers", min=1, help="with --ray: actors, each loading the model once (default 2)"
     ),
     dtype: str | None = DTYPE_OPTION,
+    device: str | None = typer.Option(
+        None,
+        "--device",
+        help="where the model's forwards run: cpu (default) or cuda / cuda:N (a GPU torch sees; with --ray, "
+        "each actor takes one GPU)",
+    ),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Index passages into a KV-cache store (resumes: finished passages are skipped)."""
@@ -162,6 +168,7 @@ def index(
             progress=show_progress(as_json),
             replace=replace,
             dtype=dtype,
+            device=device,
         )
     else:
         report = run_index(
@@ -174,6 +181,7 @@ def index(
             batch_size=batch_size,
             progress=show_progress(as_json),
             dtype=dtype,
+            device=device,
         )
     with KVStore.open(store) as opened:
         sizes = store_sizes(opened)

@@ -30,8 +30,9 @@ def mean_rotation(rotary: Rotary, positions: torch.Tensor, layer: int, head_dim:
     """``[head_dim, head_dim]`` matrix of layer ``layer``'s RoPE rotation averaged over
     ``positions`` (RoPE is linear in its tables, so it is the rotation by the mean tables; partial
     rotary keeps the channels past them as they are)."""
-    cos, sin = rotary.cos_sin(positions, layer)
-    return rotary.apply(torch.eye(head_dim), cos.mean(0), sin.mean(0)).T  # row j rotates basis vector e_j
+    cos, sin = rotary.cos_sin(positions, layer)  # where the model's RoPE module is
+    eye = torch.eye(head_dim, device=cos.device)
+    return rotary.apply(eye, cos.mean(0), sin.mean(0)).T.cpu()  # row j rotates basis vector e_j
 
 
 @dataclass(frozen=True)

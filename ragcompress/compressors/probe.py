@@ -10,7 +10,8 @@ hook rebuilds the layer's queries from the module's own ``q_proj`` output (kept 
 ``position_embeddings`` the model passed in), so it stays correct for every architecture the
 library loads without touching the attention function. Probes run in chunks of ``chunk``
 tokens: the attention matrix held at once is ``[q_heads, chunk, total]``, which bounds memory
-for long passages (KVzip's chunked scoring).
+for long passages (KVzip's chunked scoring). The probe runs where the model is; the passage's
+cache goes there and the result comes back to the CPU, where the scorers work.
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ class ProbeResult:
 def rotated_context(
     encoder: PassageEncoder, kv: PassageKV, context_len: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer ``(keys, values)`` ``[1, kv_heads, P + context_len, d]``, keys rotated as the model
-    caches them (prefix at ``0..P-1``, passage token ``o`` at ``P + o``)."""
+    """Per layer ``(keys, values)`` ``[1, kv_heads, P + context_len, d]`` on the model's device, keys
+    rotated as the model caches them (prefix at ``0..P-1``, passage token ``o`` at ``P + o``)."""
     if not kv.is_uniform:
         raise ValueError("probing needs the passage's full cache (no eviction yet)")
     prefix, rotary, p = encoder.prefix_kv, encoder.rotary, encoder.prefix_len
@@ -58,7 +59,7 @@ def rotated_context(
         ck = rotary.rotate(kv.keys[layer, :, :context_len], kv.positions[layer, :, :context_len] + p, layer)
         keys = torch.cat([pk, ck], dim=1).unsqueeze(0)
         values = torch.cat([prefix.values[layer], kv.values[layer, :, :context_len]], dim=1).unsqueeze(0)
-        out.append((keys.to(kv.keys.dtype), values))
+        out.append((keys.to(encoder.device, kv.keys.dtype), values.to(encoder.device)))
     return out
 
 
@@ -113,7 +114,7 @@ def run_probe(
     cache = build_dynamic_cache(model.config, [k for k, _ in layers], [v for _, v in layers], all_rows=True)
     softcap = getattr(model.config, "attn_logit_softcapping", None)
     n_layers, kv_heads = kv.keys.shape[:2]
-    acc = torch.zeros((n_layers, kv_heads, score_len)) if attention else None
+    acc = torch.zeros((n_layers, kv_heads, score_len), device=encoder.device) if attention else None
     queries: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
     scaling = [0.0] * n_layers
 
@@ -125,8 +126,8 @@ def run_probe(
         only the chunk's own columns are masked on a full-attention layer. Shared by layers."""
         first = total - c  # cache index of the chunk's first query
         start = 0 if window else first
-        query = (first + torch.arange(c)).unsqueeze(-1)
-        keys = torch.arange(start, total)
+        query = (first + torch.arange(c, device=encoder.device)).unsqueeze(-1)
+        keys = torch.arange(start, total, device=encoder.device)
         hidden = keys > query
         return start, (hidden | (query - keys >= window) if window else hidden)
 
@@ -174,8 +175,9 @@ def run_probe(
         start = p + context_len
         for offset in range(0, m, chunk):
             ids = probe_ids[offset : offset + chunk]
-            positions = torch.arange(start + offset, start + offset + len(ids)).unsqueeze(0)
-            model.model(input_ids=torch.tensor([ids]), position_ids=positions, cache=cache, use_cache=True)
+            positions = torch.arange(start + offset, start + offset + len(ids), device=encoder.device).unsqueeze(0)
+            inputs = torch.tensor([ids], device=encoder.device)
+            model.model(input_ids=inputs, position_ids=positions, cache=cache, use_cache=True)
     finally:
         for handle in handles:
             handle.remove()
@@ -185,4 +187,8 @@ def run_probe(
             acc /= m
         if group_reduce == "mean":
             acc /= groups
-    return ProbeResult(acc, [torch.cat(q, dim=1) for q in queries] if capture_queries else None, scaling)
+    return ProbeResult(
+        acc.cpu() if acc is not None else None,
+        [torch.cat(q, dim=1).cpu() for q in queries] if capture_queries else None,
+        scaling,
+    )

@@ -294,7 +294,7 @@ class Adaptor:
             weight = getattr(module, "weight", None)
             if b is None or weight is None or id(module) not in names or weight.shape != (b.shape[0], a.shape[1]):
                 raise InputError(f"adaptor tensor {key} does not fit {type(model).__name__}; use its model's adaptor")
-            delta = (b.float() @ a.float()) * self.scaling
+            delta = (b.float() @ a.float()).to(weight.device) * self.scaling
             prefix = names[id(module)]
             merged[f"{prefix}.weight" if prefix else "weight"] = (weight.float() + delta).to(weight.dtype)
         return merged

@@ -190,9 +190,8 @@ def build_manifest(
     encoding: dict[str, Any] = {"context_neighbors": config.context_neighbors} if config.context_neighbors else {}
     if adaptor_hash is not None:
         encoding["adaptor"] = adaptor_hash
-    dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
-    if dtype != "float32":  # absent for float32: older manifests match
-        encoding["dtype"] = dtype
+    if lm.dtype_name != "float32":  # absent for float32: older manifests match
+        encoding["dtype"] = lm.dtype_name
     return Manifest(
         model_ref=lm.ref,
         model_fingerprint=lm.fingerprint,

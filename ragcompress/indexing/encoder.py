@@ -9,6 +9,11 @@ With an ``adaptor`` (``ragcompress.distill``, KV-Distill) passages are encoded w
 factors merged into the weights for the call (kind ``forward``), or their caches are corrected
 from the inputs of the key/value projections of the base forward (kind ``cache``); the prefix,
 like everything at query time, is the base model's.
+
+Where the model is (``load_model(device=...)``) the forwards run; what they produce,
+:class:`~ragcompress.kv.PassageKV` and the projection inputs an adaptor reads, comes back to the
+CPU, where compression, quantization and the store's writer work. So on a GPU the model's
+forwards (the costly part) run there and everything after them is as on the CPU.
 """
 
 from __future__ import annotations
@@ -49,11 +54,16 @@ class PassageEncoder:
         self.prefix_ids = self.tokens.prefix()
         with torch.inference_mode():
             cache = DynamicCache()  # full layers: a sliding-window layer must keep the prefix whole too
-            lm.model(torch.tensor([self.prefix_ids]), cache=cache, use_cache=True)
+            lm.model(torch.tensor([self.prefix_ids], device=lm.model.device), cache=cache, use_cache=True)
             rotated = cache_layers(cache)
         # plain tensors, not inference tensors: training runs passage forwards with autograd on
         self._prefix_rotated = [(k.clone(), v.clone()) for k, v in rotated]
         self.prefix_kv = self._unrotate_full(self._prefix_rotated, start=0, batch_index=0, length=len(self.prefix_ids))
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's forwards run; every :class:`PassageKV` this encoder returns is on the CPU."""
+        return self.lm.model.device
 
     @property
     def prefix_len(self) -> int:
@@ -72,12 +82,13 @@ class PassageEncoder:
         self, layers: list[tuple[torch.Tensor, torch.Tensor]], start: int, batch_index: int, length: int
     ) -> PassageKV:
         keys, values = [], []
-        positions = torch.arange(start, start + length)
+        positions = torch.arange(start, start + length, device=self.device)
         for layer_idx, (k, v) in enumerate(layers):
             k = k[batch_index, :, start : start + length]
             keys.append(self.rotary.unrotate(k, positions.expand(k.shape[0], -1), layer_idx))
             values.append(v[batch_index, :, start : start + length])
-        return PassageKV.full(torch.stack(keys).contiguous(), torch.stack(values).contiguous())
+        # to the CPU: a no-op there; from a GPU, the passage's rows only
+        return PassageKV.full(torch.stack(keys).cpu().contiguous(), torch.stack(values).cpu().contiguous())
 
     @torch.inference_mode()
     def encode(self, passages: list[list[int]], contexts: list[list[int]] | None = None) -> list[PassageKV]:
@@ -115,7 +126,7 @@ class PassageEncoder:
 
         with ProjectionInputs(self.lm.model) as captured:
             layers = self.forward(passages)
-        return layers, torch.stack([x for x in captured.inputs if x is not None])
+        return layers, torch.stack([x for x in captured.inputs if x is not None]).cpu()
 
     @torch.inference_mode()
     def forward(self, passages: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -141,13 +152,14 @@ class PassageEncoder:
         for row, ids in enumerate(passages):
             input_ids[row, : len(ids)] = torch.tensor(ids)
             attention[row, p : p + len(ids)] = 1
+        input_ids, attention = input_ids.to(self.device), attention.to(self.device)
         cache = build_dynamic_cache(
             self.lm.config,
             [k.expand(batch, -1, -1, -1).contiguous() for k, _ in self._prefix_rotated],
             [v.expand(batch, -1, -1, -1).contiguous() for _, v in self._prefix_rotated],
             all_rows=True,  # a sliding-window layer must keep the passage's every row
         )
-        position_ids = torch.arange(p, p + n_max).unsqueeze(0).expand(batch, -1)
+        position_ids = torch.arange(p, p + n_max, device=self.device).unsqueeze(0).expand(batch, -1)
         inputs = dict(
             input_ids=input_ids, attention_mask=attention, position_ids=position_ids, cache=cache, use_cache=True
         )

@@ -148,6 +148,12 @@ class Indexer:
         caches or vectors of two models or two adaptors (``StoreMismatchError``).
         """
         manifest.check_model(lm.fingerprint, lm.ref)
+        if lm.dtype_name != (manifest.dtype or "float32"):
+            raise StoreMismatchError(
+                f"store's passages were encoded with the model in {manifest.dtype or 'float32'}, and {lm.ref} is "
+                f"loaded in {lm.dtype_name}: its caches would not match theirs; load it in "
+                f"{manifest.dtype or 'float32'} (--dtype) to add passages"
+            )
         recorded = manifest.encoding.get("adaptor")
         if adaptor is None and recorded:  # a packaged adaptor is found by its hash
             adaptor = packaged_adaptor(recorded)

@@ -27,7 +27,9 @@ Data does not promise it gets them in order), so what the killed driver had not 
 always a shard's tail, which that repair truncates.
 
 Workers on several machines need the store (and a local model directory, if one is used) on a
-filesystem they all mount at the same path: docs/scaling.md.
+filesystem they all mount at the same path: docs/scaling.md. With ``device="cuda"`` each actor
+asks Ray for one GPU and runs the model's forwards there (Ray shows an actor only its own GPU,
+as ``cuda``); the driver's model, which writes the prefix cache and fits a basis, stays on the CPU.
 """
 
 from __future__ import annotations
@@ -92,6 +94,7 @@ class EncodeActor:
         embedder_factory: Callable[[], Any] | None,
         max_shard_bytes: int | None = None,
         adaptor: str | None = None,
+        device: str | None = None,
     ) -> None:
         import torch
 
@@ -100,7 +103,7 @@ class EncodeActor:
         self.error = ""
         try:
             with KVStore.open(root) as opened:  # the driver created it: settings, dtype, adaptor hash, basis
-                lm = load_model(model_ref, dtype=opened.manifest.dtype)
+                lm = load_model(model_ref, dtype=opened.manifest.dtype, device=device)
                 embedder = embedder_factory() if embedder_factory is not None else None
                 # 'matching' was resolved by the driver: the manifest records the packaged adaptor's hash
                 loaded = resolve_adaptor(adaptor, lm.ref) if adaptor and adaptor != MATCHING else None
@@ -149,20 +152,23 @@ def _actor_adaptor(adaptor: str | None) -> str | None:
     return str(Path(adaptor).resolve())
 
 
-def _connect(address: str, cpus: int) -> None:
+def _connect(address: str, cpus: int, gpus: bool = False) -> None:
     """Join the cluster at ``address`` (``auto``, ``ray://host:port``, ``host:port``), or start a
-    local one with ``cpus`` CPUs for ``local``; an already connected driver (tests) is reused."""
+    local one with ``cpus`` CPUs for ``local``; an already connected driver (tests) is reused.
+    ``gpus``: the actors ask for a GPU each, so a cluster without one is refused here rather than
+    left waiting for one."""
     try:
         import ray
     except ImportError:
         raise InputError("--ray needs Ray: pip install 'ragcompress[ray]'") from None
-    if ray.is_initialized():
-        return
-    kwargs: dict[str, Any] = {"log_to_driver": False, "include_dashboard": False}
-    if address == "local":
-        ray.init(num_cpus=cpus, **kwargs)
-    else:
-        ray.init(address=address, **kwargs)
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {"log_to_driver": False, "include_dashboard": False}
+        if address == "local":
+            ray.init(num_cpus=cpus, **kwargs)
+        else:
+            ray.init(address=address, **kwargs)
+    if gpus and not ray.cluster_resources().get("GPU", 0):
+        raise InputError(f"--device cuda with --ray {address}: the Ray cluster has no GPU; index without --device")
 
 
 def _work(writer: StoreWriter, input_path: Path, batch_size: int) -> tuple[list[dict[str, Any]], int, int]:
@@ -198,6 +204,7 @@ def _results(
     workers: int,
     threads: int,
     embedder_factory: Callable[[], Any] | None,
+    gpu: bool = False,
 ) -> Iterator[tuple[int, list[dict[str, Any]]]]:
     """``(batch number, catalogue rows)`` in input order, as the actor pool finishes them; the
     library error an actor met is raised here, when its batch's turn comes."""
@@ -218,11 +225,13 @@ def _results(
             "embedder_factory": embedder_factory,
             "max_shard_bytes": shards.MAX_SHARD_BYTES,
             "adaptor": _actor_adaptor(config.adaptor),
+            "device": "cuda" if gpu else None,  # Ray shows each actor its own GPU as cuda:0
         },
         batch_size=1,
         batch_format="numpy",
         compute=ActorPoolStrategy(size=workers),
         num_cpus=threads,
+        num_gpus=1 if gpu else None,
     )
     for row in encoded.iter_rows():
         if row["error"]:
@@ -255,6 +264,7 @@ def index_on_ray(
     embedder_factory: Callable[[], Any] | None = None,
     replace: bool = False,
     dtype: str | None = None,
+    device: str | None = None,
 ) -> IndexReport:
     """Index ``input_path`` into ``store_path`` with ``workers`` Ray actors (module doc).
 
@@ -267,10 +277,14 @@ def index_on_ray(
     re-encodes passages stored under their id with another text and commits each in the place of
     the stored one, as ``index(replace=True)`` does; ``--overwrite`` is single-process only.
     ``dtype`` as for ``index()``; the actors load the model in the dtype the manifest records.
+    ``device``: ``cuda`` (any ``cuda:N``) gives each actor one GPU; ``cpu`` or None, none.
     """
     start = time.perf_counter()
     if workers < 1 or threads_per_worker < 1:
         raise InputError("--workers and threads per worker must be at least 1")
+    gpu = _wants_gpu(device, address)
+    if gpu:  # a cluster without a GPU is refused before anything is written
+        _connect(address, workers * threads_per_worker, gpu)
     input_path, store_path = Path(input_path), Path(store_path)
     exists = (store_path / "manifest.json").is_file()
     if exists and not replace:  # the same pass refuses ids stored with another text
@@ -296,7 +310,7 @@ def index_on_ray(
     with StoreWriter(store_path) as writer:  # the lock, held to the end; repairs a killed run's shards
         items, skipped, stale = _work(writer, input_path, batch_size)
         if items:
-            _connect(address, workers * threads_per_worker)
+            _connect(address, workers * threads_per_worker, gpu)
             bar = None
             if progress:
                 from tqdm import tqdm
@@ -304,7 +318,7 @@ def index_on_ray(
                 bar = tqdm(total=total - skipped, unit="passage", desc="indexing on ray")
             expected = iter(item["batch"] for item in items)
             for number, rows in _results(
-                items, store_path, lm.ref, config, workers, threads_per_worker, embedder_factory
+                items, store_path, lm.ref, config, workers, threads_per_worker, embedder_factory, gpu
             ):
                 if number != next(expected):  # commits must follow input order (row numbers)
                     raise StoreError(f"ray returned batch {number} out of order; nothing after it was committed")
@@ -317,6 +331,28 @@ def index_on_ray(
         writer.write_index()
         writer.repair_shards()  # truncate what no committed row points at (a killed actor's bytes)
     return IndexReport(total, indexed, skipped, time.perf_counter() - start, str(store_path), stale)
+
+
+def _wants_gpu(device: str | None, address: str) -> bool:
+    """Whether the actors take a GPU each: ``device`` names CUDA. On a local Ray instance the
+    device is checked as :func:`~ragcompress.models.load_model` checks it (torch must see a GPU);
+    a cluster's GPUs are checked on joining it (:func:`_connect`)."""
+    import torch
+
+    from ragcompress.models import usable_device
+
+    if device is None:
+        return False
+    if address == "local":
+        kind = usable_device(device).type
+    else:
+        try:
+            kind = torch.device(device).type
+        except (RuntimeError, TypeError) as exc:
+            raise InputError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1, ...): {exc}") from None
+    if kind not in ("cpu", "cuda"):
+        raise InputError(f"--ray indexes on cpu or cuda, not {device!r}")
+    return kind == "cuda"
 
 
 def store_digest(path: str | Path) -> dict[str, Any]:

@@ -132,6 +132,7 @@ def index(
     lm: LoadedModel | None = None,
     embedder: Embedder | None = None,
     dtype: str | None = None,
+    device: str | None = None,
 ) -> IndexReport:
     """Index ``input_path`` (JSONL or folder) into the store at ``store_path``.
 
@@ -139,7 +140,9 @@ def index(
     names (it is loaded from that name when not given). ``config`` None: an existing store's own
     settings and model (:func:`settings_for`), defaults for a new one. ``dtype``: the model's
     weights (a name of :data:`~ragcompress.models.DTYPES`; an existing store's own, else
-    float32), recorded in the manifest when not float32. ``replace``: a passage stored
+    float32), recorded in the manifest when not float32. ``device``: where the model loaded here
+    runs its forwards (``cpu``, ``cuda``, ``cuda:N``; :class:`~ragcompress.indexing.encoder.PassageEncoder`),
+    not recorded: a store indexed on a GPU is read like any other. ``replace``: a passage stored
     under its id with another text is re-encoded and replaces it (without it, that is an error
     raised before anything is written).
     """
@@ -156,7 +159,7 @@ def index(
     # --overwrite with no settings rebuilds the store with its own (a new model version, a damaged shard)
     existing = store_path if exists and (not overwrite or config is None) else None
     config, model, dtype = settings_for(existing, config, model, dtype)
-    lm = lm or load_model(model, dtype=dtype)
+    lm = lm or load_model(model, dtype=dtype, device=device)
     indexer = run_indexer(lm, config, embedder, input_path, store_path if exists and not overwrite else None)
 
     target = store_path

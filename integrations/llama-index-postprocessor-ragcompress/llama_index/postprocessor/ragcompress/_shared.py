@@ -51,22 +51,24 @@ def require_ragcompress() -> Any:
     return ragcompress
 
 
-def shared_model(ref: str | None) -> Any:
-    """The ragcompress ``LoadedModel`` for ``ref`` (None: the embedded default), loaded once per
-    process whatever spelling of the same model is used (None, its name, a relative path)."""
+def shared_model(ref: str | None, dtype: str | None = None, device: str | None = None) -> Any:
+    """The ragcompress ``LoadedModel`` for ``ref`` (None: the embedded default) in ``dtype``
+    (None: float32) on ``device`` (None: the CPU), loaded once per process whatever spelling of
+    the same model is used (None, its name, a relative path) and shared by every component that
+    asks for it so."""
     require_ragcompress()
     from ragcompress.models import DEFAULT_MODEL
 
     ref = ref or DEFAULT_MODEL
     path = Path(ref).expanduser()
-    return _load_model(str(path.resolve()) if path.is_dir() else ref)
+    return _load_model(str(path.resolve()) if path.is_dir() else ref, dtype or "float32", device or "cpu")
 
 
 @functools.lru_cache(maxsize=4)
-def _load_model(ref: str) -> Any:
+def _load_model(ref: str, dtype: str, device: str) -> Any:
     from ragcompress.models import load_model
 
-    return load_model(ref)
+    return load_model(ref, dtype=dtype, device=device)
 
 
 @functools.lru_cache(maxsize=4)

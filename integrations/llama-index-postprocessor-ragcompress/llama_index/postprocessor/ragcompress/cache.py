@@ -72,23 +72,31 @@ class CacheWriter:
 
     @classmethod
     def for_build(
-        cls, path: str, model: str | None, config: Any, batch_size: int = 8, replace_edited: bool = False
+        cls,
+        path: str,
+        model: str | None,
+        config: Any,
+        batch_size: int = 8,
+        replace_edited: bool = False,
+        dtype: str | None = None,
+        device: str | None = None,
     ) -> CacheWriter:
         """Writer for a store built with ``model`` and ``config`` (an ``IndexConfig``); an existing
         store must have been built the same way (else ``StoreMismatchError``). ``replace_edited``:
         a node stored under its id with another text replaces that cache (``index --replace``)
-        instead of being stored beside it under an alias id."""
+        instead of being stored beside it under an alias id. ``dtype``: the model's weights (None:
+        an existing store's own, else float32); ``device``: where its forwards run (None: CPU)."""
         require_ragcompress()
         from ragcompress.indexing import Indexer
         from ragcompress.indexing.run import attach_basis
         from ragcompress.store import KVStore, Manifest
 
-        lm = shared_model(model)
+        exists = (Path(path) / "manifest.json").is_file()
+        existing = Manifest.read(Path(path)) if exists else None
+        lm = shared_model(model, dtype or (existing.dtype if existing else None), device)
         indexer = Indexer.from_config(lm, config, shared_embedder(config.embedder))
         spec = config.rank_spec()
-        exists = (Path(path) / "manifest.json").is_file()
-        if exists:
-            existing = Manifest.read(Path(path))
+        if existing is not None:
             with KVStore.open(Path(path)) as store:  # a low-rank store's basis, as its manifest records it
                 joined = Indexer.for_store(existing, lm, indexer.embedder, indexer.adaptor).with_store_basis(store)
                 lowrank = existing.compression.get("lowrank")
@@ -106,8 +114,11 @@ class CacheWriter:
         return cls(path, indexer, batch_size, replace_edited, checked=exists)
 
     @classmethod
-    def for_existing(cls, path: str, lm: Any | None = None, batch_size: int = 8) -> CacheWriter:
-        """Writer that adds to an existing store with its own model and settings."""
+    def for_existing(
+        cls, path: str, lm: Any | None = None, batch_size: int = 8, device: str | None = None
+    ) -> CacheWriter:
+        """Writer that adds to an existing store with its own model (in the dtype its passages
+        were encoded in, on ``device``; or ``lm``) and settings."""
         require_ragcompress()
         from ragcompress.errors import StoreError
         from ragcompress.indexing import Indexer
@@ -116,7 +127,7 @@ class CacheWriter:
         if not Path(path).is_dir():
             raise StoreError(f"store {path} does not exist; build it with KVCacheTransform or `ragcompress index`")
         manifest = Manifest.read(Path(path))
-        lm = lm or shared_model(manifest.model_ref)
+        lm = lm or shared_model(manifest.model_ref, manifest.dtype, device)
         check_model(manifest, lm, path)
         indexer = Indexer.for_store(manifest, lm, shared_embedder(manifest.embedder))
         with KVStore.open(Path(path)) as store:  # a low-rank store's latents need its basis
@@ -236,15 +247,18 @@ def check_model(manifest: Any, lm: Any, path: str) -> None:
 class CacheResolver:
     """Finds the store entries of nodes (by handle, node id or text alias), computing missing ones.
 
-    ``store`` is an open ``KVStore``; ``lm`` (a LoadedModel) is loaded from the manifest only
-    when a cache has to be computed, unless given.
+    ``store`` is an open ``KVStore``; ``lm`` (a LoadedModel) is loaded from the manifest, on
+    ``device``, only when a cache has to be computed, unless given.
     """
 
-    def __init__(self, store: Any, lm: Any | None = None, compute_missing: bool = True) -> None:
+    def __init__(
+        self, store: Any, lm: Any | None = None, compute_missing: bool = True, device: str | None = None
+    ) -> None:
         self.store = store
         self.path = store_path(store.path)
         self.lm = lm
         self.compute_missing = compute_missing
+        self.device = device
         self._writer: CacheWriter | None = None
 
     def _lookup(self, node: BaseNode) -> Any | None:
@@ -273,7 +287,7 @@ class CacheResolver:
                     "add it with KVCacheTransform or set compute_missing=True"
                 )
             if self._writer is None:
-                self._writer = CacheWriter.for_existing(self.path, self.lm)
+                self._writer = CacheWriter.for_existing(self.path, self.lm, device=self.device)
             ids = self._writer.write(missing, write_index=False)
             for node, pid in zip(missing, ids, strict=True):
                 if pid is None:

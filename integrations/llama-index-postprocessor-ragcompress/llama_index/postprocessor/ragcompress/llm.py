@@ -58,6 +58,10 @@ class LocalLLM(CustomLLM):
     chat_template: bool = Field(
         default=True, description="Wrap the prompt as one user turn with the model's chat template."
     )
+    dtype: str | None = Field(default=None, description="The weights' dtype: None (float32), bfloat16, float16.")
+    device: str | None = Field(
+        default=None, description="Where the model runs: None or 'cpu' (the CPU), 'cuda', 'cuda:N'."
+    )
 
     _last: dict = PrivateAttr(default_factory=dict)
 
@@ -68,18 +72,22 @@ class LocalLLM(CustomLLM):
     @property
     def metadata(self) -> LLMMetadata:
         return LLMMetadata(
-            context_window=self.context_window or model_context_window(shared_model(self.model)),
+            context_window=self.context_window or model_context_window(self._lm()),
             num_output=self.max_new_tokens,
             is_chat_model=False,
             model_name=self.model or "smollm2-135m",
         )
+
+    def _lm(self) -> Any:
+        """The model, shared with every component that loads it in the same dtype on the same device."""
+        return shared_model(self.model, self.dtype, self.device)
 
     @property
     def last_timings(self) -> dict[str, float]:
         return dict(self._last)
 
     def prompt_ids(self, prompt: str) -> list[int]:
-        tokenizer = shared_model(self.model).tokenizer
+        tokenizer = self._lm().tokenizer
         if self.chat_template and tokenizer.chat_template:
             text = tokenizer.apply_chat_template(
                 [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
@@ -94,7 +102,7 @@ class LocalLLM(CustomLLM):
 
         from ragcompress.runtime.generate import Prepared, TokenStream, stop_token_ids, text_deltas
 
-        lm = shared_model(self.model)
+        lm = self._lm()
         ids = self.prompt_ids(prompt)
         self._last = {"prompt_tokens": len(ids)}
         stream = TokenStream(

@@ -41,6 +41,9 @@ class KVCacheNodePostprocessor(BaseNodePostprocessor):
         default=None,
         description="Model that will read the caches; checked against the store when given. None: the store's own model.",
     )
+    device: str | None = Field(
+        default=None, description="Where the model runs: None or 'cpu' (the CPU), 'cuda', 'cuda:N'."
+    )
 
     _store: Any = PrivateAttr()
     _resolver: Any = PrivateAttr()
@@ -53,9 +56,9 @@ class KVCacheNodePostprocessor(BaseNodePostprocessor):
         self._store = KVStore.open(self.store_path)  # StoreError when missing or incomplete
         lm = None
         if self.model is not None:
-            lm = shared_model(self.model)
+            lm = shared_model(self.model, self._store.manifest.dtype, self.device)
             check_model(self._store.manifest, lm, self.store_path)
-        self._resolver = CacheResolver(self._store, lm, self.compute_missing)
+        self._resolver = CacheResolver(self._store, lm, self.compute_missing, self.device)
 
     @classmethod
     def class_name(cls) -> str:

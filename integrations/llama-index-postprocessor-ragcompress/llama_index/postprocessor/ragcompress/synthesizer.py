@@ -59,6 +59,8 @@ class KVCacheSynthesizer(BaseSynthesizer):
             the preset's (plain reuse without one).
         preset: a named, measured answer setting (``ragcompress.presets``: ``fast``, ``small``,
             ``faithful``); ``max_new_tokens`` and ``recompute`` given explicitly override it.
+        device: where the model runs (``cpu`` by default, ``cuda``, ``cuda:N``): answering and
+            the caches ``compute_missing`` adds both run there.
         llm: the LLM ``BaseSynthesizer`` keeps for prompt sizing; defaults to a
             :class:`LocalLLM` on the same weights (never a hosted model).
 
@@ -76,6 +78,7 @@ class KVCacheSynthesizer(BaseSynthesizer):
         compute_missing: bool = True,
         recompute: float | None = None,
         preset: str | None = None,
+        device: str | None = None,
         llm: LLM | None = None,
         callback_manager: CallbackManager | None = None,
     ) -> None:
@@ -93,7 +96,7 @@ class KVCacheSynthesizer(BaseSynthesizer):
 
         store = KVStore.open(store_path)  # StoreError when missing or incomplete
         try:
-            lm = shared_model(model or store.manifest.model_ref)
+            lm = shared_model(model or store.manifest.model_ref, store.manifest.dtype, device)
             check_model(store.manifest, lm, store_path)
             self._engine = Engine(store, lm, shared_embedder(store.manifest.embedder), options)
             self._engine.warm_up()
@@ -106,9 +109,10 @@ class KVCacheSynthesizer(BaseSynthesizer):
         self.compute_missing = compute_missing
         self.recompute = recompute
         self.preset = preset
+        self.device = device
         self._resolver = CacheResolver(store, lm, compute_missing)
         super().__init__(
-            llm=llm or LocalLLM(model=lm.ref, max_new_tokens=max_new_tokens),
+            llm=llm or LocalLLM(model=lm.ref, max_new_tokens=max_new_tokens, dtype=store.manifest.dtype, device=device),
             callback_manager=callback_manager,
             streaming=streaming,
         )
@@ -128,6 +132,7 @@ class KVCacheSynthesizer(BaseSynthesizer):
             "compute_missing": self.compute_missing,
             "recompute": self.recompute,
             "preset": self.preset,
+            "device": self.device,
         }
 
     @classmethod

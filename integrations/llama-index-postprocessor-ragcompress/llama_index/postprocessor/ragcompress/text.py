@@ -54,6 +54,9 @@ class TextCompressionPostprocessor(BaseNodePostprocessor):
         default=None,
         description="Scoring LM (embedded name or local HF directory); None for SmolLM2-135M-Instruct. Its tokenizer counts tokens.",
     )
+    device: str | None = Field(
+        default=None, description="Where the scoring LM runs (selfinfo): None or 'cpu' (the CPU), 'cuda', 'cuda:N'."
+    )
     embedder: str = Field(default="all-MiniLM-L6-v2", description="extractive only: sentence embedder.")
 
     _compressor: Any = PrivateAttr(default=None)
@@ -78,7 +81,7 @@ class TextCompressionPostprocessor(BaseNodePostprocessor):
         if self._compressor is None:
             from ragcompress.text import make_text_compressor
 
-            lm = shared_model(self.model)
+            lm = shared_model(self.model, device=self.device)
             if self.method == "selfinfo":
                 self._compressor = make_text_compressor("selfinfo", lm=lm, unit=self.unit)
             else:

@@ -60,6 +60,13 @@ class KVCacheTransform(TransformComponent):
         ),
     )
     batch_size: int = Field(default=8, gt=0, description="Passages encoded per forward pass.")
+    dtype: str | None = Field(
+        default=None,
+        description="The model's weights: float32, bfloat16 or float16; None: an existing store's own, else float32.",
+    )
+    device: str | None = Field(
+        default=None, description="Where the model's forwards run: None or 'cpu' (the CPU), 'cuda', 'cuda:N'."
+    )
     replace_edited: bool = Field(
         default=False,
         description=(
@@ -110,7 +117,13 @@ class KVCacheTransform(TransformComponent):
             from llama_index.postprocessor.ragcompress.cache import CacheWriter
 
             self._writer = CacheWriter.for_build(
-                self.store_path, self.model, self.config, self.batch_size, self.replace_edited
+                self.store_path,
+                self.model,
+                self.config,
+                self.batch_size,
+                self.replace_edited,
+                dtype=self.dtype,
+                device=self.device,
             )
         return self._writer
 
