@@ -61,7 +61,7 @@ def _die() -> None:
 
 def install(kill: str) -> None:
     """Patch the store modules so this process SIGKILLs itself at ``kill`` (see module doc)."""
-    from ragcompress.store import catalogue, kvstore, manifest, shards, writer
+    from ragcompress.store import catalogue, files, manifest, shards, writer
 
     point, _, arg = kill.partition(":")
     count = {"n": 0}
@@ -97,7 +97,7 @@ def install(kill: str) -> None:
         original_write = writer.write_atomic
 
         def dying_write(path, data):
-            if path.name == kvstore.INDEX_META:
+            if path.name == files.INDEX_META:
                 _die()
             original_write(path, data)
 
@@ -147,7 +147,7 @@ def install_trace(path: str, kill: str) -> Trace:
     import shutil
 
     from ragcompress.indexing import encoder, indexer, run
-    from ragcompress.store import catalogue, kvstore, shards
+    from ragcompress.store import catalogue, files, shards
 
     trace = Trace(path)
     point, _, arg = kill.partition(":")
@@ -175,7 +175,7 @@ def install_trace(path: str, kill: str) -> Trace:
         gate["swapping"] = False
 
     run.replace_store = replace_store
-    kvstore._exchange = trace.phase("exchange", kvstore._exchange)
+    files._exchange = trace.phase("exchange", files._exchange)
 
     original_append = shards.ShardWriter.append
 
@@ -210,7 +210,7 @@ def install_trace(path: str, kill: str) -> Trace:
     shards.open = shard_open
 
     class _Shutil:
-        """``kvstore``'s ``shutil`` with ``rmtree`` traced (as ``cleanup``) and, for ``stop:swap``,
+        """``files``'s ``shutil`` with ``rmtree`` traced (as ``cleanup``) and, for ``stop:swap``,
         frozen with the old store half deleted."""
 
         def __getattr__(self, name):
@@ -227,7 +227,7 @@ def install_trace(path: str, kill: str) -> Trace:
             shutil.rmtree(target, *args, **kwargs)
             trace.mark("-", "cleanup")
 
-    kvstore.shutil = _Shutil()
+    files.shutil = _Shutil()
     return trace
 
 

@@ -611,7 +611,7 @@ def test_losing_a_creation_race_asks_for_a_retry_that_opens_the_winners_store(
     told to retry (never that the path "is not a store"), leaves nothing behind, and the retry
     resumes into the other run's store."""
     import ragcompress.indexing.run as run
-    from ragcompress.store import kvstore
+    from ragcompress.store import files
 
     store = tmp_path / "store"
 
@@ -626,7 +626,7 @@ def test_losing_a_creation_race_asks_for_a_retry_that_opens_the_winners_store(
     module, step = {
         "while-it-loads": (run, "run_indexer"),
         "before-its-check": (run, "create_store_for"),
-        "before-its-rename": (kvstore, "write_atomic"),
+        "before-its-rename": (files, "write_atomic"),
     }[window]
     with monkeypatch.context() as patch:
         patch.setattr(module, step, after_the_other_run_created_it(getattr(module, step)))

@@ -51,7 +51,7 @@ from ragcompress.indexing.inputs import PassageInput, iter_passages, validate
 from ragcompress.indexing.run import IndexReport, _batches, create_store_for, run_indexer, settings_for
 from ragcompress.models import LoadedModel, load_model
 from ragcompress.store import KVStore, Manifest, StoreWriter
-from ragcompress.store.kvstore import refuse_existing
+from ragcompress.store.files import refuse_existing
 from ragcompress.store.shards import ClaimedShards
 from ragcompress.store.writer import catalogue_row
 

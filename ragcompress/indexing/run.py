@@ -30,7 +30,7 @@ from ragcompress.models import LoadedModel, load_model
 from ragcompress.retrieval import Embedder
 from ragcompress.store import KVStore, Manifest, StoreWriter, create_store
 from ragcompress.store.basis import basis_to_bytes
-from ragcompress.store.kvstore import refuse_existing, replace_store
+from ragcompress.store.files import refuse_existing, replace_store
 from ragcompress.store.writer import StoreLock
 
 

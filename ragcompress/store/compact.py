@@ -4,7 +4,7 @@
 the shards, where no passage points at them (``ragcompress verify`` counts them). Compaction
 copies every committed blob, checksum-verified and unchanged, into fresh shards of a new store
 built beside the old one, with the same manifest, prefix and basis files, rebuilds the FAISS index
-and swaps the new store in atomically (:func:`~ragcompress.store.kvstore.replace_store`). No
+and swaps the new store in atomically (:func:`~ragcompress.store.files.replace_store`). No
 passage is re-encoded, so no model is needed and every cache keeps its bytes. The old store's
 writer lock is held throughout: no writer can change it meanwhile, and a killed compaction
 leaves the old store in place (the half-built copy is deleted by the next compaction).
@@ -20,7 +20,7 @@ from typing import Any
 from ragcompress.errors import StoreError
 from ragcompress.store.basis import BASIS
 from ragcompress.store.catalogue import CATALOGUE, Catalogue
-from ragcompress.store.kvstore import PREFIX, replace_store, write_atomic
+from ragcompress.store.files import PREFIX, replace_store, write_atomic
 from ragcompress.store.manifest import MANIFEST
 from ragcompress.store.shards import SHARD_DIR, read_blob
 from ragcompress.store.writer import StoreLock, StoreWriter

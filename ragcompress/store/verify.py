@@ -39,7 +39,8 @@ from ragcompress.store import codec
 from ragcompress.store.ann import stored_vectors
 from ragcompress.store.basis import read_basis
 from ragcompress.store.catalogue import CATALOGUE, Catalogue, meta_checksum
-from ragcompress.store.kvstore import INDEX, PREFIX, read_index_meta
+from ragcompress.store.files import INDEX, PREFIX
+from ragcompress.store.kvstore import read_index_meta
 from ragcompress.store.manifest import Manifest
 from ragcompress.store.shards import SHARD_DIR, is_shard_name, read_blob
 

@@ -19,7 +19,8 @@ from typing import Any
 from ragcompress.errors import StoreError
 from ragcompress.paths import sha256_file
 from ragcompress.store.catalogue import CATALOGUE, Catalogue, meta_checksum
-from ragcompress.store.kvstore import INDEX, INDEX_META, LOCK, build_index, write_atomic
+from ragcompress.store.files import INDEX, INDEX_META, LOCK, write_atomic
+from ragcompress.store.kvstore import build_index
 from ragcompress.store.manifest import Manifest
 from ragcompress.store.record import PassageRecord
 from ragcompress.store.shards import ShardWriter, checksum

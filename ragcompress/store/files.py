@@ -1,0 +1,120 @@
+"""A store's files as a whole: their names, writing one atomically, creating a store, and
+putting a rebuilt store in place of an old one (``compact``, ``index --overwrite``).
+
+Every step that makes a file or a store visible is a rename, fsynced into its directory, so a
+kill at any moment leaves either the old state or the new one (docs/guarantees.md); the crash
+tests patch these functions by name (tests/store_worker.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ragcompress.errors import StoreError
+from ragcompress.kv import PassageKV
+from ragcompress.kv.quant import QuantConfig
+from ragcompress.store import codec
+from ragcompress.store.basis import BASIS
+from ragcompress.store.catalogue import Catalogue
+from ragcompress.store.manifest import MANIFEST, Manifest
+from ragcompress.store.shards import fsync_dir
+
+PREFIX = "prefix.safetensors"
+INDEX = "index.faiss"
+INDEX_META = "index.json"
+LOCK = "lock"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``path`` whole or not at all (temp file, fsync, rename, fsync of the directory): a
+    reader or a crash never sees half a prefix, basis or index file. Shared by the store's writers
+    (``compact`` too); the crash tests patch it by this name (tests/store_worker.py)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    result = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return result == 0
+
+
+def replace_store(built: Path, path: Path) -> None:
+    """Put the complete store ``built`` in place of the store at ``path`` and delete the old one.
+
+    The swap is one atomic ``renameat2`` exchange where the OS supports it, so a kill at any
+    moment leaves either the old or the new store at ``path``, never neither.
+    """
+    if _exchange(built, path):
+        fsync_dir(path.parent)
+        shutil.rmtree(built, ignore_errors=True)  # now holds the old store
+        return
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    os.replace(path, old)
+    os.replace(built, path)
+    fsync_dir(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def refuse_existing(path: Path) -> None:
+    """Raise unless ``path`` is absent or an empty directory. A store is created by one rename, so
+    a manifest at ``path`` means another process created a complete store there since the caller
+    looked: a retry opens it (and checks the input against it), one writer at a time."""
+    if (path / MANIFEST).is_file():
+        raise StoreError(
+            f"store {path} was created by another process meanwhile; retry, and the run opens that store "
+            "(one writer at a time)"
+        )
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise StoreError(
+            f"{path} exists and is not an empty directory or a ragcompress store; choose an empty or new --store"
+        )
+
+
+def create_store(path: Path, manifest: Manifest, prefix_kv: PassageKV, basis: bytes | None = None) -> None:
+    """Initialise an empty store at ``path`` atomically (built in a temp dir, then renamed).
+
+    ``basis``: a low-rank store's basis file (``store/basis.py``), whose sha256 the manifest names.
+
+    ``path`` must not exist or be an empty directory: ragcompress never writes into a folder it
+    did not create. The rename decides a race between two processes creating the same store: the
+    loser's error says so (:func:`refuse_existing`). Folders created above ``path`` are fsynced
+    into their parents, as the store's own entry is, before anything can be committed in it.
+    """
+    refuse_existing(path)
+    created = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for folder in created:
+        fsync_dir(folder.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.init-", dir=path.parent))
+    try:
+        blob = codec.encode(prefix_kv, QuantConfig("none"))
+        write_atomic(tmp / PREFIX, blob)
+        if basis is not None:
+            write_atomic(tmp / BASIS, basis)
+        Catalogue(tmp, readonly=False).close()
+        dataclasses.replace(manifest, prefix_sha256=hashlib.sha256(blob).hexdigest()).write(tmp)
+        try:
+            os.replace(tmp, path)  # replaces an empty directory too; fails on anything else
+        except OSError as exc:
+            refuse_existing(path)
+            raise StoreError(f"cannot create store {path}: {exc.strerror or exc}") from None
+        fsync_dir(path.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
