@@ -770,3 +770,89 @@ def test_the_student_moves_keys_in_each_layers_own_rope(arch, config, compressed
             for kv, ids in zip(segments, passages, strict=True)
         ]
     torch.testing.assert_close(student, served_logprobs(distiller, segments, suffix, total)[1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_base_copy_is_the_base_stores_cache_read_for_the_first_passage(lm, tmp_path, passages_file, embedder, kind):
+    """``base_copy`` stores each passage's base-model cache beside the adapted one: bit for bit
+    the store without an adaptor's, read for the first retrieved passage only (it directly follows
+    the prefix, where the base cache is full prefill's); later passages read the adapted cache,
+    on the dense path and the packed one alike."""
+    from ragcompress.kv.cache import cache_layers
+    from ragcompress.runtime.engine import Engine
+    from ragcompress.runtime.options import AnswerOptions
+    from ragcompress.store.verify import verify_store
+
+    adaptor = str(noisy_adaptor(lm.model, 4, kind=kind).save(tmp_path / "adaptor"))
+    common = dict(model=lm.ref, lm=lm, embedder=embedder, batch_size=4)
+    stores = {
+        "base": IndexConfig(quant="int8"),
+        "adapted": IndexConfig(quant="int8", adaptor=adaptor),
+        "both": IndexConfig(quant="int8", adaptor=adaptor, base_copy=True),
+    }
+    for name, config in stores.items():
+        index(passages_file, tmp_path / name, config=config, **common)
+    opened = {name: KVStore.open(tmp_path / name) for name in stores}
+    try:
+        assert verify_store(tmp_path / "both").ok
+        assert opened["both"].manifest.base_copy and not opened["adapted"].manifest.base_copy
+        for entry in opened["both"].catalogue.entries():
+            base, adapted = (opened[n].load_kv(opened[n].entry(entry.id)) for n in ("base", "adapted"))
+            assert not torch.equal(base.keys, adapted.keys)  # the adaptor moved the cache
+            assert torch.equal(opened["both"].load_kv(entry, first=True).keys, base.keys)
+            assert torch.equal(opened["both"].load_kv(entry, first=True).values, base.values)
+            assert torch.equal(opened["both"].load_kv(entry).keys, adapted.keys)
+            assert torch.equal(
+                opened["adapted"].load_kv(opened["adapted"].entry(entry.id), first=True).keys, adapted.keys
+            )
+        question = "Which city is the sporting capital of Australia?"
+        options = AnswerOptions(max_new_tokens=4, backend="dense")
+        engines = {name: Engine(opened[name], lm, embedder, options) for name in stores}
+        entries = engines["both"].retrieve(question, 2)
+        rows = {
+            name: cache_layers(engine.prepare(question, [opened[name].entry(e.id) for e in entries]).cache)
+            for name, engine in engines.items()
+        }
+        prefix, first = engines["both"].prefix.num_tokens, entries[0].num_tokens
+        end = prefix + first + entries[1].num_tokens
+        for (k, v), (kb, vb), (ka, va) in zip(rows["both"], rows["base"], rows["adapted"], strict=True):
+            first_rows, second_rows = slice(prefix, prefix + first), slice(prefix + first, end)
+            assert torch.equal(k[:, :, first_rows], kb[:, :, first_rows]) and torch.equal(
+                v[:, :, first_rows], vb[:, :, first_rows]
+            )
+            assert torch.equal(k[:, :, second_rows], ka[:, :, second_rows]) and torch.equal(
+                v[:, :, second_rows], va[:, :, second_rows]
+            )
+            assert not torch.equal(k[:, :, first_rows], ka[:, :, first_rows])  # not the adapted first passage
+        for backend in ("dense", "packed-torch"):  # one passage: the store without an adaptor's answer
+            one = [entries[0]]
+            got = engines["both"].answer_cached(question, one, options.replace(backend=backend)).token_ids
+            want = engines["base"].answer_cached(question, [opened["base"].entry(entries[0].id)], options).token_ids
+            assert got == want, backend
+    finally:
+        for store in opened.values():
+            store.close()
+
+
+def test_a_base_copy_needs_an_adaptor_and_every_row_and_is_recorded(lm, tmp_path, passages_file, embedder):
+    with pytest.raises(ValueError, match="give an adaptor"):
+        IndexConfig(base_copy=True)
+    with pytest.raises(ValueError, match="keeps every row"):
+        IndexConfig(base_copy=True, adaptor="default", method="global:kvzip", ratio=0.5)
+    with pytest.raises(ValueError, match="no rank, no neighbours"):
+        IndexConfig(base_copy=True, adaptor="default", context_neighbors=2)
+    adaptor = str(noisy_adaptor(lm.model, 4).save(tmp_path / "adaptor"))
+    config = IndexConfig(quant="none", adaptor=adaptor, base_copy=True)
+    index(passages_file, tmp_path / "store", model=lm.ref, lm=lm, embedder=embedder, config=config)
+    with KVStore.open(tmp_path / "store") as store:
+        assert store.manifest.encoding["base_copy"] is True
+        assert store.manifest.passages_exact  # unquantized, and the first passage reads the base copy
+    with pytest.raises(StoreMismatchError, match="passage encoding"):  # adding without base copies
+        index(
+            passages_file,
+            tmp_path / "store",
+            model=lm.ref,
+            lm=lm,
+            embedder=embedder,
+            config=dataclasses.replace(config, base_copy=False),
+        )

@@ -68,6 +68,12 @@ def index(
         "'matching' (packaged for the model and trained for this store's compression), "
         "or a folder from `ragcompress train`",
     ),
+    base_copy: bool | None = typer.Option(
+        None,
+        "--base-copy/--no-base-copy",
+        help="with --adaptor: also store each passage's base-model cache (twice the bytes), read for the passage "
+        "retrieved first, which directly follows the prefix (docs/distill.md)",
+    ),
     rank: int | None = typer.Option(
         None, "--rank", help="low-rank latents: keys (and values) projected to this rank per layer (multiple of 8)"
     ),
@@ -138,6 +144,7 @@ def index(
         "floor": floor,
         "context_neighbors": context_neighbors,
         "adaptor": adaptor,
+        "base_copy": base_copy,
         "rank": rank,
         "rank_energy": rank_energy,
         "rank_schedule": rank_schedule,

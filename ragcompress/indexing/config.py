@@ -46,6 +46,10 @@ class IndexConfig:
                 for the model), ``matching`` (the one packaged for the model and trained for this
                 store's method/ratio/quant; the base model, with a warning, when none is), a
                 packaged adaptor's name or a folder; None encodes with the base model
+    base_copy:  with an adaptor, also store each passage's base-model cache (twice the bytes,
+                twice the encoding); the first retrieved passage, which directly follows the
+                prefix where the base model's cache is what full prefill computes, is read from
+                it (docs/distill.md). Every row kept: no eviction, projection or neighbours
     """
 
     method: str = "none"
@@ -67,6 +71,7 @@ class IndexConfig:
     calibration_passages: int = 64
     context_neighbors: int = 0
     adaptor: str | None = None
+    base_copy: bool = False
 
     def __post_init__(self) -> None:
         self.quant_config()  # validates quant and group_size
@@ -83,6 +88,20 @@ class IndexConfig:
         self.rank_spec()  # validates rank, rank_energy and rank_schedule
         if self.calibration_passages < 1:
             raise ValueError(f"calibration_passages must be positive, got {self.calibration_passages}")
+        if self.base_copy:
+            self._check_base_copy()
+
+    def _check_base_copy(self) -> None:
+        """A base copy is the exact cache of a passage read first: it needs an adaptor to differ
+        from, and a store that keeps it exact (every row, unprojected, encoded alone)."""
+        if self.adaptor is None:
+            raise ValueError(
+                "base_copy (--base-copy) keeps the base model's cache beside an adaptor's: give an adaptor"
+            )
+        if self.method != "none" or self.budget is not None or (self.ratio is not None and self.ratio < 1.0):
+            raise ValueError("base_copy (--base-copy) needs a store that keeps every row: method none, ratio 1")
+        if self.rank_spec() is not None or self.context_neighbors:
+            raise ValueError("base_copy (--base-copy) needs unprojected passages encoded alone: no rank, no neighbours")
 
     def rank_spec(self) -> RankSpec | None:
         """The low-rank setting, or None for a store of full rows."""
@@ -137,6 +156,7 @@ def config_from_manifest(manifest: Manifest) -> IndexConfig:
         rank_values=bool(lowrank.get("values", True)),
         context_neighbors=int(manifest.encoding.get("context_neighbors", 0)),
         adaptor=adaptor,
+        base_copy=bool(manifest.encoding.get("base_copy", False)),
         **{k: params[k] for k in ("ratio", "budget", "keep_first", "keep_last", "floor") if params.get(k) is not None}
         | ({"value_norm": True} if params.get("value_norm") else {})
         | ({"ratio": None} if params.get("budget") is not None else {}),  # a budget replaces the ratio
@@ -190,6 +210,8 @@ def build_manifest(
     encoding: dict[str, Any] = {"context_neighbors": config.context_neighbors} if config.context_neighbors else {}
     if adaptor_hash is not None:
         encoding["adaptor"] = adaptor_hash
+    if config.base_copy and adaptor_hash is not None:  # without an adaptor the store's cache is the base one
+        encoding["base_copy"] = True
     if lm.dtype_name != "float32":  # absent for float32: older manifests match
         encoding["dtype"] = lm.dtype_name
     return Manifest(

@@ -112,6 +112,7 @@ class Indexer:
         self.embedder = embedder
         self._manifest = manifest
         self.context_neighbors = int(manifest.encoding.get("context_neighbors", 0))
+        self.base_copy = bool(manifest.encoding.get("base_copy", False))
 
     @classmethod
     def from_config(cls, lm: LoadedModel, config: IndexConfig, embedder: Embedder | None = None) -> Indexer:
@@ -270,11 +271,13 @@ class Indexer:
         else:
             caches = self.encoder.encode(token_ids)
             vectors = self.embedder.embed([passages[i].text for i in todo])
+        # a base copy: the same batch through the base model (config._check_base_copy: every row kept)
+        base = self.encoder.without_adaptor().encode(token_ids) if self.base_copy else None
         records = []
         for i, vector in zip(todo, vectors, strict=True):
             passage = passages[i]
             kept = self.compressor.compress(caches[i], CompressionContext(self.encoder, token_ids[i]))
-            records.append(passage_record(passage, kept, self.quant, vector, self.basis))
+            records.append(passage_record(passage, kept, self.quant, vector, self.basis, base[i] if base else None))
         return records
 
 
@@ -284,17 +287,18 @@ def passage_record(
     quant: QuantConfig,
     embedding: np.ndarray,
     basis: LowRankBasis | None = None,
+    base: PassageKV | None = None,
 ) -> PassageRecord:
     """The record of ``passage`` whose (already compressed) cache is ``kept``, serialised with
-    ``quant`` (as latents of ``basis`` when given): what :meth:`Indexer.records` produces, for
-    callers that compress caches themselves."""
+    ``quant`` (as latents of ``basis`` when given; ``base``: its base copy, ``codec.encode``):
+    what :meth:`Indexer.records` produces, for callers that compress caches themselves."""
     return PassageRecord(
         id=passage.id,
         title=passage.title,
         text=passage.text,
         meta=passage.meta,
         text_sha=passage.text_sha,
-        blob=codec.encode(kept, quant, basis),
+        blob=codec.encode(kept, quant, basis, base),
         num_tokens=kept.num_tokens,
         kept=kept.kept_tokens,
         embedding=embedding,

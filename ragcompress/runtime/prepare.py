@@ -134,7 +134,8 @@ class DenseStrategy:
         max_new_tokens: int,
         passage_ids: list[list[int]],
     ) -> Prepared:
-        segments = [context.store.load_kv(entry, context.dtype) for entry in entries]
+        # the first passage directly follows the prefix: a store's base copy of it, if it has one
+        segments = [context.store.load_kv(entry, context.dtype, first=i == 0) for i, entry in enumerate(entries)]
         spare = len(suffix) + max_new_tokens
         built = assemble(
             context.lm.config, context.rotary, context.prefix_keys, context.prefix, segments, context.dtype, spare
@@ -179,12 +180,12 @@ class PackedStrategy:
         start = context.prefix.num_tokens
         packed: PackedSegments | LatentPackedSegments
         if context.store.basis is not None:  # low-rank latents: rebuilt inside attention
-            segments = [context.store.read_segment(entry) for entry in entries]
+            segments = [context.store.read_segment(entry, first=i == 0) for i, entry in enumerate(entries)]
             packed = LatentPackedSegments.from_segments(
                 segments, context.store.basis, start, context.rotary, device, self.kernel
             )
         else:
-            blobs = [context.store.load_packed(entry) for entry in entries]
+            blobs = [context.store.load_packed(entry, first=i == 0) for i, entry in enumerate(entries)]
             packed = PackedSegments.from_blobs(blobs, start, context.rotary, device, self.kernel)
         window = sliding_window(context.lm.config)
         if window is not None and packed.next_position + len(suffix) + max_new_tokens > window:

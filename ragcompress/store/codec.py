@@ -9,6 +9,10 @@ cost exactly what they keep. Tensors in a blob:
 ``k_codes``      ``[T, d*bits/8]`` uint8, ``k_scale``/``k_min`` ``[Gk, d]`` fp16 (per channel, token groups)
 ``v_codes``      ``[T, d*bits/8]`` uint8, ``v_scale``/``v_min`` ``[T, d/g]`` fp16 (per token)
 
+A store encoded through an adaptor with a base copy (``IndexConfig(base_copy=True)``) also holds
+each passage's base-model cache, every row kept, under the same names prefixed ``base.``
+(:meth:`Segment.base_copy`): what the runtime reads for the first retrieved passage.
+
 ``T = lengths.sum()``, ``Gk = sum(ceil(lengths / group_size))``. The safetensors metadata holds
 ``num_tokens``, ``n_max``, ``head_dim``, ``scheme`` and ``group_size``. A low-rank store
 (``kv/lowrank.py``) replaces ``k*`` (and ``v*`` when values are projected) by per-layer latents,
@@ -54,9 +58,13 @@ def _group_mask(lengths: torch.Tensor, n_groups: int, group_size: int) -> torch.
     return torch.arange(n_groups) < used.unsqueeze(-1)
 
 
-def encode(kv: PassageKV, quant: QuantConfig, basis: LowRankBasis | None = None) -> bytes:
+def encode(
+    kv: PassageKV, quant: QuantConfig, basis: LowRankBasis | None = None, base: PassageKV | None = None
+) -> bytes:
     """Serialise ``kv`` (keys un-rotated) with ``quant``; returns the blob's bytes. With a
-    ``basis``, keys (and values when the basis projects them) are stored as its latents."""
+    ``basis``, keys (and values when the basis projects them) are stored as its latents. ``base``:
+    the same passage's base-model cache, stored beside it as its base copy (both keep every row,
+    no basis)."""
     layers, heads, n_max, d = kv.keys.shape
     mask = kv.valid_mask()
     tensors: dict[str, torch.Tensor] = {"lengths": kv.lengths.to(torch.int32)}
@@ -64,26 +72,11 @@ def encode(kv: PassageKV, quant: QuantConfig, basis: LowRankBasis | None = None)
         pos_dtype = torch.int16 if kv.num_tokens <= torch.iinfo(torch.int16).max else torch.int32
         tensors["positions"] = kv.positions[mask].to(pos_dtype)
     latent_meta = _encode_latents(kv, quant, basis, tensors) if basis is not None else {}
-    for kind, rows in (("k", kv.keys), ("v", kv.values)):
-        if f"{kind}_ranks" in latent_meta:
-            continue
-        bits = quant.of(kind).bits
-        if bits is None:
-            tensors[kind] = to_fp16(rows[mask]) if quant.scheme == "fp16" else rows[mask]
-            continue
-        if d % (8 // bits):
-            raise ValueError(f"head_dim {d} cannot be packed at {bits} bits")
-        if kind == "k":
-            k_codes, k_scale, k_min = quantize_keys_per_channel(rows, kv.lengths, bits, quant.group_size)
-            groups = _group_mask(kv.lengths, k_scale.shape[2], quant.group_size)
-            tensors["k_codes"] = pack(k_codes[mask], bits)
-            tensors["k_scale"] = k_scale[groups]
-            tensors["k_min"] = k_min[groups]
-        else:
-            v_codes, v_scale, v_min = quantize_values_per_token(rows[mask], bits, quant.group_size)
-            tensors["v_codes"] = pack(v_codes, bits)
-            tensors["v_scale"] = v_scale
-            tensors["v_min"] = v_min
+    _encode_rows(kv, quant, tensors, latents=frozenset(latent_meta))
+    if base is not None:
+        if basis is not None or not kv.is_uniform or not base.is_uniform or base.keys.shape != kv.keys.shape:
+            raise ValueError("a base copy goes with a cache of every row, unprojected, of the same shape")
+        _encode_rows(base, quant, tensors, prefix=BASE_COPY)
     metadata = {
         **latent_meta,
         "num_tokens": str(kv.num_tokens),
@@ -95,6 +88,38 @@ def encode(kv: PassageKV, quant: QuantConfig, basis: LowRankBasis | None = None)
         **({"value_scheme": quant.value_scheme} if quant.value_scheme else {}),
     }
     return _canonical(st_save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
+
+
+def _encode_rows(
+    kv: PassageKV,
+    quant: QuantConfig,
+    tensors: dict[str, torch.Tensor],
+    prefix: str = "",
+    latents: frozenset = frozenset(),
+) -> None:
+    """Add ``kv``'s kept key and value rows, as ``quant`` stores them, to ``tensors`` under
+    ``prefix`` (the kinds whose ``{kind}_ranks`` are in ``latents`` are stored as latents instead)."""
+    mask, d = kv.valid_mask(), kv.keys.shape[-1]
+    for kind, rows in (("k", kv.keys), ("v", kv.values)):
+        if f"{kind}_ranks" in latents:
+            continue
+        bits = quant.of(kind).bits
+        if bits is None:
+            tensors[prefix + kind] = to_fp16(rows[mask]) if quant.scheme == "fp16" else rows[mask]
+            continue
+        if d % (8 // bits):
+            raise ValueError(f"head_dim {d} cannot be packed at {bits} bits")
+        if kind == "k":
+            k_codes, k_scale, k_min = quantize_keys_per_channel(rows, kv.lengths, bits, quant.group_size)
+            groups = _group_mask(kv.lengths, k_scale.shape[2], quant.group_size)
+            tensors[prefix + "k_codes"] = pack(k_codes[mask], bits)
+            tensors[prefix + "k_scale"] = k_scale[groups]
+            tensors[prefix + "k_min"] = k_min[groups]
+        else:
+            v_codes, v_scale, v_min = quantize_values_per_token(rows[mask], bits, quant.group_size)
+            tensors[prefix + "v_codes"] = pack(v_codes, bits)
+            tensors[prefix + "v_scale"] = v_scale
+            tensors[prefix + "v_min"] = v_min
 
 
 def _encode_latents(
@@ -126,6 +151,9 @@ def _canonical(blob: bytes) -> bytes:
     text += b" " * (-len(text) % 8)
     return struct.pack("<Q", len(text)) + text + blob[8 + header_len :]
 
+
+# The base copy's tensors: the cache's own names behind this prefix.
+BASE_COPY = "base."
 
 # Upper bound on a decoded cache's padded size, checked before anything is allocated.
 MAX_DECODED_ELEMENTS = 1 << 28
@@ -200,6 +228,18 @@ class Segment:
     @property
     def kept_tokens(self) -> int:
         return int(self.lengths.sum())
+
+    @property
+    def has_base_copy(self) -> bool:
+        return any(name.startswith(BASE_COPY) for name in self.tensors)
+
+    def base_copy(self) -> Segment:
+        """The passage's base-model cache stored beside this one (a store indexed with
+        ``base_copy``), as a segment of its own: read like any other, every row kept."""
+        if not self.has_base_copy:
+            raise CorruptSegmentError("segment holds no base copy, which its store's manifest records")
+        copy = {name.removeprefix(BASE_COPY): t for name, t in self.tensors.items() if name.startswith(BASE_COPY)}
+        return Segment(self.num_tokens, self.n_max, self.head_dim, self.quant, self.lengths, self.positions, copy)
 
     def mask(self) -> torch.Tensor:
         """``[L, H, n_max]`` bool, True on kept rows."""

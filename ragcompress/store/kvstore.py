@@ -236,9 +236,11 @@ class KVStore:
             "match its caches: open the store again (restart a `ragcompress serve` that reads it)"
         )
 
-    def read_segment(self, entry: Entry) -> codec.Segment:
+    def read_segment(self, entry: Entry, first: bool = False) -> codec.Segment:
         """Read, verify (xxh3-128) and parse one passage's blob, checked against its catalogue row.
         The only place a passage's shard is opened; errors name the passage and its shard.
+        ``first``: the passage is retrieved first, directly after the prefix; a store with base
+        copies (:attr:`Manifest.base_copy`) answers with the passage's base copy.
 
         A read that fails is told apart from damage by reading the passage's row again: a passage
         moved by a swapped-in store (``compact``) is read from its new place; one replaced or
@@ -267,17 +269,22 @@ class KVStore:
                 f"passage {entry.id!r} (shard {entry.shard}): blob holds {segment.num_tokens} tokens / "
                 f"{segment.kept_tokens} kept, its catalogue row says {entry.num_tokens} / {entry.kept}"
             )
+        if first and self.manifest.base_copy:
+            with _naming(entry):
+                return segment.base_copy()
         return segment
 
-    def load_kv(self, entry: Entry, dtype: torch.dtype = torch.float32) -> PassageKV:
-        """One passage's cache, dequantized (keys un-rotated): the dense runtime's form."""
-        segment = self.read_segment(entry)
+    def load_kv(self, entry: Entry, dtype: torch.dtype = torch.float32, first: bool = False) -> PassageKV:
+        """One passage's cache, dequantized (keys un-rotated): the dense runtime's form (``first``:
+        as :meth:`read_segment`)."""
+        segment = self.read_segment(entry, first)
         with _naming(entry):
             return segment.dense(dtype, self.basis)
 
-    def load_packed(self, entry: Entry) -> codec.QuantizedBlob:
-        """One passage's quantized tensors, not dequantized: the fused kernel's form."""
-        segment = self.read_segment(entry)
+    def load_packed(self, entry: Entry, first: bool = False) -> codec.QuantizedBlob:
+        """One passage's quantized tensors, not dequantized: the fused kernel's form (``first``:
+        as :meth:`read_segment`)."""
+        segment = self.read_segment(entry, first)
         with _naming(entry):
             return segment.packed()
 

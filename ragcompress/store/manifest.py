@@ -60,6 +60,10 @@ def _check_values(data: dict[str, Any], where: Path) -> None:
         raise bad("encoding", "needs 'context_neighbors' as a small non-negative integer")
     if encoding.get("dtype", "bfloat16") not in ("bfloat16", "float16"):  # absent: float32
         raise bad("encoding", "has a 'dtype' other than bfloat16 or float16")
+    if not isinstance(encoding.get("base_copy", False), bool) or (
+        encoding.get("base_copy") and not encoding.get("adaptor")
+    ):
+        raise bad("encoding", "has a 'base_copy' that is not true or false, or one without an 'adaptor'")
     if not isinstance(data.get("index", {}), dict):
         raise bad("index", "is not an object")
     prefix_sha = data.get("prefix_sha256", "")
@@ -77,7 +81,8 @@ class Manifest:
     ``embedder`` the retrieval model; ``model_shape`` the cache shape every segment must have;
     ``prefix_sha256`` the checksum of ``prefix.safetensors`` (set by ``create_store``);
     ``encoding`` how passages were encoded beyond "alone, after the prefix" (``context_neighbors``:
-    :mod:`ragcompress.indexing.neighbours`; empty for plain encoding); ``index`` the FAISS index's
+    :mod:`ragcompress.indexing.neighbours`; ``adaptor``, its hash; ``base_copy``, the base model's
+    cache kept beside the adaptor's; ``dtype``; empty for plain encoding); ``index`` the FAISS index's
     type, parameters and measured recall (:mod:`ragcompress.store.ann`; written with the index);
     ``attention`` the APE temperature ``ragcompress calibrate`` chose for the store
     (:mod:`ragcompress.runtime.calibration`; applied to every stored-cache answer).
@@ -110,16 +115,23 @@ class Manifest:
         return QuantConfig(comp.get("quant", "none"), int(comp.get("group_size", 32)), comp.get("value_quant"))
 
     @property
+    def base_copy(self) -> bool:
+        """Each passage's blob also holds its base-model cache (a store encoded through an adaptor,
+        ``IndexConfig(base_copy=True)``), which the first retrieved passage is read from."""
+        return bool(self.encoding.get("base_copy", False))
+
+    @property
     def passages_exact(self) -> bool:
-        """Whether a stored passage's kept rows are exactly what full prefill computes for it when
-        it directly follows the prefix: no quantization or low-rank projection, encoded alone by
-        the base model in float32 (no neighbours before it, no adaptor). Selective recompute then leaves the
-        first retrieved passage alone (eviction keeps exact rows; evicted ones stay evicted)."""
+        """Whether a passage read first holds exactly what full prefill computes for it when it
+        directly follows the prefix: no quantization or low-rank projection, encoded alone by
+        the base model in float32 (no neighbours before it; no adaptor, or its base copy read).
+        Selective recompute then leaves the first retrieved passage alone (eviction keeps exact
+        rows; evicted ones stay evicted)."""
         return (
             self.quant.scheme == "none"
             and "lowrank" not in self.compression
             and not self.encoding.get("context_neighbors")
-            and not self.encoding.get("adaptor")
+            and (not self.encoding.get("adaptor") or self.base_copy)
             and not self.encoding.get("dtype")
         )
 

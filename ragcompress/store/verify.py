@@ -111,9 +111,15 @@ def _is_json_object(text: Any) -> bool:
 
 
 def _check_segments(
-    root: Path, catalogue: Catalogue, shape: ModelShape, problems: list[Problem], basis: LowRankBasis | None = None
+    root: Path,
+    catalogue: Catalogue,
+    shape: ModelShape,
+    problems: list[Problem],
+    basis: LowRankBasis | None = None,
+    base_copy: bool = False,
 ) -> tuple[int, dict[str, int], int | None]:
-    """Every catalogue row against its blob; returns (rows, committed end per shard, embedding dim)."""
+    """Every catalogue row against its blob (and its base copy, in a store that keeps them);
+    returns (rows, committed end per shard, embedding dim)."""
     ends: dict[str, int] = {}
     dim: int | None = None
     count = 0
@@ -151,6 +157,8 @@ def _check_segments(
                 fail("segment stores low-rank latents and the store has no readable basis")
                 continue
             segment.dense(basis=basis)  # its tensors match the shapes its header declares
+            if base_copy:
+                segment.base_copy().dense()
         except StoreError as exc:
             fail(str(exc))
             continue
@@ -286,7 +294,7 @@ def verify_store(path: str | Path) -> VerifyReport:
         verdict = catalogue.integrity_problems()
         if verdict:
             problems.append(Problem("catalogue", "SQLite integrity_check: " + "; ".join(verdict[:5])))
-        count, ends, _ = _check_segments(root, catalogue, shape, problems, basis)
+        count, ends, _ = _check_segments(root, catalogue, shape, problems, basis, manifest.base_copy)
         _check_overlaps(catalogue, problems, notes)
         _check_shard_files(root, ends, notes)
         _check_index(root, catalogue, count, problems, notes)
