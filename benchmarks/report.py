@@ -1555,14 +1555,16 @@ PRESET_MEASUREMENTS: tuple[tuple[str, str, str, str | None], ...] = (
     # the two Qwen runs above again, with the quantizer of 2026-12-04 (``remeasure_*``)
     ("smallest", "remeasure_smallest_qwen_100q.json", "global:kvzip@0.21/int4v2/r32k+adaptor", "none@1/fp16/-"),
     ("smallest", "remeasure_smallest_qwen_33q.json", "global:kvzip@0.21/int4v2/r32k+adaptor", "none@1/fp16/-"),
-    ("faithful", "faithful_qwen_adaptor_recompute.json", "top3/ad:r0.05+mixed", "top3/ad:reuse"),
-    ("faithful", "faithful_qwen_confirm_33q.json", "top3/r0.05+mixed", "top3/reuse"),
-    ("faithful", "faithful_qwen_pooled_133q.json", "top3/r0.05+mixed", "top3/reuse"),
-    ("faithful", "faithful_smollm2_adaptor_recompute.json", "top3/ad:r0.05+mixed", "top3/ad:reuse"),
-    ("distilled", "faithful_qwen_adaptor.json", "top3/ad:reuse", "top3/reuse"),
-    ("distilled", "faithful_qwen_confirm_33q.json", "top3/reuse", "top3/reversed"),
-    ("distilled", "faithful_qwen_pooled_133q.json", "top3/reuse", "top3/reversed"),
-    ("distilled", "distill_smollm2-135m-81q.json", "adaptor", "plain reuse"),
+    # ``faithful`` and ``distilled`` with the base copy (``--base-copy``), against the same adapted
+    # store without it in the same run (``ad:``): the 100 questions that decided it, the other 33, all 133
+    ("faithful", "faithful_qwen_base_copy.json", "top3/r0.05+mixed", "top3/ad:r0.05+mixed"),
+    ("faithful", "faithful_qwen_base_copy_33q.json", "top3/r0.05+mixed", "top3/ad:r0.05+mixed"),
+    ("faithful", "faithful_qwen_base_copy_133q.json", "top3/r0.05+mixed", "top3/ad:r0.05+mixed"),
+    ("faithful", "faithful_smollm2_base_copy.json", "top3/r0.05+mixed", "top3/ad:r0.05+mixed"),
+    ("distilled", "faithful_qwen_base_copy.json", "top3/reuse", "top3/ad:reuse"),
+    ("distilled", "faithful_qwen_base_copy_33q.json", "top3/reuse", "top3/ad:reuse"),
+    ("distilled", "faithful_qwen_base_copy_133q.json", "top3/reuse", "top3/ad:reuse"),
+    ("distilled", "faithful_smollm2_base_copy.json", "top3/reuse", "top3/ad:reuse"),
 )
 
 
@@ -1749,10 +1751,10 @@ def render_presets(results: Path) -> str:
         + '\n\nFull prefill is rerun on the same questions and retrieved passages in each file. "–": not '
         "measured in that file (the `distill` runs time no full prefill, the frontier only in its TTFT "
         "side-by-side run; bytes are measured by `core_eval.py` and the frontier). TTFT ratios depend on "
-        "threads and load (docs/recompute.md): the `faithful_qwen_confirm_33q.json` and "
-        "`faithful_qwen_pooled_133q.json` rows were timed by two one-thread processes that also ran a second "
-        f"full prefill per question, and one process with two threads measures `faithful` at "
-        f"{two_thread_faithful_ttft(results)} (`{TWO_THREAD_TTFT}`)."
+        "threads and load (docs/recompute.md): the `faithful_*_base_copy*.json` rows were timed by two "
+        "one-thread processes (the Qwen run beside the SmolLM2 one for part of it), and one process with two "
+        f"threads measures `faithful` (before its base copy: the same work but for reading the larger blobs) "
+        f"at {two_thread_faithful_ttft(results)} (`{TWO_THREAD_TTFT}`)."
         + "".join("\n\n" + line for line in pooled_presets(results))
     )
 

@@ -75,12 +75,16 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "faithful",
-            IndexConfig(quant="int8", adaptor="matching"),
+            IndexConfig(quant="int8", adaptor="matching", base_copy=True),
             AnswerOptions(recompute=RecomputeConfig(ratio=0.05, selection="mixed")),
             "int8 caches encoded through the model's packaged general KV-Distill adaptor (SmolLM2-135M and "
-            "Qwen2.5-Coder-0.5B ship one; the base model, with a warning, elsewhere), 5% of passage tokens "
+            "Qwen2.5-Coder-0.5B ship one; the base model, with a warning, elsewhere), each passage's base-model "
+            "cache kept beside it for when it is retrieved first (twice the bytes), 5% of passage tokens "
             "recomputed at query time, chosen by value deviation and the question's attention together: the "
             "closest to full prefill measured at >= 5x faster TTFT",
+            "docs/results/faithful_qwen_base_copy*.json (the base copy against the same adapted store without it: "
+            "the same 100 questions, then the other 33 and all 133), docs/results/faithful_smollm2_base_copy.json "
+            "(SmolLM2-135M); "
             "docs/results/faithful_qwen_adaptor_recompute.json (Qwen2.5-Coder-0.5B, top-3, 100 questions of the "
             "four articles its adaptor never saw: plain reuse, 5 % and 10 % recompute over the adapted store side "
             "by side; 10 % measured below 5x, so 5 %; faithful_qwen_adaptor_recompute_top5.json: the preset at "
@@ -94,10 +98,13 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "distilled",
-            IndexConfig(quant="int8", adaptor="default"),
+            IndexConfig(quant="int8", adaptor="default", base_copy=True),
             AnswerOptions(),
             "plain reuse of int8 caches encoded with the model's packaged general KV-Distill adaptor (LoRA layers "
-            "on only while passages are encoded): plain reuse's speed, most of recompute's agreement",
+            "on only while passages are encoded), each passage's base-model cache kept beside it for when it is "
+            "retrieved first (twice the bytes): plain reuse's speed, about recompute's agreement without it",
+            "docs/results/faithful_qwen_base_copy*.json (reuse against ad:reuse: the base copy on the same 100 "
+            "questions, the other 33 and all 133), docs/results/faithful_smollm2_base_copy.json (SmolLM2-135M), "
             "docs/results/faithful_qwen_adaptor.json (ad:reuse against reuse, Qwen2.5-Coder-0.5B, 100 questions "
             "of articles the adaptor never saw; docs/results/faithful_qwen_confirm_33q.json and "
             "docs/results/faithful_qwen_pooled_133q.json: the other 33 of those articles, and all 133 pooled), "

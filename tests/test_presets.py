@@ -22,7 +22,7 @@ def test_every_preset_is_a_valid_setting_with_evidence():
     assert preset("small").index.quant == "int4" and preset("small").index.method == "global:kvzip"
     assert preset("faithful").answer.recompute == RecomputeConfig(ratio=0.05, selection="mixed")
     faithful = preset("faithful").index  # the general adaptor where one is packaged (an int8 store takes it)
-    assert faithful.adaptor == "matching" and faithful.quant == "int8"
+    assert faithful.adaptor == "matching" and faithful.quant == "int8" and faithful.base_copy
     for model in ("smollm2-135m", "qwen2.5-coder-0.5b"):  # both packaged models ship a general adaptor
         assert packaged_for_store(model, store_of(faithful)).name == model
     for name in ("small", "smallest"):
@@ -31,6 +31,7 @@ def test_every_preset_is_a_valid_setting_with_evidence():
         for model in ("smollm2-135m", "qwen2.5-coder-0.5b"):  # each packaged model ships its adaptor for it
             assert packaged_for_store(model, store_of(config)) is not None, (name, model)
     assert preset("distilled").index.adaptor == "default"  # the model's packaged KV-Distill adaptor
+    assert preset("distilled").index.base_copy  # the first retrieved passage read from the base model's cache
     with pytest.raises(ValueError, match="fast, small, smallest, faithful, distilled"):
         preset("tiny")
 
