@@ -287,16 +287,25 @@ def torch_dtype(name: str) -> Any:
     return getattr(torch, name)
 
 
+def parse_device(device: Any) -> Any:
+    """``device`` as a ``torch.device``, or a ``ModelError`` when it is not a device name. Whether
+    this machine has it is :func:`usable_device`'s question (a Ray cluster's GPUs are counted on
+    the cluster instead)."""
+    import torch
+
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ModelError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1, ...): {exc}") from None
+
+
 def usable_device(device: Any) -> Any:
     """``device`` as a ``torch.device``, or a ``ModelError`` naming why the model cannot go there
     (not a device name; CUDA that torch does not see; a GPU index past the ones it sees), raised
     before any weights load."""
     import torch
 
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ModelError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1, ...): {exc}") from None
+    parsed = parse_device(device)
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
             raise ModelError(

@@ -159,7 +159,7 @@ def test_device_cuda_asks_a_gpu_per_actor_and_is_refused_where_there_is_none(clu
     from ragcompress.indexing.ray_runner import _wants_gpu
 
     assert not _wants_gpu(None, "local") and not _wants_gpu("cpu", cluster) and _wants_gpu("cuda:1", cluster)
-    with pytest.raises(InputError, match="'tpu:x' is not a torch device"):
+    with pytest.raises(ModelError, match="'tpu:x' is not a torch device"):
         _wants_gpu("tpu:x", cluster)
     store = tmp_path / "store"
     with pytest.raises(InputError, match="the Ray cluster has no GPU"):

@@ -337,19 +337,11 @@ def _wants_gpu(device: str | None, address: str) -> bool:
     """Whether the actors take a GPU each: ``device`` names CUDA. On a local Ray instance the
     device is checked as :func:`~ragcompress.models.load_model` checks it (torch must see a GPU);
     a cluster's GPUs are checked on joining it (:func:`_connect`)."""
-    import torch
-
-    from ragcompress.models import usable_device
+    from ragcompress.models import parse_device, usable_device
 
     if device is None:
         return False
-    if address == "local":
-        kind = usable_device(device).type
-    else:
-        try:
-            kind = torch.device(device).type
-        except (RuntimeError, TypeError) as exc:
-            raise InputError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1, ...): {exc}") from None
+    kind = (usable_device(device) if address == "local" else parse_device(device)).type
     if kind not in ("cpu", "cuda"):
         raise InputError(f"--ray indexes on cpu or cuda, not {device!r}")
     return kind == "cuda"
