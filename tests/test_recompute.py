@@ -367,6 +367,28 @@ def test_layers_padded_separately_read_like_the_masked_uniform_cache(stores, lon
     torch.testing.assert_close(ragged, masked, atol=1e-4, rtol=1e-4)
 
 
+def test_int8_store_leaves_the_first_passage_alone(stores):
+    """Rounded to int8, the passage read first is full prefill's cache up to that rounding: it is
+    not a candidate (the check pass skips it), so even ``R=1`` keeps its rows and repairs the rest."""
+    engine = stores("llama", "int8")
+    entries = engine.retrieve(QUESTION, 2)
+    assert engine.store.manifest.passages_exact
+    segments = [engine.store.load_kv(e) for e in entries]
+    built = assembled(engine, segments)
+    first_rows = [layer.keys[:, :, : built.next_position].clone() for layer in built.cache.layers]
+    report = blend_only(engine, built, segments, entries, 1.0)
+    first = entries[0].num_tokens
+    assert report.candidates == entries[1].num_tokens
+    assert report.selected.tolist() == list(range(first, first + entries[1].num_tokens))
+    start = engine.prefix.num_tokens
+    for layer, before in zip(built.cache.layers, first_rows, strict=True):
+        assert torch.equal(layer.keys[:, :, start : start + first], before[:, :, start : start + first])
+    reused, _ = cached_logits(engine, entries, 0.0)
+    recomputed, _ = cached_logits(engine, entries, 1.0)
+    full = full_logits(engine, entries)
+    assert (recomputed - full).abs().max() < 0.2 * (reused - full).abs().max()
+
+
 def test_quantized_store_recomputes_the_first_passage_too(stores):
     engine = stores("llama", "int4")
     entries = engine.retrieve(QUESTION, 2)

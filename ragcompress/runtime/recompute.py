@@ -16,12 +16,14 @@ recomputing the KV of a few passage tokens with full attention over everything b
 
 Layer 0's KV depend only on the token and its position, so they equal the stored ones (up to
 quantization); the deviation first shows at layer 1, the default check layer. The first passage
-directly follows the shared prefix, so on a lossless store (no quantization, no eviction) its
-cache is already exact and only later passages are candidates.
+directly follows the shared prefix, so where the store holds its base-model cache in full (no
+eviction; unquantized or rounded to 8 bits, ``Manifest.passages_exact``) it already is full
+prefill's, up to that rounding, and only later passages are candidates: neither checked nor
+recomputed.
 
 ``ratio=0`` with no sinks leaves the cache untouched (plain reuse, bit for bit); ``ratio=1``
 recomputes every candidate through every layer, which is a full prefill of the passages (with
-eviction: of the kept rows). The recompute works on whatever the store holds: quantized values
+eviction: of the kept rows; with an int8 store the first passage keeps its rounded rows). The recompute works on whatever the store holds: quantized values
 are replaced by fresh full-precision ones, and with per-head eviction a selected token's fresh
 KV go only to the heads that kept it (masks are then built per layer and head).
 """
@@ -343,9 +345,10 @@ def blend(
     """Recompute selected passage tokens of ``built`` in place (see the module docstring).
 
     token_ids:   the token ids of every segment's passage (``len == seg.num_tokens``)
-    first_exact: the store's passages are exact after the prefix (``Manifest.passages_exact``:
-                 no quantization, projection, neighbours or adaptor); then a uniform first
-                 segment is already what full prefill computes and its tokens are not candidates
+    first_exact: the store's passages are exact after the prefix up to 8-bit rounding
+                 (``Manifest.passages_exact``: no projection, neighbours or adaptor, or the
+                 adaptor's base copy read); then a uniform first segment is already what full
+                 prefill computes and its tokens are not candidates
     suffix:      the question's tokens; when given (and something is recomputed) they ride along
                  in the recompute pass (CacheBlend's fused prefill: the weights are read once,
                  not twice), their KV are appended to the cache at ``built.next_position…`` and

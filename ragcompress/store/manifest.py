@@ -122,13 +122,17 @@ class Manifest:
 
     @property
     def passages_exact(self) -> bool:
-        """Whether a passage read first holds exactly what full prefill computes for it when it
-        directly follows the prefix: no quantization or low-rank projection, encoded alone by
-        the base model in float32 (no neighbours before it; no adaptor, or its base copy read).
-        Selective recompute then leaves the first retrieved passage alone (eviction keeps exact
-        rows; evicted ones stay evicted)."""
+        """Whether a passage read first holds what full prefill computes for it when it directly
+        follows the prefix, up to rounding to 8 bits or more: encoded alone by the base model in
+        float32 (no neighbours before it; no adaptor, or its base copy read), no low-rank
+        projection, keys and values kept in float32, fp16 or int8. Selective recompute then
+        leaves the first retrieved passage alone (eviction keeps exact rows; evicted ones stay
+        evicted): the ``oracle`` rows of docs/recompute.md read the exact cross-passage cache
+        rounded to int8 and answer as full prefill, so those tokens need no repair, and the
+        check pass skips them. Narrower integers (int4, int2) leave them candidates."""
         return (
-            self.quant.scheme == "none"
+            (self.quant.bits or 16) >= 8
+            and (self.quant.value_bits or 16) >= 8
             and "lowrank" not in self.compression
             and not self.encoding.get("context_neighbors")
             and (not self.encoding.get("adaptor") or self.base_copy)
