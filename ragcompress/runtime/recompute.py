@@ -23,9 +23,10 @@ recomputed.
 
 ``ratio=0`` with no sinks leaves the cache untouched (plain reuse, bit for bit); ``ratio=1``
 recomputes every candidate through every layer, which is a full prefill of the passages (with
-eviction: of the kept rows; with an int8 store the first passage keeps its rounded rows). The recompute works on whatever the store holds: quantized values
-are replaced by fresh full-precision ones, and with per-head eviction a selected token's fresh
-KV go only to the heads that kept it (masks are then built per layer and head).
+eviction: of the kept rows; on an int8 store the first passage keeps its rounded rows). The
+recompute works on whatever the store holds: quantized values are replaced by fresh
+full-precision ones, and with per-head eviction a selected token's fresh KV go only to the heads
+that kept it (masks are then built per layer and head).
 """
 
 from __future__ import annotations
