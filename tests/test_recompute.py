@@ -375,14 +375,13 @@ def test_int8_store_leaves_the_first_passage_alone(stores):
     assert engine.store.manifest.passages_exact
     segments = [engine.store.load_kv(e) for e in entries]
     built = assembled(engine, segments)
-    first_rows = [layer.keys[:, :, : built.next_position].clone() for layer in built.cache.layers]
+    start, first = engine.prefix.num_tokens, entries[0].num_tokens
+    first_rows = [layer.keys[:, :, start : start + first].clone() for layer in built.cache.layers]
     report = blend_only(engine, built, segments, entries, 1.0)
-    first = entries[0].num_tokens
     assert report.candidates == entries[1].num_tokens
     assert report.selected.tolist() == list(range(first, first + entries[1].num_tokens))
-    start = engine.prefix.num_tokens
     for layer, before in zip(built.cache.layers, first_rows, strict=True):
-        assert torch.equal(layer.keys[:, :, start : start + first], before[:, :, start : start + first])
+        assert torch.equal(layer.keys[:, :, start : start + first], before)
     reused, _ = cached_logits(engine, entries, 0.0)
     recomputed, _ = cached_logits(engine, entries, 1.0)
     full = full_logits(engine, entries)

@@ -126,10 +126,11 @@ class Manifest:
         follows the prefix, up to rounding to 8 bits or more: encoded alone by the base model in
         float32 (no neighbours before it; no adaptor, or its base copy read), no low-rank
         projection, keys and values kept in float32, fp16 or int8. Selective recompute then
-        leaves the first retrieved passage alone (eviction keeps exact rows; evicted ones stay
-        evicted): the ``oracle`` rows of docs/recompute.md read the exact cross-passage cache
-        rounded to int8 and answer as full prefill, so those tokens need no repair, and the
-        check pass skips them. Narrower integers (int4, int2) leave them candidates."""
+        leaves the first retrieved passage alone when it kept every row (``blend`` reads a passage
+        with evicted rows as a candidate all the same): the ``oracle`` rows of docs/recompute.md
+        read the exact cross-passage cache rounded to int8 and answer as full prefill, so those
+        tokens need no repair, and the check pass skips them. Narrower integers (int4, int2)
+        leave them candidates."""
         return (
             (self.quant.bits or 16) >= 8
             and (self.quant.value_bits or 16) >= 8
