@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 import ragcompress.runtime.assemble as assemble_module
-import ragcompress.runtime.recompute as recompute_module
+import ragcompress.runtime.cache_pass as cache_pass_module
 from ragcompress.indexing import IndexConfig, index
 from ragcompress.kv import PassageKV
 from ragcompress.runtime.engine import Engine
@@ -54,11 +54,11 @@ def padded_to_longest_layer(prefix: PassageKV, segments: list[PassageKV]) -> tor
 
 @contextmanager
 def layout(rows: Any):
-    assemble_module.segment_rows, recompute_module.segment_rows = rows, rows
+    assemble_module.segment_rows, cache_pass_module.segment_rows = rows, rows
     try:
         yield
     finally:
-        assemble_module.segment_rows, recompute_module.segment_rows = PER_LAYER, PER_LAYER
+        assemble_module.segment_rows, cache_pass_module.segment_rows = PER_LAYER, PER_LAYER
 
 
 def main() -> None:

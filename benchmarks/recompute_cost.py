@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-import ragcompress.runtime.recompute as recompute
+import ragcompress.runtime.cache_pass as cache_pass
 from ragcompress.runtime.engine import Engine
 from ragcompress.runtime.options import AnswerOptions
 from ragcompress.runtime.recompute import RecomputeConfig
@@ -46,11 +46,11 @@ PASSES = ("check", "question_below_check", "fused")
 
 
 class PassTimer:
-    """Wraps ``recompute._run_layers`` and records each call's wall time under the name of the
+    """Wraps ``cache_pass.run_layers`` and records each call's wall time under the name of the
     pass it is (see the module docstring), for the requests answered while :attr:`on` is set."""
 
     def __init__(self) -> None:
-        self.original = recompute._run_layers
+        self.original = cache_pass.run_layers
         self.on = False
         self.seconds: dict[str, float] = defaultdict(float)
         self.rows: dict[str, int] = {}
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     questions = pick_questions(Path(args.questions), args.sample, set(args.articles))
     engine = Engine.open(args.store)
     timer = PassTimer()
-    recompute._run_layers = timer  # the module looks the name up at call time
+    cache_pass.run_layers = timer  # recompute looks the name up at call time
     settings = {
         "full": AnswerOptions(max_new_tokens=1),
         "reuse": AnswerOptions(max_new_tokens=1),
@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 }
             )
     finally:
-        recompute._run_layers = timer.original
+        cache_pass.run_layers = timer.original
         timer.on = False
 
     def med(key: str) -> float:

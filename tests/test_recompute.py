@@ -544,11 +544,11 @@ def test_quality_benchmark_rotates_which_timed_path_runs_first(stores, monkeypat
 
 
 def test_recompute_cost_benchmark_names_every_pass_with_its_rows(stores):
-    """benchmarks/recompute_cost.py times recompute's passes by wrapping ``_run_layers``: each call
+    """benchmarks/recompute_cost.py times recompute's passes by wrapping ``cache_pass.run_layers``: each call
     is named for the pass it is, with the rows it carries, and the answer does not change."""
     import importlib
 
-    import ragcompress.runtime.recompute as recompute
+    import ragcompress.runtime.cache_pass as cache_pass
 
     recompute_cost = importlib.import_module("recompute_cost")
     engine = stores("qwen2")
@@ -556,11 +556,11 @@ def test_recompute_cost_benchmark_names_every_pass_with_its_rows(stores):
     options = AnswerOptions(max_new_tokens=4, recompute=RecomputeConfig(ratio=0.2, selection="mixed"))
     plain = engine.answer_cached(QUESTION, entries, options)
     timer = recompute_cost.PassTimer()
-    recompute._run_layers, timer.on = timer, True
+    cache_pass.run_layers, timer.on = timer, True
     try:
         timed = engine.answer_cached(QUESTION, entries, options)
     finally:
-        recompute._run_layers = timer.original
+        cache_pass.run_layers = timer.original
     total = sum(e.num_tokens for e in entries)
     question = len(engine.tokens.suffix(QUESTION))
     assert timed.token_ids == plain.token_ids

@@ -36,13 +36,16 @@ from typing import Any
 
 import torch
 
-from ragcompress.architecture import attention_input_norm, head_states, output_logits, project
+from ragcompress.architecture import output_logits
 from ragcompress.kv import PassageKV
 from ragcompress.kv.rope import Rotary
-from ragcompress.runtime.assemble import AssembledCache, per_layer_rows, segment_rows
+from ragcompress.runtime import cache_pass
+from ragcompress.runtime.assemble import AssembledCache
+from ragcompress.runtime.cache_pass import CacheLayout
 from ragcompress.runtime.calibration import scale_context_keys
+from ragcompress.runtime.token_selection import SELECTIONS, question_relevance, ranking, select_tokens, value_deviation
 
-SELECTIONS = ("deviation", "question", "mixed")
+__all__ = ["SELECTIONS", "BlendReport", "RecomputeConfig", "blend", "repair", "select_tokens"]
 
 
 @dataclass(frozen=True)
@@ -108,227 +111,6 @@ class BlendReport:
     logits: torch.Tensor | None = None  # [vocab] after the question, when it rode along
 
 
-class _Layout:
-    """Where every passage token sits in the assembled cache.
-
-    row_pos:  per layer ``[kv_heads, T_layer]`` absolute RoPE position of each cache row
-    valid:    per layer ``[kv_heads, T_layer]`` True on real rows
-    token_pos: ``[N]`` absolute position of every passage token (all passages concatenated)
-    uniform:  every segment keeps every token on every head (row of token ``i`` is ``P + i``)
-
-    Rows follow :func:`~ragcompress.runtime.assemble.segment_rows` (each layer padded to its own
-    longest head), so the layers of one cache may differ in length.
-    """
-
-    def __init__(self, prefix: PassageKV, segments: list[PassageKV]) -> None:
-        layers, heads = prefix.lengths.shape
-        self.prefix_rows = prefix.keys.shape[2]
-        self.uniform = prefix.is_uniform and all(seg.is_uniform for seg in segments)
-        self.starts = segment_rows(prefix, segments)  # [S+1, layers]
-        row_pos, valid, token_pos, self.segment_starts = [prefix.positions], [prefix.valid_mask()], [], []
-        position = prefix.num_tokens
-        for seg in segments:
-            row_pos.append(seg.positions + position)
-            valid.append(seg.valid_mask())
-            token_pos.append(torch.arange(position, position + seg.num_tokens))
-            self.segment_starts.append(sum(t.numel() for t in token_pos[:-1]))
-            position += seg.num_tokens
-        self.row_pos = per_layer_rows(prefix, row_pos, self.starts)
-        self.valid = per_layer_rows(prefix, valid, self.starts)
-        self.token_pos = torch.cat(token_pos) if token_pos else torch.zeros(0, dtype=torch.long)
-        self.shape = (layers, heads)
-        self._segments = segments
-
-    def rows(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Cache rows of passage tokens ``[S]``: ``[S]`` if uniform, else ``[layers, kv_heads, S]``
-        with ``-1`` where a head evicted the token."""
-        if self.uniform:
-            return self.prefix_rows + tokens
-        layers, heads = self.shape
-        inverse = []
-        for j, seg in enumerate(self._segments):
-            inv = torch.full((layers, heads, seg.num_tokens), -1, dtype=torch.long)
-            rows = torch.arange(seg.keys.shape[2]).expand(layers, heads, -1) + self.starts[j][:, None, None]
-            keep = seg.valid_mask()
-            inv[keep.nonzero(as_tuple=True)[:2] + (seg.positions[keep],)] = rows[keep]
-            inverse.append(inv)
-        return torch.cat(inverse, dim=2)[:, :, tokens]
-
-    def masks(
-        self, tokens: torch.Tensor, q_heads: int, new_pos: torch.Tensor, device: torch.device
-    ) -> list[torch.Tensor]:
-        """Per layer bool ``[1, q_heads or 1, S + Q, T_layer + Q]`` on ``device``: real rows (and
-        new tokens) at positions <= the query's. Queries are the passage ``tokens [S]`` then ``Q``
-        new tokens at ``new_pos [Q]`` (the question, appended after the cache)."""
-        qpos = torch.cat([self.token_pos[tokens], new_pos])
-        layers, heads = self.shape
-        if self.uniform:
-            row_pos = torch.cat([self.row_pos[0][0], new_pos])
-            mask = (row_pos[None, :] <= qpos[:, None]).unsqueeze(0)  # [1, S+Q, T+Q]
-            return [mask.unsqueeze(0).to(device)] * layers
-        groups = q_heads // heads
-        new_valid = torch.ones(heads, new_pos.numel(), dtype=torch.bool)
-        out = []
-        for layer in range(layers):
-            row_pos = torch.cat([self.row_pos[layer], new_pos.expand(heads, -1)], dim=1)
-            valid = torch.cat([self.valid[layer], new_valid], dim=1)
-            allowed = valid[:, None, :] & (row_pos[:, None, :] <= qpos[None, :, None])
-            out.append(allowed.repeat_interleave(groups, dim=0).unsqueeze(0).to(device))
-        return out
-
-
-class _BlendCache:
-    """Stands in for the transformers cache while selected tokens pass through the layers.
-
-    ``update`` (called by every attention module after computing its keys and values) writes the
-    fresh KV of the first ``S`` queries ``[1, kv_heads, S, d]`` into the selected tokens' rows of
-    the assembled cache, in place, appends those of the ``Q`` new tokens after it, and returns
-    the whole layer ``[1, kv_heads, T + Q, d]`` to attend over. ``rows`` (:meth:`_Layout.rows`)
-    are moved to the cache's device: they index it.
-    """
-
-    def __init__(self, cache: Any, rows: torch.Tensor, uniform: bool, new_tokens: int) -> None:
-        self.layers = cache.layers
-        self.rows = rows.to(cache.layers[0].keys.device)
-        self.uniform = uniform
-        self.new_tokens = new_tokens
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        layer = self.layers[layer_idx]
-        if self.new_tokens:
-            split = key_states.shape[2] - self.new_tokens
-            layer.keys = torch.cat([layer.keys, key_states[:, :, split:].to(layer.keys.dtype)], dim=2)
-            layer.values = torch.cat([layer.values, value_states[:, :, split:].to(layer.values.dtype)], dim=2)
-            key_states, value_states = key_states[:, :, :split], value_states[:, :, :split]
-        keys, values = layer.keys, layer.values
-        if self.uniform:
-            keys[0, :, self.rows] = key_states[0].to(keys.dtype)
-            values[0, :, self.rows] = value_states[0].to(values.dtype)
-        else:
-            rows = self.rows[layer_idx]  # [kv_heads, S]
-            head, slot = (rows >= 0).nonzero(as_tuple=True)
-            keys[0, head, rows[head, slot]] = key_states[0, head, slot].to(keys.dtype)
-            values[0, head, rows[head, slot]] = value_states[0, head, slot].to(values.dtype)
-        return keys, values
-
-
-def _run_layers(
-    model: Any,
-    rotary: Rotary,
-    layout: _Layout,
-    cache: Any,
-    tokens: torch.Tensor,
-    hidden: torch.Tensor,
-    start: int,
-    stop: int,
-    new_pos: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Carry ``hidden [1, S (+ Q), D]`` of passage ``tokens [S]`` (then of ``Q`` new tokens at
-    ``new_pos``, appended to the cache) through layers ``start … stop-1``."""
-    layers = model.model.layers
-    config = model.config
-    new_pos = torch.zeros(0, dtype=torch.long) if new_pos is None else new_pos
-    positions = torch.cat([layout.token_pos[tokens], new_pos]).unsqueeze(0)  # [1, S+Q]
-    masks = layout.masks(tokens, config.num_attention_heads, new_pos, hidden.device)
-    blend_cache = _BlendCache(cache, layout.rows(tokens), layout.uniform, new_pos.numel())
-    rope: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
-    for index in range(start, stop):
-        kind = rotary.layer_key(index)
-        if kind not in rope:
-            cos, sin = rotary.cos_sin(positions, index)
-            rope[kind] = (cos.to(hidden.dtype), sin.to(hidden.dtype))
-        out = layers[index](
-            hidden,
-            attention_mask=masks[index],
-            position_ids=positions.to(hidden.device),
-            cache=blend_cache,
-            use_cache=True,
-            position_embeddings=rope[kind],
-        )
-        hidden = out[0] if isinstance(out, tuple) else out
-    return hidden
-
-
-def _deviation(
-    model: Any, layout: _Layout, cache: Any, tokens: torch.Tensor, hidden: torch.Tensor, layer_idx: int
-) -> torch.Tensor:
-    """``[S]`` squared distance between the fresh and the stored values at ``layer_idx``,
-    averaged over the KV heads that keep the token."""
-    layer = model.model.layers[layer_idx]
-    attn = layer.self_attn
-    fresh = project(attn, "v_proj", attention_input_norm(layer)(hidden))  # [1, S, kv_heads * d]
-    heads = layout.shape[1]
-    fresh = fresh.view(hidden.shape[1], heads, -1).transpose(0, 1).float()  # [H, S, d]
-    stored_all = cache.layers[layer_idx].values[0]  # [H, T, d]
-    rows = layout.rows(tokens).to(stored_all.device)
-    if layout.uniform:
-        stored = stored_all[:, rows].float()
-        return (fresh - stored).pow(2).sum(-1).mean(0)
-    rows = rows[layer_idx]  # [H, S]
-    kept = rows >= 0
-    stored = torch.gather(stored_all.float(), 1, rows.clamp(min=0).unsqueeze(-1).expand(-1, -1, fresh.shape[-1]))
-    diff = (fresh - stored).pow(2).sum(-1) * kept
-    return diff.sum(0) / kept.sum(0).clamp(min=1)
-
-
-def _question_relevance(
-    model: Any,
-    rotary: Rotary,
-    layout: _Layout,
-    tokens: torch.Tensor,
-    hidden: torch.Tensor,
-    question: torch.Tensor,
-    new_pos: torch.Tensor,
-    layer_idx: int,
-) -> torch.Tensor:
-    """``[S]`` attention the question's tokens pay to passage ``tokens`` at ``layer_idx``.
-
-    hidden ``[1, S, D]`` and question ``[1, Q, D]`` are the inputs of that layer. Queries and keys
-    are the layer's own projections (with its q/k norms where the architecture has them), rotated
-    to their positions; the softmax runs over the passage tokens, per query head and question
-    token, and the weights are averaged over both: how much of the question's reading at this
-    depth lands on each token.
-    """
-    layer = model.model.layers[layer_idx]
-    attn = layer.self_attn
-    kv_heads = layout.shape[1]
-    q_heads = model.config.num_attention_heads
-    norm = attention_input_norm(layer)
-    q = head_states(attn, project(attn, "q_proj", norm(question)), "q", q_heads)[0]
-    k = head_states(attn, project(attn, "k_proj", norm(hidden)), "k", kv_heads)[0]
-    q = rotary.rotate(q.float(), new_pos.expand(q_heads, -1), layer_idx)
-    k = rotary.rotate(k.float(), layout.token_pos[tokens].expand(kv_heads, -1), layer_idx)
-    k = k.repeat_interleave(q_heads // kv_heads, dim=0)
-    scaling = float(getattr(attn, "scaling", k.shape[-1] ** -0.5))
-    weights = torch.softmax((q @ k.transpose(1, 2)) * scaling, dim=-1)  # [Hq, Q, S]
-    return weights.mean(dim=(0, 1))
-
-
-def _ranking(config: RecomputeConfig, deviation: torch.Tensor, relevance: torch.Tensor | None) -> torch.Tensor:
-    """The score tokens are selected by (largest first)."""
-    if config.selection == "deviation" or relevance is None:
-        return deviation
-    if config.selection == "question":
-        return relevance
-    return deviation / deviation.max().clamp(min=1e-12) + relevance / relevance.max().clamp(min=1e-12)
-
-
-def select_tokens(deviation: torch.Tensor, candidates: torch.Tensor, sinks: torch.Tensor, budget: int) -> torch.Tensor:
-    """Sinks plus the ``budget - len(sinks)`` candidates of largest ``deviation`` (``[len(candidates)]``).
-
-    Ties are broken by position (stable sort), so the selection is deterministic. Returns sorted
-    passage-token indices.
-    """
-    is_sink = torch.isin(candidates, sinks)
-    rest = max(0, min(budget, candidates.numel()) - int(is_sink.sum()))
-    scores = deviation.float().masked_fill(is_sink, float("-inf"))
-    order = torch.sort(scores, descending=True, stable=True).indices[:rest]
-    picked = torch.cat([candidates[is_sink], candidates[order]])
-    return torch.sort(picked).values
-
-
 @torch.inference_mode()
 def blend(
     model: Any,
@@ -360,7 +142,7 @@ def blend(
     for seg, seg_ids in zip(segments, token_ids, strict=True):
         if len(seg_ids) != seg.num_tokens:
             raise ValueError(f"a segment has {seg.num_tokens} tokens but its text gives {len(seg_ids)}")
-    layout = _Layout(prefix, segments)
+    layout = CacheLayout(prefix, segments)
     total = layout.token_pos.numel()
     empty = torch.zeros(0, dtype=torch.long)
     if not config.recomputes or total == 0:
@@ -390,15 +172,15 @@ def blend(
     question = None
     if config.ratio > 0.0 and budget < candidates.numel():
         hidden = embed(ids[candidates].unsqueeze(0).to(device))
-        hidden = _run_layers(model, rotary, layout, built.cache, candidates, hidden, 0, check)
+        hidden = cache_pass.run_layers(model, rotary, layout, built.cache, candidates, hidden, 0, check)
         if check < layers:
-            deviation = _deviation(model, layout, built.cache, candidates, hidden, check)
+            deviation = value_deviation(model, layout, built.cache, candidates, hidden, check)
         else:
             deviation = torch.zeros(candidates.numel(), device=device)
         relevance = None
         if question_ids and (suffix or config.selection != "deviation"):
             # the question's layers below the check layer run alone (over the refreshed rows)
-            question = _run_layers(
+            question = cache_pass.run_layers(
                 model,
                 rotary,
                 layout,
@@ -410,7 +192,7 @@ def blend(
                 new_pos,
             )
             if config.selection != "deviation" and check < layers:
-                relevance = _question_relevance(model, rotary, layout, candidates, hidden, question, new_pos, check)
+                relevance = question_relevance(model, rotary, layout, candidates, hidden, question, new_pos, check)
             if not suffix:  # scored only: take its rows back out of the cache
                 layer: Any
                 for layer in built.cache.layers[:check]:
@@ -419,7 +201,7 @@ def blend(
                         layer.values[:, :, : -len(question_ids)],
                     )
                 question = None
-        selected = select_tokens(_ranking(config, deviation, relevance).cpu(), candidates, sinks, budget)
+        selected = select_tokens(ranking(config.selection, deviation, relevance).cpu(), candidates, sinks, budget)
         keep = torch.searchsorted(candidates, selected)
         hidden = hidden[:, keep.to(device)]
         start = check
@@ -428,14 +210,16 @@ def blend(
         hidden = embed(ids[selected].unsqueeze(0).to(device))
         start = 0
     if not suffix:
-        _run_layers(model, rotary, layout, built.cache, selected, hidden, start, layers)
+        cache_pass.run_layers(model, rotary, layout, built.cache, selected, hidden, start, layers)
         return BlendReport(selected, int(candidates.numel()), total)
     suffix_ids = torch.tensor([suffix], dtype=torch.long, device=device)
     if question is None:
         question = embed(suffix_ids)
         if start > 0:  # the question's layers below the check layer run alone, before joining
-            question = _run_layers(model, rotary, layout, built.cache, selected[:0], question, 0, start, new_pos)
-    hidden = _run_layers(
+            question = cache_pass.run_layers(
+                model, rotary, layout, built.cache, selected[:0], question, 0, start, new_pos
+            )
+    hidden = cache_pass.run_layers(
         model, rotary, layout, built.cache, selected, torch.cat([hidden, question], dim=1), start, layers, new_pos
     )
     logits = output_logits(model, hidden[:, -1:])[0, -1]
