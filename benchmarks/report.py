@@ -1566,6 +1566,11 @@ PRESET_MEASUREMENTS: tuple[tuple[str, str, str, str | None], ...] = (
     ("faithful", "first_passage_skip_qwen.json", "top3/skip:r0.05+mixed", "top3/r0.05+mixed"),
     ("faithful", "first_passage_skip_qwen_33q.json", "top3/skip:r0.05+mixed", "top3/r0.05+mixed"),
     ("faithful", "first_passage_skip_qwen_133q.json", "top3/skip:r0.05+mixed", "top3/r0.05+mixed"),
+    # ``faithful`` at top-5: 10 % recompute (``ratio_by_passages``) against the 5 % it had there; the 33
+    # questions decided it, then the 100 and all 133 (the same run)
+    ("faithful", "faithful_qwen_top5_fraction_33q.json", "top5/r0.1+mixed", "top5/r0.05+mixed"),
+    ("faithful", "faithful_qwen_top5_fraction.json", "top5/r0.1+mixed", "top5/r0.05+mixed"),
+    ("faithful", "faithful_qwen_top5_fraction_133q.json", "top5/r0.1+mixed", "top5/r0.05+mixed"),
     ("distilled", "faithful_qwen_base_copy.json", "top3/reuse", "top3/ad:reuse"),
     ("distilled", "faithful_qwen_base_copy_33q.json", "top3/reuse", "top3/ad:reuse"),
     ("distilled", "faithful_qwen_base_copy_133q.json", "top3/reuse", "top3/ad:reuse"),

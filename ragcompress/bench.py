@@ -144,7 +144,7 @@ def _floor(engine: Engine, question: str, entries: list[Entry], options: AnswerO
     A selective recompute is left out (it carries the question in its own pass, so a prepared
     request would hold the first token already and time nothing): cached - floor then counts
     the recompute as cache work."""
-    plain = options.replace(recompute=replace(options.recompute, ratio=0.0, sink_tokens=0))
+    plain = options.replace(recompute=replace(options.recompute.with_ratio(0.0), sink_tokens=0))
     return engine.answer_prepared(engine.prepare(question, entries, plain), entries, plain)
 
 

@@ -76,12 +76,17 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "faithful",
             IndexConfig(quant="int8", adaptor="matching", base_copy=True),
-            AnswerOptions(recompute=RecomputeConfig(ratio=0.05, selection="mixed")),
+            AnswerOptions(
+                recompute=RecomputeConfig(ratio=0.05, selection="mixed", ratio_by_passages=((3, 0.05), (5, 0.1)))
+            ),
             "int8 caches encoded through the model's packaged general KV-Distill adaptor (SmolLM2-135M and "
             "Qwen2.5-Coder-0.5B ship one; the base model, with a warning, elsewhere), each passage's base-model "
             "cache kept beside it for when it is retrieved first (twice the bytes), 5% of passage tokens "
-            "recomputed at query time, chosen by value deviation and the question's attention together: the "
-            "closest to full prefill measured at >= 5x faster TTFT",
+            "recomputed at query time up to top-3 and 10% from top-5 (7.5% at top-4), chosen by value deviation "
+            "and the question's attention together: the closest to full prefill measured at >= 5x faster TTFT, "
+            "at top-3 and at top-5",
+            "docs/results/faithful_qwen_top5_fraction*.json (top-5: 10 % against 5 %, the 33 questions that "
+            "decided it, the 100 and all 133); "
             "docs/results/faithful_qwen_base_copy*.json (the base copy against the same adapted store without it: "
             "the same 100 questions, then the other 33 and all 133), docs/results/faithful_smollm2_base_copy.json "
             "(SmolLM2-135M); "

@@ -20,7 +20,8 @@ def test_every_preset_is_a_valid_setting_with_evidence():
         assert isinstance(item.index, IndexConfig) and item.index.compressor() is not None
         assert item.evidence.startswith("docs/results/")
     assert preset("small").index.quant == "int4" and preset("small").index.method == "global:kvzip"
-    assert preset("faithful").answer.recompute == RecomputeConfig(ratio=0.05, selection="mixed")
+    recompute = preset("faithful").answer.recompute  # 5 % at top-3, 10 % from top-5 (docs/recompute.md)
+    assert recompute == RecomputeConfig(ratio=0.05, selection="mixed", ratio_by_passages=((3, 0.05), (5, 0.1)))
     faithful = preset("faithful").index  # the general adaptor where one is packaged (an int8 store takes it)
     assert faithful.adaptor == "matching" and faithful.quant == "int8" and faithful.base_copy
     for model in ("smollm2-135m", "qwen2.5-coder-0.5b"):  # both packaged models ship a general adaptor
@@ -55,6 +56,17 @@ def test_explicit_options_override_the_preset():
     options = answer_options("faithful", max_new_tokens=4)
     assert options.max_new_tokens == 4 and options.recompute.ratio == 0.05
     assert answer_options("faithful", recompute=RecomputeConfig()).recompute.ratio == 0.0
+
+
+def test_explicit_recompute_fixes_the_fraction_and_keeps_the_presets_selection():
+    """``--recompute R`` over ``--preset faithful``: R at every top-k, still ``mixed`` selection."""
+    from ragcompress.cli.options import options_from_flags
+
+    preset_config = options_from_flags("faithful").recompute
+    assert [preset_config.ratio_for(k) for k in (3, 5)] == [0.05, pytest.approx(0.1)]
+    fixed = options_from_flags("faithful", recompute=0.2).recompute
+    assert (fixed.ratio_for(3), fixed.ratio_for(5), fixed.selection) == (0.2, 0.2, "mixed")
+    assert options_from_flags("faithful", selection="deviation").recompute.ratio_by_passages == ((3, 0.05), (5, 0.1))
 
 
 @pytest.mark.filterwarnings(

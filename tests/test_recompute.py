@@ -424,11 +424,45 @@ def test_temperature_scales_only_passage_keys(stores):
         {"check_layer": 0},
         {"temperature": 0.0},
         {"selection": "x"},
+        {"ratio_by_passages": ((0, 0.0),)},
+        {"ratio_by_passages": ((5, 0.0), (3, 0.1))},
+        {"ratio_by_passages": ((3, 0.0), (3, 0.1))},
+        {"ratio_by_passages": ((3, 0.0), (5, 1.5))},
+        {"ratio_by_passages": ((3, 0.05),)},  # ratio 0 is not the first point's
     ],
 )
 def test_config_rejects_bad_values(fields):
     with pytest.raises(ValueError, match=next(iter(fields))):
         RecomputeConfig(**fields)
+
+
+def test_ratio_by_passages_interpolates_between_its_points_and_holds_outside():
+    config = RecomputeConfig(ratio=0.05, ratio_by_passages=[(3, 0.05), (5, 0.1)])
+    assert config.ratio_by_passages == ((3, 0.05), (5, 0.1))  # stored as tuples: hashable
+    assert [config.ratio_for(k) for k in (1, 2, 3)] == [0.05, 0.05, 0.05]
+    assert config.ratio_for(4) == pytest.approx(0.075)
+    assert [config.ratio_for(k) for k in (5, 8, 20)] == [pytest.approx(0.1)] * 3
+    assert RecomputeConfig(ratio=0.2).ratio_for(7) == 0.2  # no points: one fraction
+    fixed = config.with_ratio(0.3)  # an explicit --recompute: every top-k, the selection kept
+    assert (fixed.ratio, fixed.ratio_by_passages, fixed.ratio_for(5)) == (0.3, (), 0.3)
+    zero_first = RecomputeConfig(ratio_by_passages=((3, 0.0), (5, 0.1)))
+    assert zero_first.recomputes and not zero_first.with_ratio(0.0).recomputes
+
+
+def test_blend_recomputes_the_fraction_for_the_number_of_passages(stores):
+    """A request reads the schedule at its own passage count: the same tokens as a fixed ratio of
+    that value, so 3 and 5 passages recompute different fractions of their tokens."""
+    engine = stores("qwen2")
+    schedule = RecomputeConfig(ratio=0.1, ratio_by_passages=((3, 0.1), (5, 0.3)), selection="mixed")
+    for k, fixed in ((3, 0.1), (4, 0.2), (5, 0.3)):
+        entries = engine.retrieve(QUESTION, k)
+        segments = [engine.store.load_kv(e) for e in entries]
+        reports = [
+            blend_only(engine, assembled(engine, segments), segments, entries, config)
+            for config in (schedule, schedule.with_ratio(fixed))
+        ]
+        assert reports[0].selected.numel() == round(fixed * sum(e.num_tokens for e in entries))
+        assert torch.equal(reports[0].selected, reports[1].selected)
 
 
 def test_blend_rejects_token_ids_of_the_wrong_length(stores):

@@ -24,7 +24,8 @@ RECOMPUTE_OPTION = typer.Option(
     "--recompute",
     min=0.0,
     max=1.0,
-    help="fraction of passage tokens recomputed at query time (CacheBlend; docs/recompute.md; default 0)",
+    help="fraction of passage tokens recomputed at query time, the same at every --top-k (CacheBlend; "
+    "docs/recompute.md; default: the preset's, 0 without one)",
 )
 
 
@@ -92,7 +93,7 @@ def options_from_flags(
     backend: str | None = None,
 ) -> Any:
     """``AnswerOptions`` of ``--preset`` (defaults without one) with the options given explicitly
-    (``--recompute`` / ``--selection`` replace those fields of the preset's recompute config;
+    (``--recompute`` fixes the preset's recompute fraction for every top-k, ``--selection`` its ranking;
     ``--backend`` replaces its attention path)."""
     import dataclasses
 
@@ -100,10 +101,10 @@ def options_from_flags(
 
     try:
         base = answer_options(preset, max_new_tokens=max_new_tokens)
-        changes: dict[str, Any] = {"ratio": recompute, "selection": selection}
-        changes = {key: value for key, value in changes.items() if value is not None}
-        if changes:
-            base = base.replace(recompute=dataclasses.replace(base.recompute, **changes))
+        if recompute is not None:
+            base = base.replace(recompute=base.recompute.with_ratio(recompute))
+        if selection is not None:
+            base = base.replace(recompute=dataclasses.replace(base.recompute, selection=selection))
         if backend is not None:
             base = base.replace(backend=backend)
         return base

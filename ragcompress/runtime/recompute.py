@@ -31,7 +31,7 @@ that kept it (masks are then built per layer and head).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -61,6 +61,12 @@ class RecomputeConfig:
     selection:   how tokens are ranked: ``deviation`` (CacheBlend: values that moved most at the
                  check layer), ``question`` (ProphetKV-style: the question's attention to them at
                  the check layer) or ``mixed`` (the sum of both, each scaled to its maximum)
+    ratio_by_passages: ``(passages, ratio)`` points, increasing in passages; when given, a
+                 request with ``k`` retrieved passages recomputes the fraction interpolated
+                 linearly in ``k`` between the points around it (the nearest point's outside
+                 them) instead of ``ratio``, which must then equal the first point's. More
+                 passages leave room for more: full prefill's cost grows with them, the cached
+                 path's fixed cost (loading, the question) does not (docs/recompute.md)
     """
 
     ratio: float = 0.0
@@ -68,10 +74,24 @@ class RecomputeConfig:
     check_layer: int = 1
     temperature: float = 1.0
     selection: str = "deviation"
+    ratio_by_passages: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio <= 1.0:
             raise ValueError(f"recompute ratio must be in [0, 1], got {self.ratio}")
+        points = tuple((int(k), float(r)) for k, r in self.ratio_by_passages)
+        object.__setattr__(self, "ratio_by_passages", points)
+        passages = [k for k, _ in points]
+        if any(k < 1 or not 0.0 <= r <= 1.0 for k, r in points) or passages != sorted(set(passages)):
+            raise ValueError(
+                f"ratio_by_passages must be (passages >= 1, ratio in [0, 1]) points with passages "
+                f"increasing, got {list(points)}"
+            )
+        if points and self.ratio != points[0][1]:
+            raise ValueError(
+                f"ratio {self.ratio} differs from the first point of ratio_by_passages ({points[0][1]}); "
+                "with_ratio() gives one fraction for every request"
+            )
         if self.sink_tokens < 0:
             raise ValueError(f"sink_tokens must be >= 0, got {self.sink_tokens}")
         if self.check_layer < 1:
@@ -90,9 +110,23 @@ class RecomputeConfig:
             return value
         return cls(ratio=float(value))
 
+    def with_ratio(self, ratio: float) -> RecomputeConfig:
+        """This config with one fraction for every request (an explicit ``--recompute``)."""
+        return replace(self, ratio=ratio, ratio_by_passages=())
+
+    def ratio_for(self, passages: int) -> float:
+        """The fraction recomputed for a request that retrieved ``passages`` passages."""
+        points = self.ratio_by_passages
+        if not points or passages <= points[0][0]:
+            return self.ratio
+        for (k0, r0), (k1, r1) in zip(points, points[1:], strict=False):
+            if passages <= k1:
+                return r0 + (r1 - r0) * (passages - k0) / (k1 - k0)
+        return points[-1][1]
+
     @property
     def recomputes(self) -> bool:
-        return self.ratio > 0.0 or self.sink_tokens > 0
+        return self.ratio > 0.0 or any(r > 0.0 for _, r in self.ratio_by_passages) or self.sink_tokens > 0
 
     @property
     def active(self) -> bool:
@@ -154,7 +188,8 @@ def blend(
     lengths = torch.tensor([seg.num_tokens for seg in segments])
     sinks = sinks[(torch.arange(config.sink_tokens)[None, :] < lengths[:, None]).flatten()]
     sinks = sinks[sinks >= skip]
-    budget = max(int(round(config.ratio * total)), int(sinks.numel()))
+    ratio = config.ratio_for(len(segments))
+    budget = max(int(round(ratio * total)), int(sinks.numel()))
     if candidates.numel() == 0 or budget == 0:
         return BlendReport(empty, int(candidates.numel()), total)
 
@@ -170,7 +205,7 @@ def blend(
         raise ValueError(f"selection={config.selection!r} ranks tokens by the question; pass its tokens")
     new_pos = torch.arange(built.next_position, built.next_position + len(question_ids or []))
     question = None
-    if config.ratio > 0.0 and budget < candidates.numel():
+    if ratio > 0.0 and budget < candidates.numel():
         hidden = embed(ids[candidates].unsqueeze(0).to(device))
         hidden = cache_pass.run_layers(model, rotary, layout, built.cache, candidates, hidden, 0, check)
         if check < layers:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -144,7 +144,7 @@ class Service:
         options = engine.options.replace(max_new_tokens=query.max_new_tokens)
         if query.recompute is not None:
             # the request sets the fraction; the preset's selection, sinks and check layer stay
-            options = options.replace(recompute=replace(options.recompute, ratio=query.recompute))
+            options = options.replace(recompute=options.recompute.with_ratio(query.recompute))
         return options
 
     def answer(self, query: ChatQuery, engine: Engine, job: Job) -> None:
@@ -284,7 +284,7 @@ class Service:
             finish_reason="length" if len(token_ids) >= options.max_new_tokens else "stop",
             settings={
                 "top_k": query.top_k,
-                "recompute": options.recompute.ratio,
+                "recompute": options.recompute.ratio_for(len(entries)),
                 "max_new_tokens": options.max_new_tokens,
                 "backend": options.backend,
                 "preset": self.settings.preset,

@@ -55,8 +55,8 @@ class KVCacheSynthesizer(BaseSynthesizer):
         streaming: return a ``StreamingResponse`` whose text arrives token by token.
         compute_missing: compute and store caches for nodes the store does not hold yet.
         recompute: fraction of passage tokens whose cache is recomputed at query time to repair
-            cross-passage attention (CacheBlend/APE, ``ragcompress.runtime.recompute``); None keeps
-            the preset's (plain reuse without one).
+            cross-passage attention (CacheBlend/APE, ``ragcompress.runtime.recompute``), at every
+            top-k, with the preset's token selection; None keeps the preset's (plain reuse without one).
         preset: a named, measured answer setting (``ragcompress.presets``: ``fast``, ``small``,
             ``faithful``); ``max_new_tokens`` and ``recompute`` given explicitly override it.
         device: where the model runs (``cpu`` by default, ``cuda``, ``cuda:N``): answering and
@@ -85,14 +85,11 @@ class KVCacheSynthesizer(BaseSynthesizer):
         require_ragcompress()
         from ragcompress.presets import answer_options
         from ragcompress.runtime.engine import Engine
-        from ragcompress.runtime.recompute import RecomputeConfig
         from ragcompress.store import KVStore
 
-        options = answer_options(
-            preset,
-            max_new_tokens=max_new_tokens,
-            recompute=None if recompute is None else RecomputeConfig(ratio=recompute),
-        )
+        options = answer_options(preset, max_new_tokens=max_new_tokens)
+        if recompute is not None:  # as ``--recompute``: one fraction, the preset's selection kept
+            options = options.replace(recompute=options.recompute.with_ratio(recompute))
 
         store = KVStore.open(store_path)  # StoreError when missing or incomplete
         try:
