@@ -376,11 +376,12 @@ def test_a_requests_recompute_keeps_the_presets_selection(engine, monkeypatch):
     from ragcompress.runtime.recompute import RecomputeConfig
     from ragcompress.serve.protocol import parse_chat
 
-    monkeypatch.setattr(engine, "options", engine.options.replace(recompute=RecomputeConfig(0.05, selection="mixed")))
+    preset = RecomputeConfig(0.05, selection="mixed", ratio_by_passages=((3, 0.05), (5, 0.1)))  # as faithful's
+    monkeypatch.setattr(engine, "options", engine.options.replace(recompute=preset))
     with in_process(engine) as (_, app):
         service = app.state.service
         query = parse_chat(chat("Who?", ragcompress={"recompute": 0.2}), service.settings, 8)
-        assert service._options(query, engine).recompute == RecomputeConfig(0.2, selection="mixed")
+        assert service._options(query, engine).recompute == RecomputeConfig(0.2, selection="mixed")  # every top-k
 
 
 def test_corrupt_passage_fails_only_its_request(engine):
