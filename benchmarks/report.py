@@ -1571,6 +1571,7 @@ PRESET_MEASUREMENTS: tuple[tuple[str, str, str, str | None], ...] = (
     ("faithful", "faithful_qwen_top5_fraction_33q.json", "top5/r0.1+mixed", "top5/r0.05+mixed"),
     ("faithful", "faithful_qwen_top5_fraction.json", "top5/r0.1+mixed", "top5/r0.05+mixed"),
     ("faithful", "faithful_qwen_top5_fraction_133q.json", "top5/r0.1+mixed", "top5/r0.05+mixed"),
+    ("faithful", "faithful_smollm2_top5_fraction.json", "top5/r0.1+mixed", "top5/r0.05+mixed"),
     ("distilled", "faithful_qwen_base_copy.json", "top3/reuse", "top3/ad:reuse"),
     ("distilled", "faithful_qwen_base_copy_33q.json", "top3/reuse", "top3/ad:reuse"),
     ("distilled", "faithful_qwen_base_copy_133q.json", "top3/reuse", "top3/ad:reuse"),
