@@ -86,7 +86,9 @@ PRESETS: dict[str, Preset] = {
             "and the question's attention together: the closest to full prefill measured at >= 5x faster TTFT, "
             "at top-3 and at top-5",
             "docs/results/faithful_qwen_top5_fraction*.json (top-5: 10 % against 5 %, the 33 questions that "
-            "decided it, the 100 and all 133); "
+            "decided it, the 100 and all 133), docs/results/faithful_smollm2_top5_fraction.json (SmolLM2-135M); "
+            "docs/results/first_passage_skip_qwen*.json (the first passage read from its base copy left out of "
+            "the check: the same answers, faster); "
             "docs/results/faithful_qwen_base_copy*.json (the base copy against the same adapted store without it: "
             "the same 100 questions, then the other 33 and all 133), docs/results/faithful_smollm2_base_copy.json "
             "(SmolLM2-135M); "
