@@ -207,6 +207,20 @@ def test_bad_option_values_list_allowed_values(cli_store, monkeypatch, capfd):
     assert code == 1 and "unknown method 'magic'" in err and "none" in err
 
 
+def test_recompute_schedule_answers_and_a_malformed_one_is_one_line(cli_store, monkeypatch, capfd):
+    """``--recompute 1:0.5,3:1`` is a schedule by passages retrieved (100 % at top-3 here, so the
+    answer is full prefill's); a malformed value fails before the model loads, naming both forms."""
+    store, _, _ = cli_store
+    ask = ["ask", "--store", str(store), "--question", "Who won?", "--top-k", "3", "--max-new-tokens", "3"]
+    code, out, err = run_cli([*ask, "--recompute", "1:0.5,3:1", "--compare-full", "--json"], monkeypatch, capfd)
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["answer"] == data["full"]["answer"]
+    code, out, err = run_cli([*ask, "--recompute", "3:half"], monkeypatch, capfd)
+    assert (code, out) == (1, "") and err.count("\n") == 1
+    assert "--recompute '3:half'" in err and "3:0.05,5:0.1" in err
+
+
 def test_workers_without_ray_is_refused_not_ignored(tmp_path, monkeypatch, capfd):
     """``--workers`` sizes the Ray actor pool; without ``--ray`` it would change nothing, so it is
     an error before anything is read or written, not a one-process run the user did not ask for."""

@@ -474,13 +474,14 @@ def test_query_engine_round_trip_matches_engine_answer(built):
     assert info["ttft_s"] > 0
 
 
-@pytest.mark.parametrize("recompute", [None, 0.25])
+@pytest.mark.parametrize("recompute", [None, 0.25, [(1, 0.1), (2, 0.25)]])
 def test_streaming_response_equals_non_streaming(built, recompute):
     store, _ = built
     retriever = KVStoreRetriever(store, similarity_top_k=2)
-    plain = RetrieverQueryEngine(
-        retriever, response_synthesizer=KVCacheSynthesizer(store, max_new_tokens=12, recompute=recompute)
-    )
+    synthesizer = KVCacheSynthesizer(store, max_new_tokens=12, recompute=recompute)
+    if recompute is not None:  # a fraction or a schedule by passages: 25 % at this top-k either way
+        assert synthesizer._engine.options.recompute.ratio_for(2) == 0.25
+    plain = RetrieverQueryEngine(retriever, response_synthesizer=synthesizer)
     streaming = RetrieverQueryEngine(
         retriever,
         response_synthesizer=KVCacheSynthesizer(store, max_new_tokens=12, streaming=True, recompute=recompute),

@@ -69,6 +69,25 @@ def test_explicit_recompute_fixes_the_fraction_and_keeps_the_presets_selection()
     assert options_from_flags("faithful", selection="deviation").recompute.ratio_by_passages == ((3, 0.05), (5, 0.1))
 
 
+def test_recompute_flag_reads_a_fraction_or_a_schedule_by_passages():
+    """``--recompute 0.2`` is one fraction; ``--recompute 2:0.1,4:0.3`` a schedule (linear between
+    its points, the preset's selection kept); a malformed value or a bad point is a clear error."""
+    from ragcompress.cli.options import options_from_flags, recompute_schedule
+    from ragcompress.errors import RagCompressError
+
+    assert recompute_schedule(None) is None and recompute_schedule("0.2") == 0.2
+    assert recompute_schedule("2:0.1,4:0.3") == ((2, 0.1), (4, 0.3))
+    schedule = options_from_flags("faithful", recompute=recompute_schedule("2:0.1,4:0.3")).recompute
+    assert (schedule.ratio, schedule.ratio_by_passages, schedule.selection) == (0.1, ((2, 0.1), (4, 0.3)), "mixed")
+    assert [schedule.ratio_for(k) for k in (1, 3, 6)] == [0.1, pytest.approx(0.2), 0.3]
+    for text in ("x", "3:", "3:0.1,5", "3:0.1:2", "0.1,5:0.2", "3.5:0.1"):
+        with pytest.raises(RagCompressError, match="neither a fraction"):
+            recompute_schedule(text)
+    for text, problem in (("1.5", "must be in"), ("5:0.1,3:0.2", "increasing"), ("0:0.1", "passages >= 1")):
+        with pytest.raises(RagCompressError, match=problem):
+            options_from_flags("faithful", recompute=recompute_schedule(text))
+
+
 @pytest.mark.filterwarnings(
     "ignore:no adaptor is packaged"
 )  # a tiny model has none (tests/test_cli.py checks the line)

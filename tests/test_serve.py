@@ -382,6 +382,29 @@ def test_a_requests_recompute_keeps_the_presets_selection(engine, monkeypatch):
         service = app.state.service
         query = parse_chat(chat("Who?", ragcompress={"recompute": 0.2}), service.settings, 8)
         assert service._options(query, engine).recompute == RecomputeConfig(0.2, selection="mixed")  # every top-k
+        query = parse_chat(chat("Who?", ragcompress={"recompute": [[2, 0.1], [4, 0.3]]}), service.settings, 8)
+        schedule = service._options(query, engine).recompute  # a schedule by passages, the selection kept
+        assert schedule == RecomputeConfig(0.1, selection="mixed", ratio_by_passages=((2, 0.1), (4, 0.3)))
+
+
+@pytest.mark.parametrize(
+    "recompute, problem",
+    [
+        (1.5, "less than or equal to 1"),
+        ([], "at least 1 item"),
+        ([[4, 0.1], [2, 0.3]], "must increase in passages"),
+        ([[0, 0.1]], "greater than or equal to 1"),
+        ([[2, 0.1, 3]], "at most 2 items"),
+        ([["2", 0.1]], "valid integer"),
+        ("0.1", "valid number"),
+    ],
+)
+def test_a_bad_recompute_in_a_request_is_a_400_that_names_it(recompute, problem):
+    from ragcompress.serve.protocol import ApiError, parse_chat
+
+    with pytest.raises(ApiError, match=problem) as caught:
+        parse_chat(chat("Who?", ragcompress={"recompute": recompute}), ServeSettings(), 8)
+    assert caught.value.status == 400 and "recompute" in str(caught.value.param)
 
 
 def test_corrupt_passage_fails_only_its_request(engine):

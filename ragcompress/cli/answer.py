@@ -17,6 +17,7 @@ from ragcompress.cli.options import (
     emit,
     options_from_flags,
     quiet_libraries,
+    recompute_schedule,
     show_progress,
 )
 from ragcompress.errors import RagCompressError
@@ -27,7 +28,7 @@ def ask(
     question: str = typer.Option(..., "--question"),
     top_k: int = typer.Option(3, "--top-k", min=1),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
-    recompute: float | None = RECOMPUTE_OPTION,
+    recompute: str | None = RECOMPUTE_OPTION,
     selection: str | None = SELECTION_OPTION,
     preset: str | None = typer.Option(None, "--preset", help=PRESET_HELP),
     backend: str | None = BACKEND_OPTION,
@@ -37,12 +38,13 @@ def ask(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Answer a question from the stored caches of the retrieved passages."""
+    schedule = recompute_schedule(recompute)
     quiet_libraries()
     from ragcompress.runtime.engine import Engine
 
     engine = Engine.open(
         store,
-        options=options_from_flags(preset, max_new_tokens, recompute, selection, backend),
+        options=options_from_flags(preset, max_new_tokens, schedule, selection, backend),
         dtype=dtype,
         device=device,
     )
@@ -86,7 +88,7 @@ def evaluate(
         help="only questions not among the N that --sample N picks (after --article): a confirmation sample",
     ),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
-    recompute: float | None = RECOMPUTE_OPTION,
+    recompute: str | None = RECOMPUTE_OPTION,
     selection: str | None = SELECTION_OPTION,
     preset: str | None = typer.Option(None, "--preset", help=PRESET_HELP),
     backend: str | None = BACKEND_OPTION,
@@ -95,6 +97,7 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Answer questions from caches and by full prefill; report quality, agreement and speedup."""
+    schedule = recompute_schedule(recompute)
     quiet_libraries()
     from ragcompress.evaluation import iter_eval, read_questions, select_questions, summarize
     from ragcompress.runtime.engine import Engine
@@ -102,7 +105,7 @@ def evaluate(
     items = select_questions(read_questions(questions, scored=True), sample, articles, outside)[:limit]
     engine = Engine.open(
         store,
-        options=options_from_flags(preset, max_new_tokens, recompute, selection, backend),
+        options=options_from_flags(preset, max_new_tokens, schedule, selection, backend),
         dtype=dtype,
         device=device,
     )

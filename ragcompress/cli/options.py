@@ -19,13 +19,33 @@ PRESET_HELP = (
 )
 
 
+def recompute_schedule(text: str | None) -> float | tuple[tuple[int, float], ...] | None:
+    """``--recompute``: one fraction (``0.1``) or a schedule by passages retrieved (``3:0.05,5:0.1``:
+    5 % up to 3 passages, 10 % from 5, linear between; ``RecomputeConfig.ratio_by_passages``).
+    The values are checked where the config is made; this reads the notation."""
+    if text is None:
+        return None
+    try:
+        if ":" not in text:
+            return float(text)
+        points = []
+        for point in text.split(","):
+            passages, ratio = point.split(":")
+            points.append((int(passages), float(ratio)))
+        return tuple(points)
+    except ValueError:
+        raise RagCompressError(
+            f"--recompute {text!r} is neither a fraction (0.1) nor a schedule of passages:fraction "
+            "points (3:0.05,5:0.1)"
+        ) from None
+
+
 RECOMPUTE_OPTION = typer.Option(
     None,
     "--recompute",
-    min=0.0,
-    max=1.0,
-    help="fraction of passage tokens recomputed at query time, the same at every --top-k (CacheBlend; "
-    "docs/recompute.md; default: the preset's, 0 without one)",
+    help="fraction of passage tokens recomputed at query time, in [0, 1], the same at every --top-k, or a "
+    "schedule by passages retrieved: 3:0.05,5:0.1 (5 % up to 3, 10 % from 5, linear between); CacheBlend, "
+    "docs/recompute.md; default: the preset's, 0 without one",
 )
 
 
@@ -88,13 +108,13 @@ DEVICE_OPTION = typer.Option(
 def options_from_flags(
     preset: str | None,
     max_new_tokens: int | None = None,
-    recompute: float | None = None,
+    recompute: float | tuple[tuple[int, float], ...] | None = None,
     selection: str | None = None,
     backend: str | None = None,
 ) -> Any:
     """``AnswerOptions`` of ``--preset`` (defaults without one) with the options given explicitly
-    (``--recompute`` fixes the preset's recompute fraction for every top-k, ``--selection`` its ranking;
-    ``--backend`` replaces its attention path)."""
+    (``--recompute`` replaces the preset's recompute fraction, one for every top-k or a schedule,
+    ``--selection`` its ranking; ``--backend`` replaces its attention path)."""
     import dataclasses
 
     from ragcompress.presets import answer_options

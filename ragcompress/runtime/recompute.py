@@ -31,6 +31,7 @@ that kept it (masks are then built per layer and head).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -110,9 +111,16 @@ class RecomputeConfig:
             return value
         return cls(ratio=float(value))
 
-    def with_ratio(self, ratio: float) -> RecomputeConfig:
-        """This config with one fraction for every request (an explicit ``--recompute``)."""
-        return replace(self, ratio=ratio, ratio_by_passages=())
+    def with_ratio(self, ratio: float | Sequence[tuple[int, float]]) -> RecomputeConfig:
+        """This config with another fraction (an explicit ``--recompute``), its selection, sinks
+        and check layer kept: a number is one fraction for every request, ``(passages, ratio)``
+        points a schedule (``ratio_by_passages``)."""
+        if isinstance(ratio, (int, float)):
+            return replace(self, ratio=float(ratio), ratio_by_passages=())
+        points = tuple(ratio)
+        if not points:
+            raise ValueError("a recompute schedule needs at least one (passages, ratio) point")
+        return replace(self, ratio=float(points[0][1]), ratio_by_passages=points)
 
     def ratio_for(self, passages: int) -> float:
         """The fraction recomputed for a request that retrieved ``passages`` passages."""

@@ -12,9 +12,9 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Strict, Tag, ValidationError
 
 from ragcompress.errors import CorruptSegmentError, InputError, StoreError
 from ragcompress.serve.settings import ServeSettings
@@ -100,13 +100,27 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+# ``[passages, fraction]``: one point of a recompute schedule (``RecomputeConfig.ratio_by_passages``);
+# a JSON array, so the tuple is read laxly while its members stay strict
+SchedulePoint = Annotated[
+    tuple[Annotated[int, Strict(), Field(ge=1)], Annotated[float, Strict(), Field(ge=0.0, le=1.0)]], Strict(False)
+]
+# ``recompute``: a fraction, or a schedule of such points; the input's shape picks which one
+# validates it, so an error names the problem of that form (not the other form's type mismatch)
+Recompute = Annotated[
+    Annotated[Annotated[float, Field(ge=0.0, le=1.0)], Tag("fraction")]
+    | Annotated[Annotated[list[SchedulePoint], Field(min_length=1, max_length=64)], Tag("schedule")],
+    Discriminator(lambda value: "schedule" if isinstance(value, list | tuple) else "fraction"),
+]
+
+
 class RagOptions(BaseModel):
     """The request's ``ragcompress`` object; unknown keys are refused (a typo is not ignored)."""
 
     model_config = ConfigDict(strict=True, extra="forbid")
     passage_ids: list[str] | None = Field(default=None, min_length=1)
     top_k: int | None = Field(default=None, ge=1)
-    recompute: float | None = Field(default=None, ge=0.0, le=1.0)
+    recompute: Recompute | None = None
 
 
 class ChatRequest(_Strict):
@@ -160,7 +174,7 @@ class ChatQuery:
     max_new_tokens: int
     passage_ids: list[str] | None = None
     top_k: int | None = None
-    recompute: float | None = None
+    recompute: float | tuple[tuple[int, float], ...] | None = None  # one fraction, or a schedule by passages
     stream: bool = False
     include_usage: bool = False
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
@@ -218,6 +232,19 @@ def parse_chat(data: dict[str, Any], settings: ServeSettings, default_max_tokens
             param="ragcompress.passage_ids" if rag.passage_ids is not None else "ragcompress.top_k",
             code="invalid_value",
         )
+    recompute: float | tuple[tuple[int, float], ...] | None = None
+    if isinstance(rag.recompute, list):
+        passages = [k for k, _ in rag.recompute]
+        if passages != sorted(set(passages)):
+            raise ApiError(
+                400,
+                f"ragcompress.recompute's [passages, fraction] points must increase in passages, got {passages}",
+                param="ragcompress.recompute",
+                code="invalid_value",
+            )
+        recompute = tuple(rag.recompute)
+    else:
+        recompute = rag.recompute
     passage_ids = None
     if rag.passage_ids is not None:
         passage_ids = [
@@ -229,7 +256,7 @@ def parse_chat(data: dict[str, Any], settings: ServeSettings, default_max_tokens
         max_new_tokens=max_tokens,
         passage_ids=passage_ids,
         top_k=None if passage_ids is not None else (top_k or settings.top_k),
-        recompute=rag.recompute,
+        recompute=recompute,
         stream=bool(request.stream),
         include_usage=bool(request.stream_options and request.stream_options.include_usage),
     )

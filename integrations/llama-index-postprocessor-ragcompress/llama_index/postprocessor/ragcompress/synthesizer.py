@@ -56,7 +56,8 @@ class KVCacheSynthesizer(BaseSynthesizer):
         compute_missing: compute and store caches for nodes the store does not hold yet.
         recompute: fraction of passage tokens whose cache is recomputed at query time to repair
             cross-passage attention (CacheBlend/APE, ``ragcompress.runtime.recompute``), at every
-            top-k, with the preset's token selection; None keeps the preset's (plain reuse without one).
+            top-k, or ``(passages, fraction)`` points of a schedule by top-k (``[(3, 0.05), (5, 0.1)]``),
+            with the preset's token selection; None keeps the preset's (plain reuse without one).
         preset: a named, measured answer setting (``ragcompress.presets``: ``fast``, ``small``,
             ``faithful``); ``max_new_tokens`` and ``recompute`` given explicitly override it.
         device: where the model runs (``cpu`` by default, ``cuda``, ``cuda:N``): answering and
@@ -76,7 +77,7 @@ class KVCacheSynthesizer(BaseSynthesizer):
         max_new_tokens: int = 32,
         streaming: bool = False,
         compute_missing: bool = True,
-        recompute: float | None = None,
+        recompute: float | Sequence[tuple[int, float]] | None = None,
         preset: str | None = None,
         device: str | None = None,
         llm: LLM | None = None,
@@ -88,7 +89,7 @@ class KVCacheSynthesizer(BaseSynthesizer):
         from ragcompress.store import KVStore
 
         options = answer_options(preset, max_new_tokens=max_new_tokens)
-        if recompute is not None:  # as ``--recompute``: one fraction, the preset's selection kept
+        if recompute is not None:  # as ``--recompute``: the preset's selection kept
             options = options.replace(recompute=options.recompute.with_ratio(recompute))
 
         store = KVStore.open(store_path)  # StoreError when missing or incomplete
