@@ -1572,6 +1572,11 @@ PRESET_MEASUREMENTS: tuple[tuple[str, str, str, str | None], ...] = (
     ("faithful", "faithful_qwen_top5_fraction.json", "top5/r0.1+mixed", "top5/r0.05+mixed"),
     ("faithful", "faithful_qwen_top5_fraction_133q.json", "top5/r0.1+mixed", "top5/r0.05+mixed"),
     ("faithful", "faithful_smollm2_top5_fraction.json", "top5/r0.1+mixed", "top5/r0.05+mixed"),
+    # ``faithful`` at top-4, where its schedule gives 7.5 % (between its points), against 5 %: measured
+    # after it was set (nothing was chosen by it): the 100, the other 33, all 133 (one run)
+    ("faithful", "faithful_qwen_top4.json", "top4/r0.075+mixed", "top4/r0.05+mixed"),
+    ("faithful", "faithful_qwen_top4_33q.json", "top4/r0.075+mixed", "top4/r0.05+mixed"),
+    ("faithful", "faithful_qwen_top4_133q.json", "top4/r0.075+mixed", "top4/r0.05+mixed"),
     ("distilled", "faithful_qwen_base_copy.json", "top3/reuse", "top3/ad:reuse"),
     ("distilled", "faithful_qwen_base_copy_33q.json", "top3/reuse", "top3/ad:reuse"),
     ("distilled", "faithful_qwen_base_copy_133q.json", "top3/reuse", "top3/ad:reuse"),

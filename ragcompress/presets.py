@@ -87,6 +87,7 @@ PRESETS: dict[str, Preset] = {
             "at top-3 and at top-5",
             "docs/results/faithful_qwen_top5_fraction*.json (top-5: 10 % against 5 %, the 33 questions that "
             "decided it, the 100 and all 133), docs/results/faithful_smollm2_top5_fraction.json (SmolLM2-135M); "
+            "docs/results/faithful_qwen_top4*.json (top-4, the schedule's 7.5 % measured after it was set); "
             "docs/results/first_passage_skip_qwen*.json (the first passage read from its base copy left out of "
             "the check: the same answers, faster); "
             "docs/results/faithful_qwen_base_copy*.json (the base copy against the same adapted store without it: "
