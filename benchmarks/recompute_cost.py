@@ -10,6 +10,8 @@ the recompute requests, every pass through the model's layers that ``runtime.rec
   deviation test);
 * ``question_below_check``: the question's tokens through those layers (their attention ranks
   tokens for ``mixed`` and ``question`` selection);
+* ``question_reading``: with ``--selection question-deep``, the question once through every layer
+  over the cache as stored, its attention ranking the tokens (no check pass then);
 * ``fused``: the selected tokens and the question through the remaining layers, in one pass.
 
 It also times one MLP projection of the model (``up_proj``) at the row counts these passes feed it
@@ -42,7 +44,7 @@ from ragcompress.runtime.recompute import RecomputeConfig
 
 from common import SQUAD, median_time, pick_questions, results_meta
 
-PASSES = ("check", "question_below_check", "fused")
+PASSES = ("check", "question_below_check", "question_reading", "fused")
 
 
 class PassTimer:
@@ -66,11 +68,17 @@ class PassTimer:
         start: int,
         stop: int,
         new_pos: Any = None,
+        observe: Any = None,
     ) -> Any:
         began = time.perf_counter()
-        out = self.original(model, rotary, layout, cache, tokens, hidden, start, stop, new_pos)
+        out = self.original(model, rotary, layout, cache, tokens, hidden, start, stop, new_pos, observe=observe)
         if self.on:
-            name = "fused" if start > 0 else ("check" if tokens.numel() else "question_below_check")
+            if observe is not None:
+                name = "question_reading"  # selection="question-deep": the question over the stored cache
+            elif start > 0 or (tokens.numel() and new_pos is not None and new_pos.numel()):
+                name = "fused"
+            else:
+                name = "check" if tokens.numel() else "question_below_check"
             self.seconds[name] += time.perf_counter() - began
             self.rows[name] = int(hidden.shape[1])
         return out

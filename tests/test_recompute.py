@@ -212,7 +212,7 @@ def test_selection_is_deterministic_and_sized(stores):
         assert set(range(start, start + 3)) <= set(selected.tolist())
 
 
-@pytest.mark.parametrize("selection", ["question", "mixed"])
+@pytest.mark.parametrize("selection", ["question", "mixed", "question-deep"])
 def test_question_aware_selection_is_deterministic_and_sized(stores, selection):
     engine = stores("qwen2")
     entries = engine.retrieve(QUESTION, 3)
@@ -249,6 +249,50 @@ def test_question_selection_picks_what_the_question_attends_to_in_full_prefill(s
     expected = torch.sort(torch.topk(relevance, budget).indices + first).values
     _, report = cached_logits(engine, entries, RecomputeConfig(ratio=0.2, selection="question"))
     assert report.selected.tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("pad", [False, True])
+def test_question_reading_is_the_questions_attention_over_every_layer_and_leaves_the_cache(stores, pad):
+    """``question-deep`` ranks tokens by the attention the question pays them over every layer
+    while it reads the cache as stored. With one passage the stored cache is full prefill's, so
+    the scores must equal full prefill's own attention (eager weights, renormalized over the
+    passage, averaged over heads, question tokens and layers); the padded (per-head) layout gives
+    the same; and the cache is left as it was, row for row."""
+    from ragcompress.runtime.cache_pass import CacheLayout
+    from ragcompress.runtime.token_selection import question_reading
+
+    engine = stores("qwen2")
+    entries = engine.retrieve(QUESTION, 1)
+    model = engine.lm.model
+    ids = engine.full_prompt_ids(QUESTION, entries)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.inference_mode():
+            out = model(torch.tensor([ids]), output_attentions=True)
+    finally:
+        model.set_attn_implementation(previous)
+    prefix, passage = engine.prefix.num_tokens, entries[0].num_tokens
+    suffix = engine.tokens.suffix(QUESTION)
+    per_layer = []
+    for weights in out.attentions:
+        weights = weights[0, :, -len(suffix) :, prefix : prefix + passage]  # [Hq, Q, passage]
+        per_layer.append((weights / weights.sum(-1, keepdim=True)).mean(dim=(0, 1)))
+    expected = torch.stack(per_layer).mean(0)
+
+    segments = [engine.store.load_kv(e) for e in entries]
+    if pad:
+        segments = [padded(seg) for seg in segments]
+    built = assembled(engine, segments)
+    before = [(layer.keys.clone(), layer.values.clone()) for layer in built.cache.layers]
+    with torch.inference_mode():
+        question = model.model.embed_tokens(torch.tensor([suffix]))
+        new_pos = torch.arange(built.next_position, built.next_position + len(suffix))
+        layout = CacheLayout(engine.prefix, segments)
+        reading = question_reading(model, engine.rotary, layout, built.cache, torch.arange(passage), question, new_pos)
+    assert torch.allclose(reading, expected, atol=1e-5), (reading - expected).abs().max()
+    for (keys, values), layer in zip(before, built.cache.layers, strict=True):
+        assert torch.equal(keys, layer.keys) and torch.equal(values, layer.values)
 
 
 def test_question_aware_selection_needs_the_question(stores):
@@ -577,7 +621,8 @@ def test_quality_benchmark_rotates_which_timed_path_runs_first(stores, monkeypat
     assert firsts == ["full", "prefix-cached", "reuse"]
 
 
-def test_recompute_cost_benchmark_names_every_pass_with_its_rows(stores):
+@pytest.mark.parametrize("selection", ["mixed", "question-deep"])
+def test_recompute_cost_benchmark_names_every_pass_with_its_rows(stores, selection):
     """benchmarks/recompute_cost.py times recompute's passes by wrapping ``cache_pass.run_layers``: each call
     is named for the pass it is, with the rows it carries, and the answer does not change."""
     import importlib
@@ -587,7 +632,7 @@ def test_recompute_cost_benchmark_names_every_pass_with_its_rows(stores):
     recompute_cost = importlib.import_module("recompute_cost")
     engine = stores("qwen2")
     entries = engine.retrieve(QUESTION, 3)
-    options = AnswerOptions(max_new_tokens=4, recompute=RecomputeConfig(ratio=0.2, selection="mixed"))
+    options = AnswerOptions(max_new_tokens=4, recompute=RecomputeConfig(ratio=0.2, selection=selection))
     plain = engine.answer_cached(QUESTION, entries, options)
     timer = recompute_cost.PassTimer()
     cache_pass.run_layers, timer.on = timer, True
@@ -598,12 +643,18 @@ def test_recompute_cost_benchmark_names_every_pass_with_its_rows(stores):
     total = sum(e.num_tokens for e in entries)
     question = len(engine.tokens.suffix(QUESTION))
     assert timed.token_ids == plain.token_ids
-    assert timer.rows == {
-        "check": total - entries[0].num_tokens,  # lossless store: the first passage is exact
-        "question_below_check": question,
-        "fused": round(0.2 * total) + question,
-    }
-    assert all(seconds > 0 for seconds in timer.take().values()) and not timer.seconds
+    if selection == "mixed":
+        expected = {
+            "check": total - entries[0].num_tokens,  # lossless store: the first passage is exact
+            "question_below_check": question,
+            "fused": round(0.2 * total) + question,
+        }
+    else:  # the question over every layer of the stored cache ranks the tokens: no check pass
+        expected = {"question_reading": question, "fused": round(0.2 * total) + question}
+    assert timer.rows == expected
+    taken = timer.take()
+    assert set(taken) == set(recompute_cost.PASSES) and not timer.seconds
+    assert all((seconds > 0) == (name in expected) for name, seconds in taken.items())
 
 
 # --- the model on CUDA (benchmarks/gpu_check.sh) --------------------------------------------------

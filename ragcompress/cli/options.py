@@ -52,7 +52,8 @@ RECOMPUTE_OPTION = typer.Option(
 SELECTION_OPTION = typer.Option(
     None,
     "--selection",
-    help="how recomputed tokens are chosen: deviation (CacheBlend), question (the question's attention) or mixed",
+    help="how recomputed tokens are chosen: deviation (CacheBlend), question (the question's attention at the "
+    "check layer), mixed (both) or question-deep (its attention over every layer, no check pass)",
 )
 
 

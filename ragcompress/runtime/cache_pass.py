@@ -11,6 +11,7 @@ carried tokens over their stored rows instead of appending them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -136,9 +137,11 @@ def run_layers(
     start: int,
     stop: int,
     new_pos: torch.Tensor | None = None,
+    observe: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Carry ``hidden [1, S (+ Q), D]`` of passage ``tokens [S]`` (then of ``Q`` new tokens at
-    ``new_pos``, appended to the cache) through layers ``start … stop-1``."""
+    ``new_pos``, appended to the cache) through layers ``start … stop-1``; ``observe(index,
+    hidden)`` (optional) sees each layer's input before the layer runs."""
     layers = model.model.layers
     config = model.config
     new_pos = torch.zeros(0, dtype=torch.long) if new_pos is None else new_pos
@@ -151,6 +154,8 @@ def run_layers(
         if kind not in rope:
             cos, sin = rotary.cos_sin(positions, index)
             rope[kind] = (cos.to(hidden.dtype), sin.to(hidden.dtype))
+        if observe is not None:
+            observe(index, hidden)
         out = layers[index](
             hidden,
             attention_mask=masks[index],

@@ -44,7 +44,14 @@ from ragcompress.runtime import cache_pass
 from ragcompress.runtime.assemble import AssembledCache
 from ragcompress.runtime.cache_pass import CacheLayout
 from ragcompress.runtime.calibration import scale_context_keys
-from ragcompress.runtime.token_selection import SELECTIONS, question_relevance, ranking, select_tokens, value_deviation
+from ragcompress.runtime.token_selection import (
+    SELECTIONS,
+    question_reading,
+    question_relevance,
+    ranking,
+    select_tokens,
+    value_deviation,
+)
 
 __all__ = ["SELECTIONS", "BlendReport", "RecomputeConfig", "blend", "repair", "select_tokens"]
 
@@ -61,7 +68,9 @@ class RecomputeConfig:
                  (:mod:`ragcompress.runtime.calibration`); 1 leaves the logits unchanged
     selection:   how tokens are ranked: ``deviation`` (CacheBlend: values that moved most at the
                  check layer), ``question`` (ProphetKV-style: the question's attention to them at
-                 the check layer) or ``mixed`` (the sum of both, each scaled to its maximum)
+                 the check layer), ``mixed`` (the sum of both, each scaled to its maximum) or
+                 ``question-deep`` (the question's attention over every layer, read from one
+                 pass of it over the cache as stored; no check pass)
     ratio_by_passages: ``(passages, ratio)`` points, increasing in passages; when given, a
                  request with ``k`` retrieved passages recomputes the fraction interpolated
                  linearly in ``k`` between the points around it (the nearest point's outside
@@ -213,7 +222,13 @@ def blend(
         raise ValueError(f"selection={config.selection!r} ranks tokens by the question; pass its tokens")
     new_pos = torch.arange(built.next_position, built.next_position + len(question_ids or []))
     question = None
-    if ratio > 0.0 and budget < candidates.numel():
+    if ratio > 0.0 and budget < candidates.numel() and config.selection == "question-deep":
+        question_embedded = embed(torch.tensor([question_ids], device=device))
+        reading = question_reading(model, rotary, layout, built.cache, candidates, question_embedded, new_pos)
+        selected = select_tokens(reading.cpu(), candidates, sinks, budget)
+        hidden = embed(ids[selected].unsqueeze(0).to(device))
+        start = 0
+    elif ratio > 0.0 and budget < candidates.numel():
         hidden = embed(ids[candidates].unsqueeze(0).to(device))
         hidden = cache_pass.run_layers(model, rotary, layout, built.cache, candidates, hidden, 0, check)
         if check < layers:

@@ -8,6 +8,9 @@ through the layers below it (:func:`ragcompress.runtime.cache_pass.run_layers`):
 * :func:`question_relevance` (ProphetKV-style): how much of the question's attention at that
   layer lands on each token.
 
+:func:`question_reading` is the third, read without a check pass: the question's attention over
+every layer, while it runs once over the cache as stored (``selection="question-deep"``).
+
 :func:`ranking` combines them as :class:`~ragcompress.runtime.recompute.RecomputeConfig`'s
 ``selection`` asks, and :func:`select_tokens` takes the budget's best, deterministically.
 """
@@ -20,9 +23,10 @@ import torch
 
 from ragcompress.architecture import attention_input_norm, head_states, project
 from ragcompress.kv.rope import Rotary
+from ragcompress.runtime import cache_pass
 from ragcompress.runtime.cache_pass import CacheLayout
 
-SELECTIONS = ("deviation", "question", "mixed")
+SELECTIONS = ("deviation", "question", "mixed", "question-deep")
 
 
 def value_deviation(
@@ -78,6 +82,59 @@ def question_relevance(
     scaling = float(getattr(attn, "scaling", k.shape[-1] ** -0.5))
     weights = torch.softmax((q @ k.transpose(1, 2)) * scaling, dim=-1)  # [Hq, Q, S]
     return weights.mean(dim=(0, 1))
+
+
+def question_reading(
+    model: Any,
+    rotary: Rotary,
+    layout: CacheLayout,
+    cache: Any,
+    tokens: torch.Tensor,
+    question: torch.Tensor,
+    new_pos: torch.Tensor,
+) -> torch.Tensor:
+    """``[S]`` attention the question pays passage ``tokens`` over *every* layer, read while the
+    question (embedded, ``[1, Q, D]``) runs once over the assembled cache as stored: plain reuse's
+    own prefill of the question (ProphetKV's selection). No check pass runs: the tokens the
+    question reads where it finds its answer are the ones recomputed.
+
+    At each layer the question's queries (rotated to ``new_pos``) meet the cache's keys of the
+    tokens; the softmax runs over the tokens (rows a head evicted excluded), and the weights are
+    averaged over query heads, question tokens and layers. The question's rows are taken back out
+    of the cache afterwards, so it is left as it was.
+    """
+    layers = model.model.layers
+    kv_heads = layout.shape[1]
+    q_heads = model.config.num_attention_heads
+    groups = q_heads // kv_heads
+    rows = layout.rows(tokens)
+    total = torch.zeros(tokens.numel(), device=question.device)
+
+    def observe(index: int, hidden: torch.Tensor) -> None:
+        layer = layers[index]
+        attn = layer.self_attn
+        q = head_states(attn, project(attn, "q_proj", attention_input_norm(layer)(hidden)), "q", q_heads)[0]
+        q = rotary.rotate(q.float(), new_pos.expand(q_heads, -1), index)
+        keys = cache.layers[index].keys[0]  # [kv_heads, T, d], rotated to the cache rows' positions
+        if layout.uniform:
+            k = keys[:, rows.to(keys.device)].float()
+            kept = None
+        else:
+            head_rows = rows[index].to(keys.device)  # [kv_heads, S], -1 where a head evicted the token
+            k = torch.gather(keys.float(), 1, head_rows.clamp(min=0).unsqueeze(-1).expand(-1, -1, keys.shape[-1]))
+            kept = (head_rows >= 0).repeat_interleave(groups, dim=0)[:, None, :]
+        k = k.repeat_interleave(groups, dim=0)
+        scaling = float(getattr(attn, "scaling", k.shape[-1] ** -0.5))
+        logits = (q @ k.transpose(1, 2)) * scaling  # [Hq, Q, S]
+        if kept is not None:
+            logits = logits.masked_fill(~kept, float("-inf"))
+        total.add_(torch.softmax(logits, dim=-1).nan_to_num(0.0).mean(dim=(0, 1)))
+
+    cache_pass.run_layers(model, rotary, layout, cache, tokens[:0], question, 0, len(layers), new_pos, observe=observe)
+    count = question.shape[1]
+    for cached in cache.layers:
+        cached.keys, cached.values = cached.keys[:, :, :-count], cached.values[:, :, :-count]
+    return total / len(layers)
 
 
 def ranking(selection: str, deviation: torch.Tensor, relevance: torch.Tensor | None) -> torch.Tensor:
