@@ -84,6 +84,20 @@ def full_logits(engine: Engine, entries) -> torch.Tensor:
         return forward_step(engine.lm.model, torch.tensor([ids]), DynamicCache(config=engine.lm.config), 0)
 
 
+def full_prefill_attentions(engine: Engine, entries) -> tuple[torch.Tensor, ...]:
+    """Full prefill's attention weights, per layer ``[1, Hq, T, T]``, from eager attention:
+    computed independently of the selection code, which reads them from its own projections."""
+    model = engine.lm.model
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.inference_mode():
+            out = model(torch.tensor([engine.full_prompt_ids(QUESTION, entries)]), output_attentions=True)
+    finally:
+        model.set_attn_implementation(previous)
+    return out.attentions
+
+
 def padded(kv: PassageKV) -> PassageKV:
     """The same cache with one padding row: takes the per-head (non-uniform) code path."""
     layers, heads, _, dim = kv.keys.shape
@@ -231,19 +245,11 @@ def test_question_selection_picks_what_the_question_attends_to_in_full_prefill(s
     independently from the model's own attention weights)."""
     engine = stores("qwen2")
     entries = engine.retrieve(QUESTION, 3)
-    ids = engine.full_prompt_ids(QUESTION, entries)
-    model = engine.lm.model
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        with torch.inference_mode():
-            out = model(torch.tensor([ids]), output_attentions=True)
-    finally:
-        model.set_attn_implementation(previous)
+    attentions = full_prefill_attentions(engine, entries)
     prefix, first = engine.prefix.num_tokens, entries[0].num_tokens
     total = sum(e.num_tokens for e in entries)
     question = len(engine.tokens.suffix(QUESTION))
-    weights = out.attentions[1][0, :, -question:, prefix + first : prefix + total]  # [Hq, Q, candidates]
+    weights = attentions[1][0, :, -question:, prefix + first : prefix + total]  # [Hq, Q, candidates]
     relevance = (weights / weights.sum(-1, keepdim=True)).mean(dim=(0, 1))
     budget = round(0.2 * total)
     expected = torch.sort(torch.topk(relevance, budget).indices + first).values
@@ -264,18 +270,11 @@ def test_question_reading_is_the_questions_attention_over_every_layer_and_leaves
     engine = stores("qwen2")
     entries = engine.retrieve(QUESTION, 1)
     model = engine.lm.model
-    ids = engine.full_prompt_ids(QUESTION, entries)
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        with torch.inference_mode():
-            out = model(torch.tensor([ids]), output_attentions=True)
-    finally:
-        model.set_attn_implementation(previous)
+    attentions = full_prefill_attentions(engine, entries)
     prefix, passage = engine.prefix.num_tokens, entries[0].num_tokens
     suffix = engine.tokens.suffix(QUESTION)
     per_layer = []
-    for weights in out.attentions:
+    for weights in attentions:
         weights = weights[0, :, -len(suffix) :, prefix : prefix + passage]  # [Hq, Q, passage]
         per_layer.append((weights / weights.sum(-1, keepdim=True)).mean(dim=(0, 1)))
     expected = torch.stack(per_layer).mean(0)
