@@ -67,6 +67,19 @@ class CacheLayout:
             inverse.append(inv)
         return torch.cat(inverse, dim=2)[:, :, tokens]
 
+    def token_rows(
+        self, stored: torch.Tensor, rows: torch.Tensor, layer_idx: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The rows of one layer's cache tensor ``stored [kv_heads, T, d]`` that hold passage tokens,
+        given their :meth:`rows`: ``[kv_heads, S, d]`` in float32, and ``[kv_heads, S]`` True where
+        the head kept the token (``None`` when uniform: every head keeps every token; an evicted
+        token's row is a stand-in there, to be masked)."""
+        if self.uniform:
+            return stored[:, rows.to(stored.device)].float(), None
+        head_rows = rows[layer_idx].to(stored.device)  # [kv_heads, S], -1 where a head evicted the token
+        index = head_rows.clamp(min=0).unsqueeze(-1).expand(-1, -1, stored.shape[-1])
+        return torch.gather(stored.float(), 1, index), head_rows >= 0
+
     def masks(
         self, tokens: torch.Tensor, q_heads: int, new_pos: torch.Tensor, device: torch.device
     ) -> list[torch.Tensor]:
@@ -125,6 +138,13 @@ class RowWriteCache:
             keys[0, head, rows[head, slot]] = key_states[0, head, slot].to(keys.dtype)
             values[0, head, rows[head, slot]] = value_states[0, head, slot].to(values.dtype)
         return keys, values
+
+
+def drop_appended(cache: Any, count: int, layers: int | None = None) -> None:
+    """Take the last ``count`` rows (new tokens :class:`RowWriteCache` appended) back out of the
+    first ``layers`` layers of ``cache`` (all by default), leaving it as it was before them."""
+    for layer in cache.layers[:layers]:
+        layer.keys, layer.values = layer.keys[:, :, :-count], layer.values[:, :, :-count]
 
 
 def run_layers(

@@ -252,12 +252,7 @@ def blend(
             if config.selection != "deviation" and check < layers:
                 relevance = question_relevance(model, rotary, layout, candidates, hidden, question, new_pos, check)
             if not suffix:  # scored only: take its rows back out of the cache
-                layer: Any
-                for layer in built.cache.layers[:check]:
-                    layer.keys, layer.values = (
-                        layer.keys[:, :, : -len(question_ids)],
-                        layer.values[:, :, : -len(question_ids)],
-                    )
+                cache_pass.drop_appended(built.cache, len(question_ids), check)
                 question = None
         selected = select_tokens(ranking(config.selection, deviation, relevance).cpu(), candidates, sinks, budget)
         keep = torch.searchsorted(candidates, selected)

@@ -39,14 +39,9 @@ def value_deviation(
     fresh = project(attn, "v_proj", attention_input_norm(layer)(hidden))  # [1, S, kv_heads * d]
     heads = layout.shape[1]
     fresh = fresh.view(hidden.shape[1], heads, -1).transpose(0, 1).float()  # [H, S, d]
-    stored_all = cache.layers[layer_idx].values[0]  # [H, T, d]
-    rows = layout.rows(tokens).to(stored_all.device)
-    if layout.uniform:
-        stored = stored_all[:, rows].float()
+    stored, kept = layout.token_rows(cache.layers[layer_idx].values[0], layout.rows(tokens), layer_idx)
+    if kept is None:
         return (fresh - stored).pow(2).sum(-1).mean(0)
-    rows = rows[layer_idx]  # [H, S]
-    kept = rows >= 0
-    stored = torch.gather(stored_all.float(), 1, rows.clamp(min=0).unsqueeze(-1).expand(-1, -1, fresh.shape[-1]))
     diff = (fresh - stored).pow(2).sum(-1) * kept
     return diff.sum(0) / kept.sum(0).clamp(min=1)
 
@@ -115,25 +110,17 @@ def question_reading(
         attn = layer.self_attn
         q = head_states(attn, project(attn, "q_proj", attention_input_norm(layer)(hidden)), "q", q_heads)[0]
         q = rotary.rotate(q.float(), new_pos.expand(q_heads, -1), index)
-        keys = cache.layers[index].keys[0]  # [kv_heads, T, d], rotated to the cache rows' positions
-        if layout.uniform:
-            k = keys[:, rows.to(keys.device)].float()
-            kept = None
-        else:
-            head_rows = rows[index].to(keys.device)  # [kv_heads, S], -1 where a head evicted the token
-            k = torch.gather(keys.float(), 1, head_rows.clamp(min=0).unsqueeze(-1).expand(-1, -1, keys.shape[-1]))
-            kept = (head_rows >= 0).repeat_interleave(groups, dim=0)[:, None, :]
+        # the cache's keys are rotated to their rows' positions already
+        k, kept = layout.token_rows(cache.layers[index].keys[0], rows, index)
         k = k.repeat_interleave(groups, dim=0)
         scaling = float(getattr(attn, "scaling", k.shape[-1] ** -0.5))
         logits = (q @ k.transpose(1, 2)) * scaling  # [Hq, Q, S]
         if kept is not None:
-            logits = logits.masked_fill(~kept, float("-inf"))
+            logits = logits.masked_fill(~kept.repeat_interleave(groups, dim=0)[:, None, :], float("-inf"))
         total.add_(torch.softmax(logits, dim=-1).nan_to_num(0.0).mean(dim=(0, 1)))
 
     cache_pass.run_layers(model, rotary, layout, cache, tokens[:0], question, 0, len(layers), new_pos, observe=observe)
-    count = question.shape[1]
-    for cached in cache.layers:
-        cached.keys, cached.values = cached.keys[:, :, :-count], cached.values[:, :, :-count]
+    cache_pass.drop_appended(cache, question.shape[1])
     return total / len(layers)
 
 
