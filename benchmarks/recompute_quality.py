@@ -90,6 +90,14 @@ def run_forced(model, stream: TokenStream, answer: list[int] | None = None) -> t
     return generation, teacher_forced_logprobs(model, rewind(prepared, rows), forced, keep=len(forced) + 1)
 
 
+def margin(logp: torch.Tensor) -> float:
+    """The first token's probability minus the runner-up's, after the prompt (``logp[0]``): how
+    close the path's greedy first token came to being another one (recorded per question, for
+    the analysis of which answers are fragile; not summarized)."""
+    top = logp[0].exp().topk(2).values
+    return float(top[0] - top[1])
+
+
 def kl(full_logp: torch.Tensor, logp: torch.Tensor) -> float:
     """Mean over positions of KL(full || setting), nats."""
     return float((full_logp.exp() * (full_logp - logp)).sum(-1).mean())
@@ -229,6 +237,7 @@ def question_record(variants: Variants, item, top_k: int, settings: list[str], r
             "f1": f1(full_text, item.answers),
             "agree": 1.0,
             "kl": 0.0,
+            "margin": margin(full_logp),
         },
     }
     order = ["full", "prefix-cached", *settings]
@@ -260,6 +269,7 @@ def question_record(variants: Variants, item, top_k: int, settings: list[str], r
             "f1": f1(text, item.answers),
             "agree": float(text == full_text),
             "kl": kl(full_logp, logp),
+            "margin": margin(logp),
             "ttft": gen.ttft_s,
         }
     return record
