@@ -42,7 +42,7 @@ import torch
 
 from ragcompress.evaluation import f1, sub_em
 from ragcompress.runtime.engine import Engine
-from ragcompress.runtime.generate import Generation, TokenStream
+from ragcompress.runtime.generate import Generation, TokenStream, first_token_margin
 from ragcompress.runtime.options import AnswerOptions
 from ragcompress.runtime.recompute import SELECTIONS, RecomputeConfig
 from ragcompress.stats import bootstrap_ci, paired_comparison
@@ -62,23 +62,28 @@ KEYS = {"r": ("ratio", float), "s": ("sink_tokens", int), "t": ("temperature", f
 OUTCOMES = ("sub_em", "f1", "agree", "kl", "ttft")
 
 
-def parse_setting(text: str) -> tuple[str | None, RecomputeConfig, bool]:
-    """``[variant:]part+part...`` -> (variant or None, config, apply the store's calibration)."""
+def parse_setting(text: str) -> tuple[str | None, RecomputeConfig, bool, float]:
+    """``[variant:]part+part...`` -> (variant or None, config, apply the store's calibration,
+    fallback margin: ``f0.025`` answers near ties by full prefill, ``AnswerOptions.fallback_margin``)."""
     variant, _, spec = text.rpartition(":")
-    if spec == "reuse":
-        return variant or None, RecomputeConfig(), False
     fields: dict = {}
     calibrate = False
+    fallback = 0.0
     for part in spec.split("+"):
+        if part == "reuse":
+            continue
         if part == "cal":
             calibrate = True
             continue
         if part in SELECTIONS:
             fields["selection"] = part
             continue
+        if part[0] == "f":
+            fallback = float(part[1:])
+            continue
         name, cast = KEYS[part[0]]
         fields[name] = cast(part[1:])
-    return variant or None, RecomputeConfig(**fields), calibrate
+    return variant or None, RecomputeConfig(**fields), calibrate, fallback
 
 
 def run_forced(model, stream: TokenStream, answer: list[int] | None = None) -> tuple[Generation, torch.Tensor]:
@@ -88,14 +93,6 @@ def run_forced(model, stream: TokenStream, answer: list[int] | None = None) -> t
     generation, prepared, rows = run_keeping_request(stream)
     forced = generation.token_ids if answer is None else answer
     return generation, teacher_forced_logprobs(model, rewind(prepared, rows), forced, keep=len(forced) + 1)
-
-
-def margin(logp: torch.Tensor) -> float:
-    """The first token's probability minus the runner-up's, after the prompt (``logp[0]``): how
-    close the path's greedy first token came to being another one (recorded per question, for
-    the analysis of which answers are fragile; not summarized)."""
-    top = logp[0].exp().topk(2).values
-    return float(top[0] - top[1])
 
 
 def kl(full_logp: torch.Tensor, logp: torch.Tensor) -> float:
@@ -140,6 +137,10 @@ def summarize(records: list[dict], settings: list[str]) -> dict:
             "ttft_s_median": ttft,
             "ttft_speedup": full_ttft / ttft,
             "ttft_speedup_vs_prefix_cached": prefix_ttft / ttft,
+            # mean against mean: a path that sometimes falls back to full prefill shows its cost here,
+            # where the medians (fast questions are most of them) would hide it
+            "ttft_speedup_mean": statistics.fmean(r["full"]["ttft"] for r in records)
+            / statistics.fmean(values["ttft"]),
             "ci95": {
                 "sub_em": bootstrap_ci(values["sub_em"]),
                 "agreement": bootstrap_ci(values["agree"]),
@@ -149,6 +150,8 @@ def summarize(records: list[dict], settings: list[str]) -> dict:
         }
         if name != "full":
             table[name]["disagreements"] = disagreements(rows, [r["full"] for r in records])
+        if any("backend" in row for row in rows):
+            table[name]["fallback_rate"] = statistics.fmean(row.get("backend") == "fallback" for row in rows)
     table["prefix-cached"] = {"n": len(records), "ttft_s_median": prefix_ttft, "ttft_speedup": full_ttft / prefix_ttft}
     return table
 
@@ -237,7 +240,7 @@ def question_record(variants: Variants, item, top_k: int, settings: list[str], r
             "f1": f1(full_text, item.answers),
             "agree": 1.0,
             "kl": 0.0,
-            "margin": margin(full_logp),
+            "margin": first_token_margin(full_logp[0]),
         },
     }
     order = ["full", "prefix-cached", *settings]
@@ -254,12 +257,12 @@ def question_record(variants: Variants, item, top_k: int, settings: list[str], r
         elif name == "reversed":
             stream = engine.stream_full(item.question, entries[::-1])
         else:
-            variant, config, calibrate = parse_setting(name)
+            variant, config, calibrate, fallback = parse_setting(name)
             target = variants.get(variant)
             stream = target.stream_cached(
                 item.question,
                 variants.entries(variant, entries),
-                target.options.replace(recompute=config, calibrate=calibrate),
+                target.options.replace(recompute=config, calibrate=calibrate, fallback_margin=fallback),
             )
         gen, logp = run_forced(engine.lm.model, stream, full_gen.token_ids)
         text = engine.decode(gen.token_ids)
@@ -269,8 +272,9 @@ def question_record(variants: Variants, item, top_k: int, settings: list[str], r
             "f1": f1(text, item.answers),
             "agree": float(text == full_text),
             "kl": kl(full_logp, logp),
-            "margin": margin(logp),
+            "margin": first_token_margin(logp[0]),
             "ttft": gen.ttft_s,
+            "backend": stream.backend,
         }
     return record
 
@@ -329,6 +333,8 @@ def markdown(model: str, n: int, top_k: int, table: dict) -> str:
         if "sub_em" not in r:  # the prefix-cached baseline: timed only
             lines.append(f"| {name} (TTFT only) | | | | | {r['ttft_s_median']:.3f} | {r['ttft_speedup']:.2f}x | |")
             continue
+        if r.get("fallback_rate"):
+            name = f"{name} ({100 * r['fallback_rate']:.0f} % fell back; mean TTFT {r['ttft_speedup_mean']:.2f}x)"
         share = f"{100 * r['sub_em'] / full:.0f}%" if full else "-"
         low, high = r["ci95"]["agreement"]
         lines.append(

@@ -108,6 +108,46 @@ def test_answer_options_are_validated():
     with pytest.raises(ValueError, match="max_new_tokens"):
         AnswerOptions(max_new_tokens=0)
     assert AnswerOptions(recompute=0.25).recompute.ratio == 0.25
+    for margin in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="fallback_margin"):
+            AnswerOptions(fallback_margin=margin)
+
+
+def test_first_token_margin_is_the_lead_of_the_greedy_token():
+    import torch
+
+    from ragcompress.runtime.generate import first_token_margin
+
+    probs = torch.tensor([0.1, 0.6, 0.3])
+    assert first_token_margin(probs.log()) == pytest.approx(0.3)
+    assert first_token_margin(probs.log() + 5.0) == pytest.approx(0.3)  # logits: any offset
+    assert first_token_margin(torch.zeros(4)) == 0.0
+
+
+@pytest.mark.parametrize("recompute", [0.0, 0.5])
+def test_a_near_tie_falls_back_to_full_prefill_and_a_clear_lead_does_not(store_of, recompute):
+    """``fallback_margin`` below a question's first-token margin changes nothing (the same tokens
+    as without it, on plain reuse and after a recompute pass); above it the answer is full
+    prefill's (prefix cache reused), token for token, and says so."""
+    from ragcompress.runtime.generate import first_token_margin, prefill
+
+    engine = Engine.open(store_of("llama", "int8"), options=AnswerOptions(max_new_tokens=10, recompute=recompute))
+    for question in QUESTIONS:
+        entries = engine.retrieve(question, 3)
+        cached = engine.answer_cached(question, entries)
+        prepared = engine.prepare(question, entries)
+        logits = prepared.first_logits
+        if logits is None:
+            logits = prefill(engine.lm.model, prepared.input_ids, prepared.cache, prepared.position)
+        margin = first_token_margin(logits)
+        assert 0.0 < margin < 0.5  # a tiny random model: near ties everywhere
+        kept = engine.answer_cached(question, entries, engine.options.replace(fallback_margin=margin / 2))
+        assert (kept.token_ids, kept.backend) == (cached.token_ids, "dense")
+        fell = engine.answer_cached(question, entries, engine.options.replace(fallback_margin=2 * margin))
+        assert fell.backend == "fallback"
+        assert fell.token_ids == engine.answer_prefix_cached(question, entries).token_ids
+        assert fell.token_ids == engine.answer_full(question, entries).token_ids
+    engine.close()
 
 
 @pytest.mark.slow

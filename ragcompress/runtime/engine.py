@@ -19,7 +19,14 @@ import torch
 from ragcompress.errors import InputError, StoreError
 from ragcompress.models import LoadedModel, load_model
 from ragcompress.retrieval import Embedder
-from ragcompress.runtime.generate import Prepared, TokenStream, stop_token_ids, text_deltas
+from ragcompress.runtime.generate import (
+    Prepared,
+    TokenStream,
+    first_token_margin,
+    prefill,
+    stop_token_ids,
+    text_deltas,
+)
 from ragcompress.runtime.options import AnswerOptions
 from ragcompress.runtime.prepare import QueryContext, choose_strategy, full_prefill, prefix_cached_prefill
 from ragcompress.store import KVStore
@@ -31,7 +38,8 @@ class Answer:
     """One answer and how it was produced; ``ttft_s`` counts from the request's start to the
     first token's logits (for the cached path: reading and verifying segments, dequantizing,
     re-rotating, prefill), its prompt tokenized before the clock on every path (``TokenStream``).
-    ``backend`` names the path that ran: ``full``, ``dense``, ``packed-torch`` or ``packed-triton``."""
+    ``backend`` names the path that ran: ``full``, ``dense``, ``packed-torch`` or ``packed-triton``,
+    or ``fallback`` (a near tie from the caches answered by full prefill: ``fallback_margin``)."""
 
     answer: str
     passage_ids: list[str]
@@ -193,12 +201,28 @@ class Engine:
         suffix = self.suffix_ids(question, entries, options)
         strategy = choose_strategy(self.context, options)
         passage_ids = [self.tokens.passage(e.text) for e in entries] if options.recompute.recomputes else []
-        return TokenStream(
-            self.lm.model,
-            lambda: strategy.prepare(self.context, entries, suffix, options.max_new_tokens, passage_ids),
-            options.max_new_tokens,
-            self.stop_ids,
-        )
+        full_ids = self.full_prompt_ids(question, entries, options) if options.fallback_margin else []
+
+        def prepare() -> Prepared:
+            prepared = strategy.prepare(self.context, entries, suffix, options.max_new_tokens, passage_ids)
+            if options.fallback_margin:
+                prepared = self._unless_near_tie(prepared, full_ids, options)
+            return prepared
+
+        return TokenStream(self.lm.model, prepare, options.max_new_tokens, self.stop_ids)
+
+    def _unless_near_tie(self, prepared: Prepared, full_ids: list[int], options: AnswerOptions) -> Prepared:
+        """``prepared`` with its question prefilled, or, when its first token leads by less than
+        ``options.fallback_margin``, a prefix-cached full prefill of ``full_ids`` in its place
+        (backend ``fallback``; the cached request is dropped)."""
+        logits = prepared.first_logits
+        if logits is None:
+            logits = prefill(
+                self.lm.model, prepared.input_ids, prepared.cache, prepared.position, **prepared.attention_kwargs
+            )
+        if first_token_margin(logits) >= options.fallback_margin:
+            return replace(prepared, first_logits=logits)
+        return replace(prefix_cached_prefill(self.context, full_ids, options.max_new_tokens), backend="fallback")
 
     def stream_full(self, question: str, entries: list[Entry], options: AnswerOptions | None = None) -> TokenStream:
         """The baseline's tokens: a plain prefill of the same token ids, no cache reuse."""

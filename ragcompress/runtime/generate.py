@@ -28,8 +28,10 @@ class Prepared:
     attention_kwargs:  extra keywords for the registered ``"ragcompress"`` attention (per-head
                        masks, packed segments); passed on every forward step
     first_logits:      ``[vocab]`` when ``input_ids`` were already prefilled (a selective
-                       recompute carried the question in its pass); their KV are in ``cache``
-    backend:           which path built it: ``full``, ``dense``, ``packed-torch``, ``packed-triton``
+                       recompute carried the question in its pass, or the fallback check read
+                       it); their KV are in ``cache``
+    backend:           which path built it: ``full``, ``dense``, ``packed-torch``, ``packed-triton``,
+                       ``fallback`` (a full prefill standing in for a near tie: ``Engine.stream_cached``)
     """
 
     cache: Any
@@ -62,6 +64,14 @@ def stop_token_ids(tokenizer: Any, model: Any) -> set[int]:
         if isinstance(token, int) and token != tokenizer.unk_token_id and token is not None:
             ids.add(token)
     return ids
+
+
+def first_token_margin(logits: torch.Tensor) -> float:
+    """How far the greedy next token leads: its probability minus the runner-up's, from logits
+    ``[vocab]`` (log-probabilities too: softmax leaves them as they are). Near 0 the choice is a
+    toss-up that a small change of the cache can flip (``AnswerOptions.fallback_margin``)."""
+    top = torch.softmax(logits.float(), dim=-1).topk(2).values
+    return float(top[0] - top[1])
 
 
 def forward_logits(

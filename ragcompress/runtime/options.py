@@ -27,17 +27,25 @@ class AnswerOptions:
                     the answer records which one ran
     calibrate:      apply the attention temperature ``ragcompress calibrate`` recorded in the
                     store's manifest, unless ``recompute`` sets a temperature of its own
+    fallback_margin: when > 0, a question whose first answer token from the stored caches leads
+                    the runner-up by less than this probability is answered by full prefill
+                    instead (the shared prefix's cache reused; both counted in its TTFT): the
+                    answers a stale cache is most likely to flip are the near ties
+                    (docs/recompute.md "Falling back on near ties"); 0 never falls back
     """
 
     max_new_tokens: int = 32
     recompute: RecomputeConfig = RecomputeConfig()
     backend: str = "auto"
     calibrate: bool = True
+    fallback_margin: float = 0.0
 
     def __post_init__(self) -> None:
         if type(self.max_new_tokens) is not int or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         object.__setattr__(self, "recompute", RecomputeConfig.coerce(self.recompute))
+        if not 0.0 <= self.fallback_margin < 1.0:
+            raise ValueError(f"fallback_margin must be in [0, 1), got {self.fallback_margin}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend {self.backend!r} is not one of: {', '.join(BACKENDS)}")
 
