@@ -141,6 +141,8 @@ def summarize(records: list[dict], settings: list[str]) -> dict:
             # where the medians (fast questions are most of them) would hide it
             "ttft_speedup_mean": statistics.fmean(r["full"]["ttft"] for r in records)
             / statistics.fmean(values["ttft"]),
+            "ttft_speedup_mean_vs_prefix_cached": statistics.fmean(r["prefix_cached_ttft"] for r in records)
+            / statistics.fmean(values["ttft"]),
             "ci95": {
                 "sub_em": bootstrap_ci(values["sub_em"]),
                 "agreement": bootstrap_ci(values["agree"]),

@@ -221,6 +221,21 @@ def test_recompute_schedule_answers_and_a_malformed_one_is_one_line(cli_store, m
     assert "--recompute '3:half'" in err and "3:0.05,5:0.1" in err
 
 
+def test_fallback_margin_answers_near_ties_by_full_prefill(cli_store, monkeypatch, capfd):
+    """``--fallback-margin 0.999``: every first token of a tiny random model is a near tie, so the
+    answer is full prefill's and says so; a margin outside [0, 1) is a usage error."""
+    store, _, _ = cli_store
+    ask = ["ask", "--store", str(store), "--question", "Who won?", "--top-k", "3", "--max-new-tokens", "3"]
+    code, out, err = run_cli([*ask, "--fallback-margin", "0.999", "--compare-full", "--json"], monkeypatch, capfd)
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["backend"] == "fallback" and data["answer"] == data["full"]["answer"]
+    code, out, err = run_cli([*ask, "--fallback-margin", "0.999"], monkeypatch, capfd)
+    assert code == 0 and "answered by full prefill" in out
+    code, out, err = run_cli([*ask, "--fallback-margin", "1.5"], monkeypatch, capfd)
+    assert code == 2 and "--fallback-margin" in err
+
+
 def test_workers_without_ray_is_refused_not_ignored(tmp_path, monkeypatch, capfd):
     """``--workers`` sizes the Ray actor pool; without ``--ray`` it would change nothing, so it is
     an error before anything is read or written, not a one-process run the user did not ask for."""

@@ -474,6 +474,19 @@ def test_query_engine_round_trip_matches_engine_answer(built):
     assert info["ttft_s"] > 0
 
 
+def test_fallback_margin_reaches_the_synthesizer(built):
+    """``fallback_margin`` answers a near tie by full prefill (every first token of the tiny random
+    model is one at 0.999) and the response says so; it round-trips through ``to_dict``."""
+    store, _ = built
+    synthesizer = KVCacheSynthesizer(store, max_new_tokens=8, fallback_margin=0.999)
+    retriever = KVStoreRetriever(store, similarity_top_k=3)
+    response = RetrieverQueryEngine(retriever, response_synthesizer=synthesizer).query(QUESTION)
+    engine = synthesizer.engine
+    assert response.metadata["ragcompress"]["backend"] == "fallback"
+    assert response.response == engine.answer_full(QUESTION, engine.retrieve(QUESTION, 3)).answer
+    assert synthesizer.to_dict()["fallback_margin"] == 0.999
+
+
 @pytest.mark.parametrize("recompute", [None, 0.25, [(1, 0.1), (2, 0.25)]])
 def test_streaming_response_equals_non_streaming(built, recompute):
     store, _ = built

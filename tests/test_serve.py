@@ -387,6 +387,32 @@ def test_a_requests_recompute_keeps_the_presets_selection(engine, monkeypatch):
         assert schedule == RecomputeConfig(0.1, selection="mixed", ratio_by_passages=((2, 0.1), (4, 0.3)))
 
 
+def test_a_requests_fallback_margin_answers_near_ties_by_full_prefill(engine):
+    """``ragcompress.fallback_margin`` overrides the service's (tiny random model: every first
+    token a near tie, so every answer is full prefill's); such a request never joins a batch."""
+    from ragcompress.serve.protocol import ApiError, parse_chat
+
+    question = QUESTIONS[0]
+    want = expected(engine, question, fallback_margin=0.999)
+    assert want.backend == "fallback"
+    assert want.token_ids == engine.answer_full(question, engine.retrieve(question, 3)).token_ids
+    with in_process(engine, max_batch=4) as (run, app):
+        body = chat(question, ragcompress={"fallback_margin": 0.999})
+        assert not app.state.service.may_batch(parse_chat(body, app.state.service.settings, MAX_NEW))
+
+        async def ask(client):
+            return await client.post("/v1/chat/completions", json=body)
+
+        reply = run(ask)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["message"]["content"] == want.answer
+        assert reply.json()["ragcompress"]["backend"] == "fallback"
+    for bad in (1.0, -0.1, "0.1"):
+        with pytest.raises(ApiError, match="fallback_margin") as caught:
+            parse_chat(chat("Who?", ragcompress={"fallback_margin": bad}), ServeSettings(), 8)
+        assert caught.value.status == 400
+
+
 @pytest.mark.parametrize(
     "recompute, problem",
     [

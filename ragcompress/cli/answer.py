@@ -10,6 +10,7 @@ from ragcompress.cli.options import (
     BACKEND_OPTION,
     DEVICE_OPTION,
     DTYPE_OPTION,
+    FALLBACK_OPTION,
     PRESET_HELP,
     RECOMPUTE_OPTION,
     SELECTION_OPTION,
@@ -32,6 +33,7 @@ def ask(
     selection: str | None = SELECTION_OPTION,
     preset: str | None = typer.Option(None, "--preset", help=PRESET_HELP),
     backend: str | None = BACKEND_OPTION,
+    fallback_margin: float | None = FALLBACK_OPTION,
     compare_full: bool = typer.Option(False, "--compare-full", help="also answer by full-text prefill and time it"),
     dtype: str | None = DTYPE_OPTION,
     device: str | None = DEVICE_OPTION,
@@ -44,7 +46,7 @@ def ask(
 
     engine = Engine.open(
         store,
-        options=options_from_flags(preset, max_new_tokens, schedule, selection, backend),
+        options=options_from_flags(preset, max_new_tokens, schedule, selection, backend, fallback_margin),
         dtype=dtype,
         device=device,
     )
@@ -55,7 +57,9 @@ def ask(
         lines = [
             f"answer: {answer.answer}",
             "passages: " + ", ".join(answer.passage_ids),
-            f"TTFT from cache: {answer.ttft_s * 1000:.0f} ms ({answer.backend} attention)",
+            f"TTFT from cache: {answer.ttft_s * 1000:.0f} ms ({answer.backend} attention)"
+            if answer.backend != "fallback"
+            else f"TTFT: {answer.ttft_s * 1000:.0f} ms (a near tie from the caches, answered by full prefill)",
         ]
         if compare_full:
             full = engine.answer_full(question, entries)
@@ -92,6 +96,7 @@ def evaluate(
     selection: str | None = SELECTION_OPTION,
     preset: str | None = typer.Option(None, "--preset", help=PRESET_HELP),
     backend: str | None = BACKEND_OPTION,
+    fallback_margin: float | None = FALLBACK_OPTION,
     dtype: str | None = DTYPE_OPTION,
     device: str | None = DEVICE_OPTION,
     as_json: bool = typer.Option(False, "--json"),
@@ -105,7 +110,7 @@ def evaluate(
     items = select_questions(read_questions(questions, scored=True), sample, articles, outside)[:limit]
     engine = Engine.open(
         store,
-        options=options_from_flags(preset, max_new_tokens, schedule, selection, backend),
+        options=options_from_flags(preset, max_new_tokens, schedule, selection, backend, fallback_margin),
         dtype=dtype,
         device=device,
     )
@@ -128,6 +133,11 @@ def evaluate(
         f"({summary['torch_threads']} torch threads{'' if summary['device'] == 'cpu' else ', ' + summary['device']})  "
         f"compression {summary['compression']:.2f}x vs fp16"
     )
+    if summary["fallback_rate"]:
+        human += (
+            f"\n{100 * summary['fallback_rate']:.0f} % of the questions fell back to full prefill (--fallback-margin): "
+            f"mean TTFT speedup {summary['ttft_speedup_mean']:.1f}x"
+        )
     emit(summary, as_json, human)
 
 

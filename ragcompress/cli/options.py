@@ -57,6 +57,17 @@ SELECTION_OPTION = typer.Option(
 )
 
 
+FALLBACK_OPTION = typer.Option(
+    None,
+    "--fallback-margin",
+    min=0.0,
+    max=0.999,
+    help="answer by full prefill (prefix cached) a question whose first token from the caches leads the "
+    "runner-up by less than this probability: the near ties a stale cache flips most (both timed; "
+    "docs/recompute.md); default: the preset's, 0 (never) without one",
+)
+
+
 # the names of runtime/options.py's BACKENDS (not imported here: --help stays fast; a test checks the list)
 BACKEND_OPTION = typer.Option(
     None,
@@ -112,10 +123,12 @@ def options_from_flags(
     recompute: float | tuple[tuple[int, float], ...] | None = None,
     selection: str | None = None,
     backend: str | None = None,
+    fallback_margin: float | None = None,
 ) -> Any:
     """``AnswerOptions`` of ``--preset`` (defaults without one) with the options given explicitly
     (``--recompute`` replaces the preset's recompute fraction, one for every top-k or a schedule,
-    ``--selection`` its ranking; ``--backend`` replaces its attention path)."""
+    ``--selection`` its ranking; ``--backend`` replaces its attention path, ``--fallback-margin``
+    its fallback to full prefill)."""
     import dataclasses
 
     from ragcompress.presets import answer_options
@@ -128,6 +141,8 @@ def options_from_flags(
             base = base.replace(recompute=dataclasses.replace(base.recompute, selection=selection))
         if backend is not None:
             base = base.replace(backend=backend)
+        if fallback_margin is not None:
+            base = base.replace(fallback_margin=fallback_margin)
         return base
     except (ValueError, TypeError) as exc:
         raise RagCompressError(str(exc)) from None

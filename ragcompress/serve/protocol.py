@@ -121,6 +121,7 @@ class RagOptions(BaseModel):
     passage_ids: list[str] | None = Field(default=None, min_length=1)
     top_k: int | None = Field(default=None, ge=1)
     recompute: Recompute | None = None
+    fallback_margin: float | None = Field(default=None, ge=0.0, lt=1.0)
 
 
 class ChatRequest(_Strict):
@@ -175,6 +176,7 @@ class ChatQuery:
     passage_ids: list[str] | None = None
     top_k: int | None = None
     recompute: float | tuple[tuple[int, float], ...] | None = None  # one fraction, or a schedule by passages
+    fallback_margin: float | None = None  # AnswerOptions.fallback_margin; None: the service's
     stream: bool = False
     include_usage: bool = False
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
@@ -257,6 +259,7 @@ def parse_chat(data: dict[str, Any], settings: ServeSettings, default_max_tokens
         passage_ids=passage_ids,
         top_k=None if passage_ids is not None else (top_k or settings.top_k),
         recompute=recompute,
+        fallback_margin=rag.fallback_margin,
         stream=bool(request.stream),
         include_usage=bool(request.stream_options and request.stream_options.include_usage),
     )

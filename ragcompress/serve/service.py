@@ -134,17 +134,21 @@ class Service:
 
     def may_batch(self, query: ChatQuery) -> bool:
         """Whether ``query`` may share a batch: batching is on and its options give a plain
-        dense cache (no recompute, no packed segments)."""
+        dense cache (no recompute, no packed segments, no fallback check: those read the question
+        alone)."""
         if self.settings.max_batch < 2:
             return False
         options = self._options(query, self.engine)
-        return not options.recompute.active and isinstance(choose_strategy(self.engine.context, options), DenseStrategy)
+        plain = not options.recompute.active and not options.fallback_margin
+        return plain and isinstance(choose_strategy(self.engine.context, options), DenseStrategy)
 
     def _options(self, query: ChatQuery, engine: Engine) -> AnswerOptions:
         options = engine.options.replace(max_new_tokens=query.max_new_tokens)
         if query.recompute is not None:
             # the request sets the fraction; the preset's selection, sinks and check layer stay
             options = options.replace(recompute=options.recompute.with_ratio(query.recompute))
+        if query.fallback_margin is not None:
+            options = options.replace(fallback_margin=query.fallback_margin)
         return options
 
     def answer(self, query: ChatQuery, engine: Engine, job: Job) -> None:

@@ -58,8 +58,12 @@ class KVCacheSynthesizer(BaseSynthesizer):
             cross-passage attention (CacheBlend/APE, ``ragcompress.runtime.recompute``), at every
             top-k, or ``(passages, fraction)`` points of a schedule by top-k (``[(3, 0.05), (5, 0.1)]``),
             with the preset's token selection; None keeps the preset's (plain reuse without one).
+        fallback_margin: answer by full prefill (the shared prefix's cache reused) a question whose
+            first token from the caches leads the runner-up by less than this probability
+            (``AnswerOptions.fallback_margin``); None keeps the preset's (0, never, without one).
         preset: a named, measured answer setting (``ragcompress.presets``: ``fast``, ``small``,
-            ``faithful``); ``max_new_tokens`` and ``recompute`` given explicitly override it.
+            ``faithful``); ``max_new_tokens``, ``recompute`` and ``fallback_margin`` given explicitly
+            override it.
         device: where the model runs (``cpu`` by default, ``cuda``, ``cuda:N``): answering and
             the caches ``compute_missing`` adds both run there.
         llm: the LLM ``BaseSynthesizer`` keeps for prompt sizing; defaults to a
@@ -78,6 +82,7 @@ class KVCacheSynthesizer(BaseSynthesizer):
         streaming: bool = False,
         compute_missing: bool = True,
         recompute: float | Sequence[tuple[int, float]] | None = None,
+        fallback_margin: float | None = None,
         preset: str | None = None,
         device: str | None = None,
         llm: LLM | None = None,
@@ -91,6 +96,8 @@ class KVCacheSynthesizer(BaseSynthesizer):
         options = answer_options(preset, max_new_tokens=max_new_tokens)
         if recompute is not None:  # as ``--recompute``: the preset's selection kept
             options = options.replace(recompute=options.recompute.with_ratio(recompute))
+        if fallback_margin is not None:
+            options = options.replace(fallback_margin=fallback_margin)
 
         store = KVStore.open(store_path)  # StoreError when missing or incomplete
         try:
@@ -106,6 +113,7 @@ class KVCacheSynthesizer(BaseSynthesizer):
         self.max_new_tokens = max_new_tokens
         self.compute_missing = compute_missing
         self.recompute = recompute
+        self.fallback_margin = fallback_margin
         self.preset = preset
         self.device = device
         self._resolver = CacheResolver(store, lm, compute_missing)
@@ -129,6 +137,7 @@ class KVCacheSynthesizer(BaseSynthesizer):
             "streaming": self._streaming,
             "compute_missing": self.compute_missing,
             "recompute": self.recompute,
+            "fallback_margin": self.fallback_margin,
             "preset": self.preset,
             "device": self.device,
         }
