@@ -114,6 +114,8 @@ def test_eval_json_shape(cli_store, monkeypatch, capfd):
         "compressed",
         "agreement",
         "ttft_speedup",
+        "ttft_speedup_mean",
+        "fallback_rate",
         "torch_threads",
         "device",
         "kv_bytes_per_token",
@@ -121,8 +123,8 @@ def test_eval_json_shape(cli_store, monkeypatch, capfd):
     }
     assert data["n"] == 3 and data["device"] == "cpu"
     for side in ("full", "compressed"):
-        assert set(data[side]) == {"sub_em", "f1", "ttft_s_median"}
-    assert 0.0 <= data["agreement"] <= 1.0
+        assert set(data[side]) == {"sub_em", "f1", "ttft_s_median", "ttft_s_mean"}
+    assert 0.0 <= data["agreement"] <= 1.0 and data["fallback_rate"] == 0.0
 
 
 def test_eval_refuses_unscorable_questions_in_one_line_before_loading_anything(tmp_path, monkeypatch, capfd):

@@ -407,6 +407,7 @@ def test_a_requests_fallback_margin_answers_near_ties_by_full_prefill(engine):
         assert reply.status_code == 200, reply.text
         assert reply.json()["choices"][0]["message"]["content"] == want.answer
         assert reply.json()["ragcompress"]["backend"] == "fallback"
+        assert reply.json()["ragcompress"]["settings"]["fallback_margin"] == 0.999
     for bad in (1.0, -0.1, "0.1"):
         with pytest.raises(ApiError, match="fallback_margin") as caught:
             parse_chat(chat("Who?", ragcompress={"fallback_margin": bad}), ServeSettings(), 8)

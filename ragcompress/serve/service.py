@@ -289,6 +289,7 @@ class Service:
             settings={
                 "top_k": query.top_k,
                 "recompute": options.recompute.ratio_for(len(entries)),
+                "fallback_margin": options.fallback_margin,
                 "max_new_tokens": options.max_new_tokens,
                 "backend": options.backend,
                 "preset": self.settings.preset,
