@@ -243,6 +243,7 @@ def question_record(variants: Variants, item, top_k: int, settings: list[str], r
             "agree": 1.0,
             "kl": 0.0,
             "margin": first_token_margin(full_logp[0]),
+            "tokens": list(full_gen.token_ids),
         },
     }
     order = ["full", "prefix-cached", *settings]
@@ -275,6 +276,10 @@ def question_record(variants: Variants, item, top_k: int, settings: list[str], r
             "agree": float(text == full_text),
             "kl": kl(full_logp, logp),
             "margin": first_token_margin(logp[0]),
+            # along full prefill's answer: each position's margin and greedy token (where the
+            # path's own answer leaves full prefill's, its margins from there on are not its own)
+            "margins": [round(first_token_margin(row), 5) for row in logp],
+            "greedy": [int(row.argmax()) for row in logp],
             "ttft": gen.ttft_s,
             "backend": stream.backend,
         }
