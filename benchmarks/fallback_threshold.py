@@ -12,6 +12,13 @@ path TTFT) is the one to read: the medians hide the few questions that fall back
 
 This is how the margin 0.025 of docs/recompute.md ("Falling back on near ties") was chosen on the
 dev articles: the largest on the grid whose mean ratio stays at 6x.
+
+``--tokens K`` prices a check that looks further: the smallest margin over the first ``K`` tokens
+of the path's own answer (decoded from the caches before anything is emitted, ``--decode-step``
+seconds each), read from the per-position ``margins`` and ``greedy`` tokens a checkpoint records
+along full prefill's answer. Where the path's answer leaves full prefill's, the margin of that
+position is its own and the later ones are not known, so the minimum stops there (the real check
+would fall back at least as often on those questions, which disagree anyway).
 """
 
 from __future__ import annotations
@@ -22,10 +29,27 @@ import statistics
 from pathlib import Path
 
 
-def price(records: list[dict], setting: str, margin: float) -> dict[str, float]:
-    """Fallback share, agreement and TTFT ratios (mean and median) of ``setting`` with ``margin``."""
-    falls = [r[setting]["margin"] < margin for r in records]
-    ttft = [r[setting]["ttft"] + (r["prefix_cached_ttft"] if f else 0.0) for r, f in zip(records, falls, strict=True)]
+def smallest_margin(record: dict, setting: str, tokens: int) -> float:
+    """The smallest margin over the first ``tokens`` positions of ``setting``'s own answer, up to
+    and including the position where it leaves full prefill's."""
+    if tokens == 1:
+        return record[setting]["margin"]
+    reference, greedy = record["full"]["tokens"], record[setting]["greedy"]
+    leaves = next((i for i, token in enumerate(reference) if greedy[i] != token), len(reference))
+    return min(record[setting]["margins"][: min(tokens, leaves + 1)])
+
+
+def price(
+    records: list[dict], setting: str, margin: float, tokens: int = 1, decode_step_s: float = 0.0
+) -> dict[str, float]:
+    """Fallback share, agreement and TTFT ratios (mean and median) of ``setting`` with ``margin``
+    checked over ``tokens`` tokens (each look-ahead token costing ``decode_step_s``)."""
+    falls = [smallest_margin(r, setting, tokens) < margin for r in records]
+    extra = (tokens - 1) * decode_step_s
+    ttft = [
+        r[setting]["ttft"] + extra + (r["prefix_cached_ttft"] if f else 0.0)
+        for r, f in zip(records, falls, strict=True)
+    ]
     full = [r["full"]["ttft"] for r in records]
     return {
         "margin": margin,
@@ -42,12 +66,14 @@ def main() -> None:
     parser.add_argument("setting", help="a setting the checkpoint holds, e.g. reuse")
     parser.add_argument("--step", type=float, default=0.005)
     parser.add_argument("--points", type=int, default=11)
+    parser.add_argument("--tokens", type=int, default=1, help="answer tokens the margin is checked over")
+    parser.add_argument("--decode-step", type=float, default=0.04, help="seconds per look-ahead token")
     args = parser.parse_args()
     records = [json.loads(line) for line in args.checkpoint.read_text().splitlines() if line.strip()]
-    print(f"{len(records)} questions, setting {args.setting}")
+    print(f"{len(records)} questions, setting {args.setting}, margin over {args.tokens} token(s)")
     print("| margin | falls back | agreement | TTFT vs full (mean) | (median) |\n|---|---|---|---|---|")
     for i in range(args.points):
-        row = price(records, args.setting, round(i * args.step, 6))
+        row = price(records, args.setting, round(i * args.step, 6), args.tokens, args.decode_step)
         print(
             f"| < {row['margin']:.3f} | {100 * row['fallback']:.1f} % | {row['agreement']:.3f} | "
             f"{row['ttft_speedup_mean']:.2f}x | {row['ttft_speedup_median']:.2f}x |"

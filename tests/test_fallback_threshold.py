@@ -18,3 +18,11 @@ def test_questions_below_the_margin_agree_and_pay_a_prefix_cached_prefill():
     assert (one["fallback"], one["agreement"]) == (0.25, 0.75)
     assert one["ttft_speedup_mean"] == pytest.approx(4.0 / (0.5 + 3.0 / 4))  # the mean carries the fallback
     assert one["ttft_speedup_median"] == 8.0  # the median does not
+
+
+def test_a_look_ahead_takes_the_smallest_margin_up_to_where_the_answer_leaves_full_prefills():
+    agreeing = {"full": {"tokens": [5, 6]}, "reuse": {"margin": 0.5, "margins": [0.5, 0.1, 0.4], "greedy": [5, 6, 0]}}
+    leaving = {"full": {"tokens": [5, 6]}, "reuse": {"margin": 0.5, "margins": [0.5, 0.3, 0.01], "greedy": [5, 7, 0]}}
+    assert fallback_threshold.smallest_margin(agreeing, "reuse", 1) == 0.5
+    assert fallback_threshold.smallest_margin(agreeing, "reuse", 2) == 0.1
+    assert fallback_threshold.smallest_margin(leaving, "reuse", 3) == 0.3  # its own margins end where it leaves
