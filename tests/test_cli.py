@@ -238,6 +238,27 @@ def test_fallback_margin_answers_near_ties_by_full_prefill(cli_store, monkeypatc
     assert code == 2 and "--fallback-margin" in err
 
 
+def test_serve_takes_the_answering_defaults_ask_takes(cli_store, monkeypatch, capfd):
+    """``serve --recompute 1:0.5,3:1 --selection mixed --fallback-margin 0.1`` are the service's
+    defaults (a request may still override them); a malformed schedule fails as it does for ask."""
+    pytest.importorskip("starlette")
+    import ragcompress.serve
+    from ragcompress.runtime.recompute import RecomputeConfig
+
+    store, _, _ = cli_store
+    seen: list = []
+    monkeypatch.setattr(ragcompress.serve, "run", lambda app, *a, **k: seen.append(app.state.service.engine.options))
+    serve = ["serve", "--store", str(store), "--port", "0"]
+    flags = ["--recompute", "1:0.5,3:1", "--selection", "mixed", "--fallback-margin", "0.1"]
+    code, _, err = run_cli([*serve, *flags], monkeypatch, capfd)
+    assert code == 0, err
+    (options,) = seen
+    assert options.recompute == RecomputeConfig(0.5, selection="mixed", ratio_by_passages=((1, 0.5), (3, 1.0)))
+    assert options.fallback_margin == 0.1
+    code, out, err = run_cli([*serve, "--recompute", "3:half"], monkeypatch, capfd)
+    assert (code, out) == (1, "") and "--recompute '3:half'" in err
+
+
 def test_workers_without_ray_is_refused_not_ignored(tmp_path, monkeypatch, capfd):
     """``--workers`` sizes the Ray actor pool; without ``--ray`` it would change nothing, so it is
     an error before anything is read or written, not a one-process run the user did not ask for."""

@@ -9,10 +9,14 @@ import typer
 from ragcompress.cli.options import (
     DEVICE_OPTION,
     DTYPE_OPTION,
+    FALLBACK_OPTION,
     PRESET_HELP,
+    RECOMPUTE_OPTION,
+    SELECTION_OPTION,
     STORE_OPTION,
     options_from_flags,
     quiet_libraries,
+    recompute_schedule,
 )
 from ragcompress.errors import RagCompressError
 
@@ -37,13 +41,19 @@ def serve(
     batch: int = typer.Option(
         8, "--batch", min=1, help="concurrent questions decoded together in one batch (1: one at a time)"
     ),
+    recompute: str | None = RECOMPUTE_OPTION,
+    selection: str | None = SELECTION_OPTION,
+    fallback_margin: float | None = FALLBACK_OPTION,
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level"),
     dtype: str | None = DTYPE_OPTION,
     device: str | None = DEVICE_OPTION,
 ) -> None:
     """Serve the store over HTTP: OpenAI-compatible /v1/chat/completions (docs/serve.md).
 
+    ``--recompute``, ``--selection`` and ``--fallback-margin`` set the service's defaults (over
+    ``--preset``'s); a request's ``ragcompress.recompute`` / ``fallback_margin`` override them.
     SIGTERM lets in-flight requests finish, then exits 0."""
+    schedule = recompute_schedule(recompute)
     quiet_libraries()
     try:
         from ragcompress.serve import ServeSettings, create_app, run
@@ -67,6 +77,7 @@ def serve(
         typer.echo(
             f"warning: serving on {host} without an API key; anyone who reaches it can query the store", err=True
         )
-    engine = Engine.open(store, options=options_from_flags(preset, max_new_tokens), dtype=dtype, device=device)
+    options = options_from_flags(preset, max_new_tokens, schedule, selection, None, fallback_margin)
+    engine = Engine.open(store, options=options, dtype=dtype, device=device)
     run(create_app(engine, settings), host, port, log_level=log_level)
     engine.close()
