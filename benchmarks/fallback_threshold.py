@@ -10,6 +10,11 @@ path TTFT) is the one to read: the medians hide the few questions that fall back
 
     .venv/bin/python benchmarks/fallback_threshold.py docs/results/faithful_qwen_fallback_dev.jsonl reuse
 
+``--measured reuse+f0.999`` prices the fallback as it runs rather than as a prefix-cached
+prefill that always agrees: a setting whose margin no first token reaches falls back on every
+question, so its records hold each question's cost and answer by the fallback (which reuses the
+first passage where the store's passages are exact: ``runtime.prepare.fallback_prefill``).
+
 This is how the margin 0.025 of docs/recompute.md ("Falling back on near ties") was chosen on the
 dev articles: the largest on the grid whose mean ratio stays at 6x.
 
@@ -40,21 +45,37 @@ def smallest_margin(record: dict, setting: str, tokens: int) -> float:
 
 
 def price(
-    records: list[dict], setting: str, margin: float, tokens: int = 1, decode_step_s: float = 0.0
+    records: list[dict],
+    setting: str,
+    margin: float,
+    tokens: int = 1,
+    decode_step_s: float = 0.0,
+    measured: str | None = None,
 ) -> dict[str, float]:
     """Fallback share, agreement and TTFT ratios (mean and median) of ``setting`` with ``margin``
-    checked over ``tokens`` tokens (each look-ahead token costing ``decode_step_s``)."""
+    checked over ``tokens`` tokens (each look-ahead token costing ``decode_step_s``). A question
+    that falls back agrees and pays a prefix-cached prefill on top, unless ``measured`` names a
+    setting of the checkpoint that fell back on every question (``reuse+f0.999``): then its own
+    agreement and TTFT (the cached pass and the fallback, as run) stand for it."""
     falls = [smallest_margin(r, setting, tokens) < margin for r in records]
     extra = (tokens - 1) * decode_step_s
-    ttft = [
-        r[setting]["ttft"] + extra + (r["prefix_cached_ttft"] if f else 0.0)
-        for r, f in zip(records, falls, strict=True)
+
+    def fallen(r: dict) -> tuple[float, float]:
+        if measured is None:
+            return 1.0, r[setting]["ttft"] + r["prefix_cached_ttft"]
+        if r[measured].get("backend", "fallback") != "fallback":
+            raise ValueError(f"question {r.get('id')}: {measured} did not fall back; it cannot price the fallback")
+        return r[measured]["agree"], r[measured]["ttft"]
+
+    outcomes = [
+        fallen(r) if f else (r[setting]["agree"], r[setting]["ttft"]) for r, f in zip(records, falls, strict=True)
     ]
+    ttft = [t + extra for _, t in outcomes]
     full = [r["full"]["ttft"] for r in records]
     return {
         "margin": margin,
         "fallback": statistics.fmean(falls),
-        "agreement": statistics.fmean(1.0 if f else r[setting]["agree"] for r, f in zip(records, falls, strict=True)),
+        "agreement": statistics.fmean(a for a, _ in outcomes),
         "ttft_speedup_mean": statistics.fmean(full) / statistics.fmean(ttft),
         "ttft_speedup_median": statistics.median(full) / statistics.median(ttft),
     }
@@ -68,12 +89,15 @@ def main() -> None:
     parser.add_argument("--points", type=int, default=11)
     parser.add_argument("--tokens", type=int, default=1, help="answer tokens the margin is checked over")
     parser.add_argument("--decode-step", type=float, default=0.04, help="seconds per look-ahead token")
+    parser.add_argument(
+        "--measured", help="a setting that fell back on every question (e.g. reuse+f0.999): the fallback as run"
+    )
     args = parser.parse_args()
     records = [json.loads(line) for line in args.checkpoint.read_text().splitlines() if line.strip()]
     print(f"{len(records)} questions, setting {args.setting}, margin over {args.tokens} token(s)")
     print("| margin | falls back | agreement | TTFT vs full (mean) | (median) |\n|---|---|---|---|---|")
     for i in range(args.points):
-        row = price(records, args.setting, round(i * args.step, 6), args.tokens, args.decode_step)
+        row = price(records, args.setting, round(i * args.step, 6), args.tokens, args.decode_step, args.measured)
         print(
             f"| < {row['margin']:.3f} | {100 * row['fallback']:.1f} % | {row['agreement']:.3f} | "
             f"{row['ttft_speedup_mean']:.2f}x | {row['ttft_speedup_median']:.2f}x |"

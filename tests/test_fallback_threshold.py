@@ -26,3 +26,15 @@ def test_a_look_ahead_takes_the_smallest_margin_up_to_where_the_answer_leaves_fu
     assert fallback_threshold.smallest_margin(agreeing, "reuse", 1) == 0.5
     assert fallback_threshold.smallest_margin(agreeing, "reuse", 2) == 0.1
     assert fallback_threshold.smallest_margin(leaving, "reuse", 3) == 0.3  # its own margins end where it leaves
+
+
+def test_a_measured_fallback_prices_questions_below_the_margin_by_its_own_records():
+    records = [record(0.01, 0.0, 0.5), record(0.2, 1.0, 0.5)]
+    for r, agree in zip(records, (0.0, 1.0), strict=True):
+        r["reuse+f0.999"] = {"agree": agree, "ttft": 2.5, "backend": "fallback"}
+    one = fallback_threshold.price(records, "reuse", 0.1, measured="reuse+f0.999")
+    assert (one["fallback"], one["agreement"]) == (0.5, 0.5)  # its fallback disagreed
+    assert one["ttft_speedup_mean"] == pytest.approx(4.0 / ((2.5 + 0.5) / 2))
+    records[0]["reuse+f0.999"]["backend"] = "dense"
+    with pytest.raises(ValueError, match="did not fall back"):
+        fallback_threshold.price(records, "reuse", 0.1, measured="reuse+f0.999")

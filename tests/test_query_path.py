@@ -125,28 +125,60 @@ def test_first_token_margin_is_the_lead_of_the_greedy_token():
 
 
 @pytest.mark.parametrize("recompute", [0.0, 0.5])
-def test_a_near_tie_falls_back_to_full_prefill_and_a_clear_lead_does_not(store_of, recompute):
+@pytest.mark.parametrize("quant", ["none", "int4"])
+def test_a_near_tie_falls_back_to_full_prefill_and_a_clear_lead_does_not(store_of, recompute, quant):
     """``fallback_margin`` below a question's first-token margin changes nothing (the same tokens
     as without it, on plain reuse and after a recompute pass); above it the answer is full
-    prefill's (prefix cache reused), token for token, and says so."""
-    from ragcompress.runtime.generate import first_token_margin, prefill
+    prefill's, token for token, and says so: reusing the first passage's stored cache where it is
+    exact (``none``: float32 rows encoded after the prefix), the prefix cache alone where it is not
+    (``int4``: then token for token the prefix-cached prefill's)."""
+    from ragcompress.runtime.generate import first_token_margin
 
-    engine = Engine.open(store_of("llama", "int8"), options=AnswerOptions(max_new_tokens=10, recompute=recompute))
+    engine = Engine.open(store_of("llama", quant), options=AnswerOptions(max_new_tokens=10, recompute=recompute))
     for question in QUESTIONS:
         entries = engine.retrieve(question, 3)
         cached = engine.answer_cached(question, entries)
-        prepared = engine.prepare(question, entries)
-        logits = prepared.first_logits
-        if logits is None:
-            logits = prefill(engine.lm.model, prepared.input_ids, prepared.cache, prepared.position)
-        margin = first_token_margin(logits)
+        prepared = engine.prepare(question, entries).prefilled(engine.lm.model)
+        assert prepared.first_logits is not None
+        margin = first_token_margin(prepared.first_logits)
         assert 0.0 < margin < 0.5  # a tiny random model: near ties everywhere
         kept = engine.answer_cached(question, entries, engine.options.replace(fallback_margin=margin / 2))
         assert (kept.token_ids, kept.backend) == (cached.token_ids, "dense")
         fell = engine.answer_cached(question, entries, engine.options.replace(fallback_margin=2 * margin))
         assert fell.backend == "fallback"
-        assert fell.token_ids == engine.answer_prefix_cached(question, entries).token_ids
         assert fell.token_ids == engine.answer_full(question, entries).token_ids
+        if quant == "int4":
+            assert fell.token_ids == engine.answer_prefix_cached(question, entries).token_ids
+    engine.close()
+
+
+@pytest.mark.parametrize("quant", ["none", "int8", "int4"])
+def test_the_fallback_prefills_only_what_is_not_exact_already(store_of, quant):
+    """Where the store's passages are exact after the prefix (``none``, ``int8``), the fallback
+    prefills the passages after the first and the question, and its next-token logits are full
+    prefill's (float32 rows: to rounding; int8: close); elsewhere it prefills everything after the
+    prefix, as the prefix-cached baseline does."""
+    from ragcompress.runtime.generate import prefill
+    from ragcompress.runtime.prepare import fallback_prefill, full_prefill
+
+    engine = Engine.open(store_of("llama", quant), options=AnswerOptions(max_new_tokens=4))
+    for question in QUESTIONS:
+        entries = engine.retrieve(question, 3)
+        ids = engine.full_prompt_ids(question, entries)
+        fallback = fallback_prefill(engine.context, entries[0], ids, 4)
+        after = engine.prefix.num_tokens + (entries[0].num_tokens if quant != "int4" else 0)
+        assert (fallback.backend, fallback.input_ids, fallback.position) == ("fallback", ids[after:], after)
+        logits = prefill(engine.lm.model, fallback.input_ids, fallback.cache, fallback.position)
+        full = full_prefill(engine.context, ids, 4)
+        reference = prefill(engine.lm.model, full.input_ids, full.cache, full.position)
+        error = (logits.log_softmax(-1) - reference.log_softmax(-1)).abs().max().item()
+        cached = engine.prepare(question, entries).prefilled(engine.lm.model).first_logits
+        assert cached is not None
+        reuse_error = (cached.log_softmax(-1) - reference.log_softmax(-1)).abs().max().item()
+        if quant == "int8":  # 8-bit rounding of one passage, against passages that never saw each other
+            assert error < 0.15 and error < reuse_error / 4
+        else:
+            assert error < 1e-4
     engine.close()
 
 

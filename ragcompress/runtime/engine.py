@@ -23,12 +23,17 @@ from ragcompress.runtime.generate import (
     Prepared,
     TokenStream,
     first_token_margin,
-    prefill,
     stop_token_ids,
     text_deltas,
 )
 from ragcompress.runtime.options import AnswerOptions
-from ragcompress.runtime.prepare import QueryContext, choose_strategy, full_prefill, prefix_cached_prefill
+from ragcompress.runtime.prepare import (
+    QueryContext,
+    choose_strategy,
+    fallback_prefill,
+    full_prefill,
+    prefix_cached_prefill,
+)
 from ragcompress.store import KVStore
 from ragcompress.store.catalogue import Entry
 
@@ -200,29 +205,36 @@ class Engine:
         options = self.calibrated(options or self.options)
         suffix = self.suffix_ids(question, entries, options)
         strategy = choose_strategy(self.context, options)
-        passage_ids = [self.tokens.passage(e.text) for e in entries] if options.recompute.recomputes else []
-        full_ids = self.full_prompt_ids(question, entries, options) if options.fallback_margin else []
+        reads_passages = options.recompute.recomputes or options.fallback_margin > 0.0
+        passage_ids = [self.tokens.passage(e.text) for e in entries] if reads_passages else []
+        full_ids = self.prefix_ids + [t for ids in passage_ids for t in ids] + suffix if options.fallback_margin else []
 
         def prepare() -> Prepared:
-            prepared = strategy.prepare(self.context, entries, suffix, options.max_new_tokens, passage_ids)
+            prepared = strategy.prepare(
+                self.context,
+                entries,
+                suffix,
+                options.max_new_tokens,
+                passage_ids if options.recompute.recomputes else [],
+            )
             if options.fallback_margin:
-                prepared = self._unless_near_tie(prepared, full_ids, options)
+                prepared = self._unless_near_tie(prepared, entries, full_ids, options)
             return prepared
 
         return TokenStream(self.lm.model, prepare, options.max_new_tokens, self.stop_ids)
 
-    def _unless_near_tie(self, prepared: Prepared, full_ids: list[int], options: AnswerOptions) -> Prepared:
+    def _unless_near_tie(
+        self, prepared: Prepared, entries: list[Entry], full_ids: list[int], options: AnswerOptions
+    ) -> Prepared:
         """``prepared`` with its question prefilled, or, when its first token leads by less than
-        ``options.fallback_margin``, a prefix-cached full prefill of ``full_ids`` in its place
-        (backend ``fallback``; the cached request is dropped)."""
-        logits = prepared.first_logits
-        if logits is None:
-            logits = prefill(
-                self.lm.model, prepared.input_ids, prepared.cache, prepared.position, **prepared.attention_kwargs
-            )
-        if first_token_margin(logits) >= options.fallback_margin:
-            return replace(prepared, first_logits=logits)
-        return replace(prefix_cached_prefill(self.context, full_ids, options.max_new_tokens), backend="fallback")
+        ``options.fallback_margin``, a full prefill of ``full_ids`` in its place, after the prefix
+        and whatever of the first passage is exact (``runtime.prepare.fallback_prefill``; backend
+        ``fallback``; the cached request is dropped)."""
+        prepared = prepared.prefilled(self.lm.model)
+        assert prepared.first_logits is not None
+        if first_token_margin(prepared.first_logits) >= options.fallback_margin:
+            return prepared
+        return fallback_prefill(self.context, entries[0], full_ids, options.max_new_tokens)
 
     def stream_full(self, question: str, entries: list[Entry], options: AnswerOptions | None = None) -> TokenStream:
         """The baseline's tokens: a plain prefill of the same token ids, no cache reuse."""

@@ -41,6 +41,14 @@ class Prepared:
     first_logits: torch.Tensor | None = None
     backend: str = "dense"
 
+    def prefilled(self, model: Any) -> Prepared:
+        """This request with ``input_ids`` prefilled into ``cache`` and ``first_logits`` set (itself
+        when they already were): the one place a request's prompt is read."""
+        if self.first_logits is not None:
+            return self
+        logits = prefill(model, self.input_ids, self.cache, self.position, **self.attention_kwargs)
+        return replace(self, first_logits=logits)
+
 
 @dataclass(frozen=True)
 class Generation:
@@ -155,12 +163,11 @@ class TokenStream:
 
     def __iter__(self) -> Iterator[int]:
         t0 = time.perf_counter()
-        prepared = self.prepare()
+        prepared = self.prepare().prefilled(self.model)
         self.backend = prepared.backend
         kwargs = prepared.attention_kwargs
         logits = prepared.first_logits
-        if logits is None:
-            logits = prefill(self.model, prepared.input_ids, prepared.cache, prepared.position, **kwargs)
+        assert logits is not None
         self.ttft_s = time.perf_counter() - t0
         position = prepared.position + len(prepared.input_ids)
         tokens = decode_n_tokens(

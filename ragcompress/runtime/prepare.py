@@ -216,6 +216,33 @@ def prefix_cached_prefill(context: QueryContext, prompt_ids: list[int], max_new_
     return Prepared(cache, prompt_ids[prefix:], prefix, {}, None, "full-prefix-cached")
 
 
+def fallback_prefill(context: QueryContext, first: Entry, prompt_ids: list[int], max_new_tokens: int) -> Prepared:
+    """The full prefill that answers a question whose first token from the stored caches was a
+    near tie (``AnswerOptions.fallback_margin``, ``Engine.stream_cached``), reusing what is
+    already exact: the shared prefix, and the first retrieved passage when the store's passages
+    are exact after the prefix (:attr:`Manifest.passages_exact`: its stored cache, or base copy,
+    is what full prefill computes for it, up to 8-bit rounding) and it kept every row. Only the
+    other passages and the question are prefilled then: at top-3 about a third less than
+    :func:`prefix_cached_prefill`, which it is otherwise."""
+    prefix = context.prefix.num_tokens
+    if prompt_ids[:prefix] != context.prefix_ids:
+        raise ValueError("the prompt does not start with the store's prefix")
+    segment = context.store.load_kv(first, context.dtype, first=True) if context.store.manifest.passages_exact else None
+    if segment is None or not segment.is_uniform:
+        return replace(prefix_cached_prefill(context, prompt_ids, max_new_tokens), backend="fallback")
+    rest = prompt_ids[prefix + segment.num_tokens :]
+    built = assemble(
+        context.lm.config,
+        context.rotary,
+        context.prefix_keys,
+        context.prefix,
+        [segment],
+        context.dtype,
+        len(rest) + max_new_tokens,
+    )
+    return Prepared(built.cache, rest, built.next_position, built.attention_kwargs(), None, "fallback")
+
+
 def choose_strategy(context: QueryContext, options: AnswerOptions) -> DenseStrategy | PackedStrategy:
     """The strategy ``options.backend`` names; ``auto`` is the dense path everywhere.
 
