@@ -240,7 +240,8 @@ def test_fallback_margin_answers_near_ties_by_full_prefill(cli_store, monkeypatc
 
 def test_serve_takes_the_answering_defaults_ask_takes(cli_store, monkeypatch, capfd):
     """``serve --recompute 1:0.5,3:1 --selection mixed --fallback-margin 0.1`` are the service's
-    defaults (a request may still override them); a malformed schedule fails as it does for ask."""
+    defaults (a request may still override them), and so is ``--backend``; a malformed schedule or
+    an unknown backend fails as it does for ask."""
     pytest.importorskip("starlette")
     import ragcompress.serve
     from ragcompress.runtime.recompute import RecomputeConfig
@@ -257,6 +258,11 @@ def test_serve_takes_the_answering_defaults_ask_takes(cli_store, monkeypatch, ca
     assert options.fallback_margin == 0.1
     code, out, err = run_cli([*serve, "--recompute", "3:half"], monkeypatch, capfd)
     assert (code, out) == (1, "") and "--recompute '3:half'" in err
+    code, _, err = run_cli([*serve, "--backend", "packed-torch"], monkeypatch, capfd)
+    assert code == 0, err
+    assert seen[-1].backend == "packed-torch"
+    code, out, err = run_cli([*serve, "--backend", "fast"], monkeypatch, capfd)
+    assert (code, out) == (1, "") and "backend" in err
 
 
 def test_workers_without_ray_is_refused_not_ignored(tmp_path, monkeypatch, capfd):

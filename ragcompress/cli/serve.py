@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from ragcompress.cli.options import (
+    BACKEND_OPTION,
     DEVICE_OPTION,
     DTYPE_OPTION,
     FALLBACK_OPTION,
@@ -44,14 +45,16 @@ def serve(
     recompute: str | None = RECOMPUTE_OPTION,
     selection: str | None = SELECTION_OPTION,
     fallback_margin: float | None = FALLBACK_OPTION,
+    backend: str | None = BACKEND_OPTION,
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level"),
     dtype: str | None = DTYPE_OPTION,
     device: str | None = DEVICE_OPTION,
 ) -> None:
     """Serve the store over HTTP: OpenAI-compatible /v1/chat/completions (docs/serve.md).
 
-    ``--recompute``, ``--selection`` and ``--fallback-margin`` set the service's defaults (over
-    ``--preset``'s); a request's ``ragcompress.recompute`` / ``fallback_margin`` override them.
+    ``--recompute``, ``--selection``, ``--fallback-margin`` and ``--backend`` set the service's
+    defaults (over ``--preset``'s); a request's ``ragcompress.recompute`` / ``fallback_margin``
+    override the first three. Requests on the packed backends are answered one at a time.
     SIGTERM lets in-flight requests finish, then exits 0."""
     schedule = recompute_schedule(recompute)
     quiet_libraries()
@@ -77,7 +80,7 @@ def serve(
         typer.echo(
             f"warning: serving on {host} without an API key; anyone who reaches it can query the store", err=True
         )
-    options = options_from_flags(preset, max_new_tokens, schedule, selection, None, fallback_margin)
+    options = options_from_flags(preset, max_new_tokens, schedule, selection, backend, fallback_margin)
     engine = Engine.open(store, options=options, dtype=dtype, device=device)
     run(create_app(engine, settings), host, port, log_level=log_level)
     engine.close()
