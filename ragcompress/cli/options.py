@@ -62,9 +62,9 @@ FALLBACK_OPTION = typer.Option(
     "--fallback-margin",
     min=0.0,
     max=0.999,
-    help="answer by full prefill (prefix cached) a question whose first token from the caches leads the "
-    "runner-up by less than this probability: the near ties a stale cache flips most (both timed; "
-    "docs/recompute.md); default: the preset's, 0 (never) without one",
+    help="answer by full prefill (the prefix, and an exact first passage, cached) a question whose first "
+    "token from the caches leads the runner-up by less than this probability: the near ties a stale cache "
+    "flips most (both timed; docs/recompute.md); default: the preset's, 0 (never) without one",
 )
 
 

@@ -29,7 +29,9 @@ class AnswerOptions:
                     store's manifest, unless ``recompute`` sets a temperature of its own
     fallback_margin: when > 0, a question whose first answer token from the stored caches leads
                     the runner-up by less than this probability is answered by full prefill
-                    instead (the shared prefix's cache reused; both counted in its TTFT): the
+                    instead (the shared prefix's cache reused, and the first passage's where
+                    the store's passages are exact: ``runtime.prepare.fallback_prefill``; both
+                    passes counted in its TTFT): the
                     answers a stale cache is most likely to flip are the near ties
                     (docs/recompute.md "Falling back on near ties"); 0 never falls back
     """

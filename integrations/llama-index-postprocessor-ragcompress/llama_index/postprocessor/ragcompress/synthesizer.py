@@ -58,7 +58,8 @@ class KVCacheSynthesizer(BaseSynthesizer):
             cross-passage attention (CacheBlend/APE, ``ragcompress.runtime.recompute``), at every
             top-k, or ``(passages, fraction)`` points of a schedule by top-k (``[(3, 0.05), (5, 0.1)]``),
             with the preset's token selection; None keeps the preset's (plain reuse without one).
-        fallback_margin: answer by full prefill (the shared prefix's cache reused) a question whose
+        fallback_margin: answer by full prefill (the shared prefix's cache reused, and the first
+            passage's where it is exact) a question whose
             first token from the caches leads the runner-up by less than this probability
             (``AnswerOptions.fallback_margin``); None keeps the preset's (0, never, without one).
         preset: a named, measured answer setting (``ragcompress.presets``: ``fast``, ``small``,
