@@ -201,7 +201,8 @@ class Engine:
     def stream_cached(self, question: str, entries: list[Entry], options: AnswerOptions | None = None) -> TokenStream:
         """The answer's tokens from the stored caches, as they are decoded (timed from the
         first iteration, which loads and assembles the caches; the question, and the passages a
-        selective recompute reads, are tokenized before, as :meth:`stream_full`'s prompt is)."""
+        selective recompute or the near-tie fallback reads, are tokenized before, as
+        :meth:`stream_full`'s prompt is)."""
         options = self.calibrated(options or self.options)
         suffix = self.suffix_ids(question, entries, options)
         strategy = choose_strategy(self.context, options)
