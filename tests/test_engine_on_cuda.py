@@ -1,6 +1,7 @@
 """The whole query path with the model on a CUDA GPU: `auto` (the dense path), the fused kernel,
-selective recompute (the `faithful` preset's path), the batch `serve` decodes and full prefill
-answer there as they do on the CPU; and indexing there (the encoder's forwards, the scorers'
+selective recompute (the `faithful` preset's path), the near-tie fallback (over an int4 store
+and over an int8 one, whose exact first passage it reuses), the batch `serve` decodes and full
+prefill answer there as they do on the CPU; and indexing there (the encoder's forwards, the scorers'
 probes, both kinds of adaptor) stores what it stores on the CPU (benchmarks/gpu_check.sh runs the
 ``gpu``-marked tests). The model is a tiny random llama with a character tokenizer, so the check
 needs no packaged model: only torch, transformers, tokenizers and faiss on the GPU machine. The
@@ -36,10 +37,29 @@ def char_store(tmp_path_factory):
     return str(model_dir), str(root / "store")
 
 
+@pytest.fixture(scope="module")
+def char_store_int8(char_store, tmp_path_factory):
+    """The same model and passages in an int8 store: its passages are exact after the prefix, so
+    the near-tie fallback reuses the first one (``runtime.prepare.fallback_prefill``)."""
+    from ragcompress.data import SAMPLE_PASSAGES
+    from ragcompress.indexing import IndexConfig, index
+    from ragcompress.models import load_model
+    from ragcompress.testing import HashEmbedder
+
+    model_dir, _ = char_store
+    root = tmp_path_factory.mktemp("cuda-engine-int8")
+    passages = root / "passages.jsonl"
+    passages.write_text("\n".join(SAMPLE_PASSAGES.read_text().splitlines()[:8]) + "\n")
+    config = IndexConfig(quant="int8", embedder=HashEmbedder().name)
+    index(passages, root / "store", lm=load_model(model_dir), embedder=HashEmbedder(), config=config)
+    return model_dir, str(root / "store")
+
+
 def answers(model_dir: str, store: str, device: str, backends: list[str]) -> dict[str, list[tuple[str, list[int]]]]:
-    """Per backend, ``recompute`` (a quarter of the passage tokens, mixed selection), ``batch``
-    (all questions decoded together, as ``serve`` does) and ``full`` prefill: ``(path that ran,
-    greedy token ids)`` per question."""
+    """Per backend, ``recompute`` (a quarter of the passage tokens, mixed selection),
+    ``fallback`` (a margin no first token reaches: every question falls back), ``batch`` (all
+    questions decoded together, as ``serve`` does) and ``full`` prefill: ``(path that ran, greedy
+    token ids)`` per question."""
     from ragcompress.models import load_model
     from ragcompress.runtime.batch import BatchStream
     from ragcompress.runtime.engine import Engine
@@ -47,7 +67,9 @@ def answers(model_dir: str, store: str, device: str, backends: list[str]) -> dic
     from ragcompress.testing import HashEmbedder
 
     lm = load_model(model_dir, device=device)
-    out: dict[str, list[tuple[str, list[int]]]] = {name: [] for name in [*backends, "recompute", "batch", "full"]}
+    out: dict[str, list[tuple[str, list[int]]]] = {
+        name: [] for name in [*backends, "recompute", "fallback", "batch", "full"]
+    }
     recompute = RecomputeConfig(ratio=0.25, selection="mixed")
     with Engine(KVStore.open(store), lm, HashEmbedder(), AnswerOptions(max_new_tokens=8)) as engine:
         for question in QUESTIONS:
@@ -57,6 +79,8 @@ def answers(model_dir: str, store: str, device: str, backends: list[str]) -> dic
                 out[backend].append((answer.backend, answer.token_ids))
             answer = engine.answer_cached(question, entries, engine.options.replace(recompute=recompute))
             out["recompute"].append((answer.backend, answer.token_ids))
+            answer = engine.answer_cached(question, entries, engine.options.replace(fallback_margin=0.999))
+            out["fallback"].append((answer.backend, answer.token_ids))
             full = engine.answer_full(question, entries)
             out["full"].append((full.backend, full.token_ids))
         prepared = [engine.prepare(q, engine.retrieve(q, TOP_K)) for q in QUESTIONS]
@@ -78,14 +102,24 @@ def test_a_character_tokenizer_model_answers_alike_through_every_cpu_path(char_s
     assert [ids for _, ids in out["packed-torch"]] == [ids for _, ids in out["dense"]]
     assert out["batch"] == out["dense"]
     assert all(ids for _, ids in out["recompute"])
+    assert [path for path, _ in out["fallback"]] == ["fallback"] * len(QUESTIONS)
+    assert [ids for _, ids in out["fallback"]] == [ids for _, ids in out["full"]]  # int4: after the prefix
+
+
+def test_the_int8_harness_falls_back_through_its_first_passage_on_the_cpu(char_store_int8):
+    """The int8 store the CUDA test also reads: every question falls back, reusing the exact
+    first passage, and answers."""
+    out = answers(*char_store_int8, "cpu", ["dense"])
+    assert [path for path, _ in out["fallback"]] == ["fallback"] * len(QUESTIONS)
+    assert all(ids for _, ids in out["fallback"])
 
 
 @pytest.mark.gpu
-def test_engine_on_cuda_answers_as_on_the_cpu(char_store):
+def test_engine_on_cuda_answers_as_on_the_cpu(char_store, char_store_int8):
     """With the model on CUDA: ``auto`` answers through the dense path, the fused kernel
     (``packed-triton``) gives the tokens the packed PyTorch path gives on the CPU, and the dense
-    path, selective recompute, the batched decode and full prefill give the CPU's tokens (fp32
-    weights; greedy)."""
+    path, selective recompute, the near-tie fallback (int4 and int8 stores), the batched decode
+    and full prefill give the CPU's tokens (fp32 weights; greedy)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     pytest.importorskip("triton")
@@ -96,6 +130,11 @@ def test_engine_on_cuda_answers_as_on_the_cpu(char_store):
     assert cuda["dense"] == cpu["dense"] and cuda["full"] == cpu["full"]
     assert cuda["recompute"] == cpu["recompute"] and cuda["batch"] == cpu["batch"]
     assert [ids for _, ids in cuda["packed-triton"]] == [ids for _, ids in cpu["packed-torch"]]
+    assert cuda["fallback"] == cpu["fallback"]
+    assert (
+        answers(*char_store_int8, "cuda", ["dense"])["fallback"]
+        == answers(*char_store_int8, "cpu", ["dense"])["fallback"]
+    )
 
 
 # One store per part of indexing that runs the model: the encoder's forward (plain), the probes
