@@ -179,10 +179,12 @@ class Engine:
 
     def full_prompt_ids(self, question: str, entries: list[Entry], options: AnswerOptions | None = None) -> list[int]:
         """``prefix + passage_1 + … + passage_k + suffix``: the token ids the caches stand for."""
-        ids = list(self.prefix_ids)
-        for entry in entries:
-            ids += self.tokens.passage(entry.text)
-        return ids + self.suffix_ids(question, entries, options)
+        passage_ids = [self.tokens.passage(entry.text) for entry in entries]
+        return self.joined_prompt(passage_ids, self.suffix_ids(question, entries, options))
+
+    def joined_prompt(self, passage_ids: list[list[int]], suffix: list[int]) -> list[int]:
+        """The full prompt's ids from already tokenized passages and question suffix."""
+        return self.prefix_ids + [token for ids in passage_ids for token in ids] + suffix
 
     def prepare(self, question: str, entries: list[Entry], options: AnswerOptions | None = None) -> Prepared:
         """The stored caches of ``entries`` in front of the question, by the strategy that
@@ -208,16 +210,10 @@ class Engine:
         strategy = choose_strategy(self.context, options)
         reads_passages = options.recompute.recomputes or options.fallback_margin > 0.0
         passage_ids = [self.tokens.passage(e.text) for e in entries] if reads_passages else []
-        full_ids = self.prefix_ids + [t for ids in passage_ids for t in ids] + suffix if options.fallback_margin else []
+        full_ids = self.joined_prompt(passage_ids, suffix) if options.fallback_margin else []
 
         def prepare() -> Prepared:
-            prepared = strategy.prepare(
-                self.context,
-                entries,
-                suffix,
-                options.max_new_tokens,
-                passage_ids if options.recompute.recomputes else [],
-            )
+            prepared = strategy.prepare(self.context, entries, suffix, options.max_new_tokens, passage_ids)
             if options.fallback_margin:
                 prepared = self._unless_near_tie(prepared, entries, full_ids, options)
             return prepared

@@ -106,9 +106,9 @@ class QueryContext:
 class Strategy(Protocol):
     """Turns retrieved entries and the question's suffix into a :class:`Prepared` request.
 
-    ``passage_ids``: the entries' token ids where a selective recompute reads them (empty
-    without one), tokenized by the caller before the request's clock starts, as the full
-    prefill's prompt is."""
+    ``passage_ids``: the entries' token ids where the request reads them (a selective recompute;
+    the near-tie fallback, which this protocol does not see), else empty; tokenized by the caller
+    before the request's clock starts, as the full prefill's prompt is."""
 
     def prepare(
         self,
@@ -174,7 +174,7 @@ class PackedStrategy:
         entries: list[Entry],
         suffix: list[int],
         max_new_tokens: int,
-        passage_ids: list[list[int]],  # no recompute on this path (choose_strategy): empty
+        passage_ids: list[list[int]],  # no recompute on this path (choose_strategy): unused
     ) -> Prepared:
         device = context.lm.model.device
         start = context.prefix.num_tokens
@@ -206,14 +206,34 @@ def full_prefill(context: QueryContext, prompt_ids: list[int], max_new_tokens: i
     return Prepared(cache, prompt_ids, 0, {}, None, "full")
 
 
-def prefix_cached_prefill(context: QueryContext, prompt_ids: list[int], max_new_tokens: int) -> Prepared:
+def prefix_cached_prefill(
+    context: QueryContext,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    first: PassageKV | None = None,
+    backend: str = "full-prefix-cached",
+) -> Prepared:
     """The fair peer of a serving engine with automatic prefix caching: the shared prefix's cache
-    is reused, everything after it (passages and question) is prefilled."""
+    is reused, everything after it (passages and question) is prefilled. ``first``: the first
+    passage's cache, exact after the prefix, reused too (:func:`fallback_prefill`); then only
+    what follows it is prefilled."""
     prefix = context.prefix.num_tokens
     if prompt_ids[:prefix] != context.prefix_ids:
         raise ValueError("the prompt does not start with the store's prefix")
-    cache = context.prefix_cache(len(prompt_ids) - prefix + max_new_tokens)
-    return Prepared(cache, prompt_ids[prefix:], prefix, {}, None, "full-prefix-cached")
+    if first is None:
+        cache = context.prefix_cache(len(prompt_ids) - prefix + max_new_tokens)
+        return Prepared(cache, prompt_ids[prefix:], prefix, {}, None, backend)
+    rest = prompt_ids[prefix + first.num_tokens :]
+    built = assemble(
+        context.lm.config,
+        context.rotary,
+        context.prefix_keys,
+        context.prefix,
+        [first],
+        context.dtype,
+        len(rest) + max_new_tokens,
+    )
+    return Prepared(built.cache, rest, built.next_position, built.attention_kwargs(), None, backend)
 
 
 def fallback_prefill(context: QueryContext, first: Entry, prompt_ids: list[int], max_new_tokens: int) -> Prepared:
@@ -224,23 +244,9 @@ def fallback_prefill(context: QueryContext, first: Entry, prompt_ids: list[int],
     is what full prefill computes for it, up to 8-bit rounding) and it kept every row. Only the
     other passages and the question are prefilled then: at top-3 about a third less than
     :func:`prefix_cached_prefill`, which it is otherwise."""
-    prefix = context.prefix.num_tokens
-    if prompt_ids[:prefix] != context.prefix_ids:
-        raise ValueError("the prompt does not start with the store's prefix")
     segment = context.store.load_kv(first, context.dtype, first=True) if context.store.manifest.passages_exact else None
-    if segment is None or not segment.is_uniform:
-        return replace(prefix_cached_prefill(context, prompt_ids, max_new_tokens), backend="fallback")
-    rest = prompt_ids[prefix + segment.num_tokens :]
-    built = assemble(
-        context.lm.config,
-        context.rotary,
-        context.prefix_keys,
-        context.prefix,
-        [segment],
-        context.dtype,
-        len(rest) + max_new_tokens,
-    )
-    return Prepared(built.cache, rest, built.next_position, built.attention_kwargs(), None, "fallback")
+    exact = segment if segment is not None and segment.is_uniform else None
+    return prefix_cached_prefill(context, prompt_ids, max_new_tokens, exact, backend="fallback")
 
 
 def choose_strategy(context: QueryContext, options: AnswerOptions) -> DenseStrategy | PackedStrategy:
