@@ -9,7 +9,8 @@ fair baseline: the shared prefix's cache reused, passages and question prefilled
 the TTFTs measured in this run.
 
 Settings are written ``reuse`` (plain reuse), ``r0.1`` (recompute 10 %), ``s4`` (first 4 tokens
-of every passage), ``t0.9`` (APE temperature), ``c2`` (check layer), ``question`` / ``mixed``
+of every passage), ``t0.9`` (APE temperature), ``c2`` (check layer), ``g0.02`` (gradual filtering: the fraction still
+carried through the last layer), ``question`` / ``mixed``
 (question-aware token selection), ``cal`` (the store's calibrated temperature, ``ragcompress
 calibrate``; every other setting runs uncalibrated), joined with ``+``: ``r0.1+mixed``; ``oracle`` is the bound of
 the store's quantization (exact, perfectly conditioned passage KV, quantized like the store's); ``reversed`` is a
@@ -58,7 +59,13 @@ from common import (
     teacher_forced_logprobs,
 )
 
-KEYS = {"r": ("ratio", float), "s": ("sink_tokens", int), "t": ("temperature", float), "c": ("check_layer", int)}
+KEYS = {
+    "r": ("ratio", float),
+    "s": ("sink_tokens", int),
+    "t": ("temperature", float),
+    "c": ("check_layer", int),
+    "g": ("final_ratio", float),
+}
 OUTCOMES = ("sub_em", "f1", "agree", "kl", "ttft")
 
 

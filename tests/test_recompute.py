@@ -24,20 +24,21 @@ QUESTION = "What city is the sporting capital of Australia?"
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory, tiny_model_dir, embedder):
-    """Factory: a store of the first 8 sample passages for (arch, quant), built once."""
+    """Factory: a store of the first 8 sample passages for (arch, quant, layers), built once."""
     from ragcompress.data import SAMPLE_PASSAGES
 
     root = tmp_path_factory.mktemp("recompute")
     passages = root / "passages.jsonl"
     passages.write_text("\n".join(SAMPLE_PASSAGES.read_text().splitlines()[:8]) + "\n")
-    built: dict[tuple[str, str], Engine] = {}
+    built: dict[tuple[str, str, int], Engine] = {}
 
-    def make(arch: str = "qwen2", quant: str = "none") -> Engine:
-        if (arch, quant) not in built:
-            store = root / f"{arch}-{quant}"
-            index(passages, store, model=str(tiny_model_dir(arch)), config=IndexConfig(quant=quant), embedder=embedder)
-            built[arch, quant] = Engine.open(store)
-        return built[arch, quant]
+    def make(arch: str = "qwen2", quant: str = "none", layers: int = 2) -> Engine:
+        if (arch, quant, layers) not in built:
+            store = root / f"{arch}-{quant}-{layers}"
+            model = tiny_model_dir(arch) if layers == 2 else tiny_model_dir(arch, layers=layers)
+            index(passages, store, model=str(model), config=IndexConfig(quant=quant), embedder=embedder)
+            built[arch, quant, layers] = Engine.open(store)
+        return built[arch, quant, layers]
 
     return make
 
@@ -172,12 +173,14 @@ def test_full_recompute_reproduces_full_prefill(arch, stores):
         RecomputeConfig(1.0),
         RecomputeConfig(0.3, selection="question"),
         RecomputeConfig(0.3, sink_tokens=2, selection="mixed"),
+        RecomputeConfig(0.3, sink_tokens=2, final_ratio=0.05),
     ],
 )
 @pytest.mark.parametrize("layout", ["uniform", "per-head"])
 def test_question_riding_in_the_recompute_pass_changes_nothing(stores, config, layout):
-    """Fused (selected tokens + question in one pass) == recompute, then prefill the question."""
-    engine = stores("qwen2")
+    """Fused (selected tokens + question in one pass) == recompute, then prefill the question.
+    Gradual filtering narrows only above the check layer: it runs on a four-layer model."""
+    engine = stores("qwen2", layers=2 if config.final_ratio is None else 4)
     entries = engine.retrieve(QUESTION, 3)
     loaded = [engine.store.load_kv(e) for e in entries]
     segments = loaded if layout == "uniform" else [padded(kv) for kv in loaded]
@@ -224,6 +227,51 @@ def test_selection_is_deterministic_and_sized(stores):
     assert bool((selected >= first).all())  # the first passage is exact on a lossless store
     for start in (first, second):  # every later passage's sinks are in
         assert set(range(start, start + 3)) <= set(selected.tolist())
+
+
+@pytest.mark.parametrize("selection", ["deviation", "mixed"])
+def test_gradual_filtering_narrows_the_carried_tokens_layer_by_layer(stores, selection):
+    """``final_ratio`` at the request's ratio is the plain recompute bit for bit; below it, the
+    selection at the check layer is the same, the result deterministic, and at 0 no passage row
+    of the last layer is rewritten (every token has been dropped by then), while the check
+    layer's selected rows still are. Four layers: the check layer (1), then two to narrow over."""
+    engine = stores("qwen2", layers=4)
+    entries = engine.retrieve(QUESTION, 3)
+    plain = RecomputeConfig(ratio=0.4, selection=selection)
+    same, same_report = cached_logits(engine, entries, RecomputeConfig(0.4, selection=selection, final_ratio=0.4))
+    reference, report = cached_logits(engine, entries, plain)
+    assert torch.equal(same, reference) and torch.equal(same_report.selected, report.selected)
+
+    segments = [engine.store.load_kv(e) for e in entries]
+    stored = assembled(engine, segments)
+    tapered = RecomputeConfig(0.4, selection=selection, final_ratio=0.0)
+    runs = []
+    for _ in range(2):
+        built = assembled(engine, segments)
+        ids = [engine.tokens.passage(e.text) for e in entries]
+        suffix = engine.tokens.suffix(QUESTION)
+        out = blend(
+            engine.lm.model,
+            engine.rotary,
+            built,
+            engine.prefix,
+            segments,
+            ids,
+            tapered,
+            first_exact=True,
+            suffix=suffix,
+        )
+        runs.append((out, built))
+    (first, built), (second, _) = runs
+    assert torch.equal(first.selected, report.selected)  # chosen at the check layer as before
+    assert torch.equal(first.logits, second.logits)
+    assert not torch.allclose(first.logits, reference, atol=1e-4)  # dropping tokens changed the answer's logits
+    rows = built.context_rows
+    prefix = engine.prefix.num_tokens
+    last, check = built.cache.layers[-1], built.cache.layers[1]
+    assert torch.equal(last.keys[:, :, : int(rows[-1])], stored.cache.layers[-1].keys)
+    picked = prefix + first.selected
+    assert not torch.equal(check.values[:, :, picked], stored.cache.layers[1].values[:, :, picked])
 
 
 @pytest.mark.parametrize("selection", ["question", "mixed", "question-deep"])
@@ -472,6 +520,7 @@ def test_temperature_scales_only_passage_keys(stores):
         {"ratio_by_passages": ((3, 0.0), (3, 0.1))},
         {"ratio_by_passages": ((3, 0.0), (5, 1.5))},
         {"ratio_by_passages": ((3, 0.05),)},  # ratio 0 is not the first point's
+        {"final_ratio": 1.5},
     ],
 )
 def test_config_rejects_bad_values(fields):

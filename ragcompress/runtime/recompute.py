@@ -77,6 +77,13 @@ class RecomputeConfig:
                  them) instead of ``ratio``, which must then equal the first point's. More
                  passages leave room for more: full prefill's cost grows with them, the cached
                  path's fixed cost (loading, the question) does not (docs/recompute.md)
+    final_ratio: CacheBlend's gradual filtering (§4.3): the fraction of passage tokens still
+                 carried through the last layer. Before each layer above the check layer the
+                 tokens carried so far are ranked again by ``selection`` at that layer and the
+                 best ``total x r(layer)`` go on, ``r`` falling linearly from the request's ratio
+                 at the check layer to ``final_ratio`` at the last; a dropped token keeps its
+                 stored KV above the layer it left at. ``None`` (or a value not below the
+                 request's ratio) carries every selected token through every layer
     """
 
     ratio: float = 0.0
@@ -85,6 +92,7 @@ class RecomputeConfig:
     temperature: float = 1.0
     selection: str = "deviation"
     ratio_by_passages: tuple[tuple[int, float], ...] = ()
+    final_ratio: float | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio <= 1.0:
@@ -108,6 +116,8 @@ class RecomputeConfig:
             raise ValueError(f"check_layer must be >= 1, got {self.check_layer}")
         if self.temperature <= 0.0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.final_ratio is not None and not 0.0 <= self.final_ratio <= 1.0:
+            raise ValueError(f"final_ratio must be in [0, 1], got {self.final_ratio}")
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
 
@@ -262,8 +272,9 @@ def blend(
         selected = candidates if budget >= candidates.numel() else sinks
         hidden = embed(ids[selected].unsqueeze(0).to(device))
         start = 0
+    carry = _Carry(model, rotary, layout, built.cache, config, total, check)
     if not suffix:
-        cache_pass.run_layers(model, rotary, layout, built.cache, selected, hidden, start, layers)
+        carry(selected, hidden, start, layers)
         return BlendReport(selected, int(candidates.numel()), total)
     suffix_ids = torch.tensor([suffix], dtype=torch.long, device=device)
     if question is None:
@@ -272,11 +283,83 @@ def blend(
             question = cache_pass.run_layers(
                 model, rotary, layout, built.cache, selected[:0], question, 0, start, new_pos
             )
-    hidden = cache_pass.run_layers(
-        model, rotary, layout, built.cache, selected, torch.cat([hidden, question], dim=1), start, layers, new_pos
-    )
+    hidden = carry(selected, torch.cat([hidden, question], dim=1), start, layers, new_pos)
     logits = output_logits(model, hidden[:, -1:])[0, -1]
     return BlendReport(selected, int(candidates.numel()), total, logits)
+
+
+@dataclass
+class _Carry:
+    """Carries the selected tokens (and the question riding along) through layers ``start …
+    stop-1``: in one :func:`cache_pass.run_layers` call, or, with ``config.final_ratio`` below the
+    request's ratio, one layer at a time, dropping the tokens that rank lowest at each layer above
+    the check layer (gradual filtering; ranked as ``config.selection`` ranks at the check layer,
+    the question's relevance read from its own hidden state at that layer when it rides along)."""
+
+    model: Any
+    rotary: Rotary
+    layout: CacheLayout
+    cache: Any
+    config: RecomputeConfig
+    total: int
+    check: int
+
+    def __call__(
+        self,
+        tokens: torch.Tensor,
+        hidden: torch.Tensor,
+        start: int,
+        stop: int,
+        new_pos: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        ratio = tokens.numel() / max(self.total, 1)
+        final = self.config.final_ratio
+        if final is None or final >= ratio or stop - start < 2:
+            return cache_pass.run_layers(
+                self.model, self.rotary, self.layout, self.cache, tokens, hidden, start, stop, new_pos
+            )
+        for index in range(start, stop):
+            if index > self.check:
+                keep = self.keep(index, stop, tokens, hidden, ratio, final, new_pos)
+                if keep is not None:
+                    tokens = tokens[keep]
+                    passage = hidden.shape[1] - (0 if new_pos is None else new_pos.numel())
+                    rows = torch.cat(
+                        [keep.to(hidden.device), torch.arange(passage, hidden.shape[1], device=hidden.device)]
+                    )
+                    hidden = hidden[:, rows]
+            hidden = cache_pass.run_layers(
+                self.model, self.rotary, self.layout, self.cache, tokens, hidden, index, index + 1, new_pos
+            )
+        return hidden
+
+    def keep(
+        self,
+        index: int,
+        stop: int,
+        tokens: torch.Tensor,
+        hidden: torch.Tensor,
+        ratio: float,
+        final: float,
+        new_pos: torch.Tensor | None,
+    ) -> torch.Tensor | None:
+        """Sorted positions in ``tokens`` of the ones carried into layer ``index``, or ``None``
+        when all of them go on."""
+        span = max(stop - 1 - self.check, 1)
+        target = ratio + (final - ratio) * (index - self.check) / span
+        budget = int(round(target * self.total))
+        if budget >= tokens.numel():
+            return None
+        passage = tokens.numel()
+        deviation = value_deviation(self.model, self.layout, self.cache, tokens, hidden[:, :passage], index)
+        relevance = None
+        if self.config.selection in ("question", "mixed") and new_pos is not None and new_pos.numel():
+            relevance = question_relevance(
+                self.model, self.rotary, self.layout, tokens, hidden[:, :passage], hidden[:, passage:], new_pos, index
+            )
+        scores = ranking(self.config.selection if relevance is not None else "deviation", deviation, relevance)
+        order = torch.sort(scores.float().cpu(), descending=True, stable=True).indices[:budget]
+        return torch.sort(order).values
 
 
 def repair(
