@@ -62,6 +62,16 @@ def blend_only(engine: Engine, built, segments, entries, recompute):
     )
 
 
+def fused(engine: Engine, built, segments, entries, config: RecomputeConfig):
+    """The recompute with the question riding along (CacheBlend's fused pass), on a lossless
+    store (the first passage exact), returning its report with the question's logits."""
+    ids = [engine.tokens.passage(e.text) for e in entries]
+    suffix = engine.tokens.suffix(QUESTION)
+    return blend(
+        engine.lm.model, engine.rotary, built, engine.prefix, segments, ids, config, first_exact=True, suffix=suffix
+    )
+
+
 def assembled(engine: Engine, segments):
     """The dense path's assembled cache of ``segments`` after the engine's prefix."""
     return assemble(engine.lm.config, engine.rotary, engine.prefix_keys, engine.prefix, segments, engine.dtype)
@@ -186,15 +196,11 @@ def test_question_riding_in_the_recompute_pass_changes_nothing(stores, config, l
     segments = loaded if layout == "uniform" else [padded(kv) for kv in loaded]
     separate, report = cached_logits(engine, entries, config, segments)
     built = assembled(engine, segments)
-    suffix = engine.tokens.suffix(QUESTION)
-    ids = [engine.tokens.passage(e.text) for e in entries]
-    fused = blend(
-        engine.lm.model, engine.rotary, built, engine.prefix, segments, ids, config, first_exact=True, suffix=suffix
-    )
-    assert torch.equal(fused.selected, report.selected)
-    torch.testing.assert_close(fused.logits, separate, atol=1e-4, rtol=1e-4)
+    together = fused(engine, built, segments, entries, config)
+    assert torch.equal(together.selected, report.selected)
+    torch.testing.assert_close(together.logits, separate, atol=1e-4, rtol=1e-4)
     assert [layer.keys.shape[2] for layer in built.cache.layers] == [
-        int(rows) + len(suffix) for rows in built.context_rows
+        int(rows) + len(engine.tokens.suffix(QUESTION)) for rows in built.context_rows
     ]
 
 
@@ -245,24 +251,9 @@ def test_gradual_filtering_narrows_the_carried_tokens_layer_by_layer(stores, sel
     segments = [engine.store.load_kv(e) for e in entries]
     stored = assembled(engine, segments)
     tapered = RecomputeConfig(0.4, selection=selection, final_ratio=0.0)
-    runs = []
-    for _ in range(2):
-        built = assembled(engine, segments)
-        ids = [engine.tokens.passage(e.text) for e in entries]
-        suffix = engine.tokens.suffix(QUESTION)
-        out = blend(
-            engine.lm.model,
-            engine.rotary,
-            built,
-            engine.prefix,
-            segments,
-            ids,
-            tapered,
-            first_exact=True,
-            suffix=suffix,
-        )
-        runs.append((out, built))
-    (first, built), (second, _) = runs
+    built = assembled(engine, segments)
+    first = fused(engine, built, segments, entries, tapered)
+    second = fused(engine, assembled(engine, segments), segments, entries, tapered)
     assert torch.equal(first.selected, report.selected)  # chosen at the check layer as before
     assert torch.equal(first.logits, second.logits)
     assert not torch.allclose(first.logits, reference, atol=1e-4)  # dropping tokens changed the answer's logits
