@@ -293,8 +293,10 @@ class _Carry:
     """Carries the selected tokens (and the question riding along) through layers ``start …
     stop-1``: in one :func:`cache_pass.run_layers` call, or, with ``config.final_ratio`` below the
     request's ratio, one layer at a time, dropping the tokens that rank lowest at each layer above
-    the check layer (gradual filtering; ranked as ``config.selection`` ranks at the check layer,
-    the question's relevance read from its own hidden state at that layer when it rides along)."""
+    the check layer (gradual filtering). They are ranked there by their value deviation at that
+    layer, combined as ``config.selection`` asks with the question's relevance when the question
+    rides along (``question``, ``mixed``; read from its own hidden state at that layer); sinks
+    and ``question-deep`` selections are ranked by deviation like any other token."""
 
     model: Any
     rotary: Rotary
