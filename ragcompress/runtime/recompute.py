@@ -323,13 +323,11 @@ class _Carry:
         for index in range(start, stop):
             if index > self.check:
                 keep = self.keep(index, stop, tokens, hidden, ratio, final, new_pos)
-                if keep is not None:
-                    tokens = tokens[keep]
-                    passage = hidden.shape[1] - (0 if new_pos is None else new_pos.numel())
+                if keep is not None:  # the kept tokens' rows, then the question's (if it rides along)
                     rows = torch.cat(
-                        [keep.to(hidden.device), torch.arange(passage, hidden.shape[1], device=hidden.device)]
+                        [keep.to(hidden.device), torch.arange(tokens.numel(), hidden.shape[1], device=hidden.device)]
                     )
-                    hidden = hidden[:, rows]
+                    tokens, hidden = tokens[keep], hidden[:, rows]
             hidden = cache_pass.run_layers(
                 self.model, self.rotary, self.layout, self.cache, tokens, hidden, index, index + 1, new_pos
             )
@@ -360,8 +358,8 @@ class _Carry:
                 self.model, self.rotary, self.layout, tokens, hidden[:, :passage], hidden[:, passage:], new_pos, index
             )
         scores = ranking(self.config.selection if relevance is not None else "deviation", deviation, relevance)
-        order = torch.sort(scores.float().cpu(), descending=True, stable=True).indices[:budget]
-        return torch.sort(order).values
+        kept = select_tokens(scores.cpu(), tokens, tokens[:0], budget)
+        return torch.searchsorted(tokens, kept)
 
 
 def repair(
