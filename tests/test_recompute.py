@@ -265,6 +265,25 @@ def test_gradual_filtering_narrows_the_carried_tokens_layer_by_layer(stores, sel
     assert not torch.equal(check.values[:, :, picked], stored.cache.layers[1].values[:, :, picked])
 
 
+def test_gradual_filtering_carries_the_sinks_through_every_layer(stores):
+    """EPIC's sinks are recomputed through every layer however far the recompute narrows: at
+    ``final_ratio=0`` the last layer's rows of every later passage's first tokens are rewritten,
+    and no other passage row of that layer is."""
+    engine = stores("qwen2", layers=4)
+    entries = engine.retrieve(QUESTION, 3)
+    segments = [engine.store.load_kv(e) for e in entries]
+    stored = assembled(engine, segments)
+    built = assembled(engine, segments)
+    report = fused(engine, built, segments, entries, RecomputeConfig(0.4, sink_tokens=2, final_ratio=0.0))
+    first, second = entries[0].num_tokens, entries[0].num_tokens + entries[1].num_tokens
+    sinks = [first, first + 1, second, second + 1]  # the first passage is exact on a lossless store
+    assert set(sinks) < set(report.selected.tolist())
+    prefix, rows = engine.prefix.num_tokens, int(built.context_rows[-1])
+    last, before = built.cache.layers[-1].values[:, :, :rows], stored.cache.layers[-1].values
+    changed = [t for t in range(rows - prefix) if not torch.equal(last[:, :, prefix + t], before[:, :, prefix + t])]
+    assert changed == sinks
+
+
 @pytest.mark.parametrize("selection", ["question", "mixed", "question-deep"])
 def test_question_aware_selection_is_deterministic_and_sized(stores, selection):
     engine = stores("qwen2")

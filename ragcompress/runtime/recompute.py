@@ -82,8 +82,9 @@ class RecomputeConfig:
                  tokens carried so far are ranked again by ``selection`` at that layer and the
                  best ``total x r(layer)`` go on, ``r`` falling linearly from the request's ratio
                  at the check layer to ``final_ratio`` at the last; a dropped token keeps its
-                 stored KV above the layer it left at. ``None`` (or a value not below the
-                 request's ratio) carries every selected token through every layer
+                 stored KV above the layer it left at; sinks are never dropped. ``None`` (or a
+                 value not below the request's ratio) carries every selected token through
+                 every layer
     """
 
     ratio: float = 0.0
@@ -272,7 +273,7 @@ def blend(
         selected = candidates if budget >= candidates.numel() else sinks
         hidden = embed(ids[selected].unsqueeze(0).to(device))
         start = 0
-    carry = _Carry(model, rotary, layout, built.cache, config, total, check)
+    carry = _Carry(model, rotary, layout, built.cache, config, total, check, sinks)
     if not suffix:
         carry(selected, hidden, start, layers)
         return BlendReport(selected, int(candidates.numel()), total)
@@ -295,8 +296,10 @@ class _Carry:
     request's ratio, one layer at a time, dropping the tokens that rank lowest at each layer above
     the check layer (gradual filtering). They are ranked there by their value deviation at that
     layer, combined as ``config.selection`` asks with the question's relevance when the question
-    rides along (``question``, ``mixed``; read from its own hidden state at that layer); sinks
-    and ``question-deep`` selections are ranked by deviation like any other token."""
+    rides along (``question``, ``mixed``; read from its own hidden state at that layer);
+    ``question-deep`` selections are ranked by deviation like any other token. ``sinks`` (the
+    passages' first tokens, ``config.sink_tokens``) are never dropped: EPIC recomputes them
+    through every layer, and so does a narrowing recompute."""
 
     model: Any
     rotary: Rotary
@@ -305,6 +308,7 @@ class _Carry:
     config: RecomputeConfig
     total: int
     check: int
+    sinks: torch.Tensor
 
     def __call__(
         self,
@@ -347,7 +351,7 @@ class _Carry:
         when all of them go on."""
         span = max(stop - 1 - self.check, 1)
         target = ratio + (final - ratio) * (index - self.check) / span
-        budget = int(round(target * self.total))
+        budget = max(int(round(target * self.total)), int(torch.isin(tokens, self.sinks).sum()))
         if budget >= tokens.numel():
             return None
         passage = tokens.numel()
@@ -358,7 +362,7 @@ class _Carry:
                 self.model, self.rotary, self.layout, tokens, hidden[:, :passage], hidden[:, passage:], new_pos, index
             )
         scores = ranking(self.config.selection if relevance is not None else "deviation", deviation, relevance)
-        kept = select_tokens(scores.cpu(), tokens, tokens[:0], budget)
+        kept = select_tokens(scores.cpu(), tokens, self.sinks, budget)
         return torch.searchsorted(tokens, kept)
 
 
