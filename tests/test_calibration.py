@@ -71,10 +71,45 @@ def test_calibration_chooses_the_lowest_kl_deterministically(store):
     with Engine.open(store, options=AnswerOptions(calibrate=False)) as engine:
         first = calibrate_temperature(engine, samples=2, top_k=2, grid=(0.5, 1.0, 2.0), answer_tokens=3)
         again = calibrate_temperature(engine, samples=2, top_k=2, grid=(0.5, 1.0, 2.0), answer_tokens=3)
+        reference = untempered_kl(engine, samples=2, top_k=2, answer_tokens=3)
     assert first == again
     assert set(first.kl) == {"0.5", "1", "2"}
+    assert len(set(first.kl.values())) == 3  # each temperature was applied
     assert first.kl[f"{first.temperature:g}"] == min(first.kl.values())
     assert all(value >= 0.0 for value in first.kl.values())
+    assert reference > 0.0 and first.kl["1"] == pytest.approx(reference, rel=1e-3, abs=1e-6)
+
+
+def untempered_kl(engine: Engine, samples: int, top_k: int, answer_tokens: int) -> float:
+    """The mean KL at temperature 1 computed apart from the calibration's code: each group's full
+    prompt and greedy answer in one plain forward, against the stored caches' request read along
+    the same answer by the model itself."""
+    from ragcompress.runtime.calibration import PROBE_QUESTION
+
+    entries = sorted(engine.store.catalogue.entries(), key=lambda e: e.id)
+    anchors = entries[:: max(1, len(entries) // samples)][:samples]
+    options = engine.options.replace(max_new_tokens=answer_tokens, backend="dense")
+    model, total = engine.lm.model, 0.0
+    for anchor in anchors:
+        group = engine.retrieve(anchor.text, top_k)
+        answer = engine.answer_full(PROBE_QUESTION, group, options).token_ids
+        ids = engine.full_prompt_ids(PROBE_QUESTION, group, options)
+        keep = len(answer) + 1
+        with torch.inference_mode():
+            full = model(torch.tensor([ids + answer])).logits[0, -keep:].float().log_softmax(-1)
+            prepared = engine.prepare(PROBE_QUESTION, group, options)
+            read = prepared.input_ids + answer
+            positions = torch.arange(prepared.position, prepared.position + len(read)).unsqueeze(0)
+            out = model(
+                input_ids=torch.tensor([read]),
+                position_ids=positions,
+                past_key_values=prepared.cache,
+                use_cache=True,
+                **prepared.attention_kwargs,
+            )
+            cached = out.logits[0, -keep:].float().log_softmax(-1)
+        total += float((full.exp() * (full - cached)).sum(-1).mean())
+    return total / len(anchors)
 
 
 def test_cli_records_the_temperature(store, capfd, monkeypatch):

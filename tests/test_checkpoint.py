@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -30,6 +32,11 @@ def test_nested_tree_with_optimizer_state_round_trips(tmp_path):
     assert torch.equal(back["params"]["a"], param.detach())
     assert torch.equal(back["examples"][0]["lp"], torch.arange(4.0)) and back["examples"][0]["ids"] == [1, 2]
     assert list(back["optimizer"]["state"]) == [0]  # int keys stay ints
+    saved = optimizer.state_dict()
+    for key, value in saved["state"][0].items():  # the moments and the step, not just their names
+        assert torch.equal(back["optimizer"]["state"][0][key], value), key
+    # the hyperparameters as JSON keeps them (a tuple such as AdamW's betas comes back a list)
+    assert back["optimizer"]["param_groups"] == json.loads(json.dumps(saved["param_groups"]))
     fresh = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3, 2))], lr=0.1)
     fresh.load_state_dict(back["optimizer"])
 

@@ -641,6 +641,10 @@ def test_local_llm_is_a_plain_full_prefill(tiny):
     out = llm.complete("Say something.")
     lm = shared_model(tiny)
     ids = llm.prompt_ids("Say something.")
+    chat = lm.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Say something."}], tokenize=False, add_generation_prompt=True
+    )
+    assert ids == lm.tokenizer(chat, add_special_tokens=False)["input_ids"]  # the model's own chat prompt
     gen = greedy_decode(lm.model, ids, DynamicCache(config=lm.config), 0, 6, stop_token_ids(lm.tokenizer, lm.model))
     assert out.text == lm.tokenizer.decode(gen.token_ids, skip_special_tokens=True).strip()
     assert out.additional_kwargs["prompt_tokens"] == len(ids)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import glob
 import json
+import re
+from pathlib import Path
 
 import pytest
 from test_cli import run_cli
@@ -13,12 +17,17 @@ from ragcompress.indexing.indexer import store_of
 from ragcompress.presets import PRESETS, answer_options, index_config, preset
 from ragcompress.runtime.recompute import RecomputeConfig
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 def test_every_preset_is_a_valid_setting_with_evidence():
     assert set(PRESETS) == {"fast", "small", "smallest", "faithful", "distilled"}
     for item in PRESETS.values():
-        assert isinstance(item.index, IndexConfig) and item.index.compressor() is not None
+        assert isinstance(item.index, IndexConfig)
+        item.index.compressor()  # raises on a setting the compressors refuse
         assert item.evidence.startswith("docs/results/")
+        cited = re.findall(r"docs/results/[\w.*-]+\.jsonl?", item.evidence)
+        assert cited and all(glob.glob(str(ROOT / path)) for path in cited), (item.name, cited)
     assert preset("small").index.quant == "int4" and preset("small").index.method == "global:kvzip"
     recompute = preset("faithful").answer.recompute  # 5 % at top-3, 10 % from top-5 (docs/recompute.md)
     assert recompute == RecomputeConfig(ratio=0.05, selection="mixed", ratio_by_passages=((3, 0.05), (5, 0.1)))
@@ -119,7 +128,8 @@ def test_cli_index_preset_is_recorded_in_the_manifest(tiny_model_dir, passages_f
         IndexConfig(method="global:knorm", ratio=0.5, quant="int4", value_quant="int2", rank=8, rank_values=False),
         IndexConfig(method="global:kvzip", ratio=0.21, floor=0.2, quant="int4", value_quant="int2", rank=8),
         IndexConfig(method="global:kvzip", ratio=0.21, value_norm=True, quant="int4", value_quant="int2", rank=8),
-        *[p.index for p in PRESETS.values() if not p.index.adaptor],
+        # every preset's store settings (the adaptor and its base copy need a trained adaptor)
+        *[dataclasses.replace(p.index, adaptor=None, base_copy=False) for p in PRESETS.values()],
     ],
     ids=lambda c: f"{c.method}-{c.quant}-{c.ratio}-{c.budget}-{c.rank}" + ("-vnorm" if c.value_norm else ""),
 )

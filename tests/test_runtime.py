@@ -178,7 +178,9 @@ def test_template_pieces_render_the_whole_chat_prompt(tiny_lm):
     assert text.startswith("<|im_start|>system\n")
     assert "P1\n\nP2\n\nQuestion: Q?<|im_end|>\n<|im_start|>assistant\n" in text
     tokens = PromptTokens(template, tiny_lm.tokenizer)
-    assert tokens.prefix() and tokens.suffix("Q?")
+    pieces = tokens.prefix() + tokens.passage("P1") + tokens.passage("P2") + tokens.suffix("Q?")
+    # tokenized piece by piece (each passage's cache is computed alone), the pieces spell the prompt
+    assert tokens.prefix() and tiny_lm.tokenizer.decode(pieces) == text
 
 
 # Relative first-token logit error ||a - b|| / ||a - mean(a)|| an int8 store may have against the
