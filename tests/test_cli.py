@@ -313,6 +313,20 @@ def test_bench_refuses_an_even_repeat_count(cli_store, monkeypatch, capfd):
     assert "--repeats takes an odd count" in err and "use 1 or 3" in err
 
 
+@pytest.mark.parametrize("where", ["under-a-file", "a-folder"])
+def test_bench_refuses_a_plot_it_cannot_write_before_timing(cli_store, monkeypatch, capfd, tmp_path, where):
+    """A ``--plot`` path that cannot be written is one error line before anything is measured,
+    not a traceback after the whole run (which lost its table)."""
+    store, _, _ = cli_store
+    (tmp_path / "afile.txt").write_text("x")
+    path = tmp_path / "afile.txt" / "x.png" if where == "under-a-file" else tmp_path
+    timed = []
+    monkeypatch.setattr("ragcompress.bench.bench", lambda *a, **k: timed.append(1))
+    code, out, err = run_cli(["bench", "--store", str(store), "--plot", str(path)], monkeypatch, capfd)
+    assert code == 1 and not out and not timed
+    assert err.startswith(f"error: cannot write {path}") and err.count("\n") == 1
+
+
 def test_bench_reports_every_path_per_context_size(cli_store, monkeypatch, capfd, tmp_path):
     store, _, _ = cli_store
     plot = tmp_path / "bench.png"

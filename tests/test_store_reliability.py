@@ -1085,6 +1085,45 @@ def test_overwrite_refuses_a_folder_that_is_not_a_store(tiny_lm, corpus, tmp_pat
     assert (folder / "thesis.txt").read_text() == "do not delete"
 
 
+@pytest.mark.parametrize(
+    "contents",
+    [
+        {"manifest.json": '{"name": "My App"}', "index.html": "<html>"},  # a web app's manifest
+        {"manifest.json": '{"format_version": 2}'},  # a manifest alone is not a store
+    ],
+    ids=["foreign-files", "manifest-only"],
+)
+def test_overwrite_refuses_a_folder_with_a_manifest_that_is_not_a_store(tiny_lm, corpus, tmp_path, contents):
+    folder = tmp_path / "webapp"
+    folder.mkdir()
+    for name, text in contents.items():
+        (folder / name).write_text(text)
+    with pytest.raises(StoreError, match="not a ragcompress store.*refusing to overwrite it"):
+        _index(tiny_lm, corpus, folder, overwrite=True)
+    assert {p.name: p.read_text() for p in folder.iterdir()} == contents
+
+
+def test_overwrite_refuses_a_store_holding_files_of_the_users(tiny_lm, corpus, store_copy):
+    """A rebuild deletes the folder it replaces: a file the user put in the store stops it."""
+    (store_copy / "notes.txt").write_text("mine")
+    before = {p.name: p.stat().st_size for p in store_copy.iterdir()}
+    with pytest.raises(StoreError, match=r"files that are not the store's \(notes.txt\)"):
+        _index(tiny_lm, corpus, store_copy, overwrite=True)
+    assert {p.name: p.stat().st_size for p in store_copy.iterdir()} == before
+    assert verify_store(store_copy).ok
+
+
+def test_a_store_that_lost_its_manifest_is_rebuilt_by_overwrite(tiny_lm, corpus, store_copy, clean_store):
+    """What `verify` tells the user to do for a lost manifest works: plain `index` refuses the
+    folder and names the remedy, `--overwrite` rebuilds the store in place."""
+    (store_copy / "manifest.json").unlink()
+    with pytest.raises(StoreError, match="lost its manifest: rebuild it with --overwrite"):
+        _index(tiny_lm, corpus, store_copy)
+    report = _index(tiny_lm, corpus, store_copy, overwrite=True)
+    assert report.indexed == N_PASSAGES
+    assert verify_store(store_copy).ok and _rows(store_copy) == _rows(clean_store)
+
+
 def test_failed_overwrite_releases_the_lock_and_leaves_no_copy(tiny_lm, corpus, store_copy, clean_store, tmp_path):
     """An --overwrite that fails (here the embedder) leaves the old store as it was, writable at
     once even while the caller keeps the exception (a notebook does), and no half-built copy."""

@@ -20,6 +20,7 @@ from ragcompress.cli.options import (
     quiet_libraries,
     recompute_schedule,
     show_progress,
+    writable_file,
 )
 from ragcompress.errors import RagCompressError
 
@@ -147,7 +148,9 @@ def bench(
     top_k: str = typer.Option("1,2,4,8,16", "--top-k", help="comma-separated context sizes (passages)"),
     limit: int = typer.Option(3, "--limit", min=1, help="questions per context size"),
     repeats: int = typer.Option(3, "--repeats", min=1, help="timed runs per question and path (median)"),
-    plot_path: Path | None = typer.Option(None, "--plot", help="write a PNG of TTFT against context size"),
+    plot_path: Path | None = typer.Option(
+        None, "--plot", callback=writable_file, help="write a PNG of TTFT against context size"
+    ),
     indexing: int = typer.Option(
         8,
         "--indexing-passages",
@@ -208,8 +211,6 @@ def bench(
         data = to_json(engine, rows, run_meta(repeats, limit))
     finally:
         engine.close()
-    if plot_path is not None:
-        plot(rows, plot_path, title=f"{data['model']}, {len(items)} questions")
     human = table(rows)
     if throughput is not None:
         data["indexing"] = throughput.to_json()
@@ -226,7 +227,12 @@ def bench(
             f"ratio {comparison.ratio:.2f} (median per question), same first token "
             f"{comparison.same_first_token:.0%}"
         )
-    emit(data, as_json, human)
+    emit(data, as_json, human)  # the measurement first: a plot that fails to write does not lose it
+    if plot_path is not None:
+        try:
+            plot(rows, plot_path, title=f"{data['model']}, {len(items)} questions")
+        except OSError as exc:
+            raise RagCompressError(f"cannot write the plot {plot_path}: {exc.strerror or exc}") from None
 
 
 def calibrate(

@@ -101,6 +101,20 @@ def dtype_name(name: str | None) -> str | None:
     return name
 
 
+def writable_file(path: Path | None) -> Path | None:
+    """An output file option (``--plot``), checked before the command measures anything: its
+    folder is created, and a path that cannot be written fails now, not after minutes of work."""
+    if path is None:
+        return None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RagCompressError(f"cannot write {path}: {exc.strerror or exc}; choose another path") from None
+    if path.is_dir() or not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise RagCompressError(f"cannot write {path} (a folder, or not writable); choose another path")
+    return path
+
+
 DTYPE_OPTION = typer.Option(
     None,
     "--dtype",

@@ -30,7 +30,7 @@ from ragcompress.models import LoadedModel, load_model
 from ragcompress.retrieval import Embedder
 from ragcompress.store import KVStore, Manifest, StoreWriter, create_store
 from ragcompress.store.basis import basis_to_bytes
-from ragcompress.store.files import refuse_existing, replace_store
+from ragcompress.store.files import overwrite_refusal, refuse_existing, replace_store
 from ragcompress.store.writer import StoreLock
 
 
@@ -154,8 +154,14 @@ def index(
             total = validate(input_path, stored.catalogue.shas_of, str(store_path))
     else:
         total = validate(input_path)
-    if overwrite and not exists and store_path.exists() and (not store_path.is_dir() or any(store_path.iterdir())):
-        raise StoreError(f"{store_path} is not a ragcompress store; refusing to overwrite it")
+    # --overwrite replaces what is at the path: only ever a store (even one whose manifest is lost)
+    rebuild = overwrite and store_path.exists() and (not store_path.is_dir() or any(store_path.iterdir()))
+    refusal = overwrite_refusal(store_path) if rebuild else None
+    if refusal is not None:
+        raise StoreError(
+            f"{store_path} {refusal}; refusing to overwrite it (--overwrite deletes the folder it replaces): "
+            "move what you keep out of it, or choose another --store"
+        )
     # --overwrite with no settings rebuilds the store with its own (a new model version, a damaged shard)
     existing = store_path if exists and (not overwrite or config is None) else None
     config, model, dtype = settings_for(existing, config, model, dtype)
@@ -166,7 +172,7 @@ def index(
     if not exists and not overwrite:  # a store another process created since the check above: retry
         refuse_existing(store_path)
     old_lock = None
-    if overwrite and exists:  # hold the old store's writer lock until the new one replaces it
+    if rebuild:  # hold the old store's writer lock until the new one replaces it
         old_lock = StoreLock(store_path)
         target = store_path.with_name(f".{store_path.name}.overwrite-{os.getpid()}")
         shutil.rmtree(target, ignore_errors=True)

@@ -21,14 +21,20 @@ from ragcompress.kv import PassageKV
 from ragcompress.kv.quant import QuantConfig
 from ragcompress.store import codec
 from ragcompress.store.basis import BASIS
-from ragcompress.store.catalogue import Catalogue
+from ragcompress.store.catalogue import CATALOGUE, Catalogue
 from ragcompress.store.manifest import MANIFEST, Manifest
-from ragcompress.store.shards import fsync_dir
+from ragcompress.store.shards import SHARD_DIR, fsync_dir
 
 PREFIX = "prefix.safetensors"
 INDEX = "index.faiss"
 INDEX_META = "index.json"
 LOCK = "lock"
+# every name a store's folder holds: what create_store writes, the catalogue with SQLite's companion
+# files, the search index, the writer lock and the shards folder (write_atomic's temp files aside)
+STORE_ENTRIES = frozenset(
+    {MANIFEST, PREFIX, BASIS, INDEX, INDEX_META, LOCK, SHARD_DIR}
+    | {CATALOGUE + suffix for suffix in ("", "-wal", "-shm", "-journal")}
+)
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -72,6 +78,23 @@ def replace_store(built: Path, path: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def overwrite_refusal(path: Path) -> str | None:
+    """Why ``--overwrite`` must not delete the non-empty ``path``, or None when it is a store (the
+    manifest may be lost or damaged: that is what a rebuild repairs). A folder holding anything a
+    store does not, or too little of one (a store is created whole: manifest, prefix and
+    catalogue together), is refused, so no file of the user's is ever deleted with it."""
+    if not path.is_dir():
+        return "is not a folder"
+    names = {entry.name for entry in path.iterdir()}
+    foreign = sorted(n for n in names - STORE_ENTRIES if not (n.startswith(".") and n.endswith(".tmp")))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        return f"is not a ragcompress store, or holds files that are not the store's ({shown})"
+    if len(names & {MANIFEST, PREFIX, CATALOGUE, SHARD_DIR}) < 2:
+        return "is not a ragcompress store"
+    return None
+
+
 def refuse_existing(path: Path) -> None:
     """Raise unless ``path`` is absent or an empty directory. A store is created by one rename, so
     a manifest at ``path`` means another process created a complete store there since the caller
@@ -84,6 +107,7 @@ def refuse_existing(path: Path) -> None:
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise StoreError(
             f"{path} exists and is not an empty directory or a ragcompress store; choose an empty or new --store"
+            + ("" if overwrite_refusal(path) else " (a store that lost its manifest: rebuild it with --overwrite)")
         )
 
 
