@@ -1124,6 +1124,59 @@ def test_a_store_that_lost_its_manifest_is_rebuilt_by_overwrite(tiny_lm, corpus,
     assert verify_store(store_copy).ok and _rows(store_copy) == _rows(clean_store)
 
 
+class _EmbedderFailingAtCall(store_worker.HashEmbedder):
+    """Fails on its ``n``-th call: a run that stops in the middle of its input."""
+
+    def __init__(self, n: int) -> None:
+        self.calls, self.n = 0, n
+
+    def embed(self, texts):
+        self.calls += 1
+        if self.calls == self.n:
+            raise RuntimeError("embedder failed mid-run")
+        return super().embed(texts)
+
+
+def test_a_run_that_stopped_midway_is_refused_for_answering_until_finished(tiny_lm, corpus, tmp_path):
+    """The store a stopped run leaves is intact (verify passes, with a note) but holds part of
+    its input: answering refuses it, naming the remedy, until `index` is re-run and finishes."""
+    from ragcompress.runtime.engine import Engine
+
+    store = tmp_path / "store"
+    with pytest.raises(RuntimeError, match="mid-run"):
+        index(corpus, store, lm=tiny_lm, embedder=_EmbedderFailingAtCall(3), config=CONFIG, batch_size=BATCH)
+    assert 0 < len(_rows(store)) < N_PASSAGES
+    report = verify_store(store)
+    assert report.ok and any("stopped before its end" in note for note in report.notes)
+    with KVStore.open(store) as opened, pytest.raises(StoreError) as refused:
+        Engine(opened, tiny_lm, store_worker.HashEmbedder())
+    message = str(refused.value)
+    assert f"of an input of {N_PASSAGES} passages" in message and "re-run `ragcompress index`" in message
+    _index(tiny_lm, corpus, store)  # resumes and finishes
+    assert not any("stopped" in note for note in verify_store(store).notes)
+    with KVStore.open(store) as opened:
+        assert Engine(opened, tiny_lm, store_worker.HashEmbedder()).retrieve("rivers", 1)
+
+
+def test_a_run_still_going_in_another_process_does_not_stop_readers(clean_store, tmp_path):
+    """Readers of a store that another process is adding to see its committed passages (as
+    always); only a run whose process is gone marks the store unfinished."""
+    from ragcompress.store.files import RUN, unfinished_run
+
+    store = tmp_path / "store"
+    shutil.copytree(clean_store, store)
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (store / RUN).write_text(json.dumps({"pid": alive.pid, "passages": 40, "started": time.time()}))
+        assert unfinished_run(store) is None
+    finally:
+        alive.kill()
+        alive.wait()
+    assert "stopped before its end" in unfinished_run(store)
+    (store / RUN).write_text("{not json")  # a damaged marker still marks the run unfinished
+    assert "stopped before its end" in unfinished_run(store)
+
+
 def test_failed_overwrite_releases_the_lock_and_leaves_no_copy(tiny_lm, corpus, store_copy, clean_store, tmp_path):
     """An --overwrite that fails (here the embedder) leaves the old store as it was, writable at
     once even while the caller keeps the exception (a notebook does), and no half-built copy."""

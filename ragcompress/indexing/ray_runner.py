@@ -51,7 +51,7 @@ from ragcompress.indexing.inputs import PassageInput, iter_passages, validate
 from ragcompress.indexing.run import IndexReport, _batches, create_store_for, run_indexer, settings_for
 from ragcompress.models import LoadedModel, load_model
 from ragcompress.store import KVStore, Manifest, StoreWriter
-from ragcompress.store.files import refuse_existing
+from ragcompress.store.files import indexing_run, refuse_existing
 from ragcompress.store.shards import ClaimedShards
 from ragcompress.store.writer import catalogue_row
 
@@ -307,7 +307,8 @@ def index_on_ray(
         create_store_for(store_path, indexer)
 
     indexed = 0
-    with StoreWriter(store_path) as writer:  # the lock, held to the end; repairs a killed run's shards
+    # the lock, held to the end (opening repairs a killed run's shards); the run marked until it ends
+    with StoreWriter(store_path) as writer, indexing_run(store_path, total) as finished:
         items, skipped, stale = _work(writer, input_path, batch_size)
         if items:
             _connect(address, workers * threads_per_worker, gpu)
@@ -330,6 +331,7 @@ def index_on_ray(
                 bar.close()
         writer.write_index()
         writer.repair_shards()  # truncate what no committed row points at (a killed actor's bytes)
+        finished()
     return IndexReport(total, indexed, skipped, time.perf_counter() - start, str(store_path), stale)
 
 

@@ -30,7 +30,7 @@ from ragcompress.models import LoadedModel, load_model
 from ragcompress.retrieval import Embedder
 from ragcompress.store import KVStore, Manifest, StoreWriter, create_store
 from ragcompress.store.basis import basis_to_bytes
-from ragcompress.store.files import overwrite_refusal, refuse_existing, replace_store
+from ragcompress.store.files import indexing_run, overwrite_refusal, refuse_existing, replace_store
 from ragcompress.store.writer import StoreLock
 
 
@@ -236,7 +236,7 @@ def _write(
     # Neighbour-conditioned encoding draws every passage's neighbours from the whole input.
     pool = indexer.neighbour_pool(list(iter_passages(input_path))) if indexer.context_neighbors else None
     try:
-        with StoreWriter(target) as writer:
+        with StoreWriter(target) as writer, indexing_run(target, total) as finished:
             for batch in _batches(iter_passages(input_path), batch_size):
                 known = writer.known_of([p.id for p in batch])
                 unchanged = {p.id for p in batch if known.get(p.id) == p.text_sha}
@@ -249,6 +249,7 @@ def _write(
                 if bar is not None:
                     bar.update(len(batch))
             writer.write_index()
+            finished()
     finally:
         if bar is not None:
             bar.close()

@@ -36,6 +36,18 @@ from ragcompress.runtime.prepare import (
 )
 from ragcompress.store import KVStore
 from ragcompress.store.catalogue import Entry
+from ragcompress.store.files import unfinished_run
+
+
+def refuse_unfinished(store: KVStore) -> None:
+    """A store whose last indexing run stopped before its end (killed, or failed) is intact but
+    holds only part of its input: answering from it would silently miss passages."""
+    unfinished = unfinished_run(store.path)
+    if unfinished is not None:
+        raise StoreError(
+            f"store {store.path}: {unfinished}; re-run `ragcompress index` with the same input and --store "
+            "to finish it (it resumes where it stopped), then answer"
+        )
 
 
 @dataclass(frozen=True)
@@ -74,6 +86,7 @@ class Engine:
     def __init__(
         self, store: KVStore, lm: LoadedModel, embedder: Embedder, options: AnswerOptions = AnswerOptions()
     ) -> None:
+        refuse_unfinished(store)
         self.context = QueryContext.create(store, lm)
         store.manifest.check_embedder(embedder.name)
         self.embedder = embedder
@@ -96,6 +109,7 @@ class Engine:
         ``device`` (default CPU; answering follows the model's device) and warm it up."""
         store = KVStore.open(store_path)
         try:
+            refuse_unfinished(store)  # before the model loads (seconds)
             lm = load_model(model or store.manifest.model_ref, dtype=dtype or store.manifest.dtype, device=device)
             engine = cls(store, lm, Embedder(store.manifest.embedder), options)
         except BaseException:

@@ -11,9 +11,13 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import hashlib
+import json
 import os
 import shutil
 import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ragcompress.errors import StoreError
@@ -29,10 +33,12 @@ PREFIX = "prefix.safetensors"
 INDEX = "index.faiss"
 INDEX_META = "index.json"
 LOCK = "lock"
+# present while an indexing run adds passages, deleted when it finishes (:func:`indexing_run`)
+RUN = "indexing-run"
 # every name a store's folder holds: what create_store writes, the catalogue with SQLite's companion
 # files, the search index, the writer lock and the shards folder (write_atomic's temp files aside)
 STORE_ENTRIES = frozenset(
-    {MANIFEST, PREFIX, BASIS, INDEX, INDEX_META, LOCK, SHARD_DIR}
+    {MANIFEST, PREFIX, BASIS, INDEX, INDEX_META, LOCK, RUN, SHARD_DIR}
     | {CATALOGUE + suffix for suffix in ("", "-wal", "-shm", "-journal")}
 )
 
@@ -76,6 +82,59 @@ def replace_store(built: Path, path: Path) -> None:
     os.replace(built, path)
     fsync_dir(path.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+# the stores this process is indexing into now (its own pid is alive whether or not a run is)
+_RUNNING_HERE: set[Path] = set()
+
+
+@contextmanager
+def indexing_run(path: Path, passages: int) -> Iterator[Callable[[], None]]:
+    """Mark the store at ``path`` as being indexed (its ``RUN`` file: pid, input size, start)
+    until the run calls the function this yields, after its last commit and index write. A run
+    killed or failed before that leaves the file behind, and :func:`unfinished_run` tells readers
+    that the store holds only part of its input. Call under the writer's lock."""
+    write_atomic(path / RUN, json.dumps({"pid": os.getpid(), "passages": passages, "started": time.time()}).encode())
+    _RUNNING_HERE.add(path.resolve())
+
+    def finished() -> None:
+        (path / RUN).unlink(missing_ok=True)
+        fsync_dir(path)
+
+    try:
+        yield finished
+    finally:
+        _RUNNING_HERE.discard(path.resolve())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def unfinished_run(path: Path) -> str | None:
+    """What an indexing run that stopped before its end left at ``path`` (killed, or failed in
+    this process), or None: no run, or one still going (its passages committed so far are
+    readable, as always)."""
+    try:
+        record = json.loads((path / RUN).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        record = {}
+    pid = record.get("pid") if isinstance(record, dict) else None
+    if isinstance(pid, int) and (path.resolve() in _RUNNING_HERE if pid == os.getpid() else _alive(pid)):
+        return None
+    started = record.get("started") if isinstance(record, dict) else None
+    when = time.strftime(" on %Y-%m-%d at %H:%M", time.localtime(started)) if isinstance(started, float) else ""
+    size = record.get("passages") if isinstance(record, dict) else None
+    of = f" of an input of {size} passages" if isinstance(size, int) else ""
+    return f"the indexing run started{when} stopped before its end: the store holds only part{of}"
 
 
 def overwrite_refusal(path: Path) -> str | None:

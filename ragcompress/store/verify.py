@@ -39,7 +39,7 @@ from ragcompress.store import codec
 from ragcompress.store.ann import stored_vectors
 from ragcompress.store.basis import read_basis
 from ragcompress.store.catalogue import CATALOGUE, Catalogue, meta_checksum
-from ragcompress.store.files import INDEX, PREFIX
+from ragcompress.store.files import INDEX, PREFIX, unfinished_run
 from ragcompress.store.kvstore import read_index_meta
 from ragcompress.store.manifest import Manifest
 from ragcompress.store.shards import SHARD_DIR, is_shard_name, read_blob
@@ -303,4 +303,9 @@ def verify_store(path: str | Path) -> VerifyReport:
     finally:
         catalogue.close()
     notes.extend(f"temporary file {p.name} left by a killed writer" for p in root.glob(".*.tmp"))
+    unfinished = unfinished_run(root)
+    if unfinished is not None:  # intact, but not what its input asked for: answering refuses it
+        notes.append(
+            f"{unfinished}; re-run `ragcompress index` with that input to finish it (answering refuses it until then)"
+        )
     return VerifyReport(str(root), count, len(ends), problems, notes)
