@@ -73,6 +73,8 @@ def read_questions(path: str | Path, limit: int | None = None, *, scored: bool =
     after normalisation: :func:`sub_em` skips those), as ``eval`` needs; ``bench`` and training
     read questions without."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"questions file {path} is a folder; give the JSONL file of questions")
     if not path.is_file():
         raise InputError(f"questions file {path} does not exist")
     questions: list[Question] = []

@@ -144,6 +144,29 @@ def test_eval_refuses_unscorable_questions_in_one_line_before_loading_anything(t
         assert err.startswith(f"error: {questions}:1: ") and message in err, err
 
 
+def test_ask_and_eval_name_what_is_wrong_before_loading_the_model(tmp_path, monkeypatch, capfd):
+    """An empty question and a folder given as the questions file are one line each, before any
+    model loads (the store here is an empty folder that is never opened)."""
+    (tmp_path / "not-opened").mkdir()
+    store = str(tmp_path / "not-opened")
+    code, out, err = run_cli(["ask", "--store", store, "--question", "   "], monkeypatch, capfd)
+    assert code == 1 and not out and err == "error: --question is empty; ask a question with some text in it\n"
+    code, out, err = run_cli(["eval", "--store", store, "--questions", str(tmp_path)], monkeypatch, capfd)
+    assert code == 1 and not out and err.count("\n") == 1
+    assert err.startswith(f"error: questions file {tmp_path} is a folder; give the JSONL file")
+
+
+def test_ask_says_when_the_store_holds_fewer_passages_than_top_k(cli_store, monkeypatch, capfd):
+    store, _, _ = cli_store
+    code, out, err = run_cli(
+        ["ask", "--store", str(store), "--question", "Who won?", "--top-k", "50", "--max-new-tokens", "2"],
+        monkeypatch,
+        capfd,
+    )
+    assert code == 0, err
+    assert "note: --top-k 50, but the store holds 8 passages: all of them were read" in out
+
+
 def bad_inputs(tmp_path):
     ok = json.dumps({"id": "a", "text": "Some text."})
     return {

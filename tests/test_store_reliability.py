@@ -1137,6 +1137,19 @@ class _EmbedderFailingAtCall(store_worker.HashEmbedder):
         return super().embed(texts)
 
 
+def test_adding_to_a_store_with_a_damaged_prefix_is_refused_before_writing(tiny_lm, corpus, store_copy):
+    """Every passage is read after the prefix: adding passages beside a damaged one would report
+    success over a store that cannot answer."""
+    prefix = store_copy / PREFIX
+    data = bytearray(prefix.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    prefix.write_bytes(bytes(data))
+    rows = _rows(store_copy)
+    with pytest.raises(CorruptSegmentError, match="prefix cache .*checksum mismatch; rebuild the store .*--overwrite"):
+        _index(tiny_lm, corpus, store_copy)
+    assert _rows(store_copy) == rows
+
+
 def test_a_run_that_stopped_midway_is_refused_for_answering_until_finished(tiny_lm, corpus, tmp_path):
     """The store a stopped run leaves is intact (verify passes, with a note) but holds part of
     its input: answering refuses it, naming the remedy, until `index` is re-run and finishes."""

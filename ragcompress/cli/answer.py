@@ -41,6 +41,8 @@ def ask(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Answer a question from the stored caches of the retrieved passages."""
+    if not question.strip():  # before the model loads (seconds)
+        raise RagCompressError("--question is empty; ask a question with some text in it")
     schedule = recompute_schedule(recompute)
     quiet_libraries()
     from ragcompress.runtime.engine import Engine
@@ -62,6 +64,10 @@ def ask(
             if answer.backend != "fallback"
             else f"TTFT: {answer.ttft_s * 1000:.0f} ms (a near tie from the caches, answered by full prefill)",
         ]
+        if len(entries) < top_k:
+            lines.append(
+                f"note: --top-k {top_k}, but the store holds {len(engine.store)} passages: all of them were read"
+            )
         if compare_full:
             full = engine.answer_full(question, entries)
             data["full"] = full.to_json()
@@ -124,8 +130,9 @@ def evaluate(
         summary = summarize(engine, list(results))
     finally:
         engine.close()
+    recall = "not measured (no passage_id)" if summary["recall_at_k"] is None else f"{summary['recall_at_k']:.3f}"
     human = (
-        f"questions: {summary['n']}  recall@{top_k}: {summary['recall_at_k']}\n"
+        f"questions: {summary['n']}  recall@{top_k}: {recall}\n"
         f"full prefill : sub-EM {summary['full']['sub_em']:.3f}  F1 {summary['full']['f1']:.3f}  "
         f"TTFT {summary['full']['ttft_s_median'] * 1000:.0f} ms\n"
         f"from cache   : sub-EM {summary['compressed']['sub_em']:.3f}  F1 {summary['compressed']['f1']:.3f}  "

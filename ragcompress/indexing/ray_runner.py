@@ -287,9 +287,11 @@ def index_on_ray(
         _connect(address, workers * threads_per_worker, gpu)
     input_path, store_path = Path(input_path), Path(store_path)
     exists = (store_path / "manifest.json").is_file()
-    if exists and not replace:  # the same pass refuses ids stored with another text
+    if exists:
         with KVStore.open(store_path) as stored:
-            total = validate(input_path, stored.catalogue.shas_of, str(store_path))
+            stored.prefix_kv()  # a damaged prefix is refused before anything is added beside it
+            # the same pass refuses ids stored with another text (unless they replace them)
+            total = validate(input_path, None if replace else stored.catalogue.shas_of, str(store_path))
     else:
         total = validate(input_path)
     if not exists:

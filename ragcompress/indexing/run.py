@@ -149,9 +149,11 @@ def index(
     start = time.perf_counter()
     input_path, store_path = Path(input_path), Path(store_path)
     exists = (store_path / "manifest.json").is_file()
-    if exists and not overwrite and not replace:  # one streaming pass also refuses ids stored with another text
+    if exists and not overwrite:
         with KVStore.open(store_path) as stored:
-            total = validate(input_path, stored.catalogue.shas_of, str(store_path))
+            stored.prefix_kv()  # a damaged prefix is refused before anything is added beside it
+            # one streaming pass also refuses ids stored with another text (unless they replace them)
+            total = validate(input_path, None if replace else stored.catalogue.shas_of, str(store_path))
     else:
         total = validate(input_path)
     # --overwrite replaces what is at the path: only ever a store (even one whose manifest is lost)

@@ -179,7 +179,7 @@ class Engine:
     def suffix_ids(self, question: str, entries: list[Entry], options: AnswerOptions | None = None) -> list[int]:
         """The question's tokens, after checking that the whole prompt fits the model."""
         if not question.strip():
-            raise InputError("the question is empty")
+            raise InputError("the question is empty; ask a question with some text in it")
         new_tokens = (options or self.options).max_new_tokens
         suffix = self.tokens.suffix(question)
         total = self.prefix.num_tokens + sum(e.num_tokens for e in entries) + len(suffix) + new_tokens

@@ -103,8 +103,8 @@ class RecomputeConfig:
         passages = [k for k, _ in points]
         if any(k < 1 or not 0.0 <= r <= 1.0 for k, r in points) or passages != sorted(set(passages)):
             raise ValueError(
-                f"ratio_by_passages must be (passages >= 1, ratio in [0, 1]) points with passages "
-                f"increasing, got {list(points)}"
+                f"a recompute schedule (ratio_by_passages; --recompute 3:0.05,5:0.1) must be (passages >= 1, "
+                f"ratio in [0, 1]) points with passages increasing, got {list(points)}"
             )
         if points and self.ratio != points[0][1]:
             raise ValueError(

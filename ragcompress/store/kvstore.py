@@ -171,7 +171,10 @@ class KVStore:
             if not expected:  # create_store always records it: a manifest without one was damaged
                 raise CorruptSegmentError(f"{self.path / MANIFEST} records no prefix checksum; rebuild the store")
             if hashlib.sha256(blob).hexdigest() != expected:
-                raise CorruptSegmentError(f"prefix cache {self.path / PREFIX}: checksum mismatch; rebuild the store")
+                raise CorruptSegmentError(
+                    f"prefix cache {self.path / PREFIX}: checksum mismatch; rebuild the store "
+                    f"(`ragcompress index --input PASSAGES --store {self.path} --overwrite`)"
+                )
             try:
                 self._prefix[dtype] = codec.decode(blob, dtype, self.shape)
             except CorruptSegmentError as exc:
