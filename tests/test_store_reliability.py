@@ -376,6 +376,8 @@ def _kill_and_check(
     _assert_readable(store)
     _same_content(store, clean_store)
     assert not verify_store(store).notes
+    left = sorted(p.name for p in folder.iterdir() if p.name not in {"store", "trace.txt", "trace.log"})
+    assert left == [], (row, left)  # the killed process's half-built copies went with the resume
     row["resume"] = "identical to uninterrupted run"
     return row
 
@@ -1135,6 +1137,39 @@ class _EmbedderFailingAtCall(store_worker.HashEmbedder):
         if self.calls == self.n:
             raise RuntimeError("embedder failed mid-run")
         return super().embed(texts)
+
+
+def test_a_run_removes_what_killed_runs_left_beside_the_store(tiny_lm, corpus, store_copy):
+    """Half-built copies of a killed ``--overwrite`` or store creation are deleted by the next run
+    on that path; a live process's are its work in progress and stay."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    parent, name = store_copy.parent, store_copy.name
+    litter = [f".{name}.overwrite-{dead.pid}", f".{name}.init-{dead.pid}-x1", f"..{name}.overwrite-{dead.pid}.init-7-x"]
+    kept = [f".{name}.overwrite-{alive.pid}", f".{name}.compact", f".{name}x.overwrite-{dead.pid}"]
+    try:
+        for entry in litter + kept:
+            (parent / entry).mkdir()
+            (parent / entry / "f").write_text("x")
+        _index(tiny_lm, corpus, store_copy)
+        assert sorted(p.name for p in parent.iterdir() if p.name != name) == sorted(kept)
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def test_a_manifest_changed_after_the_build_is_detected(store_copy):
+    """Each segment records how it was quantized: a manifest edited to another scheme no longer
+    describes the store, and verify and every load say so instead of reading on."""
+    manifest = json.loads((store_copy / "manifest.json").read_text())
+    assert manifest["compression"]["quant"] == "int8"
+    manifest["compression"]["quant"] = "int4"
+    (store_copy / "manifest.json").write_text(json.dumps(manifest))
+    report = verify_store(store_copy)
+    assert not report.ok and "segment was written as int8, the store's manifest says int4" in report.problems[0].message
+    with KVStore.open(store_copy) as store, pytest.raises(CorruptSegmentError, match="manifest was changed"):
+        store.load_kv(next(store.catalogue.entries()))
 
 
 def test_adding_to_a_store_with_a_damaged_prefix_is_refused_before_writing(tiny_lm, corpus, store_copy):

@@ -30,7 +30,7 @@ from ragcompress.models import LoadedModel, load_model
 from ragcompress.retrieval import Embedder
 from ragcompress.store import KVStore, Manifest, StoreWriter, create_store
 from ragcompress.store.basis import basis_to_bytes
-from ragcompress.store.files import indexing_run, overwrite_refusal, refuse_existing, replace_store
+from ragcompress.store.files import indexing_run, overwrite_refusal, refuse_existing, remove_litter, replace_store
 from ragcompress.store.writer import StoreLock
 
 
@@ -148,6 +148,7 @@ def index(
     """
     start = time.perf_counter()
     input_path, store_path = Path(input_path), Path(store_path)
+    remove_litter(store_path)
     exists = (store_path / "manifest.json").is_file()
     if exists and not overwrite:
         with KVStore.open(store_path) as stored:

@@ -375,10 +375,14 @@ def _rows_to_grid(flat: torch.Tensor, grid_mask: torch.Tensor, fill_dtype: torch
     return grid
 
 
-def parse(blob: bytes, shape: ModelShape | tuple[int, int, int] | None = None) -> Segment:
+def parse(
+    blob: bytes, shape: ModelShape | tuple[int, int, int] | None = None, expected_quant: QuantConfig | None = None
+) -> Segment:
     """Read and validate a blob's header, sizes, lengths and positions (nothing dequantized).
 
-    ``shape`` is the expected ``(layers, kv_heads, head_dim)`` (a store passes its manifest's).
+    ``shape`` is the expected ``(layers, kv_heads, head_dim)`` and ``expected_quant`` the expected
+    quantization (a store passes its manifest's: a manifest changed after the store was built
+    would otherwise describe segments it did not write, and later runs would add unlike ones).
     Shapes are checked against each other, and sizes bounded, before anything is allocated; an
     inconsistent blob raises :class:`CorruptSegmentError` instead of producing a wrong cache.
     """
@@ -397,6 +401,11 @@ def parse(blob: bytes, shape: ModelShape | tuple[int, int, int] | None = None) -
     if expected is not None and (layers, heads, d) != tuple(expected):
         raise CorruptSegmentError(
             f"segment has (layers, kv_heads, head_dim) = {(layers, heads, d)}, the store's model has {tuple(expected)}"
+        )
+    if expected_quant is not None and quant != expected_quant:
+        raise CorruptSegmentError(
+            f"segment was written as {quant.name}, the store's manifest says {expected_quant.name}: the manifest "
+            "was changed after the store was built; restore it, or rebuild the store"
         )
     if min(num_tokens, n_max, d) < 0 or layers * heads * max(n_max, 1) * max(d, 1) > MAX_DECODED_ELEMENTS:
         raise CorruptSegmentError(f"segment declares an impossible size ({layers}x{heads}x{n_max}x{d})")

@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -137,6 +138,23 @@ def unfinished_run(path: Path) -> str | None:
     return f"the indexing run started{when} stopped before its end: the store holds only part{of}"
 
 
+def remove_litter(path: Path) -> list[str]:
+    """Delete what killed runs left beside the store at ``path``: the half-built copies of
+    ``--overwrite`` (``.NAME.overwrite-PID``) and of store creation (``.NAME.init-PID-*``) whose
+    process is gone (a live one's are its work in progress). Returns the names removed."""
+    removed: list[str] = []
+    if not path.parent.is_dir():
+        return removed
+    # ".NAME.overwrite-PID", ".NAME.init-PID-*", and "..NAME.overwrite-PID.init-*" (the copy's creation)
+    litter = re.compile(rf"\.\.?{re.escape(path.name)}\.(?:overwrite|init)-(\d+)\b")
+    for entry in path.parent.iterdir():
+        found = litter.match(entry.name)
+        if found and int(found[1]) != os.getpid() and not _alive(int(found[1])):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry.name)
+    return removed
+
+
 def overwrite_refusal(path: Path) -> str | None:
     """Why ``--overwrite`` must not delete the non-empty ``path``, or None when it is a store (the
     manifest may be lost or damaged: that is what a rebuild repairs). A folder holding anything a
@@ -185,7 +203,7 @@ def create_store(path: Path, manifest: Manifest, prefix_kv: PassageKV, basis: by
     path.parent.mkdir(parents=True, exist_ok=True)
     for folder in created:
         fsync_dir(folder.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.init-", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.init-{os.getpid()}-", dir=path.parent))
     try:
         blob = codec.encode(prefix_kv, QuantConfig("none"))
         write_atomic(tmp / PREFIX, blob)

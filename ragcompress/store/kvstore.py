@@ -266,7 +266,7 @@ class KVStore:
             entry = current
             blob = read_blob(self.path, entry.shard, entry.offset, entry.length, entry.checksum, entry.id)
         with _naming(entry):
-            segment = codec.parse(blob, self.shape)
+            segment = codec.parse(blob, self.shape, self.quant)
         if segment.num_tokens != entry.num_tokens or segment.kept_tokens != entry.kept:
             raise CorruptSegmentError(
                 f"passage {entry.id!r} (shard {entry.shard}): blob holds {segment.num_tokens} tokens / "

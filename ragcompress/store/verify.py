@@ -34,6 +34,7 @@ import numpy as np
 from ragcompress.errors import StoreError
 from ragcompress.kv import ModelShape
 from ragcompress.kv.lowrank import LowRankBasis
+from ragcompress.kv.quant import QuantConfig
 from ragcompress.paths import sha256_file
 from ragcompress.store import codec
 from ragcompress.store.ann import stored_vectors
@@ -117,6 +118,7 @@ def _check_segments(
     problems: list[Problem],
     basis: LowRankBasis | None = None,
     base_copy: bool = False,
+    quant: QuantConfig | None = None,
 ) -> tuple[int, dict[str, int], int | None]:
     """Every catalogue row against its blob (and its base copy, in a store that keeps them);
     returns (rows, committed end per shard, embedding dim)."""
@@ -152,7 +154,7 @@ def _check_segments(
             fail(f"embedding has dimension {emb_bytes // 4}, the store's others have {dim}", "catalogue")
         try:
             blob = read_blob(root, shard, offset, length, digest, pid)
-            segment = codec.parse(blob, shape)
+            segment = codec.parse(blob, shape, quant)
             if segment.ranks and basis is None:
                 fail("segment stores low-rank latents and the store has no readable basis")
                 continue
@@ -294,7 +296,7 @@ def verify_store(path: str | Path) -> VerifyReport:
         verdict = catalogue.integrity_problems()
         if verdict:
             problems.append(Problem("catalogue", "SQLite integrity_check: " + "; ".join(verdict[:5])))
-        count, ends, _ = _check_segments(root, catalogue, shape, problems, basis, manifest.base_copy)
+        count, ends, _ = _check_segments(root, catalogue, shape, problems, basis, manifest.base_copy, manifest.quant)
         _check_overlaps(catalogue, problems, notes)
         _check_shard_files(root, ends, notes)
         _check_index(root, catalogue, count, problems, notes)
