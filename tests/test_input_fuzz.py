@@ -93,6 +93,13 @@ def test_wellformed_records_round_trip_or_are_refused_by_rule(tmp_path, rows):
         assert [(p.id, p.text) for p in passages] == [(pid, text) for pid, text, _ in rows]
 
 
+def test_a_title_that_is_not_a_string_is_refused_not_dropped(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"id": "a", "text": "x y", "title": null}\n{"id": "b", "text": "x y", "title": 5}\n')
+    with pytest.raises(InputError, match=r"t.jsonl:2: passage 'b' has a \"title\" that is not a string \(5\)"):
+        validate(path)
+
+
 def test_lone_surrogate_is_named(tmp_path):
     path = tmp_path / "s.jsonl"
     path.write_text('{"id": "a", "text": "fine"}\n{"id": "b", "text": "half \\ud83d pair"}\n')

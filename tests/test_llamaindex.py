@@ -249,6 +249,30 @@ def test_rerunning_a_pipeline_with_a_docstore_processes_nothing(tiny, tmp_path):
     assert runs == [3, 0]
 
 
+def test_components_name_the_wrong_input_instead_of_failing_inside(built, store_copy):
+    """A string where a list of chunks goes (it used to store one passage per character), bare
+    nodes where scored ones go and the other way round: a TypeError saying what to pass, with
+    nothing written; a NaN score sorts after the real ones."""
+    store, nodes = built
+    synthesizer = KVCacheSynthesizer(store_copy, max_new_tokens=3)
+    before = synthesizer.engine.store.catalogue.count()
+    with pytest.raises(TypeError, match=r"list of text chunks \(strings\), got str: pass \[text\]"):
+        synthesizer.get_response(QUESTION, "Melbourne")
+    assert synthesizer.engine.store.catalogue.count() == before
+    bare = [TextNode(id_="x", text="some text")]
+    with pytest.raises(TypeError, match="list of NodeWithScore .* got a TextNode in it"):
+        synthesizer.synthesize(QUESTION, bare)
+    postprocessor = KVCacheNodePostprocessor(store_path=store)
+    with pytest.raises(TypeError, match="got a TextNode in it"):
+        postprocessor.postprocess_nodes(bare)
+    with pytest.raises(TypeError, match="got NodeWithScore"):
+        postprocessor.postprocess_nodes(NodeWithScore(node=nodes[0], score=1.0))
+    with pytest.raises(TypeError, match="got a NodeWithScore in it; pass each one's .node"):
+        KVCacheTransform(store_path=store_copy)([NodeWithScore(node=nodes[0])])
+    scored = [NodeWithScore(node=nodes[0], score=float("nan")), NodeWithScore(node=nodes[1], score=0.5)]
+    assert [n.node.node_id for n in postprocessor.postprocess_nodes(scored)] == [nodes[1].node_id, nodes[0].node_id]
+
+
 def test_concurrent_queries_computing_missing_caches_take_turns(tiny, store_copy):
     """Four async queries over nodes the store lacks, at once: each waits for the one writing
     (they used to fail with "being written by pid <own pid>"), and each node is stored once."""

@@ -3,14 +3,18 @@ two preparation strategies (dense assembled cache, packed quantized segments) ag
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import pytest
 
 from ragcompress.bench import bench
-from ragcompress.errors import InputError
+from ragcompress.errors import InputError, StoreError
 from ragcompress.evaluation import Question, iter_eval
 from ragcompress.indexing import IndexConfig, index
 from ragcompress.runtime.engine import Engine
 from ragcompress.runtime.options import AnswerOptions
+from ragcompress.runtime.recompute import RecomputeConfig
 
 QUESTIONS = [
     "What city in Victoria is called the sporting capital of Australia?",
@@ -111,6 +115,55 @@ def test_answer_options_are_validated():
     for margin in (-0.1, 1.0):
         with pytest.raises(ValueError, match="fallback_margin"):
             AnswerOptions(fallback_margin=margin)
+
+
+def test_option_types_are_named_not_failed_deep_inside():
+    """A string, a bool or a NaN where a number goes is refused by the config, naming the field
+    (``float("0.5")`` would have taken a string, and NaN compared false everywhere)."""
+    for make, field in (
+        (lambda: AnswerOptions(fallback_margin="0.1"), "fallback_margin"),
+        (lambda: AnswerOptions(calibrate="no"), "calibrate"),
+        (lambda: AnswerOptions(recompute="0.5"), "recompute"),
+        (lambda: RecomputeConfig(ratio="0.5"), "ratio"),
+        (lambda: RecomputeConfig(temperature=float("nan")), "temperature"),
+        (lambda: RecomputeConfig(temperature=float("inf")), "temperature"),
+        (lambda: RecomputeConfig(sink_tokens=1.5), "sink_tokens"),
+        (lambda: RecomputeConfig(ratio_by_passages="3:0.1"), "ratio_by_passages"),
+        (lambda: RecomputeConfig().with_ratio("0.5"), "ratio_by_passages"),
+    ):
+        with pytest.raises(ValueError, match=field):
+            make()
+    assert RecomputeConfig().with_ratio([(3, 0.05), (5, 0.1)]).ratio_for(5) == 0.1
+
+
+def test_engine_inputs_are_checked_before_use(store_of):
+    """What the query path is given is checked where it enters: the question's type and text,
+    top_k's type, the options' type, the entries (none, or not entries); a foreign entry's
+    error says it may come from another store."""
+    engine = Engine.open(store_of())
+    entries = engine.retrieve(QUESTIONS[0], 2)
+    for question in ("   ", None, ["a", "b"], "Paris\ud800?"):
+        with pytest.raises(InputError, match="question"):
+            engine.retrieve(question, 2)
+        with pytest.raises(InputError, match="question"):
+            engine.answer_cached(question, entries)
+    for top_k in ("2", None, 2.5, True):
+        with pytest.raises(InputError, match="top_k must be an integer"):
+            engine.retrieve(QUESTIONS[0], top_k)
+    assert engine.retrieve(QUESTIONS[0], np.int64(2)) == entries
+    for bad in ([], None, "p1", [entries[0].id]):
+        with pytest.raises(InputError, match="entries must be a non-empty list"):
+            engine.answer_cached(QUESTIONS[0], bad)
+        with pytest.raises(InputError, match="entries must be a non-empty list"):
+            engine.answer_full(QUESTIONS[0], bad)
+    with pytest.raises(TypeError, match="options must be an AnswerOptions"):
+        engine.answer_cached(QUESTIONS[0], entries, {"max_new_tokens": 4})
+    with pytest.raises(TypeError, match="options must be an AnswerOptions"):
+        Engine.open(store_of(), options={"max_new_tokens": 4})
+    foreign = dataclasses.replace(entries[0], id="not-here", offset=entries[0].offset + 1)
+    with pytest.raises(StoreError, match="another store"):
+        engine.answer_cached(QUESTIONS[0], [foreign])
+    engine.close()
 
 
 def test_first_token_margin_is_the_lead_of_the_greedy_token():

@@ -105,7 +105,11 @@ def iter_jsonl(path: Path) -> Iterator[PassageInput]:
             raise InputError(f'{where}: passage {passage_id!r} has no "text" string')
         if not text.strip():
             raise InputError(f"{where}: passage {passage_id!r} has empty text")
-        title = record["title"] if isinstance(record.get("title"), str) else ""
+        title = record.get("title")
+        if title is None:
+            title = ""
+        elif not isinstance(title, str):  # silently dropping it would lose what the user gave
+            raise InputError(f'{where}: passage {passage_id!r} has a "title" that is not a string ({title!r})')
         meta = {k: v for k, v in record.items() if k not in ("id", "text", "title")}
         yield PassageInput(passage_id, text, title, meta)
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ragcompress.errors import InputError, StoreError
@@ -37,6 +38,31 @@ from ragcompress.runtime.prepare import (
 from ragcompress.store import KVStore
 from ragcompress.store.catalogue import Entry
 from ragcompress.store.files import unfinished_run
+
+
+def checked_question(question: object) -> str:
+    """The question, refused (naming what is wrong) unless it is text with something in it."""
+    if not isinstance(question, str):
+        raise InputError(f"the question must be a string, got {type(question).__name__}")
+    if not question.strip():
+        raise InputError("the question is empty; ask a question with some text in it")
+    try:
+        question.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(f"the question is not valid text ({exc.reason} at character {exc.start})") from None
+    return question
+
+
+def checked_options(options: object, default: AnswerOptions) -> AnswerOptions:
+    """``options`` (``default`` when None), refused unless it is an :class:`AnswerOptions`."""
+    if options is None:
+        return default
+    if not isinstance(options, AnswerOptions):
+        raise TypeError(
+            f"options must be an AnswerOptions (ragcompress.AnswerOptions(...) or preset(name).answer), "
+            f"got {type(options).__name__}"
+        )
+    return options
 
 
 def refuse_unfinished(store: KVStore) -> None:
@@ -87,6 +113,7 @@ class Engine:
         self, store: KVStore, lm: LoadedModel, embedder: Embedder, options: AnswerOptions = AnswerOptions()
     ) -> None:
         refuse_unfinished(store)
+        options = checked_options(options, AnswerOptions())
         self.context = QueryContext.create(store, lm)
         store.manifest.check_embedder(embedder.name)
         self.embedder = embedder
@@ -107,6 +134,9 @@ class Engine:
         """Open a store, load the model recorded in its manifest (or ``model``, if it matches)
         in ``dtype`` (default: the dtype the store was indexed in, float32 unless recorded) on
         ``device`` (default CPU; answering follows the model's device) and warm it up."""
+        if not isinstance(store_path, (str, Path)):
+            raise TypeError(f"store_path must be a path (str or pathlib.Path), got {type(store_path).__name__}")
+        checked_options(options, AnswerOptions())
         store = KVStore.open(store_path)
         try:
             refuse_unfinished(store)  # before the model loads (seconds)
@@ -169,32 +199,41 @@ class Engine:
     # -- the query path ---------------------------------------------------------------------------
 
     def retrieve(self, question: str, top_k: int) -> list[Entry]:
+        """The ``top_k`` passages nearest ``question`` (fewer when the store holds fewer)."""
+        question = checked_question(question)
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)):
+            raise InputError(f"top_k must be an integer, got {type(top_k).__name__}")
+        top_k = int(top_k)
         if top_k < 1:
-            raise InputError(f"--top-k must be at least 1, got {top_k}")
+            raise InputError(f"top_k (--top-k) must be at least 1, got {top_k}")
         if len(self.store) == 0:
             raise StoreError(f"store {self.store.path} holds no passages; index some first")
         vector = self.embedder.embed([question])[0]
         return [entry for entry, _ in self.store.search(vector, top_k)]
 
     def suffix_ids(self, question: str, entries: list[Entry], options: AnswerOptions | None = None) -> list[int]:
-        """The question's tokens, after checking that the whole prompt fits the model."""
-        if not question.strip():
-            raise InputError("the question is empty; ask a question with some text in it")
-        new_tokens = (options or self.options).max_new_tokens
+        """The question's tokens, after checking that the whole prompt fits the model (every path
+        reads its prompt through here: the question, the entries and the options are checked)."""
+        question = checked_question(question)
+        if not isinstance(entries, list) or not entries or not all(isinstance(e, Entry) for e in entries):
+            raise InputError(
+                "entries must be a non-empty list of the store's entries (what retrieve(question, top_k) returns)"
+            )
+        new_tokens = checked_options(options, self.options).max_new_tokens
         suffix = self.tokens.suffix(question)
         total = self.prefix.num_tokens + sum(e.num_tokens for e in entries) + len(suffix) + new_tokens
         if total > self.max_positions:
             raise InputError(
                 f"prompt needs {total} positions (prefix, {len(entries)} passages, question, "
-                f"{new_tokens} new tokens) but {self.lm.ref} handles {self.max_positions}; "
-                "shorten the question or lower --top-k"
+                f"{new_tokens} new tokens) but the model handles {self.max_positions}; "
+                "shorten the question, or retrieve fewer passages (top_k, --top-k)"
             )
         return suffix
 
     def full_prompt_ids(self, question: str, entries: list[Entry], options: AnswerOptions | None = None) -> list[int]:
         """``prefix + passage_1 + … + passage_k + suffix``: the token ids the caches stand for."""
-        passage_ids = [self.tokens.passage(entry.text) for entry in entries]
-        return self.joined_prompt(passage_ids, self.suffix_ids(question, entries, options))
+        suffix = self.suffix_ids(question, entries, options)  # checks the inputs first
+        return self.joined_prompt([self.tokens.passage(entry.text) for entry in entries], suffix)
 
     def joined_prompt(self, passage_ids: list[list[int]], suffix: list[int]) -> list[int]:
         """The full prompt's ids from already tokenized passages and question suffix."""
@@ -219,7 +258,7 @@ class Engine:
         first iteration, which loads and assembles the caches; the question, and the passages a
         selective recompute or the near-tie fallback reads, are tokenized before, as
         :meth:`stream_full`'s prompt is)."""
-        options = self.calibrated(options or self.options)
+        options = self.calibrated(checked_options(options, self.options))
         suffix = self.suffix_ids(question, entries, options)
         strategy = choose_strategy(self.context, options)
         reads_passages = options.recompute.recomputes or options.fallback_margin > 0.0
@@ -249,7 +288,7 @@ class Engine:
 
     def stream_full(self, question: str, entries: list[Entry], options: AnswerOptions | None = None) -> TokenStream:
         """The baseline's tokens: a plain prefill of the same token ids, no cache reuse."""
-        options = options or self.options
+        options = checked_options(options, self.options)
         ids = self.full_prompt_ids(question, entries, options)
         return TokenStream(
             self.lm.model,
@@ -263,7 +302,7 @@ class Engine:
     ) -> TokenStream:
         """The fair baseline: the shared prefix's cache reused (as a serving engine with automatic
         prefix caching would), passages and question prefilled."""
-        options = options or self.options
+        options = checked_options(options, self.options)
         ids = self.full_prompt_ids(question, entries, options)
         return TokenStream(
             self.lm.model,

@@ -46,6 +46,10 @@ class AnswerOptions:
         if type(self.max_new_tokens) is not int or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         object.__setattr__(self, "recompute", RecomputeConfig.coerce(self.recompute))
+        if type(self.calibrate) is not bool:
+            raise ValueError(f"calibrate must be True or False, got {self.calibrate!r}")
+        if isinstance(self.fallback_margin, bool) or not isinstance(self.fallback_margin, (int, float)):
+            raise ValueError(f"fallback_margin must be a number in [0, 1), got {self.fallback_margin!r}")
         if not 0.0 <= self.fallback_margin < 1.0:
             raise ValueError(f"fallback_margin must be in [0, 1), got {self.fallback_margin}")
         if self.backend not in BACKENDS:

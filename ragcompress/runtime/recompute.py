@@ -31,6 +31,7 @@ that kept it (masks are then built per layer and head).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -54,6 +55,20 @@ from ragcompress.runtime.token_selection import (
 )
 
 __all__ = ["SELECTIONS", "BlendReport", "RecomputeConfig", "blend", "repair", "select_tokens"]
+
+
+def _schedule_points(points: Any) -> tuple[tuple[int, float], ...]:
+    """``(passages, ratio)`` pairs of a recompute schedule, as ints and floats, or a ValueError
+    naming the expected form (a string such as ``"3:0.05"`` is the CLI's notation, not this)."""
+    try:
+        if isinstance(points, (str, bytes)):
+            raise TypeError
+        return tuple((int(k), float(r)) for k, r in points)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"a recompute schedule (ratio_by_passages) is (passages, ratio) pairs such as ((3, 0.05), (5, 0.1)); "
+            f"got {points!r}"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -96,9 +111,16 @@ class RecomputeConfig:
     final_ratio: float | None = None
 
     def __post_init__(self) -> None:
+        for name in ("ratio", "temperature") + (("final_ratio",) if self.final_ratio is not None else ()):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        for name in ("sink_tokens", "check_layer"):
+            if type(getattr(self, name)) is not int:
+                raise ValueError(f"{name} must be an integer, got {getattr(self, name)!r}")
         if not 0.0 <= self.ratio <= 1.0:
             raise ValueError(f"recompute ratio must be in [0, 1], got {self.ratio}")
-        points = tuple((int(k), float(r)) for k, r in self.ratio_by_passages)
+        points = _schedule_points(self.ratio_by_passages)
         object.__setattr__(self, "ratio_by_passages", points)
         passages = [k for k, _ in points]
         if any(k < 1 or not 0.0 <= r <= 1.0 for k, r in points) or passages != sorted(set(passages)):
@@ -129,15 +151,17 @@ class RecomputeConfig:
             return cls()
         if isinstance(value, RecomputeConfig):
             return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"recompute must be a RecomputeConfig, a fraction in [0, 1] or None, got {value!r}")
         return cls(ratio=float(value))
 
     def with_ratio(self, ratio: float | Sequence[tuple[int, float]]) -> RecomputeConfig:
         """This config with another fraction (an explicit ``--recompute``), its selection, sinks
         and check layer kept: a number is one fraction for every request, ``(passages, ratio)``
         points a schedule (``ratio_by_passages``)."""
-        if isinstance(ratio, (int, float)):
+        if isinstance(ratio, (int, float)) and not isinstance(ratio, bool):
             return replace(self, ratio=float(ratio), ratio_by_passages=())
-        points = tuple(ratio)
+        points = _schedule_points(ratio)
         if not points:
             raise ValueError("a recompute schedule needs at least one (passages, ratio) point")
         return replace(self, ratio=float(points[0][1]), ratio_by_passages=points)

@@ -259,7 +259,8 @@ class KVStore:
                 changed = "removed from" if current is None else "replaced in"
                 raise StoreError(
                     f"passage {entry.id!r} was {changed} store {self.path} by a writer while this request "
-                    "read it; retry the request"
+                    "read it; retry the request (an entry retrieved from another store fails this way too: "
+                    "answer with the entries this store's retrieve returns)"
                 ) from None
             if current == entry and not swapped:
                 raise

@@ -16,7 +16,7 @@ from collections.abc import AsyncGenerator, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from llama_index.core.schema import BaseNode, MetadataMode, TextNode
+from llama_index.core.schema import BaseNode, MetadataMode, NodeWithScore, TextNode
 
 STORE_KEY = "ragcompress_store"
 PASSAGE_KEY = "ragcompress_passage_id"
@@ -26,6 +26,31 @@ NODE_KEY = "ragcompress_node"
 NODE_FIELDS = ("excluded_embed_metadata_keys", "excluded_llm_metadata_keys", "relationships")
 
 T = TypeVar("T")
+
+
+def scored_nodes(nodes: Any, where: str) -> list[NodeWithScore]:
+    """``nodes`` as the list of ``NodeWithScore`` a retriever returns, or a TypeError that says
+    what was passed instead (a bare node, or one node alone, fails later with an AttributeError)."""
+    if isinstance(nodes, (str, BaseNode, NodeWithScore)) or not isinstance(nodes, (list, tuple)):
+        raise TypeError(f"{where} takes a list of NodeWithScore, got {type(nodes).__name__}")
+    for node in nodes:
+        if not isinstance(node, NodeWithScore):
+            raise TypeError(
+                f"{where} takes a list of NodeWithScore (what a retriever returns), got a {type(node).__name__} "
+                "in it; wrap a node as NodeWithScore(node=node)"
+            )
+    return list(nodes)
+
+
+def plain_nodes(nodes: Any, where: str) -> list[BaseNode]:
+    """``nodes`` as a list of nodes (documents or chunks), or a TypeError naming what was passed."""
+    if isinstance(nodes, (str, BaseNode, NodeWithScore)) or not isinstance(nodes, (list, tuple)):
+        raise TypeError(f"{where} takes a list of nodes, got {type(nodes).__name__}")
+    for node in nodes:
+        if not isinstance(node, BaseNode):
+            hint = "; pass each one's .node" if isinstance(node, NodeWithScore) else ""
+            raise TypeError(f"{where} takes a list of nodes, got a {type(node).__name__} in it{hint}")
+    return list(nodes)
 
 
 async def iterate_in_thread(items: Iterator[T]) -> AsyncGenerator[T, None]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import llama_index.core.instrumentation as instrument
@@ -10,7 +11,7 @@ from llama_index.core.callbacks.schema import CBEventType, EventPayload
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import NodeWithScore, QueryBundle
 
-from llama_index.postprocessor.ragcompress._shared import require_ragcompress, shared_model, store_path
+from llama_index.postprocessor.ragcompress._shared import require_ragcompress, scored_nodes, shared_model, store_path
 from llama_index.postprocessor.ragcompress.cache import CacheResolver, check_model
 from llama_index.postprocessor.ragcompress.events import KVCacheAttachedEvent
 
@@ -67,13 +68,16 @@ class KVCacheNodePostprocessor(BaseNodePostprocessor):
     def _select(self, nodes: list[NodeWithScore]) -> list[NodeWithScore]:
         if self.similarity_cutoff is not None:
             nodes = [n for n in nodes if n.score is not None and n.score >= self.similarity_cutoff]
-        scored = sorted((n for n in nodes if n.score is not None), key=lambda n: -(n.score or 0.0))  # stable
-        ordered = scored + [n for n in nodes if n.score is None]
+        # stable; a node without a usable score (None, NaN) goes after the scored ones
+        usable = [n for n in nodes if n.score is not None and not math.isnan(n.score)]
+        scored = sorted(usable, key=lambda n: -(n.score or 0.0))
+        ordered = scored + [n for n in nodes if n.score is None or math.isnan(n.score)]
         return ordered[: self.top_n] if self.top_n is not None else ordered
 
     def _postprocess_nodes(
         self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None
     ) -> list[NodeWithScore]:
+        nodes = scored_nodes(nodes, "KVCacheNodePostprocessor")
         chosen = [NodeWithScore(node=n.node.model_copy(deep=True), score=n.score) for n in self._select(nodes)]
         with self.callback_manager.event(CBEventType.RERANKING, payload={EventPayload.NODES: nodes}) as event:
             entries, computed = self._resolver.resolve([n.node for n in chosen])

@@ -31,6 +31,7 @@ from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
 from llama_index.postprocessor.ragcompress._shared import (
     iterate_in_thread,
     require_ragcompress,
+    scored_nodes,
     shared_embedder,
     shared_model,
     store_path,
@@ -206,6 +207,7 @@ class KVCacheSynthesizer(BaseSynthesizer):
         additional_source_nodes: Sequence[NodeWithScore] | None = None,
         **response_kwargs: Any,
     ) -> RESPONSE_TYPE:
+        nodes = scored_nodes(nodes, "KVCacheSynthesizer.synthesize")
         dispatcher.event(SynthesizeStartEvent(query=query))
         if isinstance(query, str):
             query = QueryBundle(query_str=query)
@@ -244,6 +246,11 @@ class KVCacheSynthesizer(BaseSynthesizer):
 
     def get_response(self, query_str: str, text_chunks: Sequence[str], **response_kwargs: Any) -> Any:
         """Answer from the caches of bare text chunks (cached in the store under content ids)."""
+        if isinstance(text_chunks, str) or not all(isinstance(chunk, str) for chunk in text_chunks):
+            raise TypeError(
+                f"get_response takes a list of text chunks (strings), got {type(text_chunks).__name__}"
+                + (": pass [text] for one chunk" if isinstance(text_chunks, str) else "")
+            )
         response = self._respond(QueryBundle(query_str), self._chunk_nodes(text_chunks), [])
         if isinstance(response, StreamingResponse):
             return response.response_gen

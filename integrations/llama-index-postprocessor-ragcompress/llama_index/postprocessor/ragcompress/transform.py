@@ -16,7 +16,7 @@ from typing import Any
 from llama_index.core.bridge.pydantic import BaseModel, Field, PrivateAttr, field_validator, model_validator
 from llama_index.core.schema import BaseNode, TransformComponent
 
-from llama_index.postprocessor.ragcompress._shared import require_ragcompress
+from llama_index.postprocessor.ragcompress._shared import plain_nodes, require_ragcompress
 
 require_ragcompress()  # IndexConfig is a field type, so it is needed when the class is defined
 
@@ -148,6 +148,7 @@ class KVCacheTransform(TransformComponent):
         ``IngestionPipeline`` hashes its input documents for its docstore and cache after the
         transformations have run, and a handle written into them would make every re-run see
         changed documents."""
+        nodes = plain_nodes(nodes, "KVCacheTransform")
         handled = [
             node.model_copy(
                 update={
