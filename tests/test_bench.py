@@ -76,7 +76,7 @@ def test_the_floor_prefills_the_question_under_selective_recompute(tiny_lm, pass
     for recompute, question_alone in ((0.0, 6), (0.5, 3)):
         engine = Engine(KVStore.open(tmp_path / "store"), tiny_lm, embedder, AnswerOptions(recompute=recompute))
         try:
-            suffix = len(engine.suffix_ids(question.question, []))
+            suffix = len(engine.tokens.suffix(question.question))
             prefilled.clear()
             bench(engine, [question], [2], 2)
         finally:

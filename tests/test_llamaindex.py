@@ -249,7 +249,7 @@ def test_rerunning_a_pipeline_with_a_docstore_processes_nothing(tiny, tmp_path):
     assert runs == [3, 0]
 
 
-def test_components_name_the_wrong_input_instead_of_failing_inside(built, store_copy):
+def test_components_name_the_wrong_input_instead_of_failing_inside(tiny, built, store_copy):
     """A string where a list of chunks goes (it used to store one passage per character), bare
     nodes where scored ones go and the other way round: a TypeError saying what to pass, with
     nothing written; a NaN score sorts after the real ones."""
@@ -268,9 +268,30 @@ def test_components_name_the_wrong_input_instead_of_failing_inside(built, store_
     with pytest.raises(TypeError, match="got NodeWithScore"):
         postprocessor.postprocess_nodes(NodeWithScore(node=nodes[0], score=1.0))
     with pytest.raises(TypeError, match="got a NodeWithScore in it; pass each one's .node"):
-        KVCacheTransform(store_path=store_copy)([NodeWithScore(node=nodes[0])])
+        KVCacheTransform(store_path=store_copy, model=tiny)([NodeWithScore(node=nodes[0])])
     scored = [NodeWithScore(node=nodes[0], score=float("nan")), NodeWithScore(node=nodes[1], score=0.5)]
     assert [n.node.node_id for n in postprocessor.postprocess_nodes(scored)] == [nodes[1].node_id, nodes[0].node_id]
+
+
+def test_a_bad_question_fails_at_the_call_before_caching_anything(store_copy):
+    """Streaming or not, an empty question is refused when synthesize is called (it used to
+    surface only when the stream was read), before the missing caches are computed and stored."""
+    from ragcompress.errors import InputError
+
+    new = [NodeWithScore(node=TextNode(id_="fresh", text="A passage the store has not seen."), score=1.0)]
+    for streaming in (True, False):
+        synthesizer = KVCacheSynthesizer(store_copy, max_new_tokens=3, streaming=streaming)
+        before = synthesizer.engine.store.catalogue.count()
+        with pytest.raises(InputError, match="the question is empty"):
+            synthesizer.synthesize("   ", new)
+        assert synthesizer.engine.store.catalogue.count() == before
+
+
+def test_the_transform_warns_about_nodes_it_cannot_cache(tiny, store_copy):
+    nodes = [TextNode(id_="blank", text="   "), TextNode(id_="full", text="Some text to cache.")]
+    with pytest.warns(UserWarning, match=r"1 nodes have no text and were not cached \(blank\)"):
+        handled = KVCacheTransform(store_path=store_copy, model=tiny)(nodes)
+    assert STORE_KEY in handled[1].metadata and STORE_KEY not in handled[0].metadata
 
 
 def test_concurrent_queries_computing_missing_caches_take_turns(tiny, store_copy):

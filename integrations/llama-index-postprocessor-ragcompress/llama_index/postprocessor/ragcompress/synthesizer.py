@@ -183,7 +183,12 @@ class KVCacheSynthesizer(BaseSynthesizer):
     def _respond(
         self, query: QueryBundle, nodes: list[NodeWithScore], additional: Sequence[NodeWithScore]
     ) -> RESPONSE_TYPE:
+        from ragcompress.runtime.engine import checked_question
+
+        checked_question(query.query_str)  # before any missing cache is computed and stored
         entries, computed = self._entries(nodes)
+        if self._streaming:  # a prompt too long fails here, not when the stream is first read
+            self._engine.suffix_ids(query.query_str, entries)
         source_nodes = list(nodes) + list(additional)
         metadata = self._get_metadata_for_response([n.node for n in source_nodes]) or {}
         info: dict[str, Any] = {"passage_ids": [e.id for e in entries], "computed": computed}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -159,7 +160,13 @@ class KVCacheTransform(TransformComponent):
             )
             for node in nodes
         ]
-        self.writer.write(handled, update_fields=True)
+        ids = self.writer.write(handled, update_fields=True)
+        skipped = [node.node_id for node, pid in zip(handled, ids, strict=True) if pid is None]
+        if skipped:  # nothing to cache: the synthesizer will refuse these nodes, say so now
+            shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+            warnings.warn(
+                f"KVCacheTransform: {len(skipped)} nodes have no text and were not cached ({shown})", stacklevel=2
+            )
         return handled
 
     async def acall(self, nodes: Sequence[BaseNode], **kwargs: Any) -> Sequence[BaseNode]:
