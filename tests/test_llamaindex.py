@@ -269,6 +269,10 @@ def test_components_name_the_wrong_input_instead_of_failing_inside(tiny, built, 
         postprocessor.postprocess_nodes(NodeWithScore(node=nodes[0], score=1.0))
     with pytest.raises(TypeError, match="got a NodeWithScore in it; pass each one's .node"):
         KVCacheTransform(store_path=store_copy, model=tiny)([NodeWithScore(node=nodes[0])])
+    from ragcompress.errors import ModelError
+
+    with pytest.raises(ModelError, match="not a torch device"):  # at construction, not at the first query
+        KVCacheNodePostprocessor(store_path=store, device="warp-drive")
     scored = [NodeWithScore(node=nodes[0], score=float("nan")), NodeWithScore(node=nodes[1], score=0.5)]
     assert [n.node.node_id for n in postprocessor.postprocess_nodes(scored)] == [nodes[1].node_id, nodes[0].node_id]
 

@@ -550,6 +550,16 @@ def test_config_rejects_bad_values(fields):
         RecomputeConfig(**fields)
 
 
+def test_a_check_layer_beyond_the_model_is_refused(stores):
+    """It used to be clamped to the last layer without a word: another setting than asked."""
+    engine = stores("llama")
+    entries = engine.retrieve(QUESTION, 2)
+    layers = engine.lm.config.num_hidden_layers
+    cached_logits(engine, entries, RecomputeConfig(0.3, check_layer=layers))  # the last layer: allowed
+    with pytest.raises(ValueError, match=f"check_layer {layers + 1} is beyond the model's {layers} layers"):
+        cached_logits(engine, entries, RecomputeConfig(0.3, check_layer=layers + 1))
+
+
 def test_ratio_by_passages_interpolates_between_its_points_and_holds_outside():
     config = RecomputeConfig(ratio=0.05, ratio_by_passages=[(3, 0.05), (5, 0.1)])
     assert config.ratio_by_passages == ((3, 0.05), (5, 0.1))  # stored as tuples: hashable

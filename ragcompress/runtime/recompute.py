@@ -251,7 +251,9 @@ def blend(
     embed = model.model.embed_tokens
     device = embed.weight.device
     layers = len(model.model.layers)
-    check = min(config.check_layer, layers)
+    if config.check_layer > layers:
+        raise ValueError(f"check_layer {config.check_layer} is beyond the model's {layers} layers")
+    check = config.check_layer
     question_ids = suffix or score_question
     if config.selection != "deviation" and not question_ids:
         raise ValueError(f"selection={config.selection!r} ranks tokens by the question; pass its tokens")

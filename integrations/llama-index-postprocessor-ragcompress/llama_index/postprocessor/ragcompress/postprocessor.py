@@ -52,8 +52,11 @@ class KVCacheNodePostprocessor(BaseNodePostprocessor):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         require_ragcompress()
+        from ragcompress.models import usable_device
         from ragcompress.store import KVStore
 
+        if self.device is not None:
+            usable_device(self.device)  # a device this machine lacks fails here, not at the first query
         self._store = KVStore.open(self.store_path)  # StoreError when missing or incomplete
         lm = None
         if self.model is not None:
