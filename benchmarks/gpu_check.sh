@@ -16,7 +16,7 @@
 # dependencies (transformers >= 5.24, safetensors, numpy, ...); nothing is installed or downloaded
 # (benchmarks/gpu_wheels.sh fetches, on a machine with an index, the wheels a bare CUDA image
 # lacks). ragcompress and ragcompress_kernels are imported from this checkout (PYTHONPATH). Stages
-# are capped at 330 s (tests; 19 of the 22 took about 4 minutes on an H200, most of it autotuning) and
+# are capped at 330 s (tests; 19 of the 22 gpu tests there were then took about 4 minutes on an H200, most of it autotuning) and
 # 240 s (timing: 27 s there for the packed kernel alone; the latent kernel's rows, added since,
 # autotune at keys no test uses), about 10 minutes at most. Exit 0 only if every test passed, none was
 # skipped, and the timing completed; exit 2 (one line on stderr) when there is no CUDA device or a
