@@ -137,6 +137,7 @@ class LatentSegments(SegmentsLayout):
         }
         self.check_tensors(expected, contiguous=True)
         self.check_rope()
+        self.check_rows()
         if rk % pb:
             raise ValueError(f"key rank {rk} must be a multiple of {pb} at {self.bits} bits")
         if rows % self.group_size or any(s % self.group_size for s in self.seg_start_host):
@@ -352,6 +353,8 @@ def latent_attention(
     """
     backend = resolve_backend(backend, query, seg)
     check_attention_inputs(query, key, value, seg)
+    if block_n is not None and (block_n < 16 or block_n & (block_n - 1)):
+        raise ValueError(f"block_n must be a power of two >= 16 (tl.dot's smallest tile), got {block_n}")
     batch, q_heads, q_len, d = query.shape
     scale = d**-0.5 if scale is None else float(scale)
     if backend == "torch":
@@ -369,7 +372,7 @@ def latent_attention(
     grid = (m_blocks, batch * kv_heads, launch.n_splits)
     tuned = block_n is None and query.device.type == "cuda"
     kernel = _latent_attn_fwd_tuned if tuned else _latent_attn_fwd
-    tile = {} if tuned else {"BLOCK_N": block_n or 32}
+    tile = {} if tuned else {"BLOCK_N": 32 if block_n is None else block_n}
     kernel[grid](
         query, key, value, seg.k_codes, seg.k_scale, seg.k_min, seg.v_codes, seg.v_scale, seg.v_min,
         seg.k_basis, seg.k_mean, v_basis, v_mean, seg.positions, seg.cos, seg.sin, seg.seg_start,

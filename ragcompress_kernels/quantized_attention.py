@@ -48,6 +48,8 @@ class SegmentsLayout:
     frozen dataclasses; no fields of its own)."""
 
     k_codes: torch.Tensor
+    positions: torch.Tensor
+    seg_len: torch.Tensor
     cos: torch.Tensor
     sin: torch.Tensor
     bits: int
@@ -97,6 +99,21 @@ class SegmentsLayout:
         rot = self.rotary_dim
         if rot <= 0 or rot % 2 or rot > self.head_dim:
             raise ValueError(f"rot_dim must be even and within head_dim {self.head_dim}, got {rot}")
+
+    def check_rows(self) -> None:
+        """Raise unless every head's kept rows fit its segment and every position has a RoPE
+        table row: the kernels trust both (a larger ``seg_len`` reads the next segment's rows, a
+        position outside the tables reads outside them). Checked on CPU tensors only: on CUDA it
+        would cost a device sync per layer and request, and the runtime's builders
+        (``from_blobs``, ``from_segments``) derive both from the blobs, which the store checks."""
+        positions, seg_len = self.positions, self.seg_len
+        if seg_len.device.type != "cpu":
+            return
+        sizes = torch.tensor(self.seg_start_host[1:]) - torch.tensor(self.seg_start_host[:-1])
+        if seg_len.numel() and (bool((seg_len < 0).any()) or bool((seg_len > sizes.to(seg_len.dtype)).any())):
+            raise ValueError("seg_len must be within [0, each segment's rows] for every head")
+        if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= self.cos.shape[0]):
+            raise ValueError(f"positions must be within the RoPE tables' [0, {self.cos.shape[0]}) rows")
 
     def check_tensors(self, expected: dict[str, tuple[tuple[int, ...], torch.dtype]], contiguous: bool) -> None:
         """Raise naming the first tensor whose shape, dtype or device (or layout) is not ``expected``."""
@@ -174,6 +191,7 @@ class QuantizedSegments(SegmentsLayout):
         }
         self.check_tensors(expected, contiguous=True)  # the kernel indexes them as contiguous
         self.check_rope()
+        self.check_rows()
         if rows % self.group_size or any(s % self.group_size for s in self.seg_start_host):
             raise ValueError(f"segment rows must be multiples of group_size {self.group_size}")
         if self.seg_start_host[-1] != rows or d % self.v_group or d % 2:
@@ -275,16 +293,18 @@ def dequantize_values_ref(
     (per row, per group of ``v_group`` channels) -> ``[..., N, d]`` fp32."""
     *lead, rows, groups = v_scale.shape
     values = _unpack_ref(v_codes, v_bits).view(*lead, rows, groups, v_group)
-    return torch.addcmul(v_min.float().unsqueeze(-1), values, v_scale.float().unsqueeze(-1)).view(*lead, rows, -1)
+    dequantized = torch.addcmul(v_min.float().unsqueeze(-1), values, v_scale.float().unsqueeze(-1))
+    return dequantized.view(*lead, rows, groups * v_group)  # not -1: a layout may hold no rows
 
 
 def valid_rows_ref(seg_start: tuple[int, ...], seg_len: torch.Tensor) -> torch.Tensor:
     """``[..., N]`` bool: row ``r`` of segment ``s`` is kept when ``r - seg_start[s] < seg_len[..., s]``."""
     device = seg_len.device
     segs = len(seg_start) - 1
-    sizes = torch.tensor([seg_start[i + 1] - seg_start[i] for i in range(segs)], device=device)
+    sizes = torch.tensor([seg_start[i + 1] - seg_start[i] for i in range(segs)], dtype=torch.long, device=device)
     owner = torch.repeat_interleave(torch.arange(segs, device=device), sizes)  # [N]
-    offset = torch.arange(seg_start[-1], device=device) - torch.tensor(seg_start[:-1], device=device)[owner]
+    starts = torch.tensor(seg_start[:-1], dtype=torch.long, device=device)
+    offset = torch.arange(seg_start[-1], device=device) - starts[owner]
     return offset < seg_len.long()[..., owner]
 
 

@@ -155,6 +155,47 @@ def interpreter():
     pool.join()
 
 
+def test_a_layout_the_kernel_would_misread_is_refused():
+    """The kernels trust ``seg_len`` and ``positions``: kept rows beyond a segment's own would be
+    read from the next segment, a position beyond the RoPE tables from outside them. A layout
+    built by hand that does either is refused where it is made (CPU tensors)."""
+    packed, *_ = build_case(
+        dict(lengths=[5, 20], heads=1, head_dim=16, group=1, q_len=1, scheme="int8", group_size=8, seed=0)
+    )
+    seg = packed.layers[0]
+    longer = seg.seg_len.clone()
+    longer[0, 0] = seg.seg_start_host[1] + 1
+    with pytest.raises(ValueError, match="seg_len must be within"):
+        dataclasses.replace(seg, seg_len=longer)
+    for position in (-1, seg.cos.shape[0]):
+        moved = seg.positions.clone()
+        moved[0, 0] = position
+        with pytest.raises(ValueError, match="positions must be within the RoPE tables"):
+            dataclasses.replace(seg, positions=moved)
+
+
+def test_the_reference_reads_a_layout_without_passage_rows():
+    """No passage rows at all (the Triton kernel attends over the fp rows alone): the PyTorch
+    path, the CPU's, answers the same as attention over those rows, instead of failing a reshape."""
+    from ragcompress_kernels import packed_attention_ref
+
+    packed, query, key, value, _ = build_case(
+        dict(lengths=[5], heads=1, head_dim=16, group=2, q_len=1, scheme="int8", group_size=8, seed=0)
+    )
+    seg = packed.layers[0]
+    rows = ("k_codes", "k_scale", "k_min", "v_codes", "v_scale", "v_min", "positions")
+    for segments in (1, 0):
+        empty = dataclasses.replace(
+            seg,
+            seg_start_host=(0,) * (segments + 1),
+            seg_start=torch.zeros(segments + 1, dtype=torch.int32),
+            seg_len=torch.zeros(1, segments, dtype=torch.int32),
+            **{name: getattr(seg, name)[:, :0].contiguous() for name in rows},
+        )
+        expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, enable_gqa=True)
+        torch.testing.assert_close(packed_attention_ref(query, key, value, empty), expected.transpose(1, 2))
+
+
 CASES = {
     # name: ragged / non-power-of-two lengths, head_dim, GQA group, bits, prefill or decode
     "prefill-d64-g1-int8": dict(lengths=[37, 64, 5], heads=2, head_dim=64, group=1, q_len=7, scheme="int8"),

@@ -276,6 +276,16 @@ def test_latent_triton_refuses_rotary_tables_whose_partners_differ():
     assert torch.isfinite(latent_attention(query, key, value, odd, backend="torch")).all()
 
 
+@pytest.mark.parametrize("block_n", [0, 8, 48, -16])
+def test_latent_attention_refuses_a_tile_it_cannot_run(block_n):
+    """``block_n`` 0 once became 32 without a word, -16 gave NaN, 48 failed inside Triton."""
+    from ragcompress_kernels import latent_attention
+
+    packed, layer, query, key, value, _ = build(dict(CASES["decode-d64-g3-int4-r16-r32"], seed=0))
+    with pytest.raises(ValueError, match="block_n must be a power of two >= 16"):
+        latent_attention(query, key, value, packed.layers[layer], backend="torch", block_n=block_n)
+
+
 LATENT_STORES = {
     "keys-and-values-rank8-int4": dict(quant="int4", rank=8),
     # the smallest preset's shape: evicted, key latents at int4, values as int2 rows
