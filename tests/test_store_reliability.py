@@ -1221,8 +1221,9 @@ def test_a_run_still_going_in_another_process_does_not_stop_readers(clean_store,
         alive.kill()
         alive.wait()
     assert "stopped before its end" in unfinished_run(store)
-    (store / RUN).write_text("{not json")  # a damaged marker still marks the run unfinished
-    assert "stopped before its end" in unfinished_run(store)
+    for damaged in ("{not json", '{"pid": 0}', '{"pid": -1}'):  # a damaged marker still marks the run unfinished
+        (store / RUN).write_text(damaged)
+        assert "stopped before its end" in unfinished_run(store)
 
 
 def test_failed_overwrite_releases_the_lock_and_leaves_no_copy(tiny_lm, corpus, store_copy, clean_store, tmp_path):

@@ -129,7 +129,7 @@ def unfinished_run(path: Path) -> str | None:
     except (OSError, ValueError):
         record = {}
     pid = record.get("pid") if isinstance(record, dict) else None
-    if isinstance(pid, int) and (path.resolve() in _RUNNING_HERE if pid == os.getpid() else _alive(pid)):
+    if isinstance(pid, int) and pid > 0 and (path.resolve() in _RUNNING_HERE if pid == os.getpid() else _alive(pid)):
         return None
     started = record.get("started") if isinstance(record, dict) else None
     when = time.strftime(" on %Y-%m-%d at %H:%M", time.localtime(started)) if isinstance(started, float) else ""
