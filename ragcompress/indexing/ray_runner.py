@@ -47,8 +47,15 @@ from ragcompress.distill.packaged import MATCHING, resolve_adaptor
 from ragcompress.errors import InputError, RagCompressError, StoreError
 from ragcompress.indexing.config import IndexConfig
 from ragcompress.indexing.indexer import Indexer
-from ragcompress.indexing.inputs import PassageInput, iter_passages, validate
-from ragcompress.indexing.run import IndexReport, _batches, create_store_for, run_indexer, settings_for
+from ragcompress.indexing.inputs import PassageInput, iter_passages
+from ragcompress.indexing.run import (
+    IndexReport,
+    _batches,
+    count_input,
+    create_store_for,
+    run_indexer,
+    settings_for,
+)
 from ragcompress.models import LoadedModel, load_model
 from ragcompress.store import KVStore, Manifest, StoreWriter
 from ragcompress.store.files import indexing_run, refuse_existing
@@ -287,13 +294,7 @@ def index_on_ray(
         _connect(address, workers * threads_per_worker, gpu)
     input_path, store_path = Path(input_path), Path(store_path)
     exists = (store_path / "manifest.json").is_file()
-    if exists:
-        with KVStore.open(store_path) as stored:
-            stored.prefix_kv()  # a damaged prefix is refused before anything is added beside it
-            # the same pass refuses ids stored with another text (unless they replace them)
-            total = validate(input_path, None if replace else stored.catalogue.shas_of, str(store_path))
-    else:
-        total = validate(input_path)
+    total = count_input(input_path, store_path if exists else None, replace)
     if not exists:
         refuse_existing(store_path)
     config, model, dtype = settings_for(store_path if exists else None, config, model, dtype)

@@ -62,6 +62,18 @@ def _batches(items: Iterator[PassageInput], size: int) -> Iterator[list[PassageI
         yield batch
 
 
+def count_input(input_path: Path, existing: Path | None, replace: bool) -> int:
+    """The input's passage count after one validating pass, before anything is written. Adding to
+    an ``existing`` store also refuses a damaged prefix (every passage is read after it) and, in
+    the same pass, ids stored with another text unless they ``replace`` them. Shared by the
+    one-process and the Ray run."""
+    if existing is None:
+        return validate(input_path)
+    with KVStore.open(existing) as stored:
+        stored.prefix_kv()
+        return validate(input_path, None if replace else stored.catalogue.shas_of, str(existing))
+
+
 def settings_for(
     existing: Path | None, config: IndexConfig | None, model: str | None, dtype: str | None = None
 ) -> tuple[IndexConfig, str | None, str | None]:
@@ -150,13 +162,7 @@ def index(
     input_path, store_path = Path(input_path), Path(store_path)
     remove_litter(store_path)
     exists = (store_path / "manifest.json").is_file()
-    if exists and not overwrite:
-        with KVStore.open(store_path) as stored:
-            stored.prefix_kv()  # a damaged prefix is refused before anything is added beside it
-            # one streaming pass also refuses ids stored with another text (unless they replace them)
-            total = validate(input_path, None if replace else stored.catalogue.shas_of, str(store_path))
-    else:
-        total = validate(input_path)
+    total = count_input(input_path, store_path if exists and not overwrite else None, replace)
     # --overwrite replaces what is at the path: only ever a store (even one whose manifest is lost)
     rebuild = overwrite and store_path.exists() and (not store_path.is_dir() or any(store_path.iterdir()))
     refusal = overwrite_refusal(store_path) if rebuild else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ragcompress.runtime.recompute import RecomputeConfig
+from ragcompress.runtime.recompute import RecomputeConfig, is_number
 
 # "auto": the dense assembled cache (runtime/prepare.py's choose_strategy says why the fused
 # kernel is not chosen on CUDA: measured slower on an H200).
@@ -48,7 +48,7 @@ class AnswerOptions:
         object.__setattr__(self, "recompute", RecomputeConfig.coerce(self.recompute))
         if type(self.calibrate) is not bool:
             raise ValueError(f"calibrate must be True or False, got {self.calibrate!r}")
-        if isinstance(self.fallback_margin, bool) or not isinstance(self.fallback_margin, (int, float)):
+        if not is_number(self.fallback_margin):
             raise ValueError(f"fallback_margin must be a number in [0, 1), got {self.fallback_margin!r}")
         if not 0.0 <= self.fallback_margin < 1.0:
             raise ValueError(f"fallback_margin must be in [0, 1), got {self.fallback_margin}")

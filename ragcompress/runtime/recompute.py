@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 
@@ -55,6 +55,12 @@ from ragcompress.runtime.token_selection import (
 )
 
 __all__ = ["SELECTIONS", "BlendReport", "RecomputeConfig", "blend", "repair", "select_tokens"]
+
+
+def is_number(value: object) -> TypeGuard[int | float]:
+    """An int or a float, not a bool (``True`` is an int) nor a string (``float("0.5")`` reads one):
+    what the answering configs take for their fractions and margins."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _schedule_points(points: Any) -> tuple[tuple[int, float], ...]:
@@ -113,7 +119,7 @@ class RecomputeConfig:
     def __post_init__(self) -> None:
         for name in ("ratio", "temperature") + (("final_ratio",) if self.final_ratio is not None else ()):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if not is_number(value) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
         for name in ("sink_tokens", "check_layer"):
             if type(getattr(self, name)) is not int:
@@ -151,7 +157,7 @@ class RecomputeConfig:
             return cls()
         if isinstance(value, RecomputeConfig):
             return value
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if not is_number(value):
             raise ValueError(f"recompute must be a RecomputeConfig, a fraction in [0, 1] or None, got {value!r}")
         return cls(ratio=float(value))
 
@@ -159,7 +165,7 @@ class RecomputeConfig:
         """This config with another fraction (an explicit ``--recompute``), its selection, sinks
         and check layer kept: a number is one fraction for every request, ``(passages, ratio)``
         points a schedule (``ratio_by_passages``)."""
-        if isinstance(ratio, (int, float)) and not isinstance(ratio, bool):
+        if is_number(ratio):
             return replace(self, ratio=float(ratio), ratio_by_passages=())
         points = _schedule_points(ratio)
         if not points:
