@@ -28,6 +28,13 @@ embeds the same texts with the same embedder.
 ``--checkpoint`` appends every question's outcomes as it finishes; a rerun skips the questions
 already there (a long run can be stopped and resumed, or split over processes with ``--shard I/N``
 sharing one checkpoint; ``--report-only`` then summarizes the whole sample).
+
+``--dtype bfloat16`` runs every path (full prefill included) with the weights in that dtype; each
+record names its dtype and a checkpoint only resumes or reports the records of the run's own
+(records written before the option are float32). ``--report-only --reference-full CKPT`` adds how
+often each setting's answer, and this run's full prefill's, is the text of the full-prefill answer
+in another run's checkpoint (e.g. bf16 against float32: how much a change of dtype alone moves
+the model's own answers).
 """
 
 from __future__ import annotations
@@ -67,6 +74,12 @@ KEYS = {
     "g": ("final_ratio", float),
 }
 OUTCOMES = ("sub_em", "f1", "agree", "kl", "ttft")
+DEFAULT_DTYPE = "float32"  # the weights' dtype of every record written before --dtype
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``: how records and ``--dtype`` name a dtype."""
+    return str(dtype).removeprefix("torch.")
 
 
 def parse_setting(text: str) -> tuple[str | None, RecomputeConfig, bool, float]:
@@ -293,12 +306,17 @@ def question_record(variants: Variants, item, top_k: int, settings: list[str], r
     return record
 
 
-def checkpointed(checkpoint: Path | None, top_k: int, settings: list[str]) -> dict[str, dict]:
-    """Records already in ``checkpoint`` for this top-k that hold every setting, by question id."""
+def checkpointed(
+    checkpoint: Path | None, top_k: int, settings: list[str], dtype: str | None = DEFAULT_DTYPE
+) -> dict[str, dict]:
+    """Records already in ``checkpoint`` for this top-k that hold every setting, by question id;
+    only those answered in ``dtype`` (``None``: any), records without one being float32's."""
     done: dict[str, dict] = {}
     if checkpoint is not None and checkpoint.is_file():
         for line in checkpoint.read_text().splitlines():
             record = json.loads(line)
+            if dtype is not None and record.get("dtype", DEFAULT_DTYPE) != dtype:
+                continue
             if record.get("top_k") == top_k and all(name in record for name in settings):
                 done[record["id"]] = record
     return done
@@ -306,8 +324,9 @@ def checkpointed(checkpoint: Path | None, top_k: int, settings: list[str]) -> di
 
 def evaluate(variants: Variants, questions, top_k: int, settings: list[str], progress: bool, checkpoint: Path | None):
     """Every question's record (read back from ``checkpoint`` where it is already there)."""
-    done = checkpointed(checkpoint, top_k, settings)
     engine = variants.base
+    dtype = dtype_name(engine.dtype)
+    done = checkpointed(checkpoint, top_k, settings, dtype)
     warm = engine.retrieve(questions[0].question, top_k)
     run_forced(engine.lm.model, engine.stream_full(questions[0].question, warm))
     records = []
@@ -315,7 +334,7 @@ def evaluate(variants: Variants, questions, top_k: int, settings: list[str], pro
         if item.id in done:
             records.append(done[item.id])
             continue
-        record = {"top_k": top_k, **question_record(variants, item, top_k, settings, rotation=number)}
+        record = {"top_k": top_k, "dtype": dtype, **question_record(variants, item, top_k, settings, rotation=number)}
         records.append(record)
         if checkpoint is not None:
             with open(checkpoint, "a", encoding="utf-8") as handle:
@@ -365,11 +384,12 @@ def paired_with(args: argparse.Namespace, questions) -> dict:
     ``--pair-with`` checkpoint (another run over the same questions), and every ``--compare A=B``
     pair of this run's settings."""
     out: dict = {}
+    dtype = args.dtype or DEFAULT_DTYPE
     for top_k in args.top_k:
-        ours = checkpointed(args.checkpoint, top_k, args.settings)
+        ours = checkpointed(args.checkpoint, top_k, args.settings, dtype)
         pairs = [(ours, a, b) for a, b in (c.split("=", 1) for c in args.compare)]
         if args.pair_with:
-            theirs = checkpointed(args.pair_with, top_k, [])
+            theirs = checkpointed(args.pair_with, top_k, [], dtype)
             pairs += [(theirs, name, name.rpartition(":")[2]) for name in args.settings if ":" in name]
         for other, name, spec in pairs:
             common = [q.id for q in questions if q.id in ours and q.id in other and spec in other[q.id]]
@@ -383,6 +403,29 @@ def paired_with(args: argparse.Namespace, questions) -> dict:
                 "sub_em": paired_comparison([r["sub_em"] for r in a], [r["sub_em"] for r in b]),
                 "kl_mean_difference": statistics.fmean(r["kl"] for r in a) - statistics.fmean(r["kl"] for r in b),
                 "full_answers_identical": all(ours[i]["full"]["answer"] == other[i]["full"]["answer"] for i in common),
+            }
+    return out
+
+
+def reference_full(args: argparse.Namespace, questions, dtype: str) -> dict:
+    """Per top-k and setting (``full`` included), the share of questions whose answer is the
+    text of the full-prefill answer in the ``--reference-full`` checkpoint's float32 records,
+    over the questions both runs answered: e.g. how often a bf16 run answers as float32 full
+    prefill does, beside how often it answers as its own bf16 full prefill (``agreement``)."""
+    out: dict = {}
+    for top_k in args.top_k:
+        ours = checkpointed(args.checkpoint, top_k, args.settings, dtype)
+        theirs = checkpointed(args.reference_full, top_k, [], DEFAULT_DTYPE)
+        common = [q.id for q in questions if q.id in ours and q.id in theirs]
+        if not common:
+            continue
+        for name in ["full", *args.settings]:
+            same = [ours[i][name]["answer"] == theirs[i]["full"]["answer"] for i in common]
+            out[f"top{top_k} {name}"] = {
+                "n": len(common),
+                "reference": f"{args.reference_full.name} ({DEFAULT_DTYPE})",
+                "agreement": statistics.fmean(same),
+                "ci95": bootstrap_ci([float(x) for x in same]),
             }
     return out
 
@@ -426,6 +469,7 @@ def report_only(args: argparse.Namespace) -> None:
         "store": args.store,
         "variants": args.variant,
         "model": manifest["model_ref"],
+        "dtype": args.dtype or DEFAULT_DTYPE,
         "argv": sys.argv[1:],
         **({"articles": sorted(args.articles)} if args.articles else {}),
         **({"adaptors": adaptors} if adaptors else {}),
@@ -438,11 +482,15 @@ def report_only(args: argparse.Namespace) -> None:
         "tables": {},
     }
     for top_k in args.top_k:
-        done = checkpointed(args.checkpoint, top_k, args.settings)
+        done = checkpointed(args.checkpoint, top_k, args.settings, result["dtype"])
         records = [done[q.id] for q in questions if q.id in done]
         if records:
             result["tables"][f"top{top_k}"] = summarize(records, args.settings)
             print(markdown(result["model"], len(records), top_k, result["tables"][f"top{top_k}"]), flush=True)
+    if args.reference_full:
+        result["reference_full"] = reference_full(args, questions, result["dtype"])
+        for name, row in result["reference_full"].items():
+            print(f"{name}: n={row['n']}, same answer as {row['reference']}'s full prefill {row['agreement']:.2f}")
     if args.pair_with or args.compare:
         result["paired"] = paired_with(args, questions)
         for name, row in result["paired"].items():
@@ -500,6 +548,16 @@ def main() -> None:
     parser.add_argument(
         "--report-only", action="store_true", help="summarize the sampled questions --checkpoint holds; run nothing"
     )
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="the weights' dtype for every path (default: the store's); records are kept apart by dtype",
+    )
+    parser.add_argument(
+        "--reference-full",
+        type=Path,
+        help="with --report-only: how often each answer is the full-prefill answer of this checkpoint's float32 run",
+    )
     args = parser.parse_args()
     if args.show:
         result = json.loads(args.show.read_text())
@@ -516,7 +574,9 @@ def main() -> None:
     # dense: selective recompute edits the assembled cache, and every setting (reuse too) is
     # measured on the same path
     engine = Engine.open(
-        args.store, options=AnswerOptions(max_new_tokens=args.max_new_tokens, backend="dense", calibrate=False)
+        args.store,
+        options=AnswerOptions(max_new_tokens=args.max_new_tokens, backend="dense", calibrate=False),
+        dtype=args.dtype,
     )
     variants = Variants(engine, dict(v.split("=", 1) for v in args.variant))
     questions, adaptors = questions_asked(args)
@@ -526,6 +586,7 @@ def main() -> None:
         "store": args.store,
         "variants": args.variant,
         "model": engine.lm.ref,
+        "dtype": dtype_name(engine.dtype),
         "n": len(questions),
         "argv": sys.argv[1:],
         **({"articles": sorted(args.articles)} if args.articles else {}),

@@ -797,3 +797,46 @@ def test_recompute_on_cuda_matches_the_cpu(layout, config):
     selected, logits = blend_on("cuda", layout, config)
     assert torch.equal(selected, cpu_selected)
     torch.testing.assert_close(logits, cpu_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_quality_benchmark_keeps_records_of_each_dtype_apart(tmp_path):
+    """recompute_quality.py --dtype: a checkpoint resumes and reports only the records of the run's
+    own dtype (those written before the option are float32's), and --reference-full counts how
+    often an answer is another run's float32 full-prefill answer, over the questions both hold."""
+    import argparse
+    import json
+    from types import SimpleNamespace
+
+    import recompute_quality as quality
+
+    def record(qid: str, dtype: str | None, full: str, reuse: str) -> dict:
+        row = {"top_k": 3, "id": qid, "full": {"answer": full}, "reuse": {"answer": reuse}}
+        return row if dtype is None else {**row, "dtype": dtype}
+
+    ours = tmp_path / "bf16.jsonl"
+    ours.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in (
+                record("a", "bfloat16", "x", "x"),
+                record("b", "bfloat16", "y", "z"),
+                record("c", "float32", "w", "w"),  # another dtype in the same file: not ours
+            )
+        )
+    )
+    reference = tmp_path / "fp32.jsonl"
+    reference.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in (record("a", None, "x", "q"), record("b", None, "z", "q"), record("d", None, "v", "v"))
+        )
+    )
+    assert set(quality.checkpointed(ours, 3, ["reuse"], "bfloat16")) == {"a", "b"}
+    assert set(quality.checkpointed(ours, 3, ["reuse"], "float32")) == {"c"}
+    assert set(quality.checkpointed(reference, 3, [], "float32")) == {"a", "b", "d"}  # no dtype: float32
+    assert quality.checkpointed(reference, 3, [], "bfloat16") == {}
+    args = argparse.Namespace(top_k=[3], checkpoint=ours, settings=["reuse"], reference_full=reference)
+    questions = [SimpleNamespace(id=i) for i in "abcd"]
+    out = quality.reference_full(args, questions, "bfloat16")
+    assert out["top3 full"]["n"] == 2 and out["top3 full"]["agreement"] == 0.5  # a: x = x; b: y != z
+    assert out["top3 reuse"]["agreement"] == 1.0  # a: x = x; b: z = z
