@@ -372,6 +372,36 @@ def test_a_client_that_gave_up_frees_its_queue_place(engine):
         release.set()
 
 
+def test_a_batched_request_whose_client_left_counts_the_tokens_it_generated(engine):
+    """A row dropped from a batch (its client went away) is reported as a lone cancelled request
+    is: ``ragcompress_generated_tokens_total`` counts the tokens decoded for it before the drop,
+    and the rows beside it finish as before."""
+    from ragcompress.serve.protocol import parse_chat
+
+    with in_process(engine, max_batch=4) as (_, app):
+        service = app.state.service
+        seen: list[list] = [[], []]
+
+        def emitter(i: int):
+            def emit(event):
+                seen[i].append(event)
+                if i == 0 and event[0] == "started":
+                    jobs[0].cancel()  # the first row's client leaves once its first token is out
+
+            return emit
+
+        queries = [parse_chat(chat(q, stream=True), service.settings, MAX_NEW) for q in QUESTIONS[:2]]
+        jobs = [Job(lambda engine, job: None, emitter(i), queries[i]) for i in range(2)]
+        before = service.metrics.tokens._value.get()
+        service.answer_batch(engine, jobs)
+        counted = service.metrics.tokens._value.get() - before
+        done = [[e[1] for e in events if e[0] == "done"] for events in seen]
+        assert len(done[0]) == 1 and len(done[1]) == 1, seen
+        assert len(done[0][0].token_ids) == 1 and done[0][0].batch == 2
+        assert done[1][0].token_ids == expected(engine, QUESTIONS[1]).token_ids
+        assert counted == 1 + len(done[1][0].token_ids)
+
+
 def test_a_requests_recompute_keeps_the_presets_selection(engine, monkeypatch):
     from ragcompress.runtime.recompute import RecomputeConfig
     from ragcompress.serve.protocol import parse_chat

@@ -257,8 +257,12 @@ class Service:
                 piece = delta.push(token)
                 if piece is not None:
                     job.emit(("delta", piece))
-            if job.cancelled.is_set():
+            if job.cancelled.is_set():  # reported as a lone request that was cancelled is: its tokens counted
                 batch.drop(i)
+                total_s = time.perf_counter() - started
+                self._finish(
+                    query, engine, job, entries, options, tokens[i], batch.ttft_s[i], total_s, "dense", len(members)
+                )
 
     def _finish(
         self,
