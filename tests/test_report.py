@@ -274,7 +274,12 @@ def test_faithful_pairs_settings_of_one_run_and_of_another_run_by_question(tmp_p
         "\n".join(json.dumps({"top_k": 3, "id": f"q{i}", "full": row(1, 0), "reuse": row(0, 0.2)}) for i in range(4))
     )
     args = argparse.Namespace(
-        top_k=[3], checkpoint=ours, settings=["a:reuse", "b:reuse"], compare=["a:reuse=b:reuse"], pair_with=theirs
+        top_k=[3],
+        checkpoint=ours,
+        settings=["a:reuse", "b:reuse"],
+        compare=["a:reuse=b:reuse"],
+        pair_with=theirs,
+        dtype=None,
     )
     paired = quality.paired_with(args, [SimpleNamespace(id=f"q{i}") for i in range(4)])
     within = paired["top3 a:reuse vs b:reuse"]
