@@ -1501,7 +1501,13 @@ def render_faithful(results: Path) -> str:
             caption = (
                 f"**{model_name(data['model'])}, {key.replace('top', 'top-')}, {full['n']} questions"
                 + (f" of {', '.join(a.replace('_', ' ') for a in data['articles'])}" if data.get("articles") else "")
-                + f"** (variant stores: {variants}; torch threads {meta.get('threads') or 'not recorded'}{load_note})"
+                + f"** (variant stores: {variants}; torch threads {meta.get('threads') or 'not recorded'}{load_note}"
+                + (
+                    f"; weights in {data['dtype']}, full prefill too"
+                    if data.get("dtype", "float32") != "float32"
+                    else ""
+                )
+                + ")"
             )
             for name, a in (data.get("adaptors") or {}).items():
                 caption += (
@@ -1530,6 +1536,17 @@ def render_faithful(results: Path) -> str:
                 if pair.startswith(key + " ") and " vs " in pair and ":" in pair.split(" vs ")[0]
             ]
             note = ("\n\nPaired by question: " + "; ".join(paired) + ".") if paired else ""
+            same = [
+                f"`{name.split(' ', 1)[1]}` {r['agreement']:.2f} {_ci(r['ci95'])}"
+                for name, r in (data.get("reference_full") or {}).items()
+                if name.startswith(key + " ")
+            ]
+            if same:
+                reference = next(iter(data["reference_full"].values()))
+                note += (
+                    f"\n\nSame answer as float32 full prefill (`{reference['reference'].split(' ')[0]}`, the same "
+                    f"{reference['n']} questions and passages): " + "; ".join(same) + "."
+                )
             parts.append(caption + "\n\n" + table(header, body) + note)
     return "\n\n".join(parts + [source_line(paths)])
 

@@ -840,3 +840,39 @@ def test_quality_benchmark_keeps_records_of_each_dtype_apart(tmp_path):
     out = quality.reference_full(args, questions, "bfloat16")
     assert out["top3 full"]["n"] == 2 and out["top3 full"]["agreement"] == 0.5  # a: x = x; b: y != z
     assert out["top3 reuse"]["agreement"] == 1.0  # a: x = x; b: z = z
+
+
+def test_dtype_ttft_benchmark_times_every_dtype_and_path_on_the_same_passages(stores):
+    """benchmarks/dtype_ttft.py: each question's passages are answered by full prefill and by the
+    cached path in every dtype (a bf16 engine really runs bf16 weights), the first of the runs
+    rotating one place per question; the first dtype is the reference of the ratios."""
+    from types import SimpleNamespace
+
+    import dtype_ttft
+
+    built = stores("qwen2", "none")
+    options = AnswerOptions(max_new_tokens=1, backend="dense")
+    engines = {d: Engine.open(built.store.path, options=options, dtype=d) for d in ("float32", "bfloat16")}
+    assert engines["bfloat16"].lm.model.dtype == torch.bfloat16
+    order: list[str] = []
+    for dtype, engine in engines.items():
+        for path, method in (("full", "answer_full"), ("cached", "answer_cached")):
+            original = getattr(engine, method)
+            setattr(
+                engine, method, lambda *a, _o=original, _n=f"{dtype}/{path}", **k: (order.append(_n), _o(*a, **k))[1]
+            )
+    questions = [
+        SimpleNamespace(id=f"q{i}", question=q) for i, q in enumerate([QUESTION, "Who won?", "When?", "Where?"])
+    ]
+    records = dtype_ttft.measure(engines, questions, 2)
+    firsts = order[::4]
+    assert firsts == ["float32/full", "float32/cached", "bfloat16/full", "bfloat16/cached"]
+    assert all(len(r["passages"]) == 2 and all(r[k]["ttft"] > 0 for k in firsts) for r in records)
+    summary = dtype_ttft.summarize(records, ["float32", "bfloat16"])
+    reference = summary["rows"]["float32"]
+    assert (
+        reference["full_speedup_vs_first_dtype"] == 1.0 and reference["first_token_as_first_dtype_full"]["full"] == 1.0
+    )
+    assert summary["n"] == 4 and reference["cached_vs_own_full"] == reference["cached_vs_first_dtype_full"]
+    for engine in engines.values():
+        engine.close()
