@@ -977,6 +977,41 @@ def render_lowrank_frontier(results: Path) -> str:
     return "\n\n".join(parts)
 
 
+def render_dtype_ttft(results: Path) -> str:
+    """Full prefill and a preset's cached path in each weight dtype, side by side in one process
+    (``dtype_ttft_*.json``, ``benchmarks/dtype_ttft.py``)."""
+    paths = files(results, "dtype_ttft_*.json")
+    rows = []
+    for path in paths:
+        data = load(path)
+        first = data["first_dtype"]
+        for dtype, r in data["rows"].items():
+            agree = r["first_token_as_first_dtype_full"]
+            rows.append(
+                [
+                    model_name(data["meta"]["model"]),
+                    f"`{data['preset']}`, top-{data['top_k']}",
+                    dtype,
+                    f"{1000 * r['full_ttft_s_median']:.0f} ms ({r['full_speedup_vs_first_dtype']:.2f}x)",
+                    f"{1000 * r['cached_ttft_s_median']:.0f} ms ({r['cached_speedup_vs_first_dtype']:.2f}x)",
+                    f"{r['cached_vs_own_full']:.2f}x / {r['cached_vs_first_dtype_full']:.2f}x",
+                    f"{agree['full']:.2f} / {agree['cached']:.2f}",
+                    f"{data['n']}, {data['meta']['threads']} threads, {', '.join(data['meta']['cpu_flags_bf16']) or 'no bf16 flags'}",
+                ]
+            )
+    header = [
+        "model",
+        "cached path",
+        "weights",
+        f"full prefill, median TTFT (speed-up vs {first})",
+        f"cached path, median TTFT (speed-up vs {first})",
+        f"cached path vs full prefill: same dtype / {first}",
+        f"first token as {first} full prefill's: full / cached",
+        "questions, threads, CPU",
+    ]
+    return table(header, rows) + "\n\n" + source_line(paths)
+
+
 def render_layer_padding(results: Path) -> str:
     """Per-layer padding against the replaced longest-layer layout (``layer_padding_*.json``,
     ``benchmarks/layer_padding.py``): rows the dense path reads and holds, and TTFT, side by side."""
@@ -1824,6 +1859,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "kernel-gpu": render_kernel_gpu,
     "kernel-cpu-ttft": render_kernel_cpu_ttft,
     "layer-padding": render_layer_padding,
+    "dtype-ttft": render_dtype_ttft,
     "core-all": render_core_all,
     "core": render_core,
     "ttft": render_ttft,
