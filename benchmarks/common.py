@@ -88,6 +88,29 @@ def adaptor_provenance(adaptor: Any, asked: set[str], where: str = "the adaptor"
     }
 
 
+def store_adaptors(stores: dict[str, str], asked: set[str], adaptor_dirs: list[Path] | None = None) -> dict[str, dict]:
+    """The KV-Distill adaptor of each store (by name) built with one, found among the packaged
+    adaptors or ``adaptor_dirs``; refused (:func:`adaptor_provenance`) if it was trained on an
+    article the questions ask about, or if it is neither packaged nor given."""
+    from ragcompress.distill.adaptor import Adaptor
+    from ragcompress.distill.packaged import packaged_adaptor
+
+    given = {a.hash: a for a in (Adaptor.load(d) for d in adaptor_dirs or [])}
+    found = {}
+    for name, path in stores.items():
+        recorded = json.loads((Path(path) / "manifest.json").read_text()).get("encoding", {}).get("adaptor")
+        if not recorded:
+            continue
+        adaptor = given.get(str(recorded)) or packaged_adaptor(str(recorded))
+        if adaptor is None:
+            raise SystemExit(
+                f"store {name}: adaptor {str(recorded)[:16]} is neither packaged nor given with --adaptor-dir "
+                "(its training articles are unknown)"
+            )
+        found[name] = adaptor_provenance(adaptor, asked, f"store {name}'s adaptor")
+    return found
+
+
 def row_name(method: str, ratio: float | None, quant: str) -> str:
     """A row's name in ``results.json`` and the name of its store's folder."""
     return f"{re.sub(r'[^A-Za-z0-9.-]+', '-', method).strip('-')}_{ratio if ratio is not None else 1.0}_{quant}"

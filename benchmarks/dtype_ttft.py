@@ -29,7 +29,7 @@ import torch
 from ragcompress.presets import answer_options
 from ragcompress.runtime.engine import Engine
 
-from common import SQUAD, pick_questions, results_meta
+from common import SQUAD, pick_questions, question_article, results_meta, store_adaptors
 
 PATHS = ("full", "cached")
 
@@ -91,6 +91,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     options = answer_options(args.preset).replace(max_new_tokens=1, calibrate=False)
     questions = pick_questions(args.questions, args.sample, set(args.articles))
+    # its first-token columns are answers: none from an article the store's adaptor was trained on
+    adaptors = store_adaptors({"store": args.store}, {question_article(q) for q in questions})
     engines = {d: Engine.open(args.store, options=options, dtype=d) for d in args.dtypes}
     try:
         for engine in engines.values():
@@ -104,6 +106,7 @@ def main() -> None:
         "preset": args.preset,
         "top_k": args.top_k,
         **({"articles": sorted(args.articles)} if args.articles else {}),
+        **({"adaptor": adaptors["store"]} if adaptors else {}),
         "meta": {
             **results_meta(
                 {**vars(args), "questions": len(questions), "repeats": 1, "model": engines[args.dtypes[0]].lm.ref}

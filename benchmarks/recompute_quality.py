@@ -57,12 +57,12 @@ from ragcompress.stats import bootstrap_ci, paired_comparison
 from ragcompress.store import KVStore
 
 from common import (
-    adaptor_provenance,
     pick_questions,
     question_article,
     results_meta,
     rewind,
     run_keeping_request,
+    store_adaptors,
     teacher_forced_logprobs,
 )
 
@@ -430,34 +430,11 @@ def reference_full(args: argparse.Namespace, questions, dtype: str) -> dict:
     return out
 
 
-def store_adaptors(args: argparse.Namespace, asked: set[str]) -> dict[str, dict]:
-    """The KV-Distill adaptor of each store built with one (by variant name, ``base`` for
-    ``--store``), refused if it was trained on an article the questions ask about: every figure
-    of an adaptor comes from articles it never saw."""
-    from ragcompress.distill.adaptor import Adaptor
-    from ragcompress.distill.packaged import packaged_adaptor
-
-    given = {a.hash: a for a in (Adaptor.load(d) for d in args.adaptor_dir)}
-    stores = {"base": args.store, **dict(v.split("=", 1) for v in args.variant)}
-    found = {}
-    for name, path in stores.items():
-        recorded = json.loads((Path(path) / "manifest.json").read_text()).get("encoding", {}).get("adaptor")
-        if not recorded:
-            continue
-        adaptor = given.get(str(recorded)) or packaged_adaptor(str(recorded))
-        if adaptor is None:
-            raise SystemExit(
-                f"store {name}: adaptor {str(recorded)[:16]} is neither packaged nor given with --adaptor-dir "
-                "(its training articles are unknown)"
-            )
-        found[name] = adaptor_provenance(adaptor, asked, f"store {name}'s adaptor")
-    return found
-
-
 def questions_asked(args: argparse.Namespace) -> tuple[list, dict[str, dict]]:
     """The sampled questions and the provenance of the stores' adaptors (checked against them)."""
     questions = pick_questions(Path(args.questions), args.sample, set(args.articles), args.outside)
-    return questions, store_adaptors(args, {question_article(q) for q in questions})
+    stores = {"base": args.store, **dict(v.split("=", 1) for v in args.variant)}
+    return questions, store_adaptors(stores, {question_article(q) for q in questions}, args.adaptor_dir)
 
 
 def report_only(args: argparse.Namespace) -> None:

@@ -876,3 +876,28 @@ def test_dtype_ttft_benchmark_times_every_dtype_and_path_on_the_same_passages(st
     assert summary["n"] == 4 and reference["cached_vs_own_full"] == reference["cached_vs_first_dtype_full"]
     for engine in engines.values():
         engine.close()
+
+
+def test_benchmarks_refuse_questions_from_an_adaptors_training_articles(tmp_path):
+    """common.store_adaptors (recompute_quality.py, dtype_ttft.py): a store encoded through a
+    packaged adaptor may be measured on articles the adaptor never saw, and is refused on one it
+    was trained on; a store without an adaptor has nothing to check."""
+    import json
+    from pathlib import Path
+
+    import ragcompress.distill as distill
+    from ragcompress.distill.adaptor import Adaptor
+
+    import common
+
+    adaptor = Adaptor.load(Path(distill.__file__).parent / "adaptors" / "smollm2-135m")
+    store, plain = tmp_path / "store", tmp_path / "plain"
+    for path, encoding in ((store, {"adaptor": adaptor.hash}), (plain, {})):
+        path.mkdir()
+        (path / "manifest.json").write_text(json.dumps({"encoding": encoding}))
+    trained = set(adaptor.meta["train_articles"])
+    unseen = set(adaptor.meta["val_articles"])
+    assert common.store_adaptors({"s": str(store)}, unseen)["s"]["hash"] == adaptor.hash
+    with pytest.raises(SystemExit, match="was trained on"):
+        common.store_adaptors({"s": str(store)}, unseen | {sorted(trained)[0]})
+    assert common.store_adaptors({"p": str(plain)}, trained) == {}
