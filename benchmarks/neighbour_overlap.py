@@ -5,7 +5,8 @@ passages (:mod:`ragcompress.indexing.neighbours`). That cache is exact when the 
 puts before it are exactly those neighbours in that order, and closer than an isolated encoding
 when some of them are. For every question and every retrieved rank ``r >= 2``: the share of the
 ``r - 1`` passages before it that are among its encoding neighbours, whether all of them are, and
-whether the context is exact (the same passages in the same order). Embeddings only, no LLM.
+whether the context is exact (its encoding neighbours are exactly those passages, in that order:
+with N above ``r - 1`` no context is). Embeddings only, no LLM.
 
     .venv/bin/python benchmarks/neighbour_overlap.py --neighbors 1 2 4 --top-k 3 5 \\
         --out docs/results/neighbour_overlap.json
@@ -38,7 +39,9 @@ def overlap(passage_vectors: np.ndarray, question_vectors: np.ndarray, n: int, t
             hits = len(set(before) & set(mine))
             share.append(hits / len(before))
             covered.append(float(hits == len(before)))
-            exact.append(float(mine[-len(before) :] == before and len(mine) >= len(before)))
+            # the stored KV equal full prefill's only when the passage was encoded after exactly
+            # these passages: more neighbours than predecessors is another context
+            exact.append(float(list(mine) == before))
     return {
         "n": n,
         "top_k": top_k,

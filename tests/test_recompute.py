@@ -6,6 +6,7 @@ untouched (plain reuse, bit for bit); the selection is a deterministic function 
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from transformers import DynamicCache
@@ -901,3 +902,16 @@ def test_benchmarks_refuse_questions_from_an_adaptors_training_articles(tmp_path
     with pytest.raises(SystemExit, match="was trained on"):
         common.store_adaptors({"s": str(store)}, unseen | {sorted(trained)[0]})
     assert common.store_adaptors({"p": str(plain)}, trained) == {}
+
+
+def test_neighbour_overlap_counts_a_context_exact_only_when_it_is_the_encoding_context():
+    """benchmarks/neighbour_overlap.py: a passage retrieved second after its one nearest
+    neighbour has an exact context when it was encoded after that neighbour alone (N = 1), not
+    when it was encoded after two passages (N = 2) whose last is that neighbour."""
+    import neighbour_overlap as bench
+
+    passages = np.array([[1.0, 0.0, 0.0], [0.8, 0.6, 0.0], [0.0, 0.6, 0.8]])
+    question = np.array([[1.0, 0.1, 0.0]]) / np.linalg.norm([1.0, 0.1, 0.0])  # retrieves 0, then 1
+    one, two = (bench.overlap(passages, question, n, top_k=2) for n in (1, 2))
+    assert one["all_predecessors_among_neighbours"] == 1.0 and one["exact_context"] == 1.0
+    assert two["all_predecessors_among_neighbours"] == 1.0 and two["exact_context"] == 0.0
