@@ -45,6 +45,7 @@ import os
 import statistics
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -306,11 +307,32 @@ def question_record(variants: Variants, item, top_k: int, settings: list[str], r
     return record
 
 
+# What a checkpoint's records must share to be resumed or reported together (each record holds
+# them under "run", with the code revision and torch threads that measured it; records written
+# before 2026-12-06 hold none and are taken as they are).
+SHARED_RUN_KEYS = ("store", "variants", "max_new_tokens")
+
+
+def run_identity(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings of this invocation that every record it resumes or reports must share."""
+    return {
+        "store": str(Path(args.store).resolve()),
+        "variants": sorted(f"{n}={Path(d).resolve()}" for n, d in (v.split("=", 1) for v in args.variant)),
+        "max_new_tokens": args.max_new_tokens,
+    }
+
+
 def checkpointed(
-    checkpoint: Path | None, top_k: int, settings: list[str], dtype: str | None = DEFAULT_DTYPE
+    checkpoint: Path | None,
+    top_k: int,
+    settings: list[str],
+    dtype: str | None = DEFAULT_DTYPE,
+    run: dict[str, Any] | None = None,
 ) -> dict[str, dict]:
     """Records already in ``checkpoint`` for this top-k that hold every setting, by question id;
-    only those answered in ``dtype`` (``None``: any), records without one being float32's."""
+    only those answered in ``dtype`` (``None``: any), records without one being float32's. With
+    ``run`` (:func:`run_identity`), a record answered with another store, variants or answer
+    length stops the run (``SystemExit``): one results file never mixes them."""
     done: dict[str, dict] = {}
     if checkpoint is not None and checkpoint.is_file():
         for line in checkpoint.read_text().splitlines():
@@ -318,15 +340,43 @@ def checkpointed(
             if dtype is not None and record.get("dtype", DEFAULT_DTYPE) != dtype:
                 continue
             if record.get("top_k") == top_k and all(name in record for name in settings):
+                recorded = record.get("run")
+                for key in SHARED_RUN_KEYS if run is not None and recorded is not None else ():
+                    if recorded.get(key) != run[key]:
+                        raise SystemExit(
+                            f"{checkpoint}: question {record['id']} was answered with {key} {recorded.get(key)!r}, "
+                            f"this run has {run[key]!r}; give another --checkpoint"
+                        )
                 done[record["id"]] = record
     return done
 
 
-def evaluate(variants: Variants, questions, top_k: int, settings: list[str], progress: bool, checkpoint: Path | None):
-    """Every question's record (read back from ``checkpoint`` where it is already there)."""
+def measured_by(records: list[dict]) -> dict[str, list]:
+    """The code revisions and torch threads that measured ``records`` (what a report's own
+    ``meta.git`` does not say: it is the revision that summarised them)."""
+    runs = [r.get("run") or {} for r in records]
+    return {
+        key: sorted({str(run[key]) if key in run else "not recorded" for run in runs}) for key in ("git", "threads")
+    }
+
+
+def evaluate(
+    variants: Variants,
+    questions,
+    top_k: int,
+    settings: list[str],
+    progress: bool,
+    checkpoint: Path | None,
+    run: dict[str, Any] | None = None,
+):
+    """Every question's record (read back from ``checkpoint`` where it is already there). ``run``
+    (:func:`run_identity`) is written into each new record with the code revision and threads."""
+    from ragcompress.bench import git_revision
+
     engine = variants.base
     dtype = dtype_name(engine.dtype)
-    done = checkpointed(checkpoint, top_k, settings, dtype)
+    done = checkpointed(checkpoint, top_k, settings, dtype, run)
+    provenance = {**(run or {}), "git": git_revision(), "threads": torch.get_num_threads()}
     warm = engine.retrieve(questions[0].question, top_k)
     run_forced(engine.lm.model, engine.stream_full(questions[0].question, warm))
     records = []
@@ -334,7 +384,12 @@ def evaluate(variants: Variants, questions, top_k: int, settings: list[str], pro
         if item.id in done:
             records.append(done[item.id])
             continue
-        record = {"top_k": top_k, "dtype": dtype, **question_record(variants, item, top_k, settings, rotation=number)}
+        record = {
+            "top_k": top_k,
+            "dtype": dtype,
+            "run": provenance,
+            **question_record(variants, item, top_k, settings, rotation=number),
+        }
         records.append(record)
         if checkpoint is not None:
             with open(checkpoint, "a", encoding="utf-8") as handle:
@@ -459,10 +514,11 @@ def report_only(args: argparse.Namespace) -> None:
         "tables": {},
     }
     for top_k in args.top_k:
-        done = checkpointed(args.checkpoint, top_k, args.settings, result["dtype"])
+        done = checkpointed(args.checkpoint, top_k, args.settings, result["dtype"], run_identity(args))
         records = [done[q.id] for q in questions if q.id in done]
         if records:
             result["tables"][f"top{top_k}"] = summarize(records, args.settings)
+            result["meta"].setdefault("measured_by", {})[f"top{top_k}"] = measured_by(records)
             print(markdown(result["model"], len(records), top_k, result["tables"][f"top{top_k}"]), flush=True)
     if args.reference_full:
         result["reference_full"] = reference_full(args, questions, result["dtype"])
@@ -575,7 +631,9 @@ def main() -> None:
         "tables": {},
     }
     for top_k in args.top_k:
-        records = evaluate(variants, questions, top_k, args.settings, not args.quiet, args.checkpoint)
+        records = evaluate(
+            variants, questions, top_k, args.settings, not args.quiet, args.checkpoint, run_identity(args)
+        )
         result["tables"][f"top{top_k}"] = summarize(records, args.settings)
         result["meta"]["loadavg_end"] = os.getloadavg()
         if args.out:

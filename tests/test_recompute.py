@@ -915,3 +915,38 @@ def test_neighbour_overlap_counts_a_context_exact_only_when_it_is_the_encoding_c
     one, two = (bench.overlap(passages, question, n, top_k=2) for n in (1, 2))
     assert one["all_predecessors_among_neighbours"] == 1.0 and one["exact_context"] == 1.0
     assert two["all_predecessors_among_neighbours"] == 1.0 and two["exact_context"] == 0.0
+
+
+def test_quality_benchmark_refuses_to_mix_runs_in_one_checkpoint(tmp_path):
+    """recompute_quality.py: each record carries its run (store, variants, answer length, code
+    revision, threads); resuming or reporting with another store or answer length stops with the
+    question and the setting named, records from before the field are taken as they are, and a
+    report names every revision that measured its records."""
+    import argparse
+    import json
+
+    import recompute_quality as quality
+
+    args = argparse.Namespace(store=str(tmp_path / "store"), variant=[], max_new_tokens=12)
+    run = quality.run_identity(args)
+    record = {"top_k": 3, "dtype": "float32", "full": {}, "reuse": {}}
+    checkpoint = tmp_path / "c.jsonl"
+    checkpoint.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in (
+                {**record, "id": "a", "run": {**run, "git": "abc1234", "threads": 1}},
+                {**record, "id": "b"},  # written before records named their run
+            )
+        )
+    )
+    done = quality.checkpointed(checkpoint, 3, ["reuse"], "float32", run)
+    assert set(done) == {"a", "b"}
+    assert quality.measured_by(list(done.values())) == {
+        "git": ["abc1234", "not recorded"],
+        "threads": ["1", "not recorded"],
+    }
+    for changed in ({"max_new_tokens": 32}, {"store": str(tmp_path / "other")}):
+        other = quality.run_identity(argparse.Namespace(**{**vars(args), **changed}))
+        with pytest.raises(SystemExit, match="question a was answered with"):
+            quality.checkpointed(checkpoint, 3, ["reuse"], "float32", other)
