@@ -327,7 +327,10 @@ class Frontier:
 
     def basis(self, spec: RankSpec) -> LowRankBasis:
         if self._moments is None:
-            path = self.args.workdir / "calibration-moments.pt"
+            # named by the sample: a workdir shared by runs of other calibration settings keeps each
+            # one's moments apart (until 2026-12-06 one unnamed file served them all)
+            sample = f"{'+'.join(sorted(self.args.calibration_articles))}-first{self.args.calibration_passages}"
+            path = self.args.workdir / f"calibration-moments-{sample}.pt"
             moments = CalibrationMoments()
             if path.is_file():  # tensors only: no pickled classes
                 state = torch.load(path)
