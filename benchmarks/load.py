@@ -99,6 +99,10 @@ class Tally:
             "tokens_per_s": sum(o.tokens for o in ok) / seconds if seconds else 0.0,
             "ttft_client_s": spread([o.ttft_client_s for o in ok if o.ttft_client_s is not None]),
             "ttft_server_s": spread([o.ttft_server_s for o in ok if o.ttft_server_s is not None]),
+            # the server's TTFT of the streamed answers alone: the requests the client-side TTFT covers
+            "ttft_server_streamed_s": spread(
+                [o.ttft_server_s for o in ok if o.ttft_client_s is not None and o.ttft_server_s is not None]
+            ),
             "queue_s": spread([o.queue_s for o in ok if o.queue_s is not None]),
             "latency_s": spread([o.latency_s for o in ok]),
             "errors": dict(sorted(self.errors.items(), key=lambda item: -item[1])[:20]),
@@ -139,6 +143,8 @@ async def ask(client: httpx.AsyncClient, body: dict[str, Any], timeout: float) -
                 queue_s=info.get("queue_s"),
                 tokens=data.get("usage", {}).get("completion_tokens", 0),
             )
+        # the usage chunk gives the tokens generated (content chunks are text pieces, not tokens)
+        body = {**body, "stream_options": {"include_usage": True}}
         async with client.stream("POST", "/v1/chat/completions", json=body, timeout=timeout) as response:
             if response.status_code != 200:
                 text = (await response.aread()).decode(errors="replace")
@@ -146,7 +152,7 @@ async def ask(client: httpx.AsyncClient, body: dict[str, Any], timeout: float) -
             first = None
             info: dict[str, Any] | None = None
             done = False
-            tokens = 0
+            tokens = None
             async for line in response.aiter_lines():
                 if not line.startswith("data: "):
                     continue
@@ -157,16 +163,18 @@ async def ask(client: httpx.AsyncClient, body: dict[str, Any], timeout: float) -
                 chunk = json.loads(payload)
                 if "error" in chunk:
                     return Outcome("failed", time.perf_counter() - start, 200, error=f"stream error {chunk['error']}")
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
                 for choice in chunk.get("choices", []):
-                    if choice["delta"].get("content"):
-                        tokens += 1
-                        if first is None:
-                            first = time.perf_counter() - start
+                    if choice["delta"].get("content") and first is None:
+                        first = time.perf_counter() - start
                     if choice.get("finish_reason"):
                         info = chunk.get("ragcompress")
             latency = time.perf_counter() - start
-            if not done or info is None:
-                return Outcome("lost", latency, 200, error="a stream that ended without its final chunk and [DONE]")
+            if not done or info is None or tokens is None:
+                return Outcome(
+                    "lost", latency, 200, error="a stream that ended without its final chunk, usage and [DONE]"
+                )
             return Outcome(
                 "ok",
                 latency,

@@ -740,6 +740,9 @@ def render_serve_load(results: Path) -> str:
         ]
     single, run = data["single_client"], data["load"]
     queue = run["queue_s"]
+    # runs before 2026-12-06 kept the server's TTFT over every answer only
+    streamed = "ttft_server_streamed_s" in run
+    server = "ttft_server_streamed_s" if streamed else "ttft_server_s"
     out += [
         table(
             [
@@ -749,8 +752,8 @@ def render_serve_load(results: Path) -> str:
                 "lost",
                 "429",
                 "answers/s",
-                "TTFT p50 / p99 (client)",
-                "TTFT p50 / p99 (server)",
+                "TTFT p50 / p99 (client, streamed answers)",
+                "TTFT p50 / p99 (server, the same answers)" if streamed else "TTFT p50 / p99 (server, every answer)",
                 "queue p50 / p99",
                 "latency p50 / p99",
             ],
@@ -762,8 +765,9 @@ def render_serve_load(results: Path) -> str:
                     str(phase["lost"]),
                     str(phase["rejected"]),
                     f"{phase['throughput_rps']:.2f}",
-                    f"{_s(phase['ttft_client_s']['p50'])} / {_s(phase['ttft_client_s']['p99'])}",
-                    f"{_s(phase['ttft_server_s']['p50'])} / {_s(phase['ttft_server_s']['p99'])}",
+                    f"{_s(phase['ttft_client_s']['p50'])} / {_s(phase['ttft_client_s']['p99'])} "
+                    f"(n = {phase['ttft_client_s']['n']})",
+                    f"{_s(phase[server]['p50'])} / {_s(phase[server]['p99'])} (n = {phase[server]['n']})",
                     f"{_s(phase['queue_s']['p50'])} / {_s(phase['queue_s']['p99'])}",
                     f"{_s(phase['latency_s']['p50'])} / {_s(phase['latency_s']['p99'])}",
                 ]
