@@ -28,6 +28,7 @@ import json
 import torch
 
 from ragcompress_kernels import attention_over_dense_ref, dequantize_segments_ref, latent_attention, packed_attention
+from ragcompress_kernels.latent_attention import rebuild_latent_segments_ref
 
 from common import LATENT_SCHEME, median_time, results_meta, synthetic_latent_segments, synthetic_segments
 
@@ -44,15 +45,16 @@ def sdpa_full(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> 
 
 def time_paths(timer, seg, query, key, value, full_k, full_v, cuda: bool) -> dict[str, float]:
     """Seconds per call of each path on one configuration (``seg``: packed segments, or latent
-    ones, whose "deq+sdpa" is the latent kernel's torch path: rebuild keys and values, then SDPA)."""
+    ones; "deq+sdpa": rebuild keys and values, then SDPA in the query's dtype)."""
     d = query.shape[-1]
     latent = hasattr(seg, "k_basis")
     kernel = latent_attention if latent else packed_attention
 
     def deq_sdpa():
-        if latent:
-            return latent_attention(query, key, value, seg, backend="torch")
-        keys, values, valid = dequantize_segments_ref(seg)
+        # both kinds rebuilt, then attended in the query's dtype (fp16 on a GPU), as the fused
+        # kernels compute: latent_attention's torch backend is its fp32 reference
+        rebuild = rebuild_latent_segments_ref if latent else dequantize_segments_ref
+        keys, values, valid = rebuild(seg)
         return attention_over_dense_ref(query, key, value, keys.to(query.dtype), values.to(query.dtype), valid, d**-0.5)
 
     times = {

@@ -39,3 +39,29 @@ def test_cpu_run_times_packed_and_latent_segments():
         ("int4", "decode"), ("int4", "prefill"), ("latent", "decode"), ("latent", "prefill")
     ]  # fmt: skip
     assert all(r["deq+sdpa_ms"] > 0 and r["fp32 sdpa_ms"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("latent", [False, True])
+def test_dequantize_then_sdpa_attends_in_the_querys_dtype(monkeypatch, latent):
+    """The "deq+sdpa" baseline of packed and latent rows alike rebuilds the passage rows and
+    attends in the query's dtype (fp16 on a GPU), as the fused kernel it is compared with does, not
+    in the fp32 of the references."""
+    import torch
+
+    from common import synthetic_latent_segments, synthetic_segments
+
+    seg = (
+        synthetic_latent_segments(64, 32, 2, 64, "cpu") if latent else synthetic_segments(64, 32, 2, 64, "int4", "cpu")
+    )
+    seen = []
+    original = kernel_bench.attention_over_dense_ref
+    monkeypatch.setattr(
+        kernel_bench,
+        "attention_over_dense_ref",
+        lambda q, k, v, keys, values, *rest: (seen.append(keys.dtype), original(q, k, v, keys, values, *rest))[1],
+    )
+    query = torch.randn(1, 4, 1, 64, dtype=torch.bfloat16)
+    key = value = torch.randn(1, 2, 65, 64, dtype=torch.bfloat16)
+    full = torch.randn(1, 2, 64 + 65, 64, dtype=torch.bfloat16)
+    kernel_bench.time_paths(lambda fn: (fn(), 1.0)[1], seg, query, key, value, full, full, cuda=False)
+    assert seen == [torch.bfloat16]
