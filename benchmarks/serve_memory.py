@@ -12,7 +12,8 @@ Each round starts the real service twice, in turn, on the same store: once with
 alternating by round so that a drift of the machine falls on both. Each gets the same seeded
 sequence of requests, one at a time: a question of the list with a drawn top-k and
 ``max_tokens`` 1, so the response's server-side ``ragcompress.ttft_s`` is the cached path
-(retrieval, loading and assembling the caches, prefilling the question). After every response
+(loading and assembling the caches, prefilling the question; a request answered alone is
+retrieved before its clock starts). After every response
 the service's resident set (``VmRSS`` of ``/proc/PID/status``) is read, and its peak (``VmHWM``)
 at the end.
 
