@@ -221,6 +221,23 @@ def read_held_out_teacher(path: Path, lm: Any) -> list[Example]:
     return [Example(**e) for e in saved["examples"]]
 
 
+def mergeable_rows(
+    other: Path, full_answers: list, qids: list[str], adaptor_hash: str | None, compared_hash: str | None
+) -> dict[str, Any]:
+    """The rows of another run's results file (``--merge``), refused (``SystemExit``) unless it
+    measured the same examples with the same full-prefill answers, through the same adaptor and
+    against the same compared adaptor as this run (a file that records none is taken as it is)."""
+    data = json.loads(other.read_text())
+    if data["full_prefill"]["token_ids"] != full_answers or data["full_prefill"].get("qids", qids) != qids:
+        raise SystemExit(f"{other} measured other examples or other full-prefill answers; not merged")
+    meta = data.get("meta", {})
+    if adaptor_hash is not None and meta.get("adaptor_hash") not in (None, adaptor_hash):
+        raise SystemExit(f"{other} read its caches through another adaptor than this run's; not merged")
+    if compared_hash is not None and (meta.get("compared_adaptor") or {}).get("hash") not in (None, compared_hash):
+        raise SystemExit(f"{other} compared another adaptor than this run's; not merged")
+    return data["rows"]
+
+
 def earlier_full_prefill(path: Path, qids: list[str]) -> list[list[int]] | None:
     """The full-prefill answers an earlier run of ``path`` decoded, reused (they are the slowest
     part of a rerun) only when that run measured these very questions in this order; a file of
@@ -373,10 +390,10 @@ def main() -> None:
     def write(rows: dict[str, Any], cost: dict[str, Any]) -> dict[str, Any]:
         """The results file as it stands (written after every setting: a cut-short run keeps them)."""
         for other in args.merge:  # e.g. settings measured by a concurrent run
-            data = json.loads(other.read_text())
-            if data["full_prefill"]["token_ids"] != full_answers or data["full_prefill"].get("qids", qids) != qids:
-                raise SystemExit(f"{other} measured other examples or other full-prefill answers; not merged")
-            rows = rows | {k: v for k, v in data["rows"].items() if k not in rows}
+            theirs = mergeable_rows(
+                other, full_answers, qids, adaptor.hash if adaptor else None, compared.hash if compared else None
+            )
+            rows = rows | {k: v for k, v in theirs.items() if k not in rows}
         rows = {name: rows[name] for name in SETTINGS if name in rows}  # table order
         for name, row in rows.items():
             reference = baseline_of(name)

@@ -56,3 +56,25 @@ def test_the_held_out_teacher_file_is_reused_only_for_its_base_model(tmp_path):
     save_tree([], path)  # the list format, from before the model was recorded
     with pytest.raises(SystemExit, match="before its base model was recorded"):
         distill_eval.read_held_out_teacher(path, lm)
+
+
+def test_merge_takes_rows_only_from_a_run_of_the_same_examples_and_adaptors(tmp_path):
+    """--merge: another run's rows join this file only when that run answered the same examples
+    with the same full-prefill answers through the same adaptor (and compared the same one);
+    a file that records no adaptor is taken as it is."""
+
+    def run(path: Path, meta: dict, token_ids=([1, 2], [3])) -> Path:
+        full = {"qids": ["a", "b"], "token_ids": list(token_ids)}
+        path.write_text(json.dumps({"full_prefill": full, "rows": {"r": {"n": 2}}, "meta": meta}))
+        return path
+
+    answers = [[1, 2], [3]]
+    same = run(tmp_path / "same.json", {"adaptor_hash": "h1", "compared_adaptor": {"hash": "c1"}})
+    assert distill_eval.mergeable_rows(same, answers, ["a", "b"], "h1", "c1") == {"r": {"n": 2}}
+    assert distill_eval.mergeable_rows(run(tmp_path / "old.json", {}), answers, ["a", "b"], "h1", "c1")
+    with pytest.raises(SystemExit, match="another adaptor than this run's"):
+        distill_eval.mergeable_rows(same, answers, ["a", "b"], "h2", "c1")
+    with pytest.raises(SystemExit, match="compared another adaptor"):
+        distill_eval.mergeable_rows(same, answers, ["a", "b"], "h1", "c2")
+    with pytest.raises(SystemExit, match="other examples"):
+        distill_eval.mergeable_rows(run(tmp_path / "x.json", {}, ([9], [3])), answers, ["a", "b"], "h1", None)
