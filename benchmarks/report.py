@@ -1225,9 +1225,20 @@ def render_keep_freed_memory(results: Path) -> str:
         "cached vs full: off / on",
     ]
     first = runs["off"][0]["meta"]
+    revisions = [
+        off if off == on else f"off {off}, on {on}"
+        for off, on in zip(
+            (run["meta"].get("git", "not recorded") for run in runs["off"]),
+            (run["meta"].get("git", "not recorded") for run in runs["on"]),
+            strict=True,
+        )
+    ]
     note = (
         f"{model_name(data['model'])}, {data['store']}; {len(runs['off'])} rounds of each setting, "
-        f"{first['limit']} questions x {first['repeats']} repeats per run, {first['threads']} threads."
+        f"{first['limit']} questions x {first['repeats']} repeats per run, {first['threads']} threads; "
+        "each cell the mean over rounds of the run's median. Code of each round: "
+        + ", ".join(f"{i + 1}: {git}" for i, git in enumerate(revisions))
+        + "."
     )
     return "\n\n".join([table(header, rows), note, source_line([path])])
 
