@@ -121,11 +121,14 @@ def main() -> None:
         {"full prefill": {"method": "full prefill", "ratio": 1.0, "quant": "-", **summary(full_kl)}} if full_kl else {}
     )
     done = json.loads((workdir / "kl.json").read_text()) if (workdir / "kl.json").is_file() else {}
+    asked = [q.id for q in questions]
     for name, row in quality["rows"].items():
         if name == reference_name or (args.rows and name not in args.rows):
             continue
-        if done.get(name, {}).get("reference") == reference_name:  # measured by an earlier run
-            rows[name] = done[name]
+        earlier = done.get(name, {})
+        # measured by an earlier run against the same reference, over the same questions
+        if earlier.get("reference") == reference_name and earlier.get("questions") == asked:
+            rows[name] = earlier
             continue
         with KVStore.open(workdir / name) as store:
             engine = Engine(store, lm, embedder, OPTIONS)
@@ -139,6 +142,7 @@ def main() -> None:
             "quant": row["quant"],
             "compression": row["compression"],
             "reference": reference_name,
+            "questions": asked,
             **summary(kls),
         }
         print(f"{name}: KL {rows[name]['kl_suffix_answer']:.4f} (answer {rows[name]['kl_answer']:.4f})", flush=True)
