@@ -1351,6 +1351,8 @@ def render_kvzip_cost(results: Path) -> str:
     rows = []
     for path in paths:
         data = load(path)
+        if "ratio_of_medians" not in data:
+            raise ReportError(f"{path.name} holds a ratio of medians pooled over passages; run kvzip_cost.py again")
         rows.append(
             [
                 model_name(data["model"]),
@@ -1369,7 +1371,7 @@ def render_kvzip_cost(results: Path) -> str:
         "tokens/passage",
         "forward",
         "forward + KVzip score",
-        "ratio",
+        "ratio (median over passages and rounds, each pair timed back to back)",
         "tokens read ratio",
         "load avg",
     ]
