@@ -981,6 +981,40 @@ def render_lowrank_frontier(results: Path) -> str:
     return "\n\n".join(parts)
 
 
+def render_faithful_price(results: Path) -> str:
+    """The recompute fraction swept on the ``faithful`` store (``faithful_qwen_price.json``, the
+    100 held-out questions, and ``faithful_qwen_price_133q.json``, all 133): what issue 14's
+    agreement target costs in TTFT."""
+    paths = [results / "faithful_qwen_price.json", results / "faithful_qwen_price_133q.json"]
+    hundred, pooled = (load(path)["tables"]["top3"] for path in paths)
+    rows = []
+    for name, r in pooled.items():
+        if name == "full" or "sub_em" not in r:
+            continue
+        few = hundred[name]
+        rows.append(
+            [
+                name,
+                f"{few['agreement']:.2f}",
+                pct(few["sub_em"], hundred["full"]["sub_em"]),
+                f"{r['agreement']:.2f} {_ci(r['ci95']['agreement'])}",
+                pct(r["sub_em"], pooled["full"]["sub_em"]),
+                f"{r['kl']:.3f}",
+                f"{r['ttft_speedup']:.1f}x",
+            ]
+        )
+    header = [
+        "setting",
+        "agreement, the 100",
+        "sub-EM % of full, the 100",
+        "agreement, all 133 (95 % CI)",
+        "sub-EM % of full, all 133",
+        "KL, all 133",
+        "TTFT vs full prefill, all 133",
+    ]
+    return table(header, rows) + "\n\n" + source_line(paths)
+
+
 def render_dtype_ttft(results: Path) -> str:
     """Full prefill and a preset's cached path in each weight dtype, side by side in one process
     (``dtype_ttft_*.json``, ``benchmarks/dtype_ttft.py``)."""
@@ -1877,6 +1911,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "kernel-cpu-ttft": render_kernel_cpu_ttft,
     "layer-padding": render_layer_padding,
     "dtype-ttft": render_dtype_ttft,
+    "faithful-price": render_faithful_price,
     "core-all": render_core_all,
     "core": render_core,
     "ttft": render_ttft,
