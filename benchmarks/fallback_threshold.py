@@ -29,9 +29,10 @@ would fall back at least as often on those questions, which disagree anyway).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
+
+from recompute_quality import checkpointed
 
 
 def smallest_margin(record: dict, setting: str, tokens: int) -> float:
@@ -92,8 +93,12 @@ def main() -> None:
     parser.add_argument(
         "--measured", help="a setting that fell back on every question (e.g. reuse+f0.999): the fallback as run"
     )
+    parser.add_argument("--top-k", type=int, default=3, help="the checkpoint's records of this top-k")
+    parser.add_argument("--dtype", default="float32", help="the checkpoint's records of this weight dtype")
     args = parser.parse_args()
-    records = [json.loads(line) for line in args.checkpoint.read_text().splitlines() if line.strip()]
+    # recompute_quality's own reader: one record per question, of this top-k and dtype, holding the settings
+    needed = [args.setting] + ([args.measured] if args.measured else [])
+    records = list(checkpointed(args.checkpoint, args.top_k, needed, args.dtype).values())
     print(f"{len(records)} questions, setting {args.setting}, margin over {args.tokens} token(s)")
     print("| margin | falls back | agreement | TTFT vs full (mean) | (median) |\n|---|---|---|---|---|")
     for i in range(args.points):
