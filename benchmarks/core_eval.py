@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,40 +55,47 @@ def _answer(data: dict) -> Answer:
 
 
 def checkpointed(
-    engine: Engine, questions: list[Question], top_k: int, folder: Path, name: str, shard: str
-) -> list[QuestionResult] | None:
-    """Answer this shard's questions not yet in ``folder/name-shard*.jsonl``, appending each result;
-    all questions' results in question order once every shard has finished, else ``None``."""
+    engine: Engine, questions: list[Question], top_k: int, folder: Path, name: str, shard: str, run: dict[str, Any]
+) -> tuple[list[QuestionResult] | None, dict[str, list[str]]]:
+    """Answer this shard's questions not yet in ``folder/name-shard*.jsonl``, appending each result
+    with ``run`` (the code revision and threads that answered it); all questions' results in
+    question order once every shard has finished, else ``None``, and the revisions and threads
+    that answered them (``not recorded`` for rows written before rows named them)."""
     index_, count = (int(x) for x in shard.split("/"))
     folder.mkdir(parents=True, exist_ok=True)
+    by_id = {q.id: q for q in questions}
 
-    def done() -> dict[str, QuestionResult]:
+    def rows() -> dict[str, dict]:
         found = {}
         for path in folder.glob(f"{name}-shard*.jsonl"):
             for line in path.read_text().splitlines():
                 row = json.loads(line)
                 found[row["id"]] = row
-        by_id = {q.id: q for q in questions}
-        return {
-            qid: QuestionResult(by_id[qid], row["retrieved"], _answer(row["cached"]), _answer(row["full"]))
-            for qid, row in found.items()
-            if qid in by_id
-        }
+        return {qid: row for qid, row in found.items() if qid in by_id}
 
-    answered = done()
+    def result(row: dict) -> QuestionResult:
+        return QuestionResult(by_id[row["id"]], row["retrieved"], _answer(row["cached"]), _answer(row["full"]))
+
+    answered = rows()
     mine = [q for q in questions[index_::count] if q.id not in answered]
     with open(folder / f"{name}-shard{index_}.jsonl", "a") as handle:
-        for result in iter_eval(engine, mine, top_k):
-            row = {"id": result.question.id, "retrieved": result.retrieved}
+        for result_ in iter_eval(engine, mine, top_k):
+            row = {"id": result_.question.id, "retrieved": result_.retrieved, "run": run}
             for side in ("cached", "full"):
-                answer = getattr(result, side)
+                answer = getattr(result_, side)
                 row[side] = {**answer.to_json(), "token_ids": answer.token_ids, "backend": answer.backend}
             handle.write(json.dumps(row) + "\n")
             handle.flush()
-    answered = done()
+    answered = rows()
+    measured = {
+        key: sorted(
+            {str(row["run"][key]) if key in row.get("run", {}) else "not recorded" for row in answered.values()}
+        )
+        for key in ("git", "threads")
+    }
     if any(q.id not in answered for q in questions):
-        return None
-    return [answered[q.id] for q in questions]
+        return None, measured
+    return [result(answered[q.id]) for q in questions], measured
 
 
 def main() -> None:
@@ -125,14 +133,15 @@ def main() -> None:
                 results = list(iter_eval(engine, questions, int(top_k)))
             else:
                 name = f"{args.model.replace('/', '_')}-{quant}-top{top_k}"
-                results = checkpointed(engine, questions, int(top_k), args.checkpoint, name, args.shard)
+                run = {"git": meta["git"], "threads": args.threads}
+                results, measured = checkpointed(engine, questions, int(top_k), args.checkpoint, name, args.shard, run)
                 if results is None:
                     print(f"{name}: this shard is done; another shard writes {args.out}", flush=True)
                     return
             summary = summarize(engine, results)
         summary.update(intervals(results))
         summary.update({"quant": quant, "top_k": int(top_k), "model": args.model, "per_question": outcomes(results)})
-        summary["meta"] = meta
+        summary["meta"] = meta if args.checkpoint is None else {**meta, "measured_by": measured}
         rows.append(summary)
         print(json.dumps(summary), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
