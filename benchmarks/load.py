@@ -392,7 +392,10 @@ async def compare_batching(args: argparse.Namespace, questions: list[str], store
                 await warm(client, args, questions)
             for r in range(args.compare_rounds):
                 row: dict[str, Any] = {"round": r, "load_before": os.getloadavg()}
-                for b, client in clients.items():
+                # which service goes first alternates by round, so a drift of the machine falls on both
+                order = list(clients.items()) if r % 2 == 0 else list(reversed(clients.items()))
+                row["order"] = [b for b, _ in order]
+                for b, client in order:
                     for n in (1, args.compare_clients):
                         summary = await run_clients(client, args, questions, n, args.compare_seconds)
                         row[f"batch{b}_clients{n}"] = summary
