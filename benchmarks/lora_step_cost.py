@@ -46,11 +46,14 @@ def main() -> None:
     )
     load = os.getloadavg()[0]
     steps, plain = [], []
-    for _ in range(args.repeats + 1):  # alternating, so contention hits both alike; first round is warm-up
+
+    def forward() -> None:
         start = time.perf_counter()
         with torch.inference_mode(), model.disable_adapter():
             model(ids, use_cache=True)
         plain.append(time.perf_counter() - start)
+
+    def step_() -> None:
         start = time.perf_counter()
         out = model(ids, use_cache=True)
         cache = out.cache if hasattr(out, "cache") else out.past_key_values
@@ -58,6 +61,11 @@ def main() -> None:
         loss.backward()
         model.zero_grad(set_to_none=True)
         steps.append(time.perf_counter() - start)
+
+    # alternating which runs first, so contention hits both alike; the first round is warm-up
+    for round_ in range(args.repeats + 1):
+        for run in (forward, step_) if round_ % 2 == 0 else (step_, forward):
+            run()
     step, base = statistics.median(steps[1:]), statistics.median(plain[1:])
     print(
         f"{args.model}: LoRA r{args.rank} on k/v, {args.passages} x {args.tokens} tokens, forward + backward from the "
