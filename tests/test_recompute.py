@@ -950,3 +950,27 @@ def test_quality_benchmark_refuses_to_mix_runs_in_one_checkpoint(tmp_path):
         other = quality.run_identity(argparse.Namespace(**{**vars(args), **changed}))
         with pytest.raises(SystemExit, match="question a was answered with"):
             quality.checkpointed(checkpoint, 3, ["reuse"], "float32", other)
+
+
+def test_quality_benchmark_records_name_their_run(stores, tmp_path):
+    """recompute_quality.evaluate writes each record with its dtype and run (store, variants,
+    answer length, code revision, threads), and a rerun resumes from them without answering again."""
+    import argparse
+    import json
+    from types import SimpleNamespace
+
+    import recompute_quality as quality
+
+    built = stores("qwen2", "none")
+    engine = Engine(built.store, built.lm, built.embedder, AnswerOptions(max_new_tokens=2, backend="dense"))
+    args = argparse.Namespace(store=str(built.store.path), variant=[], max_new_tokens=2)
+    run = quality.run_identity(args)
+    checkpoint = tmp_path / "c.jsonl"
+    questions = [SimpleNamespace(id="q", question=QUESTION, answers=["Melbourne"])]
+    variants = quality.Variants(engine, {})
+    quality.evaluate(variants, questions, 1, ["reuse"], False, checkpoint, run)
+    record = json.loads(checkpoint.read_text())
+    assert record["dtype"] == "float32" and {k: record["run"][k] for k in run} == run
+    assert record["run"]["git"] and record["run"]["threads"] == torch.get_num_threads()
+    again = quality.evaluate(variants, questions, 1, ["reuse"], False, checkpoint, run)
+    assert again == [record] and len(checkpoint.read_text().splitlines()) == 1
