@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ragcompress.bench import git_revision
 from ragcompress.compressors import CompressionContext, make_compressor
 from ragcompress.evaluation import Question, f1, sub_em
 from ragcompress.indexing import IndexConfig, build_manifest
@@ -51,7 +52,7 @@ from ragcompress.runtime.options import AnswerOptions
 from ragcompress.store import KVStore, StoreWriter, create_store
 from ragcompress.store.codec import encode
 
-from common import KVPRESS, SQUAD, pick_questions, plot_against_compression, row_name, side_row
+from common import KVPRESS, SQUAD, pick_questions, plot_against_compression, results_meta, row_name, side_row
 
 METHODS = ["kvzip", "adaptive:kvzip", "global:kvzip", "snapkv", "expected-attention", "knorm", "streaming"]
 
@@ -71,6 +72,9 @@ class Bench:
     token_ids: dict[str, list[int]]
     full: dict[str, PassageKV]
     workdir: Path
+    # where this invocation's uncompressed caches came from: "encoded" (float32, as indexing
+    # computes them) or the fp16 store a resumed run reloads them from (rounded to fp16)
+    full_source: str = "encoded"
 
 
 def setup(model: str | None, n_questions: int, top_k: int, workdir: Path, data: Path = SQUAD) -> Bench:
@@ -88,11 +92,13 @@ def setup(model: str | None, n_questions: int, top_k: int, workdir: Path, data: 
     needed = list(dict.fromkeys(pid for row in retrieved for pid in row))
     token_ids = {pid: encoder.tokens.passage(passages[pid].text) for pid in needed}
     full: dict[str, PassageKV] = {}
+    source = "encoded"
     reuse = workdir / row_name("none", None, "fp16")
     if (reuse / "manifest.json").is_file():  # a resumed run: the uncompressed caches are stored
         with KVStore.open(reuse) as store:
             if {e.id for e in (store.entry(pid) for pid in needed)} == set(needed):
                 full = {pid: store.load_kv(store.entry(pid)) for pid in needed}
+                source = "fp16 store (resumed run)"
                 print(f"reloaded {len(full)} uncompressed caches from {reuse} (fp16-rounded)", flush=True)
     for start in range(0, len(needed), 4):
         batch = [pid for pid in needed[start : start + 4] if pid not in full]
@@ -123,6 +129,7 @@ def setup(model: str | None, n_questions: int, top_k: int, workdir: Path, data: 
         token_ids,
         full,
         workdir,
+        source,
     )
 
 
@@ -345,7 +352,18 @@ def main() -> None:
     ) / len(bench.questions)
     fp16 = float(ModelShape.from_config(bench.lm.config).fp16_bytes_per_token)
 
+    # each row says which code measured it and from which uncompressed caches: a resumed run
+    # reloads them from the fp16 store, so its rows start from rounded caches
+    provenance = {"git": git_revision(), "threads": args.threads, "full_caches": bench.full_source}
+
     def save() -> None:
+        rows = results["rows"].values()
+        results["meta"] = {
+            **results_meta({"questions": len(bench.questions), "model": bench.lm.ref, "threads": args.threads}),
+            "measured_by": {
+                key: sorted({str(r.get(key, "not recorded")) for r in rows}) for key in ("git", "full_caches")
+            },
+        }
         results_path.write_text(json.dumps(results, indent=1))
 
     timed = set(results.get("indexing_s", {}))
@@ -380,6 +398,7 @@ def main() -> None:
                 **summarise(bench, answers, results["full"]["answers"]),
                 "bytes_per_token": stored,
                 "compression": fp16 / stored,
+                **provenance,
             }
             save()
         print(f"{name}: sub-EM {results['rows'][name]['sub_em']:.3f}", flush=True)
@@ -410,6 +429,7 @@ def main() -> None:
                 **summarise(bench, answers, results["full"]["answers"]),
                 "bytes_per_token": stored,
                 "compression": fp16 / stored,
+                **provenance,
             }
             save()
             print(
