@@ -59,7 +59,7 @@ from ragcompress.runtime.generate import decode_n_tokens, forward_logits, prefil
 from ragcompress.stats import bootstrap_ci, paired_comparison, paired_ratio
 from ragcompress.store import codec
 
-from common import SQUAD, results_meta
+from common import SQUAD, adaptor_provenance, question_article, results_meta
 
 MAX_NEW_TOKENS = 32  # the answers compared (SmolLM2 answers in sentences; the gold often comes late)
 # name -> (adaptor: None | "trained" (OUT/adaptor) | "compare" (--compare-adaptor), method, ratio, quant)
@@ -226,16 +226,32 @@ def mergeable_rows(
 ) -> dict[str, Any]:
     """The rows of another run's results file (``--merge``), refused (``SystemExit``) unless it
     measured the same examples with the same full-prefill answers, through the same adaptor and
-    against the same compared adaptor as this run (a file that records none is taken as it is)."""
+    against the same compared adaptor as this run (a file that names none is refused too)."""
     data = json.loads(other.read_text())
     if data["full_prefill"]["token_ids"] != full_answers or data["full_prefill"].get("qids", qids) != qids:
         raise SystemExit(f"{other} measured other examples or other full-prefill answers; not merged")
     meta = data.get("meta", {})
-    if adaptor_hash is not None and meta.get("adaptor_hash") not in (None, adaptor_hash):
-        raise SystemExit(f"{other} read its caches through another adaptor than this run's; not merged")
-    if compared_hash is not None and (meta.get("compared_adaptor") or {}).get("hash") not in (None, compared_hash):
-        raise SystemExit(f"{other} compared another adaptor than this run's; not merged")
+    if adaptor_hash is not None and meta.get("adaptor_hash") != adaptor_hash:
+        raise SystemExit(f"{other} read its caches through another adaptor than this run's, or names none; not merged")
+    if compared_hash is not None and (meta.get("compared_adaptor") or {}).get("hash") != compared_hash:
+        raise SystemExit(f"{other} compared another adaptor than this run's, or names none; not merged")
     return data["rows"]
+
+
+def check_held_out(examples: list[Example], articles: dict[str, str], *adaptors: Any) -> None:
+    """Refuse (``SystemExit``) to measure an adaptor on examples of an article it was trained on,
+    or on examples whose questions are not in the questions file (their article unknown): every
+    figure of an adaptor comes from articles it never saw (:func:`common.adaptor_provenance`)."""
+    unknown = [e.qid for e in examples if e.qid not in articles]
+    if unknown:
+        raise SystemExit(
+            f"{len(unknown)} examples ask questions that --questions does not hold (e.g. {unknown[0]}); "
+            "their articles cannot be checked against the adaptors' training articles"
+        )
+    asked = {articles[e.qid] for e in examples}
+    for adaptor in adaptors:
+        if adaptor is not None:
+            adaptor_provenance(adaptor, asked, f"adaptor {adaptor.hash[:16]}")
 
 
 def earlier_full_prefill(path: Path, qids: list[str]) -> list[list[int]] | None:
@@ -364,7 +380,9 @@ def main() -> None:
         examples, validated = all_held_out(lm, args.out, args.passages, args.questions, adaptor)
     else:
         examples = [Example(**e) for e in load_tree(args.out / "teacher.safetensors")["val"]]
-    golds = {q.id: q.answers for q in read_questions(args.questions)}
+    asked_questions = read_questions(args.questions)
+    golds = {q.id: q.answers for q in asked_questions}
+    check_held_out(examples, {q.id: question_article(q) for q in asked_questions}, adaptor, compared)
     stop_ids = stop_token_ids(lm.tokenizer, lm.model)
     decode = lambda ids: lm.tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
     base_encoder = PassageEncoder(lm, template)

@@ -60,8 +60,8 @@ def test_the_held_out_teacher_file_is_reused_only_for_its_base_model(tmp_path):
 
 def test_merge_takes_rows_only_from_a_run_of_the_same_examples_and_adaptors(tmp_path):
     """--merge: another run's rows join this file only when that run answered the same examples
-    with the same full-prefill answers through the same adaptor (and compared the same one);
-    a file that records no adaptor is taken as it is."""
+    with the same full-prefill answers through the same adaptor (and compared the same one); a
+    file that names no adaptor joins only a run without one."""
 
     def run(path: Path, meta: dict, token_ids=([1, 2], [3])) -> Path:
         full = {"qids": ["a", "b"], "token_ids": list(token_ids)}
@@ -71,10 +71,32 @@ def test_merge_takes_rows_only_from_a_run_of_the_same_examples_and_adaptors(tmp_
     answers = [[1, 2], [3]]
     same = run(tmp_path / "same.json", {"adaptor_hash": "h1", "compared_adaptor": {"hash": "c1"}})
     assert distill_eval.mergeable_rows(same, answers, ["a", "b"], "h1", "c1") == {"r": {"n": 2}}
-    assert distill_eval.mergeable_rows(run(tmp_path / "old.json", {}), answers, ["a", "b"], "h1", "c1")
+    old = run(tmp_path / "old.json", {})
+    assert distill_eval.mergeable_rows(old, answers, ["a", "b"], None, None) == {"r": {"n": 2}}
+    with pytest.raises(SystemExit, match="or names none"):
+        distill_eval.mergeable_rows(old, answers, ["a", "b"], "h1", None)
     with pytest.raises(SystemExit, match="another adaptor than this run's"):
         distill_eval.mergeable_rows(same, answers, ["a", "b"], "h2", "c1")
     with pytest.raises(SystemExit, match="compared another adaptor"):
         distill_eval.mergeable_rows(same, answers, ["a", "b"], "h1", "c2")
     with pytest.raises(SystemExit, match="other examples"):
         distill_eval.mergeable_rows(run(tmp_path / "x.json", {}, ([9], [3])), answers, ["a", "b"], "h1", None)
+
+
+def test_an_adaptor_is_measured_only_on_articles_it_never_saw():
+    """distill_eval.py checks the trained and the compared adaptor against the articles of the
+    examples it measures (each example's question looked up in --questions), before measuring."""
+    from types import SimpleNamespace
+
+    def adaptor(*trained: str):
+        return SimpleNamespace(hash="f" * 64, meta={"train_articles": list(trained)})
+
+    examples = [SimpleNamespace(qid="q1"), SimpleNamespace(qid="q2")]
+    articles = {"q1": "Apollo_program", "q2": "Victoria_(Australia)", "q3": "Yuan_dynasty"}
+    distill_eval.check_held_out(examples, articles, adaptor("Yuan_dynasty"), None)
+    with pytest.raises(SystemExit, match="was trained on"):
+        distill_eval.check_held_out(examples, articles, adaptor("Yuan_dynasty"), adaptor("Victoria_(Australia)"))
+    with pytest.raises(SystemExit, match="unrecorded articles"):
+        distill_eval.check_held_out(examples, articles, adaptor())
+    with pytest.raises(SystemExit, match="cannot be checked"):
+        distill_eval.check_held_out([SimpleNamespace(qid="q9")], articles, adaptor("Yuan_dynasty"))
