@@ -377,3 +377,27 @@ def test_a_kept_student_basis_fitted_on_other_passages_is_refused(tiny_lm, tmp_p
     (out / "student-basis.safetensors").unlink()
     train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, resumed, progress=False)
     assert json.loads(stamp.read_text()) == recorded
+
+
+@pytest.mark.parametrize("source", ["passages", "init adaptor"])
+def test_an_adaptor_is_never_written_trained_on_an_article_it_holds_out(source):
+    """adaptor_meta's last guard: train_articles (the training passages' articles and an init
+    adaptor's) never share an article with val_articles; such an adaptor is refused, not written."""
+    from types import SimpleNamespace
+
+    from ragcompress.distill.train import adaptor_meta
+
+    passages = [SimpleNamespace(article="Apollo_program" if source == "passages" else "Yuan_dynasty")]
+    ancestry = {"init_train_articles": ["Apollo_program"]} if source == "init adaptor" else {}
+    with pytest.raises(RuntimeError, match=r"both trained on and held out: \['Apollo_program'\]"):
+        adaptor_meta(
+            SimpleNamespace(ref="m", fingerprint="f"),
+            SimpleNamespace(val_articles=["Apollo_program"]),
+            None,
+            None,
+            SimpleNamespace(passages=passages),
+            ancestry,
+            SimpleNamespace(history=[]),
+            0,
+            None,
+        )

@@ -234,13 +234,16 @@ def adaptor_meta(
     """What the adaptor records of its run (``adaptor.json``): the model, the data and its split,
     the compression it was trained for, every setting, its ancestry and its metrics."""
     history = state.history
+    trained = sorted({p.article for p in train_corpus.passages} | set(ancestry.get("init_train_articles", [])))
+    if overlap := sorted(set(trained) & set(config.val_articles)):
+        # the earlier checks (split, --init-adaptor) make this unreachable; an adaptor recording it
+        # would let a benchmark report it on articles it was trained on
+        raise RuntimeError(f"articles both trained on and held out: {overlap}; the adaptor is not written")
     return {
         "base_model": lm.ref,
         "base_fingerprint": lm.fingerprint,
         "training_data_sha256": data_hash(passages_path, questions_path, config.val_articles, config.extra_passages),
-        "train_articles": sorted(
-            {p.article for p in train_corpus.passages} | set(ancestry.get("init_train_articles", []))
-        ),
+        "train_articles": trained,
         "val_articles": config.val_articles,
         "method": config.method,
         "ratio": config.ratio,
