@@ -100,3 +100,16 @@ def test_an_adaptor_is_measured_only_on_articles_it_never_saw():
         distill_eval.check_held_out(examples, articles, adaptor())
     with pytest.raises(SystemExit, match="cannot be checked"):
         distill_eval.check_held_out([SimpleNamespace(qid="q9")], articles, adaptor("Yuan_dynasty"))
+
+
+def test_a_title_and_an_id_prefix_name_the_same_article():
+    """Training records an article by its passages' title where they have one, the benchmarks
+    ask by the question's passage-id prefix: "Yuan dynasty" and "Yuan_dynasty" are one article."""
+    from types import SimpleNamespace
+
+    from common import adaptor_provenance
+
+    trained_by_title = SimpleNamespace(hash="f" * 64, meta={"train_articles": ["Yuan dynasty"]})
+    with pytest.raises(SystemExit, match="was trained on"):
+        adaptor_provenance(trained_by_title, {"Yuan_dynasty"})
+    assert adaptor_provenance(trained_by_title, {"Apollo_program"})["train_articles"] == ["Yuan dynasty"]
