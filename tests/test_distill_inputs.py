@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -401,3 +402,26 @@ def test_an_adaptor_is_never_written_trained_on_an_article_it_holds_out(source):
             0,
             None,
         )
+
+
+def test_eval_notes_questions_from_the_stores_adaptors_training_articles():
+    """``ragcompress eval`` on a store encoded through a packaged adaptor names the questions that
+    come from the articles the adaptor was trained on (their figures are not held out)."""
+    from types import SimpleNamespace
+
+    import ragcompress.distill as distill
+    from ragcompress.cli.answer import adaptor_training_overlap
+    from ragcompress.distill.adaptor import Adaptor
+    from ragcompress.evaluation import Question
+
+    adaptor = Adaptor.load(Path(distill.__file__).parent / "adaptors" / "smollm2-135m")
+    trained, held_out = adaptor.meta["train_articles"][0], adaptor.meta["val_articles"][0]
+    items = [Question(f"q{i}", "Who?", ["x"], f"{a}#0") for i, a in enumerate([trained, held_out, trained])]
+
+    def engine(encoding: dict) -> SimpleNamespace:
+        return SimpleNamespace(store=SimpleNamespace(manifest=SimpleNamespace(encoding=encoding)))
+
+    seen = adaptor_training_overlap(engine({"adaptor": adaptor.hash}), items)
+    assert seen == {"adaptor": adaptor.hash, "questions": 2, "articles": [trained]}
+    assert adaptor_training_overlap(engine({"adaptor": adaptor.hash}), items[1:2]) is None
+    assert adaptor_training_overlap(engine({}), items) is None

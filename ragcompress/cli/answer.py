@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -122,6 +123,7 @@ def evaluate(
         device=device,
     )
     try:
+        seen = adaptor_training_overlap(engine, items)
         results = iter_eval(engine, items, top_k)
         if show_progress(as_json):
             from tqdm import tqdm
@@ -146,7 +148,30 @@ def evaluate(
             f"\n{100 * summary['fallback_rate']:.0f} % of the questions fell back to full prefill (--fallback-margin): "
             f"mean TTFT speedup {summary['ttft_speedup_mean']:.1f}x"
         )
+    if seen is not None:
+        summary["adaptor_training_overlap"] = seen
+        human += (
+            f"\nnote: {seen['questions']} of {summary['n']} questions come from articles the store's adaptor "
+            f"{seen['adaptor'][:16]} was trained on ({', '.join(seen['articles'])}): their figures are not held "
+            "out; --article selects others"
+        )
     emit(summary, as_json, human)
+
+
+def adaptor_training_overlap(engine: Any, items: list[Any]) -> dict[str, Any] | None:
+    """The questions of ``items`` from articles the store's packaged adaptor was trained on (an
+    adaptor answers those better than it would new text), or None: no adaptor, an adaptor of
+    unknown training data, or no such question."""
+    from ragcompress.distill.packaged import packaged_adaptor
+
+    recorded = engine.store.manifest.encoding.get("adaptor")
+    adaptor = packaged_adaptor(str(recorded)) if recorded else None
+    if adaptor is None:
+        return None
+    trained = {a.replace(" ", "_") for a in adaptor.meta.get("train_articles", [])}
+    asked = sorted({q.article for q in items if q.article in trained})
+    count = sum(q.article in trained for q in items)
+    return {"adaptor": adaptor.hash, "questions": count, "articles": asked} if count else None
 
 
 def bench(
