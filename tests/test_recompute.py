@@ -974,3 +974,20 @@ def test_quality_benchmark_records_name_their_run(stores, tmp_path):
     assert record["run"]["git"] and record["run"]["threads"] == torch.get_num_threads()
     again = quality.evaluate(variants, questions, 1, ["reuse"], False, checkpoint, run)
     assert again == [record] and len(checkpoint.read_text().splitlines()) == 1
+
+
+def test_training_article_retrieval_counts_questions_and_slots_from_training_articles():
+    """benchmarks/training_article_retrieval.py: a question whose top-k holds a training
+    article's passage counts once, each such retrieved slot once."""
+    import training_article_retrieval as bench
+
+    passages = np.eye(3)
+    articles = ["Train", "Held", "Held"]
+    questions = np.array([[1.0, 0.5, 0.0], [0.0, 1.0, 0.5]])  # the first retrieves Train first
+    counts = bench.reach(passages, articles, questions, {"Train"}, top_k=2)
+    assert counts == {
+        "questions": 2,
+        "questions_reaching_training_articles": 1,
+        "slots": 4,
+        "slots_from_training_articles": 1,
+    }

@@ -25,7 +25,7 @@ PACKAGED = Path(__file__).resolve().parent / "adaptors"
 MATCHING = "matching"  # the packaged adaptor trained for the store being built, if there is one
 
 
-def _packaged_configs() -> Iterator[tuple[Path, dict[str, Any]]]:
+def packaged_configs() -> Iterator[tuple[Path, dict[str, Any]]]:
     """Every packaged adaptor's folder and its JSON config, in name order."""
     if not PACKAGED.is_dir():
         return
@@ -64,7 +64,7 @@ def packaged_for_store(model_ref: str, store: TrainedStore) -> Path | None:
     if one is."""
     models = {model_ref, Path(model_ref).name}
     store = store._replace(ratio=None if store.ratio is None else float(store.ratio))
-    for directory, meta in _packaged_configs():
+    for directory, meta in packaged_configs():
         if meta.get("base_model") in models and trained_store(meta) == store:
             return directory
     if store == GENERAL._replace(quant="int8"):
@@ -128,7 +128,7 @@ def resolve_adaptor(spec: str | Path, model_ref: str) -> Adaptor:
 
 def packaged_adaptor_dir(adaptor_hash: str) -> Path | None:
     """The folder of the packaged adaptor whose hash is ``adaptor_hash``, if one is."""
-    return next((directory for directory, meta in _packaged_configs() if meta.get("hash") == adaptor_hash), None)
+    return next((directory for directory, meta in packaged_configs() if meta.get("hash") == adaptor_hash), None)
 
 
 def packaged_adaptor(adaptor_hash: str) -> Adaptor | None:
