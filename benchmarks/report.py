@@ -1018,6 +1018,31 @@ def render_faithful_price(results: Path) -> str:
     return table(header, rows) + "\n\n" + source_line(paths)
 
 
+def render_training_article_retrieval(results: Path) -> str:
+    """How often held-out questions retrieve passages of an adaptor's training articles
+    (``training_article_retrieval.json``, ``benchmarks/training_article_retrieval.py``)."""
+    path = results / "training_article_retrieval.json"
+    data = load(path)
+    rows = [
+        [
+            "; ".join(a.replace("_", " ") for a in r["train_articles"]),
+            str(len(r["adaptors"])),
+            str(r["top_k"]),
+            f"{r['questions_reaching_training_articles']} / {r['questions']}",
+            f"{r['slots_from_training_articles']} / {r['slots']}",
+        ]
+        for r in data["rows"]
+    ]
+    header = [
+        "adaptors trained on",
+        "packaged adaptors",
+        "top-k",
+        "held-out questions retrieving a training-article passage",
+        "retrieved slots from training articles",
+    ]
+    return table(header, rows) + "\n\n" + source_line([path])
+
+
 def render_dtype_ttft(results: Path) -> str:
     """Full prefill and a preset's cached path in each weight dtype, side by side in one process
     (``dtype_ttft_*.json``, ``benchmarks/dtype_ttft.py``)."""
@@ -1914,6 +1939,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "kernel-cpu-ttft": render_kernel_cpu_ttft,
     "layer-padding": render_layer_padding,
     "dtype-ttft": render_dtype_ttft,
+    "training-article-retrieval": render_training_article_retrieval,
     "faithful-price": render_faithful_price,
     "core-all": render_core_all,
     "core": render_core,
