@@ -28,7 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +115,14 @@ def store_adaptors(stores: dict[str, str], asked: set[str], adaptor_dirs: list[P
             )
         found[name] = adaptor_provenance(adaptor, asked, f"store {name}'s adaptor")
     return found
+
+
+def measured_by(runs: Iterable[dict[str, Any]], keys: tuple[str, ...] = ("git", "threads")) -> dict[str, list[str]]:
+    """Every value of each of ``keys`` among ``runs`` (what each checkpointed record or row says
+    of the run that measured it; ``not recorded`` where it says nothing): a results file's own
+    ``meta.git`` is only the revision that wrote it, and a resumed run can span several."""
+    runs = list(runs)
+    return {key: sorted({str(run[key]) if key in run else "not recorded" for run in runs}) for key in keys}
 
 
 def row_name(method: str, ratio: float | None, quant: str) -> str:

@@ -52,7 +52,16 @@ from ragcompress.runtime.options import AnswerOptions
 from ragcompress.store import KVStore, StoreWriter, create_store
 from ragcompress.store.codec import encode
 
-from common import KVPRESS, SQUAD, pick_questions, plot_against_compression, results_meta, row_name, side_row
+from common import (
+    KVPRESS,
+    SQUAD,
+    measured_by,
+    pick_questions,
+    plot_against_compression,
+    results_meta,
+    row_name,
+    side_row,
+)
 
 METHODS = ["kvzip", "adaptive:kvzip", "global:kvzip", "snapkv", "expected-attention", "knorm", "streaming"]
 
@@ -360,9 +369,7 @@ def main() -> None:
         rows = results["rows"].values()
         results["meta"] = {
             **results_meta({"questions": len(bench.questions), "model": bench.lm.ref, "threads": args.threads}),
-            "measured_by": {
-                key: sorted({str(r.get(key, "not recorded")) for r in rows}) for key in ("git", "full_caches")
-            },
+            "measured_by": measured_by(rows, ("git", "full_caches")),
         }
         results_path.write_text(json.dumps(results, indent=1))
 

@@ -28,7 +28,7 @@ from ragcompress.retrieval import Embedder
 from ragcompress.runtime.engine import Answer
 from ragcompress.runtime.options import AnswerOptions
 
-from common import SQUAD, results_meta
+from common import SQUAD, measured_by, results_meta
 
 
 def needed_passages(embedder: Embedder, questions, top_k: int, out: Path) -> Path:
@@ -73,29 +73,24 @@ def checkpointed(
                 found[row["id"]] = row
         return {qid: row for qid, row in found.items() if qid in by_id}
 
-    def result(row: dict) -> QuestionResult:
+    def as_result(row: dict) -> QuestionResult:
         return QuestionResult(by_id[row["id"]], row["retrieved"], _answer(row["cached"]), _answer(row["full"]))
 
     answered = rows()
     mine = [q for q in questions[index_::count] if q.id not in answered]
     with open(folder / f"{name}-shard{index_}.jsonl", "a") as handle:
-        for result_ in iter_eval(engine, mine, top_k):
-            row = {"id": result_.question.id, "retrieved": result_.retrieved, "run": run}
+        for result in iter_eval(engine, mine, top_k):
+            row = {"id": result.question.id, "retrieved": result.retrieved, "run": run}
             for side in ("cached", "full"):
-                answer = getattr(result_, side)
+                answer = getattr(result, side)
                 row[side] = {**answer.to_json(), "token_ids": answer.token_ids, "backend": answer.backend}
             handle.write(json.dumps(row) + "\n")
             handle.flush()
     answered = rows()
-    measured = {
-        key: sorted(
-            {str(row["run"][key]) if key in row.get("run", {}) else "not recorded" for row in answered.values()}
-        )
-        for key in ("git", "threads")
-    }
+    measured = measured_by(row.get("run", {}) for row in answered.values())
     if any(q.id not in answered for q in questions):
         return None, measured
-    return [result(answered[q.id]) for q in questions], measured
+    return [as_result(answered[q.id]) for q in questions], measured
 
 
 def main() -> None:

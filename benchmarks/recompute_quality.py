@@ -58,6 +58,7 @@ from ragcompress.stats import bootstrap_ci, paired_comparison
 from ragcompress.store import KVStore
 
 from common import (
+    measured_by,
     pick_questions,
     question_article,
     results_meta,
@@ -351,15 +352,6 @@ def checkpointed(
     return done
 
 
-def measured_by(records: list[dict]) -> dict[str, list]:
-    """The code revisions and torch threads that measured ``records`` (what a report's own
-    ``meta.git`` does not say: it is the revision that summarised them)."""
-    runs = [r.get("run") or {} for r in records]
-    return {
-        key: sorted({str(run[key]) if key in run else "not recorded" for run in runs}) for key in ("git", "threads")
-    }
-
-
 def evaluate(
     variants: Variants,
     questions,
@@ -518,7 +510,9 @@ def report_only(args: argparse.Namespace) -> None:
         records = [done[q.id] for q in questions if q.id in done]
         if records:
             result["tables"][f"top{top_k}"] = summarize(records, args.settings)
-            result["meta"].setdefault("measured_by", {})[f"top{top_k}"] = measured_by(records)
+            result["meta"].setdefault("measured_by", {})[f"top{top_k}"] = measured_by(
+                r.get("run") or {} for r in records
+            )
             print(markdown(result["model"], len(records), top_k, result["tables"][f"top{top_k}"]), flush=True)
     if args.reference_full:
         result["reference_full"] = reference_full(args, questions, result["dtype"])
