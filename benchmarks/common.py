@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from ragcompress.errors import InputError
-from ragcompress.evaluation import Question, read_questions, select_questions
+from ragcompress.evaluation import Question, article_key, read_questions, select_questions
 from ragcompress.kv import PassageKV
 from ragcompress.kv.quant import QuantConfig
 from ragcompress.runtime.generate import rewind as rewind  # re-exported
@@ -69,19 +69,13 @@ def pick_questions(path: Path, n: int, articles: set[str] | None = None, outside
         raise SystemExit(f"{path}: {exc}") from None
 
 
-def _article_key(name: str) -> str:
-    return name.replace(" ", "_").casefold()
-
-
 def adaptor_provenance(adaptor: Any, asked: set[str], where: str = "the adaptor") -> dict[str, Any]:
     """What a store's KV-Distill adaptor is, for a results file; refused (``SystemExit``) when it
     was trained on an article the questions ask about, or on unrecorded ones: every figure of an
     adaptor comes from articles it never saw."""
     meta = adaptor.meta
     trained = set(meta.get("train_articles", []))
-    # training names an article by its passages' title where they have one ("Yuan dynasty"), the
-    # questions by their passage id's prefix ("Yuan_dynasty"): compared in one spelling
-    if {_article_key(a) for a in trained} & {_article_key(a) for a in asked} or not trained:
+    if {article_key(a) for a in trained} & {article_key(a) for a in asked} or not trained:
         raise SystemExit(
             f"{where} was trained on {sorted(trained) or 'unrecorded articles'}; the questions ask {sorted(asked)}"
         )

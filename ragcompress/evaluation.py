@@ -53,6 +53,13 @@ def f1(prediction: str, golds: list[str]) -> float:
     return best
 
 
+def article_key(name: str) -> str:
+    """One spelling of an article's name: training records an article by its passages' title
+    where they have one ("Yuan dynasty"), a question names it by its passage id's prefix
+    ("Yuan_dynasty"); compare ``article_key`` of both."""
+    return name.replace(" ", "_").casefold()
+
+
 @dataclass(frozen=True)
 class Question:
     id: str

@@ -163,15 +163,15 @@ def adaptor_training_overlap(engine: Any, items: list[Any]) -> dict[str, Any] | 
     adaptor answers those better than it would new text), or None: no adaptor, an adaptor of
     unknown training data, or no such question."""
     from ragcompress.distill.packaged import packaged_adaptor
+    from ragcompress.evaluation import article_key
 
     recorded = engine.store.manifest.encoding.get("adaptor")
     adaptor = packaged_adaptor(str(recorded)) if recorded else None
     if adaptor is None:
         return None
-    trained = {a.replace(" ", "_") for a in adaptor.meta.get("train_articles", [])}
-    asked = sorted({q.article for q in items if q.article in trained})
-    count = sum(q.article in trained for q in items)
-    return {"adaptor": adaptor.hash, "questions": count, "articles": asked} if count else None
+    trained = {article_key(a) for a in adaptor.meta.get("train_articles", [])}
+    seen = [q.article for q in items if q.article is not None and article_key(q.article) in trained]
+    return {"adaptor": adaptor.hash, "questions": len(seen), "articles": sorted(set(seen))} if seen else None
 
 
 def bench(
