@@ -50,6 +50,7 @@ from typing import Any
 import torch
 
 from ragcompress.evaluation import f1, sub_em
+from ragcompress.models import DTYPES
 from ragcompress.runtime.engine import Engine
 from ragcompress.runtime.generate import Generation, TokenStream, first_token_margin
 from ragcompress.runtime.options import AnswerOptions
@@ -77,11 +78,6 @@ KEYS = {
 }
 OUTCOMES = ("sub_em", "f1", "agree", "kl", "ttft")
 DEFAULT_DTYPE = "float32"  # the weights' dtype of every record written before --dtype
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.bfloat16`` -> ``"bfloat16"``: how records and ``--dtype`` name a dtype."""
-    return str(dtype).removeprefix("torch.")
 
 
 def parse_setting(text: str) -> tuple[str | None, RecomputeConfig, bool, float]:
@@ -366,7 +362,7 @@ def evaluate(
     from ragcompress.bench import git_revision
 
     engine = variants.base
-    dtype = dtype_name(engine.dtype)
+    dtype = engine.lm.dtype_name  # as records and --dtype name it
     done = checkpointed(checkpoint, top_k, settings, dtype, run)
     provenance = {**(run or {}), "git": git_revision(), "threads": torch.get_num_threads()}
     warm = engine.retrieve(questions[0].question, top_k)
@@ -577,7 +573,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--dtype",
-        choices=["float32", "bfloat16", "float16"],
+        choices=DTYPES,
         help="the weights' dtype for every path (default: the store's); records are kept apart by dtype",
     )
     parser.add_argument(
@@ -613,7 +609,7 @@ def main() -> None:
         "store": args.store,
         "variants": args.variant,
         "model": engine.lm.ref,
-        "dtype": dtype_name(engine.dtype),
+        "dtype": engine.lm.dtype_name,
         "n": len(questions),
         "argv": sys.argv[1:],
         **({"articles": sorted(args.articles)} if args.articles else {}),
