@@ -227,6 +227,45 @@ def test_a_store_created_by_another_writer_meanwhile_is_joined_or_refused(tiny, 
         assert [e.id for e in kv.catalogue.entries()] == [d.doc_id for d in sample_documents(2)]
 
 
+def test_an_ingestion_call_stopped_midway_is_refused_until_the_pipeline_is_rerun(tiny, tmp_path):
+    """A transform call that fails between its commits (here its second batch) leaves the store
+    intact but holding part of the nodes, as a stopped `ragcompress index` does: verify notes it,
+    answering and retrieving refuse it naming the pipeline as the remedy, and running the
+    pipeline again finishes it. Caches computed at query time are not marked."""
+    from ragcompress.store.files import RUN
+    from ragcompress.store.verify import verify_store
+
+    path = str(tmp_path / "store")
+    transform = KVCacheTransform(store_path=path, model=tiny, batch_size=2)
+    real = transform.writer.indexer.records
+    calls = []
+
+    def fail_on_the_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed mid-call")
+        return real(*args, **kwargs)
+
+    transform.writer.indexer.records = fail_on_the_second_batch
+    with pytest.raises(RuntimeError, match="mid-call"):
+        transform(sample_documents())
+    with KVStore.open(path) as kv:
+        assert len(kv) == 2
+    report = verify_store(path)
+    assert report.ok and any("stopped before its end" in note for note in report.notes)
+    for refused in (lambda: KVCacheSynthesizer(path, model=tiny).engine, lambda: KVStoreRetriever(path)):
+        with pytest.raises(StoreError, match="of an input of 6 passages; to finish it, run the IngestionPipeline"):
+            refused()
+    transform.writer.indexer.records = real
+    IngestionPipeline(transformations=[transform]).run(documents=sample_documents())
+    assert not (Path(path) / RUN).exists()
+    assert not any("stopped" in note for note in verify_store(path).notes)
+    assert [n.node.node_id for n in KVStoreRetriever(path, similarity_top_k=6).retrieve(QUESTION)]
+    resolver_write = transform.writer.write  # query time: caches of nodes the store lacks, no marker
+    resolver_write([TextNode(id_="late", text="Geelong is a port city.")], write_index=False)
+    assert not (Path(path) / RUN).exists()
+
+
 def test_rerunning_a_pipeline_with_a_docstore_processes_nothing(tiny, tmp_path):
     """The transform leaves its input documents unchanged, so a docstore pipeline's second run over
     the same documents sees no change (it hashes the inputs after the transformations ran)."""

@@ -37,7 +37,7 @@ from ragcompress.runtime.prepare import (
 )
 from ragcompress.store import KVStore
 from ragcompress.store.catalogue import Entry
-from ragcompress.store.files import unfinished_run
+from ragcompress.store.files import refuse_unfinished
 
 
 def checked_question(question: object) -> str:
@@ -63,17 +63,6 @@ def checked_options(options: object, default: AnswerOptions) -> AnswerOptions:
             f"got {type(options).__name__}"
         )
     return options
-
-
-def refuse_unfinished(store: KVStore) -> None:
-    """A store whose last indexing run stopped before its end (killed, or failed) is intact but
-    holds only part of its input: answering from it would silently miss passages."""
-    unfinished = unfinished_run(store.path)
-    if unfinished is not None:
-        raise StoreError(
-            f"store {store.path}: {unfinished}; re-run `ragcompress index` with the same input and --store "
-            "to finish it (it resumes where it stopped), then answer"
-        )
 
 
 @dataclass(frozen=True)
@@ -112,7 +101,7 @@ class Engine:
     def __init__(
         self, store: KVStore, lm: LoadedModel, embedder: Embedder, options: AnswerOptions = AnswerOptions()
     ) -> None:
-        refuse_unfinished(store)
+        refuse_unfinished(store.path)
         options = checked_options(options, AnswerOptions())
         self.context = QueryContext.create(store, lm)
         store.manifest.check_embedder(embedder.name)
@@ -139,7 +128,7 @@ class Engine:
         checked_options(options, AnswerOptions())
         store = KVStore.open(store_path)
         try:
-            refuse_unfinished(store)  # before the model loads (seconds)
+            refuse_unfinished(store.path)  # before the model loads (seconds)
             lm = load_model(model or store.manifest.model_ref, dtype=dtype or store.manifest.dtype, device=device)
             engine = cls(store, lm, Embedder(store.manifest.embedder), options)
         except BaseException:

@@ -89,13 +89,19 @@ def replace_store(built: Path, path: Path) -> None:
 _RUNNING_HERE: set[Path] = set()
 
 
+# how a stopped `ragcompress index` run is finished; other writers (the LlamaIndex transform) name their own
+FINISH_INDEX = "re-run `ragcompress index` with the same input and --store (it resumes where it stopped)"
+
+
 @contextmanager
-def indexing_run(path: Path, passages: int) -> Iterator[Callable[[], None]]:
-    """Mark the store at ``path`` as being indexed (its ``RUN`` file: pid, input size, start)
-    until the run calls the function this yields, after its last commit and index write. A run
-    killed or failed before that leaves the file behind, and :func:`unfinished_run` tells readers
-    that the store holds only part of its input. Call under the writer's lock."""
-    write_atomic(path / RUN, json.dumps({"pid": os.getpid(), "passages": passages, "started": time.time()}).encode())
+def indexing_run(path: Path, passages: int, finish: str = FINISH_INDEX) -> Iterator[Callable[[], None]]:
+    """Mark the store at ``path`` as being indexed (its ``RUN`` file: pid, input size, start and
+    ``finish``, how to finish the run if it stops) until the run calls the function this yields,
+    after its last commit and index write. A run killed or failed before that leaves the file
+    behind, and :func:`unfinished_run` tells readers that the store holds only part of its input
+    and how to finish it. Call under the writer's lock."""
+    record = {"pid": os.getpid(), "passages": passages, "started": time.time(), "finish": finish}
+    write_atomic(path / RUN, json.dumps(record).encode())
     _RUNNING_HERE.add(path.resolve())
 
     def finished() -> None:
@@ -120,8 +126,8 @@ def _alive(pid: int) -> bool:
 
 def unfinished_run(path: Path) -> str | None:
     """What an indexing run that stopped before its end left at ``path`` (killed, or failed in
-    this process), or None: no run, or one still going (its passages committed so far are
-    readable, as always)."""
+    this process), and how to finish it; or None: no run, or one still going (its passages
+    committed so far are readable, as always)."""
     try:
         record = json.loads((path / RUN).read_text())
     except FileNotFoundError:
@@ -135,7 +141,11 @@ def unfinished_run(path: Path) -> str | None:
     when = time.strftime(" on %Y-%m-%d at %H:%M", time.localtime(started)) if isinstance(started, float) else ""
     size = record.get("passages") if isinstance(record, dict) else None
     of = f" of an input of {size} passages" if isinstance(size, int) else ""
-    return f"the indexing run started{when} stopped before its end: the store holds only part{of}"
+    finish = record.get("finish") if isinstance(record, dict) else None
+    finish = finish if isinstance(finish, str) and finish else FINISH_INDEX  # markers written before `finish`
+    return (
+        f"the indexing run started{when} stopped before its end: the store holds only part{of}; to finish it, {finish}"
+    )
 
 
 def remove_litter(path: Path) -> list[str]:
@@ -219,3 +229,11 @@ def create_store(path: Path, manifest: Manifest, prefix_kv: PassageKV, basis: by
         fsync_dir(path.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def refuse_unfinished(path: Path) -> None:
+    """A store whose last indexing run stopped before its end (killed, or failed) is intact but
+    holds only part of its input: answering or retrieving from it would silently miss passages."""
+    unfinished = unfinished_run(path)
+    if unfinished is not None:
+        raise StoreError(f"store {path}: {unfinished}, then use it")

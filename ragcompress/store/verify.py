@@ -307,7 +307,5 @@ def verify_store(path: str | Path) -> VerifyReport:
     notes.extend(f"temporary file {p.name} left by a killed writer" for p in root.glob(".*.tmp"))
     unfinished = unfinished_run(root)
     if unfinished is not None:  # intact, but not what its input asked for: answering refuses it
-        notes.append(
-            f"{unfinished}; re-run `ragcompress index` with that input to finish it (answering refuses it until then)"
-        )
+        notes.append(f"{unfinished} (answering refuses it until then)")
     return VerifyReport(str(root), count, len(ends), problems, notes)

@@ -14,6 +14,7 @@ import json
 import threading
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,16 @@ def alias_id(node_id: str, sha: str) -> str:
 
 # How long a writer waits for another one (another process indexing the same store).
 WRITER_WAIT_S = 600.0
+# what a store's unfinished-run message tells the user to do when an ingestion call stopped midway
+FINISH_PIPELINE = (
+    "run the IngestionPipeline (KVCacheTransform) over the same nodes again (stored ones are not encoded again)"
+)
+
+
+def _no_marker() -> None:
+    """What a write without a run marker calls when it finishes: nothing."""
+
+
 _LOCKS: dict[str, threading.Lock] = {}
 _LOCKS_GUARD = threading.Lock()
 
@@ -195,6 +206,7 @@ class CacheWriter:
         the stored ones where they differ. Off for caches computed at query time, whose nodes
         must not overwrite what ingestion stored."""
         from ragcompress.store import StoreWriter
+        from ragcompress.store.files import indexing_run
 
         start = time.perf_counter()
         path = Path(self.path)
@@ -213,12 +225,18 @@ class CacheWriter:
                         writer.update_meta([(p.id, p.title, p.meta) for p in changed])
                 # A neighbour-conditioned store: neighbours come from all of ``nodes``, not one batch.
                 pool = self.indexer.neighbour_pool(inputs) if pending and self.indexer.context_neighbors else None
-                for begin in range(0, len(pending), self.batch_size):
-                    records = self.indexer.records(pending[begin : begin + self.batch_size], pool=pool)
-                    writer.add(records, replace=self.replace_edited)
-                    written += [record.id for record in records]
-                if written and write_index:
-                    writer.write_index()
+                # Ingestion marks the store mid-run, as `ragcompress index` does: a call killed between
+                # its commits leaves a store that answering refuses until the pipeline is re-run. Caches
+                # computed at query time (no index write) are each complete once committed.
+                run = indexing_run(path, len(nodes), FINISH_PIPELINE) if write_index else nullcontext(_no_marker)
+                with run as finished:
+                    for begin in range(0, len(pending), self.batch_size):
+                        records = self.indexer.records(pending[begin : begin + self.batch_size], pool=pool)
+                        writer.add(records, replace=self.replace_edited)
+                        written += [record.id for record in records]
+                    if written and write_index:
+                        writer.write_index()
+                    finished()
         for node, pid in zip(nodes, ids, strict=True):
             if pid is not None:
                 set_handle(node, self.path, pid)

@@ -36,12 +36,18 @@ class KVStoreRetriever(BaseRetriever):
     ) -> None:
         require_ragcompress()
         from ragcompress.store import KVStore
+        from ragcompress.store.files import refuse_unfinished
 
         if similarity_top_k < 1:
             raise ValueError(f"similarity_top_k must be at least 1, got {similarity_top_k}")
         self.store_path = store_path
         self.similarity_top_k = similarity_top_k
         self._store = KVStore.open(store_path)  # StoreError when missing or incomplete
+        try:  # a store a stopped run left holds part of its input: its search would miss passages
+            refuse_unfinished(self._store.path)
+        except BaseException:
+            self._store.close()
+            raise
         super().__init__(callback_manager=callback_manager, verbose=verbose)
 
     @classmethod
