@@ -134,6 +134,30 @@ def test_a_resumed_run_refuses_another_split_or_another_base_model(tiny_lm, tiny
         train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, swapped, progress=False)
 
 
+def test_a_resumed_run_refuses_other_training_data(tiny_lm, tmp_path):
+    """The adaptor records the data of the run that writes it: resuming a checkpoint on other
+    files (its teacher file deleted, so nothing else would notice) would drop what the earlier
+    data held from its record. The same files resume; a checkpoint from before the data was
+    recorded in it is not checked."""
+    from ragcompress.distill.checkpoint import load_tree, save_tree
+
+    out = tmp_path / "run"
+    first = train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, dataclasses.replace(CONFIG), progress=False)
+    assert load_tree(out / "checkpoint.safetensors")["training_data_sha256"] == first.meta["training_data_sha256"]
+    (out / "teacher.safetensors").unlink()
+    fewer = tmp_path / "questions.jsonl"
+    fewer.write_text("".join(SAMPLE_QUESTIONS.read_text().splitlines(keepends=True)[:-1]))
+    more = dataclasses.replace(CONFIG, steps=CONFIG.steps + 1)
+    with pytest.raises(InputError, match="was trained on other data .*resume with the files it was trained on"):
+        train(tiny_lm, SAMPLE_PASSAGES, fewer, out, more, progress=False)
+    saved = load_tree(out / "checkpoint.safetensors")
+    del saved["training_data_sha256"]
+    save_tree(saved, out / "checkpoint.safetensors")
+    resumed = train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, more, progress=False)
+    assert resumed.meta["training_data_sha256"] == first.meta["training_data_sha256"]
+    assert resumed.meta["metrics"]["steps"] == CONFIG.steps + 1
+
+
 def test_teacher_examples_left_by_another_split_are_refused(tiny_lm, tmp_path):
     """A ``teacher-train.part`` left by a run of another split holds, under a training question's
     id, passages that are held out now: reusing it would train on them."""
@@ -349,9 +373,10 @@ def test_teacher_files_from_before_the_model_and_settings_were_recorded_are_refu
 
 def test_a_kept_student_basis_fitted_on_other_passages_is_refused(tiny_lm, tmp_path):
     """``student-basis.json`` recorded the model, the rank spec and how many passages the basis was
-    fitted on, not which: a run resumed with the same passages in another order (the teacher
-    examples still on the training side) projected on a basis of passages it no longer starts
-    with. The stamp records a hash of their texts, and a basis of other passages, or whose stamp
+    fitted on, not which: a run in the same folder with the same passages in another order (the
+    teacher examples still on the training side; a resumed one is refused earlier, its checkpoint
+    recording its data) projected on a basis of passages it no longer starts with. The stamp
+    records a hash of their texts, and a basis of other passages, or whose stamp
     does not say which, is refused until it is deleted (then fitted again)."""
     from ragcompress.distill.basis import passages_sha256
     from ragcompress.indexing.inputs import iter_passages
@@ -365,6 +390,9 @@ def test_a_kept_student_basis_fitted_on_other_passages_is_refused(tiny_lm, tmp_p
     reordered = tmp_path / "passages.jsonl"
     reordered.write_text("".join(reversed(SAMPLE_PASSAGES.read_text().splitlines(keepends=True))))
     resumed = dataclasses.replace(config, steps=2)
+    with pytest.raises(InputError, match="was trained on other data"):  # the checkpoint records its data
+        train(tiny_lm, reordered, SAMPLE_QUESTIONS, out, resumed, progress=False)
+    (out / "checkpoint.safetensors").unlink()  # a new run in the folder: the kept basis is still checked
     with pytest.raises(InputError, match="student-basis.safetensors was fitted on other passages than this run's"):
         train(tiny_lm, reordered, SAMPLE_QUESTIONS, out, resumed, progress=False)
     recorded = json.loads(stamp.read_text())
@@ -394,8 +422,7 @@ def test_an_adaptor_is_never_written_trained_on_an_article_it_holds_out(source):
         adaptor_meta(
             SimpleNamespace(ref="m", fingerprint="f"),
             SimpleNamespace(val_articles=["Apollo_program"]),
-            None,
-            None,
+            "0" * 64,
             SimpleNamespace(passages=passages),
             ancestry,
             SimpleNamespace(history=[]),

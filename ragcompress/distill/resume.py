@@ -159,15 +159,31 @@ def warm_start(lm: LoadedModel, config: TrainConfig) -> Adaptor:
     return Adaptor(dict(start.settings), tensors, ancestry_of(start))
 
 
+def check_resumed_data(checkpoint: dict[str, Any], data_sha256: str, path: Path) -> None:
+    """Refuse to resume a run on other training data than its checkpoint was trained on: the
+    adaptor records the data (``training_data_sha256``, ``train_articles``) of the run that
+    writes it, so articles only the earlier data held would drop out of its record. A checkpoint
+    from before the data was recorded in it is not checked."""
+    saved = checkpoint.get("training_data_sha256")
+    if saved and saved != data_sha256:
+        raise InputError(
+            f"{path} was trained on other data (sha256 {saved[:16]}, not {data_sha256[:16]}: the passages, "
+            "questions, --extra-passages or held-out articles differ); resume with the files it was trained on, or "
+            "train on these in another --out folder (--init-adaptor OUT/adaptor starts from the finished adaptor)"
+        )
+
+
 def starting_adaptor(
-    lm: LoadedModel, config: TrainConfig, checkpoint: dict[str, Any] | None, checkpoint_path: Path
+    lm: LoadedModel, config: TrainConfig, checkpoint: dict[str, Any] | None, checkpoint_path: Path, data_sha256: str
 ) -> Adaptor:
-    """The adaptor a run trains: the checkpoint's (checked against this run, its rank, alpha and
-    kind taken into ``config``), else ``--init-adaptor``'s, else the adaptor of zeros."""
+    """The adaptor a run trains: the checkpoint's (checked against this run and its data,
+    ``data_sha256``; its rank, alpha and kind taken into ``config``), else ``--init-adaptor``'s,
+    else the adaptor of zeros."""
     if checkpoint is not None:
         check_run(
             checkpoint_path, checkpoint, lm, checkpoint.get("config", {}).get("val_articles"), config.val_articles
         )
+        check_resumed_data(checkpoint, data_sha256, checkpoint_path)
         check_resumed_compression(config, checkpoint.get("config", {}), checkpoint_path)
         ancestry = resumed_ancestry(checkpoint, config, lm, checkpoint_path)  # the init adaptor's, if any
         adaptor = Adaptor(checkpoint["settings"], dict(checkpoint["initial"]), ancestry)
@@ -199,6 +215,7 @@ class Checkpointer:
     initial: dict[str, torch.Tensor]  # the factors the run started from
     config: TrainConfig
     ancestry: dict[str, Any]  # the adaptor it descends from (--init-adaptor), kept in every checkpoint
+    data_sha256: str  # the training data (corpus.data_hash), which a resumed run must train on too
 
     def save(self, state: TrainingState) -> None:
         if self.distiller.compressor is not None:
@@ -214,6 +231,7 @@ class Checkpointer:
                 "history": state.history,
                 "config": asdict(self.config),
                 "base_fingerprint": self.distiller.lm.fingerprint,
+                "training_data_sha256": self.data_sha256,
                 **self.ancestry,
             },
             self.path,

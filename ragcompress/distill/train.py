@@ -169,7 +169,8 @@ def train(
 
     checkpoint_path = out / "checkpoint.safetensors"
     checkpoint = load_tree(checkpoint_path) if checkpoint_path.is_file() else None
-    adaptor = starting_adaptor(lm, config, checkpoint, checkpoint_path)
+    data_sha256 = data_hash(passages_path, questions_path, config.val_articles, config.extra_passages)
+    adaptor = starting_adaptor(lm, config, checkpoint, checkpoint_path, data_sha256)
     initial = dict(adaptor.tensors)
     # the adaptor it descends from (--init-adaptor), kept in every checkpoint of the run
     ancestry = {key: value for key in ANCESTRY if (value := adaptor.meta.get(key))}
@@ -193,7 +194,7 @@ def train(
     trainable = distiller.trainable()
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
     checkpointer = Checkpointer(
-        checkpoint_path, kept_path, kept_settings, distiller, optimizer, adaptor, initial, config, ancestry
+        checkpoint_path, kept_path, kept_settings, distiller, optimizer, adaptor, initial, config, ancestry, data_sha256
     )
     if checkpoint is not None:
         state = resume_state(checkpoint, distiller, optimizer)
@@ -207,9 +208,7 @@ def train(
     if scorer_passages := config.scorer_fit_passages():
         weight, bias, r2 = fit_scorer(distiller, train_corpus.passages, scorer_passages)
         adaptor.tensors[SCORER_WEIGHT], adaptor.tensors[SCORER_BIAS] = weight, bias
-    adaptor.meta = adaptor_meta(
-        lm, config, passages_path, questions_path, train_corpus, ancestry, state, len(train_examples), r2
-    )
+    adaptor.meta = adaptor_meta(lm, config, data_sha256, train_corpus, ancestry, state, len(train_examples), r2)
     adaptor.save(out / "adaptor")
     (out / "history.json").write_text(json.dumps(state.history, indent=1))
     plot_history(
@@ -223,8 +222,7 @@ def train(
 def adaptor_meta(
     lm: LoadedModel,
     config: TrainConfig,
-    passages_path: Path,
-    questions_path: Path,
+    data_sha256: str,
     train_corpus: Corpus,
     ancestry: dict[str, Any],
     state: TrainingState,
@@ -242,7 +240,7 @@ def adaptor_meta(
     return {
         "base_model": lm.ref,
         "base_fingerprint": lm.fingerprint,
-        "training_data_sha256": data_hash(passages_path, questions_path, config.val_articles, config.extra_passages),
+        "training_data_sha256": data_sha256,
         "train_articles": trained,
         "val_articles": config.val_articles,
         "method": config.method,
