@@ -32,7 +32,7 @@ import argparse
 import statistics
 from pathlib import Path
 
-from recompute_quality import checkpointed
+from recompute_quality import checkpointed, one_run
 
 
 def smallest_margin(record: dict, setting: str, tokens: int) -> float:
@@ -99,6 +99,8 @@ def main() -> None:
     # recompute_quality's own reader: one record per question, of this top-k and dtype, holding the settings
     needed = [args.setting] + ([args.measured] if args.measured else [])
     records = list(checkpointed(args.checkpoint, args.top_k, needed, args.dtype).values())
+    run = one_run(records, args.checkpoint)  # one run's records only: stores and answer length alike
+    print(f"run: {run or 'not recorded in the checkpoint (written before records named their run)'}")
     print(f"{len(records)} questions, setting {args.setting}, margin over {args.tokens} token(s)")
     print("| margin | falls back | agreement | TTFT vs full (mean) | (median) |\n|---|---|---|---|---|")
     for i in range(args.points):

@@ -44,6 +44,7 @@ import json
 import os
 import statistics
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -348,6 +349,35 @@ def checkpointed(
     return done
 
 
+def one_run(records: Iterable[dict], where: Path) -> dict[str, Any] | None:
+    """The run (:data:`SHARED_RUN_KEYS` of :func:`run_identity`) that answered every one of
+    ``records``, read from a checkpoint that another invocation wrote (``--pair-with``,
+    ``fallback_threshold.py``); ``SystemExit`` when they name more than one, None when none
+    records it (checkpoints from before records named their run)."""
+    runs = {json.dumps({k: r["run"].get(k) for k in SHARED_RUN_KEYS}, sort_keys=True) for r in records if r.get("run")}
+    if len(runs) > 1:
+        raise SystemExit(f"{where}: its records were answered by {len(runs)} runs ({sorted(runs)}); give one run's")
+    return json.loads(runs.pop()) if runs else None
+
+
+def paired_run(args: argparse.Namespace, theirs: dict[str, dict], asked: set[str]) -> dict[str, Any]:
+    """What the ``--pair-with`` run was: its stores and their adaptors, checked as this run's are
+    (an adaptor trained on an article the questions ask about is refused), and its answer length,
+    which must be this run's (answers of other lengths do not pair)."""
+    run = one_run(theirs.values(), args.pair_with)
+    if run is None:
+        return {"run": "not recorded in its checkpoint (written before records named their run)"}
+    if run["max_new_tokens"] != args.max_new_tokens:
+        raise SystemExit(
+            f"{args.pair_with} answered with --max-new-tokens {run['max_new_tokens']}, this run with "
+            f"{args.max_new_tokens}: answers of other lengths do not pair"
+        )
+    stores = {"base": run["store"], **dict(v.split("=", 1) for v in run["variants"])}
+    if gone := sorted(path for path in stores.values() if not (Path(path) / "manifest.json").is_file()):
+        raise SystemExit(f"{args.pair_with}: its stores {gone} are gone, so their adaptors cannot be checked")
+    return {"run": run, "adaptors": store_adaptors(stores, asked, args.adaptor_dir)}
+
+
 def evaluate(
     variants: Variants,
     questions,
@@ -421,18 +451,24 @@ def markdown(model: str, n: int, top_k: int, table: dict) -> str:
     return "\n".join(lines)
 
 
-def paired_with(args: argparse.Namespace, questions) -> dict:
+def paired_with(args: argparse.Namespace, questions) -> tuple[dict, dict]:
     """Per question, the paired differences in agreement and sub-EM (bootstrap interval, exact
     McNemar) and in KL of: every ``VARIANT:spec`` setting of this run against ``spec`` in the
     ``--pair-with`` checkpoint (another run over the same questions), and every ``--compare A=B``
-    pair of this run's settings."""
+    pair of this run's settings; and, per top-k, what the ``--pair-with`` run was (:func:`paired_run`)."""
     out: dict = {}
+    runs: dict = {}
     dtype = args.dtype or DEFAULT_DTYPE
     for top_k in args.top_k:
         ours = checkpointed(args.checkpoint, top_k, args.settings, dtype)
         pairs = [(ours, a, b) for a, b in (c.split("=", 1) for c in args.compare)]
         if args.pair_with:
             theirs = checkpointed(args.pair_with, top_k, [], dtype)
+            runs[f"top{top_k}"] = paired_run(
+                args,
+                {q.id: theirs[q.id] for q in questions if q.id in theirs},
+                {question_article(q) for q in questions},
+            )
             pairs += [(theirs, name, name.rpartition(":")[2]) for name in args.settings if ":" in name]
         for other, name, spec in pairs:
             common = [q.id for q in questions if q.id in ours and q.id in other and spec in other[q.id]]
@@ -447,7 +483,7 @@ def paired_with(args: argparse.Namespace, questions) -> dict:
                 "kl_mean_difference": statistics.fmean(r["kl"] for r in a) - statistics.fmean(r["kl"] for r in b),
                 "full_answers_identical": all(ours[i]["full"]["answer"] == other[i]["full"]["answer"] for i in common),
             }
-    return out
+    return out, runs
 
 
 def reference_full(args: argparse.Namespace, questions, dtype: str) -> dict:
@@ -515,7 +551,11 @@ def report_only(args: argparse.Namespace) -> None:
         for name, row in result["reference_full"].items():
             print(f"{name}: n={row['n']}, same answer as {row['reference']}'s full prefill {row['agreement']:.2f}")
     if args.pair_with or args.compare:
-        result["paired"] = paired_with(args, questions)
+        result["paired"], runs = paired_with(args, questions)
+        if runs:
+            result["pair_with"] = runs
+        for name, row in result.get("pair_with", {}).items():
+            print(f"--pair-with run, {name}: {json.dumps(row)}")
         for name, row in result["paired"].items():
             print(
                 f"{name}: n={row['n']}, agreement {row['agreement']['mean_difference']:+.3f} "

@@ -280,14 +280,63 @@ def test_faithful_pairs_settings_of_one_run_and_of_another_run_by_question(tmp_p
         compare=["a:reuse=b:reuse"],
         pair_with=theirs,
         dtype=None,
+        max_new_tokens=12,
+        adaptor_dir=[],
     )
-    paired = quality.paired_with(args, [SimpleNamespace(id=f"q{i}") for i in range(4)])
+    questions = [SimpleNamespace(id=f"q{i}", article="Apollo_program") for i in range(4)]
+    paired, runs = quality.paired_with(args, questions)
+    assert runs == {"top3": {"run": "not recorded in its checkpoint (written before records named their run)"}}
     within = paired["top3 a:reuse vs b:reuse"]
     assert (within["agreement"]["wins"], within["agreement"]["losses"]) == (2, 1)
     assert within["kl_mean_difference"] == pytest.approx(-0.2) and within["n"] == 4
     across = paired["top3 a:reuse vs reuse"]
     assert (across["agreement"]["wins"], across["agreement"]["losses"]) == (3, 0)
     assert set(paired) == {"top3 a:reuse vs b:reuse", "top3 a:reuse vs reuse", "top3 b:reuse vs reuse"}
+
+
+def test_a_pair_with_run_is_checked_as_this_runs_stores_are(tmp_path):
+    """recompute_quality --pair-with: the other run's records name their stores and answer
+    length; a run of another length does not pair, a store whose adaptor trained on the asked
+    article is refused as this run's would be, a checkpoint mixing two runs is refused, and
+    the pairing records what the other run was."""
+    import argparse
+    from types import SimpleNamespace
+
+    quality = importlib.import_module("recompute_quality")
+    stores = {}
+    for name, adaptor in (
+        ("plain", None),
+        ("adapted", "5d00aa4bbe9f8b2b9365876ef6b153eeff8662bce5788f9eae57ea094d9214a1"),
+    ):
+        stores[name] = tmp_path / name
+        stores[name].mkdir()
+        (stores[name] / "manifest.json").write_text(json.dumps({"encoding": {"adaptor": adaptor}}))
+    theirs = tmp_path / "theirs.jsonl"
+
+    def pair(store: Path, article: str, tokens: int = 12) -> dict:
+        run = {"store": str(store), "variants": [], "max_new_tokens": 12, "git": "abc", "threads": 1}
+        record = {"top_k": 3, "id": "q0", "full": {"answer": "x"}, "reuse": {"agree": 1.0}, "run": run}
+        theirs.write_text(json.dumps(record) + "\n")
+        args = argparse.Namespace(pair_with=theirs, max_new_tokens=tokens, adaptor_dir=[])
+        question = SimpleNamespace(id="q0", article=article)
+        records = quality.checkpointed(theirs, 3, [], None)
+        return quality.paired_run(args, records, {question.article})
+
+    assert pair(stores["plain"], "Yuan_dynasty") == {
+        "run": {"store": str(stores["plain"]), "variants": [], "max_new_tokens": 12},
+        "adaptors": {},
+    }
+    assert pair(stores["adapted"], "Apollo_program")["adaptors"]["base"]["train_articles"] == [
+        "Genghis_Khan",
+        "Yuan_dynasty",
+    ]
+    with pytest.raises(SystemExit, match="store base's adaptor was trained on .*Yuan_dynasty"):
+        pair(stores["adapted"], "Yuan_dynasty")
+    with pytest.raises(SystemExit, match="--max-new-tokens 12, this run with 24"):
+        pair(stores["plain"], "Apollo_program", tokens=24)
+    other = {"top_k": 3, "id": "q1", "full": {}, "run": {"store": str(stores["adapted"]), "variants": []}}
+    with pytest.raises(SystemExit, match="answered by 2 runs"):
+        quality.one_run([other, {"run": {"store": "x"}}], theirs)
 
 
 def test_faithful_curve_plots_every_setting_of_every_faithful_file(tmp_path):
