@@ -4,8 +4,8 @@ Every command prints human-readable output (progress bars only on a terminal); `
 exactly one JSON object on stdout. Errors exit non-zero with one line on stderr.
 """
 
-from ragcompress.cli.options import BACKEND_OPTION, DTYPE_NAMES, PRESET_HELP
+from ragcompress.cli.options import BACKEND_OPTION, PRESET_HELP
 from ragcompress.cli.root import app, main
 from ragcompress.cli.store import store_sizes
 
-__all__ = ["BACKEND_OPTION", "DTYPE_NAMES", "PRESET_HELP", "app", "main", "store_sizes"]
+__all__ = ["BACKEND_OPTION", "PRESET_HELP", "app", "main", "store_sizes"]

@@ -12,6 +12,7 @@ from typing import Any
 import typer
 
 from ragcompress.errors import RagCompressError, missing_store
+from ragcompress.models import DTYPES
 
 # the names of ragcompress/presets.py (not imported here: --help stays fast; a test checks the list)
 PRESET_HELP = (
@@ -90,14 +91,11 @@ STORE_OPTION = typer.Option(
 )
 
 
-# the names of models.DTYPES (not imported here: --help stays fast; a test checks the list)
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
-
-
 def dtype_name(name: str | None) -> str | None:
-    """``--dtype``, checked before the model libraries load."""
-    if name is not None and name not in DTYPE_NAMES:
-        raise RagCompressError(f"--dtype {name!r} is not one of: {', '.join(DTYPE_NAMES)}")
+    """``--dtype``, checked before the model libraries load (``ragcompress.models`` imports
+    only the standard library at module level)."""
+    if name is not None and name not in DTYPES:
+        raise RagCompressError(f"--dtype {name!r} is not one of: {', '.join(DTYPES)}")
     return name
 
 
