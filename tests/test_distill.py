@@ -724,6 +724,14 @@ def test_extra_passages_add_training_examples_with_the_models_own_questions(lm, 
     with pytest.raises(InputError, match="held-out"):
         train(lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, tmp_path / "bad",
               dataclasses.replace(config, extra_passages=str(SAMPLE_PASSAGES)), progress=False)  # fmt: skip
+    # a held-out passage's text under another title (a copied article) is refused by its text
+    apollo = next(p for p in iter_passages(SAMPLE_PASSAGES) if p.article == "Apollo_program")
+    (essays / "copied.txt").write_text("Notes.\n\n" + "  ".join(apollo.text.upper().split(" ")) + " More notes.")
+    with pytest.raises(InputError, match=rf"copied.* holds the text of held-out passage {apollo.id} \(article Apollo"):
+        train(lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, tmp_path / "copied", config, progress=False)
+    (essays / "copied.txt").write_text(apollo.text[: len(apollo.text) // 2])  # a piece of one, chunked apart
+    with pytest.raises(InputError, match=rf"holds the text of held-out passage {apollo.id}"):
+        train(lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, tmp_path / "piece", config, progress=False)
 
 
 @pytest.mark.parametrize(

@@ -113,12 +113,29 @@ def require_questions(corpus: Corpus, side: str, questions_path: Path) -> None:
         )
 
 
+# an extra passage this long found inside a held-out passage is a piece of a copy of it
+COPY_CHARS = 200
+
+
+def _plain(text: str) -> str:
+    """``text`` with its whitespace runs collapsed and case folded, for finding one text in another."""
+    return " ".join(text.split()).casefold()
+
+
 def with_extra_passages(
-    lm: LoadedModel, corpus: Corpus, config: TrainConfig, embedder: Embedder, out: Path, progress: bool
+    lm: LoadedModel,
+    corpus: Corpus,
+    config: TrainConfig,
+    embedder: Embedder,
+    out: Path,
+    progress: bool,
+    held_out_passages: list[PassageInput],
 ) -> Corpus:
     """The training corpus plus ``config.extra_passages`` and the base model's questions about
     them (``synthetic.py``, cached in ``out/extra-questions.jsonl``): more examples, from other
-    text, retrieved over the union so that a question's passages may come from either."""
+    text, retrieved over the union so that a question's passages may come from either. Extra
+    passages of a held-out article are refused by its name, and any holding the text of one of
+    ``held_out_passages`` (under another title: a copy of an article) by that text."""
     from ragcompress.distill.synthetic import synthetic_questions
 
     assert config.extra_passages is not None
@@ -126,6 +143,18 @@ def with_extra_passages(
     held_out = sorted({p.article for p in extra} & set(config.val_articles))
     if held_out:
         raise InputError(f"--extra-passages {config.extra_passages} holds held-out articles {held_out}")
+    texts = [(p, _plain(p.text)) for p in held_out_passages]
+    for passage in extra:
+        plain = _plain(passage.text)
+        # a held-out passage inside this one, or this one (a chunk of a copy split otherwise) inside it
+        inside = (
+            held for held, text in texts if (text and text in plain) or (len(plain) >= COPY_CHARS and plain in text)
+        )
+        if copied := next(inside, None):
+            raise InputError(
+                f"--extra-passages {config.extra_passages}: passage {passage.id} holds the text of held-out "
+                f"passage {copied.id} (article {copied.article}); remove it, or hold out other articles"
+            )
     clash = sorted({p.id for p in extra} & {p.id for p in corpus.passages})
     if clash:
         raise InputError(f"--extra-passages {config.extra_passages} repeats passage ids of --passages: {clash[:3]}")

@@ -164,7 +164,7 @@ def train(
     check_questions(passages, questions_path, train_corpus)
     require_questions(val_corpus, "held-out", questions_path)
     if config.extra_passages:
-        train_corpus = with_extra_passages(lm, train_corpus, config, embedder, out, progress)
+        train_corpus = with_extra_passages(lm, train_corpus, config, embedder, out, progress, val_corpus.passages)
     require_questions(train_corpus, "training", questions_path)
 
     checkpoint_path = out / "checkpoint.safetensors"
