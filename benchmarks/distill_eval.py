@@ -238,6 +238,26 @@ def mergeable_rows(
     return data["rows"]
 
 
+def earlier_rows(
+    earlier: dict[str, Any], settings: list[str], adaptor_hash: str | None, compared_hash: str | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The rows (and indexing costs) of an earlier run's results file that this run keeps: not
+    those of ``settings`` (measured again), nor rows read through another adaptor (or compared
+    adaptor) than this run's, nor through one the file does not name: they would be labelled
+    with this run's. The costs go with the trained adaptor's rows."""
+    meta = earlier.get("meta", {})
+    stale = {
+        "trained": adaptor_hash is not None and meta.get("adaptor_hash") != adaptor_hash,
+        "compare": compared_hash is not None and (meta.get("compared_adaptor") or {}).get("hash") != compared_hash,
+    }
+    rows = {
+        name: row
+        for name, row in earlier.get("rows", {}).items()
+        if name not in settings and not stale.get(row.get("adaptor"), False)
+    }
+    return rows, {} if stale["trained"] else earlier.get("index_cost", {})
+
+
 def check_held_out(examples: list[Example], articles: dict[str, str], *adaptors: Any) -> None:
     """Refuse (``SystemExit``) to measure an adaptor on examples of an article it was trained on,
     or on examples whose questions are not in the questions file (their article unknown): every
@@ -393,16 +413,9 @@ def main() -> None:
 
     # rows of an earlier run of the same examples are kept (settings can be measured in parts)
     earlier = json.loads(args.json.read_text()) if args.json.is_file() else {}
-    rows: dict[str, Any] = {k: v for k, v in earlier.get("rows", {}).items() if k not in args.settings}
-    # ... but not rows read through another adaptor than the one this run names so
-    earlier_meta = earlier.get("meta", {})
-    stale = {
-        "trained": adaptor is not None and earlier_meta.get("adaptor_hash") not in (None, adaptor.hash),
-        "compare": compared is not None
-        and (earlier_meta.get("compared_adaptor") or {}).get("hash") not in (None, compared.hash),
-    }
-    rows = {k: v for k, v in rows.items() if not stale.get(v.get("adaptor"), False)}
-    earlier_cost = {} if stale["trained"] else earlier.get("index_cost", {})
+    rows, earlier_cost = earlier_rows(
+        earlier, args.settings, adaptor.hash if adaptor else None, compared.hash if compared else None
+    )
     adaptor_meta = {k: v for k, v in adaptor.meta.items() if k != "config"} if adaptor else earlier.get("adaptor", {})
 
     def write(rows: dict[str, Any], cost: dict[str, Any]) -> dict[str, Any]:

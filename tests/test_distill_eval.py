@@ -113,3 +113,28 @@ def test_a_title_and_an_id_prefix_name_the_same_article():
     with pytest.raises(SystemExit, match="was trained on"):
         adaptor_provenance(trained_by_title, {"Yuan_dynasty"})
     assert adaptor_provenance(trained_by_title, {"Apollo_program"})["train_articles"] == ["Yuan dynasty"]
+
+
+def test_a_rerun_keeps_only_the_earlier_rows_of_its_own_adaptors():
+    """Rows read through the trained (or compared) adaptor are kept only when the earlier file
+    names that very adaptor: a file naming another, or none, would have its rows labelled with
+    this run's adaptor. Rows of the settings measured again are replaced; base rows stay."""
+    earlier = {
+        "meta": {"adaptor_hash": "a1", "compared_adaptor": {"hash": "c1"}},
+        "rows": {"reuse": {"adaptor": None}, "ad": {"adaptor": "trained"}, "cmp": {"adaptor": "compare"}},
+        "index_cost": {"ad": 1.0},
+    }
+    assert distill_eval.earlier_rows(earlier, [], "a1", "c1") == (earlier["rows"], {"ad": 1.0})
+    assert set(distill_eval.earlier_rows(earlier, ["reuse"], "a1", "c1")[0]) == {"ad", "cmp"}
+    assert distill_eval.earlier_rows(earlier, [], "a2", "c1") == (
+        {"reuse": {"adaptor": None}, "cmp": {"adaptor": "compare"}},
+        {},
+    )
+    for unnamed in ({"compared_adaptor": {"hash": "c1"}}, {}):
+        rows, cost = distill_eval.earlier_rows({**earlier, "meta": unnamed}, [], "a1", "c1")
+        assert "ad" not in rows and cost == {}
+    assert set(distill_eval.earlier_rows({**earlier, "meta": {"adaptor_hash": "a1"}}, [], "a1", "c1")[0]) == {
+        "reuse",
+        "ad",
+    }
+    assert distill_eval.earlier_rows({**earlier, "meta": {}}, [], None, None)[0] == earlier["rows"]  # nothing to check
