@@ -24,6 +24,7 @@ measured times of its three passages, i.e. what compressing at query time would 
 
     .venv/bin/python benchmarks/text_compression.py --limit 40 --log tc.log
     .venv/bin/python benchmarks/text_compression.py --from-log tc.log   # summary of a (partial) log
+    .venv/bin/python benchmarks/text_compression.py --from-log tc.log --run ID   # one of several runs in it
 """
 
 from __future__ import annotations
@@ -55,16 +56,39 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="write the summary JSON here")
     parser.add_argument("--log", type=Path, default=None, help="append one JSON line per question and method here")
     parser.add_argument("--from-log", type=Path, default=None, help="only summarize an existing --log file")
+    parser.add_argument("--run", default=None, help="with --from-log: the run of the log to summarize (its id)")
     return parser.parse_args()
+
+
+UNRECORDED = "unrecorded"  # the run of log lines written before lines named their run
+
+
+def rows_of_log(path: Path, run: str | None) -> tuple[dict[str, list[dict]], dict]:
+    """The rows of one run of a ``--log`` file by method, and that run's settings. Runs append
+    to the same log: one of several must be named (``--run``), never summarized together."""
+    runs: dict[str, dict] = {}
+    rows: dict[str, dict[str, list[dict]]] = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        settings = row.get("run") or {"id": UNRECORDED}
+        runs.setdefault(settings["id"], settings)
+        rows.setdefault(settings["id"], {}).setdefault(row["method"], []).append(row)
+    if run is None and len(runs) > 1:
+        counts = ", ".join(f"{r} ({sum(len(v) for v in rows[r].values())} lines)" for r in runs)
+        raise SystemExit(f"{path} holds {len(runs)} runs: {counts}; choose one with --run")
+    chosen = run if run is not None else next(iter(runs), None)
+    if chosen not in runs:
+        raise SystemExit(f"{path} holds no run {chosen!r}; its runs: {', '.join(runs) or 'none'}")
+    return rows[chosen], runs[chosen]
 
 
 def main() -> int:
     args = parse_args()
     if args.from_log:
-        rows: dict[str, list[dict]] = {}
-        for line in args.from_log.read_text().splitlines():
-            row = json.loads(line)
-            rows.setdefault(row["method"], []).append(row)
+        rows, settings = rows_of_log(args.from_log, args.run)
+        for name in ("top_k", "max_new_tokens", "data"):  # what the run used, not this invocation's defaults
+            if name in settings:
+                setattr(args, name, settings[name])
         summarize(rows, args, "smollm2-135m", "")
         return 0
     import torch
@@ -168,6 +192,12 @@ def main() -> int:
 
     rows = {name: [] for name in methods}
     log = open(args.log, "a") if args.log else None
+    run = {  # every log line names its run: runs appended to one log are told apart
+        "id": f"{args.meta['date']}-{os.getpid()}",
+        "git": args.meta.get("git"),
+        **{name: getattr(args, name) for name in ("top_k", "max_new_tokens", "limit", "threads")},
+        "data": str(args.data),
+    }
     for number, q in enumerate(questions, start=1):
         hits = [passages[row] for row, _ in index.search(embedder.embed([q.question])[0], args.top_k)]
         base_answer = None
@@ -185,6 +215,7 @@ def main() -> int:
                 "compress_s": seconds,
                 "ttft_s": ttft,
                 "agree": text == base_answer,
+                "run": run,
             }
             rows[name].append(row)
             if log:
@@ -201,8 +232,12 @@ def main() -> int:
 
 
 def summarize(rows: dict[str, list[dict]], args: argparse.Namespace, reader: str, llmlingua_note: str) -> None:
-    n = min(len(rs) for rs in rows.values())
-    rows = {name: rs[:n] for name, rs in rows.items()}
+    """The table and summary JSON over the questions every method answered (a partial log's
+    methods stop at different questions)."""
+    answered = [{r["question"] for r in rs} for rs in rows.values()]
+    common = set.intersection(*answered) if answered else set()
+    rows = {name: [r for r in rs if r["question"] in common] for name, rs in rows.items()}
+    n = len(common)
     base_tokens = sum(r["tokens"] for r in rows["uncompressed"])
     summary = {
         "n": n,
