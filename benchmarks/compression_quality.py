@@ -81,8 +81,8 @@ class Bench:
     token_ids: dict[str, list[int]]
     full: dict[str, PassageKV]
     workdir: Path
-    # where this invocation's uncompressed caches came from: "encoded" (float32, as indexing
-    # computes them) or the fp16 store a resumed run reloads them from (rounded to fp16)
+    # where this invocation's uncompressed caches came from, recorded in each row: "encoded"
+    # (float32, as indexing computes them); rows of earlier resumed runs say "fp16 store"
     full_source: str = "encoded"
 
 
@@ -100,18 +100,12 @@ def setup(model: str | None, n_questions: int, top_k: int, workdir: Path, data: 
     retrieved = [[ids[j] for j in row] for row in top]
     needed = list(dict.fromkeys(pid for row in retrieved for pid in row))
     token_ids = {pid: encoder.tokens.passage(passages[pid].text) for pid in needed}
+    # encoded by every invocation, a resumed one too: rows are scored from the float32 caches
+    # indexing computes (until 2026-12-06 a resumed run reloaded them from the fp16 store)
     full: dict[str, PassageKV] = {}
-    source = "encoded"
-    reuse = workdir / row_name("none", None, "fp16")
-    if (reuse / "manifest.json").is_file():  # a resumed run: the uncompressed caches are stored
-        with KVStore.open(reuse) as store:
-            if {e.id for e in (store.entry(pid) for pid in needed)} == set(needed):
-                full = {pid: store.load_kv(store.entry(pid)) for pid in needed}
-                source = "fp16 store (resumed run)"
-                print(f"reloaded {len(full)} uncompressed caches from {reuse} (fp16-rounded)", flush=True)
     for start in range(0, len(needed), 4):
-        batch = [pid for pid in needed[start : start + 4] if pid not in full]
-        for pid, kv in zip(batch, encoder.encode([token_ids[pid] for pid in batch]) if batch else [], strict=False):
+        batch = needed[start : start + 4]
+        for pid, kv in zip(batch, encoder.encode([token_ids[pid] for pid in batch]), strict=True):
             full[pid] = kv
     vectors = {ids[j]: pvec[j] for j in range(len(ids)) if ids[j] in token_ids}
     workdir.mkdir(parents=True, exist_ok=True)
@@ -138,7 +132,6 @@ def setup(model: str | None, n_questions: int, top_k: int, workdir: Path, data: 
         token_ids,
         full,
         workdir,
-        source,
     )
 
 
@@ -361,8 +354,8 @@ def main() -> None:
     ) / len(bench.questions)
     fp16 = float(ModelShape.from_config(bench.lm.config).fp16_bytes_per_token)
 
-    # each row says which code measured it and from which uncompressed caches: a resumed run
-    # reloads them from the fp16 store, so its rows start from rounded caches
+    # each row says which code measured it and from which uncompressed caches (older resumed
+    # runs reloaded them from the fp16 store, so those rows started from rounded caches)
     provenance = {"git": git_revision(), "threads": args.threads, "full_caches": bench.full_source}
 
     def save() -> None:
