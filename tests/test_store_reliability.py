@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from ragcompress.errors import CorruptSegmentError, InputError, StoreError
-from ragcompress.indexing import IndexConfig, index
+from ragcompress.indexing import IndexConfig, index, remove
 from ragcompress.indexing.inputs import validate
 from ragcompress.kv import PassageKV
 from ragcompress.kv.quant import QuantConfig
@@ -726,18 +726,30 @@ def test_flipped_byte_is_detected_and_named(store_copy):
         _load(store_copy, "doc-005")
     _load(store_copy, "doc-004")  # neighbours are intact and still load
     assert _problem_ids(store_copy) == {"doc-005"}
+    remedy = verify_store(store_copy).remedy("corpus.jsonl")  # what `verify` tells the user, and it works
+    assert f"`ragcompress remove --store {store_copy} doc-005`" in remedy and "--overwrite" not in remedy
+    remove(store_copy, ["doc-005"])
+    assert verify_store(store_copy).ok
 
 
-def test_truncated_shard_is_detected_and_named(store_copy):
+def test_truncated_shard_is_detected_and_named(tiny_lm, corpus, store_copy, clean_store):
+    """A shard that lost committed bytes: the passage and the shard are named, every writer
+    refuses the store naming the rebuild, and `verify`'s remedy is that rebuild, which works."""
     last = _entry(store_copy, f"doc-{N_PASSAGES - 1:03d}")
     path = store_copy / "shards" / last.shard
     with open(path, "r+b") as handle:
         handle.truncate(last.offset + last.length - 10)
     with pytest.raises(CorruptSegmentError, match=rf"passage '{last.id}': shard {last.shard} is truncated"):
         _load(store_copy, last.id)
-    assert _problem_ids(store_copy) == {last.id}
-    with pytest.raises(StoreError, match="the store is damaged"):
-        StoreWriter(store_copy)  # a writer never appends after lost committed bytes
+    report = verify_store(store_copy)
+    assert {(p.kind, p.passage_id) for p in report.problems} == {("segment", last.id), ("shard", None)}
+    assert "shard" in report.remedy() and "--overwrite`, which" not in report.remedy()
+    assert f"--store {store_copy} --overwrite` (it keeps the store's settings)" in report.remedy()
+    for write in (lambda: StoreWriter(store_copy), lambda: remove(store_copy, [last.id])):
+        with pytest.raises(StoreError, match=rf"the store is damaged .* --store {store_copy} --overwrite`"):
+            write()  # a writer never appends after lost committed bytes
+    _index(tiny_lm, corpus, store_copy, overwrite=True)
+    assert verify_store(store_copy).ok and _rows(store_copy) == _rows(clean_store)
 
 
 def test_missing_shard_is_detected_and_named(store_copy):
@@ -748,6 +760,7 @@ def test_missing_shard_is_detected_and_named(store_copy):
     report = verify_store(store_copy)
     assert "doc-000" in {p.passage_id for p in report.problems}
     assert all(p.shard == victim.shard for p in report.problems)
+    assert "shard" in {p.kind for p in report.problems} and "--overwrite" in report.remedy()
     with pytest.raises(StoreError, match=rf"shard {victim.shard} .* is missing .* the store is damaged"):
         StoreWriter(store_copy)  # never re-creates a shard that committed rows point into
 
@@ -789,7 +802,7 @@ def test_a_huge_length_is_refused_before_reading(store_copy):
     try:
         with pytest.raises(CorruptSegmentError, match=r"passage 'doc-007': shard .* is truncated"):
             _load(store_copy, "doc-007")
-        assert _problem_ids(store_copy) == {"doc-007"}
+        assert _problem_ids(store_copy) == {"doc-007", None}  # and the shard is shorter than that row's end
         assert tracemalloc.get_traced_memory()[1] < 64 << 20  # never allocated what the row claims
     finally:
         tracemalloc.stop()
@@ -870,7 +883,9 @@ def test_catalogue_row_pointing_nowhere_is_named(store_copy, update, message):
         db.execute(f"UPDATE passages SET {update} WHERE id = 'doc-007'")
     with pytest.raises(CorruptSegmentError, match=rf"passage 'doc-007'.*{message}"):
         _load(store_copy, "doc-007")
-    assert _problem_ids(store_copy) == {"doc-007"}
+    # a row pointing past its shard's end also makes the shard shorter than what is committed
+    # into it, which every writer refuses (so `remove` cannot repair it either)
+    assert _problem_ids(store_copy) == ({"doc-007", None} if "past the end" in message else {"doc-007"})
 
 
 def test_blob_with_wrong_model_shape_is_refused(store_copy):
@@ -1119,8 +1134,11 @@ def test_a_store_that_lost_its_manifest_is_rebuilt_by_overwrite(tiny_lm, corpus,
     """What `verify` tells the user to do for a lost manifest works: plain `index` refuses the
     folder and names the remedy, `--overwrite` rebuilds the store in place."""
     (store_copy / "manifest.json").unlink()
-    with pytest.raises(StoreError, match="lost its manifest: rebuild it with --overwrite"):
+    with pytest.raises(StoreError, match="lost its manifest: rebuild it with --overwrite and its settings"):
         _index(tiny_lm, corpus, store_copy)
+    assert "and the settings it was built with" in verify_store(store_copy).remedy()
+    with pytest.raises(StoreError, match="lost its manifest.json, so the settings it was built with are unknown"):
+        index(corpus, store_copy, lm=tiny_lm, embedder=store_worker.HashEmbedder(), overwrite=True)  # none given
     report = _index(tiny_lm, corpus, store_copy, overwrite=True)
     assert report.indexed == N_PASSAGES
     assert verify_store(store_copy).ok and _rows(store_copy) == _rows(clean_store)
@@ -1331,6 +1349,9 @@ def test_cli_verify_exit_codes_and_json(store_copy):
         ("doc-011", victim.shard, "segment")
     ]
     assert len(broken.stderr.strip().splitlines()) == 1 and "doc-011" in broken.stderr
+    assert f"To repair it, remove the 1 damaged passages (`ragcompress remove --store {store_copy} doc-011`)" in (
+        broken.stderr
+    )
 
 
 def test_a_ray_worker_claims_a_shard_only_when_it_writes(tmp_path):

@@ -295,9 +295,7 @@ def verify(
         first = report.problems[0]
         typer.echo(
             f"error: store {store} failed verification: {len(report.problems)} problems, first: {first}. "
-            f"Damaged passages: `ragcompress remove --store {store} ID ...`, then `ragcompress index` again "
-            "re-encodes them; a lost shard, manifest or catalogue: rebuild with `ragcompress index --input ... "
-            f"--store {store} --overwrite`",
+            f"To repair it, {report.remedy()}",
             err=True,
         )
         raise SystemExit(1)

@@ -171,6 +171,11 @@ def index(
             f"{store_path} {refusal}; refusing to overwrite it (--overwrite deletes the folder it replaces): "
             "move what you keep out of it, or choose another --store"
         )
+    if rebuild and not exists and config is None:  # the defaults would silently replace how it was built
+        raise StoreError(
+            f"{store_path} lost its manifest.json, so the settings it was built with are unknown; to rebuild it, "
+            "give them with --overwrite (e.g. --preset, or --method/--ratio/--quant, and --model; config= in Python)"
+        )
     # --overwrite with no settings rebuilds the store with its own (a new model version, a damaged shard)
     existing = store_path if exists and (not overwrite or config is None) else None
     config, model, dtype = settings_for(existing, config, model, dtype)

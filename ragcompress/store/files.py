@@ -194,7 +194,11 @@ def refuse_existing(path: Path) -> None:
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise StoreError(
             f"{path} exists and is not an empty directory or a ragcompress store; choose an empty or new --store"
-            + ("" if overwrite_refusal(path) else " (a store that lost its manifest: rebuild it with --overwrite)")
+            + (
+                ""
+                if overwrite_refusal(path)
+                else " (a store that lost its manifest: rebuild it with --overwrite and its settings, e.g. --preset or --quant)"
+            )
         )
 
 

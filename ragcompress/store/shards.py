@@ -186,7 +186,11 @@ class ShardWriter:
         self.max_bytes = max_bytes or MAX_SHARD_BYTES
         directory = root / SHARD_DIR
         directory.mkdir(exist_ok=True)
-        damaged = f"the store is damaged (run `ragcompress verify --store {root}`); nothing was changed"
+        damaged = (
+            f"the store is damaged and no writer can add to it (its passages there are lost): rebuild it with "
+            f"`ragcompress index --input INPUT --store {root} --overwrite`, which keeps its settings (`ragcompress "
+            f"verify --store {root}` lists what is damaged); nothing was changed"
+        )
         for name, blobs in committed.items():
             if not shard_path(root, name).is_file():  # validates every name the catalogue holds
                 raise StoreError(f"shard {name} in {root} is missing but committed passages point into it; {damaged}")

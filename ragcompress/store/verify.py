@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 import sqlite3
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,7 +49,8 @@ from ragcompress.store.shards import SHARD_DIR, is_shard_name, read_blob
 
 @dataclass(frozen=True)
 class Problem:
-    """One failed check. ``kind`` is one of manifest, prefix, basis, catalogue, segment, index."""
+    """One failed check. ``kind`` is one of manifest, prefix, basis, catalogue, shard (a shard
+    file missing, or shorter than the blobs committed into it), segment, index."""
 
     kind: str
     message: str
@@ -75,6 +77,36 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    def remedy(self, input_hint: str = "INPUT") -> str:
+        """What repairs the store, chosen by what is damaged (``ragcompress verify`` prints it):
+        only damaged passages are removed and encoded again; a damaged manifest, prefix, basis,
+        catalogue or shard (which every writer refuses) means rebuilding the store, with its
+        settings given when the manifest that records them is what was lost; an index that does
+        not match the catalogue is rewritten by the next indexing run."""
+        store = shlex.quote(self.store)
+        rebuild = f"`ragcompress index --input {input_hint} --store {store} --overwrite`"
+        kinds = {p.kind for p in self.problems}
+        if not kinds:
+            return ""
+        if "manifest" in kinds:
+            return (
+                f"the manifest that records the store's settings is damaged: rebuild the store with {rebuild} "
+                "and the settings it was built with (e.g. --preset, or --method/--ratio/--quant, and --model)"
+            )
+        whole = sorted(kinds & {"prefix", "basis", "catalogue", "shard"})
+        if whole:
+            return f"writers refuse a store whose {'/'.join(whole)} is damaged: rebuild it with {rebuild} (it keeps the store's settings)"
+        damaged = list(dict.fromkeys(p.passage_id for p in self.problems if p.kind == "segment" and p.passage_id))
+        if damaged:
+            shown = " ".join(shlex.quote(pid) for pid in damaged[:5]) + (" ..." if len(damaged) > 5 else "")
+            return (
+                f"remove the {len(damaged)} damaged passages (`ragcompress remove --store {store} {shown}`), then "
+                f"`ragcompress index --input {input_hint} --store {store}` encodes them again and rewrites the index"
+            )
+        return (
+            f"re-run `ragcompress index --input {input_hint} --store {store}`: it rewrites the index from the catalogue"
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -203,11 +235,20 @@ def _check_overlaps(catalogue: Catalogue, problems: list[Problem], notes: list[s
         )
 
 
-def _check_shard_files(root: Path, ends: dict[str, int], notes: list[str]) -> None:
+def _check_shard_files(root: Path, ends: dict[str, int], problems: list[Problem], notes: list[str]) -> None:
+    """A shard missing or shorter than what is committed into it (every writer refuses such a
+    store: the passages there are lost) is a problem; bytes past the last commit are notes."""
     directory = root / SHARD_DIR
     present = (
         {p.name: p.stat().st_size for p in directory.iterdir() if is_shard_name(p.name)} if directory.is_dir() else {}
     )
+    for name, committed in sorted(ends.items()):
+        if name not in present:
+            problems.append(Problem("shard", "is missing but committed passages point into it", shard=name))
+        elif present[name] < committed:
+            problems.append(
+                Problem("shard", f"has {present[name]} bytes but committed passages end at {committed}", shard=name)
+            )
     for name, size in sorted(present.items()):
         end = ends.get(name)
         if end is None:
@@ -298,7 +339,7 @@ def verify_store(path: str | Path) -> VerifyReport:
             problems.append(Problem("catalogue", "SQLite integrity_check: " + "; ".join(verdict[:5])))
         count, ends, _ = _check_segments(root, catalogue, shape, problems, basis, manifest.base_copy, manifest.quant)
         _check_overlaps(catalogue, problems, notes)
-        _check_shard_files(root, ends, notes)
+        _check_shard_files(root, ends, problems, notes)
         _check_index(root, catalogue, count, problems, notes)
     except (sqlite3.DatabaseError, StoreError) as exc:
         problems.append(Problem("catalogue", f"cannot be read ({exc})"))
