@@ -1137,6 +1137,10 @@ def test_a_store_that_lost_its_manifest_is_rebuilt_by_overwrite(tiny_lm, corpus,
     with pytest.raises(StoreError, match="lost its manifest: rebuild it with --overwrite and its settings"):
         _index(tiny_lm, corpus, store_copy)
     assert "and the settings it was built with" in verify_store(store_copy).remedy()
+    with pytest.raises(StoreError, match="lost its manifest.json; .*--overwrite` and the settings it was built with"):
+        KVStore.open(store_copy)  # what `ask` and `serve` say
+    with pytest.raises(StoreError, match="is a file; a store is the folder"):
+        KVStore.open(store_copy / "catalogue.sqlite")
     with pytest.raises(StoreError, match="lost its manifest.json, so the settings it was built with are unknown"):
         index(corpus, store_copy, lm=tiny_lm, embedder=store_worker.HashEmbedder(), overwrite=True)  # none given
     report = _index(tiny_lm, corpus, store_copy, overwrite=True)

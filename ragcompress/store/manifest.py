@@ -18,6 +18,11 @@ from ragcompress.retrieval import embedder_name
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 1 << 20
+# what a store whose manifest is damaged or lost needs: the manifest is where its settings were
+REBUILD = (
+    "the store cannot be read without it: rebuild it with `ragcompress index --input INPUT --store DIR "
+    "--overwrite` and the settings it was built with (e.g. --preset, or --method/--ratio/--quant, and --model)"
+)
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _SHAPE_KEYS = ("layers", "kv_heads", "head_dim")
 
@@ -26,7 +31,7 @@ def _check_values(data: dict[str, Any], where: Path) -> None:
     """Validate the values code later relies on (shapes, template, quantization, checksums)."""
 
     def bad(key: str, why: str) -> StoreError:
-        return StoreError(f"{where}: field {key!r} {why}; the store is corrupt, rebuild it")
+        return StoreError(f"{where}: field {key!r} {why}; {REBUILD}")
 
     for key in ("model_ref", "model_fingerprint", "tokenizer_hash", "embedder"):
         if not data[key] or "\x00" in data[key]:
@@ -155,7 +160,7 @@ class Manifest:
         try:
             data = json.loads(text)
         except ValueError as exc:
-            raise StoreError(f"{where} is not valid JSON ({exc}); the store is corrupt, rebuild it") from exc
+            raise StoreError(f"{where} is not valid JSON ({exc}); {REBUILD}") from exc
         if not isinstance(data, dict):
             raise StoreError(f"{where} does not hold a JSON object; rebuild the store")
         version = data.get("format_version")
@@ -201,6 +206,10 @@ class Manifest:
     def read(cls, directory: Path) -> Manifest:
         path = directory / MANIFEST
         if not path.is_file():
+            if directory.is_file():
+                raise StoreError(f"{directory} is a file; a store is the folder `ragcompress index --store` built")
+            if any((directory / name).exists() for name in ("catalogue.sqlite", "shards", "prefix.safetensors")):
+                raise StoreError(f"{directory} lost its {MANIFEST}; {REBUILD}")
             raise StoreError(
                 f"{directory} is not a ragcompress store (no {MANIFEST}); "
                 "create one with `ragcompress index --input FILE --store DIR`"
@@ -208,11 +217,11 @@ class Manifest:
         with open(path, "rb") as handle:
             raw = handle.read(MAX_MANIFEST_BYTES + 1)
         if len(raw) > MAX_MANIFEST_BYTES:
-            raise StoreError(f"{path} is larger than {MAX_MANIFEST_BYTES} bytes; the store is corrupt, rebuild it")
+            raise StoreError(f"{path} is larger than {MAX_MANIFEST_BYTES} bytes; {REBUILD}")
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
-            raise StoreError(f"{path} is not UTF-8 text; the store is corrupt, rebuild it") from None
+            raise StoreError(f"{path} is not UTF-8 text; {REBUILD}") from None
         return cls.from_json(text, path)
 
     def check_same_build(self, other: Manifest) -> None:
