@@ -125,9 +125,12 @@ def select_questions(
         wanted = set(articles)
         if any(q.passage_id is None for q in questions):
             raise InputError("selecting questions by article needs a passage_id (ARTICLE#N) on every question")
+        known = sorted({q.article for q in questions if q.article})
         questions = [q for q in questions if q.article in wanted]
         if not questions:
-            raise InputError(f"no question of the articles {sorted(wanted)}")
+            hint = " (name an article without its #N)" if any("#" in a for a in wanted) else ""
+            shown = ", ".join(known[:8]) + (f" and {len(known) - 8} more" if len(known) > 8 else "")
+            raise InputError(f"no question of the articles {sorted(wanted)}{hint}; the file's articles: {shown}")
     if outside:
         chosen = {q.id for q in evenly_spaced(questions, outside)}
         questions = [q for q in questions if q.id not in chosen]

@@ -401,14 +401,15 @@ def test_version_and_usage_errors_are_one_line_without_traceback(monkeypatch, ca
 
     code, out, err = run_cli(["--version"], monkeypatch, capfd)
     assert (code, out, err) == (0, f"ragcompress {version('ragcompress')}\n", "")
-    for args, named in (
-        (["ask", "--stor", "x"], "--stor"),
-        (["nope"], "nope"),
-        (["ask", "--top-k", "many"], "--top-k"),
+    for args, named, help_of in (
+        (["ask", "--stor", "x"], "--stor", "ragcompress ask"),
+        (["nope"], "nope", "ragcompress"),
+        (["ask", "--top-k", "many"], "--top-k", "ragcompress ask"),
     ):
         code, out, err = run_cli(args, monkeypatch, capfd)
         assert code == 2 and out == ""
         assert err.startswith("error: ") and err.count("\n") == 1 and named in err and "Traceback" not in err
+        assert err.endswith(f"(see {help_of} --help)\n")  # the help that lists the misused option
 
 
 @pytest.mark.parametrize(

@@ -95,8 +95,10 @@ def test_select_questions_by_article_then_evenly_spaced():
     assert [q.id for q in select_questions(qs, 3, ["B", "C"])] == ["2", "4", "6"]
     assert [q.id for q in select_questions(qs, 4)] == ["0", "2", "4", "6"]
     assert select_questions(qs, 100) == qs
-    with pytest.raises(InputError, match="no question of the articles"):
+    with pytest.raises(InputError, match=r"no question of the articles \['D'\]; the file's articles: A, B, C$"):
         select_questions(qs, articles=["D"])
+    with pytest.raises(InputError, match=r"\['B#2'\] \(name an article without its #N\)"):
+        select_questions(qs, articles=["B#2"])
     with pytest.raises(InputError, match="passage_id"):
         select_questions([*qs, Question("x", "q?", ["a"])], articles=["A"])
 

@@ -81,5 +81,9 @@ def main() -> None:
         sys.exit(130)
     except typer.TyperException as exc:  # usage errors (unknown option, bad value) carry their own message
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
-        typer.echo(f"error: {message} (see ragcompress --help)", err=True)
+        context, names = getattr(exc, "ctx", None), []  # a usage error knows its command: point at its help
+        while context is not None and context.parent is not None:  # the root's name is how python was run
+            names.append(context.info_name)
+            context = context.parent
+        typer.echo(f"error: {message} (see {' '.join(['ragcompress', *reversed(names)])} --help)", err=True)
         sys.exit(getattr(exc, "exit_code", 2))
