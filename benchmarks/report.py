@@ -75,6 +75,7 @@ DOCS = tuple(
         "kernels.md",
         "llamaindex.md",
         "guarantees.md",
+        "scaling.md",
     )
 )
 RESULTS = ROOT / "docs" / "results"
