@@ -107,6 +107,20 @@ def test_other_model_is_refused_naming_both(tiny_model_dir, passages_file, tmp_p
         Engine(KVStore.open(store), other, embedder)
 
 
+def test_another_embedded_model_is_refused_before_it_loads(tiny_lm, passages_file, tmp_path, embedder, monkeypatch):
+    """Adding to a store of one embedded model with the other named: the names alone settle it,
+    so the refusal comes before the model is converted and loaded (seconds)."""
+    import ragcompress.indexing.run as run_module
+
+    store = tmp_path / "store"
+    index(passages_file, store, lm=tiny_lm, embedder=embedder)
+    manifest = json.loads((store / "manifest.json").read_text())
+    (store / "manifest.json").write_text(json.dumps({**manifest, "model_ref": "smollm2-135m"}))
+    monkeypatch.setattr(run_module, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    with pytest.raises(StoreMismatchError, match="built with model smollm2-135m, this run uses qwen2.5-coder-0.5b"):
+        index(passages_file, store, model="qwen2.5-coder-0.5b", embedder=embedder)
+
+
 def test_an_engine_refuses_another_embedder_than_the_stores(tiny_lm, passages_file, tmp_path, embedder):
     """An embedder of the same dimension would retrieve other passages without any error."""
     from ragcompress.runtime.engine import Engine

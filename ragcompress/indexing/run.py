@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from ragcompress.distill.packaged import check_store_adaptor
-from ragcompress.errors import InputError, StoreError
+from ragcompress.errors import InputError, StoreError, StoreMismatchError
 from ragcompress.indexing.calibrate import fit_calibration_basis
 from ragcompress.indexing.config import IndexConfig, config_from_manifest
 from ragcompress.indexing.indexer import Indexer
 from ragcompress.indexing.inputs import PassageInput, iter_passages, validate
 from ragcompress.kv.lowrank import RankSpec
-from ragcompress.models import LoadedModel, load_model
+from ragcompress.models import DEFAULT_MODEL, EVAL_MODEL, LoadedModel, load_model
 from ragcompress.retrieval import Embedder
 from ragcompress.store import KVStore, Manifest, StoreWriter, create_store
 from ragcompress.store.basis import basis_to_bytes
@@ -87,6 +87,12 @@ def settings_for(
         raise StoreError(
             f"{exc} (to rebuild it, give its settings, e.g. --preset or --quant, with --overwrite)"
         ) from None
+    embedded = {DEFAULT_MODEL, EVAL_MODEL}  # names that mean one model each: compared before it loads (seconds)
+    if model is not None and model != manifest.model_ref and {model, manifest.model_ref} <= embedded:
+        raise StoreMismatchError(
+            f"store was built with model {manifest.model_ref}, this run uses {model}; give the store's model "
+            "(or none, to reuse it), another --store, or --overwrite"
+        )
     return config or config_from_manifest(manifest), model or manifest.model_ref, dtype or manifest.dtype
 
 
