@@ -108,8 +108,8 @@ def run_indexer(
         indexer = attach_basis(indexer, config, spec, input_path, existing)
     if existing is not None:
         stored = Manifest.read(existing)
+        stored.check_same_build(indexer.manifest)  # model, template, compression first: a preset differs there
         check_store_adaptor(stored.encoding.get("adaptor"), indexer.manifest.encoding.get("adaptor"))
-        stored.check_same_build(indexer.manifest)
     return indexer
 
 
