@@ -109,6 +109,8 @@ def test_store_refuses_another_adaptor(lm, tmp_path, passages_file, embedder):
         index(passages_file, tmp_path / "store", config=IndexConfig(adaptor=str(second)), **common)
     with pytest.raises(StoreMismatchError, match="no adaptor"):
         index(passages_file, tmp_path / "store", config=IndexConfig(), **common)
+    with pytest.raises(StoreMismatchError, match="built with compression"):  # a preset's: compression named first
+        index(passages_file, tmp_path / "store", config=IndexConfig(adaptor=str(second), quant="int4"), **common)
     index(passages_file, tmp_path / "store", config=IndexConfig(adaptor=str(first)), **common)  # same: resumes
 
 

@@ -108,8 +108,13 @@ def run_indexer(
         indexer = attach_basis(indexer, config, spec, input_path, existing)
     if existing is not None:
         stored = Manifest.read(existing)
-        stored.check_same_build(indexer.manifest)  # model, template, compression first: a preset differs there
-        check_store_adaptor(stored.encoding.get("adaptor"), indexer.manifest.encoding.get("adaptor"))
+        # the first setting that differs is named (model, template, compression before the
+        # passage encoding: a preset on another store differs in its compression first), an
+        # adaptor in its own words
+        difference = stored.build_difference(indexer.manifest)
+        if difference is not None and difference[0] == "passage encoding":
+            check_store_adaptor(stored.encoding.get("adaptor"), indexer.manifest.encoding.get("adaptor"))
+        stored.check_same_build(indexer.manifest)
     return indexer
 
 
