@@ -412,6 +412,20 @@ def test_version_and_usage_errors_are_one_line_without_traceback(monkeypatch, ca
         assert err.endswith(f"(see {help_of} --help)\n")  # the help that lists the misused option
 
 
+def test_an_interrupted_command_exits_130_saying_so(monkeypatch, capfd, tmp_path):
+    """Ctrl-C inside a command: typer hands back 130 instead of raising, which main() used to
+    drop, so an interrupted run exited 0 as if it had finished."""
+    import ragcompress.store.verify as verify_module
+
+    def interrupted(path):
+        raise KeyboardInterrupt
+
+    (tmp_path / "manifest.json").write_text("{}")
+    monkeypatch.setattr(verify_module, "verify_store", interrupted)
+    code, out, err = run_cli(["verify", "--store", str(tmp_path)], monkeypatch, capfd)
+    assert code == 130 and out == "" and err.startswith("error: interrupted")
+
+
 @pytest.mark.parametrize(
     "options, named",
     [

@@ -68,7 +68,14 @@ def main() -> None:
     keep_freed_memory()
     warnings.formatwarning = _one_line_warning
     try:
-        app(standalone_mode=False)
+        # typer returns (does not raise) the code of an Exit in this mode, Ctrl-C's 130 included
+        code = app(standalone_mode=False)
+        if code == 130:
+            typer.echo(
+                "error: interrupted (a killed `index` or `train` resumes where it stopped when run again)", err=True
+            )
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except RagCompressError as exc:
         hint = " (run `ragcompress verify --store ...`: it lists the damage and how to repair it)"
         typer.echo(f"error: {exc}{hint if isinstance(exc, CorruptSegmentError) else ''}", err=True)
