@@ -472,6 +472,30 @@ def test_train_alpha_defaults_to_twice_the_rank_and_can_be_set(options, alpha, t
     assert seen == {"rank": 32, "alpha": alpha}
 
 
+def test_train_says_when_minutes_ran_out_before_the_steps(tmp_path, monkeypatch, capfd):
+    """A run that --minutes stopped early ends with how far it got and how to continue."""
+    from types import SimpleNamespace
+
+    import ragcompress.distill.train as train_module
+    import ragcompress.models as models
+    from ragcompress.data import SAMPLE_PASSAGES
+
+    def short_train(lm, passages, questions, out, config, progress):
+        ends = {"kl_answer": 0.1, "top1_answer": 0.5}
+        return SimpleNamespace(
+            hash="a" * 64, meta={"metrics": {"steps": 1, "held_out_start": ends, "held_out_end": ends}}
+        )
+
+    monkeypatch.setattr(train_module, "train", short_train)
+    monkeypatch.setattr(models, "load_model", lambda ref, dtype=None: None)
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"id": "q", "question": "?", "answers": ["a"]}\n')
+    args = ["train", "--passages", str(SAMPLE_PASSAGES), "--questions", str(questions), "--out", str(tmp_path / "o")]
+    code, out, err = run_cli([*args, "--steps", "5", "--minutes", "0"], monkeypatch, capfd)
+    assert code == 0, err
+    assert "stopped at step 1 of 5: --minutes 0 of step time ran out; run the same command again" in out
+
+
 def test_overwrite_without_settings_keeps_the_stores_own(cli_store, tmp_path, monkeypatch, capfd):
     """`index --overwrite` alone rebuilds with the store's settings (here int8), not the defaults."""
     import shutil

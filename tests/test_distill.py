@@ -264,14 +264,22 @@ def test_train_saves_a_loadable_adaptor_and_resumes_from_its_checkpoint(lm, tmp_
     assert first.kind == "forward" and first.has_scorer and first.meta["metrics"]["steps"] == 2
     assert first.meta["val_articles"] == ["Apollo_program"] and "Apollo_program" not in first.meta["train_articles"]
     # --minutes is per invocation: a budget far below the first run's step time still buys the resumed step
-    resumed = train(
-        lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, dataclasses.replace(config, steps=3, minutes=1e-9), progress=False
-    )
+    kept = out / f"adaptor-{first.hash[:16]}"
+    with pytest.warns(UserWarning, match=f"the one it replaces .* was moved to {kept}"):
+        resumed = train(
+            lm,
+            SAMPLE_PASSAGES,
+            SAMPLE_QUESTIONS,
+            out,
+            dataclasses.replace(config, steps=3, minutes=1e-9),
+            progress=False,
+        )
     history = json.loads((out / "history.json").read_text())
     assert [row["step"] for row in history["train"]] == [1, 2, 3]
     assert resumed.meta["metrics"]["steps"] == 3 and (out / "loss.png").is_file()
     loaded = Adaptor.load(out / "adaptor")
     assert loaded.hash == resumed.hash != first.hash
+    assert Adaptor.load(kept).hash == first.hash  # stores built with the first one still find it
     swapped = dataclasses.replace(config, steps=4, val_articles=["Victoria_(Australia)"])
     with pytest.raises(InputError, match="holding out"):  # its checkpoint trained on the new held-out article
         train(lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, swapped, progress=False)

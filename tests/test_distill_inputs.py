@@ -452,3 +452,30 @@ def test_eval_notes_questions_from_the_stores_adaptors_training_articles():
     assert seen == {"adaptor": adaptor.hash, "questions": 2, "articles": [trained]}
     assert adaptor_training_overlap(engine({"adaptor": adaptor.hash}), items[1:2]) is None
     assert adaptor_training_overlap(engine({}), items) is None
+
+
+def test_training_data_that_would_leak_held_out_passages_is_refused(tiny_lm, tmp_path):
+    """A passage id twice (the held-out one's questions would follow the last copy, on the
+    training side), or a held-out passage's text in a training passage under another title: both
+    are refused before anything trains; so is an --out that cannot be created."""
+    lines = SAMPLE_PASSAGES.read_text().splitlines()
+    apollo = json.loads(next(line for line in lines if json.loads(line)["id"].startswith("Apollo_program#")))
+    duplicated = tmp_path / "duplicated.jsonl"
+    duplicated.write_text("\n".join([*lines, json.dumps({**apollo, "title": "Victoria (Australia)"})]) + "\n")
+    with pytest.raises(InputError, match=rf"duplicate passage id '{apollo['id']}'"):
+        train(tiny_lm, duplicated, SAMPLE_QUESTIONS, tmp_path / "a", dataclasses.replace(CONFIG), progress=False)
+    copied = tmp_path / "copied.jsonl"
+    copy = {
+        **apollo,
+        "id": "Victoria_(Australia)#99",
+        "title": "Victoria (Australia)",
+        "text": apollo["text"] + " Also.",
+    }
+    copied.write_text("\n".join([*lines, json.dumps(copy)]) + "\n")
+    with pytest.raises(
+        InputError, match=rf"Victoria_\(Australia\)#99 holds the text of held-out passage {apollo['id']}"
+    ):
+        train(tiny_lm, copied, SAMPLE_QUESTIONS, tmp_path / "b", dataclasses.replace(CONFIG), progress=False)
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(InputError, match="--out .*afile/sub cannot be created"):
+        train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, tmp_path / "afile" / "sub", CONFIG, progress=False)

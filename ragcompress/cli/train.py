@@ -170,3 +170,8 @@ def train(
         f"whose argmax is full prefill's {metrics['held_out_start'].get('top1_answer', float('nan')):.3f} -> "
         f"{metrics['held_out_end'].get('top1_answer', float('nan')):.3f}"
     )
+    if metrics["steps"] < config.steps:  # --minutes ran out first
+        typer.echo(
+            f"stopped at step {metrics['steps']} of {config.steps}: --minutes {config.minutes:g} of step time ran out; "
+            "run the same command again to continue from the checkpoint"
+        )

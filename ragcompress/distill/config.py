@@ -87,7 +87,7 @@ class TrainConfig:
         if self.views < 1:
             raise ValueError(f"views must be >= 1, not {self.views}")
         if self.minutes < 0:  # 0 finishes a run from its checkpoint without new steps
-            raise ValueError(f"minutes must be >= 0, not {self.minutes}")
+            raise ValueError(f"--minutes must be >= 0, not {self.minutes}")
         if self.decay not in ("constant", "cosine") or self.warmup < 0:
             raise ValueError(f"decay is 'constant' or 'cosine' and warmup >= 0, not {self.decay!r} / {self.warmup}")
         if self.kind not in ("forward", "cache"):

@@ -122,6 +122,21 @@ def _plain(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
+def held_out_copy(
+    candidates: list[PassageInput], held_out_passages: list[PassageInput]
+) -> tuple[PassageInput, PassageInput] | None:
+    """The first (candidate, held-out passage) where the candidate holds the held-out passage's
+    text, or is a piece of it of :data:`COPY_CHARS` or more (a copy chunked otherwise), whitespace
+    and case aside: training on it would be training on a held-out article under another name."""
+    texts = [(p, _plain(p.text)) for p in held_out_passages]
+    for passage in candidates:
+        plain = _plain(passage.text)
+        for held, text in texts:
+            if (text and text in plain) or (len(plain) >= COPY_CHARS and plain in text):
+                return passage, held
+    return None
+
+
 def with_extra_passages(
     lm: LoadedModel,
     corpus: Corpus,
@@ -143,18 +158,11 @@ def with_extra_passages(
     held_out = sorted({p.article for p in extra} & set(config.val_articles))
     if held_out:
         raise InputError(f"--extra-passages {config.extra_passages} holds held-out articles {held_out}")
-    texts = [(p, _plain(p.text)) for p in held_out_passages]
-    for passage in extra:
-        plain = _plain(passage.text)
-        # a held-out passage inside this one, or this one (a chunk of a copy split otherwise) inside it
-        inside = (
-            held for held, text in texts if (text and text in plain) or (len(plain) >= COPY_CHARS and plain in text)
+    if copy := held_out_copy(extra, held_out_passages):
+        raise InputError(
+            f"--extra-passages {config.extra_passages}: passage {copy[0].id} holds the text of held-out "
+            f"passage {copy[1].id} (article {copy[1].article}); remove it, or hold out other articles"
         )
-        if copied := next(inside, None):
-            raise InputError(
-                f"--extra-passages {config.extra_passages}: passage {passage.id} holds the text of held-out "
-                f"passage {copied.id} (article {copied.article}); remove it, or hold out other articles"
-            )
     clash = sorted({p.id for p in extra} & {p.id for p in corpus.passages})
     if clash:
         raise InputError(f"--extra-passages {config.extra_passages} repeats passage ids of --passages: {clash[:3]}")

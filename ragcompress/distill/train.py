@@ -48,6 +48,9 @@ Where each part lives (this module wires them together, and re-exports the names
 from __future__ import annotations
 
 import json
+import shutil
+import warnings
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -66,6 +69,7 @@ from ragcompress.distill.corpus import (
     Corpus,
     check_questions,
     data_hash,
+    held_out_copy,
     load_corpora,
     require_questions,
     split_articles,
@@ -153,14 +157,25 @@ def train(
     """Train (or resume) an adaptor for ``lm`` into ``out``; returns the saved adaptor."""
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file; training writes a folder there (checkpoint, examples, adaptor/)")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"--out {out} cannot be created ({exc.strerror or exc}); choose a writable folder") from None
     torch.manual_seed(config.seed)
     passages = list(iter_passages(passages_path))
+    ids = Counter(p.id for p in passages)
+    if duplicate := next((pid for pid, n in ids.items() if n > 1), None):
+        raise InputError(f"{passages_path}: duplicate passage id {duplicate!r} (questions name passages by id)")
     config.val_articles = split_articles([p.article for p in passages], config.val_articles)
     from ragcompress.retrieval import Embedder
 
     embedder = Embedder()  # retrieval over each side of the split builds the training examples
     train_corpus, val_corpus = load_corpora(passages, questions_path, config.val_articles, embedder)
+    if copy := held_out_copy(train_corpus.passages, val_corpus.passages):
+        raise InputError(
+            f"{passages_path}: training passage {copy[0].id} holds the text of held-out passage {copy[1].id} "
+            f"(article {copy[1].article}); remove the copy, or hold out other articles"
+        )
     check_questions(passages, questions_path, train_corpus)
     require_questions(val_corpus, "held-out", questions_path)
     if config.extra_passages:
@@ -209,6 +224,7 @@ def train(
         weight, bias, r2 = fit_scorer(distiller, train_corpus.passages, scorer_passages)
         adaptor.tensors[SCORER_WEIGHT], adaptor.tensors[SCORER_BIAS] = weight, bias
     adaptor.meta = adaptor_meta(lm, config, data_sha256, train_corpus, ancestry, state, len(train_examples), r2)
+    keep_replaced_adaptor(out / "adaptor", adaptor.hash)
     adaptor.save(out / "adaptor")
     (out / "history.json").write_text(json.dumps(state.history, indent=1))
     plot_history(
@@ -217,6 +233,28 @@ def train(
         f"{lm.ref}: KV-Distill adaptor, held-out articles {', '.join(config.val_articles)}",
     )
     return adaptor
+
+
+def keep_replaced_adaptor(folder: Path, new_hash: str) -> None:
+    """A resumed run writes its adaptor where the earlier run's finished one is; stores built
+    with that one name it by hash and refuse any other, so it is moved aside (``adaptor-HASH16``
+    beside it) rather than overwritten, with a warning naming where it went."""
+    try:
+        old_hash = json.loads((folder / "adaptor.json").read_text()).get("hash")
+    except (OSError, ValueError, AttributeError):
+        return  # none there (or not one of ours): nothing a store could name
+    if not isinstance(old_hash, str) or old_hash == new_hash:
+        return
+    kept = folder.with_name(f"{folder.name}-{old_hash[:16]}")
+    if kept.exists():
+        shutil.rmtree(folder)  # the same adaptor is already kept there
+    else:
+        folder.rename(kept)
+    warnings.warn(
+        f"{folder} now holds the adaptor of this run ({new_hash[:16]}); the one it replaces ({old_hash[:16]}), "
+        f"which stores built with it need, was moved to {kept}",
+        stacklevel=3,
+    )
 
 
 def adaptor_meta(
