@@ -245,6 +245,18 @@ def test_packaged_adaptor_loads_by_name_and_records_its_provenance():
     assert qwen.meta["base_model"] == "qwen2.5-coder-0.5b" and packaged_adaptor(qwen.hash) is not None
     assert (qwen.meta["method"], qwen.meta["ratio"], qwen.meta["quant"]) == ("global:kvzip", 0.25, "int4")
     assert not set(qwen.meta["train_articles"]) & set(qwen.meta["val_articles"])
+    with pytest.raises(
+        InputError, match="neither a folder nor a packaged adaptor .*qwen2.5-coder-0.5b-kvzip-0.25-int4"
+    ):
+        resolve_adaptor("qwen-typo", "qwen2.5-coder-0.5b")
+
+
+def test_a_training_run_folder_given_as_an_adaptor_names_the_adaptor_inside(lm, tmp_path):
+    from ragcompress.distill.packaged import resolve_adaptor
+
+    noisy_adaptor(lm.model, 3).save(tmp_path / "run" / "adaptor")
+    with pytest.raises(InputError, match=f"{tmp_path / 'run'} is a `ragcompress train` output folder; its adaptor is"):
+        resolve_adaptor(tmp_path / "run", lm.ref)
 
 
 def test_train_saves_a_loadable_adaptor_and_resumes_from_its_checkpoint(lm, tmp_path):

@@ -123,6 +123,13 @@ def resolve_adaptor(spec: str | Path, model_ref: str) -> Adaptor:
     path = Path(spec)
     if not path.exists() and (PACKAGED / str(spec)).is_dir():
         path = PACKAGED / str(spec)
+    if (path / "adaptor" / "adaptor.json").is_file() and not (path / "adaptor.json").is_file():
+        raise InputError(f"{path} is a `ragcompress train` output folder; its adaptor is {path / 'adaptor'}")
+    if not path.exists():
+        packaged = sorted(p.name for p in PACKAGED.iterdir() if p.is_dir()) if PACKAGED.is_dir() else []
+        raise InputError(
+            f"adaptor {spec} is neither a folder nor a packaged adaptor (default, or one of: {', '.join(packaged)})"
+        )
     return Adaptor.load(path)
 
 
