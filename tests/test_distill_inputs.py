@@ -464,6 +464,7 @@ def test_training_data_that_would_leak_held_out_passages_is_refused(tiny_lm, tmp
     duplicated.write_text("\n".join([*lines, json.dumps({**apollo, "title": "Victoria (Australia)"})]) + "\n")
     with pytest.raises(InputError, match=rf"duplicate passage id '{apollo['id']}'"):
         train(tiny_lm, duplicated, SAMPLE_QUESTIONS, tmp_path / "a", dataclasses.replace(CONFIG), progress=False)
+    assert not (tmp_path / "a").exists()  # a refused input leaves no empty --out folder behind
     copied = tmp_path / "copied.jsonl"
     copy = {
         **apollo,

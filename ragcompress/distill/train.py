@@ -154,13 +154,27 @@ def fit_scorer(
 def train(
     lm: LoadedModel, passages_path: Path, questions_path: Path, out: Path, config: TrainConfig, progress: bool = True
 ) -> Adaptor:
-    """Train (or resume) an adaptor for ``lm`` into ``out``; returns the saved adaptor."""
+    """Train (or resume) an adaptor for ``lm`` into ``out``; returns the saved adaptor. An ``out``
+    this call created is removed again if the run fails before writing anything into it (a
+    refused input leaves no empty folder behind)."""
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file; training writes a folder there (checkpoint, examples, adaptor/)")
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(f"--out {out} cannot be created ({exc.strerror or exc}); choose a writable folder") from None
+    try:
+        return _train(lm, passages_path, questions_path, out, config, progress)
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+def _train(
+    lm: LoadedModel, passages_path: Path, questions_path: Path, out: Path, config: TrainConfig, progress: bool
+) -> Adaptor:
     torch.manual_seed(config.seed)
     passages = list(iter_passages(passages_path))
     ids = Counter(p.id for p in passages)
