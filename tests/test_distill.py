@@ -357,7 +357,8 @@ def test_training_warm_started_from_an_adaptor_starts_from_its_factors(lm, tmp_p
     first = train(lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, tmp_path / "first", config, progress=False)
     start = str(tmp_path / "first" / "adaptor")
     warm = dataclasses.replace(config, lr=0.0, rank=8, alpha=16, init_adaptor=start)
-    again = train(lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, tmp_path / "warm", warm, progress=False)
+    with pytest.warns(UserWarning, match=r"starting from --init-adaptor .*keeps --rank 2 \(not 8\), --alpha 4"):
+        again = train(lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, tmp_path / "warm", warm, progress=False)
     assert again.settings == first.settings  # rank and alpha come from the adaptor started from
     assert again.tensors.keys() == first.tensors.keys()
     assert all(torch.equal(again.tensors[k], first.tensors[k]) for k in first.tensors)

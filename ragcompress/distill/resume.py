@@ -82,10 +82,18 @@ def check_resumed_compression(config: TrainConfig, saved: dict[str, Any], path: 
         )
 
 
-def resumed_settings(config: TrainConfig, settings: dict[str, Any], path: Path, stacklevel: int = 3) -> None:
-    """A resumed run trains the checkpoint's factors, whose rank, alpha and kind are fixed: take
-    them into ``config`` (what the adaptor records), warning when this run asked for others
-    (``stacklevel``: the warning is attributed to the caller of ``train``)."""
+def resumed_settings(
+    config: TrainConfig,
+    settings: dict[str, Any],
+    path: Path,
+    stacklevel: int = 3,
+    started: str = "resuming",
+    instead: str = "use another --out folder to train with those",
+) -> None:
+    """A resumed run (or one started from ``--init-adaptor``: ``started``, ``instead``) trains
+    those factors, whose rank, alpha and kind are fixed: take them into ``config`` (what the
+    adaptor records), warning when this run asked for others (``stacklevel``: the warning is
+    attributed to the caller of ``train``)."""
     # no "kind": a cache adaptor (Adaptor.kind), the only kind before "forward" was recorded
     saved = {"rank": int(settings["rank"]), "alpha": int(settings["alpha"]), "kind": settings.get("kind", "cache")}
     asked = {name: getattr(config, name) for name in saved}
@@ -94,7 +102,7 @@ def resumed_settings(config: TrainConfig, settings: dict[str, Any], path: Path, 
             f"--{name} {saved[name]} (not {asked[name]})" for name in saved if saved[name] != asked[name]
         )
         warnings.warn(
-            f"resuming {path}: its adaptor keeps {differ}; use another --out folder to train with those",
+            f"{started} {path}: its adaptor keeps {differ}; {instead}",
             stacklevel=stacklevel,
         )
     config.rank, config.alpha, config.kind = saved["rank"], saved["alpha"], saved["kind"]
@@ -154,7 +162,8 @@ def warm_start(lm: LoadedModel, config: TrainConfig) -> Adaptor:
             f"--init-adaptor {config.init_adaptor} was trained on {seen}, held out here; its numbers on them "
             f"would not be held-out ones (hold out what it held out: {start.meta.get('val_articles')})"
         )
-    config.rank, config.alpha = int(start.settings["rank"]), int(start.settings["alpha"])
+    instead = "start without --init-adaptor to train with those"
+    resumed_settings(config, start.settings, Path(config.init_adaptor), 5, "starting from --init-adaptor", instead)
     tensors = {k: v.float() for k, v in start.lora_tensors.items()}
     return Adaptor(dict(start.settings), tensors, ancestry_of(start))
 
