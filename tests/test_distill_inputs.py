@@ -477,6 +477,10 @@ def test_training_data_that_would_leak_held_out_passages_is_refused(tiny_lm, tmp
         InputError, match=rf"Victoria_\(Australia\)#99 holds the text of held-out passage {apollo['id']}"
     ):
         train(tiny_lm, copied, SAMPLE_QUESTIONS, tmp_path / "b", dataclasses.replace(CONFIG), progress=False)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")  # e.g. a model folder given as --out by mistake
+    with pytest.raises(InputError, match=r"--out .*model holds other files \(config.json\) and no training run"):
+        train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, tmp_path / "model", CONFIG, progress=False)
     (tmp_path / "afile").write_text("")
     with pytest.raises(InputError, match="--out .*afile/sub cannot be created"):
         train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, tmp_path / "afile" / "sub", CONFIG, progress=False)

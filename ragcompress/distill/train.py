@@ -151,6 +151,16 @@ def fit_scorer(
     return learned_scorer.fit(samples)
 
 
+# what a run writes into its --out folder (one of them marks the folder as a run's, to resume)
+RUN_FILES = frozenset(
+    {
+        "adaptor", "checkpoint.safetensors", "extra-questions.jsonl", "history.json", "kept-rows.safetensors",
+        "loss.png", "student-basis.safetensors", "student-basis.json", "teacher-train.part", "teacher-val.part",
+        "teacher.safetensors",
+    }
+)  # fmt: skip
+
+
 def train(
     lm: LoadedModel, passages_path: Path, questions_path: Path, out: Path, config: TrainConfig, progress: bool = True
 ) -> Adaptor:
@@ -159,6 +169,13 @@ def train(
     refused input leaves no empty folder behind)."""
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file; training writes a folder there (checkpoint, examples, adaptor/)")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held and not any(name in RUN_FILES or name.startswith("adaptor-") for name in held):
+        shown = ", ".join(held[:3]) + (" ..." if len(held) > 3 else "")
+        raise InputError(
+            f"--out {out} holds other files ({shown}) and no training run; give a new or empty folder "
+            "(a run's own folder resumes it)"
+        )
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
