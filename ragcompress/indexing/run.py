@@ -31,6 +31,7 @@ from ragcompress.retrieval import Embedder
 from ragcompress.store import KVStore, Manifest, StoreWriter, create_store
 from ragcompress.store.basis import basis_to_bytes
 from ragcompress.store.files import indexing_run, overwrite_refusal, refuse_existing, remove_litter, replace_store
+from ragcompress.store.manifest import SETTINGS
 from ragcompress.store.writer import StoreLock
 
 
@@ -81,12 +82,7 @@ def settings_for(
     own (adding passages without repeating every option), else the defaults."""
     if existing is None:
         return config or IndexConfig(), model, dtype
-    try:
-        manifest = Manifest.read(existing)
-    except StoreError as exc:
-        raise StoreError(
-            f"{exc} (to rebuild it, give its settings, e.g. --preset or --quant, with --overwrite)"
-        ) from None
+    manifest = Manifest.read(existing)  # a manifest it cannot read names the rebuild with the settings
     embedded = {DEFAULT_MODEL, EVAL_MODEL}  # names that mean one model each: compared before it loads (seconds)
     if model is not None and model != manifest.model_ref and {model, manifest.model_ref} <= embedded:
         raise StoreMismatchError(
@@ -185,7 +181,7 @@ def index(
     if rebuild and not exists and config is None:  # the defaults would silently replace how it was built
         raise StoreError(
             f"{store_path} lost its manifest.json, so the settings it was built with are unknown; to rebuild it, "
-            "give them with --overwrite (e.g. --preset, or --method/--ratio/--quant, and --model; config= in Python)"
+            f"give {SETTINGS} with --overwrite (config= in Python)"
         )
     # --overwrite with no settings rebuilds the store with its own (a new model version, a damaged shard)
     existing = store_path if exists and (not overwrite or config is None) else None

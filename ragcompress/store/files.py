@@ -27,7 +27,7 @@ from ragcompress.kv.quant import QuantConfig
 from ragcompress.store import codec
 from ragcompress.store.basis import BASIS
 from ragcompress.store.catalogue import CATALOGUE, Catalogue
-from ragcompress.store.manifest import MANIFEST, Manifest
+from ragcompress.store.manifest import MANIFEST, SETTINGS, Manifest
 from ragcompress.store.shards import SHARD_DIR, fsync_dir
 
 PREFIX = "prefix.safetensors"
@@ -197,7 +197,7 @@ def refuse_existing(path: Path) -> None:
             + (
                 ""
                 if overwrite_refusal(path)
-                else " (a store that lost its manifest: rebuild it with --overwrite and its settings, e.g. --preset or --quant)"
+                else f" (a store that lost its manifest: rebuild it with --overwrite and {SETTINGS})"
             )
         )
 

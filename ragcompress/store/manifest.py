@@ -18,10 +18,12 @@ from ragcompress.retrieval import embedder_name
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 1 << 20
-# what a store whose manifest is damaged or lost needs: the manifest is where its settings were
+# what a rebuild of a store whose manifest cannot be read must be given: the manifest held them
+SETTINGS = "the settings it was built with (e.g. --preset, or --method/--ratio/--quant, and --model)"
+# what a store whose manifest is damaged or lost needs
 REBUILD = (
     "the store cannot be read without it: rebuild it with `ragcompress index --input INPUT --store DIR "
-    "--overwrite` and the settings it was built with (e.g. --preset, or --method/--ratio/--quant, and --model)"
+    f"--overwrite` and {SETTINGS}"
 )
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _SHAPE_KEYS = ("layers", "kv_heads", "head_dim")
@@ -162,12 +164,12 @@ class Manifest:
         except ValueError as exc:
             raise StoreError(f"{where} is not valid JSON ({exc}); {REBUILD}") from exc
         if not isinstance(data, dict):
-            raise StoreError(f"{where} does not hold a JSON object; rebuild the store")
+            raise StoreError(f"{where} does not hold a JSON object; {REBUILD}")
         version = data.get("format_version")
         if type(version) is not int or version != FORMAT_VERSION:
             raise StoreMismatchError(
                 f"store format version {version!r} in {where}, this ragcompress reads version "
-                f"{FORMAT_VERSION}; rebuild the store with `ragcompress index --overwrite`"
+                f"{FORMAT_VERSION}; rebuild the store with `ragcompress index --overwrite` and {SETTINGS}"
             )
         expected = {
             "model_ref": str,
@@ -181,7 +183,7 @@ class Manifest:
         }
         for key, kind in expected.items():
             if not isinstance(data.get(key), kind):
-                raise StoreError(f"{where}: field {key!r} is missing or not a {kind.__name__}")
+                raise StoreError(f"{where}: field {key!r} is missing or not a {kind.__name__}; {REBUILD}")
         optional = {"format_version", "prefix_sha256", "encoding", "index", "attention"}
         if set(data) - set(expected) - optional:
             raise StoreError(f"{where}: unknown fields {sorted(set(data) - set(expected) - optional)}")

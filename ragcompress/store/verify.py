@@ -43,7 +43,7 @@ from ragcompress.store.basis import read_basis
 from ragcompress.store.catalogue import CATALOGUE, Catalogue, meta_checksum
 from ragcompress.store.files import INDEX, PREFIX, unfinished_run
 from ragcompress.store.kvstore import read_index_meta
-from ragcompress.store.manifest import Manifest
+from ragcompress.store.manifest import SETTINGS, Manifest
 from ragcompress.store.shards import SHARD_DIR, is_shard_name, read_blob
 
 
@@ -92,7 +92,7 @@ class VerifyReport:
         if "manifest" in kinds:
             return (
                 f"the manifest that records the store's settings is damaged: rebuild the store with {rebuild} "
-                "and the settings it was built with (e.g. --preset, or --method/--ratio/--quant, and --model)"
+                f"and {SETTINGS}"
             )
         whole = sorted(kinds & {"prefix", "basis", "catalogue", "shard"})
         if whole:
