@@ -109,14 +109,18 @@ def matching_adaptor(model_ref: str, store: TrainedStore) -> Adaptor | None:
     return None
 
 
+def _packaged_names() -> list[str]:
+    """The packaged adaptors' folder names, for messages."""
+    return sorted(p.name for p in PACKAGED.iterdir() if p.is_dir()) if PACKAGED.is_dir() else []
+
+
 def resolve_adaptor(spec: str | Path, model_ref: str) -> Adaptor:
     """``default`` (the adaptor packaged for ``model_ref``), a packaged model name, or a path."""
     if str(spec) == "default":
         directory = PACKAGED / Path(model_ref).name
         if not directory.is_dir():
-            packaged = sorted(p.name for p in PACKAGED.iterdir() if p.is_dir()) if PACKAGED.is_dir() else []
             raise InputError(
-                f"no adaptor is packaged for {model_ref}; packaged: {', '.join(packaged) or 'none'}; "
+                f"no adaptor is packaged for {model_ref}; packaged: {', '.join(_packaged_names()) or 'none'}; "
                 "train one with `ragcompress train` and pass its folder"
             )
         return Adaptor.load(directory)
@@ -126,9 +130,9 @@ def resolve_adaptor(spec: str | Path, model_ref: str) -> Adaptor:
     if (path / "adaptor" / "adaptor.json").is_file() and not (path / "adaptor.json").is_file():
         raise InputError(f"{path} is a `ragcompress train` output folder; its adaptor is {path / 'adaptor'}")
     if not path.exists():
-        packaged = sorted(p.name for p in PACKAGED.iterdir() if p.is_dir()) if PACKAGED.is_dir() else []
         raise InputError(
-            f"adaptor {spec} is neither a folder nor a packaged adaptor (default, or one of: {', '.join(packaged)})"
+            f"adaptor {spec} is neither a folder nor a packaged adaptor (default, or one of: "
+            f"{', '.join(_packaged_names())})"
         )
     return Adaptor.load(path)
 

@@ -50,7 +50,6 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
-from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -82,7 +81,7 @@ from ragcompress.distill.resume import ANCESTRY, Checkpointer, kept_rows_setting
 from ragcompress.distill.teacher import build_examples, teacher_examples
 from ragcompress.errors import InputError
 from ragcompress.indexing.encoder import PassageEncoder
-from ragcompress.indexing.inputs import PassageInput, iter_passages
+from ragcompress.indexing.inputs import PassageInput, iter_passages, validate
 from ragcompress.models import LoadedModel
 
 # the entry point, and what the CLI and benchmarks/distill_eval.py import from this module
@@ -193,10 +192,8 @@ def _train(
     lm: LoadedModel, passages_path: Path, questions_path: Path, out: Path, config: TrainConfig, progress: bool
 ) -> Adaptor:
     torch.manual_seed(config.seed)
+    validate(passages_path)  # index's check: well-formed records, unique ids (questions name passages by id)
     passages = list(iter_passages(passages_path))
-    ids = Counter(p.id for p in passages)
-    if duplicate := next((pid for pid, n in ids.items() if n > 1), None):
-        raise InputError(f"{passages_path}: duplicate passage id {duplicate!r} (questions name passages by id)")
     config.val_articles = split_articles([p.article for p in passages], config.val_articles)
     from ragcompress.retrieval import Embedder
 
