@@ -9,6 +9,7 @@ included, as the transform recorded them) and its cache handle attached.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 from llama_index.core.base.base_retriever import BaseRetriever
@@ -42,12 +43,8 @@ class KVStoreRetriever(BaseRetriever):
             raise ValueError(f"similarity_top_k must be at least 1, got {similarity_top_k}")
         self.store_path = store_path
         self.similarity_top_k = similarity_top_k
+        refuse_unfinished(Path(store_path))  # a stopped run's store holds part of its input: search would miss some
         self._store = KVStore.open(store_path)  # StoreError when missing or incomplete
-        try:  # a store a stopped run left holds part of its input: its search would miss passages
-            refuse_unfinished(self._store.path)
-        except BaseException:
-            self._store.close()
-            raise
         super().__init__(callback_manager=callback_manager, verbose=verbose)
 
     @classmethod
