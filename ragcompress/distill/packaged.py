@@ -127,7 +127,7 @@ def resolve_adaptor(spec: str | Path, model_ref: str) -> Adaptor:
     path = Path(spec)
     if not path.exists() and (PACKAGED / str(spec)).is_dir():
         path = PACKAGED / str(spec)
-    if (path / "adaptor" / "adaptor.json").is_file() and not (path / "adaptor.json").is_file():
+    if (path / "adaptor" / CONFIG).is_file() and not (path / CONFIG).is_file():
         raise InputError(f"{path} is a `ragcompress train` output folder; its adaptor is {path / 'adaptor'}")
     if not path.exists():
         raise InputError(

@@ -60,7 +60,7 @@ import torch
 from ragcompress.compressors.base import CompressionContext
 from ragcompress.compressors.kvzip import KVzipCompressor
 from ragcompress.distill import scorer as learned_scorer
-from ragcompress.distill.adaptor import SCORER_BIAS, SCORER_WEIGHT, Adaptor
+from ragcompress.distill.adaptor import CONFIG, SCORER_BIAS, SCORER_WEIGHT, Adaptor
 from ragcompress.distill.basis import student_basis
 from ragcompress.distill.checkpoint import load_tree
 from ragcompress.distill.config import TrainConfig, student_compressor
@@ -268,7 +268,7 @@ def keep_replaced_adaptor(folder: Path, new_hash: str) -> None:
     with that one name it by hash and refuse any other, so it is moved aside (``adaptor-HASH16``
     beside it) rather than overwritten, with a warning naming where it went."""
     try:
-        old_hash = json.loads((folder / "adaptor.json").read_text()).get("hash")
+        old_hash = json.loads((folder / CONFIG).read_text()).get("hash")
     except (OSError, ValueError, AttributeError):
         return  # none there (or not one of ours): nothing a store could name
     if not isinstance(old_hash, str) or old_hash == new_hash:
