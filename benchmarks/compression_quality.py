@@ -81,9 +81,6 @@ class Bench:
     token_ids: dict[str, list[int]]
     full: dict[str, PassageKV]
     workdir: Path
-    # where this invocation's uncompressed caches came from, recorded in each row: "encoded"
-    # (float32, as indexing computes them); rows of earlier resumed runs say "fp16 store"
-    full_source: str = "encoded"
 
 
 def setup(model: str | None, n_questions: int, top_k: int, workdir: Path, data: Path = SQUAD) -> Bench:
@@ -354,9 +351,9 @@ def main() -> None:
     ) / len(bench.questions)
     fp16 = float(ModelShape.from_config(bench.lm.config).fp16_bytes_per_token)
 
-    # each row says which code measured it and from which uncompressed caches (older resumed
-    # runs reloaded them from the fp16 store, so those rows started from rounded caches)
-    provenance = {"git": git_revision(), "threads": args.threads, "full_caches": bench.full_source}
+    # each row says which code measured it and from which uncompressed caches: "encoded" (float32,
+    # as indexing computes them, by every invocation); rows of older resumed runs say "fp16 store"
+    provenance = {"git": git_revision(), "threads": args.threads, "full_caches": "encoded"}
 
     def save() -> None:
         rows = results["rows"].values()
