@@ -1134,7 +1134,9 @@ def test_a_store_that_lost_its_manifest_is_rebuilt_by_overwrite(tiny_lm, corpus,
     """What `verify` tells the user to do for a lost manifest works: plain `index` refuses the
     folder and names the remedy, `--overwrite` rebuilds the store in place."""
     (store_copy / "manifest.json").unlink()
-    with pytest.raises(StoreError, match="lost its manifest: rebuild it with --overwrite and the settings it was built with"):
+    with pytest.raises(
+        StoreError, match="lost its manifest: rebuild it with --overwrite and the settings it was built with"
+    ):
         _index(tiny_lm, corpus, store_copy)
     assert "and the settings it was built with" in verify_store(store_copy).remedy()
     with pytest.raises(StoreError, match="lost its manifest.json; .*--overwrite` and the settings it was built with"):
