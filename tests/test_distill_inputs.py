@@ -38,6 +38,14 @@ def _truncate(name):
     return mutate
 
 
+def _flip_a_weight_bit(folder):
+    """One bit of the last tensor's data (a safetensors file ends with its data), as a bad disk does."""
+    path = folder / "adaptor.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
 def _config(edit):
     def mutate(folder):
         config = json.loads((folder / "adaptor.json").read_text())
@@ -58,8 +66,24 @@ def _config(edit):
         (_config(lambda c: {**c, "settings": {"rank": 2, "alpha": 4, "kind": "forward"}, "hash": None}), "modules"),
         (_config(lambda c: {k: v for k, v in c.items() if k != "hash"}), "records no hash"),
         (_config(lambda c: {**c, "hash": "0" * 64}), "do not match the hash"),
+        (_flip_a_weight_bit, "do not match the hash .*train it again or copy it whole"),
+        (_config(lambda c: {**c, "settings": {**c["settings"], "kind": "cache"}}), "lacks tensors .*train it again"),
+        (_config(lambda c: {**c, "settings": {**c["settings"], "kind": "lora"}}), "unknown kind .*train it again"),
     ],
-    ids=["weights", "json", "utf8", "list", "no-settings", "no-rank", "no-modules", "no-hash", "other-hash"],
+    ids=[
+        "weights",
+        "json",
+        "utf8",
+        "list",
+        "no-settings",
+        "no-rank",
+        "no-modules",
+        "no-hash",
+        "other-hash",
+        "bit-flip",
+        "edited-kind",
+        "unknown-kind",
+    ],
 )
 def test_a_damaged_adaptor_folder_is_refused_in_one_line(tiny_lm, tmp_path, mutate, message):
     folder = noisy_adaptor(tiny_lm.model, 1).save(tmp_path / "adaptor")
@@ -99,6 +123,17 @@ def test_train_refuses_held_out_articles_it_cannot_use_and_an_out_that_is_a_file
         config = dataclasses.replace(CONFIG, val_articles=articles)
         with pytest.raises(InputError, match=message):
             train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, tmp_path / "run", config, progress=False)
+
+
+def test_train_refuses_passages_that_name_no_article(tiny_lm, tmp_path):
+    """Without titles or ``<article>#<n>`` ids each passage would be an article of its own, so the
+    held-out side would hold neighbours of training passages: refused before anything loads."""
+    records = [json.loads(line) for line in SAMPLE_PASSAGES.read_text().splitlines() if line.strip()]
+    passages = tmp_path / "passages.jsonl"
+    passages.write_text("".join(json.dumps({"id": f"p{i}", "text": r["text"]}) + "\n" for i, r in enumerate(records)))
+    with pytest.raises(InputError, match="no passage names its article"):
+        train(tiny_lm, passages, SAMPLE_QUESTIONS, tmp_path / "run", dataclasses.replace(CONFIG), progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_resumed_run_refuses_another_split_or_another_base_model(tiny_lm, tiny_model_dir, tmp_path):

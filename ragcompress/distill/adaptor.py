@@ -213,20 +213,25 @@ class Adaptor:
         recorded = config.pop("hash", None)
         del config["settings"]
         adaptor = cls(settings, tensors, config)
+        remedy = "the adaptor was damaged or edited: train it again or copy it whole"
         if adaptor.kind not in ("forward", "cache"):
-            raise InputError(f"adaptor {directory} is of unknown kind {adaptor.kind!r}")
+            raise InputError(
+                f"adaptor {directory} is of unknown kind {adaptor.kind!r} (not 'forward' or 'cache'); {remedy}"
+            )
         if adaptor.kind == "forward" and not isinstance(settings.get("modules"), list):
-            raise InputError(f"adaptor {directory}: its {CONFIG} names no adapted modules (settings.modules)")
+            raise InputError(f"adaptor {directory}: its {CONFIG} names no adapted modules (settings.modules); {remedy}")
         missing = [name for name in FACTORS if name not in adaptor.tensors] if adaptor.kind == "cache" else []
         if missing:
-            raise InputError(f"adaptor {directory} lacks tensors {missing}")
+            raise InputError(f"adaptor {directory} of kind {adaptor.kind!r} lacks tensors {missing}; {remedy}")
         if not recorded:  # Adaptor.save always records it: nothing would tell damaged weights apart
             raise InputError(
                 f"adaptor {directory}: its {CONFIG} records no hash, so its weights cannot be checked; it was not "
                 "written by `ragcompress train` (Adaptor.save) or was edited: train it again or copy it whole"
             )
         if recorded != adaptor.hash:
-            raise InputError(f"adaptor {directory}: weights do not match the hash its {CONFIG} records")
+            raise InputError(
+                f"adaptor {directory}: its weights and settings do not match the hash its {CONFIG} records; {remedy}"
+            )
         return adaptor
 
     # -- kind "forward": LoRA inside the passage forward -------------------------------------------
