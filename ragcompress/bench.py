@@ -143,8 +143,9 @@ def _floor(engine: Engine, question: str, entries: list[Entry], options: AnswerO
     """The cached path with its cache assembled before the clock starts: the question's prefill.
     A selective recompute is left out (it carries the question in its own pass, so a prepared
     request would hold the first token already and time nothing): cached - floor then counts
-    the recompute as cache work."""
-    plain = options.replace(recompute=replace(options.recompute.with_ratio(0.0), sink_tokens=0))
+    the recompute as cache work. The near-tie fallback is left out for the same reason (its
+    check prefills the question inside ``prepare``)."""
+    plain = options.replace(recompute=replace(options.recompute.with_ratio(0.0), sink_tokens=0), fallback_margin=0.0)
     return engine.answer_prepared(engine.prepare(question, entries, plain), entries, plain)
 
 

@@ -83,6 +83,26 @@ def test_the_floor_prefills_the_question_under_selective_recompute(tiny_lm, pass
             engine.close()
         assert prefilled.count(suffix) == question_alone, (recompute, suffix, prefilled)
 
+    # the near-tie check prefills the question inside ``prepare`` too, and a near tie answers by
+    # full prefill there: with a margin that always falls back (0.999) the floor's prepared request
+    # once held the fallback's first token and timed nothing. Only the cached runs fall back.
+    import ragcompress.runtime.engine as engine_module
+
+    fell_back: list[int] = []
+    real_fallback = engine_module.fallback_prefill
+
+    def counted_fallback(*args, **kwargs):
+        fell_back.append(1)
+        return real_fallback(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "fallback_prefill", counted_fallback)
+    engine = Engine(KVStore.open(tmp_path / "store"), tiny_lm, embedder, AnswerOptions(fallback_margin=0.999))
+    try:
+        bench(engine, [question], [2], 2)
+    finally:
+        engine.close()
+    assert len(fell_back) == 3  # the cached side's warm-up and two repeats
+
 
 def test_packed_attention_is_compared_on_plain_reuse_whatever_the_answer_options(
     tiny_model_dir, passages_file, tmp_path, monkeypatch, capfd

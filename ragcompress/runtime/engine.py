@@ -319,9 +319,6 @@ class Engine:
         """Baseline: plain prefill of the whole prompt (same token ids), no cache reuse."""
         return self._collect(self.stream_full(question, entries, options), entries)
 
-    def ask(self, question: str, top_k: int = 3, options: AnswerOptions | None = None) -> Answer:
-        return self.answer_cached(question, self.retrieve(question, top_k), options)
-
     def text_pieces(self, tokens: Iterable[int]) -> Iterator[str]:
         """The text of a token stream piece by piece, as it is decoded (spaces and multi-byte
         characters intact: what a streaming client prints; :meth:`decode` is for whole answers)."""
