@@ -59,6 +59,18 @@ class PromptTemplate:
         return {"prefix": self.prefix, "passage_format": self.passage_format, "suffix_format": self.suffix_format}
 
 
+def render_user_turn(tokenizer: Any, content: str) -> str | None:
+    """``content`` as one user turn and the generation prompt, rendered by ``tokenizer``'s chat
+    template with :data:`TEMPLATE_DATE` (so the text does not depend on the day it runs), or
+    None for a tokenizer without a template (the caller writes its plain-text form)."""
+    if not tokenizer.chat_template:
+        return None
+    messages = [{"role": "user", "content": content}]
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, date_string=TEMPLATE_DATE
+    )
+
+
 def _default_bos(tokenizer: Any) -> str:
     """The BOS token text when ``tokenizer`` puts one before every text it encodes (Llama, Mistral
     and Gemma base models, which answer badly without it), else ``""``. A chat template writes its

@@ -23,6 +23,7 @@ import torch
 from ragcompress.evaluation import Question, evenly_spaced
 from ragcompress.indexing.inputs import PassageInput
 from ragcompress.models import LoadedModel
+from ragcompress.prompt import render_user_turn
 
 REQUEST = (
     "Write one short factual question that can be answered with a few words from the passage above. "
@@ -35,14 +36,10 @@ ID_PREFIX = "synthetic:"  # question id = prefix + passage id: never a dataset q
 def request_ids(lm: LoadedModel, text: str) -> list[int]:
     """The passage and the request as one user turn (chat template; plain text for base models)."""
     content = f"{text}\n\n{REQUEST}"
-    tokenizer = lm.tokenizer
-    if tokenizer.chat_template:
-        rendered = tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
-        )
-    else:
+    rendered = render_user_turn(lm.tokenizer, content)
+    if rendered is None:
         rendered = f"{content}\nQuestion:"
-    return tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    return lm.tokenizer(rendered, add_special_tokens=False)["input_ids"]
 
 
 @torch.inference_mode()

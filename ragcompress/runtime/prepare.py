@@ -27,6 +27,7 @@ from ragcompress.errors import InputError, StoreError
 from ragcompress.kv import PassageKV
 from ragcompress.kv.cache import build_preallocated_cache
 from ragcompress.kv.rope import Rotary
+from ragcompress.kv.shape import ModelShape
 from ragcompress.models import LoadedModel
 from ragcompress.prompt import PromptTemplate, PromptTokens
 from ragcompress.runtime.assemble import assemble
@@ -89,18 +90,24 @@ class QueryContext:
     def empty_cache(self, keys: torch.Tensor, values: torch.Tensor, spare_rows: int) -> DynamicCache:
         """A preallocated cache holding ``keys``/``values`` ``[layers, kv_heads, n, d]`` (may be
         empty) and room for ``spare_rows`` more tokens written in place."""
-        layers, heads, filled, d = keys.shape
-        shape = (layers, heads, filled + spare_rows, d)
-        key_buffer = torch.empty(shape, dtype=self.dtype, device=self.lm.model.device)
-        value_buffer = torch.empty(shape, dtype=self.dtype, device=self.lm.model.device)
-        key_buffer[:, :, :filled] = keys
-        value_buffer[:, :, :filled] = values
-        return build_preallocated_cache(
-            self.lm.config,
-            [key_buffer[layer].unsqueeze(0) for layer in range(layers)],
-            [value_buffer[layer].unsqueeze(0) for layer in range(layers)],
-            filled,
-        )
+        return preallocated_cache(self.lm, keys, values, spare_rows)
+
+
+def preallocated_cache(lm: LoadedModel, keys: torch.Tensor, values: torch.Tensor, spare_rows: int) -> DynamicCache:
+    """A cache of ``lm``'s dtype and device holding ``keys``/``values`` ``[layers, kv_heads, n, d]``
+    (``n`` may be 0) and room for ``spare_rows`` more tokens written in place."""
+    layers, heads, filled, d = keys.shape
+    shape = (layers, heads, filled + spare_rows, d)
+    key_buffer = torch.empty(shape, dtype=lm.model.dtype, device=lm.model.device)
+    value_buffer = torch.empty(shape, dtype=lm.model.dtype, device=lm.model.device)
+    key_buffer[:, :, :filled] = keys
+    value_buffer[:, :, :filled] = values
+    return build_preallocated_cache(
+        lm.config,
+        [key_buffer[layer].unsqueeze(0) for layer in range(layers)],
+        [value_buffer[layer].unsqueeze(0) for layer in range(layers)],
+        filled,
+    )
 
 
 class Strategy(Protocol):
@@ -201,8 +208,15 @@ class PackedStrategy:
 def full_prefill(context: QueryContext, prompt_ids: list[int], max_new_tokens: int) -> Prepared:
     """The baseline: an empty cache and the whole prompt to prefill, no reuse at all (the cache
     preallocated like the cached path's, so decoding costs the same on both sides)."""
-    empty = context.prefix_keys[:, :, :0]
-    cache = context.empty_cache(empty, empty, len(prompt_ids) + max_new_tokens)
+    return plain_prefill(context.lm, prompt_ids, max_new_tokens)
+
+
+def plain_prefill(lm: LoadedModel, prompt_ids: list[int], max_new_tokens: int) -> Prepared:
+    """:func:`full_prefill` without a store: what a plain LLM call runs (the LlamaIndex baseline
+    LLM, the benchmarks' text-only prompts), decoded on the same preallocated cache."""
+    shape = ModelShape.from_config(lm.config)
+    empty = torch.empty((shape.layers, shape.kv_heads, 0, shape.head_dim), dtype=lm.model.dtype)
+    cache = preallocated_cache(lm, empty, empty, len(prompt_ids) + max_new_tokens)
     return Prepared(cache, prompt_ids, 0, {}, None, "full")
 
 

@@ -87,27 +87,23 @@ class LocalLLM(CustomLLM):
         return dict(self._last)
 
     def prompt_ids(self, prompt: str) -> list[int]:
+        from ragcompress.prompt import render_user_turn
+
         tokenizer = self._lm().tokenizer
-        if self.chat_template and tokenizer.chat_template:
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-            )
-        else:
-            text = prompt
+        text = (render_user_turn(tokenizer, prompt) if self.chat_template else None) or prompt
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _stream(self, prompt: str) -> Any:
         """Text deltas of a plain full prefill of ``prompt`` (the library's one token generator)."""
-        from transformers import DynamicCache
-
-        from ragcompress.runtime.generate import Prepared, TokenStream, stop_token_ids, text_deltas
+        from ragcompress.runtime.generate import TokenStream, stop_token_ids, text_deltas
+        from ragcompress.runtime.prepare import plain_prefill
 
         lm = self._lm()
         ids = self.prompt_ids(prompt)
         self._last = {"prompt_tokens": len(ids)}
         stream = TokenStream(
             lm.model,
-            lambda: Prepared(DynamicCache(config=lm.config), ids, 0, backend="full"),
+            lambda: plain_prefill(lm, ids, self.max_new_tokens),
             self.max_new_tokens,
             stop_token_ids(lm.tokenizer, lm.model),
         )
