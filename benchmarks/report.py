@@ -1911,12 +1911,36 @@ def render_presets(results: Path) -> str:
         "threads and load (docs/recompute.md): the `faithful_*_base_copy*.json` rows were timed by two "
         "one-thread processes (the Qwen run beside the SmolLM2 one for part of it), and one process with two "
         f"threads measures `faithful` (before its base copy: the same work but for reading the larger blobs) "
-        f"at {two_thread_faithful_ttft(results)} (`{TWO_THREAD_TTFT}`)."
+        f"at {two_thread_faithful_ttft(results)} (`{TWO_THREAD_TTFT}`). {pooled_ttft_note(results)}"
         + "".join("\n\n" + line for line in pooled_presets(results))
     )
 
 
 TWO_THREAD_TTFT = "ttft_threads_faithful_qwen.json"
+POOLED_TTFT_EXAMPLE = (
+    "faithful_qwen_base_copy.json",
+    "faithful_qwen_base_copy_33q.json",
+    "faithful_qwen_base_copy_133q.json",
+)
+
+
+def pooled_ttft_note(results: Path) -> str:
+    """Why a ``_133q`` row's TTFT ratio can sit below both of its halves', with the example's
+    figures read from its files."""
+    hundred, thirty_three, pooled = (load(results / name)["tables"]["top3"] for name in POOLED_TTFT_EXAMPLE)
+    ratios = ", ".join(
+        f"`{setting}` {pooled[setting]['ttft_speedup']:.1f}x from {hundred[setting]['ttft_speedup']:.1f}x and "
+        f"{thirty_three[setting]['ttft_speedup']:.1f}x"
+        for setting in ("r0.05+mixed", "reuse")
+    )
+    return (
+        "A `_133q` file pools the run over the 100 questions and the run over the other 33, and its TTFT "
+        "is the ratio of the pooled medians; the two runs went at different speeds (full prefill's median "
+        f"{hundred['full']['ttft_s_median']:.1f} s and {thirty_three['full']['ttft_s_median']:.1f} s in "
+        f"`{POOLED_TTFT_EXAMPLE[0]}` and its `_33q`), so that ratio can fall below both runs' own ({ratios}): "
+        "each run's row is the side-by-side measurement. Reports written since 2026-12-06 also record the "
+        "median of the per-question ratios (`ttft_speedup_paired`), which pooling leaves paired."
+    )
 
 
 def two_thread_faithful_ttft(results: Path) -> str:
