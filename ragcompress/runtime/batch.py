@@ -37,7 +37,7 @@ import torch
 
 from ragcompress.kv.cache import build_preallocated_cache
 from ragcompress.runtime.attention import sliding_window
-from ragcompress.runtime.generate import Prepared
+from ragcompress.runtime.generate import Prepared, finished
 
 
 def batchable(prepared: Prepared, window: int | None = None, max_new_tokens: int = 0) -> bool:
@@ -145,7 +145,7 @@ class BatchStream:
             positions[i] = start
             positions[i, pad:] = torch.arange(start, start + len(ids))
             self.rows[i].position = start + len(ids)
-        logits = self._forward(input_ids, positions, cache, mask[:, : width + longest])
+        logits = finished(self._forward(input_ids, positions, cache, mask[:, : width + longest]))
         column = width + longest
         first = time.perf_counter() - self.started
         for row in self.rows:

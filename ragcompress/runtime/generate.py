@@ -141,6 +141,15 @@ def decode_n_tokens(
         position += 1
 
 
+def finished(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` once its device has run the work queued before it: CUDA launches kernels
+    asynchronously, so a clock read right after a forward would time its launch, not the work
+    (a no-op on the CPU)."""
+    if tensor.device.type == "cuda":
+        torch.cuda.synchronize(tensor.device)
+    return tensor
+
+
 class TokenStream:
     """Iterates the greedy tokens of one request and times it.
 
@@ -168,6 +177,7 @@ class TokenStream:
         kwargs = prepared.attention_kwargs
         logits = prepared.first_logits
         assert logits is not None
+        finished(logits)
         self.ttft_s = time.perf_counter() - t0
         position = prepared.position + len(prepared.input_ids)
         tokens = decode_n_tokens(
