@@ -486,17 +486,27 @@ def full_reference(frontier: Frontier, engine: Engine) -> dict[str, Any]:
         logprobs[i] = rows[:-1].half()  # the rows that predict the answer's tokens
     reference = {"answers": answers, "logprobs": logprobs, "reused_core272": reused}
     reference["questions"] = [q.id for q in frontier.questions]
+    reference["retrieved"] = frontier.retrieved  # the passages (so the top-k) the answers read
+    reference["model"] = frontier.lm.ref
     torch.save(reference, path)
     print(f"full prefill: {reused}/{len(answers)} answers reused from {CORE272}", flush=True)
     return reference
 
 
 def checked_reference(reference: dict[str, Any], frontier: Frontier, path: Path) -> dict[str, Any]:
-    """``reference`` if it answers this run's questions (files written before the ids were kept
-    are trusted by count only); another question set in the same workdir is refused."""
+    """``reference`` if it answers this run's questions over the same retrieved passages with the
+    same model; another question set, ``--top-k`` or model in the same workdir is refused, and so
+    is a file written before the passages and model were recorded (it cannot be checked)."""
+    if "retrieved" not in reference or "model" not in reference:
+        raise SystemExit(f"{path} does not record its retrieved passages and model; delete it to compute it again")
     ids = [q.id for q in frontier.questions]
-    if reference.get("questions", ids) != ids or len(reference["answers"]) != len(ids):
+    if reference.get("questions") != ids or len(reference["answers"]) != len(ids):
         raise SystemExit(f"{path} answers other questions than this run's; use another --workdir")
+    if reference["retrieved"] != frontier.retrieved or reference["model"] != frontier.lm.ref:
+        raise SystemExit(
+            f"{path} was computed over other retrieved passages (another --top-k) or with another model than "
+            f"this run's ({frontier.lm.ref}, top-{frontier.args.top_k}); use another --workdir"
+        )
     return reference
 
 

@@ -58,6 +58,7 @@ from ragcompress.runtime.options import AnswerOptions
 from ragcompress.runtime.recompute import SELECTIONS, RecomputeConfig
 from ragcompress.stats import bootstrap_ci, paired_comparison
 from ragcompress.store import KVStore
+from ragcompress.store.manifest import MANIFEST, Manifest
 
 from common import (
     measured_by,
@@ -315,15 +316,29 @@ def question_record(variants: Variants, item, top_k: int, settings: list[str], r
 # What a checkpoint's records must share to be resumed or reported together (each record holds
 # them under "run", with the code revision and torch threads that measured it; records written
 # before 2026-12-06 hold none and are taken as they are).
-SHARED_RUN_KEYS = ("store", "variants", "max_new_tokens")
+SHARED_RUN_KEYS = ("store", "variants", "max_new_tokens", "threads", "stores_created")
 
 
-def run_identity(args: argparse.Namespace) -> dict[str, Any]:
-    """The settings of this invocation that every record it resumes or reports must share."""
+def store_created(path: Path) -> str | None:
+    """When the store at ``path`` was built (None where it is gone)."""
+    return Manifest.read(path).created if (path / MANIFEST).is_file() else None
+
+
+def run_identity(args: argparse.Namespace, threads: int | None) -> dict[str, Any]:
+    """The settings of this invocation that every record it resumes or reports must share: the
+    stores (and when they were built, so one rebuilt at the same path is another store), the
+    answer length, and torch's ``threads`` (TTFT ratios move with them: docs/recompute.md; None
+    where the invocation answers nothing and was not told them). Records written before a key
+    was recorded are not checked on it."""
+    variants = [v.split("=", 1) for v in args.variant]
+    stores = [Path(args.store), *(Path(d) for _, d in variants)]
     return {
         "store": str(Path(args.store).resolve()),
-        "variants": sorted(f"{n}={Path(d).resolve()}" for n, d in (v.split("=", 1) for v in args.variant)),
+        "variants": sorted(f"{n}={Path(d).resolve()}" for n, d in variants),
         "max_new_tokens": args.max_new_tokens,
+        "threads": threads,
+        # None where a store is gone (a report over a checkpoint whose stores were removed)
+        "stores_created": None if None in (created := [store_created(p) for p in stores]) else created,
     }
 
 
@@ -336,8 +351,9 @@ def checkpointed(
 ) -> dict[str, dict]:
     """Records already in ``checkpoint`` for this top-k that hold every setting, by question id;
     only those answered in ``dtype`` (``None``: any), records without one being float32's. With
-    ``run`` (:func:`run_identity`), a record answered with another store, variants or answer
-    length stops the run (``SystemExit``): one results file never mixes them."""
+    ``run`` (:func:`run_identity`), a record answered with another store (or one built at
+    another time), variants, answer length or number of threads stops the run (``SystemExit``):
+    one results file never mixes them."""
     done: dict[str, dict] = {}
     if checkpoint is not None and checkpoint.is_file():
         for line in checkpoint.read_text().splitlines():
@@ -347,7 +363,7 @@ def checkpointed(
             if record.get("top_k") == top_k and all(name in record for name in settings):
                 recorded = record.get("run")
                 for key in SHARED_RUN_KEYS if run is not None and recorded is not None else ():
-                    if recorded.get(key) != run[key]:
+                    if key in recorded and run[key] is not None and recorded[key] != run[key]:
                         raise SystemExit(
                             f"{checkpoint}: question {record['id']} was answered with {key} {recorded.get(key)!r}, "
                             f"this run has {run[key]!r}; give another --checkpoint"
@@ -545,7 +561,7 @@ def report_only(args: argparse.Namespace) -> None:
         "tables": {},
     }
     for top_k in args.top_k:
-        done = checkpointed(args.checkpoint, top_k, args.settings, result["dtype"], run_identity(args))
+        done = checkpointed(args.checkpoint, top_k, args.settings, result["dtype"], run_identity(args, args.threads))
         records = [done[q.id] for q in questions if q.id in done]
         if records:
             result["tables"][f"top{top_k}"] = summarize(records, args.settings)
@@ -669,7 +685,13 @@ def main() -> None:
     }
     for top_k in args.top_k:
         records = evaluate(
-            variants, questions, top_k, args.settings, not args.quiet, args.checkpoint, run_identity(args)
+            variants,
+            questions,
+            top_k,
+            args.settings,
+            not args.quiet,
+            args.checkpoint,
+            run_identity(args, torch.get_num_threads()),
         )
         result["tables"][f"top{top_k}"] = summarize(records, args.settings)
         result["meta"]["loadavg_end"] = os.getloadavg()

@@ -917,7 +917,7 @@ def test_neighbour_overlap_counts_a_context_exact_only_when_it_is_the_encoding_c
     assert two["all_predecessors_among_neighbours"] == 1.0 and two["exact_context"] == 0.0
 
 
-def test_quality_benchmark_refuses_to_mix_runs_in_one_checkpoint(tmp_path):
+def test_quality_benchmark_refuses_to_mix_runs_in_one_checkpoint(tmp_path, monkeypatch):
     """recompute_quality.py: each record carries its run (store, variants, answer length, code
     revision, threads); resuming or reporting with another store or answer length stops with the
     question and the setting named, records from before the field are taken as they are, and a
@@ -928,14 +928,16 @@ def test_quality_benchmark_refuses_to_mix_runs_in_one_checkpoint(tmp_path):
     import recompute_quality as quality
 
     args = argparse.Namespace(store=str(tmp_path / "store"), variant=[], max_new_tokens=12)
-    run = quality.run_identity(args)
+    built = ["2026-12-06T10:00:00Z"]  # the store's manifest's ``created``
+    monkeypatch.setattr(quality, "store_created", lambda path: built[0])
+    run = quality.run_identity(args, 1)
     record = {"top_k": 3, "dtype": "float32", "full": {}, "reuse": {}}
     checkpoint = tmp_path / "c.jsonl"
     checkpoint.write_text(
         "\n".join(
             json.dumps(r)
             for r in (
-                {**record, "id": "a", "run": {**run, "git": "abc1234", "threads": 1}},
+                {**record, "id": "a", "run": {**run, "git": "abc1234"}},
                 {**record, "id": "b"},  # written before records named their run
             )
         )
@@ -947,9 +949,19 @@ def test_quality_benchmark_refuses_to_mix_runs_in_one_checkpoint(tmp_path):
         "threads": ["1", "not recorded"],
     }
     for changed in ({"max_new_tokens": 32}, {"store": str(tmp_path / "other")}):
-        other = quality.run_identity(argparse.Namespace(**{**vars(args), **changed}))
+        other = quality.run_identity(argparse.Namespace(**{**vars(args), **changed}), 1)
         with pytest.raises(SystemExit, match="question a was answered with"):
             quality.checkpointed(checkpoint, 3, ["reuse"], "float32", other)
+    # TTFT ratios move with the threads; a store rebuilt at the same path is another store
+    with pytest.raises(SystemExit, match="answered with threads 1"):
+        quality.checkpointed(checkpoint, 3, ["reuse"], "float32", quality.run_identity(args, 2))
+    assert set(quality.checkpointed(checkpoint, 3, ["reuse"], "float32", quality.run_identity(args, None))) == {
+        "a",
+        "b",
+    }  # a report not told the threads does not check them
+    built[0] = "2026-12-07T10:00:00Z"
+    with pytest.raises(SystemExit, match="answered with stores_created"):
+        quality.checkpointed(checkpoint, 3, ["reuse"], "float32", quality.run_identity(args, 1))
 
 
 def test_quality_benchmark_records_name_their_run(stores, tmp_path):
@@ -964,7 +976,7 @@ def test_quality_benchmark_records_name_their_run(stores, tmp_path):
     built = stores("qwen2", "none")
     engine = Engine(built.store, built.lm, built.embedder, AnswerOptions(max_new_tokens=2, backend="dense"))
     args = argparse.Namespace(store=str(built.store.path), variant=[], max_new_tokens=2)
-    run = quality.run_identity(args)
+    run = quality.run_identity(args, torch.get_num_threads())
     checkpoint = tmp_path / "c.jsonl"
     questions = [SimpleNamespace(id="q", question=QUESTION, answers=["Melbourne"])]
     variants = quality.Variants(engine, {})
