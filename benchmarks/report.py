@@ -827,8 +827,6 @@ def render_scale_estimate(results: Path) -> str:
             f"{r['index_build_h']:.1f}",
             f"{r['total_h']:.1f}",
             "driver" if r["driver_bound"] else "actors",
-            f"{r['total_h_quiet_rate']:.1f}",
-            "driver" if r["driver_bound_quiet_rate"] else "actors",
         ]
         for r in est["rows"]
     ]
@@ -842,15 +840,12 @@ def render_scale_estimate(results: Path) -> str:
                     "index build (h)",
                     "total (h)",
                     "bound by",
-                    "total at the quiet rate (h)",
-                    "bound by",
                 ],
                 rows,
             ),
             "",
             f"{est['passages']:,} passages; measured inputs: {est['actor_pps']:.2f} passages/s per actor "
-            f"(SmolLM2-135M, int8, 1 thread: the one-process control's marginal rate in `ray_throughput.json`; the quiet rate, "
-            f"{est['actor_pps_quiet']:.2f}/s per thread, is `ragcompress bench`'s indexer on a quiet machine), "
+            f"(SmolLM2-135M, int8, 1 thread: the one-process control's marginal rate in `ray_throughput.json`), "
             f"{est['driver_commit_rows_per_s']:,.0f} catalogue rows/s at the driver, "
             f"index build {est['index_build_s_measured']:.1f} s at {est['index_build_measured_at']:,} vectors "
             f"(IVF, {est['index_type_at_estimate']['nlist']:,} cells at {est['passages']:,}; scaled by N x cells). "
