@@ -322,12 +322,16 @@ def results_meta(args_or_dict: Any) -> dict[str, Any]:
     files in ``docs/results/`` that lack it): ``git`` (short revision, ``-dirty`` when tracked files
     differ from it), ``threads`` (torch's setting unless given), ``repeats``, ``limit``,
     ``questions`` (a count or a questions file) and ``model``, read from an ``argparse.Namespace``
-    or a dict; what it does not hold is ``None``."""
+    or a dict (what it does not hold is ``None``), and ``keep_freed_memory``, whether the
+    allocator setting applied in this process."""
     from ragcompress.bench import git_revision
+    from ragcompress.runtime.memory import freed_memory_kept
 
     given = args_or_dict if isinstance(args_or_dict, dict) else vars(args_or_dict)
     meta: dict[str, Any] = {key: given.get(key) for key in RESULTS_META_KEYS}
     meta["git"] = given.get("git") or git_revision()
     if meta["threads"] is None:
         meta["threads"] = torch.get_num_threads()
+    # the scripts import the library, which never applies the allocator setting; the CLI does
+    meta["keep_freed_memory"] = freed_memory_kept()
     return {key: str(value) if isinstance(value, Path) else value for key, value in meta.items()}

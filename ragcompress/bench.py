@@ -27,6 +27,7 @@ import torch
 from ragcompress.errors import InputError
 from ragcompress.evaluation import Question
 from ragcompress.runtime.engine import Answer, Engine
+from ragcompress.runtime.memory import freed_memory_kept
 from ragcompress.runtime.options import AnswerOptions
 from ragcompress.store.catalogue import Entry
 
@@ -338,7 +339,8 @@ def git_revision() -> str:
 
 
 def run_meta(repeats: int, limit: int) -> dict[str, Any]:
-    """What a results file records about the run: code revision, threads, sample size, load."""
+    """What a results file records about the run: code revision, threads, sample size, load, and
+    whether the allocator setting applied (``runtime.memory``)."""
     import torch
 
     return {
@@ -347,6 +349,7 @@ def run_meta(repeats: int, limit: int) -> dict[str, Any]:
         "repeats": repeats,
         "limit": limit,
         "load_avg": [round(x, 2) for x in os.getloadavg()],
+        "keep_freed_memory": freed_memory_kept(),
     }
 
 

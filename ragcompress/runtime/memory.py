@@ -30,6 +30,13 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: keep up to 2 GiB of freed heap top
 OPT_OUT = "RAGCOMPRESS_KEEP_FREED_MEMORY"
+_applied = False  # set once keep_freed_memory succeeded in this process
+
+
+def freed_memory_kept() -> bool:
+    """Whether :func:`keep_freed_memory` applied in this process: results files record it, since
+    it moves TTFT (full prefill most; README, "The allocator setting")."""
+    return _applied
 
 
 def keep_freed_memory() -> bool:
@@ -44,4 +51,6 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    global _applied
+    _applied = bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return _applied
