@@ -5,7 +5,9 @@ Each measurement runs in a fresh subprocess: a tiny random llama (2 layers, 2 KV
 The worker samples its own RSS every 20 ms while ``index()`` runs and reports the peak above the
 RSS it had before indexing (imports and model already loaded), so start-up cost is not counted
 as indexing memory; separately for the passage loop (read, encode, compress, commit) and for
-the whole run, which ends by building the FAISS index (inherently passages x dim x 4 bytes). The smallest corpus is the baseline; larger ones are reported as ratios.
+the whole run, which ends by building the FAISS index (inherently passages x dim x 4 bytes). The smallest corpus is the baseline; larger ones are reported as ratios (``peak RSS x`` is of
+the whole process's peak, interpreter and model included: read it beside the growth columns,
+which are what indexing adds).
 
 Also measures ``validate()`` (the streaming input pass) on JSONL files of growing size.
 
