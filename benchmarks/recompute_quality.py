@@ -254,7 +254,10 @@ def question_record(variants: Variants, item, top_k: int, settings: list[str], r
     """Every setting's outcomes on one question. Full prefill runs first, untimed: its tokens are
     the reference the settings are teacher-forced on. The timed runs (a second full prefill, the
     prefix-cached baseline and every setting) then go in an order that starts ``rotation`` places
-    on, so no path is always the first to touch a question's passages."""
+    on, so no timed path is always the first to touch a question's passages. The untimed run
+    still warms the timed full prefill alone (the same prompt, just before: memory and caches
+    already shaped for it), so the ratios against full prefill can only understate the settings'
+    speed-ups, not overstate them."""
     engine = variants.base
     entries = engine.retrieve(item.question, top_k)
     full_gen, full_logp = run_forced(engine.lm.model, engine.stream_full(item.question, entries))
