@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from ragcompress.bench import git_revision
 from ragcompress.compressors import CompressionContext, make_compressor
 from ragcompress.compressors.adaptive import AdaptiveBudget
 from ragcompress.compressors.scorer import ScorerCompressor
@@ -59,7 +60,7 @@ from ragcompress.runtime.generate import decode_n_tokens, forward_logits, prefil
 from ragcompress.stats import bootstrap_ci, paired_comparison, paired_ratio
 from ragcompress.store import codec
 
-from common import SQUAD, adaptor_provenance, question_article, results_meta
+from common import SQUAD, adaptor_provenance, measured_by, question_article, results_meta
 
 MAX_NEW_TOKENS = 32  # the answers compared (SmolLM2 answers in sentences; the gold often comes late)
 # name -> (adaptor: None | "trained" (OUT/adaptor) | "compare" (--compare-adaptor), method, ratio, quant)
@@ -458,6 +459,7 @@ def main() -> None:
                 ),
                 "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 "load": os.getloadavg(),
+                "measured_by": measured_by(row.get("run", {}) for row in rows.values()),
                 "sample": "held-out articles " + ", ".join(adaptor_meta.get("val_articles", [])),
                 "validation_sample": validated,  # set: every question of them, this being training's sample
                 "adaptor_hash": adaptor.hash if adaptor else earlier.get("meta", {}).get("adaptor_hash"),
@@ -524,6 +526,8 @@ def main() -> None:
             "sub_em": statistics.mean(ems),
             "sub_em_pct_of_full": 100 * statistics.mean(ems) / full_sub_em if full_sub_em else None,
             "answers": answers,
+            # the code that measured this row: earlier rows kept from another run keep theirs
+            "run": {"git": git_revision(), "threads": torch.get_num_threads()},
         }
         print(
             f"{name}: KL {rows[name]['kl_answer']:.4f} agreement {rows[name]['agreement']:.2f} sub-EM {rows[name]['sub_em']:.2f}",

@@ -28,12 +28,14 @@ from pathlib import Path
 
 import torch
 
+from ragcompress.bench import git_revision
 from ragcompress.models import load_model
 from ragcompress.retrieval import Embedder
 from ragcompress.runtime.engine import Engine
 from ragcompress.runtime.options import AnswerOptions
 from ragcompress.runtime.prepare import full_prefill
 from ragcompress.store import KVStore
+from ragcompress.store.manifest import Manifest
 
 from common import SQUAD, pick_questions, plot_against_compression, row_name, side_row, teacher_forced_logprobs
 
@@ -98,6 +100,7 @@ def main() -> None:
     lm = load_model(args.model)
     embedder = Embedder()
     reference_name = row_name("none", None, args.reference_quant)
+    reference_created = Manifest.read(workdir / reference_name).created
     with KVStore.open(workdir / reference_name) as store:
         engine = Engine(store, lm, embedder, OPTIONS)
         retrieved = quality.get("retrieved") or [
@@ -126,8 +129,15 @@ def main() -> None:
         if name == reference_name or (args.rows and name not in args.rows):
             continue
         earlier = done.get(name, {})
-        # measured by an earlier run against the same reference, over the same questions
-        if earlier.get("reference") == reference_name and earlier.get("questions") == asked:
+        # the stores as built now (compression_quality rebuilds a store whose row it measures
+        # again): an earlier KL of other stores is not this row's
+        built = {"store": Manifest.read(workdir / name).created, "reference": reference_created}
+        # measured by an earlier run against the same reference, over the same questions and stores
+        if (
+            earlier.get("reference") == reference_name
+            and earlier.get("questions") == asked
+            and earlier.get("built") == built
+        ):
             rows[name] = earlier
             continue
         with KVStore.open(workdir / name) as store:
@@ -143,6 +153,8 @@ def main() -> None:
             "compression": row["compression"],
             "reference": reference_name,
             "questions": asked,
+            "built": built,
+            "run": {"git": git_revision(), "threads": torch.get_num_threads()},
             **summary(kls),
         }
         print(f"{name}: KL {rows[name]['kl_suffix_answer']:.4f} (answer {rows[name]['kl_answer']:.4f})", flush=True)

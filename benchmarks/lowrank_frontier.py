@@ -84,7 +84,7 @@ from ragcompress.runtime.prepare import full_prefill
 from ragcompress.store import KVStore, StoreWriter, create_store
 from ragcompress.store.basis import BASIS, basis_to_bytes
 
-from common import SQUAD, adaptor_provenance, question_article, results_meta, teacher_forced_logprobs
+from common import SQUAD, adaptor_provenance, measured_by, question_article, results_meta, teacher_forced_logprobs
 
 CORE272 = Path(__file__).resolve().parents[1] / "runs" / "core272-ck"
 OPTIONS = AnswerOptions(backend="dense")
@@ -830,6 +830,9 @@ def main() -> None:
         result, engine = measure(frontier, row, reference)
         if reference is None:
             reference = torch.load(frontier.workdir / "full.pt")
+        # each row names the code and threads that measured it: a resumed run's rows can span
+        # several revisions, and the file's own meta.git is only the last writer's
+        result["run"] = {"git": args.git, "threads": torch.get_num_threads()}
         results["rows"][row.name] = result
         if args.core272_reference and CORE272_ROW not in results["rows"]:
             results["rows"][CORE272_ROW] = core272_cached_row(
@@ -854,6 +857,7 @@ def main() -> None:
                 **results_meta({**vars(args), "questions": len(frontier.questions)}),
                 "date": utc_date(),
                 "load": os.getloadavg(),
+                "measured_by": measured_by(r.get("run", {}) for r in results["rows"].values()),
             },
         )
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -59,3 +59,30 @@ def test_basescore_rows_parse_and_need_an_adaptor():
     assert not frontier.RowSpec.parse("global:kvzip@0.21/int4v2/r32k+adaptor").base_scores
     with pytest.raises(SystemExit, match="basescore"):
         frontier.RowSpec.parse("global:kvzip@0.21/int4v2/r32k~basescore")
+
+
+def test_the_full_prefill_reference_is_refused_for_another_top_k_or_model(tmp_path):
+    """The workdir's full-prefill answers are read by every later row: a ``--top-k 5`` run over a
+    top-3 reference (same questions) once reused it, and a file that does not say what it read
+    cannot be checked."""
+    from types import SimpleNamespace
+
+    questions = [SimpleNamespace(id="q1"), SimpleNamespace(id="q2")]
+    run = SimpleNamespace(
+        questions=questions,
+        retrieved=[["a#0", "b#1", "c#2"], ["d#0", "a#0", "e#3"]],
+        lm=SimpleNamespace(ref="tiny"),
+        args=SimpleNamespace(top_k=3),
+    )
+    reference = {"answers": ["x", "y"], "questions": ["q1", "q2"], "retrieved": run.retrieved, "model": "tiny"}
+    path = tmp_path / "full.pt"
+    assert frontier.checked_reference(reference, run, path) is reference
+    top5 = SimpleNamespace(**{**vars(run), "retrieved": [r + ["f#0", "g#0"] for r in run.retrieved]})
+    with pytest.raises(SystemExit, match="other retrieved passages"):
+        frontier.checked_reference(reference, top5, path)
+    with pytest.raises(SystemExit, match="another model"):
+        frontier.checked_reference({**reference, "model": "other"}, run, path)
+    with pytest.raises(SystemExit, match="other questions"):
+        frontier.checked_reference({**reference, "questions": ["q2", "q1"]}, run, path)
+    with pytest.raises(SystemExit, match="does not record"):
+        frontier.checked_reference({k: v for k, v in reference.items() if k != "retrieved"}, run, path)
