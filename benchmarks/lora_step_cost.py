@@ -8,19 +8,25 @@ One step here is the expensive half of a KV-Distill step: ``--passages`` passage
 projections), then a backward pass from their cached keys and values into the LoRA factors.
 The student's question pass over the assembled cache (tens of tokens) comes on top. The
 baseline (the model's inference forward over the same ids, LoRA off) alternates with the steps;
-prints both medians over ``--repeats``, their ratio and the load average, and writes nothing.
+prints both medians over ``--repeats``, their ratio and the load average, and with ``--out``
+writes them (docs/results/lora_step_cost_smollm2.json).
 
-    .venv/bin/python benchmarks/lora_step_cost.py --model smollm2-135m --threads 2
+    .venv/bin/python benchmarks/lora_step_cost.py --model smollm2-135m --threads 2 --repeats 7 \
+        --out docs/results/lora_step_cost_smollm2.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
+
+from common import results_meta
 
 
 def main() -> None:
@@ -31,6 +37,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, help="results JSON (the medians, their ratio and the run's metadata)")
     args = parser.parse_args()
 
     from peft import LoraConfig, get_peft_model
@@ -56,7 +63,7 @@ def main() -> None:
     def step_() -> None:
         start = time.perf_counter()
         out = model(ids, use_cache=True)
-        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        cache = out.cache
         loss = sum(layer.keys.float().pow(2).mean() + layer.values.float().pow(2).mean() for layer in cache.layers)
         loss.backward()
         model.zero_grad(set_to_none=True)
@@ -72,6 +79,19 @@ def main() -> None:
         f"cache: median {step:.2f} s vs plain inference forward {base:.2f} s = {step / base:.1f}x "
         f"over {args.repeats} rounds, {args.threads} threads, load average {load:.1f} at start"
     )
+    if args.out:
+        result = {
+            "model": lm.ref,
+            "rank": args.rank,
+            "passages": args.passages,
+            "tokens": args.tokens,
+            "step_s_median": step,
+            "plain_forward_s_median": base,
+            "ratio": step / base,
+            "meta": {**results_meta({**vars(args), "questions": None}), "load_at_start": load},
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
