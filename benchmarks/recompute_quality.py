@@ -193,8 +193,7 @@ class Variants:
         self.engines = {
             name: Engine(KVStore.open(path), base.lm, base.embedder, base.options) for name, path in variants.items()
         }
-        for name, engine in self.engines.items():
-            engine.store.manifest.check_model(base.lm.fingerprint, base.lm.ref)
+        for name, engine in self.engines.items():  # Engine refused another model or tokenizer
             if engine.store.manifest.template != base.store.manifest.template:
                 raise SystemExit(f"variant {name} was built with another prompt template")
 

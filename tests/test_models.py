@@ -136,3 +136,35 @@ def test_a_model_id_in_the_hugging_face_cache_loads_by_its_id(tiny_model_dir, tm
     assert lm.fingerprint == models.load_model(str(tiny_model_dir("llama"))).fingerprint
     with pytest.raises(ModelError, match="nor a model id in the Hugging Face cache"):
         models.load_model("acme/absent")
+
+
+def test_every_entry_point_refuses_the_stores_model_with_another_tokenizer(tiny_model_dir, passages_file, tmp_path):
+    """The same weights with another chat template tokenize prompts differently: answering from
+    the store and adding to it refuse it alike, with one error class (``Manifest.check_lm``, one
+    check where four places once wrote their own and answering raised a plain ``StoreError``)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from ragcompress.errors import StoreMismatchError
+    from ragcompress.indexing import IndexConfig, index
+    from ragcompress.indexing.indexer import Indexer
+    from ragcompress.runtime.engine import Engine
+    from ragcompress.store import KVStore
+    from ragcompress.testing import HashEmbedder
+
+    embedder = HashEmbedder()
+    plain = models.load_model(str(tiny_model_dir("llama")))
+    index(passages_file, tmp_path / "store", lm=plain, embedder=embedder, config=IndexConfig(embedder=embedder.name))
+    directory = tmp_path / "other-template"
+    shutil.copytree(tiny_model_dir("llama"), directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    tokenizer.chat_template = tokenizer.chat_template + "{# another template #}"
+    tokenizer.save_pretrained(directory)
+    other = models.load_model(str(directory))
+    assert other.fingerprint == plain.fingerprint and other.tokenizer_hash != plain.tokenizer_hash
+    with KVStore.open(tmp_path / "store") as store:
+        with pytest.raises(StoreMismatchError, match="another tokenizer"):
+            Engine(store, other, embedder)
+        with pytest.raises(StoreMismatchError, match="another tokenizer"):
+            Indexer.for_store(store.manifest, other, embedder)

@@ -148,7 +148,7 @@ class Indexer:
         embedder, ``adaptor`` the adaptor the store was built with (if any): a store never mixes
         caches or vectors of two models or two adaptors (``StoreMismatchError``).
         """
-        manifest.check_model(lm.fingerprint, lm.ref)
+        manifest.check_lm(lm)
         if lm.dtype_name != (manifest.dtype or "float32"):
             raise StoreMismatchError(
                 f"store's passages were encoded with the model in {manifest.dtype or 'float32'}, and {lm.ref} is "
@@ -159,10 +159,6 @@ class Indexer:
         if adaptor is None and recorded:  # a packaged adaptor is found by its hash
             adaptor = packaged_adaptor(recorded)
         check_store_adaptor(recorded, adaptor.hash if adaptor else None)
-        if lm.tokenizer_hash != manifest.tokenizer_hash:
-            raise StoreMismatchError(
-                f"store was built with another tokenizer than {lm.ref}'s; rebuild it for this model"
-            )
         if embedder is None:
             embedder = Embedder(manifest.embedder)
         else:

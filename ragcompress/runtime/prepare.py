@@ -62,9 +62,7 @@ class QueryContext:
     @classmethod
     def create(cls, store: KVStore, lm: LoadedModel) -> QueryContext:
         """Check that ``lm`` is the store's model, then place the prefix once."""
-        store.manifest.check_model(lm.fingerprint, lm.ref)
-        if lm.tokenizer_hash != store.manifest.tokenizer_hash:
-            raise StoreError(f"store {store.path} was built with another tokenizer than {lm.ref}'s")
+        store.manifest.check_lm(lm)
         tokens = PromptTokens(PromptTemplate.from_dict(store.manifest.template), lm.tokenizer)
         rotary = Rotary(lm.model)
         prefix = store.prefix_kv(lm.model.dtype)

@@ -263,6 +263,15 @@ class Manifest:
                 return what, ours_s, theirs_s
         return None
 
+    def check_lm(self, lm: Any) -> None:
+        """Refuse a loaded model (``models.LoadedModel``) other than the store's, or its model
+        with another tokenizer: the store's caches and token ids are that model's."""
+        self.check_model(lm.fingerprint, lm.ref)
+        if lm.tokenizer_hash != self.tokenizer_hash:
+            raise StoreMismatchError(
+                f"store was built with another tokenizer than {lm.ref}'s; rebuild it for this model"
+            )
+
     def check_model(self, fingerprint: str, ref: str) -> None:
         if fingerprint != self.model_fingerprint:
             raise StoreMismatchError(

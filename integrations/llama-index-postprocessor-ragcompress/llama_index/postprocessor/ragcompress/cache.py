@@ -139,7 +139,6 @@ class CacheWriter:
             raise StoreError(f"store {path} does not exist; build it with KVCacheTransform or `ragcompress index`")
         manifest = Manifest.read(Path(path))
         lm = lm or shared_model(manifest.model_ref, manifest.dtype, device)
-        check_model(manifest, lm, path)
         indexer = Indexer.for_store(manifest, lm, shared_embedder(manifest.embedder))
         with KVStore.open(Path(path)) as store:  # a low-rank store's latents need its basis
             return cls(path, indexer.with_store_basis(store), batch_size)
@@ -251,15 +250,6 @@ def _fields_differ(entry: Any, passage: Any) -> bool:
     """Whether a stored ``entry`` holds another title or metadata than ``passage`` (the same
     text): key order counts, as it does in the text LlamaIndex builds from metadata."""
     return entry is not None and (entry.title != passage.title or json.dumps(entry.meta) != json.dumps(passage.meta))
-
-
-def check_model(manifest: Any, lm: Any, path: str) -> None:
-    """Raise ``StoreMismatchError`` when ``lm`` is not the model (or tokenizer) the store was built for."""
-    from ragcompress.errors import StoreMismatchError
-
-    manifest.check_model(lm.fingerprint, lm.ref)
-    if lm.tokenizer_hash != manifest.tokenizer_hash:
-        raise StoreMismatchError(f"store {path} was built with another tokenizer than {lm.ref}'s")
 
 
 class CacheResolver:

@@ -12,7 +12,7 @@ from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import NodeWithScore, QueryBundle
 
 from llama_index.postprocessor.ragcompress._shared import require_ragcompress, scored_nodes, shared_model, store_path
-from llama_index.postprocessor.ragcompress.cache import CacheResolver, check_model
+from llama_index.postprocessor.ragcompress.cache import CacheResolver
 from llama_index.postprocessor.ragcompress.events import KVCacheAttachedEvent
 
 dispatcher = instrument.get_dispatcher(__name__)
@@ -61,7 +61,7 @@ class KVCacheNodePostprocessor(BaseNodePostprocessor):
         lm = None
         if self.model is not None:
             lm = shared_model(self.model, self._store.manifest.dtype, self.device)
-            check_model(self._store.manifest, lm, self.store_path)
+            self._store.manifest.check_lm(lm)  # the store's model and tokenizer
         self._resolver = CacheResolver(self._store, lm, self.compute_missing, self.device)
 
     @classmethod

@@ -37,7 +37,7 @@ from llama_index.postprocessor.ragcompress._shared import (
     store_path,
     text_sha,
 )
-from llama_index.postprocessor.ragcompress.cache import CacheResolver, check_model
+from llama_index.postprocessor.ragcompress.cache import CacheResolver
 from llama_index.postprocessor.ragcompress.events import KVCacheAnswerEvent, KVCacheAttachedEvent
 from llama_index.postprocessor.ragcompress.llm import LocalLLM
 
@@ -104,7 +104,6 @@ class KVCacheSynthesizer(BaseSynthesizer):
         store = KVStore.open(store_path)  # StoreError when missing or incomplete
         try:
             lm = shared_model(model or store.manifest.model_ref, store.manifest.dtype, device)
-            check_model(store.manifest, lm, store_path)
             self._engine = Engine(store, lm, shared_embedder(store.manifest.embedder), options)
             self._engine.warm_up()
         except BaseException:
