@@ -46,7 +46,7 @@ from ragcompress.kv import ModelShape, PassageKV
 from ragcompress.kv.quant import QuantConfig
 from ragcompress.models import LoadedModel, load_model, resolve_model_dir
 from ragcompress.prompt import PromptTemplate
-from ragcompress.retrieval import Embedder
+from ragcompress.retrieval import Embedder, exact_top_k
 from ragcompress.runtime.engine import Engine
 from ragcompress.runtime.options import AnswerOptions
 from ragcompress.store import KVStore, StoreWriter, create_store
@@ -93,7 +93,7 @@ def setup(model: str | None, n_questions: int, top_k: int, workdir: Path, data: 
     ids = list(passages)
     pvec = embedder.embed([passages[i].text for i in ids])
     qvec = embedder.embed([q.question for q in questions])
-    top = np.argsort(-(qvec @ pvec.T), axis=1, kind="stable")[:, :top_k]
+    top = exact_top_k(qvec, pvec, top_k)
     retrieved = [[ids[j] for j in row] for row in top]
     needed = list(dict.fromkeys(pid for row in retrieved for pid in row))
     token_ids = {pid: encoder.tokens.passage(passages[pid].text) for pid in needed}

@@ -19,12 +19,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ragcompress import Engine, IndexConfig, KVStore, index, load_model
 from ragcompress.evaluation import Question, QuestionResult, intervals, iter_eval, outcomes, read_questions, summarize
-from ragcompress.retrieval import Embedder
+from ragcompress.retrieval import Embedder, exact_top_k
 from ragcompress.runtime.engine import Answer
 from ragcompress.runtime.options import AnswerOptions
 
@@ -41,7 +40,7 @@ def needed_passages(embedder: Embedder, questions, top_k: int, out: Path) -> Pat
     vectors = embedder.embed([r["text"] for r in records])
     queries = embedder.embed([q.question for q in questions])
     keep = set()
-    for row in np.argsort(-(queries @ vectors.T), axis=1)[:, :top_k]:
+    for row in exact_top_k(queries, vectors, top_k):
         keep.update(int(i) for i in row)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(records[i]) + "\n" for i in sorted(keep)))

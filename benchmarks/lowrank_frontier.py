@@ -57,7 +57,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ragcompress.bench import git_revision
@@ -77,7 +76,7 @@ from ragcompress.kv import ModelShape, PassageKV
 from ragcompress.kv.lowrank import CalibrationMoments, LowRankBasis, RankSpec
 from ragcompress.kv.quant import QuantConfig
 from ragcompress.models import LoadedModel, load_model
-from ragcompress.retrieval import Embedder
+from ragcompress.retrieval import Embedder, exact_top_k
 from ragcompress.runtime.engine import Engine
 from ragcompress.runtime.options import AnswerOptions
 from ragcompress.runtime.prepare import full_prefill
@@ -194,7 +193,7 @@ def retrieve(embedder: Embedder, passages: list[PassageInput], questions: list[Q
     """Top-``k`` passage ids over the whole corpus, per question (what a whole-corpus store returns)."""
     pvec = embedder.embed([p.text for p in passages])
     qvec = embedder.embed([q.question for q in questions])
-    top = np.argsort(-(qvec @ pvec.T), axis=1, kind="stable")[:, :k]
+    top = exact_top_k(qvec, pvec, k)
     return [[passages[j].id for j in row] for row in top]
 
 

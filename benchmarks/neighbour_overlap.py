@@ -24,7 +24,7 @@ import numpy as np
 from ragcompress.evaluation import read_questions
 from ragcompress.indexing.inputs import iter_passages
 from ragcompress.indexing.neighbours import neighbour_order
-from ragcompress.retrieval import Embedder
+from ragcompress.retrieval import Embedder, exact_top_k
 
 from common import SQUAD, results_meta
 
@@ -33,7 +33,7 @@ def overlap(passage_vectors: np.ndarray, question_vectors: np.ndarray, n: int, t
     contexts = neighbour_order(passage_vectors, passage_vectors, n, list(range(len(passage_vectors))))
     share, covered, exact = [], [], []
     for q in question_vectors:
-        ranked = [int(i) for i in np.argsort(-(passage_vectors @ q), kind="stable")[:top_k]]
+        ranked = [int(i) for i in exact_top_k(q[None, :], passage_vectors, top_k)[0]]
         for rank in range(1, top_k):
             before, mine = ranked[:rank], contexts[ranked[rank]]
             hits = len(set(before) & set(mine))

@@ -22,7 +22,7 @@ import numpy as np
 from ragcompress.distill.packaged import packaged_configs
 from ragcompress.evaluation import read_questions
 from ragcompress.indexing.inputs import iter_passages
-from ragcompress.retrieval import Embedder
+from ragcompress.retrieval import Embedder, exact_top_k
 
 from common import SQUAD, results_meta
 
@@ -35,7 +35,7 @@ def reach(
     top_k: int,
 ) -> dict[str, int]:
     """Questions whose top-k holds a passage of a ``trained`` article, and such slots, of all."""
-    top = np.argsort(-(question_vectors @ passage_vectors.T), axis=1, kind="stable")[:, :top_k]
+    top = exact_top_k(question_vectors, passage_vectors, top_k)
     hits = [sum(passage_articles[j] in trained for j in row) for row in top]
     return {
         "questions": len(hits),

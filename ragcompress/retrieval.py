@@ -125,3 +125,10 @@ class VectorIndex:
         with _one_omp_thread():
             scores, rows = self.index.search(query.reshape(1, -1), min(k, self.count))
         return [(int(r), float(s)) for r, s in zip(rows[0], scores[0], strict=True) if r >= 0]
+
+
+def exact_top_k(queries: np.ndarray, vectors: np.ndarray, k: int) -> np.ndarray:
+    """``[len(queries), min(k, len(vectors))]`` indices of each query's ``k`` most similar
+    ``vectors`` by inner product, best first, ties to the earlier vector: the brute-force search
+    that training, benchmarks and neighbour encoding run over vectors held in memory."""
+    return np.argsort(-(queries @ vectors.T), axis=1, kind="stable")[:, :k]

@@ -41,3 +41,12 @@ def test_a_relative_embedder_folder_is_recorded_by_its_absolute_path(tmp_path, m
     assert IndexConfig(embedder="my-embedder").embedder == absolute
     assert Embedder("./my-embedder").name == absolute == embedder_name(absolute)
     assert Embedder().name == DEFAULT_EMBEDDER and embedder_name("not-a-folder") == "not-a-folder"
+
+
+def test_exact_top_k_ranks_by_inner_product_and_breaks_ties_by_order():
+    from ragcompress.retrieval import exact_top_k
+
+    vectors = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.6, 0.8]])
+    queries = np.array([[1.0, 0.0], [0.0, 1.0]])
+    assert exact_top_k(queries, vectors, 3).tolist() == [[0, 2, 3], [1, 3, 0]]
+    assert exact_top_k(queries, vectors, 10).shape == (2, 4)  # fewer vectors than k: all of them

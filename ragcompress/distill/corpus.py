@@ -22,6 +22,7 @@ from ragcompress.errors import InputError
 from ragcompress.evaluation import Question, read_questions
 from ragcompress.indexing.inputs import PassageInput, iter_passages
 from ragcompress.models import LoadedModel
+from ragcompress.retrieval import exact_top_k
 
 if TYPE_CHECKING:
     from ragcompress.retrieval import Embedder
@@ -68,8 +69,7 @@ class Corpus:
     vectors: np.ndarray
 
     def retrieve(self, question_vectors: np.ndarray, k: int) -> list[list[int]]:
-        scores = question_vectors @ self.vectors.T
-        return [list(np.argsort(-row, kind="stable")[:k]) for row in scores]
+        return [list(row) for row in exact_top_k(question_vectors, self.vectors, k)]
 
 
 def load_corpora(

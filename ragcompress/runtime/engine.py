@@ -189,6 +189,11 @@ class Engine:
 
     def retrieve(self, question: str, top_k: int) -> list[Entry]:
         """The ``top_k`` passages nearest ``question`` (fewer when the store holds fewer)."""
+        return [entry for entry, _ in self.search(question, top_k)]
+
+    def search(self, question: str, top_k: int) -> list[tuple[Entry, float]]:
+        """:meth:`retrieve` with each passage's similarity to ``question`` (what ``serve``'s
+        retrieve endpoint returns)."""
         question = checked_question(question)
         if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)):
             raise InputError(f"top_k must be an integer, got {type(top_k).__name__}")
@@ -198,7 +203,7 @@ class Engine:
         if len(self.store) == 0:
             raise StoreError(f"store {self.store.path} holds no passages; index some first")
         vector = self.embedder.embed([question])[0]
-        return [entry for entry, _ in self.store.search(vector, top_k)]
+        return self.store.search(vector, top_k)
 
     def suffix_ids(self, question: str, entries: list[Entry], options: AnswerOptions | None = None) -> list[int]:
         """The question's tokens, after checking that the whole prompt fits the model (every path

@@ -16,7 +16,6 @@ from typing import Any
 
 from starlette.requests import Request
 
-from ragcompress.errors import StoreError
 from ragcompress.runtime.attention import sliding_window
 from ragcompress.runtime.batch import BatchStream, batchable
 from ragcompress.runtime.engine import Engine
@@ -334,10 +333,7 @@ class Service:
 
     def retrieve(self, query: RetrieveQuery, engine: Engine, job: Job) -> None:
         self.passages = len(engine.store)
-        if self.passages == 0:
-            raise StoreError("the store holds no passages; index some first")
-        vector = engine.embedder.embed([query.query])[0]
-        hits = engine.store.search(vector, query.top_k)
+        hits = engine.search(query.query, query.top_k)
         job.emit(
             (
                 "done",
