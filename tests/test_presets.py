@@ -176,3 +176,19 @@ def test_cli_adds_to_a_store_without_repeating_its_settings(tiny_model_dir, tmp_
         ["index", "--input", str(second), "--store", str(store), "--quant", "int8"], monkeypatch, capfd
     )
     assert code == 1 and "compression" in err
+
+
+def test_explicit_choices_replace_only_what_they_name():
+    """``--recompute``, a ``serve`` request and the LlamaIndex synthesizer override a preset the
+    same way (``AnswerOptions.overridden``): the fraction, not the preset's selection."""
+    from ragcompress.presets import answer_options
+
+    faithful = answer_options("faithful")
+    assert faithful.overridden() == faithful
+    mine = faithful.overridden(recompute=0.2, max_new_tokens=5, fallback_margin=0.1)
+    assert mine.recompute.ratio == 0.2 and mine.recompute.ratio_by_passages == ()
+    assert mine.recompute.selection == faithful.recompute.selection == "mixed"
+    assert (mine.max_new_tokens, mine.fallback_margin, mine.backend) == (5, 0.1, faithful.backend)
+    assert faithful.overridden(selection="deviation", backend="dense").recompute.ratio_by_passages == (
+        faithful.recompute.ratio_by_passages
+    )

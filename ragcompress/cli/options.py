@@ -141,21 +141,16 @@ def options_from_flags(
     (``--recompute`` replaces the preset's recompute fraction, one for every top-k or a schedule,
     ``--selection`` its ranking; ``--backend`` replaces its attention path, ``--fallback-margin``
     its fallback to full prefill)."""
-    import dataclasses
-
     from ragcompress.presets import answer_options
 
     try:
-        base = answer_options(preset, max_new_tokens=max_new_tokens)
-        if recompute is not None:
-            base = base.replace(recompute=base.recompute.with_ratio(recompute))
-        if selection is not None:
-            base = base.replace(recompute=dataclasses.replace(base.recompute, selection=selection))
-        if backend is not None:
-            base = base.replace(backend=backend)
-        if fallback_margin is not None:
-            base = base.replace(fallback_margin=fallback_margin)
-        return base
+        return answer_options(preset).overridden(
+            max_new_tokens=max_new_tokens,
+            recompute=recompute,
+            selection=selection,
+            backend=backend,
+            fallback_margin=fallback_margin,
+        )
     except (ValueError, TypeError) as exc:
         raise RagCompressError(str(exc)) from None
 

@@ -58,3 +58,29 @@ class AnswerOptions:
     def replace(self, **changes: Any) -> AnswerOptions:
         """A copy with ``changes`` (validated again)."""
         return replace(self, **changes)
+
+    def overridden(
+        self,
+        *,
+        max_new_tokens: int | None = None,
+        recompute: float | Any | None = None,
+        selection: str | None = None,
+        backend: str | None = None,
+        fallback_margin: float | None = None,
+    ) -> AnswerOptions:
+        """These options with a caller's explicit choices over them, as every front end applies
+        them (``--recompute`` and friends, a ``serve`` request, the LlamaIndex synthesizer): the
+        ones given as None are left alone, and ``recompute`` replaces only the fraction (one for
+        every top-k, or a schedule), keeping the selection, sinks and check layer a preset chose."""
+        options = self
+        if max_new_tokens is not None:
+            options = options.replace(max_new_tokens=max_new_tokens)
+        if recompute is not None:
+            options = options.replace(recompute=options.recompute.with_ratio(recompute))
+        if selection is not None:
+            options = options.replace(recompute=replace(options.recompute, selection=selection))
+        if backend is not None:
+            options = options.replace(backend=backend)
+        if fallback_margin is not None:
+            options = options.replace(fallback_margin=fallback_margin)
+        return options

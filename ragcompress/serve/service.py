@@ -145,13 +145,9 @@ class Service:
         return plain and isinstance(choose_strategy(self.engine.context, options), DenseStrategy)
 
     def _options(self, query: ChatQuery, engine: Engine) -> AnswerOptions:
-        options = engine.options.replace(max_new_tokens=query.max_new_tokens)
-        if query.recompute is not None:
-            # the request sets the fraction; the preset's selection, sinks and check layer stay
-            options = options.replace(recompute=options.recompute.with_ratio(query.recompute))
-        if query.fallback_margin is not None:
-            options = options.replace(fallback_margin=query.fallback_margin)
-        return options
+        return engine.options.overridden(
+            max_new_tokens=query.max_new_tokens, recompute=query.recompute, fallback_margin=query.fallback_margin
+        )
 
     def answer(self, query: ChatQuery, engine: Engine, job: Job) -> None:
         """Retrieve (or look up) the passages and decode the answer from their caches, alone."""

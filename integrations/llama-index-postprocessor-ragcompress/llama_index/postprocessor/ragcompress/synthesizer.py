@@ -95,11 +95,10 @@ class KVCacheSynthesizer(BaseSynthesizer):
         from ragcompress.runtime.engine import Engine
         from ragcompress.store import KVStore
 
-        options = answer_options(preset, max_new_tokens=max_new_tokens)
-        if recompute is not None:  # as ``--recompute``: the preset's selection kept
-            options = options.replace(recompute=options.recompute.with_ratio(recompute))
-        if fallback_margin is not None:
-            options = options.replace(fallback_margin=fallback_margin)
+        # as ``--recompute``: the fraction replaced, the preset's selection kept
+        options = answer_options(preset).overridden(
+            max_new_tokens=max_new_tokens, recompute=recompute, fallback_margin=fallback_margin
+        )
 
         store = KVStore.open(store_path)  # StoreError when missing or incomplete
         try:
