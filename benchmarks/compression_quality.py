@@ -172,8 +172,7 @@ def answer_rows(bench: Bench, path: Path, max_new_tokens: int) -> tuple[list[dic
             entries = [store.entry(pid) for pid in pids]
             answer = engine.answer_cached(q.question, entries)
             rows.append({"answer": answer.answer, "ttft_s": answer.ttft_s})
-        entries = [store.entry(pid) for pid in bench.full]
-        stored = sum(e.length for e in entries) / sum(e.num_tokens for e in entries)
+        stored = store.bytes_per_token([store.entry(pid) for pid in bench.full])
     return rows, stored
 
 

@@ -81,7 +81,7 @@ from ragcompress.runtime.engine import Engine
 from ragcompress.runtime.options import AnswerOptions
 from ragcompress.runtime.prepare import full_prefill
 from ragcompress.store import KVStore, StoreWriter, create_store
-from ragcompress.store.basis import BASIS, basis_to_bytes
+from ragcompress.store.basis import basis_to_bytes
 
 from common import SQUAD, adaptor_provenance, measured_by, question_article, results_meta, teacher_forced_logprobs
 
@@ -533,11 +533,9 @@ def measure(frontier: Frontier, row: RowSpec, reference: dict[str, Any] | None) 
         ref = reference["logprobs"][i].float()
         kls.append(float(kl(ref, ours).mean()))
         first_kls.append(float(kl(ref[:1], ours[:1]).mean()))
-    entries = list(store.catalogue.entries())
-    tokens = sum(e.num_tokens for e in entries)
-    blob_bytes = sum(e.length for e in entries)
-    basis_bytes = (path / BASIS).stat().st_size if (path / BASIS).is_file() else 0
-    per_token = (blob_bytes + basis_bytes) / tokens
+    basis_bytes = store.basis_bytes
+    per_token = store.bytes_per_token()
+    tokens = sum(e.num_tokens for e in store.catalogue.entries())
     fp16 = float(ModelShape.from_config(frontier.lm.config).fp16_bytes_per_token)
     n = len(answers)
     lowrank = store.manifest.compression.get("lowrank")

@@ -121,7 +121,7 @@ def _bench_row(engine: Engine, questions: list[Question], top_k: int, repeats: i
         tokens = sum(e.num_tokens for e in entries)
         contexts.append(engine.prefix.num_tokens + tokens)
         fp16_bytes.append(tokens * fp16_per_token)
-        stored_bytes.append(sum(e.length for e in entries))
+        stored_bytes.append(engine.store.stored_bytes(entries))
     ttft = {path: statistics.median(times) for path, times in per_path.items()}
     cache_work = statistics.median(work)
     return BenchRow(

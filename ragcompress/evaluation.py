@@ -200,11 +200,7 @@ def summarize(engine: Engine, results: list[QuestionResult]) -> dict[str, Any]:
     with_gold = [r for r in results if r.question.passage_id is not None]
     recall = (sum(r.question.passage_id in r.retrieved for r in with_gold) / len(with_gold)) if with_gold else None
     used = {pid for r in results for pid in r.retrieved}
-    entries = [engine.store.entry(pid) for pid in sorted(used)]
-    tokens = sum(e.num_tokens for e in entries)
-    stored = sum(e.length for e in entries) / tokens
-    if engine.store.basis_bytes:  # a low-rank store's basis, stored once, counted per token as `index` does
-        stored += engine.store.basis_bytes / sum(e.num_tokens for e in engine.store.catalogue.entries())
+    stored = engine.store.bytes_per_token([engine.store.entry(pid) for pid in sorted(used)])
     fp16 = float(engine.store.shape.fp16_bytes_per_token)
     return {
         "n": n,

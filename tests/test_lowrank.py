@@ -227,3 +227,23 @@ def test_latents_decode_to_their_per_layer_quantization_with_one_rank_or_several
         kept = torch.arange(n_max) < lengths[layer].unsqueeze(-1)
         assert torch.equal(decoded[layer][kept], expected[kept])
         assert not decoded[layer][~kept].any()
+
+
+def test_bytes_per_token_counts_the_basis_once_over_the_whole_store(tmp_path):
+    """``index``/``stats`` (every passage) and ``eval`` (the retrieved ones) report stored bytes by
+    one formula: blobs over their tokens, the basis spread over all the store's tokens."""
+    from types import SimpleNamespace
+
+    from ragcompress.store.kvstore import KVStore
+
+    entries = [SimpleNamespace(length=300, num_tokens=10), SimpleNamespace(length=100, num_tokens=30)]
+    store = SimpleNamespace(
+        catalogue=SimpleNamespace(entries=lambda: iter(entries)),
+        basis_bytes=80,
+        stored_bytes=lambda chosen: sum(e.length for e in chosen),
+    )
+    assert KVStore.bytes_per_token(store) == (400 + 80) / 40
+    assert KVStore.bytes_per_token(store, entries[:1]) == 300 / 10 + 80 / 40
+    store.basis_bytes = 0
+    assert KVStore.bytes_per_token(store, entries[1:]) == 100 / 30
+    assert KVStore.bytes_per_token(store, []) == 0.0

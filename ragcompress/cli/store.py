@@ -214,12 +214,7 @@ def store_sizes(store: Any) -> dict[str, Any]:
     """Stored bytes per passage token (blobs as written, scales and positions included, a
     low-rank store's basis counted once) vs fp16."""
     fp16 = store.shape.fp16_bytes_per_token
-    tokens = stored = 0
-    for entry in store.catalogue.entries():
-        tokens += entry.num_tokens
-        stored += entry.length
-    stored += store.basis_bytes
-    per_token = stored / tokens if tokens else 0.0
+    per_token = store.bytes_per_token()
     return {
         "kv_bytes_per_token": {"fp16": float(fp16), "stored": per_token},
         "compression": fp16 / per_token if per_token else 0.0,

@@ -335,6 +335,21 @@ class KVStore:
     def stored_bytes(self, entries: list[Entry]) -> int:
         return sum(e.length for e in entries)
 
+    def bytes_per_token(self, entries: list[Entry] | None = None) -> float:
+        """Stored bytes per passage token of ``entries`` (every passage when None): their blobs as
+        written (scales, positions and base copies included) over their tokens, plus the low-rank
+        basis, stored once per store, spread over all the store's tokens. What ``index``, ``stats``,
+        ``eval`` and the benchmarks report against fp16 (0 for no tokens)."""
+        every = list(self.catalogue.entries()) if entries is None or self.basis_bytes else []
+        chosen = every if entries is None else entries
+        tokens = sum(e.num_tokens for e in chosen)
+        if tokens == 0:
+            return 0.0
+        per_token = self.stored_bytes(chosen) / tokens
+        if self.basis_bytes:
+            per_token += self.basis_bytes / sum(e.num_tokens for e in every)
+        return per_token
+
     @property
     def basis_bytes(self) -> int:
         """Bytes of the low-rank basis (stored once per store; 0 without one)."""
