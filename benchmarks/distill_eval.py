@@ -56,7 +56,7 @@ from ragcompress.kv.quant import QuantConfig
 from ragcompress.models import load_model
 from ragcompress.prompt import PromptTemplate
 from ragcompress.runtime.assemble import assemble
-from ragcompress.runtime.generate import decode_n_tokens, forward_logits, prefill, stop_token_ids
+from ragcompress.runtime.generate import decode_n_tokens, forward_logits, kl_per_position, prefill, stop_token_ids
 from ragcompress.stats import bootstrap_ci, paired_comparison, paired_ratio
 from ragcompress.store import codec
 
@@ -143,7 +143,7 @@ def measure(encoder: PassageEncoder, example: Example, segs: list, stop_ids: set
     student = logits.float().log_softmax(-1)
     assert example.qa_full is not None
     teacher = example.qa_full
-    kl = float((teacher.exp() * (teacher - student)).sum(-1).mean())
+    kl = float(kl_per_position(teacher, student).mean())
     greedy = cache()
     first = prefill(lm.model, example.suffix, greedy.cache, greedy.next_position, **greedy.attention_kwargs())
     answer = list(

@@ -32,6 +32,7 @@ from ragcompress.bench import git_revision
 from ragcompress.models import load_model
 from ragcompress.retrieval import Embedder
 from ragcompress.runtime.engine import Engine
+from ragcompress.runtime.generate import kl_per_position
 from ragcompress.runtime.options import AnswerOptions
 from ragcompress.runtime.prepare import full_prefill
 from ragcompress.store import KVStore
@@ -61,7 +62,7 @@ def full_prefill_logprobs(engine: Engine, question: str, pids: list[str], answer
 
 def kl(ref: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """Per-position ``KL(ref || other)`` from log-probabilities ``[n, vocab]``."""
-    return (ref.exp() * (ref - other)).sum(-1)
+    return kl_per_position(ref, other)
 
 
 def plot(rows: dict[str, dict], path: Path, title: str) -> None:

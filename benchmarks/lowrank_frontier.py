@@ -78,6 +78,7 @@ from ragcompress.kv.quant import QuantConfig
 from ragcompress.models import LoadedModel, load_model
 from ragcompress.retrieval import Embedder, exact_top_k
 from ragcompress.runtime.engine import Engine
+from ragcompress.runtime.generate import kl_per_position
 from ragcompress.runtime.options import AnswerOptions
 from ragcompress.runtime.prepare import full_prefill
 from ragcompress.store import KVStore, StoreWriter, create_store
@@ -453,7 +454,7 @@ def merge_evicted(full: PassageKV, kept: PassageKV, scores: torch.Tensor) -> Pas
 
 def kl(ref: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """Per-position ``KL(ref || other)`` from log-probabilities ``[n, vocab]``."""
-    return (ref.exp() * (ref - other)).sum(-1)
+    return kl_per_position(ref, other)
 
 
 def answer_ids(frontier: Frontier, question: Question) -> list[int]:

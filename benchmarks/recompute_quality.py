@@ -53,7 +53,7 @@ import torch
 from ragcompress.evaluation import f1, sub_em
 from ragcompress.models import DTYPES
 from ragcompress.runtime.engine import Engine
-from ragcompress.runtime.generate import Generation, TokenStream, first_token_margin
+from ragcompress.runtime.generate import Generation, TokenStream, first_token_margin, kl_per_position
 from ragcompress.runtime.options import AnswerOptions
 from ragcompress.runtime.recompute import SELECTIONS, RecomputeConfig
 from ragcompress.stats import bootstrap_ci, paired_comparison
@@ -117,7 +117,7 @@ def run_forced(model, stream: TokenStream, answer: list[int] | None = None) -> t
 
 def kl(full_logp: torch.Tensor, logp: torch.Tensor) -> float:
     """Mean over positions of KL(full || setting), nats."""
-    return float((full_logp.exp() * (full_logp - logp)).sum(-1).mean())
+    return float(kl_per_position(full_logp, logp).mean())
 
 
 def disagreements(rows: list[dict], full: list[dict]) -> dict[str, int]:

@@ -82,7 +82,7 @@ def calibrate_temperature(
     distributions; every candidate temperature is then scored by the KL of the stored-cache
     distributions along that continuation. No question or answer of any dataset is used.
     """
-    from ragcompress.runtime.generate import rewind, run_keeping_request, teacher_forced_logprobs
+    from ragcompress.runtime.generate import kl_per_position, rewind, run_keeping_request, teacher_forced_logprobs
     from ragcompress.runtime.recompute import RecomputeConfig
 
     if 1.0 not in grid:
@@ -110,7 +110,7 @@ def calibrate_temperature(
             config = RecomputeConfig(temperature=t)
             prepared = engine.prepare(PROBE_QUESTION, group, options.replace(recompute=config, calibrate=False))
             logp = teacher_forced_logprobs(engine.lm.model, prepared, answer, keep=len(answer) + 1)
-            totals[t] += float((full.exp() * (full - logp)).sum(-1).mean())
+            totals[t] += float(kl_per_position(full, logp).mean())
     kl = {f"{t:g}": totals[t] / len(anchors) for t in grid}
     best = min(grid, key=lambda t: (totals[t], abs(t - 1.0)))
     return TemperatureCalibration(best, kl, len(anchors))

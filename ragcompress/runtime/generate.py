@@ -253,6 +253,13 @@ def text_deltas(tokenizer: Any, tokens: Iterable[int]) -> Iterator[str]:
         yield piece
 
 
+def kl_per_position(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``KL(reference || other)`` in nats at each position, from log-probabilities ``[..., vocab]``:
+    how far a path's next-token distributions are from the reference's (full prefill's, a
+    teacher's), the measure calibration, training and the benchmarks report."""
+    return torch.nn.functional.kl_div(other, reference, reduction="none", log_target=True).sum(-1)
+
+
 @torch.inference_mode()
 def teacher_forced_logprobs(
     model: Any, prepared: Prepared, continuation: list[int], keep: int | None = None
