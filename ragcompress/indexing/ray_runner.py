@@ -59,6 +59,7 @@ from ragcompress.indexing.run import (
 from ragcompress.models import LoadedModel, load_model
 from ragcompress.store import KVStore, Manifest, StoreWriter
 from ragcompress.store.files import indexing_run, refuse_existing
+from ragcompress.store.manifest import MANIFEST
 from ragcompress.store.shards import ClaimedShards
 from ragcompress.store.writer import catalogue_row
 
@@ -293,7 +294,7 @@ def index_on_ray(
     if gpu:  # a cluster without a GPU is refused before anything is written
         _connect(address, workers * threads_per_worker, gpu)
     input_path, store_path = Path(input_path), Path(store_path)
-    exists = (store_path / "manifest.json").is_file()
+    exists = (store_path / MANIFEST).is_file()
     total = count_input(input_path, store_path if exists else None, replace)
     if not exists:
         refuse_existing(store_path)

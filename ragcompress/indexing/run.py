@@ -31,7 +31,7 @@ from ragcompress.retrieval import Embedder
 from ragcompress.store import KVStore, Manifest, StoreWriter, create_store
 from ragcompress.store.basis import basis_to_bytes
 from ragcompress.store.files import indexing_run, overwrite_refusal, refuse_existing, remove_litter, replace_store
-from ragcompress.store.manifest import SETTINGS
+from ragcompress.store.manifest import MANIFEST, SETTINGS
 from ragcompress.store.writer import StoreLock
 
 
@@ -168,7 +168,7 @@ def index(
     start = time.perf_counter()
     input_path, store_path = Path(input_path), Path(store_path)
     remove_litter(store_path)
-    exists = (store_path / "manifest.json").is_file()
+    exists = (store_path / MANIFEST).is_file()
     total = count_input(input_path, store_path if exists and not overwrite else None, replace)
     # --overwrite replaces what is at the path: only ever a store (even one whose manifest is lost)
     rebuild = overwrite and store_path.exists() and (not store_path.is_dir() or any(store_path.iterdir()))
@@ -220,7 +220,7 @@ def remove(store_path: str | Path, ids: list[str], *, missing_ok: bool = False) 
     rebuild their index (the catalogue's generation changes); the blobs stay in the shards,
     unreferenced, until ``ragcompress compact`` (``ragcompress verify`` counts their bytes)."""
     store_path = Path(store_path)
-    if not (store_path / "manifest.json").is_file():
+    if not (store_path / MANIFEST).is_file():
         raise StoreError(
             f"{store_path} is not a ragcompress store (no manifest.json); check the --store path, "
             "or build one with `ragcompress index`"
@@ -245,7 +245,7 @@ def _write(
 ) -> tuple[int, int, int]:
     """Encode and commit ``input_path``'s passages into the store at ``target`` (created if
     absent); returns ``(indexed, skipped, replaced)``."""
-    if not (target / "manifest.json").is_file():
+    if not (target / MANIFEST).is_file():
         create_store_for(target, indexer)
 
     indexed = skipped = replaced = 0

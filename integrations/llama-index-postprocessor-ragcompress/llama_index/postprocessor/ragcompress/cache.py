@@ -101,8 +101,9 @@ class CacheWriter:
         from ragcompress.indexing import Indexer
         from ragcompress.indexing.run import attach_basis
         from ragcompress.store import KVStore, Manifest
+        from ragcompress.store.manifest import MANIFEST
 
-        exists = (Path(path) / "manifest.json").is_file()
+        exists = (Path(path) / MANIFEST).is_file()
         existing = Manifest.read(Path(path)) if exists else None
         lm = shared_model(model, dtype or (existing.dtype if existing else None), device)
         indexer = Indexer.from_config(lm, config, shared_embedder(config.embedder))
@@ -182,13 +183,14 @@ class CacheWriter:
         from ragcompress.errors import StoreError
         from ragcompress.indexing.run import create_store_for
         from ragcompress.store import Manifest
+        from ragcompress.store.manifest import MANIFEST
 
-        if not (path / "manifest.json").is_file():
+        if not (path / MANIFEST).is_file():
             try:
                 create_store_for(path, self.indexer)  # with a low-rank store's basis
                 self.checked = True
             except StoreError:
-                if not (path / "manifest.json").is_file():  # not the race: the path cannot hold a store
+                if not (path / MANIFEST).is_file():  # not the race: the path cannot hold a store
                     raise
         if not self.checked:
             Manifest.read(path).check_same_build(self.indexer.manifest)
