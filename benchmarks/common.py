@@ -1,4 +1,5 @@
-"""Code the benchmark scripts share (not part of the library); no script imports another script.
+"""Code the benchmark scripts share (not part of the library); a script imports another only to
+reuse its run over the same workdir (``kv_split_probe`` reads ``lowrank_frontier``'s).
 
 * data and rows: the SQuAD-dev sample (:data:`SQUAD`, :func:`pick_questions`), row names and
   plots of the compression benchmarks (:func:`row_name`, :func:`side_row`,
@@ -170,9 +171,6 @@ def plot_against_compression(
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-
-
-# -- teacher forcing over a prepared request ----------------------------------------------------
 
 
 # -- synthetic fixtures and timing of the kernel benchmark -------------------------------------

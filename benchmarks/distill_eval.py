@@ -165,7 +165,7 @@ def full_prefill_answer(encoder: PassageEncoder, example: Example, stop_ids: set
     """The base model's greedy answer from a plain prefill of prefix + passages + question."""
     ids = list(encoder.prefix_ids) + [t for p in example.passages for t in p] + example.suffix
     out = encoder.lm.model(input_ids=torch.tensor([ids]), use_cache=True, logits_to_keep=1)
-    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    cache = out.cache
     return list(decode_n_tokens(encoder.lm.model, out.logits[0, -1], cache, len(ids), MAX_NEW_TOKENS, stop_ids))
 
 

@@ -733,7 +733,9 @@ def test_sigterm_lets_in_flight_requests_finish_then_exits_0(served):
         f"sys.argv = ['ragcompress', 'serve', '--store', {str(store)!r}, '--port', '0', '--max-new-tokens', '12']\n"
         "main()\n"
     )
-    env = {**os.environ, "RAGCOMPRESS_API_KEY": KEY}
+    from ragcompress.serve.settings import API_KEY_ENV
+
+    env = {**os.environ, API_KEY_ENV: KEY}  # the CLI's own spelling of the variable must be this one
     proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True, env=env)
     log: list[str] = []
     started = threading.Event()

@@ -145,7 +145,7 @@ class Distiller:
         back to the passages for the second objective): greedy answer and top tokens."""
         context = list(self.prefix_ids) + [t for ids in passages for t in ids]
         out = self.model(input_ids=torch.tensor([context]), use_cache=True, logits_to_keep=1)
-        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        cache = out.cache
         suffix = self.tokens.suffix(question)
         rows = [forward_logits(self.model, torch.tensor([suffix]), cache, len(context), 1)[-1]]
         answer: list[int] = []

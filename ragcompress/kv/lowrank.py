@@ -128,11 +128,6 @@ class CalibrationMoments:
             )
         return LowRankBasis(bases, means, energy)
 
-    def spectrum(self, kind: str) -> torch.Tensor:
-        """``[L, d]``: variance kept by the top ``r`` directions (``r = 1..d``), averaged over heads."""
-        variances = self.pca(kind)[2]
-        return (variances.cumsum(-1) / variances.sum(-1, keepdim=True).clamp_min(1e-30)).mean(1)
-
 
 def _ranks(variances: torch.Tensor, spec: RankSpec) -> list[int]:
     """One rank per layer from variances ``[L, H, d]`` (most first)."""

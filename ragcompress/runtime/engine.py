@@ -3,8 +3,9 @@
 :meth:`Engine.answer_cached` is the product; :meth:`Engine.answer_full` is the baseline it is
 measured against: a plain prefill of the same token ids (prefix + passages + suffix) with no
 reuse at all. Both go through the same two steps, which every other caller (streaming, eval,
-bench, LlamaIndex, benchmarks) uses too: :meth:`Engine.prepare` (``runtime.prepare``) and the
-token generator (:class:`~ragcompress.runtime.generate.TokenStream`).
+bench, LlamaIndex, benchmarks) uses too: a prepared request (``runtime.prepare``: the stored
+caches assembled, or the whole prompt for full prefill) and the token generator
+(:class:`~ragcompress.runtime.generate.TokenStream`).
 """
 
 from __future__ import annotations

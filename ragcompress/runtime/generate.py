@@ -1,5 +1,8 @@
-"""The one token generator: every answer (cached, full prefill, streaming, eval, bench, LlamaIndex,
-benchmarks) is decoded here, greedily, with explicit positions.
+"""The one token generator: every answer the library serves (cached, full prefill, streaming,
+eval, bench, serve, LlamaIndex) and the benchmarks' answers are decoded here, greedily, with
+explicit positions. Training's teacher and the synthetic questions it writes
+(``ragcompress.distill``) decode with the model's own ``generate`` or argmax: they are inputs to
+training, not answers.
 
 The model's own ``generate`` infers positions from the cache length; with evicted tokens the
 cache is shorter than the positions it covers, so positions are passed explicitly (gpt-fast's

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# `ragcompress serve` reads the key from here when --api-key is not given.
+# The variable `ragcompress serve` reads the key from when --api-key is not given (the CLI
+# spells it again so that its --help does not import the service; tests/test_serve.py checks both).
 API_KEY_ENV = "RAGCOMPRESS_API_KEY"
 
 
