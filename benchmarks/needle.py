@@ -21,10 +21,10 @@ import json
 import random
 import re
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache
 
 from ragcompress.compressors import CompressionContext, make_compressor
 from ragcompress.indexing.encoder import PassageEncoder
@@ -33,7 +33,8 @@ from ragcompress.kv.quant import QuantConfig
 from ragcompress.models import load_model
 from ragcompress.prompt import PromptTemplate
 from ragcompress.runtime.assemble import assemble
-from ragcompress.runtime.generate import greedy_decode, stop_token_ids
+from ragcompress.runtime.generate import TokenStream, greedy_decode, stop_token_ids
+from ragcompress.runtime.prepare import plain_prefill
 from ragcompress.store.codec import decode, encode
 
 ESSAYS = Path(__file__).resolve().parents[2] / "shared" / "data" / "pg-essays-dev"
@@ -111,7 +112,8 @@ def main() -> None:
             ids = [encoder.tokens.passage(t) for t in texts]
             full = encoder.encode(ids)
             prompt = encoder.prefix_ids + sum(ids, []) + suffix
-            gen = greedy_decode(lm.model, prompt, DynamicCache(config=lm.config), 0, args.max_new_tokens, stops)
+            n = args.max_new_tokens
+            gen = TokenStream(lm.model, partial(plain_prefill, lm, prompt, n), n, stops).run()
             hits["full prefill"][depth].append(int(value in tok.decode(gen.token_ids, skip_special_tokens=True)))
             hits["none"][depth].append(int(value in cached_answer(full, suffix)))
             scored: dict[str, list[torch.Tensor]] = {}  # one scoring pass per scorer, shared by its wrappers

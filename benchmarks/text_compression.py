@@ -105,7 +105,6 @@ def main() -> int:
     from llama_index.core.postprocessor import SentenceEmbeddingOptimizer
     from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
     from llama_index.embeddings.huggingface import HuggingFaceEmbedding
-    from transformers import DynamicCache
 
     from llama_index.postprocessor.ragcompress import TextCompressionPostprocessor
     from llama_index.postprocessor.ragcompress._shared import shared_embedder, shared_model
@@ -113,7 +112,8 @@ def main() -> int:
     from ragcompress.indexing.inputs import iter_passages
     from ragcompress.prompt import PromptTemplate, PromptTokens
     from ragcompress.retrieval import DEFAULT_EMBEDDER, VectorIndex, _embedder_path
-    from ragcompress.runtime.generate import greedy_decode, stop_token_ids
+    from ragcompress.runtime.generate import TokenStream, stop_token_ids
+    from ragcompress.runtime.prepare import plain_prefill
 
     lm = shared_model(None)
     tokens = PromptTokens(PromptTemplate.from_tokenizer(lm.tokenizer), lm.tokenizer)
@@ -187,7 +187,10 @@ def main() -> int:
     def answer(texts: list[str], question: str) -> tuple[str, int, float]:
         context = [t for text in texts if text.strip() for t in tokens.passage(text)]
         ids = tokens.prefix() + context + tokens.suffix(question)
-        gen = greedy_decode(lm.model, ids, DynamicCache(config=lm.config), 0, args.max_new_tokens, stops)
+        # full prefill of the (compressed) text on the library's decoder and preallocated cache
+        gen = TokenStream(
+            lm.model, lambda: plain_prefill(lm, ids, args.max_new_tokens), args.max_new_tokens, stops
+        ).run()
         return lm.tokenizer.decode(gen.token_ids, skip_special_tokens=True).strip(), len(context), gen.ttft_s
 
     rows = {name: [] for name in methods}
