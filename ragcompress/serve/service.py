@@ -19,7 +19,7 @@ from starlette.requests import Request
 from ragcompress.runtime.attention import sliding_window
 from ragcompress.runtime.batch import BatchStream, batchable
 from ragcompress.runtime.engine import Engine
-from ragcompress.runtime.generate import Prepared, TextDeltas, TokenStream, text_deltas
+from ragcompress.runtime.generate import Prepared, TextDeltas, TokenStream
 from ragcompress.runtime.options import AnswerOptions
 from ragcompress.runtime.prepare import DenseStrategy, choose_strategy
 from ragcompress.serve.metrics import Metrics
@@ -182,7 +182,7 @@ class Service:
                     return
 
         if query.stream:
-            for piece in text_deltas(engine.lm.tokenizer, tokens()):
+            for piece in engine.text_pieces(tokens()):
                 job.emit(("delta", piece))
         else:
             for _ in tokens():

@@ -169,10 +169,9 @@ class KVCacheSynthesizer(BaseSynthesizer):
 
     def _stream(self, question: str, entries: list[Any], info: dict[str, Any]) -> Generator[str, None, None]:
         """Text deltas of the same tokens :meth:`Engine.answer_cached` decodes (one query path)."""
-        from ragcompress.runtime.generate import text_deltas
 
         stream = self._engine.stream_cached(question, entries)
-        yield from text_deltas(self._engine.lm.tokenizer, stream)
+        yield from self._engine.text_pieces(stream)
         info.update(ttft_s=stream.ttft_s, total_s=stream.total_s, backend=stream.backend)
         dispatcher.event(
             KVCacheAnswerEvent(store=self._resolver.path, passage_ids=info["passage_ids"], ttft_s=stream.ttft_s)
