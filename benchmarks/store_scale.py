@@ -65,18 +65,16 @@ BLOCK = 10  # queries a store answers back to back in the served timing (run_sca
 
 
 def meta(sample: str, model: str, threads: int, repeats: int, questions: int) -> dict[str, Any]:
-    from ragcompress.bench import git_revision
+    """``results_meta`` (the keys every results file records) and when, on what load and CPUs.
+    (``common`` is imported here, not at the top: the ``probe`` subprocess measures a fresh
+    process's memory, which torch would inflate.)"""
+    from common import results_meta
 
     return {
-        "git": git_revision(),
+        **results_meta({"threads": threads, "repeats": repeats, "questions": questions, "model": model}),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "load_before": list(os.getloadavg()),
         "cpus": os.cpu_count(),
-        "threads": threads,
-        "repeats": repeats,
-        "limit": None,
-        "questions": questions,
-        "model": model,
         "sample": sample,
     }
 
