@@ -164,6 +164,22 @@ def test_transform_creates_a_low_rank_store_with_its_basis(tiny, tmp_path):
         assert kv.load_kv(kv.entry(sample_documents(1)[0].doc_id)).num_tokens > 0
 
 
+def test_transform_names_another_adaptor_as_index_does(tiny, tmp_path):
+    """Ingesting into a store built without an adaptor, through one, is refused in the adaptor's
+    own words and with the remedy ``ragcompress index`` gives, not as an unnamed difference of
+    the passage encoding."""
+    from ragcompress.errors import StoreMismatchError
+    from ragcompress.models import load_model
+    from ragcompress.testing import noisy_adaptor
+
+    store = tmp_path / "store"
+    KVCacheTransform(store_path=str(store), model=tiny)(sample_documents(1))
+    adaptor = noisy_adaptor(load_model(tiny).model, 1).save(tmp_path / "adaptor")
+    transform = KVCacheTransform(store_path=str(store), model=tiny, config=IndexConfig(adaptor=str(adaptor)))
+    with pytest.raises(StoreMismatchError, match=r"built with no adaptor \(the base model\), this run uses adaptor"):
+        transform(sample_documents(2))
+
+
 def test_pipeline_workers_refuse_a_neighbour_conditioned_transform(tiny, tmp_path):
     """``IngestionPipeline(num_workers>1)`` pickles its transformations into worker processes, each
     given a share of the nodes, so a neighbour-conditioned transform would draw neighbours from its

@@ -103,15 +103,19 @@ def run_indexer(
     if spec is not None:
         indexer = attach_basis(indexer, config, spec, input_path, existing)
     if existing is not None:
-        stored = Manifest.read(existing)
-        # the first setting that differs is named (model, template, compression before the
-        # passage encoding: a preset on another store differs in its compression first), an
-        # adaptor in its own words
-        difference = stored.build_difference(indexer.manifest)
-        if difference is not None and difference[0] == "passage encoding":
-            check_store_adaptor(stored.encoding.get("adaptor"), indexer.manifest.encoding.get("adaptor"))
-        stored.check_same_build(indexer.manifest)
+        check_same_build(Manifest.read(existing), indexer)
     return indexer
+
+
+def check_same_build(stored: Manifest, indexer: Indexer) -> None:
+    """Refuse adding ``indexer``'s caches to a store built otherwise (``StoreMismatchError``):
+    the first setting that differs is named (model, template, compression before the passage
+    encoding: a preset on another store differs in its compression first), an adaptor in its own
+    words. ``index`` and the LlamaIndex ingestion both check here."""
+    difference = stored.build_difference(indexer.manifest)
+    if difference is not None and difference[0] == "passage encoding":
+        check_store_adaptor(stored.encoding.get("adaptor"), indexer.manifest.encoding.get("adaptor"))
+    stored.check_same_build(indexer.manifest)
 
 
 def create_store_for(target: Path, indexer: Indexer) -> None:

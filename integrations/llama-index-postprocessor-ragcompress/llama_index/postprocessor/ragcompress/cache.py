@@ -99,7 +99,7 @@ class CacheWriter:
         an existing store's own, else float32); ``device``: where its forwards run (None: CPU)."""
         require_ragcompress()
         from ragcompress.indexing import Indexer
-        from ragcompress.indexing.run import attach_basis
+        from ragcompress.indexing.run import attach_basis, check_same_build
         from ragcompress.store import KVStore, Manifest
         from ragcompress.store.manifest import MANIFEST
 
@@ -114,7 +114,7 @@ class CacheWriter:
                 lowrank = existing.compression.get("lowrank")
                 if spec is not None and store.basis is not None and isinstance(lowrank, dict):
                     indexer = indexer.with_basis(store.basis, spec, str(lowrank.get("calibration")))
-            existing.check_same_build(indexer.manifest)  # the same settings, rank spec included
+            check_same_build(existing, indexer)  # the same settings, rank spec included
             indexer = joined
         elif spec is not None:  # a new low-rank store: its basis is fitted on a passage file
             if config.calibration is None:
