@@ -167,17 +167,27 @@ def test_transform_creates_a_low_rank_store_with_its_basis(tiny, tmp_path):
 def test_transform_names_another_adaptor_as_index_does(tiny, tmp_path):
     """Ingesting into a store built without an adaptor, through one, is refused in the adaptor's
     own words and with the remedy ``ragcompress index`` gives, not as an unnamed difference of
-    the passage encoding."""
+    the passage encoding: when the store exists before the transform's writer is set up, and when
+    another writer creates it in between (the race ``IngestionPipeline(num_workers=...)`` runs,
+    where the check once named only "passage encoding")."""
     from ragcompress.errors import StoreMismatchError
     from ragcompress.models import load_model
     from ragcompress.testing import noisy_adaptor
 
+    adaptor = noisy_adaptor(load_model(tiny).model, 1).save(tmp_path / "adaptor")
+    refusal = r"built with no adaptor \(the base model\), this run uses adaptor"
     store = tmp_path / "store"
     KVCacheTransform(store_path=str(store), model=tiny)(sample_documents(1))
-    adaptor = noisy_adaptor(load_model(tiny).model, 1).save(tmp_path / "adaptor")
     transform = KVCacheTransform(store_path=str(store), model=tiny, config=IndexConfig(adaptor=str(adaptor)))
-    with pytest.raises(StoreMismatchError, match=r"built with no adaptor \(the base model\), this run uses adaptor"):
+    with pytest.raises(StoreMismatchError, match=refusal):
         transform(sample_documents(2))
+
+    raced = tmp_path / "raced"
+    late = KVCacheTransform(store_path=str(raced), model=tiny, config=IndexConfig(adaptor=str(adaptor)))
+    assert late.writer is not None and not raced.exists()  # set up while no store was there
+    KVCacheTransform(store_path=str(raced), model=tiny)(sample_documents(1))  # the other writer wins
+    with pytest.raises(StoreMismatchError, match=refusal):
+        late(sample_documents(2))
 
 
 def test_pipeline_workers_refuse_a_neighbour_conditioned_transform(tiny, tmp_path):

@@ -181,7 +181,7 @@ class CacheWriter:
         writer was set up (an ``IngestionPipeline(num_workers=...)`` worker that lost the race to
         create it, or any writer that came first) like :meth:`for_build` checks an existing one."""
         from ragcompress.errors import StoreError
-        from ragcompress.indexing.run import create_store_for
+        from ragcompress.indexing.run import check_same_build, create_store_for
         from ragcompress.store import Manifest
         from ragcompress.store.manifest import MANIFEST
 
@@ -193,7 +193,7 @@ class CacheWriter:
                 if not (path / MANIFEST).is_file():  # not the race: the path cannot hold a store
                     raise
         if not self.checked:
-            Manifest.read(path).check_same_build(self.indexer.manifest)
+            check_same_build(Manifest.read(path), self.indexer)
             self.checked = True
 
     def write(
