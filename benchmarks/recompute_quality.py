@@ -378,8 +378,11 @@ def one_run(records: Iterable[dict], where: Path) -> dict[str, Any] | None:
     """The run (:data:`SHARED_RUN_KEYS` of :func:`run_identity`) that answered every one of
     ``records``, read from a checkpoint that another invocation wrote (``--pair-with``,
     ``fallback_threshold.py``); ``SystemExit`` when they name more than one, None when none
-    records it (checkpoints from before records named their run)."""
-    runs = {json.dumps({k: r["run"].get(k) for k in SHARED_RUN_KEYS}, sort_keys=True) for r in records if r.get("run")}
+    records it (checkpoints from before records named their run). Only the keys every record
+    names are compared: a run resumed across a change that added a key is still one run."""
+    named = [r["run"] for r in records if r.get("run")]
+    keys = [k for k in SHARED_RUN_KEYS if all(k in run for run in named)]
+    runs = {json.dumps({k: run[k] for k in keys}, sort_keys=True) for run in named}
     if len(runs) > 1:
         raise SystemExit(f"{where}: its records were answered by {len(runs)} runs ({sorted(runs)}); give one run's")
     return json.loads(runs.pop()) if runs else None

@@ -959,6 +959,11 @@ def test_quality_benchmark_refuses_to_mix_runs_in_one_checkpoint(tmp_path, monke
         "a",
         "b",
     }  # a report not told the threads does not check them
+    # a checkpoint resumed across the change that added threads and stores_created is one run
+    older = {k: v for k, v in run.items() if k not in ("threads", "stores_created")}
+    assert quality.one_run([{"run": older}, {"run": run}], checkpoint) == older
+    with pytest.raises(SystemExit, match="answered by 2 runs"):
+        quality.one_run([{"run": older}, {"run": {**run, "max_new_tokens": 32}}], checkpoint)
     built[0] = "2026-12-07T10:00:00Z"
     with pytest.raises(SystemExit, match="answered with stores_created"):
         quality.checkpointed(checkpoint, 3, ["reuse"], "float32", quality.run_identity(args, 1))
