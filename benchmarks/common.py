@@ -1,5 +1,7 @@
-"""Code the benchmark scripts share (not part of the library); a script imports another only to
-reuse its run over the same workdir (``kv_split_probe`` reads ``lowrank_frontier``'s).
+"""Code the benchmark scripts share (not part of the library). A script imports another only to
+reuse its work: ``kv_split_probe`` reads ``lowrank_frontier``'s workdir, ``fallback_threshold``
+``recompute_quality``'s checkpoints, ``gpu_kernel_bench`` ``kernel_bench``'s cases, ``store_scale``
+``report``'s tables.
 
 * data and rows: the SQuAD-dev sample (:data:`SQUAD`, :func:`pick_questions`), row names and
   plots of the compression benchmarks (:func:`row_name`, :func:`side_row`,

@@ -36,7 +36,7 @@ from ragcompress.runtime.generate import kl_per_position
 from ragcompress.runtime.options import AnswerOptions
 from ragcompress.runtime.prepare import full_prefill
 from ragcompress.store import KVStore
-from ragcompress.store.manifest import Manifest
+from ragcompress.store.manifest import MANIFEST, Manifest
 
 from common import SQUAD, pick_questions, plot_against_compression, row_name, side_row, teacher_forced_logprobs
 
@@ -132,6 +132,11 @@ def main() -> None:
         earlier = done.get(name, {})
         # the stores as built now (compression_quality rebuilds a store whose row it measures
         # again): an earlier KL of other stores is not this row's
+        if not (workdir / name / MANIFEST).is_file():
+            raise SystemExit(
+                f"{workdir / name} is gone, so its row's KL cannot be measured or checked against it; rerun "
+                "compression_quality.py for that row, or leave it out with --rows"
+            )
         built = {"store": Manifest.read(workdir / name).created, "reference": reference_created}
         # measured by an earlier run against the same reference, over the same questions and stores
         if (

@@ -130,5 +130,6 @@ class VectorIndex:
 def exact_top_k(queries: np.ndarray, vectors: np.ndarray, k: int) -> np.ndarray:
     """``[len(queries), min(k, len(vectors))]`` indices of each query's ``k`` most similar
     ``vectors`` by inner product, best first, ties to the earlier vector: the brute-force search
-    that training, benchmarks and neighbour encoding run over vectors held in memory."""
+    that training's corpora and the benchmarks run over vectors held in memory (neighbour
+    encoding ranks its own way, in float64 with a passage's own row masked out)."""
     return np.argsort(-(queries @ vectors.T), axis=1, kind="stable")[:, :k]

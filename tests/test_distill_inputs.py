@@ -131,9 +131,15 @@ def test_train_refuses_passages_that_name_no_article(tiny_lm, tmp_path):
     records = [json.loads(line) for line in SAMPLE_PASSAGES.read_text().splitlines() if line.strip()]
     passages = tmp_path / "passages.jsonl"
     passages.write_text("".join(json.dumps({"id": f"p{i}", "text": r["text"]}) + "\n" for i, r in enumerate(records)))
-    with pytest.raises(InputError, match="no passage names its article"):
+    with pytest.raises(InputError, match=f"{len(records)} of {len(records)} passages name no article"):
         train(tiny_lm, passages, SAMPLE_QUESTIONS, tmp_path / "run", dataclasses.replace(CONFIG), progress=False)
     assert not (tmp_path / "run").exists()
+    # one untitled passage among titled ones would be an article of its own just the same
+    mixed = [dict(r) for r in records]
+    mixed[3] = {"id": "loose", "text": mixed[3]["text"]}
+    passages.write_text("".join(json.dumps(r) + "\n" for r in mixed))
+    with pytest.raises(InputError, match=f"1 of {len(records)} passages name no article .*the first: loose"):
+        train(tiny_lm, passages, SAMPLE_QUESTIONS, tmp_path / "run", dataclasses.replace(CONFIG), progress=False)
 
 
 def test_a_resumed_run_refuses_another_split_or_another_base_model(tiny_lm, tiny_model_dir, tmp_path):

@@ -65,6 +65,7 @@ def test_results_files_record_whether_the_setting_applied(monkeypatch):
 
     import common
 
+    monkeypatch.delenv(memory.OPT_OUT, raising=False)  # a run with the setting turned off would skip it
     monkeypatch.setattr(memory, "_applied", False)
     assert run_meta(1, 1)["keep_freed_memory"] is False
     assert common.results_meta({})["keep_freed_memory"] is False

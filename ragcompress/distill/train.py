@@ -194,11 +194,13 @@ def _train(
     torch.manual_seed(config.seed)
     validate(passages_path)  # index's check: well-formed records, unique ids (questions name passages by id)
     passages = list(iter_passages(passages_path))
-    if not any(p.title or "#" in p.id for p in passages):  # every passage would be an article of its own
+    # a passage that names no article would be an article of its own
+    if untitled := [p.id for p in passages if not (p.title or "#" in p.id)]:
         raise InputError(
-            f'{passages_path}: no passage names its article (a "title", or an id "<article>#<n>"), so '
-            "training cannot hold whole articles out and would score the adaptor on neighbours of its training "
-            'passages; add each passage\'s document as its "title"'
+            f'{passages_path}: {len(untitled)} of {len(passages)} passages name no article (a "title", or an '
+            f'id "<article>#<n>"; the first: {untitled[0]}), so training cannot hold whole articles out and '
+            "would score the adaptor on neighbours of its training passages; add each passage's document as "
+            'its "title"'
         )
     config.val_articles = split_articles([p.article for p in passages], config.val_articles)
     from ragcompress.retrieval import Embedder

@@ -258,8 +258,9 @@ def text_deltas(tokenizer: Any, tokens: Iterable[int]) -> Iterator[str]:
 
 def kl_per_position(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """``KL(reference || other)`` in nats at each position, from log-probabilities ``[..., vocab]``:
-    how far a path's next-token distributions are from the reference's (full prefill's, a
-    teacher's), the measure calibration, training and the benchmarks report."""
+    how far a path's next-token distributions are from the reference's (full prefill's): the
+    measure calibration and the benchmarks report (training's objective bins its own,
+    ``distill.objective``)."""
     return torch.nn.functional.kl_div(other, reference, reduction="none", log_target=True).sum(-1)
 
 
