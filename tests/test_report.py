@@ -323,7 +323,7 @@ def test_a_pair_with_run_is_checked_as_this_runs_stores_are(tmp_path):
         return quality.paired_run(args, records, {question.article})
 
     assert pair(stores["plain"], "Yuan_dynasty") == {
-        "run": {"store": str(stores["plain"]), "variants": [], "max_new_tokens": 12},
+        "run": {"store": str(stores["plain"]), "variants": [], "max_new_tokens": 12, "threads": 1},
         "adaptors": {},
     }
     assert pair(stores["adapted"], "Apollo_program")["adaptors"]["base"]["train_articles"] == [

@@ -275,9 +275,9 @@ def verify(
 
     Manifest, prefix, catalogue, every segment (checksum, decoding, shape) and the FAISS index;
     each problem names its passage id and shard."""
-    from ragcompress.store.manifest import MANIFEST
-
-    if not any((store / name).exists() for name in (MANIFEST, "catalogue.sqlite", "shards")):
+    # the file names spelt out: importing ragcompress.store (its MANIFEST) loads torch, and a
+    # mistyped path is named at once (tests/test_packaging.py)
+    if not any((store / name).exists() for name in ("manifest.json", "catalogue.sqlite", "shards")):
         raise RagCompressError(f"{store} is not a ragcompress store (no manifest, catalogue or shards); check --store")
     from ragcompress.store.verify import verify_store
 
