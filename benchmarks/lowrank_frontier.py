@@ -36,7 +36,9 @@ final ``~vnorm`` weights each score by its value's norm over the mean of its lay
 score with its neighbours' (SnapKV's 1-D pooling at its width, :func:`pool_scores`) before the
 budget is applied, so kept rows come in short runs rather than as isolated tokens; a final
 ``~corpus`` spends the same total rows under one score threshold over every passage of the store
-instead of a budget per passage (:func:`corpus_select`).
+instead of a budget per passage (:func:`corpus_select`); a final ``~entity`` doubles the scores of
+the tokens factoid answers are made of, numbers and capitalised words not at a sentence's start
+(:func:`entity_tokens`; the rule it was measured under is in docs/rules.md).
 
     python benchmarks/lowrank_frontier.py --model qwen2.5-coder-0.5b --split eval \\
         --rows none@1/fp16/- none@1/int4/- global:kvzip@0.25/int4/- global:kvzip@0.5/int4/r16
@@ -89,7 +91,7 @@ from common import SQUAD, adaptor_provenance, measured_by, question_article, res
 CORE272 = Path(__file__).resolve().parents[1] / "runs" / "core272-ck"
 OPTIONS = AnswerOptions(backend="dense")
 ROW = re.compile(
-    r"(?P<method>[^@]+)@(?P<ratio>[0-9.]+?)(?:f(?P<floor>[0-9.]+))?/(?P<quant>none|fp16|int8|int4|int2)(?:v(?P<vbits>[248]))?(?:g(?P<group>\d+))?/(?P<rank>-|r\d+k?|[ep][0-9.]+k?)(?P<adaptor>\+adaptor(?:-[A-Za-z0-9]+)?)?(?P<merge>~merge)?(?P<basescore>~basescore)?(?P<vnorm>~vnorm)?(?P<pool>~pool)?(?P<corpus>~corpus)?"
+    r"(?P<method>[^@]+)@(?P<ratio>[0-9.]+?)(?:f(?P<floor>[0-9.]+))?/(?P<quant>none|fp16|int8|int4|int2)(?:v(?P<vbits>[248]))?(?:g(?P<group>\d+))?/(?P<rank>-|r\d+k?|[ep][0-9.]+k?)(?P<adaptor>\+adaptor(?:-[A-Za-z0-9]+)?)?(?P<merge>~merge)?(?P<basescore>~basescore)?(?P<vnorm>~vnorm)?(?P<pool>~pool)?(?P<corpus>~corpus)?(?P<entity>~entity)?"
 )
 
 
@@ -111,13 +113,14 @@ class RowSpec:
     value_norm: bool = False  # ``~vnorm``: scores weighted by the value's relative norm (IndexConfig.value_norm)
     pool: bool = False  # ``~pool``: scores averaged over neighbouring tokens first (SnapKV's pooling, its width)
     corpus: bool = False  # ``~corpus``: one score threshold over every passage of the store (corpus_select)
+    entity: bool = False  # ``~entity``: the scores of name, date and number tokens doubled (entity_tokens)
 
     @classmethod
     def parse(cls, name: str) -> RowSpec:
         match = ROW.fullmatch(name)
         if match is None:
             raise SystemExit(
-                f"bad row {name!r}: expected METHOD@RATIO[fFLOOR]/QUANT[vBITS][gGROUP]/(-|rN[k]|eE[k]|pE[k])[+adaptor[-LABEL]][~merge][~basescore][~vnorm][~pool][~corpus]"
+                f"bad row {name!r}: expected METHOD@RATIO[fFLOOR]/QUANT[vBITS][gGROUP]/(-|rN[k]|eE[k]|pE[k])[+adaptor[-LABEL]][~merge][~basescore][~vnorm][~pool][~corpus][~entity]"
             )
         if match["basescore"] and not match["adaptor"]:
             raise SystemExit(f"bad row {name!r}: ~basescore only changes a +adaptor row's scores")
@@ -148,6 +151,7 @@ class RowSpec:
             bool(match["vnorm"]),
             bool(match["pool"]),
             bool(match["corpus"]),
+            bool(match["entity"]),
         )
 
     def index_config(self, adaptor: Path | None = None) -> IndexConfig:
@@ -374,6 +378,12 @@ class Frontier:
             scores = self.scores(row.method.split(":")[-1], row.adaptor and not row.base_scores)
             if row.pool:
                 scores = {pid: pool_scores(s, SnapKVCompressor.kernel) for pid, s in scores.items()}
+            if row.entity:
+                tokenizer = self.lm.tokenizer
+                scores = {
+                    pid: s * (1.0 + entity_tokens(tokenizer, self.token_ids[pid]).to(s.dtype))
+                    for pid, s in scores.items()
+                }
             if row.corpus:
                 kept = corpus_select(compressor, full, scores)  # type: ignore[arg-type]
             else:
@@ -395,6 +405,31 @@ class Frontier:
             writer.add(records)
             writer.write_index()
         return path
+
+
+def entity_tokens(tokenizer: Any, token_ids: list[int]) -> torch.Tensor:
+    """``[n]`` bool: the passage tokens a factoid answer is made of, from the passage's own text
+    (query-agnostic): a token holding a digit, a token starting a capitalised word that does not
+    open a sentence, and the continuation pieces of such a word."""
+    flags: list[bool] = []
+    sentence_start, previous_end, previous_entity = True, " ", False
+    for piece in (tokenizer.decode([t]) for t in token_ids):
+        text = piece.strip()
+        if not text:  # whitespace: a newline or space of its own
+            flags.append(False)
+            previous_end, previous_entity = piece[-1:] or " ", False
+            continue
+        word_start = piece[0].isspace() or not previous_end.isalnum()
+        if any(c.isdigit() for c in text):
+            entity = True
+        elif word_start:
+            entity = text[0].isupper() and not sentence_start
+        else:
+            entity = previous_entity and text[0].isalnum()
+        flags.append(entity)
+        sentence_start = text.rstrip("\"')]").endswith((".", "!", "?"))
+        previous_end, previous_entity = piece[-1], entity
+    return torch.tensor(flags, dtype=torch.bool)
 
 
 def corpus_select(

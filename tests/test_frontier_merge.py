@@ -4,6 +4,7 @@ values are merged into kept rows, and nothing else about the store changes."""
 from __future__ import annotations
 
 import importlib
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -65,7 +66,6 @@ def test_the_full_prefill_reference_is_refused_for_another_top_k_or_model(tmp_pa
     """The workdir's full-prefill answers are read by every later row: a ``--top-k 5`` run over a
     top-3 reference (same questions) once reused it, and a file that does not say what it read
     cannot be checked."""
-    from types import SimpleNamespace
 
     questions = [SimpleNamespace(id="q1"), SimpleNamespace(id="q2")]
     run = SimpleNamespace(
@@ -86,3 +86,14 @@ def test_the_full_prefill_reference_is_refused_for_another_top_k_or_model(tmp_pa
         frontier.checked_reference({**reference, "questions": ["q2", "q1"]}, run, path)
     with pytest.raises(SystemExit, match="does not record"):
         frontier.checked_reference({k: v for k, v in reference.items() if k != "retrieved"}, run, path)
+
+
+def test_entity_tokens_are_numbers_and_capitalised_words_not_opening_a_sentence():
+    """``~entity`` (docs/rules.md): which passage tokens get their scores doubled."""
+    pieces = ["The", " economy", " of", " Victoria", " grew", " in", " 1", "9", "5", "6", ".", " Mel", "bourne"]
+    pieces += [" is", " (", "AF", "L", ")", " big", ".", "\n\n"]
+    tokenizer = SimpleNamespace(decode=lambda ids: pieces[ids[0]])
+    flags = frontier.entity_tokens(tokenizer, list(range(len(pieces)))).tolist()
+    entities = [p for p, f in zip(pieces, flags, strict=True) if f]
+    # "The" and " Mel"+"bourne" open sentences; "AF"+"L" follow a parenthesis
+    assert entities == [" Victoria", " 1", "9", "5", "6", "AF", "L"]
