@@ -30,6 +30,7 @@ import os
 import statistics
 import time
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,8 @@ from ragcompress.kv.quant import QuantConfig
 from ragcompress.models import load_model
 from ragcompress.prompt import PromptTemplate
 from ragcompress.runtime.assemble import assemble
-from ragcompress.runtime.generate import decode_n_tokens, forward_logits, kl_per_position, prefill, stop_token_ids
+from ragcompress.runtime.generate import TokenStream, forward_logits, greedy_decode, kl_per_position, stop_token_ids
+from ragcompress.runtime.prepare import plain_prefill
 from ragcompress.stats import bootstrap_ci, paired_comparison, paired_ratio
 from ragcompress.store import codec
 
@@ -144,29 +146,26 @@ def measure(encoder: PassageEncoder, example: Example, segs: list, stop_ids: set
     assert example.qa_full is not None
     teacher = example.qa_full
     kl = float(kl_per_position(teacher, student).mean())
-    greedy = cache()
-    first = prefill(lm.model, example.suffix, greedy.cache, greedy.next_position, **greedy.attention_kwargs())
-    answer = list(
-        decode_n_tokens(
-            lm.model,
-            first,
-            greedy.cache,
-            greedy.next_position + len(example.suffix),
-            MAX_NEW_TOKENS,
-            stop_ids,
-            **greedy.attention_kwargs(),
-        )
+    greedy = cache()  # decoded by the library's token generator, as the dense path's requests are
+    generation = greedy_decode(
+        lm.model,
+        example.suffix,
+        greedy.cache,
+        greedy.next_position,
+        MAX_NEW_TOKENS,
+        stop_ids,
+        **greedy.attention_kwargs(),
     )
-    return kl, answer
+    return kl, generation.token_ids
 
 
 @torch.inference_mode()
 def full_prefill_answer(encoder: PassageEncoder, example: Example, stop_ids: set[int]) -> list[int]:
-    """The base model's greedy answer from a plain prefill of prefix + passages + question."""
+    """The base model's greedy answer from a plain prefill of prefix + passages + question (the
+    library's full prefill and token generator)."""
     ids = list(encoder.prefix_ids) + [t for p in example.passages for t in p] + example.suffix
-    out = encoder.lm.model(input_ids=torch.tensor([ids]), use_cache=True, logits_to_keep=1)
-    cache = out.cache
-    return list(decode_n_tokens(encoder.lm.model, out.logits[0, -1], cache, len(ids), MAX_NEW_TOKENS, stop_ids))
+    prepared = partial(plain_prefill, encoder.lm, ids, MAX_NEW_TOKENS)
+    return TokenStream(encoder.lm.model, prepared, MAX_NEW_TOKENS, stop_ids).run().token_ids
 
 
 def all_held_out(
