@@ -526,6 +526,7 @@ def _commit_rate(rows: int = 20_000, batch: int = 8) -> float:
         catalogue_row(PassageRecord(f"p{n}", "t", text, {}, "0" * 64, blob, 150, 150, vector), "00000.kvs", n * 100)
         for n in range(rows)
     ]
+    RUNS.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=RUNS) as tmp:
         catalogue = Catalogue(Path(tmp), readonly=False)
         start = time.perf_counter()

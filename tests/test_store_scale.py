@@ -155,3 +155,13 @@ def test_scaling_doc_tables_equal_their_rendering():
 
     problem = report.check(ROOT / "docs" / "scaling.md")
     assert problem is None, f"{problem}\nrun: .venv/bin/python benchmarks/report.py --readme docs/scaling.md"
+
+
+def test_the_estimates_commit_rate_runs_on_the_catalogue_as_it_is(tmp_path, monkeypatch):
+    """``store_scale.py estimate`` times the driver's commits on rows a writer makes: its hand-made
+    rows once lacked the meta checksum the catalogue requires, and the estimate could not run."""
+    import importlib
+
+    store_scale = importlib.import_module("store_scale")
+    monkeypatch.setattr(store_scale, "RUNS", tmp_path / "runs")
+    assert store_scale._commit_rate(rows=64, batch=8) > 0
