@@ -99,6 +99,11 @@ def main() -> None:
     # recompute_quality's own reader: one record per question, of this top-k and dtype, holding the settings
     needed = [args.setting] + ([args.measured] if args.measured else [])
     records = list(checkpointed(args.checkpoint, args.top_k, needed, args.dtype).values())
+    if not records:
+        raise SystemExit(
+            f"{args.checkpoint} holds no top-{args.top_k} {args.dtype} record with every one of {needed}; "
+            "name settings the checkpoint measured (recompute_quality.py --settings)"
+        )
     run = one_run(records, args.checkpoint)  # one run's records only: stores and answer length alike
     print(f"run: {run or 'not recorded in the checkpoint (written before records named their run)'}")
     print(f"{len(records)} questions, setting {args.setting}, margin over {args.tokens} token(s)")

@@ -43,8 +43,14 @@ def compile_config(fn, arch: int, bits: int, split: bool, block_m: int, config) 
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    consts = dict(GROUP=4, HEAD_DIM=128, BITS=bits, V_BITS=bits, GROUP_SIZE=32, V_GROUP=32, SPLIT=split)
+    # what the launcher passes (quantized_attention.py): whole-head RoPE tables, halves not pairs
+    consts = dict(GROUP=4, HEAD_DIM=128, ROT_DIM=128, PAIRED=False, BITS=bits, V_BITS=bits, GROUP_SIZE=32, V_GROUP=32)
+    consts["SPLIT"] = split
     consts.update(DOT_PRECISION="tf32", BLOCK_M=block_m, **config.kwargs)
+    # a compile-time parameter the kernel gained since would be typed a runtime int below and
+    # fail deep inside Triton (ROT_DIM and PAIRED once did): name it instead
+    if missing := [p.name for p in fn.params if p.is_constexpr and p.name not in consts]:
+        raise SystemExit(f"kernel_static.py does not set the kernel's compile-time parameters {missing}; add them")
     names = fn.arg_names
     signature = {n: "constexpr" if n in consts else POINTERS.get(n, "i32") for n in names}
     source = ASTSource(fn, signature=signature, constexprs={(names.index(k),): v for k, v in consts.items()})

@@ -82,7 +82,7 @@ def main() -> None:
             calibration_passages=64,
             eval_articles=None,
             outside=0,
-            workdir=Path("runs/lowrank") / args.model,
+            workdir=Path("runs/lowrank") / lf.model_slug(args.model),
             adaptor=None,
         )
     )

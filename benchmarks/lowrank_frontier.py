@@ -42,7 +42,8 @@ the tokens factoid answers are made of, numbers and capitalised words not at a s
 
     python benchmarks/lowrank_frontier.py --model qwen2.5-coder-0.5b --split eval \\
         --rows none@1/fp16/- none@1/int4/- global:kvzip@0.25/int4/- global:kvzip@0.5/int4/r16
-    python benchmarks/lowrank_frontier.py --model qwen2.5-coder-0.5b --report docs/results/lowrank_qwen.json
+    python benchmarks/lowrank_frontier.py --model qwen2.5-coder-0.5b \\
+        --publish "runs/lowrank/qwen2.5-coder-0.5b/eval/results*.json" docs/results/lowrank_qwen.json
 """
 
 from __future__ import annotations
@@ -202,10 +203,16 @@ def retrieve(embedder: Embedder, passages: list[PassageInput], questions: list[Q
     return [[passages[j].id for j in row] for row in top]
 
 
+def model_slug(model: str) -> str:
+    """``model`` (a packaged name, a hub id or a local folder) as one path component: the
+    workdir's name and ``runs/core272-ck``'s file prefix (a folder's absolute path is neither)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", model).strip("-")
+
+
 def core272_full_answers(model: str, top_k: int) -> dict[str, dict[str, Any]]:
     """Question id -> its full-prefill answer and retrieved ids from ``runs/core272-ck``."""
     found: dict[str, dict[str, Any]] = {}
-    for path in sorted(CORE272.glob(f"{model}-*-top{top_k}-shard*.jsonl")):
+    for path in sorted(CORE272.glob(f"{model_slug(model)}-*-top{top_k}-shard*.jsonl")):
         for line in path.read_text().splitlines():
             row = json.loads(line)
             found[row["id"]] = {
@@ -841,7 +848,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     # the code that runs is the tree at the start: a commit during a run of hours is not its code
     args.git = git_revision()
-    args.workdir = args.workdir or Path("runs/lowrank") / args.model
+    args.workdir = args.workdir or Path("runs/lowrank") / model_slug(args.model)
     rows = [RowSpec.parse(name) for name in args.rows]
     frontier = Frontier(args)
     out = args.out or frontier.workdir / "results.json"

@@ -65,3 +65,15 @@ def test_dequantize_then_sdpa_attends_in_the_querys_dtype(monkeypatch, latent):
     full = torch.randn(1, 2, 64 + 65, 64, dtype=torch.bfloat16)
     kernel_bench.time_paths(lambda fn: (fn(), 1.0)[1], seg, query, key, value, full, full, cuda=False)
     assert seen == [torch.bfloat16]
+
+
+def test_kernel_static_compiles_a_config_for_the_h100_without_a_gpu():
+    """``benchmarks/kernel_static.py`` (registers and spills per autotune config, from Triton's own
+    ptxas): it failed on its first compile once the kernel gained ROT_DIM and PAIRED, and nothing
+    ran it. One decode config is compiled here (about 2 s)."""
+    kernel_static = importlib.import_module("kernel_static")
+    from ragcompress_kernels import quantized_attention
+
+    config = quantized_attention._hopper_configs()[0]
+    row = kernel_static.compile_config(quantized_attention._packed_attn_fwd, 90, 4, True, 16, config)
+    assert row["registers"] > 0 and row["block_n"] == config.kwargs["BLOCK_N"]
