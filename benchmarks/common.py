@@ -114,6 +114,13 @@ def store_adaptors(stores: dict[str, str], asked: set[str], adaptor_dirs: list[P
     return found
 
 
+def model_slug(model: str) -> str:
+    """``model`` (a packaged name, a hub id, a local folder) as one path component: the name of
+    the files and folders a benchmark keeps per model (``core_eval``'s stores and checkpoints, which
+    ``lowrank_frontier`` reads back, and its workdir); a hub id's ``/`` becomes ``_``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", model).strip("_")
+
+
 def measured_by(runs: Iterable[dict[str, Any]], keys: tuple[str, ...] = ("git", "threads")) -> dict[str, list[str]]:
     """Every value of each of ``keys`` among ``runs`` (what each checkpointed record or row says
     of the run that measured it; ``not recorded`` where it says nothing): a results file's own

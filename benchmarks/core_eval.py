@@ -27,7 +27,7 @@ from ragcompress.retrieval import Embedder, exact_top_k
 from ragcompress.runtime.engine import Answer
 from ragcompress.runtime.options import AnswerOptions
 
-from common import SQUAD, measured_by, results_meta
+from common import SQUAD, measured_by, model_slug, results_meta
 
 
 def needed_passages(embedder: Embedder, questions, top_k: int, out: Path) -> Path:
@@ -119,14 +119,14 @@ def main() -> None:
     rows = []
     for spec in args.rows.split(","):
         quant, top_k = spec.split(":")
-        store = args.runs / f"{args.model.replace('/', '_')}-{quant}"
+        store = args.runs / f"{model_slug(args.model)}-{quant}"
         index(passages, store, lm=lm, embedder=embedder, config=IndexConfig(quant=quant))
         with Engine(KVStore.open(store), lm, embedder, AnswerOptions()) as engine:
             engine.warm_up()  # as Engine.open does: the first timed answer pays no one-time setup
             if args.checkpoint is None:
                 results = list(iter_eval(engine, questions, int(top_k)))
             else:
-                name = f"{args.model.replace('/', '_')}-{quant}-top{top_k}"
+                name = f"{model_slug(args.model)}-{quant}-top{top_k}"
                 run = {"git": meta["git"], "threads": args.threads}
                 results, measured = checkpointed(engine, questions, int(top_k), args.checkpoint, name, args.shard, run)
                 if results is None:

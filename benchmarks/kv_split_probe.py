@@ -30,6 +30,8 @@ from ragcompress.kv import ModelShape, PassageKV
 from ragcompress.kv.lowrank import LowRankBasis, RankSpec
 from ragcompress.kv.quant import QuantConfig, quantize_dequantize
 
+from common import model_slug
+
 # bytes per kept row and head at head_dim 64: rank-32 key latents, values whole; groups of 32
 BYTES = {("k", 2): 32 * 2 / 8 + 32 * 4 / 32, ("k", 4): 32 * 4 / 8 + 32 * 4 / 32}
 BYTES |= {("v", 2): 64 * 2 / 8 + 2 * 4, ("v", 4): 64 * 4 / 8 + 2 * 4}
@@ -82,7 +84,7 @@ def main() -> None:
             calibration_passages=64,
             eval_articles=None,
             outside=0,
-            workdir=Path("runs/lowrank") / lf.model_slug(args.model),
+            workdir=Path("runs/lowrank") / model_slug(args.model),
             adaptor=None,
         )
     )

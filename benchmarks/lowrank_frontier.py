@@ -87,7 +87,15 @@ from ragcompress.runtime.prepare import full_prefill
 from ragcompress.store import KVStore, StoreWriter, create_store
 from ragcompress.store.basis import basis_to_bytes
 
-from common import SQUAD, adaptor_provenance, measured_by, question_article, results_meta, teacher_forced_logprobs
+from common import (
+    SQUAD,
+    adaptor_provenance,
+    measured_by,
+    model_slug,
+    question_article,
+    results_meta,
+    teacher_forced_logprobs,
+)
 
 CORE272 = Path(__file__).resolve().parents[1] / "runs" / "core272-ck"
 OPTIONS = AnswerOptions(backend="dense")
@@ -125,6 +133,10 @@ class RowSpec:
             )
         if match["basescore"] and not match["adaptor"]:
             raise SystemExit(f"bad row {name!r}: ~basescore only changes a +adaptor row's scores")
+        if match["entity"] and "kvzip" not in match["method"]:
+            # doubling raises a token only where scores are positive (KVzip's attention
+            # probabilities); knorm's and the learned scorer's are not, and "none" keeps every row
+            raise SystemExit(f"bad row {name!r}: ~entity doubles KVzip's scores; use a kvzip method")
         rank_text = match["rank"]
         rank = None
         if rank_text != "-":
@@ -201,12 +213,6 @@ def retrieve(embedder: Embedder, passages: list[PassageInput], questions: list[Q
     qvec = embedder.embed([q.question for q in questions])
     top = exact_top_k(qvec, pvec, k)
     return [[passages[j].id for j in row] for row in top]
-
-
-def model_slug(model: str) -> str:
-    """``model`` (a packaged name, a hub id or a local folder) as one path component: the
-    workdir's name and ``runs/core272-ck``'s file prefix (a folder's absolute path is neither)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", model).strip("-")
 
 
 def core272_full_answers(model: str, top_k: int) -> dict[str, dict[str, Any]]:

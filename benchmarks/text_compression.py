@@ -154,7 +154,10 @@ def main() -> int:
         except Exception as exc:  # report why it cannot run, keep the rest of the table
             llmlingua_note = f"llmlingua not run: {type(exc).__name__}: {exc}"
             if args.methods:  # asked for by name: a table without it is not what was asked
-                raise SystemExit(f"--methods names llmlingua, which cannot run here ({llmlingua_note})") from None
+                raise SystemExit(
+                    f"--methods names llmlingua, which cannot run here ({llmlingua_note}); install llmlingua "
+                    "or leave it out of --methods"
+                ) from None
             print(llmlingua_note, file=sys.stderr)
     if args.methods:
         wanted = set(args.methods.split(",")) | {"uncompressed"}

@@ -97,3 +97,17 @@ def test_entity_tokens_are_numbers_and_capitalised_words_not_opening_a_sentence(
     entities = [p for p, f in zip(pieces, flags, strict=True) if f]
     # "The" and " Mel"+"bourne" open sentences; "AF"+"L" follow a parenthesis
     assert entities == [" Victoria", " 1", "9", "5", "6", "AF", "L"]
+
+
+def test_entity_rows_need_kvzip_scores_and_models_name_one_folder():
+    """Doubling a score raises its token only where scores are positive (KVzip's probabilities),
+    and a model named by a hub id or a folder names one workdir, as core_eval names its files."""
+    from common import model_slug
+
+    assert frontier.RowSpec.parse("global:kvzip@0.21/int4v2/r32k~entity").entity
+    for row in ("global:knorm@0.21/int4/-~entity", "none@1/fp16/-~entity"):
+        with pytest.raises(SystemExit, match="doubles KVzip's scores"):
+            frontier.RowSpec.parse(row)
+    assert model_slug("qwen2.5-coder-0.5b") == "qwen2.5-coder-0.5b"
+    assert model_slug("Qwen/Qwen2.5-0.5B") == "Qwen_Qwen2.5-0.5B"
+    assert "/" not in model_slug("/models/my llama")
