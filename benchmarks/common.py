@@ -121,6 +121,22 @@ def model_slug(model: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", model).strip("_")
 
 
+def row_run() -> dict[str, Any]:
+    """What a results row records of the run that measured it (code revision and torch threads):
+    rows kept across invocations keep their own, and :func:`measured_by` lists them."""
+    from ragcompress.bench import git_revision
+
+    return {"git": git_revision(), "threads": torch.get_num_threads()}
+
+
+def store_created(path: Path) -> str | None:
+    """When the store at ``path`` was built (its manifest's ``created``; None where it is gone):
+    a store rebuilt at the same path is another store to a checkpoint or a kept row."""
+    from ragcompress.store.manifest import MANIFEST, Manifest
+
+    return Manifest.read(path).created if (path / MANIFEST).is_file() else None
+
+
 def measured_by(runs: Iterable[dict[str, Any]], keys: tuple[str, ...] = ("git", "threads")) -> dict[str, list[str]]:
     """Every value of each of ``keys`` among ``runs`` (what each checkpointed record or row says
     of the run that measured it; ``not recorded`` where it says nothing): a results file's own

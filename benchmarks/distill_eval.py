@@ -36,7 +36,6 @@ from typing import Any
 
 import torch
 
-from ragcompress.bench import git_revision
 from ragcompress.compressors import CompressionContext, make_compressor
 from ragcompress.compressors.adaptive import AdaptiveBudget
 from ragcompress.compressors.scorer import ScorerCompressor
@@ -62,7 +61,7 @@ from ragcompress.runtime.prepare import plain_prefill
 from ragcompress.stats import bootstrap_ci, paired_comparison, paired_ratio
 from ragcompress.store import codec
 
-from common import SQUAD, adaptor_provenance, measured_by, question_article, results_meta
+from common import SQUAD, adaptor_provenance, measured_by, question_article, results_meta, row_run
 
 MAX_NEW_TOKENS = 32  # the answers compared (SmolLM2 answers in sentences; the gold often comes late)
 # name -> (adaptor: None | "trained" (OUT/adaptor) | "compare" (--compare-adaptor), method, ratio, quant)
@@ -526,7 +525,7 @@ def main() -> None:
             "sub_em_pct_of_full": 100 * statistics.mean(ems) / full_sub_em if full_sub_em else None,
             "answers": answers,
             # the code that measured this row: earlier rows kept from another run keep theirs
-            "run": {"git": git_revision(), "threads": torch.get_num_threads()},
+            "run": row_run(),
         }
         print(
             f"{name}: KL {rows[name]['kl_answer']:.4f} agreement {rows[name]['agreement']:.2f} sub-EM {rows[name]['sub_em']:.2f}",

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import torch
 
-from ragcompress.bench import git_revision
 from ragcompress.models import load_model
 from ragcompress.retrieval import Embedder
 from ragcompress.runtime.engine import Engine
@@ -36,9 +35,17 @@ from ragcompress.runtime.generate import kl_per_position
 from ragcompress.runtime.options import AnswerOptions
 from ragcompress.runtime.prepare import full_prefill
 from ragcompress.store import KVStore
-from ragcompress.store.manifest import MANIFEST, Manifest
 
-from common import SQUAD, pick_questions, plot_against_compression, row_name, side_row, teacher_forced_logprobs
+from common import (
+    SQUAD,
+    pick_questions,
+    plot_against_compression,
+    row_name,
+    row_run,
+    side_row,
+    store_created,
+    teacher_forced_logprobs,
+)
 
 # Every store's caches as the dense path assembles them (dequantized, re-rotated), no recompute:
 # the distributions compared are those of the caches themselves, on any device.
@@ -101,7 +108,7 @@ def main() -> None:
     lm = load_model(args.model)
     embedder = Embedder()
     reference_name = row_name("none", None, args.reference_quant)
-    reference_created = Manifest.read(workdir / reference_name).created
+    reference_created = store_created(workdir / reference_name)
     with KVStore.open(workdir / reference_name) as store:
         engine = Engine(store, lm, embedder, OPTIONS)
         retrieved = quality.get("retrieved") or [
@@ -132,12 +139,12 @@ def main() -> None:
         earlier = done.get(name, {})
         # the stores as built now (compression_quality rebuilds a store whose row it measures
         # again): an earlier KL of other stores is not this row's
-        if not (workdir / name / MANIFEST).is_file():
+        built = {"store": store_created(workdir / name), "reference": reference_created}
+        if built["store"] is None:
             raise SystemExit(
                 f"{workdir / name} is gone, so its row's KL cannot be measured or checked against it; rerun "
                 "compression_quality.py for that row, or leave it out with --rows"
             )
-        built = {"store": Manifest.read(workdir / name).created, "reference": reference_created}
         # measured by an earlier run against the same reference, over the same questions and stores
         if (
             earlier.get("reference") == reference_name
@@ -160,7 +167,7 @@ def main() -> None:
             "reference": reference_name,
             "questions": asked,
             "built": built,
-            "run": {"git": git_revision(), "threads": torch.get_num_threads()},
+            "run": row_run(),
             **summary(kls),
         }
         print(f"{name}: KL {rows[name]['kl_suffix_answer']:.4f} (answer {rows[name]['kl_answer']:.4f})", flush=True)

@@ -25,12 +25,11 @@ from typing import Any
 import lowrank_frontier as lf
 import torch
 
-from ragcompress.bench import git_revision
 from ragcompress.kv import ModelShape, PassageKV
 from ragcompress.kv.lowrank import LowRankBasis, RankSpec
 from ragcompress.kv.quant import QuantConfig, quantize_dequantize
 
-from common import model_slug
+from common import model_slug, row_run
 
 # bytes per kept row and head at head_dim 64: rank-32 key latents, values whole; groups of 32
 BYTES = {("k", 2): 32 * 2 / 8 + 32 * 4 / 32, ("k", 4): 32 * 4 / 8 + 32 * 4 / 32}
@@ -106,7 +105,7 @@ def main() -> None:
         modelled = kept * (BYTES["k", key_bits] + BYTES["v", value_bits]) / tokens
         results[name] = {k: result[k] for k in ("sub_em", "agreement", "kl_full_answer", "kl_questions", "answers")}
         results[name] |= {"modelled_bytes_per_token": modelled, "compression_modelled": fp16 / modelled}
-        results[name]["run"] = {"git": git_revision(), "threads": torch.get_num_threads()}  # rows kept across runs
+        results[name]["run"] = row_run()  # rows kept across runs
         print(name, {k: v for k, v in results[name].items() if k != "answers"}, flush=True)
         args.out.write_text(json.dumps(results, indent=1))
 

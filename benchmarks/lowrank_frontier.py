@@ -94,6 +94,7 @@ from common import (
     model_slug,
     question_article,
     results_meta,
+    row_run,
     teacher_forced_logprobs,
 )
 
@@ -878,7 +879,7 @@ def main() -> None:
             reference = torch.load(frontier.workdir / "full.pt")
         # each row names the code and threads that measured it: a resumed run's rows can span
         # several revisions, and the file's own meta.git is only the last writer's
-        result["run"] = {"git": args.git, "threads": torch.get_num_threads()}
+        result["run"] = row_run()
         results["rows"][row.name] = result
         if args.core272_reference and CORE272_ROW not in results["rows"]:
             results["rows"][CORE272_ROW] = core272_cached_row(

@@ -58,7 +58,6 @@ from ragcompress.runtime.options import AnswerOptions
 from ragcompress.runtime.recompute import SELECTIONS, RecomputeConfig
 from ragcompress.stats import bootstrap_ci, paired_comparison
 from ragcompress.store import KVStore
-from ragcompress.store.manifest import MANIFEST, Manifest
 
 from common import (
     measured_by,
@@ -68,6 +67,7 @@ from common import (
     rewind,
     run_keeping_request,
     store_adaptors,
+    store_created,
     teacher_forced_logprobs,
 )
 
@@ -319,11 +319,6 @@ def question_record(variants: Variants, item, top_k: int, settings: list[str], r
 # them under "run", with the code revision and torch threads that measured it; records written
 # before 2026-12-06 hold none and are taken as they are).
 SHARED_RUN_KEYS = ("store", "variants", "max_new_tokens", "threads", "stores_created")
-
-
-def store_created(path: Path) -> str | None:
-    """When the store at ``path`` was built (None where it is gone)."""
-    return Manifest.read(path).created if (path / MANIFEST).is_file() else None
 
 
 def run_identity(args: argparse.Namespace, threads: int | None) -> dict[str, Any]:
