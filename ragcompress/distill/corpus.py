@@ -13,7 +13,6 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -22,10 +21,7 @@ from ragcompress.errors import InputError
 from ragcompress.evaluation import Question, read_questions
 from ragcompress.indexing.inputs import PassageInput, iter_passages
 from ragcompress.models import LoadedModel
-from ragcompress.retrieval import exact_top_k
-
-if TYPE_CHECKING:
-    from ragcompress.retrieval import Embedder
+from ragcompress.retrieval import Embedder, exact_top_k
 
 VIEW_SEPARATOR = "@view"  # example id of a question's extra view: "<question id>@view<v>"
 

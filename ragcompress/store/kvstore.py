@@ -340,14 +340,15 @@ class KVStore:
         written (scales, positions and base copies included) over their tokens, plus the low-rank
         basis, stored once per store, spread over all the store's tokens. What ``index``, ``stats``,
         ``eval`` and the benchmarks report against fp16 (0 for no tokens)."""
-        every = list(self.catalogue.entries()) if entries is None or self.basis_bytes else []
+        basis = self.basis_bytes  # a stat of the basis file: read once
+        every = list(self.catalogue.entries()) if entries is None or basis else []
         chosen = every if entries is None else entries
         tokens = sum(e.num_tokens for e in chosen)
         if tokens == 0:
             return 0.0
         per_token = self.stored_bytes(chosen) / tokens
-        if self.basis_bytes:
-            per_token += self.basis_bytes / sum(e.num_tokens for e in every)
+        if basis:
+            per_token += basis / sum(e.num_tokens for e in every)
         return per_token
 
     @property
