@@ -114,6 +114,70 @@ def store_adaptors(stores: dict[str, str], asked: set[str], adaptor_dirs: list[P
     return found
 
 
+LIBRARY = Path(__file__).resolve().parents[1] / "ragcompress"
+# the library modules that turn a passage into its cache: a change to any of them recomputes a
+# benchmark's cached passage caches, scores and calibration moments (load_keyed)
+ENCODING_CODE = ("architecture.py", "models.py", "prompt.py", "indexing/encoder.py", "kv", "distill/adaptor.py")
+
+
+def library_digest(*parts: str) -> str:
+    """sha256 over the source of the library modules ``parts`` (paths under ``ragcompress/``,
+    files or folders): what a benchmark's cached intermediate results were computed by. A cache
+    keyed by it is recomputed after those modules change, and reused across every other commit."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for part in sorted(parts):
+        path = LIBRARY / part
+        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            digest.update(str(file.relative_to(LIBRARY)).encode() + b"\0" + file.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def tokens_digest(token_ids: list[int]) -> str:
+    """A short digest of a passage's token ids (what a per-passage cache entry was computed from)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(token_ids).encode()).hexdigest()[:16]
+
+
+def load_keyed(path: Path, key: dict[str, Any], token_ids: dict[str, list[int]]) -> dict[str, torch.Tensor]:
+    """The per-passage tensors a benchmark cached at ``path`` (safetensors, one tensor per
+    ``{passage id}/{name}``), kept only where they are still right: the file must have been
+    written under ``key`` (model fingerprint, adaptor, scorer, the library code that computed it,
+    ...), and each passage's entries under its current ``token_ids``. Anything else is left out
+    (and said so), so it is recomputed rather than silently reused. Until 2026-12-06 these caches
+    were pickles named by scorer alone, reused whatever had changed since they were written."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return {}
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        written = json.loads(meta.get("key", "null"))
+        if written != key:
+            changed = sorted(k for k in set(key) | set(written or {}) if (written or {}).get(k) != key.get(k))
+            print(f"{path.name}: written under another {', '.join(changed) or 'key'}; recomputing it", flush=True)
+            return {}
+        digests = json.loads(meta.get("tokens", "{}"))
+        fresh = {pid for pid, ids in token_ids.items() if digests.get(pid) == tokens_digest(ids)}
+        return {name: f.get_tensor(name) for name in f.keys() if name.rsplit("/", 1)[0] in fresh}
+
+
+def save_keyed(
+    path: Path, tensors: dict[str, torch.Tensor], key: dict[str, Any], token_ids: dict[str, list[int]]
+) -> None:
+    """Write ``tensors`` (named ``{passage id}/{name}``) for :func:`load_keyed`, atomically."""
+    from safetensors.torch import save_file
+
+    pids = {name.rsplit("/", 1)[0] for name in tensors}
+    tokens = json.dumps({pid: tokens_digest(token_ids[pid]) for pid in sorted(pids)})
+    tmp = path.with_name(path.name + ".tmp")
+    contiguous = {name: t.contiguous() for name, t in tensors.items()}
+    save_file(contiguous, str(tmp), metadata={"key": json.dumps(key, sort_keys=True), "tokens": tokens})
+    os.replace(tmp, path)
+
+
 def model_slug(model: str) -> str:
     """``model`` (a packaged name, a hub id, a local folder) as one path component: the name of
     the files and folders a benchmark keeps per model (``core_eval``'s stores and checkpoints, which

@@ -53,14 +53,19 @@ from ragcompress.store import KVStore, StoreWriter, create_store
 from ragcompress.store.codec import encode
 
 from common import (
+    ENCODING_CODE,
     KVPRESS,
     SQUAD,
+    library_digest,
+    load_keyed,
     measured_by,
     pick_questions,
     plot_against_compression,
     results_meta,
     row_name,
+    save_keyed,
     side_row,
+    tokens_digest,
 )
 
 METHODS = ["kvzip", "adaptive:kvzip", "global:kvzip", "snapkv", "expected-attention", "knorm", "streaming"]
@@ -194,11 +199,32 @@ def summarise(bench: Bench, answers: list[str], full: list[str]) -> dict[str, fl
     }
 
 
+def scores_key(bench: Bench, scorer: str) -> dict[str, Any]:
+    """What ``scorer``'s cached scores are computed from (:func:`common.load_keyed`): the model,
+    its prompt prefix, and the library code that encodes and scores -- or, for kvpress's presses
+    (computed by ``kvpress_scores.py`` in its own virtualenv), the model folder it loaded."""
+    prefix = tokens_digest(bench.encoder.prefix_ids)
+    if scorer.startswith(KVPRESS):
+        return {"scorer": scorer, "model_dir": str(resolve_model_dir(bench.lm.ref)), "prefix": prefix}
+    lm = bench.lm
+    return {
+        "scorer": scorer,
+        "model": lm.fingerprint,
+        "dtype": lm.dtype_name,
+        "tokenizer": lm.tokenizer_hash,
+        "prefix": prefix,
+        "code": library_digest(*ENCODING_CODE, "compressors"),
+    }
+
+
 def load_or_score(bench: Bench, scorer: str) -> dict[str, torch.Tensor]:
     """Scores ``[L, H, n]`` of every needed passage under ``scorer``, computed once and kept in
-    ``<workdir>/scores-<scorer>.pt`` so later rows and resumed runs (new wrappers, ratios) reuse them."""
-    path = bench.workdir / f"scores-{scorer}.pt"
-    scores: dict[str, torch.Tensor] = torch.load(path) if path.is_file() else {}
+    ``<workdir>/scores-<scorer>.safetensors`` so later rows and resumed runs (new wrappers,
+    ratios) reuse them, as long as they were computed from the same model, tokens and code."""
+    path = bench.workdir / f"scores-{scorer}.safetensors"
+    key = scores_key(bench, scorer)
+    saved = load_keyed(path, key, bench.token_ids)
+    scores = {name.rsplit("/", 1)[0]: t for name, t in saved.items()}
     missing = [pid for pid in bench.full if pid not in scores]
     if missing and scorer.startswith(KVPRESS):
         raise SystemExit(
@@ -210,7 +236,7 @@ def load_or_score(bench: Bench, scorer: str) -> dict[str, torch.Tensor]:
         compressor = make_compressor(scorer)
         for pid in missing:
             scores[pid] = compressor.score(bench.full[pid], CompressionContext(bench.encoder, bench.token_ids[pid]))
-        torch.save(scores, path)
+        save_keyed(path, {f"{pid}/scores": t for pid, t in scores.items()}, key, bench.token_ids)
         print(f"{scorer}: scored {len(missing)} passages in {time.perf_counter() - t0:.0f} s", flush=True)
     return scores
 

@@ -13,7 +13,8 @@ prefix *with the press active*, exactly as kvpress compresses a context during p
 records the press's per-token scores instead of letting it prune: for the ``ScorerPress``
 subclasses the ``score()`` each attention layer computes, for ``KVzipPress`` the
 reconstruction scores it aggregates before eviction. The passage part of the scores is saved as
-``scores-kvpress-<name>.pt`` (``{passage id: [layers, kv_heads, n]}``), which
+``scores-kvpress-<name>.safetensors`` (``<passage id>/scores``: ``[layers, kv_heads, n]``, keyed
+by the model folder, the prefix and each passage's tokens as ``common.load_keyed`` reads them), which
 ``compression_quality.py --methods kvpress-<name> ...`` then turns into real stores with the
 same selection, budgets, protected tokens and answering as our own methods. The comparison is
 therefore between scoring functions, at equal ratios, on the same passages.
@@ -22,12 +23,14 @@ therefore between scoring functions, at equal ratios, on the same passages.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
 
 import torch
 from kvpress import ExpectedAttentionPress, KnormPress, KVzipPress, SnapKVPress
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, DynamicCache
 
 PRESSES = {
@@ -39,6 +42,11 @@ PRESSES = {
     # KVzip+: attention divided by the query's hidden-state norm, times the value's output norm
     "kvzip-plus": lambda: KVzipPress(compression_ratio=0.5, kvzip_plus_normalization=True),
 }
+
+
+def digest(token_ids: list[int]) -> str:
+    """common.tokens_digest, restated: a passage's (or the prefix's) token ids, hashed."""
+    return hashlib.sha256(json.dumps(token_ids).encode()).hexdigest()[:16]
 
 
 def capture_scorer(press, n_layers: int) -> list:
@@ -98,8 +106,16 @@ def main() -> None:
     for name in args.presses:
         t0 = time.perf_counter()
         scores = score_passages(model, name, spec["prefix_ids"], spec["passages"])
-        path = args.workdir / f"scores-kvpress-{name}.pt"
-        torch.save(scores, path)
+        path = args.workdir / f"scores-kvpress-{name}.safetensors"
+        # the layout and key of common.save_keyed / compression_quality.scores_key (not importable
+        # here: common imports ragcompress, which this virtualenv does not have)
+        key = {"scorer": f"kvpress-{name}", "model_dir": spec["model_dir"], "prefix": digest(spec["prefix_ids"])}
+        tokens = {pid: digest(ids) for pid, ids in sorted(spec["passages"].items())}
+        save_file(
+            {f"{pid}/scores": s.contiguous() for pid, s in scores.items()},
+            str(path),
+            metadata={"key": json.dumps(key, sort_keys=True), "tokens": json.dumps(tokens)},
+        )
         print(f"kvpress {name}: {len(scores)} passages in {time.perf_counter() - t0:.0f} s -> {path}", flush=True)
 
 

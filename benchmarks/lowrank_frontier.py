@@ -88,18 +88,25 @@ from ragcompress.store import KVStore, StoreWriter, create_store
 from ragcompress.store.basis import basis_to_bytes
 
 from common import (
+    ENCODING_CODE,
     SQUAD,
     adaptor_provenance,
+    library_digest,
+    load_keyed,
     measured_by,
     model_slug,
     question_article,
     results_meta,
     row_run,
+    save_keyed,
     teacher_forced_logprobs,
+    tokens_digest,
 )
 
 CORE272 = Path(__file__).resolve().parents[1] / "runs" / "core272-ck"
 OPTIONS = AnswerOptions(backend="dense")
+# the library code full.pt's answers and teacher-forced rows are computed by (checked_reference)
+REFERENCE_CODE = ("runtime", "store", *ENCODING_CODE)
 ROW = re.compile(
     r"(?P<method>[^@]+)@(?P<ratio>[0-9.]+?)(?:f(?P<floor>[0-9.]+))?/(?P<quant>none|fp16|int8|int4|int2)(?:v(?P<vbits>[248]))?(?:g(?P<group>\d+))?/(?P<rank>-|r\d+k?|[ep][0-9.]+k?)(?P<adaptor>\+adaptor(?:-[A-Za-z0-9]+)?)?(?P<merge>~merge)?(?P<basescore>~basescore)?(?P<vnorm>~vnorm)?(?P<pool>~pool)?(?P<corpus>~corpus)?(?P<entity>~entity)?"
 )
@@ -305,6 +312,20 @@ class Frontier:
             raise SystemExit("a +adaptor row needs --adaptor PATH")
         return f"-{self.adaptor.hash[:16]}"
 
+    def cache_key(self, adapted: bool, **more: Any) -> dict[str, Any]:
+        """What this run's cached caches and scores are computed from (:func:`common.load_keyed`):
+        the model, its prompt prefix, the adaptor and the library code that encodes and scores."""
+        lm = self.lm
+        return {
+            "model": lm.fingerprint,
+            "dtype": lm.dtype_name,
+            "tokenizer": lm.tokenizer_hash,
+            "prefix": tokens_digest(self.encoder.prefix_ids),
+            "adaptor": self.adaptor.hash if adapted and self.adaptor is not None else None,
+            "code": library_digest(*ENCODING_CODE),
+            **more,
+        }
+
     def adaptor_provenance(self) -> dict[str, Any]:
         """What a ``+adaptor`` row was encoded with; its training articles must not be the
         questions' (refused here: every figure of an adaptor comes from articles it never saw)."""
@@ -327,20 +348,26 @@ class Frontier:
         return self._full[adapted]
 
     def _full_caches(self, adapted: bool) -> dict[str, PassageKV]:
-        path = self.workdir / f"full-caches{self._tag(adapted)}.pt"
-        if path.is_file():  # keys and values of uniform caches: plain tensors, no pickled classes
-            saved = torch.load(path)
-            if set(self.passages) <= set(saved):  # a run over more questions encoded these already
-                return {pid: PassageKV.full(*saved[pid]) for pid in self.passages}
-        t0 = time.perf_counter()
-        full: dict[str, PassageKV] = {}
-        ids = list(self.passages)
-        encoder = self.encoder_for(adapted)
-        for start in range(0, len(ids), 8):
-            batch = ids[start : start + 8]
-            full.update(zip(batch, encoder.encode([self.token_ids[p] for p in batch]), strict=True))
-        torch.save({pid: (kv.keys, kv.values) for pid, kv in full.items()}, path)
-        print(f"encoded {len(full)} passages in {time.perf_counter() - t0:.0f} s", flush=True)
+        path = self.workdir / f"full-caches{self._tag(adapted)}.safetensors"
+        key = self.cache_key(adapted)
+        saved = load_keyed(path, key, self.token_ids)  # a run over more questions may have encoded these
+        full = {
+            pid: PassageKV.full(saved[f"{pid}/keys"], saved[f"{pid}/values"])
+            for pid in self.passages
+            if f"{pid}/keys" in saved
+        }
+        ids = [pid for pid in self.passages if pid not in full]
+        if ids:
+            t0 = time.perf_counter()
+            encoder = self.encoder_for(adapted)
+            for start in range(0, len(ids), 8):
+                batch = ids[start : start + 8]
+                full.update(zip(batch, encoder.encode([self.token_ids[p] for p in batch]), strict=True))
+            tensors = dict(saved)
+            for pid in ids:
+                tensors[f"{pid}/keys"], tensors[f"{pid}/values"] = full[pid].keys, full[pid].values
+            save_keyed(path, tensors, key, self.token_ids)
+            print(f"encoded {len(ids)} passages in {time.perf_counter() - t0:.0f} s", flush=True)
         return full
 
     def basis(self, spec: RankSpec) -> LowRankBasis:
@@ -348,23 +375,34 @@ class Frontier:
             # named by the sample: a workdir shared by runs of other calibration settings keeps each
             # one's moments apart (until 2026-12-06 one unnamed file served them all)
             sample = f"{'+'.join(sorted(self.args.calibration_articles))}-first{self.args.calibration_passages}"
-            path = self.args.workdir / f"calibration-moments-{sample}.pt"
+            path = self.args.workdir / f"calibration-moments-{sample}.safetensors"
+            used = self.calibration[: self.args.calibration_passages]
+            tokens = {"moments": [t for p in used for t in self.encoder.tokens.passage(p.text)]}
             moments = CalibrationMoments()
-            if path.is_file():  # tensors only: no pickled classes
-                state = torch.load(path)
-                moments.count, moments.sums, moments.outer = state["count"], state["sums"], state["outer"]
+            state = load_keyed(path, self.cache_key(False), tokens)
+            if state:  # tensors: moments/count, moments/sums.<kind>, moments/outer.<kind>
+                moments.count = state.pop("moments/count")
+                for name, tensor in state.items():
+                    field, kind = name.removeprefix("moments/").split(".")
+                    getattr(moments, field)[kind] = tensor
             else:
                 for kv in calibration_caches(self.encoder, self.calibration, self.args.calibration_passages):
                     moments.add(kv)
-                torch.save({"count": moments.count, "sums": moments.sums, "outer": moments.outer}, path)
+                assert moments.count is not None
+                state = {"moments/count": moments.count}
+                for field in ("sums", "outer"):
+                    state.update({f"moments/{field}.{kind}": t for kind, t in getattr(moments, field).items()})
+                save_keyed(path, state, self.cache_key(False), tokens)
             self._moments = moments
         return self._moments.basis(spec)
 
     def scores(self, scorer: str, adapted: bool = False) -> dict[str, torch.Tensor]:
         """Scores ``[L, H, n]`` of every needed passage's cache, computed once (kept in the workdir)."""
         if (scorer, adapted) not in self._scores:
-            path = self.workdir / f"scores-{scorer}{self._tag(adapted)}.pt"
-            scores: dict[str, torch.Tensor] = torch.load(path) if path.is_file() else {}
+            path = self.workdir / f"scores-{scorer}{self._tag(adapted)}.safetensors"
+            key = self.cache_key(adapted, scorer=scorer, scoring_code=library_digest("compressors"))
+            saved = load_keyed(path, key, self.token_ids)
+            scores = {name.rsplit("/", 1)[0]: t for name, t in saved.items()}
             full = self.full(adapted)
             missing = [pid for pid in full if pid not in scores]
             if missing:
@@ -374,7 +412,7 @@ class Frontier:
                     scores[pid] = compressor.score(
                         full[pid], CompressionContext(self.encoder_for(adapted), self.token_ids[pid])
                     )
-                torch.save(scores, path)
+                save_keyed(path, {f"{pid}/scores": t for pid, t in scores.items()}, key, self.token_ids)
                 print(f"{scorer}: scored {len(missing)} passages in {time.perf_counter() - t0:.0f} s", flush=True)
             self._scores[scorer, adapted] = scores
         return self._scores[scorer, adapted]
@@ -537,6 +575,7 @@ def full_reference(frontier: Frontier, engine: Engine) -> dict[str, Any]:
     reference["questions"] = [q.id for q in frontier.questions]
     reference["retrieved"] = frontier.retrieved  # the passages (so the top-k) the answers read
     reference["model"] = frontier.lm.ref
+    reference["code"] = library_digest(*REFERENCE_CODE)
     torch.save(reference, path)
     print(f"full prefill: {reused}/{len(answers)} answers reused from {CORE272}", flush=True)
     return reference
@@ -544,8 +583,8 @@ def full_reference(frontier: Frontier, engine: Engine) -> dict[str, Any]:
 
 def checked_reference(reference: dict[str, Any], frontier: Frontier, path: Path) -> dict[str, Any]:
     """``reference`` if it answers this run's questions over the same retrieved passages with the
-    same model; another question set, ``--top-k`` or model in the same workdir is refused, and so
-    is a file written before the passages and model were recorded (it cannot be checked)."""
+    same model and library code; another question set, ``--top-k``, model or code in the same
+    workdir is refused, and so is a file written before those were recorded (it cannot be checked)."""
     if "retrieved" not in reference or "model" not in reference:
         raise SystemExit(f"{path} does not record its retrieved passages and model; delete it to compute it again")
     ids = [q.id for q in frontier.questions]
@@ -555,6 +594,12 @@ def checked_reference(reference: dict[str, Any], frontier: Frontier, path: Path)
         raise SystemExit(
             f"{path} was computed over other retrieved passages (another --top-k) or with another model than "
             f"this run's ({frontier.lm.ref}, top-{frontier.args.top_k}); use another --workdir"
+        )
+    if reference.get("code") != library_digest(*REFERENCE_CODE):
+        raise SystemExit(
+            f"{path} was computed by other library code than this run's (ragcompress/{{{','.join(REFERENCE_CODE)}}}"
+            " changed since, or it predates the record): its answers and KL rows may not be this code's; "
+            "use another --workdir, or delete it and the results it was compared with"
         )
     return reference
 

@@ -62,7 +62,7 @@ def test_basescore_rows_parse_and_need_an_adaptor():
         frontier.RowSpec.parse("global:kvzip@0.21/int4v2/r32k~basescore")
 
 
-def test_the_full_prefill_reference_is_refused_for_another_top_k_or_model(tmp_path):
+def test_the_full_prefill_reference_is_refused_for_another_top_k_model_or_code(tmp_path):
     """The workdir's full-prefill answers are read by every later row: a ``--top-k 5`` run over a
     top-3 reference (same questions) once reused it, and a file that does not say what it read
     cannot be checked."""
@@ -74,7 +74,14 @@ def test_the_full_prefill_reference_is_refused_for_another_top_k_or_model(tmp_pa
         lm=SimpleNamespace(ref="tiny"),
         args=SimpleNamespace(top_k=3),
     )
-    reference = {"answers": ["x", "y"], "questions": ["q1", "q2"], "retrieved": run.retrieved, "model": "tiny"}
+    code = frontier.library_digest(*frontier.REFERENCE_CODE)
+    reference = {
+        "answers": ["x", "y"],
+        "questions": ["q1", "q2"],
+        "retrieved": run.retrieved,
+        "model": "tiny",
+        "code": code,
+    }
     path = tmp_path / "full.pt"
     assert frontier.checked_reference(reference, run, path) is reference
     top5 = SimpleNamespace(**{**vars(run), "retrieved": [r + ["f#0", "g#0"] for r in run.retrieved]})
@@ -86,6 +93,10 @@ def test_the_full_prefill_reference_is_refused_for_another_top_k_or_model(tmp_pa
         frontier.checked_reference({**reference, "questions": ["q2", "q1"]}, run, path)
     with pytest.raises(SystemExit, match="does not record"):
         frontier.checked_reference({k: v for k, v in reference.items() if k != "retrieved"}, run, path)
+    with pytest.raises(SystemExit, match="other library code"):  # runtime or encoding code changed since
+        frontier.checked_reference({**reference, "code": "0" * 16}, run, path)
+    with pytest.raises(SystemExit, match="other library code"):  # written before the code was recorded
+        frontier.checked_reference({k: v for k, v in reference.items() if k != "code"}, run, path)
 
 
 def test_entity_tokens_are_numbers_and_capitalised_words_not_opening_a_sentence():

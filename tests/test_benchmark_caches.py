@@ -1,0 +1,67 @@
+"""The benchmarks' cached intermediate results (``benchmarks/common.py``: ``load_keyed`` /
+``save_keyed``): passage caches, scores and calibration moments are reused only when they were
+computed from what the run would compute them from, so a stale file is recomputed, never used."""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+common = importlib.import_module("common")
+
+KEY = {"model": "abc", "scorer": "kvzip", "code": "0123"}
+TOKENS = {"p0": [1, 2, 3], "p1": [4, 5]}
+
+
+def _save(path) -> dict[str, torch.Tensor]:
+    tensors = {"p0/scores": torch.rand(2, 3), "p1/scores": torch.rand(2, 2)}
+    common.save_keyed(path, tensors, KEY, TOKENS)
+    return tensors
+
+
+def test_round_trip_under_the_same_key(tmp_path):
+    path = tmp_path / "scores.safetensors"
+    saved = _save(path)
+    loaded = common.load_keyed(path, dict(KEY), TOKENS)
+    assert set(loaded) == set(saved)
+    assert all(torch.equal(loaded[name], saved[name]) for name in saved)
+
+
+def test_another_key_reuses_nothing_and_says_what_changed(tmp_path, capsys):
+    path = tmp_path / "scores.safetensors"
+    _save(path)
+    assert common.load_keyed(path, {**KEY, "code": "4567"}, TOKENS) == {}
+    assert "code" in capsys.readouterr().out
+    assert common.load_keyed(path, {**KEY, "adaptor": "ff"}, TOKENS) == {}
+
+
+def test_a_passage_whose_tokens_changed_is_left_out(tmp_path):
+    path = tmp_path / "scores.safetensors"
+    _save(path)
+    loaded = common.load_keyed(path, KEY, {"p0": [1, 2, 3], "p1": [4, 6]})
+    assert set(loaded) == {"p0/scores"}
+
+
+def test_a_passage_the_file_does_not_hold_is_missing_not_an_error(tmp_path):
+    path = tmp_path / "scores.safetensors"
+    _save(path)
+    assert set(common.load_keyed(path, KEY, {**TOKENS, "p2": [7]})) == {"p0/scores", "p1/scores"}
+    assert common.load_keyed(tmp_path / "absent.safetensors", KEY, TOKENS) == {}
+
+
+def test_library_digest_follows_the_source(tmp_path, monkeypatch):
+    (tmp_path / "kv").mkdir()
+    (tmp_path / "kv" / "a.py").write_text("x = 1\n")
+    (tmp_path / "b.py").write_text("y = 2\n")
+    monkeypatch.setattr(common, "LIBRARY", tmp_path)
+    before = common.library_digest("kv", "b.py")
+    assert common.library_digest("b.py", "kv") == before  # order of the parts does not matter
+    (tmp_path / "kv" / "a.py").write_text("x = 3\n")
+    assert common.library_digest("kv", "b.py") != before
+    assert common.library_digest("b.py") == common.library_digest("b.py")
+
+
+def test_the_encoding_code_exists():
+    for part in common.ENCODING_CODE:
+        assert (common.LIBRARY / part).exists(), part
