@@ -164,6 +164,19 @@ def test_transform_creates_a_low_rank_store_with_its_basis(tiny, tmp_path):
         assert kv.load_kv(kv.entry(sample_documents(1)[0].doc_id)).num_tokens > 0
 
 
+def test_a_low_rank_transform_is_refused_on_a_store_of_full_rows(tiny, tmp_path):
+    """Asking for latents (``rank``) on a store built with full rows is refused, as ``ragcompress
+    index --rank`` refuses it, before a basis is fitted: the transform once passed its check (a
+    config's rank is in the manifest only with its basis) and wrote full rows silently."""
+    store = tmp_path / "store"
+    KVCacheTransform(store_path=str(store), model=tiny)(sample_documents(1))
+    config = IndexConfig(rank=8, calibration=str(SAMPLE_PASSAGES), calibration_passages=8)
+    with pytest.raises(StoreMismatchError, match="full-rank rows, this run asks for low-rank latents"):
+        KVCacheTransform(store_path=str(store), model=tiny, config=config)(sample_documents(2))
+    with KVStore.open(store) as kv:
+        assert kv.catalogue.count() == 1
+
+
 def test_transform_names_another_adaptor_as_index_does(tiny, tmp_path):
     """Ingesting into a store built without an adaptor, through one, is refused in the adaptor's
     own words and with the remedy ``ragcompress index`` gives, not as an unnamed difference of

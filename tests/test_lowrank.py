@@ -9,6 +9,7 @@ import torch
 
 from ragcompress.errors import CorruptSegmentError, StoreMismatchError
 from ragcompress.indexing import IndexConfig, index
+from ragcompress.indexing import run as run_module
 from ragcompress.kv import PassageKV
 from ragcompress.kv.lowrank import RankSpec, fit_basis
 from ragcompress.kv.quant import QuantConfig
@@ -174,7 +175,9 @@ def test_a_latent_segment_needs_its_own_basis():
         decode(blob, basis=fit_basis(caches, RankSpec(rank=16)))
 
 
-def test_index_with_rank_and_a_store_refuses_a_mismatched_basis(tiny_lm, passages_file, tmp_path, embedder):
+def test_index_with_rank_and_a_store_refuses_a_mismatched_basis(
+    tiny_lm, passages_file, tmp_path, embedder, monkeypatch
+):
     full = tmp_path / "full"
     config = IndexConfig(quant="int8", rank=16, calibration_passages=4)  # the tiny model's head_dim
     index(passages_file, full, lm=tiny_lm, embedder=embedder, config=config)
@@ -194,6 +197,13 @@ def test_index_with_rank_and_a_store_refuses_a_mismatched_basis(tiny_lm, passage
     assert again.skipped == 8
     with pytest.raises(StoreMismatchError):
         index(passages_file, full, lm=tiny_lm, embedder=embedder, config=IndexConfig(quant="int8", rank=8))
+    # a rank on a store of full rows is refused before a basis is fitted for it
+    fits = []
+    monkeypatch.setattr(run_module, "fit_calibration_basis", lambda *a, **k: fits.append(a))
+    with pytest.raises(StoreMismatchError, match="full-rank rows"):
+        index(passages_file, plain, lm=tiny_lm, embedder=embedder, config=IndexConfig(quant="int8", rank=8))
+    assert fits == []
+    monkeypatch.undo()
     assert verify_store(full).problems == []
     shutil.copy(low / "basis.safetensors", full / "basis.safetensors")
     with KVStore.open(full) as store, pytest.raises(StoreMismatchError, match="basis"):

@@ -10,6 +10,7 @@ the new store is built beside the old one and swapped in only when complete.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -93,11 +94,12 @@ def settings_for(
 
 
 def run_indexer(
-    lm: LoadedModel, config: IndexConfig, embedder: Embedder | None, input_path: Path, existing: Path | None
+    lm: LoadedModel, config: IndexConfig, embedder: Embedder | None, input_path: Path | None, existing: Path | None
 ) -> Indexer:
-    """The indexer of one run (one process or a Ray driver): built from ``config``, with its
-    low-rank basis (the ``existing`` store's when resuming, else fitted), and refused when an
-    ``existing`` store was built with another adaptor or other settings."""
+    """The indexer of one run (one process, a Ray driver, the LlamaIndex ingestion): built from
+    ``config``, with its low-rank basis (the ``existing`` store's when adding to it, else fitted
+    on ``config.calibration`` or ``input_path``), and refused when an ``existing`` store was built
+    with another adaptor or other settings."""
     indexer = Indexer.from_config(lm, config, embedder)
     spec = config.rank_spec()
     if spec is not None:
@@ -125,19 +127,29 @@ def create_store_for(target: Path, indexer: Indexer) -> None:
 
 
 def attach_basis(
-    indexer: Indexer, config: IndexConfig, spec: RankSpec, input_path: Path, existing: Path | None
+    indexer: Indexer, config: IndexConfig, spec: RankSpec, input_path: Path | None, existing: Path | None
 ) -> Indexer:
-    """``indexer`` writing latents: of the basis of the store at ``existing`` (a resumed run; a
-    store without one is refused by the manifest check), else of a basis fitted on the first
-    ``config.calibration_passages`` of ``config.calibration`` (or of the input), encoded by the
-    base model (:attr:`Indexer.calibration_encoder`)."""
-    source = Path(config.calibration) if config.calibration else input_path
-    calibration = f"{'input' if config.calibration is None else source.name}:first-{config.calibration_passages}"
+    """``indexer`` writing latents: of the basis of the store at ``existing`` (a store of full
+    rows is refused here, before a basis is fitted for nothing), else of a basis fitted on the
+    first ``config.calibration_passages`` of ``config.calibration`` (or of the input), encoded by
+    the base model (:attr:`Indexer.calibration_encoder`)."""
     if existing is not None:
         with KVStore.open(existing) as store:
             lowrank = store.manifest.compression.get("lowrank")
             if store.basis is not None and isinstance(lowrank, dict):
-                return indexer.with_basis(store.basis, spec, str(lowrank.get("calibration", calibration)))
+                return indexer.with_basis(store.basis, spec, str(lowrank["calibration"]))
+        raise StoreMismatchError(
+            f"store was built with full-rank rows, this run asks for low-rank latents "
+            f"{json.dumps(spec.as_dict(), sort_keys=True)}; use the store's settings (give none to reuse them), "
+            "another --store, or --overwrite"
+        )
+    source = Path(config.calibration) if config.calibration else input_path
+    if source is None:
+        raise ValueError(
+            "a new low-rank store (rank or rank_energy) needs its calibration passages: give "
+            "IndexConfig(calibration=PASSAGES_JSONL), or build the store with `ragcompress index` first"
+        )
+    calibration = f"{'input' if config.calibration is None else source.name}:first-{config.calibration_passages}"
     basis = fit_calibration_basis(indexer.calibration_encoder, iter_passages(source), spec, config.calibration_passages)
     return indexer.with_basis(basis, spec, calibration)
 

@@ -99,30 +99,19 @@ class CacheWriter:
         an existing store's own, else float32); ``device``: where its forwards run (None: CPU)."""
         require_ragcompress()
         from ragcompress.indexing import Indexer
-        from ragcompress.indexing.run import attach_basis, check_same_build
+        from ragcompress.indexing.run import run_indexer
         from ragcompress.store import KVStore, Manifest
         from ragcompress.store.manifest import MANIFEST
 
         exists = (Path(path) / MANIFEST).is_file()
         existing = Manifest.read(Path(path)) if exists else None
         lm = shared_model(model, dtype or (existing.dtype if existing else None), device)
-        indexer = Indexer.from_config(lm, config, shared_embedder(config.embedder))
-        spec = config.rank_spec()
+        # the same settings as an existing store (its basis, for a low-rank one), or a new store's
+        # basis fitted on config.calibration: `ragcompress index`'s checks, in its own function
+        indexer = run_indexer(lm, config, shared_embedder(config.embedder), None, Path(path) if exists else None)
         if existing is not None:
-            with KVStore.open(Path(path)) as store:  # a low-rank store's basis, as its manifest records it
-                joined = Indexer.for_store(existing, lm, indexer.embedder, indexer.adaptor).with_store_basis(store)
-                lowrank = existing.compression.get("lowrank")
-                if spec is not None and store.basis is not None and isinstance(lowrank, dict):
-                    indexer = indexer.with_basis(store.basis, spec, str(lowrank.get("calibration")))
-            check_same_build(existing, indexer)  # the same settings, rank spec included
-            indexer = joined
-        elif spec is not None:  # a new low-rank store: its basis is fitted on a passage file
-            if config.calibration is None:
-                raise ValueError(
-                    "a new low-rank store (rank or rank_energy) needs its calibration passages: give "
-                    "IndexConfig(calibration=PASSAGES_JSONL), or build the store with `ragcompress index` first"
-                )
-            indexer = attach_basis(indexer, config, spec, Path(config.calibration), None)
+            with KVStore.open(Path(path)) as store:  # the store's own settings, as it records them
+                indexer = Indexer.for_store(existing, lm, indexer.embedder, indexer.adaptor).with_store_basis(store)
         return cls(path, indexer, batch_size, replace_edited, checked=exists)
 
     @classmethod
