@@ -13,6 +13,10 @@ Also measures ``validate()`` (the streaming input pass) on JSONL files of growin
 
     .venv/bin/python benchmarks/index_memory.py                 # 1k and 10k passages
     .venv/bin/python benchmarks/index_memory.py --sizes 1000,10000 --validate-mb 20,200 --json
+    .venv/bin/python benchmarks/index_memory.py --out docs/results/index_memory.json   # docs/guarantees.md's tables
+
+``--out`` writes the rows with the run's metadata (``common.results_meta``: revision, threads)
+and the date; ``benchmarks/report.py`` renders docs/guarantees.md's tables from that file.
 """
 
 from __future__ import annotations
@@ -166,6 +170,7 @@ def main() -> None:
     parser.add_argument("--validate-mb", default="20,200", help="JSONL sizes (MB) for the validate() pass; '' skips")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--out", type=Path, default=None, help="results JSON (with the run's metadata)")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -202,29 +207,18 @@ def main() -> None:
     for row in validations:
         row["input_ratio"] = row["input_mb"] / vbase["input_mb"]
         row["peak_rss_ratio"] = row["peak_rss_mb"] / vbase["peak_rss_mb"]
+    if args.out is not None:
+        from common import results_meta
+
+        meta = {**results_meta(vars(args)), "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+        meta["argv"] = sys.argv[1:]
+        args.out.write_text(json.dumps({"meta": meta, "index": rows, "validate": validations}, indent=1) + "\n")
     if args.json:
         print(json.dumps({"index": rows, "validate": validations}))
         return
-    print(
-        "| passages | passages/s | RSS before (MB) | peak RSS (MB) | growth: passage loop (MB) "
-        "| growth: incl. FAISS build (MB) | store (MB) | passages x | peak RSS x | throughput x |"
-    )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(
-            f"| {r['passages']} | {r['passages_per_s']:.1f} | {r['rss_before_mb']:.0f} | {r['peak_rss_mb']:.0f} "
-            f"| {r['loop_rss_mb']:.1f} | {r['indexing_rss_mb']:.1f} | {r['store_mb']:.1f} "
-            f"| {r['passages_ratio']:.0f} | {r['peak_rss_ratio']:.3f} | {r['throughput_ratio']:.2f} |"
-        )
-    if validations:
-        print()
-        print("| input (MB) | passages | seconds | peak RSS (MB) | validate RSS (MB) | input x | peak RSS x |")
-        print("|---:|---:|---:|---:|---:|---:|---:|")
-        for r in validations:
-            print(
-                f"| {r['input_mb']:.0f} | {r['passages']} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} "
-                f"| {r['validate_rss_mb']:.1f} | {r['input_ratio']:.0f} | {r['peak_rss_ratio']:.3f} |"
-            )
+    from report import index_memory_tables  # docs/guarantees.md's tables are rendered by the same code
+
+    print(index_memory_tables({"index": rows, "validate": validations}))
 
 
 if __name__ == "__main__":

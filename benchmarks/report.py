@@ -1014,6 +1014,89 @@ def render_faithful_price(results: Path) -> str:
     return table(header, rows) + "\n\n" + source_line(paths)
 
 
+def index_memory_tables(data: dict[str, Any]) -> str:
+    """``benchmarks/index_memory.py``'s two tables (indexing, then validation, against size), as
+    it prints them and as docs/guarantees.md shows them."""
+    rows = [
+        [
+            str(r["passages"]),
+            f"{r['passages_per_s']:.1f}",
+            f"{r['rss_before_mb']:.0f}",
+            f"{r['peak_rss_mb']:.0f}",
+            f"{r['loop_rss_mb']:.1f}",
+            f"{r['indexing_rss_mb']:.1f}",
+            f"{r['store_mb']:.1f}",
+            f"{r['passages_ratio']:.0f}",
+            f"{r['peak_rss_ratio']:.3f}",
+            f"{r['throughput_ratio']:.2f}",
+        ]
+        for r in data["index"]
+    ]
+    header = [
+        "passages",
+        "passages/s",
+        "RSS before (MB)",
+        "peak RSS (MB)",
+        "growth: passage loop (MB)",
+        "growth: incl. FAISS build (MB)",
+        "store (MB)",
+        "passages x",
+        "peak RSS x",
+        "throughput x",
+    ]
+    text = table(header, rows)
+    if data["validate"]:
+        rows = [
+            [
+                f"{r['input_mb']:.0f}",
+                str(r["passages"]),
+                f"{r['seconds']:.1f}",
+                f"{r['peak_rss_mb']:.0f}",
+                f"{r['validate_rss_mb']:.1f}",
+                f"{r['input_ratio']:.0f}",
+                f"{r['peak_rss_ratio']:.3f}",
+            ]
+            for r in data["validate"]
+        ]
+        header = ["input (MB)", "passages", "seconds", "peak RSS (MB)", "validate RSS (MB)", "input x", "peak RSS x"]
+        text += "\n\n" + table(header, rows)
+    return text
+
+
+def render_index_memory(results: Path) -> str:
+    """Indexing and validation memory against input size (``index_memory.json``)."""
+    path = results / "index_memory.json"
+    data = load(path)
+    when = f"Measured {data['meta']['date']}, at {data['meta']['git']}. "
+    return index_memory_tables(data) + "\n\n" + when + source_line([path])
+
+
+FIRST_ROUND_RECOMPUTE = ("qwen", "smollm2", "qwen_top5", "smollm2_top5", "qwen_unfused")
+
+
+def render_first_round_recompute(tag: str, results: Path) -> str:
+    """One of the first round's selective-recompute tables (``recompute_<tag>.json``, written by
+    ``recompute_quality.py`` of that round: one top-k, every setting beside full prefill)."""
+    path = results / f"recompute_{tag}.json"
+    (settings,) = load(path)["tables"].values()
+    full = settings["full"]["sub_em"]
+    rows = [
+        [
+            name,
+            f"{r['sub_em']:.3f}",
+            pct(r["sub_em"], full),
+            f"{r['f1']:.3f}",
+            f"{r['agreement']:.3f}",
+            f"{r['kl']:.4f}",
+            f"{r['ttft_s_median']:.3f}",
+            f"{r['ttft_speedup']:.2f}x",
+        ]
+        for name, r in settings.items()
+    ]
+    header = ["setting", "sub-EM", "% of full", "F1", "agreement", "KL to full", "TTFT (s)", "TTFT speed-up"]
+    return table(header, rows) + "\n\n" + source_line([path])
+
+
 def render_training_article_retrieval(results: Path) -> str:
     """How often held-out questions retrieve passages of an adaptor's training articles
     (``training_article_retrieval.json``, ``benchmarks/training_article_retrieval.py``)."""
@@ -1974,6 +2057,11 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "serve-load": render_serve_load,
     "distill": render_distill,
     **{name: (lambda results, name=name: render_sweep(name, results)) for name in SWEEP_TABLES},
+    **{
+        f"recompute-first-round:{tag}": (lambda results, tag=tag: render_first_round_recompute(tag, results))
+        for tag in FIRST_ROUND_RECOMPUTE
+    },
+    "index-memory": render_index_memory,
     "needle:qwen": lambda results: render_needle("needle_qwen.json", results),
     "needle:smollm2": lambda results: render_needle("needle_smollm2_1x128.json", results),
 }
@@ -2025,9 +2113,39 @@ def unmanaged_tables(text: str) -> list[str]:
     return found
 
 
+# a cell that reads as a measurement: a decimal, or a number with a unit, a ratio or a percentage
+# (plain integers are left out: status codes, counts and defaults fill reference tables)
+FIGURE_CELL = re.compile(r"^\s*\**[-+]?\d[\d,]*(\.\d+\s*(%|x|×|ms|s|MB|GB)?|\s*(%|x|×|ms|s|MB|GB))\**\s*$")
+HAND_TYPED = "<!-- hand-typed:"  # the marker a table of figures without a results file carries, with why
+
+
+def hand_typed_tables(text: str) -> list[str]:
+    """First lines of tables of measured figures outside any report block that are not marked
+    ``<!-- hand-typed: WHY -->`` on the line before them (a blank line between is allowed): in
+    every rendered document, so a number typed into a docs table is either generated from
+    ``docs/results`` or says why it cannot be."""
+    lines = BLOCK_RE.sub("", text).splitlines()
+    found, i = [], 0
+    while i < len(lines):
+        if not lines[i].startswith("|"):
+            i += 1
+            continue
+        end = i
+        while end < len(lines) and lines[end].startswith("|"):
+            end += 1
+        cells = [cell for row in lines[i + 2 : end] for cell in row.strip().strip("|").split("|")]
+        before = [line for line in lines[max(0, i - 2) : i] if line.strip()]
+        marked = bool(before) and before[-1].startswith(HAND_TYPED)
+        if any(FIGURE_CELL.match(cell) for cell in cells) and not marked:
+            found.append(lines[i])
+        i = end
+    return found
+
+
 def check(readme: Path = README, results: Path = RESULTS) -> str | None:
-    """``None`` when every report block of ``readme`` equals its rendering from ``results`` and
-    the Results section has no table outside a block; else a message naming the first problem."""
+    """``None`` when every report block of ``readme`` equals its rendering from ``results``, the
+    Results section has no table outside a block, and no table of figures elsewhere is typed by
+    hand unless marked so (:func:`hand_typed_tables`); else a message naming the first problem."""
     text = readme.read_text()
     try:
         names = blocks(text)
@@ -2048,6 +2166,12 @@ def check(readme: Path = README, results: Path = RESULTS) -> str | None:
     loose = unmanaged_tables(text)
     if loose:
         return f"a table in {readme}'s Results section is not generated (no report block): {loose[0]}"
+    typed = hand_typed_tables(text)
+    if typed:
+        return (
+            f"a table of figures in {readme} is neither generated (no report block) nor marked "
+            f"{HAND_TYPED} WHY --> on the line before it: {typed[0]}"
+        )
     return None
 
 
