@@ -165,3 +165,35 @@ def test_the_estimates_commit_rate_runs_on_the_catalogue_as_it_is(tmp_path, monk
     store_scale = importlib.import_module("store_scale")
     monkeypatch.setattr(store_scale, "RUNS", tmp_path / "runs")
     assert store_scale._commit_rate(rows=64, batch=8) > 0
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_recall_truth_is_a_chunked_exact_scan_that_copies_no_index(kind, monkeypatch):
+    """The exact neighbours recall is measured against come from a scan of the stored vectors a
+    chunk at a time (a full copy of them, as this once made, doubled a large build's memory): the
+    same neighbours a flat FAISS scan of all the vectors returns, whatever the chunk size (ids
+    equal up to rows that tie, which recall counts either way: a flat index's recall is 1)."""
+    import faiss
+
+    from ragcompress.store import ann
+
+    vectors = _clustered(3000)
+    ids = np.arange(3000, dtype=np.int64) * 7 + 3  # catalogue rows are not positions
+    built = ann.new_index(32, index_params(3000, flat_max=0 if kind == "ivf" else None), vectors)
+    built.add_with_ids(vectors, ids)
+    exact = faiss.IndexFlatIP(32)
+    exact.add(vectors)
+    flat = ann.new_index(32, {"type": "flat"})
+    flat.add_with_ids(vectors, ids)
+    for chunk in (ann.SCAN_CHUNK, 1000, 7):
+        monkeypatch.setattr(ann, "SCAN_CHUNK", chunk)
+        monkeypatch.setattr(ann._stored_chunks, "__defaults__", (chunk,))
+        q, truth, kth = ann._exact_truth(built, 10, 50, seed=3)
+        scores, want = exact.search(q, 10)
+        got = np.take_along_axis(q @ vectors.T, (truth - 3) // 7, 1)  # the scores of the rows it chose
+        assert np.allclose(got, scores, atol=1e-6) and np.allclose(kth, scores[:, -1], atol=1e-6), chunk
+        assert ann._recall(flat, q, truth, kth) == 1.0, chunk  # an exact index finds all of them
+        assert np.mean([len(set(t) & set(w)) for t, w in zip(truth.tolist(), ids[want].tolist())]) > 9, chunk
+        pairs = np.random.default_rng(3).integers(0, 3000, size=(50, 2))
+        mid = vectors[pairs[:, 0]] + vectors[pairs[:, 1]]
+        assert np.allclose(q, mid / np.linalg.norm(mid, axis=1, keepdims=True), atol=1e-6)

@@ -21,6 +21,7 @@ parameters and the recall@10 measured when it was built are recorded in the mani
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -88,32 +89,100 @@ def stored_vectors(index: Any) -> np.ndarray | None:
     return faiss.rev_swig_ptr(inner.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
 
 
-def _midpoint_queries(vectors: np.ndarray, queries: int, seed: int) -> np.ndarray:
+# Rows of raw vectors the exact scan reads at a time (recall at build time): 16k x 384 x 4 bytes
+# = 25 MB, and the 200 queries' scores over them 13 MB, so measuring recall never holds a second
+# copy of a large index's vectors.
+SCAN_CHUNK = 16384
+
+
+def _stored_chunks(index: Any, chunk: int = SCAN_CHUNK) -> Iterator[np.ndarray]:
+    """An index's raw vectors in insertion order, ``chunk`` rows at a time: views of a flat
+    index's storage, copies of one chunk at a time for IVF-Flat (:func:`stored_vectors` for
+    the other types, whole)."""
+    import faiss
+
+    inner: Any = faiss.downcast_index(index.index)
+    if isinstance(inner, faiss.IndexIVFFlat):
+        inner.make_direct_map()
+        for start in range(0, inner.ntotal, chunk):
+            yield inner.reconstruct_n(start, min(chunk, inner.ntotal - start))
+        return
+    vectors = stored_vectors(index)
+    if vectors is not None:
+        for start in range(0, len(vectors), chunk):
+            yield vectors[start : start + chunk]
+
+
+def _midpoint_queries(index: Any, queries: int, seed: int) -> np.ndarray:
+    """Seeded queries halfway between two stored vectors (near several passages, equal to none)."""
     rng = np.random.default_rng(seed)
-    pairs = rng.integers(0, len(vectors), size=(queries, 2))
-    q = vectors[pairs[:, 0]] + vectors[pairs[:, 1]]
+    pairs = rng.integers(0, index.ntotal, size=(queries, 2))
+    wanted = np.unique(pairs)
+    rows = np.empty((len(wanted), index.d), dtype=np.float32)
+    start = 0
+    for vectors in _stored_chunks(index):
+        at = np.flatnonzero((wanted >= start) & (wanted < start + len(vectors)))
+        rows[at] = vectors[wanted[at] - start]
+        start += len(vectors)
+    q = rows[np.searchsorted(wanted, pairs[:, 0])] + rows[np.searchsorted(wanted, pairs[:, 1])]
     q /= np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
     return np.ascontiguousarray(q, dtype=np.float32)
 
 
-def _exact_truth(index: Any, k: int, queries: int, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """Seeded midpoint queries and the row ids of their exact top-``k`` (a flat scan of the
-    index's own stored vectors); None for an index with fewer than ``k`` vectors."""
+# Scores this close to a query's k-th exact score tie with it (float32 inner products of unit
+# vectors computed in another order differ by ~1e-7; a midpoint query ties its two rows exactly).
+TIE = 1e-5
+
+
+def _exact_truth(index: Any, k: int, queries: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Seeded midpoint queries, the row ids of their exact top-``k`` and each query's k-th score:
+    an inner-product scan of the index's own stored vectors, one chunk at a time (a flat copy of
+    every vector, as this once made, doubled a 10M-passage build's memory); None for an index
+    with fewer than ``k`` vectors or of a type whose vectors cannot be read."""
     import faiss
 
-    vectors = stored_vectors(index)
-    if vectors is None or index.ntotal < max(k, 2):
+    if index.ntotal < max(k, 2) or not stored_vectors_readable(index):
         return None
-    q = _midpoint_queries(vectors, queries, seed)
-    exact = faiss.IndexFlatIP(index.d)
-    exact.add(vectors)
-    _, truth = exact.search(q, k)  # positions in the stored order
-    return q, faiss.vector_to_array(index.id_map)[truth]
+    q = _midpoint_queries(index, queries, seed)
+    best_scores = np.full((len(q), k), -np.inf, dtype=np.float32)
+    best_rows = np.zeros((len(q), k), dtype=np.int64)
+    start = 0
+    for vectors in _stored_chunks(index):
+        scores = q @ vectors.T
+        rows = np.broadcast_to(np.arange(start, start + len(vectors)), scores.shape)
+        if scores.shape[1] > k:  # the chunk's own top-k first (equal scores at the cut: any of them)
+            top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+            scores, rows = np.take_along_axis(scores, top, 1), top + start
+        scores, rows = np.concatenate([best_scores, scores], 1), np.concatenate([best_rows, rows], 1)
+        order = np.lexsort((rows, -scores), axis=1)[:, :k]  # highest score first, then earlier row
+        best_scores, best_rows = np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
+        start += len(vectors)
+    return q, faiss.vector_to_array(index.id_map)[best_rows], best_scores[:, -1]
 
 
-def _recall(index: Any, q: np.ndarray, truth: np.ndarray) -> float:
-    _, found = index.search(q, truth.shape[1])
-    hits = sum(len(set(t.tolist()) & set(f.tolist())) for t, f in zip(truth, found, strict=True))
+def stored_vectors_readable(index: Any) -> bool:
+    """Whether :func:`_stored_chunks` can read ``index``'s raw vectors (flat, IVF-Flat, HNSW-Flat)."""
+    import faiss
+
+    inner: Any = faiss.downcast_index(index.index)
+    if isinstance(inner, faiss.IndexHNSW):
+        inner = faiss.downcast_index(inner.storage)
+    return isinstance(inner, (faiss.IndexIVFFlat, faiss.IndexFlat))
+
+
+def _recall(index: Any, q: np.ndarray, truth: np.ndarray, kth: np.ndarray) -> float:
+    """Fraction of the exact top-k found; a found row that ties the k-th exact score (:data:`TIE`)
+    counts too, since which of equal rows is "the" top-k is arbitrary (a midpoint query ties the
+    two rows it lies between)."""
+    scores, found = index.search(q, truth.shape[1])
+    hits = 0
+    for t, f, s, cut in zip(truth, found, scores, kth, strict=True):
+        exact = set(t.tolist())
+        hits += sum(
+            1
+            for row, score in zip(f.tolist(), s.tolist(), strict=True)
+            if row in exact or (row >= 0 and score >= cut - TIE)
+        )
     return hits / truth.size
 
 

@@ -60,6 +60,7 @@ def build_index(catalogue: Catalogue, params: dict[str, Any] | None = None) -> t
     for rows, vectors in catalogue.embedding_chunks():
         if index is None:
             index = ann.new_index(vectors.shape[1], params, training)
+            training = None  # trained: the sample (up to 256 vectors a cell) is not held while the rows are added
         elif vectors.shape[1] != index.d:
             raise StoreError(f"catalogue {catalogue.path}: embeddings change dimension at row {rows[0]}")
         index.add_with_ids(np.ascontiguousarray(vectors), rows)
