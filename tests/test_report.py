@@ -84,6 +84,21 @@ def test_a_hand_typed_table_in_results_fails_the_check(tmp_path):
     assert "not generated" in (report.check(readme) or "")
 
 
+def test_a_table_of_figures_typed_into_a_doc_fails_the_check_unless_marked(tmp_path):
+    """Outside README's Results section too: a docs table whose cells read as measurements is
+    either a report block or says, in a ``<!-- hand-typed: WHY -->`` line before it, why it is
+    not; a reference table (flags, status codes, counts) needs neither."""
+    doc = tmp_path / "doc.md"
+    base = report.DOCS[0].read_text()
+    figures = "| setting | sub-EM | TTFT |\n|---|---|---|\n| reuse | 0.350 | 1.8 s |\n"
+    doc.write_text(base + "\n" + figures)
+    assert "neither generated" in (report.check(doc) or "")
+    doc.write_text(base + "\n<!-- hand-typed: the notebook's printed run -->\n\n" + figures)
+    assert report.check(doc) is None
+    doc.write_text(base + "\n| status | when |\n|---|---|\n| 409 | busy |\n| 12 | retries |\n")
+    assert report.check(doc) is None
+
+
 def bench_curve(model: str, speedup: float) -> dict:
     """The ``ragcompress bench --json`` shape (ragcompress/bench.py ``to_json`` plus the CLI's extras)."""
     cached = 0.2

@@ -193,7 +193,9 @@ def test_recall_truth_is_a_chunked_exact_scan_that_copies_no_index(kind, monkeyp
         got = np.take_along_axis(q @ vectors.T, (truth - 3) // 7, 1)  # the scores of the rows it chose
         assert np.allclose(got, scores, atol=1e-6) and np.allclose(kth, scores[:, -1], atol=1e-6), chunk
         assert ann._recall(flat, q, truth, kth) == 1.0, chunk  # an exact index finds all of them
-        assert np.mean([len(set(t) & set(w)) for t, w in zip(truth.tolist(), ids[want].tolist())]) > 9, chunk
+        assert np.mean([len(set(t) & set(w)) for t, w in zip(truth.tolist(), ids[want].tolist(), strict=True)]) > 9, (
+            chunk
+        )
         pairs = np.random.default_rng(3).integers(0, 3000, size=(50, 2))
         mid = vectors[pairs[:, 0]] + vectors[pairs[:, 1]]
         assert np.allclose(q, mid / np.linalg.norm(mid, axis=1, keepdims=True), atol=1e-6)
