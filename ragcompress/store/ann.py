@@ -141,7 +141,7 @@ def _exact_truth(index: Any, k: int, queries: int, seed: int) -> tuple[np.ndarra
     with fewer than ``k`` vectors or of a type whose vectors cannot be read."""
     import faiss
 
-    if index.ntotal < max(k, 2) or not stored_vectors_readable(index):
+    if index.ntotal < max(k, 2) or not _vectors_readable(index):
         return None
     q = _midpoint_queries(index, queries, seed)
     best_scores = np.full((len(q), k), -np.inf, dtype=np.float32)
@@ -160,7 +160,7 @@ def _exact_truth(index: Any, k: int, queries: int, seed: int) -> tuple[np.ndarra
     return q, faiss.vector_to_array(index.id_map)[best_rows], best_scores[:, -1]
 
 
-def stored_vectors_readable(index: Any) -> bool:
+def _vectors_readable(index: Any) -> bool:
     """Whether :func:`_stored_chunks` can read ``index``'s raw vectors (flat, IVF-Flat, HNSW-Flat)."""
     import faiss
 
