@@ -202,6 +202,41 @@ def test_a_compaction_stopped_before_the_swap_leaves_the_store_as_it_was(store, 
     assert not list(store.parent.glob(".store.*"))
 
 
+@pytest.mark.parametrize(
+    "where, named", [("README-mine.txt", "README-mine.txt"), ("shards/notes.txt", "notes.txt"), (".git/HEAD", ".git")]
+)
+def test_compact_and_overwrite_refuse_a_store_folder_holding_the_users_files(tiny_lm, store, tmp_path, where, named):
+    """Compaction replaces the store's folder whole, and so does ``index --overwrite``: a file of
+    the user's in it, at the top or among the shards, is refused before anything is touched (both
+    once deleted it, compaction with exit 0)."""
+    mine = store / where
+    mine.parent.mkdir(exist_ok=True)
+    mine.write_text("keep me")
+    rows = _rows(store)
+    with pytest.raises(StoreError, match="refusing to compact") as refused:
+        compact_store(store)
+    assert named in str(refused.value)
+    with pytest.raises(StoreError, match="refusing to overwrite"):
+        _index(tiny_lm, _write(tmp_path / "again.jsonl", _texts(N_PASSAGES)), store, overwrite=True)
+    assert mine.read_text() == "keep me" and _rows(store) == rows
+    assert not list(store.parent.glob(".store.*"))
+
+
+def test_a_failed_compaction_names_the_store_and_leaves_no_copy(store):
+    """A damaged shard stops compaction with the passage named; the half-built copy beside the
+    store (as large as what it had copied) is deleted, not left for the next run."""
+    shard = next((store / "shards").glob("*.kvs"))
+    with open(shard, "r+b") as handle:
+        handle.truncate(shard.stat().st_size // 2)
+    with pytest.raises(StoreError):
+        compact_store(store)
+    assert not list(store.parent.glob(".store.*"))
+    (store / "manifest.json").write_text("{")
+    with pytest.raises(StoreError, match=str(store / "manifest.json")):
+        compact_store(store)
+    assert not list(store.parent.glob(".store.*"))
+
+
 def test_an_open_reader_follows_a_compaction_even_mid_request(store):
     """A reader (as ``serve`` holds one) keeps answering across ``compact``: its next search
     reopens the swapped-in store, and a blob read with a row found before the swap is read again

@@ -7,7 +7,9 @@ built beside the old one, with the same manifest, prefix and basis files, rebuil
 and swaps the new store in atomically (:func:`~ragcompress.store.files.replace_store`). No
 passage is re-encoded, so no model is needed and every cache keeps its bytes. The old store's
 writer lock is held throughout: no writer can change it meanwhile, and a killed compaction
-leaves the old store in place (the half-built copy is deleted by the next compaction).
+leaves the old store in place (the half-built copy is deleted by the next compaction; one that
+fails deletes its own). A store folder that holds files of the user's is refused, as
+``index --overwrite`` refuses it, since the swap would delete them.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from typing import Any
 from ragcompress.errors import StoreError
 from ragcompress.store.basis import BASIS
 from ragcompress.store.catalogue import CATALOGUE, Catalogue
-from ragcompress.store.files import PREFIX, replace_store, write_atomic
-from ragcompress.store.manifest import MANIFEST
+from ragcompress.store.files import PREFIX, overwrite_refusal, replace_store, write_atomic
+from ragcompress.store.manifest import MANIFEST, Manifest
 from ragcompress.store.shards import SHARD_DIR, read_blob
 from ragcompress.store.writer import StoreLock, StoreWriter
 
@@ -52,10 +54,18 @@ def compact_store(path: str | Path) -> CompactReport:
     path = Path(path)
     if not (path / MANIFEST).is_file() or not (path / CATALOGUE).is_file():
         raise StoreError(f"{path} is not a ragcompress store (no {MANIFEST} or {CATALOGUE}); check the --store path")
+    # the store's folder is replaced whole: a file of the user's in it would be deleted with it
+    refusal = overwrite_refusal(path)
+    if refusal is not None:
+        raise StoreError(
+            f"{path} {refusal}; refusing to compact it (compaction replaces the folder, deleting what else it "
+            "holds): move those files out of the store, then compact"
+        )
+    Manifest.read(path)  # a damaged manifest is named at the user's path, not at the copy's
     lock = StoreLock(path)
+    target = path.with_name(f".{path.name}.compact")
     try:
         before = shard_bytes(path)
-        target = path.with_name(f".{path.name}.compact")
         shutil.rmtree(target, ignore_errors=True)  # what a killed compaction left
         target.mkdir()
         for name in (PREFIX, BASIS, MANIFEST):  # the manifest last: a store is complete once it exists
@@ -83,6 +93,9 @@ def compact_store(path: str | Path) -> CompactReport:
             source.close()
         after = shard_bytes(target)
         replace_store(target, path)
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)  # a failed compaction leaves no half-built copy behind
+        raise
     finally:
         lock.release()
     return CompactReport(str(path), copied, before, after)

@@ -28,7 +28,7 @@ from ragcompress.store import codec
 from ragcompress.store.basis import BASIS
 from ragcompress.store.catalogue import CATALOGUE, Catalogue
 from ragcompress.store.manifest import MANIFEST, SETTINGS, Manifest
-from ragcompress.store.shards import SHARD_DIR, fsync_dir
+from ragcompress.store.shards import SHARD_DIR, fsync_dir, is_shard_name
 
 PREFIX = "prefix.safetensors"
 INDEX = "index.faiss"
@@ -179,6 +179,14 @@ def overwrite_refusal(path: Path) -> str | None:
         return f"is not a ragcompress store, or holds files that are not the store's ({shown})"
     if len(names & {MANIFEST, PREFIX, CATALOGUE, SHARD_DIR}) < 2:
         return "is not a ragcompress store"
+    shards = path / SHARD_DIR
+    if shards.exists():  # the shards folder holds shard files only: anything else there is the user's
+        if not shards.is_dir():
+            return f"holds a {SHARD_DIR} that is not the store's folder of shards"
+        foreign = sorted(e.name for e in shards.iterdir() if not (e.is_file() and is_shard_name(e.name)))
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            return f"holds files in {SHARD_DIR}/ that are not the store's shards ({shown})"
     return None
 
 
