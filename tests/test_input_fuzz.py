@@ -16,6 +16,7 @@ from ragcompress.errors import InputError
 from ragcompress.indexing import IndexConfig, index, inputs
 from ragcompress.indexing.inputs import iter_passages, validate
 from ragcompress.store import KVStore
+from ragcompress.store.files import unfinished_run
 from ragcompress.store.verify import verify_store
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -228,14 +229,14 @@ def fuzz_store(tmp_path_factory, tiny_lm):
     return store
 
 
-def _index(lm, path: Path, store: Path):
+def _index(lm, path: Path, store: Path, batch_size: int = 4):
     return index(
         path,
         store,
         lm=lm,
         embedder=store_worker.HashEmbedder(),
         config=IndexConfig(quant="int4", embedder=store_worker.HashEmbedder.name),
-        batch_size=4,
+        batch_size=batch_size,
     )
 
 
@@ -277,12 +278,19 @@ def test_fuzzed_passage_text_is_indexed_exactly_or_rejected(fuzz_store, tiny_lm,
 
 
 def test_too_long_passage_is_rejected_and_store_intact(fuzz_store, tiny_lm, tmp_path):
+    """Refused before the run starts, even behind a passage that fits: the run once wrote the
+    batches before it and stopped, leaving the store marked unfinished, which every reader
+    refuses, until an input without it was indexed."""
     path = tmp_path / "long.jsonl"
-    path.write_text(json.dumps({"id": "very-long", "text": "word " * 6000}) + "\n")
+    records = [{"id": "fits", "text": "a short passage"}, {"id": "very-long", "text": "word " * 6000}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
     before = _snapshot(fuzz_store)
-    with pytest.raises(InputError, match=r"'very-long' has \d+ tokens, more than .* can attend to"):
-        _index(tiny_lm, path, fuzz_store)
+    with pytest.raises(
+        InputError, match=r"'very-long' has \d+ tokens, more than .* can attend to.*nothing was written"
+    ):
+        _index(tiny_lm, path, fuzz_store, batch_size=1)
     assert _snapshot(fuzz_store) == before
+    assert unfinished_run(fuzz_store) is None
 
 
 def test_fuzzed_store_still_verifies(fuzz_store):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Container
+from collections.abc import Container, Iterable
 from dataclasses import replace
 from functools import cached_property
 
@@ -214,6 +214,21 @@ class Indexer:
         positions = int(getattr(self.lm.config, "max_position_embeddings", 1 << 30))
         return positions - self.encoder.prefix_len - POSITION_HEADROOM
 
+    def check_lengths(self, passages: Iterable[PassageInput]) -> None:
+        """Raise ``InputError`` naming the first passage longer than :attr:`max_tokens`: before a
+        run starts writing (tokenizing costs a fraction of a percent of encoding), so a passage
+        too long does not stop a run midway and leave an existing store marked unfinished,
+        refused by every reader until the input is fixed."""
+        for passage in passages:
+            self._check_length(passage, self.encoder.tokens.passage(passage.text))
+
+    def _check_length(self, passage: PassageInput, token_ids: list[int]) -> None:
+        if len(token_ids) > self.max_tokens:
+            raise InputError(
+                f"passage {passage.id!r} has {len(token_ids)} tokens, more than {self.lm.ref} "
+                f"can attend to ({self.max_tokens}); split it (nothing was written)"
+            )
+
     def neighbour_pool(self, passages: list[PassageInput]) -> NeighbourPool:
         """The pool neighbour-conditioned encoding draws from (embeds every passage once)."""
         token_ids = [self.encoder.tokens.passage(p.text) for p in passages]
@@ -239,13 +254,8 @@ class Indexer:
         if self.basis is None and "lowrank" in self._manifest.compression:
             raise StoreMismatchError("a low-rank store's passages need its basis: use indexer.with_basis(store.basis)")
         token_ids = [self.encoder.tokens.passage(p.text) for p in passages]
-        limit = self.max_tokens
         for passage, ids in zip(passages, token_ids, strict=True):
-            if len(ids) > limit:
-                raise InputError(
-                    f"passage {passage.id!r} has {len(ids)} tokens, more than {self.lm.ref} "
-                    f"can attend to ({limit}); split it"
-                )
+            self._check_length(passage, ids)
         todo = [i for i, p in enumerate(passages) if p.id not in skip]
         if self.context_neighbors:
             pool = pool or self.neighbour_pool(passages)
@@ -260,7 +270,8 @@ class Indexer:
             contexts = pool.contexts([p.id for p in passages], all_vectors, self.context_neighbors)
             # the neighbours' tokens nearest the passage, as many as fit the model's positions
             contexts = [
-                ctx[max(0, len(ctx) - (limit - len(ids))) :] for ctx, ids in zip(contexts, token_ids, strict=True)
+                ctx[max(0, len(ctx) - (self.max_tokens - len(ids))) :]
+                for ctx, ids in zip(contexts, token_ids, strict=True)
             ]
             caches = self.encoder.encode(token_ids, contexts)
             vectors = all_vectors[todo]

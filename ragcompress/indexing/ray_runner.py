@@ -307,6 +307,7 @@ def index_on_ray(
         )
     # The driver fits (or, resuming, reads) the basis; actors read it back from the store.
     indexer = run_indexer(lm, config, embedder, input_path, store_path if exists else None)
+    indexer.check_lengths(iter_passages(input_path))
     if not exists:
         create_store_for(store_path, indexer)
 

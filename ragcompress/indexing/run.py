@@ -204,6 +204,7 @@ def index(
     config, model, dtype = settings_for(existing, config, model, dtype)
     lm = lm or load_model(model, dtype=dtype, device=device)
     indexer = run_indexer(lm, config, embedder, input_path, store_path if exists and not overwrite else None)
+    indexer.check_lengths(iter_passages(input_path))
 
     target = store_path
     if not exists and not overwrite:  # a store another process created since the check above: retry
