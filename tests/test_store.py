@@ -15,6 +15,7 @@ from ragcompress.kv.quant import QuantConfig
 from ragcompress.prompt import PromptTemplate
 from ragcompress.store import KVStore
 from ragcompress.store.codec import decode, encode
+from ragcompress.store.manifest import build_digest
 
 
 def checksums(store_path) -> dict[str, str]:
@@ -114,8 +115,9 @@ def test_another_embedded_model_is_refused_before_it_loads(tiny_lm, passages_fil
 
     store = tmp_path / "store"
     index(passages_file, store, lm=tiny_lm, embedder=embedder)
-    manifest = json.loads((store / "manifest.json").read_text())
-    (store / "manifest.json").write_text(json.dumps({**manifest, "model_ref": "smollm2-135m"}))
+    manifest = {**json.loads((store / "manifest.json").read_text()), "model_ref": "smollm2-135m"}
+    manifest["build_sha256"] = build_digest(manifest)  # a store built for the other model, not an edited one
+    (store / "manifest.json").write_text(json.dumps(manifest))
     monkeypatch.setattr(run_module, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
     with pytest.raises(StoreMismatchError, match="built with model smollm2-135m, this run uses qwen2.5-coder-0.5b"):
         index(passages_file, store, model="qwen2.5-coder-0.5b", embedder=embedder)

@@ -1183,12 +1183,46 @@ def test_a_run_removes_what_killed_runs_left_beside_the_store(tiny_lm, corpus, s
         alive.wait()
 
 
+@pytest.mark.parametrize(
+    "edit",
+    [
+        ("model_ref", "qwen2.5-coder-0.5b"),
+        ("embedder", "another-embedder"),
+        ("template", "prefix"),
+        ("compression", "quant"),
+        ("encoding", "context_neighbors"),
+    ],
+)
+def test_a_manifest_edited_after_the_build_is_refused_by_every_reader_and_verify(store_copy, edit):
+    """The fields a store's caches were computed with are sealed when it is created
+    (``build_sha256``): an edit to any of them is refused when the manifest is read, by verify
+    too, where a model, embedder or template edit once passed verify and failed (or, for an
+    embedder of the same dimension, retrieved other passages) only at answering time."""
+    manifest = json.loads((store_copy / "manifest.json").read_text())
+    field, key = edit
+    if isinstance(manifest[field], dict):
+        manifest[field] = {**manifest[field], key: {"quant": "int4", "prefix": "x", "context_neighbors": 2}[key]}
+    else:
+        manifest[field] = key
+    (store_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match="was edited after the store was built"):
+        KVStore.open(store_copy)
+    report = verify_store(store_copy)
+    assert [p.kind for p in report.problems] == ["manifest"] and "edited after" in report.problems[0].message
+    del manifest["build_sha256"]  # a store created before the seal: read unchecked, as before
+    (store_copy / "manifest.json").write_text(json.dumps(manifest))
+    if field in ("model_ref", "compression"):
+        KVStore.open(store_copy).close()
+
+
 def test_a_manifest_changed_after_the_build_is_detected(store_copy):
     """Each segment records how it was quantized: a manifest edited to another scheme no longer
-    describes the store, and verify and every load say so instead of reading on."""
+    describes the store, and verify and every load say so instead of reading on (in a store
+    created before manifests were sealed, whose edit only the segments can reveal)."""
     manifest = json.loads((store_copy / "manifest.json").read_text())
     assert manifest["compression"]["quant"] == "int8"
     manifest["compression"]["quant"] = "int4"
+    del manifest["build_sha256"]
     (store_copy / "manifest.json").write_text(json.dumps(manifest))
     report = verify_store(store_copy)
     assert not report.ok and "segment was written as int8, the store's manifest says int4" in report.problems[0].message

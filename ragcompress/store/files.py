@@ -232,7 +232,7 @@ def create_store(path: Path, manifest: Manifest, prefix_kv: PassageKV, basis: by
         if basis is not None:
             write_atomic(tmp / BASIS, basis)
         Catalogue(tmp, readonly=False).close()
-        dataclasses.replace(manifest, prefix_sha256=hashlib.sha256(blob).hexdigest()).write(tmp)
+        dataclasses.replace(manifest, prefix_sha256=hashlib.sha256(blob).hexdigest()).sealed().write(tmp)
         try:
             os.replace(tmp, path)  # replaces an empty directory too; fails on anything else
         except OSError as exc:

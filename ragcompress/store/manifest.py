@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,27 @@ REBUILD = (
     f"--overwrite` and {SETTINGS}"
 )
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# the fields fixed when a store is created (what its caches were computed with): their sha256 is
+# recorded then (``build_sha256``), so a manifest edited afterwards is refused when it is read
+BUILD_FIELDS = (
+    "format_version",
+    "model_ref",
+    "model_fingerprint",
+    "tokenizer_hash",
+    "template",
+    "compression",
+    "embedder",
+    "model_shape",
+    "encoding",
+)
+
+
+def build_digest(data: dict[str, Any]) -> str:
+    """sha256 of a manifest's :data:`BUILD_FIELDS` (``data``: its JSON object)."""
+    import hashlib
+
+    fields = {key: data.get(key) for key in BUILD_FIELDS}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 _SHAPE_KEYS = ("layers", "kv_heads", "head_dim")
 
 
@@ -76,6 +97,15 @@ def _check_values(data: dict[str, Any], where: Path) -> None:
     prefix_sha = data.get("prefix_sha256", "")
     if not isinstance(prefix_sha, str) or (prefix_sha and not _SHA256.match(prefix_sha)):
         raise bad("prefix_sha256", "is not a sha256 hex digest")
+    build_sha = data.get("build_sha256", "")
+    if not isinstance(build_sha, str) or (build_sha and not _SHA256.match(build_sha)):
+        raise bad("build_sha256", "is not a sha256 hex digest")
+    if build_sha and build_sha != build_digest(data):
+        raise StoreError(
+            f"{where} was edited after the store was built: its build fields ({', '.join(BUILD_FIELDS)}) no longer "
+            "match the build_sha256 recorded when the store was created, so it no longer says what the caches were "
+            f"computed with; restore the manifest (from a backup or version control), or {REBUILD.split(': ', 1)[1]}"
+        )
 
 
 @dataclass(frozen=True)
@@ -92,8 +122,11 @@ class Manifest:
     cache kept beside the adaptor's; ``dtype``; empty for plain encoding); ``index`` the FAISS index's
     type, parameters and measured recall (:mod:`ragcompress.store.ann`; written with the index);
     ``attention`` the APE temperature ``ragcompress calibrate`` chose for the store
-    (:mod:`ragcompress.runtime.calibration`; applied to every stored-cache answer).
-    Every value is validated when a manifest is read, before anything uses it.
+    (:mod:`ragcompress.runtime.calibration`; applied to every stored-cache answer);
+    ``build_sha256`` the sha256 of the :data:`BUILD_FIELDS` (set by ``create_store``; empty in
+    stores created before 2026-12-06, which are read unchecked).
+    Every value is validated when a manifest is read, before anything uses it, and a manifest
+    whose build fields no longer match its ``build_sha256`` is refused.
     """
 
     model_ref: str
@@ -109,6 +142,7 @@ class Manifest:
     encoding: dict[str, Any] = field(default_factory=dict)
     index: dict[str, Any] = field(default_factory=dict, compare=False)
     attention: dict[str, Any] = field(default_factory=dict, compare=False)
+    build_sha256: str = field(default="", compare=False)
 
     @property
     def shape(self) -> ModelShape:
@@ -157,6 +191,10 @@ class Manifest:
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
+    def sealed(self) -> Manifest:
+        """This manifest with its ``build_sha256`` (what :func:`create_store` writes)."""
+        return replace(self, build_sha256=build_digest(asdict(self)))
+
     @classmethod
     def from_json(cls, text: str, where: Path) -> Manifest:
         try:
@@ -184,7 +222,7 @@ class Manifest:
         for key, kind in expected.items():
             if not isinstance(data.get(key), kind):
                 raise StoreError(f"{where}: field {key!r} is missing or not a {kind.__name__}; {REBUILD}")
-        optional = {"format_version", "prefix_sha256", "encoding", "index", "attention"}
+        optional = {"format_version", "prefix_sha256", "encoding", "index", "attention", "build_sha256"}
         if set(data) - set(expected) - optional:
             raise StoreError(f"{where}: unknown fields {sorted(set(data) - set(expected) - optional)}")
         _check_values(data, where)
