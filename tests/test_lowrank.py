@@ -257,3 +257,17 @@ def test_bytes_per_token_counts_the_basis_once_over_the_whole_store(tmp_path):
     store.basis_bytes = 0
     assert KVStore.bytes_per_token(store, entries[1:]) == 100 / 30
     assert KVStore.bytes_per_token(store, []) == 0.0
+
+
+def test_a_rank_above_head_dim_is_refused_not_clamped():
+    """``--rank 128`` on a model of head_dim 64 was clamped to 64 without a word: no fewer numbers
+    than the rows, and a basis on top. Full rank (= head_dim) stays allowed (the tests use it)."""
+    from ragcompress.errors import InputError
+    from ragcompress.kv.lowrank import CalibrationMoments
+
+    torch.manual_seed(0)
+    moments = CalibrationMoments()
+    moments.add(PassageKV.full(torch.randn(2, 2, 40, 16), torch.randn(2, 2, 40, 16)))
+    with pytest.raises(InputError, match=r"rank 24 is above the model's head_dim \(16\)"):
+        moments.basis(RankSpec(rank=24))
+    assert moments.basis(RankSpec(rank=16)).ranks("k") == (16, 16)

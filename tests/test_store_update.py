@@ -262,3 +262,16 @@ def test_an_open_reader_refuses_another_build_swapped_into_its_path(tiny_lm, sto
         index(corpus, store, lm=tiny_lm, embedder=store_worker.HashEmbedder(), config=other, overwrite=True)
         with pytest.raises(StoreMismatchError, match="compression"):
             reader.search(_vector("anything"), 1)
+
+
+def test_remove_on_a_folder_with_another_manifest_touches_nothing(tmp_path):
+    """A folder holding some other program's manifest.json (and a file named ``lock``) is refused
+    before the writer's lock is taken: it once overwrote that file with its pid."""
+    folder = tmp_path / "app"
+    folder.mkdir()
+    (folder / "manifest.json").write_text('{"name": "a web app"}')
+    (folder / "lock").write_text("the user's")
+    with pytest.raises(StoreError):
+        remove(folder, ["x"])
+    assert (folder / "lock").read_text() == "the user's"
+    assert sorted(p.name for p in folder.iterdir()) == ["lock", "manifest.json"]

@@ -31,6 +31,7 @@ from ragcompress.models import DEFAULT_MODEL, EVAL_MODEL, LoadedModel, load_mode
 from ragcompress.retrieval import Embedder
 from ragcompress.store import KVStore, Manifest, StoreWriter, create_store
 from ragcompress.store.basis import basis_to_bytes
+from ragcompress.store.catalogue import CATALOGUE
 from ragcompress.store.files import indexing_run, overwrite_refusal, refuse_existing, remove_litter, replace_store
 from ragcompress.store.manifest import MANIFEST, SETTINGS
 from ragcompress.store.writer import StoreLock
@@ -242,6 +243,9 @@ def remove(store_path: str | Path, ids: list[str], *, missing_ok: bool = False) 
             f"{store_path} is not a ragcompress store (no manifest.json); check the --store path, "
             "or build one with `ragcompress index`"
         )
+    Manifest.read(store_path)  # a folder with some other manifest.json is refused before its lock file is taken
+    if not (store_path / CATALOGUE).is_file():
+        raise StoreError(f"{store_path} has no {CATALOGUE}; the store is damaged, rebuild it")
     wanted = list(dict.fromkeys(ids))
     with StoreWriter(store_path) as writer:
         stored = writer.known_of(wanted)

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from ragcompress.errors import InputError
 from ragcompress.kv.passage import PassageKV
 from ragcompress.kv.quant import QuantConfig, dequantize_keys_per_channel, quantize_keys_per_channel, to_fp16
 
@@ -133,7 +134,12 @@ def _ranks(variances: torch.Tensor, spec: RankSpec) -> list[int]:
     """One rank per layer from variances ``[L, H, d]`` (most first)."""
     layers, _, d = variances.shape
     if spec.rank is not None:
-        return [min(spec.rank, d)] * layers
+        if spec.rank > d:  # it was clamped to d silently: no fewer numbers, and a basis on top
+            raise InputError(
+                f"rank {spec.rank} is above the model's head_dim ({d}): latents that size store no fewer numbers "
+                f"than the rows themselves; give a rank below {d} (rank {d} is full rank, for tests), or no rank"
+            )
+        return [spec.rank] * layers
     kept = variances.cumsum(-1) / variances.sum(-1, keepdim=True).clamp_min(1e-30)  # [L, H, d]
     kept = kept.mean(1)  # the layer's heads share one rank
     ranks = []

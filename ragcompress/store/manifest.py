@@ -47,6 +47,8 @@ def build_digest(data: dict[str, Any]) -> str:
 
     fields = {key: data.get(key) for key in BUILD_FIELDS}
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
 _SHAPE_KEYS = ("layers", "kv_heads", "head_dim")
 
 
