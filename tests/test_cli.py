@@ -336,18 +336,23 @@ def test_bench_refuses_an_even_repeat_count(cli_store, monkeypatch, capfd):
     assert "--repeats takes an odd count" in err and "use 1 or 3" in err
 
 
-@pytest.mark.parametrize("where", ["under-a-file", "a-folder"])
+@pytest.mark.parametrize("where", ["under-a-file", "a-folder", "not-an-image"])
 def test_bench_refuses_a_plot_it_cannot_write_before_timing(cli_store, monkeypatch, capfd, tmp_path, where):
-    """A ``--plot`` path that cannot be written is one error line before anything is measured,
-    not a traceback after the whole run (which lost its table)."""
+    """A ``--plot`` path that cannot be written, or not as an image (``out.txt``), is one error
+    line before anything is measured, not a traceback after the whole run (which lost its table)."""
     store, _, _ = cli_store
     (tmp_path / "afile.txt").write_text("x")
-    path = tmp_path / "afile.txt" / "x.png" if where == "under-a-file" else tmp_path
+    path = {
+        "under-a-file": tmp_path / "afile.txt" / "x.png",
+        "a-folder": tmp_path,
+        "not-an-image": tmp_path / "out.txt",
+    }[where]
     timed = []
     monkeypatch.setattr("ragcompress.bench.bench", lambda *a, **k: timed.append(1))
     code, out, err = run_cli(["bench", "--store", str(store), "--plot", str(path)], monkeypatch, capfd)
     assert code == 1 and not out and not timed
-    assert err.startswith(f"error: cannot write {path}") and err.count("\n") == 1
+    written = f"a plot as {path.name}" if where == "not-an-image" else str(path)
+    assert err.startswith(f"error: cannot write {written}") and err.count("\n") == 1
 
 
 def test_bench_reports_every_path_per_context_size(cli_store, monkeypatch, capfd, tmp_path):

@@ -271,3 +271,15 @@ def test_a_rank_above_head_dim_is_refused_not_clamped():
     with pytest.raises(InputError, match=r"rank 24 is above the model's head_dim \(16\)"):
         moments.basis(RankSpec(rank=24))
     assert moments.basis(RankSpec(rank=16)).ranks("k") == (16, 16)
+
+
+@pytest.mark.parametrize(
+    "given",
+    [{"calibration": "x.jsonl"}, {"calibration_passages": 8}, {"rank_values": False}, {"rank_schedule": "bogus"}],
+)
+def test_low_rank_options_without_a_rank_are_refused(given):
+    """``--calibration``, ``--calibration-passages``, ``--no-rank-values`` and ``--rank-schedule``
+    without ``--rank``/``--rank-energy`` built a full-rank store without a word."""
+    with pytest.raises(ValueError, match="only to a low-rank store"):
+        IndexConfig(**given)
+    IndexConfig(rank=8, **{k: v for k, v in given.items() if k != "rank_schedule"})

@@ -101,9 +101,20 @@ def dtype_name(name: str | None) -> str | None:
 
 def writable_file(path: Path | None) -> Path | None:
     """An output file option (``--plot``), checked before the command measures anything: its
-    folder is created, and a path that cannot be written fails now, not after minutes of work."""
+    folder is created, and a path that cannot be written, or whose extension matplotlib cannot
+    write, fails now, not after minutes of work (``out.txt`` once ended a finished benchmark in a
+    traceback)."""
     if path is None:
         return None
+    if path.suffix:
+        from matplotlib.figure import Figure
+
+        formats = Figure().canvas.get_supported_filetypes()
+        if path.suffix[1:].lower() not in formats:
+            raise RagCompressError(
+                f"cannot write a plot as {path.name}: {path.suffix} is not an image format matplotlib writes "
+                f"({', '.join(sorted(formats))}); use e.g. .png"
+            )
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -88,6 +88,23 @@ class IndexConfig:
         self.rank_spec()  # validates rank, rank_energy and rank_schedule
         if self.calibration_passages < 1:
             raise ValueError(f"calibration_passages must be positive, got {self.calibration_passages}")
+        if self.rank_spec() is None:  # the low-rank options were once ignored without a word
+            unused = [
+                name
+                for name, value, default in (
+                    ("calibration (--calibration)", self.calibration, None),
+                    ("calibration_passages (--calibration-passages)", self.calibration_passages, 64),
+                    ("rank_schedule (--rank-schedule)", self.rank_schedule, "global"),
+                    ("rank_values (--no-rank-values)", self.rank_values, True),
+                )
+                if value != default
+            ]
+            if unused:
+                raise ValueError(
+                    f"{', '.join(unused)} {'apply' if len(unused) > 1 else 'applies'} only to a low-rank store: give "
+                    "rank or rank_energy "
+                    "(--rank, --rank-energy) too, or leave them out"
+                )
         if self.base_copy:
             self._check_base_copy()
 
