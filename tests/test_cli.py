@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -63,6 +64,24 @@ def test_index_json_shape(cli_store):
     # int8 with head_dim 16: 1 byte per value + fp16 scale/min per 16 values (values) or 32 tokens
     # (keys) + blob header, against 2 bytes: between 1.5x and 2x.
     assert 1.5 < data["compression"] < 2.0
+
+
+def test_overwrite_with_some_settings_names_the_store_settings_it_resets(
+    cli_store, tiny_model_dir, monkeypatch, capfd, tmp_path
+):
+    """``--overwrite`` with some settings given rebuilds with the defaults for the rest, not the
+    store's own (as documented); the settings that changes, unasked, are named on stderr: an int8
+    store rebuilt with ``--method knorm --ratio 0.5`` became a full-width one without a word."""
+    store, _, passages = cli_store
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    args = ["index", "--input", str(passages), "--store", str(copy), "--model", str(tiny_model_dir("llama"))]
+    code, out, err = run_cli([*args, "--overwrite", "--method", "knorm", "--ratio", "0.5"], monkeypatch, capfd)
+    assert code == 0, err
+    assert "note: --overwrite rebuilds" in err and "quant 'int8' -> 'none'" in err
+    assert "method" not in err.split("not the store's own:")[1]  # what was asked for is not a surprise
+    code, out, err = run_cli([*args, "--overwrite", "--method", "knorm", "--ratio", "0.5"], monkeypatch, capfd)
+    assert code == 0 and "note:" not in err  # the same settings again: nothing reset
 
 
 def test_ask_json_shape(cli_store, monkeypatch, capfd):

@@ -159,6 +159,8 @@ def index(
             config = index_config(preset, **settings)
         except (ValueError, TypeError) as exc:
             raise RagCompressError(str(exc)) from None
+    if overwrite and config is not None:
+        _note_settings_reset(store, config, {key for key, value in settings.items() if value is not None}, preset)
     if ray is not None:
         from ragcompress.indexing.ray_runner import index_on_ray
 
@@ -203,6 +205,54 @@ def index(
         f"KV bytes per token: {sizes['kv_bytes_per_token']['stored']:.0f} stored vs "
         f"{sizes['kv_bytes_per_token']['fp16']:.0f} fp16 ({_ratio_words(sizes['compression'])})",
     )
+
+
+# the settings beside the compressor's that _note_settings_reset compares (paths and names, such as
+# an adaptor's, are left out: a preset's "matching" and the store's resolved folder are one adaptor)
+RESET_CHECKED = (
+    "quant",
+    "value_quant",
+    "group_size",
+    "context_neighbors",
+    "rank",
+    "rank_energy",
+    "rank_schedule",
+    "rank_values",
+    "base_copy",
+)
+
+
+def _note_settings_reset(store: Path, config: Any, named: set[str], preset: str | None) -> None:
+    """Before ``--overwrite`` rebuilds an existing store with some settings given: name, on
+    stderr, the store's settings the rebuild changes although the user did not name them (they
+    take the preset's or the defaults, not the store's: an int8 store rebuilt with ``--method
+    knorm --ratio 0.5`` becomes a full-width one)."""
+    from ragcompress.indexing.config import config_from_manifest
+    from ragcompress.store import Manifest
+    from ragcompress.store.manifest import MANIFEST
+
+    if not (store / MANIFEST).is_file():
+        return
+    try:
+        stored = config_from_manifest(Manifest.read(store))
+    except RagCompressError:  # a damaged manifest or an unpackaged adaptor: nothing to compare with
+        return
+    # the compressor's settings as it resolves them (an unset keep_first is the method's own default)
+    ours, theirs = stored.compressor().config(), config.compressor().config()
+    ours.update((key, getattr(stored, key)) for key in RESET_CHECKED)
+    theirs.update((key, getattr(config, key)) for key in RESET_CHECKED)
+    changed = [
+        f"{key} {ours.get(key)!r} -> {theirs.get(key)!r}"
+        for key in sorted(set(ours) | set(theirs))
+        if key not in named and ours.get(key) != theirs.get(key)
+    ]
+    if changed:
+        source = f"preset {preset}'s" if preset else "the defaults"
+        typer.echo(
+            f"note: --overwrite rebuilds {store} with {source} for the settings not given, not the store's own: "
+            + ", ".join(changed),
+            err=True,
+        )
 
 
 def _ratio_words(compression: float) -> str:
