@@ -18,7 +18,9 @@ def test_eval_over_every_passage_reports_the_bytes_index_reports(tiny_lm, passag
     """A low-rank store's basis is stored once; ``index`` counts it, and ``eval`` once left it
     out, reporting more compression than the store has."""
     embedder = HashEmbedder()
-    config = IndexConfig(quant="int8", rank=rank, calibration_passages=4, embedder=embedder.name)
+    config = IndexConfig(
+        quant="int8", rank=rank, embedder=embedder.name, **({"calibration_passages": 4} if rank else {})
+    )
     index(passages_file, tmp_path / "store", lm=tiny_lm, embedder=embedder, config=config)
     engine = Engine(KVStore.open(tmp_path / "store"), tiny_lm, embedder, AnswerOptions(max_new_tokens=1))
     try:

@@ -283,7 +283,7 @@ def test_the_packed_backends_turn_keys_as_the_model_does(arch, rank, tiny_model_
 
     store = tmp_path / "store"
     lm = load_model(str(tiny_model_dir(arch)))
-    config = IndexConfig(quant="int8", rank=rank, calibration_passages=4)
+    config = IndexConfig(quant="int8", rank=rank, **({"calibration_passages": 4} if rank else {}))
     index(passages_file, store, lm=lm, embedder=embedder, config=config)
     with Engine(KVStore.open(store), lm, embedder) as engine:
         for question in (QUESTION, "Which river runs through the city?"):
