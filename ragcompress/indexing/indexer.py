@@ -220,13 +220,16 @@ class Indexer:
         too long does not stop a run midway and leave an existing store marked unfinished,
         refused by every reader until the input is fixed."""
         for passage in passages:
-            self._check_length(passage, self.encoder.tokens.passage(passage.text))
+            try:
+                self._check_length(passage, self.encoder.tokens.passage(passage.text))
+            except InputError as exc:
+                raise InputError(f"{exc} (nothing was written)") from None
 
     def _check_length(self, passage: PassageInput, token_ids: list[int]) -> None:
         if len(token_ids) > self.max_tokens:
             raise InputError(
                 f"passage {passage.id!r} has {len(token_ids)} tokens, more than {self.lm.ref} "
-                f"can attend to ({self.max_tokens}); split it (nothing was written)"
+                f"can attend to ({self.max_tokens}); split it"
             )
 
     def neighbour_pool(self, passages: list[PassageInput]) -> NeighbourPool:
