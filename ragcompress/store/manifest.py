@@ -21,10 +21,8 @@ MAX_MANIFEST_BYTES = 1 << 20
 # what a rebuild of a store whose manifest cannot be read must be given: the manifest held them
 SETTINGS = "the settings it was built with (e.g. --preset, or --method/--ratio/--quant, and --model)"
 # what a store whose manifest is damaged or lost needs
-REBUILD = (
-    "the store cannot be read without it: rebuild it with `ragcompress index --input INPUT --store DIR "
-    f"--overwrite` and {SETTINGS}"
-)
+REBUILD_COMMAND = f"rebuild it with `ragcompress index --input INPUT --store DIR --overwrite` and {SETTINGS}"
+REBUILD = f"the store cannot be read without it: {REBUILD_COMMAND}"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # the fields fixed when a store is created (what its caches were computed with): their sha256 is
 # recorded then (``build_sha256``), so a manifest edited afterwards is refused when it is read
@@ -106,7 +104,7 @@ def _check_values(data: dict[str, Any], where: Path) -> None:
         raise StoreError(
             f"{where} was edited after the store was built: its build fields ({', '.join(BUILD_FIELDS)}) no longer "
             "match the build_sha256 recorded when the store was created, so it no longer says what the caches were "
-            f"computed with; restore the manifest (from a backup or version control), or {REBUILD.split(': ', 1)[1]}"
+            f"computed with; restore the manifest (from a backup or version control), or {REBUILD_COMMAND}"
         )
 
 
