@@ -134,7 +134,7 @@ def test_cli_remove(store, tmp_path, monkeypatch, capfd):
     code, _, err = run_cli(["remove", "--store", str(copy)], monkeypatch, capfd)
     assert code == 1 and "no passage ids given" in err
     ids_file = tmp_path / "ids.txt"
-    ids_file.write_text("doc-006\n\ndoc-007\n")
+    ids_file.write_text("\ufeffdoc-006\n\ndoc-007\n", encoding="utf-8")  # a BOM (Windows editors) is not part of an id
     code, out, err = run_cli(["remove", "--store", str(copy), "--ids-file", str(ids_file)], monkeypatch, capfd)
     assert code == 0 and out.strip() == f"removed 2 passages from {copy}"
     code, out, err = run_cli(["compact", "--store", str(copy), "--json"], monkeypatch, capfd)

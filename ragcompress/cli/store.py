@@ -286,7 +286,7 @@ def remove(
     wanted = list(ids or [])
     if ids_file is not None:
         try:
-            wanted += [line.strip() for line in ids_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+            wanted += [line.strip() for line in ids_file.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
         except (OSError, UnicodeDecodeError) as exc:
             raise RagCompressError(f"cannot read --ids-file {ids_file}: {exc}") from None
     if not wanted:
