@@ -146,6 +146,21 @@ def test_eval_json_shape(cli_store, monkeypatch, capfd):
     assert 0.0 <= data["agreement"] <= 1.0 and data["fallback_rate"] == 0.0
 
 
+def test_eval_notes_a_top_k_above_the_store_and_a_sample_above_the_questions(cli_store, monkeypatch, capfd):
+    """``recall@20`` over a store of 8 passages, or ``--sample 100`` of 15 questions, read as what
+    they are not: both are said, as ``ask`` says the first (both were silent)."""
+    from ragcompress.data import SAMPLE_QUESTIONS
+
+    store, _, _ = cli_store
+    args = ["eval", "--store", str(store), "--questions", str(SAMPLE_QUESTIONS), "--max-new-tokens", "1"]
+    code, out, err = run_cli(
+        [*args, "--top-k", "20", "--sample", "100", "--article", "Victoria_(Australia)"], monkeypatch, capfd
+    )
+    assert code == 0, err
+    assert "note: --top-k 20, but the store holds 8 passages" in out
+    assert "note: --sample 100, but the questions (after --article/--outside) are 15: all were asked" in out
+
+
 def test_eval_refuses_unscorable_questions_in_one_line_before_loading_anything(tmp_path, monkeypatch, capfd):
     """SQuAD-style answer objects once crashed with a traceback after every question was
     answered; an empty answer list scored 0 without a word."""

@@ -130,6 +130,7 @@ def evaluate(
 
             results = tqdm(results, total=len(items), unit="question", desc="evaluating")
         summary = summarize(engine, list(results))
+        stored = len(engine.store)
     finally:
         engine.close()
     recall = "not measured (no passage_id)" if summary["recall_at_k"] is None else f"{summary['recall_at_k']:.3f}"
@@ -148,6 +149,10 @@ def evaluate(
             f"\n{100 * summary['fallback_rate']:.0f} % of the questions fell back to full prefill (--fallback-margin): "
             f"mean TTFT speedup {summary['ttft_speedup_mean']:.1f}x"
         )
+    if stored < top_k:  # as ask says it: recall@k of a store of fewer passages
+        human += f"\nnote: --top-k {top_k}, but the store holds {stored} passages: all of them were read"
+    if sample is not None and sample > summary["n"] and limit is None:
+        human += f"\nnote: --sample {sample}, but the questions (after --article/--outside) are {summary['n']}: all were asked"
     if seen is not None:
         summary["adaptor_training_overlap"] = seen
         human += (
