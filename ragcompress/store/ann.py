@@ -78,15 +78,24 @@ def stored_vectors(index: Any) -> np.ndarray | None:
     passages got before IVF) is read too, so their ``verify`` still passes."""
     import faiss
 
-    inner: Any = faiss.downcast_index(index.index)
-    if isinstance(inner, faiss.IndexHNSW):
-        inner = faiss.downcast_index(inner.storage)
+    inner = _vector_holder(index)
+    if inner is None:
+        return None
     if isinstance(inner, faiss.IndexIVFFlat):
         inner.make_direct_map()
         return inner.reconstruct_n(0, inner.ntotal)
-    if not isinstance(inner, faiss.IndexFlat):
-        return None
     return faiss.rev_swig_ptr(inner.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
+
+
+def _vector_holder(index: Any) -> Any | None:
+    """The FAISS index that holds an id-mapped ``index``'s raw vectors: its flat or IVF-Flat
+    index (an HNSW-Flat's storage); None for another type."""
+    import faiss
+
+    inner: Any = faiss.downcast_index(index.index)
+    if isinstance(inner, faiss.IndexHNSW):
+        inner = faiss.downcast_index(inner.storage)
+    return inner if isinstance(inner, (faiss.IndexIVFFlat, faiss.IndexFlat)) else None
 
 
 # Rows of raw vectors the exact scan reads at a time (recall at build time): 16k x 384 x 4 bytes
@@ -101,7 +110,7 @@ def _stored_chunks(index: Any, chunk: int = SCAN_CHUNK) -> Iterator[np.ndarray]:
     the other types, whole)."""
     import faiss
 
-    inner: Any = faiss.downcast_index(index.index)
+    inner = _vector_holder(index)
     if isinstance(inner, faiss.IndexIVFFlat):
         inner.make_direct_map()
         for start in range(0, inner.ntotal, chunk):
@@ -141,7 +150,7 @@ def _exact_truth(index: Any, k: int, queries: int, seed: int) -> tuple[np.ndarra
     with fewer than ``k`` vectors or of a type whose vectors cannot be read."""
     import faiss
 
-    if index.ntotal < max(k, 2) or not _vectors_readable(index):
+    if index.ntotal < max(k, 2) or _vector_holder(index) is None:
         return None
     q = _midpoint_queries(index, queries, seed)
     best_scores = np.full((len(q), k), -np.inf, dtype=np.float32)
@@ -158,16 +167,6 @@ def _exact_truth(index: Any, k: int, queries: int, seed: int) -> tuple[np.ndarra
         best_scores, best_rows = np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
         start += len(vectors)
     return q, faiss.vector_to_array(index.id_map)[best_rows], best_scores[:, -1]
-
-
-def _vectors_readable(index: Any) -> bool:
-    """Whether :func:`_stored_chunks` can read ``index``'s raw vectors (flat, IVF-Flat, HNSW-Flat)."""
-    import faiss
-
-    inner: Any = faiss.downcast_index(index.index)
-    if isinstance(inner, faiss.IndexHNSW):
-        inner = faiss.downcast_index(inner.storage)
-    return isinstance(inner, (faiss.IndexIVFFlat, faiss.IndexFlat))
 
 
 def _recall(index: Any, q: np.ndarray, truth: np.ndarray, kth: np.ndarray) -> float:

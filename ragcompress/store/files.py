@@ -175,8 +175,7 @@ def overwrite_refusal(path: Path) -> str | None:
     names = {entry.name for entry in path.iterdir()}
     foreign = sorted(n for n in names - STORE_ENTRIES if not (n.startswith(".") and n.endswith(".tmp")))
     if foreign:
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        return f"is not a ragcompress store, or holds files that are not the store's ({shown})"
+        return f"is not a ragcompress store, or holds files that are not the store's ({_first_few(foreign)})"
     if len(names & {MANIFEST, PREFIX, CATALOGUE, SHARD_DIR}) < 2:
         return "is not a ragcompress store"
     shards = path / SHARD_DIR
@@ -185,9 +184,13 @@ def overwrite_refusal(path: Path) -> str | None:
             return f"holds a {SHARD_DIR} that is not the store's folder of shards"
         foreign = sorted(e.name for e in shards.iterdir() if not (e.is_file() and is_shard_name(e.name)))
         if foreign:
-            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-            return f"holds files in {SHARD_DIR}/ that are not the store's shards ({shown})"
+            return f"holds files in {SHARD_DIR}/ that are not the store's shards ({_first_few(foreign)})"
     return None
+
+
+def _first_few(names: list[str]) -> str:
+    """Up to five of ``names`` for a message, and how many more there are."""
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 def refuse_existing(path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -41,8 +42,6 @@ BUILD_FIELDS = (
 
 def build_digest(data: dict[str, Any]) -> str:
     """sha256 of a manifest's :data:`BUILD_FIELDS` (``data``: its JSON object)."""
-    import hashlib
-
     fields = {key: data.get(key) for key in BUILD_FIELDS}
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
