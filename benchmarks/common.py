@@ -134,6 +134,19 @@ def library_digest(*parts: str) -> str:
     return digest.hexdigest()[:16]
 
 
+def encoding_key(lm: Any, prefix_ids: list[int], *code: str) -> dict[str, Any]:
+    """What a passage's cache (and anything computed from it) depends on, for :func:`load_keyed`:
+    the model's weights, dtype and tokenizer, the prompt prefix, and the library code that
+    encodes (:data:`ENCODING_CODE`) plus the modules ``code`` names (e.g. ``compressors``)."""
+    return {
+        "model": lm.fingerprint,
+        "dtype": lm.dtype_name,
+        "tokenizer": lm.tokenizer_hash,
+        "prefix": tokens_digest(prefix_ids),
+        "code": library_digest(*ENCODING_CODE, *code),
+    }
+
+
 def tokens_digest(token_ids: list[int]) -> str:
     """A short digest of a passage's token ids (what a per-passage cache entry was computed from)."""
     import hashlib

@@ -53,10 +53,9 @@ from ragcompress.store import KVStore, StoreWriter, create_store
 from ragcompress.store.codec import encode
 
 from common import (
-    ENCODING_CODE,
     KVPRESS,
     SQUAD,
-    library_digest,
+    encoding_key,
     load_keyed,
     measured_by,
     pick_questions,
@@ -206,15 +205,7 @@ def scores_key(bench: Bench, scorer: str) -> dict[str, Any]:
     prefix = tokens_digest(bench.encoder.prefix_ids)
     if scorer.startswith(KVPRESS):
         return {"scorer": scorer, "model_dir": str(resolve_model_dir(bench.lm.ref)), "prefix": prefix}
-    lm = bench.lm
-    return {
-        "scorer": scorer,
-        "model": lm.fingerprint,
-        "dtype": lm.dtype_name,
-        "tokenizer": lm.tokenizer_hash,
-        "prefix": prefix,
-        "code": library_digest(*ENCODING_CODE, "compressors"),
-    }
+    return {"scorer": scorer, **encoding_key(bench.lm, bench.encoder.prefix_ids, "compressors")}
 
 
 def load_or_score(bench: Bench, scorer: str) -> dict[str, torch.Tensor]:

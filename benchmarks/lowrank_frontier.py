@@ -91,6 +91,7 @@ from common import (
     ENCODING_CODE,
     SQUAD,
     adaptor_provenance,
+    encoding_key,
     library_digest,
     load_keyed,
     measured_by,
@@ -100,7 +101,6 @@ from common import (
     row_run,
     save_keyed,
     teacher_forced_logprobs,
-    tokens_digest,
 )
 
 CORE272 = Path(__file__).resolve().parents[1] / "runs" / "core272-ck"
@@ -312,19 +312,12 @@ class Frontier:
             raise SystemExit("a +adaptor row needs --adaptor PATH")
         return f"-{self.adaptor.hash[:16]}"
 
-    def cache_key(self, adapted: bool, **more: Any) -> dict[str, Any]:
+    def cache_key(self, adapted: bool, *code: str, **more: Any) -> dict[str, Any]:
         """What this run's cached caches and scores are computed from (:func:`common.load_keyed`):
-        the model, its prompt prefix, the adaptor and the library code that encodes and scores."""
-        lm = self.lm
-        return {
-            "model": lm.fingerprint,
-            "dtype": lm.dtype_name,
-            "tokenizer": lm.tokenizer_hash,
-            "prefix": tokens_digest(self.encoder.prefix_ids),
-            "adaptor": self.adaptor.hash if adapted and self.adaptor is not None else None,
-            "code": library_digest(*ENCODING_CODE),
-            **more,
-        }
+        the model, its prompt prefix, the adaptor and the library code that encodes (and ``code``,
+        e.g. the scorers')."""
+        adaptor = self.adaptor.hash if adapted and self.adaptor is not None else None
+        return {**encoding_key(self.lm, self.encoder.prefix_ids, *code), "adaptor": adaptor, **more}
 
     def adaptor_provenance(self) -> dict[str, Any]:
         """What a ``+adaptor`` row was encoded with; its training articles must not be the
@@ -400,7 +393,7 @@ class Frontier:
         """Scores ``[L, H, n]`` of every needed passage's cache, computed once (kept in the workdir)."""
         if (scorer, adapted) not in self._scores:
             path = self.workdir / f"scores-{scorer}{self._tag(adapted)}.safetensors"
-            key = self.cache_key(adapted, scorer=scorer, scoring_code=library_digest("compressors"))
+            key = self.cache_key(adapted, "compressors", scorer=scorer)
             saved = load_keyed(path, key, self.token_ids)
             scores = {name.rsplit("/", 1)[0]: t for name, t in saved.items()}
             full = self.full(adapted)
