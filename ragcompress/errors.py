@@ -27,5 +27,10 @@ class CorruptSegmentError(StoreError):
     """A stored passage cache failed its checksum or shape check; it is never used."""
 
 
+class SegmentManifestMismatch(CorruptSegmentError):
+    """A sound passage cache disagrees with the store's manifest (its model shape or width): the
+    manifest was edited after the build, so the repair is the manifest, not the passage."""
+
+
 class ModelError(RagCompressError):
     """A model cannot be found, assembled, verified or used with ragcompress."""

@@ -78,7 +78,7 @@ def read_questions(path: str | Path, limit: int | None = None, *, scored: bool =
 
     ``scored``: every question must have an answer to score against (one that is not empty
     after normalisation: :func:`sub_em` skips those), as ``eval`` needs; ``bench`` and training
-    read questions without."""
+    read questions without, and take a line without ``answers`` as one with none."""
     path = Path(path)
     if path.is_dir():
         raise InputError(f"questions file {path} is a folder; give the JSONL file of questions")
@@ -93,9 +93,11 @@ def read_questions(path: str | Path, limit: int | None = None, *, scored: bool =
                 if not line.strip():
                     continue
                 record = json.loads(line)
-                item = Question(str(record["id"]), record["question"], record["answers"], record.get("passage_id"))
+                answers = record["answers"] if scored else record.get("answers", [])
+                item = Question(str(record["id"]), record["question"], answers, record.get("passage_id"))
             except (ValueError, KeyError, TypeError) as exc:
-                raise InputError(f'{where}: expected {{"id", "question", "answers": [...]}} ({exc})') from None
+                expected = '"answers": [...]' if scored else '"answers"?: [...]'
+                raise InputError(f'{where}: expected {{"id", "question", {expected}}} ({exc})') from None
             if not isinstance(item.question, str) or not item.question.strip():
                 raise InputError(f"{where}: empty question")
             if not isinstance(item.answers, list) or not all(isinstance(a, str) for a in item.answers):

@@ -191,6 +191,12 @@ def _cached_sha256(path: Path) -> str:
     return known[key]
 
 
+def _names_a_path(ref: str) -> bool:
+    """Whether ``ref`` can only be a path: a hub id is ``org/name`` (one slash, no leading ``/``,
+    ``.`` or ``~``), so ``hf download`` is no advice for anything else."""
+    return ref.startswith(("/", ".", "~")) or "\\" in ref or ref.count("/") > 1
+
+
 def resolve_model_dir(ref: str) -> Path:
     """Map a model reference (embedded name, local directory, or a model id already in the
     Hugging Face cache) to a loadable HF directory."""
@@ -200,6 +206,12 @@ def resolve_model_dir(ref: str) -> Path:
     if ref == EVAL_MODEL:
         return _converted_dir(ref, qwen_gguf(), QWEN_SHA256)
     path = Path(ref).expanduser()
+    if not path.is_dir() and (path.exists() or _names_a_path(ref)):
+        what = "is a file, not a model directory" if path.exists() else "does not exist"
+        raise ModelError(
+            f"model directory {ref} {what}; give a Hugging Face model directory (with config.json), an embedded "
+            f"model ({DEFAULT_MODEL}, {EVAL_MODEL}), or a model id in the Hugging Face cache"
+        )
     if not path.is_dir():
         cached = hub_cache_dir(ref)
         if cached is None:

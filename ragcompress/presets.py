@@ -9,7 +9,7 @@ names, so no figure is typed twice. Later work that finds a better setting chang
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 from ragcompress.indexing.config import IndexConfig
 from ragcompress.runtime.options import AnswerOptions
@@ -144,7 +144,22 @@ def index_config(name: str | None = None, **overrides: object) -> IndexConfig:
         given["ratio"] = None
     if "ratio" in given and "budget" not in given:
         given["budget"] = None
-    return replace(base, **given)  # type: ignore[arg-type]
+    try:
+        return replace(base, **given)  # type: ignore[arg-type]
+    except ValueError as exc:
+        kept = {
+            key: value
+            for key, value in asdict(base).items()
+            if key not in given and value != getattr(IndexConfig(), key)
+        }
+        if not name or not kept:
+            raise
+        shown = ", ".join(f"{key}={value!r}" for key, value in kept.items())
+        hint = " (--no-base-copy for base_copy)" if kept.get("base_copy") else ""
+        raise ValueError(
+            f"{exc}; preset {name} also sets {shown}: give the option that overrides the one in conflict{hint}, "
+            "or leave out --preset"
+        ) from None
 
 
 def answer_options(name: str | None = None, **overrides: object) -> AnswerOptions:

@@ -361,6 +361,45 @@ def test_ask_backend_option_chooses_and_names_the_attention_path(cli_store, monk
     assert code == 1 and "backend 'magic' is not one of: auto, dense, packed-torch, packed-triton" in err
 
 
+def test_bench_measures_each_context_size_once_and_refuses_none(cli_store, monkeypatch, capfd):
+    """``--top-k 2,1,2`` timed the 2 twice (two rows, and the plot's line turned back on
+    itself); ``--top-k 0`` is no context size."""
+    store, _, _ = cli_store
+    sizes: list[list[int]] = []
+    monkeypatch.setattr("ragcompress.bench.bench", lambda engine, items, top_ks, *a: sizes.append(top_ks) or [])
+    args = ["bench", "--store", str(store), "--limit", "1", "--repeats", "1", "--no-packed", "--indexing-passages", "0"]
+    code, _, err = run_cli([*args, "--top-k", "2,1,2", "--json"], monkeypatch, capfd)
+    assert code == 0, err
+    assert sizes == [[2, 1]]
+    code, out, err = run_cli([*args, "--top-k", "1,0"], monkeypatch, capfd)
+    assert code == 1 and not out and "passage counts of 1 or more" in err
+
+
+def test_eval_prints_what_it_measured_before_a_damaged_passage_stopped_it(cli_store, monkeypatch, capfd):
+    """A damaged passage met by the 3rd question stopped ``eval`` with the error alone: the two
+    questions answered before it (minutes each on a real model) were lost. Their figures go to
+    stderr before the error; the exit is still a failure."""
+    from ragcompress import evaluation
+    from ragcompress.data import SAMPLE_QUESTIONS
+    from ragcompress.errors import CorruptSegmentError
+
+    store, _, _ = cli_store
+    real = evaluation.iter_eval
+
+    def failing_third(engine, items, top_k):
+        for number, result in enumerate(real(engine, items, top_k)):
+            if number == 2:
+                raise CorruptSegmentError("passage 'x': checksum mismatch")
+            yield result
+
+    monkeypatch.setattr(evaluation, "iter_eval", failing_third)
+    args = ["eval", "--store", str(store), "--questions", str(SAMPLE_QUESTIONS), "--top-k", "1", "--limit", "4"]
+    code, out, err = run_cli([*args, "--max-new-tokens", "2", "--json"], monkeypatch, capfd)
+    assert code == 1 and out == ""
+    assert "stopped after 2 of 4 questions; those gave:\nquestions: 2" in err
+    assert err.rstrip().splitlines()[-1].startswith("error: passage 'x': checksum mismatch")
+
+
 def test_bench_refuses_an_even_repeat_count(cli_store, monkeypatch, capfd):
     """Every bench figure is a median of ``--repeats`` runs; an even count would make it the mean
     of the middle two, so it is refused before the engine opens."""

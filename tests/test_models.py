@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -16,6 +17,18 @@ def test_unknown_model_names_the_embedded_ones(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelError, match="no config.json"):
         models.resolve_model_dir(str(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize("ref", ["/no/such/model", "./model", "~/models/absent", "a/b/c", "weights.gguf"])
+def test_a_path_that_is_no_model_directory_is_called_so_not_sent_to_the_hub(tmp_path, monkeypatch, ref):
+    """``--model /nonexistent`` was told to run ``hf download /nonexistent``: a path (or a file)
+    is never a hub id, so the message says the folder is missing, or is a file."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "weights.gguf").write_text("x")
+    what = "is a file, not a model directory" if ref == "weights.gguf" else "does not exist"
+    with pytest.raises(ModelError, match=f"model directory {re.escape(ref)} {what}") as caught:
+        models.resolve_model_dir(ref)
+    assert "hf download" not in str(caught.value)
 
 
 def test_model_without_rope_family_is_refused(tmp_path):

@@ -192,3 +192,20 @@ def test_explicit_choices_replace_only_what_they_name():
     assert faithful.overridden(selection="deviation", backend="dense").recompute.ratio_by_passages == (
         faithful.recompute.ratio_by_passages
     )
+
+
+def test_a_conflict_with_a_presets_own_setting_names_the_preset():
+    """``--preset faithful --method kvzip --ratio 0.5`` was told "base_copy (--base-copy) needs ...",
+    as if the user had asked for a base copy: the preset's settings that stood are named, with
+    the option that overrides the one in conflict."""
+    from ragcompress.presets import index_config
+
+    with pytest.raises(ValueError, match="needs a store that keeps every row") as caught:
+        index_config("faithful", method="kvzip", ratio=0.5)
+    message = str(caught.value)
+    assert "preset faithful also sets" in message and "base_copy=True" in message and "--no-base-copy" in message
+    assert "method=" not in message.split("also sets")[1]  # what the user gave is not the preset's
+    assert index_config("faithful", method="kvzip", ratio=0.5, base_copy=False).method == "kvzip"
+    with pytest.raises(ValueError, match="needs a store that keeps every row") as caught:
+        index_config(None, method="kvzip", ratio=0.5, base_copy=True, adaptor="default")
+    assert "preset" not in str(caught.value)

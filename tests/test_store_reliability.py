@@ -1120,6 +1120,26 @@ def test_overwrite_refuses_a_folder_with_a_manifest_that_is_not_a_store(tiny_lm,
     assert {p.name: p.read_text() for p in folder.iterdir()} == contents
 
 
+def test_a_foreign_manifest_is_called_no_store_and_verify_does_not_advise_overwrite(tiny_lm, corpus, tmp_path):
+    """A web app's ``manifest.json`` was read as a store of format version None, to be rebuilt
+    with ``--overwrite``, which then refuses the folder: both now say it is not a store."""
+    folder = tmp_path / "webapp"
+    folder.mkdir()
+    (folder / "manifest.json").write_text('{"name": "My App", "version": 3}')
+    with pytest.raises(StoreError, match="is not a ragcompress manifest .* so .*webapp is not a ragcompress store"):
+        _index(tiny_lm, corpus, folder)
+    remedy = verify_store(folder).remedy()
+    assert "--overwrite deletes only a store" in remedy and "rebuild" not in remedy
+    assert [p.name for p in folder.iterdir()] == ["manifest.json"]
+
+
+def test_verify_on_a_store_of_removed_passages_does_not_call_their_bytes_a_killed_write(store_copy):
+    assert remove(store_copy, [row[1] for row in _rows(store_copy)]) == N_PASSAGES
+    report = verify_store(store_copy)
+    assert report.ok and report.passages == 0
+    assert any("its passages removed, or a killed write" in note for note in report.notes), report.notes
+
+
 def test_overwrite_refuses_a_store_holding_files_of_the_users(tiny_lm, corpus, store_copy):
     """A rebuild deletes the folder it replaces: a file the user put in the store stops it."""
     (store_copy / "notes.txt").write_text("mine")
@@ -1226,6 +1246,9 @@ def test_a_manifest_changed_after_the_build_is_detected(store_copy):
     (store_copy / "manifest.json").write_text(json.dumps(manifest))
     report = verify_store(store_copy)
     assert not report.ok and "segment was written as int8, the store's manifest says int4" in report.problems[0].message
+    # the segments are sound, the manifest is what changed: the repair is not to remove every passage
+    assert {p.kind for p in report.problems} == {"manifest"}
+    assert "ragcompress remove" not in report.remedy() and "manifest" in report.remedy()
     with KVStore.open(store_copy) as store, pytest.raises(CorruptSegmentError, match="manifest was changed"):
         store.load_kv(next(store.catalogue.entries()))
 

@@ -129,21 +129,22 @@ def evaluate(
             from tqdm import tqdm
 
             results = tqdm(results, total=len(items), unit="question", desc="evaluating")
-        summary = summarize(engine, list(results))
+        done: list[Any] = []
+        try:
+            done.extend(results)
+        except (RagCompressError, KeyboardInterrupt):
+            if done:  # what was measured before the failure is printed, not lost with it
+                typer.echo(
+                    f"stopped after {len(done)} of {len(items)} questions; those gave:\n"
+                    + eval_figures(summarize(engine, done), top_k),
+                    err=True,
+                )
+            raise
+        summary = summarize(engine, done)
         stored = len(engine.store)
     finally:
         engine.close()
-    recall = "not measured (no passage_id)" if summary["recall_at_k"] is None else f"{summary['recall_at_k']:.3f}"
-    human = (
-        f"questions: {summary['n']}  recall@{top_k}: {recall}\n"
-        f"full prefill : sub-EM {summary['full']['sub_em']:.3f}  F1 {summary['full']['f1']:.3f}  "
-        f"TTFT {summary['full']['ttft_s_median'] * 1000:.0f} ms\n"
-        f"from cache   : sub-EM {summary['compressed']['sub_em']:.3f}  F1 {summary['compressed']['f1']:.3f}  "
-        f"TTFT {summary['compressed']['ttft_s_median'] * 1000:.0f} ms\n"
-        f"agreement {summary['agreement']:.3f}  TTFT speedup {summary['ttft_speedup']:.1f}x "
-        f"({summary['torch_threads']} torch threads{'' if summary['device'] == 'cpu' else ', ' + summary['device']})  "
-        f"compression {summary['compression']:.2f}x vs fp16"
-    )
+    human = eval_figures(summary, top_k)
     if summary["fallback_rate"]:
         human += (
             f"\n{100 * summary['fallback_rate']:.0f} % of the questions fell back to full prefill (--fallback-margin): "
@@ -161,6 +162,21 @@ def evaluate(
             "out; --article selects others"
         )
     emit(summary, as_json, human)
+
+
+def eval_figures(summary: dict[str, Any], top_k: int) -> str:
+    """``eval``'s figures for people: sub-EM, F1 and TTFT of both paths, agreement, speedup."""
+    recall = "not measured (no passage_id)" if summary["recall_at_k"] is None else f"{summary['recall_at_k']:.3f}"
+    return (
+        f"questions: {summary['n']}  recall@{top_k}: {recall}\n"
+        f"full prefill : sub-EM {summary['full']['sub_em']:.3f}  F1 {summary['full']['f1']:.3f}  "
+        f"TTFT {summary['full']['ttft_s_median'] * 1000:.0f} ms\n"
+        f"from cache   : sub-EM {summary['compressed']['sub_em']:.3f}  F1 {summary['compressed']['f1']:.3f}  "
+        f"TTFT {summary['compressed']['ttft_s_median'] * 1000:.0f} ms\n"
+        f"agreement {summary['agreement']:.3f}  TTFT speedup {summary['ttft_speedup']:.1f}x "
+        f"({summary['torch_threads']} torch threads{'' if summary['device'] == 'cpu' else ', ' + summary['device']})  "
+        f"compression {summary['compression']:.2f}x vs fp16"
+    )
 
 
 def adaptor_training_overlap(engine: Any, items: list[Any]) -> dict[str, Any] | None:
@@ -225,9 +241,11 @@ def bench(
     from ragcompress.runtime.engine import Engine
 
     try:
-        top_ks = [int(k) for k in top_k.split(",")]
+        top_ks = list(dict.fromkeys(int(k) for k in top_k.split(",")))  # each size measured once, in the given order
     except ValueError:
         raise RagCompressError(f"--top-k takes comma-separated integers, got {top_k!r}") from None
+    if min(top_ks) < 1:
+        raise RagCompressError(f"--top-k takes passage counts of 1 or more, got {top_k!r}")
     if repeats % 2 == 0:
         raise RagCompressError(
             f"--repeats takes an odd count (each figure is a median, and the median of {repeats} runs is "

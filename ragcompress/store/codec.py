@@ -37,7 +37,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from ragcompress.errors import CorruptSegmentError
+from ragcompress.errors import CorruptSegmentError, SegmentManifestMismatch
 from ragcompress.kv import ModelShape, PassageKV
 from ragcompress.kv.lowrank import LowRankBasis
 from ragcompress.kv.quant import (
@@ -399,11 +399,11 @@ def parse(
     layers, heads = lengths.shape
     expected = shape.as_tuple() if isinstance(shape, ModelShape) else shape
     if expected is not None and (layers, heads, d) != tuple(expected):
-        raise CorruptSegmentError(
+        raise SegmentManifestMismatch(
             f"segment has (layers, kv_heads, head_dim) = {(layers, heads, d)}, the store's model has {tuple(expected)}"
         )
     if expected_quant is not None and quant != expected_quant:
-        raise CorruptSegmentError(
+        raise SegmentManifestMismatch(
             f"segment was written as {quant.name}, the store's manifest says {expected_quant.name}: the manifest "
             "was changed after the store was built; restore it, or rebuild the store"
         )

@@ -203,6 +203,11 @@ class Manifest:
         if not isinstance(data, dict):
             raise StoreError(f"{where} does not hold a JSON object; {REBUILD}")
         version = data.get("format_version")
+        if version is None and not set(data) & set(BUILD_FIELDS):
+            raise StoreError(
+                f"{where} is not a ragcompress manifest (it has none of a store's fields), so {where.parent} is "
+                "not a ragcompress store: give the --store of one, or an empty or new folder to create one"
+            )
         if type(version) is not int or version != FORMAT_VERSION:
             raise StoreMismatchError(
                 f"store format version {version!r} in {where}, this ragcompress reads version "
@@ -293,11 +298,9 @@ class Manifest:
         ]
         for what, ours, theirs, our_name, their_name in pairs:
             if ours != theirs:
-                ours_s = f"{our_name} ({str(ours)[:16]})" if our_name else json.dumps(ours, sort_keys=True)[:200]
-                theirs_s = (
-                    f"{their_name} ({str(theirs)[:16]})" if their_name else json.dumps(theirs, sort_keys=True)[:200]
-                )
-                return what, ours_s, theirs_s
+                if our_name:
+                    return what, f"{our_name} ({str(ours)[:16]})", f"{their_name} ({str(theirs)[:16]})"
+                return what, *_shown_difference(ours, theirs)
         return None
 
     def check_lm(self, lm: Any) -> None:
@@ -324,3 +327,22 @@ class Manifest:
             raise StoreMismatchError(
                 f"store was built with embedder {self.embedder!r}, this run uses {name!r}; use the store's embedder"
             )
+
+
+def _shown_difference(ours: Any, theirs: Any, width: int = 80) -> tuple[str, str]:
+    """Two settings for a message: of two dicts only the keys whose values differ, each string
+    value cut to ``width`` characters with a marked ellipsis, so what differs is what is shown
+    (a long system prompt would otherwise bury a one-word change)."""
+
+    def short(value: Any) -> Any:
+        if isinstance(value, str) and len(value) > width:
+            return value[:width] + f"... ({len(value)} characters)"
+        if isinstance(value, dict):
+            return {key: short(item) for key, item in value.items()}
+        return value
+
+    if isinstance(ours, dict) and isinstance(theirs, dict):
+        keys = sorted(key for key in ours.keys() | theirs.keys() if ours.get(key) != theirs.get(key))
+        ours = {key: ours.get(key) for key in keys}
+        theirs = {key: theirs.get(key) for key in keys}
+    return json.dumps(short(ours), sort_keys=True), json.dumps(short(theirs), sort_keys=True)

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from ragcompress.errors import StoreError
+from ragcompress.errors import SegmentManifestMismatch, StoreError
 from ragcompress.kv import ModelShape
 from ragcompress.kv.lowrank import LowRankBasis
 from ragcompress.kv.quant import QuantConfig
@@ -41,7 +41,7 @@ from ragcompress.store import codec
 from ragcompress.store.ann import stored_vectors
 from ragcompress.store.basis import read_basis
 from ragcompress.store.catalogue import CATALOGUE, Catalogue, meta_checksum
-from ragcompress.store.files import INDEX, PREFIX, unfinished_run
+from ragcompress.store.files import INDEX, PREFIX, overwrite_refusal, unfinished_run
 from ragcompress.store.kvstore import read_index_meta
 from ragcompress.store.manifest import SETTINGS, Manifest
 from ragcompress.store.shards import SHARD_DIR, is_shard_name, read_blob
@@ -90,6 +90,12 @@ class VerifyReport:
         if not kinds:
             return ""
         if "manifest" in kinds:
+            refusal = overwrite_refusal(Path(self.store))
+            if refusal is not None:  # --overwrite would refuse it: the rebuild advice cannot be followed
+                return (
+                    f"{self.store} {refusal}, and --overwrite deletes only a store: build the store in an empty or "
+                    "new --store, or move the files you keep out of this folder first"
+                )
             return (
                 f"the manifest that records the store's settings is damaged: rebuild the store with {rebuild} "
                 f"and {SETTINGS}"
@@ -193,6 +199,9 @@ def _check_segments(
             segment.dense(basis=basis)  # its tensors match the shapes its header declares
             if base_copy:
                 segment.base_copy().dense()
+        except SegmentManifestMismatch as exc:
+            fail(str(exc), "manifest")
+            continue
         except StoreError as exc:
             fail(str(exc))
             continue
@@ -252,7 +261,10 @@ def _check_shard_files(root: Path, ends: dict[str, int], problems: list[Problem]
     for name, size in sorted(present.items()):
         end = ends.get(name)
         if end is None:
-            notes.append(f"shard {name} holds {size} uncommitted bytes (a killed write); the next writer removes it")
+            notes.append(
+                f"shard {name} holds {size} bytes no committed passage points at (its passages removed, or a "
+                "killed write); the next writer removes it"
+            )
         elif size > end:
             notes.append(
                 f"shard {name} has {size - end} bytes past its last committed blob (a killed write, or "
