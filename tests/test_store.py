@@ -180,3 +180,34 @@ def test_codec_keeps_model_dtype_for_none():
     kv = PassageKV.full(torch.randn(1, 1, 4, 8, dtype=torch.float64), torch.randn(1, 1, 4, 8, dtype=torch.float64))
     back = decode(encode(kv, QuantConfig("none")), torch.float64)
     assert torch.equal(back.keys, kv.keys)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"batch_size": 0}, ValueError, "batch_size must be a whole number of passages, 1 or more; got 0"),
+        ({"batch_size": 2.5}, ValueError, "got 2.5"),
+        ({"config": {"quant": "int8"}}, TypeError, "config must be an IndexConfig"),
+        ({"model": "another-model"}, ValueError, "model='another-model' and lm .* name different models"),
+    ],
+    ids=["batch-0", "batch-float", "config-dict", "model-beside-lm"],
+)
+def test_index_refuses_python_arguments_the_cli_cannot_pass_before_touching_the_store(
+    tiny_lm, passages_file, tmp_path, kwargs, error, message
+):
+    """Batch size 0 indexed nothing and reported success; 2.5 or -1 failed midway and left a
+    store marked mid-run; a dict config failed deep in the indexer; ``model`` beside an ``lm`` of
+    another model was ignored."""
+    with pytest.raises(error, match=message):
+        index(passages_file, tmp_path / "store", lm=tiny_lm, **kwargs)
+    assert not (tmp_path / "store").exists()
+
+
+def test_index_config_fields_are_checked_for_their_kind():
+    """``ratio="0.5"`` (from a settings file read as text) failed in a comparison with a bare
+    TypeError; a bool passed for a count is refused, though Python counts it as an int."""
+    with pytest.raises(TypeError, match="ratio must be float or None, got str '0.5'"):
+        IndexConfig(method="knorm", ratio="0.5")
+    with pytest.raises(TypeError, match="rank must be int or None, got bool True"):
+        IndexConfig(rank=True)
+    assert IndexConfig(method="knorm", ratio=1).ratio == 1  # an int is a float's value

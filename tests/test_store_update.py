@@ -275,3 +275,12 @@ def test_remove_on_a_folder_with_another_manifest_touches_nothing(tmp_path):
         remove(folder, ["x"])
     assert (folder / "lock").read_text() == "the user's"
     assert sorted(p.name for p in folder.iterdir()) == ["lock", "manifest.json"]
+
+
+def test_remove_refuses_one_string_for_a_list_of_ids(store):
+    """``remove(store, "doc-001")`` read the string as the ids 'd', 'o', 'c', ...: with
+    ``missing_ok`` it would delete passages of those names and report success."""
+    with pytest.raises(
+        TypeError, match=r"ids must be a list of passage ids, got the str 'doc-001': pass \['doc-001'\]"
+    ):
+        remove(store, "doc-001", missing_ok=True)

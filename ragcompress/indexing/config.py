@@ -4,7 +4,7 @@ it becomes, and back again (the compressor and quantization a store's manifest r
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from ragcompress.compressors import Compressor, make_compressor
@@ -19,6 +19,23 @@ from ragcompress.store import Manifest
 
 # Keys of a manifest's ``compression`` object that are not compressor parameters.
 _STORE_KEYS = ("method", "quant", "value_quant", "group_size", "lowrank")
+
+
+_KINDS = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}
+
+
+def _check_field_types(config: Any) -> None:
+    """Each field of ``config`` of its annotated kind (``ratio="0.5"`` from a parsed settings
+    file failed later in a comparison with a bare ``TypeError``). Annotations are read as text
+    (``float | None``); a bool is no int or float here, though Python counts it as one."""
+    for spec in fields(config):
+        value = getattr(config, spec.name)
+        names = [name.strip() for name in str(spec.type).split("|")]
+        if value is None and "None" in names:
+            continue
+        kinds = tuple(kind for name in names for kind in _KINDS.get(name, ()))
+        if kinds and (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)):
+            raise TypeError(f"{spec.name} must be {' or '.join(names)}, got {type(value).__name__} {value!r}")
 
 
 @dataclass(frozen=True)
@@ -74,6 +91,7 @@ class IndexConfig:
     base_copy: bool = False
 
     def __post_init__(self) -> None:
+        _check_field_types(self)
         self.quant_config()  # validates quant and group_size
         if self.ratio is not None and not 0.0 < self.ratio <= 1.0:
             raise ValueError(f"ratio must be in (0, 1], got {self.ratio}")

@@ -51,6 +51,7 @@ from ragcompress.indexing.inputs import PassageInput, iter_passages
 from ragcompress.indexing.run import (
     IndexReport,
     _batches,
+    check_index_arguments,
     count_input,
     create_store_for,
     run_indexer,
@@ -288,6 +289,7 @@ def index_on_ray(
     ``device``: ``cuda`` (any ``cuda:N``) gives each actor one GPU; ``cpu`` or None, none.
     """
     start = time.perf_counter()
+    check_index_arguments(config, batch_size, model, lm)
     if workers < 1 or threads_per_worker < 1:
         raise InputError("--workers and threads per worker must be at least 1")
     gpu = _wants_gpu(device, address)

@@ -155,6 +155,32 @@ def attach_basis(
     return indexer.with_basis(basis, spec, calibration)
 
 
+def check_index_arguments(config: Any, batch_size: Any, model: str | None, lm: Any) -> None:
+    """Refuse, before any store is touched, what Python callers of :func:`index` and
+    :func:`~ragcompress.indexing.ray_runner.index_on_ray` can pass that the CLI cannot: a batch
+    size of 0 indexed nothing and reported success, a negative one left a store mid-run, a dict
+    for ``config`` failed deep in the indexer, and a ``model`` beside an ``lm`` of another model
+    was ignored (the store recorded ``lm``'s)."""
+    if type(batch_size) is not int or batch_size < 1:
+        raise ValueError(f"batch_size must be a whole number of passages, 1 or more; got {batch_size!r}")
+    if config is not None and not isinstance(config, IndexConfig):
+        raise TypeError(
+            f"config must be an IndexConfig (ragcompress.indexing.IndexConfig(...)), got {type(config).__name__}"
+        )
+    if model is not None and lm is not None and not _same_model_ref(model, lm.ref):
+        raise ValueError(
+            f"model={model!r} and lm (a loaded {lm.ref!r}) name different models; give one of them "
+            "(lm reuses a loaded model: model is then not needed)"
+        )
+
+
+def _same_model_ref(a: str, b: str) -> bool:
+    """Whether two model references name one model: the same text, or the same folder."""
+    return a == b or (
+        Path(a).expanduser().exists() and Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    )
+
+
 def index(
     input_path: str | Path,
     store_path: str | Path,
@@ -183,6 +209,7 @@ def index(
     raised before anything is written).
     """
     start = time.perf_counter()
+    check_index_arguments(config, batch_size, model, lm)
     input_path, store_path = Path(input_path), Path(store_path)
     remove_litter(store_path)
     exists = (store_path / MANIFEST).is_file()
@@ -237,6 +264,8 @@ def remove(store_path: str | Path, ids: list[str], *, missing_ok: bool = False) 
     anything is deleted, unless ``missing_ok``. The rows go in one transaction and readers
     rebuild their index (the catalogue's generation changes); the blobs stay in the shards,
     unreferenced, until ``ragcompress compact`` (``ragcompress verify`` counts their bytes)."""
+    if isinstance(ids, (str, bytes)):  # a string is a sequence of one-character ids
+        raise TypeError(f"ids must be a list of passage ids, got the {type(ids).__name__} {ids!r}: pass [{ids!r}]")
     store_path = Path(store_path)
     if not (store_path / MANIFEST).is_file():
         raise StoreError(
