@@ -52,6 +52,12 @@ def sample_documents(n: int = 6) -> list[Document]:
     ]
 
 
+def stored_rows(synthesizer: KVCacheSynthesizer) -> int:
+    """Every row of the synthesizer's store, query-time caches included (``count()`` leaves
+    those out: it counts what retrieval covers)."""
+    return sum(1 for _ in synthesizer.engine.store.catalogue.entries())
+
+
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir) -> str:
     return str(tiny_model_dir("llama"))
@@ -334,10 +340,10 @@ def test_components_name_the_wrong_input_instead_of_failing_inside(tiny, built, 
     nothing written; a NaN score sorts after the real ones."""
     store, nodes = built
     synthesizer = KVCacheSynthesizer(store_copy, max_new_tokens=3)
-    before = synthesizer.engine.store.catalogue.count()
+    before = stored_rows(synthesizer)
     with pytest.raises(TypeError, match=r"list of text chunks \(strings\), got str: pass \[text\]"):
         synthesizer.get_response(QUESTION, "Melbourne")
-    assert synthesizer.engine.store.catalogue.count() == before
+    assert stored_rows(synthesizer) == before
     bare = [TextNode(id_="x", text="some text")]
     with pytest.raises(TypeError, match="list of NodeWithScore .* got a TextNode in it"):
         synthesizer.synthesize(QUESTION, bare)
@@ -364,10 +370,10 @@ def test_a_bad_question_fails_at_the_call_before_caching_anything(store_copy):
     new = [NodeWithScore(node=TextNode(id_="fresh", text="A passage the store has not seen."), score=1.0)]
     for streaming in (True, False):
         synthesizer = KVCacheSynthesizer(store_copy, max_new_tokens=3, streaming=streaming)
-        before = synthesizer.engine.store.catalogue.count()
+        before = stored_rows(synthesizer)
         with pytest.raises(InputError, match="the question is empty"):
             synthesizer.synthesize("   ", new)
-        assert synthesizer.engine.store.catalogue.count() == before
+        assert stored_rows(synthesizer) == before
 
 
 def test_the_transform_warns_about_nodes_it_cannot_cache(tiny, store_copy):
@@ -390,7 +396,7 @@ def test_concurrent_queries_computing_missing_caches_take_turns(tiny, store_copy
 
     responses = asyncio.run(ask_all())
     assert len({r.response for r in responses}) == 1
-    assert synthesizer.engine.store.catalogue.count() == 8
+    assert stored_rows(synthesizer) == 8  # each stored once
 
 
 def test_async_streaming_leaves_the_event_loop_free(built):
@@ -657,7 +663,42 @@ def test_vector_store_index_as_query_engine_computes_missing_caches(tiny, store_
     assert response.metadata["ragcompress"]["computed"] == ids  # not in the store before
     entries = [synthesizer.engine.store.entry(i) for i in ids]
     assert response.response == synthesizer.engine.answer_cached(QUESTION, entries).answer
-    assert synthesizer.engine.store.catalogue.count() == 8
+    assert synthesizer.engine.store.catalogue.count() == 6  # cached, not added to what retrieval covers
+
+
+def test_query_time_caches_are_never_retrieved_until_ingested(tiny, store_copy):
+    """A node the synthesizer cached at query time (from another retriever, or a compressor's
+    fragment) once joined the store's search corpus: every query grew it, and a node removed
+    with ``remove`` came back when a stale retrieval handed it in again. Such rows answer when
+    handed in but are not searchable; ingesting the node makes it searchable, without encoding."""
+    from ragcompress.indexing import remove
+    from ragcompress.store.verify import verify_store
+
+    foreign = TextNode(id_="foreign-1", text="Zebras live in Africa and have black and white stripes.")
+    synthesizer = KVCacheSynthesizer(store_copy, max_new_tokens=2)
+    first = synthesizer.synthesize("What stripes do zebras have?", [NodeWithScore(node=foreign, score=1.0)])
+    assert first.metadata["ragcompress"]["computed"] == ["foreign-1"]
+    retriever = KVStoreRetriever(store_copy, similarity_top_k=10)
+
+    def retrieved() -> list[str]:
+        return [hit.node.node_id for hit in retriever.retrieve("zebras stripes Africa")]
+
+    assert "foreign-1" not in retrieved() and len(retrieved()) == 6
+    again = synthesizer.synthesize("What stripes do zebras have?", [NodeWithScore(node=foreign, score=1.0)])
+    assert again.metadata["ragcompress"]["computed"] == [] and again.response == first.response  # read, not encoded
+    report = verify_store(store_copy)
+    assert report.ok and any("1 passages are caches computed at query time" in note for note in report.notes)
+
+    removed = retrieved()[0]
+    node = next(hit.node for hit in retriever.retrieve("zebras stripes Africa") if hit.node.node_id == removed)
+    remove(store_copy, [removed])
+    synthesizer.synthesize("What?", [NodeWithScore(node=node, score=1.0)])  # a stale retrieval hands it in
+    assert removed not in retrieved() and len(retrieved()) == 5
+
+    transform = KVCacheTransform(store_path=store_copy, model=tiny)
+    transform([TextNode(id_="foreign-1", text=foreign.text)])
+    assert "foreign-1" in retrieved() and len(retrieved()) == 6
+    assert verify_store(store_copy).ok
 
 
 def test_postprocessor_orders_drops_attaches_and_keeps_metadata(store_copy):

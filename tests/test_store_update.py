@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
 
 import numpy as np
 import pytest
@@ -284,3 +285,44 @@ def test_remove_refuses_one_string_for_a_list_of_ids(store):
         TypeError, match=r"ids must be a list of passage ids, got the str 'doc-001': pass \['doc-001'\]"
     ):
         remove(store, "doc-001", missing_ok=True)
+
+
+def _searchable(path, value: int, ids: list[str]) -> None:
+    """Set rows' ``searchable`` as a query-time cache (0) or an ingested passage (1) has it."""
+    db = sqlite3.connect(path / "catalogue.sqlite")
+    with db:
+        db.executemany("UPDATE passages SET searchable = ? WHERE id = ?", [(value, pid) for pid in ids])
+    db.close()
+
+
+def test_a_query_time_row_is_kept_out_of_retrieval_through_compaction_until_indexed(tiny_lm, store, tmp_path):
+    """Rows a query cached (LlamaIndex's compute_missing) are never retrieved; ``compact`` keeps
+    them so, and indexing the same passage makes it searchable without encoding it again."""
+    _searchable(store, 0, ["doc-004"])
+    text = _texts(N_PASSAGES)[4]["text"]
+    with KVStore.open(store) as kv:
+        assert len(kv) == N_PASSAGES - 1 and kv.entry("doc-004") is not None  # readable by id
+        assert "doc-004" not in [entry.id for entry, _ in kv.search(_vector(text), N_PASSAGES)]
+    report = verify_store(store)
+    assert report.ok and any("1 passages are caches computed at query time" in n for n in report.notes)
+    compact_store(store)
+    with KVStore.open(store) as kv:
+        assert len(kv) == N_PASSAGES - 1
+    report = _index(tiny_lm, tmp_path / "passages.jsonl", store)
+    assert report.indexed == 0 and report.skipped == N_PASSAGES
+    with KVStore.open(store) as kv:
+        assert len(kv) == N_PASSAGES and _top(kv, text) == "doc-004"
+    assert verify_store(store).ok and not any("query time" in n for n in verify_store(store).notes)
+
+
+def test_a_catalogue_from_before_the_searchable_column_reads_every_row_as_searchable(store):
+    db = sqlite3.connect(store / "catalogue.sqlite")
+    db.execute("ALTER TABLE passages DROP COLUMN searchable")
+    db.commit()
+    db.close()
+    with KVStore.open(store) as kv:
+        assert len(kv) == N_PASSAGES
+    assert verify_store(store).ok
+    remove(store, ["doc-001"])  # a writer adds the column, every row searchable
+    with KVStore.open(store) as kv:
+        assert len(kv) == N_PASSAGES - 1

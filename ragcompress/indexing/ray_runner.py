@@ -191,6 +191,7 @@ def _work(writer: StoreWriter, input_path: Path, batch_size: int) -> tuple[list[
     for number, batch in enumerate(_batches(iter_passages(input_path), batch_size)):
         known = writer.known_of([p.id for p in batch])
         unchanged = sorted(p.id for p in batch if known.get(p.id) == p.text_sha)
+        writer.make_searchable(unchanged)  # ones a query had cached are part of the corpus now
         skipped += len(unchanged)
         stale += len(known) - len(unchanged)
         if len(unchanged) == len(batch):

@@ -7,6 +7,13 @@ A row's blob fields (location, checksum, token counts) are checked against the b
 fields against ``meta_checksum`` (:func:`meta_checksum`). That column came later: a catalogue
 without it gains it when a writer opens it, and rows committed before then hold NULL there,
 which ``ragcompress verify`` reads as "no checksum", so older stores still open and verify.
+
+A row is *searchable* (the FAISS index and :meth:`Catalogue.count` cover it) unless it holds a
+cache computed at query time (the LlamaIndex components cache nodes that came from elsewhere):
+such a row answers when its node is handed in again but is never retrieved, so a query cannot
+add passages to the corpus, or bring back one that was removed. Ingesting the same passage
+makes it searchable. The column came later too: a catalogue without it gains it (every row
+searchable) when a writer opens it, and a reader reads every row of one without it as searchable.
 """
 
 from __future__ import annotations
@@ -41,7 +48,8 @@ CREATE TABLE IF NOT EXISTS passages (
     num_tokens INTEGER NOT NULL,
     kept       INTEGER NOT NULL,
     embedding  BLOB    NOT NULL,
-    meta_checksum TEXT
+    meta_checksum TEXT,
+    searchable INTEGER NOT NULL DEFAULT 1
 );
 """
 
@@ -102,13 +110,17 @@ class Catalogue:
                 self.db.execute("PRAGMA journal_mode=WAL")
                 self.db.execute("PRAGMA synchronous=FULL")
                 self.db.executescript(_SCHEMA)
-                if not self._has_meta_checksum():  # a store from before the column (module docstring)
+                if not self._has_column("meta_checksum"):  # a store from before the column (module docstring)
                     self.db.execute("ALTER TABLE passages ADD COLUMN meta_checksum TEXT")
+                if not self._has_column("searchable"):
+                    self.db.execute("ALTER TABLE passages ADD COLUMN searchable INTEGER NOT NULL DEFAULT 1")
                 self.db.commit()
-            self._meta_checksum = "meta_checksum" if self._has_meta_checksum() else "NULL"
+            self._meta_checksum = "meta_checksum" if self._has_column("meta_checksum") else "NULL"
+            # the rows retrieval covers (every row of a catalogue from before the column)
+            self._searchable = "searchable" if self._has_column("searchable") else "1"
 
-    def _has_meta_checksum(self) -> bool:
-        return any(column[1] == "meta_checksum" for column in self.db.execute("PRAGMA table_info(passages)"))
+    def _has_column(self, name: str) -> bool:
+        return any(column[1] == name for column in self.db.execute("PRAGMA table_info(passages)"))
 
     @contextmanager
     def _guard(self) -> Iterator[None]:
@@ -186,10 +198,10 @@ class Catalogue:
         """Every row in row order as :func:`~ragcompress.store.writer.catalogue_row` shapes it
         (metadata as stored JSON, embedding as bytes), streamed: what a copy of the store needs."""
         names = "id title text meta text_sha shard offset length checksum num_tokens kept embedding".split()
-        columns = ", ".join([*names, self._meta_checksum])
+        columns = ", ".join([*names, self._meta_checksum, self._searchable])
         with self._guard():
             for values in self.db.execute(f"SELECT {columns} FROM passages ORDER BY row"):
-                yield dict(zip([*names, "meta_checksum"], values, strict=True))
+                yield dict(zip([*names, "meta_checksum", "searchable"], values, strict=True))
 
     def locations(self) -> Iterator[tuple[Any, ...]]:
         """``(id, shard, offset, length)`` of every row in (shard, offset) order, streamed, unvalidated."""
@@ -211,19 +223,39 @@ class Catalogue:
         return dict(self._rows_of("id, text_sha", ids))
 
     def count(self) -> int:
-        """Committed rows. ``COUNT(*)`` scans a table index (milliseconds at 100k rows) and a reader
-        asks on every search whether its FAISS index is stale, so the count is cached until
-        ``PRAGMA data_version`` says another connection committed (our own commits reset it)."""
+        """Committed searchable rows: what retrieval covers (module docstring). ``COUNT(*)`` scans
+        a table index (milliseconds at 100k rows) and a reader asks on every search whether its
+        FAISS index is stale, so the count is cached until ``PRAGMA data_version`` says another
+        connection committed (our own commits reset it)."""
         with self._guard():
             version = self.db.execute("PRAGMA data_version").fetchone()[0]
             if self._counted is None or self._counted[0] != version:
-                self._counted = (version, self.db.execute("SELECT COUNT(*) FROM passages").fetchone()[0])
+                found = self.db.execute(f"SELECT COUNT(*) FROM passages WHERE {self._searchable}").fetchone()[0]
+                self._counted = (version, found)
         return self._counted[1]
 
-    def embedding_chunks(self, size: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """``(rows [n] int64, vectors [n, dim] float32)`` chunks in row order, streamed."""
+    def make_searchable(self, ids: Iterable[str]) -> int:
+        """Make the stored rows of ``ids`` searchable (a passage ingested that a query had cached
+        before); returns how many were not. The caller rewrites the index when any changed."""
+        ids = list(ids)
+        changed = 0
+        with self._guard(), self.db:
+            for start in range(0, len(ids), _CHUNK):
+                chunk = ids[start : start + _CHUNK]
+                marks = ",".join("?" * len(chunk))
+                changed += self.db.execute(
+                    f"UPDATE passages SET searchable = 1 WHERE NOT searchable AND id IN ({marks})", chunk
+                ).rowcount
+        if changed:
+            self._counted = None
+        return changed
+
+    def embedding_chunks(self, size: int = 4096, everyone: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(rows [n] int64, vectors [n, dim] float32)`` chunks of the searchable rows (every
+        row with ``everyone``) in row order, streamed."""
+        where = "1" if everyone else self._searchable
         with self._guard():
-            cur = self.db.execute("SELECT row, embedding FROM passages ORDER BY row")
+            cur = self.db.execute(f"SELECT row, embedding FROM passages WHERE {where} ORDER BY row")
             while chunk := cur.fetchmany(size):
                 rows = np.fromiter((r for r, _ in chunk), dtype=np.int64, count=len(chunk))
                 sizes = {len(b) for _, b in chunk}
@@ -239,11 +271,11 @@ class Catalogue:
         """``[<= n, dim]`` embeddings of evenly spaced rows (every row when there are fewer):
         a training sample that spans the whole store, not only its first documents."""
         with self._guard():
-            total = self.db.execute("SELECT COUNT(*) FROM passages").fetchone()[0]
+            total = self.db.execute(f"SELECT COUNT(*) FROM passages WHERE {self._searchable}").fetchone()[0]
             step = max(1, -(-total // max(n, 1)))
             found = self.db.execute(
-                "SELECT embedding FROM (SELECT embedding, ROW_NUMBER() OVER (ORDER BY row) - 1 AS i FROM passages) "
-                "WHERE i % ? = 0",
+                "SELECT embedding FROM (SELECT embedding, ROW_NUMBER() OVER (ORDER BY row) - 1 AS i FROM passages "
+                f"WHERE {self._searchable}) WHERE i % ? = 0",
                 (step,),
             ).fetchall()
         if not found:
@@ -251,8 +283,8 @@ class Catalogue:
         return np.frombuffer(b"".join(b for (b,) in found), dtype=np.float32).reshape(len(found), -1)
 
     def embeddings(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(rows [N] int64, vectors [N, dim] float32)`` in row order."""
-        chunks = list(self.embedding_chunks())
+        """``(rows [N] int64, vectors [N, dim] float32)`` of every row, in row order."""
+        chunks = list(self.embedding_chunks(everyone=True))
         if not chunks:
             return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
         return np.concatenate([r for r, _ in chunks]), np.concatenate([v for _, v in chunks])
@@ -319,7 +351,8 @@ class Catalogue:
                 self._delete([row["id"] for row in rows])
             self.db.executemany(
                 "INSERT INTO passages (id, title, text, meta, text_sha, shard, offset, length, "
-                "checksum, num_tokens, kept, embedding, meta_checksum) VALUES (:id, :title, :text, :meta, "
-                ":text_sha, :shard, :offset, :length, :checksum, :num_tokens, :kept, :embedding, :meta_checksum)",
-                rows,
+                "checksum, num_tokens, kept, embedding, meta_checksum, searchable) VALUES (:id, :title, :text, "
+                ":meta, :text_sha, :shard, :offset, :length, :checksum, :num_tokens, :kept, :embedding, "
+                ":meta_checksum, :searchable)",
+                [{"searchable": 1, **row} for row in rows],
             )

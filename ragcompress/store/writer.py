@@ -142,12 +142,22 @@ class StoreWriter:
         """Those of ``ids`` already committed, with their text sha256 (bounded memory)."""
         return self.catalogue.shas_of(ids)
 
-    def add(self, records: list[PassageRecord], replace: bool = False) -> None:
+    def add(self, records: list[PassageRecord], replace: bool = False, searchable: bool = True) -> None:
         """Store a batch: blobs appended and fsynced, then their rows committed together.
-        ``replace``: records whose id is stored replace the stored passages (same transaction)."""
-        rows = [catalogue_row(record, *self.shards.append(record.blob)) for record in records]
+        ``replace``: records whose id is stored replace the stored passages (same transaction).
+        ``searchable`` False: caches computed at query time, which retrieval never returns
+        (:mod:`ragcompress.store.catalogue`)."""
+        rows = [
+            {**catalogue_row(record, *self.shards.append(record.blob)), "searchable": int(searchable)}
+            for record in records
+        ]
         self.shards.sync()
         self.catalogue.add(rows, replace=replace)
+
+    def make_searchable(self, ids: list[str]) -> int:
+        """Make stored passages that a query had cached searchable (ingested now); returns how
+        many changed. The caller rewrites the index (:meth:`write_index`) when any did."""
+        return self.catalogue.make_searchable(ids)
 
     def remove(self, ids: list[str]) -> int:
         """Delete the passages ``ids`` in one transaction; returns how many were stored."""

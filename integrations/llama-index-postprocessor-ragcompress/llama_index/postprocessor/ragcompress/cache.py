@@ -194,7 +194,12 @@ class CacheWriter:
         ``update_fields`` (ingestion): a node stored with its text already is not encoded again,
         but its title and :func:`passage_meta` (metadata, excluded keys, relationships) replace
         the stored ones where they differ. Off for caches computed at query time, whose nodes
-        must not overwrite what ingestion stored."""
+        must not overwrite what ingestion stored.
+
+        ``write_index`` False (caches computed at query time): the new rows are not searchable,
+        so no retriever of the store ever returns them (a query adds nothing to the corpus, nor
+        brings back a removed passage: :mod:`ragcompress.store.catalogue`); ingestion (True)
+        makes searchable what a query had cached before."""
         from ragcompress.store import StoreWriter
         from ragcompress.store.files import indexing_run
 
@@ -208,6 +213,7 @@ class CacheWriter:
             self._open_store(path)
             with StoreWriter(path, wait_s=WRITER_WAIT_S) as writer:
                 ids, pending, inputs, stored = self._passages(nodes, writer.known())
+                now_searchable = writer.make_searchable([p.id for p in stored]) if write_index else 0
                 if update_fields:
                     entries = writer.catalogue.get_many(p.id for p in stored)
                     changed = [p for p in stored if _fields_differ(entries.get(p.id), p)]
@@ -222,9 +228,9 @@ class CacheWriter:
                 with run as finished:
                     for begin in range(0, len(pending), self.batch_size):
                         records = self.indexer.records(pending[begin : begin + self.batch_size], pool=pool)
-                        writer.add(records, replace=self.replace_edited)
+                        writer.add(records, replace=self.replace_edited, searchable=write_index)
                         written += [record.id for record in records]
-                    if written and write_index:
+                    if (written or now_searchable) and write_index:
                         writer.write_index()
                     finished()
         for node, pid in zip(nodes, ids, strict=True):
