@@ -322,6 +322,39 @@ def test_serve_takes_the_answering_defaults_ask_takes(cli_store, monkeypatch, ca
     assert (code, out) == (1, "") and "backend" in err
 
 
+def test_serve_refuses_at_start_what_it_could_not_answer_any_request_with(cli_store, monkeypatch, capfd):
+    """A recompute default on the packed backend started, said "listening", and answered every
+    request 400 (which no client could fix); a port in use was found after the model loaded and
+    ended in uvicorn's log with status 3. Both are one error line and status 1, the second before
+    the model loads."""
+    pytest.importorskip("starlette")
+    import socket
+
+    import ragcompress.serve
+    from ragcompress.runtime.engine import Engine
+
+    store, _, _ = cli_store
+    served: list = []
+    monkeypatch.setattr(ragcompress.serve, "run", lambda app, *a, **k: served.append(app))
+    serve = ["serve", "--store", str(store)]
+    code, out, err = run_cli(
+        [*serve, "--port", "0", "--backend", "packed-torch", "--recompute", "0.1"], monkeypatch, capfd
+    )
+    assert (code, out, served) == (1, "", []) and err.count("\n") == 1
+    assert "selective recompute edits an assembled cache; use backend dense" in err
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    opened: list = []
+    monkeypatch.setattr(Engine, "open", classmethod(lambda cls, *a, **k: opened.append(1)))
+    try:
+        code, out, err = run_cli([*serve, "--port", str(holder.getsockname()[1])], monkeypatch, capfd)
+    finally:
+        holder.close()
+    assert (code, out, opened) == (1, "", []) and err.startswith("error: cannot listen on 127.0.0.1:")
+    assert "choose another --port" in err and err.count("\n") == 1
+
+
 def test_workers_without_ray_is_refused_not_ignored(tmp_path, monkeypatch, capfd):
     """``--workers`` sizes the Ray actor pool; without ``--ray`` it would change nothing, so it is
     an error before anything is read or written, not a one-process run the user did not ask for."""

@@ -275,6 +275,12 @@ def test_bad_requests_get_openai_style_4xx(engine):
                 out.append(await client.post("/v1/chat/completions", content=raw))
             out.append(await client.post("/v1/retrieve", json={"top_k": 2}))
             out.append(await client.post("/v1/retrieve", json={"query": "Who?", "top_k": "2"}))
+            out.append(await client.post("/v1/retrieve", json={"query": "Who?", "topk": 10}))
+            out.append(
+                await client.post(
+                    "/v1/chat/completions", json=chat("Who?") | {"messages": [{"role": "user", "content": 5}]}
+                )
+            )
             out.append(await client.get("/v1/chat/completions"))
             out.append(await client.post("/v1/chat/completions", json=chat("Who won? 🏆 誰が勝った？ من فاز؟")))
             return out
@@ -285,9 +291,13 @@ def test_bad_requests_get_openai_style_4xx(engine):
             error = response.json()["error"]
             assert set(error) == {"message", "type", "param", "code"} and error["message"]
             assert error["code"] == code, (str(body)[:80], error)
-        missing_query, string_top_k, wrong_method, unicode = responses[len(BAD_REQUESTS) :]
+        missing_query, string_top_k, typo, content, wrong_method, unicode = responses[len(BAD_REQUESTS) :]
         assert missing_query.status_code == 400 and missing_query.json()["error"]["param"] == "query"
         assert string_top_k.status_code == 400
+        # ragcompress's own endpoint refuses a misspelt key (it answered with the default top_k)
+        assert typo.status_code == 400 and typo.json()["error"]["param"] == "topk"
+        # the param names the field sent, not pydantic's tag of the union member (".str")
+        assert content.status_code == 400 and content.json()["error"]["param"] == "messages.0.content"
         assert wrong_method.status_code == 405 and wrong_method.json()["error"]["code"] == "method_not_allowed"
         assert wrong_method.headers["Allow"] == "POST"
         question = "Who won? 🏆 誰が勝った？ من فاز؟"
@@ -461,7 +471,8 @@ def test_a_bad_recompute_in_a_request_is_a_400_that_names_it(recompute, problem)
 
     with pytest.raises(ApiError, match=problem) as caught:
         parse_chat(chat("Who?", ragcompress={"recompute": recompute}), ServeSettings(), 8)
-    assert caught.value.status == 400 and "recompute" in str(caught.value.param)
+    assert caught.value.status == 400 and str(caught.value.param).startswith("ragcompress.recompute")
+    assert not {"fraction", "schedule"} & set(str(caught.value.param).split("."))  # union tags, no field sent
 
 
 def test_corrupt_passage_fails_only_its_request(engine):

@@ -60,6 +60,7 @@ def serve(
     quiet_libraries()
     try:
         from ragcompress.serve import ServeSettings, create_app, run
+        from ragcompress.serve.server import bind
     except ImportError as exc:
         raise RagCompressError(f"serving needs the serve extra ({exc}): pip install 'ragcompress[serve]'") from None
     from ragcompress.runtime.engine import Engine
@@ -81,6 +82,13 @@ def serve(
             f"warning: serving on {host} without an API key; anyone who reaches it can query the store", err=True
         )
     options = options_from_flags(preset, max_new_tokens, schedule, selection, backend, fallback_margin)
-    engine = Engine.open(store, options=options, dtype=dtype, device=device)
-    run(create_app(engine, settings), host, port, log_level=log_level)
-    engine.close()
+    sock = bind(host, port)  # a port in use fails here, before the model loads
+    try:
+        engine = Engine.open(store, options=options, dtype=dtype, device=device)
+        try:
+            app = create_app(engine, settings)  # refuses defaults no request could be answered with
+            run(app, host, port, log_level=log_level, sock=sock)
+        finally:
+            engine.close()
+    finally:
+        sock.close()

@@ -137,8 +137,21 @@ class ChatRequest(_Strict):
 
 
 class RetrieveRequest(_Strict):
+    """``/v1/retrieve``'s body: ragcompress's own endpoint, with no OpenAI fields to tolerate, so
+    an unknown key is refused (``{"topk": 10}`` was answered with the default 3 hits)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
     query: str
     top_k: int | None = Field(default=None, ge=1)
+
+
+# the request fields an error's ``param`` may name; pydantic's loc also holds the tags of union
+# members ("str", "fraction"), which are no field a client sent
+_FIELDS = frozenset(
+    name
+    for model in (ContentPart, Message, StreamOptions, RagOptions, ChatRequest, RetrieveRequest)
+    for name in model.model_fields
+)
 
 
 def _validated(model: type[BaseModel], data: dict[str, Any]) -> Any:
@@ -146,7 +159,8 @@ def _validated(model: type[BaseModel], data: dict[str, Any]) -> Any:
         return model.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
+        unknown = first["type"] == "extra_forbidden"  # its loc names the key the client sent
+        where = ".".join(str(p) for p in first["loc"] if unknown or isinstance(p, int) or p in _FIELDS)
         raise ApiError(400, f"{where or 'body'}: {first['msg']}", code="invalid_value", param=where or None) from None
 
 

@@ -9,11 +9,35 @@ signal.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import sys
 import threading
 from typing import Any
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host``:``port`` (0: a free port) for :func:`run`'s ``sock``: bound
+    before the model loads, so a port in use is one error line at once, not uvicorn's log and
+    exit status 3 after the load."""
+    from ragcompress.errors import RagCompressError
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise RagCompressError(f"cannot serve on {host}:{port} ({exc}); check --host") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restarts reuse the port
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise RagCompressError(
+            f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another --port (0 picks a free one), "
+            "or stop what holds it"
+        ) from None
+    return sock
 
 
 def run(
@@ -57,3 +81,7 @@ def run(
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, stop)
     server.run(sockets=None if sock is None else [sock])
+    if server.force_exit:  # a second signal: leave now, before torch's threads are torn down under a
+        # generation still running (the interpreter's exit aborted the process, status -6)
+        print("ragcompress serve: forced exit (second signal)", file=sys.stderr, flush=True)
+        os._exit(130)

@@ -81,6 +81,9 @@ class Service:
     """The engine, its generation thread, the settings and the metrics of one app."""
 
     def __init__(self, engine: Engine, settings: ServeSettings, *, owns_engine: bool) -> None:
+        # defaults no request could be answered with (the packed backend under a preset's
+        # recompute, or on a store of full rows) are refused here, not answered 400 on every request
+        choose_strategy(engine.context, engine.calibrated(engine.options))
         self.engine = engine
         self.settings = settings
         self.owns_engine = owns_engine

@@ -223,7 +223,10 @@ class KVStore:
         try:
             identity = _directory_identity(self.path)
         except OSError:
-            raise StoreError(f"store {self.path} is gone; it was removed while this reader had it open") from None
+            raise StoreError(
+                f"store {self.path} is gone; it was removed while this reader had it open: rebuild or restore it, "
+                "then open it again (restart a `ragcompress serve` that reads it)"
+            ) from None
         if identity == self._identity:
             return None
         manifest = Manifest.read(self.path)
