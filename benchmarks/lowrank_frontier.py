@@ -15,8 +15,9 @@ the next-token distributions at the positions that predict the first gold answer
 (nats/token; ``kl_full_first``: the answer's first token alone), over ``--kl-questions`` evenly
 spaced questions (each needs a full prefill, the slowest step on a CPU). Only those rows of the
 reference are kept: a vocabulary of 150k makes every prompt position cost 300 kB.
-Full-prefill answers come from ``runs/core272-ck`` (the evaluation model, top-3, same prompt and
-passages, same decoding) for every question whose retrieved ids match; the rest are computed.
+Full-prefill answers are computed in the run, by its code (they were once reused from
+``runs/core272-ck`` where the retrieved ids matched, with nothing to tell whether the code that
+wrote them still answers the same: results files of that time count them, ``reused_core272``).
 
 Row names: ``METHOD@RATIO/QUANT/RANK``, e.g. ``none@1/fp16/-`` (the uncompressed reference),
 ``global:kvzip@0.25/int4/r32`` (fixed rank 32, keys and values), ``.../r16k`` (keys only),
@@ -542,20 +543,15 @@ def answer_ids(frontier: Frontier, question: Question) -> list[int]:
 
 
 def full_reference(frontier: Frontier, engine: Engine) -> dict[str, Any]:
-    """Full-prefill answers (reused from core272 where the retrieved ids match) and
-    teacher-forced log-probabilities (kept in the workdir)."""
+    """Full-prefill answers and teacher-forced log-probabilities, by this run's code (kept in
+    the workdir, with the code's digest: :func:`checked_reference`)."""
     path = frontier.workdir / "full.pt"
     if path.is_file():
         return checked_reference(torch.load(path), frontier, path)
-    reuse = core272_full_answers(frontier.lm.ref, frontier.args.top_k)
-    answers, logprobs, reused = [], {}, 0
+    answers, logprobs = [], {}
     for i, (q, pids) in enumerate(zip(frontier.questions, frontier.retrieved, strict=True)):
         entries = [engine.store.entry(pid) for pid in pids]
-        if q.id in reuse and reuse[q.id]["retrieved"] == pids:
-            answers.append(reuse[q.id]["answer"])
-            reused += 1
-        else:
-            answers.append(engine.answer_full(q.question, entries, OPTIONS).answer)
+        answers.append(engine.answer_full(q.question, entries, OPTIONS).answer)
         if i not in frontier.kl_rows:
             continue
         answer = answer_ids(frontier, q)
@@ -564,13 +560,13 @@ def full_reference(frontier: Frontier, engine: Engine) -> dict[str, Any]:
         )
         rows = teacher_forced_logprobs(engine.lm.model, prepared, answer, keep=len(answer) + 1)
         logprobs[i] = rows[:-1].half()  # the rows that predict the answer's tokens
-    reference = {"answers": answers, "logprobs": logprobs, "reused_core272": reused}
+    reference: dict[str, Any] = {"answers": answers, "logprobs": logprobs}
     reference["questions"] = [q.id for q in frontier.questions]
     reference["retrieved"] = frontier.retrieved  # the passages (so the top-k) the answers read
     reference["model"] = frontier.lm.ref
     reference["code"] = library_digest(*REFERENCE_CODE)
     torch.save(reference, path)
-    print(f"full prefill: {reused}/{len(answers)} answers reused from {CORE272}", flush=True)
+    print(f"full prefill: {len(answers)} answers computed", flush=True)
     return reference
 
 
@@ -930,7 +926,6 @@ def main() -> None:
             "f1": sum(f1(a, q.answers) for a, q in zip(answers, frontier.questions, strict=True)) / n,
             "answers": answers,
             "per_question_sub_em": [sub_em(a, q.answers) for a, q in zip(answers, frontier.questions, strict=True)],
-            "reused_core272": reference["reused_core272"],
         }
         results.update(
             model=frontier.lm.ref,

@@ -932,7 +932,12 @@ def frontier_file(path: Path) -> str:
         f"**{model_name(data['model'])}**, {data['n']} SQuAD-dev questions ({data['key']['split']} split: articles "
         f"other than {', '.join(calibration['articles'])}, whose first passages the bases were fitted on: how many, "
         f"in the rank column), top-{data['key']['top_k']}. Full prefill: sub-EM {full['sub_em']:.3f} "
-        f"({full['reused_core272']} of {data['n']} answers reused from `runs/core272-ck`). KL: teacher-forced, "
+        + (
+            f"({full['reused_core272']} of {data['n']} answers reused from `runs/core272-ck`). "
+            if full.get("reused_core272")
+            else "(computed in the run). "
+        )
+        + "KL: teacher-forced, "
         "nats per answer token, full prefill's distribution as reference, over the evenly spaced questions the "
         "KL column counts. "
         f"Bytes: blobs as stored plus the basis file once, over the store's tokens. TTFT: dense backend on a CPU, "
