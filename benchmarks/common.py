@@ -177,6 +177,36 @@ def load_keyed(path: Path, key: dict[str, Any], token_ids: dict[str, list[int]])
         return {name: f.get_tensor(name) for name in f.keys() if name.rsplit("/", 1)[0] in fresh}
 
 
+def cached_scores(
+    path: Path,
+    key: dict[str, Any],
+    token_ids: dict[str, list[int]],
+    caches: dict[str, Any],
+    scorer: str,
+    encoder: Any,
+    unscorable: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Scores ``[L, H, n]`` of every passage cache in ``caches`` under ``scorer``, kept at
+    ``path`` (:func:`load_keyed` under ``key``) and computed only where missing or stale, so
+    later rows and resumed runs reuse them. ``unscorable``: why the missing ones cannot be
+    computed here (a kvpress press's scores come from another virtualenv): exits saying so."""
+    from ragcompress.compressors import CompressionContext, make_compressor
+
+    saved = load_keyed(path, key, token_ids)
+    scores = {name.rsplit("/", 1)[0]: t for name, t in saved.items()}
+    missing = [pid for pid in caches if pid not in scores]
+    if missing and unscorable is not None:
+        raise SystemExit(f"{path}: {len(missing)} passages have no {scorer} scores; {unscorable}")
+    if missing:
+        t0 = time.perf_counter()
+        compressor = make_compressor(scorer)
+        for pid in missing:
+            scores[pid] = compressor.score(caches[pid], CompressionContext(encoder, token_ids[pid]))
+        save_keyed(path, {f"{pid}/scores": t for pid, t in scores.items()}, key, token_ids)
+        print(f"{scorer}: scored {len(missing)} passages in {time.perf_counter() - t0:.0f} s", flush=True)
+    return scores
+
+
 def save_keyed(
     path: Path, tensors: dict[str, torch.Tensor], key: dict[str, Any], token_ids: dict[str, list[int]]
 ) -> None:

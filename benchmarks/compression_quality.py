@@ -55,14 +55,13 @@ from ragcompress.store.codec import encode
 from common import (
     KVPRESS,
     SQUAD,
+    cached_scores,
     encoding_key,
-    load_keyed,
     measured_by,
     pick_questions,
     plot_against_compression,
     results_meta,
     row_name,
-    save_keyed,
     side_row,
     tokens_digest,
 )
@@ -212,24 +211,15 @@ def load_or_score(bench: Bench, scorer: str) -> dict[str, torch.Tensor]:
     """Scores ``[L, H, n]`` of every needed passage under ``scorer``, computed once and kept in
     ``<workdir>/scores-<scorer>.safetensors`` so later rows and resumed runs (new wrappers,
     ratios) reuse them, as long as they were computed from the same model, tokens and code."""
+    unscorable = (
+        f"run benchmarks/kvpress_scores.py {bench.workdir} in a kvpress virtualenv first"
+        if scorer.startswith(KVPRESS)
+        else None
+    )
     path = bench.workdir / f"scores-{scorer}.safetensors"
-    key = scores_key(bench, scorer)
-    saved = load_keyed(path, key, bench.token_ids)
-    scores = {name.rsplit("/", 1)[0]: t for name, t in saved.items()}
-    missing = [pid for pid in bench.full if pid not in scores]
-    if missing and scorer.startswith(KVPRESS):
-        raise SystemExit(
-            f"{path}: {len(missing)} passages have no {scorer} scores; run "
-            f"benchmarks/kvpress_scores.py {bench.workdir} in a kvpress virtualenv first"
-        )
-    if missing:
-        t0 = time.perf_counter()
-        compressor = make_compressor(scorer)
-        for pid in missing:
-            scores[pid] = compressor.score(bench.full[pid], CompressionContext(bench.encoder, bench.token_ids[pid]))
-        save_keyed(path, {f"{pid}/scores": t for pid, t in scores.items()}, key, bench.token_ids)
-        print(f"{scorer}: scored {len(missing)} passages in {time.perf_counter() - t0:.0f} s", flush=True)
-    return scores
+    return cached_scores(
+        path, scores_key(bench, scorer), bench.token_ids, bench.full, scorer, bench.encoder, unscorable
+    )
 
 
 def selector(method: str, ratio: float) -> Any:

@@ -64,7 +64,6 @@ from typing import Any
 import torch
 
 from ragcompress.bench import git_revision
-from ragcompress.compressors import CompressionContext, make_compressor
 from ragcompress.compressors.adaptive import GlobalBudget
 from ragcompress.compressors.scorer import gather_kept
 from ragcompress.compressors.snapkv import SnapKVCompressor, pool_scores
@@ -92,6 +91,7 @@ from common import (
     ENCODING_CODE,
     SQUAD,
     adaptor_provenance,
+    cached_scores,
     encoding_key,
     library_digest,
     load_keyed,
@@ -395,20 +395,9 @@ class Frontier:
         if (scorer, adapted) not in self._scores:
             path = self.workdir / f"scores-{scorer}{self._tag(adapted)}.safetensors"
             key = self.cache_key(adapted, "compressors", scorer=scorer)
-            saved = load_keyed(path, key, self.token_ids)
-            scores = {name.rsplit("/", 1)[0]: t for name, t in saved.items()}
-            full = self.full(adapted)
-            missing = [pid for pid in full if pid not in scores]
-            if missing:
-                t0 = time.perf_counter()
-                compressor = make_compressor(scorer)
-                for pid in missing:
-                    scores[pid] = compressor.score(
-                        full[pid], CompressionContext(self.encoder_for(adapted), self.token_ids[pid])
-                    )
-                save_keyed(path, {f"{pid}/scores": t for pid, t in scores.items()}, key, self.token_ids)
-                print(f"{scorer}: scored {len(missing)} passages in {time.perf_counter() - t0:.0f} s", flush=True)
-            self._scores[scorer, adapted] = scores
+            self._scores[scorer, adapted] = cached_scores(
+                path, key, self.token_ids, self.full(adapted), scorer, self.encoder_for(adapted)
+            )
         return self._scores[scorer, adapted]
 
     def build(self, row: RowSpec) -> Path:
