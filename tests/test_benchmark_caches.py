@@ -65,3 +65,32 @@ def test_library_digest_follows_the_source(tmp_path, monkeypatch):
 def test_the_encoding_code_exists():
     for part in common.ENCODING_CODE:
         assert (common.LIBRARY / part).exists(), part
+
+
+def test_cached_scores_computes_only_what_is_missing_and_keeps_it(tmp_path, monkeypatch, capsys):
+    """One passage scored before, one new: only the new one is scored, and both are kept; a
+    scorer whose scores come from elsewhere (kvpress) exits naming what to run instead."""
+    import pytest
+
+    import ragcompress.compressors as compressors
+
+    path = tmp_path / "scores.safetensors"
+    before = {"p0/scores": torch.rand(2, 3)}
+    common.save_keyed(path, before, KEY, TOKENS)
+    scored: list[object] = []
+
+    class Counting:
+        def score(self, kv, context):
+            scored.append(kv)
+            return torch.ones(2, 2)
+
+    monkeypatch.setattr(compressors, "make_compressor", lambda name: Counting())
+    caches = {"p0": "cache0", "p1": "cache1"}
+    scores = common.cached_scores(path, KEY, TOKENS, caches, "knorm", encoder=None)
+    assert scored == ["cache1"] and torch.equal(scores["p0"], before["p0/scores"])
+    assert set(common.load_keyed(path, KEY, TOKENS)) == {"p0/scores", "p1/scores"}
+    assert "knorm: scored 1 passages" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="1 passages have no kvpress-x scores; run it elsewhere"):
+        common.cached_scores(
+            tmp_path / "other.safetensors", KEY, TOKENS, {"p0": "c"}, "kvpress-x", None, "run it elsewhere"
+        )
