@@ -306,6 +306,30 @@ def test_an_ingestion_call_stopped_midway_is_refused_until_the_pipeline_is_rerun
     assert not (Path(path) / RUN).exists()
 
 
+def test_a_node_too_long_for_the_model_is_refused_before_anything_is_written(tiny, store_copy):
+    """A node longer than the model can attend to, after others in earlier batches: the call
+    used to commit those batches, then fail under the unfinished-run marker, so every reader
+    refused the store and re-running the same nodes failed again. It is refused before anything
+    is written, as ``ragcompress index`` checks every passage first."""
+    from ragcompress.errors import InputError
+    from ragcompress.store.files import RUN
+
+    nodes = [TextNode(id_=f"short-{i}", text=f"Short passage number {i}.") for i in range(3)]
+    nodes.append(TextNode(id_="huge", text="word " * 5000))
+    transform = KVCacheTransform(store_path=store_copy, model=tiny, batch_size=2)
+    with pytest.raises(
+        InputError, match=r"passage 'huge' has \d+ tokens, more than .* split it \(nothing was written\)"
+    ):
+        transform(nodes)
+    assert not (Path(store_copy) / RUN).exists()
+    with KVStore.open(store_copy) as kv:
+        assert len(kv) == 6
+    assert KVStoreRetriever(store_copy).retrieve(QUESTION)  # readers still accept the store
+    transform(nodes[:3])
+    with KVStore.open(store_copy) as kv:
+        assert len(kv) == 9
+
+
 def test_rerunning_a_pipeline_with_a_docstore_processes_nothing(tiny, tmp_path):
     """The transform leaves its input documents unchanged, so a docstore pipeline's second run over
     the same documents sees no change (it hashes the inputs after the transformations ran)."""

@@ -208,6 +208,10 @@ class CacheWriter:
             self._open_store(path)
             with StoreWriter(path, wait_s=WRITER_WAIT_S) as writer:
                 ids, pending, inputs, stored = self._passages(nodes, writer.known())
+                # as `ragcompress index`: a node too long for the model is refused before anything
+                # is written, not after earlier batches were committed under the unfinished-run
+                # marker, which every reader would then refuse until the same nodes run again
+                self.indexer.check_lengths(pending)
                 if update_fields:
                     entries = writer.catalogue.get_many(p.id for p in stored)
                     changed = [p for p in stored if _fields_differ(entries.get(p.id), p)]
