@@ -330,6 +330,32 @@ def test_a_node_too_long_for_the_model_is_refused_before_anything_is_written(tin
         assert len(kv) == 9
 
 
+@pytest.mark.parametrize("bad", ["", "  ", "x\x00y", "a\nb", "L" * 513])
+def test_node_ids_that_index_refuses_are_refused_by_the_transform(tiny, store_copy, bad):
+    """The transform stored ids ``ragcompress index`` refuses in a JSONL input (empty, blank,
+    control characters, over 512 characters); it refuses them by the same rule, naming the node,
+    before anything of the call is written."""
+    from ragcompress.errors import InputError
+
+    transform = KVCacheTransform(store_path=store_copy, model=tiny)
+    nodes = [TextNode(id_="fine", text="A passage with a good id."), TextNode(id_=bad, text="Some text.")]
+    with pytest.raises(InputError, match=r'^node .*"id" must be .*; give the node such an id'):
+        transform(nodes)
+    with KVStore.open(store_copy) as kv:
+        assert len(kv) == 6
+
+
+def test_an_edited_nodes_alias_id_is_checked_too(tiny, store_copy):
+    """An edited node is stored under ``{id}~{sha}``: an id that fits alone but not with the
+    suffix is refused when the alias would be stored, not stored over the limit."""
+    from ragcompress.errors import InputError
+
+    transform = KVCacheTransform(store_path=store_copy, model=tiny)
+    transform([TextNode(id_="M" * 500, text="The first text.")])
+    with pytest.raises(InputError, match=r"alias id\): \"id\" must be at most 512 printable characters"):
+        transform([TextNode(id_="M" * 500, text="The edited text.")])
+
+
 def test_rerunning_a_pipeline_with_a_docstore_processes_nothing(tiny, tmp_path):
     """The transform leaves its input documents unchanged, so a docstore pipeline's second run over
     the same documents sees no change (it hashes the inputs after the transformations ran)."""

@@ -41,6 +41,19 @@ def alias_id(node_id: str, sha: str) -> str:
     return f"{node_id}~{sha[:16]}"
 
 
+def checked_passage_id(passage_id: str, node_id: str, what: str = "id") -> str:
+    """``passage_id`` (a node's id, or ``what`` else), refused as ``ragcompress index`` refuses
+    it in a JSONL input (``InputError``): a store never holds an id its CLI could not take."""
+    from ragcompress.errors import InputError
+    from ragcompress.indexing.inputs import check_id
+
+    shown = repr(node_id) if len(node_id) <= 60 else f"{node_id[:40]!r}... ({len(node_id)} characters)"
+    try:
+        return check_id(passage_id, f"node {shown}" + ("" if what == "id" else f" ({what})"))
+    except InputError as exc:
+        raise InputError(f"{exc}; give the node such an id (id_=..., or a splitter's id_func)") from None
+
+
 # How long a writer waits for another one (another process indexing the same store).
 WRITER_WAIT_S = 600.0
 # what a store's unfinished-run message tells the user to do when an ingestion call stopped midway
@@ -152,10 +165,10 @@ class CacheWriter:
                 ids.append(None)
                 continue
             sha = text_sha(text)
-            pid = node.node_id
+            pid = checked_passage_id(node.node_id, node.node_id)
             edited = known.get(pid, sha) != sha  # stored under its id with another text
             if (edited and not self.replace_edited) or (pid in todo and todo[pid].text_sha != sha):
-                pid = alias_id(node.node_id, sha)
+                pid = checked_passage_id(alias_id(node.node_id, sha), node.node_id, "its edited text's alias id")
             passage = PassageInput(pid, text, str(node.metadata.get("title", "")), passage_meta(node))
             if known.get(pid) != sha and pid not in todo:  # not stored with this text (or replacing it)
                 todo[pid] = passage
