@@ -203,6 +203,39 @@ def test_transform_names_another_adaptor_as_index_does(tiny, tmp_path):
         late(sample_documents(2))
 
 
+def test_missing_caches_of_a_store_built_with_a_custom_adaptor_need_its_folder(tiny, tmp_path):
+    """A store built with an adaptor that is not packaged records only its hash: the synthesizer
+    and the postprocessor could not compute missing caches and told the user to pass
+    ``--adaptor``, an option they lacked. They take ``adaptor=FOLDER``, compute the cache the
+    store's own build would hold, say so when it is missing, and refuse another adaptor."""
+    from ragcompress.models import load_model
+    from ragcompress.testing import noisy_adaptor
+
+    folder = str(noisy_adaptor(load_model(tiny).model, 1).save(tmp_path / "adaptor"))
+    other = str(noisy_adaptor(load_model(tiny).model, 2).save(tmp_path / "other"))
+    config = IndexConfig(adaptor=folder)
+    store, alone = str(tmp_path / "store"), str(tmp_path / "alone")
+    KVCacheTransform(store_path=store, model=tiny, config=config)(sample_documents(2))
+    new = [NodeWithScore(node=TextNode(id_="new", text="Koalas sleep most of the day."), score=1.0)]
+    with pytest.raises(
+        StoreMismatchError, match=r"not packaged.*pass its folder \(adaptor=FOLDER\), or compute_missing=False"
+    ):
+        KVCacheSynthesizer(store, max_new_tokens=2).synthesize(QUESTION, new)
+    with pytest.raises(StoreMismatchError, match=r"not with adaptor .*pass the store's adaptor folder"):
+        KVCacheNodePostprocessor(store_path=store, adaptor=other).postprocess_nodes(new)
+    synthesizer = KVCacheSynthesizer(store, max_new_tokens=2, adaptor=folder)
+    assert synthesizer.synthesize(QUESTION, new).metadata["ragcompress"]["computed"] == ["new"]
+    assert KVCacheSynthesizer.from_dict(synthesizer.to_dict()).to_dict()["adaptor"] == folder
+    later = [NodeWithScore(node=TextNode(id_="later", text="Wombats dig burrows."), score=1.0)]
+    KVCacheNodePostprocessor(store_path=store, adaptor=folder).postprocess_nodes(later)
+    reference = KVCacheTransform(store_path=alone, model=tiny, config=config)
+    for node in (new[0].node, later[0].node):  # one at a time, as they were computed
+        reference([node])
+    with KVStore.open(store) as kv, KVStore.open(alone) as expected:
+        for pid in ("new", "later"):
+            assert kv.entry(pid).checksum == expected.entry(pid).checksum
+
+
 def test_pipeline_workers_refuse_a_neighbour_conditioned_transform(tiny, tmp_path):
     """``IngestionPipeline(num_workers>1)`` pickles its transformations into worker processes, each
     given a share of the nodes, so a neighbour-conditioned transform would draw neighbours from its

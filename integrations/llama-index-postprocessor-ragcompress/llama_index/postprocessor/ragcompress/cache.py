@@ -129,10 +129,17 @@ class CacheWriter:
 
     @classmethod
     def for_existing(
-        cls, path: str, lm: Any | None = None, batch_size: int = 8, device: str | None = None
+        cls,
+        path: str,
+        lm: Any | None = None,
+        batch_size: int = 8,
+        device: str | None = None,
+        adaptor: str | None = None,
     ) -> CacheWriter:
         """Writer that adds to an existing store with its own model (in the dtype its passages
-        were encoded in, on ``device``; or ``lm``) and settings."""
+        were encoded in, on ``device``; or ``lm``) and settings. ``adaptor``: the folder of the
+        adaptor the store was built with (``index --adaptor FOLDER``); a store records only its
+        hash, so an adaptor that is not packaged cannot be found without it."""
         require_ragcompress()
         from ragcompress.errors import StoreError
         from ragcompress.indexing import Indexer
@@ -142,7 +149,8 @@ class CacheWriter:
             raise StoreError(f"store {path} does not exist; build it with KVCacheTransform or `ragcompress index`")
         manifest = Manifest.read(Path(path))
         lm = lm or shared_model(manifest.model_ref, manifest.dtype, device)
-        indexer = Indexer.for_store(manifest, lm, shared_embedder(manifest.embedder))
+        loaded = _store_adaptor(path, manifest, lm, adaptor)
+        indexer = Indexer.for_store(manifest, lm, shared_embedder(manifest.embedder), loaded)
         with KVStore.open(Path(path)) as store:  # a low-rank store's latents need its basis
             return cls(path, indexer.with_store_basis(store), batch_size)
 
@@ -254,6 +262,35 @@ class CacheWriter:
         return ids
 
 
+def _store_adaptor(path: str, manifest: Any, lm: Any, folder: str | None) -> Any:
+    """The adaptor the store at ``path`` was built with: ``folder``'s (a folder or packaged name,
+    resolved as ``index --adaptor`` resolves it), else the packaged one of the recorded hash.
+    Refused in this caller's words (``adaptor=``, ``compute_missing``) when it is not the store's:
+    the library's refusal names ``--adaptor``, an option of the CLI only."""
+    from ragcompress.distill.packaged import packaged_adaptor, resolve_adaptor
+    from ragcompress.errors import StoreMismatchError
+
+    recorded = manifest.encoding.get("adaptor")
+    adaptor: Any
+    if folder is not None:
+        adaptor = resolve_adaptor(folder, lm.ref)
+        adaptor.check_model(lm.fingerprint, lm.ref)
+    else:
+        adaptor = packaged_adaptor(recorded) if recorded else None
+    if (adaptor.hash if adaptor else None) == recorded:
+        return adaptor
+    if folder is None:
+        raise StoreMismatchError(
+            f"store {path} was built with adaptor {recorded[:16]}, which is not packaged, so its missing caches "
+            "cannot be computed without it: pass its folder (adaptor=FOLDER), or compute_missing=False"
+        )
+    built = f"adaptor {recorded[:16]}" if recorded else "no adaptor (the base model)"
+    raise StoreMismatchError(
+        f"store {path} was built with {built}, not with adaptor {folder} ({adaptor.hash[:16]}); "
+        + ("pass the store's adaptor folder (adaptor=FOLDER)" if recorded else "leave adaptor unset")
+    )
+
+
 def _fields_differ(entry: Any, passage: Any) -> bool:
     """Whether a stored ``entry`` holds another title or metadata than ``passage`` (the same
     text): key order counts, as it does in the text LlamaIndex builds from metadata."""
@@ -264,17 +301,24 @@ class CacheResolver:
     """Finds the store entries of nodes (by handle, node id or text alias), computing missing ones.
 
     ``store`` is an open ``KVStore``; ``lm`` (a LoadedModel) is loaded from the manifest, on
-    ``device``, only when a cache has to be computed, unless given.
+    ``device``, only when a cache has to be computed, unless given; ``adaptor`` (a folder) is
+    the store's adaptor, needed to compute caches when it is not a packaged one.
     """
 
     def __init__(
-        self, store: Any, lm: Any | None = None, compute_missing: bool = True, device: str | None = None
+        self,
+        store: Any,
+        lm: Any | None = None,
+        compute_missing: bool = True,
+        device: str | None = None,
+        adaptor: str | None = None,
     ) -> None:
         self.store = store
         self.path = store_path(store.path)
         self.lm = lm
         self.compute_missing = compute_missing
         self.device = device
+        self.adaptor = adaptor
         self._writer: CacheWriter | None = None
 
     def _lookup(self, node: BaseNode) -> Any | None:
@@ -303,7 +347,7 @@ class CacheResolver:
                     "add it with KVCacheTransform or set compute_missing=True"
                 )
             if self._writer is None:
-                self._writer = CacheWriter.for_existing(self.path, self.lm, device=self.device)
+                self._writer = CacheWriter.for_existing(self.path, self.lm, device=self.device, adaptor=self.adaptor)
             ids = self._writer.write(missing, write_index=False)
             for node, pid in zip(missing, ids, strict=True):
                 if pid is None:

@@ -45,6 +45,13 @@ class KVCacheNodePostprocessor(BaseNodePostprocessor):
     device: str | None = Field(
         default=None, description="Where the model runs: None or 'cpu' (the CPU), 'cuda', 'cuda:N'."
     )
+    adaptor: str | None = Field(
+        default=None,
+        description=(
+            "Folder of the adaptor the store was built with (`ragcompress index --adaptor FOLDER`), which "
+            "compute_missing encodes with; needed only when it is not a packaged adaptor."
+        ),
+    )
 
     _store: Any = PrivateAttr()
     _resolver: Any = PrivateAttr()
@@ -62,7 +69,7 @@ class KVCacheNodePostprocessor(BaseNodePostprocessor):
         if self.model is not None:
             lm = shared_model(self.model, self._store.manifest.dtype, self.device)
             self._store.manifest.check_lm(lm)  # the store's model and tokenizer
-        self._resolver = CacheResolver(self._store, lm, self.compute_missing, self.device)
+        self._resolver = CacheResolver(self._store, lm, self.compute_missing, self.device, self.adaptor)
 
     @classmethod
     def class_name(cls) -> str:

@@ -68,6 +68,9 @@ class KVCacheSynthesizer(BaseSynthesizer):
             override it.
         device: where the model runs (``cpu`` by default, ``cuda``, ``cuda:N``): answering and
             the caches ``compute_missing`` adds both run there.
+        adaptor: folder of the adaptor the store was built with (``index --adaptor FOLDER``),
+            which ``compute_missing`` encodes with; needed only when it is not a packaged one
+            (a store records the adaptor's hash, and a packaged one is found by it).
         llm: the LLM ``BaseSynthesizer`` keeps for prompt sizing; defaults to a
             :class:`LocalLLM` on the same weights (never a hosted model).
 
@@ -87,6 +90,7 @@ class KVCacheSynthesizer(BaseSynthesizer):
         fallback_margin: float | None = None,
         preset: str | None = None,
         device: str | None = None,
+        adaptor: str | None = None,
         llm: LLM | None = None,
         callback_manager: CallbackManager | None = None,
     ) -> None:
@@ -116,7 +120,8 @@ class KVCacheSynthesizer(BaseSynthesizer):
         self.fallback_margin = fallback_margin
         self.preset = preset
         self.device = device
-        self._resolver = CacheResolver(store, lm, compute_missing)
+        self.adaptor = adaptor
+        self._resolver = CacheResolver(store, lm, compute_missing, adaptor=adaptor)
         super().__init__(
             llm=llm or LocalLLM(model=lm.ref, max_new_tokens=max_new_tokens, dtype=store.manifest.dtype, device=device),
             callback_manager=callback_manager,
@@ -140,6 +145,7 @@ class KVCacheSynthesizer(BaseSynthesizer):
             "fallback_margin": self.fallback_margin,
             "preset": self.preset,
             "device": self.device,
+            "adaptor": self.adaptor,
         }
 
     @classmethod
