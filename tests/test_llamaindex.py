@@ -236,6 +236,36 @@ def test_missing_caches_of_a_store_built_with_a_custom_adaptor_need_its_folder(t
             assert kv.entry(pid).checksum == expected.entry(pid).checksum
 
 
+def test_a_transform_without_settings_adds_to_a_store_with_its_own(tiny, tmp_path):
+    """A transform with other settings than its store's is refused with "give none to reuse
+    them", but ``config=None`` was a ValidationError. None (and ``model=None``) now means the
+    existing store's own settings and model, as ``ragcompress index`` given none; a new store
+    gets the defaults, and such a transform still pickles and round-trips through ``to_dict``."""
+    documents = sample_documents(3)
+    store, fresh = str(tmp_path / "store"), str(tmp_path / "fresh")
+    KVCacheTransform(store_path=store, model=tiny, config=IndexConfig(quant="int8"))(documents[:2])
+    with pytest.raises(StoreMismatchError, match=r"give none to reuse them.*config=None and model=None"):
+        KVCacheTransform(store_path=store, model=tiny)(documents[2:])
+    reuse = KVCacheTransform(store_path=store, config=None)
+    copy = pickle.loads(pickle.dumps(reuse))
+    assert copy.to_dict() == reuse.to_dict() and KVCacheTransform.from_dict(reuse.to_dict()).config is None
+    (handled,) = copy(documents[2:])
+    assert handled.metadata[PASSAGE_KEY] == documents[2].doc_id
+    KVCacheTransform(store_path=fresh, model=tiny, config=IndexConfig(quant="int8"))(documents[2:])
+    with KVStore.open(store) as kv, KVStore.open(fresh) as expected:
+        assert kv.catalogue.count() == 3
+        assert kv.entry(documents[2].doc_id).checksum == expected.entry(documents[2].doc_id).checksum
+    default = str(tmp_path / "default")
+    KVCacheTransform(store_path=default, model=tiny, config=None)(documents[:1])
+    KVCacheTransform(store_path=str(tmp_path / "explicit"), model=tiny)(documents[:1])
+    with KVStore.open(default) as kv, KVStore.open(tmp_path / "explicit") as expected:
+        assert kv.manifest.compression == expected.manifest.compression
+    neighbours = str(tmp_path / "neighbours")  # the store's own neighbours keep it out of workers
+    KVCacheTransform(store_path=neighbours, model=tiny, config=IndexConfig(context_neighbors=1))(documents[:2])
+    with pytest.raises(TypeError, match="context_neighbors=1"):
+        pickle.dumps(KVCacheTransform(store_path=neighbours, config=None))
+
+
 def test_pipeline_workers_refuse_a_neighbour_conditioned_transform(tiny, tmp_path):
     """``IngestionPipeline(num_workers>1)`` pickles its transformations into worker processes, each
     given a share of the nodes, so a neighbour-conditioned transform would draw neighbours from its

@@ -106,22 +106,39 @@ class CacheWriter:
         device: str | None = None,
     ) -> CacheWriter:
         """Writer for a store built with ``model`` and ``config`` (an ``IndexConfig``); an existing
-        store must have been built the same way (else ``StoreMismatchError``). ``replace_edited``:
-        a node stored under its id with another text replaces that cache (``index --replace``)
-        instead of being stored beside it under an alias id. ``dtype``: the model's weights (None:
-        an existing store's own, else float32); ``device``: where its forwards run (None: CPU)."""
+        store must have been built the same way (else ``StoreMismatchError``). Either None: an
+        existing store's own (as ``ragcompress index`` given no settings), else the defaults.
+        ``replace_edited``: a node stored under its id with another text replaces that cache
+        (``index --replace``) instead of being stored beside it under an alias id. ``dtype``: the
+        model's weights (None: an existing store's own, else float32); ``device``: where its
+        forwards run (None: CPU)."""
         require_ragcompress()
+        from ragcompress.errors import InputError, StoreMismatchError
         from ragcompress.indexing import Indexer
-        from ragcompress.indexing.run import run_indexer
+        from ragcompress.indexing.run import run_indexer, settings_for
         from ragcompress.store import KVStore, Manifest
         from ragcompress.store.manifest import MANIFEST
 
         exists = (Path(path) / MANIFEST).is_file()
         existing = Manifest.read(Path(path)) if exists else None
-        lm = shared_model(model, dtype or (existing.dtype if existing else None), device)
+        given = config is not None or model is not None
+        try:
+            config, model, dtype = settings_for(Path(path) if exists else None, config, model, dtype)
+        except InputError as exc:  # settings the manifest cannot give back (an adaptor not packaged)
+            raise InputError(
+                f"{exc} (to KVCacheTransform: config=IndexConfig(...) with the store's settings)"
+            ) from None
+        lm = shared_model(model, dtype, device)
         # the same settings as an existing store (its basis, for a low-rank one), or a new store's
         # basis fitted on config.calibration: `ragcompress index`'s checks, in its own function
-        indexer = run_indexer(lm, config, shared_embedder(config.embedder), None, Path(path) if exists else None)
+        try:
+            indexer = run_indexer(lm, config, shared_embedder(config.embedder), None, Path(path) if exists else None)
+        except StoreMismatchError as exc:
+            if not given:
+                raise
+            raise StoreMismatchError(
+                f"{exc} (to KVCacheTransform: config=None and model=None use the store's own)"
+            ) from None
         if existing is not None:
             with KVStore.open(Path(path)) as store:  # the store's own settings, as it records them
                 indexer = Indexer.for_store(existing, lm, indexer.embedder, indexer.adaptor).with_store_basis(store)
