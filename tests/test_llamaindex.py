@@ -916,6 +916,27 @@ def test_local_llm_reports_the_models_context_window(tiny_model_dir, tmp_path):
     assert model_context_window(unknown) == DEFAULT_CONTEXT_WINDOW
 
 
+def test_local_llm_refuses_a_prompt_longer_than_the_model_handles(tiny_model_dir, tmp_path):
+    """A prompt that, with the new tokens, needs more positions than the model has ran silently
+    (garbage output); it is refused as the cached path refuses one, naming the numbers, before
+    the model runs. One that fits still runs."""
+    from ragcompress.errors import InputError
+
+    short = tmp_path / "short"
+    shutil.copytree(tiny_model_dir("llama"), short)
+    config = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 64}))
+    llm = LocalLLM(model=str(short), max_new_tokens=4)
+    refusal = r"prompt needs \d+ positions \(\d+ prompt tokens, 4 new tokens\) but the model handles 64; shorten"
+    with pytest.raises(InputError, match=refusal):
+        llm.complete("word " * 100)
+    with pytest.raises(InputError, match=refusal):
+        list(llm.stream_complete("word " * 100))
+    with pytest.raises(InputError, match=refusal):
+        asyncio.run(llm.acomplete("word " * 100))
+    assert llm.complete("Hi.").additional_kwargs["prompt_tokens"] < 60
+
+
 # -- the example notebook ----------------------------------------------------------------------------
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "examples" / "llamaindex_kvcache.ipynb"
