@@ -565,6 +565,25 @@ def test_retriever_returns_store_passages_with_metadata_and_handles(built):
         assert hit.node.metadata[PASSAGE_KEY] == hit.node.node_id
 
 
+def test_retriever_refuses_a_top_k_that_is_no_integer_and_an_empty_question(built):
+    """``similarity_top_k=2.5`` was accepted and failed inside FAISS, ``"3"`` failed in a
+    comparison, and an empty question returned hits where ``Engine.retrieve`` refuses it."""
+    import numpy as np
+
+    from ragcompress.errors import InputError
+
+    store, _ = built
+    for wrong in (2.5, "3", True, None):
+        with pytest.raises(TypeError, match=r"similarity_top_k \(how many passages to return\) must be an integer"):
+            KVStoreRetriever(store, similarity_top_k=wrong)
+    assert KVStoreRetriever(store, similarity_top_k=np.int64(2)).similarity_top_k == 2
+    retriever = KVStoreRetriever(store, similarity_top_k=2)
+    for empty in ("", "   "):
+        with pytest.raises(InputError, match="the question is empty"):
+            retriever.retrieve(empty)
+    assert len(retriever.retrieve(QUESTION)) == 2
+
+
 def test_retriever_restores_excluded_metadata_keys_and_relationships(tiny, store_copy):
     """A node's excluded metadata keys and relationships are stored with its passage (they used to
     be lost), so the retriever rebuilds the node the transform was given, handle aside."""

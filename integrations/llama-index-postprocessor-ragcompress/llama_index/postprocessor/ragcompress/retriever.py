@@ -9,6 +9,7 @@ included, as the transform recorded them) and its cache handle attached.
 from __future__ import annotations
 
 import asyncio
+import operator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,16 @@ class KVStoreRetriever(BaseRetriever):
         from ragcompress.store import KVStore
         from ragcompress.store.files import refuse_unfinished
 
+        # a float or a string was accepted here and failed inside FAISS, or in this comparison
+        try:
+            if isinstance(similarity_top_k, bool):
+                raise TypeError
+            similarity_top_k = operator.index(similarity_top_k)  # an int or a numpy integer
+        except TypeError:
+            raise TypeError(
+                "similarity_top_k (how many passages to return) must be an integer, "
+                f"got {type(similarity_top_k).__name__} {similarity_top_k!r}"
+            ) from None
         if similarity_top_k < 1:
             raise ValueError(f"similarity_top_k must be at least 1, got {similarity_top_k}")
         self.store_path = store_path
@@ -68,8 +79,11 @@ class KVStoreRetriever(BaseRetriever):
         return self._store
 
     def _retrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
+        from ragcompress.runtime.engine import checked_question
+
+        question = checked_question(query_bundle.query_str)  # an empty one is refused, as Engine.retrieve does
         store = self._store  # KVStore.index() rebuilds when passages were added since
-        vector = shared_embedder(store.manifest.embedder).embed([query_bundle.query_str])[0]
+        vector = shared_embedder(store.manifest.embedder).embed([question])[0]
         path = store_path(store.path)
         results = []
         for entry, score in store.search(vector, self.similarity_top_k):
