@@ -461,6 +461,9 @@ def test_components_name_the_wrong_input_instead_of_failing_inside(tiny, built, 
         postprocessor.postprocess_nodes(NodeWithScore(node=nodes[0], score=1.0))
     with pytest.raises(TypeError, match="got a NodeWithScore in it; pass each one's .node"):
         KVCacheTransform(store_path=store_copy, model=tiny)([NodeWithScore(node=nodes[0])])
+    compressor = TextCompressionPostprocessor(model=tiny, rate=0.5)  # it raised AttributeError: no .node
+    with pytest.raises(TypeError, match="TextCompressionPostprocessor takes a list of NodeWithScore .* got a TextNode"):
+        compressor.postprocess_nodes(bare, query_str=QUESTION)
     from ragcompress.errors import ModelError
 
     with pytest.raises(ModelError, match="not a torch device"):  # at construction, not at the first query
