@@ -854,6 +854,26 @@ def test_serialisation_round_trips(built, tiny):
         assert type(component).from_dict(json.loads(json.dumps(data))).to_dict() == data
 
 
+def test_components_holding_an_open_store_pickle_and_reopen_it(built, caplog):
+    """The synthesizer and the retriever failed to pickle ("cannot pickle 'sqlite3.Connection'"),
+    and the postprocessor pickled only by LlamaIndex dropping its store with a warning. Each is
+    pickled as its configuration and opens the store again when unpickled, answering as before."""
+    store, _ = built
+    synthesizer = KVCacheSynthesizer(store, max_new_tokens=3, compute_missing=False)
+    retriever = KVStoreRetriever(store, similarity_top_k=2, verbose=True)
+    postprocessor = KVCacheNodePostprocessor(store_path=store, top_n=1)
+    hits = retriever.retrieve(QUESTION)
+    copies = [pickle.loads(pickle.dumps(c)) for c in (synthesizer, retriever, postprocessor)]
+    assert not [r for r in caplog.records if "unpickleable" in r.getMessage()]
+    for component, copy in zip((synthesizer, retriever, postprocessor), copies, strict=True):
+        assert type(copy) is type(component) and copy.to_dict() == component.to_dict()
+    synthesizer_copy, retriever_copy, postprocessor_copy = copies
+    assert retriever_copy._verbose and retriever_copy.store is not retriever.store
+    assert [h.node.node_id for h in retriever_copy.retrieve(QUESTION)] == [h.node.node_id for h in hits]
+    assert synthesizer_copy.synthesize(QUESTION, hits).response == synthesizer.synthesize(QUESTION, hits).response
+    assert [n.node.node_id for n in postprocessor_copy.postprocess_nodes(hits)] == [hits[0].node.node_id]
+
+
 def test_a_bfloat16_store_is_read_and_extended_in_bfloat16(tiny, tmp_path):
     """A store records the dtype its passages were encoded in, and every component loads the
     model in it (``device`` places it), so a cache computed on the fly is the one the store's own

@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 import llama_index.core.instrumentation as instrument
-from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.bridge.pydantic import BaseModel, Field, PrivateAttr
 from llama_index.core.callbacks.schema import CBEventType, EventPayload
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import NodeWithScore, QueryBundle
@@ -74,6 +74,13 @@ class KVCacheNodePostprocessor(BaseNodePostprocessor):
     @classmethod
     def class_name(cls) -> str:
         return "KVCacheNodePostprocessor"
+
+    def __getstate__(self) -> dict[Any, Any]:
+        """Pickled without its open store and resolver, which unpickling opens again (LlamaIndex's
+        ``__setstate__`` runs ``__init__``); BaseComponent's would try to pickle them first."""
+        state = BaseModel.__getstate__(self)
+        state["__pydantic_private__"] = {**(state["__pydantic_private__"] or {}), "_store": None, "_resolver": None}
+        return state
 
     def _select(self, nodes: list[NodeWithScore]) -> list[NodeWithScore]:
         if self.similarity_cutoff is not None:

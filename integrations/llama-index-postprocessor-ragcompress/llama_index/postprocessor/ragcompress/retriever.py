@@ -19,6 +19,7 @@ from llama_index.core.schema import NodeWithScore, QueryBundle
 
 from llama_index.postprocessor.ragcompress._shared import (
     node_from_passage,
+    reopen,
     require_ragcompress,
     set_handle,
     shared_embedder,
@@ -56,6 +57,7 @@ class KVStoreRetriever(BaseRetriever):
         self.similarity_top_k = similarity_top_k
         refuse_unfinished(Path(store_path))  # a stopped run's store holds part of its input: search would miss some
         self._store = KVStore.open(store_path)  # StoreError when missing or incomplete
+        self._given = {"callback_manager": callback_manager, "verbose": verbose}  # pickled besides to_dict
         super().__init__(callback_manager=callback_manager, verbose=verbose)
 
     @classmethod
@@ -73,6 +75,11 @@ class KVStoreRetriever(BaseRetriever):
     def from_dict(cls, data: dict[str, Any], **kwargs: Any) -> KVStoreRetriever:
         data = {k: v for k, v in {**data, **kwargs}.items() if k != "class_name"}
         return cls(data.pop("store_path"), **data)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled as its configuration, opened again (``from_dict``) when unpickled: its open
+        store cannot be pickled."""
+        return (reopen, (type(self), self.to_dict(), self._given))
 
     @property
     def store(self) -> Any:

@@ -30,6 +30,7 @@ from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
 
 from llama_index.postprocessor.ragcompress._shared import (
     iterate_in_thread,
+    reopen,
     require_ragcompress,
     scored_nodes,
     shared_embedder,
@@ -121,6 +122,7 @@ class KVCacheSynthesizer(BaseSynthesizer):
         self.preset = preset
         self.device = device
         self.adaptor = adaptor
+        self._given = {"llm": llm, "callback_manager": callback_manager}  # what pickling keeps besides to_dict
         self._resolver = CacheResolver(store, lm, compute_missing, adaptor=adaptor)
         super().__init__(
             llm=llm or LocalLLM(model=lm.ref, max_new_tokens=max_new_tokens, dtype=store.manifest.dtype, device=device),
@@ -152,6 +154,11 @@ class KVCacheSynthesizer(BaseSynthesizer):
     def from_dict(cls, data: dict[str, Any], **kwargs: Any) -> KVCacheSynthesizer:
         data = {k: v for k, v in {**data, **kwargs}.items() if k != "class_name"}
         return cls(data.pop("store_path"), **data)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled as its configuration and the LLM and callback manager it was given, and opened
+        again from them (``from_dict``) when unpickled: its open store cannot be pickled."""
+        return (reopen, (type(self), self.to_dict(), self._given))
 
     @property
     def engine(self) -> Any:
