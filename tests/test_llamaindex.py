@@ -441,6 +441,48 @@ def test_rerunning_a_pipeline_with_a_docstore_processes_nothing(tiny, tmp_path):
     assert runs == [3, 0]
 
 
+def chunk_id(i: int, doc) -> str:
+    """The chunk ids docs/llamaindex.md recommends: derived from the document's fixed id."""
+    return f"{doc.doc_id}#{i}"
+
+
+def test_the_documented_splitter_recipe_gives_stable_node_ids(tiny, tmp_path):
+    """docs/llamaindex.md said split nodes get ids derived from their documents' with
+    ``IngestionPipeline(docstore=...)``: with llama-index-core they get random UUIDs, so every
+    re-run stored every chunk again. The recipe it gives now (``id_func``) keeps the ids, so a
+    re-run of edited documents replaces their chunks' caches instead of piling up new ones."""
+    from llama_index.core.ingestion import DocstoreStrategy
+    from llama_index.core.node_parser import SentenceSplitter
+    from llama_index.core.storage.docstore import SimpleDocumentStore
+
+    def split() -> IngestionPipeline:
+        return IngestionPipeline(
+            transformations=[SentenceSplitter(chunk_size=64, chunk_overlap=0)],
+            docstore=SimpleDocumentStore(),
+            docstore_strategy=DocstoreStrategy.DUPLICATES_ONLY,
+        )
+
+    documents = sample_documents(2)
+    random_ids = [{n.node_id for n in split().run(documents=documents)} for _ in range(2)]
+    assert not random_ids[0] & random_ids[1]  # what the docs used to promise stable
+    store = str(tmp_path / "store")
+
+    def ingest(docs: list[Document]) -> list[str]:
+        splitter = SentenceSplitter(chunk_size=64, chunk_overlap=0, id_func=chunk_id)
+        transform = KVCacheTransform(store_path=store, model=tiny, replace_edited=True)
+        return [n.node_id for n in IngestionPipeline(transformations=[splitter, transform]).run(documents=docs)]
+
+    first = ingest(documents)
+    assert first == ingest(documents) and first[0] == f"{documents[0].doc_id}#0"
+    edited = [
+        Document(id_=d.doc_id, text=d.text.replace("Victoria", "VICTORIA"), metadata=d.metadata) for d in documents
+    ]
+    assert ingest(edited) == first
+    with KVStore.open(store) as kv:
+        assert kv.catalogue.count() == len(first)
+        assert "VICTORIA" in kv.entry(first[0]).text
+
+
 def test_components_name_the_wrong_input_instead_of_failing_inside(tiny, built, store_copy):
     """A string where a list of chunks goes (it used to store one passage per character), bare
     nodes where scored ones go and the other way round: a TypeError saying what to pass, with
