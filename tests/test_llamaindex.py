@@ -209,6 +209,69 @@ def test_transform_names_another_adaptor_as_index_does(tiny, tmp_path):
         late(sample_documents(2))
 
 
+def test_missing_caches_of_a_store_built_with_a_custom_adaptor_need_its_folder(tiny, tmp_path):
+    """A store built with an adaptor that is not packaged records only its hash: the synthesizer
+    and the postprocessor could not compute missing caches and told the user to pass
+    ``--adaptor``, an option they lacked. They take ``adaptor=FOLDER``, compute the cache the
+    store's own build would hold, say so when it is missing, and refuse another adaptor."""
+    from ragcompress.models import load_model
+    from ragcompress.testing import noisy_adaptor
+
+    folder = str(noisy_adaptor(load_model(tiny).model, 1).save(tmp_path / "adaptor"))
+    other = str(noisy_adaptor(load_model(tiny).model, 2).save(tmp_path / "other"))
+    config = IndexConfig(adaptor=folder)
+    store, alone = str(tmp_path / "store"), str(tmp_path / "alone")
+    KVCacheTransform(store_path=store, model=tiny, config=config)(sample_documents(2))
+    new = [NodeWithScore(node=TextNode(id_="new", text="Koalas sleep most of the day."), score=1.0)]
+    with pytest.raises(
+        StoreMismatchError, match=r"not packaged.*pass its folder \(adaptor=FOLDER\), or compute_missing=False"
+    ):
+        KVCacheSynthesizer(store, max_new_tokens=2).synthesize(QUESTION, new)
+    with pytest.raises(StoreMismatchError, match=r"not with adaptor .*pass the store's adaptor folder"):
+        KVCacheNodePostprocessor(store_path=store, adaptor=other).postprocess_nodes(new)
+    synthesizer = KVCacheSynthesizer(store, max_new_tokens=2, adaptor=folder)
+    assert synthesizer.synthesize(QUESTION, new).metadata["ragcompress"]["computed"] == ["new"]
+    assert KVCacheSynthesizer.from_dict(synthesizer.to_dict()).to_dict()["adaptor"] == folder
+    later = [NodeWithScore(node=TextNode(id_="later", text="Wombats dig burrows."), score=1.0)]
+    KVCacheNodePostprocessor(store_path=store, adaptor=folder).postprocess_nodes(later)
+    reference = KVCacheTransform(store_path=alone, model=tiny, config=config)
+    for node in (new[0].node, later[0].node):  # one at a time, as they were computed
+        reference([node])
+    with KVStore.open(store) as kv, KVStore.open(alone) as expected:
+        for pid in ("new", "later"):
+            assert kv.entry(pid).checksum == expected.entry(pid).checksum
+
+
+def test_a_transform_without_settings_adds_to_a_store_with_its_own(tiny, tmp_path):
+    """A transform with other settings than its store's is refused with "give none to reuse
+    them", but ``config=None`` was a ValidationError. None (and ``model=None``) now means the
+    existing store's own settings and model, as ``ragcompress index`` given none; a new store
+    gets the defaults, and such a transform still pickles and round-trips through ``to_dict``."""
+    documents = sample_documents(3)
+    store, fresh = str(tmp_path / "store"), str(tmp_path / "fresh")
+    KVCacheTransform(store_path=store, model=tiny, config=IndexConfig(quant="int8"))(documents[:2])
+    with pytest.raises(StoreMismatchError, match=r"give none to reuse them.*config=None and model=None"):
+        KVCacheTransform(store_path=store, model=tiny)(documents[2:])
+    reuse = KVCacheTransform(store_path=store, config=None)
+    copy = pickle.loads(pickle.dumps(reuse))
+    assert copy.to_dict() == reuse.to_dict() and KVCacheTransform.from_dict(reuse.to_dict()).config is None
+    (handled,) = copy(documents[2:])
+    assert handled.metadata[PASSAGE_KEY] == documents[2].doc_id
+    KVCacheTransform(store_path=fresh, model=tiny, config=IndexConfig(quant="int8"))(documents[2:])
+    with KVStore.open(store) as kv, KVStore.open(fresh) as expected:
+        assert kv.catalogue.count() == 3
+        assert kv.entry(documents[2].doc_id).checksum == expected.entry(documents[2].doc_id).checksum
+    default = str(tmp_path / "default")
+    KVCacheTransform(store_path=default, model=tiny, config=None)(documents[:1])
+    KVCacheTransform(store_path=str(tmp_path / "explicit"), model=tiny)(documents[:1])
+    with KVStore.open(default) as kv, KVStore.open(tmp_path / "explicit") as expected:
+        assert kv.manifest.compression == expected.manifest.compression
+    neighbours = str(tmp_path / "neighbours")  # the store's own neighbours keep it out of workers
+    KVCacheTransform(store_path=neighbours, model=tiny, config=IndexConfig(context_neighbors=1))(documents[:2])
+    with pytest.raises(TypeError, match="context_neighbors=1"):
+        pickle.dumps(KVCacheTransform(store_path=neighbours, config=None))
+
+
 def test_pipeline_workers_refuse_a_neighbour_conditioned_transform(tiny, tmp_path):
     """``IngestionPipeline(num_workers>1)`` pickles its transformations into worker processes, each
     given a share of the nodes, so a neighbour-conditioned transform would draw neighbours from its
@@ -312,6 +375,56 @@ def test_an_ingestion_call_stopped_midway_is_refused_until_the_pipeline_is_rerun
     assert not (Path(path) / RUN).exists()
 
 
+def test_a_node_too_long_for_the_model_is_refused_before_anything_is_written(tiny, store_copy):
+    """A node longer than the model can attend to, after others in earlier batches: the call
+    used to commit those batches, then fail under the unfinished-run marker, so every reader
+    refused the store and re-running the same nodes failed again. It is refused before anything
+    is written, as ``ragcompress index`` checks every passage first."""
+    from ragcompress.errors import InputError
+    from ragcompress.store.files import RUN
+
+    nodes = [TextNode(id_=f"short-{i}", text=f"Short passage number {i}.") for i in range(3)]
+    nodes.append(TextNode(id_="huge", text="word " * 5000))
+    transform = KVCacheTransform(store_path=store_copy, model=tiny, batch_size=2)
+    with pytest.raises(
+        InputError, match=r"passage 'huge' has \d+ tokens, more than .* split it \(nothing was written\)"
+    ):
+        transform(nodes)
+    assert not (Path(store_copy) / RUN).exists()
+    with KVStore.open(store_copy) as kv:
+        assert len(kv) == 6
+    assert KVStoreRetriever(store_copy).retrieve(QUESTION)  # readers still accept the store
+    transform(nodes[:3])
+    with KVStore.open(store_copy) as kv:
+        assert len(kv) == 9
+
+
+@pytest.mark.parametrize("bad", ["", "  ", "x\x00y", "a\nb", "L" * 513])
+def test_node_ids_that_index_refuses_are_refused_by_the_transform(tiny, store_copy, bad):
+    """The transform stored ids ``ragcompress index`` refuses in a JSONL input (empty, blank,
+    control characters, over 512 characters); it refuses them by the same rule, naming the node,
+    before anything of the call is written."""
+    from ragcompress.errors import InputError
+
+    transform = KVCacheTransform(store_path=store_copy, model=tiny)
+    nodes = [TextNode(id_="fine", text="A passage with a good id."), TextNode(id_=bad, text="Some text.")]
+    with pytest.raises(InputError, match=r'^node .*"id" must be .*; give the node such an id'):
+        transform(nodes)
+    with KVStore.open(store_copy) as kv:
+        assert len(kv) == 6
+
+
+def test_an_edited_nodes_alias_id_is_checked_too(tiny, store_copy):
+    """An edited node is stored under ``{id}~{sha}``: an id that fits alone but not with the
+    suffix is refused when the alias would be stored, not stored over the limit."""
+    from ragcompress.errors import InputError
+
+    transform = KVCacheTransform(store_path=store_copy, model=tiny)
+    transform([TextNode(id_="M" * 500, text="The first text.")])
+    with pytest.raises(InputError, match=r"alias id\): \"id\" must be at most 512 printable characters"):
+        transform([TextNode(id_="M" * 500, text="The edited text.")])
+
+
 def test_rerunning_a_pipeline_with_a_docstore_processes_nothing(tiny, tmp_path):
     """The transform leaves its input documents unchanged, so a docstore pipeline's second run over
     the same documents sees no change (it hashes the inputs after the transformations ran)."""
@@ -334,6 +447,48 @@ def test_rerunning_a_pipeline_with_a_docstore_processes_nothing(tiny, tmp_path):
     assert runs == [3, 0]
 
 
+def chunk_id(i: int, doc) -> str:
+    """The chunk ids docs/llamaindex.md recommends: derived from the document's fixed id."""
+    return f"{doc.doc_id}#{i}"
+
+
+def test_the_documented_splitter_recipe_gives_stable_node_ids(tiny, tmp_path):
+    """docs/llamaindex.md said split nodes get ids derived from their documents' with
+    ``IngestionPipeline(docstore=...)``: with llama-index-core they get random UUIDs, so every
+    re-run stored every chunk again. The recipe it gives now (``id_func``) keeps the ids, so a
+    re-run of edited documents replaces their chunks' caches instead of piling up new ones."""
+    from llama_index.core.ingestion import DocstoreStrategy
+    from llama_index.core.node_parser import SentenceSplitter
+    from llama_index.core.storage.docstore import SimpleDocumentStore
+
+    def split() -> IngestionPipeline:
+        return IngestionPipeline(
+            transformations=[SentenceSplitter(chunk_size=64, chunk_overlap=0)],
+            docstore=SimpleDocumentStore(),
+            docstore_strategy=DocstoreStrategy.DUPLICATES_ONLY,
+        )
+
+    documents = sample_documents(2)
+    random_ids = [{n.node_id for n in split().run(documents=documents)} for _ in range(2)]
+    assert not random_ids[0] & random_ids[1]  # what the docs used to promise stable
+    store = str(tmp_path / "store")
+
+    def ingest(docs: list[Document]) -> list[str]:
+        splitter = SentenceSplitter(chunk_size=64, chunk_overlap=0, id_func=chunk_id)
+        transform = KVCacheTransform(store_path=store, model=tiny, replace_edited=True)
+        return [n.node_id for n in IngestionPipeline(transformations=[splitter, transform]).run(documents=docs)]
+
+    first = ingest(documents)
+    assert first == ingest(documents) and first[0] == f"{documents[0].doc_id}#0"
+    edited = [
+        Document(id_=d.doc_id, text=d.text.replace("Victoria", "VICTORIA"), metadata=d.metadata) for d in documents
+    ]
+    assert ingest(edited) == first
+    with KVStore.open(store) as kv:
+        assert kv.catalogue.count() == len(first)
+        assert "VICTORIA" in kv.entry(first[0]).text
+
+
 def test_components_name_the_wrong_input_instead_of_failing_inside(tiny, built, store_copy):
     """A string where a list of chunks goes (it used to store one passage per character), bare
     nodes where scored ones go and the other way round: a TypeError saying what to pass, with
@@ -354,6 +509,9 @@ def test_components_name_the_wrong_input_instead_of_failing_inside(tiny, built, 
         postprocessor.postprocess_nodes(NodeWithScore(node=nodes[0], score=1.0))
     with pytest.raises(TypeError, match="got a NodeWithScore in it; pass each one's .node"):
         KVCacheTransform(store_path=store_copy, model=tiny)([NodeWithScore(node=nodes[0])])
+    compressor = TextCompressionPostprocessor(model=tiny, rate=0.5)  # it raised AttributeError: no .node
+    with pytest.raises(TypeError, match="TextCompressionPostprocessor takes a list of NodeWithScore .* got a TextNode"):
+        compressor.postprocess_nodes(bare, query_str=QUESTION)
     from ragcompress.errors import ModelError
 
     with pytest.raises(ModelError, match="not a torch device"):  # at construction, not at the first query
@@ -456,6 +614,25 @@ def test_retriever_returns_store_passages_with_metadata_and_handles(built):
         assert hit.node.text == doc.text
         assert {k: hit.node.metadata[k] for k in doc.metadata} == doc.metadata
         assert hit.node.metadata[PASSAGE_KEY] == hit.node.node_id
+
+
+def test_retriever_refuses_a_top_k_that_is_no_integer_and_an_empty_question(built):
+    """``similarity_top_k=2.5`` was accepted and failed inside FAISS, ``"3"`` failed in a
+    comparison, and an empty question returned hits where ``Engine.retrieve`` refuses it."""
+    import numpy as np
+
+    from ragcompress.errors import InputError
+
+    store, _ = built
+    for wrong in (2.5, "3", True, None):
+        with pytest.raises(TypeError, match=r"similarity_top_k \(how many passages to return\) must be an integer"):
+            KVStoreRetriever(store, similarity_top_k=wrong)
+    assert KVStoreRetriever(store, similarity_top_k=np.int64(2)).similarity_top_k == 2
+    retriever = KVStoreRetriever(store, similarity_top_k=2)
+    for empty in ("", "   "):
+        with pytest.raises(InputError, match="the question is empty"):
+            retriever.retrieve(empty)
+    assert len(retriever.retrieve(QUESTION)) == 2
 
 
 def test_retriever_restores_excluded_metadata_keys_and_relationships(tiny, store_copy):
@@ -760,6 +937,26 @@ def test_serialisation_round_trips(built, tiny):
         assert type(component).from_dict(json.loads(json.dumps(data))).to_dict() == data
 
 
+def test_components_holding_an_open_store_pickle_and_reopen_it(built, caplog):
+    """The synthesizer and the retriever failed to pickle ("cannot pickle 'sqlite3.Connection'"),
+    and the postprocessor pickled only by LlamaIndex dropping its store with a warning. Each is
+    pickled as its configuration and opens the store again when unpickled, answering as before."""
+    store, _ = built
+    synthesizer = KVCacheSynthesizer(store, max_new_tokens=3, compute_missing=False)
+    retriever = KVStoreRetriever(store, similarity_top_k=2, verbose=True)
+    postprocessor = KVCacheNodePostprocessor(store_path=store, top_n=1)
+    hits = retriever.retrieve(QUESTION)
+    copies = [pickle.loads(pickle.dumps(c)) for c in (synthesizer, retriever, postprocessor)]
+    assert not [r for r in caplog.records if "unpickleable" in r.getMessage()]
+    for component, copy in zip((synthesizer, retriever, postprocessor), copies, strict=True):
+        assert type(copy) is type(component) and copy.to_dict() == component.to_dict()
+    synthesizer_copy, retriever_copy, postprocessor_copy = copies
+    assert retriever_copy._verbose and retriever_copy.store is not retriever.store
+    assert [h.node.node_id for h in retriever_copy.retrieve(QUESTION)] == [h.node.node_id for h in hits]
+    assert synthesizer_copy.synthesize(QUESTION, hits).response == synthesizer.synthesize(QUESTION, hits).response
+    assert [n.node.node_id for n in postprocessor_copy.postprocess_nodes(hits)] == [hits[0].node.node_id]
+
+
 def test_a_bfloat16_store_is_read_and_extended_in_bfloat16(tiny, tmp_path):
     """A store records the dtype its passages were encoded in, and every component loads the
     model in it (``device`` places it), so a cache computed on the fly is the one the store's own
@@ -842,6 +1039,27 @@ def test_local_llm_reports_the_models_context_window(tiny_model_dir, tmp_path):
     )
     unknown = SimpleNamespace(config=SimpleNamespace(), tokenizer=SimpleNamespace(model_max_length=int(1e30)))
     assert model_context_window(unknown) == DEFAULT_CONTEXT_WINDOW
+
+
+def test_local_llm_refuses_a_prompt_longer_than_the_model_handles(tiny_model_dir, tmp_path):
+    """A prompt that, with the new tokens, needs more positions than the model has ran silently
+    (garbage output); it is refused as the cached path refuses one, naming the numbers, before
+    the model runs. One that fits still runs."""
+    from ragcompress.errors import InputError
+
+    short = tmp_path / "short"
+    shutil.copytree(tiny_model_dir("llama"), short)
+    config = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 64}))
+    llm = LocalLLM(model=str(short), max_new_tokens=4)
+    refusal = r"prompt needs \d+ positions \(\d+ prompt tokens, 4 new tokens\) but the model handles 64; shorten"
+    with pytest.raises(InputError, match=refusal):
+        llm.complete("word " * 100)
+    with pytest.raises(InputError, match=refusal):
+        list(llm.stream_complete("word " * 100))
+    with pytest.raises(InputError, match=refusal):
+        asyncio.run(llm.acomplete("word " * 100))
+    assert llm.complete("Hi.").additional_kwargs["prompt_tokens"] < 60
 
 
 # -- the example notebook ----------------------------------------------------------------------------

@@ -44,7 +44,11 @@ class PassageInput:
         return self.title or self.id.split("#")[0]
 
 
-def _check_id(value: Any, where: str) -> str:
+def check_id(value: Any, where: str) -> str:
+    """``value`` as a passage id, refused (``where`` names the record) unless it is a printable,
+    non-blank string of at most ``MAX_ID_CHARS``: ids are named in messages and listings, and
+    given back to ``remove``; every way into a store (JSONL input, the LlamaIndex transform)
+    applies this one rule."""
     if not isinstance(value, str) or not value.strip():
         raise InputError(f'{where}: "id" must be a non-empty string')
     if len(value) > MAX_ID_CHARS or any(ord(c) < 32 or ord(c) == 127 for c in value):
@@ -99,7 +103,7 @@ def iter_jsonl(path: Path) -> Iterator[PassageInput]:
         if not isinstance(record, dict):
             raise InputError(f'{where}: expected a JSON object with "id" and "text"')
         _check_unicode(record, where)
-        passage_id = _check_id(record.get("id"), where)
+        passage_id = check_id(record.get("id"), where)
         text = record.get("text")
         if not isinstance(text, str):
             raise InputError(f'{where}: passage {passage_id!r} has no "text" string')

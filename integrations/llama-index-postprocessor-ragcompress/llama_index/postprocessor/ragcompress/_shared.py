@@ -53,6 +53,13 @@ def plain_nodes(nodes: Any, where: str) -> list[BaseNode]:
     return list(nodes)
 
 
+def reopen(cls: Any, data: dict[str, Any], kwargs: dict[str, Any]) -> Any:
+    """What unpickling a component that holds an open store calls: ``cls.from_dict(data,
+    **kwargs)``, the store opened again (a sqlite connection and a loaded model cannot be
+    pickled, and a copy must not share another process's connection)."""
+    return cls.from_dict(data, **kwargs)
+
+
 async def iterate_in_thread(items: Iterator[T]) -> AsyncGenerator[T, None]:
     """A blocking iterator (a token stream) as an async one: each item is computed on a worker
     thread, so the event loop keeps serving other tasks while the model decodes."""

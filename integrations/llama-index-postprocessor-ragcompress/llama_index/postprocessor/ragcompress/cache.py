@@ -41,6 +41,19 @@ def alias_id(node_id: str, sha: str) -> str:
     return f"{node_id}~{sha[:16]}"
 
 
+def checked_passage_id(passage_id: str, node_id: str, what: str = "id") -> str:
+    """``passage_id`` (a node's id, or ``what`` else), refused as ``ragcompress index`` refuses
+    it in a JSONL input (``InputError``): a store never holds an id its CLI could not take."""
+    from ragcompress.errors import InputError
+    from ragcompress.indexing.inputs import check_id
+
+    shown = repr(node_id) if len(node_id) <= 60 else f"{node_id[:40]!r}... ({len(node_id)} characters)"
+    try:
+        return check_id(passage_id, f"node {shown}" + ("" if what == "id" else f" ({what})"))
+    except InputError as exc:
+        raise InputError(f"{exc}; give the node such an id (id_=..., or a splitter's id_func)") from None
+
+
 # How long a writer waits for another one (another process indexing the same store).
 WRITER_WAIT_S = 600.0
 # what a store's unfinished-run message tells the user to do when an ingestion call stopped midway
@@ -93,22 +106,39 @@ class CacheWriter:
         device: str | None = None,
     ) -> CacheWriter:
         """Writer for a store built with ``model`` and ``config`` (an ``IndexConfig``); an existing
-        store must have been built the same way (else ``StoreMismatchError``). ``replace_edited``:
-        a node stored under its id with another text replaces that cache (``index --replace``)
-        instead of being stored beside it under an alias id. ``dtype``: the model's weights (None:
-        an existing store's own, else float32); ``device``: where its forwards run (None: CPU)."""
+        store must have been built the same way (else ``StoreMismatchError``). Either None: an
+        existing store's own (as ``ragcompress index`` given no settings), else the defaults.
+        ``replace_edited``: a node stored under its id with another text replaces that cache
+        (``index --replace``) instead of being stored beside it under an alias id. ``dtype``: the
+        model's weights (None: an existing store's own, else float32); ``device``: where its
+        forwards run (None: CPU)."""
         require_ragcompress()
+        from ragcompress.errors import InputError, StoreMismatchError
         from ragcompress.indexing import Indexer
-        from ragcompress.indexing.run import run_indexer
+        from ragcompress.indexing.run import run_indexer, settings_for
         from ragcompress.store import KVStore, Manifest
         from ragcompress.store.manifest import MANIFEST
 
         exists = (Path(path) / MANIFEST).is_file()
         existing = Manifest.read(Path(path)) if exists else None
-        lm = shared_model(model, dtype or (existing.dtype if existing else None), device)
+        given = config is not None or model is not None
+        try:
+            config, model, dtype = settings_for(Path(path) if exists else None, config, model, dtype)
+        except InputError as exc:  # settings the manifest cannot give back (an adaptor not packaged)
+            raise InputError(
+                f"{exc} (to KVCacheTransform: config=IndexConfig(...) with the store's settings)"
+            ) from None
+        lm = shared_model(model, dtype, device)
         # the same settings as an existing store (its basis, for a low-rank one), or a new store's
         # basis fitted on config.calibration: `ragcompress index`'s checks, in its own function
-        indexer = run_indexer(lm, config, shared_embedder(config.embedder), None, Path(path) if exists else None)
+        try:
+            indexer = run_indexer(lm, config, shared_embedder(config.embedder), None, Path(path) if exists else None)
+        except StoreMismatchError as exc:
+            if not given:
+                raise
+            raise StoreMismatchError(
+                f"{exc} (to KVCacheTransform: config=None and model=None use the store's own)"
+            ) from None
         if existing is not None:
             with KVStore.open(Path(path)) as store:  # the store's own settings, as it records them
                 indexer = Indexer.for_store(existing, lm, indexer.embedder, indexer.adaptor).with_store_basis(store)
@@ -116,10 +146,17 @@ class CacheWriter:
 
     @classmethod
     def for_existing(
-        cls, path: str, lm: Any | None = None, batch_size: int = 8, device: str | None = None
+        cls,
+        path: str,
+        lm: Any | None = None,
+        batch_size: int = 8,
+        device: str | None = None,
+        adaptor: str | None = None,
     ) -> CacheWriter:
         """Writer that adds to an existing store with its own model (in the dtype its passages
-        were encoded in, on ``device``; or ``lm``) and settings."""
+        were encoded in, on ``device``; or ``lm``) and settings. ``adaptor``: the folder of the
+        adaptor the store was built with (``index --adaptor FOLDER``); a store records only its
+        hash, so an adaptor that is not packaged cannot be found without it."""
         require_ragcompress()
         from ragcompress.errors import StoreError
         from ragcompress.indexing import Indexer
@@ -129,7 +166,8 @@ class CacheWriter:
             raise StoreError(f"store {path} does not exist; build it with KVCacheTransform or `ragcompress index`")
         manifest = Manifest.read(Path(path))
         lm = lm or shared_model(manifest.model_ref, manifest.dtype, device)
-        indexer = Indexer.for_store(manifest, lm, shared_embedder(manifest.embedder))
+        loaded = _store_adaptor(path, manifest, lm, adaptor)
+        indexer = Indexer.for_store(manifest, lm, shared_embedder(manifest.embedder), loaded)
         with KVStore.open(Path(path)) as store:  # a low-rank store's latents need its basis
             return cls(path, indexer.with_store_basis(store), batch_size)
 
@@ -152,10 +190,10 @@ class CacheWriter:
                 ids.append(None)
                 continue
             sha = text_sha(text)
-            pid = node.node_id
+            pid = checked_passage_id(node.node_id, node.node_id)
             edited = known.get(pid, sha) != sha  # stored under its id with another text
             if (edited and not self.replace_edited) or (pid in todo and todo[pid].text_sha != sha):
-                pid = alias_id(node.node_id, sha)
+                pid = checked_passage_id(alias_id(node.node_id, sha), node.node_id, "its edited text's alias id")
             passage = PassageInput(pid, text, str(node.metadata.get("title", "")), passage_meta(node))
             if known.get(pid) != sha and pid not in todo:  # not stored with this text (or replacing it)
                 todo[pid] = passage
@@ -213,6 +251,10 @@ class CacheWriter:
             self._open_store(path)
             with StoreWriter(path, wait_s=WRITER_WAIT_S) as writer:
                 ids, pending, inputs, stored = self._passages(nodes, writer.known())
+                # as `ragcompress index`: a node too long for the model is refused before anything
+                # is written, not after earlier batches were committed under the unfinished-run
+                # marker, which every reader would then refuse until the same nodes run again
+                self.indexer.check_lengths(pending)
                 now_searchable = writer.make_searchable([p.id for p in stored]) if write_index else 0
                 if update_fields:
                     entries = writer.catalogue.get_many(p.id for p in stored)
@@ -243,6 +285,35 @@ class CacheWriter:
         return ids
 
 
+def _store_adaptor(path: str, manifest: Any, lm: Any, folder: str | None) -> Any:
+    """The adaptor the store at ``path`` was built with: ``folder``'s (a folder or packaged name,
+    resolved as ``index --adaptor`` resolves it), else the packaged one of the recorded hash.
+    Refused in this caller's words (``adaptor=``, ``compute_missing``) when it is not the store's:
+    the library's refusal names ``--adaptor``, an option of the CLI only."""
+    from ragcompress.distill.packaged import packaged_adaptor, resolve_adaptor
+    from ragcompress.errors import StoreMismatchError
+
+    recorded = manifest.encoding.get("adaptor")
+    adaptor: Any
+    if folder is not None:
+        adaptor = resolve_adaptor(folder, lm.ref)
+        adaptor.check_model(lm.fingerprint, lm.ref)
+    else:
+        adaptor = packaged_adaptor(recorded) if recorded else None
+    if (adaptor.hash if adaptor else None) == recorded:
+        return adaptor
+    if folder is None:
+        raise StoreMismatchError(
+            f"store {path} was built with adaptor {recorded[:16]}, which is not packaged, so its missing caches "
+            "cannot be computed without it: pass its folder (adaptor=FOLDER), or compute_missing=False"
+        )
+    built = f"adaptor {recorded[:16]}" if recorded else "no adaptor (the base model)"
+    raise StoreMismatchError(
+        f"store {path} was built with {built}, not with adaptor {folder} ({adaptor.hash[:16]}); "
+        + ("pass the store's adaptor folder (adaptor=FOLDER)" if recorded else "leave adaptor unset")
+    )
+
+
 def _fields_differ(entry: Any, passage: Any) -> bool:
     """Whether a stored ``entry`` holds another title or metadata than ``passage`` (the same
     text): key order counts, as it does in the text LlamaIndex builds from metadata."""
@@ -253,17 +324,24 @@ class CacheResolver:
     """Finds the store entries of nodes (by handle, node id or text alias), computing missing ones.
 
     ``store`` is an open ``KVStore``; ``lm`` (a LoadedModel) is loaded from the manifest, on
-    ``device``, only when a cache has to be computed, unless given.
+    ``device``, only when a cache has to be computed, unless given; ``adaptor`` (a folder) is
+    the store's adaptor, needed to compute caches when it is not a packaged one.
     """
 
     def __init__(
-        self, store: Any, lm: Any | None = None, compute_missing: bool = True, device: str | None = None
+        self,
+        store: Any,
+        lm: Any | None = None,
+        compute_missing: bool = True,
+        device: str | None = None,
+        adaptor: str | None = None,
     ) -> None:
         self.store = store
         self.path = store_path(store.path)
         self.lm = lm
         self.compute_missing = compute_missing
         self.device = device
+        self.adaptor = adaptor
         self._writer: CacheWriter | None = None
 
     def _lookup(self, node: BaseNode) -> Any | None:
@@ -292,7 +370,7 @@ class CacheResolver:
                     "add it with KVCacheTransform or set compute_missing=True"
                 )
             if self._writer is None:
-                self._writer = CacheWriter.for_existing(self.path, self.lm, device=self.device)
+                self._writer = CacheWriter.for_existing(self.path, self.lm, device=self.device, adaptor=self.adaptor)
             ids = self._writer.write(missing, write_index=False)
             for node, pid in zip(missing, ids, strict=True):
                 if pid is None:

@@ -7,6 +7,7 @@ hands to ``BaseSynthesizer`` so no hosted LLM is ever needed.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from typing import Any
 
 from llama_index.core.base.llms.types import (
@@ -26,13 +27,18 @@ from llama_index.postprocessor.ragcompress._shared import iterate_in_thread, sha
 _MAX_SANE_CONTEXT = 1 << 24
 
 
-def model_context_window(lm: Any) -> int:
+def model_positions(lm: Any) -> int | None:
     """The tokens ``lm`` (a ragcompress ``LoadedModel``) can attend to: its config's
     ``max_position_embeddings``, or its tokenizer's ``model_max_length`` when that is smaller;
-    LlamaIndex's ``DEFAULT_CONTEXT_WINDOW`` when neither records a limit."""
+    None when neither records a limit."""
     limits = (getattr(lm.config, "max_position_embeddings", None), getattr(lm.tokenizer, "model_max_length", None))
     known = [limit for limit in limits if isinstance(limit, int) and 0 < limit < _MAX_SANE_CONTEXT]
-    return min(known, default=DEFAULT_CONTEXT_WINDOW)
+    return min(known, default=None)
+
+
+def model_context_window(lm: Any) -> int:
+    """:func:`model_positions`, or LlamaIndex's ``DEFAULT_CONTEXT_WINDOW`` when no limit is recorded."""
+    return model_positions(lm) or DEFAULT_CONTEXT_WINDOW
 
 
 class LocalLLM(CustomLLM):
@@ -93,13 +99,28 @@ class LocalLLM(CustomLLM):
         text = (render_user_turn(tokenizer, prompt) if self.chat_template else None) or prompt
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def _stream(self, prompt: str) -> Any:
-        """Text deltas of a plain full prefill of ``prompt`` (the library's one token generator)."""
-        from ragcompress.runtime.generate import TokenStream, stop_token_ids, text_deltas
-        from ragcompress.runtime.prepare import plain_prefill
+    def _stream(self, prompt: str) -> Iterator[str]:
+        """Text deltas of a plain full prefill of ``prompt`` (the library's one token generator).
+        A prompt that, with the new tokens, needs more positions than the model handles is
+        refused here, before the model runs (``InputError``, as the cached path's
+        ``Engine.suffix_ids``): past them a model's output is garbage, not an error."""
+        from ragcompress.errors import InputError
 
         lm = self._lm()
         ids = self.prompt_ids(prompt)
+        limit = model_positions(lm)
+        if limit is not None and len(ids) + self.max_new_tokens > limit:
+            raise InputError(
+                f"prompt needs {len(ids) + self.max_new_tokens} positions ({len(ids)} prompt tokens, "
+                f"{self.max_new_tokens} new tokens) but the model handles {limit}; shorten the prompt "
+                "(fewer or shorter nodes, similarity_top_k), or lower max_new_tokens"
+            )
+        return self._deltas(lm, ids)
+
+    def _deltas(self, lm: Any, ids: list[int]) -> Iterator[str]:
+        from ragcompress.runtime.generate import TokenStream, stop_token_ids, text_deltas
+        from ragcompress.runtime.prepare import plain_prefill
+
         self._last = {"prompt_tokens": len(ids)}
         stream = TokenStream(
             lm.model,

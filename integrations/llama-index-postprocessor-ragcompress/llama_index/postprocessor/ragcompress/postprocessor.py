@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 import llama_index.core.instrumentation as instrument
-from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.bridge.pydantic import BaseModel, Field, PrivateAttr
 from llama_index.core.callbacks.schema import CBEventType, EventPayload
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import NodeWithScore, QueryBundle
@@ -45,6 +45,13 @@ class KVCacheNodePostprocessor(BaseNodePostprocessor):
     device: str | None = Field(
         default=None, description="Where the model runs: None or 'cpu' (the CPU), 'cuda', 'cuda:N'."
     )
+    adaptor: str | None = Field(
+        default=None,
+        description=(
+            "Folder of the adaptor the store was built with (`ragcompress index --adaptor FOLDER`), which "
+            "compute_missing encodes with; needed only when it is not a packaged adaptor."
+        ),
+    )
 
     _store: Any = PrivateAttr()
     _resolver: Any = PrivateAttr()
@@ -62,11 +69,18 @@ class KVCacheNodePostprocessor(BaseNodePostprocessor):
         if self.model is not None:
             lm = shared_model(self.model, self._store.manifest.dtype, self.device)
             self._store.manifest.check_lm(lm)  # the store's model and tokenizer
-        self._resolver = CacheResolver(self._store, lm, self.compute_missing, self.device)
+        self._resolver = CacheResolver(self._store, lm, self.compute_missing, self.device, self.adaptor)
 
     @classmethod
     def class_name(cls) -> str:
         return "KVCacheNodePostprocessor"
+
+    def __getstate__(self) -> dict[Any, Any]:
+        """Pickled without its open store and resolver, which unpickling opens again (LlamaIndex's
+        ``__setstate__`` runs ``__init__``); BaseComponent's would try to pickle them first."""
+        state = BaseModel.__getstate__(self)
+        state["__pydantic_private__"] = {**(state["__pydantic_private__"] or {}), "_store": None, "_resolver": None}
+        return state
 
     def _select(self, nodes: list[NodeWithScore]) -> list[NodeWithScore]:
         if self.similarity_cutoff is not None:

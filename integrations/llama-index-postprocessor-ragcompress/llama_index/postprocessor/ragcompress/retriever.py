@@ -9,6 +9,7 @@ included, as the transform recorded them) and its cache handle attached.
 from __future__ import annotations
 
 import asyncio
+import operator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from llama_index.core.schema import NodeWithScore, QueryBundle
 
 from llama_index.postprocessor.ragcompress._shared import (
     node_from_passage,
+    reopen,
     require_ragcompress,
     set_handle,
     shared_embedder,
@@ -39,12 +41,23 @@ class KVStoreRetriever(BaseRetriever):
         from ragcompress.store import KVStore
         from ragcompress.store.files import refuse_unfinished
 
+        # a float or a string was accepted here and failed inside FAISS, or in this comparison
+        try:
+            if isinstance(similarity_top_k, bool):
+                raise TypeError
+            similarity_top_k = operator.index(similarity_top_k)  # an int or a numpy integer
+        except TypeError:
+            raise TypeError(
+                "similarity_top_k (how many passages to return) must be an integer, "
+                f"got {type(similarity_top_k).__name__} {similarity_top_k!r}"
+            ) from None
         if similarity_top_k < 1:
             raise ValueError(f"similarity_top_k must be at least 1, got {similarity_top_k}")
         self.store_path = store_path
         self.similarity_top_k = similarity_top_k
         refuse_unfinished(Path(store_path))  # a stopped run's store holds part of its input: search would miss some
         self._store = KVStore.open(store_path)  # StoreError when missing or incomplete
+        self._given = {"callback_manager": callback_manager, "verbose": verbose}  # pickled besides to_dict
         super().__init__(callback_manager=callback_manager, verbose=verbose)
 
     @classmethod
@@ -63,13 +76,21 @@ class KVStoreRetriever(BaseRetriever):
         data = {k: v for k, v in {**data, **kwargs}.items() if k != "class_name"}
         return cls(data.pop("store_path"), **data)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled as its configuration, opened again (``from_dict``) when unpickled: its open
+        store cannot be pickled."""
+        return (reopen, (type(self), self.to_dict(), self._given))
+
     @property
     def store(self) -> Any:
         return self._store
 
     def _retrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
+        from ragcompress.runtime.engine import checked_question
+
+        question = checked_question(query_bundle.query_str)  # an empty one is refused, as Engine.retrieve does
         store = self._store  # KVStore.index() rebuilds when passages were added since
-        vector = shared_embedder(store.manifest.embedder).embed([query_bundle.query_str])[0]
+        vector = shared_embedder(store.manifest.embedder).embed([question])[0]
         path = store_path(store.path)
         results = []
         for entry, score in store.search(vector, self.similarity_top_k):

@@ -30,6 +30,7 @@ from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
 
 from llama_index.postprocessor.ragcompress._shared import (
     iterate_in_thread,
+    reopen,
     require_ragcompress,
     scored_nodes,
     shared_embedder,
@@ -68,6 +69,9 @@ class KVCacheSynthesizer(BaseSynthesizer):
             override it.
         device: where the model runs (``cpu`` by default, ``cuda``, ``cuda:N``): answering and
             the caches ``compute_missing`` adds both run there.
+        adaptor: folder of the adaptor the store was built with (``index --adaptor FOLDER``),
+            which ``compute_missing`` encodes with; needed only when it is not a packaged one
+            (a store records the adaptor's hash, and a packaged one is found by it).
         llm: the LLM ``BaseSynthesizer`` keeps for prompt sizing; defaults to a
             :class:`LocalLLM` on the same weights (never a hosted model).
 
@@ -87,6 +91,7 @@ class KVCacheSynthesizer(BaseSynthesizer):
         fallback_margin: float | None = None,
         preset: str | None = None,
         device: str | None = None,
+        adaptor: str | None = None,
         llm: LLM | None = None,
         callback_manager: CallbackManager | None = None,
     ) -> None:
@@ -116,7 +121,9 @@ class KVCacheSynthesizer(BaseSynthesizer):
         self.fallback_margin = fallback_margin
         self.preset = preset
         self.device = device
-        self._resolver = CacheResolver(store, lm, compute_missing)
+        self.adaptor = adaptor
+        self._given = {"llm": llm, "callback_manager": callback_manager}  # what pickling keeps besides to_dict
+        self._resolver = CacheResolver(store, lm, compute_missing, adaptor=adaptor)
         super().__init__(
             llm=llm or LocalLLM(model=lm.ref, max_new_tokens=max_new_tokens, dtype=store.manifest.dtype, device=device),
             callback_manager=callback_manager,
@@ -140,12 +147,18 @@ class KVCacheSynthesizer(BaseSynthesizer):
             "fallback_margin": self.fallback_margin,
             "preset": self.preset,
             "device": self.device,
+            "adaptor": self.adaptor,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], **kwargs: Any) -> KVCacheSynthesizer:
         data = {k: v for k, v in {**data, **kwargs}.items() if k != "class_name"}
         return cls(data.pop("store_path"), **data)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled as its configuration and the LLM and callback manager it was given, and opened
+        again from them (``from_dict``) when unpickled: its open store cannot be pickled."""
+        return (reopen, (type(self), self.to_dict(), self._given))
 
     @property
     def engine(self) -> Any:

@@ -17,7 +17,12 @@ from llama_index.core.bridge.pydantic import Field, PrivateAttr, model_validator
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
 
-from llama_index.postprocessor.ragcompress._shared import require_ragcompress, shared_embedder, shared_model
+from llama_index.postprocessor.ragcompress._shared import (
+    require_ragcompress,
+    scored_nodes,
+    shared_embedder,
+    shared_model,
+)
 from llama_index.postprocessor.ragcompress.events import TextCompressionEvent
 
 dispatcher = instrument.get_dispatcher(__name__)
@@ -101,6 +106,7 @@ class TextCompressionPostprocessor(BaseNodePostprocessor):
     def _postprocess_nodes(
         self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None
     ) -> list[NodeWithScore]:
+        nodes = scored_nodes(nodes, "TextCompressionPostprocessor")  # a bare node failed on its missing .node
         if self.method == "extractive" and query_bundle is None:
             raise ValueError("method='extractive' ranks sentences by the query; pass query_bundle or query_str")
         start = time.perf_counter()

@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from llama_index.core.bridge.pydantic import BaseModel, Field, PrivateAttr, field_validator, model_validator
@@ -38,7 +39,8 @@ class KVCacheTransform(TransformComponent):
     ``replace_edited=True``. The configuration is all in pydantic fields, so ``to_dict()`` is
     deterministic and LlamaIndex's ingestion cache recognises the transform.
     A store built with another model, prompt template, compression or embedder is refused with
-    ``StoreMismatchError``.
+    ``StoreMismatchError``; ``config=None`` (and ``model=None``) add to an existing store with its
+    own settings (and model), as ``ragcompress index`` given none does.
 
     ``IngestionPipeline(num_workers=N)`` pickles the transform into N processes, each storing its
     share of the nodes (one writer at a time; each loads the model itself). A neighbour-conditioned
@@ -51,13 +53,18 @@ class KVCacheTransform(TransformComponent):
 
     store_path: str = Field(description="Directory of the ragcompress store (created if absent).")
     model: str | None = Field(
-        default=None, description="Embedded model name or local HF directory; None for SmolLM2-135M-Instruct."
+        default=None,
+        description=(
+            "Embedded model name or local HF directory; None: an existing store's own model, "
+            "else SmolLM2-135M-Instruct."
+        ),
     )
-    config: IndexConfig = Field(
+    config: IndexConfig | None = Field(
         default_factory=IndexConfig,
         description=(
             "Store settings (ragcompress.indexing.IndexConfig): compression method, ratio or budget, "
-            "protected tokens, quantization and the embedder of the store's FAISS index."
+            "protected tokens, quantization and the embedder of the store's FAISS index; None: an "
+            "existing store's own settings (as `ragcompress index` given none), the defaults for a new store."
         ),
     )
     batch_size: int = Field(default=8, gt=0, description="Passages encoded per forward pass.")
@@ -128,10 +135,21 @@ class KVCacheTransform(TransformComponent):
             )
         return self._writer
 
+    def _context_neighbors(self) -> int:
+        """The neighbours each passage is encoded after: the config's, else (``config=None``) the
+        existing store's, which the writer will use."""
+        if self.config is not None:
+            return self.config.context_neighbors
+        from ragcompress.store import Manifest
+        from ragcompress.store.manifest import MANIFEST
+
+        path = Path(self.store_path)
+        return int(Manifest.read(path).encoding.get("context_neighbors", 0)) if (path / MANIFEST).is_file() else 0
+
     def __getstate__(self) -> dict[Any, Any]:
         """Pickled (``IngestionPipeline(num_workers=...)`` workers) without the loaded writer, which
         each process sets up for itself; a neighbour-conditioned transform is refused."""
-        neighbours = self.config.context_neighbors
+        neighbours = self._context_neighbors()
         if neighbours:
             raise TypeError(  # what pickle raises for any object it cannot pickle (no pickle import here)
                 f"KVCacheTransform with context_neighbors={neighbours} cannot run in worker processes "
