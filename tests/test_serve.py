@@ -209,6 +209,14 @@ def test_api_key_guards_every_endpoint_but_health(engine):
                 "unknown path, no key": (await client.get("/etc/passwd")).status_code,
                 "health, no key": (await client.get("/health")).status_code,
                 "models, key": (await client.get("/v1/models", headers=good)).status_code,
+                # the scheme is case-insensitive (RFC 9110); the key is not
+                "models, lowercase scheme": (
+                    await client.get("/v1/models", headers={"Authorization": f"bearer {KEY}"})
+                ).status_code,
+                "models, key in other case": (
+                    await client.get("/v1/models", headers={"Authorization": f"Bearer {KEY.upper()}"})
+                ).status_code,
+                "models, key alone": (await client.get("/v1/models", headers={"Authorization": KEY})).status_code,
                 "body": (await client.get("/v1/models")).json(),
             }
 
@@ -224,6 +232,9 @@ def test_api_key_guards_every_endpoint_but_health(engine):
             "unknown path, no key": 401,
             "health, no key": 200,
             "models, key": 200,
+            "models, lowercase scheme": 200,
+            "models, key in other case": 401,
+            "models, key alone": 401,
         }
 
 

@@ -240,7 +240,7 @@ class Gate:
         self.app = app
         self.service = service
         key = service.settings.api_key
-        self.expected = None if key is None else f"Bearer {key}".encode()
+        self.expected = None if key is None else key.encode()  # the credentials after "Bearer "
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -272,7 +272,10 @@ class Gate:
     def _authorized(self, scope: Scope) -> bool:
         assert self.expected is not None
         given = [value for name, value in scope["headers"] if name == b"authorization"]
-        return len(given) == 1 and hmac.compare_digest(given[0], self.expected)
+        if len(given) != 1:
+            return False
+        scheme, _, credentials = given[0].partition(b" ")  # the scheme is case-insensitive (RFC 9110 11.1)
+        return scheme.lower() == b"bearer" and hmac.compare_digest(credentials.strip(b" "), self.expected)
 
 
 def create_app(
