@@ -151,6 +151,7 @@ def test_questions_without_answers_are_read_when_nothing_is_scored(tmp_path):
     path = tmp_path / "questions.jsonl"
     path.write_text(GOOD + '{"id": "2", "question": "Where?", "answers": []}\n{"id": "3", "question": "Who?"}\n')
     assert [q.answers for q in read_questions(path)] == [["Melbourne"], [], []]  # bench asks; it scores nothing
-    with pytest.raises(InputError, match='questions.jsonl:3: expected {"id", "question", "answers": \\[...\\]}'):
+    path.write_text(GOOD + '{"id": "3", "question": "Who?"}\n')
+    with pytest.raises(InputError, match='questions.jsonl:2: expected {"id", "question", "answers": \\[...\\]}'):
         read_questions(path, scored=True)
     assert [q.id for q in read_questions(path, scored=True, limit=1)] == ["1"]
