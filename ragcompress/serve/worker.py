@@ -154,7 +154,8 @@ class Worker:
 
     def _take(self) -> list[Job]:
         """The next job, and (batching) the batchable jobs waiting with it, in arrival order.
-        Called with the lock held."""
+        A job that cannot be batched, waiting between them, is passed over by this one batch only:
+        it is at the front when the next one is taken. Called with the lock held."""
         first = self._jobs.popleft()
         group = [first]
         if self.max_batch < 2 or first.batch is None:
