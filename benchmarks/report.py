@@ -880,11 +880,12 @@ def render_lowrank_frontier(results: Path) -> str:
     return "\n\n".join(frontier_file(path) for path in files(results, "lowrank_*.json"))
 
 
-def render_compression_methods(results: Path) -> str:
+def render_compression_methods(model: str, results: Path) -> str:
     """Every eviction method at 0.5 and 0.25 kept + int4, on the 100 held-out questions of the
-    frontier (``compression_methods_qwen_100q.json``, ``lowrank_frontier.py`` rows without rank):
-    docs/compression.md §1's comparison, re-measured on a sample 6x the size it was chosen on."""
-    return frontier_file(results / "compression_methods_qwen_100q.json")
+    frontier (``compression_methods_{model}_100q.json``, ``lowrank_frontier.py`` rows without
+    rank): docs/compression.md §1's (Qwen) and §6's (SmolLM2) comparisons, re-measured on a
+    sample 6x the size they were chosen on."""
+    return frontier_file(results / f"compression_methods_{model}_100q.json")
 
 
 def frontier_file(path: Path) -> str:
@@ -2041,7 +2042,8 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "presets": render_presets,
     "faithful": render_faithful,
     "lowrank-frontier": render_lowrank_frontier,
-    "compression-methods-100": render_compression_methods,
+    "compression-methods-100": lambda results: render_compression_methods("qwen", results),
+    "compression-methods-100-smollm2": lambda results: render_compression_methods("smollm2", results),
     "kvzip-cost": render_kvzip_cost,
     "text-compression": render_text_compression,
     "keep-freed-memory": render_keep_freed_memory,
