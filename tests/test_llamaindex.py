@@ -534,6 +534,15 @@ def test_a_bad_question_fails_at_the_call_before_caching_anything(store_copy):
         assert stored_rows(synthesizer) == before
 
 
+def test_the_transform_given_no_nodes_loads_nothing_and_creates_no_store(tiny, tmp_path):
+    """``KVCacheTransform(...)([])`` (a pipeline whose docstore filtered every document) created
+    an empty store on disk, fixing its settings before any passage was in it."""
+    store = tmp_path / "store"
+    transform = KVCacheTransform(store_path=str(store), model=tiny)
+    assert transform([]) == [] and not store.exists()
+    assert transform._writer is None  # the model was not loaded either
+
+
 def test_the_transform_warns_about_nodes_it_cannot_cache(tiny, store_copy):
     nodes = [TextNode(id_="blank", text="   "), TextNode(id_="full", text="Some text to cache.")]
     with pytest.warns(UserWarning, match=r"1 nodes have no text and were not cached \(blank\)"):

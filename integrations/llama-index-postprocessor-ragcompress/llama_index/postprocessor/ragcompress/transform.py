@@ -168,6 +168,8 @@ class KVCacheTransform(TransformComponent):
         transformations have run, and a handle written into them would make every re-run see
         changed documents."""
         nodes = plain_nodes(nodes, "KVCacheTransform")
+        if not nodes:  # a pipeline whose docstore filtered every document: no model to load, no store to create
+            return []
         handled = [
             node.model_copy(
                 update={
