@@ -147,11 +147,8 @@ def index_config(name: str | None = None, **overrides: object) -> IndexConfig:
     try:
         return replace(base, **given)  # type: ignore[arg-type]
     except ValueError as exc:
-        kept = {
-            key: value
-            for key, value in asdict(base).items()
-            if key not in given and value != getattr(IndexConfig(), key)
-        }
+        defaults = asdict(IndexConfig())
+        kept = {key: value for key, value in asdict(base).items() if key not in given and value != defaults[key]}
         if not name or not kept:
             raise
         shown = ", ".join(f"{key}={value!r}" for key, value in kept.items())

@@ -21,6 +21,14 @@ from ragcompress.store import Manifest
 _STORE_KEYS = ("method", "quant", "value_quant", "group_size", "lowrank")
 
 
+# the settings (and their options) that only a low-rank store reads: set away from their
+# defaults without a rank, they are refused rather than ignored
+LOW_RANK_ONLY = (
+    ("calibration", "--calibration"),
+    ("calibration_passages", "--calibration-passages"),
+    ("rank_schedule", "--rank-schedule"),
+    ("rank_values", "--no-rank-values"),
+)
 _KINDS = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}
 
 
@@ -103,20 +111,12 @@ class IndexConfig:
             raise ValueError("embedder must name a sentence-transformers model")
         object.__setattr__(self, "embedder", embedder_name(self.embedder))
         self.compressor()  # validates method and its parameters, listing the allowed values
-        self.rank_spec()  # validates rank, rank_energy and rank_schedule
+        spec = self.rank_spec()  # validates rank, rank_energy and rank_schedule
         if self.calibration_passages < 1:
             raise ValueError(f"calibration_passages must be positive, got {self.calibration_passages}")
-        if self.rank_spec() is None:  # the low-rank options were once ignored without a word
-            unused = [
-                name
-                for name, value, default in (
-                    ("calibration (--calibration)", self.calibration, None),
-                    ("calibration_passages (--calibration-passages)", self.calibration_passages, 64),
-                    ("rank_schedule (--rank-schedule)", self.rank_schedule, "global"),
-                    ("rank_values (--no-rank-values)", self.rank_values, True),
-                )
-                if value != default
-            ]
+        if spec is None:  # the low-rank options were once ignored without a word
+            defaults = {f.name: f.default for f in fields(self)}
+            unused = [f"{name} ({flag})" for name, flag in LOW_RANK_ONLY if getattr(self, name) != defaults[name]]
             if unused:
                 raise ValueError(
                     f"{', '.join(unused)} {'apply' if len(unused) > 1 else 'applies'} only to a low-rank store: give "

@@ -311,7 +311,7 @@ def _write(
             for batch in _batches(iter_passages(input_path), batch_size):
                 known = writer.known_of([p.id for p in batch])
                 unchanged = {p.id for p in batch if known.get(p.id) == p.text_sha}
-                writer.make_searchable(sorted(unchanged))  # ones a query had cached are part of the corpus now
+                writer.make_searchable(unchanged)  # ones a query had cached are part of the corpus now
                 records = indexer.records(batch, skip=unchanged, pool=pool)
                 if records:
                     writer.add(records, replace=replace)

@@ -13,6 +13,7 @@ import fcntl
 import json
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -154,7 +155,7 @@ class StoreWriter:
         self.shards.sync()
         self.catalogue.add(rows, replace=replace)
 
-    def make_searchable(self, ids: list[str]) -> int:
+    def make_searchable(self, ids: Iterable[str]) -> int:
         """Make stored passages that a query had cached searchable (ingested now); returns how
         many changed. The caller rewrites the index (:meth:`write_index`) when any did."""
         return self.catalogue.make_searchable(ids)
