@@ -39,7 +39,9 @@ budget is applied, so kept rows come in short runs rather than as isolated token
 ``~corpus`` spends the same total rows under one score threshold over every passage of the store
 instead of a budget per passage (:func:`corpus_select`); a final ``~entity`` doubles the scores of
 the tokens factoid answers are made of, numbers and capitalised words not at a sentence's start
-(:func:`entity_tokens`; the rule it was measured under is in docs/rules.md).
+(:func:`entity_tokens`; the rule it was measured under is in docs/rules.md). Eviction rows protect
+each passage's first token and none of its last (``keep_first=1, keep_last=0``, issue 16's setting)
+unless a final ``~keepF-L`` names other counts (``~keep4-4``: the scorers' own default).
 
     python benchmarks/lowrank_frontier.py --model qwen2.5-coder-0.5b --split eval \\
         --rows none@1/fp16/- none@1/int4/- global:kvzip@0.25/int4/- global:kvzip@0.5/int4/r16
@@ -109,7 +111,7 @@ OPTIONS = AnswerOptions(backend="dense")
 # the library code full.pt's answers and teacher-forced rows are computed by (checked_reference)
 REFERENCE_CODE = ("runtime", "store", *ENCODING_CODE)
 ROW = re.compile(
-    r"(?P<method>[^@]+)@(?P<ratio>[0-9.]+?)(?:f(?P<floor>[0-9.]+))?/(?P<quant>none|fp16|int8|int4|int2)(?:v(?P<vbits>[248]))?(?:g(?P<group>\d+))?/(?P<rank>-|r\d+k?|[ep][0-9.]+k?)(?P<adaptor>\+adaptor(?:-[A-Za-z0-9]+)?)?(?P<merge>~merge)?(?P<basescore>~basescore)?(?P<vnorm>~vnorm)?(?P<pool>~pool)?(?P<corpus>~corpus)?(?P<entity>~entity)?"
+    r"(?P<method>[^@]+)@(?P<ratio>[0-9.]+?)(?:f(?P<floor>[0-9.]+))?/(?P<quant>none|fp16|int8|int4|int2)(?:v(?P<vbits>[248]))?(?:g(?P<group>\d+))?/(?P<rank>-|r\d+k?|[ep][0-9.]+k?)(?P<adaptor>\+adaptor(?:-[A-Za-z0-9]+)?)?(?P<merge>~merge)?(?P<basescore>~basescore)?(?P<vnorm>~vnorm)?(?P<pool>~pool)?(?P<corpus>~corpus)?(?P<entity>~entity)?(?:~keep(?P<keep_first>\d+)-(?P<keep_last>\d+))?"
 )
 
 
@@ -132,13 +134,14 @@ class RowSpec:
     pool: bool = False  # ``~pool``: scores averaged over neighbouring tokens first (SnapKV's pooling, its width)
     corpus: bool = False  # ``~corpus``: one score threshold over every passage of the store (corpus_select)
     entity: bool = False  # ``~entity``: the scores of name, date and number tokens doubled (entity_tokens)
+    keep: tuple[int, int] | None = None  # ``~keepF-L``: tokens protected first and last (default 1 and 0)
 
     @classmethod
     def parse(cls, name: str) -> RowSpec:
         match = ROW.fullmatch(name)
         if match is None:
             raise SystemExit(
-                f"bad row {name!r}: expected METHOD@RATIO[fFLOOR]/QUANT[vBITS][gGROUP]/(-|rN[k]|eE[k]|pE[k])[+adaptor[-LABEL]][~merge][~basescore][~vnorm][~pool][~corpus][~entity]"
+                f"bad row {name!r}: expected METHOD@RATIO[fFLOOR]/QUANT[vBITS][gGROUP]/(-|rN[k]|eE[k]|pE[k])[+adaptor[-LABEL]][~merge][~basescore][~vnorm][~pool][~corpus][~entity][~keepF-L]"
             )
         if match["basescore"] and not match["adaptor"]:
             raise SystemExit(f"bad row {name!r}: ~basescore only changes a +adaptor row's scores")
@@ -174,11 +177,13 @@ class RowSpec:
             bool(match["pool"]),
             bool(match["corpus"]),
             bool(match["entity"]),
+            (int(match["keep_first"]), int(match["keep_last"])) if match["keep_first"] else None,
         )
 
     def index_config(self, adaptor: Path | None = None) -> IndexConfig:
         ratio = None if self.method == "none" else self.ratio
-        keep = {} if self.method == "none" else {"keep_first": 1, "keep_last": 0}  # issue 16's setting
+        first, last = self.keep or (1, 0)  # issue 16's setting unless the row names its own
+        keep = {} if self.method == "none" else {"keep_first": first, "keep_last": last}
         rank = self.rank
         return IndexConfig(
             method=self.method,

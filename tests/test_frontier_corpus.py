@@ -42,3 +42,12 @@ def test_same_total_rows_moved_to_the_passage_that_scores_higher():
 def test_corpus_rows_parse():
     assert frontier.RowSpec.parse("global:kvzip@0.21/int4v2/r32k~corpus").corpus
     assert not frontier.RowSpec.parse("global:kvzip@0.21/int4v2/r32k~vnorm").corpus
+
+
+def test_keep_rows_name_their_protection():
+    """``~keepF-L`` sets the protected counts; without it an eviction row protects 1 and 0."""
+    row = frontier.RowSpec.parse("global:kvzip@0.25/int4/-~keep4-4")
+    assert (row.keep, row.index_config().keep_first, row.index_config().keep_last) == ((4, 4), 4, 4)
+    plain = frontier.RowSpec.parse("global:kvzip@0.25/int4/-").index_config()
+    assert (plain.keep_first, plain.keep_last) == (1, 0)
+    assert frontier.RowSpec.parse("global:kvzip@0.25/int4/-~keep0-0").index_config().keep_first == 0
