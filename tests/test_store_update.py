@@ -326,3 +326,19 @@ def test_a_catalogue_from_before_the_searchable_column_reads_every_row_as_search
     remove(store, ["doc-001"])  # a writer adds the column, every row searchable
     with KVStore.open(store) as kv:
         assert len(kv) == N_PASSAGES - 1
+
+
+def test_a_reader_open_before_a_writer_adds_the_searchable_column_sees_it(store):
+    """A reader that opened an older catalogue (no ``searchable`` column) reads the column once a
+    writer in another connection adds it and marks a query-time row: it is not retrieved."""
+    db = sqlite3.connect(store / "catalogue.sqlite")
+    db.execute("ALTER TABLE passages DROP COLUMN searchable")
+    db.commit()
+    db.close()
+    text = _texts(N_PASSAGES)[4]["text"]
+    with KVStore.open(store) as kv:
+        assert len(kv) == N_PASSAGES
+        remove(store, [])  # a writer opens it: the column is added, every row searchable
+        _searchable(store, 0, ["doc-004"])  # then a query-time cache
+        assert len(kv) == N_PASSAGES - 1
+        assert "doc-004" not in [entry.id for entry, _ in kv.search(_vector(text), N_PASSAGES)]

@@ -115,12 +115,30 @@ class Catalogue:
                 if not self._has_column("searchable"):
                     self.db.execute("ALTER TABLE passages ADD COLUMN searchable INTEGER NOT NULL DEFAULT 1")
                 self.db.commit()
-            self._meta_checksum = "meta_checksum" if self._has_column("meta_checksum") else "NULL"
-            # the rows retrieval covers (every row of a catalogue from before the column)
-            self._searchable = "searchable" if self._has_column("searchable") else "1"
+        self._columns: set[str] = set()  # later columns seen in this catalogue (see _column)
 
     def _has_column(self, name: str) -> bool:
         return any(column[1] == name for column in self.db.execute("PRAGMA table_info(passages)"))
+
+    def _column(self, name: str, absent: str) -> str:
+        """``name``, or the SQL ``absent`` stands for in a catalogue from before the column. Asked
+        again while missing: a writer in another process adds the column to a store this reader
+        already has open (a long-running ``serve`` beside a LlamaIndex app that caches at query
+        time), and a reader that decided once would read its non-searchable rows as searchable."""
+        if name not in self._columns:
+            if not self._has_column(name):
+                return absent
+            self._columns.add(name)
+        return name
+
+    @property
+    def _meta_checksum(self) -> str:
+        return self._column("meta_checksum", "NULL")
+
+    @property
+    def _searchable(self) -> str:
+        """The rows retrieval covers: every row of a catalogue from before the column."""
+        return self._column("searchable", "1")
 
     @contextmanager
     def _guard(self) -> Iterator[None]:
