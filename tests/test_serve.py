@@ -266,6 +266,7 @@ BAD_REQUESTS = [
     (chat("Who?", ragcompress={"recompute": 2.0}), 400, "invalid_value"),
     (chat("Who?", ragcompress={"passage_ids": []}), 400, "invalid_value"),
     (chat("Who?", ragcompress={"passage_ids": ["a"], "top_k": 2}), 400, "invalid_value"),
+    (chat("Who?", ragcompress={"passage_ids": ["a", "b", "a"]}), 400, "invalid_value"),  # one passage twice
     ({"messages": [{"role": "user", "content": "Who?"}] * 300}, 400, "too_long"),
     (b"[" * 200_000, 400, "invalid_json"),  # nesting deeper than the parser's recursion
     (b'{"messages":' + b"[" * 100_000, 400, "invalid_json"),

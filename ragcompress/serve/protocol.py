@@ -267,6 +267,14 @@ def parse_chat(data: dict[str, Any], settings: ServeSettings, default_max_tokens
             _text(pid, "a passage id", MAX_ID_CHARS, f"ragcompress.passage_ids.{i}")
             for i, pid in enumerate(rag.passage_ids)
         ]
+        repeated = sorted({pid for pid in passage_ids if passage_ids.count(pid) > 1})
+        if repeated:  # its cache would be placed twice: two copies of one passage in the context
+            raise ApiError(
+                400,
+                f"ragcompress.passage_ids names {', '.join(map(repr, repeated))} more than once; give each passage once",
+                param="ragcompress.passage_ids",
+                code="invalid_value",
+            )
     return ChatQuery(
         question=question,
         max_new_tokens=max_tokens,
