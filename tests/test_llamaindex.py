@@ -512,6 +512,13 @@ def test_components_name_the_wrong_input_instead_of_failing_inside(tiny, built, 
     compressor = TextCompressionPostprocessor(model=tiny, rate=0.5)  # it raised AttributeError: no .node
     with pytest.raises(TypeError, match="TextCompressionPostprocessor takes a list of NodeWithScore .* got a TextNode"):
         compressor.postprocess_nodes(bare, query_str=QUESTION)
+    assert compressor.compressor is not None  # loaded: a pickle leaves the model out and the copy loads its own
+    copy = pickle.loads(pickle.dumps(compressor))
+    assert copy._compressor is None and len(pickle.dumps(compressor)) < 10_000
+    scored = [NodeWithScore(node=nodes[0], score=1.0)]
+    assert [n.node.text for n in copy.postprocess_nodes(scored)] == [
+        n.node.text for n in compressor.postprocess_nodes(scored)
+    ]
     from ragcompress.errors import ModelError
 
     with pytest.raises(ModelError, match="not a torch device"):  # at construction, not at the first query

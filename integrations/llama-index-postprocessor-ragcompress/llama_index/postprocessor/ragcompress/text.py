@@ -13,7 +13,7 @@ import time
 from typing import Any, Literal
 
 import llama_index.core.instrumentation as instrument
-from llama_index.core.bridge.pydantic import Field, PrivateAttr, model_validator
+from llama_index.core.bridge.pydantic import BaseModel, Field, PrivateAttr, model_validator
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
 
@@ -92,6 +92,14 @@ class TextCompressionPostprocessor(BaseNodePostprocessor):
             else:
                 self._compressor = make_text_compressor("extractive", lm=lm, embedder=shared_embedder(self.embedder))
         return self._compressor
+
+    def __getstate__(self) -> dict[Any, Any]:
+        """Pickled without its loaded compressor (the scoring model), which the copy loads again at
+        its first call: pickling (``IngestionPipeline`` workers, a cache of the query engine) copied
+        the model's weights."""
+        state = BaseModel.__getstate__(self)
+        state["__pydantic_private__"] = {**(state["__pydantic_private__"] or {}), "_compressor": None}
+        return state
 
     @property
     def last_ratio(self) -> float | None:
