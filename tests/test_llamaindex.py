@@ -879,6 +879,16 @@ def test_query_time_caches_are_never_retrieved_until_ingested(tiny, store_copy):
     assert "foreign-1" not in retrieved() and len(retrieved()) == 6
     again = synthesizer.synthesize("What stripes do zebras have?", [NodeWithScore(node=foreign, score=1.0)])
     assert again.metadata["ragcompress"]["computed"] == [] and again.response == first.response  # read, not encoded
+    late = KVCacheSynthesizer(store_copy, max_new_tokens=2)  # looked before ``first`` committed, wrote after
+    lookup, looked = late._resolver._lookup, []
+
+    def stale_first(node):
+        looked.append(node)
+        return None if len(looked) == 1 else lookup(node)
+
+    late._resolver._lookup = stale_first
+    racing = late.synthesize("What stripes do zebras have?", [NodeWithScore(node=foreign, score=1.0)])
+    assert racing.metadata["ragcompress"]["computed"] == [] and len(looked) == 2  # another writer's: not computed
     report = verify_store(store_copy)
     assert report.ok and any("1 passages are caches computed at query time" in note for note in report.notes)
 

@@ -227,7 +227,14 @@ class CacheWriter:
         self, nodes: Sequence[BaseNode], *, write_index: bool = True, update_fields: bool = False
     ) -> list[str | None]:
         """Store the caches of ``nodes`` not yet stored; returns each node's passage id (None for
-        a node without text). Attaches the handle to every node with text.
+        a node without text). Attaches the handle to every node with text. See :meth:`write_reporting`."""
+        return self.write_reporting(nodes, write_index=write_index, update_fields=update_fields)[0]
+
+    def write_reporting(
+        self, nodes: Sequence[BaseNode], *, write_index: bool = True, update_fields: bool = False
+    ) -> tuple[list[str | None], list[str]]:
+        """:meth:`write`, and the ids this call encoded: not a node another writer (a concurrent
+        query, another process) stored while this one waited for the lock.
 
         ``update_fields`` (ingestion): a node stored with its text already is not encoded again,
         but its title and :func:`passage_meta` (metadata, excluded keys, relationships) replace
@@ -282,7 +289,7 @@ class CacheWriter:
             dispatcher.event(
                 KVCacheStoredEvent(store=self.path, passage_ids=written, seconds=time.perf_counter() - start)
             )
-        return ids
+        return ids, written
 
 
 def _store_adaptor(path: str, manifest: Any, lm: Any, folder: str | None) -> Any:
@@ -371,11 +378,10 @@ class CacheResolver:
                 )
             if self._writer is None:
                 self._writer = CacheWriter.for_existing(self.path, self.lm, device=self.device, adaptor=self.adaptor)
-            ids = self._writer.write(missing, write_index=False)
+            ids, computed = self._writer.write_reporting(missing, write_index=False)
             for node, pid in zip(missing, ids, strict=True):
                 if pid is None:
                     raise InputError(f"node {node.node_id!r} has no text to cache")
-            computed = [pid for pid in ids if pid is not None]
             entries = [
                 self._lookup(node) if entry is None else entry for node, entry in zip(nodes, entries, strict=True)
             ]
