@@ -57,6 +57,15 @@ def test_split_sentences():
         "Five e.g. six",
     ]
     assert split_sentences("  ") == []
+    # capitals of other scripts, and CJK sentence marks (they were one sentence each: not shortened)
+    assert split_sentences("Москва большая. Это город. Über alles. 東京です。人口？はい") == [
+        "Москва большая.",
+        "Это город.",
+        "Über alles.",
+        "東京です。",
+        "人口？",
+        "はい",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -91,9 +100,44 @@ def test_token_pruning_keeps_the_most_surprising_tokens_in_order(lm):
     (out,) = compressor.compress([TEXT], rate=0.4)
     budget = math.ceil(0.4 * len(ids))
     keep = sorted(torch.topk(compressor.surprisal(ids), budget).indices.tolist())
-    assert out.text == lm.tokenizer.decode([ids[i] for i in keep]).strip()
+    assert out.text == lm.tokenizer.decode([ids[i] for i in keep]).strip()  # ASCII: the kept tokens' text
     assert out.original_tokens == len(ids)
     assert out.kept_tokens == compressor.count_tokens(out.text)
+
+
+def test_token_pruning_cuts_whole_characters_from_the_input(lm):
+    """Byte-level BPE splits a CJK or Cyrillic character over tokens; decoding the kept ids joined
+    bytes of different characters into one the input does not hold (or U+FFFD). The kept text is
+    cut from the input, so every character of it is the input's, in order."""
+    compressor = SelfInformationCompressor(lm, unit="token")
+    for text in (
+        "墨尔本是澳大利亚维多利亚州的首府，也是该国第二大城市。它以文化、艺术和体育闻名。",
+        "Москва является столицей России и крупнейшим городом страны.",
+    ):
+        (out,) = compressor.compress([text], rate=0.5)
+        assert out.text and out.kept_tokens < out.original_tokens
+        position = 0
+        for character in out.text.replace(" ", ""):  # an in-order subsequence of the input's characters
+            position = text.index(character, position) + 1
+
+
+def test_kept_text_keeps_a_character_split_over_tokens_once_and_whole():
+    """Offsets as byte-level BPE gives them: the two tokens of one character (here 墨, bytes split
+    over tokens 1 and 2) both span it. Keeping either keeps the character, once."""
+    from ragcompress.text.selfinfo import kept_text
+
+    text = "它墨尔本"
+    offsets = [(0, 1), (1, 2), (1, 2), (2, 3), (3, 4)]
+    assert kept_text(text, [offsets[i] for i in (0, 2, 4)]) == "它墨本"
+    assert kept_text(text, [offsets[i] for i in (1, 2, 3)]) == "墨尔"
+    assert kept_text(" a b", [(0, 2), (2, 4)]) == "a b"  # a token's leading space is its own
+
+
+def test_whitespace_only_text_compresses_to_nothing(lm):
+    """Word pruning of a text of whitespace only raised ``max() arg is an empty sequence``."""
+    for unit in ("word", "token"):
+        (out,) = SelfInformationCompressor(lm, unit=unit).compress(["\n\n   \n\n  \t \n"], rate=0.5)
+        assert out.text == "" and out.kept_tokens == 0
 
 
 def test_word_pruning_keeps_whole_words_in_order_within_budget(lm):

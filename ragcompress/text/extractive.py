@@ -17,15 +17,26 @@ import numpy as np
 from ragcompress.text.base import TextCompressor
 
 # A sentence ends at . ! or ? (optionally followed by a closing quote or bracket) before
-# whitespace and an upper-case letter, digit or opening quote; or at a blank line.
-_BOUNDARY = re.compile(r"([.!?][\"')\]]?)\s+(?=[\"'(\[]?[A-Z0-9])|\n\s*\n")
+# whitespace and a digit or a letter that is not lower-case (any script; CJK has no case), after
+# an optional opening quote; at a CJK full stop, exclamation or question mark (。！？, no space
+# follows them); or at a blank line.
+_BOUNDARY = re.compile(r"([.!?][\"')\]»”’]?)\s+(?=[\"'(\[«„“‘]?(?:[0-9]|[^\W\d_]))|([。！？][」』”）]?)\s*|\n\s*\n")
 
 
 def split_sentences(text: str) -> list[str]:
-    """Sentences of ``text`` with surrounding whitespace stripped; empty pieces dropped."""
+    """Sentences of ``text`` with surrounding whitespace stripped; empty pieces dropped. A Latin
+    full stop ends a sentence only before a letter that is not lower-case (``e.g. six`` is one sentence):
+    Cyrillic, Greek and accented capitals count (``Über``, ``Это``), which an ASCII class missed,
+    leaving such a text one sentence that extraction could not shorten."""
     pieces, start = [], 0
     for match in _BOUNDARY.finditer(text):
-        end = match.end(1) if match.group(1) else match.start()
+        if match.group(1):
+            after = text[match.end() :].lstrip("\"'([«„“‘")[:1]
+            if not (after.isdigit() or (after.isalpha() and not after.islower())):  # a capital, or a caseless script
+                continue
+            end = match.end(1)
+        else:
+            end = match.end(2) if match.group(2) else match.start()
         pieces.append(text[start:end])
         start = match.end()
     pieces.append(text[start:])

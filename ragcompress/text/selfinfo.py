@@ -7,9 +7,12 @@ EMNLP 2023). This is the question-agnostic, single-pass variant: every token is 
 windows of ``window`` tokens, then the highest-scoring units are kept, in their original order,
 until the budget is filled.
 
-``unit="token"`` keeps individual tokens (LLMLingua's granularity; the output may split words);
+``unit="token"`` keeps individual tokens (LLMLingua's granularity; the output may split words,
+never characters: it is the kept tokens' text cut from the input);
 ``unit="word"`` keeps whole whitespace-delimited words ranked by their mean token surprisal
-(Selective Context's lexical units), which keeps names and numbers intact.
+(Selective Context's lexical units), which keeps names and numbers intact. A script written
+without spaces (Chinese, Japanese, Thai) is one "word" per run of text, which word pruning keeps
+or drops whole: compress such text with ``unit="token"``.
 """
 
 from __future__ import annotations
@@ -65,11 +68,12 @@ class SelfInformationCompressor(TextCompressor):
         scores = self.surprisal(ids)
         if self.unit == "token":
             keep = sorted(torch.topk(scores, budget).indices.tolist())
-            # a character split over byte-level tokens, not all kept, decodes to U+FFFD: drop it
-            return self.tokenizer.decode([ids[i] for i in keep]).replace("\ufffd", "").strip()
+            return kept_text(text, [offsets[i] for i in keep])
         words = [(m.start(), m.end()) for m in _WORD.finditer(text)]
         members = word_tokens(text, offsets, words)
         units = [(float(scores[m].mean()), i, len(m)) for i, m in enumerate(members) if m]
+        if not units:  # whitespace only: no word to keep
+            return ""
         kept, used = [], 0
         for _, i, cost in sorted(units, key=lambda u: (-u[0], u[1])):
             if used + cost <= budget:
@@ -81,6 +85,20 @@ class SelfInformationCompressor(TextCompressor):
 
     def config(self) -> dict[str, Any]:
         return {"method": self.name, "unit": self.unit, "window": self.window}
+
+
+def kept_text(text: str, spans: list[tuple[int, int]]) -> str:
+    """The text of the kept tokens' character ``spans`` (in order), sliced from ``text``. Decoding
+    the kept ids instead joins the bytes of different characters (byte-level BPE splits a CJK
+    character over tokens): ``"墨尔本是大大以文化、佲闻名。"`` held a character the input has
+    not. Tokens that share a character (overlapping spans) keep that character once, whole."""
+    merged: list[list[int]] = []
+    for start, end in spans:
+        if merged and start < merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return "".join(text[start:end] for start, end in merged).strip()
 
 
 def word_tokens(text: str, offsets: list[tuple[int, int]], words: list[tuple[int, int]]) -> list[list[int]]:
