@@ -170,6 +170,36 @@ def test_device_cuda_asks_a_gpu_per_actor_and_is_refused_where_there_is_none(clu
     assert not store.exists()
 
 
+def test_ray_missing_or_unreachable_is_one_error_before_anything_is_written(tmp_path, tiny_lm, corpus, monkeypatch):
+    """Without Ray, or with a cluster that cannot be joined (``--ray auto`` with none running, an
+    address Ray cannot read), the run is refused with one error naming the remedy, before a new
+    store is created; adding to an existing store leaves it as it was, not marked mid-run (the
+    store was created, or marked, before Ray was joined, so every reader refused it afterwards)."""
+    from ragcompress.store.files import unfinished_run
+
+    store = tmp_path / "store"
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "ray", None)  # not installed
+        with pytest.raises(InputError, match=r"--ray needs Ray: pip install"):
+            index_on_ray(corpus, store, lm=tiny_lm, config=CONFIG)
+    assert not store.exists()
+
+    def no_cluster(**kwargs):
+        raise ConnectionError("Could not find any running Ray instance. Please specify the one to connect to.")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh driver (the module's may be up)
+    monkeypatch.setattr(ray, "init", no_cluster)
+    with pytest.raises(InputError, match=r"^--ray auto: cannot join a Ray cluster there \(Could not find .*ray start --head"):
+        index_on_ray(corpus, store, address="auto", lm=tiny_lm, config=CONFIG)
+    assert not store.exists()
+    half = tmp_path / "half.jsonl"
+    half.write_text("".join(json.dumps(r) + "\n" for r in _texts(N_PASSAGES)[: N_PASSAGES // 2]))
+    index(half, store, lm=tiny_lm, embedder=HashEmbedder(), config=CONFIG, batch_size=BATCH)
+    with pytest.raises(InputError, match="cannot join a Ray cluster"):
+        index_on_ray(corpus, store, address="auto", lm=tiny_lm, config=CONFIG)
+    assert unfinished_run(store) is None and verify_store(store).ok
+
+
 def test_an_input_error_on_an_actor_is_the_one_line_error_of_one_process(cluster, tmp_path, tiny_lm, monkeypatch):
     """A passage too long for the model is refused by the actor that encodes it; the driver raises
     that ``InputError`` (the CLI's one line), not Ray's wrapped traceback, and the batches

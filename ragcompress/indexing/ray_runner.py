@@ -161,21 +161,34 @@ def _actor_adaptor(adaptor: str | None) -> str | None:
     return str(Path(adaptor).resolve())
 
 
-def _connect(address: str, cpus: int, gpus: bool = False) -> None:
-    """Join the cluster at ``address`` (``auto``, ``ray://host:port``, ``host:port``), or start a
-    local one with ``cpus`` CPUs for ``local``; an already connected driver (tests) is reused.
-    ``gpus``: the actors ask for a GPU each, so a cluster without one is refused here rather than
-    left waiting for one."""
+def _ray() -> Any:
+    """The ``ray`` module, or the remedy when it is not installed (checked before anything loads)."""
     try:
         import ray
     except ImportError:
         raise InputError("--ray needs Ray: pip install 'ragcompress[ray]'") from None
+    return ray
+
+
+def _connect(address: str, cpus: int, gpus: bool = False) -> None:
+    """Join the cluster at ``address`` (``auto``, ``ray://host:port``, ``host:port``), or start a
+    local one with ``cpus`` CPUs for ``local``; an already connected driver (tests) is reused.
+    ``gpus``: the actors ask for a GPU each, so a cluster without one is refused here rather than
+    left waiting for one. A cluster that cannot be joined (none running for ``auto``, an address
+    Ray cannot read) is one error naming the address, not Ray's traceback."""
+    ray = _ray()
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"log_to_driver": False, "include_dashboard": False}
-        if address == "local":
-            ray.init(num_cpus=cpus, **kwargs)
-        else:
-            ray.init(address=address, **kwargs)
+        try:
+            if address == "local":
+                ray.init(num_cpus=cpus, **kwargs)
+            else:
+                ray.init(address=address, **kwargs)
+        except (ConnectionError, ValueError, RuntimeError) as exc:
+            raise InputError(
+                f"--ray {address}: cannot join a Ray cluster there ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                "start one with `ray start --head` (then --ray auto) or index on this machine with --ray local"
+            ) from None
     if gpus and not ray.cluster_resources().get("GPU", 0):
         raise InputError(f"--device cuda with --ray {address}: the Ray cluster has no GPU; index without --device")
 
@@ -293,14 +306,15 @@ def index_on_ray(
     check_index_arguments(config, batch_size, model, lm)
     if workers < 1 or threads_per_worker < 1:
         raise InputError("--workers and threads per worker must be at least 1")
+    _ray()  # not installed: refused before the model loads or anything is written
     gpu = _wants_gpu(device, address)
-    if gpu:  # a cluster without a GPU is refused before anything is written
-        _connect(address, workers * threads_per_worker, gpu)
     input_path, store_path = Path(input_path), Path(store_path)
     exists = (store_path / MANIFEST).is_file()
     total = count_input(input_path, store_path if exists else None, replace)
     if not exists:
         refuse_existing(store_path)
+    if gpu or not exists:  # a new store has work: a cluster that cannot take it is refused before it is created
+        _connect(address, workers * threads_per_worker, gpu)
     config, model, dtype = settings_for(store_path if exists else None, config, model, dtype)
     lm = lm or load_model(model, dtype=dtype)
     embedder = embedder_factory() if embedder_factory is not None else None
@@ -315,20 +329,25 @@ def index_on_ray(
         create_store_for(store_path, indexer)
 
     indexed = 0
-    # the lock, held to the end (opening repairs a killed run's shards); the run marked until it ends
-    with StoreWriter(store_path) as writer, indexing_run(store_path, total) as finished:
+    # the lock, held to the end (opening repairs a killed run's shards); the run marked until it
+    # ends, from when the cluster is joined (a complete store's rerun starts no Ray at all)
+    with StoreWriter(store_path) as writer:
         items, skipped, stale = _work(writer, input_path, batch_size)
         if items:
             _connect(address, workers * threads_per_worker, gpu)
+        with indexing_run(store_path, total) as finished:
             bar = None
-            if progress:
+            if progress and items:
                 from tqdm import tqdm
 
                 bar = tqdm(total=total - skipped, unit="passage", desc="indexing on ray")
             expected = iter(item["batch"] for item in items)
-            for number, rows in _results(
-                items, store_path, lm.ref, config, workers, threads_per_worker, embedder_factory, gpu
-            ):
+            results = (
+                _results(items, store_path, lm.ref, config, workers, threads_per_worker, embedder_factory, gpu)
+                if items
+                else iter(())
+            )
+            for number, rows in results:
                 if number != next(expected):  # commits must follow input order (row numbers)
                     raise StoreError(f"ray returned batch {number} out of order; nothing after it was committed")
                 writer.commit(rows, replace=replace)
@@ -337,9 +356,9 @@ def index_on_ray(
                     bar.update(len(rows))
             if bar is not None:
                 bar.close()
-        writer.write_index()
-        writer.repair_shards()  # truncate what no committed row points at (a killed actor's bytes)
-        finished()
+            writer.write_index()
+            writer.repair_shards()  # truncate what no committed row points at (a killed actor's bytes)
+            finished()
     return IndexReport(total, indexed, skipped, time.perf_counter() - start, str(store_path), stale)
 
 
