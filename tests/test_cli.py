@@ -757,3 +757,42 @@ def test_device_places_the_model_or_names_why_it_cannot(tiny_model_dir, tmp_path
     code, _, err = run_cli([*commands["index"], "--device", "cpu"], monkeypatch, capfd)
     assert code == 0, err
     assert store_digest(tmp_path / "other") == store_digest(store)
+
+
+def test_adding_to_a_store_of_an_unpackaged_adaptor_takes_its_folder_alone(
+    tmp_path, tiny_model_dir, monkeypatch, capfd
+):
+    """A store built with the user's own adaptor (not packaged) could not be added to without
+    restating every setting: with none, the adaptor's folder was asked for; with only
+    ``--adaptor``, every other setting took its default and the store refused them. ``--adaptor``
+    alone now keeps the store's other settings, and a folder of another adaptor is still refused."""
+    from ragcompress.data import SAMPLE_PASSAGES
+    from ragcompress.models import load_model
+    from ragcompress.testing import noisy_adaptor
+
+    model = str(tiny_model_dir("llama"))
+    lines = SAMPLE_PASSAGES.read_text().splitlines()
+    first, more = tmp_path / "first.jsonl", tmp_path / "more.jsonl"
+    first.write_text("\n".join(lines[:3]) + "\n")
+    more.write_text("\n".join(lines[:5]) + "\n")
+    lm = load_model(model)
+    ours, other = (
+        noisy_adaptor(lm.model, 1).save(tmp_path / "ours"),
+        noisy_adaptor(lm.model, 2).save(tmp_path / "other"),
+    )
+    store = tmp_path / "store"
+    build = ["index", "--input", str(first), "--store", str(store), "--model", model, "--quant", "int4"]
+    code, _, err = run_cli(
+        [*build, "--method", "global:knorm", "--ratio", "0.5", "--adaptor", str(ours)], monkeypatch, capfd
+    )
+    assert code == 0, err
+    add = ["index", "--input", str(more), "--store", str(store)]
+    code, _, err = run_cli(add, monkeypatch, capfd)
+    assert (
+        code != 0 and "not packaged; pass its folder with --adaptor (alone, the store's other settings are kept)" in err
+    )
+    code, _, err = run_cli([*add, "--adaptor", str(other)], monkeypatch, capfd)
+    assert code != 0 and "adaptor" in err and "built with" in err
+    code, out, err = run_cli([*add, "--adaptor", str(ours), "--json"], monkeypatch, capfd)
+    assert code == 0, err
+    assert (json.loads(out)["indexed"], json.loads(out)["skipped"]) == (2, 3)

@@ -129,8 +129,10 @@ def index(
         raise RagCompressError("--workers sizes the Ray actor pool: give --ray local (or a cluster ADDRESS) too")
     quiet_libraries()
     from ragcompress.indexing import index as run_index
+    from ragcompress.indexing.config import config_from_manifest
     from ragcompress.presets import index_config
-    from ragcompress.store import KVStore
+    from ragcompress.store import KVStore, Manifest
+    from ragcompress.store.manifest import MANIFEST
 
     settings = {
         "method": method,
@@ -154,7 +156,12 @@ def index(
         "calibration_passages": calibration_passages,
     }
     config = None  # nothing given: an existing store's own settings (defaults for a new one)
-    if preset is not None or any(value is not None for value in settings.values()):
+    given = {key for key, value in settings.items() if value is not None}
+    if preset is None and given == {"adaptor"} and not overwrite and (store / MANIFEST).is_file():
+        # only --adaptor: the store's other settings, with the folder of an adaptor that is not
+        # packaged (its hash is checked against the store's when the run starts)
+        config = config_from_manifest(Manifest.read(store), adaptor)
+    elif preset is not None or given:
         try:
             config = index_config(preset, **settings)
         except (ValueError, TypeError) as exc:

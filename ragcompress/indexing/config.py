@@ -157,26 +157,27 @@ class IndexConfig:
         return QuantConfig(self.quant, self.group_size, self.value_quant)
 
 
-def config_from_manifest(manifest: Manifest) -> IndexConfig:
+def config_from_manifest(manifest: Manifest, adaptor: str | None = None) -> IndexConfig:
     """The settings a store was built with, so that passages are added to it without repeating
-    them (``ragcompress index`` into an existing store with no setting given).
+    them (``ragcompress index`` into an existing store with no setting given, or only
+    ``--adaptor``).
 
     Every setting a manifest records maps back to one :class:`IndexConfig` field; an adaptor is
-    recorded by hash only, so it is found among the packaged ones or must be given. The result
-    is checked to rebuild the manifest's compression exactly, so nothing is guessed."""
+    recorded by hash only, so it is found among the packaged ones or must be given (``adaptor``:
+    its folder or name, checked against the recorded hash when the run starts). The result is
+    checked to rebuild the manifest's compression exactly, so nothing is guessed."""
     from ragcompress.distill.packaged import packaged_adaptor_dir
     from ragcompress.errors import InputError
 
     compression = manifest.compression
     params = {k: v for k, v in compression.items() if k not in _STORE_KEYS}
     lowrank = compression.get("lowrank") or {}
-    adaptor = None
-    if manifest.encoding.get("adaptor"):
+    if manifest.encoding.get("adaptor") and adaptor is None:
         found = packaged_adaptor_dir(str(manifest.encoding["adaptor"]))
         if found is None:
             raise InputError(
                 f"the store was built with adaptor {str(manifest.encoding['adaptor'])[:16]}, which is not packaged; "
-                "pass its folder with --adaptor"
+                "pass its folder with --adaptor (alone, the store's other settings are kept)"
             )
         adaptor = str(found)
     config = IndexConfig(
