@@ -251,6 +251,23 @@ def test_packaged_adaptor_loads_by_name_and_records_its_provenance():
         resolve_adaptor("qwen-typo", "qwen2.5-coder-0.5b")
 
 
+def test_a_packaged_model_under_another_name_finds_its_adaptors_by_fingerprint():
+    """A local copy of a packaged model (its folder named otherwise) has the packaged model's
+    fingerprint: ``--adaptor default`` found no adaptor for it and ``matching`` encoded with the
+    base model. Both now find the packaged model's adaptors; another fingerprint finds none."""
+    from ragcompress.distill.packaged import GENERAL, TrainedStore, packaged_for_store, resolve_adaptor
+
+    packaged = resolve_adaptor("default", "smollm2-135m")
+    fingerprint, copy = packaged.meta["base_fingerprint"], "/home/me/models/smol_local"
+    assert resolve_adaptor("default", copy, fingerprint).hash == packaged.hash
+    assert packaged_for_store(copy, GENERAL._replace(quant="int8"), fingerprint).name == "smollm2-135m"
+    smallest = TrainedStore("global:kvzip", 0.25, "int4")
+    assert packaged_for_store(copy, smallest, fingerprint).name == "smollm2-135m-kvzip-0.25-int4"
+    assert packaged_for_store(copy, smallest) is None and packaged_for_store(copy, smallest, "0" * 64) is None
+    with pytest.raises(InputError, match="no adaptor is packaged for /home/me/models/smol_local"):
+        resolve_adaptor("default", copy, "0" * 64)
+
+
 def test_a_training_run_folder_given_as_an_adaptor_names_the_adaptor_inside(lm, tmp_path):
     from ragcompress.distill.packaged import resolve_adaptor
 

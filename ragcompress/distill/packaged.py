@@ -59,10 +59,24 @@ def trained_store(meta: dict[str, Any]) -> TrainedStore:
     )
 
 
-def packaged_for_store(model_ref: str, store: TrainedStore) -> Path | None:
-    """The folder of the adaptor packaged for ``model_ref`` and trained for exactly ``store``,
-    if one is."""
-    models = {model_ref, Path(model_ref).name}
+def packaged_model(model_ref: str, fingerprint: str | None = None) -> str:
+    """The name packaged adaptors know ``model_ref`` by: its folder's name, or, for a copy of a
+    packaged model kept under another name (a local folder of the same weights), the packaged
+    model whose base fingerprint it has (``--adaptor default`` and ``matching`` found none for
+    it, and ``matching`` encoded with the base model)."""
+    name = Path(model_ref).name
+    if fingerprint is None or any(meta.get("base_model") == name for _, meta in packaged_configs()):
+        return name
+    for _, meta in packaged_configs():
+        if meta.get("base_fingerprint") == fingerprint and meta.get("base_model"):
+            return str(meta["base_model"])
+    return name
+
+
+def packaged_for_store(model_ref: str, store: TrainedStore, fingerprint: str | None = None) -> Path | None:
+    """The folder of the adaptor packaged for ``model_ref`` (:func:`packaged_model`) and trained
+    for exactly ``store``, if one is."""
+    models = {model_ref, Path(model_ref).name, packaged_model(model_ref, fingerprint)}
     store = store._replace(ratio=None if store.ratio is None else float(store.ratio))
     for directory, meta in packaged_configs():
         if meta.get("base_model") in models and trained_store(meta) == store:
@@ -70,17 +84,17 @@ def packaged_for_store(model_ref: str, store: TrainedStore) -> Path | None:
     if store == GENERAL._replace(quant="int8"):
         # int8 rows answer as unquantized ones do (docs/recompute.md, the oracle row: agreement
         # 0.99, KL 0.0000), so an int8 store takes the general adaptor, trained on unquantized caches
-        return packaged_for_store(model_ref, GENERAL)
+        return packaged_for_store(model_ref, GENERAL, fingerprint)
     return None
 
 
-def matching_adaptor(model_ref: str, store: TrainedStore) -> Adaptor | None:
+def matching_adaptor(model_ref: str, store: TrainedStore, fingerprint: str | None = None) -> Adaptor | None:
     """``--adaptor matching`` (what the ``smallest`` preset asks for): the adaptor packaged for
     this model and trained for exactly this store's compression (a ``--budget`` store matches
     none), or -- said with a warning, and recorded as no adaptor in the manifest -- the base model
     when none is packaged (an adaptor trained for another compression can be further from full
     prefill than none)."""
-    directory = packaged_for_store(model_ref, store)
+    directory = packaged_for_store(model_ref, store, fingerprint)
     if directory is not None:
         return Adaptor.load(directory)
     kept = "a token budget" if store.ratio is None else f"{store.ratio:g}"
@@ -114,10 +128,11 @@ def _packaged_names() -> list[str]:
     return sorted(p.name for p in PACKAGED.iterdir() if p.is_dir()) if PACKAGED.is_dir() else []
 
 
-def resolve_adaptor(spec: str | Path, model_ref: str) -> Adaptor:
-    """``default`` (the adaptor packaged for ``model_ref``), a packaged model name, or a path."""
+def resolve_adaptor(spec: str | Path, model_ref: str, fingerprint: str | None = None) -> Adaptor:
+    """``default`` (the adaptor packaged for ``model_ref``, :func:`packaged_model`), a packaged
+    adaptor's name, or a path."""
     if str(spec) == "default":
-        directory = PACKAGED / Path(model_ref).name
+        directory = PACKAGED / packaged_model(model_ref, fingerprint)
         if not directory.is_dir():
             raise InputError(
                 f"no adaptor is packaged for {model_ref}; packaged: {', '.join(_packaged_names()) or 'none'}; "

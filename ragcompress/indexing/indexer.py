@@ -129,9 +129,9 @@ class Indexer:
             )
         template = PromptTemplate.from_tokenizer(lm.tokenizer)
         if config.adaptor == MATCHING:
-            adaptor = matching_adaptor(lm.ref, store_of(config))
+            adaptor = matching_adaptor(lm.ref, store_of(config), lm.fingerprint)
         else:
-            adaptor = resolve_adaptor(config.adaptor, lm.ref) if config.adaptor else None
+            adaptor = resolve_adaptor(config.adaptor, lm.ref, lm.fingerprint) if config.adaptor else None
         if adaptor is not None:
             adaptor.check_model(lm.fingerprint, lm.ref)
             warn_if_trained_for_another_store(adaptor, config)

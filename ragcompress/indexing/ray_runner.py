@@ -115,7 +115,7 @@ class EncodeActor:
                 lm = load_model(model_ref, dtype=opened.manifest.dtype, device=device)
                 embedder = embedder_factory() if embedder_factory is not None else None
                 # 'matching' was resolved by the driver: the manifest records the packaged adaptor's hash
-                loaded = resolve_adaptor(adaptor, lm.ref) if adaptor and adaptor != MATCHING else None
+                loaded = resolve_adaptor(adaptor, lm.ref, lm.fingerprint) if adaptor and adaptor != MATCHING else None
                 self.indexer = Indexer.for_store(opened.manifest, lm, embedder, loaded).with_store_basis(opened)
             self.indexer.prefix_kv  # noqa: B018 - the prefix forward pass once, at start, not in the first batch
             self.shards = ClaimedShards(root, max_shard_bytes)

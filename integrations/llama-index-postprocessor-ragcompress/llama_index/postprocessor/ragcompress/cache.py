@@ -303,7 +303,7 @@ def _store_adaptor(path: str, manifest: Any, lm: Any, folder: str | None) -> Any
     recorded = manifest.encoding.get("adaptor")
     adaptor: Any
     if folder is not None:
-        adaptor = resolve_adaptor(folder, lm.ref)
+        adaptor = resolve_adaptor(folder, lm.ref, lm.fingerprint)
         adaptor.check_model(lm.fingerprint, lm.ref)
     else:
         adaptor = packaged_adaptor(recorded) if recorded else None
