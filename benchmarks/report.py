@@ -48,7 +48,8 @@ full prefill. Files in ``docs/results/`` that do not record the run metadata of
 
 A block whose files are missing fails; to switch the TTFT table to the new shape, replace the
 ``ttft`` markers by ``ttft-curve`` ones (and ``packed`` by ``packed-curve``) and run the script.
-This module imports only the standard library (``tests/test_report.py`` runs it in-process).
+This module imports the standard library and ``ragcompress.stats`` only (no torch: it runs in a
+fraction of a second; ``tests/test_report.py`` runs it in-process).
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
+
+from ragcompress.stats import mcnemar_exact
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -886,6 +889,60 @@ def render_compression_methods(model: str, results: Path) -> str:
     rank): docs/compression.md §1's (Qwen) and §6's (SmolLM2) comparisons, re-measured on a
     sample 6x the size they were chosen on."""
     return frontier_file(results / f"compression_methods_{model}_100q.json")
+
+
+PROTECTION_RUNS = (
+    ("protection_qwen_dev.json", "Qwen2.5-Coder-0.5B, 100 dev questions (Yuan dynasty, Genghis Khan): the gate"),
+    ("protection_smollm2_dev.json", "SmolLM2-135M, 100 dev questions: the gate"),
+    ("protection_qwen_eval.json", "Qwen2.5-Coder-0.5B, the 100 held-out questions: reported"),
+)
+
+
+def render_protection(results: Path) -> str:
+    """The protected tokens of ``global:kvzip`` stores (``lowrank_frontier.py`` rows ``~keepF-L``,
+    int4, no rank or adaptor) under the rule of docs/rules.md: per run, KL to full prefill, sub-EM
+    and agreement, and the paired sub-EM against the 4/4 row of the same ratio (questions won and
+    lost, exact McNemar p). A run not measured yet is said so."""
+    parts = []
+    for name, caption in PROTECTION_RUNS:
+        if not (results / name).is_file():
+            parts.append(f"**{caption}**: not measured (`{name}` absent).")
+            continue
+        data = load(results / name)
+        rows = data["rows"]
+        header = ["kept", "protected first / last", "KL(full ‖ row)", "sub-EM", "agreement", "vs 4/4: won / lost (p)"]
+        lines = []
+        for row_name, row in sorted(rows.items(), key=lambda item: (-item[1]["ratio"], -sum(_protection(item[0])))):
+            base = next((r for n, r in rows.items() if r["ratio"] == row["ratio"] and _protection(n) == (4, 4)), None)
+            paired = "–"
+            if base is not None and base is not row:
+                won = sum(a > b for a, b in zip(row["per_question_sub_em"], base["per_question_sub_em"], strict=True))
+                lost = sum(a < b for a, b in zip(row["per_question_sub_em"], base["per_question_sub_em"], strict=True))
+                paired = f"{won} / {lost} ({mcnemar_exact(won, lost):.2g})"
+            first, last = _protection(row_name)
+            lines.append(
+                [
+                    f"{row['ratio']:g}",
+                    f"{first} / {last}",
+                    f"{row['kl_full_answer']:.3f} ({row['kl_questions']} q)",
+                    f"{row['sub_em']:.2f}",
+                    f"{row['agreement']:.2f}",
+                    paired,
+                ]
+            )
+        full = data["full"]["sub_em"]
+        parts.append(
+            f"**{caption}**, top-3, int4, full prefill sub-EM {full:.2f} (computed in the run).\n\n"
+            + table(header, lines)
+            + f"\n\nSource: `docs/results/{name}`."
+        )
+    return "\n\n".join(parts)
+
+
+def _protection(row_name: str) -> tuple[int, int]:
+    """A frontier row's protected tokens (``~keepF-L``; 1 and 0 without it)."""
+    match = re.search(r"~keep(\d+)-(\d+)$", row_name)
+    return (int(match[1]), int(match[2])) if match else (1, 0)
 
 
 def frontier_file(path: Path) -> str:
@@ -2044,6 +2101,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "lowrank-frontier": render_lowrank_frontier,
     "compression-methods-100": lambda results: render_compression_methods("qwen", results),
     "compression-methods-100-smollm2": lambda results: render_compression_methods("smollm2", results),
+    "protection-global": render_protection,
     "kvzip-cost": render_kvzip_cost,
     "text-compression": render_text_compression,
     "keep-freed-memory": render_keep_freed_memory,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-report = importlib.import_module("report")  # benchmarks/report.py (standard library only, no model)
+report = importlib.import_module("report")  # benchmarks/report.py (no model, no torch)
 
 
 @pytest.fixture
@@ -387,3 +387,29 @@ def test_the_frontier_ttft_line_says_how_each_question_was_timed(results):
     after = report.render_block("lowrank-frontier", results)
     assert "each question's median of 3 runs after 1 untimed warm-up run" in after
     assert "rotating from run to run and from question to question" in after
+
+
+def test_the_protection_block_pairs_each_row_with_the_4_4_row_of_its_ratio(tmp_path):
+    """``render_protection``: questions won and lost against the 4/4 row of the same ratio, with
+    the exact McNemar p; a run without its results file is said to be unmeasured."""
+
+    def row(ratio, outcomes, kl):
+        return {"ratio": ratio, "per_question_sub_em": outcomes, "kl_full_answer": kl, "kl_questions": 4}
+
+    def with_means(r):
+        return {**r, "sub_em": sum(r["per_question_sub_em"]) / 4, "agreement": 0.5}
+
+    rows = {
+        "global:kvzip@0.5/int4/-~keep4-4": row(0.5, [1, 0, 0, 1], 0.3),
+        "global:kvzip@0.5/int4/-": row(0.5, [1, 1, 1, 0], 0.2),
+        "global:kvzip@0.25/int4/-~keep4-4": row(0.25, [0, 0, 0, 0], 0.9),
+        "global:kvzip@0.25/int4/-~keep0-0": row(0.25, [1, 0, 0, 0], 0.8),
+    }
+    data = {"rows": {name: with_means(r) for name, r in rows.items()}, "full": {"sub_em": 0.5}}
+    (tmp_path / "protection_qwen_dev.json").write_text(json.dumps(data))
+    text = report.render_protection(tmp_path)
+    assert "| 0.5 | 4 / 4 | 0.300 (4 q) | 0.50 | 0.50 | – |" in text
+    assert "| 0.5 | 1 / 0 | 0.200 (4 q) | 0.75 | 0.50 | 2 / 1 (1) |" in text
+    assert "| 0.25 | 0 / 0 | 0.800 (4 q) | 0.25 | 0.50 | 1 / 0 (1) |" in text
+    assert text.index("| 0.5 | 4 / 4") < text.index("| 0.5 | 1 / 0") < text.index("| 0.25 | 4 / 4")
+    assert "`protection_qwen_eval.json` absent" in text
