@@ -185,9 +185,12 @@ def _connect(address: str, cpus: int, gpus: bool = False) -> None:
             else:
                 ray.init(address=address, **kwargs)
         except (ConnectionError, ValueError, RuntimeError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if address == "local":
+                raise InputError(f"--ray local: cannot start Ray on this machine ({reason})") from None
             raise InputError(
-                f"--ray {address}: cannot join a Ray cluster there ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
-                "start one with `ray start --head` (then --ray auto) or index on this machine with --ray local"
+                f"--ray {address}: cannot join a Ray cluster there ({reason}); start one with "
+                "`ray start --head` (then --ray auto) or index on this machine with --ray local"
             ) from None
     if gpus and not ray.cluster_resources().get("GPU", 0):
         raise InputError(f"--device cuda with --ray {address}: the Ray cluster has no GPU; index without --device")
