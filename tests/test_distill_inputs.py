@@ -13,6 +13,7 @@ import pytest
 
 from ragcompress.data import SAMPLE_PASSAGES, SAMPLE_QUESTIONS
 from ragcompress.distill.adaptor import Adaptor
+from ragcompress.distill.config import MINIMA
 from ragcompress.distill.train import TrainConfig, train
 from ragcompress.errors import InputError
 from ragcompress.testing import noisy_adaptor
@@ -361,6 +362,47 @@ def test_negative_minutes_unknown_kinds_and_cache_adaptors_for_compressed_stores
     cache = Adaptor.initial(tiny_lm.model, rank=2, alpha=4, kind="cache")
     with pytest.raises(InputError, match="trained with a 'forward' adaptor, not one of kind 'cache'"):
         Distiller(tiny_lm, cache, teacher_top=4, continuation=2, compressor=make_compressor("global:kvzip", ratio=0.5))
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [(name, least - 1) for name, least in MINIMA.items()]
+    + [
+        ("steps", -3),
+        ("minutes", float("nan")),
+        ("lr", 0.0),
+        ("lr", -1e-3),
+        ("lr", float("nan")),
+        ("lr", float("inf")),
+    ],
+)
+def test_train_config_refuses_a_number_below_its_least_value(name, value):
+    """Each of these failed only after the teacher pass (torch's "Invalid learning rate", a
+    division or modulo by zero, an index error, peft's rank error), or wrote an adaptor of no
+    steps (steps 0, lr 0): refused where the settings are made, naming the setting."""
+    with pytest.raises(ValueError, match=rf"^{name}\b.* must be .*{value!r}"):
+        dataclasses.replace(CONFIG, **{name: value})
+
+
+def test_every_numeric_training_setting_is_checked():
+    """A numeric setting added to TrainConfig without a least value is noticed here (lr is checked
+    on its own; ratio by the eviction method; a seed may be any number)."""
+    numeric = {f.name for f in dataclasses.fields(TrainConfig) if f.type.split(" |")[0] in ("int", "float")}
+    assert numeric - set(MINIMA) == {"lr", "ratio", "seed"}
+
+
+def test_minutes_0_finishes_a_run_from_its_checkpoint_and_is_refused_without_one(tiny_lm, tmp_path):
+    """``--minutes 0`` with no checkpoint exported the adaptor of zeros and advised running the
+    same command again, which never trained; with a checkpoint it exports it without new steps."""
+    out = tmp_path / "run"
+    idle = dataclasses.replace(CONFIG, minutes=0)
+    with pytest.raises(InputError, match=f"--minutes 0 takes no training step, and {out} holds no checkpoint"):
+        train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, idle, progress=False)
+    first = train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, dataclasses.replace(CONFIG), progress=False)
+    finished = train(
+        tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, dataclasses.replace(idle, steps=2), progress=False
+    )
+    assert finished.meta["metrics"]["steps"] == 1 and finished.hash == first.hash
 
 
 def test_teacher_examples_of_other_teacher_settings_are_refused(tiny_lm, tmp_path):

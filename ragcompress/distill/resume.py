@@ -198,6 +198,11 @@ def starting_adaptor(
         adaptor = Adaptor(checkpoint["settings"], dict(checkpoint["initial"]), ancestry)
         resumed_settings(config, adaptor.settings, checkpoint_path, stacklevel=4)
         return adaptor
+    if config.minutes == 0:  # the run would export the adaptor it starts from as if trained
+        raise InputError(
+            f"--minutes 0 takes no training step, and {checkpoint_path.parent} holds no checkpoint to finish: "
+            "the adaptor would be untrained; give --minutes above 0"
+        )
     if config.init_adaptor:
         return warm_start(lm, config)
     return Adaptor.initial(lm.model, config.rank, config.alpha, kind=config.kind)
