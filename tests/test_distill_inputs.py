@@ -405,6 +405,31 @@ def test_minutes_0_finishes_a_run_from_its_checkpoint_and_is_refused_without_one
     assert finished.meta["metrics"]["steps"] == 1 and finished.hash == first.hash
 
 
+def test_teacher_examples_of_other_questions_are_refused(tiny_lm, tmp_path):
+    """Another ``--train-questions`` or ``--val-examples`` on a folder whose teacher examples are
+    computed trained and validated on the cached questions while the adaptor recorded the new
+    values; the values they were computed with resume."""
+    out = tmp_path / "run"
+    train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, dataclasses.replace(CONFIG), progress=False)
+    for other, message in [
+        (
+            dataclasses.replace(CONFIG, steps=2, train_questions=0),
+            r"teacher.safetensors holds the teacher examples of 1 training questions, not of the 15 that "
+            r"--train-questions 0 chooses; train with the --train-questions it was computed with, or use another --out",
+        ),
+        (
+            dataclasses.replace(CONFIG, steps=2, val_examples=3),
+            r"of 1 held-out questions, not of the 3 that --val-examples 3 chooses",
+        ),
+    ]:
+        with pytest.raises(InputError, match=message):
+            train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, other, progress=False)
+    resumed = train(
+        tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, dataclasses.replace(CONFIG, steps=2), progress=False
+    )
+    assert resumed.meta["metrics"]["steps"] == 2 and resumed.meta["metrics"]["train_examples"] == 1
+
+
 def test_teacher_examples_of_other_teacher_settings_are_refused(tiny_lm, tmp_path):
     """A resumed run with another ``--continuation`` distilled from examples of the old length
     while recording the new one; the teacher files (finished and partial) now say what they
