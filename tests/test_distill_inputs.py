@@ -324,6 +324,42 @@ def test_a_resumed_run_records_the_rank_and_alpha_it_trains(tiny_lm, tmp_path):
     assert (adaptor.meta["config"]["rank"], adaptor.meta["config"]["alpha"]) == (CONFIG.rank, CONFIG.alpha)
 
 
+def test_a_resumed_run_refuses_other_step_settings_fewer_steps_and_another_start(tiny_lm, tmp_path):
+    """A resumed run trained the checkpoint's factors whatever it was given, and its adaptor
+    recorded the given --lr and --batch for every step, a --steps below the step it exported, or
+    an --init-adaptor it never started from (with no init_adaptor_hash). The same command resumes
+    (a finished run exports the same adaptor again), and one started from --init-adaptor records
+    its start when resumed without it."""
+    out = tmp_path / "run"
+    first = train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, dataclasses.replace(CONFIG, steps=2), progress=False)
+    start = str(out / "adaptor")
+    for other, message in [
+        ({"lr": 1e-3}, r"checkpoint.safetensors was trained with lr=0.0003 \(this run: 0.001\); resume with those"),
+        ({"batch": 2}, r"was trained with batch=1 \(this run: 2\)"),
+        ({"steps": 1}, r"checkpoint.safetensors is at step 2, past --steps 1; give --steps 2 or more"),
+        (
+            {"init_adaptor": start},
+            r"started from the adaptor of zeros, not from --init-adaptor .*leave --init-adaptor out",
+        ),
+    ]:
+        asked = dataclasses.replace(CONFIG, **{"steps": 3, **other})
+        with pytest.raises(InputError, match=message):
+            train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, asked, progress=False)
+    again = train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, dataclasses.replace(CONFIG, steps=2), progress=False)
+    assert again.hash == first.hash
+
+    warm = tmp_path / "warm"
+    started = dataclasses.replace(CONFIG, init_adaptor=start)
+    train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, warm, started, progress=False)
+    other_start = dataclasses.replace(started, steps=2, init_adaptor=str(warm / "adaptor"))
+    with pytest.raises(InputError, match=rf"started from adaptor {first.hash[:16]}, not from --init-adaptor"):
+        train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, warm, other_start, progress=False)
+    resumed = train(
+        tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, warm, dataclasses.replace(CONFIG, steps=2), progress=False
+    )
+    assert resumed.meta["config"]["init_adaptor"] == start and resumed.meta["init_adaptor_hash"] == first.hash
+
+
 def test_a_resumed_checkpoint_without_a_recorded_kind_is_a_cache_adaptor(tmp_path):
     """A cache adaptor's settings name no kind (``Adaptor.kind``): resuming one without ``--kind
     cache`` recorded ``kind: forward`` in the adaptor's config, silently."""
