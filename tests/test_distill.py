@@ -202,15 +202,20 @@ def test_learned_scorer_keeps_exactly_the_budget(lm, tmp_path, passages_file, em
 
 
 def test_learned_scorer_needs_an_adaptor_with_a_scorer(lm, tmp_path, passages_file, embedder):
-    with pytest.raises(ValueError, match="adaptor"):
-        index(
-            passages_file,
-            tmp_path / "s",
-            model=lm.ref,
-            lm=lm,
-            embedder=embedder,
-            config=IndexConfig(method="global:learned", ratio=0.5),
-        )
+    """Without one, indexing failed at the first passage (advising --adaptor where one was given)
+    and left an empty store behind that later runs were refused by."""
+    unscored = str(noisy_adaptor(lm.model, 6).save(tmp_path / "unscored"))  # --scorer-passages 0
+    common = dict(model=lm.ref, lm=lm, embedder=embedder)
+    for adaptor, message in [
+        (None, "'global:learned' scores tokens .*no adaptor is used; index with --adaptor"),
+        (unscored, f"'global:learned' scores tokens .*adaptor {unscored} has none .*use global:kvzip"),
+    ]:
+        store = tmp_path / "s"
+        with pytest.raises(InputError, match=message):
+            index(
+                passages_file, store, config=IndexConfig(method="global:learned", ratio=0.5, adaptor=adaptor), **common
+            )
+        assert not store.exists()
 
 
 def test_scorer_fit_recovers_a_linear_target():
