@@ -70,6 +70,9 @@ def _config(edit):
         (_flip_a_weight_bit, "do not match the hash .*train it again or copy it whole"),
         (_config(lambda c: {**c, "settings": {**c["settings"], "kind": "cache"}}), "lacks tensors .*train it again"),
         (_config(lambda c: {**c, "settings": {**c["settings"], "kind": "lora"}}), "unknown kind .*train it again"),
+        # the hash does not cover it: an edited file was used with any model, unchecked
+        (_config(lambda c: {k: v for k, v in c.items() if k != "base_fingerprint"}), "records no base_fingerprint"),
+        (_config(lambda c: {**c, "base_fingerprint": ""}), "cannot be checked against the model .*train it again"),
     ],
     ids=[
         "weights",
@@ -84,10 +87,12 @@ def _config(edit):
         "bit-flip",
         "edited-kind",
         "unknown-kind",
+        "no-fingerprint",
+        "empty-fingerprint",
     ],
 )
 def test_a_damaged_adaptor_folder_is_refused_in_one_line(tiny_lm, tmp_path, mutate, message):
-    folder = noisy_adaptor(tiny_lm.model, 1).save(tmp_path / "adaptor")
+    folder = noisy_adaptor(tiny_lm, 1).save(tmp_path / "adaptor")
     mutate(folder)
     with pytest.raises(InputError, match=message):
         Adaptor.load(folder)
