@@ -119,12 +119,20 @@ class HashEmbedder:
 
 def noisy_adaptor(model: Any, seed: int, scorer: bool = False, kind: str = "forward") -> Any:
     """A passage adaptor of ``kind`` with small random non-zero factors (what training produces),
-    optionally with a learned retention scorer: changes every cache, deterministically for ``seed``."""
+    optionally with a learned retention scorer: changes every cache, deterministically for ``seed``.
+
+    ``model``: a :class:`~ragcompress.models.LoadedModel`, which the adaptor records as its base
+    model as a trained one does (its saved folder loads: ``Adaptor.load`` refuses one that
+    records no base model), or a bare torch model (an adaptor used in memory only)."""
     import torch
 
     from ragcompress.distill.adaptor import SCORER_BIAS, SCORER_WEIGHT, Adaptor
 
+    lm = model if hasattr(model, "fingerprint") else None
+    model = lm.model if lm is not None else model
     adaptor = Adaptor.initial(model, rank=4, alpha=8, seed=seed, kind=kind)
+    if lm is not None:
+        adaptor.meta = {"base_model": lm.ref, "base_fingerprint": lm.fingerprint}
     gen = torch.Generator().manual_seed(seed)
     for name in sorted(adaptor.tensors):
         adaptor.tensors[name] = torch.randn(adaptor.tensors[name].shape, generator=gen) * 0.05

@@ -38,7 +38,7 @@ def test_bench_refuses_a_store_of_an_unpackaged_adaptor_before_timing(
     """A store encoded through a ``ragcompress train`` folder cannot be re-encoded by ``bench``
     (it has no ``--adaptor``): one line naming ``--indexing-passages 0``, before the TTFT runs,
     not a pointer to an option ``bench`` lacks after all of them."""
-    folder = noisy_adaptor(tiny_lm.model, 1).save(tmp_path / "trained")
+    folder = noisy_adaptor(tiny_lm, 1).save(tmp_path / "trained")
     store = tmp_path / "store"
     index(
         passages_file, store, model=str(tiny_model_dir("llama")), config=IndexConfig(quant="int8", adaptor=str(folder))

@@ -544,6 +544,8 @@ def test_an_interrupted_command_exits_130_saying_so(monkeypatch, capfd, tmp_path
         (["--ratio", "0.3"], "needs an eviction --method"),
         (["--quant", "int3"], "int3"),
         (["--method", "bogus"], "bogus"),
+        (["--lr", "-1e-3"], "lr (--lr) must be a positive number, not -0.001"),  # torch's traceback, after hours
+        (["--lr", "0"], "lr (--lr) must be a positive number, not 0.0"),  # an untrained adaptor
     ],
 )
 def test_train_refuses_a_bad_compression_before_any_work(options, named, tmp_path, monkeypatch, capfd):
@@ -584,7 +586,15 @@ def test_train_alpha_defaults_to_twice_the_rank_and_can_be_set(options, alpha, t
     assert seen == {"rank": 32, "alpha": alpha}
 
 
-def test_train_says_when_minutes_ran_out_before_the_steps(tmp_path, monkeypatch, capfd):
+@pytest.mark.parametrize(
+    "minutes, advice",
+    [
+        ("0.001", "--minutes 0.001 of step time ran out; run the same command again"),
+        # the same command would take no step again
+        ("0", "--minutes 0 takes no step; run it again with --minutes above 0 to continue"),
+    ],
+)
+def test_train_says_when_minutes_ran_out_before_the_steps(minutes, advice, tmp_path, monkeypatch, capfd):
     """A run that --minutes stopped early ends with how far it got and how to continue."""
     from types import SimpleNamespace
 
@@ -603,9 +613,9 @@ def test_train_says_when_minutes_ran_out_before_the_steps(tmp_path, monkeypatch,
     questions = tmp_path / "q.jsonl"
     questions.write_text('{"id": "q", "question": "?", "answers": ["a"]}\n')
     args = ["train", "--passages", str(SAMPLE_PASSAGES), "--questions", str(questions), "--out", str(tmp_path / "o")]
-    code, out, err = run_cli([*args, "--steps", "5", "--minutes", "0"], monkeypatch, capfd)
+    code, out, err = run_cli([*args, "--steps", "5", "--minutes", minutes], monkeypatch, capfd)
     assert code == 0, err
-    assert "stopped at step 1 of 5: --minutes 0 of step time ran out; run the same command again" in out
+    assert f"stopped at step 1 of 5: {advice}" in out
 
 
 def test_overwrite_without_settings_keeps_the_stores_own(cli_store, tmp_path, monkeypatch, capfd):

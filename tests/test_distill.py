@@ -53,8 +53,9 @@ def lm(tiny_model_dir):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_zero_adaptor_is_the_base_store_bit_for_bit(lm, tmp_path, passages_file, embedder, kind):
-    zero = Adaptor.initial(lm.model, rank=4, alpha=8, kind=kind).save(tmp_path / "zero")
-    trained = noisy_adaptor(lm.model, 1, kind=kind).save(tmp_path / "trained")
+    zero = Adaptor.initial(lm.model, rank=4, alpha=8, kind=kind)
+    zero = dataclasses.replace(zero, meta={"base_fingerprint": lm.fingerprint}).save(tmp_path / "zero")
+    trained = noisy_adaptor(lm, 1, kind=kind).save(tmp_path / "trained")
     common = dict(model=lm.ref, lm=lm, embedder=embedder, batch_size=3)
     index(passages_file, tmp_path / "base", config=IndexConfig(quant="int8"), **common)
     index(passages_file, tmp_path / "zero-store", config=IndexConfig(quant="int8", adaptor=str(zero)), **common)
@@ -82,7 +83,7 @@ def test_an_adapted_encoder_without_its_adaptor_encodes_as_the_base_model(lm, ki
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_adaptor_round_trips_to_identical_caches(lm, tmp_path, kind):
-    adaptor = noisy_adaptor(lm.model, 2, scorer=True, kind=kind)
+    adaptor = noisy_adaptor(lm, 2, scorer=True, kind=kind)
     loaded = Adaptor.load(adaptor.save(tmp_path / "a"))
     assert loaded.hash == adaptor.hash and loaded.has_scorer
     template = PromptTemplate.from_tokenizer(lm.tokenizer)
@@ -101,8 +102,8 @@ def test_adaptor_round_trips_to_identical_caches(lm, tmp_path, kind):
 
 
 def test_store_refuses_another_adaptor(lm, tmp_path, passages_file, embedder):
-    first = noisy_adaptor(lm.model, 3).save(tmp_path / "first")
-    second = noisy_adaptor(lm.model, 4).save(tmp_path / "second")
+    first = noisy_adaptor(lm, 3).save(tmp_path / "first")
+    second = noisy_adaptor(lm, 4).save(tmp_path / "second")
     common = dict(model=lm.ref, lm=lm, embedder=embedder)
     index(passages_file, tmp_path / "store", config=IndexConfig(adaptor=str(first)), **common)
     with pytest.raises(StoreMismatchError, match="adaptor .* this run uses adaptor"):
@@ -119,6 +120,19 @@ def test_adaptor_for_another_model_is_refused(lm, tmp_path):
     adaptor.meta = {"base_model": "other", "base_fingerprint": "f" * 64}
     with pytest.raises(StoreMismatchError, match="trained on model other"):
         PassageEncoder(lm, PromptTemplate.from_tokenizer(lm.tokenizer), adaptor)
+
+
+def test_an_adaptor_file_without_its_base_model_is_refused_for_indexing(lm, tmp_path, passages_file, embedder):
+    """The hash covers settings and tensors, not the base model's fingerprint: with it deleted
+    from adaptor.json, indexing any model with the adaptor went unchecked."""
+    folder = noisy_adaptor(lm, 5).save(tmp_path / "adaptor")
+    meta = json.loads((folder / "adaptor.json").read_text())
+    del meta["base_fingerprint"]
+    (folder / "adaptor.json").write_text(json.dumps(meta))
+    store = tmp_path / "store"
+    with pytest.raises(InputError, match="records no base_fingerprint, so it cannot be checked against the model"):
+        index(passages_file, store, model=lm.ref, lm=lm, embedder=embedder, config=IndexConfig(adaptor=str(folder)))
+    assert not store.exists()
 
 
 def test_forward_adaptor_is_on_only_while_passages_are_encoded(lm):
@@ -188,7 +202,7 @@ def test_hard_label_term_is_the_teachers_own_greedy_cross_entropy_when_the_cache
 
 @pytest.mark.parametrize("method", ["learned", "global:learned"])
 def test_learned_scorer_keeps_exactly_the_budget(lm, tmp_path, passages_file, embedder, method):
-    adaptor = noisy_adaptor(lm.model, 6, scorer=True).save(tmp_path / "scored")
+    adaptor = noisy_adaptor(lm, 6, scorer=True).save(tmp_path / "scored")
     store = tmp_path / "store"
     config = IndexConfig(method=method, ratio=0.25, keep_first=1, keep_last=0, adaptor=str(adaptor))
     index(passages_file, store, model=lm.ref, lm=lm, embedder=embedder, config=config)
@@ -202,15 +216,20 @@ def test_learned_scorer_keeps_exactly_the_budget(lm, tmp_path, passages_file, em
 
 
 def test_learned_scorer_needs_an_adaptor_with_a_scorer(lm, tmp_path, passages_file, embedder):
-    with pytest.raises(ValueError, match="adaptor"):
-        index(
-            passages_file,
-            tmp_path / "s",
-            model=lm.ref,
-            lm=lm,
-            embedder=embedder,
-            config=IndexConfig(method="global:learned", ratio=0.5),
-        )
+    """Without one, indexing failed at the first passage (advising --adaptor where one was given)
+    and left an empty store behind that later runs were refused by."""
+    unscored = str(noisy_adaptor(lm, 6).save(tmp_path / "unscored"))  # --scorer-passages 0
+    common = dict(model=lm.ref, lm=lm, embedder=embedder)
+    for adaptor, message in [
+        (None, "'global:learned' scores tokens .*no adaptor is used; index with --adaptor"),
+        (unscored, f"'global:learned' scores tokens .*adaptor {unscored} has none .*use global:kvzip"),
+    ]:
+        store = tmp_path / "s"
+        with pytest.raises(InputError, match=message):
+            index(
+                passages_file, store, config=IndexConfig(method="global:learned", ratio=0.5, adaptor=adaptor), **common
+            )
+        assert not store.exists()
 
 
 def test_scorer_fit_recovers_a_linear_target():
@@ -359,10 +378,10 @@ def test_views_add_teacher_examples_of_other_contexts_and_reuse_the_ones_compute
         assert torch.equal(old["qa_lp"], new["qa_lp"])
 
 
-def test_training_warm_started_from_an_adaptor_starts_from_its_factors(lm, tmp_path):
+def test_training_warm_started_from_an_adaptor_starts_from_its_factors(lm, tmp_path, monkeypatch):
     """``--init-adaptor`` continues a finished run (e.g. a packaged adaptor, whose checkpoint is
-    gone): with lr 0 one step leaves its factors as they were; the result records where it
-    started; an adaptor trained on an article this run holds out is refused."""
+    gone): a step whose update is skipped leaves its factors as they were; the result records
+    where it started; an adaptor trained on an article this run holds out is refused."""
 
     from ragcompress.data import SAMPLE_PASSAGES, SAMPLE_QUESTIONS
     from ragcompress.distill.train import TrainConfig, train
@@ -373,7 +392,8 @@ def test_training_warm_started_from_an_adaptor_starts_from_its_factors(lm, tmp_p
     )  # fmt: skip
     first = train(lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, tmp_path / "first", config, progress=False)
     start = str(tmp_path / "first" / "adaptor")
-    warm = dataclasses.replace(config, lr=0.0, rank=8, alpha=16, init_adaptor=start)
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, closure=None: None)  # the factors stay put
+    warm = dataclasses.replace(config, rank=8, alpha=16, init_adaptor=start)
     with pytest.warns(UserWarning, match=r"starting from --init-adaptor .*keeps --rank 2 \(not 8\), --alpha 4"):
         again = train(lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, tmp_path / "warm", warm, progress=False)
     assert again.settings == first.settings  # rank and alpha come from the adaptor started from
@@ -545,8 +565,8 @@ def test_the_scorer_is_fitted_by_default_only_where_a_store_may_read_it():
 
 
 def test_an_adaptor_trained_for_another_compression_is_used_with_a_warning(lm, tmp_path, passages_file, embedder):
-    specialist = noisy_adaptor(lm.model, 8)
-    specialist.meta = {"method": "global:kvzip", "ratio": 0.25, "quant": "int4"}
+    specialist = noisy_adaptor(lm, 8)
+    specialist.meta |= {"method": "global:kvzip", "ratio": 0.25, "quant": "int4"}
     path = specialist.save(tmp_path / "specialist")
     common = dict(model=lm.ref, lm=lm, embedder=embedder)
     with pytest.warns(UserWarning, match="trained for a store of global:kvzip 0.25 int4, this store is none 1 int8"):
@@ -611,8 +631,8 @@ def test_matching_adaptor_is_the_one_packaged_for_the_store_or_none_with_a_warni
     packaged = tmp_path / "packaged"
     keys_rank8 = RankSpec(rank=8, values=False).as_dict()
     for seed, ratio, lowrank in ((9, 0.25, None), (10, 0.5, None), (11, 0.5, keys_rank8)):
-        specialist = noisy_adaptor(lm.model, seed)
-        specialist.meta = {"base_model": lm.ref, "method": "global:kvzip", "ratio": ratio, "quant": "int4"}
+        specialist = noisy_adaptor(lm, seed)
+        specialist.meta |= {"method": "global:kvzip", "ratio": ratio, "quant": "int4"}
         if lowrank:  # trained with --kv-rank 8 --no-kv-rank-values
             specialist.meta["lowrank"] = lowrank
         specialist.save(packaged / f"tiny-kvzip-{ratio}-int4{'-r8k' if lowrank else ''}")
@@ -644,8 +664,8 @@ def test_matching_adaptor_is_the_one_packaged_for_the_store_or_none_with_a_warni
     split = dataclasses.replace(config, value_quant="int2")
     with pytest.warns(UserWarning, match=r"0.5 int4/int2; .* --quant int4 --value-quant int2"):
         index(passages_file, tmp_path / "split-unmatched", config=split, **common)
-    specialist = noisy_adaptor(lm.model, 12)
-    specialist.meta = {"base_model": lm.ref, "method": "global:kvzip", "ratio": 0.5, "quant": "int4/int2"}
+    specialist = noisy_adaptor(lm, 12)
+    specialist.meta |= {"method": "global:kvzip", "ratio": 0.5, "quant": "int4/int2"}
     specialist.save(packaged / "tiny-kvzip-0.5-int4v2")
     index(passages_file, tmp_path / "split-matched", config=split, **common)
     with KVStore.open(tmp_path / "split-matched") as store:
@@ -655,14 +675,8 @@ def test_matching_adaptor_is_the_one_packaged_for_the_store_or_none_with_a_warni
     weighted = dataclasses.replace(config, value_norm=True)
     with pytest.warns(UserWarning, match=r"0.5 with value-weighted scores int4; .* --quant int4 --value-norm"):
         index(passages_file, tmp_path / "weighted-unmatched", config=weighted, **common)
-    weighted_specialist = noisy_adaptor(lm.model, 13)
-    weighted_specialist.meta = {
-        "base_model": lm.ref,
-        "method": "global:kvzip",
-        "ratio": 0.5,
-        "quant": "int4",
-        "value_norm": True,
-    }
+    weighted_specialist = noisy_adaptor(lm, 13)
+    weighted_specialist.meta |= {"method": "global:kvzip", "ratio": 0.5, "quant": "int4", "value_norm": True}
     weighted_specialist.save(packaged / "tiny-kvzip-0.5-int4-vnorm")
     index(passages_file, tmp_path / "weighted-matched", config=weighted, **common)
     with KVStore.open(tmp_path / "weighted-matched") as store:
@@ -692,7 +706,7 @@ def test_an_int8_store_matches_the_general_adaptor_and_nothing_else_does(tmp_pat
 def test_half_adaptor_encodes_as_the_fp32_one_up_to_fp16_rounding(lm, tmp_path):
     """``Adaptor.half`` (how the 24x store's adaptor ships): fp16 factors, another hash, half the
     file, and the same caches up to the factors' rounding."""
-    adaptor = noisy_adaptor(lm.model, 12)
+    adaptor = noisy_adaptor(lm, 12)
     half = Adaptor.load(adaptor.half().save(tmp_path / "half"))
     full_size = (adaptor.save(tmp_path / "fp32") / "adaptor.safetensors").stat().st_size
     assert half.hash != adaptor.hash
@@ -711,7 +725,7 @@ def test_half_adaptor_encodes_as_the_fp32_one_up_to_fp16_rounding(lm, tmp_path):
 def test_a_low_rank_store_fits_its_basis_on_base_model_caches_adaptor_or_not(lm, tmp_path, passages_file, embedder):
     """``train --kv-rank`` projects the student on a basis of base-model caches; ``index --rank``
     with an adaptor fits the store's the same way, so the runtime serves what the student read."""
-    adaptor = noisy_adaptor(lm.model, 9).save(tmp_path / "adaptor")
+    adaptor = noisy_adaptor(lm, 9).save(tmp_path / "adaptor")
     common = dict(model=lm.ref, lm=lm, embedder=embedder)
     config = IndexConfig(quant="int8", rank=8, calibration_passages=4)
     index(passages_file, tmp_path / "base", config=config, **common)
@@ -831,7 +845,7 @@ def test_a_base_copy_is_the_base_stores_cache_read_for_the_first_passage(lm, tmp
     from ragcompress.runtime.options import AnswerOptions
     from ragcompress.store.verify import verify_store
 
-    adaptor = str(noisy_adaptor(lm.model, 4, kind=kind).save(tmp_path / "adaptor"))
+    adaptor = str(noisy_adaptor(lm, 4, kind=kind).save(tmp_path / "adaptor"))
     common = dict(model=lm.ref, lm=lm, embedder=embedder, batch_size=4)
     stores = {
         "base": IndexConfig(quant="int8"),
@@ -889,7 +903,7 @@ def test_a_base_copy_needs_an_adaptor_and_every_row_and_is_recorded(lm, tmp_path
         IndexConfig(base_copy=True, adaptor="default", method="global:kvzip", ratio=0.5)
     with pytest.raises(ValueError, match="no rank, no neighbours"):
         IndexConfig(base_copy=True, adaptor="default", context_neighbors=2)
-    adaptor = str(noisy_adaptor(lm.model, 4).save(tmp_path / "adaptor"))
+    adaptor = str(noisy_adaptor(lm, 4).save(tmp_path / "adaptor"))
     config = IndexConfig(quant="none", adaptor=adaptor, base_copy=True)
     index(passages_file, tmp_path / "store", model=lm.ref, lm=lm, embedder=embedder, config=config)
     with KVStore.open(tmp_path / "store") as store:

@@ -13,6 +13,7 @@ import pytest
 
 from ragcompress.data import SAMPLE_PASSAGES, SAMPLE_QUESTIONS
 from ragcompress.distill.adaptor import Adaptor
+from ragcompress.distill.config import MINIMA
 from ragcompress.distill.train import TrainConfig, train
 from ragcompress.errors import InputError
 from ragcompress.testing import noisy_adaptor
@@ -69,6 +70,9 @@ def _config(edit):
         (_flip_a_weight_bit, "do not match the hash .*train it again or copy it whole"),
         (_config(lambda c: {**c, "settings": {**c["settings"], "kind": "cache"}}), "lacks tensors .*train it again"),
         (_config(lambda c: {**c, "settings": {**c["settings"], "kind": "lora"}}), "unknown kind .*train it again"),
+        # the hash does not cover it: an edited file was used with any model, unchecked
+        (_config(lambda c: {k: v for k, v in c.items() if k != "base_fingerprint"}), "records no base_fingerprint"),
+        (_config(lambda c: {**c, "base_fingerprint": ""}), "cannot be checked against the model .*train it again"),
     ],
     ids=[
         "weights",
@@ -83,10 +87,12 @@ def _config(edit):
         "bit-flip",
         "edited-kind",
         "unknown-kind",
+        "no-fingerprint",
+        "empty-fingerprint",
     ],
 )
 def test_a_damaged_adaptor_folder_is_refused_in_one_line(tiny_lm, tmp_path, mutate, message):
-    folder = noisy_adaptor(tiny_lm.model, 1).save(tmp_path / "adaptor")
+    folder = noisy_adaptor(tiny_lm, 1).save(tmp_path / "adaptor")
     mutate(folder)
     with pytest.raises(InputError, match=message):
         Adaptor.load(folder)
@@ -323,6 +329,42 @@ def test_a_resumed_run_records_the_rank_and_alpha_it_trains(tiny_lm, tmp_path):
     assert (adaptor.meta["config"]["rank"], adaptor.meta["config"]["alpha"]) == (CONFIG.rank, CONFIG.alpha)
 
 
+def test_a_resumed_run_refuses_other_step_settings_fewer_steps_and_another_start(tiny_lm, tmp_path):
+    """A resumed run trained the checkpoint's factors whatever it was given, and its adaptor
+    recorded the given --lr and --batch for every step, a --steps below the step it exported, or
+    an --init-adaptor it never started from (with no init_adaptor_hash). The same command resumes
+    (a finished run exports the same adaptor again), and one started from --init-adaptor records
+    its start when resumed without it."""
+    out = tmp_path / "run"
+    first = train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, dataclasses.replace(CONFIG, steps=2), progress=False)
+    start = str(out / "adaptor")
+    for other, message in [
+        ({"lr": 1e-3}, r"checkpoint.safetensors was trained with lr=0.0003 \(this run: 0.001\); resume with those"),
+        ({"batch": 2}, r"was trained with batch=1 \(this run: 2\)"),
+        ({"steps": 1}, r"checkpoint.safetensors is at step 2, past --steps 1; give --steps 2 or more"),
+        (
+            {"init_adaptor": start},
+            r"started from the adaptor of zeros, not from --init-adaptor .*leave --init-adaptor out",
+        ),
+    ]:
+        asked = dataclasses.replace(CONFIG, **{"steps": 3, **other})
+        with pytest.raises(InputError, match=message):
+            train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, asked, progress=False)
+    again = train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, dataclasses.replace(CONFIG, steps=2), progress=False)
+    assert again.hash == first.hash
+
+    warm = tmp_path / "warm"
+    started = dataclasses.replace(CONFIG, init_adaptor=start)
+    train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, warm, started, progress=False)
+    other_start = dataclasses.replace(started, steps=2, init_adaptor=str(warm / "adaptor"))
+    with pytest.raises(InputError, match=rf"started from adaptor {first.hash[:16]}, not from --init-adaptor"):
+        train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, warm, other_start, progress=False)
+    resumed = train(
+        tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, warm, dataclasses.replace(CONFIG, steps=2), progress=False
+    )
+    assert resumed.meta["config"]["init_adaptor"] == start and resumed.meta["init_adaptor_hash"] == first.hash
+
+
 def test_a_resumed_checkpoint_without_a_recorded_kind_is_a_cache_adaptor(tmp_path):
     """A cache adaptor's settings name no kind (``Adaptor.kind``): resuming one without ``--kind
     cache`` recorded ``kind: forward`` in the adaptor's config, silently."""
@@ -361,6 +403,72 @@ def test_negative_minutes_unknown_kinds_and_cache_adaptors_for_compressed_stores
     cache = Adaptor.initial(tiny_lm.model, rank=2, alpha=4, kind="cache")
     with pytest.raises(InputError, match="trained with a 'forward' adaptor, not one of kind 'cache'"):
         Distiller(tiny_lm, cache, teacher_top=4, continuation=2, compressor=make_compressor("global:kvzip", ratio=0.5))
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [(name, least - 1) for name, least in MINIMA.items()]
+    + [
+        ("steps", -3),
+        ("minutes", float("nan")),
+        ("lr", 0.0),
+        ("lr", -1e-3),
+        ("lr", float("nan")),
+        ("lr", float("inf")),
+    ],
+)
+def test_train_config_refuses_a_number_below_its_least_value(name, value):
+    """Each of these failed only after the teacher pass (torch's "Invalid learning rate", a
+    division or modulo by zero, an index error, peft's rank error), or wrote an adaptor of no
+    steps (steps 0, lr 0): refused where the settings are made, naming the setting."""
+    with pytest.raises(ValueError, match=rf"^{name}\b.* must be .*{value!r}"):
+        dataclasses.replace(CONFIG, **{name: value})
+
+
+def test_every_numeric_training_setting_is_checked():
+    """A numeric setting added to TrainConfig without a least value is noticed here (lr is checked
+    on its own; ratio by the eviction method; a seed may be any number)."""
+    numeric = {f.name for f in dataclasses.fields(TrainConfig) if f.type.split(" |")[0] in ("int", "float")}
+    assert numeric - set(MINIMA) == {"lr", "ratio", "seed"}
+
+
+def test_minutes_0_finishes_a_run_from_its_checkpoint_and_is_refused_without_one(tiny_lm, tmp_path):
+    """``--minutes 0`` with no checkpoint exported the adaptor of zeros and advised running the
+    same command again, which never trained; with a checkpoint it exports it without new steps."""
+    out = tmp_path / "run"
+    idle = dataclasses.replace(CONFIG, minutes=0)
+    with pytest.raises(InputError, match=f"--minutes 0 takes no training step, and {out} holds no checkpoint"):
+        train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, idle, progress=False)
+    first = train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, dataclasses.replace(CONFIG), progress=False)
+    finished = train(
+        tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, dataclasses.replace(idle, steps=2), progress=False
+    )
+    assert finished.meta["metrics"]["steps"] == 1 and finished.hash == first.hash
+
+
+def test_teacher_examples_of_other_questions_are_refused(tiny_lm, tmp_path):
+    """Another ``--train-questions`` or ``--val-examples`` on a folder whose teacher examples are
+    computed trained and validated on the cached questions while the adaptor recorded the new
+    values; the values they were computed with resume."""
+    out = tmp_path / "run"
+    train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, dataclasses.replace(CONFIG), progress=False)
+    for other, message in [
+        (
+            dataclasses.replace(CONFIG, steps=2, train_questions=0),
+            r"teacher.safetensors holds the teacher examples of 1 training questions, not of the 15 that "
+            r"--train-questions 0 chooses; train with the --train-questions it was computed with, or use another --out",
+        ),
+        (
+            dataclasses.replace(CONFIG, steps=2, val_examples=3),
+            r"of 1 held-out questions, not of the 3 that --val-examples 3 chooses",
+        ),
+    ]:
+        with pytest.raises(InputError, match=message):
+            train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, other, progress=False)
+    resumed = train(
+        tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, dataclasses.replace(CONFIG, steps=2), progress=False
+    )
+    assert resumed.meta["metrics"]["steps"] == 2 and resumed.meta["metrics"]["train_examples"] == 1
 
 
 def test_teacher_examples_of_other_teacher_settings_are_refused(tiny_lm, tmp_path):

@@ -167,7 +167,7 @@ def indexed_caches(model_dir: str, root, device: str) -> dict[str, dict[str, obj
         settings = dict(settings)
         if "adaptor" in settings:  # the same factors on both devices (seeded), saved on the CPU
             kind = settings["adaptor"]
-            settings["adaptor"] = str(noisy_adaptor(lm.model, 2, kind=kind).save(root / f"adaptor-{device}-{kind}"))
+            settings["adaptor"] = str(noisy_adaptor(lm, 2, kind=kind).save(root / f"adaptor-{device}-{kind}"))
         config = IndexConfig(embedder=HashEmbedder().name, **settings)
         store = root / f"{device}-{name}"
         index(passages, store, lm=lm, embedder=HashEmbedder(), config=config, batch_size=2)

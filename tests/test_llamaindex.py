@@ -193,7 +193,7 @@ def test_transform_names_another_adaptor_as_index_does(tiny, tmp_path):
     from ragcompress.models import load_model
     from ragcompress.testing import noisy_adaptor
 
-    adaptor = noisy_adaptor(load_model(tiny).model, 1).save(tmp_path / "adaptor")
+    adaptor = noisy_adaptor(load_model(tiny), 1).save(tmp_path / "adaptor")
     refusal = r"built with no adaptor \(the base model\), this run uses adaptor"
     store = tmp_path / "store"
     KVCacheTransform(store_path=str(store), model=tiny)(sample_documents(1))
@@ -209,6 +209,21 @@ def test_transform_names_another_adaptor_as_index_does(tiny, tmp_path):
         late(sample_documents(2))
 
 
+def test_transform_refuses_learned_scores_without_an_adaptors_scorer_before_a_store_exists(tiny, tmp_path):
+    """``global:learned`` through an adaptor trained without its scorer failed at the first node
+    with a traceback and left an empty store behind; it is refused as ``index`` refuses it."""
+    from ragcompress.errors import InputError
+    from ragcompress.models import load_model
+    from ragcompress.testing import noisy_adaptor
+
+    unscored = str(noisy_adaptor(load_model(tiny), 1).save(tmp_path / "adaptor"))
+    store = tmp_path / "store"
+    config = IndexConfig(method="global:learned", ratio=0.5, adaptor=unscored)
+    with pytest.raises(InputError, match=f"adaptor {unscored} has none .*use global:kvzip"):
+        KVCacheTransform(store_path=str(store), model=tiny, config=config)(sample_documents(1))
+    assert not store.exists()
+
+
 def test_missing_caches_of_a_store_built_with_a_custom_adaptor_need_its_folder(tiny, tmp_path):
     """A store built with an adaptor that is not packaged records only its hash: the synthesizer
     and the postprocessor could not compute missing caches and told the user to pass
@@ -217,8 +232,8 @@ def test_missing_caches_of_a_store_built_with_a_custom_adaptor_need_its_folder(t
     from ragcompress.models import load_model
     from ragcompress.testing import noisy_adaptor
 
-    folder = str(noisy_adaptor(load_model(tiny).model, 1).save(tmp_path / "adaptor"))
-    other = str(noisy_adaptor(load_model(tiny).model, 2).save(tmp_path / "other"))
+    folder = str(noisy_adaptor(load_model(tiny), 1).save(tmp_path / "adaptor"))
+    other = str(noisy_adaptor(load_model(tiny), 2).save(tmp_path / "other"))
     config = IndexConfig(adaptor=folder)
     store, alone = str(tmp_path / "store"), str(tmp_path / "alone")
     KVCacheTransform(store_path=store, model=tiny, config=config)(sample_documents(2))

@@ -225,7 +225,7 @@ def test_adaptor_low_rank_and_relative_paths_on_ray_have_the_single_process_byte
     another (a cluster started elsewhere; here Ray's, started before the driver moved) get them
     resolved, so they open the store the driver created instead of failing. (One Ray build for
     both: each costs tens of seconds beside the other test worker.)"""
-    adaptor = noisy_adaptor(tiny_lm.model, seed=7).save(tmp_path / "adaptor")
+    adaptor = noisy_adaptor(tiny_lm, seed=7).save(tmp_path / "adaptor")
     config = replace(CONFIG, adaptor=str(adaptor), rank=8)
     index(corpus, tmp_path / "single", lm=tiny_lm, embedder=HashEmbedder(), config=config, batch_size=BATCH)
     monkeypatch.chdir(tmp_path)

@@ -29,10 +29,12 @@ def train(
     minutes: float = typer.Option(
         40.0,
         "--minutes",
-        help="stop after this many minutes of training steps (per invocation: a resumed run gets them anew)",
+        min=0.0,
+        help="stop after this many minutes of training steps (per invocation: a resumed run gets them anew; "
+        "0 finishes a run from its checkpoint without new steps)",
     ),
     batch: int = typer.Option(4, "--batch", min=1, help="examples per optimizer step"),
-    lr: float = typer.Option(3e-4, "--lr"),
+    lr: float = typer.Option(3e-4, "--lr", help="learning rate (> 0)"),
     warmup: int = typer.Option(0, "--warmup", min=0, help="steps over which the learning rate rises to --lr"),
     decay: str = typer.Option("constant", "--decay", help="'constant' or 'cosine' (to a tenth of --lr by --steps)"),
     rank: int = typer.Option(8, "--rank", min=1),
@@ -170,7 +172,12 @@ def train(
         f"whose argmax is full prefill's {metrics['held_out_start'].get('top1_answer', float('nan')):.3f} -> "
         f"{metrics['held_out_end'].get('top1_answer', float('nan')):.3f}"
     )
-    if metrics["steps"] < config.steps:  # --minutes ran out first
+    if metrics["steps"] < config.steps and config.minutes == 0:  # a run finished from its checkpoint
+        typer.echo(
+            f"stopped at step {metrics['steps']} of {config.steps}: --minutes 0 takes no step; run it again with "
+            "--minutes above 0 to continue from the checkpoint"
+        )
+    elif metrics["steps"] < config.steps:  # --minutes ran out first
         typer.echo(
             f"stopped at step {metrics['steps']} of {config.steps}: --minutes {config.minutes:g} of step time ran out; "
             "run the same command again to continue from the checkpoint"

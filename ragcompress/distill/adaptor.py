@@ -119,7 +119,8 @@ class Adaptor:
         return float(self.settings["alpha"]) / float(self.settings["rank"])
 
     def check_model(self, fingerprint: str, ref: str) -> None:
-        """Refuse a model other than the one this adaptor was trained on."""
+        """Refuse a model other than the one this adaptor was trained on. One made in memory
+        (training's own) may record none; a loaded one always does (:meth:`load`)."""
         base = self.meta.get("base_fingerprint")
         if base and base != fingerprint:
             raise StoreMismatchError(
@@ -231,6 +232,13 @@ class Adaptor:
         if recorded != adaptor.hash:
             raise InputError(
                 f"adaptor {directory}: its weights and settings do not match the hash its {CONFIG} records; {remedy}"
+            )
+        if not isinstance(config.get("base_fingerprint"), str) or not config["base_fingerprint"]:
+            # the hash covers settings and tensors only: without this, an edited file skipped check_model
+            raise InputError(
+                f"adaptor {directory}: its {CONFIG} records no base_fingerprint, so it cannot be checked against the "
+                "model it is used with; it was edited or not written by `ragcompress train`: train it again or copy "
+                "it whole"
             )
         return adaptor
 

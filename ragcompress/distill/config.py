@@ -1,7 +1,8 @@
 """The settings of a ``ragcompress train`` run (:class:`TrainConfig`), checked before any work.
 
-Bad compression settings fail here, before the passages are embedded and hours are spent
-training; every setting is recorded in the adaptor's JSON (``adaptor.meta["config"]``).
+Bad settings (a compression it cannot train, a number below its least value) fail here, before
+the passages are embedded and hours are spent training; every setting is recorded in the
+adaptor's JSON (``adaptor.meta["config"]``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,16 @@ from ragcompress.kv.quant import QuantConfig
 
 CONTINUATION = 32  # reconstruction tokens per example
 DEFAULT_SCORER_PASSAGES = 40  # passages the learned scorer is fitted on unless told
+# the least value of each numeric setting (one left unset, None, takes its default); a value
+# below it failed only after the teacher pass, in torch or peft (batch 0: a division by zero,
+# eval_every 0: a modulo by zero, top_k 0: an index error), or wrote an adaptor of no steps
+MINIMA: dict[str, float] = {
+    "top_k": 1, "rank": 1, "alpha": 1, "warmup": 0, "batch": 1, "steps": 1, "minutes": 0, "clip": 0,
+    "continuation_weight": 0, "hard_weight": 0, "teacher_top": 1, "val_examples": 1, "train_questions": 0,
+    "views": 1, "continuation": 1, "eval_every": 1, "checkpoint_every": 1, "scorer_passages": 0,
+    "group_size": 1, "kv_rank": 1, "calibration_passages": 1, "keep_first": 0, "keep_last": 0,
+    "extra_questions": 0,
+}  # fmt: skip
 
 
 @dataclass
@@ -83,13 +94,10 @@ class TrainConfig:
     # of the adaptor of zeros: continues a finished run whose checkpoint is gone, e.g. a packaged one
     init_adaptor: str | None = None
 
-    def __post_init__(self) -> None:  # bad compression settings fail before hours of training
-        if self.views < 1:
-            raise ValueError(f"views must be >= 1, not {self.views}")
-        if self.minutes < 0:  # 0 finishes a run from its checkpoint without new steps
-            raise ValueError(f"--minutes must be >= 0, not {self.minutes}")
-        if self.decay not in ("constant", "cosine") or self.warmup < 0:
-            raise ValueError(f"decay is 'constant' or 'cosine' and warmup >= 0, not {self.decay!r} / {self.warmup}")
+    def __post_init__(self) -> None:  # bad settings fail before hours of training
+        self.check_numbers()
+        if self.decay not in ("constant", "cosine"):
+            raise ValueError(f"decay is 'constant' or 'cosine', not {self.decay!r}")
         if self.kind not in ("forward", "cache"):
             raise ValueError(f"kind is 'forward' or 'cache', not {self.kind!r}")
         self.quant_config()
@@ -97,6 +105,17 @@ class TrainConfig:
         self.rank_spec()
         if (self.method != "none" or self.quant != "none" or self.kv_rank) and self.kind != "forward":
             raise ValueError("a compressed student (--method / --quant / --kv-rank) is trained with kind 'forward'")
+
+    def check_numbers(self) -> None:
+        """Refuse a numeric setting below its least value (:data:`MINIMA`; ``minutes`` 0 finishes a
+        run from its checkpoint without new steps) and a learning rate that is not positive: torch
+        refused a negative one only after the teacher pass, and 0 wrote an untrained adaptor."""
+        for name, least in MINIMA.items():
+            value = getattr(self, name)
+            if value is not None and not value >= least:  # not >=: NaN is refused too
+                raise ValueError(f"{name} must be >= {least}, not {value!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr (--lr) must be a positive number, not {self.lr!r}")
 
     def quant_config(self) -> QuantConfig:
         """The store quantization the student is trained for."""

@@ -5,7 +5,10 @@ optimizer state and history (:class:`Checkpointer` writes them, :func:`resume_st
 back). Resuming is refused when the checkpoint (or a teacher file) was made by another base
 model, holding out other articles, or for another compression (:func:`check_run`,
 :func:`check_resumed_compression`): the adaptor would otherwise report held-out numbers on what
-it trained on, or one loss curve across two stores. Without a checkpoint a run starts from
+it trained on, or one loss curve across two stores; and with another learning rate or batch,
+fewer steps than it has taken, or another ``--init-adaptor`` than it started from
+(:func:`check_resumed_steps`, :func:`check_resumed_start`): the adaptor would record settings
+its steps were not taken with. Without a checkpoint a run starts from
 ``--init-adaptor`` (:func:`warm_start`) or from the adaptor of zeros.
 """
 
@@ -33,6 +36,8 @@ COMPRESSION_SETTINGS = (
     "keep_first", "keep_last", "value_norm",
 )  # fmt: skip
 ANCESTRY = ("init_adaptor_hash", "init_train_articles")  # what a run records of its --init-adaptor
+# the settings of the optimizer steps a checkpoint has taken, which a resumed run takes too
+STEP_SETTINGS = ("lr", "batch")
 
 
 def settings_differ(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -79,6 +84,42 @@ def check_resumed_compression(config: TrainConfig, saved: dict[str, Any], path: 
         raise InputError(
             f"{path} trains an adaptor for {', '.join(differ)}; resume with those settings, or train for this "
             "compression in another --out folder (--init-adaptor OUT/adaptor starts from the finished adaptor)"
+        )
+
+
+def check_resumed_steps(config: TrainConfig, checkpoint: dict[str, Any], path: Path) -> None:
+    """Refuse to resume with another learning rate or batch than the checkpoint's steps were taken
+    with (the adaptor would record the new ones for every step), or with fewer ``--steps`` than
+    it has taken (it would export the later adaptor recording the fewer steps)."""
+    differ = settings_differ(checkpoint.get("config", {}), {name: getattr(config, name) for name in STEP_SETTINGS})
+    if differ:
+        raise InputError(
+            f"{path} was trained with {', '.join(differ)}; resume with those values, or train with these in "
+            "another --out folder (--init-adaptor OUT/adaptor starts from the finished adaptor)"
+        )
+    if checkpoint["step"] > config.steps:
+        raise InputError(
+            f"{path} is at step {checkpoint['step']}, past --steps {config.steps}; give --steps {checkpoint['step']} "
+            "or more to resume it, or use another --out folder"
+        )
+
+
+def check_resumed_start(config: TrainConfig, checkpoint: dict[str, Any], lm: LoadedModel, path: Path) -> None:
+    """Refuse ``--init-adaptor`` naming another adaptor than the checkpoint's run started from: the
+    checkpoint's factors are resumed, not that adaptor's, and the adaptor would record it as its
+    start. Naming the one it started from resumes (the same command that started the run)."""
+    if not config.init_adaptor:
+        return
+    from ragcompress.distill.packaged import resolve_adaptor
+
+    started = checkpoint.get("init_adaptor_hash")
+    given = resolve_adaptor(config.init_adaptor, lm.ref).hash
+    if given != started:
+        began = f"adaptor {started[:16]}" if started else "the adaptor of zeros"
+        raise InputError(
+            f"{path} continues a run started from {began}, not from --init-adaptor {config.init_adaptor} "
+            f"({given[:16]}), and resuming trains the checkpoint's factors; leave --init-adaptor out to resume it, "
+            "or start from that adaptor in another --out folder"
         )
 
 
@@ -185,19 +226,28 @@ def check_resumed_data(checkpoint: dict[str, Any], data_sha256: str, path: Path)
 def starting_adaptor(
     lm: LoadedModel, config: TrainConfig, checkpoint: dict[str, Any] | None, checkpoint_path: Path, data_sha256: str
 ) -> Adaptor:
-    """The adaptor a run trains: the checkpoint's (checked against this run and its data,
-    ``data_sha256``; its rank, alpha and kind taken into ``config``), else ``--init-adaptor``'s,
-    else the adaptor of zeros."""
+    """The adaptor a run trains: the checkpoint's (checked against this run, its data
+    (``data_sha256``), steps and start; its rank, alpha, kind and start taken into ``config``),
+    else ``--init-adaptor``'s, else the adaptor of zeros."""
     if checkpoint is not None:
         check_run(
             checkpoint_path, checkpoint, lm, checkpoint.get("config", {}).get("val_articles"), config.val_articles
         )
         check_resumed_data(checkpoint, data_sha256, checkpoint_path)
         check_resumed_compression(config, checkpoint.get("config", {}), checkpoint_path)
+        check_resumed_steps(config, checkpoint, checkpoint_path)
+        check_resumed_start(config, checkpoint, lm, checkpoint_path)
         ancestry = resumed_ancestry(checkpoint, config, lm, checkpoint_path)  # the init adaptor's, if any
+        if "init_adaptor_hash" in ancestry and not config.init_adaptor:  # recorded as the run started
+            config.init_adaptor = checkpoint.get("config", {}).get("init_adaptor")
         adaptor = Adaptor(checkpoint["settings"], dict(checkpoint["initial"]), ancestry)
         resumed_settings(config, adaptor.settings, checkpoint_path, stacklevel=4)
         return adaptor
+    if config.minutes == 0:  # the run would export the adaptor it starts from as if trained
+        raise InputError(
+            f"--minutes 0 takes no training step, and {checkpoint_path.parent} holds no checkpoint to finish: "
+            "the adaptor would be untrained; give --minutes above 0"
+        )
     if config.init_adaptor:
         return warm_start(lm, config)
     return Adaptor.initial(lm.model, config.rank, config.alpha, kind=config.kind)

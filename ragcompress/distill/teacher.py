@@ -6,8 +6,9 @@ per example), so each example is saved as soon as it is computed (``teacher-trai
 (``teacher.safetensors``). Those files hold the base model's distributions under this run's
 settings, so every one records the base model's fingerprint and the settings it was computed
 with (:func:`teacher_settings`), and a run refuses one that records another model, other
-settings, another split, or nothing it could be checked by (:func:`check_teacher_file`,
-:func:`check_split`): it would distil from it as if it were its own.
+settings, another split, other questions (``--train-questions``, ``--val-examples``), or nothing
+it could be checked by (:func:`check_teacher_file`, :func:`check_split`, :func:`check_chosen`):
+it would distil from it as if it were its own.
 """
 
 from __future__ import annotations
@@ -121,6 +122,20 @@ def check_split(distiller: Distiller, path: Path, examples: list[Example], corpu
             )
 
 
+def check_chosen(path: Path, examples: list[Example], corpus: Corpus, option: str, given: int, side: str) -> None:
+    """Refuse cached examples of other questions than ``option`` (``--train-questions``,
+    ``--val-examples``: ``given``) chooses now: a run trained and validated on the questions the
+    file was computed for while its adaptor recorded the new value."""
+    chosen = [q.id for q in select_questions(corpus.questions, given or None)]
+    held = list(dict.fromkeys(question_of(e.qid) for e in examples))
+    if held != chosen:
+        other = "other " if len(held) == len(chosen) else ""
+        raise InputError(
+            f"{path} holds the teacher examples of {len(held)} {side} questions, not of the {len(chosen)} {other}that "
+            f"{option} {given} chooses; train with the {option} it was computed with, or use another --out folder"
+        )
+
+
 def teacher_examples(
     distiller: Distiller, config: TrainConfig, train: Corpus, val: Corpus, embedder: Embedder, out: Path
 ) -> tuple[list[Example], list[Example]]:
@@ -141,6 +156,8 @@ def teacher_examples(
                 "examples already computed, so only the missing views are computed again)"
             )
         check_split(distiller, teacher_path, val_examples, val, "held-out")
+        check_chosen(teacher_path, train_examples, train, "--train-questions", config.train_questions, "training")
+        check_chosen(teacher_path, val_examples, val, "--val-examples", config.val_examples, "held-out")
         return train_examples, val_examples
     train_part, val_part = out / "teacher-train.part", out / "teacher-val.part"
     train_examples = build_examples(

@@ -17,6 +17,7 @@ from functools import cached_property
 import numpy as np
 
 from ragcompress.compressors import CompressionContext, Compressor
+from ragcompress.compressors.learned import check_scorer
 from ragcompress.distill.adaptor import Adaptor
 from ragcompress.distill.packaged import (
     GENERAL,
@@ -135,8 +136,10 @@ class Indexer:
         if adaptor is not None:
             adaptor.check_model(lm.fingerprint, lm.ref)
             warn_if_trained_for_another_store(adaptor, config)
+        compressor = config.compressor()
+        check_scorer(compressor, adaptor, config.adaptor)  # before a store is created for it
         manifest = build_manifest(lm, template, config, adaptor.hash if adaptor else None)
-        return cls(lm, template, config.compressor(), config.quant_config(), embedder, manifest, adaptor)
+        return cls(lm, template, compressor, config.quant_config(), embedder, manifest, adaptor)
 
     @classmethod
     def for_store(
@@ -164,7 +167,9 @@ class Indexer:
         else:
             manifest.check_embedder(embedder.name)
         template = PromptTemplate.from_dict(manifest.template)
-        return cls(lm, template, compressor_from_manifest(manifest), manifest.quant, embedder, manifest, adaptor)
+        compressor = compressor_from_manifest(manifest)
+        check_scorer(compressor, adaptor)  # a store created for it before this was checked holds nothing
+        return cls(lm, template, compressor, manifest.quant, embedder, manifest, adaptor)
 
     basis: LowRankBasis | None = None  # a low-rank store's basis (:meth:`with_basis`)
 
