@@ -787,8 +787,8 @@ def test_adding_to_a_store_of_an_unpackaged_adaptor_takes_its_folder_alone(
     more.write_text("\n".join(lines[:5]) + "\n")
     lm = load_model(model)
     ours, other = (
-        noisy_adaptor(lm.model, 1).save(tmp_path / "ours"),
-        noisy_adaptor(lm.model, 2).save(tmp_path / "other"),
+        noisy_adaptor(lm, 1).save(tmp_path / "ours"),
+        noisy_adaptor(lm, 2).save(tmp_path / "other"),
     )
     store = tmp_path / "store"
     build = ["index", "--input", str(first), "--store", str(store), "--model", model, "--quant", "int4"]

@@ -5,11 +5,11 @@ optimizer state and history (:class:`Checkpointer` writes them, :func:`resume_st
 back). Resuming is refused when the checkpoint (or a teacher file) was made by another base
 model, holding out other articles, or for another compression (:func:`check_run`,
 :func:`check_resumed_compression`): the adaptor would otherwise report held-out numbers on what
-it trained on, or one loss curve across two stores; and with another learning rate or batch,
-fewer steps than it has taken, or another ``--init-adaptor`` than it started from
-(:func:`check_resumed_steps`, :func:`check_resumed_start`): the adaptor would record settings
-its steps were not taken with. Without a checkpoint a run starts from
-``--init-adaptor`` (:func:`warm_start`) or from the adaptor of zeros.
+it trained on, or one loss curve across two stores; and with other step settings (learning rate,
+batch, schedule, clip, loss weights, seed), fewer steps than it has taken, or another
+``--init-adaptor`` than it started from (:func:`check_resumed_steps`, :func:`check_resumed_start`):
+the adaptor would record settings its steps were not taken with. Without a checkpoint a run
+starts from ``--init-adaptor`` (:func:`warm_start`) or from the adaptor of zeros.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ COMPRESSION_SETTINGS = (
 )  # fmt: skip
 ANCESTRY = ("init_adaptor_hash", "init_train_articles")  # what a run records of its --init-adaptor
 # the settings of the optimizer steps a checkpoint has taken, which a resumed run takes too
-STEP_SETTINGS = ("lr", "batch")
+STEP_SETTINGS = ("lr", "batch", "warmup", "decay", "clip", "continuation_weight", "hard_weight", "seed")
 
 
 def settings_differ(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -88,8 +88,9 @@ def check_resumed_compression(config: TrainConfig, saved: dict[str, Any], path: 
 
 
 def check_resumed_steps(config: TrainConfig, checkpoint: dict[str, Any], path: Path) -> None:
-    """Refuse to resume with another learning rate or batch than the checkpoint's steps were taken
-    with (the adaptor would record the new ones for every step), or with fewer ``--steps`` than
+    """Refuse to resume with another learning rate, batch, schedule, clip, loss weight or seed than
+    the checkpoint's steps were taken with (:data:`STEP_SETTINGS`: the adaptor would record the new
+    ones for every step), or with fewer ``--steps`` than
     it has taken (it would export the later adaptor recording the fewer steps)."""
     differ = settings_differ(checkpoint.get("config", {}), {name: getattr(config, name) for name in STEP_SETTINGS})
     if differ:
@@ -113,7 +114,7 @@ def check_resumed_start(config: TrainConfig, checkpoint: dict[str, Any], lm: Loa
     from ragcompress.distill.packaged import resolve_adaptor
 
     started = checkpoint.get("init_adaptor_hash")
-    given = resolve_adaptor(config.init_adaptor, lm.ref).hash
+    given = resolve_adaptor(config.init_adaptor, lm.ref, lm.fingerprint).hash
     if given != started:
         began = f"adaptor {started[:16]}" if started else "the adaptor of zeros"
         raise InputError(
@@ -160,7 +161,7 @@ def resumed_ancestry(checkpoint: dict[str, Any], config: TrainConfig, lm: Loaded
     start_hash = ancestry.get("init_adaptor_hash")
     if start_hash is None or "init_train_articles" in ancestry:
         return ancestry
-    start = resolve_adaptor(config.init_adaptor, lm.ref) if config.init_adaptor else None
+    start = resolve_adaptor(config.init_adaptor, lm.ref, lm.fingerprint) if config.init_adaptor else None
     if start is None or start.hash != start_hash:
         start = packaged_adaptor(start_hash)
     if start is None:
@@ -193,7 +194,7 @@ def warm_start(lm: LoadedModel, config: TrainConfig) -> Adaptor:
     from ragcompress.distill.packaged import resolve_adaptor
 
     assert config.init_adaptor is not None
-    start = resolve_adaptor(config.init_adaptor, lm.ref)
+    start = resolve_adaptor(config.init_adaptor, lm.ref, lm.fingerprint)
     start.check_model(lm.fingerprint, lm.ref)
     if start.kind != config.kind:
         raise InputError(f"--init-adaptor {config.init_adaptor} is of kind {start.kind!r}, not {config.kind!r}")
