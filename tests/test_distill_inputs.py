@@ -341,6 +341,7 @@ def test_a_resumed_run_refuses_other_step_settings_fewer_steps_and_another_start
     for other, message in [
         ({"lr": 1e-3}, r"checkpoint.safetensors was trained with lr=0.0003 \(this run: 0.001\); resume with those"),
         ({"batch": 2}, r"was trained with batch=1 \(this run: 2\)"),
+        ({"warmup": 1, "seed": 3}, r"was trained with warmup=0 \(this run: 1\), seed=0 \(this run: 3\)"),
         ({"steps": 1}, r"checkpoint.safetensors is at step 2, past --steps 1; give --steps 2 or more"),
         (
             {"init_adaptor": start},
