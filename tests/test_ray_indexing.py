@@ -189,7 +189,9 @@ def test_ray_missing_or_unreachable_is_one_error_before_anything_is_written(tmp_
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh driver (the module's may be up)
     monkeypatch.setattr(ray, "init", no_cluster)
-    with pytest.raises(InputError, match=r"^--ray auto: cannot join a Ray cluster there \(Could not find .*ray start --head"):
+    with pytest.raises(
+        InputError, match=r"^--ray auto: cannot join a Ray cluster there \(Could not find .*ray start --head"
+    ):
         index_on_ray(corpus, store, address="auto", lm=tiny_lm, config=CONFIG)
     assert not store.exists()
     half = tmp_path / "half.jsonl"
