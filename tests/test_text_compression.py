@@ -57,6 +57,8 @@ def test_split_sentences():
         "Five e.g. six",
     ]
     assert split_sentences("  ") == []
+    assert split_sentences("End.\n\nnext one") == ["End.", "next one"]  # a blank line ends one, whatever follows
+    assert split_sentences("A b.\nc d") == ["A b.\nc d"]
     # capitals of other scripts, and CJK sentence marks (they were one sentence each: not shortened)
     assert split_sentences("Москва большая. Это город. Über alles. 東京です。人口？はい") == [
         "Москва большая.",

@@ -17,10 +17,13 @@ import numpy as np
 from ragcompress.text.base import TextCompressor
 
 # A sentence ends at . ! or ? (optionally followed by a closing quote or bracket) before
-# whitespace and a digit or a letter that is not lower-case (any script; CJK has no case), after
-# an optional opening quote; at a CJK full stop, exclamation or question mark (。！？, no space
-# follows them); or at a blank line.
-_BOUNDARY = re.compile(r"([.!?][\"')\]»”’]?)\s+(?=[\"'(\[«„“‘]?(?:[0-9]|[^\W\d_]))|([。！？][」』”）]?)\s*|\n\s*\n")
+# whitespace of at most one line break and a digit or a letter that is not lower-case (any script;
+# CJK has no case: split_sentences checks the case of group 2), after an optional opening quote; at
+# a CJK full stop, exclamation or question mark (。！？, no space follows them); or at a blank line
+# (the first alternative never spans one, so a blank line before a lower-case word still ends).
+_BOUNDARY = re.compile(
+    r"([.!?][\"')\]»”’]?)(?:[^\S\n]+\n?|\n)[^\S\n]*(?=[\"'(\[«„“‘]?(\w))|([。！？][」』”）]?)\s*|\n\s*\n"
+)
 
 
 def split_sentences(text: str) -> list[str]:
@@ -31,12 +34,12 @@ def split_sentences(text: str) -> list[str]:
     pieces, start = [], 0
     for match in _BOUNDARY.finditer(text):
         if match.group(1):
-            after = text[match.end() :].lstrip("\"'([«„“‘")[:1]
+            after = match.group(2)  # the word character that follows (past an opening quote)
             if not (after.isdigit() or (after.isalpha() and not after.islower())):  # a capital, or a caseless script
                 continue
             end = match.end(1)
         else:
-            end = match.end(2) if match.group(2) else match.start()
+            end = match.end(3) if match.group(3) else match.start()
         pieces.append(text[start:end])
         start = match.end()
     pieces.append(text[start:])
