@@ -65,12 +65,15 @@ def packaged_model(model_ref: str, fingerprint: str | None = None) -> str:
     model whose base fingerprint it has (``--adaptor default`` and ``matching`` found none for
     it, and ``matching`` encoded with the base model)."""
     name = Path(model_ref).name
-    if fingerprint is None or any(meta.get("base_model") == name for _, meta in packaged_configs()):
+    if fingerprint is None:
         return name
-    for _, meta in packaged_configs():
-        if meta.get("base_fingerprint") == fingerprint and meta.get("base_model"):
-            return str(meta["base_model"])
-    return name
+    configs = [meta for _, meta in packaged_configs()]  # one read of the packaged JSON files
+    if any(meta.get("base_model") == name for meta in configs):
+        return name
+    same = (
+        meta["base_model"] for meta in configs if meta.get("base_fingerprint") == fingerprint and meta.get("base_model")
+    )
+    return str(next(same, name))
 
 
 def packaged_for_store(model_ref: str, store: TrainedStore, fingerprint: str | None = None) -> Path | None:
