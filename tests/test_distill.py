@@ -115,6 +115,34 @@ def test_store_refuses_another_adaptor(lm, tmp_path, passages_file, embedder):
     index(passages_file, tmp_path / "store", config=IndexConfig(adaptor=str(first)), **common)  # same: resumes
 
 
+def test_python_index_adds_to_a_store_of_an_unpackaged_adaptor_given_by_folder_alone(
+    lm, tmp_path, passages_file, embedder
+):
+    """``index(adaptor=FOLDER)`` without a config is what ``ragcompress index --adaptor FOLDER``
+    alone is: the store's other settings with the adaptor it cannot find by its recorded hash.
+    Before, a Python caller had to restate every setting; another adaptor is still refused, and
+    an adaptor beside a config is ambiguous."""
+    ours, other = noisy_adaptor(lm, 3).save(tmp_path / "ours"), noisy_adaptor(lm, 4).save(tmp_path / "other")
+    lines = passages_file.read_text().splitlines()
+    first = tmp_path / "first.jsonl"
+    first.write_text("\n".join(lines[:2]) + "\n")
+    common = dict(model=lm.ref, lm=lm, embedder=embedder)
+    store = tmp_path / "store"
+    config = IndexConfig(method="global:knorm", ratio=0.5, quant="int4", adaptor=str(ours))
+    index(first, store, config=config, **common)
+    with pytest.raises(InputError, match="not packaged; pass its folder"):
+        index(passages_file, store, **common)
+    with pytest.raises(StoreMismatchError, match="adaptor"):
+        index(passages_file, store, adaptor=str(other), **common)
+    with pytest.raises(ValueError, match="not both"):
+        index(passages_file, store, config=config, adaptor=str(ours), **common)
+    report = index(passages_file, store, adaptor=str(ours), **common)
+    assert (report.indexed, report.skipped) == (len(lines) - 2, 2)
+    whole = tmp_path / "whole"
+    index(passages_file, whole, config=config, **common)
+    assert blobs(store) == blobs(whole)  # the added passages encoded as with every setting restated
+
+
 def test_adaptor_for_another_model_is_refused(lm, tmp_path):
     adaptor = noisy_adaptor(lm.model, 5)
     adaptor.meta = {"base_model": "other", "base_fingerprint": "f" * 64}

@@ -129,9 +129,8 @@ def index(
         raise RagCompressError("--workers sizes the Ray actor pool: give --ray local (or a cluster ADDRESS) too")
     quiet_libraries()
     from ragcompress.indexing import index as run_index
-    from ragcompress.indexing.config import config_from_manifest
     from ragcompress.presets import index_config
-    from ragcompress.store import KVStore, Manifest
+    from ragcompress.store import KVStore
     from ragcompress.store.manifest import MANIFEST
 
     settings = {
@@ -157,11 +156,10 @@ def index(
     }
     config = None  # nothing given: an existing store's own settings (defaults for a new one)
     given = {key for key, value in settings.items() if value is not None}
-    if preset is None and given == {"adaptor"} and not overwrite and (store / MANIFEST).is_file():
-        # only --adaptor: the store's other settings, with the folder of an adaptor that is not
-        # packaged (its hash is checked against the store's when the run starts)
-        config = config_from_manifest(Manifest.read(store), adaptor)
-    elif preset is not None or given:
+    # only --adaptor, adding to a store: the store's other settings, with the folder of an adaptor
+    # that is not packaged (its hash is checked against the store's when the run starts)
+    adaptor_alone = preset is None and given == {"adaptor"} and not overwrite and (store / MANIFEST).is_file()
+    if (preset is not None or given) and not adaptor_alone:
         try:
             config = index_config(preset, **settings)
         except (ValueError, TypeError) as exc:
@@ -185,6 +183,7 @@ def index(
             replace=replace,
             dtype=dtype,
             device=device,
+            adaptor=adaptor if adaptor_alone else None,
         )
     else:
         report = run_index(
@@ -198,6 +197,7 @@ def index(
             progress=show_progress(as_json),
             dtype=dtype,
             device=device,
+            adaptor=adaptor if adaptor_alone else None,
         )
     with KVStore.open(store) as opened:
         sizes = store_sizes(opened)

@@ -177,7 +177,7 @@ def config_from_manifest(manifest: Manifest, adaptor: str | None = None) -> Inde
         if found is None:
             raise InputError(
                 f"the store was built with adaptor {str(manifest.encoding['adaptor'])[:16]}, which is not packaged; "
-                "pass its folder with --adaptor (alone, the store's other settings are kept)"
+                "pass its folder with --adaptor (alone, the store's other settings are kept), adaptor= in Python's index()"
             )
         adaptor = str(found)
     config = IndexConfig(

@@ -291,6 +291,7 @@ def index_on_ray(
     replace: bool = False,
     dtype: str | None = None,
     device: str | None = None,
+    adaptor: str | None = None,
 ) -> IndexReport:
     """Index ``input_path`` into ``store_path`` with ``workers`` Ray actors (module doc).
 
@@ -304,6 +305,7 @@ def index_on_ray(
     the stored one, as ``index(replace=True)`` does; ``--overwrite`` is single-process only.
     ``dtype`` as for ``index()``; the actors load the model in the dtype the manifest records.
     ``device``: ``cuda`` (any ``cuda:N``) gives each actor one GPU; ``cpu`` or None, none.
+    ``adaptor`` (without ``config``) as for ``index()``.
     """
     start = time.perf_counter()
     check_index_arguments(config, batch_size, model, lm)
@@ -318,7 +320,7 @@ def index_on_ray(
         refuse_existing(store_path)
     if gpu or not exists:  # a new store has work: a cluster that cannot take it is refused before it is created
         _connect(address, workers * threads_per_worker, gpu)
-    config, model, dtype = settings_for(store_path if exists else None, config, model, dtype)
+    config, model, dtype = settings_for(store_path if exists else None, config, model, dtype, adaptor)
     lm = lm or load_model(model, dtype=dtype)
     embedder = embedder_factory() if embedder_factory is not None else None
     if config.context_neighbors:

@@ -78,12 +78,23 @@ def count_input(input_path: Path, existing: Path | None, replace: bool) -> int:
 
 
 def settings_for(
-    existing: Path | None, config: IndexConfig | None, model: str | None, dtype: str | None = None
+    existing: Path | None,
+    config: IndexConfig | None,
+    model: str | None,
+    dtype: str | None = None,
+    adaptor: str | None = None,
 ) -> tuple[IndexConfig, str | None, str | None]:
     """The settings, model and model dtype to index with: those given, else an existing store's
-    own (adding passages without repeating every option), else the defaults."""
+    own (adding passages without repeating every option), else the defaults. ``adaptor`` (only
+    without ``config``): the folder or name of the adaptor to encode with; an existing store
+    records its adaptor by hash only, so one that is not packaged must be named here."""
+    if adaptor is not None and config is not None:
+        raise ValueError(
+            "give the adaptor in config (IndexConfig(adaptor=...)) or adaptor= alone (the store's own settings, "
+            "or the defaults for a new store), not both"
+        )
     if existing is None:
-        return config or IndexConfig(), model, dtype
+        return config or IndexConfig(adaptor=adaptor), model, dtype
     manifest = Manifest.read(existing)  # a manifest it cannot read names the rebuild with the settings
     embedded = {DEFAULT_MODEL, EVAL_MODEL}  # names that mean one model each: compared before it loads (seconds)
     if model is not None and model != manifest.model_ref and {model, manifest.model_ref} <= embedded:
@@ -91,7 +102,7 @@ def settings_for(
             f"store was built with model {manifest.model_ref}, this run uses {model}; give the store's model "
             "(or none, to reuse it), another --store, or --overwrite"
         )
-    return config or config_from_manifest(manifest), model or manifest.model_ref, dtype or manifest.dtype
+    return config or config_from_manifest(manifest, adaptor), model or manifest.model_ref, dtype or manifest.dtype
 
 
 def run_indexer(
@@ -195,6 +206,7 @@ def index(
     embedder: Embedder | None = None,
     dtype: str | None = None,
     device: str | None = None,
+    adaptor: str | None = None,
 ) -> IndexReport:
     """Index ``input_path`` (JSONL or folder) into the store at ``store_path``.
 
@@ -206,7 +218,9 @@ def index(
     runs its forwards (``cpu``, ``cuda``, ``cuda:N``; :class:`~ragcompress.indexing.encoder.PassageEncoder`),
     not recorded: a store indexed on a GPU is read like any other. ``replace``: a passage stored
     under its id with another text is re-encoded and replaces it (without it, that is an error
-    raised before anything is written).
+    raised before anything is written). ``adaptor`` (without ``config``): the folder of the
+    adaptor an existing store was built with when it is not packaged (its hash is checked against
+    the store's), the store's other settings kept; for a new store, the defaults with it.
     """
     start = time.perf_counter()
     check_index_arguments(config, batch_size, model, lm)
@@ -229,7 +243,7 @@ def index(
         )
     # --overwrite with no settings rebuilds the store with its own (a new model version, a damaged shard)
     existing = store_path if exists and (not overwrite or config is None) else None
-    config, model, dtype = settings_for(existing, config, model, dtype)
+    config, model, dtype = settings_for(existing, config, model, dtype, adaptor)
     lm = lm or load_model(model, dtype=dtype, device=device)
     indexer = run_indexer(lm, config, embedder, input_path, store_path if exists and not overwrite else None)
     indexer.check_lengths(iter_passages(input_path))
