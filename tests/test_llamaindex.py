@@ -816,6 +816,29 @@ def test_query_engine_round_trip_matches_engine_answer(built):
     assert info["ttft_s"] > 0
 
 
+def test_a_node_given_twice_is_placed_once(built):
+    """Merged retrievers can hand in one node twice: its cache was placed twice (two copies of the
+    passage in the context, which no full prefill of the retrieved set has), and it took two of
+    the postprocessor's ``top_n`` places. Each is kept once now, where it ranks best."""
+    store, _ = built
+    synthesizer = KVCacheSynthesizer(store, max_new_tokens=8)
+    engine = synthesizer.engine
+    entries = engine.retrieve(QUESTION, 2)
+    nodes = KVStoreRetriever(store, similarity_top_k=2).retrieve(QUESTION)
+    twice = [nodes[0], nodes[1], NodeWithScore(node=nodes[0].node, score=0.0)]
+    response = synthesizer.synthesize(QUESTION, twice)
+    assert response.metadata["ragcompress"]["passage_ids"] == [e.id for e in entries]
+    assert response.response == engine.answer_cached(QUESTION, entries).answer
+    assert len(response.source_nodes) == 3  # what was given
+    post = KVCacheNodePostprocessor(store_path=store, top_n=2)
+    repeated = [NodeWithScore(node=nodes[0].node, score=0.9), NodeWithScore(node=nodes[0].node, score=0.8), nodes[1]]
+    out = post.postprocess_nodes(repeated, query_str=QUESTION)
+    assert [(n.node.node_id, n.score) for n in out] == [
+        (nodes[0].node.node_id, 0.9),
+        (nodes[1].node.node_id, nodes[1].score),
+    ]
+
+
 def test_fallback_margin_reaches_the_synthesizer(built):
     """``fallback_margin`` answers a near tie by full prefill (every first token of the tiny random
     model is one at 0.999) and the response says so; it round-trips through ``to_dict``."""

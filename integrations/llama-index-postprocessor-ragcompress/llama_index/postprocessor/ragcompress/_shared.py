@@ -12,7 +12,7 @@ import asyncio
 import functools
 import hashlib
 import json
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -40,6 +40,15 @@ def scored_nodes(nodes: Any, where: str) -> list[NodeWithScore]:
                 "in it; wrap a node as NodeWithScore(node=node)"
             )
     return list(nodes)
+
+
+def first_of_each(items: Iterable[T], key: Callable[[T], str]) -> list[T]:
+    """``items`` in order without the repeats of a key: each kept where it first appears (a node
+    given twice is placed once, at its better-ranked place)."""
+    kept: dict[str, T] = {}
+    for item in items:
+        kept.setdefault(key(item), item)
+    return list(kept.values())
 
 
 def plain_nodes(nodes: Any, where: str) -> list[BaseNode]:

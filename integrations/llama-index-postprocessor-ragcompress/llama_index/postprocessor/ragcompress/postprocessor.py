@@ -11,7 +11,13 @@ from llama_index.core.callbacks.schema import CBEventType, EventPayload
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import NodeWithScore, QueryBundle
 
-from llama_index.postprocessor.ragcompress._shared import require_ragcompress, scored_nodes, shared_model, store_path
+from llama_index.postprocessor.ragcompress._shared import (
+    first_of_each,
+    require_ragcompress,
+    scored_nodes,
+    shared_model,
+    store_path,
+)
 from llama_index.postprocessor.ragcompress.cache import CacheResolver
 from llama_index.postprocessor.ragcompress.events import KVCacheAttachedEvent
 
@@ -89,6 +95,9 @@ class KVCacheNodePostprocessor(BaseNodePostprocessor):
         usable = [n for n in nodes if n.score is not None and not math.isnan(n.score)]
         scored = sorted(usable, key=lambda n: -(n.score or 0.0))
         ordered = scored + [n for n in nodes if n.score is None or math.isnan(n.score)]
+        # a node given twice (merged retrievers) is kept once, at its best place, so it does not
+        # take two of top_n's places and put its passage in the context twice
+        ordered = first_of_each(ordered, lambda n: n.node.node_id)
         return ordered[: self.top_n] if self.top_n is not None else ordered
 
     def _postprocess_nodes(

@@ -29,6 +29,7 @@ from llama_index.core.response_synthesizers.base import BaseSynthesizer, QueryTe
 from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
 
 from llama_index.postprocessor.ragcompress._shared import (
+    first_of_each,
     iterate_in_thread,
     reopen,
     require_ragcompress,
@@ -174,7 +175,12 @@ class KVCacheSynthesizer(BaseSynthesizer):
     # -- answering -----------------------------------------------------------------------------
 
     def _entries(self, nodes: Sequence[NodeWithScore]) -> tuple[list[Any], list[str]]:
+        """The caches to place for ``nodes``, each passage once, where it first appears: a node
+        handed in twice (two retrievers merged, a node and its stored alias) would otherwise put
+        two copies of its passage in the context, which no full prefill of the retrieved set
+        shows the model; ``source_nodes`` still lists what was given."""
         entries, computed = self._resolver.resolve([n.node for n in nodes])
+        entries = first_of_each(entries, lambda entry: entry.id)
         dispatcher.event(
             KVCacheAttachedEvent(store=self._resolver.path, passage_ids=[e.id for e in entries], computed=computed)
         )
