@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -199,6 +200,15 @@ def test_ray_missing_or_unreachable_is_one_error_before_anything_is_written(tmp_
     index(half, store, lm=tiny_lm, embedder=HashEmbedder(), config=CONFIG, batch_size=BATCH)
     with pytest.raises(InputError, match="cannot join a Ray cluster"):
         index_on_ray(corpus, store, address="auto", lm=tiny_lm, config=CONFIG)
+    assert unfinished_run(store) is None and verify_store(store).ok
+    # an address where nothing listens: Ray retried it for minutes; refused at once, before ray.init
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # bound then closed: nothing accepts there
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        with pytest.raises(InputError, match=rf"^--ray {address}: nothing answers there .*--ray local"):
+            index_on_ray(corpus, store, address=address, lm=tiny_lm, config=CONFIG)
     assert unfinished_run(store) is None and verify_store(store).ok
 
 

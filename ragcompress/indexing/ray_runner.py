@@ -35,6 +35,7 @@ as ``cuda``); the driver's model, which writes the prefix cache and fits a basis
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -178,6 +179,7 @@ def _connect(address: str, cpus: int, gpus: bool = False) -> None:
     Ray cannot read) is one error naming the address, not Ray's traceback."""
     ray = _ray()
     if not ray.is_initialized():
+        _check_reachable(address)
         kwargs: dict[str, Any] = {"log_to_driver": False, "include_dashboard": False}
         try:
             if address == "local":
@@ -194,6 +196,25 @@ def _connect(address: str, cpus: int, gpus: bool = False) -> None:
             ) from None
     if gpus and not ray.cluster_resources().get("GPU", 0):
         raise InputError(f"--device cuda with --ray {address}: the Ray cluster has no GPU; index without --device")
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Refuse a ``host:port`` (or ``ray://host:port``) where nothing accepts a connection: Ray
+    itself retries such an address for minutes before it gives up, so ``--ray 127.0.0.1:1`` hung
+    instead of failing. ``local`` and ``auto`` (found by Ray from this machine) are left to Ray."""
+    target = address.removeprefix("ray://")
+    if address in ("local", "auto") or ":" not in target:
+        return
+    host, _, port = target.rpartition(":")
+    if not port.isdigit():
+        return  # Ray names what it cannot read
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise InputError(
+            f"--ray {address}: nothing answers there ({exc.strerror or exc}); check the address the head node "
+            "printed (`ray start --head`), or index on this machine with --ray local"
+        ) from None
 
 
 def _work(writer: StoreWriter, input_path: Path, batch_size: int) -> tuple[list[dict[str, Any]], int, int]:
