@@ -9,6 +9,26 @@ class InputError(RagCompressError):
     """The user's input (a JSONL file, a folder, a question) cannot be used as given."""
 
 
+class PromptTooLongError(InputError):
+    """The prefix, the passages, the question and the tokens to generate need more positions than
+    the model has. The remedies are named by :meth:`remedy` in the caller's own words: the CLI's
+    options by default, the request fields for an HTTP client."""
+
+    def __init__(self, needed: int, passages: int, new_tokens: int, limit: int) -> None:
+        self.needed, self.passages, self.new_tokens, self.limit = needed, passages, new_tokens, limit
+        super().__init__(self.remedy())
+
+    def __reduce__(self) -> tuple[type, tuple[int, int, int, int]]:  # pickled across processes (serve's worker)
+        return type(self), (self.needed, self.passages, self.new_tokens, self.limit)
+
+    def remedy(self, top_k: str = "top_k, --top-k", max_new_tokens: str = "max_new_tokens, --max-new-tokens") -> str:
+        return (
+            f"prompt needs {self.needed} positions (prefix, {self.passages} passages, question, "
+            f"{self.new_tokens} new tokens) but the model handles {self.limit}; shorten the question, "
+            f"retrieve fewer passages ({top_k}) or generate fewer tokens ({max_new_tokens})"
+        )
+
+
 class StoreError(RagCompressError):
     """A KV-cache store is missing, incomplete, corrupt, locked or built for something else."""
 

@@ -25,6 +25,7 @@ pytest.importorskip("uvicorn")
 pytest.importorskip("prometheus_client")
 httpx = pytest.importorskip("httpx")
 
+from ragcompress.errors import InputError  # noqa: E402
 from ragcompress.indexing import IndexConfig, index  # noqa: E402
 from ragcompress.runtime.engine import Engine  # noqa: E402
 from ragcompress.runtime.options import AnswerOptions  # noqa: E402
@@ -485,6 +486,24 @@ def test_a_bad_recompute_in_a_request_is_a_400_that_names_it(recompute, problem)
         parse_chat(chat("Who?", ragcompress={"recompute": recompute}), ServeSettings(), 8)
     assert caught.value.status == 400 and str(caught.value.param).startswith("ragcompress.recompute")
     assert not {"fraction", "schedule"} & set(str(caught.value.param).split("."))  # union tags, no field sent
+
+
+def test_a_prompt_too_long_is_named_in_the_requests_own_fields(engine):
+    """The engine's refusal named the CLI's ``--top-k`` to HTTP clients, and not the tokens to
+    generate at all; a request is told its own fields, with OpenAI's code for it."""
+    question = "where " * engine.max_positions
+    with pytest.raises(InputError, match=r"fewer passages \(top_k, --top-k\) or generate fewer tokens \(max_new"):
+        engine.answer_cached(question, engine.retrieve(QUESTIONS[0], 1))
+    with in_process(engine, max_question_chars=len(question)) as (run, _):
+
+        async def call(client):
+            return await client.post("/v1/chat/completions", json=chat(question, max_tokens=4))
+
+        response = run(call)
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["code"] == "context_length_exceeded", response.text
+    assert "--" not in error["message"] and "(ragcompress.top_k, or fewer ragcompress.passage_ids)" in error["message"]
+    assert "4 new tokens" in error["message"] and error["message"].endswith("generate fewer tokens (max_tokens)")
 
 
 def test_corrupt_passage_fails_only_its_request(engine):

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ragcompress.errors import InputError, StoreError
+from ragcompress.errors import InputError, PromptTooLongError, StoreError
 from ragcompress.models import LoadedModel, load_model
 from ragcompress.retrieval import Embedder
 from ragcompress.runtime.generate import (
@@ -218,11 +218,7 @@ class Engine:
         suffix = self.tokens.suffix(question)
         total = self.prefix.num_tokens + sum(e.num_tokens for e in entries) + len(suffix) + new_tokens
         if total > self.max_positions:
-            raise InputError(
-                f"prompt needs {total} positions (prefix, {len(entries)} passages, question, "
-                f"{new_tokens} new tokens) but the model handles {self.max_positions}; "
-                "shorten the question, or retrieve fewer passages (top_k, --top-k)"
-            )
+            raise PromptTooLongError(total, len(entries), new_tokens, self.max_positions)
         return suffix
 
     def full_prompt_ids(self, question: str, entries: list[Entry], options: AnswerOptions | None = None) -> list[int]:

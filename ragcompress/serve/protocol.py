@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Strict, Tag, ValidationError
 
-from ragcompress.errors import CorruptSegmentError, InputError, StoreError
+from ragcompress.errors import CorruptSegmentError, InputError, PromptTooLongError, StoreError
 from ragcompress.serve.settings import ServeSettings
 
 MAX_ID_CHARS = 512
@@ -61,6 +61,9 @@ def api_error(exc: BaseException) -> ApiError:
         )
     if isinstance(exc, StoreError):
         return ApiError(503, str(exc), type="server_error", code="store_unavailable")
+    if isinstance(exc, PromptTooLongError):  # in the request's words, with OpenAI's code for it
+        message = exc.remedy(top_k="ragcompress.top_k, or fewer ragcompress.passage_ids", max_new_tokens="max_tokens")
+        return ApiError(400, message, param="messages", code="context_length_exceeded")
     if isinstance(exc, InputError | ValueError):
         return ApiError(400, str(exc), code="invalid_request")
     return ApiError(500, "internal error while answering; see the server log", type="server_error", code="internal")
