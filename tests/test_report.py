@@ -45,7 +45,7 @@ def test_a_changed_sweep_row_changes_the_compression_doc_table(results):
 
 def test_readme_has_the_generated_blocks():
     names = report.blocks(report.README.read_text())
-    assert {"core", "compression"} <= set(names)
+    assert {"core", "compression-methods-100"} <= set(names)
     assert {"ttft", "ttft-curve"} & set(names)
 
 
@@ -70,8 +70,8 @@ def test_a_changed_result_changes_the_table_and_fails_the_check(results, tmp_pat
 
 
 def test_missing_results_file_and_unknown_block_are_errors(results, tmp_path):
-    (results / "compression_qwen32.json").unlink()
-    assert "compression_qwen32.json is missing" in (report.check(report.README, results) or "")
+    (results / "compression_methods_qwen_100q.json").unlink()  # README's compression table
+    assert "compression_methods_qwen_100q.json is missing" in (report.check(report.README, results) or "")
     readme = tmp_path / "README.md"
     readme.write_text("## Results\n\n<!-- report:nope -->\n<!-- /report:nope -->\n")
     assert "report:nope has no renderer" in (report.check(readme, report.RESULTS) or "")
