@@ -237,6 +237,9 @@ def sliding_engines(tiny_model_dir, tmp_path_factory, embedder):
     for quant in ("none", "int8"):
         index(passages_file, root / quant, lm=lm, embedder=embedder, config=IndexConfig(quant=quant))
         engines[quant] = Engine(KVStore.open(root / quant), lm, embedder)
+    ragged = IndexConfig(method="global:kvzip", ratio=0.5, quant="int8")  # heads keep different rows
+    index(passages_file, root / "ragged", lm=lm, embedder=embedder, config=ragged)
+    engines["ragged"] = Engine(KVStore.open(root / "ragged"), lm, embedder)
     yield engines
     for engine in engines.values():
         engine.close()
@@ -270,6 +273,11 @@ def test_what_does_not_apply_a_sliding_window_refuses_or_answers_alone(sliding_e
     with pytest.raises(ValueError, match="sliding window, cannot be batched"):
         BatchStream(engine.lm.model, [prepared], [4], engine.stop_ids)
     engine.answer_cached(QUESTION, entries)  # plain reuse over the window works
+    # per-head row masks cover the whole context, the sliding layers keep its last rows: the dense
+    # path failed inside attention with a shape error; refused by name now
+    ragged = sliding_engines["ragged"]
+    with pytest.raises(InputError, match=rf"different number of rows per head.*sliding window \({WINDOW} tokens\)"):
+        ragged.answer_cached(QUESTION, ragged.retrieve(QUESTION, 2))
 
 
 @pytest.mark.parametrize("rank", [None, 8])

@@ -152,6 +152,15 @@ class DenseStrategy:
                 f"prompt spans {built.next_position + len(suffix)}; answer without --recompute, or retrieve "
                 "fewer passages"
             )
+        if window is not None and built.kv_mask is not None:
+            rows = max(mask.shape[-1] for mask in built.kv_mask) + spare
+            if rows >= window:  # its layers keep the last window - 1 rows, which the per-head row masks do not follow
+                raise InputError(
+                    f"this store keeps a different number of rows per head, which the model's sliding window "
+                    f"({window} tokens) cannot be applied to once the cache outgrows it: this request needs "
+                    f"{rows} rows; retrieve fewer passages, generate fewer tokens, or use a store of whole "
+                    "passages (--method none) for this model"
+                )
         first_logits = repair(
             context.lm.model,
             context.rotary,
