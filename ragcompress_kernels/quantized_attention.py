@@ -823,7 +823,18 @@ def resolve_backend(backend: str, query: torch.Tensor, seg: SegmentsLayout) -> s
                 "the Triton kernel runs on CPU tensors only when TRITON_INTERPRET=1 was set "
                 "before triton was first imported"
             )
+        if not on_cuda and query.dtype == torch.bfloat16:
+            raise ValueError(INTERPRETER_BF16)
     return backend
+
+
+# Triton's interpreter (3.x) computes tl.dot on bfloat16 operands wrongly (a bare 16x16 product is
+# off by ~1e10; float16 and float32 are exact): the kernel's numbers would be garbage, returned
+# without a warning. A compiled kernel on a GPU is not affected.
+INTERPRETER_BF16 = (
+    "Triton's interpreter (TRITON_INTERPRET=1) multiplies bfloat16 matrices wrongly, so the kernel cannot run "
+    "bfloat16 queries on the CPU; use backend='torch' (packed-torch), or float16/float32 weights"
+)
 
 
 def packed_attention(

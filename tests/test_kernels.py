@@ -422,6 +422,76 @@ def test_head_dim_the_kernel_cannot_build_is_refused_by_name(interpreter):
     )
 
 
+def run_bfloat16(case: dict) -> dict:
+    """Worker: bfloat16 queries under the interpreter: what ``backend="triton"`` does (it returned
+    numbers off by ~1e8: the interpreter's bfloat16 ``tl.dot`` is wrong) and ``auto``'s error."""
+    from ragcompress_kernels import packed_attention
+
+    packed, query, key, value, expected = build_case(case)
+    seg = packed.layers[0]
+    query, key, value = (t.to(torch.bfloat16) for t in (query, key, value))
+    out: dict = {"auto": (packed_attention(query, key, value, seg).float() - expected).abs().max().item()}
+    try:
+        out["triton"] = (
+            (packed_attention(query, key, value, seg, backend="triton").float() - expected).abs().max().item()
+        )
+    except Exception as error:  # the Triton interpreter's own error does not pickle
+        out["triton"] = f"{type(error).__name__}: {error}"
+    return out
+
+
+def test_bfloat16_queries_are_refused_by_the_interpreted_kernel(interpreter):
+    case = dict(CASES["decode-d64-g3-int4"], seed=0)
+    out = interpreter.apply(_with_path, (str(Path(__file__).parent), run_bfloat16, case))
+    assert out["auto"] < TOL[torch.bfloat16], out  # the PyTorch path on the CPU
+    assert str(out["triton"]).startswith("ValueError: Triton's interpreter (TRITON_INTERPRET=1) multiplies bfloat16"), (
+        out
+    )
+
+
+def run_bfloat16_engine(model_dir: str, store: str) -> str:
+    """Worker: ``packed-triton`` asked of a bfloat16 model under the interpreter."""
+    from ragcompress.errors import InputError
+    from ragcompress.models import load_model
+    from ragcompress.runtime.engine import Engine
+    from ragcompress.store import KVStore
+
+    from store_worker import HashEmbedder
+
+    lm = load_model(model_dir, dtype="bfloat16")
+    with Engine(KVStore.open(store), lm, HashEmbedder(), AnswerOptions(max_new_tokens=2)) as engine:
+        entries = engine.retrieve(QUESTIONS[0], 2)
+        try:
+            engine.answer_cached(QUESTIONS[0], entries, engine.options.replace(backend="packed-triton"))
+        except InputError as error:
+            return str(error)
+    return "answered"
+
+
+def test_the_engine_refuses_packed_triton_for_bfloat16_under_the_interpreter(interpreter, tiny_model_dir, tmp_path):
+    from ragcompress.data import SAMPLE_PASSAGES
+    from ragcompress.indexing import IndexConfig, index
+
+    from store_worker import HashEmbedder
+
+    passages = tmp_path / "passages.jsonl"
+    passages.write_text("\n".join(SAMPLE_PASSAGES.read_text().splitlines()[:3]) + "\n")
+    model = str(tiny_model_dir("llama"))
+    index(
+        passages,
+        tmp_path / "store",
+        model=model,
+        embedder=HashEmbedder(),
+        dtype="bfloat16",
+        config=IndexConfig(quant="int8", embedder=HashEmbedder.name),
+    )
+    message = interpreter.apply(
+        _with_path, (str(Path(__file__).parent), run_bfloat16_engine, model, str(tmp_path / "store"))
+    )
+    assert message.startswith("Triton's interpreter (TRITON_INTERPRET=1) multiplies bfloat16 matrices wrongly"), message
+    assert message.endswith("use backend packed-torch or dense, or float32 weights")
+
+
 def test_engine_routes_a_head_dim_the_kernel_cannot_build(tiny_model_dir, tmp_path):
     """A model whose head_dim is no power of two: ``auto`` answers through the dense path,
     ``packed-triton`` is refused by name, and ``packed-torch`` answers as the dense path does."""

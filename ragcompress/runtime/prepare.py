@@ -306,4 +306,13 @@ def choose_strategy(context: QueryContext, options: AnswerOptions) -> DenseStrat
         )
     if backend == "packed-triton" and not triton_runs_on(context.lm.model.device):
         raise InputError("backend packed-triton needs triton and the model on a CUDA device (or TRITON_INTERPRET=1)")
+    if (
+        backend == "packed-triton"
+        and context.lm.model.device.type != "cuda"
+        and context.lm.model.dtype == torch.bfloat16
+    ):
+        raise InputError(  # resolve_backend's refusal, in the runtime's words, before anything runs
+            "Triton's interpreter (TRITON_INTERPRET=1) multiplies bfloat16 matrices wrongly, so packed-triton "
+            "cannot answer with bfloat16 weights on the CPU; use backend packed-torch or dense, or float32 weights"
+        )
     return PackedStrategy(backend.removeprefix("packed-"))
