@@ -141,7 +141,8 @@ class QuantizedSegments(SegmentsLayout):
     k_scale:   ``[H, N // group_size, d]`` fp16 (per channel, per group of rows); ``k_min`` alike
     v_codes:   ``[H, N, d // vpb]`` uint8
     v_scale:   ``[H, N, d // v_group]`` fp16 (per row, per group of channels); ``v_min`` alike
-    positions: ``[H, N]`` int32 RoPE position of each row in the prompt (padding rows: 0)
+    positions: ``[H, N]`` int32 RoPE position of each row in the prompt (padding rows: any valid
+               position, e.g. their segment's start; ``seg_len`` masks them)
     seg_start: ``[S + 1]`` int32 row offsets, ``seg_start[-1] == N``; ``seg_start_host`` the same
     seg_len:   ``[H, S]`` int32 kept rows per head and segment
     cos, sin:  ``[P, d]`` fp32 rotary tables (``P`` > every position), attention scaling included;

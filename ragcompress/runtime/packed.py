@@ -104,7 +104,6 @@ class PackedSegments:
             return torch.cat([getattr(b, name) for b in blobs], dim=2).to(device).contiguous()
 
         positions = torch.cat([b.offsets + s for b, s in zip(blobs, starts, strict=True)], dim=2)
-        positions = torch.where(positions >= 0, positions, 0)
         lengths = torch.stack([b.lengths for b in blobs], dim=-1).to(device).contiguous()  # [L, H, S]
         tensors = {name: cat(name) for name in ("k_codes", "k_scale", "k_min", "v_codes", "v_scale", "v_min")}
         positions = positions.to(torch.int32).to(device).contiguous()
