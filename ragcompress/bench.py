@@ -121,7 +121,9 @@ def _bench_row(engine: Engine, questions: list[Question], top_k: int, repeats: i
         tokens = sum(e.num_tokens for e in entries)
         contexts.append(engine.prefix.num_tokens + tokens)
         fp16_bytes.append(tokens * fp16_per_token)
-        stored_bytes.append(engine.store.stored_bytes(entries))
+        stored_bytes.append(
+            engine.store.bytes_per_token(entries) * tokens
+        )  # the basis counted, as index and eval count it
     ttft = {path: statistics.median(times) for path, times in per_path.items()}
     cache_work = statistics.median(work)
     return BenchRow(

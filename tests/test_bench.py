@@ -32,6 +32,23 @@ def test_indexing_throughput_of_a_low_rank_store_uses_its_basis(tiny_lm, passage
     assert result.passages == 2 and result.indexer_passages_per_s > 0 and result.ratio > 0
 
 
+def test_bench_counts_a_low_rank_stores_basis_in_its_bytes(tiny_lm, passages_file, tmp_path):
+    """``bench`` counted the passages' blobs only, so a ``--rank`` store (the ``smallest``
+    preset) looked more compressed in bench than in ``index`` and ``eval``, which spread the
+    basis over the store's tokens. With every passage retrieved the three agree."""
+    embedder = HashEmbedder()
+    config = IndexConfig(quant="int8", rank=8, calibration_passages=4, embedder=embedder.name)
+    index(passages_file, tmp_path / "store", lm=tiny_lm, embedder=embedder, config=config)
+    with Engine(KVStore.open(tmp_path / "store"), tiny_lm, embedder, AnswerOptions(max_new_tokens=2)) as engine:
+        every = list(engine.store.catalogue.entries())
+        assert engine.store.basis_bytes > 0
+        question = Question("q0", "Where is the city?", ["x"], every[0].id)
+        (row,) = bench(engine, [question], [len(every)], 1)
+        tokens = sum(e.num_tokens for e in every)
+        assert row.kv_bytes["stored"] == pytest.approx(engine.store.bytes_per_token() * tokens)
+        assert row.kv_bytes["stored"] == pytest.approx(engine.store.stored_bytes(every) + engine.store.basis_bytes)
+
+
 def test_bench_refuses_a_store_of_an_unpackaged_adaptor_before_timing(
     tiny_lm, tiny_model_dir, passages_file, tmp_path, monkeypatch, capfd
 ):

@@ -87,7 +87,7 @@ def untempered_kl(engine: Engine, samples: int, top_k: int, answer_tokens: int) 
     from ragcompress.runtime.calibration import PROBE_QUESTION
 
     entries = sorted(engine.store.catalogue.entries(), key=lambda e: e.id)
-    anchors = entries[:: max(1, len(entries) // samples)][:samples]
+    anchors = [entries[i * len(entries) // samples] for i in range(samples)]  # evenly spaced
     options = engine.options.replace(max_new_tokens=answer_tokens, backend="dense")
     model, total = engine.lm.model, 0.0
     for anchor in anchors:
@@ -110,6 +110,38 @@ def untempered_kl(engine: Engine, samples: int, top_k: int, answer_tokens: int) 
             cached = out.logits[0, -keep:].float().log_softmax(-1)
         total += float((full.exp() * (full - cached)).sum(-1).mean())
     return total / len(anchors)
+
+
+def test_calibration_groups_are_spread_over_the_whole_store(store, monkeypatch):
+    """The groups' anchors were ``entries[::len // samples][:samples]``: a store under twice
+    ``samples`` gave its first passages only (here 0-3 of 6), a larger one never its tail (the
+    last 22 of the 173 SQuAD passages at the default 16)."""
+    with Engine.open(store, options=AnswerOptions(calibrate=False)) as engine:
+        entries = sorted(engine.store.catalogue.entries(), key=lambda e: e.id)
+        asked: list[str] = []
+        retrieve = engine.retrieve
+        monkeypatch.setattr(engine, "retrieve", lambda text, k: (asked.append(text), retrieve(text, k))[1])
+        calibrate_temperature(engine, samples=4, top_k=1, grid=(1.0,), answer_tokens=1)
+    assert asked == [entries[i].text for i in (0, 1, 3, 4)]
+
+
+def test_calibrating_an_empty_store_is_one_line_naming_it(tmp_path, tiny_model_dir, embedder, capfd, monkeypatch):
+    from ragcompress.cli import main
+    from ragcompress.data import SAMPLE_PASSAGES
+    from ragcompress.indexing import remove
+
+    passages = tmp_path / "passages.jsonl"
+    passages.write_text(SAMPLE_PASSAGES.read_text().splitlines()[0] + "\n")
+    index(passages, tmp_path / "store", model=str(tiny_model_dir("qwen2")), config=IndexConfig(), embedder=embedder)
+    with Engine.open(tmp_path / "store") as engine:
+        ids = [e.id for e in engine.store.catalogue.entries()]
+    remove(tmp_path / "store", ids)
+    monkeypatch.setattr(sys, "argv", ["ragcompress", "calibrate", "--store", str(tmp_path / "store")])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    err = capfd.readouterr().err
+    assert exit_.value.code == 1 and err.startswith("error: store ") and "holds no passages" in err, err
+    assert err.count("\n") == 1, err
 
 
 def test_cli_records_the_temperature(store, capfd, monkeypatch):

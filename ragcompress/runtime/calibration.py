@@ -82,6 +82,8 @@ def calibrate_temperature(
     distributions; every candidate temperature is then scored by the KL of the stored-cache
     distributions along that continuation. No question or answer of any dataset is used.
     """
+    from ragcompress.errors import InputError
+    from ragcompress.evaluation import evenly_spaced
     from ragcompress.runtime.generate import kl_per_position, rewind, run_keeping_request, teacher_forced_logprobs
     from ragcompress.runtime.recompute import RecomputeConfig
 
@@ -89,9 +91,10 @@ def calibrate_temperature(
         grid = (*grid, 1.0)
     entries = sorted(engine.store.catalogue.entries(), key=lambda e: e.id)
     if not entries:
-        raise ValueError("the store holds no passages to calibrate on")
-    step = max(1, len(entries) // samples)
-    anchors = entries[::step][:samples]
+        raise InputError(f"store {engine.store.path} holds no passages to calibrate on; index some first")
+    # spread over the whole store (entries[::len // samples][:samples] left the tail out: the last
+    # 22 of 173 SQuAD passages, and every passage past the first `samples` of a store under twice that)
+    anchors = evenly_spaced(entries, samples)
     totals = {t: 0.0 for t in grid}
     options = engine.options.replace(max_new_tokens=answer_tokens, backend="dense")
     iterator: Any = anchors
