@@ -77,21 +77,31 @@ def test_full_rank_reproduces_the_row_store_within_quantization_error(scheme):
 
 @pytest.mark.parametrize("scheme", ["none", "fp16", "int8", "int4", "int4/int2"])
 @pytest.mark.parametrize("values", [True, False])
-def test_round_trip_is_what_the_store_gives_back_with_the_projections_gradient(scheme, values):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_round_trip_is_what_the_store_gives_back_with_the_projections_gradient(scheme, values, dtype):
     """Training's view of a low-rank store (``LowRankBasis.round_trip``, ``train --kv-rank``)
     equals a stored and decoded segment on every real row, and passes the projection's gradient
-    straight through the rounding."""
+    straight through the rounding; for a bfloat16 model too (a ``none`` store keeps its latents
+    in the cache's dtype, which training did not round to)."""
     caches = low_rank_caches(0)
     basis = fit_basis(caches[:4], RankSpec(rank=8, values=values))
     quant = QuantConfig.from_name(scheme, 8)
     kv = ragged(caches[5], 2)
-    stored = decode(encode(kv, quant, basis), basis=basis)
+    if dtype != torch.float32:
+        kv = PassageKV(kv.keys.to(dtype), kv.values.to(dtype), kv.positions, kv.lengths, kv.num_tokens)
+    stored = decode(encode(kv, quant, basis), basis=basis, dtype=dtype)
     mask = kv.valid_mask().unsqueeze(-1)
     kinds = (("k", kv.keys, stored.keys), ("v", kv.values, stored.values)) if values else (("k", kv.keys, stored.keys),)
     for kind, rows, want in kinds:
         x = rows.clone().requires_grad_(True)
         got = basis.round_trip(kind, x, kv.lengths, quant)
-        torch.testing.assert_close(got * mask, want * mask, atol=1e-5, rtol=1e-5)
+        assert got.dtype == want.dtype == dtype
+        if dtype == torch.float32:
+            torch.testing.assert_close(got * mask, want * mask, atol=1e-5, rtol=1e-5)
+        else:  # the same latents, rebuilt in fp32 and rounded once to bfloat16 by both
+            torch.testing.assert_close((got * mask).float(), (want * mask).float(), atol=0, rtol=0)
+        if dtype != torch.float32:
+            continue  # the gradient, in fp32 (a bfloat16 one would only add its rounding)
         weight = torch.randn(got.shape, generator=torch.Generator().manual_seed(4))
         (got * weight).sum().backward()
         projector = torch.stack([b @ b.transpose(1, 2) for b in basis.bases[kind]])  # [L, H, d, d]

@@ -92,6 +92,28 @@ def test_corrupt_blob_is_rejected():
         codec.decode(bytes(blob[:100]))
 
 
+def test_an_evicted_blob_without_its_positions_is_refused():
+    """``parse`` filled a missing ``positions`` tensor with ``0..n_max-1`` whatever the blob kept,
+    so an evicted cache's rows would have been re-rotated to the wrong positions."""
+    from safetensors.torch import load, save
+
+    from ragcompress.compressors import make_compressor
+    from ragcompress.errors import CorruptSegmentError
+
+    kv = PassageKV.full(torch.randn(1, 1, 10, 8), torch.randn(1, 1, 10, 8))
+    evicted = make_compressor("knorm", budget=4, keep_first=0, keep_last=0).compress(kv, None)
+    for cache in (kv, evicted):
+        blob = codec.encode(cache, QuantConfig("fp16"))
+        tensors = load(blob)
+        tensors.pop("positions", None)  # a cache of every row has none to lose
+        stripped = save(tensors, metadata=codec._metadata(blob))
+        if cache is kv:
+            assert torch.equal(codec.parse(stripped).positions, codec.parse(blob).positions)
+        else:
+            with pytest.raises(CorruptSegmentError, match="records no positions"):
+                codec.parse(stripped)
+
+
 def test_quant_config_validation():
     with pytest.raises(ValueError, match="int4"):
         QuantConfig("int3")

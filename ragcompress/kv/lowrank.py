@@ -198,6 +198,8 @@ class LowRankBasis:
                 z = rounded + (z - z.detach())
             elif quant.scheme == "fp16":
                 z = to_fp16(z.detach()).float() + (z - z.detach())
+            else:  # none: the store keeps latents in the rows' dtype (store/latent.py)
+                z = z.detach().to(rows.dtype).float() + (z - z.detach())
             out.append(torch.baddbmm(mean.unsqueeze(1), z, basis.transpose(1, 2)))
         return torch.stack(out).to(rows.dtype)
 

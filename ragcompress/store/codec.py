@@ -417,6 +417,8 @@ def parse(
         if flat.shape != (int(lengths.sum()),) or (flat < 0).any() or (flat >= num_tokens).any():
             raise CorruptSegmentError("segment positions are inconsistent with its lengths")
         positions[torch.arange(n_max) < lengths.unsqueeze(-1)] = flat
+    elif n_max != num_tokens or (lengths != n_max).any():  # only a cache of every row leaves them out
+        raise CorruptSegmentError("segment evicts tokens but records no positions for the rows it keeps")
     ranks = {kind: r for kind in ("k", "v") if (r := parse_ranks(meta, kind)) is not None}
     if any(len(r) != layers or min(r, default=1) <= 0 or max(r, default=0) > d for r in ranks.values()):
         raise CorruptSegmentError(f"segment latent ranks {ranks} do not fit {layers} layers of head_dim {d}")

@@ -3,7 +3,7 @@
 Ranks differ between layers, so a kind's (``k`` or ``v``) latents of every layer are concatenated
 into flat 1-D tensors (one safetensors header entry per field, not per layer):
 
-``{x}_lat``        fp16 (``fp16``) / fp32 (``none``): each layer's kept rows ``[T_l, r_l]``
+``{x}_lat``        fp16 (``fp16``) / the cache's dtype (``none``): each layer's kept rows ``[T_l, r_l]``
 ``{x}_lat_codes``  uint8: each layer's packed codes ``[T_l, r_l * bits / 8]``
 ``{x}_lat_scale``  fp16: each layer's per-channel scales ``[G_l, r_l]`` over token groups
 ``{x}_lat_min``    fp16: the matching minimums
