@@ -136,11 +136,11 @@ def evaluate(
             if done:  # what was measured before the failure is printed, not lost with it
                 typer.echo(
                     f"stopped after {len(done)} of {len(items)} questions; those gave:\n"
-                    + eval_figures(summarize(engine, done), top_k),
+                    + eval_figures(summarize(engine, done, top_k), top_k),
                     err=True,
                 )
             raise
-        summary = summarize(engine, done)
+        summary = {**summarize(engine, done, top_k), "preset": preset}
         stored = len(engine.store)
     finally:
         engine.close()
@@ -263,7 +263,7 @@ def bench(
             throughput = indexing_throughput(engine, indexing, repeats, indexer)
         if packed and engine.store.quant.bits is not None:
             comparison = packed_ttft_overhead(engine, [q.question for q in items], max(top_ks), repeats)
-        data = to_json(engine, rows, run_meta(repeats, limit))
+        data = {**to_json(engine, rows, run_meta(repeats, limit)), "preset": preset}
     finally:
         engine.close()
     human = table(rows)
