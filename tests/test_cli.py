@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -326,6 +327,34 @@ def test_recompute_schedule_answers_and_a_malformed_one_is_one_line(cli_store, m
     code, out, err = run_cli([*ask, "--recompute", "3:half"], monkeypatch, capfd)
     assert (code, out) == (1, "") and err.count("\n") == 1
     assert "--recompute '3:half'" in err and "3:0.05,5:0.1" in err
+
+
+def test_compare_full_says_faster_or_slower_as_measured(cli_store, monkeypatch, capfd):
+    """``ask --compare-full`` printed "(0.6x slower)" when full prefill was the faster: the
+    larger TTFT over the smaller, and which way."""
+    from ragcompress.cli.answer import than_the_cache
+    from ragcompress.runtime.engine import Engine
+
+    assert than_the_cache(1.7) == "1.7x slower than from cache"
+    assert than_the_cache(0.6) == "1.7x faster than from cache"
+    assert than_the_cache(0.25) == "4.0x faster than from cache"
+    assert than_the_cache(1.02) == than_the_cache(0.98) == "as fast as from cache"
+
+    store, _, _ = cli_store
+    answer_cached, answer_full = Engine.answer_cached, Engine.answer_full
+
+    def timed(method, ttft_s):
+        return lambda self, *a, **k: dataclasses.replace(method(self, *a, **k), ttft_s=ttft_s)
+
+    monkeypatch.setattr(Engine, "answer_cached", timed(answer_cached, 0.020))
+    monkeypatch.setattr(Engine, "answer_full", timed(answer_full, 0.012))
+    ask = ["ask", "--store", str(store), "--question", "Who won?", "--top-k", "1", "--max-new-tokens", "1"]
+    code, out, err = run_cli([*ask, "--compare-full"], monkeypatch, capfd)
+    assert code == 0, err
+    assert "TTFT of full prefill: 12 ms (1.7x faster than from cache)" in out
+    monkeypatch.setattr(Engine, "answer_full", timed(answer_full, 0.034))
+    code, out, err = run_cli([*ask, "--compare-full"], monkeypatch, capfd)
+    assert code == 0 and "TTFT of full prefill: 34 ms (1.7x slower than from cache)" in out, err
 
 
 def test_fallback_margin_answers_near_ties_by_full_prefill(cli_store, monkeypatch, capfd):
