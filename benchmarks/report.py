@@ -2211,10 +2211,14 @@ def hand_typed_tables(text: str) -> list[str]:
     return found
 
 
+DRIFT = "differs from its rendering"  # the one problem that rendering again (report.py) mends
+
+
 def check(readme: Path = README, results: Path = RESULTS) -> str | None:
     """``None`` when every report block of ``readme`` equals its rendering from ``results``, the
     Results section has no table outside a block, and no table of figures elsewhere is typed by
-    hand unless marked so (:func:`hand_typed_tables`); else a message naming the first problem."""
+    hand unless marked so (:func:`hand_typed_tables`); else a message naming the first problem
+    (it contains :data:`DRIFT` when a block differs from its rendering)."""
     text = readme.read_text()
     try:
         names = blocks(text)
@@ -2229,7 +2233,7 @@ def check(readme: Path = README, results: Path = RESULTS) -> str | None:
                         match.group(0).splitlines(), expected.splitlines(), "README.md", "rendered", lineterm="", n=0
                     )
                 )
-                return f"README block report:{name} differs from its rendering from {results}:\n{diff}"
+                return f"README block report:{name} {DRIFT} from {results}:\n{diff}"
     except ReportError as exc:
         return str(exc)
     loose = unmanaged_tables(text)
@@ -2256,22 +2260,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     targets = [args.readme] if args.readme else [README, *DOCS]
-    for note in meta_notes(args.results):
+    try:
+        return _run(args.check, targets, args.results)
+    except (ReportError, OSError) as exc:
+        print(f"error: {_reason(exc)}", file=sys.stderr)
+        return 1
+
+
+def _reason(exc: ReportError | OSError) -> str:
+    """One line for ``exc``: a file that cannot be read or written is named with why, not a traceback."""
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    return str(exc)
+
+
+def _run(check_only: bool, targets: list[Path], results: Path) -> int:
+    if not results.is_dir():
+        raise ReportError(f"--results {results} is not an existing folder")
+    for target in targets:
+        if not target.is_file():
+            raise ReportError(f"{target} is not an existing file")
+    for note in meta_notes(results):
         print(note, file=sys.stderr)
     for target in targets:
-        if args.check:
-            problem = check(target, args.results)
+        if check_only:
+            problem = check(target, results)
             if problem is not None:
-                print(f"error: {problem}\nrun: python benchmarks/report.py", file=sys.stderr)
+                hint = "\nrun: python benchmarks/report.py" if DRIFT in problem else ""
+                print(f"error: {problem}{hint}", file=sys.stderr)
                 return 1
-            print(f"{target}: {len(blocks(target.read_text()))} report blocks match {args.results}")
+            print(f"{target}: {len(blocks(target.read_text()))} report blocks match {results}")
             continue
-        try:
-            text = target.read_text()
-            new = render_readme(text, args.results)
-        except ReportError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
+        text = target.read_text()
+        new = render_readme(text, results)
         if new != text:
             target.write_text(new)
         print(f"{target}: {len(blocks(new))} report blocks rendered ({'changed' if new != text else 'unchanged'})")

@@ -87,9 +87,15 @@ def alternating_ttft(
     return {name: statistics.median(t) for name, t in times.items()}, last
 
 
+def timed_options(engine: Engine) -> AnswerOptions:
+    """The answer options :func:`bench` times: the engine's, decoding one token (decoding further
+    adds nothing to TTFT)."""
+    return engine.options.replace(max_new_tokens=1)
+
+
 def bench(engine: Engine, questions: list[Question], top_ks: list[int], repeats: int) -> list[BenchRow]:
     """One row per top-k: the four paths over the same retrieved passages, alternating."""
-    first_token = engine.options.replace(max_new_tokens=1)  # decoding further adds nothing to TTFT
+    first_token = timed_options(engine)
     return [_bench_row(engine, questions, top_k, repeats, first_token) for top_k in top_ks]
 
 
@@ -356,11 +362,16 @@ def run_meta(repeats: int, limit: int) -> dict[str, Any]:
 
 
 def to_json(engine: Engine, rows: list[BenchRow], meta: dict[str, Any]) -> dict[str, Any]:
-    """The ``bench --json`` object (DESIGN §3)."""
+    """The ``bench --json`` object (DESIGN §3), with what was measured: the rows' ``top_k``, the
+    answer ``options`` timed (:func:`timed_options`, as the cached path applied them: the store's
+    calibrated temperature included) and the model's ``dtype``."""
     return {
         "model": engine.store.manifest.model_ref,
         "store": str(engine.store.path),
         "device": str(engine.lm.model.device),
         "rows": [asdict(r) for r in rows],
         "meta": meta,
+        "top_k": [r.top_k for r in rows],
+        "options": engine.calibrated(timed_options(engine)).to_json(),
+        "dtype": engine.lm.dtype_name,
     }

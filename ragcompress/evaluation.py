@@ -183,9 +183,13 @@ def iter_eval(
         yield QuestionResult(item, [e.id for e in entries], cached, full)
 
 
-def summarize(engine: Engine, results: list[QuestionResult]) -> dict[str, Any]:
+def summarize(
+    engine: Engine, results: list[QuestionResult], top_k: int | None = None, options: AnswerOptions | None = None
+) -> dict[str, Any]:
     """The DESIGN §3 ``eval`` JSON for a list of results (extended with ``torch_threads`` and
-    ``device``)."""
+    ``device``), and what was measured: ``top_k`` (``recall_at_k``'s k; when given), the answer
+    ``options`` of :func:`iter_eval` (the engine's by default) as the cached path applied them
+    (the store's calibrated temperature included), and the model's ``dtype``."""
     import torch
 
     n = len(results)
@@ -220,6 +224,9 @@ def summarize(engine: Engine, results: list[QuestionResult]) -> dict[str, Any]:
         "device": str(engine.lm.model.device),
         "kv_bytes_per_token": {"fp16": fp16, "stored": stored},
         "compression": fp16 / stored,
+        **({} if top_k is None else {"top_k": top_k}),
+        "options": engine.calibrated(options or engine.options).to_json(),
+        "dtype": engine.lm.dtype_name,
     }
 
 

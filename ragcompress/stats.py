@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -37,8 +38,9 @@ def mcnemar_exact(wins: int, losses: int) -> float:
     n = wins + losses
     if n == 0:
         return 1.0
-    tail = sum(math.comb(n, k) for k in range(min(wins, losses) + 1)) / 2.0**n
-    return min(1.0, 2.0 * tail)
+    # Exact integer arithmetic: 2.0**n overflows a float past n = 1023 discordant questions.
+    tail = Fraction(sum(math.comb(n, k) for k in range(min(wins, losses) + 1)), 2**n)
+    return float(min(Fraction(1), 2 * tail))
 
 
 def paired_comparison(a: Sequence[float], b: Sequence[float], *, seed: int = 0) -> dict[str, Any]:

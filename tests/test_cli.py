@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -139,11 +140,59 @@ def test_eval_json_shape(cli_store, monkeypatch, capfd):
         "device",
         "kv_bytes_per_token",
         "compression",
+        "top_k",
+        "preset",
+        "options",
+        "dtype",
     }
     assert data["n"] == 3 and data["device"] == "cpu"
+    assert (data["top_k"], data["preset"], data["dtype"]) == (1, None, "float32")
+    assert data["options"]["max_new_tokens"] == 4 and data["options"]["recompute"]["ratio"] == 0.0
     for side in ("full", "compressed"):
         assert set(data[side]) == {"sub_em", "f1", "ttft_s_median", "ttft_s_mean"}
     assert 0.0 <= data["agreement"] <= 1.0 and data["fallback_rate"] == 0.0
+
+
+def test_eval_and_bench_json_record_the_top_k_preset_and_answer_options_they_measured(cli_store, monkeypatch, capfd):
+    """``eval`` printed ``recall@5`` while its JSON said only ``recall_at_k``, and neither JSON said
+    which preset or answer options (recompute, selection, fallback margin, backend) it measured:
+    a results file could not say what it was a result of."""
+    from ragcompress.data import SAMPLE_QUESTIONS
+
+    store, _, _ = cli_store
+    evaluate = ["eval", "--store", str(store), "--questions", str(SAMPLE_QUESTIONS), "--limit", "1", "--json"]
+    code, out, err = run_cli(
+        [*evaluate, "--top-k", "2", "--preset", "faithful", "--recompute", "0.5", "--max-new-tokens", "2"],
+        monkeypatch,
+        capfd,
+    )
+    assert code == 0, err
+    data = json.loads(out)
+    assert (data["top_k"], data["preset"], data["dtype"]) == (2, "faithful", "float32")
+    options = data["options"]
+    assert options["max_new_tokens"] == 2 and options["backend"] == "auto"
+    recompute = options["recompute"]
+    assert recompute["ratio"] == 0.5 and recompute["ratio_by_passages"] == []  # --recompute over the preset's schedule
+    assert recompute["selection"] == "mixed"  # the preset's, kept
+
+    code, out, err = run_cli(
+        [*evaluate, "--fallback-margin", "0.2", "--selection", "question", "--backend", "dense"], monkeypatch, capfd
+    )
+    assert code == 0, err
+    data = json.loads(out)
+    assert (data["top_k"], data["preset"]) == (3, None)
+    assert data["options"]["fallback_margin"] == 0.2 and data["options"]["backend"] == "dense"
+    assert data["options"]["recompute"]["selection"] == "question"
+
+    bench = ["bench", "--store", str(store), "--top-k", "2,1", "--limit", "1", "--repeats", "1", "--no-packed"]
+    code, out, err = run_cli([*bench, "--indexing-passages", "0", "--preset", "faithful", "--json"], monkeypatch, capfd)
+    assert code == 0, err
+    data = json.loads(out)
+    assert (data["top_k"], data["preset"], data["dtype"]) == ([2, 1], "faithful", "float32")
+    assert [row["top_k"] for row in data["rows"]] == [2, 1]
+    assert data["options"]["max_new_tokens"] == 1  # bench times the first token
+    assert data["options"]["recompute"]["ratio_by_passages"] == [[3, 0.05], [5, 0.1]]  # faithful's schedule
+    assert {"model", "store", "device", "rows", "meta"} <= set(data)  # the keys report.py reads are kept
 
 
 def test_eval_notes_a_top_k_above_the_store_and_a_sample_above_the_questions(cli_store, monkeypatch, capfd):
@@ -278,6 +327,34 @@ def test_recompute_schedule_answers_and_a_malformed_one_is_one_line(cli_store, m
     code, out, err = run_cli([*ask, "--recompute", "3:half"], monkeypatch, capfd)
     assert (code, out) == (1, "") and err.count("\n") == 1
     assert "--recompute '3:half'" in err and "3:0.05,5:0.1" in err
+
+
+def test_compare_full_says_faster_or_slower_as_measured(cli_store, monkeypatch, capfd):
+    """``ask --compare-full`` printed "(0.6x slower)" when full prefill was the faster: the
+    larger TTFT over the smaller, and which way."""
+    from ragcompress.cli.answer import than_the_cache
+    from ragcompress.runtime.engine import Engine
+
+    assert than_the_cache(1.7) == "1.7x slower than from cache"
+    assert than_the_cache(0.6) == "1.7x faster than from cache"
+    assert than_the_cache(0.25) == "4.0x faster than from cache"
+    assert than_the_cache(1.02) == than_the_cache(0.98) == "as fast as from cache"
+
+    store, _, _ = cli_store
+    answer_cached, answer_full = Engine.answer_cached, Engine.answer_full
+
+    def timed(method, ttft_s):
+        return lambda self, *a, **k: dataclasses.replace(method(self, *a, **k), ttft_s=ttft_s)
+
+    monkeypatch.setattr(Engine, "answer_cached", timed(answer_cached, 0.020))
+    monkeypatch.setattr(Engine, "answer_full", timed(answer_full, 0.012))
+    ask = ["ask", "--store", str(store), "--question", "Who won?", "--top-k", "1", "--max-new-tokens", "1"]
+    code, out, err = run_cli([*ask, "--compare-full"], monkeypatch, capfd)
+    assert code == 0, err
+    assert "TTFT of full prefill: 12 ms (1.7x faster than from cache)" in out
+    monkeypatch.setattr(Engine, "answer_full", timed(answer_full, 0.034))
+    code, out, err = run_cli([*ask, "--compare-full"], monkeypatch, capfd)
+    assert code == 0 and "TTFT of full prefill: 34 ms (1.7x slower than from cache)" in out, err
 
 
 def test_fallback_margin_answers_near_ties_by_full_prefill(cli_store, monkeypatch, capfd):

@@ -413,3 +413,42 @@ def test_the_protection_block_pairs_each_row_with_the_4_4_row_of_its_ratio(tmp_p
     assert "| 0.25 | 0 / 0 | 0.800 (4 q) | 0.25 | 0.50 | 1 / 0 (1) |" in text
     assert text.index("| 0.5 | 4 / 4") < text.index("| 0.5 | 1 / 0") < text.index("| 0.25 | 4 / 4")
     assert "`protection_qwen_eval.json` absent" in text
+
+
+def test_bad_inputs_are_one_error_line_and_exit_1(results, tmp_path, capsys):
+    """A missing --readme, a missing --results folder and a malformed JSON anywhere in the
+    results are each one ``error:`` line and exit status 1, not a traceback; the ``run:`` hint
+    comes only when the docs have drifted from the results, which rendering again mends."""
+
+    def run(*argv: str) -> list[str]:
+        assert report.main(list(argv)) == 1
+        return [line for line in capsys.readouterr().err.splitlines() if not line.startswith("note:")]
+
+    missing = str(tmp_path / "nosuch.md")
+    for argv in (["--check", "--readme", missing], ["--readme", missing]):
+        assert run(*argv) == [f"error: {missing} is not an existing file"]
+    nowhere = str(tmp_path / "nosuch_dir")
+    for argv in (["--check", "--results", nowhere], ["--results", nowhere]):
+        assert run(*argv) == [f"error: --results {nowhere} is not an existing folder"]
+
+    (results / "zz_broken.json").write_text('{"truncated": ')
+    readme = tmp_path / "README.md"
+    readme.write_text(report.README.read_text())
+    for argv in (["--check", "--readme", str(report.README)], ["--readme", str(readme)]):
+        lines = run(*argv, "--results", str(results))
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "zz_broken.json is not valid JSON" in lines[0]
+    (results / "zz_broken.json").unlink()
+
+    (results / "compression_methods_qwen_100q.json").unlink()  # a block's file: not mended by rendering
+    lines = run("--check", "--readme", str(report.README), "--results", str(results))
+    assert lines == [f"error: {results / 'compression_methods_qwen_100q.json'} is missing"]
+
+    rows = json.loads((results / "core_qwen.json").read_text())
+    rows[0]["compressed"]["sub_em"] = 0.123  # drift: rendering again mends it
+    (results / "core_qwen.json").write_text(json.dumps(rows))
+    shutil.copy(report.RESULTS / "compression_methods_qwen_100q.json", results)
+    lines = run("--check", "--readme", str(report.README), "--results", str(results))
+    assert (
+        lines[0].startswith("error: README block report:core differs")
+        and lines[-1] == "run: python benchmarks/report.py"
+    )

@@ -50,3 +50,19 @@ def test_paired_ratio_of_means_and_its_interval():
     assert low < noisy["ratio"] < high and paired_ratio([0.05, 0.4, 0.02, 0.1, 0.3, 0.01, 0.2, 0.1], base) == noisy
     with pytest.raises(ValueError, match="same"):
         paired_ratio([0.1], [0.1, 0.2])
+
+
+def test_mcnemar_exact_past_a_thousand_discordant_questions():
+    # 2.0**n overflows a float past n = 1023; the p-value is computed exactly.
+    # 0.0028195449914364284 is scipy.stats.binomtest(600, 1100).pvalue.
+    assert mcnemar_exact(600, 500) == pytest.approx(0.0028195449914364284, rel=1e-9)
+    assert mcnemar_exact(500, 600) == mcnemar_exact(600, 500)
+    assert mcnemar_exact(520, 504) == pytest.approx(mcnemar_exact(504, 520))
+    assert 0.0 < mcnemar_exact(520, 504) <= 1.0
+    assert mcnemar_exact(2000, 2000) == 1.0
+    assert mcnemar_exact(5000, 0) == 0.0  # underflows to zero, does not raise
+    a = [1] * 600 + [0] * 500 + [1] * 100
+    b = [0] * 600 + [1] * 500 + [1] * 100
+    result = paired_comparison(a, b)
+    assert (result["n"], result["wins"], result["losses"]) == (1200, 600, 500)
+    assert result["p_value"] == pytest.approx(0.0028195449914364284, rel=1e-9)

@@ -75,11 +75,21 @@ def ask(
             data["ttft_speedup"] = full.ttft_s / answer.ttft_s
             lines += [
                 f"TTFT of full prefill: {full.ttft_s * 1000:.0f} ms "
-                f"({data['ttft_speedup']:.1f}x slower); full-prefill answer: {full.answer}"
+                f"({than_the_cache(data['ttft_speedup'])}); full-prefill answer: {full.answer}"
             ]
     finally:
         engine.close()
     emit(data, as_json, "\n".join(lines))
+
+
+def than_the_cache(speedup: float) -> str:
+    """Full prefill's TTFT against the cached path's, ``speedup`` being full's over cached's: the
+    larger one over the smaller, so the ratio is true either way ("0.6x slower" said faster)."""
+    if f"{speedup:.1f}" == "1.0" == f"{1 / speedup:.1f}":
+        return "as fast as from cache"
+    if speedup >= 1.0:
+        return f"{speedup:.1f}x slower than from cache"
+    return f"{1 / speedup:.1f}x faster than from cache"
 
 
 def evaluate(
@@ -136,11 +146,11 @@ def evaluate(
             if done:  # what was measured before the failure is printed, not lost with it
                 typer.echo(
                     f"stopped after {len(done)} of {len(items)} questions; those gave:\n"
-                    + eval_figures(summarize(engine, done), top_k),
+                    + eval_figures(summarize(engine, done, top_k), top_k),
                     err=True,
                 )
             raise
-        summary = summarize(engine, done)
+        summary = {**summarize(engine, done, top_k), "preset": preset}
         stored = len(engine.store)
     finally:
         engine.close()
@@ -263,7 +273,7 @@ def bench(
             throughput = indexing_throughput(engine, indexing, repeats, indexer)
         if packed and engine.store.quant.bits is not None:
             comparison = packed_ttft_overhead(engine, [q.question for q in items], max(top_ks), repeats)
-        data = to_json(engine, rows, run_meta(repeats, limit))
+        data = {**to_json(engine, rows, run_meta(repeats, limit)), "preset": preset}
     finally:
         engine.close()
     human = table(rows)

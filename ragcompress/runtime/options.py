@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from ragcompress.runtime.recompute import RecomputeConfig, is_number
@@ -54,6 +54,19 @@ class AnswerOptions:
             raise ValueError(f"fallback_margin must be in [0, 1), got {self.fallback_margin}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend {self.backend!r} is not one of: {', '.join(BACKENDS)}")
+
+    def to_json(self) -> dict[str, Any]:
+        """These options as JSON values: what ``eval --json`` and ``bench --json`` record they
+        answered with (``recompute`` with every field of its :class:`RecomputeConfig`)."""
+        recompute = asdict(self.recompute)
+        recompute["ratio_by_passages"] = [list(point) for point in self.recompute.ratio_by_passages]
+        return {
+            "max_new_tokens": self.max_new_tokens,
+            "recompute": recompute,
+            "backend": self.backend,
+            "calibrate": self.calibrate,
+            "fallback_margin": self.fallback_margin,
+        }
 
     def replace(self, **changes: Any) -> AnswerOptions:
         """A copy with ``changes`` (validated again)."""
