@@ -58,7 +58,7 @@ class BenchRow:
     speedup: dict[str, float]  # cached against full ("vs_full") and full_prefix_cached ("vs_prefix_cached")
     cache_work_s: float  # median over questions of cached - floor
     cache_work_share: float  # cache_work_s / ttft_s["cached"]
-    kv_bytes: dict[str, float]  # median bytes of the retrieved passages: "stored" (blobs on disk), "fp16"
+    kv_bytes: dict[str, float]  # median bytes of the retrieved passages: "stored" (blobs on disk, a low-rank basis spread over the store), "fp16"
     same_first_token: float  # fraction of questions whose cached and full first tokens agree
 
 
@@ -104,7 +104,7 @@ def _bench_row(engine: Engine, questions: list[Question], top_k: int, repeats: i
     work: list[float] = []
     contexts: list[int] = []
     fp16_bytes: list[int] = []
-    stored_bytes: list[int] = []
+    stored_bytes: list[float] = []
     same = 0
     fp16_per_token = engine.store.shape.fp16_bytes_per_token
     for number, item in enumerate(questions):
