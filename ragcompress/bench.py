@@ -58,7 +58,9 @@ class BenchRow:
     speedup: dict[str, float]  # cached against full ("vs_full") and full_prefix_cached ("vs_prefix_cached")
     cache_work_s: float  # median over questions of cached - floor
     cache_work_share: float  # cache_work_s / ttft_s["cached"]
-    kv_bytes: dict[str, float]  # median bytes of the retrieved passages: "stored" (blobs on disk, a low-rank basis spread over the store), "fp16"
+    # median bytes of the retrieved passages: "stored" (blobs on disk, a low-rank basis spread over
+    # the store's tokens), "fp16"
+    kv_bytes: dict[str, float]
     same_first_token: float  # fraction of questions whose cached and full first tokens agree
 
 
