@@ -7,6 +7,7 @@ Vectors are L2-normalised, so inner product is cosine similarity.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,8 +46,19 @@ class Embedder:
     def __init__(self, name: str = DEFAULT_EMBEDDER) -> None:
         self.name = embedder_name(name)
         self._model: Any = None
+        self._loading = threading.Lock()  # threads of one server share an embedder: loaded once
+
+    def __getstate__(self) -> dict[str, Any]:  # the name only: a lock and a loaded model do not pickle
+        return {"name": self.name}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["name"])  # type: ignore[misc]
 
     def _load(self) -> Any:
+        with self._loading:
+            return self._load_once()
+
+    def _load_once(self) -> Any:
         if self._model is None:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
             from sentence_transformers import SentenceTransformer
@@ -122,9 +134,13 @@ class VectorIndex:
                 "question was embedded with another embedder than the store's; use the embedder its "
                 "manifest names (Embedder(store.manifest.embedder))"
             )
+        from ragcompress.store.ann import search_top_k
+
         with _one_omp_thread():
-            scores, rows = self.index.search(query.reshape(1, -1), min(k, self.count))
-        return [(int(r), float(s)) for r, s in zip(rows[0], scores[0], strict=True) if r >= 0]
+            scores, rows = search_top_k(self.index, query.reshape(1, -1), min(k, self.count))
+        hits = [(int(r), float(s)) for r, s in zip(rows[0], scores[0], strict=True) if r >= 0]
+        # equal scores to the earlier row, as exact_top_k orders them (FAISS gives the later one first)
+        return sorted(hits, key=lambda hit: (-hit[1], hit[0]))
 
 
 def exact_top_k(queries: np.ndarray, vectors: np.ndarray, k: int) -> np.ndarray:

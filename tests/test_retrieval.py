@@ -50,3 +50,76 @@ def test_exact_top_k_ranks_by_inner_product_and_breaks_ties_by_order():
     queries = np.array([[1.0, 0.0], [0.0, 1.0]])
     assert exact_top_k(queries, vectors, 3).tolist() == [[0, 2, 3], [1, 3, 0]]
     assert exact_top_k(queries, vectors, 10).shape == (2, 4)  # fewer vectors than k: all of them
+
+
+def test_ties_come_back_in_row_order():
+    """FAISS returns equal scores latest row first; the first retrieved passage is placed next to
+    the prefix (and read from its base copy), so ties go to the earlier row, as exact_top_k does."""
+    index = VectorIndex(np.arange(1, 6, dtype=np.int64), np.tile(np.eye(4, dtype=np.float32)[:1], (5, 1)))
+    assert [row for row, _ in index.search(np.eye(4, dtype=np.float32)[0], 3)] == [1, 2, 3]
+    assert [row for row, _ in index.search(np.eye(4, dtype=np.float32)[0], 5)] == [1, 2, 3, 4, 5]
+
+
+def test_an_inverted_file_returns_k_hits_beyond_the_k_its_nprobe_was_tuned_for():
+    """An IVF index's nprobe is tuned for recall@10: cells that held fewer than k vectors between
+    them gave fewer hits than asked (the padding -1s were dropped), 40 of 100 in the audit's
+    6,000-passage store. Searching more cells for a larger k (and more until k come back) gives
+    k hits, with the recall of an exact scan where every cell is read."""
+    from ragcompress.retrieval import exact_top_k
+    from ragcompress.store import ann
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((32, 16))
+    vectors = (centres[rng.integers(0, 32, 2000)] + 0.1 * rng.standard_normal((2000, 16))).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    index = VectorIndex.__new__(VectorIndex)
+    index.index = ann.new_index(16, {"type": "ivf", "nlist": 32, "nprobe": 1}, vectors)
+    index.index.add_with_ids(vectors, np.arange(2000, dtype=np.int64))
+    index.count = 2000
+    for k in (10, 100, 400):
+        hits = index.search(vectors[7], k)
+        assert len(hits) == k and len({row for row, _ in hits}) == k
+    everything = index.search(vectors[7], 2000)
+    assert [row for row, _ in everything][:50] == exact_top_k(vectors[7:8], vectors, 50)[0].tolist()
+
+
+def test_a_search_for_no_passages_is_refused_by_name(tmp_path, tiny_lm):
+    from test_store_reliability import _index, _texts, _write
+
+    from ragcompress.errors import InputError
+    from ragcompress.store import KVStore
+
+    _index(tiny_lm, _write(tmp_path / "passages.jsonl", _texts(3)), tmp_path / "store")
+    with KVStore.open(tmp_path / "store") as kv:
+        for k in (0, -1, 2.0):
+            with pytest.raises(InputError, match=r"k \(top_k\) must be a whole number of passages, at least 1"):
+                kv.search(np.ones(kv.index().index.d, dtype=np.float32), k)  # type: ignore[arg-type]
+
+
+def test_threads_sharing_an_embedder_load_it_once_and_it_pickles_by_name(monkeypatch):
+    """Its first use had no lock: four threads of a server loaded the model four times."""
+    import pickle
+    import threading
+    import time
+
+    import sentence_transformers
+
+    from ragcompress.retrieval import Embedder
+
+    loads: list[str] = []
+
+    def slow_model(path, device):
+        loads.append(path)
+        time.sleep(0.2)
+        return object()
+
+    monkeypatch.setattr(sentence_transformers, "SentenceTransformer", slow_model)
+    embedder = Embedder()
+    threads = [threading.Thread(target=embedder._load) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(loads) == 1
+    copy = pickle.loads(pickle.dumps(embedder))
+    assert copy.name == embedder.name and copy._model is None

@@ -342,3 +342,38 @@ def test_a_reader_open_before_a_writer_adds_the_searchable_column_sees_it(store)
         _searchable(store, 0, ["doc-004"])  # then a query-time cache
         assert len(kv) == N_PASSAGES - 1
         assert "doc-004" not in [entry.id for entry, _ in kv.search(_vector(text), N_PASSAGES)]
+
+
+def test_a_search_compares_the_generation_of_the_index_it_searched(tiny_lm, store, tmp_path, monkeypatch):
+    """Threads sharing a store (the LlamaIndex retriever's async calls) rebuild its index in turn.
+    A search that had searched the old index compared the *store's* latest generation, which
+    another thread's rebuild had moved on, so the removed last passage's row number, reused by a
+    new passage, came back as that passage with the removed one's score."""
+    import threading
+
+    from ragcompress.retrieval import VectorIndex
+
+    last = _rows(store)[-1]
+    newcomer = {"id": "doc-new", "text": "A passage about harbours, written later.", "title": "N"}
+    with KVStore.open(store) as kv:
+        query = _vector(last[3])
+        kv.index()  # this thread holds the index of the store as built
+        original = VectorIndex.search
+        fired: list[bool] = []
+
+        def search(self, vector, k):
+            hits = original(self, vector, k)
+            if not fired:  # between this thread's FAISS search and its catalogue read:
+                fired.append(True)
+                assert remove(store, [last[1]]) == 1  # a writer removes the last passage,
+                _index(tiny_lm, _write(tmp_path / "new.jsonl", [newcomer]), store)  # reuses its row,
+                other = threading.Thread(target=lambda: kv.search(query, 1))  # another thread rebuilds
+                other.start()
+                other.join()
+            return hits
+
+        monkeypatch.setattr(VectorIndex, "search", search)
+        hits = kv.search(query, 1)
+    assert _rows(store)[-1][:2] == (last[0], "doc-new")  # the removed row's number was reused
+    assert [entry.id for entry, _ in hits] != ["doc-new"]
+    assert last[1] not in {entry.id for entry, _ in hits}

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ragcompress.errors import CorruptSegmentError, StoreError, StoreMismatchError, missing_store
+from ragcompress.errors import CorruptSegmentError, InputError, StoreError, StoreMismatchError, missing_store
 from ragcompress.kv import ModelShape, PassageKV
 from ragcompress.kv.lowrank import LowRankBasis
 from ragcompress.kv.quant import QuantConfig
@@ -124,8 +124,7 @@ class KVStore:
         self._identity = _directory_identity(path)
         self.catalogue = Catalogue(path, readonly=True)
         self._prefix: dict[torch.dtype, PassageKV] = {}
-        self._index: VectorIndex | None = None
-        self._index_generation = -1  # the catalogue generation self._index was loaded at
+        self._indexed: tuple[VectorIndex, int] | None = None  # the index and the catalogue generation it covers
         self._basis: LowRankBasis | None = None
 
     @classmethod
@@ -209,7 +208,7 @@ class KVStore:
         catalogue = Catalogue(self.path, readonly=True)
         self.catalogue.close()
         self.catalogue, self.manifest, self._identity = catalogue, manifest, identity
-        self._index, self._index_generation = None, -1
+        self._indexed = None
         return True
 
     def check_replacement(self) -> None:
@@ -304,9 +303,17 @@ class KVStore:
         rebuilt from the catalogue. A reader opened during a write rebuilds the index if rows
         were committed, removed or replaced since.
         """
+        return self._current_index()[0]
+
+    def _current_index(self) -> tuple[VectorIndex, int]:
+        """:meth:`index` with the catalogue generation it covers, read as one pair: threads
+        sharing the store rebuild it in turn, and a search must compare the generation of the
+        index it searched (another thread's newer one let a removed row's number name a new
+        passage)."""
         count = len(self)
         generation = self.catalogue.generation()
-        if self._index is None or self._index.count != count or self._index_generation != generation:
+        current = self._indexed
+        if current is None or current[0].count != count or current[1] != generation:
             path = self.path / INDEX
             meta = read_index_meta(self.path)
             loaded = None
@@ -322,18 +329,21 @@ class KVStore:
                     loaded = None
             if loaded is None or loaded.count != count:
                 loaded, _ = build_index(self.catalogue)
-            self._index, self._index_generation = loaded, generation
-        return self._index
+            current = self._indexed = (loaded, generation)  # one assignment: never half of a pair
+        return current
 
     def search(self, query_vector: np.ndarray, k: int) -> list[tuple[Entry, float]]:
         """The ``k`` nearest passages. The index and the rows it names are read in two steps; a
         commit that removed or replaced rows in between (the generation moved) could let SQLite
         give a removed row's number to a new passage, so the search is then run again."""
+        if type(k) is not int or k < 1:
+            raise InputError(f"k (top_k) must be a whole number of passages, at least 1; got {k!r}")
         self.follow_replacement()
         while True:
-            hits = self.index().search(query_vector, k)
+            index, generation = self._current_index()
+            hits = index.search(query_vector, k)
             entries = self.catalogue.by_rows([row for row, _ in hits])
-            if self.catalogue.generation() == self._index_generation:
+            if self.catalogue.generation() == generation:
                 return [(entries[row], score) for row, score in hits if row in entries]
 
     def stored_bytes(self, entries: list[Entry]) -> int:
