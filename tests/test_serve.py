@@ -506,6 +506,29 @@ def test_a_prompt_too_long_is_named_in_the_requests_own_fields(engine):
     assert "4 new tokens" in error["message"] and error["message"].endswith("generate fewer tokens (max_tokens)")
 
 
+def test_a_store_whose_embedder_cannot_load_fails_the_start(served, tmp_path):
+    """The embedder loaded on the first question: a store naming a folder that has since moved
+    started, reported ready, and failed every request. The service loads it (and the index) at
+    start."""
+    from ragcompress.errors import ModelError
+    from ragcompress.testing import HashEmbedder
+
+    folder = tmp_path / "my-embedder"
+    folder.mkdir()
+    embedder = HashEmbedder()
+    embedder.name = str(folder)  # recorded by the store as a sentence-transformers folder
+    passages = tmp_path / "passages.jsonl"
+    passages.write_text(served[1].read_text())
+    index(passages, tmp_path / "store", model=served[2], embedder=embedder, config=IndexConfig(embedder=str(folder)))
+    folder.rmdir()
+    engine = Engine.open(tmp_path / "store")
+    try:
+        with pytest.raises(ModelError, match="neither .* nor a local sentence-transformers directory"):
+            create_app(engine, ServeSettings())
+    finally:
+        engine.close()
+
+
 def test_corrupt_passage_fails_only_its_request(engine):
     entries = engine.retrieve(QUESTIONS[0], 3)
     bad, good = entries[0], entries[1]

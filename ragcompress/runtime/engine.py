@@ -144,6 +144,14 @@ class Engine:
         with torch.inference_mode():
             self.lm.model(input_ids=torch.tensor([self.prefix_ids[:8]], device=self.lm.model.device), logits_to_keep=1)
 
+    def warm_up_retrieval(self) -> None:
+        """Load the embedder and the store's index now (they load on the first question): a
+        server whose store names an embedder it cannot load fails when it starts instead of
+        reporting ready and failing every request, and its first request does not pay for them."""
+        self.embedder.embed(["warm-up"])
+        if len(self.store):
+            self.store.index()
+
     def close(self) -> None:
         self.store.close()
 

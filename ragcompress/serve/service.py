@@ -84,6 +84,7 @@ class Service:
         # defaults no request could be answered with (the packed backend under a preset's
         # recompute, or on a store of full rows) are refused here, not answered 400 on every request
         choose_strategy(engine.context, engine.calibrated(engine.options))
+        engine.warm_up_retrieval()  # an embedder that cannot load fails the start, not every request
         self.engine = engine
         self.settings = settings
         self.owns_engine = owns_engine
