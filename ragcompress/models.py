@@ -165,7 +165,8 @@ def _converted_dir(name: str, gguf: Path, gguf_sha: str) -> Path:
             del model.config.quantization_config
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "ragcompress_source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": gguf_sha}, indent=1))
+        source = {"gguf": str(gguf), "sha256": gguf_sha, "weights": _weight_files_digest(tmp)}
+        (tmp / "ragcompress_source.json").write_text(json.dumps(source, indent=1))
 
     return _atomic_dir(cache_dir() / "models" / f"{name}-{gguf_sha[:12]}", build)
 
@@ -247,13 +248,25 @@ def canonical_config(config: Any) -> dict[str, Any]:
 
 
 def weights_hash(model_dir: Path) -> str:
-    """sha256 over the weight files (or the source GGUF a converted directory came from)."""
+    """sha256 over the weight files, or the source GGUF's for a directory converted from one while
+    its weights are still the converted ones: a copy fine-tuned in place keeps the
+    ``ragcompress_source.json`` beside new weights and took the original model's fingerprint, so
+    a store built with the original accepted it. (A conversion made before the file recorded its
+    weights' digest is trusted as it is.)"""
     source = model_dir / "ragcompress_source.json"
     if source.is_file():
-        return json.loads(source.read_text())["sha256"]
+        recorded = json.loads(source.read_text())
+        if "weights" not in recorded or recorded["weights"] == _weight_files_digest(model_dir):
+            return recorded["sha256"]
+    return _weight_files_digest(model_dir)
+
+
+def _weight_files_digest(model_dir: Path) -> str:
+    """sha256 over the names and contents of a directory's weight files (each file's sha256 is
+    remembered by :func:`_cached_sha256`, so this is computed once per file)."""
     files = sorted(p for p in model_dir.iterdir() if p.suffix in {".safetensors", ".bin", ".gguf"})
     if not files:
-        raise ModelError(f"model directory {model_dir} has no weight files (*.safetensors)")
+        raise ModelError(f"model directory {model_dir} has no weight files (*.safetensors, *.bin or *.gguf)")
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.name.encode())

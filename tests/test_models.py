@@ -56,6 +56,26 @@ def test_fingerprint_changes_with_weights(tiny_model_dir):
     assert a.tokenizer_hash == b.tokenizer_hash
 
 
+def test_a_converted_model_fine_tuned_in_place_loses_its_sources_fingerprint(tiny_model_dir, tmp_path):
+    """A folder converted from a GGUF is fingerprinted by the GGUF's sha256 (its
+    ``ragcompress_source.json``); one whose weights were replaced in place (fine-tuned,
+    ``save_pretrained`` into the copy) kept that fingerprint, so a store built with the original
+    accepted it. The file now records the converted weights' digest, checked on every load."""
+    import shutil
+
+    folder = tmp_path / "converted"
+    shutil.copytree(tiny_model_dir("llama"), folder)
+    source = {"gguf": "model.gguf", "sha256": "a" * 64, "weights": models._weight_files_digest(folder)}
+    (folder / "ragcompress_source.json").write_text(json.dumps(source))
+    assert models.weights_hash(folder) == "a" * 64
+    for name in ("model.safetensors",):
+        shutil.copy(tiny_model_dir("llama", seed=1) / name, folder / name)  # "fine-tuned" in place
+    assert models.weights_hash(folder) == models._weight_files_digest(folder) != "a" * 64
+    del source["weights"]  # a conversion from before the digest was recorded: trusted as it was
+    (folder / "ragcompress_source.json").write_text(json.dumps(source))
+    assert models.weights_hash(folder) == "a" * 64
+
+
 @pytest.mark.eval_model
 def test_eval_model_hash_mismatch_is_an_error_and_keeps_nothing(tmp_path, monkeypatch):
     """A wrong sha256 must fail loudly; the assembled file is never kept or used."""
