@@ -84,6 +84,46 @@ def test_models_it_would_run_wrongly_are_refused_by_reason(arch, config, reason,
         load_model(str(tiny_model_dir(arch, **config)))
 
 
+def test_a_multimodal_wrapper_is_refused_naming_its_text_decoder(tmp_path):
+    """Gemma-3 4B-27B checkpoints (model type gemma3) load as an image-text model whose decoder
+    sits at model.model.language_model; the refusal said only "no decoder layers"."""
+    from transformers import AutoTokenizer, Gemma3Config, Gemma3ForConditionalGeneration
+
+    from ragcompress.models import DEFAULT_MODEL, resolve_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(DEFAULT_MODEL))
+    size = len(tokenizer)
+    text = dict(
+        vocab_size=size + 300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=4096,
+        layer_types=["sliding_attention", "full_attention"],
+    )
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
+    )
+    config = Gemma3Config(
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=4,
+        image_token_index=size + 10,
+        boi_token_index=size + 11,
+        eoi_token_index=size + 12,
+    )
+    torch.manual_seed(0)
+    Gemma3ForConditionalGeneration(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(
+        ModelError, match=r"model type 'gemma3' cannot be used .*multimodal .*language_model.*gemma3_text"
+    ):
+        load_model(str(tmp_path))
+
+
 def test_the_attention_probe_leaves_ragcompresss_attention_in_place(tiny_model_dir):
     """The probe runs the model's eager attention once to compare; answering must then go
     through ragcompress's attention function again (the masks of evicted caches need it)."""
