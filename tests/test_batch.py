@@ -188,3 +188,31 @@ def test_smollm2_batched_answers_equal_unbatched(tmp_path):
         want = [unbatched(smol, q, entries, n, smol.stop_ids) for q, entries, n in requests]
         got, _ = batched(smol, requests, smol.stop_ids)
         assert got == want
+
+
+def test_requests_whose_batch_outgrows_a_sliding_window_are_not_batched(tiny_model_dir, tmp_path):
+    """The batch puts every question and answer after the longest cache and the longest question,
+    and transformers applies a sliding window by column: a short request with a long answer
+    beside a long context lost its prefix and passages mid-answer (its tokens differed from step
+    80 of 220 in the audit's run), though each request alone fitted the window."""
+    from ragcompress.data import SAMPLE_PASSAGES
+    from ragcompress.runtime.attention import sliding_window
+    from ragcompress.runtime.batch import fits_one_batch
+
+    source = tmp_path / "passages.jsonl"
+    source.write_text("\n".join(SAMPLE_PASSAGES.read_text().splitlines()[:8]) + "\n")
+    model = str(tiny_model_dir("mistral", sliding_window=700))
+    index(source, tmp_path / "store", model=model, config=IndexConfig())
+    with Engine.open(tmp_path / "store", options=AnswerOptions(backend="dense")) as engine:
+        window = sliding_window(engine.lm.config)
+        long_context = (QUESTIONS[0], engine.retrieve(QUESTIONS[0], 3), 1)
+        long_answer = ("Who won?", engine.retrieve("Who won?", 1), 220)
+        prepared = [
+            engine.prepare(q, e, engine.options.replace(max_new_tokens=n)) for q, e, n in (long_context, long_answer)
+        ]
+        steps = [long_context[2], long_answer[2]]
+        assert all(batchable(p, window, n) for p, n in zip(prepared, steps, strict=True))  # each alone fits
+        assert not fits_one_batch(prepared, steps, window)
+        with pytest.raises(ValueError, match="outgrow the model's sliding window"):
+            BatchStream(engine.lm.model, prepared, steps, set())
+        assert fits_one_batch(prepared[:1], steps[:1], window) and fits_one_batch(prepared[1:], steps[1:], window)

@@ -275,6 +275,19 @@ def test_gradual_filtering_narrows_the_carried_tokens_layer_by_layer(stores, sel
     assert not torch.equal(check.values[:, :, picked], stored.cache.layers[1].values[:, :, picked])
 
 
+@pytest.mark.parametrize("final_ratio", [0.0, 0.0005])
+def test_gradual_filtering_to_nothing_without_the_question_riding_along(stores, final_ratio):
+    """A temperature other than 1 keeps the question out of the recompute pass (it must act
+    before the question is read): with nothing left to carry on the last layers, the pass ran a
+    layer over zero rows and failed inside the model ("cannot reshape tensor of 0 elements").
+    The layers above keep their stored rows instead, as with the question riding along."""
+    engine = stores("qwen2", layers=4)
+    entries = engine.retrieve(QUESTION, 3)
+    config = RecomputeConfig(0.4, final_ratio=final_ratio, temperature=1.1)
+    answer = engine.answer_cached(QUESTION, entries, engine.options.replace(recompute=config, max_new_tokens=3))
+    assert len(answer.token_ids) == 3
+
+
 def test_gradual_filtering_carries_the_sinks_through_every_layer(stores):
     """EPIC's sinks are recomputed through every layer however far the recompute narrows: at
     ``final_ratio=0`` the last layer's rows of every later passage's first tokens are rewritten,
@@ -552,11 +565,14 @@ def test_config_rejects_bad_values(fields):
 
 
 def test_a_check_layer_beyond_the_model_is_refused(stores):
-    """It used to be clamped to the last layer without a word: another setting than asked."""
+    """It used to be clamped to the last layer without a word: another setting than asked. At
+    the last layer itself the check pass runs every candidate through every layer, so all of
+    them are recomputed, and the report says so (it named a budget's worth, chosen by nothing)."""
     engine = stores("llama")
     entries = engine.retrieve(QUESTION, 2)
     layers = engine.lm.config.num_hidden_layers
-    cached_logits(engine, entries, RecomputeConfig(0.3, check_layer=layers))  # the last layer: allowed
+    _, report = cached_logits(engine, entries, RecomputeConfig(0.3, check_layer=layers))  # the last layer: allowed
+    assert report.selected.numel() == report.candidates
     with pytest.raises(ValueError, match=f"check_layer {layers + 1} is beyond the model's {layers} layers"):
         cached_logits(engine, entries, RecomputeConfig(0.3, check_layer=layers + 1))
 

@@ -50,6 +50,19 @@ def batchable(prepared: Prepared, window: int | None = None, max_new_tokens: int
     return plain and (window is None or span < window)
 
 
+def fits_one_batch(requests: list[Prepared], max_new_tokens: list[int], window: int | None) -> bool:
+    """Whether ``requests`` can share one batch on a model whose sliding layers reach ``window``
+    columns back (any, without a window). The batch lays request ``i``'s cache in columns
+    ``0..L_i-1`` and every question and answer after the longest cache and the longest question,
+    and transformers applies the window by column: a short request beside a long one would lose
+    its prefix and passages once its answer's columns passed the window, though alone it never
+    does (each request passing :func:`batchable` is not enough)."""
+    if window is None or not requests:
+        return True
+    rows = max(p.cache.layers[0].keys.shape[-2] for p in requests)
+    return rows + max(len(p.input_ids) for p in requests) + max(max_new_tokens) < window
+
+
 @dataclass
 class _Row:
     """One request's state inside the batch."""
@@ -87,6 +100,11 @@ class BatchStream:
                     f"a {prepared.backend} request with extra attention inputs, or longer than the model's "
                     "sliding window, cannot be batched"
                 )
+        if not fits_one_batch(requests, max_new_tokens, window):
+            raise ValueError(
+                f"these requests' longest cache, question and answer together outgrow the model's sliding window "
+                f"({window}): batched, the shorter ones would lose their context; decode them apart"
+            )
         self.model = model
         self.requests = requests
         self.stop_ids = stop_ids

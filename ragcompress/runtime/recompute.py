@@ -297,7 +297,10 @@ def blend(
             if not suffix:  # scored only: take its rows back out of the cache
                 cache_pass.drop_appended(built.cache, len(question_ids), check)
                 question = None
-        selected = select_tokens(ranking(config.selection, deviation, relevance).cpu(), candidates, sinks, budget)
+        if check < layers:
+            selected = select_tokens(ranking(config.selection, deviation, relevance).cpu(), candidates, sinks, budget)
+        else:  # the check pass ran every candidate through every layer: all of them were recomputed
+            selected = candidates
         keep = torch.searchsorted(candidates, selected)
         hidden = hidden[:, keep.to(device)]
         start = check
@@ -364,6 +367,8 @@ class _Carry:
                         [keep.to(hidden.device), torch.arange(tokens.numel(), hidden.shape[1], device=hidden.device)]
                     )
                     tokens, hidden = tokens[keep], hidden[:, rows]
+            if hidden.shape[1] == 0:  # nothing carried (a final ratio near 0, the question not riding
+                return hidden  # along): the layers above keep their stored rows
             hidden = cache_pass.run_layers(
                 self.model, self.rotary, self.layout, self.cache, tokens, hidden, index, index + 1, new_pos
             )

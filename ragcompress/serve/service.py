@@ -17,7 +17,7 @@ from typing import Any
 from starlette.requests import Request
 
 from ragcompress.runtime.attention import sliding_window
-from ragcompress.runtime.batch import BatchStream, batchable
+from ragcompress.runtime.batch import BatchStream, batchable, fits_one_batch
 from ragcompress.runtime.engine import Engine
 from ragcompress.runtime.generate import Prepared, TextDeltas, TokenStream
 from ragcompress.runtime.options import AnswerOptions
@@ -200,8 +200,8 @@ class Service:
         then their questions are prefilled and their answers decoded in one batch
         (:class:`~ragcompress.runtime.batch.BatchStream`); the answers are the unbatched ones.
         A request that fails while it is prepared fails alone; one whose prepared cache cannot
-        be batched (per-head eviction masks, a sliding window it outgrows) is decoded alone, and
-        fails alone."""
+        be batched (per-head eviction masks, a sliding window it, or the batch with it, outgrows)
+        is decoded alone, and fails alone."""
         started = time.perf_counter()
         members: list[tuple[Job, ChatQuery, list[Any], AnswerOptions, Any]] = []
         alone: list[tuple[Job, ChatQuery, list[Any], AnswerOptions, Any, float]] = []
@@ -215,7 +215,10 @@ class Service:
             except Exception as exc:
                 job.emit(("error", exc))
                 continue
-            if batchable(prepared, sliding_window(engine.lm.config), options.max_new_tokens):
+            window = sliding_window(engine.lm.config)
+            together = [m[4] for m in members] + [prepared]
+            steps = [m[3].max_new_tokens for m in members] + [options.max_new_tokens]
+            if batchable(prepared, window, options.max_new_tokens) and fits_one_batch(together, steps, window):
                 members.append((job, query, entries, options, prepared))
             else:
                 alone.append((job, query, entries, options, prepared, time.perf_counter() - prepare_started))
