@@ -19,6 +19,15 @@ DATED_TEMPLATE = (
     "{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
 )
 
+# SmolLM3's system header (HuggingFaceTB/SmolLM3-3B, abridged): it always calls ``strftime_now``,
+# whatever ``date_string`` says.
+CLOCK_TEMPLATE = (
+    "<|im_start|>system\n{%- set today = strftime_now('%d %B %Y') -%}Today Date: {{ today }}\n\n"
+    "{{ messages[0]['content'] }}<|im_end|>\n"
+    "{%- for message in messages[1:] %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
+)
+
 
 @pytest.fixture
 def tokenizer(tiny_model_dir):
@@ -45,6 +54,49 @@ def test_a_template_printing_todays_date_renders_the_same_prefix_on_every_day(to
     _on_day(monkeypatch, datetime(2026, 3, 2))
     assert PromptTemplate.from_tokenizer(tokenizer) == first
     assert f"Today Date: {TEMPLATE_DATE}\n" in first.prefix
+
+
+def test_a_template_calling_strftime_now_renders_the_same_prefix_on_every_day(tokenizer, monkeypatch):
+    """Only ``date_string`` was pinned: a template that always prints ``strftime_now`` (SmolLM3)
+    rendered each day's date, so the prefix changed overnight."""
+    from ragcompress.prompt import render_user_turn
+
+    tokenizer.chat_template = CLOCK_TEMPLATE
+    _on_day(monkeypatch, datetime(2026, 3, 1))
+    first = PromptTemplate.from_tokenizer(tokenizer)
+    turn = render_user_turn(tokenizer, "Hi")
+    _on_day(monkeypatch, datetime(2026, 3, 2))
+    assert PromptTemplate.from_tokenizer(tokenizer) == first
+    assert render_user_turn(tokenizer, "Hi") == turn
+    assert "Today Date: 26 July 2024\n" in first.prefix
+    import transformers.utils.chat_template_utils as chat_utils
+
+    assert chat_utils.datetime.now() == datetime(2026, 3, 2)  # the clock is the caller's again after
+
+
+def test_a_store_built_one_day_accepts_passages_the_next(tokenizer, tiny_model_dir, tmp_path, monkeypatch):
+    """``run_indexer`` refused the store the next day: its recorded prefix named another date."""
+    from ragcompress.data import SAMPLE_PASSAGES
+    from ragcompress.indexing import IndexConfig, index
+    from ragcompress.models import load_model
+    from ragcompress.store import KVStore
+    from ragcompress.testing import HashEmbedder, make_tiny_model
+
+    tokenizer.chat_template = CLOCK_TEMPLATE
+    model_dir = make_tiny_model("llama", tmp_path / "model")
+    tokenizer.save_pretrained(model_dir)
+    lm = load_model(str(model_dir))
+    lines = SAMPLE_PASSAGES.read_text().splitlines()
+    (tmp_path / "a.jsonl").write_text("\n".join(lines[:2]) + "\n")
+    (tmp_path / "b.jsonl").write_text("\n".join(lines[2:4]) + "\n")
+    embedder = HashEmbedder()
+    _on_day(monkeypatch, datetime(2026, 3, 1))
+    index(
+        tmp_path / "a.jsonl", tmp_path / "store", lm=lm, embedder=embedder, config=IndexConfig(embedder=embedder.name)
+    )
+    _on_day(monkeypatch, datetime(2026, 3, 2))
+    index(tmp_path / "b.jsonl", tmp_path / "store", lm=lm, embedder=embedder)
+    assert len(KVStore.open(tmp_path / "store")) == 4
 
 
 def test_a_base_model_prefix_starts_with_the_bos_its_tokenizer_adds(tiny_model_dir):
