@@ -89,6 +89,67 @@ def test_gemma3_with_scaled_global_rope_answers_as_full_prefill(rope, passages_f
     torch.testing.assert_close(cached, full, atol=1e-4, rtol=1e-4)
 
 
+def _longrope_phi3(tmp_path, original: int):
+    """A tiny Phi-3 with LongRoPE (as Phi-3-mini-128k, Phi-3.5 and Phi-4-mini ship it): short
+    factors up to ``original`` positions, long ones (far from them) past it."""
+    from ragcompress.testing import make_tiny_model
+
+    half = 8  # head_dim 16: eight frequencies
+    rope = {
+        "rope_type": "longrope",
+        "short_factor": [1.0] * half,
+        "long_factor": [4.0 + i for i in range(half)],
+        "original_max_position_embeddings": original,
+    }
+    model_dir = make_tiny_model(
+        "phi3", tmp_path / "model", rope_scaling=rope, original_max_position_embeddings=original
+    )
+    lm = load_model(str(model_dir))
+    assert lm.config.max_position_embeddings == 4096
+    return lm
+
+
+def test_longrope_prompts_stay_within_the_original_length(passages_file, tmp_path, embedder):
+    """LongRoPE picks its factors from how far each call reaches: a prompt past
+    ``original_max_position_embeddings`` was fully prefilled with the long factors but assembled
+    from a prefix and passages rotated (and encoded) with the short ones (logits 65 % off).
+    ragcompress uses no position past the original length: such a prompt is refused by name,
+    and one within it answers as a full prefill does."""
+    from ragcompress.errors import InputError, PromptTooLongError
+
+    from conftest import write_jsonl
+
+    lm = _longrope_phi3(tmp_path, original=384)
+    index(passages_file, tmp_path / "store", lm=lm, embedder=embedder)
+    with Engine(KVStore.open(tmp_path / "store"), lm, embedder) as engine:
+        entries = engine.retrieve(QUESTION, 1)
+        cached, full = first_logits(engine, entries, True), first_logits(engine, entries, False)
+        torch.testing.assert_close(cached, full, atol=1e-4, rtol=1e-4)
+        assert engine.answer_cached(QUESTION, entries).token_ids == engine.answer_full(QUESTION, entries).token_ids
+        with pytest.raises(PromptTooLongError, match="the model handles 384"):
+            engine.answer_cached(QUESTION, engine.retrieve(QUESTION, 4))
+    long_passage = write_jsonl(tmp_path / "long.jsonl", [{"id": "long", "text": "word " * 400}])
+    with pytest.raises(InputError, match=r"passage 'long' has \d+ tokens, more than .* can attend to \(285\)"):
+        index(long_passage, tmp_path / "store", lm=lm, embedder=embedder)
+
+
+def test_position_limit_reads_longrope_wherever_the_config_keeps_it():
+    from types import SimpleNamespace
+
+    from ragcompress.kv.rope import position_limit
+
+    long = {"rope_type": "longrope", "original_max_position_embeddings": 100}
+    assert position_limit(SimpleNamespace(max_position_embeddings=400, rope_parameters=long)) == 100
+    nested = {"full_attention": long, "sliding_attention": {"rope_type": "default"}}
+    assert position_limit(SimpleNamespace(max_position_embeddings=400, rope_parameters=nested)) == 100
+    legacy = SimpleNamespace(
+        max_position_embeddings=400, rope_scaling={"type": "longrope"}, original_max_position_embeddings=50
+    )
+    assert position_limit(legacy) == 50
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 100}
+    assert position_limit(SimpleNamespace(max_position_embeddings=400, rope_parameters=yarn)) == 400
+
+
 def test_positions_continue_after_every_passage(tiny_model_dir, passages_file, tmp_path, embedder):
     """Three passages: segment j starts where segment j-1 ended; the suffix follows the last."""
     store = tmp_path / "store"

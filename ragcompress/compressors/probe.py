@@ -26,6 +26,7 @@ from ragcompress.architecture import attention_window, head_states, projection_m
 from ragcompress.errors import InputError
 from ragcompress.kv import PassageKV
 from ragcompress.kv.cache import build_dynamic_cache
+from ragcompress.kv.rope import position_limit
 
 if TYPE_CHECKING:
     from ragcompress.indexing.encoder import PassageEncoder
@@ -94,18 +95,22 @@ def run_probe(
     the keys at passage offsets ``0..score_len-1`` (``score_len`` may exceed ``context_len``
     when the probe re-runs the passage's own tail, as SnapKV's window does); a query's weights on
     keys it cannot see (causality) count as zero. ``"mean"`` averages over the probe's queries.
-    A probe that would run past the model's ``max_position_embeddings`` is refused (``InputError``).
+    A probe that would run past the model's positions (``max_position_embeddings``; LongRoPE's
+    original length, :func:`~ragcompress.kv.rope.position_limit`) is refused (``InputError``).
     """
     model = encoder.lm.model
     p, m = encoder.prefix_len, len(probe_ids)
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit is not None and p + context_len + m > limit:
+    limit = position_limit(model.config)
+    if p + context_len + m > limit:
+        name = "max_position_embeddings"
+        if limit != getattr(model.config, "max_position_embeddings", None):
+            name = "original_max_position_embeddings (LongRoPE)"
         # past the positions the model was trained on the probe's attention means nothing, and
         # moving the probe back would no longer be what follows the passage: refuse, by name
         raise InputError(
             f"a passage of {kv.num_tokens} tokens cannot be scored here: the probe ({m} tokens after the "
             f"{p}-token prefix and {context_len} passage tokens) reaches position {p + context_len + m - 1}, "
-            f"past the model's max_position_embeddings of {limit}; split the passage or use a method that "
+            f"past the model's {name} of {limit}; split the passage or use a method that "
             "does not probe past it (snapkv, expected-attention, knorm)"
         )
     layers = rotated_context(encoder, kv, context_len)

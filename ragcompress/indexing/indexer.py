@@ -37,6 +37,7 @@ from ragcompress.indexing.neighbours import NeighbourPool
 from ragcompress.kv import PassageKV
 from ragcompress.kv.lowrank import LowRankBasis, RankSpec
 from ragcompress.kv.quant import QuantConfig
+from ragcompress.kv.rope import position_limit
 from ragcompress.models import LoadedModel
 from ragcompress.prompt import PromptTemplate
 from ragcompress.retrieval import Embedder
@@ -215,8 +216,9 @@ class Indexer:
 
     @property
     def max_tokens(self) -> int:
-        """The longest passage (in tokens) that still fits the model's positions after the prefix."""
-        positions = int(getattr(self.lm.config, "max_position_embeddings", 1 << 30))
+        """The longest passage (in tokens) that still fits the model's positions after the prefix
+        (:func:`~ragcompress.kv.rope.position_limit`: LongRoPE's original length)."""
+        positions = position_limit(self.lm.config)
         return positions - self.encoder.prefix_len - POSITION_HEADROOM
 
     def check_lengths(self, passages: Iterable[PassageInput]) -> None:

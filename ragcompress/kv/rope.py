@@ -4,8 +4,11 @@ ragcompress stores keys *before* RoPE (un-rotated): indexing computes the model'
 post-RoPE cache and un-rotates it once; query time rotates each stored key to the position it
 takes in the new prompt. Storing un-rotated keys makes a segment independent of where it will be
 placed, quantizes better (RoPE mixes channel pairs and spreads key outliers, KVQuant §3.2), and
-lets a fused kernel apply RoPE on the fly. Using the model's ``rotary_emb`` keeps every RoPE
-variant right (Llama-3 scaling, YaRN's attention scaling, Gemma-3's per-layer-type bases).
+lets a fused kernel apply RoPE on the fly. Using the model's ``rotary_emb`` keeps RoPE variants
+whose tables depend only on the position right (Llama-3 scaling, YaRN's attention scaling,
+Gemma-3's per-layer-type bases). Variants whose tables depend on how far the whole call reaches
+do not fit pieces encoded and rotated apart; :func:`position_limit` keeps every piece within the
+range where they do not change (LongRoPE's short factors).
 
 Partial rotary (StableLM, Phi-2, Phi-4-mini) turns only a head's first ``rot`` channels, pairing
 channel ``i`` with ``i + rot/2`` (``rotate_half`` over those channels), and leaves the rest as
@@ -58,6 +61,33 @@ def pair_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, tor
     if torch.equal(cos[..., 0::2], cos[..., 1::2]) and torch.equal(sin[..., 0::2], sin[..., 1::2]):
         return cos, sin
     return cos[..., :half].repeat_interleave(2, dim=-1), sin[..., :half].repeat_interleave(2, dim=-1)
+
+
+def position_limit(config: Any) -> int:
+    """The positions a prompt assembled from cached pieces may use: the config's
+    ``max_position_embeddings``, capped for LongRoPE at ``original_max_position_embeddings``.
+
+    LongRoPE (Phi-3-mini-128k, Phi-3.5, Phi-4-mini) rotates a call with its short factors while
+    the call's last position is below ``original_max_position_embeddings`` and with its long
+    factors beyond, for every position of the call. A full prefill of a long prompt therefore
+    rotates all of it with the long factors, while a passage is encoded alone (short factors
+    throughout its layers) and the prefix and each passage are re-rotated separately, each with
+    the factors its own reach picks: the cache would match no prompt the model computes. Below
+    the original length every call uses the short factors, so the pieces are what a full prefill
+    computes; a longer prompt is refused by the callers' length checks. (Dynamic NTK rescales
+    only past ``max_position_embeddings``, so the plain limit keeps it fixed.)
+    """
+    limit = int(getattr(config, "max_position_embeddings", None) or 1 << 30)
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    # one dict, or one per layer type (Gemma-3's ``{"sliding_attention": {...}, ...}``)
+    groups = [g for g in params.values() if isinstance(g, dict)] if isinstance(params, dict) else []
+    for group in groups or [params]:
+        if isinstance(group, dict) and (group.get("rope_type") or group.get("type")) == "longrope":
+            original = group.get("original_max_position_embeddings")
+            original = original or getattr(config, "original_max_position_embeddings", None)
+            if original:
+                limit = min(limit, int(original))
+    return limit
 
 
 class Rotary:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ragcompress.errors import InputError, PromptTooLongError, StoreError
+from ragcompress.kv.rope import position_limit
 from ragcompress.models import LoadedModel, load_model
 from ragcompress.retrieval import Embedder
 from ragcompress.runtime.generate import (
@@ -109,7 +110,7 @@ class Engine:
         self.embedder = embedder
         self.options = options
         self.stop_ids = stop_token_ids(lm.tokenizer, lm.model)
-        self.max_positions = int(getattr(lm.config, "max_position_embeddings", 1 << 30))
+        self.max_positions = position_limit(lm.config)  # LongRoPE: its original length
 
     @classmethod
     def open(

@@ -93,11 +93,15 @@ class LocalLLM(CustomLLM):
         return dict(self._last)
 
     def prompt_ids(self, prompt: str) -> list[int]:
-        from ragcompress.prompt import render_user_turn
+        """``prompt`` as one user turn (or as it is, without ``chat_template``); control-token
+        text in it (``<|im_end|>`` in a node) is encoded as text, as the cached path encodes
+        passages and questions."""
+        from ragcompress.prompt import control_tokens, encode_user_text, user_turn_ids
 
         tokenizer = self._lm().tokenizer
-        text = (render_user_turn(tokenizer, prompt) if self.chat_template else None) or prompt
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+        if self.chat_template:
+            return user_turn_ids(tokenizer, prompt)
+        return encode_user_text(tokenizer, "{prompt}", "{prompt}", prompt, control_tokens(tokenizer, ""))
 
     def _stream(self, prompt: str) -> Iterator[str]:
         """Text deltas of a plain full prefill of ``prompt`` (the library's one token generator).
