@@ -109,6 +109,14 @@ def structure_problem(model: Any) -> str | None:
     """The first part ragcompress reads that the model does not have, or ``None``."""
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
+    if getattr(inner, "language_model", None) is not None and layers is None:
+        # Gemma-3 4B-27B (model type gemma3), Mistral-Small-3.1, ...: AutoModelForCausalLM gives the
+        # image-text model, whose decoder is model.model.language_model
+        return (
+            "it is a multimodal (image-text) model whose text decoder sits at model.model.language_model, "
+            "which ragcompress does not read; a text-only checkpoint of the family (such as gemma-3-1b, model "
+            "type gemma3_text) can be used"
+        )
     if inner is None or layers is None or len(layers) == 0:
         return "no decoder layers at model.model.layers"
     if getattr(inner, "rotary_emb", None) is None:
