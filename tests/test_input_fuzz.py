@@ -5,6 +5,7 @@ rejected input never damages an existing store (docs/guarantees.md)."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -141,6 +142,27 @@ def test_a_folder_reads_documents_of_any_case_and_skips_hidden_copies(tmp_path):
     (docs / ".a.md.swp.txt").write_text("Alpha.\n")
     (docs / "NOTES.TXT").write_text("Notes.\n")
     assert [p.id for p in iter_passages(docs)] == ["NOTES.TXT#0", "a.md#0"]
+
+
+def test_a_file_name_that_is_not_utf8_is_refused_by_name(tmp_path, monkeypatch, capsys):
+    """A Latin-1 ``caf\xe9.txt`` reaches Python as a lone surrogate, which no id in a UTF-8 store
+    can hold: it was a UnicodeEncodeError traceback from SQLite."""
+    from ragcompress.cli import main
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    try:
+        with open(os.fsencode(docs) + b"/caf\xe9.txt", "wb") as handle:
+            handle.write(b"Some text.\n")
+    except OSError:  # a file system that stores names as Unicode
+        pytest.skip("this file system refuses names that are not UTF-8")
+    with pytest.raises(InputError, match=r"caf\\xe9.txt'?: the file name is not valid UTF-8"):
+        validate(docs)
+    monkeypatch.setattr(sys, "argv", ["ragcompress", "index", "--input", str(docs), "--store", str(tmp_path / "s")])
+    with pytest.raises(SystemExit):
+        main()
+    assert "file name is not valid UTF-8" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
 
 
 def test_one_document_reads_as_the_same_passages_as_in_a_folder(tmp_path):

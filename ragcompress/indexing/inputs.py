@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -150,6 +151,13 @@ def _is_document(relative: Path) -> bool:
 
 def iter_document(file: Path, relative: str, max_words: int = 150) -> Iterator[PassageInput]:
     """One ``.txt``/``.md`` document as passages ``<relative>#<n>`` of at most ``max_words`` words."""
+    try:  # a name in another encoding (Latin-1 ``caf\xe9.txt``) reaches Python as lone surrogates
+        relative.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(
+            f"{os.fsencode(file)!r}: the file name is not valid UTF-8, and passage ids are made from it; "
+            "give it a UTF-8 name, or move it out of the input"
+        ) from None
     try:
         text = file.read_text(encoding="utf-8-sig")  # a byte order mark is not text
     except UnicodeDecodeError as exc:
