@@ -165,6 +165,20 @@ def test_a_file_name_that_is_not_utf8_is_refused_by_name(tmp_path, monkeypatch, 
     assert not (tmp_path / "s").exists()
 
 
+def test_ids_made_from_file_names_follow_the_id_rule(tmp_path):
+    """A document's ids (``<path>#<n>``) pass check_id like JSONL ids: a name holding a newline
+    or a path longer than MAX_ID_CHARS was accepted into listings and ``remove``."""
+    (tmp_path / "ctl").mkdir()
+    (tmp_path / "ctl" / "line\nbreak.txt").write_text("Some text.\n")
+    with pytest.raises(InputError, match=r"'line\\nbreak.txt#0'\) must be at most 512 printable characters"):
+        validate(tmp_path / "ctl")
+    deep = tmp_path / "deep" / Path(*["x" * 100] * 6)
+    deep.mkdir(parents=True)
+    (deep / "doc.txt").write_text("Some text.\n")
+    with pytest.raises(InputError, match=r"doc.txt': the passage id made from its path .*rename the file"):
+        validate(tmp_path / "deep")
+
+
 def test_one_document_reads_as_the_same_passages_as_in_a_folder(tmp_path):
     """``--input notes.md`` indexes one document without a folder around it: the chunks of the
     folder's copy, named by the file's name."""

@@ -48,8 +48,8 @@ class PassageInput:
 def check_id(value: Any, where: str) -> str:
     """``value`` as a passage id, refused (``where`` names the record) unless it is a printable,
     non-blank string of at most ``MAX_ID_CHARS``: ids are named in messages and listings, and
-    given back to ``remove``; every way into a store (JSONL input, the LlamaIndex transform)
-    applies this one rule."""
+    given back to ``remove``; every way into a store (JSONL input, a document's ids made from its
+    path, the LlamaIndex transform) applies this one rule."""
     if not isinstance(value, str) or not value.strip():
         raise InputError(f'{where}: "id" must be a non-empty string')
     if len(value) > MAX_ID_CHARS or any(ord(c) < 32 or ord(c) == 127 for c in value):
@@ -163,7 +163,16 @@ def iter_document(file: Path, relative: str, max_words: int = 150) -> Iterator[P
     except UnicodeDecodeError as exc:
         raise InputError(f"{file}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
     for number, chunk in enumerate(chunk_text(text, max_words)):
-        yield PassageInput(f"{relative}#{number}", chunk, file.stem, {"source": relative})
+        passage_id = f"{relative}#{number}"
+        try:  # the one rule for ids (check_id): a name holding a newline, a path too deep
+            check_id(passage_id, str(file))
+        except InputError:
+            shown = repr(passage_id if len(passage_id) <= 80 else passage_id[:60] + "...")
+            raise InputError(
+                f"{str(file)!r}: the passage id made from its path in the input ({shown}) must be "
+                f"at most {MAX_ID_CHARS} printable characters; rename the file or move it nearer the input's top"
+            ) from None
+        yield PassageInput(passage_id, chunk, file.stem, {"source": relative})
 
 
 def iter_folder(path: Path, max_words: int = 150) -> Iterator[PassageInput]:
