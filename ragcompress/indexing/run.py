@@ -162,8 +162,38 @@ def attach_basis(
             "IndexConfig(calibration=PASSAGES_JSONL), or build the store with `ragcompress index` first"
         )
     calibration = f"{'input' if config.calibration is None else source.name}:first-{config.calibration_passages}"
-    basis = fit_calibration_basis(indexer.calibration_encoder, iter_passages(source), spec, config.calibration_passages)
+    sample = calibration_sample(indexer, source, config.calibration_passages, given=config.calibration is not None)
+    basis = fit_calibration_basis(indexer.calibration_encoder, sample, spec, config.calibration_passages)
     return indexer.with_basis(basis, spec, calibration)
+
+
+CALIBRATION = "(--calibration, IndexConfig(calibration=...) in Python)"
+
+
+def calibration_sample(indexer: Indexer, source: Path, limit: int, given: bool) -> list[PassageInput]:
+    """The first ``limit`` passages of ``source``, refused (``InputError``) before the basis is
+    fitted when there are none (an empty file was a ValueError from the fit) or one is longer
+    than the model's positions (it was encoded past them): the length check indexing applies to
+    passages. ``given``: ``source`` is the ``calibration`` setting, named in the messages (else
+    the input, validated already)."""
+    if given and not source.exists():
+        raise InputError(
+            f"calibration passages {source} {CALIBRATION} do not exist; give a JSONL file or folder of passages, "
+            "or leave it out to fit on the input"
+        )
+    sample = list(islice(iter_passages(source), limit))
+    if not sample:
+        raise InputError(
+            f"calibration file {source} {CALIBRATION} holds no passages, and the low-rank basis is fitted on them; "
+            "give a JSONL file or folder of passages like the input, or leave it out to fit on the input"
+        )
+    try:
+        indexer.check_lengths(sample)
+    except InputError as exc:
+        if not given:
+            raise
+        raise InputError(f"calibration passages {source} {CALIBRATION}: {exc}") from None
+    return sample
 
 
 def check_index_arguments(config: Any, batch_size: Any, model: str | None, lm: Any) -> None:
