@@ -193,20 +193,35 @@ def test_one_document_reads_as_the_same_passages_as_in_a_folder(tmp_path):
 
 
 def test_a_jsonl_file_named_txt_stays_jsonl(tmp_path):
-    """Before one document was accepted as input, ``--input passages.txt`` was read as JSONL."""
+    """Before one document was accepted as input, ``--input passages.txt`` was read as JSONL: a
+    ``.txt``/``.md`` file whose first non-blank line is a JSON object still is."""
     path = tmp_path / "passages.txt"
     path.write_bytes(b"\xef\xbb\xbf\n  " + json.dumps({"id": "a", "text": "Alpha."}).encode() + b"\n")
     assert [(p.id, p.text) for p in iter_passages(path)] == [("a", "Alpha.")]
-    path.write_text("{not JSON, prose in braces}\n")
-    with pytest.raises(InputError, match=r"passages.txt:1: malformed JSON") as error:
+    path.write_text(json.dumps({"id": "a", "text": "Alpha."}) + "\n{not JSON, a broken line}\n")
+    with pytest.raises(
+        InputError, match=r"passages.txt:2: malformed JSON .*; read as JSONL as its first line is a JSON object$"
+    ):
         validate(path)
-    assert "ends in .txt" not in str(error.value)  # it does: the hint would not help
+
+
+def test_a_document_opening_with_a_brace_is_a_document(tmp_path):
+    """A Hugo shortcode or a Jinja tag (``{{< figure >}}``) opening a page given alone was read as
+    JSONL and refused as malformed JSON, though the same page in a folder is a document."""
+    (tmp_path / "docs").mkdir()
+    page = tmp_path / "docs" / "page.md"
+    page.write_text('{{< figure src="a.png" >}}\n\nThe page explains the figure above.\n')
+    (tmp_path / "prose.txt").write_text("{not JSON, prose in braces}\n")
+    assert list(iter_passages(page)) == list(iter_passages(tmp_path / "docs"))
+    assert [p.text for p in iter_passages(tmp_path / "prose.txt")] == ["{not JSON, prose in braces}"]
 
 
 def test_a_text_file_with_another_name_is_read_as_jsonl_and_the_error_says_so(tmp_path):
     path = tmp_path / "notes.text"
     path.write_text("Just prose.\n")
-    with pytest.raises(InputError, match=r"notes.text:1: malformed JSON .*ends in .txt or .md"):
+    with pytest.raises(
+        InputError, match=r"notes.text:1: malformed JSON .*read as JSONL as its name does not end in .txt or .md"
+    ):
         validate(path)
     with pytest.raises(InputError, match=r"empty.txt: file holds no passages"):
         (tmp_path / "empty.txt").write_text("\n\n  \n")

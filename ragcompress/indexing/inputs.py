@@ -81,7 +81,8 @@ def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
             yield number, raw
 
 
-def iter_jsonl(path: Path) -> Iterator[PassageInput]:
+def iter_jsonl(path: Path, why: str = "") -> Iterator[PassageInput]:
+    """Passages of a JSONL file; ``why`` it is read as JSONL, said when a line is not JSON."""
     for number, raw in _lines(path):
         where = f"{path}:{number}"
         try:
@@ -95,12 +96,13 @@ def iter_jsonl(path: Path) -> Iterator[PassageInput]:
         try:
             record = json.loads(line)
         except (ValueError, RecursionError) as exc:
+            read_as = f"; read as JSONL as {why}" if why else ""
             hint = (
-                "; a plain-text document is read as one when its name ends in .txt or .md (or put it in a folder)"
-                if number == 1 and path.suffix.lower() not in DOCUMENT_SUFFIXES  # else: it opened with "{"
+                " (name a plain-text document .txt or .md to read it as one)"
+                if number == 1 and path.suffix.lower() not in DOCUMENT_SUFFIXES  # else: line 1 was a JSON object
                 else ""
             )
-            raise InputError(f"{where}: malformed JSON ({exc}){hint}") from None
+            raise InputError(f"{where}: malformed JSON ({exc}){read_as}{hint}") from None
         if not isinstance(record, dict):
             raise InputError(f'{where}: expected a JSON object with "id" and "text"')
         _check_unicode(record, where)
@@ -189,21 +191,26 @@ def iter_passages(path: str | Path) -> Iterator[PassageInput]:
         raise InputError(f"input {path} does not exist")
     if path.is_dir():
         yield from iter_folder(path)
-    elif path.suffix.lower() in DOCUMENT_SUFFIXES and not _opens_with_a_json_object(path):
-        yield from iter_document(path, path.name)
+    elif path.suffix.lower() not in DOCUMENT_SUFFIXES:
+        yield from iter_jsonl(path, "its name does not end in .txt or .md")
+    elif _opens_with_a_json_object(path):
+        yield from iter_jsonl(path, "its first line is a JSON object")
     else:
-        yield from iter_jsonl(path)
+        yield from iter_document(path, path.name)
 
 
 def _opens_with_a_json_object(path: Path) -> bool:
-    """Whether the file's first non-blank character is ``{``: a JSONL file named ``.txt`` (read as
-    JSONL before one document was accepted as input) stays JSONL, not prose made of JSON."""
-    with open(path, "rb") as handle:
-        block = handle.read(1 << 16).removeprefix(b"\xef\xbb\xbf")  # a byte order mark
-        while block:
-            if stripped := block.lstrip():
-                return stripped.startswith(b"{")
-            block = handle.read(1 << 16)
+    """Whether the file's first non-blank line is a JSON object: a JSONL file named ``.txt`` (read
+    as JSONL before one document was accepted as input) stays JSONL, while a page opening with
+    ``{`` that is not JSON (a Hugo shortcode, a Jinja tag: ``{{< figure >}}``) is a document."""
+    for number, raw in _lines(path):
+        line = raw.removeprefix(b"\xef\xbb\xbf") if number == 1 else raw  # a byte order mark
+        if not line.strip():
+            continue
+        try:
+            return isinstance(json.loads(line.decode("utf-8")), dict)
+        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+            return False
     return False
 
 
