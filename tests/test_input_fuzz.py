@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -84,7 +85,9 @@ def test_wellformed_records_round_trip_or_are_refused_by_rule(tmp_path, rows):
     expect_error = (
         any(broken for _, _, broken in rows)
         or len(set(ids)) != len(ids)
-        or any(not pid.strip() or any(ord(c) < 32 or ord(c) == 127 for c in pid) for pid in ids)
+        or any(
+            not pid.strip() or not all(c.isprintable() or unicodedata.category(c) == "Zs" for c in pid) for pid in ids
+        )
         or any(not text.strip() for _, text, _ in rows)
     )
     if expect_error:
@@ -100,6 +103,41 @@ def test_a_title_that_is_not_a_string_is_refused_not_dropped(tmp_path):
     path.write_text('{"id": "a", "text": "x y", "title": null}\n{"id": "b", "text": "x y", "title": 5}\n')
     with pytest.raises(InputError, match=r"t.jsonl:2: passage 'b' has a \"title\" that is not a string \(5\)"):
         validate(path)
+
+
+def test_ids_are_printable_spaces_included(tmp_path):
+    """C1 controls (U+0085 ends a line in some viewers) and the line separator U+2028 passed the
+    id rule, whose message says "printable"; spaces of any width stay ids' own."""
+    from ragcompress.indexing.inputs import check_id
+
+    for bad in ["a\x85b", "a\u2028b", "a\x9bb", "a\tb", "a\u200bb"]:
+        with pytest.raises(InputError, match="printable characters"):
+            check_id(bad, "x")
+    for good in ["a b", "a\u00a0b", "\u6771\u4eac\u3000\u99c5", "caf\u00e9 \U0001f980"]:
+        assert check_id(good, "x") == good
+
+
+def test_a_duplicate_id_is_named_with_both_lines(tmp_path):
+    path = tmp_path / "d.jsonl"
+    rows = [{"id": "a", "text": "x"}, {"id": "b", "text": "y"}, {"id": "a", "text": "z"}]
+    path.write_text(json.dumps(rows[0]) + "\n\n" + "".join(json.dumps(r) + "\n" for r in rows[1:]))
+    with pytest.raises(InputError, match=r"d.jsonl: duplicate passage id 'a' \(lines 1 and 4\)"):
+        validate(path)
+    # across validation batches: the first line comes from the table of ids seen
+    path.write_text("".join(json.dumps({"id": f"p{i % 600}", "text": "x"}) + "\n" for i in range(601)))
+    with pytest.raises(InputError, match=r"duplicate passage id 'p0' \(lines 1 and 601\)"):
+        validate(path)
+
+
+def test_a_folder_of_blank_documents_is_named_as_such(tmp_path):
+    (tmp_path / "none").mkdir()
+    (tmp_path / "none" / "a.pdf").write_bytes(b"%PDF")
+    with pytest.raises(InputError, match="folder has no .txt or .md documents"):
+        validate(tmp_path / "none")
+    (tmp_path / "blank").mkdir()
+    (tmp_path / "blank" / "a.md").write_text("\n  \n")
+    with pytest.raises(InputError, match="documents are all empty or blank"):
+        validate(tmp_path / "blank")
 
 
 def test_lone_surrogate_is_named(tmp_path):

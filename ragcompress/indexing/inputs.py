@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import unicodedata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
@@ -52,9 +53,16 @@ def check_id(value: Any, where: str) -> str:
     path, the LlamaIndex transform) applies this one rule."""
     if not isinstance(value, str) or not value.strip():
         raise InputError(f'{where}: "id" must be a non-empty string')
-    if len(value) > MAX_ID_CHARS or any(ord(c) < 32 or ord(c) == 127 for c in value):
+    if len(value) > MAX_ID_CHARS or not all(_printable(c) for c in value):
         raise InputError(f'{where}: "id" must be at most {MAX_ID_CHARS} printable characters')
     return value
+
+
+def _printable(char: str) -> bool:
+    """Printable (``str.isprintable``: no control, line or paragraph separator, format character
+    or unassigned code point; C1 controls and U+2028 break a listing's lines too), spaces of any
+    width (category Zs: a no-break or ideographic space in a title-like id) included."""
+    return char.isprintable() or unicodedata.category(char) == "Zs"
 
 
 def _check_unicode(record: dict[str, Any], where: str) -> None:
@@ -83,6 +91,11 @@ def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
 
 def iter_jsonl(path: Path, why: str = "") -> Iterator[PassageInput]:
     """Passages of a JSONL file; ``why`` it is read as JSONL, said when a line is not JSON."""
+    return (passage for _, passage in _numbered_jsonl(path, why))
+
+
+def _numbered_jsonl(path: Path, why: str = "") -> Iterator[tuple[int, PassageInput]]:
+    """``(line number, passage)`` of a JSONL file (:func:`iter_jsonl`)."""
     for number, raw in _lines(path):
         where = f"{path}:{number}"
         try:
@@ -118,7 +131,7 @@ def iter_jsonl(path: Path, why: str = "") -> Iterator[PassageInput]:
         elif not isinstance(title, str):  # silently dropping it would lose what the user gave
             raise InputError(f'{where}: passage {passage_id!r} has a "title" that is not a string ({title!r})')
         meta = {k: v for k, v in record.items() if k not in ("id", "text", "title")}
-        yield PassageInput(passage_id, text, title, meta)
+        yield number, PassageInput(passage_id, text, title, meta)
 
 
 def chunk_text(text: str, max_words: int) -> list[str]:
@@ -177,26 +190,35 @@ def iter_document(file: Path, relative: str, max_words: int = 150) -> Iterator[P
         yield PassageInput(passage_id, chunk, file.stem, {"source": relative})
 
 
+def _folder_documents(path: Path) -> list[Path]:
+    """The documents of the folder ``path``, in the order their passages are read."""
+    return sorted(p for p in path.rglob("*") if p.is_file() and _is_document(p.relative_to(path)))
+
+
 def iter_folder(path: Path, max_words: int = 150) -> Iterator[PassageInput]:
-    files = sorted(p for p in path.rglob("*") if p.is_file() and _is_document(p.relative_to(path)))
-    for file in files:
+    for file in _folder_documents(path):
         yield from iter_document(file, file.relative_to(path).as_posix(), max_words)
 
 
 def iter_passages(path: str | Path) -> Iterator[PassageInput]:
     """Passages of a JSONL file, a folder of documents or one ``.txt``/``.md`` document, in order;
     errors name the file and line."""
-    path = Path(path)
+    return (passage for _, passage in _numbered_passages(Path(path)))
+
+
+def _numbered_passages(path: Path) -> Iterator[tuple[int, PassageInput]]:
+    """:func:`iter_passages` with each passage's JSONL line number (0 for a document's chunks):
+    a duplicate id is named with both its lines."""
     if not path.exists():
         raise InputError(f"input {path} does not exist")
     if path.is_dir():
-        yield from iter_folder(path)
+        yield from ((0, passage) for passage in iter_folder(path))
     elif path.suffix.lower() not in DOCUMENT_SUFFIXES:
-        yield from iter_jsonl(path, "its name does not end in .txt or .md")
+        yield from _numbered_jsonl(path, "its name does not end in .txt or .md")
     elif _opens_with_a_json_object(path):
-        yield from iter_jsonl(path, "its first line is a JSON object")
+        yield from _numbered_jsonl(path, "its first line is a JSON object")
     else:
-        yield from iter_document(path, path.name)
+        yield from ((0, passage) for passage in iter_document(path, path.name))
 
 
 def _opens_with_a_json_object(path: Path) -> bool:
@@ -219,20 +241,21 @@ class _SeenIds:
 
     def __init__(self) -> None:
         self.db = sqlite3.connect("")  # "" = temporary on-disk database, deleted on close
-        self.db.execute("CREATE TABLE ids (id TEXT PRIMARY KEY) WITHOUT ROWID")
+        self.db.execute("CREATE TABLE ids (id TEXT PRIMARY KEY, line INTEGER) WITHOUT ROWID")
 
-    def first_duplicate(self, ids: list[str]) -> str | None:
-        """Add ``ids``; return the first one seen before (in this batch or earlier), if any."""
-        batch: set[str] = set()
-        for passage_id in ids:
+    def first_duplicate(self, ids: list[str], lines: list[int]) -> tuple[str, int, int] | None:
+        """Add ``ids`` (found on ``lines``); return the first one seen before (in this batch or
+        earlier), if any, as ``(id, line seen first, line seen again)``."""
+        batch: dict[str, int] = {}
+        for passage_id, line in zip(ids, lines, strict=True):
             if passage_id in batch:
-                return passage_id
-            batch.add(passage_id)
+                return passage_id, batch[passage_id], line
+            batch[passage_id] = line
         marks = ",".join("?" * len(ids))
-        earlier = {row[0] for row in self.db.execute(f"SELECT id FROM ids WHERE id IN ({marks})", ids)}
+        earlier = dict(self.db.execute(f"SELECT id, line FROM ids WHERE id IN ({marks})", ids).fetchall())
         if earlier:
-            return next(i for i in ids if i in earlier)
-        self.db.executemany("INSERT INTO ids VALUES (?)", ((i,) for i in ids))
+            return next((i, earlier[i], batch[i]) for i in ids if i in earlier)
+        self.db.executemany("INSERT INTO ids VALUES (?, ?)", batch.items())
         return None
 
     def close(self) -> None:
@@ -250,12 +273,15 @@ def validate(
     count = 0
     seen = _SeenIds()
     try:
-        passages = iter_passages(path)
-        while batch := list(islice(passages, _VALIDATE_BATCH)):
+        numbered = _numbered_passages(Path(path))
+        while located := list(islice(numbered, _VALIDATE_BATCH)):
+            batch = [p for _, p in located]
             ids = [p.id for p in batch]
-            duplicate = seen.first_duplicate(ids)
+            duplicate = seen.first_duplicate(ids, [line for line, _ in located])
             if duplicate is not None:
-                raise InputError(f"{path}: duplicate passage id {duplicate!r}")
+                passage_id, first, again = duplicate
+                lines = f" (lines {first} and {again})" if first and again else ""
+                raise InputError(f"{path}: duplicate passage id {passage_id!r}{lines}; give each passage its own id")
             known = stored(ids) if stored is not None else {}
             for passage in batch:
                 sha = known.get(passage.id)
@@ -268,6 +294,11 @@ def validate(
     finally:
         seen.close()
     if not count:
-        kind = "folder has no .txt or .md documents" if Path(path).is_dir() else "file holds no passages"
+        if not Path(path).is_dir():
+            kind = "file holds no passages"
+        elif any(_folder_documents(Path(path))):
+            kind = "folder's .txt and .md documents are all empty or blank"
+        else:
+            kind = "folder has no .txt or .md documents"
         raise InputError(f"input {path}: {kind}")
     return count
