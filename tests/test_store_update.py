@@ -68,6 +68,26 @@ def test_replace_with_unchanged_input_changes_nothing(tiny_lm, store, tmp_path):
     assert _rows(store) == rows
 
 
+def test_a_rerun_with_another_title_or_metadata_updates_them_in_place(tiny_lm, store, tmp_path):
+    """The same id and text with an edited title or metadata was counted skipped and kept the old
+    ones (the LlamaIndex ingestion updated them): the fields change, the caches stay, and the
+    catalogue's meta checksum follows (``verify``)."""
+    caches = _checksums(store)
+    records = _texts(N_PASSAGES)
+    records[3]["title"] = "A new title"
+    records[5]["lang"] = "fr"
+    edited = _write(tmp_path / "edited.jsonl", records)
+    report = _index(tiny_lm, edited, store)
+    assert (report.indexed, report.skipped, report.updated) == (0, N_PASSAGES, 2)
+    assert report.to_json()["updated"] == 2
+    with KVStore.open(store) as kv:
+        assert (kv.entry("doc-003").title, kv.entry("doc-003").meta) == ("A new title", {})
+        assert (kv.entry("doc-005").title, kv.entry("doc-005").meta) == ("T5", {"lang": "fr"})
+    assert _checksums(store) == caches
+    assert verify_store(store).ok, verify_store(store).problems
+    assert _index(tiny_lm, edited, store).updated == 0
+
+
 def test_remove_deletes_passages_and_an_open_reader_stops_finding_them(store):
     texts = {r["id"]: r["text"] for r in _texts(N_PASSAGES)}
     with KVStore.open(store) as reader:

@@ -207,8 +207,9 @@ def index(
         as_json,
         f"indexed {report.indexed} passages"
         + (f" ({report.replaced} replacing stored ones with other text)" if report.replaced else "")
-        + f", skipped {report.skipped} already stored, "
-        f"in {report.seconds:.1f} s -> {store}\n"
+        + f", skipped {report.skipped} already stored"
+        + (f" (updated {report.updated} titles/metadata)" if report.updated else "")
+        + f", in {report.seconds:.1f} s -> {store}\n"
         f"KV bytes per token: {sizes['kv_bytes_per_token']['stored']:.0f} stored vs "
         f"{sizes['kv_bytes_per_token']['fp16']:.0f} fp16 ({_ratio_words(sizes['compression'])})",
     )

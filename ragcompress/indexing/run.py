@@ -1,7 +1,8 @@
 """Offline indexing: passages -> embeddings + compressed KV caches in a store.
 
 Re-running on the same input skips passages already committed (matched by id and text hash), so
-a killed run resumes where it stopped. A passage stored under its id with another text is refused
+a killed run resumes where it stopped; a skipped passage whose title or metadata changed takes the
+new ones (its cache, embedding and row stay). A passage stored under its id with another text is refused
 unless ``replace`` is set, in which case it is re-encoded and takes the stored one's place in the
 same commit; :func:`remove` deletes passages. A run with another model, template, compression config or
 embedder on an existing store fails before writing anything, unless ``overwrite`` is set, in which case
@@ -14,7 +15,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -40,7 +41,8 @@ from ragcompress.store.writer import StoreLock
 @dataclass(frozen=True)
 class IndexReport:
     """What a run did: passages in the input, how many it encoded (of which ``replaced`` took the
-    place of a stored passage with another text), how many were stored already."""
+    place of a stored passage with another text), how many were stored already (of which
+    ``updated`` took the input's other title or metadata)."""
 
     passages: int
     indexed: int
@@ -48,6 +50,7 @@ class IndexReport:
     seconds: float
     store: str
     replaced: int = 0
+    updated: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -55,6 +58,7 @@ class IndexReport:
             "indexed": self.indexed,
             "replaced": self.replaced,
             "skipped": self.skipped,
+            "updated": self.updated,
             "seconds": self.seconds,
             "store": self.store,
         }
@@ -63,6 +67,23 @@ class IndexReport:
 def _batches(items: Iterator[PassageInput], size: int) -> Iterator[list[PassageInput]]:
     while batch := list(islice(items, size)):
         yield batch
+
+
+def update_fields(writer: StoreWriter, batch: list[PassageInput], unchanged: Collection[str]) -> int:
+    """Give the passages of ``batch`` stored with their text (``unchanged``, skipped) the input's
+    title and metadata where the stored ones differ (key order counts: it is the order callers
+    show): a re-run with an edited title kept the old one. Nothing is encoded; ``update_meta``
+    computes each row's ``meta_checksum`` anew (``verify`` passes), as for the LlamaIndex
+    ingestion. Returns how many were updated; shared by the one-process and the Ray run."""
+    if not unchanged:
+        return 0
+    entries = writer.catalogue.get_many(unchanged)
+    changed = [
+        (p.id, p.title, p.meta)
+        for p in batch
+        if p.id in entries and (entries[p.id].title != p.title or json.dumps(entries[p.id].meta) != json.dumps(p.meta))
+    ]
+    return writer.update_meta(changed) if changed else 0
 
 
 def count_input(input_path: Path, existing: Path | None, replace: bool) -> int:
@@ -289,7 +310,7 @@ def index(
     elif overwrite and store_path.exists():
         store_path.rmdir()  # an empty directory (checked above)
     try:
-        indexed, skipped, replaced = _write(indexer, input_path, target, total, replace, batch_size, progress)
+        indexed, skipped, replaced, updated = _write(indexer, input_path, target, total, replace, batch_size, progress)
         if target != store_path:
             replace_store(target, store_path)
     except BaseException:
@@ -299,7 +320,7 @@ def index(
     finally:
         if old_lock is not None:  # released even when the caller keeps the exception (a notebook)
             old_lock.release()
-    return IndexReport(total, indexed, skipped, time.perf_counter() - start, str(store_path), replaced)
+    return IndexReport(total, indexed, skipped, time.perf_counter() - start, str(store_path), replaced, updated)
 
 
 def remove(store_path: str | Path, ids: list[str], *, missing_ok: bool = False) -> int:
@@ -336,13 +357,13 @@ def remove(store_path: str | Path, ids: list[str], *, missing_ok: bool = False) 
 
 def _write(
     indexer: Indexer, input_path: Path, target: Path, total: int, replace: bool, batch_size: int, progress: bool
-) -> tuple[int, int, int]:
+) -> tuple[int, int, int, int]:
     """Encode and commit ``input_path``'s passages into the store at ``target`` (created if
-    absent); returns ``(indexed, skipped, replaced)``."""
+    absent); returns ``(indexed, skipped, replaced, updated)``."""
     if not (target / MANIFEST).is_file():
         create_store_for(target, indexer)
 
-    indexed = skipped = replaced = 0
+    indexed = skipped = replaced = updated = 0
     bar = None
     if progress:
         from tqdm import tqdm
@@ -356,6 +377,7 @@ def _write(
                 known = writer.known_of([p.id for p in batch])
                 unchanged = {p.id for p in batch if known.get(p.id) == p.text_sha}
                 writer.make_searchable(unchanged)  # ones a query had cached are part of the corpus now
+                updated += update_fields(writer, batch, unchanged)
                 records = indexer.records(batch, skip=unchanged, pool=pool)
                 if records:
                     writer.add(records, replace=replace)
@@ -369,4 +391,4 @@ def _write(
     finally:
         if bar is not None:
             bar.close()
-    return indexed, skipped, replaced
+    return indexed, skipped, replaced, updated
