@@ -200,6 +200,20 @@ def iter_folder(path: Path, max_words: int = 150) -> Iterator[PassageInput]:
         yield from iter_document(file, file.relative_to(path).as_posix(), max_words)
 
 
+def document_chunks(path: Path) -> dict[str, int] | None:
+    """``{document: its chunk count}`` of an input read as documents (a folder, blank documents
+    counting 0, or one ``.txt``/``.md`` document): its ids are ``<document>#<n>``, n below that
+    count. None for JSONL, whose ids are the user's."""
+    if path.is_dir():
+        counts = {file.relative_to(path).as_posix(): 0 for file in _folder_documents(path)}
+        for passage in iter_folder(path):
+            counts[passage.meta["source"]] += 1
+        return counts
+    if path.suffix.lower() in DOCUMENT_SUFFIXES and not _opens_with_a_json_object(path):
+        return {path.name: sum(1 for _ in iter_document(path, path.name))}
+    return None
+
+
 def iter_passages(path: str | Path) -> Iterator[PassageInput]:
     """Passages of a JSONL file, a folder of documents or one ``.txt``/``.md`` document, in order;
     errors name the file and line."""

@@ -57,6 +57,7 @@ from ragcompress.indexing.run import (
     create_store_for,
     run_indexer,
     settings_for,
+    stale_chunks,
     update_fields,
 )
 from ragcompress.models import LoadedModel, load_model
@@ -386,8 +387,9 @@ def index_on_ray(
                 bar.close()
             writer.write_index()
             writer.repair_shards()  # truncate what no committed row points at (a killed actor's bytes)
+            stale_ids = stale_chunks(writer, input_path)
             finished()
-    return IndexReport(total, indexed, skipped, time.perf_counter() - start, str(store_path), stale, updated)
+    return IndexReport(total, indexed, skipped, time.perf_counter() - start, str(store_path), stale, updated, stale_ids)
 
 
 def _wants_gpu(device: str | None, address: str) -> bool:

@@ -26,7 +26,7 @@ from ragcompress.errors import InputError, StoreError, StoreMismatchError
 from ragcompress.indexing.calibrate import fit_calibration_basis
 from ragcompress.indexing.config import IndexConfig, config_from_manifest
 from ragcompress.indexing.indexer import Indexer
-from ragcompress.indexing.inputs import PassageInput, iter_passages, validate
+from ragcompress.indexing.inputs import PassageInput, document_chunks, iter_passages, validate
 from ragcompress.kv.lowrank import RankSpec
 from ragcompress.models import DEFAULT_MODEL, EVAL_MODEL, LoadedModel, load_model
 from ragcompress.retrieval import Embedder
@@ -42,7 +42,8 @@ from ragcompress.store.writer import StoreLock
 class IndexReport:
     """What a run did: passages in the input, how many it encoded (of which ``replaced`` took the
     place of a stored passage with another text), how many were stored already (of which
-    ``updated`` took the input's other title or metadata)."""
+    ``updated`` took the input's other title or metadata). ``stale``: stored chunks of the
+    input's documents beyond the chunks they have now (:func:`stale_chunks`), left in place."""
 
     passages: int
     indexed: int
@@ -51,6 +52,7 @@ class IndexReport:
     store: str
     replaced: int = 0
     updated: int = 0
+    stale: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -59,6 +61,7 @@ class IndexReport:
             "replaced": self.replaced,
             "skipped": self.skipped,
             "updated": self.updated,
+            "stale": list(self.stale),
             "seconds": self.seconds,
             "store": self.store,
         }
@@ -84,6 +87,25 @@ def update_fields(writer: StoreWriter, batch: list[PassageInput], unchanged: Col
         if p.id in entries and (entries[p.id].title != p.title or json.dumps(entries[p.id].meta) != json.dumps(p.meta))
     ]
     return writer.update_meta(changed) if changed else 0
+
+
+def stale_chunks(writer: StoreWriter, input_path: Path) -> tuple[str, ...]:
+    """Stored ids ``<document>#<n>`` of the input's documents (a folder, or one document) with n
+    at or beyond the chunks the document has now: a document edited to fewer chunks (``--replace``
+    re-encodes the ones it still has) leaves its old last chunks stored and searchable, holding
+    text it no longer contains. Named in the report, not removed: a store may have been built
+    from more than this input, and ``ragcompress remove`` deletes them. Shared by the one-process
+    and the Ray run."""
+    counts = document_chunks(input_path)
+    if not counts:
+        return ()
+    stale: list[str] = []
+    for document, count in counts.items():
+        for stored in writer.catalogue.ids_starting(f"{document}#"):
+            number = stored[len(document) + 1 :]
+            if number.isdecimal() and number.isascii() and int(number) >= count:
+                stale.append(stored)
+    return tuple(stale)
 
 
 def count_input(input_path: Path, existing: Path | None, replace: bool) -> int:
@@ -310,7 +332,9 @@ def index(
     elif overwrite and store_path.exists():
         store_path.rmdir()  # an empty directory (checked above)
     try:
-        indexed, skipped, replaced, updated = _write(indexer, input_path, target, total, replace, batch_size, progress)
+        indexed, skipped, replaced, updated, stale = _write(
+            indexer, input_path, target, total, replace, batch_size, progress
+        )
         if target != store_path:
             replace_store(target, store_path)
     except BaseException:
@@ -320,7 +344,7 @@ def index(
     finally:
         if old_lock is not None:  # released even when the caller keeps the exception (a notebook)
             old_lock.release()
-    return IndexReport(total, indexed, skipped, time.perf_counter() - start, str(store_path), replaced, updated)
+    return IndexReport(total, indexed, skipped, time.perf_counter() - start, str(store_path), replaced, updated, stale)
 
 
 def remove(store_path: str | Path, ids: list[str], *, missing_ok: bool = False) -> int:
@@ -357,9 +381,9 @@ def remove(store_path: str | Path, ids: list[str], *, missing_ok: bool = False) 
 
 def _write(
     indexer: Indexer, input_path: Path, target: Path, total: int, replace: bool, batch_size: int, progress: bool
-) -> tuple[int, int, int, int]:
+) -> tuple[int, int, int, int, tuple[str, ...]]:
     """Encode and commit ``input_path``'s passages into the store at ``target`` (created if
-    absent); returns ``(indexed, skipped, replaced, updated)``."""
+    absent); returns ``(indexed, skipped, replaced, updated, stale)``."""
     if not (target / MANIFEST).is_file():
         create_store_for(target, indexer)
 
@@ -387,8 +411,9 @@ def _write(
                 if bar is not None:
                     bar.update(len(batch))
             writer.write_index()
+            stale = stale_chunks(writer, input_path)
             finished()
     finally:
         if bar is not None:
             bar.close()
-    return indexed, skipped, replaced, updated
+    return indexed, skipped, replaced, updated, stale
