@@ -1,7 +1,8 @@
 """Reading passages to index: a JSONL file of ``{"id", "text", ...}``, a folder of documents, or
 one ``.txt``/``.md`` document (chunked into passages like a folder's).
 
-Input is streamed (never read whole) and validated before a store is touched: a malformed line,
+JSONL input is streamed a line at a time (never read whole), a folder's documents one at a time
+(each read whole to be chunked), and validated before a store is touched: a malformed line,
 an empty text, invalid Unicode or a duplicate id fails the run with the line and the id named, and
 an existing store stays as it was. Validation keeps memory bounded on any input size: seen ids go
 to a temporary SQLite table (on disk, beyond a small page cache), not a Python set.
@@ -135,9 +136,13 @@ def _numbered_jsonl(path: Path, why: str = "") -> Iterator[tuple[int, PassageInp
 
 
 def chunk_text(text: str, max_words: int) -> list[str]:
-    """Split on blank lines, then pack paragraphs into chunks of at most ``max_words`` words.
+    """Split on blank lines into paragraphs (whitespace inside each normalised to single
+    spaces), join them in order and cut the result into chunks of at most ``max_words`` words.
 
-    A paragraph longer than ``max_words`` is cut at word boundaries.
+    Chunks are cut at the word count, not at paragraph boundaries: a paragraph may start in one
+    chunk and end in the next. A word is what ``str.split`` separates, so text without spaces
+    (Chinese, Japanese) is one word and never cut; such documents belong in JSONL passages.
+    Changing this changes the chunks (and ids' texts) of every store built from a folder.
     """
     chunks: list[str] = []
     current: list[str] = []
