@@ -67,6 +67,42 @@ def test_index_json_shape(cli_store):
     assert 1.5 < data["compression"] < 2.0
 
 
+def test_index_names_the_titles_and_metadata_it_updated(cli_store, monkeypatch, capfd, tmp_path):
+    store, _, passages = cli_store
+    shutil.copytree(store, tmp_path / "store")
+    records = [json.loads(line) for line in passages.read_text().splitlines()]
+    records[1]["title"] = "Another title"
+    edited = tmp_path / "edited.jsonl"
+    edited.write_text("".join(json.dumps(r) + "\n" for r in records))
+    code, out, err = run_cli(["index", "--input", str(edited), "--store", str(tmp_path / "store")], monkeypatch, capfd)
+    assert code == 0, err
+    assert "skipped 8 already stored (updated 1 titles/metadata)" in out
+    records[2]["source"] = "wiki"
+    edited.write_text("".join(json.dumps(r) + "\n" for r in records))
+    args = ["index", "--input", str(edited), "--store", str(tmp_path / "store"), "--json"]
+    code, out, err = run_cli(args, monkeypatch, capfd)
+    assert code == 0, err
+    assert (json.loads(out)["skipped"], json.loads(out)["updated"]) == (8, 1)
+
+
+def test_index_warns_of_the_chunks_an_edited_document_no_longer_has(tiny_model_dir, monkeypatch, capfd, tmp_path):
+    docs, store = tmp_path / "docs", tmp_path / "store"
+    docs.mkdir()
+    words = lambda tag: " ".join(f"{tag}{i}" for i in range(150))  # noqa: E731 (one chunk each)
+    (docs / "policy.md").write_text(f"{words('old')}\n\n{words('refund')}\n")
+    build = ["index", "--input", str(docs), "--store", str(store), "--model", str(tiny_model_dir("llama"))]
+    code, _, err = run_cli(build, monkeypatch, capfd)
+    assert code == 0 and "warning" not in err, err
+    (docs / "policy.md").write_text(f"{words('new')}\n")
+    code, out, err = run_cli(["index", "--input", str(docs), "--store", str(store), "--replace"], monkeypatch, capfd)
+    assert code == 0, err
+    assert "stay searchable" in err and f"`ragcompress remove --store {store} 'policy.md#1'`" in err
+    code, _, err = run_cli(["remove", "--store", str(store), "policy.md#1"], monkeypatch, capfd)
+    assert code == 0, err
+    code, out, err = run_cli(["index", "--input", str(docs), "--store", str(store), "--json"], monkeypatch, capfd)
+    assert code == 0 and json.loads(out)["stale"] == [] and "warning" not in err, err
+
+
 def test_overwrite_with_some_settings_names_the_store_settings_it_resets(
     cli_store, tiny_model_dir, monkeypatch, capfd, tmp_path
 ):

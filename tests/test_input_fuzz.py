@@ -5,7 +5,9 @@ rejected input never damages an existing store (docs/guarantees.md)."""
 from __future__ import annotations
 
 import json
+import os
 import sys
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -83,7 +85,9 @@ def test_wellformed_records_round_trip_or_are_refused_by_rule(tmp_path, rows):
     expect_error = (
         any(broken for _, _, broken in rows)
         or len(set(ids)) != len(ids)
-        or any(not pid.strip() or any(ord(c) < 32 or ord(c) == 127 for c in pid) for pid in ids)
+        or any(
+            not pid.strip() or not all(c.isprintable() or unicodedata.category(c) == "Zs" for c in pid) for pid in ids
+        )
         or any(not text.strip() for _, text, _ in rows)
     )
     if expect_error:
@@ -99,6 +103,41 @@ def test_a_title_that_is_not_a_string_is_refused_not_dropped(tmp_path):
     path.write_text('{"id": "a", "text": "x y", "title": null}\n{"id": "b", "text": "x y", "title": 5}\n')
     with pytest.raises(InputError, match=r"t.jsonl:2: passage 'b' has a \"title\" that is not a string \(5\)"):
         validate(path)
+
+
+def test_ids_are_printable_spaces_included(tmp_path):
+    """C1 controls (U+0085 ends a line in some viewers) and the line separator U+2028 passed the
+    id rule, whose message says "printable"; spaces of any width stay ids' own."""
+    from ragcompress.indexing.inputs import check_id
+
+    for bad in ["a\x85b", "a\u2028b", "a\x9bb", "a\tb", "a\u200bb"]:
+        with pytest.raises(InputError, match="printable characters"):
+            check_id(bad, "x")
+    for good in ["a b", "a\u00a0b", "\u6771\u4eac\u3000\u99c5", "caf\u00e9 \U0001f980"]:
+        assert check_id(good, "x") == good
+
+
+def test_a_duplicate_id_is_named_with_both_lines(tmp_path):
+    path = tmp_path / "d.jsonl"
+    rows = [{"id": "a", "text": "x"}, {"id": "b", "text": "y"}, {"id": "a", "text": "z"}]
+    path.write_text(json.dumps(rows[0]) + "\n\n" + "".join(json.dumps(r) + "\n" for r in rows[1:]))
+    with pytest.raises(InputError, match=r"d.jsonl: duplicate passage id 'a' \(lines 1 and 4\)"):
+        validate(path)
+    # across validation batches: the first line comes from the table of ids seen
+    path.write_text("".join(json.dumps({"id": f"p{i % 600}", "text": "x"}) + "\n" for i in range(601)))
+    with pytest.raises(InputError, match=r"duplicate passage id 'p0' \(lines 1 and 601\)"):
+        validate(path)
+
+
+def test_a_folder_of_blank_documents_is_named_as_such(tmp_path):
+    (tmp_path / "none").mkdir()
+    (tmp_path / "none" / "a.pdf").write_bytes(b"%PDF")
+    with pytest.raises(InputError, match="folder has no .txt or .md documents"):
+        validate(tmp_path / "none")
+    (tmp_path / "blank").mkdir()
+    (tmp_path / "blank" / "a.md").write_text("\n  \n")
+    with pytest.raises(InputError, match="documents are all empty or blank"):
+        validate(tmp_path / "blank")
 
 
 def test_lone_surrogate_is_named(tmp_path):
@@ -143,6 +182,41 @@ def test_a_folder_reads_documents_of_any_case_and_skips_hidden_copies(tmp_path):
     assert [p.id for p in iter_passages(docs)] == ["NOTES.TXT#0", "a.md#0"]
 
 
+def test_a_file_name_that_is_not_utf8_is_refused_by_name(tmp_path, monkeypatch, capsys):
+    """A Latin-1 ``caf\xe9.txt`` reaches Python as a lone surrogate, which no id in a UTF-8 store
+    can hold: it was a UnicodeEncodeError traceback from SQLite."""
+    from ragcompress.cli import main
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    try:
+        with open(os.fsencode(docs) + b"/caf\xe9.txt", "wb") as handle:
+            handle.write(b"Some text.\n")
+    except OSError:  # a file system that stores names as Unicode
+        pytest.skip("this file system refuses names that are not UTF-8")
+    with pytest.raises(InputError, match=r"caf\\xe9.txt'?: the file name is not valid UTF-8"):
+        validate(docs)
+    monkeypatch.setattr(sys, "argv", ["ragcompress", "index", "--input", str(docs), "--store", str(tmp_path / "s")])
+    with pytest.raises(SystemExit):
+        main()
+    assert "file name is not valid UTF-8" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+def test_ids_made_from_file_names_follow_the_id_rule(tmp_path):
+    """A document's ids (``<path>#<n>``) pass check_id like JSONL ids: a name holding a newline
+    or a path longer than MAX_ID_CHARS was accepted into listings and ``remove``."""
+    (tmp_path / "ctl").mkdir()
+    (tmp_path / "ctl" / "line\nbreak.txt").write_text("Some text.\n")
+    with pytest.raises(InputError, match=r"'line\\nbreak.txt#0'\) must be at most 512 printable characters"):
+        validate(tmp_path / "ctl")
+    deep = tmp_path / "deep" / Path(*["x" * 100] * 6)
+    deep.mkdir(parents=True)
+    (deep / "doc.txt").write_text("Some text.\n")
+    with pytest.raises(InputError, match=r"doc.txt': the passage id made from its path .*rename the file"):
+        validate(tmp_path / "deep")
+
+
 def test_one_document_reads_as_the_same_passages_as_in_a_folder(tmp_path):
     """``--input notes.md`` indexes one document without a folder around it: the chunks of the
     folder's copy, named by the file's name."""
@@ -157,20 +231,35 @@ def test_one_document_reads_as_the_same_passages_as_in_a_folder(tmp_path):
 
 
 def test_a_jsonl_file_named_txt_stays_jsonl(tmp_path):
-    """Before one document was accepted as input, ``--input passages.txt`` was read as JSONL."""
+    """Before one document was accepted as input, ``--input passages.txt`` was read as JSONL: a
+    ``.txt``/``.md`` file whose first non-blank line is a JSON object still is."""
     path = tmp_path / "passages.txt"
     path.write_bytes(b"\xef\xbb\xbf\n  " + json.dumps({"id": "a", "text": "Alpha."}).encode() + b"\n")
     assert [(p.id, p.text) for p in iter_passages(path)] == [("a", "Alpha.")]
-    path.write_text("{not JSON, prose in braces}\n")
-    with pytest.raises(InputError, match=r"passages.txt:1: malformed JSON") as error:
+    path.write_text(json.dumps({"id": "a", "text": "Alpha."}) + "\n{not JSON, a broken line}\n")
+    with pytest.raises(
+        InputError, match=r"passages.txt:2: malformed JSON .*; read as JSONL as its first line is a JSON object$"
+    ):
         validate(path)
-    assert "ends in .txt" not in str(error.value)  # it does: the hint would not help
+
+
+def test_a_document_opening_with_a_brace_is_a_document(tmp_path):
+    """A Hugo shortcode or a Jinja tag (``{{< figure >}}``) opening a page given alone was read as
+    JSONL and refused as malformed JSON, though the same page in a folder is a document."""
+    (tmp_path / "docs").mkdir()
+    page = tmp_path / "docs" / "page.md"
+    page.write_text('{{< figure src="a.png" >}}\n\nThe page explains the figure above.\n')
+    (tmp_path / "prose.txt").write_text("{not JSON, prose in braces}\n")
+    assert list(iter_passages(page)) == list(iter_passages(tmp_path / "docs"))
+    assert [p.text for p in iter_passages(tmp_path / "prose.txt")] == ["{not JSON, prose in braces}"]
 
 
 def test_a_text_file_with_another_name_is_read_as_jsonl_and_the_error_says_so(tmp_path):
     path = tmp_path / "notes.text"
     path.write_text("Just prose.\n")
-    with pytest.raises(InputError, match=r"notes.text:1: malformed JSON .*ends in .txt or .md"):
+    with pytest.raises(
+        InputError, match=r"notes.text:1: malformed JSON .*read as JSONL as its name does not end in .txt or .md"
+    ):
         validate(path)
     with pytest.raises(InputError, match=r"empty.txt: file holds no passages"):
         (tmp_path / "empty.txt").write_text("\n\n  \n")

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from ragcompress.errors import CorruptSegmentError, StoreMismatchError
+from ragcompress.errors import CorruptSegmentError, InputError, StoreMismatchError
 from ragcompress.indexing import IndexConfig, index
 from ragcompress.indexing import run as run_module
 from ragcompress.kv import PassageKV
@@ -219,6 +219,30 @@ def test_index_with_rank_and_a_store_refuses_a_mismatched_basis(
     with KVStore.open(full) as store, pytest.raises(StoreMismatchError, match="basis"):
         store.load_kv(next(iter(store.catalogue.entries())))
     assert {p.kind for p in verify_store(full).problems} == {"basis", "segment"}
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "do not exist"),
+        ("", "holds no passages"),
+        ('{"id": "l", "text": "' + "word " * 6000 + '"}\n', r"'l' has \d+ tokens, more than .* can attend to"),
+    ],
+)
+def test_calibration_passages_are_checked_before_the_basis_is_fitted(
+    tiny_lm, passages_file, tmp_path, embedder, content, message
+):
+    """An empty ``--calibration`` file was a ValueError from the fit, one missing was named the
+    "input", a passage longer than the model's positions was encoded past them without a word."""
+    calibration = tmp_path / "calibration.jsonl"
+    if content is not None:
+        calibration.write_text(content)
+    config = IndexConfig(quant="int8", rank=8, calibration=str(calibration))
+    with pytest.raises(
+        InputError, match=rf"calibration.jsonl \(--calibration, IndexConfig\(calibration=...\).*{message}"
+    ):
+        index(passages_file, tmp_path / "store", lm=tiny_lm, embedder=embedder, config=config)
+    assert not (tmp_path / "store").exists()
 
 
 @pytest.mark.parametrize("ranks", [(8, 8, 8, 8), (8, 16, 8, 16), (16, 8, 4, 8)])

@@ -117,6 +117,20 @@ def test_ray_store_has_the_single_process_bytes(ray_store, tmp_path, tiny_lm, co
     assert (again.indexed, again.skipped) == (0, N_PASSAGES)
 
 
+def test_a_ray_rerun_with_another_title_updates_it_as_one_process_does(tmp_path, tiny_lm, corpus):
+    """``_work`` skips what is stored with its text as ``index()`` does, and gives those passages
+    the input's other title or metadata (nothing is encoded: no cluster is joined)."""
+    store = tmp_path / "store"
+    index(corpus, store, lm=tiny_lm, embedder=HashEmbedder(), config=CONFIG, batch_size=BATCH)
+    records = _texts(N_PASSAGES)
+    records[2]["title"] = "A new title"
+    edited = tmp_path / "edited.jsonl"
+    edited.write_text("".join(json.dumps(r) + "\n" for r in records))
+    report = _ray_index(edited, store, tiny_lm)
+    assert (report.indexed, report.skipped, report.updated) == (0, N_PASSAGES, 1)
+    _clean(store)
+
+
 def test_replace_on_ray_has_the_single_process_bytes(ray_store, tmp_path, tiny_lm, corpus):
     """``index --replace --ray``: passages whose text changed are re-encoded by the actors and
     take their stored ones' places; the store equals the one ``index(replace=True)`` leaves in one

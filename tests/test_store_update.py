@@ -68,6 +68,49 @@ def test_replace_with_unchanged_input_changes_nothing(tiny_lm, store, tmp_path):
     assert _rows(store) == rows
 
 
+def test_a_rerun_with_another_title_or_metadata_updates_them_in_place(tiny_lm, store, tmp_path):
+    """The same id and text with an edited title or metadata was counted skipped and kept the old
+    ones (the LlamaIndex ingestion updated them): the fields change, the caches stay, and the
+    catalogue's meta checksum follows (``verify``)."""
+    caches = _checksums(store)
+    records = _texts(N_PASSAGES)
+    records[3]["title"] = "A new title"
+    records[5]["lang"] = "fr"
+    edited = _write(tmp_path / "edited.jsonl", records)
+    report = _index(tiny_lm, edited, store)
+    assert (report.indexed, report.skipped, report.updated) == (0, N_PASSAGES, 2)
+    assert report.to_json()["updated"] == 2
+    with KVStore.open(store) as kv:
+        assert (kv.entry("doc-003").title, kv.entry("doc-003").meta) == ("A new title", {})
+        assert (kv.entry("doc-005").title, kv.entry("doc-005").meta) == ("T5", {"lang": "fr"})
+    assert _checksums(store) == caches
+    assert verify_store(store).ok, verify_store(store).problems
+    assert _index(tiny_lm, edited, store).updated == 0
+
+
+def test_chunks_an_edited_document_no_longer_has_are_named_not_left_silently(tiny_lm, tmp_path):
+    """A folder document edited to fewer chunks: ``--replace`` re-encoded ``doc.md#0`` and left
+    ``doc.md#1`` stored and searchable, holding text the document no longer has, without a word.
+    They are named (``IndexReport.stale``), not removed; JSONL ids that look alike are the user's."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    words = lambda tag: " ".join(f"{tag}{i}" for i in range(150))  # noqa: E731 (one chunk each)
+    (docs / "policy.md").write_text(f"{words('old')}\n\n{words('refund')}\n\n{words('more')}\n")
+    (docs / "other.md").write_text("Kept as it is.\n")
+    first = _index(tiny_lm, docs, tmp_path / "store")
+    assert first.stale == ()
+    (docs / "policy.md").write_text(f"{words('new')}\n")
+    report = _index(tiny_lm, docs, tmp_path / "store", replace=True)
+    assert (report.indexed, report.replaced, report.stale) == (1, 1, ("policy.md#1", "policy.md#2"))
+    assert report.to_json()["stale"] == ["policy.md#1", "policy.md#2"]
+    (docs / "policy.md").write_text("\n")  # blank: every stored chunk is stale
+    assert _index(tiny_lm, docs, tmp_path / "store").stale == ("policy.md#0", "policy.md#1", "policy.md#2")
+    remove(tmp_path / "store", ["policy.md#0", "policy.md#1", "policy.md#2"])
+    assert _index(tiny_lm, docs, tmp_path / "store").stale == ()
+    jsonl = _write(tmp_path / "p.jsonl", [{"id": "policy.md#7", "text": "a passage the user named so"}])
+    assert _index(tiny_lm, jsonl, tmp_path / "store").stale == ()
+
+
 def test_remove_deletes_passages_and_an_open_reader_stops_finding_them(store):
     texts = {r["id"]: r["text"] for r in _texts(N_PASSAGES)}
     with KVStore.open(store) as reader:

@@ -207,10 +207,31 @@ def index(
         as_json,
         f"indexed {report.indexed} passages"
         + (f" ({report.replaced} replacing stored ones with other text)" if report.replaced else "")
-        + f", skipped {report.skipped} already stored, "
-        f"in {report.seconds:.1f} s -> {store}\n"
+        + f", skipped {report.skipped} already stored"
+        + (f" (updated {report.updated} titles/metadata)" if report.updated else "")
+        + f", in {report.seconds:.1f} s -> {store}\n"
         f"KV bytes per token: {sizes['kv_bytes_per_token']['stored']:.0f} stored vs "
         f"{sizes['kv_bytes_per_token']['fp16']:.0f} fp16 ({_ratio_words(sizes['compression'])})",
+    )
+    if report.stale:
+        typer.echo(_stale_warning(report.stale, store), err=True)
+
+
+def _stale_warning(stale: tuple[str, ...], store: Path) -> str:
+    """The warning naming the stored chunks of the input's documents that those documents no
+    longer have (``IndexReport.stale``; ``"stale"`` in ``--json``), and the command removing them."""
+    import shlex
+
+    shown = ", ".join(repr(pid) for pid in stale[:5]) + (f" and {len(stale) - 5} more" if len(stale) > 5 else "")
+    remove = f"ragcompress remove --store {shlex.quote(str(store))}"
+    how = (
+        f"`{remove} {' '.join(shlex.quote(pid) for pid in stale)}`"
+        if len(stale) <= 5
+        else f'`{remove} --ids-file FILE`, FILE listing them one per line (--json gives them as "stale")'
+    )
+    return (
+        f"warning: {len(stale)} stored chunks of the input's documents are beyond the chunks those documents have "
+        f"now and stay searchable with text they no longer hold: {shown}; remove them with {how}"
     )
 
 

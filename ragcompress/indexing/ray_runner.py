@@ -57,6 +57,8 @@ from ragcompress.indexing.run import (
     create_store_for,
     run_indexer,
     settings_for,
+    stale_chunks,
+    update_fields,
 )
 from ragcompress.models import LoadedModel, load_model
 from ragcompress.store import KVStore, Manifest, StoreWriter
@@ -217,18 +219,19 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
         ) from None
 
 
-def _work(writer: StoreWriter, input_path: Path, batch_size: int) -> tuple[list[dict[str, Any]], int, int]:
-    """The batches still to encode (input order, as ``index()`` cuts them), the passages skipped
-    and the passages that will replace a stored one of another text (``replace``; validation
-    refused those without it).
+def _work(writer: StoreWriter, input_path: Path, batch_size: int) -> tuple[list[dict[str, Any]], int, int, int]:
+    """The batches still to encode (input order, as ``index()`` cuts them), the passages skipped,
+    those that will replace a stored one of another text (``replace``; validation refused those
+    without it) and the skipped ones given the input's other title or metadata (:func:`update_fields`).
 
     A batch whose passages are all committed with their text is left out; a partly committed one
     is sent whole with those ids to skip (its cache bits depend on the whole batch)."""
-    items, skipped, stale = [], 0, 0
+    items, skipped, stale, updated = [], 0, 0, 0
     for number, batch in enumerate(_batches(iter_passages(input_path), batch_size)):
         known = writer.known_of([p.id for p in batch])
         unchanged = sorted(p.id for p in batch if known.get(p.id) == p.text_sha)
         writer.make_searchable(unchanged)  # ones a query had cached are part of the corpus now
+        updated += update_fields(writer, batch, unchanged)
         skipped += len(unchanged)
         stale += len(known) - len(unchanged)
         if len(unchanged) == len(batch):
@@ -240,7 +243,7 @@ def _work(writer: StoreWriter, input_path: Path, batch_size: int) -> tuple[list[
                 "skip": json.dumps(unchanged),
             }
         )
-    return items, skipped, stale
+    return items, skipped, stale, updated
 
 
 def _results(
@@ -358,7 +361,7 @@ def index_on_ray(
     # the lock, held to the end (opening repairs a killed run's shards); the run marked until it
     # ends, from when the cluster is joined (a complete store's rerun starts no Ray at all)
     with StoreWriter(store_path) as writer:
-        items, skipped, stale = _work(writer, input_path, batch_size)
+        items, skipped, stale, updated = _work(writer, input_path, batch_size)
         if items:
             _connect(address, workers * threads_per_worker, gpu)
         with indexing_run(store_path, total) as finished:
@@ -384,8 +387,9 @@ def index_on_ray(
                 bar.close()
             writer.write_index()
             writer.repair_shards()  # truncate what no committed row points at (a killed actor's bytes)
+            stale_ids = stale_chunks(writer, input_path)
             finished()
-    return IndexReport(total, indexed, skipped, time.perf_counter() - start, str(store_path), stale)
+    return IndexReport(total, indexed, skipped, time.perf_counter() - start, str(store_path), stale, updated, stale_ids)
 
 
 def _wants_gpu(device: str | None, address: str) -> bool:

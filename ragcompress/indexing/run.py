@@ -1,7 +1,8 @@
 """Offline indexing: passages -> embeddings + compressed KV caches in a store.
 
 Re-running on the same input skips passages already committed (matched by id and text hash), so
-a killed run resumes where it stopped. A passage stored under its id with another text is refused
+a killed run resumes where it stopped; a skipped passage whose title or metadata changed takes the
+new ones (its cache, embedding and row stay). A passage stored under its id with another text is refused
 unless ``replace`` is set, in which case it is re-encoded and takes the stored one's place in the
 same commit; :func:`remove` deletes passages. A run with another model, template, compression config or
 embedder on an existing store fails before writing anything, unless ``overwrite`` is set, in which case
@@ -14,7 +15,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -25,7 +26,7 @@ from ragcompress.errors import InputError, StoreError, StoreMismatchError
 from ragcompress.indexing.calibrate import fit_calibration_basis
 from ragcompress.indexing.config import IndexConfig, config_from_manifest
 from ragcompress.indexing.indexer import Indexer
-from ragcompress.indexing.inputs import PassageInput, iter_passages, validate
+from ragcompress.indexing.inputs import PassageInput, document_chunks, iter_passages, validate
 from ragcompress.kv.lowrank import RankSpec
 from ragcompress.models import DEFAULT_MODEL, EVAL_MODEL, LoadedModel, load_model
 from ragcompress.retrieval import Embedder
@@ -40,7 +41,9 @@ from ragcompress.store.writer import StoreLock
 @dataclass(frozen=True)
 class IndexReport:
     """What a run did: passages in the input, how many it encoded (of which ``replaced`` took the
-    place of a stored passage with another text), how many were stored already."""
+    place of a stored passage with another text), how many were stored already (of which
+    ``updated`` took the input's other title or metadata). ``stale``: stored chunks of the
+    input's documents beyond the chunks they have now (:func:`stale_chunks`), left in place."""
 
     passages: int
     indexed: int
@@ -48,6 +51,8 @@ class IndexReport:
     seconds: float
     store: str
     replaced: int = 0
+    updated: int = 0
+    stale: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -55,6 +60,8 @@ class IndexReport:
             "indexed": self.indexed,
             "replaced": self.replaced,
             "skipped": self.skipped,
+            "updated": self.updated,
+            "stale": list(self.stale),
             "seconds": self.seconds,
             "store": self.store,
         }
@@ -63,6 +70,42 @@ class IndexReport:
 def _batches(items: Iterator[PassageInput], size: int) -> Iterator[list[PassageInput]]:
     while batch := list(islice(items, size)):
         yield batch
+
+
+def update_fields(writer: StoreWriter, batch: list[PassageInput], unchanged: Collection[str]) -> int:
+    """Give the passages of ``batch`` stored with their text (``unchanged``, skipped) the input's
+    title and metadata where the stored ones differ (key order counts: it is the order callers
+    show): a re-run with an edited title kept the old one. Nothing is encoded; ``update_meta``
+    computes each row's ``meta_checksum`` anew (``verify`` passes), as for the LlamaIndex
+    ingestion. Returns how many were updated; shared by the one-process and the Ray run."""
+    if not unchanged:
+        return 0
+    entries = writer.catalogue.get_many(unchanged)
+    changed = [
+        (p.id, p.title, p.meta)
+        for p in batch
+        if p.id in entries and (entries[p.id].title != p.title or json.dumps(entries[p.id].meta) != json.dumps(p.meta))
+    ]
+    return writer.update_meta(changed) if changed else 0
+
+
+def stale_chunks(writer: StoreWriter, input_path: Path) -> tuple[str, ...]:
+    """Stored ids ``<document>#<n>`` of the input's documents (a folder, or one document) with n
+    at or beyond the chunks the document has now: a document edited to fewer chunks (``--replace``
+    re-encodes the ones it still has) leaves its old last chunks stored and searchable, holding
+    text it no longer contains. Named in the report, not removed: a store may have been built
+    from more than this input, and ``ragcompress remove`` deletes them. Shared by the one-process
+    and the Ray run."""
+    counts = document_chunks(input_path)
+    if not counts:
+        return ()
+    stale: list[str] = []
+    for document, count in counts.items():
+        for stored in writer.catalogue.ids_starting(f"{document}#"):
+            number = stored[len(document) + 1 :]
+            if number.isdecimal() and number.isascii() and int(number) >= count:
+                stale.append(stored)
+    return tuple(stale)
 
 
 def count_input(input_path: Path, existing: Path | None, replace: bool) -> int:
@@ -162,8 +205,38 @@ def attach_basis(
             "IndexConfig(calibration=PASSAGES_JSONL), or build the store with `ragcompress index` first"
         )
     calibration = f"{'input' if config.calibration is None else source.name}:first-{config.calibration_passages}"
-    basis = fit_calibration_basis(indexer.calibration_encoder, iter_passages(source), spec, config.calibration_passages)
+    sample = calibration_sample(indexer, source, config.calibration_passages, given=config.calibration is not None)
+    basis = fit_calibration_basis(indexer.calibration_encoder, sample, spec, config.calibration_passages)
     return indexer.with_basis(basis, spec, calibration)
+
+
+CALIBRATION = "(--calibration, IndexConfig(calibration=...) in Python)"
+
+
+def calibration_sample(indexer: Indexer, source: Path, limit: int, given: bool) -> list[PassageInput]:
+    """The first ``limit`` passages of ``source``, refused (``InputError``) before the basis is
+    fitted when there are none (an empty file was a ValueError from the fit) or one is longer
+    than the model's positions (it was encoded past them): the length check indexing applies to
+    passages. ``given``: ``source`` is the ``calibration`` setting, named in the messages (else
+    the input, validated already)."""
+    if given and not source.exists():
+        raise InputError(
+            f"calibration passages {source} {CALIBRATION} do not exist; give a JSONL file or folder of passages, "
+            "or leave it out to fit on the input"
+        )
+    sample = list(islice(iter_passages(source), limit))
+    if not sample:
+        raise InputError(
+            f"calibration file {source} {CALIBRATION} holds no passages, and the low-rank basis is fitted on them; "
+            "give a JSONL file or folder of passages like the input, or leave it out to fit on the input"
+        )
+    try:
+        indexer.check_lengths(sample)
+    except InputError as exc:
+        if not given:
+            raise
+        raise InputError(f"calibration passages {source} {CALIBRATION}: {exc}") from None
+    return sample
 
 
 def check_index_arguments(config: Any, batch_size: Any, model: str | None, lm: Any) -> None:
@@ -259,7 +332,9 @@ def index(
     elif overwrite and store_path.exists():
         store_path.rmdir()  # an empty directory (checked above)
     try:
-        indexed, skipped, replaced = _write(indexer, input_path, target, total, replace, batch_size, progress)
+        indexed, skipped, replaced, updated, stale = _write(
+            indexer, input_path, target, total, replace, batch_size, progress
+        )
         if target != store_path:
             replace_store(target, store_path)
     except BaseException:
@@ -269,7 +344,7 @@ def index(
     finally:
         if old_lock is not None:  # released even when the caller keeps the exception (a notebook)
             old_lock.release()
-    return IndexReport(total, indexed, skipped, time.perf_counter() - start, str(store_path), replaced)
+    return IndexReport(total, indexed, skipped, time.perf_counter() - start, str(store_path), replaced, updated, stale)
 
 
 def remove(store_path: str | Path, ids: list[str], *, missing_ok: bool = False) -> int:
@@ -306,13 +381,13 @@ def remove(store_path: str | Path, ids: list[str], *, missing_ok: bool = False) 
 
 def _write(
     indexer: Indexer, input_path: Path, target: Path, total: int, replace: bool, batch_size: int, progress: bool
-) -> tuple[int, int, int]:
+) -> tuple[int, int, int, int, tuple[str, ...]]:
     """Encode and commit ``input_path``'s passages into the store at ``target`` (created if
-    absent); returns ``(indexed, skipped, replaced)``."""
+    absent); returns ``(indexed, skipped, replaced, updated, stale)``."""
     if not (target / MANIFEST).is_file():
         create_store_for(target, indexer)
 
-    indexed = skipped = replaced = 0
+    indexed = skipped = replaced = updated = 0
     bar = None
     if progress:
         from tqdm import tqdm
@@ -326,6 +401,7 @@ def _write(
                 known = writer.known_of([p.id for p in batch])
                 unchanged = {p.id for p in batch if known.get(p.id) == p.text_sha}
                 writer.make_searchable(unchanged)  # ones a query had cached are part of the corpus now
+                updated += update_fields(writer, batch, unchanged)
                 records = indexer.records(batch, skip=unchanged, pool=pool)
                 if records:
                     writer.add(records, replace=replace)
@@ -335,8 +411,9 @@ def _write(
                 if bar is not None:
                     bar.update(len(batch))
             writer.write_index()
+            stale = stale_chunks(writer, input_path)
             finished()
     finally:
         if bar is not None:
             bar.close()
-    return indexed, skipped, replaced
+    return indexed, skipped, replaced, updated, stale

@@ -236,6 +236,15 @@ class Catalogue:
         with self._guard():
             return dict(self.db.execute("SELECT id, text_sha FROM passages"))
 
+    def ids_starting(self, prefix: str) -> list[str]:
+        """Stored ids that start with ``prefix``: a range on the id index, not a scan."""
+        with self._guard():
+            cur = self.db.execute(
+                "SELECT id FROM passages WHERE id >= ? AND id < ? ORDER BY id",
+                (prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1)),
+            )
+            return [row[0] for row in cur.fetchall()]
+
     def shas_of(self, ids: Iterable[str]) -> dict[str, str]:
         """``{id: text_sha}`` for those of ``ids`` that are stored."""
         return dict(self._rows_of("id, text_sha", ids))
