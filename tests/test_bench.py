@@ -175,8 +175,9 @@ def test_no_path_tokenizes_inside_its_ttft_clock(tiny_lm, passages_file, tmp_pat
     embedder = HashEmbedder()
     index(passages_file, tmp_path / "store", lm=tiny_lm, embedder=embedder, config=IndexConfig(embedder=embedder.name))
     calls: list[str] = []
-    real = PromptTokens._encode
-    monkeypatch.setattr(PromptTokens, "_encode", lambda self, text: calls.append(text) or real(self, text))
+    for piece in ("passage", "suffix"):  # what a request tokenizes (the prefix is tokenized once)
+        real = getattr(PromptTokens, piece)
+        monkeypatch.setattr(PromptTokens, piece, lambda self, text, real=real: calls.append(text) or real(self, text))
     engine = Engine(KVStore.open(tmp_path / "store"), tiny_lm, embedder, AnswerOptions(recompute=0.5))
     try:
         entries = engine.retrieve("Who won the game?", 2)
