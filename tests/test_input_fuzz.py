@@ -140,6 +140,20 @@ def test_a_folder_of_blank_documents_is_named_as_such(tmp_path):
         validate(tmp_path / "blank")
 
 
+def test_chunking_and_embedder_settings_no_loop_or_later_failure_can_use_are_refused():
+    """``chunk_text(text, 0)`` looped forever appending empty chunks; ``IndexConfig(embedder="  ")``
+    was accepted and failed only when the embedder loaded."""
+    from ragcompress.indexing import IndexConfig
+    from ragcompress.indexing.inputs import chunk_text
+
+    assert chunk_text("one two three\n\nfour", 2) == ["one two", "three\n\nfour"]
+    for words in (0, -1):
+        with pytest.raises(ValueError, match="max_words must be at least 1"):
+            chunk_text("one two", words)
+    with pytest.raises(ValueError, match="embedder must name a sentence-transformers model"):
+        IndexConfig(embedder="  ")
+
+
 def test_lone_surrogate_is_named(tmp_path):
     path = tmp_path / "s.jsonl"
     path.write_text('{"id": "a", "text": "fine"}\n{"id": "b", "text": "half \\ud83d pair"}\n')

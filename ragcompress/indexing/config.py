@@ -107,7 +107,7 @@ class IndexConfig:
             raise ValueError("give either ratio (fraction kept) or budget (tokens kept), not both")
         if not 0 <= self.context_neighbors <= 16:
             raise ValueError(f"context_neighbors must be in [0, 16], got {self.context_neighbors}")
-        if not self.embedder:
+        if not isinstance(self.embedder, str) or not self.embedder.strip():  # "  " failed only when it loaded
             raise ValueError("embedder must name a sentence-transformers model")
         object.__setattr__(self, "embedder", embedder_name(self.embedder))
         self.compressor()  # validates method and its parameters, listing the allowed values

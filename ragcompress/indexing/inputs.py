@@ -144,6 +144,8 @@ def chunk_text(text: str, max_words: int) -> list[str]:
     (Chinese, Japanese) is one word and never cut; such documents belong in JSONL passages.
     Changing this changes the chunks (and ids' texts) of every store built from a folder.
     """
+    if max_words < 1:  # no chunk could hold a word: the loop below would never end
+        raise ValueError(f"max_words must be at least 1, got {max_words}")
     chunks: list[str] = []
     current: list[str] = []
     count = 0
