@@ -10,7 +10,6 @@ never mix. :class:`CacheResolver` maps nodes to store entries, computing missing
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Sequence
@@ -245,6 +244,7 @@ class CacheWriter:
         so no retriever of the store ever returns them (a query adds nothing to the corpus, nor
         brings back a removed passage: :mod:`ragcompress.store.catalogue`); ingestion (True)
         makes searchable what a query had cached before."""
+        from ragcompress.indexing.run import update_fields as update_stored_fields
         from ragcompress.store import StoreWriter
         from ragcompress.store.files import indexing_run
 
@@ -263,11 +263,8 @@ class CacheWriter:
                 # marker, which every reader would then refuse until the same nodes run again
                 self.indexer.check_lengths(pending)
                 now_searchable = writer.make_searchable([p.id for p in stored]) if write_index else 0
-                if update_fields:
-                    entries = writer.catalogue.get_many(p.id for p in stored)
-                    changed = [p for p in stored if _fields_differ(entries.get(p.id), p)]
-                    if changed:
-                        writer.update_meta([(p.id, p.title, p.meta) for p in changed])
+                if update_fields:  # as `ragcompress index` gives skipped passages their new title and metadata
+                    update_stored_fields(writer, stored, [p.id for p in stored])
                 # A neighbour-conditioned store: neighbours come from all of ``nodes``, not one batch.
                 pool = self.indexer.neighbour_pool(inputs) if pending and self.indexer.context_neighbors else None
                 # Ingestion marks the store mid-run, as `ragcompress index` does: a call killed between
@@ -319,12 +316,6 @@ def _store_adaptor(path: str, manifest: Any, lm: Any, folder: str | None) -> Any
         f"store {path} was built with {built}, not with adaptor {folder} ({adaptor.hash[:16]}); "
         + ("pass the store's adaptor folder (adaptor=FOLDER)" if recorded else "leave adaptor unset")
     )
-
-
-def _fields_differ(entry: Any, passage: Any) -> bool:
-    """Whether a stored ``entry`` holds another title or metadata than ``passage`` (the same
-    text): key order counts, as it does in the text LlamaIndex builds from metadata."""
-    return entry is not None and (entry.title != passage.title or json.dumps(entry.meta) != json.dumps(passage.meta))
 
 
 class CacheResolver:
