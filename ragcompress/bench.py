@@ -109,6 +109,7 @@ def _bench_row(engine: Engine, questions: list[Question], top_k: int, repeats: i
     stored_bytes: list[float] = []
     same = 0
     fp16_per_token = engine.store.shape.fp16_bytes_per_token
+    basis_per_token = engine.store.basis_bytes_per_token()  # a low-rank basis, counted once per store
     for number, item in enumerate(questions):
         entries = engine.retrieve(item.question, top_k)
         question = item.question
@@ -129,9 +130,7 @@ def _bench_row(engine: Engine, questions: list[Question], top_k: int, repeats: i
         tokens = sum(e.num_tokens for e in entries)
         contexts.append(engine.prefix.num_tokens + tokens)
         fp16_bytes.append(tokens * fp16_per_token)
-        stored_bytes.append(
-            engine.store.bytes_per_token(entries) * tokens
-        )  # the basis counted, as index and eval count it
+        stored_bytes.append(engine.store.stored_bytes(entries) + basis_per_token * tokens)  # as index and eval count
     ttft = {path: statistics.median(times) for path, times in per_path.items()}
     cache_work = statistics.median(work)
     return BenchRow(

@@ -354,16 +354,21 @@ class KVStore:
         written (scales, positions and base copies included) over their tokens, plus the low-rank
         basis, stored once per store, spread over all the store's tokens. What ``index``, ``stats``,
         ``eval`` and the benchmarks report against fp16 (0 for no tokens)."""
-        basis = self.basis_bytes  # a stat of the basis file: read once
-        every = list(self.catalogue.entries()) if entries is None or basis else []
-        chosen = every if entries is None else entries
+        chosen = list(self.catalogue.entries()) if entries is None else entries
         tokens = sum(e.num_tokens for e in chosen)
         if tokens == 0:
             return 0.0
-        per_token = self.stored_bytes(chosen) / tokens
-        if basis:
-            per_token += basis / sum(e.num_tokens for e in every)
-        return per_token
+        return self.stored_bytes(chosen) / tokens + self.basis_bytes_per_token()
+
+    def basis_bytes_per_token(self) -> float:
+        """The low-rank basis's bytes spread over every passage token of the store (0 without a
+        basis): what :meth:`bytes_per_token` adds to the blobs' bytes. Reads every catalogue row,
+        so a caller pricing many sets of passages computes it once."""
+        basis = self.basis_bytes  # a stat of the basis file
+        if not basis:
+            return 0.0
+        tokens = sum(e.num_tokens for e in self.catalogue.entries())
+        return basis / tokens if tokens else 0.0
 
     @property
     def basis_bytes(self) -> int:
