@@ -286,6 +286,7 @@ def test_bytes_per_token_counts_the_basis_once_over_the_whole_store(tmp_path):
         basis_bytes=80,
         stored_bytes=lambda chosen: sum(e.length for e in chosen),
     )
+    store.basis_bytes_per_token = lambda: KVStore.basis_bytes_per_token(store)
     assert KVStore.bytes_per_token(store) == (400 + 80) / 40
     assert KVStore.bytes_per_token(store, entries[:1]) == 300 / 10 + 80 / 40
     store.basis_bytes = 0
