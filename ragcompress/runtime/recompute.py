@@ -274,10 +274,8 @@ def blend(
     elif ratio > 0.0 and budget < candidates.numel():
         hidden = embed(ids[candidates].unsqueeze(0).to(device))
         hidden = cache_pass.run_layers(model, rotary, layout, built.cache, candidates, hidden, 0, check)
-        if check < layers:
-            deviation = value_deviation(model, layout, built.cache, candidates, hidden, check)
-        else:
-            deviation = torch.zeros(candidates.numel(), device=device)
+        # at the last layer the check pass has run every candidate through every layer: nothing to rank
+        deviation = value_deviation(model, layout, built.cache, candidates, hidden, check) if check < layers else None
         relevance = None
         if question_ids and (suffix or config.selection != "deviation"):
             # the question's layers below the check layer run alone (over the refreshed rows)
@@ -297,9 +295,9 @@ def blend(
             if not suffix:  # scored only: take its rows back out of the cache
                 cache_pass.drop_appended(built.cache, len(question_ids), check)
                 question = None
-        if check < layers:
+        if deviation is not None:
             selected = select_tokens(ranking(config.selection, deviation, relevance).cpu(), candidates, sinks, budget)
-        else:  # the check pass ran every candidate through every layer: all of them were recomputed
+        else:  # all of them were recomputed
             selected = candidates
         keep = torch.searchsorted(candidates, selected)
         hidden = hidden[:, keep.to(device)]

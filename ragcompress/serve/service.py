@@ -203,6 +203,7 @@ class Service:
         be batched (per-head eviction masks, a sliding window it, or the batch with it, outgrows)
         is decoded alone, and fails alone."""
         started = time.perf_counter()
+        window = sliding_window(engine.lm.config)
         members: list[tuple[Job, ChatQuery, list[Any], AnswerOptions, Any]] = []
         alone: list[tuple[Job, ChatQuery, list[Any], AnswerOptions, Any, float]] = []
         for job in jobs:
@@ -215,7 +216,6 @@ class Service:
             except Exception as exc:
                 job.emit(("error", exc))
                 continue
-            window = sliding_window(engine.lm.config)
             together = [m[4] for m in members] + [prepared]
             steps = [m[3].max_new_tokens for m in members] + [options.max_new_tokens]
             if batchable(prepared, window, options.max_new_tokens) and fits_one_batch(together, steps, window):
