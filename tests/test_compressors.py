@@ -135,6 +135,25 @@ def test_global_budget_follows_scores_across_layers_and_adaptive_does_not():
     assert kept_floor.lengths[1].tolist() == [n] * heads
 
 
+@pytest.mark.parametrize("method", ["kvzip", "adaptive:kvzip", "global:kvzip"])
+def test_equal_scores_keep_the_earliest_tokens(method):
+    """Ties go to the earlier token, whatever the budget: ``topk`` broke them by its algorithm
+    (of 300 equal scores it kept tokens 197-201), so a store depended on how ties fell."""
+    from ragcompress.kv import PassageKV
+
+    layers, heads, n, budget = 2, 2, 300, 10
+    kv = PassageKV.full(torch.randn(layers, heads, n, 4), torch.randn(layers, heads, n, 4))
+    kept = make_compressor(method, budget=budget, keep_first=0, keep_last=0).select(kv, torch.zeros(layers, heads, n))
+    assert int(kept.lengths.sum()) == layers * heads * budget
+    # every head keeps its earliest tokens (pooled methods: the pool fills in layer, head, token order)
+    for layer in range(layers):
+        for head in range(heads):
+            count = int(kept.lengths[layer, head])
+            assert kept.positions[layer, head, :count].tolist() == list(range(count))
+    if method == "kvzip":
+        assert kept.lengths.tolist() == [[budget] * heads] * layers
+
+
 def test_value_norm_weights_scores_by_each_rows_value_relative_to_its_head():
     """With equal scores, ``value_norm`` keeps the rows whose values are largest relative to their
     head; the budget is kept exactly; the weights average 1 over a head's valid rows; the setting
@@ -171,7 +190,8 @@ def test_floor_is_an_index_setting_only_of_the_pooling_wrappers():
 def test_knorm_keeps_lowest_norm_keys(encoded):
     encoder, ids, kv = encoded
     out = make_compressor("knorm", budget=12, keep_first=0, keep_last=0).compress(kv, CompressionContext(encoder, ids))
-    expected = kv.keys.norm(dim=-1).topk(12, dim=-1, largest=False).indices.sort(-1).values
+    # a token's layer-0 key depends on the token alone: a repeated token ties, and the earlier one is kept
+    expected = kv.keys.norm(dim=-1).sort(dim=-1, stable=True).indices[..., :12].sort(-1).values
     assert (out.positions == expected).all()
 
 

@@ -101,10 +101,21 @@ def test_token_pruning_keeps_the_most_surprising_tokens_in_order(lm):
     ids = lm.tokenizer(TEXT, add_special_tokens=False)["input_ids"]
     (out,) = compressor.compress([TEXT], rate=0.4)
     budget = math.ceil(0.4 * len(ids))
-    keep = sorted(torch.topk(compressor.surprisal(ids), budget).indices.tolist())
+    keep = sorted(torch.sort(compressor.surprisal(ids), descending=True, stable=True).indices[:budget].tolist())
     assert out.text == lm.tokenizer.decode([ids[i] for i in keep]).strip()  # ASCII: the kept tokens' text
     assert out.original_tokens == len(ids)
     assert out.kept_tokens == compressor.count_tokens(out.text)
+
+
+def test_token_pruning_keeps_the_earlier_of_equally_surprising_tokens(lm, monkeypatch):
+    """Equal surprisal keeps the earliest tokens (``topk`` broke ties by its algorithm)."""
+    compressor = SelfInformationCompressor(lm, unit="token")
+    text = " ".join(f"item{i}" for i in range(100))
+    ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    monkeypatch.setattr(compressor, "surprisal", lambda token_ids: torch.zeros(len(token_ids)))
+    (out,) = compressor.compress([text], rate=0.05)
+    budget = math.ceil(0.05 * len(ids))
+    assert out.text == lm.tokenizer.decode(ids[:budget]).strip()
 
 
 def test_token_pruning_cuts_whole_characters_from_the_input(lm):

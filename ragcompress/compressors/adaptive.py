@@ -116,7 +116,7 @@ class AdaptiveBudget(Compressor):
         size = layers * heads * n // pools
         spare = (layers * heads * budget) // pools - keep.reshape(pools, size).sum(-1)  # [pools] left
         rest = scores.masked_fill(keep, float("-inf")).reshape(pools, size)
-        order = rest.argsort(dim=-1, descending=True)
+        order = rest.argsort(dim=-1, descending=True, stable=True)  # of equal scores, the earlier row
         take = torch.arange(size) < spare.unsqueeze(-1)  # the first `spare` of each pool
         extra = torch.zeros_like(take)
         extra.scatter_(-1, order, take)

@@ -77,10 +77,12 @@ def gather_kept(kv: PassageKV, keep: torch.Tensor) -> PassageKV:
 
 
 def top_per_head(scores: torch.Tensor, valid: torch.Tensor, budget: int) -> torch.Tensor:
-    """``[L, H, n]`` bool mask of each head's ``budget`` highest ``scores`` among ``valid`` rows."""
+    """``[L, H, n]`` bool mask of each head's ``budget`` highest ``scores`` among ``valid`` rows;
+    of equal scores the earlier token wins (``topk`` breaks ties by its algorithm: of 300 equal
+    scores it returned tokens 197-201), so a store does not depend on how ties fall."""
     masked = scores.float().masked_fill(~valid, float("-inf"))
     k = min(budget, masked.shape[-1])
-    idx = masked.topk(k, dim=-1).indices
+    idx = masked.sort(dim=-1, descending=True, stable=True).indices[..., :k]
     keep = torch.zeros_like(valid)
     keep.scatter_(-1, idx, True)
     return keep & valid

@@ -67,7 +67,7 @@ class SelfInformationCompressor(TextCompressor):
         ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
         scores = self.surprisal(ids)
         if self.unit == "token":
-            keep = sorted(torch.topk(scores, budget).indices.tolist())
+            keep = sorted(torch.sort(scores, descending=True, stable=True).indices[:budget].tolist())  # ties: earlier
             return kept_text(text, [offsets[i] for i in keep])
         words = [(m.start(), m.end()) for m in _WORD.finditer(text)]
         members = word_tokens(text, offsets, words)
