@@ -634,3 +634,19 @@ def test_training_data_that_would_leak_held_out_passages_is_refused(tiny_lm, tmp
     (tmp_path / "afile").write_text("")
     with pytest.raises(InputError, match="--out .*afile/sub cannot be created"):
         train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, tmp_path / "afile" / "sub", CONFIG, progress=False)
+
+
+def test_a_repeated_val_article_counts_once():
+    """``--val-articles A --val-articles A`` over two articles was refused as holding every article
+    out, and with more articles hashed the data otherwise than ``--val-articles A``, so a resumed
+    run given the title once was refused as trained on other data."""
+    from ragcompress.distill.corpus import data_hash, split_articles
+
+    titles = ["Apollo_program", "Victoria_(Australia)"]
+    assert split_articles(titles, ["Apollo_program", "Apollo_program"]) == ["Apollo_program"]
+    three = [*titles, "Third"]
+    repeated = split_articles(three, ["Third", "Apollo_program", "Third"])
+    assert repeated == ["Third", "Apollo_program"]
+    assert data_hash(SAMPLE_PASSAGES, SAMPLE_QUESTIONS, repeated) == data_hash(
+        SAMPLE_PASSAGES, SAMPLE_QUESTIONS, ["Apollo_program", "Third"]
+    )

@@ -27,9 +27,11 @@ VIEW_SEPARATOR = "@view"  # example id of a question's extra view: "<question id
 
 
 def split_articles(titles: list[str], val_articles: list[str] | None = None) -> list[str]:
-    """Held-out articles: ``val_articles`` if given, else every third title in sorted order."""
+    """Held-out articles: ``val_articles`` if given (a title repeated counts once, so neither the
+    data hash nor a resumed run's split check depends on the repetition), else every third title
+    in sorted order."""
     ordered = sorted(set(titles))
-    chosen = list(val_articles) if val_articles else ordered[::3]
+    chosen = list(dict.fromkeys(val_articles)) if val_articles else ordered[::3]
     unknown = sorted(set(chosen) - set(ordered))
     if unknown:
         raise InputError(
