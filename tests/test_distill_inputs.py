@@ -650,3 +650,20 @@ def test_a_repeated_val_article_counts_once():
     assert data_hash(SAMPLE_PASSAGES, SAMPLE_QUESTIONS, repeated) == data_hash(
         SAMPLE_PASSAGES, SAMPLE_QUESTIONS, ["Apollo_program", "Third"]
     )
+
+
+def test_duplicate_question_ids_and_ids_naming_a_view_are_refused(tiny_lm, tmp_path):
+    """Teacher examples are keyed by question id: of two training questions sharing an id, one was
+    silently dropped (the other's example served both), and an id holding ``@view`` is taken for
+    another view of the question before it. Both are refused by id, before the teacher pass."""
+    lines = SAMPLE_QUESTIONS.read_text().splitlines(keepends=True)
+    first, second = json.loads(lines[0]), json.loads(lines[1])
+    shared = tmp_path / "shared.jsonl"
+    shared.write_text("".join([lines[0], json.dumps({**second, "id": first["id"]}) + "\n", *lines[2:]]))
+    with pytest.raises(InputError, match=rf"question id '{first['id']}' is given more than once \(lines 1, 2\)"):
+        train(tiny_lm, SAMPLE_PASSAGES, shared, tmp_path / "shared", dataclasses.replace(CONFIG), progress=False)
+    view = tmp_path / "view.jsonl"
+    view.write_text("".join([lines[0], json.dumps({**second, "id": f"{first['id']}@view1"}) + "\n", *lines[2:]]))
+    with pytest.raises(InputError, match=rf"view.jsonl:2: question id '{first['id']}@view1' holds '@view'"):
+        train(tiny_lm, SAMPLE_PASSAGES, view, tmp_path / "view", dataclasses.replace(CONFIG), progress=False)
+    assert not (tmp_path / "shared").exists() and not (tmp_path / "view").exists()

@@ -75,6 +75,7 @@ def load_corpora(
 ) -> tuple[Corpus, Corpus]:
     """The training and held-out sides of ``passages`` and their questions, split by article."""
     questions = read_questions(questions_path)
+    check_question_ids(questions, questions_path)
     article = {p.id: p.article for p in passages}
     sides = []
     for held_out in (False, True):
@@ -86,6 +87,30 @@ def load_corpora(
     if ids_train & {p.article for p in val.passages}:
         raise AssertionError("an article is on both sides of the split")
     return train, val
+
+
+def check_question_ids(questions: list[Question], path: Path) -> None:
+    """Refuse a question id given twice, or holding :data:`VIEW_SEPARATOR`: teacher examples are
+    keyed by question id (and a view's by ``<id>@view<v>``), so one of two questions sharing an id
+    was silently dropped, and ``q@view1`` would be taken for another view of question ``q``."""
+    # the line of each question (read_questions skips blank lines) to name where the id is
+    lines = [n for n, raw in enumerate(path.read_bytes().split(b"\n"), start=1) if raw.decode("utf-8").strip()]
+    where = lines if len(lines) == len(questions) else [0] * len(questions)
+    seen: dict[str, list[int]] = {}
+    for question, line in zip(questions, where, strict=True):
+        if VIEW_SEPARATOR in question.id:
+            raise InputError(
+                f"{path}{f':{line}' if line else ''}: question id {question.id!r} holds {VIEW_SEPARATOR!r}, which names a question's extra "
+                "views (--views) in training; rename the question"
+            )
+        seen.setdefault(question.id, []).append(line)
+    for qid, numbers in seen.items():
+        if len(numbers) > 1:
+            on = f" (lines {', '.join(map(str, numbers))})" if all(numbers) else f" ({len(numbers)} times)"
+            raise InputError(
+                f"{path}: question id {qid!r} is given more than once{on}; training keys its examples by question "
+                "id, so all but one would be dropped: give each question its own id"
+            )
 
 
 def check_questions(passages: list[PassageInput], questions_path: Path, train: Corpus) -> None:
@@ -164,6 +189,11 @@ def with_extra_passages(
     clash = sorted({p.id for p in extra} & {p.id for p in corpus.passages})
     if clash:
         raise InputError(f"--extra-passages {config.extra_passages} repeats passage ids of --passages: {clash[:3]}")
+    if viewlike := [p.id for p in extra if VIEW_SEPARATOR in p.id]:  # its question's id would name a view
+        raise InputError(
+            f"--extra-passages {config.extra_passages}: passage id {viewlike[0]!r} holds {VIEW_SEPARATOR!r}, which "
+            "names a question's extra views (--views) in training; rename it"
+        )
     questions = synthetic_questions(lm, extra, config.extra_questions, out / "extra-questions.jsonl", progress)
     vectors = embedder.embed([p.text for p in extra])
     return Corpus(corpus.passages + extra, corpus.questions + questions, np.vstack([corpus.vectors, vectors]))
