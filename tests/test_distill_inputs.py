@@ -667,3 +667,17 @@ def test_duplicate_question_ids_and_ids_naming_a_view_are_refused(tiny_lm, tmp_p
     with pytest.raises(InputError, match=rf"view.jsonl:2: question id '{first['id']}@view1' holds '@view'"):
         train(tiny_lm, SAMPLE_PASSAGES, view, tmp_path / "view", dataclasses.replace(CONFIG), progress=False)
     assert not (tmp_path / "shared").exists() and not (tmp_path / "view").exists()
+
+
+def test_views_of_a_side_of_fewer_passages_than_top_k_are_drawn_orders_of_them_all():
+    """A training side of fewer passages than ``--top-k`` with ``--views`` above 1 crashed after the
+    model loaded (``random.sample``: "Sample larger than population"); each view is now every
+    passage retrieved, in a drawn order, as the first view holds them all; a side of top-k or
+    more passages draws as before."""
+    from ragcompress.distill.corpus import views_of
+
+    views = views_of("q1", [4], 3, 3)
+    assert views == [("q1", [4]), ("q1@view1", [4]), ("q1@view2", [4])]
+    two = views_of("q1", [4, 7], 3, 4)
+    assert [sorted(rows) for _, rows in two] == [[4, 7]] * 4 and two[0] == ("q1", [4, 7])
+    assert views_of("q1", [5, 3, 9, 1], 2, 3)[1:] == [("q1@view1", [9, 5]), ("q1@view2", [5, 1])]  # as before

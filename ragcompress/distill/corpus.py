@@ -207,9 +207,13 @@ def question_of(example_id: str) -> str:
 def views_of(question_id: str, retrieved: list[int], k: int, views: int) -> list[tuple[str, list[int]]]:
     """(example id, passage rows) of each view of one question: ``retrieved[:k]`` in retrieval
     order, then ``views - 1`` draws of ``k`` of ``retrieved`` (its ``2k`` nearest) in a drawn
-    order, seeded by the question id so that a resumed or repeated run draws the same."""
+    order, seeded by the question id so that a resumed or repeated run draws the same. A side of
+    fewer than ``k`` passages retrieves them all (``exact_top_k``), as the first view holds them:
+    each other view is then all of them in a drawn order (``rng.sample`` of ``k`` had raised
+    "Sample larger than population" after the model loaded); with ``k`` or more nothing changes."""
     out = [(question_id, list(retrieved[:k]))]
     rng = random.Random(question_id)
+    drawn = min(k, len(retrieved))
     for view in range(1, views):
-        out.append((f"{question_id}{VIEW_SEPARATOR}{view}", rng.sample(list(retrieved), k)))
+        out.append((f"{question_id}{VIEW_SEPARATOR}{view}", rng.sample(list(retrieved), drawn)))
     return out
