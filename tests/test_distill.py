@@ -786,7 +786,8 @@ def test_extra_passages_add_training_examples_with_the_models_own_questions(lm, 
     )  # fmt: skip
     out = tmp_path / "run"
     adaptor = train(lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, config, progress=False)
-    written = [json.loads(line) for line in (out / "extra-questions.jsonl").read_text().splitlines()]
+    header, *written = [json.loads(line) for line in (out / "extra-questions.jsonl").read_text().splitlines()]
+    assert header == {"training_data_sha256": adaptor.meta["training_data_sha256"]}
     assert len(written) == 2 and all(r["id"] == "synthetic:" + r["passage_id"] for r in written)
     teacher = load_tree(out / "teacher.safetensors")
     synthetic_ids = {e["qid"] for e in teacher["train"] if e["qid"].startswith("synthetic:")}
@@ -798,10 +799,13 @@ def test_extra_passages_add_training_examples_with_the_models_own_questions(lm, 
         raise AssertionError("question written again")
 
     monkeypatch.setattr(synthetic, "write_question", refuse)
-    assert synthetic.synthetic_questions(lm, [], 0, out / "extra-questions.jsonl") == []
+    data = adaptor.meta["training_data_sha256"]
+    assert synthetic.synthetic_questions(lm, [], 0, out / "extra-questions.jsonl", data) == []
     from ragcompress.indexing.inputs import iter_passages
 
-    again = synthetic.synthetic_questions(lm, list(iter_passages(essays)), 2, out / "extra-questions.jsonl", False)
+    again = synthetic.synthetic_questions(
+        lm, list(iter_passages(essays)), 2, out / "extra-questions.jsonl", data, False
+    )
     assert [q.id for q in again] == [r["id"] for r in written if r["question"]]
     with pytest.raises(InputError, match="held-out"):
         train(lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, tmp_path / "bad",

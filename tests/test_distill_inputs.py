@@ -681,3 +681,53 @@ def test_views_of_a_side_of_fewer_passages_than_top_k_are_drawn_orders_of_them_a
     two = views_of("q1", [4, 7], 3, 4)
     assert [sorted(rows) for _, rows in two] == [[4, 7]] * 4 and two[0] == ("q1", [4, 7])
     assert views_of("q1", [5, 3, 9, 1], 2, 3)[1:] == [("q1@view1", [9, 5]), ("q1@view2", [5, 1])]  # as before
+
+
+def test_teacher_files_and_extra_questions_of_other_training_data_are_refused(tiny_lm, tmp_path, monkeypatch):
+    """A run killed after the teacher pass but before its first checkpoint, run again on an edited
+    questions file, trained on the examples of the old question text (keyed by question id)
+    while its adaptor recorded the new data's hash; no checkpoint's data check could notice. The
+    teacher files and ``extra-questions.jsonl`` now record the data and are refused for other
+    data, each by name, until deleted."""
+    from ragcompress.distill import synthetic
+    from ragcompress.distill import train as training
+    from ragcompress.distill.checkpoint import load_tree
+
+    class Killed(Exception):
+        pass
+
+    def killed(*args, **kwargs):
+        raise Killed
+
+    out = tmp_path / "run"
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text(SAMPLE_QUESTIONS.read_text())
+    with monkeypatch.context() as patch:
+        patch.setattr(training, "run_steps", killed)
+        with pytest.raises(Killed):
+            train(tiny_lm, SAMPLE_PASSAGES, questions, out, dataclasses.replace(CONFIG), progress=False)
+    assert not (out / "checkpoint.safetensors").exists()
+    qid = load_tree(out / "teacher.safetensors")["train"][0]["qid"]
+    records = [json.loads(line) for line in questions.read_text().splitlines()]
+    edited = [{**r, "question": "Who was the first governor?"} if r["id"] == qid else r for r in records]
+    questions.write_text("".join(json.dumps(r) + "\n" for r in edited))
+    for name, also in [
+        ("teacher.safetensors", " and the teacher-\\*.part files beside it"),
+        ("teacher-train.part", ""),
+    ]:
+        with pytest.raises(
+            InputError, match=rf"{name} holds teacher examples of other training data .*delete {name}{also} to"
+        ):
+            train(tiny_lm, SAMPLE_PASSAGES, questions, out, dataclasses.replace(CONFIG), progress=False)
+        (out / name).unlink()
+    (out / "teacher-val.part").unlink()
+    adaptor = train(tiny_lm, SAMPLE_PASSAGES, questions, out, dataclasses.replace(CONFIG), progress=False)
+    trained = load_tree(out / "teacher.safetensors")
+    assert trained["training_data_sha256"] == adaptor.meta["training_data_sha256"]
+    assert "first governor" in tiny_lm.tokenizer.decode(trained["train"][0]["suffix"])
+
+    path = tmp_path / "extra-questions.jsonl"
+    assert synthetic.synthetic_questions(tiny_lm, [], 0, path, "a" * 64, progress=False) == []
+    assert json.loads(path.read_text()) == {"training_data_sha256": "a" * 64}
+    with pytest.raises(InputError, match=r"extra-questions.jsonl holds questions written for other training data"):
+        synthetic.synthetic_questions(tiny_lm, [], 0, path, "b" * 64, progress=False)

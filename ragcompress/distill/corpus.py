@@ -46,11 +46,15 @@ def split_articles(titles: list[str], val_articles: list[str] | None = None) -> 
 def data_hash(
     passages_path: Path, questions_path: Path, val_articles: list[str], extra_passages: str | None = None
 ) -> str:
-    """sha256 of the training data files, the split and (if any) every file of ``extra_passages``."""
+    """sha256 of the training data files, the split and (if any) every file of ``extra_passages``:
+    what the teacher files, ``extra-questions.jsonl`` and the checkpoint record, so that none of
+    them is reused on other data."""
     digest = hashlib.sha256()
     files = [passages_path, questions_path]
     if extra_passages:
         extra = Path(extra_passages)
+        if not extra.exists():  # hashed before the extra passages are read (iter_passages' message)
+            raise InputError(f"input {extra} does not exist")
         files += sorted(p for p in extra.rglob("*") if p.is_file()) if extra.is_dir() else [extra]
     for path in files:
         digest.update(path.read_bytes())
@@ -168,9 +172,10 @@ def with_extra_passages(
     out: Path,
     progress: bool,
     held_out_passages: list[PassageInput],
+    data_sha256: str,
 ) -> Corpus:
     """The training corpus plus ``config.extra_passages`` and the base model's questions about
-    them (``synthetic.py``, cached in ``out/extra-questions.jsonl``): more examples, from other
+    them (``synthetic.py``, cached in ``out/extra-questions.jsonl`` under ``data_sha256``): more examples, from other
     text, retrieved over the union so that a question's passages may come from either. Extra
     passages of a held-out article are refused by its name, and any holding the text of one of
     ``held_out_passages`` (under another title: a copy of an article) by that text."""
@@ -194,7 +199,9 @@ def with_extra_passages(
             f"--extra-passages {config.extra_passages}: passage id {viewlike[0]!r} holds {VIEW_SEPARATOR!r}, which "
             "names a question's extra views (--views) in training; rename it"
         )
-    questions = synthetic_questions(lm, extra, config.extra_questions, out / "extra-questions.jsonl", progress)
+    questions = synthetic_questions(
+        lm, extra, config.extra_questions, out / "extra-questions.jsonl", data_sha256, progress
+    )
     vectors = embedder.embed([p.text for p in extra])
     return Corpus(corpus.passages + extra, corpus.questions + questions, np.vstack([corpus.vectors, vectors]))
 

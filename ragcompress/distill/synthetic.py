@@ -10,7 +10,10 @@ steps, and the Paul Graham essays in ``../shared/data`` are other text without q
 Each chosen passage is shown to the base model alone, with a request for one question it
 answers; the first line of its greedy reply is the question. Questions are appended to a JSONL
 file as they are written, so a killed run resumes, and a run with the same file reads them back
-instead of writing them again.
+instead of writing them again. The file's first line records the training data they belong to
+(``{"training_data_sha256": ...}``, :func:`ragcompress.distill.corpus.data_hash`): a run on other
+data refuses it rather than train on questions about passages that may have changed (a file from
+before the line was written is read unchecked).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ragcompress.errors import InputError
 from ragcompress.evaluation import Question, evenly_spaced
 from ragcompress.indexing.inputs import PassageInput
 from ragcompress.models import LoadedModel
@@ -58,20 +62,30 @@ def write_question(lm: LoadedModel, passage: PassageInput) -> str:
     return next((line.strip() for line in reply.splitlines() if line.strip()), "")
 
 
+DATA_KEY = "training_data_sha256"  # the header line's one field
+
+
 def synthetic_questions(
-    lm: LoadedModel, passages: list[PassageInput], count: int, path: Path, progress: bool = True
+    lm: LoadedModel, passages: list[PassageInput], count: int, path: Path, data_sha256: str, progress: bool = True
 ) -> list[Question]:
     """One question per passage for ``count`` evenly spaced ``passages`` (0: every one), read
-    from ``path`` where already written there. A passage whose reply is empty gets none."""
+    from ``path`` where already written there for the same training data (``data_sha256``; other
+    data is refused). A passage whose reply is empty gets none."""
     from tqdm import tqdm
 
     done: dict[str, Question] = {}
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            record = json.loads(line)
-            done[record["passage_id"]] = Question(record["id"], record["question"], [], record["passage_id"])
+    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    for line in lines:
+        record = json.loads(line)
+        if "passage_id" not in record:  # the header
+            check_data(path, record.get(DATA_KEY), data_sha256)
+            continue
+        done[record["passage_id"]] = Question(record["id"], record["question"], [], record["passage_id"])
     chosen = evenly_spaced(passages, count or None)
     with path.open("a", encoding="utf-8") as sink:
+        if not lines:  # a new file (or one a killed run left empty) opens with its data
+            sink.write(json.dumps({DATA_KEY: data_sha256}) + "\n")
+            sink.flush()
         for passage in tqdm(chosen, desc="synthetic questions", unit="passage", disable=not progress):
             if passage.id in done:
                 continue
@@ -82,3 +96,14 @@ def synthetic_questions(
             sink.write(json.dumps(record, ensure_ascii=False) + "\n")
             sink.flush()
     return [done[p.id] for p in chosen if done[p.id].question]
+
+
+def check_data(path: Path, recorded: str | None, data_sha256: str) -> None:
+    """Refuse questions written for other training data: their passages (by id) may hold other
+    text now, and the adaptor would record the new data's hash."""
+    if recorded != data_sha256:
+        raise InputError(
+            f"{path} holds questions written for other training data (sha256 {str(recorded)[:16]}, not "
+            f"{data_sha256[:16]}: the passages, questions, --extra-passages or held-out articles differ); delete "
+            f"{path.name} to write them again, or train on the files they were written for"
+        )

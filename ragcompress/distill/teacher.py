@@ -4,11 +4,14 @@ Computing the teacher is the slowest part of a run's start (one full prefill and
 per example), so each example is saved as soon as it is computed (``teacher-train.part``,
 ``teacher-val.part``: a killed run resumes from them) and the finished set once
 (``teacher.safetensors``). Those files hold the base model's distributions under this run's
-settings, so every one records the base model's fingerprint and the settings it was computed
-with (:func:`teacher_settings`), and a run refuses one that records another model, other
-settings, another split, other questions (``--train-questions``, ``--val-examples``), or nothing
-it could be checked by (:func:`check_teacher_file`, :func:`check_split`, :func:`check_chosen`):
-it would distil from it as if it were its own.
+settings, so every one records the base model's fingerprint, the settings it was computed
+with (:func:`teacher_settings`) and the training data (``training_data_sha256``: the passages
+and questions an example's id, text and retrieved neighbours come from), and a run refuses one
+that records another model, other settings, other data, another split, other questions
+(``--train-questions``, ``--val-examples``), or nothing it could be checked by
+(:func:`check_teacher_file`, :func:`check_teacher_data`, :func:`check_split`,
+:func:`check_chosen`): it would distil from it as if it were its own. A file from before the
+data was recorded in it is checked by the rest only.
 """
 
 from __future__ import annotations
@@ -48,12 +51,28 @@ def check_teacher(path: Path, saved: dict[str, Any], settings: dict[str, int]) -
         )
 
 
-def check_teacher_file(path: Path, saved: Any, distiller: Distiller, k: int) -> None:
+def check_teacher_data(path: Path, saved: dict[str, Any], data_sha256: str | None) -> None:
+    """Refuse teacher examples computed from other training data: keyed by question id, they
+    would hold an edited question's old text, or passages retrieved before one was added, while
+    the adaptor recorded the new data's hash (a run killed before its first checkpoint has no
+    checkpoint whose data check would notice). Unchecked where either side records none."""
+    recorded = saved.get("training_data_sha256")
+    if recorded and data_sha256 and recorded != data_sha256:
+        also = " and the teacher-*.part files beside it" if path.name == "teacher.safetensors" else ""
+        raise InputError(
+            f"{path} holds teacher examples of other training data (sha256 {recorded[:16]}, not {data_sha256[:16]}: "
+            f"the passages, questions, --extra-passages or held-out articles differ); delete {path.name}{also} "
+            "to compute them again, or train on the files they were computed from"
+        )
+
+
+def check_teacher_file(path: Path, saved: Any, distiller: Distiller, k: int, data_sha256: str | None = None) -> None:
     """Refuse a teacher file (``teacher.safetensors`` or a ``teacher-*.part``) of another base
-    model (:func:`check_run`) or other :func:`teacher_settings` (:func:`check_teacher`), and one
-    that records neither the base model nor its settings (the list format of files from before
-    they were recorded): nothing says it holds this model's distributions under this run's
-    settings, so it is computed again rather than distilled from unchecked."""
+    model (:func:`check_run`), other :func:`teacher_settings` (:func:`check_teacher`) or other
+    training data (:func:`check_teacher_data`), and one that records neither the base model nor
+    its settings (the list format of files from before they were recorded): nothing says it
+    holds this model's distributions under this run's settings, so it is computed again rather
+    than distilled from unchecked."""
     if isinstance(saved, dict) and saved.get("base_fingerprint"):
         check_run(path, saved, distiller.lm)
     if not isinstance(saved, dict) or not saved.get("base_fingerprint") or saved.get("teacher_settings") is None:
@@ -63,6 +82,7 @@ def check_teacher_file(path: Path, saved: Any, distiller: Distiller, k: int) -> 
             f"{path.name} (or use another --out folder) to compute them again"
         )
     check_teacher(path, saved, teacher_settings(distiller, k))
+    check_teacher_data(path, saved, data_sha256)
 
 
 def build_examples(
@@ -75,17 +95,19 @@ def build_examples(
     partial: Path,
     keep_full: bool = False,
     views: int = 1,
+    data_sha256: str | None = None,
 ) -> list[Example]:
     """Teacher examples of ``limit`` evenly spaced questions (all when None), ``views`` per
     question (:func:`views_of`); each finished one is appended to ``partial`` (a killed run
-    resumes from it, and a run with more views reuses the ones it has)."""
+    resumes from it, and a run with more views reuses the ones it has), which records the
+    training data ``data_sha256`` and is refused for other data."""
     from tqdm import tqdm
 
     questions = select_questions(corpus.questions, limit or None)
     done: dict[str, Example] = {}
     if partial.is_file():
         saved = load_tree(partial)
-        check_teacher_file(partial, saved, distiller, k)
+        check_teacher_file(partial, saved, distiller, k, data_sha256)
         done = {e["qid"]: Example(**e) for e in saved["examples"]}
     vectors = embedder.embed([q.question for q in questions])
     retrieved = corpus.retrieve(vectors, k if views == 1 else 2 * k)
@@ -100,6 +122,7 @@ def build_examples(
                         "examples": [asdict(e) for e in done.values()],
                         "base_fingerprint": distiller.lm.fingerprint,
                         "teacher_settings": teacher_settings(distiller, k),
+                        **({"training_data_sha256": data_sha256} if data_sha256 else {}),
                     },
                     partial,
                 )
@@ -137,14 +160,21 @@ def check_chosen(path: Path, examples: list[Example], corpus: Corpus, option: st
 
 
 def teacher_examples(
-    distiller: Distiller, config: TrainConfig, train: Corpus, val: Corpus, embedder: Embedder, out: Path
+    distiller: Distiller,
+    config: TrainConfig,
+    train: Corpus,
+    val: Corpus,
+    embedder: Embedder,
+    out: Path,
+    data_sha256: str,
 ) -> tuple[list[Example], list[Example]]:
-    """The run's training and held-out teacher examples: read back from ``out/teacher.safetensors``
-    (checked against this run), or computed (resuming from the ``.part`` files) and saved there."""
+    """The run's training and held-out teacher examples of the training data ``data_sha256``:
+    read back from ``out/teacher.safetensors`` (checked against this run), or computed (resuming
+    from the ``.part`` files) and saved there."""
     teacher_path = out / "teacher.safetensors"
     if teacher_path.is_file():
         cached = load_tree(teacher_path)
-        check_teacher_file(teacher_path, cached, distiller, config.top_k)
+        check_teacher_file(teacher_path, cached, distiller, config.top_k, data_sha256)
         train_examples = [Example(**e) for e in cached["train"]]
         val_examples = [Example(**e) for e in cached["val"]]
         check_split(distiller, teacher_path, train_examples, train, "training")
@@ -169,9 +199,18 @@ def teacher_examples(
         "teacher (train)",
         train_part,
         views=config.views,
+        data_sha256=data_sha256,
     )
     val_examples = build_examples(
-        distiller, val, embedder, config.top_k, config.val_examples, "teacher (held-out)", val_part, True
+        distiller,
+        val,
+        embedder,
+        config.top_k,
+        config.val_examples,
+        "teacher (held-out)",
+        val_part,
+        True,
+        data_sha256=data_sha256,
     )
     # the .part files may hold examples of another split (a deleted teacher file, other --val-articles)
     check_split(distiller, train_part, train_examples, train, "training")
@@ -182,6 +221,7 @@ def teacher_examples(
             "val": [asdict(e) for e in val_examples],
             "base_fingerprint": distiller.lm.fingerprint,
             "teacher_settings": teacher_settings(distiller, config.top_k),
+            "training_data_sha256": data_sha256,
         },
         teacher_path,
     )

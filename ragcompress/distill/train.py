@@ -214,14 +214,18 @@ def _train(
         )
     check_questions(passages, questions_path, train_corpus)
     require_questions(val_corpus, "held-out", questions_path)
-    if config.extra_passages:
-        train_corpus = with_extra_passages(lm, train_corpus, config, embedder, out, progress, val_corpus.passages)
-    require_questions(train_corpus, "training", questions_path)
 
+    # what every file the run writes records, and a resumed run's refusals, before any question is
+    # written or teacher example computed (the checkpoint's, not a cached file's, name the remedy)
+    data_sha256 = data_hash(passages_path, questions_path, config.val_articles, config.extra_passages)
     checkpoint_path = out / "checkpoint.safetensors"
     checkpoint = load_tree(checkpoint_path) if checkpoint_path.is_file() else None
-    data_sha256 = data_hash(passages_path, questions_path, config.val_articles, config.extra_passages)
     adaptor = starting_adaptor(lm, config, checkpoint, checkpoint_path, data_sha256)
+    if config.extra_passages:
+        train_corpus = with_extra_passages(
+            lm, train_corpus, config, embedder, out, progress, val_corpus.passages, data_sha256
+        )
+    require_questions(train_corpus, "training", questions_path)
     initial = dict(adaptor.tensors)
     # the adaptor it descends from (--init-adaptor), kept in every checkpoint of the run
     ancestry = {key: value for key in ANCESTRY if (value := adaptor.meta.get(key))}
@@ -235,7 +239,9 @@ def _train(
     )
 
     distiller.basis = student_basis(distiller, train_corpus.passages, config, out / "student-basis.safetensors")
-    train_examples, val_examples = teacher_examples(distiller, config, train_corpus, val_corpus, embedder, out)
+    train_examples, val_examples = teacher_examples(
+        distiller, config, train_corpus, val_corpus, embedder, out, data_sha256
+    )
 
     kept_path = out / "kept-rows.safetensors"  # the compressed student's rows (kept_rows), if any
     kept_settings = kept_rows_settings(lm, config)
