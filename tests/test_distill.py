@@ -383,6 +383,7 @@ def test_views_add_teacher_examples_of_other_contexts_and_reuse_the_ones_compute
     train(lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, one, config, progress=False)
     single = load_tree(one / "teacher.safetensors")["train"]
     assert len(single) == 2
+    (one / "checkpoint.safetensors").unlink()  # which refuses another --views first (test_distill_inputs)
     with pytest.raises(Exception, match="1 view"):
         train(lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, one, dataclasses.replace(config, steps=2, views=2), progress=False)
 

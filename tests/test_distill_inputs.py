@@ -450,9 +450,13 @@ def test_minutes_0_finishes_a_run_from_its_checkpoint_and_is_refused_without_one
 def test_teacher_examples_of_other_questions_are_refused(tiny_lm, tmp_path):
     """Another ``--train-questions`` or ``--val-examples`` on a folder whose teacher examples are
     computed trained and validated on the cached questions while the adaptor recorded the new
-    values; the values they were computed with resume."""
+    values; the values they were computed with resume. (The checkpoint refuses them first:
+    test_a_resumed_checkpoint_refuses_other_teacher_examples; a copy without it tests the file.)"""
     out = tmp_path / "run"
     train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, dataclasses.replace(CONFIG), progress=False)
+    unchecked = tmp_path / "teacher-only"
+    shutil.copytree(out, unchecked)
+    (unchecked / "checkpoint.safetensors").unlink()
     for other, message in [
         (
             dataclasses.replace(CONFIG, steps=2, train_questions=0),
@@ -465,7 +469,7 @@ def test_teacher_examples_of_other_questions_are_refused(tiny_lm, tmp_path):
         ),
     ]:
         with pytest.raises(InputError, match=message):
-            train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, other, progress=False)
+            train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, unchecked, other, progress=False)
     resumed = train(
         tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, dataclasses.replace(CONFIG, steps=2), progress=False
     )
@@ -481,6 +485,7 @@ def test_teacher_examples_of_other_teacher_settings_are_refused(tiny_lm, tmp_pat
     out = tmp_path / "run"
     train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, dataclasses.replace(CONFIG), progress=False)
     assert load_tree(out / "teacher.safetensors")["teacher_settings"]["continuation"] == CONFIG.continuation
+    (out / "checkpoint.safetensors").unlink()  # which refuses them first (checked below: its teacher files)
     longer = dataclasses.replace(CONFIG, continuation=CONFIG.continuation + 2)
     with pytest.raises(InputError, match=r"teacher.safetensors holds teacher examples computed with continuation=4"):
         train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, longer, progress=False)
@@ -731,3 +736,36 @@ def test_teacher_files_and_extra_questions_of_other_training_data_are_refused(ti
     assert json.loads(path.read_text()) == {"training_data_sha256": "a" * 64}
     with pytest.raises(InputError, match=r"extra-questions.jsonl holds questions written for other training data"):
         synthetic.synthetic_questions(tiny_lm, [], 0, path, "b" * 64, progress=False)
+
+
+def test_a_resumed_checkpoint_refuses_other_teacher_examples(tiny_lm, tmp_path):
+    """A checkpoint resumed with other --train-questions, --val-examples, --continuation or
+    teacher width was refused by the teacher file only, whose message advises deleting it: the
+    checkpoint then resumed on another example set (and validation set: held_out_start and
+    held_out_end measured on two) while the adaptor recorded the new settings for every step.
+    The checkpoint now refuses them, and examples of other ids than it trained on."""
+    from ragcompress.distill.checkpoint import load_tree, save_tree
+
+    out = tmp_path / "run"
+    train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, dataclasses.replace(CONFIG), progress=False)
+    for name in ("teacher.safetensors", "teacher-train.part", "teacher-val.part"):
+        (out / name).unlink()  # as the teacher file's refusal advised
+    for other, message in [
+        (
+            {"train_questions": 6, "val_examples": 8},
+            r"train_questions=1 \(this run: 6\), val_examples=1 \(this run: 8\)",
+        ),
+        ({"continuation": 16, "teacher_top": 8}, r"teacher_top=64 \(this run: 8\), continuation=4 \(this run: 16\)"),
+        ({"views": 2}, r"views=1 \(this run: 2\)"),
+    ]:
+        asked = dataclasses.replace(CONFIG, steps=2, **other)
+        with pytest.raises(InputError, match=rf"checkpoint.safetensors was trained on teacher examples of {message}"):
+            train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, asked, progress=False)
+    saved = load_tree(out / "checkpoint.safetensors")
+    save_tree({**saved, "examples_sha256": "0" * 64}, out / "checkpoint.safetensors")
+    more = dataclasses.replace(CONFIG, steps=2)
+    with pytest.raises(InputError, match=r"trained on other teacher examples than the 1 training and 1 held-out"):
+        train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, more, progress=False)
+    save_tree(saved, out / "checkpoint.safetensors")
+    resumed = train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, more, progress=False)
+    assert resumed.meta["metrics"]["steps"] == 2

@@ -8,12 +8,17 @@ model, holding out other articles, or for another compression (:func:`check_run`
 it trained on, or one loss curve across two stores; and with other step settings (learning rate,
 batch, schedule, clip, loss weights, seed), fewer steps than it has taken, or another
 ``--init-adaptor`` than it started from (:func:`check_resumed_steps`, :func:`check_resumed_start`):
-the adaptor would record settings its steps were not taken with. Without a checkpoint a run
+the adaptor would record settings its steps were not taken with; and with other teacher
+examples (:data:`EXAMPLE_SETTINGS` and the examples' ids, :func:`check_resumed_examples`,
+:func:`check_resumed_example_ids`): deleting the teacher file that refuses them would otherwise
+resume the checkpoint on another example set, its held-out start and end measured on two
+validation sets. Without a checkpoint a run
 starts from ``--init-adaptor`` (:func:`warm_start`) or from the adaptor of zeros.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from dataclasses import asdict, dataclass
@@ -27,6 +32,7 @@ from ragcompress.distill.checkpoint import save_tree
 from ragcompress.distill.config import TrainConfig
 from ragcompress.distill.distiller import Distiller
 from ragcompress.distill.loop import TrainingState
+from ragcompress.distill.objective import Example
 from ragcompress.errors import InputError
 from ragcompress.models import LoadedModel
 
@@ -38,6 +44,10 @@ COMPRESSION_SETTINGS = (
 ANCESTRY = ("init_adaptor_hash", "init_train_articles")  # what a run records of its --init-adaptor
 # the settings of the optimizer steps a checkpoint has taken, which a resumed run takes too
 STEP_SETTINGS = ("lr", "batch", "warmup", "decay", "clip", "continuation_weight", "hard_weight", "seed")
+# the settings that choose and compute the teacher examples a checkpoint's steps were taken on
+EXAMPLE_SETTINGS = (
+    "top_k", "teacher_top", "continuation", "views", "train_questions", "val_examples", "extra_questions",
+)  # fmt: skip
 
 
 def settings_differ(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -102,6 +112,41 @@ def check_resumed_steps(config: TrainConfig, checkpoint: dict[str, Any], path: P
         raise InputError(
             f"{path} is at step {checkpoint['step']}, past --steps {config.steps}; give --steps {checkpoint['step']} "
             "or more to resume it, or use another --out folder"
+        )
+
+
+def check_resumed_examples(config: TrainConfig, checkpoint: dict[str, Any], path: Path) -> None:
+    """Refuse to resume with other :data:`EXAMPLE_SETTINGS` than the checkpoint's steps were
+    taken with: the teacher file refuses them too, but advises deleting it, after which the
+    checkpoint resumed on another example set (and validation set: ``held_out_start`` and
+    ``held_out_end`` compared two) while the adaptor recorded the new settings for every step."""
+    differ = settings_differ(checkpoint.get("config", {}), {name: getattr(config, name) for name in EXAMPLE_SETTINGS})
+    if differ:
+        raise InputError(
+            f"{path} was trained on teacher examples of {', '.join(differ)}; resume with those values, or train with "
+            "these in another --out folder (--init-adaptor OUT/adaptor starts from the finished adaptor)"
+        )
+
+
+def examples_hash(train_examples: list[Example], val_examples: list[Example]) -> str:
+    """sha256 of the ids of a run's training and held-out examples, in order (what
+    :func:`check_resumed_example_ids` compares)."""
+    ids = [[e.qid for e in train_examples], [e.qid for e in val_examples]]
+    return hashlib.sha256(json.dumps(ids).encode()).hexdigest()
+
+
+def check_resumed_example_ids(
+    checkpoint: dict[str, Any] | None, train_examples: list[Example], val_examples: list[Example], path: Path
+) -> None:
+    """Refuse to resume a checkpoint on teacher examples of other ids than its steps were taken
+    on (a teacher file from before the data was recorded in it, reused on other questions). A
+    checkpoint from before the ids were recorded in it is not checked."""
+    saved = (checkpoint or {}).get("examples_sha256")
+    if saved and saved != examples_hash(train_examples, val_examples):
+        raise InputError(
+            f"{path} was trained on other teacher examples than the {len(train_examples)} training and "
+            f"{len(val_examples)} held-out ones of this run (their ids differ); resume with the teacher files it "
+            "was trained on, or use another --out folder"
         )
 
 
@@ -237,6 +282,7 @@ def starting_adaptor(
         check_resumed_data(checkpoint, data_sha256, checkpoint_path)
         check_resumed_compression(config, checkpoint.get("config", {}), checkpoint_path)
         check_resumed_steps(config, checkpoint, checkpoint_path)
+        check_resumed_examples(config, checkpoint, checkpoint_path)
         check_resumed_start(config, checkpoint, lm, checkpoint_path)
         ancestry = resumed_ancestry(checkpoint, config, lm, checkpoint_path)  # the init adaptor's, if any
         if "init_adaptor_hash" in ancestry and not config.init_adaptor:  # recorded as the run started
@@ -276,6 +322,7 @@ class Checkpointer:
     config: TrainConfig
     ancestry: dict[str, Any]  # the adaptor it descends from (--init-adaptor), kept in every checkpoint
     data_sha256: str  # the training data (corpus.data_hash), which a resumed run must train on too
+    examples_sha256: str  # the ids of its teacher examples (examples_hash), which a resumed run trains on too
 
     def save(self, state: TrainingState) -> None:
         if self.distiller.compressor is not None:
@@ -292,6 +339,7 @@ class Checkpointer:
                 "config": asdict(self.config),
                 "base_fingerprint": self.distiller.lm.fingerprint,
                 "training_data_sha256": self.data_sha256,
+                "examples_sha256": self.examples_sha256,
                 **self.ancestry,
             },
             self.path,

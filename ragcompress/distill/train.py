@@ -77,7 +77,15 @@ from ragcompress.distill.corpus import (
 from ragcompress.distill.distiller import TRAINING_ADAPTER, Distiller
 from ragcompress.distill.loop import TrainingState, run_steps, validation_loss
 from ragcompress.distill.objective import Example
-from ragcompress.distill.resume import ANCESTRY, Checkpointer, kept_rows_settings, resume_state, starting_adaptor
+from ragcompress.distill.resume import (
+    ANCESTRY,
+    Checkpointer,
+    check_resumed_example_ids,
+    examples_hash,
+    kept_rows_settings,
+    resume_state,
+    starting_adaptor,
+)
 from ragcompress.distill.teacher import build_examples, teacher_examples
 from ragcompress.errors import InputError
 from ragcompress.indexing.encoder import PassageEncoder
@@ -242,6 +250,7 @@ def _train(
     train_examples, val_examples = teacher_examples(
         distiller, config, train_corpus, val_corpus, embedder, out, data_sha256
     )
+    check_resumed_example_ids(checkpoint, train_examples, val_examples, checkpoint_path)
 
     kept_path = out / "kept-rows.safetensors"  # the compressed student's rows (kept_rows), if any
     kept_settings = kept_rows_settings(lm, config)
@@ -251,7 +260,17 @@ def _train(
     trainable = distiller.trainable()
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
     checkpointer = Checkpointer(
-        checkpoint_path, kept_path, kept_settings, distiller, optimizer, adaptor, initial, config, ancestry, data_sha256
+        checkpoint_path,
+        kept_path,
+        kept_settings,
+        distiller,
+        optimizer,
+        adaptor,
+        initial,
+        config,
+        ancestry,
+        data_sha256,
+        examples_hash(train_examples, val_examples),
     )
     if checkpoint is not None:
         state = resume_state(checkpoint, distiller, optimizer)
