@@ -769,3 +769,25 @@ def test_a_resumed_checkpoint_refuses_other_teacher_examples(tiny_lm, tmp_path):
     save_tree(saved, out / "checkpoint.safetensors")
     resumed = train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, more, progress=False)
     assert resumed.meta["metrics"]["steps"] == 2
+
+
+def test_a_cosine_run_resumes_only_with_its_steps(tiny_lm, tmp_path):
+    """Under ``--decay cosine`` the learning rate falls to a tenth by ``--steps``: a run resumed
+    with more steps took its remaining steps on another curve than the one it started (the docs
+    said a resumed run follows the same curve). It is refused, naming both; its own steps resume,
+    and a constant rate takes more steps as before."""
+    out = tmp_path / "run"
+    cosine = dataclasses.replace(CONFIG, steps=3, decay="cosine", minutes=1e-9)  # stops after its first step
+    train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, dataclasses.replace(cosine), progress=False)
+    with pytest.raises(InputError, match=r"falling to a tenth by step 3, and --steps 6 .*resume with --steps 3"):
+        train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, dataclasses.replace(cosine, steps=6), progress=False)
+    finished = train(
+        tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, dataclasses.replace(cosine, minutes=5), progress=False
+    )
+    assert finished.meta["metrics"]["steps"] == 3
+    constant = tmp_path / "constant"
+    train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, constant, dataclasses.replace(CONFIG), progress=False)
+    more = train(
+        tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, constant, dataclasses.replace(CONFIG, steps=2), progress=False
+    )
+    assert more.meta["metrics"]["steps"] == 2

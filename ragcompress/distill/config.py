@@ -41,6 +41,7 @@ class TrainConfig:
     # the learning rate rises linearly over the first ``warmup`` steps and, with ``decay`` "cosine",
     # falls to a tenth by ``steps`` (Qwen at a constant 5e-4 jumped in its first steps and diverged
     # after 40; docs/distill.md); both are functions of the step, so a resumed run follows the same curve
+    # (a cosine one resumes only with its ``steps``, resume.check_resumed_steps: they set its fall)
     warmup: int = 0
     decay: str = "constant"
     batch: int = 4  # examples per optimizer step (gradient accumulation)

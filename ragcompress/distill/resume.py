@@ -100,13 +100,22 @@ def check_resumed_compression(config: TrainConfig, saved: dict[str, Any], path: 
 def check_resumed_steps(config: TrainConfig, checkpoint: dict[str, Any], path: Path) -> None:
     """Refuse to resume with another learning rate, batch, schedule, clip, loss weight or seed than
     the checkpoint's steps were taken with (:data:`STEP_SETTINGS`: the adaptor would record the new
-    ones for every step), or with fewer ``--steps`` than
-    it has taken (it would export the later adaptor recording the fewer steps)."""
+    ones for every step), with fewer ``--steps`` than it has taken (it would export the later
+    adaptor recording the fewer steps), or, under ``--decay cosine``, with other ``--steps``: the
+    cosine falls to a tenth by ``steps`` (:func:`lr_factor`), so the steps still to take would
+    follow another curve than the ones taken (a constant rate takes more steps unchanged)."""
     differ = settings_differ(checkpoint.get("config", {}), {name: getattr(config, name) for name in STEP_SETTINGS})
     if differ:
         raise InputError(
             f"{path} was trained with {', '.join(differ)}; resume with those values, or train with these in "
             "another --out folder (--init-adaptor OUT/adaptor starts from the finished adaptor)"
+        )
+    planned = checkpoint.get("config", {}).get("steps")
+    if config.decay == "cosine" and planned is not None and planned != config.steps:
+        raise InputError(
+            f"{path} follows a cosine learning rate falling to a tenth by step {planned}, and --steps {config.steps} "
+            f"would bend the curve of the steps still to take; resume with --steps {planned}, or continue the "
+            "finished adaptor in another --out folder (--init-adaptor OUT/adaptor, a schedule of its own)"
         )
     if checkpoint["step"] > config.steps:
         raise InputError(
