@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from ragcompress.data import SAMPLE_PASSAGES, SAMPLE_QUESTIONS
 from ragcompress.distill.adaptor import Adaptor
@@ -791,3 +792,33 @@ def test_a_cosine_run_resumes_only_with_its_steps(tiny_lm, tmp_path):
         tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, constant, dataclasses.replace(CONFIG, steps=2), progress=False
     )
     assert more.meta["metrics"]["steps"] == 2
+
+
+def test_the_seed_draws_the_starting_factors(tiny_lm, tmp_path):
+    """``seed`` drew the example order but not the adaptor of zeros' ``A`` factors (always seed 0)."""
+    from ragcompress.distill.checkpoint import load_tree
+
+    out = tmp_path / "run"
+    train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, dataclasses.replace(CONFIG, seed=3), progress=False)
+    initial = load_tree(out / "checkpoint.safetensors")["initial"]
+    drawn = Adaptor.initial(tiny_lm.model, CONFIG.rank, CONFIG.alpha, seed=3).tensors
+    assert initial.keys() == drawn.keys() and all(torch.equal(initial[k], drawn[k]) for k in drawn)
+    zero = Adaptor.initial(tiny_lm.model, CONFIG.rank, CONFIG.alpha, seed=0).tensors
+    assert not all(torch.equal(initial[k], zero[k]) for k in zero)
+
+
+def test_a_resumed_run_keeps_the_dtype_it_trained_in(tiny_lm, tiny_model_dir, tmp_path):
+    """A checkpoint trained with the model in float32 was resumed by a bfloat16 run, and the
+    adaptor recorded no dtype. The checkpoint and adaptor record it; another is refused on resume."""
+    from ragcompress.distill.checkpoint import load_tree
+    from ragcompress.models import load_model
+
+    out = tmp_path / "run"
+    adaptor = train(tiny_lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, dataclasses.replace(CONFIG), progress=False)
+    assert adaptor.meta["dtype"] == "float32" and load_tree(out / "checkpoint.safetensors")["dtype"] == "float32"
+    half = load_model(str(tiny_model_dir("llama")), dtype="bfloat16")
+    more = dataclasses.replace(CONFIG, steps=2)
+    with pytest.raises(
+        InputError, match=r"trained with the model in float32, not bfloat16; resume with --dtype float32"
+    ):
+        train(half, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, more, progress=False)

@@ -278,17 +278,31 @@ def check_resumed_data(checkpoint: dict[str, Any], data_sha256: str, path: Path)
         )
 
 
+def check_resumed_dtype(checkpoint: dict[str, Any], lm: LoadedModel, path: Path) -> None:
+    """Refuse to resume a checkpoint with the model in another dtype (``--dtype``) than its steps
+    were taken in: the adaptor records the dtype of the run that writes it. A checkpoint from
+    before the dtype was recorded in it is not checked."""
+    saved = checkpoint.get("dtype")
+    if saved and saved != lm.dtype_name:
+        raise InputError(
+            f"{path} was trained with the model in {saved}, not {lm.dtype_name}; resume with --dtype {saved}, or "
+            "train in this dtype in another --out folder (--init-adaptor OUT/adaptor starts from the finished adaptor)"
+        )
+
+
 def starting_adaptor(
     lm: LoadedModel, config: TrainConfig, checkpoint: dict[str, Any] | None, checkpoint_path: Path, data_sha256: str
 ) -> Adaptor:
     """The adaptor a run trains: the checkpoint's (checked against this run, its data
-    (``data_sha256``), steps and start; its rank, alpha, kind and start taken into ``config``),
-    else ``--init-adaptor``'s, else the adaptor of zeros."""
+    (``data_sha256``), dtype, steps, examples and start; its rank, alpha, kind and start taken
+    into ``config``), else ``--init-adaptor``'s, else the adaptor of zeros (its ``A`` factors drawn
+    from ``config.seed``, as the example order is)."""
     if checkpoint is not None:
         check_run(
             checkpoint_path, checkpoint, lm, checkpoint.get("config", {}).get("val_articles"), config.val_articles
         )
         check_resumed_data(checkpoint, data_sha256, checkpoint_path)
+        check_resumed_dtype(checkpoint, lm, checkpoint_path)
         check_resumed_compression(config, checkpoint.get("config", {}), checkpoint_path)
         check_resumed_steps(config, checkpoint, checkpoint_path)
         check_resumed_examples(config, checkpoint, checkpoint_path)
@@ -306,7 +320,7 @@ def starting_adaptor(
         )
     if config.init_adaptor:
         return warm_start(lm, config)
-    return Adaptor.initial(lm.model, config.rank, config.alpha, kind=config.kind)
+    return Adaptor.initial(lm.model, config.rank, config.alpha, seed=config.seed, kind=config.kind)
 
 
 def resume_state(checkpoint: dict[str, Any], distiller: Distiller, optimizer: torch.optim.Optimizer) -> TrainingState:
@@ -347,6 +361,7 @@ class Checkpointer:
                 "history": state.history,
                 "config": asdict(self.config),
                 "base_fingerprint": self.distiller.lm.fingerprint,
+                "dtype": self.distiller.lm.dtype_name,
                 "training_data_sha256": self.data_sha256,
                 "examples_sha256": self.examples_sha256,
                 **self.ancestry,

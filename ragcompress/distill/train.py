@@ -339,6 +339,7 @@ def adaptor_meta(
     return {
         "base_model": lm.ref,
         "base_fingerprint": lm.fingerprint,
+        "dtype": lm.dtype_name,  # the model's while training (absent: an adaptor from before it was recorded)
         "training_data_sha256": data_sha256,
         "train_articles": trained,
         "val_articles": config.val_articles,
