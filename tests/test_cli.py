@@ -212,7 +212,9 @@ def test_eval_and_bench_json_record_the_top_k_preset_and_answer_options_they_mea
     assert recompute["selection"] == "mixed"  # the preset's, kept
 
     code, out, err = run_cli(
-        [*evaluate, "--fallback-margin", "0.2", "--selection", "question", "--backend", "dense"], monkeypatch, capfd
+        [*evaluate, "--fallback-margin", "0.2", "--recompute", "0.1", "--selection", "question", "--backend", "dense"],
+        monkeypatch,
+        capfd,
     )
     assert code == 0, err
     data = json.loads(out)

@@ -78,6 +78,20 @@ def test_explicit_recompute_fixes_the_fraction_and_keeps_the_presets_selection()
     assert options_from_flags("faithful", selection="deviation").recompute.ratio_by_passages == ((3, 0.05), (5, 0.1))
 
 
+def test_a_selection_without_anything_recomputed_is_refused():
+    """``--selection`` ranks the recomputed tokens: with no fraction (no preset, or ``--recompute 0``)
+    it was accepted and did nothing."""
+    from ragcompress.cli.options import options_from_flags
+    from ragcompress.errors import RagCompressError
+
+    for flags in ({"selection": "mixed"}, {"recompute": 0.0, "selection": "question"}):
+        with pytest.raises(RagCompressError, match="nothing is: give a recompute fraction too"):
+            options_from_flags(None, **flags)
+    with pytest.raises(RagCompressError, match="nothing is"):
+        options_from_flags("faithful", recompute=0.0, selection="mixed")
+    assert options_from_flags(None, recompute=0.1, selection="question").recompute.selection == "question"
+
+
 def test_recompute_flag_reads_a_fraction_or_a_schedule_by_passages():
     """``--recompute 0.2`` is one fraction; ``--recompute 2:0.1,4:0.3`` a schedule (linear between
     its points, the preset's selection kept); a malformed value or a bad point is a clear error."""

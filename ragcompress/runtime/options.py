@@ -91,6 +91,11 @@ class AnswerOptions:
         if recompute is not None:
             options = options.replace(recompute=options.recompute.with_ratio(recompute))
         if selection is not None:
+            if not options.recompute.recomputes:  # it ranks the tokens recomputed: here there are none
+                raise ValueError(
+                    f"selection {selection!r} chooses which passage tokens are recomputed, and nothing is: give a "
+                    "recompute fraction too (--recompute R), or a preset that recomputes (faithful)"
+                )
             options = options.replace(recompute=replace(options.recompute, selection=selection))
         if backend is not None:
             options = options.replace(backend=backend)
