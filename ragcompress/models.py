@@ -155,10 +155,18 @@ def _converted_dir(name: str, gguf: Path, gguf_sha: str) -> Path:
     """A Hugging Face directory converted from ``gguf``, cached by the GGUF's hash."""
 
     def build(tmp: Path) -> None:
+        from functools import partial
+        from unittest import mock
+
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+        from tqdm.auto import tqdm
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # transformers' de-quantizing bar ignores disable_progress_bar(): shown on a terminal only
+        # (tqdm's disable=None), so `--json 2>log` and CI logs get no bar
+        with mock.patch.object(gguf_utils, "tqdm", partial(tqdm, disable=None)):
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
         # The weights are dequantized on load; drop the GGUF marker so they can be saved.
         model.hf_quantizer = None  # type: ignore[assignment]
         if hasattr(model.config, "quantization_config"):

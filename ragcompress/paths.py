@@ -24,5 +24,12 @@ def cache_dir() -> Path:
     """
     root = os.environ.get("RAGCOMPRESS_CACHE")
     path = Path(root).expanduser().absolute() if root else Path.home() / ".cache" / "ragcompress"
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a read-only home, a file in the way: one line, not a traceback
+        from ragcompress.errors import RagCompressError
+
+        raise RagCompressError(
+            f"cannot create the cache folder {path} ({exc.strerror or exc}); set RAGCOMPRESS_CACHE to a writable folder"
+        ) from None
     return path

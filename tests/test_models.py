@@ -201,3 +201,25 @@ def test_every_entry_point_refuses_the_stores_model_with_another_tokenizer(tiny_
             Engine(store, other, embedder)
         with pytest.raises(StoreMismatchError, match="another tokenizer"):
             Indexer.for_store(store.manifest, other, embedder)
+
+
+def test_a_cache_folder_that_cannot_be_created_is_one_named_error(tmp_path, monkeypatch):
+    """An unusable ``$RAGCOMPRESS_CACHE`` (or a read-only home) was a PermissionError traceback."""
+    from ragcompress.errors import RagCompressError
+    from ragcompress.paths import cache_dir
+
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setenv("RAGCOMPRESS_CACHE", str(tmp_path / "afile" / "rc"))
+    with pytest.raises(RagCompressError, match=r"cannot create the cache folder .*afile/rc.*set RAGCOMPRESS_CACHE"):
+        cache_dir()
+
+
+@pytest.mark.slow
+def test_converting_the_packaged_model_shows_no_progress_bar_off_a_terminal(tmp_path, monkeypatch, capfd):
+    """transformers' GGUF de-quantizing bar ignores ``disable_progress_bar()``: it was written
+    into ``--json 2>log`` and CI logs; it shows on a terminal only now (tqdm's ``disable=None``)."""
+    from ragcompress.models import resolve_model_dir
+
+    monkeypatch.setenv("RAGCOMPRESS_CACHE", str(tmp_path))
+    assert (resolve_model_dir(models.DEFAULT_MODEL) / "config.json").is_file()  # converted into the empty cache
+    assert "Converting and de-quantizing" not in capfd.readouterr().err
