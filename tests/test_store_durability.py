@@ -1,0 +1,69 @@
+"""A store's durability where processes meet it: the writer lock across a swapped-in store, the
+unfinished-run marker through compaction and failures, stores reached through a symlink, a
+damaged catalogue schema, a full disk. Each test is named after the bug it pins."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+
+import pytest
+from test_store_reliability import N_PASSAGES, _index, _texts, _write
+
+from ragcompress.errors import StoreError
+from ragcompress.store.compact import compact_store
+from ragcompress.store.writer import StoreLock, StoreWriter
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_lm):
+    store = tmp_path_factory.mktemp("built") / "store"
+    _index(tiny_lm, _write(store.parent / "passages.jsonl", _texts(N_PASSAGES)), store)
+    return store
+
+
+@pytest.fixture
+def store(built, tmp_path):
+    copy = tmp_path / "store"
+    shutil.copytree(built, copy)
+    return copy
+
+
+def test_a_writer_waiting_on_a_store_that_compaction_swaps_locks_the_new_store(store, monkeypatch):
+    """A writer that opened ``DIR/lock`` before ``compact`` swapped the store got its ``flock``
+    once compaction released the old store's lock: a lock on a deleted file, so a second writer
+    locked the new store beside it (two writers at once)."""
+    import ragcompress.store.compact as compact
+    import ragcompress.store.writer as writer
+
+    polling = threading.Event()
+    real_sleep = writer.time.sleep
+
+    class Clock:  # the waiting writer's clock: says when it polls the lock
+        monotonic = staticmethod(writer.time.monotonic)
+
+        @staticmethod
+        def sleep(seconds: float) -> None:
+            polling.set()
+            real_sleep(seconds)
+
+    monkeypatch.setattr(writer, "time", Clock)
+    waiting: dict[str, StoreLock] = {}
+    thread = threading.Thread(target=lambda: waiting.setdefault("lock", StoreLock(store, wait_s=30)))
+    real_replace = compact.replace_store
+
+    def replace_store(built, path):  # compaction holds the old store's lock here
+        thread.start()
+        assert polling.wait(30)
+        real_replace(built, path)
+
+    monkeypatch.setattr(compact, "replace_store", replace_store)
+    compact_store(store)
+    thread.join(30)
+    assert "lock" in waiting
+    try:
+        with pytest.raises(StoreError, match="being written by"):
+            StoreWriter(store)
+    finally:
+        waiting["lock"].release()
+    StoreWriter(store).close()
