@@ -8,10 +8,12 @@ import shutil
 import threading
 
 import pytest
-from test_store_reliability import N_PASSAGES, _index, _texts, _write
+from test_store_reliability import CONFIG, N_PASSAGES, _EmbedderFailingAtCall, _index, _rows, _texts, _write
 
 from ragcompress.errors import StoreError
+from ragcompress.indexing import index
 from ragcompress.store.compact import compact_store
+from ragcompress.store.files import refuse_unfinished, unfinished_run
 from ragcompress.store.writer import StoreLock, StoreWriter
 
 
@@ -26,6 +28,24 @@ def built(tmp_path_factory, tiny_lm):
 def store(built, tmp_path):
     copy = tmp_path / "store"
     shutil.copytree(built, copy)
+    return copy
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory, tiny_lm):
+    """A store whose indexing run failed midway in this (still running) process."""
+    store = tmp_path_factory.mktemp("stopped") / "store"
+    corpus = _write(store.parent / "passages.jsonl", _texts(N_PASSAGES))
+    with pytest.raises(RuntimeError, match="mid-run"):
+        index(corpus, store, lm=tiny_lm, embedder=_EmbedderFailingAtCall(3), config=CONFIG, batch_size=4)
+    assert 0 < len(_rows(store)) < N_PASSAGES
+    return store
+
+
+@pytest.fixture
+def stopped(stopped_run, tmp_path):
+    copy = tmp_path / "stopped"
+    shutil.copytree(stopped_run, copy)
     return copy
 
 
@@ -67,3 +87,12 @@ def test_a_writer_waiting_on_a_store_that_compaction_swaps_locks_the_new_store(s
     finally:
         waiting["lock"].release()
     StoreWriter(store).close()
+
+
+def test_compacting_a_store_whose_run_stopped_keeps_it_refused_for_answering(stopped):
+    """Compaction copied the prefix, basis and manifest but not the unfinished-run marker, so a
+    half-indexed store became answerable, missing the rest of its input without a word."""
+    compact_store(stopped)
+    assert "stopped before its end" in unfinished_run(stopped)
+    with pytest.raises(StoreError, match="stopped before its end"):
+        refuse_unfinished(stopped)

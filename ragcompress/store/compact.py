@@ -3,7 +3,8 @@
 ``remove`` and ``index --replace`` change the catalogue in one commit and leave the old blobs in
 the shards, where no passage points at them (``ragcompress verify`` counts them). Compaction
 copies every committed blob, checksum-verified and unchanged, into fresh shards of a new store
-built beside the old one, with the same manifest, prefix and basis files, rebuilds the FAISS index
+built beside the old one, with the same manifest, prefix and basis files (and the marker of an
+indexing run that stopped before its end: the copy holds the same part of its input), rebuilds the FAISS index
 and swaps the new store in atomically (:func:`~ragcompress.store.files.replace_store`). No
 passage is re-encoded, so no model is needed and every cache keeps its bytes. The old store's
 writer lock is held throughout: no writer can change it meanwhile, and a killed compaction
@@ -22,7 +23,7 @@ from typing import Any
 from ragcompress.errors import StoreError
 from ragcompress.store.basis import BASIS
 from ragcompress.store.catalogue import CATALOGUE, Catalogue
-from ragcompress.store.files import PREFIX, overwrite_refusal, replace_store, write_atomic
+from ragcompress.store.files import PREFIX, RUN, overwrite_refusal, replace_store, write_atomic
 from ragcompress.store.manifest import MANIFEST, Manifest
 from ragcompress.store.shards import SHARD_DIR, read_blob
 from ragcompress.store.writer import StoreLock, StoreWriter
@@ -68,7 +69,9 @@ def compact_store(path: str | Path) -> CompactReport:
         before = shard_bytes(path)
         shutil.rmtree(target, ignore_errors=True)  # what a killed compaction left
         target.mkdir()
-        for name in (PREFIX, BASIS, MANIFEST):  # the manifest last: a store is complete once it exists
+        # the manifest last: a store is complete once it exists; an unfinished run's marker goes
+        # along, or compacting a half-indexed store would make it answerable
+        for name in (PREFIX, BASIS, RUN, MANIFEST):
             if (path / name).is_file():
                 write_atomic(target / name, (path / name).read_bytes())
         Catalogue(target, readonly=False).close()
