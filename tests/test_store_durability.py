@@ -4,8 +4,13 @@ damaged catalogue schema, a full disk. Each test is named after the bug it pins.
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import sys
 import threading
+import time
+from pathlib import Path
 
 import pytest
 from test_store_reliability import CONFIG, N_PASSAGES, _EmbedderFailingAtCall, _index, _rows, _texts, _write
@@ -96,3 +101,36 @@ def test_compacting_a_store_whose_run_stopped_keeps_it_refused_for_answering(sto
     assert "stopped before its end" in unfinished_run(stopped)
     with pytest.raises(StoreError, match="stopped before its end"):
         refuse_unfinished(stopped)
+
+
+def test_a_run_that_failed_in_a_process_that_goes_on_is_unfinished_for_other_processes(stopped):
+    """A run that failed in a notebook or a service left its live pid in the marker, which every
+    other process read as a run still going: they answered from the partial store."""
+    code = "import sys; from pathlib import Path; from ragcompress.store.files import unfinished_run; "
+    code += "print(unfinished_run(Path(sys.argv[1])))"
+    seen = subprocess.run([sys.executable, "-c", code, str(stopped)], capture_output=True, text=True, check=True)
+    assert "stopped before its end" in seen.stdout
+    assert "stopped before its end" in unfinished_run(stopped)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="process start times are read from /proc")
+def test_a_marker_whose_pid_was_reused_reads_as_a_stopped_run(stopped):
+    """A marker's pid alone named any later process that reused it (or pid 1, alive in every
+    container), so a killed run's store read as still being indexed, and was answered from."""
+    from ragcompress.store.files import RUN
+
+    def start_time(pid: int) -> int:  # /proc/PID/stat field 22, ticks since boot
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat[stat.rindex(")") + 2 :].split()[19])
+
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        for pid in (alive.pid, 1):
+            record = {"pid": pid, "pid_start": start_time(pid), "passages": N_PASSAGES, "started": time.time()}
+            (stopped / RUN).write_text(json.dumps(record))
+            assert unfinished_run(stopped) is None  # that very process: a run still going
+            (stopped / RUN).write_text(json.dumps({**record, "pid_start": record["pid_start"] + 1}))
+            assert "stopped before its end" in unfinished_run(stopped)  # another process under that pid
+    finally:
+        alive.kill()
+        alive.wait()
