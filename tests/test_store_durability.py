@@ -134,3 +134,20 @@ def test_a_marker_whose_pid_was_reused_reads_as_a_stopped_run(stopped):
     finally:
         alive.kill()
         alive.wait()
+
+
+def test_cli_verify_exits_2_on_an_intact_store_whose_run_stopped(stopped):
+    """``verify`` exited 0 on a store whose indexing run stopped midway, which every answering
+    command refuses: a script checking the store before serving it went ahead."""
+    from typer.testing import CliRunner
+
+    from ragcompress.cli import app
+
+    result = CliRunner().invoke(app, ["verify", "--store", str(stopped)])
+    assert result.exit_code == 2, result.output
+    assert result.stdout.startswith(f"UNFINISHED: {stopped}: ") and "note: the indexing run started" in result.stdout
+    assert result.stderr.strip().splitlines() == [
+        f"error: store {stopped} is intact but not answerable: {unfinished_run(stopped)}"
+    ]
+    report = json.loads(CliRunner().invoke(app, ["verify", "--store", str(stopped), "--json"]).stdout)
+    assert (report["ok"], report["answerable"]) == (True, False)
