@@ -16,9 +16,10 @@ import pytest
 from test_store_reliability import CONFIG, N_PASSAGES, _EmbedderFailingAtCall, _index, _rows, _texts, _write
 
 from ragcompress.errors import StoreError
-from ragcompress.indexing import index
+from ragcompress.indexing import index, remove
 from ragcompress.store.compact import compact_store
 from ragcompress.store.files import refuse_unfinished, unfinished_run
+from ragcompress.store.verify import verify_store
 from ragcompress.store.writer import StoreLock, StoreWriter
 
 
@@ -151,3 +152,23 @@ def test_cli_verify_exits_2_on_an_intact_store_whose_run_stopped(stopped):
     ]
     report = json.loads(CliRunner().invoke(app, ["verify", "--store", str(stopped), "--json"]).stdout)
     assert (report["ok"], report["answerable"]) == (True, False)
+
+
+def test_compact_and_overwrite_of_a_store_reached_through_a_symlink_keep_the_link(tiny_lm, store, tmp_path):
+    """The swap renamed the symbolic link itself: the link became the new store, the old store's
+    bytes stayed where it pointed, a `.NAME.compact` link stayed behind, and the next compaction
+    failed with a raw FileExistsError."""
+    link = tmp_path / "link"
+    link.symlink_to(store)
+    remove(link, ["doc-003", "doc-007"])
+    before = sum(p.stat().st_size for p in (store / "shards").iterdir())
+    for _ in range(2):  # the second finds nothing left behind by the first
+        report = compact_store(link)
+        assert report.passages == N_PASSAGES - 2 and report.store == str(link)
+        assert link.is_symlink() and link.resolve() == store
+        assert sum(p.stat().st_size for p in (store / "shards").iterdir()) < before
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "store"]
+    _index(tiny_lm, _write(tmp_path / "all.jsonl", _texts(N_PASSAGES)), link, overwrite=True)
+    assert link.is_symlink() and link.resolve() == store
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["all.jsonl", "link", "store"]
+    assert len(_rows(store)) == N_PASSAGES and verify_store(link).answerable

@@ -15,7 +15,6 @@ fails deletes its own). A store folder that holds files of the user's is refused
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from typing import Any
 from ragcompress.errors import StoreError
 from ragcompress.store.basis import BASIS
 from ragcompress.store.catalogue import CATALOGUE, Catalogue
-from ragcompress.store.files import PREFIX, RUN, overwrite_refusal, replace_store, write_atomic
+from ragcompress.store.files import PREFIX, RUN, overwrite_refusal, remove_tree, replace_store, write_atomic
 from ragcompress.store.manifest import MANIFEST, Manifest
 from ragcompress.store.shards import SHARD_DIR, read_blob
 from ragcompress.store.writer import StoreLock, StoreWriter
@@ -51,8 +50,10 @@ def shard_bytes(path: Path) -> int:
 
 
 def compact_store(path: str | Path) -> CompactReport:
-    """Rewrite the store at ``path`` with only its committed blobs (see the module docstring)."""
-    path = Path(path)
+    """Rewrite the store at ``path`` with only its committed blobs (see the module docstring). A
+    store reached through a symbolic link is compacted where the link points, the link kept."""
+    given = Path(path)
+    path = given.resolve()
     if not (path / MANIFEST).is_file() or not (path / CATALOGUE).is_file():
         raise StoreError(f"{path} is not a ragcompress store (no {MANIFEST} or {CATALOGUE}); check the --store path")
     # the store's folder is replaced whole: a file of the user's in it would be deleted with it
@@ -67,7 +68,7 @@ def compact_store(path: str | Path) -> CompactReport:
     target = path.with_name(f".{path.name}.compact")
     try:
         before = shard_bytes(path)
-        shutil.rmtree(target, ignore_errors=True)  # what a killed compaction left
+        remove_tree(target)  # what a killed compaction left
         target.mkdir()
         # the manifest last: a store is complete once it exists; an unfinished run's marker goes
         # along, or compacting a half-indexed store would make it answerable
@@ -97,8 +98,8 @@ def compact_store(path: str | Path) -> CompactReport:
         after = shard_bytes(target)
         replace_store(target, path)
     except BaseException:
-        shutil.rmtree(target, ignore_errors=True)  # a failed compaction leaves no half-built copy behind
+        remove_tree(target)  # a failed compaction leaves no half-built copy behind
         raise
     finally:
         lock.release()
-    return CompactReport(str(path), copied, before, after)
+    return CompactReport(str(given), copied, before, after)

@@ -68,21 +68,32 @@ def _exchange(a: Path, b: Path) -> bool:
     return result == 0
 
 
+def remove_tree(path: Path) -> None:
+    """Delete what is at ``path``: a folder with everything in it, or a file or symbolic link
+    itself (``rmtree`` refuses a link, and following one would delete what it points at)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def replace_store(built: Path, path: Path) -> None:
     """Put the complete store ``built`` in place of the store at ``path`` and delete the old one.
 
     The swap is one atomic ``renameat2`` exchange where the OS supports it, so a kill at any
-    moment leaves either the old or the new store at ``path``, never neither.
+    moment leaves either the old or the new store at ``path``, never neither. ``path`` is the
+    store's folder itself, not a symbolic link to it (the caller resolves it): a link would be
+    what is swapped, the old store left where it pointed.
     """
     if _exchange(built, path):
         fsync_dir(path.parent)
-        shutil.rmtree(built, ignore_errors=True)  # now holds the old store
+        remove_tree(built)  # now holds the old store
         return
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
     os.replace(path, old)
     os.replace(built, path)
     fsync_dir(path.parent)
-    shutil.rmtree(old, ignore_errors=True)
+    remove_tree(old)
 
 
 # the stores this process is indexing into now (its own pid is alive whether or not a run is)
@@ -183,7 +194,10 @@ def unfinished_run(path: Path) -> str | None:
 def remove_litter(path: Path) -> list[str]:
     """Delete what killed runs left beside the store at ``path``: the half-built copies of
     ``--overwrite`` (``.NAME.overwrite-PID``) and of store creation (``.NAME.init-PID-*``) whose
-    process is gone (a live one's are its work in progress). Returns the names removed."""
+    process is gone (a live one's are its work in progress). Returns the names removed. A store
+    reached through a symbolic link is built beside the folder it points at, so that is where
+    they are looked for."""
+    path = path.resolve()
     removed: list[str] = []
     if not path.parent.is_dir():
         return removed
@@ -192,7 +206,7 @@ def remove_litter(path: Path) -> list[str]:
     for entry in path.parent.iterdir():
         found = litter.match(entry.name)
         if found and int(found[1]) != os.getpid() and not _alive(int(found[1])):
-            shutil.rmtree(entry, ignore_errors=True)
+            remove_tree(entry)
             removed.append(entry.name)
     return removed
 
@@ -253,8 +267,11 @@ def create_store(path: Path, manifest: Manifest, prefix_kv: PassageKV, basis: by
     ``path`` must not exist or be an empty directory: ragcompress never writes into a folder it
     did not create. The rename decides a race between two processes creating the same store: the
     loser's error says so (:func:`refuse_existing`). Folders created above ``path`` are fsynced
-    into their parents, as the store's own entry is, before anything can be committed in it.
+    into their parents, as the store's own entry is, before anything can be committed in it. A
+    symbolic link to an empty folder is followed: the store is created in that folder, the link
+    kept (the rename would otherwise replace the link itself).
     """
+    path = path.resolve()
     refuse_existing(path)
     created = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
