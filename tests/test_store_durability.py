@@ -172,3 +172,40 @@ def test_compact_and_overwrite_of_a_store_reached_through_a_symlink_keep_the_lin
     assert link.is_symlink() and link.resolve() == store
     assert sorted(p.name for p in tmp_path.iterdir()) == ["all.jsonl", "link", "store"]
     assert len(_rows(store)) == N_PASSAGES and verify_store(link).answerable
+
+
+def test_a_flipped_bit_in_the_catalogue_schema_is_a_store_error_and_a_verify_problem(store):
+    """``row INTEGER PRIMARY KEY`` -> ``INTEGER PRIMARY0KEY`` passes SQLite's integrity_check:
+    every row's number read as NULL, search returned nothing, and verify raised TypeError."""
+    from typer.testing import CliRunner
+
+    from ragcompress.cli import app
+    from ragcompress.store import KVStore
+
+    path = store / "catalogue.sqlite"
+    data = path.read_bytes()
+    assert data.count(b"INTEGER PRIMARY KEY") == 1
+    path.write_bytes(data.replace(b"INTEGER PRIMARY KEY", b"INTEGER PRIMARY0KEY"))
+    with pytest.raises(StoreError, match=f"catalogue {path} has a damaged schema .*row is not the primary key"):
+        KVStore.open(store)
+    with pytest.raises(StoreError, match="damaged schema"):
+        StoreWriter(store)
+    report = verify_store(store)
+    assert [p.kind for p in report.problems] == ["catalogue"] and "damaged schema" in report.problems[0].message
+    assert "--overwrite" in report.remedy()
+    assert CliRunner().invoke(app, ["verify", "--store", str(store)]).exit_code == 1
+
+
+def test_verify_names_an_unforeseen_failure_of_its_catalogue_checks_as_a_problem(store, monkeypatch):
+    """verify_store promises never to raise for a damaged store; an exception no check foresaw
+    (the damaged schema above raised TypeError) escaped it as a traceback."""
+    import ragcompress.store.verify as verify
+
+    def damaged(*args, **kwargs):
+        raise TypeError("'<' not supported between instances of 'NoneType' and 'int'")
+
+    monkeypatch.setattr(verify, "_check_overlaps", damaged)
+    report = verify_store(store)
+    assert [str(p) for p in report.problems] == [
+        "[catalogue] cannot be checked (TypeError: '<' not supported between instances of 'NoneType' and 'int')"
+    ]
