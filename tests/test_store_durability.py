@@ -209,3 +209,29 @@ def test_verify_names_an_unforeseen_failure_of_its_catalogue_checks_as_a_problem
     assert [str(p) for p in report.problems] == [
         "[catalogue] cannot be checked (TypeError: '<' not supported between instances of 'NoneType' and 'int')"
     ]
+
+
+def test_an_os_error_in_a_store_command_is_one_line_saying_the_store_is_intact(store, monkeypatch, capfd):
+    """A full disk (or an I/O error, a name too long) during `compact`, `index` or `remove`
+    printed a raw traceback: only RagCompressError was turned into one line."""
+    import errno
+
+    from test_cli import run_cli
+
+    from ragcompress.cli.root import os_error_line
+
+    rows = _rows(store)
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr("os.fsync", full)
+        code, out, err = run_cli(["compact", "--store", str(store)], monkeypatch, capfd)
+    assert (code, out) == (1, "")
+    assert err.splitlines() == [
+        "error: No space left on device; the store is intact (it is as it was; run it again after freeing disk space)"
+    ]
+    assert _rows(store) == rows and verify_store(store).answerable
+    gone = OSError(errno.ENAMETOOLONG, "File name too long", str(store / ("x" * 300)))
+    assert os_error_line(gone, "ask") == f"{gone.filename}: File name too long"
