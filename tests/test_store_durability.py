@@ -235,3 +235,30 @@ def test_an_os_error_in_a_store_command_is_one_line_saying_the_store_is_intact(s
     assert _rows(store) == rows and verify_store(store).answerable
     gone = OSError(errno.ENAMETOOLONG, "File name too long", str(store / ("x" * 300)))
     assert os_error_line(gone, "ask") == f"{gone.filename}: File name too long"
+
+
+def test_a_full_disk_under_the_catalogue_says_so_not_that_the_store_is_damaged(tiny_lm, store, tmp_path, monkeypatch):
+    """SQLite's "database or disk is full" was reported as a catalogue that cannot be read, with
+    the remedy "run verify or rebuild the store", for a store that is intact and resumes."""
+    from ragcompress.store import catalogue
+
+    opened = catalogue.Catalogue.__init__
+
+    def capped(self, root, *, readonly):  # the file cannot grow: SQLITE_FULL at the next page
+        opened(self, root, readonly=readonly)
+        if not readonly:
+            pages = self.db.execute("PRAGMA page_count").fetchone()[0]
+            self.db.execute(f"PRAGMA max_page_count = {pages}")
+
+    more = _write(tmp_path / "more.jsonl", _texts(N_PASSAGES + 40))
+    rows = _rows(store)
+    with monkeypatch.context() as patched:
+        patched.setattr(catalogue.Catalogue, "__init__", capped)
+        with pytest.raises(StoreError) as full:
+            _index(tiny_lm, more, store)
+    message = str(full.value)
+    assert "the disk is full" in message and "free disk space" in message and "resumes" in message
+    assert "verify" not in message and "rebuild" not in message
+    assert _rows(store)[: len(rows)] == rows and verify_store(store).ok  # intact, batches committed whole
+    _index(tiny_lm, more, store)
+    assert len(_rows(store)) == N_PASSAGES + 40

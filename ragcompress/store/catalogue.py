@@ -111,6 +111,9 @@ def _entry(values: tuple) -> Entry:
     return Entry(*row)
 
 
+# SQLite's result code for "database or disk is full" (sqlite3.SQLITE_FULL from Python 3.11)
+_SQLITE_FULL = 13
+
 # Query parameters per statement, well under SQLite's default limit of 32766.
 _CHUNK = 900
 
@@ -189,6 +192,12 @@ class Catalogue:
         try:
             yield
         except sqlite3.OperationalError as exc:
+            if getattr(exc, "sqlite_errorcode", None) == _SQLITE_FULL or "disk is full" in str(exc):
+                # not damage: the transaction that could not grow the file was rolled back whole
+                raise StoreError(
+                    f"catalogue {self.path}: the disk is full ({exc}); free disk space and run the command "
+                    "again: the store is intact, and `ragcompress index` resumes where it stopped"
+                ) from None
             if "locked" in str(exc) or "busy" in str(exc):  # another process holds a write transaction
                 raise StoreError(
                     f"catalogue {self.path} is locked by another process ({exc}); try again when it has finished"
