@@ -262,3 +262,30 @@ def test_a_full_disk_under_the_catalogue_says_so_not_that_the_store_is_damaged(t
     assert _rows(store)[: len(rows)] == rows and verify_store(store).ok  # intact, batches committed whole
     _index(tiny_lm, more, store)
     assert len(_rows(store)) == N_PASSAGES + 40
+
+
+def test_a_catalogue_that_silently_lost_rows_stops_the_writer_cutting_their_blobs(store):
+    """A damaged page of the catalogue can drop rows from every query without an error (SQLite's
+    integrity_check finds it, queries do not): the next writer took the dropped rows' blobs for a
+    killed run's tail and truncated them off the shard, real passages lost."""
+    import sqlite3
+
+    path = store / "catalogue.sqlite"
+    db = sqlite3.connect(path)
+    size = db.execute("PRAGMA page_size").fetchone()[0]
+    page = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'passages'").fetchone()[0]
+    db.close()
+    data = bytearray(path.read_bytes())
+    while data[(page - 1) * size] == 0x05:  # an interior page: down its right-most child
+        page = int.from_bytes(data[(page - 1) * size + 8 : (page - 1) * size + 12], "big")
+    header = (page - 1) * size  # the last leaf of the table, holding the last rows
+    assert data[header] == 0x0D
+    cells = int.from_bytes(data[header + 3 : header + 5], "big")
+    data[header + 3 : header + 5] = (cells - 1).to_bytes(2, "big")  # its last row is gone, without an error
+    path.write_bytes(bytes(data))
+    assert 0 < len(_rows(store)) < N_PASSAGES
+    shards = {p.name: p.read_bytes() for p in (store / "shards").iterdir()}
+    with pytest.raises(StoreError, match="fails SQLite's quick_check .* the store is damaged and no writer") as refused:
+        StoreWriter(store)
+    assert "\n" not in str(refused.value)
+    assert {p.name: p.read_bytes() for p in (store / "shards").iterdir()} == shards

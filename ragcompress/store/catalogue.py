@@ -255,6 +255,14 @@ class Catalogue:
             verdict = [row[0] for row in self.db.execute("PRAGMA integrity_check")]
         return [] if verdict == ["ok"] else verdict
 
+    def quick_check_problems(self) -> list[str]:
+        """SQLite's ``quick_check`` findings (empty when sound): a damaged page can drop rows from
+        every query without an error, which a writer must know before it cuts shards by them."""
+        with self._guard():
+            verdict = [row[0] for row in self.db.execute("PRAGMA quick_check")]
+        # one finding a line, for a one-line error (SQLite heads them "*** in database main ***")
+        return [] if verdict == ["ok"] else [line for row in verdict for line in row.splitlines() if "***" not in line]
+
     def raw_rows(self) -> Iterator[tuple[Any, ...]]:
         """Every row as SQLite holds it, unvalidated, for :mod:`ragcompress.store.verify`: ``(id,
         title, text, text_sha, meta, shard, offset, length, checksum, num_tokens, kept, embedding,

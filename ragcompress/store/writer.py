@@ -150,7 +150,7 @@ class StoreWriter:
                 raise StoreError(f"store {path} has no {CATALOGUE}; the store is damaged, rebuild it")
             _remove_temporaries(path)
             self.catalogue = Catalogue(path, readonly=False)
-            self.shards = ShardWriter(path, self.catalogue.committed_blobs())
+            self.shards = self._repaired_shards()
         except BaseException:
             if hasattr(self, "catalogue"):
                 self.catalogue.close()
@@ -223,7 +223,14 @@ class StoreWriter:
         """Repair the shards again, as opening does, still holding the lock: a Ray run's driver
         calls it last, when the killed actors' bytes that no committed row points at are known."""
         self.shards.close()
-        self.shards = ShardWriter(self.path, self.catalogue.committed_blobs())
+        self.shards = self._repaired_shards()
+
+    def _repaired_shards(self) -> ShardWriter:
+        """The shards cut back to the committed blobs, once the catalogue passed SQLite's
+        ``quick_check`` where anything is cut (a damaged page can drop rows silently)."""
+        return ShardWriter(
+            self.path, self.catalogue.committed_blobs(), catalogue_problems=self.catalogue.quick_check_problems
+        )
 
     def close(self) -> None:
         self.shards.close()
