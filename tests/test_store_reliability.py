@@ -1393,6 +1393,7 @@ def test_cli_verify_exit_codes_and_json(store_copy):
     assert sound.exit_code == 0, sound.stderr
     assert json.loads(sound.stdout) == {
         "ok": True,
+        "answerable": True,
         "store": str(store_copy),
         "passages": N_PASSAGES,
         "shards": len(list((store_copy / "shards").iterdir())),

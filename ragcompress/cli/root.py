@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 import warnings
 from pathlib import Path
@@ -62,6 +63,31 @@ PACKAGE = Path(__file__).resolve().parent.parent  # ragcompress/
 _PYTHON_FORMATWARNING = warnings.formatwarning
 
 
+# what to do after an OSError in a command that writes a store: each leaves it intact (docs/guarantees.md)
+STORE_WRITERS = {
+    "index": "run it again {when}: it resumes where it stopped",
+    "remove": "its passages were removed in one commit or not at all; run it again with --missing-ok {when}",
+    "compact": "it is as it was; run it again {when}",
+}
+
+
+def _command(args: list[str]) -> str | None:
+    """The command named in ``args`` (the root takes no option with a value)."""
+    return next((arg for arg in args if not arg.startswith("-")), None)
+
+
+def os_error_line(exc: OSError, command: str | None) -> str:
+    """An ``OSError`` as one line: the file and the system's words for it, and what to do: free
+    disk space when it is full; after a command that writes a store, that the store is intact."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    line = f"{where}{exc.strerror or exc}"
+    full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    if command in STORE_WRITERS:
+        when = "after freeing disk space" if full else "once that is fixed"
+        return f"{line}; the store is intact ({STORE_WRITERS[command].format(when=when)})"
+    return f"{line}; free disk space, then run the command again" if full else line
+
+
 def main() -> None:
     """Entry point: one-line errors and warnings, non-zero exit. The command is the whole process,
     so it keeps freed memory for the next request (:mod:`ragcompress.runtime.memory`)."""
@@ -79,6 +105,9 @@ def main() -> None:
     except RagCompressError as exc:
         hint = " (run `ragcompress verify --store ...`: it lists the damage and how to repair it)"
         typer.echo(f"error: {exc}{hint if isinstance(exc, CorruptSegmentError) else ''}", err=True)
+        sys.exit(1)
+    except OSError as exc:  # a full disk, an I/O error, a name too long: one line, not a traceback
+        typer.echo(f"error: {os_error_line(exc, _command(sys.argv[1:]))}", err=True)
         sys.exit(1)
     except (typer.Exit, SystemExit) as exc:
         code = getattr(exc, "exit_code", getattr(exc, "code", 0))

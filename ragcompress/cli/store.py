@@ -349,10 +349,12 @@ def verify(
     store: Path = typer.Option(..., "--store", help="store directory"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Check every part of a store; exit 0 only if all hold.
+    """Check every part of a store; exit 0 only if all hold and it is answerable.
 
     Manifest, prefix, catalogue, every segment (checksum, decoding, shape) and the FAISS index;
-    each problem names its passage id and shard."""
+    each problem names its passage id and shard. Exit 1: damaged (the repair is named). Exit 2:
+    intact, but its last indexing run stopped before its end, so answering refuses it until
+    `ragcompress index` is re-run (it resumes)."""
     # the file names spelt out: importing ragcompress.store (its MANIFEST) loads torch, and a
     # mistyped path is named at once (tests/test_packaging.py)
     if not any((store / name).exists() for name in ("manifest.json", "catalogue.sqlite", "shards")):
@@ -360,9 +362,9 @@ def verify(
     from ragcompress.store.verify import verify_store
 
     report = verify_store(store)
+    verdict = "FAILED" if not report.ok else "OK" if report.answerable else "UNFINISHED"
     lines = [
-        f"{'OK' if report.ok else 'FAILED'}: {store}: {report.passages} passages in {report.shards} shards, "
-        f"{len(report.problems)} problems"
+        f"{verdict}: {store}: {report.passages} passages in {report.shards} shards, {len(report.problems)} problems"
     ]
     lines += [f"  {problem}" for problem in report.problems] + [f"  note: {note}" for note in report.notes]
     emit(report.to_json(), as_json, "\n".join(lines))
@@ -374,3 +376,6 @@ def verify(
             err=True,
         )
         raise SystemExit(1)
+    if not report.answerable:  # intact, yet answering refuses it: not a success for a script either
+        typer.echo(f"error: store {store} is intact but not answerable: {report.unfinished}", err=True)
+        raise SystemExit(2)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
@@ -33,7 +32,14 @@ from ragcompress.retrieval import Embedder
 from ragcompress.store import KVStore, Manifest, StoreWriter, create_store
 from ragcompress.store.basis import basis_to_bytes
 from ragcompress.store.catalogue import CATALOGUE
-from ragcompress.store.files import indexing_run, overwrite_refusal, refuse_existing, remove_litter, replace_store
+from ragcompress.store.files import (
+    indexing_run,
+    overwrite_refusal,
+    refuse_existing,
+    remove_litter,
+    remove_tree,
+    replace_store,
+)
 from ragcompress.store.manifest import MANIFEST, SETTINGS
 from ragcompress.store.writer import StoreLock
 
@@ -321,25 +327,28 @@ def index(
     indexer = run_indexer(lm, config, embedder, input_path, store_path if exists and not overwrite else None)
     indexer.check_lengths(iter_passages(input_path))
 
-    target = store_path
+    # a store reached through a symbolic link is written, rebuilt and swapped where the link
+    # points, the link kept (swapping the link itself left the old store there, undeleted)
+    real = store_path.resolve()
+    target = real
     if not exists and not overwrite:  # a store another process created since the check above: retry
         refuse_existing(store_path)
     old_lock = None
     if rebuild:  # hold the old store's writer lock until the new one replaces it
-        old_lock = StoreLock(store_path)
-        target = store_path.with_name(f".{store_path.name}.overwrite-{os.getpid()}")
-        shutil.rmtree(target, ignore_errors=True)
-    elif overwrite and store_path.exists():
-        store_path.rmdir()  # an empty directory (checked above)
+        old_lock = StoreLock(real)
+        target = real.with_name(f".{real.name}.overwrite-{os.getpid()}")
+        remove_tree(target)
+    elif overwrite and real.exists():
+        real.rmdir()  # an empty directory (checked above)
     try:
         indexed, skipped, replaced, updated, stale = _write(
             indexer, input_path, target, total, replace, batch_size, progress
         )
-        if target != store_path:
-            replace_store(target, store_path)
+        if target != real:
+            replace_store(target, real)
     except BaseException:
-        if target != store_path:  # a failed --overwrite leaves the old store as it was, and no half-built copy
-            shutil.rmtree(target, ignore_errors=True)
+        if target != real:  # a failed --overwrite leaves the old store as it was, and no half-built copy
+            remove_tree(target)
         raise
     finally:
         if old_lock is not None:  # released even when the caller keeps the exception (a notebook)

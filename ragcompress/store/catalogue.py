@@ -54,6 +54,27 @@ CREATE TABLE IF NOT EXISTS passages (
 """
 
 
+# every column's declared type (``_SCHEMA``; the later two may be absent, see the module docstring)
+_COLUMN_TYPES = {
+    "row": "INTEGER",
+    "id": "TEXT",
+    "title": "TEXT",
+    "text": "TEXT",
+    "meta": "TEXT",
+    "text_sha": "TEXT",
+    "shard": "TEXT",
+    "offset": "INTEGER",
+    "length": "INTEGER",
+    "checksum": "TEXT",
+    "num_tokens": "INTEGER",
+    "kept": "INTEGER",
+    "embedding": "BLOB",
+    "meta_checksum": "TEXT",
+    "searchable": "INTEGER",
+}
+_LATER_COLUMNS = {"meta_checksum", "searchable"}
+
+
 def meta_checksum(passage_id: Any, title: Any, meta: Any, text_sha: Any, embedding: bytes) -> str:
     """xxh3-128 of a row's fields that its blob does not check: id, title, metadata (the stored
     JSON), ``text_sha`` (which covers the text) and embedding."""
@@ -90,6 +111,9 @@ def _entry(values: tuple) -> Entry:
     return Entry(*row)
 
 
+# SQLite's result code for "database or disk is full" (sqlite3.SQLITE_FULL from Python 3.11)
+_SQLITE_FULL = 13
+
 # Query parameters per statement, well under SQLite's default limit of 32766.
 _CHUNK = 900
 
@@ -105,17 +129,40 @@ class Catalogue:
                 uri = f"{self.path.resolve().as_uri()}?mode=ro"
                 self.db = sqlite3.connect(uri, uri=True, check_same_thread=False)
                 self.db.execute("SELECT 1 FROM passages LIMIT 1").fetchall()
+                self._check_schema()
             else:
                 self.db = sqlite3.connect(self.path, check_same_thread=False)
                 self.db.execute("PRAGMA journal_mode=WAL")
                 self.db.execute("PRAGMA synchronous=FULL")
                 self.db.executescript(_SCHEMA)
+                self._check_schema()  # before a column is added to a table that is not ours
                 if not self._has_column("meta_checksum"):  # a store from before the column (module docstring)
                     self.db.execute("ALTER TABLE passages ADD COLUMN meta_checksum TEXT")
                 if not self._has_column("searchable"):
                     self.db.execute("ALTER TABLE passages ADD COLUMN searchable INTEGER NOT NULL DEFAULT 1")
                 self.db.commit()
         self._columns: set[str] = set()  # later columns seen in this catalogue (see _column)
+
+    def _check_schema(self) -> None:
+        """Refuse a ``passages`` table whose columns are not ours. SQLite keeps the schema as
+        text, so a flipped bit there (``row INTEGER PRIMARY0KEY``) passes ``integrity_check``
+        and changes what every query returns: ``row`` no longer the primary key reads as NULL
+        in every row, and search found nothing."""
+        found = {name: (kind.upper(), pk) for _, name, kind, _, _, pk in self.db.execute("PRAGMA table_info(passages)")}
+        wrong = [
+            f"{name} {found[name][0] or 'untyped'}, not {kind}" if name in found else f"{name} missing"
+            for name, kind in _COLUMN_TYPES.items()
+            if (name in found or name not in _LATER_COLUMNS) and found.get(name, ("",))[0] != kind
+        ]
+        wrong += [f"unknown column {name}" for name in found if name not in _COLUMN_TYPES]
+        if "row" in found and found["row"][1] != 1:
+            wrong.append("row is not the primary key")
+        if wrong:
+            raise StoreError(
+                f"catalogue {self.path} has a damaged schema (table passages: {'; '.join(wrong[:3])}); the store "
+                f"cannot be read or written: rebuild it with `ragcompress index --input INPUT --store "
+                f"{self.path.parent} --overwrite`, which keeps its settings"
+            )
 
     def _has_column(self, name: str) -> bool:
         return any(column[1] == name for column in self.db.execute("PRAGMA table_info(passages)"))
@@ -145,6 +192,12 @@ class Catalogue:
         try:
             yield
         except sqlite3.OperationalError as exc:
+            if getattr(exc, "sqlite_errorcode", None) == _SQLITE_FULL or "disk is full" in str(exc):
+                # not damage: the transaction that could not grow the file was rolled back whole
+                raise StoreError(
+                    f"catalogue {self.path}: the disk is full ({exc}); free disk space and run the command "
+                    "again: the store is intact, and `ragcompress index` resumes where it stopped"
+                ) from None
             if "locked" in str(exc) or "busy" in str(exc):  # another process holds a write transaction
                 raise StoreError(
                     f"catalogue {self.path} is locked by another process ({exc}); try again when it has finished"
@@ -201,6 +254,14 @@ class Catalogue:
         with self._guard():
             verdict = [row[0] for row in self.db.execute("PRAGMA integrity_check")]
         return [] if verdict == ["ok"] else verdict
+
+    def quick_check_problems(self) -> list[str]:
+        """SQLite's ``quick_check`` findings (empty when sound): a damaged page can drop rows from
+        every query without an error, which a writer must know before it cuts shards by them."""
+        with self._guard():
+            verdict = [row[0] for row in self.db.execute("PRAGMA quick_check")]
+        # one finding a line, for a one-line error (SQLite heads them "*** in database main ***")
+        return [] if verdict == ["ok"] else [line for row in verdict for line in row.splitlines() if "***" not in line]
 
     def raw_rows(self) -> Iterator[tuple[Any, ...]]:
         """Every row as SQLite holds it, unvalidated, for :mod:`ragcompress.store.verify`: ``(id,

@@ -3,7 +3,8 @@
 ``remove`` and ``index --replace`` change the catalogue in one commit and leave the old blobs in
 the shards, where no passage points at them (``ragcompress verify`` counts them). Compaction
 copies every committed blob, checksum-verified and unchanged, into fresh shards of a new store
-built beside the old one, with the same manifest, prefix and basis files, rebuilds the FAISS index
+built beside the old one, with the same manifest, prefix and basis files (and the marker of an
+indexing run that stopped before its end: the copy holds the same part of its input), rebuilds the FAISS index
 and swaps the new store in atomically (:func:`~ragcompress.store.files.replace_store`). No
 passage is re-encoded, so no model is needed and every cache keeps its bytes. The old store's
 writer lock is held throughout: no writer can change it meanwhile, and a killed compaction
@@ -14,7 +15,6 @@ fails deletes its own). A store folder that holds files of the user's is refused
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from typing import Any
 from ragcompress.errors import StoreError
 from ragcompress.store.basis import BASIS
 from ragcompress.store.catalogue import CATALOGUE, Catalogue
-from ragcompress.store.files import PREFIX, overwrite_refusal, replace_store, write_atomic
+from ragcompress.store.files import PREFIX, RUN, overwrite_refusal, remove_tree, replace_store, write_atomic
 from ragcompress.store.manifest import MANIFEST, Manifest
 from ragcompress.store.shards import SHARD_DIR, read_blob
 from ragcompress.store.writer import StoreLock, StoreWriter
@@ -50,8 +50,10 @@ def shard_bytes(path: Path) -> int:
 
 
 def compact_store(path: str | Path) -> CompactReport:
-    """Rewrite the store at ``path`` with only its committed blobs (see the module docstring)."""
-    path = Path(path)
+    """Rewrite the store at ``path`` with only its committed blobs (see the module docstring). A
+    store reached through a symbolic link is compacted where the link points, the link kept."""
+    given = Path(path)
+    path = given.resolve()
     if not (path / MANIFEST).is_file() or not (path / CATALOGUE).is_file():
         raise StoreError(f"{path} is not a ragcompress store (no {MANIFEST} or {CATALOGUE}); check the --store path")
     # the store's folder is replaced whole: a file of the user's in it would be deleted with it
@@ -66,9 +68,11 @@ def compact_store(path: str | Path) -> CompactReport:
     target = path.with_name(f".{path.name}.compact")
     try:
         before = shard_bytes(path)
-        shutil.rmtree(target, ignore_errors=True)  # what a killed compaction left
+        remove_tree(target)  # what a killed compaction left
         target.mkdir()
-        for name in (PREFIX, BASIS, MANIFEST):  # the manifest last: a store is complete once it exists
+        # the manifest last: a store is complete once it exists; an unfinished run's marker goes
+        # along, or compacting a half-indexed store would make it answerable
+        for name in (PREFIX, BASIS, RUN, MANIFEST):
             if (path / name).is_file():
                 write_atomic(target / name, (path / name).read_bytes())
         Catalogue(target, readonly=False).close()
@@ -94,8 +98,8 @@ def compact_store(path: str | Path) -> CompactReport:
         after = shard_bytes(target)
         replace_store(target, path)
     except BaseException:
-        shutil.rmtree(target, ignore_errors=True)  # a failed compaction leaves no half-built copy behind
+        remove_tree(target)  # a failed compaction leaves no half-built copy behind
         raise
     finally:
         lock.release()
-    return CompactReport(str(path), copied, before, after)
+    return CompactReport(str(given), copied, before, after)

@@ -68,21 +68,32 @@ def _exchange(a: Path, b: Path) -> bool:
     return result == 0
 
 
+def remove_tree(path: Path) -> None:
+    """Delete what is at ``path``: a folder with everything in it, or a file or symbolic link
+    itself (``rmtree`` refuses a link, and following one would delete what it points at)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def replace_store(built: Path, path: Path) -> None:
     """Put the complete store ``built`` in place of the store at ``path`` and delete the old one.
 
     The swap is one atomic ``renameat2`` exchange where the OS supports it, so a kill at any
-    moment leaves either the old or the new store at ``path``, never neither.
+    moment leaves either the old or the new store at ``path``, never neither. ``path`` is the
+    store's folder itself, not a symbolic link to it (the caller resolves it): a link would be
+    what is swapped, the old store left where it pointed.
     """
     if _exchange(built, path):
         fsync_dir(path.parent)
-        shutil.rmtree(built, ignore_errors=True)  # now holds the old store
+        remove_tree(built)  # now holds the old store
         return
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
     os.replace(path, old)
     os.replace(built, path)
     fsync_dir(path.parent)
-    shutil.rmtree(old, ignore_errors=True)
+    remove_tree(old)
 
 
 # the stores this process is indexing into now (its own pid is alive whether or not a run is)
@@ -95,39 +106,67 @@ FINISH_INDEX = "re-run `ragcompress index` with the same input and --store (it r
 
 @contextmanager
 def indexing_run(path: Path, passages: int, finish: str = FINISH_INDEX) -> Iterator[Callable[[], None]]:
-    """Mark the store at ``path`` as being indexed (its ``RUN`` file: pid, input size, start and
-    ``finish``, how to finish the run if it stops) until the run calls the function this yields,
-    after its last commit and index write. A run killed or failed before that leaves the file
-    behind, and :func:`unfinished_run` tells readers that the store holds only part of its input
-    and how to finish it. Call under the writer's lock."""
-    record = {"pid": os.getpid(), "passages": passages, "started": time.time(), "finish": finish}
+    """Mark the store at ``path`` as being indexed (its ``RUN`` file: pid and that process's start
+    time, input size, start and ``finish``, how to finish the run if it stops) until the run calls
+    the function this yields, after its last commit and index write. A run killed before that
+    leaves the file behind, and :func:`unfinished_run` tells readers that the store holds only
+    part of its input and how to finish it. A run that fails in a process that goes on (a
+    notebook, a service) rewrites the file with pid 0 as it leaves: its pid is alive, and would
+    read as a run still going to every other process. Call under the writer's lock."""
+    pid = os.getpid()
+    record = {"pid": pid, "pid_start": _start_time(pid), "passages": passages, "started": time.time(), "finish": finish}
     write_atomic(path / RUN, json.dumps(record).encode())
     _RUNNING_HERE.add(path.resolve())
+    done = False
 
     def finished() -> None:
+        nonlocal done
         (path / RUN).unlink(missing_ok=True)
         fsync_dir(path)
+        done = True
 
     try:
         yield finished
     finally:
         _RUNNING_HERE.discard(path.resolve())
+        if not done:
+            try:
+                write_atomic(path / RUN, json.dumps({**record, "pid": 0, "pid_start": None}).encode())
+            except OSError:  # a full disk, say: the marker keeps this pid, read as stopped once it exits
+                pass
 
 
-def _alive(pid: int) -> bool:
+def _start_time(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot (``/proc/PID/stat`` field 22), or
+    None where there is no ``/proc``: with its pid it names one process, where a pid alone may
+    name a later process that reused it (or pid 1 of another container)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat[stat.rindex(")") + 2 :].split()[19])  # fields 3.. follow the command's ")"
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _alive(pid: int, start: object = None) -> bool:
+    """Whether process ``pid`` runs, and, when its ``start`` time was recorded and can be read
+    here, is the process that recorded it."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process
-        return True
+        pass
+    if isinstance(start, int):
+        now = _start_time(pid)
+        return now is None or now == start
     return True
 
 
 def unfinished_run(path: Path) -> str | None:
-    """What an indexing run that stopped before its end left at ``path`` (killed, or failed in
-    this process), and how to finish it; or None: no run, or one still going (its passages
-    committed so far are readable, as always)."""
+    """What an indexing run that stopped before its end left at ``path`` (killed, or failed), and
+    how to finish it; or None: no run, or one still going (its passages committed so far are
+    readable, as always). A run is going while its process is: the marker's pid, the same process
+    where its start time was recorded (a pid reused since, pid 1 of another container, is not)."""
     try:
         record = json.loads((path / RUN).read_text())
     except FileNotFoundError:
@@ -135,8 +174,12 @@ def unfinished_run(path: Path) -> str | None:
     except (OSError, ValueError):
         record = {}
     pid = record.get("pid") if isinstance(record, dict) else None
-    if isinstance(pid, int) and pid > 0 and (path.resolve() in _RUNNING_HERE if pid == os.getpid() else _alive(pid)):
-        return None
+    start = record.get("pid_start") if isinstance(record, dict) else None
+    if isinstance(pid, int) and pid > 0:
+        here = pid == os.getpid() and (not isinstance(start, int) or start == _start_time(pid))
+        running = path.resolve() in _RUNNING_HERE if here else _alive(pid, start)
+        if running:
+            return None
     started = record.get("started") if isinstance(record, dict) else None
     when = time.strftime(" on %Y-%m-%d at %H:%M", time.localtime(started)) if isinstance(started, float) else ""
     size = record.get("passages") if isinstance(record, dict) else None
@@ -151,7 +194,10 @@ def unfinished_run(path: Path) -> str | None:
 def remove_litter(path: Path) -> list[str]:
     """Delete what killed runs left beside the store at ``path``: the half-built copies of
     ``--overwrite`` (``.NAME.overwrite-PID``) and of store creation (``.NAME.init-PID-*``) whose
-    process is gone (a live one's are its work in progress). Returns the names removed."""
+    process is gone (a live one's are its work in progress). Returns the names removed. A store
+    reached through a symbolic link is built beside the folder it points at, so that is where
+    they are looked for."""
+    path = path.resolve()
     removed: list[str] = []
     if not path.parent.is_dir():
         return removed
@@ -160,7 +206,7 @@ def remove_litter(path: Path) -> list[str]:
     for entry in path.parent.iterdir():
         found = litter.match(entry.name)
         if found and int(found[1]) != os.getpid() and not _alive(int(found[1])):
-            shutil.rmtree(entry, ignore_errors=True)
+            remove_tree(entry)
             removed.append(entry.name)
     return removed
 
@@ -221,8 +267,11 @@ def create_store(path: Path, manifest: Manifest, prefix_kv: PassageKV, basis: by
     ``path`` must not exist or be an empty directory: ragcompress never writes into a folder it
     did not create. The rename decides a race between two processes creating the same store: the
     loser's error says so (:func:`refuse_existing`). Folders created above ``path`` are fsynced
-    into their parents, as the store's own entry is, before anything can be committed in it.
+    into their parents, as the store's own entry is, before anything can be committed in it. A
+    symbolic link to an empty folder is followed: the store is created in that folder, the link
+    kept (the rename would otherwise replace the link itself).
     """
+    path = path.resolve()
     refuse_existing(path)
     created = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
@@ -176,21 +177,31 @@ class ShardWriter:
     (a wrong offset or length) would otherwise move the "committed end" and cut off a real
     passage's bytes. A shard *shorter* than its committed end, a row with an impossible location,
     or a blob that fails its check is damage, not an interrupted write: opening refuses and
-    changes nothing. Opening fsyncs the shard folder and the store folder too, so the entries
+    changes nothing. So is a catalogue that fails SQLite's ``quick_check`` when anything would be
+    cut: a damaged page can drop rows without an error, and the blobs of rows it dropped would
+    read as a killed run's tail (asked only then, since the check reads the whole catalogue). Opening fsyncs the shard folder and the store folder too, so the entries
     of a shard or a shard folder it created (or a killed writer created without an fsync) are
     durable before any row that points into them is committed.
     """
 
-    def __init__(self, root: Path, committed: dict[str, list[CommittedBlob]], max_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        committed: dict[str, list[CommittedBlob]],
+        max_bytes: int | None = None,
+        catalogue_problems: Callable[[], list[str]] | None = None,
+    ) -> None:
+        """``catalogue_problems``: SQLite's findings on the catalogue ``committed`` was read from,
+        asked before anything is cut (see the class docstring)."""
         self.root = root
         self.max_bytes = max_bytes or MAX_SHARD_BYTES
         directory = root / SHARD_DIR
         directory.mkdir(exist_ok=True)
-        damaged = (
-            f"the store is damaged and no writer can add to it (its passages there are lost): rebuild it with "
-            f"`ragcompress index --input INPUT --store {root} --overwrite`, which keeps its settings (`ragcompress "
-            f"verify --store {root}` lists what is damaged); nothing was changed"
+        rebuild = (
+            f"rebuild it with `ragcompress index --input INPUT --store {root} --overwrite`, which keeps its settings "
+            f"(`ragcompress verify --store {root}` lists what is damaged); nothing was changed"
         )
+        damaged = f"the store is damaged and no writer can add to it (its passages there are lost): {rebuild}"
         for name, blobs in committed.items():
             if not shard_path(root, name).is_file():  # validates every name the catalogue holds
                 raise StoreError(f"shard {name} in {root} is missing but committed passages point into it; {damaged}")
@@ -223,6 +234,14 @@ class ShardWriter:
                         raise StoreError(
                             f"{exc}; a writer would truncate shard {path.name} at {end}: {damaged}"
                         ) from None
+        cut = [path.name for path in paths if ends.get(path.name) is None or path.stat().st_size > ends[path.name]]
+        problems = catalogue_problems() if cut and catalogue_problems is not None else []
+        if problems:
+            raise StoreError(
+                f"the catalogue of {root} fails SQLite's quick_check ({'; '.join(problems[:3])}), and a writer cuts "
+                f"the shards ({', '.join(cut[:5])}) back to the blobs its rows point at, some of which may be "
+                f"lost: the store is damaged and no writer can add to it: {rebuild}"
+            )
         for path in paths:
             end = ends.get(path.name)
             if end is None:

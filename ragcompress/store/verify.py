@@ -4,7 +4,8 @@ Checks, in order, each problem named with its passage id and shard where there i
 
 1. the manifest parses and every value is valid (:meth:`Manifest.read`);
 2. the prefix cache matches the manifest's sha256, decodes, and has the manifest's model shape;
-3. the catalogue passes SQLite's ``integrity_check`` and every row is readable;
+3. the catalogue's schema is ours (:meth:`Catalogue._check_schema`), it passes SQLite's
+   ``integrity_check`` and every row is readable;
 4. every passage: shard name valid, blob inside its shard, checksum (xxh3-128) matches, blob decodes, cache
    shape matches the manifest's ``model_shape``, token counts match the row, text matches its
    ``text_sha``, the other fields match the row's ``meta_checksum`` (when it has one: rows
@@ -14,8 +15,10 @@ Checks, in order, each problem named with its passage id and shard where there i
    at the catalogue's row count and generation), holds exactly the catalogue's rows with the
    catalogue's vectors.
 
-*Problems* are states in which a reader could fail or serve wrong data; ``ok`` is true only when
-there are none. *Notes* are states a killed writer leaves and readers handle safely (bytes past
+*Problems* are states in which a reader could fail or serve wrong data; ``ok`` (intact) is true
+only when there are none. An indexing run that stopped before its end is no damage but leaves a
+store answering refuses: ``answerable`` is ``ok`` without one (``ragcompress verify`` exits 2 on
+an intact store that is not answerable). *Notes* are states a killed writer leaves and readers handle safely (bytes past
 the last commit, a missing or stale index that readers rebuild, temp files), which the next
 writer repairs, and bytes no passage points at since passages were removed or replaced.
 """
@@ -73,10 +76,18 @@ class VerifyReport:
     shards: int = 0
     problems: list[Problem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # what an indexing run that stopped before its end left (files.unfinished_run), else None
+    unfinished: str | None = None
 
     @property
     def ok(self) -> bool:
+        """Intact: no problem (an unfinished run is no damage; see :attr:`answerable`)."""
         return not self.problems
+
+    @property
+    def answerable(self) -> bool:
+        """Intact and holding all of its input: answering does not refuse it (``verify`` exits 0)."""
+        return self.ok and self.unfinished is None
 
     def remedy(self, input_hint: str = "INPUT") -> str:
         """What repairs the store, chosen by what is damaged (``ragcompress verify`` prints it):
@@ -117,6 +128,7 @@ class VerifyReport:
     def to_json(self) -> dict[str, Any]:
         return {
             "ok": self.ok,
+            "answerable": self.answerable,
             "store": self.store,
             "passages": self.passages,
             "shards": self.shards,
@@ -361,10 +373,12 @@ def verify_store(path: str | Path) -> VerifyReport:
         _check_index(root, catalogue, searchable, problems, notes)  # the rows the index covers
     except (sqlite3.DatabaseError, StoreError) as exc:
         problems.append(Problem("catalogue", f"cannot be read ({exc})"))
+    except Exception as exc:  # damage no check foresaw: named as a problem, since verify never raises for it
+        problems.append(Problem("catalogue", f"cannot be checked ({type(exc).__name__}: {exc})"))
     finally:
         catalogue.close()
     notes.extend(f"temporary file {p.name} left by a killed writer" for p in root.glob(".*.tmp"))
     unfinished = unfinished_run(root)
     if unfinished is not None:  # intact, but not what its input asked for: answering refuses it
         notes.append(f"{unfinished} (answering refuses it until then)")
-    return VerifyReport(str(root), count, len(ends), problems, notes)
+    return VerifyReport(str(root), count, len(ends), problems, notes, unfinished)

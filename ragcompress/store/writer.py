@@ -26,26 +26,34 @@ from ragcompress.store.manifest import Manifest
 from ragcompress.store.record import PassageRecord
 from ragcompress.store.shards import ShardWriter, checksum
 
+# swapped-in stores a writer follows while taking the lock (each swap is a whole compaction or rebuild)
+_MAX_SWAPS = 16
+
 
 class StoreLock:
     """The exclusive writer lock of a store (``flock`` on ``DIR/lock``, released on close or exit).
 
     The kernel drops the lock when its holder dies, even by SIGKILL, so a killed writer never
-    blocks the next one.
+    blocks the next one. ``compact`` and ``index --overwrite`` swap a new store folder, with its
+    own lock file, in place of the old one while holding the old one's lock: a writer that opened
+    the old file before the swap gets its lock once they release it, a lock on a file no longer
+    at the path that excludes nobody. So a lock counts only when the file locked is still
+    ``DIR/lock``; otherwise the file at the path now is opened and locked instead.
     """
 
     def __init__(self, path: Path, wait_s: float = 0.0) -> None:
         """``wait_s``: how long to wait for another writer to finish (0: refuse at once). Two
         threads of one process exclude each other too (each opens the lock file itself)."""
         self.path = path
-        self._handle = open(path / LOCK, "a+")
         deadline = time.monotonic() + wait_s
+        swaps = 0
         while True:
+            self._handle = open(path / LOCK, "a+")
             try:
                 fcntl.flock(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
             except BlockingIOError:
                 if time.monotonic() < deadline:
+                    self._handle.close()
                     time.sleep(0.05)
                     continue
                 self._handle.seek(0)
@@ -55,10 +63,30 @@ class StoreLock:
                 raise StoreError(
                     f"store {path} is being written by {holder}{waited}; wait for it to finish (one writer at a time)"
                 ) from None
+            if self._locks_the_store():
+                break
+            # the store was swapped since the file was opened: lock the new store's file (its
+            # swapper released the old one; a writer holding the new one makes this wait or refuse)
+            self._handle.close()
+            swaps += 1
+            if swaps > _MAX_SWAPS:  # a filesystem whose inode numbers are not stable: never loop forever
+                raise StoreError(
+                    f"the lock file of store {path} changed {swaps} times while this writer took it; "
+                    "keep the store on a local filesystem (docs/guarantees.md, Limits)"
+                )
         self._handle.seek(0)
         self._handle.truncate()
         self._handle.write(f"pid {os.getpid()}")
         self._handle.flush()
+
+    def _locks_the_store(self) -> bool:
+        """Whether the file this holds is the one at ``DIR/lock`` now (not one a swap replaced)."""
+        held = os.fstat(self._handle.fileno())
+        try:
+            current = os.stat(self.path / LOCK)
+        except FileNotFoundError:
+            return False
+        return held.st_nlink > 0 and (held.st_dev, held.st_ino) == (current.st_dev, current.st_ino)
 
     def release(self) -> None:
         if not self._handle.closed:
@@ -122,7 +150,7 @@ class StoreWriter:
                 raise StoreError(f"store {path} has no {CATALOGUE}; the store is damaged, rebuild it")
             _remove_temporaries(path)
             self.catalogue = Catalogue(path, readonly=False)
-            self.shards = ShardWriter(path, self.catalogue.committed_blobs())
+            self.shards = self._repaired_shards()
         except BaseException:
             if hasattr(self, "catalogue"):
                 self.catalogue.close()
@@ -195,7 +223,14 @@ class StoreWriter:
         """Repair the shards again, as opening does, still holding the lock: a Ray run's driver
         calls it last, when the killed actors' bytes that no committed row points at are known."""
         self.shards.close()
-        self.shards = ShardWriter(self.path, self.catalogue.committed_blobs())
+        self.shards = self._repaired_shards()
+
+    def _repaired_shards(self) -> ShardWriter:
+        """The shards cut back to the committed blobs, once the catalogue passed SQLite's
+        ``quick_check`` where anything is cut (a damaged page can drop rows silently)."""
+        return ShardWriter(
+            self.path, self.catalogue.committed_blobs(), catalogue_problems=self.catalogue.quick_check_problems
+        )
 
     def close(self) -> None:
         self.shards.close()
