@@ -275,6 +275,31 @@ def test_a_python_error_on_an_actor_is_one_line_naming_the_batch_after_the_batch
     assert unfinished_run(tmp_path / "store")  # marked: a rerun resumes
 
 
+def test_ray_refuses_context_neighbors_before_ray_starts_or_the_model_loads(
+    tmp_path, tiny_lm, tiny_model_dir, monkeypatch
+):
+    """``--ray --context-neighbors`` (given, or an existing store's own setting) is refused
+    before Ray is joined or the model is loaded (it started a local cluster and loaded the model,
+    seconds to minutes, before the refusal)."""
+    from ragcompress.indexing import ray_runner
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("Ray joined or model loaded before --context-neighbors was refused")
+
+    neighbours = replace(CONFIG, context_neighbors=2)
+    store = tmp_path / "store"
+    index(_write(tmp_path / "few.jsonl", _texts(3)), store, lm=tiny_lm, embedder=HashEmbedder(), config=neighbours)
+    monkeypatch.setattr(ray_runner, "_connect", must_not_run)
+    monkeypatch.setattr(ray_runner, "load_model", must_not_run)
+    model = str(tiny_model_dir("llama"))
+    corpus = _write(tmp_path / "more.jsonl", _texts(6))
+    with pytest.raises(InputError, match="--context-neighbors: not supported by --ray"):
+        index_on_ray(corpus, tmp_path / "new", model=model, config=neighbours)  # a new store
+    with pytest.raises(InputError, match="--context-neighbors: not supported by --ray"):
+        index_on_ray(corpus, store, model=model)  # the existing store's setting
+    assert not (tmp_path / "new").exists()
+
+
 def _write(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path

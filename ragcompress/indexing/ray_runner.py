@@ -427,15 +427,15 @@ def index_on_ray(
     total = count_input(input_path, store_path if exists else None, replace)
     if not exists:
         refuse_existing(store_path)
-    if gpu or not exists:  # a new store has work: a cluster that cannot take it is refused before it is created
-        _connect(address, workers * threads_per_worker, gpu)
     config, model, dtype = settings_for(store_path if exists else None, config, model, dtype, adaptor)
-    lm = lm or load_model(model, dtype=dtype)
-    embedder = embedder_factory() if embedder_factory is not None else None
-    if config.context_neighbors:
+    if config.context_neighbors:  # before Ray starts or the model loads (the store's own setting included)
         raise InputError(
             "--context-neighbors: not supported by --ray yet (it needs the whole input's neighbours); index in one process"
         )
+    if gpu or not exists:  # a new store has work: a cluster that cannot take it is refused before it is created
+        _connect(address, workers * threads_per_worker, gpu)
+    lm = lm or load_model(model, dtype=dtype)
+    embedder = embedder_factory() if embedder_factory is not None else None
     # The driver fits (or, resuming, reads) the basis; actors read it back from the store.
     indexer = run_indexer(lm, config, embedder, input_path, store_path if exists else None)
     indexer.check_lengths(iter_passages(input_path))
