@@ -33,6 +33,18 @@ def test_budget_rate_is_not_rounded_up_past_an_exact_product():
     assert Budget(rate=0.55).split([101]) == [56]  # 55.55: still rounded up
 
 
+def test_target_tokens_is_a_total_even_below_one_token_per_passage(lm):
+    """Every passage got at least 1 token, so ``target_tokens=1`` over 6 passages kept 6 or more;
+    the shares add up to the total now, and a share of 0 returns empty text."""
+    assert Budget(target_tokens=1).split([10, 5, 3, 2, 1, 7]) == [1, 0, 0, 0, 0, 0]
+    assert Budget(target_tokens=4).split([10, 5, 3, 2, 1, 7]) == [2, 1, 0, 0, 0, 1]
+    texts = [f"Passage {i} tells of rivers, castles and comets over the years." for i in range(6)]
+    for total in (1, 3):
+        out = SelfInformationCompressor(lm, unit="token").compress(texts, target_tokens=total)
+        assert sum(r.kept_tokens for r in out) <= total
+        assert sum(r.text == "" for r in out) >= 6 - total
+
+
 @pytest.mark.parametrize(
     "kwargs, field",
     [
