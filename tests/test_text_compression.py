@@ -278,6 +278,36 @@ def test_extraction_keeps_the_sentence_about_the_question(lm, embedder):
         extractor.compress([TEXT], None, rate=0.5)
 
 
+class MarkedSentences:
+    """A stand-in embedder: sentences holding ``*`` are the question's (similarity 1), the rest 0."""
+
+    def embed(self, texts):
+        import numpy as np
+
+        return np.array([[1.0, 0.0]] + [[1.0, 0.0] if "*" in t else [0.0, 1.0] for t in texts[1:]])
+
+
+LONG = "Beta is a sentence of many words that never fits the budget."  # the unmarked: too long to keep
+LONG_CJK = "它以文化、艺术、体育和美食闻名于世界各地。"
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (f"墨尔本是首府*。{LONG_CJK}人口约五百万*。", "墨尔本是首府*。人口约五百万*。"),
+        (f"Alpha one*.\n\n{LONG} {LONG}\n\nDelta four*.", "Alpha one*.\n\nDelta four*."),
+        (f"Alpha one*. {LONG}\nGamma three*. {LONG}", "Alpha one*. Gamma three*."),
+        (f"Alpha one*. {LONG} Gamma three*.", "Alpha one*. Gamma three*."),  # English: one space, as before
+    ],
+)
+def test_extraction_joins_kept_sentences_with_the_inputs_own_separators(lm, text, expected):
+    """Kept sentences were joined with one space: CJK got a space its text has none of, and
+    paragraph breaks were lost. Each is followed by what followed it in the input."""
+    extractor = SentenceExtractor(lm.tokenizer, MarkedSentences())
+    (out,) = extractor.compress([text], "question", target_tokens=extractor.count_tokens(expected) + 2)
+    assert out.text == expected
+
+
 # -- the LlamaIndex wrapper ------------------------------------------------------------------------
 
 
