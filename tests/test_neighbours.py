@@ -164,3 +164,24 @@ def test_a_context_is_cut_to_the_models_positions_from_its_far_end(tiny_model_di
     budget = 400 - POSITION_HEADROOM
     assert seen and all(prefix + len(ctx) + n <= budget for prefix, n, ctx in seen)
     assert any(prefix + len(ctx) + n == budget for prefix, n, ctx in seen)  # a context was cut, not dropped
+
+
+def test_passages_given_fewer_neighbours_than_the_store_records_are_counted(tmp_path, tiny_model_dir, embedder):
+    """Neighbours are drawn from the run's own input: a passage appended alone to a store built
+    with N = 2 was encoded after none, silently, while the manifest says 2. The report counts
+    such passages (the CLI warns); an input of more than N passages gives every one its N."""
+    import json
+
+    from ragcompress.data import SAMPLE_PASSAGES
+
+    lines = SAMPLE_PASSAGES.read_text().splitlines()
+    first, more, one = tmp_path / "first.jsonl", tmp_path / "more.jsonl", tmp_path / "one.jsonl"
+    first.write_text("\n".join(lines[:3]) + "\n")
+    more.write_text("\n".join(lines[3:5]) + "\n")  # 2 passages: 1 other each
+    one.write_text(json.dumps({**json.loads(lines[5]), "id": "alone"}) + "\n")
+    store, model = tmp_path / "store", str(tiny_model_dir("qwen2"))
+    built = index(first, store, model=model, config=IndexConfig(context_neighbors=2), embedder=embedder)
+    assert (built.indexed, built.short_context) == (3, 0)
+    assert index(more, store, model=model, embedder=embedder).short_context == 2
+    report = index(one, store, model=model, embedder=embedder)
+    assert report.short_context == 1 and report.to_json()["short_context"] == 1

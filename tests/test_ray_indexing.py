@@ -242,6 +242,69 @@ def test_an_input_error_on_an_actor_is_the_one_line_error_of_one_process(cluster
     assert verify_store(tmp_path / "store").ok
 
 
+class BoomEmbedder(HashEmbedder):
+    """Raises an ordinary exception (not a library error) on a batch holding ``BOOM``."""
+
+    def embed(self, texts):
+        if any("BOOM" in t for t in texts):
+            raise RuntimeError("embedder exploded on BOOM")
+        return super().embed(texts)
+
+
+def test_a_python_error_on_an_actor_is_one_line_naming_the_batch_after_the_batches_before_it(
+    cluster, tmp_path, tiny_lm
+):
+    """An exception that is not a library error (an embedder's bug) surfaced as Ray's 2,000-char
+    traceback, and Ray Data aborted the run before the driver committed the batches before it.
+    The actor returns it as a library error naming the batch, raised in that batch's turn."""
+    from ragcompress.errors import RagCompressError
+    from ragcompress.store.files import unfinished_run
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    records = _texts(3 * BATCH)
+    records[2 * BATCH + 1]["text"] = "BOOM " + records[2 * BATCH + 1]["text"]
+    path = tmp_path / "boom.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    message = (
+        r"^batch 2 \(passages 'doc-008' to 'doc-011'\) failed on a Ray worker: RuntimeError: embedder exploded on BOOM$"
+    )
+    with pytest.raises(RagCompressError, match=message):
+        _ray_index(path, tmp_path / "store", tiny_lm, factory=BoomEmbedder)
+    report = verify_store(tmp_path / "store")
+    assert report.ok and report.passages == 2 * BATCH, report.problems  # the two batches before it
+    assert unfinished_run(tmp_path / "store")  # marked: a rerun resumes
+
+
+def test_ray_refuses_context_neighbors_before_ray_starts_or_the_model_loads(
+    tmp_path, tiny_lm, tiny_model_dir, monkeypatch
+):
+    """``--ray --context-neighbors`` (given, or an existing store's own setting) is refused
+    before Ray is joined or the model is loaded (it started a local cluster and loaded the model,
+    seconds to minutes, before the refusal)."""
+    from ragcompress.indexing import ray_runner
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("Ray joined or model loaded before --context-neighbors was refused")
+
+    neighbours = replace(CONFIG, context_neighbors=2)
+    store = tmp_path / "store"
+    index(_write(tmp_path / "few.jsonl", _texts(3)), store, lm=tiny_lm, embedder=HashEmbedder(), config=neighbours)
+    monkeypatch.setattr(ray_runner, "_connect", must_not_run)
+    monkeypatch.setattr(ray_runner, "load_model", must_not_run)
+    model = str(tiny_model_dir("llama"))
+    corpus = _write(tmp_path / "more.jsonl", _texts(6))
+    with pytest.raises(InputError, match="--context-neighbors: not supported by --ray"):
+        index_on_ray(corpus, tmp_path / "new", model=model, config=neighbours)  # a new store
+    with pytest.raises(InputError, match="--context-neighbors: not supported by --ray"):
+        index_on_ray(corpus, store, model=model)  # the existing store's setting
+    assert not (tmp_path / "new").exists()
+
+
+def _write(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
 def test_adaptor_low_rank_and_relative_paths_on_ray_have_the_single_process_bytes(
     cluster, tmp_path, tiny_lm, corpus, monkeypatch
 ):
@@ -356,3 +419,49 @@ def test_killed_driver_resumes(cluster, tmp_path, tiny_lm, tiny_model_dir, corpu
     assert (report.indexed, report.skipped) == (N_PASSAGES - 2 * BATCH, 2 * BATCH)
     _clean(store)
     assert store_digest(store) == reference
+
+
+class DieEmbedder(HashEmbedder):
+    """Ends its actor's process (``os._exit``, as the OOM killer or a segfault does) on every batch
+    holding ``DIE``, up to ``cap`` deaths counted in ``marker`` (so that, were the retries
+    unbounded, the test would end, failing, instead of hanging)."""
+
+    def __init__(self, marker: str, cap: int) -> None:
+        super().__init__()
+        self.marker, self.cap = marker, cap
+
+    def embed(self, texts):
+        if any("DIE" in t for t in texts):
+            with open(self.marker, "a+") as deaths:
+                deaths.seek(0)
+                if len(deaths.read()) < self.cap:
+                    deaths.write("x")
+                    deaths.close()
+                    os._exit(1)
+        return super().embed(texts)
+
+
+@pytest.mark.slow
+def test_a_batch_that_kills_its_worker_every_time_ends_the_run_naming_it(cluster, tmp_path, tiny_lm):
+    """A batch whose actor process dies on every try (out of memory, a segfault) was retried
+    forever (Ray Data's ``max_task_retries=-1``): the driver never returned nor named it. It is
+    tried ``1 + BATCH_RETRIES`` times, then the run stops with one error naming the batch and its
+    first and last passage ids; the store keeps what was committed and stays resumable."""
+    from ragcompress.errors import StoreError
+    from ragcompress.store.files import unfinished_run
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    records = _texts(2 * BATCH)
+    records[BATCH + 1]["text"] += " DIE"
+    path = _write(tmp_path / "die.jsonl", records)
+    marker = tmp_path / "deaths"
+    tries = 4  # 1 + ray_runner.BATCH_RETRIES
+    cap = 2 * tries  # unbounded retries would go on past it and then succeed
+    store = tmp_path / "store"
+    with pytest.raises(
+        StoreError,
+        match=rf"^batch 1 \(passages 'doc-004' to 'doc-007'\) killed its Ray worker on each of its {tries} tries",
+    ):
+        _ray_index(path, store, tiny_lm, factory=lambda: DieEmbedder(str(marker), cap))
+    assert len(marker.read_text()) == tries
+    assert unfinished_run(store) and verify_store(store).ok

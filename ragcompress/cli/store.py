@@ -215,6 +215,13 @@ def index(
     )
     if report.stale:
         typer.echo(_stale_warning(report.stale, store), err=True)
+    if report.short_context:
+        typer.echo(
+            f"warning: {report.short_context} passages were encoded after fewer than the store's context neighbours: "
+            "neighbours are drawn from this run's input only, which held too few others; index passages together "
+            "with those they should be encoded after (docs/recompute.md)",
+            err=True,
+        )
 
 
 def _stale_warning(stale: tuple[str, ...], store: Path) -> str:

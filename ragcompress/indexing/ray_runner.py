@@ -17,9 +17,16 @@ only on its batch (not on the thread count, measured), and rows are committed in
 so catalogue rows (row numbers included) and segment bytes are the same; only the shard file
 and offset of a blob differ (compare with :func:`store_digest`).
 
-Failure handling is Ray's and the store's: Ray Data restarts a killed actor and retries its
-batch (``max_restarts=-1``, ``max_task_retries=-1``, Ray Data's defaults for actor pools); the
-restarted actor claims a new shard, so a half-written blob is never appended to. A killed
+Failure handling is Ray's and the store's: Ray Data restarts a killed actor (``max_restarts=-1``:
+any number of times over a run) and retries its batch up to :data:`BATCH_RETRIES` times
+(``max_task_retries``; Ray Data's default, -1, retried a batch that kills its worker every time,
+an out-of-memory passage or a crash, forever, and the driver never returned). The restarted
+actor claims a new shard, so a half-written blob is never appended to. A batch that killed its
+worker on every try stops the run with one error naming the batch and its first and last
+passage ids (:class:`BatchStarts` counts the tries; Ray's own error names only the dead actor);
+the batches committed before it stay, the run stays marked unfinished, and a rerun resumes. Any
+other exception on an actor is returned as data like a library error (:meth:`EncodeActor.__call__`),
+raised in its batch's turn after the batches before it are committed. A killed
 driver releases the lock (``flock``) and its job's actors die with it; the next run repairs
 the shards (:class:`~ragcompress.store.shards.ShardWriter`) and skips committed passages, like
 a resumed single-process run. An actor writes batches into a shard in increasing number (Ray
@@ -70,6 +77,9 @@ from ragcompress.store.writer import catalogue_row
 # Ray Data blocks: one per batch up to this many (finest retry and balance), then batches share
 # blocks. A block is what a killed actor's retry re-runs.
 MAX_BLOCKS = 4096
+# Tries of a batch after the first when its actor dies (module doc): bounded, so a batch that kills
+# its worker every time ends the run with its name instead of being retried forever.
+BATCH_RETRIES = 3
 
 
 def _passage_json(passage: PassageInput) -> dict[str, Any]:
@@ -79,6 +89,35 @@ def _passage_json(passage: PassageInput) -> dict[str, Any]:
 def _error_json(exc: RagCompressError) -> str:
     """A library error as data: Ray Data hands the driver a traceback without the error itself."""
     return json.dumps([type(exc).__name__, str(exc)])
+
+
+def _batch_label(number: int, payload: str) -> str:
+    """``batch N (passages 'first' to 'last')``: how an error names a batch of the input."""
+    ids = [p["id"] for p in json.loads(payload)]
+    return f"batch {number} (passages {ids[0]!r} to {ids[-1]!r})" if ids else f"batch {number}"
+
+
+def _unexpected_json(exc: Exception, where: str) -> str:
+    """An exception that is not a library error (an embedder's bug, a torch error), as one line
+    naming ``where`` it happened, returned like a library error instead of Ray's traceback."""
+    reason = str(exc).splitlines()[0] if str(exc) else ""
+    return _error_json(RagCompressError(f"{where} failed on a Ray worker: {type(exc).__name__}: {reason}".rstrip(": ")))
+
+
+class BatchStarts:
+    """How many times each batch was started on an actor (a Ray actor the driver owns, which an
+    :class:`EncodeActor` tells before each batch). When a batch kills its worker on every try,
+    Ray's error names only the dead actor; the batch started most often among those not
+    committed is the one that did."""
+
+    def __init__(self) -> None:
+        self.starts: dict[int, int] = {}
+
+    def start(self, number: int) -> None:
+        self.starts[number] = self.starts.get(number, 0) + 1
+
+    def counts(self) -> dict[int, int]:
+        return self.starts
 
 
 def _raise_error(payload: str) -> None:
@@ -96,6 +135,11 @@ class EncodeActor:
     "vectors", "error"}``: the catalogue rows without embeddings (JSON), the embeddings (float32
     bytes) and ``""``, or no rows and the library error that refused the batch or the actor's
     start (:func:`_error_json`, e.g. a passage too long for the model), raised by the driver.
+    Any other exception is returned the same way, as a
+    :class:`~ragcompress.errors.RagCompressError` naming the batch (:func:`_unexpected_json`), so
+    the driver commits the batches before it first (Ray Data would abort the run). ``starts``
+    (:class:`BatchStarts`, None in process) is told of each batch before it is encoded, so that a
+    batch that kills the process can be named.
     """
 
     def __init__(
@@ -107,12 +151,14 @@ class EncodeActor:
         max_shard_bytes: int | None = None,
         adaptor: str | None = None,
         device: str | None = None,
+        starts: Any = None,
     ) -> None:
         import torch
 
         torch.set_num_threads(threads)
         root = Path(store)
         self.error = ""
+        self.starts = starts
         try:
             with KVStore.open(root) as opened:  # the driver created it: settings, dtype, adaptor hash, basis
                 lm = load_model(model_ref, dtype=opened.manifest.dtype, device=device)
@@ -124,6 +170,8 @@ class EncodeActor:
             self.shards = ClaimedShards(root, max_shard_bytes)
         except RagCompressError as exc:  # returned with the first batch, raised by the driver
             self.error = _error_json(exc)
+        except Exception as exc:  # an embedder factory's or a library's bug: the same, as one line
+            self.error = _unexpected_json(exc, "starting a worker (model, embedder, store)")
 
     def _encode(self, number: int, payload: str, skip: str) -> tuple[str, bytes]:
         """The catalogue rows (JSON, embeddings left out) and the embeddings of batch ``number``."""
@@ -140,10 +188,16 @@ class EncodeActor:
         for number, payload, skip in zip(batch["batch"], batch["passages"], batch["skip"], strict=True):
             rows, vectors, error = "[]", b"", self.error
             if not error:
+                if self.starts is not None:
+                    import ray
+
+                    ray.get(self.starts.start.remote(int(number)))  # recorded before a crash can lose it
                 try:
                     rows, vectors = self._encode(int(number), payload, skip)
                 except RagCompressError as exc:
                     error = _error_json(exc)
+                except Exception as exc:
+                    error = _unexpected_json(exc, _batch_label(int(number), payload))
             out_batch.append(int(number))
             out_rows.append(rows)
             out_vectors.append(vectors)
@@ -257,7 +311,9 @@ def _results(
     gpu: bool = False,
 ) -> Iterator[tuple[int, list[dict[str, Any]]]]:
     """``(batch number, catalogue rows)`` in input order, as the actor pool finishes them; the
-    library error an actor met is raised here, when its batch's turn comes."""
+    library error an actor met is raised here, when its batch's turn comes. A batch that killed
+    its actor on all its ``1 + BATCH_RETRIES`` tries is raised as a :class:`StoreError` naming it."""
+    import ray
     import ray.data
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -265,6 +321,7 @@ def _results(
 
     DataContext.get_current().execution_options.preserve_order = True
     DataContext.get_current().enable_progress_bars = False
+    starts: Any = ray.remote(num_cpus=0)(BatchStarts).remote()  # ends with its last handle (the dataset's)
     dataset = ray.data.from_items(items, override_num_blocks=min(len(items), MAX_BLOCKS))
     encoded = dataset.map_batches(
         EncodeActor,
@@ -276,17 +333,45 @@ def _results(
             "max_shard_bytes": shards.MAX_SHARD_BYTES,
             "adaptor": _actor_adaptor(config.adaptor),
             "device": "cuda" if gpu else None,  # Ray shows each actor its own GPU as cuda:0
+            "starts": starts,
         },
         batch_size=1,
         batch_format="numpy",
         compute=ActorPoolStrategy(size=workers),
         num_cpus=threads,
         num_gpus=1 if gpu else None,
+        max_restarts=-1,  # a killed actor is restarted, however often that happens over a run
+        max_task_retries=BATCH_RETRIES,  # but a batch is tried a bounded number of times
     )
-    for row in encoded.iter_rows():
-        if row["error"]:
-            _raise_error(row["error"])
-        yield int(row["batch"]), catalogue_rows(row["rows"], bytes(row["vectors"]))
+    done: set[int] = set()
+    try:
+        for row in encoded.iter_rows():
+            if row["error"]:
+                _raise_error(row["error"])
+            done.add(int(row["batch"]))
+            yield int(row["batch"]), catalogue_rows(row["rows"], bytes(row["vectors"]))
+    except ray.exceptions.RayActorError:
+        counts: dict[int, int] = ray.get(starts.counts.remote())
+        raise _worker_died(items, done, counts) from None
+
+
+def _worker_died(items: list[dict[str, Any]], done: set[int], starts: dict[int, int]) -> StoreError:
+    """The error for a run Ray stopped because an actor died once more than it may: the
+    uncommitted batch started most often (the earliest of equals), or, where none started, the
+    actors' start (loading the model, the embedder) named instead."""
+    payloads = {item["batch"]: item["passages"] for item in items}
+    tried = {number: count for number, count in starts.items() if number not in done and number in payloads}
+    if not tried:
+        return StoreError(
+            "a Ray worker died while starting (loading the model or the embedder; out of memory?); "
+            "the store keeps the batches committed so far; rerun to resume"
+        )
+    number = min(tried, key=lambda n: (-tried[n], n))
+    return StoreError(
+        f"{_batch_label(number, payloads[number])} killed its Ray worker on each of its {tried[number]} tries "
+        "(out of memory, a crash); give the workers more memory or leave those passages out; the store keeps "
+        "the batches committed before it; rerun to resume"
+    )
 
 
 def catalogue_rows(rows_json: str, vectors: bytes) -> list[dict[str, Any]]:
@@ -342,15 +427,15 @@ def index_on_ray(
     total = count_input(input_path, store_path if exists else None, replace)
     if not exists:
         refuse_existing(store_path)
-    if gpu or not exists:  # a new store has work: a cluster that cannot take it is refused before it is created
-        _connect(address, workers * threads_per_worker, gpu)
     config, model, dtype = settings_for(store_path if exists else None, config, model, dtype, adaptor)
-    lm = lm or load_model(model, dtype=dtype)
-    embedder = embedder_factory() if embedder_factory is not None else None
-    if config.context_neighbors:
+    if config.context_neighbors:  # before Ray starts or the model loads (the store's own setting included)
         raise InputError(
             "--context-neighbors: not supported by --ray yet (it needs the whole input's neighbours); index in one process"
         )
+    if gpu or not exists:  # a new store has work: a cluster that cannot take it is refused before it is created
+        _connect(address, workers * threads_per_worker, gpu)
+    lm = lm or load_model(model, dtype=dtype)
+    embedder = embedder_factory() if embedder_factory is not None else None
     # The driver fits (or, resuming, reads) the basis; actors read it back from the store.
     indexer = run_indexer(lm, config, embedder, input_path, store_path if exists else None)
     indexer.check_lengths(iter_passages(input_path))

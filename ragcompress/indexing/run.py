@@ -49,7 +49,10 @@ class IndexReport:
     """What a run did: passages in the input, how many it encoded (of which ``replaced`` took the
     place of a stored passage with another text), how many were stored already (of which
     ``updated`` took the input's other title or metadata). ``stale``: stored chunks of the
-    input's documents beyond the chunks they have now (:func:`stale_chunks`), left in place."""
+    input's documents beyond the chunks they have now (:func:`stale_chunks`), left in place.
+    ``short_context``: passages of a neighbour-conditioned store encoded after fewer than its
+    ``context_neighbors`` passages, because this run's input (where neighbours are drawn from,
+    not the store) held fewer others (:func:`short_context`); the CLI warns about them."""
 
     passages: int
     indexed: int
@@ -59,6 +62,7 @@ class IndexReport:
     replaced: int = 0
     updated: int = 0
     stale: tuple[str, ...] = ()
+    short_context: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -68,6 +72,7 @@ class IndexReport:
             "skipped": self.skipped,
             "updated": self.updated,
             "stale": list(self.stale),
+            "short_context": self.short_context,
             "seconds": self.seconds,
             "store": self.store,
         }
@@ -341,7 +346,7 @@ def index(
     elif overwrite and real.exists():
         real.rmdir()  # an empty directory (checked above)
     try:
-        indexed, skipped, replaced, updated, stale = _write(
+        indexed, skipped, replaced, updated, stale, short = _write(
             indexer, input_path, target, total, replace, batch_size, progress
         )
         if target != real:
@@ -353,7 +358,15 @@ def index(
     finally:
         if old_lock is not None:  # released even when the caller keeps the exception (a notebook)
             old_lock.release()
-    return IndexReport(total, indexed, skipped, time.perf_counter() - start, str(store_path), replaced, updated, stale)
+    seconds = time.perf_counter() - start
+    return IndexReport(total, indexed, skipped, seconds, str(store_path), replaced, updated, stale, short)
+
+
+def short_context(passages: int, pool: int, neighbours: int) -> int:
+    """How many of ``passages`` encoded passages got fewer than ``neighbours`` encoding neighbours
+    from a pool (the run's whole input, each passage among them) of ``pool`` passages: all of them
+    when the input holds ``neighbours`` passages or fewer (a single appended passage gets none)."""
+    return passages if neighbours and pool - 1 < neighbours else 0
 
 
 def remove(store_path: str | Path, ids: list[str], *, missing_ok: bool = False) -> int:
@@ -390,9 +403,9 @@ def remove(store_path: str | Path, ids: list[str], *, missing_ok: bool = False) 
 
 def _write(
     indexer: Indexer, input_path: Path, target: Path, total: int, replace: bool, batch_size: int, progress: bool
-) -> tuple[int, int, int, int, tuple[str, ...]]:
+) -> tuple[int, int, int, int, tuple[str, ...], int]:
     """Encode and commit ``input_path``'s passages into the store at ``target`` (created if
-    absent); returns ``(indexed, skipped, replaced, updated, stale)``."""
+    absent); returns ``(indexed, skipped, replaced, updated, stale, short_context)``."""
     if not (target / MANIFEST).is_file():
         create_store_for(target, indexer)
 
@@ -402,7 +415,8 @@ def _write(
         from tqdm import tqdm
 
         bar = tqdm(total=total, unit="passage", desc="indexing")
-    # Neighbour-conditioned encoding draws every passage's neighbours from the whole input.
+    # Neighbour-conditioned encoding draws every passage's neighbours from the whole input (of this
+    # run: passages added to a store later draw from their own input only; short_context counts those short of N)
     pool = indexer.neighbour_pool(list(iter_passages(input_path))) if indexer.context_neighbors else None
     try:
         with StoreWriter(target) as writer, indexing_run(target, total) as finished:
@@ -425,4 +439,5 @@ def _write(
     finally:
         if bar is not None:
             bar.close()
-    return indexed, skipped, replaced, updated, stale
+    short = short_context(indexed, len(pool.ids), indexer.context_neighbors) if pool is not None else 0
+    return indexed, skipped, replaced, updated, stale, short

@@ -30,7 +30,8 @@ class CompressedText:
 
 @dataclass(frozen=True)
 class Budget:
-    """How much to keep: a fraction ``rate`` of every passage, or ``target_tokens`` in total."""
+    """How much to keep: a fraction ``rate`` of every passage, or ``target_tokens`` in total
+    (shares of 0 tokens included: a total smaller than the number of passages leaves some empty)."""
 
     rate: float | None = None
     target_tokens: int | None = None
@@ -46,7 +47,10 @@ class Budget:
     def split(self, lengths: list[int]) -> list[int]:
         """Per-passage token budgets: ``ceil(rate * n)``, or ``target_tokens`` shared in
         proportion to passage length (largest remainders get the leftover tokens). ``rate * n`` is
-        rounded before the ceiling: in floating point 0.55 * 100 is 55.00000000000001, not 55."""
+        rounded before the ceiling: in floating point 0.55 * 100 is 55.00000000000001, not 55.
+        The shares of ``target_tokens`` add up to it: a passage whose share rounds down to 0 gets
+        0 (its text is dropped), where a floor of 1 token each made a total of 1 over 6 passages
+        keep 6 or more."""
         if self.rate is not None:
             return [min(n, max(1, math.ceil(round(self.rate * n, 9)))) if n else 0 for n in lengths]
         assert self.target_tokens is not None  # __post_init__: exactly one of rate, target_tokens
@@ -58,7 +62,7 @@ class Budget:
         leftover = self.target_tokens - sum(budgets)
         for i in sorted(range(len(lengths)), key=lambda i: budgets[i] - shares[i])[:leftover]:
             budgets[i] += 1
-        return [min(n, max(1, b)) if n else 0 for n, b in zip(lengths, budgets, strict=True)]
+        return [min(n, b) for n, b in zip(lengths, budgets, strict=True)]
 
 
 class TextCompressor(ABC):
@@ -74,17 +78,18 @@ class TextCompressor(ABC):
 
     @abstractmethod
     def _compress_one(self, text: str, query: str | None, budget: int) -> str:
-        """Return ``text`` shortened to at most about ``budget`` tokens."""
+        """Return ``text`` shortened to at most about ``budget`` tokens (``budget`` >= 1)."""
 
     def compress(
         self, texts: list[str], query: str | None = None, *, rate: float | None = None, target_tokens: int | None = None
     ) -> list[CompressedText]:
-        """Compress each text to its share of the budget; one :class:`CompressedText` per input."""
+        """Compress each text to its share of the budget; one :class:`CompressedText` per input
+        (empty text for a share of 0 tokens: :meth:`Budget.split`)."""
         budget = Budget(rate, target_tokens)
         lengths = [self.count_tokens(t) for t in texts]
         out = []
         for text, n, keep in zip(texts, lengths, budget.split(lengths), strict=True):
-            short = text if keep >= n else self._compress_one(text, query, keep)
+            short = text if keep >= n else "" if keep == 0 else self._compress_one(text, query, keep)
             out.append(CompressedText(short, n, self.count_tokens(short)))
         return out
 

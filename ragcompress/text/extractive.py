@@ -4,7 +4,10 @@ RECOMP (Xu, Shi and Choi, ICLR 2024) compresses retrieved documents by keeping t
 dual encoder scores as most useful for the question. This is that scheme with the store's
 sentence embedder (all-MiniLM-L6-v2) used as is, without RECOMP's task-specific fine-tuning:
 sentences are ranked by cosine similarity to the question and kept, in their original order,
-while they fit the passage's token budget (the best sentence is always kept).
+while they fit the passage's token budget (the best sentence is always kept). Each kept sentence
+is followed by the whitespace that followed it in the input (a space, a paragraph break, nothing
+after a CJK full stop), not by one space: that put a space into CJK text that has none and
+joined paragraphs into one.
 """
 
 from __future__ import annotations
@@ -31,6 +34,12 @@ def split_sentences(text: str) -> list[str]:
     full stop ends a sentence only before a letter that is not lower-case (``e.g. six`` is one sentence):
     Cyrillic, Greek and accented capitals count (``Über``, ``Это``), which an ASCII class missed,
     leaving such a text one sentence that extraction could not shorten."""
+    return [text[start:end] for start, end in sentence_spans(text)]
+
+
+def sentence_spans(text: str) -> list[tuple[int, int]]:
+    """The character spans of :func:`split_sentences`' sentences in ``text`` (whitespace
+    stripped): what lies between two of them is the input's own separator."""
     pieces, start = [], 0
     for match in _BOUNDARY.finditer(text):
         if match.group(1):
@@ -40,10 +49,15 @@ def split_sentences(text: str) -> list[str]:
             end = match.end(1)
         else:
             end = match.end(3) if match.group(3) else match.start()
-        pieces.append(text[start:end])
+        pieces.append((start, end))
         start = match.end()
-    pieces.append(text[start:])
-    return [p.strip() for p in pieces if p.strip()]
+    pieces.append((start, len(text)))
+    spans = []
+    for begin, end in pieces:
+        piece = text[begin:end]
+        if piece.strip():
+            spans.append((begin + len(piece) - len(piece.lstrip()), end - len(piece) + len(piece.rstrip())))
+    return spans
 
 
 class SentenceExtractor(TextCompressor):
@@ -58,16 +72,20 @@ class SentenceExtractor(TextCompressor):
     def _compress_one(self, text: str, query: str | None, budget: int) -> str:
         if not query or not query.strip():
             raise ValueError("sentence extraction ranks sentences by the question; give a non-empty query")
-        sentences = split_sentences(text)
-        if len(sentences) <= 1:
+        spans = sentence_spans(text)
+        if len(spans) <= 1:
             return text
+        sentences = [text[start:end] for start, end in spans]
         vectors = self.embedder.embed([query, *sentences])  # [1 + s, dim], unit norm
         similarity = vectors[1:] @ vectors[0]  # [s]
-        costs = [self.count_tokens(s) for s in sentences]
+        after = [text[end:start] for (_, end), (start, _) in zip(spans, spans[1:], strict=False)] + [""]
+        # a line break costs its own token; a space joins the next word's, so English costs are the sentences'
+        costs = [self.count_tokens(s) + self.count_tokens(a.strip(" ")) for s, a in zip(sentences, after, strict=True)]
         kept: list[int] = []
         used = 0
         for i in np.argsort(-similarity, kind="stable").tolist():
             if not kept or used + costs[i] <= budget:
                 kept.append(i)
                 used += costs[i]
-        return " ".join(sentences[i] for i in sorted(kept))
+        kept.sort()
+        return "".join(sentences[i] + after[i] for i in kept[:-1]) + sentences[kept[-1]]

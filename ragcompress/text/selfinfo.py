@@ -5,19 +5,32 @@ tokens the model predicts easily carry little information and can be dropped wit
 for a larger reader model (Selective Context, Li et al., EMNLP 2023; LLMLingua, Jiang et al.,
 EMNLP 2023). This is the question-agnostic, single-pass variant: every token is scored once in
 windows of ``window`` tokens, then the highest-scoring units are kept, in their original order,
-until the budget is filled.
+while they fit the budget.
 
 ``unit="token"`` keeps individual tokens (LLMLingua's granularity; the output may split words,
-never characters: it is the kept tokens' text cut from the input);
+never characters: it is the kept tokens' text cut from the input). Tokens that share a character
+(byte-level BPE splits a CJK character or an emoji over several) are one unit costing all of
+them, ranked by their mean surprisal: keeping one of them puts the whole character back, so
+counting it as one token overshot the budget by 40-90 % on CJK text.
 ``unit="word"`` keeps whole whitespace-delimited words ranked by their mean token surprisal
-(Selective Context's lexical units), which keeps names and numbers intact. A script written
-without spaces (Chinese, Japanese, Thai) is one "word" per run of text, which word pruning keeps
-or drops whole: compress such text with ``unit="token"``.
+(Selective Context's lexical units), which keeps names and numbers intact. A word costs the
+tokens of ``" " + word``, as it stands in the output: the space the tokenizer splits off before
+digits (``"Ġ"``, ``"1"``, ``"9"``...) belongs to no word of the input, and counting without it
+kept every word of a text full of numbers. A script written without spaces (Chinese, Japanese,
+Thai) is one "word" per run of text, which word pruning keeps or drops whole: compress such
+text with ``unit="token"``.
+
+The budget is a cap on the output as the tokenizer counts it: the joined text is re-counted and
+the lowest-scoring kept units are dropped until it fits (joining can merge or split tokens at
+the seams). The one exception: a budget smaller than every unit keeps the most informative unit
+anyway (a passage never vanishes for a positive budget), as extraction keeps its best sentence;
+a text of one unit (a script without spaces under ``unit="word"``) then comes back whole.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -67,21 +80,39 @@ class SelfInformationCompressor(TextCompressor):
         ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
         scores = self.surprisal(ids)
         if self.unit == "token":
-            keep = sorted(torch.sort(scores, descending=True, stable=True).indices[:budget].tolist())  # ties: earlier
-            return kept_text(text, [offsets[i] for i in keep])
-        words = [(m.start(), m.end()) for m in _WORD.finditer(text)]
-        members = word_tokens(text, offsets, words)
-        units = [(float(scores[m].mean()), i, len(m)) for i, m in enumerate(members) if m]
-        if not units:  # whitespace only: no word to keep
+            groups = character_groups(offsets)
+            spans = [(offsets[g[0]][0], max(offsets[t][1] for t in g)) for g in groups]
+            units = [(float(scores[g].mean()), i, len(g)) for i, g in enumerate(groups)]
+            return self._within(budget, units, lambda kept: kept_text(text, [spans[i] for i in kept]))
+        spans = [(m.start(), m.end()) for m in _WORD.finditer(text)]
+        if not spans:  # whitespace only: no word to keep
+            return ""
+        words = [text[start:end] for start, end in spans]
+        members = word_tokens(text, offsets, spans)
+        costs = [len(t) for t in self.tokenizer([" " + w for w in words], add_special_tokens=False)["input_ids"]]
+        units = [(float(scores[m].mean()), i, costs[i]) for i, m in enumerate(members) if m]
+        return self._within(budget, units, lambda kept: " ".join(words[i] for i in kept))
+
+    def _within(self, budget: int, units: list[tuple[float, int, int]], join: Callable[[list[int]], str]) -> str:
+        """``join`` of the units (``(score, index, cost)``) kept under ``budget``: the highest
+        scores first (the earlier of equals), each that still fits, then, while the joined text
+        counts more than ``budget`` tokens, the lowest-scoring kept units dropped (the later of
+        equals) until what was dropped costs the excess; the kept indices reach ``join`` in order.
+        Where no unit fits, the highest-scoring one is kept alone (module doc)."""
+        if not units:
             return ""
         kept, used = [], 0
-        for _, i, cost in sorted(units, key=lambda u: (-u[0], u[1])):
+        for score, i, cost in sorted(units, key=lambda u: (-u[0], u[1])):
             if used + cost <= budget:
-                kept.append(i)
+                kept.append((score, i, cost))
                 used += cost
-        if not kept:  # budget smaller than the most informative word: keep that word anyway
-            kept = [max(units, key=lambda u: u[0])[1]]
-        return " ".join(text[words[i][0] : words[i][1]] for i in sorted(kept))
+        kept.sort(key=lambda u: (u[0], -u[1]))  # the first to drop first
+        out = join(sorted(i for _, i, _ in kept))
+        while kept and (excess := self.count_tokens(out) - budget) > 0:
+            while kept and excess > 0:
+                excess -= kept.pop(0)[2]
+            out = join(sorted(i for _, i, _ in kept))
+        return out if kept else join([min(units, key=lambda u: (-u[0], u[1]))[1]])
 
     def config(self) -> dict[str, Any]:
         return {"method": self.name, "unit": self.unit, "window": self.window}
@@ -99,6 +130,22 @@ def kept_text(text: str, spans: list[tuple[int, int]]) -> str:
         else:
             merged.append([start, end])
     return "".join(text[start:end] for start, end in merged).strip()
+
+
+def character_groups(offsets: list[tuple[int, int]]) -> list[list[int]]:
+    """The tokens in order, grouped where their character spans overlap: byte-level BPE gives
+    every token holding bytes of one character (a CJK character, an emoji) that character's span,
+    so keeping any of them keeps the whole character (:func:`kept_text`); a group is the tokens
+    that come back together. A token of ASCII text is a group of its own."""
+    groups: list[list[int]] = []
+    reach = -1
+    for t, (start, end) in enumerate(offsets):
+        if groups and start < reach:
+            groups[-1].append(t)
+        else:
+            groups.append([t])
+        reach = max(reach, end) if groups[-1][0] != t else end
+    return groups
 
 
 def word_tokens(text: str, offsets: list[tuple[int, int]], words: list[tuple[int, int]]) -> list[list[int]]:
