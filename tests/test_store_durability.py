@@ -289,3 +289,24 @@ def test_a_catalogue_that_silently_lost_rows_stops_the_writer_cutting_their_blob
         StoreWriter(store)
     assert "\n" not in str(refused.value)
     assert {p.name: p.read_bytes() for p in (store / "shards").iterdir()} == shards
+
+
+def test_a_store_path_that_cannot_be_created_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    """``index --store FILE/sub`` loaded the model (about 20 s) and then failed with a
+    FileExistsError traceback; a read-only parent the same with PermissionError."""
+    import os
+
+    import ragcompress.indexing.run as run
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the store path was checked")
+
+    monkeypatch.setattr(run, "run_indexer", no_model)
+    corpus = _write(tmp_path / "passages.jsonl", _texts(2))
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(StoreError, match=r"cannot create store .*afile/sub/store: .*afile is a file"):
+        index(corpus, tmp_path / "afile" / "sub" / "store", config=CONFIG)
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path / "locked")
+    (tmp_path / "locked").mkdir()
+    with pytest.raises(StoreError, match=r"locked is not writable by this user"):
+        index(corpus, tmp_path / "locked" / "store", config=CONFIG)

@@ -69,7 +69,7 @@ from ragcompress.indexing.run import (
 )
 from ragcompress.models import LoadedModel, load_model
 from ragcompress.store import KVStore, Manifest, StoreWriter
-from ragcompress.store.files import indexing_run, refuse_existing
+from ragcompress.store.files import check_creatable, indexing_run, refuse_existing
 from ragcompress.store.manifest import MANIFEST
 from ragcompress.store.shards import ClaimedShards
 from ragcompress.store.writer import catalogue_row
@@ -427,6 +427,7 @@ def index_on_ray(
     total = count_input(input_path, store_path if exists else None, replace)
     if not exists:
         refuse_existing(store_path)
+        check_creatable(store_path)
     config, model, dtype = settings_for(store_path if exists else None, config, model, dtype, adaptor)
     if config.context_neighbors:  # before Ray starts or the model loads (the store's own setting included)
         raise InputError(

@@ -33,6 +33,7 @@ from ragcompress.store import KVStore, Manifest, StoreWriter, create_store
 from ragcompress.store.basis import basis_to_bytes
 from ragcompress.store.catalogue import CATALOGUE
 from ragcompress.store.files import (
+    check_creatable,
     indexing_run,
     overwrite_refusal,
     refuse_existing,
@@ -311,6 +312,8 @@ def index(
     input_path, store_path = Path(input_path), Path(store_path)
     remove_litter(store_path)
     exists = (store_path / MANIFEST).is_file()
+    if not exists:
+        check_creatable(store_path)
     total = count_input(input_path, store_path if exists and not overwrite else None, replace)
     # --overwrite replaces what is at the path: only ever a store (even one whose manifest is lost)
     rebuild = overwrite and store_path.exists() and (not store_path.is_dir() or any(store_path.iterdir()))

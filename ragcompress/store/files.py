@@ -239,6 +239,18 @@ def _first_few(names: list[str]) -> str:
     return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
+def check_creatable(path: Path) -> None:
+    """Raise unless a store can be created at ``path``: its nearest existing ancestor is a folder
+    this process may write in. Checked before a model loads, so a mistyped ``--store`` under a
+    file or in a read-only place is one error at once, not after the load (the creation's own
+    ``OSError`` remains the last word: a filesystem may refuse what the permission bits allow)."""
+    ancestor = next(folder for folder in (path, *path.parents) if folder.exists())
+    if ancestor != path and not ancestor.is_dir():
+        raise StoreError(f"cannot create store {path}: {ancestor} is a file; choose a --store path under a folder")
+    if not os.access(ancestor if ancestor.is_dir() else ancestor.parent, os.W_OK | os.X_OK):
+        raise StoreError(f"cannot create store {path}: {ancestor} is not writable by this user; choose a writable --store")
+
+
 def refuse_existing(path: Path) -> None:
     """Raise unless ``path`` is absent or an empty directory. A store is created by one rename, so
     a manifest at ``path`` means another process created a complete store there since the caller
