@@ -178,6 +178,7 @@ def test_eval_json_shape(cli_store, monkeypatch, capfd):
         "compression",
         "top_k",
         "preset",
+        "preset_matches_store",
         "options",
         "dtype",
     }
@@ -205,6 +206,9 @@ def test_eval_and_bench_json_record_the_top_k_preset_and_answer_options_they_mea
     assert code == 0, err
     data = json.loads(out)
     assert (data["top_k"], data["preset"], data["dtype"]) == (2, "faithful", "float32")
+    # an int8 store without an adaptor is not faithful's: the JSON says so, and the note which settings differ
+    assert data["preset_matches_store"] is False
+    assert "not built with --preset faithful (adaptor False (preset: True), base_copy False (preset: True))" in err
     options = data["options"]
     assert options["max_new_tokens"] == 2 and options["backend"] == "auto"
     recompute = options["recompute"]
@@ -218,7 +222,7 @@ def test_eval_and_bench_json_record_the_top_k_preset_and_answer_options_they_mea
     )
     assert code == 0, err
     data = json.loads(out)
-    assert (data["top_k"], data["preset"]) == (3, None)
+    assert (data["top_k"], data["preset"], data["preset_matches_store"]) == (3, None, None)
     assert data["options"]["fallback_margin"] == 0.2 and data["options"]["backend"] == "dense"
     assert data["options"]["recompute"]["selection"] == "question"
 
@@ -230,6 +234,10 @@ def test_eval_and_bench_json_record_the_top_k_preset_and_answer_options_they_mea
     assert [row["top_k"] for row in data["rows"]] == [2, 1]
     assert data["options"]["max_new_tokens"] == 1  # bench times the first token
     assert data["options"]["recompute"]["ratio_by_passages"] == [[3, 0.05], [5, 0.1]]  # faithful's schedule
+    assert data["preset_matches_store"] is False and "not built with --preset faithful" in err
+    code, out, err = run_cli([*evaluate, "--preset", "fast"], monkeypatch, capfd)  # fast: int8, as the store is
+    assert code == 0, err
+    assert json.loads(out)["preset_matches_store"] is True and "not built with" not in err
     assert {"model", "store", "device", "rows", "meta"} <= set(data)  # the keys report.py reads are kept
 
 
@@ -435,6 +443,10 @@ def test_serve_takes_the_answering_defaults_ask_takes(cli_store, monkeypatch, ca
     assert seen[-1].backend == "packed-torch"
     code, out, err = run_cli([*serve, "--backend", "fast"], monkeypatch, capfd)
     assert (code, out) == (1, "") and "backend" in err
+    # as ask says: a default top-k above the store's passages, and a preset the store was not built with
+    code, _, err = run_cli([*serve, "--top-k", "20", "--preset", "small"], monkeypatch, capfd)
+    assert code == 0, err
+    assert "--top-k 20, but the store holds 8 passages" in err and "not built with --preset small" in err
 
 
 def test_serve_refuses_at_start_what_it_could_not_answer_any_request_with(cli_store, monkeypatch, capfd):
@@ -487,10 +499,13 @@ def test_workers_without_ray_is_refused_not_ignored(tmp_path, monkeypatch, capfd
 def test_verify_of_a_path_that_is_no_store_says_so(tmp_path, monkeypatch, capfd):
     """A mistyped --store is not a damaged store: no repair hint (remove, --overwrite) for it."""
     (tmp_path / "empty").mkdir()
-    for path in (tmp_path / "missing", tmp_path / "empty"):
+    for path, said in (
+        (tmp_path / "missing", "does not exist; build it"),
+        (tmp_path / "empty", "is not a ragcompress store"),
+    ):
         code, out, err = run_cli(["verify", "--store", str(path)], monkeypatch, capfd)
         assert (code, out) == (1, "") and err.count("\n") == 1
-        assert "is not a ragcompress store" in err and "--overwrite" not in err
+        assert said in err and "--overwrite" not in err
 
 
 def test_ask_backend_option_chooses_and_names_the_attention_path(cli_store, monkeypatch, capfd):
@@ -650,7 +665,13 @@ def test_an_interrupted_command_exits_130_saying_so(monkeypatch, capfd, tmp_path
     (tmp_path / "manifest.json").write_text("{}")
     monkeypatch.setattr(verify_module, "verify_store", interrupted)
     code, out, err = run_cli(["verify", "--store", str(tmp_path)], monkeypatch, capfd)
-    assert code == 130 and out == "" and err.startswith("error: interrupted")
+    assert (code, out, err) == (130, "", "error: interrupted\n")  # the resume note is index's and train's
+
+    import ragcompress.indexing as indexing
+
+    monkeypatch.setattr(indexing, "index", lambda *args, **kwargs: interrupted(None))
+    code, out, err = run_cli(["index", "--input", str(tmp_path), "--store", str(tmp_path / "s")], monkeypatch, capfd)
+    assert (code, err) == (130, "error: interrupted (run it again: it resumes where it stopped)\n")
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ from ragcompress.cli.options import (
     STORE_OPTION,
     emit,
     options_from_flags,
+    preset_matches_store,
     quiet_libraries,
     recompute_schedule,
     show_progress,
@@ -55,6 +56,7 @@ def ask(
         device=device,
     )
     try:
+        preset_matches_store(engine.store.manifest, preset)
         entries = engine.retrieve(question, top_k)
         answer = engine.answer_cached(question, entries)
         data = answer.to_json()
@@ -133,6 +135,7 @@ def evaluate(
         device=device,
     )
     try:
+        matches = preset_matches_store(engine.store.manifest, preset)
         seen = adaptor_training_overlap(engine, items)
         results = iter_eval(engine, items, top_k)
         if show_progress(as_json):
@@ -150,7 +153,7 @@ def evaluate(
                     err=True,
                 )
             raise
-        summary = {**summarize(engine, done, top_k), "preset": preset}
+        summary = {**summarize(engine, done, top_k), "preset": preset, "preset_matches_store": matches}
         stored = len(engine.store)
     finally:
         engine.close()
@@ -265,6 +268,7 @@ def bench(
     engine = Engine.open(store, options=options_from_flags(preset), dtype=dtype, device=device)
     comparison = throughput = None
     try:
+        matches = preset_matches_store(engine.store.manifest, preset)
         if max(top_ks) > len(engine.store):
             raise RagCompressError(f"--top-k {max(top_ks)} exceeds the {len(engine.store)} passages in {store}")
         indexer = store_indexer(engine) if indexing else None  # a store it cannot re-encode fails before timing
@@ -273,7 +277,7 @@ def bench(
             throughput = indexing_throughput(engine, indexing, repeats, indexer)
         if packed and engine.store.quant.bits is not None:
             comparison = packed_ttft_overhead(engine, [q.question for q in items], max(top_ks), repeats)
-        data = {**to_json(engine, rows, run_meta(repeats, limit)), "preset": preset}
+        data = {**to_json(engine, rows, run_meta(repeats, limit)), "preset": preset, "preset_matches_store": matches}
     finally:
         engine.close()
     human = table(rows)

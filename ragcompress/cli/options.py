@@ -166,6 +166,32 @@ def options_from_flags(
         raise RagCompressError(str(exc)) from None
 
 
+def preset_matches_store(manifest: Any, preset: str | None) -> bool | None:
+    """Whether the store of ``manifest`` was built with ``--preset``'s index settings (None: no
+    preset given, or settings that cannot be read back). On ``ask``/``eval``/``bench``/``serve`` a
+    preset sets only the answer options; a store built otherwise is read as it is, so a results
+    file labelled with the preset would describe another store: a note on stderr says which
+    settings differ, and ``--json`` records the verdict."""
+    if preset is None:
+        return None
+    from ragcompress.indexing.config import config_from_manifest, differing_settings
+    from ragcompress.presets import preset as named_preset
+
+    try:
+        stored = config_from_manifest(manifest)
+    except RagCompressError:  # an adaptor that is not packaged: its settings cannot be compared
+        return None
+    differ = differing_settings(stored, named_preset(preset).index)
+    if differ:
+        shown = ", ".join(f"{key} {ours!r} (preset: {theirs!r})" for key, (ours, theirs) in list(differ.items())[:4])
+        typer.echo(
+            f"note: the store was not built with --preset {preset} ({shown}); only the preset's answer options "
+            f"apply (`ragcompress index --preset {preset}` builds such a store)",
+            err=True,
+        )
+    return not differ
+
+
 def quiet_libraries() -> None:
     """Keep library chatter off stdout/stderr so --json output stays one object."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -96,9 +96,10 @@ def main() -> None:
     try:
         # typer returns (does not raise) the code of an Exit in this mode, Ctrl-C's 130 included
         code = app(standalone_mode=False)
-        if code == 130:
+        if code == 130:  # the resume note only where it holds
+            resumes = _command(sys.argv[1:]) in ("index", "train")
             typer.echo(
-                "error: interrupted (a killed `index` or `train` resumes where it stopped when run again)", err=True
+                f"error: interrupted{' (run it again: it resumes where it stopped)' if resumes else ''}", err=True
             )
         if isinstance(code, int) and code:
             sys.exit(code)

@@ -16,6 +16,7 @@ from ragcompress.cli.options import (
     SELECTION_OPTION,
     STORE_OPTION,
     options_from_flags,
+    preset_matches_store,
     quiet_libraries,
     recompute_schedule,
 )
@@ -86,6 +87,13 @@ def serve(
     try:
         engine = Engine.open(store, options=options, dtype=dtype, device=device)
         try:
+            preset_matches_store(engine.store.manifest, preset)
+            if settings.top_k > len(engine.store):  # as `ask` says: a request reads every passage then
+                typer.echo(
+                    f"note: --top-k {settings.top_k}, but the store holds {len(engine.store)} passages: requests "
+                    "read all of them",
+                    err=True,
+                )
             app = create_app(engine, settings)  # refuses defaults no request could be answered with
             run(app, host, port, log_level=log_level, sock=sock)
         finally:

@@ -15,7 +15,7 @@ from ragcompress.cli.options import (
     quiet_libraries,
     show_progress,
 )
-from ragcompress.errors import RagCompressError
+from ragcompress.errors import RagCompressError, missing_store
 
 
 def index(
@@ -34,7 +34,11 @@ def index(
         "expected-attention, kvzip, adaptive:SCORER (per-head budgets within a layer) "
         "or global:SCORER (one budget for the whole cache, KVzip's default)",
     ),
-    ratio: float | None = typer.Option(None, "--ratio", help="fraction of tokens kept, in (0, 1]"),
+    ratio: float | None = typer.Option(
+        None,
+        "--ratio",
+        help="fraction of tokens kept, in (0, 1] (default 0.5 for an evicting --method; none keeps all)",
+    ),
     budget: int | None = typer.Option(None, "--budget", help="tokens kept per head (instead of --ratio)"),
     keep_first: int | None = typer.Option(
         None, "--keep-first", help="leading tokens of every passage always kept (default 4; see docs/compression.md)"
@@ -242,27 +246,12 @@ def _stale_warning(stale: tuple[str, ...], store: Path) -> str:
     )
 
 
-# the settings beside the compressor's that _note_settings_reset compares (paths and names, such as
-# an adaptor's, are left out: a preset's "matching" and the store's resolved folder are one adaptor)
-RESET_CHECKED = (
-    "quant",
-    "value_quant",
-    "group_size",
-    "context_neighbors",
-    "rank",
-    "rank_energy",
-    "rank_schedule",
-    "rank_values",
-    "base_copy",
-)
-
-
 def _note_settings_reset(store: Path, config: Any, named: set[str], preset: str | None) -> None:
     """Before ``--overwrite`` rebuilds an existing store with some settings given: name, on
     stderr, the store's settings the rebuild changes although the user did not name them (they
     take the preset's or the defaults, not the store's: an int8 store rebuilt with ``--method
     knorm --ratio 0.5`` becomes a full-width one)."""
-    from ragcompress.indexing.config import config_from_manifest
+    from ragcompress.indexing.config import config_from_manifest, differing_settings
     from ragcompress.store import Manifest
     from ragcompress.store.manifest import MANIFEST
 
@@ -272,14 +261,10 @@ def _note_settings_reset(store: Path, config: Any, named: set[str], preset: str 
         stored = config_from_manifest(Manifest.read(store))
     except RagCompressError:  # a damaged manifest or an unpackaged adaptor: nothing to compare with
         return
-    # the compressor's settings as it resolves them (an unset keep_first is the method's own default)
-    ours, theirs = stored.compressor().config(), config.compressor().config()
-    ours.update((key, getattr(stored, key)) for key in RESET_CHECKED)
-    theirs.update((key, getattr(config, key)) for key in RESET_CHECKED)
     changed = [
-        f"{key} {ours.get(key)!r} -> {theirs.get(key)!r}"
-        for key in sorted(set(ours) | set(theirs))
-        if key not in named and ours.get(key) != theirs.get(key)
+        f"{key} {ours!r} -> {theirs!r}"
+        for key, (ours, theirs) in differing_settings(stored, config).items()
+        if key not in named
     ]
     if changed:
         source = f"preset {preset}'s" if preset else "the defaults"
@@ -364,6 +349,8 @@ def verify(
     `ragcompress index` is re-run (it resumes)."""
     # the file names spelt out: importing ragcompress.store (its MANIFEST) loads torch, and a
     # mistyped path is named at once (tests/test_packaging.py)
+    if not store.exists():
+        raise missing_store(store)
     if not any((store / name).exists() for name in ("manifest.json", "catalogue.sqlite", "shards")):
         raise RagCompressError(f"{store} is not a ragcompress store (no manifest, catalogue or shards); check --store")
     from ragcompress.store.verify import verify_store

@@ -157,6 +157,36 @@ class IndexConfig:
         return QuantConfig(self.quant, self.group_size, self.value_quant)
 
 
+# the settings beside the compressor's that differing_settings compares (paths and names, such as an
+# adaptor's, are compared by presence: a preset's "matching" and a store's resolved folder are one adaptor)
+COMPARED_SETTINGS = (
+    "quant",
+    "value_quant",
+    "group_size",
+    "context_neighbors",
+    "rank",
+    "rank_energy",
+    "rank_schedule",
+    "rank_values",
+    "base_copy",
+)
+
+
+def differing_settings(ours: IndexConfig, theirs: IndexConfig) -> dict[str, tuple[Any, Any]]:
+    """``{setting: (ours, theirs)}`` where two configs build different stores: the compressor's
+    settings as it resolves them (an unset ``keep_first`` is the method's own default), the
+    :data:`COMPARED_SETTINGS` and whether an adaptor encodes the passages."""
+    mine, other = ours.compressor().config(), theirs.compressor().config()
+    mine.update((key, getattr(ours, key)) for key in COMPARED_SETTINGS)
+    other.update((key, getattr(theirs, key)) for key in COMPARED_SETTINGS)
+    mine["adaptor"], other["adaptor"] = ours.adaptor is not None, theirs.adaptor is not None
+    return {
+        key: (mine.get(key), other.get(key))
+        for key in sorted(set(mine) | set(other))
+        if mine.get(key) != other.get(key)
+    }
+
+
 def config_from_manifest(manifest: Manifest, adaptor: str | None = None) -> IndexConfig:
     """The settings a store was built with, so that passages are added to it without repeating
     them (``ragcompress index`` into an existing store with no setting given, or only

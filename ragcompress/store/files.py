@@ -248,7 +248,9 @@ def check_creatable(path: Path) -> None:
     if ancestor != path and not ancestor.is_dir():
         raise StoreError(f"cannot create store {path}: {ancestor} is a file; choose a --store path under a folder")
     if not os.access(ancestor if ancestor.is_dir() else ancestor.parent, os.W_OK | os.X_OK):
-        raise StoreError(f"cannot create store {path}: {ancestor} is not writable by this user; choose a writable --store")
+        raise StoreError(
+            f"cannot create store {path}: {ancestor} is not writable by this user; choose a writable --store"
+        )
 
 
 def refuse_existing(path: Path) -> None:
