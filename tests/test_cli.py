@@ -206,9 +206,8 @@ def test_eval_and_bench_json_record_the_top_k_preset_and_answer_options_they_mea
     assert code == 0, err
     data = json.loads(out)
     assert (data["top_k"], data["preset"], data["dtype"]) == (2, "faithful", "float32")
-    # an int8 store without an adaptor is not faithful's: the JSON says so, and the note which settings differ
-    assert data["preset_matches_store"] is False
-    assert "not built with --preset faithful (adaptor False (preset: True), base_copy False (preset: True))" in err
+    # faithful on a model with no packaged adaptor builds a plain int8 store: this one
+    assert data["preset_matches_store"] is True and "not built with" not in err
     options = data["options"]
     assert options["max_new_tokens"] == 2 and options["backend"] == "auto"
     recompute = options["recompute"]
@@ -234,11 +233,49 @@ def test_eval_and_bench_json_record_the_top_k_preset_and_answer_options_they_mea
     assert [row["top_k"] for row in data["rows"]] == [2, 1]
     assert data["options"]["max_new_tokens"] == 1  # bench times the first token
     assert data["options"]["recompute"]["ratio_by_passages"] == [[3, 0.05], [5, 0.1]]  # faithful's schedule
-    assert data["preset_matches_store"] is False and "not built with --preset faithful" in err
-    code, out, err = run_cli([*evaluate, "--preset", "fast"], monkeypatch, capfd)  # fast: int8, as the store is
+    assert data["preset_matches_store"] is True
+    code, out, err = run_cli([*evaluate, "--preset", "small"], monkeypatch, capfd)  # small: global:kvzip, int4
+    assert code == 0, err
+    assert json.loads(out)["preset_matches_store"] is False
+    assert "not built with --preset small (method 'none' (preset: 'global:kvzip'), ratio None (preset: 0.25)" in err
+    assert {"model", "store", "device", "rows", "meta"} <= set(data)  # the keys report.py reads are kept
+
+
+def test_a_store_built_with_a_preset_matches_it_where_its_adaptor_is_not_packaged(
+    tmp_path, tiny_model_dir, monkeypatch, capfd
+):
+    """``--preset small`` on a model with no packaged adaptor encodes with the base model (a
+    warning says so): that store is the preset's store, not one built otherwise."""
+    from ragcompress.data import SAMPLE_PASSAGES, SAMPLE_QUESTIONS
+
+    passages = tmp_path / "passages.jsonl"
+    passages.write_text("\n".join(SAMPLE_PASSAGES.read_text().splitlines()[:3]) + "\n")
+    store = tmp_path / "store"
+    model = str(tiny_model_dir("llama"))
+    code, _, err = run_cli(
+        ["index", "--input", str(passages), "--store", str(store), "--model", model, "--preset", "small"],
+        monkeypatch,
+        capfd,
+    )
+    assert code == 0, err
+    evaluate = [
+        "eval",
+        "--store",
+        str(store),
+        "--questions",
+        str(SAMPLE_QUESTIONS),
+        "--limit",
+        "1",
+        "--max-new-tokens",
+        "1",
+        "--json",
+    ]
+    code, out, err = run_cli([*evaluate, "--preset", "small"], monkeypatch, capfd)
     assert code == 0, err
     assert json.loads(out)["preset_matches_store"] is True and "not built with" not in err
-    assert {"model", "store", "device", "rows", "meta"} <= set(data)  # the keys report.py reads are kept
+    code, out, err = run_cli([*evaluate, "--preset", "fast"], monkeypatch, capfd)
+    assert json.loads(out)["preset_matches_store"] is False
+    assert "not built with --preset fast (method 'global:kvzip' (preset: 'none'), ratio 0.25 (preset: None)" in err
 
 
 def test_eval_notes_a_top_k_above_the_store_and_a_sample_above_the_questions(cli_store, monkeypatch, capfd):

@@ -175,13 +175,15 @@ def preset_matches_store(manifest: Any, preset: str | None) -> bool | None:
     if preset is None:
         return None
     from ragcompress.indexing.config import config_from_manifest, differing_settings
+    from ragcompress.indexing.indexer import as_indexed_for
     from ragcompress.presets import preset as named_preset
 
     try:
         stored = config_from_manifest(manifest)
     except RagCompressError:  # an adaptor that is not packaged: its settings cannot be compared
         return None
-    differ = differing_settings(stored, named_preset(preset).index)
+    wanted = as_indexed_for(named_preset(preset).index, manifest.model_ref, manifest.model_fingerprint)
+    differ = differing_settings(stored, wanted)
     if differ:
         shown = ", ".join(f"{key} {ours!r} (preset: {theirs!r})" for key, (ours, theirs) in list(differ.items())[:4])
         typer.echo(

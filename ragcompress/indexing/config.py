@@ -180,11 +180,14 @@ def differing_settings(ours: IndexConfig, theirs: IndexConfig) -> dict[str, tupl
     mine.update((key, getattr(ours, key)) for key in COMPARED_SETTINGS)
     other.update((key, getattr(theirs, key)) for key in COMPARED_SETTINGS)
     mine["adaptor"], other["adaptor"] = ours.adaptor is not None, theirs.adaptor is not None
-    return {
-        key: (mine.get(key), other.get(key))
-        for key in sorted(set(mine) | set(other))
-        if mine.get(key) != other.get(key)
-    }
+    keys = sorted(
+        set(mine) | set(other), key=lambda key: (_HEADLINE.index(key) if key in _HEADLINE else len(_HEADLINE), key)
+    )
+    return {key: (mine.get(key), other.get(key)) for key in keys if mine.get(key) != other.get(key)}
+
+
+# what differing_settings lists first: the settings a store is known by (a message shows the first few)
+_HEADLINE = ("method", "ratio", "budget", "quant", "value_quant", "rank", "rank_energy", "adaptor", "base_copy")
 
 
 def config_from_manifest(manifest: Manifest, adaptor: str | None = None) -> IndexConfig:

@@ -26,6 +26,7 @@ from ragcompress.distill.packaged import (
     check_store_adaptor,
     matching_adaptor,
     packaged_adaptor,
+    packaged_for_store,
     resolve_adaptor,
     trained_store,
 )
@@ -61,6 +62,16 @@ def store_of(config: IndexConfig) -> TrainedStore:
     return TrainedStore(
         config.method, ratio, config.quant_config().name, spec.as_dict() if spec else None, config.value_norm
     )
+
+
+def as_indexed_for(config: IndexConfig, model_ref: str, fingerprint: str | None) -> IndexConfig:
+    """``config`` as indexing applies it to the model ``model_ref``: ``--adaptor matching`` with
+    no adaptor packaged for that model and store encodes with the base model (:func:`matching_adaptor`),
+    so such a store records no adaptor and no base copy; what a preset's store holds is compared
+    with this, not with the preset as written."""
+    if config.adaptor == MATCHING and packaged_for_store(model_ref, store_of(config), fingerprint) is None:
+        return replace(config, adaptor=None, base_copy=False)
+    return config
 
 
 def warn_if_trained_for_another_store(adaptor: Adaptor, config: IndexConfig) -> None:
