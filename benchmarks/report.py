@@ -1343,6 +1343,9 @@ def render_kernel_cpu_ttft(results: Path) -> str:
 
 
 TEXT_COMPRESSION = "text_compression_smollm2.json"
+# the last run with llmlingua installed (this machine has it no more): its llmlingua rows are shown
+# beside the current run's, in a table of their own with that run's baseline
+TEXT_COMPRESSION_LLMLINGUA = "text_compression_smollm2_2026-12-04.json"
 
 
 def text_compression_label(method: str) -> str:
@@ -1365,6 +1368,23 @@ def render_text_compression(results: Path) -> str:
     same reader with a full prefill; rows in the order the run measured them."""
     path = results / TEXT_COMPRESSION
     data = load(path)
+    parts = [_text_compression_table(data, data["methods"]), _text_compression_run(data), source_line([path])]
+    if data["llmlingua"] != "run" and (results / TEXT_COMPRESSION_LLMLINGUA).is_file():
+        earlier_path = results / TEXT_COMPRESSION_LLMLINGUA
+        earlier = load(earlier_path)
+        rows = {m: item for m, item in earlier["methods"].items() if m == "uncompressed" or m.startswith("llmlingua@")}
+        parts += [
+            f"llmlingua was not installed for that run; its rows from the last run that had it, beside that "
+            f"run's own baseline (the other methods' rows of that run came before fixes to them):",
+            _text_compression_table(earlier, rows),
+            _text_compression_run(earlier),
+            source_line([earlier_path]),
+        ]
+    return "\n\n".join(parts)
+
+
+def _text_compression_table(data: dict, methods: dict) -> str:
+    """One table of ``benchmarks/text_compression.py`` rows, in the order the run measured them."""
     rows = [
         [
             text_compression_label(method),
@@ -1374,7 +1394,7 @@ def render_text_compression(results: Path) -> str:
             f"{item['token_ratio']:.3f}",
             f"{item['compress_s_median']:.2f}",
         ]
-        for method, item in data["methods"].items()
+        for method, item in methods.items()
     ]
     header = [
         "method",
@@ -1384,13 +1404,18 @@ def render_text_compression(results: Path) -> str:
         "tokens vs uncompressed",
         "compression latency, median s / question",
     ]
+    return table(header, rows)
+
+
+def _text_compression_run(data: dict) -> str:
+    """What one ``benchmarks/text_compression.py`` run measured on, and how loaded the CPU was."""
     meta = data["meta"]
-    load_line = (
+    llmlingua = "run" if data["llmlingua"] == "run" else "not installed"
+    return (
         f"{data['n']} questions, top-{data['top_k']}, reader {model_name(data['reader'])}, "
         f"{meta['threads']} torch thread(s), load average {meta['load_at_start'][0]:.1f} at the start "
-        f"and {meta['load_at_end'][0]:.1f} at the end, {meta['date'][:10]}; llmlingua: {data['llmlingua']}."
+        f"and {meta['load_at_end'][0]:.1f} at the end, {meta['date'][:10]} (code {meta['git']}); llmlingua: {llmlingua}."
     )
-    return "\n\n".join([table(header, rows), load_line, source_line([path])])
 
 
 KEEP_FREED_MEMORY = "keep_freed_memory_qwen.json"
