@@ -1374,8 +1374,8 @@ def render_text_compression(results: Path) -> str:
         earlier = load(earlier_path)
         rows = {m: item for m, item in earlier["methods"].items() if m == "uncompressed" or m.startswith("llmlingua@")}
         parts += [
-            f"llmlingua was not installed for that run; its rows from the last run that had it, beside that "
-            f"run's own baseline (the other methods' rows of that run came before fixes to them):",
+            "llmlingua was not installed for that run; its rows from the last run that had it, beside that "
+            "run's own baseline (the other methods' rows of that run came before fixes to them):",
             _text_compression_table(earlier, rows),
             _text_compression_run(earlier),
             source_line([earlier_path]),
