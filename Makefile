@@ -1,5 +1,5 @@
 # Two commands for a fresh clone (README): `make demo` and `make test`.
-# Everything installs into ./.venv; nothing outside the project is assumed but python3 >= 3.10.
+# Everything installs into ./.venv; nothing outside the project is assumed but python3 >= 3.11 (constraints.txt pins numpy, scipy and networkx releases that need it).
 
 PYTHON ?= python3
 VENV   := .venv

@@ -455,7 +455,7 @@ def main() -> None:
                         "repeats": args.cost_repeats or earlier.get("meta", {}).get("repeats"),
                     }
                 ),
-                "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                 "load": os.getloadavg(),
                 "measured_by": measured_by(row.get("run", {}) for row in rows.values()),
                 "sample": "held-out articles " + ", ".join(adaptor_meta.get("val_articles", [])),

@@ -18,7 +18,7 @@ import json
 import platform
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -53,7 +53,7 @@ def main() -> None:
     record = {
         "what": "fused packed_attention (latent_attention for latent segments, Triton) vs dequantize+SDPA vs fp16 SDPA over an uncompressed cache",
         "timer": "triton.testing.do_bench(warmup=25, rep=100, return_mode='median'), milliseconds per call",
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "device": {
             "name": props.name,
             "capability": f"{props.major}.{props.minor}",

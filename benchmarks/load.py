@@ -573,7 +573,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             "limit": len(questions),  # questions asked (in a loop)
             "threads": threads,
             "git": revision,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "cpus": os.cpu_count(),
             "load_before": load_before,
             "load_after": os.getloadavg(),

@@ -72,7 +72,7 @@ def meta(sample: str, model: str, threads: int, repeats: int, questions: int) ->
 
     return {
         **results_meta({"threads": threads, "repeats": repeats, "questions": questions, "model": model}),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "load_before": list(os.getloadavg()),
         "cpus": os.cpu_count(),
         "sample": sample,

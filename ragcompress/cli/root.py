@@ -38,7 +38,7 @@ def _print_version(value: bool) -> None:
     if value:
         from importlib.metadata import version
 
-        typer.echo(f"ragcompress {version('ragcompress')}")
+        typer.echo(f"ragcompress {version('ragcompress-kv')}")
         raise typer.Exit()
 
 

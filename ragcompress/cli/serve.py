@@ -63,7 +63,7 @@ def serve(
         from ragcompress.serve import ServeSettings, create_app, run
         from ragcompress.serve.server import bind
     except ImportError as exc:
-        raise RagCompressError(f"serving needs the serve extra ({exc}): pip install 'ragcompress[serve]'") from None
+        raise RagCompressError(f"serving needs the serve extra ({exc}): pip install 'ragcompress-kv[serve]'") from None
     from ragcompress.runtime.engine import Engine
 
     try:

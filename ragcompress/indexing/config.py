@@ -292,5 +292,5 @@ def build_manifest(
         embedder=config.embedder,
         encoding=encoding,
         model_shape=shape.as_dict(),
-        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     )

@@ -223,7 +223,7 @@ def _ray() -> Any:
     try:
         import ray
     except ImportError:
-        raise InputError("--ray needs Ray: pip install 'ragcompress[ray]'") from None
+        raise InputError("--ray needs Ray: pip install 'ragcompress-kv[ray]'") from None
     return ray
 
 

@@ -1,6 +1,6 @@
 """``ragcompress serve``: a long-running, OpenAI-compatible answering service (docs/serve.md).
 
-Needs the ``serve`` extra (``pip install 'ragcompress[serve]'``: starlette, uvicorn,
+Needs the ``serve`` extra (``pip install 'ragcompress-kv[serve]'``: starlette, uvicorn,
 prometheus_client). :func:`create_app` builds the ASGI app from an open engine or a store path;
 :func:`run` serves it on uvicorn with a graceful SIGTERM.
 """

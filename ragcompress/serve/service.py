@@ -372,7 +372,7 @@ class Pending:
         while True:
             try:
                 return await asyncio.wait_for(self.events.get(), DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 if await self.request.is_disconnected():
                     self.job.cancel()
                     raise ClientGone() from None

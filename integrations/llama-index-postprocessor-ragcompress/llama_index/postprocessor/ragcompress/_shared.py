@@ -80,7 +80,7 @@ async def iterate_in_thread(items: Iterator[T]) -> AsyncGenerator[T, None]:
         yield item  # type: ignore[misc]
 
 
-_INSTALL_HINT = "`pip install ragcompress` (the KV-cache library this integration drives)"
+_INSTALL_HINT = "`pip install ragcompress-kv` (the KV-cache library this integration drives, imported as ragcompress)"
 
 
 def require_ragcompress() -> Any:
