@@ -759,6 +759,30 @@ def test_train_alpha_defaults_to_twice_the_rank_and_can_be_set(options, alpha, t
     assert seen == {"rank": 32, "alpha": alpha}
 
 
+def test_train_without_matplotlib_refuses_before_loading_the_model(tmp_path, monkeypatch, capfd):
+    """Without matplotlib (the train extra) ``train`` once trained for its full --minutes, saved
+    the adaptor, then ended in a ModuleNotFoundError traceback at its loss curve: it is one error
+    line naming the extra before the model loads."""
+    import ragcompress.distill.train as train_module
+    import ragcompress.models as models
+    from ragcompress.data import SAMPLE_PASSAGES
+
+    def loaded(*a, **k):
+        raise AssertionError("the model loaded")
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setattr(models, "load_model", loaded)
+    monkeypatch.setattr(train_module, "train", loaded)
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"id": "q", "question": "?", "answers": ["a"]}\n')
+    args = ["train", "--passages", str(SAMPLE_PASSAGES), "--questions", str(questions), "--out", str(tmp_path / "o")]
+    code, out, err = run_cli(args, monkeypatch, capfd)
+    assert code == 1 and not out and err.count("\n") == 1, err
+    assert err.startswith("error: train draws its loss curve with matplotlib, which is not installed")
+    assert "the train extra (pip install -e '.[train]' in a checkout)" in err
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize(
     "minutes, advice",
     [
