@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ragcompress.errors import InputError
+from ragcompress.errors import InputError, RagCompressError
 from ragcompress.evaluation import Question
 from ragcompress.runtime.engine import Answer, Engine
 from ragcompress.runtime.memory import freed_memory_kept
@@ -304,8 +304,13 @@ LABELS = {
 
 def plot(rows: list[BenchRow], path: Path, title: str = "") -> None:
     """TTFT of the four paths against context size (log scale)."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:  # the CLI checks --plot before measuring; a library caller learns it here
+        raise RagCompressError(
+            "plot draws with matplotlib, which is not installed: install the bench extra "
+            "(pip install -e '.[bench]' in a checkout)"
+        ) from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -192,3 +192,16 @@ def test_no_path_tokenizes_inside_its_ttft_clock(tiny_lm, passages_file, tmp_pat
             assert len(calls) == made, calls[made:]
     finally:
         engine.close()
+
+
+def test_plot_without_matplotlib_names_the_bench_extra(tmp_path, monkeypatch):
+    """A library caller of ``bench.plot`` without matplotlib gets the one-line error naming the
+    extra, not a ModuleNotFoundError traceback (the CLI checks --plot before measuring)."""
+    import sys
+
+    from ragcompress.bench import plot
+    from ragcompress.errors import RagCompressError
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(RagCompressError, match=r"the bench extra \(pip install -e '\.\[bench\]' in a checkout\)"):
+        plot([], tmp_path / "ttft.png")

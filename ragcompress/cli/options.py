@@ -117,9 +117,10 @@ def writable_file(path: Path | None) -> Path | None:
     """An output file option (``--plot``), checked before the command measures anything: its
     folder is created, and a path that cannot be written, or whose extension matplotlib cannot
     write, fails now, not after minutes of work (``out.txt`` once ended a finished benchmark in a
-    traceback)."""
+    traceback); so does a missing matplotlib, whatever the extension."""
     if path is None:
         return None
+    need_matplotlib("--plot draws", "bench", "; or leave out --plot")
     if path.suffix:
         from matplotlib.figure import Figure
 
