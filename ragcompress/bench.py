@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ragcompress.errors import InputError
+from ragcompress.errors import InputError, RagCompressError
 from ragcompress.evaluation import Question
 from ragcompress.runtime.engine import Answer, Engine
 from ragcompress.runtime.memory import freed_memory_kept
@@ -304,8 +304,13 @@ LABELS = {
 
 def plot(rows: list[BenchRow], path: Path, title: str = "") -> None:
     """TTFT of the four paths against context size (log scale)."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:  # the CLI checks --plot before measuring; a library caller learns it here
+        raise RagCompressError(
+            "plot draws with matplotlib, which is not installed: install the bench extra "
+            "(pip install -e '.[bench]' in a checkout)"
+        ) from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -328,23 +333,28 @@ def plot(rows: list[BenchRow], path: Path, title: str = "") -> None:
 
 def git_revision() -> str:
     """Short revision of the checkout this code runs from, ``-dirty`` when tracked files differ
-    from it, ``unknown`` outside a git checkout (an installed wheel)."""
+    from it, ``unknown`` otherwise (an installed wheel, no git). The repository must be the
+    package's own: a wheel installed into a site-packages inside another git repository (a user's
+    project) once reported that project's commit as the code's."""
     import subprocess
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[1]  # the folder holding the ragcompress package
+    if not ((root / "pyproject.toml").is_file() and (root / "ragcompress" / "__init__.py").is_file()):
+        return "unknown"  # not a source checkout: site-packages holds no pyproject.toml
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(root), *args], capture_output=True, text=True, check=True
+        ).stdout.strip()
+
     try:
-        git = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != root:
+            return "unknown"  # the checkout is some enclosing repository, not ragcompress's
+        revision = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-    return git + ("-dirty" if dirty else "")
+    return revision + ("-dirty" if dirty else "")
 
 
 def run_meta(repeats: int, limit: int) -> dict[str, Any]:

@@ -192,3 +192,56 @@ def test_no_path_tokenizes_inside_its_ttft_clock(tiny_lm, passages_file, tmp_pat
             assert len(calls) == made, calls[made:]
     finally:
         engine.close()
+
+
+def test_plot_without_matplotlib_names_the_bench_extra(tmp_path, monkeypatch):
+    """A library caller of ``bench.plot`` without matplotlib gets the one-line error naming the
+    extra, not a ModuleNotFoundError traceback (the CLI checks --plot before measuring)."""
+    import sys
+
+    from ragcompress.bench import plot
+    from ragcompress.errors import RagCompressError
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(RagCompressError, match=r"the bench extra \(pip install -e '\.\[bench\]' in a checkout\)"):
+        plot([], tmp_path / "ttft.png")
+
+
+def test_git_revision_ignores_a_repository_that_encloses_an_installed_package(tmp_path, monkeypatch):
+    """Installed from a wheel into a virtual environment inside a user's own git repository,
+    ``git_revision`` once reported that project's commit (``-dirty`` and all) as the code's
+    revision: only the package's own checkout has one."""
+    import subprocess
+
+    import ragcompress.bench as bench_module
+
+    project = tmp_path / "project"
+    site = project / ".venv" / "lib" / "python3.12" / "site-packages"
+    (site / "ragcompress").mkdir(parents=True)
+    (site / "ragcompress" / "__init__.py").write_text("")
+    (project / "pyproject.toml").write_text('[project]\nname = "theirs"\n')
+    (project / "main.py").write_text("print(1)\n")
+    git = ["git", "-C", str(project), "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "theirs"], check=True)
+    (project / "main.py").write_text("print(2)\n")  # their uncommitted work
+    monkeypatch.setattr(bench_module, "__file__", str(site / "ragcompress" / "bench.py"))  # as installed there
+    assert bench_module.git_revision() == "unknown"
+    (site / "pyproject.toml").write_text('[project]\nname = "ragcompress"\n')  # even one that looks like a checkout
+    assert bench_module.git_revision() == "unknown"
+
+
+def test_git_revision_of_the_source_checkout_is_its_commit():
+    import re
+    import subprocess
+    from pathlib import Path
+
+    from ragcompress.bench import git_revision
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not run from a git checkout")
+    assert re.fullmatch(r"[0-9a-f]{4,40}(-dirty)?", git_revision()), git_revision()

@@ -628,6 +628,25 @@ def test_bench_refuses_a_plot_it_cannot_write_before_timing(cli_store, monkeypat
     assert err.startswith(f"error: cannot write {written}") and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("name", ["ttft.png", "ttft"])
+def test_bench_plot_without_matplotlib_refuses_before_the_model_loads(name, tmp_path, monkeypatch, capfd):
+    """Without matplotlib (the bench extra) ``bench --plot`` once ended in a ModuleNotFoundError
+    traceback (from the --plot check, or after the whole run for a path with no extension): it is
+    one error line naming the extra before anything loads."""
+    from ragcompress.runtime.engine import Engine
+
+    def opened(*a, **k):
+        raise AssertionError("the engine opened")
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setattr(Engine, "open", classmethod(opened))
+    args = ["bench", "--store", str(tmp_path), "--plot", str(tmp_path / name)]
+    code, out, err = run_cli(args, monkeypatch, capfd)
+    assert code == 1 and not out and err.count("\n") == 1, err
+    assert err.startswith("error: --plot draws with matplotlib, which is not installed")
+    assert "the bench extra (pip install -e '.[bench]' in a checkout); or leave out --plot" in err
+
+
 def test_bench_reports_every_path_per_context_size(cli_store, monkeypatch, capfd, tmp_path):
     store, _, _ = cli_store
     plot = tmp_path / "bench.png"
@@ -757,6 +776,30 @@ def test_train_alpha_defaults_to_twice_the_rank_and_can_be_set(options, alpha, t
     with pytest.raises(Stop):
         run_cli(args + options, monkeypatch, capfd)
     assert seen == {"rank": 32, "alpha": alpha}
+
+
+def test_train_without_matplotlib_refuses_before_loading_the_model(tmp_path, monkeypatch, capfd):
+    """Without matplotlib (the train extra) ``train`` once trained for its full --minutes, saved
+    the adaptor, then ended in a ModuleNotFoundError traceback at its loss curve: it is one error
+    line naming the extra before the model loads."""
+    import ragcompress.distill.train as train_module
+    import ragcompress.models as models
+    from ragcompress.data import SAMPLE_PASSAGES
+
+    def loaded(*a, **k):
+        raise AssertionError("the model loaded")
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setattr(models, "load_model", loaded)
+    monkeypatch.setattr(train_module, "train", loaded)
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"id": "q", "question": "?", "answers": ["a"]}\n')
+    args = ["train", "--passages", str(SAMPLE_PASSAGES), "--questions", str(questions), "--out", str(tmp_path / "o")]
+    code, out, err = run_cli(args, monkeypatch, capfd)
+    assert code == 1 and not out and err.count("\n") == 1, err
+    assert err.startswith("error: train draws its loss curve with matplotlib, which is not installed")
+    assert "the train extra (pip install -e '.[train]' in a checkout)" in err
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize(

@@ -822,3 +822,16 @@ def test_a_resumed_run_keeps_the_dtype_it_trained_in(tiny_lm, tiny_model_dir, tm
         InputError, match=r"trained with the model in float32, not bfloat16; resume with --dtype float32"
     ):
         train(half, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, more, progress=False)
+
+
+def test_plot_history_without_matplotlib_names_the_train_extra(tmp_path, monkeypatch):
+    """A library caller of ``plot_history`` without matplotlib gets the one-line error naming the
+    extra, not a ModuleNotFoundError traceback (the CLI checks before training)."""
+    import sys
+
+    from ragcompress.distill.train import plot_history
+    from ragcompress.errors import RagCompressError
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(RagCompressError, match=r"the train extra \(pip install -e '\.\[train\]' in a checkout\)"):
+        plot_history({"train": [], "val": []}, tmp_path / "loss.png", "t")

@@ -99,13 +99,28 @@ def dtype_name(name: str | None) -> str | None:
     return name
 
 
+def need_matplotlib(drawing: str, extra: str, otherwise: str = "") -> None:
+    """A command that draws with matplotlib (an optional extra) checks it is importable before it
+    loads a model or measures anything: ``train`` once trained for its full ``--minutes`` and
+    then ended in a ModuleNotFoundError traceback at its loss curve. The hint names the extra,
+    not the distribution, so it holds whatever the package is installed as."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise RagCompressError(
+            f"{drawing} with matplotlib, which is not installed: install the {extra} extra "
+            f"(pip install -e '.[{extra}]' in a checkout){otherwise}"
+        ) from None
+
+
 def writable_file(path: Path | None) -> Path | None:
     """An output file option (``--plot``), checked before the command measures anything: its
     folder is created, and a path that cannot be written, or whose extension matplotlib cannot
     write, fails now, not after minutes of work (``out.txt`` once ended a finished benchmark in a
-    traceback)."""
+    traceback); so does a missing matplotlib, whatever the extension."""
     if path is None:
         return None
+    need_matplotlib("--plot draws", "bench", "; or leave out --plot")
     if path.suffix:
         from matplotlib.figure import Figure
 

@@ -8,6 +8,7 @@ import typer
 
 from ragcompress.cli.options import (
     DTYPE_OPTION,
+    need_matplotlib,
     quiet_libraries,
 )
 from ragcompress.errors import RagCompressError
@@ -164,6 +165,7 @@ def train(
         )
     except ValueError as exc:
         raise RagCompressError(str(exc)) from None
+    need_matplotlib("train draws its loss curve", "train")  # drawn at the end, after the whole run
     adaptor = run_train(load_model(model, dtype=dtype), passages, questions, out, config, progress=True)
     metrics = adaptor.meta["metrics"]
     typer.echo(
