@@ -698,7 +698,7 @@ def test_version_and_usage_errors_are_one_line_without_traceback(monkeypatch, ca
     from importlib.metadata import version
 
     code, out, err = run_cli(["--version"], monkeypatch, capfd)
-    assert (code, out, err) == (0, f"ragcompress {version('ragcompress')}\n", "")
+    assert (code, out, err) == (0, f"ragcompress {version('ragcompress-kv')}\n", "")
     for args, named, help_of in (
         (["ask", "--stor", "x"], "--stor", "ragcompress ask"),
         (["nope"], "nope", "ragcompress"),
