@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,24 +54,15 @@ CREATE TABLE IF NOT EXISTS passages (
 """
 
 
-# every column's declared type (``_SCHEMA``; the later two may be absent, see the module docstring)
-_COLUMN_TYPES = {
-    "row": "INTEGER",
-    "id": "TEXT",
-    "title": "TEXT",
-    "text": "TEXT",
-    "meta": "TEXT",
-    "text_sha": "TEXT",
-    "shard": "TEXT",
-    "offset": "INTEGER",
-    "length": "INTEGER",
-    "checksum": "TEXT",
-    "num_tokens": "INTEGER",
-    "kept": "INTEGER",
-    "embedding": "BLOB",
-    "meta_checksum": "TEXT",
-    "searchable": "INTEGER",
-}
+def _declared_types() -> dict[str, str]:
+    """Every column's declared type, as SQLite reads ``_SCHEMA`` (the later two may be absent,
+    see the module docstring): derived, so the check cannot drift from the table it checks."""
+    with closing(sqlite3.connect(":memory:")) as db:
+        db.executescript(_SCHEMA)
+        return {name: kind.upper() for _, name, kind, _, _, _ in db.execute("PRAGMA table_info(passages)")}
+
+
+_COLUMN_TYPES = _declared_types()
 _LATER_COLUMNS = {"meta_checksum", "searchable"}
 
 
