@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ragcompress.errors import InputError, RagCompressError
+from ragcompress.errors import InputError, need_matplotlib
 from ragcompress.evaluation import Question
 from ragcompress.runtime.engine import Answer, Engine
 from ragcompress.runtime.memory import freed_memory_kept
@@ -304,13 +304,9 @@ LABELS = {
 
 def plot(rows: list[BenchRow], path: Path, title: str = "") -> None:
     """TTFT of the four paths against context size (log scale)."""
-    try:
-        import matplotlib
-    except ImportError:  # the CLI checks --plot before measuring; a library caller learns it here
-        raise RagCompressError(
-            "plot draws with matplotlib, which is not installed: install the bench extra "
-            "(pip install -e '.[bench]' in a checkout)"
-        ) from None
+    need_matplotlib("plot draws", "bench")  # the CLI checks --plot before measuring; a library caller learns it here
+    import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

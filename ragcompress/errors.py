@@ -54,3 +54,17 @@ class SegmentManifestMismatch(CorruptSegmentError):
 
 class ModelError(RagCompressError):
     """A model cannot be found, assembled, verified or used with ragcompress."""
+
+
+def need_matplotlib(drawing: str, extra: str, otherwise: str = "") -> None:
+    """A command that draws with matplotlib (an optional extra) checks it is importable before it
+    loads a model or measures anything: ``train`` once trained for its full ``--minutes`` and
+    then ended in a ModuleNotFoundError traceback at its loss curve. The hint names the extra,
+    not the distribution, so it holds whatever the package is installed as."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise RagCompressError(
+            f"{drawing} with matplotlib, which is not installed: install the {extra} extra "
+            f"(pip install -e '.[{extra}]' in a checkout){otherwise}"
+        ) from None

@@ -11,7 +11,7 @@ from typing import Any
 
 import typer
 
-from ragcompress.errors import RagCompressError, missing_store
+from ragcompress.errors import RagCompressError, missing_store, need_matplotlib
 from ragcompress.models import DTYPES
 
 # the names of ragcompress/presets.py (not imported here: --help stays fast; a test checks the list)
@@ -97,20 +97,6 @@ def dtype_name(name: str | None) -> str | None:
     if name is not None and name not in DTYPES:
         raise RagCompressError(f"--dtype {name!r} is not one of: {', '.join(DTYPES)}")
     return name
-
-
-def need_matplotlib(drawing: str, extra: str, otherwise: str = "") -> None:
-    """A command that draws with matplotlib (an optional extra) checks it is importable before it
-    loads a model or measures anything: ``train`` once trained for its full ``--minutes`` and
-    then ended in a ModuleNotFoundError traceback at its loss curve. The hint names the extra,
-    not the distribution, so it holds whatever the package is installed as."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise RagCompressError(
-            f"{drawing} with matplotlib, which is not installed: install the {extra} extra "
-            f"(pip install -e '.[{extra}]' in a checkout){otherwise}"
-        ) from None
 
 
 def writable_file(path: Path | None) -> Path | None:

@@ -8,10 +8,9 @@ import typer
 
 from ragcompress.cli.options import (
     DTYPE_OPTION,
-    need_matplotlib,
     quiet_libraries,
 )
-from ragcompress.errors import RagCompressError
+from ragcompress.errors import RagCompressError, need_matplotlib
 
 
 def train(

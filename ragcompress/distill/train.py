@@ -87,7 +87,7 @@ from ragcompress.distill.resume import (
     starting_adaptor,
 )
 from ragcompress.distill.teacher import build_examples, teacher_examples
-from ragcompress.errors import InputError, RagCompressError
+from ragcompress.errors import InputError, need_matplotlib
 from ragcompress.indexing.encoder import PassageEncoder
 from ragcompress.indexing.inputs import PassageInput, iter_passages, validate
 from ragcompress.models import LoadedModel
@@ -112,13 +112,9 @@ def plot_history(history: dict[str, Any], path: Path, title: str) -> None:
     run is judged at a glance, e.g. where its held-out KL stopped falling."""
     import textwrap
 
-    try:
-        import matplotlib
-    except ImportError:  # the CLI checks before training; a library caller learns it here
-        raise RagCompressError(
-            "plot_history draws with matplotlib, which is not installed: install the train extra "
-            "(pip install -e '.[train]' in a checkout)"
-        ) from None
+    need_matplotlib("plot_history draws", "train")  # the CLI checks before training; a library caller learns it here
+    import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
