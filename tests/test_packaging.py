@@ -85,7 +85,9 @@ def test_wheel_installs_the_kernels_under_their_import_name(tmp_path):
     assert {"ragcompress/py.typed", "ragcompress_kernels/py.typed"} <= names
     assert any(name.endswith(".dist-info/licenses/LICENSE") for name in names)
     assert {"ragcompress_kernels/__init__.py", "ragcompress_kernels/quantized_attention.py"} <= names
-    assert "ragcompress/data/squad_sample/passages.jsonl" in names
+    # the data and the adaptors trained on it ship with their attribution (CC BY-SA 4.0 asks for it)
+    assert {"ragcompress/data/squad_sample/passages.jsonl", "ragcompress/data/squad_sample/README.md"} <= names
+    assert "ragcompress/distill/adaptors/README.md" in names
     adaptors = sorted((ROOT / "ragcompress" / "distill" / "adaptors").glob("*/adaptor.json"))
     assert adaptors  # the presets' packaged adaptors (setuptools warns about these data folders)
     for config in adaptors:
