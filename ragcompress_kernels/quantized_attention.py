@@ -832,9 +832,10 @@ def resolve_backend(backend: str, query: torch.Tensor, seg: SegmentsLayout) -> s
 # Triton's interpreter (3.x) computes tl.dot on bfloat16 operands wrongly (a bare 16x16 product is
 # off by ~1e10; float16 and float32 are exact): the kernel's numbers would be garbage, returned
 # without a warning. A compiled kernel on a GPU is not affected.
+INTERPRETER_BF16_FLAW = "Triton's interpreter (TRITON_INTERPRET=1) multiplies bfloat16 matrices wrongly"
 INTERPRETER_BF16 = (
-    "Triton's interpreter (TRITON_INTERPRET=1) multiplies bfloat16 matrices wrongly, so the kernel cannot run "
-    "bfloat16 queries on the CPU; use backend='torch' (packed-torch), or float16/float32 weights"
+    f"{INTERPRETER_BF16_FLAW}, so the kernel cannot run bfloat16 queries on the CPU; "
+    "use backend='torch' (packed-torch), or float16/float32 weights"
 )
 
 

@@ -311,8 +311,10 @@ def choose_strategy(context: QueryContext, options: AnswerOptions) -> DenseStrat
         and context.lm.model.device.type != "cuda"
         and context.lm.model.dtype == torch.bfloat16
     ):
+        from ragcompress_kernels.quantized_attention import INTERPRETER_BF16_FLAW
+
         raise InputError(  # resolve_backend's refusal, in the runtime's words, before anything runs
-            "Triton's interpreter (TRITON_INTERPRET=1) multiplies bfloat16 matrices wrongly, so packed-triton "
-            "cannot answer with bfloat16 weights on the CPU; use backend packed-torch or dense, or float32 weights"
+            f"{INTERPRETER_BF16_FLAW}, so packed-triton cannot answer with bfloat16 weights on the CPU; "
+            "use backend packed-torch or dense, or float32 weights"
         )
     return PackedStrategy(backend.removeprefix("packed-"))
