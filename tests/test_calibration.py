@@ -151,7 +151,30 @@ def test_cli_records_the_temperature(store, capfd, monkeypatch):
     main()
     out = json.loads(capfd.readouterr().out)
     assert Manifest.read(store).attention["temperature"] == out["temperature"]
+    assert "sha256" in Manifest.read(store).attention  # sealed: an edit of it is refused (below)
     record(store, 1.0)
+
+
+def test_an_edited_calibrated_temperature_is_refused_not_applied(store):
+    """The temperature is written after the build, outside ``build_sha256``; an edit of it (a typo,
+    a flipped digit) inside [0.1, 10] passed every check and changed every answer. ``calibrate``
+    seals the entry with its own sha256 now; one written before that is read as it is."""
+    import pytest
+
+    from ragcompress.errors import StoreError
+    from ragcompress.store.manifest import MANIFEST, sealed_attention
+
+    manifest = Manifest.read(store)
+    dataclasses.replace(manifest, attention=sealed_attention({"temperature": 0.8, "samples": 2})).write(store)
+    assert Manifest.read(store).attention["temperature"] == 0.8
+    path = store / MANIFEST
+    sealed = path.read_text()
+    path.write_text(sealed.replace('"temperature": 0.8', '"temperature": 0.3'))
+    with pytest.raises(StoreError, match="'attention' was edited after `ragcompress calibrate` wrote it"):
+        Manifest.read(store)
+    path.write_text(sealed)
+    record(store, 1.0)  # an unsealed entry (a manifest written before the seal) still reads
+    assert Manifest.read(store).attention == {"temperature": 1.0}
 
 
 def test_cli_records_nothing_in_another_build_swapped_in_while_it_measured(

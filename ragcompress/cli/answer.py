@@ -323,6 +323,7 @@ def calibrate(
     from ragcompress.runtime.engine import Engine
     from ragcompress.runtime.options import AnswerOptions
     from ragcompress.store import Manifest
+    from ragcompress.store.manifest import sealed_attention
     from ragcompress.store.writer import StoreLock
 
     with Engine.open(store, options=AnswerOptions(calibrate=False), dtype=dtype, device=device) as engine:
@@ -331,7 +332,7 @@ def calibrate(
         try:  # a temperature measured on one build is not recorded in another swapped in meanwhile
             engine.store.check_replacement()
             manifest = Manifest.read(store)
-            dataclasses.replace(manifest, attention=result.as_dict()).write(store)
+            dataclasses.replace(manifest, attention=sealed_attention(result.as_dict())).write(store)
         finally:
             lock.release()
     table = ", ".join(f"T={t}: {kl:.4f}" for t, kl in result.kl.items())

@@ -46,6 +46,20 @@ def build_digest(data: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
+def _attention_digest(attention: dict[str, Any]) -> str:
+    """sha256 of an ``attention`` entry without its own ``sha256``."""
+    fields = {key: value for key, value in attention.items() if key != "sha256"}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def sealed_attention(attention: dict[str, Any]) -> dict[str, Any]:
+    """``attention`` with its ``sha256``: ``calibrate`` rewrites this entry after the store is
+    built, so it cannot sit under ``build_sha256``; its own digest makes an edited temperature
+    (which changes every answer, and which range checks pass anywhere in [0.1, 10]) refused
+    instead of applied."""
+    return {**attention, "sha256": _attention_digest(attention)}
+
+
 _SHAPE_KEYS = ("layers", "kv_heads", "head_dim")
 
 
@@ -81,6 +95,12 @@ def _check_values(data: dict[str, Any], where: Path) -> None:
     temperature = attention.get("temperature", 1.0) if isinstance(attention, dict) else None
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0.1 <= temperature <= 10.0:
         raise bad("attention", "needs 'temperature' as a number in [0.1, 10]")
+    if "sha256" in attention and attention["sha256"] != _attention_digest(attention):  # none: written before 2026-12-07
+        raise StoreError(
+            f"{where}: field 'attention' was edited after `ragcompress calibrate` wrote it (it no longer matches "
+            "its sha256), so the temperature every answer applies is not the one calibration chose; re-run "
+            "`ragcompress calibrate --store DIR`, or restore the manifest"
+        )
     encoding = data.get("encoding", {})
     neighbours = encoding.get("context_neighbors", 0) if isinstance(encoding, dict) else None
     if type(neighbours) is not int or not 0 <= neighbours < 1 << 10:
@@ -121,7 +141,8 @@ class Manifest:
     cache kept beside the adaptor's; ``dtype``; empty for plain encoding); ``index`` the FAISS index's
     type, parameters and measured recall (:mod:`ragcompress.store.ann`; written with the index);
     ``attention`` the APE temperature ``ragcompress calibrate`` chose for the store
-    (:mod:`ragcompress.runtime.calibration`; applied to every stored-cache answer);
+    (:mod:`ragcompress.runtime.calibration`; applied to every stored-cache answer; sealed by its
+    own ``sha256``, :func:`sealed_attention`, as it is written after the build);
     ``build_sha256`` the sha256 of the :data:`BUILD_FIELDS` (set by ``create_store``; empty in
     stores created before 2026-12-06, which are read unchecked).
     Every value is validated when a manifest is read, before anything uses it, and a manifest
