@@ -275,6 +275,32 @@ def test_a_python_error_on_an_actor_is_one_line_naming_the_batch_after_the_batch
     assert unfinished_run(tmp_path / "store")  # marked: a rerun resumes
 
 
+def test_a_ray_run_leaves_the_callers_ray_data_settings_as_they_were(cluster, tmp_path, tiny_lm, monkeypatch):
+    """A run set ``preserve_order`` and hid the progress bars in the driver's process-wide Ray
+    Data context and left them so: a caller's own pipeline in the same driver afterwards ran with
+    our settings. The caller's values come back after a run, and after one that fails in the
+    driver's commit loop (an error there left the settings of the suspended generator behind)."""
+    from ray.data import DataContext
+
+    from ragcompress.store import StoreWriter
+
+    context = DataContext.get_current()
+    monkeypatch.setattr(context.execution_options, "preserve_order", False)
+    monkeypatch.setattr(context, "enable_progress_bars", True)
+    path = tmp_path / "passages.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _texts(2 * BATCH)))
+    _ray_index(path, tmp_path / "store", tiny_lm)
+    assert (context.execution_options.preserve_order, context.enable_progress_bars) == (False, True)
+
+    def failing_commit(self, rows, replace=False):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(StoreWriter, "commit", failing_commit)
+    with pytest.raises(OSError, match="disk full"):
+        _ray_index(path, tmp_path / "other", tiny_lm)
+    assert (context.execution_options.preserve_order, context.enable_progress_bars) == (False, True)
+
+
 def test_ray_refuses_context_neighbors_before_ray_starts_or_the_model_loads(
     tmp_path, tiny_lm, tiny_model_dir, monkeypatch
 ):

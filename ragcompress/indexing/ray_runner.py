@@ -45,6 +45,7 @@ import json
 import socket
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -312,15 +313,14 @@ def _results(
 ) -> Iterator[tuple[int, list[dict[str, Any]]]]:
     """``(batch number, catalogue rows)`` in input order, as the actor pool finishes them; the
     library error an actor met is raised here, when its batch's turn comes. A batch that killed
-    its actor on all its ``1 + BATCH_RETRIES`` tries is raised as a :class:`StoreError` naming it."""
+    its actor on all its ``1 + BATCH_RETRIES`` tries is raised as a :class:`StoreError` naming it.
+    Run inside :func:`_ray_data_settings`."""
     import ray
     import ray.data
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import ActorPoolStrategy
 
     from ragcompress.store import shards
 
-    DataContext.get_current().execution_options.preserve_order = True
-    DataContext.get_current().enable_progress_bars = False
     starts: Any = ray.remote(num_cpus=0)(BatchStarts).remote()  # ends with its last handle (the dataset's)
     dataset = ray.data.from_items(items, override_num_blocks=min(len(items), MAX_BLOCKS))
     encoded = dataset.map_batches(
@@ -353,6 +353,26 @@ def _results(
     except ray.exceptions.RayActorError:
         counts: dict[int, int] = ray.get(starts.counts.remote())
         raise _worker_died(items, done, counts) from None
+
+
+@contextmanager
+def _ray_data_settings() -> Iterator[None]:
+    """Ray Data's settings a run needs (batches back in input order, none of its own progress
+    bars), for the run only: they live in the driver's process-wide ``DataContext``, so set and left
+    set they made a caller's own Ray Data pipeline in the same driver run afterwards with ours. The
+    caller's values come back when the block ends, however it ends (a context manager in
+    :func:`index_on_ray`, not a ``finally`` in the :func:`_results` generator, which an error in the
+    driver's loop leaves suspended, its ``finally`` unrun, until the generator is collected)."""
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    options = context.execution_options
+    saved = options.preserve_order, context.enable_progress_bars
+    options.preserve_order, context.enable_progress_bars = True, False
+    try:
+        yield
+    finally:
+        options.preserve_order, context.enable_progress_bars = saved
 
 
 def _worker_died(items: list[dict[str, Any]], done: set[int], starts: dict[int, int]) -> StoreError:
@@ -462,13 +482,14 @@ def index_on_ray(
                 if items
                 else iter(())
             )
-            for number, rows in results:
-                if number != next(expected):  # commits must follow input order (row numbers)
-                    raise StoreError(f"ray returned batch {number} out of order; nothing after it was committed")
-                writer.commit(rows, replace=replace)
-                indexed += len(rows)
-                if bar is not None:
-                    bar.update(len(rows))
+            with _ray_data_settings() if items else nullcontext():  # a rerun with nothing to do imports no Ray Data
+                for number, rows in results:
+                    if number != next(expected):  # commits must follow input order (row numbers)
+                        raise StoreError(f"ray returned batch {number} out of order; nothing after it was committed")
+                    writer.commit(rows, replace=replace)
+                    indexed += len(rows)
+                    if bar is not None:
+                        bar.update(len(rows))
             if bar is not None:
                 bar.close()
             writer.write_index()
