@@ -301,6 +301,30 @@ def test_a_ray_run_leaves_the_callers_ray_data_settings_as_they_were(cluster, tm
     assert (context.execution_options.preserve_order, context.enable_progress_bars) == (False, True)
 
 
+class WindowedHashEmbedder(HashEmbedder):
+    """A stand-in with a window of ``window`` words (two of them its markers, as MiniLM's ``[CLS]``
+    and ``[SEP]``), counted as :meth:`~ragcompress.retrieval.Embedder.count_past_window` counts."""
+
+    window = 12
+
+    def count_past_window(self, texts):
+        return sum(len(t.split()) + 2 > self.window for t in texts)
+
+
+def test_a_ray_run_counts_the_passages_longer_than_the_embedder_reads(cluster, tmp_path, tiny_lm):
+    """The actors count the passages they embed past the embedder's window, as one process
+    does, and the report holds their sum and the window (the CLI's warning)."""
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    records = _texts(BATCH + 2)  # 5, 10, 15, 20, 25 and 5 words: 3 of them past 10 words
+    path = tmp_path / "passages.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    report = _ray_index(path, tmp_path / "store", tiny_lm, factory=WindowedHashEmbedder)
+    assert (report.past_embedder_window, report.embedder_window) == (3, WindowedHashEmbedder.window)
+    single = index(path, tmp_path / "one", lm=tiny_lm, embedder=WindowedHashEmbedder(), config=CONFIG, batch_size=BATCH)
+    assert (single.past_embedder_window, single.embedder_window) == (3, WindowedHashEmbedder.window)
+    assert _ray_index(path, tmp_path / "store", tiny_lm).past_embedder_window == 0  # all stored already
+
+
 def test_ray_refuses_context_neighbors_before_ray_starts_or_the_model_loads(
     tmp_path, tiny_lm, tiny_model_dir, monkeypatch
 ):

@@ -27,6 +27,7 @@ DOCUMENT_SUFFIXES = (".txt", ".md")
 MAX_ID_CHARS = 512
 MAX_LINE_BYTES = 64 << 20
 _VALIDATE_BATCH = 512
+CHUNK_WORDS = 150  # the words of a document's chunk (:func:`chunk_text`); fixed, no option changes it
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,7 @@ def _is_document(relative: Path) -> bool:
     return relative.suffix.lower() in DOCUMENT_SUFFIXES and not any(part.startswith(".") for part in relative.parts)
 
 
-def iter_document(file: Path, relative: str, max_words: int = 150) -> Iterator[PassageInput]:
+def iter_document(file: Path, relative: str, max_words: int = CHUNK_WORDS) -> Iterator[PassageInput]:
     """One ``.txt``/``.md`` document as passages ``<relative>#<n>`` of at most ``max_words`` words."""
     try:  # a name in another encoding (Latin-1 ``caf\xe9.txt``) reaches Python as lone surrogates
         relative.encode("utf-8")
@@ -202,7 +203,7 @@ def _folder_documents(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.is_file() and _is_document(p.relative_to(path)))
 
 
-def iter_folder(path: Path, max_words: int = 150) -> Iterator[PassageInput]:
+def iter_folder(path: Path, max_words: int = CHUNK_WORDS) -> Iterator[PassageInput]:
     for file in _folder_documents(path):
         yield from iter_document(file, file.relative_to(path).as_posix(), max_words)
 

@@ -63,12 +63,14 @@ from ragcompress.indexing.run import (
     check_index_arguments,
     count_input,
     create_store_for,
+    embedder_window,
     run_indexer,
     settings_for,
     stale_chunks,
     update_fields,
 )
 from ragcompress.models import LoadedModel, load_model
+from ragcompress.retrieval import past_window
 from ragcompress.store import KVStore, Manifest, StoreWriter
 from ragcompress.store.files import check_creatable, indexing_run, refuse_existing
 from ragcompress.store.manifest import MANIFEST
@@ -133,8 +135,9 @@ class EncodeActor:
 
     Called with a one-row batch ``{"batch", "passages", "skip"}`` (JSON strings), it writes the
     blobs of the passages not in ``skip``, fsyncs them and returns ``{"batch", "rows",
-    "vectors", "error"}``: the catalogue rows without embeddings (JSON), the embeddings (float32
-    bytes) and ``""``, or no rows and the library error that refused the batch or the actor's
+    "vectors", "past", "error"}``: the catalogue rows without embeddings (JSON), the embeddings
+    (float32 bytes), how many of them are of passages longer than the embedder reads
+    (:func:`~ragcompress.retrieval.past_window`) and ``""``, or no rows and the library error that refused the batch or the actor's
     start (:func:`_error_json`, e.g. a passage too long for the model), raised by the driver.
     Any other exception is returned the same way, as a
     :class:`~ragcompress.errors.RagCompressError` naming the batch (:func:`_unexpected_json`), so
@@ -174,27 +177,28 @@ class EncodeActor:
         except Exception as exc:  # an embedder factory's or a library's bug: the same, as one line
             self.error = _unexpected_json(exc, "starting a worker (model, embedder, store)")
 
-    def _encode(self, number: int, payload: str, skip: str) -> tuple[str, bytes]:
-        """The catalogue rows (JSON, embeddings left out) and the embeddings of batch ``number``."""
+    def _encode(self, number: int, payload: str, skip: str) -> tuple[str, bytes, int]:
+        """The catalogue rows (JSON, embeddings left out), the embeddings of batch ``number`` and
+        how many of its passages are longer than the embedder reads."""
         passages = [PassageInput(**p) for p in json.loads(payload)]
         records = self.indexer.records(passages, skip=set(json.loads(skip)))
         self.shards.start_batch(number)
         rows = [catalogue_row(record, *self.shards.append(record.blob)) for record in records]
         self.shards.sync()  # durable before the driver can commit a row pointing here
         vectors = b"".join(row.pop("embedding") for row in rows)
-        return json.dumps(rows), vectors
+        return json.dumps(rows), vectors, past_window(self.indexer.embedder, [r.text for r in records])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out_batch, out_rows, out_vectors, out_errors = [], [], [], []
+        out_batch, out_rows, out_vectors, out_past, out_errors = [], [], [], [], []
         for number, payload, skip in zip(batch["batch"], batch["passages"], batch["skip"], strict=True):
-            rows, vectors, error = "[]", b"", self.error
+            rows, vectors, past, error = "[]", b"", 0, self.error
             if not error:
                 if self.starts is not None:
                     import ray
 
                     ray.get(self.starts.start.remote(int(number)))  # recorded before a crash can lose it
                 try:
-                    rows, vectors = self._encode(int(number), payload, skip)
+                    rows, vectors, past = self._encode(int(number), payload, skip)
                 except RagCompressError as exc:
                     error = _error_json(exc)
                 except Exception as exc:
@@ -202,11 +206,13 @@ class EncodeActor:
             out_batch.append(int(number))
             out_rows.append(rows)
             out_vectors.append(vectors)
+            out_past.append(past)
             out_errors.append(error)
         return {
             "batch": np.array(out_batch, dtype=np.int64),
             "rows": np.array(out_rows, dtype=object),
             "vectors": np.array(out_vectors, dtype=object),
+            "past": np.array(out_past, dtype=np.int64),
             "error": np.array(out_errors, dtype=object),
         }
 
@@ -310,8 +316,8 @@ def _results(
     threads: int,
     embedder_factory: Callable[[], Any] | None,
     gpu: bool = False,
-) -> Iterator[tuple[int, list[dict[str, Any]]]]:
-    """``(batch number, catalogue rows)`` in input order, as the actor pool finishes them; the
+) -> Iterator[tuple[int, list[dict[str, Any]], int]]:
+    """``(batch number, catalogue rows, passages longer than the embedder reads)`` in input order, as the actor pool finishes them; the
     library error an actor met is raised here, when its batch's turn comes. A batch that killed
     its actor on all its ``1 + BATCH_RETRIES`` tries is raised as a :class:`StoreError` naming it.
     Run inside :func:`_ray_data_settings`."""
@@ -349,7 +355,7 @@ def _results(
             if row["error"]:
                 _raise_error(row["error"])
             done.add(int(row["batch"]))
-            yield int(row["batch"]), catalogue_rows(row["rows"], bytes(row["vectors"]))
+            yield int(row["batch"]), catalogue_rows(row["rows"], bytes(row["vectors"])), int(row["past"])
     except ray.exceptions.RayActorError:
         counts: dict[int, int] = ray.get(starts.counts.remote())
         raise _worker_died(items, done, counts) from None
@@ -463,7 +469,7 @@ def index_on_ray(
     if not exists:
         create_store_for(store_path, indexer)
 
-    indexed = 0
+    indexed = past = 0
     # the lock, held to the end (opening repairs a killed run's shards); the run marked until it
     # ends, from when the cluster is joined (a complete store's rerun starts no Ray at all)
     with StoreWriter(store_path) as writer:
@@ -483,11 +489,12 @@ def index_on_ray(
                 else iter(())
             )
             with _ray_data_settings() if items else nullcontext():  # a rerun with nothing to do imports no Ray Data
-                for number, rows in results:
+                for number, rows, batch_past in results:
                     if number != next(expected):  # commits must follow input order (row numbers)
                         raise StoreError(f"ray returned batch {number} out of order; nothing after it was committed")
                     writer.commit(rows, replace=replace)
                     indexed += len(rows)
+                    past += batch_past
                     if bar is not None:
                         bar.update(len(rows))
             if bar is not None:
@@ -496,7 +503,20 @@ def index_on_ray(
             writer.repair_shards()  # truncate what no committed row points at (a killed actor's bytes)
             stale_ids = stale_chunks(writer, input_path)
             finished()
-    return IndexReport(total, indexed, skipped, time.perf_counter() - start, str(store_path), stale, updated, stale_ids)
+    seconds = time.perf_counter() - start
+    window = embedder_window(indexer, past)
+    return IndexReport(
+        total,
+        indexed,
+        skipped,
+        seconds,
+        str(store_path),
+        stale,
+        updated,
+        stale_ids,
+        past_embedder_window=past,
+        embedder_window=window,
+    )
 
 
 def _wants_gpu(device: str | None, address: str) -> bool:
