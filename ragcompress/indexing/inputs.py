@@ -209,17 +209,23 @@ def iter_folder(path: Path, max_words: int = CHUNK_WORDS) -> Iterator[PassageInp
 
 
 def document_chunks(path: Path) -> dict[str, int] | None:
-    """``{document: its chunk count}`` of an input read as documents (a folder, blank documents
-    counting 0, or one ``.txt``/``.md`` document): its ids are ``<document>#<n>``, n below that
-    count. None for JSONL, whose ids are the user's."""
+    """``{document: 0}`` for each document of an input read as documents (a folder's, blank ones
+    included, or one ``.txt``/``.md`` document), for :func:`count_chunks` to fill from the
+    passages a run reads anyway (their ids are ``<document>#<n>``, n below that count; listing a
+    folder reads no document). None for JSONL, whose ids are the user's."""
     if path.is_dir():
-        counts = {file.relative_to(path).as_posix(): 0 for file in _folder_documents(path)}
-        for passage in iter_folder(path):
-            counts[passage.meta["source"]] += 1
-        return counts
+        return {file.relative_to(path).as_posix(): 0 for file in _folder_documents(path)}
     if path.suffix.lower() in DOCUMENT_SUFFIXES and not _opens_with_a_json_object(path):
-        return {path.name: sum(1 for _ in iter_document(path, path.name))}
+        return {path.name: 0}
     return None
+
+
+def count_chunks(counts: dict[str, int] | None, passages: list[PassageInput]) -> None:
+    """Add ``passages`` (of the input ``counts`` came from, :func:`document_chunks`) to their
+    documents' chunk counts; nothing for JSONL (``counts`` None)."""
+    if counts is not None:
+        for passage in passages:
+            counts[passage.meta["source"]] += 1
 
 
 def iter_passages(path: str | Path) -> Iterator[PassageInput]:

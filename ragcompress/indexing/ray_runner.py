@@ -56,7 +56,7 @@ from ragcompress.distill.packaged import MATCHING, resolve_adaptor
 from ragcompress.errors import InputError, RagCompressError, StoreError
 from ragcompress.indexing.config import IndexConfig
 from ragcompress.indexing.indexer import Indexer
-from ragcompress.indexing.inputs import PassageInput, iter_passages
+from ragcompress.indexing.inputs import PassageInput, count_chunks, document_chunks, iter_passages
 from ragcompress.indexing.run import (
     IndexReport,
     _batches,
@@ -280,15 +280,20 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
         ) from None
 
 
-def _work(writer: StoreWriter, input_path: Path, batch_size: int) -> tuple[list[dict[str, Any]], int, int, int]:
+def _work(
+    writer: StoreWriter, input_path: Path, batch_size: int
+) -> tuple[list[dict[str, Any]], int, int, int, dict[str, int] | None]:
     """The batches still to encode (input order, as ``index()`` cuts them), the passages skipped,
     those that will replace a stored one of another text (``replace``; validation refused those
-    without it) and the skipped ones given the input's other title or metadata (:func:`update_fields`).
+    without it), the skipped ones given the input's other title or metadata (:func:`update_fields`)
+    and the input's documents' chunk counts (:func:`stale_chunks`; None for JSONL).
 
     A batch whose passages are all committed with their text is left out; a partly committed one
     is sent whole with those ids to skip (its cache bits depend on the whole batch)."""
     items, skipped, stale, updated = [], 0, 0, 0
+    chunks = document_chunks(input_path)
     for number, batch in enumerate(_batches(iter_passages(input_path), batch_size)):
+        count_chunks(chunks, batch)
         known = writer.known_of([p.id for p in batch])
         unchanged = sorted(p.id for p in batch if known.get(p.id) == p.text_sha)
         writer.make_searchable(unchanged)  # ones a query had cached are part of the corpus now
@@ -304,7 +309,7 @@ def _work(writer: StoreWriter, input_path: Path, batch_size: int) -> tuple[list[
                 "skip": json.dumps(unchanged),
             }
         )
-    return items, skipped, stale, updated
+    return items, skipped, stale, updated, chunks
 
 
 def _results(
@@ -473,7 +478,7 @@ def index_on_ray(
     # the lock, held to the end (opening repairs a killed run's shards); the run marked until it
     # ends, from when the cluster is joined (a complete store's rerun starts no Ray at all)
     with StoreWriter(store_path) as writer:
-        items, skipped, stale, updated = _work(writer, input_path, batch_size)
+        items, skipped, stale, updated, chunks = _work(writer, input_path, batch_size)
         if items:
             _connect(address, workers * threads_per_worker, gpu)
         with indexing_run(store_path, total) as finished:
@@ -501,7 +506,7 @@ def index_on_ray(
                 bar.close()
             writer.write_index()
             writer.repair_shards()  # truncate what no committed row points at (a killed actor's bytes)
-            stale_ids = stale_chunks(writer, input_path)
+            stale_ids = stale_chunks(writer, chunks)
             finished()
     seconds = time.perf_counter() - start
     window = embedder_window(indexer, past)

@@ -25,7 +25,7 @@ from ragcompress.errors import InputError, StoreError, StoreMismatchError
 from ragcompress.indexing.calibrate import fit_calibration_basis
 from ragcompress.indexing.config import IndexConfig, config_from_manifest
 from ragcompress.indexing.indexer import Indexer
-from ragcompress.indexing.inputs import PassageInput, document_chunks, iter_passages, validate
+from ragcompress.indexing.inputs import PassageInput, count_chunks, document_chunks, iter_passages, validate
 from ragcompress.kv.lowrank import RankSpec
 from ragcompress.models import DEFAULT_MODEL, EVAL_MODEL, LoadedModel, load_model
 from ragcompress.retrieval import Embedder, past_window
@@ -109,14 +109,15 @@ def update_fields(writer: StoreWriter, batch: list[PassageInput], unchanged: Col
     return writer.update_meta(changed) if changed else 0
 
 
-def stale_chunks(writer: StoreWriter, input_path: Path) -> tuple[str, ...]:
+def stale_chunks(writer: StoreWriter, counts: dict[str, int] | None) -> tuple[str, ...]:
     """Stored ids ``<document>#<n>`` of the input's documents (a folder, or one document) with n
     at or beyond the chunks the document has now: a document edited to fewer chunks (``--replace``
     re-encodes the ones it still has) leaves its old last chunks stored and searchable, holding
     text it no longer contains. Named in the report, not removed: a store may have been built
     from more than this input, and ``ragcompress remove`` deletes them. Shared by the one-process
-    and the Ray run."""
-    counts = document_chunks(input_path)
+    and the Ray run. ``counts``: :func:`document_chunks` filled by :func:`count_chunks` from the
+    run's own encoding pass (reading and chunking every document again after the run was one
+    more pass over the input); None for JSONL."""
     if not counts:
         return ()
     stale: list[str] = []
@@ -437,9 +438,11 @@ def _write(
     # Neighbour-conditioned encoding draws every passage's neighbours from the whole input (of this
     # run: passages added to a store later draw from their own input only; short_context counts those short of N)
     pool = indexer.neighbour_pool(list(iter_passages(input_path))) if indexer.context_neighbors else None
+    chunks = document_chunks(input_path)
     try:
         with StoreWriter(target) as writer, indexing_run(target, total) as finished:
             for batch in _batches(iter_passages(input_path), batch_size):
+                count_chunks(chunks, batch)
                 known = writer.known_of([p.id for p in batch])
                 unchanged = {p.id for p in batch if known.get(p.id) == p.text_sha}
                 writer.make_searchable(unchanged)  # ones a query had cached are part of the corpus now
@@ -454,7 +457,7 @@ def _write(
                 if bar is not None:
                     bar.update(len(batch))
             writer.write_index()
-            stale = stale_chunks(writer, input_path)
+            stale = stale_chunks(writer, chunks)
             finished()
     finally:
         if bar is not None:
