@@ -76,6 +76,29 @@ class Embedder:
         )
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
+    @property
+    def window(self) -> int:
+        """The word pieces the model reads of a text (its ``max_seq_length``, 256 for MiniLM,
+        ``[CLS]`` and ``[SEP]`` included): :meth:`embed` drops the rest."""
+        return int(self._load().max_seq_length)
+
+    def count_past_window(self, texts: list[str]) -> int:
+        """How many of ``texts`` are longer than :attr:`window`: embedded from their start only, so
+        retrieval never matches words beyond it. Counted with the model's own tokenizer in one
+        call (a millisecond a passage, beside the embedding itself); ``verbose=False`` keeps the
+        tokenizer from logging each long text."""
+        model = self._load()
+        ids = model.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+        return sum(len(pieces) > model.max_seq_length for pieces in ids)
+
+
+def past_window(embedder: Any, texts: list[str]) -> int:
+    """How many of ``texts`` ``embedder`` embeds from their start only (:meth:`Embedder.count_past_window`).
+    0 for an embedder without that method (a test stand-in, a user's own): one that reads a
+    whole text, or says nothing of a window, is simply not checked."""
+    count = getattr(embedder, "count_past_window", None)
+    return int(count(texts)) if count is not None and texts else 0
+
 
 @contextmanager
 def _one_omp_thread() -> Iterator[None]:

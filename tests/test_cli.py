@@ -88,8 +88,9 @@ def test_index_names_the_titles_and_metadata_it_updated(cli_store, monkeypatch, 
 def test_index_warns_of_the_chunks_an_edited_document_no_longer_has(tiny_model_dir, monkeypatch, capfd, tmp_path):
     docs, store = tmp_path / "docs", tmp_path / "store"
     docs.mkdir()
-    words = lambda tag: " ".join(f"{tag}{i}" for i in range(150))  # noqa: E731 (one chunk each)
-    (docs / "policy.md").write_text(f"{words('old')}\n\n{words('refund')}\n")
+    # one chunk each, of one word piece a word ('old12' is two: the embedder's window warning)
+    words = lambda tag: " ".join([tag] * 150)  # noqa: E731
+    (docs / "policy.md").write_text(f"{words('old')}\n\n{words('price')}\n")
     build = ["index", "--input", str(docs), "--store", str(store), "--model", str(tiny_model_dir("llama"))]
     code, _, err = run_cli(build, monkeypatch, capfd)
     assert code == 0 and "warning" not in err, err
@@ -101,6 +102,27 @@ def test_index_warns_of_the_chunks_an_edited_document_no_longer_has(tiny_model_d
     assert code == 0, err
     code, out, err = run_cli(["index", "--input", str(docs), "--store", str(store), "--json"], monkeypatch, capfd)
     assert code == 0 and json.loads(out)["stale"] == [] and "warning" not in err, err
+
+
+def test_index_warns_of_passages_longer_than_the_embedder_reads(tiny_model_dir, monkeypatch, capfd, tmp_path):
+    """The embedder reads 256 word pieces of a passage; the rest took no part in retrieval and
+    nothing said so (only docs/scaling.md did). A run counts the passages it embedded past the
+    window, reports them in --json and warns once, naming the count and the window."""
+    passages, store = tmp_path / "passages.jsonl", tmp_path / "store"
+    long_text = " ".join(f"word{i}" for i in range(300))
+    records = [{"id": "a", "text": "A short passage."}, {"id": "b", "text": long_text}, {"id": "c", "text": "Short."}]
+    passages.write_text("".join(json.dumps(r) + "\n" for r in records))
+    args = ["index", "--input", str(passages), "--store", str(store), "--model", str(tiny_model_dir("llama"))]
+    code, out, err = run_cli([*args, "--json"], monkeypatch, capfd)
+    assert code == 0, err
+    assert (json.loads(out)["past_embedder_window"], json.loads(out)["embedder_window"]) == (1, 256)
+    warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert warnings == [line for line in err.splitlines() if "embedder reads" in line]
+    assert len(warnings) == 1 and warnings[0].startswith(
+        "warning: 1 passages are longer than the embedder reads (256 word pieces): only their start is embedded"
+    )
+    code, out, err = run_cli([*args, "--json"], monkeypatch, capfd)  # nothing embedded again: nothing to say
+    assert code == 0 and json.loads(out)["past_embedder_window"] == 0 and "warning" not in err, err
 
 
 def test_overwrite_with_some_settings_names_the_store_settings_it_resets(

@@ -275,6 +275,56 @@ def test_a_python_error_on_an_actor_is_one_line_naming_the_batch_after_the_batch
     assert unfinished_run(tmp_path / "store")  # marked: a rerun resumes
 
 
+def test_a_ray_run_leaves_the_callers_ray_data_settings_as_they_were(cluster, tmp_path, tiny_lm, monkeypatch):
+    """A run set ``preserve_order`` and hid the progress bars in the driver's process-wide Ray
+    Data context and left them so: a caller's own pipeline in the same driver afterwards ran with
+    our settings. The caller's values come back after a run, and after one that fails in the
+    driver's commit loop (an error there left the settings of the suspended generator behind)."""
+    from ray.data import DataContext
+
+    from ragcompress.store import StoreWriter
+
+    context = DataContext.get_current()
+    monkeypatch.setattr(context.execution_options, "preserve_order", False)
+    monkeypatch.setattr(context, "enable_progress_bars", True)
+    path = tmp_path / "passages.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _texts(2 * BATCH)))
+    _ray_index(path, tmp_path / "store", tiny_lm)
+    assert (context.execution_options.preserve_order, context.enable_progress_bars) == (False, True)
+
+    def failing_commit(self, rows, replace=False):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(StoreWriter, "commit", failing_commit)
+    with pytest.raises(OSError, match="disk full"):
+        _ray_index(path, tmp_path / "other", tiny_lm)
+    assert (context.execution_options.preserve_order, context.enable_progress_bars) == (False, True)
+
+
+class WindowedHashEmbedder(HashEmbedder):
+    """A stand-in with a window of ``window`` words (two of them its markers, as MiniLM's ``[CLS]``
+    and ``[SEP]``), counted as :meth:`~ragcompress.retrieval.Embedder.count_past_window` counts."""
+
+    window = 12
+
+    def count_past_window(self, texts):
+        return sum(len(t.split()) + 2 > self.window for t in texts)
+
+
+def test_a_ray_run_counts_the_passages_longer_than_the_embedder_reads(cluster, tmp_path, tiny_lm):
+    """The actors count the passages they embed past the embedder's window, as one process
+    does, and the report holds their sum and the window (the CLI's warning)."""
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    records = _texts(BATCH + 2)  # 5, 10, 15, 20, 25 and 5 words: 3 of them past 10 words
+    path = tmp_path / "passages.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    report = _ray_index(path, tmp_path / "store", tiny_lm, factory=WindowedHashEmbedder)
+    assert (report.past_embedder_window, report.embedder_window) == (3, WindowedHashEmbedder.window)
+    single = index(path, tmp_path / "one", lm=tiny_lm, embedder=WindowedHashEmbedder(), config=CONFIG, batch_size=BATCH)
+    assert (single.past_embedder_window, single.embedder_window) == (3, WindowedHashEmbedder.window)
+    assert _ray_index(path, tmp_path / "store", tiny_lm).past_embedder_window == 0  # all stored already
+
+
 def test_ray_refuses_context_neighbors_before_ray_starts_or_the_model_loads(
     tmp_path, tiny_lm, tiny_model_dir, monkeypatch
 ):

@@ -123,3 +123,18 @@ def test_threads_sharing_an_embedder_load_it_once_and_it_pickles_by_name(monkeyp
     assert len(loads) == 1
     copy = pickle.loads(pickle.dumps(embedder))
     assert copy.name == embedder.name and copy._model is None
+
+
+def test_the_embedder_counts_the_texts_longer_than_its_window():
+    """MiniLM reads 256 word pieces (``[CLS]`` and ``[SEP]`` among them) and embeds a longer
+    passage's start only; indexing counts such passages with the model's own tokenizer, and an
+    embedder without a window (the stand-ins) is not checked."""
+    from ragcompress.retrieval import Embedder, past_window
+    from ragcompress.testing import HashEmbedder
+
+    embedder = Embedder()
+    assert embedder.window == 256
+    fits, past = "x " * 254, "x " * 255  # 256 and 257 word pieces
+    assert past_window(embedder, [fits, past, "short", "word " * 400]) == 2
+    assert past_window(embedder, [fits]) == past_window(embedder, []) == 0
+    assert past_window(HashEmbedder(), [past]) == 0

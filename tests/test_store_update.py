@@ -111,6 +111,36 @@ def test_chunks_an_edited_document_no_longer_has_are_named_not_left_silently(tin
     assert _index(tiny_lm, jsonl, tmp_path / "store").stale == ()
 
 
+def test_stale_chunks_are_found_without_reading_the_documents_again(tiny_lm, tmp_path, monkeypatch):
+    """Finding the stale chunks read and chunked every document of the input once more after the
+    run, a fourth pass; the chunk counts now come from the run's own encoding pass: each document
+    is read three times (validation, the length check, encoding), and the stale chunks are the same."""
+    from ragcompress.indexing import inputs
+
+    reads: dict[str, int] = {}
+    original = inputs.iter_document
+
+    def counted(file, relative, *args, **kwargs):
+        reads[relative] = reads.get(relative, 0) + 1
+        return original(file, relative, *args, **kwargs)
+
+    monkeypatch.setattr(inputs, "iter_document", counted)
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    words = lambda tag: " ".join(f"{tag}{i}" for i in range(150))  # noqa: E731 (one chunk each)
+    (docs / "policy.md").write_text(f"{words('old')}\n\n{words('refund')}\n")
+    (docs / "other.md").write_text("Kept as it is.\n")
+    assert _index(tiny_lm, docs, tmp_path / "store").stale == ()
+    assert reads == {"other.md": 3, "policy.md": 3}
+    (docs / "policy.md").write_text(f"{words('new')}\n")
+    reads.clear()
+    assert _index(tiny_lm, docs, tmp_path / "store", replace=True).stale == ("policy.md#1",)
+    assert reads == {"other.md": 3, "policy.md": 3}
+    reads.clear()
+    assert _index(tiny_lm, docs / "policy.md", tmp_path / "store").stale == ("policy.md#1",)  # one document
+    assert reads == {"policy.md": 3}
+
+
 def test_remove_deletes_passages_and_an_open_reader_stops_finding_them(store):
     texts = {r["id"]: r["text"] for r in _texts(N_PASSAGES)}
     with KVStore.open(store) as reader:

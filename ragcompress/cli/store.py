@@ -226,6 +226,16 @@ def index(
             "with those they should be encoded after (docs/recompute.md)",
             err=True,
         )
+    if report.past_embedder_window:
+        from ragcompress.indexing.inputs import CHUNK_WORDS
+
+        typer.echo(
+            f"warning: {report.past_embedder_window} passages are longer than the embedder reads "
+            f"({report.embedder_window} word pieces): only their start is embedded, so retrieval never matches the "
+            f"rest; split them into shorter JSONL passages (a folder's documents are cut into {CHUNK_WORDS}-word chunks) "
+            "(docs/scaling.md)",
+            err=True,
+        )
 
 
 def _stale_warning(stale: tuple[str, ...], store: Path) -> str:

@@ -27,6 +27,7 @@ DOCUMENT_SUFFIXES = (".txt", ".md")
 MAX_ID_CHARS = 512
 MAX_LINE_BYTES = 64 << 20
 _VALIDATE_BATCH = 512
+CHUNK_WORDS = 150  # the words of a document's chunk (:func:`chunk_text`); fixed, no option changes it
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,7 @@ def _is_document(relative: Path) -> bool:
     return relative.suffix.lower() in DOCUMENT_SUFFIXES and not any(part.startswith(".") for part in relative.parts)
 
 
-def iter_document(file: Path, relative: str, max_words: int = 150) -> Iterator[PassageInput]:
+def iter_document(file: Path, relative: str, max_words: int = CHUNK_WORDS) -> Iterator[PassageInput]:
     """One ``.txt``/``.md`` document as passages ``<relative>#<n>`` of at most ``max_words`` words."""
     try:  # a name in another encoding (Latin-1 ``caf\xe9.txt``) reaches Python as lone surrogates
         relative.encode("utf-8")
@@ -202,23 +203,29 @@ def _folder_documents(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.is_file() and _is_document(p.relative_to(path)))
 
 
-def iter_folder(path: Path, max_words: int = 150) -> Iterator[PassageInput]:
+def iter_folder(path: Path, max_words: int = CHUNK_WORDS) -> Iterator[PassageInput]:
     for file in _folder_documents(path):
         yield from iter_document(file, file.relative_to(path).as_posix(), max_words)
 
 
 def document_chunks(path: Path) -> dict[str, int] | None:
-    """``{document: its chunk count}`` of an input read as documents (a folder, blank documents
-    counting 0, or one ``.txt``/``.md`` document): its ids are ``<document>#<n>``, n below that
-    count. None for JSONL, whose ids are the user's."""
+    """``{document: 0}`` for each document of an input read as documents (a folder's, blank ones
+    included, or one ``.txt``/``.md`` document), for :func:`count_chunks` to fill from the
+    passages a run reads anyway (their ids are ``<document>#<n>``, n below that count; listing a
+    folder reads no document). None for JSONL, whose ids are the user's."""
     if path.is_dir():
-        counts = {file.relative_to(path).as_posix(): 0 for file in _folder_documents(path)}
-        for passage in iter_folder(path):
-            counts[passage.meta["source"]] += 1
-        return counts
+        return {file.relative_to(path).as_posix(): 0 for file in _folder_documents(path)}
     if path.suffix.lower() in DOCUMENT_SUFFIXES and not _opens_with_a_json_object(path):
-        return {path.name: sum(1 for _ in iter_document(path, path.name))}
+        return {path.name: 0}
     return None
+
+
+def count_chunks(counts: dict[str, int] | None, passages: list[PassageInput]) -> None:
+    """Add ``passages`` (of the input ``counts`` came from, :func:`document_chunks`) to their
+    documents' chunk counts; nothing for JSONL (``counts`` None)."""
+    if counts is not None:
+        for passage in passages:
+            counts[passage.meta["source"]] += 1
 
 
 def iter_passages(path: str | Path) -> Iterator[PassageInput]:

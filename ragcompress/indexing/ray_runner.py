@@ -45,6 +45,7 @@ import json
 import socket
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -55,19 +56,21 @@ from ragcompress.distill.packaged import MATCHING, resolve_adaptor
 from ragcompress.errors import InputError, RagCompressError, StoreError
 from ragcompress.indexing.config import IndexConfig
 from ragcompress.indexing.indexer import Indexer
-from ragcompress.indexing.inputs import PassageInput, iter_passages
+from ragcompress.indexing.inputs import PassageInput, count_chunks, document_chunks, iter_passages
 from ragcompress.indexing.run import (
     IndexReport,
     _batches,
     check_index_arguments,
     count_input,
     create_store_for,
+    embedder_window,
     run_indexer,
     settings_for,
     stale_chunks,
     update_fields,
 )
 from ragcompress.models import LoadedModel, load_model
+from ragcompress.retrieval import past_window
 from ragcompress.store import KVStore, Manifest, StoreWriter
 from ragcompress.store.files import check_creatable, indexing_run, refuse_existing
 from ragcompress.store.manifest import MANIFEST
@@ -132,8 +135,9 @@ class EncodeActor:
 
     Called with a one-row batch ``{"batch", "passages", "skip"}`` (JSON strings), it writes the
     blobs of the passages not in ``skip``, fsyncs them and returns ``{"batch", "rows",
-    "vectors", "error"}``: the catalogue rows without embeddings (JSON), the embeddings (float32
-    bytes) and ``""``, or no rows and the library error that refused the batch or the actor's
+    "vectors", "past", "error"}``: the catalogue rows without embeddings (JSON), the embeddings
+    (float32 bytes), how many of them are of passages longer than the embedder reads
+    (:func:`~ragcompress.retrieval.past_window`) and ``""``, or no rows and the library error that refused the batch or the actor's
     start (:func:`_error_json`, e.g. a passage too long for the model), raised by the driver.
     Any other exception is returned the same way, as a
     :class:`~ragcompress.errors.RagCompressError` naming the batch (:func:`_unexpected_json`), so
@@ -173,27 +177,28 @@ class EncodeActor:
         except Exception as exc:  # an embedder factory's or a library's bug: the same, as one line
             self.error = _unexpected_json(exc, "starting a worker (model, embedder, store)")
 
-    def _encode(self, number: int, payload: str, skip: str) -> tuple[str, bytes]:
-        """The catalogue rows (JSON, embeddings left out) and the embeddings of batch ``number``."""
+    def _encode(self, number: int, payload: str, skip: str) -> tuple[str, bytes, int]:
+        """The catalogue rows (JSON, embeddings left out), the embeddings of batch ``number`` and
+        how many of its passages are longer than the embedder reads."""
         passages = [PassageInput(**p) for p in json.loads(payload)]
         records = self.indexer.records(passages, skip=set(json.loads(skip)))
         self.shards.start_batch(number)
         rows = [catalogue_row(record, *self.shards.append(record.blob)) for record in records]
         self.shards.sync()  # durable before the driver can commit a row pointing here
         vectors = b"".join(row.pop("embedding") for row in rows)
-        return json.dumps(rows), vectors
+        return json.dumps(rows), vectors, past_window(self.indexer.embedder, [r.text for r in records])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out_batch, out_rows, out_vectors, out_errors = [], [], [], []
+        out_batch, out_rows, out_vectors, out_past, out_errors = [], [], [], [], []
         for number, payload, skip in zip(batch["batch"], batch["passages"], batch["skip"], strict=True):
-            rows, vectors, error = "[]", b"", self.error
+            rows, vectors, past, error = "[]", b"", 0, self.error
             if not error:
                 if self.starts is not None:
                     import ray
 
                     ray.get(self.starts.start.remote(int(number)))  # recorded before a crash can lose it
                 try:
-                    rows, vectors = self._encode(int(number), payload, skip)
+                    rows, vectors, past = self._encode(int(number), payload, skip)
                 except RagCompressError as exc:
                     error = _error_json(exc)
                 except Exception as exc:
@@ -201,11 +206,13 @@ class EncodeActor:
             out_batch.append(int(number))
             out_rows.append(rows)
             out_vectors.append(vectors)
+            out_past.append(past)
             out_errors.append(error)
         return {
             "batch": np.array(out_batch, dtype=np.int64),
             "rows": np.array(out_rows, dtype=object),
             "vectors": np.array(out_vectors, dtype=object),
+            "past": np.array(out_past, dtype=np.int64),
             "error": np.array(out_errors, dtype=object),
         }
 
@@ -273,15 +280,20 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
         ) from None
 
 
-def _work(writer: StoreWriter, input_path: Path, batch_size: int) -> tuple[list[dict[str, Any]], int, int, int]:
+def _work(
+    writer: StoreWriter, input_path: Path, batch_size: int
+) -> tuple[list[dict[str, Any]], int, int, int, dict[str, int] | None]:
     """The batches still to encode (input order, as ``index()`` cuts them), the passages skipped,
     those that will replace a stored one of another text (``replace``; validation refused those
-    without it) and the skipped ones given the input's other title or metadata (:func:`update_fields`).
+    without it), the skipped ones given the input's other title or metadata (:func:`update_fields`)
+    and the input's documents' chunk counts (:func:`stale_chunks`; None for JSONL).
 
     A batch whose passages are all committed with their text is left out; a partly committed one
     is sent whole with those ids to skip (its cache bits depend on the whole batch)."""
     items, skipped, stale, updated = [], 0, 0, 0
+    chunks = document_chunks(input_path)
     for number, batch in enumerate(_batches(iter_passages(input_path), batch_size)):
+        count_chunks(chunks, batch)
         known = writer.known_of([p.id for p in batch])
         unchanged = sorted(p.id for p in batch if known.get(p.id) == p.text_sha)
         writer.make_searchable(unchanged)  # ones a query had cached are part of the corpus now
@@ -297,7 +309,7 @@ def _work(writer: StoreWriter, input_path: Path, batch_size: int) -> tuple[list[
                 "skip": json.dumps(unchanged),
             }
         )
-    return items, skipped, stale, updated
+    return items, skipped, stale, updated, chunks
 
 
 def _results(
@@ -309,18 +321,17 @@ def _results(
     threads: int,
     embedder_factory: Callable[[], Any] | None,
     gpu: bool = False,
-) -> Iterator[tuple[int, list[dict[str, Any]]]]:
-    """``(batch number, catalogue rows)`` in input order, as the actor pool finishes them; the
+) -> Iterator[tuple[int, list[dict[str, Any]], int]]:
+    """``(batch number, catalogue rows, passages longer than the embedder reads)`` in input order, as the actor pool finishes them; the
     library error an actor met is raised here, when its batch's turn comes. A batch that killed
-    its actor on all its ``1 + BATCH_RETRIES`` tries is raised as a :class:`StoreError` naming it."""
+    its actor on all its ``1 + BATCH_RETRIES`` tries is raised as a :class:`StoreError` naming it.
+    Run inside :func:`_ray_data_settings`."""
     import ray
     import ray.data
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import ActorPoolStrategy
 
     from ragcompress.store import shards
 
-    DataContext.get_current().execution_options.preserve_order = True
-    DataContext.get_current().enable_progress_bars = False
     starts: Any = ray.remote(num_cpus=0)(BatchStarts).remote()  # ends with its last handle (the dataset's)
     dataset = ray.data.from_items(items, override_num_blocks=min(len(items), MAX_BLOCKS))
     encoded = dataset.map_batches(
@@ -349,10 +360,30 @@ def _results(
             if row["error"]:
                 _raise_error(row["error"])
             done.add(int(row["batch"]))
-            yield int(row["batch"]), catalogue_rows(row["rows"], bytes(row["vectors"]))
+            yield int(row["batch"]), catalogue_rows(row["rows"], bytes(row["vectors"])), int(row["past"])
     except ray.exceptions.RayActorError:
         counts: dict[int, int] = ray.get(starts.counts.remote())
         raise _worker_died(items, done, counts) from None
+
+
+@contextmanager
+def _ray_data_settings() -> Iterator[None]:
+    """Ray Data's settings a run needs (batches back in input order, none of its own progress
+    bars), for the run only: they live in the driver's process-wide ``DataContext``, so set and left
+    set they made a caller's own Ray Data pipeline in the same driver run afterwards with ours. The
+    caller's values come back when the block ends, however it ends (a context manager in
+    :func:`index_on_ray`, not a ``finally`` in the :func:`_results` generator, which an error in the
+    driver's loop leaves suspended, its ``finally`` unrun, until the generator is collected)."""
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    options = context.execution_options
+    saved = options.preserve_order, context.enable_progress_bars
+    options.preserve_order, context.enable_progress_bars = True, False
+    try:
+        yield
+    finally:
+        options.preserve_order, context.enable_progress_bars = saved
 
 
 def _worker_died(items: list[dict[str, Any]], done: set[int], starts: dict[int, int]) -> StoreError:
@@ -443,11 +474,11 @@ def index_on_ray(
     if not exists:
         create_store_for(store_path, indexer)
 
-    indexed = 0
+    indexed = past = 0
     # the lock, held to the end (opening repairs a killed run's shards); the run marked until it
     # ends, from when the cluster is joined (a complete store's rerun starts no Ray at all)
     with StoreWriter(store_path) as writer:
-        items, skipped, stale, updated = _work(writer, input_path, batch_size)
+        items, skipped, stale, updated, chunks = _work(writer, input_path, batch_size)
         if items:
             _connect(address, workers * threads_per_worker, gpu)
         with indexing_run(store_path, total) as finished:
@@ -462,20 +493,35 @@ def index_on_ray(
                 if items
                 else iter(())
             )
-            for number, rows in results:
-                if number != next(expected):  # commits must follow input order (row numbers)
-                    raise StoreError(f"ray returned batch {number} out of order; nothing after it was committed")
-                writer.commit(rows, replace=replace)
-                indexed += len(rows)
-                if bar is not None:
-                    bar.update(len(rows))
+            with _ray_data_settings() if items else nullcontext():  # a rerun with nothing to do imports no Ray Data
+                for number, rows, batch_past in results:
+                    if number != next(expected):  # commits must follow input order (row numbers)
+                        raise StoreError(f"ray returned batch {number} out of order; nothing after it was committed")
+                    writer.commit(rows, replace=replace)
+                    indexed += len(rows)
+                    past += batch_past
+                    if bar is not None:
+                        bar.update(len(rows))
             if bar is not None:
                 bar.close()
             writer.write_index()
             writer.repair_shards()  # truncate what no committed row points at (a killed actor's bytes)
-            stale_ids = stale_chunks(writer, input_path)
+            stale_ids = stale_chunks(writer, chunks)
             finished()
-    return IndexReport(total, indexed, skipped, time.perf_counter() - start, str(store_path), stale, updated, stale_ids)
+    seconds = time.perf_counter() - start
+    window = embedder_window(indexer, past)
+    return IndexReport(
+        total,
+        indexed,
+        skipped,
+        seconds,
+        str(store_path),
+        stale,
+        updated,
+        stale_ids,
+        past_embedder_window=past,
+        embedder_window=window,
+    )
 
 
 def _wants_gpu(device: str | None, address: str) -> bool:

@@ -25,10 +25,10 @@ from ragcompress.errors import InputError, StoreError, StoreMismatchError
 from ragcompress.indexing.calibrate import fit_calibration_basis
 from ragcompress.indexing.config import IndexConfig, config_from_manifest
 from ragcompress.indexing.indexer import Indexer
-from ragcompress.indexing.inputs import PassageInput, document_chunks, iter_passages, validate
+from ragcompress.indexing.inputs import PassageInput, count_chunks, document_chunks, iter_passages, validate
 from ragcompress.kv.lowrank import RankSpec
 from ragcompress.models import DEFAULT_MODEL, EVAL_MODEL, LoadedModel, load_model
-from ragcompress.retrieval import Embedder
+from ragcompress.retrieval import Embedder, past_window
 from ragcompress.store import KVStore, Manifest, StoreWriter, create_store
 from ragcompress.store.basis import basis_to_bytes
 from ragcompress.store.catalogue import CATALOGUE
@@ -53,7 +53,11 @@ class IndexReport:
     input's documents beyond the chunks they have now (:func:`stale_chunks`), left in place.
     ``short_context``: passages of a neighbour-conditioned store encoded after fewer than its
     ``context_neighbors`` passages, because this run's input (where neighbours are drawn from,
-    not the store) held fewer others (:func:`short_context`); the CLI warns about them."""
+    not the store) held fewer others (:func:`short_context`); the CLI warns about them.
+    ``past_embedder_window``: passages this run embedded that are longer than the embedder reads
+    (``embedder_window`` word pieces, 0 when none were): only their start is embedded, so
+    retrieval never matches the rest; the CLI warns. An embedder with no window to check
+    (:func:`~ragcompress.retrieval.past_window`) counts none."""
 
     passages: int
     indexed: int
@@ -64,6 +68,8 @@ class IndexReport:
     updated: int = 0
     stale: tuple[str, ...] = ()
     short_context: int = 0
+    past_embedder_window: int = 0
+    embedder_window: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -74,6 +80,8 @@ class IndexReport:
             "updated": self.updated,
             "stale": list(self.stale),
             "short_context": self.short_context,
+            "past_embedder_window": self.past_embedder_window,
+            "embedder_window": self.embedder_window,
             "seconds": self.seconds,
             "store": self.store,
         }
@@ -101,14 +109,15 @@ def update_fields(writer: StoreWriter, batch: list[PassageInput], unchanged: Col
     return writer.update_meta(changed) if changed else 0
 
 
-def stale_chunks(writer: StoreWriter, input_path: Path) -> tuple[str, ...]:
+def stale_chunks(writer: StoreWriter, counts: dict[str, int] | None) -> tuple[str, ...]:
     """Stored ids ``<document>#<n>`` of the input's documents (a folder, or one document) with n
     at or beyond the chunks the document has now: a document edited to fewer chunks (``--replace``
     re-encodes the ones it still has) leaves its old last chunks stored and searchable, holding
     text it no longer contains. Named in the report, not removed: a store may have been built
     from more than this input, and ``ragcompress remove`` deletes them. Shared by the one-process
-    and the Ray run."""
-    counts = document_chunks(input_path)
+    and the Ray run. ``counts``: :func:`document_chunks` filled by :func:`count_chunks` from the
+    run's own encoding pass (reading and chunking every document again after the run was one
+    more pass over the input); None for JSONL."""
     if not counts:
         return ()
     stale: list[str] = []
@@ -349,7 +358,7 @@ def index(
     elif overwrite and real.exists():
         real.rmdir()  # an empty directory (checked above)
     try:
-        indexed, skipped, replaced, updated, stale, short = _write(
+        indexed, skipped, replaced, updated, stale, short, past = _write(
             indexer, input_path, target, total, replace, batch_size, progress
         )
         if target != real:
@@ -362,7 +371,15 @@ def index(
         if old_lock is not None:  # released even when the caller keeps the exception (a notebook)
             old_lock.release()
     seconds = time.perf_counter() - start
-    return IndexReport(total, indexed, skipped, seconds, str(store_path), replaced, updated, stale, short)
+    window = embedder_window(indexer, past)
+    return IndexReport(total, indexed, skipped, seconds, str(store_path), replaced, updated, stale, short, past, window)
+
+
+def embedder_window(indexer: Indexer, past: int) -> int:
+    """The window of ``indexer``'s embedder in word pieces, when ``past`` passages were longer
+    than it (an embedder that counted them has one), else 0: read only then, so a Ray driver,
+    whose embedder embeds nothing, loads it only to name the window in a warning."""
+    return int(indexer.embedder.window) if past else 0
 
 
 def short_context(passages: int, pool: int, neighbours: int) -> int:
@@ -406,13 +423,13 @@ def remove(store_path: str | Path, ids: list[str], *, missing_ok: bool = False) 
 
 def _write(
     indexer: Indexer, input_path: Path, target: Path, total: int, replace: bool, batch_size: int, progress: bool
-) -> tuple[int, int, int, int, tuple[str, ...], int]:
+) -> tuple[int, int, int, int, tuple[str, ...], int, int]:
     """Encode and commit ``input_path``'s passages into the store at ``target`` (created if
-    absent); returns ``(indexed, skipped, replaced, updated, stale, short_context)``."""
+    absent); returns ``(indexed, skipped, replaced, updated, stale, short_context, past_embedder_window)``."""
     if not (target / MANIFEST).is_file():
         create_store_for(target, indexer)
 
-    indexed = skipped = replaced = updated = 0
+    indexed = skipped = replaced = updated = past = 0
     bar = None
     if progress:
         from tqdm import tqdm
@@ -421,9 +438,11 @@ def _write(
     # Neighbour-conditioned encoding draws every passage's neighbours from the whole input (of this
     # run: passages added to a store later draw from their own input only; short_context counts those short of N)
     pool = indexer.neighbour_pool(list(iter_passages(input_path))) if indexer.context_neighbors else None
+    chunks = document_chunks(input_path)
     try:
         with StoreWriter(target) as writer, indexing_run(target, total) as finished:
             for batch in _batches(iter_passages(input_path), batch_size):
+                count_chunks(chunks, batch)
                 known = writer.known_of([p.id for p in batch])
                 unchanged = {p.id for p in batch if known.get(p.id) == p.text_sha}
                 writer.make_searchable(unchanged)  # ones a query had cached are part of the corpus now
@@ -431,16 +450,17 @@ def _write(
                 records = indexer.records(batch, skip=unchanged, pool=pool)
                 if records:
                     writer.add(records, replace=replace)
+                    past += past_window(indexer.embedder, [r.text for r in records])
                 indexed += len(records)
                 replaced += sum(1 for r in records if r.id in known)
                 skipped += len(batch) - len(records)
                 if bar is not None:
                     bar.update(len(batch))
             writer.write_index()
-            stale = stale_chunks(writer, input_path)
+            stale = stale_chunks(writer, chunks)
             finished()
     finally:
         if bar is not None:
             bar.close()
     short = short_context(indexed, len(pool.ids), indexer.context_neighbors) if pool is not None else 0
-    return indexed, skipped, replaced, updated, stale, short
+    return indexed, skipped, replaced, updated, stale, short, past
