@@ -207,3 +207,22 @@ def test_cli_records_nothing_in_another_build_swapped_in_while_it_measured(
     assert "replaced by another build" in capfd.readouterr().err
     assert (copy / "manifest.json").read_bytes() != before  # the new build's, without a temperature
     assert "temperature" not in Manifest.read(copy).attention
+
+
+def test_calibration_runs_on_a_sliding_window_model_whose_prompts_outrun_the_window(tmp_path, tiny_model_dir, embedder):
+    """``calibrate`` rewinds each probe's full prefill to read its answer back; on a model whose
+    window is shorter than the prompt (Gemma-3's 512, Phi-3-mini's 2047 against a top-3 prompt)
+    transformers' sliding layers had dropped those rows and ``crop`` raised a RuntimeError
+    traceback. The full prefill is read again instead, and its KL is what a fresh full prefill gives."""
+    from ragcompress.data import SAMPLE_PASSAGES
+
+    passages = tmp_path / "passages.jsonl"
+    passages.write_text("\n".join(SAMPLE_PASSAGES.read_text().splitlines()[:4]) + "\n")
+    model = str(tiny_model_dir("mistral", sliding_window=128))
+    index(passages, tmp_path / "store", model=model, config=IndexConfig(), embedder=embedder)
+    with Engine.open(tmp_path / "store", options=AnswerOptions(calibrate=False)) as engine:
+        entries = engine.retrieve(QUESTION, 2)
+        assert len(engine.full_prompt_ids(QUESTION, entries, engine.options)) > 2 * 128  # well past the window
+        result = calibrate_temperature(engine, samples=2, top_k=2, grid=(1.0,), answer_tokens=3)
+        reference = untempered_kl(engine, samples=2, top_k=2, answer_tokens=3)
+    assert reference > 0.0 and result.kl["1"] == pytest.approx(reference, rel=1e-3, abs=1e-6)

@@ -212,6 +212,27 @@ def test_one_training_step_lowers_the_loss_on_its_batch(lm, kind, arch, tiny_mod
     assert float(qa + cont) < before
 
 
+def test_the_teacher_reads_a_sliding_window_model_whose_context_outruns_the_window(tiny_model_dir):
+    """The teacher crops its full-prefill cache back to the passages after decoding the answer; on a
+    model whose window is shorter than the context transformers' sliding layers had dropped those
+    rows and ``crop`` raised a RuntimeError, so ``train`` failed on Mistral-style models. Its cache
+    now keeps every row (the masks apply the window), and the continuation targets are those of
+    one plain forward over the whole sequence."""
+    lm = load_model(str(tiny_model_dir("mistral", sliding_window=24)))
+    distiller = Distiller(lm, Adaptor.initial(lm.model, rank=4, alpha=8), teacher_top=16, continuation=8)
+    texts = ["Melbourne is the sporting capital of Australia.", "Apollo 11 landed on the Moon in 1969."]
+    passages = [distiller.tokens.passage(t) for t in texts]
+    example = distiller.teacher("q", passages, "Where did Apollo 11 land?")
+    context = list(distiller.prefix_ids) + [t for ids in passages for t in ids]
+    assert len(context) > 2 * 24
+    with torch.no_grad():
+        logits = lm.model(torch.tensor([context + example.cont_suffix + example.cont])).logits[0]
+    rows = logits[len(context) + len(example.cont_suffix) - 1 : -1].float().log_softmax(-1)
+    values, idx = rows.topk(16, dim=-1)
+    assert torch.equal(idx, example.cont_idx)
+    torch.testing.assert_close(values, example.cont_lp, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_hard_label_term_is_the_teachers_own_greedy_cross_entropy_when_the_cache_is_exact(lm, kind):
     # one passage encoded alone after the prefix *is* full prefill's cache: the untrained student

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers import DynamicCache
 
 from ragcompress.compressors.base import CompressionContext, Compressor
 from ragcompress.compressors.kvzip import REPEAT_PROMPT
@@ -144,8 +145,10 @@ class Distiller:
         """The base model's full prefill of prefix + passages, read once (its cache is cropped
         back to the passages for the second objective): greedy answer and top tokens."""
         context = list(self.prefix_ids) + [t for ids in passages for t in ids]
-        out = self.model(input_ids=torch.tensor([context]), use_cache=True, logits_to_keep=1)
-        cache = out.cache
+        # every layer keeps every row (the model's masks still apply a sliding window): a sliding
+        # layer past its window drops the rows the crop below goes back to
+        cache = DynamicCache()
+        self.model(input_ids=torch.tensor([context]), cache=cache, use_cache=True, logits_to_keep=1)
         suffix = self.tokens.suffix(question)
         rows = [forward_logits(self.model, torch.tensor([suffix]), cache, len(context), 1)[-1]]
         answer: list[int] = []

@@ -19,6 +19,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+from transformers import DynamicCache
+
+from ragcompress.errors import InputError
 
 
 @dataclass
@@ -315,11 +318,23 @@ def rewind(prepared: Prepared, rows: int) -> Prepared:
     """The request as it stood before its prompt's last token was read, after a stream decoded
     from it: the cache (``rows`` long when prepared) is cropped back and only that token remains to
     read, so :func:`teacher_forced_logprobs` along an answer costs ``len(answer) + 1`` tokens. A
-    prompt prefilled by the recompute pass is kept whole (its last row is ``first_logits``)."""
+    prompt prefilled by the recompute pass is kept whole (its last row is ``first_logits``). A full
+    prefill on a sliding-window model whose prompt outran the window cannot be cropped back
+    (transformers keeps only the window's rows of those layers): it is read again from the start."""
     cache = prepared.cache
-    if prepared.first_logits is not None:
-        cache.crop(rows - cache.get_seq_length())
-        return prepared
-    n = len(prepared.input_ids)
-    cache.crop(rows + n - 1 - cache.get_seq_length())
+    try:
+        if prepared.first_logits is not None:
+            cache.crop(rows - cache.get_seq_length())
+            return prepared
+        n = len(prepared.input_ids)
+        cache.crop(rows + n - 1 - cache.get_seq_length())
+    except RuntimeError:  # transformers: a sliding-window layer past its window dropped the rows to go back to
+        if prepared.backend != "full" or rows:
+            raise InputError(
+                "this request's cache cannot be rewound: a sliding-window layer has dropped the rows it would "
+                "go back to (a prompt longer than the model's window); only a full prefill is read again instead"
+            ) from None
+        # A full prefill read its whole prompt: reading it again, into a cache whose every layer keeps
+        # every row (the model's masks still apply each window), costs one prefill more, on these models only.
+        return replace(prepared, cache=DynamicCache())
     return replace(prepared, input_ids=prepared.input_ids[-1:], position=prepared.position + n - 1)
