@@ -342,6 +342,39 @@ def test_a_lone_surrogate_in_a_response_is_escaped(engine):
     assert chunks[-1] == "[DONE]" and {chunk["model"] for chunk in chunks[:-1]} == {model_id}
 
 
+@pytest.mark.parametrize("max_batch", [1, 4])
+def test_a_request_tokenizes_its_question_once(engine, monkeypatch, max_batch):
+    """The question's tokens were computed for the prompt, then again for ``usage.prompt_tokens``;
+    they are now computed once per request and their count passed on (alone, streamed, and
+    batched), and the usage still counts every prompt token."""
+    kind = type(engine.tokens)  # a frozen dataclass: its method is counted on the class
+    calls: list[str] = []
+    suffix = kind.suffix
+
+    def counted(self, question: str) -> list[int]:
+        calls.append(question)
+        return suffix(self, question)
+
+    monkeypatch.setattr(kind, "suffix", counted)
+    with in_process(engine, max_batch=max_batch) as (run, _):
+
+        async def requests(client):
+            bodies = [chat(QUESTIONS[0]), chat(QUESTIONS[1], stream=True, stream_options={"include_usage": True})]
+            return await asyncio.gather(*(client.post("/v1/chat/completions", json=body) for body in bodies))
+
+        plain, streamed = run(requests)
+    assert sorted(calls) == sorted(QUESTIONS)
+    monkeypatch.setattr(kind, "suffix", suffix)
+    for response, question, usage in (
+        (plain, QUESTIONS[0], plain.json()["usage"]),
+        (streamed, QUESTIONS[1], events(streamed.text)[-2]["usage"]),
+    ):
+        assert response.status_code == 200, response.text
+        entries = engine.retrieve(question, 3)
+        prompt = engine.prefix.num_tokens + sum(e.num_tokens for e in entries) + len(engine.tokens.suffix(question))
+        assert usage["prompt_tokens"] == prompt
+
+
 def test_full_queue_answers_429_and_the_queued_request_still_completes(engine):
     release = threading.Event()
     with in_process(engine, queue_size=1) as (run, app):
