@@ -815,10 +815,10 @@ def test_load_benchmark_runs_briefly(live, tmp_path, monkeypatch):
     assert report["single_client"]["ttft_server_s"]["p50"] > 0
 
 
-def test_sigterm_lets_in_flight_requests_finish_then_exits_0(served):
-    """The real CLI in a subprocess (key from the environment), decoding slowed to 0.1 s a token so
-    that SIGTERM surely lands mid-answer; a streamed and a queued request both finish."""
-    store, _, _ = served
+@contextmanager
+def cli_server(store: Path) -> Iterator[tuple[subprocess.Popen, str, list[str]]]:
+    """``(process, base URL, its stderr lines)``: the real CLI in a subprocess (key from the
+    environment), decoding slowed to 0.1 s a token so that a signal surely lands mid-answer."""
     script = (
         "import sys, time\n"
         "import ragcompress.runtime.generate as generate\n"
@@ -851,7 +851,17 @@ def test_sigterm_lets_in_flight_requests_finish_then_exits_0(served):
     threading.Thread(target=read, daemon=True).start()
     try:
         assert started.wait(120), "".join(log)
-        base = f"http://127.0.0.1:{port[0]}"
+        yield proc, f"http://127.0.0.1:{port[0]}", log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_sigterm_lets_in_flight_requests_finish_then_exits_0(served):
+    """SIGTERM lands mid-answer (:func:`cli_server`); a streamed and a queued request both finish."""
+    store, _, _ = served
+    with cli_server(store) as (proc, base, log):
         headers = {"Authorization": f"Bearer {KEY}"}
         assert httpx.get(f"{base}/health").status_code == 200
         assert httpx.get(f"{base}/v1/models").status_code == 401
@@ -883,10 +893,6 @@ def test_sigterm_lets_in_flight_requests_finish_then_exits_0(served):
         for thread in threads:
             thread.join(60)
         assert proc.wait(60) == 0, "".join(log)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     status, text = results["stream"]
     chunks = events(text)
     assert status == 200 and chunks[-1] == "[DONE]"
@@ -896,6 +902,54 @@ def test_sigterm_lets_in_flight_requests_finish_then_exits_0(served):
     status, body = results["queued"]
     assert status == 200 and body["usage"]["completion_tokens"] >= 1
     assert any("Shutting down" in line for line in log)
+
+
+def test_a_second_ctrl_c_answers_in_flight_requests_503_and_exits_at_once(served):
+    """A second Ctrl-C while the graceful stop waits for a streamed answer and a queued one: the
+    process exited with the requests' tasks cancelled under them, which uvicorn answered with a
+    500 ("Exception in ASGI application"). Both now get the service's ``shutting_down`` error (a
+    503 for the queued request, an error event ending the stream), and the process exits 130."""
+    store, _, _ = served
+    with cli_server(store) as (proc, base, log):
+        headers = {"Authorization": f"Bearer {KEY}"}
+        results: dict = {}
+        first_token = threading.Event()
+
+        def stream() -> None:
+            body = chat(QUESTIONS[0], stream=True, max_tokens=12)
+            with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, headers=headers, timeout=60) as r:
+                lines = []
+                for line in r.iter_lines():
+                    lines.append(line)
+                    if '"content": "' in line and '"content": ""' not in line:
+                        first_token.set()
+                results["stream"] = (r.status_code, "\n\n".join(lines) + "\n\n")
+
+        def queued() -> None:
+            r = httpx.post(f"{base}/v1/chat/completions", json=chat(QUESTIONS[1]), headers=headers, timeout=60)
+            results["queued"] = (r.status_code, r.json() if r.status_code != 500 else r.text)
+
+        threads = [threading.Thread(target=stream)]
+        threads[0].start()
+        assert first_token.wait(30), "".join(log)
+        threads.append(threading.Thread(target=queued))
+        threads[1].start()
+        time.sleep(0.3)  # the second request is queued behind the first
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)  # the graceful stop is waiting for both
+        stopped = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 130, "".join(log)
+        assert time.monotonic() - stopped < 5
+        for thread in threads:
+            thread.join(30)
+    status, body = results["queued"]
+    assert status == 503, body
+    assert body["error"]["code"] == "shutting_down" and "stopped" in body["error"]["message"]
+    status, text = results["stream"]
+    chunks = events(text)
+    assert status == 200 and chunks[-1]["error"]["code"] == "shutting_down", chunks[-2:]
+    assert not any("Exception in ASGI application" in line for line in log), "".join(log)
 
 
 def test_serve_doc_figures_are_generated_from_the_results():

@@ -107,6 +107,18 @@ class Service:
         if self.owns_engine:
             self.engine.close()
 
+    def abandon(self) -> None:
+        """A forced exit (a second Ctrl-C): every request queued or being answered gets a 503
+        saying the server was stopped, now, rather than a 500 when the process ends under it."""
+        self.worker.abandon(
+            ApiError(
+                503,
+                "the server was stopped (a second Ctrl-C) before this request was answered; retry it",
+                type="server_error",
+                code="shutting_down",
+            )
+        )
+
     async def submit(self, request: Request, run: Callable[[Any, Job], None], batch: Any = None) -> Pending:
         """Queue ``run`` for the generation thread; 429 when the queue is full. The job is
         cancelled if ``request``'s client goes away while it waits. ``batch``: the query, when
