@@ -249,3 +249,30 @@ def test_packed_strategy_decodes_like_the_dense_one_on_smollm2(tmp_path):
         packed = engine.answer_cached(item.question, entries, engine.options.replace(backend="packed-torch"))
         assert packed.token_ids == dense.token_ids
     engine.close()
+
+
+@pytest.mark.parametrize("quant", ["none", "int8"])
+def test_the_fallback_reads_the_first_passages_blob_once(store_of, monkeypatch, quant):
+    """A near tie answered by the fallback read the first passage's blob from disk twice: for the
+    cached request, then again for the fallback's exact first passage. It now reuses the cache
+    the request read, and answers what it answered before (full prefill's tokens)."""
+    import ragcompress.store.kvstore as kvstore
+
+    engine = Engine.open(store_of("llama", quant), options=AnswerOptions(max_new_tokens=4))
+    read = kvstore.read_blob
+    reads: list[str] = []
+
+    def counted(*args, **kwargs):
+        reads.append(args[-1])  # the passage id
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(kvstore, "read_blob", counted)
+    question = QUESTIONS[0]
+    entries = engine.retrieve(question, 3)
+    fell = engine.answer_cached(
+        question, entries, engine.options.replace(fallback_margin=0.99)
+    )  # a tiny random model: near ties everywhere
+    assert fell.backend == "fallback"
+    assert sorted(reads) == sorted(e.id for e in entries)
+    assert fell.token_ids == engine.answer_full(question, entries).token_ids
+    engine.close()

@@ -342,6 +342,39 @@ def test_a_lone_surrogate_in_a_response_is_escaped(engine):
     assert chunks[-1] == "[DONE]" and {chunk["model"] for chunk in chunks[:-1]} == {model_id}
 
 
+@pytest.mark.parametrize("max_batch", [1, 4])
+def test_a_request_tokenizes_its_question_once(engine, monkeypatch, max_batch):
+    """The question's tokens were computed for the prompt, then again for ``usage.prompt_tokens``;
+    they are now computed once per request and their count passed on (alone, streamed, and
+    batched), and the usage still counts every prompt token."""
+    kind = type(engine.tokens)  # a frozen dataclass: its method is counted on the class
+    calls: list[str] = []
+    suffix = kind.suffix
+
+    def counted(self, question: str) -> list[int]:
+        calls.append(question)
+        return suffix(self, question)
+
+    monkeypatch.setattr(kind, "suffix", counted)
+    with in_process(engine, max_batch=max_batch) as (run, _):
+
+        async def requests(client):
+            bodies = [chat(QUESTIONS[0]), chat(QUESTIONS[1], stream=True, stream_options={"include_usage": True})]
+            return await asyncio.gather(*(client.post("/v1/chat/completions", json=body) for body in bodies))
+
+        plain, streamed = run(requests)
+    assert sorted(calls) == sorted(QUESTIONS)
+    monkeypatch.setattr(kind, "suffix", suffix)
+    for response, question, usage in (
+        (plain, QUESTIONS[0], plain.json()["usage"]),
+        (streamed, QUESTIONS[1], events(streamed.text)[-2]["usage"]),
+    ):
+        assert response.status_code == 200, response.text
+        entries = engine.retrieve(question, 3)
+        prompt = engine.prefix.num_tokens + sum(e.num_tokens for e in entries) + len(engine.tokens.suffix(question))
+        assert usage["prompt_tokens"] == prompt
+
+
 def test_full_queue_answers_429_and_the_queued_request_still_completes(engine):
     release = threading.Event()
     with in_process(engine, queue_size=1) as (run, app):
@@ -782,10 +815,10 @@ def test_load_benchmark_runs_briefly(live, tmp_path, monkeypatch):
     assert report["single_client"]["ttft_server_s"]["p50"] > 0
 
 
-def test_sigterm_lets_in_flight_requests_finish_then_exits_0(served):
-    """The real CLI in a subprocess (key from the environment), decoding slowed to 0.1 s a token so
-    that SIGTERM surely lands mid-answer; a streamed and a queued request both finish."""
-    store, _, _ = served
+@contextmanager
+def cli_server(store: Path) -> Iterator[tuple[subprocess.Popen, str, list[str]]]:
+    """``(process, base URL, its stderr lines)``: the real CLI in a subprocess (key from the
+    environment), decoding slowed to 0.1 s a token so that a signal surely lands mid-answer."""
     script = (
         "import sys, time\n"
         "import ragcompress.runtime.generate as generate\n"
@@ -818,7 +851,17 @@ def test_sigterm_lets_in_flight_requests_finish_then_exits_0(served):
     threading.Thread(target=read, daemon=True).start()
     try:
         assert started.wait(120), "".join(log)
-        base = f"http://127.0.0.1:{port[0]}"
+        yield proc, f"http://127.0.0.1:{port[0]}", log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_sigterm_lets_in_flight_requests_finish_then_exits_0(served):
+    """SIGTERM lands mid-answer (:func:`cli_server`); a streamed and a queued request both finish."""
+    store, _, _ = served
+    with cli_server(store) as (proc, base, log):
         headers = {"Authorization": f"Bearer {KEY}"}
         assert httpx.get(f"{base}/health").status_code == 200
         assert httpx.get(f"{base}/v1/models").status_code == 401
@@ -850,10 +893,6 @@ def test_sigterm_lets_in_flight_requests_finish_then_exits_0(served):
         for thread in threads:
             thread.join(60)
         assert proc.wait(60) == 0, "".join(log)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     status, text = results["stream"]
     chunks = events(text)
     assert status == 200 and chunks[-1] == "[DONE]"
@@ -863,6 +902,54 @@ def test_sigterm_lets_in_flight_requests_finish_then_exits_0(served):
     status, body = results["queued"]
     assert status == 200 and body["usage"]["completion_tokens"] >= 1
     assert any("Shutting down" in line for line in log)
+
+
+def test_a_second_ctrl_c_answers_in_flight_requests_503_and_exits_at_once(served):
+    """A second Ctrl-C while the graceful stop waits for a streamed answer and a queued one: the
+    process exited with the requests' tasks cancelled under them, which uvicorn answered with a
+    500 ("Exception in ASGI application"). Both now get the service's ``shutting_down`` error (a
+    503 for the queued request, an error event ending the stream), and the process exits 130."""
+    store, _, _ = served
+    with cli_server(store) as (proc, base, log):
+        headers = {"Authorization": f"Bearer {KEY}"}
+        results: dict = {}
+        first_token = threading.Event()
+
+        def stream() -> None:
+            body = chat(QUESTIONS[0], stream=True, max_tokens=12)
+            with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, headers=headers, timeout=60) as r:
+                lines = []
+                for line in r.iter_lines():
+                    lines.append(line)
+                    if '"content": "' in line and '"content": ""' not in line:
+                        first_token.set()
+                results["stream"] = (r.status_code, "\n\n".join(lines) + "\n\n")
+
+        def queued() -> None:
+            r = httpx.post(f"{base}/v1/chat/completions", json=chat(QUESTIONS[1]), headers=headers, timeout=60)
+            results["queued"] = (r.status_code, r.json() if r.status_code != 500 else r.text)
+
+        threads = [threading.Thread(target=stream)]
+        threads[0].start()
+        assert first_token.wait(30), "".join(log)
+        threads.append(threading.Thread(target=queued))
+        threads[1].start()
+        time.sleep(0.3)  # the second request is queued behind the first
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)  # the graceful stop is waiting for both
+        stopped = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 130, "".join(log)
+        assert time.monotonic() - stopped < 5
+        for thread in threads:
+            thread.join(30)
+    status, body = results["queued"]
+    assert status == 503, body
+    assert body["error"]["code"] == "shutting_down" and "stopped" in body["error"]["message"]
+    status, text = results["stream"]
+    chunks = events(text)
+    assert status == 200 and chunks[-1]["error"]["code"] == "shutting_down", chunks[-2:]
+    assert not any("Exception in ASGI application" in line for line in log), "".join(log)
 
 
 def test_serve_doc_figures_are_generated_from_the_results():

@@ -450,3 +450,31 @@ def test_a_search_compares_the_generation_of_the_index_it_searched(tiny_lm, stor
     assert _rows(store)[-1][:2] == (last[0], "doc-new")  # the removed row's number was reused
     assert [entry.id for entry, _ in hits] != ["doc-new"]
     assert last[1] not in {entry.id for entry, _ in hits}
+
+
+def test_a_store_swapped_in_during_a_search_is_not_searched_through_the_old_catalogue(tiny_lm, store, tmp_path):
+    """``index --overwrite`` landing between a search's check for a swapped-in store and its
+    read of ``index.faiss``: the new store (as many rows, the same generation) had its index's row
+    numbers resolved through the reader's old catalogue, so the search answered the old passages
+    that held those row numbers, with the new passages' scores. The reader now builds its index
+    from its own catalogue for that search and follows the new store at the next."""
+    renamed = [{**r, "id": r["id"].replace("doc", "new"), "text": f"Other {r['text']}"} for r in _texts(N_PASSAGES)]
+    corpus = _write(tmp_path / "other.jsonl", list(reversed(renamed)))  # the same rows, numbered backwards
+    query = _vector(_texts(N_PASSAGES)[5]["text"])
+    with KVStore.open(store) as reader:
+        before = [(e.id, round(score, 5)) for e, score in reader.search(query, 3)]
+        reader._indexed = None  # as a reader that has not searched yet (or whose index went stale)
+        follow = reader.follow_replacement
+
+        def follow_then_swap() -> bool:
+            followed = follow()
+            reader.follow_replacement = follow  # type: ignore[method-assign]
+            _index(tiny_lm, corpus, store, overwrite=True)
+            return followed
+
+        reader.follow_replacement = follow_then_swap  # type: ignore[method-assign]
+        during = [(e.id, round(score, 5)) for e, score in reader.search(query, 3)]
+        after = [e.id for e, _ in reader.search(query, 3)]
+    assert before[0][0] == "doc-005"
+    assert during == before
+    assert all(pid.startswith("new-") for pid in after)

@@ -31,6 +31,7 @@ from ragcompress.runtime.generate import (
 )
 from ragcompress.runtime.options import AnswerOptions
 from ragcompress.runtime.prepare import (
+    DenseStrategy,
     QueryContext,
     choose_strategy,
     fallback_prefill,
@@ -261,6 +262,8 @@ class Engine:
         options = self.calibrated(checked_options(options, self.options))
         suffix = self.suffix_ids(question, entries, options)
         strategy = choose_strategy(self.context, options)
+        if options.fallback_margin and isinstance(strategy, DenseStrategy):
+            strategy = replace(strategy, keep_first=True)  # the fallback reuses the first passage's cache
         reads_passages = options.recompute.recomputes or options.fallback_margin > 0.0
         passage_ids = [self.tokens.passage(e.text) for e in entries] if reads_passages else []
         full_ids = self.joined_prompt(passage_ids, suffix) if options.fallback_margin else []
@@ -271,7 +274,8 @@ class Engine:
                 prepared = self._unless_near_tie(prepared, entries, full_ids, options)
             return prepared
 
-        return TokenStream(self.lm.model, prepare, options.max_new_tokens, self.stop_ids)
+        prompt_tokens = self.prefix.num_tokens + sum(e.num_tokens for e in entries) + len(suffix)
+        return TokenStream(self.lm.model, prepare, options.max_new_tokens, self.stop_ids, prompt_tokens)
 
     def _unless_near_tie(
         self, prepared: Prepared, entries: list[Entry], full_ids: list[int], options: AnswerOptions
@@ -280,11 +284,12 @@ class Engine:
         ``options.fallback_margin``, a full prefill of ``full_ids`` in its place, after the prefix
         and whatever of the first passage is exact (``runtime.prepare.fallback_prefill``; backend
         ``fallback``; the cached request is dropped)."""
-        prepared = prepared.prefilled(self.lm.model)
+        first = prepared.first_passage
+        prepared = replace(prepared, first_passage=None).prefilled(self.lm.model)
         assert prepared.first_logits is not None
         if first_token_margin(prepared.first_logits) >= options.fallback_margin:
             return prepared
-        return fallback_prefill(self.context, entries[0], full_ids, options.max_new_tokens)
+        return fallback_prefill(self.context, entries[0], full_ids, options.max_new_tokens, first)
 
     def stream_full(self, question: str, entries: list[Entry], options: AnswerOptions | None = None) -> TokenStream:
         """The baseline's tokens: a plain prefill of the same token ids, no cache reuse."""

@@ -16,12 +16,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import DynamicCache
 
 from ragcompress.errors import InputError
+
+if TYPE_CHECKING:
+    from ragcompress.kv import PassageKV
 
 
 @dataclass
@@ -38,6 +41,9 @@ class Prepared:
                        it); their KV are in ``cache``
     backend:           which path built it: ``full``, ``dense``, ``packed-torch``, ``packed-triton``,
                        ``fallback`` (a full prefill standing in for a near tie: ``Engine.stream_cached``)
+    first_passage:     the first passage's cache as the request read it, kept only where the
+                       near-tie fallback may reuse it (``DenseStrategy.keep_first``) instead of
+                       reading its blob again; dropped before decoding
     """
 
     cache: Any
@@ -46,6 +52,7 @@ class Prepared:
     attention_kwargs: dict[str, Any] = field(default_factory=dict)
     first_logits: torch.Tensor | None = None
     backend: str = "dense"
+    first_passage: PassageKV | None = None
 
     def prefilled(self, model: Any) -> Prepared:
         """This request with ``input_ids`` prefilled into ``cache`` and ``first_logits`` set (itself
@@ -163,11 +170,21 @@ class TokenStream:
     (``ttft_s``, ``total_s``) counts loading and assembling the cache as well as the prefill.
     Tokenizing is done before the clock on every path (the ids are checked against the model's
     positions when the stream is made), so full prefill and stored caches are timed alike.
-    ``backend`` is known once iteration has started.
+    ``backend`` is known once iteration has started. ``prompt_tokens``: the prompt's length in
+    tokens (prefix, passages and question), as its maker counted it when it tokenized the question
+    (0 when not given), so that a report of the request's usage need not tokenize it again.
     """
 
-    def __init__(self, model: Any, prepare: Callable[[], Prepared], max_new_tokens: int, stop_ids: set[int]) -> None:
+    def __init__(
+        self,
+        model: Any,
+        prepare: Callable[[], Prepared],
+        max_new_tokens: int,
+        stop_ids: set[int],
+        prompt_tokens: int = 0,
+    ) -> None:
         self.model = model
+        self.prompt_tokens = prompt_tokens
         self.prepare = prepare
         self.max_new_tokens = max_new_tokens
         self.stop_ids = stop_ids

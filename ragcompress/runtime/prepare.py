@@ -127,9 +127,14 @@ class Strategy(Protocol):
 
 @dataclass(frozen=True)
 class DenseStrategy:
-    """Dequantize, re-rotate and assemble one transformers cache; then the optional repair."""
+    """Dequantize, re-rotate and assemble one transformers cache; then the optional repair.
+
+    ``keep_first``: hand the first passage's cache on in :attr:`Prepared.first_passage`, for the
+    near-tie fallback (:func:`fallback_prefill`) to reuse instead of reading its blob again; off
+    otherwise, so that a decode does not hold a copy of a passage its cache already holds."""
 
     recompute: RecomputeConfig = RecomputeConfig()
+    keep_first: bool = False
 
     def prepare(
         self,
@@ -172,7 +177,10 @@ class DenseStrategy:
             first_exact=context.store.manifest.passages_exact,
             suffix=suffix,
         )
-        return Prepared(built.cache, suffix, built.next_position, built.attention_kwargs(), first_logits, "dense")
+        first = segments[0] if self.keep_first else None
+        return Prepared(
+            built.cache, suffix, built.next_position, built.attention_kwargs(), first_logits, "dense", first
+        )
 
 
 @dataclass(frozen=True)
@@ -257,15 +265,21 @@ def prefix_cached_prefill(
     return Prepared(built.cache, rest, built.next_position, built.attention_kwargs(), None, backend)
 
 
-def fallback_prefill(context: QueryContext, first: Entry, prompt_ids: list[int], max_new_tokens: int) -> Prepared:
+def fallback_prefill(
+    context: QueryContext, first: Entry, prompt_ids: list[int], max_new_tokens: int, read: PassageKV | None = None
+) -> Prepared:
     """The full prefill that answers a question whose first token from the stored caches was a
     near tie (``AnswerOptions.fallback_margin``, ``Engine.stream_cached``), reusing what is
     already exact: the shared prefix, and the first retrieved passage when the store's passages
     are exact after the prefix (:attr:`Manifest.passages_exact`: its stored cache, or base copy,
     is what full prefill computes for it, up to 8-bit rounding) and it kept every row. Only the
     other passages and the question are prefilled then: at top-3 about a third less than
-    :func:`prefix_cached_prefill`, which it is otherwise."""
-    segment = context.store.load_kv(first, context.dtype, first=True) if context.store.manifest.passages_exact else None
+    :func:`prefix_cached_prefill`, which it is otherwise. ``read``: ``first``'s cache as the
+    cached request already read it (``load_kv(first, context.dtype, first=True)``), so that its
+    blob is read from disk once per query."""
+    segment = None
+    if context.store.manifest.passages_exact:
+        segment = read if read is not None else context.store.load_kv(first, context.dtype, first=True)
     exact = segment if segment is not None and segment.is_uniform else None
     return prefix_cached_prefill(context, prompt_ids, max_new_tokens, exact, backend="fallback")
 

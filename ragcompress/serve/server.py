@@ -4,17 +4,23 @@ SIGTERM (or Ctrl-C) makes uvicorn stop accepting connections, let in-flight requ
 (streams included), run the app's shutdown (queued work finished, engine closed) and return.
 uvicorn then restores the handlers it found and raises the signal again; the handler installed
 here only asks the server to exit, so the process ends with status 0 instead of dying by the
-signal.
+signal. A second Ctrl-C while that stop waits forces the exit: the app's requests in flight are
+answered at once with the service's ``shutting_down`` error (``Service.abandon``), not cut off
+(uvicorn answered a request cancelled under it with a 500), and the process exits 130.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
 import sys
 import threading
+import time
 from typing import Any
+
+ANSWER_ON_FORCED_EXIT_S = 2.0  # a forced exit waits at most this long for the 503s to be sent
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -47,11 +53,30 @@ def run(
 
     ``port`` 0 picks a free port. Once it accepts connections, one line goes to stderr whatever
     the log level: ``ragcompress serve: listening on http://HOST:PORT``. ``sock`` serves on an
-    already bound socket instead of ``host``/``port``.
+    already bound socket instead of ``host``/``port``. On a forced exit the requests in flight of
+    an app made by :func:`~ragcompress.serve.app.create_app` (its ``state.service``) are answered
+    503 first, for up to :data:`ANSWER_ON_FORCED_EXIT_S`.
     """
     import uvicorn
 
+    service = getattr(getattr(app, "state", None), "service", None)
+    abandon = getattr(service, "abandon", None)
+
     class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            forced = self.force_exit
+            super().handle_exit(sig, frame)
+            if self.force_exit and not forced and abandon is not None:
+                # on the loop, not in the signal handler: it takes the worker's lock
+                asyncio.get_event_loop().call_soon_threadsafe(abandon)
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().shutdown(sockets)
+            if self.force_exit:  # let the requests told to stop send that answer before the loop ends
+                deadline = time.monotonic() + ANSWER_ON_FORCED_EXIT_S
+                while self.server_state.tasks and time.monotonic() < deadline:
+                    await asyncio.sleep(0.02)
+
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             await super().startup(sockets)
             if self.started:

@@ -107,6 +107,18 @@ class Service:
         if self.owns_engine:
             self.engine.close()
 
+    def abandon(self) -> None:
+        """A forced exit (a second Ctrl-C): every request queued or being answered gets a 503
+        saying the server was stopped, now, rather than a 500 when the process ends under it."""
+        self.worker.abandon(
+            ApiError(
+                503,
+                "the server was stopped (a second Ctrl-C) before this request was answered; retry it",
+                type="server_error",
+                code="shutting_down",
+            )
+        )
+
     async def submit(self, request: Request, run: Callable[[Any, Job], None], batch: Any = None) -> Pending:
         """Queue ``run`` for the generation thread; 429 when the queue is full. The job is
         cancelled if ``request``'s client goes away while it waits. ``batch``: the query, when
@@ -158,7 +170,7 @@ class Service:
         entries = self._entries(query, engine)
         options = self._options(query, engine)
         started = time.perf_counter()
-        stream = engine.stream_cached(query.question, entries, options)
+        stream = engine.stream_cached(query.question, entries, options)  # the one tokenization of the question
         self._decode(query, engine, job, entries, options, stream, started, 0.0)
 
     def _decode(
@@ -193,7 +205,8 @@ class Service:
                 pass
         ttft = None if stream.ttft_s is None else ttft_offset_s + stream.ttft_s
         backend = stream.backend or options.backend
-        self._finish(query, engine, job, entries, options, token_ids, ttft, time.perf_counter() - started, backend)
+        total_s = time.perf_counter() - started
+        self._finish(query, engine, job, entries, options, stream.prompt_tokens, token_ids, ttft, total_s, backend)
 
     def answer_batch(self, engine: Engine, jobs: list[Job]) -> None:
         """Answer several queued requests together: each is retrieved and its caches prepared,
@@ -204,26 +217,39 @@ class Service:
         is decoded alone, and fails alone."""
         started = time.perf_counter()
         window = sliding_window(engine.lm.config)
-        members: list[tuple[Job, ChatQuery, list[Any], AnswerOptions, Any]] = []
-        alone: list[tuple[Job, ChatQuery, list[Any], AnswerOptions, Any, float]] = []
+        members: list[tuple[Job, ChatQuery, list[Any], AnswerOptions, int, Any]] = []  # ... prompt tokens, prepared
+        alone: list[tuple[Job, ChatQuery, list[Any], AnswerOptions, int, Any, float]] = []
         for job in jobs:
             query: ChatQuery = job.batch
             try:
                 entries = self._entries(query, engine)
                 options = self._options(query, engine)
                 prepare_started = time.perf_counter()
-                prepared = engine.prepare(query.question, entries, options)
+                cached = engine.stream_cached(query.question, entries, options)  # the question tokenized once
+                prepared = cached.prepare()
             except Exception as exc:
                 job.emit(("error", exc))
                 continue
-            together = [m[4] for m in members] + [prepared]
+            together = [m[5] for m in members] + [prepared]
             steps = [m[3].max_new_tokens for m in members] + [options.max_new_tokens]
             if batchable(prepared, window, options.max_new_tokens) and fits_one_batch(together, steps, window):
-                members.append((job, query, entries, options, prepared))
+                members.append((job, query, entries, options, cached.prompt_tokens, prepared))
             else:
-                alone.append((job, query, entries, options, prepared, time.perf_counter() - prepare_started))
-        for job, query, entries, options, prepared, prepare_s in alone:
-            stream = TokenStream(engine.lm.model, partial(_ready, prepared), options.max_new_tokens, engine.stop_ids)
+                alone.append(
+                    (
+                        job,
+                        query,
+                        entries,
+                        options,
+                        cached.prompt_tokens,
+                        prepared,
+                        time.perf_counter() - prepare_started,
+                    )
+                )
+        for job, query, entries, options, prompt_tokens, prepared, prepare_s in alone:
+            stream = TokenStream(
+                engine.lm.model, partial(_ready, prepared), options.max_new_tokens, engine.stop_ids, prompt_tokens
+            )
             try:
                 self._decode(query, engine, job, entries, options, stream, started, prepare_s)
             except Exception as exc:  # fails this request alone, not the batch waiting behind it
@@ -232,16 +258,16 @@ class Service:
             return
         batch = BatchStream(
             engine.lm.model,
-            [m[4] for m in members],
+            [m[5] for m in members],
             [m[3].max_new_tokens for m in members],
             engine.stop_ids,
             started,
         )
-        members = [m[:4] + (None,) for m in members]  # the batch holds the caches from here on
+        members = [m[:5] + (None,) for m in members]  # the batch holds the caches from here on
         tokens: list[list[int]] = [[] for _ in members]
         deltas = [TextDeltas(engine.lm.tokenizer) if m[1].stream else None for m in members]
         for i, token in batch:
-            job, query, entries, options, _ = members[i]
+            job, query, entries, options, prompt_tokens, _ = members[i]
             piece: str | None
             if token is None:
                 piece = deltas[i].finish() if deltas[i] is not None else None  # type: ignore[union-attr]
@@ -249,7 +275,9 @@ class Service:
                     job.emit(("delta", piece))
                 total_s = time.perf_counter() - started
                 ttft = batch.ttft_s[i]
-                self._finish(query, engine, job, entries, options, tokens[i], ttft, total_s, "dense", len(members))
+                self._finish(
+                    query, engine, job, entries, options, prompt_tokens, tokens[i], ttft, total_s, "dense", len(members)
+                )
                 continue
             tokens[i].append(token)
             if len(tokens[i]) == 1:
@@ -262,8 +290,9 @@ class Service:
             if job.cancelled.is_set():  # reported as a lone request that was cancelled is: its tokens counted
                 batch.drop(i)
                 total_s = time.perf_counter() - started
+                ttft = batch.ttft_s[i]
                 self._finish(
-                    query, engine, job, entries, options, tokens[i], batch.ttft_s[i], total_s, "dense", len(members)
+                    query, engine, job, entries, options, prompt_tokens, tokens[i], ttft, total_s, "dense", len(members)
                 )
 
     def _finish(
@@ -273,17 +302,16 @@ class Service:
         job: Job,
         entries: list[Any],
         options: AnswerOptions,
+        prompt_tokens: int,
         token_ids: list[int],
         ttft_s: float | None,
         total_s: float,
         backend: str,
         batch: int = 1,
     ) -> None:
-        """The request's :class:`Result`, counted in the metrics and handed back."""
+        """The request's :class:`Result`, counted in the metrics and handed back (``prompt_tokens``:
+        as the request's stream counted them, so the question is not tokenized again)."""
         bytes_read = engine.store.stored_bytes(entries)
-        prompt = (
-            engine.prefix.num_tokens + sum(e.num_tokens for e in entries) + len(engine.tokens.suffix(query.question))
-        )
         result = Result(
             text=engine.decode(token_ids),
             token_ids=token_ids,
@@ -293,7 +321,7 @@ class Service:
             queue_s=(job.started_at or job.submitted_at) - job.submitted_at,
             backend=backend,
             bytes_read=bytes_read,
-            prompt_tokens=prompt,
+            prompt_tokens=prompt_tokens,
             finish_reason="length" if len(token_ids) >= options.max_new_tokens else "stop",
             settings={
                 "top_k": query.top_k,

@@ -84,6 +84,7 @@ class Worker:
         self._cv = threading.Condition()
         self._busy = False
         self._running = 0  # jobs of the group being run
+        self._group: list[Job] = []  # the group being run (:meth:`abandon` tells them too)
         self._stopping = False
         self._service_s = 1.0  # moving average of one job's time, for Retry-After
         self._thread: threading.Thread | None = None
@@ -127,6 +128,7 @@ class Worker:
                 group = self._take()
                 self._busy = True
                 self._running = len(group)
+                self._group = group
             try:
                 group = [job for job in group if not job.cancelled.is_set()]
                 started = time.perf_counter()
@@ -151,6 +153,7 @@ class Worker:
                 with self._cv:
                     self._busy = False
                     self._running = 0
+                    self._group = []
 
     def _take(self) -> list[Job]:
         """The next job, and (batching) the batchable jobs waiting with it, in arrival order.
@@ -169,6 +172,20 @@ class Worker:
             if len(group) >= self.max_batch or left <= 0 or self._stopping:
                 return group
             self._cv.wait(left)
+
+    def abandon(self, error: Exception) -> None:
+        """Stop without finishing: the queued jobs and the group being run are cancelled and told
+        ``error`` at once (their requests answer it, instead of being cut off when the process
+        exits under them), new submissions are refused, and the thread stops at its next check
+        between tokens. For a forced exit; :meth:`close` is the graceful stop."""
+        with self._cv:
+            self._stopping = True
+            jobs = list(self._jobs) + self._group
+            self._jobs.clear()
+            self._cv.notify_all()
+        for job in jobs:
+            job.cancel()
+            job.emit(("error", error))
 
     def close(self, timeout: float | None = None) -> None:
         """Finish the queued jobs, then stop the thread (new submissions are refused)."""

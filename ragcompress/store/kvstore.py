@@ -327,10 +327,22 @@ class KVStore:
                     loaded = VectorIndex.load(path)
                 except RuntimeError:
                     loaded = None
+            if loaded is not None and not self._still_open_store():
+                loaded = None  # another store's index.faiss: its row numbers name other passages here
             if loaded is None or loaded.count != count:
                 loaded, _ = build_index(self.catalogue)
             current = self._indexed = (loaded, generation)  # one assignment: never half of a pair
         return current
+
+    def _still_open_store(self) -> bool:
+        """Whether :attr:`path` is still the directory this reader's catalogue was opened in. The
+        index files are read by path: a store swapped in after :meth:`search` checked for one (a
+        new build with as many rows at the same generation) would otherwise have its index's row
+        numbers resolved through this reader's catalogue, answering other passages silently."""
+        try:
+            return _directory_identity(self.path) == self._identity
+        except OSError:
+            return False
 
     def search(self, query_vector: np.ndarray, k: int) -> list[tuple[Entry, float]]:
         """The ``k`` nearest passages. The index and the rows it names are read in two steps; a
