@@ -226,3 +226,30 @@ def test_calibration_runs_on_a_sliding_window_model_whose_prompts_outrun_the_win
         result = calibrate_temperature(engine, samples=2, top_k=2, grid=(1.0,), answer_tokens=3)
         reference = untempered_kl(engine, samples=2, top_k=2, answer_tokens=3)
     assert reference > 0.0 and result.kl["1"] == pytest.approx(reference, rel=1e-3, abs=1e-6)
+
+
+def test_the_packed_backends_answer_a_calibrated_store_with_no_calibrate(
+    tmp_path, tiny_model_dir, embedder, capfd, monkeypatch
+):
+    """The packed backends cannot apply a temperature, and their refusal named the way round it
+    (answering without the calibration) in Python only: `ask`, `eval` and `serve` had no flag for it,
+    so a calibrated store could not be answered through them at all from the command line."""
+    from ragcompress.cli import main
+    from ragcompress.data import SAMPLE_PASSAGES
+
+    passages, store = tmp_path / "passages.jsonl", tmp_path / "store"
+    passages.write_text("\n".join(SAMPLE_PASSAGES.read_text().splitlines()[:4]) + "\n")
+    index(passages, store, model=str(tiny_model_dir("qwen2")), config=IndexConfig(quant="int8"), embedder=embedder)
+    record(store, 0.8)
+    ask = ["ragcompress", "ask", "--store", str(store), "--question", QUESTION, "--max-new-tokens", "2"]
+    monkeypatch.setattr(sys, "argv", [*ask, "--backend", "packed-torch", "--json"])
+    with pytest.raises(SystemExit) as refused:
+        main()
+    assert refused.value.code == 1 and "--no-calibrate" in capfd.readouterr().err
+    monkeypatch.setattr(sys, "argv", [*ask, "--backend", "packed-torch", "--no-calibrate", "--json"])
+    main()
+    packed = json.loads(capfd.readouterr().out)
+    monkeypatch.setattr(sys, "argv", [*ask, "--no-calibrate", "--json"])
+    main()
+    dense = json.loads(capfd.readouterr().out)
+    assert packed["backend"] == "packed-torch" and packed["answer"] == dense["answer"]

@@ -9,6 +9,7 @@ import typer
 
 from ragcompress.cli.options import (
     BACKEND_OPTION,
+    CALIBRATE_OPTION,
     DEVICE_OPTION,
     DTYPE_OPTION,
     FALLBACK_OPTION,
@@ -37,6 +38,7 @@ def ask(
     preset: str | None = typer.Option(None, "--preset", help=PRESET_HELP),
     backend: str | None = BACKEND_OPTION,
     fallback_margin: float | None = FALLBACK_OPTION,
+    calibrate: bool = CALIBRATE_OPTION,
     compare_full: bool = typer.Option(False, "--compare-full", help="also answer by full-text prefill and time it"),
     dtype: str | None = DTYPE_OPTION,
     device: str | None = DEVICE_OPTION,
@@ -51,7 +53,9 @@ def ask(
 
     engine = Engine.open(
         store,
-        options=options_from_flags(preset, max_new_tokens, schedule, selection, backend, fallback_margin),
+        options=options_from_flags(
+            preset, max_new_tokens, schedule, selection, backend, fallback_margin, calibrate=calibrate
+        ),
         dtype=dtype,
         device=device,
     )
@@ -117,6 +121,7 @@ def evaluate(
     preset: str | None = typer.Option(None, "--preset", help=PRESET_HELP),
     backend: str | None = BACKEND_OPTION,
     fallback_margin: float | None = FALLBACK_OPTION,
+    calibrate: bool = CALIBRATE_OPTION,
     dtype: str | None = DTYPE_OPTION,
     device: str | None = DEVICE_OPTION,
     as_json: bool = typer.Option(False, "--json"),
@@ -130,7 +135,9 @@ def evaluate(
     items = select_questions(read_questions(questions, scored=True), sample, articles, outside)[:limit]
     engine = Engine.open(
         store,
-        options=options_from_flags(preset, max_new_tokens, schedule, selection, backend, fallback_margin),
+        options=options_from_flags(
+            preset, max_new_tokens, schedule, selection, backend, fallback_margin, calibrate=calibrate
+        ),
         dtype=dtype,
         device=device,
     )

@@ -69,6 +69,14 @@ FALLBACK_OPTION = typer.Option(
 )
 
 
+CALIBRATE_OPTION = typer.Option(
+    True,
+    "--calibrate/--no-calibrate",
+    help="apply the attention temperature `ragcompress calibrate` recorded in the store (default); "
+    "--no-calibrate answers at temperature 1, as an uncalibrated store does (the packed backends need it)",
+)
+
+
 # the names of runtime/options.py's BACKENDS (not imported here: --help stays fast; a test checks the list)
 BACKEND_OPTION = typer.Option(
     None,
@@ -148,11 +156,13 @@ def options_from_flags(
     selection: str | None = None,
     backend: str | None = None,
     fallback_margin: float | None = None,
+    calibrate: bool = True,
 ) -> Any:
     """``AnswerOptions`` of ``--preset`` (defaults without one) with the options given explicitly
     (``--recompute`` replaces the preset's recompute fraction, one for every top-k or a schedule,
     ``--selection`` its ranking; ``--backend`` replaces its attention path, ``--fallback-margin``
-    its fallback to full prefill)."""
+    its fallback to full prefill; ``calibrate`` False, ``--no-calibrate``, answers without the
+    store's calibrated temperature)."""
     from ragcompress.presets import answer_options
 
     try:
@@ -162,6 +172,7 @@ def options_from_flags(
             selection=selection,
             backend=backend,
             fallback_margin=fallback_margin,
+            calibrate=None if calibrate else False,
         )
     except (ValueError, TypeError) as exc:
         raise RagCompressError(str(exc)) from None

@@ -8,6 +8,7 @@ import typer
 
 from ragcompress.cli.options import (
     BACKEND_OPTION,
+    CALIBRATE_OPTION,
     DEVICE_OPTION,
     DTYPE_OPTION,
     FALLBACK_OPTION,
@@ -46,6 +47,7 @@ def serve(
     recompute: str | None = RECOMPUTE_OPTION,
     selection: str | None = SELECTION_OPTION,
     fallback_margin: float | None = FALLBACK_OPTION,
+    calibrate: bool = CALIBRATE_OPTION,
     backend: str | None = BACKEND_OPTION,
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level"),
     dtype: str | None = DTYPE_OPTION,
@@ -82,7 +84,9 @@ def serve(
         typer.echo(
             f"warning: serving on {host} without an API key; anyone who reaches it can query the store", err=True
         )
-    options = options_from_flags(preset, max_new_tokens, schedule, selection, backend, fallback_margin)
+    options = options_from_flags(
+        preset, max_new_tokens, schedule, selection, backend, fallback_margin, calibrate=calibrate
+    )
     sock = bind(host, port)  # a port in use fails here, before the model loads
     try:
         engine = Engine.open(store, options=options, dtype=dtype, device=device)

@@ -80,6 +80,7 @@ class AnswerOptions:
         selection: str | None = None,
         backend: str | None = None,
         fallback_margin: float | None = None,
+        calibrate: bool | None = None,
     ) -> AnswerOptions:
         """These options with a caller's explicit choices over them, as every front end applies
         them (``--recompute`` and friends, a ``serve`` request, the LlamaIndex synthesizer): the
@@ -101,4 +102,6 @@ class AnswerOptions:
             options = options.replace(backend=backend)
         if fallback_margin is not None:
             options = options.replace(fallback_margin=fallback_margin)
+        if calibrate is not None:
+            options = options.replace(calibrate=calibrate)
         return options

@@ -311,7 +311,7 @@ def choose_strategy(context: QueryContext, options: AnswerOptions) -> DenseStrat
         raise InputError(
             f"the attention temperature {options.recompute.temperature} (the store's `ragcompress calibrate` "
             f"result, or the request's) scales an assembled cache; use backend dense, not {backend}, or answer "
-            "without it (AnswerOptions(calibrate=False))"
+            "without it (--no-calibrate; AnswerOptions(calibrate=False))"
         )
     if backend == "packed-triton" and not triton_supports_head_dim(head_dim):
         raise InputError(
