@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -858,37 +859,44 @@ def cli_server(store: Path) -> Iterator[tuple[subprocess.Popen, str, list[str]]]
             proc.wait()
 
 
+def stream_then_queue(base: str, log: list[str], **stream_fields: Any) -> tuple[list[threading.Thread], dict]:
+    """A streamed request that has sent its first token and a second one queued behind it, each on
+    a thread; ``results`` gets ``"stream"`` (status, SSE text) and ``"queued"`` (status, JSON body,
+    or the text of a 500) when they end: what a signal sent now lands on."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    results: dict = {}
+    first_token = threading.Event()
+
+    def stream() -> None:
+        body = chat(QUESTIONS[0], stream=True, **stream_fields)
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, headers=headers, timeout=60) as r:
+            lines = []
+            for line in r.iter_lines():
+                lines.append(line)
+                if '"content": "' in line and '"content": ""' not in line:
+                    first_token.set()
+            results["stream"] = (r.status_code, "\n\n".join(lines) + "\n\n")
+
+    def queued() -> None:
+        r = httpx.post(f"{base}/v1/chat/completions", json=chat(QUESTIONS[1]), headers=headers, timeout=60)
+        results["queued"] = (r.status_code, r.json() if r.status_code != 500 else r.text)
+
+    threads = [threading.Thread(target=stream)]
+    threads[0].start()
+    assert first_token.wait(30), "".join(log)
+    threads.append(threading.Thread(target=queued))
+    threads[1].start()
+    time.sleep(0.3)  # the second request is queued behind the first
+    return threads, results
+
+
 def test_sigterm_lets_in_flight_requests_finish_then_exits_0(served):
     """SIGTERM lands mid-answer (:func:`cli_server`); a streamed and a queued request both finish."""
     store, _, _ = served
     with cli_server(store) as (proc, base, log):
-        headers = {"Authorization": f"Bearer {KEY}"}
         assert httpx.get(f"{base}/health").status_code == 200
         assert httpx.get(f"{base}/v1/models").status_code == 401
-
-        results: dict = {}
-        first_token = threading.Event()
-
-        def stream() -> None:
-            body = chat(QUESTIONS[0], stream=True)
-            with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, headers=headers, timeout=60) as r:
-                lines = []
-                for line in r.iter_lines():
-                    lines.append(line)
-                    if '"content": "' in line and '"content": ""' not in line:
-                        first_token.set()
-                results["stream"] = (r.status_code, "\n\n".join(lines) + "\n\n")
-
-        def queued() -> None:
-            r = httpx.post(f"{base}/v1/chat/completions", json=chat(QUESTIONS[1]), headers=headers, timeout=60)
-            results["queued"] = (r.status_code, r.json())
-
-        threads = [threading.Thread(target=stream)]
-        threads[0].start()
-        assert first_token.wait(30), "".join(log)
-        threads.append(threading.Thread(target=queued))
-        threads[1].start()
-        time.sleep(0.3)  # the second request is queued behind the first
+        threads, results = stream_then_queue(base, log)
         proc.send_signal(signal.SIGTERM)
         for thread in threads:
             thread.join(60)
@@ -911,30 +919,7 @@ def test_a_second_ctrl_c_answers_in_flight_requests_503_and_exits_at_once(served
     503 for the queued request, an error event ending the stream), and the process exits 130."""
     store, _, _ = served
     with cli_server(store) as (proc, base, log):
-        headers = {"Authorization": f"Bearer {KEY}"}
-        results: dict = {}
-        first_token = threading.Event()
-
-        def stream() -> None:
-            body = chat(QUESTIONS[0], stream=True, max_tokens=12)
-            with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, headers=headers, timeout=60) as r:
-                lines = []
-                for line in r.iter_lines():
-                    lines.append(line)
-                    if '"content": "' in line and '"content": ""' not in line:
-                        first_token.set()
-                results["stream"] = (r.status_code, "\n\n".join(lines) + "\n\n")
-
-        def queued() -> None:
-            r = httpx.post(f"{base}/v1/chat/completions", json=chat(QUESTIONS[1]), headers=headers, timeout=60)
-            results["queued"] = (r.status_code, r.json() if r.status_code != 500 else r.text)
-
-        threads = [threading.Thread(target=stream)]
-        threads[0].start()
-        assert first_token.wait(30), "".join(log)
-        threads.append(threading.Thread(target=queued))
-        threads[1].start()
-        time.sleep(0.3)  # the second request is queued behind the first
+        threads, results = stream_then_queue(base, log, max_tokens=12)
         proc.send_signal(signal.SIGINT)
         time.sleep(0.3)  # the graceful stop is waiting for both
         stopped = time.monotonic()
