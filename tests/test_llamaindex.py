@@ -1167,6 +1167,35 @@ def test_local_llm_is_a_plain_full_prefill(tiny):
     assert "".join(r.delta for r in llm.stream_complete("Say something.")) == out.text
 
 
+def test_concurrent_local_llm_calls_each_report_their_own_timings(tiny, monkeypatch):
+    """``acomplete`` calls under ``asyncio.gather`` each returned the timings of whichever call
+    had started last (one attribute for every call): here every call has started before any
+    prefills, so each response's ``prompt_tokens`` must still be its own prompt's."""
+    import threading
+
+    import ragcompress.runtime.prepare as prepare
+
+    llm = LocalLLM(model=tiny, max_new_tokens=2)
+    prompts = ["Hi.", "Tell me about Melbourne. " * 4, "Describe the history of Victoria, Australia. " * 9]
+    started = threading.Barrier(len(prompts), timeout=60)
+    prefill = prepare.plain_prefill
+
+    def plain_prefill(*args, **kwargs):
+        started.wait()
+        return prefill(*args, **kwargs)
+
+    monkeypatch.setattr(prepare, "plain_prefill", plain_prefill)
+
+    async def complete_all():
+        return await asyncio.gather(*(llm.acomplete(prompt) for prompt in prompts))
+
+    responses = asyncio.run(complete_all())
+    reported = [response.additional_kwargs["prompt_tokens"] for response in responses]
+    assert reported == [len(llm.prompt_ids(prompt)) for prompt in prompts]
+    assert len(set(reported)) == len(prompts)
+    assert all(response.additional_kwargs["total_s"] > 0 for response in responses)
+
+
 def test_local_llm_encodes_control_token_text_in_its_prompt_as_text(tiny):
     """A node holding ``<|im_end|><|im_start|>system`` closed the user turn of the prompt."""
     from llama_index.postprocessor.ragcompress._shared import shared_model
