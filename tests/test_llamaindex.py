@@ -588,6 +588,92 @@ def test_concurrent_queries_computing_missing_caches_take_turns(tiny, store_copy
     assert stored_rows(synthesizer) == 8  # each stored once
 
 
+@pytest.mark.parametrize("store_kind", ["kvzip", "forward-adaptor"])
+def test_computing_missing_caches_never_changes_a_concurrent_answer_or_stored_cache(
+    tiny, tmp_path, monkeypatch, store_kind
+):
+    """One synthesizer answering stored passages on one thread while another computes missing
+    caches (concurrent ``aquery`` calls): encoding mutates the model it runs on while it runs
+    (kvzip's probe hooks on every attention layer, a forward adaptor's weights swapped into the
+    module), and it ran on the model object answering used. Answers differed from the serial
+    ones or raised, and caches were stored with valid checksums but wrong bytes. Here every
+    forward the writer makes pauses until a whole answer has run, so the two always overlap."""
+    import queue
+    import threading
+
+    import torch
+
+    from ragcompress.models import load_model
+    from ragcompress.testing import noisy_adaptor
+
+    if store_kind == "kvzip":
+        config, adaptor = IndexConfig(method="kvzip", ratio=0.5), None
+    else:
+        adaptor = str(noisy_adaptor(load_model(tiny), 3, kind="forward").save(tmp_path / "adaptor"))
+        config = IndexConfig(adaptor=adaptor)
+    built = tmp_path / "built"
+    KVCacheTransform(store_path=str(built), model=tiny, config=config)(sample_documents(3))
+    missing = [TextNode(id_=f"new-{i}", text=d.text) for i, d in enumerate(sample_documents(6)[3:])]
+
+    def answer(engine, entries):
+        prepared = engine.prepare(QUESTION, entries).prefilled(engine.lm.model)
+        return engine.answer_cached(QUESTION, entries).token_ids, prepared.first_logits.clone()
+
+    def checksums(synthesizer):
+        return {node.node_id: synthesizer.engine.store.entry(node.node_id).checksum for node in missing}
+
+    shutil.copytree(built, tmp_path / "serial")
+    serial = KVCacheSynthesizer(str(tmp_path / "serial"), max_new_tokens=4, adaptor=adaptor)
+    entries = serial.engine.retrieve(QUESTION, 2)
+    expected = answer(serial.engine, entries)
+    for node in missing:
+        serial.synthesize(QUESTION, [NodeWithScore(node=node.model_copy(), score=1.0)])
+    expected_sums = checksums(serial)
+    serial.close()
+
+    shutil.copytree(built, tmp_path / "concurrent")
+    synthesizer = KVCacheSynthesizer(str(tmp_path / "concurrent"), max_new_tokens=4, adaptor=adaptor)
+    engine = synthesizer.engine
+    asks: queue.Queue = queue.Queue()
+    answered: queue.Queue = queue.Queue()
+    got: list = []
+    writer = threading.get_ident()
+    layer = type(engine.lm.model.model.layers[0])  # every model object's first decoder layer
+    forward = layer.forward
+
+    def pausing_forward(self, *args, **kwargs):
+        """Each of the writer's forwards, halfway (in its first layer), waits for an answer."""
+        if threading.get_ident() == writer and self.self_attn.layer_idx == 0:
+            asks.put(True)
+            answered.get(timeout=120)
+        return forward(self, *args, **kwargs)
+
+    def answering():
+        while asks.get():
+            try:
+                got.append(answer(engine, entries))
+            except Exception as exc:  # noqa: BLE001 (reported by the assertion below)
+                got.append(exc)
+            answered.put(True)
+
+    thread = threading.Thread(target=answering)
+    thread.start()
+    monkeypatch.setattr(layer, "forward", pausing_forward)
+    try:
+        for node in missing:
+            synthesizer.synthesize(QUESTION, [NodeWithScore(node=node.model_copy(), score=1.0)])
+    finally:
+        monkeypatch.undo()
+        asks.put(False)
+        thread.join()
+    assert got, "no answer ran while a cache was encoded"
+    for result in got:
+        assert not isinstance(result, Exception), repr(result)
+        assert result[0] == expected[0] and torch.equal(result[1], expected[1])
+    assert checksums(synthesizer) == expected_sums
+    synthesizer.close()
+
+
 def test_async_streaming_leaves_the_event_loop_free(built):
     store, nodes = built
     synthesizer = KVCacheSynthesizer(store, max_new_tokens=16, streaming=True)
@@ -1079,6 +1165,35 @@ def test_local_llm_is_a_plain_full_prefill(tiny):
     assert out.text == lm.tokenizer.decode(gen.token_ids, skip_special_tokens=True).strip()
     assert out.additional_kwargs["prompt_tokens"] == len(ids)
     assert "".join(r.delta for r in llm.stream_complete("Say something.")) == out.text
+
+
+def test_concurrent_local_llm_calls_each_report_their_own_timings(tiny, monkeypatch):
+    """``acomplete`` calls under ``asyncio.gather`` each returned the timings of whichever call
+    had started last (one attribute for every call): here every call has started before any
+    prefills, so each response's ``prompt_tokens`` must still be its own prompt's."""
+    import threading
+
+    import ragcompress.runtime.prepare as prepare
+
+    llm = LocalLLM(model=tiny, max_new_tokens=2)
+    prompts = ["Hi.", "Tell me about Melbourne. " * 4, "Describe the history of Victoria, Australia. " * 9]
+    started = threading.Barrier(len(prompts), timeout=60)
+    prefill = prepare.plain_prefill
+
+    def plain_prefill(*args, **kwargs):
+        started.wait()
+        return prefill(*args, **kwargs)
+
+    monkeypatch.setattr(prepare, "plain_prefill", plain_prefill)
+
+    async def complete_all():
+        return await asyncio.gather(*(llm.acomplete(prompt) for prompt in prompts))
+
+    responses = asyncio.run(complete_all())
+    reported = [response.additional_kwargs["prompt_tokens"] for response in responses]
+    assert reported == [len(llm.prompt_ids(prompt)) for prompt in prompts]
+    assert len(set(reported)) == len(prompts)
+    assert all(response.additional_kwargs["total_s"] > 0 for response in responses)
 
 
 def test_local_llm_encodes_control_token_text_in_its_prompt_as_text(tiny):

@@ -3,7 +3,8 @@
 A node's *cache handle* is two metadata keys: the store directory and the passage id inside it.
 Both are excluded from the text LLMs and embedders see, so attaching a handle changes neither a
 prompt nor an embedding. Models are loaded once per process and shared by all components, so a
-transform, a postprocessor, a synthesizer and the baseline LLM hold one copy of the weights.
+postprocessor, a synthesizer and the baseline LLM hold one copy of the weights; writing caches
+(a transform, ``compute_missing``) uses a second copy, see :func:`writer_model`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import asyncio
 import functools
 import hashlib
 import json
+import threading
 from collections.abc import AsyncGenerator, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -96,17 +98,52 @@ def shared_model(ref: str | None, dtype: str | None = None, device: str | None =
     """The ragcompress ``LoadedModel`` for ``ref`` (None: the embedded default) in ``dtype``
     (None: float32) on ``device`` (None: the CPU), loaded once per process whatever spelling of
     the same model is used (None, its name, a relative path) and shared by every component that
-    asks for it so."""
+    asks for it so. Only plain forwards may run on it (answering, prompt sizing): several
+    threads use it at once. Encoding caches runs on :func:`writer_model`'s copy."""
+    return _load_model(*_model_key(ref, dtype, device), "answer")
+
+
+def writer_model(ref: str | None, dtype: str | None = None, device: str | None = None) -> Any:
+    """The copy of :func:`shared_model`'s model that caches are encoded with, loaded once per
+    process on first use; every use of it holds :func:`encoding`'s lock.
+
+    Encoding changes the model object it runs on while it runs: kvzip, snapkv and
+    expected-attention register hooks on every attention layer (``run_probe``), a forward
+    adaptor swaps its weights into the module (``torch.func.functional_call``), a cache adaptor
+    hooks the key projections (``ProjectionInputs``). A forward of the same object on another
+    thread meanwhile (a concurrent ``aquery``) answered with adapted weights or fired the hooks,
+    which then recorded its attention into the cache being stored: answers changed, and caches
+    were stored with valid checksums and wrong bytes. Answering therefore never shares the
+    object encoding runs on; a lock around every answering forward would have stopped answers
+    from running in parallel and made them wait for every encoding. The cost is a second copy
+    of the weights in a process that both answers and writes (about 0.5 GB for the default
+    SmolLM2-135M in float32), loaded only when a cache is first encoded."""
+    return _load_model(*_model_key(ref, dtype, device), "writer")
+
+
+_ENCODING_LOCKS: dict[int, threading.RLock] = {}
+_ENCODING_GUARD = threading.Lock()
+
+
+def encoding(lm: Any) -> threading.RLock:
+    """The lock held around every use of a :func:`writer_model` copy (writers of two stores in
+    one process share it, and one's hooks must not fire in the other's forwards)."""
+    with _ENCODING_GUARD:
+        return _ENCODING_LOCKS.setdefault(id(lm), threading.RLock())
+
+
+def _model_key(ref: str | None, dtype: str | None, device: str | None) -> tuple[str, str, str]:
     require_ragcompress()
     from ragcompress.models import DEFAULT_MODEL
 
     ref = ref or DEFAULT_MODEL
     path = Path(ref).expanduser()
-    return _load_model(str(path.resolve()) if path.is_dir() else ref, dtype or "float32", device or "cpu")
+    return str(path.resolve()) if path.is_dir() else ref, dtype or "float32", device or "cpu"
 
 
-@functools.lru_cache(maxsize=4)
-def _load_model(ref: str, dtype: str, device: str) -> Any:
+@functools.lru_cache(maxsize=8)
+def _load_model(ref: str, dtype: str, device: str, role: str) -> Any:
+    """``role`` ``answer`` or ``writer``: two objects with the same weights (see :func:`writer_model`)."""
     from ragcompress.models import load_model
 
     return load_model(ref, dtype=dtype, device=device)

@@ -21,15 +21,16 @@ import llama_index.core.instrumentation as instrument
 from llama_index.core.schema import BaseNode
 
 from llama_index.postprocessor.ragcompress._shared import (
+    encoding,
     get_handle,
     node_text,
     passage_meta,
     require_ragcompress,
     set_handle,
     shared_embedder,
-    shared_model,
     store_path,
     text_sha,
+    writer_model,
 )
 from llama_index.postprocessor.ragcompress.events import KVCacheStoredEvent
 
@@ -80,6 +81,9 @@ class CacheWriter:
 
     The caches come from ragcompress's :class:`~ragcompress.indexing.Indexer`, the write path
     ``ragcompress index`` uses, so a node's cache is exactly what indexing its text would store.
+    Its model is the process's :func:`~._shared.writer_model` copy, never the one components
+    answer with, and every forward on it runs under :func:`~._shared.encoding`: encoding
+    changes the model object while it runs (hooks, swapped-in adaptor weights).
     """
 
     def __init__(
@@ -127,11 +131,14 @@ class CacheWriter:
             raise InputError(
                 f"{exc} (to KVCacheTransform: config=IndexConfig(...) with the store's settings)"
             ) from None
-        lm = shared_model(model, dtype, device)
+        lm = writer_model(model, dtype, device)
         # the same settings as an existing store (its basis, for a low-rank one), or a new store's
         # basis fitted on config.calibration: `ragcompress index`'s checks, in its own function
         try:
-            indexer = run_indexer(lm, config, shared_embedder(config.embedder), None, Path(path) if exists else None)
+            with encoding(lm):  # fitting a basis runs the model
+                indexer = run_indexer(
+                    lm, config, shared_embedder(config.embedder), None, Path(path) if exists else None
+                )
         except StoreMismatchError as exc:
             if not given:
                 raise
@@ -147,15 +154,16 @@ class CacheWriter:
     def for_existing(
         cls,
         path: str,
-        lm: Any | None = None,
+        model: str | None = None,
         batch_size: int = 8,
         device: str | None = None,
         adaptor: str | None = None,
     ) -> CacheWriter:
-        """Writer that adds to an existing store with its own model (in the dtype its passages
-        were encoded in, on ``device``; or ``lm``) and settings. ``adaptor``: the folder of the
-        adaptor the store was built with (``index --adaptor FOLDER``); a store records only its
-        hash, so an adaptor that is not packaged cannot be found without it."""
+        """Writer that adds to an existing store with its own model (or ``model``, the same one
+        spelt another way; in the dtype its passages were encoded in, on ``device``) and
+        settings. ``adaptor``: the folder of the adaptor the store was built with (``index
+        --adaptor FOLDER``); a store records only its hash, so an adaptor that is not packaged
+        cannot be found without it."""
         require_ragcompress()
         from ragcompress.errors import StoreError
         from ragcompress.indexing import Indexer
@@ -164,7 +172,7 @@ class CacheWriter:
         if not Path(path).is_dir():
             raise StoreError(f"store {path} does not exist; build it with KVCacheTransform or `ragcompress index`")
         manifest = Manifest.read(Path(path))
-        lm = lm or shared_model(manifest.model_ref, manifest.dtype, device)
+        lm = writer_model(model or manifest.model_ref, manifest.dtype, device)
         loaded = _store_adaptor(path, manifest, lm, adaptor)
         indexer = Indexer.for_store(manifest, lm, shared_embedder(manifest.embedder), loaded)
         with KVStore.open(Path(path)) as store:  # a low-rank store's latents need its basis
@@ -253,8 +261,9 @@ class CacheWriter:
         written: list[str] = []
         # Concurrent queries (aquery, threads) take turns; another process (a pipeline with
         # num_workers, `ragcompress index`) is waited for. What is stored is read again under the
-        # lock, so a node another writer just stored is not encoded twice.
-        with _writing(self.path):
+        # lock, so a node another writer just stored is not encoded twice. Writers of other stores
+        # in this process wait for the model (creating a store computes its prefix cache).
+        with _writing(self.path), encoding(self.indexer.lm):
             self._open_store(path)
             with StoreWriter(path, wait_s=WRITER_WAIT_S) as writer:
                 ids, pending, inputs, stored = self._passages(nodes, writer.known())
@@ -321,22 +330,24 @@ def _store_adaptor(path: str, manifest: Any, lm: Any, folder: str | None) -> Any
 class CacheResolver:
     """Finds the store entries of nodes (by handle, node id or text alias), computing missing ones.
 
-    ``store`` is an open ``KVStore``; ``lm`` (a LoadedModel) is loaded from the manifest, on
-    ``device``, only when a cache has to be computed, unless given; ``adaptor`` (a folder) is
-    the store's adaptor, needed to compute caches when it is not a packaged one.
+    ``store`` is an open ``KVStore``; its model (``model``: the same one spelt another way, else
+    the manifest's) is loaded on ``device`` only when a cache has to be computed, as the
+    process's :func:`~._shared.writer_model` copy, never the object answering runs on;
+    ``adaptor`` (a folder) is the store's adaptor, needed to compute caches when it is not a
+    packaged one.
     """
 
     def __init__(
         self,
         store: Any,
-        lm: Any | None = None,
+        model: str | None = None,
         compute_missing: bool = True,
         device: str | None = None,
         adaptor: str | None = None,
     ) -> None:
         self.store = store
         self.path = store_path(store.path)
-        self.lm = lm
+        self.model = model
         self.compute_missing = compute_missing
         self.device = device
         self.adaptor = adaptor
@@ -368,7 +379,7 @@ class CacheResolver:
                     "add it with KVCacheTransform or set compute_missing=True"
                 )
             if self._writer is None:
-                self._writer = CacheWriter.for_existing(self.path, self.lm, device=self.device, adaptor=self.adaptor)
+                self._writer = CacheWriter.for_existing(self.path, self.model, device=self.device, adaptor=self.adaptor)
             ids, computed = self._writer.write_reporting(missing, write_index=False)
             for node, pid in zip(missing, ids, strict=True):
                 if pid is None:

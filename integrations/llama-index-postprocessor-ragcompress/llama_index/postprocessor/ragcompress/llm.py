@@ -44,8 +44,9 @@ def model_context_window(lm: Any) -> int:
 class LocalLLM(CustomLLM):
     """A ragcompress-loadable causal LM (default SmolLM2-135M-Instruct), full prefill, greedy.
 
-    ``last_timings`` holds ``ttft_s`` / ``total_s`` / ``prompt_tokens`` of the latest call (also
-    returned in ``CompletionResponse.additional_kwargs``).
+    Each call returns its own ``ttft_s`` / ``total_s`` / ``prompt_tokens`` in
+    ``CompletionResponse.additional_kwargs``; ``last_timings`` holds those of the call started
+    last (with concurrent calls, read each response's own).
     """
 
     model: str | None = Field(
@@ -69,7 +70,7 @@ class LocalLLM(CustomLLM):
         default=None, description="Where the model runs: None or 'cpu' (the CPU), 'cuda', 'cuda:N'."
     )
 
-    _last: dict = PrivateAttr(default_factory=dict)
+    _last: dict = PrivateAttr(default_factory=dict)  # the timings of the call started last
 
     @classmethod
     def class_name(cls) -> str:
@@ -103,8 +104,9 @@ class LocalLLM(CustomLLM):
             return user_turn_ids(tokenizer, prompt)
         return encode_user_text(tokenizer, "{prompt}", "{prompt}", prompt, control_tokens(tokenizer, ""))
 
-    def _stream(self, prompt: str) -> Iterator[str]:
-        """Text deltas of a plain full prefill of ``prompt`` (the library's one token generator).
+    def _stream(self, prompt: str, timings: dict[str, Any]) -> Iterator[str]:
+        """Text deltas of a plain full prefill of ``prompt`` (the library's one token generator),
+        this call's timings filled into ``timings`` as it runs.
         A prompt that, with the new tokens, needs more positions than the model handles is
         refused here, before the model runs (``InputError``, as the cached path's
         ``Engine.suffix_ids``): past them a model's output is garbage, not an error."""
@@ -119,13 +121,16 @@ class LocalLLM(CustomLLM):
                 f"{self.max_new_tokens} new tokens) but the model handles {limit}; shorten the prompt "
                 "(fewer or shorter nodes, similarity_top_k), or lower max_new_tokens"
             )
-        return self._deltas(lm, ids)
+        return self._deltas(lm, ids, timings)
 
-    def _deltas(self, lm: Any, ids: list[int]) -> Iterator[str]:
+    def _deltas(self, lm: Any, ids: list[int], timings: dict[str, Any]) -> Iterator[str]:
+        """The deltas; ``timings`` belong to this call alone (kept in one attribute shared by
+        every call, concurrent calls, ``acomplete`` under ``asyncio.gather``, reported each other's)."""
         from ragcompress.runtime.generate import TokenStream, stop_token_ids, text_deltas
         from ragcompress.runtime.prepare import plain_prefill
 
-        self._last = {"prompt_tokens": len(ids)}
+        timings["prompt_tokens"] = len(ids)
+        self._last = timings  # what last_timings reads: the call started last
         stream = TokenStream(
             lm.model,
             lambda: plain_prefill(lm, ids, self.max_new_tokens),
@@ -133,36 +138,38 @@ class LocalLLM(CustomLLM):
             stop_token_ids(lm.tokenizer, lm.model),
         )
         for delta in text_deltas(lm.tokenizer, stream):
-            self._last["ttft_s"] = stream.ttft_s
+            timings["ttft_s"] = stream.ttft_s
             yield delta
-        self._last.update(ttft_s=stream.ttft_s, total_s=stream.total_s)
+        timings.update(ttft_s=stream.ttft_s, total_s=stream.total_s)
 
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        text = "".join(self._stream(prompt))
-        return CompletionResponse(text=text, additional_kwargs=dict(self._last))
+        timings: dict[str, Any] = {}
+        text = "".join(self._stream(prompt, timings))
+        return CompletionResponse(text=text, additional_kwargs=dict(timings))
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
-        text = ""
-        for delta in self._stream(prompt):
+        text, timings = "", dict[str, Any]()
+        for delta in self._stream(prompt, timings):
             text += delta
-            yield CompletionResponse(text=text, delta=delta, additional_kwargs=dict(self._last))
+            yield CompletionResponse(text=text, delta=delta, additional_kwargs=dict(timings))
 
     @llm_completion_callback()
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
         """:meth:`complete` with the decoding on a worker thread (the event loop keeps running)."""
-        text = await asyncio.to_thread(lambda: "".join(self._stream(prompt)))
-        return CompletionResponse(text=text, additional_kwargs=dict(self._last))
+        timings: dict[str, Any] = {}
+        text = await asyncio.to_thread(lambda: "".join(self._stream(prompt, timings)))
+        return CompletionResponse(text=text, additional_kwargs=dict(timings))
 
     @llm_completion_callback()
     async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
         """:meth:`stream_complete`, each token decoded on a worker thread."""
 
         async def responses() -> CompletionResponseAsyncGen:
-            text = ""
-            async for delta in iterate_in_thread(self._stream(prompt)):
+            text, timings = "", dict[str, Any]()
+            async for delta in iterate_in_thread(self._stream(prompt, timings)):
                 text += delta
-                yield CompletionResponse(text=text, delta=delta, additional_kwargs=dict(self._last))
+                yield CompletionResponse(text=text, delta=delta, additional_kwargs=dict(timings))
 
         return responses()

@@ -15,8 +15,8 @@ from llama_index.postprocessor.ragcompress._shared import (
     first_of_each,
     require_ragcompress,
     scored_nodes,
-    shared_model,
     store_path,
+    writer_model,
 )
 from llama_index.postprocessor.ragcompress.cache import CacheResolver
 from llama_index.postprocessor.ragcompress.events import KVCacheAttachedEvent
@@ -71,11 +71,10 @@ class KVCacheNodePostprocessor(BaseNodePostprocessor):
         if self.device is not None:
             usable_device(self.device)  # a device this machine lacks fails here, not at the first query
         self._store = KVStore.open(self.store_path)  # StoreError when missing or incomplete
-        lm = None
-        if self.model is not None:
-            lm = shared_model(self.model, self._store.manifest.dtype, self.device)
+        if self.model is not None:  # the copy missing caches are encoded with (see writer_model)
+            lm = writer_model(self.model, self._store.manifest.dtype, self.device)
             self._store.manifest.check_lm(lm)  # the store's model and tokenizer
-        self._resolver = CacheResolver(self._store, lm, self.compute_missing, self.device, self.adaptor)
+        self._resolver = CacheResolver(self._store, self.model, self.compute_missing, self.device, self.adaptor)
 
     @classmethod
     def class_name(cls) -> str:

@@ -124,7 +124,8 @@ class KVCacheSynthesizer(BaseSynthesizer):
         self.device = device
         self.adaptor = adaptor
         self._given = {"llm": llm, "callback_manager": callback_manager}  # what pickling keeps besides to_dict
-        self._resolver = CacheResolver(store, lm, compute_missing, adaptor=adaptor)
+        # encodes on a copy of the model of its own, loaded when a cache is first computed
+        self._resolver = CacheResolver(store, lm.ref, compute_missing, device, adaptor)
         super().__init__(
             llm=llm or LocalLLM(model=lm.ref, max_new_tokens=max_new_tokens, dtype=store.manifest.dtype, device=device),
             callback_manager=callback_manager,
