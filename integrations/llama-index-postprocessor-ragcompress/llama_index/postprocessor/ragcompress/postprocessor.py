@@ -15,8 +15,8 @@ from llama_index.postprocessor.ragcompress._shared import (
     first_of_each,
     require_ragcompress,
     scored_nodes,
+    shared_model,
     store_path,
-    writer_model,
 )
 from llama_index.postprocessor.ragcompress.cache import CacheResolver
 from llama_index.postprocessor.ragcompress.events import KVCacheAttachedEvent
@@ -71,9 +71,9 @@ class KVCacheNodePostprocessor(BaseNodePostprocessor):
         if self.device is not None:
             usable_device(self.device)  # a device this machine lacks fails here, not at the first query
         self._store = KVStore.open(self.store_path)  # StoreError when missing or incomplete
-        if self.model is not None:  # the copy missing caches are encoded with (see writer_model)
-            lm = writer_model(self.model, self._store.manifest.dtype, self.device)
-            self._store.manifest.check_lm(lm)  # the store's model and tokenizer
+        if self.model is not None:  # the store's model and tokenizer, checked on the shared copy (only read
+            # here): the copy missing caches are encoded with (writer_model) loads when one is first computed
+            self._store.manifest.check_lm(shared_model(self.model, self._store.manifest.dtype, self.device))
         self._resolver = CacheResolver(self._store, self.model, self.compute_missing, self.device, self.adaptor)
 
     @classmethod
