@@ -31,7 +31,6 @@ from ragcompress.kv.quant import QuantConfig
 from ragcompress.models import load_model
 from ragcompress.prompt import PromptTemplate
 from ragcompress.runtime.assemble import assemble
-from ragcompress.runtime.attention import KV_MASK_KWARG
 from ragcompress.runtime.generate import forward_logits
 from ragcompress.store import KVStore, codec
 from ragcompress.testing import noisy_adaptor
@@ -528,7 +527,7 @@ def test_compressed_student_reads_what_the_runtime_serves(lm, lowrank):
     suffix = distiller.tokens.suffix("Where did Apollo 11 land?")
     with torch.no_grad():
         keys, values, total, mask = distiller.student_compressed_tensors(passages)
-        student = distiller.student_logprobs(keys, values, total, suffix, len(suffix), **{KV_MASK_KWARG: mask})
+        student = distiller.student_logprobs(keys, values, total, suffix, len(suffix), mask)
     encoder = distiller.encoder
     segments = [
         codec.decode(
@@ -874,7 +873,7 @@ def test_the_student_moves_keys_in_each_layers_own_rope(arch, config, compressed
     with torch.no_grad():
         if compressed:
             keys, values, total, mask = distiller.student_compressed_tensors(passages)
-            student = distiller.student_logprobs(keys, values, total, suffix, len(suffix), **{KV_MASK_KWARG: mask})
+            student = distiller.student_logprobs(keys, values, total, suffix, len(suffix), mask)
         else:
             keys, values, total = distiller.student_forward_tensors(passages)
             student = distiller.student_logprobs(keys, values, total, suffix, len(suffix))
@@ -886,6 +885,61 @@ def test_the_student_moves_keys_in_each_layers_own_rope(arch, config, compressed
             for kv, ids in zip(segments, passages, strict=True)
         ]
     torch.testing.assert_close(student, served_logprobs(distiller, segments, suffix, total)[1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("arch", "config"),
+    [
+        ("mistral", {"sliding_window": 8}),
+        ("gemma2", {"sliding_window": 8, "attn_logit_softcapping": 50.0}),
+        ("gemma3_text", {"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]}),
+    ],
+)
+def test_a_quantized_student_on_a_sliding_window_model_reads_what_the_runtime_serves(arch, config, tiny_model_dir):
+    """A quantized store of a sliding-window model keeps every row of every head, so the runtime
+    reads it with no row mask (its sliding layers keep their window); the student, trained over
+    passages longer than the window, must read its cache the same way. (Until 2027-01 the
+    student passed a row mask over every row while its sliding layers kept only the window's:
+    ``train --quant int4`` on Mistral, Gemma-2 or Gemma-3 stopped with a RuntimeError.)"""
+    lm = load_model(str(tiny_model_dir(arch, **config)))
+    distiller = zero_student(lm, None, QuantConfig("int4", 8))
+    texts = ("Melbourne is the sporting capital of Australia.", "Apollo 11 landed on the Moon in 1969.")
+    passages = [distiller.tokens.passage(t) for t in texts]
+    assert all(len(ids) > config["sliding_window"] for ids in passages)
+    suffix = distiller.tokens.suffix("Where did Apollo 11 land?")
+    with torch.no_grad():
+        keys, values, total, mask = distiller.student_compressed_tensors(passages)
+        student = distiller.student_logprobs(keys, values, total, suffix, len(suffix), mask)
+    encoder = distiller.encoder
+    segments = [codec.decode(codec.encode(encoder.encode([ids])[0], QuantConfig("int4", 8))) for ids in passages]
+    torch.testing.assert_close(student, served_logprobs(distiller, segments, suffix, total)[1], atol=1e-4, rtol=1e-4)
+
+
+def test_training_for_per_head_eviction_on_a_sliding_window_model_is_refused_up_front(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """The runtime refuses a store evicted per head once a request outgrows the model's sliding
+    window; training for such a store is refused before any work, with the runtime's reason
+    (until 2027-01 it stopped in the student's attention with a RuntimeError)."""
+    from ragcompress.data import SAMPLE_PASSAGES, SAMPLE_QUESTIONS
+    from ragcompress.distill import train as train_module
+
+    lm = load_model(str(tiny_model_dir("mistral", sliding_window=8)))
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the teacher pass ran")
+
+    monkeypatch.setattr(train_module, "teacher_examples", no_teacher)
+    config = TrainConfig(method="global:kvzip", ratio=0.5, quant="int4", steps=1, batch=1, val_examples=1)
+    with pytest.raises(InputError, match=r"keeps a different number of rows per head.*sliding window \(8 tokens\)"):
+        train_module.train(lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, tmp_path / "run", config, progress=False)
+    assert not (tmp_path / "run").exists()
+    student = zero_student(lm, make_compressor("global:kvzip", ratio=0.5, keep_first=1, keep_last=0))
+    passages = [student.tokens.passage("Apollo 11 landed on the Moon in 1969.")]
+    with torch.no_grad():
+        keys, values, total, mask = student.student_compressed_tensors(passages)
+        with pytest.raises(InputError, match=r"rows per head.*needs \d+ rows.*--method none"):
+            student.student_logprobs(keys, values, total, student.tokens.suffix("Where?"), 1, mask)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -31,11 +31,25 @@ from ragcompress.kv.lowrank import LowRankBasis
 from ragcompress.kv.quant import QuantConfig, quantize_dequantize
 from ragcompress.models import LoadedModel
 from ragcompress.prompt import PromptTemplate
-from ragcompress.runtime.attention import KV_MASK_KWARG
+from ragcompress.runtime.attention import KV_MASK_KWARG, per_head_window_problem, sliding_window
 from ragcompress.runtime.generate import forward_logits, stop_token_ids
 
 MAX_ANSWER = 10  # teacher's greedy answer length cap
 TRAINING_ADAPTER = "ragcompress-training"  # peft adapter name of the LoRA layers being trained
+
+
+def check_student_eviction(model_config: Any, compressor: Compressor | None) -> None:
+    """Refuse to train for a store evicted per head on a sliding-window model: the runtime serves
+    such a store only while a request's cache stays inside the window (``runtime.prepare``), and
+    a student whose context outgrew it would have its row masks misaligned with its sliding
+    layers' rows (:meth:`Distiller.student_logprobs` refuses such a context). ``train`` calls it
+    before any work: which contexts training reads is known only once the teacher pass runs."""
+    window = sliding_window(model_config)
+    if compressor is not None and compressor.name != "none" and window is not None:
+        raise InputError(
+            f"--method {compressor.config()['method']}: {per_head_window_problem(window)} (a training context may); "
+            "train this model's adaptor for a store of whole passages (--method none; --quant and --kv-rank apply)"
+        )
 
 
 def passage_key(ids: list[int]) -> str:
@@ -208,12 +222,22 @@ class Distiller:
         total: int,
         ids: list[int],
         rows: int,
-        **attention_kwargs: Any,
+        kv_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Log-probabilities of the last ``rows`` positions of ``ids`` read over the cache (at
-        positions ``total…``; ``attention_kwargs``: the per-head row mask of a compressed one)."""
+        positions ``total…``; ``kv_mask``: the per-head row mask of a compressed one). The cache
+        is built as the runtime builds a served one: a sliding layer keeps its window's rows, so a
+        row mask (per-head eviction) is refused once the cache outgrows the window, as the runtime
+        refuses it (``runtime.prepare``)."""
+        window = sliding_window(self.lm.config)
+        if kv_mask is not None and window is not None and kv_mask.shape[-1] + len(ids) >= window:
+            raise InputError(
+                f"{per_head_window_problem(window)}: this example needs {kv_mask.shape[-1] + len(ids)} rows; train "
+                "for a store of whole passages (--method none) for this model"
+            )
         cache = build_dynamic_cache(self.lm.config, keys, values)
-        logits = forward_logits(self.model, torch.tensor([ids]), cache, total, rows, **attention_kwargs)
+        attention = {} if kv_mask is None else {KV_MASK_KWARG: kv_mask}
+        logits = forward_logits(self.model, torch.tensor([ids]), cache, total, rows, **attention)
         return logits.float().log_softmax(-1)
 
     def passage(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -279,12 +303,15 @@ class Distiller:
 
     def student_compressed_tensors(
         self, passages: list[list[int]]
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor], int, torch.Tensor]:
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], int, torch.Tensor | None]:
         """:meth:`student_forward_tensors` for a compressed store: each passage's rows evicted as
         :meth:`kept_rows` says (padded per head as the runtime's assembled cache is), quantized
         straight-through as the store codec will, each kept key rotated to its token's place in
         the prompt; also the per-head row mask ``[layers, kv_heads, T]`` the runtime's attention
-        reads (``ragcompress.runtime.attention``)."""
+        reads (``ragcompress.runtime.attention``), or None when every head keeps every row (a
+        store quantized or projected, not evicted): the runtime's assembled cache has no mask then
+        (``runtime.assemble``), and a sliding-window layer keeps only its window's rows, which a
+        mask over every row would not line up with."""
         assert self.lora_name is not None
         p = start = len(self.prefix_ids)
         keys = [[k] for k, _ in self.prefix_layers]
@@ -313,7 +340,13 @@ class Distiller:
                 values[layer].append(v[layer].unsqueeze(0))
             masks.append(torch.arange(positions.shape[-1]) < lengths.unsqueeze(-1))
             start += n
-        return [torch.cat(k, dim=2) for k in keys], [torch.cat(v, dim=2) for v in values], start, torch.cat(masks, 2)
+        mask = torch.cat(masks, 2)
+        return (
+            [torch.cat(k, dim=2) for k in keys],
+            [torch.cat(v, dim=2) for v in values],
+            start,
+            (None if bool(mask.all()) else mask),
+        )
 
     def store_round_trip(
         self, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor
@@ -333,18 +366,17 @@ class Distiller:
     def losses(self, example: Example) -> Losses:
         """Mean per-token binned KL over the answer rows and over the continuation rows, and the
         answer rows' cross-entropy of (and argmax agreement with) the teacher's greedy tokens."""
-        mask: dict[str, torch.Tensor] = {}
+        kv_mask = None
         if self.compressed:
             keys, values, total, kv_mask = self.student_compressed_tensors(example.passages)
-            mask = {KV_MASK_KWARG: kv_mask}
         elif self.lora_name is not None:
             keys, values, total = self.student_forward_tensors(example.passages)
         else:
             keys, values, total = self.student_cache_tensors([self.passage(ids) for ids in example.passages])
         ids = example.suffix + example.answer
-        qa = self.student_logprobs(keys, values, total, ids, len(example.answer) + 1, **mask)
+        qa = self.student_logprobs(keys, values, total, ids, len(example.answer) + 1, kv_mask)
         cont_ids = example.cont_suffix + example.cont
-        cont = self.student_logprobs(keys, values, total, cont_ids, len(example.cont) + 1, **mask)[:-1]
+        cont = self.student_logprobs(keys, values, total, cont_ids, len(example.cont) + 1, kv_mask)[:-1]
         greedy = example.qa_idx[:, :1]  # the teacher's argmax of each answer row (topk is sorted)
         return Losses(
             binned_kl(example.qa_idx, example.qa_lp, qa).mean(),

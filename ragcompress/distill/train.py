@@ -74,7 +74,7 @@ from ragcompress.distill.corpus import (
     split_articles,
     with_extra_passages,
 )
-from ragcompress.distill.distiller import TRAINING_ADAPTER, Distiller
+from ragcompress.distill.distiller import TRAINING_ADAPTER, Distiller, check_student_eviction
 from ragcompress.distill.loop import TrainingState, run_steps, validation_loss
 from ragcompress.distill.objective import Example
 from ragcompress.distill.resume import (
@@ -201,6 +201,7 @@ def _train(
     lm: LoadedModel, passages_path: Path, questions_path: Path, out: Path, config: TrainConfig, progress: bool
 ) -> Adaptor:
     torch.manual_seed(config.seed)
+    check_student_eviction(lm.config, student_compressor(config))  # before hours of teacher pass
     validate(passages_path)  # index's check: well-formed records, unique ids (questions name passages by id)
     passages = list(iter_passages(passages_path))
     # a passage that names no article would be an article of its own

@@ -41,6 +41,17 @@ def sliding_window(config: Any) -> int | None:
     return int(window)
 
 
+def per_head_window_problem(window: int) -> str:
+    """Why a store that keeps a different number of rows per head cannot be read past a sliding
+    window: the layer keeps its last ``window - 1`` rows, which the per-head row masks do not
+    follow. The runtime refuses such a request (``runtime.prepare``), and training refuses to
+    train for such a store up front (``distill.distiller.check_student_eviction``)."""
+    return (
+        f"this store keeps a different number of rows per head, which the model's sliding window "
+        f"({window} tokens) cannot be applied to once the cache outgrows it"
+    )
+
+
 def logit_softcap(config: Any) -> float | None:
     """Gemma-2's cap on attention logits (``tanh(s / cap) * cap``), None for other models."""
     return getattr(config, "attn_logit_softcapping", None) or None

@@ -31,7 +31,7 @@ from ragcompress.kv.shape import ModelShape
 from ragcompress.models import LoadedModel
 from ragcompress.prompt import PromptTemplate, PromptTokens
 from ragcompress.runtime.assemble import assemble
-from ragcompress.runtime.attention import PACKED_KWARG, logit_softcap, sliding_window
+from ragcompress.runtime.attention import PACKED_KWARG, logit_softcap, per_head_window_problem, sliding_window
 from ragcompress.runtime.generate import Prepared
 from ragcompress.runtime.latent_packed import LatentPackedSegments
 from ragcompress.runtime.options import AnswerOptions
@@ -161,8 +161,7 @@ class DenseStrategy:
             rows = max(mask.shape[-1] for mask in built.kv_mask) + spare
             if rows >= window:  # its layers keep the last window - 1 rows, which the per-head row masks do not follow
                 raise InputError(
-                    f"this store keeps a different number of rows per head, which the model's sliding window "
-                    f"({window} tokens) cannot be applied to once the cache outgrows it: this request needs "
+                    f"{per_head_window_problem(window)}: this request needs "
                     f"{rows} rows; retrieve fewer passages, generate fewer tokens, or use a store of whole "
                     "passages (--method none) for this model"
                 )
