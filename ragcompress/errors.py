@@ -52,6 +52,11 @@ class SegmentManifestMismatch(CorruptSegmentError):
     manifest was edited after the build, so the repair is the manifest, not the passage."""
 
 
+class NonFiniteError(RagCompressError):
+    """Training's loss or an adaptor's tensors became NaN or infinite (an optimizer step that
+    overflowed, e.g. in float16): nothing is saved from it and no such adaptor is used."""
+
+
 class ModelError(RagCompressError):
     """A model cannot be found, assembled, verified or used with ragcompress."""
 

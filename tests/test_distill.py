@@ -211,6 +211,87 @@ def test_one_training_step_lowers_the_loss_on_its_batch(lm, kind, arch, tiny_mod
     assert float(qa + cont) < before
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_lora_factors_train_in_float32_under_a_half_precision_model(dtype, tiny_model_dir):
+    """peft made the LoRA factors in the model's dtype: AdamW on float16 ones overflowed (``train
+    --dtype float16`` wrote an adaptor of NaN and exited 0), on bfloat16 ones it dropped most small
+    updates. They are float32 now, the adapted forward still runs in the model's dtype, and an
+    adaptor of zeros still leaves the passages' caches bit for bit as the base model makes them."""
+    lm = load_model(str(tiny_model_dir("llama")), dtype=dtype)
+    distiller = Distiller(lm, Adaptor.initial(lm.model, rank=2, alpha=4), teacher_top=16, continuation=4)
+    texts = ["Melbourne is the sporting capital of Australia.", "Apollo 11 landed on the Moon in 1969."]
+    passages = [distiller.tokens.passage(t) for t in texts]
+    params = distiller.trainable()
+    assert {p.dtype for p in params} == {torch.float32}
+    assert distiller.lora_name is not None
+    with torch.no_grad():
+        with lora_active(lm.model, distiller.lora_name):
+            adapted = distiller.encoder.forward_with_grad(passages)
+        plain = distiller.encoder.forward_with_grad(passages)
+    for (k, v), (base_k, base_v) in zip(adapted, plain, strict=True):
+        assert k.dtype == v.dtype == lm.model.dtype
+        assert torch.equal(k, base_k) and torch.equal(v, base_v)
+    example = distiller.teacher("q", passages, "Where did Apollo 11 land?")
+    optimizer = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.0)
+    before: list[torch.Tensor] = []
+    for _ in range(2):  # A's gradient is zero while B is (the first step)
+        before = [param.detach().clone() for param in params]
+        optimizer.zero_grad()
+        qa, cont, *_ = distiller.losses(example)
+        (qa + 0.5 * cont).backward()
+        optimizer.step()
+    assert all(bool(param.isfinite().all()) for param in params)
+    moved = [
+        float((b != param.detach()).float().mean())
+        for b, param in zip(before, params, strict=True)
+        if param.grad is not None and bool((param.grad != 0).all())  # the last layer's MLP reaches no cache
+    ]
+    assert moved and min(moved) > 0.9  # each factor took every update; in bfloat16 most were rounded away
+
+
+def test_a_diverging_run_stops_with_a_named_error_and_saves_nothing_more(lm):
+    """A step whose loss or parameters are not finite ends the run before its checkpoint."""
+    from ragcompress.distill.loop import TrainingState, run_steps
+    from ragcompress.errors import NonFiniteError
+
+    distiller = Distiller(lm, Adaptor.initial(lm.model, rank=2, alpha=4), teacher_top=16, continuation=4)
+    texts = ["Melbourne is the sporting capital of Australia.", "Apollo 11 landed on the Moon in 1969."]
+    example = distiller.teacher("q", [distiller.tokens.passage(t) for t in texts], "Where did Apollo 11 land?")
+    config = TrainConfig(lr=1e30, steps=3, batch=1, clip=0, eval_every=1, checkpoint_every=1, val_examples=1)
+    params = distiller.trainable()
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    saved: list[int] = []
+    state = TrainingState()
+    state.history["val"].append({"step": 0})
+    with pytest.raises(NonFiniteError, match=r"training step \d: .*NaN or infinite.*lower --lr.*float32"):
+        run_steps(
+            distiller, config, [example], [example], optimizer, params, state, lambda s: saved.append(s.step), False
+        )
+    assert saved == list(range(1, state.step + 1)) and state.step < 3  # nothing saved from the step that failed
+
+
+def test_an_adaptor_of_nan_is_neither_saved_nor_loaded(lm, tmp_path):
+    from safetensors.torch import save_file
+
+    from ragcompress.distill.adaptor import CONFIG, WEIGHTS
+    from ragcompress.errors import NonFiniteError
+
+    adaptor = noisy_adaptor(lm, 1)
+    folder = adaptor.save(tmp_path / "adaptor")
+    name = sorted(adaptor.tensors)[0]
+    adaptor.tensors[name] = adaptor.tensors[name].clone()
+    adaptor.tensors[name][0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match=rf"{name}.*NaN or infinite.*not saved"):
+        adaptor.save(tmp_path / "nan")
+    assert not (tmp_path / "nan").exists()
+    # one written before save refused it (its hash matching its tensors)
+    save_file(adaptor.tensors, folder / WEIGHTS)
+    config = json.loads((folder / CONFIG).read_text())
+    (folder / CONFIG).write_text(json.dumps({**config, "hash": adaptor.hash}))
+    with pytest.raises(NonFiniteError, match="NaN or infinite.*train it again"):
+        Adaptor.load(folder)
+
+
 def test_the_teacher_reads_a_sliding_window_model_whose_context_outruns_the_window(tiny_model_dir):
     """The teacher crops its full-prefill cache back to the passages after decoding the answer; on a
     model whose window is shorter than the context transformers' sliding layers had dropped those

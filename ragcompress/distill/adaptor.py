@@ -46,7 +46,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ragcompress.architecture import qk_norm
-from ragcompress.errors import InputError, StoreMismatchError
+from ragcompress.errors import InputError, NonFiniteError, StoreMismatchError
 from ragcompress.kv import PassageKV
 
 WEIGHTS = "adaptor.safetensors"
@@ -190,7 +190,18 @@ class Adaptor:
         tensors = {k: v.half() if k not in scorer and v.is_floating_point() else v for k, v in self.tensors.items()}
         return Adaptor(dict(self.settings), tensors, dict(self.meta))
 
+    def non_finite(self) -> list[str]:
+        """Names of the tensors holding NaN or infinite values (none in a usable adaptor)."""
+        return sorted(n for n, t in self.tensors.items() if t.is_floating_point() and not bool(t.isfinite().all()))
+
     def save(self, directory: str | Path) -> Path:
+        """Write the tensors and the JSON config; an adaptor holding NaN or infinite values is
+        refused (:class:`NonFiniteError`), since every cache encoded with it would be too."""
+        if bad := self.non_finite():
+            raise NonFiniteError(
+                f"adaptor tensors {bad[:3]} hold NaN or infinite values, so it is not saved to {directory}; train "
+                "again with a lower --lr, or with --dtype float32"
+            )
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().contiguous().cpu() for k, v in self.tensors.items()}, directory / WEIGHTS)
@@ -233,6 +244,11 @@ class Adaptor:
             raise InputError(
                 f"adaptor {directory}: its weights and settings do not match the hash its {CONFIG} records; {remedy}"
             )
+        if bad := adaptor.non_finite():  # written before save refused them: every cache would be NaN
+            raise NonFiniteError(
+                f"adaptor {directory}: tensors {bad[:3]} hold NaN or infinite values; train it again with a lower "
+                "--lr, or with --dtype float32"
+            )
         if not isinstance(config.get("base_fingerprint"), str) or not config["base_fingerprint"]:
             # the hash covers settings and tensors only: without this, an edited file skipped check_model
             raise InputError(
@@ -257,6 +273,7 @@ class Adaptor:
 
     def _inject(self, model: Any, name: str) -> None:
         from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+        from peft.tuners.tuners_utils import cast_adapter_dtype
 
         if name not in _adapter_names(model):
             config = LoraConfig(
@@ -268,6 +285,10 @@ class Adaptor:
             with warnings.catch_warnings():  # "multiple adapters in the model": by design, one per hash
                 warnings.simplefilter("ignore", UserWarning)
                 inject_adapter_in_model(config, model, adapter_name=name)
+            # the factors trained are float32 whatever the model's dtype (peft casts each layer's
+            # input to them and its output back): AdamW on float16 ones overflowed to NaN, and on
+            # bfloat16 ones dropped most small updates
+            cast_adapter_dtype(model, adapter_name=name)
             for layer in _lora_layers(model):  # off unless encoding (injection switches it on)
                 layer.enable_adapters(False)
             set_peft_model_state_dict(model, self.lora_tensors, adapter_name=name)

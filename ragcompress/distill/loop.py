@@ -21,6 +21,7 @@ import torch
 from ragcompress.distill.config import TrainConfig, lr_factor
 from ragcompress.distill.distiller import Distiller
 from ragcompress.distill.objective import Example, Losses
+from ragcompress.errors import NonFiniteError
 
 
 @dataclass
@@ -54,7 +55,9 @@ def run_steps(
 ) -> None:
     """Train from ``state`` until ``config.steps`` or until this invocation has spent
     ``config.minutes`` of step time, updating ``state`` in place; ``save`` is called every
-    ``config.checkpoint_every`` steps and once at the end (after a last validation)."""
+    ``config.checkpoint_every`` steps and once at the end (after a last validation). A step whose
+    loss, gradients or updated parameters are not finite stops the run (:class:`NonFiniteError`)
+    before anything more is saved: a float16 run once wrote an adaptor of NaN and exited 0."""
     from tqdm import tqdm
 
     history = state.history
@@ -80,9 +83,19 @@ def run_steps(
                 total = total + config.hard_weight * losses.ce_answer
             (total / config.batch).backward()
             qa_sum, cont_sum = qa_sum + float(losses.kl_answer.detach()), cont_sum + float(losses.kl_cont.detach())
-        if config.clip:
+        finite = math.isfinite(qa_sum + cont_sum) and all(
+            p.grad is None or bool(p.grad.isfinite().all()) for p in trainable
+        )
+        if finite and config.clip:
             torch.nn.utils.clip_grad_norm_(trainable, config.clip)
-        optimizer.step()
+        if finite:
+            optimizer.step()
+        if not finite or not all(bool(p.isfinite().all()) for p in trainable):
+            raise NonFiniteError(
+                f"training step {state.step + 1}: the loss or the adaptor's parameters became NaN or infinite, so "
+                "nothing more is saved; train again in a new --out folder with a lower --lr, or with "
+                "--dtype float32"
+            )
         state.step += 1
         state.elapsed += time.perf_counter() - begin
         history["train"].append(
