@@ -125,7 +125,10 @@ def softcapped_attention(
     if attention_mask is None:
         attention_mask = torch.ones(q_len, total, dtype=torch.bool, device=query.device).tril(total - q_len)
     if attention_mask.dtype == torch.bool:
-        scores = scores.masked_fill(~attention_mask, float("-inf"))
+        # the least finite score, not -inf: a row with no allowed key (a right-padded position a
+        # window past a short passage's end) is then finite, as SDPA's is, where -inf made it NaN
+        # and the NaN reached the real rows of later layers; a row with an allowed key is unchanged
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
     else:
         scores = scores + attention_mask[..., :total]
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
