@@ -1107,3 +1107,13 @@ def test_a_base_copy_needs_an_adaptor_and_every_row_and_is_recorded(lm, tmp_path
             embedder=embedder,
             config=dataclasses.replace(config, base_copy=False),
         )
+
+
+@pytest.mark.parametrize(("arch", "problem"), [("qwen3", "normalises keys"), ("phi3", "fused qkv_proj")])
+def test_a_cache_adaptor_refused_for_a_model_names_its_kind_and_the_forward_kind(arch, problem, tiny_model_dir):
+    """Only kind ``cache`` is refused for these models; the message said "adaptors do not support
+    it", as if no adaptor could be trained for them."""
+    lm = load_model(str(tiny_model_dir(arch)))
+    with pytest.raises(InputError, match=rf"{problem}.*kind 'cache'.*--kind forward"):
+        Adaptor.initial(lm.model, rank=2, alpha=4, kind="cache")
+    assert Adaptor.initial(lm.model, rank=2, alpha=4, kind="forward").kind == "forward"

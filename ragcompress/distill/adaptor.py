@@ -83,10 +83,14 @@ def projection_inputs_supported(model: Any) -> None:
     attn = model.model.layers[0].self_attn
     if getattr(attn, "k_proj", None) is None:
         raise InputError(
-            f"{type(model).__name__} projects keys in a fused qkv_proj; adaptors of kind 'cache' need k_proj"
+            f"{type(model).__name__} projects keys in a fused qkv_proj, and adaptors of kind 'cache' need k_proj; "
+            "train one of kind 'forward' (--kind forward, the default)"
         )
     if qk_norm(attn, "k") is not None:
-        raise InputError(f"{type(model).__name__} normalises keys after the projection; adaptors do not support it")
+        raise InputError(
+            f"{type(model).__name__} normalises keys after the projection, which adaptors of kind 'cache' do not "
+            "support; train one of kind 'forward' (--kind forward, the default)"
+        )
 
 
 @dataclass
