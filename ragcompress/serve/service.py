@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 from starlette.requests import Request
 
@@ -75,6 +75,18 @@ class Result:
             "completion_tokens": len(self.token_ids),
             "total_tokens": self.prompt_tokens + len(self.token_ids),
         }
+
+
+class _Member(NamedTuple):
+    """A request :meth:`Service.answer_batch` prepared: decoded in the batch or alone."""
+
+    job: Job
+    query: ChatQuery
+    entries: list[Any]
+    options: AnswerOptions
+    prompt_tokens: int  # as the request's stream counted them (the question tokenized once)
+    prepared: Any  # a Prepared; None once the batch holds the cache (freed)
+    prepare_s: float
 
 
 class Service:
@@ -217,8 +229,8 @@ class Service:
         is decoded alone, and fails alone."""
         started = time.perf_counter()
         window = sliding_window(engine.lm.config)
-        members: list[tuple[Job, ChatQuery, list[Any], AnswerOptions, int, Any]] = []  # ... prompt tokens, prepared
-        alone: list[tuple[Job, ChatQuery, list[Any], AnswerOptions, int, Any, float]] = []
+        members: list[_Member] = []
+        alone: list[_Member] = []
         for job in jobs:
             query: ChatQuery = job.batch
             try:
@@ -230,44 +242,37 @@ class Service:
             except Exception as exc:
                 job.emit(("error", exc))
                 continue
-            together = [m[5] for m in members] + [prepared]
-            steps = [m[3].max_new_tokens for m in members] + [options.max_new_tokens]
+            member = _Member(
+                job, query, entries, options, cached.prompt_tokens, prepared, time.perf_counter() - prepare_started
+            )
+            together = [m.prepared for m in members] + [prepared]
+            steps = [m.options.max_new_tokens for m in members] + [options.max_new_tokens]
             if batchable(prepared, window, options.max_new_tokens) and fits_one_batch(together, steps, window):
-                members.append((job, query, entries, options, cached.prompt_tokens, prepared))
+                members.append(member)
             else:
-                alone.append(
-                    (
-                        job,
-                        query,
-                        entries,
-                        options,
-                        cached.prompt_tokens,
-                        prepared,
-                        time.perf_counter() - prepare_started,
-                    )
-                )
-        for job, query, entries, options, prompt_tokens, prepared, prepare_s in alone:
+                alone.append(member)
+        for m in alone:
             stream = TokenStream(
-                engine.lm.model, partial(_ready, prepared), options.max_new_tokens, engine.stop_ids, prompt_tokens
+                engine.lm.model, partial(_ready, m.prepared), m.options.max_new_tokens, engine.stop_ids, m.prompt_tokens
             )
             try:
-                self._decode(query, engine, job, entries, options, stream, started, prepare_s)
+                self._decode(m.query, engine, m.job, m.entries, m.options, stream, started, m.prepare_s)
             except Exception as exc:  # fails this request alone, not the batch waiting behind it
-                job.emit(("error", exc))
+                m.job.emit(("error", exc))
         if not members:
             return
         batch = BatchStream(
             engine.lm.model,
-            [m[5] for m in members],
-            [m[3].max_new_tokens for m in members],
+            [m.prepared for m in members],
+            [m.options.max_new_tokens for m in members],
             engine.stop_ids,
             started,
         )
-        members = [m[:5] + (None,) for m in members]  # the batch holds the caches from here on
+        members = [m._replace(prepared=None) for m in members]  # the batch holds the caches from here on
         tokens: list[list[int]] = [[] for _ in members]
-        deltas = [TextDeltas(engine.lm.tokenizer) if m[1].stream else None for m in members]
+        deltas = [TextDeltas(engine.lm.tokenizer) if m.query.stream else None for m in members]
         for i, token in batch:
-            job, query, entries, options, prompt_tokens, _ = members[i]
+            job, query, entries, options, prompt_tokens = members[i][:5]
             piece: str | None
             if token is None:
                 piece = deltas[i].finish() if deltas[i] is not None else None  # type: ignore[union-attr]
