@@ -44,10 +44,10 @@ PRESETS: dict[str, Preset] = {
             AnswerOptions(),
             "KVzip scores, one budget over all layers, a quarter of the tokens, int4, encoded through the KV-Distill "
             "adaptor packaged for the model and trained for this store (the base model, with a warning, where none "
-            "is): >= 12x fewer bytes than fp16",
+            "is): ~12x fewer bytes than fp16 (11.9-12.0x measured)",
             "docs/results/distill_*-kvzip-0.25-int4-81q.json (the adaptor against the same store without it, all 81 "
             "questions of articles it never saw, both packaged models; docs/distill.md); the compression itself: "
-            "docs/results/compression_qwen32.json (best >= 12x setting on 32 dev questions)",
+            "docs/results/compression_qwen32.json (best ~12x setting on the first round's 32 questions of all six articles)",
         ),
         Preset(
             "smallest",
@@ -83,8 +83,8 @@ PRESETS: dict[str, Preset] = {
             "Qwen2.5-Coder-0.5B ship one; the base model, with a warning, elsewhere), each passage's base-model "
             "cache kept beside it for when it is retrieved first (twice the bytes), 5% of passage tokens "
             "recomputed at query time up to top-3 and 10% from top-5 (7.5% at top-4), chosen by value deviation "
-            "and the question's attention together: the closest to full prefill measured at >= 5x faster TTFT, "
-            "at top-3 and at top-5",
+            "and the question's attention together: no setting measured at >= 5x faster TTFT beats it on "
+            "agreement, sub-EM and KL at once, at top-3 and at top-5",
             "docs/results/faithful_qwen_top5_fraction*.json (top-5: 10 % against 5 %, the 33 questions that "
             "decided it, the 100 and all 133), docs/results/faithful_smollm2_top5_fraction.json (SmolLM2-135M); "
             "docs/results/faithful_qwen_top4*.json (top-4, the schedule's 7.5 % measured after it was set); "
