@@ -14,7 +14,8 @@ from test_store_reliability import N_PASSAGES, _assert_readable, _index, _rows, 
 
 from ragcompress.errors import InputError, StoreError
 from ragcompress.indexing import remove
-from ragcompress.store import KVStore
+from ragcompress.store import KVStore, StoreWriter
+from ragcompress.store.catalogue import searchable_checksum
 from ragcompress.store.compact import compact_store
 from ragcompress.store.kvstore import INDEX, INDEX_META, read_index_meta
 from ragcompress.store.verify import verify_store
@@ -361,11 +362,70 @@ def test_remove_refuses_one_string_for_a_list_of_ids(store):
 
 
 def _searchable(path, value: int, ids: list[str]) -> None:
-    """Set rows' ``searchable`` as a query-time cache (0) or an ingested passage (1) has it."""
+    """Set rows' ``searchable`` as a query-time cache (0) or an ingested passage (1) has it,
+    sealed (``searchable_checksum``) as a writer seals it."""
     db = sqlite3.connect(path / "catalogue.sqlite")
     with db:
-        db.executemany("UPDATE passages SET searchable = ? WHERE id = ?", [(value, pid) for pid in ids])
+        db.executemany(
+            "UPDATE passages SET searchable = ?, searchable_checksum = ? WHERE id = ?",
+            [(value, searchable_checksum(pid, value), pid) for pid in ids],
+        )
     db.close()
+
+
+def _seals(path) -> dict[str, str | None]:
+    with sqlite3.connect(path / "catalogue.sqlite") as db:
+        return dict(db.execute("SELECT id, searchable_checksum FROM passages"))
+
+
+SEARCHABLE_FLAG_DAMAGED = "does not match its searchable_checksum"
+
+
+@pytest.mark.parametrize("flip", ["hides-an-indexed-passage", "retrieves-a-query-time-cache"])
+def test_a_flipped_searchable_flag_fails_verify(store, flip):
+    """``searchable`` lay outside every checksum: a flipped flag hid an indexed passage from
+    retrieval, or retrieved a query-time cache, and ``verify`` passed the store, counting the
+    hidden passage as a query-time cache. The flag is sealed now, and the damage named."""
+    if flip == "retrieves-a-query-time-cache":
+        _searchable(store, 0, ["doc-004"])
+    flipped = 0 if flip == "hides-an-indexed-passage" else 1
+    with sqlite3.connect(store / "catalogue.sqlite") as db:
+        db.execute("UPDATE passages SET searchable = ? WHERE id = 'doc-004'", (flipped,))
+    report = verify_store(store)
+    assert [(p.kind, p.passage_id) for p in report.problems] == [("catalogue", "doc-004")]
+    assert SEARCHABLE_FLAG_DAMAGED in report.problems[0].message
+    assert f"searchable flag ({flipped})" in str(report.problems[0])
+
+
+def test_make_searchable_seals_the_flag_it_flips_and_compaction_keeps_the_seals(store):
+    _searchable(store, 0, ["doc-004", "doc-009"])
+    with StoreWriter(store) as writer:
+        assert writer.make_searchable(["doc-004", "doc-005", "doc-004"]) == 1
+        writer.write_index()
+    assert _seals(store)["doc-004"] == searchable_checksum("doc-004", 1)
+    assert _assert_readable(store) == N_PASSAGES - 1  # doc-009 stays a query-time cache
+    seals = _seals(store)
+    compact_store(store)
+    assert _seals(store) == seals and verify_store(store).ok
+
+
+def test_a_catalogue_from_before_the_searchable_checksum_verifies_and_a_writer_seals_new_flags(
+    tiny_lm, store, tmp_path
+):
+    """Rows committed before the column hold no seal: their flag is not checked (nor sealed after
+    the fact); the store opens and verifies, and a writer adds the column for the rows it writes."""
+    _searchable(store, 0, ["doc-004", "doc-009"])
+    with sqlite3.connect(store / "catalogue.sqlite") as db:
+        db.execute("ALTER TABLE passages DROP COLUMN searchable_checksum")  # as stores were built before it
+    assert _assert_readable(store) == N_PASSAGES - 2
+    records = [*_texts(N_PASSAGES)[:9], {"id": "doc-new", "text": "A passage about lanterns.", "title": "New"}]
+    _index(tiny_lm, _write(tmp_path / "more.jsonl", records), store)  # ingests doc-004, not doc-009
+    seals = _seals(store)
+    assert {pid for pid, seal in seals.items() if seal is not None} == {"doc-004", "doc-new"}
+    assert _assert_readable(store) == N_PASSAGES
+    with sqlite3.connect(store / "catalogue.sqlite") as db:
+        db.execute("UPDATE passages SET searchable = 0 WHERE id IN ('doc-new', 'doc-001')")
+    assert {p.passage_id for p in verify_store(store).problems} == {"doc-new"}  # doc-001 has no seal
 
 
 def test_a_query_time_row_is_kept_out_of_retrieval_through_compaction_until_indexed(tiny_lm, store, tmp_path):

@@ -14,6 +14,14 @@ such a row answers when its node is handed in again but is never retrieved, so a
 add passages to the corpus, or bring back one that was removed. Ingesting the same passage
 makes it searchable. The column came later too: a catalogue without it gains it (every row
 searchable) when a writer opens it, and a reader reads every row of one without it as searchable.
+
+``meta_checksum`` does not cover the flag, so a flipped flag would silently hide a passage from
+retrieval or retrieve a query-time cache, and ``verify`` would count it as a query-time cache.
+``searchable_checksum`` (:func:`searchable_checksum`) seals it: written with every row and by
+:meth:`Catalogue.make_searchable` in the transaction that flips the flag, checked by ``verify``.
+It came last, as ``meta_checksum`` did: a writer adds it to a catalogue without it, rows committed
+before hold NULL there (read as "no checksum": their flag is not checked, and is never sealed
+after the fact, which could seal a damaged one), and a reader reads it as NULL where it is absent.
 """
 
 from __future__ import annotations
@@ -49,13 +57,14 @@ CREATE TABLE IF NOT EXISTS passages (
     kept       INTEGER NOT NULL,
     embedding  BLOB    NOT NULL,
     meta_checksum TEXT,
-    searchable INTEGER NOT NULL DEFAULT 1
+    searchable INTEGER NOT NULL DEFAULT 1,
+    searchable_checksum TEXT
 );
 """
 
 
 def _declared_types() -> dict[str, str]:
-    """Every column's declared type, as SQLite reads ``_SCHEMA`` (the later two may be absent,
+    """Every column's declared type, as SQLite reads ``_SCHEMA`` (the later three may be absent,
     see the module docstring): derived, so the check cannot drift from the table it checks."""
     with closing(sqlite3.connect(":memory:")) as db:
         db.executescript(_SCHEMA)
@@ -63,13 +72,19 @@ def _declared_types() -> dict[str, str]:
 
 
 _COLUMN_TYPES = _declared_types()
-_LATER_COLUMNS = {"meta_checksum", "searchable"}
+_LATER_COLUMNS = {"meta_checksum", "searchable", "searchable_checksum"}
 
 
 def meta_checksum(passage_id: Any, title: Any, meta: Any, text_sha: Any, embedding: bytes) -> str:
     """xxh3-128 of a row's fields that its blob does not check: id, title, metadata (the stored
     JSON), ``text_sha`` (which covers the text) and embedding."""
     return checksum(json.dumps([passage_id, title, meta, text_sha]).encode() + embedding)
+
+
+def searchable_checksum(passage_id: Any, searchable: Any) -> str:
+    """xxh3-128 of a row's id and ``searchable`` flag, which ``meta_checksum`` leaves out (module
+    docstring); the id makes it the row's own, so a flag cannot pass with another row's seal."""
+    return checksum(json.dumps(["searchable", passage_id, searchable]).encode())
 
 
 @dataclass(frozen=True)
@@ -131,6 +146,8 @@ class Catalogue:
                     self.db.execute("ALTER TABLE passages ADD COLUMN meta_checksum TEXT")
                 if not self._has_column("searchable"):
                     self.db.execute("ALTER TABLE passages ADD COLUMN searchable INTEGER NOT NULL DEFAULT 1")
+                if not self._has_column("searchable_checksum"):
+                    self.db.execute("ALTER TABLE passages ADD COLUMN searchable_checksum TEXT")
                 self.db.commit()
         self._columns: set[str] = set()  # later columns seen in this catalogue (see _column)
 
@@ -177,6 +194,10 @@ class Catalogue:
     def _searchable(self) -> str:
         """The rows retrieval covers: every row of a catalogue from before the column."""
         return self._column("searchable", "1")
+
+    @property
+    def _searchable_checksum(self) -> str:
+        return self._column("searchable_checksum", "NULL")
 
     @contextmanager
     def _guard(self) -> Iterator[None]:
@@ -257,21 +278,24 @@ class Catalogue:
     def raw_rows(self) -> Iterator[tuple[Any, ...]]:
         """Every row as SQLite holds it, unvalidated, for :mod:`ragcompress.store.verify`: ``(id,
         title, text, text_sha, meta, shard, offset, length, checksum, num_tokens, kept, embedding,
-        meta_checksum)``, the last None in a row committed before the column existed."""
+        meta_checksum, searchable, searchable_checksum)``, each checksum None in a row committed
+        before its column existed (``searchable`` 1 in a catalogue without that column)."""
         with self._guard():
             yield from self.db.execute(
                 "SELECT id, title, text, text_sha, meta, shard, offset, length, checksum, num_tokens, kept, "
-                f"embedding, {self._meta_checksum} FROM passages ORDER BY row"
+                f"embedding, {self._meta_checksum}, {self._searchable}, {self._searchable_checksum} "
+                "FROM passages ORDER BY row"
             )
 
     def rows(self) -> Iterator[dict[str, Any]]:
         """Every row in row order as :func:`~ragcompress.store.writer.catalogue_row` shapes it
-        (metadata as stored JSON, embedding as bytes), streamed: what a copy of the store needs."""
+        (metadata as stored JSON, embedding as bytes), streamed: what a copy of the store needs.
+        Its checksums as stored, so a copy keeps a damaged row detectable and an unsealed one unsealed."""
         names = "id title text meta text_sha shard offset length checksum num_tokens kept embedding".split()
-        columns = ", ".join([*names, self._meta_checksum, self._searchable])
+        columns = ", ".join([*names, self._meta_checksum, self._searchable, self._searchable_checksum])
         with self._guard():
             for values in self.db.execute(f"SELECT {columns} FROM passages ORDER BY row"):
-                yield dict(zip([*names, "meta_checksum", "searchable"], values, strict=True))
+                yield dict(zip([*names, "meta_checksum", "searchable", "searchable_checksum"], values, strict=True))
 
     def locations(self) -> Iterator[tuple[Any, ...]]:
         """``(id, shard, offset, length)`` of every row in (shard, offset) order, streamed, unvalidated."""
@@ -315,15 +339,20 @@ class Catalogue:
 
     def make_searchable(self, ids: Iterable[str]) -> int:
         """Make the stored rows of ``ids`` searchable (a passage ingested that a query had cached
-        before); returns how many were not. The caller rewrites the index when any changed."""
+        before); returns how many were not. Each flag is sealed anew (``searchable_checksum``) in
+        the transaction that flips it; SQLite cannot compute the seal, so the rows to flip are
+        looked up first (an indexing re-run hands in every unchanged passage, rarely a hidden one).
+        The caller rewrites the index when any changed."""
         ids = list(ids)
         changed = 0
         with self._guard(), self.db:
             for start in range(0, len(ids), _CHUNK):
                 chunk = ids[start : start + _CHUNK]
                 marks = ",".join("?" * len(chunk))
-                changed += self.db.execute(
-                    f"UPDATE passages SET searchable = 1 WHERE NOT searchable AND id IN ({marks})", chunk
+                hidden = self.db.execute(f"SELECT id FROM passages WHERE NOT searchable AND id IN ({marks})", chunk)
+                changed += self.db.executemany(
+                    "UPDATE passages SET searchable = 1, searchable_checksum = ? WHERE id = ?",
+                    [(searchable_checksum(pid, 1), pid) for (pid,) in hidden.fetchall()],
                 ).rowcount
         if changed:
             self._counted = None
@@ -423,15 +452,19 @@ class Catalogue:
     def add(self, rows: list[dict[str, Any]], replace: bool = False) -> None:
         """Insert rows in one transaction: all of a batch becomes visible at once, or none.
         ``replace``: a row whose id is stored takes the stored row's place in the same
-        transaction (a reader sees the old passage or the new one, never neither)."""
+        transaction (a reader sees the old passage or the new one, never neither). A row without
+        ``searchable`` is searchable; one without ``searchable_checksum`` is sealed here (a copied
+        row, :meth:`rows`, keeps the one it has, NULL included)."""
+        rows = [{"searchable": 1, **row} for row in rows]
+        rows = [{"searchable_checksum": searchable_checksum(row["id"], row["searchable"]), **row} for row in rows]
         self._counted = None
         with self._guard(), self.db:
             if replace:
                 self._delete([row["id"] for row in rows])
             self.db.executemany(
                 "INSERT INTO passages (id, title, text, meta, text_sha, shard, offset, length, "
-                "checksum, num_tokens, kept, embedding, meta_checksum, searchable) VALUES (:id, :title, :text, "
-                ":meta, :text_sha, :shard, :offset, :length, :checksum, :num_tokens, :kept, :embedding, "
-                ":meta_checksum, :searchable)",
-                [{"searchable": 1, **row} for row in rows],
+                "checksum, num_tokens, kept, embedding, meta_checksum, searchable, searchable_checksum) VALUES "
+                "(:id, :title, :text, :meta, :text_sha, :shard, :offset, :length, :checksum, :num_tokens, :kept, "
+                ":embedding, :meta_checksum, :searchable, :searchable_checksum)",
+                rows,
             )

@@ -6,7 +6,8 @@ Layout (DESIGN §2)::
     DIR/prefix.safetensors   the shared prefix cache, uncompressed
     DIR/basis.safetensors    a low-rank store's per-layer bases (``store/basis.py``), sha256 in the manifest
     DIR/catalogue.sqlite     passage id -> text, embedding, shard, offset, length, checksum (xxh3-128),
-                             meta_checksum (xxh3-128 of the other fields; store/catalogue.py)
+                             meta_checksum (xxh3-128 of the other fields), searchable (retrieval
+                             covers the row) sealed by searchable_checksum (store/catalogue.py)
     DIR/shards/NNNNN.kvs     passage blobs (safetensors documents) back to back
     DIR/index.faiss          FAISS index over catalogue rows (derived; rebuilt when stale)
     DIR/index.json           sha256 and row count of index.faiss, written after it

@@ -9,8 +9,9 @@ Checks, in order, each problem named with its passage id and shard where there i
 4. every passage: shard name valid, blob inside its shard, checksum (xxh3-128) matches, blob decodes, cache
    shape matches the manifest's ``model_shape``, token counts match the row, text matches its
    ``text_sha``, the other fields match the row's ``meta_checksum`` (when it has one: rows
-   committed before the column existed have none), embedding has the store's dimension, blobs in
-   a shard do not overlap (in offset order);
+   committed before the column existed have none), the ``searchable`` flag matches the row's
+   ``searchable_checksum`` (likewise), embedding has the store's dimension, blobs in a shard do
+   not overlap (in offset order);
 5. the FAISS index, when a reader would use it (its sha256 matches ``index.json`` and it was built
    at the catalogue's row count and generation), holds exactly the catalogue's rows with the
    catalogue's vectors.
@@ -43,7 +44,7 @@ from ragcompress.paths import sha256_file
 from ragcompress.store import codec
 from ragcompress.store.ann import stored_vectors
 from ragcompress.store.basis import read_basis
-from ragcompress.store.catalogue import CATALOGUE, Catalogue, meta_checksum
+from ragcompress.store.catalogue import CATALOGUE, Catalogue, meta_checksum, searchable_checksum
 from ragcompress.store.files import INDEX, PREFIX, overwrite_refusal, unfinished_run
 from ragcompress.store.kvstore import read_index_meta
 from ragcompress.store.manifest import SETTINGS, Manifest
@@ -176,7 +177,8 @@ def _check_segments(
     dim: int | None = None
     count = 0
     for row in catalogue.raw_rows():
-        pid, title, text, text_sha, meta, shard, offset, length, digest, num_tokens, kept, embedding, row_sum = row
+        pid, title, text, text_sha, meta, shard, offset, length, digest, num_tokens, kept, embedding, row_sum = row[:13]
+        searchable, seal = row[13:]
         count += 1
         emb_bytes = len(embedding) if isinstance(embedding, bytes) else None
 
@@ -196,6 +198,13 @@ def _check_segments(
             not isinstance(embedding, bytes) or meta_checksum(pid, title, meta, text_sha, embedding) != row_sum
         ):
             fail("row does not match its meta_checksum (id, title, metadata, text or embedding damaged)", "catalogue")
+        if seal is not None and (not isinstance(searchable, int) or searchable_checksum(pid, searchable) != seal):
+            # else a flipped flag hides a passage from retrieval, or retrieves a query-time cache
+            fail(
+                f"searchable flag ({searchable!r}) does not match its searchable_checksum: the row is damaged, and "
+                "retrieval may skip an indexed passage or return a query-time cache",
+                "catalogue",
+            )
         if emb_bytes is None or emb_bytes % 4 or not emb_bytes:
             fail(f"embedding has {emb_bytes} bytes, not a float32 vector", "catalogue")
         elif dim is None:
