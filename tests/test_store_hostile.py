@@ -1,27 +1,34 @@
 """A store written by someone else (a downloaded tar or git repository): what its author can make
-a reader or writer do. Each is refused with a named error; nothing outside the store is written
-(docs/guarantees.md, Safe loading)."""
+a reader or writer do. Each is refused with a named error; nothing outside the store is written,
+nothing is allocated beyond what the store's files hold (docs/guarantees.md, Safe loading)."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import sqlite3
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from ragcompress.errors import StoreError
+from ragcompress.distill.adaptor import CONFIG, WEIGHTS, Adaptor
+from ragcompress.errors import InputError, StoreError
 from ragcompress.indexing import IndexConfig, index, remove
 from ragcompress.store import KVStore, StoreWriter
 from ragcompress.store.compact import compact_store
-from ragcompress.store.files import write_atomic
+from ragcompress.store.files import RUN, unfinished_run, write_atomic
+from ragcompress.store.kvstore import read_index_meta
+from ragcompress.store.verify import verify_store
 
 sys.path.insert(0, str(Path(__file__).parent))
 import store_worker  # noqa: E402
 
 VICTIM_TEXT = "IMPORTANT USER DATA\n"
+# 200,000 levels of brackets: 400 KB, deeper than Python's recursion limit
+DEEP_JSON = "[" * 200_000 + "]" * 200_000
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +100,42 @@ def test_write_atomic_never_writes_through_a_link_at_its_temporary_name(tmp_path
     write_atomic(tmp_path / "index.json", b"{}")
     assert victim.read_text() == VICTIM_TEXT
     assert (tmp_path / "index.json").read_bytes() == b"{}"
+
+
+# 2. JSON nested too deeply to parse
+
+
+def test_a_deeply_nested_manifest_is_a_store_error(store):
+    (store / "manifest.json").write_text(DEEP_JSON)
+    with pytest.raises(StoreError, match="manifest.json is not valid JSON"):
+        KVStore.open(store)
+    assert [p.kind for p in verify_store(store).problems] == ["manifest"]
+
+
+def test_a_deeply_nested_index_json_reads_as_a_missing_index(store):
+    (store / "index.json").write_text(DEEP_JSON)
+    assert read_index_meta(store) is None
+    with KVStore.open(store) as kv:
+        assert len(kv.search(np.ones(32, dtype=np.float32) / np.sqrt(32), 3)) == 3
+
+
+def test_deeply_nested_metadata_is_a_store_error_and_a_verify_problem(store):
+    with sqlite3.connect(store / "catalogue.sqlite") as db:
+        db.execute("UPDATE passages SET meta = ? WHERE id = 'doc-0'", (DEEP_JSON,))
+    with KVStore.open(store) as kv, pytest.raises(StoreError, match="'doc-0' has unreadable metadata"):
+        kv.entry("doc-0")
+    assert ("catalogue", "doc-0", "passage metadata is not a JSON object") in {
+        (p.kind, p.passage_id, p.message) for p in verify_store(store).problems
+    }
+
+
+def test_a_deeply_nested_run_marker_reads_as_a_stopped_run(store):
+    (store / RUN).write_text(DEEP_JSON)
+    assert "stopped before its end" in (unfinished_run(store) or "")
+
+
+def test_a_deeply_nested_adaptor_config_is_an_input_error(tmp_path):
+    (tmp_path / CONFIG).write_text(DEEP_JSON)
+    (tmp_path / WEIGHTS).write_bytes(b"")
+    with pytest.raises(InputError, match="is unreadable"):
+        Adaptor.load(tmp_path)

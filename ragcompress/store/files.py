@@ -27,6 +27,7 @@ from ragcompress.kv.quant import QuantConfig
 from ragcompress.store import codec
 from ragcompress.store.basis import BASIS
 from ragcompress.store.catalogue import CATALOGUE, Catalogue
+from ragcompress.store.jsontext import loads_json
 from ragcompress.store.manifest import MANIFEST, SETTINGS, Manifest
 from ragcompress.store.shards import SHARD_DIR, fsync_dir, is_shard_name
 
@@ -194,7 +195,7 @@ def unfinished_run(path: Path) -> str | None:
     readable, as always). A run is going while its process is: the marker's pid, the same process
     where its start time was recorded (a pid reused since, pid 1 of another container, is not)."""
     try:
-        record = json.loads((path / RUN).read_text())
+        record = loads_json((path / RUN).read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError):

@@ -22,7 +22,6 @@ index is rebuilt from the catalogue's embeddings.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,6 +41,7 @@ from ragcompress.store import ann, codec
 from ragcompress.store.basis import BASIS, read_basis
 from ragcompress.store.catalogue import CATALOGUE, Catalogue, Entry
 from ragcompress.store.files import INDEX, INDEX_META, PREFIX
+from ragcompress.store.jsontext import loads_json
 from ragcompress.store.manifest import MANIFEST, Manifest
 from ragcompress.store.shards import read_blob
 
@@ -83,7 +83,7 @@ def read_index_meta(path: Path) -> dict[str, Any] | None:
     or malformed. ``generation`` is the catalogue's (:meth:`Catalogue.generation`) when the index
     was built; an index written before generations existed reads as 0."""
     try:
-        meta = json.loads((path / INDEX_META).read_bytes())
+        meta = loads_json((path / INDEX_META).read_bytes())
     except (OSError, ValueError):
         return None
     if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str) or type(meta.get("count")) is not int:

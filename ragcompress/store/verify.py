@@ -26,7 +26,6 @@ writer repairs, and bytes no passage points at since passages were removed or re
 from __future__ import annotations
 
 import hashlib
-import json
 import shlex
 import sqlite3
 from dataclasses import asdict, dataclass, field
@@ -45,6 +44,7 @@ from ragcompress.store.ann import stored_vectors
 from ragcompress.store.basis import read_basis
 from ragcompress.store.catalogue import CATALOGUE, Catalogue, meta_checksum
 from ragcompress.store.files import INDEX, PREFIX, overwrite_refusal, unfinished_run
+from ragcompress.store.jsontext import loads_json
 from ragcompress.store.kvstore import read_index_meta
 from ragcompress.store.manifest import SETTINGS, Manifest
 from ragcompress.store.shards import SHARD_DIR, is_shard_name, read_blob
@@ -156,7 +156,7 @@ def _check_prefix(root: Path, manifest: Manifest, shape: ModelShape, problems: l
 
 def _is_json_object(text: Any) -> bool:
     try:
-        return isinstance(json.loads(text), dict)
+        return isinstance(loads_json(text), dict)
     except (TypeError, ValueError):
         return False
 
