@@ -8,19 +8,27 @@ import json
 import os
 import shutil
 import sqlite3
+import struct
 import sys
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from ragcompress.distill.adaptor import CONFIG, WEIGHTS, Adaptor
-from ragcompress.errors import InputError, StoreError
+from ragcompress.errors import CorruptSegmentError, InputError, StoreError, StoreMismatchError
 from ragcompress.indexing import IndexConfig, index, remove
-from ragcompress.store import KVStore, StoreWriter
+from ragcompress.kv import ModelShape, PassageKV
+from ragcompress.kv.quant import QuantConfig
+from ragcompress.retrieval import VectorIndex
+from ragcompress.store import KVStore, Manifest, StoreWriter, codec
+from ragcompress.store.basis import BASIS, read_basis
 from ragcompress.store.compact import compact_store
 from ragcompress.store.files import RUN, unfinished_run, write_atomic
 from ragcompress.store.kvstore import read_index_meta
+from ragcompress.store.shards import checksum
 from ragcompress.store.verify import verify_store
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -102,7 +110,84 @@ def test_write_atomic_never_writes_through_a_link_at_its_temporary_name(tmp_path
     assert (tmp_path / "index.json").read_bytes() == b"{}"
 
 
-# 2. JSON nested too deeply to parse
+# 2. sizes declared to allocate far more than the store holds
+
+
+def test_a_huge_sparse_prefix_is_refused_unread(store):
+    os.truncate(store / "prefix.safetensors", 64 << 30)  # sparse: no disk used
+    tracemalloc.start()
+    try:
+        with KVStore.open(store) as kv, pytest.raises(CorruptSegmentError, match="more than a prefix of this model"):
+            kv.prefix_kv()
+        assert [p.kind for p in verify_store(store).problems] == ["prefix"]
+        assert tracemalloc.get_traced_memory()[1] < 64 << 20
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_huge_sparse_basis_is_refused_unread(tmp_path):
+    (tmp_path / BASIS).touch()
+    os.truncate(tmp_path / BASIS, 64 << 30)
+    with pytest.raises(StoreMismatchError, match="more than a basis of this model"):
+        read_basis(tmp_path, "0" * 64, ModelShape(2, 2, 16))
+
+
+def _padded_blob(rows: int, shape: ModelShape) -> bytes:
+    """A blob whose heads keep no row but whose grid is padded to ``rows`` rows (the header
+    edited as a hostile author would; the tensors are those of a valid blob)."""
+    layers, heads, d = shape.as_tuple()
+    zeros = torch.zeros(layers, heads, 4, d)
+    kv = PassageKV(
+        zeros, zeros, torch.zeros(layers, heads, 4, dtype=torch.long), torch.zeros(layers, heads, dtype=torch.long), 4
+    )
+    blob = codec.encode(kv, QuantConfig("int8"))
+    (length,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8 : 8 + length])
+    header["__metadata__"].update(n_max=str(rows), num_tokens=str(rows))
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + blob[8 + length :]
+
+
+def test_a_blob_padded_beyond_its_longest_head_is_refused(store):
+    """A 640-byte blob declaring 4,194,304 padded rows, every head keeping none, verified as
+    sound while decoding allocated ~2.9 GiB (here 4096 rows, so that without the check nothing
+    large is allocated either)."""
+    shape = Manifest.read(store).shape
+    blob = _padded_blob(4096, shape)
+    with pytest.raises(CorruptSegmentError, match="pads its heads to 4096 rows but its longest keeps 0"):
+        codec.parse(blob, shape, QuantConfig("int8"))
+    shard = store / "shards" / "00000.kvs"
+    offset = shard.stat().st_size
+    with open(shard, "ab") as handle:
+        handle.write(blob)
+    with sqlite3.connect(store / "catalogue.sqlite") as db:
+        db.execute(
+            "UPDATE passages SET shard = '00000.kvs', offset = ?, length = ?, checksum = ?, num_tokens = 4096, "
+            "kept = 0 WHERE id = 'doc-0'",
+            (offset, len(blob), checksum(blob)),
+        )
+    assert "doc-0" in {p.passage_id for p in verify_store(store).problems}
+
+
+def test_a_faiss_index_declaring_a_huge_array_is_rebuilt_and_named_under_the_index(store, monkeypatch):
+    """FAISS raises MemoryError (std::bad_alloc) for an index.faiss declaring a 256 GiB array:
+    search ended in a traceback and verify named it a catalogue problem. (FAISS's failure is
+    simulated: the test allocates nothing.)"""
+
+    def bad_alloc(path):
+        raise MemoryError("std::bad_alloc")
+
+    monkeypatch.setattr(VectorIndex, "load", bad_alloc)
+    with KVStore.open(store) as kv:
+        assert len(kv.search(np.ones(32, dtype=np.float32) / np.sqrt(32), 3)) == 3
+    problems = verify_store(store).problems
+    assert [(p.kind, p.message.split(" (")[0]) for p in problems] == [
+        ("index", "index.faiss matches its checksum but FAISS cannot read it")
+    ]
+
+
+# 3. JSON nested too deeply to parse
 
 
 def test_a_deeply_nested_manifest_is_a_store_error(store):
