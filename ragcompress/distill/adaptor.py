@@ -221,7 +221,7 @@ class Adaptor:
         try:
             config = json.loads((directory / CONFIG).read_text(encoding="utf-8"))
             tensors = load_file(directory / WEIGHTS)
-        except (OSError, ValueError, SafetensorError) as exc:  # ValueError: bad JSON or UTF-8
+        except (OSError, ValueError, RecursionError, SafetensorError) as exc:  # bad JSON or UTF-8, nested too deep
             raise InputError(f"adaptor {directory} is unreadable ({exc}); train it again or copy it whole") from None
         settings = config.get("settings") if isinstance(config, dict) else None
         if not isinstance(settings, dict) or not all(isinstance(settings.get(k), int) for k in ("rank", "alpha")):

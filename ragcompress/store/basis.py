@@ -18,6 +18,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from ragcompress.errors import StoreMismatchError
+from ragcompress.kv import ModelShape
 from ragcompress.kv.lowrank import KINDS, LowRankBasis
 from ragcompress.store.codec import _canonical, _metadata
 
@@ -63,10 +64,24 @@ def manifest_entry(basis: LowRankBasis, spec: dict[str, object], calibration: st
     return {"basis_sha256": basis_sha256(basis), **basis.describe(), **spec, "calibration": calibration}
 
 
-def read_basis(directory: Path, expected_sha256: str) -> LowRankBasis:
-    """The basis of the store at ``directory``; refused unless its sha256 is the manifest's."""
+def max_basis_bytes(shape: ModelShape) -> int:
+    """The most bytes a basis of a model of ``shape`` can hold: keys' and values' bases fp16
+    ``[H, d, r <= d]`` per layer and means fp32 ``[L, H, d]``, with a header naming them."""
+    layers, heads, d = shape.as_tuple()
+    return 2 * layers * heads * d * (2 * d + 4) + 256 * (2 * layers + 2) + (1 << 20)
+
+
+def read_basis(directory: Path, expected_sha256: str, shape: ModelShape) -> LowRankBasis:
+    """The basis of the store at ``directory``; refused unless its sha256 is the manifest's. A
+    file larger than a basis of the manifest's ``shape`` can be is refused unread (the sha256 comes
+    after the read: a hostile store's sparse 64 GiB file ended in a MemoryError traceback)."""
     path = directory / BASIS
     try:
+        size = path.stat().st_size
+        if size > max_basis_bytes(shape):
+            raise StoreMismatchError(
+                f"{path} has {size} bytes, more than a basis of this model can ({max_basis_bytes(shape)}); rebuild it"
+            )
         blob = path.read_bytes()
     except OSError as exc:
         raise StoreMismatchError(f"{path} cannot be read ({exc}); the store's latents need it, rebuild it") from None

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from ragcompress.errors import StoreError
+from ragcompress.store.jsontext import loads_json
 from ragcompress.store.shards import CommittedBlob, checksum
 
 CATALOGUE = "catalogue.sqlite"
@@ -111,7 +112,7 @@ _COLUMNS = "row, id, title, text, meta, text_sha, shard, offset, length, checksu
 def _entry(values: tuple) -> Entry:
     row = list(values)
     try:
-        row[4] = json.loads(row[4])
+        row[4] = loads_json(row[4])
     except (TypeError, ValueError):
         raise StoreError(f"catalogue row for passage {row[1]!r} has unreadable metadata") from None
     return Entry(*row)

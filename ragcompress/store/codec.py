@@ -384,7 +384,10 @@ def parse(
     quantization (a store passes its manifest's: a manifest changed after the store was built
     would otherwise describe segments it did not write, and later runs would add unlike ones).
     Shapes are checked against each other, and sizes bounded, before anything is allocated; an
-    inconsistent blob raises :class:`CorruptSegmentError` instead of producing a wrong cache.
+    inconsistent blob raises :class:`CorruptSegmentError` instead of producing a wrong cache. The
+    padded grid is as wide as the longest head (what :func:`encode` writes), so what decoding
+    allocates grows with the rows the blob holds: a 640-byte blob declaring ``n_max`` in the
+    millions with every head keeping no row allocated gigabytes within the element bound.
     """
     try:
         meta = _metadata(blob)
@@ -411,6 +414,9 @@ def parse(
         raise CorruptSegmentError(f"segment declares an impossible size ({layers}x{heads}x{n_max}x{d})")
     if (lengths < 0).any() or (lengths > n_max).any() or n_max > num_tokens:
         raise CorruptSegmentError("segment lengths are out of range")
+    # encode pads to the longest head: a wider grid holds no row, it only allocates
+    if lengths.numel() and n_max != int(lengths.max()):
+        raise CorruptSegmentError(f"segment pads its heads to {n_max} rows but its longest keeps {int(lengths.max())}")
     positions = torch.arange(n_max).expand(layers, heads, n_max).clone()
     if "positions" in tensors:
         flat = tensors["positions"].long()

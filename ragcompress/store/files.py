@@ -27,6 +27,7 @@ from ragcompress.kv.quant import QuantConfig
 from ragcompress.store import codec
 from ragcompress.store.basis import BASIS
 from ragcompress.store.catalogue import CATALOGUE, Catalogue
+from ragcompress.store.jsontext import loads_json
 from ragcompress.store.manifest import MANIFEST, SETTINGS, Manifest
 from ragcompress.store.shards import SHARD_DIR, fsync_dir, is_shard_name
 
@@ -44,12 +45,38 @@ STORE_ENTRIES = frozenset(
 )
 
 
+def links_refused(path: Path, name: str) -> StoreError:
+    """The error for a store whose entry ``name`` is a symbolic link (see :func:`refuse_links`)."""
+    return StoreError(
+        f"store {path} holds a symbolic link, {name}; a store must not contain links (a writer would write "
+        "through it, outside the store): no writer adds to it. Rebuild it with `ragcompress index --overwrite`, "
+        "or replace the link by the file it points at"
+    )
+
+
+def refuse_links(path: Path) -> None:
+    """Raise unless no fixed entry of the store at ``path`` (:data:`STORE_ENTRIES`) and no shard
+    is a symbolic link. A store may come from someone else (a tar, a git repository), and its
+    writer truncates shards, writes the catalogue, index and lock, and creates and deletes files
+    in ``shards/``, each by its path: through a link, those would be files outside the store.
+    Readers read through links (what they read is checksummed, and they write nothing)."""
+    for name in sorted(STORE_ENTRIES):
+        if (path / name).is_symlink():
+            raise links_refused(path, name)
+    shards = path / SHARD_DIR
+    if shards.is_dir():
+        for entry in sorted(shards.iterdir()):
+            if entry.is_symlink():
+                raise links_refused(path, f"{SHARD_DIR}/{entry.name}")
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write ``path`` whole or not at all (temp file, fsync, rename, fsync of the directory): a
     reader or a crash never sees half a prefix, basis or index file. Shared by the store's writers
     (``compact`` too); the crash tests patch it by this name (tests/store_worker.py)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
+    tmp.unlink(missing_ok=True)  # a link left there (a killed writer's file, or a hostile store's) is not followed
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as handle:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
@@ -168,7 +195,7 @@ def unfinished_run(path: Path) -> str | None:
     readable, as always). A run is going while its process is: the marker's pid, the same process
     where its start time was recorded (a pid reused since, pid 1 of another container, is not)."""
     try:
-        record = json.loads((path / RUN).read_text())
+        record = loads_json((path / RUN).read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError):

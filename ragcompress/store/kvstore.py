@@ -23,7 +23,6 @@ index is rebuilt from the catalogue's embeddings.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,6 +42,7 @@ from ragcompress.store import ann, codec
 from ragcompress.store.basis import BASIS, read_basis
 from ragcompress.store.catalogue import CATALOGUE, Catalogue, Entry
 from ragcompress.store.files import INDEX, INDEX_META, PREFIX
+from ragcompress.store.jsontext import loads_json
 from ragcompress.store.manifest import MANIFEST, Manifest
 from ragcompress.store.shards import read_blob
 
@@ -84,7 +84,7 @@ def read_index_meta(path: Path) -> dict[str, Any] | None:
     or malformed. ``generation`` is the catalogue's (:meth:`Catalogue.generation`) when the index
     was built; an index written before generations existed reads as 0."""
     try:
-        meta = json.loads((path / INDEX_META).read_bytes())
+        meta = loads_json((path / INDEX_META).read_bytes())
     except (OSError, ValueError):
         return None
     if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str) or type(meta.get("count")) is not int:
@@ -93,6 +93,26 @@ def read_index_meta(path: Path) -> dict[str, Any] | None:
     if type(meta["generation"]) is not int:
         return None
     return meta
+
+
+def read_prefix(path: Path, shape: ModelShape) -> bytes:
+    """The bytes of the store's ``prefix.safetensors``, refused unread when the file is larger than
+    any prefix the manifest's ``shape`` allows (keys and values of the most elements a blob may
+    decode, at 4 bytes each, with their lengths and a header): the checksum comes after the read,
+    and a hostile store's sparse 64 GiB file would end in a MemoryError traceback."""
+    file = path / PREFIX
+    limit = 8 * codec.MAX_DECODED_ELEMENTS + 4 * shape.layers * shape.kv_heads + (1 << 20)
+    try:
+        size = file.stat().st_size
+        if size > limit:
+            raise CorruptSegmentError(
+                f"prefix cache {file} has {size} bytes, more than a prefix of this model can ({limit}); rebuild the store"
+            )
+        return file.read_bytes()
+    except OSError as exc:
+        raise CorruptSegmentError(f"prefix cache {file} cannot be read ({exc})") from None
+    except MemoryError:
+        raise CorruptSegmentError(f"prefix cache {file} ({size} bytes) does not fit in memory") from None
 
 
 def index_is_current(meta: dict[str, Any], count: int, generation: int) -> bool:
@@ -164,10 +184,7 @@ class KVStore:
         """The shared prefix cache, checked against the manifest's sha256 and model shape (once
         per dtype asked for)."""
         if dtype not in self._prefix:
-            try:
-                blob = (self.path / PREFIX).read_bytes()
-            except OSError as exc:
-                raise CorruptSegmentError(f"prefix cache {self.path / PREFIX} cannot be read ({exc})") from None
+            blob = read_prefix(self.path, self.shape)
             expected = self.manifest.prefix_sha256
             if not expected:  # create_store always records it: a manifest without one was damaged
                 raise CorruptSegmentError(f"{self.path / MANIFEST} records no prefix checksum; rebuild the store")
@@ -189,7 +206,7 @@ class KVStore:
         if lowrank is None:
             return None
         if self._basis is None:
-            self._basis = read_basis(self.path, str(lowrank.get("basis_sha256", "")))
+            self._basis = read_basis(self.path, str(lowrank.get("basis_sha256", "")), self.shape)
         return self._basis
 
     def entry(self, passage_id: str) -> Entry:
@@ -326,7 +343,7 @@ class KVStore:
             ):
                 try:
                     loaded = VectorIndex.load(path)
-                except RuntimeError:
+                except (RuntimeError, MemoryError):  # FAISS's bad_alloc: an index declaring a huge array
                     loaded = None
             if loaded is not None and not self._still_open_store():
                 loaded = None  # another store's index.faiss: its row numbers name other passages here

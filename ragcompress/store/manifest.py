@@ -14,6 +14,7 @@ from ragcompress.errors import StoreError, StoreMismatchError
 from ragcompress.kv import ModelShape
 from ragcompress.kv.quant import QuantConfig
 from ragcompress.retrieval import embedder_name
+from ragcompress.store.jsontext import loads_json
 
 # 2: segment checksums are xxh3-128 (were sha256); a version-1 store is refused and rebuilt.
 FORMAT_VERSION = 2
@@ -218,7 +219,7 @@ class Manifest:
     @classmethod
     def from_json(cls, text: str, where: Path) -> Manifest:
         try:
-            data = json.loads(text)
+            data = loads_json(text)
         except ValueError as exc:
             raise StoreError(f"{where} is not valid JSON ({exc}); {REBUILD}") from exc
         if not isinstance(data, dict):

@@ -10,6 +10,7 @@ derived from passage ids, and a name read back from the catalogue is checked bef
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from collections.abc import Callable
@@ -50,6 +51,23 @@ def shard_path(root: Path, name: str) -> Path:
     if not isinstance(name, str) or not _NAME.match(name):
         raise CorruptSegmentError(f"catalogue names shard {name!r}, which is not a valid shard name")
     return root / SHARD_DIR / name
+
+
+def _open_shard(path: Path, append: bool) -> BinaryIO:
+    """A shard opened for a writer (``append``: to append, created if absent; else to truncate),
+    never through a symbolic link: a writer truncates and appends by path, and a link would make
+    those a file outside the store (the writer refuses a store holding one,
+    ``files.refuse_links``; this holds even for a link made since)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND if append else os.O_RDWR
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise StoreError(
+            f"shard {path} is a symbolic link; a store must not contain links: no writer adds to it"
+        ) from None
+    return os.fdopen(fd, "ab") if append else os.fdopen(fd, "r+b")
 
 
 class CommittedBlob(NamedTuple):
@@ -247,10 +265,10 @@ class ShardWriter:
             if end is None:
                 path.unlink()  # no committed row points here: only a killed run's blobs
             elif path.stat().st_size > end:
-                with open(path, "r+b") as handle:
+                with _open_shard(path, append=False) as handle:
                     handle.truncate(end)
                     os.fsync(handle.fileno())
-        self._handle = open(shard_path(root, self.name), "ab")
+        self._handle = _open_shard(shard_path(root, self.name), append=True)
         fsync_dir(directory)
         fsync_dir(root)  # the shard folder's own entry (see the class docstring)
 
@@ -261,7 +279,7 @@ class ShardWriter:
             self.sync()
             self._handle.close()
             self.name = f"{int(self.name[:5]) + 1:05d}.kvs"
-            self._handle = open(shard_path(self.root, self.name), "ab")
+            self._handle = _open_shard(shard_path(self.root, self.name), append=True)
             offset = self._handle.tell()
         self._handle.write(blob)
         return self.name, offset

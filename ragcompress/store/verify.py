@@ -27,7 +27,6 @@ writer repairs, and bytes no passage points at since passages were removed or re
 from __future__ import annotations
 
 import hashlib
-import json
 import shlex
 import sqlite3
 from dataclasses import asdict, dataclass, field
@@ -46,7 +45,8 @@ from ragcompress.store.ann import stored_vectors
 from ragcompress.store.basis import read_basis
 from ragcompress.store.catalogue import CATALOGUE, Catalogue, meta_checksum, searchable_checksum
 from ragcompress.store.files import INDEX, PREFIX, overwrite_refusal, unfinished_run
-from ragcompress.store.kvstore import read_index_meta
+from ragcompress.store.jsontext import loads_json
+from ragcompress.store.kvstore import read_index_meta, read_prefix
 from ragcompress.store.manifest import SETTINGS, Manifest
 from ragcompress.store.shards import SHARD_DIR, is_shard_name, read_blob
 
@@ -143,7 +143,11 @@ def _check_prefix(root: Path, manifest: Manifest, shape: ModelShape, problems: l
     if not path.is_file():
         problems.append(Problem("prefix", f"{PREFIX} is missing"))
         return
-    blob = path.read_bytes()
+    try:
+        blob = read_prefix(root, shape)
+    except StoreError as exc:
+        problems.append(Problem("prefix", str(exc)))
+        return
     if not manifest.prefix_sha256:
         problems.append(Problem("prefix", "the manifest records no prefix checksum; rebuild the store"))
     elif hashlib.sha256(blob).hexdigest() != manifest.prefix_sha256:
@@ -157,7 +161,7 @@ def _check_prefix(root: Path, manifest: Manifest, shape: ModelShape, problems: l
 
 def _is_json_object(text: Any) -> bool:
     try:
-        return isinstance(json.loads(text), dict)
+        return isinstance(loads_json(text), dict)
     except (TypeError, ValueError):
         return False
 
@@ -312,7 +316,7 @@ def _check_index(root: Path, catalogue: Catalogue, count: int, problems: list[Pr
 
     try:
         index = VectorIndex.load(path).index
-    except RuntimeError as exc:
+    except (RuntimeError, MemoryError) as exc:  # MemoryError: FAISS's bad_alloc for a huge declared array
         problems.append(Problem("index", f"{INDEX} matches its checksum but FAISS cannot read it ({exc})"))
         return
     if index.ntotal != count:
@@ -354,7 +358,7 @@ def verify_store(path: str | Path) -> VerifyReport:
     lowrank = manifest.compression.get("lowrank")
     if isinstance(lowrank, dict):  # a low-rank store: its latents are checked with its basis
         try:
-            basis = read_basis(root, str(lowrank.get("basis_sha256", "")))
+            basis = read_basis(root, str(lowrank.get("basis_sha256", "")), shape)
         except (StoreError, ValueError) as exc:
             problems.append(Problem("basis", str(exc)))
     if not (root / CATALOGUE).is_file():

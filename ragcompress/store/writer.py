@@ -9,18 +9,20 @@ Readers (``kvstore.KVStore``) see only committed rows.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
 import json
 import os
+import stat
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from ragcompress.errors import StoreError
 from ragcompress.paths import sha256_file
 from ragcompress.store.catalogue import CATALOGUE, Catalogue, meta_checksum
-from ragcompress.store.files import INDEX, INDEX_META, LOCK, write_atomic
+from ragcompress.store.files import INDEX, INDEX_META, LOCK, links_refused, refuse_links, write_atomic
 from ragcompress.store.kvstore import build_index
 from ragcompress.store.manifest import Manifest
 from ragcompress.store.record import PassageRecord
@@ -28,6 +30,22 @@ from ragcompress.store.shards import ShardWriter, checksum
 
 # swapped-in stores a writer follows while taking the lock (each swap is a whole compaction or rebuild)
 _MAX_SWAPS = 16
+
+
+def _open_lock(path: Path) -> IO[str]:
+    """``DIR/lock``, opened for reading and writing without following a link: a store is someone
+    else's bytes (a tar, a git repository), and its writer truncates the lock and writes its pid
+    into it, so a ``lock`` linked to a file of the user's would overwrite that file."""
+    try:
+        fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise links_refused(path, LOCK) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise StoreError(f"{path / LOCK} is not a regular file; a store's lock is one: delete it and retry")
+    return os.fdopen(fd, "r+")
 
 
 class StoreLock:
@@ -48,7 +66,7 @@ class StoreLock:
         deadline = time.monotonic() + wait_s
         swaps = 0
         while True:
-            self._handle = open(path / LOCK, "a+")
+            self._handle = _open_lock(path)
             try:
                 fcntl.flock(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -103,7 +121,7 @@ class StoreLock:
 def _remove_temporaries(path: Path) -> None:
     """Delete temp files a killed writer left (``.NAME.PID.tmp``); only called under the lock."""
     for tmp in path.glob(".*.tmp"):
-        if tmp.is_file():
+        if tmp.is_file() or tmp.is_symlink():  # a link: write_atomic would write through it
             tmp.unlink()
 
 
@@ -148,6 +166,7 @@ class StoreWriter:
         try:
             if not (path / CATALOGUE).is_file():  # create_store writes it before the manifest
                 raise StoreError(f"store {path} has no {CATALOGUE}; the store is damaged, rebuild it")
+            refuse_links(path)
             _remove_temporaries(path)
             self.catalogue = Catalogue(path, readonly=False)
             self.shards = self._repaired_shards()
