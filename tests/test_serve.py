@@ -34,6 +34,7 @@ from ragcompress.serve import ServeSettings, create_app  # noqa: E402
 from ragcompress.serve.worker import Job  # noqa: E402
 
 KEY = "sk-test-key"
+JSON = {"Content-Type": "application/json"}
 QUESTIONS = [
     "What city in Victoria is called the sporting capital of Australia?",
     "Who won the game?",
@@ -96,7 +97,7 @@ def in_process(engine: Engine, **settings) -> Iterator[tuple]:
     def run(body):
         async def main():
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://serve.test") as client:
+            async with httpx.AsyncClient(transport=transport, base_url="http://localhost:8000") as client:
                 return await body(client)
 
         return asyncio.run(main())
@@ -240,6 +241,90 @@ def test_api_key_guards_every_endpoint_but_health(engine):
         }
 
 
+def test_dns_rebinding_a_host_header_of_another_name_is_refused(engine):
+    """A page at attacker.example whose name was re-pointed at 127.0.0.1 (DNS rebinding) reached a
+    keyless local service with its own name in the Host header and read the answers, passage
+    texts included. Only the loopback names (any port) are answered by default; another name is a
+    400 ``invalid_host``; ``allowed_hosts`` names more, ``None`` any."""
+
+    def post(settings: ServeSettings, host: str, path: str = "/v1/retrieve") -> httpx.Response:
+        app = create_app(engine, settings)
+
+        async def main():
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url=f"http://{host}") as client:
+                if path == "/health":
+                    return await client.get(path)
+                return await client.post(path, json={"query": "rivers", "top_k": 2})
+
+        try:
+            return asyncio.run(main())
+        finally:
+            app.state.service.close()
+
+    default = ServeSettings()
+    for host in ("attacker.example:8000", "attacker.example", "127.0.0.1.attacker.example", "localhost.:1"):
+        for path in ("/v1/retrieve", "/health"):
+            refused = post(default, host, path)
+            assert refused.status_code == 400, (host, path, refused.text)
+            assert refused.json()["error"]["code"] == "invalid_host" and "data" not in refused.json()
+    for host in ("localhost:8000", "LOCALHOST", "127.0.0.1:1234", "[::1]:8000", "[::1]"):
+        assert post(default, host).status_code == 200, host
+    assert post(ServeSettings(allowed_hosts=("rag.internal",)), "rag.internal:80").status_code == 200
+    assert post(ServeSettings(allowed_hosts=("rag.internal",)), "localhost").status_code == 400
+    assert post(ServeSettings(allowed_hosts=None), "attacker.example:8000").status_code == 200
+
+
+def test_a_body_not_sent_as_json_is_refused_415(engine):
+    """A web page may POST ``text/plain`` (or a body with no type) to any site without a CORS
+    preflight, and the service parsed it as JSON: any page could run questions on a local service.
+    Only ``application/json`` (with parameters) is read; anything else is 415."""
+    body = json.dumps({"query": "rivers", "top_k": 2}).encode()
+    with in_process(engine) as (run, _):
+
+        async def send(client):
+            out = {}
+            for media in ("text/plain", "text/plain;charset=UTF-8", "application/x-www-form-urlencoded", None):
+                headers = {} if media is None else {"Content-Type": media}
+                for path in ("/v1/retrieve", "/v1/chat/completions"):
+                    out[path, media] = await client.post(path, content=body, headers=headers)
+            for media in ("application/json", "application/json; charset=utf-8", "Application/JSON"):
+                out["ok", media] = await client.post("/v1/retrieve", content=body, headers={"Content-Type": media})
+            return out
+
+        got = run(send)
+    for (path, media), response in got.items():
+        if path == "ok":
+            assert response.status_code == 200, (media, response.text)
+        else:
+            assert response.status_code == 415, (path, media, response.text)
+            assert response.json()["error"]["code"] == "unsupported_media_type"
+
+
+def test_serve_cli_answers_only_loopback_names_on_a_loopback_host(served, monkeypatch):
+    """``serve`` on 127.0.0.1 (the default) answers only localhost's names, ``--allowed-host``
+    adds one (``*``: any), and another ``--host`` keeps answering any name."""
+    import ragcompress.serve
+    from ragcompress.cli import main
+
+    store, _, _ = served
+    seen: list = []
+    monkeypatch.setattr(ragcompress.serve, "run", lambda app, *a, **k: seen.append(app.state.service.settings))
+    monkeypatch.setattr("ragcompress.serve.server.bind", lambda host, port: socket.socket())
+    for flags in ([], ["--allowed-host", "rag.lan"], ["--allowed-host", "*"], ["--host", "0.0.0.0"]):
+        monkeypatch.setattr(sys, "argv", ["ragcompress", "serve", "--store", str(store), "--port", "0", *flags])
+        try:
+            main()
+        except SystemExit as exc:
+            assert not exc.code
+    assert [settings.allowed_hosts for settings in seen] == [
+        ("localhost", "127.0.0.1", "::1", "127.0.0.1"),
+        ("localhost", "127.0.0.1", "::1", "127.0.0.1", "rag.lan"),
+        None,
+        None,
+    ]
+
+
 BAD_REQUESTS = [
     (b"{", 400, "invalid_json"),
     (b"\xff\xfe{}", 400, "invalid_json"),
@@ -286,7 +371,7 @@ def test_bad_requests_get_openai_style_4xx(engine):
             out = []
             for body, _, _ in BAD_REQUESTS:
                 raw = body if isinstance(body, bytes) else json.dumps(body).encode()  # ASCII: \ud800 escaped
-                out.append(await client.post("/v1/chat/completions", content=raw))
+                out.append(await client.post("/v1/chat/completions", content=raw, headers=JSON))
             out.append(await client.post("/v1/retrieve", json={"top_k": 2}))
             out.append(await client.post("/v1/retrieve", json={"query": "Who?", "top_k": "2"}))
             out.append(await client.post("/v1/retrieve", json={"query": "Who?", "topk": 10}))

@@ -35,6 +35,12 @@ def serve(
         show_envvar=True,
         help="require `Authorization: Bearer KEY` on every endpoint but /health",
     ),
+    allowed_host: list[str] = typer.Option(
+        [],
+        "--allowed-host",
+        help="a name clients reach the service by (Host header; repeatable); other names are refused 400 "
+        "(default: localhost, 127.0.0.1, ::1 when --host is loopback, any name otherwise; `*`: any)",
+    ),
     preset: str | None = typer.Option(None, "--preset", help=PRESET_HELP),
     queue: int = typer.Option(64, "--queue", min=1, help="requests that may wait while one is answered (then 429)"),
     top_k: int = typer.Option(3, "--top-k", min=1, help="passages retrieved when a request does not say"),
@@ -64,13 +70,18 @@ def serve(
     try:
         from ragcompress.serve import ServeSettings, create_app, run
         from ragcompress.serve.server import bind
+        from ragcompress.serve.settings import LOOPBACK_HOSTS, is_loopback
     except ImportError as exc:
         raise RagCompressError(f"serving needs the serve extra ({exc}): pip install 'ragcompress-kv[serve]'") from None
     from ragcompress.runtime.engine import Engine
 
+    allowed_hosts: tuple[str, ...] | None = None  # another address: any name, as before (warned below)
+    if allowed_host or is_loopback(host):  # localhost: only its own names (DNS rebinding)
+        allowed_hosts = None if "*" in allowed_host else (*LOOPBACK_HOSTS, host, *allowed_host)
     try:
         settings = ServeSettings(
             api_key=api_key,
+            allowed_hosts=allowed_hosts,
             queue_size=queue,
             preset=preset,
             top_k=top_k,
@@ -80,7 +91,7 @@ def serve(
         )
     except ValueError as exc:
         raise RagCompressError(str(exc)) from None
-    if settings.api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+    if settings.api_key is None and not is_loopback(host):
         typer.echo(
             f"warning: serving on {host} without an API key; anyone who reaches it can query the store", err=True
         )

@@ -40,7 +40,7 @@ from ragcompress.serve.protocol import (
     sse,
 )
 from ragcompress.serve.service import ClientGone, Pending, Result, Service
-from ragcompress.serve.settings import ServeSettings
+from ragcompress.serve.settings import ServeSettings, host_name
 from ragcompress.serve.worker import Event, Job
 
 log = logging.getLogger("ragcompress.serve")
@@ -80,7 +80,16 @@ def _service(request: Request) -> Service:
 
 
 async def read_json(request: Request, limit: int) -> dict[str, Any]:
-    """The body as a JSON object; 413 past ``limit`` bytes (before reading it when the length is given)."""
+    """The body as a JSON object; 413 past ``limit`` bytes (before reading it when the length is given).
+
+    Only a body sent as ``application/json``: a web page may send any site a POST whose body is
+    ``text/plain`` (or has no type) without asking it first (no CORS preflight), so a service on
+    localhost that parsed such a body would answer questions for every page its user opens."""
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise ApiError(
+            415, "send the request body as JSON, with `Content-Type: application/json`", code="unsupported_media_type"
+        )
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -234,13 +243,16 @@ async def http_error(request: Request, exc: Exception) -> Response:
 
 
 class Gate:
-    """Outermost layer: the API key (every endpoint but /health) and request counting."""
+    """Outermost layer: the Host header (``ServeSettings.allowed_hosts``), the API key (every
+    endpoint but /health) and request counting."""
 
     def __init__(self, app: ASGIApp, service: Service) -> None:
         self.app = app
         self.service = service
         key = service.settings.api_key
         self.expected = None if key is None else key.encode()  # the credentials after "Bearer "
+        hosts = service.settings.allowed_hosts
+        self.hosts = None if hosts is None else frozenset(host_name(host) for host in hosts)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -256,6 +268,15 @@ class Gate:
             await send(message)
 
         try:
+            if self.hosts is not None and not self._host_allowed(scope):
+                error = ApiError(
+                    400,
+                    "the Host header names a host this service does not answer for (a guard against DNS "
+                    "rebinding); connect to it as localhost or 127.0.0.1, or start it with --allowed-host NAME",
+                    code="invalid_host",
+                )
+                await error_response(self.service, path, error)(scope, receive, counted)
+                return
             if self.expected is not None and path != "/health" and not self._authorized(scope):
                 error = ApiError(
                     401,
@@ -268,6 +289,18 @@ class Gate:
             await self.app(scope, receive, counted)
         finally:
             self.service.metrics.requests.labels(self.service.metrics.endpoint(path), str(status)).inc()
+
+    def _host_allowed(self, scope: Scope) -> bool:
+        """A request without a Host header (HTTP/1.0) is let through: browsers always send one."""
+        assert self.hosts is not None
+        given = [value for name, value in scope["headers"] if name == b"host"]
+        if not given:
+            return True
+        if len(given) != 1:
+            return False
+        host = given[0].decode("latin-1")
+        name = host.partition("]")[0] + "]" if host.startswith("[") else host.partition(":")[0]
+        return host_name(name) in self.hosts
 
     def _authorized(self, scope: Scope) -> bool:
         assert self.expected is not None
