@@ -902,9 +902,10 @@ def test_load_benchmark_runs_briefly(live, tmp_path, monkeypatch):
 
 
 @contextmanager
-def cli_server(store: Path) -> Iterator[tuple[subprocess.Popen, str, list[str]]]:
+def cli_server(store: Path, *flags: str) -> Iterator[tuple[subprocess.Popen, str, list[str]]]:
     """``(process, base URL, its stderr lines)``: the real CLI in a subprocess (key from the
-    environment), decoding slowed to 0.1 s a token so that a signal surely lands mid-answer."""
+    environment, more ``flags``), decoding slowed to 0.1 s a token so that a signal surely lands
+    mid-answer."""
     script = (
         "import sys, time\n"
         "import ragcompress.runtime.generate as generate\n"
@@ -914,7 +915,8 @@ def cli_server(store: Path) -> Iterator[tuple[subprocess.Popen, str, list[str]]]
         "    return step(*args, **kwargs)\n"
         "generate.decode_one_token = slow\n"
         "from ragcompress.cli import main\n"
-        f"sys.argv = ['ragcompress', 'serve', '--store', {str(store)!r}, '--port', '0', '--max-new-tokens', '12']\n"
+        f"sys.argv = ['ragcompress', 'serve', '--store', {str(store)!r}, '--port', '0', '--max-new-tokens', '12', "
+        f"*{list(flags)!r}]\n"
         "main()\n"
     )
     from ragcompress.serve.settings import API_KEY_ENV
@@ -1029,3 +1031,84 @@ def test_serve_doc_figures_are_generated_from_the_results():
     doc = Path(__file__).resolve().parents[1] / "docs" / "serve.md"
     assert "serve-load" in report.blocks(doc.read_text())
     assert report.check(doc) is None
+
+
+def test_a_stalled_request_body_is_answered_408(engine):
+    """A client that sent ``Content-Length: 100`` and then only ``{`` was waited for without end:
+    its request held the connection, and a graceful shutdown, for as long as the client liked.
+    The body now has ``body_timeout_s`` to arrive, then the request is a 408 that closes."""
+    app = create_app(engine, ServeSettings(body_timeout_s=0.2))
+    headers = [(b"host", b"localhost"), (b"content-type", b"application/json"), (b"content-length", b"100")]
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"", "root_path": "",
+        "headers": headers, "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000),
+    }  # fmt: skip
+    sent: list[dict] = []
+    parts = [{"type": "http.request", "body": b"{", "more_body": True}]
+
+    async def receive() -> dict:
+        if parts:
+            return parts.pop()
+        await asyncio.Event().wait()  # the rest never comes
+        raise AssertionError
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    started = time.monotonic()
+    try:
+        asyncio.run(asyncio.wait_for(app(scope, receive, send), 10))
+    finally:
+        app.state.service.close()
+    assert time.monotonic() - started < 5
+    start, body = sent[0], json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+    assert start["status"] == 408 and (b"connection", b"close") in start["headers"]
+    assert body["error"]["code"] == "request_timeout"
+
+
+def test_sigterm_with_a_stalled_upload_open_exits_once_its_body_times_out(served):
+    """SIGTERM with one client holding a half-sent body: the process waited for that client for
+    ever (90 s and more observed). Its request is now answered 408 after ``--body-timeout`` and
+    the process exits 0."""
+    store, _, _ = served
+    with cli_server(store, "--body-timeout", "1") as (proc, base, log):
+        port = int(base.rsplit(":", 1)[1])
+        stalled = socket.create_connection(("127.0.0.1", port))
+        stalled.sendall(
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {KEY}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{".encode()
+        )
+        time.sleep(0.3)
+        stopped = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            assert proc.wait(20) == 0, "".join(log)
+            assert time.monotonic() - stopped < 10
+            stalled.settimeout(5)
+            answer = stalled.recv(4096)
+        finally:
+            stalled.close()
+    assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer, answer
+
+
+def test_a_graceful_shutdown_past_its_timeout_answers_whats_left_503(served):
+    """SIGTERM waited as long as the requests in flight and queued took. It now waits
+    ``--shutdown-timeout`` seconds; a stream still under way then ends with a ``shutting_down``
+    error event, a queued request is answered 503, and the process exits 0."""
+    store, _, _ = served
+    with cli_server(store, "--shutdown-timeout", "0.5") as (proc, base, log):
+        threads, results = stream_then_queue(base, log)
+        stopped = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, "".join(log)
+        assert time.monotonic() - stopped < 5, "".join(log)
+        for thread in threads:
+            thread.join(30)
+    status, body = results["queued"]
+    assert status == 503 and body["error"]["code"] == "shutting_down", body
+    assert "graceful shutdown waited 0.5 s" in body["error"]["message"]
+    status, text = results["stream"]
+    chunks = events(text)
+    assert status == 200 and chunks[-1]["error"]["code"] == "shutting_down", chunks[-2:]
+    assert not any("Exception in ASGI application" in line for line in log), "".join(log)

@@ -50,6 +50,15 @@ def serve(
     batch: int = typer.Option(
         8, "--batch", min=1, help="concurrent questions decoded together in one batch (1: one at a time)"
     ),
+    body_timeout: float = typer.Option(
+        30.0, "--body-timeout", min=0.001, help="seconds a request body may take to arrive (then 408)"
+    ),
+    shutdown_timeout: float = typer.Option(
+        300.0,
+        "--shutdown-timeout",
+        min=0.001,
+        help="seconds SIGTERM waits for requests in flight and queued; those left then get 503",
+    ),
     recompute: str | None = RECOMPUTE_OPTION,
     selection: str | None = SELECTION_OPTION,
     fallback_margin: float | None = FALLBACK_OPTION,
@@ -64,7 +73,7 @@ def serve(
     ``--recompute``, ``--selection``, ``--fallback-margin`` and ``--backend`` set the service's
     defaults (over ``--preset``'s); a request's ``ragcompress.recompute`` / ``fallback_margin``
     override the first three. Requests on the packed backends are answered one at a time.
-    SIGTERM lets in-flight requests finish, then exits 0."""
+    SIGTERM lets in-flight requests finish (for up to ``--shutdown-timeout`` seconds), then exits 0."""
     schedule = recompute_schedule(recompute)
     quiet_libraries()
     try:
@@ -88,6 +97,8 @@ def serve(
             max_top_k=max(16, top_k),
             max_tokens=max(1024, max_new_tokens or 0),  # the default answer length is always allowed
             max_batch=batch,
+            body_timeout_s=body_timeout,
+            shutdown_timeout_s=shutdown_timeout,
         )
     except ValueError as exc:
         raise RagCompressError(str(exc)) from None

@@ -79,8 +79,9 @@ def _service(request: Request) -> Service:
     return service
 
 
-async def read_json(request: Request, limit: int) -> dict[str, Any]:
-    """The body as a JSON object; 413 past ``limit`` bytes (before reading it when the length is given).
+async def read_json(request: Request, limit: int, timeout: float) -> dict[str, Any]:
+    """The body as a JSON object; 413 past ``limit`` bytes (before reading it when the length is
+    given); 408 if it has not all arrived within ``timeout`` seconds.
 
     Only a body sent as ``application/json``: a web page may send any site a POST whose body is
     ``text/plain`` (or has no type) without asking it first (no CORS preflight), so a service on
@@ -96,6 +97,19 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
             raise ApiError(400, "invalid Content-Length header", code="invalid_request")
         if int(declared) > limit:
             raise ApiError(413, f"request body of {declared} bytes exceeds the limit of {limit}", code="too_large")
+    try:
+        body = await asyncio.wait_for(_body(request, limit), timeout)
+    except TimeoutError:
+        raise ApiError(
+            408,
+            f"the request body did not arrive within {timeout:g} s",
+            code="request_timeout",
+            headers={"Connection": "close"},  # the rest of the body is never read
+        ) from None
+    return parse_json(body)
+
+
+async def _body(request: Request, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
@@ -103,7 +117,7 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
         if size > limit:
             raise ApiError(413, f"request body exceeds the limit of {limit} bytes", code="too_large")
         chunks.append(chunk)
-    return parse_json(b"".join(chunks))
+    return b"".join(chunks)
 
 
 def error_response(service: Service, path: str, error: ApiError) -> JSONBody:
@@ -136,7 +150,7 @@ def handled(
 async def chat_completions(request: Request) -> Response:
     service = _service(request)
     query = parse_chat(
-        await read_json(request, service.settings.max_body_bytes),
+        await read_json(request, service.settings.max_body_bytes, service.settings.body_timeout_s),
         service.settings,
         service.engine.options.max_new_tokens,
     )
@@ -182,7 +196,8 @@ async def _chunks(
 @handled
 async def retrieve(request: Request) -> Response:
     service = _service(request)
-    query = parse_retrieve(await read_json(request, service.settings.max_body_bytes), service.settings)
+    settings = service.settings
+    query = parse_retrieve(await read_json(request, settings.max_body_bytes, settings.body_timeout_s), settings)
     pending = await service.submit(request, partial(service.retrieve, query))
     _, hits = await pending.until("done")
     return JSONBody({"object": "list", "data": hits})

@@ -53,6 +53,12 @@ class ServeSettings:
                         rebinding) sends its own name there, so it cannot read a local service's
                         answers. ``None`` accepts any name: for a service on a public address,
                         behind its key
+    body_timeout_s:     how long a request's body may take to arrive once its headers have; a
+                        slower one is answered 408: a client that stops sending mid-body
+                        otherwise holds its connection, and a graceful shutdown, for ever
+    shutdown_timeout_s: how long a graceful shutdown (SIGTERM) waits for the requests in flight
+                        and queued (``serve.server.run``); those still unanswered then are told
+                        so (503 ``shutting_down``) and the process exits
     """
 
     api_key: str | None = None
@@ -68,6 +74,8 @@ class ServeSettings:
     max_batch: int = 8
     batch_window_s: float = 0.005
     allowed_hosts: tuple[str, ...] | None = LOOPBACK_HOSTS
+    body_timeout_s: float = 30.0
+    shutdown_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -87,6 +95,10 @@ class ServeSettings:
             raise ValueError(f"top_k {self.top_k} exceeds max_top_k {self.max_top_k}")
         if not 0.0 <= self.batch_window_s <= 1.0:
             raise ValueError(f"batch_window_s must be in [0, 1] seconds, got {self.batch_window_s!r}")
+        for name in ("body_timeout_s", "shutdown_timeout_s"):
+            value = getattr(self, name)
+            if type(value) not in (int, float) or not 0 < value < float("inf"):
+                raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")
         if self.allowed_hosts is not None and (
             not isinstance(self.allowed_hosts, tuple)
             or not all(isinstance(host, str) and host_name(host) for host in self.allowed_hosts)
