@@ -729,11 +729,52 @@ def test_a_store_overwritten_by_another_build_fails_health_and_requests(served, 
             index(later, store, model=model, config=IndexConfig(quant="int4"), overwrite=True)  # another build
             health, refused = run(calls)
         assert health.status_code == 503
-        assert health.json()["status"] == "unavailable" and "another build (compression" in health.json()["error"]
+        assert health.json()["status"] == "unavailable" and "replaced by another build" in health.json()["error"]
+        assert health.json()["code"] == "store_unavailable"
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "store_unavailable"
+        assert "another build (compression" in refused.json()["error"]["message"]
         assert "restart" in refused.json()["error"]["message"]
     finally:
         engine.close()
+
+
+def test_errors_and_health_name_no_path_of_the_server(served, tmp_path, caplog):
+    """A removed store made /health (never behind the key) answer ``store /abs/path is gone``,
+    and requests carried a store error's paths verbatim: a client learnt where the server keeps
+    its files. /health now gives a code and a fixed reason, a request's error names the store
+    ``<store>``, and the full message, path included, goes to the server log."""
+    import logging
+    import shutil
+
+    _, later, model = served
+    store = tmp_path / "private-dir" / "store"
+    index(later, store, model=model, config=IndexConfig(quant="int8"))
+    engine = Engine.open(store, options=AnswerOptions(max_new_tokens=MAX_NEW))
+    headers = {"Authorization": f"Bearer {KEY}"}
+    try:
+        with in_process(engine, api_key=KEY) as (run, _), caplog.at_level(logging.WARNING, "ragcompress.serve"):
+            shutil.rmtree(store)
+
+            async def calls(client):
+                return (
+                    await client.get("/health"),
+                    await client.get("/health"),
+                    await client.post("/v1/chat/completions", json=chat("Who?"), headers=headers),
+                    await client.post("/v1/retrieve", json={"query": "Who?"}, headers=headers),
+                )
+
+            health, again, *refused = run(calls)
+    finally:
+        engine.close()
+    for response in (health, again, *refused):
+        assert response.status_code == 503 and "private-dir" not in response.text, response.text
+    assert health.json() == again.json()
+    assert health.json()["code"] == "store_unavailable" and "restore it and restart" in health.json()["error"]
+    for response in refused:
+        error = response.json()["error"]
+        assert error["code"] == "store_unavailable" and error["message"].startswith("store <store> is gone"), error
+    logged = [record.getMessage() for record in caplog.records]
+    assert sum(f"store {store} is gone" in line for line in logged) == 3, logged  # health once, each request
 
 
 # -- over a real port --------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import asyncio
 import hmac
 import json
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -26,7 +27,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ragcompress.errors import StoreError
+from ragcompress.errors import StoreError, StoreMismatchError
 from ragcompress.runtime.engine import Engine
 from ragcompress.serve.protocol import (
     ApiError,
@@ -120,10 +121,34 @@ async def _body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def error_response(service: Service, path: str, error: ApiError) -> JSONBody:
+def client_error(service: Service, path: str, error: ApiError) -> ApiError:
+    """``error`` counted, logged in full (5xx), and as its client gets it: the store's directory
+    reads ``<store>``. A store's error names its path (``store /srv/... is gone``), which tells
+    the operator where to look and a client only where the server keeps its files."""
     service.metrics.errors.labels(service.metrics.endpoint(path), error.code or str(error.status)).inc()
     if error.status >= 500:
         log.warning("%s: %s %s", path, error.status, error.message)
+    message = error.message
+    for shown in _store_paths(service):
+        message = message.replace(shown, "<store>")
+    if message == error.message:
+        return error
+    return ApiError(error.status, message, type=error.type, code=error.code, param=error.param, headers=error.headers)
+
+
+def _store_paths(service: Service) -> list[str]:
+    """How errors may spell the served store's directory, longest first: its absolute path, and
+    the path it was opened by when that is relative but not a bare name (``store`` alone is a
+    word of every such message, and names no place)."""
+    given = str(service.engine.store.path)
+    spellings = {os.path.abspath(given)}
+    if os.sep in given.strip(os.sep):
+        spellings.add(given)
+    return sorted(spellings, key=len, reverse=True)
+
+
+def error_response(service: Service, path: str, error: ApiError) -> JSONBody:
+    error = client_error(service, path, error)
     return JSONBody(error.body(), status_code=error.status, headers=error.headers)
 
 
@@ -186,9 +211,7 @@ async def _chunks(
             yield sse("[DONE]")
             return
         elif kind == "error":  # after the stream began: an error event, then the end
-            error = api_error(value)
-            error_response(service, path, error)
-            yield sse(error.body())
+            yield sse(client_error(service, path, api_error(value)).body())
             return
         kind, value = await pending.next()
 
@@ -223,7 +246,10 @@ async def one_model(request: Request) -> Response:
 async def health(request: Request) -> Response:
     """200 while the service can answer; 503 once its store was removed or replaced by another
     build (``index --overwrite`` with other settings), which no request can recover from: an
-    orchestrator's health check then restarts the service, which opens the new store."""
+    orchestrator's health check then restarts the service, which opens the new store.
+
+    /health is never behind the key, so its 503 gives a code and a fixed reason, no path; the
+    store's own message goes to the log (once while it stays the same: health is polled)."""
     service = _service(request)
     worker = service.worker
     body: dict[str, Any] = {
@@ -238,8 +264,17 @@ async def health(request: Request) -> Response:
     try:
         service.engine.store.check_replacement()
     except StoreError as exc:
-        body.update(status="unavailable", error=str(exc))
+        if request.app.state.health_error != str(exc):
+            request.app.state.health_error = str(exc)
+            log.warning("/health: 503 %s", exc)
+        reason = (
+            "the store was replaced by another build, which this service cannot answer from; restart it"
+            if isinstance(exc, StoreMismatchError)
+            else "the store cannot be read (removed?); restore it and restart the service"
+        )
+        body.update(status="unavailable", code="store_unavailable", error=reason)
         return JSONBody(body, status_code=503)
+    request.app.state.health_error = None
     return JSONBody(body)
 
 
@@ -362,5 +397,6 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.service = service
+    app.state.health_error = None  # the last store error /health logged
     app.add_middleware(Gate, service=service)
     return app
