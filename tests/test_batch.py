@@ -126,7 +126,7 @@ def test_service_batches_concurrent_requests_and_answers_as_unbatched(engine, ti
 
         async def main():
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://serve.test") as client:
+            async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
                 bodies = [
                     {"messages": [{"role": "user", "content": q}], "max_tokens": 3 + i % 6, "stream": stream}
                     for i, (q, stream) in enumerate(zip(QUESTIONS, streams, strict=True))

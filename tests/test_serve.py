@@ -34,6 +34,7 @@ from ragcompress.serve import ServeSettings, create_app  # noqa: E402
 from ragcompress.serve.worker import Job  # noqa: E402
 
 KEY = "sk-test-key"
+JSON = {"Content-Type": "application/json"}
 QUESTIONS = [
     "What city in Victoria is called the sporting capital of Australia?",
     "Who won the game?",
@@ -96,7 +97,7 @@ def in_process(engine: Engine, **settings) -> Iterator[tuple]:
     def run(body):
         async def main():
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://serve.test") as client:
+            async with httpx.AsyncClient(transport=transport, base_url="http://localhost:8000") as client:
                 return await body(client)
 
         return asyncio.run(main())
@@ -240,6 +241,90 @@ def test_api_key_guards_every_endpoint_but_health(engine):
         }
 
 
+def test_dns_rebinding_a_host_header_of_another_name_is_refused(engine):
+    """A page at attacker.example whose name was re-pointed at 127.0.0.1 (DNS rebinding) reached a
+    keyless local service with its own name in the Host header and read the answers, passage
+    texts included. Only the loopback names (any port) are answered by default; another name is a
+    400 ``invalid_host``; ``allowed_hosts`` names more, ``None`` any."""
+
+    def post(settings: ServeSettings, host: str, path: str = "/v1/retrieve") -> httpx.Response:
+        app = create_app(engine, settings)
+
+        async def main():
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url=f"http://{host}") as client:
+                if path == "/health":
+                    return await client.get(path)
+                return await client.post(path, json={"query": "rivers", "top_k": 2})
+
+        try:
+            return asyncio.run(main())
+        finally:
+            app.state.service.close()
+
+    default = ServeSettings()
+    for host in ("attacker.example:8000", "attacker.example", "127.0.0.1.attacker.example", "localhost.:1"):
+        for path in ("/v1/retrieve", "/health"):
+            refused = post(default, host, path)
+            assert refused.status_code == 400, (host, path, refused.text)
+            assert refused.json()["error"]["code"] == "invalid_host" and "data" not in refused.json()
+    for host in ("localhost:8000", "LOCALHOST", "127.0.0.1:1234", "[::1]:8000", "[::1]"):
+        assert post(default, host).status_code == 200, host
+    assert post(ServeSettings(allowed_hosts=("rag.internal",)), "rag.internal:80").status_code == 200
+    assert post(ServeSettings(allowed_hosts=("rag.internal",)), "localhost").status_code == 400
+    assert post(ServeSettings(allowed_hosts=None), "attacker.example:8000").status_code == 200
+
+
+def test_a_body_not_sent_as_json_is_refused_415(engine):
+    """A web page may POST ``text/plain`` (or a body with no type) to any site without a CORS
+    preflight, and the service parsed it as JSON: any page could run questions on a local service.
+    Only ``application/json`` (with parameters) is read; anything else is 415."""
+    body = json.dumps({"query": "rivers", "top_k": 2}).encode()
+    with in_process(engine) as (run, _):
+
+        async def send(client):
+            out = {}
+            for media in ("text/plain", "text/plain;charset=UTF-8", "application/x-www-form-urlencoded", None):
+                headers = {} if media is None else {"Content-Type": media}
+                for path in ("/v1/retrieve", "/v1/chat/completions"):
+                    out[path, media] = await client.post(path, content=body, headers=headers)
+            for media in ("application/json", "application/json; charset=utf-8", "Application/JSON"):
+                out["ok", media] = await client.post("/v1/retrieve", content=body, headers={"Content-Type": media})
+            return out
+
+        got = run(send)
+    for (path, media), response in got.items():
+        if path == "ok":
+            assert response.status_code == 200, (media, response.text)
+        else:
+            assert response.status_code == 415, (path, media, response.text)
+            assert response.json()["error"]["code"] == "unsupported_media_type"
+
+
+def test_serve_cli_answers_only_loopback_names_on_a_loopback_host(served, monkeypatch):
+    """``serve`` on 127.0.0.1 (the default) answers only localhost's names, ``--allowed-host``
+    adds one (``*``: any), and another ``--host`` keeps answering any name."""
+    import ragcompress.serve
+    from ragcompress.cli import main
+
+    store, _, _ = served
+    seen: list = []
+    monkeypatch.setattr(ragcompress.serve, "run", lambda app, *a, **k: seen.append(app.state.service.settings))
+    monkeypatch.setattr("ragcompress.serve.server.bind", lambda host, port: socket.socket())
+    for flags in ([], ["--allowed-host", "rag.lan"], ["--allowed-host", "*"], ["--host", "0.0.0.0"]):
+        monkeypatch.setattr(sys, "argv", ["ragcompress", "serve", "--store", str(store), "--port", "0", *flags])
+        try:
+            main()
+        except SystemExit as exc:
+            assert not exc.code
+    assert [settings.allowed_hosts for settings in seen] == [
+        ("localhost", "127.0.0.1", "::1", "127.0.0.1"),
+        ("localhost", "127.0.0.1", "::1", "127.0.0.1", "rag.lan"),
+        None,
+        None,
+    ]
+
+
 BAD_REQUESTS = [
     (b"{", 400, "invalid_json"),
     (b"\xff\xfe{}", 400, "invalid_json"),
@@ -286,7 +371,7 @@ def test_bad_requests_get_openai_style_4xx(engine):
             out = []
             for body, _, _ in BAD_REQUESTS:
                 raw = body if isinstance(body, bytes) else json.dumps(body).encode()  # ASCII: \ud800 escaped
-                out.append(await client.post("/v1/chat/completions", content=raw))
+                out.append(await client.post("/v1/chat/completions", content=raw, headers=JSON))
             out.append(await client.post("/v1/retrieve", json={"top_k": 2}))
             out.append(await client.post("/v1/retrieve", json={"query": "Who?", "top_k": "2"}))
             out.append(await client.post("/v1/retrieve", json={"query": "Who?", "topk": 10}))
@@ -644,11 +729,52 @@ def test_a_store_overwritten_by_another_build_fails_health_and_requests(served, 
             index(later, store, model=model, config=IndexConfig(quant="int4"), overwrite=True)  # another build
             health, refused = run(calls)
         assert health.status_code == 503
-        assert health.json()["status"] == "unavailable" and "another build (compression" in health.json()["error"]
+        assert health.json()["status"] == "unavailable" and "replaced by another build" in health.json()["error"]
+        assert health.json()["code"] == "store_unavailable"
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "store_unavailable"
+        assert "another build (compression" in refused.json()["error"]["message"]
         assert "restart" in refused.json()["error"]["message"]
     finally:
         engine.close()
+
+
+def test_errors_and_health_name_no_path_of_the_server(served, tmp_path, caplog):
+    """A removed store made /health (never behind the key) answer ``store /abs/path is gone``,
+    and requests carried a store error's paths verbatim: a client learnt where the server keeps
+    its files. /health now gives a code and a fixed reason, a request's error names the store
+    ``<store>``, and the full message, path included, goes to the server log."""
+    import logging
+    import shutil
+
+    _, later, model = served
+    store = tmp_path / "private-dir" / "store"
+    index(later, store, model=model, config=IndexConfig(quant="int8"))
+    engine = Engine.open(store, options=AnswerOptions(max_new_tokens=MAX_NEW))
+    headers = {"Authorization": f"Bearer {KEY}"}
+    try:
+        with in_process(engine, api_key=KEY) as (run, _), caplog.at_level(logging.WARNING, "ragcompress.serve"):
+            shutil.rmtree(store)
+
+            async def calls(client):
+                return (
+                    await client.get("/health"),
+                    await client.get("/health"),
+                    await client.post("/v1/chat/completions", json=chat("Who?"), headers=headers),
+                    await client.post("/v1/retrieve", json={"query": "Who?"}, headers=headers),
+                )
+
+            health, again, *refused = run(calls)
+    finally:
+        engine.close()
+    for response in (health, again, *refused):
+        assert response.status_code == 503 and "private-dir" not in response.text, response.text
+    assert health.json() == again.json()
+    assert health.json()["code"] == "store_unavailable" and "restore it and restart" in health.json()["error"]
+    for response in refused:
+        error = response.json()["error"]
+        assert error["code"] == "store_unavailable" and error["message"].startswith("store <store> is gone"), error
+    logged = [record.getMessage() for record in caplog.records]
+    assert sum(f"store {store} is gone" in line for line in logged) == 3, logged  # health once, each request
 
 
 # -- over a real port --------------------------------------------------------------------------------
@@ -817,9 +943,10 @@ def test_load_benchmark_runs_briefly(live, tmp_path, monkeypatch):
 
 
 @contextmanager
-def cli_server(store: Path) -> Iterator[tuple[subprocess.Popen, str, list[str]]]:
+def cli_server(store: Path, *flags: str) -> Iterator[tuple[subprocess.Popen, str, list[str]]]:
     """``(process, base URL, its stderr lines)``: the real CLI in a subprocess (key from the
-    environment), decoding slowed to 0.1 s a token so that a signal surely lands mid-answer."""
+    environment, more ``flags``), decoding slowed to 0.1 s a token so that a signal surely lands
+    mid-answer."""
     script = (
         "import sys, time\n"
         "import ragcompress.runtime.generate as generate\n"
@@ -829,7 +956,8 @@ def cli_server(store: Path) -> Iterator[tuple[subprocess.Popen, str, list[str]]]
         "    return step(*args, **kwargs)\n"
         "generate.decode_one_token = slow\n"
         "from ragcompress.cli import main\n"
-        f"sys.argv = ['ragcompress', 'serve', '--store', {str(store)!r}, '--port', '0', '--max-new-tokens', '12']\n"
+        f"sys.argv = ['ragcompress', 'serve', '--store', {str(store)!r}, '--port', '0', '--max-new-tokens', '12', "
+        f"*{list(flags)!r}]\n"
         "main()\n"
     )
     from ragcompress.serve.settings import API_KEY_ENV
@@ -944,3 +1072,84 @@ def test_serve_doc_figures_are_generated_from_the_results():
     doc = Path(__file__).resolve().parents[1] / "docs" / "serve.md"
     assert "serve-load" in report.blocks(doc.read_text())
     assert report.check(doc) is None
+
+
+def test_a_stalled_request_body_is_answered_408(engine):
+    """A client that sent ``Content-Length: 100`` and then only ``{`` was waited for without end:
+    its request held the connection, and a graceful shutdown, for as long as the client liked.
+    The body now has ``body_timeout_s`` to arrive, then the request is a 408 that closes."""
+    app = create_app(engine, ServeSettings(body_timeout_s=0.2))
+    headers = [(b"host", b"localhost"), (b"content-type", b"application/json"), (b"content-length", b"100")]
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"", "root_path": "",
+        "headers": headers, "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000),
+    }  # fmt: skip
+    sent: list[dict] = []
+    parts = [{"type": "http.request", "body": b"{", "more_body": True}]
+
+    async def receive() -> dict:
+        if parts:
+            return parts.pop()
+        await asyncio.Event().wait()  # the rest never comes
+        raise AssertionError
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    started = time.monotonic()
+    try:
+        asyncio.run(asyncio.wait_for(app(scope, receive, send), 10))
+    finally:
+        app.state.service.close()
+    assert time.monotonic() - started < 5
+    start, body = sent[0], json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+    assert start["status"] == 408 and (b"connection", b"close") in start["headers"]
+    assert body["error"]["code"] == "request_timeout"
+
+
+def test_sigterm_with_a_stalled_upload_open_exits_once_its_body_times_out(served):
+    """SIGTERM with one client holding a half-sent body: the process waited for that client for
+    ever (90 s and more observed). Its request is now answered 408 after ``--body-timeout`` and
+    the process exits 0."""
+    store, _, _ = served
+    with cli_server(store, "--body-timeout", "1") as (proc, base, log):
+        port = int(base.rsplit(":", 1)[1])
+        stalled = socket.create_connection(("127.0.0.1", port))
+        stalled.sendall(
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {KEY}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{".encode()
+        )
+        time.sleep(0.3)
+        stopped = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            assert proc.wait(20) == 0, "".join(log)
+            assert time.monotonic() - stopped < 10
+            stalled.settimeout(5)
+            answer = stalled.recv(4096)
+        finally:
+            stalled.close()
+    assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer, answer
+
+
+def test_a_graceful_shutdown_past_its_timeout_answers_whats_left_503(served):
+    """SIGTERM waited as long as the requests in flight and queued took. It now waits
+    ``--shutdown-timeout`` seconds; a stream still under way then ends with a ``shutting_down``
+    error event, a queued request is answered 503, and the process exits 0."""
+    store, _, _ = served
+    with cli_server(store, "--shutdown-timeout", "0.5") as (proc, base, log):
+        threads, results = stream_then_queue(base, log)
+        stopped = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, "".join(log)
+        assert time.monotonic() - stopped < 5, "".join(log)
+        for thread in threads:
+            thread.join(30)
+    status, body = results["queued"]
+    assert status == 503 and body["error"]["code"] == "shutting_down", body
+    assert "graceful shutdown waited 0.5 s" in body["error"]["message"]
+    status, text = results["stream"]
+    chunks = events(text)
+    assert status == 200 and chunks[-1]["error"]["code"] == "shutting_down", chunks[-2:]
+    assert not any("Exception in ASGI application" in line for line in log), "".join(log)

@@ -35,6 +35,12 @@ def serve(
         show_envvar=True,
         help="require `Authorization: Bearer KEY` on every endpoint but /health",
     ),
+    allowed_host: list[str] = typer.Option(
+        [],
+        "--allowed-host",
+        help="a name clients reach the service by (Host header; repeatable); other names are refused 400 "
+        "(default: localhost, 127.0.0.1, ::1 when --host is loopback, any name otherwise; `*`: any)",
+    ),
     preset: str | None = typer.Option(None, "--preset", help=PRESET_HELP),
     queue: int = typer.Option(64, "--queue", min=1, help="requests that may wait while one is answered (then 429)"),
     top_k: int = typer.Option(3, "--top-k", min=1, help="passages retrieved when a request does not say"),
@@ -43,6 +49,15 @@ def serve(
     ),
     batch: int = typer.Option(
         8, "--batch", min=1, help="concurrent questions decoded together in one batch (1: one at a time)"
+    ),
+    body_timeout: float = typer.Option(
+        30.0, "--body-timeout", min=0.001, help="seconds a request body may take to arrive (then 408)"
+    ),
+    shutdown_timeout: float = typer.Option(
+        300.0,
+        "--shutdown-timeout",
+        min=0.001,
+        help="seconds SIGTERM waits for requests in flight and queued; those left then get 503",
     ),
     recompute: str | None = RECOMPUTE_OPTION,
     selection: str | None = SELECTION_OPTION,
@@ -58,29 +73,36 @@ def serve(
     ``--recompute``, ``--selection``, ``--fallback-margin`` and ``--backend`` set the service's
     defaults (over ``--preset``'s); a request's ``ragcompress.recompute`` / ``fallback_margin``
     override the first three. Requests on the packed backends are answered one at a time.
-    SIGTERM lets in-flight requests finish, then exits 0."""
+    SIGTERM lets in-flight requests finish (for up to ``--shutdown-timeout`` seconds), then exits 0."""
     schedule = recompute_schedule(recompute)
     quiet_libraries()
     try:
         from ragcompress.serve import ServeSettings, create_app, run
         from ragcompress.serve.server import bind
+        from ragcompress.serve.settings import LOOPBACK_HOSTS, is_loopback
     except ImportError as exc:
         raise RagCompressError(f"serving needs the serve extra ({exc}): pip install 'ragcompress-kv[serve]'") from None
     from ragcompress.runtime.engine import Engine
 
+    allowed_hosts: tuple[str, ...] | None = None  # another address: any name, as before (warned below)
+    if allowed_host or is_loopback(host):  # localhost: only its own names (DNS rebinding)
+        allowed_hosts = None if "*" in allowed_host else (*LOOPBACK_HOSTS, host, *allowed_host)
     try:
         settings = ServeSettings(
             api_key=api_key,
+            allowed_hosts=allowed_hosts,
             queue_size=queue,
             preset=preset,
             top_k=top_k,
             max_top_k=max(16, top_k),
             max_tokens=max(1024, max_new_tokens or 0),  # the default answer length is always allowed
             max_batch=batch,
+            body_timeout_s=body_timeout,
+            shutdown_timeout_s=shutdown_timeout,
         )
     except ValueError as exc:
         raise RagCompressError(str(exc)) from None
-    if settings.api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+    if settings.api_key is None and not is_loopback(host):
         typer.echo(
             f"warning: serving on {host} without an API key; anyone who reaches it can query the store", err=True
         )

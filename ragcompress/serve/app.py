@@ -13,6 +13,7 @@ import asyncio
 import hmac
 import json
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -26,7 +27,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ragcompress.errors import StoreError
+from ragcompress.errors import StoreError, StoreMismatchError
 from ragcompress.runtime.engine import Engine
 from ragcompress.serve.protocol import (
     ApiError,
@@ -40,7 +41,7 @@ from ragcompress.serve.protocol import (
     sse,
 )
 from ragcompress.serve.service import ClientGone, Pending, Result, Service
-from ragcompress.serve.settings import ServeSettings
+from ragcompress.serve.settings import ServeSettings, host_name
 from ragcompress.serve.worker import Event, Job
 
 log = logging.getLogger("ragcompress.serve")
@@ -79,14 +80,37 @@ def _service(request: Request) -> Service:
     return service
 
 
-async def read_json(request: Request, limit: int) -> dict[str, Any]:
-    """The body as a JSON object; 413 past ``limit`` bytes (before reading it when the length is given)."""
+async def read_json(request: Request, limit: int, timeout: float) -> dict[str, Any]:
+    """The body as a JSON object; 413 past ``limit`` bytes (before reading it when the length is
+    given); 408 if it has not all arrived within ``timeout`` seconds.
+
+    Only a body sent as ``application/json``: a web page may send any site a POST whose body is
+    ``text/plain`` (or has no type) without asking it first (no CORS preflight), so a service on
+    localhost that parsed such a body would answer questions for every page its user opens."""
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise ApiError(
+            415, "send the request body as JSON, with `Content-Type: application/json`", code="unsupported_media_type"
+        )
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
             raise ApiError(400, "invalid Content-Length header", code="invalid_request")
         if int(declared) > limit:
             raise ApiError(413, f"request body of {declared} bytes exceeds the limit of {limit}", code="too_large")
+    try:
+        body = await asyncio.wait_for(_body(request, limit), timeout)
+    except TimeoutError:
+        raise ApiError(
+            408,
+            f"the request body did not arrive within {timeout:g} s",
+            code="request_timeout",
+            headers={"Connection": "close"},  # the rest of the body is never read
+        ) from None
+    return parse_json(body)
+
+
+async def _body(request: Request, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
@@ -94,13 +118,37 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
         if size > limit:
             raise ApiError(413, f"request body exceeds the limit of {limit} bytes", code="too_large")
         chunks.append(chunk)
-    return parse_json(b"".join(chunks))
+    return b"".join(chunks)
 
 
-def error_response(service: Service, path: str, error: ApiError) -> JSONBody:
+def client_error(service: Service, path: str, error: ApiError) -> ApiError:
+    """``error`` counted, logged in full (5xx), and as its client gets it: the store's directory
+    reads ``<store>``. A store's error names its path (``store /srv/... is gone``), which tells
+    the operator where to look and a client only where the server keeps its files."""
     service.metrics.errors.labels(service.metrics.endpoint(path), error.code or str(error.status)).inc()
     if error.status >= 500:
         log.warning("%s: %s %s", path, error.status, error.message)
+    message = error.message
+    for shown in _store_paths(service):
+        message = message.replace(shown, "<store>")
+    if message == error.message:
+        return error
+    return ApiError(error.status, message, type=error.type, code=error.code, param=error.param, headers=error.headers)
+
+
+def _store_paths(service: Service) -> list[str]:
+    """How errors may spell the served store's directory, longest first: its absolute path, and
+    the path it was opened by when that is relative but not a bare name (``store`` alone is a
+    word of every such message, and names no place)."""
+    given = str(service.engine.store.path)
+    spellings = {os.path.abspath(given)}
+    if os.sep in given.strip(os.sep):
+        spellings.add(given)
+    return sorted(spellings, key=len, reverse=True)
+
+
+def error_response(service: Service, path: str, error: ApiError) -> JSONBody:
+    error = client_error(service, path, error)
     return JSONBody(error.body(), status_code=error.status, headers=error.headers)
 
 
@@ -127,7 +175,7 @@ def handled(
 async def chat_completions(request: Request) -> Response:
     service = _service(request)
     query = parse_chat(
-        await read_json(request, service.settings.max_body_bytes),
+        await read_json(request, service.settings.max_body_bytes, service.settings.body_timeout_s),
         service.settings,
         service.engine.options.max_new_tokens,
     )
@@ -163,9 +211,7 @@ async def _chunks(
             yield sse("[DONE]")
             return
         elif kind == "error":  # after the stream began: an error event, then the end
-            error = api_error(value)
-            error_response(service, path, error)
-            yield sse(error.body())
+            yield sse(client_error(service, path, api_error(value)).body())
             return
         kind, value = await pending.next()
 
@@ -173,7 +219,8 @@ async def _chunks(
 @handled
 async def retrieve(request: Request) -> Response:
     service = _service(request)
-    query = parse_retrieve(await read_json(request, service.settings.max_body_bytes), service.settings)
+    settings = service.settings
+    query = parse_retrieve(await read_json(request, settings.max_body_bytes, settings.body_timeout_s), settings)
     pending = await service.submit(request, partial(service.retrieve, query))
     _, hits = await pending.until("done")
     return JSONBody({"object": "list", "data": hits})
@@ -199,7 +246,10 @@ async def one_model(request: Request) -> Response:
 async def health(request: Request) -> Response:
     """200 while the service can answer; 503 once its store was removed or replaced by another
     build (``index --overwrite`` with other settings), which no request can recover from: an
-    orchestrator's health check then restarts the service, which opens the new store."""
+    orchestrator's health check then restarts the service, which opens the new store.
+
+    /health is never behind the key, so its 503 gives a code and a fixed reason, no path; the
+    store's own message goes to the log (once while it stays the same: health is polled)."""
     service = _service(request)
     worker = service.worker
     body: dict[str, Any] = {
@@ -214,8 +264,17 @@ async def health(request: Request) -> Response:
     try:
         service.engine.store.check_replacement()
     except StoreError as exc:
-        body.update(status="unavailable", error=str(exc))
+        if request.app.state.health_error != str(exc):
+            request.app.state.health_error = str(exc)
+            log.warning("/health: 503 %s", exc)
+        reason = (
+            "the store was replaced by another build, which this service cannot answer from; restart it"
+            if isinstance(exc, StoreMismatchError)
+            else "the store cannot be read (removed?); restore it and restart the service"
+        )
+        body.update(status="unavailable", code="store_unavailable", error=reason)
         return JSONBody(body, status_code=503)
+    request.app.state.health_error = None
     return JSONBody(body)
 
 
@@ -234,13 +293,16 @@ async def http_error(request: Request, exc: Exception) -> Response:
 
 
 class Gate:
-    """Outermost layer: the API key (every endpoint but /health) and request counting."""
+    """Outermost layer: the Host header (``ServeSettings.allowed_hosts``), the API key (every
+    endpoint but /health) and request counting."""
 
     def __init__(self, app: ASGIApp, service: Service) -> None:
         self.app = app
         self.service = service
         key = service.settings.api_key
         self.expected = None if key is None else key.encode()  # the credentials after "Bearer "
+        hosts = service.settings.allowed_hosts
+        self.hosts = None if hosts is None else frozenset(host_name(host) for host in hosts)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -256,6 +318,15 @@ class Gate:
             await send(message)
 
         try:
+            if self.hosts is not None and not self._host_allowed(scope):
+                error = ApiError(
+                    400,
+                    "the Host header names a host this service does not answer for (a guard against DNS "
+                    "rebinding); connect to it as localhost or 127.0.0.1, or start it with --allowed-host NAME",
+                    code="invalid_host",
+                )
+                await error_response(self.service, path, error)(scope, receive, counted)
+                return
             if self.expected is not None and path != "/health" and not self._authorized(scope):
                 error = ApiError(
                     401,
@@ -268,6 +339,18 @@ class Gate:
             await self.app(scope, receive, counted)
         finally:
             self.service.metrics.requests.labels(self.service.metrics.endpoint(path), str(status)).inc()
+
+    def _host_allowed(self, scope: Scope) -> bool:
+        """A request without a Host header (HTTP/1.0) is let through: browsers always send one."""
+        assert self.hosts is not None
+        given = [value for name, value in scope["headers"] if name == b"host"]
+        if not given:
+            return True
+        if len(given) != 1:
+            return False
+        host = given[0].decode("latin-1")
+        name = host.partition("]")[0] + "]" if host.startswith("[") else host.partition(":")[0]
+        return host_name(name) in self.hosts
 
     def _authorized(self, scope: Scope) -> bool:
         assert self.expected is not None
@@ -314,5 +397,6 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.service = service
+    app.state.health_error = None  # the last store error /health logged
     app.add_middleware(Gate, service=service)
     return app

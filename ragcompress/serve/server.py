@@ -2,6 +2,9 @@
 
 SIGTERM (or Ctrl-C) makes uvicorn stop accepting connections, let in-flight requests finish
 (streams included), run the app's shutdown (queued work finished, engine closed) and return.
+That wait is bounded (``ServeSettings.shutdown_timeout_s``): the requests still unanswered then
+get the ``shutting_down`` error, as on a forced exit, and the stop goes on. A client that stops
+sending its body cannot hold it either: the app answers it 408 after ``body_timeout_s``.
 uvicorn then restores the handlers it found and raises the signal again; the handler installed
 here only asks the server to exit, so the process ends with status 0 instead of dying by the
 signal. A second Ctrl-C while that stop waits forces the exit: the app's requests in flight are
@@ -12,6 +15,7 @@ answered at once with the service's ``shutting_down`` error (``Service.abandon``
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import signal
 import socket
@@ -53,14 +57,18 @@ def run(
 
     ``port`` 0 picks a free port. Once it accepts connections, one line goes to stderr whatever
     the log level: ``ragcompress serve: listening on http://HOST:PORT``. ``sock`` serves on an
-    already bound socket instead of ``host``/``port``. On a forced exit the requests in flight of
-    an app made by :func:`~ragcompress.serve.app.create_app` (its ``state.service``) are answered
-    503 first, for up to :data:`ANSWER_ON_FORCED_EXIT_S`.
+    already bound socket instead of ``host``/``port``. On a forced exit, or once the graceful
+    stop has waited ``shutdown_timeout_s`` (the app's settings), the requests in flight of an app
+    made by :func:`~ragcompress.serve.app.create_app` (its ``state.service``) are answered 503,
+    for up to :data:`ANSWER_ON_FORCED_EXIT_S`.
     """
     import uvicorn
 
+    from ragcompress.serve.settings import ServeSettings
+
     service = getattr(getattr(app, "state", None), "service", None)
     abandon = getattr(service, "abandon", None)
+    bound = getattr(getattr(service, "settings", None), "shutdown_timeout_s", ServeSettings.shutdown_timeout_s)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
@@ -71,7 +79,15 @@ def run(
                 asyncio.get_event_loop().call_soon_threadsafe(abandon)
 
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-            await super().shutdown(sockets)
+            late = None
+            if abandon is not None:  # past the bound, answer what is left instead of cutting it off
+                why = f"its graceful shutdown waited {bound:g} s for the requests in flight"
+                late = asyncio.get_running_loop().call_later(bound, abandon, why)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                if late is not None:
+                    late.cancel()
             if self.force_exit:  # let the requests told to stop send that answer before the loop ends
                 deadline = time.monotonic() + ANSWER_ON_FORCED_EXIT_S
                 while self.server_state.tasks and time.monotonic() < deadline:
@@ -95,7 +111,8 @@ def run(
         log_level=log_level,
         lifespan="on",
         server_header=False,
-        timeout_graceful_shutdown=None,  # in-flight generations are bounded by max_tokens
+        # uvicorn cancels the tasks left after this; the app's have been answered by then
+        timeout_graceful_shutdown=math.ceil(bound + (ANSWER_ON_FORCED_EXIT_S if abandon is not None else 0.0)),
     )
     server = Server(config)
 

@@ -119,13 +119,14 @@ class Service:
         if self.owns_engine:
             self.engine.close()
 
-    def abandon(self) -> None:
-        """A forced exit (a second Ctrl-C): every request queued or being answered gets a 503
-        saying the server was stopped, now, rather than a 500 when the process ends under it."""
+    def abandon(self, why: str = "a second Ctrl-C") -> None:
+        """A forced exit (a second Ctrl-C, or a graceful shutdown past its time): every request
+        queued or being answered gets a 503 saying the server was stopped, now, rather than a 500
+        when the process ends under it."""
         self.worker.abandon(
             ApiError(
                 503,
-                "the server was stopped (a second Ctrl-C) before this request was answered; retry it",
+                f"the server was stopped ({why}) before this request was answered; retry it",
                 type="server_error",
                 code="shutting_down",
             )

@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
 # The variable `ragcompress serve` reads the key from when --api-key is not given (the CLI
 # spells it again so that its --help does not import the service; tests/test_serve.py checks both).
 API_KEY_ENV = "RAGCOMPRESS_API_KEY"
+
+# The names this machine is reached by from itself: what a Host header may say by default.
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def host_name(host: str) -> str:
+    """A host as a Host header's name is compared: lower case, without IPv6 brackets."""
+    return host.strip().lower().removeprefix("[").removesuffix("]")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` serves this machine only (``localhost``, ``127.0.0.0/8``, ``::1``)."""
+    name = host_name(host)
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -28,6 +48,17 @@ class ServeSettings:
                         (``runtime.batch``); 1 answers one request at a time (unbatched)
     batch_window_s:     under concurrent load, how long the generation thread waits for a batch
                         to fill before it starts one (``serve.worker``)
+    allowed_hosts:      the names a request's ``Host`` header may give (any port); another is
+                        refused 400. A web page whose name an attacker re-points at 127.0.0.1 (DNS
+                        rebinding) sends its own name there, so it cannot read a local service's
+                        answers. ``None`` accepts any name: for a service on a public address,
+                        behind its key
+    body_timeout_s:     how long a request's body may take to arrive once its headers have; a
+                        slower one is answered 408: a client that stops sending mid-body
+                        otherwise holds its connection, and a graceful shutdown, for ever
+    shutdown_timeout_s: how long a graceful shutdown (SIGTERM) waits for the requests in flight
+                        and queued (``serve.server.run``); those still unanswered then are told
+                        so (503 ``shutting_down``) and the process exits
     """
 
     api_key: str | None = None
@@ -42,6 +73,9 @@ class ServeSettings:
     max_messages: int = 256
     max_batch: int = 8
     batch_window_s: float = 0.005
+    allowed_hosts: tuple[str, ...] | None = LOOPBACK_HOSTS
+    body_timeout_s: float = 30.0
+    shutdown_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -61,5 +95,14 @@ class ServeSettings:
             raise ValueError(f"top_k {self.top_k} exceeds max_top_k {self.max_top_k}")
         if not 0.0 <= self.batch_window_s <= 1.0:
             raise ValueError(f"batch_window_s must be in [0, 1] seconds, got {self.batch_window_s!r}")
+        for name in ("body_timeout_s", "shutdown_timeout_s"):
+            value = getattr(self, name)
+            if type(value) not in (int, float) or not 0 < value < float("inf"):
+                raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")
+        if self.allowed_hosts is not None and (
+            not isinstance(self.allowed_hosts, tuple)
+            or not all(isinstance(host, str) and host_name(host) for host in self.allowed_hosts)
+        ):
+            raise ValueError(f"allowed_hosts must be a tuple of host names or None, got {self.allowed_hosts!r}")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("the API key is empty; give a key or none")
