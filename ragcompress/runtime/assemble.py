@@ -9,6 +9,7 @@ segment's full length.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,10 +84,18 @@ def assemble(
     segments: list[PassageKV],
     dtype: torch.dtype,
     spare_rows: int = 0,
+    load: Callable[[int], PassageKV] | None = None,
 ) -> AssembledCache:
     """Write the (already rotated) prefix and the rotated segments into one cache per layer.
 
     prefix_keys: ``[layers, kv_heads, P, head_dim]`` prefix keys rotated to positions ``0..P-1``.
+    load:        ``load(j)``: segment ``j``'s cache, called once per segment in order; then
+                 ``segments`` need only their positions and lengths (their keys and values may be
+                 shape-only, e.g. on the ``meta`` device). Each loaded segment is dropped once
+                 written, before the next is loaded, so that a caller dequantizing in ``load``
+                 holds one dense segment at a time beside the cache, not all of them. ``None``:
+                 ``segments`` hold their data.
+
     This runs on every request, so it touches the data as few times as it can: each segment's
     keys are rotated straight into their rows of the cache's buffers, every layer at once when
     the layers are alike (one buffer per K and V, the usual case) and the segment's rows line up,
@@ -118,18 +127,20 @@ def assemble(
         for i in range(layers):
             key_layers[i][:, :p] = prefix_keys[i]
             value_layers[i][:, :p] = prefix.values[i]
-    for j, (kv, start) in enumerate(zip(segments, starts, strict=True)):
+    for j, start in enumerate(starts):
+        kv = segments[j] if load is None else load(j)
         first, stop = rows[j], rows[j + 1]
         if alike and bool((first == first[0]).all() and (stop == stop[0]).all()):
             a, b = int(first[0]), int(stop[0])
             rotary.rotate_layers(kv.keys[:, :, : b - a], kv.positions[:, :, : b - a] + start, out=keys[:, :, a:b])
             values[:, :, a:b] = kv.values[:, :, : b - a]
-            continue
-        spans = [(int(a), int(b)) for a, b in zip(first, stop, strict=True)]
-        outs = [k[:, a:b] for k, (a, b) in zip(key_layers, spans, strict=True)]
-        rotary.rotate_each_layer(kv.keys, kv.positions + start, outs)
-        for i, (v, (a, b)) in enumerate(zip(value_layers, spans, strict=True)):
-            v[:, a:b] = kv.values[i, :, : b - a]
+        else:
+            spans = [(int(a), int(b)) for a, b in zip(first, stop, strict=True)]
+            outs = [k[:, a:b] for k, (a, b) in zip(key_layers, spans, strict=True)]
+            rotary.rotate_each_layer(kv.keys, kv.positions + start, outs)
+            for i, (v, (a, b)) in enumerate(zip(value_layers, spans, strict=True)):
+                v[:, a:b] = kv.values[i, :, : b - a]
+        del kv  # before the next segment is loaded (``load``)
     cache = build_preallocated_cache(
         config, [k.unsqueeze(0) for k in key_layers], [v.unsqueeze(0) for v in value_layers], context.tolist()
     )

@@ -4,9 +4,9 @@ Two strategies put the stored caches in front of the question, behind one small 
 (:class:`Strategy`):
 
 * :class:`DenseStrategy`: every segment is dequantized, re-rotated and written into one
-  transformers cache after the prefix (``assemble.py``); the optional repair (selective
-  recompute, APE temperature, ``recompute.py``) edits that cache and may prefill the question
-  in its own pass.
+  transformers cache after the prefix (``assemble.py``), one segment at a time; the optional
+  repair (selective recompute, APE temperature, ``recompute.py``) edits that cache and may
+  prefill the question in its own pass.
 * :class:`PackedStrategy`: segments stay quantized and packed (``packed.py``); the cache holds
   only the prefix, and the registered attention reads the segments through the fused Triton
   kernel (``triton``) or its PyTorch reference (``torch``).
@@ -39,6 +39,7 @@ from ragcompress.runtime.packed import PackedSegments
 from ragcompress.runtime.recompute import RecomputeConfig, repair
 from ragcompress.store import KVStore
 from ragcompress.store.catalogue import Entry
+from ragcompress.store.codec import Segment
 from ragcompress_kernels import triton_runs_on, triton_supports_head_dim
 
 
@@ -129,6 +130,12 @@ class Strategy(Protocol):
 class DenseStrategy:
     """Dequantize, re-rotate and assemble one transformers cache; then the optional repair.
 
+    Every retrieved blob is parsed first (still quantized, as stored), the cache is allocated
+    from their lengths, and then each passage is dequantized, written and dropped in turn: the
+    request's peak memory is about the cache plus one dense passage (and the quantized blobs),
+    not the cache plus every passage dequantized (2-3x the cache when they were all loaded
+    first). The repair needs only where each passage's rows are (:func:`_layout`), not its data.
+
     ``keep_first``: hand the first passage's cache on in :attr:`Prepared.first_passage`, for the
     near-tie fallback (:func:`fallback_prefill`) to reuse instead of reading its blob again; off
     otherwise, so that a decode does not hold a copy of a passage its cache already holds."""
@@ -145,10 +152,26 @@ class DenseStrategy:
         passage_ids: list[list[int]],
     ) -> Prepared:
         # the first passage directly follows the prefix: a store's base copy of it, if it has one
-        segments = [context.store.load_kv(entry, context.dtype, first=i == 0) for i, entry in enumerate(entries)]
+        parsed = {i: context.store.read_segment(entry, first=i == 0) for i, entry in enumerate(entries)}
+        segments = [_layout(segment) for segment in parsed.values()]
+        kept: list[PassageKV] = []
+
+        def load(i: int) -> PassageKV:  # its quantized tensors go once it is dequantized
+            kv = context.store.dequantize(entries[i], parsed.pop(i), context.dtype)
+            if i == 0 and self.keep_first:
+                kept.append(kv)
+            return kv
+
         spare = len(suffix) + max_new_tokens
         built = assemble(
-            context.lm.config, context.rotary, context.prefix_keys, context.prefix, segments, context.dtype, spare
+            context.lm.config,
+            context.rotary,
+            context.prefix_keys,
+            context.prefix,
+            segments,
+            context.dtype,
+            spare,
+            load,
         )
         window = sliding_window(context.lm.config)
         if self.recompute.recomputes and window is not None and built.next_position + len(suffix) >= window:
@@ -176,10 +199,21 @@ class DenseStrategy:
             first_exact=context.store.manifest.passages_exact,
             suffix=suffix,
         )
-        first = segments[0] if self.keep_first else None
+        first = kept[0] if kept else None
         return Prepared(
             built.cache, suffix, built.next_position, built.attention_kwargs(), first_logits, "dense", first
         )
+
+
+def _layout(segment: Segment) -> PassageKV:
+    """Where ``segment``'s rows go, without its data: the positions and lengths that
+    :meth:`Segment.dense` returns with it, keys and values shape-only on the ``meta`` device
+    (reading them raises). What :func:`assemble` sizes the cache from and the recompute's
+    :class:`~ragcompress.runtime.cache_pass.CacheLayout` reads, before (and instead of) the
+    dequantized passage."""
+    layers, heads = segment.lengths.shape
+    shape = torch.empty((layers, heads, segment.n_max, segment.head_dim), device="meta")
+    return PassageKV(shape, shape, segment.positions, segment.lengths, segment.num_tokens)
 
 
 @dataclass(frozen=True)

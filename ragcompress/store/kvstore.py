@@ -302,7 +302,12 @@ class KVStore:
     def load_kv(self, entry: Entry, dtype: torch.dtype = torch.float32, first: bool = False) -> PassageKV:
         """One passage's cache, dequantized (keys un-rotated): the dense runtime's form (``first``:
         as :meth:`read_segment`)."""
-        segment = self.read_segment(entry, first)
+        return self.dequantize(entry, self.read_segment(entry, first), dtype)
+
+    def dequantize(self, entry: Entry, segment: codec.Segment, dtype: torch.dtype = torch.float32) -> PassageKV:
+        """``entry``'s segment as :meth:`read_segment` returned it, dequantized as :meth:`load_kv`
+        does. Apart, so that the dense runtime can parse every retrieved passage first (to size
+        the cache from their lengths) and hold only one of them dequantized at a time."""
         with _naming(entry):
             return segment.dense(dtype, self.basis)
 
