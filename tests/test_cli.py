@@ -732,6 +732,20 @@ def test_version_and_usage_errors_are_one_line_without_traceback(monkeypatch, ca
         assert err.endswith(f"(see {help_of} --help)\n")  # the help that lists the misused option
 
 
+def test_version_in_an_environment_without_the_renamed_distribution_says_to_reinstall(monkeypatch, capfd):
+    """A checkout pulled past the rename to ragcompress-kv but not reinstalled: --version raised
+    PackageNotFoundError as a traceback."""
+    import importlib.metadata
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", missing)
+    code, out, err = run_cli(["--version"], monkeypatch, capfd)
+    assert code == 1 and out == "" and "Traceback" not in err and err.count("\n") == 1
+    assert err.startswith("error: ragcompress-kv is not installed") and "pip install -e ." in err
+
+
 def test_an_interrupted_command_exits_130_saying_so(monkeypatch, capfd, tmp_path):
     """Ctrl-C inside a command: typer hands back 130 instead of raising, which main() used to
     drop, so an interrupted run exited 0 as if it had finished."""

@@ -196,6 +196,47 @@ def test_a_flipped_bit_in_the_catalogue_schema_is_a_store_error_and_a_verify_pro
     assert CliRunner().invoke(app, ["verify", "--store", str(store)]).exit_code == 1
 
 
+def test_a_column_added_by_a_newer_version_is_named_as_such_not_as_damage_to_rebuild(store):
+    """Each version adds its later columns to an older catalogue; the one before it read a column
+    it did not know as a damaged schema and told the user to rebuild the store with --overwrite
+    (the audit's 478cc11 on a store a later version had written to). A renamed column of ours
+    (a flipped bit: one of ours then missing) is still damage."""
+    import sqlite3
+    from contextlib import closing
+
+    from ragcompress.errors import StoreMismatchError
+    from ragcompress.store import KVStore
+
+    path = store / "catalogue.sqlite"
+    with closing(sqlite3.connect(path)) as db:
+        db.execute("ALTER TABLE passages ADD COLUMN from_a_newer_version TEXT")
+        db.commit()
+    for open_it in (KVStore.open, StoreWriter):
+        with pytest.raises(StoreMismatchError, match="newer ragcompress; upgrade") as refused:
+            open_it(store)
+        assert "--overwrite" not in str(refused.value)
+    with closing(sqlite3.connect(path)) as db:
+        db.execute("ALTER TABLE passages RENAME COLUMN searchable_checksum TO searchable_checksun")
+        db.commit()
+    with pytest.raises(StoreError, match="damaged schema") as refused:
+        KVStore.open(store)
+    assert not isinstance(refused.value, StoreMismatchError)
+
+
+def test_a_write_to_a_store_from_before_build_sha256_adds_no_such_field(store):
+    """A manifest without ``build_sha256`` (stores created before the field) gained
+    ``"build_sha256": ""`` on the next write, which the version that built the store refuses
+    as an unknown field."""
+    from ragcompress.store import Manifest
+
+    manifest_path = store / "manifest.json"
+    data = json.loads(manifest_path.read_text())
+    del data["build_sha256"]
+    manifest = Manifest.from_json(json.dumps(data), manifest_path)
+    assert manifest.build_sha256 == "" and "build_sha256" not in json.loads(manifest.to_json())
+    assert json.loads(manifest.sealed().to_json())["build_sha256"] == manifest.sealed().build_sha256 != ""
+
+
 def test_verify_names_an_unforeseen_failure_of_its_catalogue_checks_as_a_problem(store, monkeypatch):
     """verify_store promises never to raise for a damaged store; an exception no check foresaw
     (the damaged schema above raised TypeError) escaped it as a traceback."""

@@ -11,7 +11,7 @@ from typing import Any
 import typer
 
 from ragcompress.cli import answer, serve, store, train
-from ragcompress.errors import CorruptSegmentError, RagCompressError
+from ragcompress.errors import CorruptSegmentError, InputError, RagCompressError
 from ragcompress.runtime.memory import keep_freed_memory
 
 app = typer.Typer(
@@ -36,9 +36,15 @@ app.command()(serve.serve)
 
 def _print_version(value: bool) -> None:
     if value:
-        from importlib.metadata import version
+        from importlib.metadata import PackageNotFoundError, version
 
-        typer.echo(f"ragcompress {version('ragcompress-kv')}")
+        try:
+            typer.echo(f"ragcompress {version('ragcompress-kv')}")
+        except PackageNotFoundError:  # a checkout pulled past the rename to ragcompress-kv, not reinstalled
+            raise InputError(
+                "ragcompress-kv is not installed in this environment (an install from before the distribution "
+                "was renamed?); reinstall: `pip install -e .` in the checkout, or `pip install ragcompress-kv`"
+            ) from None
         raise typer.Exit()
 
 

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from ragcompress.errors import StoreError
+from ragcompress.errors import StoreError, StoreMismatchError
 from ragcompress.store.jsontext import loads_json
 from ragcompress.store.shards import CommittedBlob, checksum
 
@@ -163,9 +163,18 @@ class Catalogue:
             for name, kind in _COLUMN_TYPES.items()
             if (name in found or name not in _LATER_COLUMNS) and found.get(name, ("",))[0] != kind
         ]
-        wrong += [f"unknown column {name}" for name in found if name not in _COLUMN_TYPES]
+        unknown = [name for name in found if name not in _COLUMN_TYPES]
         if "row" in found and found["row"][1] != 1:
             wrong.append("row is not the primary key")
+        if unknown and not wrong and _LATER_COLUMNS <= set(found):
+            # every column of ours is there, as declared: columns beside them were added by a
+            # newer ragcompress (as this one adds its later columns), not a flipped bit, which
+            # renames one of ours (then one is missing); rebuilding would throw the store away
+            raise StoreMismatchError(
+                f"catalogue {self.path} has columns this ragcompress does not know ({', '.join(unknown[:3])}): it "
+                "was written by a newer ragcompress; upgrade (`pip install -U ragcompress-kv`) to read it, do not rebuild it"
+            )
+        wrong += [f"unknown column {name}" for name in unknown]
         if wrong:
             raise StoreError(
                 f"catalogue {self.path} has a damaged schema (table passages: {'; '.join(wrong[:3])}); the store "

@@ -210,7 +210,12 @@ class Manifest:
         return str(value) if value else None
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
+        """The manifest's JSON; an empty ``build_sha256`` (a store created before the field) is left
+        out, so that a later write does not add a field the version that built it refuses."""
+        data = asdict(self)
+        if not data["build_sha256"]:
+            del data["build_sha256"]
+        return json.dumps(data, indent=2, sort_keys=True)
 
     def sealed(self) -> Manifest:
         """This manifest with its ``build_sha256`` (what :func:`create_store` writes)."""
@@ -250,7 +255,11 @@ class Manifest:
                 raise StoreError(f"{where}: field {key!r} is missing or not a {kind.__name__}; {REBUILD}")
         optional = {"format_version", "prefix_sha256", "encoding", "index", "attention", "build_sha256"}
         if set(data) - set(expected) - optional:
-            raise StoreError(f"{where}: unknown fields {sorted(set(data) - set(expected) - optional)}")
+            raise StoreMismatchError(
+                f"{where}: unknown fields {sorted(set(data) - set(expected) - optional)}: written by a newer "
+                "ragcompress, or edited; upgrade ragcompress (`pip install -U ragcompress-kv`) to read it, or, "
+                f"if the fields were added by hand, remove them"
+            )
         _check_values(data, where)
         return cls(**data)
 
