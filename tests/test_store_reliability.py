@@ -1191,7 +1191,8 @@ def test_a_run_removes_what_killed_runs_left_beside_the_store(tiny_lm, corpus, s
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     parent, name = store_copy.parent, store_copy.name
     litter = [f".{name}.overwrite-{dead.pid}", f".{name}.init-{dead.pid}-x1", f"..{name}.overwrite-{dead.pid}.init-7-x"]
-    kept = [f".{name}.overwrite-{alive.pid}", f".{name}.compact", f".{name}x.overwrite-{dead.pid}"]
+    litter.append(f".{name}.compact")  # no compaction holds the store's lock: a killed one's copy
+    kept = [f".{name}.overwrite-{alive.pid}", f".{name}x.compact", f".{name}x.overwrite-{dead.pid}"]
     try:
         for entry in litter + kept:
             (parent / entry).mkdir()

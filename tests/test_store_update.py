@@ -538,3 +538,25 @@ def test_a_store_swapped_in_during_a_search_is_not_searched_through_the_old_cata
     assert before[0][0] == "doc-005"
     assert during == before
     assert all(pid.startswith("new-") for pid in after)
+
+
+def test_a_killed_compactions_copy_is_named_by_verify_and_removed_by_the_next_index(store, tiny_lm, tmp_path):
+    """A killed ``compact`` left ``.NAME.compact`` (a copy of up to all live shard bytes) that
+    only another compact removed: ``verify`` said OK without naming it, and ``index`` kept it.
+    ``index`` now deletes it when it can take the store's writer lock (never a running
+    compaction's, which holds the lock), and ``verify`` notes it with its size."""
+    from ragcompress.store.files import remove_litter
+    from ragcompress.store.writer import StoreLock
+
+    copy = store.parent / f".{store.name}.compact"
+    shutil.copytree(store, copy)  # what a compaction killed before its swap leaves
+    report = verify_store(store)
+    assert report.ok and any(str(copy) in note and "MB" in note for note in report.notes)
+    lock = StoreLock(store)  # a compaction running now holds the lock: its copy is its work
+    try:
+        assert remove_litter(store) == [] and copy.is_dir()
+    finally:
+        lock.release()
+    _index(tiny_lm, _write(tmp_path / "passages.jsonl", _texts(N_PASSAGES)), store)
+    assert not copy.exists()
+    assert not any(str(copy) in note for note in verify_store(store).notes)

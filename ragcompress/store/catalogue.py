@@ -131,6 +131,7 @@ class Catalogue:
     def __init__(self, root: Path, *, readonly: bool) -> None:
         self.path = root / CATALOGUE
         self._counted: tuple[int, int] | None = None  # (data_version, row count), see count()
+        self._closed = False  # set by close(): an error after it names the close, not damage
         with self._guard():
             if readonly:
                 uri = f"{self.path.resolve().as_uri()}?mode=ro"
@@ -227,12 +228,23 @@ class Catalogue:
             raise StoreError(
                 f"catalogue {self.path} cannot be read ({exc}); run `ragcompress verify` or rebuild the store"
             ) from None
+        except sqlite3.ProgrammingError as exc:
+            if self._closed:  # a ProgrammingError is a DatabaseError: it read as a damaged store
+                raise StoreError(
+                    f"store {self.path.parent} was closed (its close() ran, or its `with` block ended); open it "
+                    "again (KVStore.open, or a new Engine) to use it"
+                ) from None
+            raise StoreError(
+                f"catalogue {self.path} cannot be read ({exc}); run `ragcompress verify` or rebuild the store"
+            ) from None
         except sqlite3.DatabaseError as exc:
             raise StoreError(
                 f"catalogue {self.path} cannot be read ({exc}); run `ragcompress verify` or rebuild the store"
             ) from None
 
     def close(self) -> None:
+        """Close the database; using the catalogue after is a :class:`StoreError` saying so."""
+        self._closed = True
         if hasattr(self, "db"):
             self.db.close()
 

@@ -8,8 +8,8 @@ indexing run that stopped before its end: the copy holds the same part of its in
 and swaps the new store in atomically (:func:`~ragcompress.store.files.replace_store`). No
 passage is re-encoded, so no model is needed and every cache keeps its bytes. The old store's
 writer lock is held throughout: no writer can change it meanwhile, and a killed compaction
-leaves the old store in place (the half-built copy is deleted by the next compaction; one that
-fails deletes its own). A store folder that holds files of the user's is refused, as
+leaves the old store in place (the half-built copy is deleted by the next compaction or
+``index``, and ``verify`` names it; one that fails deletes its own). A store folder that holds files of the user's is refused, as
 ``index --overwrite`` refuses it, since the swap would delete them.
 """
 
@@ -22,7 +22,15 @@ from typing import Any
 from ragcompress.errors import StoreError
 from ragcompress.store.basis import BASIS
 from ragcompress.store.catalogue import CATALOGUE, Catalogue
-from ragcompress.store.files import PREFIX, RUN, overwrite_refusal, remove_tree, replace_store, write_atomic
+from ragcompress.store.files import (
+    PREFIX,
+    RUN,
+    compact_copy,
+    overwrite_refusal,
+    remove_tree,
+    replace_store,
+    write_atomic,
+)
 from ragcompress.store.manifest import MANIFEST, Manifest
 from ragcompress.store.shards import SHARD_DIR, read_blob
 from ragcompress.store.writer import StoreLock, StoreWriter
@@ -65,7 +73,7 @@ def compact_store(path: str | Path) -> CompactReport:
         )
     Manifest.read(path)  # a damaged manifest is named at the user's path, not at the copy's
     lock = StoreLock(path)
-    target = path.with_name(f".{path.name}.compact")
+    target = compact_copy(path)
     try:
         before = shard_bytes(path)
         remove_tree(target)  # what a killed compaction left

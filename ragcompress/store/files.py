@@ -218,12 +218,38 @@ def unfinished_run(path: Path) -> str | None:
     )
 
 
+def compact_copy(path: Path) -> Path:
+    """Where ``compact`` builds the new store of the store at ``path`` (beside it, hidden)."""
+    return path.with_name(f".{path.name}.compact")
+
+
+def _remove_compact_copy(path: Path) -> bool:
+    """Delete the copy a killed ``compact`` left beside the store at ``path``, when this process
+    can take the store's writer lock: a running compaction holds it throughout, so its copy is
+    never deleted under it. Whether the copy was removed."""
+    from ragcompress.store.writer import StoreLock
+
+    copy = compact_copy(path)
+    if not (copy.exists() or copy.is_symlink()) or not (path / MANIFEST).is_file():
+        return False
+    try:
+        lock = StoreLock(path)
+    except (StoreError, OSError):  # being written (a compaction, perhaps), or not writable here
+        return False
+    try:
+        remove_tree(copy)
+    finally:
+        lock.release()
+    return True
+
+
 def remove_litter(path: Path) -> list[str]:
     """Delete what killed runs left beside the store at ``path``: the half-built copies of
     ``--overwrite`` (``.NAME.overwrite-PID``) and of store creation (``.NAME.init-PID-*``) whose
-    process is gone (a live one's are its work in progress). Returns the names removed. A store
-    reached through a symbolic link is built beside the folder it points at, so that is where
-    they are looked for."""
+    process is gone (a live one's are its work in progress), and a killed ``compact``'s
+    ``.NAME.compact`` (as large as the store's live shards) when no writer holds the store's lock.
+    Returns the names removed. A store reached through a symbolic link is built beside the folder
+    it points at, so that is where they are looked for."""
     path = path.resolve()
     removed: list[str] = []
     if not path.parent.is_dir():
@@ -235,6 +261,8 @@ def remove_litter(path: Path) -> list[str]:
         if found and int(found[1]) != os.getpid() and not _alive(int(found[1])):
             remove_tree(entry)
             removed.append(entry.name)
+    if _remove_compact_copy(path):
+        removed.append(compact_copy(path).name)
     return removed
 
 

@@ -27,6 +27,7 @@ writer repairs, and bytes no passage points at since passages were removed or re
 from __future__ import annotations
 
 import hashlib
+import os
 import shlex
 import sqlite3
 from dataclasses import asdict, dataclass, field
@@ -44,7 +45,7 @@ from ragcompress.store import codec
 from ragcompress.store.ann import stored_vectors
 from ragcompress.store.basis import read_basis
 from ragcompress.store.catalogue import CATALOGUE, Catalogue, meta_checksum, searchable_checksum
-from ragcompress.store.files import INDEX, PREFIX, overwrite_refusal, unfinished_run
+from ragcompress.store.files import INDEX, PREFIX, compact_copy, overwrite_refusal, unfinished_run
 from ragcompress.store.jsontext import loads_json
 from ragcompress.store.kvstore import read_index_meta, read_prefix
 from ragcompress.store.manifest import SETTINGS, Manifest
@@ -343,6 +344,25 @@ def _check_index(root: Path, catalogue: Catalogue, count: int, problems: list[Pr
                 problems.append(Problem("index", f"{INDEX} holds another vector than the catalogue", ids.get(row)))
 
 
+def _compact_copy_note(root: Path) -> str | None:
+    """A note naming the copy ``compact`` builds beside the store, when one is there: a killed
+    compaction leaves it (as large as the store's live shards), and nothing read it out before."""
+    copy = compact_copy(root.resolve())
+    if not copy.is_dir() or copy.is_symlink():
+        return None
+    size = 0
+    for folder, _, files in os.walk(copy):  # a running compaction's copy changes meanwhile
+        for name in files:
+            try:
+                size += os.lstat(os.path.join(folder, name)).st_size
+            except OSError:
+                pass
+    return (
+        f"{copy} ({size / 1e6:.1f} MB) beside the store is the copy of a `ragcompress compact` that was killed "
+        "(or is running now); the next `index` or `compact` on the store deletes it, or delete it yourself"
+    )
+
+
 def verify_store(path: str | Path) -> VerifyReport:
     """Check everything in the store at ``path``; never raises for a damaged store."""
     root = Path(path)
@@ -391,6 +411,9 @@ def verify_store(path: str | Path) -> VerifyReport:
     finally:
         catalogue.close()
     notes.extend(f"temporary file {p.name} left by a killed writer" for p in root.glob(".*.tmp"))
+    copy_note = _compact_copy_note(root)
+    if copy_note is not None:
+        notes.append(copy_note)
     unfinished = unfinished_run(root)
     if unfinished is not None:  # intact, but not what its input asked for: answering refuses it
         notes.append(f"{unfinished} (answering refuses it until then)")
