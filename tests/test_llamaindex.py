@@ -4,8 +4,10 @@ vector index) on a tiny random model and the bundled SQuAD sample."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import math
+import os
 import pickle
 import shutil
 import sqlite3
@@ -1309,3 +1311,59 @@ def test_example_notebook_on_smollm2(tmp_path, monkeypatch):
     assert all(value > 0 for value in summary["ttft_median_ms"].values())
     for key in ("ttft_speedup_vs_same_prompt_full", "ttft_speedup_vs_default"):
         assert math.isfinite(summary[key]) and summary[key] > 0
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+COMPONENTS = {
+    "postprocessor": lambda store: KVCacheNodePostprocessor(store_path=store),
+    "retriever": lambda store: KVStoreRetriever(store),
+    "synthesizer": lambda store: KVCacheSynthesizer(store, max_new_tokens=2),
+}
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts open files in /proc/self/fd")
+@pytest.mark.parametrize("kind", sorted(COMPONENTS))
+def test_dropped_components_release_their_store_without_the_cycle_collector(built, kind):
+    """A component dropped without ``close()`` kept its store's sqlite connection (its file
+    descriptors) until the cycle collector ran, and the postprocessor had no ``close()`` at all:
+    creating one per request ran a process towards its descriptor limit. The cycle collector is
+    off here so that only what reference counting frees is freed."""
+    store, _ = built
+    make = COMPONENTS[kind]
+    make(store).close()  # lazily loaded models and embedders are open before counting
+    gc.collect()
+    gc.disable()
+    try:
+        before = open_fds()
+        for _ in range(10):
+            component = make(store)
+            del component
+        assert open_fds() - before <= 1
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize("kind", sorted(COMPONENTS))
+def test_components_close_their_store_as_context_managers(built, kind):
+    store, _ = built
+    with COMPONENTS[kind](store) as component:
+        kv = component.engine.store if kind == "synthesizer" else component._store
+        assert kv.catalogue.get("none") is None
+    with pytest.raises(sqlite3.ProgrammingError):
+        kv.catalogue.db.execute("SELECT 1")
+    component.close()  # a second close does nothing
+
+
+def test_a_copy_of_a_postprocessor_still_reads_its_store_when_the_original_is_dropped(built):
+    """A shallow copy (``model_copy``) shares the original's open store: dropping the original
+    must not close it under the copy."""
+    store, nodes = built
+    original = KVCacheNodePostprocessor(store_path=store)
+    copy = original.model_copy()
+    del original
+    gc.collect()
+    assert len(copy.postprocess_nodes([NodeWithScore(node=nodes[0], score=1.0)])) == 1
+    copy.close()

@@ -515,3 +515,69 @@ def test_a_batch_that_kills_its_worker_every_time_ends_the_run_naming_it(cluster
         _ray_index(path, store, tiny_lm, factory=lambda: DieEmbedder(str(marker), cap))
     assert len(marker.read_text()) == tries
     assert unfinished_run(store) and verify_store(store).ok
+
+
+def test_a_ray_run_shuts_down_only_the_ray_it_started(tmp_path, tiny_lm, corpus, monkeypatch):
+    """``--ray local`` started a Ray instance and never shut it down (a library caller kept it
+    until its process ended); a run now shuts down the Ray it started, even when it fails, and
+    leaves a driver the caller had started running. The caller's SIGTERM handler is put back."""
+    from ragcompress.errors import StoreError
+    from ragcompress.indexing import ray_runner
+
+    state = {"up": False, "inits": 0, "shutdowns": 0}
+
+    def init(**kwargs):
+        state["up"], state["inits"] = True, state["inits"] + 1
+
+    def shutdown():
+        state["up"], state["shutdowns"] = False, state["shutdowns"] + 1
+
+    def stop(*args, **kwargs):
+        raise StoreError("stopped on purpose")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: state["up"])
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", shutdown)
+    monkeypatch.setattr(ray_runner, "_results", stop)
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(StoreError, match="stopped on purpose"):
+        index_on_ray(corpus, tmp_path / "started", lm=tiny_lm, config=CONFIG, batch_size=BATCH)
+    assert (state["inits"], state["shutdowns"], state["up"]) == (1, 1, False)
+    assert signal.getsignal(signal.SIGTERM) is handler
+    state["up"] = True  # the caller's own driver
+    with pytest.raises(StoreError, match="stopped on purpose"):
+        index_on_ray(corpus, tmp_path / "joined", lm=tiny_lm, config=CONFIG, batch_size=BATCH)
+    assert (state["inits"], state["shutdowns"], state["up"]) == (1, 1, True)
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_local_ray_run_is_the_interrupted_line(tmp_path, tiny_model_dir):
+    """SIGTERM to ``index --ray local`` ended in Ray's C++ stack dump and SIGABRT (the driver Ray
+    starts has a SIGTERM handler of its own); it is now Ctrl-C's one line and exit status 130,
+    and the store resumes like one interrupted by Ctrl-C."""
+    import time
+
+    from ragcompress.store.files import RUN
+
+    corpus = tmp_path / "passages.jsonl"  # long enough to be running two seconds after Ray started
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in _texts(400)))
+    store = tmp_path / "store"
+    command = [sys.executable, "-m", "ragcompress.cli", "index", "--input", str(corpus), "--store", str(store)]
+    command += ["--model", str(tiny_model_dir("llama")), "--quant", "int8", "--ray", "local", "--workers", "1"]
+    command += ["--batch-size", "2"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (store / RUN).exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)  # the run is marked once Ray has started
+        assert process.poll() is None, "the run ended before it could be stopped"
+        time.sleep(2)
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130, err[-2000:]
+    assert err.rstrip().splitlines()[-1] == "error: interrupted (run it again: it resumes where it stopped)"
+    assert "SIGTERM received" not in err and "Traceback" not in err
+    assert verify_store(store).ok

@@ -42,7 +42,9 @@ as ``cuda``); the driver's model, which writes the prefix cache and fits a basis
 from __future__ import annotations
 
 import json
+import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -249,6 +251,7 @@ def _connect(address: str, cpus: int, gpus: bool = False) -> None:
                 ray.init(num_cpus=cpus, **kwargs)
             else:
                 ray.init(address=address, **kwargs)
+            _interrupt_on_sigterm()  # after ray.init, which installs handlers of its own
         except (ConnectionError, ValueError, RuntimeError) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             if address == "local":
@@ -259,6 +262,43 @@ def _connect(address: str, cpus: int, gpus: bool = False) -> None:
             ) from None
     if gpus and not ray.cluster_resources().get("GPU", 0):
         raise InputError(f"--device cuda with --ray {address}: the Ray cluster has no GPU; index without --device")
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM stops the run as Ctrl-C does (``KeyboardInterrupt``: the CLI's one line "error:
+    interrupted (run it again: it resumes where it stopped)", exit status 130). The driver Ray
+    starts installs a SIGTERM handler of its own that dumped a C++ stack and aborted the process
+    (SIGABRT). Only the main thread can set a handler; :func:`_ray_session` restores the caller's."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
+@contextmanager
+def _ray_session() -> Iterator[None]:
+    """Around a run: a Ray driver the run started (``ray.init``: a local instance, or this
+    process joined to a cluster) is shut down when the run ends, however it ends, and the
+    caller's SIGTERM handler is put back (:func:`_interrupt_on_sigterm` replaced it). A driver
+    already running in the process (the caller's) is left as it is. Ray was never shut down, so a
+    library caller kept the local instance the run started until its process ended. Shutting
+    down a driver that joined a cluster disconnects it; the cluster keeps running. Each local
+    instance leaves its logs in Ray's session folder (``/tmp/ray/session_*``; docs/scaling.md)."""
+    ray = _ray()
+    running = ray.is_initialized()
+    main = threading.current_thread() is threading.main_thread()
+    sigterm = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        try:
+            if not running and ray.is_initialized():
+                ray.shutdown()
+        finally:
+            if main:
+                signal.signal(signal.SIGTERM, sigterm if sigterm is not None else signal.SIG_DFL)
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
@@ -464,50 +504,53 @@ def index_on_ray(
         raise InputError(
             "--context-neighbors: not supported by --ray yet (it needs the whole input's neighbours); index in one process"
         )
-    if gpu or not exists:  # a new store has work: a cluster that cannot take it is refused before it is created
-        _connect(address, workers * threads_per_worker, gpu)
-    lm = lm or load_model(model, dtype=dtype)
-    embedder = embedder_factory() if embedder_factory is not None else None
-    # The driver fits (or, resuming, reads) the basis; actors read it back from the store.
-    indexer = run_indexer(lm, config, embedder, input_path, store_path if exists else None)
-    indexer.check_lengths(iter_passages(input_path))
-    if not exists:
-        create_store_for(store_path, indexer)
-
-    indexed = past = 0
-    # the lock, held to the end (opening repairs a killed run's shards); the run marked until it
-    # ends, from when the cluster is joined (a complete store's rerun starts no Ray at all)
-    with StoreWriter(store_path) as writer:
-        items, skipped, stale, updated, chunks = _work(writer, input_path, batch_size)
-        if items:
+    with _ray_session():  # a Ray driver this run starts is shut down when it ends
+        if gpu or not exists:  # a new store has work: a cluster that cannot take it is refused before it is created
             _connect(address, workers * threads_per_worker, gpu)
-        with indexing_run(store_path, total) as finished:
-            bar = None
-            if progress and items:
-                from tqdm import tqdm
+        lm = lm or load_model(model, dtype=dtype)
+        embedder = embedder_factory() if embedder_factory is not None else None
+        # The driver fits (or, resuming, reads) the basis; actors read it back from the store.
+        indexer = run_indexer(lm, config, embedder, input_path, store_path if exists else None)
+        indexer.check_lengths(iter_passages(input_path))
+        if not exists:
+            create_store_for(store_path, indexer)
 
-                bar = tqdm(total=total - skipped, unit="passage", desc="indexing on ray")
-            expected = iter(item["batch"] for item in items)
-            results = (
-                _results(items, store_path, lm.ref, config, workers, threads_per_worker, embedder_factory, gpu)
-                if items
-                else iter(())
-            )
-            with _ray_data_settings() if items else nullcontext():  # a rerun with nothing to do imports no Ray Data
-                for number, rows, batch_past in results:
-                    if number != next(expected):  # commits must follow input order (row numbers)
-                        raise StoreError(f"ray returned batch {number} out of order; nothing after it was committed")
-                    writer.commit(rows, replace=replace)
-                    indexed += len(rows)
-                    past += batch_past
-                    if bar is not None:
-                        bar.update(len(rows))
-            if bar is not None:
-                bar.close()
-            writer.write_index()
-            writer.repair_shards()  # truncate what no committed row points at (a killed actor's bytes)
-            stale_ids = stale_chunks(writer, chunks)
-            finished()
+        indexed = past = 0
+        # the lock, held to the end (opening repairs a killed run's shards); the run marked until it
+        # ends, from when the cluster is joined (a complete store's rerun starts no Ray at all)
+        with StoreWriter(store_path) as writer:
+            items, skipped, stale, updated, chunks = _work(writer, input_path, batch_size)
+            if items:
+                _connect(address, workers * threads_per_worker, gpu)
+            with indexing_run(store_path, total) as finished:
+                bar = None
+                if progress and items:
+                    from tqdm import tqdm
+
+                    bar = tqdm(total=total - skipped, unit="passage", desc="indexing on ray")
+                expected = iter(item["batch"] for item in items)
+                results = (
+                    _results(items, store_path, lm.ref, config, workers, threads_per_worker, embedder_factory, gpu)
+                    if items
+                    else iter(())
+                )
+                with _ray_data_settings() if items else nullcontext():  # a rerun with nothing to do imports no Ray Data
+                    for number, rows, batch_past in results:
+                        if number != next(expected):  # commits must follow input order (row numbers)
+                            raise StoreError(
+                                f"ray returned batch {number} out of order; nothing after it was committed"
+                            )
+                        writer.commit(rows, replace=replace)
+                        indexed += len(rows)
+                        past += batch_past
+                        if bar is not None:
+                            bar.update(len(rows))
+                if bar is not None:
+                    bar.close()
+                writer.write_index()
+                writer.repair_shards()  # truncate what no committed row points at (a killed actor's bytes)
+                stale_ids = stale_chunks(writer, chunks)
+                finished()
     seconds = time.perf_counter() - start
     window = embedder_window(indexer, past)
     return IndexReport(

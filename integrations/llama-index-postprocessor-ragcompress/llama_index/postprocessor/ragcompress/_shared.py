@@ -14,6 +14,7 @@ import functools
 import hashlib
 import json
 import threading
+import weakref
 from collections.abc import AsyncGenerator, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -69,6 +70,28 @@ def reopen(cls: Any, data: dict[str, Any], kwargs: dict[str, Any]) -> Any:
     **kwargs)``, the store opened again (a sqlite connection and a loaded model cannot be
     pickled, and a copy must not share another process's connection)."""
     return cls.from_dict(data, **kwargs)
+
+
+class StoreHandle:
+    """A component's open ``KVStore``: closed by :meth:`close` (a component's ``close()`` or
+    ``with`` block), else as soon as the last component holding this handle is dropped.
+
+    An unclosed sqlite3 connection is freed only by the cycle collector (the connection and its
+    statement cache refer to each other), so each component created and dropped without
+    ``close()`` kept its catalogue's file descriptors open until a collection happened to run:
+    hundreds in a loop that builds components per request. The finalizer sits on this handle,
+    not on the component, so a shallow copy of a component (``model_copy``) shares the handle
+    and dropping the original does not close the store the copy still reads. Each component
+    opens a store of its own; the models and embedders it shares (:func:`shared_model`) are
+    never closed here."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self._finalizer = weakref.finalize(self, store.close)
+
+    def close(self) -> None:
+        """Close the store now (once: later calls, and the finalizer, do nothing)."""
+        self._finalizer()
 
 
 async def iterate_in_thread(items: Iterator[T]) -> AsyncGenerator[T, None]:

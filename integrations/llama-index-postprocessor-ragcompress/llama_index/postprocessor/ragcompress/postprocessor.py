@@ -12,6 +12,7 @@ from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import NodeWithScore, QueryBundle
 
 from llama_index.postprocessor.ragcompress._shared import (
+    StoreHandle,
     first_of_each,
     require_ragcompress,
     scored_nodes,
@@ -32,6 +33,9 @@ class KVCacheNodePostprocessor(BaseNodePostprocessor):
 
     Returned nodes are copies: the input nodes are not modified, and every metadata key, the
     relationships and the score are kept.
+
+    It holds its store open: :meth:`close` it, or use it as a context manager (a dropped one
+    closes its store too, see :class:`~._shared.StoreHandle`).
     """
 
     store_path: str = Field(description="Directory of the ragcompress store holding the caches.")
@@ -61,6 +65,7 @@ class KVCacheNodePostprocessor(BaseNodePostprocessor):
 
     _store: Any = PrivateAttr()
     _resolver: Any = PrivateAttr()
+    _handle: Any = PrivateAttr(default=None)
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -71,9 +76,14 @@ class KVCacheNodePostprocessor(BaseNodePostprocessor):
         if self.device is not None:
             usable_device(self.device)  # a device this machine lacks fails here, not at the first query
         self._store = KVStore.open(self.store_path)  # StoreError when missing or incomplete
-        if self.model is not None:  # the store's model and tokenizer, checked on the shared copy (only read
-            # here): the copy missing caches are encoded with (writer_model) loads when one is first computed
-            self._store.manifest.check_lm(shared_model(self.model, self._store.manifest.dtype, self.device))
+        self._handle = StoreHandle(self._store)
+        try:
+            if self.model is not None:  # the store's model and tokenizer, checked on the shared copy (only
+                # read here): the copy missing caches are encoded with (writer_model) loads when one is first computed
+                self._store.manifest.check_lm(shared_model(self.model, self._store.manifest.dtype, self.device))
+        except BaseException:
+            self._handle.close()
+            raise
         self._resolver = CacheResolver(self._store, self.model, self.compute_missing, self.device, self.adaptor)
 
     @classmethod
@@ -84,8 +94,23 @@ class KVCacheNodePostprocessor(BaseNodePostprocessor):
         """Pickled without its open store and resolver, which unpickling opens again (LlamaIndex's
         ``__setstate__`` runs ``__init__``); BaseComponent's would try to pickle them first."""
         state = BaseModel.__getstate__(self)
-        state["__pydantic_private__"] = {**(state["__pydantic_private__"] or {}), "_store": None, "_resolver": None}
+        state["__pydantic_private__"] = {
+            **(state["__pydantic_private__"] or {}),
+            "_store": None,
+            "_resolver": None,
+            "_handle": None,
+        }
         return state
+
+    def close(self) -> None:
+        """Close the store this postprocessor opened (the models it loaded stay: they are shared)."""
+        self._handle.close()
+
+    def __enter__(self) -> KVCacheNodePostprocessor:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def _select(self, nodes: list[NodeWithScore]) -> list[NodeWithScore]:
         if self.similarity_cutoff is not None:

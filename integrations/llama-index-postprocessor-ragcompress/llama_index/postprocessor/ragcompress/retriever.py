@@ -18,6 +18,7 @@ from llama_index.core.callbacks import CallbackManager
 from llama_index.core.schema import NodeWithScore, QueryBundle
 
 from llama_index.postprocessor.ragcompress._shared import (
+    StoreHandle,
     node_from_passage,
     reopen,
     require_ragcompress,
@@ -28,7 +29,10 @@ from llama_index.postprocessor.ragcompress._shared import (
 
 
 class KVStoreRetriever(BaseRetriever):
-    """Top-``similarity_top_k`` passages of a store by cosine similarity to the query."""
+    """Top-``similarity_top_k`` passages of a store by cosine similarity to the query.
+
+    It holds its store open: :meth:`close` it, or use it as a context manager (a dropped one
+    closes its store too, see :class:`~._shared.StoreHandle`)."""
 
     def __init__(
         self,
@@ -57,6 +61,7 @@ class KVStoreRetriever(BaseRetriever):
         self.similarity_top_k = similarity_top_k
         refuse_unfinished(Path(store_path))  # a stopped run's store holds part of its input: search would miss some
         self._store = KVStore.open(store_path)  # StoreError when missing or incomplete
+        self._handle = StoreHandle(self._store)
         self._given = {"callback_manager": callback_manager, "verbose": verbose}  # pickled besides to_dict
         super().__init__(callback_manager=callback_manager, verbose=verbose)
 
@@ -113,4 +118,11 @@ class KVStoreRetriever(BaseRetriever):
         )
 
     def close(self) -> None:
-        self._store.close()
+        """Close the store this retriever opened (the embedder stays: it is shared)."""
+        self._handle.close()
+
+    def __enter__(self) -> KVStoreRetriever:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -29,6 +29,7 @@ from llama_index.core.response_synthesizers.base import BaseSynthesizer, QueryTe
 from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
 
 from llama_index.postprocessor.ragcompress._shared import (
+    StoreHandle,
     first_of_each,
     iterate_in_thread,
     reopen,
@@ -76,6 +77,9 @@ class KVCacheSynthesizer(BaseSynthesizer):
         llm: the LLM ``BaseSynthesizer`` keeps for prompt sizing; defaults to a
             :class:`LocalLLM` on the same weights (never a hosted model).
 
+    It holds its store open: :meth:`close` it, or use it as a context manager (a dropped one
+    closes its store too, see :class:`~._shared.StoreHandle`).
+
     Responses carry ``metadata["ragcompress"] = {"ttft_s", "total_s", "passage_ids", "computed", "backend"}``
     (a streaming response's timings once its stream is consumed).
     """
@@ -107,12 +111,13 @@ class KVCacheSynthesizer(BaseSynthesizer):
         )
 
         store = KVStore.open(store_path)  # StoreError when missing or incomplete
+        self._handle = StoreHandle(store)
         try:
             lm = shared_model(model or store.manifest.model_ref, store.manifest.dtype, device)
             self._engine = Engine(store, lm, shared_embedder(store.manifest.embedder), options)
             self._engine.warm_up()
         except BaseException:
-            store.close()
+            self._handle.close()
             raise
         self.store_path = store_path
         self.model = model
@@ -283,7 +288,14 @@ class KVCacheSynthesizer(BaseSynthesizer):
         return await asyncio.to_thread(self.get_response, query_str, text_chunks)
 
     def close(self) -> None:
-        self._engine.close()
+        """Close the store this synthesizer opened (the model and embedder stay: they are shared)."""
+        self._handle.close()
+
+    def __enter__(self) -> KVCacheSynthesizer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def __repr__(self) -> str:
         return f"KVCacheSynthesizer(store_path={store_path(self.store_path)!r}, model={self._engine.lm.ref!r})"
