@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ragcompress.kv import PassageKV
-from ragcompress.kv.quant import QuantConfig, pack, quantize_dequantize, unpack
+from ragcompress.kv.quant import QuantConfig, dequantize_keys_per_channel, pack, quantize_dequantize, unpack
 from ragcompress.store import codec
 
 
@@ -143,6 +143,47 @@ def test_values_of_their_own_width_are_coded_as_a_store_of_that_width(make):
     packed = split.packed()
     assert packed.k_codes.shape[-1] == 16 // 2 and packed.v_codes.shape[-1] == 16 // 4  # d=16 at 4 and 2 bits
     assert b"value_scheme" not in codec.encode(kv, QuantConfig("int4"))
+
+
+def keys_on_the_grid_ref(segment: codec.Segment, dtype: torch.dtype) -> torch.Tensor:
+    """:meth:`Segment.dense`'s keys as they were computed before: codes, scales and minimums laid
+    on the padded ``[L, H, n_max, d]`` grid, dequantized there, then masked."""
+    mask, group_size = segment.mask(), segment.quant.group_size
+    codes = codec._rows_to_grid(unpack(segment.tensors["k_codes"], segment.quant.bits), mask, torch.uint8)
+    groups = codec._group_mask(segment.lengths, -(-segment.n_max // group_size), group_size)
+    scale = codec._rows_to_grid(segment.tensors["k_scale"], groups, torch.float16)
+    lo = codec._rows_to_grid(segment.tensors["k_min"], groups, torch.float16)
+    keys = dequantize_keys_per_channel(codes, scale, lo, group_size).to(dtype)
+    return keys if bool(mask.all()) else keys * mask.unsqueeze(-1)
+
+
+def uneven_kv(seed=0) -> PassageKV:
+    """Ragged heads around group boundaries: empty, one row, a group exactly, one past it, all."""
+    full = random_kv(layers=2, heads=3, n=33, seed=seed)
+    lengths = torch.tensor([[0, 1, 8], [9, 33, 16]])
+    mask = (torch.arange(33) < lengths.unsqueeze(-1)).unsqueeze(-1)
+    positions = torch.arange(33).expand(2, 3, 33) * mask[..., 0]
+    return PassageKV(full.keys * mask, full.values * mask, positions, lengths, 33)
+
+
+@pytest.mark.parametrize("make", [random_kv, ragged_kv, uneven_kv])
+@pytest.mark.parametrize("scheme", ["int8", "int4", "int2", "int4/int2", "int2/int8"])
+@pytest.mark.parametrize("group_size", [8, 16, 32, 64])
+def test_keys_dequantized_as_kept_rows_equal_the_grid_dequantization_bit_for_bit(make, scheme, group_size):
+    """:meth:`Segment.dense` dequantizes the kept key rows where they lie in the blob and scatters
+    them once, instead of on the padded grid (most of it padding under ``global:`` eviction):
+    kept rows are the grid computation's bit for bit, padding rows +0, values unchanged, in
+    every output dtype."""
+    keys_scheme, _, value_scheme = scheme.partition("/")
+    quant = QuantConfig(keys_scheme, group_size, value_scheme or None)
+    segment = codec.parse(codec.encode(make(), quant))
+    mask = segment.mask()
+    for dtype, bits in ((torch.float32, torch.int32), (torch.float16, torch.int16), (torch.bfloat16, torch.int16)):
+        got, ref = segment.dense(dtype).keys, keys_on_the_grid_ref(segment, dtype)
+        assert got.dtype == dtype and got.shape == ref.shape
+        assert torch.equal(got[mask].view(bits), ref[mask].view(bits))
+        assert not bool(got[~mask].view(bits).any())  # +0.0, bit for bit
+        assert torch.equal(got, ref)
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4", "int2", "fp16", "int4/int2", "int2/int8"])

@@ -426,6 +426,51 @@ def test_per_head_path_reproduces_full_prefill(stores):
     torch.testing.assert_close(per_head, uniform, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "config",
+    [
+        RecomputeConfig(0.3, sink_tokens=2, selection="mixed"),  # the question rides in the pass
+        RecomputeConfig(0.3, selection="question", check_layer=2),  # ranked by the question
+        RecomputeConfig(0.3, selection="question-deep"),  # read over every layer, then taken out
+    ],
+)
+def test_recompute_keeps_the_preallocated_buffers_so_decoding_writes_in_place(stores, monkeypatch, config):
+    """A recompute that appends the question to the assembled cache (fused, or only to score the
+    tokens) used to concatenate it, leaving every ``PreallocatedLayer`` without its buffer, and
+    every later decoding step then copied the whole context. The layers still own their buffers
+    after the request's prefill and its decoding steps, and the logits are the concatenating
+    path's bit for bit."""
+    from ragcompress.kv.cache import PreallocatedLayer
+    from ragcompress.runtime import cache_pass
+    from ragcompress.runtime.generate import decode_one_token
+
+    engine = stores("qwen2", layers=4)
+    entries = engine.retrieve(QUESTION, 3)
+    options = AnswerOptions(recompute=config, max_new_tokens=4)
+
+    def run() -> tuple[list[torch.Tensor], list]:
+        prepared = engine.prepare(QUESTION, entries, options).prefilled(engine.lm.model)
+        logits, position = [prepared.first_logits], prepared.position + len(prepared.input_ids)
+        with torch.inference_mode():
+            for step in range(3):
+                token = int(logits[-1].argmax())
+                logits.append(
+                    decode_one_token(
+                        engine.lm.model, token, prepared.cache, position + step, **prepared.attention_kwargs
+                    )
+                )
+        return logits, list(prepared.cache.layers)
+
+    logits, layers = run()
+    assert all(isinstance(layer, PreallocatedLayer) for layer in layers)
+    assert all(layer._own_buffers() is not None for layer in layers)  # still writing in place
+    monkeypatch.setattr(cache_pass, "PreallocatedLayer", type("NoLayerIsOne", (), {}))  # the concatenation
+    previous, previous_layers = run()
+    assert not any(layer._own_buffers() is not None for layer in previous_layers)
+    for new, old in zip(logits, previous, strict=True):
+        assert torch.equal(new.reshape(-1), old.reshape(-1))
+
+
 def test_recompute_on_evicted_caches_only_writes_kept_rows(stores):
     engine = stores("llama")
     entries = engine.retrieve(QUESTION, 3)

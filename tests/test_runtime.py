@@ -206,6 +206,28 @@ def test_rotate_each_layer_equals_rotating_layer_by_layer(arch, tiny_lm):
                 assert not bool(buffer[i, :, 2 + w :].any())  # rows past the layer's width untouched
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_rotary_tables_gathered_by_index_select_equal_indexing_the_table(arch, tiny_lm):
+    """:meth:`Rotary.table_cos_sin` gathers its table's rows with ``index_select`` (six times
+    faster than advanced indexing on the CPU); the tables are the indexed ones bit for bit, for
+    ragged per-head positions, one row shared by every head, a single head and a single token."""
+    model = tiny_lm.model if arch == "llama" else _gemma3_text()
+    rotary = Rotary(model)
+    layers, heads, n = model.config.num_hidden_layers, 2, 12
+    ragged = torch.stack([torch.randperm(40)[:n].sort().values for _ in range(layers * heads)]).view(layers, heads, n)
+    shared = (torch.arange(n) + 7).expand(layers, heads, n)
+    for positions in (ragged, shared, ragged[0], ragged[0, 0], torch.tensor([5])):
+        for layer in range(layers):
+            low, high = int(positions.min()), int(positions.max())
+            table = rotary.rotation_tables(*rotary.cos_sin(torch.arange(low, high + 1), layer))
+            index = positions - low
+            cos, sin = rotary.table_cos_sin(positions, layer)
+            first = positions.reshape(-1, positions.shape[-1])[0]
+            if bool((positions == first).all()):  # broadcast over layers and heads, as before
+                index = first - low
+            assert torch.equal(cos, table[0][index]) and torch.equal(sin, table[1][index])
+
+
 def test_rotate_then_unrotate_is_identity(tiny_lm):
     rotary = Rotary(tiny_lm.model)
     keys = torch.randn(2, 5, 16)

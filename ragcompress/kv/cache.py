@@ -48,8 +48,9 @@ class PreallocatedLayer(DynamicLayer):
     ``update`` writes the new tokens into the next free rows in place and returns views of the
     filled rows, so prefilling the question and each decoding step copy only the new tokens;
     :class:`DynamicLayer` concatenates, copying the whole cached context on every forward.
-    When the buffer is full, or code outside replaced ``keys``/``values`` (selective recompute
-    does), it falls back to :class:`DynamicLayer`'s concatenation.
+    When the buffer is full, or code outside replaced ``keys``/``values``, it falls back to
+    :class:`DynamicLayer`'s concatenation for good (selective recompute appends the question
+    through ``update`` and takes it back out with ``crop`` for that reason).
 
     key_buffer, value_buffer: ``[batch, kv_heads, capacity, d]``; the first ``filled`` rows hold
     the cache.

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ragcompress.kv import PassageKV
+from ragcompress.kv.cache import PreallocatedLayer
 from ragcompress.kv.rope import Rotary
 from ragcompress.runtime.assemble import per_layer_rows, segment_rows
 
@@ -109,8 +110,10 @@ class RowWriteCache:
     ``update`` (called by every attention module after computing its keys and values) writes the
     fresh KV of the first ``S`` queries ``[1, kv_heads, S, d]`` into the selected tokens' rows of
     the assembled cache, in place, appends those of the ``Q`` new tokens after it, and returns
-    the whole layer ``[1, kv_heads, T + Q, d]`` to attend over. ``rows`` (:meth:`CacheLayout.rows`)
-    are moved to the cache's device: they index it.
+    the whole layer ``[1, kv_heads, T + Q, d]`` to attend over. A
+    :class:`~ragcompress.kv.cache.PreallocatedLayer` takes the new tokens through its own
+    ``update`` (into its spare rows, in place); other layers get them concatenated. ``rows``
+    (:meth:`CacheLayout.rows`) are moved to the cache's device: they index it.
     """
 
     def __init__(self, cache: Any, rows: torch.Tensor, uniform: bool, new_tokens: int) -> None:
@@ -125,8 +128,15 @@ class RowWriteCache:
         layer = self.layers[layer_idx]
         if self.new_tokens:
             split = key_states.shape[2] - self.new_tokens
-            layer.keys = torch.cat([layer.keys, key_states[:, :, split:].to(layer.keys.dtype)], dim=2)
-            layer.values = torch.cat([layer.values, value_states[:, :, split:].to(layer.values.dtype)], dim=2)
+            new_keys = key_states[:, :, split:].to(layer.keys.dtype)
+            new_values = value_states[:, :, split:].to(layer.values.dtype)
+            if isinstance(layer, PreallocatedLayer):
+                # into its spare rows, in place: a concatenation would leave it without its buffer,
+                # and every later decoding step would copy the whole context again
+                layer.update(new_keys, new_values)
+            else:
+                layer.keys = torch.cat([layer.keys, new_keys], dim=2)
+                layer.values = torch.cat([layer.values, new_values], dim=2)
             key_states, value_states = key_states[:, :, :split], value_states[:, :, :split]
         keys, values = layer.keys, layer.values
         if self.uniform:
@@ -142,9 +152,14 @@ class RowWriteCache:
 
 def drop_appended(cache: Any, count: int, layers: int | None = None) -> None:
     """Take the last ``count`` rows (new tokens :class:`RowWriteCache` appended) back out of the
-    first ``layers`` layers of ``cache`` (all by default), leaving it as it was before them."""
+    first ``layers`` layers of ``cache`` (all by default), leaving it as it was before them. A
+    :class:`~ragcompress.kv.cache.PreallocatedLayer` counts its filled rows back, so it keeps
+    writing later tokens into its buffer in place."""
     for layer in cache.layers[:layers]:
-        layer.keys, layer.values = layer.keys[:, :, :-count], layer.values[:, :, :-count]
+        if isinstance(layer, PreallocatedLayer):
+            layer.crop(-count)
+        else:
+            layer.keys, layer.values = layer.keys[:, :, :-count], layer.values[:, :, :-count]
 
 
 def run_layers(

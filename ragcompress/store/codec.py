@@ -257,15 +257,16 @@ class Segment:
                 keys = self._rebuild("k", basis, dtype)
             elif self.quant.bits is None:
                 keys = _rows_to_grid(tensors["k"], mask, dtype)
-            else:
-                bits = self.quant.bits
-                k_codes = _rows_to_grid(unpack(tensors["k_codes"], bits), mask, torch.uint8)
+            elif dense:  # the rows are the grid: each group's scale and minimum broadcast over its rows
+                k_codes = _rows_to_grid(unpack(tensors["k_codes"], self.quant.bits), mask, torch.uint8)
                 groups = _group_mask(lengths, -(-self.n_max // group_size), group_size)
                 k_scale = _rows_to_grid(tensors["k_scale"], groups, torch.float16)
                 k_min = _rows_to_grid(tensors["k_min"], groups, torch.float16)
                 keys = dequantize_keys_per_channel(k_codes, k_scale, k_min, group_size).to(dtype)
-                if not dense:
-                    keys = keys * mask.unsqueeze(-1)  # padding rows are zero, as for unquantized blobs
+            else:  # only the kept rows, then scattered once: padding rows are zero, as for unquantized blobs
+                codes = unpack(tensors["k_codes"], self.quant.bits)
+                rows = _dequantize_kept_keys(codes, tensors["k_scale"], tensors["k_min"], lengths, group_size)
+                keys = _rows_to_grid(rows, mask, dtype)
             if "v" in self.ranks:
                 values = self._rebuild("v", basis, dtype)
             elif self.quant.value_bits is None:
@@ -363,6 +364,30 @@ class Segment:
         out = torch.zeros((*mask.shape, *tail), dtype=dtype)
         out[mask] = flat
         return out
+
+
+def _dequantize_kept_keys(
+    codes: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, lengths: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """Kept key rows ``codes [T, d]`` dequantized where they lie in the blob: fp32 ``[T, d]``, each
+    row with its group's ``scale``/``lo`` (``[Gk, d]``: ``ceil(length / group_size)`` groups per
+    layer and head, ``lengths [L, H]``, in the blob's order).
+
+    Dequantizing on the padded ``[L, H, n_max, d]`` grid would pass over every padding row too,
+    then once more to zero them: with ``global:`` eviction some layer keeps every token, so
+    ``n_max`` is the passage's length while about a quarter of the grid holds kept rows. (With
+    nothing evicted the grid is all kept rows, and broadcasting each group's scale over its rows
+    beats looking it up per row: :meth:`Segment.dense` keeps the grid there.) The arithmetic is
+    :func:`~ragcompress.kv.quant.dequantize_keys_per_channel`'s (fp32 ``code * scale + min``), so
+    the rows are the same bit for bit.
+    """
+    counts = lengths.reshape(-1).long()
+    groups = -(-counts // group_size)
+    head = torch.repeat_interleave(torch.arange(counts.numel()), counts)  # [T]: each row's (layer, head)
+    row = torch.arange(head.numel()) - (torch.cumsum(counts, 0) - counts)[head]  # [T]: its row in the head
+    group = (torch.cumsum(groups, 0) - groups)[head] + torch.div(row, group_size, rounding_mode="floor")
+    out = torch.empty(codes.shape, dtype=torch.float32).copy_(codes)
+    return out.mul_(scale.float().index_select(0, group)).add_(lo.float().index_select(0, group))
 
 
 def _rows_to_grid(flat: torch.Tensor, grid_mask: torch.Tensor, fill_dtype: torch.dtype) -> torch.Tensor:
