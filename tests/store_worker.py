@@ -143,7 +143,6 @@ def install_trace(path: str, kill: str) -> Trace:
     ``writer-close``, ``overwrite-swap`` (``replace_store``) and inside it ``exchange`` and ``cleanup``
     (deleting the old store). Nothing outside ``tests/`` is changed; the wrappers call the originals.
     """
-    import builtins
     import shutil
 
     from ragcompress.indexing import encoder, indexer, run
@@ -189,25 +188,30 @@ def install_trace(path: str, kill: str) -> Trace:
 
     shards.ShardWriter.append = append
 
-    def shard_open(file, mode="r", *args, **kwargs):
-        """The shard module's ``open``: a real file whose ``write`` honours the blob gate."""
-        handle = builtins.open(file, mode, *args, **kwargs)
-        if "a" in mode:
-            write = handle.write
+    def gated(handle, file):
+        """A shard handle opened to append whose ``write`` honours the blob gate."""
+        write = handle.write
 
-            def gated_write(data):
-                if not gate["armed"]:
-                    return write(data)
-                half = len(data) // 2
-                write(bytes(data[:half]))
-                handle.flush()  # the half blob reaches the file, as a kill inside write(2) leaves it
-                _freeze(trace, f"inside write of blob {gate['n']}: {half} of {len(data)} bytes in {Path(file).name}")
-                return write(bytes(data[half:]))
+        def gated_write(data):
+            if not gate["armed"]:
+                return write(data)
+            half = len(data) // 2
+            write(bytes(data[:half]))
+            handle.flush()  # the half blob reaches the file, as a kill inside write(2) leaves it
+            _freeze(trace, f"inside write of blob {gate['n']}: {half} of {len(data)} bytes in {Path(file).name}")
+            return write(bytes(data[half:]))
 
-            handle.write = gated_write
+        handle.write = gated_write
         return handle
 
-    shards.open = shard_open
+    # the writer opens its shards to append through ``_open_shard`` (never following a link)
+    original_open_shard = shards._open_shard
+
+    def open_shard(path, append):
+        handle = original_open_shard(path, append)
+        return gated(handle, path) if append else handle
+
+    shards._open_shard = open_shard
 
     class _Shutil:
         """``files``'s ``shutil`` with ``rmtree`` traced (as ``cleanup``) and, for ``stop:swap``,
