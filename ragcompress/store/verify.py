@@ -110,7 +110,7 @@ class VerifyReport:
                     "new --store, or move the files you keep out of this folder first"
                 )
             return (
-                f"the manifest that records the store's settings is damaged: rebuild the store with {rebuild} "
+                f"the manifest that records the store's settings cannot be used (damaged, or of another store format version: the problem above says which): rebuild the store with {rebuild} "
                 f"and {SETTINGS}"
             )
         whole = sorted(kinds & {"prefix", "basis", "catalogue", "shard"})
