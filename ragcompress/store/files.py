@@ -24,6 +24,7 @@ from pathlib import Path
 from ragcompress.errors import StoreError
 from ragcompress.kv import PassageKV
 from ragcompress.kv.quant import QuantConfig
+from ragcompress.paths import process_gone
 from ragcompress.store import codec
 from ragcompress.store.basis import BASIS
 from ragcompress.store.catalogue import CATALOGUE, Catalogue
@@ -177,12 +178,8 @@ def _start_time(pid: int) -> int | None:
 def _alive(pid: int, start: object = None) -> bool:
     """Whether process ``pid`` runs, and, when its ``start`` time was recorded and can be read
     here, is the process that recorded it."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if process_gone(pid):
         return False
-    except PermissionError:  # another user's process
-        pass
     if isinstance(start, int):
         now = _start_time(pid)
         return now is None or now == start
