@@ -110,8 +110,8 @@ class VerifyReport:
                     "new --store, or move the files you keep out of this folder first"
                 )
             return (
-                f"the manifest that records the store's settings cannot be used (damaged, or of another store format version: the problem above says which): rebuild the store with {rebuild} "
-                f"and {SETTINGS}"
+                "the manifest that records the store's settings cannot be used (damaged, or of another store "
+                f"format version: the problem above says which): rebuild the store with {rebuild} and {SETTINGS}"
             )
         whole = sorted(kinds & {"prefix", "basis", "catalogue", "shard"})
         if whole:
