@@ -24,7 +24,7 @@ from pathlib import Path
 from ragcompress.errors import StoreError
 from ragcompress.kv import PassageKV
 from ragcompress.kv.quant import QuantConfig
-from ragcompress.paths import process_gone
+from ragcompress.paths import process_gone, remove_dead_temps
 from ragcompress.store import codec
 from ragcompress.store.basis import BASIS
 from ragcompress.store.catalogue import CATALOGUE, Catalogue
@@ -248,16 +248,9 @@ def remove_litter(path: Path) -> list[str]:
     Returns the names removed. A store reached through a symbolic link is built beside the folder
     it points at, so that is where they are looked for."""
     path = path.resolve()
-    removed: list[str] = []
-    if not path.parent.is_dir():
-        return removed
     # ".NAME.overwrite-PID", ".NAME.init-PID-*", and "..NAME.overwrite-PID.init-*" (the copy's creation)
-    litter = re.compile(rf"\.\.?{re.escape(path.name)}\.(?:overwrite|init)-(\d+)\b")
-    for entry in path.parent.iterdir():
-        found = litter.match(entry.name)
-        if found and int(found[1]) != os.getpid() and not _alive(int(found[1])):
-            remove_tree(entry)
-            removed.append(entry.name)
+    litter = re.compile(rf"\.\.?{re.escape(path.name)}\.(?:overwrite|init)-(\d+)\b.*", re.DOTALL)
+    removed = remove_dead_temps(path.parent, litter)
     if _remove_compact_copy(path):
         removed.append(compact_copy(path).name)
     return removed
