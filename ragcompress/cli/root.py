@@ -12,6 +12,7 @@ import typer
 
 from ragcompress.cli import answer, serve, store, train
 from ragcompress.errors import CorruptSegmentError, InputError, RagCompressError
+from ragcompress.interrupts import interrupt_on_sigterm
 from ragcompress.runtime.memory import keep_freed_memory
 
 app = typer.Typer(
@@ -98,6 +99,7 @@ def main() -> None:
     """Entry point: one-line errors and warnings, non-zero exit. The command is the whole process,
     so it keeps freed memory for the next request (:mod:`ragcompress.runtime.memory`)."""
     keep_freed_memory()
+    interrupt_on_sigterm()  # `kill`, `timeout` or a scheduler stop a run as Ctrl-C does
     warnings.formatwarning = _one_line_warning
     try:
         # typer returns (does not raise) the code of an Exit in this mode, Ctrl-C's 130 included

@@ -71,6 +71,7 @@ from ragcompress.indexing.run import (
     stale_chunks,
     update_fields,
 )
+from ragcompress.interrupts import interrupt_on_sigterm
 from ragcompress.models import LoadedModel, load_model
 from ragcompress.retrieval import past_window
 from ragcompress.store import KVStore, Manifest, StoreWriter
@@ -251,7 +252,9 @@ def _connect(address: str, cpus: int, gpus: bool = False) -> None:
                 ray.init(num_cpus=cpus, **kwargs)
             else:
                 ray.init(address=address, **kwargs)
-            _interrupt_on_sigterm()  # after ray.init, which installs handlers of its own
+            # SIGTERM as Ctrl-C (one line, exit 130), set after ray.init: the driver Ray starts installs
+            # a handler of its own that dumped a C++ stack and aborted the process (SIGABRT)
+            interrupt_on_sigterm()
         except (ConnectionError, ValueError, RuntimeError) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             if address == "local":
@@ -264,24 +267,11 @@ def _connect(address: str, cpus: int, gpus: bool = False) -> None:
         raise InputError(f"--device cuda with --ray {address}: the Ray cluster has no GPU; index without --device")
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
-def _interrupt_on_sigterm() -> None:
-    """SIGTERM stops the run as Ctrl-C does (``KeyboardInterrupt``: the CLI's one line "error:
-    interrupted (run it again: it resumes where it stopped)", exit status 130). The driver Ray
-    starts installs a SIGTERM handler of its own that dumped a C++ stack and aborted the process
-    (SIGABRT). Only the main thread can set a handler; :func:`_ray_session` restores the caller's."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _interrupt)
-
-
 @contextmanager
 def _ray_session() -> Iterator[None]:
     """Around a run: a Ray driver the run started (``ray.init``: a local instance, or this
     process joined to a cluster) is shut down when the run ends, however it ends, and the
-    caller's SIGTERM handler is put back (:func:`_interrupt_on_sigterm` replaced it). A driver
+    caller's SIGTERM handler is put back (the run replaced it). A driver
     already running in the process (the caller's) is left as it is. Ray was never shut down, so a
     library caller kept the local instance the run started until its process ended. Shutting
     down a driver that joined a cluster disconnects it; the cluster keeps running. Each local
