@@ -425,7 +425,8 @@ def run_throughput(sizes: list[int], rounds: int, batch_size: int) -> dict[str, 
     import torch
 
     from ragcompress.indexing import IndexConfig, index
-    from ragcompress.indexing.ray_runner import index_on_ray, store_digest
+    from ragcompress.indexing.ray_runner import index_on_ray
+    from ragcompress.store.digest import store_digest
 
     info = meta("squad-dev passages (first n)", "smollm2-135m", 2, rounds, 0)
     config = IndexConfig(quant="int8")

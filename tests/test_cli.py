@@ -1049,7 +1049,7 @@ def test_device_places_the_model_or_names_why_it_cannot(tiny_model_dir, tmp_path
             assert code == 1 and err.startswith("error: device 'cuda': torch sees no CUDA GPU here"), (name, err)
     assert not (tmp_path / "other").exists()  # refused before anything was written
     # indexing with the device named is indexing there: on the CPU, the same store bit for bit
-    from ragcompress.indexing.ray_runner import store_digest
+    from ragcompress.store.digest import store_digest
 
     code, _, err = run_cli([*commands["index"], "--device", "cpu"], monkeypatch, capfd)
     assert code == 0, err

@@ -23,8 +23,9 @@ ray = pytest.importorskip("ray")
 
 from ragcompress.errors import InputError  # noqa: E402
 from ragcompress.indexing import IndexConfig, index  # noqa: E402
-from ragcompress.indexing.ray_runner import index_on_ray, store_digest  # noqa: E402
+from ragcompress.indexing.ray_runner import index_on_ray  # noqa: E402
 from ragcompress.store import shards  # noqa: E402
+from ragcompress.store.digest import store_digest  # noqa: E402
 from ragcompress.store.verify import verify_store  # noqa: E402
 from ragcompress.testing import HashEmbedder, noisy_adaptor  # noqa: E402
 

@@ -91,13 +91,9 @@ def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
             yield number, raw
 
 
-def iter_jsonl(path: Path, why: str = "") -> Iterator[PassageInput]:
-    """Passages of a JSONL file; ``why`` it is read as JSONL, said when a line is not JSON."""
-    return (passage for _, passage in _numbered_jsonl(path, why))
-
-
 def _numbered_jsonl(path: Path, why: str = "") -> Iterator[tuple[int, PassageInput]]:
-    """``(line number, passage)`` of a JSONL file (:func:`iter_jsonl`)."""
+    """``(line number, passage)`` of a JSONL file; ``why`` it is read as JSONL, said when a line
+    is not JSON."""
     for number, raw in _lines(path):
         where = f"{path}:{number}"
         try:

@@ -15,7 +15,7 @@ Why the bytes are the single-process run's: batches are cut exactly as ``index()
 (``batch_size`` passages in input order, a resumed batch re-encoded whole), a cache depends
 only on its batch (not on the thread count, measured), and rows are committed in input order,
 so catalogue rows (row numbers included) and segment bytes are the same; only the shard file
-and offset of a blob differ (compare with :func:`store_digest`).
+and offset of a blob differ (compare with :func:`ragcompress.store.digest.store_digest`).
 
 Failure handling is Ray's and the store's: Ray Data restarts a killed actor (``max_restarts=-1``:
 any number of times over a run) and retries its batch up to :data:`BATCH_RETRIES` times
@@ -74,7 +74,7 @@ from ragcompress.indexing.run import (
 from ragcompress.interrupts import interrupt_on_sigterm
 from ragcompress.models import LoadedModel, load_model
 from ragcompress.retrieval import past_window
-from ragcompress.store import KVStore, Manifest, StoreWriter
+from ragcompress.store import KVStore, StoreWriter
 from ragcompress.store.files import check_creatable, indexing_run, refuse_existing
 from ragcompress.store.manifest import MANIFEST
 from ragcompress.store.shards import ClaimedShards
@@ -569,28 +569,3 @@ def _wants_gpu(device: str | None, address: str) -> bool:
     if kind not in ("cpu", "cuda"):
         raise InputError(f"--ray indexes on cpu or cuda, not {device!r}")
     return kind == "cuda"
-
-
-def store_digest(path: str | Path) -> dict[str, Any]:
-    """What two builds of a store must share to hold the same content: every catalogue row
-    (row number, id, title, text, meta, text_sha, length, checksum, token counts, embedding) and
-    the sha256 of every blob read through its own (shard, offset), which may differ between the
-    builds, plus the prefix cache's sha256 and the manifest's compression and encoding settings
-    (a low-rank basis's and an adaptor's hashes among them). ``index.faiss`` is derived and left out."""
-    import hashlib
-
-    from ragcompress.store.shards import read_blob
-
-    rows = []
-    with KVStore.open(path) as store:
-        row_numbers, vectors = store.catalogue.embeddings()
-        embedding = {int(r): hashlib.sha256(v.tobytes()).hexdigest() for r, v in zip(row_numbers, vectors, strict=True)}
-        for entry in store.catalogue.entries():
-            blob = read_blob(store.path, entry.shard, entry.offset, entry.length, entry.checksum, entry.id)
-            fields = {k: v for k, v in vars(entry).items() if k not in ("shard", "offset")}
-            rows.append(
-                {**fields, "embedding_sha256": embedding[entry.row], "blob_sha256": hashlib.sha256(blob).hexdigest()}
-            )
-    manifest = Manifest.read(Path(path))
-    settings = {"compression": manifest.compression, "encoding": manifest.encoding}  # basis and adaptor hashes
-    return {"prefix_sha256": manifest.prefix_sha256, "settings": settings, "rows": rows}

@@ -1,6 +1,9 @@
 """The one token generator: every answer the library serves (cached, full prefill, streaming,
 eval, bench, serve, LlamaIndex) and the benchmarks' answers are decoded here, greedily, with
-explicit positions. Training's teacher and the synthetic questions it writes
+explicit positions. The one exception is ``serve``'s batched decoding (``runtime.batch``), which
+steps several requests' caches together in one padded forward and so keeps its own copy of the stop
+and budget rule (greedy, stop ids, ``max_new_tokens``); ``tests/test_batch.py`` holds its answers
+equal to :class:`TokenStream`'s. Training's teacher and the synthetic questions it writes
 (``ragcompress.distill``) decode with the model's own ``generate`` or argmax: they are inputs to
 training, not answers.
 

@@ -262,7 +262,9 @@ class KVStore:
 
     def read_segment(self, entry: Entry, first: bool = False) -> codec.Segment:
         """Read, verify (xxh3-128) and parse one passage's blob, checked against its catalogue row.
-        The only place a passage's shard is opened; errors name the passage and its shard.
+        The only place a query reads a passage (``verify``, ``compact`` and the Ray runner read
+        blobs through :func:`shards.read_blob` for their own checks); errors name the passage and
+        its shard.
         ``first``: the passage is retrieved first, directly after the prefix; a store with base
         copies (:attr:`Manifest.base_copy`) answers with the passage's base copy.
 
