@@ -37,7 +37,7 @@ import torch
 
 from ragcompress.bench import git_revision
 from ragcompress.compressors import CompressionContext, make_compressor
-from ragcompress.evaluation import Question, f1, sub_em
+from ragcompress.evaluation import Quality, Question
 from ragcompress.indexing import IndexConfig, build_manifest
 from ragcompress.indexing.encoder import PassageEncoder
 from ragcompress.indexing.indexer import passage_record
@@ -189,12 +189,9 @@ def full_answers(bench: Bench, path: Path, max_new_tokens: int) -> list[str]:
 
 
 def summarise(bench: Bench, answers: list[str], full: list[str]) -> dict[str, float]:
-    n = len(answers)
-    return {
-        "sub_em": sum(sub_em(a, q.answers) for a, q in zip(answers, bench.questions, strict=False)) / n,
-        "f1": sum(f1(a, q.answers) for a, q in zip(answers, bench.questions, strict=False)) / n,
-        "agreement": sum(a == b for a, b in zip(answers, full, strict=False)) / n,
-    }
+    """A row's sub-EM, F1 and agreement with the ``full`` prefill answers (:class:`Quality`: a list
+    of another length than the questions is an error, not a lower figure)."""
+    return Quality.of(answers, [q.answers for q in bench.questions], full).means()
 
 
 def scores_key(bench: Bench, scorer: str) -> dict[str, Any]:

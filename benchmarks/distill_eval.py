@@ -12,8 +12,9 @@ tokens), so what is measured is what the query path serves:
   prefill's answer, end row included), full vocabulary, nats; its 95 % bootstrap interval over
   questions, the per-question values, and for an adaptor row ``kl_vs_baseline``: its mean KL
   over that of the same compression without an adaptor, with the paired bootstrap interval;
-* ``agreement``: share of questions whose greedy cached answer (up to 32 tokens) equals full
-  prefill's (token for token);
+* ``agreement``: share of questions whose greedy cached answer (up to 32 tokens) is full
+  prefill's, compared as decoded text (``ragcompress.evaluation.question_quality``, as every
+  benchmark compares answers);
 * ``sub_em`` and ``sub_em_pct_of_full``: SQuAD substring match of the greedy answers vs gold;
 * ``index_cost``: median seconds to encode (and score) the passages relative to a plain forward.
 
@@ -49,7 +50,7 @@ from ragcompress.distill.train import (
     build_examples,
     load_corpora,
 )
-from ragcompress.evaluation import read_questions, select_questions, sub_em
+from ragcompress.evaluation import Quality, read_questions, select_questions
 from ragcompress.indexing.encoder import PassageEncoder
 from ragcompress.indexing.inputs import iter_passages
 from ragcompress.kv.quant import QuantConfig
@@ -408,7 +409,9 @@ def main() -> None:
     qids = [e.qid for e in examples]
     earlier_full = earlier_full_prefill(args.json, qids)
     full_answers = earlier_full or [full_prefill_answer(base_encoder, e, stop_ids) for e in examples]
-    full_sub_em = statistics.mean(sub_em(decode(a), golds[e.qid]) for a, e in zip(full_answers, examples, strict=True))
+    full_texts = [decode(a) for a in full_answers]
+    example_golds = [golds[e.qid] for e in examples]
+    full_sub_em = Quality.of(full_texts, example_golds, full_texts).means()["sub_em"]
 
     # rows of an earlier run of the same examples are kept (settings can be measured in parts)
     earlier = json.loads(args.json.read_text()) if args.json.is_file() else {}
@@ -499,16 +502,16 @@ def main() -> None:
         if which is not None and adaptors[which] is None:
             raise SystemExit(f"setting {name!r} needs {'--compare-adaptor' if which == 'compare' else 'OUT/adaptor'}")
         encoder = PassageEncoder(lm, template, adaptors[which])
-        kls, agree, ems, answers = [], [], [], []
-        for example, full in zip(examples, full_answers, strict=True):
+        kls, answers = [], []
+        for example in examples:
             segs = segments(
                 encoder, example.passages, method, ratio, quant, base_encoder if name in BASE_SCORED else None
             )
             kl, answer = measure(encoder, example, segs, stop_ids)
             kls.append(kl)
-            agree.append(float(answer == full))
-            ems.append(sub_em(decode(answer), golds[example.qid]))
             answers.append(decode(answer))
+        quality = Quality.of(answers, example_golds, full_texts)
+        means = quality.means()
         rows[name] = {
             "adaptor": which,
             "method": method,
@@ -517,12 +520,12 @@ def main() -> None:
             "kl_answer": statistics.mean(kls),
             "kl_ci95": list(bootstrap_ci(kls)),
             "kl_per_question": kls,
-            "agreement_per_question": agree,
-            "sub_em_per_question": ems,
-            "agreement": statistics.mean(agree),
-            "agreement_ci95": list(bootstrap_ci(agree)),
-            "sub_em": statistics.mean(ems),
-            "sub_em_pct_of_full": 100 * statistics.mean(ems) / full_sub_em if full_sub_em else None,
+            "agreement_per_question": quality.agree,
+            "sub_em_per_question": quality.sub_em,
+            "agreement": means["agreement"],
+            "agreement_ci95": quality.ci95()["agreement"],
+            "sub_em": means["sub_em"],
+            "sub_em_pct_of_full": 100 * means["sub_em"] / full_sub_em if full_sub_em else None,
             "answers": answers,
             # the code that measured this row: earlier rows kept from another run keep theirs
             "run": row_run(),

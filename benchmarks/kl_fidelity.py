@@ -67,11 +67,6 @@ def full_prefill_logprobs(engine: Engine, question: str, pids: list[str], answer
     return teacher_forced_logprobs(engine.lm.model, prepared, answer, keep=keep)
 
 
-def kl(ref: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """Per-position ``KL(ref || other)`` from log-probabilities ``[n, vocab]``."""
-    return kl_per_position(ref, other)
-
-
 def plot(rows: dict[str, dict], path: Path, title: str) -> None:
     """KL (suffix + answer) against compression, one line per method, int4 dashed."""
     plot_against_compression(
@@ -121,7 +116,7 @@ def main() -> None:
             ref = cached_logprobs(engine, q.question, pids, answer)
             reference.append(ref)
             if args.full_prefill:
-                full_kl.append(kl(ref, full_prefill_logprobs(engine, q.question, pids, answer)))
+                full_kl.append(kl_per_position(ref, full_prefill_logprobs(engine, q.question, pids, answer)))
 
     def summary(kls: list[torch.Tensor]) -> dict[str, float]:
         every = torch.cat(kls)
@@ -156,7 +151,7 @@ def main() -> None:
         with KVStore.open(workdir / name) as store:
             engine = Engine(store, lm, embedder, OPTIONS)
             kls = [
-                kl(ref, cached_logprobs(engine, question, pids, answer))
+                kl_per_position(ref, cached_logprobs(engine, question, pids, answer))
                 for ref, (question, pids, answer) in zip(reference, inputs, strict=False)
             ]
         rows[name] = {

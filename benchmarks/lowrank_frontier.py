@@ -71,7 +71,7 @@ from ragcompress.compressors.scorer import gather_kept
 from ragcompress.compressors.snapkv import SnapKVCompressor, pool_scores
 from ragcompress.distill.adaptor import Adaptor
 from ragcompress.errors import InputError
-from ragcompress.evaluation import Question, f1, read_questions, select_questions, sub_em
+from ragcompress.evaluation import Quality, Question, read_questions, select_questions
 from ragcompress.indexing import IndexConfig
 from ragcompress.indexing.calibrate import calibration_caches
 from ragcompress.indexing.encoder import PassageEncoder
@@ -247,6 +247,11 @@ def core272_full_answers(model: str, top_k: int) -> dict[str, dict[str, Any]]:
 CORE272_ROW = "core272:none@1/int8/-"
 
 
+def quality_of(frontier: Frontier, answers: list[str], references: list[str]) -> Quality:
+    """``answers`` to the run's questions scored against their golds and ``references``."""
+    return Quality.of(answers, [q.answers for q in frontier.questions], references)
+
+
 def core272_cached_row(frontier: Frontier, full_answers: list[str]) -> dict[str, Any]:
     """The int8 store's cached answers to the same questions from ``runs/core272-ck`` (same model,
     top-k, retrieval, prompt and decoding; recorded by ``core_eval.py``): the uncompressed-reuse
@@ -259,7 +264,7 @@ def core272_cached_row(frontier: Frontier, full_answers: list[str]) -> dict[str,
         answers.append(found[q.id]["cached"])
     tag = "qwen" if "qwen" in frontier.lm.ref else "smollm2"
     sizes = json.loads((Path("docs/results") / f"core272_{tag}.json").read_text())[0]
-    outcomes = [sub_em(a, q.answers) for a, q in zip(answers, frontier.questions, strict=True)]
+    quality = quality_of(frontier, answers, full_answers)
     return {
         "method": "none",
         "ratio": 1.0,
@@ -267,16 +272,14 @@ def core272_cached_row(frontier: Frontier, full_answers: list[str]) -> dict[str,
         "rank": None,
         "ranks_k": None,
         "ranks_v": None,
-        "sub_em": sum(outcomes) / len(outcomes),
-        "f1": sum(f1(a, q.answers) for a, q in zip(answers, frontier.questions, strict=True)) / len(answers),
-        "agreement": sum(a == b for a, b in zip(answers, full_answers, strict=True)) / len(answers),
+        **quality.means(),  # sub_em, f1, agreement
         "kl_full_answer": None,
         "kl_full_first": None,
         "kl_questions": 0,
         "ttft_s_median": statistics.median(found[q.id]["cached_ttft_s"] for q in frontier.questions),
         "bytes_per_token": sizes["kv_bytes_per_token"]["stored"],
         "compression": sizes["compression"],
-        "per_question_sub_em": outcomes,
+        "per_question_sub_em": quality.sub_em,
         "source": f"{CORE272} (cached answers of the int8 store; bytes from docs/results/core272_{tag}.json)",
     }
 
@@ -527,11 +530,6 @@ def merge_evicted(full: PassageKV, kept: PassageKV, scores: torch.Tensor) -> Pas
     return gather_kept(merged, keep)
 
 
-def kl(ref: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """Per-position ``KL(ref || other)`` from log-probabilities ``[n, vocab]``."""
-    return kl_per_position(ref, other)
-
-
 def answer_ids(frontier: Frontier, question: Question) -> list[int]:
     return frontier.lm.tokenizer(question.answers[0], add_special_tokens=False)["input_ids"]
 
@@ -609,13 +607,13 @@ def measure(frontier: Frontier, row: RowSpec, reference: dict[str, Any] | None) 
         prepared = engine.prepare(q.question, entries, OPTIONS)
         ours = teacher_forced_logprobs(engine.lm.model, prepared, answer, keep=len(answer) + 1)[:-1]
         ref = reference["logprobs"][i].float()
-        kls.append(float(kl(ref, ours).mean()))
-        first_kls.append(float(kl(ref[:1], ours[:1]).mean()))
+        kls.append(float(kl_per_position(ref, ours).mean()))
+        first_kls.append(float(kl_per_position(ref[:1], ours[:1]).mean()))
     basis_bytes = store.basis_bytes
     per_token = store.bytes_per_token()
     tokens = sum(e.num_tokens for e in store.catalogue.entries())
     fp16 = float(ModelShape.from_config(frontier.lm.config).fp16_bytes_per_token)
-    n = len(answers)
+    quality = quality_of(frontier, answers, reference["answers"])
     lowrank = store.manifest.compression.get("lowrank")
     result = {
         "method": row.method,
@@ -625,9 +623,7 @@ def measure(frontier: Frontier, row: RowSpec, reference: dict[str, Any] | None) 
         "rank": None if row.rank is None else row.rank.as_dict(),
         "ranks_k": lowrank["ranks_k"] if lowrank else None,
         "ranks_v": lowrank.get("ranks_v") if lowrank else None,
-        "sub_em": sum(sub_em(a, q.answers) for a, q in zip(answers, frontier.questions, strict=True)) / n,
-        "f1": sum(f1(a, q.answers) for a, q in zip(answers, frontier.questions, strict=True)) / n,
-        "agreement": sum(a == b for a, b in zip(answers, reference["answers"], strict=True)) / n,
+        **quality.means(),  # sub_em, f1, agreement
         "kl_full_answer": statistics.fmean(kls),
         "kl_full_first": statistics.fmean(first_kls),
         "kl_questions": len(kls),
@@ -637,7 +633,7 @@ def measure(frontier: Frontier, row: RowSpec, reference: dict[str, Any] | None) 
         "store_tokens": tokens,
         "compression": fp16 / per_token,
         "answers": answers,
-        "per_question_sub_em": [sub_em(a, q.answers) for a, q in zip(answers, frontier.questions, strict=True)],
+        "per_question_sub_em": quality.sub_em,
         "seconds": time.perf_counter() - t0,
         "load": os.getloadavg(),
     }
@@ -914,12 +910,12 @@ def main() -> None:
                 frontier, torch.load(frontier.workdir / "full.pt")["answers"]
             )
         answers = reference["answers"]
-        n = len(answers)
+        full = quality_of(frontier, answers, answers)
         results["full"] = {
-            "sub_em": sum(sub_em(a, q.answers) for a, q in zip(answers, frontier.questions, strict=True)) / n,
-            "f1": sum(f1(a, q.answers) for a, q in zip(answers, frontier.questions, strict=True)) / n,
+            "sub_em": full.means()["sub_em"],
+            "f1": full.means()["f1"],
             "answers": answers,
-            "per_question_sub_em": [sub_em(a, q.answers) for a, q in zip(answers, frontier.questions, strict=True)],
+            "per_question_sub_em": full.sub_em,
         }
         results.update(
             model=frontier.lm.ref,

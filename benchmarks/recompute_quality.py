@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 
-from ragcompress.evaluation import f1, sub_em
+from ragcompress.evaluation import Quality, question_quality
 from ragcompress.models import DTYPES
 from ragcompress.runtime.engine import Engine
 from ragcompress.runtime.generate import Generation, TokenStream, first_token_margin, kl_per_position
@@ -151,12 +151,14 @@ def summarize(records: list[dict], settings: list[str]) -> dict:
     for name in ["full"] + settings:
         rows = [r[name] for r in records]
         values = {key: [row[key] for row in rows] for key in OUTCOMES}
+        quality = Quality(values["sub_em"], values["f1"], values["agree"])
+        means, ci = quality.means(), quality.ci95()
         ttft, mean = statistics.median(values["ttft"]), statistics.fmean(values["ttft"])
         table[name] = {
             "n": len(rows),
-            "sub_em": statistics.fmean(values["sub_em"]),
-            "f1": statistics.fmean(values["f1"]),
-            "agreement": statistics.fmean(values["agree"]),
+            "sub_em": means["sub_em"],
+            "f1": means["f1"],
+            "agreement": means["agreement"],
             "kl": statistics.fmean(values["kl"]),
             "ttft_s_median": ttft,
             "ttft_speedup": full_ttft / ttft,
@@ -170,11 +172,7 @@ def summarize(records: list[dict], settings: list[str]) -> dict:
             ),
             "ttft_speedup_mean": full_mean / mean,
             "ttft_speedup_mean_vs_prefix_cached": prefix_mean / mean,
-            "ci95": {
-                "sub_em": bootstrap_ci(values["sub_em"]),
-                "agreement": bootstrap_ci(values["agree"]),
-                "kl": bootstrap_ci(values["kl"]),
-            },
+            "ci95": {"sub_em": ci["sub_em"], "agreement": ci["agreement"], "kl": bootstrap_ci(values["kl"])},
             "vs_full_sub_em": paired_comparison(values["sub_em"], full_em),
         }
         if name != "full":
@@ -267,9 +265,7 @@ def question_record(variants: Variants, item, top_k: int, settings: list[str], r
         "passages": [e.id for e in entries],
         "full": {
             "answer": full_text,
-            "sub_em": sub_em(full_text, item.answers),
-            "f1": f1(full_text, item.answers),
-            "agree": 1.0,
+            **question_quality(full_text, item.answers, full_text),  # sub_em, f1, agree (1.0)
             "kl": 0.0,
             "margin": first_token_margin(full_logp[0]),
             "tokens": list(full_gen.token_ids),
@@ -300,9 +296,7 @@ def question_record(variants: Variants, item, top_k: int, settings: list[str], r
         text = engine.decode(gen.token_ids)
         record[name] = {
             "answer": text,
-            "sub_em": sub_em(text, item.answers),
-            "f1": f1(text, item.answers),
-            "agree": float(text == full_text),
+            **question_quality(text, item.answers, full_text),  # sub_em, f1, agree
             "kl": kl(full_logp, logp),
             "margin": first_token_margin(logp[0]),
             # along full prefill's answer: each position's margin and greedy token (where the

@@ -108,7 +108,7 @@ def main() -> int:
 
     from llama_index.postprocessor.ragcompress import TextCompressionPostprocessor
     from llama_index.postprocessor.ragcompress._shared import shared_embedder, shared_model
-    from ragcompress.evaluation import read_questions, sub_em
+    from ragcompress.evaluation import question_quality, read_questions
     from ragcompress.indexing.inputs import iter_passages
     from ragcompress.prompt import PromptTemplate, PromptTokens
     from ragcompress.retrieval import DEFAULT_EMBEDDER, VectorIndex, _embedder_path
@@ -208,21 +208,22 @@ def main() -> int:
     }
     for number, q in enumerate(questions, start=1):
         hits = [passages[row] for row, _ in index.search(embedder.embed([q.question])[0], args.top_k)]
-        base_answer = None
-        for name, method in methods.items():
+        base_answer = ""
+        for name, method in methods.items():  # "uncompressed" comes first: the others agree with it or not
             texts, seconds = compress(name, method, hits, q.question)
             text, sent, ttft = answer(texts, q.question)
             if name == "uncompressed":
                 base_answer = text
+            outcome = question_quality(text, q.answers, base_answer)
             row = {
                 "question": q.id,
                 "method": name,
                 "answer": text,
-                "sub_em": sub_em(text, q.answers),
+                "sub_em": outcome["sub_em"],
                 "tokens": sent,
                 "compress_s": seconds,
                 "ttft_s": ttft,
-                "agree": text == base_answer,
+                "agree": outcome["agree"],
                 "run": run,
             }
             rows[name].append(row)

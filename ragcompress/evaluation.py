@@ -53,6 +53,65 @@ def f1(prediction: str, golds: list[str]) -> float:
     return best
 
 
+def question_quality(prediction: str, golds: list[str], reference: str) -> dict[str, float]:
+    """One question's outcomes: ``sub_em`` and ``f1`` of ``prediction`` against ``golds``, and
+    ``agree``, 1.0 when it is ``reference``'s text (full prefill's answer, as a rule).
+
+    Agreement compares the decoded answers as the engine returns them (``Engine.decode``: special
+    tokens skipped, surrounding whitespace stripped), character for character and not
+    normalised: an answer reworded or punctuated otherwise is another answer. Token ids are not
+    compared: two id sequences that decode to the same text are the same answer to a reader."""
+    return {"sub_em": sub_em(prediction, golds), "f1": f1(prediction, golds), "agree": float(prediction == reference)}
+
+
+@dataclass(frozen=True)
+class Quality:
+    """One setting's per-question outcomes over a list of questions, in question order
+    (:func:`question_quality`'s, the lists of each). Every quality figure of a setting (``eval``,
+    the benchmarks) is one of these lists, its mean (:meth:`means`) or its interval (:meth:`ci95`)."""
+
+    sub_em: list[float]
+    f1: list[float]
+    agree: list[float]
+
+    def __post_init__(self) -> None:
+        if not len(self.sub_em) == len(self.f1) == len(self.agree):
+            raise ValueError(
+                f"quality lists of {len(self.sub_em)}, {len(self.f1)} and {len(self.agree)} questions; "
+                "each needs one outcome per question"
+            )
+
+    @classmethod
+    def of(cls, predictions: Sequence[str], golds: Sequence[list[str]], references: Sequence[str]) -> Quality:
+        """The outcomes of ``predictions`` against ``golds`` and ``references``, paired by position:
+        lists of other lengths are an error (pairing the first ones and dividing by all of them
+        made a short reference list read as lower agreement)."""
+        if not len(predictions) == len(golds) == len(references):
+            raise ValueError(
+                f"{len(predictions)} answers, {len(golds)} gold lists and {len(references)} reference answers: "
+                "one of each per question, in the same order"
+            )
+        rows = [question_quality(p, g, r) for p, g, r in zip(predictions, golds, references, strict=True)]
+        return cls([r["sub_em"] for r in rows], [r["f1"] for r in rows], [r["agree"] for r in rows])
+
+    def means(self) -> dict[str, float]:
+        """``sub_em``, ``f1`` and ``agreement``: the means over the questions."""
+        return {
+            "sub_em": statistics.fmean(self.sub_em),
+            "f1": statistics.fmean(self.f1),
+            "agreement": statistics.fmean(self.agree),
+        }
+
+    def ci95(self) -> dict[str, list[float]]:
+        """The 95 % bootstrap interval of each mean (:func:`ragcompress.stats.bootstrap_ci`), keyed
+        as :meth:`means`."""
+        return {
+            "sub_em": list(bootstrap_ci(self.sub_em)),
+            "f1": list(bootstrap_ci(self.f1)),
+            "agreement": list(bootstrap_ci(self.agree)),
+        }
+
+
 def article_key(name: str) -> str:
     """One spelling of an article's name: training records an article by its passages' title
     where they have one ("Yuan dynasty"), a question names it by its passage id's prefix
@@ -193,16 +252,18 @@ def summarize(
     import torch
 
     n = len(results)
+    full_quality, cached_quality = quality_of(results)
 
-    def side(pick: Callable[[QuestionResult], Answer]) -> dict[str, float]:
+    def side(quality: Quality, pick: Callable[[QuestionResult], Answer]) -> dict[str, float]:
+        means = quality.means()
         return {
-            "sub_em": sum(sub_em(pick(r).answer, r.question.answers) for r in results) / n,
-            "f1": sum(f1(pick(r).answer, r.question.answers) for r in results) / n,
+            "sub_em": means["sub_em"],
+            "f1": means["f1"],
             "ttft_s_median": statistics.median(pick(r).ttft_s for r in results),
             "ttft_s_mean": statistics.fmean(pick(r).ttft_s for r in results),
         }
 
-    full, compressed = side(lambda r: r.full), side(lambda r: r.cached)
+    full, compressed = side(full_quality, lambda r: r.full), side(cached_quality, lambda r: r.cached)
     with_gold = [r for r in results if r.question.passage_id is not None]
     recall = (sum(r.question.passage_id in r.retrieved for r in with_gold) / len(with_gold)) if with_gold else None
     used = {pid for r in results for pid in r.retrieved}
@@ -213,7 +274,7 @@ def summarize(
         "recall_at_k": recall,
         "full": full,
         "compressed": compressed,
-        "agreement": sum(r.cached.answer == r.full.answer for r in results) / n,
+        "agreement": cached_quality.means()["agreement"],
         "ttft_speedup": full["ttft_s_median"] / compressed["ttft_s_median"],
         # mean against mean: the cost of the answers that fell back to full prefill
         # (AnswerOptions.fallback_margin) shows here; the medians would hide it
@@ -230,30 +291,32 @@ def summarize(
     }
 
 
+def quality_of(results: list[QuestionResult]) -> tuple[Quality, Quality]:
+    """Full prefill's outcomes and the cached answers', both against full prefill's answers."""
+    golds = [r.question.answers for r in results]
+    full = [r.full.answer for r in results]
+    return Quality.of(full, golds, full), Quality.of([r.cached.answer for r in results], golds, full)
+
+
 def outcomes(results: list[QuestionResult]) -> list[dict[str, Any]]:
     """Per-question outcomes (what paired tests between settings need), in question order."""
+    full, cached = quality_of(results)
     return [
-        {
-            "id": r.question.id,
-            "full_sub_em": sub_em(r.full.answer, r.question.answers),
-            "cached_sub_em": sub_em(r.cached.answer, r.question.answers),
-            "agree": float(r.cached.answer == r.full.answer),
-        }
-        for r in results
+        {"id": r.question.id, "full_sub_em": full_em, "cached_sub_em": cached_em, "agree": agree}
+        for r, full_em, cached_em, agree in zip(results, full.sub_em, cached.sub_em, cached.agree, strict=True)
     ]
 
 
 def intervals(results: list[QuestionResult]) -> dict[str, Any]:
     """95 % bootstrap intervals of sub-EM (both sides) and agreement, and the paired comparison
     of cached against full-prefill sub-EM over the same questions (``ragcompress.stats``)."""
-    rows = outcomes(results)
-    full = [r["full_sub_em"] for r in rows]
-    cached = [r["cached_sub_em"] for r in rows]
+    full, cached = quality_of(results)
+    cached_ci = cached.ci95()
     return {
         "ci95": {
-            "full_sub_em": list(bootstrap_ci(full)),
-            "compressed_sub_em": list(bootstrap_ci(cached)),
-            "agreement": list(bootstrap_ci([r["agree"] for r in rows])),
+            "full_sub_em": full.ci95()["sub_em"],
+            "compressed_sub_em": cached_ci["sub_em"],
+            "agreement": cached_ci["agreement"],
         },
-        "compressed_vs_full_sub_em": paired_comparison(cached, full),
+        "compressed_vs_full_sub_em": paired_comparison(cached.sub_em, full.sub_em),
     }

@@ -1,4 +1,5 @@
-"""``summarize``: the ``eval`` JSON's byte figures are the store's own, as ``index`` reports them."""
+"""``summarize``: the ``eval`` JSON's byte figures are the store's own, as ``index`` reports them;
+``Quality``: the per-question outcomes every quality figure is made of."""
 
 from __future__ import annotations
 
@@ -57,3 +58,45 @@ def test_which_side_goes_first_alternates_per_question():
     results = list(iter_eval(Recording(), questions, top_k=1))  # type: ignore[arg-type]
     assert calls == ["full q0", "cached q0", "cached q1", "full q1", "full q2", "cached q2", "cached q3", "full q3"]
     assert [(r.full, r.cached) for r in results] == [(f"full answer q{i}", f"cached answer q{i}") for i in range(4)]
+
+
+def test_quality_compares_decoded_text_and_scores_against_the_golds():
+    """Agreement is the answer's text equal to the reference's, as ``summarize`` compares
+    ``Answer.answer``: not normalised (a re-punctuated answer is another answer), and not token
+    ids (distill_eval compared ids where every other benchmark compared text)."""
+    from ragcompress.evaluation import Quality, question_quality
+
+    golds = [["Denver Broncos"], ["Santa Clara"], ["gold"]]
+    quality = Quality.of(["the Denver Broncos", "Santa Clara.", "x"], golds, ["the Denver Broncos", "Santa Clara", "x"])
+    assert quality.agree == [1.0, 0.0, 1.0]
+    assert quality.sub_em == [1.0, 1.0, 0.0]
+    assert quality.f1 == [1.0, 1.0, 0.0]
+    assert quality.means() == {"sub_em": 2 / 3, "f1": 2 / 3, "agreement": 2 / 3}
+    assert question_quality("Santa Clara.", ["Santa Clara"], "Santa Clara") == {"sub_em": 1.0, "f1": 1.0, "agree": 0.0}
+
+
+@pytest.mark.parametrize(
+    "predictions, golds, references",
+    [(["a", "b"], [["a"], ["b"]], ["a"]), (["a", "b"], [["a"]], ["a", "b"]), (["a"], [["a"], ["b"]], ["a", "b"])],
+)
+def test_quality_of_lists_of_other_lengths_is_an_error(predictions, golds, references):
+    """Paired by position: a short list once paired fewer questions and divided by all of them."""
+    from ragcompress.evaluation import Quality
+
+    with pytest.raises(ValueError, match="one of each per question"):
+        Quality.of(predictions, golds, references)
+
+
+def test_quality_intervals_are_the_bootstrap_of_each_per_question_list():
+    from ragcompress.evaluation import Quality
+    from ragcompress.stats import bootstrap_ci
+
+    answers = ["red", "blue", "green", "grey"]
+    quality = Quality.of(answers, [["red"], ["pink"], ["green"], ["green"]], ["red", "blue", "teal", "grey"])
+    ci = quality.ci95()
+    assert ci == {
+        "sub_em": list(bootstrap_ci([1.0, 0.0, 1.0, 0.0])),
+        "f1": list(bootstrap_ci([1.0, 0.0, 1.0, 0.0])),
+        "agreement": list(bootstrap_ci([1.0, 1.0, 0.0, 1.0])),
+    }
+    assert ci["agreement"][0] < 0.75 < ci["agreement"][1]
