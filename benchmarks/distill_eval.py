@@ -5,8 +5,8 @@ never trained on, each with its top-k passages retrieved over the held-out passa
 model's full-prefill greedy answer and its full next-token distributions along that answer).
 For every setting each passage is encoded alone (``PassageEncoder``, with or without the
 adaptor), compressed, serialised and parsed back through the store codec, and the question is
-read over the runtime's own assembled cache (``runtime.assemble``, per-head masks for evicted
-tokens), so what is measured is what the query path serves:
+read over the cache the runtime's dense path assembles (``DenseStrategy.prepare_segments``,
+per-head masks for evicted tokens), so what is measured is what the query path serves:
 
 * ``kl_answer``: KL(full prefill || cached) per answer position (teacher-forced along the full
   prefill's answer, end row included), full vocabulary, nats; its 95 % bootstrap interval over
@@ -56,9 +56,8 @@ from ragcompress.indexing.inputs import iter_passages
 from ragcompress.kv.quant import QuantConfig
 from ragcompress.models import load_model
 from ragcompress.prompt import PromptTemplate
-from ragcompress.runtime.assemble import assemble
-from ragcompress.runtime.generate import TokenStream, forward_logits, greedy_decode, kl_per_position, stop_token_ids
-from ragcompress.runtime.prepare import plain_prefill
+from ragcompress.runtime.generate import TokenStream, kl_per_position, stop_token_ids, teacher_forced_logprobs
+from ragcompress.runtime.prepare import DenseStrategy, PrefixContext, plain_prefill
 from ragcompress.stats import bootstrap_ci, paired_comparison, paired_ratio
 from ragcompress.store import codec
 
@@ -124,38 +123,16 @@ def segments(
 
 @torch.inference_mode()
 def measure(encoder: PassageEncoder, example: Example, segs: list, stop_ids: set[int]) -> tuple[float, list[int]]:
-    """Full-vocabulary KL along the teacher's answer and the greedy cached answer."""
+    """Full-vocabulary KL along the teacher's answer and the greedy cached answer, each over its
+    own cache from the library's dense path (``DenseStrategy.prepare_segments``: the caches were
+    compressed in memory, never stored), decoded and teacher-forced as the library does."""
     lm = encoder.lm
-    prefix = encoder.prefix_kv
-    prefix_keys = encoder.rotary.rotate_layers(prefix.keys, prefix.positions)
-
-    def cache() -> Any:
-        return assemble(lm.config, encoder.rotary, prefix_keys, prefix, segs, lm.model.dtype, spare_rows=64)
-
-    forced = cache()
-    ids = example.suffix + example.answer
-    logits = forward_logits(
-        lm.model,
-        torch.tensor([ids]),
-        forced.cache,
-        forced.next_position,
-        len(example.answer) + 1,
-        **forced.attention_kwargs(),
-    )
-    student = logits.float().log_softmax(-1)
+    context = PrefixContext.from_prefix(lm, encoder.tokens, encoder.prefix_kv)
+    prepare = partial(DenseStrategy().prepare_segments, context, segs, example.suffix, MAX_NEW_TOKENS, [])
     assert example.qa_full is not None
-    teacher = example.qa_full
-    kl = float(kl_per_position(teacher, student).mean())
-    greedy = cache()  # decoded by the library's token generator, as the dense path's requests are
-    generation = greedy_decode(
-        lm.model,
-        example.suffix,
-        greedy.cache,
-        greedy.next_position,
-        MAX_NEW_TOKENS,
-        stop_ids,
-        **greedy.attention_kwargs(),
-    )
+    student = teacher_forced_logprobs(lm.model, prepare(), example.answer, len(example.answer) + 1)
+    kl = float(kl_per_position(example.qa_full, student).mean())
+    generation = TokenStream(lm.model, prepare, MAX_NEW_TOKENS, stop_ids).run()
     return kl, generation.token_ids
 
 

@@ -20,7 +20,6 @@ import argparse
 import json
 import random
 import re
-from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -32,9 +31,8 @@ from ragcompress.kv import PassageKV
 from ragcompress.kv.quant import QuantConfig
 from ragcompress.models import load_model
 from ragcompress.prompt import PromptTemplate
-from ragcompress.runtime.assemble import assemble
-from ragcompress.runtime.generate import TokenStream, greedy_decode, stop_token_ids
-from ragcompress.runtime.prepare import plain_prefill
+from ragcompress.runtime.generate import Generation, TokenStream, stop_token_ids
+from ragcompress.runtime.prepare import DenseStrategy, PrefixContext, plain_prefill
 from ragcompress.store.codec import decode, encode
 
 ESSAYS = Path(__file__).resolve().parents[2] / "shared" / "data" / "pg-essays-dev"
@@ -61,6 +59,23 @@ def insert_needle(chunks: list[str], depth: float, needle: str) -> list[str]:
     return out
 
 
+def answer_from_caches(
+    context: PrefixContext,
+    segments: list[PassageKV],
+    suffix: list[int],
+    quant: QuantConfig,
+    max_new_tokens: int,
+    stop_ids: set[int],
+) -> Generation:
+    """The greedy answer over the passages' caches ``segments`` as a store of ``quant`` would
+    serve them (serialised and read back through its codec): the caches are compressed in memory,
+    never stored, so they enter the library's dense path after the prefix
+    (``DenseStrategy.prepare_segments``), with its checks, and are decoded by its token generator."""
+    segments = [decode(encode(kv, quant), context.dtype) for kv in segments]
+    prepare = partial(DenseStrategy().prepare_segments, context, segments, suffix, max_new_tokens, [])
+    return TokenStream(context.lm.model, prepare, max_new_tokens, stop_ids).run()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None)
@@ -82,22 +97,13 @@ def main() -> None:
     lm = load_model(args.model)
     tok = lm.tokenizer
     encoder = PassageEncoder(lm, PromptTemplate.from_tokenizer(tok))
-    # the caches are compressed in memory, not stored: the dense strategy's pieces (as
-    # ``runtime.prepare.QueryContext`` places the prefix once), without a store
-    device = lm.model.device
-    rotary, prefix = encoder.rotary, encoder.prefix_kv
-    prefix_keys = rotary.rotate_layers(prefix.keys, prefix.positions).to(device)
-    prefix = replace(prefix, values=prefix.values.to(device))
+    context = PrefixContext.from_prefix(lm, encoder.tokens, encoder.prefix_kv)
     stops = stop_token_ids(tok, lm.model)
     quant = QuantConfig(args.quant)
     rng = random.Random(0)
 
     def cached_answer(segments: list[PassageKV], suffix: list[int]) -> str:
-        segments = [decode(encode(kv, quant), lm.model.dtype) for kv in segments]
-        built = assemble(lm.config, rotary, prefix_keys, prefix, segments, lm.model.dtype)
-        gen = greedy_decode(
-            lm.model, suffix, built.cache, built.next_position, args.max_new_tokens, stops, **built.attention_kwargs()
-        )
+        gen = answer_from_caches(context, segments, suffix, quant, args.max_new_tokens, stops)
         return tok.decode(gen.token_ids, skip_special_tokens=True)
 
     rows = ["full prefill", "none", *[f"{m}@{r}" for m in args.methods for r in args.ratios]]

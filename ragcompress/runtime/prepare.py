@@ -6,7 +6,9 @@ Two strategies put the stored caches in front of the question, behind one small 
 * :class:`DenseStrategy`: every segment is dequantized, re-rotated and written into one
   transformers cache after the prefix (``assemble.py``), one segment at a time; the optional
   repair (selective recompute, APE temperature, ``recompute.py``) edits that cache and may
-  prefill the question in its own pass.
+  prefill the question in its own pass. Caches never stored (the benchmarks compress them in
+  memory) take the same path from their prefix (:class:`PrefixContext`,
+  :meth:`DenseStrategy.prepare_segments`).
 * :class:`PackedStrategy`: segments stay quantized and packed (``packed.py``); the cache holds
   only the prefix, and the registered attention reads the segments through the fused Triton
   kernel (``triton``) or its PyTorch reference (``torch``).
@@ -17,6 +19,7 @@ combinations that cannot run instead of silently running another path.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -44,15 +47,17 @@ from ragcompress_kernels import triton_runs_on, triton_supports_head_dim
 
 
 @dataclass(frozen=True)
-class QueryContext:
-    """What every question over one store shares, computed once when an engine opens.
+class PrefixContext:
+    """What every question after one shared prefix shares, placed once: the store-free part of a
+    :class:`QueryContext`, which is all the dense strategy's cache needs
+    (:meth:`DenseStrategy.prepare_segments`). Caches that are not read from a store (the
+    benchmarks compress them in memory) are answered through it, down the library's own path.
 
     prefix:      the shared prefix cache (keys un-rotated; values on the model's device)
     prefix_keys: ``[layers, kv_heads, P, head_dim]`` prefix keys rotated to ``0..P-1``, on the
                  model's device
     """
 
-    store: KVStore
     lm: LoadedModel
     tokens: PromptTokens
     rotary: Rotary
@@ -61,22 +66,14 @@ class QueryContext:
     prefix_ids: list[int]
 
     @classmethod
-    def create(cls, store: KVStore, lm: LoadedModel) -> QueryContext:
-        """Check that ``lm`` is the store's model, then place the prefix once."""
-        store.manifest.check_lm(lm)
-        tokens = PromptTokens(PromptTemplate.from_dict(store.manifest.template), lm.tokenizer)
+    def from_prefix(cls, lm: LoadedModel, tokens: PromptTokens, prefix: PassageKV) -> PrefixContext:
+        """Place ``prefix``, the cache of ``tokens.prefix()`` (keys un-rotated, on any device),
+        on ``lm``'s device with its keys rotated, once."""
         rotary = Rotary(lm.model)
-        prefix = store.prefix_kv(lm.model.dtype)
-        prefix_ids = tokens.prefix()
-        if len(prefix_ids) != prefix.num_tokens:
-            raise StoreError(
-                f"store {store.path}: prefix cache has {prefix.num_tokens} tokens, "
-                f"the template gives {len(prefix_ids)}; rebuild the store"
-            )
         device = lm.model.device
         prefix_keys = rotary.rotate_layers(prefix.keys, prefix.positions).to(device)
         prefix = replace(prefix, values=prefix.values.to(device))
-        return cls(store, lm, tokens, rotary, prefix, prefix_keys, prefix_ids)
+        return PrefixContext(lm, tokens, rotary, prefix, prefix_keys, tokens.prefix())
 
     @property
     def dtype(self) -> torch.dtype:
@@ -90,6 +87,27 @@ class QueryContext:
         """A preallocated cache holding ``keys``/``values`` ``[layers, kv_heads, n, d]`` (may be
         empty) and room for ``spare_rows`` more tokens written in place."""
         return preallocated_cache(self.lm, keys, values, spare_rows)
+
+
+@dataclass(frozen=True)
+class QueryContext(PrefixContext):
+    """What every question over one store shares, computed once when an engine opens: the store
+    and its prefix, placed (:class:`PrefixContext`)."""
+
+    store: KVStore
+
+    @classmethod
+    def create(cls, store: KVStore, lm: LoadedModel) -> QueryContext:
+        """Check that ``lm`` is the store's model, then place the prefix once."""
+        store.manifest.check_lm(lm)
+        tokens = PromptTokens(PromptTemplate.from_dict(store.manifest.template), lm.tokenizer)
+        placed = PrefixContext.from_prefix(lm, tokens, store.prefix_kv(lm.model.dtype))
+        if len(placed.prefix_ids) != placed.prefix.num_tokens:
+            raise StoreError(
+                f"store {store.path}: prefix cache has {placed.prefix.num_tokens} tokens, "
+                f"the template gives {len(placed.prefix_ids)}; rebuild the store"
+            )
+        return cls(**vars(placed), store=store)
 
 
 def preallocated_cache(lm: LoadedModel, keys: torch.Tensor, values: torch.Tensor, spare_rows: int) -> DynamicCache:
@@ -153,11 +171,36 @@ class DenseStrategy:
     ) -> Prepared:
         # the first passage directly follows the prefix: a store's base copy of it, if it has one
         parsed = {i: context.store.read_segment(entry, first=i == 0) for i, entry in enumerate(entries)}
-        segments = [_layout(segment) for segment in parsed.values()]
-        kept: list[PassageKV] = []
 
         def load(i: int) -> PassageKV:  # its quantized tensors go once it is dequantized
-            kv = context.store.dequantize(entries[i], parsed.pop(i), context.dtype)
+            return context.store.dequantize(entries[i], parsed.pop(i), context.dtype)
+
+        layouts = [_layout(segment) for segment in parsed.values()]
+        exact = context.store.manifest.passages_exact
+        return self.prepare_segments(context, layouts, suffix, max_new_tokens, passage_ids, load, first_exact=exact)
+
+    def prepare_segments(
+        self,
+        context: PrefixContext,
+        segments: list[PassageKV],
+        suffix: list[int],
+        max_new_tokens: int,
+        passage_ids: list[list[int]],
+        load: Callable[[int], PassageKV] | None = None,
+        *,
+        first_exact: bool = False,
+    ) -> Prepared:
+        """:meth:`prepare` from the passages' caches rather than a store's entries: ``segments``
+        (keys un-rotated, as :meth:`KVStore.load_kv` returns them), or, with ``load``, their
+        layouts, each loaded by ``load(j)`` as it is written (:func:`assemble`). What a caller
+        whose caches were never stored (a benchmark compressing them in memory) answers through,
+        with every check and repair of the stored path. ``first_exact``: a uniform first segment
+        is what full prefill computes for its passage (:attr:`Manifest.passages_exact`), so the
+        selective recompute leaves it alone."""
+        kept: list[PassageKV] = []
+
+        def read(i: int) -> PassageKV:
+            kv = segments[i] if load is None else load(i)
             if i == 0 and self.keep_first:
                 kept.append(kv)
             return kv
@@ -171,7 +214,7 @@ class DenseStrategy:
             segments,
             context.dtype,
             spare,
-            load,
+            read,
         )
         window = sliding_window(context.lm.config)
         if self.recompute.recomputes and window is not None and built.next_position + len(suffix) >= window:
@@ -196,7 +239,7 @@ class DenseStrategy:
             segments,
             passage_ids,
             self.recompute,
-            first_exact=context.store.manifest.passages_exact,
+            first_exact=first_exact,
             suffix=suffix,
         )
         first = kept[0] if kept else None
