@@ -214,8 +214,8 @@ def oracle_stream(engine: Engine, question: str, entries, options: AnswerOptions
     costs more than a full prefill): what agreement is left when only quantization differs."""
     from ragcompress.indexing.encoder import PassageEncoder
     from ragcompress.prompt import PromptTemplate
-    from ragcompress.runtime.assemble import assemble
     from ragcompress.runtime.generate import Prepared
+    from ragcompress.runtime.prepare import DenseStrategy
     from ragcompress.store import codec
 
     suffix = engine.suffix_ids(question, entries, options)
@@ -233,16 +233,8 @@ def oracle_stream(engine: Engine, question: str, entries, options: AnswerOptions
             codec.parse(codec.encode(exact, engine.store.quant), engine.store.shape).dense()
             for exact in encoder.encode(passages, contexts)
         ]
-        built = assemble(
-            engine.lm.config,
-            engine.rotary,
-            engine.context.prefix_keys,
-            engine.prefix,
-            segments,
-            engine.context.dtype,
-            len(suffix) + options.max_new_tokens,
-        )
-        return Prepared(built.cache, suffix, built.next_position, built.attention_kwargs(), None, "dense")
+        # the dense path's own assembly and checks (issue #8: one path), from caches never stored
+        return DenseStrategy().prepare_segments(engine.context, segments, suffix, options.max_new_tokens, passages)
 
     return TokenStream(engine.lm.model, prepare, options.max_new_tokens, engine.stop_ids)
 

@@ -733,6 +733,23 @@ def test_reversed_setting_is_full_prefill_of_the_passages_in_the_opposite_order(
     assert len(set(three["passages"])) == 3 and three["reversed"]["kl"] > 1e-6
 
 
+def test_oracle_setting_is_full_prefill_on_an_unquantized_store(stores):
+    """benchmarks/recompute_quality.py's ``oracle`` row (every passage's exact KV, through the
+    dense path's own assembly): on a store that does not quantize, it is full prefill's answer
+    with KL 0 up to float rounding, for one passage and for three."""
+    from types import SimpleNamespace
+
+    import recompute_quality as quality
+
+    built = stores("qwen2", "none")
+    engine = Engine(built.store, built.lm, built.embedder, AnswerOptions(max_new_tokens=4, backend="dense"))
+    item = SimpleNamespace(id="q", question=QUESTION, answers=["Melbourne"])
+    variants = quality.Variants(engine, {})
+    for top_k in (1, 3):
+        record = quality.question_record(variants, item, top_k, ["oracle"])
+        assert record["oracle"]["answer"] == record["full"]["answer"] and record["oracle"]["kl"] < 1e-6
+
+
 def test_quality_benchmark_rotates_which_timed_path_runs_first(stores, monkeypatch):
     """recompute_quality.py times full prefill, prefix-cached prefill and each setting once per
     question; the untimed reference prefill comes first, then the timed paths start one place on
