@@ -57,8 +57,8 @@ from typing import Any
 
 import httpx
 
-from ragcompress.bench import git_revision
 from ragcompress.data import SAMPLE_QUESTIONS
+from ragcompress.provenance import git_revision
 
 from common import Service, chat_body, question_texts
 

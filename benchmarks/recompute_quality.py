@@ -65,6 +65,7 @@ from common import (
     question_article,
     results_meta,
     rewind,
+    row_run,
     run_keeping_request,
     store_adaptors,
     store_created,
@@ -412,12 +413,10 @@ def evaluate(
 ):
     """Every question's record (read back from ``checkpoint`` where it is already there). ``run``
     (:func:`run_identity`) is written into each new record with the code revision and threads."""
-    from ragcompress.bench import git_revision
-
     engine = variants.base
     dtype = engine.lm.dtype_name  # as records and --dtype name it
     done = checkpointed(checkpoint, top_k, settings, dtype, run)
-    provenance = {**(run or {}), "git": git_revision(), "threads": torch.get_num_threads()}
+    provenance = {**(run or {}), **row_run()}
     warm = engine.retrieve(questions[0].question, top_k)
     run_forced(engine.lm.model, engine.stream_full(questions[0].question, warm))
     records = []

@@ -248,10 +248,10 @@ def bench(
     quiet_libraries()
     from ragcompress.bench import bench as run_bench
     from ragcompress.bench import (
+        bench_meta,
         indexing_throughput,
         packed_ttft_overhead,
         plot,
-        run_meta,
         store_indexer,
         table,
         to_json,
@@ -284,7 +284,8 @@ def bench(
             throughput = indexing_throughput(engine, indexing, repeats, indexer)
         if packed and engine.store.quant.bits is not None:
             comparison = packed_ttft_overhead(engine, [q.question for q in items], max(top_ks), repeats)
-        data = {**to_json(engine, rows, run_meta(repeats, limit)), "preset": preset, "preset_matches_store": matches}
+        meta = bench_meta(repeats, limit, len(items), engine.store.manifest.model_ref)
+        data = {**to_json(engine, rows, meta), "preset": preset, "preset_matches_store": matches}
     finally:
         engine.close()
     human = table(rows)
