@@ -99,11 +99,12 @@ def store_adaptors(stores: dict[str, str], asked: set[str], adaptor_dirs: list[P
     article the questions ask about, or if it is neither packaged nor given."""
     from ragcompress.distill.adaptor import Adaptor
     from ragcompress.distill.packaged import packaged_adaptor
+    from ragcompress.store.manifest import Manifest
 
     given = {a.hash: a for a in (Adaptor.load(d) for d in adaptor_dirs or [])}
     found = {}
     for name, path in stores.items():
-        recorded = json.loads((Path(path) / "manifest.json").read_text()).get("encoding", {}).get("adaptor")
+        recorded = Manifest.read(Path(path)).encoding.get("adaptor")
         if not recorded:
             continue
         adaptor = given.get(str(recorded)) or packaged_adaptor(str(recorded))

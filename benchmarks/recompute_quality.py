@@ -58,6 +58,7 @@ from ragcompress.runtime.options import AnswerOptions
 from ragcompress.runtime.recompute import SELECTIONS, RecomputeConfig
 from ragcompress.stats import bootstrap_ci, paired_comparison
 from ragcompress.store import KVStore
+from ragcompress.store.manifest import Manifest
 
 from common import (
     measured_by,
@@ -542,18 +543,18 @@ def report_only(args: argparse.Namespace) -> None:
     """The result JSON of the sampled questions whose records ``--checkpoint`` holds (a run cut
     short reports on the questions it finished; ``n`` says how many)."""
     questions, adaptors = questions_asked(args)
-    manifest = json.loads((Path(args.store) / "manifest.json").read_text())
+    manifest = Manifest.read(Path(args.store))
     result: dict = {
         "store": args.store,
         "variants": args.variant,
-        "model": manifest["model_ref"],
+        "model": manifest.model_ref,
         "dtype": args.dtype or DEFAULT_DTYPE,
         "argv": sys.argv[1:],
         **({"articles": sorted(args.articles)} if args.articles else {}),
         **({"adaptors": adaptors} if adaptors else {}),
         # this process answered nothing: the threads are the run's only if --threads says them
         "meta": {
-            **results_meta({**vars(args), "questions": len(questions), "model": manifest["model_ref"]}),
+            **results_meta({**vars(args), "questions": len(questions), "model": manifest.model_ref}),
             "threads": args.threads,
             "from_checkpoint": str(args.checkpoint),
         },
