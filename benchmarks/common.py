@@ -104,13 +104,13 @@ def store_adaptors(stores: dict[str, str], asked: set[str], adaptor_dirs: list[P
     given = {a.hash: a for a in (Adaptor.load(d) for d in adaptor_dirs or [])}
     found = {}
     for name, path in stores.items():
-        recorded = Manifest.read(Path(path)).encoding.get("adaptor")
-        if not recorded:
+        recorded = Manifest.read(Path(path)).adaptor_hash
+        if recorded is None:
             continue
-        adaptor = given.get(str(recorded)) or packaged_adaptor(str(recorded))
+        adaptor = given.get(recorded) or packaged_adaptor(recorded)
         if adaptor is None:
             raise SystemExit(
-                f"store {name}: adaptor {str(recorded)[:16]} is neither packaged nor given with --adaptor-dir "
+                f"store {name}: adaptor {recorded[:16]} is neither packaged nor given with --adaptor-dir "
                 "(its training articles are unknown)"
             )
         found[name] = adaptor_provenance(adaptor, asked, f"store {name}'s adaptor")

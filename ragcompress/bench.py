@@ -183,8 +183,8 @@ def store_indexer(engine: Engine) -> Indexer:
     from ragcompress.distill.packaged import packaged_adaptor_dir
     from ragcompress.indexing import Indexer
 
-    recorded = engine.store.manifest.encoding.get("adaptor")
-    if recorded and packaged_adaptor_dir(recorded) is None:
+    recorded = engine.store.manifest.adaptor_hash
+    if recorded is not None and packaged_adaptor_dir(recorded) is None:
         raise InputError(
             f"store {engine.store.path} was encoded through adaptor {recorded[:16]}, which is not packaged: "
             "indexing cannot be timed without it (--indexing-passages 0 skips that)"

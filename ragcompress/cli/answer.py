@@ -206,8 +206,7 @@ def adaptor_training_overlap(engine: Any, items: list[Any]) -> dict[str, Any] | 
     from ragcompress.distill.packaged import packaged_adaptor
     from ragcompress.evaluation import article_key
 
-    recorded = engine.store.manifest.encoding.get("adaptor")
-    adaptor = packaged_adaptor(str(recorded)) if recorded else None
+    adaptor = packaged_adaptor(engine.store.manifest.adaptor_hash)
     if adaptor is None:
         return None
     trained = {article_key(a) for a in adaptor.meta.get("train_articles", [])}
