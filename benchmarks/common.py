@@ -41,6 +41,8 @@ from ragcompress.errors import InputError
 from ragcompress.evaluation import Question, article_key, read_questions, select_questions
 from ragcompress.kv import PassageKV
 from ragcompress.kv.quant import QuantConfig
+from ragcompress.provenance import META_KEYS, ROW_KEYS, run_meta
+from ragcompress.provenance import row_run as row_run  # re-exported
 from ragcompress.runtime.generate import rewind as rewind  # re-exported
 from ragcompress.runtime.generate import run_keeping_request as run_keeping_request  # re-exported
 from ragcompress.runtime.generate import teacher_forced_logprobs as teacher_forced_logprobs  # re-exported
@@ -97,17 +99,18 @@ def store_adaptors(stores: dict[str, str], asked: set[str], adaptor_dirs: list[P
     article the questions ask about, or if it is neither packaged nor given."""
     from ragcompress.distill.adaptor import Adaptor
     from ragcompress.distill.packaged import packaged_adaptor
+    from ragcompress.store.manifest import Manifest
 
     given = {a.hash: a for a in (Adaptor.load(d) for d in adaptor_dirs or [])}
     found = {}
     for name, path in stores.items():
-        recorded = json.loads((Path(path) / "manifest.json").read_text()).get("encoding", {}).get("adaptor")
-        if not recorded:
+        recorded = Manifest.read(Path(path)).adaptor_hash
+        if recorded is None:
             continue
-        adaptor = given.get(str(recorded)) or packaged_adaptor(str(recorded))
+        adaptor = given.get(recorded) or packaged_adaptor(recorded)
         if adaptor is None:
             raise SystemExit(
-                f"store {name}: adaptor {str(recorded)[:16]} is neither packaged nor given with --adaptor-dir "
+                f"store {name}: adaptor {recorded[:16]} is neither packaged nor given with --adaptor-dir "
                 "(its training articles are unknown)"
             )
         found[name] = adaptor_provenance(adaptor, asked, f"store {name}'s adaptor")
@@ -228,14 +231,6 @@ def model_slug(model: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", model).strip("_")
 
 
-def row_run() -> dict[str, Any]:
-    """What a results row records of the run that measured it (code revision and torch threads):
-    rows kept across invocations keep their own, and :func:`measured_by` lists them."""
-    from ragcompress.bench import git_revision
-
-    return {"git": git_revision(), "threads": torch.get_num_threads()}
-
-
 def store_created(path: Path) -> str | None:
     """When the store at ``path`` was built (its manifest's ``created``; None where it is gone):
     a store rebuilt at the same path is another store to a checkpoint or a kept row."""
@@ -244,10 +239,11 @@ def store_created(path: Path) -> str | None:
     return Manifest.read(path).created if (path / MANIFEST).is_file() else None
 
 
-def measured_by(runs: Iterable[dict[str, Any]], keys: tuple[str, ...] = ("git", "threads")) -> dict[str, list[str]]:
+def measured_by(runs: Iterable[dict[str, Any]], keys: tuple[str, ...] = ROW_KEYS) -> dict[str, list[str]]:
     """Every value of each of ``keys`` among ``runs`` (what each checkpointed record or row says
-    of the run that measured it; ``not recorded`` where it says nothing): a results file's own
-    ``meta.git`` is only the revision that wrote it, and a resumed run can span several."""
+    of the run that measured it, :func:`~ragcompress.provenance.row_run`; ``not recorded`` where
+    it says nothing): a results file's own ``meta.git`` is only the revision that wrote it, and a
+    resumed run can span several."""
     runs = list(runs)
     return {key: sorted({str(run[key]) if key in run else "not recorded" for run in runs}) for key in keys}
 
@@ -444,24 +440,10 @@ def chat_body(
 
 # -- run metadata every results file records ----------------------------------------------------
 
-RESULTS_META_KEYS = ("git", "threads", "repeats", "limit", "questions", "model")
-
 
 def results_meta(args_or_dict: Any) -> dict[str, Any]:
-    """The run metadata a results file records under ``"meta"`` (``benchmarks/report.py`` names the
-    files in ``docs/results/`` that lack it): ``git`` (short revision, ``-dirty`` when tracked files
-    differ from it), ``threads`` (torch's setting unless given), ``repeats``, ``limit``,
-    ``questions`` (a count or a questions file) and ``model``, read from an ``argparse.Namespace``
-    or a dict (what it does not hold is ``None``), and ``keep_freed_memory``, whether the
-    allocator setting applied in this process."""
-    from ragcompress.bench import git_revision
-    from ragcompress.runtime.memory import freed_memory_kept
-
+    """The run metadata a results file records under ``"meta"``
+    (:func:`ragcompress.provenance.run_meta`), its :data:`~ragcompress.provenance.META_KEYS` read
+    from a script's ``argparse.Namespace`` or a dict (what it does not hold is ``None``)."""
     given = args_or_dict if isinstance(args_or_dict, dict) else vars(args_or_dict)
-    meta: dict[str, Any] = {key: given.get(key) for key in RESULTS_META_KEYS}
-    meta["git"] = given.get("git") or git_revision()
-    if meta["threads"] is None:
-        meta["threads"] = torch.get_num_threads()
-    # the scripts import the library, which never applies the allocator setting; the CLI does
-    meta["keep_freed_memory"] = freed_memory_kept()
-    return {key: str(value) if isinstance(value, Path) else value for key, value in meta.items()}
+    return run_meta(**{key: given.get(key) for key in META_KEYS})

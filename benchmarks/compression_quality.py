@@ -35,7 +35,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from ragcompress.bench import git_revision
 from ragcompress.compressors import CompressionContext, make_compressor
 from ragcompress.evaluation import Quality, Question
 from ragcompress.indexing import IndexConfig, build_manifest
@@ -62,6 +61,7 @@ from common import (
     plot_against_compression,
     results_meta,
     row_name,
+    row_run,
     side_row,
     tokens_digest,
 )
@@ -356,7 +356,7 @@ def main() -> None:
 
     # each row says which code measured it and from which uncompressed caches: "encoded" (float32,
     # as indexing computes them, by every invocation); rows of older resumed runs say "fp16 store"
-    provenance = {"git": git_revision(), "threads": args.threads, "full_caches": "encoded"}
+    provenance = {**row_run(threads=args.threads), "full_caches": "encoded"}
 
     def save() -> None:
         rows = results["rows"].values()

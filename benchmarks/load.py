@@ -57,8 +57,9 @@ from typing import Any
 
 import httpx
 
-from ragcompress.bench import git_revision
 from ragcompress.data import SAMPLE_QUESTIONS
+from ragcompress.provenance import git_revision
+from ragcompress.store.manifest import Manifest
 
 from common import Service, chat_body, question_texts
 
@@ -517,7 +518,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     scratch_dir = None
     model_ref = threads = None
     if args.serve_store:
-        model_ref = json.loads((Path(args.serve_store) / "manifest.json").read_text()).get("model_ref")
+        model_ref = Manifest.read(Path(args.serve_store)).model_ref
         threads = server_threads()
         scratch_dir = tempfile.TemporaryDirectory(prefix="ragcompress-load-")
         scratch = Path(scratch_dir.name)

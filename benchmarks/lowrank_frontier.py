@@ -65,7 +65,6 @@ from typing import Any
 
 import torch
 
-from ragcompress.bench import git_revision
 from ragcompress.compressors.adaptive import GlobalBudget
 from ragcompress.compressors.scorer import gather_kept
 from ragcompress.compressors.snapkv import SnapKVCompressor, pool_scores
@@ -81,6 +80,7 @@ from ragcompress.kv import ModelShape, PassageKV
 from ragcompress.kv.lowrank import CalibrationMoments, LowRankBasis, RankSpec
 from ragcompress.kv.quant import QuantConfig
 from ragcompress.models import LoadedModel, load_model
+from ragcompress.provenance import git_revision
 from ragcompress.retrieval import Embedder, exact_top_k
 from ragcompress.runtime.engine import Engine
 from ragcompress.runtime.generate import kl_per_position

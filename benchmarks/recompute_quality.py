@@ -58,6 +58,7 @@ from ragcompress.runtime.options import AnswerOptions
 from ragcompress.runtime.recompute import SELECTIONS, RecomputeConfig
 from ragcompress.stats import bootstrap_ci, paired_comparison
 from ragcompress.store import KVStore
+from ragcompress.store.manifest import Manifest
 
 from common import (
     measured_by,
@@ -65,6 +66,7 @@ from common import (
     question_article,
     results_meta,
     rewind,
+    row_run,
     run_keeping_request,
     store_adaptors,
     store_created,
@@ -398,12 +400,10 @@ def evaluate(
 ):
     """Every question's record (read back from ``checkpoint`` where it is already there). ``run``
     (:func:`run_identity`) is written into each new record with the code revision and threads."""
-    from ragcompress.bench import git_revision
-
     engine = variants.base
     dtype = engine.lm.dtype_name  # as records and --dtype name it
     done = checkpointed(checkpoint, top_k, settings, dtype, run)
-    provenance = {**(run or {}), "git": git_revision(), "threads": torch.get_num_threads()}
+    provenance = {**(run or {}), **row_run()}
     warm = engine.retrieve(questions[0].question, top_k)
     run_forced(engine.lm.model, engine.stream_full(questions[0].question, warm))
     records = []
@@ -529,18 +529,18 @@ def report_only(args: argparse.Namespace) -> None:
     """The result JSON of the sampled questions whose records ``--checkpoint`` holds (a run cut
     short reports on the questions it finished; ``n`` says how many)."""
     questions, adaptors = questions_asked(args)
-    manifest = json.loads((Path(args.store) / "manifest.json").read_text())
+    manifest = Manifest.read(Path(args.store))
     result: dict = {
         "store": args.store,
         "variants": args.variant,
-        "model": manifest["model_ref"],
+        "model": manifest.model_ref,
         "dtype": args.dtype or DEFAULT_DTYPE,
         "argv": sys.argv[1:],
         **({"articles": sorted(args.articles)} if args.articles else {}),
         **({"adaptors": adaptors} if adaptors else {}),
         # this process answered nothing: the threads are the run's only if --threads says them
         "meta": {
-            **results_meta({**vars(args), "questions": len(questions), "model": manifest["model_ref"]}),
+            **results_meta({**vars(args), "questions": len(questions), "model": manifest.model_ref}),
             "threads": args.threads,
             "from_checkpoint": str(args.checkpoint),
         },

@@ -41,15 +41,15 @@ Each generated table sits in README.md between ``<!-- report:NAME -->`` and
 
 Every quality figure of a cached or compressed row comes with its reference and its percentage of
 full prefill. Files in ``docs/results/`` that do not record the run metadata of
-``common.results_meta`` (git, threads, repeats, limit, questions, model) are named on stderr.
+``ragcompress.provenance.run_meta`` (git, threads, repeats, limit, questions, model) are named on stderr.
 
     .venv/bin/python benchmarks/report.py           # rewrite the blocks of README.md in place
     .venv/bin/python benchmarks/report.py --check   # exit 1 naming the first block that differs
 
 A block whose files are missing fails; to switch the TTFT table to the new shape, replace the
 ``ttft`` markers by ``ttft-curve`` ones (and ``packed`` by ``packed-curve``) and run the script.
-This module imports the standard library and ``ragcompress.stats`` only (no torch: it runs in a
-fraction of a second; ``tests/test_report.py`` runs it in-process).
+This module imports the standard library, ``ragcompress.stats`` and ``ragcompress.provenance``
+only (no torch: it runs in a fraction of a second; ``tests/test_report.py`` runs it in-process).
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from ragcompress.provenance import META_KEYS
 from ragcompress.stats import mcnemar_exact
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,8 +84,6 @@ DOCS = tuple(
 )
 RESULTS = ROOT / "docs" / "results"
 
-# Same keys as common.RESULTS_META_KEYS (common imports torch; this script must not).
-META_KEYS = ("git", "threads", "repeats", "limit", "questions", "model")
 MODEL_NAMES = {"smollm2-135m": "SmolLM2-135M", "qwen2.5-coder-0.5b": "Qwen2.5-Coder-0.5B"}
 TAG_ORDER = ("smollm2", "qwen")  # file-name tags, in the README's order of models (default model first)
 

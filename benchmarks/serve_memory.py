@@ -43,6 +43,7 @@ from typing import Any
 import httpx
 
 from ragcompress.data import SAMPLE_QUESTIONS
+from ragcompress.store.manifest import Manifest
 
 from common import Service, chat_body, question_texts, results_meta
 
@@ -146,7 +147,7 @@ def paired_ratios(runs: list[dict[str, Any]], plan: list[tuple[str, int]], warmu
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     questions = question_texts(args.questions)
     plan = request_plan(questions, args.requests, args.max_top_k, args.seed)
-    manifest = json.loads((args.store / "manifest.json").read_text())
+    manifest = Manifest.read(args.store)
     load_at_start = os.getloadavg()[0]
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="ragcompress-serve-memory-") as scratch:
@@ -168,9 +169,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         per_setting[setting] = {key: statistics.median(row[key] for row in rows) for key in rows[0]}
         per_setting[setting]["rounds"] = rows
     return {
-        "meta": results_meta({"model": manifest.get("model_ref"), "questions": str(args.questions)}),
+        "meta": results_meta({"model": manifest.model_ref, "questions": str(args.questions)}),
         "store": str(args.store),
-        "store_quant": manifest.get("compression", {}).get("quant"),
+        "store_quant": manifest.compression.get("quant"),
         "requests": args.requests,
         "warmup": args.warmup,
         "max_top_k": args.max_top_k,

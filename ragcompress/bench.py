@@ -26,8 +26,8 @@ import torch
 
 from ragcompress.errors import InputError, need_matplotlib
 from ragcompress.evaluation import Question
+from ragcompress.provenance import run_meta
 from ragcompress.runtime.engine import Answer, Engine
-from ragcompress.runtime.memory import freed_memory_kept
 from ragcompress.runtime.options import AnswerOptions
 from ragcompress.store.catalogue import Entry
 
@@ -183,8 +183,8 @@ def store_indexer(engine: Engine) -> Indexer:
     from ragcompress.distill.packaged import packaged_adaptor_dir
     from ragcompress.indexing import Indexer
 
-    recorded = engine.store.manifest.encoding.get("adaptor")
-    if recorded and packaged_adaptor_dir(recorded) is None:
+    recorded = engine.store.manifest.adaptor_hash
+    if recorded is not None and packaged_adaptor_dir(recorded) is None:
         raise InputError(
             f"store {engine.store.path} was encoded through adaptor {recorded[:16]}, which is not packaged: "
             "indexing cannot be timed without it (--indexing-passages 0 skips that)"
@@ -327,45 +327,12 @@ def plot(rows: list[BenchRow], path: Path, title: str = "") -> None:
     plt.close(fig)
 
 
-def git_revision() -> str:
-    """Short revision of the checkout this code runs from, ``-dirty`` when tracked files differ
-    from it, ``unknown`` otherwise (an installed wheel, no git). The repository must be the
-    package's own: a wheel installed into a site-packages inside another git repository (a user's
-    project) once reported that project's commit as the code's."""
-    import subprocess
-
-    root = Path(__file__).resolve().parents[1]  # the folder holding the ragcompress package
-    if not ((root / "pyproject.toml").is_file() and (root / "ragcompress" / "__init__.py").is_file()):
-        return "unknown"  # not a source checkout: site-packages holds no pyproject.toml
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", "-C", str(root), *args], capture_output=True, text=True, check=True
-        ).stdout.strip()
-
-    try:
-        if Path(git("rev-parse", "--show-toplevel")).resolve() != root:
-            return "unknown"  # the checkout is some enclosing repository, not ragcompress's
-        revision = git("rev-parse", "--short", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return revision + ("-dirty" if dirty else "")
-
-
-def run_meta(repeats: int, limit: int) -> dict[str, Any]:
-    """What a results file records about the run: code revision, threads, sample size, load, and
-    whether the allocator setting applied (``runtime.memory``)."""
-    import torch
-
-    return {
-        "git": git_revision(),
-        "threads": torch.get_num_threads(),
-        "repeats": repeats,
-        "limit": limit,
-        "load_avg": [round(x, 2) for x in os.getloadavg()],
-        "keep_freed_memory": freed_memory_kept(),
-    }
+def bench_meta(repeats: int, limit: int, questions: int, model: str) -> dict[str, Any]:
+    """What a ``bench --json`` records of its run (:func:`ragcompress.provenance.run_meta`):
+    ``questions`` is how many questions each row timed (``limit``, or fewer when the questions
+    file holds fewer), ``model`` the store's, and ``load_avg`` the load average at the end."""
+    meta = run_meta(repeats=repeats, limit=limit, questions=questions, model=model)
+    return {**meta, "load_avg": [round(x, 2) for x in os.getloadavg()]}
 
 
 def to_json(engine: Engine, rows: list[BenchRow], meta: dict[str, Any]) -> dict[str, Any]:

@@ -9,7 +9,10 @@ the embedded model's package (the GPU check's bare CUDA image).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ragcompress.store.manifest import Manifest
 
 TINY_ARCHS = ("llama", "qwen2", "mistral", "gemma")
 
@@ -143,6 +146,32 @@ def noisy_adaptor(model: Any, seed: int, scorer: bool = False, kind: str = "forw
         adaptor.tensors[SCORER_WEIGHT] = torch.randn(layers, heads, 2 * head_dim, generator=gen)
         adaptor.tensors[SCORER_BIAS] = torch.randn(layers, heads, generator=gen)
     return adaptor
+
+
+def made_up_manifest(encoding: dict[str, Any]) -> Manifest:
+    """The sealed :class:`~ragcompress.store.manifest.Manifest` of a made-up store whose passages
+    were encoded as ``encoding`` says (e.g. ``{"adaptor": HASH}``), for code that reads no more
+    than a store's manifest (which adaptor a store was built with)."""
+    from ragcompress.store.manifest import Manifest
+
+    return Manifest(
+        model_ref="made-up",
+        model_fingerprint="f",
+        tokenizer_hash="t",
+        template={"prefix": "", "passage_format": "{text}", "suffix_format": "{question}"},
+        compression={"method": "none", "quant": "none", "group_size": 32},
+        embedder="e",
+        model_shape={"layers": 1, "kv_heads": 1, "head_dim": 8},
+        encoding=encoding,
+    ).sealed()
+
+
+def manifest_only_store(directory: str | Path, encoding: dict[str, Any]) -> Path:
+    """A folder holding only :func:`made_up_manifest` (the benchmarks' adaptor checks read no more)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True)
+    made_up_manifest(encoding).write(directory)
+    return directory
 
 
 class PlainRotary:

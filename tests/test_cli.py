@@ -705,8 +705,9 @@ def test_bench_reports_every_path_per_context_size(cli_store, monkeypatch, capfd
         )
         assert r["cache_work_share"] == pytest.approx(r["cache_work_s"] / r["ttft_s"]["cached"])
         assert r["kv_bytes"]["stored"] < r["kv_bytes"]["fp16"]
-    assert set(data["meta"]) == {"git", "threads", "repeats", "limit", "load_avg", "keep_freed_memory"}
-    assert data["meta"]["repeats"] == 1 and isinstance(data["meta"]["keep_freed_memory"], bool)
+    meta = data["meta"]
+    assert set(meta) == {"git", "threads", "repeats", "limit", "questions", "model", "load_avg", "keep_freed_memory"}
+    assert meta["repeats"] == 1 == meta["questions"] and isinstance(meta["keep_freed_memory"], bool)
     assert data["indexing"]["passages"] == 2 and data["indexing"]["ratio"] > 0
     assert plot.stat().st_size > 0
     packed = json.loads(out)["packed_attention"]  # the store is int8: both attention paths are timed

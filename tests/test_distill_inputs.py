@@ -596,13 +596,14 @@ def test_eval_notes_questions_from_the_stores_adaptors_training_articles():
     from ragcompress.cli.answer import adaptor_training_overlap
     from ragcompress.distill.adaptor import Adaptor
     from ragcompress.evaluation import Question
+    from ragcompress.testing import made_up_manifest
 
     adaptor = Adaptor.load(Path(distill.__file__).parent / "adaptors" / "smollm2-135m")
     trained, held_out = adaptor.meta["train_articles"][0], adaptor.meta["val_articles"][0]
     items = [Question(f"q{i}", "Who?", ["x"], f"{a}#0") for i, a in enumerate([trained, held_out, trained])]
 
     def engine(encoding: dict) -> SimpleNamespace:
-        return SimpleNamespace(store=SimpleNamespace(manifest=SimpleNamespace(encoding=encoding)))
+        return SimpleNamespace(store=SimpleNamespace(manifest=made_up_manifest(encoding)))
 
     seen = adaptor_training_overlap(engine({"adaptor": adaptor.hash}), items)
     assert seen == {"adaptor": adaptor.hash, "questions": 2, "articles": [trained]}

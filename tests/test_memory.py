@@ -61,14 +61,16 @@ def test_the_command_keeps_freed_memory_and_the_variable_turns_it_off(monkeypatc
 def test_results_files_record_whether_the_setting_applied(monkeypatch):
     """TTFT moves with the setting, and the CLI applies it where the benchmark scripts do not:
     both kinds of results file say which it was."""
-    from ragcompress.bench import run_meta
+    from ragcompress.bench import bench_meta
 
     import common
 
     monkeypatch.delenv(memory.OPT_OUT, raising=False)  # a run with the setting turned off would skip it
     monkeypatch.setattr(memory, "_applied", False)
-    assert run_meta(1, 1)["keep_freed_memory"] is False
+    assert bench_meta(1, 1, 1, "m")["keep_freed_memory"] is False
     assert common.results_meta({})["keep_freed_memory"] is False
     assert memory.keep_freed_memory() is True  # the process keeps it from here on, as the CLI does
     assert memory.freed_memory_kept() is True
-    assert run_meta(1, 1)["keep_freed_memory"] is True and common.results_meta({})["keep_freed_memory"] is True
+    assert (
+        bench_meta(1, 1, 1, "m")["keep_freed_memory"] is True and common.results_meta({})["keep_freed_memory"] is True
+    )

@@ -961,25 +961,44 @@ def test_benchmarks_refuse_questions_from_an_adaptors_training_articles(tmp_path
     """common.store_adaptors (recompute_quality.py, dtype_ttft.py): a store encoded through a
     packaged adaptor may be measured on articles the adaptor never saw, and is refused on one it
     was trained on; a store without an adaptor has nothing to check."""
-    import json
     from pathlib import Path
 
     import ragcompress.distill as distill
     from ragcompress.distill.adaptor import Adaptor
+    from ragcompress.testing import manifest_only_store
 
     import common
 
     adaptor = Adaptor.load(Path(distill.__file__).parent / "adaptors" / "smollm2-135m")
-    store, plain = tmp_path / "store", tmp_path / "plain"
-    for path, encoding in ((store, {"adaptor": adaptor.hash}), (plain, {})):
-        path.mkdir()
-        (path / "manifest.json").write_text(json.dumps({"encoding": encoding}))
+    store = manifest_only_store(tmp_path / "store", {"adaptor": adaptor.hash})
+    plain = manifest_only_store(tmp_path / "plain", {})
     trained = set(adaptor.meta["train_articles"])
     unseen = set(adaptor.meta["val_articles"])
     assert common.store_adaptors({"s": str(store)}, unseen)["s"]["hash"] == adaptor.hash
     with pytest.raises(SystemExit, match="was trained on"):
         common.store_adaptors({"s": str(store)}, unseen | {sorted(trained)[0]})
     assert common.store_adaptors({"p": str(plain)}, trained) == {}
+
+
+def test_benchmarks_read_a_stores_manifest_as_the_library_does(tmp_path):
+    """common.store_adaptors parsed manifest.json by hand: a folder that is not a store gave a
+    FileNotFoundError traceback, and a manifest whose adaptor was edited away after the build
+    passed as a store of the base model, its training articles unchecked. Both are the store's
+    own errors now (``Manifest.read``)."""
+    import json
+
+    from ragcompress.errors import StoreError
+    from ragcompress.testing import manifest_only_store
+
+    import common
+
+    with pytest.raises(StoreError, match="is not a ragcompress store"):
+        common.store_adaptors({"s": str(tmp_path)}, set())
+    store = manifest_only_store(tmp_path / "store", {"adaptor": "0" * 64})
+    data = json.loads((store / "manifest.json").read_text())
+    (store / "manifest.json").write_text(json.dumps({**data, "encoding": {}}))
+    with pytest.raises(StoreError, match="was edited after the store was built"):
+        common.store_adaptors({"s": str(store)}, set())
 
 
 def test_neighbour_overlap_counts_a_context_exact_only_when_it_is_the_encoding_context():

@@ -317,15 +317,15 @@ def test_a_pair_with_run_is_checked_as_this_runs_stores_are(tmp_path):
     import argparse
     from types import SimpleNamespace
 
+    from ragcompress.testing import manifest_only_store
+
     quality = importlib.import_module("recompute_quality")
     stores = {}
     for name, adaptor in (
         ("plain", None),
         ("adapted", "5d00aa4bbe9f8b2b9365876ef6b153eeff8662bce5788f9eae57ea094d9214a1"),
     ):
-        stores[name] = tmp_path / name
-        stores[name].mkdir()
-        (stores[name] / "manifest.json").write_text(json.dumps({"encoding": {"adaptor": adaptor}}))
+        stores[name] = manifest_only_store(tmp_path / name, {"adaptor": adaptor} if adaptor else {})
     theirs = tmp_path / "theirs.jsonl"
 
     def pair(store: Path, article: str, tokens: int = 12) -> dict:

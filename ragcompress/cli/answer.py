@@ -206,8 +206,7 @@ def adaptor_training_overlap(engine: Any, items: list[Any]) -> dict[str, Any] | 
     from ragcompress.distill.packaged import packaged_adaptor
     from ragcompress.evaluation import article_key
 
-    recorded = engine.store.manifest.encoding.get("adaptor")
-    adaptor = packaged_adaptor(str(recorded)) if recorded else None
+    adaptor = packaged_adaptor(engine.store.manifest.adaptor_hash)
     if adaptor is None:
         return None
     trained = {article_key(a) for a in adaptor.meta.get("train_articles", [])}
@@ -248,10 +247,10 @@ def bench(
     quiet_libraries()
     from ragcompress.bench import bench as run_bench
     from ragcompress.bench import (
+        bench_meta,
         indexing_throughput,
         packed_ttft_overhead,
         plot,
-        run_meta,
         store_indexer,
         table,
         to_json,
@@ -284,7 +283,8 @@ def bench(
             throughput = indexing_throughput(engine, indexing, repeats, indexer)
         if packed and engine.store.quant.bits is not None:
             comparison = packed_ttft_overhead(engine, [q.question for q in items], max(top_ks), repeats)
-        data = {**to_json(engine, rows, run_meta(repeats, limit)), "preset": preset, "preset_matches_store": matches}
+        meta = bench_meta(repeats, limit, len(items), engine.store.manifest.model_ref)
+        data = {**to_json(engine, rows, meta), "preset": preset, "preset_matches_store": matches}
     finally:
         engine.close()
     human = table(rows)

@@ -160,9 +160,13 @@ def packaged_adaptor_dir(adaptor_hash: str) -> Path | None:
     return next((directory for directory, meta in packaged_configs() if meta.get("hash") == adaptor_hash), None)
 
 
-def packaged_adaptor(adaptor_hash: str) -> Adaptor | None:
+def packaged_adaptor(adaptor_hash: str | None) -> Adaptor | None:
     """The packaged adaptor whose hash is ``adaptor_hash``, if one is (a store records only the
-    hash; adding to it later finds a packaged adaptor again without being told its name)."""
+    hash, :attr:`Manifest.adaptor_hash <ragcompress.store.manifest.Manifest.adaptor_hash>`;
+    adding to it later finds a packaged adaptor again without being told its name); None for
+    None, a store of the base model."""
+    if adaptor_hash is None:
+        return None
     directory = packaged_adaptor_dir(adaptor_hash)
     return Adaptor.load(directory) if directory is not None else None
 

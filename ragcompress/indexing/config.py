@@ -205,11 +205,12 @@ def config_from_manifest(manifest: Manifest, adaptor: str | None = None) -> Inde
     compression = manifest.compression
     params = {k: v for k, v in compression.items() if k not in _STORE_KEYS}
     lowrank = compression.get("lowrank") or {}
-    if manifest.encoding.get("adaptor") and adaptor is None:
-        found = packaged_adaptor_dir(str(manifest.encoding["adaptor"]))
+    recorded = manifest.adaptor_hash
+    if recorded is not None and adaptor is None:
+        found = packaged_adaptor_dir(recorded)
         if found is None:
             raise InputError(
-                f"the store was built with adaptor {str(manifest.encoding['adaptor'])[:16]}, which is not packaged; "
+                f"the store was built with adaptor {recorded[:16]}, which is not packaged; "
                 "pass its folder with --adaptor (alone, the store's other settings are kept), adaptor= in Python's index()"
             )
         adaptor = str(found)

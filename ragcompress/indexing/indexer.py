@@ -170,8 +170,8 @@ class Indexer:
                 f"loaded in {lm.dtype_name}: its caches would not match theirs; load it in "
                 f"{manifest.dtype or 'float32'} (--dtype) to add passages"
             )
-        recorded = manifest.encoding.get("adaptor")
-        if adaptor is None and recorded:  # a packaged adaptor is found by its hash
+        recorded = manifest.adaptor_hash
+        if adaptor is None:  # a packaged adaptor is found by its hash
             adaptor = packaged_adaptor(recorded)
         check_store_adaptor(recorded, adaptor.hash if adaptor else None)
         if embedder is None:

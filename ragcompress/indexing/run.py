@@ -192,7 +192,7 @@ def check_same_build(stored: Manifest, indexer: Indexer) -> None:
     words. ``index`` and the LlamaIndex ingestion both check here."""
     difference = stored.build_difference(indexer.manifest)
     if difference is not None and difference[0] == "passage encoding":
-        check_store_adaptor(stored.encoding.get("adaptor"), indexer.manifest.encoding.get("adaptor"))
+        check_store_adaptor(stored.adaptor_hash, indexer.manifest.adaptor_hash)
     stored.check_same_build(indexer.manifest)
 
 

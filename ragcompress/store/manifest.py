@@ -177,6 +177,15 @@ class Manifest:
         return QuantConfig(comp.get("quant", "none"), int(comp.get("group_size", 32)), comp.get("value_quant"))
 
     @property
+    def adaptor_hash(self) -> str | None:
+        """The hash of the KV-Distill adaptor the passages were encoded through
+        (``IndexConfig.adaptor``), None for the base model: a store records the hash only, so
+        its adaptor is found among the packaged ones
+        (:func:`ragcompress.distill.packaged.packaged_adaptor`) or given."""
+        value = self.encoding.get("adaptor")
+        return str(value) if value else None
+
+    @property
     def base_copy(self) -> bool:
         """Each passage's blob also holds its base-model cache (a store encoded through an adaptor,
         ``IndexConfig(base_copy=True)``), which the first retrieved passage is read from."""

@@ -306,13 +306,13 @@ def _store_adaptor(path: str, manifest: Any, lm: Any, folder: str | None) -> Any
     from ragcompress.distill.packaged import packaged_adaptor, resolve_adaptor
     from ragcompress.errors import StoreMismatchError
 
-    recorded = manifest.encoding.get("adaptor")
+    recorded = manifest.adaptor_hash
     adaptor: Any
     if folder is not None:
         adaptor = resolve_adaptor(folder, lm.ref, lm.fingerprint)
         adaptor.check_model(lm.fingerprint, lm.ref)
     else:
-        adaptor = packaged_adaptor(recorded) if recorded else None
+        adaptor = packaged_adaptor(recorded)
     if (adaptor.hash if adaptor else None) == recorded:
         return adaptor
     if folder is None:
