@@ -903,7 +903,7 @@ def main() -> None:
             reference = torch.load(frontier.workdir / "full.pt")
         # each row names the code and threads that measured it: a resumed run's rows can span
         # several revisions, and the file's own meta.git is only the last writer's
-        result["run"] = row_run()
+        result["run"] = row_run(git=args.git)  # the revision this process loaded, not one committed since
         results["rows"][row.name] = result
         if args.core272_reference and CORE272_ROW not in results["rows"]:
             results["rows"][CORE272_ROW] = core272_cached_row(
