@@ -31,7 +31,7 @@ def make_tiny_model(
 ) -> Path:
     """Save a random ``arch`` causal LM with the SmolLM2 tokenizer (or ``tokenizer="chars"``:
     :func:`char_tokenizer`) to ``directory`` (``overrides``: further config values, e.g.
-    ``sliding_window``)."""
+    ``sliding_window``, or ``max_position_embeddings`` in place of 4096)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -52,13 +52,12 @@ def make_tiny_model(
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         head_dim=head_dim,
-        max_position_embeddings=4096,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
         tie_word_embeddings=True,
         initializer_range=0.2,
-        **overrides,
+        **{"max_position_embeddings": 4096, **overrides},
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)

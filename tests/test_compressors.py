@@ -251,7 +251,8 @@ def test_probe_attention_equals_model_attention(arch, config, tiny_model_dir):
 def test_a_probe_past_the_models_positions_is_refused_by_name(tiny_model_dir):
     """kvzip's probe (the repeat prompt, then the passage again) runs to ``prefix + 2n + prompt``
     positions: past ``max_position_embeddings`` it is refused, naming the passage's length and the
-    limit; at the limit, and for the methods whose probe stays inside the passage, it runs."""
+    limit; at the limit, and for the methods whose probe stays inside the passage, it runs.
+    ``fits`` (what ``train`` chooses its scorer passages by) says so beforehand."""
     from ragcompress.errors import InputError
     from ragcompress.models import load_model
 
@@ -264,8 +265,9 @@ def test_a_probe_past_the_models_positions_is_refused_by_name(tiny_model_dir):
     end = p + 2 * n + len(encoder.tokens.suffix(kvzip.prompt))  # positions 0 .. end - 1
     context = CompressionContext(encoder, ids)
     lm.config.max_position_embeddings = end
-    assert kvzip.compress(kv, context).num_tokens == n
+    assert kvzip.fits(encoder, ids) and kvzip.compress(kv, context).num_tokens == n
     lm.config.max_position_embeddings = end - 1
+    assert not kvzip.fits(encoder, ids)
     message = (
         rf"a passage of {n} tokens .* reaches position {end - 1}, past the model's max_position_embeddings of {end - 1}"
     )

@@ -13,13 +13,17 @@ one forward pass over the passage and the prompt.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ragcompress.compressors.base import CompressionContext
-from ragcompress.compressors.probe import run_probe
+from ragcompress.compressors.probe import probe_fits, run_probe
 from ragcompress.compressors.scorer import ScorerCompressor
 from ragcompress.kv import PassageKV
+
+if TYPE_CHECKING:
+    from ragcompress.indexing.encoder import PassageEncoder
 
 REPEAT_PROMPT = "Repeat the previous passage exactly."
 
@@ -37,9 +41,18 @@ class KVzipCompressor(ScorerCompressor):
         if not isinstance(self.chunk, int) or self.chunk < 1:
             raise ValueError(f"kvzip: chunk must be a positive int, got {self.chunk!r}")
 
+    def probe_ids(self, encoder: PassageEncoder, token_ids: list[int]) -> list[int]:
+        """The reconstruction probe: the repeat request as a user turn, then the passage's own tokens."""
+        return encoder.tokens.suffix(self.prompt) + list(token_ids)
+
+    def fits(self, encoder: PassageEncoder, token_ids: list[int]) -> bool:
+        """Whether :meth:`score` can probe the passage ``token_ids``: the prefix, the passage and its
+        reconstruction (about twice the passage) within the model's positions (:func:`probe_fits`)."""
+        return probe_fits(encoder, len(token_ids), len(self.probe_ids(encoder, token_ids)))
+
     def score(self, kv: PassageKV, context: CompressionContext) -> torch.Tensor:
         n = kv.num_tokens
-        probe_ids = context.encoder.tokens.suffix(self.prompt) + list(context.token_ids)
+        probe_ids = self.probe_ids(context.encoder, context.token_ids)
         probe = run_probe(
             context.encoder,
             kv,

@@ -75,6 +75,13 @@ def _reduce(x: torch.Tensor, how: Reduce, dim: int) -> torch.Tensor:
     return x.amax(dim=dim) if how == "max" else x.sum(dim=dim)
 
 
+def probe_fits(encoder: PassageEncoder, context_len: int, probe_len: int) -> bool:
+    """Whether ``probe_len`` probe tokens after ``prefix + passage[:context_len]`` stay within the
+    model's positions (:func:`~ragcompress.kv.rope.position_limit`), as :func:`run_probe` requires:
+    a caller that must not fail midway (``train``'s scorer fit) asks before it starts."""
+    return encoder.prefix_len + context_len + probe_len <= position_limit(encoder.lm.model.config)
+
+
 @torch.inference_mode()
 def run_probe(
     encoder: PassageEncoder,
@@ -101,7 +108,7 @@ def run_probe(
     model = encoder.lm.model
     p, m = encoder.prefix_len, len(probe_ids)
     limit = position_limit(model.config)
-    if p + context_len + m > limit:
+    if not probe_fits(encoder, context_len, m):
         name = "max_position_embeddings"
         if limit != getattr(model.config, "max_position_embeddings", None):
             name = "original_max_position_embeddings (LongRoPE)"

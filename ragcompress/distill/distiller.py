@@ -154,6 +154,16 @@ class Distiller:
         values, idx = lp.topk(self.teacher_top, dim=-1)
         return idx, values
 
+    def teacher_positions(self, passages: list[list[int]], suffix: list[int]) -> int:
+        """The positions :meth:`teacher` (and the student, reading the same prompts) reaches with
+        ``passages`` and the question ``suffix``: the prefix, the passages, then the longer of the
+        question with up to ``MAX_ANSWER`` answer tokens (counted in full, as the runtime counts
+        ``max_new_tokens``) and the reconstruction prompt with its continuation. What a run
+        checks against the model's positions before any teacher pass (``teacher.check_positions``)."""
+        context = len(self.prefix_ids) + sum(len(ids) for ids in passages)
+        continuation = len(self.tokens.suffix(REPEAT_PROMPT)) + min(self.continuation, len(passages[-1]))
+        return context + max(len(suffix) + MAX_ANSWER, continuation)
+
     @torch.no_grad()
     def teacher(self, qid: str, passages: list[list[int]], question: str, keep_full: bool = False) -> Example:
         """The base model's full prefill of prefix + passages, read once (its cache is cropped

@@ -11,23 +11,25 @@ that records another model, other settings, other data, another split, other que
 (``--train-questions``, ``--val-examples``), or nothing it could be checked by
 (:func:`check_teacher_file`, :func:`check_teacher_data`, :func:`check_split`,
 :func:`check_chosen`): it would distil from it as if it were its own. A file from before the
-data was recorded in it is checked by the rest only.
+data was recorded in it is checked by the rest only. Every example's prompts are checked against
+the model's positions before the first teacher pass (:func:`check_positions`).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ragcompress.distill.checkpoint import load_tree, save_tree
 from ragcompress.distill.config import TrainConfig
 from ragcompress.distill.corpus import Corpus, question_of, views_of
-from ragcompress.distill.distiller import Distiller, passage_key
+from ragcompress.distill.distiller import MAX_ANSWER, Distiller, passage_key
 from ragcompress.distill.objective import Example
 from ragcompress.distill.resume import check_run, settings_differ
 from ragcompress.errors import InputError
 from ragcompress.evaluation import select_questions
+from ragcompress.kv.rope import position_limit
 
 if TYPE_CHECKING:
     from ragcompress.retrieval import Embedder
@@ -85,6 +87,53 @@ def check_teacher_file(path: Path, saved: Any, distiller: Distiller, k: int, dat
     check_teacher_data(path, saved, data_sha256)
 
 
+class Planned(NamedTuple):
+    """One teacher example to compute: its id (:func:`views_of`), its question and the token ids
+    of its retrieved passages, in the order the prompt holds them."""
+
+    example_id: str
+    question: str
+    passages: list[list[int]]
+
+
+def plan_examples(
+    distiller: Distiller, corpus: Corpus, embedder: Embedder, k: int, limit: int | None, views: int = 1
+) -> list[Planned]:
+    """The examples of ``limit`` evenly spaced questions (all when None), ``views`` per question
+    (:func:`views_of`): retrieval and tokenizing only, so that every prompt is checked
+    (:func:`check_positions`) before the first teacher pass."""
+    questions = select_questions(corpus.questions, limit or None)
+    vectors = embedder.embed([q.question for q in questions])
+    retrieved = corpus.retrieve(vectors, k if views == 1 else 2 * k)
+    return [
+        Planned(example_id, q.question, [distiller.tokens.passage(corpus.passages[i].text) for i in chosen])
+        for q, rows in zip(questions, retrieved, strict=True)
+        for example_id, chosen in views_of(q.id, rows, k, views)
+    ]
+
+
+def check_positions(distiller: Distiller, planned: list[Planned]) -> None:
+    """Refuse an example whose prompts need more positions than the model handles
+    (:func:`~ragcompress.kv.rope.position_limit`; :meth:`Distiller.teacher_positions` counts the
+    question with its answer and the reconstruction prompt), naming its question. Past that
+    limit the teacher's full prefill is not what the student's separately encoded pieces compute
+    (LongRoPE's long factors, dynamic NTK's rescaled base: the two disagree even with an adaptor
+    of zeros), and ``ask`` refuses the same prompt, so the adaptor would learn a context the
+    runtime never serves. It is refused rather than trained on fewer passages: the runtime
+    refuses a prompt too long (``PromptTooLongError``) and never drops retrieved passages, so a
+    shortened example would not be the one ``ask --top-k`` builds either; the user chooses the
+    remedy (a lower ``--top-k``, then used by ``ask`` too, or shorter passages)."""
+    limit = position_limit(distiller.lm.config)
+    for example_id, question, passages in planned:
+        needed = distiller.teacher_positions(passages, distiller.tokens.suffix(question))
+        if needed > limit:
+            raise InputError(
+                f"question {example_id} ({question!r}) with its {len(passages)} retrieved passages needs {needed} "
+                f"positions (prefix, passages, question and {MAX_ANSWER} answer tokens) but {distiller.lm.ref} "
+                f"handles {limit}, so ask would refuse it; train with a lower --top-k or split the long passages"
+            )
+
+
 def build_examples(
     distiller: Distiller,
     corpus: Corpus,
@@ -98,36 +147,45 @@ def build_examples(
     data_sha256: str | None = None,
 ) -> list[Example]:
     """Teacher examples of ``limit`` evenly spaced questions (all when None), ``views`` per
-    question (:func:`views_of`); each finished one is appended to ``partial`` (a killed run
-    resumes from it, and a run with more views reuses the ones it has), which records the
+    question (:func:`plan_examples`, every prompt checked first: :func:`check_positions`), computed
+    as :func:`compute_examples` computes them."""
+    planned = plan_examples(distiller, corpus, embedder, k, limit, views)
+    check_positions(distiller, planned)
+    return compute_examples(distiller, planned, k, desc, partial, keep_full, data_sha256)
+
+
+def compute_examples(
+    distiller: Distiller,
+    planned: list[Planned],
+    k: int,
+    desc: str,
+    partial: Path,
+    keep_full: bool = False,
+    data_sha256: str | None = None,
+) -> list[Example]:
+    """The teacher examples of ``planned``; each finished one is appended to ``partial`` (a killed
+    run resumes from it, and a run with more views reuses the ones it has), which records the
     training data ``data_sha256`` and is refused for other data."""
     from tqdm import tqdm
 
-    questions = select_questions(corpus.questions, limit or None)
     done: dict[str, Example] = {}
     if partial.is_file():
         saved = load_tree(partial)
         check_teacher_file(partial, saved, distiller, k, data_sha256)
         done = {e["qid"]: Example(**e) for e in saved["examples"]}
-    vectors = embedder.embed([q.question for q in questions])
-    retrieved = corpus.retrieve(vectors, k if views == 1 else 2 * k)
-    examples = []
-    for q, rows in tqdm(list(zip(questions, retrieved, strict=True)), desc=desc, unit="question"):
-        for example_id, chosen in views_of(q.id, rows, k, views):
-            if example_id not in done:
-                passages = [distiller.tokens.passage(corpus.passages[i].text) for i in chosen]
-                done[example_id] = distiller.teacher(example_id, passages, q.question, keep_full)
-                save_tree(
-                    {
-                        "examples": [asdict(e) for e in done.values()],
-                        "base_fingerprint": distiller.lm.fingerprint,
-                        "teacher_settings": teacher_settings(distiller, k),
-                        **({"training_data_sha256": data_sha256} if data_sha256 else {}),
-                    },
-                    partial,
-                )
-            examples.append(done[example_id])
-    return examples
+    for example_id, question, passages in tqdm(planned, desc=desc, unit="example"):
+        if example_id not in done:
+            done[example_id] = distiller.teacher(example_id, passages, question, keep_full)
+            save_tree(
+                {
+                    "examples": [asdict(e) for e in done.values()],
+                    "base_fingerprint": distiller.lm.fingerprint,
+                    "teacher_settings": teacher_settings(distiller, k),
+                    **({"training_data_sha256": data_sha256} if data_sha256 else {}),
+                },
+                partial,
+            )
+    return [done[example_id] for example_id, _, _ in planned]
 
 
 def check_split(distiller: Distiller, path: Path, examples: list[Example], corpus: Corpus, side: str) -> None:
@@ -188,29 +246,23 @@ def teacher_examples(
         check_split(distiller, teacher_path, val_examples, val, "held-out")
         check_chosen(teacher_path, train_examples, train, "--train-questions", config.train_questions, "training")
         check_chosen(teacher_path, val_examples, val, "--val-examples", config.val_examples, "held-out")
+        # a file computed before prompts were checked may hold one past the model's positions
+        texts = {q.id: q.question for q in train.questions + val.questions}
+        check_positions(
+            distiller, [Planned(e.qid, texts[question_of(e.qid)], e.passages) for e in train_examples + val_examples]
+        )
         return train_examples, val_examples
     train_part, val_part = out / "teacher-train.part", out / "teacher-val.part"
-    train_examples = build_examples(
-        distiller,
-        train,
-        embedder,
-        config.top_k,
-        config.train_questions or None,
-        "teacher (train)",
-        train_part,
-        views=config.views,
-        data_sha256=data_sha256,
+    # both sides planned and checked before the first teacher pass: a held-out prompt too long
+    # must not stop the run after the training side's
+    train_plan = plan_examples(distiller, train, embedder, config.top_k, config.train_questions or None, config.views)
+    val_plan = plan_examples(distiller, val, embedder, config.top_k, config.val_examples)
+    check_positions(distiller, train_plan + val_plan)
+    train_examples = compute_examples(
+        distiller, train_plan, config.top_k, "teacher (train)", train_part, data_sha256=data_sha256
     )
-    val_examples = build_examples(
-        distiller,
-        val,
-        embedder,
-        config.top_k,
-        config.val_examples,
-        "teacher (held-out)",
-        val_part,
-        True,
-        data_sha256=data_sha256,
+    val_examples = compute_examples(
+        distiller, val_plan, config.top_k, "teacher (held-out)", val_part, True, data_sha256
     )
     # the .part files may hold examples of another split (a deleted teacher file, other --val-articles)
     check_split(distiller, train_part, train_examples, train, "training")

@@ -30,7 +30,8 @@ be read beside other passages. Validation questions and passages come from held-
 
 Training is resumable (``checkpoint.safetensors`` every ``checkpoint_every`` steps), shows a progress
 bar, and ends by fitting the learned retention scorer (``scorer.py``) on the adaptor's caches of
-the training passages, saving the adaptor (``adaptor/``), the history and a loss-curve plot.
+training passages (chosen before training, :func:`scorer_passages`), saving the adaptor
+(``adaptor/``), the history and a loss-curve plot.
 
 Where each part lives (this module wires them together, and re-exports the names the CLI and
 ``benchmarks/distill_eval.py`` import from it):
@@ -90,6 +91,7 @@ from ragcompress.distill.teacher import build_examples, teacher_examples
 from ragcompress.errors import InputError, need_matplotlib
 from ragcompress.indexing.encoder import PassageEncoder
 from ragcompress.indexing.inputs import PassageInput, iter_passages, validate
+from ragcompress.kv.rope import position_limit
 from ragcompress.models import LoadedModel
 
 # the entry point, and what the CLI and benchmarks/distill_eval.py import from this module
@@ -103,6 +105,7 @@ __all__ = [
     "fit_scorer",
     "load_corpora",
     "plot_history",
+    "scorer_passages",
     "train",
 ]
 
@@ -140,18 +143,43 @@ def plot_history(history: dict[str, Any], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def fit_scorer(
-    distiller: Distiller, passages: list[PassageInput], limit: int
-) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """KVzip scores of the trained adaptor's caches of up to ``limit`` training passages -> the probe."""
+def scorer_passages(distiller: Distiller, passages: list[PassageInput], count: int) -> list[list[int]]:
+    """Token ids of the training passages the learned scorer is fitted on: ``count`` evenly spaced
+    ones among those KVzip can score, its reconstruction probe (the passage repeated after it,
+    about ``prefix + 2n`` positions) within the model's positions (:meth:`KVzipCompressor.fits`).
+    Chosen before training, because the fit runs after the last step: a passage longer than about
+    half the model's positions stopped the run there with nothing saved, and a resumed run the
+    same way. A longer passage is left out (a warning says how many); a run where none is short
+    enough is refused before any work, with train's remedy."""
+    kvzip, encoder = KVzipCompressor(ratio=0.5), distiller.encoder
+    token_ids = [distiller.tokens.passage(p.text) for p in passages]
+    fitting = [ids for ids in token_ids if kvzip.fits(encoder, ids)]
+    limit = position_limit(distiller.lm.config)
+    if not fitting:
+        raise InputError(
+            f"no training passage is short enough for the learned scorer's KVzip probe, which repeats a passage "
+            f"after it ({distiller.lm.ref} handles {limit} positions); train with --scorer-passages 0 (an adaptor "
+            "without a learned scorer) or split the passages"
+        )
+    if skipped := len(token_ids) - len(fitting):
+        warnings.warn(
+            f"{skipped} of {len(token_ids)} training passages are too long for the learned scorer's KVzip probe, "
+            f"which repeats a passage after it ({distiller.lm.ref} handles {limit} positions); the scorer is fitted "
+            "on the others",
+            stacklevel=3,
+        )
+    step = max(1, len(fitting) // max(1, count))
+    return fitting[::step][:count]
+
+
+def fit_scorer(distiller: Distiller, passages: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """KVzip scores of the trained adaptor's caches of ``passages`` (:func:`scorer_passages`) -> the probe."""
     from tqdm import tqdm
 
     encoder = PassageEncoder(distiller.lm, distiller.template, distiller.adaptor)  # its final tensors
     kvzip = KVzipCompressor(ratio=0.5)
     samples = []
-    step = max(1, len(passages) // max(1, limit))
-    for passage in tqdm(passages[::step][:limit], desc="scorer (KVzip targets)", unit="passage"):
-        ids = distiller.tokens.passage(passage.text)
+    for ids in tqdm(passages, desc="scorer (KVzip targets)", unit="passage"):
         kv = encoder.encode([ids])[0]
         with torch.inference_mode():
             scores = kvzip.score(kv, CompressionContext(encoder, ids))
@@ -248,6 +276,8 @@ def _train(
         config.quant_config(),
     )
 
+    # chosen before any work: the scorer is fitted after the last step
+    scored = scorer_passages(distiller, train_corpus.passages, count) if (count := config.scorer_fit_passages()) else []
     distiller.basis = student_basis(distiller, train_corpus.passages, config, out / "student-basis.safetensors")
     train_examples, val_examples = teacher_examples(
         distiller, config, train_corpus, val_corpus, embedder, out, data_sha256
@@ -283,8 +313,8 @@ def _train(
 
     adaptor.tensors = distiller.factors()
     weight, bias, r2 = (None, None, None)
-    if scorer_passages := config.scorer_fit_passages():
-        weight, bias, r2 = fit_scorer(distiller, train_corpus.passages, scorer_passages)
+    if scored:
+        weight, bias, r2 = fit_scorer(distiller, scored)
         adaptor.tensors[SCORER_WEIGHT], adaptor.tensors[SCORER_BIAS] = weight, bias
     adaptor.meta = adaptor_meta(lm, config, data_sha256, train_corpus, ancestry, state, len(train_examples), r2)
     keep_replaced_adaptor(out / "adaptor", adaptor.hash)
