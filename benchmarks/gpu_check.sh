@@ -69,7 +69,7 @@ cd "$repo" || die "cannot enter $repo"
 export TRITON_CACHE_AUTOTUNING=1 # the timing stage reuses the tests' autotuning (same keys)
 export TRITON_PRINT_AUTOTUNING=1 # the chosen kernel configs go into the logs
 
-tests="tests/test_kernels.py tests/test_lowrank_kernel.py tests/test_recompute.py tests/test_engine_on_cuda.py"
+tests="tests/test_kernels.py tests/test_lowrank_kernel.py tests/test_recompute.py tests/test_engine_on_cuda.py tests/test_benchmark_dense_path.py"
 echo "gpu_check: $tests -m gpu (compiled kernels on $("$py" -c 'import torch; print(torch.cuda.get_device_name())'))"
 t0=$SECONDS
 # shellcheck disable=SC2086
