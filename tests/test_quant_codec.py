@@ -277,3 +277,97 @@ def test_a_group_size_that_does_not_tile_head_dim_is_refused_before_encoding(tin
     assert not (tmp_path / "store").exists()
     config = IndexConfig(quant="int4", group_size=8, embedder=embedder.name)
     index(passages_file, tmp_path / "store", model=model, config=config, embedder=embedder)
+
+
+@pytest.mark.parametrize("scheme", ["none", "fp16", "int8", "int4", "int2", "int4/int2"])
+@pytest.mark.parametrize("kind", ["keys", "values"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_cache_holding_inf_or_nan_is_refused_under_every_scheme(scheme, kind, bad):
+    """A model that overflowed in float16: ``none`` stored its NaN as it was (the store verified,
+    every answer over the passage read NaN attention) and the other schemes refused it advising
+    ``none``. Every scheme refuses it now, naming the layer and a wider dtype, not ``none``."""
+    from ragcompress.errors import InputError, UnstorableCacheError
+
+    kv = random_kv()
+    kv = PassageKV.full(kv.keys.half(), kv.values.half())
+    getattr(kv, kind)[1, 0, 5, 2] = bad
+    with pytest.raises(UnstorableCacheError) as caught:
+        codec.encode(kv, QuantConfig.from_name(scheme))
+    message = str(caught.value)
+    assert message == (
+        f"the cache holds inf or NaN ({kind} of layer 1): the model overflowed computing it in float16; "
+        "encode with the model in bfloat16 or float32 (--dtype, --overwrite for an existing store)"
+    )
+    assert isinstance(caught.value, InputError) and isinstance(caught.value, ValueError)
+
+
+def test_inf_or_nan_is_refused_in_a_base_copy_and_a_projected_cache_not_on_padding_rows():
+    """Only kept rows are stored, so only they are checked: an evicted cache's padding may hold
+    anything. A base copy and a cache stored as low-rank latents are checked like any other."""
+    from ragcompress.errors import UnstorableCacheError
+    from ragcompress.kv.lowrank import RankSpec, fit_basis
+
+    kv = ragged_kv()
+    padding = ~kv.valid_mask()
+    kv.keys[padding] = float("nan")
+    back = codec.decode(codec.encode(kv, QuantConfig("none")))
+    assert bool(back.keys.isfinite().all())
+    base = random_kv()
+    base.values[2, 1, 0, 0] = float("inf")
+    with pytest.raises(UnstorableCacheError, match=r"\(the base copy's values of layer 2\).* in float32; check"):
+        codec.encode(random_kv(), QuantConfig("int8"), base=base)
+    basis = fit_basis([random_kv(seed=s) for s in range(3)], RankSpec(rank=8))
+    projected = random_kv(seed=4)
+    projected.keys[0, 1, 3, 3] = float("nan")
+    for scheme in ("none", "int8"):
+        with pytest.raises(UnstorableCacheError, match=r"\(keys of layer 0\)"):
+            codec.encode(projected, QuantConfig(scheme), basis)
+
+
+def test_a_prefix_whose_cache_overflowed_is_refused_and_nothing_is_written(
+    overflowing_model_dir, passages_file, tmp_path
+):
+    """The system prompt holds "helpful": in float16 the prompt prefix's cache is NaN, which an
+    unquantized store kept (every answer read it) and a quantized one stored too before its first
+    passage failed. The prefix is refused by name, before the store exists."""
+    from ragcompress.errors import UnstorableCacheError
+    from ragcompress.indexing import IndexConfig, index
+    from ragcompress.testing import HashEmbedder
+
+    embedder = HashEmbedder()
+    with pytest.raises(
+        UnstorableCacheError,
+        match=r"^the prompt prefix: the cache holds inf or NaN \(keys of layer 0\): "
+        r"the model overflowed computing it in float16; .*\(nothing was written\)$",
+    ):
+        index(
+            passages_file,
+            tmp_path / "store",
+            model=str(overflowing_model_dir(" helpful")),
+            config=IndexConfig(quant="none", embedder=embedder.name),
+            embedder=embedder,
+            dtype="float16",
+        )
+    assert not (tmp_path / "store").exists()
+
+
+def test_a_refused_cache_names_its_passage():
+    """The codec does not know which passage it encodes: the record names it, for finite values
+    beyond fp16's range too (a bfloat16 model's keys of ±1.9e5 under int8)."""
+    import numpy as np
+
+    from ragcompress.errors import UnstorableCacheError
+    from ragcompress.indexing.indexer import passage_record
+    from ragcompress.indexing.inputs import PassageInput
+
+    kv = random_kv()
+    kv = PassageKV.full(kv.keys.bfloat16(), kv.values.bfloat16())
+    kv.keys[0, 1, 4, 3] = -1.9e5
+    passage = PassageInput("doc-7", "text")
+    with pytest.raises(
+        UnstorableCacheError,
+        match=r"^passage 'doc-7': cannot quantize to int8: a group spans \[-190464, .*"
+        r"store this cache unquantized .*, or leave the passage out of the input$",
+    ):
+        passage_record(passage, kv, QuantConfig("int8"), np.zeros(4, dtype=np.float32))
+    assert passage_record(passage, kv, QuantConfig("none"), np.zeros(4, dtype=np.float32)).kept == 3 * 2 * 37

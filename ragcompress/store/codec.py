@@ -44,6 +44,7 @@ from ragcompress.kv.quant import (
     QuantConfig,
     dequantize_keys_per_channel,
     dequantize_values_per_token,
+    non_finite_cache,
     pack,
     quantize_keys_per_channel,
     quantize_values_per_token,
@@ -64,7 +65,11 @@ def encode(
     """Serialise ``kv`` (keys un-rotated) with ``quant``; returns the blob's bytes. With a
     ``basis``, keys (and values when the basis projects them) are stored as its latents. ``base``:
     the same passage's base-model cache, stored beside it as its base copy (both keep every row,
-    no basis)."""
+    no basis). A cache holding inf or NaN is refused under every ``quant``
+    (:func:`refuse_non_finite`)."""
+    refuse_non_finite(kv)
+    if base is not None:
+        refuse_non_finite(base, "the base copy's ")
     layers, heads, n_max, d = kv.keys.shape
     mask = kv.valid_mask()
     tensors: dict[str, torch.Tensor] = {"lengths": kv.lengths.to(torch.int32)}
@@ -88,6 +93,20 @@ def encode(
         **({"value_scheme": quant.value_scheme} if quant.value_scheme else {}),
     }
     return _canonical(st_save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
+
+
+def refuse_non_finite(kv: PassageKV, whose: str = "") -> None:
+    """Raise :class:`~ragcompress.errors.UnstorableCacheError` when a kept row of ``kv`` holds
+    inf or NaN. The integer and fp16 schemes refused them already (with a remedy that named
+    ``none``), but ``none`` wrote them as they are: the store verified, and every answer over the
+    passage read NaN attention. Checked here, before any scheme or projection, so all refuse
+    alike, naming the layer."""
+    mask = kv.valid_mask()
+    for kind, rows in (("keys", kv.keys), ("values", kv.values)):
+        bad = mask & ~rows.isfinite().all(-1)  # [L, H, n_max]
+        if bool(bad.any()):
+            layer = int(bad.nonzero()[0, 0])
+            raise non_finite_cache(rows.dtype, f" ({whose}{kind} of layer {layer})")
 
 
 def _encode_rows(
