@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from ragcompress.compressors.base import CompressionContext, Compressor
-from ragcompress.compressors.scorer import ScorerCompressor, gather_kept, top_per_head
+from ragcompress.compressors.scorer import ScorerCompressor, gather_kept, nan_last, top_per_head
 from ragcompress.kv import PassageKV
 
 
@@ -92,14 +92,14 @@ class AdaptiveBudget(Compressor):
     def ranked_scores(self, kv: PassageKV, scores: torch.Tensor) -> torch.Tensor:
         """The inner method's ``scores [L, H, n_max]`` as the budget ranks them: weighted by
         value norm (``value_norm``), standardised per layer where one pool compares layers whose
-        scales differ, ``-inf`` on padding."""
+        scales differ, ``-inf`` on padding and where a score is NaN (:func:`nan_last`)."""
         valid = kv.valid_mask()
         scores = scores.float()
         if self.value_norm:
             scores = scores * relative_value_norm(kv)
         if self.whole_cache and not self.inner.comparable_across_layers:
             scores = standardise_per_layer(scores, valid)
-        return scores.masked_fill(~valid, float("-inf"))
+        return nan_last(scores).masked_fill(~valid, float("-inf"))
 
     def select(self, kv: PassageKV, scores: torch.Tensor) -> PassageKV:
         """Allocate the layer budgets given the inner method's ``scores [L, H, n_max]``."""
