@@ -5,8 +5,8 @@ consecutive tokens) because key outliers live in fixed channels; values are quan
 (groups of ``group_size`` channels), because value errors mix across channels in the attention
 output. Scales and minimums are fp16: a group above 65504 is measured from fp16's largest value,
 but one whose minimum is below -65504 or whose step exceeds 65504 (or that holds inf or nan) is
-refused rather than stored as inf (:class:`~ragcompress.errors.UnstorableCacheError`). ``int4``
-packs two codes per byte, ``int2`` four.
+refused rather than stored as inf (:class:`~ragcompress.errors.UnstorableCacheError`). Decoding
+to fp16 clamps to ±65504 (:func:`cast_dequantized`). ``int4`` packs two codes per byte, ``int2`` four.
 
 Values may take another integer width than keys (``value_scheme``): keys decide *which* rows
 attention reads, and an error there moves every weight, while a value error is averaged over the
@@ -151,6 +151,19 @@ def non_finite_cache(dtype: torch.dtype, where: str = "") -> UnstorableCacheErro
     )
 
 
+def cast_dequantized(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Dequantized rows ``x`` (fp32, a buffer the caller owns: clamped in place) as ``dtype``.
+
+    For fp16 they are clamped to ±65504 first: a group reaching fp16's largest value is measured
+    from its fp16 minimum with a step rounded up, so ``min + code * step`` can pass 65504 by up to
+    a step (65535 at int8), which the cast made inf and the attention NaN. Every value within
+    fp16's range casts exactly as before; other dtypes hold every dequantized value (their range
+    is fp32's) and are cast unchanged."""
+    if dtype == torch.float16:
+        x = x.clamp_(-FP16_MAX, FP16_MAX)
+    return x.to(dtype)
+
+
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`quantize_last_dim` with scale and min broadcast over the last dim.
 
@@ -252,9 +265,9 @@ def quantize_dequantize(kind: str, rows: torch.Tensor, lengths: torch.Tensor, qu
         out = to_fp16(rows.detach()).to(rows.dtype)
     elif kind == "k":
         codes, scale, low = quantize_keys_per_channel(rows.detach(), lengths, bits, quant.group_size)
-        out = dequantize_keys_per_channel(codes, scale, low, quant.group_size).to(rows.dtype)
+        out = cast_dequantized(dequantize_keys_per_channel(codes, scale, low, quant.group_size), rows.dtype)
     else:
         out = dequantize_values_per_token(*quantize_values_per_token(rows.detach(), bits, quant.group_size))
-        out = out.to(rows.dtype)
+        out = cast_dequantized(out, rows.dtype)
     # q + (x - x) is q exactly (x + (q - x) can round off q by an ulp), with x's gradient
     return out + (rows - rows.detach())

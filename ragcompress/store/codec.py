@@ -42,6 +42,7 @@ from ragcompress.kv import ModelShape, PassageKV
 from ragcompress.kv.lowrank import LowRankBasis
 from ragcompress.kv.quant import (
     QuantConfig,
+    cast_dequantized,
     dequantize_keys_per_channel,
     dequantize_values_per_token,
     non_finite_cache,
@@ -281,11 +282,11 @@ class Segment:
                 groups = _group_mask(lengths, -(-self.n_max // group_size), group_size)
                 k_scale = _rows_to_grid(tensors["k_scale"], groups, torch.float16)
                 k_min = _rows_to_grid(tensors["k_min"], groups, torch.float16)
-                keys = dequantize_keys_per_channel(k_codes, k_scale, k_min, group_size).to(dtype)
+                keys = cast_dequantized(dequantize_keys_per_channel(k_codes, k_scale, k_min, group_size), dtype)
             else:  # only the kept rows, then scattered once: padding rows are zero, as for unquantized blobs
                 codes = unpack(tensors["k_codes"], self.quant.bits)
                 rows = _dequantize_kept_keys(codes, tensors["k_scale"], tensors["k_min"], lengths, group_size)
-                keys = _rows_to_grid(rows, mask, dtype)
+                keys = _rows_to_grid(cast_dequantized(rows, dtype), mask, dtype)
             if "v" in self.ranks:
                 values = self._rebuild("v", basis, dtype)
             elif self.quant.value_bits is None:
@@ -293,7 +294,7 @@ class Segment:
             else:
                 bits = self.quant.value_bits
                 v = dequantize_values_per_token(unpack(tensors["v_codes"], bits), tensors["v_scale"], tensors["v_min"])
-                values = _rows_to_grid(v, mask, dtype)
+                values = _rows_to_grid(cast_dequantized(v, dtype), mask, dtype)
             if keys.shape[-1] != d or values.shape[-1] != d:
                 raise ValueError(f"tensors have head_dim {keys.shape[-1]}/{values.shape[-1]}, metadata says {d}")
             return PassageKV(keys, values, self.positions, lengths, self.num_tokens)
@@ -311,7 +312,7 @@ class Segment:
         basis.reconstruct(kind, self.latents(kind), out)
         if not bool(self.mask().all()):
             out.mul_(self.mask().unsqueeze(-1))  # padding rows are zero, as for row blobs
-        return out.to(dtype)
+        return cast_dequantized(out, dtype)
 
     def packed(self) -> QuantizedBlob:
         """The quantized tensors padded per head to a multiple of ``group_size`` rows, for the
