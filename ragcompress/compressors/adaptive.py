@@ -36,12 +36,22 @@ from ragcompress.kv import PassageKV
 def standardise_per_layer(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """``scores [L, H, n]`` with each layer's valid entries shifted and scaled to mean 0 and
     standard deviation 1, so one budget over the whole cache compares layers by how a token
-    stands within its own layer rather than by each layer's scale (key norms grow with depth)."""
-    weight = valid.float()
+    stands within its own layer rather than by each layer's scale (key norms grow with depth).
+    Returns fp32.
+
+    A layer whose scores are constant (standard deviation at most ``1e-6`` of their magnitude:
+    rounding error, no information) scores 0 everywhere, the others' mean. Its fp32 mean was off
+    by a rounding error, which divided by a deviation of the same size gave every entry ±1, 0 or
+    anything, so such a layer got nothing or half the pool depending on its keys' scale. The
+    statistics are computed in float64, where a constant layer's mean is exact."""
+    x = scores.double()
+    weight = valid.double()
     count = weight.sum((1, 2), keepdim=True).clamp_min(1.0)
-    mean = (scores * weight).sum((1, 2), keepdim=True) / count
-    var = (((scores - mean) * weight) ** 2).sum((1, 2), keepdim=True) / count
-    return (scores - mean) / var.sqrt().clamp_min(1e-6)
+    mean = (x * weight).sum((1, 2), keepdim=True) / count
+    std = ((((x - mean) * weight) ** 2).sum((1, 2), keepdim=True) / count).sqrt()
+    constant = std <= 1e-6 * mean.abs().clamp_min(1.0)
+    out = (x - mean) / torch.where(constant, 1.0, std)
+    return out.masked_fill(constant, 0.0).float()
 
 
 def relative_value_norm(kv: PassageKV) -> torch.Tensor:
