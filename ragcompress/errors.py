@@ -57,6 +57,14 @@ class NonFiniteError(RagCompressError):
     overflowed, e.g. in float16): nothing is saved from it and no such adaptor is used."""
 
 
+class UnstorableCacheError(InputError, ValueError):
+    """A passage's cache holds values its store cannot keep: inf or NaN under any quantization
+    (the model overflowed in its dtype), or, for ``fp16`` and the integer schemes (whose scales
+    and minimums are fp16), a finite value beyond fp16's range. Raised by the codec, and again
+    with the passage's id by the indexer, so ``index`` ends in one line naming the passage. A
+    ``ValueError`` too, as the codec's other refusals of what it is given."""
+
+
 class ModelError(RagCompressError):
     """A model cannot be found, assembled, verified or used with ragcompress."""
 

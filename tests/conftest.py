@@ -46,6 +46,32 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def overflowing_model_dir(tiny_model_dir, tmp_path_factory):
+    """Factory: a tiny llama whose input embedding of ``word`` (one SmolLM2 token) is 1e5. Loaded
+    in float16 (largest value 65504) that row is inf, so the cache of any text holding the word
+    is NaN there, and finite in bfloat16 and float32."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = tmp_path_factory.mktemp("overflowing-models")
+
+    def make(word: str) -> Path:
+        directory = root / word.strip()
+        if not (directory / "config.json").is_file():
+            base = tiny_model_dir("llama")
+            tokenizer = AutoTokenizer.from_pretrained(base)
+            (token,) = tokenizer.encode(word, add_special_tokens=False)
+            model = AutoModelForCausalLM.from_pretrained(base)
+            with torch.no_grad():
+                model.model.embed_tokens.weight[token] = 1e5
+            model.save_pretrained(directory)
+            tokenizer.save_pretrained(directory)
+        return directory
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def tiny_lm(tiny_model_dir):
     from ragcompress.models import load_model
 

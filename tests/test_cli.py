@@ -400,6 +400,41 @@ def test_bad_input_is_one_line_error_and_store_untouched(case, cli_store, tmp_pa
     assert sorted((p.name, p.stat().st_size) for p in (store / "shards").iterdir()) == before
 
 
+def test_a_passage_whose_cache_overflowed_is_one_line_naming_it_and_the_store_resumes(
+    overflowing_model_dir, tmp_path, monkeypatch, capfd
+):
+    """A model that overflows in float16 on one passage's word: its int8 cache failed in the
+    quantizer with a 22-frame ValueError advising ``--quant none`` (which stored the NaN). Now one
+    line names the passage and a wider dtype; the batches before it stay committed, the run is
+    unfinished (``verify`` exits 2) and a re-run without the passage finishes the store."""
+    from conftest import write_jsonl
+
+    records = [
+        {"id": "a", "text": "A plain passage about horses and their riders."},
+        {"id": "b", "text": "A zebra is striped, black and white."},
+        {"id": "c", "text": "Another plain passage, about ships."},
+    ]
+    passages = write_jsonl(tmp_path / "passages.jsonl", records)
+    store = tmp_path / "store"
+    model = str(overflowing_model_dir(" zebra"))
+    capfd.readouterr()  # what building the model printed
+    args = ["index", "--store", str(store), "--model", model, "--quant", "int8", "--dtype", "float16"]
+    code, out, err = run_cli([*args, "--input", str(passages), "--batch-size", "1"], monkeypatch, capfd)
+    assert code == 1 and out == ""
+    assert err == (
+        "error: passage 'b': the cache holds inf or NaN (keys of layer 0): the model overflowed computing it in "
+        "float16; encode with the model in bfloat16 or float32 (--dtype, --overwrite for an existing store), or "
+        "leave the passage out of the input\n"
+    )
+    code, out, err = run_cli(["verify", "--store", str(store)], monkeypatch, capfd)
+    assert code == 2 and out.startswith(f"UNFINISHED: {store}: 1 passages in 1 shards, 0 problems"), out
+    without = write_jsonl(tmp_path / "without.jsonl", [records[0], records[2]])
+    code, out, err = run_cli([*args, "--input", str(without)], monkeypatch, capfd)
+    assert code == 0, err
+    code, out, err = run_cli(["verify", "--store", str(store)], monkeypatch, capfd)
+    assert code == 0 and out.startswith(f"OK: {store}: 2 passages"), out
+
+
 def test_unknown_store_and_long_question(cli_store, tmp_path, monkeypatch, capfd):
     code, _, err = run_cli(["ask", "--store", str(tmp_path / "nope"), "--question", "x"], monkeypatch, capfd)
     assert code == 1 and "does not exist" in err and err.count("\n") == 1

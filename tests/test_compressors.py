@@ -154,6 +154,43 @@ def test_equal_scores_keep_the_earliest_tokens(method):
         assert kept.lengths.tolist() == [[budget] * heads] * layers
 
 
+@pytest.mark.parametrize("method", ["kvzip", "adaptive:kvzip", "global:kvzip"])
+def test_nan_scores_rank_last_below_real_scores_and_protected_tokens(method):
+    """A descending sort puts NaN above ``+inf``, which marks the protected tokens: four NaN scores
+    on one head were kept, ahead of its first tokens and its boundary. NaN ranks last now: the
+    selection is the one where those tokens score below every real score."""
+    from ragcompress.kv import PassageKV
+
+    gen = torch.Generator().manual_seed(0)
+    n = 16
+    kv = PassageKV.full(torch.randn(2, 2, n, 8, generator=gen), torch.randn(2, 2, n, 8, generator=gen))
+    scores = torch.rand(2, 2, n, generator=gen)
+    nan, lowest = scores.clone(), scores.clone()
+    nan[0, 0, 6:10] = float("nan")
+    lowest[0, 0, 6:10] = -1.0
+    compressor = make_compressor(method, budget=6, keep_first=2, keep_last=2)
+    kept, expected = compressor.select(kv, nan), compressor.select(kv, lowest)
+    assert torch.equal(kept.lengths, expected.lengths) and torch.equal(kept.positions, expected.positions)
+    head = kept.positions[0, 0, : kept.lengths[0, 0]].tolist()
+    assert {0, 1, 14, 15} <= set(head) and not {6, 7, 8, 9} & set(head)
+
+
+def test_an_inf_key_does_not_give_its_layer_the_global_pool():
+    """One overflowed key made ``global:knorm``'s standardised scores of its whole layer NaN, and
+    that layer took the pool (every row, the inf one included) while the others kept only their
+    protected rows. Its scores rank last now: the layer keeps its protected rows, the inf row is
+    evicted, and the pool goes to the layers with real scores."""
+    from ragcompress.kv import PassageKV
+
+    gen = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(3, 2, 64, 16, generator=gen), torch.randn(3, 2, 64, 16, generator=gen)
+    keys[1, 0, 10, 3] = float("inf")
+    kept = make_compressor("global:knorm", ratio=0.25).compress(PassageKV.full(keys, values), None)  # type: ignore[arg-type]
+    per_layer = kept.lengths.sum(-1).tolist()
+    assert per_layer[1] == 2 * (4 + 4) and sum(per_layer) == 3 * 2 * 16
+    assert bool(kept.keys[kept.valid_mask()].isfinite().all())
+
+
 def test_value_norm_weights_scores_by_each_rows_value_relative_to_its_head():
     """With equal scores, ``value_norm`` keeps the rows whose values are largest relative to their
     head; the budget is kept exactly; the weights average 1 over a head's valid rows; the setting

@@ -277,3 +277,188 @@ def test_a_group_size_that_does_not_tile_head_dim_is_refused_before_encoding(tin
     assert not (tmp_path / "store").exists()
     config = IndexConfig(quant="int4", group_size=8, embedder=embedder.name)
     index(passages_file, tmp_path / "store", model=model, config=config, embedder=embedder)
+
+
+@pytest.mark.parametrize("scheme", ["none", "fp16", "int8", "int4", "int2", "int4/int2"])
+@pytest.mark.parametrize("kind", ["keys", "values"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_cache_holding_inf_or_nan_is_refused_under_every_scheme(scheme, kind, bad):
+    """A model that overflowed in float16: ``none`` stored its NaN as it was (the store verified,
+    every answer over the passage read NaN attention) and the other schemes refused it advising
+    ``none``. Every scheme refuses it now, naming the layer and a wider dtype, not ``none``."""
+    from ragcompress.errors import InputError, UnstorableCacheError
+
+    kv = random_kv()
+    kv = PassageKV.full(kv.keys.half(), kv.values.half())
+    getattr(kv, kind)[1, 0, 5, 2] = bad
+    with pytest.raises(UnstorableCacheError) as caught:
+        codec.encode(kv, QuantConfig.from_name(scheme))
+    message = str(caught.value)
+    assert message == (
+        f"the cache holds inf or NaN ({kind} of layer 1): the model overflowed computing it in float16; "
+        "encode with the model in bfloat16 or float32 (--dtype, --overwrite for an existing store)"
+    )
+    assert isinstance(caught.value, InputError) and isinstance(caught.value, ValueError)
+
+
+def test_inf_or_nan_is_refused_in_a_base_copy_and_a_projected_cache_not_on_padding_rows():
+    """Only kept rows are stored, so only they are checked: an evicted cache's padding may hold
+    anything. A base copy and a cache stored as low-rank latents are checked like any other."""
+    from ragcompress.errors import UnstorableCacheError
+    from ragcompress.kv.lowrank import RankSpec, fit_basis
+
+    kv = ragged_kv()
+    padding = ~kv.valid_mask()
+    kv.keys[padding] = float("nan")
+    back = codec.decode(codec.encode(kv, QuantConfig("none")))
+    assert bool(back.keys.isfinite().all())
+    base = random_kv()
+    base.values[2, 1, 0, 0] = float("inf")
+    with pytest.raises(UnstorableCacheError, match=r"\(the base copy's values of layer 2\).* in float32; check"):
+        codec.encode(random_kv(), QuantConfig("int8"), base=base)
+    basis = fit_basis([random_kv(seed=s) for s in range(3)], RankSpec(rank=8))
+    projected = random_kv(seed=4)
+    projected.keys[0, 1, 3, 3] = float("nan")
+    for scheme in ("none", "int8"):
+        with pytest.raises(UnstorableCacheError, match=r"\(keys of layer 0\)"):
+            codec.encode(projected, QuantConfig(scheme), basis)
+
+
+def fp16_max_channel_kv(make=random_kv) -> PassageKV:
+    """An fp16 model's cache whose key and value channel 5 run to fp16's largest value in every
+    group of 32 rows."""
+    kv = make()
+    ramp = torch.linspace(-65504.0, 65504.0, 32).half().float().repeat(2)[: kv.keys.shape[2]]
+    kv.keys[..., 5] = ramp
+    kv.values[..., 5] = ramp.flip(0)
+    mask = kv.valid_mask().unsqueeze(-1)
+    return PassageKV(kv.keys * mask, kv.values * mask, kv.positions, kv.lengths, kv.num_tokens)
+
+
+@pytest.mark.parametrize("make", [random_kv, ragged_kv])
+@pytest.mark.parametrize("scheme", ["int8", "int4", "int2", "int4/int2"])
+def test_a_finite_fp16_cache_decodes_finite_in_fp16(make, scheme):
+    """A group reaching 65504 is measured from its fp16 minimum with a step rounded up, so
+    ``min + code * step`` passed 65504 (up to 65566 at int8) and became inf in fp16: the grid
+    path (nothing evicted), the kept-rows path (evicted) and the values. Clamped to ±65504 now."""
+    kv = fp16_max_channel_kv(make)
+    segment = codec.parse(codec.encode(kv, QuantConfig.from_name(scheme)))
+    wide = segment.dense(torch.float32)
+    assert float(wide.keys.abs().max()) > 65520  # what fp16 rounds to inf
+    half = segment.dense(torch.float16)
+    assert bool(half.keys.isfinite().all()) and bool(half.values.isfinite().all())
+    assert float(half.keys.abs().max()) == 65504.0
+
+
+def test_a_low_rank_cache_reaching_fp16_max_rebuilds_finite_in_fp16():
+    """Keys rebuilt from quantized latents overshoot by the latents' rounding as well."""
+    from ragcompress.kv.lowrank import RankSpec, fit_basis
+
+    gen = torch.Generator().manual_seed(0)
+
+    def cache() -> PassageKV:
+        keys = torch.randn(1, 1, 64, 32, generator=gen)
+        keys[..., 3] = torch.linspace(-60000.0, 65504.0, 64)
+        return PassageKV.full(keys.half().float(), torch.randn(1, 1, 64, 32, generator=gen))
+
+    basis = fit_basis([cache() for _ in range(4)], RankSpec(rank=8, values=False))
+    segment = codec.parse(codec.encode(cache(), QuantConfig("int4"), basis))
+    assert float(segment.dense(torch.float32, basis).keys.abs().max()) > 65520
+    assert bool(segment.dense(torch.float16, basis).keys.isfinite().all())
+
+
+def test_packed_torch_rows_reaching_fp16_max_are_finite_in_fp16():
+    """The packed backends' PyTorch path dequantizes and rotates every layer, then casts to the
+    query's dtype: the same overshoot (and RoPE's turn of a 65504 channel) made inf there."""
+    from ragcompress.runtime.packed import PackedSegments
+    from ragcompress.testing import PlainRotary
+
+    blob = codec.encode(fp16_max_channel_kv(), QuantConfig("int8"))
+    packed = PackedSegments.from_blobs([codec.parse(blob).packed()], 5, PlainRotary(16))
+    keys, values, _ = packed._dense_layers(torch.float16)[1]
+    assert bool(keys.isfinite().all()) and bool(values.isfinite().all())
+
+
+def test_the_fp16_clamp_leaves_every_value_in_range_bit_for_bit():
+    """Every finite fp16 value, and fp32 values between them, cast as a plain ``.to(float16)``
+    does; only values beyond ±65504 change (to ±65504, not inf); other dtypes are not clamped."""
+    from ragcompress.kv.quant import FP16_MAX, cast_dequantized
+
+    every = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    every = every[every.isfinite()].float()
+    between = (torch.rand(100_000, generator=torch.Generator().manual_seed(0)) * 2 - 1) * FP16_MAX
+    for x in (every, between, torch.tensor([65519.99, -65519.99, 65504.0, -0.0, 1e-8])):
+        assert torch.equal(cast_dequantized(x.clone(), torch.float16).view(torch.int16), x.half().view(torch.int16))
+    over = torch.tensor([65520.0, -65566.0, 1e9])
+    assert cast_dequantized(over.clone(), torch.float16).tolist() == [65504.0, -65504.0, 65504.0]
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(cast_dequantized(over.clone(), dtype), over.to(dtype))
+
+
+@pytest.mark.parametrize("make", [random_kv, ragged_kv, uneven_kv])
+@pytest.mark.parametrize("scheme", ["int8", "int4", "int2/int8"])
+def test_decoding_to_fp16_is_the_fp32_decoding_cast_where_in_range(make, scheme):
+    """What decoding in fp16 returned before the clamp (the fp32 rows cast), bit for bit, on
+    every path: grid, kept rows, values and low-rank rebuilt keys."""
+    from ragcompress.kv.lowrank import RankSpec, fit_basis
+
+    quant = QuantConfig.from_name(scheme, 8)
+    kv = make()
+    segment = codec.parse(codec.encode(kv, quant))
+    half, wide = segment.dense(torch.float16), segment.dense(torch.float32)
+    assert torch.equal(half.keys.view(torch.int16), wide.keys.half().view(torch.int16))
+    assert torch.equal(half.values.view(torch.int16), wide.values.half().view(torch.int16))
+    basis = fit_basis([random_kv(*kv.keys.shape, seed=s) for s in range(1, 4)], RankSpec(rank=8))
+    latent = codec.parse(codec.encode(kv, quant, basis))
+    half, wide = latent.dense(torch.float16, basis), latent.dense(torch.float32, basis)
+    assert torch.equal(half.keys.view(torch.int16), wide.keys.half().view(torch.int16))
+    assert torch.equal(half.values.view(torch.int16), wide.values.half().view(torch.int16))
+
+
+def test_a_prefix_whose_cache_overflowed_is_refused_and_nothing_is_written(
+    overflowing_model_dir, passages_file, tmp_path
+):
+    """The system prompt holds "helpful": in float16 the prompt prefix's cache is NaN, which an
+    unquantized store kept (every answer read it) and a quantized one stored too before its first
+    passage failed. The prefix is refused by name, before the store exists."""
+    from ragcompress.errors import UnstorableCacheError
+    from ragcompress.indexing import IndexConfig, index
+    from ragcompress.testing import HashEmbedder
+
+    embedder = HashEmbedder()
+    with pytest.raises(
+        UnstorableCacheError,
+        match=r"^the prompt prefix: the cache holds inf or NaN \(keys of layer 0\): "
+        r"the model overflowed computing it in float16; .*\(nothing was written\)$",
+    ):
+        index(
+            passages_file,
+            tmp_path / "store",
+            model=str(overflowing_model_dir(" helpful")),
+            config=IndexConfig(quant="none", embedder=embedder.name),
+            embedder=embedder,
+            dtype="float16",
+        )
+    assert not (tmp_path / "store").exists()
+
+
+def test_a_refused_cache_names_its_passage():
+    """The codec does not know which passage it encodes: the record names it, for finite values
+    beyond fp16's range too (a bfloat16 model's keys of ±1.9e5 under int8)."""
+    import numpy as np
+
+    from ragcompress.errors import UnstorableCacheError
+    from ragcompress.indexing.indexer import passage_record
+    from ragcompress.indexing.inputs import PassageInput
+
+    kv = random_kv()
+    kv = PassageKV.full(kv.keys.bfloat16(), kv.values.bfloat16())
+    kv.keys[0, 1, 4, 3] = -1.9e5
+    passage = PassageInput("doc-7", "text")
+    with pytest.raises(
+        UnstorableCacheError,
+        match=r"^passage 'doc-7': cannot quantize to int8: a group spans \[-190464, .*"
+        r"store this cache unquantized .*, or leave the passage out of the input$",
+    ):
+        passage_record(passage, kv, QuantConfig("int8"), np.zeros(4, dtype=np.float32))
+    assert passage_record(passage, kv, QuantConfig("none"), np.zeros(4, dtype=np.float32)).kept == 3 * 2 * 37

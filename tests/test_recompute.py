@@ -402,6 +402,17 @@ def test_select_tokens_ranks_by_deviation_and_breaks_ties_by_position():
     assert select_tokens(deviation, candidates, torch.zeros(0, dtype=torch.long), 2).tolist() == [11, 13]
 
 
+def test_select_tokens_ranks_a_nan_deviation_last_and_takes_no_token_twice():
+    """A NaN deviation sorted first (ahead of every real one), and a candidate ranked as low as
+    the sinks could let a sink be taken a second time in its place."""
+    candidates = torch.arange(10, 20)
+    deviation = torch.tensor([0.0, float("nan"), 1.0, 5.0, float("-inf"), 3.0, 5.0, 0.0, float("nan"), 2.0])
+    sinks = torch.tensor([10, 15])
+    assert select_tokens(deviation, candidates, sinks, budget=5).tolist() == [10, 13, 15, 16, 19]
+    every = select_tokens(deviation, candidates, sinks, budget=10)
+    assert every.tolist() == list(range(10, 20))
+
+
 def test_epic_sinks_only(stores):
     engine = stores("llama")
     entries = engine.retrieve(QUESTION, 3)

@@ -29,19 +29,29 @@ from typing import Any
 import torch
 
 from ragcompress.compressors.base import CompressionContext, Compressor
-from ragcompress.compressors.scorer import ScorerCompressor, gather_kept, top_per_head
+from ragcompress.compressors.scorer import ScorerCompressor, gather_kept, nan_last, top_per_head
 from ragcompress.kv import PassageKV
 
 
 def standardise_per_layer(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """``scores [L, H, n]`` with each layer's valid entries shifted and scaled to mean 0 and
     standard deviation 1, so one budget over the whole cache compares layers by how a token
-    stands within its own layer rather than by each layer's scale (key norms grow with depth)."""
-    weight = valid.float()
+    stands within its own layer rather than by each layer's scale (key norms grow with depth).
+    Returns fp32.
+
+    A layer whose scores are constant (standard deviation at most ``1e-6`` of their magnitude:
+    rounding error, no information) scores 0 everywhere, the others' mean. Its fp32 mean was off
+    by a rounding error, which divided by a deviation of the same size gave every entry ±1, 0 or
+    anything, so such a layer got nothing or half the pool depending on its keys' scale. The
+    statistics are computed in float64, where a constant layer's mean is exact."""
+    x = scores.double()
+    weight = valid.double()
     count = weight.sum((1, 2), keepdim=True).clamp_min(1.0)
-    mean = (scores * weight).sum((1, 2), keepdim=True) / count
-    var = (((scores - mean) * weight) ** 2).sum((1, 2), keepdim=True) / count
-    return (scores - mean) / var.sqrt().clamp_min(1e-6)
+    mean = (x * weight).sum((1, 2), keepdim=True) / count
+    std = ((((x - mean) * weight) ** 2).sum((1, 2), keepdim=True) / count).sqrt()
+    constant = std <= 1e-6 * mean.abs().clamp_min(1.0)
+    out = (x - mean) / torch.where(constant, 1.0, std)
+    return out.masked_fill(constant, 0.0).float()
 
 
 def relative_value_norm(kv: PassageKV) -> torch.Tensor:
@@ -92,14 +102,14 @@ class AdaptiveBudget(Compressor):
     def ranked_scores(self, kv: PassageKV, scores: torch.Tensor) -> torch.Tensor:
         """The inner method's ``scores [L, H, n_max]`` as the budget ranks them: weighted by
         value norm (``value_norm``), standardised per layer where one pool compares layers whose
-        scales differ, ``-inf`` on padding."""
+        scales differ, ``-inf`` on padding and where a score is NaN (:func:`nan_last`)."""
         valid = kv.valid_mask()
         scores = scores.float()
         if self.value_norm:
             scores = scores * relative_value_norm(kv)
         if self.whole_cache and not self.inner.comparable_across_layers:
             scores = standardise_per_layer(scores, valid)
-        return scores.masked_fill(~valid, float("-inf"))
+        return nan_last(scores).masked_fill(~valid, float("-inf"))
 
     def select(self, kv: PassageKV, scores: torch.Tensor) -> PassageKV:
         """Allocate the layer budgets given the inner method's ``scores [L, H, n_max]``."""

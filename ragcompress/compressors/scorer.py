@@ -76,11 +76,27 @@ def gather_kept(kv: PassageKV, keep: torch.Tensor) -> PassageKV:
     return PassageKV(keys.contiguous(), values.contiguous(), positions.contiguous(), lengths, kv.num_tokens)
 
 
+def nan_last(scores: torch.Tensor) -> torch.Tensor:
+    """``scores`` as fp32 with NaN replaced by ``-inf``: what every ranking of scores sorts
+    (:func:`top_per_head`, the ``adaptive:``/``global:`` pools, the recompute's token selection).
+
+    A descending sort puts NaN first, above ``+inf``, which marks the protected tokens: a NaN
+    score (the norm of an inf key standardised with its layer makes the whole layer NaN) outranked
+    the sinks and the passage boundary, and a layer of them took a ``global:`` pool. A NaN says
+    nothing about its token, so it ranks last, beside padding, rather than being refused: an
+    overflowed cache is refused where it is stored (the codec refuses inf or NaN in a kept row,
+    for every quantization), and a score that is NaN over a finite cache should cost its tokens
+    their place, not the passage."""
+    scores = scores.float()
+    return scores.masked_fill(scores.isnan(), float("-inf"))
+
+
 def top_per_head(scores: torch.Tensor, valid: torch.Tensor, budget: int) -> torch.Tensor:
     """``[L, H, n]`` bool mask of each head's ``budget`` highest ``scores`` among ``valid`` rows;
     of equal scores the earlier token wins (``topk`` breaks ties by its algorithm: of 300 equal
-    scores it returned tokens 197-201), so a store does not depend on how ties fall."""
-    masked = scores.float().masked_fill(~valid, float("-inf"))
+    scores it returned tokens 197-201), so a store does not depend on how ties fall. NaN ranks
+    last (:func:`nan_last`)."""
+    masked = nan_last(scores).masked_fill(~valid, float("-inf"))
     k = min(budget, masked.shape[-1])
     idx = masked.sort(dim=-1, descending=True, stable=True).indices[..., :k]
     keep = torch.zeros_like(valid)

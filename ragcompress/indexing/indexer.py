@@ -30,7 +30,7 @@ from ragcompress.distill.packaged import (
     resolve_adaptor,
     trained_store,
 )
-from ragcompress.errors import InputError, StoreMismatchError
+from ragcompress.errors import InputError, StoreMismatchError, UnstorableCacheError
 from ragcompress.indexing.config import IndexConfig, build_manifest, compressor_from_manifest
 from ragcompress.indexing.encoder import PassageEncoder
 from ragcompress.indexing.inputs import PassageInput
@@ -319,14 +319,20 @@ def passage_record(
 ) -> PassageRecord:
     """The record of ``passage`` whose (already compressed) cache is ``kept``, serialised with
     ``quant`` (as latents of ``basis`` when given; ``base``: its base copy, ``codec.encode``):
-    what :meth:`Indexer.records` produces, for callers that compress caches themselves."""
+    what :meth:`Indexer.records` produces, for callers that compress caches themselves. A cache
+    the codec refuses (inf or NaN, a value beyond fp16's range for fp16 or an integer scheme) is
+    an :class:`~ragcompress.errors.UnstorableCacheError` naming the passage: the CLI's one line."""
+    try:
+        blob = codec.encode(kept, quant, basis, base)
+    except UnstorableCacheError as exc:
+        raise UnstorableCacheError(f"passage {passage.id!r}: {exc}, or leave the passage out of the input") from None
     return PassageRecord(
         id=passage.id,
         title=passage.title,
         text=passage.text,
         meta=passage.meta,
         text_sha=passage.text_sha,
-        blob=codec.encode(kept, quant, basis, base),
+        blob=blob,
         num_tokens=kept.num_tokens,
         kept=kept.kept_tokens,
         embedding=embedding,

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ragcompress.distill.packaged import check_store_adaptor
-from ragcompress.errors import InputError, StoreError, StoreMismatchError
+from ragcompress.errors import InputError, StoreError, StoreMismatchError, UnstorableCacheError
 from ragcompress.indexing.calibrate import fit_calibration_basis
 from ragcompress.indexing.config import IndexConfig, config_from_manifest
 from ragcompress.indexing.indexer import Indexer
@@ -197,9 +197,14 @@ def check_same_build(stored: Manifest, indexer: Indexer) -> None:
 
 
 def create_store_for(target: Path, indexer: Indexer) -> None:
-    """A new store at ``target`` for ``indexer``: its manifest, prefix cache and basis (if any)."""
+    """A new store at ``target`` for ``indexer``: its manifest, prefix cache and basis (if any).
+    A prefix cache the codec refuses (inf or NaN: the model overflowed in its dtype) is named as
+    the prefix's; the store is built in a temp folder, so nothing is left at ``target``."""
     basis = basis_to_bytes(indexer.basis) if indexer.basis is not None else None
-    create_store(target, indexer.manifest, indexer.prefix_kv, basis)
+    try:
+        create_store(target, indexer.manifest, indexer.prefix_kv, basis)
+    except UnstorableCacheError as exc:
+        raise UnstorableCacheError(f"the prompt prefix: {exc} (nothing was written)") from None
 
 
 def attach_basis(

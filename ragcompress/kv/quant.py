@@ -5,7 +5,8 @@ consecutive tokens) because key outliers live in fixed channels; values are quan
 (groups of ``group_size`` channels), because value errors mix across channels in the attention
 output. Scales and minimums are fp16: a group above 65504 is measured from fp16's largest value,
 but one whose minimum is below -65504 or whose step exceeds 65504 (or that holds inf or nan) is
-refused rather than stored as inf. ``int4`` packs two codes per byte, ``int2`` four.
+refused rather than stored as inf (:class:`~ragcompress.errors.UnstorableCacheError`). Decoding
+to fp16 clamps to ±65504 (:func:`cast_dequantized`). ``int4`` packs two codes per byte, ``int2`` four.
 
 Values may take another integer width than keys (``value_scheme``): keys decide *which* rows
 attention reads, and an error there moves every weight, while a value error is averaged over the
@@ -19,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from ragcompress.errors import UnstorableCacheError
 
 SCHEMES = ("none", "fp16", "int8", "int4", "int2")
 FP16_MAX = torch.finfo(torch.float16).max  # 65504: scales, minimums and the fp16 scheme's rows
@@ -82,6 +85,7 @@ class QuantConfig:
 
 def quantize_last_dim(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Min-max quantize groups along the last dim: ``x [..., g] -> codes [..., g] uint8, scale, min [...]``."""
+    dtype = x.dtype
     x = x.float()
     lo = x.amin(dim=-1)
     hi = x.amax(dim=-1)
@@ -94,9 +98,11 @@ def quantize_last_dim(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.T
     scale = _to_fp16(((hi - lo16) / levels).clamp_min(1e-8), rounding="up")
     bad = ~(lo16.isfinite() & scale.isfinite())  # below -65504, a step above 65504, or inf/nan
     if bool(bad.any()):
-        raise ValueError(
+        if not bool(x.isfinite().all()):
+            raise non_finite_cache(dtype)
+        raise UnstorableCacheError(
             f"cannot quantize to int{bits}: a group spans [{lo[bad].min():.6g}, {hi[bad].max():.6g}], a value "
-            f"out of fp16 range (±{FP16_MAX:g}) or not finite, and int{bits} keeps each group's minimum and step "
+            f"out of fp16 range (±{FP16_MAX:g}), and int{bits} keeps each group's minimum and step "
             "in fp16; store this cache unquantized (quant 'none' keeps the model's dtype, e.g. fp32)"
         )
     codes = torch.round((x - lo16.unsqueeze(-1)) / scale.unsqueeze(-1)).clamp_(0, levels)
@@ -118,12 +124,44 @@ def to_fp16(x: torch.Tensor) -> torch.Tensor:
     """``x`` rounded to fp16 (the ``fp16`` scheme), refusing a value that would become inf."""
     half = x.half()
     if not bool(half.isfinite().all()):
-        worst = x.float().abs().nan_to_num(float("inf")).max()
-        raise ValueError(
-            f"cannot store in fp16: a value of magnitude {worst:.6g} is out of fp16 range (±{FP16_MAX:g}) or not "
-            "finite; store this cache unquantized (quant 'none' keeps the model's dtype, e.g. fp32)"
+        if not bool(x.isfinite().all()):
+            raise non_finite_cache(x.dtype)
+        raise UnstorableCacheError(
+            f"cannot store in fp16: a value of magnitude {x.float().abs().max():.6g} is out of fp16 range "
+            f"(±{FP16_MAX:g}); store this cache unquantized (quant 'none' keeps the model's dtype, e.g. fp32)"
         )
     return half
+
+
+# A dtype whose range holds what overflowed in another (float32's is bfloat16's, with more precision).
+_WIDER = {torch.float16: "bfloat16 or float32", torch.bfloat16: "float32"}
+
+
+def non_finite_cache(dtype: torch.dtype, where: str = "") -> UnstorableCacheError:
+    """The error for a cache of ``dtype`` holding inf or NaN (``where``: e.g. " (keys of layer
+    1)"). The model overflowed computing it, so no scheme can keep it, ``none`` included (it
+    stored the NaN as it is and every answer over the passage read it): the remedy is the model
+    in a dtype of wider range (callers that know the passage add leaving it out)."""
+    name = str(dtype).removeprefix("torch.")
+    wider = _WIDER.get(dtype)
+    remedy = f"encode with the model in {wider} (--dtype, --overwrite for an existing store)"
+    return UnstorableCacheError(
+        f"the cache holds inf or NaN{where}: the model overflowed computing it in {name}; "
+        + (remedy if wider else "check the model's weights")
+    )
+
+
+def cast_dequantized(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Dequantized rows ``x`` (fp32, a buffer the caller owns: clamped in place) as ``dtype``.
+
+    For fp16 they are clamped to ±65504 first: a group reaching fp16's largest value is measured
+    from its fp16 minimum with a step rounded up, so ``min + code * step`` can pass 65504 by up to
+    a step (65535 at int8), which the cast made inf and the attention NaN. Every value within
+    fp16's range casts exactly as before; other dtypes hold every dequantized value (their range
+    is fp32's) and are cast unchanged."""
+    if dtype == torch.float16:
+        x = x.clamp_(-FP16_MAX, FP16_MAX)
+    return x.to(dtype)
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
@@ -227,9 +265,9 @@ def quantize_dequantize(kind: str, rows: torch.Tensor, lengths: torch.Tensor, qu
         out = to_fp16(rows.detach()).to(rows.dtype)
     elif kind == "k":
         codes, scale, low = quantize_keys_per_channel(rows.detach(), lengths, bits, quant.group_size)
-        out = dequantize_keys_per_channel(codes, scale, low, quant.group_size).to(rows.dtype)
+        out = cast_dequantized(dequantize_keys_per_channel(codes, scale, low, quant.group_size), rows.dtype)
     else:
         out = dequantize_values_per_token(*quantize_values_per_token(rows.detach(), bits, quant.group_size))
-        out = out.to(rows.dtype)
+        out = cast_dequantized(out, rows.dtype)
     # q + (x - x) is q exactly (x + (q - x) can round off q by an ulp), with x's gradient
     return out + (rows - rows.detach())

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ragcompress.kv.lowrank import LowRankBasis
+from ragcompress.kv.quant import cast_dequantized
 from ragcompress.kv.rope import Rotary
 from ragcompress.runtime.packed import rope_tables
 from ragcompress.store.codec import Segment
@@ -134,5 +135,5 @@ class LatentPackedSegments:
             return latent_attention(query, key, value, seg, scale, backend="triton")
         if layer_idx not in self._dense:  # rebuilt once per request and layer, padding rows dropped
             keys, values, valid = drop_padding_rows(*rebuild_latent_segments_ref(seg))
-            self._dense[layer_idx] = (keys.to(query.dtype), values.to(query.dtype), valid)
+            self._dense[layer_idx] = (cast_dequantized(keys, query.dtype), cast_dequantized(values, query.dtype), valid)
         return attention_over_dense_ref(query, key, value, *self._dense[layer_idx], scale, self._masks)

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ragcompress.kv.quant import cast_dequantized
 from ragcompress.kv.rope import Rotary
 from ragcompress.store.codec import QuantizedBlob
 from ragcompress_kernels import (
@@ -159,7 +160,7 @@ class PackedSegments:
         else:  # per-layer RoPE tables (e.g. Gemma-3 local/global layers)
             keys, values, valid = (torch.stack(x) for x in zip(*map(dequantize_segments_ref, self.layers), strict=True))
         keys, values, used = drop_padding_rows(keys, values, valid)
-        keys, values = keys.to(dtype), values.to(dtype)
+        keys, values = cast_dequantized(keys, dtype), cast_dequantized(values, dtype)
         return [
             (keys[layer], values[layer], None if used is None or bool(used[layer].all()) else used[layer])
             for layer in range(len(self.layers))

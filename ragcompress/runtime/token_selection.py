@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ragcompress.architecture import attention_input_norm, head_states, project
+from ragcompress.compressors.scorer import nan_last
 from ragcompress.kv.rope import Rotary
 from ragcompress.runtime import cache_pass
 from ragcompress.runtime.cache_pass import CacheLayout
@@ -136,12 +137,13 @@ def ranking(selection: str, deviation: torch.Tensor, relevance: torch.Tensor | N
 def select_tokens(deviation: torch.Tensor, candidates: torch.Tensor, sinks: torch.Tensor, budget: int) -> torch.Tensor:
     """Sinks plus the ``budget - len(sinks)`` candidates of largest ``deviation`` (``[len(candidates)]``).
 
-    Ties are broken by position (stable sort), so the selection is deterministic. Returns sorted
-    passage-token indices.
+    Ties are broken by position (stable sort), so the selection is deterministic; a NaN
+    deviation ranks last (:func:`~ragcompress.compressors.scorer.nan_last`). Only the candidates
+    that are not sinks are ranked, so none is taken twice. Returns sorted passage-token indices.
     """
     is_sink = torch.isin(candidates, sinks)
     rest = max(0, min(budget, candidates.numel()) - int(is_sink.sum()))
-    scores = deviation.float().masked_fill(is_sink, float("-inf"))
-    order = torch.sort(scores, descending=True, stable=True).indices[:rest]
-    picked = torch.cat([candidates[is_sink], candidates[order]])
+    others = candidates[~is_sink]
+    order = torch.sort(nan_last(deviation[~is_sink]), descending=True, stable=True).indices[:rest]
+    picked = torch.cat([candidates[is_sink], others[order]])
     return torch.sort(picked).values

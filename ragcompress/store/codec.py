@@ -42,8 +42,10 @@ from ragcompress.kv import ModelShape, PassageKV
 from ragcompress.kv.lowrank import LowRankBasis
 from ragcompress.kv.quant import (
     QuantConfig,
+    cast_dequantized,
     dequantize_keys_per_channel,
     dequantize_values_per_token,
+    non_finite_cache,
     pack,
     quantize_keys_per_channel,
     quantize_values_per_token,
@@ -64,7 +66,11 @@ def encode(
     """Serialise ``kv`` (keys un-rotated) with ``quant``; returns the blob's bytes. With a
     ``basis``, keys (and values when the basis projects them) are stored as its latents. ``base``:
     the same passage's base-model cache, stored beside it as its base copy (both keep every row,
-    no basis)."""
+    no basis). A cache holding inf or NaN is refused under every ``quant``
+    (:func:`refuse_non_finite`)."""
+    refuse_non_finite(kv)
+    if base is not None:
+        refuse_non_finite(base, "the base copy's ")
     layers, heads, n_max, d = kv.keys.shape
     mask = kv.valid_mask()
     tensors: dict[str, torch.Tensor] = {"lengths": kv.lengths.to(torch.int32)}
@@ -88,6 +94,20 @@ def encode(
         **({"value_scheme": quant.value_scheme} if quant.value_scheme else {}),
     }
     return _canonical(st_save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
+
+
+def refuse_non_finite(kv: PassageKV, whose: str = "") -> None:
+    """Raise :class:`~ragcompress.errors.UnstorableCacheError` when a kept row of ``kv`` holds
+    inf or NaN. The integer and fp16 schemes refused them already (with a remedy that named
+    ``none``), but ``none`` wrote them as they are: the store verified, and every answer over the
+    passage read NaN attention. Checked here, before any scheme or projection, so all refuse
+    alike, naming the layer."""
+    mask = kv.valid_mask()
+    for kind, rows in (("keys", kv.keys), ("values", kv.values)):
+        bad = mask & ~rows.isfinite().all(-1)  # [L, H, n_max]
+        if bool(bad.any()):
+            layer = int(bad.nonzero()[0, 0])
+            raise non_finite_cache(rows.dtype, f" ({whose}{kind} of layer {layer})")
 
 
 def _encode_rows(
@@ -262,11 +282,11 @@ class Segment:
                 groups = _group_mask(lengths, -(-self.n_max // group_size), group_size)
                 k_scale = _rows_to_grid(tensors["k_scale"], groups, torch.float16)
                 k_min = _rows_to_grid(tensors["k_min"], groups, torch.float16)
-                keys = dequantize_keys_per_channel(k_codes, k_scale, k_min, group_size).to(dtype)
+                keys = cast_dequantized(dequantize_keys_per_channel(k_codes, k_scale, k_min, group_size), dtype)
             else:  # only the kept rows, then scattered once: padding rows are zero, as for unquantized blobs
                 codes = unpack(tensors["k_codes"], self.quant.bits)
                 rows = _dequantize_kept_keys(codes, tensors["k_scale"], tensors["k_min"], lengths, group_size)
-                keys = _rows_to_grid(rows, mask, dtype)
+                keys = _rows_to_grid(cast_dequantized(rows, dtype), mask, dtype)
             if "v" in self.ranks:
                 values = self._rebuild("v", basis, dtype)
             elif self.quant.value_bits is None:
@@ -274,7 +294,7 @@ class Segment:
             else:
                 bits = self.quant.value_bits
                 v = dequantize_values_per_token(unpack(tensors["v_codes"], bits), tensors["v_scale"], tensors["v_min"])
-                values = _rows_to_grid(v, mask, dtype)
+                values = _rows_to_grid(cast_dequantized(v, dtype), mask, dtype)
             if keys.shape[-1] != d or values.shape[-1] != d:
                 raise ValueError(f"tensors have head_dim {keys.shape[-1]}/{values.shape[-1]}, metadata says {d}")
             return PassageKV(keys, values, self.positions, lengths, self.num_tokens)
@@ -292,7 +312,7 @@ class Segment:
         basis.reconstruct(kind, self.latents(kind), out)
         if not bool(self.mask().all()):
             out.mul_(self.mask().unsqueeze(-1))  # padding rows are zero, as for row blobs
-        return out.to(dtype)
+        return cast_dequantized(out, dtype)
 
     def packed(self) -> QuantizedBlob:
         """The quantized tensors padded per head to a multiple of ``group_size`` rows, for the
