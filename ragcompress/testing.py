@@ -200,3 +200,32 @@ class PlainRotary:
 
     def layer_key(self, layer_idx: int) -> None:
         return None
+
+
+def sigterm_once_marked(command: list[str], store: Path, settle_s: float) -> tuple[int, str]:
+    """Run ``command`` (an indexing run into ``store``) in a fresh interpreter that imports what
+    this one does, send it SIGTERM ``settle_s`` seconds after its run marker appears (the run is
+    then past its setup and writing), and return its exit status and stderr. The run must still
+    be going when the signal is due: a run that ended first is an assertion error (the input was
+    too short to be stopped)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from ragcompress.store.files import RUN
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (store / RUN).exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert process.poll() is None, "the run ended before it could be stopped"
+        time.sleep(settle_s)
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    return process.returncode, err

@@ -806,12 +806,8 @@ def test_sigterm_to_index_is_the_interrupted_line(tmp_path, tiny_model_dir):
     """SIGTERM (``kill``, ``timeout``, a scheduler) ended ``index`` at once, silently, with status
     -15 and no cleanup; it now stops the run as Ctrl-C does: the one line, exit status 130, and a
     store that verifies and resumes."""
-    import os
-    import signal
-    import time
-
-    from ragcompress.store.files import RUN
     from ragcompress.store.verify import verify_store
+    from ragcompress.testing import sigterm_once_marked
 
     corpus = tmp_path / "passages.jsonl"  # long enough to be running when the signal comes
     rows = [{"id": f"d{i}", "text": f"Passage {i} is about rivers and bridges. " * (1 + i % 5)} for i in range(400)]
@@ -819,19 +815,8 @@ def test_sigterm_to_index_is_the_interrupted_line(tmp_path, tiny_model_dir):
     store = tmp_path / "store"
     command = [sys.executable, "-m", "ragcompress.cli", "index", "--input", str(corpus), "--store", str(store)]
     command += ["--model", str(tiny_model_dir("llama")), "--quant", "int8", "--batch-size", "2"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 240
-        while not (store / RUN).exists() and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)  # the run is marked once the store exists
-        assert process.poll() is None, "the run ended before it could be stopped"
-        time.sleep(1)
-        process.send_signal(signal.SIGTERM)
-        _, err = process.communicate(timeout=120)
-    finally:
-        process.kill()
-    assert process.returncode == 130, err[-2000:]
+    code, err = sigterm_once_marked(command, store, settle_s=1)
+    assert code == 130, err[-2000:]
     assert err.rstrip().splitlines()[-1] == "error: interrupted (run it again: it resumes where it stopped)"
     assert "Traceback" not in err
     assert verify_store(store).ok

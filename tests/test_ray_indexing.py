@@ -556,9 +556,7 @@ def test_sigterm_to_a_local_ray_run_is_the_interrupted_line(tmp_path, tiny_model
     """SIGTERM to ``index --ray local`` ended in Ray's C++ stack dump and SIGABRT (the driver Ray
     starts has a SIGTERM handler of its own); it is now Ctrl-C's one line and exit status 130,
     and the store resumes like one interrupted by Ctrl-C."""
-    import time
-
-    from ragcompress.store.files import RUN
+    from ragcompress.testing import sigterm_once_marked
 
     corpus = tmp_path / "passages.jsonl"  # long enough to be running two seconds after Ray started
     corpus.write_text("".join(json.dumps(r) + "\n" for r in _texts(400)))
@@ -566,19 +564,8 @@ def test_sigterm_to_a_local_ray_run_is_the_interrupted_line(tmp_path, tiny_model
     command = [sys.executable, "-m", "ragcompress.cli", "index", "--input", str(corpus), "--store", str(store)]
     command += ["--model", str(tiny_model_dir("llama")), "--quant", "int8", "--ray", "local", "--workers", "1"]
     command += ["--batch-size", "2"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 240
-        while not (store / RUN).exists() and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)  # the run is marked once Ray has started
-        assert process.poll() is None, "the run ended before it could be stopped"
-        time.sleep(2)
-        process.send_signal(signal.SIGTERM)
-        _, err = process.communicate(timeout=120)
-    finally:
-        process.kill()
-    assert process.returncode == 130, err[-2000:]
+    code, err = sigterm_once_marked(command, store, settle_s=2)  # the run is marked once Ray has started
+    assert code == 130, err[-2000:]
     assert err.rstrip().splitlines()[-1] == "error: interrupted (run it again: it resumes where it stopped)"
     assert "SIGTERM received" not in err and "Traceback" not in err
     assert verify_store(store).ok
