@@ -92,11 +92,21 @@ def test_corrupt_blob_is_rejected():
         codec.decode(bytes(blob[:100]))
 
 
+def _rewritten(blob: bytes, tensors: dict[str, torch.Tensor | None], **meta: object) -> bytes:
+    """``blob`` with tensors replaced (``None`` drops one) and header fields overridden, as a
+    damaged or forged blob would arrive: its own checksum is the caller's to fake."""
+    from safetensors.torch import load, save
+
+    kept = {**load(blob), **tensors}
+    return save(
+        {name: t for name, t in kept.items() if t is not None},
+        metadata={**codec._metadata(blob), **{k: str(v) for k, v in meta.items()}},
+    )
+
+
 def test_an_evicted_blob_without_its_positions_is_refused():
     """``parse`` filled a missing ``positions`` tensor with ``0..n_max-1`` whatever the blob kept,
     so an evicted cache's rows would have been re-rotated to the wrong positions."""
-    from safetensors.torch import load, save
-
     from ragcompress.compressors import make_compressor
     from ragcompress.errors import CorruptSegmentError
 
@@ -104,14 +114,52 @@ def test_an_evicted_blob_without_its_positions_is_refused():
     evicted = make_compressor("knorm", budget=4, keep_first=0, keep_last=0).compress(kv, None)
     for cache in (kv, evicted):
         blob = codec.encode(cache, QuantConfig("fp16"))
-        tensors = load(blob)
-        tensors.pop("positions", None)  # a cache of every row has none to lose
-        stripped = save(tensors, metadata=codec._metadata(blob))
+        stripped = _rewritten(blob, {"positions": None})  # a cache of every row has none to lose
         if cache is kv:
             assert torch.equal(codec.parse(stripped).positions, codec.parse(blob).positions)
         else:
             with pytest.raises(CorruptSegmentError, match="records no positions"):
                 codec.parse(stripped)
+
+
+def test_a_position_one_past_the_passage_is_refused():
+    """Positions are offsets into the passage, ``0..num_tokens-1``: without this a blob keeping a
+    row at ``num_tokens`` (off by one, ``>`` for ``>=``) parsed, and the row was rotated to the
+    first position of the next passage in the prompt."""
+    from ragcompress.compressors import make_compressor
+    from ragcompress.errors import CorruptSegmentError
+
+    kv = PassageKV.full(torch.randn(1, 1, 10, 8), torch.randn(1, 1, 10, 8))
+    blob = codec.encode(
+        make_compressor("knorm", budget=4, keep_first=0, keep_last=0).compress(kv, None), QuantConfig("fp16")
+    )
+    positions = codec.parse(blob).tensors["positions"].clone()
+    positions[-1] = 10  # == num_tokens
+    with pytest.raises(CorruptSegmentError, match="positions"):
+        codec.parse(_rewritten(blob, {"positions": positions}))
+    positions[-1] = 9  # the passage's last token is a position like any other
+    assert codec.parse(_rewritten(blob, {"positions": positions})).positions.max() == 9
+
+
+def test_positions_of_a_passage_longer_than_int16_round_trip():
+    """Positions are stored as int16 while they fit, int32 past 32767: without this a wrong
+    switch (int16's limit, or uint16's) would store a long passage's late positions wrapped."""
+    n = 40000
+    positions = torch.tensor([[[0, 32767, 32768, n - 1]]])
+    kv = PassageKV(torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8), positions, torch.tensor([[4]]), n)
+    back = codec.decode(codec.encode(kv, QuantConfig("none")))
+    assert torch.equal(back.positions, positions) and back.num_tokens == n
+
+
+def test_tensors_of_another_width_than_the_header_are_refused():
+    """A header whose ``head_dim`` disagrees with the stored rows' width (a forged or damaged
+    header that still passes the store's model-shape check) is a ``CorruptSegmentError``; without
+    the check the rows were reshaped to the header's width and decoded as another cache."""
+    from ragcompress.errors import CorruptSegmentError
+
+    blob = codec.encode(PassageKV.full(torch.randn(1, 1, 10, 8), torch.randn(1, 1, 10, 8)), QuantConfig("fp16"))
+    with pytest.raises(CorruptSegmentError):
+        codec.parse(_rewritten(blob, {}, head_dim=4)).dense()
 
 
 def test_quant_config_validation():
