@@ -110,6 +110,19 @@ def test_streaming_keeps_sinks_and_recent(encoded):
     assert (out.positions == torch.tensor(expected)).all()
 
 
+def test_a_budget_below_the_protection_keeps_the_first_tokens_then_the_last():
+    """``keep_first + keep_last`` above the budget: the first tokens (sinks) are protected first
+    and the boundary gets what is left, counted from the passage's end. Without the trim all eight
+    were protected, and the one boundary row went to the earliest of the last four (token 26),
+    not to the last token."""
+    from ragcompress.kv import PassageKV
+
+    n = 30
+    kv = PassageKV.full(torch.randn(1, 1, n, 4), torch.randn(1, 1, n, 4))
+    kept = make_compressor("kvzip", budget=5, keep_first=4, keep_last=4).select(kv, torch.zeros(1, 1, n))
+    assert kept.positions[0, 0, : kept.lengths[0, 0]].tolist() == [0, 1, 2, 3, n - 1]
+
+
 def test_global_budget_follows_scores_across_layers_and_adaptive_does_not():
     """``global:`` spends the whole cache's budget where the scores are highest, even if one layer
     takes (almost) everything; ``adaptive:`` keeps every layer at ``kv_heads x budget``."""
@@ -283,6 +296,27 @@ def test_probe_attention_equals_model_attention(arch, config, tiny_model_dir):
         rows = attn[0, :, p + n - window :, p : p + n]  # [Hq, window, n]
         expected = rows.mean(1).view(kv_heads, -1, n).mean(1)
         torch.testing.assert_close(probe.attention[layer], expected, atol=1e-5, rtol=1e-4)
+
+
+def test_kvzip_scores_a_token_by_the_most_attention_any_reconstruction_query_gives_it(encoded, tiny_model_dir):
+    """KVzip's score (Kim et al., 2025) is a *maximum*, over the reconstruction's queries and the
+    query heads of each KV group, of the model's own attention: a token needed to reproduce one
+    word of the passage is kept even if the rest of the reconstruction ignores it. Without this
+    a mean in either reduction (the probe's default) ranked the tokens otherwise unnoticed."""
+    from transformers import AutoModelForCausalLM
+
+    encoder, ids, kv = encoded
+    kvzip = make_compressor("kvzip", ratio=0.5, chunk=5)  # several chunks, the last one short
+    probe_ids = kvzip.probe_ids(encoder, ids)
+    scores = kvzip.score(kv, CompressionContext(encoder, ids))
+    eager = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir("llama")), attn_implementation="eager")
+    with torch.inference_mode():
+        out = eager(torch.tensor([encoder.prefix_ids + ids + probe_ids]), output_attentions=True)
+    n, p, kv_heads = len(ids), encoder.prefix_len, kv.keys.shape[1]
+    for layer, attn in enumerate(out.attentions):
+        rows = attn[0, :, p + n :, p : p + n]  # [Hq, probe, n]: the reconstruction's queries on the passage
+        expected = rows.amax(1).view(kv_heads, -1, n).amax(1)
+        torch.testing.assert_close(scores[layer], expected, atol=1e-5, rtol=1e-4)
 
 
 def test_a_probe_past_the_models_positions_is_refused_by_name(tiny_model_dir):
