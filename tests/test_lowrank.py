@@ -167,6 +167,29 @@ def test_energy_ranks_keep_the_energy_and_progressive_favours_shallow_layers():
     assert torch.allclose(got.values, decode(encode(kv, QuantConfig("int8"))).values)
 
 
+def test_an_energy_rank_is_the_smallest_multiple_of_eight_that_keeps_the_energy():
+    """Eight equal directions over a faint tail: eight keep about 0.99 of the variance, seven about
+    0.87. The rank is 8; without this, a rank read one direction short (checking what ``r - 1``
+    directions keep) asked for 16, and the geometric test above cannot tell (7 already keep 0.95)."""
+    gen = torch.Generator().manual_seed(0)
+    scales = torch.cat([torch.ones(8), torch.full((56,), 0.03)])
+    caches = [PassageKV.full(*(torch.randn(2, 1, 1, 200, 64, generator=gen) * scales).unbind(0)) for _ in range(4)]
+    basis = fit_basis(caches, RankSpec(energy=0.95))
+    assert basis.ranks("k") == basis.ranks("v") == (8,)
+
+
+def test_each_basis_direction_has_its_largest_entry_positive():
+    """An eigenvector's sign is arbitrary (``eigh`` may flip it between LAPACK builds or inputs),
+    so each is fixed: its largest-magnitude entry positive. Without this the same calibration
+    sample could give another machine a basis of other signs (other latents, another basis
+    checksum), which the determinism test, run on one machine, cannot see."""
+    basis = fit_basis(low_rank_caches(0), RankSpec(rank=8))
+    for kind in ("k", "v"):
+        for layer in basis.bases[kind]:  # [H, d, r]
+            peak = layer.gather(-2, layer.abs().argmax(-2, keepdim=True))
+            assert bool((peak > 0).all())
+
+
 def test_rank_spec_validates_its_fields():
     for bad in (dict(), dict(rank=8, energy=0.9), dict(rank=12), dict(energy=1.5), dict(rank=8, schedule="x")):
         with pytest.raises(ValueError):
