@@ -1109,6 +1109,40 @@ def test_a_base_copy_needs_an_adaptor_and_every_row_and_is_recorded(lm, tmp_path
         )
 
 
+def test_a_base_copy_that_does_not_decode_is_a_verify_problem(lm, tmp_path, passages_file, embedder):
+    """``verify`` decodes each blob's base copy too: the first retrieved passage is read from it,
+    so without that a base copy missing its values (its blob's checksum made to match) passed
+    ``verify`` and failed only when a query read it."""
+    import sqlite3
+
+    from safetensors.torch import load, save
+
+    from ragcompress.store.shards import checksum
+    from ragcompress.store.verify import verify_store
+
+    adaptor = str(noisy_adaptor(lm, 4).save(tmp_path / "adaptor"))
+    config = IndexConfig(quant="none", adaptor=adaptor, base_copy=True)
+    store = tmp_path / "store"
+    index(passages_file, store, model=lm.ref, lm=lm, embedder=embedder, config=config)
+    with KVStore.open(store) as kv:
+        victim = next(iter(kv.catalogue.entries()))
+    path = store / "shards" / victim.shard
+    blob = path.read_bytes()[victim.offset : victim.offset + victim.length]
+    tensors = load(blob)
+    assert "base.v" in tensors
+    damaged = save({name: t for name, t in tensors.items() if name != "base.v"}, metadata=codec._metadata(blob))
+    offset = path.stat().st_size
+    with open(path, "ab") as handle:
+        handle.write(damaged)
+    with sqlite3.connect(store / "catalogue.sqlite") as db:
+        db.execute(
+            "UPDATE passages SET offset = ?, length = ?, checksum = ? WHERE id = ?",
+            (offset, len(damaged), checksum(damaged), victim.id),
+        )
+    problems = [(p.kind, p.passage_id) for p in verify_store(store).problems]
+    assert problems == [("segment", victim.id)]
+
+
 @pytest.mark.parametrize(("arch", "problem"), [("qwen3", "normalises keys"), ("phi3", "fused qkv_proj")])
 def test_a_cache_adaptor_refused_for_a_model_names_its_kind_and_the_forward_kind(arch, problem, tiny_model_dir):
     """Only kind ``cache`` is refused for these models; the message said "adaptors do not support

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -734,11 +735,12 @@ def test_flipped_byte_is_detected_and_named(store_copy):
 
 def test_truncated_shard_is_detected_and_named(tiny_lm, corpus, store_copy, clean_store):
     """A shard that lost committed bytes: the passage and the shard are named, every writer
-    refuses the store naming the rebuild, and `verify`'s remedy is that rebuild, which works."""
+    refuses the store naming the rebuild, and `verify`'s remedy is that rebuild, which works.
+    One byte short is the least loss, and still a shard problem (an off-by-one let it pass)."""
     last = _entry(store_copy, f"doc-{N_PASSAGES - 1:03d}")
     path = store_copy / "shards" / last.shard
     with open(path, "r+b") as handle:
-        handle.truncate(last.offset + last.length - 10)
+        handle.truncate(last.offset + last.length - 1)
     with pytest.raises(CorruptSegmentError, match=rf"passage '{last.id}': shard {last.shard} is truncated"):
         _load(store_copy, last.id)
     report = verify_store(store_copy)
@@ -888,6 +890,60 @@ def test_catalogue_row_pointing_nowhere_is_named(store_copy, update, message):
     assert _problem_ids(store_copy) == ({"doc-007", None} if "past the end" in message else {"doc-007"})
 
 
+def test_a_kept_count_edited_in_the_catalogue_is_a_problem(store_copy):
+    """A row's ``kept`` (stored entries, what memory and ratio reports count) must be its blob's:
+    without comparing them an edited or mis-committed count verified clean."""
+    with sqlite3.connect(store_copy / "catalogue.sqlite") as db:
+        db.execute("UPDATE passages SET kept = kept - 1 WHERE id = 'doc-003'")
+    problems = verify_store(store_copy).problems
+    assert [(p.kind, p.passage_id) for p in problems] == [("segment", "doc-003")]
+    assert re.search(r"blob holds (\d+) tokens / (\d+) kept, its catalogue row says \1 / (\d+)$", problems[0].message)
+
+
+@pytest.mark.parametrize("overlap", ["same-blob", "one-byte"])
+def test_rows_whose_blobs_share_bytes_are_an_overlap(store_copy, overlap):
+    """Two rows pointing at one blob (each reads back whole, so no checksum notices), or a blob
+    starting one byte before its neighbour ends: ``verify`` names the overlap. Without the check the
+    first verified clean, and compaction or removal of one row would take the other's cache."""
+    with KVStore.open(store_copy) as kv:
+        entries = sorted(kv.catalogue.entries(), key=lambda e: (e.shard, e.offset))
+    first, second = next((a, b) for a, b in itertools.pairwise(entries) if a.shard == b.shard)
+    with sqlite3.connect(store_copy / "catalogue.sqlite") as db:
+        if overlap == "same-blob":
+            db.execute(
+                "UPDATE passages SET (offset, length, checksum, num_tokens, kept) = "
+                "(SELECT offset, length, checksum, num_tokens, kept FROM passages WHERE id = ?) WHERE id = ?",
+                (first.id, second.id),
+            )
+        else:
+            db.execute("UPDATE passages SET offset = offset - 1 WHERE id = ?", (second.id,))
+    overlaps = [p for p in verify_store(store_copy).problems if "overlaps another blob" in p.message]
+    assert [(p.kind, p.shard) for p in overlaps] == [("segment", second.shard)]
+    assert overlaps[0].passage_id in {first.id, second.id}  # rows at one offset come in either order
+
+
+def test_embeddings_of_another_dimension_than_the_stores_are_a_problem(store_copy):
+    """Rows whose embeddings differ in length cannot share one index; with no ``index.faiss`` to
+    disagree with (it is rebuilt from the rows) only the dimension check sees a row of another
+    embedder's width, resealed as a writer seals it."""
+    from ragcompress.store.catalogue import meta_checksum
+
+    with sqlite3.connect(store_copy / "catalogue.sqlite") as db:
+        title, meta, text_sha, embedding = db.execute(
+            "SELECT title, meta, text_sha, embedding FROM passages WHERE id = 'doc-003'"
+        ).fetchone()
+        short = embedding[:16]  # four floats
+        db.execute(
+            "UPDATE passages SET embedding = ?, meta_checksum = ? WHERE id = 'doc-003'",
+            (short, meta_checksum("doc-003", title, meta, text_sha, short)),
+        )
+    for name in (INDEX, INDEX_META):
+        (store_copy / name).unlink(missing_ok=True)
+    problems = verify_store(store_copy).problems
+    assert [(p.kind, p.passage_id) for p in problems] == [("catalogue", "doc-003")]
+    assert f"embedding has dimension 4, the store's others have {len(embedding) // 4}" == problems[0].message
+
+
 def test_blob_with_wrong_model_shape_is_refused(store_copy):
     """A blob with a valid checksum but another model's shape never reaches the runtime."""
     foreign = PassageKV.full(torch.randn(3, 2, 5, 16), torch.randn(3, 2, 5, 16))
@@ -909,13 +965,18 @@ def test_blob_with_wrong_model_shape_is_refused(store_copy):
     assert "doc-002" in _problem_ids(store_copy)
 
 
-def test_corrupt_prefix_is_refused(store_copy):
+@pytest.mark.parametrize("where", ["tail", "inside-the-tensors"])
+def test_corrupt_prefix_is_refused(store_copy, where):
+    """A byte flipped near the end breaks decoding as well; one in the middle of the key/value
+    data decodes into a plausible prefix cache that only the manifest's checksum can tell from the
+    built one: without ``verify``'s checksum comparison that store verified clean."""
     data = bytearray((store_copy / PREFIX).read_bytes())
-    data[-3] ^= 0xFF
+    data[-3 if where == "tail" else len(data) // 2] ^= 0xFF
     (store_copy / PREFIX).write_bytes(bytes(data))
     with KVStore.open(store_copy) as kv, pytest.raises(CorruptSegmentError, match="prefix cache.*checksum mismatch"):
         kv.prefix_kv()
-    assert [p.kind for p in verify_store(store_copy).problems] == ["prefix"]
+    problems = verify_store(store_copy).problems
+    assert [(p.kind, p.message) for p in problems] == [("prefix", "checksum mismatch with the manifest")]
 
 
 def test_ask_on_corrupt_passage_fails_clearly(store_copy, tiny_lm):
