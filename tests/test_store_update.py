@@ -397,6 +397,35 @@ def test_a_flipped_searchable_flag_fails_verify(store, flip):
     assert f"searchable flag ({flipped})" in str(report.problems[0])
 
 
+def test_a_seal_copied_from_another_row_fails_verify(store):
+    """The seal covers the row's id, not only its flag: without it a query-time row's seal, copied
+    onto an indexed passage with its flag, sealed that passage out of retrieval unnoticed."""
+    _searchable(store, 0, ["doc-003"])
+    with sqlite3.connect(store / "catalogue.sqlite") as db:
+        db.execute(
+            "UPDATE passages SET searchable = 0, searchable_checksum = ? WHERE id = 'doc-004'",
+            (_seals(store)["doc-003"],),
+        )
+    report = verify_store(store)
+    assert [(p.kind, p.passage_id) for p in report.problems] == [("catalogue", "doc-004")]
+    assert SEARCHABLE_FLAG_DAMAGED in report.problems[0].message
+
+
+def test_the_catalogues_row_checksums_keep_their_format():
+    """Golden values: every committed row carries these checksums, so a change to what they cover
+    or how it is serialised makes every existing store fail ``verify``; without this such a change
+    passed every test (they seal and check with the same function). Changing one needs a
+    migration, and these values with it."""
+    import struct
+
+    from ragcompress.store.catalogue import meta_checksum
+
+    assert searchable_checksum("doc-004", 0) == "15512e93570d36d0bb8aa783089c8375"
+    assert searchable_checksum("doc-004", 1) == "afa7cf3fbc8df2800383bfe938b7fa4e"
+    embedding = struct.pack("<2f", 0.5, -1.0)
+    assert meta_checksum("doc-004", "T4", '{"lang": "en"}', "a" * 64, embedding) == "4ee5b6299145024bd9ebb921b7f6c98b"
+
+
 def test_make_searchable_seals_the_flag_it_flips_and_compaction_keeps_the_seals(store):
     _searchable(store, 0, ["doc-004", "doc-009"])
     with StoreWriter(store) as writer:
