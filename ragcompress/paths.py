@@ -83,9 +83,16 @@ def remove_dead_temps(folder: Path, pid_named: re.Pattern[str], unnamed: re.Patt
             continue
         if not stale:
             continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
+        remove_tree(entry)
         removed.append(entry.name)
     return removed
+
+
+def remove_tree(path: Path) -> None:
+    """Delete what is at ``path``: a folder with everything in it, or anything else (a file, a
+    symbolic link itself: ``rmtree`` refuses a link, and following one would delete what it
+    points at). Nothing there is nothing to do."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

@@ -24,7 +24,7 @@ from pathlib import Path
 from ragcompress.errors import StoreError
 from ragcompress.kv import PassageKV
 from ragcompress.kv.quant import QuantConfig
-from ragcompress.paths import process_gone, remove_dead_temps
+from ragcompress.paths import process_gone, remove_dead_temps, remove_tree
 from ragcompress.store import codec
 from ragcompress.store.basis import BASIS
 from ragcompress.store.catalogue import CATALOGUE, Catalogue
@@ -94,15 +94,6 @@ def _exchange(a: Path, b: Path) -> bool:
     at_fdcwd, rename_exchange = -100, 2
     result = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
     return result == 0
-
-
-def remove_tree(path: Path) -> None:
-    """Delete what is at ``path``: a folder with everything in it, or a file or symbolic link
-    itself (``rmtree`` refuses a link, and following one would delete what it points at)."""
-    if path.is_symlink() or path.is_file():
-        path.unlink(missing_ok=True)
-    else:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def replace_store(built: Path, path: Path) -> None:
