@@ -229,3 +229,26 @@ def sigterm_once_marked(command: list[str], store: Path, settle_s: float) -> tup
     finally:
         process.kill()
     return process.returncode, err
+
+
+def point_row_at_appended_blob(store: Path, passage_id: str, shard: str, blob: bytes, **columns: int) -> None:
+    """Append ``blob`` to the shard ``shard`` of ``store`` and point ``passage_id``'s catalogue row
+    at it, with its checksum: how a test plants a blob that only the codec's or ``verify``'s own
+    checks (not the checksum) can refuse. ``columns``: other values of the row to set with it."""
+    import sqlite3
+
+    from ragcompress.store.catalogue import CATALOGUE
+    from ragcompress.store.shards import SHARD_DIR, checksum
+
+    path = Path(store) / SHARD_DIR / shard
+    offset = path.stat().st_size
+    with open(path, "ab") as handle:
+        handle.write(blob)
+    values = {"shard": shard, "offset": offset, "length": len(blob), "checksum": checksum(blob), **columns}
+    db = sqlite3.connect(Path(store) / CATALOGUE)
+    try:
+        with db:
+            assignments = ", ".join(f"{name} = ?" for name in values)
+            db.execute(f"UPDATE passages SET {assignments} WHERE id = ?", (*values.values(), passage_id))
+    finally:
+        db.close()

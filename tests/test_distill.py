@@ -1113,12 +1113,10 @@ def test_a_base_copy_that_does_not_decode_is_a_verify_problem(lm, tmp_path, pass
     """``verify`` decodes each blob's base copy too: the first retrieved passage is read from it,
     so without that a base copy missing its values (its blob's checksum made to match) passed
     ``verify`` and failed only when a query read it."""
-    import sqlite3
-
     from safetensors.torch import load, save
 
-    from ragcompress.store.shards import checksum
     from ragcompress.store.verify import verify_store
+    from ragcompress.testing import point_row_at_appended_blob
 
     adaptor = str(noisy_adaptor(lm, 4).save(tmp_path / "adaptor"))
     config = IndexConfig(quant="none", adaptor=adaptor, base_copy=True)
@@ -1131,14 +1129,7 @@ def test_a_base_copy_that_does_not_decode_is_a_verify_problem(lm, tmp_path, pass
     tensors = load(blob)
     assert "base.v" in tensors
     damaged = save({name: t for name, t in tensors.items() if name != "base.v"}, metadata=codec._metadata(blob))
-    offset = path.stat().st_size
-    with open(path, "ab") as handle:
-        handle.write(damaged)
-    with sqlite3.connect(store / "catalogue.sqlite") as db:
-        db.execute(
-            "UPDATE passages SET offset = ?, length = ?, checksum = ? WHERE id = ?",
-            (offset, len(damaged), checksum(damaged), victim.id),
-        )
+    point_row_at_appended_blob(store, victim.id, victim.shard, damaged)
     problems = [(p.kind, p.passage_id) for p in verify_store(store).problems]
     assert problems == [("segment", victim.id)]
 

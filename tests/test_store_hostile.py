@@ -28,8 +28,8 @@ from ragcompress.store.basis import BASIS, read_basis
 from ragcompress.store.compact import compact_store
 from ragcompress.store.files import RUN, unfinished_run, write_atomic
 from ragcompress.store.kvstore import read_index_meta
-from ragcompress.store.shards import checksum
 from ragcompress.store.verify import verify_store
+from ragcompress.testing import point_row_at_appended_blob
 
 sys.path.insert(0, str(Path(__file__).parent))
 import store_worker  # noqa: E402
@@ -157,16 +157,7 @@ def test_a_blob_padded_beyond_its_longest_head_is_refused(store):
     blob = _padded_blob(4096, shape)
     with pytest.raises(CorruptSegmentError, match="pads its heads to 4096 rows but its longest keeps 0"):
         codec.parse(blob, shape, QuantConfig("int8"))
-    shard = store / "shards" / "00000.kvs"
-    offset = shard.stat().st_size
-    with open(shard, "ab") as handle:
-        handle.write(blob)
-    with sqlite3.connect(store / "catalogue.sqlite") as db:
-        db.execute(
-            "UPDATE passages SET shard = '00000.kvs', offset = ?, length = ?, checksum = ?, num_tokens = 4096, "
-            "kept = 0 WHERE id = 'doc-0'",
-            (offset, len(blob), checksum(blob)),
-        )
+    point_row_at_appended_blob(store, "doc-0", "00000.kvs", blob, num_tokens=4096, kept=0)
     assert "doc-0" in {p.passage_id for p in verify_store(store).problems}
 
 

@@ -34,8 +34,8 @@ from ragcompress.kv.quant import QuantConfig
 from ragcompress.runtime.options import AnswerOptions
 from ragcompress.store import KVStore, Manifest, StoreWriter, codec
 from ragcompress.store.kvstore import INDEX, INDEX_META, PREFIX
-from ragcompress.store.shards import checksum
 from ragcompress.store.verify import verify_store
+from ragcompress.testing import point_row_at_appended_blob
 
 sys.path.insert(0, str(Path(__file__).parent))
 import store_worker  # noqa: E402
@@ -948,16 +948,7 @@ def test_blob_with_wrong_model_shape_is_refused(store_copy):
     """A blob with a valid checksum but another model's shape never reaches the runtime."""
     foreign = PassageKV.full(torch.randn(3, 2, 5, 16), torch.randn(3, 2, 5, 16))
     blob = codec.encode(foreign, QuantConfig("int8"))
-    victim = _entry(store_copy, "doc-002")
-    path = store_copy / "shards" / victim.shard
-    offset = path.stat().st_size
-    with open(path, "ab") as handle:
-        handle.write(blob)
-    with sqlite3.connect(store_copy / "catalogue.sqlite") as db:
-        db.execute(
-            "UPDATE passages SET offset = ?, length = ?, checksum = ? WHERE id = 'doc-002'",
-            (offset, len(blob), checksum(blob)),
-        )
+    point_row_at_appended_blob(store_copy, "doc-002", _entry(store_copy, "doc-002").shard, blob)
     with pytest.raises(
         CorruptSegmentError, match=r"passage 'doc-002'.*\(3, 2, 16\), the store's model has \(2, 2, 16\)"
     ):
