@@ -17,7 +17,7 @@ import threading
 import weakref
 from collections.abc import AsyncGenerator, Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 from llama_index.core.schema import BaseNode, MetadataMode, NodeWithScore, TextNode
 
@@ -92,6 +92,23 @@ class StoreHandle:
     def close(self) -> None:
         """Close the store now (once: later calls, and the finalizer, do nothing)."""
         self._finalizer()
+
+
+class ClosesStore:
+    """``close()`` and ``with`` for a component holding a :class:`StoreHandle` in ``_handle``: the
+    store it opened is closed; the models and embedder it uses stay loaded (they are shared)."""
+
+    _handle: Any
+
+    def close(self) -> None:
+        """Close the store this component opened (the models and embedder stay: they are shared)."""
+        self._handle.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 async def iterate_in_thread(items: Iterator[T]) -> AsyncGenerator[T, None]:

@@ -12,6 +12,7 @@ from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import NodeWithScore, QueryBundle
 
 from llama_index.postprocessor.ragcompress._shared import (
+    ClosesStore,
     StoreHandle,
     first_of_each,
     require_ragcompress,
@@ -25,7 +26,7 @@ from llama_index.postprocessor.ragcompress.events import KVCacheAttachedEvent
 dispatcher = instrument.get_dispatcher(__name__)
 
 
-class KVCacheNodePostprocessor(BaseNodePostprocessor):
+class KVCacheNodePostprocessor(ClosesStore, BaseNodePostprocessor):
     """Orders nodes by score, drops those below ``similarity_cutoff`` or beyond ``top_n``, and
     attaches each remaining node's cache handle (``ragcompress_store``, ``ragcompress_passage_id``
     in its metadata, hidden from LLM and embedding text). A node whose cache is not in the store
@@ -101,16 +102,6 @@ class KVCacheNodePostprocessor(BaseNodePostprocessor):
             "_handle": None,
         }
         return state
-
-    def close(self) -> None:
-        """Close the store this postprocessor opened (the models it loaded stay: they are shared)."""
-        self._handle.close()
-
-    def __enter__(self) -> KVCacheNodePostprocessor:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
     def _select(self, nodes: list[NodeWithScore]) -> list[NodeWithScore]:
         if self.similarity_cutoff is not None:

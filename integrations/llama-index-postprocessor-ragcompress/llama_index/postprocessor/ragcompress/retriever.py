@@ -18,6 +18,7 @@ from llama_index.core.callbacks import CallbackManager
 from llama_index.core.schema import NodeWithScore, QueryBundle
 
 from llama_index.postprocessor.ragcompress._shared import (
+    ClosesStore,
     StoreHandle,
     node_from_passage,
     reopen,
@@ -28,7 +29,7 @@ from llama_index.postprocessor.ragcompress._shared import (
 )
 
 
-class KVStoreRetriever(BaseRetriever):
+class KVStoreRetriever(ClosesStore, BaseRetriever):
     """Top-``similarity_top_k`` passages of a store by cosine similarity to the query.
 
     It holds its store open: :meth:`close` it, or use it as a context manager (a dropped one
@@ -116,13 +117,3 @@ class KVStoreRetriever(BaseRetriever):
         return RetrieverQueryEngine(
             self, response_synthesizer=KVCacheSynthesizer(self.store_path, **synthesizer_kwargs)
         )
-
-    def close(self) -> None:
-        """Close the store this retriever opened (the embedder stays: it is shared)."""
-        self._handle.close()
-
-    def __enter__(self) -> KVStoreRetriever:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()

@@ -29,6 +29,7 @@ from llama_index.core.response_synthesizers.base import BaseSynthesizer, QueryTe
 from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
 
 from llama_index.postprocessor.ragcompress._shared import (
+    ClosesStore,
     StoreHandle,
     first_of_each,
     iterate_in_thread,
@@ -47,7 +48,7 @@ from llama_index.postprocessor.ragcompress.llm import LocalLLM
 dispatcher = instrument.get_dispatcher(__name__)
 
 
-class KVCacheSynthesizer(BaseSynthesizer):
+class KVCacheSynthesizer(ClosesStore, BaseSynthesizer):
     """Answers from stored KV caches with the store's local model.
 
     Args:
@@ -286,16 +287,6 @@ class KVCacheSynthesizer(BaseSynthesizer):
 
     async def aget_response(self, query_str: str, text_chunks: Sequence[str], **response_kwargs: Any) -> Any:
         return await asyncio.to_thread(self.get_response, query_str, text_chunks)
-
-    def close(self) -> None:
-        """Close the store this synthesizer opened (the model and embedder stay: they are shared)."""
-        self._handle.close()
-
-    def __enter__(self) -> KVCacheSynthesizer:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"KVCacheSynthesizer(store_path={store_path(self.store_path)!r}, model={self._engine.lm.ref!r})"
