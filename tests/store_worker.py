@@ -145,6 +145,7 @@ def install_trace(path: str, kill: str) -> Trace:
     """
     import shutil
 
+    from ragcompress import paths
     from ragcompress.indexing import encoder, indexer, run
     from ragcompress.store import catalogue, files, shards
 
@@ -214,8 +215,9 @@ def install_trace(path: str, kill: str) -> Trace:
     shards._open_shard = open_shard
 
     class _Shutil:
-        """``files``'s ``shutil`` with ``rmtree`` traced (as ``cleanup``) and, for ``stop:swap``,
-        frozen with the old store half deleted."""
+        """``files``'s and ``paths``'s ``shutil`` (``paths.remove_tree`` deletes the old store)
+        with ``rmtree`` traced (as ``cleanup``) and, for ``stop:swap``, frozen with the old store
+        half deleted."""
 
         def __getattr__(self, name):
             return getattr(shutil, name)
@@ -231,7 +233,7 @@ def install_trace(path: str, kill: str) -> Trace:
             shutil.rmtree(target, *args, **kwargs)
             trace.mark("-", "cleanup")
 
-    files.shutil = _Shutil()
+    files.shutil = paths.shutil = _Shutil()
     return trace
 
 
