@@ -8,9 +8,15 @@ interrupted" (with the resume note for ``index`` and ``train``) and exits 130.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import os
 import signal
+import sys
 import threading
-from typing import Any
+from typing import Any, NoReturn
+
+INTERRUPTED = 130  # 128 + SIGINT: the status a shell reports for Ctrl-C
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -22,3 +28,21 @@ def interrupt_on_sigterm() -> None:
     elsewhere this does nothing)."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
+
+
+def exit_interrupted() -> NoReturn:
+    """End an interrupted ``python -m`` run with status 130, as the console script does.
+
+    CPython marks a KeyboardInterrupt "unhandled" whenever it leaves a string run by ``exec`` or
+    ``eval`` (a dataclass or namedtuple being defined while a module imports), even if the run then
+    catches it, and a ``python -m`` process so marked ends itself by SIGINT at exit whatever
+    ``sys.exit`` said: status -2 to a parent, with the interrupted line already printed. (A script,
+    such as the installed ``ragcompress``, exits with its ``sys.exit`` code.) So this runs what a
+    normal exit would (the non-daemon threads' end, the ``atexit`` handlers, flushed output) and
+    exits with 130 itself."""
+    threading._shutdown()  # type: ignore[attr-defined]  # what the interpreter's exit waits for first
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, OSError, ValueError):  # no stream, a closed pipe
+            stream.flush()
+    os._exit(INTERRUPTED)

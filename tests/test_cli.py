@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -820,6 +821,32 @@ def test_sigterm_to_index_is_the_interrupted_line(tmp_path, tiny_model_dir):
     assert err.rstrip().splitlines()[-1] == "error: interrupted (run it again: it resumes where it stopped)"
     assert "Traceback" not in err
     assert verify_store(store).ok
+
+
+def test_an_interrupt_inside_exec_still_exits_130_under_python_m(tmp_path):
+    """CPython marks a KeyboardInterrupt "unhandled" when it leaves a string run by ``exec`` (a
+    dataclass being defined as a module imports), even if the run catches it, and ``python -m``
+    then ended the process by SIGINT: CI saw ``index`` print its interrupted line and exit -2.
+    Here the interrupt is raised inside ``exec`` where typer's would be caught, deterministically."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import ragcompress.cli.root as root\n"
+        "def interrupted_app(**kwargs):\n"
+        "    try:\n"
+        "        exec('raise KeyboardInterrupt')\n"
+        "    except KeyboardInterrupt:\n"
+        "        return 130  # what typer returns for Ctrl-C under standalone_mode=False\n"
+        "root.app = interrupted_app\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    done = subprocess.run(
+        [sys.executable, "-m", "ragcompress.cli", "verify", "--store", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 130, done.stderr[-2000:]
+    assert done.stderr.rstrip().splitlines()[-1] == "error: interrupted"
 
 
 @pytest.mark.parametrize(

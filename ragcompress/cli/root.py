@@ -12,7 +12,7 @@ import typer
 
 from ragcompress.cli import answer, serve, store, train
 from ragcompress.errors import CorruptSegmentError, InputError, RagCompressError
-from ragcompress.interrupts import interrupt_on_sigterm
+from ragcompress.interrupts import INTERRUPTED, interrupt_on_sigterm
 from ragcompress.runtime.memory import keep_freed_memory
 
 app = typer.Typer(
@@ -104,7 +104,7 @@ def main() -> None:
     try:
         # typer returns (does not raise) the code of an Exit in this mode, Ctrl-C's 130 included
         code = app(standalone_mode=False)
-        if code == 130:  # the resume note only where it holds
+        if code == INTERRUPTED:  # the resume note only where it holds
             resumes = _command(sys.argv[1:]) in ("index", "train")
             typer.echo(
                 f"error: interrupted{' (run it again: it resumes where it stopped)' if resumes else ''}", err=True
@@ -123,7 +123,7 @@ def main() -> None:
         sys.exit(code)
     except typer.Abort:
         typer.echo("error: aborted", err=True)
-        sys.exit(130)
+        sys.exit(INTERRUPTED)
     except typer.TyperException as exc:  # usage errors (unknown option, bad value) carry their own message
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
         context, names = getattr(exc, "ctx", None), []  # a usage error knows its command: point at its help
