@@ -54,9 +54,9 @@ The code is the package ``benchmarks/reporting/``, one module per family of resu
 (paths, reading results and their run metadata, table formatting), ``registry`` (block name to
 renderer), ``documents`` (finding, rendering and checking blocks) and ``cli``; this file is the
 command and keeps the names tests and scripts import from ``report``. New code imports from the
-module a name lives in. It imports the standard library, ``ragcompress.stats`` and
-``ragcompress.provenance`` only (no torch: it runs in a fraction of a second;
-``tests/test_report.py`` runs it in-process).
+module a name lives in. It imports the standard library, ``ragcompress.stats``,
+``ragcompress.provenance`` and ``benchmarks/frontier_rows.py`` only (no torch: it runs in a
+fraction of a second; ``tests/test_report.py`` runs it in-process).
 """
 
 from __future__ import annotations

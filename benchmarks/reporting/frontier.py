@@ -5,13 +5,13 @@ method on the frontier's held-out questions) and ``protection-global`` (the prot
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 from ragcompress.stats import mcnemar_exact
 
-from .shared import files, load, model_name, pct, source_line, table
+from .shared import ReportError, files, load, model_name, pct, source_line, table
+from frontier_rows import protection
 
 
 def _ranks(row: dict) -> str:
@@ -65,16 +65,17 @@ def render_protection(results: Path) -> str:
             continue
         data = load(results / name)
         rows = data["rows"]
+        protected = _protections(name, rows)
         header = ["kept", "protected first / last", "KL(full ‖ row)", "sub-EM", "agreement", "vs 4/4: won / lost (p)"]
         lines = []
-        for row_name, row in sorted(rows.items(), key=lambda item: (-item[1]["ratio"], -sum(_protection(item[0])))):
-            base = next((r for n, r in rows.items() if r["ratio"] == row["ratio"] and _protection(n) == (4, 4)), None)
+        for row_name, row in sorted(rows.items(), key=lambda item: (-item[1]["ratio"], -sum(protected[item[0]]))):
+            base = next((r for n, r in rows.items() if r["ratio"] == row["ratio"] and protected[n] == (4, 4)), None)
             paired = "–"
             if base is not None and base is not row:
                 won = sum(a > b for a, b in zip(row["per_question_sub_em"], base["per_question_sub_em"], strict=True))
                 lost = sum(a < b for a, b in zip(row["per_question_sub_em"], base["per_question_sub_em"], strict=True))
                 paired = f"{won} / {lost} ({mcnemar_exact(won, lost):.2g})"
-            first, last = _protection(row_name)
+            first, last = protected[row_name]
             lines.append(
                 [
                     f"{row['ratio']:g}",
@@ -94,10 +95,13 @@ def render_protection(results: Path) -> str:
     return "\n\n".join(parts)
 
 
-def _protection(row_name: str) -> tuple[int, int]:
-    """A frontier row's protected tokens (``~keepF-L``; 1 and 0 without it)."""
-    match = re.search(r"~keep(\d+)-(\d+)$", row_name)
-    return (int(match[1]), int(match[2])) if match else (1, 0)
+def _protections(name: str, rows: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """Each row's protected tokens first and last, read by the grammar the frontier wrote the
+    names with (``frontier_rows``): a name it cannot have written fails the file ``name``."""
+    try:
+        return {row_name: protection(row_name) for row_name in rows}
+    except ValueError as exc:
+        raise ReportError(f"{name}: {exc}") from None
 
 
 def frontier_file(path: Path) -> str:
