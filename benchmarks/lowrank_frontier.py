@@ -105,14 +105,12 @@ from common import (
     save_keyed,
     teacher_forced_logprobs,
 )
+from frontier_rows import DEFAULT_PROTECTION, match_row, named_protection
 
 CORE272 = Path(__file__).resolve().parents[1] / "runs" / "core272-ck"
 OPTIONS = AnswerOptions(backend="dense")
 # the library code full.pt's answers and teacher-forced rows are computed by (checked_reference)
 REFERENCE_CODE = ("runtime", "store", *ENCODING_CODE)
-ROW = re.compile(
-    r"(?P<method>[^@]+)@(?P<ratio>[0-9.]+?)(?:f(?P<floor>[0-9.]+))?/(?P<quant>none|fp16|int8|int4|int2)(?:v(?P<vbits>[248]))?(?:g(?P<group>\d+))?/(?P<rank>-|r\d+k?|[ep][0-9.]+k?)(?P<adaptor>\+adaptor(?:-[A-Za-z0-9]+)?)?(?P<merge>~merge)?(?P<basescore>~basescore)?(?P<vnorm>~vnorm)?(?P<pool>~pool)?(?P<corpus>~corpus)?(?P<entity>~entity)?(?:~keep(?P<keep_first>\d+)-(?P<keep_last>\d+))?"
-)
 
 
 @dataclass(frozen=True)
@@ -138,11 +136,10 @@ class RowSpec:
 
     @classmethod
     def parse(cls, name: str) -> RowSpec:
-        match = ROW.fullmatch(name)
-        if match is None:
-            raise SystemExit(
-                f"bad row {name!r}: expected METHOD@RATIO[fFLOOR]/QUANT[vBITS][gGROUP]/(-|rN[k]|eE[k]|pE[k])[+adaptor[-LABEL]][~merge][~basescore][~vnorm][~pool][~corpus][~entity][~keepF-L]"
-            )
+        try:
+            match = match_row(name)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
         if match["basescore"] and not match["adaptor"]:
             raise SystemExit(f"bad row {name!r}: ~basescore only changes a +adaptor row's scores")
         if match["entity"] and "kvzip" not in match["method"]:
@@ -177,12 +174,12 @@ class RowSpec:
             bool(match["pool"]),
             bool(match["corpus"]),
             bool(match["entity"]),
-            (int(match["keep_first"]), int(match["keep_last"])) if match["keep_first"] else None,
+            named_protection(match),
         )
 
     def index_config(self, adaptor: Path | None = None) -> IndexConfig:
         ratio = None if self.method == "none" else self.ratio
-        first, last = self.keep or (1, 0)  # issue 16's setting unless the row names its own
+        first, last = self.keep or DEFAULT_PROTECTION
         keep = {} if self.method == "none" else {"keep_first": first, "keep_last": last}
         rank = self.rank
         return IndexConfig(
