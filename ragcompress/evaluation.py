@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ragcompress.errors import InputError
+from ragcompress.interrupts import raise_if_stopped
 from ragcompress.runtime.engine import Answer, Engine
 from ragcompress.runtime.options import AnswerOptions
 from ragcompress.stats import bootstrap_ci, paired_comparison
@@ -232,6 +233,7 @@ def iter_eval(
     prompt tokenized before on both sides) is one run, not warmed up per question as
     ``ragcompress bench``'s medians are."""
     for number, item in enumerate(questions):
+        raise_if_stopped()  # a SIGTERM whose KeyboardInterrupt a finalizer swallowed
         entries = engine.retrieve(item.question, top_k)
         if number % 2 == 0:
             full = engine.answer_full(item.question, entries, options)

@@ -19,8 +19,24 @@ from typing import Any, NoReturn
 INTERRUPTED = 130  # 128 + SIGINT: the status a shell reports for Ctrl-C
 
 
+_stop_requested = False
+
+
 def _interrupt(signum: int, frame: Any) -> None:
+    global _stop_requested
+    _stop_requested = True
     raise KeyboardInterrupt
+
+
+def raise_if_stopped() -> None:
+    """Raise again the KeyboardInterrupt of a SIGTERM that Python swallowed. The handler's
+    exception surfaces wherever the main thread happens to be, and one that lands in a ``__del__``
+    or a weakref callback is printed as "Exception ignored" and lost: the run went on to its end
+    (an ``index --ray local`` run exited 0 after its whole input). Long loops call this once per
+    unit of work, where stopping is as safe as it is for Ctrl-C; it does nothing until SIGTERM
+    came (and nothing in a process whose SIGTERM this module does not handle)."""
+    if _stop_requested:
+        raise KeyboardInterrupt
 
 
 def interrupt_on_sigterm() -> None:

@@ -823,6 +823,59 @@ def test_sigterm_to_index_is_the_interrupted_line(tmp_path, tiny_model_dir):
     assert verify_store(store).ok
 
 
+class _SwallowsSigterm:
+    """Sends this process SIGTERM from its ``__del__``: the handler's KeyboardInterrupt surfaces
+    there, where Python prints "Exception ignored" and drops it (as in a Ray run, in a regex
+    object's finalizer)."""
+
+    def __del__(self):
+        import os
+        import signal
+        import time
+
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # the handler runs here
+
+
+def test_a_sigterm_a_finalizer_swallowed_still_stops_index(tmp_path, tiny_model_dir, monkeypatch, capfd):
+    """The one SIGTERM of a scheduler whose KeyboardInterrupt lands in a ``__del__`` was lost and
+    ``index`` ran to its end, exit 0; the next batch now stops it: Ctrl-C's line, 130, a store that
+    verifies with the passages committed before it."""
+    import signal
+
+    import ragcompress.indexing.run as run
+    from ragcompress import interrupts
+    from ragcompress.store.verify import verify_store
+
+    corpus = tmp_path / "passages.jsonl"
+    corpus.write_text(
+        "".join(json.dumps({"id": f"d{i}", "text": f"Passage {i} is about rivers."}) + "\n" for i in range(6))
+    )
+    store = tmp_path / "store"
+    original = run.past_window
+
+    def past_window_then_sigterm(*args, **kwargs):
+        if not swallowed:  # once, after the first batch is committed
+            _SwallowsSigterm()  # dropped at once: its finalizer runs and swallows the interrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(run, "past_window", past_window_then_sigterm)
+    monkeypatch.setattr(interrupts, "_stop_requested", False)  # restored after the test too
+    swallowed: list[type] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: swallowed.append(unraisable.exc_type))
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        args = ["index", "--input", str(corpus), "--store", str(store), "--batch-size", "2"]
+        code, _, err = run_cli([*args, "--model", str(tiny_model_dir("llama"))], monkeypatch, capfd)
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    assert swallowed == [KeyboardInterrupt]  # the interrupt was dropped where it landed
+    assert code == 130, err[-2000:]
+    assert err.rstrip().splitlines()[-1] == "error: interrupted (run it again: it resumes where it stopped)"
+    report = verify_store(store)
+    assert report.ok and report.passages == 2, report
+
+
 def test_an_interrupt_inside_exec_still_exits_130_under_python_m(tmp_path):
     """CPython marks a KeyboardInterrupt "unhandled" when it leaves a string run by ``exec`` (a
     dataclass being defined as a module imports), even if the run catches it, and ``python -m``

@@ -22,6 +22,7 @@ from ragcompress.distill.config import TrainConfig, lr_factor
 from ragcompress.distill.distiller import Distiller
 from ragcompress.distill.objective import Example, Losses
 from ragcompress.errors import NonFiniteError
+from ragcompress.interrupts import raise_if_stopped
 
 
 @dataclass
@@ -71,6 +72,7 @@ def run_steps(
     bar = tqdm(total=config.steps, initial=state.step, desc="training", unit="step", disable=not progress)
     distiller.model.train(False)
     while state.step < config.steps and state.elapsed < budget:
+        raise_if_stopped()  # a SIGTERM whose KeyboardInterrupt a finalizer swallowed
         begin = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = config.lr * lr_factor(config, state.step)

@@ -29,6 +29,7 @@ from ragcompress.distill.objective import Example
 from ragcompress.distill.resume import check_run, settings_differ
 from ragcompress.errors import InputError
 from ragcompress.evaluation import select_questions
+from ragcompress.interrupts import raise_if_stopped
 from ragcompress.kv.rope import position_limit
 
 if TYPE_CHECKING:
@@ -174,6 +175,7 @@ def compute_examples(
         check_teacher_file(partial, saved, distiller, k, data_sha256)
         done = {e["qid"]: Example(**e) for e in saved["examples"]}
     for example_id, question, passages in tqdm(planned, desc=desc, unit="example"):
+        raise_if_stopped()  # a SIGTERM whose KeyboardInterrupt a finalizer swallowed
         if example_id not in done:
             done[example_id] = distiller.teacher(example_id, passages, question, keep_full)
             save_tree(

@@ -71,7 +71,7 @@ from ragcompress.indexing.run import (
     stale_chunks,
     update_fields,
 )
-from ragcompress.interrupts import interrupt_on_sigterm
+from ragcompress.interrupts import interrupt_on_sigterm, raise_if_stopped
 from ragcompress.models import LoadedModel, load_model
 from ragcompress.retrieval import past_window
 from ragcompress.store import KVStore, StoreWriter
@@ -526,6 +526,7 @@ def index_on_ray(
                 )
                 with _ray_data_settings() if items else nullcontext():  # a rerun with nothing to do imports no Ray Data
                     for number, rows, batch_past in results:
+                        raise_if_stopped()  # a SIGTERM whose KeyboardInterrupt a finalizer swallowed
                         if number != next(expected):  # commits must follow input order (row numbers)
                             raise StoreError(
                                 f"ray returned batch {number} out of order; nothing after it was committed"

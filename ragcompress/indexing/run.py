@@ -26,6 +26,7 @@ from ragcompress.indexing.calibrate import fit_calibration_basis
 from ragcompress.indexing.config import IndexConfig, config_from_manifest
 from ragcompress.indexing.indexer import Indexer
 from ragcompress.indexing.inputs import PassageInput, count_chunks, document_chunks, iter_passages, validate
+from ragcompress.interrupts import raise_if_stopped
 from ragcompress.kv.lowrank import RankSpec
 from ragcompress.models import DEFAULT_MODEL, EVAL_MODEL, LoadedModel, load_model
 from ragcompress.retrieval import Embedder, past_window
@@ -447,6 +448,7 @@ def _write(
     try:
         with StoreWriter(target) as writer, indexing_run(target, total) as finished:
             for batch in _batches(iter_passages(input_path), batch_size):
+                raise_if_stopped()  # a SIGTERM whose KeyboardInterrupt a finalizer swallowed
                 count_chunks(chunks, batch)
                 known = writer.known_of([p.id for p in batch])
                 unchanged = {p.id for p in batch if known.get(p.id) == p.text_sha}
