@@ -109,9 +109,9 @@ def test_the_teacher_is_checked_for_the_furthest_position_it_reaches(tiny_model_
         losses = distiller.losses(example)
     assert float(losses.kl_answer) < 1e-6 and float(losses.kl_cont) < 1e-6
     planned = [Planned("q", question, passages)]
-    check_positions(distiller, planned)
+    check_positions(distiller, planned, [])
     with pytest.raises(InputError, match=f"needs {needed} positions .* handles {needed - 1}"):
-        check_positions(zero_student(needed - 1), planned)
+        check_positions(zero_student(needed - 1), planned, [])
 
 
 def test_a_teacher_file_computed_past_the_positions_is_refused(tiny_model_dir, tmp_path, monkeypatch):
@@ -148,6 +148,27 @@ def test_a_run_whose_passages_no_scorer_probe_fits_is_refused_up_front(tiny_mode
     with pytest.raises(
         InputError,
         match=r"no training passage is short enough .* handles 250 positions\); train with --scorer-passages 0",
+    ):
+        train(lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, config, progress=False)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("method", ["kvzip", "global:kvzip"])
+def test_a_passage_past_the_students_probe_is_refused_before_the_teacher_pass(
+    tiny_model_dir, tmp_path, no_teacher, method
+):
+    """A student trained for a KVzip store scores every passage it reads with KVzip's probe, which
+    repeats the passage after it (about prefix + 2n positions), during the steps: with 384
+    positions a training example's 238-token passage stopped the run at its first step, after the
+    whole teacher pass. Refused before it, by the passage's id, with the remedy."""
+    lm = longrope(tiny_model_dir, 384)
+    out = tmp_path / "run"
+    config = dataclasses.replace(CONFIG, top_k=1, train_questions=0, method=method, ratio=0.5)
+    with pytest.raises(
+        InputError,
+        match=rf"^--method {method} scores passage Victoria_\(Australia\)#5 \(238 tokens, read by question \S+\) with "
+        r"a probe past the model's positions \(.* handles 384\); train for a --method that does not probe past the passage "
+        r"\(snapkv, expected-attention, knorm\) or split the passage$",
     ):
         train(lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, config, progress=False)
     assert not out.exists()

@@ -11,8 +11,9 @@ that records another model, other settings, other data, another split, other que
 (``--train-questions``, ``--val-examples``), or nothing it could be checked by
 (:func:`check_teacher_file`, :func:`check_teacher_data`, :func:`check_split`,
 :func:`check_chosen`): it would distil from it as if it were its own. A file from before the
-data was recorded in it is checked by the rest only. Every example's prompts are checked against
-the model's positions before the first teacher pass (:func:`check_positions`).
+data was recorded in it is checked by the rest only. Every example's prompts, and the probe a
+compressed student scores its passages with, are checked against the model's positions before
+the first teacher pass (:func:`check_positions`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ragcompress.distill.objective import Example
 from ragcompress.distill.resume import check_run, settings_differ
 from ragcompress.errors import InputError
 from ragcompress.evaluation import select_questions
+from ragcompress.indexing.inputs import PassageInput
 from ragcompress.kv.rope import position_limit
 
 if TYPE_CHECKING:
@@ -112,7 +114,7 @@ def plan_examples(
     ]
 
 
-def check_positions(distiller: Distiller, planned: list[Planned]) -> None:
+def check_positions(distiller: Distiller, planned: list[Planned], passages: list[PassageInput]) -> None:
     """Refuse an example whose prompts need more positions than the model handles
     (:func:`~ragcompress.kv.rope.position_limit`; :meth:`Distiller.teacher_positions` counts the
     question with its answer and the reconstruction prompt), naming its question. Past that
@@ -122,15 +124,37 @@ def check_positions(distiller: Distiller, planned: list[Planned]) -> None:
     runtime never serves. It is refused rather than trained on fewer passages: the runtime
     refuses a prompt too long (``PromptTooLongError``) and never drops retrieved passages, so a
     shortened example would not be the one ``ask --top-k`` builds either; the user chooses the
-    remedy (a lower ``--top-k``, then used by ``ask`` too, or shorter passages)."""
+    remedy (a lower ``--top-k``, then used by ``ask`` too, or shorter passages).
+
+    Then refuse a passage the examples read that the student's eviction cannot score within the
+    positions (:meth:`~ragcompress.compressors.base.Compressor.fits`: KVzip's probe repeats the
+    passage after it, about ``prefix + 2n`` positions), named among ``passages`` (which hold
+    every passage of ``planned``): a compressed student scores each passage it reads during the
+    steps, so one past them stopped the run at its first step, after the whole teacher pass."""
     limit = position_limit(distiller.lm.config)
-    for example_id, question, passages in planned:
-        needed = distiller.teacher_positions(passages, distiller.tokens.suffix(question))
+    for example_id, question, example in planned:
+        needed = distiller.teacher_positions(example, distiller.tokens.suffix(question))
         if needed > limit:
             raise InputError(
-                f"question {example_id} ({question!r}) with its {len(passages)} retrieved passages needs {needed} "
+                f"question {example_id} ({question!r}) with its {len(example)} retrieved passages needs {needed} "
                 f"positions (prefix, passages, question and {MAX_ANSWER} answer tokens) but {distiller.lm.ref} "
                 f"handles {limit}, so ask would refuse it; train with a lower --top-k or split the long passages"
+            )
+    compressor = distiller.compressor
+    if compressor is None:
+        return
+    reader: dict[tuple[int, ...], str] = {}  # a passage's token ids -> the first example reading it
+    for example_id, _, example in planned:
+        for ids in example:
+            reader.setdefault(tuple(ids), example_id)
+    for passage in passages:
+        ids = distiller.tokens.passage(passage.text)
+        if (read_by := reader.get(tuple(ids))) is not None and not compressor.fits(distiller.encoder, ids):
+            raise InputError(
+                f"--method {compressor.config()['method']} scores passage {passage.id} ({len(ids)} tokens, read by "
+                f"question {read_by}) with a probe past the model's positions ({distiller.lm.ref} handles {limit}); "
+                "train for a --method that does not probe past the passage (snapkv, expected-attention, knorm) or "
+                "split the passage"
             )
 
 
@@ -150,7 +174,7 @@ def build_examples(
     question (:func:`plan_examples`, every prompt checked first: :func:`check_positions`), computed
     as :func:`compute_examples` computes them."""
     planned = plan_examples(distiller, corpus, embedder, k, limit, views)
-    check_positions(distiller, planned)
+    check_positions(distiller, planned, corpus.passages)
     return compute_examples(distiller, planned, k, desc, partial, keep_full, data_sha256)
 
 
@@ -248,16 +272,15 @@ def teacher_examples(
         check_chosen(teacher_path, val_examples, val, "--val-examples", config.val_examples, "held-out")
         # a file computed before prompts were checked may hold one past the model's positions
         texts = {q.id: q.question for q in train.questions + val.questions}
-        check_positions(
-            distiller, [Planned(e.qid, texts[question_of(e.qid)], e.passages) for e in train_examples + val_examples]
-        )
+        cached = [Planned(e.qid, texts[question_of(e.qid)], e.passages) for e in train_examples + val_examples]
+        check_positions(distiller, cached, train.passages + val.passages)
         return train_examples, val_examples
     train_part, val_part = out / "teacher-train.part", out / "teacher-val.part"
     # both sides planned and checked before the first teacher pass: a held-out prompt too long
     # must not stop the run after the training side's
     train_plan = plan_examples(distiller, train, embedder, config.top_k, config.train_questions or None, config.views)
     val_plan = plan_examples(distiller, val, embedder, config.top_k, config.val_examples)
-    check_positions(distiller, train_plan + val_plan)
+    check_positions(distiller, train_plan + val_plan, train.passages + val.passages)
     train_examples = compute_examples(
         distiller, train_plan, config.top_k, "teacher (train)", train_part, data_sha256=data_sha256
     )
