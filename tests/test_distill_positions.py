@@ -172,3 +172,23 @@ def test_a_passage_past_the_students_probe_is_refused_before_the_teacher_pass(
     ):
         train(lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, config, progress=False)
     assert not out.exists()
+
+
+def test_every_planned_example_is_checked_where_it_is_planned(tiny_model_dir, tmp_path, embedder, no_teacher):
+    """Teacher examples are computed only from ``plan_examples``' plans, so the check is made there,
+    once per route: train's (both sides planned, and so checked, before either is computed) and
+    ``build_examples``' (``benchmarks/distill_eval.py``'s held-out teacher) alike. Until 2026-12 each
+    route called it after planning, and ``compute_examples``, public then, computed any plan unchecked."""
+    from ragcompress.distill.corpus import load_corpora
+    from ragcompress.distill.teacher import build_examples, plan_examples
+    from ragcompress.indexing.inputs import iter_passages
+
+    lm = longrope(tiny_model_dir, 384)
+    distiller = Distiller(lm, Adaptor.initial(lm.model, rank=2, alpha=4))
+    _, held_out = load_corpora(list(iter_passages(SAMPLE_PASSAGES)), SAMPLE_QUESTIONS, ["Apollo_program"], embedder)
+    refused = r"with its 3 retrieved passages needs \d+ positions .* handles 384"
+    with pytest.raises(InputError, match=refused):
+        plan_examples(distiller, held_out, embedder, 3, None)
+    with pytest.raises(InputError, match=refused):
+        build_examples(distiller, held_out, embedder, 3, None, "teacher", tmp_path / "teacher.part")
+    assert plan_examples(distiller, held_out, embedder, 1, 2)  # one passage each: within the positions

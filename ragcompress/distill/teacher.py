@@ -102,16 +102,19 @@ def plan_examples(
     distiller: Distiller, corpus: Corpus, embedder: Embedder, k: int, limit: int | None, views: int = 1
 ) -> list[Planned]:
     """The examples of ``limit`` evenly spaced questions (all when None), ``views`` per question
-    (:func:`views_of`): retrieval and tokenizing only, so that every prompt is checked
-    (:func:`check_positions`) before the first teacher pass."""
+    (:func:`views_of`), each checked (:func:`check_positions`): retrieval and tokenizing only, so
+    a run refuses one before its first teacher pass. Every teacher example is computed from such
+    a plan (:func:`build_examples`, :func:`teacher_examples`), so the check is made here, once."""
     questions = select_questions(corpus.questions, limit or None)
     vectors = embedder.embed([q.question for q in questions])
     retrieved = corpus.retrieve(vectors, k if views == 1 else 2 * k)
-    return [
+    planned = [
         Planned(example_id, q.question, [distiller.tokens.passage(corpus.passages[i].text) for i in chosen])
         for q, rows in zip(questions, retrieved, strict=True)
         for example_id, chosen in views_of(q.id, rows, k, views)
     ]
+    check_positions(distiller, planned, corpus.passages)
+    return planned
 
 
 def check_positions(distiller: Distiller, planned: list[Planned], passages: list[PassageInput]) -> None:
@@ -171,14 +174,13 @@ def build_examples(
     data_sha256: str | None = None,
 ) -> list[Example]:
     """Teacher examples of ``limit`` evenly spaced questions (all when None), ``views`` per
-    question (:func:`plan_examples`, every prompt checked first: :func:`check_positions`), computed
-    as :func:`compute_examples` computes them."""
+    question (:func:`plan_examples`, every prompt checked first), computed as
+    :func:`_compute_examples` computes them."""
     planned = plan_examples(distiller, corpus, embedder, k, limit, views)
-    check_positions(distiller, planned, corpus.passages)
-    return compute_examples(distiller, planned, k, desc, partial, keep_full, data_sha256)
+    return _compute_examples(distiller, planned, k, desc, partial, keep_full, data_sha256)
 
 
-def compute_examples(
+def _compute_examples(
     distiller: Distiller,
     planned: list[Planned],
     k: int,
@@ -187,7 +189,7 @@ def compute_examples(
     keep_full: bool = False,
     data_sha256: str | None = None,
 ) -> list[Example]:
-    """The teacher examples of ``planned``; each finished one is appended to ``partial`` (a killed
+    """The teacher examples of ``planned`` (:func:`plan_examples`' checked plan); each finished one is appended to ``partial`` (a killed
     run resumes from it, and a run with more views reuses the ones it has), which records the
     training data ``data_sha256`` and is refused for other data."""
     from tqdm import tqdm
@@ -276,15 +278,14 @@ def teacher_examples(
         check_positions(distiller, cached, train.passages + val.passages)
         return train_examples, val_examples
     train_part, val_part = out / "teacher-train.part", out / "teacher-val.part"
-    # both sides planned and checked before the first teacher pass: a held-out prompt too long
-    # must not stop the run after the training side's
+    # both sides planned (and so checked) before the first teacher pass: a held-out prompt too
+    # long must not stop the run after the training side's
     train_plan = plan_examples(distiller, train, embedder, config.top_k, config.train_questions or None, config.views)
     val_plan = plan_examples(distiller, val, embedder, config.top_k, config.val_examples)
-    check_positions(distiller, train_plan + val_plan, train.passages + val.passages)
-    train_examples = compute_examples(
+    train_examples = _compute_examples(
         distiller, train_plan, config.top_k, "teacher (train)", train_part, data_sha256=data_sha256
     )
-    val_examples = compute_examples(
+    val_examples = _compute_examples(
         distiller, val_plan, config.top_k, "teacher (held-out)", val_part, True, data_sha256
     )
     # the .part files may hold examples of another split (a deleted teacher file, other --val-articles)
