@@ -12,6 +12,7 @@ step: a passage longer than about half the positions stopped the run there with 
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -192,3 +193,61 @@ def test_every_planned_example_is_checked_where_it_is_planned(tiny_model_dir, tm
     with pytest.raises(InputError, match=refused):
         build_examples(distiller, held_out, embedder, 3, None, "teacher", tmp_path / "teacher.part")
     assert plan_examples(distiller, held_out, embedder, 1, 2)  # one passage each: within the positions
+
+
+LONG_TEXT = " ".join(f"Sentence number {i} tells about the long essay on rivers and mountains." for i in range(40))
+
+
+def test_an_extra_passage_past_the_positions_is_refused_before_its_question_is_written(
+    tiny_model_dir, tmp_path, monkeypatch, no_teacher
+):
+    """``--extra-passages``: the base model writes a question about each chosen passage from a
+    prompt of the passage, the request and its answer. A passage past the positions had its question
+    written unchecked (LongRoPE's long factors: a question from another model than the one
+    trained) and the run went on; refused before any question is written, by the passage's id."""
+    from ragcompress.distill import synthetic
+
+    def refused(*args, **kwargs):
+        raise AssertionError("a question was written")
+
+    monkeypatch.setattr(synthetic, "write_question", refused)
+    extra = tmp_path / "extra.jsonl"
+    extra.write_text(json.dumps({"id": "essay#0", "title": "essay", "text": LONG_TEXT}) + "\n")
+    lm = longrope(tiny_model_dir, 384)
+    out = tmp_path / "run"
+    with pytest.raises(
+        InputError,
+        match=rf"^passage essay#0 needs \d+ positions for the question the base model writes about it \(the passage, "
+        rf"the request and {synthetic.MAX_QUESTION_TOKENS} question tokens\), but .* handles 384; split it$",
+    ):
+        train(lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, dataclasses.replace(CONFIG, extra_passages=str(extra)), False)
+    assert not out.exists()
+
+
+def test_a_calibration_passage_past_the_positions_is_refused_before_the_basis_is_fitted(
+    tiny_model_dir, tmp_path, monkeypatch, no_teacher
+):
+    """``--kv-rank``: the student's basis is fitted on the first ``--calibration-passages``
+    training passages, each encoded alone after the prefix. One past the positions was encoded
+    unchecked (with LongRoPE's long factors) into the basis and the run went on; refused before
+    the basis is fitted, by the passage's id."""
+    from ragcompress.indexing import calibrate
+
+    def refused(*args, **kwargs):
+        raise AssertionError("the basis was fitted")
+
+    monkeypatch.setattr(calibrate, "fit_calibration_basis", refused)
+    passages = tmp_path / "passages.jsonl"
+    record = {"id": "Victoria_(Australia)#99", "title": "Victoria_(Australia)", "text": LONG_TEXT}
+    passages.write_text(json.dumps(record) + "\n" + SAMPLE_PASSAGES.read_text())
+    lm = longrope(tiny_model_dir, 384)
+    out = tmp_path / "run"
+    config = dataclasses.replace(CONFIG, quant="int4", kv_rank=8, calibration_passages=4)
+    with pytest.raises(
+        InputError,
+        match=r"^passage Victoria_\(Australia\)#99 needs \d+ positions to be encoded for the --kv-rank student's "
+        r"basis \(the prefix and the passage: the first 4 training passages, --calibration-passages\), but .* "
+        r"handles 384; split it$",
+    ):
+        train(lm, passages, SAMPLE_QUESTIONS, out, config, progress=False)
+    assert not out.exists()
