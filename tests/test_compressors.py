@@ -323,7 +323,8 @@ def test_a_probe_past_the_models_positions_is_refused_by_name(tiny_model_dir):
     """kvzip's probe (the repeat prompt, then the passage again) runs to ``prefix + 2n + prompt``
     positions: past ``max_position_embeddings`` it is refused, naming the passage's length and the
     limit; at the limit, and for the methods whose probe stays inside the passage, it runs.
-    ``fits`` (what ``train`` chooses its scorer passages by) says so beforehand."""
+    ``fits`` (what ``train`` chooses its scorer passages by, and checks a KVzip-evicted student's
+    passages by) says so beforehand, for kvzip in a budget wrapper too."""
     from ragcompress.errors import InputError
     from ragcompress.models import load_model
 
@@ -338,15 +339,16 @@ def test_a_probe_past_the_models_positions_is_refused_by_name(tiny_model_dir):
     lm.config.max_position_embeddings = end
     assert kvzip.fits(encoder, ids) and kvzip.compress(kv, context).num_tokens == n
     lm.config.max_position_embeddings = end - 1
-    assert not kvzip.fits(encoder, ids)
+    assert not kvzip.fits(encoder, ids) and not make_compressor("global:kvzip", ratio=0.5).fits(encoder, ids)
     message = (
         rf"a passage of {n} tokens .* reaches position {end - 1}, past the model's max_position_embeddings of {end - 1}"
     )
     with pytest.raises(InputError, match=message):
         kvzip.compress(kv, context)
     lm.config.max_position_embeddings = p + n
-    for method in ("snapkv", "expected-attention"):
-        assert make_compressor(method, ratio=0.5).compress(kv, context).num_tokens == n
+    for method in ("snapkv", "expected-attention", "adaptive:snapkv"):
+        compressor = make_compressor(method, ratio=0.5)
+        assert compressor.fits(encoder, ids) and compressor.compress(kv, context).num_tokens == n
 
 
 def test_every_compressor_is_registered_and_exported():

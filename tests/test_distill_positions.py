@@ -12,6 +12,7 @@ step: a passage longer than about half the positions stopped the run there with 
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -109,9 +110,9 @@ def test_the_teacher_is_checked_for_the_furthest_position_it_reaches(tiny_model_
         losses = distiller.losses(example)
     assert float(losses.kl_answer) < 1e-6 and float(losses.kl_cont) < 1e-6
     planned = [Planned("q", question, passages)]
-    check_positions(distiller, planned)
+    check_positions(distiller, planned, [])
     with pytest.raises(InputError, match=f"needs {needed} positions .* handles {needed - 1}"):
-        check_positions(zero_student(needed - 1), planned)
+        check_positions(zero_student(needed - 1), planned, [])
 
 
 def test_a_teacher_file_computed_past_the_positions_is_refused(tiny_model_dir, tmp_path, monkeypatch):
@@ -150,4 +151,103 @@ def test_a_run_whose_passages_no_scorer_probe_fits_is_refused_up_front(tiny_mode
         match=r"no training passage is short enough .* handles 250 positions\); train with --scorer-passages 0",
     ):
         train(lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, config, progress=False)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("method", ["kvzip", "global:kvzip"])
+def test_a_passage_past_the_students_probe_is_refused_before_the_teacher_pass(
+    tiny_model_dir, tmp_path, no_teacher, method
+):
+    """A student trained for a KVzip store scores every passage it reads with KVzip's probe, which
+    repeats the passage after it (about prefix + 2n positions), during the steps: with 384
+    positions a training example's 238-token passage stopped the run at its first step, after the
+    whole teacher pass. Refused before it, by the passage's id, with the remedy."""
+    lm = longrope(tiny_model_dir, 384)
+    out = tmp_path / "run"
+    config = dataclasses.replace(CONFIG, top_k=1, train_questions=0, method=method, ratio=0.5)
+    with pytest.raises(
+        InputError,
+        match=rf"^--method {method} scores passage Victoria_\(Australia\)#5 \(238 tokens, read by question \S+\) with "
+        r"a probe past the model's positions \(.* handles 384\); train for a --method that does not probe past the passage "
+        r"\(snapkv, expected-attention, knorm\) or split the passage$",
+    ):
+        train(lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, config, progress=False)
+    assert not out.exists()
+
+
+def test_every_planned_example_is_checked_where_it_is_planned(tiny_model_dir, tmp_path, embedder, no_teacher):
+    """Teacher examples are computed only from ``plan_examples``' plans, so the check is made there,
+    once per route: train's (both sides planned, and so checked, before either is computed) and
+    ``build_examples``' (``benchmarks/distill_eval.py``'s held-out teacher) alike. Until 2026-12 each
+    route called it after planning, and ``compute_examples``, public then, computed any plan unchecked."""
+    from ragcompress.distill.corpus import load_corpora
+    from ragcompress.distill.teacher import build_examples, plan_examples
+    from ragcompress.indexing.inputs import iter_passages
+
+    lm = longrope(tiny_model_dir, 384)
+    distiller = Distiller(lm, Adaptor.initial(lm.model, rank=2, alpha=4))
+    _, held_out = load_corpora(list(iter_passages(SAMPLE_PASSAGES)), SAMPLE_QUESTIONS, ["Apollo_program"], embedder)
+    refused = r"with its 3 retrieved passages needs \d+ positions .* handles 384"
+    with pytest.raises(InputError, match=refused):
+        plan_examples(distiller, held_out, embedder, 3, None)
+    with pytest.raises(InputError, match=refused):
+        build_examples(distiller, held_out, embedder, 3, None, "teacher", tmp_path / "teacher.part")
+    assert plan_examples(distiller, held_out, embedder, 1, 2)  # one passage each: within the positions
+
+
+LONG_TEXT = " ".join(f"Sentence number {i} tells about the long essay on rivers and mountains." for i in range(40))
+
+
+def test_an_extra_passage_past_the_positions_is_refused_before_its_question_is_written(
+    tiny_model_dir, tmp_path, monkeypatch, no_teacher
+):
+    """``--extra-passages``: the base model writes a question about each chosen passage from a
+    prompt of the passage, the request and its answer. A passage past the positions had its question
+    written unchecked (LongRoPE's long factors: a question from another model than the one
+    trained) and the run went on; refused before any question is written, by the passage's id."""
+    from ragcompress.distill import synthetic
+
+    def refused(*args, **kwargs):
+        raise AssertionError("a question was written")
+
+    monkeypatch.setattr(synthetic, "write_question", refused)
+    extra = tmp_path / "extra.jsonl"
+    extra.write_text(json.dumps({"id": "essay#0", "title": "essay", "text": LONG_TEXT}) + "\n")
+    lm = longrope(tiny_model_dir, 384)
+    out = tmp_path / "run"
+    with pytest.raises(
+        InputError,
+        match=rf"^passage essay#0 needs \d+ positions for the question the base model writes about it \(the passage, "
+        rf"the request and {synthetic.MAX_QUESTION_TOKENS} question tokens\), but .* handles 384; split it$",
+    ):
+        train(lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, dataclasses.replace(CONFIG, extra_passages=str(extra)), False)
+    assert not out.exists()
+
+
+def test_a_calibration_passage_past_the_positions_is_refused_before_the_basis_is_fitted(
+    tiny_model_dir, tmp_path, monkeypatch, no_teacher
+):
+    """``--kv-rank``: the student's basis is fitted on the first ``--calibration-passages``
+    training passages, each encoded alone after the prefix. One past the positions was encoded
+    unchecked (with LongRoPE's long factors) into the basis and the run went on; refused before
+    the basis is fitted, by the passage's id."""
+    from ragcompress.indexing import calibrate
+
+    def refused(*args, **kwargs):
+        raise AssertionError("the basis was fitted")
+
+    monkeypatch.setattr(calibrate, "fit_calibration_basis", refused)
+    passages = tmp_path / "passages.jsonl"
+    record = {"id": "Victoria_(Australia)#99", "title": "Victoria_(Australia)", "text": LONG_TEXT}
+    passages.write_text(json.dumps(record) + "\n" + SAMPLE_PASSAGES.read_text())
+    lm = longrope(tiny_model_dir, 384)
+    out = tmp_path / "run"
+    config = dataclasses.replace(CONFIG, quant="int4", kv_rank=8, calibration_passages=4)
+    with pytest.raises(
+        InputError,
+        match=r"^passage Victoria_\(Australia\)#99 needs \d+ positions to be encoded for the --kv-rank student's "
+        r"basis \(the prefix and the passage: the first 4 training passages, --calibration-passages\), but .* "
+        r"handles 384; split it$",
+    ):
+        train(lm, passages, SAMPLE_QUESTIONS, out, config, progress=False)
     assert not out.exists()

@@ -24,13 +24,16 @@ in docs/compression.md §8.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ragcompress.compressors.base import CompressionContext, Compressor
 from ragcompress.compressors.scorer import ScorerCompressor, gather_kept, nan_last, top_per_head
 from ragcompress.kv import PassageKV
+
+if TYPE_CHECKING:
+    from ragcompress.indexing.encoder import PassageEncoder
 
 
 def standardise_per_layer(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -93,6 +96,10 @@ class AdaptiveBudget(Compressor):
         inner = self.inner.config()
         config = {**inner, "method": f"{self.name}:{inner['method']}", "floor": self.floor}
         return config | ({"value_norm": True} if self.value_norm else {})  # absent when off: older manifests match
+
+    def fits(self, encoder: PassageEncoder, token_ids: list[int]) -> bool:
+        """The inner method's probe is the one that runs."""
+        return self.inner.fits(encoder, token_ids)
 
     def compress(self, kv: PassageKV, context: CompressionContext) -> PassageKV:
         if self.inner.budget_for(kv) >= kv.num_tokens:

@@ -37,6 +37,14 @@ class Compressor(ABC):
     def compress(self, kv: PassageKV, context: CompressionContext) -> PassageKV:
         """Return the cache to store for one passage."""
 
+    def fits(self, encoder: PassageEncoder, token_ids: list[int]) -> bool:
+        """Whether :meth:`compress` can run on the passage ``token_ids`` within the model's
+        positions, given a passage that is itself within them (indexing and training refuse a
+        longer one first). Only a probe that runs past the passage can fail (KVzip's
+        reconstruction overrides this); a method probing the passage's own tokens in place
+        (SnapKV, Expected Attention) or none at all reaches no further than the passage."""
+        return True
+
     def config(self) -> dict[str, Any]:
         """What a store manifest records to tell compressors apart (name + parameters)."""
         from dataclasses import asdict

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ragcompress.distill.config import TrainConfig
+from ragcompress.distill.corpus import check_alone
 from ragcompress.distill.distiller import Distiller
 from ragcompress.errors import InputError
 from ragcompress.indexing.inputs import PassageInput
@@ -70,19 +71,27 @@ def student_basis(
 ) -> LowRankBasis | None:
     """The basis the student projects its kept rows on (``config.kv_rank``; None: none), fitted on
     the first ``config.calibration_passages`` of ``passages`` by ``distiller``'s base model, or
-    read back from ``path`` if it was fitted for these settings on these passages."""
+    read back from ``path`` if it was fitted for these settings on these passages. Those passages
+    are encoded alone, so each is checked against the model's positions first (``check_alone``)."""
     from ragcompress.indexing.calibrate import fit_calibration_basis
     from ragcompress.store.basis import basis_from_bytes, basis_to_bytes
 
     spec = config.rank_spec()
     if spec is None:
         return None
+    calibration, prefix = passages[: config.calibration_passages], distiller.encoder.prefix_len
+    check_alone(
+        distiller.lm,
+        ((p, prefix + len(distiller.tokens.passage(p.text))) for p in calibration),
+        f"to be encoded for the --kv-rank student's basis (the prefix and the passage: the first "
+        f"{config.calibration_passages} training passages, --calibration-passages)",
+    )
     fitted_for = {
         "base_fingerprint": distiller.lm.fingerprint,
         "lowrank": spec.as_dict(),
         "calibration_passages": config.calibration_passages,
     }
-    now = {**fitted_for, "passages_sha256": passages_sha256(passages[: config.calibration_passages])}
+    now = {**fitted_for, "passages_sha256": passages_sha256(calibration)}
     stamp = path.with_suffix(".json")
     if path.is_file():
         recorded = read_stamp(stamp)  # None: a run from before the stamp was written, for these settings

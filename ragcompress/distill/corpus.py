@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from ragcompress.distill.config import TrainConfig
 from ragcompress.errors import InputError
 from ragcompress.evaluation import Question, read_questions
 from ragcompress.indexing.inputs import PassageInput, iter_passages
+from ragcompress.kv.rope import position_limit
 from ragcompress.models import LoadedModel
 from ragcompress.retrieval import Embedder, exact_top_k
 
@@ -138,6 +140,22 @@ def require_questions(corpus: Corpus, side: str, questions_path: Path) -> None:
             f"{questions_path} holds no question of the {side} articles {articles}; give questions of both "
             "sides of the split (or other --val-articles)"
         )
+
+
+def check_alone(lm: LoadedModel, needs: Iterable[tuple[PassageInput, int]], use: str) -> None:
+    """Refuse the first passage of ``needs`` (each with the positions a step run on it alone
+    reaches: ``use`` says which step) past the positions ``lm`` handles
+    (:func:`~ragcompress.kv.rope.position_limit`), before the step runs on any. Past them LongRoPE
+    rotates the whole call with its long factors (dynamic NTK: a rescaled base), so the step would
+    compute what the model trained on never does, silently: the base model's question about an
+    extra passage (``synthetic.py``), or a cache a ``--kv-rank`` student's basis is fitted on
+    (``basis.py``). Training examples are checked as prompts (``teacher.check_positions``)."""
+    limit = position_limit(lm.config)
+    for passage, needed in needs:
+        if needed > limit:
+            raise InputError(
+                f"passage {passage.id} needs {needed} positions {use}, but {lm.ref} handles {limit}; split it"
+            )
 
 
 # an extra passage this long found inside a held-out passage is a piece of a copy of it

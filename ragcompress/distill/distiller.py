@@ -167,7 +167,9 @@ class Distiller:
     @torch.no_grad()
     def teacher(self, qid: str, passages: list[list[int]], question: str, keep_full: bool = False) -> Example:
         """The base model's full prefill of prefix + passages, read once (its cache is cropped
-        back to the passages for the second objective): greedy answer and top tokens."""
+        back to the passages for the second objective): greedy answer and top tokens. The prompt
+        is not checked here: every example a run or a benchmark computes comes from
+        ``teacher.plan_examples``, which checks them all before the first of these passes."""
         context = list(self.prefix_ids) + [t for ids in passages for t in ids]
         # every layer keeps every row (the model's masks still apply a sliding window): a sliding
         # layer past its window drops the rows the crop below goes back to

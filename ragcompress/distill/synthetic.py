@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ragcompress.distill.corpus import check_alone
 from ragcompress.errors import InputError
 from ragcompress.evaluation import Question, evenly_spaced
 from ragcompress.indexing.inputs import PassageInput
@@ -82,6 +83,10 @@ def synthetic_questions(
             continue
         done[record["passage_id"]] = Question(record["id"], record["question"], [], record["passage_id"])
     chosen = evenly_spaced(passages, count or None)
+    # every one still to write is checked before the first is written
+    needs = ((p, len(request_ids(lm, p.text)) + MAX_QUESTION_TOKENS) for p in chosen if p.id not in done)
+    use = f"for the question the base model writes about it (the passage, the request and {MAX_QUESTION_TOKENS} question tokens)"
+    check_alone(lm, needs, use)
     with path.open("a", encoding="utf-8") as sink:
         if not lines:  # a new file (or one a killed run left empty) opens with its data
             sink.write(json.dumps({DATA_KEY: data_sha256}) + "\n")

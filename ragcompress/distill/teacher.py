@@ -11,8 +11,9 @@ that records another model, other settings, other data, another split, other que
 (``--train-questions``, ``--val-examples``), or nothing it could be checked by
 (:func:`check_teacher_file`, :func:`check_teacher_data`, :func:`check_split`,
 :func:`check_chosen`): it would distil from it as if it were its own. A file from before the
-data was recorded in it is checked by the rest only. Every example's prompts are checked against
-the model's positions before the first teacher pass (:func:`check_positions`).
+data was recorded in it is checked by the rest only. Every example's prompts, and the probe a
+compressed student scores its passages with, are checked against the model's positions before
+the first teacher pass (:func:`check_positions`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ragcompress.distill.objective import Example
 from ragcompress.distill.resume import check_run, settings_differ
 from ragcompress.errors import InputError
 from ragcompress.evaluation import select_questions
+from ragcompress.indexing.inputs import PassageInput
 from ragcompress.interrupts import raise_if_stopped
 from ragcompress.kv.rope import position_limit
 
@@ -101,19 +103,22 @@ def plan_examples(
     distiller: Distiller, corpus: Corpus, embedder: Embedder, k: int, limit: int | None, views: int = 1
 ) -> list[Planned]:
     """The examples of ``limit`` evenly spaced questions (all when None), ``views`` per question
-    (:func:`views_of`): retrieval and tokenizing only, so that every prompt is checked
-    (:func:`check_positions`) before the first teacher pass."""
+    (:func:`views_of`), each checked (:func:`check_positions`): retrieval and tokenizing only, so
+    a run refuses one before its first teacher pass. Every teacher example is computed from such
+    a plan (:func:`build_examples`, :func:`teacher_examples`), so the check is made here, once."""
     questions = select_questions(corpus.questions, limit or None)
     vectors = embedder.embed([q.question for q in questions])
     retrieved = corpus.retrieve(vectors, k if views == 1 else 2 * k)
-    return [
+    planned = [
         Planned(example_id, q.question, [distiller.tokens.passage(corpus.passages[i].text) for i in chosen])
         for q, rows in zip(questions, retrieved, strict=True)
         for example_id, chosen in views_of(q.id, rows, k, views)
     ]
+    check_positions(distiller, planned, corpus.passages)
+    return planned
 
 
-def check_positions(distiller: Distiller, planned: list[Planned]) -> None:
+def check_positions(distiller: Distiller, planned: list[Planned], passages: list[PassageInput]) -> None:
     """Refuse an example whose prompts need more positions than the model handles
     (:func:`~ragcompress.kv.rope.position_limit`; :meth:`Distiller.teacher_positions` counts the
     question with its answer and the reconstruction prompt), naming its question. Past that
@@ -123,15 +128,37 @@ def check_positions(distiller: Distiller, planned: list[Planned]) -> None:
     runtime never serves. It is refused rather than trained on fewer passages: the runtime
     refuses a prompt too long (``PromptTooLongError``) and never drops retrieved passages, so a
     shortened example would not be the one ``ask --top-k`` builds either; the user chooses the
-    remedy (a lower ``--top-k``, then used by ``ask`` too, or shorter passages)."""
+    remedy (a lower ``--top-k``, then used by ``ask`` too, or shorter passages).
+
+    Then refuse a passage the examples read that the student's eviction cannot score within the
+    positions (:meth:`~ragcompress.compressors.base.Compressor.fits`: KVzip's probe repeats the
+    passage after it, about ``prefix + 2n`` positions), named among ``passages`` (which hold
+    every passage of ``planned``): a compressed student scores each passage it reads during the
+    steps, so one past them stopped the run at its first step, after the whole teacher pass."""
     limit = position_limit(distiller.lm.config)
-    for example_id, question, passages in planned:
-        needed = distiller.teacher_positions(passages, distiller.tokens.suffix(question))
+    for example_id, question, example in planned:
+        needed = distiller.teacher_positions(example, distiller.tokens.suffix(question))
         if needed > limit:
             raise InputError(
-                f"question {example_id} ({question!r}) with its {len(passages)} retrieved passages needs {needed} "
+                f"question {example_id} ({question!r}) with its {len(example)} retrieved passages needs {needed} "
                 f"positions (prefix, passages, question and {MAX_ANSWER} answer tokens) but {distiller.lm.ref} "
                 f"handles {limit}, so ask would refuse it; train with a lower --top-k or split the long passages"
+            )
+    compressor = distiller.compressor
+    if compressor is None:
+        return
+    reader: dict[tuple[int, ...], str] = {}  # a passage's token ids -> the first example reading it
+    for example_id, _, example in planned:
+        for ids in example:
+            reader.setdefault(tuple(ids), example_id)
+    for passage in passages:
+        ids = distiller.tokens.passage(passage.text)
+        if (read_by := reader.get(tuple(ids))) is not None and not compressor.fits(distiller.encoder, ids):
+            raise InputError(
+                f"--method {compressor.config()['method']} scores passage {passage.id} ({len(ids)} tokens, read by "
+                f"question {read_by}) with a probe past the model's positions ({distiller.lm.ref} handles {limit}); "
+                "train for a --method that does not probe past the passage (snapkv, expected-attention, knorm) or "
+                "split the passage"
             )
 
 
@@ -148,14 +175,13 @@ def build_examples(
     data_sha256: str | None = None,
 ) -> list[Example]:
     """Teacher examples of ``limit`` evenly spaced questions (all when None), ``views`` per
-    question (:func:`plan_examples`, every prompt checked first: :func:`check_positions`), computed
-    as :func:`compute_examples` computes them."""
+    question (:func:`plan_examples`, every prompt checked first), computed as
+    :func:`_compute_examples` computes them."""
     planned = plan_examples(distiller, corpus, embedder, k, limit, views)
-    check_positions(distiller, planned)
-    return compute_examples(distiller, planned, k, desc, partial, keep_full, data_sha256)
+    return _compute_examples(distiller, planned, k, desc, partial, keep_full, data_sha256)
 
 
-def compute_examples(
+def _compute_examples(
     distiller: Distiller,
     planned: list[Planned],
     k: int,
@@ -164,7 +190,7 @@ def compute_examples(
     keep_full: bool = False,
     data_sha256: str | None = None,
 ) -> list[Example]:
-    """The teacher examples of ``planned``; each finished one is appended to ``partial`` (a killed
+    """The teacher examples of ``planned`` (:func:`plan_examples`' checked plan); each finished one is appended to ``partial`` (a killed
     run resumes from it, and a run with more views reuses the ones it has), which records the
     training data ``data_sha256`` and is refused for other data."""
     from tqdm import tqdm
@@ -250,20 +276,18 @@ def teacher_examples(
         check_chosen(teacher_path, val_examples, val, "--val-examples", config.val_examples, "held-out")
         # a file computed before prompts were checked may hold one past the model's positions
         texts = {q.id: q.question for q in train.questions + val.questions}
-        check_positions(
-            distiller, [Planned(e.qid, texts[question_of(e.qid)], e.passages) for e in train_examples + val_examples]
-        )
+        cached = [Planned(e.qid, texts[question_of(e.qid)], e.passages) for e in train_examples + val_examples]
+        check_positions(distiller, cached, train.passages + val.passages)
         return train_examples, val_examples
     train_part, val_part = out / "teacher-train.part", out / "teacher-val.part"
-    # both sides planned and checked before the first teacher pass: a held-out prompt too long
-    # must not stop the run after the training side's
+    # both sides planned (and so checked) before the first teacher pass: a held-out prompt too
+    # long must not stop the run after the training side's
     train_plan = plan_examples(distiller, train, embedder, config.top_k, config.train_questions or None, config.views)
     val_plan = plan_examples(distiller, val, embedder, config.top_k, config.val_examples)
-    check_positions(distiller, train_plan + val_plan)
-    train_examples = compute_examples(
+    train_examples = _compute_examples(
         distiller, train_plan, config.top_k, "teacher (train)", train_part, data_sha256=data_sha256
     )
-    val_examples = compute_examples(
+    val_examples = _compute_examples(
         distiller, val_plan, config.top_k, "teacher (held-out)", val_part, True, data_sha256
     )
     # the .part files may hold examples of another split (a deleted teacher file, other --val-articles)
