@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from ragcompress.errors import InputError
+from ragcompress.errors import InputError, StoreError
 from ragcompress.evaluation import Question, article_key, read_questions, select_questions
 from ragcompress.kv import PassageKV
 from ragcompress.kv.quant import QuantConfig
@@ -96,15 +96,22 @@ def adaptor_provenance(adaptor: Any, asked: set[str], where: str = "the adaptor"
 def store_adaptors(stores: dict[str, str], asked: set[str], adaptor_dirs: list[Path] | None = None) -> dict[str, dict]:
     """The KV-Distill adaptor of each store (by name) built with one, found among the packaged
     adaptors or ``adaptor_dirs``; refused (:func:`adaptor_provenance`) if it was trained on an
-    article the questions ask about, or if it is neither packaged nor given."""
+    article the questions ask about, or if it is neither packaged nor given. A path that is no
+    store, or no adaptor, is the library's error as one line (``SystemExit``), not a traceback."""
     from ragcompress.distill.adaptor import Adaptor
     from ragcompress.distill.packaged import packaged_adaptor
     from ragcompress.store.manifest import Manifest
 
-    given = {a.hash: a for a in (Adaptor.load(d) for d in adaptor_dirs or [])}
+    try:
+        given = {a.hash: a for a in (Adaptor.load(d) for d in adaptor_dirs or [])}
+    except InputError as exc:
+        raise SystemExit(f"--adaptor-dir: {exc}") from None
     found = {}
     for name, path in stores.items():
-        recorded = Manifest.read(Path(path)).adaptor_hash
+        try:
+            recorded = Manifest.read(Path(path)).adaptor_hash
+        except StoreError as exc:
+            raise SystemExit(f"store {name}: {exc}") from None
         if recorded is None:
             continue
         adaptor = given.get(recorded) or packaged_adaptor(recorded)

@@ -252,3 +252,18 @@ def point_row_at_appended_blob(store: Path, passage_id: str, shard: str, blob: b
             db.execute(f"UPDATE passages SET {assignments} WHERE id = ?", (*values.values(), passage_id))
     finally:
         db.close()
+
+
+def rewritten_blob(blob: bytes, tensors: dict[str, Any], **meta: object) -> bytes:
+    """``blob`` (a passage cache as :func:`ragcompress.store.codec.encode` writes it) with
+    tensors replaced (``None`` drops one) and header fields overridden, as a damaged or forged
+    blob would arrive: its own checksum is the caller's to fake (:func:`point_row_at_appended_blob`)."""
+    from safetensors.torch import load, save
+
+    from ragcompress.store.codec import _metadata
+
+    kept = {**load(blob), **tensors}
+    return save(
+        {name: t for name, t in kept.items() if t is not None},
+        metadata={**_metadata(blob), **{k: str(v) for k, v in meta.items()}},
+    )

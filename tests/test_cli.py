@@ -407,7 +407,8 @@ def test_a_passage_whose_cache_overflowed_is_one_line_naming_it_and_the_store_re
     """A model that overflows in float16 on one passage's word: its int8 cache failed in the
     quantizer with a 22-frame ValueError advising ``--quant none`` (which stored the NaN). Now one
     line names the passage and a wider dtype; the batches before it stay committed, the run is
-    unfinished (``verify`` exits 2) and a re-run without the passage finishes the store."""
+    unfinished (``verify`` exits 2, its note naming the refusal: it said to re-run with the same
+    input, which stops at the same passage) and a re-run without the passage finishes the store."""
     from conftest import write_jsonl
 
     records = [
@@ -429,6 +430,20 @@ def test_a_passage_whose_cache_overflowed_is_one_line_naming_it_and_the_store_re
     )
     code, out, err = run_cli(["verify", "--store", str(store)], monkeypatch, capfd)
     assert code == 2 and out.startswith(f"UNFINISHED: {store}: 1 passages in 1 shards, 0 problems"), out
+    # what stopped the run, and that the same input stops there again ("re-run with the same input" did)
+    refused = "passage 'b': the cache holds inf or NaN (keys of layer 0)"
+    assert "with the same input and --store" not in out + err, out
+    assert re.search(
+        rf"note: the indexing run started on .* stopped before its end: the store holds only part of an input of 3 "
+        rf"passages\. It refused {re.escape(refused)}: .*, or leave the passage out of the input; the same input and "
+        r"settings stop there again: make that change, then index into this store again \(answering refuses it until "
+        r"then\)\n",
+        out,
+    ), out
+    assert (
+        err.startswith(f"error: store {store} is intact but not answerable: the indexing run started on ")
+        and refused in err
+    )
     without = write_jsonl(tmp_path / "without.jsonl", [records[0], records[2]])
     code, out, err = run_cli([*args, "--input", str(without)], monkeypatch, capfd)
     assert code == 0, err

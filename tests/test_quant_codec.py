@@ -8,6 +8,7 @@ import torch
 from ragcompress.kv import PassageKV
 from ragcompress.kv.quant import QuantConfig, dequantize_keys_per_channel, pack, quantize_dequantize, unpack
 from ragcompress.store import codec
+from ragcompress.testing import rewritten_blob
 
 
 def random_kv(layers=3, heads=2, n=37, d=16, seed=0) -> PassageKV:
@@ -92,18 +93,6 @@ def test_corrupt_blob_is_rejected():
         codec.decode(bytes(blob[:100]))
 
 
-def _rewritten(blob: bytes, tensors: dict[str, torch.Tensor | None], **meta: object) -> bytes:
-    """``blob`` with tensors replaced (``None`` drops one) and header fields overridden, as a
-    damaged or forged blob would arrive: its own checksum is the caller's to fake."""
-    from safetensors.torch import load, save
-
-    kept = {**load(blob), **tensors}
-    return save(
-        {name: t for name, t in kept.items() if t is not None},
-        metadata={**codec._metadata(blob), **{k: str(v) for k, v in meta.items()}},
-    )
-
-
 def test_an_evicted_blob_without_its_positions_is_refused():
     """``parse`` filled a missing ``positions`` tensor with ``0..n_max-1`` whatever the blob kept,
     so an evicted cache's rows would have been re-rotated to the wrong positions."""
@@ -114,7 +103,7 @@ def test_an_evicted_blob_without_its_positions_is_refused():
     evicted = make_compressor("knorm", budget=4, keep_first=0, keep_last=0).compress(kv, None)
     for cache in (kv, evicted):
         blob = codec.encode(cache, QuantConfig("fp16"))
-        stripped = _rewritten(blob, {"positions": None})  # a cache of every row has none to lose
+        stripped = rewritten_blob(blob, {"positions": None})  # a cache of every row has none to lose
         if cache is kv:
             assert torch.equal(codec.parse(stripped).positions, codec.parse(blob).positions)
         else:
@@ -136,9 +125,53 @@ def test_a_position_one_past_the_passage_is_refused():
     positions = codec.parse(blob).tensors["positions"].clone()
     positions[-1] = 10  # == num_tokens
     with pytest.raises(CorruptSegmentError, match="positions"):
-        codec.parse(_rewritten(blob, {"positions": positions}))
+        codec.parse(rewritten_blob(blob, {"positions": positions}))
     positions[-1] = 9  # the passage's last token is a position like any other
-    assert codec.parse(_rewritten(blob, {"positions": positions})).positions.max() == 9
+    assert codec.parse(rewritten_blob(blob, {"positions": positions})).positions.max() == 9
+
+
+def _kept_at(positions: list[list[int]], num_tokens: int) -> PassageKV:
+    """A cache of one layer whose heads keep rows at ``positions`` (one list per head, as long
+    as each other) of a passage of ``num_tokens`` tokens."""
+    kept = torch.tensor([positions])
+    heads, rows = kept.shape[1:]
+    lengths = torch.full((1, heads), rows)
+    return PassageKV(torch.randn(1, heads, rows, 8), torch.randn(1, heads, rows, 8), kept, lengths, num_tokens)
+
+
+def test_heads_keeping_more_rows_than_the_passage_has_tokens_are_refused():
+    """``n_max > num_tokens``: six rows kept of a passage whose header says five tokens. A head
+    keeps each token at most once, so such a blob is damaged or forged (its positions, were
+    there any, would have to repeat)."""
+    from ragcompress.errors import CorruptSegmentError
+
+    blob = codec.encode(PassageKV.full(torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)), QuantConfig("int8"))
+    with pytest.raises(CorruptSegmentError, match="keeps up to 6 rows per head of a passage of 5 tokens"):
+        codec.parse(rewritten_blob(blob, {}, num_tokens=5))
+    assert codec.parse(blob).num_tokens == 6
+
+
+@pytest.mark.parametrize(
+    ("kept", "wrong"),
+    [
+        ([[1, 3, 5, 7], [1, 3, 3, 7]], "layer 0, head 1 keeps position 3 after 3"),
+        ([[5, 2, 6, 8]], "layer 0, head 0 keeps position 2 after 5"),
+    ],
+)
+def test_positions_that_repeat_or_go_backwards_are_refused(kept, wrong):
+    """Each head keeps its rows in passage order (``gather_kept`` sorts them), every position once.
+    A blob whose positions repeat or go backwards parsed while they lay in ``0..num_tokens-1``:
+    two rows rotated to one position, or rows placed out of order, attended over as if they were
+    the passage. ``encode`` refuses such a cache rather than write a blob every reader refuses."""
+    from ragcompress.errors import CorruptSegmentError
+
+    blob = codec.encode(_kept_at([[1, 3, 5, 7]] * len(kept), num_tokens=10), QuantConfig("int8"))
+    assert codec.parse(blob).kept_tokens == 4 * len(kept)
+    forged = rewritten_blob(blob, {"positions": torch.tensor(sum(kept, []), dtype=torch.int16)})
+    with pytest.raises(CorruptSegmentError, match=f"^segment positions must increase within each head, but {wrong}$"):
+        codec.parse(forged)
+    with pytest.raises(ValueError, match=f"its positions must increase .* but {wrong}; sort each head's kept rows"):
+        codec.encode(_kept_at(kept, num_tokens=10), QuantConfig("int8"))
 
 
 def test_positions_of_a_passage_longer_than_int16_round_trip():
@@ -159,7 +192,7 @@ def test_tensors_of_another_width_than_the_header_are_refused():
 
     blob = codec.encode(PassageKV.full(torch.randn(1, 1, 10, 8), torch.randn(1, 1, 10, 8)), QuantConfig("fp16"))
     with pytest.raises(CorruptSegmentError):
-        codec.parse(_rewritten(blob, {}, head_dim=4)).dense()
+        codec.parse(rewritten_blob(blob, {}, head_dim=4)).dense()
 
 
 def test_quant_config_validation():

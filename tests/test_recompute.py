@@ -995,21 +995,34 @@ def test_benchmarks_read_a_stores_manifest_as_the_library_does(tmp_path):
     """common.store_adaptors parsed manifest.json by hand: a folder that is not a store gave a
     FileNotFoundError traceback, and a manifest whose adaptor was edited away after the build
     passed as a store of the base model, its training articles unchecked. Both are the store's
-    own errors now (``Manifest.read``)."""
+    own errors now (``Manifest.read``), ending the script (recompute_quality.py, dtype_ttft.py) as
+    its one line naming the store, as the scripts' other refusals do: the StoreError was a
+    traceback. An ``--adaptor-dir`` that holds no adaptor likewise."""
     import json
+    import re
 
     from ragcompress.errors import StoreError
+    from ragcompress.store.manifest import Manifest
     from ragcompress.testing import manifest_only_store
 
     import common
 
-    with pytest.raises(StoreError, match="is not a ragcompress store"):
+    with pytest.raises(SystemExit) as caught:
         common.store_adaptors({"s": str(tmp_path)}, set())
+    assert str(caught.value).startswith(f"store s: {tmp_path} is not a ragcompress store (no manifest.json); ")
     store = manifest_only_store(tmp_path / "store", {"adaptor": "0" * 64})
     data = json.loads((store / "manifest.json").read_text())
     (store / "manifest.json").write_text(json.dumps({**data, "encoding": {}}))
-    with pytest.raises(StoreError, match="was edited after the store was built"):
+    with pytest.raises(SystemExit) as caught:
         common.store_adaptors({"s": str(store)}, set())
+    with pytest.raises(StoreError) as library:
+        Manifest.read(store)
+    assert str(caught.value) == f"store s: {library.value}" and "was edited after the store was built" in str(
+        caught.value
+    )
+    assert "\n" not in str(caught.value)
+    with pytest.raises(SystemExit, match=rf"^--adaptor-dir: {re.escape(str(tmp_path))} is not an adaptor \(needs "):
+        common.store_adaptors({}, set(), [tmp_path])
 
 
 def test_neighbour_overlap_counts_a_context_exact_only_when_it_is_the_encoding_context():

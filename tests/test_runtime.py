@@ -151,7 +151,13 @@ def test_position_limit_reads_longrope_wherever_the_config_keeps_it():
 
 
 def test_positions_continue_after_every_passage(tiny_model_dir, passages_file, tmp_path, embedder):
-    """Three passages: segment j starts where segment j-1 ended; the suffix follows the last."""
+    """Three passages: segment j starts where segment j-1 ended, every token of it at its own
+    position; the suffix follows the last.
+
+    Layer 0's keys are each token's projection rotated to its position, whatever precedes it, so
+    a full prefill of the same tokens gives every row's key at the position the assembled cache
+    must have rotated it to (checking only where the suffix starts passed with every segment
+    placed right after the prefix)."""
     store = tmp_path / "store"
     lm = load_model(str(tiny_model_dir("qwen2")))
     index(passages_file, store, lm=lm, embedder=embedder)
@@ -162,6 +168,13 @@ def test_positions_continue_after_every_passage(tiny_model_dir, passages_file, t
     assert built.next_position == engine.prefix.num_tokens + sum(e.num_tokens for e in entries)
     assert built.cache.get_seq_length() == built.next_position
     assert built.kv_mask is None
+    context = engine.full_prompt_ids(QUESTION, entries)[: built.next_position]  # prefix and passages
+    full = DynamicCache(config=lm.config)
+    with torch.inference_mode():
+        forward_step(lm.model, torch.tensor([context]), full, 0)
+    assembled = built.cache.layers[0].keys[:, :, : built.next_position]  # [1, kv_heads, rows, head_dim]
+    assert full.layers[0].keys.shape == assembled.shape
+    torch.testing.assert_close(assembled, full.layers[0].keys, atol=1e-4, rtol=1e-4)
 
 
 def _gemma3_text():
@@ -236,17 +249,31 @@ def test_rotate_then_unrotate_is_identity(tiny_lm):
     torch.testing.assert_close(back, keys, atol=1e-5, rtol=1e-5)
 
 
+def _rope_by_complex_multiplication(keys: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """``keys [..., n, d]`` turned to ``positions [..., n]`` as RoPE defines it (Su et al., 2021),
+    in the half layout Llama uses: channel pair ``(i, i + d/2)`` is the complex number
+    ``x_i + j x_{i+d/2}``, multiplied by ``exp(j * position * theta^(-2i/d))``. Built from the
+    definition, with nothing of ``ragcompress.kv.rope``."""
+    half = keys.shape[-1] // 2
+    frequencies = theta ** (-torch.arange(half, dtype=torch.float64) * 2 / keys.shape[-1])  # [d/2]
+    angles = positions.to(torch.float64).unsqueeze(-1) * frequencies  # [..., n, d/2]
+    turned = torch.complex(keys[..., :half].double(), keys[..., half:].double()) * torch.polar(
+        torch.ones_like(angles), angles
+    )
+    return torch.cat((turned.real, turned.imag), dim=-1).to(keys.dtype)
+
+
 def test_rotation_composes_like_rope(tiny_lm):
-    """Rotating to p then by q equals rotating to p + q: re-placement is exact."""
+    """Rotating to p then by q equals rotating to p + q: re-placement is exact. The expectation is
+    RoPE's definition (:func:`_rope_by_complex_multiplication`), not the module's own
+    ``rotate_half``: built with it, a rotation turning the wrong way composed just as well."""
     rotary = Rotary(tiny_lm.model)
+    theta = tiny_lm.model.config.rope_parameters["rope_theta"]
     keys = torch.randn(2, 4, 16)
     p = torch.tensor([[1, 5, 9, 40]] * 2)
     once = rotary.rotate(keys, p + 17, 0)
-    cos, sin = rotary.cos_sin(torch.full_like(p, 17), 0)
-    from ragcompress.kv.rope import rotate_half
-
-    staged = rotary.rotate(keys, p, 0)
-    twice = staged * cos + rotate_half(staged) * sin
+    torch.testing.assert_close(once, _rope_by_complex_multiplication(keys, p + 17, theta), atol=1e-5, rtol=1e-5)
+    twice = _rope_by_complex_multiplication(rotary.rotate(keys, p, 0), torch.full_like(p, 17), theta)
     torch.testing.assert_close(once, twice, atol=1e-5, rtol=1e-5)
 
 

@@ -137,6 +137,30 @@ def test_a_marker_whose_pid_was_reused_reads_as_a_stopped_run(stopped):
         alive.wait()
 
 
+@pytest.mark.parametrize("refused", [True, False])
+def test_a_run_stopped_by_what_it_refused_is_not_told_to_run_again_as_it_was(tmp_path, refused):
+    """A run that an ``InputError`` stopped (a passage whose cache overflowed: ``codec.encode``
+    refuses it) was noted as any stopped run: "re-run `ragcompress index` with the same input",
+    which stops at the same passage again. Its note names the refusal and says to change what it
+    names; a run stopped otherwise (killed, a failing disk) is still told to re-run as it was."""
+    from ragcompress.errors import UnstorableCacheError
+    from ragcompress.store.files import FINISH_INDEX, indexing_run
+
+    message = "passage 'b': the cache holds inf or NaN (keys of layer 0): ...; or leave the passage out of the input"
+    failure = UnstorableCacheError(message) if refused else OSError("disk failed")
+    with pytest.raises(type(failure)), indexing_run(tmp_path, 3):
+        raise failure
+    note = unfinished_run(tmp_path)
+    assert note.startswith("the indexing run started on ") and "stopped before its end" in note
+    if refused:
+        assert note.endswith(
+            f"the store holds only part of an input of 3 passages. It refused {message}; the same input and settings "
+            "stop there again: make that change, then index into this store again"
+        )
+    else:
+        assert note.endswith(f"the store holds only part of an input of 3 passages; to finish it, {FINISH_INDEX}")
+
+
 def test_cli_verify_exits_2_on_an_intact_store_whose_run_stopped(stopped):
     """``verify`` exited 0 on a store whose indexing run stopped midway, which every answering
     command refuses: a script checking the store before serving it went ahead."""

@@ -956,6 +956,36 @@ def test_blob_with_wrong_model_shape_is_refused(store_copy):
     assert "doc-002" in _problem_ids(store_copy)
 
 
+@pytest.mark.parametrize(
+    ("first_head", "num_tokens", "refusal"),
+    [
+        ([1, 3, 5, 7], 3, "keeps up to 4 rows per head of a passage of 3 tokens"),
+        ([1, 3, 3, 7], 10, "positions must increase within each head, but layer 0, head 0 keeps position 3 after 3"),
+        ([1, 7, 3, 8], 10, "positions must increase within each head, but layer 0, head 0 keeps position 3 after 7"),
+    ],
+    ids=["more-rows-than-tokens", "repeated", "backwards"],
+)
+def test_blob_keeping_rows_no_passage_has_is_refused_and_named(store_copy, first_head, num_tokens, refusal):
+    """Behind a matching checksum, a blob of the store's shape whose heads keep more rows than its
+    passage has tokens, or whose first head's positions repeat or go backwards: each row is
+    rotated to its position, so such a cache places rows where no token of the passage stood.
+    Reading the passage and ``verify`` refuse it, naming the passage."""
+    from ragcompress.testing import rewritten_blob
+
+    kept = torch.tensor([1, 3, 5, 7]).expand(2, 2, 4)  # of 10 tokens, on every layer and head
+    cache = PassageKV(torch.randn(2, 2, 4, 16), torch.randn(2, 2, 4, 16), kept, torch.full((2, 2), 4), 10)
+    sound = codec.encode(cache, QuantConfig("int8"))
+    positions = codec.parse(sound).tensors["positions"].clone()  # [16]: (layer, head, row) order
+    positions[:4] = torch.tensor(first_head)
+    blob = rewritten_blob(sound, {"positions": positions}, num_tokens=num_tokens)
+    shard = _entry(store_copy, "doc-002").shard
+    point_row_at_appended_blob(store_copy, "doc-002", shard, blob, num_tokens=num_tokens, kept=16)
+    with pytest.raises(CorruptSegmentError, match=re.escape(f"passage 'doc-002' (shard {shard}): segment {refusal}")):
+        _load(store_copy, "doc-002")
+    problems = verify_store(store_copy).problems
+    assert [(p.kind, p.passage_id, p.message) for p in problems] == [("segment", "doc-002", f"segment {refusal}")]
+
+
 @pytest.mark.parametrize("where", ["tail", "inside-the-tensors"])
 def test_corrupt_prefix_is_refused(store_copy, where):
     """A byte flipped near the end breaks decoding as well; one in the middle of the key/value

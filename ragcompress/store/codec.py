@@ -67,7 +67,8 @@ def encode(
     ``basis``, keys (and values when the basis projects them) are stored as its latents. ``base``:
     the same passage's base-model cache, stored beside it as its base copy (both keep every row,
     no basis). A cache holding inf or NaN is refused under every ``quant``
-    (:func:`refuse_non_finite`)."""
+    (:func:`refuse_non_finite`), and one whose heads do not keep their rows in strictly increasing
+    positions (:func:`not_increasing`) with a ``ValueError``."""
     refuse_non_finite(kv)
     if base is not None:
         refuse_non_finite(base, "the base copy's ")
@@ -75,6 +76,8 @@ def encode(
     mask = kv.valid_mask()
     tensors: dict[str, torch.Tensor] = {"lengths": kv.lengths.to(torch.int32)}
     if not kv.is_uniform:
+        if (wrong := not_increasing(kv.positions, mask)) is not None:  # what parse refuses to read
+            raise ValueError(f"cannot store the cache: its {wrong}; sort each head's kept rows by position")
         pos_dtype = torch.int16 if kv.num_tokens <= torch.iinfo(torch.int16).max else torch.int32
         tensors["positions"] = kv.positions[mask].to(pos_dtype)
     latent_meta = _encode_latents(kv, quant, basis, tensors) if basis is not None else {}
@@ -220,8 +223,9 @@ class Segment:
     """A parsed, validated blob: header values and raw tensors, nothing dequantized yet.
 
     lengths:   ``[L, H]`` int64 kept rows per layer and head (``<= n_max <= num_tokens``)
-    positions: ``[L, H, n_max]`` int64 offset inside the passage of each row (``0..`` when nothing
-               was evicted; padding rows hold their row index)
+    positions: ``[L, H, n_max]`` int64 offset inside the passage of each row, strictly increasing
+               along each head's kept rows (``0..`` when nothing was evicted; padding rows hold
+               their row index)
     tensors:   the blob's tensors by name (see the module docstring)
     ranks:     per kind (``"k"``, ``"v"``) stored as low-rank latents, its rank per layer
     """
@@ -457,8 +461,10 @@ def parse(
         )
     if min(num_tokens, n_max, d) < 0 or layers * heads * max(n_max, 1) * max(d, 1) > MAX_DECODED_ELEMENTS:
         raise CorruptSegmentError(f"segment declares an impossible size ({layers}x{heads}x{n_max}x{d})")
-    if (lengths < 0).any() or (lengths > n_max).any() or n_max > num_tokens:
+    if (lengths < 0).any() or (lengths > n_max).any():
         raise CorruptSegmentError("segment lengths are out of range")
+    if n_max > num_tokens:  # a head keeps each token of the passage at most once
+        raise CorruptSegmentError(f"segment keeps up to {n_max} rows per head of a passage of {num_tokens} tokens")
     # encode pads to the longest head: a wider grid holds no row, it only allocates
     if lengths.numel() and n_max != int(lengths.max()):
         raise CorruptSegmentError(f"segment pads its heads to {n_max} rows but its longest keeps {int(lengths.max())}")
@@ -467,13 +473,31 @@ def parse(
         flat = tensors["positions"].long()
         if flat.shape != (int(lengths.sum()),) or (flat < 0).any() or (flat >= num_tokens).any():
             raise CorruptSegmentError("segment positions are inconsistent with its lengths")
-        positions[torch.arange(n_max) < lengths.unsqueeze(-1)] = flat
+        kept = torch.arange(n_max) < lengths.unsqueeze(-1)
+        positions[kept] = flat
+        if (wrong := not_increasing(positions, kept)) is not None:  # encode refuses to write them
+            raise CorruptSegmentError(f"segment {wrong}")
     elif n_max != num_tokens or (lengths != n_max).any():  # only a cache of every row leaves them out
         raise CorruptSegmentError("segment evicts tokens but records no positions for the rows it keeps")
     ranks = {kind: r for kind in ("k", "v") if (r := parse_ranks(meta, kind)) is not None}
     if any(len(r) != layers or min(r, default=1) <= 0 or max(r, default=0) > d for r in ranks.values()):
         raise CorruptSegmentError(f"segment latent ranks {ranks} do not fit {layers} layers of head_dim {d}")
     return Segment(num_tokens, n_max, d, quant, lengths, positions, tensors, ranks)
+
+
+def not_increasing(positions: torch.Tensor, kept: torch.Tensor) -> str | None:
+    """Where the positions (``[L, H, n_max]``) of kept rows (``kept [L, H, n_max]``) first fail to
+    strictly increase along a head, in words, or None. A head holds each token of its passage
+    at most once, in passage order (``gather_kept`` sorts them): a position that repeats rotates
+    two rows to one place, one that goes backwards places rows out of order."""
+    bad = (positions[..., 1:] <= positions[..., :-1]) & kept[..., 1:]  # [L, H, n_max - 1]
+    if not bool(bad.any()):
+        return None
+    layer, head, row = (int(i) for i in bad.nonzero()[0])
+    after, then = int(positions[layer, head, row]), int(positions[layer, head, row + 1])
+    return (
+        f"positions must increase within each head, but layer {layer}, head {head} keeps position {then} after {after}"
+    )
 
 
 def decode(

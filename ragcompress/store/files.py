@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ragcompress.errors import StoreError
+from ragcompress.errors import InputError, StoreError
 from ragcompress.kv import PassageKV
 from ragcompress.kv.quant import QuantConfig
 from ragcompress.paths import process_gone, remove_dead_temps, remove_tree
@@ -131,12 +131,16 @@ def indexing_run(path: Path, passages: int, finish: str = FINISH_INDEX) -> Itera
     leaves the file behind, and :func:`unfinished_run` tells readers that the store holds only
     part of its input and how to finish it. A run that fails in a process that goes on (a
     notebook, a service) rewrites the file with pid 0 as it leaves: its pid is alive, and would
-    read as a run still going to every other process. Call under the writer's lock."""
+    read as a run still going to every other process. A run stopped by an
+    :class:`~ragcompress.errors.InputError` (a passage whose cache overflowed) records its message
+    as ``refused``: running again as it was stops there again, so ``finish`` is not how to finish
+    it. Call under the writer's lock."""
     pid = os.getpid()
     record = {"pid": pid, "pid_start": _start_time(pid), "passages": passages, "started": time.time(), "finish": finish}
     write_atomic(path / RUN, json.dumps(record).encode())
     _RUNNING_HERE.add(path.resolve())
     done = False
+    refused: dict[str, str] = {}
 
     def finished() -> None:
         nonlocal done
@@ -146,11 +150,14 @@ def indexing_run(path: Path, passages: int, finish: str = FINISH_INDEX) -> Itera
 
     try:
         yield finished
+    except InputError as exc:
+        refused["refused"] = str(exc)
+        raise
     finally:
         _RUNNING_HERE.discard(path.resolve())
         if not done:
             try:
-                write_atomic(path / RUN, json.dumps({**record, "pid": 0, "pid_start": None}).encode())
+                write_atomic(path / RUN, json.dumps({**record, "pid": 0, "pid_start": None, **refused}).encode())
             except OSError:  # a full disk, say: the marker keeps this pid, read as stopped once it exits
                 pass
 
@@ -201,9 +208,14 @@ def unfinished_run(path: Path) -> str | None:
     of = f" of an input of {size} passages" if isinstance(size, int) else ""
     finish = record.get("finish") if isinstance(record, dict) else None
     finish = finish if isinstance(finish, str) and finish else FINISH_INDEX  # markers written before `finish`
-    return (
-        f"the indexing run started{when} stopped before its end: the store holds only part{of}; to finish it, {finish}"
-    )
+    refused = record.get("refused") if isinstance(record, dict) else None
+    stopped = f"the indexing run started{when} stopped before its end: the store holds only part{of}"
+    if isinstance(refused, str) and refused:  # re-running as it was stops there again: `finish` would not finish it
+        return (
+            f"{stopped}. It refused {refused}; the same input and settings stop there again: make that change, "
+            "then index into this store again"
+        )
+    return f"{stopped}; to finish it, {finish}"
 
 
 def compact_copy(path: Path) -> Path:
