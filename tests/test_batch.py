@@ -49,7 +49,9 @@ def unbatched(engine: Engine, question: str, entries, max_new: int, stop_ids: se
     return stream.run().token_ids
 
 
-def batched(engine: Engine, requests, stop_ids: set[int], drop: int | None = None) -> tuple[list[list[int]], list]:
+def batched(
+    engine: Engine, requests, stop_ids: set[int], drop: int | None = None, drop_after: int = 2
+) -> tuple[list[list[int]], list]:
     prepared = [engine.prepare(q, entries, engine.options.replace(max_new_tokens=n)) for q, entries, n in requests]
     assert all(batchable(p) for p in prepared)
     stream = BatchStream(engine.lm.model, prepared, [n for _, _, n in requests], stop_ids)
@@ -61,7 +63,7 @@ def batched(engine: Engine, requests, stop_ids: set[int], drop: int | None = Non
             continue
         assert i not in finished, "a token after its request finished"
         tokens[i].append(token)
-        if i == drop and len(tokens[i]) == 2:
+        if i == drop and len(tokens[i]) == drop_after:
             stream.drop(i)
     assert all(t is not None and t > 0 for t in stream.ttft_s)
     return tokens, finished
@@ -90,6 +92,11 @@ def test_batched_tokens_equal_unbatched_greedy(engine):
     got_dropped, finished = batched(engine, requests, engine.stop_ids, drop=0)
     assert got_dropped[0] == want[0][:2] and got_dropped[1:] == want[1:]
     assert 0 not in finished
+
+    # dropped as it decodes its last token: not reported finished as well (its caller finished it)
+    assert len(want[0]) == requests[0][2]
+    got_dropped, finished = batched(engine, requests, engine.stop_ids, drop=0, drop_after=len(want[0]))
+    assert got_dropped == want and 0 not in finished
 
 
 def test_unbatchable_requests_are_refused(engine):

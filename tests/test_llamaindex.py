@@ -676,6 +676,79 @@ def test_computing_missing_caches_never_changes_a_concurrent_answer_or_stored_ca
     synthesizer.close()
 
 
+@pytest.mark.parametrize("call", ["asynthesize", "aget_response", "acomplete"])
+def test_a_cancelled_async_answer_stops_decoding(built, store_copy, tiny, monkeypatch, call):
+    """A non-streaming async call decoded its whole answer in one worker thread, which went on
+    to ``max_new_tokens`` after ``asyncio.wait_for`` had given up on it (a thread cannot be
+    killed); it now stops before its next decoding step. Not cancelled, it answers as the sync
+    call does, with the same timings reported."""
+    import threading
+
+    import ragcompress.runtime.generate as generate
+
+    store, nodes = built
+    max_new = 24
+    if call == "acomplete":
+        llm = LocalLLM(model=tiny, max_new_tokens=max_new)
+        sync, run = (lambda: llm.complete(QUESTION)), (lambda: llm.acomplete(QUESTION))
+
+        def report(out):
+            return out.text, out.additional_kwargs
+
+    elif call == "asynthesize":
+        synthesizer = KVCacheSynthesizer(store, max_new_tokens=max_new)
+        scored = [NodeWithScore(node=n, score=1.0) for n in nodes[:2]]
+        sync, run = (
+            (lambda: synthesizer.synthesize(QUESTION, scored)),
+            (lambda: synthesizer.asynthesize(QUESTION, scored)),
+        )
+
+        def report(out):
+            return out.response, out.metadata["ragcompress"]
+
+    else:
+        synthesizer = KVCacheSynthesizer(store_copy, max_new_tokens=max_new)
+        chunks = [n.text for n in nodes[:2]]
+        sync, run = (
+            (lambda: synthesizer.get_response(QUESTION, chunks)),
+            (lambda: synthesizer.aget_response(QUESTION, chunks)),
+        )
+
+        def report(out):
+            return out, {}
+
+    steps = 0
+    go = threading.Event()  # the third decoding step waits for it: cleared, until the call is cancelled
+    go.set()
+    step = generate.decode_one_token
+
+    def counted(*args, **kwargs):
+        nonlocal steps
+        steps += 1
+        if steps == 3:
+            go.wait(30)
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(generate, "decode_one_token", counted)
+    text, timings = report(sync())
+    assert steps == max_new - 1, "the answer should use its whole budget (a stop id ended it)"
+    got_text, got_timings = report(asyncio.run(run()))
+    assert got_text == text and got_timings.keys() == timings.keys()
+    assert all(got_timings[key] > 0 for key in ("ttft_s", "total_s") if key in timings)
+
+    async def cancelled() -> int:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(run(), 1.0)  # its third step is held until then
+        at_cancel = steps
+        go.set()
+        return at_cancel
+
+    steps = 0
+    go.clear()
+    at_cancel = asyncio.run(cancelled())  # returns once its worker threads have ended
+    assert steps <= at_cancel + 1, f"{steps - at_cancel} decoding steps ran after the call was cancelled at {at_cancel}"
+
+
 def test_async_streaming_leaves_the_event_loop_free(built):
     store, nodes = built
     synthesizer = KVCacheSynthesizer(store, max_new_tokens=16, streaming=True)

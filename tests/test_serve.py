@@ -544,6 +544,36 @@ def test_a_batched_request_whose_client_left_counts_the_tokens_it_generated(engi
         assert counted == 1 + len(done[1][0].token_ids)
 
 
+def test_a_batched_request_whose_client_left_during_its_last_step_is_finished_once(engine):
+    """A client that leaves while its row decodes its last token (``max_tokens`` reached) got two
+    ``done`` events and its tokens, latency and batch counted twice: the row was dropped and
+    finished, then the batch reported it finished once more."""
+    from ragcompress.serve.protocol import parse_chat
+
+    with in_process(engine, max_batch=4) as (_, app):
+        service = app.state.service
+        seen: list[list] = [[], []]
+
+        def emitter(i: int):
+            def emit(event):
+                seen[i].append(event)
+                if i == 0 and event[0] == "started":
+                    jobs[0].cancel()  # its first token is its last (max_tokens 1)
+
+            return emit
+
+        bodies = [chat(QUESTIONS[0], max_tokens=1), chat(QUESTIONS[1])]
+        queries = [parse_chat(body, service.settings, MAX_NEW) for body in bodies]
+        jobs = [Job(lambda engine, job: None, emitter(i), queries[i]) for i in range(2)]
+        before = service.metrics.tokens._value.get()
+        service.answer_batch(engine, jobs)
+        counted = service.metrics.tokens._value.get() - before
+        done = [[e[1] for e in events if e[0] == "done"] for events in seen]
+        assert len(done[0]) == 1 and len(done[1]) == 1, seen
+        assert len(done[0][0].token_ids) == 1 and done[0][0].batch == 2
+        assert counted == 1 + len(done[1][0].token_ids)
+
+
 def test_a_requests_recompute_keeps_the_presets_selection(engine, monkeypatch):
     from ragcompress.runtime.recompute import RecomputeConfig
     from ragcompress.serve.protocol import parse_chat

@@ -79,7 +79,8 @@ class BatchStream:
     """Greedy tokens of several prepared requests, decoded in one batch.
 
     Iterating yields ``(i, token)`` as tokens are chosen, and ``(i, None)`` once request ``i``
-    has finished (stop id, ``max_new_tokens``, or :meth:`drop`). ``ttft_s[i]`` counts from
+    has finished (stop id or ``max_new_tokens``); a request :meth:`drop` ends gets no ``(i, None)``,
+    even when dropped at its last token (its caller, which dropped it, has finished it). ``ttft_s[i]`` counts from
     ``started`` (when the caller began preparing the batch) to request ``i``'s first token.
     """
 
@@ -182,6 +183,8 @@ class BatchStream:
                 row.generated += 1
                 row.token = token
                 yield i, token
+                if row.done:  # dropped while its caller handled the token: the caller has finished it
+                    continue
                 if row.generated >= row.max_new_tokens:
                     row.done = True
                     yield i, None

@@ -318,22 +318,22 @@ class Engine:
 
     def answer_prefix_cached(self, question: str, entries: list[Entry], options: AnswerOptions | None = None) -> Answer:
         """Baseline (b): full prefill after the reused prefix cache, same token ids."""
-        return self._collect(self.stream_prefix_cached(question, entries, options), entries)
+        return self.collect(self.stream_prefix_cached(question, entries, options), entries)
 
     def answer_prepared(self, prepared: Prepared, entries: list[Entry], options: AnswerOptions | None = None) -> Answer:
         """Decode an already prepared request: its TTFT is the question's prefill alone (the
         floor under :meth:`answer_cached`, whose TTFT adds loading and assembling the cache)."""
         options = options or self.options
         stream = TokenStream(self.lm.model, lambda: prepared, options.max_new_tokens, self.stop_ids)
-        return self._collect(stream, entries)
+        return self.collect(stream, entries)
 
     def answer_cached(self, question: str, entries: list[Entry], options: AnswerOptions | None = None) -> Answer:
         """Answer from stored caches: only the question's tokens are prefilled."""
-        return self._collect(self.stream_cached(question, entries, options), entries)
+        return self.collect(self.stream_cached(question, entries, options), entries)
 
     def answer_full(self, question: str, entries: list[Entry], options: AnswerOptions | None = None) -> Answer:
         """Baseline: plain prefill of the whole prompt (same token ids), no cache reuse."""
-        return self._collect(self.stream_full(question, entries, options), entries)
+        return self.collect(self.stream_full(question, entries, options), entries)
 
     def text_pieces(self, tokens: Iterable[int]) -> Iterator[str]:
         """The text of a token stream piece by piece, as it is decoded (spaces and multi-byte
@@ -344,7 +344,9 @@ class Engine:
         """The answer text of generated ``token_ids`` (stripped: for a whole answer, not a piece)."""
         return self.lm.tokenizer.decode(token_ids, skip_special_tokens=True).strip()
 
-    def _collect(self, stream: TokenStream, entries: list[Entry]) -> Answer:
+    def collect(self, stream: TokenStream, entries: list[Entry]) -> Answer:
+        """The answer ``stream`` (one of this engine's, over ``entries``) decodes, run to its end:
+        what the ``answer_*`` methods return, for a caller that sets the stream's ``stop`` first."""
         generation = stream.run()
         return Answer(
             self.decode(generation.token_ids),

@@ -16,6 +16,7 @@ keywords), built by ``runtime.prepare``; :class:`TokenStream` runs it and times 
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
@@ -176,6 +177,10 @@ class TokenStream:
     ``backend`` is known once iteration has started. ``prompt_tokens``: the prompt's length in
     tokens (prefix, passages and question), as its maker counted it when it tokenized the question
     (0 when not given), so that a report of the request's usage need not tokenize it again.
+    ``stop``: once it is set (from any thread), iteration ends before the next decoding step, with
+    the tokens so far, as when the answer is complete. A caller that has gone away (a client
+    disconnected, an awaiting task cancelled) stops the work so: a thread decoding for nobody
+    cannot be killed, and went on to ``max_new_tokens``.
     """
 
     def __init__(
@@ -185,9 +190,11 @@ class TokenStream:
         max_new_tokens: int,
         stop_ids: set[int],
         prompt_tokens: int = 0,
+        stop: threading.Event | None = None,
     ) -> None:
         self.model = model
         self.prompt_tokens = prompt_tokens
+        self.stop = stop
         self.prepare = prepare
         self.max_new_tokens = max_new_tokens
         self.stop_ids = stop_ids
@@ -212,6 +219,8 @@ class TokenStream:
         for token in tokens:
             self.token_ids.append(token)
             yield token
+            if self.stop is not None and self.stop.is_set():
+                break
         self.total_s = time.perf_counter() - t0
 
     def run(self) -> Generation:

@@ -200,6 +200,7 @@ class Service:
         """Run ``stream`` for one request and report it (``ttft_offset_s``: time spent on it
         before the stream's own clock started)."""
         token_ids: list[int] = []
+        stream.stop = job.cancelled  # a client gone away ends it before the next decoding step
 
         def tokens() -> Any:
             for token in stream:
@@ -207,8 +208,6 @@ class Service:
                 if len(token_ids) == 1:
                     job.emit(("started", None))
                 yield token
-                if job.cancelled.is_set():
-                    return
 
         if query.stream:
             for piece in engine.text_pieces(tokens()):

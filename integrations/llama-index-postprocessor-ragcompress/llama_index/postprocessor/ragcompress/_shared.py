@@ -10,12 +10,14 @@ postprocessor, a synthesizer and the baseline LLM hold one copy of the weights; 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import json
 import threading
 import weakref
 from collections.abc import AsyncGenerator, Callable, Iterable, Iterator
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
@@ -29,6 +31,9 @@ NODE_KEY = "ragcompress_node"
 NODE_FIELDS = ("excluded_embed_metadata_keys", "excluded_llm_metadata_keys", "relationships")
 
 T = TypeVar("T")
+
+# The cancellation of the async call a worker thread runs for (in_thread), seen from that thread.
+_CANCELLED: ContextVar[threading.Event | None] = ContextVar("ragcompress_cancelled", default=None)
 
 
 def scored_nodes(nodes: Any, where: str) -> list[NodeWithScore]:
@@ -120,6 +125,45 @@ async def iterate_in_thread(items: Iterator[T]) -> AsyncGenerator[T, None]:
         if item is done:
             return
         yield item  # type: ignore[misc]
+
+
+async def in_thread(func: Callable[..., T], *args: Any) -> T:
+    """``func(*args)`` on a worker thread, as ``asyncio.to_thread``, told when the awaiting task is
+    cancelled (``asyncio.wait_for`` timing out, a client gone): a thread cannot be killed, and one
+    answering for nobody went on decoding to ``max_new_tokens``; the token streams it runs under
+    :func:`until_cancelled` now stop before their next decoding step."""
+    cancelled = threading.Event()
+
+    def run() -> T:
+        _CANCELLED.set(cancelled)  # in the thread's own copy of the caller's context
+        return func(*args)
+
+    try:
+        return await asyncio.to_thread(run)
+    except asyncio.CancelledError:
+        cancelled.set()
+        raise
+
+
+@contextlib.contextmanager
+def until_cancelled(stream: Any) -> Iterator[Any]:
+    """``stream`` (a ragcompress ``TokenStream``), stopped when the async call this thread runs
+    for (:func:`in_thread`) is cancelled, which then raises ``CancelledError`` here, in its
+    thread, instead of reporting (events, callbacks) an answer cut short that nobody awaits;
+    ``stream`` unchanged outside such a call."""
+    cancelled = _CANCELLED.get()
+    if cancelled is None:
+        yield stream
+        return
+
+    def unless_cancelled() -> None:
+        if cancelled.is_set():
+            raise asyncio.CancelledError("the async call this answer was decoded for was cancelled")
+
+    unless_cancelled()  # before the prefill
+    stream.stop = cancelled
+    yield stream
+    unless_cancelled()
 
 
 _INSTALL_HINT = "`pip install ragcompress-kv` (the KV-cache library this integration drives, imported as ragcompress)"

@@ -6,7 +6,6 @@ hands to ``BaseSynthesizer`` so no hosted LLM is ever needed.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,7 +20,7 @@ from llama_index.core.constants import DEFAULT_CONTEXT_WINDOW
 from llama_index.core.llms.callbacks import llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 
-from llama_index.postprocessor.ragcompress._shared import iterate_in_thread, shared_model
+from llama_index.postprocessor.ragcompress._shared import in_thread, iterate_in_thread, shared_model, until_cancelled
 
 # Above this a tokenizer's model_max_length is transformers' "no limit recorded" (1e30), not a limit.
 _MAX_SANE_CONTEXT = 1 << 24
@@ -137,9 +136,10 @@ class LocalLLM(CustomLLM):
             self.max_new_tokens,
             stop_token_ids(lm.tokenizer, lm.model),
         )
-        for delta in text_deltas(lm.tokenizer, stream):
-            timings["ttft_s"] = stream.ttft_s
-            yield delta
+        with until_cancelled(stream):
+            for delta in text_deltas(lm.tokenizer, stream):
+                timings["ttft_s"] = stream.ttft_s
+                yield delta
         timings.update(ttft_s=stream.ttft_s, total_s=stream.total_s)
 
     @llm_completion_callback()
@@ -159,7 +159,7 @@ class LocalLLM(CustomLLM):
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
         """:meth:`complete` with the decoding on a worker thread (the event loop keeps running)."""
         timings: dict[str, Any] = {}
-        text = await asyncio.to_thread(lambda: "".join(self._stream(prompt, timings)))
+        text = await in_thread(lambda: "".join(self._stream(prompt, timings)))
         return CompletionResponse(text=text, additional_kwargs=dict(timings))
 
     @llm_completion_callback()

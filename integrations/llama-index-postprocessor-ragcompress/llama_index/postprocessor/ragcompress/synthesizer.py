@@ -9,7 +9,6 @@ computed and stored on the fly (``compute_missing``), so it works behind any ret
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Generator, Sequence
 from typing import Any
 
@@ -32,6 +31,7 @@ from llama_index.postprocessor.ragcompress._shared import (
     ClosesStore,
     StoreHandle,
     first_of_each,
+    in_thread,
     iterate_in_thread,
     reopen,
     require_ragcompress,
@@ -40,6 +40,7 @@ from llama_index.postprocessor.ragcompress._shared import (
     shared_model,
     store_path,
     text_sha,
+    until_cancelled,
 )
 from llama_index.postprocessor.ragcompress.cache import CacheResolver
 from llama_index.postprocessor.ragcompress.events import KVCacheAnswerEvent, KVCacheAttachedEvent
@@ -220,7 +221,8 @@ class KVCacheSynthesizer(ClosesStore, BaseSynthesizer):
             return StreamingResponse(
                 self._stream(query.query_str, entries, info), source_nodes=source_nodes, metadata=metadata
             )
-        answer = self._engine.answer_cached(query.query_str, entries)
+        with until_cancelled(self._engine.stream_cached(query.query_str, entries)) as stream:
+            answer = self._engine.collect(stream, entries)  # Engine.answer_cached's, stoppable
         info.update(ttft_s=answer.ttft_s, total_s=answer.total_s, backend=answer.backend)
         dispatcher.event(
             KVCacheAnswerEvent(store=self._resolver.path, passage_ids=answer.passage_ids, ttft_s=answer.ttft_s)
@@ -262,7 +264,7 @@ class KVCacheSynthesizer(ClosesStore, BaseSynthesizer):
         additional_source_nodes: Sequence[NodeWithScore] | None = None,
         **response_kwargs: Any,
     ) -> RESPONSE_TYPE:
-        response = await asyncio.to_thread(self.synthesize, query, nodes, additional_source_nodes)
+        response = await in_thread(self.synthesize, query, nodes, additional_source_nodes)
         if isinstance(response, StreamingResponse):
             deltas = iterate_in_thread(iter(response.response_gen))  # decoding off the event loop
             return AsyncStreamingResponse(deltas, source_nodes=response.source_nodes, metadata=response.metadata)
@@ -286,7 +288,7 @@ class KVCacheSynthesizer(ClosesStore, BaseSynthesizer):
         return response.response
 
     async def aget_response(self, query_str: str, text_chunks: Sequence[str], **response_kwargs: Any) -> Any:
-        return await asyncio.to_thread(self.get_response, query_str, text_chunks)
+        return await in_thread(self.get_response, query_str, text_chunks)
 
     def __repr__(self) -> str:
         return f"KVCacheSynthesizer(store_path={store_path(self.store_path)!r}, model={self._engine.lm.ref!r})"
