@@ -302,3 +302,19 @@ def test_the_sha256_memo_drops_entries_of_files_gone_or_changed_when_rewritten(t
     assert sorted(key.split("|")[0] for key in memo) == sorted(str(p.resolve()) for p in (kept, new))
     assert not leftover.exists()
     assert models._cached_sha256(kept) == models.sha256_file(kept)
+
+
+def test_a_sha256_memo_that_cannot_be_written_is_a_warning_not_an_error(tmp_path, monkeypatch):
+    """A model cache prepared once and mounted read-only: every ``ask`` failed with
+    "error: .../sha256.PID.tmp: Read-only file system" because the memo is rewritten on a miss.
+    The memo only saves time, so a write that fails warns once and returns the hash."""
+    import os
+
+    monkeypatch.setenv("RAGCOMPRESS_CACHE", str(tmp_path / "cache"))
+    weights = tmp_path / "weights"
+    weights.write_bytes(b"weights")
+    (tmp_path / "cache" / f"sha256.{os.getpid()}.tmp").mkdir(parents=True)  # the memo's temp cannot be written
+    with pytest.warns(UserWarning, match=r"cannot write .*sha256\.json.*RAGCOMPRESS_CACHE") as caught:
+        assert models._cached_sha256(weights) == models.sha256_file(weights)
+    assert len(caught) == 1 and "\n" not in str(caught[0].message)
+    assert not (tmp_path / "cache" / "sha256.json").exists()
