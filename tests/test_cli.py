@@ -902,6 +902,23 @@ def test_an_interrupt_inside_exec_still_exits_130_under_python_m(tmp_path):
     assert done.stderr.rstrip().splitlines()[-1] == "error: interrupted"
 
 
+def test_an_output_encoding_without_the_characters_escapes_them(tmp_path):
+    """A Latin-1 terminal (``PYTHONIOENCODING=latin-1``, a Latin-1 or cp1252 locale) turned a
+    finished command into a UnicodeEncodeError traceback, exit 1, at its first non-Latin-1
+    character: here ``verify``'s verdict line, which names a store called in Chinese."""
+    store = tmp_path / "数据"
+    store.mkdir()
+    (store / "manifest.json").write_text("{}")  # damaged: verify prints its verdict and exits 1
+    done = subprocess.run(
+        [sys.executable, "-m", "ragcompress.cli", "verify", "--store", str(store)],
+        env={**os.environ, "PYTHONIOENCODING": "latin-1"},
+        capture_output=True,
+        timeout=120,
+    )
+    assert done.returncode == 1 and b"Traceback" not in done.stderr, done.stderr.decode()[-2000:]
+    assert done.stdout.startswith(f"FAILED: {tmp_path}/\\u6570\\u636e: ".encode()), done.stdout
+
+
 @pytest.mark.parametrize(
     "options, named",
     [

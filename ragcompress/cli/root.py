@@ -95,9 +95,21 @@ def os_error_line(exc: OSError, command: str | None) -> str:
     return f"{line}; free disk space, then run the command again" if full else line
 
 
+def _escape_unencodable_output() -> None:
+    """Write what the output encoding cannot hold as ``\\uXXXX``: on a Latin-1 terminal
+    (``PYTHONIOENCODING=latin-1``, a Latin-1 or cp1252 locale) a Chinese store name or answer
+    otherwise ended a finished command in a UnicodeEncodeError traceback. A stream that is not a
+    text file (closed, ``None``; replaced by a caller) is left as it is."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
+
+
 def main() -> None:
     """Entry point: one-line errors and warnings, non-zero exit. The command is the whole process,
     so it keeps freed memory for the next request (:mod:`ragcompress.runtime.memory`)."""
+    _escape_unencodable_output()
     keep_freed_memory()
     interrupt_on_sigterm()  # `kill`, `timeout` or a scheduler stop a run as Ctrl-C does
     warnings.formatwarning = _one_line_warning
