@@ -919,6 +919,27 @@ def test_an_output_encoding_without_the_characters_escapes_them(tmp_path):
     assert done.stdout.startswith(f"FAILED: {tmp_path}/\\u6570\\u636e: ".encode()), done.stdout
 
 
+@pytest.mark.parametrize("as_json", [[], ["--json"]])
+def test_output_to_a_reader_that_has_gone_exits_141_silently(cli_store, as_json):
+    """``ragcompress verify --store S | true``: click's broken-pipe handling exited 1 silently,
+    which reads as verify's "damaged"; a shell reports 141 (128 + SIGPIPE) for such a writer."""
+    command = [sys.executable, "-m", "ragcompress.cli", "verify", "--store", str(cli_store[0]), *as_json]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # the reader is gone before the command writes
+    err = process.stderr.read()
+    assert process.wait(timeout=120) == 141, err.decode()[-2000:]
+    assert err == b""
+
+
+@pytest.mark.parametrize("as_json", [[], ["--json"]])
+def test_a_closed_stdout_drops_the_output_without_a_traceback(cli_store, as_json):
+    """``ragcompress verify --json >&-``: Python's sys.stdout is None, and writing the JSON
+    object ended a passing verify in an AttributeError traceback, exit 1."""
+    command = [sys.executable, "-m", "ragcompress.cli", "verify", "--store", str(cli_store[0]), *as_json]
+    done = subprocess.run(["sh", "-c", '"$@" >&-', "sh", *command], capture_output=True, timeout=120)
+    assert (done.returncode, done.stderr) == (0, b"")
+
+
 @pytest.mark.parametrize(
     "options, named",
     [

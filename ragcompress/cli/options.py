@@ -217,9 +217,11 @@ def quiet_libraries() -> None:
 
 
 def emit(data: dict[str, Any], as_json: bool, human: str) -> None:
-    """A command's result: exactly one JSON object on stdout with ``--json``, else the text."""
+    """A command's result: exactly one JSON object on stdout with ``--json``, else the text. A
+    closed stdout (``>&-``, ``sys.stdout`` is None) gets nothing, as ``typer.echo`` does."""
     if as_json:
-        sys.stdout.write(json.dumps(data) + "\n")
+        if sys.stdout is not None:
+            sys.stdout.write(json.dumps(data) + "\n")
     else:
         typer.echo(human)
 
