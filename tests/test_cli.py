@@ -1012,6 +1012,25 @@ def test_train_without_matplotlib_refuses_before_loading_the_model(tmp_path, mon
     assert not (tmp_path / "o").exists()
 
 
+def test_train_draws_no_progress_bar_off_a_terminal(tiny_model_dir, tmp_path, monkeypatch, capfd):
+    """Progress bars only on a terminal, as every other command: ``train 2>log`` filled the log
+    with its teacher, training and scorer bars (``progress=True`` was passed whatever stderr was,
+    and the teacher's and scorer's bars took no ``disable`` at all)."""
+    from ragcompress.data import SAMPLE_PASSAGES, SAMPLE_QUESTIONS
+
+    model = str(tiny_model_dir("llama"))
+    capfd.readouterr()  # building the test model (a session fixture) may draw transformers' bar
+    args = ["train", "--model", model, "--passages", str(SAMPLE_PASSAGES), "--questions", str(SAMPLE_QUESTIONS)]
+    args += ["--out", str(tmp_path / "run"), "--val-articles", "Apollo_program"]
+    args += ["--steps", "1", "--batch", "1", "--train-questions", "1", "--val-examples", "1", "--rank", "2"]
+    args += ["--continuation", "4", "--scorer-passages", "1", "--eval-every", "1"]
+    code, out, err = run_cli(args, monkeypatch, capfd)
+    assert code == 0, err[-2000:]
+    assert out.startswith("adaptor ") and (tmp_path / "run" / "adaptor").is_dir()
+    for bar in ("teacher (train)", "teacher (held-out)", "training", "scorer (KVzip targets)", "it/s", "s/it"):
+        assert bar not in err, err[-2000:]
+
+
 @pytest.mark.parametrize(
     "minutes, advice",
     [

@@ -9,6 +9,7 @@ import typer
 from ragcompress.cli.options import (
     DTYPE_OPTION,
     quiet_libraries,
+    show_progress,
 )
 from ragcompress.errors import RagCompressError, need_matplotlib
 
@@ -165,7 +166,7 @@ def train(
     except ValueError as exc:
         raise RagCompressError(str(exc)) from None
     need_matplotlib("train draws its loss curve", "train")  # drawn at the end, after the whole run
-    adaptor = run_train(load_model(model, dtype=dtype), passages, questions, out, config, progress=True)
+    adaptor = run_train(load_model(model, dtype=dtype), passages, questions, out, config, progress=show_progress(False))
     metrics = adaptor.meta["metrics"]
     typer.echo(
         f"adaptor {adaptor.hash[:16]} -> {out / 'adaptor'}; held-out KL (answer) "
