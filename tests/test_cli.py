@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 import re
@@ -601,6 +602,42 @@ def test_verify_of_a_path_that_is_no_store_says_so(tmp_path, monkeypatch, capfd)
         code, out, err = run_cli(["verify", "--store", str(path)], monkeypatch, capfd)
         assert (code, out) == (1, "") and err.count("\n") == 1
         assert said in err and "--overwrite" not in err
+
+
+# the options typed str that name a file or folder (--model is expanded where it is resolved, models.py)
+FILE_TEXT_OPTIONS = {"adaptor", "calibration", "extra_passages", "init_adaptor"}
+
+
+def test_every_path_option_expands_a_leading_tilde(cli_store, tmp_path, monkeypatch, capfd):
+    """A shell expands ``~`` only at the start of a word, so ``--store=~/s`` arrived as typed:
+    ``index`` made a folder named ``~`` in the current one, and ``verify`` found no store. Every
+    option naming a file or folder expands it, as ``--model`` did."""
+    import typing
+    from pathlib import Path
+
+    monkeypatch.setenv("HOME", str(cli_store[0].parent))
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(["verify", f"--store=~/{cli_store[0].name}", "--json"], monkeypatch, capfd)
+    assert code == 0 and json.loads(out)["ok"], err
+    code, _, err = run_cli(["index", "--input=~/absent.jsonl", "--store=~/new"], monkeypatch, capfd)
+    assert code == 1 and str(cli_store[0].parent / "absent.jsonl") in err, err
+    assert not (tmp_path / "~").exists()
+
+    from ragcompress.cli import app
+    from ragcompress.cli.options import expand_home, home_path
+
+    unexpanded = []
+    for command in app.registered_commands:
+        hints = typing.get_type_hints(command.callback)
+        for name, parameter in inspect.signature(command.callback).parameters.items():
+            parser = getattr(parameter.default, "parser", None)
+            if Path in (hints[name], *typing.get_args(hints[name])):
+                unexpanded += [] if parser is home_path else [f"{command.callback.__name__} {name}"]
+            elif name in FILE_TEXT_OPTIONS:
+                unexpanded += [] if parser is expand_home else [f"{command.callback.__name__} {name}"]
+    assert unexpanded == []
+    assert home_path("~/s") == Path.home() / "s" and expand_home("~/a") == str(Path.home() / "a")
+    assert expand_home("default") == "default"  # a packaged adaptor's name is no path
 
 
 def test_ask_backend_option_chooses_and_names_the_attention_path(cli_store, monkeypatch, capfd):
