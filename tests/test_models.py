@@ -302,3 +302,72 @@ def test_the_sha256_memo_drops_entries_of_files_gone_or_changed_when_rewritten(t
     assert sorted(key.split("|")[0] for key in memo) == sorted(str(p.resolve()) for p in (kept, new))
     assert not leftover.exists()
     assert models._cached_sha256(kept) == models.sha256_file(kept)
+
+
+def test_a_sha256_memo_that_cannot_be_written_is_a_warning_not_an_error(tmp_path, monkeypatch):
+    """A model cache prepared once and mounted read-only: every ``ask`` failed with
+    "error: .../sha256.PID.tmp: Read-only file system" because the memo is rewritten on a miss.
+    The memo only saves time, so a write that fails warns once and returns the hash."""
+    import os
+
+    monkeypatch.setenv("RAGCOMPRESS_CACHE", str(tmp_path / "cache"))
+    weights = tmp_path / "weights"
+    weights.write_bytes(b"weights")
+    (tmp_path / "cache" / f"sha256.{os.getpid()}.tmp").mkdir(parents=True)  # the memo's temp cannot be written
+    with pytest.warns(UserWarning, match=r"cannot write .*sha256\.json.*RAGCOMPRESS_CACHE") as caught:
+        assert models._cached_sha256(weights) == models.sha256_file(weights)
+    assert len(caught) == 1 and "\n" not in str(caught[0].message)
+    assert not (tmp_path / "cache" / "sha256.json").exists()
+
+
+def test_a_user_without_a_home_folder_is_told_to_set_the_cache_variable(tmp_path, monkeypatch):
+    """``docker --user N`` or Kubernetes' ``runAsUser`` without HOME, for a uid with no passwd
+    entry: ``Path.home()`` raised RuntimeError, a 61-line traceback. An empty HOME is no home
+    either (it made the cache ``/.cache/ragcompress``): the passwd entry is asked, as for an
+    unset HOME."""
+    import pwd
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from ragcompress.errors import RagCompressError
+    from ragcompress.paths import cache_dir
+
+    monkeypatch.delenv("RAGCOMPRESS_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", "")
+    monkeypatch.setattr(pwd, "getpwuid", lambda uid: SimpleNamespace(pw_dir=str(tmp_path / "home")))
+    assert cache_dir() == tmp_path / "home" / ".cache" / "ragcompress"
+
+    def no_entry(uid):
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    with pytest.raises(RagCompressError, match=r"no home folder .*; set RAGCOMPRESS_CACHE to a writable folder$"):
+        cache_dir()
+
+    def no_home(cls):
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.delenv("HOME")
+    monkeypatch.setattr(Path, "home", classmethod(no_home))
+    with pytest.raises(RagCompressError, match=r"no home folder .*; set RAGCOMPRESS_CACHE to a writable folder$"):
+        cache_dir()
+
+
+def test_the_cache_is_under_xdg_cache_home_where_that_is_set(tmp_path, monkeypatch):
+    """``$XDG_CACHE_HOME/ragcompress`` where that is an absolute path (the XDG spec ignores a
+    relative one), as the Hugging Face cache does; ``~/.cache/ragcompress`` without it, and
+    ``$RAGCOMPRESS_CACHE`` before both."""
+    from ragcompress.paths import cache_dir
+
+    monkeypatch.delenv("RAGCOMPRESS_CACHE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert cache_dir() == tmp_path / "home" / ".cache" / "ragcompress"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative")
+    assert cache_dir() == tmp_path / "home" / ".cache" / "ragcompress"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "ragcompress"
+    monkeypatch.setenv("RAGCOMPRESS_CACHE", str(tmp_path / "rc"))
+    assert cache_dir() == tmp_path / "rc"

@@ -19,6 +19,7 @@ from ragcompress.cli.options import (
     STORE_OPTION,
     emit,
     options_from_flags,
+    path_option,
     preset_matches_store,
     quiet_libraries,
     recompute_schedule,
@@ -100,7 +101,7 @@ def than_the_cache(speedup: float) -> str:
 
 def evaluate(
     store: Path = STORE_OPTION,
-    questions: Path = typer.Option(..., "--questions", help="JSONL of {id, question, answers, passage_id?}"),
+    questions: Path = path_option(..., "--questions", help="JSONL of {id, question, answers, passage_id?}"),
     top_k: int = typer.Option(3, "--top-k", min=1),
     limit: int | None = typer.Option(None, "--limit", min=1, help="the first N questions (after --article/--sample)"),
     sample: int | None = typer.Option(
@@ -216,11 +217,11 @@ def adaptor_training_overlap(engine: Any, items: list[Any]) -> dict[str, Any] | 
 
 def bench(
     store: Path = STORE_OPTION,
-    questions: Path | None = typer.Option(None, "--questions", help="JSONL of questions (default: bundled sample)"),
+    questions: Path | None = path_option(None, "--questions", help="JSONL of questions (default: bundled sample)"),
     top_k: str = typer.Option("1,2,4,8,16", "--top-k", help="comma-separated context sizes (passages)"),
     limit: int = typer.Option(3, "--limit", min=1, help="questions per context size"),
     repeats: int = typer.Option(3, "--repeats", min=1, help="timed runs per question and path (median)"),
-    plot_path: Path | None = typer.Option(
+    plot_path: Path | None = path_option(
         None, "--plot", callback=writable_file, help="write a PNG of TTFT against context size"
     ),
     indexing: int = typer.Option(

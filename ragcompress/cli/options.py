@@ -86,6 +86,24 @@ BACKEND_OPTION = typer.Option(
 )
 
 
+def expand_home(value: str) -> str:
+    """A file or folder option's value with a leading ``~`` (``~user``) expanded: a shell expands
+    it only at the start of a word, so ``--store=~/s`` arrived as typed and ``index`` made a folder
+    named ``~`` in the current one (``--model`` is expanded where it is resolved, models.py)."""
+    return os.path.expanduser(value)
+
+
+def home_path(value: str) -> Path:
+    """:func:`expand_home` for an option typed ``Path``."""
+    return Path(expand_home(value))
+
+
+def path_option(default: Any, *names: str, **kwargs: Any) -> Any:
+    """``typer.Option`` of a file or folder: a ``Path``, ``~`` expanded (:func:`expand_home`)."""
+    # the metavar typer shows for a Path (with a parser it would name the type: <Path>)
+    return typer.Option(default, *names, parser=home_path, metavar="<path>", **kwargs)
+
+
 def existing_store(path: Path) -> Path:
     """``--store`` of a command that reads one: a missing path fails here, before the command
     imports torch and the model libraries (seconds), with the same error the store raises."""
@@ -94,7 +112,7 @@ def existing_store(path: Path) -> Path:
     return path
 
 
-STORE_OPTION = typer.Option(
+STORE_OPTION = path_option(
     ..., "--store", callback=existing_store, help="store directory (built by `ragcompress index`)"
 )
 
@@ -217,9 +235,11 @@ def quiet_libraries() -> None:
 
 
 def emit(data: dict[str, Any], as_json: bool, human: str) -> None:
-    """A command's result: exactly one JSON object on stdout with ``--json``, else the text."""
+    """A command's result: exactly one JSON object on stdout with ``--json``, else the text. A
+    closed stdout (``>&-``, ``sys.stdout`` is None) gets nothing, as ``typer.echo`` does."""
     if as_json:
-        sys.stdout.write(json.dumps(data) + "\n")
+        if sys.stdout is not None:
+            sys.stdout.write(json.dumps(data) + "\n")
     else:
         typer.echo(human)
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import errno
+import os
+import signal
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 
@@ -95,12 +97,53 @@ def os_error_line(exc: OSError, command: str | None) -> str:
     return f"{line}; free disk space, then run the command again" if full else line
 
 
+def _escape_unencodable_output() -> None:
+    """Write what the output encoding cannot hold as ``\\uXXXX``: on a Latin-1 terminal
+    (``PYTHONIOENCODING=latin-1``, a Latin-1 or cp1252 locale) a Chinese store name or answer
+    otherwise ended a finished command in a UnicodeEncodeError traceback. A stream that is not a
+    text file (closed, ``None``; replaced by a caller) is left as it is."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
+
+
+def _reader_gone() -> NoReturn:
+    """Exit as a shell reports a process SIGPIPE ended, 141 (128 + 13), saying nothing: the reader
+    of stdout has gone (``verify ... | head -0``). click's handling exited 1, which reads as
+    verify's "damaged". stdout is pointed at /dev/null so that the interpreter's last flush does
+    not fail again (the recipe of the Python docs' note on SIGPIPE, in the signal module)."""
+    if sys.stdout is not None:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(128 + signal.SIGPIPE)
+
+
+def _flush_stdout() -> None:
+    """Write out what stdout still buffers (``--json``'s object is written unflushed), so that a
+    reader that has gone is found here, not by the interpreter's last flush ("Exception ignored",
+    exit 120). A closed stdout (``>&-``) is ``None``: nothing to flush."""
+    try:
+        if sys.stdout is not None:
+            sys.stdout.flush()
+    except BrokenPipeError:
+        _reader_gone()
+
+
 def main() -> None:
     """Entry point: one-line errors and warnings, non-zero exit. The command is the whole process,
     so it keeps freed memory for the next request (:mod:`ragcompress.runtime.memory`)."""
+    _escape_unencodable_output()
     keep_freed_memory()
     interrupt_on_sigterm()  # `kill`, `timeout` or a scheduler stop a run as Ctrl-C does
     warnings.formatwarning = _one_line_warning
+    try:
+        _run()
+    finally:
+        _flush_stdout()
+
+
+def _run() -> None:
+    """The command, its errors as one line and its exit status."""
     try:
         # typer returns (does not raise) the code of an Exit in this mode, Ctrl-C's 130 included
         code = app(standalone_mode=False)
@@ -119,6 +162,8 @@ def main() -> None:
         typer.echo(f"error: {os_error_line(exc, _command(sys.argv[1:]))}", err=True)
         sys.exit(1)
     except (typer.Exit, SystemExit) as exc:
+        if isinstance(exc.__context__, BrokenPipeError):  # click's exit 1 for a write to a reader gone
+            _reader_gone()
         code = getattr(exc, "exit_code", getattr(exc, "code", 0))
         sys.exit(code)
     except typer.Abort:

@@ -12,6 +12,8 @@ from ragcompress.cli.options import (
     PRESET_HELP,
     STORE_OPTION,
     emit,
+    expand_home,
+    path_option,
     quiet_libraries,
     show_progress,
 )
@@ -19,10 +21,10 @@ from ragcompress.errors import RagCompressError, missing_store
 
 
 def index(
-    input: Path = typer.Option(
+    input: Path = path_option(
         ..., "--input", help="JSONL of {id, text, ...}, a folder of .txt/.md documents, or one .txt/.md document"
     ),
-    store: Path = typer.Option(..., "--store", help="store directory (created if missing)"),
+    store: Path = path_option(..., "--store", help="store directory (created if missing)"),
     model: str | None = typer.Option(
         None, "--model", help="embedded model name, local HF directory, or a model id already in the HF cache"
     ),
@@ -68,6 +70,7 @@ def index(
     adaptor: str | None = typer.Option(
         None,
         "--adaptor",
+        parser=expand_home,
         help="learned passage adaptor (KV-Distill, docs/distill.md): 'default' (packaged for the model), "
         "'matching' (packaged for the model and trained for this store's compression), "
         "or a folder from `ragcompress train`",
@@ -96,7 +99,7 @@ def index(
         help="adaptive:/global: methods: weight each score by its value's norm relative to its head (default off)",
     ),
     calibration: str | None = typer.Option(
-        None, "--calibration", help="JSONL the low-rank basis is fitted on (default: the input)"
+        None, "--calibration", parser=expand_home, help="JSONL the low-rank basis is fitted on (default: the input)"
     ),
     calibration_passages: int | None = typer.Option(
         None, "--calibration-passages", help="passages of the calibration sample used (default 64)"
@@ -304,7 +307,7 @@ def store_sizes(store: Any) -> dict[str, Any]:
 def remove(
     store: Path = STORE_OPTION,
     ids: list[str] = typer.Argument(None, help="ids of the passages to remove", show_default=False),
-    ids_file: Path | None = typer.Option(None, "--ids-file", help="a file of passage ids, one per line"),
+    ids_file: Path | None = path_option(None, "--ids-file", help="a file of passage ids, one per line"),
     missing_ok: bool = typer.Option(False, "--missing-ok", help="ids the store does not hold are not an error"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
@@ -348,7 +351,7 @@ def compact(
 
 
 def verify(
-    store: Path = typer.Option(..., "--store", help="store directory"),
+    store: Path = path_option(..., "--store", help="store directory"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Check every part of a store; exit 0 only if all hold and it is answerable.

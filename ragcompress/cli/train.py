@@ -8,7 +8,10 @@ import typer
 
 from ragcompress.cli.options import (
     DTYPE_OPTION,
+    expand_home,
+    path_option,
     quiet_libraries,
+    show_progress,
 )
 from ragcompress.errors import RagCompressError, need_matplotlib
 
@@ -17,9 +20,9 @@ def train(
     model: str | None = typer.Option(
         None, "--model", help="embedded model name, local HF directory, or a model id already in the HF cache"
     ),
-    passages: Path = typer.Option(..., "--passages", help="JSONL of {id, title, text} (articles split by title)"),
-    questions: Path = typer.Option(..., "--questions", help="JSONL of {id, question, answers, passage_id}"),
-    out: Path = typer.Option(..., "--out", help="output folder (resumes from its checkpoint.safetensors)"),
+    passages: Path = path_option(..., "--passages", help="JSONL of {id, title, text} (articles split by title)"),
+    questions: Path = path_option(..., "--questions", help="JSONL of {id, question, answers, passage_id}"),
+    out: Path = path_option(..., "--out", help="output folder (resumes from its checkpoint.safetensors)"),
     val_articles: list[str] | None = typer.Option(
         None,
         "--val-articles",
@@ -104,6 +107,7 @@ def train(
     extra_passages: str | None = typer.Option(
         None,
         "--extra-passages",
+        parser=expand_home,
         help="more training text (JSONL or a folder of .txt/.md, e.g. ../shared/data/pg-essays-dev): the base "
         "model writes a question about each chosen passage, and the teacher answers it",
     ),
@@ -113,6 +117,7 @@ def train(
     init_adaptor: str | None = typer.Option(
         None,
         "--init-adaptor",
+        parser=expand_home,
         help="start from this adaptor (folder or packaged name; same model and kind, trained without the held-out "
         "articles) instead of zeros: continues a finished run",
     ),
@@ -165,7 +170,7 @@ def train(
     except ValueError as exc:
         raise RagCompressError(str(exc)) from None
     need_matplotlib("train draws its loss curve", "train")  # drawn at the end, after the whole run
-    adaptor = run_train(load_model(model, dtype=dtype), passages, questions, out, config, progress=True)
+    adaptor = run_train(load_model(model, dtype=dtype), passages, questions, out, config, progress=show_progress(False))
     metrics = adaptor.meta["metrics"]
     typer.echo(
         f"adaptor {adaptor.hash[:16]} -> {out / 'adaptor'}; held-out KL (answer) "

@@ -189,10 +189,11 @@ def _compute_examples(
     partial: Path,
     keep_full: bool = False,
     data_sha256: str | None = None,
+    progress: bool = True,
 ) -> list[Example]:
     """The teacher examples of ``planned`` (:func:`plan_examples`' checked plan); each finished one is appended to ``partial`` (a killed
     run resumes from it, and a run with more views reuses the ones it has), which records the
-    training data ``data_sha256`` and is refused for other data."""
+    training data ``data_sha256`` and is refused for other data. ``progress`` draws a bar."""
     from tqdm import tqdm
 
     done: dict[str, Example] = {}
@@ -200,7 +201,7 @@ def _compute_examples(
         saved = load_tree(partial)
         check_teacher_file(partial, saved, distiller, k, data_sha256)
         done = {e["qid"]: Example(**e) for e in saved["examples"]}
-    for example_id, question, passages in tqdm(planned, desc=desc, unit="example"):
+    for example_id, question, passages in tqdm(planned, desc=desc, unit="example", disable=not progress):
         raise_if_stopped()  # a SIGTERM whose KeyboardInterrupt a finalizer swallowed
         if example_id not in done:
             done[example_id] = distiller.teacher(example_id, passages, question, keep_full)
@@ -253,6 +254,7 @@ def teacher_examples(
     embedder: Embedder,
     out: Path,
     data_sha256: str,
+    progress: bool = True,
 ) -> tuple[list[Example], list[Example]]:
     """The run's training and held-out teacher examples of the training data ``data_sha256``:
     read back from ``out/teacher.safetensors`` (checked against this run), or computed (resuming
@@ -285,10 +287,10 @@ def teacher_examples(
     train_plan = plan_examples(distiller, train, embedder, config.top_k, config.train_questions or None, config.views)
     val_plan = plan_examples(distiller, val, embedder, config.top_k, config.val_examples)
     train_examples = _compute_examples(
-        distiller, train_plan, config.top_k, "teacher (train)", train_part, data_sha256=data_sha256
+        distiller, train_plan, config.top_k, "teacher (train)", train_part, data_sha256=data_sha256, progress=progress
     )
     val_examples = _compute_examples(
-        distiller, val_plan, config.top_k, "teacher (held-out)", val_part, True, data_sha256
+        distiller, val_plan, config.top_k, "teacher (held-out)", val_part, True, data_sha256, progress
     )
     # the .part files may hold examples of another split (a deleted teacher file, other --val-articles)
     check_split(distiller, train_part, train_examples, train, "training")

@@ -28,8 +28,8 @@ passages retrieved over the *training* passages, in retrieval order, so the adap
 be read beside other passages. Validation questions and passages come from held-out articles
 (``split_articles``), never trained on.
 
-Training is resumable (``checkpoint.safetensors`` every ``checkpoint_every`` steps), shows a progress
-bar, and ends by fitting the learned retention scorer (``scorer.py``) on the adaptor's caches of
+Training is resumable (``checkpoint.safetensors`` every ``checkpoint_every`` steps), shows progress
+bars where ``progress`` says (the CLI: on a terminal), and ends by fitting the learned retention scorer (``scorer.py``) on the adaptor's caches of
 training passages (chosen before training, :func:`scorer_passages`), saving the adaptor
 (``adaptor/``), the history and a loss-curve plot.
 
@@ -172,14 +172,17 @@ def scorer_passages(distiller: Distiller, passages: list[PassageInput], count: i
     return fitting[::step][:count]
 
 
-def fit_scorer(distiller: Distiller, passages: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """KVzip scores of the trained adaptor's caches of ``passages`` (:func:`scorer_passages`) -> the probe."""
+def fit_scorer(
+    distiller: Distiller, passages: list[list[int]], progress: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """KVzip scores of the trained adaptor's caches of ``passages`` (:func:`scorer_passages`) -> the
+    probe; ``progress`` draws a bar."""
     from tqdm import tqdm
 
     encoder = PassageEncoder(distiller.lm, distiller.template, distiller.adaptor)  # its final tensors
     kvzip = KVzipCompressor(ratio=0.5)
     samples = []
-    for ids in tqdm(passages, desc="scorer (KVzip targets)", unit="passage"):
+    for ids in tqdm(passages, desc="scorer (KVzip targets)", unit="passage", disable=not progress):
         kv = encoder.encode([ids])[0]
         with torch.inference_mode():
             scores = kvzip.score(kv, CompressionContext(encoder, ids))
@@ -280,7 +283,7 @@ def _train(
     scored = scorer_passages(distiller, train_corpus.passages, count) if (count := config.scorer_fit_passages()) else []
     distiller.basis = student_basis(distiller, train_corpus.passages, config, out / "student-basis.safetensors")
     train_examples, val_examples = teacher_examples(
-        distiller, config, train_corpus, val_corpus, embedder, out, data_sha256
+        distiller, config, train_corpus, val_corpus, embedder, out, data_sha256, progress
     )
     check_resumed_example_ids(checkpoint, train_examples, val_examples, checkpoint_path)
 
@@ -314,7 +317,7 @@ def _train(
     adaptor.tensors = distiller.factors()
     weight, bias, r2 = (None, None, None)
     if scored:
-        weight, bias, r2 = fit_scorer(distiller, scored)
+        weight, bias, r2 = fit_scorer(distiller, scored, progress)
         adaptor.tensors[SCORER_WEIGHT], adaptor.tensors[SCORER_BIAS] = weight, bias
     adaptor.meta = adaptor_meta(lm, config, data_sha256, train_corpus, ancestry, state, len(train_examples), r2)
     keep_replaced_adaptor(out / "adaptor", adaptor.hash)
