@@ -1,0 +1,119 @@
+"""A store used where it was not written: a read-only place (a read-only mount or image, a folder
+of another user), files another user's process created, a umask that shares what is created.
+Each test is named after the bug it pins.
+
+Root ignores permission bits and a read-only mount needs privileges, so a reader in a read-only
+place is SQLite's own ``readonly_shm`` URI parameter here (:func:`read_only_place`): SQLite then
+opens ``catalogue.sqlite-shm`` for reading only and creates neither it nor ``-wal``, which is what
+a folder it cannot write means to it (seen the same under ``chmod -R a-w`` as another uid and under
+a read-only bind mount)."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+
+import pytest
+from test_store_reliability import N_PASSAGES, _index, _texts, _write
+
+from ragcompress.errors import StoreAccessError, StoreError
+from ragcompress.indexing import remove
+from ragcompress.store import KVStore
+from ragcompress.store.catalogue import CATALOGUE
+from ragcompress.store.compact import compact_store
+from ragcompress.store.verify import verify_store
+from ragcompress.store.writer import StoreWriter
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_lm):
+    store = tmp_path_factory.mktemp("built") / "store"
+    _index(tiny_lm, _write(store.parent / "passages.jsonl", _texts(N_PASSAGES)), store)
+    return store
+
+
+@pytest.fixture
+def store(built, tmp_path):
+    copy = tmp_path / "store"
+    shutil.copytree(built, copy)
+    return copy
+
+
+@pytest.fixture
+def read_only_place(monkeypatch):
+    """Every read-only SQLite connection this process opens cannot create or write the catalogue's
+    ``-wal`` and ``-shm``, as in a place it cannot write (module docstring)."""
+    connect = sqlite3.connect
+
+    def connect_read_only(database, *args, uri=False, **kwargs):
+        if uri and "mode=ro" in str(database):
+            database = f"{database}&readonly_shm=1"
+        return connect(database, *args, uri=uri, **kwargs)
+
+    monkeypatch.setattr(sqlite3, "connect", connect_read_only)
+
+
+@pytest.mark.parametrize("change", ["index", "remove", "compact"])
+def test_a_store_reads_in_a_read_only_place_whatever_writer_wrote_it_last(store, change, request):
+    """``remove`` and ``compact`` closed their writer last, and SQLite deleted ``catalogue.sqlite-wal``
+    and ``-shm`` with it; a WAL catalogue cannot be opened read-only without them where they cannot
+    be created, so such a store made read-only failed ask, eval and verify ("attempt to write a
+    readonly database"), and verify called it damaged and advised rebuilding it with --overwrite."""
+    expected = N_PASSAGES
+    if change == "remove":
+        remove(store, ["doc-003"])
+        expected -= 1
+    elif change == "compact":
+        compact_store(store)
+    assert {p.name for p in store.glob(f"{CATALOGUE}-*")} == {f"{CATALOGUE}-wal", f"{CATALOGUE}-shm"}
+    request.getfixturevalue("read_only_place")  # then the store is made read-only
+    with KVStore.open(store) as reader:
+        assert len(reader) == expected
+        assert reader.entry("doc-005").id == "doc-005"
+        StoreWriter(store).close()  # read through its WAL, as ever: the reader keeps no writer out
+    report = verify_store(store)
+    assert report.ok, report.problems
+    assert report.passages == expected
+
+
+def _drop_wal_files(store) -> None:
+    """What a writer of an earlier version left after ``remove`` or ``compact``: no ``-wal``/``-shm``."""
+    for suffix in ("-wal", "-shm"):
+        (store / f"{CATALOGUE}{suffix}").unlink(missing_ok=True)
+
+
+def test_a_catalogue_left_without_its_wal_files_reads_in_a_read_only_place_and_keeps_writers_out(
+    store, read_only_place
+):
+    """A store an earlier version's ``remove`` or ``compact`` left has no ``-wal``/``-shm``: read
+    as an immutable file, which is safe only while no writer can change it, so the reader holds
+    the store's lock shared and a writer is refused, naming the reader, until it closes."""
+    _drop_wal_files(store)
+    with KVStore.open(store) as reader:
+        assert len(reader) == N_PASSAGES
+        with pytest.raises(StoreError, match="is open read-only by a reader that holds its lock"):
+            StoreWriter(store)
+    assert verify_store(store).ok
+    StoreWriter(store).close()  # the reader's hold went with it
+
+
+def test_a_catalogue_whose_wal_holds_commits_is_never_read_without_them(store, request):
+    """Read as an immutable file, a catalogue whose ``-wal`` still holds commits (its ``-shm``
+    lost) would silently miss them: such a one is refused, not read stale, and not called damaged
+    (verify raises the access error rather than report a damaged catalogue)."""
+    holder = sqlite3.connect(f"file:{store / CATALOGUE}?mode=ro", uri=True)  # keeps the WAL from being checkpointed
+    holder.execute("SELECT 1 FROM passages LIMIT 1").fetchall()
+    writer = sqlite3.connect(store / CATALOGUE)
+    writer.execute("PRAGMA wal_autocheckpoint = 0")
+    with writer:
+        writer.execute("DELETE FROM passages WHERE id = 'doc-003'")
+    writer.close()
+    holder.close()
+    (store / f"{CATALOGUE}-shm").unlink()
+    assert (store / f"{CATALOGUE}-wal").stat().st_size > 0
+    request.getfixturevalue("read_only_place")
+    with pytest.raises(StoreAccessError, match=r"catalogue.sqlite-wal holds changes not yet in it") as refused:
+        KVStore.open(store)
+    assert "damaged" not in str(refused.value) and "rebuild" not in str(refused.value)
+    with pytest.raises(StoreAccessError, match="holds changes not yet in it"):  # not a verify problem: no damage
+        verify_store(store)
