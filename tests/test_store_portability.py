@@ -10,19 +10,25 @@ a read-only bind mount)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import sqlite3
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
-from test_store_reliability import N_PASSAGES, _index, _texts, _write
+from test_store_reliability import N_PASSAGES, REPO, _index, _texts, _write
 
 from ragcompress.errors import StoreAccessError, StoreError
 from ragcompress.indexing import remove
 from ragcompress.store import KVStore
 from ragcompress.store.catalogue import CATALOGUE
 from ragcompress.store.compact import compact_store
+from ragcompress.store.files import unfinished_run
 from ragcompress.store.verify import verify_store
-from ragcompress.store.writer import StoreWriter
+from ragcompress.store.writer import StoreLock, StoreWriter
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +76,7 @@ def test_a_store_reads_in_a_read_only_place_whatever_writer_wrote_it_last(store,
     with KVStore.open(store) as reader:
         assert len(reader) == expected
         assert reader.entry("doc-005").id == "doc-005"
-        StoreWriter(store).close()  # read through its WAL, as ever: the reader keeps no writer out
+        StoreLock(store).release()  # read through its WAL, as ever: the reader keeps no writer out
     report = verify_store(store)
     assert report.ok, report.problems
     assert report.passages == expected
@@ -117,3 +123,80 @@ def test_a_catalogue_whose_wal_holds_commits_is_never_read_without_them(store, r
     assert "damaged" not in str(refused.value) and "rebuild" not in str(refused.value)
     with pytest.raises(StoreAccessError, match="holds changes not yet in it"):  # not a verify problem: no damage
         verify_store(store)
+
+
+@pytest.fixture
+def unwritable_wal_files(monkeypatch):
+    """Every read-write SQLite connection this process opens can read but not write the
+    catalogue's ``-shm``, as a writer whose ``-wal``/``-shm`` another user's reader created (SQLite
+    gives them that user, and the catalogue's mode ``0644``); :func:`read_only_place` says why a
+    URI parameter stands for permission bits here."""
+    connect = sqlite3.connect
+
+    def connect_unwritable(database, *args, uri=False, **kwargs):
+        if not uri and Path(database).name == CATALOGUE:
+            database, uri = f"{Path(database).resolve().as_uri()}?readonly_shm=1", True
+        return connect(database, *args, uri=uri, **kwargs)
+
+    monkeypatch.setattr(sqlite3, "connect", connect_unwritable)
+
+
+def test_a_writer_that_cannot_write_the_catalogue_fails_before_marking_its_run(store, tiny_lm, unwritable_wal_files):
+    """The owner's ``index`` opened a catalogue whose ``-wal``/``-shm`` a reader of another uid had
+    created, and failed only at its first commit, after it had written the unfinished-run marker:
+    an intact store was left marked unfinished, and ``ask`` refused it for everyone."""
+    corpus = _write(store.parent / "more.jsonl", _texts(N_PASSAGES + 4))
+    with pytest.raises(StoreAccessError, match=f"cannot write to store {store}") as refused:
+        _index(tiny_lm, corpus, store)
+    assert str(store / CATALOGUE) in str(refused.value) and "intact" in str(refused.value)
+    assert unfinished_run(store) is None
+    with pytest.raises(StoreAccessError, match="cannot write to store"):
+        remove(store, ["doc-003"])
+    assert verify_store(store).answerable
+
+
+def _as_another_uid() -> list[str] | None:
+    """The command prefix that runs a process as uid 65534 (``setpriv``, as root), or None."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        return None
+    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+@pytest.mark.skipif(
+    os.geteuid() == 0 and shutil.which("setpriv") is None, reason="root needs setpriv to be another uid"
+)
+def test_a_writer_names_the_catalogue_files_it_cannot_write_and_their_owner(built):
+    """A writer that cannot write the catalogue's ``-wal``/``-shm`` (another uid's reader created
+    them) names them with their owner in one line, not "cannot be read ...; rebuild the store".
+    As root the writer runs as uid 65534 (root writes any file); otherwise the files are made
+    read-only (``chmod``)."""
+    place = Path(tempfile.mkdtemp())  # under /tmp: another uid can reach it, unlike pytest's tmp_path
+    try:
+        place.chmod(0o755)
+        store = place / "store"
+        shutil.copytree(built, store)
+        wal_files = [store / f"{CATALOGUE}-wal", store / f"{CATALOGUE}-shm"]
+        prefix = _as_another_uid()
+        if prefix is None:
+            for file in wal_files:
+                file.chmod(0o444)
+            owner = os.geteuid()
+        else:  # the store is uid 65534's; its -wal and -shm are a reader's, uid 65533
+            for file in [store, *store.rglob("*")]:
+                os.chown(file, 65534, 65534)
+            for file in wal_files:
+                os.chown(file, 65533, 65533)
+            owner = 65533
+        code = "import sys; from pathlib import Path; from ragcompress.store.writer import StoreLock, StoreWriter; StoreWriter(Path(sys.argv[1]))"
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+        done = subprocess.run(
+            [*(prefix or []), sys.executable, "-c", code, str(store)], capture_output=True, text=True, env=env
+        )
+        assert done.returncode != 0, "the writer opened a catalogue it cannot write"
+        line = done.stderr.strip().splitlines()[-1]
+        assert "StoreAccessError: cannot write to store" in line, done.stderr
+        for file in wal_files:
+            assert f"{file.name} (uid {owner})" in line
+        assert "intact" in line and "rebuild" not in line
+    finally:
+        shutil.rmtree(place, ignore_errors=True)

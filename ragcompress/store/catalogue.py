@@ -165,6 +165,7 @@ class Catalogue:
                 self.db = sqlite3.connect(self.path, check_same_thread=False)
                 self.db.execute("PRAGMA journal_mode=WAL")
                 self.db.execute("PRAGMA synchronous=FULL")
+                self._check_writable()
                 self.db.executescript(_SCHEMA)
                 self._check_schema()  # before a column is added to a table that is not ours
                 if not self._has_column("meta_checksum"):  # a store from before the column (module docstring)
@@ -243,6 +244,44 @@ class Catalogue:
             os.close(held)
             raise
         self._held = held
+
+    def _check_writable(self) -> None:
+        """Refuse now, naming them, catalogue files this user cannot write. SQLite finds out only
+        at the first write, which for ``index`` came after it had marked its run
+        (``files.indexing_run``): an intact store was left marked unfinished, and refused for
+        answering. The usual cause: a reader running as another user created the ``-wal`` and
+        ``-shm`` (SQLite gives them that user, and the catalogue's mode) where a writer had left
+        none, as writers did before they left them (:meth:`close`). Taking the write lock
+        (``BEGIN IMMEDIATE``) needs both writable, and changes nothing."""
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute("ROLLBACK")
+        except sqlite3.OperationalError as exc:
+            if not _cannot_write(exc):
+                raise
+            raise StoreAccessError(self._unwritable(exc)) from None
+
+    def _unwritable(self, exc: sqlite3.Error) -> str:
+        """The error for catalogue files this user cannot write (:meth:`_check_writable`)."""
+        root, uid = self.path.parent, os.geteuid()
+        files = [
+            file
+            for file in (self.path, *(self.path.with_name(f"{CATALOGUE}{end}") for end in ("-wal", "-shm")))
+            if file.exists() and not os.access(file, os.W_OK)
+        ]
+        if not files:
+            return (
+                f"cannot write to store {root}: its catalogue {self.path} cannot be written ({exc}); the store is "
+                "intact: let this user write the store's folder and files, then retry"
+            )
+        named = " ".join(str(file) for file in files)
+        owners = {file.stat().st_uid for file in files}
+        fix = f"`chmod u+w {named}`" if owners == {uid} else f"as root, `chown {uid} {named}`"
+        return (
+            f"cannot write to store {root}: this user (uid {uid}) cannot write "
+            f"{', '.join(f'{file.name} (uid {file.stat().st_uid})' for file in files)} (SQLite gives a -wal or -shm "
+            f"the user of the process that created it, a reader's included); the store is intact: {fix}, then retry"
+        )
 
     def _check_schema(self) -> None:
         """Refuse a ``passages`` table whose columns are not ours. SQLite keeps the schema as
