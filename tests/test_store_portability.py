@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import sqlite3
+import stat
 import subprocess
 import sys
 import tempfile
@@ -200,3 +201,27 @@ def test_a_writer_names_the_catalogue_files_it_cannot_write_and_their_owner(buil
         assert "intact" in line and "rebuild" not in line
     finally:
         shutil.rmtree(place, ignore_errors=True)
+
+
+def test_a_store_its_rebuild_and_its_compaction_follow_the_umask(tiny_lm, tmp_path):
+    """A new store was built in ``mkdtemp`` (0700 whatever the umask) and its catalogue created by
+    SQLite (0644), so no other user or group member could read it (``--store`` "not readable"),
+    and ``index --overwrite`` reset a store made 0755 to 0700, while ``compact`` followed the
+    umask. Every folder gets 0777 and every file 0666, less the umask."""
+    store = tmp_path / "store"
+    corpus = _write(tmp_path / "passages.jsonl", _texts(8))
+    old = os.umask(0o002)
+    try:
+        for build in ("create", "overwrite", "compact"):
+            if build == "compact":
+                compact_store(store)
+            else:
+                _index(tiny_lm, corpus, store, overwrite=build == "overwrite")
+            modes = {str(p.relative_to(store)): stat.S_IMODE(p.stat().st_mode) for p in [store, *store.rglob("*")]}
+            folders = {".", "shards"}
+            assert {name: mode for name, mode in modes.items() if name in folders} == dict.fromkeys(folders, 0o775)
+            assert {name: mode for name, mode in modes.items() if name not in folders} == dict.fromkeys(
+                set(modes) - folders, 0o664
+            ), build
+    finally:
+        os.umask(old)
