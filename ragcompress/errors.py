@@ -39,6 +39,12 @@ def missing_store(path: object) -> StoreError:
     return StoreError(f"store {path} does not exist; build it with `ragcompress index --input PASSAGES --store {path}`")
 
 
+class StoreAccessError(StoreError):
+    """An intact store that this process may not use as asked where it lies: a file of it that
+    this user cannot write, or a catalogue SQLite cannot read here. Never damage: the remedy is
+    about access, never a rebuild, and ``verify`` raises it rather than report a problem."""
+
+
 class StoreMismatchError(StoreError):
     """A store was built with another model, tokenizer, template or format version."""
 

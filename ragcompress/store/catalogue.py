@@ -22,11 +22,20 @@ retrieval or retrieve a query-time cache, and ``verify`` would count it as a que
 It came last, as ``meta_checksum`` did: a writer adds it to a catalogue without it, rows committed
 before hold NULL there (read as "no checksum": their flag is not checked, and is never sealed
 after the fact, which could seal a damaged one), and a reader reads it as NULL where it is absent.
+
+A WAL catalogue opens read-only only with its ``-wal`` and ``-shm`` beside it, or where SQLite can
+create them, and SQLite deletes them when the last connection closes: a store made read-only after
+that (a read-only mount or image, ``chmod -R a-w``, another user's folder) could not be read. So a
+writer leaves them in place when it closes (:meth:`Catalogue.close`), and a reader that finds a
+catalogue without them where it cannot create them (an earlier version's ``remove`` or ``compact``
+left it so) reads it as a file that does not change, holding the store's writer lock shared so
+that none can change it meanwhile (:meth:`Catalogue._open_unchanging`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from collections.abc import Iterable, Iterator
 from contextlib import closing, contextmanager
@@ -36,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from ragcompress.errors import StoreError, StoreMismatchError
+from ragcompress.errors import StoreAccessError, StoreError, StoreMismatchError
 from ragcompress.store.jsontext import loads_json
 from ragcompress.store.shards import CommittedBlob, checksum
 
@@ -120,6 +129,15 @@ def _entry(values: tuple) -> Entry:
 
 # SQLite's result code for "database or disk is full" (sqlite3.SQLITE_FULL from Python 3.11)
 _SQLITE_FULL = 13
+# the primary result codes of a connection that cannot create or write a file it needs, whatever
+# the extended code says why (SQLITE_READONLY_DIRECTORY, SQLITE_READONLY_CANTINIT, ...)
+_SQLITE_READONLY, _SQLITE_CANTOPEN = 8, 14
+
+
+def _cannot_write(exc: sqlite3.Error) -> bool:
+    """Whether ``exc`` is SQLite failing to create or write a file, not damage."""
+    return (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in (_SQLITE_READONLY, _SQLITE_CANTOPEN)
+
 
 # Query parameters per statement, well under SQLite's default limit of 32766.
 _CHUNK = 900
@@ -132,16 +150,22 @@ class Catalogue:
         self.path = root / CATALOGUE
         self._counted: tuple[int, int] | None = None  # (data_version, row count), see count()
         self._closed = False  # set by close(): an error after it names the close, not damage
+        self._writer = not readonly
+        self._held: int | None = None  # the store's writer lock, held shared by an unchanging read (_open_unchanging)
         with self._guard():
             if readonly:
-                uri = f"{self.path.resolve().as_uri()}?mode=ro"
-                self.db = sqlite3.connect(uri, uri=True, check_same_thread=False)
-                self.db.execute("SELECT 1 FROM passages LIMIT 1").fetchall()
+                try:
+                    self.db = self._connect("mode=ro")
+                except sqlite3.OperationalError as exc:
+                    if not _cannot_write(exc):
+                        raise
+                    self._open_unchanging()
                 self._check_schema()
             else:
                 self.db = sqlite3.connect(self.path, check_same_thread=False)
                 self.db.execute("PRAGMA journal_mode=WAL")
                 self.db.execute("PRAGMA synchronous=FULL")
+                self._check_writable()
                 self.db.executescript(_SCHEMA)
                 self._check_schema()  # before a column is added to a table that is not ours
                 if not self._has_column("meta_checksum"):  # a store from before the column (module docstring)
@@ -152,6 +176,112 @@ class Catalogue:
                     self.db.execute("ALTER TABLE passages ADD COLUMN searchable_checksum TEXT")
                 self.db.commit()
         self._columns: set[str] = set()  # later columns seen in this catalogue (see _column)
+
+    def _connect(self, query: str) -> sqlite3.Connection:
+        """A connection to the catalogue's URI with ``query``, which has read from it."""
+        uri = f"{self.path.resolve().as_uri()}?{query}"
+        db = sqlite3.connect(uri, uri=True, check_same_thread=False)
+        try:
+            db.execute("SELECT 1 FROM passages LIMIT 1").fetchall()
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _open_unchanging(self) -> None:
+        """Read a catalogue that SQLite cannot open read-only here (no ``-wal``/``-shm`` beside it,
+        and none can be created: module docstring) as an unchanging file (``immutable=1``: SQLite
+        takes no lock and reads no WAL), once nothing can change it while it is read.
+
+        That holds while this reader holds the store's writer lock shared (``writer.hold_shared``,
+        until :meth:`close`): every writer holds it exclusively for as long as it writes, so none
+        writes now and none starts meanwhile (a writer is refused, told a reader holds the lock).
+        Every commit is then in the file itself, unless a ``-wal`` with frames or a ``-journal``
+        is there (a ``-shm`` lost, a writer killed): reading those needs what cannot be created
+        here, so such a catalogue is refused rather than read without its last commits."""
+        from ragcompress.store.writer import hold_shared
+
+        root, uid = self.path.parent, os.geteuid()
+        if not os.access(self.path, os.R_OK):
+            raise StoreAccessError(
+                f"catalogue {self.path} is not readable by this user (uid {uid}; it belongs to uid "
+                f"{self.path.stat().st_uid}); let its owner make the store readable (`chmod -R a+rX {root}`)"
+            )
+        here = (
+            f"SQLite needs {CATALOGUE}-wal and {CATALOGUE}-shm beside it, and this user (uid {uid}) cannot create "
+            f"them in {root}"
+        )
+        once = (
+            f"open the store once as a user who can write to {root} (`ragcompress verify --store {root}`), then retry"
+        )
+        try:
+            held = hold_shared(root)
+        except OSError as exc:
+            raise StoreAccessError(
+                f"catalogue {self.path} cannot be read here: {here}, nor read its lock file ({exc.strerror or exc}) "
+                f"to keep writers out while it reads the catalogue without them; {once}"
+            ) from None
+        if held is None:
+            raise StoreAccessError(
+                f"store {root} is being written, and its catalogue cannot be read here meanwhile ({here}); "
+                "try again when the writer has finished"
+            )
+        try:
+            try:  # a writer that ran since the first try left the files
+                self.db = self._connect("mode=ro")
+                return
+            except sqlite3.OperationalError as exc:
+                if not _cannot_write(exc):
+                    raise
+            for pending in (self.path.with_name(f"{CATALOGUE}-wal"), self.path.with_name(f"{CATALOGUE}-journal")):
+                if pending.exists() and pending.stat().st_size > 0:
+                    raise StoreAccessError(
+                        f"catalogue {self.path} cannot be read here: {pending.name} holds changes not yet in it, "
+                        f"and {here} to read them; the store is intact: {once}"
+                    )
+            self.db = self._connect("mode=ro&immutable=1")
+        except BaseException:
+            os.close(held)
+            raise
+        self._held = held
+
+    def _check_writable(self) -> None:
+        """Refuse now, naming them, catalogue files this user cannot write. SQLite finds out only
+        at the first write, which for ``index`` came after it had marked its run
+        (``files.indexing_run``): an intact store was left marked unfinished, and refused for
+        answering. The usual cause: a reader running as another user created the ``-wal`` and
+        ``-shm`` (SQLite gives them that user, and the catalogue's mode) where a writer had left
+        none, as writers did before they left them (:meth:`close`). Taking the write lock
+        (``BEGIN IMMEDIATE``) needs both writable, and changes nothing."""
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute("ROLLBACK")
+        except sqlite3.OperationalError as exc:
+            if not _cannot_write(exc):
+                raise
+            raise StoreAccessError(self._unwritable(exc)) from None
+
+    def _unwritable(self, exc: sqlite3.Error) -> str:
+        """The error for catalogue files this user cannot write (:meth:`_check_writable`)."""
+        root, uid = self.path.parent, os.geteuid()
+        files = [
+            file
+            for file in (self.path, *(self.path.with_name(f"{CATALOGUE}{end}") for end in ("-wal", "-shm")))
+            if file.exists() and not os.access(file, os.W_OK)
+        ]
+        if not files:
+            return (
+                f"cannot write to store {root}: its catalogue {self.path} cannot be written ({exc}); the store is "
+                "intact: let this user write the store's folder and files, then retry"
+            )
+        named = " ".join(str(file) for file in files)
+        owners = {file.stat().st_uid for file in files}
+        fix = f"`chmod u+w {named}`" if owners == {uid} else f"as root, `chown {uid} {named}`"
+        return (
+            f"cannot write to store {root}: this user (uid {uid}) cannot write "
+            f"{', '.join(f'{file.name} (uid {file.stat().st_uid})' for file in files)} (SQLite gives a -wal or -shm "
+            f"the user of the process that created it, a reader's included); the store is intact: {fix}, then retry"
+        )
 
     def _check_schema(self) -> None:
         """Refuse a ``passages`` table whose columns are not ours. SQLite keeps the schema as
@@ -243,10 +373,30 @@ class Catalogue:
             ) from None
 
     def close(self) -> None:
-        """Close the database; using the catalogue after is a :class:`StoreError` saying so."""
+        """Close the database; using the catalogue after is a :class:`StoreError` saying so.
+
+        A writer leaves ``-wal`` and ``-shm`` beside the catalogue (module docstring), owned by
+        its user: SQLite deletes them when its last connection closes, unless that connection is
+        read-only (it cannot checkpoint), so a read-only connection is open while the writer's
+        closes. The WAL is checkpointed into the file first, without waiting for readers, so the
+        file alone holds every commit whenever none was reading an older snapshot (as when SQLite
+        deleted the WAL)."""
         self._closed = True
         if hasattr(self, "db"):
+            keeper = None
+            if self._writer:
+                try:
+                    self.db.execute("PRAGMA busy_timeout = 0")
+                    self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+                    keeper = self._connect("mode=ro")
+                except sqlite3.Error:  # the files then go as they used to; a reader copes (_open_unchanging)
+                    pass
             self.db.close()
+            if keeper is not None:
+                keeper.close()
+        if self._held is not None:
+            os.close(self._held)
+            self._held = None
 
     def get(self, passage_id: str) -> Entry | None:
         with self._guard():

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ragcompress.errors import StoreError
+from ragcompress.paths import follow_umask
 from ragcompress.store.basis import BASIS
 from ragcompress.store.catalogue import CATALOGUE, Catalogue
 from ragcompress.store.files import (
@@ -104,6 +105,7 @@ def compact_store(path: str | Path) -> CompactReport:
         finally:
             source.close()
         after = shard_bytes(target)
+        follow_umask(target)  # as a new store does (SQLite created the catalogue 0644 whatever the umask)
         replace_store(target, path)
     except BaseException:
         remove_tree(target)  # a failed compaction leaves no half-built copy behind

@@ -24,7 +24,7 @@ from pathlib import Path
 from ragcompress.errors import InputError, StoreError
 from ragcompress.kv import PassageKV
 from ragcompress.kv.quant import QuantConfig
-from ragcompress.paths import process_gone, remove_dead_temps, remove_tree
+from ragcompress.paths import follow_umask, process_gone, remove_dead_temps, remove_tree
 from ragcompress.store import codec
 from ragcompress.store.basis import BASIS
 from ragcompress.store.catalogue import CATALOGUE, Catalogue
@@ -347,6 +347,7 @@ def create_store(path: Path, manifest: Manifest, prefix_kv: PassageKV, basis: by
             write_atomic(tmp / BASIS, basis)
         Catalogue(tmp, readonly=False).close()
         dataclasses.replace(manifest, prefix_sha256=hashlib.sha256(blob).hexdigest()).sealed().write(tmp)
+        follow_umask(tmp)  # mkdtemp made it 0700: readable by no other user the umask shares with
         try:
             os.replace(tmp, path)  # replaces an empty directory too; fails on anything else
         except OSError as exc:

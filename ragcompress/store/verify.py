@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from ragcompress.errors import SegmentManifestMismatch, StoreError
+from ragcompress.errors import SegmentManifestMismatch, StoreAccessError, StoreError
 from ragcompress.kv import ModelShape
 from ragcompress.kv.lowrank import LowRankBasis
 from ragcompress.kv.quant import QuantConfig
@@ -364,7 +364,8 @@ def _compact_copy_note(root: Path) -> str | None:
 
 
 def verify_store(path: str | Path) -> VerifyReport:
-    """Check everything in the store at ``path``; never raises for a damaged store."""
+    """Check everything in the store at ``path``; never raises for a damaged store (a
+    :class:`~ragcompress.errors.StoreAccessError` says it cannot read an intact one here)."""
     root = Path(path)
     problems: list[Problem] = []
     notes: list[str] = []
@@ -386,6 +387,8 @@ def verify_store(path: str | Path) -> VerifyReport:
         return VerifyReport(str(root), problems=problems, notes=notes)
     try:
         catalogue = Catalogue(root, readonly=True)
+    except StoreAccessError:  # an intact catalogue this process cannot read where it lies: no damage
+        raise
     except StoreError as exc:
         problems.append(Problem("catalogue", str(exc)))
         return VerifyReport(str(root), problems=problems, notes=notes)

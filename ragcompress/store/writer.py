@@ -48,6 +48,52 @@ def _open_lock(path: Path) -> IO[str]:
     return os.fdopen(fd, "r+")
 
 
+def _is_the_lock(fd: int, path: Path) -> bool:
+    """Whether the lock file open as ``fd`` is the one at ``DIR/lock`` now (not one a swap replaced)."""
+    held = os.fstat(fd)
+    try:
+        current = os.stat(path / LOCK)
+    except FileNotFoundError:
+        return False
+    return held.st_nlink > 0 and (held.st_dev, held.st_ino) == (current.st_dev, current.st_ino)
+
+
+def _held_shared(handle: IO[str]) -> bool:
+    """Whether the lock ``handle`` could not take exclusively is held shared (by readers,
+    :func:`hold_shared`), not by a writer; closes ``handle`` when it is."""
+    try:
+        fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    handle.close()  # releases the shared hold just taken
+    return True
+
+
+def hold_shared(path: Path) -> int | None:
+    """The writer lock of the store at ``path`` held shared, as a descriptor whose closing
+    releases it; None when a writer holds it now. While it is held no writer starts: each holds
+    the lock exclusively for as long as it writes (:class:`StoreLock`). Opened for reading only
+    (a reader may not write the store), without following a link; an ``OSError`` when there is
+    no lock file this user can read. A lock swapped out of the path meanwhile (``compact``) is
+    let go for the one there now, as :class:`StoreLock` does."""
+    for _ in range(_MAX_SWAPS):
+        fd = os.open(path / LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, f"{path / LOCK} is not a regular file")
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        if _is_the_lock(fd, path):
+            return fd
+        os.close(fd)
+    raise OSError(errno.ESTALE, f"the lock file of store {path} kept changing; keep the store on a local filesystem")
+
+
 class StoreLock:
     """The exclusive writer lock of a store (``flock`` on ``DIR/lock``, released on close or exit).
 
@@ -74,14 +120,20 @@ class StoreLock:
                     self._handle.close()
                     time.sleep(0.05)
                     continue
+                waited = f" (waited {wait_s:g} s)" if wait_s else ""
+                if _held_shared(self._handle):
+                    raise StoreError(
+                        f"store {path} is open read-only by a reader that holds its lock{waited} (a reader of a "
+                        "catalogue left without its -wal and -shm files, somewhere it cannot create them, keeps "
+                        "writers out while it reads); close that reader, then retry"
+                    ) from None
                 self._handle.seek(0)
                 holder = self._handle.read().strip() or "another process"
                 self._handle.close()
-                waited = f" (waited {wait_s:g} s)" if wait_s else ""
                 raise StoreError(
                     f"store {path} is being written by {holder}{waited}; wait for it to finish (one writer at a time)"
                 ) from None
-            if self._locks_the_store():
+            if _is_the_lock(self._handle.fileno(), path):
                 break
             # the store was swapped since the file was opened: lock the new store's file (its
             # swapper released the old one; a writer holding the new one makes this wait or refuse)
@@ -96,15 +148,6 @@ class StoreLock:
         self._handle.truncate()
         self._handle.write(f"pid {os.getpid()}")
         self._handle.flush()
-
-    def _locks_the_store(self) -> bool:
-        """Whether the file this holds is the one at ``DIR/lock`` now (not one a swap replaced)."""
-        held = os.fstat(self._handle.fileno())
-        try:
-            current = os.stat(self.path / LOCK)
-        except FileNotFoundError:
-            return False
-        return held.st_nlink > 0 and (held.st_dev, held.st_ino) == (current.st_dev, current.st_ino)
 
     def release(self) -> None:
         if not self._handle.closed:
