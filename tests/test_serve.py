@@ -1171,7 +1171,8 @@ def test_a_graceful_shutdown_past_its_timeout_answers_whats_left_503(served):
         stopped = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, "".join(log)
-        assert time.monotonic() - stopped < 5, "".join(log)
+        # the 503s below name the 0.5 s wait; the wall clock only bounds it (6.8 s seen in CI beside an audit)
+        assert time.monotonic() - stopped < 15, "".join(log)
         for thread in threads:
             thread.join(30)
     status, body = results["queued"]
