@@ -22,6 +22,7 @@ import re
 import shutil
 import tempfile
 import warnings
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -395,6 +396,14 @@ def usable_device(device: Any) -> Any:
     return parsed
 
 
+# Held by :func:`load_model`, so that a process's model loads run one at a time: transformers'
+# loading is not thread-safe. It imports a model class lazily on first use (two threads at once:
+# "cannot import name 'AutoModelForCausalLM'"), and from_pretrained swaps torch's init functions
+# process-wide while it builds the model on the meta device (two loads at once restored each
+# other's patches: "Cannot copy out of meta tensor" in every load).
+_LOADING = threading.Lock()
+
+
 def load_model(ref: str | None = None, *, dtype: Any = None, device: Any = None) -> LoadedModel:
     """Load a causal LM (:func:`resolve_model_dir`: embedded name, folder or cached hub id) in eval
     mode, with its identity.
@@ -405,7 +414,15 @@ def load_model(ref: str | None = None, *, dtype: Any = None, device: Any = None)
     ``device`` (default CPU) places the model; answering follows the model's device (the dense
     path by default; the fused Triton kernel on CUDA with ``backend="packed-triton"``), and so do
     indexing's forwards (compression and the store's writer work on the CPU).
+
+    Any thread may call it; loads run one at a time (``_LOADING``), each returning a model of
+    its own (callers that share one cache it, as the LlamaIndex components do).
     """
+    with _LOADING:
+        return _load_model(ref, dtype, device)
+
+
+def _load_model(ref: str | None, dtype: Any, device: Any) -> LoadedModel:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

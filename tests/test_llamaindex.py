@@ -11,6 +11,8 @@ import os
 import pickle
 import shutil
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -1240,6 +1242,44 @@ def test_local_llm_is_a_plain_full_prefill(tiny):
     assert out.text == lm.tokenizer.decode(gen.token_ids, skip_special_tokens=True).strip()
     assert out.additional_kwargs["prompt_tokens"] == len(ids)
     assert "".join(r.delta for r in llm.stream_complete("Say something.")) == out.text
+
+
+# A fresh interpreter whose first use of a LocalLLM (model argv[1]) is three acomplete calls under
+# asyncio.gather; prints each call's text (or error) and how many times the model was loaded.
+_FIRST_USE_IN_GATHER = """
+import asyncio, sys
+from ragcompress import models
+from llama_index.postprocessor.ragcompress import LocalLLM
+
+loads, load = [], models.load_model
+
+def counted(*args, **kwargs):
+    loads.append(args)
+    return load(*args, **kwargs)
+
+models.load_model = counted
+llm = LocalLLM(model=sys.argv[1], max_new_tokens=4, context_window=2048)
+
+async def main():
+    calls = (llm.acomplete("What is the capital of France?") for _ in range(3))
+    return await asyncio.gather(*calls, return_exceptions=True)
+
+texts = [getattr(out, "text", f"{type(out).__name__}: {out}") for out in asyncio.run(main())]
+print(texts, len(loads))
+"""
+
+
+def test_a_local_llms_first_calls_at_once_load_the_model_once(tiny):
+    """A LocalLLM's first calls under ``asyncio.gather`` load the shared model on worker threads
+    at once: the loads raced in transformers ("Cannot copy out of meta tensor" in every call and
+    in later ones), and, serialised, each loaded a copy of its own. One load, and every call
+    answers as a later call does."""
+    ran = subprocess.run(
+        [sys.executable, "-c", _FIRST_USE_IN_GATHER, tiny], capture_output=True, text=True, timeout=300
+    )
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    expected = LocalLLM(model=tiny, max_new_tokens=4, context_window=2048).complete("What is the capital of France?")
+    assert ran.stdout.strip().splitlines()[-1] == f"{[expected.text] * 3} 1"
 
 
 def test_concurrent_local_llm_calls_each_report_their_own_timings(tiny, monkeypatch):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -405,3 +407,39 @@ def test_the_cache_is_under_xdg_cache_home_where_that_is_set(tmp_path, monkeypat
     assert cache_dir() == tmp_path / "xdg" / "ragcompress"
     monkeypatch.setenv("RAGCOMPRESS_CACHE", str(tmp_path / "rc"))
     assert cache_dir() == tmp_path / "rc"
+
+
+# Three threads of a fresh interpreter load the model at argv[1] at once; prints what each got.
+_LOAD_AT_ONCE = """
+import sys, threading
+from ragcompress.models import load_model
+
+started, outcomes = threading.Barrier(3), []
+
+def load():
+    started.wait()
+    try:
+        outcomes.append(type(load_model(sys.argv[1]).model).__name__)
+    except Exception as exc:
+        outcomes.append(f"{type(exc).__name__}: {exc}")
+
+threads = [threading.Thread(target=load) for _ in range(3)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+print(outcomes)
+"""
+
+
+def test_threads_loading_models_at_once_each_get_one(tiny_model_dir):
+    """The first uses of a LlamaIndex ``LocalLLM`` in ``asyncio.gather`` load the model on worker
+    threads at once: transformers imports its model classes lazily and patches torch's init
+    functions while it loads, so concurrent loads failed ("cannot import name
+    'AutoModelForCausalLM'", "Cannot copy out of meta tensor"). A fresh interpreter, so that the
+    first import is the one raced for."""
+    ran = subprocess.run(
+        [sys.executable, "-c", _LOAD_AT_ONCE, str(tiny_model_dir("llama"))], capture_output=True, text=True, timeout=300
+    )
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert ran.stdout.strip().splitlines()[-1] == str(["LlamaForCausalLM"] * 3)

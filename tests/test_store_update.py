@@ -4,9 +4,14 @@ wrong passage."""
 
 from __future__ import annotations
 
+import gc
 import json
+import os
 import shutil
 import sqlite3
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +22,7 @@ from ragcompress.indexing import remove
 from ragcompress.store import KVStore, StoreWriter
 from ragcompress.store.catalogue import searchable_checksum
 from ragcompress.store.compact import compact_store
+from ragcompress.store.files import replace_store
 from ragcompress.store.kvstore import INDEX, INDEX_META, read_index_meta
 from ragcompress.store.verify import verify_store
 
@@ -589,3 +595,93 @@ def test_a_killed_compactions_copy_is_named_by_verify_and_removed_by_the_next_in
     _index(tiny_lm, _write(tmp_path / "passages.jsonl", _texts(N_PASSAGES)), store)
     assert not copy.exists()
     assert not any(str(copy) in note for note in verify_store(store).notes)
+
+
+# Four threads search one reader while the main thread swaps copies of the store into its path
+# (the reader follows each) and then closes the reader, ROUNDS times. Prints each error a search
+# raised other than the "was closed" of a search after the close began, and searches that did not
+# stop after the close.
+_SEARCH_WHILE_SWAPPED_AND_CLOSED = """
+import shutil, sys, threading
+from pathlib import Path
+from ragcompress.errors import StoreError
+from ragcompress.store import KVStore
+from ragcompress.store.files import replace_store
+
+path, rounds = Path(sys.argv[1]), int(sys.argv[2])
+unexpected = []
+for _ in range(rounds):
+    store = KVStore.open(path)
+    vector = store.catalogue.embeddings()[1][0]
+    started, closing = threading.Barrier(5), threading.Event()
+
+    def search():
+        started.wait()
+        try:
+            while True:
+                store.search(vector, 3)
+        except StoreError as exc:
+            if not closing.is_set() or "was closed" not in str(exc):
+                unexpected.append(str(exc))
+        except Exception as exc:
+            unexpected.append(repr(exc))
+
+    threads = [threading.Thread(target=search, daemon=True) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    started.wait()
+    for _ in range(2):
+        copy = path.with_name("copy")
+        shutil.copytree(path, copy)
+        replace_store(copy, path)
+        store.search(vector, 3)  # follows the copy while the threads search
+    closing.set()
+    store.close()
+    for thread in threads:
+        thread.join(timeout=60)
+    if any(thread.is_alive() for thread in threads):
+        unexpected.append("searches went on after close()")
+        break
+print("unexpected:", unexpected)
+"""
+
+
+def test_searches_on_other_threads_survive_the_reader_following_a_swap_and_closing(store):
+    """Threads sharing a reader (an Engine answering from a thread pool, a LlamaIndex component
+    closed while a cancelled ``aquery`` still ran in its worker thread) while ``compact`` swapped
+    the store in or the reader was closed: closing the catalogue's sqlite3 connection while
+    another thread's statement ran crashed the process (SIGSEGV), and a search that overlapped a
+    swap failed with "store ... was closed". Run in a subprocess, so a crash fails the test."""
+    ran = subprocess.run(
+        [sys.executable, "-X", "faulthandler", "-c", _SEARCH_WHILE_SWAPPED_AND_CLOSED, str(store), "30"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert ran.stdout.strip() == "unexpected: []", ran.stdout[-3000:]
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="open files are counted in /proc/self/fd")
+def test_a_reader_that_follows_a_swap_closes_the_old_catalogue_when_no_search_uses_it(store, tmp_path):
+    """Following a swapped-in store no longer closes the old catalogue under the searches of other
+    threads; it closes when the last of them lets go, not at a garbage collection (a sqlite3
+    connection is in a reference cycle), so a server that follows many compactions holds the
+    files of one catalogue, not of every store it ever followed."""
+
+    def open_catalogue_files() -> int:
+        return sum("catalogue.sqlite" in os.readlink(fd) for fd in Path("/proc/self/fd").iterdir() if fd.exists())
+
+    gc.disable()  # what a collection would close must already be closed
+    try:
+        with KVStore.open(store) as reader:
+            vector = _vector("anything")
+            reader.search(vector, 3)
+            before = open_catalogue_files()
+            for _ in range(3):
+                shutil.copytree(store, tmp_path / "copy")
+                replace_store(tmp_path / "copy", store)
+                reader.search(vector, 3)
+            assert open_catalogue_files() == before
+    finally:
+        gc.enable()

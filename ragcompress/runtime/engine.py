@@ -99,6 +99,13 @@ class Engine:
 
     Open with :meth:`open` (loads the model, warms it up). Nothing is changed after that: each
     call may pass its own options.
+
+    The answering methods (``retrieve``, ``search``, ``prepare``, ``stream_*``, ``answer_*``) may
+    run on several threads at once: each request keeps its own state, the model runs plain
+    forwards, and the store serialises its catalogue (a thread pool, or LlamaIndex's async calls,
+    answer in parallel on one Engine). A request that reads the store after :meth:`close` fails
+    with a :class:`StoreError` saying it was closed. ``ragcompress serve`` runs every request on
+    one generation thread to batch requests and answer them in order, not for safety.
     """
 
     def __init__(

@@ -1,6 +1,7 @@
-"""The one generation thread: the engine is not thread-safe, so every use of it runs here, in
-arrival order. Requests wait in a bounded queue; a full queue is refused at once (the caller
-answers 429) instead of growing without bound.
+"""The one generation thread: every request runs here, in arrival order, so that requests can
+be batched (below) and are answered in order; the engine itself may answer from several threads
+(:class:`~ragcompress.runtime.engine.Engine`). Requests wait in a bounded queue; a full queue is
+refused at once (the caller answers 429) instead of growing without bound.
 
 Batching (``max_batch`` > 1): jobs that may share forward passes (``Job.batch`` set) and are
 waiting when the thread takes one are run together by ``run_batch``, up to ``max_batch`` of them

@@ -30,6 +30,14 @@ writer leaves them in place when it closes (:meth:`Catalogue.close`), and a read
 catalogue without them where it cannot create them (an earlier version's ``remove`` or ``compact``
 left it so) reads it as a file that does not change, holding the store's writer lock shared so
 that none can change it meanwhile (:meth:`Catalogue._open_unchanging`).
+
+One connection serves every thread that shares a store (an Engine answering from a thread pool),
+and SQLite's mutex does not cover closing it: CPython's sqlite3 crashed the process when one
+thread closed the connection while another's statement ran. So every statement, with its rows
+fetched, and :meth:`Catalogue.close` run under one lock per catalogue (:meth:`Catalogue._guard`);
+a streamed query fetches a chunk at a time under it and hands the chunk out after releasing it
+(a generator paused with the lock held would stall every other thread). A thread that uses a
+catalogue after its close gets the :class:`StoreError` saying so, never a crash.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
@@ -147,6 +156,7 @@ class Catalogue:
     """The catalogue database. Any SQLite failure surfaces as a :class:`StoreError` naming it."""
 
     def __init__(self, root: Path, *, readonly: bool) -> None:
+        self._lock = threading.RLock()  # held by every use of self.db (module docstring)
         self.path = root / CATALOGUE
         self._counted: tuple[int, int] | None = None  # (data_version, row count), see count()
         self._closed = False  # set by close(): an error after it names the close, not damage
@@ -314,7 +324,8 @@ class Catalogue:
             )
 
     def _has_column(self, name: str) -> bool:
-        return any(column[1] == name for column in self.db.execute("PRAGMA table_info(passages)"))
+        with self._guard():
+            return any(column[1] == name for column in self.db.execute("PRAGMA table_info(passages)"))
 
     def _column(self, name: str, absent: str) -> str:
         """``name``, or the SQL ``absent`` stands for in a catalogue from before the column. Asked
@@ -342,6 +353,12 @@ class Catalogue:
 
     @contextmanager
     def _guard(self) -> Iterator[None]:
+        """Hold the catalogue's lock (module docstring) and name any SQLite failure inside."""
+        with self._lock, self._naming():
+            yield
+
+    @contextmanager
+    def _naming(self) -> Iterator[None]:
         try:
             yield
         except sqlite3.OperationalError as exc:
@@ -373,7 +390,8 @@ class Catalogue:
             ) from None
 
     def close(self) -> None:
-        """Close the database; using the catalogue after is a :class:`StoreError` saying so.
+        """Close the database; using the catalogue after is a :class:`StoreError` saying so. Waits
+        for a statement another thread is running (module docstring); a second close does nothing.
 
         A writer leaves ``-wal`` and ``-shm`` beside the catalogue (module docstring), owned by
         its user: SQLite deletes them when its last connection closes, unless that connection is
@@ -381,7 +399,24 @@ class Catalogue:
         closes. The WAL is checkpointed into the file first, without waiting for readers, so the
         file alone holds every commit whenever none was reading an older snapshot (as when SQLite
         deleted the WAL)."""
-        self._closed = True
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._release()
+
+    def __del__(self) -> None:
+        # A catalogue no one holds any more, which no thread can be using: one a reader swapped
+        # out for a new store (KVStore.follow_replacement), or one whose constructor failed, is
+        # closed here, not by the cycle collector (a sqlite3 connection and its statement cache
+        # refer to each other), and its shared hold on the store's lock let go.
+        if hasattr(self, "_lock"):
+            try:
+                self.close()
+            except Exception:  # noqa: BLE001 - at interpreter exit the modules it needs may be gone
+                pass
+
+    def _release(self) -> None:
         if hasattr(self, "db"):
             keeper = None
             if self._writer:
@@ -397,6 +432,18 @@ class Catalogue:
         if self._held is not None:
             os.close(self._held)
             self._held = None
+
+    def _stream(self, sql: str, size: int = 256) -> Iterator[list[tuple[Any, ...]]]:
+        """The rows of ``sql`` in chunks of up to ``size``, each fetched under the lock and handed
+        out after it is released (module docstring)."""
+        with self._guard():
+            cursor = self.db.execute(sql)
+        while True:
+            with self._guard():
+                chunk = cursor.fetchmany(size)
+            if not chunk:
+                return
+            yield chunk
 
     def get(self, passage_id: str) -> Entry | None:
         with self._guard():
@@ -429,9 +476,8 @@ class Catalogue:
         return {e.row: e for e in map(_entry, found)}
 
     def entries(self) -> Iterator[Entry]:
-        with self._guard():
-            for values in self.db.execute(f"SELECT {_COLUMNS} FROM passages ORDER BY row"):
-                yield _entry(values)
+        for chunk in self._stream(f"SELECT {_COLUMNS} FROM passages ORDER BY row"):
+            yield from map(_entry, chunk)
 
     def integrity_problems(self) -> list[str]:
         """SQLite's own ``integrity_check`` findings (empty when the database is sound)."""
@@ -452,12 +498,12 @@ class Catalogue:
         title, text, text_sha, meta, shard, offset, length, checksum, num_tokens, kept, embedding,
         meta_checksum, searchable, searchable_checksum)``, each checksum None in a row committed
         before its column existed (``searchable`` 1 in a catalogue without that column)."""
-        with self._guard():
-            yield from self.db.execute(
-                "SELECT id, title, text, text_sha, meta, shard, offset, length, checksum, num_tokens, kept, "
-                f"embedding, {self._meta_checksum}, {self._searchable}, {self._searchable_checksum} "
-                "FROM passages ORDER BY row"
-            )
+        for chunk in self._stream(
+            "SELECT id, title, text, text_sha, meta, shard, offset, length, checksum, num_tokens, kept, "
+            f"embedding, {self._meta_checksum}, {self._searchable}, {self._searchable_checksum} "
+            "FROM passages ORDER BY row"
+        ):
+            yield from chunk
 
     def rows(self) -> Iterator[dict[str, Any]]:
         """Every row in row order as :func:`~ragcompress.store.writer.catalogue_row` shapes it
@@ -465,14 +511,14 @@ class Catalogue:
         Its checksums as stored, so a copy keeps a damaged row detectable and an unsealed one unsealed."""
         names = "id title text meta text_sha shard offset length checksum num_tokens kept embedding".split()
         columns = ", ".join([*names, self._meta_checksum, self._searchable, self._searchable_checksum])
-        with self._guard():
-            for values in self.db.execute(f"SELECT {columns} FROM passages ORDER BY row"):
+        for chunk in self._stream(f"SELECT {columns} FROM passages ORDER BY row"):
+            for values in chunk:
                 yield dict(zip([*names, "meta_checksum", "searchable", "searchable_checksum"], values, strict=True))
 
     def locations(self) -> Iterator[tuple[Any, ...]]:
         """``(id, shard, offset, length)`` of every row in (shard, offset) order, streamed, unvalidated."""
-        with self._guard():
-            yield from self.db.execute("SELECT id, shard, offset, length FROM passages ORDER BY shard, offset")
+        for chunk in self._stream("SELECT id, shard, offset, length FROM passages ORDER BY shard, offset"):
+            yield from chunk
 
     def ids_by_row(self) -> dict[int, str]:
         """Row number -> passage id of every committed row (memory grows with the store)."""
@@ -507,7 +553,7 @@ class Catalogue:
             if self._counted is None or self._counted[0] != version:
                 found = self.db.execute(f"SELECT COUNT(*) FROM passages WHERE {self._searchable}").fetchone()[0]
                 self._counted = (version, found)
-        return self._counted[1]
+            return self._counted[1]
 
     def make_searchable(self, ids: Iterable[str]) -> int:
         """Make the stored rows of ``ids`` searchable (a passage ingested that a query had cached
@@ -534,18 +580,16 @@ class Catalogue:
         """``(rows [n] int64, vectors [n, dim] float32)`` chunks of the searchable rows (every
         row with ``everyone``) in row order, streamed."""
         where = "1" if everyone else self._searchable
-        with self._guard():
-            cur = self.db.execute(f"SELECT row, embedding FROM passages WHERE {where} ORDER BY row")
-            while chunk := cur.fetchmany(size):
-                rows = np.fromiter((r for r, _ in chunk), dtype=np.int64, count=len(chunk))
-                sizes = {len(b) for _, b in chunk}
-                if len(sizes) != 1 or next(iter(sizes)) % 4:
-                    raise StoreError(
-                        f"catalogue {self.path}: embeddings of rows {rows[0]}..{rows[-1]} "
-                        "have inconsistent sizes; rebuild the store"
-                    )
-                vectors = np.frombuffer(b"".join(b for _, b in chunk), dtype=np.float32)
-                yield rows, vectors.reshape(len(chunk), -1)
+        for chunk in self._stream(f"SELECT row, embedding FROM passages WHERE {where} ORDER BY row", size):
+            rows = np.fromiter((r for r, _ in chunk), dtype=np.int64, count=len(chunk))
+            sizes = {len(b) for _, b in chunk}
+            if len(sizes) != 1 or next(iter(sizes)) % 4:
+                raise StoreError(
+                    f"catalogue {self.path}: embeddings of rows {rows[0]}..{rows[-1]} "
+                    "have inconsistent sizes; rebuild the store"
+                )
+            vectors = np.frombuffer(b"".join(b for _, b in chunk), dtype=np.float32)
+            yield rows, vectors.reshape(len(chunk), -1)
 
     def embedding_sample(self, n: int) -> np.ndarray:
         """``[<= n, dim]`` embeddings of evenly spaced rows (every row when there are fewer):

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +130,17 @@ def _directory_identity(path: Path) -> tuple[int, int]:
     return stat.st_dev, stat.st_ino
 
 
+@dataclass(frozen=True)
+class _Opened:
+    """The store a reader reads: its catalogue, with the manifest and directory identity
+    (:func:`_directory_identity`) it was opened at. Replaced whole by one assignment when the
+    reader follows a swapped-in store, so a thread reads one store's parts, never a mix."""
+
+    catalogue: Catalogue
+    manifest: Manifest
+    identity: tuple[int, int]
+
+
 class KVStore:
     """Read access to a store. Open with :meth:`open`; use as a context manager.
 
@@ -137,15 +150,22 @@ class KVStore:
     store was swapped mid-request is read again from the new store. Another build at the path is
     refused (:class:`StoreMismatchError`): the model and prefix this reader answers with would
     not match its caches.
+
+    Threads may share a reader. When one of them follows a swapped-in store, the searches other
+    threads have under way end on the catalogue they began with, which closes when the last of
+    them lets go (:meth:`follow_replacement`). After :meth:`close`, a thread that uses the reader
+    gets a :class:`StoreError` saying it was closed.
     """
 
     def __init__(self, path: Path, manifest: Manifest) -> None:
         self.path = path
-        self.manifest = manifest
-        self._identity = _directory_identity(path)
-        self.catalogue = Catalogue(path, readonly=True)
+        identity = _directory_identity(path)
+        self._opened = _Opened(Catalogue(path, readonly=True), manifest, identity)
+        self._closed = False
+        self._swapping = threading.Lock()  # one thread follows a swap at a time, none after close()
         self._prefix: dict[torch.dtype, PassageKV] = {}
-        self._indexed: tuple[VectorIndex, int] | None = None  # the index and the catalogue generation it covers
+        # the index, the catalogue generation it covers and the catalogue whose rows it numbers
+        self._indexed: tuple[VectorIndex, int, Catalogue] | None = None
         self._basis: LowRankBasis | None = None
 
     @classmethod
@@ -166,7 +186,17 @@ class KVStore:
         self.close()
 
     def close(self) -> None:
-        self.catalogue.close()
+        with self._swapping:
+            self._closed = True
+            self.catalogue.close()
+
+    @property
+    def catalogue(self) -> Catalogue:
+        return self._opened.catalogue
+
+    @property
+    def manifest(self) -> Manifest:
+        return self._opened.manifest
 
     def __len__(self) -> int:
         return self.catalogue.count()
@@ -217,17 +247,22 @@ class KVStore:
 
     def follow_replacement(self) -> bool:
         """Reopen the store at :attr:`path` if another one was swapped in since this reader opened
-        it (see the class docstring); returns whether it was. Raises ``StoreMismatchError`` when
-        the new store is another build or has another prefix."""
-        replacement = self._replacement()
-        if replacement is None:
+        it (see the class docstring); returns whether this call followed one (another thread may
+        have, first). Raises ``StoreMismatchError`` when the new store is another build or has
+        another prefix."""
+        if self._replacement() is None:
             return False
-        identity, manifest = replacement
-        catalogue = Catalogue(self.path, readonly=True)
-        self.catalogue.close()
-        self.catalogue, self.manifest, self._identity = catalogue, manifest, identity
-        self._indexed = None
-        return True
+        with self._swapping:  # asked again: another thread may have followed it, or closed this reader
+            replacement = None if self._closed else self._replacement()
+            if replacement is None:
+                return False
+            identity, manifest = replacement
+            # The old catalogue is not closed here: other threads may be reading it (a search that
+            # began before the swap ends on it). Dropped, it closes when the last of them lets go
+            # (Catalogue.__del__); closing it under them would fail their requests as "closed".
+            self._opened = _Opened(Catalogue(self.path, readonly=True), manifest, identity)
+            self._indexed = None
+            return True
 
     def check_replacement(self) -> None:
         """Raise what :meth:`follow_replacement` would (the store gone, or replaced by another
@@ -237,6 +272,7 @@ class KVStore:
     def _replacement(self) -> tuple[tuple[int, int], Manifest] | None:
         """The identity and manifest of a store swapped into :attr:`path` that this reader can
         follow; None if none was."""
+        opened = self._opened
         try:
             identity = _directory_identity(self.path)
         except OSError:
@@ -244,14 +280,14 @@ class KVStore:
                 f"store {self.path} is gone; it was removed while this reader had it open: rebuild or restore it, "
                 "then open it again (restart a `ragcompress serve` that reads it)"
             ) from None
-        if identity == self._identity:
+        if identity == opened.identity:
             return None
         manifest = Manifest.read(self.path)
-        difference = self.manifest.build_difference(manifest)
+        difference = opened.manifest.build_difference(manifest)
         if difference is not None:
             what, ours, theirs = difference
             replaced_by = f"another build ({what} {theirs}, this reader's {ours})"
-        elif manifest.prefix_sha256 != self.manifest.prefix_sha256:
+        elif manifest.prefix_sha256 != opened.manifest.prefix_sha256:
             replaced_by = "a store with another prefix cache"
         else:
             return identity, manifest
@@ -328,17 +364,19 @@ class KVStore:
         rebuilt from the catalogue. A reader opened during a write rebuilds the index if rows
         were committed, removed or replaced since.
         """
-        return self._current_index()[0]
+        return self._current_index(self._opened)[0]
 
-    def _current_index(self) -> tuple[VectorIndex, int]:
-        """:meth:`index` with the catalogue generation it covers, read as one pair: threads
-        sharing the store rebuild it in turn, and a search must compare the generation of the
-        index it searched (another thread's newer one let a removed row's number name a new
-        passage)."""
-        count = len(self)
-        generation = self.catalogue.generation()
+    def _current_index(self, opened: _Opened) -> tuple[VectorIndex, int]:
+        """:meth:`index` over ``opened``'s catalogue with the catalogue generation it covers, read
+        as one pair: threads sharing the store rebuild it in turn, and a search must compare the
+        generation of the index it searched (another thread's newer one let a removed row's
+        number name a new passage), and search the index of its own catalogue (one built from
+        a store another thread followed since numbers other passages)."""
+        catalogue = opened.catalogue
+        count = catalogue.count()
+        generation = catalogue.generation()
         current = self._indexed
-        if current is None or current[0].count != count or current[1] != generation:
+        if current is None or current[2] is not catalogue or current[0].count != count or current[1] != generation:
             path = self.path / INDEX
             meta = read_index_meta(self.path)
             loaded = None
@@ -352,20 +390,20 @@ class KVStore:
                     loaded = VectorIndex.load(path)
                 except (RuntimeError, MemoryError):  # FAISS's bad_alloc: an index declaring a huge array
                     loaded = None
-            if loaded is not None and not self._still_open_store():
+            if loaded is not None and not self._still_open_store(opened):
                 loaded = None  # another store's index.faiss: its row numbers name other passages here
             if loaded is None or loaded.count != count:
-                loaded, _ = build_index(self.catalogue)
-            current = self._indexed = (loaded, generation)  # one assignment: never half of a pair
-        return current
+                loaded, _ = build_index(catalogue)
+            current = self._indexed = (loaded, generation, catalogue)  # one assignment: never part of it
+        return current[0], current[1]
 
-    def _still_open_store(self) -> bool:
-        """Whether :attr:`path` is still the directory this reader's catalogue was opened in. The
+    def _still_open_store(self, opened: _Opened) -> bool:
+        """Whether :attr:`path` is still the directory ``opened``'s catalogue was opened in. The
         index files are read by path: a store swapped in after :meth:`search` checked for one (a
         new build with as many rows at the same generation) would otherwise have its index's row
         numbers resolved through this reader's catalogue, answering other passages silently."""
         try:
-            return _directory_identity(self.path) == self._identity
+            return _directory_identity(self.path) == opened.identity
         except OSError:
             return False
 
@@ -376,11 +414,12 @@ class KVStore:
         if type(k) is not int or k < 1:
             raise InputError(f"k (top_k) must be a whole number of passages, at least 1; got {k!r}")
         self.follow_replacement()
+        opened = self._opened  # one store throughout, whichever another thread follows meanwhile
         while True:
-            index, generation = self._current_index()
+            index, generation = self._current_index(opened)
             hits = index.search(query_vector, k)
-            entries = self.catalogue.by_rows([row for row, _ in hits])
-            if self.catalogue.generation() == generation:
+            entries = opened.catalogue.by_rows([row for row, _ in hits])
+            if opened.catalogue.generation() == generation:
                 return [(entries[row], score) for row, score in hits if row in entries]
 
     def stored_bytes(self, entries: list[Entry]) -> int:

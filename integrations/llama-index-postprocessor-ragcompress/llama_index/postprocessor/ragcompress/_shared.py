@@ -225,8 +225,23 @@ def _model_key(ref: str | None, dtype: str | None, device: str | None) -> tuple[
     return str(path.resolve()) if path.is_dir() else ref, dtype or "float32", device or "cpu"
 
 
-@functools.lru_cache(maxsize=8)
+_LOADS: dict[tuple[str, str, str, str], threading.Lock] = {}
+_LOADS_GUARD = threading.Lock()
+
+
 def _load_model(ref: str, dtype: str, device: str, role: str) -> Any:
+    """:func:`_loaded` under a lock of its own per model and role: the first uses of a model come
+    on several worker threads at once (``LocalLLM``'s ``acomplete`` calls in ``asyncio.gather``),
+    and each loaded a copy, one after another, the cache keeping the last. Now the first loads it
+    and the others get that object; a model already loaded waits for no other model's load."""
+    with _LOADS_GUARD:
+        lock = _LOADS.setdefault((ref, dtype, device, role), threading.Lock())
+    with lock:
+        return _loaded(ref, dtype, device, role)
+
+
+@functools.lru_cache(maxsize=8)
+def _loaded(ref: str, dtype: str, device: str, role: str) -> Any:
     """``role`` ``answer`` or ``writer``: two objects with the same weights (see :func:`writer_model`)."""
     from ragcompress.models import load_model
 
