@@ -21,8 +21,8 @@ import os
 import re
 import shutil
 import tempfile
-import warnings
 import threading
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
