@@ -233,7 +233,7 @@ def iter_eval(
     prompt tokenized before on both sides) is one run, not warmed up per question as
     ``ragcompress bench``'s medians are."""
     for number, item in enumerate(questions):
-        raise_if_stopped()  # a SIGTERM whose KeyboardInterrupt a finalizer swallowed
+        raise_if_stopped()  # a SIGTERM or Ctrl-C whose KeyboardInterrupt a finalizer swallowed
         entries = engine.retrieve(item.question, top_k)
         if number % 2 == 0:
             full = engine.answer_full(item.question, entries, options)

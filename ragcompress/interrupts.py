@@ -29,21 +29,26 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 
 def raise_if_stopped() -> None:
-    """Raise again the KeyboardInterrupt of a SIGTERM that Python swallowed. The handler's
+    """Raise again the KeyboardInterrupt of a SIGTERM or Ctrl-C that Python swallowed. The handler's
     exception surfaces wherever the main thread happens to be, and one that lands in a ``__del__``
     or a weakref callback is printed as "Exception ignored" and lost: the run went on to its end
     (an ``index --ray local`` run exited 0 after its whole input). Long loops call this once per
-    unit of work, where stopping is as safe as it is for Ctrl-C; it does nothing until SIGTERM
-    came (and nothing in a process whose SIGTERM this module does not handle)."""
+    unit of work, where stopping is as safe as it is for Ctrl-C; it does nothing until a signal
+    came (and nothing in a process whose signals this module does not handle)."""
     if _stop_requested:
         raise KeyboardInterrupt
 
 
-def interrupt_on_sigterm() -> None:
-    """Make SIGTERM raise ``KeyboardInterrupt`` in the main thread (only it can set a handler;
-    elsewhere this does nothing)."""
+def interrupt_on_stop_signals() -> None:
+    """Make SIGTERM raise ``KeyboardInterrupt`` in the main thread, and let Ctrl-C's be raised
+    again where it was swallowed (:func:`raise_if_stopped`): Python's own SIGINT handler raises it
+    without a record, so it is replaced by one that records it first, where it is still Python's
+    (a handler someone else installed is left alone). Only the main thread can set a handler;
+    elsewhere this does nothing."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, _interrupt)
 
 
 def exit_interrupted() -> NoReturn:

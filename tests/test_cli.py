@@ -875,24 +875,27 @@ def test_sigterm_to_index_is_the_interrupted_line(tmp_path, tiny_model_dir):
     assert verify_store(store).ok
 
 
-class _SwallowsSigterm:
-    """Sends this process SIGTERM from its ``__del__``: the handler's KeyboardInterrupt surfaces
+class _SwallowsSignal:
+    """Sends this process ``signum`` from its ``__del__``: the handler's KeyboardInterrupt surfaces
     there, where Python prints "Exception ignored" and drops it (as in a Ray run, in a regex
     object's finalizer)."""
 
+    def __init__(self, signum):
+        self.signum = signum
+
     def __del__(self):
         import os
-        import signal
         import time
 
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), self.signum)
         time.sleep(0.05)  # the handler runs here
 
 
-def test_a_sigterm_a_finalizer_swallowed_still_stops_index(tmp_path, tiny_model_dir, monkeypatch, capfd):
-    """The one SIGTERM of a scheduler whose KeyboardInterrupt lands in a ``__del__`` was lost and
-    ``index`` ran to its end, exit 0; the next batch now stops it: Ctrl-C's line, 130, a store that
-    verifies with the passages committed before it."""
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_a_stop_signal_a_finalizer_swallowed_still_stops_index(signame, tmp_path, tiny_model_dir, monkeypatch, capfd):
+    """The one SIGTERM of a scheduler, or a Ctrl-C, whose KeyboardInterrupt lands in a ``__del__``
+    was lost and ``index`` ran to its end, exit 0; the next batch now stops it: Ctrl-C's line, 130,
+    a store that verifies with the passages committed before it."""
     import signal
 
     import ragcompress.indexing.run as run
@@ -908,19 +911,20 @@ def test_a_sigterm_a_finalizer_swallowed_still_stops_index(tmp_path, tiny_model_
 
     def past_window_then_sigterm(*args, **kwargs):
         if not swallowed:  # once, after the first batch is committed
-            _SwallowsSigterm()  # dropped at once: its finalizer runs and swallows the interrupt
+            _SwallowsSignal(getattr(signal, signame))  # dropped at once: its finalizer swallows the interrupt
         return original(*args, **kwargs)
 
     monkeypatch.setattr(run, "past_window", past_window_then_sigterm)
     monkeypatch.setattr(interrupts, "_stop_requested", False)  # restored after the test too
     swallowed: list[type] = []
     monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: swallowed.append(unraisable.exc_type))
-    handler = signal.getsignal(signal.SIGTERM)
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         args = ["index", "--input", str(corpus), "--store", str(store), "--batch-size", "2"]
         code, _, err = run_cli([*args, "--model", str(tiny_model_dir("llama"))], monkeypatch, capfd)
     finally:
-        signal.signal(signal.SIGTERM, handler)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
     assert swallowed == [KeyboardInterrupt]  # the interrupt was dropped where it landed
     assert code == 130, err[-2000:]
     assert err.rstrip().splitlines()[-1] == "error: interrupted (run it again: it resumes where it stopped)"

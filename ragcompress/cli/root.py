@@ -14,7 +14,7 @@ import typer
 
 from ragcompress.cli import answer, serve, store, train
 from ragcompress.errors import CorruptSegmentError, InputError, RagCompressError
-from ragcompress.interrupts import INTERRUPTED, interrupt_on_sigterm
+from ragcompress.interrupts import INTERRUPTED, interrupt_on_stop_signals
 from ragcompress.runtime.memory import keep_freed_memory
 
 app = typer.Typer(
@@ -134,7 +134,7 @@ def main() -> None:
     so it keeps freed memory for the next request (:mod:`ragcompress.runtime.memory`)."""
     _escape_unencodable_output()
     keep_freed_memory()
-    interrupt_on_sigterm()  # `kill`, `timeout` or a scheduler stop a run as Ctrl-C does
+    interrupt_on_stop_signals()  # `kill`, `timeout` or a scheduler stop a run as Ctrl-C does
     warnings.formatwarning = _one_line_warning
     try:
         _run()

@@ -72,7 +72,7 @@ def run_steps(
     bar = tqdm(total=config.steps, initial=state.step, desc="training", unit="step", disable=not progress)
     distiller.model.train(False)
     while state.step < config.steps and state.elapsed < budget:
-        raise_if_stopped()  # a SIGTERM whose KeyboardInterrupt a finalizer swallowed
+        raise_if_stopped()  # a SIGTERM or Ctrl-C whose KeyboardInterrupt a finalizer swallowed
         begin = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = config.lr * lr_factor(config, state.step)

@@ -202,7 +202,7 @@ def _compute_examples(
         check_teacher_file(partial, saved, distiller, k, data_sha256)
         done = {e["qid"]: Example(**e) for e in saved["examples"]}
     for example_id, question, passages in tqdm(planned, desc=desc, unit="example", disable=not progress):
-        raise_if_stopped()  # a SIGTERM whose KeyboardInterrupt a finalizer swallowed
+        raise_if_stopped()  # a SIGTERM or Ctrl-C whose KeyboardInterrupt a finalizer swallowed
         if example_id not in done:
             done[example_id] = distiller.teacher(example_id, passages, question, keep_full)
             save_tree(

@@ -71,7 +71,7 @@ from ragcompress.indexing.run import (
     stale_chunks,
     update_fields,
 )
-from ragcompress.interrupts import interrupt_on_sigterm, raise_if_stopped
+from ragcompress.interrupts import interrupt_on_stop_signals, raise_if_stopped
 from ragcompress.models import LoadedModel, load_model
 from ragcompress.retrieval import past_window
 from ragcompress.store import KVStore, StoreWriter
@@ -254,7 +254,7 @@ def _connect(address: str, cpus: int, gpus: bool = False) -> None:
                 ray.init(address=address, **kwargs)
             # SIGTERM as Ctrl-C (one line, exit 130), set after ray.init: the driver Ray starts installs
             # a handler of its own that dumped a C++ stack and aborted the process (SIGABRT)
-            interrupt_on_sigterm()
+            interrupt_on_stop_signals()
         except (ConnectionError, ValueError, RuntimeError) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             if address == "local":
@@ -526,7 +526,7 @@ def index_on_ray(
                 )
                 with _ray_data_settings() if items else nullcontext():  # a rerun with nothing to do imports no Ray Data
                     for number, rows, batch_past in results:
-                        raise_if_stopped()  # a SIGTERM whose KeyboardInterrupt a finalizer swallowed
+                        raise_if_stopped()  # a SIGTERM or Ctrl-C whose KeyboardInterrupt a finalizer swallowed
                         if number != next(expected):  # commits must follow input order (row numbers)
                             raise StoreError(
                                 f"ray returned batch {number} out of order; nothing after it was committed"

@@ -448,7 +448,7 @@ def _write(
     try:
         with StoreWriter(target) as writer, indexing_run(target, total) as finished:
             for batch in _batches(iter_passages(input_path), batch_size):
-                raise_if_stopped()  # a SIGTERM whose KeyboardInterrupt a finalizer swallowed
+                raise_if_stopped()  # a SIGTERM or Ctrl-C whose KeyboardInterrupt a finalizer swallowed
                 count_chunks(chunks, batch)
                 known = writer.known_of([p.id for p in batch])
                 unchanged = {p.id for p in batch if known.get(p.id) == p.text_sha}
