@@ -685,3 +685,27 @@ def test_a_reader_that_follows_a_swap_closes_the_old_catalogue_when_no_search_us
             assert open_catalogue_files() == before
     finally:
         gc.enable()
+
+
+def test_a_catalogue_that_fails_to_open_leaves_no_connection_open(tmp_path):
+    """A catalogue refused by its schema check (a newer ragcompress's, or damage) kept its
+    connection open until the cycle collector ran: a server opening many such stores ran out of
+    file descriptors. The failed constructor's catalogue now closes it as it is dropped."""
+    import os
+    import sqlite3
+
+    from ragcompress.errors import StoreError
+    from ragcompress.store.catalogue import CATALOGUE, Catalogue
+
+    path = tmp_path / CATALOGUE
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE passages (id TEXT, other BLOB)")
+    db.close()
+
+    def open_catalogue_files():
+        return [fd for fd in os.listdir("/proc/self/fd") if os.path.realpath(f"/proc/self/fd/{fd}") == str(path)]
+
+    assert open_catalogue_files() == []
+    with pytest.raises(StoreError, match="catalogue"):
+        Catalogue(tmp_path, readonly=True)
+    assert open_catalogue_files() == []
