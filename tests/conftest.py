@@ -1,9 +1,10 @@
-"""Shared fixtures: tiny random models (no downloads) and small passage files."""
+"""Shared fixtures: tiny random models (no downloads), small passage files and a small store."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,25 @@ def embedder():
     from ragcompress.retrieval import Embedder
 
     return Embedder()
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_lm) -> Path:
+    """A store of ``test_store_reliability``'s passages, indexed once per module that asks for it
+    (modules with a store of their own define ``built`` or ``store`` themselves)."""
+    from test_store_reliability import N_PASSAGES, _index, _texts, _write
+
+    store = tmp_path_factory.mktemp("built") / "store"
+    _index(tiny_lm, _write(store.parent / "passages.jsonl", _texts(N_PASSAGES)), store)
+    return store
+
+
+@pytest.fixture
+def store(built, tmp_path) -> Path:
+    """A fresh copy of :func:`built` at ``tmp_path/store`` for a test to change."""
+    copy = tmp_path / "store"
+    shutil.copytree(built, copy)
+    return copy
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:
