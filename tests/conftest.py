@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 from pathlib import Path
@@ -103,6 +104,26 @@ def store(built, tmp_path) -> Path:
     copy = tmp_path / "store"
     shutil.copytree(built, copy)
     return copy
+
+
+@pytest.fixture(scope="module")
+def interpreter():
+    """A worker process whose Triton was imported with ``TRITON_INTERPRET=1``, one per module that
+    asks for it: Triton decides at import whether kernels are interpreted, so the variable must be
+    set before the worker imports it, and this process never runs under the interpreter."""
+    pytest.importorskip("triton")
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        pool = multiprocessing.get_context("spawn").Pool(1)
+    finally:
+        if saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+    yield pool
+    pool.terminate()
+    pool.join()
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:
