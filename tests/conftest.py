@@ -1,9 +1,11 @@
-"""Shared fixtures: tiny random models (no downloads) and small passage files."""
+"""Shared fixtures: tiny random models (no downloads), small passage files and a small store."""
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -83,6 +85,45 @@ def embedder():
     from ragcompress.retrieval import Embedder
 
     return Embedder()
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_lm) -> Path:
+    """A store of ``test_store_reliability``'s passages, indexed once per module that asks for it
+    (modules with a store of their own define ``built`` or ``store`` themselves)."""
+    from test_store_reliability import N_PASSAGES, _index, _texts, _write
+
+    store = tmp_path_factory.mktemp("built") / "store"
+    _index(tiny_lm, _write(store.parent / "passages.jsonl", _texts(N_PASSAGES)), store)
+    return store
+
+
+@pytest.fixture
+def store(built, tmp_path) -> Path:
+    """A fresh copy of :func:`built` at ``tmp_path/store`` for a test to change."""
+    copy = tmp_path / "store"
+    shutil.copytree(built, copy)
+    return copy
+
+
+@pytest.fixture(scope="module")
+def interpreter():
+    """A worker process whose Triton was imported with ``TRITON_INTERPRET=1``, one per module that
+    asks for it: Triton decides at import whether kernels are interpreted, so the variable must be
+    set before the worker imports it, and this process never runs under the interpreter."""
+    pytest.importorskip("triton")
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        pool = multiprocessing.get_context("spawn").Pool(1)
+    finally:
+        if saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+    yield pool
+    pool.terminate()
+    pool.join()
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from ragcompress.data import SAMPLE_PASSAGES, SAMPLE_QUESTIONS
+from ragcompress.distill import synthetic
 from ragcompress.distill import teacher as teacher_module
 from ragcompress.distill.adaptor import Adaptor
 from ragcompress.distill.distiller import MAX_ANSWER, Distiller
@@ -198,56 +199,51 @@ def test_every_planned_example_is_checked_where_it_is_planned(tiny_model_dir, tm
 LONG_TEXT = " ".join(f"Sentence number {i} tells about the long essay on rivers and mountains." for i in range(40))
 
 
-def test_an_extra_passage_past_the_positions_is_refused_before_its_question_is_written(
-    tiny_model_dir, tmp_path, monkeypatch, no_teacher
+@pytest.mark.parametrize(
+    "stage, record, extra, options, refusal",
+    [
+        pytest.param(
+            "ragcompress.distill.synthetic.write_question",
+            {"id": "essay#0", "title": "essay", "text": LONG_TEXT},
+            True,
+            {},
+            r"^passage essay#0 needs \d+ positions for the question the base model writes about it \(the passage, "
+            rf"the request and {synthetic.MAX_QUESTION_TOKENS} question tokens\), but .* handles 384; split it$",
+            id="extra-passage-question",
+        ),
+        pytest.param(
+            "ragcompress.indexing.calibrate.fit_calibration_basis",
+            {"id": "Victoria_(Australia)#99", "title": "Victoria_(Australia)", "text": LONG_TEXT},
+            False,
+            {"quant": "int4", "kv_rank": 8, "calibration_passages": 4},
+            r"^passage Victoria_\(Australia\)#99 needs \d+ positions to be encoded for the --kv-rank student's "
+            r"basis \(the prefix and the passage: the first 4 training passages, --calibration-passages\), but .* "
+            r"handles 384; split it$",
+            id="kv-rank-calibration-passage",
+        ),
+    ],
+)
+def test_a_passage_the_base_model_reads_alone_past_the_positions_is_refused_before_it_is_read(
+    tiny_model_dir, tmp_path, monkeypatch, no_teacher, stage, record, extra, options, refusal
 ):
-    """``--extra-passages``: the base model writes a question about each chosen passage from a
-    prompt of the passage, the request and its answer. A passage past the positions had its question
-    written unchecked (LongRoPE's long factors: a question from another model than the one
-    trained) and the run went on; refused before any question is written, by the passage's id."""
-    from ragcompress.distill import synthetic
+    """Two steps of train run the base model on one passage. ``--extra-passages``: it writes a
+    question about each chosen passage from a prompt of the passage, the request and its answer.
+    ``--kv-rank``: the student's basis is fitted on the first ``--calibration-passages`` training
+    passages, each encoded alone after the prefix. A passage past the positions went through
+    either unchecked (LongRoPE's long factors: a question from another model than the one trained,
+    a basis fitted on what the runtime never serves) and the run went on; refused before the step,
+    by the passage's id. An ``extra`` passage comes in a file of its own, a training one first in
+    the training passages."""
 
     def refused(*args, **kwargs):
-        raise AssertionError("a question was written")
+        raise AssertionError(f"{stage} ran")
 
-    monkeypatch.setattr(synthetic, "write_question", refused)
-    extra = tmp_path / "extra.jsonl"
-    extra.write_text(json.dumps({"id": "essay#0", "title": "essay", "text": LONG_TEXT}) + "\n")
+    monkeypatch.setattr(stage, refused)
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps(record) + "\n" + ("" if extra else SAMPLE_PASSAGES.read_text()))
+    config = dataclasses.replace(CONFIG, **options, **({"extra_passages": str(long)} if extra else {}))
     lm = longrope(tiny_model_dir, 384)
     out = tmp_path / "run"
-    with pytest.raises(
-        InputError,
-        match=rf"^passage essay#0 needs \d+ positions for the question the base model writes about it \(the passage, "
-        rf"the request and {synthetic.MAX_QUESTION_TOKENS} question tokens\), but .* handles 384; split it$",
-    ):
-        train(lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, out, dataclasses.replace(CONFIG, extra_passages=str(extra)), False)
-    assert not out.exists()
-
-
-def test_a_calibration_passage_past_the_positions_is_refused_before_the_basis_is_fitted(
-    tiny_model_dir, tmp_path, monkeypatch, no_teacher
-):
-    """``--kv-rank``: the student's basis is fitted on the first ``--calibration-passages``
-    training passages, each encoded alone after the prefix. One past the positions was encoded
-    unchecked (with LongRoPE's long factors) into the basis and the run went on; refused before
-    the basis is fitted, by the passage's id."""
-    from ragcompress.indexing import calibrate
-
-    def refused(*args, **kwargs):
-        raise AssertionError("the basis was fitted")
-
-    monkeypatch.setattr(calibrate, "fit_calibration_basis", refused)
-    passages = tmp_path / "passages.jsonl"
-    record = {"id": "Victoria_(Australia)#99", "title": "Victoria_(Australia)", "text": LONG_TEXT}
-    passages.write_text(json.dumps(record) + "\n" + SAMPLE_PASSAGES.read_text())
-    lm = longrope(tiny_model_dir, 384)
-    out = tmp_path / "run"
-    config = dataclasses.replace(CONFIG, quant="int4", kv_rank=8, calibration_passages=4)
-    with pytest.raises(
-        InputError,
-        match=r"^passage Victoria_\(Australia\)#99 needs \d+ positions to be encoded for the --kv-rank student's "
-        r"basis \(the prefix and the passage: the first 4 training passages, --calibration-passages\), but .* "
-        r"handles 384; split it$",
-    ):
-        train(lm, passages, SAMPLE_QUESTIONS, out, config, progress=False)
+    with pytest.raises(InputError, match=refusal):
+        train(lm, SAMPLE_PASSAGES if extra else long, SAMPLE_QUESTIONS, out, config, progress=False)
     assert not out.exists()

@@ -98,10 +98,29 @@ def test_wellformed_records_round_trip_or_are_refused_by_rule(tmp_path, rows):
         assert [(p.id, p.text) for p in passages] == [(pid, text) for pid, text, _ in rows]
 
 
-def test_a_title_that_is_not_a_string_is_refused_not_dropped(tmp_path):
-    path = tmp_path / "t.jsonl"
-    path.write_text('{"id": "a", "text": "x y", "title": null}\n{"id": "b", "text": "x y", "title": 5}\n')
-    with pytest.raises(InputError, match=r"t.jsonl:2: passage 'b' has a \"title\" that is not a string \(5\)"):
+@pytest.mark.parametrize(
+    "content, refusal",
+    [
+        pytest.param(
+            b'{"id": "a", "text": "x y", "title": null}\n{"id": "b", "text": "x y", "title": 5}\n',
+            r":2: passage 'b' has a \"title\" that is not a string \(5\)",
+            id="title-not-a-string-refused-not-dropped",
+        ),
+        pytest.param(
+            b'{"id": "a", "text": "fine"}\n{"id": "b", "text": "half \\ud83d pair"}\n',
+            r":2: holds an unpaired UTF-16 surrogate",
+            id="lone-surrogate",
+        ),
+        pytest.param(
+            b'{"id": "a", "text": "ok"}\n{"id": "b", "text": "caf\xe9"}\n', r":2: not valid UTF-8", id="not-utf8"
+        ),
+        pytest.param(b"[" * 100_000 + b"]" * 100_000 + b"\n", r":1", id="deeply-nested-json"),
+    ],
+)
+def test_a_bad_line_is_an_input_error_naming_the_file_and_line(tmp_path, content, refusal):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(InputError, match=r"bad\.jsonl" + refusal):
         validate(path)
 
 
@@ -152,20 +171,6 @@ def test_chunking_and_embedder_settings_no_loop_or_later_failure_can_use_are_ref
             chunk_text("one two", words)
     with pytest.raises(ValueError, match="embedder must name a sentence-transformers model"):
         IndexConfig(embedder="  ")
-
-
-def test_lone_surrogate_is_named(tmp_path):
-    path = tmp_path / "s.jsonl"
-    path.write_text('{"id": "a", "text": "fine"}\n{"id": "b", "text": "half \\ud83d pair"}\n')
-    with pytest.raises(InputError, match=r"s.jsonl:2: holds an unpaired UTF-16 surrogate"):
-        validate(path)
-
-
-def test_non_utf8_is_named_with_line(tmp_path):
-    path = tmp_path / "b.jsonl"
-    path.write_bytes(b'{"id": "a", "text": "ok"}\n{"id": "b", "text": "caf\xe9"}\n')
-    with pytest.raises(InputError, match=r"b.jsonl:2: not valid UTF-8"):
-        validate(path)
 
 
 def test_byte_order_mark_is_accepted(tmp_path):
@@ -285,13 +290,6 @@ def test_overlong_line_is_refused_without_reading_it_whole(tmp_path, monkeypatch
     path = tmp_path / "long.jsonl"
     path.write_text('{"id": "a", "text": "short"}\n' + json.dumps({"id": "b", "text": "x" * 5000}) + "\n")
     with pytest.raises(InputError, match=r"long.jsonl:2: line is longer than"):
-        validate(path)
-
-
-def test_deeply_nested_json_is_an_input_error(tmp_path):
-    path = tmp_path / "deep.jsonl"
-    path.write_text("[" * 100_000 + "]" * 100_000 + "\n")
-    with pytest.raises(InputError, match="deep.jsonl:1"):
         validate(path)
 
 

@@ -9,8 +9,6 @@ the case functions below and returns errors / token ids, which are asserted here
 from __future__ import annotations
 
 import dataclasses
-import multiprocessing
-import os
 from pathlib import Path
 
 import pytest
@@ -135,24 +133,6 @@ def answer_both_backends(model_ref: str, store: str, questions: list[str], top_k
         out["assembled"].append(engine.answer_cached(question, entries).token_ids)
     engine.close()
     return out
-
-
-@pytest.fixture(scope="module")
-def interpreter():
-    """A worker process whose Triton was imported with ``TRITON_INTERPRET=1``."""
-    pytest.importorskip("triton")
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        pool = multiprocessing.get_context("spawn").Pool(1)
-    finally:
-        if saved is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
-    yield pool
-    pool.terminate()
-    pool.join()
 
 
 def test_a_layout_the_kernel_would_misread_is_refused():

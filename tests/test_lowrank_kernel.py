@@ -7,9 +7,6 @@ Kernel cases run in one worker process started with ``TRITON_INTERPRET=1`` (as i
 
 from __future__ import annotations
 
-import multiprocessing
-import os
-
 import pytest
 import torch
 
@@ -215,24 +212,6 @@ CASES = {
         splits=[None, 2],
     ),  # fmt: skip
 }
-
-
-@pytest.fixture(scope="module")
-def interpreter():
-    """A worker process whose Triton was imported with ``TRITON_INTERPRET=1``."""
-    pytest.importorskip("triton")
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        pool = multiprocessing.get_context("spawn").Pool(1)
-    finally:
-        if saved is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
-    yield pool
-    pool.terminate()
-    pool.join()
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -514,10 +514,20 @@ def test_a_client_that_gave_up_frees_its_queue_place(engine):
         release.set()
 
 
-def test_a_batched_request_whose_client_left_counts_the_tokens_it_generated(engine):
-    """A row dropped from a batch (its client went away) is reported as a lone cancelled request
-    is: ``ragcompress_generated_tokens_total`` counts the tokens decoded for it before the drop,
-    and the rows beside it finish as before."""
+@pytest.mark.parametrize(
+    "first, second",
+    [
+        pytest.param({"stream": True}, {"stream": True}, id="left-after-its-first-token"),
+        pytest.param({"max_tokens": 1}, {}, id="left-during-its-last-step"),
+    ],
+)
+def test_a_batched_request_whose_client_left_is_finished_once_with_the_tokens_it_generated(engine, first, second):
+    """A row dropped from a batch (its client went away once its first token was out) is reported
+    as a lone cancelled request is: ``ragcompress_generated_tokens_total`` counts the tokens
+    decoded for it before the drop, and the row beside it finishes as before. A client that left
+    while its row decoded its last token (``max_tokens`` 1: its first token is its last) got two
+    ``done`` events and its tokens, latency and batch counted twice: the row was dropped and
+    finished, then the batch reported it finished once more."""
     from ragcompress.serve.protocol import parse_chat
 
     with in_process(engine, max_batch=4) as (_, app):
@@ -532,37 +542,7 @@ def test_a_batched_request_whose_client_left_counts_the_tokens_it_generated(engi
 
             return emit
 
-        queries = [parse_chat(chat(q, stream=True), service.settings, MAX_NEW) for q in QUESTIONS[:2]]
-        jobs = [Job(lambda engine, job: None, emitter(i), queries[i]) for i in range(2)]
-        before = service.metrics.tokens._value.get()
-        service.answer_batch(engine, jobs)
-        counted = service.metrics.tokens._value.get() - before
-        done = [[e[1] for e in events if e[0] == "done"] for events in seen]
-        assert len(done[0]) == 1 and len(done[1]) == 1, seen
-        assert len(done[0][0].token_ids) == 1 and done[0][0].batch == 2
-        assert done[1][0].token_ids == expected(engine, QUESTIONS[1]).token_ids
-        assert counted == 1 + len(done[1][0].token_ids)
-
-
-def test_a_batched_request_whose_client_left_during_its_last_step_is_finished_once(engine):
-    """A client that leaves while its row decodes its last token (``max_tokens`` reached) got two
-    ``done`` events and its tokens, latency and batch counted twice: the row was dropped and
-    finished, then the batch reported it finished once more."""
-    from ragcompress.serve.protocol import parse_chat
-
-    with in_process(engine, max_batch=4) as (_, app):
-        service = app.state.service
-        seen: list[list] = [[], []]
-
-        def emitter(i: int):
-            def emit(event):
-                seen[i].append(event)
-                if i == 0 and event[0] == "started":
-                    jobs[0].cancel()  # its first token is its last (max_tokens 1)
-
-            return emit
-
-        bodies = [chat(QUESTIONS[0], max_tokens=1), chat(QUESTIONS[1])]
+        bodies = [chat(QUESTIONS[0], **first), chat(QUESTIONS[1], **second)]
         queries = [parse_chat(body, service.settings, MAX_NEW) for body in bodies]
         jobs = [Job(lambda engine, job: None, emitter(i), queries[i]) for i in range(2)]
         before = service.metrics.tokens._value.get()
@@ -571,6 +551,7 @@ def test_a_batched_request_whose_client_left_during_its_last_step_is_finished_on
         done = [[e[1] for e in events if e[0] == "done"] for events in seen]
         assert len(done[0]) == 1 and len(done[1]) == 1, seen
         assert len(done[0][0].token_ids) == 1 and done[0][0].batch == 2
+        assert done[1][0].token_ids == expected(engine, QUESTIONS[1]).token_ids
         assert counted == 1 + len(done[1][0].token_ids)
 
 

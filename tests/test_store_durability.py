@@ -24,20 +24,6 @@ from ragcompress.store.writer import StoreLock, StoreWriter
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, tiny_lm):
-    store = tmp_path_factory.mktemp("built") / "store"
-    _index(tiny_lm, _write(store.parent / "passages.jsonl", _texts(N_PASSAGES)), store)
-    return store
-
-
-@pytest.fixture
-def store(built, tmp_path):
-    copy = tmp_path / "store"
-    shutil.copytree(built, copy)
-    return copy
-
-
-@pytest.fixture(scope="module")
 def stopped_run(tmp_path_factory, tiny_lm):
     """A store whose indexing run failed midway in this (still running) process."""
     store = tmp_path_factory.mktemp("stopped") / "store"

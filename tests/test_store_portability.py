@@ -32,20 +32,6 @@ from ragcompress.store.verify import verify_store
 from ragcompress.store.writer import StoreLock, StoreWriter
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory, tiny_lm):
-    store = tmp_path_factory.mktemp("built") / "store"
-    _index(tiny_lm, _write(store.parent / "passages.jsonl", _texts(N_PASSAGES)), store)
-    return store
-
-
-@pytest.fixture
-def store(built, tmp_path):
-    copy = tmp_path / "store"
-    shutil.copytree(built, copy)
-    return copy
-
-
 @pytest.fixture
 def read_only_place(monkeypatch):
     """Every read-only SQLite connection this process opens cannot create or write the catalogue's
