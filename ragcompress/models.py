@@ -417,12 +417,13 @@ def usable_device(device: Any) -> Any:
     return parsed
 
 
-# Held by :func:`load_model`, so that a process's model loads run one at a time: transformers'
-# loading is not thread-safe. It imports a model class lazily on first use (two threads at once:
-# "cannot import name 'AutoModelForCausalLM'"), and from_pretrained swaps torch's init functions
-# process-wide while it builds the model on the meta device (two loads at once restored each
-# other's patches: "Cannot copy out of meta tensor" in every load).
-_LOADING = threading.Lock()
+# Held by :func:`load_model` and by the embedder's first load (``retrieval.Embedder``), so that a
+# process's model loads run one at a time: transformers' loading is not thread-safe. It imports a
+# model class lazily on first use (two threads at once, or a causal LM's load while
+# sentence-transformers imports: "cannot import name 'AutoModelForCausalLM'"), and from_pretrained
+# swaps torch's init functions process-wide while it builds the model on the meta device (two
+# loads at once restored each other's patches: "Cannot copy out of meta tensor" in every load).
+LOADING = threading.Lock()
 
 
 def load_model(ref: str | None = None, *, dtype: Any = None, device: Any = None) -> LoadedModel:
@@ -436,10 +437,10 @@ def load_model(ref: str | None = None, *, dtype: Any = None, device: Any = None)
     path by default; the fused Triton kernel on CUDA with ``backend="packed-triton"``), and so do
     indexing's forwards (compression and the store's writer work on the CPU).
 
-    Any thread may call it; loads run one at a time (``_LOADING``), each returning a model of
+    Any thread may call it; loads run one at a time (:data:`LOADING`), each returning a model of
     its own (callers that share one cache it, as the LlamaIndex components do).
     """
-    with _LOADING:
+    with LOADING:
         return _load_model(ref, dtype, device)
 
 

@@ -502,3 +502,52 @@ def test_threads_loading_models_at_once_each_get_one(tiny_model_dir):
     )
     assert ran.returncode == 0, ran.stderr[-3000:]
     assert ran.stdout.strip().splitlines()[-1] == str(["LlamaForCausalLM"] * 3)
+
+
+# The embedder loads on one thread of a fresh interpreter; a causal LM (argv[1]) loads on another
+# once the embedder's import of transformers has begun; prints what each got.
+_LOAD_BESIDE_THE_EMBEDDER = """
+import sys, threading, time
+
+import torch  # imported first, so that the threads meet at transformers' lazy imports
+
+from ragcompress.models import load_model
+from ragcompress.retrieval import Embedder
+
+outcomes = []
+
+def load(what):
+    try:
+        outcomes.append(what())
+    except Exception as exc:
+        outcomes.append(f"{type(exc).__name__}: {exc}")
+
+def load_model_once_the_embedder_imports():
+    while "transformers" not in sys.modules:
+        time.sleep(0.001)
+    return type(load_model(sys.argv[1]).model).__name__
+
+threads = [
+    threading.Thread(target=load, args=(lambda: Embedder().window,)),
+    threading.Thread(target=load, args=(load_model_once_the_embedder_imports,)),
+]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+print(sorted(map(str, outcomes)))
+"""
+
+
+def test_a_model_loading_while_the_embedder_loads_gets_one(tiny_model_dir):
+    """The embedder loaded without the lock model loads take: a causal LM's load on another thread
+    while sentence-transformers imported transformers failed ("cannot import name
+    'AutoModelForCausalLM'"; the server and the LlamaIndex components load both on first use)."""
+    ran = subprocess.run(
+        [sys.executable, "-c", _LOAD_BESIDE_THE_EMBEDDER, str(tiny_model_dir("llama"))],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert ran.stdout.strip().splitlines()[-1] == str(["256", "LlamaForCausalLM"])
