@@ -91,8 +91,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     options = answer_options(args.preset).replace(max_new_tokens=1, calibrate=False)
     questions = pick_questions(args.questions, args.sample, set(args.articles))
-    # its first-token columns are answers: none from an article the store's adaptor was trained on
-    adaptors = store_adaptors({"store": args.store}, {question_article(q) for q in questions})
+    # its first-token columns are answers: none from an article the store's adaptor was trained on;
+    # the store is named by its folder in what store_adaptors says ("store NAME: ...")
+    name = Path(args.store).resolve().name
+    adaptors = store_adaptors({name: args.store}, {question_article(q) for q in questions})
     engines = {d: Engine.open(args.store, options=options, dtype=d) for d in args.dtypes}
     try:
         for engine in engines.values():
@@ -106,7 +108,7 @@ def main() -> None:
         "preset": args.preset,
         "top_k": args.top_k,
         **({"articles": sorted(args.articles)} if args.articles else {}),
-        **({"adaptor": adaptors["store"]} if adaptors else {}),
+        **({"adaptor": adaptors[name]} if adaptors else {}),
         "meta": {
             **results_meta(
                 {**vars(args), "questions": len(questions), "repeats": 1, "model": engines[args.dtypes[0]].lm.ref}

@@ -55,8 +55,10 @@ The code is the package ``benchmarks/reporting/``, one module per family of resu
 renderer), ``documents`` (finding, rendering and checking blocks) and ``cli``; this file is the
 command and keeps the names tests and scripts import from ``report``. New code imports from the
 module a name lives in. It imports the standard library, ``ragcompress.stats``,
-``ragcompress.provenance`` and ``benchmarks/frontier_rows.py`` only (no torch: it runs in a
-fraction of a second; ``tests/test_report.py`` runs it in-process).
+``ragcompress.provenance`` and ``benchmarks/frontier_rows.py``; the ``ttft-curve`` block's
+renderer imports ``ragcompress.bench`` (the table ``ragcompress bench`` prints), and with it torch
+and transformers, which is most of a ``--check`` run: about 5 s of CPU (12 s on two busy cores).
+``tests/test_report.py`` runs it in-process.
 """
 
 from __future__ import annotations

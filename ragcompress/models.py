@@ -205,17 +205,20 @@ def _cached_sha256(path: Path) -> str:
     """sha256 of a large file, remembered by (path, size, mtime, inode, ctime) so it is computed
     once. The inode and ctime are in the key because copies that keep the mtime (``cp -p``,
     ``rsync -a``, image layers with fixed timestamps) can bring other weights of the same size.
-    A memo that cannot be written (a cache prepared once and mounted read-only) is a warning: the
-    hash is still returned, computed again by the next process."""
+    A memo that cannot be read (another user's, made under a private umask; corrupt) or written
+    (a cache prepared once and mounted read-only) is one warning: the hash is still returned,
+    computed again by the next process."""
     stat = path.stat()
     memo = cache_dir() / "sha256.json"
     key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}|{stat.st_ctime_ns}"
-    known: dict[str, str] = {}
-    if memo.is_file():
-        try:
-            known = json.loads(memo.read_text())
-        except ValueError:
-            known = {}
+    known, unreadable = _read_memo(memo)
+    if unreadable is not None:
+        warnings.warn(
+            f"cannot use {memo} ({unreadable}); weights are hashed again "
+            "(set RAGCOMPRESS_CACHE to a folder of your own to keep their hashes)",
+            UserWarning,
+            stacklevel=2,
+        )
     if key not in known:
         known = {k: v for k, v in known.items() if _memo_key_live(k)}
         known[key] = sha256_file(path)
@@ -225,13 +228,31 @@ def _cached_sha256(path: Path) -> str:
             tmp.write_text(json.dumps(known, indent=1))
             os.replace(tmp, memo)
         except OSError as exc:  # a cache prepared once and mounted read-only: the memo only saves time
-            warnings.warn(
-                f"cannot write {memo} ({exc.strerror or exc}); weights are hashed again at every load "
-                "(set RAGCOMPRESS_CACHE to a writable folder to keep their hashes)",
-                UserWarning,
-                stacklevel=2,
-            )
+            if unreadable is None:  # a memo neither readable nor writable is told of once
+                warnings.warn(
+                    f"cannot write {memo} ({exc.strerror or exc}); weights are hashed again at every load "
+                    "(set RAGCOMPRESS_CACHE to a writable folder to keep their hashes)",
+                    UserWarning,
+                    stacklevel=2,
+                )
     return known[key]
+
+
+def _read_memo(memo: Path) -> tuple[dict[str, str], str | None]:
+    """The hashes ``sha256.json`` remembers, and why it cannot be used (None when it can or does
+    not exist yet). A memo another user wrote under a private umask, or one that is no JSON object
+    of hashes, crashed every model load; it only saves time, so it then counts as empty."""
+    if not memo.is_file():
+        return {}, None
+    try:
+        known = json.loads(memo.read_text())
+    except OSError as exc:
+        return {}, exc.strerror or str(exc)
+    except ValueError:  # UnicodeDecodeError included
+        return {}, "not JSON"
+    if not isinstance(known, dict) or not all(isinstance(value, str) for value in known.values()):
+        return {}, "not a JSON object of hashes"
+    return known, None
 
 
 def _memo_key_live(key: str) -> bool:
@@ -396,12 +417,13 @@ def usable_device(device: Any) -> Any:
     return parsed
 
 
-# Held by :func:`load_model`, so that a process's model loads run one at a time: transformers'
-# loading is not thread-safe. It imports a model class lazily on first use (two threads at once:
-# "cannot import name 'AutoModelForCausalLM'"), and from_pretrained swaps torch's init functions
-# process-wide while it builds the model on the meta device (two loads at once restored each
-# other's patches: "Cannot copy out of meta tensor" in every load).
-_LOADING = threading.Lock()
+# Held by :func:`load_model` and by the embedder's first load (``retrieval.Embedder``), so that a
+# process's model loads run one at a time: transformers' loading is not thread-safe. It imports a
+# model class lazily on first use (two threads at once, or a causal LM's load while
+# sentence-transformers imports: "cannot import name 'AutoModelForCausalLM'"), and from_pretrained
+# swaps torch's init functions process-wide while it builds the model on the meta device (two
+# loads at once restored each other's patches: "Cannot copy out of meta tensor" in every load).
+LOADING = threading.Lock()
 
 
 def load_model(ref: str | None = None, *, dtype: Any = None, device: Any = None) -> LoadedModel:
@@ -415,10 +437,10 @@ def load_model(ref: str | None = None, *, dtype: Any = None, device: Any = None)
     path by default; the fused Triton kernel on CUDA with ``backend="packed-triton"``), and so do
     indexing's forwards (compression and the store's writer work on the CPU).
 
-    Any thread may call it; loads run one at a time (``_LOADING``), each returning a model of
+    Any thread may call it; loads run one at a time (:data:`LOADING`), each returning a model of
     its own (callers that share one cache it, as the LlamaIndex components do).
     """
-    with _LOADING:
+    with LOADING:
         return _load_model(ref, dtype, device)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ragcompress.errors import ModelError, StoreMismatchError
+from ragcompress.models import LOADING, quiet_progress
 
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
 
@@ -72,36 +72,38 @@ class Embedder:
     def __init__(self, name: str = DEFAULT_EMBEDDER) -> None:
         self.name = embedder_name(name)
         self._model: Any = None
-        self._loading = threading.Lock()  # threads of one server share an embedder: loaded once
 
-    def __getstate__(self) -> dict[str, Any]:  # the name only: a lock and a loaded model do not pickle
+    def __getstate__(self) -> dict[str, Any]:  # the name only: a loaded model does not pickle
         return {"name": self.name}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["name"])  # type: ignore[misc]
 
     def _load(self) -> Any:
-        with self._loading:
-            return self._load_once()
-
-    def _load_once(self) -> Any:
+        """The model, loaded under the process's model-loading lock (:data:`ragcompress.models.LOADING`):
+        threads of one server share an embedder (loaded once), and a causal LM loading in another
+        thread while sentence-transformers imported transformers failed ("cannot import name
+        'AutoModelForCausalLM'")."""
         if self._model is None:
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            from sentence_transformers import SentenceTransformer
-
-            from ragcompress.models import quiet_progress
-
-            path = _embedder_path(self.name)
-            try:
-                with quiet_progress():
-                    self._model = SentenceTransformer(path, device="cpu", trust_remote_code=False)
-            except (OSError, ValueError, KeyError, RuntimeError) as exc:
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise ModelError(
-                    f"embedder {self.name!r} did not load ({first}); check the directory is a "
-                    "sentence-transformers model, or index with another --embedder"
-                ) from exc
+            with LOADING:
+                if self._model is None:
+                    self._model = self._load_unlocked()
         return self._model
+
+    def _load_unlocked(self) -> Any:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from sentence_transformers import SentenceTransformer
+
+        path = _embedder_path(self.name)
+        try:
+            with quiet_progress():
+                return SentenceTransformer(path, device="cpu", trust_remote_code=False)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(
+                f"embedder {self.name!r} did not load ({first}); check the directory is a "
+                "sentence-transformers model, or index with another --embedder"
+            ) from exc
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """``[len(texts), dim]`` float32, unit norm."""

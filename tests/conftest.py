@@ -156,3 +156,10 @@ def require_squad() -> None:
     if os.environ.get("RAGCOMPRESS_REQUIRE_REAL_DATA") == "1":
         pytest.fail(f"{message}, and RAGCOMPRESS_REQUIRE_REAL_DATA=1 requires the real-data tests to run")
     pytest.skip(message)
+
+
+def as_another_uid() -> list[str] | None:
+    """The command prefix that runs a process as uid 65534 (``setpriv``, as root), or None."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        return None
+    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
 from ragcompress import models
 from ragcompress.errors import ModelError
+
+from conftest import as_another_uid
 
 
 def test_unknown_model_names_the_embedded_ones(tmp_path):
@@ -356,6 +362,59 @@ def test_a_sha256_memo_that_cannot_be_written_is_a_warning_not_an_error(tmp_path
     assert not (tmp_path / "cache" / "sha256.json").exists()
 
 
+@pytest.mark.parametrize("content", [b"{not json", b"\xff", b"[]", b"5", b'{"key": 5}'])
+def test_a_corrupt_sha256_memo_is_a_warning_and_is_written_again(tmp_path, monkeypatch, content):
+    """A memo that was no JSON object of hashes (a list, a number) crashed every model load with
+    an AttributeError or TypeError. It only saves time: it counts as empty, one line says so, and
+    the next write replaces it."""
+    monkeypatch.setenv("RAGCOMPRESS_CACHE", str(tmp_path / "cache"))
+    weights = tmp_path / "weights"
+    weights.write_bytes(b"weights")
+    memo = tmp_path / "cache" / "sha256.json"
+    memo.parent.mkdir()
+    memo.write_bytes(content)
+    with pytest.warns(UserWarning, match=r"cannot use .*sha256\.json .*RAGCOMPRESS_CACHE") as caught:
+        assert models._cached_sha256(weights) == models.sha256_file(weights)
+    assert len(caught) == 1 and "\n" not in str(caught[0].message)
+    assert list(json.loads(memo.read_text()).values()) == [models.sha256_file(weights)]
+
+
+@pytest.mark.skipif(os.geteuid() == 0 and as_another_uid() is None, reason="root needs setpriv to be another uid")
+def test_another_users_unreadable_sha256_memo_is_one_warning_not_an_error():
+    """A cache shared with a user whose umask is 077 holds a ``sha256.json`` only that user reads:
+    every other user's model load failed with PermissionError. The memo counts as empty, and one
+    line says so even where the folder cannot be written either. As root the load runs as uid
+    65534 (root reads any file); otherwise the memo is made unreadable (``chmod``)."""
+    place = Path(tempfile.mkdtemp())  # under /tmp: another uid can reach it, unlike pytest's tmp_path
+    try:
+        place.chmod(0o755)
+        weights = place / "weights"
+        weights.write_bytes(b"weights")
+        weights.chmod(0o644)
+        memo = place / "cache" / "sha256.json"
+        memo.parent.mkdir(mode=0o755)
+        memo.write_text("{}")
+        memo.chmod(0o000)
+        prefix = as_another_uid()
+        if prefix is None:
+            memo.parent.chmod(0o555)
+        code = "import sys; from pathlib import Path; from ragcompress.models import _cached_sha256; print(_cached_sha256(Path(sys.argv[1])))"
+        ran = subprocess.run(
+            [*(prefix or []), sys.executable, "-c", code, str(weights)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "RAGCOMPRESS_CACHE": str(memo.parent)},
+        )
+        assert ran.returncode == 0, ran.stderr[-3000:]
+        assert ran.stdout.strip() == models.sha256_file(weights)
+        warned = [line for line in ran.stderr.splitlines() if "UserWarning" in line]
+        assert len(warned) == 1, ran.stderr
+        assert re.search(rf"cannot use {re.escape(str(memo))} \(Permission denied\).*RAGCOMPRESS_CACHE", warned[0])
+    finally:
+        memo.parent.chmod(0o755)
+        shutil.rmtree(place, ignore_errors=True)
+
+
 def test_a_user_without_a_home_folder_is_told_to_set_the_cache_variable(tmp_path, monkeypatch):
     """``docker --user N`` or Kubernetes' ``runAsUser`` without HOME, for a uid with no passwd
     entry: ``Path.home()`` raised RuntimeError, a 61-line traceback. An empty HOME is no home
@@ -443,3 +502,52 @@ def test_threads_loading_models_at_once_each_get_one(tiny_model_dir):
     )
     assert ran.returncode == 0, ran.stderr[-3000:]
     assert ran.stdout.strip().splitlines()[-1] == str(["LlamaForCausalLM"] * 3)
+
+
+# The embedder loads on one thread of a fresh interpreter; a causal LM (argv[1]) loads on another
+# once the embedder's import of transformers has begun; prints what each got.
+_LOAD_BESIDE_THE_EMBEDDER = """
+import sys, threading, time
+
+import torch  # imported first, so that the threads meet at transformers' lazy imports
+
+from ragcompress.models import load_model
+from ragcompress.retrieval import Embedder
+
+outcomes = []
+
+def load(what):
+    try:
+        outcomes.append(what())
+    except Exception as exc:
+        outcomes.append(f"{type(exc).__name__}: {exc}")
+
+def load_model_once_the_embedder_imports():
+    while "transformers" not in sys.modules:
+        time.sleep(0.001)
+    return type(load_model(sys.argv[1]).model).__name__
+
+threads = [
+    threading.Thread(target=load, args=(lambda: Embedder().window,)),
+    threading.Thread(target=load, args=(load_model_once_the_embedder_imports,)),
+]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+print(sorted(map(str, outcomes)))
+"""
+
+
+def test_a_model_loading_while_the_embedder_loads_gets_one(tiny_model_dir):
+    """The embedder loaded without the lock model loads take: a causal LM's load on another thread
+    while sentence-transformers imported transformers failed ("cannot import name
+    'AutoModelForCausalLM'"; the server and the LlamaIndex components load both on first use)."""
+    ran = subprocess.run(
+        [sys.executable, "-c", _LOAD_BESIDE_THE_EMBEDDER, str(tiny_model_dir("llama"))],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert ran.stdout.strip().splitlines()[-1] == str(["256", "LlamaForCausalLM"])

@@ -1025,6 +1025,24 @@ def test_benchmarks_read_a_stores_manifest_as_the_library_does(tmp_path):
         common.store_adaptors({}, set(), [tmp_path])
 
 
+def test_dtype_ttft_names_its_store_by_its_folder(tmp_path, monkeypatch):
+    """benchmarks/dtype_ttft.py gave common.store_adaptors its one store as ``store``, so its
+    refusals began "store store: ..."; the store is named by its folder now."""
+    import sys
+
+    import dtype_ttft
+
+    from conftest import require_squad
+
+    require_squad()  # the questions are picked before the store is read
+    folder = tmp_path / "faithful-bc"
+    folder.mkdir()
+    monkeypatch.setattr(sys, "argv", ["dtype_ttft.py", "--store", str(folder), "--sample", "1"])
+    with pytest.raises(SystemExit) as caught:
+        dtype_ttft.main()
+    assert str(caught.value).startswith(f"store faithful-bc: {folder} is not a ragcompress store")
+
+
 def test_neighbour_overlap_counts_a_context_exact_only_when_it_is_the_encoding_context():
     """benchmarks/neighbour_overlap.py: a passage retrieved second after its one nearest
     neighbour has an exact context when it was encoded after that neighbour alone (N = 1), not

@@ -31,6 +31,8 @@ from ragcompress.store.files import unfinished_run
 from ragcompress.store.verify import verify_store
 from ragcompress.store.writer import StoreLock, StoreWriter
 
+from conftest import as_another_uid
+
 
 @pytest.fixture
 def read_only_place(monkeypatch):
@@ -142,13 +144,6 @@ def test_a_writer_that_cannot_write_the_catalogue_fails_before_marking_its_run(s
     assert verify_store(store).answerable
 
 
-def _as_another_uid() -> list[str] | None:
-    """The command prefix that runs a process as uid 65534 (``setpriv``, as root), or None."""
-    if os.geteuid() != 0 or shutil.which("setpriv") is None:
-        return None
-    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-
-
 @pytest.mark.skipif(
     os.geteuid() == 0 and shutil.which("setpriv") is None, reason="root needs setpriv to be another uid"
 )
@@ -163,7 +158,7 @@ def test_a_writer_names_the_catalogue_files_it_cannot_write_and_their_owner(buil
         store = place / "store"
         shutil.copytree(built, store)
         wal_files = [store / f"{CATALOGUE}-wal", store / f"{CATALOGUE}-shm"]
-        prefix = _as_another_uid()
+        prefix = as_another_uid()
         if prefix is None:
             for file in wal_files:
                 file.chmod(0o444)

@@ -4,6 +4,7 @@ block's name to its code, which the documents' check and rendering go through.""
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from .compression import (
@@ -65,11 +66,8 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "scale-estimate": render_scale_estimate,
     "serve-load": render_serve_load,
     "distill": render_distill,
-    **{name: (lambda results, name=name: render_sweep(name, results)) for name in SWEEP_TABLES},
-    **{
-        f"recompute-first-round:{tag}": (lambda results, tag=tag: render_first_round_recompute(tag, results))
-        for tag in FIRST_ROUND_RECOMPUTE
-    },
+    **{name: partial(render_sweep, name) for name in SWEEP_TABLES},
+    **{f"recompute-first-round:{tag}": partial(render_first_round_recompute, tag) for tag in FIRST_ROUND_RECOMPUTE},
     "index-memory": render_index_memory,
     "needle:qwen": lambda results: render_needle("needle_qwen.json", results),
     "needle:smollm2": lambda results: render_needle("needle_smollm2_1x128.json", results),

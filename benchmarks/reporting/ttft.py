@@ -6,9 +6,10 @@ side (``benchmarks/dtype_ttft.py``)."""
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from .shared import ReportError, files, load, model_name, source_line, table
 
@@ -187,22 +188,23 @@ def render_keep_freed_memory(results: Path) -> str:
     data = load(path)
     runs = data["runs"]
 
-    def mean(setting: str, top_k: int, value: Callable[[dict[str, Any]], float]) -> float:
+    def mean(setting: str, top_k: int, *keys: str) -> float:
+        """The mean over ``setting``'s rows of ``top_k`` of the value at ``keys`` (``ttft_s``, ``full``)."""
         rows = [row for run in runs[setting] for row in run["rows"] if row["top_k"] == top_k]
-        return sum(value(row) for row in rows) / len(rows)
+        return sum(functools.reduce(operator.getitem, keys, row) for row in rows) / len(rows)
 
     rows = []
     for top_k in sorted({row["top_k"] for run in runs["off"] for row in run["rows"]}):
         cells = [str(top_k)]
         for name in ("full", "cached", "floor"):
-            off = mean("off", top_k, lambda row, name=name: row["ttft_s"][name])
-            on = mean("on", top_k, lambda row, name=name: row["ttft_s"][name])
+            off = mean("off", top_k, "ttft_s", name)
+            on = mean("on", top_k, "ttft_s", name)
             cells.append(f"{1000 * off:.0f} / {1000 * on:.0f} ({on / off:.2f})")
-        off_work = mean("off", top_k, lambda row: row["cache_work_s"])
-        on_work = mean("on", top_k, lambda row: row["cache_work_s"])
+        off_work = mean("off", top_k, "cache_work_s")
+        on_work = mean("on", top_k, "cache_work_s")
         cells.append(f"{1000 * off_work:.0f} / {1000 * on_work:.0f}")
-        off_ratio = mean("off", top_k, lambda row: row["speedup"]["vs_full"])
-        on_ratio = mean("on", top_k, lambda row: row["speedup"]["vs_full"])
+        off_ratio = mean("off", top_k, "speedup", "vs_full")
+        on_ratio = mean("on", top_k, "speedup", "vs_full")
         cells.append(f"{off_ratio:.1f}x / {on_ratio:.1f}x")
         rows.append(cells)
     header = [
