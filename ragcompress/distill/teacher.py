@@ -174,12 +174,13 @@ def build_examples(
     keep_full: bool = False,
     views: int = 1,
     data_sha256: str | None = None,
+    progress: bool = True,
 ) -> list[Example]:
     """Teacher examples of ``limit`` evenly spaced questions (all when None), ``views`` per
     question (:func:`plan_examples`, every prompt checked first), computed as
-    :func:`_compute_examples` computes them."""
+    :func:`_compute_examples` computes them (``progress`` draws a bar)."""
     planned = plan_examples(distiller, corpus, embedder, k, limit, views)
-    return _compute_examples(distiller, planned, k, desc, partial, keep_full, data_sha256)
+    return _compute_examples(distiller, planned, k, desc, partial, keep_full, data_sha256, progress)
 
 
 def _compute_examples(
