@@ -37,11 +37,13 @@ from typing import Any
 
 import torch
 
+from ragcompress.cli.options import show_progress
 from ragcompress.compressors import CompressionContext, make_compressor
 from ragcompress.compressors.adaptive import AdaptiveBudget
 from ragcompress.compressors.scorer import ScorerCompressor
 from ragcompress.distill.adaptor import Adaptor, remove_adapter
 from ragcompress.distill.checkpoint import load_tree
+from ragcompress.distill.corpus import data_hash
 from ragcompress.distill.packaged import resolve_adaptor
 from ragcompress.distill.train import (
     TRAINING_ADAPTER,
@@ -149,20 +151,24 @@ def all_held_out(
     lm: Any, out: Path, passages: Path, questions: Path, adaptor: Adaptor
 ) -> tuple[list[Example], list[str]]:
     """Teacher examples of *every* question of the adaptor's held-out articles (top-3 over their
-    passages, full-vocabulary answer rows), built once into ``OUT/teacher-heldout-all.safetensors``,
-    and the ids of the questions training validated on (its evenly spaced ``val_examples``): numbers
-    outside those are free of the stopping choice made on the validation curve."""
+    passages, full-vocabulary answer rows), built once into ``OUT/teacher-heldout-all.safetensors``
+    (and reused only for the same model and data: :func:`read_held_out_teacher`), and the ids of
+    the questions training validated on (its evenly spaced ``val_examples``): numbers outside
+    those are free of the stopping choice made on the validation curve. The teacher's bar is
+    drawn on a terminal only, as ``train`` draws its own (``show_progress``), never into a log."""
     from ragcompress.distill.checkpoint import save_tree
 
     articles = adaptor.meta["val_articles"]
     path = out / "teacher-heldout-all.safetensors"
     from ragcompress.retrieval import Embedder
 
+    # the files and split the examples come from, as training's teacher files record them
+    data_sha256 = data_hash(passages, questions, articles)
     embedder = Embedder()
     _, val_corpus = load_corpora(list(iter_passages(passages)), questions, articles, embedder)
     validated = [q.id for q in select_questions(val_corpus.questions, adaptor.meta["config"]["val_examples"] or None)]
     if path.is_file():
-        examples = read_held_out_teacher(path, lm)
+        examples = read_held_out_teacher(path, lm, data_sha256)
     else:  # the teacher is the base model; the distiller's LoRA layers are removed afterwards
         out.mkdir(parents=True, exist_ok=True)
         distiller = Distiller(lm, Adaptor.initial(lm.model, kind="forward"))
@@ -174,27 +180,42 @@ def all_held_out(
                 3,
                 None,
                 "teacher (all held-out)",
-                out / "teacher-heldout-all.part",
+                path.with_suffix(".part"),
                 True,
+                data_sha256=data_sha256,
+                progress=show_progress(False),
             )
         finally:
             remove_adapter(lm.model, TRAINING_ADAPTER)
-        save_tree({"examples": [asdict(e) for e in examples], "base_fingerprint": lm.fingerprint}, path)
+        saved = {"examples": [asdict(e) for e in examples], "base_fingerprint": lm.fingerprint}
+        save_tree({**saved, "training_data_sha256": data_sha256}, path)
     if {e.qid for e in examples} != {q.id for q in val_corpus.questions}:
         raise SystemExit(f"{path} holds other questions than {articles}'s; delete it to rebuild")
     return examples, validated
 
 
-def read_held_out_teacher(path: Path, lm: Any) -> list[Example]:
+def read_held_out_teacher(path: Path, lm: Any, data_sha256: str) -> list[Example]:
     """The examples of an earlier ``all_held_out`` build, only if it was the base model ``lm``'s
-    (``resume.check_run``): another model's distributions would be scored as this one's. A
-    file from before the model was recorded (a bare list) is refused, to be rebuilt."""
+    (``resume.check_run``) and built from the data ``data_sha256`` (``corpus.data_hash`` of the
+    passages, questions and held-out articles): another model's distributions, or an edited
+    question's old teacher, would be scored as this run's. A file from before the model or the
+    data was recorded is refused, to be rebuilt."""
     from ragcompress.distill.resume import check_run
 
     saved = load_tree(path)
     if not isinstance(saved, dict):
         raise SystemExit(f"{path} is from before its base model was recorded in it; delete it to rebuild")
     check_run(path, saved, lm)
+    recorded = saved.get("training_data_sha256")
+    if recorded != data_sha256:
+        found = (
+            f"holds teacher examples of other data (sha256 {recorded[:16]}, not {data_sha256[:16]}: --passages, "
+            "--questions or the adaptor's held-out articles differ)"
+            if recorded
+            else "is from before its data was recorded in it, so it cannot be checked against --passages, "
+            "--questions and the adaptor's held-out articles"
+        )
+        raise SystemExit(f"{path} {found}; delete it and {path.with_suffix('.part').name} beside it to rebuild")
     return [Example(**e) for e in saved["examples"]]
 
 

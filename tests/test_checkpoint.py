@@ -72,3 +72,18 @@ def test_a_save_deletes_the_temp_files_of_runs_killed_mid_save(tmp_path):
     save_tree({"step": 3}, path)
     assert load_tree(path) == {"step": 3}
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, running.name, other.name])
+
+
+def test_a_checkpoint_follows_the_umask(tmp_path):
+    """safetensors writes its file 0600 whatever the umask, so a run's checkpoint and teacher files
+    were readable by no one the umask shares with (a group training in one folder), unlike the
+    history and the store files beside them; saved with the mode ``open`` gives under the umask."""
+    import os
+    import stat
+
+    old = os.umask(0o002)
+    try:
+        save_tree({"step": 1, "params": torch.zeros(2)}, tmp_path / "checkpoint.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "checkpoint.safetensors").stat().st_mode) == 0o664

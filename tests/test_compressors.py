@@ -351,6 +351,72 @@ def test_a_probe_past_the_models_positions_is_refused_by_name(tiny_model_dir):
         assert compressor.fits(encoder, ids) and compressor.compress(kv, context).num_tokens == n
 
 
+@pytest.mark.parametrize("method", ["kvzip", "global:kvzip"])
+@pytest.mark.parametrize("keep", [{"ratio": 1.0}, {"budget": 10_000}], ids=["ratio-1", "budget-past-the-passage"])
+def test_a_passage_kept_whole_fits_whatever_its_probe_would_reach(tiny_model_dir, monkeypatch, method, keep):
+    """At ``--ratio 1`` (or a budget of the passage's length or more) nothing is evicted, so
+    nothing is scored (:meth:`ScorerCompressor.compress` returns the cache before the probe): such
+    a passage fits at any length. ``fits`` said no by the probe's reach alone, so ``train --method
+    kvzip`` (ratio 1 by default) refused a long passage it would never score."""
+    from ragcompress.models import load_model
+
+    lm = load_model(str(tiny_model_dir("llama")))
+    encoder = PassageEncoder(lm, PromptTemplate.from_tokenizer(lm.tokenizer))
+    ids = encoder.tokens.passage(TEXT)
+    kv = encoder.encode([ids])[0]
+    lm.config.max_position_embeddings = encoder.prefix_len + len(ids)  # the passage fits, its probe does not
+    assert not make_compressor(method, ratio=0.5).fits(encoder, ids)
+
+    def refused(*args, **kwargs):
+        raise AssertionError("the probe ran")
+
+    monkeypatch.setattr(compressors.kvzip, "run_probe", refused)
+    compressor = make_compressor(method, **keep)
+    assert compressor.fits(encoder, ids)
+    kept = compressor.compress(kv, CompressionContext(encoder, ids))
+    assert kept.num_tokens == len(ids) and int(kept.lengths.min()) == len(ids)
+
+
+@pytest.mark.parametrize("method", ["kvzip", "global:kvzip"])
+def test_index_refuses_a_passage_past_the_probe_before_encoding_any(
+    method, tiny_model_dir, tmp_path, embedder, monkeypatch
+):
+    """KVzip's probe repeats the passage after it (about prefix + 2n positions): a passage within
+    the model's positions but past its probe's stopped ``index`` when it was scored, after the
+    passages before it were encoded and committed, leaving a store marked unfinished. Refused
+    before any passage is encoded (the check ``train`` makes of a student's passages), by the
+    passage's id, its length and the model's limit, with the remedy; at ratio 1 nothing is scored,
+    so the same input is indexed."""
+    from ragcompress.errors import InputError
+    from ragcompress.indexing import index
+
+    from conftest import write_jsonl
+
+    model = str(tiny_model_dir("llama", max_position_embeddings=400))
+    path = write_jsonl(
+        tmp_path / "in.jsonl", [{"id": "fits", "text": "a short passage"}, {"id": "long", "text": "word " * 250}]
+    )
+    encoded: list[int] = []
+    encode = PassageEncoder.encode
+
+    def counting(self, batch, contexts=None):
+        encoded.append(len(batch))
+        return encode(self, batch, contexts)
+
+    monkeypatch.setattr(PassageEncoder, "encode", counting)
+    store = tmp_path / "store"
+    with pytest.raises(
+        InputError,
+        match=rf"^--method {method} scores passage long \(251 tokens\) with a probe past the model's positions "
+        r"\(.* handles 400\); split it into shorter passages or index with a --method that does not probe past it "
+        r"\(snapkv, expected-attention, knorm\) \(nothing was written\)$",
+    ):
+        index(path, store, model=model, embedder=embedder, config=IndexConfig(method=method, ratio=0.5), batch_size=1)
+    assert encoded == [] and not store.exists()
+    report = index(path, store, model=model, embedder=embedder, config=IndexConfig(method=method, ratio=1.0))
+    assert report.indexed == 2
+
+
 def test_every_compressor_is_registered_and_exported():
     def subclasses(cls):
         for sub in cls.__subclasses__():

@@ -93,6 +93,24 @@ def test_adaptor_round_trips_to_identical_caches(lm, tmp_path, kind):
     for a, b, c in zip(before, after, base, strict=True):
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
         assert not torch.equal(a.keys, c.keys)
+
+
+def test_a_saved_adaptor_follows_the_umask(lm, tmp_path):
+    """safetensors writes the adaptor's weights 0600 whatever the umask, so an adaptor trained for
+    a shared store could not be read by the others the umask shares with (its JSON beside it
+    could); its files get the modes ``open`` gives under the umask."""
+    import os
+    import stat
+
+    old = os.umask(0o002)
+    try:
+        folder = noisy_adaptor(lm, 2).save(tmp_path / "a")
+    finally:
+        os.umask(old)
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()} == {
+        "adaptor.safetensors": 0o664,
+        "adaptor.json": 0o664,
+    }
     (tmp_path / "a" / "adaptor.json").write_text(
         (tmp_path / "a" / "adaptor.json").read_text().replace('"hash": "', '"hash": "0')
     )

@@ -1,6 +1,7 @@
 """``benchmarks/distill_eval.py`` reuses an earlier run's full-prefill answers only for the same
 questions: pairing another run's answers with these questions by position would score every
-row against the wrong reference; and its held-out teacher file only for the same base model."""
+row against the wrong reference; and its held-out teacher file only for the same base model and
+data."""
 
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def test_a_file_without_question_ids_is_reused_only_at_the_same_length(tmp_path)
         distill_eval.earlier_full_prefill(path, ["a", "b", "c"])
 
 
-def test_the_held_out_teacher_file_is_reused_only_for_its_base_model(tmp_path):
+def test_the_held_out_teacher_file_is_reused_only_for_its_base_model_and_data(tmp_path):
     from types import SimpleNamespace
 
     from ragcompress.distill.checkpoint import save_tree
@@ -49,13 +50,19 @@ def test_the_held_out_teacher_file_is_reused_only_for_its_base_model(tmp_path):
 
     lm = SimpleNamespace(fingerprint="a" * 64, ref="tiny")
     path = tmp_path / "teacher-heldout-all.safetensors"
-    save_tree({"examples": [], "base_fingerprint": lm.fingerprint}, path)
-    assert distill_eval.read_held_out_teacher(path, lm) == []
+    data = "d" * 64
+    save_tree({"examples": [], "base_fingerprint": lm.fingerprint, "training_data_sha256": data}, path)
+    assert distill_eval.read_held_out_teacher(path, lm, data) == []
     with pytest.raises(InputError, match="another base model"):
-        distill_eval.read_held_out_teacher(path, SimpleNamespace(fingerprint="b" * 64, ref="other"))
+        distill_eval.read_held_out_teacher(path, SimpleNamespace(fingerprint="b" * 64, ref="other"), data)
+    with pytest.raises(SystemExit, match=r"holds teacher examples of other data \(sha256 d{16}, not e{16}"):
+        distill_eval.read_held_out_teacher(path, lm, "e" * 64)
+    save_tree({"examples": [], "base_fingerprint": lm.fingerprint}, path)  # from before the data was recorded
+    with pytest.raises(SystemExit, match="before its data was recorded in it, so it cannot be checked"):
+        distill_eval.read_held_out_teacher(path, lm, data)
     save_tree([], path)  # the list format, from before the model was recorded
     with pytest.raises(SystemExit, match="before its base model was recorded"):
-        distill_eval.read_held_out_teacher(path, lm)
+        distill_eval.read_held_out_teacher(path, lm, data)
 
 
 def test_merge_takes_rows_only_from_a_run_of_the_same_examples_and_adaptors(tmp_path):
@@ -138,3 +145,43 @@ def test_a_rerun_keeps_only_the_earlier_rows_of_its_own_adaptors():
         "ad",
     }
     assert distill_eval.earlier_rows({**earlier, "meta": {}}, [], None, None)[0] == earlier["rows"]  # nothing to check
+
+
+def test_the_held_out_teacher_file_is_reused_only_for_its_own_data_and_draws_no_bar_off_a_terminal(
+    tiny_model_dir, tmp_path, capfd, monkeypatch
+):
+    """``--held-out all`` computes every held-out question's teacher example once into
+    ``OUT/teacher-heldout-all.safetensors`` and reads it back on later runs. Only the model and
+    the question ids were compared, so a file built from other passages or an edited question was
+    measured as this data's teacher; it is refused, with the remedy, by the data's hash (what the
+    training's teacher files record). The teacher's bar is drawn only on a terminal, as ``train``
+    draws its own (``show_progress``), not into a captured log."""
+    from types import SimpleNamespace
+
+    from ragcompress.data import SAMPLE_PASSAGES, SAMPLE_QUESTIONS
+    from ragcompress.models import load_model
+
+    lm = load_model(str(tiny_model_dir("llama")))
+    adaptor = SimpleNamespace(meta={"val_articles": ["Apollo_program"], "config": {"val_examples": 2}})
+    out = tmp_path / "run"
+    examples, validated = distill_eval.all_held_out(lm, out, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, adaptor)
+    assert len(validated) == 2 and set(validated) <= {e.qid for e in examples}
+    assert "teacher (all held-out)" not in capfd.readouterr().err
+
+    def refused(*args, **kwargs):
+        raise AssertionError("the teacher was computed again")
+
+    monkeypatch.setattr(distill_eval, "build_examples", refused)
+    again, _ = distill_eval.all_held_out(lm, out, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, adaptor)
+    assert [e.qid for e in again] == [e.qid for e in examples]
+    records = [json.loads(line) for line in SAMPLE_QUESTIONS.read_text().splitlines()]
+    edited = next(r for r in records if r["id"] == examples[0].qid)
+    edited["question"] = "Which rocket carried the crew?"  # the same id, another question
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(
+        SystemExit,
+        match=r"teacher-heldout-all.safetensors holds teacher examples of other data .*"
+        r"delete it and teacher-heldout-all.part beside it to rebuild",
+    ):
+        distill_eval.all_held_out(lm, out, SAMPLE_PASSAGES, questions, adaptor)

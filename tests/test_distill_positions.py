@@ -176,6 +176,18 @@ def test_a_passage_past_the_students_probe_is_refused_before_the_teacher_pass(
     assert not out.exists()
 
 
+@pytest.mark.parametrize("method", ["kvzip", "global:kvzip"])
+def test_a_student_that_keeps_every_row_is_not_refused_for_its_probe(tiny_model_dir, tmp_path, no_teacher, method):
+    """At ``--ratio 1`` (train's default) a KVzip student keeps every row and never scores a
+    passage (``compress`` returns before the probe), so the long passage the test above refuses at
+    0.5 is no reason to stop: the run goes on to its teacher pass. It was refused by the probe's
+    reach alone."""
+    lm = longrope(tiny_model_dir, 384)
+    config = dataclasses.replace(CONFIG, top_k=1, train_questions=0, method=method, ratio=1.0)
+    with pytest.raises(AssertionError, match="the teacher pass ran"):
+        train(lm, SAMPLE_PASSAGES, SAMPLE_QUESTIONS, tmp_path / "run", config, progress=False)
+
+
 def test_every_planned_example_is_checked_where_it_is_planned(tiny_model_dir, tmp_path, embedder, no_teacher):
     """Teacher examples are computed only from ``plan_examples``' plans, so the check is made there,
     once per route: train's (both sides planned, and so checked, before either is computed) and

@@ -268,6 +268,32 @@ def test_calibration_passages_are_checked_before_the_basis_is_fitted(
     assert not (tmp_path / "store").exists()
 
 
+def test_only_the_passages_a_store_keeps_are_checked_for_its_probe(tiny_model_dir, tmp_path, embedder, monkeypatch):
+    """KVzip's probe reaches about twice a passage: ``index`` refuses an input passage past it
+    before any is encoded. A ``--calibration`` file's passages are encoded for the basis and never
+    compressed, so one past the probe (within the positions) is fitted on; the same passage in the
+    input (the basis fitted on it, then stored) is refused before the basis is fitted."""
+    import dataclasses
+
+    from conftest import write_jsonl
+
+    model = str(tiny_model_dir("llama", max_position_embeddings=400))
+    long = write_jsonl(tmp_path / "long.jsonl", [{"id": "long", "text": "word " * 250}])
+    short = write_jsonl(tmp_path / "short.jsonl", [{"id": "short", "text": "a short passage"}])
+    config = IndexConfig(method="kvzip", ratio=0.5, quant="int8", rank=8, calibration=str(long))
+    assert index(short, tmp_path / "store", model=model, embedder=embedder, config=config).indexed == 1
+
+    def refused(*args, **kwargs):
+        raise AssertionError("the basis was fitted")
+
+    monkeypatch.setattr(run_module, "fit_calibration_basis", refused)
+    on_input = dataclasses.replace(config, calibration=None)
+    with pytest.raises(
+        InputError, match=r"^--method kvzip scores passage long \(251 tokens\) .*\(nothing was written\)$"
+    ):
+        index(long, tmp_path / "other", model=model, embedder=embedder, config=on_input)
+
+
 @pytest.mark.parametrize("ranks", [(8, 8, 8, 8), (8, 16, 8, 16), (16, 8, 4, 8)])
 @pytest.mark.parametrize("quant_name", ["int4", "none"])
 def test_latents_decode_to_their_per_layer_quantization_with_one_rank_or_several(ranks, quant_name):

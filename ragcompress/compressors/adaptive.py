@@ -98,11 +98,11 @@ class AdaptiveBudget(Compressor):
         return config | ({"value_norm": True} if self.value_norm else {})  # absent when off: older manifests match
 
     def fits(self, encoder: PassageEncoder, token_ids: list[int]) -> bool:
-        """The inner method's probe is the one that runs."""
+        """The inner method's probe is the one that runs (none where it keeps the passage whole)."""
         return self.inner.fits(encoder, token_ids)
 
     def compress(self, kv: PassageKV, context: CompressionContext) -> PassageKV:
-        if self.inner.budget_for(kv) >= kv.num_tokens:
+        if self.inner.keeps_all(kv.num_tokens):
             return kv
         return self.select(kv, self.inner.score(kv, context))
 

@@ -13,7 +13,9 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from ragcompress.errors import InputError
 from ragcompress.kv import PassageKV
+from ragcompress.kv.rope import position_limit
 
 if TYPE_CHECKING:
     from ragcompress.indexing.encoder import PassageEncoder
@@ -50,3 +52,26 @@ class Compressor(ABC):
         from dataclasses import asdict
 
         return {"method": self.name, **asdict(self)}
+
+
+def check_fits(
+    compressor: Compressor,
+    encoder: PassageEncoder,
+    passage_id: str,
+    token_ids: list[int],
+    remedy: str,
+    reader: str = "",
+) -> None:
+    """Refuse (``InputError``) the passage ``passage_id`` of ``token_ids`` when ``compressor``
+    cannot run on it within the model's positions (:meth:`Compressor.fits`: KVzip's probe repeats
+    the passage after it, about ``prefix + 2n`` positions), by its id, length and the model's
+    limit, then ``remedy`` (``reader``: who reads it, said after its length). ``index`` checks every
+    passage of its input here and ``train`` every passage its compressed student reads, before
+    either encodes one: scoring such a passage stopped each run midway, ``index`` after earlier
+    passages were committed, ``train`` after its whole teacher pass."""
+    if compressor.fits(encoder, token_ids):
+        return
+    raise InputError(
+        f"--method {compressor.config()['method']} scores passage {passage_id} ({len(token_ids)} tokens{reader}) with a "
+        f"probe past the model's positions ({encoder.lm.ref} handles {position_limit(encoder.lm.config)}); {remedy}"
+    )

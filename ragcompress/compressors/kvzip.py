@@ -46,9 +46,12 @@ class KVzipCompressor(ScorerCompressor):
         return encoder.tokens.suffix(self.prompt) + list(token_ids)
 
     def fits(self, encoder: PassageEncoder, token_ids: list[int]) -> bool:
-        """Whether :meth:`score` can probe the passage ``token_ids``: the prefix, the passage and its
-        reconstruction (about twice the passage) within the model's positions (:func:`probe_fits`)."""
-        return probe_fits(encoder, len(token_ids), len(self.probe_ids(encoder, token_ids)))
+        """Whether :meth:`compress` can run on the passage ``token_ids``: it is kept whole (ratio 1,
+        or a budget of its length: never scored, :meth:`keeps_all`), or :meth:`score` can probe it,
+        the prefix, the passage and its reconstruction (about twice the passage) within the model's
+        positions (:func:`probe_fits`)."""
+        n = len(token_ids)
+        return self.keeps_all(n) or probe_fits(encoder, n, len(self.probe_ids(encoder, token_ids)))
 
     def score(self, kv: PassageKV, context: CompressionContext) -> torch.Tensor:
         n = kv.num_tokens

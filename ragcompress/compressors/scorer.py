@@ -146,12 +146,17 @@ class ScorerCompressor(Compressor):
     def budget_for(self, kv: PassageKV) -> int:
         return keep_budget(kv.num_tokens, self.ratio, self.budget)
 
+    def keeps_all(self, n: int) -> bool:
+        """Whether a passage of ``n`` tokens is kept whole (ratio 1, or a budget of ``n`` or
+        more): :meth:`compress` then returns its cache unscored, so no scoring pass runs."""
+        return keep_budget(n, self.ratio, self.budget) >= n
+
     def protected(self, kv: PassageKV, budget: int) -> torch.Tensor:
         """Rows kept regardless of score; see the module docstring."""
         return protected_mask(kv, self.keep_first, self.keep_last, budget)
 
     def compress(self, kv: PassageKV, context: CompressionContext) -> PassageKV:
-        if self.budget_for(kv) >= kv.num_tokens:
+        if self.keeps_all(kv.num_tokens):
             return kv
         return self.select(kv, self.score(kv, context))
 

@@ -48,6 +48,7 @@ from safetensors.torch import load_file, save_file
 from ragcompress.architecture import qk_norm
 from ragcompress.errors import InputError, NonFiniteError, StoreMismatchError
 from ragcompress.kv import PassageKV
+from ragcompress.paths import follow_umask
 
 WEIGHTS = "adaptor.safetensors"
 CONFIG = "adaptor.json"
@@ -199,8 +200,9 @@ class Adaptor:
         return sorted(n for n, t in self.tensors.items() if t.is_floating_point() and not bool(t.isfinite().all()))
 
     def save(self, directory: str | Path) -> Path:
-        """Write the tensors and the JSON config; an adaptor holding NaN or infinite values is
-        refused (:class:`NonFiniteError`), since every cache encoded with it would be too."""
+        """Write the tensors and the JSON config, with the modes the umask gives; an adaptor holding
+        NaN or infinite values is refused (:class:`NonFiniteError`), since every cache encoded with
+        it would be too."""
         if bad := self.non_finite():
             raise NonFiniteError(
                 f"adaptor tensors {bad[:3]} hold NaN or infinite values, so it is not saved to {directory}; train "
@@ -209,6 +211,7 @@ class Adaptor:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().contiguous().cpu() for k, v in self.tensors.items()}, directory / WEIGHTS)
+        follow_umask(directory / WEIGHTS)  # safetensors wrote it 0600, unreadable to those the umask shares with
         config = {"settings": self.settings, "hash": self.hash, **self.meta}
         (directory / CONFIG).write_text(json.dumps(config, indent=1, sort_keys=True))
         return directory

@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from ragcompress.errors import InputError
-from ragcompress.paths import remove_dead_temps
+from ragcompress.paths import follow_umask, remove_dead_temps
 
 _TREE = "tree"
 
@@ -49,13 +49,15 @@ def _decode(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 def save_tree(obj: Any, path: Path) -> None:
-    """Write ``obj`` atomically (temp file, then rename). A run killed mid-save leaves its
+    """Write ``obj`` atomically (temp file, then rename), with the mode the umask gives
+    (:func:`~ragcompress.paths.follow_umask`). A run killed mid-save leaves its
     ``.NAME.PID.tmp`` (a checkpoint's size): those whose process is gone are deleted here."""
     tensors: dict[str, torch.Tensor] = {}
     tree = _encode(obj, tensors)
     remove_dead_temps(path.parent, re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.tmp"))
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file(tensors, str(tmp), metadata={_TREE: json.dumps(tree)})
+    follow_umask(tmp)  # safetensors wrote it 0600: shared as the umask says, before the rename
     os.replace(tmp, path)
 
 

@@ -22,6 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from ragcompress.compressors.base import check_fits
 from ragcompress.distill.checkpoint import load_tree, save_tree
 from ragcompress.distill.config import TrainConfig
 from ragcompress.distill.corpus import Corpus, question_of, views_of
@@ -131,10 +132,11 @@ def check_positions(distiller: Distiller, planned: list[Planned], passages: list
     remedy (a lower ``--top-k``, then used by ``ask`` too, or shorter passages).
 
     Then refuse a passage the examples read that the student's eviction cannot score within the
-    positions (:meth:`~ragcompress.compressors.base.Compressor.fits`: KVzip's probe repeats the
-    passage after it, about ``prefix + 2n`` positions), named among ``passages`` (which hold
-    every passage of ``planned``): a compressed student scores each passage it reads during the
-    steps, so one past them stopped the run at its first step, after the whole teacher pass."""
+    positions (:func:`~ragcompress.compressors.base.check_fits`, as ``index`` refuses it: KVzip's
+    probe repeats the passage after it, about ``prefix + 2n`` positions; at ratio 1 it keeps every
+    row and scores none), named among ``passages`` (which hold every passage of ``planned``): a
+    compressed student scores each passage it reads during the steps, so one past them stopped
+    the run at its first step, after the whole teacher pass."""
     limit = position_limit(distiller.lm.config)
     for example_id, question, example in planned:
         needed = distiller.teacher_positions(example, distiller.tokens.suffix(question))
@@ -151,15 +153,14 @@ def check_positions(distiller: Distiller, planned: list[Planned], passages: list
     for example_id, _, example in planned:
         for ids in example:
             reader.setdefault(tuple(ids), example_id)
+    remedy = (
+        "train for a --method that does not probe past the passage (snapkv, expected-attention, knorm) or split "
+        "the passage"
+    )
     for passage in passages:
         ids = distiller.tokens.passage(passage.text)
-        if (read_by := reader.get(tuple(ids))) is not None and not compressor.fits(distiller.encoder, ids):
-            raise InputError(
-                f"--method {compressor.config()['method']} scores passage {passage.id} ({len(ids)} tokens, read by "
-                f"question {read_by}) with a probe past the model's positions ({distiller.lm.ref} handles {limit}); "
-                "train for a --method that does not probe past the passage (snapkv, expected-attention, knorm) or "
-                "split the passage"
-            )
+        if (read_by := reader.get(tuple(ids))) is not None:
+            check_fits(compressor, distiller.encoder, passage.id, ids, remedy, f", read by question {read_by}")
 
 
 def build_examples(
@@ -173,12 +174,13 @@ def build_examples(
     keep_full: bool = False,
     views: int = 1,
     data_sha256: str | None = None,
+    progress: bool = True,
 ) -> list[Example]:
     """Teacher examples of ``limit`` evenly spaced questions (all when None), ``views`` per
     question (:func:`plan_examples`, every prompt checked first), computed as
-    :func:`_compute_examples` computes them."""
+    :func:`_compute_examples` computes them (``progress`` draws a bar)."""
     planned = plan_examples(distiller, corpus, embedder, k, limit, views)
-    return _compute_examples(distiller, planned, k, desc, partial, keep_full, data_sha256)
+    return _compute_examples(distiller, planned, k, desc, partial, keep_full, data_sha256, progress)
 
 
 def _compute_examples(

@@ -17,6 +17,7 @@ from functools import cached_property
 import numpy as np
 
 from ragcompress.compressors import CompressionContext, Compressor
+from ragcompress.compressors.base import check_fits
 from ragcompress.compressors.learned import check_scorer
 from ragcompress.distill.adaptor import Adaptor
 from ragcompress.distill.packaged import (
@@ -47,6 +48,11 @@ from ragcompress.store.basis import manifest_entry
 
 # Positions left free after the longest passage: room for the question suffix and a short answer.
 POSITION_HEADROOM = 64
+# What to do about a passage whose compression probes past the model's positions (check_fits).
+PROBE_REMEDY = (
+    "split it into shorter passages or index with a --method that does not probe past it (snapkv, "
+    "expected-attention, knorm)"
+)
 
 
 def store_of(config: IndexConfig) -> TrainedStore:
@@ -232,23 +238,27 @@ class Indexer:
         positions = position_limit(self.lm.config)
         return positions - self.encoder.prefix_len - POSITION_HEADROOM
 
-    def check_lengths(self, passages: Iterable[PassageInput]) -> None:
-        """Raise ``InputError`` naming the first passage longer than :attr:`max_tokens`: before a
-        run starts writing (tokenizing costs a fraction of a percent of encoding), so a passage
-        too long does not stop a run midway and leave an existing store marked unfinished,
-        refused by every reader until the input is fixed."""
+    def check_lengths(self, passages: Iterable[PassageInput], stored: bool = True) -> None:
+        """Raise ``InputError`` naming the first passage longer than :attr:`max_tokens`, or one
+        the compressor cannot score within the model's positions (:func:`check_fits`: KVzip's
+        probe reaches about twice the passage; ``stored`` False: passages only encoded, a
+        low-rank basis's own calibration sample): before a run starts writing (tokenizing costs
+        a fraction of a percent of encoding), so such a passage does not stop a run midway and
+        leave an existing store marked unfinished, refused by every reader until the input is fixed."""
         for passage in passages:
             try:
-                self._check_length(passage, self.encoder.tokens.passage(passage.text))
+                self._check_length(passage, self.encoder.tokens.passage(passage.text), stored)
             except InputError as exc:
                 raise InputError(f"{exc} (nothing was written)") from None
 
-    def _check_length(self, passage: PassageInput, token_ids: list[int]) -> None:
+    def _check_length(self, passage: PassageInput, token_ids: list[int], stored: bool = True) -> None:
         if len(token_ids) > self.max_tokens:
             raise InputError(
                 f"passage {passage.id!r} has {len(token_ids)} tokens, more than {self.lm.ref} "
                 f"can attend to ({self.max_tokens}); split it"
             )
+        if stored:
+            check_fits(self.compressor, self.encoder, passage.id, token_ids, PROBE_REMEDY)
 
     def neighbour_pool(self, passages: list[PassageInput]) -> NeighbourPool:
         """The pool neighbour-conditioned encoding draws from (embeds every passage once)."""

@@ -244,8 +244,9 @@ def calibration_sample(indexer: Indexer, source: Path, limit: int, given: bool) 
     """The first ``limit`` passages of ``source``, refused (``InputError``) before the basis is
     fitted when there are none (an empty file was a ValueError from the fit) or one is longer
     than the model's positions (it was encoded past them): the length check indexing applies to
-    passages. ``given``: ``source`` is the ``calibration`` setting, named in the messages (else
-    the input, validated already)."""
+    passages, with its compressor's probe check for the input's (stored afterwards, unlike a
+    calibration file's). ``given``: ``source`` is the ``calibration`` setting, named in the
+    messages (else the input, validated already)."""
     if given and not source.exists():
         raise InputError(
             f"calibration passages {source} {CALIBRATION} do not exist; give a JSONL file or folder of passages, "
@@ -258,7 +259,7 @@ def calibration_sample(indexer: Indexer, source: Path, limit: int, given: bool) 
             "give a JSONL file or folder of passages like the input, or leave it out to fit on the input"
         )
     try:
-        indexer.check_lengths(sample)
+        indexer.check_lengths(sample, stored=not given)  # the input's passages are stored too, a given file's not
     except InputError as exc:
         if not given:
             raise
