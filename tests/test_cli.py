@@ -932,6 +932,44 @@ def test_a_stop_signal_a_finalizer_swallowed_still_stops_index(signame, tmp_path
     assert report.ok and report.passages == 2, report
 
 
+def test_a_resume_with_another_batch_size_is_one_line_naming_both(tmp_path, tiny_model_dir, monkeypatch, capfd):
+    """A stopped run's batch size is kept by its resume (docs/guarantees.md): ``--batch-size``
+    of another size is one line naming both and what to do, exit 1; none resumes with it."""
+    import ragcompress.indexing.run as run
+    from ragcompress.store.verify import verify_store
+
+    corpus = tmp_path / "passages.jsonl"
+    corpus.write_text(
+        "".join(json.dumps({"id": f"d{i}", "text": f"Passage {i} is about rivers."}) + "\n" for i in range(6))
+    )
+    store = tmp_path / "store"
+    original, calls = run.past_window, []
+
+    def past_window_failing_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # after the second batch is committed
+            raise RuntimeError("stopped mid-run")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(run, "past_window", past_window_failing_second)
+    args = ["index", "--input", str(corpus), "--store", str(store)]
+    with pytest.raises(RuntimeError, match="mid-run"):
+        run_cli([*args, "--batch-size", "2", "--model", str(tiny_model_dir("llama"))], monkeypatch, capfd)
+    assert verify_store(store).passages == 4
+    monkeypatch.setattr(run, "past_window", original)
+    capfd.readouterr()
+    code, _, err = run_cli([*args, "--batch-size", "3"], monkeypatch, capfd)
+    assert (code, err) == (
+        1,
+        f"error: store {store}: the indexing run that stopped in it encoded batches of 2 passages, this "
+        "run asks for --batch-size 3 (batch_size= in Python), and a cache's bytes depend on its batch; resume with "
+        "--batch-size 2 (or none), or rebuild the store with --overwrite\n",
+    )
+    code, out, err = run_cli([*args, "--json"], monkeypatch, capfd)
+    assert code == 0, err[-2000:]
+    assert (json.loads(out)["indexed"], json.loads(out)["skipped"]) == (2, 4)
+
+
 def test_an_interrupt_inside_exec_still_exits_130_under_python_m(tmp_path):
     """CPython marks a KeyboardInterrupt "unhandled" when it leaves a string run by ``exec`` (a
     dataclass being defined as a module imports), even if the run catches it, and ``python -m``

@@ -472,6 +472,37 @@ def test_killed_driver_resumes(cluster, tmp_path, tiny_lm, tiny_model_dir, corpu
     assert store_digest(store) == reference
 
 
+class _FailingThirdEmbedder(HashEmbedder):
+    """Fails on its third call: a one-process run that stops after two batches."""
+
+    calls = 0
+
+    def embed(self, texts):
+        self.calls += 1
+        if self.calls == 3:
+            raise RuntimeError("embedder failed mid-run")
+        return super().embed(texts)
+
+
+def test_a_ray_resume_keeps_the_batch_size_its_stopped_run_recorded(cluster, tmp_path, tiny_lm, corpus):
+    """As in one process (docs/guarantees.md): a stopped run's batch size, recorded in its marker,
+    is kept by a Ray rerun that names none (the store then equals the uninterrupted one-process
+    run), and another is refused before Ray starts or anything is written."""
+    from ragcompress.errors import StoreMismatchError
+
+    store = tmp_path / "store"
+    with pytest.raises(RuntimeError, match="mid-run"):
+        index(corpus, store, lm=tiny_lm, embedder=_FailingThirdEmbedder(), config=CONFIG, batch_size=3)
+    with pytest.raises(StoreMismatchError, match=r"batches of 3 passages, this run asks for --batch-size 4"):
+        _ray_index(corpus, store, tiny_lm)
+    assert verify_store(store).passages == 6
+    report = index_on_ray(corpus, store, lm=tiny_lm, config=CONFIG, workers=2, embedder_factory=HashEmbedder)
+    assert (report.indexed, report.skipped) == (N_PASSAGES - 6, 6)
+    clean = tmp_path / "clean"
+    index(corpus, clean, lm=tiny_lm, embedder=HashEmbedder(), config=CONFIG, batch_size=3)
+    assert store_digest(store) == store_digest(clean)
+
+
 class DieEmbedder(HashEmbedder):
     """Ends its actor's process (``os._exit``, as the OOM killer or a segfault does) on every batch
     holding ``DIE``, up to ``cap`` deaths counted in ``marker`` (so that, were the retries

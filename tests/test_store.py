@@ -50,6 +50,37 @@ def test_batched_encoding_equals_one_at_a_time(tiny_lm, passages_file):
         torch.testing.assert_close(kv.values, single.values, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_a_batch_moves_a_cache_only_by_rounding_in_its_dtype(tiny_model_dir, passages_file, tmp_path, embedder, dtype):
+    """What docs/guarantees.md says of ``--batch-size``, per dtype. One batch size gives the same
+    bytes every time. Another (passages right-padded to a batch's longest) moves a cache by
+    rounding in the model's dtype only, here within 16 units of rounding of its largest value:
+    float32's last bits; in bfloat16 and float16 units of their far coarser rounding, which a
+    deep model grows enough to change the rows a compressor keeps (SmolLM2 in bfloat16, snapkv
+    0.3: 11 of 24 passages at batch 1 against 8; in float32 none). So a store in those dtypes
+    depends on its batch size, and a resume keeps the stopped run's
+    (``test_a_resume_keeps_the_batch_size_its_stopped_run_recorded``)."""
+    from ragcompress.models import load_model
+
+    lm = load_model(str(tiny_model_dir("llama")), dtype=dtype)
+    settings = {"lm": lm, "embedder": embedder, "config": IndexConfig(quant="none")}
+    stores = {name: tmp_path / name for name in ("batch4", "batch4-again", "batch1")}
+    index(passages_file, stores["batch4"], batch_size=4, **settings)
+    index(passages_file, stores["batch4-again"], batch_size=4, **settings)
+    index(passages_file, stores["batch1"], batch_size=1, **settings)
+    assert checksums(stores["batch4"]) == checksums(stores["batch4-again"])
+    lengths = set()
+    with KVStore.open(stores["batch4"]) as batched, KVStore.open(stores["batch1"]) as alone:
+        for entry in alone.catalogue.entries():
+            one, four = alone.load_kv(entry), batched.load_kv(batched.entry(entry.id))
+            lengths.add(one.num_tokens)
+            assert four.num_tokens == one.num_tokens
+            rounding = 16 * torch.finfo(getattr(torch, dtype)).eps
+            for got, expected in ((four.keys, one.keys), (four.values, one.values)):
+                torch.testing.assert_close(got, expected, rtol=0, atol=rounding * float(expected.abs().max()))
+    assert len(lengths) > 4  # passages of different lengths: padding in every batch
+
+
 def test_resume_skips_finished_passages_and_matches_clean_run(tiny_lm, passages_file, tmp_path, embedder):
     """A store extended by a run over the whole input skips what it holds and equals a clean run,
     byte for byte, where the first run ended on a batch boundary (docs/guarantees.md: batches are

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 import tracemalloc
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -1388,6 +1389,57 @@ def test_a_run_still_going_in_another_process_does_not_stop_readers(clean_store,
     for damaged in ("{not json", '{"pid": 0}', '{"pid": -1}'):  # a damaged marker still marks the run unfinished
         (store / RUN).write_text(damaged)
         assert "stopped before its end" in unfinished_run(store)
+
+
+def test_a_resume_keeps_the_batch_size_its_stopped_run_recorded(tiny_lm, corpus, tmp_path):
+    """A cache's bytes depend on the batch it is encoded in (in bfloat16 enough to change which
+    rows a compressor keeps: docs/guarantees.md), and a resume given another ``--batch-size``
+    stored other bytes than the uninterrupted run, without a word. The stopped run's marker
+    records its size: another is refused naming both before anything is written, and a rerun
+    that names none resumes with it, equal to the uninterrupted run byte for byte (full-width
+    rows, where a batch's last bits show)."""
+    from ragcompress.errors import StoreMismatchError
+    from ragcompress.store.files import RUN, unfinished_run
+
+    store, config = tmp_path / "store", replace(CONFIG, quant="none")
+    with pytest.raises(RuntimeError, match="mid-run"):
+        index(corpus, store, lm=tiny_lm, embedder=_EmbedderFailingAtCall(3), config=config, batch_size=3)
+    rows, marker = _rows(store), (store / RUN).read_bytes()
+    assert len(rows) == 6 and json.loads(marker)["batch_size"] == 3
+    assert unfinished_run(store).endswith("and --batch-size 3 or none (it resumes where it stopped)")
+    with pytest.raises(StoreMismatchError) as refused:
+        index(corpus, store, lm=tiny_lm, embedder=store_worker.HashEmbedder(), config=config, batch_size=4)
+    assert str(refused.value) == (
+        f"store {store}: the indexing run that stopped in it encoded batches of 3 passages, this run asks for "
+        "--batch-size 4 (batch_size= in Python), and a cache's bytes depend on its batch; resume with "
+        "--batch-size 3 (or none), or rebuild the store with --overwrite"
+    )
+    assert (_rows(store), (store / RUN).read_bytes()) == (rows, marker)  # nothing written
+    report = index(corpus, store, lm=tiny_lm, embedder=store_worker.HashEmbedder(), config=config)
+    assert (report.indexed, report.skipped) == (N_PASSAGES - 6, 6)
+    clean = tmp_path / "clean"
+    index(corpus, clean, lm=tiny_lm, embedder=store_worker.HashEmbedder(), config=config, batch_size=3)
+    _same_content(store, clean)
+    assert unfinished_run(store) is None
+    # finished: the next run is not a resume, and takes any size
+    index(corpus, store, lm=tiny_lm, embedder=store_worker.HashEmbedder(), config=config, batch_size=5)
+
+
+def test_a_stopped_run_whose_marker_records_no_batch_size_resumes_with_any(tiny_lm, corpus, tmp_path):
+    """Markers written before the batch size was recorded (and the LlamaIndex transform's, whose
+    batches are not cut from an input by size) say nothing of it: unknown, so no size is refused."""
+    from ragcompress.store.files import RUN, stopped_run_batch_size
+
+    store = tmp_path / "store"
+    with pytest.raises(RuntimeError, match="mid-run"):
+        index(corpus, store, lm=tiny_lm, embedder=_EmbedderFailingAtCall(3), config=CONFIG, batch_size=3)
+    record = json.loads((store / RUN).read_text())
+    del record["batch_size"]
+    (store / RUN).write_text(json.dumps(record))
+    assert stopped_run_batch_size(store) is None
+    report = _index(tiny_lm, corpus, store)  # batch_size=BATCH (4)
+    assert (report.indexed, report.skipped) == (N_PASSAGES - 6, 6)
+    assert not any("stopped" in note for note in verify_store(store).notes)
 
 
 def test_failed_overwrite_releases_the_lock_and_leaves_no_copy(tiny_lm, corpus, store_copy, clean_store, tmp_path):

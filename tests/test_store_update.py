@@ -11,14 +11,15 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
-from test_store_reliability import N_PASSAGES, _assert_readable, _index, _rows, _texts, _write
+from test_store_reliability import BATCH, CONFIG, N_PASSAGES, _assert_readable, _index, _rows, _texts, _write
 
 from ragcompress.errors import InputError, StoreError
-from ragcompress.indexing import remove
+from ragcompress.indexing import index, remove
 from ragcompress.store import KVStore, StoreWriter
 from ragcompress.store.catalogue import searchable_checksum
 from ragcompress.store.compact import compact_store
@@ -66,6 +67,44 @@ def test_replace_stores_what_a_fresh_build_of_the_changed_input_stores(tiny_lm, 
         assert kv.entry("doc-017").text == records[17]["text"]
         assert _top(kv, records[17]["text"]) == "doc-017"
     assert any("removed or replaced" in note for note in verify_store(store).notes)  # the old blobs' bytes
+
+
+class _PaddingEmbedder(store_worker.HashEmbedder):
+    """Vectors whose last bits depend on the longest text of the batch they are embedded in, as a
+    sentence-transformers model's do (it pads a batch to its longest text)."""
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        return super().embed(texts) * np.float32(1 + max(map(len, texts)) * 1e-7)
+
+
+def _vectors(path) -> dict[str, bytes]:
+    with KVStore.open(path) as kv:
+        ids = {e.row: e.id for e in kv.catalogue.entries()}
+        rows, vectors = kv.catalogue.embeddings()
+    return {ids[row]: vector.tobytes() for row, vector in zip(rows, vectors, strict=True)}
+
+
+@pytest.mark.parametrize("kind", ["all-MiniLM-L6-v2", "padding"])
+def test_a_replaced_passage_is_embedded_in_its_batch_as_a_fresh_build_embeds_it(kind, tiny_lm, tmp_path, request):
+    """``--replace`` embedded a changed passage alone, where a fresh build of the changed input
+    embeds it with the rest of its batch: its vector was not the fresh build's (7.5e-8 apart with
+    all-MiniLM-L6-v2), so a replaced store was not byte-equal to a fresh one. The whole batch is
+    embedded, as it is encoded, and the vectors of the passages it re-encodes are kept."""
+    if kind == "padding":
+        embedder, config = _PaddingEmbedder(), CONFIG
+    else:
+        embedder, config = request.getfixturevalue("embedder"), replace(CONFIG, embedder=kind)
+    records = _texts(8)
+    settings = {"lm": tiny_lm, "embedder": embedder, "config": config, "batch_size": BATCH}
+    store = tmp_path / "store"
+    index(_write(tmp_path / "first.jsonl", records), store, **settings)
+    records[2]["text"] = "Passage two now tells of lighthouses and harbours at night."
+    changed = _write(tmp_path / "changed.jsonl", records)
+    assert index(changed, store, replace=True, **settings).replaced == 1
+    fresh = tmp_path / "fresh"
+    index(changed, fresh, **settings)
+    assert _vectors(store) == _vectors(fresh)
+    assert _checksums(store) == _checksums(fresh)
 
 
 def test_replace_with_unchanged_input_changes_nothing(tiny_lm, store, tmp_path):

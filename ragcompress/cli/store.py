@@ -112,7 +112,12 @@ def index(
     replace: bool = typer.Option(
         False, "--replace", help="re-encode passages stored under their id with another text, replacing them"
     ),
-    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    batch_size: int | None = typer.Option(
+        None,
+        "--batch-size",
+        min=1,
+        help="passages encoded together (default 8; resuming a stopped run, the size it used: another is refused)",
+    ),
     ray: str | None = typer.Option(
         None,
         "--ray",

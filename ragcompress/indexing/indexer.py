@@ -270,10 +270,12 @@ class Indexer:
     ) -> list[PassageRecord]:
         """Records of ``passages`` whose id is not in ``skip``, in input order.
 
-        Every passage is tokenized, checked and encoded in one batch, the skipped ones too: a
-        cache's last bits can depend on the batch it was computed in, so encoding the whole
-        input-order batch means a passage's cache never depends on what a killed run had
-        finished, and a resumed store is byte-identical to an uninterrupted one.
+        Every passage is tokenized, checked, encoded and embedded in one batch, the skipped ones
+        too: a cache's bits (and an embedding's last bits: the embedder pads a batch to its
+        longest text) can depend on the batch it was computed in, so computing the whole
+        input-order batch means a passage's cache and vector never depend on what a killed run
+        had finished or which passages of its batch ``--replace`` re-encodes, and a resumed or
+        replaced store is byte-identical to an uninterrupted fresh build.
 
         pool: where a store with ``context_neighbors`` draws each passage's encoding neighbours
         from (:meth:`neighbour_pool` of the whole input); by default these ``passages`` themselves.
@@ -308,7 +310,7 @@ class Indexer:
             vectors = all_vectors[todo]
         else:
             caches = self.encoder.encode(token_ids)
-            vectors = self.embedder.embed([passages[i].text for i in todo])
+            vectors = np.asarray(self.embedder.embed([p.text for p in passages]))[todo]
         # a base copy: the same batch through the base model (config._check_base_copy: every row kept)
         base = self.encoder.without_adaptor().encode(token_ids) if self.base_copy else None
         records = []

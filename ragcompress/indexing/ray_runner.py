@@ -66,6 +66,7 @@ from ragcompress.indexing.run import (
     count_input,
     create_store_for,
     embedder_window,
+    resume_batch_size,
     run_indexer,
     settings_for,
     stale_chunks,
@@ -75,7 +76,7 @@ from ragcompress.interrupts import interrupt_on_stop_signals, raise_if_stopped
 from ragcompress.models import LoadedModel, load_model
 from ragcompress.retrieval import past_window
 from ragcompress.store import KVStore, StoreWriter
-from ragcompress.store.files import check_creatable, indexing_run, refuse_existing
+from ragcompress.store.files import check_creatable, finish_index, indexing_run, refuse_existing
 from ragcompress.store.manifest import MANIFEST
 from ragcompress.store.shards import ClaimedShards
 from ragcompress.store.writer import catalogue_row
@@ -454,7 +455,7 @@ def index_on_ray(
     threads_per_worker: int = 1,
     model: str | None = None,
     config: IndexConfig | None = None,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     progress: bool = False,
     lm: LoadedModel | None = None,
     embedder_factory: Callable[[], Any] | None = None,
@@ -473,7 +474,8 @@ def index_on_ray(
     A store built with another model or settings is refused, as by ``index()``; ``replace``
     re-encodes passages stored under their id with another text and commits each in the place of
     the stored one, as ``index(replace=True)`` does; ``--overwrite`` is single-process only.
-    ``dtype`` as for ``index()``; the actors load the model in the dtype the manifest records.
+    ``dtype`` and ``batch_size`` as for ``index()`` (a stopped run, of either, is resumed with the
+    batch size it recorded); the actors load the model in the dtype the manifest records.
     ``device``: ``cuda`` (any ``cuda:N``) gives each actor one GPU; ``cpu`` or None, none.
     ``adaptor`` (without ``config``) as for ``index()``.
     """
@@ -486,7 +488,9 @@ def index_on_ray(
     input_path, store_path = Path(input_path), Path(store_path)
     exists = (store_path / MANIFEST).is_file()
     total = count_input(input_path, store_path if exists else None, replace)
-    if not exists:
+    if exists:  # another batch size for a stopped run: refused before Ray starts or the model loads
+        resume_batch_size(store_path, batch_size)
+    else:
         refuse_existing(store_path)
         check_creatable(store_path)
     config, model, dtype = settings_for(store_path if exists else None, config, model, dtype, adaptor)
@@ -509,10 +513,11 @@ def index_on_ray(
         # the lock, held to the end (opening repairs a killed run's shards); the run marked until it
         # ends, from when the cluster is joined (a complete store's rerun starts no Ray at all)
         with StoreWriter(store_path) as writer:
-            items, skipped, stale, updated, chunks = _work(writer, input_path, batch_size)
+            size = resume_batch_size(store_path, batch_size)
+            items, skipped, stale, updated, chunks = _work(writer, input_path, size)
             if items:
                 _connect(address, workers * threads_per_worker, gpu)
-            with indexing_run(store_path, total) as finished:
+            with indexing_run(store_path, total, finish_index(size), size) as finished:
                 bar = None
                 if progress and items:
                     from tqdm import tqdm

@@ -35,12 +35,14 @@ from ragcompress.store.basis import basis_to_bytes
 from ragcompress.store.catalogue import CATALOGUE
 from ragcompress.store.files import (
     check_creatable,
+    finish_index,
     indexing_run,
     overwrite_refusal,
     refuse_existing,
     remove_litter,
     remove_tree,
     replace_store,
+    stopped_run_batch_size,
 )
 from ragcompress.store.manifest import MANIFEST, SETTINGS
 from ragcompress.store.writer import StoreLock
@@ -86,6 +88,32 @@ class IndexReport:
             "seconds": self.seconds,
             "store": self.store,
         }
+
+
+# passages encoded together when neither the caller nor a stopped run to resume names a size
+DEFAULT_BATCH_SIZE = 8
+
+
+def resume_batch_size(store: Path, batch_size: int | None) -> int:
+    """The batch size of a run into ``store``: the one its stopped run encoded with, where that run's
+    marker records it (:func:`~ragcompress.store.files.stopped_run_batch_size`), else ``batch_size``
+    (None: :data:`DEFAULT_BATCH_SIZE`). A cache's bytes depend on the batch it is encoded in (in
+    bfloat16 enough to change which rows a compressor keeps; docs/guarantees.md), so a
+    resume cutting other batches would store other bytes than the uninterrupted run: another size
+    given for a stopped run is refused (``StoreMismatchError``) before anything is written. Only
+    a stopped run's marker counts (a run still going is another writer's, which the lock refuses),
+    so callers check early, before the model loads, and decide under the writer's lock; the run's
+    own marker records what this returns (:func:`~ragcompress.store.files.indexing_run`)."""
+    recorded = stopped_run_batch_size(store)
+    if recorded is None:
+        return batch_size or DEFAULT_BATCH_SIZE
+    if batch_size is not None and batch_size != recorded:
+        raise StoreMismatchError(
+            f"store {store}: the indexing run that stopped in it encoded batches of {recorded} passages, this run "
+            f"asks for --batch-size {batch_size} (batch_size= in Python), and a cache's bytes depend on its batch; "
+            f"resume with --batch-size {recorded} (or none), or rebuild the store with --overwrite"
+        )
+    return recorded
 
 
 def _batches(items: Iterator[PassageInput], size: int) -> Iterator[list[PassageInput]]:
@@ -272,8 +300,9 @@ def check_index_arguments(config: Any, batch_size: Any, model: str | None, lm: A
     :func:`~ragcompress.indexing.ray_runner.index_on_ray` can pass that the CLI cannot: a batch
     size of 0 indexed nothing and reported success, a negative one left a store mid-run, a dict
     for ``config`` failed deep in the indexer, and a ``model`` beside an ``lm`` of another model
-    was ignored (the store recorded ``lm``'s)."""
-    if type(batch_size) is not int or batch_size < 1:
+    was ignored (the store recorded ``lm``'s). ``batch_size`` None: the size a stopped run to
+    resume recorded, else :data:`DEFAULT_BATCH_SIZE` (:func:`resume_batch_size`)."""
+    if batch_size is not None and (type(batch_size) is not int or batch_size < 1):
         raise ValueError(f"batch_size must be a whole number of passages, 1 or more; got {batch_size!r}")
     if config is not None and not isinstance(config, IndexConfig):
         raise TypeError(
@@ -301,7 +330,7 @@ def index(
     config: IndexConfig | None = None,
     overwrite: bool = False,
     replace: bool = False,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     progress: bool = False,
     lm: LoadedModel | None = None,
     embedder: Embedder | None = None,
@@ -322,6 +351,9 @@ def index(
     raised before anything is written). ``adaptor`` (without ``config``): the folder of the
     adaptor an existing store was built with when it is not packaged (its hash is checked against
     the store's), the store's other settings kept; for a new store, the defaults with it.
+    ``batch_size``: passages encoded together; None resumes a stopped run with the size it
+    recorded, and is :data:`DEFAULT_BATCH_SIZE` otherwise; another size for a stopped run is
+    refused (:func:`resume_batch_size`).
     """
     start = time.perf_counter()
     check_index_arguments(config, batch_size, model, lm)
@@ -331,6 +363,8 @@ def index(
     if not exists:
         check_creatable(store_path)
     total = count_input(input_path, store_path if exists and not overwrite else None, replace)
+    if exists and not overwrite:  # another batch size for a stopped run: refused before the model loads
+        resume_batch_size(store_path, batch_size)
     # --overwrite replaces what is at the path: only ever a store (even one whose manifest is lost)
     rebuild = overwrite and store_path.exists() and (not store_path.is_dir() or any(store_path.iterdir()))
     refusal = overwrite_refusal(store_path) if rebuild else None
@@ -429,10 +463,17 @@ def remove(store_path: str | Path, ids: list[str], *, missing_ok: bool = False) 
 
 
 def _write(
-    indexer: Indexer, input_path: Path, target: Path, total: int, replace: bool, batch_size: int, progress: bool
+    indexer: Indexer,
+    input_path: Path,
+    target: Path,
+    total: int,
+    replace: bool,
+    batch_size: int | None,
+    progress: bool,
 ) -> tuple[int, int, int, int, tuple[str, ...], int, int]:
     """Encode and commit ``input_path``'s passages into the store at ``target`` (created if
-    absent); returns ``(indexed, skipped, replaced, updated, stale, short_context, past_embedder_window)``."""
+    absent) in batches of ``batch_size`` (:func:`resume_batch_size`, under the writer's lock);
+    returns ``(indexed, skipped, replaced, updated, stale, short_context, past_embedder_window)``."""
     if not (target / MANIFEST).is_file():
         create_store_for(target, indexer)
 
@@ -447,26 +488,28 @@ def _write(
     pool = indexer.neighbour_pool(list(iter_passages(input_path))) if indexer.context_neighbors else None
     chunks = document_chunks(input_path)
     try:
-        with StoreWriter(target) as writer, indexing_run(target, total) as finished:
-            for batch in _batches(iter_passages(input_path), batch_size):
-                raise_if_stopped()  # a SIGTERM or Ctrl-C whose KeyboardInterrupt a finalizer swallowed
-                count_chunks(chunks, batch)
-                known = writer.known_of([p.id for p in batch])
-                unchanged = {p.id for p in batch if known.get(p.id) == p.text_sha}
-                writer.make_searchable(unchanged)  # ones a query had cached are part of the corpus now
-                updated += update_fields(writer, batch, unchanged)
-                records = indexer.records(batch, skip=unchanged, pool=pool)
-                if records:
-                    writer.add(records, replace=replace)
-                    past += past_window(indexer.embedder, [r.text for r in records])
-                indexed += len(records)
-                replaced += sum(1 for r in records if r.id in known)
-                skipped += len(batch) - len(records)
-                if bar is not None:
-                    bar.update(len(batch))
-            writer.write_index()
-            stale = stale_chunks(writer, chunks)
-            finished()
+        with StoreWriter(target) as writer:
+            size = resume_batch_size(target, batch_size)
+            with indexing_run(target, total, finish_index(size), size) as finished:
+                for batch in _batches(iter_passages(input_path), size):
+                    raise_if_stopped()  # a SIGTERM or Ctrl-C whose KeyboardInterrupt a finalizer swallowed
+                    count_chunks(chunks, batch)
+                    known = writer.known_of([p.id for p in batch])
+                    unchanged = {p.id for p in batch if known.get(p.id) == p.text_sha}
+                    writer.make_searchable(unchanged)  # ones a query had cached are part of the corpus now
+                    updated += update_fields(writer, batch, unchanged)
+                    records = indexer.records(batch, skip=unchanged, pool=pool)
+                    if records:
+                        writer.add(records, replace=replace)
+                        past += past_window(indexer.embedder, [r.text for r in records])
+                    indexed += len(records)
+                    replaced += sum(1 for r in records if r.id in known)
+                    skipped += len(batch) - len(records)
+                    if bar is not None:
+                        bar.update(len(batch))
+                writer.write_index()
+                stale = stale_chunks(writer, chunks)
+                finished()
     finally:
         if bar is not None:
             bar.close()

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from ragcompress.errors import InputError, StoreError
 from ragcompress.kv import PassageKV
@@ -123,20 +124,35 @@ _RUNNING_HERE: set[Path] = set()
 FINISH_INDEX = "re-run `ragcompress index` with the same input and --store (it resumes where it stopped)"
 
 
+def finish_index(batch_size: int) -> str:
+    """How to finish a stopped ``ragcompress index`` run that encoded batches of ``batch_size``
+    passages: a resume keeps that size (``indexing.run.resume_batch_size``)."""
+    return (
+        f"re-run `ragcompress index` with the same input and --store, and --batch-size {batch_size} or none "
+        "(it resumes where it stopped)"
+    )
+
+
 @contextmanager
-def indexing_run(path: Path, passages: int, finish: str = FINISH_INDEX) -> Iterator[Callable[[], None]]:
+def indexing_run(
+    path: Path, passages: int, finish: str = FINISH_INDEX, batch_size: int | None = None
+) -> Iterator[Callable[[], None]]:
     """Mark the store at ``path`` as being indexed (its ``RUN`` file: pid and that process's start
-    time, input size, start and ``finish``, how to finish the run if it stops) until the run calls
-    the function this yields, after its last commit and index write. A run killed before that
-    leaves the file behind, and :func:`unfinished_run` tells readers that the store holds only
-    part of its input and how to finish it. A run that fails in a process that goes on (a
-    notebook, a service) rewrites the file with pid 0 as it leaves: its pid is alive, and would
-    read as a run still going to every other process. A run stopped by an
+    time, input size, start, ``finish``, how to finish the run if it stops, and ``batch_size``,
+    the passages it encodes together, when it cuts its input into batches of one size: a cache's
+    bytes depend on its batch, so a resume must cut the same ones, :func:`stopped_run_batch_size`)
+    until the run calls the function this yields, after its last commit and index write. A run
+    killed before that leaves the file behind, and :func:`unfinished_run` tells readers that the
+    store holds only part of its input and how to finish it. A run that fails in a process that
+    goes on (a notebook, a service) rewrites the file with pid 0 as it leaves: its pid is alive,
+    and would read as a run still going to every other process. A run stopped by an
     :class:`~ragcompress.errors.InputError` (a passage whose cache overflowed) records its message
     as ``refused``: running again as it was stops there again, so ``finish`` is not how to finish
     it. Call under the writer's lock."""
     pid = os.getpid()
     record = {"pid": pid, "pid_start": _start_time(pid), "passages": passages, "started": time.time(), "finish": finish}
+    if batch_size is not None:
+        record["batch_size"] = batch_size
     write_atomic(path / RUN, json.dumps(record).encode())
     _RUNNING_HERE.add(path.resolve())
     done = False
@@ -184,31 +200,51 @@ def _alive(pid: int, start: object = None) -> bool:
     return True
 
 
-def unfinished_run(path: Path) -> str | None:
-    """What an indexing run that stopped before its end left at ``path`` (killed, or failed), and
-    how to finish it; or None: no run, or one still going (its passages committed so far are
-    readable, as always). A run is going while its process is: the marker's pid, the same process
-    where its start time was recorded (a pid reused since, pid 1 of another container, is not)."""
+def _run_record(path: Path) -> dict[str, Any] | None:
+    """The ``RUN`` marker at ``path``; None where there is none, ``{}`` where it cannot be read or
+    is not a JSON object (a damaged marker still marks a run)."""
     try:
         record = loads_json((path / RUN).read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
-        record = {}
-    pid = record.get("pid") if isinstance(record, dict) else None
-    start = record.get("pid_start") if isinstance(record, dict) else None
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def stopped_run_batch_size(path: Path) -> int | None:
+    """The batch size of the indexing run that stopped at ``path`` (:func:`unfinished_run`), as
+    its marker records it; None when no run stopped there or its marker records none (written
+    before markers did, by a writer that does not cut its input by size, or damaged): unknown,
+    so a resume may use any."""
+    if unfinished_run(path) is None:
+        return None
+    size = (_run_record(path) or {}).get("batch_size")
+    return size if type(size) is int and size >= 1 else None
+
+
+def unfinished_run(path: Path) -> str | None:
+    """What an indexing run that stopped before its end left at ``path`` (killed, or failed), and
+    how to finish it; or None: no run, or one still going (its passages committed so far are
+    readable, as always). A run is going while its process is: the marker's pid, the same process
+    where its start time was recorded (a pid reused since, pid 1 of another container, is not)."""
+    record = _run_record(path)
+    if record is None:
+        return None
+    pid = record.get("pid")
+    start = record.get("pid_start")
     if isinstance(pid, int) and pid > 0:
         here = pid == os.getpid() and (not isinstance(start, int) or start == _start_time(pid))
         running = path.resolve() in _RUNNING_HERE if here else _alive(pid, start)
         if running:
             return None
-    started = record.get("started") if isinstance(record, dict) else None
+    started = record.get("started")
     when = time.strftime(" on %Y-%m-%d at %H:%M", time.localtime(started)) if isinstance(started, float) else ""
-    size = record.get("passages") if isinstance(record, dict) else None
+    size = record.get("passages")
     of = f" of an input of {size} passages" if isinstance(size, int) else ""
-    finish = record.get("finish") if isinstance(record, dict) else None
+    finish = record.get("finish")
     finish = finish if isinstance(finish, str) and finish else FINISH_INDEX  # markers written before `finish`
-    refused = record.get("refused") if isinstance(record, dict) else None
+    refused = record.get("refused")
     stopped = f"the indexing run started{when} stopped before its end: the store holds only part{of}"
     if isinstance(refused, str) and refused:  # re-running as it was stops there again: `finish` would not finish it
         return (
