@@ -46,6 +46,7 @@ import signal
 import socket
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -365,26 +366,32 @@ def _results(
 
     starts: Any = ray.remote(num_cpus=0)(BatchStarts).remote()  # ends with its last handle (the dataset's)
     dataset = ray.data.from_items(items, override_num_blocks=min(len(items), MAX_BLOCKS))
-    encoded = dataset.map_batches(
-        EncodeActor,
-        fn_constructor_kwargs={
-            "store": str(store.resolve()),  # an actor's working directory may not be the driver's
-            "model_ref": model_ref,
-            "threads": threads,
-            "embedder_factory": embedder_factory,
-            "max_shard_bytes": shards.MAX_SHARD_BYTES,
-            "adaptor": _actor_adaptor(config.adaptor),
-            "device": "cuda" if gpu else None,  # Ray shows each actor its own GPU as cuda:0
-            "starts": starts,
-        },
-        batch_size=1,
-        batch_format="numpy",
-        compute=ActorPoolStrategy(size=workers),
-        num_cpus=threads,
-        num_gpus=1 if gpu else None,
-        max_restarts=-1,  # a killed actor is restarted, however often that happens over a run
-        max_task_retries=BATCH_RETRIES,  # but a batch is tried a bounded number of times
-    )
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates passing remote arguments to map_batches ("will be removed in Ray
+        # 2.64": pyproject pins below it) but names no replacement for max_task_retries, the bound
+        # on a batch's tries this run needs; the warning, printed as the CLI's own, named nothing
+        # a user could do.
+        warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated")
+        encoded = dataset.map_batches(
+            EncodeActor,
+            fn_constructor_kwargs={
+                "store": str(store.resolve()),  # an actor's working directory may not be the driver's
+                "model_ref": model_ref,
+                "threads": threads,
+                "embedder_factory": embedder_factory,
+                "max_shard_bytes": shards.MAX_SHARD_BYTES,
+                "adaptor": _actor_adaptor(config.adaptor),
+                "device": "cuda" if gpu else None,  # Ray shows each actor its own GPU as cuda:0
+                "starts": starts,
+            },
+            batch_size=1,
+            batch_format="numpy",
+            compute=ActorPoolStrategy(size=workers),
+            num_cpus=threads,
+            num_gpus=1 if gpu else None,
+            max_restarts=-1,  # a killed actor is restarted, however often that happens over a run
+            max_task_retries=BATCH_RETRIES,  # but a batch is tried a bounded number of times
+        )
     done: set[int] = set()
     try:
         for row in encoded.iter_rows():
