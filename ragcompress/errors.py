@@ -5,6 +5,12 @@ class RagCompressError(Exception):
     """Base class: the message names the problem and what to do about it."""
 
 
+class RagCompressWarning(UserWarning):
+    """A warning of ragcompress's own: its message names what to do, so the CLI prints it as one
+    ``warning: ...`` line. Other libraries' warnings keep Python's format, even when raised from
+    ragcompress's code (a deprecation in Ray or transformers names nothing a user could do)."""
+
+
 class InputError(RagCompressError):
     """The user's input (a JSONL file, a folder, a question) cannot be used as given."""
 

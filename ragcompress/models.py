@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ragcompress.errors import ModelError
+from ragcompress.errors import ModelError, RagCompressWarning
 from ragcompress.paths import cache_dir, follow_umask, remove_dead_temps, sha256_file
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -216,7 +216,7 @@ def _cached_sha256(path: Path) -> str:
         warnings.warn(
             f"cannot use {memo} ({unreadable}); weights are hashed again "
             "(set RAGCOMPRESS_CACHE to a folder of your own to keep their hashes)",
-            UserWarning,
+            RagCompressWarning,
             stacklevel=2,
         )
     if key not in known:
@@ -232,7 +232,7 @@ def _cached_sha256(path: Path) -> str:
                 warnings.warn(
                     f"cannot write {memo} ({exc.strerror or exc}); weights are hashed again at every load "
                     "(set RAGCOMPRESS_CACHE to a writable folder to keep their hashes)",
-                    UserWarning,
+                    RagCompressWarning,
                     stacklevel=2,
                 )
     return known[key]

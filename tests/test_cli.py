@@ -1215,6 +1215,21 @@ def test_the_librarys_warnings_print_as_one_line(tiny_model_dir, tmp_path):
     assert "UserWarning" not in result.stderr
 
 
+def test_only_the_librarys_own_warnings_print_as_its_one_line():
+    """Other libraries' warnings keep Python's format even when their frame is ragcompress's: Ray's
+    deprecation of an argument ``index --ray`` passes printed as ``warning: ...``, advice the user
+    could not act on. ragcompress's own are :class:`RagCompressWarning` (a ``UserWarning``)."""
+    from ragcompress.cli.root import _one_line_warning
+    from ragcompress.errors import RagCompressWarning
+    from ragcompress.indexing import ray_runner
+
+    ours = _one_line_warning("do this", RagCompressWarning, ray_runner.__file__, 1)
+    assert ours == "warning: do this\n"
+    theirs = _one_line_warning("`x` is deprecated", DeprecationWarning, ray_runner.__file__, 1)
+    assert "DeprecationWarning: `x` is deprecated" in theirs and not theirs.startswith("warning: ")
+    assert "UserWarning" in _one_line_warning("a library's", UserWarning, ray_runner.__file__, 1)
+
+
 def test_dtype_is_recorded_at_indexing_and_reused_for_answering(tiny_model_dir, tmp_path, monkeypatch, capfd):
     """``--dtype bfloat16`` loads the weights in bf16 (a model that does not fit in fp32); the
     store records it, answering and adding passages use it unless told otherwise, and a run that

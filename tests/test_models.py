@@ -407,7 +407,7 @@ def test_another_users_unreadable_sha256_memo_is_one_warning_not_an_error():
         )
         assert ran.returncode == 0, ran.stderr[-3000:]
         assert ran.stdout.strip() == models.sha256_file(weights)
-        warned = [line for line in ran.stderr.splitlines() if "UserWarning" in line]
+        warned = [line for line in ran.stderr.splitlines() if "RagCompressWarning" in line]
         assert len(warned) == 1, ran.stderr
         assert re.search(rf"cannot use {re.escape(str(memo))} \(Permission denied\).*RAGCOMPRESS_CACHE", warned[0])
     finally:

@@ -7,13 +7,12 @@ import os
 import signal
 import sys
 import warnings
-from pathlib import Path
 from typing import Any, NoReturn
 
 import typer
 
 from ragcompress.cli import answer, serve, store, train
-from ragcompress.errors import CorruptSegmentError, InputError, RagCompressError
+from ragcompress.errors import CorruptSegmentError, InputError, RagCompressError, RagCompressWarning
 from ragcompress.interrupts import INTERRUPTED, interrupt_on_stop_signals
 from ragcompress.runtime.memory import keep_freed_memory
 
@@ -61,14 +60,15 @@ def _options(
 
 
 def _one_line_warning(message: Any, category: Any, filename: str, lineno: int, line: str | None = None) -> str:
-    """ragcompress's own warnings as ``warning: ...`` (what to do is in the message; the source
-    line Python would print is not the user's), other libraries' as Python formats them."""
-    if Path(filename).resolve().is_relative_to(PACKAGE):
+    """ragcompress's own warnings (:class:`RagCompressWarning`) as ``warning: ...`` (what to do is
+    in the message; the source line Python would print is not the user's), other libraries' as
+    Python formats them, wherever they were raised: Ray's deprecation of an argument ragcompress
+    passes pointed into this package and read as ragcompress's advice."""
+    if isinstance(category, type) and issubclass(category, RagCompressWarning):
         return f"warning: {message}\n"
     return _PYTHON_FORMATWARNING(message, category, filename, lineno, line)
 
 
-PACKAGE = Path(__file__).resolve().parent.parent  # ragcompress/
 _PYTHON_FORMATWARNING = warnings.formatwarning
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ragcompress.distill.adaptor import CONFIG, Adaptor
-from ragcompress.errors import InputError, StoreMismatchError
+from ragcompress.errors import InputError, RagCompressWarning, StoreMismatchError
 from ragcompress.kv.quant import QuantConfig
 
 PACKAGED = Path(__file__).resolve().parent / "adaptors"
@@ -120,7 +120,7 @@ def matching_adaptor(model_ref: str, store: TrainedStore, fingerprint: str | Non
         "encoding with the base model (answers from such a store lose more; train one with "
         f"`ragcompress train --method {store.method} --ratio {train_ratio} {train_quant}{train_flags}` and pass "
         "--adaptor FOLDER)",
-        UserWarning,
+        RagCompressWarning,
         stacklevel=3,
     )
     return None

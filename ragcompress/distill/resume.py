@@ -33,7 +33,7 @@ from ragcompress.distill.config import TrainConfig
 from ragcompress.distill.distiller import Distiller
 from ragcompress.distill.loop import TrainingState
 from ragcompress.distill.objective import Example
-from ragcompress.errors import InputError
+from ragcompress.errors import InputError, RagCompressWarning
 from ragcompress.models import LoadedModel
 
 # the settings that define the store an adaptor is trained for (its student's compression)
@@ -199,6 +199,7 @@ def resumed_settings(
         )
         warnings.warn(
             f"{started} {path}: its adaptor keeps {differ}; {instead}",
+            RagCompressWarning,
             stacklevel=stacklevel,
         )
     config.rank, config.alpha, config.kind = saved["rank"], saved["alpha"], saved["kind"]

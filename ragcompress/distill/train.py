@@ -88,7 +88,7 @@ from ragcompress.distill.resume import (
     starting_adaptor,
 )
 from ragcompress.distill.teacher import build_examples, teacher_examples
-from ragcompress.errors import InputError, need_matplotlib
+from ragcompress.errors import InputError, RagCompressWarning, need_matplotlib
 from ragcompress.indexing.encoder import PassageEncoder
 from ragcompress.indexing.inputs import PassageInput, iter_passages, validate
 from ragcompress.kv.rope import position_limit
@@ -166,6 +166,7 @@ def scorer_passages(distiller: Distiller, passages: list[PassageInput], count: i
             f"{skipped} of {len(token_ids)} training passages are too long for the learned scorer's KVzip probe, "
             f"which repeats a passage after it ({distiller.lm.ref} handles {limit} positions); the scorer is fitted "
             "on the others",
+            RagCompressWarning,
             stacklevel=3,
         )
     step = max(1, len(fitting) // max(1, count))
@@ -349,6 +350,7 @@ def keep_replaced_adaptor(folder: Path, new_hash: str) -> None:
     warnings.warn(
         f"{folder} now holds the adaptor of this run ({new_hash[:16]}); the one it replaces ({old_hash[:16]}), "
         f"which stores built with it need, was moved to {kept}",
+        RagCompressWarning,
         stacklevel=3,
     )
 

@@ -31,7 +31,7 @@ from ragcompress.distill.packaged import (
     resolve_adaptor,
     trained_store,
 )
-from ragcompress.errors import InputError, StoreMismatchError, UnstorableCacheError
+from ragcompress.errors import InputError, RagCompressWarning, StoreMismatchError, UnstorableCacheError
 from ragcompress.indexing.config import IndexConfig, build_manifest, compressor_from_manifest
 from ragcompress.indexing.encoder import PassageEncoder
 from ragcompress.indexing.inputs import PassageInput
@@ -92,7 +92,7 @@ def warn_if_trained_for_another_store(adaptor: Adaptor, config: IndexConfig) -> 
         f"adaptor {adaptor.hash[:16]} was trained for a store of {describe_store(trained)}, this store is "
         f"{describe_store(used, config.budget)}; under another compression it can be further from full prefill than "
         "the general adaptor (--adaptor default; docs/distill.md)",
-        UserWarning,
+        RagCompressWarning,
         stacklevel=3,
     )
 
