@@ -919,6 +919,8 @@ def test_a_stop_signal_a_finalizer_swallowed_still_stops_index(signame, tmp_path
     swallowed: list[type] = []
     monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: swallowed.append(unraisable.exc_type))
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    # Python's own SIGINT handler, as in a CLI process (a pytest-xdist worker ignores SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         args = ["index", "--input", str(corpus), "--store", str(store), "--batch-size", "2"]
         code, _, err = run_cli([*args, "--model", str(tiny_model_dir("llama"))], monkeypatch, capfd)
