@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import warnings
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -88,10 +89,23 @@ def reference(tmp_path_factory, tiny_lm, corpus) -> dict:
 def ray_store(cluster, tmp_path_factory, tiny_lm, corpus) -> tuple[Path, object]:
     """One Ray build of the corpus and its report, shared by the tests that start from it (each
     copies it): a Ray index of the corpus costs tens of seconds beside the other test worker."""
+    from ray.data import DataContext
+
     store = tmp_path_factory.mktemp("ray-store") / "store"
-    with small_shard_files():
+    context = DataContext.get_current()
+    before = _ray_data_settings(context)
+    with small_shard_files(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         report = _ray_index(corpus, store, tiny_lm)
+    _RAY_STORE_BUILD.update(warnings=[str(w.message) for w in caught], settings=(before, _ray_data_settings(context)))
     return store, report
+
+
+_RAY_STORE_BUILD: dict[str, list] = {}  # what the ray_store build warned, and the Ray Data settings around it
+
+
+def _ray_data_settings(context) -> tuple[bool, bool]:
+    return context.execution_options.preserve_order, context.enable_progress_bars
 
 
 def _ray_index(corpus: Path, store: Path, lm, factory=HashEmbedder):
@@ -118,16 +132,11 @@ def test_ray_store_has_the_single_process_bytes(ray_store, tmp_path, tiny_lm, co
     assert (again.indexed, again.skipped) == (0, N_PASSAGES)
 
 
-def test_a_ray_run_shows_none_of_rays_deprecation_warnings(cluster, tmp_path, tiny_lm, corpus):
+def test_a_ray_run_shows_none_of_rays_deprecation_warnings(ray_store):
     """Ray 2.60 warns that remote arguments to ``map_batches`` are deprecated, without a named
     replacement for the bound on a batch's tries the run needs; the CLI printed it as its own
-    ``warning: ...`` line, which named nothing a user could do."""
-    import warnings
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        _ray_index(corpus, tmp_path / "store", tiny_lm)
-    assert [str(w.message) for w in caught if "ray_remote_args" in str(w.message)] == []
+    ``warning: ...`` line, which named nothing a user could do. (Read from the shared build.)"""
+    assert [message for message in _RAY_STORE_BUILD["warnings"] if "ray_remote_args" in message] == []
 
 
 def test_a_ray_rerun_with_another_title_updates_it_as_one_process_does(tmp_path, tiny_lm, corpus):
@@ -288,22 +297,23 @@ def test_a_python_error_on_an_actor_is_one_line_naming_the_batch_after_the_batch
     assert unfinished_run(tmp_path / "store")  # marked: a rerun resumes
 
 
-def test_a_ray_run_leaves_the_callers_ray_data_settings_as_they_were(cluster, tmp_path, tiny_lm, monkeypatch):
+def test_a_ray_run_leaves_the_callers_ray_data_settings_as_they_were(ray_store, tmp_path, tiny_lm, monkeypatch):
     """A run set ``preserve_order`` and hid the progress bars in the driver's process-wide Ray
     Data context and left them so: a caller's own pipeline in the same driver afterwards ran with
-    our settings. The caller's values come back after a run, and after one that fails in the
-    driver's commit loop (an error there left the settings of the suspended generator behind)."""
+    our settings. The caller's values come back after a run (the shared build: Ray Data's
+    defaults, the opposite of a run's), and after one that fails in the driver's commit loop (an
+    error there left the settings of the suspended generator behind)."""
     from ray.data import DataContext
 
     from ragcompress.store import StoreWriter
 
+    before, after = _RAY_STORE_BUILD["settings"]
+    assert before == after == (False, True)
     context = DataContext.get_current()
     monkeypatch.setattr(context.execution_options, "preserve_order", False)
     monkeypatch.setattr(context, "enable_progress_bars", True)
     path = tmp_path / "passages.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in _texts(2 * BATCH)))
-    _ray_index(path, tmp_path / "store", tiny_lm)
-    assert (context.execution_options.preserve_order, context.enable_progress_bars) == (False, True)
 
     def failing_commit(self, rows, replace=False):
         raise OSError("disk full")
@@ -311,7 +321,7 @@ def test_a_ray_run_leaves_the_callers_ray_data_settings_as_they_were(cluster, tm
     monkeypatch.setattr(StoreWriter, "commit", failing_commit)
     with pytest.raises(OSError, match="disk full"):
         _ray_index(path, tmp_path / "other", tiny_lm)
-    assert (context.execution_options.preserve_order, context.enable_progress_bars) == (False, True)
+    assert _ray_data_settings(context) == (False, True)
 
 
 class WindowedHashEmbedder(HashEmbedder):
