@@ -130,7 +130,7 @@ def test_a_run_stopped_by_what_it_refused_is_not_told_to_run_again_as_it_was(tmp
     which stops at the same passage again. Its note names the refusal and says to change what it
     names; a run stopped otherwise (killed, a failing disk) is still told to re-run as it was."""
     from ragcompress.errors import UnstorableCacheError
-    from ragcompress.store.files import FINISH_INDEX, indexing_run
+    from ragcompress.store.files import finish_index, indexing_run
 
     message = "passage 'b': the cache holds inf or NaN (keys of layer 0): ...; or leave the passage out of the input"
     failure = UnstorableCacheError(message) if refused else OSError("disk failed")
@@ -144,7 +144,7 @@ def test_a_run_stopped_by_what_it_refused_is_not_told_to_run_again_as_it_was(tmp
             "stop there again: make that change, then index into this store again"
         )
     else:
-        assert note.endswith(f"the store holds only part of an input of 3 passages; to finish it, {FINISH_INDEX}")
+        assert note.endswith(f"the store holds only part of an input of 3 passages; to finish it, {finish_index()}")
 
 
 def test_cli_verify_exits_2_on_an_intact_store_whose_run_stopped(stopped):

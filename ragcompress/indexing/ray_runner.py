@@ -77,7 +77,7 @@ from ragcompress.interrupts import interrupt_on_stop_signals, raise_if_stopped
 from ragcompress.models import LoadedModel, load_model
 from ragcompress.retrieval import past_window
 from ragcompress.store import KVStore, StoreWriter
-from ragcompress.store.files import check_creatable, finish_index, indexing_run, refuse_existing
+from ragcompress.store.files import check_creatable, indexing_run, refuse_existing
 from ragcompress.store.manifest import MANIFEST
 from ragcompress.store.shards import ClaimedShards
 from ragcompress.store.writer import catalogue_row
@@ -524,7 +524,7 @@ def index_on_ray(
             items, skipped, stale, updated, chunks = _work(writer, input_path, size)
             if items:
                 _connect(address, workers * threads_per_worker, gpu)
-            with indexing_run(store_path, total, finish_index(size), size) as finished:
+            with indexing_run(store_path, total, batch_size=size) as finished:
                 bar = None
                 if progress and items:
                     from tqdm import tqdm

@@ -35,7 +35,6 @@ from ragcompress.store.basis import basis_to_bytes
 from ragcompress.store.catalogue import CATALOGUE
 from ragcompress.store.files import (
     check_creatable,
-    finish_index,
     indexing_run,
     overwrite_refusal,
     refuse_existing,
@@ -490,7 +489,7 @@ def _write(
     try:
         with StoreWriter(target) as writer:
             size = resume_batch_size(target, batch_size)
-            with indexing_run(target, total, finish_index(size), size) as finished:
+            with indexing_run(target, total, batch_size=size) as finished:
                 for batch in _batches(iter_passages(input_path), size):
                     raise_if_stopped()  # a SIGTERM or Ctrl-C whose KeyboardInterrupt a finalizer swallowed
                     count_chunks(chunks, batch)

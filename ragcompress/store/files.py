@@ -120,25 +120,21 @@ def replace_store(built: Path, path: Path) -> None:
 _RUNNING_HERE: set[Path] = set()
 
 
-# how a stopped `ragcompress index` run is finished; other writers (the LlamaIndex transform) name their own
-FINISH_INDEX = "re-run `ragcompress index` with the same input and --store (it resumes where it stopped)"
-
-
-def finish_index(batch_size: int) -> str:
-    """How to finish a stopped ``ragcompress index`` run that encoded batches of ``batch_size``
-    passages: a resume keeps that size (``indexing.run.resume_batch_size``)."""
-    return (
-        f"re-run `ragcompress index` with the same input and --store, and --batch-size {batch_size} or none "
-        "(it resumes where it stopped)"
-    )
+def finish_index(batch_size: int | None = None) -> str:
+    """How to finish a stopped ``ragcompress index`` run, with the batch size it encoded with where
+    it recorded one (a resume keeps that size: ``indexing.run.resume_batch_size``). Other writers
+    (the LlamaIndex transform) name their own way."""
+    size = "" if batch_size is None else f", and --batch-size {batch_size} or none"
+    return f"re-run `ragcompress index` with the same input and --store{size} (it resumes where it stopped)"
 
 
 @contextmanager
 def indexing_run(
-    path: Path, passages: int, finish: str = FINISH_INDEX, batch_size: int | None = None
+    path: Path, passages: int, finish: str | None = None, batch_size: int | None = None
 ) -> Iterator[Callable[[], None]]:
     """Mark the store at ``path`` as being indexed (its ``RUN`` file: pid and that process's start
-    time, input size, start, ``finish``, how to finish the run if it stops, and ``batch_size``,
+    time, input size, start, ``finish``, how to finish the run if it stops (by default
+    :func:`finish_index`'s for ``batch_size``), and ``batch_size``,
     the passages it encodes together, when it cuts its input into batches of one size: a cache's
     bytes depend on its batch, so a resume must cut the same ones, :func:`stopped_run_batch_size`)
     until the run calls the function this yields, after its last commit and index write. A run
@@ -150,6 +146,7 @@ def indexing_run(
     as ``refused``: running again as it was stops there again, so ``finish`` is not how to finish
     it. Call under the writer's lock."""
     pid = os.getpid()
+    finish = finish or finish_index(batch_size)
     record = {"pid": pid, "pid_start": _start_time(pid), "passages": passages, "started": time.time(), "finish": finish}
     if batch_size is not None:
         record["batch_size"] = batch_size
@@ -243,7 +240,7 @@ def unfinished_run(path: Path) -> str | None:
     size = record.get("passages")
     of = f" of an input of {size} passages" if isinstance(size, int) else ""
     finish = record.get("finish")
-    finish = finish if isinstance(finish, str) and finish else FINISH_INDEX  # markers written before `finish`
+    finish = finish if isinstance(finish, str) and finish else finish_index()  # markers written before `finish`
     refused = record.get("refused")
     stopped = f"the indexing run started{when} stopped before its end: the store holds only part{of}"
     if isinstance(refused, str) and refused:  # re-running as it was stops there again: `finish` would not finish it
