@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from ragcompress.kv import PassageKV
 from ragcompress.kv.quant import QuantConfig
-from ragcompress.kv.rope import apply_rope, rotate_half
+from ragcompress.kv.rope import rotate_half
 from ragcompress.runtime.options import AnswerOptions
 from ragcompress.store import codec
 from ragcompress.testing import PlainRotary
+
+from attention_reference import evict_every_other_head, fp32_attention
 
 TOL = {torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}
 
@@ -35,43 +36,8 @@ def make_blobs(
     for n in lengths:
         keys = torch.randn(1, heads, n, head_dim, generator=gen) * 2
         values = torch.randn(1, heads, n, head_dim, generator=gen)
-        kv = PassageKV.full(keys.clone(), values.clone())
-        for head in range(1, heads, 2):
-            keep = max(1, n - 1 - head * n // (2 * heads))
-            idx = torch.randperm(n, generator=gen)[:keep].sort().values
-            kv.lengths[0, head] = keep
-            kv.positions[0, head, :keep] = idx
-            kv.keys[0, head, :keep] = keys[0, head, idx]
-            kv.values[0, head, :keep] = values[0, head, idx]
-        blobs.append(codec.encode(PassageKV(kv.keys, kv.values, kv.positions, kv.lengths, n), quant))
+        blobs.append(codec.encode(evict_every_other_head(keys, values, gen), quant))
     return blobs
-
-
-def independent_reference(
-    blobs: list[bytes], rotary: PlainRotary, start: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
-) -> torch.Tensor:
-    """fp32 attention built from ``codec.decode`` (the store's own dequantization): ``[B, q, Hq, d]``."""
-    keys, values, masks = [], [], []
-    position = start
-    for blob in blobs:
-        kv = codec.decode(blob)
-        cos, sin = rotary.rotation_tables(*rotary.cos_sin(kv.positions[0] + position, 0))
-        keys.append(apply_rope(kv.keys[0], cos, sin, paired=rotary.paired))  # the model side's RoPE
-        values.append(kv.values[0])
-        masks.append(kv.valid_mask()[0])
-        position += kv.num_tokens
-    batch, q_heads, q_len, d = query.shape
-    heads, total = key.shape[1], key.shape[2]
-    group = q_heads // heads
-    all_k = torch.cat([torch.cat(keys, 1).expand(batch, -1, -1, -1), key.float()], 2).repeat_interleave(group, 1)
-    all_v = torch.cat([torch.cat(values, 1).expand(batch, -1, -1, -1), value.float()], 2).repeat_interleave(group, 1)
-    causal = torch.ones(q_len, total, dtype=torch.bool).tril(total - q_len)
-    allowed = torch.cat(
-        [torch.cat(masks, 1).unsqueeze(1).expand(-1, q_len, -1), causal.expand(heads, -1, -1)], -1
-    ).repeat_interleave(group, 0)
-    scores = (query.float() @ all_k.transpose(-1, -2)) * d**-0.5
-    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
-    return (probs @ all_v).transpose(1, 2)
 
 
 def build_case(case: dict, device: str = "cpu"):
@@ -89,7 +55,7 @@ def build_case(case: dict, device: str = "cpu"):
     query = torch.randn(batch, heads * group, q_len, d).to(dtype)
     key = torch.randn(batch, heads, total, d).to(dtype)
     value = torch.randn(batch, heads, total, d).to(dtype)
-    expected = independent_reference(blobs, rotary, prefix, query, key, value)
+    expected = fp32_attention([codec.decode(b) for b in blobs], 0, rotary, prefix, query, key, value)
     return packed, query, key, value, expected
 
 

@@ -13,10 +13,11 @@ import torch
 from ragcompress.kv import PassageKV
 from ragcompress.kv.lowrank import LowRankBasis, RankSpec, fit_basis
 from ragcompress.kv.quant import QuantConfig
-from ragcompress.kv.rope import apply_rope
 from ragcompress.runtime.options import AnswerOptions
 from ragcompress.store import codec
 from ragcompress.testing import PlainRotary
+
+from attention_reference import evict_every_other_head, fp32_attention
 
 TOL = {torch.float32: 2e-4, torch.float16: 2e-2}
 
@@ -47,41 +48,9 @@ def make_case(case: dict) -> tuple[list[bytes], LowRankBasis]:
         )
     blobs = []
     for n in case["lengths"]:
-        keys, values = rows(n), rows(n)
-        kv = PassageKV.full(keys.clone(), values.clone())
-        for head in range(1, heads, 2):
-            keep = max(1, n - 1 - head * n // (2 * heads))
-            idx = torch.randperm(n, generator=gen)[:keep].sort().values
-            kv.lengths[:, head] = keep
-            kv.positions[:, head, :keep] = idx
-            kv.keys[:, head, :keep] = keys[:, head, idx]
-            kv.values[:, head, :keep] = values[:, head, idx]
+        kv = evict_every_other_head(rows(n), rows(n), gen)
         blobs.append(codec.encode(kv, QuantConfig(case["scheme"], 32, case.get("value_scheme")), basis))
     return blobs, basis
-
-
-def independent_reference(blobs, basis, rotary, layer, start, query, key, value) -> torch.Tensor:
-    """fp32 attention over ``codec.decode`` (the store's own rebuild of the latents): ``[B, q, Hq, d]``."""
-    keys, values, masks = [], [], []
-    position = start
-    for blob in blobs:
-        kv = codec.decode(blob, basis=basis)
-        cos, sin = rotary.rotation_tables(*rotary.cos_sin(kv.positions[layer] + position, layer))
-        keys.append(apply_rope(kv.keys[layer], cos, sin, paired=rotary.paired))  # the model side's RoPE
-        values.append(kv.values[layer])
-        masks.append(kv.valid_mask()[layer])
-        position += kv.num_tokens
-    batch, q_heads, q_len, d = query.shape
-    heads, total = key.shape[1], key.shape[2]
-    group = q_heads // heads
-    all_k = torch.cat([torch.cat(keys, 1).expand(batch, -1, -1, -1), key.float()], 2).repeat_interleave(group, 1)
-    all_v = torch.cat([torch.cat(values, 1).expand(batch, -1, -1, -1), value.float()], 2).repeat_interleave(group, 1)
-    causal = torch.ones(q_len, total, dtype=torch.bool).tril(total - q_len)
-    allowed = torch.cat(
-        [torch.cat(masks, 1).unsqueeze(1).expand(-1, q_len, -1), causal.expand(heads, -1, -1)], -1
-    ).repeat_interleave(group, 0)
-    scores = (query.float() @ all_k.transpose(-1, -2)) * d**-0.5
-    return (scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ all_v).transpose(1, 2)
 
 
 def build(case: dict, device: str = "cpu"):
@@ -98,7 +67,7 @@ def build(case: dict, device: str = "cpu"):
     key = torch.randn(batch, heads, prefix + q_len, d).to(dtype)
     value = torch.randn(batch, heads, prefix + q_len, d).to(dtype)
     layer = case["layers"] - 1
-    expected = independent_reference(blobs, basis, rotary, layer, prefix, query, key, value)
+    expected = fp32_attention([codec.decode(b, basis=basis) for b in blobs], layer, rotary, prefix, query, key, value)
     return packed, layer, query, key, value, expected
 
 
