@@ -126,6 +126,22 @@ def interpreter():
     pool.join()
 
 
+@pytest.fixture
+def compiled_triton():
+    """Skips a test of the compiled Triton kernels where they cannot run: no CUDA GPU, no Triton,
+    or Triton imported under ``TRITON_INTERPRET=1`` (it decides at import, so these tests would run
+    the interpreter instead)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    pytest.importorskip("triton")
+    from ragcompress_kernels.quantized_attention import _interpreted
+
+    if _interpreted():
+        pytest.skip("triton was imported under TRITON_INTERPRET=1; this test runs the compiled kernel")
+
+
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path

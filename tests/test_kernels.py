@@ -721,17 +721,11 @@ GPU_RUNS = [(name, torch.float16) for name in GPU_CASES] + [
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name, dtype", GPU_RUNS, ids=[f"{n}-{str(d).split('.')[-1]}" for n, d in GPU_RUNS])
-def test_compiled_kernel_on_cuda_matches_reference(name, dtype):
+def test_compiled_kernel_on_cuda_matches_reference(compiled_triton, name, dtype):
     """``packed_attention(backend="triton")`` on CUDA tensors (compiled, not interpreted) against
     ``packed_attention_ref`` on the same tensors and the independent fp32 reference on the CPU."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    pytest.importorskip("triton")
     from ragcompress_kernels import packed_attention, packed_attention_ref
-    from ragcompress_kernels.quantized_attention import _interpreted
 
-    if _interpreted():
-        pytest.skip("triton was imported under TRITON_INTERPRET=1; this test runs the compiled kernel")
     case = dict(GPU_CASES[name], seed=len(name), dtype=dtype)
     packed, query, key, value, expected = build_case(case, device="cuda")
     seg = packed.layers[0]

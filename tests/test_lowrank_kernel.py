@@ -301,19 +301,13 @@ def test_packed_strategy_over_latents_decodes_like_the_dense_path(interpreter, t
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(CASES))
-def test_compiled_latent_kernel_on_cuda_matches_reference(name):
+def test_compiled_latent_kernel_on_cuda_matches_reference(compiled_triton, name):
     """``latent_attention(backend="triton")`` on CUDA tensors (compiled, not interpreted: the
     interpreter runs Python, so constexpr branches and ``tl.dot`` shapes are only proven compiled)
     against the torch path on the same tensors and the independent fp32 reference on the CPU.
     ``benchmarks/gpu_check.sh`` runs it; here it skips."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    pytest.importorskip("triton")
     from ragcompress_kernels.latent_attention import latent_attention
-    from ragcompress_kernels.quantized_attention import _interpreted
 
-    if _interpreted():
-        pytest.skip("triton was imported under TRITON_INTERPRET=1; this test runs the compiled kernel")
     case = dict(CASES[name], seed=len(name))
     packed, layer, query, key, value, expected = build(case, device="cuda")
     seg = packed.layers[layer]
