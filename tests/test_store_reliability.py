@@ -1426,8 +1426,8 @@ def test_a_resume_keeps_the_batch_size_its_stopped_run_recorded(tiny_lm, corpus,
 
 
 def test_a_stopped_run_whose_marker_records_no_batch_size_resumes_with_any(tiny_lm, corpus, tmp_path):
-    """Markers written before the batch size was recorded (and the LlamaIndex transform's, whose
-    batches are not cut from an input by size) say nothing of it: unknown, so no size is refused."""
+    """Markers written before the batch size was recorded say nothing of it: unknown, so no size
+    is refused."""
     from ragcompress.store.files import RUN, stopped_run_batch_size
 
     store = tmp_path / "store"
