@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,6 @@ from ragcompress.cli.options import (
     PRESET_HELP,
     STORE_OPTION,
     emit,
-    expand_home,
     path_option,
     quiet_libraries,
     show_progress,
@@ -70,7 +70,7 @@ def index(
     adaptor: str | None = typer.Option(
         None,
         "--adaptor",
-        parser=expand_home,
+        parser=os.path.expanduser,
         help="learned passage adaptor (KV-Distill, docs/distill.md): 'default' (packaged for the model), "
         "'matching' (packaged for the model and trained for this store's compression), "
         "or a folder from `ragcompress train`",
@@ -99,7 +99,10 @@ def index(
         help="adaptive:/global: methods: weight each score by its value's norm relative to its head (default off)",
     ),
     calibration: str | None = typer.Option(
-        None, "--calibration", parser=expand_home, help="JSONL the low-rank basis is fitted on (default: the input)"
+        None,
+        "--calibration",
+        parser=os.path.expanduser,
+        help="JSONL the low-rank basis is fitted on (default: the input)",
     ),
     calibration_passages: int | None = typer.Option(
         None, "--calibration-passages", help="passages of the calibration sample used (default 64)"
