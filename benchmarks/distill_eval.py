@@ -45,6 +45,7 @@ from ragcompress.distill.adaptor import Adaptor, remove_adapter
 from ragcompress.distill.checkpoint import load_tree
 from ragcompress.distill.corpus import data_hash
 from ragcompress.distill.packaged import resolve_adaptor
+from ragcompress.distill.teacher import check_teacher_data
 from ragcompress.distill.train import (
     TRAINING_ADAPTER,
     Distiller,
@@ -199,23 +200,14 @@ def read_held_out_teacher(path: Path, lm: Any, data_sha256: str) -> list[Example
     (``resume.check_run``) and built from the data ``data_sha256`` (``corpus.data_hash`` of the
     passages, questions and held-out articles): another model's distributions, or an edited
     question's old teacher, would be scored as this run's. A file from before the model or the
-    data was recorded is refused, to be rebuilt."""
+    data was recorded is refused, to be rebuilt (``check_teacher_data``'s ``required``)."""
     from ragcompress.distill.resume import check_run
 
     saved = load_tree(path)
     if not isinstance(saved, dict):
         raise SystemExit(f"{path} is from before its base model was recorded in it; delete it to rebuild")
     check_run(path, saved, lm)
-    recorded = saved.get("training_data_sha256")
-    if recorded != data_sha256:
-        found = (
-            f"holds teacher examples of other data (sha256 {recorded[:16]}, not {data_sha256[:16]}: --passages, "
-            "--questions or the adaptor's held-out articles differ)"
-            if recorded
-            else "is from before its data was recorded in it, so it cannot be checked against --passages, "
-            "--questions and the adaptor's held-out articles"
-        )
-        raise SystemExit(f"{path} {found}; delete it and {path.with_suffix('.part').name} beside it to rebuild")
+    check_teacher_data(path, saved, data_sha256, required=True)
     return [Example(**e) for e in saved["examples"]]
 
 

@@ -51,6 +51,13 @@ class StoreAccessError(StoreError):
     about access, never a rebuild, and ``verify`` raises it rather than report a problem."""
 
 
+class StoreBusyError(StoreAccessError):
+    """A store's catalogue that another process holds locked: a writer in the middle of a commit,
+    or a program holding the file exclusively. Nothing says it is damaged, so the remedy is to
+    retry when the writer finishes, never a rebuild; ``verify`` raises it (``ragcompress verify``
+    exits 3) rather than report a problem."""
+
+
 class StoreMismatchError(StoreError):
     """A store was built with another model, tokenizer, template or format version."""
 

@@ -106,14 +106,15 @@ def cache_dir() -> Path:
 def _home() -> Path | None:
     """The user's home folder, or None where none can be found: no HOME (or an empty one, which
     ``Path.home()`` takes as ``/``) and no passwd entry for this uid, as under ``docker --user N``
-    or Kubernetes' ``runAsUser``."""
+    or Kubernetes' ``runAsUser``. Where there is no passwd database to ask (no ``pwd`` module:
+    Windows), an empty HOME is no home either, not an ``ImportError``."""
     try:
         if os.environ.get("HOME") == "":  # looked up as for an unset HOME
             import pwd
 
             return Path(pwd.getpwuid(os.getuid()).pw_dir)
         return Path.home()
-    except (KeyError, RuntimeError):
+    except (ImportError, KeyError, RuntimeError):
         return None
 
 

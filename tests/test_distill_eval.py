@@ -55,10 +55,19 @@ def test_the_held_out_teacher_file_is_reused_only_for_its_base_model_and_data(tm
     assert distill_eval.read_held_out_teacher(path, lm, data) == []
     with pytest.raises(InputError, match="another base model"):
         distill_eval.read_held_out_teacher(path, SimpleNamespace(fingerprint="b" * 64, ref="other"), data)
-    with pytest.raises(SystemExit, match=r"holds teacher examples of other data \(sha256 d{16}, not e{16}"):
+    # training's own check (teacher.check_teacher_data), with the file's part beside it named
+    with pytest.raises(
+        InputError,
+        match=r"holds teacher examples of other training data \(sha256 d{16}, not e{16}: .*\); delete "
+        r"teacher-heldout-all.safetensors and teacher-heldout-all.part beside it to compute them again",
+    ):
         distill_eval.read_held_out_teacher(path, lm, "e" * 64)
     save_tree({"examples": [], "base_fingerprint": lm.fingerprint}, path)  # from before the data was recorded
-    with pytest.raises(SystemExit, match="before its data was recorded in it, so it cannot be checked"):
+    with pytest.raises(
+        InputError,
+        match=r"is from before its training data was recorded in it, so it cannot be checked against the passages, "
+        r"questions and held-out articles; delete teacher-heldout-all.safetensors and teacher-heldout-all.part",
+    ):
         distill_eval.read_held_out_teacher(path, lm, data)
     save_tree([], path)  # the list format, from before the model was recorded
     with pytest.raises(SystemExit, match="before its base model was recorded"):
@@ -159,6 +168,7 @@ def test_the_held_out_teacher_file_is_reused_only_for_its_own_data_and_draws_no_
     from types import SimpleNamespace
 
     from ragcompress.data import SAMPLE_PASSAGES, SAMPLE_QUESTIONS
+    from ragcompress.errors import InputError
     from ragcompress.models import load_model
 
     lm = load_model(str(tiny_model_dir("llama")))
@@ -180,8 +190,8 @@ def test_the_held_out_teacher_file_is_reused_only_for_its_own_data_and_draws_no_
     questions = tmp_path / "questions.jsonl"
     questions.write_text("".join(json.dumps(r) + "\n" for r in records))
     with pytest.raises(
-        SystemExit,
-        match=r"teacher-heldout-all.safetensors holds teacher examples of other data .*"
-        r"delete it and teacher-heldout-all.part beside it to rebuild",
+        InputError,
+        match=r"teacher-heldout-all.safetensors holds teacher examples of other training data .*"
+        r"delete teacher-heldout-all.safetensors and teacher-heldout-all.part beside it to compute them again",
     ):
         distill_eval.all_held_out(lm, out, SAMPLE_PASSAGES, questions, adaptor)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -738,6 +739,32 @@ def test_teacher_files_and_extra_questions_of_other_training_data_are_refused(ti
     assert json.loads(path.read_text()) == {"training_data_sha256": "a" * 64}
     with pytest.raises(InputError, match=r"extra-questions.jsonl holds questions written for other training data"):
         synthetic.synthetic_questions(tiny_lm, [], 0, path, "b" * 64, progress=False)
+
+
+def test_teacher_data_is_checked_in_one_place_and_required_only_where_asked(tmp_path):
+    """``check_teacher_data`` is the one data check of teacher files: training's (a file from
+    before the data was recorded is checked by the rest only) and the held-out teacher of
+    ``benchmarks/distill_eval.py`` (``required``: such a file is refused, to be rebuilt), each
+    naming the part file the examples were computed in beside the finished one."""
+    from ragcompress.distill.teacher import check_teacher_data
+
+    data = "d" * 64
+    for name in ("teacher.safetensors", "teacher-train.part", "teacher-heldout-all.safetensors"):
+        check_teacher_data(tmp_path / name, {}, data)  # nothing recorded: unchecked
+        check_teacher_data(tmp_path / name, {"training_data_sha256": data}, data, required=True)
+    for name, also in [
+        ("teacher.safetensors", " and the teacher-*.part files beside it"),
+        ("teacher-train.part", ""),
+        ("teacher-heldout-all.safetensors", " and teacher-heldout-all.part beside it"),
+    ]:
+        with pytest.raises(InputError) as refused:
+            check_teacher_data(tmp_path / name, {}, data, required=True)
+        assert str(refused.value) == (
+            f"{tmp_path / name} is from before its training data was recorded in it, so it cannot be checked "
+            f"against the passages, questions and held-out articles; delete {name}{also} to compute them again"
+        )
+        with pytest.raises(InputError, match=rf"of other training data .*; delete {re.escape(name + also)} to"):
+            check_teacher_data(tmp_path / name, {"training_data_sha256": "e" * 64}, data)
 
 
 def test_a_resumed_checkpoint_refuses_other_teacher_examples(tiny_lm, tmp_path):

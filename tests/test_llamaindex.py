@@ -394,6 +394,63 @@ def test_an_ingestion_call_stopped_midway_is_refused_until_the_pipeline_is_rerun
     assert not (Path(path) / RUN).exists()
 
 
+def test_an_ingestion_call_stopped_midway_resumes_only_with_its_batch_size(tiny, tmp_path):
+    """A cache's bytes depend on the batch it is encoded in (docs/guarantees.md), and the
+    transform's run marker recorded no batch size, so a call stopped midway was finished by one
+    of another ``batch_size`` without a word, storing other bytes than the uninterrupted call.
+    The marker records it as ``ragcompress index``'s does: another size is refused naming both,
+    by the check ``index`` makes, before the model loads and again under the writer's lock (a
+    transform set up before the call stopped), with nothing written; the same size finishes the
+    store as the uninterrupted call builds it."""
+    from ragcompress.store.files import RUN, unfinished_run
+
+    path = tmp_path / "store"
+    transform = KVCacheTransform(store_path=str(path), model=tiny, batch_size=2)
+    set_up_before = KVCacheTransform(store_path=str(path), model=tiny, batch_size=3)
+    assert set_up_before.writer is not None
+    real = transform.writer.indexer.records
+    calls = []
+
+    def fail_on_the_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed mid-call")
+        return real(*args, **kwargs)
+
+    transform.writer.indexer.records = fail_on_the_second_batch
+    with pytest.raises(RuntimeError, match="mid-call"):
+        transform(sample_documents())
+    marker = (path / RUN).read_bytes()
+    assert json.loads(marker)["batch_size"] == 2
+    assert unfinished_run(path).endswith(
+        "to finish it, run the IngestionPipeline (KVCacheTransform, batch_size=2) over the same nodes again "
+        "(stored ones are not encoded again)"
+    )
+    with KVStore.open(path) as kv:
+        rows = {e.id: e.checksum for e in kv.catalogue.entries()}
+    assert len(rows) == 2
+    refusal = (
+        f"store {path}: the indexing run that stopped in it encoded batches of 2 passages, this run asks for "
+        "--batch-size 3 (batch_size= in Python), and a cache's bytes depend on its batch; resume with --batch-size 2 "
+        "(or none), or rebuild the store with --overwrite (to KVCacheTransform: batch_size=2)"
+    )
+    for other in (KVCacheTransform(store_path=str(path), model=tiny, batch_size=3), set_up_before):
+        with pytest.raises(StoreMismatchError) as refused:
+            other(sample_documents())
+        assert str(refused.value) == refusal
+    with KVStore.open(path) as kv:
+        assert {e.id: e.checksum for e in kv.catalogue.entries()} == rows  # nothing written
+    assert (path / RUN).read_bytes() == marker
+    transform.writer.indexer.records = real
+    transform(sample_documents())
+    assert not (path / RUN).exists()
+    KVCacheTransform(store_path=str(tmp_path / "clean"), model=tiny, batch_size=2)(sample_documents())
+    with KVStore.open(path) as resumed, KVStore.open(tmp_path / "clean") as clean:
+        assert {e.id: e.checksum for e in resumed.catalogue.entries()} == {
+            e.id: e.checksum for e in clean.catalogue.entries()
+        }
+
+
 def test_a_node_too_long_for_the_model_is_refused_before_anything_is_written(tiny, store_copy):
     """A node longer than the model can attend to, after others in earlier batches: the call
     used to commit those batches, then fail under the unfinished-run marker, so every reader

@@ -449,6 +449,23 @@ def test_a_user_without_a_home_folder_is_told_to_set_the_cache_variable(tmp_path
         cache_dir()
 
 
+def test_an_empty_home_where_there_is_no_passwd_module_is_told_to_set_the_cache_variable(monkeypatch):
+    """An empty HOME is looked up in the passwd database, whose ``pwd`` module does not exist on
+    Windows: the lookup raised ``ModuleNotFoundError`` (a traceback) instead of the one line
+    naming RAGCOMPRESS_CACHE that a user without a home folder gets."""
+    import sys
+
+    from ragcompress.errors import RagCompressError
+    from ragcompress.paths import cache_dir
+
+    monkeypatch.delenv("RAGCOMPRESS_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", "")
+    monkeypatch.setitem(sys.modules, "pwd", None)  # `import pwd` raises ImportError, as where it does not exist
+    with pytest.raises(RagCompressError, match=r"no home folder .*; set RAGCOMPRESS_CACHE to a writable folder$"):
+        cache_dir()
+
+
 def test_the_cache_is_under_xdg_cache_home_where_that_is_set(tmp_path, monkeypatch):
     """``$XDG_CACHE_HOME/ragcompress`` where that is an absolute path (the XDG spec ignores a
     relative one), as the Hugging Face cache does; ``~/.cache/ragcompress`` without it, and

@@ -1426,8 +1426,8 @@ def test_a_resume_keeps_the_batch_size_its_stopped_run_recorded(tiny_lm, corpus,
 
 
 def test_a_stopped_run_whose_marker_records_no_batch_size_resumes_with_any(tiny_lm, corpus, tmp_path):
-    """Markers written before the batch size was recorded (and the LlamaIndex transform's, whose
-    batches are not cut from an input by size) say nothing of it: unknown, so no size is refused."""
+    """Markers written before the batch size was recorded say nothing of it: unknown, so no size
+    is refused."""
     from ragcompress.store.files import RUN, stopped_run_batch_size
 
     store = tmp_path / "store"
@@ -1551,6 +1551,46 @@ def test_cli_verify_exit_codes_and_json(store_copy):
     assert f"To repair it, remove the 1 damaged passages (`ragcompress remove --store {store_copy} doc-011`)" in (
         broken.stderr
     )
+
+
+def test_verify_reports_a_catalogue_a_writer_holds_locked_as_busy_not_damaged(store_copy, monkeypatch):
+    """A catalogue another process holds locked (a writer mid-commit; here a connection holding
+    it exclusively) was a catalogue problem: ``verify`` exited 1, as for a damaged store, and
+    advised rebuilding it with ``--overwrite``. Nothing says it is damaged: ``verify_store``
+    raises ``StoreBusyError`` (when the catalogue opens, and when a check finds it locked later)
+    and ``ragcompress verify`` says so in one line with the remedy, exit 3; released, the store
+    verifies."""
+    from typer.testing import CliRunner
+
+    from ragcompress.cli import app
+    from ragcompress.errors import StoreBusyError
+    from ragcompress.store.catalogue import Catalogue
+
+    busy = f"catalogue {store_copy / 'catalogue.sqlite'} is locked by another process writing it (database is locked)"
+    holder = sqlite3.connect(store_copy / "catalogue.sqlite", isolation_level=None, timeout=0)
+    holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(StoreBusyError) as raised:
+            verify_store(store_copy)
+        assert str(raised.value) == f"{busy}; retry when the writer finishes"
+        result = CliRunner().invoke(app, ["verify", "--store", str(store_copy)])
+        assert (result.exit_code, result.stdout) == (3, "")
+        assert (
+            result.stderr == f"error: store {store_copy} is busy, not checked: {busy}; retry when the writer finishes\n"
+        )
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert verify_store(store_copy).answerable
+
+    def locked_meanwhile(self):
+        with self._guard():
+            raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(Catalogue, "integrity_problems", locked_meanwhile)
+    with pytest.raises(StoreBusyError, match="retry when the writer finishes"):
+        verify_store(store_copy)
 
 
 def test_a_ray_worker_claims_a_shard_only_when_it_writes(tmp_path):

@@ -86,20 +86,17 @@ BACKEND_OPTION = typer.Option(
 )
 
 
-def expand_home(value: str) -> str:
+def home_path(value: str) -> Path:
     """A file or folder option's value with a leading ``~`` (``~user``) expanded: a shell expands
     it only at the start of a word, so ``--store=~/s`` arrived as typed and ``index`` made a folder
-    named ``~`` in the current one (``--model`` is expanded where it is resolved, models.py)."""
-    return os.path.expanduser(value)
-
-
-def home_path(value: str) -> Path:
-    """:func:`expand_home` for an option typed ``Path``."""
-    return Path(expand_home(value))
+    named ``~`` in the current one (``--model`` is expanded where it is resolved, models.py). An
+    option typed ``str`` that may name a file (``--adaptor``, a folder or a packaged name) takes
+    ``os.path.expanduser`` itself as its parser."""
+    return Path(os.path.expanduser(value))
 
 
 def path_option(default: Any, *names: str, **kwargs: Any) -> Any:
-    """``typer.Option`` of a file or folder: a ``Path``, ``~`` expanded (:func:`expand_home`)."""
+    """``typer.Option`` of a file or folder: a ``Path``, ``~`` expanded (:func:`home_path`)."""
     # the metavar typer shows for a Path (with a parser it would name the type: <Path>)
     return typer.Option(default, *names, parser=home_path, metavar="<path>", **kwargs)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +13,11 @@ from ragcompress.cli.options import (
     PRESET_HELP,
     STORE_OPTION,
     emit,
-    expand_home,
     path_option,
     quiet_libraries,
     show_progress,
 )
-from ragcompress.errors import RagCompressError, missing_store
+from ragcompress.errors import RagCompressError, StoreBusyError, missing_store
 
 
 def index(
@@ -70,7 +70,7 @@ def index(
     adaptor: str | None = typer.Option(
         None,
         "--adaptor",
-        parser=expand_home,
+        parser=os.path.expanduser,
         help="learned passage adaptor (KV-Distill, docs/distill.md): 'default' (packaged for the model), "
         "'matching' (packaged for the model and trained for this store's compression), "
         "or a folder from `ragcompress train`",
@@ -99,7 +99,10 @@ def index(
         help="adaptive:/global: methods: weight each score by its value's norm relative to its head (default off)",
     ),
     calibration: str | None = typer.Option(
-        None, "--calibration", parser=expand_home, help="JSONL the low-rank basis is fitted on (default: the input)"
+        None,
+        "--calibration",
+        parser=os.path.expanduser,
+        help="JSONL the low-rank basis is fitted on (default: the input)",
     ),
     calibration_passages: int | None = typer.Option(
         None, "--calibration-passages", help="passages of the calibration sample used (default 64)"
@@ -364,7 +367,8 @@ def verify(
     Manifest, prefix, catalogue, every segment (checksum, decoding, shape) and the FAISS index;
     each problem names its passage id and shard. Exit 1: damaged (the repair is named). Exit 2:
     intact, but its last indexing run stopped before its end, so answering refuses it until
-    `ragcompress index` is re-run (it resumes)."""
+    `ragcompress index` is re-run (it resumes). Exit 3: busy, not checked: another process holds
+    its catalogue locked (a writer); retry when the writer finishes."""
     # the file names spelt out: importing ragcompress.store (its MANIFEST) loads torch, and a
     # mistyped path is named at once (tests/test_packaging.py)
     if not store.exists():
@@ -373,7 +377,11 @@ def verify(
         raise RagCompressError(f"{store} is not a ragcompress store (no manifest, catalogue or shards); check --store")
     from ragcompress.store.verify import verify_store
 
-    report = verify_store(store)
+    try:
+        report = verify_store(store)
+    except StoreBusyError as exc:  # being written: no damage to report, nor a rebuild to advise
+        typer.echo(f"error: store {store} is busy, not checked: {exc}", err=True)
+        raise SystemExit(3) from None
     verdict = "FAILED" if not report.ok else "OK" if report.answerable else "UNFINISHED"
     lines = [
         f"{verdict}: {store}: {report.passages} passages in {report.shards} shards, {len(report.problems)} problems"

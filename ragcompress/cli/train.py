@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
 
 from ragcompress.cli.options import (
     DTYPE_OPTION,
-    expand_home,
     path_option,
     quiet_libraries,
     show_progress,
@@ -107,7 +107,7 @@ def train(
     extra_passages: str | None = typer.Option(
         None,
         "--extra-passages",
-        parser=expand_home,
+        parser=os.path.expanduser,
         help="more training text (JSONL or a folder of .txt/.md, e.g. ../shared/data/pg-essays-dev): the base "
         "model writes a question about each chosen passage, and the teacher answers it",
     ),
@@ -117,7 +117,7 @@ def train(
     init_adaptor: str | None = typer.Option(
         None,
         "--init-adaptor",
-        parser=expand_home,
+        parser=os.path.expanduser,
         help="start from this adaptor (folder or packaged name; same model and kind, trained without the held-out "
         "articles) instead of zeros: continues a finished run",
     ),

@@ -57,18 +57,30 @@ def check_teacher(path: Path, saved: dict[str, Any], settings: dict[str, int]) -
         )
 
 
-def check_teacher_data(path: Path, saved: dict[str, Any], data_sha256: str | None) -> None:
+def check_teacher_data(path: Path, saved: dict[str, Any], data_sha256: str | None, *, required: bool = False) -> None:
     """Refuse teacher examples computed from other training data: keyed by question id, they
     would hold an edited question's old text, or passages retrieved before one was added, while
     the adaptor recorded the new data's hash (a run killed before its first checkpoint has no
-    checkpoint whose data check would notice). Unchecked where either side records none."""
+    checkpoint whose data check would notice). Unchecked where either side records none, unless
+    ``required``: then a file that records none is refused too, for examples that are scored
+    rather than trained from (``benchmarks/distill_eval.py``'s held-out teacher, built once and
+    cheap to build again, where an edited question's old teacher would be scored as the new one's)."""
     recorded = saved.get("training_data_sha256")
+    if path.name == "teacher.safetensors":  # the examples finished, computed in the part files beside it
+        also = " and the teacher-*.part files beside it"
+    else:
+        part = path.with_suffix(".part")
+        also = f" and {part.name} beside it" if part != path else ""
+    if required and not recorded:
+        raise InputError(
+            f"{path} is from before its training data was recorded in it, so it cannot be checked against the "
+            f"passages, questions and held-out articles; delete {path.name}{also} to compute them again"
+        )
     if recorded and data_sha256 and recorded != data_sha256:
-        also = " and the teacher-*.part files beside it" if path.name == "teacher.safetensors" else ""
         raise InputError(
             f"{path} holds teacher examples of other training data (sha256 {recorded[:16]}, not {data_sha256[:16]}: "
             f"the passages, questions, --extra-passages or held-out articles differ); delete {path.name}{also} "
-            "to compute them again, or train on the files they were computed from"
+            "to compute them again, or run on the files they were computed from"
         )
 
 

@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from ragcompress.errors import StoreAccessError, StoreError, StoreMismatchError
+from ragcompress.errors import StoreAccessError, StoreBusyError, StoreError, StoreMismatchError
 from ragcompress.store.jsontext import loads_json
 from ragcompress.store.shards import CommittedBlob, checksum
 
@@ -369,8 +369,9 @@ class Catalogue:
                     "again: the store is intact, and `ragcompress index` resumes where it stopped"
                 ) from None
             if "locked" in str(exc) or "busy" in str(exc):  # another process holds a write transaction
-                raise StoreError(
-                    f"catalogue {self.path} is locked by another process ({exc}); try again when it has finished"
+                raise StoreBusyError(
+                    f"catalogue {self.path} is locked by another process writing it ({exc}); retry when the writer "
+                    "finishes"
                 ) from None
             raise StoreError(
                 f"catalogue {self.path} cannot be read ({exc}); run `ragcompress verify` or rebuild the store"

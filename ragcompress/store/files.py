@@ -212,8 +212,7 @@ def _run_record(path: Path) -> dict[str, Any] | None:
 def stopped_run_batch_size(path: Path) -> int | None:
     """The batch size of the indexing run that stopped at ``path`` (:func:`unfinished_run`), as
     its marker records it; None when no run stopped there or its marker records none (written
-    before markers did, by a writer that does not cut its input by size, or damaged): unknown,
-    so a resume may use any."""
+    before markers did, or damaged): unknown, so a resume may use any."""
     if unfinished_run(path) is None:
         return None
     size = (_run_record(path) or {}).get("batch_size")

@@ -365,7 +365,8 @@ def _compact_copy_note(root: Path) -> str | None:
 
 def verify_store(path: str | Path) -> VerifyReport:
     """Check everything in the store at ``path``; never raises for a damaged store (a
-    :class:`~ragcompress.errors.StoreAccessError` says it cannot read an intact one here)."""
+    :class:`~ragcompress.errors.StoreAccessError` says it cannot read an intact one here, a
+    :class:`~ragcompress.errors.StoreBusyError` that another process holds its catalogue locked)."""
     root = Path(path)
     problems: list[Problem] = []
     notes: list[str] = []
@@ -387,7 +388,7 @@ def verify_store(path: str | Path) -> VerifyReport:
         return VerifyReport(str(root), problems=problems, notes=notes)
     try:
         catalogue = Catalogue(root, readonly=True)
-    except StoreAccessError:  # an intact catalogue this process cannot read where it lies: no damage
+    except StoreAccessError:  # an intact catalogue this process cannot read where it lies, or now: no damage
         raise
     except StoreError as exc:
         problems.append(Problem("catalogue", str(exc)))
@@ -407,6 +408,8 @@ def verify_store(path: str | Path) -> VerifyReport:
                 "again, never retrieved (ingesting them makes them searchable)"
             )
         _check_index(root, catalogue, searchable, problems, notes)  # the rows the index covers
+    except StoreAccessError:  # a writer took the catalogue meanwhile (StoreBusyError): no damage
+        raise
     except (sqlite3.DatabaseError, StoreError) as exc:
         problems.append(Problem("catalogue", f"cannot be read ({exc})"))
     except Exception as exc:  # damage no check foresaw: named as a problem, since verify never raises for it

@@ -56,10 +56,31 @@ def checked_passage_id(passage_id: str, node_id: str, what: str = "id") -> str:
 
 # How long a writer waits for another one (another process indexing the same store).
 WRITER_WAIT_S = 600.0
-# what a store's unfinished-run message tells the user to do when an ingestion call stopped midway
-FINISH_PIPELINE = (
-    "run the IngestionPipeline (KVCacheTransform) over the same nodes again (stored ones are not encoded again)"
-)
+
+
+def finish_pipeline(batch_size: int) -> str:
+    """What a store's unfinished-run message tells the user to do when an ingestion call that
+    encoded batches of ``batch_size`` stopped midway (a resume keeps that size: :func:`check_batch_size`)."""
+    return (
+        f"run the IngestionPipeline (KVCacheTransform, batch_size={batch_size}) over the same nodes again "
+        "(stored ones are not encoded again)"
+    )
+
+
+def check_batch_size(path: Path, batch_size: int) -> None:
+    """Refuse ``batch_size`` (``StoreMismatchError``) where an indexing run that stopped in the
+    store at ``path`` recorded another: the check ``ragcompress index`` makes
+    (:func:`~ragcompress.indexing.run.resume_batch_size`), for a transform whose batches are cut
+    from the nodes it has still to store, so a resume with the stopped call's size encodes the
+    batches it would have, and another size stores other bytes (docs/guarantees.md)."""
+    from ragcompress.errors import StoreMismatchError
+    from ragcompress.indexing.run import resume_batch_size
+    from ragcompress.store.files import stopped_run_batch_size
+
+    try:
+        resume_batch_size(path, batch_size)
+    except StoreMismatchError as exc:
+        raise StoreMismatchError(f"{exc} (to KVCacheTransform: batch_size={stopped_run_batch_size(path)})") from None
 
 
 def _no_marker() -> None:
@@ -124,6 +145,8 @@ class CacheWriter:
 
         exists = (Path(path) / MANIFEST).is_file()
         existing = Manifest.read(Path(path)) if exists else None
+        if exists:  # another batch size for a stopped call: refused before the model loads, as `index` does
+            check_batch_size(Path(path), batch_size)
         given = config is not None or model is not None
         try:
             config, model, dtype = settings_for(Path(path) if exists else None, config, model, dtype)
@@ -266,6 +289,8 @@ class CacheWriter:
         with _writing(self.path), encoding(self.indexer.lm):
             self._open_store(path)
             with StoreWriter(path, wait_s=WRITER_WAIT_S) as writer:
+                if write_index:  # decided under the lock, as `index` decides, before anything is written
+                    check_batch_size(path, self.batch_size)
                 ids, pending, inputs, stored = self._passages(nodes, writer.known())
                 # as `ragcompress index`: a node too long for the model is refused before anything
                 # is written, not after earlier batches were committed under the unfinished-run
@@ -279,7 +304,11 @@ class CacheWriter:
                 # Ingestion marks the store mid-run, as `ragcompress index` does: a call killed between
                 # its commits leaves a store that answering refuses until the pipeline is re-run. Caches
                 # computed at query time (no index write) are each complete once committed.
-                run = indexing_run(path, len(nodes), FINISH_PIPELINE) if write_index else nullcontext(_no_marker)
+                run = (
+                    indexing_run(path, len(nodes), finish_pipeline(self.batch_size), batch_size=self.batch_size)
+                    if write_index
+                    else nullcontext(_no_marker)
+                )
                 with run as finished:
                     for begin in range(0, len(pending), self.batch_size):
                         records = self.indexer.records(pending[begin : begin + self.batch_size], pool=pool)
