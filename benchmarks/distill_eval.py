@@ -53,6 +53,7 @@ from ragcompress.distill.train import (
     build_examples,
     load_corpora,
 )
+from ragcompress.errors import InputError
 from ragcompress.evaluation import Quality, read_questions, select_questions
 from ragcompress.indexing.encoder import PassageEncoder
 from ragcompress.indexing.inputs import iter_passages
@@ -206,8 +207,11 @@ def read_held_out_teacher(path: Path, lm: Any, data_sha256: str) -> list[Example
     saved = load_tree(path)
     if not isinstance(saved, dict):
         raise SystemExit(f"{path} is from before its base model was recorded in it; delete it to rebuild")
-    check_run(path, saved, lm)
-    check_teacher_data(path, saved, data_sha256, required=True)
+    try:
+        check_run(path, saved, lm)
+        check_teacher_data(path, saved, data_sha256, required=True)
+    except InputError as exc:  # one line, as the benchmark's other refusals
+        raise SystemExit(str(exc)) from None
     return [Example(**e) for e in saved["examples"]]
 
 

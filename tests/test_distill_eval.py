@@ -46,25 +46,24 @@ def test_the_held_out_teacher_file_is_reused_only_for_its_base_model_and_data(tm
     from types import SimpleNamespace
 
     from ragcompress.distill.checkpoint import save_tree
-    from ragcompress.errors import InputError
 
     lm = SimpleNamespace(fingerprint="a" * 64, ref="tiny")
     path = tmp_path / "teacher-heldout-all.safetensors"
     data = "d" * 64
     save_tree({"examples": [], "base_fingerprint": lm.fingerprint, "training_data_sha256": data}, path)
     assert distill_eval.read_held_out_teacher(path, lm, data) == []
-    with pytest.raises(InputError, match="another base model"):
+    with pytest.raises(SystemExit, match="another base model"):
         distill_eval.read_held_out_teacher(path, SimpleNamespace(fingerprint="b" * 64, ref="other"), data)
     # training's own check (teacher.check_teacher_data), with the file's part beside it named
     with pytest.raises(
-        InputError,
+        SystemExit,
         match=r"holds teacher examples of other training data \(sha256 d{16}, not e{16}: .*\); delete "
         r"teacher-heldout-all.safetensors and teacher-heldout-all.part beside it to compute them again",
     ):
         distill_eval.read_held_out_teacher(path, lm, "e" * 64)
     save_tree({"examples": [], "base_fingerprint": lm.fingerprint}, path)  # from before the data was recorded
     with pytest.raises(
-        InputError,
+        SystemExit,
         match=r"is from before its training data was recorded in it, so it cannot be checked against the passages, "
         r"questions and held-out articles; delete teacher-heldout-all.safetensors and teacher-heldout-all.part",
     ):
@@ -168,7 +167,6 @@ def test_the_held_out_teacher_file_is_reused_only_for_its_own_data_and_draws_no_
     from types import SimpleNamespace
 
     from ragcompress.data import SAMPLE_PASSAGES, SAMPLE_QUESTIONS
-    from ragcompress.errors import InputError
     from ragcompress.models import load_model
 
     lm = load_model(str(tiny_model_dir("llama")))
@@ -190,7 +188,7 @@ def test_the_held_out_teacher_file_is_reused_only_for_its_own_data_and_draws_no_
     questions = tmp_path / "questions.jsonl"
     questions.write_text("".join(json.dumps(r) + "\n" for r in records))
     with pytest.raises(
-        InputError,
+        SystemExit,
         match=r"teacher-heldout-all.safetensors holds teacher examples of other training data .*"
         r"delete teacher-heldout-all.safetensors and teacher-heldout-all.part beside it to compute them again",
     ):
