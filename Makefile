@@ -55,12 +55,12 @@ test: setup-test
 test-quick: setup-test
 	$(VENV)/bin/python -m pytest -q -n auto --dist worksteal -m "not slow"
 
-# ruff (lint + format) over everything; mypy over the package, the kernels and the integration.
+# ruff (lint + format) over everything; mypy over the package, the kernels, the integration and the benchmarks.
 LINT_PATHS := ragcompress ragcompress_kernels tests benchmarks examples integrations
 lint: setup-test
 	$(VENV)/bin/ruff check $(LINT_PATHS)
 	$(VENV)/bin/ruff format --check $(LINT_PATHS)
-	$(VENV)/bin/mypy ragcompress ragcompress_kernels $(INTEGRATION)/llama_index
+	$(VENV)/bin/mypy ragcompress ragcompress_kernels $(INTEGRATION)/llama_index benchmarks
 
 # After upgrading packages in .venv and passing `make test` there: pin what passed.
 constraints: setup-test

@@ -200,7 +200,7 @@ def cached_scores(
     ``path`` (:func:`load_keyed` under ``key``) and computed only where missing or stale, so
     later rows and resumed runs reuse them. ``unscorable``: why the missing ones cannot be
     computed here (a kvpress press's scores come from another virtualenv): exits saying so."""
-    from ragcompress.compressors import CompressionContext, make_compressor
+    from ragcompress.compressors import CompressionContext, ScorerCompressor, make_compressor
 
     saved = load_keyed(path, key, token_ids)
     scores = {name.rsplit("/", 1)[0]: t for name, t in saved.items()}
@@ -210,6 +210,7 @@ def cached_scores(
     if missing:
         t0 = time.perf_counter()
         compressor = make_compressor(scorer)
+        assert isinstance(compressor, ScorerCompressor), f"{scorer} scores no tokens"
         for pid in missing:
             scores[pid] = compressor.score(caches[pid], CompressionContext(encoder, token_ids[pid]))
         save_keyed(path, {f"{pid}/scores": t for pid, t in scores.items()}, key, token_ids)

@@ -328,7 +328,7 @@ def main() -> None:
     tag = (args.model or "smollm2-135m").replace("/", "_")
     workdir = args.workdir / tag
     if args.report_only:
-        results = json.loads((workdir / "results.json").read_text())
+        results: dict[str, Any] = json.loads((workdir / "results.json").read_text())
         results.setdefault("indexing_s", {"none": 1.0})
         print(table(results))
         plot(
@@ -345,7 +345,7 @@ def main() -> None:
         "group_size": args.group_size,
         "max_new_tokens": args.max_new_tokens,
     }
-    results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     if results.get("key") != key:
         results = {"key": key, "rows": {}}
     results.update(model=bench.lm.ref, n=len(bench.questions), top_k=args.top_k, retrieved=bench.retrieved)

@@ -39,7 +39,7 @@ def needed_passages(embedder: Embedder, questions, top_k: int, out: Path) -> Pat
     records = [json.loads(line) for line in (SQUAD / "passages.jsonl").read_text().splitlines()]
     vectors = embedder.embed([r["text"] for r in records])
     queries = embedder.embed([q.question for q in questions])
-    keep = set()
+    keep: set[int] = set()
     for row in exact_top_k(queries, vectors, top_k):
         keep.update(int(i) for i in row)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -128,10 +128,11 @@ def main() -> None:
             else:
                 name = f"{model_slug(args.model)}-{quant}-top{top_k}"
                 run = {"git": meta["git"], "threads": args.threads}
-                results, measured = checkpointed(engine, questions, int(top_k), args.checkpoint, name, args.shard, run)
-                if results is None:
+                done, measured = checkpointed(engine, questions, int(top_k), args.checkpoint, name, args.shard, run)
+                if done is None:
                     print(f"{name}: this shard is done; another shard writes {args.out}", flush=True)
                     return
+                results = done
             summary = summarize(engine, results)
         summary.update(intervals(results))
         summary.update({"quant": quant, "top_k": int(top_k), "model": args.model, "per_question": outcomes(results)})

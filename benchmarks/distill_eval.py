@@ -443,7 +443,7 @@ def main() -> None:
                 keep = [e.qid not in validated for e in examples]
                 base = (reference, rows[reference]) if reference != name and reference in rows else None
                 row["outside_validation"] = subset_stats(row, keep, base)
-        result = {
+        result: dict[str, Any] = {
             "meta": {
                 **results_meta(
                     {

@@ -55,7 +55,7 @@ def curve(data: dict[str, Any], source: str) -> list[Series]:
                 name,
                 r["ttft_speedup"],
                 r["agreement"],
-                tuple(r["ci95"]["agreement"]),  # type: ignore[arg-type]
+                tuple(r["ci95"]["agreement"]),
                 100 * r["sub_em"] / full_em if full_em else None,
             )
             for name, r in rows.items()

@@ -20,6 +20,7 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -50,7 +51,7 @@ def main() -> None:
     import triton
 
     props = torch.cuda.get_device_properties(0)
-    record = {
+    record: dict[str, Any] = {
         "what": "fused packed_attention (latent_attention for latent segments, Triton) vs dequantize+SDPA vs fp16 SDPA over an uncompressed cache",
         "timer": "triton.testing.do_bench(warmup=25, rep=100, return_mode='median'), milliseconds per call",
         "started": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -31,6 +31,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
+from unittest.mock import patch
 
 import numpy as np
 
@@ -108,16 +110,16 @@ def worker_index(model_dir: str, corpus: str, store: str, batch_size: int) -> di
 
     lm = load_model(model_dir)
     before = rss_bytes()
-    loop_peak = {}
+    loop_peak: dict[str, int] = {}
     write_index = StoreWriter.write_index
 
-    def timed_write_index(self: StoreWriter) -> None:  # split the passage loop from the index build
+    def timed_write_index(self: StoreWriter, params: dict[str, Any] | None = None) -> None:
+        """Split the passage loop from the index build."""
         loop_peak["bytes"] = max(sampler.peak, rss_bytes())
-        write_index(self)
+        write_index(self, params)
 
-    StoreWriter.write_index = timed_write_index
     start = time.perf_counter()
-    with PeakSampler() as sampler:
+    with patch.object(StoreWriter, "write_index", timed_write_index), PeakSampler() as sampler:
         report = index(
             corpus,
             store,
@@ -175,7 +177,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         kind, *rest = args.worker
-        result = worker_index(*rest[:3], int(rest[3])) if kind == "index" else worker_validate(*rest)
+        if kind == "index":
+            model_dir, corpus, store, batch_size = rest
+            result = worker_index(model_dir, corpus, store, int(batch_size))
+        else:
+            result = worker_validate(*rest)
         print(json.dumps(result))
         return
 
@@ -199,14 +205,14 @@ def main() -> None:
             corpus.unlink()
             print(f"validated {mb} MB: {validations[-1]}", file=sys.stderr)
 
-    base, vbase = rows[0], (validations[0] if validations else None)
+    base = rows[0]
     for row in rows:
         row["passages_ratio"] = row["passages"] / base["passages"]
         row["peak_rss_ratio"] = row["peak_rss_mb"] / base["peak_rss_mb"]
         row["throughput_ratio"] = row["passages_per_s"] / base["passages_per_s"]
     for row in validations:
-        row["input_ratio"] = row["input_mb"] / vbase["input_mb"]
-        row["peak_rss_ratio"] = row["peak_rss_mb"] / vbase["peak_rss_mb"]
+        row["input_ratio"] = row["input_mb"] / validations[0]["input_mb"]
+        row["peak_rss_ratio"] = row["peak_rss_mb"] / validations[0]["peak_rss_mb"]
     if args.out is not None:
         from common import results_meta
 

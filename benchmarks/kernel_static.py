@@ -44,7 +44,9 @@ def compile_config(fn, arch: int, bits: int, split: bool, block_m: int, config) 
     from triton.compiler import ASTSource
 
     # what the launcher passes (quantized_attention.py): whole-head RoPE tables, halves not pairs
-    consts = dict(GROUP=4, HEAD_DIM=128, ROT_DIM=128, PAIRED=False, BITS=bits, V_BITS=bits, GROUP_SIZE=32, V_GROUP=32)
+    consts: dict[str, int | bool | str] = dict(
+        GROUP=4, HEAD_DIM=128, ROT_DIM=128, PAIRED=False, BITS=bits, V_BITS=bits, GROUP_SIZE=32, V_GROUP=32
+    )
     consts["SPLIT"] = split
     consts.update(DOT_PRECISION="tf32", BLOCK_M=block_m, **config.kwargs)
     # a compile-time parameter the kernel gained since would be typed a runtime int below and

@@ -87,7 +87,7 @@ def score_passages(model, name: str, prefix: list[int], passages: dict[str, list
         captured = capture_kvzip(press) if kvzip else capture_scorer(press, n_layers)
         with press(model):
             model.model(input_ids=torch.tensor([prefix + ids]), past_key_values=DynamicCache(), use_cache=True)
-        scores = captured["scores"] if kvzip else torch.stack(captured)
+        scores = captured["scores"] if isinstance(captured, dict) else torch.stack(captured)
         out[pid] = scores[..., len(prefix) : len(prefix) + len(ids)].contiguous()
     return out
 

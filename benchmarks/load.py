@@ -151,7 +151,7 @@ async def ask(client: httpx.AsyncClient, body: dict[str, Any], timeout: float) -
                 text = (await response.aread()).decode(errors="replace")
                 return _refused(response.status_code, text, time.perf_counter() - start)
             first = None
-            info: dict[str, Any] | None = None
+            final_info: dict[str, Any] | None = None
             done = False
             tokens = None
             async for line in response.aiter_lines():
@@ -170,9 +170,9 @@ async def ask(client: httpx.AsyncClient, body: dict[str, Any], timeout: float) -
                     if choice["delta"].get("content") and first is None:
                         first = time.perf_counter() - start
                     if choice.get("finish_reason"):
-                        info = chunk.get("ragcompress")
+                        final_info = chunk.get("ragcompress")
             latency = time.perf_counter() - start
-            if not done or info is None or tokens is None:
+            if not done or final_info is None or tokens is None:
                 return Outcome(
                     "lost", latency, 200, error="a stream that ended without its final chunk, usage and [DONE]"
                 )
@@ -181,8 +181,8 @@ async def ask(client: httpx.AsyncClient, body: dict[str, Any], timeout: float) -
                 latency,
                 200,
                 ttft_client_s=first,
-                ttft_server_s=info.get("ttft_s"),
-                queue_s=info.get("queue_s"),
+                ttft_server_s=final_info.get("ttft_s"),
+                queue_s=final_info.get("queue_s"),
                 tokens=tokens,
             )
     except (httpx.HTTPError, ValueError, KeyError, IndexError) as exc:

@@ -179,8 +179,8 @@ class RowSpec:
 
     def index_config(self, adaptor: Path | None = None) -> IndexConfig:
         ratio = None if self.method == "none" else self.ratio
-        first, last = self.keep or DEFAULT_PROTECTION
-        keep = {} if self.method == "none" else {"keep_first": first, "keep_last": last}
+        # method "none" takes no protection (its compressor refuses keep_*): left at the config's None
+        first, last = (None, None) if self.method == "none" else self.keep or DEFAULT_PROTECTION
         rank = self.rank
         return IndexConfig(
             method=self.method,
@@ -195,7 +195,8 @@ class RowSpec:
             adaptor=str(adaptor) if self.adaptor and adaptor else None,
             floor=self.floor,
             value_norm=self.value_norm,
-            **keep,
+            keep_first=first,
+            keep_last=last,
         )
 
 

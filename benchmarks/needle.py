@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ragcompress.compressors import CompressionContext, make_compressor
+from ragcompress.compressors import AdaptiveBudget, CompressionContext, ScorerCompressor, make_compressor
 from ragcompress.indexing.encoder import PassageEncoder
 from ragcompress.kv import PassageKV
 from ragcompress.kv.quant import QuantConfig
@@ -127,12 +127,14 @@ def main() -> None:
                 name = method.split(":")[-1]
                 if name not in scored:
                     scorer = make_compressor(name)
+                    assert isinstance(scorer, ScorerCompressor), f"{name} scores no tokens"
                     scored[name] = [
                         scorer.score(kv, CompressionContext(encoder, i)) for kv, i in zip(full, ids, strict=False)
                     ]
                 scores = scored[name]
                 for ratio in args.ratios:
                     compressor = make_compressor(method, ratio=ratio)
+                    assert isinstance(compressor, (AdaptiveBudget, ScorerCompressor)), f"{method} evicts by no score"
                     kept = [compressor.select(kv, s) for kv, s in zip(full, scores, strict=False)]
                     hits[f"{method}@{ratio}"][depth].append(int(value in cached_answer(kept, suffix)))
             print(f"{essay.stem} depth {depth:.2f}: " + " ".join(f"{r}={hits[r][depth][-1]}" for r in rows), flush=True)

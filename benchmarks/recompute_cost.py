@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             max_new_tokens=1, recompute=RecomputeConfig(ratio=args.ratio, selection=args.selection)
         ),
     }
-    per_question = []
+    per_question: list[dict[str, Any]] = []
     try:
         names = list(settings)
         for number, question in enumerate(questions):

@@ -347,12 +347,13 @@ def checkpointed(
                 continue
             if record.get("top_k") == top_k and all(name in record for name in settings):
                 recorded = record.get("run")
-                for key in SHARED_RUN_KEYS if run is not None and recorded is not None else ():
-                    if key in recorded and run[key] is not None and recorded[key] != run[key]:
-                        raise SystemExit(
-                            f"{checkpoint}: question {record['id']} was answered with {key} {recorded.get(key)!r}, "
-                            f"this run has {run[key]!r}; give another --checkpoint"
-                        )
+                if run is not None and recorded is not None:
+                    for key in SHARED_RUN_KEYS:
+                        if key in recorded and run[key] is not None and recorded[key] != run[key]:
+                            raise SystemExit(
+                                f"{checkpoint}: question {record['id']} was answered with {key} "
+                                f"{recorded.get(key)!r}, this run has {run[key]!r}; give another --checkpoint"
+                            )
                 done[record["id"]] = record
     return done
 

@@ -227,6 +227,7 @@ def _recall(opened: Any, vectors: np.ndarray, k: int = 10) -> float | None:
     if isinstance(faiss.downcast_index(index.index), faiss.IndexFlat):
         return None
     stored = stored_vectors(index)
+    assert stored is not None, "a store's index is flat or IVF-Flat, which hold their vectors"
     exact = faiss.IndexFlatIP(index.d)
     exact.add(stored)
     _, truth = exact.search(vectors, k)
@@ -481,7 +482,7 @@ def run_throughput(sizes: list[int], rounds: int, batch_size: int) -> dict[str, 
     per_round = []
     for r in range(rounds):
         t = {(x["method"], x["passages"]): x["seconds"] for x in runs if x["round"] == r}
-        entry = {"round": r}
+        entry: dict[str, float] = {"round": r}
         for name in methods:
             entry[f"{name}_marginal_pps"] = (n2 - n1) / (t[(name, n2)] - t[(name, n1)])
             entry[f"{name}_end_to_end_pps"] = n2 / t[(name, n2)]

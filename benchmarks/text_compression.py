@@ -36,6 +36,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "squad-dev"
@@ -103,7 +104,8 @@ def main() -> int:
         "load_at_start": os.getloadavg(),
     }
     from llama_index.core.postprocessor import SentenceEmbeddingOptimizer
-    from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
+    from llama_index.core.postprocessor.types import BaseNodePostprocessor
+    from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle, TextNode
     from llama_index.embeddings.huggingface import HuggingFaceEmbedding
 
     from llama_index.postprocessor.ragcompress import TextCompressionPostprocessor
@@ -124,7 +126,8 @@ def main() -> int:
     vectors = embedder.embed([p.text for p in passages])
     index = VectorIndex(__import__("numpy").arange(len(passages), dtype="int64"), vectors)
 
-    methods: dict[str, object] = {"uncompressed": None}
+    # None: the passages as they are; a pair: llmlingua's compressor and its rate
+    methods: dict[str, BaseNodePostprocessor | tuple[Any, float] | None] = {"uncompressed": None}
     for rate in RATES:
         methods[f"selfinfo@{rate}"] = TextCompressionPostprocessor(method="selfinfo", rate=rate)
         methods[f"extractive@{rate}"] = TextCompressionPostprocessor(method="extractive", rate=rate)
@@ -137,7 +140,6 @@ def main() -> int:
             embed_model=hf_embed, percentile_cutoff=rate, context_before=0, context_after=0
         )
     llmlingua_note = ""
-    lingua = None
     if not args.no_llmlingua and (not args.methods or "llmlingua" in args.methods):
         os.environ.setdefault(
             "TIKTOKEN_CACHE_DIR",
@@ -150,7 +152,7 @@ def main() -> int:
 
             lingua = PromptCompressor(model_name=str(resolve_model_dir("smollm2-135m")), device_map="cpu")
             for rate in RATES:
-                methods[f"llmlingua@{rate}"] = ("llmlingua", rate)
+                methods[f"llmlingua@{rate}"] = (lingua, rate)
         except Exception as exc:  # report why it cannot run, keep the rest of the table
             llmlingua_note = f"llmlingua not run: {type(exc).__name__}: {exc}"
             if args.methods:  # asked for by name: a table without it is not what was asked
@@ -164,7 +166,9 @@ def main() -> int:
         methods = {name: method for name, method in methods.items() if name in wanted}
     agnostic_cache: dict[tuple[str, str], tuple[str, float]] = {}
 
-    def compress(name: str, method: object, hits: list, question: str) -> tuple[list[str], float]:
+    def compress(
+        name: str, method: BaseNodePostprocessor | tuple[Any, float] | None, hits: list, question: str
+    ) -> tuple[list[str], float]:
         """Compressed passage texts and the compression latency for this question."""
         if method is None:
             return [p.text for p in hits], 0.0
@@ -175,9 +179,10 @@ def main() -> int:
                 if key not in agnostic_cache:
                     start = time.perf_counter()
                     if isinstance(method, tuple):
-                        out = lingua.compress_prompt([p.text], rate=method[1])["compressed_prompt"]
+                        out = method[0].compress_prompt([p.text], rate=method[1])["compressed_prompt"]
                     else:
-                        out = method.postprocess_nodes([NodeWithScore(node=TextNode(text=p.text))])[0].node.text
+                        node = method.postprocess_nodes([NodeWithScore(node=TextNode(text=p.text))])[0].node
+                        out = node.get_content(metadata_mode=MetadataMode.NONE)
                     agnostic_cache[key] = (out, time.perf_counter() - start)
                 texts.append(agnostic_cache[key][0])
                 seconds += agnostic_cache[key][1]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from itertools import islice
@@ -65,7 +65,7 @@ class BenchRow:
 
 
 def alternating_ttft(
-    runs: dict[str, Callable[[], Answer]], repeats: int, first: int = 0
+    runs: Mapping[str, Callable[[], Answer]], repeats: int, first: int = 0
 ) -> tuple[dict[str, float], dict[str, Answer]]:
     """Warm median TTFT of each run, and each run's last answer: one untimed warm-up round, then
     ``repeats`` timed rounds (an odd number makes each median one run, not the mean of two).

@@ -11,7 +11,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -64,6 +64,17 @@ def embedder_name(name: str) -> str:
     """``name`` as a store records it: a local directory as its absolute path (a relative one would
     name another folder, or none, when the store is read from elsewhere), anything else as given."""
     return str(Path(name).resolve()) if name != DEFAULT_EMBEDDER and Path(name).is_dir() else name
+
+
+class TextEmbedder(Protocol):
+    """What indexing reads of an embedder: :class:`Embedder`, or a stand-in without a model
+    (``ragcompress.testing.HashEmbedder``, a benchmark's own) whose ``name`` a store records."""
+
+    name: str
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """``[len(texts), dim]`` float32, unit norm."""
+        ...
 
 
 class Embedder:

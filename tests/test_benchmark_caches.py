@@ -73,13 +73,14 @@ def test_cached_scores_computes_only_what_is_missing_and_keeps_it(tmp_path, monk
     import pytest
 
     import ragcompress.compressors as compressors
+    from ragcompress.compressors import KnormCompressor
 
     path = tmp_path / "scores.safetensors"
     before = {"p0/scores": torch.rand(2, 3)}
     common.save_keyed(path, before, KEY, TOKENS)
     scored: list[object] = []
 
-    class Counting:
+    class Counting(KnormCompressor):  # a scoring method, as cached_scores requires
         def score(self, kv, context):
             scored.append(kv)
             return torch.ones(2, 2)

@@ -42,7 +42,7 @@ from ragcompress.kv.quant import QuantConfig
 from ragcompress.kv.rope import position_limit
 from ragcompress.models import LoadedModel
 from ragcompress.prompt import PromptTemplate
-from ragcompress.retrieval import Embedder
+from ragcompress.retrieval import Embedder, TextEmbedder
 from ragcompress.store import KVStore, Manifest, PassageRecord, codec
 from ragcompress.store.basis import manifest_entry
 
@@ -119,7 +119,7 @@ class Indexer:
         template: PromptTemplate,
         compressor: Compressor,
         quant: QuantConfig,
-        embedder: Embedder,
+        embedder: TextEmbedder,
         manifest: Manifest,
         adaptor: Adaptor | None = None,
     ) -> None:
@@ -134,7 +134,7 @@ class Indexer:
         self.base_copy = bool(manifest.encoding.get("base_copy", False))
 
     @classmethod
-    def from_config(cls, lm: LoadedModel, config: IndexConfig, embedder: Embedder | None = None) -> Indexer:
+    def from_config(cls, lm: LoadedModel, config: IndexConfig, embedder: TextEmbedder | None = None) -> Indexer:
         """An indexer for a store built from ``lm`` with ``config`` (template from the tokenizer).
 
         ``embedder`` (a loaded one to share) must be the model ``config.embedder`` names.
@@ -161,7 +161,7 @@ class Indexer:
 
     @classmethod
     def for_store(
-        cls, manifest: Manifest, lm: LoadedModel, embedder: Embedder | None = None, adaptor: Adaptor | None = None
+        cls, manifest: Manifest, lm: LoadedModel, embedder: TextEmbedder | None = None, adaptor: Adaptor | None = None
     ) -> Indexer:
         """An indexer that adds to the store ``manifest`` describes, with the settings it records.
 

@@ -29,7 +29,7 @@ from ragcompress.indexing.inputs import PassageInput, count_chunks, document_chu
 from ragcompress.interrupts import raise_if_stopped
 from ragcompress.kv.lowrank import RankSpec
 from ragcompress.models import DEFAULT_MODEL, EVAL_MODEL, LoadedModel, load_model
-from ragcompress.retrieval import Embedder, past_window
+from ragcompress.retrieval import TextEmbedder, past_window
 from ragcompress.store import KVStore, Manifest, StoreWriter, create_store
 from ragcompress.store.basis import basis_to_bytes
 from ragcompress.store.catalogue import CATALOGUE
@@ -198,7 +198,7 @@ def settings_for(
 
 
 def run_indexer(
-    lm: LoadedModel, config: IndexConfig, embedder: Embedder | None, input_path: Path | None, existing: Path | None
+    lm: LoadedModel, config: IndexConfig, embedder: TextEmbedder | None, input_path: Path | None, existing: Path | None
 ) -> Indexer:
     """The indexer of one run (one process, a Ray driver, the LlamaIndex ingestion): built from
     ``config``, with its low-rank basis (the ``existing`` store's when adding to it, else fitted
@@ -332,7 +332,7 @@ def index(
     batch_size: int | None = None,
     progress: bool = False,
     lm: LoadedModel | None = None,
-    embedder: Embedder | None = None,
+    embedder: TextEmbedder | None = None,
     dtype: str | None = None,
     device: str | None = None,
     adaptor: str | None = None,
@@ -419,7 +419,9 @@ def embedder_window(indexer: Indexer, past: int) -> int:
     """The window of ``indexer``'s embedder in word pieces, when ``past`` passages were longer
     than it (an embedder that counted them has one), else 0: read only then, so a Ray driver,
     whose embedder embeds nothing, loads it only to name the window in a warning."""
-    return int(indexer.embedder.window) if past else 0
+    # `window` is Embedder's, not TextEmbedder's: past > 0 only from an embedder that counted (past_window)
+    embedder: Any = indexer.embedder
+    return int(embedder.window) if past else 0
 
 
 def short_context(passages: int, pool: int, neighbours: int) -> int:

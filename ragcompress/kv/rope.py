@@ -21,7 +21,7 @@ trying both (``ragcompress.architecture``) and marks the rotary module (:data:`P
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -88,6 +88,21 @@ def position_limit(config: Any) -> int:
             if original:
                 limit = min(limit, int(original))
     return limit
+
+
+class RotaryTables(Protocol):
+    """What the packed runtime reads of a :class:`Rotary` (:func:`~ragcompress.runtime.packed.rope_tables`
+    and the kernels' ``rot_dim``, ``paired``): a model's ``Rotary``, or
+    :class:`~ragcompress.testing.PlainRotary`, which computes the tables without a model."""
+
+    rotary_dim: int
+    paired: bool
+
+    def layer_key(self, layer_idx: int) -> Any: ...
+
+    def cos_sin(self, positions: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def rotation_tables(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class Rotary:

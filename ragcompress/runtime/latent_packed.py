@@ -21,7 +21,7 @@ import torch
 
 from ragcompress.kv.lowrank import LowRankBasis
 from ragcompress.kv.quant import cast_dequantized
-from ragcompress.kv.rope import Rotary
+from ragcompress.kv.rope import RotaryTables
 from ragcompress.runtime.packed import rope_tables
 from ragcompress.store.codec import Segment
 from ragcompress.store.latent import padded_latents
@@ -49,7 +49,7 @@ class LatentPackedSegments:
         segments: list[Segment],
         basis: LowRankBasis,
         start: int,
-        rotary: Rotary,
+        rotary: RotaryTables,
         device: torch.device | str = "cpu",
         backend: str = "auto",
     ) -> LatentPackedSegments:

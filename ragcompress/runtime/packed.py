@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ragcompress.kv.quant import cast_dequantized
-from ragcompress.kv.rope import Rotary
+from ragcompress.kv.rope import RotaryTables
 from ragcompress.store.codec import QuantizedBlob
 from ragcompress_kernels import (
     BACKENDS,
@@ -35,7 +35,9 @@ from ragcompress_kernels import (
 )
 
 
-def rope_tables(rotary: Rotary, layers: int, positions: int, head_dim: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def rope_tables(
+    rotary: RotaryTables, layers: int, positions: int, head_dim: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per layer fp32 ``(cos, sin)`` of shape ``[positions, head_dim]`` from the model's rotary
     embedding, laid out in its convention (:meth:`Rotary.rotation_tables`: paired RoPE's tables
     repeat each angle on adjacent channels) and, for partial rotary, widened to the whole head
@@ -79,7 +81,7 @@ class PackedSegments:
         cls,
         blobs: list[QuantizedBlob],
         start: int,
-        rotary: Rotary,
+        rotary: RotaryTables,
         device: torch.device | str = "cpu",
         backend: str = "auto",
     ) -> PackedSegments:
