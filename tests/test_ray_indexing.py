@@ -578,20 +578,25 @@ class DieEmbedder(HashEmbedder):
 
 
 @pytest.mark.slow
-def test_a_batch_that_kills_its_worker_every_time_ends_the_run_naming_it(cluster, tmp_path, tiny_lm):
+def test_a_batch_that_kills_its_worker_every_time_ends_the_run_naming_it(cluster, tmp_path, tiny_lm, monkeypatch):
     """A batch whose actor process dies on every try (out of memory, a segfault) was retried
     forever (Ray Data's ``max_task_retries=-1``): the driver never returned nor named it. It is
     tried ``1 + BATCH_RETRIES`` times, then the run stops with one error naming the batch and its
-    first and last passage ids; the store keeps what was committed and stays resumable."""
+    first and last passage ids; the store keeps what was committed and stays resumable. One retry
+    here instead of the shipped three (docs/scaling.md's 4 tries): each try restarts the actor, a
+    fresh process loading the model, and the bound is the same code whatever its value."""
     from ragcompress.errors import StoreError
+    from ragcompress.indexing import ray_runner
     from ragcompress.store.files import unfinished_run
 
+    assert ray_runner.BATCH_RETRIES == 3  # as docs/scaling.md says
+    monkeypatch.setattr(ray_runner, "BATCH_RETRIES", 1)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     records = _texts(2 * BATCH)
     records[BATCH + 1]["text"] += " DIE"
     path = _write(tmp_path / "die.jsonl", records)
     marker = tmp_path / "deaths"
-    tries = 4  # 1 + ray_runner.BATCH_RETRIES
+    tries = 2  # 1 + ray_runner.BATCH_RETRIES
     cap = 2 * tries  # unbounded retries would go on past it and then succeed
     store = tmp_path / "store"
     with pytest.raises(
