@@ -85,18 +85,33 @@ def reference(tmp_path_factory, tiny_lm, corpus) -> dict:
     return store_digest(store)
 
 
+class WindowedHashEmbedder(HashEmbedder):
+    """A stand-in with a window of ``window`` words (two of them its markers, as MiniLM's ``[CLS]``
+    and ``[SEP]``), counted as :meth:`~ragcompress.retrieval.Embedder.count_past_window` counts."""
+
+    window = 12
+
+    def count_past_window(self, texts):
+        return sum(len(t.split()) + 2 > self.window for t in texts)
+
+
 @pytest.fixture(scope="module")
 def ray_store(cluster, tmp_path_factory, tiny_lm, corpus) -> tuple[Path, object]:
-    """One Ray build of the corpus and its report, shared by the tests that start from it (each
-    copies it): a Ray index of the corpus costs tens of seconds beside the other test worker."""
+    """One Ray build of the corpus (two actors) and its report, shared by the tests that start
+    from it (each copies it) or read what the build did: a Ray index of the corpus costs tens of
+    seconds beside the other test worker. Its actors' embedder is :class:`WindowedHashEmbedder`
+    (:class:`HashEmbedder`'s vectors, so the one-process ``reference`` bytes), whose count of the
+    passages past its window the counting test reads from the report."""
     from ray.data import DataContext
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the embedder class, defined here
 
     store = tmp_path_factory.mktemp("ray-store") / "store"
     context = DataContext.get_current()
     before = _ray_data_settings(context)
     with small_shard_files(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        report = _ray_index(corpus, store, tiny_lm)
+        report = _ray_index(corpus, store, tiny_lm, factory=WindowedHashEmbedder, workers=2)
     _RAY_STORE_BUILD.update(warnings=[str(w.message) for w in caught], settings=(before, _ray_data_settings(context)))
     return store, report
 
@@ -108,8 +123,14 @@ def _ray_data_settings(context) -> tuple[bool, bool]:
     return context.execution_options.preserve_order, context.enable_progress_bars
 
 
-def _ray_index(corpus: Path, store: Path, lm, factory=HashEmbedder):
-    return index_on_ray(corpus, store, lm=lm, config=CONFIG, batch_size=BATCH, workers=2, embedder_factory=factory)
+def _ray_index(corpus: Path, store: Path, lm, factory=HashEmbedder, workers: int = 1, batch_size: int | None = BATCH):
+    """A Ray run of ``corpus`` into ``store``. One actor unless a test is about several (the shared
+    build and the killed worker; the killed driver's own run, tests/ray_driver.py, has two): an
+    actor's start (a fresh process importing torch and loading the model, about 8 CPU seconds) is
+    most of a run's cost, and two starting at once share two busy cores."""
+    return index_on_ray(
+        corpus, store, lm=lm, config=CONFIG, batch_size=batch_size, workers=workers, embedder_factory=factory
+    )
 
 
 def _clean(store: Path) -> None:
@@ -172,7 +193,7 @@ def test_replace_on_ray_has_the_single_process_bytes(ray_store, tmp_path, tiny_l
         lm=tiny_lm,
         config=CONFIG,
         batch_size=BATCH,
-        workers=2,
+        workers=1,
         embedder_factory=HashEmbedder,
         replace=True,
     )
@@ -324,28 +345,20 @@ def test_a_ray_run_leaves_the_callers_ray_data_settings_as_they_were(ray_store, 
     assert _ray_data_settings(context) == (False, True)
 
 
-class WindowedHashEmbedder(HashEmbedder):
-    """A stand-in with a window of ``window`` words (two of them its markers, as MiniLM's ``[CLS]``
-    and ``[SEP]``), counted as :meth:`~ragcompress.retrieval.Embedder.count_past_window` counts."""
-
-    window = 12
-
-    def count_past_window(self, texts):
-        return sum(len(t.split()) + 2 > self.window for t in texts)
-
-
-def test_a_ray_run_counts_the_passages_longer_than_the_embedder_reads(cluster, tmp_path, tiny_lm):
+def test_a_ray_run_counts_the_passages_longer_than_the_embedder_reads(ray_store, tmp_path, tiny_lm, corpus):
     """The actors count the passages they embed past the embedder's window, as one process
-    does, and the report holds their sum and the window (the CLI's warning)."""
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    records = _texts(BATCH + 2)  # 5, 10, 15, 20, 25 and 5 words: 3 of them past 10 words
-    path = tmp_path / "passages.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    report = _ray_index(path, tmp_path / "store", tiny_lm, factory=WindowedHashEmbedder)
-    assert (report.past_embedder_window, report.embedder_window) == (3, WindowedHashEmbedder.window)
-    single = index(path, tmp_path / "one", lm=tiny_lm, embedder=WindowedHashEmbedder(), config=CONFIG, batch_size=BATCH)
-    assert (single.past_embedder_window, single.embedder_window) == (3, WindowedHashEmbedder.window)
-    assert _ray_index(path, tmp_path / "store", tiny_lm).past_embedder_window == 0  # all stored already
+    does, and the report holds their sum and the window (the CLI's warning). (The shared build's
+    report: its actors' embedder is :class:`WindowedHashEmbedder`.)"""
+    built, report = ray_store
+    past = 14  # the corpus's passages of 15, 20 or 25 words (i % 5 >= 2 in _texts): past the window's 10
+    assert (report.past_embedder_window, report.embedder_window) == (past, WindowedHashEmbedder.window)
+    single = index(
+        corpus, tmp_path / "one", lm=tiny_lm, embedder=WindowedHashEmbedder(), config=CONFIG, batch_size=BATCH
+    )
+    assert (single.past_embedder_window, single.embedder_window) == (past, WindowedHashEmbedder.window)
+    store = tmp_path / "store"
+    shutil.copytree(built, store)
+    assert _ray_index(corpus, store, tiny_lm).past_embedder_window == 0  # all stored already
 
 
 def test_ray_refuses_context_neighbors_before_ray_starts_or_the_model_loads(
@@ -397,7 +410,7 @@ def test_adaptor_low_rank_and_relative_paths_on_ray_have_the_single_process_byte
         lm=tiny_lm,
         config=replace(config, adaptor=adaptor.name),
         batch_size=BATCH,
-        workers=2,
+        workers=1,
         embedder_factory=HashEmbedder,
     )
     assert report.indexed == N_PASSAGES
@@ -472,7 +485,7 @@ def test_killed_worker_is_retried(cluster, tmp_path, tiny_lm, corpus, reference)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     marker = tmp_path / "killed"
     store = tmp_path / "store"
-    report = _ray_index(corpus, store, tiny_lm, factory=lambda: KillOnceEmbedder(str(marker), at=3))
+    report = _ray_index(corpus, store, tiny_lm, factory=lambda: KillOnceEmbedder(str(marker), at=3), workers=2)
     assert marker.exists()  # an actor did die mid-batch
     assert report.indexed == N_PASSAGES
     _clean(store)
@@ -506,10 +519,26 @@ class _FailingThirdEmbedder(HashEmbedder):
         return super().embed(texts)
 
 
+class BatchSizeLogEmbedder(HashEmbedder):
+    """Appends the number of passages of each batch it embeds (a whole batch, skipped passages
+    included) to the file ``log``: the batches an actor, another process, was given."""
+
+    def __init__(self, log: str) -> None:
+        super().__init__()
+        self.log = log
+
+    def embed(self, texts):
+        with open(self.log, "a") as out:
+            out.write(f"{len(texts)}\n")
+        return super().embed(texts)
+
+
 def test_a_ray_resume_keeps_the_batch_size_its_stopped_run_recorded(cluster, tmp_path, tiny_lm, corpus):
     """As in one process (docs/guarantees.md): a stopped run's batch size, recorded in its marker,
     is kept by a Ray rerun that names none (the store then equals the uninterrupted one-process
-    run), and another is refused before Ray starts or anything is written."""
+    run), and another is refused before Ray starts or anything is written. The actors' batches are
+    read from their embedder: the tiny float32 model's bytes do not depend on the batch cut, so the
+    digests alone were equal with batches of 4 too."""
     from ragcompress.errors import StoreMismatchError
 
     store = tmp_path / "store"
@@ -518,8 +547,11 @@ def test_a_ray_resume_keeps_the_batch_size_its_stopped_run_recorded(cluster, tmp
     with pytest.raises(StoreMismatchError, match=r"batches of 3 passages, this run asks for --batch-size 4"):
         _ray_index(corpus, store, tiny_lm)
     assert verify_store(store).passages == 6
-    report = index_on_ray(corpus, store, lm=tiny_lm, config=CONFIG, workers=2, embedder_factory=HashEmbedder)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    sizes = tmp_path / "batch-sizes"
+    report = _ray_index(corpus, store, tiny_lm, factory=lambda: BatchSizeLogEmbedder(str(sizes)), batch_size=None)
     assert (report.indexed, report.skipped) == (N_PASSAGES - 6, 6)
+    assert sizes.read_text().split() == ["3"] * 6  # batches 2 to 7, as the stopped run cut them
     clean = tmp_path / "clean"
     index(corpus, clean, lm=tiny_lm, embedder=HashEmbedder(), config=CONFIG, batch_size=3)
     assert store_digest(store) == store_digest(clean)
@@ -546,20 +578,25 @@ class DieEmbedder(HashEmbedder):
 
 
 @pytest.mark.slow
-def test_a_batch_that_kills_its_worker_every_time_ends_the_run_naming_it(cluster, tmp_path, tiny_lm):
+def test_a_batch_that_kills_its_worker_every_time_ends_the_run_naming_it(cluster, tmp_path, tiny_lm, monkeypatch):
     """A batch whose actor process dies on every try (out of memory, a segfault) was retried
     forever (Ray Data's ``max_task_retries=-1``): the driver never returned nor named it. It is
     tried ``1 + BATCH_RETRIES`` times, then the run stops with one error naming the batch and its
-    first and last passage ids; the store keeps what was committed and stays resumable."""
+    first and last passage ids; the store keeps what was committed and stays resumable. One retry
+    here instead of the shipped three (docs/scaling.md's 4 tries): each try restarts the actor, a
+    fresh process loading the model, and the bound is the same code whatever its value."""
     from ragcompress.errors import StoreError
+    from ragcompress.indexing import ray_runner
     from ragcompress.store.files import unfinished_run
 
+    assert ray_runner.BATCH_RETRIES == 3  # as docs/scaling.md says
+    monkeypatch.setattr(ray_runner, "BATCH_RETRIES", 1)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     records = _texts(2 * BATCH)
     records[BATCH + 1]["text"] += " DIE"
     path = _write(tmp_path / "die.jsonl", records)
     marker = tmp_path / "deaths"
-    tries = 4  # 1 + ray_runner.BATCH_RETRIES
+    tries = 2  # 1 + ray_runner.BATCH_RETRIES
     cap = 2 * tries  # unbounded retries would go on past it and then succeed
     store = tmp_path / "store"
     with pytest.raises(
