@@ -355,16 +355,9 @@ def test_a_store_created_by_another_writer_meanwhile_is_joined_or_refused(tiny, 
         assert [e.id for e in kv.catalogue.entries()] == [d.doc_id for d in sample_documents(2)]
 
 
-def test_an_ingestion_call_stopped_midway_is_refused_until_the_pipeline_is_rerun(tiny, tmp_path):
-    """A transform call that fails between its commits (here its second batch) leaves the store
-    intact but holding part of the nodes, as a stopped `ragcompress index` does: verify notes it,
-    answering and retrieving refuse it naming the pipeline as the remedy, and running the
-    pipeline again finishes it. Caches computed at query time are not marked."""
-    from ragcompress.store.files import RUN
-    from ragcompress.store.verify import verify_store
-
-    path = str(tmp_path / "store")
-    transform = KVCacheTransform(store_path=path, model=tiny, batch_size=2)
+def stop_midway(transform) -> None:
+    """Calls ``transform`` over the sample documents with its second batch failing, as a call
+    killed between its commits stops (the first batch committed), then puts its encoding back."""
     real = transform.writer.indexer.records
     calls = []
 
@@ -375,8 +368,24 @@ def test_an_ingestion_call_stopped_midway_is_refused_until_the_pipeline_is_rerun
         return real(*args, **kwargs)
 
     transform.writer.indexer.records = fail_on_the_second_batch
-    with pytest.raises(RuntimeError, match="mid-call"):
-        transform(sample_documents())
+    try:
+        with pytest.raises(RuntimeError, match="mid-call"):
+            transform(sample_documents())
+    finally:
+        transform.writer.indexer.records = real
+
+
+def test_an_ingestion_call_stopped_midway_is_refused_until_the_pipeline_is_rerun(tiny, tmp_path):
+    """A transform call that fails between its commits (here its second batch) leaves the store
+    intact but holding part of the nodes, as a stopped `ragcompress index` does: verify notes it,
+    answering and retrieving refuse it naming the pipeline as the remedy, and running the
+    pipeline again finishes it. Caches computed at query time are not marked."""
+    from ragcompress.store.files import RUN
+    from ragcompress.store.verify import verify_store
+
+    path = str(tmp_path / "store")
+    transform = KVCacheTransform(store_path=path, model=tiny, batch_size=2)
+    stop_midway(transform)
     with KVStore.open(path) as kv:
         assert len(kv) == 2
     report = verify_store(path)
@@ -384,7 +393,6 @@ def test_an_ingestion_call_stopped_midway_is_refused_until_the_pipeline_is_rerun
     for refused in (lambda: KVCacheSynthesizer(path, model=tiny).engine, lambda: KVStoreRetriever(path)):
         with pytest.raises(StoreError, match="of an input of 6 passages; to finish it, run the IngestionPipeline"):
             refused()
-    transform.writer.indexer.records = real
     IngestionPipeline(transformations=[transform]).run(documents=sample_documents())
     assert not (Path(path) / RUN).exists()
     assert not any("stopped" in note for note in verify_store(path).notes)
@@ -408,18 +416,7 @@ def test_an_ingestion_call_stopped_midway_resumes_only_with_its_batch_size(tiny,
     transform = KVCacheTransform(store_path=str(path), model=tiny, batch_size=2)
     set_up_before = KVCacheTransform(store_path=str(path), model=tiny, batch_size=3)
     assert set_up_before.writer is not None
-    real = transform.writer.indexer.records
-    calls = []
-
-    def fail_on_the_second_batch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("killed mid-call")
-        return real(*args, **kwargs)
-
-    transform.writer.indexer.records = fail_on_the_second_batch
-    with pytest.raises(RuntimeError, match="mid-call"):
-        transform(sample_documents())
+    stop_midway(transform)
     marker = (path / RUN).read_bytes()
     assert json.loads(marker)["batch_size"] == 2
     assert unfinished_run(path).endswith(
@@ -441,7 +438,6 @@ def test_an_ingestion_call_stopped_midway_resumes_only_with_its_batch_size(tiny,
     with KVStore.open(path) as kv:
         assert {e.id: e.checksum for e in kv.catalogue.entries()} == rows  # nothing written
     assert (path / RUN).read_bytes() == marker
-    transform.writer.indexer.records = real
     transform(sample_documents())
     assert not (path / RUN).exists()
     KVCacheTransform(store_path=str(tmp_path / "clean"), model=tiny, batch_size=2)(sample_documents())
