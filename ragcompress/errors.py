@@ -52,8 +52,9 @@ class StoreAccessError(StoreError):
 
 
 class StoreBusyError(StoreAccessError):
-    """A store's catalogue that another process holds locked: a writer in the middle of a commit,
-    or a program holding the file exclusively. Nothing says it is damaged, so the remedy is to
+    """A store's catalogue that another process holds locked exclusively (a WAL reader is not
+    blocked by a writer's ordinary transaction), or that a writer holds while this user cannot
+    create the ``-wal``/``-shm`` needed to read beside it. Nothing says it is damaged, so the remedy is to
     retry when the writer finishes, never a rebuild; ``verify`` raises it (``ragcompress verify``
     exits 3) rather than report a problem."""
 

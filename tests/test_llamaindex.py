@@ -355,9 +355,10 @@ def test_a_store_created_by_another_writer_meanwhile_is_joined_or_refused(tiny, 
         assert [e.id for e in kv.catalogue.entries()] == [d.doc_id for d in sample_documents(2)]
 
 
-def stop_midway(transform) -> None:
-    """Calls ``transform`` over the sample documents with its second batch failing, as a call
-    killed between its commits stops (the first batch committed), then puts its encoding back."""
+def stop_midway(transform, call=None) -> None:
+    """Calls ``transform`` over the sample documents (or ``call()``, which calls it) with its
+    second batch failing, as a call killed between its commits stops (the first batch
+    committed), then puts its encoding back."""
     real = transform.writer.indexer.records
     calls = []
 
@@ -370,7 +371,7 @@ def stop_midway(transform) -> None:
     transform.writer.indexer.records = fail_on_the_second_batch
     try:
         with pytest.raises(RuntimeError, match="mid-call"):
-            transform(sample_documents())
+            call() if call else transform(sample_documents())
     finally:
         transform.writer.indexer.records = real
 
@@ -391,7 +392,7 @@ def test_an_ingestion_call_stopped_midway_is_refused_until_the_pipeline_is_rerun
     report = verify_store(path)
     assert report.ok and any("stopped before its end" in note for note in report.notes)
     for refused in (lambda: KVCacheSynthesizer(path, model=tiny).engine, lambda: KVStoreRetriever(path)):
-        with pytest.raises(StoreError, match="of an input of 6 passages; to finish it, run the IngestionPipeline"):
+        with pytest.raises(StoreError, match="of an input of 6 passages; to finish it, call the KVCacheTransform"):
             refused()
     IngestionPipeline(transformations=[transform]).run(documents=sample_documents())
     assert not (Path(path) / RUN).exists()
@@ -400,6 +401,29 @@ def test_an_ingestion_call_stopped_midway_is_refused_until_the_pipeline_is_rerun
     resolver_write = transform.writer.write  # query time: caches of nodes the store lacks, no marker
     resolver_write([TextNode(id_="late", text="Geelong is a port city.")], write_index=False)
     assert not (Path(path) / RUN).exists()
+
+
+def test_a_call_stopped_in_a_pipeline_with_a_docstore_is_finished_as_its_remedy_says(tiny, tmp_path):
+    """An ``IngestionPipeline`` with a docstore records each document's hash before its
+    transformations run, so after a call stopped midway, rerunning the pipeline (what the
+    unfinished-run message used to advise) hands the transform no documents and the store stays
+    unfinished however often it is rerun. The message names calling the transform itself, which
+    finishes it."""
+    from llama_index.core.storage.docstore import SimpleDocumentStore
+
+    from ragcompress.store.files import RUN, unfinished_run
+
+    path = tmp_path / "store"
+    transform = KVCacheTransform(store_path=str(path), model=tiny, batch_size=2)
+    pipeline = IngestionPipeline(transformations=[transform], docstore=SimpleDocumentStore())
+    stop_midway(transform, lambda: pipeline.run(documents=sample_documents()))
+    assert "to finish it, call the KVCacheTransform (batch_size=2) over the same nodes again" in unfinished_run(path)
+    pipeline.run(documents=sample_documents())  # the docstore skips every recorded document
+    assert (path / RUN).exists()
+    transform(sample_documents())
+    assert not (path / RUN).exists()
+    with KVStore.open(path) as kv:
+        assert len(kv) == 6
 
 
 def test_an_ingestion_call_stopped_midway_resumes_only_with_its_batch_size(tiny, tmp_path):
@@ -420,16 +444,17 @@ def test_an_ingestion_call_stopped_midway_resumes_only_with_its_batch_size(tiny,
     marker = (path / RUN).read_bytes()
     assert json.loads(marker)["batch_size"] == 2
     assert unfinished_run(path).endswith(
-        "to finish it, run the IngestionPipeline (KVCacheTransform, batch_size=2) over the same nodes again "
-        "(stored ones are not encoded again)"
+        "to finish it, call the KVCacheTransform (batch_size=2) over the same nodes again, or rerun an "
+        "IngestionPipeline without a docstore (one with a docstore skips the documents it recorded before the call "
+        "stopped); stored nodes are not encoded again"
     )
     with KVStore.open(path) as kv:
         rows = {e.id: e.checksum for e in kv.catalogue.entries()}
     assert len(rows) == 2
     refusal = (
-        f"store {path}: the indexing run that stopped in it encoded batches of 2 passages, this run asks for "
-        "--batch-size 3 (batch_size= in Python), and a cache's bytes depend on its batch; resume with --batch-size 2 "
-        "(or none), or rebuild the store with --overwrite (to KVCacheTransform: batch_size=2)"
+        f"store {path}: the ingestion call that stopped in it encoded batches of 2 nodes, this KVCacheTransform has "
+        "batch_size=3, and a cache's bytes depend on its batch; finish it with KVCacheTransform(batch_size=2, ...), "
+        "or build into another store_path"
     )
     for other in (KVCacheTransform(store_path=str(path), model=tiny, batch_size=3), set_up_before):
         with pytest.raises(StoreMismatchError) as refused:

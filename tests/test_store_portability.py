@@ -206,3 +206,26 @@ def test_a_store_its_rebuild_and_its_compaction_follow_the_umask(tiny_lm, tmp_pa
             ), build
     finally:
         os.umask(old)
+
+
+def test_a_store_being_written_whose_catalogue_cannot_be_read_here_meanwhile_is_busy(store, read_only_place):
+    """A reader that cannot create the catalogue's ``-wal``/``-shm`` reads it only while it keeps
+    writers out; while one holds the store, that is "being written": busy (``StoreBusyError``,
+    ``verify`` exit 3, retry later), as a catalogue a writer holds locked is, not exit 1, which
+    says damaged."""
+    from typer.testing import CliRunner
+
+    from ragcompress.cli import app
+    from ragcompress.errors import StoreBusyError
+
+    _drop_wal_files(store)
+    writer = StoreLock(store)
+    try:
+        with pytest.raises(StoreBusyError, match="is being written, and its catalogue cannot be read here meanwhile"):
+            verify_store(store)
+        result = CliRunner().invoke(app, ["verify", "--store", str(store)])
+        assert result.exit_code == 3, result.output
+        assert "is busy, not checked" in result.stderr
+    finally:
+        writer.release()
+    assert verify_store(store).ok

@@ -1554,8 +1554,8 @@ def test_cli_verify_exit_codes_and_json(store_copy):
 
 
 def test_verify_reports_a_catalogue_a_writer_holds_locked_as_busy_not_damaged(store_copy, monkeypatch):
-    """A catalogue another process holds locked (a writer mid-commit; here a connection holding
-    it exclusively) was a catalogue problem: ``verify`` exited 1, as for a damaged store, and
+    """A catalogue another process holds locked (here a connection holding it exclusively; a WAL
+    reader is not blocked by a writer's ordinary transaction) was a catalogue problem: ``verify`` exited 1, as for a damaged store, and
     advised rebuilding it with ``--overwrite``. Nothing says it is damaged: ``verify_store``
     raises ``StoreBusyError`` (when the catalogue opens, and when a check finds it locked later)
     and ``ragcompress verify`` says so in one line with the remedy, exit 3; released, the store

@@ -231,10 +231,10 @@ class Catalogue:
                 f"catalogue {self.path} cannot be read here: {here}, nor read its lock file ({exc.strerror or exc}) "
                 f"to keep writers out while it reads the catalogue without them; {once}"
             ) from None
-        if held is None:
-            raise StoreAccessError(
+        if held is None:  # busy, as a catalogue a writer holds locked is: retry, not damage
+            raise StoreBusyError(
                 f"store {root} is being written, and its catalogue cannot be read here meanwhile ({here}); "
-                "try again when the writer has finished"
+                "retry when the writer finishes"
             )
         try:
             try:  # a writer that ran since the first try left the files

@@ -60,10 +60,14 @@ WRITER_WAIT_S = 600.0
 
 def finish_pipeline(batch_size: int) -> str:
     """What a store's unfinished-run message tells the user to do when an ingestion call that
-    encoded batches of ``batch_size`` stopped midway (a resume keeps that size: :func:`check_batch_size`)."""
+    encoded batches of ``batch_size`` stopped midway (a resume keeps that size: :func:`check_batch_size`).
+    It names calling the transform itself: an ``IngestionPipeline`` with a docstore records each
+    document's hash before its transformations run, so rerunning it hands the transform none of
+    the documents the stopped call had, and the store would stay unfinished."""
     return (
-        f"run the IngestionPipeline (KVCacheTransform, batch_size={batch_size}) over the same nodes again "
-        "(stored ones are not encoded again)"
+        f"call the KVCacheTransform (batch_size={batch_size}) over the same nodes again, or rerun an "
+        "IngestionPipeline without a docstore (one with a docstore skips the documents it recorded before the "
+        "call stopped); stored nodes are not encoded again"
     )
 
 
@@ -79,8 +83,13 @@ def check_batch_size(path: Path, batch_size: int) -> None:
 
     try:
         resume_batch_size(path, batch_size)
-    except StoreMismatchError as exc:
-        raise StoreMismatchError(f"{exc} (to KVCacheTransform: batch_size={stopped_run_batch_size(path)})") from None
+    except StoreMismatchError:  # its text names the CLI's --batch-size and --overwrite, which a transform lacks
+        recorded = stopped_run_batch_size(path)
+        raise StoreMismatchError(
+            f"store {path}: the ingestion call that stopped in it encoded batches of {recorded} nodes, this "
+            f"KVCacheTransform has batch_size={batch_size}, and a cache's bytes depend on its batch; finish it with "
+            f"KVCacheTransform(batch_size={recorded}, ...), or build into another store_path"
+        ) from None
 
 
 def _no_marker() -> None:
