@@ -142,6 +142,21 @@ def compiled_triton():
         pytest.skip("triton was imported under TRITON_INTERPRET=1; this test runs the compiled kernel")
 
 
+class FailingAtCall:
+    """An embedder that embeds as ``embedder`` does (its vectors and recorded name) and fails on its
+    ``n``-th call: a one-process run that stops in the middle of its input, after ``n - 1`` batches."""
+
+    def __init__(self, embedder, n: int) -> None:
+        self.embedder, self.n, self.calls = embedder, n, 0
+        self.name = embedder.name
+
+    def embed(self, texts):
+        self.calls += 1
+        if self.calls == self.n:
+            raise RuntimeError("embedder failed mid-run")
+        return self.embedder.embed(texts)
+
+
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path

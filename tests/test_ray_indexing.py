@@ -30,6 +30,8 @@ from ragcompress.store.digest import store_digest  # noqa: E402
 from ragcompress.store.verify import verify_store  # noqa: E402
 from ragcompress.testing import HashEmbedder, noisy_adaptor  # noqa: E402
 
+from conftest import FailingAtCall  # noqa: E402
+
 DRIVER = Path(__file__).parent / "ray_driver.py"
 BATCH = 4
 N_PASSAGES = 24
@@ -508,18 +510,6 @@ def test_killed_driver_resumes(cluster, tmp_path, tiny_lm, tiny_model_dir, corpu
     assert store_digest(store) == reference
 
 
-class _FailingThirdEmbedder(HashEmbedder):
-    """Fails on its third call: a one-process run that stops after two batches."""
-
-    calls = 0
-
-    def embed(self, texts):
-        self.calls += 1
-        if self.calls == 3:
-            raise RuntimeError("embedder failed mid-run")
-        return super().embed(texts)
-
-
 class BatchSizeLogEmbedder(HashEmbedder):
     """Appends the number of passages of each batch it embeds (a whole batch, skipped passages
     included) to the file ``log``: the batches an actor, another process, was given."""
@@ -544,7 +534,7 @@ def test_a_ray_resume_keeps_the_batch_size_its_stopped_run_recorded(cluster, tmp
 
     store = tmp_path / "store"
     with pytest.raises(RuntimeError, match="mid-run"):
-        index(corpus, store, lm=tiny_lm, embedder=_FailingThirdEmbedder(), config=CONFIG, batch_size=3)
+        index(corpus, store, lm=tiny_lm, embedder=FailingAtCall(HashEmbedder(), 3), config=CONFIG, batch_size=3)
     with pytest.raises(StoreMismatchError, match=r"batches of 3 passages, this run asks for --batch-size 4"):
         _ray_index(corpus, store, tiny_lm)
     assert verify_store(store).passages == 6

@@ -40,6 +40,7 @@ from ragcompress.testing import point_row_at_appended_blob
 
 sys.path.insert(0, str(Path(__file__).parent))
 import store_worker  # noqa: E402
+from conftest import FailingAtCall  # noqa: E402
 
 WORKER = Path(__file__).parent / "store_worker.py"
 REPO = Path(__file__).resolve().parents[1]
@@ -1253,19 +1254,6 @@ def test_a_store_that_lost_its_manifest_is_rebuilt_by_overwrite(tiny_lm, corpus,
     assert verify_store(store_copy).ok and _rows(store_copy) == _rows(clean_store)
 
 
-class _EmbedderFailingAtCall(store_worker.HashEmbedder):
-    """Fails on its ``n``-th call: a run that stops in the middle of its input."""
-
-    def __init__(self, n: int) -> None:
-        self.calls, self.n = 0, n
-
-    def embed(self, texts):
-        self.calls += 1
-        if self.calls == self.n:
-            raise RuntimeError("embedder failed mid-run")
-        return super().embed(texts)
-
-
 def test_a_run_removes_what_killed_runs_left_beside_the_store(tiny_lm, corpus, store_copy):
     """Half-built copies of a killed ``--overwrite`` or store creation are deleted by the next run
     on that path; a live process's are its work in progress and stay."""
@@ -1357,7 +1345,14 @@ def test_a_run_that_stopped_midway_is_refused_for_answering_until_finished(tiny_
 
     store = tmp_path / "store"
     with pytest.raises(RuntimeError, match="mid-run"):
-        index(corpus, store, lm=tiny_lm, embedder=_EmbedderFailingAtCall(3), config=CONFIG, batch_size=BATCH)
+        index(
+            corpus,
+            store,
+            lm=tiny_lm,
+            embedder=FailingAtCall(store_worker.HashEmbedder(), 3),
+            config=CONFIG,
+            batch_size=BATCH,
+        )
     assert 0 < len(_rows(store)) < N_PASSAGES
     report = verify_store(store)
     assert report.ok and any("stopped before its end" in note for note in report.notes)
@@ -1403,7 +1398,14 @@ def test_a_resume_keeps_the_batch_size_its_stopped_run_recorded(tiny_lm, corpus,
 
     store, config = tmp_path / "store", replace(CONFIG, quant="none")
     with pytest.raises(RuntimeError, match="mid-run"):
-        index(corpus, store, lm=tiny_lm, embedder=_EmbedderFailingAtCall(3), config=config, batch_size=3)
+        index(
+            corpus,
+            store,
+            lm=tiny_lm,
+            embedder=FailingAtCall(store_worker.HashEmbedder(), 3),
+            config=config,
+            batch_size=3,
+        )
     rows, marker = _rows(store), (store / RUN).read_bytes()
     assert len(rows) == 6 and json.loads(marker)["batch_size"] == 3
     assert unfinished_run(store).endswith("and --batch-size 3 or none (it resumes where it stopped)")
@@ -1432,7 +1434,14 @@ def test_a_stopped_run_whose_marker_records_no_batch_size_resumes_with_any(tiny_
 
     store = tmp_path / "store"
     with pytest.raises(RuntimeError, match="mid-run"):
-        index(corpus, store, lm=tiny_lm, embedder=_EmbedderFailingAtCall(3), config=CONFIG, batch_size=3)
+        index(
+            corpus,
+            store,
+            lm=tiny_lm,
+            embedder=FailingAtCall(store_worker.HashEmbedder(), 3),
+            config=CONFIG,
+            batch_size=3,
+        )
     record = json.loads((store / RUN).read_text())
     del record["batch_size"]
     (store / RUN).write_text(json.dumps(record))
@@ -1446,18 +1455,15 @@ def test_failed_overwrite_releases_the_lock_and_leaves_no_copy(tiny_lm, corpus, 
     """An --overwrite that fails (here the embedder) leaves the old store as it was, writable at
     once even while the caller keeps the exception (a notebook does), and no half-built copy."""
 
-    class FailingEmbedder(store_worker.HashEmbedder):
-        calls = 0
-
-        def embed(self, texts):
-            FailingEmbedder.calls += 1
-            if FailingEmbedder.calls == 3:
-                raise RuntimeError("embedder failed mid-run")
-            return super().embed(texts)
-
     with pytest.raises(RuntimeError, match="embedder failed") as caught:
         index(
-            corpus, store_copy, lm=tiny_lm, embedder=FailingEmbedder(), config=CONFIG, batch_size=BATCH, overwrite=True
+            corpus,
+            store_copy,
+            lm=tiny_lm,
+            embedder=FailingAtCall(store_worker.HashEmbedder(), 3),
+            config=CONFIG,
+            batch_size=BATCH,
+            overwrite=True,
         )
     assert caught.value is not None  # the exception (and its frames) still held here
     StoreWriter(store_copy).close()
