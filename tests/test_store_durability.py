@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_store_reliability import CONFIG, N_PASSAGES, _index, _rows, _texts, _write
+from test_store_reliability import CONFIG, N_PASSAGES, _index, _rows, _stop_after_two_batches, _texts, _write
 
 from ragcompress.errors import StoreError
 from ragcompress.indexing import index, remove
@@ -22,24 +22,13 @@ from ragcompress.store.files import refuse_unfinished, unfinished_run
 from ragcompress.store.verify import verify_store
 from ragcompress.store.writer import StoreLock, StoreWriter
 
-import store_worker
-from conftest import FailingAtCall
-
 
 @pytest.fixture(scope="module")
 def stopped_run(tmp_path_factory, tiny_lm):
     """A store whose indexing run failed midway in this (still running) process."""
     store = tmp_path_factory.mktemp("stopped") / "store"
     corpus = _write(store.parent / "passages.jsonl", _texts(N_PASSAGES))
-    with pytest.raises(RuntimeError, match="mid-run"):
-        index(
-            corpus,
-            store,
-            lm=tiny_lm,
-            embedder=FailingAtCall(store_worker.HashEmbedder(), 3),
-            config=CONFIG,
-            batch_size=4,
-        )
+    _stop_after_two_batches(tiny_lm, corpus, store, batch_size=4)
     assert 0 < len(_rows(store)) < N_PASSAGES
     return store
 

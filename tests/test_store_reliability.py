@@ -1254,6 +1254,20 @@ def test_a_store_that_lost_its_manifest_is_rebuilt_by_overwrite(tiny_lm, corpus,
     assert verify_store(store_copy).ok and _rows(store_copy) == _rows(clean_store)
 
 
+def _stop_after_two_batches(lm, corpus, store, *, config=CONFIG, batch_size=BATCH) -> None:
+    """An ``index`` run into ``store`` whose embedder fails on its third batch: a run stopped
+    midway, its first two batches committed and its marker left behind."""
+    with pytest.raises(RuntimeError, match="mid-run"):
+        index(
+            corpus,
+            store,
+            lm=lm,
+            embedder=FailingAtCall(store_worker.HashEmbedder(), 3),
+            config=config,
+            batch_size=batch_size,
+        )
+
+
 def test_a_run_removes_what_killed_runs_left_beside_the_store(tiny_lm, corpus, store_copy):
     """Half-built copies of a killed ``--overwrite`` or store creation are deleted by the next run
     on that path; a live process's are its work in progress and stay."""
@@ -1344,15 +1358,7 @@ def test_a_run_that_stopped_midway_is_refused_for_answering_until_finished(tiny_
     from ragcompress.runtime.engine import Engine
 
     store = tmp_path / "store"
-    with pytest.raises(RuntimeError, match="mid-run"):
-        index(
-            corpus,
-            store,
-            lm=tiny_lm,
-            embedder=FailingAtCall(store_worker.HashEmbedder(), 3),
-            config=CONFIG,
-            batch_size=BATCH,
-        )
+    _stop_after_two_batches(tiny_lm, corpus, store)
     assert 0 < len(_rows(store)) < N_PASSAGES
     report = verify_store(store)
     assert report.ok and any("stopped before its end" in note for note in report.notes)
@@ -1397,15 +1403,7 @@ def test_a_resume_keeps_the_batch_size_its_stopped_run_recorded(tiny_lm, corpus,
     from ragcompress.store.files import RUN, unfinished_run
 
     store, config = tmp_path / "store", replace(CONFIG, quant="none")
-    with pytest.raises(RuntimeError, match="mid-run"):
-        index(
-            corpus,
-            store,
-            lm=tiny_lm,
-            embedder=FailingAtCall(store_worker.HashEmbedder(), 3),
-            config=config,
-            batch_size=3,
-        )
+    _stop_after_two_batches(tiny_lm, corpus, store, config=config, batch_size=3)
     rows, marker = _rows(store), (store / RUN).read_bytes()
     assert len(rows) == 6 and json.loads(marker)["batch_size"] == 3
     assert unfinished_run(store).endswith("and --batch-size 3 or none (it resumes where it stopped)")
@@ -1433,15 +1431,7 @@ def test_a_stopped_run_whose_marker_records_no_batch_size_resumes_with_any(tiny_
     from ragcompress.store.files import RUN, stopped_run_batch_size
 
     store = tmp_path / "store"
-    with pytest.raises(RuntimeError, match="mid-run"):
-        index(
-            corpus,
-            store,
-            lm=tiny_lm,
-            embedder=FailingAtCall(store_worker.HashEmbedder(), 3),
-            config=CONFIG,
-            batch_size=3,
-        )
+    _stop_after_two_batches(tiny_lm, corpus, store, batch_size=3)
     record = json.loads((store / RUN).read_text())
     del record["batch_size"]
     (store / RUN).write_text(json.dumps(record))
