@@ -22,6 +22,7 @@ Scripts in this folder import it as ``from common import ...`` (they run as
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 import os
@@ -131,17 +132,56 @@ ENCODING_CODE = ("architecture.py", "models.py", "prompt.py", "indexing/encoder.
 
 
 def library_digest(*parts: str) -> str:
-    """sha256 over the source of the library modules ``parts`` (paths under ``ragcompress/``,
-    files or folders): what a benchmark's cached intermediate results were computed by. A cache
-    keyed by it is recomputed after those modules change, and reused across every other commit."""
+    """sha256 over the code of the library modules ``parts`` (paths under ``ragcompress/``, files
+    or folders): what a benchmark's cached intermediate results were computed by. A cache keyed by
+    it is recomputed after that code changes, and reused across every other commit, including
+    those that only edit docstrings, comments, formatting or annotations (:func:`_behaviour`)."""
     import hashlib
 
     digest = hashlib.sha256()
     for part in sorted(parts):
         path = LIBRARY / part
         for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
-            digest.update(str(file.relative_to(LIBRARY)).encode() + b"\0" + file.read_bytes() + b"\0")
+            digest.update(str(file.relative_to(LIBRARY)).encode() + b"\0" + _behaviour(file).encode() + b"\0")
     return digest.hexdigest()[:16]
+
+
+def _behaviour(file: Path) -> str:
+    """The module's syntax tree (``ast.dump``: no comments, formatting or line numbers) less what
+    never runs (:class:`_Unrun`). The dump is Python's, so another Python version recomputes the
+    caches once."""
+    return ast.dump(_Unrun().visit(ast.parse(file.read_bytes(), filename=str(file))))
+
+
+class _Unrun(ast.NodeTransformer):
+    """Drops string statements (docstrings: a changed ``__doc__`` changes no result) and the
+    annotations of function arguments and returns and of annotated assignments in functions and
+    at module level (the assignment and its target stay: they bind a name, or make it local). The
+    annotations of a class body stay as written: they make dataclass fields (``ClassVar`` and
+    ``InitVar`` are not fields) and pydantic fields with their validation."""
+
+    def visit_Expr(self, node: ast.Expr) -> ast.Expr | None:
+        is_string = isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+        return None if is_string else node
+
+    def visit_FunctionDef(self, node: ast.FunctionDef | ast.AsyncFunctionDef) -> ast.AST:
+        arguments = node.args
+        for arg in [*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs, arguments.vararg, arguments.kwarg]:
+            if arg is not None:
+                arg.annotation = None
+        node.returns = None
+        return self.generic_visit(node)
+
+    visit_AsyncFunctionDef = visit_FunctionDef
+
+    def visit_AnnAssign(self, node: ast.AnnAssign) -> ast.AnnAssign:
+        node.annotation = ast.Constant(None)
+        return node
+
+    def visit_ClassDef(self, node: ast.ClassDef) -> ast.ClassDef:
+        body = [stmt if isinstance(stmt, ast.AnnAssign) else self.visit(stmt) for stmt in node.body]
+        node.body = [stmt for stmt in body if stmt is not None]
+        return node
 
 
 def encoding_key(lm: Any, prefix_ids: list[int], *code: str) -> dict[str, Any]:

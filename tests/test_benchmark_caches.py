@@ -62,6 +62,61 @@ def test_library_digest_follows_the_source(tmp_path, monkeypatch):
     assert common.library_digest("b.py") == common.library_digest("b.py")
 
 
+_MODULE = '''"""A module."""
+
+from dataclasses import dataclass
+
+LIMIT = 4  # the largest
+
+
+@dataclass(frozen=True)
+class Config:
+    """A config."""
+
+    ratio: float = 0.5
+    """The kept share."""
+
+
+def keep(n: int, config: Config) -> int:
+    """How many to keep."""
+    local: int = round(n * config.ratio)
+    return min(local, LIMIT)
+'''
+
+
+def test_library_digest_ignores_docstrings_comments_and_annotations(tmp_path, monkeypatch):
+    """A docstring, comment, formatting or annotation edit does not change what a module computes,
+    so it keeps the digest (and every benchmark's cached passage caches and scores with it); a
+    change of code, a constant or a dataclass field, changes it."""
+    monkeypatch.setattr(common, "LIBRARY", tmp_path)
+    module = tmp_path / "m.py"
+    module.write_text(_MODULE)
+    before = common.library_digest("m.py")
+    unchanged = {
+        "docstrings": _MODULE.replace("A module.", "The module.").replace("How many", "The number"),
+        "comment": _MODULE.replace("# the largest", "# the most there may be"),
+        "attribute docstring": _MODULE.replace("The kept share.", "Share of tokens kept."),
+        "annotations": _MODULE.replace("n: int", "n: float").replace(") -> int", ") -> float"),
+        "local annotation": _MODULE.replace("local: int", "local: float"),
+        "formatting": _MODULE.replace("min(local, LIMIT)", "min(\n        local,\n        LIMIT,\n    )"),
+    }
+    for edit, text in unchanged.items():
+        module.write_text(text)
+        assert common.library_digest("m.py") == before, edit
+    changed = {
+        "constant": _MODULE.replace("LIMIT = 4", "LIMIT = 5"),
+        "default": _MODULE.replace("= 0.5", "= 0.25"),
+        "dataclass field": _MODULE.replace("ratio: float = 0.5", "ratio: float = 0.5\n    floor: int = 0"),
+        "field annotation": _MODULE.replace("ratio: float", "ratio: ClassVar[float]"),
+        "code": _MODULE.replace("round(", "int("),
+    }
+    for edit, text in changed.items():
+        module.write_text(text)
+        assert common.library_digest("m.py") != before, edit
+    (tmp_path / "n.py").write_text(_MODULE)
+    assert common.library_digest("n.py") != before  # the path is part of what is hashed
+
+
 def test_the_encoding_code_exists():
     for part in common.ENCODING_CODE:
         assert (common.LIBRARY / part).exists(), part
