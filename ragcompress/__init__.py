@@ -11,8 +11,9 @@ load torch and transformers (about 4 s on a 2-core CPU).
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ragcompress.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from ragcompress.errors import RagCompressError
@@ -51,15 +52,4 @@ __all__ = [
     "remove",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'ragcompress' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

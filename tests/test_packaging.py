@@ -5,6 +5,7 @@ dependency of transformers >= 5.25) and broke ``import transformers`` for the wh
 
 from __future__ import annotations
 
+import importlib
 import shutil
 import subprocess
 import sys
@@ -140,15 +141,16 @@ def test_a_missing_store_fails_before_torch_loads(command, tmp_path):
     assert out.stderr == f"error: {expected}\n"
 
 
-def test_every_public_name_loads_on_first_use():
-    import ragcompress
+@pytest.mark.parametrize("package", ["ragcompress", "ragcompress.indexing"])
+def test_every_public_name_loads_on_first_use(package):
+    module = importlib.import_module(package)
 
-    assert sorted(ragcompress.__all__) == sorted(ragcompress._EXPORTS)
-    for name in ragcompress.__all__:
-        assert getattr(ragcompress, name) is not None
-    assert {"Engine", "index"} <= set(dir(ragcompress))
-    with pytest.raises(AttributeError, match="no attribute 'nope'"):
-        ragcompress.nope  # noqa: B018
+    assert sorted(module.__all__) == sorted(module._EXPORTS)
+    for name in module.__all__:
+        assert getattr(module, name) is not None
+    assert {"IndexConfig", "index"} <= set(dir(module))
+    with pytest.raises(AttributeError, match=f"module '{package}' has no attribute 'nope'"):
+        module.nope  # noqa: B018
 
 
 def test_the_distribution_name_is_ours_and_ships_its_licence_and_types():

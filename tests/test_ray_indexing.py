@@ -599,6 +599,18 @@ def test_a_batch_that_kills_its_worker_every_time_ends_the_run_naming_it(cluster
     assert unfinished_run(store) and verify_store(store).ok
 
 
+def test_the_batch_counting_actor_imports_neither_torch_nor_transformers():
+    """A Ray worker imports the module that defines its actor's class: the batch counter
+    (:class:`~ragcompress.indexing.ray_runner.BatchStarts`) was defined in ``ray_runner``, whose
+    imports (the indexing package, torch, transformers) cost its worker 2-3.5 CPU seconds a run."""
+    from ragcompress.indexing import ray_runner
+
+    module = ray_runner.BatchStarts.__module__
+    code = f"import sys, {module}; print(sorted({{'torch', 'transformers'}} & set(sys.modules)))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]", f"importing {module} loads {loaded.strip()}"
+
+
 def test_a_ray_run_shuts_down_only_the_ray_it_started(tmp_path, tiny_lm, corpus, monkeypatch):
     """``--ray local`` started a Ray instance and never shut it down (a library caller kept it
     until its process ended); a run now shuts down the Ray it started, even when it fails, and

@@ -57,6 +57,7 @@ import numpy as np
 from ragcompress import errors
 from ragcompress.distill.packaged import MATCHING, resolve_adaptor
 from ragcompress.errors import InputError, RagCompressError, StoreError
+from ragcompress.indexing.batch_starts import BatchStarts
 from ragcompress.indexing.config import IndexConfig
 from ragcompress.indexing.indexer import Indexer
 from ragcompress.indexing.inputs import PassageInput, count_chunks, document_chunks, iter_passages
@@ -110,22 +111,6 @@ def _unexpected_json(exc: Exception, where: str) -> str:
     naming ``where`` it happened, returned like a library error instead of Ray's traceback."""
     reason = str(exc).splitlines()[0] if str(exc) else ""
     return _error_json(RagCompressError(f"{where} failed on a Ray worker: {type(exc).__name__}: {reason}".rstrip(": ")))
-
-
-class BatchStarts:
-    """How many times each batch was started on an actor (a Ray actor the driver owns, which an
-    :class:`EncodeActor` tells before each batch). When a batch kills its worker on every try,
-    Ray's error names only the dead actor; the batch started most often among those not
-    committed is the one that did."""
-
-    def __init__(self) -> None:
-        self.starts: dict[int, int] = {}
-
-    def start(self, number: int) -> None:
-        self.starts[number] = self.starts.get(number, 0) + 1
-
-    def counts(self) -> dict[int, int]:
-        return self.starts
 
 
 def _raise_error(payload: str) -> None:
