@@ -67,8 +67,9 @@ def embedder_name(name: str) -> str:
 
 
 class TextEmbedder(Protocol):
-    """What indexing reads of an embedder: :class:`Embedder`, or a stand-in without a model
-    (``ragcompress.testing.HashEmbedder``, a benchmark's own) whose ``name`` a store records."""
+    """What indexing and the :class:`~ragcompress.runtime.engine.Engine` read of an embedder:
+    :class:`Embedder`, or a stand-in without a model (``ragcompress.testing.HashEmbedder``, a
+    benchmark's own) whose ``name`` a store records."""
 
     name: str
 

@@ -34,6 +34,18 @@ def first_logits(engine: Engine, entries, cached: bool) -> torch.Tensor:
         return forward_step(engine.lm.model, torch.tensor([ids]), DynamicCache(config=engine.lm.config), 0)
 
 
+def test_the_engine_takes_any_text_embedder():
+    """The engine reads only an embedder's ``name`` and ``embed``
+    (:class:`~ragcompress.retrieval.TextEmbedder`); its parameter named the model-loading
+    ``Embedder`` class, so a type checker refused the stand-ins (``HashEmbedder``) it answers with
+    in tests, as indexing takes them."""
+    import typing
+
+    from ragcompress.retrieval import TextEmbedder
+
+    assert typing.get_type_hints(Engine.__init__)["embedder"] is TextEmbedder
+
+
 # the tested families, and families accepted by ragcompress.architecture's checks alone
 ARCHS = [
     "llama",

@@ -21,7 +21,7 @@ import torch
 from ragcompress.errors import InputError, PromptTooLongError, StoreError
 from ragcompress.kv.rope import position_limit
 from ragcompress.models import LoadedModel, load_model
-from ragcompress.retrieval import Embedder
+from ragcompress.retrieval import Embedder, TextEmbedder
 from ragcompress.runtime.generate import (
     Prepared,
     TokenStream,
@@ -109,7 +109,7 @@ class Engine:
     """
 
     def __init__(
-        self, store: KVStore, lm: LoadedModel, embedder: Embedder, options: AnswerOptions = AnswerOptions()
+        self, store: KVStore, lm: LoadedModel, embedder: TextEmbedder, options: AnswerOptions = AnswerOptions()
     ) -> None:
         refuse_unfinished(store.path)
         options = checked_options(options, AnswerOptions())
