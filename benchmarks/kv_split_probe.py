@@ -25,6 +25,7 @@ from typing import Any
 import lowrank_frontier as lf
 import torch
 
+from ragcompress.compressors.adaptive import GlobalBudget
 from ragcompress.kv import ModelShape, PassageKV
 from ragcompress.kv.lowrank import LowRankBasis, RankSpec
 from ragcompress.kv.quant import QuantConfig, quantize_dequantize
@@ -42,9 +43,10 @@ def rounded_caches(
     """Every needed passage's cache evicted at ``ratio`` and rounded at the given widths."""
     scores = frontier.scores("kvzip")
     compressor = lf.RowSpec.parse(f"global:kvzip@{ratio}/fp16/-").index_config().compressor()
+    assert isinstance(compressor, GlobalBudget)
     out = {}
     for pid, kv in frontier.full().items():
-        kept = compressor.select(kv, scores[pid])  # type: ignore[attr-defined]
+        kept = compressor.select(kv, scores[pid])
         keys = basis.round_trip("k", kept.keys, kept.lengths, QuantConfig(f"int{key_bits}"))
         values = quantize_dequantize("v", kept.values, kept.lengths, QuantConfig(f"int{value_bits}"))
         out[pid] = dataclasses.replace(kept, keys=keys, values=values)

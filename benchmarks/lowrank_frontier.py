@@ -65,8 +65,8 @@ from typing import Any
 
 import torch
 
-from ragcompress.compressors.adaptive import GlobalBudget
-from ragcompress.compressors.scorer import gather_kept
+from ragcompress.compressors.adaptive import AdaptiveBudget
+from ragcompress.compressors.scorer import ScorerCompressor, gather_kept
 from ragcompress.compressors.snapkv import SnapKVCompressor, pool_scores
 from ragcompress.distill.adaptor import Adaptor
 from ragcompress.errors import InputError
@@ -426,9 +426,13 @@ class Frontier:
                     for pid, s in scores.items()
                 }
             if row.corpus:
-                kept = corpus_select(compressor, full, scores)  # type: ignore[arg-type]
+                assert isinstance(compressor, AdaptiveBudget), (
+                    f"{row.method}: ~corpus pools a global: or adaptive: budget"
+                )
+                kept = corpus_select(compressor, full, scores)
             else:
-                kept = {pid: compressor.select(kv, scores[pid]) for pid, kv in full.items()}  # type: ignore[attr-defined]
+                assert isinstance(compressor, (AdaptiveBudget, ScorerCompressor)), f"{row.method} evicts by no score"
+                kept = {pid: compressor.select(kv, scores[pid]) for pid, kv in full.items()}
             if row.merge:
                 kept = {pid: merge_evicted(kv, kept[pid], scores[pid]) for pid, kv in full.items()}
         indexer = Indexer.from_config(self.lm, config, self.embedder)
@@ -474,7 +478,7 @@ def entity_tokens(tokenizer: Any, token_ids: list[int]) -> torch.Tensor:
 
 
 def corpus_select(
-    compressor: GlobalBudget, full: dict[str, PassageKV], scores: dict[str, torch.Tensor]
+    compressor: AdaptiveBudget, full: dict[str, PassageKV], scores: dict[str, torch.Tensor]
 ) -> dict[str, PassageKV]:
     """``global:``'s pool taken from one passage to the whole store: the same total rows as
     ``compressor.select`` on each passage (the sum of its per-passage budgets), spent on the
