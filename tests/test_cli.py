@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
 import os
 import re
 import shutil
+import sqlite3
 import subprocess
 import sys
 
@@ -617,6 +619,89 @@ def test_verify_of_a_path_that_is_no_store_says_so(tmp_path, monkeypatch, capfd)
         code, out, err = run_cli(["verify", "--store", str(path)], monkeypatch, capfd)
         assert (code, out) == (1, "") and err.count("\n") == 1
         assert said in err and "--overwrite" not in err
+
+
+@contextlib.contextmanager
+def _catalogue_held(store):
+    """The store's catalogue held locked exclusively by another connection, as a writer can hold
+    it (a WAL reader is not blocked by a writer's ordinary transaction)."""
+    holder = sqlite3.connect(store / "catalogue.sqlite", isolation_level=None, timeout=0)
+    holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        yield
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+
+BUSY_COMMANDS = {  # every command that opens a store (train opens none), less --store
+    "index": ["index", "--input", "PASSAGES"],
+    "ask": ["ask", "--question", "Who won?", "--top-k", "2", "--max-new-tokens", "4"],
+    "eval": ["eval", "--questions", "QUESTIONS", "--sample", "2", "--max-new-tokens", "4"],
+    "bench": ["bench", "--repeats", "1"],
+    "calibrate": ["calibrate"],
+    "remove": ["remove", "doc-x", "--missing-ok"],
+    "compact": ["compact"],
+    "serve": ["serve", "--port", "0"],
+}
+
+
+@pytest.mark.parametrize("command", list(BUSY_COMMANDS))
+def test_a_store_another_process_holds_locked_is_busy_for_every_command(
+    command, cli_store, tmp_path, monkeypatch, capfd
+):
+    """Only ``verify`` exited 3 (busy: retry when the writer finishes) on a store whose catalogue
+    another process holds locked; every other command said the same words and exited 1, as for a
+    damaged store or a bad input. Every command exits 3 on it, with its one line."""
+    import ragcompress.serve
+    from ragcompress.data import SAMPLE_QUESTIONS
+
+    monkeypatch.setattr(ragcompress.serve, "run", lambda app, *a, **k: None)  # serve would start listening
+    store, _, passages = cli_store
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    named = {"PASSAGES": str(passages), "QUESTIONS": str(SAMPLE_QUESTIONS)}
+    args = [named.get(arg, arg) for arg in BUSY_COMMANDS[command]]
+    with _catalogue_held(copy):
+        code, out, err = run_cli([*args, "--store", str(copy)], monkeypatch, capfd)
+    assert (code, out) == (3, ""), err
+    assert err == (
+        f"error: catalogue {copy / 'catalogue.sqlite'} is locked by another process writing it (database is "
+        "locked); retry when the writer finishes\n"
+    )
+
+
+def test_verify_json_of_a_busy_store_is_one_object_saying_so(cli_store, tmp_path, monkeypatch, capfd):
+    """``verify --json`` on a store another process holds locked printed nothing on stdout, so a
+    script parsing it got no object. It prints a report's keys, ``ok`` and ``answerable`` null
+    (not checked: neither intact nor damaged), ``busy`` true and the error; exit 3 and the
+    stderr line are as without ``--json``."""
+    store, _, _ = cli_store
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    with _catalogue_held(copy):
+        plain = run_cli(["verify", "--store", str(copy)], monkeypatch, capfd)
+        code, out, err = run_cli(["verify", "--store", str(copy), "--json"], monkeypatch, capfd)
+    line = (
+        f"store {copy} is busy, not checked: catalogue {copy / 'catalogue.sqlite'} is locked by another process "
+        "writing it (database is locked); retry when the writer finishes"
+    )
+    assert plain == (3, "", f"error: {line}\n")
+    assert (code, err) == (3, f"error: {line}\n")
+    assert out.count("\n") == 1 and json.loads(out) == {
+        "ok": None,
+        "answerable": None,
+        "store": str(copy),
+        "passages": None,
+        "shards": None,
+        "problems": [],
+        "notes": [],
+        "busy": True,
+        "error": line,
+    }
+    code, out, _ = run_cli(["verify", "--store", str(copy), "--json"], monkeypatch, capfd)
+    assert code == 0 and "busy" not in json.loads(out)  # released: the report as ever
 
 
 # the options typed str that name a file or folder (--model is expanded where it is resolved, models.py)

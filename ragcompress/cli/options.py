@@ -14,6 +14,10 @@ import typer
 from ragcompress.errors import RagCompressError, missing_store, need_matplotlib
 from ragcompress.models import DTYPES
 
+# the exit status of every command on a store another process holds locked (StoreBusyError): it is
+# not damaged (verify's 1) nor unfinished (verify's 2), and retrying when the writer finishes does
+BUSY = 3
+
 # the names of ragcompress/presets.py (not imported here: --help stays fast; a test checks the list)
 PRESET_HELP = (
     "measured settings: fast, small, smallest, faithful, distilled (README: Presets); explicit options override them"

@@ -12,7 +12,8 @@ from typing import Any, NoReturn
 import typer
 
 from ragcompress.cli import answer, serve, store, train
-from ragcompress.errors import CorruptSegmentError, InputError, RagCompressError, RagCompressWarning
+from ragcompress.cli.options import BUSY
+from ragcompress.errors import CorruptSegmentError, InputError, RagCompressError, RagCompressWarning, StoreBusyError
 from ragcompress.interrupts import INTERRUPTED, interrupt_on_stop_signals
 from ragcompress.runtime.memory import keep_freed_memory
 
@@ -154,6 +155,9 @@ def _run() -> None:
             )
         if isinstance(code, int) and code:
             sys.exit(code)
+    except StoreBusyError as exc:  # being written: its message says to retry when the writer finishes
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(BUSY)
     except RagCompressError as exc:
         hint = " (run `ragcompress verify --store ...`: it lists the damage and how to repair it)"
         typer.echo(f"error: {exc}{hint if isinstance(exc, CorruptSegmentError) else ''}", err=True)

@@ -9,6 +9,7 @@ from typing import Any
 import typer
 
 from ragcompress.cli.options import (
+    BUSY,
     DTYPE_OPTION,
     PRESET_HELP,
     STORE_OPTION,
@@ -375,13 +376,16 @@ def verify(
         raise missing_store(store)
     if not any((store / name).exists() for name in ("manifest.json", "catalogue.sqlite", "shards")):
         raise RagCompressError(f"{store} is not a ragcompress store (no manifest, catalogue or shards); check --store")
-    from ragcompress.store.verify import verify_store
+    from ragcompress.store.verify import busy_json, verify_store
 
     try:
         report = verify_store(store)
     except StoreBusyError as exc:  # being written: no damage to report, nor a rebuild to advise
-        typer.echo(f"error: store {store} is busy, not checked: {exc}", err=True)
-        raise SystemExit(3) from None
+        line = f"store {store} is busy, not checked: {exc}"
+        if as_json:  # a script parsing stdout gets its object here too
+            emit(busy_json(str(store), line), as_json, "")
+        typer.echo(f"error: {line}", err=True)
+        raise SystemExit(BUSY) from None
     verdict = "FAILED" if not report.ok else "OK" if report.answerable else "UNFINISHED"
     lines = [
         f"{verdict}: {store}: {report.passages} passages in {report.shards} shards, {len(report.problems)} problems"

@@ -209,13 +209,26 @@ def _run_record(path: Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else {}
 
 
+def _still_running(path: Path, record: dict[str, Any]) -> bool:
+    """Whether the run whose ``RUN`` marker at ``path`` reads ``record`` is still going (as
+    :func:`unfinished_run` says); in this process, while its :func:`indexing_run` is open. One
+    reading of the marker serves both of its readers."""
+    pid = record.get("pid")
+    start = record.get("pid_start")
+    if not (isinstance(pid, int) and pid > 0):
+        return False
+    here = pid == os.getpid() and (not isinstance(start, int) or start == _start_time(pid))
+    return path.resolve() in _RUNNING_HERE if here else _alive(pid, start)
+
+
 def stopped_run_batch_size(path: Path) -> int | None:
     """The batch size of the indexing run that stopped at ``path`` (:func:`unfinished_run`), as
     its marker records it; None when no run stopped there or its marker records none (written
     before markers did, or damaged): unknown, so a resume may use any."""
-    if unfinished_run(path) is None:
+    record = _run_record(path)  # read once: the marker may change between two reads
+    if record is None or _still_running(path, record):
         return None
-    size = (_run_record(path) or {}).get("batch_size")
+    size = record.get("batch_size")
     return size if type(size) is int and size >= 1 else None
 
 
@@ -225,15 +238,8 @@ def unfinished_run(path: Path) -> str | None:
     readable, as always). A run is going while its process is: the marker's pid, the same process
     where its start time was recorded (a pid reused since, pid 1 of another container, is not)."""
     record = _run_record(path)
-    if record is None:
+    if record is None or _still_running(path, record):
         return None
-    pid = record.get("pid")
-    start = record.get("pid_start")
-    if isinstance(pid, int) and pid > 0:
-        here = pid == os.getpid() and (not isinstance(start, int) or start == _start_time(pid))
-        running = path.resolve() in _RUNNING_HERE if here else _alive(pid, start)
-        if running:
-            return None
     started = record.get("started")
     when = time.strftime(" on %Y-%m-%d at %H:%M", time.localtime(started)) if isinstance(started, float) else ""
     size = record.get("passages")

@@ -139,6 +139,16 @@ class VerifyReport:
         }
 
 
+def busy_json(store: str, error: str) -> dict[str, Any]:
+    """``verify --json``'s object for a store it did not check, another process holding its
+    catalogue locked (:class:`~ragcompress.errors.StoreBusyError`): a report's keys, so that a
+    script parses it as any other, with ``ok`` and ``answerable`` null, neither intact nor
+    damaged (nor sound to an ``if report["ok"]``), the counts null, and ``busy`` and ``error``
+    saying why."""
+    unchecked = {"ok": None, "answerable": None, "passages": None, "shards": None}
+    return {**VerifyReport(store).to_json(), **unchecked, "busy": True, "error": error}
+
+
 def _check_prefix(root: Path, manifest: Manifest, shape: ModelShape, problems: list[Problem]) -> None:
     path = root / PREFIX
     if not path.is_file():
