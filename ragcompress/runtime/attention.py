@@ -90,7 +90,7 @@ def ragged_attention(
         scale = kwargs.get("scaling") or module.scaling
         return packed.attend(module.layer_idx, query, key, value, scale), None
     kv_mask = kwargs.pop(KV_MASK_KWARG, None)
-    attend = softcapped_attention if kwargs.get("softcap") is not None else sdpa_attention_forward
+    attend = softcapped_attention if kwargs.get("softcap") is not None else masked_sdpa
     if kv_mask is None:
         return attend(module, query, key, value, attention_mask, **kwargs)
     layer_mask = kv_mask[module.layer_idx]
@@ -99,6 +99,40 @@ def ragged_attention(
         allowed = allowed & _align(attention_mask, layer_mask.shape[-1], key.shape[2] - layer_mask.shape[-1])
     kwargs["is_causal"] = False
     return attend(module, query, key, value, allowed, **kwargs)
+
+
+def masked_sdpa(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' SDPA path, except that on the CPU a masked call of a model with grouped KV
+    heads reads them through SDPA's ``enable_gqa`` instead of copying them per query head.
+
+    transformers turns ``enable_gqa`` on only when there is no mask (CUDA's fused kernels do not
+    take both), so every *masked* prefill -- a cached question after its passages, a recompute
+    pass, per-head rows -- ran ``repeat_kv`` and copied every layer's keys and values (4 % of a
+    cached question's TTFT on SmolLM2), while full prefill, unmasked, did not. On the CPU the
+    grouped call gives the same bits (``tests/test_attention.py``); CUDA keeps transformers' choice."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    plain = (
+        attention_mask is None
+        or groups <= 1
+        or query.shape[2] == 1  # a decode step: transformers folds the groups into the query, no copy
+        or query.device.type != "cpu"
+        or kwargs.get("dropout", 0.0)
+        or kwargs.get("position_bias") is not None
+        or key.shape[-1] != value.shape[-1]
+    )
+    if plain:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    output = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, scale=kwargs.get("scaling"), enable_gqa=True
+    )
+    return output.transpose(1, 2).contiguous(), None
 
 
 def softcapped_attention(
