@@ -54,9 +54,11 @@ class StoreAccessError(StoreError):
 class StoreBusyError(StoreAccessError):
     """A store's catalogue that another process holds locked exclusively (a WAL reader is not
     blocked by a writer's ordinary transaction), or that a writer holds while this user cannot
-    create the ``-wal``/``-shm`` needed to read beside it. Nothing says it is damaged, so the remedy is to
-    retry when the writer finishes, never a rebuild; ``verify`` raises it (``ragcompress verify``
-    exits 3) rather than report a problem."""
+    create the ``-wal``/``-shm`` needed to read beside it; or a store whose writer lock another
+    process holds (``store.writer.StoreLock``: a second writer, or a reader that must keep writers
+    out), refused to a writer. Nothing says it is damaged, so the remedy is to retry when the
+    writer (or that reader) finishes, never a rebuild; ``verify`` raises it rather than report a
+    problem, and every command exits 3 on it."""
 
 
 class StoreMismatchError(StoreError):

@@ -672,6 +672,25 @@ def test_a_store_another_process_holds_locked_is_busy_for_every_command(
     )
 
 
+@pytest.mark.parametrize("command", ["index", "remove", "compact"])
+def test_a_store_another_writer_holds_is_busy_for_every_writer(command, cli_store, tmp_path, monkeypatch, capfd):
+    """A second writer refused by the store's writer lock (the commonest busy store) exited 1, as
+    for damage, where a locked catalogue exits 3: both are busy (``StoreBusyError``), retry when
+    the writer finishes."""
+    from ragcompress.store.writer import StoreLock
+
+    store, _, passages = cli_store
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    args = [str(passages) if arg == "PASSAGES" else arg for arg in BUSY_COMMANDS[command]]
+    with StoreLock(copy):  # another writer (flock excludes another open file of this process too)
+        code, out, err = run_cli([*args, "--store", str(copy)], monkeypatch, capfd)
+    assert (code, out) == (3, ""), err
+    assert err.startswith(f"error: store {copy} is being written by ") and err.endswith(
+        "; wait for it to finish (one writer at a time)\n"
+    ), err
+
+
 def test_verify_json_of_a_busy_store_is_one_object_saying_so(cli_store, tmp_path, monkeypatch, capfd):
     """``verify --json`` on a store another process holds locked printed nothing on stdout, so a
     script parsing it got no object. It prints a report's keys, ``ok`` and ``answerable`` null

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any
 
-from ragcompress.errors import StoreError
+from ragcompress.errors import StoreBusyError, StoreError
 from ragcompress.paths import sha256_file
 from ragcompress.store.catalogue import CATALOGUE, Catalogue, meta_checksum
 from ragcompress.store.files import INDEX, INDEX_META, LOCK, links_refused, refuse_links, write_atomic
@@ -122,7 +122,7 @@ class StoreLock:
                     continue
                 waited = f" (waited {wait_s:g} s)" if wait_s else ""
                 if _held_shared(self._handle):
-                    raise StoreError(
+                    raise StoreBusyError(
                         f"store {path} is open read-only by a reader that holds its lock{waited} (a reader of a "
                         "catalogue left without its -wal and -shm files, somewhere it cannot create them, keeps "
                         "writers out while it reads); close that reader, then retry"
@@ -130,7 +130,7 @@ class StoreLock:
                 self._handle.seek(0)
                 holder = self._handle.read().strip() or "another process"
                 self._handle.close()
-                raise StoreError(
+                raise StoreBusyError(
                     f"store {path} is being written by {holder}{waited}; wait for it to finish (one writer at a time)"
                 ) from None
             if _is_the_lock(self._handle.fileno(), path):
