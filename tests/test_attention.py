@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from ragcompress.indexing.encoder import PassageEncoder
@@ -46,24 +47,32 @@ def test_a_gemma2_batch_encodes_each_passage_as_alone(tiny_model_dir):
         torch.testing.assert_close(kv.values, alone.values, atol=1e-5, rtol=1e-5)
 
 
+@pytest.fixture
+def kv_copies(monkeypatch):
+    """The ``n_rep`` of every ``repeat_kv`` call transformers' SDPA path makes while a test runs:
+    each one copies a layer's keys or values once per query head."""
+    import transformers.integrations.sdpa_attention as sdpa
+
+    copies: list[int] = []
+    original = sdpa.repeat_kv
+    monkeypatch.setattr(sdpa, "repeat_kv", lambda x, n: copies.append(n) or original(x, n))
+    return copies
+
+
 class _GroupedLayer:
     scaling = 0.25
     num_key_value_groups = 3
 
 
-def test_masked_sdpa_reads_grouped_heads_without_copies_bit_for_bit(monkeypatch):
+def test_masked_sdpa_reads_grouped_heads_without_copies_bit_for_bit(kv_copies):
     """A masked call (a cached question, a recompute pass, per-head rows) of a model with grouped KV
     heads: transformers copies every KV head per query head (``repeat_kv``, its SDPA's grouped mode
     only without a mask); :func:`masked_sdpa` reads them grouped, with the same bits, for the mask
     transformers builds and for the per-head rows of ``allowed_keys``, in float32 and bfloat16."""
-    import transformers.integrations.sdpa_attention as sdpa
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     from ragcompress.runtime.attention import allowed_keys, masked_sdpa
 
-    copies = []
-    original = sdpa.repeat_kv
-    monkeypatch.setattr(sdpa, "repeat_kv", lambda x, n: copies.append(n) or original(x, n))
     gen = torch.Generator().manual_seed(0)
     kv_mask = torch.rand(2, 33, generator=gen) > 0.3  # per KV head: which cached rows are real
     masks = {
@@ -74,17 +83,17 @@ def test_masked_sdpa_reads_grouped_heads_without_copies_bit_for_bit(monkeypatch)
         query = torch.randn(1, 6, 7, 16, generator=gen).to(dtype)
         key, value = (torch.randn(1, 2, 40, 16, generator=gen).to(dtype) for _ in range(2))
         for name, mask in masks.items():
-            copies.clear()
+            kv_copies.clear()
             grouped, _ = masked_sdpa(_GroupedLayer(), query, key, value, mask, scaling=0.25, is_causal=False)
-            assert copies == [], name
+            assert kv_copies == [], name
             expected, _ = sdpa_attention_forward(
                 _GroupedLayer(), query, key, value, mask, scaling=0.25, is_causal=False
             )
-            assert copies == [3, 3], name  # what transformers' own call did, and masked_sdpa no longer does
+            assert kv_copies == [3, 3], name  # what transformers' own call did, and masked_sdpa no longer does
             assert torch.equal(grouped, expected), (name, dtype)
 
 
-def test_a_question_after_cached_rows_gives_the_same_logits_without_kv_copies(tiny_model_dir, monkeypatch):
+def test_a_question_after_cached_rows_gives_the_same_logits_without_kv_copies(tiny_model_dir, monkeypatch, kv_copies):
     """The model's own masked prefill of new tokens after cached rows (the cached path's question)
     through the registered attention: no KV head is copied, and the logits are transformers' bit
     for bit (its SDPA path patched back in for the reference)."""
@@ -103,12 +112,9 @@ def test_a_question_after_cached_rows_gives_the_same_logits_without_kv_copies(ti
             lm.model(prompt, past_key_values=cache, use_cache=True)
             return lm.model(question, past_key_values=cache, use_cache=True).logits
 
-    copies = []
-    original = sdpa.repeat_kv
-    monkeypatch.setattr(sdpa, "repeat_kv", lambda x, n: copies.append(n) or original(x, n))
     grouped = question_logits()
-    assert copies == []
+    assert kv_copies == []
     monkeypatch.setattr(attention, "masked_sdpa", sdpa.sdpa_attention_forward)
     reference = question_logits()
-    assert copies, "the reference ran transformers' copying path"
+    assert kv_copies, "the reference ran transformers' copying path"
     assert torch.equal(grouped, reference)
