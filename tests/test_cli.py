@@ -647,6 +647,18 @@ BUSY_COMMANDS = {  # every command that opens a store (train opens none), less -
 }
 
 
+def _busy_command(command, cli_store, tmp_path):
+    """A copy of the test store (to hold busy) and ``command``'s arguments from
+    :data:`BUSY_COMMANDS` with their input files filled in, less ``--store``."""
+    from ragcompress.data import SAMPLE_QUESTIONS
+
+    store, _, passages = cli_store
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    named = {"PASSAGES": str(passages), "QUESTIONS": str(SAMPLE_QUESTIONS)}
+    return copy, [named.get(arg, arg) for arg in BUSY_COMMANDS[command]]
+
+
 @pytest.mark.parametrize("command", list(BUSY_COMMANDS))
 def test_a_store_another_process_holds_locked_is_busy_for_every_command(
     command, cli_store, tmp_path, monkeypatch, capfd
@@ -655,14 +667,9 @@ def test_a_store_another_process_holds_locked_is_busy_for_every_command(
     another process holds locked; every other command said the same words and exited 1, as for a
     damaged store or a bad input. Every command exits 3 on it, with its one line."""
     import ragcompress.serve
-    from ragcompress.data import SAMPLE_QUESTIONS
 
     monkeypatch.setattr(ragcompress.serve, "run", lambda app, *a, **k: None)  # serve would start listening
-    store, _, passages = cli_store
-    copy = tmp_path / "store"
-    shutil.copytree(store, copy)
-    named = {"PASSAGES": str(passages), "QUESTIONS": str(SAMPLE_QUESTIONS)}
-    args = [named.get(arg, arg) for arg in BUSY_COMMANDS[command]]
+    copy, args = _busy_command(command, cli_store, tmp_path)
     with _catalogue_held(copy):
         code, out, err = run_cli([*args, "--store", str(copy)], monkeypatch, capfd)
     assert (code, out) == (3, ""), err
@@ -679,10 +686,7 @@ def test_a_store_another_writer_holds_is_busy_for_every_writer(command, cli_stor
     the writer finishes."""
     from ragcompress.store.writer import StoreLock
 
-    store, _, passages = cli_store
-    copy = tmp_path / "store"
-    shutil.copytree(store, copy)
-    args = [str(passages) if arg == "PASSAGES" else arg for arg in BUSY_COMMANDS[command]]
+    copy, args = _busy_command(command, cli_store, tmp_path)
     with StoreLock(copy):  # another writer (flock excludes another open file of this process too)
         code, out, err = run_cli([*args, "--store", str(copy)], monkeypatch, capfd)
     assert (code, out) == (3, ""), err
